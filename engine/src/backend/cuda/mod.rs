@@ -1,0 +1,1 @@
+//! CUDA backend: cudarc driver API, cuBLAS(Lt) GEMMs, rvllm-kernels' fatbin.

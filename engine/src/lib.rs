@@ -1,0 +1,34 @@
+//! rvllm: a vLLM-class LLM inference engine.
+//!
+//! See ARCHITECTURE.md for what lives where and the invariants the code holds.
+pub mod backend;
+pub mod kv;
+pub mod models;
+pub mod sampling;
+pub mod scheduler;
+
+/// Version string printed by `rvllm --version`: crate version, commit, target.
+pub fn version_string() -> String {
+    format!(
+        "rvllm {} (commit {}, target {}, device backends: {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("RVLLM_GIT_COMMIT"),
+        env!("RVLLM_TARGET_TRIPLE"),
+        compiled_devices().join(", ")
+    )
+}
+
+/// The device backends compiled into this build ("empty" when none).
+pub fn compiled_devices() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if cfg!(feature = "cpu") {
+        v.push("cpu");
+    }
+    if cfg!(feature = "cuda") {
+        v.push("cuda");
+    }
+    if v.is_empty() {
+        v.push("empty");
+    }
+    v
+}
