@@ -1,0 +1,2 @@
+//! `rvllm bench latency|throughput|serve`, shaped like `vllm bench`.
+pub mod offline;

@@ -1,0 +1,214 @@
+//! `rvllm bench latency` and `rvllm bench throughput`: random prompts through the offline
+//! engine, printed as vLLM prints them, plus the device ceilings measured in the same run.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::engine::{EngineArgs, Llm};
+use crate::models::config::ModelConfig;
+use crate::sampling::SamplingParams;
+
+#[derive(Args, Clone, Debug)]
+pub struct LatencyArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[arg(long, default_value_t = 32)]
+    pub input_len: usize,
+    #[arg(long, default_value_t = 128)]
+    pub output_len: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 3)]
+    pub num_iters_warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    pub num_iters: usize,
+    #[arg(long)]
+    pub output_json: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ThroughputArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Only `random` is built in.
+    #[arg(long, default_value = "random")]
+    pub dataset_name: String,
+    #[arg(long, default_value_t = 256)]
+    pub input_len: usize,
+    #[arg(long, default_value_t = 256)]
+    pub output_len: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub num_prompts: usize,
+    #[arg(long)]
+    pub output_json: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn random_prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Skip the lowest ids: special tokens live there in most vocabularies.
+    let lo = (vocab / 100).min(1000) as u32;
+    (0..n).map(|_| (0..len).map(|_| rng.random_range(lo..vocab as u32)).collect()).collect()
+}
+
+/// Bytes of all weights (bf16: 2 bytes each), counted as GPU.md does for the batch-1
+/// ceiling: every parameter, embedding table included, so figures compare with the peers'.
+pub fn weight_bytes(c: &ModelConfig, elem_bytes: usize) -> u64 {
+    let (h, i, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64);
+    let (q, kv) = (c.q_size() as u64, c.kv_size() as u64);
+    let per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h;
+    let lm_head = if c.tie_word_embeddings { 0 } else { v * h };
+    (c.num_hidden_layers as u64 * per_layer + h + v * h + lm_head) * elem_bytes as u64
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Copy bandwidth and bf16 GEMM rate of the device, measured now (CUDA builds only).
+fn device_ceilings(llm: &Llm) -> Option<(f64, f64)> {
+    let _ = llm;
+    #[cfg(feature = "cuda")]
+    if llm.core.executor.device_name().starts_with("cuda") {
+        return crate::backend::cuda::measure_ceilings().ok();
+    }
+    None
+}
+
+pub fn run_latency(args: LatencyArgs) -> Result<()> {
+    let mut llm = Llm::new(&args.engine)?;
+    let cfg = llm.core.config.clone();
+    let params = SamplingParams {
+        temperature: 1.0,
+        ignore_eos: true,
+        max_tokens: Some(args.output_len),
+        seed: Some(args.seed),
+        ..SamplingParams::default()
+    };
+    let prompts = random_prompts(args.batch_size, args.input_len, cfg.vocab_size, args.seed);
+    for _ in 0..args.num_iters_warmup {
+        llm.generate(&prompts, std::slice::from_ref(&params), |_| {})?;
+    }
+    let mut latencies = Vec::new();
+    let mut ttfts = Vec::new();
+    let mut decode_rates = Vec::new();
+    for _ in 0..args.num_iters.max(1) {
+        let t0 = Instant::now();
+        let outs = llm.generate(&prompts, std::slice::from_ref(&params), |_| {})?;
+        let lat = t0.elapsed().as_secs_f64();
+        let ttft = outs.iter().filter_map(|o| o.time_to_first_token).map(|d| d.as_secs_f64()).fold(0.0, f64::max);
+        latencies.push(lat);
+        ttfts.push(ttft);
+        if args.output_len > 1 && lat > ttft {
+            decode_rates.push((args.output_len - 1) as f64 / (lat - ttft));
+        }
+    }
+    let mut sorted = latencies.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let avg = latencies.iter().sum::<f64>() / latencies.len() as f64;
+    let avg_ttft = ttfts.iter().sum::<f64>() / ttfts.len() as f64;
+    let decode = if decode_rates.is_empty() { 0.0 } else { decode_rates.iter().sum::<f64>() / decode_rates.len() as f64 };
+    println!("Avg latency: {avg:.4} seconds");
+    for p in [10.0, 25.0, 50.0, 75.0, 90.0, 99.0] {
+        println!("{p:.0}% percentile latency: {:.4} seconds", percentile(&sorted, p));
+    }
+    println!("Avg time to first token ({} x {} tokens): {:.2} ms", args.batch_size, args.input_len, avg_ttft * 1e3);
+    println!("Decode: {decode:.1} steps/s per sequence, {:.1} tok/s over the batch", decode * args.batch_size as f64);
+    let mut out = json!({
+        "avg_latency": avg,
+        "latencies": latencies,
+        "percentiles": {"50": percentile(&sorted, 50.0), "90": percentile(&sorted, 90.0), "99": percentile(&sorted, 99.0)},
+        "avg_ttft_s": avg_ttft,
+        "decode_steps_per_s": decode,
+        "decode_tokens_per_s": decode * args.batch_size as f64,
+        "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
+        "device": llm.core.executor.device_name(),
+    });
+    if let Some((copy_bw, gemm_flops)) = device_ceilings(&llm) {
+        let bytes = weight_bytes(&cfg, 2) as f64;
+        let ceiling = copy_bw / bytes;
+        println!(
+            "Device ceilings (measured now): copy {:.2} TB/s, bf16 GEMM {:.0} TFLOP/s; weights {:.2} GB \
+             -> batch-1 decode ceiling {ceiling:.1} tok/s; achieved {:.1}% of it",
+            copy_bw / 1e12, gemm_flops / 1e12, bytes / 1e9, 100.0 * decode / ceiling
+        );
+        out["copy_bandwidth_bytes_per_s"] = json!(copy_bw);
+        out["bf16_gemm_flops"] = json!(gemm_flops);
+        out["decode_ceiling_tokens_per_s"] = json!(ceiling);
+        out["fraction_of_bandwidth_ceiling"] = json!(decode / ceiling);
+    }
+    if let Some(p) = &args.output_json {
+        std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
+    }
+    Ok(())
+}
+
+pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.dataset_name == "random",
+        "unknown --dataset-name `{}`: only `random` is built in",
+        args.dataset_name
+    );
+    let mut llm = Llm::new(&args.engine)?;
+    let cfg = llm.core.config.clone();
+    let prompts = random_prompts(args.num_prompts, args.input_len, cfg.vocab_size, args.seed);
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        ignore_eos: true,
+        max_tokens: Some(args.output_len),
+        ..SamplingParams::default()
+    };
+    let bar = crate::cli::progress::bar(args.num_prompts as u64, "throughput", args.engine.disable_progress);
+    let t0 = Instant::now();
+    let outs = llm.generate(&prompts, std::slice::from_ref(&params), |d| bar.set_position(d as u64))?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let prompt_tokens: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
+    let output_tokens: usize = outs.iter().flat_map(|o| &o.outputs).map(|c| c.token_ids.len()).sum();
+    let total = prompt_tokens + output_tokens;
+    println!(
+        "Throughput: {:.2} requests/s, {:.2} total tokens/s, {:.2} output tokens/s",
+        outs.len() as f64 / elapsed,
+        total as f64 / elapsed,
+        output_tokens as f64 / elapsed
+    );
+    println!("Total num prompt tokens:  {prompt_tokens}");
+    println!("Total num output tokens:  {output_tokens}");
+    let mut out = json!({
+        "elapsed_time": elapsed,
+        "num_requests": outs.len(),
+        "total_num_tokens": total,
+        "requests_per_second": outs.len() as f64 / elapsed,
+        "tokens_per_second": total as f64 / elapsed,
+        "output_tokens_per_second": output_tokens as f64 / elapsed,
+        "device": llm.core.executor.device_name(),
+    });
+    if let Some((copy_bw, gemm_flops)) = device_ceilings(&llm) {
+        let flops_per_token = 2.0 * weight_bytes(&cfg, 1) as f64;
+        let ceiling = gemm_flops / flops_per_token;
+        println!(
+            "Device ceilings (measured now): copy {:.2} TB/s, bf16 GEMM {:.0} TFLOP/s -> compute ceiling \
+             {ceiling:.0} tok/s; achieved {:.1}% of it",
+            copy_bw / 1e12, gemm_flops / 1e12, 100.0 * total as f64 / elapsed / ceiling
+        );
+        out["copy_bandwidth_bytes_per_s"] = json!(copy_bw);
+        out["bf16_gemm_flops"] = json!(gemm_flops);
+        out["compute_ceiling_tokens_per_s"] = json!(ceiling);
+    }
+    if let Some(p) = &args.output_json {
+        std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! The `rvllm` command line: thin wrappers over the engine's front ends.
+pub mod generate;
+pub mod progress;
+pub mod sampling_flags;

@@ -1,0 +1,160 @@
+//! The engine core: one step is `schedule()` → `execute()` → `update_from_output()`.
+//! It sees token ids only; text lives in `output.rs` at the edge.
+use anyhow::{bail, Context, Result};
+
+use super::args::EngineArgs;
+use crate::models::config::ModelConfig;
+use crate::models::{load_model, LoadFormat, LoadOptions, LoadedModel};
+use crate::runner::{Executor, RunnerConfig};
+use crate::scheduler::{EngineCoreOutput, EngineRequest, RequestId, Scheduler, SchedulerConfig};
+
+/// Which backend runs the model, after resolving `--device auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+pub fn resolve_device(requested: &str) -> Result<Device> {
+    let built = crate::compiled_devices();
+    if built == ["empty"] {
+        bail!(
+            "this rvllm was built with target device empty: it has no device backend and cannot \
+             run a model. Rebuild with `cargo xtask build --target-device cpu` (or `cuda`)"
+        );
+    }
+    match requested {
+        "cpu" if cfg!(feature = "cpu") => Ok(Device::Cpu),
+        "cpu" => bail!("this rvllm was built without the CPU backend; rebuild with `cargo xtask build --target-device cpu`"),
+        "cuda" | "gpu" if cfg!(feature = "cuda") => Ok(Device::Cuda),
+        "cuda" | "gpu" => bail!(
+            "this rvllm was built without the CUDA backend; rebuild with `cargo xtask build --target-device cuda`"
+        ),
+        "auto" => {
+            if cfg!(feature = "cuda") && cuda_device_present() {
+                Ok(Device::Cuda)
+            } else if cfg!(feature = "cpu") {
+                Ok(Device::Cpu)
+            } else {
+                bail!("--device auto found no usable GPU and this build has no CPU backend; rebuild with `cargo xtask build --target-device cpu`")
+            }
+        }
+        other => bail!("unknown --device `{other}`: use cpu, cuda or auto"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device_present() -> bool {
+    crate::backend::cuda::device_count().unwrap_or(0) > 0
+}
+#[cfg(not(feature = "cuda"))]
+fn cuda_device_present() -> bool {
+    false
+}
+
+pub struct EngineCore {
+    pub scheduler: Scheduler,
+    pub executor: Box<dyn Executor>,
+    pub config: ModelConfig,
+    pub max_model_len: usize,
+    pub prompt_tokens_total: u64,
+    pub generation_tokens_total: u64,
+}
+
+impl EngineCore {
+    /// Load the model and build the backend and scheduler for it. Returns the loaded
+    /// model's tokenizer alongside (the core itself never uses it).
+    pub fn new(args: &EngineArgs) -> Result<(Self, Option<crate::tokenizer::Tokenizer>)> {
+        if args.model.is_empty() {
+            bail!("no model given: pass --model <HF folder | file.gguf | org/name>");
+        }
+        let device = resolve_device(&args.device)?;
+        let load_format = match args.load_format.as_str() {
+            "auto" | "safetensors" | "gguf" => LoadFormat::Auto,
+            "dummy" => LoadFormat::Dummy,
+            other => bail!("unknown --load-format `{other}`: use auto or dummy"),
+        };
+        let opts = LoadOptions { load_format, progress: !args.disable_progress };
+        let mut model: LoadedModel =
+            load_model(&args.model, &opts).with_context(|| format!("loading model `{}`", args.model))?;
+        let tokenizer = model.tokenizer.take();
+        let config = model.config.clone();
+        let runner_cfg = RunnerConfig {
+            block_size: args.block_size,
+            num_kv_blocks: args.num_kv_blocks,
+            kv_cache_bytes: (args.cpu_kv_cache_gb as f64 * (1u64 << 30) as f64) as usize,
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_num_seqs: args.max_num_seqs,
+        };
+        let executor: Box<dyn Executor> = match device {
+            Device::Cpu => crate::runner::create_cpu_executor(model, &runner_cfg)?,
+            #[cfg(feature = "cuda")]
+            Device::Cuda => crate::backend::cuda::create_cuda_executor(model, &runner_cfg, args)?,
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => unreachable!("resolve_device refuses cuda without the cuda feature"),
+        };
+        let num_blocks = executor.num_kv_blocks();
+        let kv_tokens = num_blocks * args.block_size;
+        let max_model_len = match args.max_model_len {
+            Some(len) => {
+                if len > kv_tokens {
+                    bail!(
+                        "--max-model-len {len} needs {len} tokens of KV cache but only {kv_tokens} fit \
+                         ({num_blocks} blocks of {}); lower --max-model-len or give the KV cache more \
+                         memory (--gpu-memory-utilization / --cpu-kv-cache-gb)",
+                        args.block_size
+                    );
+                }
+                len
+            }
+            None => config.max_position_embeddings.min(kv_tokens),
+        };
+        if max_model_len == 0 {
+            bail!("the KV cache holds no tokens; give it more memory (--gpu-memory-utilization / --cpu-kv-cache-gb)");
+        }
+        let scheduler = Scheduler::new(SchedulerConfig {
+            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: args.max_num_batched_tokens.max(1),
+            max_model_len,
+            block_size: args.block_size,
+            num_kv_blocks: num_blocks,
+        });
+        let core = Self {
+            scheduler,
+            executor,
+            config,
+            max_model_len,
+            prompt_tokens_total: 0,
+            generation_tokens_total: 0,
+        };
+        Ok((core, tokenizer))
+    }
+
+    pub fn add_request(&mut self, req: EngineRequest) -> Result<(), String> {
+        let n = req.prompt_token_ids.len() as u64;
+        self.scheduler.add_request(req).map_err(|e| e.to_string())?;
+        self.prompt_tokens_total += n;
+        Ok(())
+    }
+
+    pub fn abort(&mut self, id: RequestId) {
+        self.scheduler.abort(id);
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        self.scheduler.has_unfinished()
+    }
+
+    /// One engine step. Returns the outputs of every request that produced something.
+    pub fn step(&mut self) -> Result<Vec<EngineCoreOutput>> {
+        let so = self.scheduler.schedule();
+        if so.is_empty() && so.finished.is_empty() {
+            return Ok(Vec::new());
+        }
+        let out = self.executor.execute(&so)?;
+        let outputs = self.scheduler.update_from_output(&so, &out);
+        self.generation_tokens_total +=
+            outputs.iter().map(|o| o.new_token_ids.len() as u64).sum::<u64>();
+        Ok(outputs)
+    }
+}
