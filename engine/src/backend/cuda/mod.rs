@@ -1,1 +1,6 @@
-//! CUDA backend: cudarc driver API, cuBLAS(Lt) GEMMs, rvllm-kernels' fatbin.
+//! CUDA backend: cudarc driver API (dynamically loaded), cuBLAS GEMMs, rvllm-kernels' fatbin.
+pub mod ceilings;
+pub mod device;
+
+pub use ceilings::measure_ceilings;
+pub use device::{device_count, Gpu};

@@ -1,0 +1,310 @@
+//! The GPU as the CUDA backend sees it: one context, one stream, raw device allocations,
+//! kernels from rvllm-kernels' embedded fatbins, cuBLAS. Every call's result is checked and
+//! every launch error names the kernel.
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublas::{result as blas, sys as blas_sys};
+use cudarc::driver::{result as drv, sys, CudaContext};
+
+/// Number of CUDA devices, or an error saying why none can be used (no libcuda, no driver).
+pub fn device_count() -> Result<usize> {
+    let n = std::panic::catch_unwind(CudaContext::device_count)
+        .map_err(|_| anyhow!("the CUDA driver library (libcuda.so) could not be loaded: install the NVIDIA driver, or run with --device cpu"))?
+        .map_err(|e| anyhow!("the CUDA driver failed to initialise: {e:?}"))?;
+    Ok(n.max(0) as usize)
+}
+
+/// A device allocation, freed on drop.
+pub struct DevBuf {
+    pub ptr: sys::CUdeviceptr,
+    pub bytes: usize,
+}
+
+impl DevBuf {
+    pub fn null() -> Self {
+        Self { ptr: 0, bytes: 0 }
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: allocated by malloc_sync in Gpu::alloc and freed only here.
+            unsafe {
+                let _ = drv::free_sync(self.ptr);
+            }
+        }
+    }
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: sys::CUstream,
+    pub blas: blas_sys::cublasHandle_t,
+    modules: HashMap<&'static str, sys::CUmodule>,
+    functions: std::sync::Mutex<HashMap<(&'static str, &'static str), sys::CUfunction>>,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+}
+
+// SAFETY: the raw handles are only used from the engine thread that owns the Gpu; the
+// context is bound to whichever thread calls `bind`.
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+impl Gpu {
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let count = device_count()?;
+        if ordinal >= count {
+            bail!("CUDA device {ordinal} requested but {count} present; run with --device cpu or check CUDA_VISIBLE_DEVICES");
+        }
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| anyhow!("the CUDA driver library could not be loaded"))?
+            .map_err(|e| anyhow!("creating a CUDA context on device {ordinal}: {e:?}"))?;
+        ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let compute_capability = ctx.compute_capability().map_err(|e| anyhow!("{e:?}"))?;
+        let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
+            .map_err(|e| anyhow!("creating a CUDA stream: {e:?}"))?;
+        let handle = blas::create_handle().map_err(|e| {
+            anyhow!("cuBLAS could not be initialised ({e:?}): is libcublas (CUDA 12/13) installed and on the loader path?")
+        })?;
+        // SAFETY: handle and stream are valid and live as long as self.
+        unsafe { blas::set_stream(handle, stream as _) }.map_err(|e| anyhow!("cublasSetStream: {e:?}"))?;
+        let mut modules = HashMap::new();
+        for &stem in rvllm_kernels::KERNEL_NAMES {
+            let image = rvllm_kernels::fatbin(stem)
+                .ok_or_else(|| anyhow!("kernel module `{stem}` is missing from this build"))?;
+            // The driver wants the fatbin in memory it can read until load returns; a
+            // NUL-terminated copy is not needed for fatbins, only for PTX text.
+            let module = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| {
+                anyhow!(
+                    "loading kernel module `{stem}` on {name} (sm_{}{}): {e:?}. This build's kernels target {}; \
+                     rebuild with CUDA_ARCHS including this GPU (`cargo xtask build --cuda-archs ...`)",
+                    compute_capability.0,
+                    compute_capability.1,
+                    rvllm_kernels::built_archs()
+                )
+            })?;
+            modules.insert(stem, module);
+        }
+        Ok(Self {
+            ctx,
+            stream,
+            blas: handle,
+            modules,
+            functions: Default::default(),
+            name,
+            compute_capability,
+        })
+    }
+
+    /// Bind the context to the calling thread (the engine thread may differ from the loader's).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context: {e:?}"))
+    }
+
+    pub fn function(&self, module: &'static str, kernel: &'static str) -> Result<sys::CUfunction> {
+        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(&(module, kernel)) {
+            return Ok(*f);
+        }
+        let m = *self
+            .modules
+            .get(module)
+            .ok_or_else(|| anyhow!("kernel module `{module}` is not in this build"))?;
+        let cname = CString::new(kernel).expect("kernel names have no NUL");
+        // SAFETY: module is loaded and outlives self.
+        let f = unsafe { drv::module::get_function(m, cname) }
+            .map_err(|e| anyhow!("kernel `{kernel}` not found in module `{module}`: {e:?}"))?;
+        cache.insert((module, kernel), f);
+        Ok(f)
+    }
+
+    /// Launch a kernel on the stream. `params` are pointers to each argument's value.
+    pub fn launch(
+        &self,
+        module: &'static str,
+        kernel: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        let f = self.function(module, kernel)?;
+        if shared_bytes > 48 * 1024 {
+            // SAFETY: f is a valid function handle.
+            unsafe {
+                drv::function::set_function_attribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_bytes as i32,
+                )
+            }
+            .map_err(|e| anyhow!("kernel `{kernel}`: setting {shared_bytes} B of shared memory: {e:?}"))?;
+        }
+        // SAFETY: the caller passes argument pointers matching the kernel's signature.
+        unsafe { drv::launch_kernel(f, grid, block, shared_bytes, self.stream, params) }
+            .map_err(|e| anyhow!("launching kernel `{kernel}` (grid {grid:?}, block {block:?}): {e:?}"))
+    }
+
+    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        if bytes == 0 {
+            return Ok(DevBuf::null());
+        }
+        // SAFETY: plain device allocation.
+        let ptr = unsafe { drv::malloc_sync(bytes) }.map_err(|e| {
+            let (free, total) = drv::mem_get_info().unwrap_or((0, 0));
+            anyhow!(
+                "allocating {:.2} GiB on {} failed ({e:?}); {:.2} of {:.2} GiB free. Lower --gpu-memory-utilization, \
+                 --max-num-seqs or --max-model-len",
+                bytes as f64 / (1u64 << 30) as f64,
+                self.name,
+                free as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            )
+        })?;
+        Ok(DevBuf { ptr, bytes })
+    }
+
+    pub fn upload<T: Copy>(&self, dst: sys::CUdeviceptr, src: &[T]) -> Result<()> {
+        // SAFETY: dst holds at least size_of_val(src) bytes (callers allocate from the source).
+        unsafe { drv::memcpy_htod_sync(dst, src) }.map_err(|e| anyhow!("copy to the GPU: {e:?}"))
+    }
+
+    /// Upload on the stream; the host slice must stay alive and unchanged until the stream
+    /// has consumed it (callers keep step buffers alive for the step).
+    pub fn upload_async<T: Copy>(&self, dst: sys::CUdeviceptr, src: &[T]) -> Result<()> {
+        unsafe { drv::memcpy_htod_async(dst, src, self.stream) }.map_err(|e| anyhow!("async copy to the GPU: {e:?}"))
+    }
+
+    pub fn download<T: Copy>(&self, dst: &mut [T], src: sys::CUdeviceptr) -> Result<()> {
+        self.sync()?;
+        // SAFETY: src holds at least size_of_val(dst) bytes.
+        unsafe { drv::memcpy_dtoh_sync(dst, src) }.map_err(|e| anyhow!("copy from the GPU: {e:?}"))
+    }
+
+    pub fn memset_zero(&self, dst: sys::CUdeviceptr, bytes: usize) -> Result<()> {
+        unsafe { drv::memset_d8_async(dst, 0, bytes, self.stream) }.map_err(|e| anyhow!("memset: {e:?}"))
+    }
+
+    pub fn copy_d2d(&self, dst: sys::CUdeviceptr, src: sys::CUdeviceptr, bytes: usize) -> Result<()> {
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream) }.map_err(|e| anyhow!("device copy: {e:?}"))
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        // SAFETY: valid stream.
+        unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| {
+            anyhow!("a GPU kernel failed (reported at stream synchronize): {e:?}; rerun with CUDA_LAUNCH_BLOCKING=1 to name it")
+        })
+    }
+
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        drv::mem_get_info().map_err(|e| anyhow!("cuMemGetInfo: {e:?}"))
+    }
+
+    /// Row-major `y[m, n] = x[m, k] @ w[n, k]^T` in bf16 with f32 accumulation (beta = 0, or
+    /// 1 to accumulate into y).
+    pub fn gemm_bf16(
+        &self,
+        x: sys::CUdeviceptr,
+        w: sys::CUdeviceptr,
+        y: sys::CUdeviceptr,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let alpha = 1.0f32;
+        let beta = if accumulate { 1.0f32 } else { 0.0 };
+        // Column-major view: y^T[n, m] = w[n, k] (as k×n col-major, transposed) · x^T[k, m].
+        unsafe {
+            blas::gemm_ex(
+                self.blas,
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                x as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                y as *mut c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(|e| anyhow!("cuBLAS bf16 GEMM ({m}x{k} @ {k}x{n}): {e:?}"))
+    }
+
+    /// Same as `gemm_bf16` with an f32 output (logits).
+    pub fn gemm_bf16_f32out(
+        &self,
+        x: sys::CUdeviceptr,
+        w: sys::CUdeviceptr,
+        y: sys::CUdeviceptr,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        unsafe {
+            blas::gemm_ex(
+                self.blas,
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                x as *const c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                y as *mut c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(|e| anyhow!("cuBLAS bf16 GEMM to f32 ({m}x{k} @ {k}x{n}): {e:?}"))
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = drv::stream::synchronize(self.stream);
+            let _ = blas::destroy_handle(self.blas);
+            for (_, m) in self.modules.drain() {
+                let _ = drv::module::unload(m);
+            }
+            let _ = drv::stream::destroy(self.stream);
+        }
+    }
+}
+
+/// Context for errors raised while a step runs on the GPU.
+pub trait GpuContext<T> {
+    fn gpu_ctx(self, what: &str) -> Result<T>;
+}
+
+impl<T> GpuContext<T> for Result<T> {
+    fn gpu_ctx(self, what: &str) -> Result<T> {
+        self.with_context(|| what.to_string())
+    }
+}
