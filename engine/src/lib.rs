@@ -6,6 +6,7 @@ pub mod kv;
 pub mod models;
 pub mod sampling;
 pub mod scheduler;
+pub mod server;
 
 /// Version string printed by `rvllm --version`: crate version, commit, target.
 pub fn version_string() -> String {

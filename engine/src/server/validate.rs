@@ -1,0 +1,551 @@
+//! Validation at the edge: wire requests (`protocol.rs`) become internal requests holding a
+//! checked `SamplingParams`, or an `ApiError` that names the field and says what to change.
+//! Range checks that the engine also makes (SamplingParams::validate, the context length)
+//! are left to it so that CLI and server use the same words; this file checks what only the
+//! wire format can get wrong (types, signs, OpenAI's own limits, unsupported features).
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::protocol::{
+    ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, PromptField, StopField, StreamOptions,
+};
+use crate::sampling::SamplingParams;
+
+/// OpenAI's (and vLLM's default) ceiling on top log-probabilities per token.
+pub const MAX_LOGPROBS: i64 = 20;
+/// OpenAI's ceiling on `n`.
+pub const MAX_N: i64 = 128;
+
+/// A prompt before tokenization.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// Output shaping shared by both endpoints.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StreamMode {
+    pub stream: bool,
+    pub include_usage: bool,
+    pub continuous_usage: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CompletionJob {
+    pub prompts: Vec<PromptInput>,
+    pub params: SamplingParams,
+    pub stream: StreamMode,
+    pub echo: bool,
+    pub add_special_tokens: bool,
+    pub tokens_as_ids: bool,
+}
+
+/// A chat message with its content flattened to text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatTurn {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChatJob {
+    pub messages: Vec<ChatTurn>,
+    pub params: SamplingParams,
+    pub stream: StreamMode,
+    /// Chat logprobs: Some(top_logprobs) when `logprobs: true`.
+    pub logprobs: Option<usize>,
+    pub echo: bool,
+    pub add_generation_prompt: bool,
+    pub continue_final_message: bool,
+    pub add_special_tokens: bool,
+    pub chat_template: Option<String>,
+    pub tokens_as_ids: bool,
+}
+
+/// Parse a JSON body: invalid UTF-8, malformed JSON, wrong types and unknown fields each
+/// get a 400 naming the place at fault.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if let Err(e) = std::str::from_utf8(body) {
+        return Err(ApiError::bad_request(
+            format!(
+                "The request body is not valid UTF-8 (bad byte at offset {}); send JSON encoded as UTF-8",
+                e.valid_up_to()
+            ),
+            "invalid_encoding",
+        ));
+    }
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::bad_request(
+            "The request body is empty; send a JSON object (Content-Type: application/json)",
+            "invalid_json",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad_request(
+                format!("The request body is not valid JSON: {inner}; fix the JSON syntax"),
+                "invalid_json",
+            )
+        } else {
+            // serde names unknown fields itself; for type errors the path says where.
+            let field = unknown_field_name(&inner.to_string()).unwrap_or_else(|| path.clone());
+            let where_ = if path == "." || path.is_empty() { String::new() } else { format!(" at `{path}`") };
+            let mut err = ApiError::invalid(field, format!("Invalid request{where_}: {inner}"));
+            err.code = Some("invalid_type");
+            err
+        }
+    })?;
+    de.end().map_err(|e| {
+        ApiError::bad_request(format!("The request body has data after the JSON value: {e}"), "invalid_json")
+    })?;
+    Ok(value)
+}
+
+fn unknown_field_name(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// The `model` field: absent means the served model; anything else must name it.
+pub fn check_model(requested: Option<&str>, served: &str, model_path: &str) -> Result<(), ApiError> {
+    match requested {
+        None => Ok(()),
+        Some(m) if m == served || m == model_path => Ok(()),
+        Some(m) => Err(ApiError::model_not_found(m, served)),
+    }
+}
+
+fn non_negative(param: &str, v: i64) -> Result<usize, ApiError> {
+    usize::try_from(v).map_err(|_| ApiError::invalid(param, format!("`{param}` must be 0 or more, got {v}")))
+}
+
+fn token_ids(param: &str, ids: &[i64]) -> Result<Vec<u32>, ApiError> {
+    ids.iter()
+        .map(|&t| {
+            u32::try_from(t).map_err(|_| {
+                ApiError::invalid(param, format!("`{param}` holds {t}, which is not a token id (0 or more, below 2^32)"))
+            })
+        })
+        .collect()
+}
+
+fn stream_mode(stream: Option<bool>, opts: &Option<StreamOptions>) -> Result<StreamMode, ApiError> {
+    let stream = stream.unwrap_or(false);
+    if opts.is_some() && !stream {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "`stream_options` is only allowed with `stream: true`; remove it or set stream to true",
+        ));
+    }
+    let o = opts.clone().unwrap_or_default();
+    Ok(StreamMode {
+        stream,
+        include_usage: o.include_usage.unwrap_or(false),
+        continuous_usage: o.continuous_usage_stats.unwrap_or(false),
+    })
+}
+
+fn unsupported(param: &str, what: &str) -> ApiError {
+    let mut e = ApiError::invalid(param, format!("`{param}` is not supported by rvllm ({what}); remove it"));
+    e.code = Some("unsupported_parameter");
+    e
+}
+
+/// Fields common to both endpoints (the sampling_fields! block of protocol.rs), mapped onto
+/// SamplingParams. `default_max_tokens` differs: 16 for completions, None (to the end of the
+/// context) for chat.
+macro_rules! common_params {
+    ($r:expr, $default_max_tokens:expr, $max_tokens_name:expr, $max_tokens:expr) => {{
+        let r = $r;
+        let mut p = SamplingParams::default();
+        if let Some(t) = r.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(ApiError::invalid("temperature", format!("`temperature` must be between 0 and 2, got {t}")));
+            }
+            p.temperature = t as f32;
+        }
+        if let Some(v) = r.top_p {
+            if !(v > 0.0 && v <= 1.0) {
+                return Err(ApiError::invalid("top_p", format!("`top_p` must be in (0, 1], got {v}")));
+            }
+            p.top_p = v as f32;
+        }
+        p.max_tokens = match $max_tokens {
+            None => $default_max_tokens,
+            Some(m) if m < 1 => {
+                return Err(ApiError::invalid(
+                    $max_tokens_name,
+                    format!("`{}` must be at least 1, got {m}", $max_tokens_name),
+                ))
+            }
+            Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
+        };
+        if let Some(n) = r.n {
+            if !(1..=MAX_N).contains(&n) {
+                return Err(ApiError::invalid("n", format!("`n` must be between 1 and {MAX_N}, got {n}")));
+            }
+            p.n = n as usize;
+        }
+        if let Some(b) = r.best_of {
+            if b != p.n as i64 {
+                return Err(unsupported("best_of", "only best_of equal to n is served; set it to n or leave it out"));
+            }
+        }
+        if let Some(s) = &r.stop {
+            p.stop = match s {
+                StopField::One(s) => vec![s.clone()],
+                StopField::Many(v) => v.clone(),
+            };
+            p.stop.retain(|s| !s.is_empty());
+        }
+        for (name, v, field) in [
+            ("presence_penalty", r.presence_penalty, &mut p.presence_penalty),
+            ("frequency_penalty", r.frequency_penalty, &mut p.frequency_penalty),
+        ] {
+            if let Some(v) = v {
+                if !(-2.0..=2.0).contains(&v) {
+                    return Err(ApiError::invalid(name, format!("`{name}` must be between -2 and 2, got {v}")));
+                }
+                *field = v as f32;
+            }
+        }
+        if let Some(v) = r.repetition_penalty {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(ApiError::invalid("repetition_penalty", format!("`repetition_penalty` must be above 0, got {v}")));
+            }
+            p.repetition_penalty = v as f32;
+        }
+        if let Some(v) = r.min_p {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(ApiError::invalid("min_p", format!("`min_p` must be in [0, 1], got {v}")));
+            }
+            p.min_p = v as f32;
+        }
+        if let Some(k) = r.top_k {
+            if k < -1 || k > i32::MAX as i64 {
+                return Err(ApiError::invalid("top_k", format!("`top_k` must be -1 (off), 0 (off) or a positive count, got {k}")));
+            }
+            p.top_k = k as i32;
+        }
+        // OpenAI seeds are any 64-bit integer; the bits are what matter.
+        p.seed = r.seed.map(|s| s as u64);
+        if let Some(m) = r.min_tokens {
+            p.min_tokens = non_negative("min_tokens", m)?;
+        }
+        if let Some(ids) = &r.stop_token_ids {
+            p.stop_token_ids = token_ids("stop_token_ids", ids)?;
+        }
+        p.include_stop_str_in_output = r.include_stop_str_in_output.unwrap_or(false);
+        p.ignore_eos = r.ignore_eos.unwrap_or(false);
+        p.skip_special_tokens = r.skip_special_tokens.unwrap_or(true);
+        if let Some(k) = r.prompt_logprobs {
+            if !(0..=MAX_LOGPROBS).contains(&k) {
+                return Err(ApiError::invalid("prompt_logprobs", format!("`prompt_logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}")));
+            }
+            p.prompt_logprobs = Some(k as usize);
+        }
+        if r.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
+            return Err(unsupported("logit_bias", "logit biasing is not implemented"));
+        }
+        if r.use_beam_search == Some(true) {
+            return Err(unsupported("use_beam_search", "beam search is not implemented"));
+        }
+        if let Some(f) = &r.response_format {
+            if f.get("type").and_then(|t| t.as_str()) != Some("text") {
+                return Err(unsupported("response_format", "only {\"type\": \"text\"} is served; structured output is not implemented"));
+            }
+        }
+        if r.truncate_prompt_tokens.is_some() {
+            return Err(unsupported("truncate_prompt_tokens", "prompts are never truncated; shorten the prompt yourself"));
+        }
+        if r.allowed_token_ids.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err(unsupported("allowed_token_ids", "restricting the vocabulary is not implemented"));
+        }
+        if r.bad_words.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err(unsupported("bad_words", "banning words is not implemented"));
+        }
+        for (name, v) in [
+            ("guided_json", &r.guided_json),
+            ("guided_regex", &r.guided_regex),
+            ("guided_choice", &r.guided_choice),
+            ("guided_grammar", &r.guided_grammar),
+            ("logits_processors", &r.logits_processors),
+        ] {
+            if v.as_ref().is_some_and(|v| !v.is_null()) {
+                return Err(unsupported(name, "guided decoding and custom logits processors are not implemented"));
+            }
+        }
+        p
+    }};
+}
+
+pub fn validate_completion(r: &CompletionRequest) -> Result<CompletionJob, ApiError> {
+    let mut params = common_params!(r, Some(16), "max_tokens", r.max_tokens);
+    if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(unsupported("suffix", "fill-in-the-middle is not implemented"));
+    }
+    if let Some(k) = r.logprobs {
+        if !(0..=MAX_LOGPROBS).contains(&k) {
+            return Err(ApiError::invalid("logprobs", format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}")));
+        }
+        params.logprobs = Some(k as usize);
+    }
+    let echo = r.echo.unwrap_or(false);
+    if echo && params.logprobs.is_some() && params.prompt_logprobs.is_none() {
+        // Echoed prompt tokens carry their log-probabilities too, as in OpenAI's API.
+        params.prompt_logprobs = params.logprobs;
+    }
+    let missing = || ApiError::invalid("prompt", "`prompt` is required: a string, a list of strings, or token ids");
+    let empty = || ApiError::invalid("prompt", "`prompt` is empty; give at least one character or token");
+    let prompts = match r.prompt.as_ref().ok_or_else(missing)? {
+        PromptField::Text(s) => vec![PromptInput::Text(s.clone())],
+        PromptField::Texts(v) => v.iter().cloned().map(PromptInput::Text).collect(),
+        PromptField::Tokens(ids) => vec![PromptInput::Tokens(token_ids("prompt", ids)?)],
+        PromptField::TokenLists(v) => {
+            v.iter().map(|ids| token_ids("prompt", ids).map(PromptInput::Tokens)).collect::<Result<_, _>>()?
+        }
+    };
+    if prompts.is_empty() {
+        return Err(empty());
+    }
+    for p in &prompts {
+        let is_empty = match p {
+            PromptInput::Text(s) => s.is_empty(),
+            PromptInput::Tokens(t) => t.is_empty(),
+        };
+        if is_empty {
+            return Err(empty());
+        }
+    }
+    Ok(CompletionJob {
+        prompts,
+        params,
+        stream: stream_mode(r.stream, &r.stream_options)?,
+        echo,
+        add_special_tokens: r.add_special_tokens.unwrap_or(true),
+        tokens_as_ids: r.return_tokens_as_token_ids.unwrap_or(false),
+    })
+}
+
+pub fn validate_chat(r: &ChatCompletionRequest) -> Result<ChatJob, ApiError> {
+    if r.max_tokens.is_some() && r.max_completion_tokens.is_some() && r.max_tokens != r.max_completion_tokens {
+        return Err(ApiError::invalid(
+            "max_completion_tokens",
+            "`max_tokens` and `max_completion_tokens` disagree; send only one of them",
+        ));
+    }
+    let (max_name, max_val) = match r.max_completion_tokens {
+        Some(v) => ("max_completion_tokens", Some(v)),
+        None => ("max_tokens", r.max_tokens),
+    };
+    let mut params = common_params!(r, None, max_name, max_val);
+    let logprobs = match (r.logprobs.unwrap_or(false), r.top_logprobs) {
+        (false, Some(k)) if k > 0 => {
+            return Err(ApiError::invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`; set logprobs to true"))
+        }
+        (false, _) => None,
+        (true, k) => {
+            let k = k.unwrap_or(0);
+            if !(0..=MAX_LOGPROBS).contains(&k) {
+                return Err(ApiError::invalid("top_logprobs", format!("`top_logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}")));
+            }
+            Some(k as usize)
+        }
+    };
+    params.logprobs = logprobs;
+    if r.tools.as_ref().is_some_and(|t| !t.is_empty()) || r.functions.as_ref().is_some_and(|f| !f.is_empty()) {
+        return Err(unsupported("tools", "tool calling is not implemented"));
+    }
+    if let Some(choice) = &r.tool_choice {
+        if !matches!(choice.as_str(), Some("none") | Some("auto")) && !choice.is_null() {
+            return Err(unsupported("tool_choice", "tool calling is not implemented"));
+        }
+    }
+    let raw = r.messages.as_ref().ok_or_else(|| {
+        ApiError::invalid("messages", "`messages` is required: a list of {\"role\", \"content\"} objects")
+    })?;
+    if raw.is_empty() {
+        return Err(ApiError::invalid("messages", "`messages` is empty; send at least one message"));
+    }
+    let messages = raw.iter().enumerate().map(|(i, m)| flatten_message(i, m)).collect::<Result<Vec<_>, _>>()?;
+    let add_generation_prompt = r.add_generation_prompt.unwrap_or(true);
+    let continue_final_message = r.continue_final_message.unwrap_or(false);
+    if continue_final_message && add_generation_prompt {
+        return Err(ApiError::invalid(
+            "continue_final_message",
+            "`continue_final_message: true` needs `add_generation_prompt: false`",
+        ));
+    }
+    Ok(ChatJob {
+        messages,
+        params,
+        stream: stream_mode(r.stream, &r.stream_options)?,
+        logprobs,
+        echo: r.echo.unwrap_or(false),
+        add_generation_prompt,
+        continue_final_message,
+        add_special_tokens: r.add_special_tokens.unwrap_or(false),
+        chat_template: r.chat_template.clone(),
+        tokens_as_ids: r.return_tokens_as_token_ids.unwrap_or(false),
+    })
+}
+
+const ROLES: [&str; 6] = ["system", "user", "assistant", "tool", "developer", "function"];
+
+pub fn flatten_message(i: usize, m: &ChatMessageIn) -> Result<ChatTurn, ApiError> {
+    if !ROLES.contains(&m.role.as_str()) {
+        return Err(ApiError::invalid(
+            format!("messages[{i}].role"),
+            format!("unknown role `{}`; use one of {}", m.role, ROLES.join(", ")),
+        ));
+    }
+    let content = match &m.content {
+        None => String::new(),
+        Some(MessageContent::Text(s)) => s.clone(),
+        Some(MessageContent::Parts(parts)) => {
+            let mut text = String::new();
+            for (j, part) in parts.iter().enumerate() {
+                match (part.kind.as_str(), &part.text) {
+                    ("text", Some(t)) => {
+                        if !text.is_empty() {
+                            text.push('\n');
+                        }
+                        text.push_str(t);
+                    }
+                    ("text", None) => {
+                        return Err(ApiError::invalid(
+                            format!("messages[{i}].content[{j}].text"),
+                            "a text part needs a `text` string",
+                        ))
+                    }
+                    (other, _) => {
+                        return Err(unsupported(
+                            &format!("messages[{i}].content[{j}]"),
+                            &format!("content parts of type `{other}` cannot be read by a text-only model; send text parts"),
+                        ))
+                    }
+                }
+            }
+            text
+        }
+    };
+    Ok(ChatTurn { role: m.role.clone(), content })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    fn completion(json: &str) -> Result<CompletionJob, ApiError> {
+        validate_completion(&parse_json::<CompletionRequest>(json.as_bytes())?)
+    }
+    fn chat(json: &str) -> Result<ChatJob, ApiError> {
+        validate_chat(&parse_json::<ChatCompletionRequest>(json.as_bytes())?)
+    }
+
+    #[test]
+    fn completion_maps_fields_onto_sampling_params() {
+        let j = completion(
+            r#"{"model":"m","prompt":"Hello","max_tokens":5,"temperature":0,"n":2,"stop":"\n","seed":-1,
+                "logprobs":3,"echo":true,"top_k":-1,"ignore_eos":true,"stop_token_ids":[7]}"#,
+        )
+        .unwrap();
+        assert_eq!(j.prompts, vec![PromptInput::Text("Hello".into())]);
+        assert_eq!(j.params.max_tokens, Some(5));
+        assert_eq!(j.params.temperature, 0.0);
+        assert_eq!(j.params.n, 2);
+        assert_eq!(j.params.stop, vec!["\n".to_string()]);
+        assert_eq!(j.params.seed, Some(u64::MAX));
+        assert_eq!(j.params.logprobs, Some(3));
+        assert_eq!(j.params.prompt_logprobs, Some(3), "echo + logprobs asks for prompt logprobs");
+        assert_eq!(j.params.top_k, -1);
+        assert!(j.params.ignore_eos);
+        assert_eq!(j.params.stop_token_ids, vec![7]);
+        assert!(j.echo);
+        assert!(!j.stream.stream);
+    }
+
+    #[test]
+    fn completion_defaults_to_sixteen_tokens_and_chat_to_the_context() {
+        assert_eq!(completion(r#"{"prompt":"x"}"#).unwrap().params.max_tokens, Some(16));
+        let c = chat(r#"{"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(c.params.max_tokens, None);
+        assert!(c.add_generation_prompt);
+    }
+
+    fn assert_bad(r: Result<impl std::fmt::Debug, ApiError>, param: &str, needle: &str) {
+        let e = r.expect_err("expected a 400");
+        assert_eq!(e.status, StatusCode::BAD_REQUEST, "{e:?}");
+        assert_eq!(e.param.as_deref(), Some(param), "{e:?}");
+        assert!(e.message.contains(needle), "message `{}` lacks `{needle}`", e.message);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        assert_bad(completion(r#"{"prompt":"x","max_tokens":-5}"#), "max_tokens", "at least 1");
+        assert_bad(completion(r#"{"prompt":"x","max_tokens":0}"#), "max_tokens", "at least 1");
+        assert_bad(completion(r#"{"prompt":"x","temperature":5}"#), "temperature", "between 0 and 2");
+        assert_bad(completion(r#"{"prompt":"x","temperature":-0.1}"#), "temperature", "between 0 and 2");
+        assert_bad(completion(r#"{"prompt":"x","top_p":0}"#), "top_p", "(0, 1]");
+        assert_bad(completion(r#"{"prompt":"x","n":0}"#), "n", "between 1");
+        assert_bad(completion(r#"{"prompt":"x","logprobs":21}"#), "logprobs", "between 0 and 20");
+        assert_bad(completion(r#"{"prompt":""}"#), "prompt", "empty");
+        assert_bad(completion(r#"{"prompt":[]}"#), "prompt", "empty");
+        assert_bad(completion(r#"{"prompt":[1,-2]}"#), "prompt", "not a token id");
+        assert_bad(completion(r#"{}"#), "prompt", "required");
+        assert_bad(completion(r#"{"prompt":"x","stream_options":{"include_usage":true}}"#), "stream_options", "stream: true");
+        assert_bad(completion(r#"{"prompt":"x","logit_bias":{"5":1}}"#), "logit_bias", "not supported");
+        assert_bad(chat(r#"{"messages":[]}"#), "messages", "empty");
+        assert_bad(chat(r#"{"model":"m"}"#), "messages", "required");
+        assert_bad(chat(r#"{"messages":[{"role":"robot","content":"x"}]}"#), "messages[0].role", "unknown role");
+        assert_bad(chat(r#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#), "top_logprobs", "logprobs: true");
+        assert_bad(
+            chat(r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"u"}}]}]}"#),
+            "messages[0].content[0]",
+            "text",
+        );
+    }
+
+    #[test]
+    fn wire_errors_are_400_with_a_field() {
+        assert_bad(completion(r#"{"prompt":"x","temperature":"hot"}"#), "temperature", "invalid type");
+        assert_bad(completion(r#"{"prompt":"x","max_tokens":"10"}"#), "max_tokens", "invalid type");
+        assert_bad(completion(r#"{"prompt":"x","frobnicate":1}"#), "frobnicate", "unknown field");
+        let e = completion(r#"{"prompt": "x""#).unwrap_err();
+        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, Some("invalid_json")));
+        let e = parse_json::<CompletionRequest>(b"{\"prompt\": \"\xff\xfe\"}").unwrap_err();
+        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, Some("invalid_encoding")));
+        let e = parse_json::<CompletionRequest>(b"").unwrap_err();
+        assert!(e.message.contains("empty"));
+        let e = parse_json::<CompletionRequest>(b"{} {}").unwrap_err();
+        assert_eq!(e.code, Some("invalid_json"));
+    }
+
+    #[test]
+    fn chat_logprobs_and_parts() {
+        let c = chat(
+            r#"{"messages":[{"role":"system","content":"s"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],
+                "logprobs":true,"top_logprobs":2,"max_completion_tokens":9}"#,
+        )
+        .unwrap();
+        assert_eq!(c.logprobs, Some(2));
+        assert_eq!(c.params.logprobs, Some(2));
+        assert_eq!(c.params.max_tokens, Some(9));
+        assert_eq!(c.messages[1], ChatTurn { role: "user".into(), content: "a\nb".into() });
+    }
+
+    #[test]
+    fn model_must_match_when_given() {
+        assert!(check_model(None, "smol", "/p/smol.gguf").is_ok());
+        assert!(check_model(Some("smol"), "smol", "/p/smol.gguf").is_ok());
+        assert!(check_model(Some("/p/smol.gguf"), "smol", "/p/smol.gguf").is_ok());
+        let e = check_model(Some("gpt-4"), "smol", "/p/smol.gguf").unwrap_err();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert!(e.message.contains("gpt-4") && e.message.contains("smol"));
+    }
+}
