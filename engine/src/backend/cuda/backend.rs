@@ -1,0 +1,488 @@
+//! `Backend` on the GPU: bf16 activations and weights, cuBLAS GEMMs, rvllm-kernels for the
+//! rest. Step metadata goes up in one copy into buffers allocated once, so that every step
+//! of a given shape uses the same device addresses (what CUDA graphs need).
+use std::ffi::c_void;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, ensure, Result};
+use cudarc::driver::sys::CUdeviceptr;
+use half::bf16;
+
+use super::device::{DevBuf, Gpu};
+use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
+use crate::models::weights::HostTensor;
+
+const BF16: usize = 2;
+/// Tokens per decode-attention partition (split-K along the context); a multiple of 64, ≤ 512.
+pub const DECODE_PARTITION: usize = 256;
+
+pub struct CudaTensor {
+    buf: DevBuf,
+    rows: usize,
+    cols: usize,
+    cap: usize,
+}
+
+impl CudaTensor {
+    pub fn ptr(&self) -> CUdeviceptr {
+        self.buf.ptr
+    }
+}
+
+impl Activation for CudaTensor {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn capacity_rows(&self) -> usize {
+        self.cap
+    }
+    fn set_rows(&mut self, rows: usize) -> Result<()> {
+        ensure!(rows <= self.cap, "GPU activation holds {} rows of {}, asked for {rows}", self.cap, self.cols);
+        self.rows = rows;
+        Ok(())
+    }
+}
+
+pub struct CudaWeight {
+    pub buf: DevBuf,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// A 1-D parameter, kept in bf16 (norm weights, biases) and f32 (RoPE frequencies).
+pub struct CudaVector {
+    pub bf16: DevBuf,
+    pub f32: DevBuf,
+    pub len: usize,
+}
+
+/// All layers' K (and V) in one allocation each: layer `l` starts at `l * layer_bytes`.
+pub struct CudaKvCache {
+    pub shape: KvCacheShape,
+    pub k: DevBuf,
+    pub v: DevBuf,
+}
+
+impl CudaKvCache {
+    fn layer_bytes(&self) -> usize {
+        self.shape.layer_elems() * BF16
+    }
+    pub fn k_layer(&self, l: usize) -> CUdeviceptr {
+        self.k.ptr + (l * self.layer_bytes()) as u64
+    }
+    pub fn v_layer(&self, l: usize) -> CUdeviceptr {
+        self.v.ptr + (l * self.layer_bytes()) as u64
+    }
+}
+
+/// Capacities of the persistent step buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct StepLimits {
+    pub max_tokens: usize,
+    pub max_seqs: usize,
+    pub max_blocks_per_seq: usize,
+}
+
+/// Offsets (in i32 elements) of each metadata array inside the one step buffer.
+#[derive(Debug, Clone, Copy)]
+struct MetaLayout {
+    ids: usize,
+    positions: usize,
+    slots: usize,
+    cu_seqlens: usize,
+    context_lens: usize,
+    logits_rows: usize,
+    block_tables: usize,
+    total: usize,
+}
+
+impl MetaLayout {
+    fn new(l: &StepLimits) -> Self {
+        let ids = 0;
+        let positions = ids + l.max_tokens;
+        let slots = positions + l.max_tokens;
+        let cu_seqlens = slots + l.max_tokens;
+        let context_lens = cu_seqlens + l.max_seqs + 1;
+        let logits_rows = context_lens + l.max_seqs;
+        let block_tables = logits_rows + l.max_tokens;
+        let total = block_tables + l.max_seqs * l.max_blocks_per_seq;
+        Self { ids, positions, slots, cu_seqlens, context_lens, logits_rows, block_tables, total }
+    }
+}
+
+/// A step's metadata on the device. Sequences that decode (one new token) come first in
+/// every batch the CUDA runner builds; `num_decode` counts them.
+pub struct CudaStepMeta {
+    pub num_tokens: usize,
+    pub num_seqs: usize,
+    pub num_decode: usize,
+    pub max_chunk: usize,
+    pub max_context: usize,
+    /// Grid depth of decode attention; fixed to the model's limit when capturing a graph.
+    pub decode_partitions: usize,
+    base: CUdeviceptr,
+    layout: MetaLayout,
+    max_blocks_per_seq: usize,
+}
+
+impl CudaStepMeta {
+    fn at(&self, offset: usize) -> CUdeviceptr {
+        self.base + (offset * 4) as u64
+    }
+    pub fn ids(&self) -> CUdeviceptr {
+        self.at(self.layout.ids)
+    }
+    pub fn logits_rows(&self) -> CUdeviceptr {
+        self.at(self.layout.logits_rows)
+    }
+}
+
+pub struct CudaBackend {
+    pub gpu: Arc<Gpu>,
+    limits: StepLimits,
+    layout: MetaLayout,
+    meta: DevBuf,
+    staging: Mutex<Vec<i32>>,
+    /// Split-K scratch for decode attention.
+    partial_out: DevBuf,
+    partial_ml: DevBuf,
+    max_partitions: usize,
+    /// A column of bf16 ones: adds a bias as a rank-1 GEMM update.
+    ones: DevBuf,
+    /// When set, decode attention uses this many partitions whatever the step's contexts
+    /// (graph capture: the grid is frozen into the graph).
+    pub fixed_decode_partitions: std::sync::atomic::AtomicUsize,
+}
+
+// SAFETY: all device state is used from one thread at a time (the engine thread).
+unsafe impl Send for CudaBackend {}
+
+macro_rules! args {
+    ($($x:expr),* $(,)?) => { &mut [$(&$x as *const _ as *mut c_void),*] };
+}
+
+impl CudaBackend {
+    /// `max_context`: the longest context a step may attend to (sizes the split-K scratch).
+    pub fn new(gpu: Arc<Gpu>, limits: StepLimits, num_heads: usize, head_dim: usize, max_context: usize) -> Result<Self> {
+        let layout = MetaLayout::new(&limits);
+        let meta = gpu.alloc(layout.total * 4)?;
+        let max_partitions = max_context.div_ceil(DECODE_PARTITION).max(1);
+        let scratch = limits.max_seqs * num_heads * max_partitions;
+        let partial_out = gpu.alloc(scratch * head_dim * 4)?;
+        let partial_ml = gpu.alloc(scratch * 2 * 4)?;
+        let ones = gpu.alloc(limits.max_tokens * BF16)?;
+        gpu.upload(ones.ptr, &vec![bf16::ONE; limits.max_tokens])?;
+        Ok(Self {
+            gpu,
+            limits,
+            layout,
+            meta,
+            staging: Mutex::new(vec![0; layout.total]),
+            partial_out,
+            partial_ml,
+            max_partitions,
+            ones,
+            fixed_decode_partitions: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    pub fn limits(&self) -> StepLimits {
+        self.limits
+    }
+
+    pub fn max_partitions(&self) -> usize {
+        self.max_partitions
+    }
+
+    fn upload_bf16(&self, data: &[bf16]) -> Result<DevBuf> {
+        let buf = self.gpu.alloc(data.len() * BF16)?;
+        self.gpu.upload(buf.ptr, data)?;
+        Ok(buf)
+    }
+
+    fn upload_f32(&self, data: &[f32]) -> Result<DevBuf> {
+        let buf = self.gpu.alloc(data.len() * 4)?;
+        self.gpu.upload(buf.ptr, data)?;
+        Ok(buf)
+    }
+
+    fn launch(&self, module: &'static str, kernel: &'static str, grid: (u32, u32, u32), block: u32, params: &mut [*mut c_void]) -> Result<()> {
+        self.gpu.launch(module, kernel, grid, (block, 1, 1), 0, params)
+    }
+
+    fn decode_kernel(head_dim: usize, group: usize) -> Result<(&'static str, usize)> {
+        let gt = match group {
+            1 => 1,
+            2 => 2,
+            3 | 4 => 4,
+            _ => 8,
+        };
+        let name = match (head_dim, gt) {
+            (64, 1) => "paged_attention_decode_hd64_g1",
+            (64, 2) => "paged_attention_decode_hd64_g2",
+            (64, 4) => "paged_attention_decode_hd64_g4",
+            (64, 8) => "paged_attention_decode_hd64_g8",
+            (128, 1) => "paged_attention_decode_hd128_g1",
+            (128, 2) => "paged_attention_decode_hd128_g2",
+            (128, 4) => "paged_attention_decode_hd128_g4",
+            (128, 8) => "paged_attention_decode_hd128_g8",
+            _ => bail!("no decode attention kernel for head_dim {head_dim} (built: 64, 128)"),
+        };
+        Ok((name, gt))
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+    type Vector = CudaVector;
+    type KvCache = CudaKvCache;
+    type StepMeta = CudaStepMeta;
+
+    fn device_name(&self) -> String {
+        format!("cuda:0 ({}, sm_{}{})", self.gpu.name, self.gpu.compute_capability.0, self.gpu.compute_capability.1)
+    }
+
+    fn alloc_activation(&self, capacity_rows: usize, cols: usize) -> Result<CudaTensor> {
+        let buf = self.gpu.alloc(capacity_rows.max(1) * cols * BF16)?;
+        Ok(CudaTensor { buf, rows: 0, cols, cap: capacity_rows.max(1) })
+    }
+
+    fn activation_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaTensor> {
+        ensure!(data.len() == rows * cols, "activation data has {} values for {rows}x{cols}", data.len());
+        let host: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+        let mut t = self.alloc_activation(rows, cols)?;
+        self.gpu.upload(t.buf.ptr, &host)?;
+        t.rows = rows;
+        Ok(t)
+    }
+
+    fn to_host(&self, x: &CudaTensor, dst: &mut Vec<f32>) -> Result<()> {
+        let mut tmp = vec![bf16::ZERO; x.rows * x.cols];
+        self.gpu.download(&mut tmp, x.buf.ptr)?;
+        dst.clear();
+        dst.extend(tmp.iter().map(|v| v.to_f32()));
+        Ok(())
+    }
+
+    fn upload_weight(&self, name: &str, t: HostTensor) -> Result<CudaWeight> {
+        ensure!(t.shape.len() == 2, "weight `{name}` should be 2-D, has shape {:?}", t.shape);
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let buf = self.upload_bf16(&t.to_bf16())?;
+        Ok(CudaWeight { buf, rows, cols })
+    }
+
+    fn upload_vector(&self, name: &str, t: HostTensor) -> Result<CudaVector> {
+        ensure!(t.shape.len() == 1, "vector `{name}` should be 1-D, has shape {:?}", t.shape);
+        let f = t.to_f32();
+        Ok(CudaVector { bf16: self.upload_bf16(&t.to_bf16())?, f32: self.upload_f32(&f)?, len: f.len() })
+    }
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache> {
+        let bytes = shape.num_layers * shape.layer_elems() * BF16;
+        let k = self.gpu.alloc(bytes)?;
+        let v = self.gpu.alloc(bytes)?;
+        self.gpu.memset_zero(k.ptr, bytes)?;
+        self.gpu.memset_zero(v.ptr, bytes)?;
+        Ok(CudaKvCache { shape, k, v })
+    }
+
+    fn kv_cache_shape(&self, cache: &CudaKvCache) -> KvCacheShape {
+        cache.shape
+    }
+
+    fn upload_step(&self, batch: &ForwardBatch) -> Result<CudaStepMeta> {
+        let l = &self.limits;
+        let (nt, ns) = (batch.num_tokens(), batch.seqs.len());
+        ensure!(nt <= l.max_tokens, "step of {nt} tokens exceeds the GPU step buffers ({})", l.max_tokens);
+        ensure!(ns <= l.max_seqs, "step of {ns} sequences exceeds the GPU step buffers ({})", l.max_seqs);
+        ensure!(batch.logits_rows.len() <= l.max_tokens, "too many logits rows");
+        let lay = &self.layout;
+        let mut st = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, t) in batch.token_ids.iter().enumerate() {
+            st[lay.ids + i] = *t as i32;
+            st[lay.positions + i] = batch.positions[i] as i32;
+            st[lay.slots + i] = batch.slot_mapping[i] as i32;
+        }
+        let mut num_decode = 0;
+        let mut decoding = true;
+        let (mut max_chunk, mut max_context) = (0, 0);
+        st[lay.cu_seqlens] = 0;
+        for (i, s) in batch.seqs.iter().enumerate() {
+            ensure!(s.block_table.len() <= l.max_blocks_per_seq, "sequence {i} has {} blocks, more than --max-model-len allows", s.block_table.len());
+            if decoding && s.num_tokens == 1 {
+                num_decode += 1;
+            } else {
+                decoding = false;
+                max_chunk = max_chunk.max(s.num_tokens);
+            }
+            max_context = max_context.max(s.context_len);
+            st[lay.cu_seqlens + i + 1] = (s.token_offset + s.num_tokens) as i32;
+            st[lay.context_lens + i] = s.context_len as i32;
+            let row = lay.block_tables + i * l.max_blocks_per_seq;
+            for (j, b) in s.block_table.iter().enumerate() {
+                st[row + j] = *b as i32;
+            }
+        }
+        for (i, r) in batch.logits_rows.iter().enumerate() {
+            st[lay.logits_rows + i] = *r as i32;
+        }
+        // One copy of the whole (fixed-layout) buffer keeps every array at a fixed address.
+        self.gpu.upload_async(self.meta.ptr, &st[..lay.total])?;
+        let fixed = self.fixed_decode_partitions.load(std::sync::atomic::Ordering::Relaxed);
+        let decode_partitions = if fixed > 0 { fixed } else { max_context.div_ceil(DECODE_PARTITION).max(1) };
+        ensure!(decode_partitions <= self.max_partitions, "context of {max_context} tokens exceeds the attention scratch");
+        Ok(CudaStepMeta {
+            num_tokens: nt,
+            num_seqs: ns,
+            num_decode,
+            max_chunk,
+            max_context,
+            decode_partitions,
+            base: self.meta.ptr,
+            layout: *lay,
+            max_blocks_per_seq: l.max_blocks_per_seq,
+        })
+    }
+
+    fn embedding(&self, table: &CudaWeight, step: &CudaStepMeta, out: &mut CudaTensor) -> Result<()> {
+        out.set_rows(step.num_tokens)?;
+        let (o, t, ids) = (out.buf.ptr, table.buf.ptr, step.ids());
+        let (n, h, v) = (step.num_tokens as i32, table.cols as i32, table.rows as i32);
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch("embedding", "embedding_lookup_bf16", (n as u32, 1, 1), 256, args![o, t, ids, n, h, v])
+    }
+
+    fn linear(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaVector>, out: &mut CudaTensor) -> Result<()> {
+        ensure!(x.cols == w.cols, "linear: input has {} columns, weight expects {}", x.cols, w.cols);
+        ensure!(out.cols == w.rows, "linear: output has {} columns, weight gives {}", out.cols, w.rows);
+        out.set_rows(x.rows)?;
+        if x.rows == 0 {
+            return Ok(());
+        }
+        self.gpu.gemm_bf16(x.buf.ptr, w.buf.ptr, out.buf.ptr, x.rows, w.rows, w.cols, false)?;
+        if let Some(b) = bias {
+            ensure!(b.len == w.rows, "bias has {} values for {} outputs", b.len, w.rows);
+            // out += ones[rows, 1] @ bias[out, 1]^T
+            self.gpu.gemm_bf16(self.ones.ptr, b.bf16.ptr, out.buf.ptr, x.rows, w.rows, 1, true)?;
+        }
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, weight: &CudaVector, eps: f32, out: &mut CudaTensor) -> Result<()> {
+        out.set_rows(x.rows)?;
+        let (o, xp, wp, t, h) = (out.buf.ptr, x.buf.ptr, weight.bf16.ptr, x.rows as i32, x.cols as i32);
+        if t == 0 {
+            return Ok(());
+        }
+        self.launch("norm", "rms_norm_bf16", (t as u32, 1, 1), 256, args![o, xp, wp, eps, t, h])
+    }
+
+    fn add_rms_norm(&self, residual: &mut CudaTensor, x: &CudaTensor, weight: &CudaVector, eps: f32, out: &mut CudaTensor) -> Result<()> {
+        ensure!(residual.rows == x.rows, "add_rms_norm: residual has {} rows, x {}", residual.rows, x.rows);
+        out.set_rows(x.rows)?;
+        let (o, r, xp, wp) = (out.buf.ptr, residual.buf.ptr, x.buf.ptr, weight.bf16.ptr);
+        let (t, h) = (x.rows as i32, x.cols as i32);
+        if t == 0 {
+            return Ok(());
+        }
+        self.launch("norm", "fused_add_rms_norm_bf16", (t as u32, 1, 1), 256, args![o, r, xp, wp, eps, t, h])
+    }
+
+    fn rope_and_write_kv(&self, qkv: &mut CudaTensor, inv_freq: &CudaVector, layout: &AttentionLayout, step: &CudaStepMeta, cache: &mut CudaKvCache, layer: usize) -> Result<()> {
+        let t = step.num_tokens as i32;
+        if t == 0 {
+            return Ok(());
+        }
+        let q = qkv.buf.ptr;
+        let k = q + (layout.q_size() * BF16) as u64;
+        let v = k + (layout.kv_size() * BF16) as u64;
+        let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
+        let (pos, slots, inv) = (step.at(step.layout.positions), step.at(step.layout.slots), inv_freq.f32.ptr);
+        let (nh, nkv, hd) = (layout.num_heads as i32, layout.num_kv_heads as i32, layout.head_dim as i32);
+        let stride = layout.qkv_size() as i32;
+        self.launch(
+            "rope_cache",
+            "rope_and_cache_bf16",
+            (t as u32, 1, 1),
+            256,
+            args![q, k, v, kc, vc, pos, slots, inv, t, nh, nkv, hd, stride, stride, stride],
+        )
+    }
+
+    fn attention(&self, qkv: &CudaTensor, layout: &AttentionLayout, step: &CudaStepMeta, cache: &CudaKvCache, layer: usize, out: &mut CudaTensor) -> Result<()> {
+        out.set_rows(step.num_tokens)?;
+        let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
+        let (nh, nkv, hd) = (layout.num_heads as i32, layout.num_kv_heads as i32, layout.head_dim);
+        let bs = cache.shape.block_size as i32;
+        let maxb = step.max_blocks_per_seq as i32;
+        let q_stride = layout.qkv_size() as i32;
+        let scale = layout.scale;
+        let q = qkv.buf.ptr;
+        let o = out.buf.ptr;
+        if step.num_decode > 0 {
+            let group = layout.num_heads / layout.num_kv_heads;
+            let (kernel, gt) = Self::decode_kernel(hd, group)?;
+            let parts = step.decode_partitions;
+            let (po, pml) = (self.partial_out.ptr, self.partial_ml.ptr);
+            let (bt, cl) = (step.at(step.layout.block_tables), step.at(step.layout.context_lens));
+            let ps = DECODE_PARTITION as i32;
+            let grid = ((layout.num_kv_heads * group.div_ceil(gt)) as u32, step.num_decode as u32, parts as u32);
+            self.launch("attention_decode", kernel, grid, 128, args![o, po, pml, q, kc, vc, bt, cl, scale, nh, nkv, bs, maxb, q_stride, ps])?;
+            if parts > 1 {
+                let (hdi, mp) = (hd as i32, parts as i32);
+                self.launch(
+                    "attention_decode",
+                    "paged_attention_decode_reduce",
+                    (layout.num_heads as u32, step.num_decode as u32, 1),
+                    128,
+                    args![o, po, pml, cl, nh, hdi, mp, ps],
+                )?;
+            }
+        }
+        let num_prefill = step.num_seqs - step.num_decode;
+        if num_prefill > 0 {
+            let kernel = match hd {
+                64 => "paged_attention_prefill_hd64",
+                128 => "paged_attention_prefill_hd128",
+                _ => bail!("no prefill attention kernel for head_dim {hd} (built: 64, 128)"),
+            };
+            let d = step.num_decode;
+            let cu = step.at(step.layout.cu_seqlens + d);
+            let cl = step.at(step.layout.context_lens + d);
+            let bt = step.at(step.layout.block_tables + d * step.max_blocks_per_seq);
+            let grid = (step.max_chunk.div_ceil(64) as u32, layout.num_heads as u32, num_prefill as u32);
+            self.launch("attention_prefill", kernel, grid, 128, args![o, q, kc, vc, cu, cl, bt, scale, nh, nkv, bs, maxb, q_stride])?;
+        }
+        Ok(())
+    }
+
+    fn silu_and_mul(&self, gate_up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
+        let inter = gate_up.cols / 2;
+        ensure!(out.cols == inter, "silu_and_mul: output has {} columns, expected {inter}", out.cols);
+        out.set_rows(gate_up.rows)?;
+        let (o, i, t, n) = (out.buf.ptr, gate_up.buf.ptr, gate_up.rows as i32, inter as i32);
+        if t == 0 {
+            return Ok(());
+        }
+        self.launch("activation", "silu_and_mul_bf16", (inter.div_ceil(256) as u32, t as u32, 1), 256, args![o, i, t, n])
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, step: &CudaStepMeta, range: Range<usize>, out: &mut CudaTensor) -> Result<()> {
+        let n = range.len();
+        out.set_rows(n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (o, i) = (out.buf.ptr, x.buf.ptr);
+        let rows = step.logits_rows() + (range.start * 4) as u64;
+        let (nr, cols) = (n as i32, x.cols as i32);
+        self.launch("embedding", "gather_rows_bf16", (n as u32, 1, 1), 256, args![o, i, rows, nr, cols])
+    }
+}
