@@ -1,4 +1,7 @@
 //! Sampling parameters and the CPU sampler (penalties, temperature, top-k/top-p/min-p,
 //! seeded draws, logprobs).
 pub mod params;
-pub use params::SamplingParams;
+pub mod sampler;
+
+pub use params::{ParamError, SamplingParams, MAX_LOGPROBS, MAX_N};
+pub use sampler::{argmax, log_sum_exp, top_logprobs, uniform, SeqSampler};

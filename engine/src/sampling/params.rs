@@ -64,10 +64,286 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy(max_tokens: usize) -> Self {
-        Self { temperature: 0.0, max_tokens: Some(max_tokens), ..Self::default() }
+        Self {
+            temperature: 0.0,
+            max_tokens: Some(max_tokens),
+            ..Self::default()
+        }
     }
 
     pub fn is_greedy(&self) -> bool {
         self.temperature < 1e-5
+    }
+}
+
+/// Most top log-probabilities one position may ask for (vLLM's default `max_logprobs`).
+pub const MAX_LOGPROBS: usize = 20;
+/// Most completions one request may ask for; each is a separate sequence in the engine.
+pub const MAX_N: usize = 128;
+
+/// A sampling parameter outside its allowed range: which one, and what to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamError {
+    pub param: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for ParamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid `{}`: {}", self.param, self.message)
+    }
+}
+
+impl std::error::Error for ParamError {}
+
+fn bad(param: &'static str, message: String) -> Result<(), ParamError> {
+    Err(ParamError { param, message })
+}
+
+impl SamplingParams {
+    /// Check every parameter against vLLM's ranges. Comparisons are written so that NaN
+    /// fails them too.
+    pub fn validate(&self) -> Result<(), ParamError> {
+        if self.n < 1 || self.n > MAX_N {
+            return bad(
+                "n",
+                format!("n must be between 1 and {MAX_N}, got {}", self.n),
+            );
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad(
+                "temperature",
+                format!(
+                    "temperature must be a finite number >= 0 (0 means greedy), got {}",
+                    self.temperature
+                ),
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(
+                "top_p",
+                format!(
+                    "top_p must be in (0, 1] (1 disables it), got {}",
+                    self.top_p
+                ),
+            );
+        }
+        if self.top_k < -1 {
+            return bad(
+                "top_k",
+                format!(
+                    "top_k must be 0 or -1 (disabled) or at least 1, got {}",
+                    self.top_k
+                ),
+            );
+        }
+        if !(self.min_p >= 0.0 && self.min_p <= 1.0) {
+            return bad(
+                "min_p",
+                format!(
+                    "min_p must be in [0, 1] (0 disables it), got {}",
+                    self.min_p
+                ),
+            );
+        }
+        if !(self.presence_penalty >= -2.0 && self.presence_penalty <= 2.0) {
+            return bad(
+                "presence_penalty",
+                format!(
+                    "presence_penalty must be in [-2, 2] (0 disables it), got {}",
+                    self.presence_penalty
+                ),
+            );
+        }
+        if !(self.frequency_penalty >= -2.0 && self.frequency_penalty <= 2.0) {
+            return bad(
+                "frequency_penalty",
+                format!(
+                    "frequency_penalty must be in [-2, 2] (0 disables it), got {}",
+                    self.frequency_penalty
+                ),
+            );
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad(
+                "repetition_penalty",
+                format!(
+                    "repetition_penalty must be a finite number > 0 (1 disables it), got {}",
+                    self.repetition_penalty
+                ),
+            );
+        }
+        if let Some(max_tokens) = self.max_tokens {
+            if max_tokens < 1 {
+                return bad(
+                    "max_tokens",
+                    format!("max_tokens must be at least 1, got {max_tokens}"),
+                );
+            }
+            if self.min_tokens > max_tokens {
+                return bad(
+                    "min_tokens",
+                    format!(
+                        "min_tokens must be less than or equal to max_tokens={max_tokens}, got {}; lower \
+                         min_tokens or raise max_tokens",
+                        self.min_tokens
+                    ),
+                );
+            }
+        }
+        if let Some(k) = self.logprobs {
+            if k > MAX_LOGPROBS {
+                return bad(
+                    "logprobs",
+                    format!("logprobs must be at most {MAX_LOGPROBS}, got {k}"),
+                );
+            }
+        }
+        if let Some(k) = self.prompt_logprobs {
+            if k > MAX_LOGPROBS {
+                return bad(
+                    "prompt_logprobs",
+                    format!("prompt_logprobs must be at most {MAX_LOGPROBS}, got {k}"),
+                );
+            }
+        }
+        if self.stop.iter().any(|s| s.is_empty()) {
+            return bad(
+                "stop",
+                "stop strings must not be empty; remove the empty string from `stop`".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(p: SamplingParams) -> ParamError {
+        p.validate().expect_err("should be rejected")
+    }
+
+    #[test]
+    fn defaults_and_greedy_are_valid() {
+        SamplingParams::default().validate().unwrap();
+        SamplingParams::greedy(5).validate().unwrap();
+        let full = SamplingParams {
+            n: 3,
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: -1,
+            min_p: 1.0,
+            seed: Some(1),
+            presence_penalty: -2.0,
+            frequency_penalty: 2.0,
+            repetition_penalty: 1.3,
+            max_tokens: None,
+            min_tokens: 4,
+            logprobs: Some(20),
+            prompt_logprobs: Some(0),
+            stop: vec!["\n".into()],
+            ..Default::default()
+        };
+        full.validate().unwrap();
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_parameter() {
+        let d = SamplingParams::default;
+        let cases: Vec<(SamplingParams, &str)> = vec![
+            (SamplingParams { n: 0, ..d() }, "n"),
+            (
+                SamplingParams {
+                    temperature: -0.1,
+                    ..d()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..d()
+                },
+                "temperature",
+            ),
+            (SamplingParams { top_p: 0.0, ..d() }, "top_p"),
+            (SamplingParams { top_p: 1.01, ..d() }, "top_p"),
+            (SamplingParams { top_k: -2, ..d() }, "top_k"),
+            (SamplingParams { min_p: 1.5, ..d() }, "min_p"),
+            (
+                SamplingParams {
+                    presence_penalty: 2.5,
+                    ..d()
+                },
+                "presence_penalty",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: -3.0,
+                    ..d()
+                },
+                "frequency_penalty",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..d()
+                },
+                "repetition_penalty",
+            ),
+            (
+                SamplingParams {
+                    max_tokens: Some(0),
+                    ..d()
+                },
+                "max_tokens",
+            ),
+            (
+                SamplingParams {
+                    max_tokens: Some(3),
+                    min_tokens: 4,
+                    ..d()
+                },
+                "min_tokens",
+            ),
+            (
+                SamplingParams {
+                    logprobs: Some(21),
+                    ..d()
+                },
+                "logprobs",
+            ),
+            (
+                SamplingParams {
+                    prompt_logprobs: Some(100),
+                    ..d()
+                },
+                "prompt_logprobs",
+            ),
+            (
+                SamplingParams {
+                    stop: vec!["".into()],
+                    ..d()
+                },
+                "stop",
+            ),
+        ];
+        for (p, name) in cases {
+            let e = err(p);
+            assert_eq!(e.param, name);
+            assert!(e.to_string().contains(name), "{e}");
+        }
+        let e = err(SamplingParams {
+            max_tokens: Some(3),
+            min_tokens: 4,
+            ..d()
+        });
+        assert!(
+            e.message.contains("max_tokens=3") && e.message.contains("got 4"),
+            "{}",
+            e.message
+        );
     }
 }

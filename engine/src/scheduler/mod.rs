@@ -1,3 +1,351 @@
 //! The vLLM-v1-style scheduler: plain bookkeeping, no tensors, no backend, no locks.
+//!
+//! There are no prefill and decode phases. Every request has a list of known tokens
+//! (prompt + outputs) and a count of those already in the KV cache; each step hands out
+//! token counts under a budget (`max_num_batched_tokens`, `max_num_seqs`). Running
+//! requests are served first (a decode needs 1 token, an unfinished prefill as many as the
+//! budget allows), then waiting requests are admitted in arrival order, so long prompts are
+//! prefilled in chunks next to running decodes. When the KV cache runs out of blocks the
+//! newest running request is preempted: its blocks are freed and it is recomputed later
+//! from its prompt and the outputs it already has.
 pub mod output;
+mod request;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+
 pub use output::*;
+pub use request::{AddRequestError, EngineCoreOutput, EngineRequest, FinishReason};
+use request::{Request, Status};
+
+use crate::kv::KvCacheManager;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Most requests running at once (`--max-num-seqs`).
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step, over all requests (`--max-num-batched-tokens`).
+    pub max_num_batched_tokens: usize,
+    /// Longest sequence (prompt + outputs) in tokens (`--max-model-len`).
+    pub max_model_len: usize,
+    /// Tokens per KV block (`--block-size`).
+    pub block_size: usize,
+    /// KV blocks the backend allocated.
+    pub num_kv_blocks: usize,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    kv: KvCacheManager,
+    requests: HashMap<RequestId, Request>,
+    /// Arrival order; preempted requests go back to the front.
+    waiting: VecDeque<RequestId>,
+    /// Admission order: the last one is the newest, the first to be preempted.
+    running: Vec<RequestId>,
+    /// Finished or aborted since the last `schedule()`: reported in its `finished`.
+    finished_since_last: Vec<RequestId>,
+    /// Outputs of requests that ended inside `schedule()` (the KV cache is too small for
+    /// them alone): returned by the next `update_from_output()`.
+    pending_outputs: Vec<EngineCoreOutput>,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    /// Limits of 0 would stall the engine forever, so they are raised to 1.
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        let cfg = SchedulerConfig {
+            max_num_seqs: cfg.max_num_seqs.max(1),
+            max_num_batched_tokens: cfg.max_num_batched_tokens.max(1),
+            max_model_len: cfg.max_model_len.max(1),
+            block_size: cfg.block_size.max(1),
+            num_kv_blocks: cfg.num_kv_blocks,
+        };
+        Self {
+            kv: KvCacheManager::new(cfg.num_kv_blocks, cfg.block_size),
+            cfg,
+            requests: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            finished_since_last: Vec::new(),
+            pending_outputs: Vec::new(),
+            num_preemptions: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    /// Queue a request. Refused when its prompt is empty, longer than `max_model_len`, or
+    /// needs more KV blocks than the whole cache holds. A prompt that fits but whose
+    /// prompt + max_tokens does not is accepted: if its generation later fills the whole
+    /// cache with nothing else running, it finishes with `Length`.
+    pub fn add_request(&mut self, req: EngineRequest) -> Result<(), AddRequestError> {
+        let prompt_len = req.prompt_token_ids.len();
+        if prompt_len == 0 {
+            return Err(AddRequestError::EmptyPrompt { req_id: req.req_id });
+        }
+        if self.requests.contains_key(&req.req_id) {
+            return Err(AddRequestError::DuplicateId { req_id: req.req_id });
+        }
+        if prompt_len > self.cfg.max_model_len {
+            return Err(AddRequestError::PromptTooLong {
+                prompt_len,
+                max_model_len: self.cfg.max_model_len,
+            });
+        }
+        let blocks_needed = self.kv.num_blocks_needed(prompt_len);
+        if blocks_needed > self.kv.num_total_blocks() {
+            return Err(AddRequestError::PromptExceedsKvCache {
+                prompt_len,
+                blocks_needed,
+                num_kv_blocks: self.kv.num_total_blocks(),
+                block_size: self.kv.block_size(),
+            });
+        }
+        let id = req.req_id;
+        self.requests.insert(id, Request::new(req));
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    /// Drop a request wherever it is and free its blocks; the runner hears of it in the
+    /// next `SchedulerOutput.finished`. Unknown (e.g. already finished) ids are ignored.
+    pub fn abort(&mut self, req_id: RequestId) {
+        let Some(req) = self.requests.remove(&req_id) else {
+            return;
+        };
+        match req.status {
+            Status::Waiting => self.waiting.retain(|&id| id != req_id),
+            Status::Running => self.running.retain(|&id| id != req_id),
+        }
+        self.kv.free(req_id);
+        self.finished_since_last.push(req_id);
+    }
+
+    /// Decide what the next step computes.
+    pub fn schedule(&mut self) -> SchedulerOutput {
+        let mut out = SchedulerOutput::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+
+        // 1. Running requests, oldest first. A request that cannot get blocks preempts the
+        // newest running one (possibly itself); requests already scheduled this step are
+        // older than every victim, so they are never preempted.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let req = &self.requests[&id];
+            let num_new = req.num_uncomputed().min(budget);
+            if num_new == 0 {
+                i += 1;
+                continue;
+            }
+            let target = req.num_computed_tokens + num_new;
+            let mut keeps_running = true;
+            while !self.kv.allocate_slots(id, target) {
+                let victim = *self.running.last().expect("the running list holds `id`");
+                if victim == id && i == 0 {
+                    // Alone in the cache and it still does not fit: this one sequence has
+                    // used up every block. End it rather than preempt it forever.
+                    self.running.pop();
+                    self.finish_in_schedule(id);
+                    keeps_running = false;
+                    break;
+                }
+                self.running.pop();
+                self.preempt(victim, &mut out);
+                if victim == id {
+                    keeps_running = false;
+                    break;
+                }
+            }
+            if !keeps_running {
+                continue; // `id` left the running list, which ends this loop
+            }
+            out.scheduled.push(self.scheduled_request(id, num_new));
+            budget -= num_new;
+            i += 1;
+        }
+
+        // 2. Waiting requests in arrival order, unless this step had to preempt (admitting
+        // new work into a full cache would only preempt again).
+        if out.preempted.is_empty() {
+            while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+                let Some(&id) = self.waiting.front() else {
+                    break;
+                };
+                let req = &self.requests[&id];
+                let num_new = req.num_uncomputed().min(budget);
+                if !self
+                    .kv
+                    .allocate_slots(id, req.num_computed_tokens + num_new)
+                {
+                    if self.running.is_empty() {
+                        // Every block is free and this chunk still does not fit: the
+                        // request (prompt + outputs from before a preemption) has outgrown
+                        // the whole cache and never will fit.
+                        self.waiting.pop_front();
+                        self.finish_in_schedule(id);
+                        continue;
+                    }
+                    break; // first come, first served: wait for blocks to free up
+                }
+                self.waiting.pop_front();
+                self.running.push(id);
+                let req = self.requests.get_mut(&id).expect("waiting ids are known");
+                req.status = Status::Running;
+                if !req.sent_to_runner {
+                    req.sent_to_runner = true;
+                    out.new_requests.push(NewRequestData {
+                        req_id: id,
+                        prompt_token_ids: req.prompt().to_vec(),
+                        sampling: req.sampling.clone(),
+                    });
+                }
+                out.scheduled.push(self.scheduled_request(id, num_new));
+                budget -= num_new;
+            }
+        }
+
+        out.finished = std::mem::take(&mut self.finished_since_last);
+        out
+    }
+
+    /// Fold the runner's sampled tokens into the requests: advance their computed counts,
+    /// append tokens, and end those that hit a stop condition.
+    pub fn update_from_output(
+        &mut self,
+        so: &SchedulerOutput,
+        out: &ModelRunnerOutput,
+    ) -> Vec<EngineCoreOutput> {
+        let mut outputs = std::mem::take(&mut self.pending_outputs);
+        let sampled: HashMap<RequestId, &SampledToken> =
+            out.sampled.iter().map(|s| (s.req_id, s)).collect();
+        let max_model_len = self.cfg.max_model_len;
+        for s in &so.scheduled {
+            // Aborted since the step was scheduled: nothing to update.
+            let Some(req) = self.requests.get_mut(&s.req_id) else {
+                continue;
+            };
+            if req.status != Status::Running {
+                continue;
+            }
+            req.num_computed_tokens = (s.start_pos + s.token_ids.len()).min(req.num_tokens());
+            if !s.sample {
+                continue;
+            }
+            let Some(tok) = sampled.get(&s.req_id) else {
+                // The runner skipped a token it should have sampled. Recompute the last
+                // token next step instead of leaving the request with nothing to do.
+                req.num_computed_tokens = req.num_tokens() - 1;
+                continue;
+            };
+            req.all_token_ids.push(tok.token_id);
+            let prompt_logprobs = if req.prompt_logprobs_sent {
+                None
+            } else {
+                tok.prompt_logprobs.clone()
+            };
+            // Only the first pass over the prompt reports its logprobs; a recompute after
+            // preemption must not send them again.
+            req.prompt_logprobs_sent = true;
+            let stop = req.check_stop(max_model_len);
+            outputs.push(EngineCoreOutput {
+                req_id: s.req_id,
+                new_token_ids: vec![tok.token_id],
+                new_logprobs: tok.logprobs.iter().cloned().collect(),
+                prompt_logprobs,
+                finish_reason: stop.map(|(reason, _)| reason),
+                stop_token: stop.and_then(|(_, token)| token),
+            });
+            if stop.is_some() {
+                self.finish_request(s.req_id);
+            }
+        }
+        outputs
+    }
+
+    /// True while any request is waiting or running, or has an output not yet returned.
+    pub fn has_unfinished(&self) -> bool {
+        !self.requests.is_empty() || !self.pending_outputs.is_empty()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Fraction of KV blocks in use.
+    pub fn kv_usage(&self) -> f32 {
+        self.kv.usage()
+    }
+
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    pub fn num_free_blocks(&self) -> usize {
+        self.kv.num_free_blocks()
+    }
+
+    pub fn num_total_blocks(&self) -> usize {
+        self.kv.num_total_blocks()
+    }
+
+    /// The chunk of `id`'s tokens from its computed count, `num_new` long; its blocks are
+    /// already allocated.
+    fn scheduled_request(&self, id: RequestId, num_new: usize) -> ScheduledRequest {
+        let req = &self.requests[&id];
+        let start = req.num_computed_tokens;
+        let end = start + num_new;
+        ScheduledRequest {
+            req_id: id,
+            token_ids: req.all_token_ids[start..end].to_vec(),
+            start_pos: start,
+            block_table: self.kv.block_table(id).to_vec(),
+            sample: end == req.num_tokens(),
+            num_output_tokens: req.num_output_tokens(),
+        }
+    }
+
+    /// Take `id` (already removed from `running`) out of the cache and put it at the front
+    /// of the queue; its tokens, outputs included, are recomputed when it comes back.
+    fn preempt(&mut self, id: RequestId, out: &mut SchedulerOutput) {
+        self.kv.free(id);
+        if let Some(req) = self.requests.get_mut(&id) {
+            req.num_computed_tokens = 0;
+            req.status = Status::Waiting;
+        }
+        self.waiting.push_front(id);
+        out.preempted.push(id);
+        self.num_preemptions += 1;
+    }
+
+    /// End a request whose sequence no longer fits in the whole KV cache (already removed
+    /// from `running`/`waiting`); its output comes with the next `update_from_output`.
+    fn finish_in_schedule(&mut self, id: RequestId) {
+        self.kv.free(id);
+        self.requests.remove(&id);
+        self.finished_since_last.push(id);
+        self.pending_outputs.push(EngineCoreOutput {
+            req_id: id,
+            new_token_ids: Vec::new(),
+            new_logprobs: Vec::new(),
+            prompt_logprobs: None,
+            finish_reason: Some(FinishReason::Length),
+            stop_token: None,
+        });
+    }
+
+    /// End a running request that hit a stop condition and free its blocks.
+    fn finish_request(&mut self, id: RequestId) {
+        self.running.retain(|&r| r != id);
+        self.kv.free(id);
+        self.requests.remove(&id);
+        self.finished_since_last.push(id);
+    }
+}

@@ -1,0 +1,585 @@
+//! Scheduler tests with hand-made requests and a fake runner that checks, every step, what
+//! a real one relies on: chunks continue exactly where the KV cache ends, tokens are the
+//! request's prompt + outputs, block tables are long enough and never shared, and budgets
+//! hold.
+use std::collections::{HashMap, HashSet};
+
+use super::*;
+use crate::sampling::SamplingParams;
+
+fn config(
+    max_num_seqs: usize,
+    max_num_batched_tokens: usize,
+    block_size: usize,
+    num_kv_blocks: usize,
+) -> SchedulerConfig {
+    SchedulerConfig {
+        max_num_seqs,
+        max_num_batched_tokens,
+        max_model_len: 1024,
+        block_size,
+        num_kv_blocks,
+    }
+}
+
+fn request(id: RequestId, prompt_len: usize, max_tokens: usize) -> EngineRequest {
+    EngineRequest {
+        req_id: id,
+        prompt_token_ids: (0..prompt_len as u32).map(|t| 1000 + t).collect(),
+        sampling: SamplingParams::greedy(max_tokens),
+        eos_token_ids: vec![2],
+    }
+}
+
+/// The token the fake model produces: a function of the request and sampling step only,
+/// like seeded sampling, so recomputation must reproduce it.
+fn default_token(id: RequestId, step: usize) -> u32 {
+    100 + (id as u32) * 10 + step as u32
+}
+
+#[derive(Default)]
+struct Harness {
+    /// What the fake runner holds per request: the tokens in its KV cache.
+    kv: HashMap<RequestId, Vec<u32>>,
+    runner_knows: HashSet<RequestId>,
+    prompts: HashMap<RequestId, Vec<u32>>,
+    outputs: HashMap<RequestId, Vec<u32>>,
+    finished: HashMap<RequestId, (FinishReason, Option<u32>)>,
+    steps: usize,
+}
+
+impl Harness {
+    fn add(&mut self, s: &mut Scheduler, req: EngineRequest) {
+        self.prompts
+            .insert(req.req_id, req.prompt_token_ids.clone());
+        self.outputs.insert(req.req_id, Vec::new());
+        s.add_request(req).expect("request accepted");
+    }
+
+    fn step(
+        &mut self,
+        s: &mut Scheduler,
+        token: &dyn Fn(RequestId, usize) -> u32,
+    ) -> (SchedulerOutput, Vec<EngineCoreOutput>) {
+        self.steps += 1;
+        let so = s.schedule();
+        let cfg = s.config().clone();
+        assert!(
+            so.total_tokens() <= cfg.max_num_batched_tokens,
+            "token budget exceeded: {}",
+            so.total_tokens()
+        );
+        assert!(so.scheduled.len() <= cfg.max_num_seqs);
+        assert!(s.num_running() <= cfg.max_num_seqs);
+        for id in &so.finished {
+            self.runner_knows.remove(id);
+            self.kv.remove(id);
+        }
+        for id in &so.preempted {
+            self.kv.remove(id);
+        }
+        for nr in &so.new_requests {
+            assert!(
+                self.runner_knows.insert(nr.req_id),
+                "NewRequestData sent twice for {}",
+                nr.req_id
+            );
+            assert_eq!(&nr.prompt_token_ids, &self.prompts[&nr.req_id]);
+        }
+        let mut used_blocks = HashSet::new();
+        let mut sampled = Vec::new();
+        for sr in &so.scheduled {
+            assert!(
+                self.runner_knows.contains(&sr.req_id),
+                "runner never heard of {}",
+                sr.req_id
+            );
+            assert!(!sr.token_ids.is_empty());
+            let cache = self.kv.entry(sr.req_id).or_default();
+            assert_eq!(
+                sr.start_pos,
+                cache.len(),
+                "chunk of {} does not continue its KV cache",
+                sr.req_id
+            );
+            cache.extend(&sr.token_ids);
+            let known: Vec<u32> = self.prompts[&sr.req_id]
+                .iter()
+                .chain(&self.outputs[&sr.req_id])
+                .copied()
+                .collect();
+            assert_eq!(
+                cache.as_slice(),
+                &known[..cache.len()],
+                "wrong tokens for {}",
+                sr.req_id
+            );
+            assert_eq!(sr.sample, cache.len() == known.len());
+            assert!(
+                sr.block_table.len() * cfg.block_size >= cache.len(),
+                "block table too short"
+            );
+            for &b in &sr.block_table {
+                assert!((b as usize) < cfg.num_kv_blocks);
+                assert!(used_blocks.insert(b), "block {b} shared between requests");
+            }
+            assert_eq!(sr.num_output_tokens, self.outputs[&sr.req_id].len());
+            if sr.sample {
+                sampled.push(SampledToken {
+                    req_id: sr.req_id,
+                    token_id: token(sr.req_id, sr.num_output_tokens),
+                    logprobs: None,
+                    prompt_logprobs: None,
+                });
+            }
+        }
+        let outs = s.update_from_output(&so, &ModelRunnerOutput { sampled });
+        for o in &outs {
+            assert!(
+                !self.finished.contains_key(&o.req_id),
+                "output after finish for {}",
+                o.req_id
+            );
+            self.outputs
+                .get_mut(&o.req_id)
+                .expect("output for a known request")
+                .extend(&o.new_token_ids);
+            if let Some(r) = o.finish_reason {
+                self.finished.insert(o.req_id, (r, o.stop_token));
+            }
+        }
+        (so, outs)
+    }
+
+    fn run_to_end(&mut self, s: &mut Scheduler, token: &dyn Fn(RequestId, usize) -> u32) {
+        while s.has_unfinished() {
+            assert!(self.steps < 10_000, "scheduler does not make progress");
+            self.step(s, token);
+        }
+        // One more step delivers the last `finished` ids to the runner.
+        let so = s.schedule();
+        assert!(so.scheduled.is_empty());
+        for id in so.finished {
+            self.runner_knows.remove(&id);
+        }
+    }
+}
+
+#[test]
+fn every_request_completes_and_no_block_leaks() {
+    let mut s = Scheduler::new(config(4, 32, 4, 64));
+    let mut h = Harness::default();
+    for id in 0..10 {
+        h.add(
+            &mut s,
+            request(id, 3 + (id as usize * 7) % 40, 5 + id as usize),
+        );
+    }
+    h.run_to_end(&mut s, &default_token);
+    for id in 0..10u64 {
+        assert_eq!(h.finished[&id], (FinishReason::Length, None));
+        let expected: Vec<u32> = (0..5 + id as usize)
+            .map(|step| default_token(id, step))
+            .collect();
+        assert_eq!(h.outputs[&id], expected);
+    }
+    assert_eq!(s.num_free_blocks(), 64);
+    assert_eq!(s.kv_usage(), 0.0);
+    assert!(
+        h.runner_knows.is_empty(),
+        "the runner was told about every finished request"
+    );
+    assert_eq!((s.num_running(), s.num_waiting()), (0, 0));
+}
+
+#[test]
+fn token_budget_chunks_a_long_prompt_next_to_decodes() {
+    let mut s = Scheduler::new(config(8, 8, 4, 64));
+    let mut h = Harness::default();
+    h.add(&mut s, request(1, 4, 50));
+    let (so, _) = h.step(&mut s, &default_token);
+    assert_eq!(so.scheduled.len(), 1);
+    assert!(so.scheduled[0].sample);
+
+    h.add(&mut s, request(2, 20, 50));
+    let mut chunks = Vec::new();
+    loop {
+        let (so, _) = h.step(&mut s, &default_token);
+        assert_eq!(
+            so.scheduled[0].req_id, 1,
+            "the running decode is served first"
+        );
+        assert_eq!(so.scheduled[0].token_ids.len(), 1);
+        let b = &so.scheduled[1];
+        assert_eq!(b.req_id, 2);
+        chunks.push((b.start_pos, b.token_ids.len(), b.sample));
+        if b.sample {
+            break;
+        }
+    }
+    assert_eq!(chunks, vec![(0, 7, false), (7, 7, false), (14, 6, true)]);
+    // Now both decode: 1 token each.
+    let (so, _) = h.step(&mut s, &default_token);
+    assert_eq!(
+        so.scheduled
+            .iter()
+            .map(|r| r.token_ids.len())
+            .collect::<Vec<_>>(),
+        vec![1, 1]
+    );
+}
+
+#[test]
+fn waiting_prefill_is_admitted_within_the_remaining_budget() {
+    let mut s = Scheduler::new(config(8, 10, 4, 64));
+    let mut h = Harness::default();
+    h.add(&mut s, request(1, 6, 3));
+    h.add(&mut s, request(2, 6, 3));
+    let (so, _) = h.step(&mut s, &default_token);
+    let sizes: Vec<_> = so
+        .scheduled
+        .iter()
+        .map(|r| (r.req_id, r.token_ids.len(), r.sample))
+        .collect();
+    assert_eq!(sizes, vec![(1, 6, true), (2, 4, false)]);
+    assert_eq!(so.new_requests.len(), 2);
+    let (so, _) = h.step(&mut s, &default_token);
+    let sizes: Vec<_> = so
+        .scheduled
+        .iter()
+        .map(|r| (r.req_id, r.token_ids.len(), r.sample))
+        .collect();
+    assert_eq!(sizes, vec![(1, 1, true), (2, 2, true)]);
+    assert!(so.new_requests.is_empty());
+}
+
+#[test]
+fn max_num_seqs_caps_running_requests() {
+    let mut s = Scheduler::new(config(2, 100, 4, 64));
+    let mut h = Harness::default();
+    for id in 0..3 {
+        h.add(&mut s, request(id, 5, 4));
+    }
+    let (so, _) = h.step(&mut s, &default_token);
+    assert_eq!(so.scheduled.len(), 2);
+    assert_eq!((s.num_running(), s.num_waiting()), (2, 1));
+    h.run_to_end(&mut s, &default_token);
+    assert_eq!(h.finished.len(), 3);
+    assert_eq!(s.num_free_blocks(), 64);
+}
+
+#[test]
+fn out_of_blocks_preempts_the_newest_which_later_completes() {
+    // 4 blocks of 4 tokens. Two 6-token prompts take 2 blocks each; the first to reach a
+    // 9th token needs a 3rd block, so the newest (request 2) is preempted.
+    let mut s = Scheduler::new(config(4, 64, 4, 4));
+    let mut h = Harness::default();
+    h.add(&mut s, request(1, 6, 6));
+    h.add(&mut s, request(2, 6, 6));
+    let mut preempted_at = None;
+    while s.has_unfinished() {
+        let (so, _) = h.step(&mut s, &default_token);
+        if !so.preempted.is_empty() {
+            assert_eq!(
+                so.preempted,
+                vec![2],
+                "the newest running request is preempted"
+            );
+            assert!(so.scheduled.iter().all(|r| r.req_id == 1));
+            assert_eq!(s.num_waiting(), 1);
+            preempted_at.get_or_insert(h.outputs[&2].len());
+        }
+        // When it comes back it recomputes prompt + kept outputs from position 0, and the
+        // runner is not sent its NewRequestData again (the harness checks both).
+        assert!(h.steps < 100);
+    }
+    let kept = preempted_at.expect("a preemption happened");
+    assert!(kept > 0, "request 2 had outputs when it was preempted");
+    assert!(s.num_preemptions() >= 1);
+    for id in [1, 2] {
+        assert_eq!(h.finished[&id].0, FinishReason::Length);
+        let expected: Vec<u32> = (0..6).map(|step| default_token(id, step)).collect();
+        assert_eq!(
+            h.outputs[&id], expected,
+            "request {id} lost or changed tokens"
+        );
+    }
+    assert_eq!(s.num_free_blocks(), 4);
+}
+
+#[test]
+fn preempted_request_resumes_at_the_front_of_the_queue() {
+    let mut s = Scheduler::new(config(2, 64, 4, 4));
+    let mut h = Harness::default();
+    // 6 + 10 tokens: each fits the 16-token cache alone, not both together.
+    h.add(&mut s, request(1, 6, 10));
+    h.add(&mut s, request(2, 6, 10));
+    h.add(&mut s, request(3, 2, 2));
+    // Run until request 2 gets preempted; request 3 waits behind it.
+    while !h.step(&mut s, &default_token).0.preempted.contains(&2) {
+        assert!(h.steps < 50);
+    }
+    assert_eq!(s.waiting.front(), Some(&2));
+    h.run_to_end(&mut s, &default_token);
+    assert_eq!(h.outputs[&1].len(), 10);
+    assert_eq!(h.outputs[&2].len(), 10);
+    assert_eq!(h.outputs[&3].len(), 2);
+    assert_eq!(s.num_free_blocks(), 4);
+}
+
+#[test]
+fn a_sequence_that_outgrows_the_whole_cache_ends_with_length() {
+    // 2 blocks of 4 = 8 tokens; a 5-token prompt asking for 10 more cannot finish.
+    let mut s = Scheduler::new(config(4, 64, 4, 2));
+    let mut h = Harness::default();
+    h.add(&mut s, request(1, 5, 10));
+    h.run_to_end(&mut s, &default_token);
+    assert_eq!(h.finished[&1], (FinishReason::Length, None));
+    // Tokens at positions 0..8 were computed; the 8th token's output is the last one.
+    assert_eq!(h.outputs[&1].len(), 4);
+    assert_eq!(s.num_free_blocks(), 2);
+}
+
+#[test]
+fn abort_frees_blocks_and_is_reported_once() {
+    let mut s = Scheduler::new(config(4, 64, 4, 16));
+    let mut h = Harness::default();
+    h.add(&mut s, request(1, 10, 20));
+    h.add(&mut s, request(2, 10, 20));
+    h.step(&mut s, &default_token);
+    assert_eq!(s.num_free_blocks(), 16 - 6);
+    s.abort(1);
+    assert_eq!(s.num_free_blocks(), 16 - 3);
+    assert_eq!(s.num_running(), 1);
+    let (so, outs) = h.step(&mut s, &default_token);
+    assert_eq!(so.finished, vec![1]);
+    assert!(so.scheduled.iter().all(|r| r.req_id == 2));
+    assert!(outs.iter().all(|o| o.req_id == 2));
+    s.abort(1); // twice: ignored
+    s.abort(2);
+    assert!(!s.has_unfinished());
+    assert_eq!(s.num_free_blocks(), 16);
+    assert_eq!(s.schedule().finished, vec![2]);
+
+    // Aborting a waiting request.
+    s.add_request(request(3, 4, 4)).unwrap();
+    s.abort(3);
+    assert_eq!(s.num_waiting(), 0);
+    assert!(s.schedule().scheduled.is_empty());
+}
+
+#[test]
+fn too_long_prompts_are_rejected_with_the_limit_and_the_setting() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 64,
+        max_model_len: 100,
+        block_size: 16,
+        num_kv_blocks: 4,
+    });
+    let err = s.add_request(request(1, 101, 1)).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("101") && msg.contains("100") && msg.contains("--max-model-len"),
+        "{msg}"
+    );
+
+    let err = s.add_request(request(2, 65, 1)).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("65") && msg.contains("4 blocks") && msg.contains("KV cache"),
+        "{msg}"
+    );
+
+    let msg = s.add_request(request(3, 0, 1)).unwrap_err().to_string();
+    assert!(msg.contains("empty prompt"), "{msg}");
+
+    s.add_request(request(4, 64, 1))
+        .expect("a prompt that exactly fits the cache is accepted");
+    let msg = s.add_request(request(4, 5, 1)).unwrap_err().to_string();
+    assert!(msg.contains("already"), "{msg}");
+    assert_eq!(s.num_waiting(), 1);
+}
+
+/// A fake model emitting a fixed script of tokens, then 7s.
+fn scripted(script: &'static [u32]) -> impl Fn(RequestId, usize) -> u32 {
+    move |_, step| script.get(step).copied().unwrap_or(7)
+}
+
+fn run_one(
+    params: SamplingParams,
+    eos: Vec<u32>,
+    script: &'static [u32],
+) -> (Vec<u32>, (FinishReason, Option<u32>)) {
+    let mut s = Scheduler::new(config(4, 64, 4, 64));
+    let mut h = Harness::default();
+    let mut req = request(1, 3, 0);
+    req.sampling = params;
+    req.eos_token_ids = eos;
+    h.add(&mut s, req);
+    h.run_to_end(&mut s, &scripted(script));
+    assert_eq!(s.num_free_blocks(), 64);
+    (h.outputs[&1].clone(), h.finished[&1])
+}
+
+#[test]
+fn eos_stops_and_is_included_in_the_output() {
+    let (out, fin) = run_one(SamplingParams::greedy(10), vec![2], &[5, 6, 2, 9]);
+    assert_eq!(out, vec![5, 6, 2]);
+    assert_eq!(fin, (FinishReason::Stop, Some(2)));
+    // Any of several EOS ids.
+    let (out, fin) = run_one(SamplingParams::greedy(10), vec![2, 3], &[5, 3, 2]);
+    assert_eq!((out, fin), (vec![5, 3], (FinishReason::Stop, Some(3))));
+}
+
+#[test]
+fn ignore_eos_keeps_going_until_max_tokens() {
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(4)
+    };
+    let (out, fin) = run_one(params, vec![2], &[5, 2, 2, 6, 6]);
+    assert_eq!(out, vec![5, 2, 2, 6]);
+    assert_eq!(fin, (FinishReason::Length, None));
+}
+
+#[test]
+fn min_tokens_defers_eos_and_stop_token_ids() {
+    let params = SamplingParams {
+        min_tokens: 2,
+        stop_token_ids: vec![9],
+        ..SamplingParams::greedy(10)
+    };
+    // EOS at step 0 and a stop id at step 1 do not count; EOS at step 2 does.
+    let (out, fin) = run_one(params, vec![2], &[2, 9, 2]);
+    assert_eq!((out, fin), (vec![2, 9, 2], (FinishReason::Stop, Some(2))));
+}
+
+#[test]
+fn stop_token_ids_stop_and_report_the_token() {
+    let params = SamplingParams {
+        stop_token_ids: vec![9, 11],
+        ..SamplingParams::greedy(10)
+    };
+    let (out, fin) = run_one(params.clone(), vec![2], &[5, 11, 2]);
+    assert_eq!((out, fin), (vec![5, 11], (FinishReason::Stop, Some(11))));
+    // ignore_eos does not turn off stop_token_ids.
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..params
+    };
+    let (out, fin) = run_one(params, vec![2], &[2, 9]);
+    assert_eq!((out, fin), (vec![2, 9], (FinishReason::Stop, Some(9))));
+}
+
+#[test]
+fn max_tokens_and_max_model_len_end_with_length() {
+    let (out, fin) = run_one(SamplingParams::greedy(3), vec![2], &[]);
+    assert_eq!((out.len(), fin), (3, (FinishReason::Length, None)));
+    // EOS on the last allowed token is a stop, not a length.
+    let (_, fin) = run_one(SamplingParams::greedy(3), vec![2], &[5, 5, 2]);
+    assert_eq!(fin, (FinishReason::Stop, Some(2)));
+
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_model_len: 8,
+        ..config(4, 64, 4, 64)
+    });
+    let mut h = Harness::default();
+    let mut req = request(1, 5, 0);
+    req.sampling.max_tokens = None;
+    h.add(&mut s, req);
+    h.run_to_end(&mut s, &default_token);
+    assert_eq!(
+        h.outputs[&1].len(),
+        3,
+        "5 prompt + 3 generated = max_model_len 8"
+    );
+    assert_eq!(h.finished[&1], (FinishReason::Length, None));
+}
+
+#[test]
+fn logprobs_pass_through_and_prompt_logprobs_come_once() {
+    let mut s = Scheduler::new(config(4, 64, 4, 64));
+    let mut req = request(1, 3, 3);
+    req.sampling.logprobs = Some(1);
+    req.sampling.prompt_logprobs = Some(1);
+    s.add_request(req).unwrap();
+    let lp = |t: u32| TokenLogprobs {
+        token_id: t,
+        logprob: -0.5,
+        top: vec![(t, -0.5)],
+    };
+    let mut prompt_lp_seen = 0;
+    while s.has_unfinished() {
+        let so = s.schedule();
+        let sampled = so
+            .scheduled
+            .iter()
+            .filter(|r| r.sample)
+            .map(|r| SampledToken {
+                req_id: r.req_id,
+                token_id: 50,
+                logprobs: Some(lp(50)),
+                // A runner that recomputes the prompt may send them again; only one goes out.
+                prompt_logprobs: Some(vec![lp(1001), lp(1002)]),
+            })
+            .collect();
+        for o in s.update_from_output(&so, &ModelRunnerOutput { sampled }) {
+            assert_eq!(o.new_logprobs, vec![lp(50)]);
+            if let Some(p) = o.prompt_logprobs {
+                assert_eq!(p.len(), 2);
+                prompt_lp_seen += 1;
+            }
+        }
+    }
+    assert_eq!(prompt_lp_seen, 1);
+}
+
+#[test]
+fn a_missing_sample_is_recomputed_not_lost() {
+    let mut s = Scheduler::new(config(4, 64, 4, 64));
+    s.add_request(request(1, 5, 2)).unwrap();
+    let so = s.schedule();
+    let outs = s.update_from_output(&so, &ModelRunnerOutput::default());
+    assert!(outs.is_empty());
+    let so = s.schedule();
+    assert_eq!(so.scheduled.len(), 1);
+    assert_eq!(
+        (so.scheduled[0].start_pos, so.scheduled[0].token_ids.len()),
+        (4, 1)
+    );
+    assert!(so.scheduled[0].sample);
+}
+
+#[test]
+fn heavy_mixed_load_with_tiny_cache_never_loses_a_request() {
+    // Many requests of mixed sizes through a cache that forces repeated preemption.
+    let mut s = Scheduler::new(config(6, 24, 4, 12));
+    let mut h = Harness::default();
+    for id in 0..30u64 {
+        let prompt = 1 + (id as usize * 13) % 30;
+        let max_tokens = 1 + (id as usize * 7) % 15;
+        h.add(&mut s, request(id, prompt, max_tokens));
+    }
+    h.run_to_end(&mut s, &default_token);
+    assert_eq!(h.finished.len(), 30);
+    for id in 0..30u64 {
+        let max_tokens = 1 + (id as usize * 7) % 15;
+        let prompt = 1 + (id as usize * 13) % 30;
+        let out = &h.outputs[&id];
+        // Either all max_tokens, or cut at the cache's 48-token capacity.
+        if prompt + max_tokens <= 48 {
+            assert_eq!(out.len(), max_tokens, "request {id}");
+        } else {
+            assert_eq!(h.finished[&id].0, FinishReason::Length);
+        }
+        let expected: Vec<u32> = (0..out.len()).map(|step| default_token(id, step)).collect();
+        assert_eq!(out, &expected);
+    }
+    assert!(
+        s.num_preemptions() > 0,
+        "the cache was meant to be too small"
+    );
+    assert_eq!(s.num_free_blocks(), 12);
+    assert!(h.runner_knows.is_empty());
+}
