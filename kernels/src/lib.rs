@@ -10,6 +10,9 @@ struct Aligned<T: ?Sized>(T);
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
+/// CPU reference implementations of the kernels (f32), shared by the GPU tests and the engine.
+pub mod reference;
+
 /// The fatbin of kernel module `name` (the `.cu` file's stem), if this build has it.
 pub fn fatbin(name: &str) -> Option<&'static [u8]> {
     lookup(name)

@@ -1,0 +1,285 @@
+// Paged attention for decode: one query token per sequence, reading K/V from the paged cache.
+//
+// Kernels (all extern "C"):
+//   paged_attention_decode_hd{64,128}_g{1,2,4,8}(
+//       out, partial_out, partial_ml, q, key_cache, value_cache, block_tables, context_lens,
+//       scale, num_heads, num_kv_heads, block_size, max_blocks_per_seq, q_stride,
+//       partition_size)
+//     out:          bf16 [num_seqs, num_heads * HD]
+//     partial_out:  f32  [num_seqs, num_heads, max_partitions, HD]   (split-K scratch)
+//     partial_ml:   f32  [num_seqs, num_heads, max_partitions, 2]    (max in log2 units, sum)
+//     q:            bf16 [num_seqs, q_stride], heads at the start of the row
+//     key_cache, value_cache: bf16 [num_blocks, block_size, num_kv_heads, HD]
+//     block_tables: int32 [num_seqs, max_blocks_per_seq]; context_lens: int32 [num_seqs]
+//     partition_size: tokens per block along the context, a multiple of 64, at most 512.
+//   grid (num_kv_heads * ceil(G / GT), num_seqs, max_partitions), block 128, where
+//   G = num_heads / num_kv_heads and max_partitions = ceil(max context / partition_size).
+//   With gridDim.z == 1 the kernel writes `out` directly and no reduce is needed; otherwise
+//   each block writes its partition's normalised partial output and (max, sum), and
+//   paged_attention_decode_reduce combines them.
+//
+//   paged_attention_decode_reduce(out, partial_out, partial_ml, context_lens, num_heads,
+//                                 head_dim, max_partitions, partition_size)
+//     grid (num_heads, num_seqs), block 128.
+//
+// Why this shape: decode attention is a pure stream over the KV cache, so each block owns one
+// KV head and up to GT query heads of its group (GQA): K and V are read from memory once for
+// the whole group. Each key row is read by HD/16 lanes with 16-byte loads (two per lane), four
+// tokens' loads are issued before the first use so that enough bytes are in flight, and the
+// context is split into partitions so that batch 1 with a long context still fills the GPU.
+#include "common.cuh"
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxPartition = 512;
+constexpr int kUnroll = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int HD, int GT>
+__device__ __forceinline__ void decode_attention(
+    __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,
+    float* __restrict__ partial_ml, const __nv_bfloat16* __restrict__ q,
+    const __nv_bfloat16* __restrict__ key_cache, const __nv_bfloat16* __restrict__ value_cache,
+    const int32_t* __restrict__ block_tables, const int32_t* __restrict__ context_lens,
+    float scale, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
+    int q_stride, int partition_size) {
+    constexpr int LPT = HD / 16;        // lanes per token: 16 dims (two 16-byte loads) each
+    constexpr int TPW = 32 / LPT;       // tokens per warp per step
+    constexpr int TPB = TPW * kWarps;   // tokens per block per step
+    static_assert(HD % 16 == 0 && 32 % LPT == 0, "unsupported head dim");
+
+    __shared__ float scores[GT][kMaxPartition];
+    __shared__ float red[kWarps][GT][HD];
+    __shared__ int32_t slots[kMaxPartition];
+    __shared__ float head_max[GT], head_sum[GT];
+
+    const int group = num_heads / num_kv_heads;
+    const int groups_per_kv = (group + GT - 1) / GT;
+    const int kv_head = blockIdx.x / groups_per_kv;
+    const int head0 = kv_head * group + (blockIdx.x % groups_per_kv) * GT;
+    const int nvalid = min(GT, kv_head * group + group - head0);  // heads of this block
+    const int seq = blockIdx.y;
+    const int part = blockIdx.z;
+    const int ctx = context_lens[seq];
+    const int start = part * partition_size;
+    if (start >= ctx) return;
+    const int ntok = min(partition_size, ctx - start);
+
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int tok_in_warp = lane / LPT;
+    const int sub = lane % LPT;
+    const int64_t kv_row = (int64_t)num_kv_heads * HD;
+    const int64_t head_off = (int64_t)kv_head * HD + sub * 8;
+
+    // Physical cache slot of every token of the partition, looked up once.
+    const int32_t* table = block_tables + (int64_t)seq * max_blocks_per_seq;
+    for (int i = tid; i < ntok; i += kThreads) {
+        const int t = start + i;
+        slots[i] = table[t / block_size] * block_size + t % block_size;
+    }
+
+    // This lane's slice of each query head, pre-scaled so scores come out in log2 units.
+    float qf[GT][16];
+#pragma unroll
+    for (int g = 0; g < GT; ++g) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            float f[8];
+            if (g < nvalid) {
+                const Bf16x8 v = *reinterpret_cast<const Bf16x8*>(
+                    q + (int64_t)seq * q_stride + (int64_t)(head0 + g) * HD + j * (HD / 2) +
+                    sub * 8);
+                bf16x8_to_f32(v, f);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) f[e] = 0.0f;
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) qf[g][j * 8 + e] = f[e] * scale * kLog2e;
+        }
+    }
+    __syncthreads();
+
+    // Phase 1: scores = q . k for every token of the partition.
+    for (int base = 0; base < ntok; base += TPB * kUnroll) {
+        Bf16x8 kv[kUnroll][2];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int ti = base + u * TPB + warp * TPW + tok_in_warp;
+            if (ti < ntok) {
+                const __nv_bfloat16* row = key_cache + (int64_t)slots[ti] * kv_row + head_off;
+                kv[u][0] = *reinterpret_cast<const Bf16x8*>(row);
+                kv[u][1] = *reinterpret_cast<const Bf16x8*>(row + HD / 2);
+            } else {
+                kv[u][0] = Bf16x8{};
+                kv[u][1] = Bf16x8{};
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            float kf[16];
+            bf16x8_to_f32(kv[u][0], kf);
+            bf16x8_to_f32(kv[u][1], kf + 8);
+            const int ti = base + u * TPB + warp * TPW + tok_in_warp;
+#pragma unroll
+            for (int g = 0; g < GT; ++g) {
+                float dot = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 16; ++e) dot = fmaf(qf[g][e], kf[e], dot);
+#pragma unroll
+                for (int o = LPT / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                if (sub == g % LPT && ti < ntok) scores[g][ti] = dot;
+            }
+        }
+    }
+    __syncthreads();
+
+    // Phase 2: softmax numerators per head, one warp per head.
+    for (int g = warp; g < GT; g += kWarps) {
+        float m = -INFINITY;
+        for (int i = lane; i < ntok; i += 32) m = fmaxf(m, scores[g][i]);
+        m = warp_max(m);
+        float s = 0.0f;
+        for (int i = lane; i < ntok; i += 32) {
+            const float p = exp2f(scores[g][i] - m);
+            scores[g][i] = p;
+            s += p;
+        }
+        s = warp_sum(s);
+        if (lane == 0) {
+            head_max[g] = m;
+            head_sum[g] = s;
+        }
+    }
+    __syncthreads();
+
+    // Phase 3: acc = sum_t p_t * v_t.
+    float acc[GT][16];
+#pragma unroll
+    for (int g = 0; g < GT; ++g)
+#pragma unroll
+        for (int e = 0; e < 16; ++e) acc[g][e] = 0.0f;
+    for (int base = 0; base < ntok; base += TPB * kUnroll) {
+        Bf16x8 kv[kUnroll][2];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int ti = base + u * TPB + warp * TPW + tok_in_warp;
+            if (ti < ntok) {
+                const __nv_bfloat16* row =
+                    value_cache + (int64_t)slots[ti] * kv_row + head_off;
+                kv[u][0] = *reinterpret_cast<const Bf16x8*>(row);
+                kv[u][1] = *reinterpret_cast<const Bf16x8*>(row + HD / 2);
+            } else {
+                kv[u][0] = Bf16x8{};
+                kv[u][1] = Bf16x8{};
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int ti = base + u * TPB + warp * TPW + tok_in_warp;
+            if (ti < ntok) {
+                float vf[16];
+                bf16x8_to_f32(kv[u][0], vf);
+                bf16x8_to_f32(kv[u][1], vf + 8);
+#pragma unroll
+                for (int g = 0; g < GT; ++g) {
+                    const float p = scores[g][ti];
+#pragma unroll
+                    for (int e = 0; e < 16; ++e) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
+                }
+            }
+        }
+    }
+    // Sum the warp's token groups (lanes that share `sub`), then the warps via shared memory.
+#pragma unroll
+    for (int g = 0; g < GT; ++g)
+#pragma unroll
+        for (int e = 0; e < 16; ++e)
+#pragma unroll
+            for (int o = LPT; o < 32; o <<= 1)
+                acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+    if (tok_in_warp == 0) {
+#pragma unroll
+        for (int g = 0; g < GT; ++g)
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int e = 0; e < 8; ++e)
+                    red[warp][g][j * (HD / 2) + sub * 8 + e] = acc[g][j * 8 + e];
+    }
+    __syncthreads();
+
+    const bool direct = gridDim.z == 1;
+    for (int idx = tid; idx < nvalid * HD; idx += kThreads) {
+        const int g = idx / HD;
+        const int d = idx % HD;
+        float s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += red[w][g][d];
+        const float o = s / head_sum[g];
+        const int head = head0 + g;
+        if (direct) {
+            out[((int64_t)seq * num_heads + head) * HD + d] = __float2bfloat16(o);
+        } else {
+            const int64_t pi = ((int64_t)seq * num_heads + head) * gridDim.z + part;
+            partial_out[pi * HD + d] = o;
+            if (d == 0) {
+                partial_ml[pi * 2] = head_max[g];
+                partial_ml[pi * 2 + 1] = head_sum[g];
+            }
+        }
+    }
+}
+
+}  // namespace
+
+#define RVLLM_DECODE_ATTENTION(HD, GT)                                                         \
+    extern "C" __global__ void __launch_bounds__(kThreads)                                     \
+        paged_attention_decode_hd##HD##_g##GT(                                                 \
+            __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,                  \
+            float* __restrict__ partial_ml, const __nv_bfloat16* __restrict__ q,               \
+            const __nv_bfloat16* __restrict__ key_cache,                                       \
+            const __nv_bfloat16* __restrict__ value_cache,                                     \
+            const int32_t* __restrict__ block_tables, const int32_t* __restrict__ context_lens, \
+            float scale, int num_heads, int num_kv_heads, int block_size,                      \
+            int max_blocks_per_seq, int q_stride, int partition_size) {                        \
+        decode_attention<HD, GT>(out, partial_out, partial_ml, q, key_cache, value_cache,      \
+                                 block_tables, context_lens, scale, num_heads, num_kv_heads,   \
+                                 block_size, max_blocks_per_seq, q_stride, partition_size);    \
+    }
+
+RVLLM_DECODE_ATTENTION(64, 1)
+RVLLM_DECODE_ATTENTION(64, 2)
+RVLLM_DECODE_ATTENTION(64, 4)
+RVLLM_DECODE_ATTENTION(64, 8)
+RVLLM_DECODE_ATTENTION(128, 1)
+RVLLM_DECODE_ATTENTION(128, 2)
+RVLLM_DECODE_ATTENTION(128, 4)
+RVLLM_DECODE_ATTENTION(128, 8)
+
+extern "C" __global__ void __launch_bounds__(128)
+    paged_attention_decode_reduce(__nv_bfloat16* __restrict__ out,
+                                  const float* __restrict__ partial_out,
+                                  const float* __restrict__ partial_ml,
+                                  const int32_t* __restrict__ context_lens, int num_heads,
+                                  int head_dim, int max_partitions, int partition_size) {
+    const int head = blockIdx.x;
+    const int seq = blockIdx.y;
+    const int nparts = (context_lens[seq] + partition_size - 1) / partition_size;
+    const int64_t base = ((int64_t)seq * num_heads + head) * max_partitions;
+    float m = -INFINITY;
+    for (int p = 0; p < nparts; ++p) m = fmaxf(m, partial_ml[(base + p) * 2]);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float acc = 0.0f, wsum = 0.0f;
+        for (int p = 0; p < nparts; ++p) {
+            const float w = partial_ml[(base + p) * 2 + 1] * exp2f(partial_ml[(base + p) * 2] - m);
+            acc = fmaf(w, partial_out[(base + p) * head_dim + d], acc);
+            wsum += w;
+        }
+        out[((int64_t)seq * num_heads + head) * head_dim + d] = __float2bfloat16(acc / wsum);
+    }
+}

@@ -1,0 +1,240 @@
+// Prefill attention over variable-length (chunked) prompts, attending to the paged KV cache.
+//
+// Kernels (all extern "C"):
+//   paged_attention_prefill_hd{64,128}(out, q, key_cache, value_cache, cu_seqlens_q,
+//       context_lens, block_tables, scale, num_heads, num_kv_heads, block_size,
+//       max_blocks_per_seq, q_stride)
+//     out: bf16 [T, num_heads * HD]; q: bf16 [T, q_stride] (heads at the start of each row)
+//     cu_seqlens_q: int32 [num_seqs + 1], the chunk of sequence s is rows
+//        cu_seqlens_q[s] .. cu_seqlens_q[s+1] of q and out.
+//     context_lens: int32 [num_seqs], tokens in the cache after this step (the chunk's own K/V
+//        are already written there by rope_and_cache_bf16).
+//     Causal with offset: with start = context_len - chunk_len, query i sees keys 0..start+i.
+//   grid (ceil(max_chunk_len / 64), num_heads, num_seqs), block 128.
+//
+// Flash-attention style: each warp owns 16 query rows, a block 64; K and V tiles of 64 keys are
+// gathered from the paged cache into shared memory, S = Q K^T and O += P V run on the tensor
+// cores (mma.sync m16n8k16, bf16 in, f32 accumulate) with an online softmax in registers.
+#include "common.cuh"
+
+namespace {
+
+constexpr int kBM = 64;  // query rows per block (16 per warp)
+constexpr int kBN = 64;  // keys per tile
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0,
+                                               uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t pack_raw(uint16_t lo, uint16_t hi) {
+    return (uint32_t)lo | ((uint32_t)hi << 16);
+}
+
+template <int HD>
+__device__ __forceinline__ void prefill_attention(
+    __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ q,
+    const __nv_bfloat16* __restrict__ key_cache, const __nv_bfloat16* __restrict__ value_cache,
+    const int32_t* __restrict__ cu_seqlens_q, const int32_t* __restrict__ context_lens,
+    const int32_t* __restrict__ block_tables, float scale, int num_heads, int num_kv_heads,
+    int block_size, int max_blocks_per_seq, int q_stride) {
+    constexpr int LD = HD + 8;  // padded row: conflict-free fragment reads
+    constexpr int KSTEPS = HD / 16;
+    constexpr int NT_S = kBN / 8;  // n-tiles of S
+    constexpr int NT_O = HD / 8;   // n-tiles of O
+    __shared__ __align__(16) uint16_t ks[kBN][LD];
+    __shared__ __align__(16) uint16_t vs[kBN][LD];
+
+    const int seq = blockIdx.z;
+    const int head = blockIdx.y;
+    const int q_begin = cu_seqlens_q[seq];
+    const int q_len = cu_seqlens_q[seq + 1] - q_begin;
+    const int row_base = blockIdx.x * kBM;
+    if (row_base >= q_len) return;
+    const int ctx = context_lens[seq];
+    const int start = ctx - q_len;
+    const int kv_head = head / (num_heads / num_kv_heads);
+    const int kend = min(ctx, start + min(q_len, row_base + kBM));  // exclusive
+
+    const int tid = threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int row_a = row_base + warp * 16 + g;  // this thread's two rows
+    const int row_b = row_a + 8;
+
+    // Q fragments straight from global memory (read once per block).
+    uint32_t qa[KSTEPS][4];
+    {
+        const __nv_bfloat16* qa_row = q + (int64_t)(q_begin + row_a) * q_stride + head * HD;
+        const __nv_bfloat16* qb_row = q + (int64_t)(q_begin + row_b) * q_stride + head * HD;
+        const bool va = row_a < q_len, vb = row_b < q_len;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            const int c = kk * 16 + 2 * t;
+            qa[kk][0] = va ? *reinterpret_cast<const uint32_t*>(qa_row + c) : 0u;
+            qa[kk][1] = vb ? *reinterpret_cast<const uint32_t*>(qb_row + c) : 0u;
+            qa[kk][2] = va ? *reinterpret_cast<const uint32_t*>(qa_row + c + 8) : 0u;
+            qa[kk][3] = vb ? *reinterpret_cast<const uint32_t*>(qb_row + c + 8) : 0u;
+        }
+    }
+
+    float o[NT_O][4];
+#pragma unroll
+    for (int n = 0; n < NT_O; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+    const float sl2 = scale * kLog2e;
+    const int64_t kv_row = (int64_t)num_kv_heads * HD;
+    const int32_t* table = block_tables + (int64_t)seq * max_blocks_per_seq;
+
+    for (int kt = 0; kt < kend; kt += kBN) {
+        __syncthreads();  // the previous tile is no longer read
+        for (int idx = tid; idx < kBN * (HD / 8); idx += kThreads) {
+            const int r = idx / (HD / 8);
+            const int c = (idx % (HD / 8)) * 8;
+            const int key = kt + r;
+            Bf16x8 kv = {}, vv = {};
+            if (key < kend) {
+                const int64_t slot = (int64_t)table[key / block_size] * block_size + key % block_size;
+                const int64_t off = slot * kv_row + (int64_t)kv_head * HD + c;
+                kv = *reinterpret_cast<const Bf16x8*>(key_cache + off);
+                vv = *reinterpret_cast<const Bf16x8*>(value_cache + off);
+            }
+            *reinterpret_cast<Bf16x8*>(&ks[r][c]) = kv;
+            *reinterpret_cast<Bf16x8*>(&vs[r][c]) = vv;
+        }
+        __syncthreads();
+
+        // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
+        float s[NT_S][4];
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+#pragma unroll
+            for (int n = 0; n < NT_S; ++n) {
+                const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&ks[n * 8 + g][kk * 16 + 2 * t]);
+                const uint32_t b1 =
+                    *reinterpret_cast<const uint32_t*>(&ks[n * 8 + g][kk * 16 + 2 * t + 8]);
+                mma_bf16_16816(s[n], qa[kk], b0, b1);
+            }
+        }
+
+        // Scale to log2 units, mask (causal with offset, and the tile's tail), row maxima.
+        float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < NT_S; ++n) {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int key = kt + n * 8 + 2 * t + (c & 1);
+                const int row = c < 2 ? row_a : row_b;
+                const bool ok = key < kend && key <= start + row;
+                s[n][c] = ok ? s[n][c] * sl2 : -INFINITY;
+            }
+            mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
+            mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
+        }
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1) {
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, off));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, off));
+        }
+        const float new_a = fmaxf(m_a, mx_a), new_b = fmaxf(m_b, mx_b);
+        // A row with nothing visible yet keeps -inf; subtract 0 then so no inf - inf appears.
+        const float use_a = new_a == -INFINITY ? 0.0f : new_a;
+        const float use_b = new_b == -INFINITY ? 0.0f : new_b;
+        const float alpha_a = exp2f(m_a - use_a), alpha_b = exp2f(m_b - use_b);
+        m_a = new_a;
+        m_b = new_b;
+        l_a *= alpha_a;
+        l_b *= alpha_b;
+#pragma unroll
+        for (int n = 0; n < NT_O; ++n) {
+            o[n][0] *= alpha_a;
+            o[n][1] *= alpha_a;
+            o[n][2] *= alpha_b;
+            o[n][3] *= alpha_b;
+        }
+
+        // P (bf16) as the A operand: the accumulator layout of two adjacent n-tiles is the
+        // A-fragment layout of one k=16 step.
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+            float p[2][4];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                p[h][0] = exp2f(s[2 * kk + h][0] - use_a);
+                p[h][1] = exp2f(s[2 * kk + h][1] - use_a);
+                p[h][2] = exp2f(s[2 * kk + h][2] - use_b);
+                p[h][3] = exp2f(s[2 * kk + h][3] - use_b);
+                l_a += p[h][0] + p[h][1];
+                l_b += p[h][2] + p[h][3];
+            }
+            uint32_t pa[4];
+            pa[0] = pack_bf16(p[0][0], p[0][1]);
+            pa[1] = pack_bf16(p[0][2], p[0][3]);
+            pa[2] = pack_bf16(p[1][0], p[1][1]);
+            pa[3] = pack_bf16(p[1][2], p[1][3]);
+            const int k0 = kk * 16 + 2 * t;
+#pragma unroll
+            for (int n = 0; n < NT_O; ++n) {
+                const int col = n * 8 + g;
+                const uint32_t b0 = pack_raw(vs[k0][col], vs[k0 + 1][col]);
+                const uint32_t b1 = pack_raw(vs[k0 + 8][col], vs[k0 + 9][col]);
+                mma_bf16_16816(o[n], pa, b0, b1);
+            }
+        }
+    }
+
+    // Each thread summed only its own columns of l; the quad holds the whole row.
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        l_a += __shfl_xor_sync(0xffffffffu, l_a, off);
+        l_b += __shfl_xor_sync(0xffffffffu, l_b, off);
+    }
+    const float inv_a = l_a > 0.0f ? 1.0f / l_a : 0.0f;
+    const float inv_b = l_b > 0.0f ? 1.0f / l_b : 0.0f;
+    const int64_t out_stride = (int64_t)num_heads * HD;
+#pragma unroll
+    for (int n = 0; n < NT_O; ++n) {
+        const int col = head * HD + n * 8 + 2 * t;
+        if (row_a < q_len) {
+            *reinterpret_cast<__nv_bfloat162*>(out + (q_begin + row_a) * out_stride + col) =
+                __floats2bfloat162_rn(o[n][0] * inv_a, o[n][1] * inv_a);
+        }
+        if (row_b < q_len) {
+            *reinterpret_cast<__nv_bfloat162*>(out + (q_begin + row_b) * out_stride + col) =
+                __floats2bfloat162_rn(o[n][2] * inv_b, o[n][3] * inv_b);
+        }
+    }
+}
+
+}  // namespace
+
+#define RVLLM_PREFILL_ATTENTION(HD)                                                            \
+    extern "C" __global__ void __launch_bounds__(kThreads) paged_attention_prefill_hd##HD(     \
+        __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ q,                  \
+        const __nv_bfloat16* __restrict__ key_cache,                                           \
+        const __nv_bfloat16* __restrict__ value_cache,                                         \
+        const int32_t* __restrict__ cu_seqlens_q, const int32_t* __restrict__ context_lens,    \
+        const int32_t* __restrict__ block_tables, float scale, int num_heads, int num_kv_heads, \
+        int block_size, int max_blocks_per_seq, int q_stride) {                                \
+        prefill_attention<HD>(out, q, key_cache, value_cache, cu_seqlens_q, context_lens,      \
+                              block_tables, scale, num_heads, num_kv_heads, block_size,        \
+                              max_blocks_per_seq, q_stride);                                   \
+    }
+
+RVLLM_PREFILL_ATTENTION(64)
+RVLLM_PREFILL_ATTENTION(128)

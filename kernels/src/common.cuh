@@ -1,0 +1,67 @@
+// Shared device helpers for rvllm's kernels: bf16 <-> f32 vector conversions and warp/block
+// reductions. Every kernel file includes this; nothing here is a kernel entry point.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define RVLLM_DEVICE __device__ __forceinline__
+
+// Eight bf16 values moved as one 16-byte access (the widest single load/store).
+struct __align__(16) Bf16x8 {
+    __nv_bfloat162 h[4];
+};
+
+RVLLM_DEVICE void bf16x8_to_f32(const Bf16x8& v, float out[8]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float2 f = __bfloat1622float2(v.h[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+
+RVLLM_DEVICE Bf16x8 f32_to_bf16x8(const float in[8]) {
+    Bf16x8 v;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v.h[i] = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
+    return v;
+}
+
+RVLLM_DEVICE float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+RVLLM_DEVICE float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block; every thread gets the result. `scratch` holds >= 32 floats.
+// Contains __syncthreads, so every thread of the block must call it.
+RVLLM_DEVICE float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+RVLLM_DEVICE float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : -INFINITY;
+    return warp_max(v);
+}

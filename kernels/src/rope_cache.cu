@@ -1,0 +1,68 @@
+// Rotary position embedding on q and k (in place), fused with writing k and v into the
+// paged KV cache.
+//
+// Kernel (extern "C"):
+//   rope_and_cache_bf16(q, k, v, key_cache, value_cache, positions, slot_mapping, inv_freq,
+//                       num_tokens, num_heads, num_kv_heads, head_dim,
+//                       q_stride, k_stride, v_stride)
+//     q: [T, q_stride] with the heads at the start of each row (q_stride >= num_heads*head_dim;
+//        strides let q, k, v live inside one fused QKV output), k, v likewise.
+//     key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], so a token's
+//        slot s owns elements [s * num_kv_heads * head_dim, (s + 1) * ...).
+//     positions, slot_mapping: int32 [T]; a negative slot skips the cache write (padding).
+//     inv_freq: f32 [head_dim / 2], with any rope scaling (Llama 3) already applied on the host.
+//     HF "rotate half": for i < head_dim/2, with a = pos * inv_freq[i],
+//        x[i]' = x[i] cos a - x[i + hd/2] sin a,   x[i + hd/2]' = x[i + hd/2] cos a + x[i] sin a.
+//   grid (num_tokens), block 256.
+#include "common.cuh"
+
+extern "C" __global__ void rope_and_cache_bf16(
+    __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ k,
+    const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ key_cache,
+    __nv_bfloat16* __restrict__ value_cache, const int32_t* __restrict__ positions,
+    const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq, int num_tokens,
+    int num_heads, int num_kv_heads, int head_dim, int q_stride, int k_stride, int v_stride) {
+    const int t = blockIdx.x;
+    if (t >= num_tokens) return;
+    const int half = head_dim / 2;
+    const float pos = (float)positions[t];
+    const int64_t slot = slot_mapping[t];
+    const int64_t kv_row = (int64_t)num_kv_heads * head_dim;
+    __nv_bfloat16* qrow = q + (int64_t)t * q_stride;
+    __nv_bfloat16* krow = k + (int64_t)t * k_stride;
+    const __nv_bfloat16* vrow = v + (int64_t)t * v_stride;
+
+    const int pairs = (num_heads + num_kv_heads) * half;
+    for (int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
+        const int head = idx / half;
+        const int i = idx - head * half;
+        float s, c;
+        // Precise sincosf: angles reach ~1e5 rad at long positions, where the fast
+        // intrinsics lose all accuracy.
+        sincosf(pos * inv_freq[i], &s, &c);
+        __nv_bfloat16* x;
+        if (head < num_heads) {
+            x = qrow + head * head_dim;
+        } else {
+            x = krow + (head - num_heads) * head_dim;
+        }
+        const float x1 = __bfloat162float(x[i]);
+        const float x2 = __bfloat162float(x[i + half]);
+        const __nv_bfloat16 y1 = __float2bfloat16(x1 * c - x2 * s);
+        const __nv_bfloat16 y2 = __float2bfloat16(x2 * c + x1 * s);
+        x[i] = y1;
+        x[i + half] = y2;
+        if (head >= num_heads && slot >= 0) {
+            __nv_bfloat16* dst = key_cache + slot * kv_row + (head - num_heads) * head_dim;
+            dst[i] = y1;
+            dst[i + half] = y2;
+        }
+    }
+    if (slot >= 0) {
+        for (int idx = threadIdx.x; idx < num_kv_heads * head_dim; idx += blockDim.x) {
+            const int head = idx / head_dim;
+            const int d = idx - head * head_dim;
+            value_cache[slot * kv_row + idx] = vrow[head * head_dim + d];
+        }
+    }
+}

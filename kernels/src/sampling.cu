@@ -1,0 +1,270 @@
+// Token sampling on the GPU, one block per row of logits, so only the chosen ids (and their
+// logprobs) cross to the host.
+//
+// Kernel (extern "C"):
+//   sample_tokens(out_tokens, out_logprobs, logits, vocab, temperatures, top_ks, top_ps,
+//                 min_ps, seeds, offsets)
+//     logits: f32 [B, vocab]; per row b:
+//       temperatures[b] (f32; < 1e-5 means greedy), top_ks[b] (int32; <= 0 or >= vocab
+//       disables), top_ps[b] (f32 in (0, 1]; 1 disables), min_ps[b] (f32 in [0, 1]; 0 disables),
+//       seeds[b], offsets[b] (uint64; the draw is a pure function of (seed, offset, logits),
+//       the caller advances the offset each step).
+//     out_tokens: int32 [B]; out_logprobs: f32 [B], the chosen token's log-softmax of the raw
+//       logits (before temperature and filtering, as vLLM reports it).
+//   grid (B), block 1024 (kThreads).
+//
+// Semantics (the CPU reference in reference.rs implements the same):
+//   greedy: the first index of the largest logit.
+//   random: z = logit / T. Filters in vLLM's order, each a threshold on z: min-p keeps
+//   p >= min_p * p_max; top-k keeps values >= the k-th largest (ties kept); top-p keeps the
+//   smallest set of the largest remaining values whose probability mass (renormalised over
+//   what min-p and top-k kept) reaches top_p (ties kept). The draw is Gumbel-max:
+//   argmax over kept i of z_i - log(-log(u_i)), with u_i from a counter-based hash of
+//   (seed, offset, i), which samples exactly from the renormalised distribution and needs no
+//   prefix sums. Thresholds come from radix selection over the order-preserving integer keys
+//   of the logits (4 passes of 8 bits), with probability mass in 40-bit fixed point so that
+//   the result does not depend on the order of floating-point additions.
+#include "common.cuh"
+
+namespace {
+
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr double kMassScale = 1099511627776.0;  // 2^40
+
+// Larger float => larger key (for non-NaN values).
+__device__ __forceinline__ uint32_t order_key(float x) {
+    uint32_t u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ uint64_t mix64(uint64_t x) {
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    return x;
+}
+
+// Gumbel noise for element i of the draw (seed, offset); reference.rs mirrors this exactly.
+__device__ __forceinline__ float gumbel(uint64_t seed, uint64_t offset, int i) {
+    const uint64_t h = mix64(seed ^ mix64(offset ^ mix64((uint64_t)i)));
+    const float u = ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f);
+    return -logf(-logf(u));
+}
+
+__device__ __forceinline__ uint64_t mass_of(float l, float lmax, float inv_t) {
+    const float e = __fmul_rn(__fmul_rn(__fsub_rn(l, lmax), inv_t), kLog2e);
+    return (uint64_t)((double)exp2f(e) * kMassScale);
+}
+
+struct MaxArg {
+    float m;    // running max
+    int idx;    // first index reaching it
+    float s;    // sum of exp(l - m)
+};
+
+__device__ __forceinline__ MaxArg combine(MaxArg a, MaxArg b) {
+    MaxArg r;
+    if (b.m > a.m || (b.m == a.m && b.idx < a.idx)) {
+        r.m = b.m;
+        r.idx = b.idx;
+    } else {
+        r.m = a.m;
+        r.idx = a.idx;
+    }
+    const float sa = a.m == -INFINITY ? 0.0f : a.s * expf(a.m - r.m);
+    const float sb = b.m == -INFINITY ? 0.0f : b.s * expf(b.m - r.m);
+    r.s = sa + sb;
+    return r;
+}
+
+__device__ MaxArg block_maxarg(MaxArg v, MaxArg* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        MaxArg w;
+        w.m = __shfl_xor_sync(0xffffffffu, v.m, o);
+        w.idx = __shfl_xor_sync(0xffffffffu, v.idx, o);
+        w.s = __shfl_xor_sync(0xffffffffu, v.s, o);
+        v = combine(v, w);
+    }
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < kWarps ? scratch[lane] : MaxArg{-INFINITY, 0x7fffffff, 0.0f};
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            MaxArg w;
+            w.m = __shfl_xor_sync(0xffffffffu, v.m, o);
+            w.idx = __shfl_xor_sync(0xffffffffu, v.idx, o);
+            w.s = __shfl_xor_sync(0xffffffffu, v.s, o);
+            v = combine(v, w);
+        }
+        if (lane == 0) scratch[0] = v;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+__device__ uint64_t block_sum_u64(uint64_t v, uint64_t* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < kWarps ? scratch[lane] : 0ull;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) scratch[0] = v;
+    }
+    __syncthreads();
+    const uint64_t r = scratch[0];
+    __syncthreads();
+    return r;
+}
+
+// Radix selection of the largest key `tau` with weight(key >= tau) >= need, where the weight
+// of element i is 1 (counts, use_mass false) or its fixed-point mass; only keys >= floor_key
+// take part. `need` must not exceed the total weight.
+__device__ uint32_t radix_select(const float* __restrict__ row, int vocab, uint32_t floor_key,
+                                 uint64_t need, bool use_mass, float lmax, float inv_t,
+                                 uint64_t* hist, uint64_t* shared_out) {
+    uint32_t prefix = 0, mask = 0;
+    uint64_t above = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < vocab; i += kThreads) {
+            const float l = row[i];
+            const uint32_t k = order_key(l);
+            if (k >= floor_key && (k & mask) == prefix) {
+                atomicAdd(reinterpret_cast<unsigned long long*>(&hist[(k >> shift) & 255u]),
+                          (unsigned long long)(use_mass ? mass_of(l, lmax, inv_t) : 1ull));
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            // Lane l owns bins 255-8l down to 248-8l: lanes in descending key order.
+            const int lane = threadIdx.x;
+            uint64_t local = 0;
+            for (int j = 0; j < 8; ++j) local += hist[255 - 8 * lane - j];
+            uint64_t incl = local;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const uint64_t v = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += v;
+            }
+            const unsigned hit = __ballot_sync(0xffffffffu, above + incl >= need);
+            const int first = hit ? __ffs(hit) - 1 : 31;
+            if (lane == first) {
+                uint64_t cum = above + incl - local;
+                int digit = 248 - 8 * lane;
+                for (int j = 0; j < 8; ++j) {
+                    const int b = 255 - 8 * lane - j;
+                    if (cum + hist[b] >= need || j == 7) {
+                        digit = b;
+                        break;
+                    }
+                    cum += hist[b];
+                }
+                shared_out[0] = (uint64_t)digit;
+                shared_out[1] = cum;
+            }
+        }
+        __syncthreads();
+        prefix |= (uint32_t)shared_out[0] << shift;
+        mask |= 255u << shift;
+        above = shared_out[1];
+        __syncthreads();
+    }
+    return prefix;
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    sample_tokens(int32_t* __restrict__ out_tokens, float* __restrict__ out_logprobs,
+                  const float* __restrict__ logits, int vocab,
+                  const float* __restrict__ temperatures, const int32_t* __restrict__ top_ks,
+                  const float* __restrict__ top_ps, const float* __restrict__ min_ps,
+                  const uint64_t* __restrict__ seeds, const uint64_t* __restrict__ offsets) {
+    __shared__ MaxArg scratch[kWarps];
+    __shared__ uint64_t hist[256];
+    __shared__ uint64_t sel[2];
+    __shared__ uint64_t scratch64[kWarps];
+    const int b = blockIdx.x;
+    const float* row = logits + (int64_t)b * vocab;
+
+    // Pass 1: max, first argmax and the sum of exponentials (online), for greedy and logprobs.
+    MaxArg acc{-INFINITY, 0x7fffffff, 0.0f};
+    for (int i = threadIdx.x; i < vocab; i += kThreads) {
+        const float l = row[i];
+        if (l > acc.m) {
+            acc.s = acc.m == -INFINITY ? 1.0f : acc.s * expf(acc.m - l) + 1.0f;
+            acc.m = l;
+            acc.idx = i;
+        } else if (l != -INFINITY) {
+            acc.s += expf(l - acc.m);
+        }
+    }
+    const MaxArg all = block_maxarg(acc, scratch);
+    const float lmax = all.m;
+    const float lse = lmax + logf(all.s);
+
+    const float temp = temperatures[b];
+    int token = all.idx;
+    if (temp >= 1e-5f) {
+        const float inv_t = 1.0f / temp;
+        const int top_k = top_ks[b];
+        const float top_p = top_ps[b];
+        const float min_p = min_ps[b];
+        uint32_t floor_key = 0;
+        if (min_p > 0.0f) {
+            floor_key = order_key(__fadd_rn(lmax, __fmul_rn(temp, logf(min_p))));
+        }
+        if (top_k > 0 && top_k < vocab) {
+            const uint32_t kth = radix_select(row, vocab, 0u, (uint64_t)top_k, false, lmax, inv_t,
+                                              hist, sel);
+            floor_key = max(floor_key, kth);
+        }
+        if (top_p < 1.0f) {
+            uint64_t local = 0;
+            for (int i = threadIdx.x; i < vocab; i += kThreads) {
+                const float l = row[i];
+                if (order_key(l) >= floor_key) local += mass_of(l, lmax, inv_t);
+            }
+            const uint64_t total = block_sum_u64(local, scratch64);
+            double want = ceil((double)top_p * (double)total);
+            uint64_t need = (uint64_t)want;
+            need = need < 1 ? 1 : (need > total ? total : need);
+            const uint32_t tp = radix_select(row, vocab, floor_key, need, true, lmax, inv_t,
+                                             hist, sel);
+            floor_key = max(floor_key, tp);
+        }
+        // Gumbel-max over the kept set.
+        const uint64_t seed = seeds[b], offset = offsets[b];
+        MaxArg best{-INFINITY, 0x7fffffff, 0.0f};
+        for (int i = threadIdx.x; i < vocab; i += kThreads) {
+            const float l = row[i];
+            if (order_key(l) < floor_key) continue;
+            const float score = __fadd_rn(__fmul_rn(l, inv_t), gumbel(seed, offset, i));
+            if (score > best.m) {
+                best.m = score;
+                best.idx = i;
+            }
+        }
+        // combine() also merges sums; they are unused (0) here.
+        const MaxArg win = block_maxarg(best, scratch);
+        token = win.idx;
+    }
+    if (threadIdx.x == 0) {
+        out_tokens[b] = token;
+        out_logprobs[b] = row[token] - lse;
+    }
+}

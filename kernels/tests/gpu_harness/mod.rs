@@ -1,0 +1,222 @@
+//! Minimal CUDA plumbing for the kernel tests: a context on device 0, the embedded fatbins,
+//! raw device buffers, checked launches (every launch is followed by a synchronize so that an
+//! execution error is reported against the kernel that caused it), random bf16 data and the
+//! bf16 comparison rule.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::Arc;
+
+use cudarc::driver::{result as drv, sys, CudaContext};
+use half::bf16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// bf16 tolerances (GPU.md): |got - want| <= ATOL + RTOL * |want|.
+pub const ATOL: f32 = 2e-2;
+pub const RTOL: f32 = 1.6e-2;
+
+pub struct Gpu {
+    _ctx: Arc<CudaContext>,
+    modules: HashMap<String, sys::CUmodule>,
+    pub name: String,
+}
+
+/// Prints to the process's stderr directly: the test harness captures `eprintln!` of passing
+/// tests, and a skip must be seen.
+fn loud(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// The GPU, or `None` after printing a loud skip line when there is no usable CUDA device.
+/// On a machine with a GPU, a build without the kernels is an error, not a skip.
+pub fn gpu(test: &str) -> Option<Gpu> {
+    let count = match std::panic::catch_unwind(CudaContext::device_count) {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => {
+            loud(&format!("SKIPPED: no CUDA device ({test}: driver error {e:?})"));
+            return None;
+        }
+        Err(_) => {
+            loud(&format!("SKIPPED: no CUDA device ({test}: libcuda could not be loaded)"));
+            return None;
+        }
+    };
+    if count < 1 {
+        loud(&format!("SKIPPED: no CUDA device ({test}: the driver reports none)"));
+        return None;
+    }
+    let ctx = CudaContext::new(0).expect("creating a CUDA context on device 0");
+    ctx.bind_to_thread().expect("binding the CUDA context");
+    let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+    let mut modules = HashMap::new();
+    for &stem in rvllm_kernels::KERNEL_NAMES {
+        let image = rvllm_kernels::fatbin(stem).expect("listed kernel module is embedded");
+        let m = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.unwrap_or_else(|e| {
+            panic!("loading kernel module `{stem}` on {name}: {e:?} (built for {})", rvllm_kernels::built_archs())
+        });
+        modules.insert(stem.to_string(), m);
+    }
+    assert!(
+        !modules.is_empty(),
+        "this test binary has no kernels: build it with `--features cuda` (nvcc needed)"
+    );
+    Some(Gpu { _ctx: ctx, modules, name })
+}
+
+/// A device allocation of `len` elements of `T`, freed on drop.
+pub struct Buf<T> {
+    pub ptr: sys::CUdeviceptr,
+    pub len: usize,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T> Drop for Buf<T> {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = drv::free_sync(self.ptr);
+        }
+    }
+}
+
+/// A kernel argument: a pointer to the argument's value, as cuLaunchKernel wants it.
+pub fn arg<T>(v: &T) -> *mut c_void {
+    v as *const T as *mut c_void
+}
+
+impl Gpu {
+    fn bind(&self) {
+        self._ctx.bind_to_thread().expect("binding the CUDA context");
+    }
+
+    pub fn function(&self, module: &str, kernel: &str) -> sys::CUfunction {
+        self.bind();
+        let m = *self
+            .modules
+            .get(module)
+            .unwrap_or_else(|| panic!("kernel module `{module}` is not embedded in this build"));
+        let name = CString::new(kernel).expect("kernel name without NUL");
+        unsafe { drv::module::get_function(m, name) }
+            .unwrap_or_else(|e| panic!("kernel `{kernel}` not found in module `{module}`: {e:?}"))
+    }
+
+    /// Launches on the default stream and waits; any launch or execution error panics with the
+    /// kernel's name.
+    pub fn launch(&self, module: &str, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &mut [*mut c_void]) {
+        let f = self.function(module, kernel);
+        unsafe { drv::launch_kernel(f, grid, block, 0, std::ptr::null_mut(), args) }
+            .unwrap_or_else(|e| panic!("launching `{kernel}` grid {grid:?} block {block:?}: {e:?}"));
+        drv::ctx::synchronize().unwrap_or_else(|e| panic!("`{kernel}` failed while running: {e:?}"));
+    }
+
+    /// Launches without waiting (for timing loops).
+    pub fn launch_async(&self, f: sys::CUfunction, grid: (u32, u32, u32), block: (u32, u32, u32), args: &mut [*mut c_void]) {
+        unsafe { drv::launch_kernel(f, grid, block, 0, std::ptr::null_mut(), args) }
+            .unwrap_or_else(|e| panic!("launch grid {grid:?} block {block:?}: {e:?}"));
+    }
+
+    pub fn sync(&self) {
+        drv::ctx::synchronize().expect("synchronize");
+    }
+
+    pub fn upload<T: Copy>(&self, data: &[T]) -> Buf<T> {
+        self.bind();
+        let bytes = std::mem::size_of_val(data).max(4);
+        let ptr = unsafe { drv::malloc_sync(bytes) }.expect("cuMemAlloc");
+        if !data.is_empty() {
+            unsafe { drv::memcpy_htod_sync(ptr, data) }.expect("copy to device");
+        }
+        Buf { ptr, len: data.len(), _t: std::marker::PhantomData }
+    }
+
+    /// A buffer of `len` copies of `poison` (NaN for floats): unwritten outputs stay visible.
+    pub fn poisoned<T: Copy>(&self, len: usize, poison: T) -> Buf<T> {
+        self.upload(&vec![poison; len])
+    }
+
+    pub fn download<T: Copy + Default>(&self, buf: &Buf<T>) -> Vec<T> {
+        self.bind();
+        let mut out = vec![T::default(); buf.len];
+        if buf.len > 0 {
+            unsafe { drv::memcpy_dtoh_sync(&mut out, buf.ptr) }.expect("copy to host");
+        }
+        out
+    }
+
+    pub fn download_bf16(&self, buf: &Buf<bf16>) -> Vec<f32> {
+        self.download(buf).iter().map(|v| v.to_f32()).collect()
+    }
+
+    /// Median time of `reps` runs of `body` in milliseconds, timed with device events.
+    pub fn time_ms(&self, reps: usize, mut body: impl FnMut()) -> f32 {
+        self.bind();
+        let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let (start, end) = (drv::event::create(flags).expect("event"), drv::event::create(flags).expect("event"));
+        body(); // warm-up
+        self.sync();
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            unsafe {
+                drv::event::record(start, std::ptr::null_mut()).expect("record");
+                body();
+                drv::event::record(end, std::ptr::null_mut()).expect("record");
+            }
+            self.sync();
+            times.push(unsafe { drv::event::elapsed(start, end) }.expect("elapsed"));
+        }
+        unsafe {
+            let _ = drv::event::destroy(start);
+            let _ = drv::event::destroy(end);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        times[times.len() / 2]
+    }
+}
+
+pub const BF16_NAN: bf16 = bf16::NAN;
+
+/// A fresh RNG per test; the seed is printed so that a failure can be replayed with
+/// RVLLM_TEST_SEED.
+pub fn rng(test: &str) -> StdRng {
+    let seed = std::env::var("RVLLM_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random::<u64>());
+    eprintln!("{test}: seed {seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+/// `n` uniform values in [-amp, amp), rounded to bf16; returns (bf16 for the device, the same
+/// values as f32 for the reference).
+pub fn random_bf16(rng: &mut StdRng, n: usize, amp: f32) -> (Vec<bf16>, Vec<f32>) {
+    let h: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.random_range(-amp..amp))).collect();
+    let f = h.iter().map(|v| v.to_f32()).collect();
+    (h, f)
+}
+
+/// Asserts |got - want| <= atol + rtol |want| elementwise (NaN fails), naming the worst ones.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs reference {}", got.len(), want.len());
+    let mut bad = Vec::new();
+    let mut worst = 0.0f32;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        let ok = err <= atol + rtol * w.abs();
+        if !ok || g.is_nan() {
+            bad.push((i, g, w));
+        }
+        if !err.is_nan() {
+            worst = worst.max(err);
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} elements out of tolerance (max abs err {worst}); first: {:?}",
+        bad.len(),
+        got.len(),
+        &bad[..bad.len().min(8)]
+    );
+    eprintln!("{what}: ok, {} elements, max abs err {worst:.3e}", got.len());
+}
