@@ -272,6 +272,7 @@ fn paged_attention_decode_matches_reference() {
     // (heads, kv heads, head dim, contexts, partition size)
     let cases: &[(usize, usize, usize, &[usize], usize)] = &[
         (32, 8, 128, &[1, 15, 17, 300, 1000], 512),
+        (32, 8, 128, &[1, 100, 500], 512), // one partition: written directly, no reduce
         (32, 8, 128, &[700, 33, 129], 64),
         (9, 3, 64, &[5, 33, 129, 600], 512),
         (8, 8, 128, &[1, 64, 1100], 256),
