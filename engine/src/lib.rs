@@ -2,10 +2,15 @@
 //!
 //! See ARCHITECTURE.md for what lives where and the invariants the code holds.
 pub mod backend;
+pub mod bench;
+pub mod cli;
+pub mod engine;
 pub mod kv;
 pub mod models;
+pub mod runner;
 pub mod sampling;
 pub mod scheduler;
+pub mod tokenizer;
 pub mod server;
 
 /// Version string printed by `rvllm --version`: crate version, commit, target.

@@ -88,9 +88,9 @@ impl SeqOutput {
             for &id in &out.new_token_ids {
                 // Text of a stop token (EOS) is never part of the output when skipped.
                 let piece = detok.push(tok, id).unwrap_or_default();
-                let search_from = self.text.len().saturating_sub(self.max_stop_bytes());
+                let search_from = self.text.len().saturating_sub(max_len(&self.stop) + 4);
                 self.text.push_str(&piece);
-                if let Some((pos, s)) = self.find_stop(search_from) {
+                if let Some((pos, s)) = find_stop(&self.text, &self.stop, search_from) {
                     let cut = if self.include_stop { pos + s.len() } else { pos };
                     self.text.truncate(cut);
                     delta.finish_reason = Some(FinishReason::Stop);
@@ -101,6 +101,12 @@ impl SeqOutput {
             }
         }
         let finished = delta.finish_reason.is_some();
+        if finished && !stopped_by_string {
+            // Flush a character the detokenizer held back waiting for more bytes.
+            if let (Some(tok), Some(detok)) = (self.tokenizer.as_ref(), self.detok.as_mut()) {
+                self.text.push_str(&detok.finish(tok).unwrap_or_default());
+            }
+        }
         self.finished = finished;
         delta.text = self.take_emittable(finished);
         (delta, stopped_by_string)
@@ -109,21 +115,6 @@ impl SeqOutput {
     /// All text so far (for offline results).
     pub fn text(&self) -> &str {
         &self.text
-    }
-
-    fn max_stop_bytes(&self) -> usize {
-        self.stop.iter().map(|s| s.len()).max().unwrap_or(0) + 4
-    }
-
-    fn find_stop(&self, from: usize) -> Option<(usize, String)> {
-        let mut from = from.min(self.text.len());
-        while !self.text.is_char_boundary(from) {
-            from -= 1;
-        }
-        self.stop
-            .iter()
-            .filter_map(|s| self.text[from..].find(s.as_str()).map(|p| (from + p, s.clone())))
-            .min_by_key(|(p, _)| *p)
     }
 
     /// The text not yet emitted, minus a tail that could still turn into a stop string.
@@ -144,4 +135,20 @@ impl SeqOutput {
         self.emitted = end;
         s
     }
+}
+
+fn max_len(stops: &[String]) -> usize {
+    stops.iter().map(|s| s.len()).max().unwrap_or(0)
+}
+
+/// The earliest stop string in `text[from..]` (from is moved back to a char boundary).
+fn find_stop(text: &str, stops: &[String], from: usize) -> Option<(usize, String)> {
+    let mut from = from.min(text.len());
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    stops
+        .iter()
+        .filter_map(|s| text[from..].find(s.as_str()).map(|p| (from + p, s.clone())))
+        .min_by_key(|(p, _)| *p)
 }
