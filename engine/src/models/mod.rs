@@ -1,3 +1,11 @@
 //! Model files (HF folders, GGUF, hub ids) and the Llama-family model.
 pub mod config;
 pub mod weights;
+pub mod gguf;
+pub mod hf_config;
+pub mod hf_weights;
+pub mod hub;
+pub mod layout;
+pub mod loader;
+
+pub use loader::{load_model, LoadFormat, LoadOptions, LoadedModel};

@@ -1,0 +1,322 @@
+//! Hugging Face `config.json` (+ `generation_config.json`) to [`ModelConfig`].
+//!
+//! Reads both the transformers 4 spelling (`rope_theta`, `rope_scaling`) and the
+//! transformers 5 one (`rope_parameters` holding `rope_theta` and the scaling).
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+use super::config::{Architecture, ModelConfig, RopeScaling};
+
+/// `architectures[0]` of config.json, or the architecture `model_type` implies.
+fn architecture(cfg: &Value) -> Result<Architecture> {
+    let name = match cfg.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str) {
+        Some(n) => n.to_string(),
+        None => match cfg.get("model_type").and_then(Value::as_str) {
+            Some("llama") => "LlamaForCausalLM".into(),
+            Some("mistral") => "MistralForCausalLM".into(),
+            Some("qwen2") => "Qwen2ForCausalLM".into(),
+            Some(other) => format!("model_type `{other}`"),
+            None => bail!("config.json names no `architectures` and no `model_type`"),
+        },
+    };
+    Ok(match name.as_str() {
+        "LlamaForCausalLM" => Architecture::Llama,
+        "MistralForCausalLM" => Architecture::Mistral,
+        "Qwen2ForCausalLM" => Architecture::Qwen2,
+        other => bail!(
+            "architecture {other} is not supported; supported architectures: {}",
+            Architecture::SUPPORTED.join(", ")
+        ),
+    })
+}
+
+fn usize_field(cfg: &Value, key: &str) -> Result<Option<usize>> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(|x| Some(x as usize))
+            .ok_or_else(|| anyhow::anyhow!("`{key}` is {v}, expected a non-negative integer")),
+    }
+}
+
+fn required(cfg: &Value, key: &str) -> Result<usize> {
+    usize_field(cfg, key)?.ok_or_else(|| anyhow::anyhow!("`{key}` is missing"))
+}
+
+fn f32_field(cfg: &Value, key: &str) -> Result<Option<f32>> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(|x| Some(x as f32))
+            .ok_or_else(|| anyhow::anyhow!("`{key}` is {v}, expected a number")),
+    }
+}
+
+/// Token ids given as an int or a list of ints.
+fn token_ids(v: Option<&Value>, key: &str) -> Result<Vec<u32>> {
+    match v {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|x| {
+                x.as_u64()
+                    .map(|i| i as u32)
+                    .ok_or_else(|| anyhow::anyhow!("`{key}` holds {x}, expected token ids"))
+            })
+            .collect(),
+        Some(x) => x
+            .as_u64()
+            .map(|i| vec![i as u32])
+            .ok_or_else(|| anyhow::anyhow!("`{key}` is {x}, expected a token id or a list")),
+    }
+}
+
+/// RoPE scaling from `rope_scaling` or `rope_parameters` (whichever is present).
+fn rope_scaling(params: Option<&Value>) -> Result<Option<RopeScaling>> {
+    let Some(p) = params.filter(|p| !p.is_null()) else {
+        return Ok(None);
+    };
+    let kind = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |k: &str| -> Result<f32> {
+        f32_field(p, k)?.ok_or_else(|| anyhow::anyhow!("rope scaling `{kind}` needs `{k}`"))
+    };
+    Ok(match kind {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: usize_field(p, "original_max_position_embeddings")?
+                .ok_or_else(|| {
+                    anyhow::anyhow!("rope scaling `llama3` needs `original_max_position_embeddings`")
+                })?,
+        }),
+        other => bail!("rope scaling type `{other}` is not supported (supported: linear, llama3)"),
+    })
+}
+
+/// Parse the text of config.json and, when present, generation_config.json.
+pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<ModelConfig> {
+    let cfg: Value = serde_json::from_str(config_json).context("config.json is not valid JSON")?;
+    ensure!(cfg.is_object(), "config.json is not a JSON object");
+    let architecture = architecture(&cfg)?;
+    if let Some(act) = cfg.get("hidden_act").and_then(Value::as_str) {
+        ensure!(act == "silu", "hidden_act `{act}` is not supported (Llama-family models use silu)");
+    }
+    if cfg.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
+        bail!("mlp_bias = true is not supported");
+    }
+    let hidden_size = required(&cfg, "hidden_size")?;
+    let num_attention_heads = required(&cfg, "num_attention_heads")?;
+    ensure!(num_attention_heads > 0, "`num_attention_heads` is 0");
+    let num_key_value_heads =
+        usize_field(&cfg, "num_key_value_heads")?.unwrap_or(num_attention_heads);
+    ensure!(
+        num_key_value_heads > 0 && num_attention_heads % num_key_value_heads == 0,
+        "{num_attention_heads} attention heads cannot be shared by {num_key_value_heads} KV heads"
+    );
+    let head_dim = usize_field(&cfg, "head_dim")?.unwrap_or(hidden_size / num_attention_heads);
+    ensure!(head_dim > 0 && head_dim % 2 == 0, "head_dim {head_dim} must be even and > 0");
+
+    let rope_params = cfg.get("rope_parameters").filter(|v| v.is_object());
+    let rope_theta = match f32_field(&cfg, "rope_theta")? {
+        Some(t) => t,
+        None => match rope_params {
+            Some(p) => f32_field(p, "rope_theta")?.unwrap_or(10000.0),
+            None => 10000.0,
+        },
+    };
+    let scaling_src = cfg
+        .get("rope_scaling")
+        .filter(|v| !v.is_null())
+        .or(rope_params);
+
+    let sliding_window = match architecture {
+        Architecture::Mistral => usize_field(&cfg, "sliding_window")?,
+        Architecture::Qwen2 if cfg.get("use_sliding_window").and_then(Value::as_bool) == Some(true) => {
+            usize_field(&cfg, "sliding_window")?
+        }
+        _ => None,
+    };
+
+    let generation: Option<Value> = match generation_json {
+        Some(text) => Some(
+            serde_json::from_str(text).context("generation_config.json is not valid JSON")?,
+        ),
+        None => None,
+    };
+    let from_either = |key: &str| -> Result<Vec<u32>> {
+        if let Some(g) = &generation {
+            let ids = token_ids(g.get(key), key)?;
+            if !ids.is_empty() {
+                return Ok(ids);
+            }
+        }
+        token_ids(cfg.get(key), key)
+    };
+    let eos_token_ids = from_either("eos_token_id")?;
+    let bos_token_id = from_either("bos_token_id")?.first().copied();
+
+    Ok(ModelConfig {
+        architecture,
+        hidden_size,
+        intermediate_size: required(&cfg, "intermediate_size")?,
+        num_hidden_layers: required(&cfg, "num_hidden_layers")?,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        vocab_size: required(&cfg, "vocab_size")?,
+        rms_norm_eps: f32_field(&cfg, "rms_norm_eps")?.unwrap_or(1e-6),
+        rope_theta,
+        rope_scaling: rope_scaling(scaling_src)?,
+        max_position_embeddings: usize_field(&cfg, "max_position_embeddings")?.unwrap_or(2048),
+        tie_word_embeddings: cfg
+            .get("tie_word_embeddings")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        attention_bias: match architecture {
+            Architecture::Qwen2 => true,
+            _ => cfg
+                .get("attention_bias")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        },
+        sliding_window,
+        bos_token_id,
+        eos_token_ids,
+    })
+}
+
+/// Read `config.json` and the `generation_config.json` beside it (if any).
+pub fn read_config(config_path: &Path) -> Result<ModelConfig> {
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let gen_path = config_path.with_file_name("generation_config.json");
+    let gen_text = if gen_path.is_file() {
+        Some(
+            std::fs::read_to_string(&gen_path)
+                .with_context(|| format!("cannot read {}", gen_path.display()))?,
+        )
+    } else {
+        None
+    };
+    parse_config(&text, gen_text.as_deref())
+        .with_context(|| format!("invalid model config {}", config_path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LLAMA31: &str = r#"{
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "max_position_embeddings": 131072, "bos_token_id": 128000, "eos_token_id": 128001,
+        "hidden_act": "silu", "tie_word_embeddings": false }"#;
+
+    #[test]
+    fn llama31_with_generation_config_list() {
+        let c = parse_config(LLAMA31, Some(r#"{"eos_token_id": [128001, 128008, 128009]}"#))
+            .unwrap();
+        assert_eq!(c.architecture, Architecture::Llama);
+        assert_eq!(c.head_dim, 128);
+        assert_eq!(c.num_key_value_heads, 8);
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(
+            c.rope_scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            })
+        );
+        assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
+        assert_eq!(c.bos_token_id, Some(128000));
+        assert!(!c.attention_bias && !c.tie_word_embeddings);
+        // Without generation_config.json the config's own eos is used.
+        assert_eq!(parse_config(LLAMA31, None).unwrap().eos_token_ids, vec![128001]);
+    }
+
+    #[test]
+    fn transformers5_rope_parameters_and_qwen2_bias() {
+        let c = parse_config(
+            r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "vocab_size": 100, "tie_word_embeddings": true, "sliding_window": 4096,
+                "use_sliding_window": false,
+                "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "linear", "factor": 2.0}}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen2);
+        assert!(c.attention_bias && c.tie_word_embeddings);
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.rope_theta, 1_000_000.0);
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        assert_eq!(c.sliding_window, None);
+        assert_eq!(c.rms_norm_eps, 1e-6);
+    }
+
+    #[test]
+    fn mistral_keeps_sliding_window_and_explicit_head_dim() {
+        let c = parse_config(
+            r#"{"architectures": ["MistralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 32,
+                "vocab_size": 100, "sliding_window": 4096, "eos_token_id": 2}"#,
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.architecture, Architecture::Mistral);
+        assert_eq!(c.head_dim, 32);
+        assert_eq!(c.q_size(), 128);
+        assert_eq!(c.sliding_window, Some(4096));
+        assert_eq!(c.eos_token_ids, vec![2]);
+    }
+
+    #[test]
+    fn unsupported_architecture_is_named_with_the_supported_list() {
+        let e = parse_config(
+            r#"{"architectures": ["GPT2LMHeadModel"], "hidden_size": 64}"#,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("GPT2LMHeadModel"), "{e}");
+        for s in Architecture::SUPPORTED {
+            assert!(e.contains(s), "{e}");
+        }
+    }
+
+    #[test]
+    fn missing_and_mistyped_fields_are_named() {
+        let e = format!(
+            "{:#}",
+            parse_config(r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4}"#, None)
+                .unwrap_err()
+        );
+        assert!(e.contains("intermediate_size"), "{e}");
+        let e = format!(
+            "{:#}",
+            parse_config(r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": "big"}"#, None)
+                .unwrap_err()
+        );
+        assert!(e.contains("hidden_size"), "{e}");
+        assert!(parse_config("not json", None).is_err());
+    }
+}

@@ -1,0 +1,200 @@
+//! Weights of a Hugging Face folder: `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`. Files are memory-mapped; only the tensors the model needs
+//! are copied out, keeping their dtype (F32 / F16 / BF16).
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use half::{bf16, f16};
+use indicatif::ProgressBar;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use super::config::ModelConfig;
+use super::layout::expected_tensors;
+use super::weights::{HostData, HostTensor, WeightMap};
+
+/// The safetensors files of a folder and, for each, the tensor names it holds (from the
+/// index when sharded; `None` = read the single file's own header).
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| anyhow::anyhow!("{} has no `weight_map` object", index.display()))?;
+        let mut files: Vec<String> = Vec::new();
+        for (tensor, file) in map {
+            let f = file.as_str().ok_or_else(|| {
+                anyhow::anyhow!("{}: weight_map[`{tensor}`] is not a file name", index.display())
+            })?;
+            ensure!(
+                !f.contains("..") && !Path::new(f).is_absolute(),
+                "{}: shard name `{f}` points outside the model folder",
+                index.display()
+            );
+            if !files.iter().any(|x| x == f) {
+                files.push(f.to_string());
+            }
+        }
+        files.sort();
+        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+        for p in &paths {
+            ensure!(
+                p.is_file(),
+                "shard {} listed in {} is missing",
+                p.display(),
+                index.display()
+            );
+        }
+        return Ok(paths);
+    }
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    bail!(
+        "no weights in {}: expected model.safetensors or model.safetensors.index.json (use --load-format dummy to run with random weights)",
+        dir.display()
+    )
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: read-only mapping, dropped before this loader returns; a file modified while we
+    // read it is outside what any reader can guard against.
+    unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))
+}
+
+/// When the safetensors crate refuses a file, say which tensor is at fault where we can:
+/// walk the header ourselves and find the first entry whose bytes fall outside the file.
+fn diagnose(path: &Path, bytes: &[u8], err: &safetensors::SafeTensorError) -> anyhow::Error {
+    let file = path.display();
+    let detail = (|| -> Option<String> {
+        let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+        let header = bytes.get(8..8usize.checked_add(n)?)?;
+        let v: serde_json::Value = serde_json::from_slice(header).ok()?;
+        let data_len = bytes.len() - 8 - n;
+        let mut entries: Vec<(&String, &serde_json::Value)> = v.as_object()?.iter().collect();
+        entries.sort_by_key(|(_, e)| e.get("data_offsets").and_then(|o| o.get(0)).and_then(|x| x.as_u64()));
+        for (name, e) in entries {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dtype = e.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+            if serde_json::from_value::<Dtype>(serde_json::Value::String(dtype.into())).is_err() {
+                return Some(format!("tensor `{name}` has unknown dtype `{dtype}`"));
+            }
+            let off = e.get("data_offsets")?.as_array()?;
+            let (a, b) = (off.first()?.as_u64()?, off.get(1)?.as_u64()?);
+            if b as usize > data_len || a > b {
+                return Some(format!(
+                    "tensor `{name}` needs bytes {a}..{b} of the data section but the file holds only {data_len}: the file is truncated or its header is corrupt (re-download it)"
+                ));
+            }
+        }
+        None
+    })();
+    match detail {
+        Some(d) => anyhow::anyhow!("invalid safetensors file {file}: {d}"),
+        None => anyhow::anyhow!("invalid safetensors file {file}: {err}"),
+    }
+}
+
+fn convert(path: &Path, name: &str, dtype: Dtype, data: &[u8]) -> Result<HostData> {
+    Ok(match dtype {
+        Dtype::F32 => HostData::F32(
+            data.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        Dtype::F16 => HostData::F16(
+            data.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+        Dtype::BF16 => HostData::BF16(
+            data.chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
+                .collect(),
+        ),
+        other => bail!(
+            "tensor `{name}` in {} has dtype {other:?}; supported dtypes are F32, F16 and BF16",
+            path.display()
+        ),
+    })
+}
+
+/// Read the tensors the config needs from the safetensors files of `dir`, checking each
+/// tensor's shape against the config as it is read.
+pub fn load_weights(dir: &Path, cfg: &ModelConfig, progress: &ProgressBar) -> Result<WeightMap> {
+    let files = weight_files(dir)?;
+    let expected = expected_tensors(cfg);
+    let mut wanted: HashMap<&str, &[usize]> = expected
+        .iter()
+        .map(|e| (e.name.as_str(), e.shape.as_slice()))
+        .collect();
+    let mut map = WeightMap::default();
+    for path in &files {
+        let mmap = map_file(path)?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| diagnose(path, &mmap, &e))?;
+        // Sorted for a deterministic first error.
+        let names: BTreeMap<&str, ()> = st.names().into_iter().map(|n| (n, ())).collect();
+        for name in names.keys() {
+            let Some(shape) = wanted.remove::<str>(name) else {
+                continue; // e.g. rotary_emb.inv_freq: not a weight we use.
+            };
+            let view = st
+                .tensor(name)
+                .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+            ensure!(
+                view.shape() == shape,
+                "tensor `{name}` in {} has shape {:?} but config.json implies {:?}",
+                path.display(),
+                view.shape(),
+                shape
+            );
+            let data = convert(path, name, view.dtype(), view.data())?;
+            progress.inc(view.data().len() as u64);
+            map.tensors.insert(
+                name.to_string(),
+                HostTensor {
+                    shape: shape.to_vec(),
+                    data,
+                },
+            );
+        }
+    }
+    let searched = files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    for e in &expected {
+        if !e.optional && !map.contains(&e.name) {
+            bail!(
+                "tensor `{}` (shape {:?}) is missing from {searched}",
+                e.name,
+                e.shape
+            );
+        }
+    }
+    Ok(map)
+}
+
+/// Bytes of the weight files, for a progress bar (an estimate: includes unused tensors).
+pub fn weights_nbytes(dir: &Path) -> u64 {
+    weight_files(dir)
+        .map(|fs| {
+            fs.iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}

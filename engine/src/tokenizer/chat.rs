@@ -1,0 +1,180 @@
+//! Chat templates: the Jinja templates of tokenizer_config.json, rendered with minijinja the
+//! way transformers renders them (trim_blocks, lstrip_blocks, Python string methods,
+//! `raise_exception`, `tojson`, `strftime_now`, `bos_token` / `eos_token`).
+use anyhow::Result;
+use minijinja::{Environment, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Days since 1970-01-01 to (year, month 1..=12, day 1..=31), proleptic Gregorian.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+const MONTHS: [&str; 12] = [
+    "January", "February", "March", "April", "May", "June", "July", "August", "September",
+    "October", "November", "December",
+];
+const WEEKDAYS: [&str; 7] = [
+    "Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday",
+];
+
+/// A small strftime over a UTC unix time: the specifiers chat templates use for "today's
+/// date" (%d %m %Y %y %b %B %a %A %H %M %S %%). Others are kept literally.
+pub(crate) fn strftime_utc(secs: i64, fmt: &str) -> String {
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let month = MONTHS[(m - 1) as usize];
+    let weekday = WEEKDAYS[days.rem_euclid(7) as usize];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", y.rem_euclid(100))),
+            Some('b') => out.push_str(&month[..3]),
+            Some('B') => out.push_str(month),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('H') => out.push_str(&format!("{:02}", sod / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", sod / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", sod % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    // transformers renders with trim_blocks and lstrip_blocks on.
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+    });
+    env.add_function("strftime_now", |fmt: String| -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        strftime_utc(now, &fmt)
+    });
+    env
+}
+
+/// Render `template` for `messages`. Template errors (syntax, `raise_exception`) come back
+/// as errors carrying the template's own message.
+pub(crate) fn render(
+    template: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    bos_token: Option<&str>,
+    eos_token: Option<&str>,
+) -> Result<String> {
+    let env = environment();
+    let ctx = minijinja::context! {
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token.unwrap_or(""),
+        eos_token => eos_token.unwrap_or(""),
+    };
+    env.render_str(template, ctx).map_err(|e| {
+        // raise_exception's message is the useful part; keep minijinja's detail for syntax.
+        let msg = match e.kind() {
+            ErrorKind::InvalidOperation => e.detail().unwrap_or("template error").to_string(),
+            _ => format!("{e:#}"),
+        };
+        anyhow::anyhow!("chat template failed: {msg}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strftime_known_dates() {
+        assert_eq!(strftime_utc(0, "%d %b %Y %A %H:%M:%S"), "01 Jan 1970 Thursday 00:00:00");
+        // 2024-02-29 12:34:56 UTC was a Thursday.
+        assert_eq!(
+            strftime_utc(1_709_210_096, "%Y-%m-%d %a %B %y %%"),
+            "2024-02-29 Thu February 24 %"
+        );
+    }
+
+    #[test]
+    fn python_methods_tojson_and_raise_exception() {
+        let msgs = vec![ChatMessage::new("user", "  hi  ")];
+        let out = render(
+            "{% for m in messages %}{{ m.content.strip() }}|{{ m.role.startswith('us') }}|{{ m.content | tojson }}{% endfor %}",
+            &msgs,
+            false,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(out, r#"hi|true|"  hi  ""#);
+        let e = render(
+            "{{ raise_exception('Conversation roles must alternate') }}",
+            &msgs,
+            false,
+            None,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("Conversation roles must alternate"), "{e}");
+        let e = render("{% for %}", &msgs, false, None, None).unwrap_err().to_string();
+        assert!(e.contains("chat template failed"), "{e}");
+    }
+
+    #[test]
+    fn trim_blocks_and_special_token_variables() {
+        let t = "{{ bos_token }}\n{% for m in messages %}\n  {% if m.role == 'user' %}\n[{{ m.content }}]\n  {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}>{{ eos_token }}{% endif %}";
+        let out = render(
+            t,
+            &[ChatMessage::new("user", "a"), ChatMessage::new("system", "b")],
+            true,
+            Some("<s>"),
+            Some("</s>"),
+        )
+        .unwrap();
+        assert_eq!(out, "<s>\n[a]\n></s>");
+    }
+}

