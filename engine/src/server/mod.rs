@@ -1,9 +1,271 @@
 //! `rvllm serve`: an OpenAI-compatible HTTP server over the `AsyncEngine`. This module is the
 //! only one that knows HTTP, JSON or the OpenAI wire format (ARCHITECTURE.md invariant 4).
-//! protocol.rs (wire requests) → validate.rs (internal jobs) → handlers → responses; sse.rs
-//! frames streams, metrics.rs renders /metrics, error.rs shapes every failure.
+//! protocol.rs (wire requests) → validate.rs (internal jobs) → completions.rs / chat.rs
+//! (through generation.rs to the engine) → responses.rs; sse.rs frames streams, metrics.rs
+//! renders /metrics, error.rs shapes every failure, routes.rs holds the small routes.
+pub mod chat;
+pub mod completions;
 pub mod error;
+pub mod generation;
 pub mod metrics;
 pub mod protocol;
+pub mod responses;
+pub mod routes;
 pub mod sse;
 pub mod validate;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use clap::Args;
+
+use crate::engine::{AsyncEngine, EngineArgs};
+use crate::tokenizer::Tokenizer;
+use error::ApiError;
+use metrics::ServerMetrics;
+
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// The model to serve (the same as --model).
+    #[arg(value_name = "MODEL")]
+    pub model_tag: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer <key>` on every route but /health.
+    #[arg(long, env = "RVLLM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// A chat template (a file, or the template text itself) overriding the model's.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// Largest request body accepted (413 above).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_request_body_bytes: usize,
+    /// Seconds that in-flight requests get to finish after SIGTERM / Ctrl-C.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_grace_period: f64,
+    /// Accepted for vLLM compatibility (rvllm does not log requests).
+    #[arg(long)]
+    pub disable_log_requests: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub engine: AsyncEngine,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    pub served_model: String,
+    pub model_path: String,
+    pub chat_template: Option<String>,
+    pub api_key: Option<String>,
+    pub metrics: Arc<ServerMetrics>,
+    pub max_body_bytes: usize,
+    pub started_unix: u64,
+    pub shutting_down: AtomicBool,
+}
+
+/// The routes, with auth and error counting around them.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(routes::models))
+        .route("/health", get(routes::health))
+        .route("/version", get(routes::version))
+        .route("/metrics", get(routes::metrics))
+        .route("/tokenize", post(routes::tokenize))
+        .route("/detokenize", post(routes::detokenize))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Bearer auth on everything but /health, and a count of error answers for /metrics.
+async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.api_key {
+        if req.uri().path() != "/health" {
+            let given = req
+                .headers()
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+                st.metrics.error_answered();
+                return ApiError::unauthorized().into_response();
+            }
+        }
+    }
+    let resp = next.run(req).await;
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        st.metrics.error_answered();
+    }
+    resp
+}
+
+/// Compare keys without an early exit, so that timing does not reveal a prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `--chat-template`: a file when one exists at that path, else the template text itself.
+fn load_chat_template(arg: &str) -> Result<String> {
+    let p = Path::new(arg);
+    if p.is_file() {
+        return std::fs::read_to_string(p).with_context(|| format!("reading --chat-template {}", p.display()));
+    }
+    if arg.contains("{{") || arg.contains("{%") {
+        return Ok(arg.to_string());
+    }
+    bail!("--chat-template `{arg}` is neither a readable file nor a Jinja template; give a path to a template file")
+}
+
+/// `rvllm serve`: load the model, serve until SIGTERM / Ctrl-C, then drain and exit.
+pub fn run(mut args: ServeArgs) -> Result<()> {
+    match (&args.model_tag, args.engine.model.is_empty()) {
+        (Some(tag), true) => args.engine.model = tag.clone(),
+        (Some(tag), false) if *tag != args.engine.model => {
+            bail!("the model is given twice, as `{tag}` and as --model `{}`; give it once", args.engine.model)
+        }
+        (None, true) => bail!("no model given: `rvllm serve MODEL` (a Hugging Face folder, a .gguf file, or org/name)"),
+        _ => {}
+    }
+    if !(args.shutdown_grace_period >= 0.0 && args.shutdown_grace_period.is_finite()) {
+        bail!("--shutdown-grace-period must be 0 or more seconds, got {}", args.shutdown_grace_period);
+    }
+    let chat_template = args.chat_template.as_deref().map(load_chat_template).transpose()?;
+    let api_key = args.api_key.clone().filter(|k| !k.is_empty());
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .or_else(|_| {
+            use std::net::ToSocketAddrs;
+            (args.host.as_str(), args.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
+        })
+        .map_err(|_| anyhow::anyhow!("--host `{}` is not an address this machine can listen on", args.host))?;
+    // Bind before loading the model so a taken port fails fast.
+    let std_listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("listening on {addr} (is another server using it? choose another --port)"))?;
+    std_listener.set_nonblocking(true).context("setting the listener non-blocking")?;
+    let local = std_listener.local_addr().context("reading the bound address")?;
+
+    let engine = AsyncEngine::start(&args.engine).context("starting the engine")?;
+    let state = Arc::new(AppState {
+        tokenizer: engine.tokenizer(),
+        served_model: engine.model_name().to_string(),
+        model_path: args.engine.model.clone(),
+        engine: engine.clone(),
+        chat_template,
+        api_key,
+        metrics: Arc::new(ServerMetrics::new()),
+        max_body_bytes: args.max_request_body_bytes,
+        started_unix: responses::unix_now(),
+        shutting_down: AtomicBool::new(false),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("rvllm-http")
+        .build()
+        .context("starting the tokio runtime")?;
+    let grace = Duration::from_secs_f64(args.shutdown_grace_period);
+    let result = rt.block_on(serve(std_listener, local, state, grace));
+    engine.shutdown();
+    // Streams cut off by the grace period may still hold tasks: do not wait for them.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    eprintln!("rvllm: server stopped");
+    result
+}
+
+async fn serve(std_listener: std::net::TcpListener, local: SocketAddr, state: Arc<AppState>, grace: Duration) -> Result<()> {
+    let listener = tokio::net::TcpListener::from_std(std_listener).context("registering the listener")?;
+    let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
+    let st = state.clone();
+    tokio::spawn(async move {
+        let which = shutdown_signal().await;
+        eprintln!("rvllm: {which}: no new requests; waiting up to {:.0} s for in-flight ones", grace.as_secs_f64());
+        st.shutting_down.store(true, Ordering::SeqCst);
+        st.engine.stop_accepting();
+        let _ = signalled_tx.send(true);
+    });
+    eprintln!("rvllm: serving `{}` on http://{local} (OpenAI API at http://{local}/v1)", state.served_model);
+    let mut stop_rx = signalled_rx.clone();
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    });
+    let mut grace_rx = signalled_rx;
+    let deadline = async move {
+        let _ = grace_rx.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = server => r.context("serving HTTP")?,
+        _ = deadline => eprintln!("rvllm: grace period over; aborting the requests still running"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("rvllm: cannot watch SIGTERM ({e}); Ctrl-C still stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+                return "Ctrl-C";
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "Ctrl-C",
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn chat_template_argument_is_a_file_or_a_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t.jinja");
+        std::fs::write(&f, "{{ messages }}").unwrap();
+        assert_eq!(load_chat_template(f.to_str().unwrap()).unwrap(), "{{ messages }}");
+        assert_eq!(load_chat_template("{% for m in messages %}{% endfor %}").unwrap().len(), 34);
+        let e = load_chat_template("/no/such/file.jinja").unwrap_err().to_string();
+        assert!(e.contains("neither a readable file"), "{e}");
+    }
+}

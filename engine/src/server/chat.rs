@@ -1,0 +1,249 @@
+//! POST /v1/chat/completions: messages rendered with the model's chat template (or the
+//! request's / --chat-template override), `n` choices, logprobs, and SSE streaming (a role
+//! chunk per choice first, then one content chunk per engine delta).
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+
+use super::error::ApiError;
+use super::generation::{failure, Generation};
+use super::protocol::ChatCompletionRequest;
+use super::responses::{
+    chat_logprobs, finish_str, random_id, stop_reason_json, unix_now, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta,
+    ChatLogprobs, ChatMessageOut, ChatResponse, Usage,
+};
+use super::routes::read_body;
+use super::validate::{check_model, parse_json, validate_chat, ChatJob};
+use super::{sse, AppState};
+use crate::engine::CompletionDelta;
+use crate::tokenizer::{ChatMessage, Tokenizer};
+
+pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
+    match handle(st, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Render and tokenize the conversation. Returns the prompt ids and the echo text (the last
+/// message when it is the assistant's and echo is asked for).
+pub fn render_chat(
+    tok: Option<&Tokenizer>,
+    turns: &[super::validate::ChatTurn],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    add_special_tokens: bool,
+    template: Option<&str>,
+) -> Result<Vec<u32>, ApiError> {
+    let tok = tok.ok_or_else(|| {
+        ApiError::invalid(
+            "messages",
+            "this model has no tokenizer, so chat messages cannot be rendered; use /v1/completions with token ids",
+        )
+    })?;
+    let msgs: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(&t.role, &t.content)).collect();
+    let mut text = tok
+        .apply_chat_template(&msgs, add_generation_prompt, template)
+        .map_err(|e| ApiError::invalid("messages", format!("the chat template could not render these messages: {e:#}")))?;
+    if continue_final_message {
+        // Cut the rendered text right after the final message so the model continues it.
+        if let Some(last) = msgs.last().filter(|m| !m.content.is_empty()) {
+            if let Some(pos) = text.rfind(&last.content) {
+                text.truncate(pos + last.content.len());
+            }
+        }
+    }
+    let ids = tok
+        .encode(&text, add_special_tokens)
+        .map_err(|e| ApiError::invalid("messages", format!("the rendered conversation could not be tokenized: {e:#}")))?;
+    if ids.is_empty() {
+        return Err(ApiError::invalid("messages", "the conversation renders to no tokens; send some content"));
+    }
+    Ok(ids)
+}
+
+async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
+    let bytes = read_body(body, st.max_body_bytes).await?;
+    let req: ChatCompletionRequest = parse_json(&bytes)?;
+    check_model(req.model.as_deref(), &st.served_model, &st.model_path)?;
+    let job = validate_chat(&req)?;
+    let template = job.chat_template.as_deref().or(st.chat_template.as_deref());
+    let ids = render_chat(
+        st.tokenizer.as_deref(),
+        &job.messages,
+        job.add_generation_prompt,
+        job.continue_final_message,
+        job.add_special_tokens,
+        template,
+    )?;
+    let echo = match job.messages.last() {
+        Some(m) if job.echo && m.role == "assistant" => Some(m.content.clone()),
+        _ => None,
+    };
+    let prompt_tokens = ids.len();
+    let gen = Generation::start(&st.engine, st.metrics.clone(), vec![ids], &job.params, "messages")?;
+    let out = Output {
+        id: random_id("chatcmpl"),
+        created: unix_now(),
+        model: st.served_model.clone(),
+        tokenizer: st.tokenizer.clone(),
+        prompt_tokens,
+        choices: (0..gen.num_choices())
+            .map(|_| ChoiceState {
+                echo: echo.clone(),
+                text: String::new(),
+                tokens: 0,
+                logprobs: job.logprobs.map(|_| ChatLogprobs::default()),
+                finish_reason: None,
+                stop_reason: None,
+            })
+            .collect(),
+        job,
+    };
+    if out.job.stream.stream {
+        Ok(stream(gen, out))
+    } else {
+        collect(gen, out).await
+    }
+}
+
+struct ChoiceState {
+    echo: Option<String>,
+    text: String,
+    tokens: usize,
+    logprobs: Option<ChatLogprobs>,
+    finish_reason: Option<&'static str>,
+    stop_reason: Option<serde_json::Value>,
+}
+
+struct Output {
+    id: String,
+    created: u64,
+    model: String,
+    tokenizer: Option<Arc<Tokenizer>>,
+    job: ChatJob,
+    prompt_tokens: usize,
+    choices: Vec<ChoiceState>,
+}
+
+impl Output {
+    fn absorb(&mut self, c: usize, d: &CompletionDelta) -> (String, Option<ChatLogprobs>) {
+        let ch = &mut self.choices[c];
+        let mut text = ch.echo.take().unwrap_or_default();
+        text.push_str(&d.text);
+        let lps = self
+            .job
+            .logprobs
+            .map(|k| chat_logprobs(self.tokenizer.as_deref(), &d.logprobs, k, self.job.tokens_as_ids));
+        ch.text.push_str(&text);
+        ch.tokens += d.token_ids.len();
+        if let (Some(all), Some(new)) = (ch.logprobs.as_mut(), lps.as_ref()) {
+            all.content.extend(new.content.iter().cloned());
+        }
+        if let Some(f) = &d.finish_reason {
+            ch.finish_reason = Some(finish_str(f));
+            ch.stop_reason = stop_reason_json(&d.stop_reason);
+        }
+        (text, lps)
+    }
+
+    fn usage(&self) -> Usage {
+        Usage::new(self.prompt_tokens, self.choices.iter().map(|c| c.tokens).sum())
+    }
+
+    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> Bytes {
+        sse::event(&ChatChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        })
+    }
+}
+
+async fn collect(mut gen: Generation, mut out: Output) -> Result<Response, ApiError> {
+    while let Some((c, d)) = gen.next().await {
+        if let Some(e) = failure(&d) {
+            return Err(e);
+        }
+        out.absorb(c, &d);
+    }
+    let usage = out.usage();
+    let resp = ChatResponse {
+        id: out.id,
+        object: "chat.completion",
+        created: out.created,
+        model: out.model,
+        choices: out
+            .choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| ChatChoice {
+                index,
+                message: ChatMessageOut { role: "assistant", content: c.text },
+                logprobs: c.logprobs,
+                finish_reason: c.finish_reason,
+                stop_reason: c.stop_reason,
+            })
+            .collect(),
+        usage,
+    };
+    Ok(axum::Json(resp).into_response())
+}
+
+fn stream(gen: Generation, out: Output) -> Response {
+    // The role comes first, once per choice, before any content.
+    let roles: Vec<ChatChunkChoice> = (0..out.choices.len())
+        .map(|index| ChatChunkChoice {
+            index,
+            delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+            logprobs: None,
+            finish_reason: None,
+            stop_reason: None,
+        })
+        .collect();
+    let head: Vec<Bytes> = roles.into_iter().map(|r| out.chunk(vec![r], None)).collect();
+    let body = futures::stream::unfold(Some((gen, out)), |state| async move {
+        let (mut gen, mut out) = state?;
+        match gen.next().await {
+            Some((c, d)) => {
+                if let Some(e) = failure(&d) {
+                    return Some((vec![sse::error_event(&e), sse::done()], None));
+                }
+                let (text, logprobs) = out.absorb(c, &d);
+                let finish = d.finish_reason.as_ref().map(finish_str);
+                let has_lps = logprobs.as_ref().is_some_and(|l| !l.content.is_empty());
+                if text.is_empty() && finish.is_none() && !has_lps {
+                    return Some((vec![], Some((gen, out))));
+                }
+                let choice = ChatChunkChoice {
+                    index: c,
+                    delta: ChatDelta { role: None, content: (!text.is_empty() || finish.is_none()).then_some(text) },
+                    logprobs,
+                    finish_reason: finish,
+                    stop_reason: stop_reason_json(&d.stop_reason),
+                };
+                let usage = out.job.stream.continuous_usage.then(|| out.usage());
+                Some((vec![out.chunk(vec![choice], usage)], Some((gen, out))))
+            }
+            None => {
+                let mut tail = Vec::new();
+                if out.job.stream.include_usage {
+                    tail.push(out.chunk(vec![], Some(out.usage())));
+                }
+                tail.push(sse::done());
+                Some((tail, None))
+            }
+        }
+    });
+    let events = futures::stream::iter(vec![head])
+        .chain(body)
+        .flat_map(|v| futures::stream::iter(v.into_iter().map(Ok::<_, Infallible>)));
+    sse::response(Body::from_stream(events))
+}

@@ -1,0 +1,277 @@
+//! The OpenAI wire format of responses and stream chunks, and the log-probability layouts of
+//! both endpoints (completions: parallel arrays; chat: one object per token).
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::engine::{FinishReason, StopReason};
+use crate::scheduler::TokenLogprobs;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<&'static str>,
+    /// vLLM's extension: the stop string or stop token id that ended the choice.
+    pub stop_reason: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CompletionLogprobs {
+    pub text_offset: Vec<usize>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub tokens: Vec<String>,
+    pub top_logprobs: Vec<Option<Map<String, Value>>>,
+}
+
+impl CompletionLogprobs {
+    pub fn extend(&mut self, other: CompletionLogprobs) {
+        self.text_offset.extend(other.text_offset);
+        self.token_logprobs.extend(other.token_logprobs);
+        self.tokens.extend(other.tokens);
+        self.top_logprobs.extend(other.top_logprobs);
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessageOut {
+    pub role: &'static str,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: ChatMessageOut,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<&'static str>,
+    pub stop_reason: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<&'static str>,
+    pub stop_reason: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChunk {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+pub fn finish_str(f: &FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Abort => "abort",
+    }
+}
+
+pub fn stop_reason_json(s: &Option<StopReason>) -> Option<Value> {
+    match s {
+        Some(StopReason::Str(s)) => Some(Value::String(s.clone())),
+        Some(StopReason::TokenId(t)) => Some(Value::from(*t)),
+        None => None,
+    }
+}
+
+/// An f32 as a JSON number written the way f32 prints (-0.48119926, not -0.4811992645263672).
+fn json_f32(x: f32) -> Value {
+    let short: f64 = format!("{x}").parse().unwrap_or(x as f64);
+    serde_json::Number::from_f64(short).map(Value::Number).unwrap_or(Value::Null)
+}
+
+/// JSON has no -inf: vLLM reports impossible tokens as -9999.
+fn finite(lp: f32) -> f32 {
+    if lp.is_finite() {
+        lp
+    } else {
+        -9999.0
+    }
+}
+
+/// The text of one token as logprobs show it (special tokens included), or `token_id:N`
+/// when asked for ids or when there is no tokenizer.
+pub fn token_str(tok: Option<&Tokenizer>, id: u32, as_ids: bool) -> String {
+    match tok {
+        Some(t) if !as_ids => t.decode(&[id], false).unwrap_or_else(|_| format!("token_id:{id}")),
+        _ => format!("token_id:{id}"),
+    }
+}
+
+/// Completions logprobs for `entries` (None: a position without logprobs, the first prompt
+/// token), text offsets counted in characters from `offset`, which is advanced.
+pub fn completion_logprobs(
+    tok: Option<&Tokenizer>,
+    entries: &[Option<(u32, Option<&TokenLogprobs>)>],
+    top_k: usize,
+    as_ids: bool,
+    offset: &mut usize,
+) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    for e in entries {
+        let Some((id, lp)) = e else { continue };
+        let s = token_str(tok, *id, as_ids);
+        out.text_offset.push(*offset);
+        *offset += s.chars().count();
+        match lp {
+            Some(lp) => {
+                out.token_logprobs.push(Some(finite(lp.logprob)));
+                let mut top = Map::new();
+                top.insert(s.clone(), json_f32(finite(lp.logprob)));
+                for (tid, tlp) in lp.top.iter().take(top_k) {
+                    top.entry(token_str(tok, *tid, as_ids)).or_insert(json_f32(finite(*tlp)));
+                }
+                out.top_logprobs.push(Some(top));
+            }
+            None => {
+                out.token_logprobs.push(None);
+                out.top_logprobs.push(None);
+            }
+        }
+        out.tokens.push(s);
+    }
+    out
+}
+
+pub fn chat_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprobs], top_k: usize, as_ids: bool) -> ChatLogprobs {
+    let content = lps
+        .iter()
+        .map(|lp| {
+            let token = token_str(tok, lp.token_id, as_ids);
+            ChatTokenLogprob {
+                bytes: token.as_bytes().to_vec(),
+                token,
+                logprob: finite(lp.logprob),
+                top_logprobs: lp
+                    .top
+                    .iter()
+                    .take(top_k)
+                    .map(|(id, l)| {
+                        let token = token_str(tok, *id, as_ids);
+                        ChatTopLogprob { bytes: token.as_bytes().to_vec(), token, logprob: finite(*l) }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    ChatLogprobs { content }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A random request id (`cmpl-…`, `chatcmpl-…`).
+pub fn random_id(prefix: &str) -> String {
+    use rand::Rng;
+    let n: u128 = rand::rng().random();
+    format!("{prefix}-{n:032x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lp(id: u32, l: f32, top: &[(u32, f32)]) -> TokenLogprobs {
+        TokenLogprobs { token_id: id, logprob: l, top: top.to_vec() }
+    }
+
+    #[test]
+    fn completion_logprobs_layout_without_tokenizer() {
+        let a = lp(5, -0.5, &[(5, -0.5), (6, -1.5), (7, -2.0)]);
+        let b = lp(9, f32::NEG_INFINITY, &[]);
+        let mut offset = 3;
+        let out = completion_logprobs(None, &[None, Some((4, None)), Some((5, Some(&a))), Some((9, Some(&b)))], 2, false, &mut offset);
+        assert_eq!(out.tokens, vec!["token_id:4", "token_id:5", "token_id:9"]);
+        assert_eq!(out.token_logprobs, vec![None, Some(-0.5), Some(-9999.0)]);
+        assert_eq!(out.text_offset, vec![3, 13, 23]);
+        assert_eq!(offset, 33);
+        let top = out.top_logprobs[1].as_ref().unwrap();
+        assert_eq!(top.len(), 2, "the sampled token plus the top 2, which include it");
+        assert_eq!(top["token_id:6"], json_f32(-1.5));
+        assert_eq!(json_f32(-0.48119926).to_string(), "-0.48119926");
+        assert!(out.top_logprobs[0].is_none());
+    }
+
+    #[test]
+    fn chat_logprobs_layout() {
+        let out = chat_logprobs(None, &[lp(1, -0.25, &[(1, -0.25), (2, -3.0)])], 1, true);
+        let v = serde_json::to_value(&out).unwrap();
+        assert_eq!(v["content"][0]["token"], "token_id:1");
+        assert_eq!(v["content"][0]["logprob"], -0.25);
+        assert_eq!(v["content"][0]["top_logprobs"].as_array().unwrap().len(), 1);
+        assert_eq!(v["content"][0]["bytes"].as_array().unwrap().len(), "token_id:1".len());
+    }
+}

@@ -1,0 +1,212 @@
+//! `rvllm serve` on the tiny random Llama fixture (fast on a CPU): every bad input answered
+//! with the right 4xx and an OpenAI-style error, 200 concurrent streams with no request lost
+//! and no KV block leaked, API-key enforcement, client disconnects, graceful SIGTERM.
+mod server_common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use server_common::{idle_and_no_leak, metric, post_bytes, tiny_model, Server};
+
+const MODEL_NAME: &str = "tiny";
+
+fn start(extra: &[&str]) -> Server {
+    let mut args = vec!["--served-model-name", MODEL_NAME];
+    args.extend_from_slice(extra);
+    Server::start(&tiny_model(), &args, &[])
+}
+
+fn completion(prompt: &str, max_tokens: usize) -> Value {
+    json!({"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
+}
+
+#[test]
+fn bad_inputs_get_openai_errors_and_the_server_keeps_serving() {
+    let s = start(&["--max-request-body-bytes", "20000"]);
+    let c = "/v1/completions";
+    let chat = "/v1/chat/completions";
+    // (what, route, body, status, param, words the message must hold)
+    let cases: Vec<(&str, &str, Vec<u8>, u16, Value, &str)> = vec![
+        ("malformed JSON", c, br#"{"prompt": "hi", "#.to_vec(), 400, Value::Null, "not valid JSON"),
+        ("not an object", c, b"[1, 2]".to_vec(), 400, Value::Null, "invalid type"),
+        ("empty body", c, b"".to_vec(), 400, Value::Null, "empty"),
+        ("wrong type", c, br#"{"prompt": "hi", "temperature": "hot"}"#.to_vec(), 400, json!("temperature"), "invalid type"),
+        ("wrong prompt type", c, br#"{"prompt": {"a": 1}}"#.to_vec(), 400, json!("prompt"), "prompt"),
+        ("unknown field", c, br#"{"prompt": "hi", "temprature": 0.5}"#.to_vec(), 400, json!("temprature"), "unknown field"),
+        ("negative max_tokens", c, br#"{"prompt": "hi", "max_tokens": -5}"#.to_vec(), 400, json!("max_tokens"), "at least 1"),
+        ("huge max_tokens", c, br#"{"prompt": "hi", "max_tokens": 1000000000}"#.to_vec(), 400, json!("max_tokens"), "max_tokens"),
+        ("temperature too high", c, br#"{"prompt": "hi", "temperature": 3.5}"#.to_vec(), 400, json!("temperature"), "between 0 and 2"),
+        ("negative temperature", c, br#"{"prompt": "hi", "temperature": -1}"#.to_vec(), 400, json!("temperature"), "between 0 and 2"),
+        ("top_p zero", c, br#"{"prompt": "hi", "top_p": 0}"#.to_vec(), 400, json!("top_p"), "top_p"),
+        ("n zero", c, br#"{"prompt": "hi", "n": 0}"#.to_vec(), 400, json!("n"), "`n`"),
+        ("unknown model", c, br#"{"model": "gpt-4", "prompt": "hi"}"#.to_vec(), 404, json!("model"), "gpt-4"),
+        ("empty prompt", c, br#"{"prompt": ""}"#.to_vec(), 400, json!("prompt"), "empty"),
+        ("token id out of vocab", c, br#"{"prompt": [1, 99999]}"#.to_vec(), 400, json!("prompt"), "vocabulary"),
+        ("invalid UTF-8", c, b"{\"prompt\": \"\xff\xfe\xfd\"}".to_vec(), 400, Value::Null, "UTF-8"),
+        ("oversized body", c, vec![b' '; 30000], 413, Value::Null, "limit"),
+        ("empty messages", chat, br#"{"messages": []}"#.to_vec(), 400, json!("messages"), "empty"),
+        ("no messages", chat, br#"{"model": "tiny"}"#.to_vec(), 400, json!("messages"), "required"),
+        ("bad role", chat, br#"{"messages": [{"role": "wizard", "content": "x"}]}"#.to_vec(), 400, json!("messages[0].role"), "role"),
+        ("chat unknown field", chat, br#"{"messages": [{"role": "user", "content": "x"}], "foo": 1}"#.to_vec(), 400, json!("foo"), "unknown field"),
+        (
+            "top_logprobs without logprobs",
+            chat,
+            br#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}"#.to_vec(),
+            400,
+            json!("top_logprobs"),
+            "logprobs",
+        ),
+        ("stream_options without stream", c, br#"{"prompt": "hi", "stream_options": {"include_usage": true}}"#.to_vec(), 400, json!("stream_options"), "stream"),
+        ("detokenize bad id", "/detokenize", br#"{"tokens": [-1]}"#.to_vec(), 400, json!("tokens"), "token id"),
+    ];
+    for (what, route, body, status, param, words) in &cases {
+        let r = s.post(route, body);
+        let e = r.expect_error(*status);
+        assert_eq!(&e["param"], param, "{what}: param of {e}");
+        let msg = e["message"].as_str().unwrap();
+        assert!(msg.contains(words), "{what}: message `{msg}` should mention `{words}`");
+        assert_eq!(r.header("content-type"), Some("application/json"), "{what}");
+    }
+
+    // A prompt longer than --max-model-len (the tiny model's context is 256 tokens).
+    let long: Vec<u32> = (0..300).map(|i| 10 + (i % 400)).collect();
+    let r = s.post_json(c, &json!({"prompt": long, "max_tokens": 4}));
+    let e = r.expect_error(400);
+    assert_eq!(e["param"], "prompt");
+    assert_eq!(e["code"], "context_length_exceeded");
+    assert!(e["message"].as_str().unwrap().contains("max-model-len"), "{e}");
+
+    // Routes and methods.
+    s.get("/v1/nope").expect_error(404);
+    s.get("/v1/completions").expect_error(405);
+
+    // Still serving, and counting the errors it answered.
+    let ok = s.post_json(c, &completion("hello", 4));
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(ok.json()["usage"]["completion_tokens"], 4);
+    let m = s.metrics();
+    assert!(metric(&m, "rvllm:http_request_errors_total") >= cases.len() as f64 + 3.0, "{m}");
+    assert!(idle_and_no_leak(&m), "{m}");
+}
+
+#[test]
+fn two_hundred_concurrent_streams_complete_without_leaking_kv() {
+    let s = start(&[]);
+    let addr = s.addr.clone();
+    let threads: Vec<_> = (0..200)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let max_tokens = 8 + i % 17;
+                let body = json!({
+                    "model": MODEL_NAME, "prompt": format!("request number {i}:"), "max_tokens": max_tokens,
+                    "temperature": if i % 2 == 0 { 0.0 } else { 0.8 }, "seed": i, "ignore_eos": true,
+                    "stream": true, "stream_options": {"include_usage": true},
+                });
+                let r = server_common::http(&addr, &post_bytes("/v1/completions", body.to_string().as_bytes(), None));
+                (i, max_tokens, r)
+            })
+        })
+        .collect();
+    for t in threads {
+        let (i, max_tokens, r) = t.join().expect("client thread");
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        let events = r.sse_events();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "request {i} did not end with [DONE]");
+        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        let usage = &chunks.last().unwrap()["usage"];
+        assert_eq!(usage["completion_tokens"], max_tokens, "request {i}: {usage}");
+        let finishes: Vec<&Value> =
+            chunks.iter().flat_map(|c| c["choices"].as_array().unwrap()).map(|c| &c["finish_reason"]).filter(|f| !f.is_null()).collect();
+        assert_eq!(finishes, vec![&json!("length")], "request {i}");
+    }
+    let m = s.wait_metrics(Duration::from_secs(10), "an idle engine with every KV block free", idle_and_no_leak);
+    assert_eq!(metric(&m, "rvllm:request_success_total{model_name=\"tiny\",finished_reason=\"length\"}"), 200.0);
+    assert_eq!(metric(&m, "rvllm:time_to_first_token_seconds_count"), 200.0);
+    assert_eq!(metric(&m, "rvllm:server_requests_in_flight"), 0.0);
+    let generated: f64 = (0..200).map(|i| (8 + i % 17) as f64).sum();
+    assert_eq!(metric(&m, "rvllm:generation_tokens_total"), generated);
+}
+
+#[test]
+fn api_key_is_enforced_everywhere_but_health() {
+    let s = Server::start(&tiny_model(), &["--served-model-name", MODEL_NAME], &[("RVLLM_API_KEY", "sekret-123")]);
+    assert_eq!(s.get("/health").status, 200, "/health needs no key");
+    for path in ["/v1/models", "/metrics", "/version"] {
+        let e = s.get(path).expect_error(401);
+        assert_eq!(e["code"], "invalid_api_key", "{path}");
+        assert_eq!(s.get_auth(path, "wrong").status, 401, "{path} with a wrong key");
+        assert_eq!(s.get_auth(path, "sekret-123").status, 200, "{path} with the key");
+    }
+    let body = completion("hi", 2).to_string();
+    s.post("/v1/completions", body.as_bytes()).expect_error(401);
+    let ok = s.post_auth("/v1/completions", body.as_bytes(), "sekret-123");
+    assert_eq!(ok.status, 200, "{}", ok.text());
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_frees_its_request() {
+    let s = start(&["--max-num-seqs", "4"]);
+    let body = json!({
+        "model": MODEL_NAME, "prompt": "a long story", "max_tokens": 240, "ignore_eos": true, "stream": true,
+    });
+    let mut sock = TcpStream::connect(&s.addr).unwrap();
+    sock.write_all(&post_bytes("/v1/completions", body.to_string().as_bytes(), None)).unwrap();
+    // Wait for the first content chunk, then hang up.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\"text\"") {
+        let n = sock.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended before its first chunk: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(sock);
+    let m = s.wait_metrics(Duration::from_secs(20), "the aborted request to be freed", |m| {
+        idle_and_no_leak(m) && metric(m, "rvllm:server_requests_in_flight") == 0.0
+    });
+    assert_eq!(
+        metric(&m, "rvllm:request_success_total{model_name=\"tiny\",finished_reason=\"abort\"}"),
+        1.0,
+        "the request must end as aborted, not run to its 240 tokens:\n{m}"
+    );
+    assert!(metric(&m, "rvllm:generation_tokens_total") < 240.0, "{m}");
+    // And the server goes on serving.
+    assert_eq!(s.post_json("/v1/completions", &completion("x", 3)).status, 200);
+}
+
+#[test]
+fn sigterm_lets_in_flight_streams_finish_then_exits_zero() {
+    let mut s = start(&["--shutdown-grace-period", "60"]);
+    let addr = s.addr.clone();
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let body = json!({
+                    "model": MODEL_NAME, "prompt": format!("story {i}"), "max_tokens": 200, "ignore_eos": true,
+                    "stream": true, "stream_options": {"include_usage": true},
+                });
+                let mut sock = TcpStream::connect(&addr).unwrap();
+                sock.write_all(&post_bytes("/v1/completions", body.to_string().as_bytes(), None)).unwrap();
+                let mut all = Vec::new();
+                sock.read_to_end(&mut all).unwrap();
+                server_common::parse_response(&all)
+            })
+        })
+        .collect();
+    // Let the streams start, then ask the server to stop.
+    s.wait_metrics(Duration::from_secs(20), "streams running", |m| metric(m, "rvllm:server_requests_in_flight") >= 1.0);
+    let status = s.terminate(Duration::from_secs(60));
+    assert!(status.success(), "exit status {status:?}; log:\n{}", s.log());
+    for c in clients {
+        let r = c.join().unwrap();
+        let events = r.sse_events();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "a stream was cut: {}", r.text());
+        let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(usage["usage"]["completion_tokens"], 200, "every in-flight request finishes");
+    }
+    assert!(s.log().contains("SIGTERM"), "{}", s.log());
+}
