@@ -1,16 +1,33 @@
 //! One trait, two implementations (CPU in `cpu/`, CUDA in `cuda/`). Models are written once
 //! against `Backend` and call its ops; nothing global (ARCHITECTURE.md invariant 6).
 //!
-//! DRAFT interface (owned by the CPU-backend work; the CUDA backend implements the same).
-//! Layout conventions every implementation keeps:
-//! - Activations are row-major `[rows, cols]`, one row per token of the step.
+//! Layout conventions every implementation keeps (the CUDA kernels use exactly these):
+//! - Activations are row-major `[rows, cols]`, one row per token of the step. An activation
+//!   buffer is allocated once with a row *capacity*; each op sets its output's current row
+//!   count from its input, so a step never allocates (CUDA graphs need fixed addresses).
 //! - Linear weights are `[out, in]` (HF layout); `linear` computes `x @ w^T (+ bias)`.
+//!   Fused weights: `qkv` is q, k and v stacked along `out` (`[q_size + 2 * kv_size, in]`),
+//!   `gate_up` is gate then up (`[2 * intermediate, in]`).
+//! - The fused qkv activation row is `[q (num_heads * head_dim) | k (num_kv_heads * head_dim) |
+//!   v (num_kv_heads * head_dim)]`, heads contiguous inside each part.
 //! - Paged KV cache, per layer: K and V each `[num_blocks, block_size, num_kv_heads, head_dim]`.
-//!   A token's slot is `block_id * block_size + offset`.
-//! - RoPE is the HF "rotate half" form (pairs (i, i + head_dim/2)).
+//!   A token's slot is `block_id * block_size + offset`, so slot `s` starts at element
+//!   `s * num_kv_heads * head_dim` of the layer's K (or V) array.
+//! - RoPE is the HF "rotate half" form: pairs (i, i + head_dim/2) rotated by
+//!   `position * inv_freq[i]`, with `inv_freq` from `ModelConfig::rope_inv_freq()`.
+//! - Attention reads K/V from the cache only (the step's own keys are written there first by
+//!   `rope_and_write_kv`). Token `i` of a sequence chunk that starts at `start_pos` sees keys
+//!   `0 ..= start_pos + i` (causal with offset; a decode is a chunk of one token). Query head
+//!   `h` uses KV head `h / (num_heads / num_kv_heads)` (GQA).
+use std::ops::Range;
+
 use anyhow::Result;
 
 use crate::models::weights::HostTensor;
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 /// Geometry of the paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,8 +39,22 @@ pub struct KvCacheShape {
     pub head_dim: usize,
 }
 
+impl KvCacheShape {
+    /// Elements of one layer's K (or V) array.
+    pub fn layer_elems(&self) -> usize {
+        self.num_blocks * self.block_size * self.num_kv_heads * self.head_dim
+    }
+    /// Elements of one token's K (or V) entry in one layer.
+    pub fn slot_elems(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+    pub fn num_slots(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+}
+
 /// One sequence's part of a step's flattened token list.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqSlice {
     /// Offset of the sequence's first new token in the step's token list.
     pub token_offset: usize,
@@ -34,9 +65,16 @@ pub struct SeqSlice {
     pub block_table: Vec<u32>,
 }
 
+impl SeqSlice {
+    /// Position of the chunk's first token.
+    pub fn start_pos(&self) -> usize {
+        self.context_len - self.num_tokens
+    }
+}
+
 /// Everything a model forward pass needs about the step, built by the runner from a
 /// `SchedulerOutput` (invariant 6: an explicit batch description).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ForwardBatch {
     pub token_ids: Vec<u32>,
     pub positions: Vec<u32>,
@@ -47,6 +85,211 @@ pub struct ForwardBatch {
     pub logits_rows: Vec<u32>,
 }
 
-pub mod cpu;
-#[cfg(feature = "cuda")]
-pub mod cuda;
+impl ForwardBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+
+    /// Checks the invariants every backend relies on, so that a bad batch is an error
+    /// naming what is wrong rather than an out-of-bounds access in a kernel.
+    pub fn validate(&self, kv: &KvCacheShape, vocab_size: usize) -> Result<()> {
+        let n = self.token_ids.len();
+        anyhow::ensure!(
+            self.positions.len() == n && self.slot_mapping.len() == n,
+            "forward batch has {n} tokens but {} positions and {} slots",
+            self.positions.len(),
+            self.slot_mapping.len()
+        );
+        if let Some(&bad) = self.token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+            anyhow::bail!("token id {bad} is outside the model's vocabulary (size {vocab_size})");
+        }
+        if let Some(&bad) = self
+            .slot_mapping
+            .iter()
+            .find(|&&s| s as usize >= kv.num_slots())
+        {
+            anyhow::bail!(
+                "KV slot {bad} is outside the cache ({} slots)",
+                kv.num_slots()
+            );
+        }
+        let mut next = 0;
+        for (i, s) in self.seqs.iter().enumerate() {
+            anyhow::ensure!(
+                s.token_offset == next && s.num_tokens > 0 && s.context_len >= s.num_tokens,
+                "sequence {i} of the batch is malformed: {s:?} (expected token_offset {next})"
+            );
+            anyhow::ensure!(
+                s.block_table.len() * kv.block_size >= s.context_len,
+                "sequence {i} has {} blocks of {} for a context of {} tokens",
+                s.block_table.len(),
+                kv.block_size,
+                s.context_len
+            );
+            if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= kv.num_blocks) {
+                anyhow::bail!(
+                    "sequence {i} uses KV block {b} but the cache has {}",
+                    kv.num_blocks
+                );
+            }
+            next += s.num_tokens;
+        }
+        anyhow::ensure!(
+            next == n,
+            "sequences cover {next} tokens but the batch has {n}"
+        );
+        if let Some(&r) = self.logits_rows.iter().find(|&&r| r as usize >= n) {
+            anyhow::bail!("logits row {r} is outside the batch ({n} tokens)");
+        }
+        Ok(())
+    }
+}
+
+/// Attention geometry, fixed per model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionLayout {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Softmax scale, normally `1 / sqrt(head_dim)`.
+    pub scale: f32,
+    /// When set, token at position p only sees keys at positions > p - window
+    /// (Mistral-style sliding window). None: full causal attention.
+    pub sliding_window: Option<usize>,
+}
+
+impl AttentionLayout {
+    pub fn q_size(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_size(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+    /// Width of a fused qkv row.
+    pub fn qkv_size(&self) -> usize {
+        self.q_size() + 2 * self.kv_size()
+    }
+}
+
+/// A device activation buffer: `[rows, cols]` with a fixed row capacity.
+pub trait Activation {
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    fn capacity_rows(&self) -> usize;
+    /// Sets the current row count; an error past the capacity.
+    fn set_rows(&mut self, rows: usize) -> Result<()>;
+}
+
+/// The ops a model forward pass needs. Every op writes into an output that the caller
+/// allocated up front, and sets the output's row count from its input.
+pub trait Backend: Send + Sized + 'static {
+    /// Activations (`[rows, cols]`, f32 on the CPU, bf16 on the GPU).
+    type Tensor: Activation + Send;
+    /// A `[out, in]` matrix: linear weights, the embedding table, the LM head.
+    type Weight: Send;
+    /// A 1-D parameter: norm weights, biases, RoPE inverse frequencies.
+    type Vector: Send;
+    /// All layers' paged K and V caches.
+    type KvCache: Send;
+    /// A step's metadata (token ids, positions, slots, sequences, logits rows) as the device
+    /// wants it, uploaded once per step and shared by every layer's ops.
+    type StepMeta;
+
+    fn device_name(&self) -> String;
+
+    // ---- allocation and upload -------------------------------------------------------
+
+    /// An activation buffer of `capacity_rows` rows (current rows: 0).
+    fn alloc_activation(&self, capacity_rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// Fills an activation from host data (`data.len()` must be `rows * cols`).
+    fn activation_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<Self::Tensor>;
+    /// Copies the current rows of an activation to the host (row-major).
+    fn to_host(&self, x: &Self::Tensor, dst: &mut Vec<f32>) -> Result<()>;
+    /// Takes a 2-D host tensor (`[out, in]`) into device storage. `name` is for errors.
+    fn upload_weight(&self, name: &str, t: HostTensor) -> Result<Self::Weight>;
+    /// Takes a 1-D host tensor into device storage. `name` is for errors.
+    fn upload_vector(&self, name: &str, t: HostTensor) -> Result<Self::Vector>;
+    /// A zero-filled paged KV cache.
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<Self::KvCache>;
+    /// The geometry a cache was allocated with.
+    fn kv_cache_shape(&self, cache: &Self::KvCache) -> KvCacheShape;
+    /// Uploads a step's metadata. The batch must have passed `ForwardBatch::validate`.
+    fn upload_step(&self, batch: &ForwardBatch) -> Result<Self::StepMeta>;
+
+    // ---- ops ---------------------------------------------------------------------------
+
+    /// `out[t] = table[token_ids[t]]` for every token of the step.
+    fn embedding(
+        &self,
+        table: &Self::Weight,
+        step: &Self::StepMeta,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// `out = x @ w^T (+ bias)`; `x` is `[rows, in]`, `w` is `[out, in]`, `out` `[rows, out]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Vector>,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// `out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight`.
+    fn rms_norm(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// `residual += x; out = rms_norm(residual) * weight` (the residual stream update of a
+    /// pre-norm transformer, in one pass).
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        x: &Self::Tensor,
+        weight: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// Rotates the q and k parts of a fused qkv activation in place (RoPE at each token's
+    /// position), then writes the rotated k and the v of every token into `layer`'s cache at
+    /// the token's slot.
+    fn rope_and_write_kv(
+        &self,
+        qkv: &mut Self::Tensor,
+        inv_freq: &Self::Vector,
+        layout: &AttentionLayout,
+        step: &Self::StepMeta,
+        cache: &mut Self::KvCache,
+        layer: usize,
+    ) -> Result<()>;
+
+    /// Paged attention for a step that mixes prefill chunks and decodes: reads q from the
+    /// fused qkv activation, K/V from `layer`'s cache; `out` is `[tokens, num_heads * head_dim]`.
+    fn attention(
+        &self,
+        qkv: &Self::Tensor,
+        layout: &AttentionLayout,
+        step: &Self::StepMeta,
+        cache: &Self::KvCache,
+        layer: usize,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+
+    /// `out = silu(gate) * up` where `gate_up` rows are `[gate | up]`.
+    fn silu_and_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
+
+    /// `out[r] = x[logits_rows[range.start + r]]`: picks the rows whose logits are wanted
+    /// (a range, so that very many rows can be pushed through the LM head in chunks).
+    fn gather_rows(
+        &self,
+        x: &Self::Tensor,
+        step: &Self::StepMeta,
+        range: Range<usize>,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+}

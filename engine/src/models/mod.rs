@@ -1,5 +1,6 @@
 //! Model files (HF folders, GGUF, hub ids) and the Llama-family model.
 pub mod config;
+pub mod llama;
 pub mod weights;
 pub mod gguf;
 pub mod hf_config;

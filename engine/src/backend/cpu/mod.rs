@@ -1,1 +1,273 @@
 //! CPU backend: f32 compute, multi-threaded (rayon), GEMM through the `gemm` crate.
+//! The f32 KV cache and every activation live in plain `Vec<f32>`s.
+use std::ops::Range;
+
+use anyhow::{ensure, Context, Result};
+
+use super::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
+use crate::models::weights::{HostData, HostTensor};
+
+mod attention;
+mod linear;
+mod rowwise;
+#[cfg(test)]
+mod tests;
+
+/// The CPU backend. Stateless: the thread pool is rayon's global one.
+#[derive(Debug, Default, Clone)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+/// A row-major `[rows, cols]` activation with room for `capacity_rows` rows.
+#[derive(Debug, Clone)]
+pub struct CpuTensor {
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+impl CpuTensor {
+    /// The current rows.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.data[..self.rows * self.cols]
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        &mut self.data[..self.rows * self.cols]
+    }
+}
+
+impl Activation for CpuTensor {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn capacity_rows(&self) -> usize {
+        self.data.len().checked_div(self.cols).unwrap_or(0)
+    }
+    fn set_rows(&mut self, rows: usize) -> Result<()> {
+        ensure!(
+            rows * self.cols <= self.data.len(),
+            "activation buffer holds {} rows of {}, asked for {rows}",
+            self.capacity_rows(),
+            self.cols
+        );
+        self.rows = rows;
+        Ok(())
+    }
+}
+
+/// A `[rows, cols]` f32 matrix (linear weight, embedding table, LM head).
+#[derive(Debug, Clone)]
+pub struct CpuWeight {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// A 1-D f32 parameter.
+#[derive(Debug, Clone)]
+pub struct CpuVector {
+    pub data: Vec<f32>,
+}
+
+/// Per layer, K and V each `[num_blocks, block_size, num_kv_heads, head_dim]`.
+#[derive(Debug)]
+pub struct CpuKvCache {
+    pub shape: KvCacheShape,
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+/// The step's batch plus, per token, which sequence it belongs to (attention is
+/// parallel over (token, head) and needs each token's sequence without a search).
+#[derive(Debug)]
+pub struct CpuStepMeta {
+    pub batch: ForwardBatch,
+    pub token_seq: Vec<u32>,
+}
+
+fn host_to_f32(t: HostTensor) -> Vec<f32> {
+    match t.data {
+        HostData::F32(v) => v,
+        other => HostTensor {
+            shape: t.shape,
+            data: other,
+        }
+        .to_f32(),
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type Vector = CpuVector;
+    type KvCache = CpuKvCache;
+    type StepMeta = CpuStepMeta;
+
+    fn device_name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn alloc_activation(&self, capacity_rows: usize, cols: usize) -> Result<CpuTensor> {
+        let n = capacity_rows
+            .checked_mul(cols)
+            .context("activation buffer size overflows")?;
+        Ok(CpuTensor {
+            data: vec![0.0; n],
+            rows: 0,
+            cols,
+        })
+    }
+
+    fn activation_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CpuTensor> {
+        ensure!(
+            data.len() == rows * cols,
+            "host data has {} elements, expected {rows} x {cols}",
+            data.len()
+        );
+        Ok(CpuTensor {
+            data: data.to_vec(),
+            rows,
+            cols,
+        })
+    }
+
+    fn to_host(&self, x: &CpuTensor, dst: &mut Vec<f32>) -> Result<()> {
+        dst.clear();
+        dst.extend_from_slice(x.as_slice());
+        Ok(())
+    }
+
+    fn upload_weight(&self, name: &str, t: HostTensor) -> Result<CpuWeight> {
+        ensure!(
+            t.shape.len() == 2,
+            "weight `{name}` should be 2-D, has shape {:?}",
+            t.shape
+        );
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let data = host_to_f32(t);
+        ensure!(
+            data.len() == rows * cols,
+            "weight `{name}` has the wrong number of elements"
+        );
+        Ok(CpuWeight { data, rows, cols })
+    }
+
+    fn upload_vector(&self, name: &str, t: HostTensor) -> Result<CpuVector> {
+        ensure!(
+            t.shape.len() == 1,
+            "vector `{name}` should be 1-D, has shape {:?}",
+            t.shape
+        );
+        Ok(CpuVector {
+            data: host_to_f32(t),
+        })
+    }
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CpuKvCache> {
+        let n = shape.layer_elems();
+        // vec![0.0; n] comes from calloc: pages are only touched when first written.
+        let k = (0..shape.num_layers).map(|_| vec![0.0f32; n]).collect();
+        let v = (0..shape.num_layers).map(|_| vec![0.0f32; n]).collect();
+        Ok(CpuKvCache { shape, k, v })
+    }
+
+    fn kv_cache_shape(&self, cache: &CpuKvCache) -> KvCacheShape {
+        cache.shape
+    }
+
+    fn upload_step(&self, batch: &ForwardBatch) -> Result<CpuStepMeta> {
+        let mut token_seq = vec![0u32; batch.num_tokens()];
+        for (i, s) in batch.seqs.iter().enumerate() {
+            let range = s.token_offset..s.token_offset + s.num_tokens;
+            ensure!(
+                range.end <= token_seq.len(),
+                "sequence {i} runs past the batch's tokens"
+            );
+            token_seq[range].fill(i as u32);
+        }
+        Ok(CpuStepMeta {
+            batch: batch.clone(),
+            token_seq,
+        })
+    }
+
+    fn embedding(&self, table: &CpuWeight, step: &CpuStepMeta, out: &mut CpuTensor) -> Result<()> {
+        rowwise::embedding(table, &step.batch.token_ids, out)
+    }
+
+    fn linear(
+        &self,
+        x: &CpuTensor,
+        w: &CpuWeight,
+        bias: Option<&CpuVector>,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        linear::linear(x, w, bias, out)
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuVector, eps: f32, out: &mut CpuTensor) -> Result<()> {
+        rowwise::rms_norm(x, w, eps, out)
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuTensor,
+        x: &CpuTensor,
+        w: &CpuVector,
+        eps: f32,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        rowwise::add_rms_norm(residual, x, w, eps, out)
+    }
+
+    fn rope_and_write_kv(
+        &self,
+        qkv: &mut CpuTensor,
+        inv_freq: &CpuVector,
+        layout: &AttentionLayout,
+        step: &CpuStepMeta,
+        cache: &mut CpuKvCache,
+        layer: usize,
+    ) -> Result<()> {
+        attention::rope_and_write_kv(qkv, &inv_freq.data, layout, &step.batch, cache, layer)
+    }
+
+    fn attention(
+        &self,
+        qkv: &CpuTensor,
+        layout: &AttentionLayout,
+        step: &CpuStepMeta,
+        cache: &CpuKvCache,
+        layer: usize,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        attention::paged_attention(qkv, layout, step, cache, layer, out)
+    }
+
+    fn silu_and_mul(&self, gate_up: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
+        rowwise::silu_and_mul(gate_up, out)
+    }
+
+    fn gather_rows(
+        &self,
+        x: &CpuTensor,
+        step: &CpuStepMeta,
+        range: Range<usize>,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        let rows = step
+            .batch
+            .logits_rows
+            .get(range.clone())
+            .with_context(|| format!("logits rows {range:?} are out of range"))?;
+        rowwise::gather_rows(x, rows, out)
+    }
+}

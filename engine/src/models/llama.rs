@@ -1,0 +1,646 @@
+//! The Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2 with QKV bias), written once
+//! against `Backend`. Weights are fused at load: q/k/v into one `qkv` matrix, gate/up into
+//! one `gate_up` matrix, so that each layer runs four GEMMs.
+use anyhow::{ensure, Context, Result};
+use rayon::prelude::*;
+
+use super::config::ModelConfig;
+use super::weights::{HostData, HostTensor, WeightMap};
+use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch};
+
+/// Rows pushed through the LM head at once: bounds the logits buffer when many rows are
+/// wanted (prompt logprobs over a long prefill).
+const LOGITS_CHUNK_ROWS: usize = 64;
+
+struct LlamaLayer<B: Backend> {
+    input_norm: B::Vector,
+    qkv: B::Weight,
+    qkv_bias: Option<B::Vector>,
+    o_proj: B::Weight,
+    post_norm: B::Vector,
+    gate_up: B::Weight,
+    down: B::Weight,
+}
+
+pub struct LlamaModel<B: Backend> {
+    config: ModelConfig,
+    layout: AttentionLayout,
+    embed: B::Weight,
+    /// None: tied to the embedding table.
+    lm_head: Option<B::Weight>,
+    layers: Vec<LlamaLayer<B>>,
+    final_norm: B::Vector,
+    inv_freq: B::Vector,
+}
+
+/// Activation buffers reused by every step (allocated for the largest step seen).
+pub struct Workspace<B: Backend> {
+    capacity: usize,
+    residual: B::Tensor,
+    normed: B::Tensor,
+    qkv: B::Tensor,
+    attn: B::Tensor,
+    proj: B::Tensor,
+    gate_up: B::Tensor,
+    act: B::Tensor,
+    gathered: B::Tensor,
+    logits: B::Tensor,
+    host: Vec<f32>,
+}
+
+impl<B: Backend> Workspace<B> {
+    /// Buffers for steps of up to `max_tokens` tokens.
+    pub fn new(be: &B, config: &ModelConfig, max_tokens: usize) -> Result<Self> {
+        let c = config;
+        let t = max_tokens.max(1);
+        let logits_rows = LOGITS_CHUNK_ROWS.min(t);
+        Ok(Self {
+            capacity: t,
+            residual: be.alloc_activation(t, c.hidden_size)?,
+            normed: be.alloc_activation(t, c.hidden_size)?,
+            qkv: be.alloc_activation(t, c.q_size() + 2 * c.kv_size())?,
+            attn: be.alloc_activation(t, c.q_size())?,
+            proj: be.alloc_activation(t, c.hidden_size)?,
+            gate_up: be.alloc_activation(t, 2 * c.intermediate_size)?,
+            act: be.alloc_activation(t, c.intermediate_size)?,
+            gathered: be.alloc_activation(logits_rows, c.hidden_size)?,
+            logits: be.alloc_activation(logits_rows, c.vocab_size)?,
+            host: Vec::new(),
+        })
+    }
+}
+
+/// Where weights come from: the files' tensors, or deterministic random ones
+/// (`--load-format dummy`).
+struct WeightSource {
+    map: Option<WeightMap>,
+    seed: u64,
+}
+
+impl WeightSource {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        match &mut self.map {
+            Some(m) => m.take(name, shape),
+            None => Ok(dummy_tensor(name, shape, self.seed)),
+        }
+    }
+}
+
+/// splitmix64: a tiny, good-enough generator that can be seeded per chunk, so that dummy
+/// weights are generated in parallel yet identically on every run.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn name_hash(name: &str) -> u64 {
+    // FNV-1a
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Random weights that keep activations finite: matrices uniform in ±1/sqrt(in), norm
+/// weights 1, biases uniform in ±0.02.
+fn dummy_tensor(name: &str, shape: &[usize], seed: u64) -> HostTensor {
+    let n: usize = shape.iter().product();
+    let mut data = vec![0.0f32; n];
+    if name.contains("norm") {
+        data.fill(1.0);
+    } else {
+        let bound = if shape.len() == 2 {
+            1.0 / (shape[1].max(1) as f32).sqrt()
+        } else {
+            0.02
+        };
+        let base = name_hash(name) ^ seed;
+        const CHUNK: usize = 1 << 16;
+        data.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                let mut s = base.wrapping_add((ci as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+                for x in chunk {
+                    let u = (splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                    *x = (2.0 * u - 1.0) * bound;
+                }
+            });
+    }
+    HostTensor {
+        shape: shape.to_vec(),
+        data: HostData::F32(data),
+    }
+}
+
+/// Stacks tensors along their first dimension (fusing q/k/v or gate/up). Keeps the common
+/// dtype so that a bf16 checkpoint stays bf16 on the way to a GPU.
+fn concat_rows(name: &str, parts: Vec<HostTensor>) -> Result<HostTensor> {
+    let tail = parts[0].shape[1..].to_vec();
+    ensure!(
+        parts.iter().all(|p| p.shape[1..] == tail[..]),
+        "cannot fuse `{name}`: inner shapes differ"
+    );
+    let rows = parts.iter().map(|p| p.shape[0]).sum::<usize>();
+    let mut shape = vec![rows];
+    shape.extend_from_slice(&tail);
+    let same = parts.iter().all(|p| p.dtype() == parts[0].dtype());
+    let data = match &parts[0].data {
+        HostData::F16(_) if same => HostData::F16(
+            parts
+                .into_iter()
+                .flat_map(|p| {
+                    if let HostData::F16(v) = p.data {
+                        v
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect(),
+        ),
+        HostData::BF16(_) if same => HostData::BF16(
+            parts
+                .into_iter()
+                .flat_map(|p| {
+                    if let HostData::BF16(v) = p.data {
+                        v
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect(),
+        ),
+        _ => HostData::F32(parts.iter().flat_map(|p| p.to_f32()).collect()),
+    };
+    Ok(HostTensor { shape, data })
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// Builds the model on `be` from the files' weights, or (None) from deterministic random
+    /// weights (seed 0).
+    pub fn load(be: &B, config: &ModelConfig, weights: Option<WeightMap>) -> Result<Self> {
+        Self::load_with_seed(be, config, weights, 0)
+    }
+
+    pub fn load_with_seed(
+        be: &B,
+        config: &ModelConfig,
+        weights: Option<WeightMap>,
+        seed: u64,
+    ) -> Result<Self> {
+        let c = config;
+        ensure!(
+            c.num_key_value_heads > 0 && c.num_attention_heads % c.num_key_value_heads == 0,
+            "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+            c.num_attention_heads,
+            c.num_key_value_heads
+        );
+        ensure!(
+            c.head_dim > 0 && c.head_dim % 2 == 0,
+            "head_dim ({}) must be even and non-zero",
+            c.head_dim
+        );
+        let (h, q, kv, inter, vocab) = (
+            c.hidden_size,
+            c.q_size(),
+            c.kv_size(),
+            c.intermediate_size,
+            c.vocab_size,
+        );
+        let lm_head_in_files = weights
+            .as_ref()
+            .is_some_and(|m| m.contains("lm_head.weight"));
+        let tied = c.tie_word_embeddings || (weights.is_some() && !lm_head_in_files);
+        let mut src = WeightSource { map: weights, seed };
+
+        let embed_name = "model.embed_tokens.weight";
+        let embed = be.upload_weight(embed_name, src.take(embed_name, &[vocab, h])?)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut take = |n: &str, shape: &[usize]| src.take(&format!("{p}.{n}"), shape);
+            let input_norm = take("input_layernorm.weight", &[h])?;
+            let qkv = concat_rows(
+                &format!("{p}.self_attn.qkv"),
+                vec![
+                    take("self_attn.q_proj.weight", &[q, h])?,
+                    take("self_attn.k_proj.weight", &[kv, h])?,
+                    take("self_attn.v_proj.weight", &[kv, h])?,
+                ],
+            )?;
+            let qkv_bias = if c.attention_bias {
+                Some(concat_rows(
+                    &format!("{p}.self_attn.qkv_bias"),
+                    vec![
+                        take("self_attn.q_proj.bias", &[q])?,
+                        take("self_attn.k_proj.bias", &[kv])?,
+                        take("self_attn.v_proj.bias", &[kv])?,
+                    ],
+                )?)
+            } else {
+                None
+            };
+            let o_proj = take("self_attn.o_proj.weight", &[h, q])?;
+            let post_norm = take("post_attention_layernorm.weight", &[h])?;
+            let gate_up = concat_rows(
+                &format!("{p}.mlp.gate_up"),
+                vec![
+                    take("mlp.gate_proj.weight", &[inter, h])?,
+                    take("mlp.up_proj.weight", &[inter, h])?,
+                ],
+            )?;
+            let down = take("mlp.down_proj.weight", &[h, inter])?;
+            layers.push(LlamaLayer {
+                input_norm: be.upload_vector(&format!("{p}.input_layernorm.weight"), input_norm)?,
+                qkv: be.upload_weight(&format!("{p}.self_attn.qkv"), qkv)?,
+                qkv_bias: qkv_bias
+                    .map(|b| be.upload_vector(&format!("{p}.self_attn.qkv_bias"), b))
+                    .transpose()?,
+                o_proj: be.upload_weight(&format!("{p}.self_attn.o_proj.weight"), o_proj)?,
+                post_norm: be
+                    .upload_vector(&format!("{p}.post_attention_layernorm.weight"), post_norm)?,
+                gate_up: be.upload_weight(&format!("{p}.mlp.gate_up"), gate_up)?,
+                down: be.upload_weight(&format!("{p}.mlp.down_proj.weight"), down)?,
+            });
+        }
+        let final_norm =
+            be.upload_vector("model.norm.weight", src.take("model.norm.weight", &[h])?)?;
+        let lm_head = if tied {
+            None
+        } else {
+            Some(be.upload_weight("lm_head.weight", src.take("lm_head.weight", &[vocab, h])?)?)
+        };
+        let inv = c.rope_inv_freq();
+        let inv_freq = be.upload_vector(
+            "rope_inv_freq",
+            HostTensor {
+                shape: vec![inv.len()],
+                data: HostData::F32(inv),
+            },
+        )?;
+        let layout = AttentionLayout {
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            sliding_window: c.sliding_window,
+        };
+        Ok(Self {
+            config: c.clone(),
+            layout,
+            embed,
+            lm_head,
+            layers,
+            final_norm,
+            inv_freq,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Runs one step: writes every token's K/V into `kv` and returns host f32 logits,
+    /// `[batch.logits_rows.len(), vocab]` row-major.
+    pub fn forward(
+        &self,
+        be: &B,
+        batch: &ForwardBatch,
+        kv: &mut B::KvCache,
+        ws: &mut Workspace<B>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        batch
+            .validate(&be.kv_cache_shape(kv), c.vocab_size)
+            .context("invalid forward batch")?;
+        if batch.num_tokens() > ws.capacity {
+            *ws = Workspace::new(be, c, batch.num_tokens())?;
+        }
+        let eps = c.rms_norm_eps;
+        let step = be.upload_step(batch)?;
+        be.embedding(&self.embed, &step, &mut ws.residual)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            // The residual add of the previous layer's MLP is fused into this layer's norm.
+            if i == 0 {
+                be.rms_norm(&ws.residual, &l.input_norm, eps, &mut ws.normed)?;
+            } else {
+                be.add_rms_norm(
+                    &mut ws.residual,
+                    &ws.proj,
+                    &l.input_norm,
+                    eps,
+                    &mut ws.normed,
+                )?;
+            }
+            be.linear(&ws.normed, &l.qkv, l.qkv_bias.as_ref(), &mut ws.qkv)?;
+            be.rope_and_write_kv(&mut ws.qkv, &self.inv_freq, &self.layout, &step, kv, i)?;
+            be.attention(&ws.qkv, &self.layout, &step, kv, i, &mut ws.attn)?;
+            be.linear(&ws.attn, &l.o_proj, None, &mut ws.proj)?;
+            be.add_rms_norm(
+                &mut ws.residual,
+                &ws.proj,
+                &l.post_norm,
+                eps,
+                &mut ws.normed,
+            )?;
+            be.linear(&ws.normed, &l.gate_up, None, &mut ws.gate_up)?;
+            be.silu_and_mul(&ws.gate_up, &mut ws.act)?;
+            be.linear(&ws.act, &l.down, None, &mut ws.proj)?;
+        }
+        if self.layers.is_empty() {
+            be.rms_norm(&ws.residual, &self.final_norm, eps, &mut ws.normed)?;
+        } else {
+            be.add_rms_norm(
+                &mut ws.residual,
+                &ws.proj,
+                &self.final_norm,
+                eps,
+                &mut ws.normed,
+            )?;
+        }
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let rows = batch.logits_rows.len();
+        let mut logits = Vec::with_capacity(rows * c.vocab_size);
+        let chunk = ws.gathered.capacity_rows().max(1);
+        for start in (0..rows).step_by(chunk) {
+            be.gather_rows(
+                &ws.normed,
+                &step,
+                start..(start + chunk).min(rows),
+                &mut ws.gathered,
+            )?;
+            be.linear(&ws.gathered, lm_head, None, &mut ws.logits)?;
+            be.to_host(&ws.logits, &mut ws.host)?;
+            logits.extend_from_slice(&ws.host);
+        }
+        Ok(logits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::{KvCacheShape, SeqSlice};
+    use crate::models::config::{Architecture, RopeScaling};
+
+    const BS: usize = 4;
+
+    fn tiny_config(arch: Architecture) -> ModelConfig {
+        ModelConfig {
+            architecture: arch,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            vocab_size: 101,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: 256,
+            tie_word_embeddings: false,
+            attention_bias: arch == Architecture::Qwen2,
+            sliding_window: None,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        }
+    }
+
+    struct Harness {
+        be: CpuBackend,
+        model: LlamaModel<CpuBackend>,
+        kv: <CpuBackend as Backend>::KvCache,
+        ws: Workspace<CpuBackend>,
+    }
+
+    impl Harness {
+        fn new(config: &ModelConfig) -> Self {
+            let be = CpuBackend::new();
+            let model = LlamaModel::load_with_seed(&be, config, None, 7).unwrap();
+            let shape = KvCacheShape {
+                num_layers: config.num_hidden_layers,
+                num_blocks: 64,
+                block_size: BS,
+                num_kv_heads: config.num_key_value_heads,
+                head_dim: config.head_dim,
+            };
+            let kv = be.alloc_kv_cache(shape).unwrap();
+            let ws = Workspace::new(&be, config, 8).unwrap();
+            Self { be, model, kv, ws }
+        }
+
+        /// Runs one step of (tokens, start_pos, block table) chunks, wanting logits for every
+        /// token; returns each chunk's logits.
+        fn step(&mut self, chunks: &[(&[u32], usize, &[u32])]) -> Vec<Vec<f32>> {
+            let mut b = ForwardBatch::default();
+            for &(toks, start, table) in chunks {
+                b.seqs.push(SeqSlice {
+                    token_offset: b.token_ids.len(),
+                    num_tokens: toks.len(),
+                    context_len: start + toks.len(),
+                    block_table: table.to_vec(),
+                });
+                for (i, &t) in toks.iter().enumerate() {
+                    let p = start + i;
+                    b.logits_rows.push(b.token_ids.len() as u32);
+                    b.token_ids.push(t);
+                    b.positions.push(p as u32);
+                    b.slot_mapping
+                        .push(table[p / BS] * BS as u32 + (p % BS) as u32);
+                }
+            }
+            let logits = self
+                .model
+                .forward(&self.be, &b, &mut self.kv, &mut self.ws)
+                .unwrap();
+            let v = self.model.config().vocab_size;
+            assert_eq!(logits.len(), b.token_ids.len() * v);
+            assert!(
+                logits.iter().all(|x| x.is_finite()),
+                "logits must stay finite"
+            );
+            b.seqs
+                .iter()
+                .map(|s| logits[s.token_offset * v..(s.token_offset + s.num_tokens) * v].to_vec())
+                .collect()
+        }
+
+        /// Feeds `prompt` in chunks of the given sizes; returns all positions' logits.
+        fn run_chunked(&mut self, prompt: &[u32], sizes: &[usize], table: &[u32]) -> Vec<f32> {
+            let mut out = Vec::new();
+            let mut pos = 0;
+            for &n in sizes {
+                out.extend(self.step(&[(&prompt[pos..pos + n], pos, table)]).remove(0));
+                pos += n;
+            }
+            assert_eq!(pos, prompt.len());
+            out
+        }
+    }
+
+    fn prompt(n: usize, salt: u32) -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i * 37 + salt * 11 + 5) % 101)
+            .collect()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len());
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4, "{what}: logits differ by up to {worst}");
+    }
+
+    fn configs() -> Vec<ModelConfig> {
+        let llama = tiny_config(Architecture::Llama);
+        let qwen = tiny_config(Architecture::Qwen2);
+        let mut tied_llama3 = tiny_config(Architecture::Llama);
+        tied_llama3.tie_word_embeddings = true;
+        tied_llama3.rope_scaling = Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 32,
+        });
+        let mut mistral = tiny_config(Architecture::Mistral);
+        mistral.sliding_window = Some(9);
+        vec![llama, qwen, tied_llama3, mistral]
+    }
+
+    #[test]
+    fn one_chunk_several_chunks_and_token_by_token_agree() {
+        for config in configs() {
+            let p = prompt(37, 0);
+            let table: Vec<u32> = (0..10).map(|i| (i * 7 + 3) % 64).collect();
+            let one = Harness::new(&config).run_chunked(&p, &[37], &table);
+            let chunks = Harness::new(&config).run_chunked(&p, &[10, 15, 12], &table);
+            let singles = Harness::new(&config).run_chunked(&p, &[1; 37], &table);
+            let what = format!("{:?}", config.architecture);
+            assert_close(&one, &chunks, &format!("{what}: one chunk vs three"));
+            assert_close(
+                &one,
+                &singles,
+                &format!("{what}: one chunk vs token by token"),
+            );
+        }
+    }
+
+    #[test]
+    fn batching_two_sequences_gives_the_same_logits_as_each_alone() {
+        for config in configs() {
+            let (a, b) = (prompt(13, 1), prompt(22, 2));
+            let (ta, tb): (Vec<u32>, Vec<u32>) = ((20..24).collect(), vec![9, 3, 40, 17, 5, 33]);
+            let mut alone = Harness::new(&config);
+            let a_alone = alone.run_chunked(&a, &[9, 1, 1, 1, 1], &ta);
+            let mut alone = Harness::new(&config);
+            let b_alone = alone.run_chunked(&b, &[4, 18], &tb);
+            // Together: a prefills 9 while b prefills 4, then a decodes while b prefills 18,
+            // then a keeps decoding alone.
+            let mut h = Harness::new(&config);
+            let mut a_b = h.step(&[(&a[..9], 0, &ta), (&b[..4], 0, &tb)]);
+            let mut a_got = a_b.remove(0);
+            let b1 = a_b.remove(0);
+            let mut s2 = h.step(&[(&b[4..], 4, &tb), (&a[9..10], 9, &ta)]);
+            let b_got: Vec<f32> = b1.into_iter().chain(s2.remove(0)).collect();
+            a_got.extend(s2.remove(0));
+            for i in 10..13 {
+                a_got.extend(h.step(&[(&a[i..i + 1], i, &ta)]).remove(0));
+            }
+            let what = format!("{:?}", config.architecture);
+            assert_close(
+                &a_got,
+                &a_alone,
+                &format!("{what}: sequence a batched vs alone"),
+            );
+            assert_close(
+                &b_got,
+                &b_alone,
+                &format!("{what}: sequence b batched vs alone"),
+            );
+        }
+    }
+
+    /// Every tensor name and shape of a checkpoint of `c`.
+    fn checkpoint_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+        let (h, q, kv, i, v) = (
+            c.hidden_size,
+            c.q_size(),
+            c.kv_size(),
+            c.intermediate_size,
+            c.vocab_size,
+        );
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            for (n, s) in [
+                ("input_layernorm.weight", vec![h]),
+                ("self_attn.q_proj.weight", vec![q, h]),
+                ("self_attn.k_proj.weight", vec![kv, h]),
+                ("self_attn.v_proj.weight", vec![kv, h]),
+                ("self_attn.o_proj.weight", vec![h, q]),
+                ("post_attention_layernorm.weight", vec![h]),
+                ("mlp.gate_proj.weight", vec![i, h]),
+                ("mlp.up_proj.weight", vec![i, h]),
+                ("mlp.down_proj.weight", vec![h, i]),
+            ] {
+                out.push((format!("{p}.{n}"), s));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), vec![h]));
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+        out
+    }
+
+    #[test]
+    fn loading_checks_shapes_and_ties_a_missing_lm_head() {
+        let config = tiny_config(Architecture::Llama);
+        let be = CpuBackend::new();
+        let mut map = WeightMap::default();
+        for (name, shape) in checkpoint_tensors(&config) {
+            if name != "lm_head.weight" {
+                map.tensors
+                    .insert(name.clone(), dummy_tensor(&name, &shape, 3));
+            }
+        }
+        let model = LlamaModel::load(&be, &config, Some(map)).unwrap();
+        assert!(
+            model.lm_head.is_none(),
+            "no lm_head.weight in the files: tied to the embedding"
+        );
+
+        let mut bad = WeightMap::default();
+        for (name, mut shape) in checkpoint_tensors(&config) {
+            if name == "model.layers.1.mlp.up_proj.weight" {
+                shape[0] += 1;
+            }
+            bad.tensors
+                .insert(name.clone(), dummy_tensor(&name, &shape, 3));
+        }
+        let err = LlamaModel::load(&be, &config, Some(bad))
+            .err()
+            .expect("a wrong shape must be refused");
+        assert!(
+            err.to_string()
+                .contains("model.layers.1.mlp.up_proj.weight"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn dummy_weights_are_deterministic_and_bounded() {
+        let a = dummy_tensor("x.weight", &[300, 400], 1).to_f32();
+        assert_eq!(a, dummy_tensor("x.weight", &[300, 400], 1).to_f32());
+        assert_ne!(a, dummy_tensor("y.weight", &[300, 400], 1).to_f32());
+        assert!(a.iter().all(|v| v.abs() <= 0.05) && a.iter().any(|v| v.abs() > 0.04));
+        assert!(dummy_tensor("l.input_layernorm.weight", &[8], 1)
+            .to_f32()
+            .iter()
+            .all(|&v| v == 1.0));
+    }
+}

@@ -1,0 +1,180 @@
+//! `ModelRunner<B>`: per-request sampling state, the KV cache and the model on one backend.
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+
+use super::batch::{build_forward_batch, RowUse};
+use super::{Executor, RunnerConfig};
+use crate::backend::{Backend, KvCacheShape};
+use crate::models::config::ModelConfig;
+use crate::models::llama::{LlamaModel, Workspace};
+use crate::models::weights::WeightMap;
+use crate::sampling::sampler::{top_logprobs, SeqSampler};
+use crate::scheduler::{
+    ModelRunnerOutput, RequestId, SampledToken, SchedulerOutput, TokenLogprobs,
+};
+
+/// Workspace rows allocated up front; it grows to the largest step actually seen (up to
+/// max_num_batched_tokens) so that small runs do not pay for the largest possible step.
+const INITIAL_WORKSPACE_ROWS: usize = 512;
+
+struct RequestState {
+    sampler: SeqSampler,
+    prompt: Vec<u32>,
+    /// Top-k of prompt logprobs still to be delivered (None: not asked, or delivered).
+    prompt_logprobs_k: Option<usize>,
+    /// Prompt logprobs of the chunks computed so far.
+    prompt_logprobs: Vec<TokenLogprobs>,
+}
+
+pub struct ModelRunner<B: Backend> {
+    backend: B,
+    model: LlamaModel<B>,
+    kv: B::KvCache,
+    kv_shape: KvCacheShape,
+    ws: Workspace<B>,
+    requests: HashMap<RequestId, RequestState>,
+}
+
+impl<B: Backend> ModelRunner<B> {
+    /// Loads the model onto `backend` and allocates a KV cache of `num_kv_blocks` blocks.
+    pub fn new(
+        backend: B,
+        config: &ModelConfig,
+        weights: Option<WeightMap>,
+        cfg: &RunnerConfig,
+        num_kv_blocks: usize,
+    ) -> Result<Self> {
+        let model = LlamaModel::load(&backend, config, weights).context("building the model")?;
+        let kv_shape = KvCacheShape {
+            num_layers: config.num_hidden_layers,
+            num_blocks: num_kv_blocks,
+            block_size: cfg.block_size,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+        };
+        let kv = backend
+            .alloc_kv_cache(kv_shape)
+            .context("allocating the KV cache")?;
+        let rows = cfg.max_num_batched_tokens.clamp(1, INITIAL_WORKSPACE_ROWS);
+        let ws = Workspace::new(&backend, config, rows).context("allocating activations")?;
+        Ok(Self {
+            backend,
+            model,
+            kv,
+            kv_shape,
+            ws,
+            requests: HashMap::new(),
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Requests whose sampling state the runner holds.
+    pub fn num_tracked_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    fn update_states(&mut self, so: &SchedulerOutput) {
+        for id in &so.finished {
+            self.requests.remove(id);
+        }
+        for id in &so.preempted {
+            // The prompt is recomputed from the start: its logprobs too, unless delivered.
+            if let Some(st) = self.requests.get_mut(id) {
+                st.prompt_logprobs.clear();
+            }
+        }
+        let eos = &self.model.config().eos_token_ids;
+        for nr in &so.new_requests {
+            self.requests
+                .entry(nr.req_id)
+                .or_insert_with(|| RequestState {
+                    sampler: SeqSampler::new(&nr.sampling, &nr.prompt_token_ids, eos),
+                    prompt: nr.prompt_token_ids.clone(),
+                    prompt_logprobs_k: nr.sampling.prompt_logprobs,
+                    prompt_logprobs: Vec::new(),
+                });
+        }
+    }
+
+    fn run(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+        self.update_states(so);
+        if so.scheduled.is_empty() {
+            return Ok(ModelRunnerOutput::default());
+        }
+        for sr in &so.scheduled {
+            anyhow::ensure!(
+                self.requests.contains_key(&sr.req_id),
+                "request {} was scheduled but never sent to the runner as new",
+                sr.req_id
+            );
+        }
+        let requests = &self.requests;
+        let (batch, uses) = build_forward_batch(so, self.kv_shape.block_size, |i| {
+            let st = &requests[&so.scheduled[i].req_id];
+            st.prompt_logprobs_k.map(|_| st.prompt.as_slice())
+        })?;
+        let mut logits = self
+            .model
+            .forward(&self.backend, &batch, &mut self.kv, &mut self.ws)?;
+        let vocab = self.model.config().vocab_size;
+
+        let mut out = ModelRunnerOutput::default();
+        for (row, (logits, u)) in logits.chunks_exact_mut(vocab).zip(&uses).enumerate() {
+            match *u {
+                RowUse::PromptLogprob {
+                    sched_index,
+                    target,
+                } => {
+                    if let Some(st) = self.requests.get_mut(&so.scheduled[sched_index].req_id) {
+                        if let Some(k) = st.prompt_logprobs_k {
+                            st.prompt_logprobs.push(top_logprobs(logits, target, k));
+                        }
+                    }
+                }
+                RowUse::Sample { sched_index } => {
+                    let sr = &so.scheduled[sched_index];
+                    let st = self
+                        .requests
+                        .get_mut(&sr.req_id)
+                        .with_context(|| format!("logits row {row} names an unknown request"))?;
+                    // The chunk that reaches the end of the prompt delivers its logprobs.
+                    let prompt_logprobs = if sr.start_pos + sr.token_ids.len() >= st.prompt.len() {
+                        st.prompt_logprobs_k
+                            .take()
+                            .map(|_| std::mem::take(&mut st.prompt_logprobs))
+                    } else {
+                        None
+                    };
+                    let (token_id, logprobs) = st.sampler.sample(logits, sr.num_output_tokens);
+                    st.sampler.record_output(token_id);
+                    out.sampled.push(SampledToken {
+                        req_id: sr.req_id,
+                        token_id,
+                        logprobs,
+                        prompt_logprobs,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl<B: Backend> Executor for ModelRunner<B> {
+    fn execute(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+        self.run(so)
+    }
+    fn num_kv_blocks(&self) -> usize {
+        self.kv_shape.num_blocks
+    }
+    fn block_size(&self) -> usize {
+        self.kv_shape.block_size
+    }
+    fn device_name(&self) -> String {
+        self.backend.device_name()
+    }
+}
