@@ -58,18 +58,22 @@ fn env(name: &str) -> Option<String> {
 
 fn run() -> Result<(), String> {
     let out_dir = PathBuf::from(env("OUT_DIR").ok_or("OUT_DIR is not set (run through cargo)")?);
-    let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR is not set")?);
+    let manifest_dir =
+        PathBuf::from(env("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR is not set")?);
     let repo_root = manifest_dir.parent().unwrap_or(&manifest_dir).to_path_buf();
 
     if env("CARGO_FEATURE_CUDA").is_none() {
         return write_table(&out_dir, &[], "none (built without the `cuda` feature)");
     }
 
-    let src_dir = env("RVLLM_KERNELS_SRC").map(PathBuf::from).unwrap_or_else(|| manifest_dir.join("src"));
+    let src_dir = env("RVLLM_KERNELS_SRC")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir.join("src"));
     println!("cargo:rerun-if-changed={}", src_dir.display());
     let sources = list_sources(&src_dir)?;
     let fatbin_dir = out_dir.join("fatbin");
-    std::fs::create_dir_all(&fatbin_dir).map_err(|e| format!("creating {}: {e}", fatbin_dir.display()))?;
+    std::fs::create_dir_all(&fatbin_dir)
+        .map_err(|e| format!("creating {}: {e}", fatbin_dir.display()))?;
 
     let (kernels, archs_text) = if let Some(pre) = env("RVLLM_PREBUILT_KERNELS") {
         take_prebuilt(Path::new(&pre), &sources, &fatbin_dir)?
@@ -83,7 +87,8 @@ fn run() -> Result<(), String> {
 
 /// Kernel stems (file names without `.cu`), sorted.
 fn list_sources(src_dir: &Path) -> Result<Vec<String>, String> {
-    let rd = std::fs::read_dir(src_dir).map_err(|e| format!("reading {}: {e}", src_dir.display()))?;
+    let rd =
+        std::fs::read_dir(src_dir).map_err(|e| format!("reading {}: {e}", src_dir.display()))?;
     let mut names: Vec<String> = rd
         .flatten()
         .filter_map(|e| {
@@ -94,26 +99,39 @@ fn list_sources(src_dir: &Path) -> Result<Vec<String>, String> {
     names.sort();
     for n in &names {
         if !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("kernel file `{n}.cu`: name it with letters, digits and `_` only"));
+            return Err(format!(
+                "kernel file `{n}.cu`: name it with letters, digits and `_` only"
+            ));
         }
     }
     Ok(names)
 }
 
-fn take_prebuilt(dir: &Path, sources: &[String], fatbin_dir: &Path) -> Result<(Vec<String>, String), String> {
+fn take_prebuilt(
+    dir: &Path,
+    sources: &[String],
+    fatbin_dir: &Path,
+) -> Result<(Vec<String>, String), String> {
     println!("cargo:rerun-if-changed={}", dir.display());
     let rd = std::fs::read_dir(dir).map_err(|e| {
-        format!("RVLLM_PREBUILT_KERNELS={}: {e}; point it at a folder of <kernel>.fatbin files", dir.display())
+        format!(
+            "RVLLM_PREBUILT_KERNELS={}: {e}; point it at a folder of <kernel>.fatbin files",
+            dir.display()
+        )
     })?;
     let mut kernels = Vec::new();
     for entry in rd.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(stem) = name.strip_suffix(".fatbin") else { continue };
-        let bytes = std::fs::read(entry.path()).map_err(|e| format!("reading {}: {e}", entry.path().display()))?;
+        let Some(stem) = name.strip_suffix(".fatbin") else {
+            continue;
+        };
+        let bytes = std::fs::read(entry.path())
+            .map_err(|e| format!("reading {}: {e}", entry.path().display()))?;
         if !bytes.starts_with(&FATBIN_MAGIC) {
             return Err(format!("{} is not a CUDA fatbin", entry.path().display()));
         }
-        std::fs::write(fatbin_dir.join(&name), &bytes).map_err(|e| format!("copying {name}: {e}"))?;
+        std::fs::write(fatbin_dir.join(&name), &bytes)
+            .map_err(|e| format!("copying {name}: {e}"))?;
         kernels.push(stem.to_string());
     }
     kernels.sort();
@@ -128,7 +146,11 @@ fn take_prebuilt(dir: &Path, sources: &[String], fatbin_dir: &Path) -> Result<(V
     let archs = std::fs::read_to_string(dir.join("built_archs.txt"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown (prebuilt kernels without built_archs.txt)".into());
-    println!("cargo:warning=using {} prebuilt kernel(s) from {} ({archs})", kernels.len(), dir.display());
+    println!(
+        "cargo:warning=using {} prebuilt kernel(s) from {} ({archs})",
+        kernels.len(),
+        dir.display()
+    );
     Ok((kernels, archs))
 }
 
@@ -168,7 +190,10 @@ fn resolve_archs(tk: &CudaToolkit, gpus: &[(u32, u32)]) -> Result<Vec<CudaArch>,
     let wanted: Vec<CudaArch> = if gpus.is_empty() {
         toolchain::parse_cuda_archs(toolchain::DEFAULT_CUDA_ARCHS)?
     } else {
-        let mut v: Vec<CudaArch> = gpus.iter().map(|&(a, b)| CudaArch::from_compute_capability(a, b)).collect();
+        let mut v: Vec<CudaArch> = gpus
+            .iter()
+            .map(|&(a, b)| CudaArch::from_compute_capability(a, b))
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -178,11 +203,18 @@ fn resolve_archs(tk: &CudaToolkit, gpus: &[(u32, u32)]) -> Result<Vec<CudaArch>,
         println!(
             "cargo:warning=nvcc {} cannot target {}; skipped",
             tk.version,
-            dropped.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+            dropped
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     if ok.is_empty() {
-        return Err(format!("nvcc {} supports none of the target architectures; set CUDA_ARCHS", tk.version));
+        return Err(format!(
+            "nvcc {} supports none of the target architectures; set CUDA_ARCHS",
+            tk.version
+        ));
     }
     Ok(ok)
 }
@@ -205,7 +237,10 @@ fn compile_all(
     let archs = resolve_archs(&tk, &driver.gpus)?;
     let driver_version = match env("RVLLM_DRIVER_CUDA_VERSION").as_deref() {
         Some("none") => None,
-        Some(v) => v.parse::<i32>().ok().and_then(CudaVersion::from_driver_code),
+        Some(v) => v
+            .parse::<i32>()
+            .ok()
+            .and_then(CudaVersion::from_driver_code),
         None => driver.version,
     };
     let with_ptx = toolchain::should_embed_ptx(tk.version, driver_version);
@@ -232,10 +267,18 @@ fn compile_all(
     for inc in tk.include_dirs() {
         flags.push(format!("-I{}", inc.display()));
     }
-    let mut archs_text = archs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" ");
+    let mut archs_text = archs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
     if with_ptx {
         if let Some(newest) = archs.iter().max() {
-            let _ = write!(archs_text, " +PTX compute_{}{}", newest.number, newest.suffix);
+            let _ = write!(
+                archs_text,
+                " +PTX compute_{}{}",
+                newest.number, newest.suffix
+            );
         }
     }
 
@@ -248,11 +291,18 @@ fn compile_all(
         let fresh = fatbin_dir.join(format!("{stem}.fatbin")).is_file()
             && std::fs::read_to_string(&stamp).is_ok_and(|s| s == hash);
         if !fresh {
-            todo.push(Job { stem: stem.clone(), hash });
+            todo.push(Job {
+                stem: stem.clone(),
+                hash,
+            });
         }
     }
 
-    let basedir = if src_dir.starts_with(repo_root) { repo_root } else { src_dir };
+    let basedir = if src_dir.starts_with(repo_root) {
+        repo_root
+    } else {
+        src_dir
+    };
     let results = run_parallel(&todo, jobs.jobs, |job| {
         let out = fatbin_dir.join(format!("{}.fatbin", job.stem));
         let mut cmd = match &ccache {
@@ -263,9 +313,15 @@ fn compile_all(
             }
             None => Command::new(&tk.nvcc),
         };
-        cmd.current_dir(src_dir).args(&flags).arg("-o").arg(&out).arg(format!("{}.cu", job.stem));
+        cmd.current_dir(src_dir)
+            .args(&flags)
+            .arg("-o")
+            .arg(&out)
+            .arg(format!("{}.cu", job.stem));
         let t = Instant::now();
-        let output = cmd.output().map_err(|e| format!("running {}: {e}", tk.nvcc.display()))?;
+        let output = cmd
+            .output()
+            .map_err(|e| format!("running {}: {e}", tk.nvcc.display()))?;
         let took = t.elapsed();
         if !output.status.success() {
             return Err(format!(
@@ -278,7 +334,10 @@ fn compile_all(
         }
         let bytes = std::fs::read(&out).map_err(|e| format!("reading {}: {e}", out.display()))?;
         if !bytes.starts_with(&FATBIN_MAGIC) {
-            return Err(format!("nvcc wrote {} but it is not a fatbin", out.display()));
+            return Err(format!(
+                "nvcc wrote {} but it is not a fatbin",
+                out.display()
+            ));
         }
         std::fs::write(fatbin_dir.join(format!("{}.hash", job.stem)), &job.hash)
             .map_err(|e| format!("writing the stamp of {}: {e}", job.stem))?;
@@ -288,7 +347,11 @@ fn compile_all(
     let mut errors = Vec::new();
     for (job, res) in todo.iter().zip(&results) {
         match res {
-            Ok(took) => println!("cargo:warning=compiled {}.cu in {:.2} s", job.stem, took.as_secs_f64()),
+            Ok(took) => println!(
+                "cargo:warning=compiled {}.cu in {:.2} s",
+                job.stem,
+                took.as_secs_f64()
+            ),
             Err(e) => errors.push(e.clone()),
         }
     }
@@ -320,7 +383,8 @@ fn compile_all(
         ccache.is_some(),
         archs_text
     );
-    std::fs::write(out_dir.join("kernel_build.json"), report).map_err(|e| format!("writing kernel_build.json: {e}"))?;
+    std::fs::write(out_dir.join("kernel_build.json"), report)
+        .map_err(|e| format!("writing kernel_build.json: {e}"))?;
     Ok((sources.to_vec(), archs_text))
 }
 
@@ -343,7 +407,12 @@ fn run_parallel<T: Sync, R: Send>(items: &[T], jobs: usize, f: impl Fn(&T) -> R 
             });
         }
     });
-    results.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().flatten().collect()
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// FNV-1a: stable across toolchains (unlike `DefaultHasher`), and plenty for change detection.
@@ -394,8 +463,13 @@ fn write_table(out_dir: &Path, kernels: &[String], archs: &str) -> Result<(), St
     let _ = writeln!(s, "const BUILT_ARCHS: &str = {archs:?};");
     for (i, k) in kernels.iter().enumerate() {
         let path = out_dir.join("fatbin").join(format!("{k}.fatbin"));
-        let path = path.to_str().ok_or_else(|| format!("OUT_DIR path is not UTF-8: {}", path.display()))?;
-        let _ = writeln!(s, "static K{i}: &Aligned<[u8]> = &Aligned(*include_bytes!({path:?}));");
+        let path = path
+            .to_str()
+            .ok_or_else(|| format!("OUT_DIR path is not UTF-8: {}", path.display()))?;
+        let _ = writeln!(
+            s,
+            "static K{i}: &Aligned<[u8]> = &Aligned(*include_bytes!({path:?}));"
+        );
     }
     let _ = writeln!(s, "fn lookup(name: &str) -> Option<&'static [u8]> {{");
     let _ = writeln!(s, "    match name {{");
@@ -416,8 +490,15 @@ fn write_table(out_dir: &Path, kernels: &[String], archs: &str) -> Result<(), St
 /// point. Best effort: the embedded copy is what the engine uses.
 fn publish(out_dir: &Path, fatbin_dir: &Path, kernels: &[String], archs: &str) {
     // OUT_DIR is <target>/<profile>/build/rvllm-kernels-<hash>/out.
-    let Some(profile_dir) = out_dir.ancestors().nth(3) else { return };
-    if out_dir.ancestors().nth(2).and_then(Path::file_name).is_none_or(|n| n != "build") {
+    let Some(profile_dir) = out_dir.ancestors().nth(3) else {
+        return;
+    };
+    if out_dir
+        .ancestors()
+        .nth(2)
+        .and_then(Path::file_name)
+        .is_none_or(|n| n != "build")
+    {
         return;
     }
     let dest = profile_dir.join("rvllm-kernels");
@@ -430,10 +511,16 @@ fn publish(out_dir: &Path, fatbin_dir: &Path, kernels: &[String], archs: &str) {
         }
     }
     for k in kernels {
-        let _ = std::fs::copy(fatbin_dir.join(format!("{k}.fatbin")), dest.join(format!("{k}.fatbin")));
+        let _ = std::fs::copy(
+            fatbin_dir.join(format!("{k}.fatbin")),
+            dest.join(format!("{k}.fatbin")),
+        );
     }
     let _ = std::fs::write(dest.join("built_archs.txt"), format!("{archs}\n"));
-    let _ = std::fs::copy(out_dir.join("kernel_build.json"), dest.join("kernel_build.json"));
+    let _ = std::fs::copy(
+        out_dir.join("kernel_build.json"),
+        dest.join("kernel_build.json"),
+    );
 }
 
 /// Asks libcuda (when present) for the driver's CUDA version and the GPUs' compute

@@ -46,8 +46,8 @@ mod tests {
         assert!(KERNEL_NAMES.contains(&"smoke"), "{KERNEL_NAMES:?}");
         for name in KERNEL_NAMES {
             let bin = fatbin(name).unwrap_or_else(|| panic!("{name} listed but not embedded"));
-            assert_eq!(&bin[..4], &[0x50, 0xed, 0x55, 0xba], "{name} is not a fatbin");
-            assert_eq!(bin.as_ptr() as usize % 16, 0, "{name} is not 16-byte aligned");
+            assert_eq!(&bin[..4], &[0x50, 0xed, 0x55, 0xba], "{name}: not a fatbin");
+            assert_eq!(bin.as_ptr() as usize % 16, 0, "{name}: misaligned");
         }
         assert_eq!(fatbin("no_such_kernel"), None);
         assert!(built_archs().starts_with("sm_"), "{}", built_archs());

@@ -46,18 +46,27 @@ pub fn resolve_jobs(
 ) -> Result<JobsChoice, String> {
     if let Some(v) = explicit.filter(|v| !v.trim().is_empty()) {
         let jobs = parse_max_jobs(v)?;
-        return Ok(JobsChoice { jobs, reason: "--jobs".into() });
+        return Ok(JobsChoice {
+            jobs,
+            reason: "--jobs".into(),
+        });
     }
     if let Some(v) = max_jobs_env.filter(|v| !v.trim().is_empty()) {
         let jobs = parse_max_jobs(v)?;
-        return Ok(JobsChoice { jobs, reason: "MAX_JOBS".into() });
+        return Ok(JobsChoice {
+            jobs,
+            reason: "MAX_JOBS".into(),
+        });
     }
     let jobs = default_jobs(cores, mem_available);
     let mem = match mem_available {
         Some(b) => format!("{:.1} GiB free", b as f64 / (1u64 << 30) as f64),
         None => "free memory unknown".into(),
     };
-    Ok(JobsChoice { jobs, reason: format!("default: min({cores} cores, {mem} / 2 GiB)") })
+    Ok(JobsChoice {
+        jobs,
+        reason: format!("default: min({cores} cores, {mem} / 2 GiB)"),
+    })
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes (None off Linux).
@@ -73,7 +82,9 @@ pub fn parse_meminfo_available(text: &str) -> Option<u64> {
 }
 
 pub fn cpu_cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 #[cfg(test)]
@@ -111,7 +122,9 @@ mod tests {
         let c = resolve_jobs(None, Some(""), 16, Some(6 * GIB)).unwrap();
         assert_eq!(c.jobs, 3);
         assert!(c.reason.starts_with("default"));
-        assert!(resolve_jobs(None, Some("lots"), 16, None).unwrap_err().contains("MAX_JOBS=`lots`"));
+        assert!(resolve_jobs(None, Some("lots"), 16, None)
+            .unwrap_err()
+            .contains("MAX_JOBS=`lots`"));
     }
 
     #[test]

@@ -44,7 +44,10 @@ impl CudaVersion {
             return None;
         }
         let code = code as u32;
-        Some(CudaVersion { major: code / 1000, minor: (code % 1000) / 10 })
+        Some(CudaVersion {
+            major: code / 1000,
+            minor: (code % 1000) / 10,
+        })
     }
 
     pub fn driver_code(self) -> i32 {
@@ -73,7 +76,9 @@ impl fmt::Display for CudaVersion {
 pub fn parse_nvcc_version(output: &str) -> Option<CudaVersion> {
     let idx = output.find("release ")?;
     let rest = &output[idx + "release ".len()..];
-    let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
     CudaVersion::parse(&rest[..end])
 }
 
@@ -92,8 +97,13 @@ pub fn nvcc_version(nvcc: &Path) -> Result<CudaVersion, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    parse_nvcc_version(&text)
-        .ok_or_else(|| format!("`{} --version` printed no `release X.Y`: {}", nvcc.display(), text.trim()))
+    parse_nvcc_version(&text).ok_or_else(|| {
+        format!(
+            "`{} --version` printed no `release X.Y`: {}",
+            nvcc.display(),
+            text.trim()
+        )
+    })
 }
 
 /// A usable toolkit: the directory above `bin/nvcc`, and what `nvcc --version` said.
@@ -110,12 +120,17 @@ impl CudaToolkit {
     /// `<root>/include`; the PyPI layout (`nvidia/cu13/`) has the runtime headers there too,
     /// and naming it explicitly costs nothing when the profile already does.
     pub fn include_dirs(&self) -> Vec<PathBuf> {
-        let inc = self.root.join("include");
-        if inc.is_dir() {
-            vec![inc]
-        } else {
-            Vec::new()
+        let mut dirs = vec![self.root.join("include")];
+        // The CUDA 12 PyPI layout splits the toolkit: nvidia/cuda_nvcc next to
+        // nvidia/cuda_runtime and nvidia/cuda_cccl.
+        if self.root.file_name().is_some_and(|n| n == "cuda_nvcc") {
+            if let Some(parent) = self.root.parent() {
+                dirs.push(parent.join("cuda_runtime").join("include"));
+                dirs.push(parent.join("cuda_cccl").join("include"));
+            }
         }
+        dirs.retain(|d| d.is_dir());
+        dirs
     }
 
     /// The architectures (`sm_XY` numbers) this nvcc can emit SASS for (`--list-gpu-code`).
@@ -125,7 +140,11 @@ impl CudaToolkit {
             .output()
             .map_err(|e| format!("could not run {}: {e}", self.nvcc.display()))?;
         if !out.status.success() {
-            return Err(format!("`{} --list-gpu-code` failed ({})", self.nvcc.display(), out.status));
+            return Err(format!(
+                "`{} --list-gpu-code` failed ({})",
+                self.nvcc.display(),
+                out.status
+            ));
         }
         Ok(parse_gpu_code_list(&String::from_utf8_lossy(&out.stdout)))
     }
@@ -136,7 +155,11 @@ pub fn parse_gpu_code_list(text: &str) -> Vec<u32> {
     let mut v: Vec<u32> = text
         .split_whitespace()
         .filter_map(|t| t.strip_prefix("sm_"))
-        .filter_map(|t| t.trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse().ok())
+        .filter_map(|t| {
+            t.trim_end_matches(|c: char| c.is_ascii_alphabetic())
+                .parse()
+                .ok()
+        })
         .collect();
     v.sort_unstable();
     v.dedup();
@@ -235,7 +258,12 @@ pub fn toolkit_from_nvcc(nvcc: &Path, source: ToolkitSource) -> Result<CudaToolk
         .and_then(Path::parent)
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/"));
-    Ok(CudaToolkit { root, nvcc: nvcc.to_path_buf(), version, source })
+    Ok(CudaToolkit {
+        root,
+        nvcc: nvcc.to_path_buf(),
+        version,
+        source,
+    })
 }
 
 fn find_on_path(path: &OsString, program: &str) -> Option<PathBuf> {
@@ -249,7 +277,9 @@ fn is_executable(p: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
     }
     #[cfg(not(unix))]
     {
@@ -266,7 +296,10 @@ pub fn project_local_roots(dir: &Path) -> Vec<PathBuf> {
         .flatten()
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("cu")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("cu"))
+        })
         .collect();
     // Newest CUDA major first (cu13 before cu12).
     cu.sort();
@@ -285,7 +318,8 @@ pub fn detect_cuda_with(env: &DetectEnv) -> Detection {
             Some(Ok(tk)) => d.cuda_home = Some(tk),
             Some(Err(e)) => {
                 d.cuda_home_invalid = true;
-                d.problems.push(format!("CUDA_HOME={}: {e}", home.display()));
+                d.problems
+                    .push(format!("CUDA_HOME={}: {e}", home.display()));
             }
             None => {
                 d.cuda_home_invalid = true;
@@ -373,7 +407,10 @@ impl CudaArch {
     pub fn from_compute_capability(major: u32, minor: u32) -> Self {
         // Hopper's full feature set (wgmma, TMA) is `sm_90a`; later chips are fine plain.
         let suffix = if major == 9 && minor == 0 { "a" } else { "" };
-        CudaArch { number: major * 10 + minor, suffix: suffix.to_string() }
+        CudaArch {
+            number: major * 10 + minor,
+            suffix: suffix.to_string(),
+        }
     }
 }
 
@@ -394,7 +431,9 @@ pub fn parse_cuda_archs(list: &str) -> Result<Vec<CudaArch>, String> {
             .or_else(|| item.strip_prefix("compute_"))
             .unwrap_or(item)
             .to_ascii_lowercase();
-        let digits_end = bare.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(bare.len());
+        let digits_end = bare
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(bare.len());
         let (num, suffix) = bare.split_at(digits_end);
         let number = if let Some((maj, min)) = num.split_once('.') {
             match (maj.parse::<u32>(), min.parse::<u32>()) {
@@ -417,7 +456,9 @@ pub fn parse_cuda_archs(list: &str) -> Result<Vec<CudaArch>, String> {
         }
     }
     if out.is_empty() {
-        return Err(format!("no CUDA architecture in `{list}`; write e.g. `80;90a`"));
+        return Err(format!(
+            "no CUDA architecture in `{list}`; write e.g. `80;90a`"
+        ));
     }
     out.sort();
     out.dedup();
@@ -426,12 +467,19 @@ pub fn parse_cuda_archs(list: &str) -> Result<Vec<CudaArch>, String> {
 
 /// Comma-free, cargo-env-friendly form: `80;90a`.
 pub fn format_cuda_archs(archs: &[CudaArch]) -> String {
-    archs.iter().map(|a| format!("{}{}", a.number, a.suffix)).collect::<Vec<_>>().join(";")
+    archs
+        .iter()
+        .map(|a| format!("{}{}", a.number, a.suffix))
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 /// Splits `archs` into those `supported` (numbers from `--list-gpu-code`) and those not.
 pub fn filter_supported(archs: &[CudaArch], supported: &[u32]) -> (Vec<CudaArch>, Vec<CudaArch>) {
-    archs.iter().cloned().partition(|a| supported.contains(&a.number))
+    archs
+        .iter()
+        .cloned()
+        .partition(|a| supported.contains(&a.number))
 }
 
 /// nvcc `-gencode` flags: SASS for every arch, plus PTX of the newest arch when `with_ptx`
@@ -439,7 +487,13 @@ pub fn filter_supported(archs: &[CudaArch], supported: &[u32]) -> (Vec<CudaArch>
 pub fn gencode_flags(archs: &[CudaArch], with_ptx: bool) -> Vec<String> {
     let mut flags: Vec<String> = archs
         .iter()
-        .map(|a| format!("-gencode=arch=compute_{n}{s},code=sm_{n}{s}", n = a.number, s = a.suffix))
+        .map(|a| {
+            format!(
+                "-gencode=arch=compute_{n}{s},code=sm_{n}{s}",
+                n = a.number,
+                s = a.suffix
+            )
+        })
         .collect();
     if with_ptx {
         if let Some(newest) = archs.iter().max() {

@@ -1,0 +1,55 @@
+//! `cargo xtask test`: the README's test command. Runs the whole workspace's tests in the
+//! release profile (one profile for builds and tests keeps CI from compiling twice), and
+//! where a CUDA toolkit is present also checks the embedded kernels.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::build::TargetDevice;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Use the dev profile instead of --release.
+    #[arg(long)]
+    pub debug: bool,
+    /// Extra arguments for `cargo test` (after `--`, e.g. a test name filter).
+    #[arg(last = true)]
+    pub rest: Vec<String>,
+}
+
+fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("$ cargo {}", args.join(" "));
+    let status = Command::new(&cargo)
+        .current_dir(crate::project_root())
+        .args(args)
+        .args(extra)
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let profile: &[&str] = if args.debug { &[] } else { &["--release"] };
+    let mut test = vec!["test", "--workspace"];
+    test.extend(profile);
+    cargo(&test, &args.rest)?;
+    // The workspace run uses default features (cpu). With a toolkit, the kernels crate's own
+    // tests also check that every .cu compiled into an aligned fatbin.
+    let (resolved, det) = crate::build::resolve_from_env(None)?;
+    if resolved.device == TargetDevice::Cuda {
+        let mut kt = vec!["test", "-p", "rvllm-kernels", "--features", "cuda"];
+        kt.extend(profile);
+        let tk = det
+            .chosen
+            .as_ref()
+            .context("cuda target without a toolkit")?;
+        std::env::set_var("RVLLM_NVCC", &tk.nvcc);
+        cargo(&kt, &[])?;
+    }
+    Ok(())
+}
