@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Generate completions offline for prompts on the command line or in a file.
     Generate(rvllm::cli::generate::GenerateArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(rvllm::server::ServeArgs),
     /// Benchmarks shaped like `vllm bench`.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -26,6 +28,8 @@ enum BenchCommand {
     Latency(rvllm::bench::offline::LatencyArgs),
     /// Offline throughput over many random prompts.
     Throughput(rvllm::bench::offline::ThroughputArgs),
+    /// Load-test an OpenAI-compatible server (rvllm or another).
+    Serve(rvllm::bench::serve::ServeBenchArgs),
 }
 
 fn main() {
@@ -36,6 +40,8 @@ fn main() {
     }
     let result = match cli.command {
         Some(Command::Generate(a)) => rvllm::cli::generate::run(a),
+        Some(Command::Serve(a)) => rvllm::server::run(a),
+        Some(Command::Bench(BenchCommand::Serve(a))) => rvllm::bench::serve::run(a),
         Some(Command::Bench(BenchCommand::Latency(a))) => rvllm::bench::offline::run_latency(a),
         Some(Command::Bench(BenchCommand::Throughput(a))) => rvllm::bench::offline::run_throughput(a),
         None => {
