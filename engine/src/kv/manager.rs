@@ -3,15 +3,22 @@
 //! A request's table lists the physical blocks that hold its tokens in order: token `i`
 //! lives in block `table[i / block_size]` at slot `i % block_size`. Tables only grow while
 //! a request runs, and are freed whole when it finishes or is preempted.
+//!
+//! With prefix caching on, full blocks are indexed by content once computed, and a new
+//! (or preempted) request starts from the longest run of cached blocks matching its tokens.
 use std::collections::HashMap;
 
 use super::block_pool::KvBlockPool;
+use super::prefix_cache::{block_keys, BlockKey};
 use crate::scheduler::RequestId;
 
 #[derive(Debug, Clone)]
 pub struct KvCacheManager {
     pool: KvBlockPool,
     tables: HashMap<RequestId, Vec<u32>>,
+    prefix_caching: bool,
+    /// Per request: hashes of its leading full blocks already registered in the cache.
+    block_hashes: HashMap<RequestId, Vec<u64>>,
 }
 
 impl KvCacheManager {
@@ -19,7 +26,30 @@ impl KvCacheManager {
         Self {
             pool: KvBlockPool::new(num_blocks, block_size),
             tables: HashMap::new(),
+            prefix_caching: false,
+            block_hashes: HashMap::new(),
         }
+    }
+
+    /// Turn on prefix caching (reuse of computed full blocks with the same token prefix).
+    pub fn with_prefix_caching(mut self, enabled: bool) -> Self {
+        self.prefix_caching = enabled;
+        self
+    }
+
+    /// Switch prefix caching on or off at any time (switching off keeps what is cached but
+    /// stops reusing and indexing blocks).
+    pub fn set_prefix_caching(&mut self, enabled: bool) {
+        self.prefix_caching = enabled;
+    }
+
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix_caching
+    }
+
+    /// Blocks whose contents the prefix cache holds (in use or free).
+    pub fn num_cached_blocks(&self) -> usize {
+        self.pool.num_cached()
     }
 
     pub fn block_size(&self) -> usize {
@@ -69,8 +99,61 @@ impl KvCacheManager {
         }
     }
 
+    /// Start a request that holds no blocks from the longest cached prefix of `tokens`:
+    /// those blocks join its table and the number of tokens they cover is returned (a
+    /// multiple of the block size). At least one token is always left uncached, because
+    /// computing it is what produces the next token's logits. 0 when caching is off.
+    pub fn acquire_cached_prefix(&mut self, req_id: RequestId, tokens: &[u32]) -> usize {
+        if !self.prefix_caching || self.tables.get(&req_id).is_some_and(|t| !t.is_empty()) {
+            return 0;
+        }
+        let bs = self.block_size();
+        let max_blocks = tokens.len().saturating_sub(1) / bs;
+        let mut table = Vec::new();
+        let mut hashes = Vec::new();
+        for key in block_keys(tokens, bs, max_blocks) {
+            let Some(block) = self.pool.lookup(&key) else {
+                break;
+            };
+            self.pool.acquire_cached(block);
+            table.push(block);
+            hashes.push(key.hash);
+        }
+        let cached_tokens = table.len() * bs;
+        self.tables.insert(req_id, table);
+        self.block_hashes.insert(req_id, hashes);
+        cached_tokens
+    }
+
+    /// Index the request's blocks that are now full and computed (`num_computed_tokens` of
+    /// `tokens` have KV entries), so that later requests can reuse them. Call after the step
+    /// that computed them ran, never before: a block is only shared once it is written.
+    pub fn cache_computed_blocks(
+        &mut self,
+        req_id: RequestId,
+        tokens: &[u32],
+        num_computed_tokens: usize,
+    ) {
+        if !self.prefix_caching {
+            return;
+        }
+        let bs = self.block_size();
+        let Some(table) = self.tables.get(&req_id) else {
+            return;
+        };
+        let full = (num_computed_tokens.min(tokens.len()) / bs).min(table.len());
+        let hashes = self.block_hashes.entry(req_id).or_default();
+        while hashes.len() < full {
+            let i = hashes.len();
+            let key = BlockKey::new(hashes.last().copied(), &tokens[i * bs..(i + 1) * bs]);
+            hashes.push(key.hash);
+            self.pool.register(table[i], key);
+        }
+    }
+
     /// Release every block of the request (nothing happens for an unknown id).
     pub fn free(&mut self, req_id: RequestId) {
+        self.block_hashes.remove(&req_id);
         if let Some(table) = self.tables.remove(&req_id) {
             self.pool.free(&table);
         }
@@ -142,5 +225,53 @@ mod tests {
         assert_eq!(kv.num_free_blocks(), 6);
         assert_eq!(kv.num_requests(), 0);
         assert_eq!(kv.usage(), 0.0);
+    }
+
+    #[test]
+    fn a_shared_prefix_is_reused_once_computed() {
+        let mut kv = KvCacheManager::new(8, 2).with_prefix_caching(true);
+        let a = [1, 2, 3, 4, 5, 6, 7];
+        assert_eq!(kv.acquire_cached_prefix(1, &a), 0, "nothing cached yet");
+        assert!(kv.allocate_slots(1, 7));
+        // Not computed yet: nothing to share.
+        assert_eq!(kv.acquire_cached_prefix(2, &a), 0);
+        kv.free(2);
+        kv.cache_computed_blocks(1, &a, 5); // blocks [1,2] and [3,4] are full and computed
+        assert_eq!(kv.num_cached_blocks(), 2);
+
+        let b = [1, 2, 3, 4, 9, 9, 9];
+        assert_eq!(kv.acquire_cached_prefix(2, &b), 4);
+        assert_eq!(kv.block_table(2), &kv.block_table(1)[..2]);
+        assert!(kv.allocate_slots(2, 7));
+        assert_eq!(
+            kv.num_free_blocks(),
+            8 - 4 - 2,
+            "the shared blocks are counted once"
+        );
+
+        // A different first block shares nothing, even with the same second block.
+        assert_eq!(kv.acquire_cached_prefix(3, &[0, 2, 3, 4, 5]), 0);
+        kv.free(3);
+
+        // The last token is always computed, even when every block is cached.
+        assert_eq!(kv.acquire_cached_prefix(4, &[1, 2, 3, 4]), 2);
+        kv.free(4);
+
+        // Freed blocks stay cached until reused.
+        kv.free(1);
+        kv.free(2);
+        assert_eq!(kv.num_free_blocks(), 8);
+        assert_eq!(kv.acquire_cached_prefix(5, &a), 4);
+        kv.free(5);
+        assert_eq!(kv.num_free_blocks(), 8);
+    }
+
+    #[test]
+    fn caching_off_never_shares() {
+        let mut kv = KvCacheManager::new(8, 2);
+        assert!(kv.allocate_slots(1, 4));
+        kv.cache_computed_blocks(1, &[1, 2, 3, 4], 4);
+        assert_eq!(kv.acquire_cached_prefix(2, &[1, 2, 3, 4, 5]), 0);
+        assert_eq!(kv.num_cached_blocks(), 0);
     }
 }

@@ -49,6 +49,9 @@ pub struct Scheduler {
     /// them alone): returned by the next `update_from_output()`.
     pending_outputs: Vec<EngineCoreOutput>,
     num_preemptions: u64,
+    /// Prefix-cache statistics: tokens looked up at admission, and tokens found cached.
+    prefix_cache_queries: u64,
+    prefix_cache_hits: u64,
 }
 
 impl Scheduler {
@@ -70,7 +73,18 @@ impl Scheduler {
             finished_since_last: Vec::new(),
             pending_outputs: Vec::new(),
             num_preemptions: 0,
+            prefix_cache_queries: 0,
+            prefix_cache_hits: 0,
         }
+    }
+
+    /// Reuse the KV of computed full blocks across requests with the same token prefix
+    /// (and across a preempted request's recompute). Off by default. Requests that ask for
+    /// prompt_logprobs never start from cached blocks, since those need every prompt
+    /// position computed.
+    pub fn with_prefix_caching(mut self, enabled: bool) -> Self {
+        self.kv.set_prefix_caching(enabled);
+        self
     }
 
     pub fn config(&self) -> &SchedulerConfig {
@@ -176,11 +190,16 @@ impl Scheduler {
                     break;
                 };
                 let req = &self.requests[&id];
-                let num_new = req.num_uncomputed().min(budget);
-                if !self
-                    .kv
-                    .allocate_slots(id, req.num_computed_tokens + num_new)
-                {
+                // Waiting requests hold no blocks and have nothing computed; start them
+                // from the cached prefix when there is one.
+                let cached = if self.kv.prefix_caching() && req.sampling.prompt_logprobs.is_none() {
+                    self.kv.acquire_cached_prefix(id, &req.all_token_ids)
+                } else {
+                    0
+                };
+                let num_new = (req.num_tokens() - cached).min(budget);
+                if !self.kv.allocate_slots(id, cached + num_new) {
+                    self.kv.free(id); // give back the cached blocks it took
                     if self.running.is_empty() {
                         // Every block is free and this chunk still does not fit: the
                         // request (prompt + outputs from before a preemption) has outgrown
@@ -195,6 +214,11 @@ impl Scheduler {
                 self.running.push(id);
                 let req = self.requests.get_mut(&id).expect("waiting ids are known");
                 req.status = Status::Running;
+                req.num_computed_tokens = cached;
+                if self.kv.prefix_caching() {
+                    self.prefix_cache_queries += req.num_tokens() as u64;
+                    self.prefix_cache_hits += cached as u64;
+                }
                 if !req.sent_to_runner {
                     req.sent_to_runner = true;
                     out.new_requests.push(NewRequestData {
@@ -232,6 +256,9 @@ impl Scheduler {
                 continue;
             }
             req.num_computed_tokens = (s.start_pos + s.token_ids.len()).min(req.num_tokens());
+            // The step wrote these blocks: from now on other requests may share them.
+            self.kv
+                .cache_computed_blocks(s.req_id, &req.all_token_ids, req.num_computed_tokens);
             if !s.sample {
                 continue;
             }
@@ -294,6 +321,14 @@ impl Scheduler {
 
     pub fn num_total_blocks(&self) -> usize {
         self.kv.num_total_blocks()
+    }
+
+    /// Fraction of admitted tokens found in the prefix cache (0 when off or unused).
+    pub fn prefix_cache_hit_rate(&self) -> f32 {
+        if self.prefix_cache_queries == 0 {
+            return 0.0;
+        }
+        self.prefix_cache_hits as f32 / self.prefix_cache_queries as f32
     }
 
     /// The chunk of `id`'s tokens from its computed count, `num_new` long; its blocks are

@@ -1,7 +1,8 @@
 //! Scheduler tests with hand-made requests and a fake runner that checks, every step, what
 //! a real one relies on: chunks continue exactly where the KV cache ends, tokens are the
-//! request's prompt + outputs, block tables are long enough and never shared, and budgets
-//! hold.
+//! request's prompt + outputs, every earlier position's KV is in the request's blocks (and
+//! was computed for the same prefix), no block is written while another request uses it,
+//! and budgets hold.
 use std::collections::{HashMap, HashSet};
 
 use super::*;
@@ -39,8 +40,11 @@ fn default_token(id: RequestId, step: usize) -> u32 {
 
 #[derive(Default)]
 struct Harness {
-    /// What the fake runner holds per request: the tokens in its KV cache.
-    kv: HashMap<RequestId, Vec<u32>>,
+    /// What the fake runner's KV cache holds: per block, per slot, the whole token prefix
+    /// whose last token was written there (real KV depends on the whole prefix).
+    blocks: HashMap<u32, Vec<Option<Vec<u32>>>>,
+    /// Tokens computed per request since it last (re)started.
+    progress: HashMap<RequestId, usize>,
     runner_knows: HashSet<RequestId>,
     prompts: HashMap<RequestId, Vec<u32>>,
     outputs: HashMap<RequestId, Vec<u32>>,
@@ -64,6 +68,8 @@ impl Harness {
         self.steps += 1;
         let so = s.schedule();
         let cfg = s.config().clone();
+        let bs = cfg.block_size;
+        let caching = s.kv.prefix_caching();
         assert!(
             so.total_tokens() <= cfg.max_num_batched_tokens,
             "token budget exceeded: {}",
@@ -71,12 +77,11 @@ impl Harness {
         );
         assert!(so.scheduled.len() <= cfg.max_num_seqs);
         assert!(s.num_running() <= cfg.max_num_seqs);
+        for id in so.finished.iter().chain(&so.preempted) {
+            self.progress.remove(id);
+        }
         for id in &so.finished {
             self.runner_knows.remove(id);
-            self.kv.remove(id);
-        }
-        for id in &so.preempted {
-            self.kv.remove(id);
         }
         for nr in &so.new_requests {
             assert!(
@@ -86,51 +91,82 @@ impl Harness {
             );
             assert_eq!(&nr.prompt_token_ids, &self.prompts[&nr.req_id]);
         }
-        let mut used_blocks = HashSet::new();
+        let mut written = HashMap::new();
         let mut sampled = Vec::new();
         for sr in &so.scheduled {
+            let id = sr.req_id;
             assert!(
-                self.runner_knows.contains(&sr.req_id),
-                "runner never heard of {}",
-                sr.req_id
+                self.runner_knows.contains(&id),
+                "runner never heard of {id}"
             );
             assert!(!sr.token_ids.is_empty());
-            let cache = self.kv.entry(sr.req_id).or_default();
-            assert_eq!(
-                sr.start_pos,
-                cache.len(),
-                "chunk of {} does not continue its KV cache",
-                sr.req_id
-            );
-            cache.extend(&sr.token_ids);
-            let known: Vec<u32> = self.prompts[&sr.req_id]
+            match self.progress.get(&id) {
+                Some(&p) => assert_eq!(sr.start_pos, p, "chunk of {id} does not continue its KV"),
+                None if !caching => assert_eq!(sr.start_pos, 0, "{id} (re)starts from scratch"),
+                None => assert_eq!(sr.start_pos % bs, 0, "cached prefixes are whole blocks"),
+            }
+            let end = sr.start_pos + sr.token_ids.len();
+            self.progress.insert(id, end);
+            let known: Vec<u32> = self.prompts[&id]
                 .iter()
-                .chain(&self.outputs[&sr.req_id])
+                .chain(&self.outputs[&id])
                 .copied()
                 .collect();
             assert_eq!(
-                cache.as_slice(),
-                &known[..cache.len()],
-                "wrong tokens for {}",
-                sr.req_id
+                sr.token_ids.as_slice(),
+                &known[sr.start_pos..end],
+                "wrong tokens for {id}"
             );
-            assert_eq!(sr.sample, cache.len() == known.len());
-            assert!(
-                sr.block_table.len() * cfg.block_size >= cache.len(),
-                "block table too short"
-            );
+            assert_eq!(sr.sample, end == known.len());
+            assert!(sr.block_table.len() * bs >= end, "block table too short");
             for &b in &sr.block_table {
                 assert!((b as usize) < cfg.num_kv_blocks);
-                assert!(used_blocks.insert(b), "block {b} shared between requests");
             }
-            assert_eq!(sr.num_output_tokens, self.outputs[&sr.req_id].len());
+            // Everything before the chunk must already be in the cache, for this prefix.
+            for p in 0..sr.start_pos {
+                let slot = &self
+                    .blocks
+                    .get(&sr.block_table[p / bs])
+                    .map(|b| b[p % bs].clone());
+                assert_eq!(
+                    slot.as_ref().and_then(|s| s.as_deref()),
+                    Some(&known[..=p]),
+                    "{id}: KV at position {p} is missing or belongs to another prefix"
+                );
+            }
+            for p in sr.start_pos..end {
+                let b = sr.block_table[p / bs];
+                if let Some(other) = written.insert(b, id) {
+                    assert_eq!(other, id, "block {b} written by two requests in one step");
+                }
+                self.blocks.entry(b).or_insert_with(|| vec![None; bs])[p % bs] =
+                    Some(known[..=p].to_vec());
+            }
+            assert_eq!(sr.num_output_tokens, self.outputs[&id].len());
             if sr.sample {
                 sampled.push(SampledToken {
-                    req_id: sr.req_id,
-                    token_id: token(sr.req_id, sr.num_output_tokens),
+                    req_id: id,
+                    token_id: token(id, sr.num_output_tokens),
                     logprobs: None,
                     prompt_logprobs: None,
                 });
+            }
+        }
+        // No block is both written this step and part of another request's table, and
+        // without prefix caching no block is in two tables at all.
+        let mut owner = HashMap::new();
+        for sr in &so.scheduled {
+            for &b in &sr.block_table {
+                if let Some(&w) = written.get(&b) {
+                    assert_eq!(
+                        w, sr.req_id,
+                        "block {b} is written while {} reads it",
+                        sr.req_id
+                    );
+                }
+                if let Some(other) = owner.insert(b, sr.req_id) {
+                    assert!(caching, "block {b} shared by {other} and {}", sr.req_id);
+                }
             }
         }
         let outs = s.update_from_output(&so, &ModelRunnerOutput { sampled });
@@ -582,4 +618,62 @@ fn heavy_mixed_load_with_tiny_cache_never_loses_a_request() {
     );
     assert_eq!(s.num_free_blocks(), 12);
     assert!(h.runner_knows.is_empty());
+}
+
+/// Requests sharing a long system prompt, some repeated, through a cache small enough to
+/// preempt: outputs must be exactly those without caching, with fewer tokens computed.
+#[test]
+fn prefix_caching_reuses_shared_prompts_without_changing_outputs() {
+    let run = |caching: bool| {
+        let mut s = Scheduler::new(config(4, 32, 4, 24)).with_prefix_caching(caching);
+        let mut h = Harness::default();
+        let system: Vec<u32> = (0..21).map(|t| 500 + t).collect();
+        for id in 0..12u64 {
+            let mut prompt = system.clone();
+            prompt.extend((0..(id % 4) as u32 * 3).map(|t| 900 + t + (id % 3) as u32));
+            let req = EngineRequest {
+                req_id: id,
+                prompt_token_ids: prompt,
+                sampling: SamplingParams::greedy(6),
+                eos_token_ids: vec![2],
+            };
+            h.add(&mut s, req);
+        }
+        let mut computed = 0;
+        while s.has_unfinished() {
+            assert!(h.steps < 1000);
+            computed += h.step(&mut s, &default_token).0.total_tokens();
+        }
+        assert_eq!(s.num_free_blocks(), 24, "no block leaked");
+        (h.outputs, computed, s.prefix_cache_hit_rate())
+    };
+    let (plain, plain_computed, plain_rate) = run(false);
+    let (cached, cached_computed, rate) = run(true);
+    assert_eq!(plain, cached);
+    assert_eq!(plain_rate, 0.0);
+    assert!(rate > 0.3, "hit rate {rate}");
+    assert!(
+        cached_computed * 10 < plain_computed * 7,
+        "{cached_computed} tokens computed with caching, {plain_computed} without"
+    );
+}
+
+#[test]
+fn prefix_caching_skips_requests_that_want_prompt_logprobs() {
+    let mut s = Scheduler::new(config(4, 64, 4, 64)).with_prefix_caching(true);
+    let mut h = Harness::default();
+    h.add(&mut s, request(1, 12, 2));
+    h.run_to_end(&mut s, &default_token);
+    let mut req = request(2, 12, 2);
+    req.sampling.prompt_logprobs = Some(1);
+    h.add(&mut s, req);
+    let (so, _) = h.step(&mut s, &default_token);
+    assert_eq!(so.scheduled[0].start_pos, 0);
+    h.add(&mut s, request(3, 12, 2));
+    let (so, _) = h.step(&mut s, &default_token);
+    let r3 = so.scheduled.iter().find(|r| r.req_id == 3).unwrap();
+    assert_eq!(
+        r3.start_pos, 8,
+        "two full blocks reused, the last one recomputed"
+    );
 }
