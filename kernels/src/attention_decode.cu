@@ -20,7 +20,12 @@
 //
 //   paged_attention_decode_reduce(out, partial_out, partial_ml, context_lens, num_heads,
 //                                 head_dim, max_partitions, partition_size)
-//     grid (num_heads, num_seqs), block 128.
+//     grid (num_heads, num_seqs), block 256 (128 works); head_dim a multiple of 4, at most 256;
+//     max_partitions at most 2048 (e.g. partition 64 up to a 128k context).
+//
+//   Choosing partition_size (host): the smallest of 512/256/128/64 that still leaves
+//   num_kv_heads * num_seqs * partitions >= ~2 blocks per SM; long contexts at batch 1 want
+//   small partitions, large batches 512 (measured on the H100).
 //
 // Why this shape: decode attention is a pure stream over the KV cache, so each block owns one
 // KV head and up to GT query heads of its group (GQA): K and V are read from memory once for
@@ -36,6 +41,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxPartition = 512;
 constexpr int kUnroll = 4;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kReduceThreads = 256;
+constexpr int kMaxReducePartitions = 2048;
 
 template <int HD, int GT>
 __device__ __forceinline__ void decode_attention(
@@ -261,25 +268,60 @@ RVLLM_DECODE_ATTENTION(128, 2)
 RVLLM_DECODE_ATTENTION(128, 4)
 RVLLM_DECODE_ATTENTION(128, 8)
 
-extern "C" __global__ void __launch_bounds__(128)
+// Combines the partitions of one (sequence, head): weights w_p = l_p * 2^(m_p - M) in shared
+// memory, then every thread sums a float4 column slice over a strided subset of the partitions
+// (many independent loads in flight, instead of one long dependent loop), and the slices are
+// added in shared memory.
+extern "C" __global__ void __launch_bounds__(kReduceThreads)
     paged_attention_decode_reduce(__nv_bfloat16* __restrict__ out,
                                   const float* __restrict__ partial_out,
                                   const float* __restrict__ partial_ml,
                                   const int32_t* __restrict__ context_lens, int num_heads,
                                   int head_dim, int max_partitions, int partition_size) {
+    __shared__ float w[kMaxReducePartitions];
+    __shared__ __align__(16) float red[kReduceThreads * 4];
+    __shared__ float scratch[32];
     const int head = blockIdx.x;
     const int seq = blockIdx.y;
-    const int nparts = (context_lens[seq] + partition_size - 1) / partition_size;
+    const int tid = threadIdx.x;
+    const int nthreads = blockDim.x;  // 128 or 256 (kReduceThreads at most)
+    const int nparts = min((context_lens[seq] + partition_size - 1) / partition_size,
+                           min(max_partitions, kMaxReducePartitions));
     const int64_t base = ((int64_t)seq * num_heads + head) * max_partitions;
+
     float m = -INFINITY;
-    for (int p = 0; p < nparts; ++p) m = fmaxf(m, partial_ml[(base + p) * 2]);
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float acc = 0.0f, wsum = 0.0f;
-        for (int p = 0; p < nparts; ++p) {
-            const float w = partial_ml[(base + p) * 2 + 1] * exp2f(partial_ml[(base + p) * 2] - m);
-            acc = fmaf(w, partial_out[(base + p) * head_dim + d], acc);
-            wsum += w;
+    for (int p = tid; p < nparts; p += nthreads) m = fmaxf(m, partial_ml[(base + p) * 2]);
+    m = block_max(m, scratch);
+    float wsum = 0.0f;
+    for (int p = tid; p < nparts; p += nthreads) {
+        const float wp = partial_ml[(base + p) * 2 + 1] * exp2f(partial_ml[(base + p) * 2] - m);
+        w[p] = wp;
+        wsum += wp;
+    }
+    wsum = block_sum(wsum, scratch);  // its barriers also publish w[]
+
+    const int cols = head_dim / 4;
+    const int slices = nthreads / cols;
+    const int col = tid % cols;
+    const int slice = tid / cols;
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (slice < slices) {
+#pragma unroll 4
+        for (int p = slice; p < nparts; p += slices) {
+            const float4 v =
+                *reinterpret_cast<const float4*>(partial_out + (base + p) * head_dim + col * 4);
+            const float wp = w[p];
+            acc.x = fmaf(wp, v.x, acc.x);
+            acc.y = fmaf(wp, v.y, acc.y);
+            acc.z = fmaf(wp, v.z, acc.z);
+            acc.w = fmaf(wp, v.w, acc.w);
         }
-        out[((int64_t)seq * num_heads + head) * head_dim + d] = __float2bfloat16(acc / wsum);
+    }
+    *reinterpret_cast<float4*>(&red[tid * 4]) = acc;
+    __syncthreads();
+    for (int d = tid; d < head_dim; d += nthreads) {
+        float sum = 0.0f;
+        for (int sl = 0; sl < slices; ++sl) sum += red[(sl * cols + d / 4) * 4 + d % 4];
+        out[((int64_t)seq * num_heads + head) * head_dim + d] = __float2bfloat16(sum / wsum);
     }
 }

@@ -38,8 +38,21 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-__device__ __forceinline__ uint32_t pack_raw(uint16_t lo, uint16_t hi) {
-    return (uint32_t)lo | ((uint32_t)hi << 16);
+// Four 8x8 b16 matrices from shared memory; lane l gives the row address of row l % 8 of
+// matrix l / 8. Without .trans lane T receives (row T/4, cols 2(T%4), +1) of each matrix; with
+// .trans (rows 2(T%4), +1; col T/4), i.e. the mma B fragment of a row-major [k][n] tile.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) {
+    const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
 }
 
 template <int HD>
@@ -60,7 +73,8 @@ __device__ __forceinline__ void prefill_attention(
     const int head = blockIdx.y;
     const int q_begin = cu_seqlens_q[seq];
     const int q_len = cu_seqlens_q[seq + 1] - q_begin;
-    const int row_base = blockIdx.x * kBM;
+    // Heaviest (last, longest-causal) query tiles first, so that the grid's tail is short.
+    const int row_base = (gridDim.x - 1 - blockIdx.x) * kBM;
     if (row_base >= q_len) return;
     const int ctx = context_lens[seq];
     const int start = ctx - q_len;
@@ -121,14 +135,17 @@ __device__ __forceinline__ void prefill_attention(
         float s[NT_S][4];
 #pragma unroll
         for (int n = 0; n < NT_S; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+        // One ldmatrix.x4 yields the B fragments of two n-tiles: matrices (keys +0..7, dims
+        // +0..7), (keys +0..7, dims +8..15), (keys +8..15, dims +0..7), (keys +8..15, dims +8..15).
+        const int lm_j = lane >> 3, lm_r = lane & 7;
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
 #pragma unroll
-            for (int n = 0; n < NT_S; ++n) {
-                const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&ks[n * 8 + g][kk * 16 + 2 * t]);
-                const uint32_t b1 =
-                    *reinterpret_cast<const uint32_t*>(&ks[n * 8 + g][kk * 16 + 2 * t + 8]);
-                mma_bf16_16816(s[n], qa[kk], b0, b1);
+            for (int n = 0; n < NT_S; n += 2) {
+                uint32_t b[4];
+                ldmatrix_x4(b, &ks[n * 8 + lm_r + 8 * (lm_j >> 1)][kk * 16 + 8 * (lm_j & 1)]);
+                mma_bf16_16816(s[n], qa[kk], b[0], b[1]);
+                mma_bf16_16816(s[n + 1], qa[kk], b[2], b[3]);
             }
         }
 
@@ -187,13 +204,14 @@ __device__ __forceinline__ void prefill_attention(
             pa[1] = pack_bf16(p[0][2], p[0][3]);
             pa[2] = pack_bf16(p[1][0], p[1][1]);
             pa[3] = pack_bf16(p[1][2], p[1][3]);
-            const int k0 = kk * 16 + 2 * t;
+            // Transposed loads of V (row-major [key][dim]): matrices (keys +0..7, dims +0..7),
+            // (keys +8..15, dims +0..7), (keys +0..7, dims +8..15), (keys +8..15, dims +8..15).
 #pragma unroll
-            for (int n = 0; n < NT_O; ++n) {
-                const int col = n * 8 + g;
-                const uint32_t b0 = pack_raw(vs[k0][col], vs[k0 + 1][col]);
-                const uint32_t b1 = pack_raw(vs[k0 + 8][col], vs[k0 + 9][col]);
-                mma_bf16_16816(o[n], pa, b0, b1);
+            for (int n = 0; n < NT_O; n += 2) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, &vs[kk * 16 + lm_r + 8 * (lm_j & 1)][n * 8 + 8 * (lm_j >> 1)]);
+                mma_bf16_16816(o[n], pa, b[0], b[1]);
+                mma_bf16_16816(o[n + 1], pa, b[2], b[3]);
             }
         }
     }

@@ -262,16 +262,19 @@ fn mix64(mut x: u64) -> u64 {
     x
 }
 
-/// The Gumbel noise `sample_tokens` adds to token `i` in draw `(seed, offset)`.
+/// The Gumbel noise `sample_tokens` adds to token `i` in draw `(seed, offset)`: element `i`
+/// of a splitmix64 stream keyed by the draw.
 pub fn gumbel_noise(seed: u64, offset: u64, i: usize) -> f32 {
-    let h = mix64(seed ^ mix64(offset ^ mix64(i as u64)));
+    let key = mix64(seed ^ mix64(offset));
+    let h = mix64(key.wrapping_add((i as u64).wrapping_mul(0x9E3779B97F4A7C15)));
     let u = ((h >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0);
     -(-u.ln()).ln()
 }
 
 /// The token `sample_tokens` picks for one row, and its raw-logit logprob.
 pub fn sample(logits: &[f32], p: &SampleParams) -> (usize, f32) {
-    let token = if p.temperature < 1e-5 {
+    // top-k 1 is greedy whatever the temperature (the kernel skips the draw too).
+    let token = if p.temperature < 1e-5 || p.top_k == 1 {
         argmax(logits)
     } else {
         let inv_t = 1.0 / p.temperature;

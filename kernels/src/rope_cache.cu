@@ -36,10 +36,14 @@ extern "C" __global__ void rope_and_cache_bf16(
     for (int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
         const int head = idx / half;
         const int i = idx - head * half;
-        float s, c;
-        // Precise sincosf: angles reach ~1e5 rad at long positions, where the fast
-        // intrinsics lose all accuracy.
-        sincosf(pos * inv_freq[i], &s, &c);
+        // The angle is rounded to f32 as in the HF reference; its sine and cosine are taken in
+        // double precision. Angles reach ~1e5 rad at long positions, where the f32 fast-math
+        // intrinsics (the build uses --use_fast_math) lose all accuracy; double-precision
+        // functions are never replaced by fast approximations.
+        const float angle = pos * inv_freq[i];
+        double sd, cd;
+        sincos((double)angle, &sd, &cd);
+        const float s = (float)sd, c = (float)cd;
         __nv_bfloat16* x;
         if (head < num_heads) {
             x = qrow + head * head_dim;

@@ -48,11 +48,57 @@ __device__ __forceinline__ uint64_t mix64(uint64_t x) {
     return x;
 }
 
-// Gumbel noise for element i of the draw (seed, offset); reference.rs mirrors this exactly.
-__device__ __forceinline__ float gumbel(uint64_t seed, uint64_t offset, int i) {
-    const uint64_t h = mix64(seed ^ mix64(offset ^ mix64((uint64_t)i)));
+// The per-draw key, hashed once per row.
+__device__ __forceinline__ uint64_t draw_key(uint64_t seed, uint64_t offset) {
+    return mix64(seed ^ mix64(offset));
+}
+
+// Gumbel noise for element i of the draw: one splitmix64 step of the draw key's stream
+// (a counter-based generator); reference.rs mirrors this exactly.
+__device__ __forceinline__ float gumbel(uint64_t key, int i) {
+    const uint64_t h = mix64(key + (uint64_t)i * 0x9E3779B97F4A7C15ull);
     const float u = ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f);
     return -logf(-logf(u));
+}
+
+// Four consecutive logits starting at i (a multiple of 4); out-of-range ones are invalid.
+// One 16-byte load when the row allows it.
+__device__ __forceinline__ void load4(const float* __restrict__ row, int i, int vocab, bool vec,
+                                      float v[4], bool ok[4]) {
+    if (vec && i < vocab) {
+        const float4 f = *reinterpret_cast<const float4*>(row + i);
+        v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) ok[j] = true;
+    } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            ok[j] = i + j < vocab;
+            v[j] = ok[j] ? row[i + j] : -INFINITY;
+        }
+    }
+}
+
+// Adds `value` to hist[bin] for every lane with `take`; all 32 lanes must call it together.
+// Lanes with the same bin are merged first (match + warp reduction) so that one atomic per
+// distinct bin leaves the warp: logits cluster in few bins of the high digits, and plain
+// per-lane atomics on one address serialise (measured: 50x slower).
+__device__ __forceinline__ void warp_hist_add(uint64_t* hist, bool take, uint32_t bin,
+                                              uint64_t value, bool count) {
+    const unsigned active = __ballot_sync(0xffffffffu, take);
+    if (!take) return;
+    const unsigned group = __match_any_sync(active, bin);
+    const bool leader = (threadIdx.x & 31) == __ffs(group) - 1;
+    uint64_t total;
+    if (count) {
+        total = __popc(group);
+    } else {
+        // Masses are < 2^41: two 20/21-bit halves, each summed exactly in 32 bits.
+        const unsigned lo = __reduce_add_sync(group, (unsigned)(value & 0xFFFFFu));
+        const unsigned hi = __reduce_add_sync(group, (unsigned)(value >> 20));
+        total = ((uint64_t)hi << 20) + lo;
+    }
+    if (leader) atomicAdd(reinterpret_cast<unsigned long long*>(&hist[bin]), (unsigned long long)total);
 }
 
 __device__ __forceinline__ uint64_t mass_of(float l, float lmax, float inv_t) {
@@ -132,7 +178,7 @@ __device__ uint64_t block_sum_u64(uint64_t v, uint64_t* scratch) {
 // Radix selection of the largest key `tau` with weight(key >= tau) >= need, where the weight
 // of element i is 1 (counts, use_mass false) or its fixed-point mass; only keys >= floor_key
 // take part. `need` must not exceed the total weight.
-__device__ uint32_t radix_select(const float* __restrict__ row, int vocab, uint32_t floor_key,
+__device__ uint32_t radix_select(const float* __restrict__ row, int vocab, bool vec, uint32_t floor_key,
                                  uint64_t need, bool use_mass, float lmax, float inv_t,
                                  uint64_t* hist, uint64_t* shared_out) {
     uint32_t prefix = 0, mask = 0;
@@ -140,12 +186,16 @@ __device__ uint32_t radix_select(const float* __restrict__ row, int vocab, uint3
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < vocab; i += kThreads) {
-            const float l = row[i];
-            const uint32_t k = order_key(l);
-            if (k >= floor_key && (k & mask) == prefix) {
-                atomicAdd(reinterpret_cast<unsigned long long*>(&hist[(k >> shift) & 255u]),
-                          (unsigned long long)(use_mass ? mass_of(l, lmax, inv_t) : 1ull));
+        for (int base = 0; base < vocab; base += 4 * kThreads) {
+            float v[4];
+            bool ok[4];
+            load4(row, base + 4 * threadIdx.x, vocab, vec, v, ok);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const uint32_t k = order_key(v[j]);
+                const bool take = ok[j] && k >= floor_key && (k & mask) == prefix;
+                warp_hist_add(hist, take, (k >> shift) & 255u,
+                              use_mass && take ? mass_of(v[j], lmax, inv_t) : 1ull, !use_mass);
             }
         }
         __syncthreads();
@@ -202,15 +252,26 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     const float* row = logits + (int64_t)b * vocab;
 
     // Pass 1: max, first argmax and the sum of exponentials (online), for greedy and logprobs.
+    // 16-byte loads need 16-byte aligned rows.
+    const bool vec = vocab % 4 == 0 && (reinterpret_cast<uintptr_t>(logits) & 15) == 0;
     MaxArg acc{-INFINITY, 0x7fffffff, 0.0f};
-    for (int i = threadIdx.x; i < vocab; i += kThreads) {
-        const float l = row[i];
-        if (l > acc.m) {
-            acc.s = acc.m == -INFINITY ? 1.0f : acc.s * expf(acc.m - l) + 1.0f;
-            acc.m = l;
-            acc.idx = i;
-        } else if (l != -INFINITY) {
-            acc.s += expf(l - acc.m);
+#pragma unroll 2
+    for (int base = 0; base < vocab; base += 4 * kThreads) {
+        float v[4];
+        bool ok[4];
+        const int i0 = base + 4 * threadIdx.x;
+        load4(row, i0, vocab, vec, v, ok);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float l = v[j];
+            if (!ok[j]) continue;
+            if (l > acc.m) {
+                acc.s = acc.m == -INFINITY ? 1.0f : acc.s * expf(acc.m - l) + 1.0f;
+                acc.m = l;
+                acc.idx = i0 + j;
+            } else if (l != -INFINITY) {
+                acc.s += expf(l - acc.m);
+            }
         }
     }
     const MaxArg all = block_maxarg(acc, scratch);
@@ -219,8 +280,9 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 
     const float temp = temperatures[b];
     int token = all.idx;
-    if (temp >= 1e-5f) {
-        const float inv_t = 1.0f / temp;
+    if (temp >= 1e-5f && top_ks[b] != 1) {
+        // IEEE division whatever the build's fast-math flags: the CPU reference divides too.
+        const float inv_t = __fdiv_rn(1.0f, temp);
         const int top_k = top_ks[b];
         const float top_p = top_ps[b];
         const float min_p = min_ps[b];
@@ -229,34 +291,44 @@ extern "C" __global__ void __launch_bounds__(kThreads)
             floor_key = order_key(__fadd_rn(lmax, __fmul_rn(temp, logf(min_p))));
         }
         if (top_k > 0 && top_k < vocab) {
-            const uint32_t kth = radix_select(row, vocab, 0u, (uint64_t)top_k, false, lmax, inv_t,
+            const uint32_t kth = radix_select(row, vocab, vec, 0u, (uint64_t)top_k, false, lmax, inv_t,
                                               hist, sel);
             floor_key = max(floor_key, kth);
         }
         if (top_p < 1.0f) {
             uint64_t local = 0;
-            for (int i = threadIdx.x; i < vocab; i += kThreads) {
-                const float l = row[i];
-                if (order_key(l) >= floor_key) local += mass_of(l, lmax, inv_t);
+            for (int base = 0; base < vocab; base += 4 * kThreads) {
+                float v[4];
+                bool ok[4];
+                load4(row, base + 4 * threadIdx.x, vocab, vec, v, ok);
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    if (ok[j] && order_key(v[j]) >= floor_key) local += mass_of(v[j], lmax, inv_t);
             }
             const uint64_t total = block_sum_u64(local, scratch64);
             double want = ceil((double)top_p * (double)total);
             uint64_t need = (uint64_t)want;
             need = need < 1 ? 1 : (need > total ? total : need);
-            const uint32_t tp = radix_select(row, vocab, floor_key, need, true, lmax, inv_t,
+            const uint32_t tp = radix_select(row, vocab, vec, floor_key, need, true, lmax, inv_t,
                                              hist, sel);
             floor_key = max(floor_key, tp);
         }
         // Gumbel-max over the kept set.
-        const uint64_t seed = seeds[b], offset = offsets[b];
+        const uint64_t key = draw_key(seeds[b], offsets[b]);
         MaxArg best{-INFINITY, 0x7fffffff, 0.0f};
-        for (int i = threadIdx.x; i < vocab; i += kThreads) {
-            const float l = row[i];
-            if (order_key(l) < floor_key) continue;
-            const float score = __fadd_rn(__fmul_rn(l, inv_t), gumbel(seed, offset, i));
-            if (score > best.m) {
-                best.m = score;
-                best.idx = i;
+        for (int base = 0; base < vocab; base += 4 * kThreads) {
+            float v[4];
+            bool ok[4];
+            const int i0 = base + 4 * threadIdx.x;
+            load4(row, i0, vocab, vec, v, ok);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if (!ok[j] || order_key(v[j]) < floor_key) continue;
+                const float score = __fadd_rn(__fmul_rn(v[j], inv_t), gumbel(key, i0 + j));
+                if (score > best.m) {
+                    best.m = score;
+                    best.idx = i0 + j;
+                }
             }
         }
         // combine() also merges sums; they are unused (0) here.

@@ -64,7 +64,7 @@ fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, partition: us
             arg(&out.ptr), arg(&po.ptr), arg(&pml.ptr), arg(&s.q.ptr), arg(&s.k.ptr), arg(&s.v.ptr), arg(&s.tables.ptr), arg(&s.ctx.ptr),
             arg(&scale), arg(&nh), arg(&nkv), arg(&bs), arg(&mb), arg(&qs), arg(&ps)]);
         if parts > 1 {
-            g.launch_async(red, (NH as u32, batch as u32, 1), (128, 1, 1), &mut [
+            g.launch_async(red, (NH as u32, batch as u32, 1), (256, 1, 1), &mut [
                 arg(&out.ptr), arg(&po.ptr), arg(&pml.ptr), arg(&s.ctx.ptr), arg(&nh), arg(&hd), arg(&mp), arg(&ps)]);
         }
     })
@@ -77,9 +77,10 @@ fn bench_decode_attention() {
     println!("decode attention on {}: Llama-3.1-8B layer (32 q heads, 8 kv heads, hd 128)", g.name);
     println!("{:>6} {:>7} {:>9} {:>10} {:>9}", "batch", "context", "partition", "time (us)", "GB/s");
     for &(batch, ctx, parts) in &[
-        (1usize, 32768usize, &[512usize, 256, 128][..]),
+        (1usize, 32768usize, &[512usize, 256, 128, 64][..]),
         (1, 4096, &[512, 256, 128, 64][..]),
         (1, 1024, &[256, 128, 64][..]),
+        (1, 384, &[512, 128, 64][..]),
         (64, 2048, &[512, 256, 128][..]),
         (64, 4096, &[512, 256][..]),
         (256, 512, &[512, 256][..]),

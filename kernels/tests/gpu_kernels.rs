@@ -259,7 +259,9 @@ fn run_decode(g: &Gpu, c: &TestCache, q_h: &[bf16], q_stride: usize, nh: usize, 
         arg(&scale), arg(&nh_), arg(&nkv_), arg(&bs_), arg(&mb_), arg(&qs_), arg(&ps_)]);
     if max_parts > 1 {
         let (hd_, mp_) = (c.hd as i32, max_parts as i32);
-        g.launch("attention_decode", "paged_attention_decode_reduce", (nh as u32, num_seqs as u32, 1), (128, 1, 1), &mut [
+        // The reduce works with 128 or 256 threads; cover both.
+        let reduce_block = if partition == 64 { 128 } else { 256 };
+        g.launch("attention_decode", "paged_attention_decode_reduce", (nh as u32, num_seqs as u32, 1), (reduce_block, 1, 1), &mut [
             arg(&out.ptr), arg(&part_out.ptr), arg(&part_ml.ptr), arg(&d_ctx.ptr), arg(&nh_), arg(&hd_), arg(&mp_), arg(&ps_)]);
     }
     g.download_bf16(&out)
