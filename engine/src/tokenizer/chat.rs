@@ -149,7 +149,7 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(out, r#"hi|true|"  hi  ""#);
+        assert_eq!(out, r#"hi|True|"  hi  ""#);
         let e = render(
             "{{ raise_exception('Conversation roles must alternate') }}",
             &msgs,

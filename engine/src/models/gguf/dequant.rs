@@ -524,6 +524,40 @@ mod tests {
         }
     }
 
+    /// Random blocks of every quantized type, dequantized by gguf-py (llama.cpp's Python
+    /// package): tests/fixtures/gguf/make_quant_blocks.py.
+    #[test]
+    fn matches_gguf_py_on_random_blocks() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/gguf/quant_blocks.json");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let types = doc["types"].as_object().unwrap();
+        assert_eq!(types.len(), 8);
+        for (name, entry) in types {
+            let t = entry["ggml_type"].as_u64().unwrap() as u32;
+            let hex = entry["hex"].as_str().unwrap();
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            let want: Vec<f32> = entry["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let got = as_f32(dequantize(t, &bytes, want.len()).unwrap());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                    "{name} value {i}: got {g}, gguf-py has {w}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn unsupported_type_and_bad_sizes_are_errors() {
         let e = dequantize(10, &[0; 84], 256).unwrap_err().to_string();
