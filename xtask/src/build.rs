@@ -144,7 +144,7 @@ pub struct Args {
     #[arg(long)]
     pub release: bool,
     /// GPU architectures for the kernels, e.g. `80;90a` (also CUDA_ARCHS). Default: the
-    /// GPUs present, else sm_75..sm_90a as far as nvcc supports them.
+    /// GPUs present, else sm_80 sm_86 sm_89 sm_90a.
     #[arg(long)]
     pub cuda_archs: Option<String>,
     /// Parallel nvcc jobs (also MAX_JOBS). Default: min(cores, free memory / 2 GiB).

@@ -264,7 +264,15 @@ fn check_driver(tk: Option<&CudaToolkit>, checks: &mut Vec<Check>) -> Option<Dri
                     g.name,
                     gib(g.memory_bytes)
                 );
-                if driver::supported(g.compute_capability) {
+                if driver::supported(g.compute_capability)
+                    && a * 10 + b < toolchain::KERNELS_MIN_ARCH
+                {
+                    checks.push(warn(
+                        "gpu",
+                        format!("{text}: rvllm's CUDA kernels need compute capability 8.0 (bf16 tensor cores)"),
+                        "run with --device cpu on this GPU, or use an Ampere or newer GPU",
+                    ));
+                } else if driver::supported(g.compute_capability) {
                     checks.push(ok("gpu", text));
                 } else {
                     checks.push(fail(

@@ -414,9 +414,13 @@ impl CudaArch {
     }
 }
 
-/// The documented default when no GPU is present and no list is given (Volta to Hopper),
-/// trimmed to what the nvcc in use supports (CUDA 13 dropped sm_70).
-pub const DEFAULT_CUDA_ARCHS: &str = "70;75;80;86;89;90a";
+/// The default when no GPU is present and no list is given: Ampere to Hopper. rvllm's
+/// kernels use bf16 tensor-core MMA and `__reduce_*_sync`, which need sm_80; Volta and Turing
+/// (7.x) can be named in `CUDA_ARCHS` only once the kernels gain fallbacks for them.
+pub const DEFAULT_CUDA_ARCHS: &str = "80;86;89;90a";
+
+/// The oldest architecture the kernels compile for (see [`DEFAULT_CUDA_ARCHS`]).
+pub const KERNELS_MIN_ARCH: u32 = 80;
 
 /// Parses `CUDA_ARCHS`-style lists: `80;90a`, `8.0 9.0a`, `sm_80,sm_90a`, `compute_86`.
 pub fn parse_cuda_archs(list: &str) -> Result<Vec<CudaArch>, String> {

@@ -275,11 +275,14 @@ fn gencode_has_sass_for_each_and_ptx_only_when_the_driver_can_load_it() {
 
 #[test]
 fn unsupported_archs_are_split_off() {
-    let archs = parse_cuda_archs(DEFAULT_CUDA_ARCHS).unwrap();
+    let archs = parse_cuda_archs("70;75;80;86;89;90a").unwrap();
     let supported = parse_gpu_code_list("sm_75\nsm_80\nsm_86\nsm_89\nsm_90\nsm_100\n");
     let (ok, dropped) = filter_supported(&archs, &supported);
     assert_eq!(format_cuda_archs(&ok), "75;80;86;89;90a");
     assert_eq!(format_cuda_archs(&dropped), "70");
+    let (ok, dropped) =
+        filter_supported(&parse_cuda_archs(DEFAULT_CUDA_ARCHS).unwrap(), &supported);
+    assert_eq!((ok.len(), dropped.len()), (4, 0));
 }
 
 #[test]
