@@ -143,7 +143,7 @@ pub fn run(args: Args) -> Result<()> {
         } else {
             println!("{}", show(&build));
         }
-        for t in tags.iter().filter(|_| args.push) {
+        for t in tags.iter().filter(|t| args.push && t.contains('/')) {
             println!("docker push {t}");
         }
         return Ok(());

@@ -193,7 +193,7 @@ fn update_root_index(tree: &Path, m: &Manifest, channel: Channel) -> Result<()> 
         }
     }
     releases.sort_by(|a, b| compare_versions(a, b));
-    let stable = releases.iter().filter(|v| !v.contains('-')).next_back();
+    let stable = releases.iter().rfind(|v| !v.contains('-'));
     root.latest = stable.or(releases.last()).cloned();
     root.releases = releases;
     if channel == Channel::Nightly {
