@@ -169,6 +169,14 @@ fn upgrade_then_roll_back_keeps_versions_side_by_side() {
     let link = std::fs::read_link(pre.join("bin/rvllm")).unwrap();
     assert!(link.is_relative(), "{}", link.display());
 
+    // An install interrupted by a signal leaves a staging folder of a dead process; the
+    // next successful install clears it. (4194305 is above the kernel's highest pid.)
+    let stale = lib.join(".staging-4194305-1");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("half-written"), b"x").unwrap();
+    install(&server, &pre, &["--version", "0.2.0", "--cuda", "cpu"]);
+    assert!(!stale.exists(), "stale staging folder removed");
+
     // Roll back: the old version folder is reused; the link switches back.
     let before = snapshot(&lib);
     install(&server, &pre, &["--version", "0.1.0", "--cuda", "cpu"]);

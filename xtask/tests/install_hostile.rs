@@ -350,3 +350,35 @@ fn artifacts_this_machine_cannot_run_are_refused() {
     assert!(err.contains("sha256"), "{err}");
     assert!(!pre.exists());
 }
+
+/// A consistent archive whose binary says it is another version than its manifest: caught
+/// by running the staged binary, i.e. after files were written into the prefix's staging
+/// folder, which must be cleaned away.
+#[test]
+fn binary_contradicting_its_manifest_is_refused_after_staging() {
+    let server = Server::start(&release_tree());
+    let (manifest, bin) = genuine_parts();
+    let liar = String::from_utf8(bin)
+        .unwrap()
+        .replace("rvllm 0.2.0", "rvllm 6.6.6");
+    let mut m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    for f in m["files"].as_array_mut().unwrap() {
+        if f["path"] == "bin/rvllm" {
+            f["sha256"] = sha256_hex(liar.as_bytes()).into();
+            f["size"] = liar.len().into();
+        }
+    }
+    let manifest = serde_json::to_vec(&m).unwrap();
+    serve_as_commit_020(
+        &server,
+        gz(|t| {
+            raw_entry(t, "manifest.json", b'0', "", &manifest);
+            raw_entry(t, "bin/rvllm", b'0', "", liar.as_bytes());
+        }),
+    );
+    refused(
+        &server,
+        &["--commit", COMMIT_020, "--cuda", "cpu"],
+        &["says it is 6.6.6", "inconsistent"],
+    );
+}
