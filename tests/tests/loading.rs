@@ -115,7 +115,7 @@ fn smollm2_gguf_config_weights_and_unpermuted_qk() {
             compare(0, &entry["values"], name.clone());
         }
     }
-    assert!(checked > 300, "compared only {checked} values");
+    assert!(checked >= 250, "compared only {checked} values");
 }
 
 #[test]
@@ -325,7 +325,7 @@ fn shape_disagreeing_with_config_names_file_tensor_and_shapes() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let e = err_of(dir.path(), LoadFormat::Auto);
     assert!(e.contains("model.safetensors"), "{e}");
-    assert!(e.contains("mlp.") && e.contains("[128, 64]"), "{e}");
+    assert!(e.contains("mlp.") && e.contains("implies [64, 128]") && e.contains("[64, 160]"), "{e}");
 }
 
 #[test]

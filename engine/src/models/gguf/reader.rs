@@ -166,7 +166,7 @@ impl<'a> Cursor<'a> {
         let len = self.u64(what)?;
         ensure!(
             len <= self.remaining() as u64,
-            "{what}: string length {len} runs past the end of the file (corrupt header)"
+            "{what}: string length {len} runs past the end of the file: truncated or corrupt"
         );
         let bytes = self.take(len as usize, what)?;
         // Token lists may hold invalid UTF-8 pieces in the wild; keep them readable rather
@@ -193,7 +193,7 @@ impl<'a> Cursor<'a> {
                 // and checking it first stops a huge allocation.
                 ensure!(
                     len <= self.remaining() as u64,
-                    "{what}: array length {len} runs past the end of the file (corrupt header)"
+                    "{what}: array length {len} runs past the end of the file: truncated or corrupt"
                 );
                 let mut items = Vec::with_capacity(len as usize);
                 for _ in 0..len {
