@@ -174,6 +174,7 @@ pub fn install(args: &Args) -> Result<Outcome> {
     for w in host::check(&manifest, &host)? {
         eprintln!("warning: {w}");
     }
+    warn_on_uncovered_gpus(&manifest, &host);
 
     // 5. Into the prefix.
     let dir = place(&prefix, tmp.path(), &manifest)?;
@@ -182,6 +183,26 @@ pub fn install(args: &Args) -> Result<Outcome> {
         dir,
         previous,
     })
+}
+
+/// Warns when a GPU of this machine is not among the architectures the kernels cover (the
+/// CUDA backend would fail to load them there). Only asked when a driver is present.
+fn warn_on_uncovered_gpus(m: &Manifest, host: &Host) {
+    if m.cuda.is_none() || host.driver.is_none() {
+        return;
+    }
+    let Ok(Some(info)) = crate::driver::query_driver() else {
+        return;
+    };
+    let gpus: Vec<(u32, u32)> = info.gpus.iter().map(|g| g.compute_capability).collect();
+    for (major, minor) in host::uncovered_gpus(&m.compute_capabilities, &gpus) {
+        eprintln!(
+            "warning: this machine has a GPU of compute capability {major}.{minor}, which the \
+             artifact's kernels ({}) do not cover; the CUDA backend will not run on it. Build \
+             from source (`cargo xtask build`) to compile for it",
+            m.compute_capabilities.join(", ")
+        );
+    }
 }
 
 /// Refuses a prefix whose `bin/rvllm` this tool did not make or that is in dev mode;

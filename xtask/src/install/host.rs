@@ -139,6 +139,35 @@ pub fn check(m: &Manifest, host: &Host) -> Result<Vec<String>> {
     Ok(warnings)
 }
 
+/// Compute capabilities (major, minor) of `gpus` that none of the artifact's kernels can run
+/// on: a cubin runs on its own architecture (`sm_90`, `sm_90a`), a family cubin (`sm_100f`)
+/// on later GPUs of the same major version, PTX (`compute_80`) on any later GPU through the
+/// driver's JIT.
+pub fn uncovered_gpus(caps: &[String], gpus: &[(u32, u32)]) -> Vec<(u32, u32)> {
+    let parse = |c: &str| -> Option<(bool, u32, String)> {
+        let (kind, rest) = c.split_once('_')?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let suffix = rest[digits.len()..].to_string();
+        Some((kind == "sm", digits.parse().ok()?, suffix))
+    };
+    let caps: Vec<(bool, u32, String)> = caps.iter().filter_map(|c| parse(c)).collect();
+    gpus.iter()
+        .copied()
+        .filter(|&(major, minor)| {
+            let n = major * 10 + minor;
+            !caps
+                .iter()
+                .any(|(cubin, k, suffix)| match (cubin, suffix.as_str()) {
+                    (true, "f") => *k / 10 == major && *k <= n,
+                    (true, _) => *k == n,
+                    (false, "") => *k <= n,
+                    // Arch-specific PTX only JIT-compiles for that exact architecture.
+                    (false, _) => *k == n,
+                })
+        })
+        .collect()
+}
+
 /// A `--cuda` request: a CUDA version or the CPU variant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VariantRequest {
@@ -295,6 +324,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("aarch64"));
+    }
+
+    #[test]
+    fn finds_gpus_the_kernels_do_not_cover() {
+        let caps: Vec<String> = ["sm_80", "sm_90a", "compute_90a"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            uncovered_gpus(&caps, &[(8, 0), (9, 0), (8, 9), (7, 5)]),
+            vec![(8, 9), (7, 5)]
+        );
+        let ptx: Vec<String> = ["compute_80", "sm_100f"].map(String::from).to_vec();
+        assert_eq!(
+            uncovered_gpus(&ptx, &[(7, 5), (8, 6), (10, 3), (12, 0)]),
+            vec![(7, 5)]
+        );
     }
 
     #[test]
