@@ -113,22 +113,32 @@ __device__ __forceinline__ void prefill_attention(
     const int64_t kv_row = (int64_t)num_kv_heads * HD;
     const int32_t* table = block_tables + (int64_t)seq * max_blocks_per_seq;
 
-    for (int kt = 0; kt < kend; kt += kBN) {
-        __syncthreads();  // the previous tile is no longer read
+    // K and V tiles are copied with cp.async (no registers, zero-filled past the end) in a
+    // staggered pipeline: the next K tile loads while P V runs, the next V tile while Q K^T
+    // runs. Commit groups alternate K, V, K, V...; `wait_group 1` leaves only the newest
+    // group in flight.
+    auto issue_tile = [&](uint16_t(*dst)[LD], const __nv_bfloat16* __restrict__ cache, int kt) {
         for (int idx = tid; idx < kBN * (HD / 8); idx += kThreads) {
             const int r = idx / (HD / 8);
             const int c = (idx % (HD / 8)) * 8;
             const int key = kt + r;
-            Bf16x8 kv = {}, vv = {};
+            const uint32_t d = (uint32_t)__cvta_generic_to_shared(&dst[r][c]);
             if (key < kend) {
                 const int64_t slot = (int64_t)table[key / block_size] * block_size + key % block_size;
-                const int64_t off = slot * kv_row + (int64_t)kv_head * HD + c;
-                kv = *reinterpret_cast<const Bf16x8*>(key_cache + off);
-                vv = *reinterpret_cast<const Bf16x8*>(value_cache + off);
+                const __nv_bfloat16* src = cache + slot * kv_row + (int64_t)kv_head * HD + c;
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+            } else {
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 0;\n" ::"r"(d), "l"(cache));
             }
-            *reinterpret_cast<Bf16x8*>(&ks[r][c]) = kv;
-            *reinterpret_cast<Bf16x8*>(&vs[r][c]) = vv;
         }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    issue_tile(ks, key_cache, 0);
+    issue_tile(vs, value_cache, 0);
+
+    for (int kt = 0; kt < kend; kt += kBN) {
+        const bool more = kt + kBN < kend;
+        asm volatile("cp.async.wait_group 1;\n" ::);  // K tile kt has landed
         __syncthreads();
 
         // S = Q K^T for this warp's 16 rows and the tile's 64 keys.
@@ -185,6 +195,15 @@ __device__ __forceinline__ void prefill_attention(
             o[n][3] *= alpha_b;
         }
 
+        __syncthreads();  // every warp is done with ks: refill it while P V runs
+        if (more) {
+            issue_tile(ks, key_cache, kt + kBN);
+        } else {
+            asm volatile("cp.async.commit_group;\n" ::);  // keep the group count uniform
+        }
+        asm volatile("cp.async.wait_group 1;\n" ::);  // V tile kt has landed
+        __syncthreads();
+
         // P (bf16) as the A operand: the accumulator layout of two adjacent n-tiles is the
         // A-fragment layout of one k=16 step.
 #pragma unroll
@@ -214,7 +233,14 @@ __device__ __forceinline__ void prefill_attention(
                 mma_bf16_16816(o[n + 1], pa, b[2], b[3]);
             }
         }
+        __syncthreads();  // every warp is done with vs
+        if (more) {
+            issue_tile(vs, value_cache, kt + kBN);
+        } else {
+            asm volatile("cp.async.commit_group;\n" ::);
+        }
     }
+    asm volatile("cp.async.wait_group 0;\n" ::);
 
     // Each thread summed only its own columns of l; the quad holds the whole row.
 #pragma unroll

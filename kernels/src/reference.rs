@@ -18,7 +18,8 @@ pub fn embedding(table: &[f32], hidden: usize, ids: &[i32]) -> Vec<f32> {
     for (t, &id) in ids.iter().enumerate() {
         if id >= 0 && (id as usize) < vocab {
             let id = id as usize;
-            out[t * hidden..(t + 1) * hidden].copy_from_slice(&table[id * hidden..(id + 1) * hidden]);
+            out[t * hidden..(t + 1) * hidden]
+                .copy_from_slice(&table[id * hidden..(id + 1) * hidden]);
         }
     }
     out
@@ -68,7 +69,11 @@ pub fn rope_inplace(
     inv_freq: &[f32],
 ) {
     let half = head_dim / 2;
-    assert_eq!(inv_freq.len(), half, "inv_freq must hold head_dim / 2 values");
+    assert_eq!(
+        inv_freq.len(),
+        half,
+        "inv_freq must hold head_dim / 2 values"
+    );
     for (t, &pos) in positions.iter().enumerate() {
         for h in 0..num_heads {
             let base = t * stride + h * head_dim;
@@ -85,7 +90,13 @@ pub fn rope_inplace(
 
 /// Writes the first `width` values of each row of `src` (rows `stride` apart) into cache slot
 /// `slot_mapping[t]` (slots `width` apart); a negative slot is skipped.
-pub fn write_cache(cache: &mut [f32], width: usize, src: &[f32], stride: usize, slot_mapping: &[i32]) {
+pub fn write_cache(
+    cache: &mut [f32],
+    width: usize,
+    src: &[f32],
+    stride: usize,
+    slot_mapping: &[i32],
+) {
     for (t, &slot) in slot_mapping.iter().enumerate() {
         if slot < 0 {
             continue;
@@ -100,7 +111,11 @@ pub fn silu_and_mul(input: &[f32], inter: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(input.len() / 2);
     for row in input.chunks_exact(2 * inter) {
         let (gate, up) = row.split_at(inter);
-        out.extend(gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+        out.extend(
+            gate.iter()
+                .zip(up)
+                .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u),
+        );
     }
     out
 }
@@ -162,7 +177,10 @@ pub fn paged_attention(
                 let scores: Vec<f64> = (0..visible)
                     .map(|key| {
                         let k = &kv.key_cache[slot(key) * kv_row + kvh * hd..][..hd];
-                        qv.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+                        qv.iter()
+                            .zip(k)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
                             * scale as f64
                     })
                     .collect();
@@ -303,7 +321,9 @@ mod tests {
     /// Small deterministic pseudo-random values in [-1, 1), never all zero.
     fn values(n: usize, seed: u64) -> Vec<f32> {
         (0..n)
-            .map(|i| ((mix64(seed.wrapping_mul(1000003) ^ i as u64) >> 40) as f32 / 8_388_608.0) - 1.0)
+            .map(|i| {
+                ((mix64(seed.wrapping_mul(1000003) ^ i as u64) >> 40) as f32 / 8_388_608.0) - 1.0
+            })
             .collect()
     }
 
@@ -333,7 +353,9 @@ mod tests {
         let hd = 8;
         let mut x = values(2 * hd, 4);
         let orig = x.clone();
-        let inv_freq: Vec<f32> = (0..hd / 2).map(|i| 10000f32.powf(-(2.0 * i as f32) / hd as f32)).collect();
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|i| 10000f32.powf(-(2.0 * i as f32) / hd as f32))
+            .collect();
         rope_inplace(&mut x, hd, 1, hd, &[0, 5], &inv_freq);
         // Position 0 is the identity.
         assert_eq!(&x[..hd], &orig[..hd]);
@@ -345,7 +367,10 @@ mod tests {
             let turned = d.atan2(c) - b.atan2(a);
             let want = 5.0 * inv_freq[i];
             let diff = (turned - want).rem_euclid(std::f32::consts::TAU);
-            assert!(diff < 1e-4 || diff > std::f32::consts::TAU - 1e-4, "pair {i}: {turned} vs {want}");
+            assert!(
+                !(1e-4..=std::f32::consts::TAU - 1e-4).contains(&diff),
+                "pair {i}: {turned} vs {want}"
+            );
         }
     }
 
@@ -374,7 +399,15 @@ mod tests {
     }
 
     /// Dense causal attention over contiguous K/V, the textbook formula.
-    fn dense_attention(q: &[f32], k: &[f32], v: &[f32], n: usize, ctx: usize, hd: usize, scale: f32) -> Vec<f32> {
+    fn dense_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        ctx: usize,
+        hd: usize,
+        scale: f32,
+    ) -> Vec<f32> {
         let start = ctx - n;
         let mut out = vec![0.0; n * hd];
         for i in 0..n {
@@ -404,20 +437,45 @@ mod tests {
         let vd = values(ctx * nkv * hd, 8);
         let mut key_cache = vec![f32::NAN; num_blocks * bs * nkv * hd];
         let mut value_cache = key_cache.clone();
-        let slots: Vec<i32> = (0..ctx).map(|t| table[t / bs] * bs as i32 + (t % bs) as i32).collect();
+        let slots: Vec<i32> = (0..ctx)
+            .map(|t| table[t / bs] * bs as i32 + (t % bs) as i32)
+            .collect();
         write_cache(&mut key_cache, nkv * hd, &kd, nkv * hd, &slots);
         write_cache(&mut value_cache, nkv * hd, &vd, nkv * hd, &slots);
         let q = values(n * nh * hd, 9);
-        let kv = PagedKv { key_cache: &key_cache, value_cache: &value_cache, block_size: bs, num_kv_heads: nkv, head_dim: hd };
-        let batch = AttentionBatch { cu_seqlens_q: &[0, n as i32], context_lens: &[ctx as i32], block_tables: &table, max_blocks_per_seq: 4 };
+        let kv = PagedKv {
+            key_cache: &key_cache,
+            value_cache: &value_cache,
+            block_size: bs,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        };
+        let batch = AttentionBatch {
+            cu_seqlens_q: &[0, n as i32],
+            context_lens: &[ctx as i32],
+            block_tables: &table,
+            max_blocks_per_seq: 4,
+        };
         let out = paged_attention(&q, nh * hd, nh, &kv, &batch, 0.3);
         for h in 0..nh {
             let kvh = h / 2;
             let pick = |src: &[f32], rows: usize, heads: usize, head: usize| -> Vec<f32> {
-                (0..rows).flat_map(|r| src[(r * heads + head) * hd..(r * heads + head + 1) * hd].to_vec()).collect()
+                (0..rows)
+                    .flat_map(|r| {
+                        src[(r * heads + head) * hd..(r * heads + head + 1) * hd].to_vec()
+                    })
+                    .collect()
             };
             let qh = pick(&q, n, nh, h);
-            let want = dense_attention(&qh, &pick(&kd, ctx, nkv, kvh), &pick(&vd, ctx, nkv, kvh), n, ctx, hd, 0.3);
+            let want = dense_attention(
+                &qh,
+                &pick(&kd, ctx, nkv, kvh),
+                &pick(&vd, ctx, nkv, kvh),
+                n,
+                ctx,
+                hd,
+                0.3,
+            );
             let got = pick(&out, n, nh, h);
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-5, "head {h}: {a} vs {b}");
@@ -428,7 +486,14 @@ mod tests {
     #[test]
     fn sampling_filters_keep_the_expected_sets() {
         let logits = [1.0f32, 3.0, 2.0, 0.5, 3.0, -1.0];
-        let base = SampleParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 1, offset: 0 };
+        let base = SampleParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 1,
+            offset: 0,
+        };
         assert_eq!(argmax(&logits), 1, "first of the tied maxima");
         assert!(allowed_tokens(&logits, &base).iter().all(|&a| a));
         // top-k 2 keeps the two 3.0s; top-k 3 adds the 2.0.
@@ -440,16 +505,35 @@ mod tests {
         let mp = allowed_tokens(&logits, &SampleParams { min_p: 0.5, ..base });
         assert_eq!(mp, [false, true, false, false, true, false]);
         // The two 3.0s hold 2e^3 / (2e^3 + e^2 + e + e^0.5 + e^-1) = 0.768 of the mass.
-        let p75 = allowed_tokens(&logits, &SampleParams { top_p: 0.75, ..base });
+        let p75 = allowed_tokens(
+            &logits,
+            &SampleParams {
+                top_p: 0.75,
+                ..base
+            },
+        );
         assert_eq!(p75, [false, true, false, false, true, false]);
-        let p78 = allowed_tokens(&logits, &SampleParams { top_p: 0.78, ..base });
+        let p78 = allowed_tokens(
+            &logits,
+            &SampleParams {
+                top_p: 0.78,
+                ..base
+            },
+        );
         assert_eq!(p78, [false, true, true, false, true, false]);
     }
 
     #[test]
     fn sampling_is_seeded_and_follows_the_distribution() {
         let logits = [0.0f32, 1.0, 2.0];
-        let p = SampleParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 42, offset: 0 };
+        let p = SampleParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 42,
+            offset: 0,
+        };
         assert_eq!(sample(&logits, &p), sample(&logits, &p));
         let mut counts = [0usize; 3];
         let draws = 20_000;
@@ -462,7 +546,13 @@ mod tests {
             let got = c as f64 / draws as f64;
             assert!((got - want).abs() < 0.015, "token {i}: {got} vs {want}");
         }
-        let (tok, lp) = sample(&logits, &SampleParams { temperature: 0.0, ..p });
+        let (tok, lp) = sample(
+            &logits,
+            &SampleParams {
+                temperature: 0.0,
+                ..p
+            },
+        );
         assert_eq!(tok, 2);
         assert!((lp as f64 - (2.0 - z.ln())).abs() < 1e-6);
     }

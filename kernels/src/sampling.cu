@@ -254,7 +254,16 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     // Pass 1: max, first argmax and the sum of exponentials (online), for greedy and logprobs.
     // 16-byte loads need 16-byte aligned rows.
     const bool vec = vocab % 4 == 0 && (reinterpret_cast<uintptr_t>(logits) & 15) == 0;
+    const float temp = temperatures[b];
+    const bool greedy = temp < 1e-5f || top_ks[b] == 1;
+    // IEEE division whatever the build's fast-math flags: the CPU reference divides too.
+    const float inv_t = greedy ? 1.0f : __fdiv_rn(1.0f, temp);
+    // No filter: the Gumbel draw needs no threshold and runs in the same pass as the max.
+    const bool plain = !greedy && (top_ks[b] <= 0 || top_ks[b] >= vocab) && top_ps[b] >= 1.0f &&
+                       min_ps[b] <= 0.0f;
+    const uint64_t key = draw_key(seeds[b], offsets[b]);
     MaxArg acc{-INFINITY, 0x7fffffff, 0.0f};
+    MaxArg best{-INFINITY, 0x7fffffff, 0.0f};
 #pragma unroll 2
     for (int base = 0; base < vocab; base += 4 * kThreads) {
         float v[4];
@@ -272,17 +281,23 @@ extern "C" __global__ void __launch_bounds__(kThreads)
             } else if (l != -INFINITY) {
                 acc.s += expf(l - acc.m);
             }
+            if (plain) {
+                const float score = __fadd_rn(__fmul_rn(l, inv_t), gumbel(key, i0 + j));
+                if (score > best.m) {
+                    best.m = score;
+                    best.idx = i0 + j;
+                }
+            }
         }
     }
     const MaxArg all = block_maxarg(acc, scratch);
     const float lmax = all.m;
     const float lse = lmax + logf(all.s);
 
-    const float temp = temperatures[b];
     int token = all.idx;
-    if (temp >= 1e-5f && top_ks[b] != 1) {
-        // IEEE division whatever the build's fast-math flags: the CPU reference divides too.
-        const float inv_t = __fdiv_rn(1.0f, temp);
+    if (plain) {
+        token = block_maxarg(best, scratch).idx;
+    } else if (!greedy) {
         const int top_k = top_ks[b];
         const float top_p = top_ps[b];
         const float min_p = min_ps[b];
@@ -314,8 +329,6 @@ extern "C" __global__ void __launch_bounds__(kThreads)
             floor_key = max(floor_key, tp);
         }
         // Gumbel-max over the kept set.
-        const uint64_t key = draw_key(seeds[b], offsets[b]);
-        MaxArg best{-INFINITY, 0x7fffffff, 0.0f};
         for (int base = 0; base < vocab; base += 4 * kThreads) {
             float v[4];
             bool ok[4];

@@ -38,7 +38,9 @@ fn decode_setup(g: &Gpu, batch: usize, ctx: usize) -> DecodeSetup {
     let max_blocks = ctx.div_ceil(BS);
     let num_blocks = batch * max_blocks;
     // Physical blocks in a scrambled (but fixed) order, as after some churn in the allocator.
-    let tables: Vec<i32> = (0..num_blocks).map(|i| ((i * 7919) % num_blocks) as i32).collect();
+    let tables: Vec<i32> = (0..num_blocks)
+        .map(|i| ((i * 7919) % num_blocks) as i32)
+        .collect();
     let elems = num_blocks * BS * NKV * HD;
     DecodeSetup {
         q: g.upload(&filler(batch * NH * HD, 1)),
@@ -50,7 +52,8 @@ fn decode_setup(g: &Gpu, batch: usize, ctx: usize) -> DecodeSetup {
     }
 }
 
-fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, partition: usize) -> f32 {
+/// (eager milliseconds per call, microseconds per call inside a CUDA graph of 32 calls).
+fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, partition: usize) -> (f32, f32) {
     let parts = ctx.div_ceil(partition);
     let out = g.poisoned(batch * NH * HD, bf16::NAN);
     let po = g.poisoned(batch * NH * parts * HD, f32::NAN);
@@ -58,38 +61,100 @@ fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, partition: us
     let f = g.function("attention_decode", "paged_attention_decode_hd128_g4");
     let red = g.function("attention_decode", "paged_attention_decode_reduce");
     let scale = 1.0f32 / (HD as f32).sqrt();
-    let (nh, nkv, bs, mb, qs, ps, hd, mp) = (NH as i32, NKV as i32, BS as i32, s.max_blocks as i32, (NH * HD) as i32, partition as i32, HD as i32, parts as i32);
-    g.time_ms(20, || {
-        g.launch_async(f, (NKV as u32, batch as u32, parts as u32), (128, 1, 1), &mut [
-            arg(&out.ptr), arg(&po.ptr), arg(&pml.ptr), arg(&s.q.ptr), arg(&s.k.ptr), arg(&s.v.ptr), arg(&s.tables.ptr), arg(&s.ctx.ptr),
-            arg(&scale), arg(&nh), arg(&nkv), arg(&bs), arg(&mb), arg(&qs), arg(&ps)]);
+    let (nh, nkv, bs, mb, qs, ps, hd, mp) = (
+        NH as i32,
+        NKV as i32,
+        BS as i32,
+        s.max_blocks as i32,
+        (NH * HD) as i32,
+        partition as i32,
+        HD as i32,
+        parts as i32,
+    );
+    let call = |stream: cudarc::driver::sys::CUstream| {
+        g.launch_on(
+            stream,
+            f,
+            (NKV as u32, batch as u32, parts as u32),
+            (128, 1, 1),
+            &mut [
+                arg(&out.ptr),
+                arg(&po.ptr),
+                arg(&pml.ptr),
+                arg(&s.q.ptr),
+                arg(&s.k.ptr),
+                arg(&s.v.ptr),
+                arg(&s.tables.ptr),
+                arg(&s.ctx.ptr),
+                arg(&scale),
+                arg(&nh),
+                arg(&nkv),
+                arg(&bs),
+                arg(&mb),
+                arg(&qs),
+                arg(&ps),
+            ],
+        );
         if parts > 1 {
-            g.launch_async(red, (NH as u32, batch as u32, 1), (256, 1, 1), &mut [
-                arg(&out.ptr), arg(&po.ptr), arg(&pml.ptr), arg(&s.ctx.ptr), arg(&nh), arg(&hd), arg(&mp), arg(&ps)]);
+            g.launch_on(
+                stream,
+                red,
+                (NH as u32, batch as u32, 1),
+                (256, 1, 1),
+                &mut [
+                    arg(&out.ptr),
+                    arg(&po.ptr),
+                    arg(&pml.ptr),
+                    arg(&s.ctx.ptr),
+                    arg(&nh),
+                    arg(&hd),
+                    arg(&mp),
+                    arg(&ps),
+                ],
+            );
         }
-    })
+    };
+    let eager = g.time_ms(20, || call(std::ptr::null_mut()));
+    let graphed = g.graph_time_us(32, call);
+    (eager, graphed)
 }
 
 #[test]
 #[ignore = "benchmark: run on a GPU with --ignored"]
 fn bench_decode_attention() {
-    let Some(g) = gpu("bench_decode_attention") else { return };
-    println!("decode attention on {}: Llama-3.1-8B layer (32 q heads, 8 kv heads, hd 128)", g.name);
-    println!("{:>6} {:>7} {:>9} {:>10} {:>9}", "batch", "context", "partition", "time (us)", "GB/s");
+    let Some(g) = gpu("bench_decode_attention") else {
+        return;
+    };
+    println!(
+        "decode attention on {}: Llama-3.1-8B layer (32 q heads, 8 kv heads, hd 128)",
+        g.name
+    );
+    println!("Eager: one call timed alone (host launch gaps included). Graph: per call, 32 calls in one CUDA graph.");
+    println!(
+        "{:>6} {:>7} {:>9} {:>10} {:>9} {:>10} {:>9}",
+        "batch", "context", "partition", "eager us", "GB/s", "graph us", "GB/s"
+    );
     for &(batch, ctx, parts) in &[
         (1usize, 32768usize, &[512usize, 256, 128, 64][..]),
         (1, 4096, &[512, 256, 128, 64][..]),
         (1, 1024, &[256, 128, 64][..]),
         (1, 384, &[512, 128, 64][..]),
+        (1, 128, &[512, 64][..]),
         (64, 2048, &[512, 256, 128][..]),
         (64, 4096, &[512, 256][..]),
         (256, 512, &[512, 256][..]),
     ] {
         let s = decode_setup(&g, batch, ctx);
         for &p in parts {
-            let ms = time_decode(&g, &s, batch, ctx, p);
+            let (ms, us) = time_decode(&g, &s, batch, ctx, p);
             let bytes = (batch * ctx * NKV * HD * 2 * 2) as f64;
-            println!("{batch:>6} {ctx:>7} {p:>9} {:>10.1} {:>9.0}", ms * 1e3, bytes / (ms as f64 * 1e-3) / 1e9);
+            println!(
+                "{batch:>6} {ctx:>7} {p:>9} {:>10.1} {:>9.0} {:>10.1} {:>9.0}",
+                ms * 1e3,
+                bytes / (ms as f64 * 1e-3) / 1e9,
+                us,
+                bytes / (us as f64 * 1e-6) / 1e9
+            );
         }
     }
 }
@@ -97,9 +162,17 @@ fn bench_decode_attention() {
 #[test]
 #[ignore = "benchmark: run on a GPU with --ignored"]
 fn bench_prefill_attention() {
-    let Some(g) = gpu("bench_prefill_attention") else { return };
-    println!("prefill attention on {}: 32 q heads, 8 kv heads, hd 128, one chunk per sequence", g.name);
-    println!("{:>5} {:>6} {:>10} {:>9}", "seqs", "chunk", "time (us)", "TFLOP/s");
+    let Some(g) = gpu("bench_prefill_attention") else {
+        return;
+    };
+    println!(
+        "prefill attention on {}: 32 q heads, 8 kv heads, hd 128, one chunk per sequence",
+        g.name
+    );
+    println!(
+        "{:>5} {:>6} {:>10} {:>9}",
+        "seqs", "chunk", "time (us)", "TFLOP/s"
+    );
     for &(seqs, len) in &[(1usize, 2048usize), (1, 512), (16, 256), (4, 4096)] {
         let s = decode_setup(&g, seqs, len);
         let q = g.upload(&filler(seqs * len * NH * HD, 5));
@@ -108,38 +181,95 @@ fn bench_prefill_attention() {
         let cu = g.upload(&cu);
         let f = g.function("attention_prefill", "paged_attention_prefill_hd128");
         let scale = 1.0f32 / (HD as f32).sqrt();
-        let (nh, nkv, bs, mb, qs) = (NH as i32, NKV as i32, BS as i32, s.max_blocks as i32, (NH * HD) as i32);
+        let (nh, nkv, bs, mb, qs) = (
+            NH as i32,
+            NKV as i32,
+            BS as i32,
+            s.max_blocks as i32,
+            (NH * HD) as i32,
+        );
         let ms = g.time_ms(10, || {
-            g.launch_async(f, (len.div_ceil(64) as u32, NH as u32, seqs as u32), (128, 1, 1), &mut [
-                arg(&out.ptr), arg(&q.ptr), arg(&s.k.ptr), arg(&s.v.ptr), arg(&cu.ptr), arg(&s.ctx.ptr), arg(&s.tables.ptr),
-                arg(&scale), arg(&nh), arg(&nkv), arg(&bs), arg(&mb), arg(&qs)]);
+            g.launch_async(
+                f,
+                (len.div_ceil(64) as u32, NH as u32, seqs as u32),
+                (128, 1, 1),
+                &mut [
+                    arg(&out.ptr),
+                    arg(&q.ptr),
+                    arg(&s.k.ptr),
+                    arg(&s.v.ptr),
+                    arg(&cu.ptr),
+                    arg(&s.ctx.ptr),
+                    arg(&s.tables.ptr),
+                    arg(&scale),
+                    arg(&nh),
+                    arg(&nkv),
+                    arg(&bs),
+                    arg(&mb),
+                    arg(&qs),
+                ],
+            );
         });
         // Causal: half of the QK^T and PV products, 2 flops per multiply-add.
         let flops = seqs as f64 * 4.0 * (NH * HD) as f64 * (len * len) as f64 / 2.0;
-        println!("{seqs:>5} {len:>6} {:>10.1} {:>9.1}", ms * 1e3, flops / (ms as f64 * 1e-3) / 1e12);
+        println!(
+            "{seqs:>5} {len:>6} {:>10.1} {:>9.1}",
+            ms * 1e3,
+            flops / (ms as f64 * 1e-3) / 1e12
+        );
     }
 }
 
 #[test]
 #[ignore = "benchmark: run on a GPU with --ignored"]
 fn bench_sampling() {
-    let Some(g) = gpu("bench_sampling") else { return };
+    let Some(g) = gpu("bench_sampling") else {
+        return;
+    };
     let vocab = 128_256usize;
     println!("sample_tokens on {}, vocab {vocab}", g.name);
     println!("{:>6} {:>28} {:>10}", "rows", "mode", "time (us)");
     for &b in &[1usize, 64, 256] {
-        let logits: Vec<f32> = filler(b * vocab, 9).iter().map(|x| x.to_f32() * 10.0).collect();
+        let logits: Vec<f32> = filler(b * vocab, 9)
+            .iter()
+            .map(|x| x.to_f32() * 10.0)
+            .collect();
         let d_logits = g.upload(&logits);
-        for (mode, t, k, p, mp) in [("greedy", 0.0f32, 0i32, 1.0f32, 0.0f32), ("temperature", 0.8, 0, 1.0, 0.0), ("top-k 50 + top-p 0.9", 0.8, 50, 0.9, 0.0), ("top-p 0.95 + min-p 0.05", 0.8, 0, 0.95, 0.05)] {
-            let (dt, dk, dp, dm) = (g.upload(&vec![t; b]), g.upload(&vec![k; b]), g.upload(&vec![p; b]), g.upload(&vec![mp; b]));
+        for (mode, t, k, p, mp) in [
+            ("greedy", 0.0f32, 0i32, 1.0f32, 0.0f32),
+            ("temperature", 0.8, 0, 1.0, 0.0),
+            ("top-k 50 + top-p 0.9", 0.8, 50, 0.9, 0.0),
+            ("top-p 0.95 + min-p 0.05", 0.8, 0, 0.95, 0.05),
+        ] {
+            let (dt, dk, dp, dm) = (
+                g.upload(&vec![t; b]),
+                g.upload(&vec![k; b]),
+                g.upload(&vec![p; b]),
+                g.upload(&vec![mp; b]),
+            );
             let (ds, doff) = (g.upload(&vec![7u64; b]), g.upload(&vec![3u64; b]));
             let tokens = g.poisoned(b, -1i32);
             let lps = g.poisoned(b, f32::NAN);
             let f = g.function("sampling", "sample_tokens");
             let v = vocab as i32;
             let ms = g.time_ms(10, || {
-                g.launch_async(f, (b as u32, 1, 1), (1024, 1, 1), &mut [
-                    arg(&tokens.ptr), arg(&lps.ptr), arg(&d_logits.ptr), arg(&v), arg(&dt.ptr), arg(&dk.ptr), arg(&dp.ptr), arg(&dm.ptr), arg(&ds.ptr), arg(&doff.ptr)]);
+                g.launch_async(
+                    f,
+                    (b as u32, 1, 1),
+                    (1024, 1, 1),
+                    &mut [
+                        arg(&tokens.ptr),
+                        arg(&lps.ptr),
+                        arg(&d_logits.ptr),
+                        arg(&v),
+                        arg(&dt.ptr),
+                        arg(&dk.ptr),
+                        arg(&dp.ptr),
+                        arg(&dm.ptr),
+                        arg(&ds.ptr),
+                        arg(&doff.ptr),
+                    ],
+                );
             });
             println!("{b:>6} {mode:>28} {:>10.1}", ms * 1e3);
         }

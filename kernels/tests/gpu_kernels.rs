@@ -4,10 +4,11 @@
 //! multiples of the kernels' block sizes and contexts longer than one KV block.
 //!
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns. Build with
-//! `--features cuda` so that the kernels are embedded. Timings: `gpu_bench.rs`.
+//! `--features cuda` so that the kernels are embedded. Attention: `gpu_attention.rs`; timings:
+//! `gpu_bench.rs`.
 mod gpu_harness;
 
-use gpu_harness::{arg, assert_close, gpu, random_bf16, rng, Gpu, ATOL, BF16_NAN, RTOL};
+use gpu_harness::{arg, assert_close, gpu, random_bf16, rng, ATOL, BF16_NAN, RTOL};
 use half::bf16;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -15,34 +16,76 @@ use rvllm_kernels::reference as cpu;
 
 #[test]
 fn embedding_lookup_and_row_gather() {
-    let Some(g) = gpu("embedding_lookup_and_row_gather") else { return };
+    let Some(g) = gpu("embedding_lookup_and_row_gather") else {
+        return;
+    };
     let mut r = rng("embedding");
-    for &(vocab, hidden, tokens) in &[(1000usize, 576usize, 7usize), (301, 4096, 33), (50, 130, 5)] {
+    for &(vocab, hidden, tokens) in &[(1000usize, 576usize, 7usize), (301, 4096, 33), (50, 130, 5)]
+    {
         let (table_h, table) = random_bf16(&mut r, vocab * hidden, 1.0);
-        let mut ids: Vec<i32> = (0..tokens).map(|_| r.random_range(0..vocab as i32)).collect();
+        let mut ids: Vec<i32> = (0..tokens)
+            .map(|_| r.random_range(0..vocab as i32))
+            .collect();
         ids[0] = vocab as i32 - 1;
         let d_table = g.upload(&table_h);
         let d_ids = g.upload(&ids);
         let out = g.poisoned(tokens * hidden, BF16_NAN);
         let (n, h, v) = (tokens as i32, hidden as i32, vocab as i32);
-        g.launch("embedding", "embedding_lookup_bf16", (tokens as u32, 1, 1), (256, 1, 1),
-            &mut [arg(&out.ptr), arg(&d_table.ptr), arg(&d_ids.ptr), arg(&n), arg(&h), arg(&v)]);
+        g.launch(
+            "embedding",
+            "embedding_lookup_bf16",
+            (tokens as u32, 1, 1),
+            (256, 1, 1),
+            &mut [
+                arg(&out.ptr),
+                arg(&d_table.ptr),
+                arg(&d_ids.ptr),
+                arg(&n),
+                arg(&h),
+                arg(&v),
+            ],
+        );
         // Embedding rows are copies: exact.
-        assert_close(&format!("embedding v{vocab} h{hidden}"), &g.download_bf16(&out), &cpu::embedding(&table, hidden, &ids), 0.0, 0.0);
+        assert_close(
+            &format!("embedding v{vocab} h{hidden}"),
+            &g.download_bf16(&out),
+            &cpu::embedding(&table, hidden, &ids),
+            0.0,
+            0.0,
+        );
 
         let rows: Vec<i32> = (0..3).map(|_| r.random_range(0..vocab as i32)).collect();
         let d_rows = g.upload(&rows);
         let out = g.poisoned(rows.len() * hidden, BF16_NAN);
         let nr = rows.len() as i32;
-        g.launch("embedding", "gather_rows_bf16", (rows.len() as u32, 1, 1), (256, 1, 1),
-            &mut [arg(&out.ptr), arg(&d_table.ptr), arg(&d_rows.ptr), arg(&nr), arg(&h)]);
-        assert_close("gather_rows", &g.download_bf16(&out), &cpu::gather_rows(&table, hidden, &rows), 0.0, 0.0);
+        g.launch(
+            "embedding",
+            "gather_rows_bf16",
+            (rows.len() as u32, 1, 1),
+            (256, 1, 1),
+            &mut [
+                arg(&out.ptr),
+                arg(&d_table.ptr),
+                arg(&d_rows.ptr),
+                arg(&nr),
+                arg(&h),
+            ],
+        );
+        assert_close(
+            "gather_rows",
+            &g.download_bf16(&out),
+            &cpu::gather_rows(&table, hidden, &rows),
+            0.0,
+            0.0,
+        );
     }
 }
 
 #[test]
 fn rms_norm_plain_and_fused_with_residual() {
-    let Some(g) = gpu("rms_norm_plain_and_fused_with_residual") else { return };
+    let Some(g) = gpu("rms_norm_plain_and_fused_with_residual") else {
+        return;
+    };
     let mut r = rng("rms_norm");
     for &(tokens, hidden) in &[(1usize, 576usize), (13, 4096), (5, 1000)] {
         let eps = 1e-5f32;
@@ -52,33 +95,89 @@ fn rms_norm_plain_and_fused_with_residual() {
         let (d_x, d_w) = (g.upload(&x_h), g.upload(&w_h));
         let (n, h) = (tokens as i32, hidden as i32);
         let out = g.poisoned(tokens * hidden, BF16_NAN);
-        g.launch("norm", "rms_norm_bf16", (tokens as u32, 1, 1), (256, 1, 1),
-            &mut [arg(&out.ptr), arg(&d_x.ptr), arg(&d_w.ptr), arg(&eps), arg(&n), arg(&h)]);
-        assert_close(&format!("rms_norm t{tokens} h{hidden}"), &g.download_bf16(&out), &cpu::rms_norm(&x, &w, eps), ATOL, RTOL);
+        g.launch(
+            "norm",
+            "rms_norm_bf16",
+            (tokens as u32, 1, 1),
+            (256, 1, 1),
+            &mut [
+                arg(&out.ptr),
+                arg(&d_x.ptr),
+                arg(&d_w.ptr),
+                arg(&eps),
+                arg(&n),
+                arg(&h),
+            ],
+        );
+        assert_close(
+            &format!("rms_norm t{tokens} h{hidden}"),
+            &g.download_bf16(&out),
+            &cpu::rms_norm(&x, &w, eps),
+            ATOL,
+            RTOL,
+        );
 
         let d_res = g.upload(&res_h);
         let out = g.poisoned(tokens * hidden, BF16_NAN);
-        g.launch("norm", "fused_add_rms_norm_bf16", (tokens as u32, 1, 1), (256, 1, 1),
-            &mut [arg(&out.ptr), arg(&d_res.ptr), arg(&d_x.ptr), arg(&d_w.ptr), arg(&eps), arg(&n), arg(&h)]);
+        g.launch(
+            "norm",
+            "fused_add_rms_norm_bf16",
+            (tokens as u32, 1, 1),
+            (256, 1, 1),
+            &mut [
+                arg(&out.ptr),
+                arg(&d_res.ptr),
+                arg(&d_x.ptr),
+                arg(&d_w.ptr),
+                arg(&eps),
+                arg(&n),
+                arg(&h),
+            ],
+        );
         let mut want_res = res.clone();
         let want = cpu::fused_add_rms_norm(&mut want_res, &x, &w, eps);
-        assert_close("fused residual", &g.download_bf16(&d_res), &want_res, ATOL, RTOL);
-        assert_close(&format!("fused_add_rms_norm t{tokens} h{hidden}"), &g.download_bf16(&out), &want, ATOL, RTOL);
+        assert_close(
+            "fused residual",
+            &g.download_bf16(&d_res),
+            &want_res,
+            ATOL,
+            RTOL,
+        );
+        assert_close(
+            &format!("fused_add_rms_norm t{tokens} h{hidden}"),
+            &g.download_bf16(&out),
+            &want,
+            ATOL,
+            RTOL,
+        );
     }
 }
 
 #[test]
 fn silu_and_mul_and_elementwise_helpers() {
-    let Some(g) = gpu("silu_and_mul_and_elementwise_helpers") else { return };
+    let Some(g) = gpu("silu_and_mul_and_elementwise_helpers") else {
+        return;
+    };
     let mut r = rng("silu");
     for &(tokens, inter) in &[(1usize, 1536usize), (9, 14336), (4, 1000)] {
         let (x_h, x) = random_bf16(&mut r, tokens * 2 * inter, 4.0);
         let d_x = g.upload(&x_h);
         let out = g.poisoned(tokens * inter, BF16_NAN);
         let (n, i) = (tokens as i32, inter as i32);
-        g.launch("activation", "silu_and_mul_bf16", (inter.div_ceil(256) as u32, tokens as u32, 1), (256, 1, 1),
-            &mut [arg(&out.ptr), arg(&d_x.ptr), arg(&n), arg(&i)]);
-        assert_close(&format!("silu_and_mul t{tokens} i{inter}"), &g.download_bf16(&out), &cpu::silu_and_mul(&x, inter), ATOL, RTOL);
+        g.launch(
+            "activation",
+            "silu_and_mul_bf16",
+            (inter.div_ceil(256) as u32, tokens as u32, 1),
+            (256, 1, 1),
+            &mut [arg(&out.ptr), arg(&d_x.ptr), arg(&n), arg(&i)],
+        );
+        assert_close(
+            &format!("silu_and_mul t{tokens} i{inter}"),
+            &g.download_bf16(&out),
+            &cpu::silu_and_mul(&x, inter),
+            ATOL,
+            RTOL,
+        );
     }
     let n = 10_007usize;
     let (a_h, a) = random_bf16(&mut r, n, 3.0);
@@ -86,43 +185,92 @@ fn silu_and_mul_and_elementwise_helpers() {
     let (d_a, d_b) = (g.upload(&a_h), g.upload(&b_h));
     let out = g.poisoned(n, BF16_NAN);
     let n64 = n as i64;
-    g.launch("activation", "add_bf16", (8, 1, 1), (256, 1, 1), &mut [arg(&out.ptr), arg(&d_a.ptr), arg(&d_b.ptr), arg(&n64)]);
+    g.launch(
+        "activation",
+        "add_bf16",
+        (8, 1, 1),
+        (256, 1, 1),
+        &mut [arg(&out.ptr), arg(&d_a.ptr), arg(&d_b.ptr), arg(&n64)],
+    );
     let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
     assert_close("add_bf16", &g.download_bf16(&out), &want, ATOL, RTOL);
 
     let f: Vec<f32> = (0..n).map(|_| r.random_range(-100.0f32..100.0)).collect();
     let d_f = g.upload(&f);
     let out = g.poisoned(n, BF16_NAN);
-    g.launch("activation", "f32_to_bf16", (8, 1, 1), (256, 1, 1), &mut [arg(&out.ptr), arg(&d_f.ptr), arg(&n64)]);
+    g.launch(
+        "activation",
+        "f32_to_bf16",
+        (8, 1, 1),
+        (256, 1, 1),
+        &mut [arg(&out.ptr), arg(&d_f.ptr), arg(&n64)],
+    );
     let got: Vec<u16> = g.download(&out).iter().map(|v| v.to_bits()).collect();
     let want: Vec<u16> = f.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
-    assert_eq!(got, want, "f32_to_bf16 must round to nearest even exactly like half::bf16");
+    assert_eq!(
+        got, want,
+        "f32_to_bf16 must round to nearest even exactly like half::bf16"
+    );
     let back = g.poisoned(n, f32::NAN);
-    g.launch("activation", "bf16_to_f32", (8, 1, 1), (256, 1, 1), &mut [arg(&back.ptr), arg(&out.ptr), arg(&n64)]);
+    g.launch(
+        "activation",
+        "bf16_to_f32",
+        (8, 1, 1),
+        (256, 1, 1),
+        &mut [arg(&back.ptr), arg(&out.ptr), arg(&n64)],
+    );
     let want: Vec<f32> = f.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
     assert_close("bf16_to_f32", &g.download(&back), &want, 0.0, 0.0);
 }
 
 /// Llama-3 style inv_freq (the scaling itself is host work; any positive table will do here).
 fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
-    (0..head_dim / 2).map(|i| theta.powf(-(2.0 * i as f32) / head_dim as f32)).collect()
+    (0..head_dim / 2)
+        .map(|i| theta.powf(-(2.0 * i as f32) / head_dim as f32))
+        .collect()
 }
 
 #[test]
 fn rope_and_cache_write() {
-    let Some(g) = gpu("rope_and_cache_write") else { return };
+    let Some(g) = gpu("rope_and_cache_write") else {
+        return;
+    };
     let mut r = rng("rope_cache");
     // (tokens, heads, kv heads, head dim, fused qkv row?)
-    for &(tokens, nh, nkv, hd, fused) in &[(5usize, 32usize, 8usize, 128usize, false), (19, 9, 3, 64, true), (3, 4, 4, 128, true)] {
+    for &(tokens, nh, nkv, hd, fused) in &[
+        (5usize, 32usize, 8usize, 128usize, false),
+        (19, 9, 3, 64, true),
+        (3, 4, 4, 128, true),
+    ] {
         let bs = 16usize;
         let num_blocks = 8usize;
         let kvw = nkv * hd;
         // q, k, v either separate or inside one [T, (nh + 2 nkv) hd] row.
-        let (q_stride, k_stride, v_stride) = if fused { ((nh + 2 * nkv) * hd, (nh + 2 * nkv) * hd, (nh + 2 * nkv) * hd) } else { (nh * hd, kvw, kvw) };
+        let (q_stride, k_stride, v_stride) = if fused {
+            (
+                (nh + 2 * nkv) * hd,
+                (nh + 2 * nkv) * hd,
+                (nh + 2 * nkv) * hd,
+            )
+        } else {
+            (nh * hd, kvw, kvw)
+        };
         let (q_h, q) = random_bf16(&mut r, tokens * q_stride, 2.0);
-        let (k_h, k) = if fused { (q_h.clone(), q.clone()) } else { random_bf16(&mut r, tokens * k_stride, 2.0) };
-        let (v_h, v) = if fused { (q_h.clone(), q.clone()) } else { random_bf16(&mut r, tokens * v_stride, 2.0) };
-        let (k_off, v_off) = if fused { (nh * hd, (nh + nkv) * hd) } else { (0, 0) };
+        let (k_h, k) = if fused {
+            (q_h.clone(), q.clone())
+        } else {
+            random_bf16(&mut r, tokens * k_stride, 2.0)
+        };
+        let (v_h, v) = if fused {
+            (q_h.clone(), q.clone())
+        } else {
+            random_bf16(&mut r, tokens * v_stride, 2.0)
+        };
+        let (k_off, v_off) = if fused {
+            (nh * hd, (nh + nkv) * hd)
+        } else {
+            (0, 0)
+        };
         let positions: Vec<i32> = (0..tokens).map(|_| r.random_range(0..131_072)).collect();
         let mut slots: Vec<i32> = (0..(num_blocks * bs) as i32).collect();
         slots.shuffle(&mut r);
@@ -141,9 +289,29 @@ fn rope_and_cache_write() {
         let (d_pos, d_slots, d_freq) = (g.upload(&positions), g.upload(&slots), g.upload(&freqs));
         let (n, nh_, nkv_, hd_) = (tokens as i32, nh as i32, nkv as i32, hd as i32);
         let (qs, ks, vs) = (q_stride as i32, k_stride as i32, v_stride as i32);
-        g.launch("rope_cache", "rope_and_cache_bf16", (tokens as u32, 1, 1), (256, 1, 1), &mut [
-            arg(&q_ptr), arg(&k_ptr), arg(&v_ptr), arg(&kc.ptr), arg(&vc.ptr), arg(&d_pos.ptr), arg(&d_slots.ptr), arg(&d_freq.ptr),
-            arg(&n), arg(&nh_), arg(&nkv_), arg(&hd_), arg(&qs), arg(&ks), arg(&vs)]);
+        g.launch(
+            "rope_cache",
+            "rope_and_cache_bf16",
+            (tokens as u32, 1, 1),
+            (256, 1, 1),
+            &mut [
+                arg(&q_ptr),
+                arg(&k_ptr),
+                arg(&v_ptr),
+                arg(&kc.ptr),
+                arg(&vc.ptr),
+                arg(&d_pos.ptr),
+                arg(&d_slots.ptr),
+                arg(&d_freq.ptr),
+                arg(&n),
+                arg(&nh_),
+                arg(&nkv_),
+                arg(&hd_),
+                arg(&qs),
+                arg(&ks),
+                arg(&vs),
+            ],
+        );
 
         let mut want_q = q.clone();
         cpu::rope_inplace(&mut want_q, q_stride, nh, hd, &positions, &freqs);
@@ -152,25 +320,54 @@ fn rope_and_cache_write() {
         let got_q = g.download_bf16(&d_q);
         let tag = format!("t{tokens} nh{nh} nkv{nkv} hd{hd} fused {fused}");
         let rows = |src: &[f32], stride: usize, off: usize, width: usize| -> Vec<f32> {
-            (0..tokens).flat_map(|t| src[t * stride + off..t * stride + off + width].to_vec()).collect()
+            (0..tokens)
+                .flat_map(|t| src[t * stride + off..t * stride + off + width].to_vec())
+                .collect()
         };
-        assert_close(&format!("rope q {tag}"), &rows(&got_q, q_stride, 0, nh * hd), &rows(&want_q, q_stride, 0, nh * hd), ATOL, RTOL);
-        let got_k = match &d_k { Some(b) => g.download_bf16(b), None => got_q[k_off..].to_vec() };
-        assert_close(&format!("rope k {tag}"), &rows(&got_k, k_stride, 0, kvw), &rows(&want_k, k_stride, 0, kvw), ATOL, RTOL);
+        assert_close(
+            &format!("rope q {tag}"),
+            &rows(&got_q, q_stride, 0, nh * hd),
+            &rows(&want_q, q_stride, 0, nh * hd),
+            ATOL,
+            RTOL,
+        );
+        let got_k = match &d_k {
+            Some(b) => g.download_bf16(b),
+            None => got_q[k_off..].to_vec(),
+        };
+        assert_close(
+            &format!("rope k {tag}"),
+            &rows(&got_k, k_stride, 0, kvw),
+            &rows(&want_k, k_stride, 0, kvw),
+            ATOL,
+            RTOL,
+        );
         if fused {
             // The v part of the fused row is read, never written.
-            assert_close("v untouched", &rows(&got_q, q_stride, v_off, kvw), &rows(&q, q_stride, v_off, kvw), 0.0, 0.0);
+            assert_close(
+                "v untouched",
+                &rows(&got_q, q_stride, v_off, kvw),
+                &rows(&q, q_stride, v_off, kvw),
+                0.0,
+                0.0,
+            );
         }
 
         let mut want_kc = vec![f32::NAN; num_blocks * bs * kvw];
         let mut want_vc = want_kc.clone();
         cpu::write_cache(&mut want_kc, kvw, &want_k, k_stride, &slots);
         cpu::write_cache(&mut want_vc, kvw, &v[v_off..], v_stride, &slots);
-        for (name, got, want) in [("key cache", g.download_bf16(&kc), want_kc), ("value cache", g.download_bf16(&vc), want_vc)] {
+        for (name, got, want) in [
+            ("key cache", g.download_bf16(&kc), want_kc),
+            ("value cache", g.download_bf16(&vc), want_vc),
+        ] {
             // Slots outside slot_mapping must still hold the poison.
             for (s, (gs, ws)) in got.chunks(kvw).zip(want.chunks(kvw)).enumerate() {
                 if ws[0].is_nan() {
-                    assert!(gs.iter().all(|x| x.is_nan()), "{name}: slot {s} was written but is not in slot_mapping");
+                    assert!(
+                        gs.iter().all(|x| x.is_nan()),
+                        "{name}: slot {s} was written but is not in slot_mapping"
+                    );
                 } else {
                     assert_close(&format!("{name} slot {s} {tag}"), gs, ws, ATOL, RTOL);
                 }
@@ -179,177 +376,59 @@ fn rope_and_cache_write() {
     }
 }
 
-/// A paged KV cache filled for the given context lengths, with shuffled physical blocks and
-/// NaN in every slot no sequence owns (so a read outside a sequence's context shows).
-struct TestCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
-    k_h: Vec<bf16>,
-    v_h: Vec<bf16>,
-    tables: Vec<i32>,
-    max_blocks: usize,
-    block_size: usize,
-    nkv: usize,
-    hd: usize,
-}
-
-impl TestCache {
-    fn new(r: &mut rand::rngs::StdRng, ctx: &[usize], block_size: usize, nkv: usize, hd: usize, k_amp: f32) -> Self {
-        let max_blocks = ctx.iter().map(|c| c.div_ceil(block_size)).max().unwrap_or(1).max(1);
-        let used: usize = ctx.iter().map(|c| c.div_ceil(block_size)).sum();
-        let num_blocks = used + 3;
-        let mut phys: Vec<i32> = (0..num_blocks as i32).collect();
-        phys.shuffle(r);
-        let width = nkv * hd;
-        let mut k = vec![f32::NAN; num_blocks * block_size * width];
-        let mut v = k.clone();
-        let mut tables = vec![0i32; ctx.len() * max_blocks];
-        let mut next = 0;
-        for (s, &c) in ctx.iter().enumerate() {
-            for j in 0..c.div_ceil(block_size) {
-                tables[s * max_blocks + j] = phys[next];
-                next += 1;
-            }
-            for t in 0..c {
-                let slot = tables[s * max_blocks + t / block_size] as usize * block_size + t % block_size;
-                for e in 0..width {
-                    k[slot * width + e] = bf16::from_f32(r.random_range(-k_amp..k_amp)).to_f32();
-                    v[slot * width + e] = bf16::from_f32(r.random_range(-1.0f32..1.0)).to_f32();
-                }
-            }
-        }
-        let k_h = k.iter().map(|&x| bf16::from_f32(x)).collect();
-        let v_h = v.iter().map(|&x| bf16::from_f32(x)).collect();
-        Self { k, v, k_h, v_h, tables, max_blocks, block_size, nkv, hd }
-    }
-
-    fn paged(&self) -> cpu::PagedKv<'_> {
-        cpu::PagedKv { key_cache: &self.k, value_cache: &self.v, block_size: self.block_size, num_kv_heads: self.nkv, head_dim: self.hd }
-    }
-}
-
-/// The decode kernel variant for a GQA group size: GT query heads per block.
-fn decode_group_tile(group: usize) -> usize {
-    match group {
-        1 => 1,
-        2 => 2,
-        3 | 4 => 4,
-        _ => 8,
-    }
-}
-
-/// Runs paged decode attention (partition kernel + reduce when split) and returns the output.
-#[allow(clippy::too_many_arguments)]
-fn run_decode(g: &Gpu, c: &TestCache, q_h: &[bf16], q_stride: usize, nh: usize, ctx: &[usize], scale: f32, partition: usize) -> Vec<f32> {
-    let num_seqs = ctx.len();
-    let group = nh / c.nkv;
-    let gt = decode_group_tile(group);
-    let max_parts = ctx.iter().max().copied().unwrap_or(1).div_ceil(partition);
-    let (d_q, d_k, d_v) = (g.upload(q_h), g.upload(&c.k_h), g.upload(&c.v_h));
-    let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
-    let (d_tables, d_ctx) = (g.upload(&c.tables), g.upload(&ctx_i));
-    let out = g.poisoned(num_seqs * nh * c.hd, BF16_NAN);
-    let part_out = g.poisoned(num_seqs * nh * max_parts * c.hd, f32::NAN);
-    let part_ml = g.poisoned(num_seqs * nh * max_parts * 2, f32::NAN);
-    let (nh_, nkv_, bs_, mb_, qs_, ps_) = (nh as i32, c.nkv as i32, c.block_size as i32, c.max_blocks as i32, q_stride as i32, partition as i32);
-    let grid = ((c.nkv * group.div_ceil(gt)) as u32, num_seqs as u32, max_parts as u32);
-    let kernel = format!("paged_attention_decode_hd{}_g{gt}", c.hd);
-    g.launch("attention_decode", &kernel, grid, (128, 1, 1), &mut [
-        arg(&out.ptr), arg(&part_out.ptr), arg(&part_ml.ptr), arg(&d_q.ptr), arg(&d_k.ptr), arg(&d_v.ptr), arg(&d_tables.ptr), arg(&d_ctx.ptr),
-        arg(&scale), arg(&nh_), arg(&nkv_), arg(&bs_), arg(&mb_), arg(&qs_), arg(&ps_)]);
-    if max_parts > 1 {
-        let (hd_, mp_) = (c.hd as i32, max_parts as i32);
-        // The reduce works with 128 or 256 threads; cover both.
-        let reduce_block = if partition == 64 { 128 } else { 256 };
-        g.launch("attention_decode", "paged_attention_decode_reduce", (nh as u32, num_seqs as u32, 1), (reduce_block, 1, 1), &mut [
-            arg(&out.ptr), arg(&part_out.ptr), arg(&part_ml.ptr), arg(&d_ctx.ptr), arg(&nh_), arg(&hd_), arg(&mp_), arg(&ps_)]);
-    }
-    g.download_bf16(&out)
-}
-
-#[test]
-fn paged_attention_decode_matches_reference() {
-    let Some(g) = gpu("paged_attention_decode_matches_reference") else { return };
-    let mut r = rng("decode");
-    // (heads, kv heads, head dim, contexts, partition size)
-    let cases: &[(usize, usize, usize, &[usize], usize)] = &[
-        (32, 8, 128, &[1, 15, 17, 300, 1000], 512),
-        (32, 8, 128, &[1, 100, 500], 512), // one partition: written directly, no reduce
-        (32, 8, 128, &[700, 33, 129], 64),
-        (9, 3, 64, &[5, 33, 129, 600], 512),
-        (8, 8, 128, &[1, 64, 1100], 256),
-        (16, 1, 64, &[3, 250], 128),
-        (16, 8, 128, &[16, 2000], 512),
-        (12, 2, 64, &[40, 77], 64),
-    ];
-    for &(nh, nkv, hd, ctx, partition) in cases {
-        let c = TestCache::new(&mut r, ctx, 16, nkv, hd, 3.0);
-        // q inside a wider (fused QKV) row: stride > nh * hd.
-        let q_stride = (nh + 2 * nkv) * hd;
-        let (q_h, q) = random_bf16(&mut r, ctx.len() * q_stride, 1.0);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let got = run_decode(&g, &c, &q_h, q_stride, nh, ctx, scale, partition);
-        let cu: Vec<i32> = (0..=ctx.len() as i32).collect();
-        let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
-        let batch = cpu::AttentionBatch { cu_seqlens_q: &cu, context_lens: &ctx_i, block_tables: &c.tables, max_blocks_per_seq: c.max_blocks };
-        let want = cpu::paged_attention(&q, q_stride, nh, &c.paged(), &batch, scale);
-        assert_close(&format!("decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} part{partition}"), &got, &want, ATOL, RTOL);
-    }
-}
-
-#[test]
-fn paged_attention_prefill_matches_reference() {
-    let Some(g) = gpu("paged_attention_prefill_matches_reference") else { return };
-    let mut r = rng("prefill");
-    // (heads, kv heads, head dim, [(chunk length, context length after the step)])
-    let cases: &[(usize, usize, usize, &[(usize, usize)])] = &[
-        (8, 2, 128, &[(70, 70), (37, 87), (130, 130), (5, 205)]),
-        (9, 3, 64, &[(17, 17), (64, 100), (1, 33)]),
-        (4, 4, 128, &[(200, 260)]),
-        (32, 8, 128, &[(129, 129), (3, 3)]),
-    ];
-    for &(nh, nkv, hd, seqs) in cases {
-        let ctx: Vec<usize> = seqs.iter().map(|s| s.1).collect();
-        let c = TestCache::new(&mut r, &ctx, 16, nkv, hd, 3.0);
-        let mut cu = vec![0i32];
-        for s in seqs {
-            cu.push(cu.last().unwrap() + s.0 as i32);
-        }
-        let total = *cu.last().unwrap() as usize;
-        let q_stride = nh * hd + 64; // a padded row
-        let (q_h, q) = random_bf16(&mut r, total * q_stride, 1.0);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (d_q, d_k, d_v) = (g.upload(&q_h), g.upload(&c.k_h), g.upload(&c.v_h));
-        let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
-        let (d_cu, d_ctx, d_tables) = (g.upload(&cu), g.upload(&ctx_i), g.upload(&c.tables));
-        let out = g.poisoned(total * nh * hd, BF16_NAN);
-        let max_chunk = seqs.iter().map(|s| s.0).max().unwrap();
-        let (nh_, nkv_, bs_, mb_, qs_) = (nh as i32, nkv as i32, 16i32, c.max_blocks as i32, q_stride as i32);
-        let kernel = format!("paged_attention_prefill_hd{hd}");
-        g.launch("attention_prefill", &kernel, (max_chunk.div_ceil(64) as u32, nh as u32, seqs.len() as u32), (128, 1, 1), &mut [
-            arg(&out.ptr), arg(&d_q.ptr), arg(&d_k.ptr), arg(&d_v.ptr), arg(&d_cu.ptr), arg(&d_ctx.ptr), arg(&d_tables.ptr),
-            arg(&scale), arg(&nh_), arg(&nkv_), arg(&bs_), arg(&mb_), arg(&qs_)]);
-        let batch = cpu::AttentionBatch { cu_seqlens_q: &cu, context_lens: &ctx_i, block_tables: &c.tables, max_blocks_per_seq: c.max_blocks };
-        let want = cpu::paged_attention(&q, q_stride, nh, &c.paged(), &batch, scale);
-        assert_close(&format!("prefill nh{nh} nkv{nkv} hd{hd} seqs{seqs:?}"), &g.download_bf16(&out), &want, ATOL, RTOL);
-    }
-}
-
 #[test]
 fn sampling_greedy_and_seeded() {
-    let Some(g) = gpu("sampling_greedy_and_seeded") else { return };
+    let Some(g) = gpu("sampling_greedy_and_seeded") else {
+        return;
+    };
     let mut r = rng("sampling");
     for &vocab in &[1000usize, 49_152, 128_256] {
-        let base = cpu::SampleParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 0, offset: 0 };
+        let base = cpu::SampleParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 0,
+            offset: 0,
+        };
         let mut params = vec![
             base,
-            cpu::SampleParams { temperature: 1.0, ..base },
-            cpu::SampleParams { temperature: 0.7, top_k: 50, ..base },
-            cpu::SampleParams { temperature: 0.9, top_p: 0.9, ..base },
-            cpu::SampleParams { temperature: 1.3, min_p: 0.05, ..base },
-            cpu::SampleParams { temperature: 0.8, top_k: 200, top_p: 0.8, min_p: 0.02, ..base },
-            cpu::SampleParams { temperature: 1.0, top_k: 1, ..base },
-            cpu::SampleParams { temperature: 2.0, top_p: 0.3, ..base },
+            cpu::SampleParams {
+                temperature: 1.0,
+                ..base
+            },
+            cpu::SampleParams {
+                temperature: 0.7,
+                top_k: 50,
+                ..base
+            },
+            cpu::SampleParams {
+                temperature: 0.9,
+                top_p: 0.9,
+                ..base
+            },
+            cpu::SampleParams {
+                temperature: 1.3,
+                min_p: 0.05,
+                ..base
+            },
+            cpu::SampleParams {
+                temperature: 0.8,
+                top_k: 200,
+                top_p: 0.8,
+                min_p: 0.02,
+                ..base
+            },
+            cpu::SampleParams {
+                temperature: 1.0,
+                top_k: 1,
+                ..base
+            },
+            cpu::SampleParams {
+                temperature: 2.0,
+                top_p: 0.3,
+                ..base
+            },
         ];
         for p in params.iter_mut() {
             p.seed = r.random();
@@ -359,7 +438,9 @@ fn sampling_greedy_and_seeded() {
         params.push(base);
         params.push(base);
         let b = params.len();
-        let mut logits: Vec<f32> = (0..b * vocab).map(|_| r.random_range(-8.0f32..8.0)).collect();
+        let mut logits: Vec<f32> = (0..b * vocab)
+            .map(|_| r.random_range(-8.0f32..8.0))
+            .collect();
         let tie_row = b - 1;
         logits[tie_row * vocab + 17] = 20.0;
         logits[tie_row * vocab + vocab - 3] = 20.0;
@@ -371,12 +452,35 @@ fn sampling_greedy_and_seeded() {
             let mps: Vec<f32> = params.iter().map(|p| p.min_p).collect();
             let seeds: Vec<u64> = params.iter().map(|p| p.seed).collect();
             let offs: Vec<u64> = params.iter().map(|p| p.offset).collect();
-            let (d_t, d_k, d_p, d_m, d_s, d_o) = (g.upload(&temps), g.upload(&ks), g.upload(&ps), g.upload(&mps), g.upload(&seeds), g.upload(&offs));
+            let (d_t, d_k, d_p, d_m, d_s, d_o) = (
+                g.upload(&temps),
+                g.upload(&ks),
+                g.upload(&ps),
+                g.upload(&mps),
+                g.upload(&seeds),
+                g.upload(&offs),
+            );
             let tokens = g.poisoned(params.len(), -1i32);
             let lps = g.poisoned(params.len(), f32::NAN);
             let v = vocab as i32;
-            g.launch("sampling", "sample_tokens", (params.len() as u32, 1, 1), (1024, 1, 1), &mut [
-                arg(&tokens.ptr), arg(&lps.ptr), arg(&d_logits.ptr), arg(&v), arg(&d_t.ptr), arg(&d_k.ptr), arg(&d_p.ptr), arg(&d_m.ptr), arg(&d_s.ptr), arg(&d_o.ptr)]);
+            g.launch(
+                "sampling",
+                "sample_tokens",
+                (params.len() as u32, 1, 1),
+                (1024, 1, 1),
+                &mut [
+                    arg(&tokens.ptr),
+                    arg(&lps.ptr),
+                    arg(&d_logits.ptr),
+                    arg(&v),
+                    arg(&d_t.ptr),
+                    arg(&d_k.ptr),
+                    arg(&d_p.ptr),
+                    arg(&d_m.ptr),
+                    arg(&d_s.ptr),
+                    arg(&d_o.ptr),
+                ],
+            );
             (g.download(&tokens), g.download(&lps))
         };
         let (tokens, lps) = run(&params);
@@ -385,28 +489,57 @@ fn sampling_greedy_and_seeded() {
             let row = &logits[i * vocab..(i + 1) * vocab];
             let (want_tok, want_lp) = cpu::sample(row, p);
             let tok = tokens[i];
-            assert!(tok >= 0 && (tok as usize) < vocab, "row {i}: token {tok} out of range");
+            assert!(
+                tok >= 0 && (tok as usize) < vocab,
+                "row {i}: token {tok} out of range"
+            );
             let tok = tok as usize;
-            assert!((lps[i] - cpu::log_softmax_at(row, tok)).abs() < 1e-3, "row {i}: logprob {} vs {}", lps[i], cpu::log_softmax_at(row, tok));
+            assert!(
+                (lps[i] - cpu::log_softmax_at(row, tok)).abs() < 1e-3,
+                "row {i}: logprob {} vs {}",
+                lps[i],
+                cpu::log_softmax_at(row, tok)
+            );
             if p.temperature < 1e-5 {
                 assert_eq!(tok, want_tok, "greedy row {i} (vocab {vocab})");
                 assert!((lps[i] - want_lp).abs() < 1e-3);
             } else {
                 let allowed = cpu::allowed_tokens(row, p);
-                assert!(allowed[tok], "row {i} {p:?}: token {tok} is outside the allowed set ({} allowed)", allowed.iter().filter(|&&a| a).count());
+                assert!(
+                    allowed[tok],
+                    "row {i} {p:?}: token {tok} is outside the allowed set ({} allowed)",
+                    allowed.iter().filter(|&&a| a).count()
+                );
             }
             same_as_cpu += usize::from(tok == want_tok);
         }
         assert_eq!(tokens[tie_row], 17, "greedy ties go to the first index");
         // Gumbel-max with the same hash: the CPU reference picks the same token except at
         // float near-ties (CPU vs GPU logf), which random data essentially never produces.
-        assert!(same_as_cpu + 1 >= b, "vocab {vocab}: only {same_as_cpu} of {b} rows match the CPU sampler");
+        assert!(
+            same_as_cpu + 1 >= b,
+            "vocab {vocab}: only {same_as_cpu} of {b} rows match the CPU sampler"
+        );
         // Same seed and offset: same tokens; another offset moves at least one random row.
         let (again, _) = run(&params);
-        assert_eq!(again, tokens, "vocab {vocab}: same seeds gave different tokens");
-        let moved: Vec<cpu::SampleParams> = params.iter().map(|p| cpu::SampleParams { offset: p.offset + 1, ..*p }).collect();
+        assert_eq!(
+            again, tokens,
+            "vocab {vocab}: same seeds gave different tokens"
+        );
+        let moved: Vec<cpu::SampleParams> = params
+            .iter()
+            .map(|p| cpu::SampleParams {
+                offset: p.offset + 1,
+                ..*p
+            })
+            .collect();
         let (other, _) = run(&moved);
-        assert_ne!(other, tokens, "vocab {vocab}: a new offset changed no random draw");
-        eprintln!("sampling vocab {vocab}: ok, {same_as_cpu}/{b} rows identical to the CPU sampler");
+        assert_ne!(
+            other, tokens,
+            "vocab {vocab}: a new offset changed no random draw"
+        );
+        eprintln!(
+            "sampling vocab {vocab}: ok, {same_as_cpu}/{b} rows identical to the CPU sampler"
+        );
     }
 }

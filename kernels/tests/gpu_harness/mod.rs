@@ -36,16 +36,22 @@ pub fn gpu(test: &str) -> Option<Gpu> {
     let count = match std::panic::catch_unwind(CudaContext::device_count) {
         Ok(Ok(n)) => n,
         Ok(Err(e)) => {
-            loud(&format!("SKIPPED: no CUDA device ({test}: driver error {e:?})"));
+            loud(&format!(
+                "SKIPPED: no CUDA device ({test}: driver error {e:?})"
+            ));
             return None;
         }
         Err(_) => {
-            loud(&format!("SKIPPED: no CUDA device ({test}: libcuda could not be loaded)"));
+            loud(&format!(
+                "SKIPPED: no CUDA device ({test}: libcuda could not be loaded)"
+            ));
             return None;
         }
     };
     if count < 1 {
-        loud(&format!("SKIPPED: no CUDA device ({test}: the driver reports none)"));
+        loud(&format!(
+            "SKIPPED: no CUDA device ({test}: the driver reports none)"
+        ));
         return None;
     }
     let ctx = CudaContext::new(0).expect("creating a CUDA context on device 0");
@@ -54,16 +60,25 @@ pub fn gpu(test: &str) -> Option<Gpu> {
     let mut modules = HashMap::new();
     for &stem in rvllm_kernels::KERNEL_NAMES {
         let image = rvllm_kernels::fatbin(stem).expect("listed kernel module is embedded");
-        let m = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.unwrap_or_else(|e| {
-            panic!("loading kernel module `{stem}` on {name}: {e:?} (built for {})", rvllm_kernels::built_archs())
-        });
+        let m = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.unwrap_or_else(
+            |e| {
+                panic!(
+                    "loading kernel module `{stem}` on {name}: {e:?} (built for {})",
+                    rvllm_kernels::built_archs()
+                )
+            },
+        );
         modules.insert(stem.to_string(), m);
     }
     assert!(
         !modules.is_empty(),
         "this test binary has no kernels: build it with `--features cuda` (nvcc needed)"
     );
-    Some(Gpu { _ctx: ctx, modules, name })
+    Some(Gpu {
+        _ctx: ctx,
+        modules,
+        name,
+    })
 }
 
 /// A device allocation of `len` elements of `T`, freed on drop.
@@ -88,7 +103,9 @@ pub fn arg<T>(v: &T) -> *mut c_void {
 
 impl Gpu {
     fn bind(&self) {
-        self._ctx.bind_to_thread().expect("binding the CUDA context");
+        self._ctx
+            .bind_to_thread()
+            .expect("binding the CUDA context");
     }
 
     pub fn function(&self, module: &str, kernel: &str) -> sys::CUfunction {
@@ -104,17 +121,92 @@ impl Gpu {
 
     /// Launches on the default stream and waits; any launch or execution error panics with the
     /// kernel's name.
-    pub fn launch(&self, module: &str, kernel: &str, grid: (u32, u32, u32), block: (u32, u32, u32), args: &mut [*mut c_void]) {
+    pub fn launch(
+        &self,
+        module: &str,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        args: &mut [*mut c_void],
+    ) {
         let f = self.function(module, kernel);
         unsafe { drv::launch_kernel(f, grid, block, 0, std::ptr::null_mut(), args) }
-            .unwrap_or_else(|e| panic!("launching `{kernel}` grid {grid:?} block {block:?}: {e:?}"));
-        drv::ctx::synchronize().unwrap_or_else(|e| panic!("`{kernel}` failed while running: {e:?}"));
+            .unwrap_or_else(|e| {
+                panic!("launching `{kernel}` grid {grid:?} block {block:?}: {e:?}")
+            });
+        drv::ctx::synchronize()
+            .unwrap_or_else(|e| panic!("`{kernel}` failed while running: {e:?}"));
     }
 
     /// Launches without waiting (for timing loops).
-    pub fn launch_async(&self, f: sys::CUfunction, grid: (u32, u32, u32), block: (u32, u32, u32), args: &mut [*mut c_void]) {
+    pub fn launch_async(
+        &self,
+        f: sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        args: &mut [*mut c_void],
+    ) {
         unsafe { drv::launch_kernel(f, grid, block, 0, std::ptr::null_mut(), args) }
             .unwrap_or_else(|e| panic!("launch grid {grid:?} block {block:?}: {e:?}"));
+    }
+
+    /// Launches on `stream` without waiting.
+    pub fn launch_on(
+        &self,
+        stream: sys::CUstream,
+        f: sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        args: &mut [*mut c_void],
+    ) {
+        unsafe { drv::launch_kernel(f, grid, block, 0, stream, args) }
+            .unwrap_or_else(|e| panic!("launch grid {grid:?} block {block:?}: {e:?}"));
+    }
+
+    /// Per-repetition time in microseconds of `body` replayed from a CUDA graph that holds
+    /// `per_graph` repetitions (as the engine's decode graphs do: no host launch gaps).
+    /// Median of 20 replays.
+    pub fn graph_time_us(&self, per_graph: usize, mut body: impl FnMut(sys::CUstream)) -> f32 {
+        self.bind();
+        let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).expect("stream");
+        unsafe {
+            drv::stream::begin_capture(
+                stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+            )
+            .expect("begin capture");
+        }
+        for _ in 0..per_graph {
+            body(stream);
+        }
+        let graph = unsafe { drv::stream::end_capture(stream) }.expect("end capture");
+        let exec = unsafe { drv::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
+            .expect("instantiate");
+        let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let (start, end) = (
+            drv::event::create(flags).expect("event"),
+            drv::event::create(flags).expect("event"),
+        );
+        let mut times = Vec::new();
+        unsafe {
+            drv::graph::launch(exec, stream).expect("graph launch"); // warm-up
+            for _ in 0..20 {
+                drv::event::record(start, stream).expect("record");
+                drv::graph::launch(exec, stream).expect("graph launch");
+                drv::event::record(end, stream).expect("record");
+                drv::stream::synchronize(stream).expect("sync");
+                times.push(
+                    drv::event::elapsed(start, end).expect("elapsed") * 1e3 / per_graph as f32,
+                );
+            }
+            let _ = drv::graph::exec_destroy(exec);
+            let _ = drv::graph::destroy(graph);
+            let _ = drv::event::destroy(start);
+            let _ = drv::event::destroy(end);
+            let _ = drv::stream::destroy(stream);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        times[times.len() / 2]
     }
 
     pub fn sync(&self) {
@@ -128,7 +220,11 @@ impl Gpu {
         if !data.is_empty() {
             unsafe { drv::memcpy_htod_sync(ptr, data) }.expect("copy to device");
         }
-        Buf { ptr, len: data.len(), _t: std::marker::PhantomData }
+        Buf {
+            ptr,
+            len: data.len(),
+            _t: std::marker::PhantomData,
+        }
     }
 
     /// A buffer of `len` copies of `poison` (NaN for floats): unwritten outputs stay visible.
@@ -153,7 +249,10 @@ impl Gpu {
     pub fn time_ms(&self, reps: usize, mut body: impl FnMut()) -> f32 {
         self.bind();
         let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
-        let (start, end) = (drv::event::create(flags).expect("event"), drv::event::create(flags).expect("event"));
+        let (start, end) = (
+            drv::event::create(flags).expect("event"),
+            drv::event::create(flags).expect("event"),
+        );
         body(); // warm-up
         self.sync();
         let mut times = Vec::with_capacity(reps);
@@ -191,14 +290,22 @@ pub fn rng(test: &str) -> StdRng {
 /// `n` uniform values in [-amp, amp), rounded to bf16; returns (bf16 for the device, the same
 /// values as f32 for the reference).
 pub fn random_bf16(rng: &mut StdRng, n: usize, amp: f32) -> (Vec<bf16>, Vec<f32>) {
-    let h: Vec<bf16> = (0..n).map(|_| bf16::from_f32(rng.random_range(-amp..amp))).collect();
+    let h: Vec<bf16> = (0..n)
+        .map(|_| bf16::from_f32(rng.random_range(-amp..amp)))
+        .collect();
     let f = h.iter().map(|v| v.to_f32()).collect();
     (h, f)
 }
 
 /// Asserts |got - want| <= atol + rtol |want| elementwise (NaN fails), naming the worst ones.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: length {} vs reference {}", got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: length {} vs reference {}",
+        got.len(),
+        want.len()
+    );
     let mut bad = Vec::new();
     let mut worst = 0.0f32;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -218,5 +325,8 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
         got.len(),
         &bad[..bad.len().min(8)]
     );
-    eprintln!("{what}: ok, {} elements, max abs err {worst:.3e}", got.len());
+    eprintln!(
+        "{what}: ok, {} elements, max abs err {worst:.3e}",
+        got.len()
+    );
 }
