@@ -29,27 +29,167 @@ fn bad_inputs_get_openai_errors_and_the_server_keeps_serving() {
     let chat = "/v1/chat/completions";
     // (what, route, body, status, param, words the message must hold)
     let cases: Vec<(&str, &str, Vec<u8>, u16, Value, &str)> = vec![
-        ("malformed JSON", c, br#"{"prompt": "hi", "#.to_vec(), 400, Value::Null, "not valid JSON"),
-        ("not an object", c, b"[1, 2]".to_vec(), 400, Value::Null, "invalid type"),
+        (
+            "malformed JSON",
+            c,
+            br#"{"prompt": "hi", "#.to_vec(),
+            400,
+            Value::Null,
+            "not valid JSON",
+        ),
+        (
+            "not an object",
+            c,
+            b"[1, 2]".to_vec(),
+            400,
+            Value::Null,
+            "JSON object",
+        ),
         ("empty body", c, b"".to_vec(), 400, Value::Null, "empty"),
-        ("wrong type", c, br#"{"prompt": "hi", "temperature": "hot"}"#.to_vec(), 400, json!("temperature"), "invalid type"),
-        ("wrong prompt type", c, br#"{"prompt": {"a": 1}}"#.to_vec(), 400, json!("prompt"), "prompt"),
-        ("unknown field", c, br#"{"prompt": "hi", "temprature": 0.5}"#.to_vec(), 400, json!("temprature"), "unknown field"),
-        ("negative max_tokens", c, br#"{"prompt": "hi", "max_tokens": -5}"#.to_vec(), 400, json!("max_tokens"), "at least 1"),
-        ("huge max_tokens", c, br#"{"prompt": "hi", "max_tokens": 1000000000}"#.to_vec(), 400, json!("max_tokens"), "max_tokens"),
-        ("temperature too high", c, br#"{"prompt": "hi", "temperature": 3.5}"#.to_vec(), 400, json!("temperature"), "between 0 and 2"),
-        ("negative temperature", c, br#"{"prompt": "hi", "temperature": -1}"#.to_vec(), 400, json!("temperature"), "between 0 and 2"),
-        ("top_p zero", c, br#"{"prompt": "hi", "top_p": 0}"#.to_vec(), 400, json!("top_p"), "top_p"),
-        ("n zero", c, br#"{"prompt": "hi", "n": 0}"#.to_vec(), 400, json!("n"), "`n`"),
-        ("unknown model", c, br#"{"model": "gpt-4", "prompt": "hi"}"#.to_vec(), 404, json!("model"), "gpt-4"),
-        ("empty prompt", c, br#"{"prompt": ""}"#.to_vec(), 400, json!("prompt"), "empty"),
-        ("token id out of vocab", c, br#"{"prompt": [1, 99999]}"#.to_vec(), 400, json!("prompt"), "vocabulary"),
-        ("invalid UTF-8", c, b"{\"prompt\": \"\xff\xfe\xfd\"}".to_vec(), 400, Value::Null, "UTF-8"),
-        ("oversized body", c, vec![b' '; 30000], 413, Value::Null, "limit"),
-        ("empty messages", chat, br#"{"messages": []}"#.to_vec(), 400, json!("messages"), "empty"),
-        ("no messages", chat, br#"{"model": "tiny"}"#.to_vec(), 400, json!("messages"), "required"),
-        ("bad role", chat, br#"{"messages": [{"role": "wizard", "content": "x"}]}"#.to_vec(), 400, json!("messages[0].role"), "role"),
-        ("chat unknown field", chat, br#"{"messages": [{"role": "user", "content": "x"}], "foo": 1}"#.to_vec(), 400, json!("foo"), "unknown field"),
+        (
+            "wrong type",
+            c,
+            br#"{"prompt": "hi", "temperature": "hot"}"#.to_vec(),
+            400,
+            json!("temperature"),
+            "invalid type",
+        ),
+        (
+            "wrong prompt type",
+            c,
+            br#"{"prompt": {"a": 1}}"#.to_vec(),
+            400,
+            json!("prompt"),
+            "prompt",
+        ),
+        (
+            "unknown field",
+            c,
+            br#"{"prompt": "hi", "temprature": 0.5}"#.to_vec(),
+            400,
+            json!("temprature"),
+            "unknown field",
+        ),
+        (
+            "negative max_tokens",
+            c,
+            br#"{"prompt": "hi", "max_tokens": -5}"#.to_vec(),
+            400,
+            json!("max_tokens"),
+            "at least 1",
+        ),
+        (
+            "huge max_tokens",
+            c,
+            br#"{"prompt": "hi", "max_tokens": 1000000000}"#.to_vec(),
+            400,
+            json!("max_tokens"),
+            "max_tokens",
+        ),
+        (
+            "temperature too high",
+            c,
+            br#"{"prompt": "hi", "temperature": 3.5}"#.to_vec(),
+            400,
+            json!("temperature"),
+            "between 0 and 2",
+        ),
+        (
+            "negative temperature",
+            c,
+            br#"{"prompt": "hi", "temperature": -1}"#.to_vec(),
+            400,
+            json!("temperature"),
+            "between 0 and 2",
+        ),
+        (
+            "top_p zero",
+            c,
+            br#"{"prompt": "hi", "top_p": 0}"#.to_vec(),
+            400,
+            json!("top_p"),
+            "top_p",
+        ),
+        (
+            "n zero",
+            c,
+            br#"{"prompt": "hi", "n": 0}"#.to_vec(),
+            400,
+            json!("n"),
+            "`n`",
+        ),
+        (
+            "unknown model",
+            c,
+            br#"{"model": "gpt-4", "prompt": "hi"}"#.to_vec(),
+            404,
+            json!("model"),
+            "gpt-4",
+        ),
+        (
+            "empty prompt",
+            c,
+            br#"{"prompt": ""}"#.to_vec(),
+            400,
+            json!("prompt"),
+            "empty",
+        ),
+        (
+            "token id out of vocab",
+            c,
+            br#"{"prompt": [1, 99999]}"#.to_vec(),
+            400,
+            json!("prompt"),
+            "vocabulary",
+        ),
+        (
+            "invalid UTF-8",
+            c,
+            b"{\"prompt\": \"\xff\xfe\xfd\"}".to_vec(),
+            400,
+            Value::Null,
+            "UTF-8",
+        ),
+        (
+            "oversized body",
+            c,
+            vec![b' '; 30000],
+            413,
+            Value::Null,
+            "limit",
+        ),
+        (
+            "empty messages",
+            chat,
+            br#"{"messages": []}"#.to_vec(),
+            400,
+            json!("messages"),
+            "empty",
+        ),
+        (
+            "no messages",
+            chat,
+            br#"{"model": "tiny"}"#.to_vec(),
+            400,
+            json!("messages"),
+            "required",
+        ),
+        (
+            "bad role",
+            chat,
+            br#"{"messages": [{"role": "wizard", "content": "x"}]}"#.to_vec(),
+            400,
+            json!("messages[0].role"),
+            "role",
+        ),
+        (
+            "chat unknown field",
+            chat,
+            br#"{"messages": [{"role": "user", "content": "x"}], "foo": 1}"#.to_vec(),
+            400,
+            json!("foo"),
+            "unknown field",
+        ),
         (
             "top_logprobs without logprobs",
             chat,
@@ -58,15 +198,32 @@ fn bad_inputs_get_openai_errors_and_the_server_keeps_serving() {
             json!("top_logprobs"),
             "logprobs",
         ),
-        ("stream_options without stream", c, br#"{"prompt": "hi", "stream_options": {"include_usage": true}}"#.to_vec(), 400, json!("stream_options"), "stream"),
-        ("detokenize bad id", "/detokenize", br#"{"tokens": [-1]}"#.to_vec(), 400, json!("tokens"), "token id"),
+        (
+            "stream_options without stream",
+            c,
+            br#"{"prompt": "hi", "stream_options": {"include_usage": true}}"#.to_vec(),
+            400,
+            json!("stream_options"),
+            "stream",
+        ),
+        (
+            "detokenize bad id",
+            "/detokenize",
+            br#"{"tokens": [-1]}"#.to_vec(),
+            400,
+            json!("tokens"),
+            "token id",
+        ),
     ];
     for (what, route, body, status, param, words) in &cases {
         let r = s.post(route, body);
         let e = r.expect_error(*status);
         assert_eq!(&e["param"], param, "{what}: param of {e}");
         let msg = e["message"].as_str().unwrap();
-        assert!(msg.contains(words), "{what}: message `{msg}` should mention `{words}`");
+        assert!(
+            msg.contains(words),
+            "{what}: message `{msg}` should mention `{words}`"
+        );
         assert_eq!(r.header("content-type"), Some("application/json"), "{what}");
     }
 
@@ -76,7 +233,10 @@ fn bad_inputs_get_openai_errors_and_the_server_keeps_serving() {
     let e = r.expect_error(400);
     assert_eq!(e["param"], "prompt");
     assert_eq!(e["code"], "context_length_exceeded");
-    assert!(e["message"].as_str().unwrap().contains("max-model-len"), "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("max-model-len"),
+        "{e}"
+    );
 
     // Routes and methods.
     s.get("/v1/nope").expect_error(404);
@@ -87,7 +247,10 @@ fn bad_inputs_get_openai_errors_and_the_server_keeps_serving() {
     assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(ok.json()["usage"]["completion_tokens"], 4);
     let m = s.metrics();
-    assert!(metric(&m, "rvllm:http_request_errors_total") >= cases.len() as f64 + 3.0, "{m}");
+    assert!(
+        metric(&m, "rvllm:http_request_errors_total") >= cases.len() as f64 + 3.0,
+        "{m}"
+    );
     assert!(idle_and_no_leak(&m), "{m}");
 }
 
@@ -115,16 +278,40 @@ fn two_hundred_concurrent_streams_complete_without_leaking_kv() {
         assert_eq!(r.status, 200, "request {i}: {}", r.text());
         assert_eq!(r.header("content-type"), Some("text/event-stream"));
         let events = r.sse_events();
-        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "request {i} did not end with [DONE]");
-        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "request {i} did not end with [DONE]"
+        );
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
         let usage = &chunks.last().unwrap()["usage"];
-        assert_eq!(usage["completion_tokens"], max_tokens, "request {i}: {usage}");
-        let finishes: Vec<&Value> =
-            chunks.iter().flat_map(|c| c["choices"].as_array().unwrap()).map(|c| &c["finish_reason"]).filter(|f| !f.is_null()).collect();
+        assert_eq!(
+            usage["completion_tokens"], max_tokens,
+            "request {i}: {usage}"
+        );
+        let finishes: Vec<&Value> = chunks
+            .iter()
+            .flat_map(|c| c["choices"].as_array().unwrap())
+            .map(|c| &c["finish_reason"])
+            .filter(|f| !f.is_null())
+            .collect();
         assert_eq!(finishes, vec![&json!("length")], "request {i}");
     }
-    let m = s.wait_metrics(Duration::from_secs(10), "an idle engine with every KV block free", idle_and_no_leak);
-    assert_eq!(metric(&m, "rvllm:request_success_total{model_name=\"tiny\",finished_reason=\"length\"}"), 200.0);
+    let m = s.wait_metrics(
+        Duration::from_secs(10),
+        "an idle engine with every KV block free",
+        idle_and_no_leak,
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "rvllm:request_success_total{model_name=\"tiny\",finished_reason=\"length\"}"
+        ),
+        200.0
+    );
     assert_eq!(metric(&m, "rvllm:time_to_first_token_seconds_count"), 200.0);
     assert_eq!(metric(&m, "rvllm:server_requests_in_flight"), 0.0);
     let generated: f64 = (0..200).map(|i| (8 + i % 17) as f64).sum();
@@ -133,13 +320,25 @@ fn two_hundred_concurrent_streams_complete_without_leaking_kv() {
 
 #[test]
 fn api_key_is_enforced_everywhere_but_health() {
-    let s = Server::start(&tiny_model(), &["--served-model-name", MODEL_NAME], &[("RVLLM_API_KEY", "sekret-123")]);
+    let s = Server::start(
+        &tiny_model(),
+        &["--served-model-name", MODEL_NAME],
+        &[("RVLLM_API_KEY", "sekret-123")],
+    );
     assert_eq!(s.get("/health").status, 200, "/health needs no key");
     for path in ["/v1/models", "/metrics", "/version"] {
         let e = s.get(path).expect_error(401);
         assert_eq!(e["code"], "invalid_api_key", "{path}");
-        assert_eq!(s.get_auth(path, "wrong").status, 401, "{path} with a wrong key");
-        assert_eq!(s.get_auth(path, "sekret-123").status, 200, "{path} with the key");
+        assert_eq!(
+            s.get_auth(path, "wrong").status,
+            401,
+            "{path} with a wrong key"
+        );
+        assert_eq!(
+            s.get_auth(path, "sekret-123").status,
+            200,
+            "{path} with the key"
+        );
     }
     let body = completion("hi", 2).to_string();
     s.post("/v1/completions", body.as_bytes()).expect_error(401);
@@ -154,27 +353,44 @@ fn a_client_that_disconnects_mid_stream_frees_its_request() {
         "model": MODEL_NAME, "prompt": "a long story", "max_tokens": 240, "ignore_eos": true, "stream": true,
     });
     let mut sock = TcpStream::connect(&s.addr).unwrap();
-    sock.write_all(&post_bytes("/v1/completions", body.to_string().as_bytes(), None)).unwrap();
+    sock.write_all(&post_bytes(
+        "/v1/completions",
+        body.to_string().as_bytes(),
+        None,
+    ))
+    .unwrap();
     // Wait for the first content chunk, then hang up.
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&seen).contains("\"text\"") {
         let n = sock.read(&mut buf).unwrap();
-        assert!(n > 0, "stream ended before its first chunk: {}", String::from_utf8_lossy(&seen));
+        assert!(
+            n > 0,
+            "stream ended before its first chunk: {}",
+            String::from_utf8_lossy(&seen)
+        );
         seen.extend_from_slice(&buf[..n]);
     }
     drop(sock);
-    let m = s.wait_metrics(Duration::from_secs(20), "the aborted request to be freed", |m| {
-        idle_and_no_leak(m) && metric(m, "rvllm:server_requests_in_flight") == 0.0
-    });
+    let m = s.wait_metrics(
+        Duration::from_secs(20),
+        "the aborted request to be freed",
+        |m| idle_and_no_leak(m) && metric(m, "rvllm:server_requests_in_flight") == 0.0,
+    );
     assert_eq!(
-        metric(&m, "rvllm:request_success_total{model_name=\"tiny\",finished_reason=\"abort\"}"),
+        metric(
+            &m,
+            "rvllm:request_success_total{model_name=\"tiny\",finished_reason=\"abort\"}"
+        ),
         1.0,
         "the request must end as aborted, not run to its 240 tokens:\n{m}"
     );
     assert!(metric(&m, "rvllm:generation_tokens_total") < 240.0, "{m}");
     // And the server goes on serving.
-    assert_eq!(s.post_json("/v1/completions", &completion("x", 3)).status, 200);
+    assert_eq!(
+        s.post_json("/v1/completions", &completion("x", 3)).status,
+        200
+    );
 }
 
 #[test]
@@ -198,15 +414,113 @@ fn sigterm_lets_in_flight_streams_finish_then_exits_zero() {
         })
         .collect();
     // Let the streams start, then ask the server to stop.
-    s.wait_metrics(Duration::from_secs(20), "streams running", |m| metric(m, "rvllm:server_requests_in_flight") >= 1.0);
+    s.wait_metrics(Duration::from_secs(20), "streams running", |m| {
+        metric(m, "rvllm:server_requests_in_flight") >= 1.0
+    });
     let status = s.terminate(Duration::from_secs(60));
-    assert!(status.success(), "exit status {status:?}; log:\n{}", s.log());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        s.log()
+    );
     for c in clients {
         let r = c.join().unwrap();
         let events = r.sse_events();
-        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "a stream was cut: {}", r.text());
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "a stream was cut: {}",
+            r.text()
+        );
         let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
-        assert_eq!(usage["usage"]["completion_tokens"], 200, "every in-flight request finishes");
+        assert_eq!(
+            usage["usage"]["completion_tokens"], 200,
+            "every in-flight request finishes"
+        );
     }
     assert!(s.log().contains("SIGTERM"), "{}", s.log());
+}
+
+#[test]
+fn bench_serve_drives_the_server_and_saves_results() {
+    let s = start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let result = dir.path().join("bench.json");
+    for (endpoint, format) in [("/v1/completions", "ids"), ("/v1/chat/completions", "text")] {
+        let out = std::process::Command::new(server_common::rvllm_bin())
+            .args([
+                "bench",
+                "serve",
+                "--base-url",
+                &format!("http://{}", s.addr),
+                "--endpoint",
+                endpoint,
+            ])
+            .args([
+                "--random-input-len",
+                "12",
+                "--random-output-len",
+                "6",
+                "--num-prompts",
+                "24",
+                "--ignore-eos",
+            ])
+            .args([
+                "--request-rate",
+                "200",
+                "--max-concurrency",
+                "8",
+                "--seed",
+                "3",
+            ])
+            .args([
+                "--random-prompt-format",
+                format,
+                "--random-vocab-size",
+                "300",
+                "--save-result",
+                "--result-filename",
+            ])
+            .arg(&result)
+            .output()
+            .expect("running rvllm bench serve");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{endpoint}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in [
+            "Successful requests:",
+            "Mean TTFT (ms):",
+            "P99 ITL (ms):",
+            "Output token throughput",
+        ] {
+            assert!(
+                stdout.contains(line),
+                "{endpoint}: the table lacks `{line}`:\n{stdout}"
+            );
+        }
+        let v: Value = serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
+        assert_eq!(v["completed"], 24, "{endpoint}: {v}");
+        assert_eq!(v["failed"], 0);
+        assert_eq!(
+            v["total_output_tokens"],
+            24 * 6,
+            "--ignore-eos makes every request generate 6 tokens"
+        );
+        assert_eq!(
+            v["model_id"], MODEL_NAME,
+            "the model is read from /v1/models"
+        );
+        if format == "ids" {
+            assert_eq!(
+                v["total_input_tokens"],
+                24 * 12,
+                "token-id prompts have the exact length"
+            );
+        }
+        assert!(v["mean_ttft_ms"].as_f64().unwrap() > 0.0);
+    }
+    assert!(idle_and_no_leak(&s.metrics()));
 }

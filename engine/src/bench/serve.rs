@@ -107,7 +107,10 @@ pub struct RequestResult {
 
 pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     if args.dataset_name != "random" {
-        bail!("unknown --dataset-name `{}`: only `random` is implemented", args.dataset_name);
+        bail!(
+            "unknown --dataset-name `{}`: only `random` is implemented",
+            args.dataset_name
+        );
     }
     let rate = parse_rate(&args.request_rate)?;
     if args.num_prompts == 0 {
@@ -119,11 +122,16 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     let chat = args.endpoint.contains("chat");
     let ids_format = match args.random_prompt_format.as_str() {
         "text" => false,
-        "ids" if chat => bail!("--random-prompt-format ids needs /v1/completions (chat messages are text)"),
+        "ids" if chat => {
+            bail!("--random-prompt-format ids needs /v1/completions (chat messages are text)")
+        }
         "ids" => true,
         other => bail!("unknown --random-prompt-format `{other}`: use text or ids"),
     };
-    let base = args.base_url.clone().unwrap_or_else(|| format!("http://{}:{}", args.host, args.port));
+    let base = args
+        .base_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}:{}", args.host, args.port));
     let base = base.trim_end_matches('/').to_string();
     let url = format!("{base}{}", args.endpoint);
     let api_key = args
@@ -145,9 +153,12 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     let requests: Vec<Value> = (0..args.num_prompts)
         .map(|_| {
             let in_len = draw_len(&mut rng, args.random_input_len, args.random_range_ratio);
-            let out_len = draw_len(&mut rng, args.random_output_len, args.random_range_ratio).max(1);
+            let out_len =
+                draw_len(&mut rng, args.random_output_len, args.random_range_ratio).max(1);
             let prompt = if ids_format {
-                json!((0..in_len).map(|_| 100 + rng.random_range(0..args.random_vocab_size.max(1))).collect::<Vec<_>>())
+                json!((0..in_len)
+                    .map(|_| 100 + rng.random_range(0..args.random_vocab_size.max(1)))
+                    .collect::<Vec<_>>())
             } else {
                 json!(random_words(&mut rng, in_len))
             };
@@ -160,9 +171,13 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
         "Benchmarking {url} with {} requests (rate {}, max concurrency {})",
         args.num_prompts,
         args.request_rate,
-        args.max_concurrency.map(|c| c.to_string()).unwrap_or_else(|| "unlimited".into())
+        args.max_concurrency
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "unlimited".into())
     );
-    let limiter = args.max_concurrency.map(|c| Arc::new(tokio::sync::Semaphore::new(c)));
+    let limiter = args
+        .max_concurrency
+        .map(|c| Arc::new(tokio::sync::Semaphore::new(c)));
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(requests.len());
     for (body, delay) in requests.into_iter().zip(delays) {
@@ -172,7 +187,12 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
             tokio::time::sleep(wait).await;
         }
         let permit = match &limiter {
-            Some(s) => Some(s.clone().acquire_owned().await.context("concurrency limiter closed")?),
+            Some(s) => Some(
+                s.clone()
+                    .acquire_owned()
+                    .await
+                    .context("concurrency limiter closed")?,
+            ),
             None => None,
         };
         let client = client.clone();
@@ -186,14 +206,21 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     }
     let mut results = Vec::with_capacity(tasks.len());
     for t in tasks {
-        results.push(t.await.unwrap_or_else(|e| RequestResult { error: format!("task failed: {e}"), ..Default::default() }));
+        results.push(t.await.unwrap_or_else(|e| RequestResult {
+            error: format!("task failed: {e}"),
+            ..Default::default()
+        }));
     }
     let duration = start.elapsed().as_secs_f64();
     let summary = summarize(&results, duration);
     print_table(&summary, &args, &model);
     let failed: Vec<&RequestResult> = results.iter().filter(|r| !r.ok).collect();
     if let Some(f) = failed.first() {
-        eprintln!("{} requests failed; the first error: {}", failed.len(), f.error);
+        eprintln!(
+            "{} requests failed; the first error: {}",
+            failed.len(),
+            f.error
+        );
     }
     let mut out = summary.to_json();
     let obj = out.as_object_mut().context("summary is an object")?;
@@ -206,19 +233,43 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     obj.insert("max_concurrency".into(), json!(args.max_concurrency));
     obj.insert("random_input_len".into(), json!(args.random_input_len));
     obj.insert("random_output_len".into(), json!(args.random_output_len));
-    obj.insert("input_lens".into(), json!(results.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>()));
-    obj.insert("output_lens".into(), json!(results.iter().map(|r| r.output_tokens).collect::<Vec<_>>()));
-    obj.insert("ttfts".into(), json!(results.iter().map(|r| r.ttft_s).collect::<Vec<_>>()));
-    obj.insert("itls".into(), json!(results.iter().map(|r| &r.itl_s).collect::<Vec<_>>()));
-    obj.insert("errors".into(), json!(results.iter().map(|r| &r.error).collect::<Vec<_>>()));
+    obj.insert(
+        "input_lens".into(),
+        json!(results.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>()),
+    );
+    obj.insert(
+        "output_lens".into(),
+        json!(results.iter().map(|r| r.output_tokens).collect::<Vec<_>>()),
+    );
+    obj.insert(
+        "ttfts".into(),
+        json!(results.iter().map(|r| r.ttft_s).collect::<Vec<_>>()),
+    );
+    obj.insert(
+        "itls".into(),
+        json!(results.iter().map(|r| &r.itl_s).collect::<Vec<_>>()),
+    );
+    obj.insert(
+        "errors".into(),
+        json!(results.iter().map(|r| &r.error).collect::<Vec<_>>()),
+    );
     if args.save_result {
         let name = args.result_filename.clone().unwrap_or_else(|| {
-            let short = model.rsplit('/').next().unwrap_or(&model).replace(['/', ' '], "_");
-            PathBuf::from(format!("rvllm-bench-serve-{}qps-{short}-{}.json", args.request_rate, unix_now()))
+            let short = model
+                .rsplit('/')
+                .next()
+                .unwrap_or(&model)
+                .replace(['/', ' '], "_");
+            PathBuf::from(format!(
+                "rvllm-bench-serve-{}qps-{short}-{}.json",
+                args.request_rate,
+                unix_now()
+            ))
         });
         let path = match &args.result_dir {
             Some(d) => {
-                std::fs::create_dir_all(d).with_context(|| format!("creating --result-dir {}", d.display()))?;
+                std::fs::create_dir_all(d)
+                    .with_context(|| format!("creating --result-dir {}", d.display()))?;
                 d.join(name)
             }
             None => name,
@@ -228,7 +279,10 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
         println!("Results written to {}", path.display());
     }
     if summary.completed == 0 {
-        bail!("every request failed (first error: {})", failed.first().map(|f| f.error.as_str()).unwrap_or("?"));
+        bail!(
+            "every request failed (first error: {})",
+            failed.first().map(|f| f.error.as_str()).unwrap_or("?")
+        );
     }
     Ok(out)
 }
@@ -237,7 +291,9 @@ fn parse_rate(s: &str) -> Result<f64> {
     if s.eq_ignore_ascii_case("inf") {
         return Ok(f64::INFINITY);
     }
-    let r: f64 = s.parse().with_context(|| format!("--request-rate `{s}`: give a number of requests per second or inf"))?;
+    let r: f64 = s.parse().with_context(|| {
+        format!("--request-rate `{s}`: give a number of requests per second or inf")
+    })?;
     if !(r > 0.0) {
         bail!("--request-rate must be above 0 (or inf), got {s}");
     }
@@ -269,10 +325,11 @@ pub fn arrival_delays(rng: &mut StdRng, n: usize, rate: f64) -> Vec<Duration> {
 }
 
 const WORDS: &[&str] = &[
-    "the", "of", "and", "to", "in", "is", "for", "that", "with", "on", "as", "it", "by", "this", "be", "from", "at",
-    "or", "an", "are", "was", "but", "not", "have", "all", "can", "more", "one", "time", "new", "some", "about",
-    "people", "year", "good", "first", "work", "day", "way", "world", "life", "water", "house", "light", "city",
-    "music", "story", "river", "paper", "table", "green", "small", "large", "early", "night", "open", "plant",
+    "the", "of", "and", "to", "in", "is", "for", "that", "with", "on", "as", "it", "by", "this",
+    "be", "from", "at", "or", "an", "are", "was", "but", "not", "have", "all", "can", "more",
+    "one", "time", "new", "some", "about", "people", "year", "good", "first", "work", "day", "way",
+    "world", "life", "water", "house", "light", "city", "music", "story", "river", "paper",
+    "table", "green", "small", "large", "early", "night", "open", "plant",
 ];
 
 fn random_words(rng: &mut StdRng, n: usize) -> String {
@@ -286,7 +343,13 @@ fn random_words(rng: &mut StdRng, n: usize) -> String {
     s
 }
 
-fn build_body(model: &str, prompt: Value, max_tokens: usize, chat: bool, args: &ServeBenchArgs) -> Value {
+fn build_body(
+    model: &str,
+    prompt: Value,
+    max_tokens: usize,
+    chat: bool,
+    args: &ServeBenchArgs,
+) -> Value {
     let mut body = json!({
         "model": model,
         "max_tokens": max_tokens,
@@ -310,11 +373,19 @@ async fn first_model(client: &reqwest::Client, base: &str, key: Option<&str>) ->
     if let Some(k) = key {
         req = req.bearer_auth(k);
     }
-    let resp = req.send().await.with_context(|| format!("GET {base}/v1/models (is the server up?)"))?;
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("GET {base}/v1/models (is the server up?)"))?;
     let status = resp.status();
-    let v: Value = resp.json().await.with_context(|| format!("reading {base}/v1/models"))?;
+    let v: Value = resp
+        .json()
+        .await
+        .with_context(|| format!("reading {base}/v1/models"))?;
     if !status.is_success() {
-        bail!("GET {base}/v1/models answered {status}: {v}; pass --model (and --api-key if needed)");
+        bail!(
+            "GET {base}/v1/models answered {status}: {v}; pass --model (and --api-key if needed)"
+        );
     }
     v["data"][0]["id"]
         .as_str()
@@ -323,7 +394,13 @@ async fn first_model(client: &reqwest::Client, base: &str, key: Option<&str>) ->
 }
 
 /// Send one streaming request and time its chunks.
-async fn send_one(client: &reqwest::Client, url: &str, key: Option<&str>, body: Value, chat: bool) -> RequestResult {
+async fn send_one(
+    client: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    body: Value,
+    chat: bool,
+) -> RequestResult {
     let start = Instant::now();
     let mut r = RequestResult::default();
     let mut req = client.post(url).json(&body);
@@ -377,7 +454,11 @@ async fn send_one(client: &reqwest::Client, url: &str, key: Option<&str>, body: 
             }
             let has_content = v["choices"].as_array().is_some_and(|cs| {
                 cs.iter().any(|c| {
-                    let t = if chat { &c["delta"]["content"] } else { &c["text"] };
+                    let t = if chat {
+                        &c["delta"]["content"]
+                    } else {
+                        &c["text"]
+                    };
                     t.as_str().is_some_and(|s| !s.is_empty())
                 })
             });
@@ -420,9 +501,15 @@ impl SseParser {
         let mut out = Vec::new();
         loop {
             let text = &self.buf;
-            let end = text.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2)).or_else(|| {
-                text.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4))
-            });
+            let end = text
+                .windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|p| (p, 2))
+                .or_else(|| {
+                    text.windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .map(|p| (p, 4))
+                });
             let Some((pos, sep)) = end else { break };
             let event: Vec<u8> = self.buf.drain(..pos + sep).collect();
             let event = String::from_utf8_lossy(&event[..pos]).to_string();
@@ -534,7 +621,12 @@ impl Summary {
             "output_throughput": self.output_throughput,
             "total_token_throughput": self.total_token_throughput,
         });
-        for (name, d) in [("ttft", &self.ttft), ("tpot", &self.tpot), ("itl", &self.itl), ("e2el", &self.e2el)] {
+        for (name, d) in [
+            ("ttft", &self.ttft),
+            ("tpot", &self.tpot),
+            ("itl", &self.itl),
+            ("e2el", &self.e2el),
+        ] {
             v[format!("mean_{name}_ms")] = json!(d.mean_ms);
             v[format!("median_{name}_ms")] = json!(d.median_ms);
             v[format!("p99_{name}_ms")] = json!(d.p99_ms);
@@ -559,9 +651,18 @@ fn print_table(s: &Summary, args: &ServeBenchArgs, model: &str) {
     line("Benchmark duration (s):", format!("{:.2}", s.duration_s));
     line("Total input tokens:", s.total_input.to_string());
     line("Total generated tokens:", s.total_output.to_string());
-    line("Request throughput (req/s):", format!("{:.2}", s.request_throughput));
-    line("Output token throughput (tok/s):", format!("{:.2}", s.output_throughput));
-    line("Total Token throughput (tok/s):", format!("{:.2}", s.total_token_throughput));
+    line(
+        "Request throughput (req/s):",
+        format!("{:.2}", s.request_throughput),
+    );
+    line(
+        "Output token throughput (tok/s):",
+        format!("{:.2}", s.output_throughput),
+    );
+    line(
+        "Total Token throughput (tok/s):",
+        format!("{:.2}", s.total_token_throughput),
+    );
     for (title, key, d) in [
         ("Time to First Token", "TTFT", &s.ttft),
         ("Time per Output Token (excl. 1st token)", "TPOT", &s.tpot),
@@ -570,14 +671,20 @@ fn print_table(s: &Summary, args: &ServeBenchArgs, model: &str) {
     ] {
         head(title);
         line(&format!("Mean {key} (ms):"), format!("{:.2}", d.mean_ms));
-        line(&format!("Median {key} (ms):"), format!("{:.2}", d.median_ms));
+        line(
+            &format!("Median {key} (ms):"),
+            format!("{:.2}", d.median_ms),
+        );
         line(&format!("P99 {key} (ms):"), format!("{:.2}", d.p99_ms));
     }
     println!("{}", "=".repeat(50));
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -611,9 +718,15 @@ mod tests {
     fn sse_parser_handles_split_events() {
         let mut p = SseParser::default();
         assert!(p.push(b"data: {\"a\"").is_empty());
-        assert_eq!(p.push(b":1}\n\ndata: [DONE]\n"), vec!["{\"a\":1}".to_string()]);
+        assert_eq!(
+            p.push(b":1}\n\ndata: [DONE]\n"),
+            vec!["{\"a\":1}".to_string()]
+        );
         assert_eq!(p.push(b"\n"), vec!["[DONE]".to_string()]);
-        assert_eq!(p.push(b": comment\r\n\r\ndata:x\r\n\r\n"), vec!["x".to_string()]);
+        assert_eq!(
+            p.push(b": comment\r\n\r\ndata:x\r\n\r\n"),
+            vec!["x".to_string()]
+        );
     }
 
     #[test]
@@ -627,9 +740,19 @@ mod tests {
             e2e_s: e2e,
             ..Default::default()
         };
-        let results = vec![r(0.1, 1.1, 11), r(0.3, 2.3, 21), RequestResult { error: "x".into(), ..Default::default() }];
+        let results = vec![
+            r(0.1, 1.1, 11),
+            r(0.3, 2.3, 21),
+            RequestResult {
+                error: "x".into(),
+                ..Default::default()
+            },
+        ];
         let s = summarize(&results, 2.0);
-        assert_eq!((s.completed, s.failed, s.total_input, s.total_output), (2, 1, 20, 32));
+        assert_eq!(
+            (s.completed, s.failed, s.total_input, s.total_output),
+            (2, 1, 20, 32)
+        );
         assert_eq!(s.request_throughput, 1.0);
         assert_eq!(s.output_throughput, 16.0);
         assert!((s.tpot.mean_ms - 100.0).abs() < 1e-9);

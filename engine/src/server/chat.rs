@@ -13,8 +13,8 @@ use super::error::ApiError;
 use super::generation::{failure, Generation};
 use super::protocol::ChatCompletionRequest;
 use super::responses::{
-    chat_logprobs, finish_str, random_id, stop_reason_json, unix_now, ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta,
-    ChatLogprobs, ChatMessageOut, ChatResponse, Usage,
+    chat_logprobs, finish_str, random_id, stop_reason_json, unix_now, ChatChoice, ChatChunk,
+    ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageOut, ChatResponse, Usage,
 };
 use super::routes::read_body;
 use super::validate::{check_model, parse_json, validate_chat, ChatJob};
@@ -45,10 +45,18 @@ pub fn render_chat(
             "this model has no tokenizer, so chat messages cannot be rendered; use /v1/completions with token ids",
         )
     })?;
-    let msgs: Vec<ChatMessage> = turns.iter().map(|t| ChatMessage::new(&t.role, &t.content)).collect();
+    let msgs: Vec<ChatMessage> = turns
+        .iter()
+        .map(|t| ChatMessage::new(&t.role, &t.content))
+        .collect();
     let mut text = tok
         .apply_chat_template(&msgs, add_generation_prompt, template)
-        .map_err(|e| ApiError::invalid("messages", format!("the chat template could not render these messages: {e:#}")))?;
+        .map_err(|e| {
+            ApiError::invalid(
+                "messages",
+                format!("the chat template could not render these messages: {e:#}"),
+            )
+        })?;
     if continue_final_message {
         // Cut the rendered text right after the final message so the model continues it.
         if let Some(last) = msgs.last().filter(|m| !m.content.is_empty()) {
@@ -57,11 +65,17 @@ pub fn render_chat(
             }
         }
     }
-    let ids = tok
-        .encode(&text, add_special_tokens)
-        .map_err(|e| ApiError::invalid("messages", format!("the rendered conversation could not be tokenized: {e:#}")))?;
+    let ids = tok.encode(&text, add_special_tokens).map_err(|e| {
+        ApiError::invalid(
+            "messages",
+            format!("the rendered conversation could not be tokenized: {e:#}"),
+        )
+    })?;
     if ids.is_empty() {
-        return Err(ApiError::invalid("messages", "the conversation renders to no tokens; send some content"));
+        return Err(ApiError::invalid(
+            "messages",
+            "the conversation renders to no tokens; send some content",
+        ));
     }
     Ok(ids)
 }
@@ -85,7 +99,13 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
         _ => None,
     };
     let prompt_tokens = ids.len();
-    let gen = Generation::start(&st.engine, st.metrics.clone(), vec![ids], &job.params, "messages")?;
+    let gen = Generation::start(
+        &st.engine,
+        st.metrics.clone(),
+        vec![ids],
+        &job.params,
+        "messages",
+    )?;
     let out = Output {
         id: random_id("chatcmpl"),
         created: unix_now(),
@@ -135,10 +155,14 @@ impl Output {
         let ch = &mut self.choices[c];
         let mut text = ch.echo.take().unwrap_or_default();
         text.push_str(&d.text);
-        let lps = self
-            .job
-            .logprobs
-            .map(|k| chat_logprobs(self.tokenizer.as_deref(), &d.logprobs, k, self.job.tokens_as_ids));
+        let lps = self.job.logprobs.map(|k| {
+            chat_logprobs(
+                self.tokenizer.as_deref(),
+                &d.logprobs,
+                k,
+                self.job.tokens_as_ids,
+            )
+        });
         ch.text.push_str(&text);
         ch.tokens += d.token_ids.len();
         if let (Some(all), Some(new)) = (ch.logprobs.as_mut(), lps.as_ref()) {
@@ -152,7 +176,10 @@ impl Output {
     }
 
     fn usage(&self) -> Usage {
-        Usage::new(self.prompt_tokens, self.choices.iter().map(|c| c.tokens).sum())
+        Usage::new(
+            self.prompt_tokens,
+            self.choices.iter().map(|c| c.tokens).sum(),
+        )
     }
 
     fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> Bytes {
@@ -186,7 +213,10 @@ async fn collect(mut gen: Generation, mut out: Output) -> Result<Response, ApiEr
             .enumerate()
             .map(|(index, c)| ChatChoice {
                 index,
-                message: ChatMessageOut { role: "assistant", content: c.text },
+                message: ChatMessageOut {
+                    role: "assistant",
+                    content: c.text,
+                },
                 logprobs: c.logprobs,
                 finish_reason: c.finish_reason,
                 stop_reason: c.stop_reason,
@@ -202,13 +232,19 @@ fn stream(gen: Generation, out: Output) -> Response {
     let roles: Vec<ChatChunkChoice> = (0..out.choices.len())
         .map(|index| ChatChunkChoice {
             index,
-            delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+            delta: ChatDelta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+            },
             logprobs: None,
             finish_reason: None,
             stop_reason: None,
         })
         .collect();
-    let head: Vec<Bytes> = roles.into_iter().map(|r| out.chunk(vec![r], None)).collect();
+    let head: Vec<Bytes> = roles
+        .into_iter()
+        .map(|r| out.chunk(vec![r], None))
+        .collect();
     let body = futures::stream::unfold(Some((gen, out)), |state| async move {
         let (mut gen, mut out) = state?;
         match gen.next().await {
@@ -224,7 +260,10 @@ fn stream(gen: Generation, out: Output) -> Response {
                 }
                 let choice = ChatChunkChoice {
                     index: c,
-                    delta: ChatDelta { role: None, content: (!text.is_empty() || finish.is_none()).then_some(text) },
+                    delta: ChatDelta {
+                        role: None,
+                        content: (!text.is_empty() || finish.is_none()).then_some(text),
+                    },
                     logprobs,
                     finish_reason: finish,
                     stop_reason: stop_reason_json(&d.stop_reason),

@@ -12,8 +12,8 @@ use super::error::ApiError;
 use super::generation::{failure, Generation};
 use super::protocol::CompletionRequest;
 use super::responses::{
-    completion_logprobs, finish_str, random_id, stop_reason_json, unix_now, CompletionChoice, CompletionLogprobs,
-    CompletionResponse, Usage,
+    completion_logprobs, finish_str, random_id, stop_reason_json, unix_now, CompletionChoice,
+    CompletionLogprobs, CompletionResponse, Usage,
 };
 use super::routes::read_body;
 use super::validate::{check_model, parse_json, validate_completion, CompletionJob, PromptInput};
@@ -53,7 +53,9 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
         "prompt",
     )?;
     let n = job.params.n.max(1);
-    let choices: Vec<ChoiceState> = (0..gen.num_choices()).map(|c| ChoiceState::new(&prompts[c / n], &job)).collect();
+    let choices: Vec<ChoiceState> = (0..gen.num_choices())
+        .map(|c| ChoiceState::new(&prompts[c / n], &job))
+        .collect();
     let out = Output {
         id: random_id("cmpl"),
         created: unix_now(),
@@ -70,19 +72,35 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
     }
 }
 
-fn tokenize_prompt(tok: Option<&Tokenizer>, p: &PromptInput, job: &CompletionJob) -> Result<Prompt, ApiError> {
+fn tokenize_prompt(
+    tok: Option<&Tokenizer>,
+    p: &PromptInput,
+    job: &CompletionJob,
+) -> Result<Prompt, ApiError> {
     match p {
         PromptInput::Text(s) => {
             let t = tok.ok_or_else(|| {
-                ApiError::invalid("prompt", "this model has no tokenizer: send the prompt as a list of token ids")
+                ApiError::invalid(
+                    "prompt",
+                    "this model has no tokenizer: send the prompt as a list of token ids",
+                )
             })?;
-            let ids = t
-                .encode(s, job.add_special_tokens)
-                .map_err(|e| ApiError::invalid("prompt", format!("the prompt could not be tokenized: {e:#}")))?;
+            let ids = t.encode(s, job.add_special_tokens).map_err(|e| {
+                ApiError::invalid(
+                    "prompt",
+                    format!("the prompt could not be tokenized: {e:#}"),
+                )
+            })?;
             if ids.is_empty() {
-                return Err(ApiError::invalid("prompt", "the prompt tokenizes to no tokens; give some text"));
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "the prompt tokenizes to no tokens; give some text",
+                ));
             }
-            Ok(Prompt { text: s.clone(), ids })
+            Ok(Prompt {
+                text: s.clone(),
+                ids,
+            })
         }
         PromptInput::Tokens(ids) => {
             super::routes::check_token_ids(tok, "prompt", ids)?;
@@ -90,7 +108,10 @@ fn tokenize_prompt(tok: Option<&Tokenizer>, p: &PromptInput, job: &CompletionJob
                 (true, Some(t)) => t.decode(ids, true).unwrap_or_default(),
                 _ => String::new(),
             };
-            Ok(Prompt { text, ids: ids.clone() })
+            Ok(Prompt {
+                text,
+                ids: ids.clone(),
+            })
         }
     }
 }
@@ -144,15 +165,35 @@ impl Output {
             text.push_str(&prompt_text);
             if let Some(lps) = lps.as_mut() {
                 let plp = d.prompt_logprobs.as_deref().unwrap_or(&[]);
-                let entries: Vec<_> =
-                    prompt_ids.iter().enumerate().map(|(i, id)| Some((*id, plp.get(i).and_then(|x| x.as_ref())))).collect();
-                lps.extend(completion_logprobs(tok, &entries, top_k, as_ids, &mut ch.text_offset));
+                let entries: Vec<_> = prompt_ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, id)| Some((*id, plp.get(i).and_then(|x| x.as_ref()))))
+                    .collect();
+                lps.extend(completion_logprobs(
+                    tok,
+                    &entries,
+                    top_k,
+                    as_ids,
+                    &mut ch.text_offset,
+                ));
             }
         }
         text.push_str(&d.text);
         if let Some(lps) = lps.as_mut() {
-            let entries: Vec<_> = d.token_ids.iter().enumerate().map(|(i, id)| Some((*id, d.logprobs.get(i)))).collect();
-            lps.extend(completion_logprobs(tok, &entries, top_k, as_ids, &mut ch.text_offset));
+            let entries: Vec<_> = d
+                .token_ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| Some((*id, d.logprobs.get(i))))
+                .collect();
+            lps.extend(completion_logprobs(
+                tok,
+                &entries,
+                top_k,
+                as_ids,
+                &mut ch.text_offset,
+            ));
         }
         ch.text.push_str(&text);
         ch.tokens += d.token_ids.len();
@@ -167,7 +208,10 @@ impl Output {
     }
 
     fn usage(&self) -> Usage {
-        Usage::new(self.prompt_tokens, self.choices.iter().map(|c| c.tokens).sum())
+        Usage::new(
+            self.prompt_tokens,
+            self.choices.iter().map(|c| c.tokens).sum(),
+        )
     }
 }
 
@@ -222,7 +266,10 @@ fn stream(gen: Generation, out: Output) -> Response {
                 }
                 let (text, logprobs) = out.absorb(c, &d);
                 let finish = d.finish_reason.as_ref().map(finish_str);
-                if text.is_empty() && finish.is_none() && logprobs.as_ref().is_none_or(|l| l.tokens.is_empty()) {
+                if text.is_empty()
+                    && finish.is_none()
+                    && logprobs.as_ref().is_none_or(|l| l.tokens.is_empty())
+                {
                     // Nothing to say yet (text held back while a stop string may be forming).
                     return Some((vec![], Some((gen, out))));
                 }

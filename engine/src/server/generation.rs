@@ -56,8 +56,12 @@ impl Generation {
         let n = params.n.max(1);
         let mut merged = SelectAll::new();
         for (p, ids) in prompts.into_iter().enumerate() {
-            let rs = engine.generate(ids, params.clone()).map_err(|e| engine_error(e, prompt_param))?;
-            let s = futures::stream::unfold(rs, move |mut rs| async move { rs.next().await.map(|d| ((p, d), rs)) });
+            let rs = engine
+                .generate(ids, params.clone())
+                .map_err(|e| engine_error(e, prompt_param))?;
+            let s = futures::stream::unfold(rs, move |mut rs| async move {
+                rs.next().await.map(|d| ((p, d), rs))
+            });
             merged.push(Box::pin(s) as DeltaStream);
         }
         let total = merged.len() * n;
@@ -66,7 +70,13 @@ impl Generation {
             merged,
             n,
             started: Instant::now(),
-            choices: (0..total).map(|_| ChoiceTiming { first_token: None, tokens: 0, finished: false }).collect(),
+            choices: (0..total)
+                .map(|_| ChoiceTiming {
+                    first_token: None,
+                    tokens: 0,
+                    finished: false,
+                })
+                .collect(),
             metrics,
         })
     }
@@ -92,7 +102,12 @@ impl Generation {
                     FinishReason::Abort => Finished::Abort,
                 };
                 let ttft = t.first_token.map(|f| (f - self.started).as_secs_f64());
-                self.metrics.record_sequence(ttft, self.started.elapsed().as_secs_f64(), t.tokens, how);
+                self.metrics.record_sequence(
+                    ttft,
+                    self.started.elapsed().as_secs_f64(),
+                    t.tokens,
+                    how,
+                );
             }
         }
         Some((choice, delta))
@@ -104,7 +119,8 @@ impl Drop for Generation {
         let e2e = self.started.elapsed().as_secs_f64();
         for t in self.choices.iter().filter(|t| !t.finished) {
             let ttft = t.first_token.map(|f| (f - self.started).as_secs_f64());
-            self.metrics.record_sequence(ttft, e2e, t.tokens, Finished::Abort);
+            self.metrics
+                .record_sequence(ttft, e2e, t.tokens, Finished::Abort);
         }
         self.metrics.request_ended();
     }
@@ -114,8 +130,12 @@ impl Drop for Generation {
 /// message), as an error for the client.
 pub fn failure(delta: &CompletionDelta) -> Option<ApiError> {
     match (&delta.finish_reason, &delta.stop_reason) {
-        (Some(FinishReason::Abort), Some(StopReason::Str(msg))) => Some(ApiError::internal(msg.clone())),
-        (Some(FinishReason::Abort), _) => Some(ApiError::internal("the engine aborted the request")),
+        (Some(FinishReason::Abort), Some(StopReason::Str(msg))) => {
+            Some(ApiError::internal(msg.clone()))
+        }
+        (Some(FinishReason::Abort), _) => {
+            Some(ApiError::internal("the engine aborted the request"))
+        }
         _ => None,
     }
 }

@@ -6,15 +6,16 @@ use std::sync::Mutex;
 
 /// Seconds; the bucket bounds vLLM uses for the same histograms.
 const TTFT_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-    160.0, 640.0, 2560.0,
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
 ];
 const TPOT_BUCKETS: &[f64] = &[
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
 ];
 const E2E_BUCKETS: &[f64] = &[
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
-    1920.0, 7680.0,
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
 ];
 
 #[derive(Debug)]
@@ -28,14 +29,23 @@ pub struct Histogram {
 
 impl Histogram {
     fn new(bounds: &'static [f64]) -> Self {
-        Self { bounds, counts: vec![0; bounds.len() + 1], sum: 0.0, count: 0 }
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
     }
 
     pub fn observe(&mut self, v: f64) {
         if !v.is_finite() {
             return;
         }
-        let i = self.bounds.iter().position(|&b| v <= b).unwrap_or(self.bounds.len());
+        let i = self
+            .bounds
+            .iter()
+            .position(|&b| v <= b)
+            .unwrap_or(self.bounds.len());
         self.counts[i] += 1;
         self.sum += v;
         self.count += 1;
@@ -124,12 +134,19 @@ impl ServerMetrics {
 
     /// One finished sequence: time to first token, end-to-end latency, and how many tokens
     /// it generated (time per output token is taken over the tokens after the first).
-    pub fn record_sequence(&self, ttft_s: Option<f64>, e2e_s: f64, output_tokens: usize, how: Finished) {
+    pub fn record_sequence(
+        &self,
+        ttft_s: Option<f64>,
+        e2e_s: f64,
+        output_tokens: usize,
+        how: Finished,
+    ) {
         self.with(|m| {
             if let Some(t) = ttft_s {
                 m.ttft.observe(t);
                 if output_tokens > 1 {
-                    m.tpot.observe((e2e_s - t).max(0.0) / (output_tokens - 1) as f64);
+                    m.tpot
+                        .observe((e2e_s - t).max(0.0) / (output_tokens - 1) as f64);
                 }
             }
             m.e2e.observe(e2e_s);
@@ -162,14 +179,54 @@ impl ServerMetrics {
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP rvllm:{name} {help}\n# TYPE rvllm:{name} counter\nrvllm:{name}{{{labels}}} {v}");
         };
-        gauge(&mut out, "num_requests_running", "Sequences the engine is running.", engine.num_running.to_string());
-        gauge(&mut out, "num_requests_waiting", "Sequences waiting to be scheduled.", engine.num_waiting.to_string());
-        gauge(&mut out, "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", engine.kv_usage.to_string());
-        gauge(&mut out, "kv_cache_free_blocks", "KV-cache blocks free.", engine.num_free_blocks.to_string());
-        gauge(&mut out, "kv_cache_total_blocks", "KV-cache blocks in all.", engine.num_total_blocks.to_string());
-        counter(&mut out, "num_preemptions_total", "Sequences preempted (KV freed, recomputed later).", engine.num_preemptions);
-        counter(&mut out, "prompt_tokens_total", "Prompt tokens prefilled.", engine.prompt_tokens_total);
-        counter(&mut out, "generation_tokens_total", "Tokens generated.", engine.generation_tokens_total);
+        gauge(
+            &mut out,
+            "num_requests_running",
+            "Sequences the engine is running.",
+            engine.num_running.to_string(),
+        );
+        gauge(
+            &mut out,
+            "num_requests_waiting",
+            "Sequences waiting to be scheduled.",
+            engine.num_waiting.to_string(),
+        );
+        gauge(
+            &mut out,
+            "kv_cache_usage_perc",
+            "Fraction of KV-cache blocks in use (1 = full).",
+            engine.kv_usage.to_string(),
+        );
+        gauge(
+            &mut out,
+            "kv_cache_free_blocks",
+            "KV-cache blocks free.",
+            engine.num_free_blocks.to_string(),
+        );
+        gauge(
+            &mut out,
+            "kv_cache_total_blocks",
+            "KV-cache blocks in all.",
+            engine.num_total_blocks.to_string(),
+        );
+        counter(
+            &mut out,
+            "num_preemptions_total",
+            "Sequences preempted (KV freed, recomputed later).",
+            engine.num_preemptions,
+        );
+        counter(
+            &mut out,
+            "prompt_tokens_total",
+            "Prompt tokens prefilled.",
+            engine.prompt_tokens_total,
+        );
+        counter(
+            &mut out,
+            "generation_tokens_total",
+            "Tokens generated.",
+            engine.generation_tokens_total,
+        );
         self.with(|m| {
             gauge(&mut out, "server_requests_in_flight", "HTTP generation requests being answered.", m.in_flight.to_string());
             let _ = writeln!(
@@ -189,7 +246,9 @@ impl ServerMetrics {
 }
 
 fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -197,7 +256,10 @@ mod tests {
     use super::*;
 
     fn sample_value(text: &str, series: &str) -> f64 {
-        let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("no {series} in\n{text}"));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(series))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"));
         line.rsplit(' ').next().unwrap().parse().unwrap()
     }
 
@@ -206,19 +268,73 @@ mod tests {
         let m = ServerMetrics::new();
         m.record_sequence(Some(0.003), 1.2, 11, Finished::Length);
         m.record_sequence(Some(0.2), 0.4, 1, Finished::Stop);
-        let g = EngineGauges { num_running: 2, num_free_blocks: 7, num_total_blocks: 9, ..Default::default() };
+        let g = EngineGauges {
+            num_running: 2,
+            num_free_blocks: 7,
+            num_total_blocks: 9,
+            ..Default::default()
+        };
         let t = m.render("smol", &g);
         let l = "model_name=\"smol\"";
-        assert_eq!(sample_value(&t, &format!("rvllm:time_to_first_token_seconds_bucket{{{l},le=\"0.005\"}}")), 1.0);
-        assert_eq!(sample_value(&t, &format!("rvllm:time_to_first_token_seconds_bucket{{{l},le=\"0.25\"}}")), 2.0);
-        assert_eq!(sample_value(&t, &format!("rvllm:time_to_first_token_seconds_bucket{{{l},le=\"+Inf\"}}")), 2.0);
-        assert_eq!(sample_value(&t, &format!("rvllm:time_to_first_token_seconds_count{{{l}}}")), 2.0);
+        assert_eq!(
+            sample_value(
+                &t,
+                &format!("rvllm:time_to_first_token_seconds_bucket{{{l},le=\"0.005\"}}")
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample_value(
+                &t,
+                &format!("rvllm:time_to_first_token_seconds_bucket{{{l},le=\"0.25\"}}")
+            ),
+            2.0
+        );
+        assert_eq!(
+            sample_value(
+                &t,
+                &format!("rvllm:time_to_first_token_seconds_bucket{{{l},le=\"+Inf\"}}")
+            ),
+            2.0
+        );
+        assert_eq!(
+            sample_value(
+                &t,
+                &format!("rvllm:time_to_first_token_seconds_count{{{l}}}")
+            ),
+            2.0
+        );
         // Only the sequence with more than one token has a time per output token: (1.2-0.003)/10.
-        assert_eq!(sample_value(&t, &format!("rvllm:time_per_output_token_seconds_count{{{l}}}")), 1.0);
-        assert!((sample_value(&t, &format!("rvllm:time_per_output_token_seconds_sum{{{l}}}")) - 0.1197).abs() < 1e-9);
-        assert_eq!(sample_value(&t, &format!("rvllm:num_requests_running{{{l}}}")), 2.0);
-        assert_eq!(sample_value(&t, &format!("rvllm:kv_cache_free_blocks{{{l}}}")), 7.0);
-        assert_eq!(sample_value(&t, &format!("rvllm:request_success_total{{{l},finished_reason=\"length\"}}")), 1.0);
+        assert_eq!(
+            sample_value(
+                &t,
+                &format!("rvllm:time_per_output_token_seconds_count{{{l}}}")
+            ),
+            1.0
+        );
+        assert!(
+            (sample_value(
+                &t,
+                &format!("rvllm:time_per_output_token_seconds_sum{{{l}}}")
+            ) - 0.1197)
+                .abs()
+                < 1e-9
+        );
+        assert_eq!(
+            sample_value(&t, &format!("rvllm:num_requests_running{{{l}}}")),
+            2.0
+        );
+        assert_eq!(
+            sample_value(&t, &format!("rvllm:kv_cache_free_blocks{{{l}}}")),
+            7.0
+        );
+        assert_eq!(
+            sample_value(
+                &t,
+                &format!("rvllm:request_success_total{{{l},finished_reason=\"length\"}}")
+            ),
+            1.0
+        );
     }
 
     #[test]
@@ -226,9 +342,13 @@ mod tests {
         let t = ServerMetrics::new().render("a\"b", &EngineGauges::default());
         for line in t.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
-            let base = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
+            let base = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
             assert!(
-                t.contains(&format!("# TYPE {name} ")) || t.contains(&format!("# TYPE {base} histogram")),
+                t.contains(&format!("# TYPE {name} "))
+                    || t.contains(&format!("# TYPE {base} histogram")),
                 "{name} has no TYPE line"
             );
         }

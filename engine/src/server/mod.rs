@@ -129,7 +129,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 fn load_chat_template(arg: &str) -> Result<String> {
     let p = Path::new(arg);
     if p.is_file() {
-        return std::fs::read_to_string(p).with_context(|| format!("reading --chat-template {}", p.display()));
+        return std::fs::read_to_string(p)
+            .with_context(|| format!("reading --chat-template {}", p.display()));
     }
     if arg.contains("{{") || arg.contains("{%") {
         return Ok(arg.to_string());
@@ -148,9 +149,16 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         _ => {}
     }
     if !(args.shutdown_grace_period >= 0.0 && args.shutdown_grace_period.is_finite()) {
-        bail!("--shutdown-grace-period must be 0 or more seconds, got {}", args.shutdown_grace_period);
+        bail!(
+            "--shutdown-grace-period must be 0 or more seconds, got {}",
+            args.shutdown_grace_period
+        );
     }
-    let chat_template = args.chat_template.as_deref().map(load_chat_template).transpose()?;
+    let chat_template = args
+        .chat_template
+        .as_deref()
+        .map(load_chat_template)
+        .transpose()?;
     let api_key = args.api_key.clone().filter(|k| !k.is_empty());
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
@@ -162,12 +170,22 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
                 .and_then(|mut a| a.next())
                 .ok_or(())
         })
-        .map_err(|_| anyhow::anyhow!("--host `{}` is not an address this machine can listen on", args.host))?;
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "--host `{}` is not an address this machine can listen on",
+                args.host
+            )
+        })?;
     // Bind before loading the model so a taken port fails fast.
-    let std_listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("listening on {addr} (is another server using it? choose another --port)"))?;
-    std_listener.set_nonblocking(true).context("setting the listener non-blocking")?;
-    let local = std_listener.local_addr().context("reading the bound address")?;
+    let std_listener = std::net::TcpListener::bind(addr).with_context(|| {
+        format!("listening on {addr} (is another server using it? choose another --port)")
+    })?;
+    std_listener
+        .set_nonblocking(true)
+        .context("setting the listener non-blocking")?;
+    let local = std_listener
+        .local_addr()
+        .context("reading the bound address")?;
 
     let engine = AsyncEngine::start(&args.engine).context("starting the engine")?;
     let state = Arc::new(AppState {
@@ -196,18 +214,30 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     result
 }
 
-async fn serve(std_listener: std::net::TcpListener, local: SocketAddr, state: Arc<AppState>, grace: Duration) -> Result<()> {
-    let listener = tokio::net::TcpListener::from_std(std_listener).context("registering the listener")?;
+async fn serve(
+    std_listener: std::net::TcpListener,
+    local: SocketAddr,
+    state: Arc<AppState>,
+    grace: Duration,
+) -> Result<()> {
+    let listener =
+        tokio::net::TcpListener::from_std(std_listener).context("registering the listener")?;
     let (signalled_tx, signalled_rx) = tokio::sync::watch::channel(false);
     let st = state.clone();
     tokio::spawn(async move {
         let which = shutdown_signal().await;
-        eprintln!("rvllm: {which}: no new requests; waiting up to {:.0} s for in-flight ones", grace.as_secs_f64());
+        eprintln!(
+            "rvllm: {which}: no new requests; waiting up to {:.0} s for in-flight ones",
+            grace.as_secs_f64()
+        );
         st.shutting_down.store(true, Ordering::SeqCst);
         st.engine.stop_accepting();
         let _ = signalled_tx.send(true);
     });
-    eprintln!("rvllm: serving `{}` on http://{local} (OpenAI API at http://{local}/v1)", state.served_model);
+    eprintln!(
+        "rvllm: serving `{}` on http://{local} (OpenAI API at http://{local}/v1)",
+        state.served_model
+    );
     let mut stop_rx = signalled_rx.clone();
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         let _ = stop_rx.wait_for(|s| *s).await;
@@ -227,14 +257,15 @@ async fn serve(std_listener: std::net::TcpListener, local: SocketAddr, state: Ar
 async fn shutdown_signal() -> &'static str {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("rvllm: cannot watch SIGTERM ({e}); Ctrl-C still stops the server");
-                let _ = tokio::signal::ctrl_c().await;
-                return "Ctrl-C";
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("rvllm: cannot watch SIGTERM ({e}); Ctrl-C still stops the server");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return "Ctrl-C";
+                }
+            };
         tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = tokio::signal::ctrl_c() => "Ctrl-C",
@@ -263,9 +294,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("t.jinja");
         std::fs::write(&f, "{{ messages }}").unwrap();
-        assert_eq!(load_chat_template(f.to_str().unwrap()).unwrap(), "{{ messages }}");
-        assert_eq!(load_chat_template("{% for m in messages %}{% endfor %}").unwrap().len(), 34);
-        let e = load_chat_template("/no/such/file.jinja").unwrap_err().to_string();
+        assert_eq!(
+            load_chat_template(f.to_str().unwrap()).unwrap(),
+            "{{ messages }}"
+        );
+        let inline = "{% for m in messages %}{{ m.content }}{% endfor %}";
+        assert_eq!(load_chat_template(inline).unwrap(), inline);
+        let e = load_chat_template("/no/such/file.jinja")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("neither a readable file"), "{e}");
     }
 }

@@ -190,19 +190,27 @@ mod tests {
     fn prompt_forms_parse() {
         let p = |s: &str| serde_json::from_str::<PromptField>(s).unwrap();
         assert_eq!(p(r#""hi""#), PromptField::Text("hi".into()));
-        assert_eq!(p(r#"["a","b"]"#), PromptField::Texts(vec!["a".into(), "b".into()]));
+        assert_eq!(
+            p(r#"["a","b"]"#),
+            PromptField::Texts(vec!["a".into(), "b".into()])
+        );
         assert_eq!(p("[1,2,3]"), PromptField::Tokens(vec![1, 2, 3]));
-        assert_eq!(p("[[1],[2,3]]"), PromptField::TokenLists(vec![vec![1], vec![2, 3]]));
+        assert_eq!(
+            p("[[1],[2,3]]"),
+            PromptField::TokenLists(vec![vec![1], vec![2, 3]])
+        );
         assert!(serde_json::from_str::<PromptField>("{}").is_err());
     }
 
     #[test]
     fn unknown_field_is_rejected_but_vllm_extensions_parse() {
-        let ok: CompletionRequest =
-            serde_json::from_str(r#"{"prompt":"x","top_k":5,"ignore_eos":true,"stream_options":{"include_usage":true}}"#)
-                .unwrap();
+        let ok: CompletionRequest = serde_json::from_str(
+            r#"{"prompt":"x","top_k":5,"ignore_eos":true,"stream_options":{"include_usage":true}}"#,
+        )
+        .unwrap();
         assert_eq!(ok.top_k, Some(5));
-        let err = serde_json::from_str::<CompletionRequest>(r#"{"prompt":"x","bogus":1}"#).unwrap_err();
+        let err =
+            serde_json::from_str::<CompletionRequest>(r#"{"prompt":"x","bogus":1}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `bogus`"), "{err}");
     }
 
@@ -213,7 +221,9 @@ mod tests {
         )
         .unwrap();
         let msgs = r.messages.unwrap();
-        assert!(matches!(&msgs[0].content, Some(MessageContent::Parts(p)) if p[0].text.as_deref() == Some("hi")));
+        assert!(
+            matches!(&msgs[0].content, Some(MessageContent::Parts(p)) if p[0].text.as_deref() == Some("hi"))
+        );
         assert_eq!(msgs[1].content, None);
     }
 }

@@ -16,7 +16,11 @@ pub struct Usage {
 
 impl Usage {
     pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
-        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
     }
 }
 
@@ -149,7 +153,9 @@ pub fn stop_reason_json(s: &Option<StopReason>) -> Option<Value> {
 /// An f32 as a JSON number written the way f32 prints (-0.48119926, not -0.4811992645263672).
 fn json_f32(x: f32) -> Value {
     let short: f64 = format!("{x}").parse().unwrap_or(x as f64);
-    serde_json::Number::from_f64(short).map(Value::Number).unwrap_or(Value::Null)
+    serde_json::Number::from_f64(short)
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
 }
 
 /// JSON has no -inf: vLLM reports impossible tokens as -9999.
@@ -165,7 +171,9 @@ fn finite(lp: f32) -> f32 {
 /// when asked for ids or when there is no tokenizer.
 pub fn token_str(tok: Option<&Tokenizer>, id: u32, as_ids: bool) -> String {
     match tok {
-        Some(t) if !as_ids => t.decode(&[id], false).unwrap_or_else(|_| format!("token_id:{id}")),
+        Some(t) if !as_ids => t
+            .decode(&[id], false)
+            .unwrap_or_else(|_| format!("token_id:{id}")),
         _ => format!("token_id:{id}"),
     }
 }
@@ -191,7 +199,8 @@ pub fn completion_logprobs(
                 let mut top = Map::new();
                 top.insert(s.clone(), json_f32(finite(lp.logprob)));
                 for (tid, tlp) in lp.top.iter().take(top_k) {
-                    top.entry(token_str(tok, *tid, as_ids)).or_insert(json_f32(finite(*tlp)));
+                    top.entry(token_str(tok, *tid, as_ids))
+                        .or_insert(json_f32(finite(*tlp)));
                 }
                 out.top_logprobs.push(Some(top));
             }
@@ -205,7 +214,12 @@ pub fn completion_logprobs(
     out
 }
 
-pub fn chat_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprobs], top_k: usize, as_ids: bool) -> ChatLogprobs {
+pub fn chat_logprobs(
+    tok: Option<&Tokenizer>,
+    lps: &[TokenLogprobs],
+    top_k: usize,
+    as_ids: bool,
+) -> ChatLogprobs {
     let content = lps
         .iter()
         .map(|lp| {
@@ -220,7 +234,11 @@ pub fn chat_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprobs], top_k: usiz
                     .take(top_k)
                     .map(|(id, l)| {
                         let token = token_str(tok, *id, as_ids);
-                        ChatTopLogprob { bytes: token.as_bytes().to_vec(), token, logprob: finite(*l) }
+                        ChatTopLogprob {
+                            bytes: token.as_bytes().to_vec(),
+                            token,
+                            logprob: finite(*l),
+                        }
                     })
                     .collect(),
             }
@@ -230,7 +248,10 @@ pub fn chat_logprobs(tok: Option<&Tokenizer>, lps: &[TokenLogprobs], top_k: usiz
 }
 
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A random request id (`cmpl-…`, `chatcmpl-…`).
@@ -245,7 +266,11 @@ mod tests {
     use super::*;
 
     fn lp(id: u32, l: f32, top: &[(u32, f32)]) -> TokenLogprobs {
-        TokenLogprobs { token_id: id, logprob: l, top: top.to_vec() }
+        TokenLogprobs {
+            token_id: id,
+            logprob: l,
+            top: top.to_vec(),
+        }
     }
 
     #[test]
@@ -253,13 +278,28 @@ mod tests {
         let a = lp(5, -0.5, &[(5, -0.5), (6, -1.5), (7, -2.0)]);
         let b = lp(9, f32::NEG_INFINITY, &[]);
         let mut offset = 3;
-        let out = completion_logprobs(None, &[None, Some((4, None)), Some((5, Some(&a))), Some((9, Some(&b)))], 2, false, &mut offset);
+        let out = completion_logprobs(
+            None,
+            &[
+                None,
+                Some((4, None)),
+                Some((5, Some(&a))),
+                Some((9, Some(&b))),
+            ],
+            2,
+            false,
+            &mut offset,
+        );
         assert_eq!(out.tokens, vec!["token_id:4", "token_id:5", "token_id:9"]);
         assert_eq!(out.token_logprobs, vec![None, Some(-0.5), Some(-9999.0)]);
         assert_eq!(out.text_offset, vec![3, 13, 23]);
         assert_eq!(offset, 33);
         let top = out.top_logprobs[1].as_ref().unwrap();
-        assert_eq!(top.len(), 2, "the sampled token plus the top 2, which include it");
+        assert_eq!(
+            top.len(),
+            2,
+            "the sampled token plus the top 2, which include it"
+        );
         assert_eq!(top["token_id:6"], json_f32(-1.5));
         assert_eq!(json_f32(-0.48119926).to_string(), "-0.48119926");
         assert!(out.top_logprobs[0].is_none());
@@ -272,6 +312,9 @@ mod tests {
         assert_eq!(v["content"][0]["token"], "token_id:1");
         assert_eq!(v["content"][0]["logprob"], -0.25);
         assert_eq!(v["content"][0]["top_logprobs"].as_array().unwrap().len(), 1);
-        assert_eq!(v["content"][0]["bytes"].as_array().unwrap().len(), "token_id:1".len());
+        assert_eq!(
+            v["content"][0]["bytes"].as_array().unwrap().len(),
+            "token_id:1".len()
+        );
     }
 }

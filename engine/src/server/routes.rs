@@ -25,7 +25,10 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
         if too_large {
             ApiError::payload_too_large(limit)
         } else {
-            ApiError::bad_request(format!("could not read the request body: {e}"), "invalid_body")
+            ApiError::bad_request(
+                format!("could not read the request body: {e}"),
+                "invalid_body",
+            )
         }
     })
 }
@@ -90,8 +93,10 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         generation_tokens_total: s.generation_tokens_total,
     };
     let mut resp = st.metrics.render(&st.served_model, &gauges).into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     resp
 }
 
@@ -103,19 +108,37 @@ pub async fn tokenize(State(st): State<Arc<AppState>>, body: Body) -> Response {
         let tok = st.tokenizer.as_deref();
         let ids = match (&req.prompt, &req.messages) {
             (Some(_), Some(_)) => {
-                return Err(ApiError::invalid("messages", "send either `prompt` or `messages`, not both"));
+                return Err(ApiError::invalid(
+                    "messages",
+                    "send either `prompt` or `messages`, not both",
+                ));
             }
-            (None, None) => return Err(ApiError::invalid("prompt", "send `prompt` (text) or `messages` (a chat)")),
+            (None, None) => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "send `prompt` (text) or `messages` (a chat)",
+                ))
+            }
             (Some(p), None) => {
-                let t = tok.ok_or_else(|| ApiError::invalid("prompt", "this model has no tokenizer"))?;
+                let t =
+                    tok.ok_or_else(|| ApiError::invalid("prompt", "this model has no tokenizer"))?;
                 t.encode(p, req.add_special_tokens.unwrap_or(true))
-                    .map_err(|e| ApiError::invalid("prompt", format!("could not tokenize: {e:#}")))?
+                    .map_err(|e| {
+                        ApiError::invalid("prompt", format!("could not tokenize: {e:#}"))
+                    })?
             }
             (None, Some(msgs)) => {
                 if msgs.is_empty() {
-                    return Err(ApiError::invalid("messages", "`messages` is empty; send at least one message"));
+                    return Err(ApiError::invalid(
+                        "messages",
+                        "`messages` is empty; send at least one message",
+                    ));
                 }
-                let turns = msgs.iter().enumerate().map(|(i, m)| flatten_message(i, m)).collect::<Result<Vec<_>, _>>()?;
+                let turns = msgs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, m)| flatten_message(i, m))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let template = req.chat_template.as_deref().or(st.chat_template.as_deref());
                 render_chat(
                     tok,
@@ -127,10 +150,13 @@ pub async fn tokenize(State(st): State<Arc<AppState>>, body: Body) -> Response {
                 )?
             }
         };
-        let mut v = json!({"count": ids.len(), "max_model_len": st.engine.max_model_len(), "tokens": ids});
+        let mut v =
+            json!({"count": ids.len(), "max_model_len": st.engine.max_model_len(), "tokens": ids});
         if req.return_token_strs == Some(true) {
-            let strs: Vec<String> =
-                ids.iter().map(|&id| tok.and_then(|t| t.id_to_token(id)).unwrap_or_default()).collect();
+            let strs: Vec<String> = ids
+                .iter()
+                .map(|&id| tok.and_then(|t| t.id_to_token(id)).unwrap_or_default())
+                .collect();
             v["token_strs"] = json!(strs);
         }
         Ok(Json(v).into_response())
@@ -143,14 +169,22 @@ pub async fn detokenize(State(st): State<Arc<AppState>>, body: Body) -> Response
         let bytes = read_body(body, st.max_body_bytes).await?;
         let req: DetokenizeRequest = parse_json(&bytes)?;
         check_model(req.model.as_deref(), &st.served_model, &st.model_path)?;
-        let tok = st.tokenizer.as_deref().ok_or_else(|| ApiError::invalid("tokens", "this model has no tokenizer"))?;
+        let tok = st
+            .tokenizer
+            .as_deref()
+            .ok_or_else(|| ApiError::invalid("tokens", "this model has no tokenizer"))?;
         let ids: Vec<u32> = req
             .tokens
             .iter()
-            .map(|&t| u32::try_from(t).map_err(|_| ApiError::invalid("tokens", format!("{t} is not a token id"))))
+            .map(|&t| {
+                u32::try_from(t)
+                    .map_err(|_| ApiError::invalid("tokens", format!("{t} is not a token id")))
+            })
             .collect::<Result<_, _>>()?;
         check_token_ids(Some(tok), "tokens", &ids)?;
-        let text = tok.decode(&ids, false).map_err(|e| ApiError::invalid("tokens", format!("could not decode: {e:#}")))?;
+        let text = tok
+            .decode(&ids, false)
+            .map_err(|e| ApiError::invalid("tokens", format!("could not decode: {e:#}")))?;
         Ok(Json(json!({"prompt": text})).into_response())
     };
     run.await.unwrap_or_else(|e: ApiError| e.into_response())

@@ -9,7 +9,9 @@ use super::error::ApiError;
 pub fn event<T: Serialize>(value: &T) -> Bytes {
     match serde_json::to_string(value) {
         Ok(json) => data(&json),
-        Err(e) => error_event(&ApiError::internal(format!("could not serialize a stream chunk: {e}"))),
+        Err(e) => error_event(&ApiError::internal(format!(
+            "could not serialize a stream chunk: {e}"
+        ))),
     }
 }
 
@@ -36,8 +38,14 @@ pub fn done() -> Bytes {
 pub fn response(body: axum::body::Body) -> axum::response::Response {
     let mut resp = axum::response::Response::new(body);
     let h = resp.headers_mut();
-    h.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("text/event-stream"));
-    h.insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-cache"));
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-cache"),
+    );
     resp
 }
 
@@ -52,6 +60,10 @@ mod tests {
         assert_eq!(&done()[..], b"data: [DONE]\n\n");
         let e = error_event(&ApiError::internal("boom"));
         let s = std::str::from_utf8(&e).unwrap();
-        assert!(s.starts_with("data: {\"error\":") && s.ends_with("\n\n") && s.matches('\n').count() == 2);
+        assert!(
+            s.starts_with("data: {\"error\":")
+                && s.ends_with("\n\n")
+                && s.matches('\n').count() == 2
+        );
     }
 }

