@@ -73,11 +73,20 @@ fn smollm2_gguf_config_weights_and_unpermuted_qk() {
     assert_eq!(c.bos_token_id, Some(1));
 
     let w = m.weights.as_ref().unwrap();
-    assert!(!w.contains("lm_head.weight"), "tied: the embedding serves as lm_head");
+    assert!(
+        !w.contains("lm_head.weight"),
+        "tied: the embedding serves as lm_head"
+    );
     // 1 + 30 * 9 + 1 tensors.
     assert_eq!(w.tensors.len(), 272);
-    assert_eq!(w.tensors["model.embed_tokens.weight"].shape, vec![49152, 576]);
-    assert_eq!(w.tensors["model.layers.0.mlp.down_proj.weight"].shape, vec![576, 1536]);
+    assert_eq!(
+        w.tensors["model.embed_tokens.weight"].shape,
+        vec![49152, 576]
+    );
+    assert_eq!(
+        w.tensors["model.layers.0.mlp.down_proj.weight"].shape,
+        vec![576, 1536]
+    );
 
     // Against transformers' own GGUF loading (dequantize + un-permute), dumped by
     // fixtures/smollm2/make_gguf_weight_reference.py.
@@ -152,12 +161,22 @@ fn smollm2_tokenizer_matches_reference_ids() {
         for add_special in [false, true] {
             let got = tok.encode(text, add_special).unwrap();
             if got != want {
-                failures.push(format!("{text:?} (add_special {add_special}): got {got:?}, want {want:?}"));
+                failures.push(format!(
+                    "{text:?} (add_special {add_special}): got {got:?}, want {want:?}"
+                ));
             }
         }
-        assert_eq!(tok.decode(&want, false).unwrap(), text, "decode of {text:?}");
+        assert_eq!(
+            tok.decode(&want, false).unwrap(),
+            text,
+            "decode of {text:?}"
+        );
     }
-    assert!(failures.is_empty(), "tokenizer mismatches:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "tokenizer mismatches:\n{}",
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -205,7 +224,13 @@ fn tiny_fixture_folders_load_with_their_config_and_dtype() {
         ("llama_tied", Architecture::Llama, DType::BF16, true, false),
         ("qwen2", Architecture::Qwen2, DType::F16, false, true),
         ("mistral", Architecture::Mistral, DType::F32, false, false),
-        ("mistral_sharded", Architecture::Mistral, DType::F32, false, false),
+        (
+            "mistral_sharded",
+            Architecture::Mistral,
+            DType::F32,
+            false,
+            false,
+        ),
     ];
     for (name, arch, dtype, tied, bias) in cases {
         let m = load(&tiny(name), LoadFormat::Auto).unwrap_or_else(|e| panic!("{name}: {e:#}"));
@@ -214,9 +239,18 @@ fn tiny_fixture_folders_load_with_their_config_and_dtype() {
         assert_eq!(c.architecture, arch, "{name}");
         assert_eq!(c.tie_word_embeddings, tied, "{name}");
         assert_eq!(c.attention_bias, bias, "{name}");
-        assert_eq!(c.hidden_size, want_cfg["hidden_size"].as_u64().unwrap() as usize);
-        assert_eq!(c.num_hidden_layers, want_cfg["num_hidden_layers"].as_u64().unwrap() as usize);
-        assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (4, 2, 16));
+        assert_eq!(
+            c.hidden_size,
+            want_cfg["hidden_size"].as_u64().unwrap() as usize
+        );
+        assert_eq!(
+            c.num_hidden_layers,
+            want_cfg["num_hidden_layers"].as_u64().unwrap() as usize
+        );
+        assert_eq!(
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            (4, 2, 16)
+        );
         assert_eq!(c.vocab_size, 512);
         assert_eq!(c.eos_token_ids, vec![2], "{name}");
         let w = m.weights.as_ref().unwrap();
@@ -224,7 +258,11 @@ fn tiny_fixture_folders_load_with_their_config_and_dtype() {
             assert_eq!(t.dtype(), dtype, "{name}: weights keep their on-disk dtype");
         }
         assert_eq!(w.contains("lm_head.weight"), !tied, "{name}");
-        assert_eq!(w.contains("model.layers.0.self_attn.q_proj.bias"), bias, "{name}");
+        assert_eq!(
+            w.contains("model.layers.0.self_attn.q_proj.bias"),
+            bias,
+            "{name}"
+        );
         let tok = m.tokenizer.as_ref().unwrap();
         assert_eq!(tok.eos_token_id(), Some(2), "{name}");
         assert!(tok.chat_template().is_some(), "{name}");
@@ -240,11 +278,23 @@ fn tiny_fixture_folders_load_with_their_config_and_dtype() {
             original_max_position_embeddings: 64
         })
     );
-    assert_eq!(load(&tiny("qwen2"), LoadFormat::Dummy).unwrap().config.rope_theta, 1e6);
+    assert_eq!(
+        load(&tiny("qwen2"), LoadFormat::Dummy)
+            .unwrap()
+            .config
+            .rope_theta,
+        1e6
+    );
 
     // The sharded copy holds exactly the same weights.
-    let a = load(&tiny("mistral"), LoadFormat::Auto).unwrap().weights.unwrap();
-    let b = load(&tiny("mistral_sharded"), LoadFormat::Auto).unwrap().weights.unwrap();
+    let a = load(&tiny("mistral"), LoadFormat::Auto)
+        .unwrap()
+        .weights
+        .unwrap();
+    let b = load(&tiny("mistral_sharded"), LoadFormat::Auto)
+        .unwrap()
+        .weights
+        .unwrap();
     assert_eq!(a.tensors.len(), b.tensors.len());
     for (k, t) in &a.tensors {
         assert_eq!(t.to_f32(), b.tensors[k].to_f32(), "{k}");
@@ -259,12 +309,19 @@ fn dummy_format_reads_config_only() {
     assert_eq!(m.config.intermediate_size, 160);
     // A folder with config.json alone.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(tiny("qwen2").join("config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::copy(
+        tiny("qwen2").join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
     let m = load(dir.path(), LoadFormat::Dummy).unwrap();
     assert!(m.weights.is_none() && m.tokenizer.is_none());
     // The same folder without --load-format dummy: a clear error.
     let e = err_of(dir.path(), LoadFormat::Auto);
-    assert!(e.contains("model.safetensors") && e.contains("dummy"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("dummy"),
+        "{e}"
+    );
 }
 
 /// A copy of a fixture folder to break.
@@ -284,9 +341,8 @@ fn edit_header(path: &Path, edit: impl FnOnce(&mut Value)) {
     let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut header);
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
+    let pad = (8 - h.len() % 8) % 8;
+    h.extend(std::iter::repeat_n(b' ', pad));
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&h);
     out.extend_from_slice(&bytes[8 + n..]);
@@ -301,7 +357,10 @@ fn truncated_safetensors_names_file_and_tensor() {
     let f = std::fs::OpenOptions::new().write(true).open(&st).unwrap();
     f.set_len(len - 1000).unwrap();
     let e = err_of(dir.path(), LoadFormat::Auto);
-    assert!(e.contains("model.safetensors") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
     assert!(e.contains("tensor `"), "{e}");
 }
 
@@ -313,7 +372,10 @@ fn header_pointing_out_of_bounds_names_the_tensor() {
         h["model.norm.weight"]["data_offsets"][1] = Value::from(10_000_000u64);
     });
     let e = err_of(dir.path(), LoadFormat::Auto);
-    assert!(e.contains("model.safetensors") && e.contains("model.norm.weight"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("model.norm.weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -325,7 +387,10 @@ fn shape_disagreeing_with_config_names_file_tensor_and_shapes() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let e = err_of(dir.path(), LoadFormat::Auto);
     assert!(e.contains("model.safetensors"), "{e}");
-    assert!(e.contains("mlp.") && e.contains("implies [64, 128]") && e.contains("[64, 160]"), "{e}");
+    assert!(
+        e.contains("mlp.") && e.contains("implies [64, 128]") && e.contains("[64, 160]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -333,7 +398,9 @@ fn unsupported_and_unknown_dtypes_name_file_and_tensor() {
     let dir = copy_fixture("llama_tied");
     let st = dir.path().join("model.safetensors");
     // I16 is a valid safetensors dtype of the same width, but not a float type we read.
-    edit_header(&st, |h| h["model.norm.weight"]["dtype"] = Value::from("I16"));
+    edit_header(&st, |h| {
+        h["model.norm.weight"]["dtype"] = Value::from("I16")
+    });
     let e = err_of(dir.path(), LoadFormat::Auto);
     assert!(
         e.contains("model.safetensors") && e.contains("model.norm.weight") && e.contains("I16"),
@@ -353,19 +420,32 @@ fn missing_files_are_named() {
     let dir = copy_fixture("mistral_sharded");
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
     let e = err_of(dir.path(), LoadFormat::Auto);
-    assert!(e.contains("model-00002-of-00002.safetensors") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("model-00002-of-00002.safetensors") && e.contains("missing"),
+        "{e}"
+    );
 
     let e = err_of(Path::new("/nonexistent/model/dir"), LoadFormat::Auto);
-    assert!(e.contains("/nonexistent/model/dir") && e.contains("not found"), "{e}");
+    assert!(
+        e.contains("/nonexistent/model/dir") && e.contains("not found"),
+        "{e}"
+    );
 
     // A tensor the model needs that no file holds.
     let dir = copy_fixture("llama3");
     edit_header(&dir.path().join("model.safetensors"), |h| {
-        let v = h.as_object_mut().unwrap().remove("model.norm.weight").unwrap();
+        let v = h
+            .as_object_mut()
+            .unwrap()
+            .remove("model.norm.weight")
+            .unwrap();
         h["model.norm.renamed"] = v;
     });
     let e = err_of(dir.path(), LoadFormat::Auto);
-    assert!(e.contains("model.norm.weight") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("model.norm.weight") && e.contains("missing"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -376,7 +456,10 @@ fn unsupported_architecture_is_named() {
     cfg["architectures"] = serde_json::json!(["GemmaForCausalLM"]);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let e = err_of(dir.path(), LoadFormat::Dummy);
-    assert!(e.contains("GemmaForCausalLM") && e.contains("Qwen2ForCausalLM"), "{e}");
+    assert!(
+        e.contains("GemmaForCausalLM") && e.contains("Qwen2ForCausalLM"),
+        "{e}"
+    );
     assert!(e.contains("config.json"), "{e}");
 }
 
@@ -396,7 +479,10 @@ fn bad_gguf_magic_and_truncated_gguf_name_the_file() {
     assert!(e.contains("trunc.gguf") && e.contains("truncated"), "{e}");
     std::fs::write(&trunc, &src[..src.len() / 2]).unwrap();
     let e = err_of(&trunc, LoadFormat::Auto);
-    assert!(e.contains("trunc.gguf") && e.contains("tensor `blk."), "{e}");
+    assert!(
+        e.contains("trunc.gguf") && e.contains("tensor `blk."),
+        "{e}"
+    );
 }
 
 #[test]
@@ -421,5 +507,8 @@ fn hub_id_from_an_offline_cache() {
         "{:#}",
         load_model("tiny-org/not-cached", &opts(LoadFormat::Auto)).unwrap_err()
     );
-    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("tiny-org/not-cached"), "{e}");
+    assert!(
+        e.contains("HF_HUB_OFFLINE") && e.contains("tiny-org/not-cached"),
+        "{e}"
+    );
 }

@@ -11,7 +11,11 @@ use super::config::{Architecture, ModelConfig, RopeScaling};
 
 /// `architectures[0]` of config.json, or the architecture `model_type` implies.
 fn architecture(cfg: &Value) -> Result<Architecture> {
-    let name = match cfg.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str) {
+    let name = match cfg
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str)
+    {
         Some(n) => n.to_string(),
         None => match cfg.get("model_type").and_then(Value::as_str) {
             Some("llama") => "LlamaForCausalLM".into(),
@@ -99,8 +103,8 @@ fn rope_scaling(params: Option<&Value>) -> Result<Option<RopeScaling>> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: usize_field(p, "original_max_position_embeddings")?
                 .ok_or_else(|| {
-                    anyhow::anyhow!("rope scaling `llama3` needs `original_max_position_embeddings`")
-                })?,
+                anyhow::anyhow!("rope scaling `llama3` needs `original_max_position_embeddings`")
+            })?,
         }),
         other => bail!("rope scaling type `{other}` is not supported (supported: linear, llama3)"),
     })
@@ -112,7 +116,10 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
     ensure!(cfg.is_object(), "config.json is not a JSON object");
     let architecture = architecture(&cfg)?;
     if let Some(act) = cfg.get("hidden_act").and_then(Value::as_str) {
-        ensure!(act == "silu", "hidden_act `{act}` is not supported (Llama-family models use silu)");
+        ensure!(
+            act == "silu",
+            "hidden_act `{act}` is not supported (Llama-family models use silu)"
+        );
     }
     if cfg.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
         bail!("mlp_bias = true is not supported");
@@ -127,7 +134,10 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
         "{num_attention_heads} attention heads cannot be shared by {num_key_value_heads} KV heads"
     );
     let head_dim = usize_field(&cfg, "head_dim")?.unwrap_or(hidden_size / num_attention_heads);
-    ensure!(head_dim > 0 && head_dim % 2 == 0, "head_dim {head_dim} must be even and > 0");
+    ensure!(
+        head_dim > 0 && head_dim % 2 == 0,
+        "head_dim {head_dim} must be even and > 0"
+    );
 
     let rope_params = cfg.get("rope_parameters").filter(|v| v.is_object());
     let rope_theta = match f32_field(&cfg, "rope_theta")? {
@@ -144,16 +154,18 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
 
     let sliding_window = match architecture {
         Architecture::Mistral => usize_field(&cfg, "sliding_window")?,
-        Architecture::Qwen2 if cfg.get("use_sliding_window").and_then(Value::as_bool) == Some(true) => {
+        Architecture::Qwen2
+            if cfg.get("use_sliding_window").and_then(Value::as_bool) == Some(true) =>
+        {
             usize_field(&cfg, "sliding_window")?
         }
         _ => None,
     };
 
     let generation: Option<Value> = match generation_json {
-        Some(text) => Some(
-            serde_json::from_str(text).context("generation_config.json is not valid JSON")?,
-        ),
+        Some(text) => {
+            Some(serde_json::from_str(text).context("generation_config.json is not valid JSON")?)
+        }
         None => None,
     };
     let from_either = |key: &str| -> Result<Vec<u32>> {
@@ -230,8 +242,11 @@ mod tests {
 
     #[test]
     fn llama31_with_generation_config_list() {
-        let c = parse_config(LLAMA31, Some(r#"{"eos_token_id": [128001, 128008, 128009]}"#))
-            .unwrap();
+        let c = parse_config(
+            LLAMA31,
+            Some(r#"{"eos_token_id": [128001, 128008, 128009]}"#),
+        )
+        .unwrap();
         assert_eq!(c.architecture, Architecture::Llama);
         assert_eq!(c.head_dim, 128);
         assert_eq!(c.num_key_value_heads, 8);
@@ -250,7 +265,10 @@ mod tests {
         assert_eq!(c.bos_token_id, Some(128000));
         assert!(!c.attention_bias && !c.tie_word_embeddings);
         // Without generation_config.json the config's own eos is used.
-        assert_eq!(parse_config(LLAMA31, None).unwrap().eos_token_ids, vec![128001]);
+        assert_eq!(
+            parse_config(LLAMA31, None).unwrap().eos_token_ids,
+            vec![128001]
+        );
     }
 
     #[test]
@@ -313,8 +331,11 @@ mod tests {
         assert!(e.contains("intermediate_size"), "{e}");
         let e = format!(
             "{:#}",
-            parse_config(r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": "big"}"#, None)
-                .unwrap_err()
+            parse_config(
+                r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": "big"}"#,
+                None
+            )
+            .unwrap_err()
         );
         assert!(e.contains("hidden_size"), "{e}");
         assert!(parse_config("not json", None).is_err());

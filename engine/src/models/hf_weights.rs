@@ -32,7 +32,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let mut files: Vec<String> = Vec::new();
         for (tensor, file) in map {
             let f = file.as_str().ok_or_else(|| {
-                anyhow::anyhow!("{}: weight_map[`{tensor}`] is not a file name", index.display())
+                anyhow::anyhow!(
+                    "{}: weight_map[`{tensor}`] is not a file name",
+                    index.display()
+                )
             })?;
             ensure!(
                 !f.contains("..") && !Path::new(f).is_absolute(),
@@ -81,7 +84,11 @@ fn diagnose(path: &Path, bytes: &[u8], err: &safetensors::SafeTensorError) -> an
         let v: serde_json::Value = serde_json::from_slice(header).ok()?;
         let data_len = bytes.len() - 8 - n;
         let mut entries: Vec<(&String, &serde_json::Value)> = v.as_object()?.iter().collect();
-        entries.sort_by_key(|(_, e)| e.get("data_offsets").and_then(|o| o.get(0)).and_then(|x| x.as_u64()));
+        entries.sort_by_key(|(_, e)| {
+            e.get("data_offsets")
+                .and_then(|o| o.get(0))
+                .and_then(|x| x.as_u64())
+        });
         for (name, e) in entries {
             if name == "__metadata__" {
                 continue;

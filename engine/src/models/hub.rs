@@ -21,7 +21,10 @@ pub struct HubSettings {
 }
 
 fn truthy(v: &str) -> bool {
-    matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
 }
 
 impl HubSettings {
@@ -104,7 +107,10 @@ pub fn cached_snapshot(settings: &HubSettings, repo: &str) -> Option<PathBuf> {
 
 /// A local folder holding `repo`: from the cache, or fetched from the hub into it.
 pub fn resolve(settings: &HubSettings, repo: &str, progress: bool) -> Result<PathBuf> {
-    ensure!(looks_like_repo_id(repo), "`{repo}` is not a hub id of the form org/name");
+    ensure!(
+        looks_like_repo_id(repo),
+        "`{repo}` is not a hub id of the form org/name"
+    );
     if settings.offline {
         return cached_snapshot(settings, repo).ok_or_else(|| {
             anyhow::anyhow!(
@@ -176,11 +182,20 @@ impl Hub<'_> {
         }
     }
 
-    fn download(&self, sha: &str, file: &str, dest: &Path, bar: &indicatif::ProgressBar) -> Result<()> {
+    fn download(
+        &self,
+        sha: &str,
+        file: &str,
+        dest: &Path,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
         if dest.is_file() {
             return Ok(());
         }
-        let url = format!("{}/{}/resolve/{sha}/{file}", self.settings.endpoint, self.repo);
+        let url = format!(
+            "{}/{}/resolve/{sha}/{file}",
+            self.settings.endpoint, self.repo
+        );
         let mut resp = self.get(&url)?;
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent)
@@ -221,7 +236,10 @@ fn fetch(settings: &HubSettings, repo: &str, progress: bool) -> Result<PathBuf> 
         repo,
     };
     let info: serde_json::Value = hub
-        .get(&format!("{}/api/models/{repo}/revision/main", settings.endpoint))?
+        .get(&format!(
+            "{}/api/models/{repo}/revision/main",
+            settings.endpoint
+        ))?
         .json()
         .context("the hub's model info is not valid JSON")?;
     let sha = info
@@ -235,12 +253,19 @@ fn fetch(settings: &HubSettings, repo: &str, progress: bool) -> Result<PathBuf> 
         .and_then(|s| s.as_array())
         .map(|a| {
             a.iter()
-                .filter_map(|x| x.get("rfilename").and_then(|f| f.as_str()).map(String::from))
+                .filter_map(|x| {
+                    x.get("rfilename")
+                        .and_then(|f| f.as_str())
+                        .map(String::from)
+                })
                 .collect()
         })
         .unwrap_or_default();
     let has = |f: &str| siblings.iter().any(|s| s == f);
-    ensure!(has("config.json"), "hub model `{repo}` has no config.json: is it a transformers model?");
+    ensure!(
+        has("config.json"),
+        "hub model `{repo}` has no config.json: is it a transformers model?"
+    );
 
     let snap = settings.repo_dir(repo).join("snapshots").join(&sha);
     let bar = if progress {
@@ -261,25 +286,34 @@ fn fetch(settings: &HubSettings, repo: &str, progress: bool) -> Result<PathBuf> 
     }
     if has("model.safetensors.index.json") {
         fetch_file("model.safetensors.index.json")?;
-        let index: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(snap.join("model.safetensors.index.json"))?,
-        )
+        let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+            snap.join("model.safetensors.index.json"),
+        )?)
         .context("model.safetensors.index.json from the hub is not valid JSON")?;
         let mut shards: Vec<String> = index
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         shards.sort();
         shards.dedup();
         for s in shards {
-            ensure!(!s.contains("..") && !s.starts_with('/'), "bad shard name `{s}` in the index");
+            ensure!(
+                !s.contains("..") && !s.starts_with('/'),
+                "bad shard name `{s}` in the index"
+            );
             fetch_file(&s)?;
         }
     } else if has("model.safetensors") {
         fetch_file("model.safetensors")?;
     } else {
-        bail!("hub model `{repo}` has no model.safetensors weights (other formats are not supported)");
+        bail!(
+            "hub model `{repo}` has no model.safetensors weights (other formats are not supported)"
+        );
     }
     bar.finish_and_clear();
     let refs = settings.repo_dir(repo).join("refs");
@@ -340,7 +374,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = settings(dir.path(), true, "http://127.0.0.1:9");
         let e = format!("{:#}", resolve(&s, "org/absent", false).unwrap_err());
-        assert!(e.contains("HF_HUB_OFFLINE") && e.contains("org/absent"), "{e}");
+        assert!(
+            e.contains("HF_HUB_OFFLINE") && e.contains("org/absent"),
+            "{e}"
+        );
         assert!(e.contains("models--org--absent"), "{e}");
     }
 
@@ -350,7 +387,10 @@ mod tests {
         // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
         let s = settings(dir.path(), false, "http://127.0.0.1:9");
         let e = format!("{:#}", resolve(&s, "org/absent", false).unwrap_err());
-        assert!(e.contains("unreachable") && e.contains("local model folder"), "{e}");
+        assert!(
+            e.contains("unreachable") && e.contains("local model folder"),
+            "{e}"
+        );
         let snap = make_cache(dir.path(), "org/cached", "def456");
         assert_eq!(resolve(&s, "org/cached", false).unwrap(), snap);
     }

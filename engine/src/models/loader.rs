@@ -68,13 +68,14 @@ pub fn load_model(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
             .with_context(|| format!("fetching model `{spec}` from the Hugging Face hub"))?;
         return load_hf_folder(&dir, opts);
     }
-    bail!(
-        "model `{spec}` not found: no such file or folder, and not a hub id of the form org/name"
-    )
+    bail!("model `{spec}` not found: no such file or folder, and not a hub id of the form org/name")
 }
 
 fn is_gguf(path: &Path) -> bool {
-    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
         return true;
     }
     let mut magic = [0u8; 4];
@@ -91,7 +92,10 @@ fn load_path(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         }
         if path.extension().is_some_and(|e| e == "json") {
             // A config.json: its folder is the model (weights there unless dummy).
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             return load_hf_folder_with_config(dir, path, opts);
         }
         bail!(
@@ -105,7 +109,10 @@ fn load_path(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             .with_context(|| format!("cannot list {}", path.display()))?
             .flatten()
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            })
             .collect();
         if ggufs.len() == 1 {
             return load_gguf(&ggufs[0], opts);
@@ -123,7 +130,11 @@ fn load_hf_folder(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     load_hf_folder_with_config(dir, &dir.join("config.json"), opts)
 }
 
-fn load_hf_folder_with_config(dir: &Path, config_path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+fn load_hf_folder_with_config(
+    dir: &Path,
+    config_path: &Path,
+    opts: &LoadOptions,
+) -> Result<LoadedModel> {
     let mut config = hf_config::read_config(config_path)?;
     let tok_json = dir.join("tokenizer.json");
     let tokenizer = if tok_json.is_file() {

@@ -34,11 +34,27 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
 const WEEKDAYS: [&str; 7] = [
-    "Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
 ];
 
 /// A small strftime over a UTC unix time: the specifiers chat templates use for "today's
@@ -85,9 +101,12 @@ fn environment() -> Environment<'static> {
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
     env.add_function("strftime_now", |fmt: String| -> String {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -130,7 +149,10 @@ mod tests {
 
     #[test]
     fn strftime_known_dates() {
-        assert_eq!(strftime_utc(0, "%d %b %Y %A %H:%M:%S"), "01 Jan 1970 Thursday 00:00:00");
+        assert_eq!(
+            strftime_utc(0, "%d %b %Y %A %H:%M:%S"),
+            "01 Jan 1970 Thursday 00:00:00"
+        );
         // 2024-02-29 12:34:56 UTC was a Thursday.
         assert_eq!(
             strftime_utc(1_709_210_096, "%Y-%m-%d %a %B %y %%"),
@@ -160,7 +182,9 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("Conversation roles must alternate"), "{e}");
-        let e = render("{% for %}", &msgs, false, None, None).unwrap_err().to_string();
+        let e = render("{% for %}", &msgs, false, None, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("chat template failed"), "{e}");
     }
 
@@ -169,7 +193,10 @@ mod tests {
         let t = "{{ bos_token }}\n{% for m in messages %}\n  {% if m.role == 'user' %}\n[{{ m.content }}]\n  {% endif %}\n{% endfor %}\n{% if add_generation_prompt %}>{{ eos_token }}{% endif %}";
         let out = render(
             t,
-            &[ChatMessage::new("user", "a"), ChatMessage::new("system", "b")],
+            &[
+                ChatMessage::new("user", "a"),
+                ChatMessage::new("system", "b"),
+            ],
             true,
             Some("<s>"),
             Some("</s>"),

@@ -57,7 +57,10 @@ fn string_array<'a>(g: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>> 
         .as_array()
         .with_context(|| format!("metadata `{key}` is not an array"))?;
     arr.iter()
-        .map(|x| x.as_str().with_context(|| format!("metadata `{key}` holds a non-string")))
+        .map(|x| {
+            x.as_str()
+                .with_context(|| format!("metadata `{key}` holds a non-string"))
+        })
         .collect::<Result<Vec<_>>>()
         .map(Some)
 }
@@ -68,7 +71,10 @@ fn int_array(g: &GgufFile, key: &str) -> Result<Option<Vec<i64>>> {
         .as_array()
         .with_context(|| format!("metadata `{key}` is not an array"))?;
     arr.iter()
-        .map(|x| x.as_i64().with_context(|| format!("metadata `{key}` holds a non-integer")))
+        .map(|x| {
+            x.as_i64()
+                .with_context(|| format!("metadata `{key}` holds a non-integer"))
+        })
         .collect::<Result<Vec<_>>>()
         .map(Some)
 }
@@ -79,7 +85,10 @@ fn float_array(g: &GgufFile, key: &str) -> Result<Option<Vec<f64>>> {
         .as_array()
         .with_context(|| format!("metadata `{key}` is not an array"))?;
     arr.iter()
-        .map(|x| x.as_f64().with_context(|| format!("metadata `{key}` holds a non-number")))
+        .map(|x| {
+            x.as_f64()
+                .with_context(|| format!("metadata `{key}` holds a non-number"))
+        })
         .collect::<Result<Vec<_>>>()
         .map(Some)
 }
@@ -93,9 +102,9 @@ pub fn from_gguf(g: &GgufFile) -> Result<Option<Tokenizer>> {
     let Some(model) = g.get_str("tokenizer.ggml.model") else {
         return Ok(None);
     };
-    build(g, model).map(Some).with_context(|| {
-        format!("cannot build the tokenizer stored in {}", g.path.display())
-    })
+    build(g, model)
+        .map(Some)
+        .with_context(|| format!("cannot build the tokenizer stored in {}", g.path.display()))
 }
 
 fn build(g: &GgufFile, model: &str) -> Result<Tokenizer> {
@@ -112,7 +121,10 @@ fn build(g: &GgufFile, model: &str) -> Result<Tokenizer> {
     let bos = token_id(g, "tokenizer.ggml.bos_token_id");
     let eos = token_id(g, "tokenizer.ggml.eos_token_id");
     let unk = token_id(g, "tokenizer.ggml.unknown_token_id");
-    let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).map(|s| s.to_string());
+    let name_of = |id: Option<u32>| {
+        id.and_then(|i| tokens.get(i as usize))
+            .map(|s| s.to_string())
+    };
 
     let added_tokens: Vec<Value> = tokens
         .iter()
@@ -154,8 +166,9 @@ fn build(g: &GgufFile, model: &str) -> Result<Tokenizer> {
             (false, doc)
         }
         "llama" => {
-            let scores = float_array(g, "tokenizer.ggml.scores")?
-                .context("metadata `tokenizer.ggml.scores` is missing (a llama tokenizer needs it)")?;
+            let scores = float_array(g, "tokenizer.ggml.scores")?.context(
+                "metadata `tokenizer.ggml.scores` is missing (a llama tokenizer needs it)",
+            )?;
             let merges = sentencepiece_merges(&tokens, &types, &scores);
             let add_space = g
                 .get("tokenizer.ggml.add_space_prefix")
@@ -165,7 +178,9 @@ fn build(g: &GgufFile, model: &str) -> Result<Tokenizer> {
             if add_space {
                 normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
             }
-            normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+            normalizers.push(
+                json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}),
+            );
             let mut decoders = vec![
                 json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
                 json!({"type": "ByteFallback"}),
@@ -185,9 +200,7 @@ fn build(g: &GgufFile, model: &str) -> Result<Tokenizer> {
             });
             (true, doc)
         }
-        other => bail!(
-            "GGUF tokenizer model `{other}` is not supported (supported: gpt2, llama)"
-        ),
+        other => bail!("GGUF tokenizer model `{other}` is not supported (supported: gpt2, llama)"),
     };
 
     let add_bos = g

@@ -17,7 +17,10 @@ fn write_tokenizer(dir: &Path, config: Option<serde_json::Value>) -> Tokenizer {
     for (i, s) in ["<s>", "</s>", "<|im_end|>"].iter().enumerate() {
         vocab.insert(s.to_string(), json!(i));
     }
-    for t in alphabet.iter().chain(["ab".to_string(), "Ġb".to_string()].iter()) {
+    for t in alphabet
+        .iter()
+        .chain(["ab".to_string(), "Ġb".to_string()].iter())
+    {
         let n = vocab.len();
         vocab.insert(t.clone(), json!(n));
     }
@@ -60,7 +63,10 @@ fn encode_decode_and_special_tokens() {
     assert_eq!(tok.encode("ab b", false).unwrap(), vec![ab, sp_b]);
     assert_eq!(tok.encode("ab b", true).unwrap(), vec![0, ab, sp_b]);
     assert_eq!(tok.encode("<|im_end|>ab", false).unwrap(), vec![2, ab]);
-    assert_eq!(tok.decode(&[0, ab, sp_b, 2], false).unwrap(), "<s>ab b<|im_end|>");
+    assert_eq!(
+        tok.decode(&[0, ab, sp_b, 2], false).unwrap(),
+        "<s>ab b<|im_end|>"
+    );
     assert_eq!(tok.decode(&[0, ab, sp_b, 2], true).unwrap(), "ab b");
     assert_eq!(tok.eos_token_id(), Some(2));
     assert_eq!(tok.bos_token(), Some("<s>"));
@@ -94,14 +100,21 @@ fn chat_template_from_list_and_from_jinja_file() {
 
     // transformers 5 writes the template to chat_template.jinja.
     let dir2 = tempfile::tempdir().unwrap();
-    std::fs::write(dir2.path().join("chat_template.jinja"), "[{{ messages | length }}]").unwrap();
+    std::fs::write(
+        dir2.path().join("chat_template.jinja"),
+        "[{{ messages | length }}]",
+    )
+    .unwrap();
     let tok2 = write_tokenizer(dir2.path(), None);
     assert_eq!(tok2.apply_chat_template(&msgs, false, None).unwrap(), "[1]");
 
     // No template at all: a clear error.
     let dir3 = tempfile::tempdir().unwrap();
     let tok3 = write_tokenizer(dir3.path(), None);
-    let e = tok3.apply_chat_template(&msgs, true, None).unwrap_err().to_string();
+    let e = tok3
+        .apply_chat_template(&msgs, true, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no chat template"), "{e}");
 }
 
@@ -118,7 +131,10 @@ fn incremental_detokenizer_holds_back_split_characters() {
     let mut pieces = Vec::new();
     for &id in &ids {
         let piece = d.push(&tok, id).unwrap();
-        assert!(!piece.contains('\u{FFFD}'), "emitted a broken character: {piece:?}");
+        assert!(
+            !piece.contains('\u{FFFD}'),
+            "emitted a broken character: {piece:?}"
+        );
         pieces.push(piece);
     }
     assert_eq!(pieces.concat(), text);

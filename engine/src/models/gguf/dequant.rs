@@ -417,7 +417,10 @@ mod tests {
 
     #[test]
     fn float_types_keep_their_dtype() {
-        let b: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let b: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
         assert_eq!(as_f32(dequantize(F32, &b, 2).unwrap()), vec![1.5, -2.0]);
         let b: Vec<u8> = f16b(3.0).into_iter().chain(f16b(-0.5)).collect();
         match dequantize(F16, &b, 2).unwrap() {

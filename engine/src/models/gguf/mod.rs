@@ -88,7 +88,8 @@ fn required_usize(g: &GgufFile, key: &str) -> Result<usize> {
 
 /// The model config a GGUF file's metadata describes.
 pub fn read_config(g: &GgufFile) -> Result<ModelConfig> {
-    read_config_inner(g).with_context(|| format!("reading the model config of {}", g.path.display()))
+    read_config_inner(g)
+        .with_context(|| format!("reading the model config of {}", g.path.display()))
 }
 
 fn read_config_inner(g: &GgufFile) -> Result<ModelConfig> {
@@ -111,8 +112,8 @@ fn read_config_inner(g: &GgufFile) -> Result<ModelConfig> {
     ensure!(num_attention_heads > 0, "attention.head_count is 0");
     let num_key_value_heads =
         meta_usize(g, &key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
-    let head_dim = meta_usize(g, &key("attention.key_length"))?
-        .unwrap_or(hidden_size / num_attention_heads);
+    let head_dim =
+        meta_usize(g, &key("attention.key_length"))?.unwrap_or(hidden_size / num_attention_heads);
     ensure!(
         num_key_value_heads > 0 && num_attention_heads % num_key_value_heads == 0,
         "{num_attention_heads} attention heads cannot be shared by {num_key_value_heads} KV heads"
@@ -264,7 +265,8 @@ pub fn weights_nbytes(g: &GgufFile, cfg: &ModelConfig) -> u64 {
         .filter_map(|e| gguf_name_for(&e.name))
         .filter_map(|n| g.tensor_info(&n))
         .filter_map(|t| {
-            dequant::tensor_nbytes(t.ggml_type, t.numel(), t.dims.first().copied().unwrap_or(1)).ok()
+            dequant::tensor_nbytes(t.ggml_type, t.numel(), t.dims.first().copied().unwrap_or(1))
+                .ok()
         })
         .sum()
 }
@@ -322,11 +324,26 @@ mod tests {
             ("token_embd.weight", "model.embed_tokens.weight"),
             ("output_norm.weight", "model.norm.weight"),
             ("output.weight", "lm_head.weight"),
-            ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight"),
-            ("blk.12.attn_k.bias", "model.layers.12.self_attn.k_proj.bias"),
-            ("blk.3.attn_output.weight", "model.layers.3.self_attn.o_proj.weight"),
-            ("blk.3.ffn_norm.weight", "model.layers.3.post_attention_layernorm.weight"),
-            ("blk.29.ffn_down.weight", "model.layers.29.mlp.down_proj.weight"),
+            (
+                "blk.0.attn_q.weight",
+                "model.layers.0.self_attn.q_proj.weight",
+            ),
+            (
+                "blk.12.attn_k.bias",
+                "model.layers.12.self_attn.k_proj.bias",
+            ),
+            (
+                "blk.3.attn_output.weight",
+                "model.layers.3.self_attn.o_proj.weight",
+            ),
+            (
+                "blk.3.ffn_norm.weight",
+                "model.layers.3.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.29.ffn_down.weight",
+                "model.layers.29.mlp.down_proj.weight",
+            ),
         ];
         for (g, h) in pairs {
             assert_eq!(hf_name_for(g).as_deref(), Some(h));

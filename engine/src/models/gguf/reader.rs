@@ -186,7 +186,10 @@ impl<'a> Cursor<'a> {
             7 => GgufValue::Bool(self.array::<1>(what)?[0] != 0),
             8 => GgufValue::String(self.string(what)?),
             9 => {
-                ensure!(depth < 4, "{what}: arrays nested too deeply (corrupt header)");
+                ensure!(
+                    depth < 4,
+                    "{what}: arrays nested too deeply (corrupt header)"
+                );
                 let elem_ty = self.u32(what)?;
                 let len = self.u64(what)?;
                 // Every element takes at least one byte: a length beyond the file is corrupt,
@@ -276,9 +279,7 @@ impl GgufFile {
             Some(v) => v
                 .as_u64()
                 .filter(|a| *a > 0 && a.is_power_of_two())
-                .ok_or_else(|| {
-                    anyhow::anyhow!("general.alignment is {v:?}, not a power of two")
-                })?,
+                .ok_or_else(|| anyhow::anyhow!("general.alignment is {v:?}, not a power of two"))?,
         };
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
         ensure!(
@@ -286,7 +287,6 @@ impl GgufFile {
             "the data section would start at byte {data_offset} but the file has only {} bytes: truncated",
             mmap.len()
         );
-        drop(c);
         Ok(Self {
             path: path.to_path_buf(),
             version,
@@ -447,7 +447,10 @@ mod tests {
             ("a.str", GgufValue::String("héllo".into())),
             (
                 "a.arr",
-                GgufValue::Array(vec![GgufValue::String("x".into()), GgufValue::String("y".into())]),
+                GgufValue::Array(vec![
+                    GgufValue::String("x".into()),
+                    GgufValue::String("y".into()),
+                ]),
             ),
             (
                 "a.nested",
@@ -499,10 +502,7 @@ mod tests {
         let e = format!("{:#}", GgufFile::open(&p).unwrap_err());
         assert!(e.contains("bad.gguf") && e.contains("magic"), "{e}");
 
-        let bytes = write(
-            &[("general.name", GgufValue::String("x".repeat(100)))],
-            &[],
-        );
+        let bytes = write(&[("general.name", GgufValue::String("x".repeat(100)))], &[]);
         for cut in [3, 10, 30, 60, bytes.len() - 1] {
             std::fs::write(&p, &bytes[..cut]).unwrap();
             let e = format!("{:#}", GgufFile::open(&p).unwrap_err());
