@@ -106,6 +106,18 @@ pub fn write_cache(
     }
 }
 
+/// `y = x W^T` for `x` `[m, k]` and `w` `[n, k]` (HF linear layout); returns `[m, n]`.
+pub fn linear(x: &[f32], w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() / k * n);
+    for xr in x.chunks_exact(k) {
+        out.extend(
+            w.chunks_exact(k)
+                .map(|wr| xr.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>()),
+        );
+    }
+    out
+}
+
 /// `in` is `[T, 2 * inter]` (gate, then up); returns `silu(gate) * up`, `[T, inter]`.
 pub fn silu_and_mul(input: &[f32], inter: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(input.len() / 2);
@@ -386,6 +398,13 @@ mod tests {
                 assert!((out[t * 3 + i] - g * u / (1.0 + (-g).exp())).abs() < 1e-7);
             }
         }
+    }
+
+    #[test]
+    fn linear_is_x_times_w_transposed() {
+        // x = [[1, 2], [3, 4]], w = [[1, 0], [0, 1], [1, 1]] (3 outputs of 2 inputs).
+        let y = linear(&[1.0, 2.0, 3.0, 4.0], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], 3, 2);
+        assert_eq!(y, [1.0, 2.0, 3.0, 3.0, 4.0, 7.0]);
     }
 
     #[test]

@@ -275,3 +275,142 @@ fn bench_sampling() {
         }
     }
 }
+
+/// y = x W^T through cuBLAS (bf16 in and out, f32 compute), as the engine's linear layers.
+#[allow(clippy::too_many_arguments)]
+fn cublas_linear(
+    handle: cudarc::cublas::sys::cublasHandle_t,
+    y: u64,
+    x: u64,
+    w: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    use cudarc::cublas::{result as blas, sys as bs};
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    unsafe {
+        blas::gemm_ex(
+            handle,
+            bs::cublasOperation_t::CUBLAS_OP_T,
+            bs::cublasOperation_t::CUBLAS_OP_N,
+            n as i32,
+            m as i32,
+            k as i32,
+            &alpha as *const f32 as *const _,
+            w as *const _,
+            bs::cudaDataType::CUDA_R_16BF,
+            k as i32,
+            x as *const _,
+            bs::cudaDataType::CUDA_R_16BF,
+            k as i32,
+            &beta as *const f32 as *const _,
+            y as *mut _,
+            bs::cudaDataType::CUDA_R_16BF,
+            n as i32,
+            bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .expect("cublasGemmEx");
+    }
+}
+
+#[test]
+#[ignore = "benchmark: run on a GPU with --ignored"]
+fn bench_gemv_vs_cublas() {
+    let Some(g) = gpu("bench_gemv_vs_cublas") else {
+        return;
+    };
+    let handle = cudarc::cublas::result::create_handle().expect("cuBLAS handle");
+    println!(
+        "small-batch linear layers on {}: gemv_bf16 vs cuBLAS GemmEx (bf16, f32 compute)",
+        g.name
+    );
+    println!("weights rotate over several copies so that L2 does not hold them; GB/s counts weight bytes");
+    println!(
+        "{:>8} {:>6} {:>6} {:>2} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9}",
+        "layer",
+        "n",
+        "k",
+        "m",
+        "split1 us",
+        "split2 us",
+        "split4 us",
+        "best GB/s",
+        "cublas us",
+        "GB/s"
+    );
+    for &(name, n, k) in &[
+        ("qkv", 6144usize, 4096usize),
+        ("o_proj", 4096, 4096),
+        ("gate_up", 28672, 4096),
+        ("down", 4096, 14336),
+        ("lm_head", 128256, 4096),
+    ] {
+        let bytes = n * k * 2;
+        let copies = (400_000_000usize.div_ceil(bytes)).clamp(2, 8);
+        let host = filler(n * k, 11);
+        let ws: Vec<Buf<bf16>> = (0..copies).map(|_| g.upload(&host)).collect();
+        for &m in &[1usize, 2, 4] {
+            let x = g.upload(&filler(m * k, 12));
+            let y1 = g.poisoned(m * n, bf16::NAN);
+            let y2 = g.poisoned(m * n, bf16::NAN);
+            let bt = [1usize, 2, 4, 8].into_iter().find(|&b| b >= m).unwrap();
+            let f = g.function("gemv", &format!("gemv_bf16_b{bt}"));
+            let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+            let reps = 4 * copies;
+            let mut ours = Vec::new();
+            for split in [1i32, 2, 4] {
+                let blocks = n.div_ceil(8 / split as usize) as u32;
+                ours.push(
+                    g.time_ms(10, || {
+                        for i in 0..reps {
+                            let wp = ws[i % copies].ptr;
+                            g.launch_async(
+                                f,
+                                (blocks, 1, 1),
+                                (256, 1, 1),
+                                &mut [
+                                    arg(&y1.ptr),
+                                    arg(&x.ptr),
+                                    arg(&wp),
+                                    arg(&mi),
+                                    arg(&ni),
+                                    arg(&ki),
+                                    arg(&split),
+                                ],
+                            );
+                        }
+                    }) * 1e3
+                        / reps as f32,
+                );
+            }
+            let theirs = g.time_ms(10, || {
+                for i in 0..reps {
+                    cublas_linear(handle, y2.ptr, x.ptr, ws[i % copies].ptr, m, n, k);
+                }
+            }) * 1e3
+                / reps as f32;
+            let (a, b) = (g.download_bf16(&y1), g.download_bf16(&y2));
+            let rel = a
+                .iter()
+                .zip(&b)
+                .map(|(p, q)| (p - q).abs() / q.abs().max(1.0))
+                .fold(0.0f32, f32::max);
+            assert!(
+                rel < 3e-2,
+                "{name} m{m}: gemv and cuBLAS differ by {rel} (relative)"
+            );
+            let gbs = |us: f32| bytes as f64 / (us as f64 * 1e-6) / 1e9;
+            let best = ours.iter().cloned().fold(f32::INFINITY, f32::min);
+            println!(
+                "{name:>8} {n:>6} {k:>6} {m:>2} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {theirs:>11.1} {:>9.0}",
+                ours[0],
+                ours[1],
+                ours[2],
+                gbs(best),
+                gbs(theirs)
+            );
+        }
+    }
+}

@@ -543,3 +543,60 @@ fn sampling_greedy_and_seeded() {
         );
     }
 }
+
+#[test]
+fn gemv_small_batch_matches_reference() {
+    let Some(g) = gpu("gemv_small_batch_matches_reference") else {
+        return;
+    };
+    let mut r = rng("gemv");
+    // (batch rows, out features, in features)
+    for (case, &(m, n, k)) in [
+        (1usize, 1000usize, 576usize),
+        (3, 37, 4096),
+        (8, 129, 1536),
+        (2, 4096, 14336),
+        (5, 300, 8),
+        (1, 6144, 4096),
+        (1, 77, 2056),
+        (4, 5, 64),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (x_h, x) = random_bf16(&mut r, m * k, 1.0);
+        let (w_h, w) = random_bf16(&mut r, n * k, 0.05);
+        let (d_x, d_w) = (g.upload(&x_h), g.upload(&w_h));
+        let y = g.poisoned(m * n, BF16_NAN);
+        let bt = [1usize, 2, 4, 8]
+            .into_iter()
+            .find(|&b| b >= m)
+            .expect("m <= 8");
+        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+        // Every split (warps per output row) on a rotating basis across the cases.
+        let split = [1i32, 2, 4, 8][case % 4];
+        let rows_per_block = 8 / split as usize;
+        g.launch(
+            "gemv",
+            &format!("gemv_bf16_b{bt}"),
+            (n.div_ceil(rows_per_block) as u32, 1, 1),
+            (256, 1, 1),
+            &mut [
+                arg(&y.ptr),
+                arg(&d_x.ptr),
+                arg(&d_w.ptr),
+                arg(&mi),
+                arg(&ni),
+                arg(&ki),
+                arg(&split),
+            ],
+        );
+        assert_close(
+            &format!("gemv m{m} n{n} k{k} split {split}"),
+            &g.download_bf16(&y),
+            &cpu::linear(&x, &w, n, k),
+            ATOL,
+            RTOL,
+        );
+    }
+}
