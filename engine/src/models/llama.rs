@@ -5,7 +5,7 @@ use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 
 use super::config::ModelConfig;
-use super::weights::{HostData, HostTensor, WeightMap};
+use super::weights::{DType, HostData, HostTensor, WeightMap};
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch};
 
 /// Rows pushed through the LM head at once: bounds the logits buffer when many rows are
@@ -49,6 +49,13 @@ pub struct Workspace<B: Backend> {
 }
 
 impl<B: Backend> Workspace<B> {
+    /// Final hidden states of the last step (after the final norm).
+    pub fn normed(&self) -> &B::Tensor {
+        &self.normed
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
     /// Buffers for steps of up to `max_tokens` tokens.
     pub fn new(be: &B, config: &ModelConfig, max_tokens: usize) -> Result<Self> {
         let c = config;
@@ -146,32 +153,38 @@ fn concat_rows(name: &str, parts: Vec<HostTensor>) -> Result<HostTensor> {
     let mut shape = vec![rows];
     shape.extend_from_slice(&tail);
     let same = parts.iter().all(|p| p.dtype() == parts[0].dtype());
-    let data = match &parts[0].data {
-        HostData::F16(_) if same => HostData::F16(
-            parts
-                .into_iter()
-                .flat_map(|p| {
-                    if let HostData::F16(v) = p.data {
-                        v
-                    } else {
-                        Vec::new()
-                    }
-                })
-                .collect(),
-        ),
-        HostData::BF16(_) if same => HostData::BF16(
-            parts
-                .into_iter()
-                .flat_map(|p| {
-                    if let HostData::BF16(v) = p.data {
-                        v
-                    } else {
-                        Vec::new()
-                    }
-                })
-                .collect(),
-        ),
-        _ => HostData::F32(parts.iter().flat_map(|p| p.to_f32()).collect()),
+    let numel = rows * tail.iter().product::<usize>();
+    // Whole-slice appends: these tensors are the bulk of the model, so no per-element work.
+    let data = match parts[0].dtype() {
+        DType::F16 if same => {
+            let mut out = Vec::with_capacity(numel);
+            for p in parts {
+                if let HostData::F16(v) = p.data {
+                    out.extend_from_slice(&v);
+                }
+            }
+            HostData::F16(out)
+        }
+        DType::BF16 if same => {
+            let mut out = Vec::with_capacity(numel);
+            for p in parts {
+                if let HostData::BF16(v) = p.data {
+                    out.extend_from_slice(&v);
+                }
+            }
+            HostData::BF16(out)
+        }
+        _ => {
+            let mut out = Vec::with_capacity(numel);
+            for p in parts {
+                match p.data {
+                    HostData::F32(v) => out.extend_from_slice(&v),
+                    HostData::F16(v) => out.extend(v.iter().map(|x| x.to_f32())),
+                    HostData::BF16(v) => out.extend(v.iter().map(|x| x.to_f32())),
+                }
+            }
+            HostData::F32(out)
+        }
     };
     Ok(HostTensor { shape, data })
 }
@@ -297,29 +310,18 @@ impl<B: Backend> LlamaModel<B> {
         })
     }
 
-    pub fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    /// Runs one step: writes every token's K/V into `kv` and returns host f32 logits,
-    /// `[batch.logits_rows.len(), vocab]` row-major.
-    pub fn forward(
+    /// The transformer body for an uploaded step: embedding, every layer (writing K/V into
+    /// `kv`), final norm. Leaves the final hidden states in the workspace (`Workspace::normed`);
+    /// launches work only, so that a GPU backend can capture it into a graph.
+    pub fn forward_hidden(
         &self,
         be: &B,
-        batch: &ForwardBatch,
+        step: &B::StepMeta,
         kv: &mut B::KvCache,
         ws: &mut Workspace<B>,
-    ) -> Result<Vec<f32>> {
-        let c = &self.config;
-        batch
-            .validate(&be.kv_cache_shape(kv), c.vocab_size)
-            .context("invalid forward batch")?;
-        if batch.num_tokens() > ws.capacity {
-            *ws = Workspace::new(be, c, batch.num_tokens())?;
-        }
-        let eps = c.rms_norm_eps;
-        let step = be.upload_step(batch)?;
-        be.embedding(&self.embed, &step, &mut ws.residual)?;
+    ) -> Result<()> {
+        let eps = self.config.rms_norm_eps;
+        be.embedding(&self.embed, step, &mut ws.residual)?;
         for (i, l) in self.layers.iter().enumerate() {
             // The residual add of the previous layer's MLP is fused into this layer's norm.
             if i == 0 {
@@ -334,8 +336,8 @@ impl<B: Backend> LlamaModel<B> {
                 )?;
             }
             be.linear(&ws.normed, &l.qkv, l.qkv_bias.as_ref(), &mut ws.qkv)?;
-            be.rope_and_write_kv(&mut ws.qkv, &self.inv_freq, &self.layout, &step, kv, i)?;
-            be.attention(&ws.qkv, &self.layout, &step, kv, i, &mut ws.attn)?;
+            be.rope_and_write_kv(&mut ws.qkv, &self.inv_freq, &self.layout, step, kv, i)?;
+            be.attention(&ws.qkv, &self.layout, step, kv, i, &mut ws.attn)?;
             be.linear(&ws.attn, &l.o_proj, None, &mut ws.proj)?;
             be.add_rms_norm(
                 &mut ws.residual,
@@ -359,6 +361,36 @@ impl<B: Backend> LlamaModel<B> {
                 &mut ws.normed,
             )?;
         }
+        Ok(())
+    }
+
+    /// The LM head matrix (the embedding table when tied).
+    pub fn lm_head(&self) -> &B::Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Runs one step: writes every token's K/V into `kv` and returns host f32 logits,
+    /// `[batch.logits_rows.len(), vocab]` row-major.
+    pub fn forward(
+        &self,
+        be: &B,
+        batch: &ForwardBatch,
+        kv: &mut B::KvCache,
+        ws: &mut Workspace<B>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        batch
+            .validate(&be.kv_cache_shape(kv), c.vocab_size)
+            .context("invalid forward batch")?;
+        if batch.num_tokens() > ws.capacity {
+            *ws = Workspace::new(be, c, batch.num_tokens())?;
+        }
+        let step = be.upload_step(batch)?;
+        self.forward_hidden(be, &step, kv, ws)?;
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let rows = batch.logits_rows.len();
         let mut logits = Vec::with_capacity(rows * c.vocab_size);

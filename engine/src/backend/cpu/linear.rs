@@ -58,6 +58,7 @@ pub fn linear(
         // Several column blocks per thread so that uneven progress evens out.
         let block = n.div_ceil(threads * 4).next_multiple_of(16).min(n);
         let blocks: Vec<usize> = (0..n).step_by(block).collect();
+        let xs = x.as_slice();
         blocks.into_par_iter().for_each(|j0| {
             let cols = block.min(n - j0);
             let d = dst_ptr;
@@ -70,7 +71,7 @@ pub fn linear(
                     k,
                     d.0.add(j0),
                     n,
-                    x.as_slice().as_ptr(),
+                    xs.as_ptr(),
                     w.data.as_ptr().add(j0 * k),
                     read_dst,
                     Parallelism::None,
