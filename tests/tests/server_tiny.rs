@@ -28,7 +28,8 @@ fn bad_inputs_get_openai_errors_and_the_server_keeps_serving() {
     let c = "/v1/completions";
     let chat = "/v1/chat/completions";
     // (what, route, body, status, param, words the message must hold)
-    let cases: Vec<(&str, &str, Vec<u8>, u16, Value, &str)> = vec![
+    type Case<'a> = (&'a str, &'a str, Vec<u8>, u16, Value, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "malformed JSON",
             c,

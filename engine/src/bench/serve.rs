@@ -294,7 +294,7 @@ fn parse_rate(s: &str) -> Result<f64> {
     let r: f64 = s.parse().with_context(|| {
         format!("--request-rate `{s}`: give a number of requests per second or inf")
     })?;
-    if !(r > 0.0) {
+    if r.is_nan() || r <= 0.0 {
         bail!("--request-rate must be above 0 (or inf), got {s}");
     }
     Ok(r)

@@ -99,11 +99,7 @@ impl Server {
                 let Ok(line) = line else { break };
                 if let Some(rest) = line.split(" on http://").nth(1) {
                     if line.contains("serving") {
-                        let addr = rest
-                            .split(|c: char| c == ' ' || c == '/')
-                            .next()
-                            .unwrap_or("")
-                            .to_string();
+                        let addr = rest.split([' ', '/']).next().unwrap_or("").to_string();
                         let _ = tx.send(addr);
                     }
                 }
