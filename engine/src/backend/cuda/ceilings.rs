@@ -53,7 +53,9 @@ pub fn gemm_rate(gpu: &Gpu) -> Result<f64> {
     let c = gpu.alloc(bytes)?;
     gpu.upload(a.ptr, &host)?;
     gpu.upload(b.ptr, &host)?;
-    let ms = time_ms(gpu, 20, || gpu.gemm_bf16(a.ptr, b.ptr, c.ptr, n, n, n, false))?;
+    let ms = time_ms(gpu, 20, || {
+        gpu.gemm_bf16(a.ptr, b.ptr, c.ptr, n, n, n, false)
+    })?;
     Ok(2.0 * (n as f64).powi(3) / (ms * 1e-3))
 }
 

@@ -64,7 +64,8 @@ impl Gpu {
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| anyhow!("the CUDA driver library could not be loaded"))?
             .map_err(|e| anyhow!("creating a CUDA context on device {ordinal}: {e:?}"))?;
-        ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
+        ctx.bind_to_thread()
+            .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let compute_capability = ctx.compute_capability().map_err(|e| anyhow!("{e:?}"))?;
         let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
@@ -73,7 +74,8 @@ impl Gpu {
             anyhow!("cuBLAS could not be initialised ({e:?}): is libcublas (CUDA 12/13) installed and on the loader path?")
         })?;
         // SAFETY: handle and stream are valid and live as long as self.
-        unsafe { blas::set_stream(handle, stream as _) }.map_err(|e| anyhow!("cublasSetStream: {e:?}"))?;
+        unsafe { blas::set_stream(handle, stream as _) }
+            .map_err(|e| anyhow!("cublasSetStream: {e:?}"))?;
         let mut modules = HashMap::new();
         for &stem in rvllm_kernels::KERNEL_NAMES {
             let image = rvllm_kernels::fatbin(stem)
@@ -104,7 +106,9 @@ impl Gpu {
 
     /// Bind the context to the calling thread (the engine thread may differ from the loader's).
     pub fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context: {e:?}"))
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))
     }
 
     pub fn function(&self, module: &'static str, kernel: &'static str) -> Result<sys::CUfunction> {
@@ -144,11 +148,14 @@ impl Gpu {
                     shared_bytes as i32,
                 )
             }
-            .map_err(|e| anyhow!("kernel `{kernel}`: setting {shared_bytes} B of shared memory: {e:?}"))?;
+            .map_err(|e| {
+                anyhow!("kernel `{kernel}`: setting {shared_bytes} B of shared memory: {e:?}")
+            })?;
         }
         // SAFETY: the caller passes argument pointers matching the kernel's signature.
-        unsafe { drv::launch_kernel(f, grid, block, shared_bytes, self.stream, params) }
-            .map_err(|e| anyhow!("launching kernel `{kernel}` (grid {grid:?}, block {block:?}): {e:?}"))
+        unsafe { drv::launch_kernel(f, grid, block, shared_bytes, self.stream, params) }.map_err(
+            |e| anyhow!("launching kernel `{kernel}` (grid {grid:?}, block {block:?}): {e:?}"),
+        )
     }
 
     pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
@@ -178,7 +185,8 @@ impl Gpu {
     /// Upload on the stream; the host slice must stay alive and unchanged until the stream
     /// has consumed it (callers keep step buffers alive for the step).
     pub fn upload_async<T: Copy>(&self, dst: sys::CUdeviceptr, src: &[T]) -> Result<()> {
-        unsafe { drv::memcpy_htod_async(dst, src, self.stream) }.map_err(|e| anyhow!("async copy to the GPU: {e:?}"))
+        unsafe { drv::memcpy_htod_async(dst, src, self.stream) }
+            .map_err(|e| anyhow!("async copy to the GPU: {e:?}"))
     }
 
     pub fn download<T: Copy>(&self, dst: &mut [T], src: sys::CUdeviceptr) -> Result<()> {
@@ -188,11 +196,18 @@ impl Gpu {
     }
 
     pub fn memset_zero(&self, dst: sys::CUdeviceptr, bytes: usize) -> Result<()> {
-        unsafe { drv::memset_d8_async(dst, 0, bytes, self.stream) }.map_err(|e| anyhow!("memset: {e:?}"))
+        unsafe { drv::memset_d8_async(dst, 0, bytes, self.stream) }
+            .map_err(|e| anyhow!("memset: {e:?}"))
     }
 
-    pub fn copy_d2d(&self, dst: sys::CUdeviceptr, src: sys::CUdeviceptr, bytes: usize) -> Result<()> {
-        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream) }.map_err(|e| anyhow!("device copy: {e:?}"))
+    pub fn copy_d2d(
+        &self,
+        dst: sys::CUdeviceptr,
+        src: sys::CUdeviceptr,
+        bytes: usize,
+    ) -> Result<()> {
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream) }
+            .map_err(|e| anyhow!("device copy: {e:?}"))
     }
 
     pub fn sync(&self) -> Result<()> {

@@ -1,6 +1,9 @@
 //! CUDA backend: cudarc driver API (dynamically loaded), cuBLAS GEMMs, rvllm-kernels' fatbin.
 pub mod ceilings;
+pub mod backend;
 pub mod device;
+pub mod runner;
 
 pub use ceilings::measure_ceilings;
 pub use device::{device_count, Gpu};
+pub use runner::create_cuda_executor;

@@ -1,0 +1,383 @@
+//! The CUDA executor: the generic `ModelRunner` on the `CudaBackend` for every step, plus a
+//! fast path for steps whose sampled rows need nothing the host must see (no penalties,
+//! logprobs or prompt logprobs): logits stay on the GPU, a kernel samples them, and only the
+//! token ids come back. Pure decode steps of that kind replay a CUDA graph captured at
+//! start-up for the padded batch size.
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cudarc::driver::{result as drv, sys};
+
+use super::backend::{CudaBackend, CudaTensor, StepLimits};
+use super::device::{DevBuf, Gpu};
+use crate::backend::{Backend, ForwardBatch, SeqSlice};
+use crate::engine::EngineArgs;
+use crate::models::config::ModelConfig;
+use crate::models::LoadedModel;
+use crate::runner::{build_forward_batch, Executor, ModelRunner, RunnerConfig};
+use crate::sampling::SamplingParams;
+use crate::scheduler::{ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput};
+
+/// Batch sizes with a captured decode graph (those up to --max-num-seqs, plus it).
+const GRAPH_SIZES: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512];
+
+/// Persistent per-row sampling parameters (fixed addresses for graphs).
+struct SamplingBuffers {
+    dev: DevBuf,
+    staging: Vec<u8>,
+    max_rows: usize,
+}
+
+impl SamplingBuffers {
+    // Layout: temps f32 | top_ks i32 | top_ps f32 | min_ps f32 | seeds u64 | offsets u64
+    fn offsets(&self) -> [usize; 6] {
+        let n = self.max_rows;
+        [0, 4 * n, 8 * n, 12 * n, 16 * n, 24 * n]
+    }
+    fn bytes(max_rows: usize) -> usize {
+        32 * max_rows
+    }
+    fn ptr(&self, i: usize) -> sys::CUdeviceptr {
+        self.dev.ptr + self.offsets()[i] as u64
+    }
+    fn fill(&mut self, rows: &[(f32, i32, f32, f32, u64, u64)]) {
+        let o = self.offsets();
+        self.staging.fill(0);
+        for (r, &(t, k, p, m, seed, off)) in rows.iter().enumerate() {
+            self.staging[o[0] + 4 * r..][..4].copy_from_slice(&t.to_le_bytes());
+            self.staging[o[1] + 4 * r..][..4].copy_from_slice(&k.to_le_bytes());
+            self.staging[o[2] + 4 * r..][..4].copy_from_slice(&p.to_le_bytes());
+            self.staging[o[3] + 4 * r..][..4].copy_from_slice(&m.to_le_bytes());
+            self.staging[o[4] + 8 * r..][..8].copy_from_slice(&seed.to_le_bytes());
+            self.staging[o[5] + 8 * r..][..8].copy_from_slice(&off.to_le_bytes());
+        }
+    }
+}
+
+struct Graph {
+    exec: sys::CUgraphExec,
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = drv::graph::exec_destroy(self.exec);
+        }
+    }
+}
+
+pub struct CudaExecutor {
+    gpu: Arc<Gpu>,
+    runner: ModelRunner<CudaBackend>,
+    config: ModelConfig,
+    block_size: usize,
+    num_blocks: usize,
+    /// LM-head input rows and f32 logits for the sampled rows of a step.
+    gathered: CudaTensor,
+    logits: DevBuf,
+    tokens: DevBuf,
+    token_logprobs: DevBuf,
+    sampling: SamplingBuffers,
+    graphs: HashMap<usize, Graph>,
+    _cublas_workspace: DevBuf,
+}
+
+// SAFETY: used from the engine thread only; raw handles are not shared.
+unsafe impl Send for CudaExecutor {}
+
+/// Whether the GPU sampler does exactly what this request asks at this step.
+fn device_samplable(p: &SamplingParams, step: usize) -> bool {
+    p.presence_penalty == 0.0
+        && p.frequency_penalty == 0.0
+        && p.repetition_penalty == 1.0
+        && p.logprobs.is_none()
+        && step >= p.min_tokens
+}
+
+pub fn create_cuda_executor(model: LoadedModel, cfg: &RunnerConfig, args: &EngineArgs) -> Result<Box<dyn Executor>> {
+    Ok(Box::new(CudaExecutor::new(model, cfg, args)?))
+}
+
+impl CudaExecutor {
+    pub fn new(model: LoadedModel, cfg: &RunnerConfig, args: &EngineArgs) -> Result<Self> {
+        let gpu = Arc::new(Gpu::new(0)?);
+        let config = model.config.clone();
+        let c = &config;
+        let max_len = args.max_model_len.unwrap_or(c.max_position_embeddings).max(1);
+        let max_seqs = cfg.max_num_seqs.max(1);
+        let limits = StepLimits {
+            max_tokens: cfg.max_num_batched_tokens.max(max_seqs).max(1),
+            max_seqs,
+            max_blocks_per_seq: max_len.div_ceil(cfg.block_size),
+        };
+        // cuBLAS gets a fixed workspace so that GEMMs can be captured into graphs.
+        let ws_bytes = 64 << 20;
+        let cublas_ws = gpu.alloc(ws_bytes)?;
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(gpu.blas, cublas_ws.ptr as *mut c_void, ws_bytes)
+                .result()
+                .map_err(|e| anyhow::anyhow!("cublasSetWorkspace: {e:?}"))?;
+        }
+        let be = CudaBackend::new(gpu.clone(), limits, c.num_attention_heads, c.head_dim, max_len)?;
+        let gathered = be.alloc_activation(max_seqs, c.hidden_size)?;
+        let logits = gpu.alloc(max_seqs * c.vocab_size * 4)?;
+        let tokens = gpu.alloc(max_seqs * 4)?;
+        let token_logprobs = gpu.alloc(max_seqs * 4)?;
+        let sampling = SamplingBuffers {
+            dev: gpu.alloc(SamplingBuffers::bytes(max_seqs))?,
+            staging: vec![0; SamplingBuffers::bytes(max_seqs)],
+            max_rows: max_seqs,
+        };
+        // Load with a KV cache just big enough for the profiling pass, then size the real one
+        // from what that pass left free.
+        let profile_tokens = limits.max_tokens.min(max_len);
+        let profile_blocks = profile_tokens.div_ceil(cfg.block_size) + 1;
+        let t0 = std::time::Instant::now();
+        let mut runner = ModelRunner::new(be, c, model.weights, cfg, profile_blocks)
+            .with_context(|| format!("loading the model onto {}", gpu.name))?;
+        eprintln!("rvllm: weights on {} in {:.1} s", gpu.name, t0.elapsed().as_secs_f64());
+        profile_pass(&mut runner, profile_tokens, cfg.block_size, c.vocab_size)?;
+        let num_blocks = match cfg.num_kv_blocks {
+            Some(n) => n,
+            None => {
+                let (free, total) = gpu.mem_info()?;
+                let used = total - free;
+                let budget = (args.gpu_memory_utilization as f64 * total as f64) as i64 - used as i64;
+                let per_block = (cfg.block_size * c.kv_bytes_per_token(2)) as i64;
+                let profile_kv = profile_blocks as i64 * per_block;
+                let blocks = (budget + profile_kv) / per_block;
+                if blocks < 1 {
+                    bail!(
+                        "no GPU memory is left for the KV cache: weights and activations use {:.1} GiB of {:.1} GiB \
+                         and --gpu-memory-utilization is {}; raise it, or lower --max-num-batched-tokens / --max-num-seqs",
+                        used as f64 / (1u64 << 30) as f64,
+                        total as f64 / (1u64 << 30) as f64,
+                        args.gpu_memory_utilization
+                    );
+                }
+                blocks as usize
+            }
+        };
+        runner.resize_kv_cache(num_blocks).context("allocating the KV cache")?;
+        let kv_tokens = num_blocks * cfg.block_size;
+        eprintln!(
+            "rvllm: KV cache: {num_blocks} blocks of {} tokens ({kv_tokens} tokens, {:.2} GiB); the longest context that fits is {} tokens",
+            cfg.block_size,
+            (num_blocks * cfg.block_size * c.kv_bytes_per_token(2)) as f64 / (1u64 << 30) as f64,
+            kv_tokens.min(max_len)
+        );
+        let mut ex = Self {
+            gpu,
+            runner,
+            config: config.clone(),
+            block_size: cfg.block_size,
+            num_blocks,
+            gathered,
+            logits,
+            tokens,
+            token_logprobs,
+            sampling,
+            graphs: HashMap::new(),
+            _cublas_workspace: cublas_ws,
+        };
+        if !args.enforce_eager {
+            let t0 = std::time::Instant::now();
+            for &b in GRAPH_SIZES.iter().filter(|&&b| b <= max_seqs) {
+                ex.capture(b)?;
+            }
+            if !ex.graphs.contains_key(&max_seqs) {
+                ex.capture(max_seqs)?;
+            }
+            eprintln!("rvllm: captured {} decode graphs in {:.1} s", ex.graphs.len(), t0.elapsed().as_secs_f64());
+        }
+        Ok(ex)
+    }
+
+    /// A decode batch of `b` placeholder rows: no KV writes (slot -1), context 1.
+    fn padded(batch: &ForwardBatch, b: usize) -> ForwardBatch {
+        let mut p = batch.clone();
+        for i in batch.seqs.len()..b {
+            p.token_ids.push(0);
+            p.positions.push(0);
+            p.slot_mapping.push(u32::MAX); // -1 on the device: skip the cache write
+            p.seqs.push(SeqSlice { token_offset: i, num_tokens: 1, context_len: 1, block_table: vec![0] });
+        }
+        p.logits_rows = (0..b as u32).collect();
+        p
+    }
+
+    /// Everything after the step metadata is uploaded: body, LM head on the sampled rows,
+    /// sampling. Launches only (graph-capturable).
+    fn launch_step(&mut self, rows: usize, step: &super::backend::CudaStepMeta) -> Result<()> {
+        let (be, model, kv, ws) = self.runner.parts();
+        model.forward_hidden(be, step, kv, ws)?;
+        be.gather_rows(ws.normed(), step, 0..rows, &mut self.gathered)?;
+        let c = &self.config;
+        let lm_head = model.lm_head();
+        self.gpu.gemm_bf16_f32out(self.gathered.ptr(), lm_head.buf.ptr, self.logits.ptr, rows, c.vocab_size, c.hidden_size)?;
+        let (t, lp, lg) = (self.tokens.ptr, self.token_logprobs.ptr, self.logits.ptr);
+        let vocab = c.vocab_size as i32;
+        let s = &self.sampling;
+        let (temps, ks, ps, mps, seeds, offs) = (s.ptr(0), s.ptr(1), s.ptr(2), s.ptr(3), s.ptr(4), s.ptr(5));
+        let params: &mut [*mut c_void] = &mut [
+            &t as *const _ as *mut c_void,
+            &lp as *const _ as *mut c_void,
+            &lg as *const _ as *mut c_void,
+            &vocab as *const _ as *mut c_void,
+            &temps as *const _ as *mut c_void,
+            &ks as *const _ as *mut c_void,
+            &ps as *const _ as *mut c_void,
+            &mps as *const _ as *mut c_void,
+            &seeds as *const _ as *mut c_void,
+            &offs as *const _ as *mut c_void,
+        ];
+        self.gpu.launch("sampling", "sample_tokens", (rows as u32, 1, 1), (1024, 1, 1), 0, params)
+    }
+
+    fn capture(&mut self, b: usize) -> Result<()> {
+        let dummy = Self::padded(&ForwardBatch::default(), b);
+        self.sampling.fill(&vec![(0.0, 0, 1.0, 0.0, 0, 0); b]);
+        self.gpu.upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
+        let be = self.runner.parts().0;
+        let maxp = be.max_partitions();
+        be.fixed_decode_partitions.store(maxp, std::sync::atomic::Ordering::Relaxed);
+        let step = be.upload_step(&dummy)?;
+        // Warm-up outside the capture (cuBLAS picks its kernels, modules load).
+        self.launch_step(b, &step)?;
+        self.gpu.sync()?;
+        unsafe { drv::stream::begin_capture(self.gpu.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) }
+            .map_err(|e| anyhow::anyhow!("starting CUDA graph capture: {e:?}"))?;
+        let launched = self.launch_step(b, &step);
+        let graph = unsafe { drv::stream::end_capture(self.gpu.stream) };
+        self.runner.parts().0.fixed_decode_partitions.store(0, std::sync::atomic::Ordering::Relaxed);
+        launched.with_context(|| format!("capturing the decode graph for batch {b}"))?;
+        let graph = graph.map_err(|e| anyhow::anyhow!("ending CUDA graph capture for batch {b}: {e:?}"))?;
+        let exec = unsafe { drv::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
+            .map_err(|e| anyhow::anyhow!("instantiating the decode graph for batch {b}: {e:?}"));
+        unsafe {
+            let _ = drv::graph::destroy(graph);
+        }
+        self.graphs.insert(b, Graph { exec: exec? });
+        Ok(())
+    }
+
+    /// The fast path, when every sampled row can be sampled on the GPU; None otherwise.
+    fn try_device_step(&mut self, so: &SchedulerOutput) -> Result<Option<ModelRunnerOutput>> {
+        if so.scheduled.is_empty() || !so.new_requests.iter().all(|n| n.sampling.prompt_logprobs.is_none()) {
+            return Ok(None);
+        }
+        self.runner.update_states(so);
+        for sr in &so.scheduled {
+            if self.runner.wants_prompt_logprobs(sr.req_id) {
+                return Ok(None);
+            }
+            let Some(sampler) = self.runner.sampler(sr.req_id) else { return Ok(None) };
+            if sr.sample && !device_samplable(sampler.params(), sr.num_output_tokens) {
+                return Ok(None);
+            }
+        }
+        // Decodes first: the attention dispatch takes the leading one-token sequences.
+        let mut order: Vec<usize> = (0..so.scheduled.len()).collect();
+        order.sort_by_key(|&i| so.scheduled[i].token_ids.len() > 1);
+        let reordered = SchedulerOutput {
+            scheduled: order.iter().map(|&i| so.scheduled[i].clone()).collect::<Vec<ScheduledRequest>>(),
+            ..Default::default()
+        };
+        let (batch, _uses) = build_forward_batch(&reordered, self.block_size, |_| None)?;
+        let kv_shape = {
+            let (be, _, kv, _) = self.runner.parts();
+            be.kv_cache_shape(kv)
+        };
+        batch.validate(&kv_shape, self.config.vocab_size)?;
+        // Sampling rows follow the reordered sequences.
+        let sampled_ids: Vec<u64> = reordered.scheduled.iter().filter(|s| s.sample).map(|s| s.req_id).collect();
+        let mut row_params = Vec::with_capacity(sampled_ids.len());
+        for sr in reordered.scheduled.iter().filter(|s| s.sample) {
+            let sampler = self.runner.sampler(sr.req_id).context("a scheduled request lost its sampler")?;
+            let p = sampler.params();
+            let top_k = if p.top_k <= 0 { 0 } else { p.top_k };
+            row_params.push((p.temperature, top_k, p.top_p, p.min_p, sampler.seed(), sr.num_output_tokens as u64));
+        }
+        let n = row_params.len();
+        let pure_decode = batch.seqs.iter().all(|s| s.num_tokens == 1) && n == batch.seqs.len();
+        let graph_size = if pure_decode { GRAPH_SIZES.iter().copied().find(|&g| g >= n && self.graphs.contains_key(&g)) } else { None };
+        match graph_size {
+            Some(g) => {
+                let padded = Self::padded(&batch, g);
+                let mut rows = row_params.clone();
+                rows.resize(g, (0.0, 0, 1.0, 0.0, 0, 0));
+                self.sampling.fill(&rows);
+                self.gpu.upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
+                let be = self.runner.parts().0;
+                let _step = be.upload_step(&padded)?;
+                let exec = self.graphs[&g].exec;
+                unsafe { drv::graph::launch(exec, self.gpu.stream) }
+                    .map_err(|e| anyhow::anyhow!("launching the decode graph for batch {g}: {e:?}"))?;
+            }
+            None => {
+                if n == 0 {
+                    // Only non-final prefill chunks: run the body, nothing to sample.
+                    let (be, model, kv, ws) = self.runner.parts();
+                    let step = be.upload_step(&batch)?;
+                    model.forward_hidden(be, &step, kv, ws)?;
+                    return Ok(Some(ModelRunnerOutput::default()));
+                }
+                self.sampling.fill(&row_params);
+                self.gpu.upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
+                let step = self.runner.parts().0.upload_step(&batch)?;
+                self.launch_step(n, &step)?;
+            }
+        }
+        let mut toks = vec![0i32; n];
+        self.gpu.download(&mut toks, self.tokens.ptr)?;
+        let mut by_id: HashMap<u64, u32> = HashMap::with_capacity(n);
+        for (id, &t) in sampled_ids.iter().zip(&toks) {
+            by_id.insert(*id, t as u32);
+            self.runner.record_output(*id, t as u32);
+        }
+        let sampled = so
+            .scheduled
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| SampledToken { req_id: s.req_id, token_id: by_id[&s.req_id], logprobs: None, prompt_logprobs: None })
+            .collect();
+        Ok(Some(ModelRunnerOutput { sampled }))
+    }
+}
+
+/// One forward pass at the largest step, so that the memory left afterwards is what the KV
+/// cache can have (activations, cuBLAS workspace and kernels all counted).
+fn profile_pass(runner: &mut ModelRunner<CudaBackend>, tokens: usize, block_size: usize, vocab: usize) -> Result<()> {
+    let blocks: Vec<u32> = (0..tokens.div_ceil(block_size) as u32).collect();
+    let batch = ForwardBatch {
+        token_ids: (0..tokens).map(|i| (i % vocab) as u32).collect(),
+        positions: (0..tokens as u32).collect(),
+        slot_mapping: (0..tokens as u32).collect(),
+        seqs: vec![SeqSlice { token_offset: 0, num_tokens: tokens, context_len: tokens, block_table: blocks }],
+        logits_rows: vec![tokens as u32 - 1],
+    };
+    let (be, model, kv, ws) = runner.parts();
+    model.forward(be, &batch, kv, ws).context("profiling forward pass")?;
+    be.gpu.sync()
+}
+
+impl Executor for CudaExecutor {
+    fn execute(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+        self.gpu.bind()?;
+        if let Some(out) = self.try_device_step(so)? {
+            return Ok(out);
+        }
+        self.runner.execute(so)
+    }
+    fn num_kv_blocks(&self) -> usize {
+        self.num_blocks
+    }
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+    fn device_name(&self) -> String {
+        self.runner.backend().device_name()
+    }
+}
