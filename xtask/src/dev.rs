@@ -206,12 +206,13 @@ fn enter(prefix: &Prefix, args: &Args) -> Result<()> {
         return Err(e).with_context(|| format!("linking {}", link.display()));
     }
     println!(
-        "{}dev mode: {} -> {} (kernels of rvllm {} commit {}; installed binary kept as {})",
+        "{}dev mode: {} -> {} (over the installed rvllm {}, commit {}, {}; its link kept as {})",
         if already { "still in " } else { "" },
         link.display(),
         built.display(),
         manifest.version,
         manifest.commit,
+        manifest.variant(),
         prefix.backup().display()
     );
     println!(

@@ -146,6 +146,21 @@ fn build_release(root: &Path, cuda: Option<&str>) -> Result<PathBuf> {
     if !status.success() {
         bail!("cargo build --release -p rvllm failed ({status}); fix the build and rerun dist");
     }
+    // The manifest names HEAD; say so when the build holds more than HEAD.
+    let dirty = Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| !o.stdout.is_empty());
+    if dirty {
+        eprintln!(
+            "warning: the working tree has uncommitted changes; the artifact is labelled with \
+             commit HEAD but contains them. Commit first for a reproducible artifact"
+        );
+    }
     Ok(target_dir(root).join("release").join("rvllm"))
 }
 

@@ -425,7 +425,19 @@ fn place(prefix: &Prefix, tarball: &Path, m: &Manifest) -> Result<PathBuf> {
     txn.ensure_dir(&bin)?;
     let tmp_link = bin.join(format!(".rvllm.new-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp_link);
-    std::os::unix::fs::symlink(prefix::link_target(&name), &tmp_link)
+    // Relative, so the prefix can move; absolute when PREFIX/bin is itself a link elsewhere
+    // (a relative `..` would then resolve from the link's real folder).
+    let bin_is_plain = bin
+        .canonicalize()
+        .ok()
+        .and_then(|b| b.parent().map(Path::to_path_buf))
+        == prefix.root.canonicalize().ok();
+    let target = if bin_is_plain {
+        prefix::link_target(&name)
+    } else {
+        final_dir.join("bin").join("rvllm")
+    };
+    std::os::unix::fs::symlink(&target, &tmp_link)
         .with_context(|| format!("creating {}", tmp_link.display()))?;
     txn.scratch(tmp_link.clone());
     std::fs::rename(&tmp_link, prefix.link())

@@ -294,3 +294,22 @@ fn dev_reports_inconsistent_states_without_touching_them() {
     assert!(err.contains("no backup") && err.contains("rm "), "{err}");
     assert_eq!(snapshot(&pre), before);
 }
+
+#[test]
+fn prefix_whose_bin_is_a_link_elsewhere_still_works() {
+    let server = Server::start(&release_tree());
+    let t = tempfile::tempdir().unwrap();
+    let pre = t.path().join("prefix");
+    let elsewhere = t.path().join("dotfiles/bin");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::create_dir_all(&pre).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, pre.join("bin")).unwrap();
+    install(&server, &pre, &["--version", "0.2.0", "--cuda", "cpu"]);
+    assert!(installed_version(&pre).contains("rvllm 0.2.0"));
+    // The link resolves from its real folder too.
+    let o = std::process::Command::new(elsewhere.join("rvllm"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("rvllm 0.2.0"));
+}
