@@ -335,3 +335,52 @@ fn smollm2_single_request_decode_matches_reference() {
     );
     assert_eq!(got[0].tokens[..16], ids(&p["greedy_ids"])[..16]);
 }
+
+/// The same greedy tokens through the whole engine (scheduler, KV block manager, runner):
+/// all prompts in one batch with small prefill chunks, and again with a KV cache so small
+/// that requests are preempted and recomputed.
+#[test]
+fn tiny_models_through_the_engine_batched_and_preempted() {
+    use rvllm::engine::args::EngineArgs;
+    use rvllm::engine::llm::Llm;
+    for name in ["llama3", "qwen2"] {
+        let dir = fixtures().join("tiny").join(name);
+        let reference = json(&dir.join("reference.json"));
+        let prompts: Vec<&Value> = reference["prompts"].as_array().unwrap().iter().collect();
+        let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| ids(&p["prompt_ids"])).collect();
+        let params = SamplingParams {
+            temperature: 0.0,
+            ignore_eos: true,
+            max_tokens: Some(32),
+            ..SamplingParams::default()
+        };
+        // 6 blocks of 16: the longest request (48 + 32 tokens) needs 5 of them alone.
+        for (blocks, must_preempt) in [(None, false), (Some(6), true)] {
+            let args = EngineArgs {
+                model: dir.to_str().unwrap().to_string(),
+                device: "cpu".into(),
+                num_kv_blocks: blocks,
+                max_num_batched_tokens: 24,
+                disable_progress: true,
+                ..EngineArgs::default()
+            };
+            let mut llm = Llm::new(&args).unwrap();
+            let outs = llm
+                .generate(&prompt_ids, std::slice::from_ref(&params), |_| {})
+                .unwrap();
+            for (i, (o, p)) in outs.iter().zip(&prompts).enumerate() {
+                assert_eq!(
+                    o.outputs[0].token_ids,
+                    ids(&p["greedy_ids"]),
+                    "{name} prompt {i} (kv blocks {blocks:?}): greedy tokens differ from transformers"
+                );
+            }
+            let preemptions = llm.core.scheduler.num_preemptions();
+            assert_eq!(
+                preemptions > 0,
+                must_preempt,
+                "{name}: {preemptions} preemptions with {blocks:?} blocks"
+            );
+        }
+    }
+}
