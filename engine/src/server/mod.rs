@@ -239,6 +239,11 @@ async fn serve(
         state.served_model
     );
     let mut stop_rx = signalled_rx.clone();
+    // Stream chunks are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
+    // back until the client's (delayed, ~40 ms) ACK of the previous.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         let _ = stop_rx.wait_for(|s| *s).await;
     });
