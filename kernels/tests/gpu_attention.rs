@@ -210,7 +210,6 @@ fn paged_attention_decode_matches_reference() {
         let q_stride = (nh + 2 * nkv) * hd;
         let (q_h, q) = random_bf16(&mut r, ctx.len() * q_stride, 1.0);
         let scale = 1.0 / (hd as f32).sqrt();
-        let got = run_decode(&g, &c, &q_h, q_stride, nh, ctx, scale, partition);
         let cu: Vec<i32> = (0..=ctx.len() as i32).collect();
         let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
         let batch = cpu::AttentionBatch {
@@ -220,6 +219,7 @@ fn paged_attention_decode_matches_reference() {
             max_blocks_per_seq: c.max_blocks,
         };
         let want = cpu::paged_attention(&q, q_stride, nh, &c.paged(), &batch, scale);
+        let got = run_decode(&g, &c, &q_h, q_stride, nh, ctx, scale, partition);
         assert_close(
             &format!("decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} part{partition}"),
             &got,

@@ -52,8 +52,14 @@ fn decode_setup(g: &Gpu, batch: usize, ctx: usize) -> DecodeSetup {
     }
 }
 
-/// (eager milliseconds per call, microseconds per call inside a CUDA graph of 32 calls).
-fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, partition: usize) -> (f32, f32) {
+/// (eager milliseconds, microseconds inside a CUDA graph of 32 calls) per call.
+fn time_decode(
+    g: &Gpu,
+    s: &DecodeSetup,
+    batch: usize,
+    ctx: usize,
+    partition: usize,
+) -> (f32, f32) {
     let parts = ctx.div_ceil(partition);
     let out = g.poisoned(batch * NH * HD, bf16::NAN);
     let po = g.poisoned(batch * NH * parts * HD, f32::NAN);
@@ -412,5 +418,207 @@ fn bench_gemv_vs_cublas() {
                 gbs(theirs)
             );
         }
+    }
+}
+
+#[test]
+#[ignore = "benchmark: run on a GPU with --ignored"]
+fn bench_decode_step_kernels() {
+    let Some(g) = gpu("bench_decode_step_kernels") else {
+        return;
+    };
+    // One batch-1 decode token of the Llama-3.1-8B shape, kernel by kernel, each timed as one
+    // of 32 identical calls in a CUDA graph (as the engine replays decode steps).
+    let (hidden, inter, vocab) = (4096usize, 14336usize, 128_256usize);
+    let qkv_w = (NH + 2 * NKV) * HD;
+    println!(
+        "batch-1 decode kernels on {} (per call, from a CUDA graph of 32 calls)",
+        g.name
+    );
+    let table = g.upload(&filler(vocab * hidden, 21));
+    let ids = g.upload(&[1234i32]);
+    let h = g.poisoned(hidden, bf16::NAN);
+    let res = g.upload(&filler(hidden, 22));
+    let x = g.upload(&filler(hidden, 23));
+    let w = g.upload(&filler(hidden, 24));
+    let qkv = g.upload(&filler(qkv_w, 25));
+    let gate_up = g.upload(&filler(2 * inter, 26));
+    let act = g.poisoned(inter, bf16::NAN);
+    let kc = g.upload(&filler(64 * BS * NKV * HD, 27));
+    let vc = g.upload(&filler(64 * BS * NKV * HD, 28));
+    let pos = g.upload(&[383i32]);
+    let slot = g.upload(&[500i32]);
+    let inv: Vec<f32> = (0..HD / 2)
+        .map(|i| 500_000f32.powf(-(2.0 * i as f32) / HD as f32))
+        .collect();
+    let inv = g.upload(&inv);
+    let logits: Vec<f32> = filler(vocab, 29)
+        .iter()
+        .map(|v| v.to_f32() * 10.0)
+        .collect();
+    let logits = g.upload(&logits);
+    let samp = (
+        g.upload(&[0.0f32]),
+        g.upload(&[0i32]),
+        g.upload(&[1.0f32]),
+        g.upload(&[0.0f32]),
+        g.upload(&[1u64]),
+        g.upload(&[2u64]),
+    );
+    let tok = g.poisoned(1, -1i32);
+    let lp = g.poisoned(1, f32::NAN);
+    let (one, hid, voc, inter_i, eps) = (1i32, hidden as i32, vocab as i32, inter as i32, 1e-5f32);
+    let (nh, nkv, hd, qs) = (NH as i32, NKV as i32, HD as i32, qkv_w as i32);
+    let q_ptr = qkv.ptr;
+    let k_ptr = q_ptr + (NH * HD * 2) as u64;
+    let v_ptr = k_ptr + (NKV * HD * 2) as u64;
+    let mut rows: Vec<(&str, f32)> = Vec::new();
+    let f = g.function("embedding", "embedding_lookup_bf16");
+    rows.push((
+        "embedding_lookup",
+        g.graph_time_us(32, |st| {
+            g.launch_on(
+                st,
+                f,
+                (1, 1, 1),
+                (256, 1, 1),
+                &mut [
+                    arg(&h.ptr),
+                    arg(&table.ptr),
+                    arg(&ids.ptr),
+                    arg(&one),
+                    arg(&hid),
+                    arg(&voc),
+                ],
+            )
+        }),
+    ));
+    let f = g.function("norm", "fused_add_rms_norm_bf16");
+    rows.push((
+        "fused_add_rms_norm (x2/layer)",
+        g.graph_time_us(32, |st| {
+            g.launch_on(
+                st,
+                f,
+                (1, 1, 1),
+                (256, 1, 1),
+                &mut [
+                    arg(&h.ptr),
+                    arg(&res.ptr),
+                    arg(&x.ptr),
+                    arg(&w.ptr),
+                    arg(&eps),
+                    arg(&one),
+                    arg(&hid),
+                ],
+            )
+        }),
+    ));
+    let f = g.function("rope_cache", "rope_and_cache_bf16");
+    rows.push((
+        "rope_and_cache",
+        g.graph_time_us(32, |st| {
+            g.launch_on(
+                st,
+                f,
+                (1, 1, 1),
+                (256, 1, 1),
+                &mut [
+                    arg(&q_ptr),
+                    arg(&k_ptr),
+                    arg(&v_ptr),
+                    arg(&kc.ptr),
+                    arg(&vc.ptr),
+                    arg(&pos.ptr),
+                    arg(&slot.ptr),
+                    arg(&inv.ptr),
+                    arg(&one),
+                    arg(&nh),
+                    arg(&nkv),
+                    arg(&hd),
+                    arg(&qs),
+                    arg(&qs),
+                    arg(&qs),
+                ],
+            )
+        }),
+    ));
+    let f = g.function("activation", "silu_and_mul_bf16");
+    rows.push((
+        "silu_and_mul",
+        g.graph_time_us(32, |st| {
+            g.launch_on(
+                st,
+                f,
+                (inter.div_ceil(256) as u32, 1, 1),
+                (256, 1, 1),
+                &mut [arg(&act.ptr), arg(&gate_up.ptr), arg(&one), arg(&inter_i)],
+            )
+        }),
+    ));
+    let s = decode_setup(&g, 1, 384);
+    rows.push((
+        "decode attention ctx 384 (P 64)",
+        time_decode(&g, &s, 1, 384, 64).1,
+    ));
+    for (name, n, k) in [
+        ("gemv qkv", qkv_w, hidden),
+        ("gemv o_proj", hidden, hidden),
+        ("gemv gate_up", 2 * inter, hidden),
+        ("gemv down", hidden, inter),
+    ] {
+        let wm = g.upload(&filler(n * k, 30));
+        let xin = g.upload(&filler(k, 31));
+        let y = g.poisoned(n, bf16::NAN);
+        let f = g.function("gemv", "gemv_bf16_b1");
+        let (ni, ki, split) = (n as i32, k as i32, 4i32);
+        // One weight matrix replayed 32 times: small ones sit in L2, so this is a lower bound.
+        rows.push((
+            name,
+            g.graph_time_us(32, |st| {
+                g.launch_on(
+                    st,
+                    f,
+                    (n.div_ceil(2) as u32, 1, 1),
+                    (256, 1, 1),
+                    &mut [
+                        arg(&y.ptr),
+                        arg(&xin.ptr),
+                        arg(&wm.ptr),
+                        arg(&one),
+                        arg(&ni),
+                        arg(&ki),
+                        arg(&split),
+                    ],
+                )
+            }),
+        ));
+    }
+    let f = g.function("sampling", "sample_tokens");
+    rows.push((
+        "sample_tokens greedy (per token)",
+        g.graph_time_us(32, |st| {
+            g.launch_on(
+                st,
+                f,
+                (1, 1, 1),
+                (1024, 1, 1),
+                &mut [
+                    arg(&tok.ptr),
+                    arg(&lp.ptr),
+                    arg(&logits.ptr),
+                    arg(&voc),
+                    arg(&samp.0.ptr),
+                    arg(&samp.1.ptr),
+                    arg(&samp.2.ptr),
+                    arg(&samp.3.ptr),
+                    arg(&samp.4.ptr),
+                    arg(&samp.5.ptr),
+                ],
+            )
+        }),
+    ));
+    for (name, us) in &rows {
+        println!("{name:>34} {us:>8.1} us");
     }
 }

@@ -87,7 +87,14 @@ fn rms_norm_plain_and_fused_with_residual() {
         return;
     };
     let mut r = rng("rms_norm");
-    for &(tokens, hidden) in &[(1usize, 576usize), (13, 4096), (5, 1000)] {
+    // 576..4096: 16-byte register path; 1001 and 12288 (> 8 * 4 * 256): the plain loop.
+    for &(tokens, hidden) in &[
+        (1usize, 576usize),
+        (13, 4096),
+        (5, 1000),
+        (3, 1001),
+        (2, 12288),
+    ] {
         let eps = 1e-5f32;
         let (x_h, x) = random_bf16(&mut r, tokens * hidden, 2.0);
         let (w_h, w) = random_bf16(&mut r, hidden, 1.5);
@@ -241,6 +248,7 @@ fn rope_and_cache_write() {
         (5usize, 32usize, 8usize, 128usize, false),
         (19, 9, 3, 64, true),
         (3, 4, 4, 128, true),
+        (4, 6, 2, 36, false), // head_dim / 2 not a multiple of 8: the scalar path
     ] {
         let bs = 16usize;
         let num_blocks = 8usize;

@@ -227,6 +227,20 @@ impl Gpu {
         }
     }
 
+    /// Overwrites the start of `buf` with `data`.
+    pub fn upload_into<T: Copy>(&self, buf: &Buf<T>, data: &[T]) {
+        self.bind();
+        assert!(
+            data.len() <= buf.len,
+            "upload_into: {} elements into a buffer of {}",
+            data.len(),
+            buf.len
+        );
+        if !data.is_empty() {
+            unsafe { drv::memcpy_htod_sync(buf.ptr, data) }.expect("copy to device");
+        }
+    }
+
     /// A buffer of `len` copies of `poison` (NaN for floats): unwritten outputs stay visible.
     pub fn poisoned<T: Copy>(&self, len: usize, poison: T) -> Buf<T> {
         self.upload(&vec![poison; len])
