@@ -132,13 +132,13 @@ impl CudaExecutor {
         };
         // Load with a KV cache just big enough for the profiling pass, then size the real one
         // from what that pass left free.
-        let profile_tokens = limits.max_tokens.min(max_len);
-        let profile_blocks = profile_tokens.div_ceil(cfg.block_size) + 1;
+        let profile_tokens = limits.max_tokens;
+        let profile_blocks = profile_blocks(profile_tokens, max_len, cfg.block_size);
         let t0 = std::time::Instant::now();
         let mut runner = ModelRunner::new(be, c, model.weights, cfg, profile_blocks)
             .with_context(|| format!("loading the model onto {}", gpu.name))?;
         eprintln!("rvllm: weights on {} in {:.1} s", gpu.name, t0.elapsed().as_secs_f64());
-        profile_pass(&mut runner, profile_tokens, cfg.block_size, c.vocab_size)?;
+        profile_pass(&mut runner, profile_tokens, max_len, cfg.block_size, c.vocab_size)?;
         let num_blocks = match cfg.num_kv_blocks {
             Some(n) => n,
             None => {
@@ -291,6 +291,13 @@ impl CudaExecutor {
             be.kv_cache_shape(kv)
         };
         batch.validate(&kv_shape, self.config.vocab_size)?;
+        if batch.num_tokens() > self.runner.parts().3.capacity() {
+            bail!(
+                "a step of {} tokens is larger than the activations sized at start-up; this is a bug \
+                 (the profiling pass sizes them for --max-num-batched-tokens)",
+                batch.num_tokens()
+            );
+        }
         // Sampling rows follow the reordered sequences.
         let sampled_ids: Vec<u64> = reordered.scheduled.iter().filter(|s| s.sample).map(|s| s.req_id).collect();
         let mut row_params = Vec::with_capacity(sampled_ids.len());
@@ -347,20 +354,43 @@ impl CudaExecutor {
     }
 }
 
-/// One forward pass at the largest step, so that the memory left afterwards is what the KV
-/// cache can have (activations, cuBLAS workspace and kernels all counted).
-fn profile_pass(runner: &mut ModelRunner<CudaBackend>, tokens: usize, block_size: usize, vocab: usize) -> Result<()> {
-    let blocks: Vec<u32> = (0..tokens.div_ceil(block_size) as u32).collect();
-    let batch = ForwardBatch {
-        token_ids: (0..tokens).map(|i| (i % vocab) as u32).collect(),
-        positions: (0..tokens as u32).collect(),
-        slot_mapping: (0..tokens as u32).collect(),
-        seqs: vec![SeqSlice { token_offset: 0, num_tokens: tokens, context_len: tokens, block_table: blocks }],
-        logits_rows: vec![tokens as u32 - 1],
-    };
+/// One forward pass at the largest step (`tokens` tokens in sequences of at most `max_len`),
+/// so that the memory left afterwards is what the KV cache can have: activations at their
+/// largest, cuBLAS workspace and kernels all counted, and no buffer ever grows later (graphs
+/// hold their addresses).
+fn profile_pass(
+    runner: &mut ModelRunner<CudaBackend>,
+    tokens: usize,
+    max_len: usize,
+    block_size: usize,
+    vocab: usize,
+) -> Result<()> {
+    let mut batch = ForwardBatch::default();
+    let mut next_block = 0u32;
+    let mut offset = 0;
+    while offset < tokens {
+        let n = (tokens - offset).min(max_len);
+        let blocks: Vec<u32> = (next_block..next_block + n.div_ceil(block_size) as u32).collect();
+        for i in 0..n {
+            batch.token_ids.push(((offset + i) % vocab) as u32);
+            batch.positions.push(i as u32);
+            batch.slot_mapping.push(blocks[i / block_size] * block_size as u32 + (i % block_size) as u32);
+        }
+        next_block += blocks.len() as u32;
+        batch.seqs.push(SeqSlice { token_offset: offset, num_tokens: n, context_len: n, block_table: blocks });
+        offset += n;
+        batch.logits_rows.push(offset as u32 - 1);
+    }
     let (be, model, kv, ws) = runner.parts();
     model.forward(be, &batch, kv, ws).context("profiling forward pass")?;
     be.gpu.sync()
+}
+
+/// KV blocks the profiling pass needs for `tokens` tokens in sequences of at most `max_len`.
+fn profile_blocks(tokens: usize, max_len: usize, block_size: usize) -> usize {
+    let full = tokens / max_len;
+    let rest = tokens % max_len;
+    full * max_len.div_ceil(block_size) + rest.div_ceil(block_size)
 }
 
 impl Executor for CudaExecutor {
