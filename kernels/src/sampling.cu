@@ -13,6 +13,17 @@
 //       logits (before temperature and filtering, as vLLM reports it).
 //   grid (B), block 1024 (kThreads).
 //
+//   For steps where no row filters (top-k off, top-p 1, min-p 0): the same draws, spread over
+//   many blocks per row (a single block per row is compute-bound on one SM at batch 1):
+//   sample_plain_partial(partials, logits, vocab, nchunks, temperatures, top_ks, seeds, offsets)
+//     grid (nchunks, B), block 256; partials: int32 [B, nchunks, 5] scratch.
+//   sample_plain_finish(out_tokens, out_logprobs, partials, logits, vocab, nchunks,
+//                       temperatures, top_ks)
+//     grid (B), block 32. Same tokens and logprobs as sample_tokens for such rows (same hash).
+//     nchunks = clamp(528 / B, 4, 128) measured fastest on the H100: vocab 128256, batch 1:
+//     4.8 us greedy / 6.1 us temperature (sample_tokens: 24 / 50 us); batch 64: 14 / 30 us
+//     (25 / 51); batch 256: 52 / 100 us (67 / 108).
+//
 // Semantics (the CPU reference in reference.rs implements the same):
 //   greedy: the first index of the largest logit.
 //   random: z = logit / T. Filters in vLLM's order, each a threshold on z: min-p keeps
@@ -141,7 +152,7 @@ __device__ MaxArg block_maxarg(MaxArg v, MaxArg* scratch) {
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        v = lane < kWarps ? scratch[lane] : MaxArg{-INFINITY, 0x7fffffff, 0.0f};
+        v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : MaxArg{-INFINITY, 0x7fffffff, 0.0f};
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             MaxArg w;
@@ -351,5 +362,99 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) {
         out_tokens[b] = token;
         out_logprobs[b] = row[token] - lse;
+    }
+}
+
+// One chunk of a row: max, first argmax, sum of exp(l - max) and, when the row samples, the
+// best Gumbel score and its index. partials[b][c] = {max, argmax, sum, best, best index}.
+extern "C" __global__ void __launch_bounds__(256)
+    sample_plain_partial(int32_t* __restrict__ partials, const float* __restrict__ logits,
+                         int vocab, int nchunks, const float* __restrict__ temperatures,
+                         const int32_t* __restrict__ top_ks, const uint64_t* __restrict__ seeds,
+                         const uint64_t* __restrict__ offsets) {
+    __shared__ MaxArg scratch[8];
+    const int c = blockIdx.x, b = blockIdx.y;
+    const float* row = logits + (int64_t)b * vocab;
+    const bool vec = vocab % 4 == 0 && (reinterpret_cast<uintptr_t>(logits) & 15) == 0;
+    const int chunk = ((vocab + nchunks - 1) / nchunks + 3) / 4 * 4;
+    const int begin = c * chunk, end = min(vocab, begin + chunk);
+    const float temp = temperatures[b];
+    const bool greedy = temp < 1e-5f || top_ks[b] == 1;
+    const float inv_t = greedy ? 1.0f : __fdiv_rn(1.0f, temp);
+    const uint64_t key = draw_key(seeds[b], offsets[b]);
+    MaxArg acc{-INFINITY, 0x7fffffff, 0.0f};
+    MaxArg best{-INFINITY, 0x7fffffff, 0.0f};
+    for (int i0 = begin + 4 * threadIdx.x; i0 < end; i0 += 4 * blockDim.x) {
+        float v[4];
+        bool ok[4];
+        load4(row, i0, end, vec, v, ok);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float l = v[j];
+            if (!ok[j]) continue;
+            if (l > acc.m) {
+                acc.s = acc.m == -INFINITY ? 1.0f : acc.s * expf(acc.m - l) + 1.0f;
+                acc.m = l;
+                acc.idx = i0 + j;
+            } else if (l != -INFINITY) {
+                acc.s += expf(l - acc.m);
+            }
+            if (!greedy) {
+                const float score = __fadd_rn(__fmul_rn(l, inv_t), gumbel(key, i0 + j));
+                if (score > best.m) {
+                    best.m = score;
+                    best.idx = i0 + j;
+                }
+            }
+        }
+    }
+    const MaxArg all = block_maxarg(acc, scratch);
+    const MaxArg win = greedy ? best : block_maxarg(best, scratch);
+    if (threadIdx.x == 0) {
+        int32_t* p = partials + ((int64_t)b * nchunks + c) * 5;
+        p[0] = __float_as_int(all.m);
+        p[1] = all.idx;
+        p[2] = __float_as_int(all.s);
+        p[3] = __float_as_int(win.m);
+        p[4] = win.idx;
+    }
+}
+
+// Combines a row's chunks (in index order, so ties keep the first index) into the token and
+// its raw-logit logprob. One warp per row.
+extern "C" __global__ void sample_plain_finish(int32_t* __restrict__ out_tokens,
+                                               float* __restrict__ out_logprobs,
+                                               const int32_t* __restrict__ partials,
+                                               const float* __restrict__ logits, int vocab,
+                                               int nchunks, const float* __restrict__ temperatures,
+                                               const int32_t* __restrict__ top_ks) {
+    const int b = blockIdx.x;
+    const int lane = threadIdx.x & 31;
+    MaxArg acc{-INFINITY, 0x7fffffff, 0.0f};
+    MaxArg best{-INFINITY, 0x7fffffff, 0.0f};
+    for (int c = lane; c < nchunks; c += 32) {
+        const int32_t* p = partials + ((int64_t)b * nchunks + c) * 5;
+        acc = combine(acc, MaxArg{__int_as_float(p[0]), p[1], __int_as_float(p[2])});
+        const MaxArg cand{__int_as_float(p[3]), p[4], 0.0f};
+        if (cand.m > best.m || (cand.m == best.m && cand.idx < best.idx)) best = cand;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        MaxArg w;
+        w.m = __shfl_xor_sync(0xffffffffu, acc.m, o);
+        w.idx = __shfl_xor_sync(0xffffffffu, acc.idx, o);
+        w.s = __shfl_xor_sync(0xffffffffu, acc.s, o);
+        acc = combine(acc, w);
+        MaxArg x;
+        x.m = __shfl_xor_sync(0xffffffffu, best.m, o);
+        x.idx = __shfl_xor_sync(0xffffffffu, best.idx, o);
+        if (x.m > best.m || (x.m == best.m && x.idx < best.idx)) best = x;
+    }
+    if (lane == 0) {
+        const float temp = temperatures[b];
+        const bool greedy = temp < 1e-5f || top_ks[b] == 1;
+        const int token = greedy ? acc.idx : best.idx;
+        out_tokens[b] = token;
+        out_logprobs[b] = logits[(int64_t)b * vocab + token] - (acc.m + logf(acc.s));
     }
 }

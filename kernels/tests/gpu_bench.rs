@@ -53,13 +53,7 @@ fn decode_setup(g: &Gpu, batch: usize, ctx: usize) -> DecodeSetup {
 }
 
 /// (eager milliseconds, microseconds inside a CUDA graph of 32 calls) per call.
-fn time_decode(
-    g: &Gpu,
-    s: &DecodeSetup,
-    batch: usize,
-    ctx: usize,
-    partition: usize,
-) -> (f32, f32) {
+fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, partition: usize) -> (f32, f32) {
     let parts = ctx.div_ceil(partition);
     let out = g.poisoned(batch * NH * HD, bf16::NAN);
     let po = g.poisoned(batch * NH * parts * HD, f32::NAN);
@@ -277,7 +271,55 @@ fn bench_sampling() {
                     ],
                 );
             });
-            println!("{b:>6} {mode:>28} {:>10.1}", ms * 1e3);
+            // The multi-block path for rows without filters, timed from a CUDA graph (both
+            // launches) as the engine would replay it.
+            let plain_us = if k == 0 && p >= 1.0 && mp <= 0.0 {
+                let nchunks = (528 / b).clamp(4, 128);
+                let partials = g.poisoned(b * nchunks * 5, -1i32);
+                let (fp, ff) = (
+                    g.function("sampling", "sample_plain_partial"),
+                    g.function("sampling", "sample_plain_finish"),
+                );
+                let nc = nchunks as i32;
+                let us = g.graph_time_us(8, |st| {
+                    g.launch_on(
+                        st,
+                        fp,
+                        (nchunks as u32, b as u32, 1),
+                        (256, 1, 1),
+                        &mut [
+                            arg(&partials.ptr),
+                            arg(&d_logits.ptr),
+                            arg(&v),
+                            arg(&nc),
+                            arg(&dt.ptr),
+                            arg(&dk.ptr),
+                            arg(&ds.ptr),
+                            arg(&doff.ptr),
+                        ],
+                    );
+                    g.launch_on(
+                        st,
+                        ff,
+                        (b as u32, 1, 1),
+                        (32, 1, 1),
+                        &mut [
+                            arg(&tokens.ptr),
+                            arg(&lps.ptr),
+                            arg(&partials.ptr),
+                            arg(&d_logits.ptr),
+                            arg(&v),
+                            arg(&nc),
+                            arg(&dt.ptr),
+                            arg(&dk.ptr),
+                        ],
+                    );
+                });
+                format!("   plain path ({nchunks} chunks/row, graph): {us:.1} us")
+            } else {
+                String::new()
+            };
+            println!("{b:>6} {mode:>28} {:>10.1}{plain_us}", ms * 1e3);
         }
     }
 }

@@ -608,3 +608,119 @@ fn gemv_small_batch_matches_reference() {
         );
     }
 }
+
+#[test]
+fn sampling_plain_path_matches_single_block_sampler() {
+    let Some(g) = gpu("sampling_plain_path_matches_single_block_sampler") else {
+        return;
+    };
+    let mut r = rng("sampling_plain");
+    for &vocab in &[1000usize, 128_256] {
+        let base = cpu::SampleParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 0,
+            offset: 0,
+        };
+        let mut params = [
+            base,
+            cpu::SampleParams {
+                temperature: 1.0,
+                ..base
+            },
+            cpu::SampleParams {
+                temperature: 0.7,
+                ..base
+            },
+            cpu::SampleParams {
+                temperature: 0.8,
+                top_k: 1,
+                ..base
+            },
+            cpu::SampleParams {
+                temperature: 1.2,
+                top_k: vocab as i32,
+                ..base
+            },
+            base,
+        ];
+        for p in params.iter_mut() {
+            p.seed = r.random();
+            p.offset = r.random_range(0..1000);
+        }
+        let b = params.len();
+        let mut logits: Vec<f32> = (0..b * vocab)
+            .map(|_| r.random_range(-8.0f32..8.0))
+            .collect();
+        logits[(b - 1) * vocab + 5] = 30.0; // a tie for the maximum in the last (greedy) row
+        logits[(b - 1) * vocab + vocab - 1] = 30.0;
+        let d_logits = g.upload(&logits);
+        let temps: Vec<f32> = params.iter().map(|p| p.temperature).collect();
+        let ks: Vec<i32> = params.iter().map(|p| p.top_k).collect();
+        let seeds: Vec<u64> = params.iter().map(|p| p.seed).collect();
+        let offs: Vec<u64> = params.iter().map(|p| p.offset).collect();
+        let (d_t, d_k, d_s, d_o) = (
+            g.upload(&temps),
+            g.upload(&ks),
+            g.upload(&seeds),
+            g.upload(&offs),
+        );
+        let v = vocab as i32;
+        for nchunks in [1usize, 7, 128] {
+            let partials = g.poisoned(b * nchunks * 5, -1i32);
+            let tokens = g.poisoned(b, -1i32);
+            let lps = g.poisoned(b, f32::NAN);
+            let nc = nchunks as i32;
+            g.launch(
+                "sampling",
+                "sample_plain_partial",
+                (nchunks as u32, b as u32, 1),
+                (256, 1, 1),
+                &mut [
+                    arg(&partials.ptr),
+                    arg(&d_logits.ptr),
+                    arg(&v),
+                    arg(&nc),
+                    arg(&d_t.ptr),
+                    arg(&d_k.ptr),
+                    arg(&d_s.ptr),
+                    arg(&d_o.ptr),
+                ],
+            );
+            g.launch(
+                "sampling",
+                "sample_plain_finish",
+                (b as u32, 1, 1),
+                (32, 1, 1),
+                &mut [
+                    arg(&tokens.ptr),
+                    arg(&lps.ptr),
+                    arg(&partials.ptr),
+                    arg(&d_logits.ptr),
+                    arg(&v),
+                    arg(&nc),
+                    arg(&d_t.ptr),
+                    arg(&d_k.ptr),
+                ],
+            );
+            let (tokens, lps) = (g.download(&tokens), g.download(&lps));
+            for (i, p) in params.iter().enumerate() {
+                let row = &logits[i * vocab..(i + 1) * vocab];
+                let (want, want_lp) = cpu::sample(row, p);
+                assert_eq!(
+                    tokens[i], want as i32,
+                    "vocab {vocab} nchunks {nchunks} row {i} {p:?}"
+                );
+                assert!(
+                    (lps[i] - want_lp).abs() < 1e-3,
+                    "row {i}: logprob {} vs {want_lp}",
+                    lps[i]
+                );
+            }
+            assert_eq!(tokens[b - 1], 5, "greedy ties go to the first index");
+        }
+        eprintln!("sample_plain vocab {vocab}: ok");
+    }
+}
