@@ -263,16 +263,7 @@ fn quit(prefix: &Prefix) -> Result<()> {
 }
 
 fn warn_on_commit_mismatch(m: &Manifest) {
-    let root = dist::workspace_root();
-    let head = Command::new("git")
-        .arg("-C")
-        .arg(&root)
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    match head {
+    match dist::git_head(&dist::workspace_root()) {
         Some(h) if h.eq_ignore_ascii_case(&m.commit) => {}
         Some(h) => eprintln!(
             "warning: this source tree is at commit {h} but the installed kernels come from \
@@ -300,6 +291,10 @@ fn build_engine(installed: &Path, m: &Manifest, debug: bool) -> Result<PathBuf> 
     };
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(&root).args(["build", "-p", "rvllm"]);
+    // So that `rvllm --version` names this source tree's commit (see dist::build_release).
+    if let Some(head) = dist::git_head(&root) {
+        cmd.env("RVLLM_COMMIT", head);
+    }
     if !debug {
         cmd.arg("--release");
     }

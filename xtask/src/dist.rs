@@ -65,7 +65,17 @@ pub fn run(args: Args) -> Result<()> {
                  pass --kernels-dir DIR",
             )?,
         };
-        collect_fatbins(&dir)?
+        if let Some(v) = &args.cuda {
+            check_nvcc_version(&dir, v)?;
+        }
+        let mut files = collect_fatbins(&dir)?;
+        // The architectures list travels too: a build from these prebuilt kernels
+        // (`cargo xtask dev`) reports it.
+        let archs = dir.join("built_archs.txt");
+        if archs.is_file() && !files.is_empty() {
+            files.push(archs);
+        }
+        files
     } else {
         if args.kernels_dir.is_some() {
             bail!("--kernels-dir only applies to CUDA artifacts; add --cuda MAJOR.MINOR");
@@ -120,6 +130,43 @@ pub fn validate_cuda_version(v: &str) -> Result<()> {
     Ok(())
 }
 
+/// The full commit of HEAD in `root`, if it is a git checkout.
+pub fn git_head(root: &Path) -> Option<String> {
+    Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|h| is_full_commit(h))
+}
+
+/// kernels/build.rs leaves `kernel_build.json` (with the nvcc version) beside the fatbins;
+/// the manifest's CUDA version must be the one the kernels were really compiled with.
+fn check_nvcc_version(kernels: &Path, cuda: &str) -> Result<()> {
+    let Ok(bytes) = std::fs::read(kernels.join("kernel_build.json")) else {
+        return Ok(());
+    };
+    let report: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let Some(nvcc) = report.get("nvcc_version").and_then(|v| v.as_str()) else {
+        return Ok(());
+    };
+    let major_minor = |v: &str| {
+        let mut it = v.trim().split('.');
+        (it.next().map(str::to_string), it.next().map(str::to_string))
+    };
+    if major_minor(nvcc) != major_minor(cuda) {
+        bail!(
+            "the kernels in {} were compiled with nvcc {nvcc} but --cuda says {cuda}; pass \
+             --cuda {nvcc} (the manifest must name the real toolkit)",
+            kernels.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -140,6 +187,11 @@ fn build_release(root: &Path, cuda: Option<&str>) -> Result<PathBuf> {
         .args(["build", "--release", "-p", "rvllm"]);
     if cuda.is_some() {
         cmd.args(["--features", "cuda"]);
+    }
+    // engine/build.rs reruns when RVLLM_COMMIT changes; `.git/HEAD` alone does not change on
+    // a new commit, so without this the binary (and so the manifest) can name an old commit.
+    if let Some(head) = git_head(root) {
+        cmd.env("RVLLM_COMMIT", head);
     }
     eprintln!("running {cmd:?}");
     let status = cmd.status().context("running cargo build")?;
@@ -264,7 +316,11 @@ pub fn package(
         ),
         _ => {}
     }
-    if cuda.is_some() && kernels.is_empty() {
+    if cuda.is_some()
+        && !kernels
+            .iter()
+            .any(|k| k.extension().is_some_and(|x| x == "fatbin"))
+    {
         bail!("a CUDA artifact needs its compiled kernels; none were found");
     }
     if !is_full_commit(&id.commit) {
@@ -280,9 +336,11 @@ pub fn package(
     let mut files: Vec<(String, PathBuf, bool)> = vec![("bin/rvllm".into(), binary.into(), true)];
     let mut caps = Vec::new();
     for k in kernels {
-        let bytes = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
-        let archs = fatbin_archs(&bytes).with_context(|| format!("reading {}", k.display()))?;
-        caps.extend(archs);
+        if k.extension().is_some_and(|x| x == "fatbin") {
+            let bytes = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
+            let archs = fatbin_archs(&bytes).with_context(|| format!("reading {}", k.display()))?;
+            caps.extend(archs);
+        }
         let name = k
             .file_name()
             .context("kernel path has no file name")?
@@ -385,6 +443,25 @@ fn append<W: std::io::Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernels_report_must_match_the_cuda_version() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(
+            check_nvcc_version(t.path(), "12.1").is_ok(),
+            "no report: nothing to check"
+        );
+        std::fs::write(
+            t.path().join("kernel_build.json"),
+            r#"{"compiled":3,"nvcc_version":"13.0","archs":"80;90a"}"#,
+        )
+        .unwrap();
+        assert!(check_nvcc_version(t.path(), "13.0").is_ok());
+        let e = check_nvcc_version(t.path(), "12.1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nvcc 13.0") && e.contains("--cuda 13.0"), "{e}");
+    }
 
     #[test]
     fn cuda_versions_are_checked() {

@@ -99,6 +99,7 @@ fn installs_each_kind_and_reports_the_real_version() {
         ])
     );
     assert!(dir.join("kernels/norm.fatbin").is_file());
+    assert!(dir.join("kernels/built_archs.txt").is_file());
 
     // The nightly: placeholder file name on the server, real version printed and installed.
     let pre = t.path().join("nightly");
@@ -312,4 +313,33 @@ fn prefix_whose_bin_is_a_link_elsewhere_still_works() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stdout).contains("rvllm 0.2.0"));
+}
+
+#[test]
+fn a_release_version_is_one_commit() {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("tree");
+    dist_into(&tree, t.path(), "0.5.0", COMMIT_010, None, "release");
+    let bin = fake_rvllm(&t.path().join("other"), "0.5.0", COMMIT_020, true, "x");
+    let kernels = kernels_dir(t.path());
+    let err = fails(&[
+        "dist",
+        "--binary",
+        p(&bin),
+        "--cuda",
+        "12.1",
+        "--kernels-dir",
+        p(&kernels),
+        "--out",
+        p(&t.path().join("out2")),
+        "--release-tree",
+        p(&tree),
+        "--channel",
+        "release",
+    ]);
+    assert!(err.contains("a release is one commit"), "{err}");
+    // Nothing of the refused artifact reached the tree.
+    let idx = std::fs::read_to_string(tree.join("releases/0.5.0/index.json")).unwrap();
+    assert!(!idx.contains(COMMIT_020) && !idx.contains("cu121"), "{idx}");
+    assert!(!tree.join(format!("commits/{COMMIT_020}")).exists());
 }

@@ -118,6 +118,25 @@ pub fn publish(
     channel: Channel,
 ) -> Result<Vec<PathBuf>> {
     let variant = m.variant();
+    if channel == Channel::Release {
+        // A release is one commit: refuse to mix artifacts of two commits under one version.
+        let idx_path = tree.join("releases").join(&m.version).join(INDEX_FILE);
+        if let Ok(bytes) = std::fs::read(&idx_path) {
+            let idx = ChannelIndex::parse(&bytes, &idx_path.display().to_string())?;
+            if let Some(other) = idx.artifacts.iter().find(|a| a.commit != m.commit) {
+                bail!(
+                    "release {} already holds artifacts of commit {} ({}), and this one is \
+                     commit {}; a release is one commit. Bump the version, rebuild from {}, or \
+                     publish with --channel nightly",
+                    m.version,
+                    other.commit,
+                    other.variant,
+                    m.commit,
+                    other.commit
+                );
+            }
+        }
+    }
     let placeholder = artifact_file_name(PLACEHOLDER_VERSION, &m.target, &variant);
     let mut dirs = vec![(tree.join("commits").join(&m.commit), placeholder.clone())];
     match channel {

@@ -54,6 +54,8 @@ pub fn kernels_dir(dir: &Path) -> PathBuf {
         k.join("rope.fatbin"),
     )
     .unwrap();
+    // kernels/build.rs writes this beside the fatbins; the artifact carries it.
+    std::fs::write(k.join("built_archs.txt"), "sm_80 sm_90a +PTX compute_90a\n").unwrap();
     k
 }
 
