@@ -95,12 +95,103 @@ pub(crate) fn strftime_utc(secs: i64, fmt: &str) -> String {
     out
 }
 
+/// JSON as Python's `json.dumps(x, ensure_ascii=False, indent=indent)` writes it, which is
+/// what transformers' `tojson` gives templates: `", "` / `": "` separators (`","` with an
+/// indent), keys in insertion order, no HTML escaping of `<` `>` `&` (minijinja's own
+/// `tojson` escapes them, which would change prompts holding special tokens).
+fn python_json(
+    v: &minijinja::Value,
+    indent: Option<usize>,
+    level: usize,
+    out: &mut String,
+) -> Result<(), minijinja::Error> {
+    use minijinja::value::ValueKind as K;
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    let scalar = |j: serde_json::Value| j.to_string();
+    match v.kind() {
+        K::Undefined | K::None => out.push_str("null"),
+        K::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+        K::Number => match v.as_i64() {
+            Some(i) if v.is_integer() => out.push_str(&i.to_string()),
+            _ => {
+                let f = f64::try_from(v.clone())?;
+                out.push_str(&scalar(serde_json::Value::from(f)));
+            }
+        },
+        K::String => out.push_str(&scalar(serde_json::Value::from(v.as_str().unwrap_or("")))),
+        K::Map => {
+            let keys: Vec<minijinja::Value> = v.try_iter()?.collect();
+            if keys.is_empty() {
+                out.push_str("{}");
+                return Ok(());
+            }
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                out.push_str(&scalar(serde_json::Value::from(k.to_string())));
+                out.push_str(": ");
+                python_json(&v.get_item(k)?, indent, level + 1, out)?;
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        K::Seq | K::Iterable => {
+            let items: Vec<minijinja::Value> = v.try_iter()?.collect();
+            if items.is_empty() {
+                out.push_str("[]");
+                return Ok(());
+            }
+            out.push('[');
+            for (i, it) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                python_json(it, indent, level + 1, out)?;
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        _ => {
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson cannot serialize a value of kind {}", v.kind()),
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn tojson_filter(
+    value: minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<String, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    // Accepted for compatibility; output is always ensure_ascii=False in insertion order.
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let mut out = String::new();
+    python_json(&value, indent, 0, &mut out)?;
+    Ok(out)
+}
+
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     // transformers renders with trim_blocks and lstrip_blocks on.
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_filter("tojson", tojson_filter);
     env.add_function(
         "raise_exception",
         |msg: String| -> Result<String, minijinja::Error> {
@@ -186,6 +277,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("chat template failed"), "{e}");
+    }
+
+    #[test]
+    fn tojson_writes_like_python_json_dumps() {
+        let msgs = vec![ChatMessage::new("user", "<|im_start|>é \"q\"\n")];
+        let out = render("{{ messages | tojson }}", &msgs, false, None, None).unwrap();
+        // Python keeps insertion order: role before content, as ChatMessage declares them.
+        assert_eq!(
+            out,
+            r#"[{"role": "user", "content": "<|im_start|>é \"q\"\n"}]"#
+        );
+        let out = render(
+            "{{ {'a': [1, 2.5, none, true], 'b': {}} | tojson(indent=2) }}",
+            &msgs,
+            false,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "{\n  \"a\": [\n    1,\n    2.5,\n    null,\n    true\n  ],\n  \"b\": {}\n}"
+        );
     }
 
     #[test]
