@@ -45,6 +45,12 @@ pub fn resolve_device(requested: &str) -> Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda_device_present() -> bool {
+    // Probe for the driver library first: without it cudarc panics, and even a caught panic
+    // prints a message and a backtrace, which on a CPU-only machine looks like a crash.
+    // SAFETY: only tries to open the driver library by its usual names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return false;
+    }
     crate::backend::cuda::device_count().unwrap_or(0) > 0
 }
 #[cfg(not(feature = "cuda"))]

@@ -76,6 +76,7 @@ impl Llm {
         let mut results = Vec::with_capacity(prompts.len());
         let mut texts: Vec<Vec<SeqOutput>> = Vec::with_capacity(prompts.len());
         let mut slots: HashMap<RequestId, Slot> = HashMap::new();
+        let mut pending = Vec::with_capacity(prompts.len());
         for (i, prompt) in prompts.iter().enumerate() {
             let p = if params.len() == 1 { &params[0] } else { &params[i] };
             let (p, reqs) = admit(prompt, p, self.core.max_model_len, &eos)
@@ -99,14 +100,30 @@ impl Llm {
                 time_to_first_token: None,
                 latency: Duration::ZERO,
             });
+            pending.push((i, reqs));
+        }
+        // Only once every prompt is admitted do requests enter the core, so that a rejected
+        // batch leaves nothing running (and holding KV blocks) behind.
+        for (i, reqs) in pending {
             for (s, req) in reqs.into_iter().enumerate() {
-                slots.insert(req.req_id, Slot { request: i, seq: s });
-                self.core.add_request(req).map_err(|e| anyhow!("prompt {i}: {e}"))?;
+                let id = req.req_id;
+                if let Err(e) = self.core.add_request(req) {
+                    self.abort_all(&slots);
+                    return Err(anyhow!("prompt {i}: {e}"));
+                }
+                slots.insert(id, Slot { request: i, seq: s });
             }
         }
         let mut done_requests = 0;
         while self.core.has_unfinished() {
-            for out in self.core.step()? {
+            let outputs = match self.core.step() {
+                Ok(o) => o,
+                Err(e) => {
+                    self.abort_all(&slots);
+                    return Err(e);
+                }
+            };
+            for out in outputs {
                 let Some(slot) = slots.get(&out.req_id) else { continue };
                 let (req_idx, seq_idx, id) = (slot.request, slot.seq, out.req_id);
                 let (delta, stopped) = texts[req_idx][seq_idx].process(out);
@@ -142,5 +159,12 @@ impl Llm {
             }
         }
         Ok(results)
+    }
+
+    /// Drop the batch's unfinished requests from the core (their blocks are freed).
+    fn abort_all(&mut self, slots: &HashMap<RequestId, Slot>) {
+        for &id in slots.keys() {
+            self.core.abort(id);
+        }
     }
 }

@@ -85,8 +85,14 @@ impl SeqOutput {
         };
         let mut stopped_by_string = false;
         if let (Some(tok), Some(detok)) = (self.tokenizer.as_ref(), self.detok.as_mut()) {
-            for &id in &out.new_token_ids {
-                // Text of a stop token (EOS) is never part of the output when skipped.
+            let n = out.new_token_ids.len();
+            for (j, &id) in out.new_token_ids.iter().enumerate() {
+                // As vLLM: the text of the token that stopped the sequence (EOS or one of
+                // stop_token_ids) is not part of the output unless include_stop_str_in_output;
+                // the id stays in token_ids.
+                if j + 1 == n && out.stop_token.is_some() && !self.include_stop {
+                    break;
+                }
                 let piece = detok.push(tok, id).unwrap_or_default();
                 let search_from = self.text.len().saturating_sub(max_len(&self.stop) + 4);
                 self.text.push_str(&piece);
