@@ -105,3 +105,80 @@ fn openai_python_client_against_smollm2() {
         idle_and_no_leak,
     );
 }
+
+/// SIGTERM while streams run (SmolLM2 is slow enough on a CPU that they surely do): every
+/// stream still ends complete, after the signal, and the server exits 0.
+#[test]
+fn sigterm_lets_in_flight_streams_finish_then_exits_zero() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    const TOKENS: usize = 48;
+    let mut s = Server::start(
+        &smollm2_gguf(),
+        &["--max-model-len", "512", "--shutdown-grace-period", "120"],
+        &[],
+    );
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let clients: Vec<_> = (0..2)
+        .map(|i| {
+            let addr = s.addr.clone();
+            let started = started_tx.clone();
+            std::thread::spawn(move || {
+                let body = json!({
+                    "prompt": format!("Story number {i}:"), "max_tokens": TOKENS, "ignore_eos": true,
+                    "temperature": 0, "stream": true, "stream_options": {"include_usage": true},
+                });
+                let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+                sock.write_all(&server_common::post_bytes("/v1/completions", body.to_string().as_bytes(), None))
+                    .unwrap();
+                let mut all = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut told = false;
+                loop {
+                    let n = sock.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    all.extend_from_slice(&buf[..n]);
+                    if !told && String::from_utf8_lossy(&all).contains("\"text\"") {
+                        started.send(()).unwrap();
+                        told = true;
+                    }
+                }
+                (Instant::now(), server_common::parse_response(&all))
+            })
+        })
+        .collect();
+    for _ in 0..2 {
+        started_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a stream never started");
+    }
+    let signalled = Instant::now();
+    let status = s.terminate(Duration::from_secs(120));
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        s.log()
+    );
+    for c in clients {
+        let (done, r) = c.join().unwrap();
+        assert!(
+            done > signalled,
+            "the stream ended before SIGTERM, so this tested nothing"
+        );
+        let events = r.sse_events();
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "a stream was cut: {}",
+            r.text()
+        );
+        let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(
+            usage["usage"]["completion_tokens"], TOKENS,
+            "every in-flight request finishes"
+        );
+    }
+    assert!(s.log().contains("SIGTERM"), "{}", s.log());
+}

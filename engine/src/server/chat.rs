@@ -152,7 +152,10 @@ struct Output {
 
 impl Output {
     fn absorb(&mut self, c: usize, d: &CompletionDelta) -> (String, Option<ChatLogprobs>) {
-        let ch = &mut self.choices[c];
+        // The engine numbers choices below n; an out-of-range one is dropped, not a panic.
+        let Some(ch) = self.choices.get_mut(c) else {
+            return (String::new(), None);
+        };
         let mut text = ch.echo.take().unwrap_or_default();
         text.push_str(&d.text);
         let lps = self.job.logprobs.map(|k| {

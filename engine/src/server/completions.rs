@@ -158,7 +158,10 @@ impl Output {
         let tok = self.tokenizer.as_deref();
         let top_k = self.job.params.logprobs.unwrap_or(0);
         let as_ids = self.job.tokens_as_ids;
-        let ch = &mut self.choices[c];
+        // The engine numbers choices below n; an out-of-range one is dropped, not a panic.
+        let Some(ch) = self.choices.get_mut(c) else {
+            return (String::new(), None);
+        };
         let mut text = String::new();
         let mut lps = ch.logprobs.as_ref().map(|_| CompletionLogprobs::default());
         if let Some((prompt_text, prompt_ids)) = ch.echo.take() {
