@@ -382,6 +382,25 @@ impl<B: Backend> LlamaModel<B> {
         kv: &mut B::KvCache,
         ws: &mut Workspace<B>,
     ) -> Result<Vec<f32>> {
+        let mut logits = Vec::with_capacity(batch.logits_rows.len() * self.config.vocab_size);
+        self.forward_chunked(be, batch, kv, ws, |_, chunk| {
+            logits.extend_from_slice(chunk);
+            Ok(())
+        })?;
+        Ok(logits)
+    }
+
+    /// Like `forward`, but hands the host logits to `consume` a few rows at a time
+    /// (`consume(first_row, rows x vocab)`, rows in `logits_rows` order), so that prompt
+    /// logprobs over a long prefill never hold every row's logits at once.
+    pub fn forward_chunked(
+        &self,
+        be: &B,
+        batch: &ForwardBatch,
+        kv: &mut B::KvCache,
+        ws: &mut Workspace<B>,
+        mut consume: impl FnMut(usize, &mut [f32]) -> Result<()>,
+    ) -> Result<()> {
         let c = &self.config;
         batch
             .validate(&be.kv_cache_shape(kv), c.vocab_size)
@@ -393,20 +412,15 @@ impl<B: Backend> LlamaModel<B> {
         self.forward_hidden(be, &step, kv, ws)?;
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let rows = batch.logits_rows.len();
-        let mut logits = Vec::with_capacity(rows * c.vocab_size);
         let chunk = ws.gathered.capacity_rows().max(1);
         for start in (0..rows).step_by(chunk) {
-            be.gather_rows(
-                &ws.normed,
-                &step,
-                start..(start + chunk).min(rows),
-                &mut ws.gathered,
-            )?;
+            let range = start..(start + chunk).min(rows);
+            be.gather_rows(&ws.normed, &step, range, &mut ws.gathered)?;
             be.linear(&ws.gathered, lm_head, None, &mut ws.logits)?;
             be.to_host(&ws.logits, &mut ws.host)?;
-            logits.extend_from_slice(&ws.host);
+            consume(start, &mut ws.host)?;
         }
-        Ok(logits)
+        Ok(())
     }
 }
 

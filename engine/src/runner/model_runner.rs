@@ -79,9 +79,7 @@ impl<B: Backend> ModelRunner<B> {
 
     /// Backend, model, KV cache and workspace at once, for a backend-specific fast path
     /// (the CUDA runner's graphs and on-device sampling) that drives the same model.
-    pub(crate) fn parts(
-        &mut self,
-    ) -> (&B, &LlamaModel<B>, &mut B::KvCache, &mut Workspace<B>) {
+    pub(crate) fn parts(&mut self) -> (&B, &LlamaModel<B>, &mut B::KvCache, &mut Workspace<B>) {
         (&self.backend, &self.model, &mut self.kv, &mut self.ws)
     }
 
@@ -90,7 +88,10 @@ impl<B: Backend> ModelRunner<B> {
     pub(crate) fn resize_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
         self.kv_shape.num_blocks = num_blocks;
         // Free the old cache first so that both never need to fit at once.
-        self.kv = self.backend.alloc_kv_cache(KvCacheShape { num_blocks: 1, ..self.kv_shape })?;
+        self.kv = self.backend.alloc_kv_cache(KvCacheShape {
+            num_blocks: 1,
+            ..self.kv_shape
+        })?;
         self.kv = self.backend.alloc_kv_cache(self.kv_shape)?;
         Ok(())
     }
@@ -102,7 +103,9 @@ impl<B: Backend> ModelRunner<B> {
 
     /// Whether a tracked request still owes prompt logprobs.
     pub(crate) fn wants_prompt_logprobs(&self, id: RequestId) -> bool {
-        self.requests.get(&id).is_some_and(|s| s.prompt_logprobs_k.is_some())
+        self.requests
+            .get(&id)
+            .is_some_and(|s| s.prompt_logprobs_k.is_some())
     }
 
     /// Record a token sampled outside this runner (penalty counts stay right).
@@ -152,49 +155,26 @@ impl<B: Backend> ModelRunner<B> {
             let st = &requests[&so.scheduled[i].req_id];
             st.prompt_logprobs_k.map(|_| st.prompt.as_slice())
         })?;
-        let mut logits = self
-            .model
-            .forward(&self.backend, &batch, &mut self.kv, &mut self.ws)?;
         let vocab = self.model.config().vocab_size;
-
+        let Self {
+            backend,
+            model,
+            kv,
+            ws,
+            requests,
+            ..
+        } = self;
         let mut out = ModelRunnerOutput::default();
-        for (row, (logits, u)) in logits.chunks_exact_mut(vocab).zip(&uses).enumerate() {
-            match *u {
-                RowUse::PromptLogprob {
-                    sched_index,
-                    target,
-                } => {
-                    if let Some(st) = self.requests.get_mut(&so.scheduled[sched_index].req_id) {
-                        if let Some(k) = st.prompt_logprobs_k {
-                            st.prompt_logprobs.push(top_logprobs(logits, target, k));
-                        }
-                    }
-                }
-                RowUse::Sample { sched_index } => {
-                    let sr = &so.scheduled[sched_index];
-                    let st = self
-                        .requests
-                        .get_mut(&sr.req_id)
-                        .with_context(|| format!("logits row {row} names an unknown request"))?;
-                    // The chunk that reaches the end of the prompt delivers its logprobs.
-                    let prompt_logprobs = if sr.start_pos + sr.token_ids.len() >= st.prompt.len() {
-                        st.prompt_logprobs_k
-                            .take()
-                            .map(|_| std::mem::take(&mut st.prompt_logprobs))
-                    } else {
-                        None
-                    };
-                    let (token_id, logprobs) = st.sampler.sample(logits, sr.num_output_tokens);
-                    st.sampler.record_output(token_id);
-                    out.sampled.push(SampledToken {
-                        req_id: sr.req_id,
-                        token_id,
-                        logprobs,
-                        prompt_logprobs,
-                    });
-                }
+        model.forward_chunked(backend, &batch, kv, ws, |first, chunk| {
+            for (i, logits) in chunk.chunks_exact_mut(vocab).enumerate() {
+                let row = first + i;
+                let u = uses
+                    .get(row)
+                    .with_context(|| format!("logits row {row} has no use"))?;
+                handle_row(requests, so, *u, logits, &mut out)?;
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 }
@@ -212,4 +192,49 @@ impl<B: Backend> Executor for ModelRunner<B> {
     fn device_name(&self) -> String {
         self.backend.device_name()
     }
+}
+
+/// Uses one row of logits: a prompt logprob, or the next token of a request.
+fn handle_row(
+    requests: &mut HashMap<RequestId, RequestState>,
+    so: &SchedulerOutput,
+    u: RowUse,
+    logits: &mut [f32],
+    out: &mut ModelRunnerOutput,
+) -> Result<()> {
+    match u {
+        RowUse::PromptLogprob {
+            sched_index,
+            target,
+        } => {
+            if let Some(st) = requests.get_mut(&so.scheduled[sched_index].req_id) {
+                if let Some(k) = st.prompt_logprobs_k {
+                    st.prompt_logprobs.push(top_logprobs(logits, target, k));
+                }
+            }
+        }
+        RowUse::Sample { sched_index } => {
+            let sr = &so.scheduled[sched_index];
+            let st = requests
+                .get_mut(&sr.req_id)
+                .with_context(|| format!("request {} is not tracked by the runner", sr.req_id))?;
+            // The chunk that reaches the end of the prompt delivers its logprobs.
+            let prompt_logprobs = if sr.start_pos + sr.token_ids.len() >= st.prompt.len() {
+                st.prompt_logprobs_k
+                    .take()
+                    .map(|_| std::mem::take(&mut st.prompt_logprobs))
+            } else {
+                None
+            };
+            let (token_id, logprobs) = st.sampler.sample(logits, sr.num_output_tokens);
+            st.sampler.record_output(token_id);
+            out.sampled.push(SampledToken {
+                req_id: sr.req_id,
+                token_id,
+                logprobs,
+                prompt_logprobs,
+            });
+        }
+    }
+    Ok(())
 }

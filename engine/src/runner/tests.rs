@@ -51,7 +51,7 @@ struct Req {
 
 impl Req {
     fn new(id: RequestId, prompt: Vec<u32>, first_block: u32, params: SamplingParams) -> Self {
-        let table = (first_block..first_block + 16).collect();
+        let table = (first_block..first_block + 48).collect();
         Self {
             id,
             prompt_len: prompt.len(),
@@ -123,11 +123,11 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
 fn greedy_tokens_do_not_depend_on_chunking_or_batching() {
     let greedy = SamplingParams::greedy(12);
     let mut alone_a = Req::new(1, prompt(21, 1), 0, greedy.clone());
-    generate(executor(64).as_mut(), &mut [&mut alone_a], 1000, 12);
+    generate(executor(128).as_mut(), &mut [&mut alone_a], 1000, 12);
     let mut alone_b = Req::new(2, prompt(9, 2), 0, greedy.clone());
-    generate(executor(64).as_mut(), &mut [&mut alone_b], 1000, 12);
+    generate(executor(128).as_mut(), &mut [&mut alone_b], 1000, 12);
 
-    let mut ex = executor(64);
+    let mut ex = executor(128);
     let mut a = Req::new(1, prompt(21, 1), 40, greedy.clone());
     let mut b = Req::new(2, prompt(9, 2), 3, greedy.clone());
     // Chunks of 5: a's prefill spans several steps while b finishes its prompt and decodes.
@@ -147,14 +147,15 @@ fn prompt_logprobs_arrive_with_the_last_prompt_chunk_whatever_the_chunking() {
         logprobs: Some(2),
         ..SamplingParams::greedy(3)
     };
-    let p = prompt(10, 3);
+    // Longer than one LM-head chunk of rows (64), so the logits arrive in several pieces.
+    let p = prompt(150, 3);
     let mut whole = Req::new(7, p.clone(), 0, params.clone());
-    let out = step(executor(32).as_mut(), &mut [&mut whole], 100);
+    let out = step(executor(128).as_mut(), &mut [&mut whole], 1000);
     let want = out.sampled[0]
         .prompt_logprobs
         .clone()
         .expect("prompt logprobs were asked for");
-    assert_eq!(want.len(), 9, "one entry per prompt token after the first");
+    assert_eq!(want.len(), 149, "one entry per prompt token after the first");
     for (e, &t) in want.iter().zip(&p[1..]) {
         assert_eq!(e.token_id, t);
         assert!(e.logprob <= 0.0 && e.top.len() == 3);
@@ -165,16 +166,16 @@ fn prompt_logprobs_arrive_with_the_last_prompt_chunk_whatever_the_chunking() {
         .expect("sample logprobs were asked for");
     assert_eq!(lp.token_id, out.sampled[0].token_id);
 
-    let mut ex = executor(32);
-    let mut chunked = Req::new(7, p, 5, params);
+    let mut ex = executor(128);
+    let mut chunked = Req::new(7, p, 50, params);
     for _ in 0..2 {
-        let out = step(ex.as_mut(), &mut [&mut chunked], 4);
+        let out = step(ex.as_mut(), &mut [&mut chunked], 60);
         assert!(
             out.sampled.is_empty(),
             "no sample before the prompt is done"
         );
     }
-    let out = step(ex.as_mut(), &mut [&mut chunked], 4);
+    let out = step(ex.as_mut(), &mut [&mut chunked], 60);
     let got = out.sampled[0]
         .prompt_logprobs
         .clone()
@@ -187,7 +188,7 @@ fn prompt_logprobs_arrive_with_the_last_prompt_chunk_whatever_the_chunking() {
             w.top.iter().map(|t| t.0).collect::<Vec<_>>()
         );
     }
-    let out = step(ex.as_mut(), &mut [&mut chunked], 4);
+    let out = step(ex.as_mut(), &mut [&mut chunked], 60);
     assert!(
         out.sampled[0].prompt_logprobs.is_none(),
         "delivered once only"
@@ -196,7 +197,7 @@ fn prompt_logprobs_arrive_with_the_last_prompt_chunk_whatever_the_chunking() {
 
 #[test]
 fn finished_requests_are_forgotten_and_bad_outputs_are_errors() {
-    let mut ex = executor(16);
+    let mut ex = executor(64);
     let mut r = Req::new(3, prompt(5, 0), 0, SamplingParams::greedy(2));
     step(ex.as_mut(), &mut [&mut r], 100);
     let so = SchedulerOutput {
@@ -244,7 +245,7 @@ fn finished_requests_are_forgotten_and_bad_outputs_are_errors() {
             req_id: 4,
             token_ids: vec![1; 2],
             start_pos: 0,
-            block_table: vec![16],
+            block_table: vec![64],
             ..again
         }],
         ..SchedulerOutput::default()
