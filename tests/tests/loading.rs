@@ -512,3 +512,101 @@ fn hub_id_from_an_offline_cache() {
         "{e}"
     );
 }
+
+/// Compare every tensor of two loads of the same weights.
+fn assert_same_weights(a: &LoadedModel, b: &LoadedModel, f16_names: &[&str]) {
+    let (wa, wb) = (a.weights.as_ref().unwrap(), b.weights.as_ref().unwrap());
+    let mut names: Vec<&String> = wa.tensors.keys().collect();
+    names.sort();
+    let nb: Vec<&String> = {
+        let mut v: Vec<&String> = wb.tensors.keys().collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names, nb);
+    for name in names {
+        let (ta, tb) = (&wa.tensors[name], &wb.tensors[name]);
+        assert_eq!(ta.shape, tb.shape, "{name}");
+        let lossy = f16_names.iter().any(|p| name.contains(p));
+        for (i, (x, y)) in ta.to_f32().iter().zip(tb.to_f32()).enumerate() {
+            let tol = if lossy { 1e-3 * x.abs().max(1e-2) } else { 0.0 };
+            assert!((x - y).abs() <= tol, "{name}[{i}]: {x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn tiny_llama_gguf_unpermutes_to_the_safetensors_weights_and_reads_its_spm_tokenizer() {
+    let gguf = fixtures().join("gguf/tiny_llama_spm.gguf");
+    let g = load(&gguf, LoadFormat::Auto).unwrap();
+    let hf = load(&tiny("llama_tied"), LoadFormat::Auto).unwrap();
+    let (cg, ch) = (&g.config, &hf.config);
+    assert_eq!(cg.architecture, Architecture::Llama);
+    assert_eq!(
+        (cg.hidden_size, cg.intermediate_size, cg.num_hidden_layers),
+        (ch.hidden_size, ch.intermediate_size, ch.num_hidden_layers)
+    );
+    assert_eq!(
+        (
+            cg.num_attention_heads,
+            cg.num_key_value_heads,
+            cg.head_dim,
+            cg.vocab_size
+        ),
+        (
+            ch.num_attention_heads,
+            ch.num_key_value_heads,
+            ch.head_dim,
+            ch.vocab_size
+        )
+    );
+    assert_eq!(
+        (cg.rms_norm_eps, cg.rope_theta),
+        (ch.rms_norm_eps, ch.rope_theta)
+    );
+    assert!(cg.tie_word_embeddings);
+    let up = &g.weights.as_ref().unwrap().tensors["model.layers.0.mlp.up_proj.weight"];
+    assert_eq!(up.dtype(), DType::F16);
+    assert_same_weights(&g, &hf, &["mlp.up_proj"]);
+
+    let tok = g.tokenizer.as_ref().unwrap();
+    assert_eq!(tok.eos_token_id(), Some(2));
+    let cases = json(&fixtures().join("gguf/tiny_llama_spm_cases.json"));
+    for case in cases["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "{text:?}");
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            want[1..],
+            "{text:?} without BOS"
+        );
+        assert_eq!(tok.decode(&want, true).unwrap(), text, "decode {text:?}");
+    }
+    // A leading space still gets the dummy prefix, as sentencepiece and llama.cpp do:
+    // "  the" is "▁▁▁the" = ▁ ▁ ▁the.
+    let sp = tok.token_to_id("\u{2581}").unwrap();
+    let the = tok.token_to_id("\u{2581}the").unwrap();
+    assert_eq!(tok.encode("  the", false).unwrap(), vec![sp, sp, the]);
+    assert_eq!(tok.decode(&[1, sp, sp, the], true).unwrap(), "  the");
+    let chat = tok
+        .apply_chat_template(&[ChatMessage::new("user", "hi")], false, None)
+        .unwrap();
+    assert_eq!(chat, "[user] hi\n");
+}
+
+#[test]
+fn tiny_qwen2_gguf_keeps_biases_and_is_not_unpermuted() {
+    let g = load(&fixtures().join("gguf/tiny_qwen2.gguf"), LoadFormat::Auto).unwrap();
+    let hf = load(&tiny("qwen2"), LoadFormat::Auto).unwrap();
+    assert_eq!(g.config.architecture, Architecture::Qwen2);
+    assert!(g.config.attention_bias && !g.config.tie_word_embeddings);
+    assert_eq!(g.config.rope_theta, 1e6);
+    assert!(g.tokenizer.is_none());
+    assert_same_weights(&g, &hf, &[]);
+}
