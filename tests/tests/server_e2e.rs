@@ -71,7 +71,14 @@ fn openai_python_client_against_smollm2() {
     });
     let s = Server::start(
         &model,
-        &["--served-model-name", "smollm2", "--max-model-len", "2048"],
+        &[
+            "--served-model-name",
+            "smollm2",
+            "--max-model-len",
+            "2048",
+            "--cpu-kv-cache-gb",
+            "0.5",
+        ],
         &[],
     );
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -115,7 +122,14 @@ fn sigterm_lets_in_flight_streams_finish_then_exits_zero() {
     const TOKENS: usize = 48;
     let mut s = Server::start(
         &smollm2_gguf(),
-        &["--max-model-len", "512", "--shutdown-grace-period", "120"],
+        &[
+            "--max-model-len",
+            "512",
+            "--cpu-kv-cache-gb",
+            "0.25",
+            "--shutdown-grace-period",
+            "120",
+        ],
         &[],
     );
     let (started_tx, started_rx) = std::sync::mpsc::channel();
@@ -181,4 +195,48 @@ fn sigterm_lets_in_flight_streams_finish_then_exits_zero() {
         );
     }
     assert!(s.log().contains("SIGTERM"), "{}", s.log());
+}
+
+/// A non-streaming client that hangs up mid-generation aborts its request too.
+#[test]
+fn a_non_streaming_client_that_disconnects_frees_its_request() {
+    use std::io::Write;
+    use std::time::Duration;
+    let s = Server::start(
+        &smollm2_gguf(),
+        &["--max-model-len", "512", "--cpu-kv-cache-gb", "0.25"],
+        &[],
+    );
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true});
+    let mut sock = std::net::TcpStream::connect(&s.addr).unwrap();
+    sock.write_all(&server_common::post_bytes(
+        "/v1/completions",
+        body.to_string().as_bytes(),
+        None,
+    ))
+    .unwrap();
+    s.wait_metrics(Duration::from_secs(60), "generation to start", |m| {
+        server_common::metric(m, "rvllm:generation_tokens_total") > 0.0
+    });
+    drop(sock);
+    let m = s.wait_metrics(
+        Duration::from_secs(30),
+        "the request to be aborted and freed",
+        |m| {
+            idle_and_no_leak(m)
+                && server_common::metric(m, "rvllm:server_requests_in_flight") == 0.0
+        },
+    );
+    let aborted = m
+        .lines()
+        .find(|l| {
+            l.starts_with("rvllm:request_success_total") && l.contains("finished_reason=\"abort\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(aborted, Some(1.0), "{m}");
+    assert!(
+        server_common::metric(&m, "rvllm:generation_tokens_total") < 400.0,
+        "{m}"
+    );
 }
