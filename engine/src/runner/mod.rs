@@ -79,5 +79,26 @@ pub fn create_cpu_executor_from_parts(
 ) -> Result<Box<dyn Executor>> {
     let blocks = kv_blocks_for(config, cfg, std::mem::size_of::<f32>())?;
     let runner = ModelRunner::new(CpuBackend::new(), config, weights, cfg, blocks)?;
-    Ok(Box::new(runner))
+    Ok(Box::new(CpuExecutor(runner)))
+}
+
+/// Runs each step on a rayon worker thread: the ops' parallel loops then start from inside
+/// the pool (cheap work-stealing) instead of each one being injected from the engine thread
+/// and waited for (hundreds of cross-thread hand-offs per decode step).
+struct CpuExecutor(ModelRunner<CpuBackend>);
+
+impl Executor for CpuExecutor {
+    fn execute(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+        let runner = &mut self.0;
+        rayon::scope(|_| runner.execute(so))
+    }
+    fn num_kv_blocks(&self) -> usize {
+        self.0.num_kv_blocks()
+    }
+    fn block_size(&self) -> usize {
+        self.0.block_size()
+    }
+    fn device_name(&self) -> String {
+        self.0.device_name()
+    }
 }
