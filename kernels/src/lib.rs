@@ -6,6 +6,7 @@
 /// Keeps an embedded fatbin 16-byte aligned: the driver reads it in place
 /// (`cuModuleLoadData`) and `include_bytes!` alone only guarantees byte alignment.
 #[repr(C, align(16))]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // no kernels, no instances
 struct Aligned<T: ?Sized>(T);
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
