@@ -11,7 +11,7 @@ use half::bf16;
 
 use super::device::{DevBuf, Gpu};
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
-use crate::models::weights::HostTensor;
+use crate::models::weights::{HostData, HostTensor};
 
 const BF16: usize = 2;
 /// Tokens per decode-attention partition (split-K along the context); a multiple of 64, ≤ 512.
@@ -214,6 +214,22 @@ impl CudaBackend {
         self.gpu.launch(module, kernel, grid, (block, 1, 1), 0, params)
     }
 
+    /// `y[1, n] = x[1, k] @ w[n, k]^T` with the GEMV kernel (k a multiple of 8).
+    pub fn gemv_b1(&self, x: CUdeviceptr, w: &CudaWeight, y: CUdeviceptr) -> Result<()> {
+        const SPLIT: i32 = 4; // warps per output row; measured best on the H100
+        let (m, n, k) = (1i32, w.rows as i32, w.cols as i32);
+        let wp = w.buf.ptr;
+        let grid = (w.rows.div_ceil(8 / SPLIT as usize) as u32, 1, 1);
+        self.launch("gemv", "gemv_bf16_b1", grid, 256, args![y, x, wp, m, n, k, SPLIT])
+    }
+
+    /// bf16 → f32, `n` elements.
+    pub fn bf16_to_f32(&self, out: CUdeviceptr, input: CUdeviceptr, n: usize) -> Result<()> {
+        let n64 = n as i64;
+        let blocks = n.div_ceil(256).min(4096) as u32;
+        self.launch("activation", "bf16_to_f32", (blocks, 1, 1), 256, args![out, input, n64])
+    }
+
     fn decode_kernel(head_dim: usize, group: usize) -> Result<(&'static str, usize)> {
         let gt = match group {
             1 => 1,
@@ -233,6 +249,16 @@ impl CudaBackend {
             _ => bail!("no decode attention kernel for head_dim {head_dim} (built: 64, 128)"),
         };
         Ok((name, gt))
+    }
+}
+
+/// bf16 copy of a host tensor on every core (an 8B model is 8 billion conversions).
+fn to_bf16_parallel(t: HostTensor) -> Vec<bf16> {
+    use rayon::prelude::*;
+    match t.data {
+        HostData::BF16(v) => v,
+        HostData::F32(v) => v.par_iter().map(|&x| bf16::from_f32(x)).collect(),
+        HostData::F16(v) => v.par_iter().map(|x| bf16::from_f32(x.to_f32())).collect(),
     }
 }
 
@@ -272,7 +298,7 @@ impl Backend for CudaBackend {
     fn upload_weight(&self, name: &str, t: HostTensor) -> Result<CudaWeight> {
         ensure!(t.shape.len() == 2, "weight `{name}` should be 2-D, has shape {:?}", t.shape);
         let (rows, cols) = (t.shape[0], t.shape[1]);
-        let buf = self.upload_bf16(&t.to_bf16())?;
+        let buf = self.upload_bf16(&to_bf16_parallel(t))?;
         Ok(CudaWeight { buf, rows, cols })
     }
 
@@ -366,7 +392,12 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return Ok(());
         }
-        self.gpu.gemm_bf16(x.buf.ptr, w.buf.ptr, out.buf.ptr, x.rows, w.rows, w.cols, false)?;
+        if x.rows == 1 && w.cols % 8 == 0 {
+            // Batch-1 decode streams every weight once: our GEMV reads them faster than cuBLAS.
+            self.gemv_b1(x.buf.ptr, w, out.buf.ptr)?;
+        } else {
+            self.gpu.gemm_bf16(x.buf.ptr, w.buf.ptr, out.buf.ptr, x.rows, w.rows, w.cols, false)?;
+        }
         if let Some(b) = bias {
             ensure!(b.len == w.rows, "bias has {} values for {} outputs", b.len, w.rows);
             // out += ones[rows, 1] @ bias[out, 1]^T

@@ -77,6 +77,10 @@ pub struct CudaExecutor {
     /// LM-head input rows and f32 logits for the sampled rows of a step.
     gathered: CudaTensor,
     logits: DevBuf,
+    /// bf16 logits of a batch-1 step (the GEMV writes bf16; sampling reads f32).
+    logits_b1: DevBuf,
+    /// Scratch of the two-kernel sampler (`[rows, nchunks, 5]` int32).
+    sample_partials: DevBuf,
     tokens: DevBuf,
     token_logprobs: DevBuf,
     sampling: SamplingBuffers,
@@ -124,6 +128,8 @@ impl CudaExecutor {
         let gathered = be.alloc_activation(max_seqs, c.hidden_size)?;
         let logits = gpu.alloc(max_seqs * c.vocab_size * 4)?;
         let tokens = gpu.alloc(max_seqs * 4)?;
+        let logits_b1 = gpu.alloc(c.vocab_size * 2)?;
+        let sample_partials = gpu.alloc(max_seqs * 128 * 5 * 4)?;
         let token_logprobs = gpu.alloc(max_seqs * 4)?;
         let sampling = SamplingBuffers {
             dev: gpu.alloc(SamplingBuffers::bytes(max_seqs))?,
@@ -176,6 +182,8 @@ impl CudaExecutor {
             num_blocks,
             gathered,
             logits,
+            logits_b1,
+            sample_partials,
             tokens,
             token_logprobs,
             sampling,
@@ -209,31 +217,36 @@ impl CudaExecutor {
     }
 
     /// Everything after the step metadata is uploaded: body, LM head on the sampled rows,
-    /// sampling. Launches only (graph-capturable).
-    fn launch_step(&mut self, rows: usize, step: &super::backend::CudaStepMeta) -> Result<()> {
+    /// sampling. Launches only (graph-capturable). `plain`: no row filters (top-k/top-p/
+    /// min-p), so the faster two-kernel sampler applies.
+    fn launch_step(&mut self, rows: usize, step: &super::backend::CudaStepMeta, plain: bool) -> Result<()> {
         let (be, model, kv, ws) = self.runner.parts();
         model.forward_hidden(be, step, kv, ws)?;
         be.gather_rows(ws.normed(), step, 0..rows, &mut self.gathered)?;
         let c = &self.config;
         let lm_head = model.lm_head();
-        self.gpu.gemm_bf16_f32out(self.gathered.ptr(), lm_head.buf.ptr, self.logits.ptr, rows, c.vocab_size, c.hidden_size)?;
+        if rows == 1 && c.hidden_size % 8 == 0 {
+            be.gemv_b1(self.gathered.ptr(), lm_head, self.logits_b1.ptr)?;
+            be.bf16_to_f32(self.logits.ptr, self.logits_b1.ptr, c.vocab_size)?;
+        } else {
+            self.gpu.gemm_bf16_f32out(self.gathered.ptr(), lm_head.buf.ptr, self.logits.ptr, rows, c.vocab_size, c.hidden_size)?;
+        }
         let (t, lp, lg) = (self.tokens.ptr, self.token_logprobs.ptr, self.logits.ptr);
         let vocab = c.vocab_size as i32;
         let s = &self.sampling;
         let (temps, ks, ps, mps, seeds, offs) = (s.ptr(0), s.ptr(1), s.ptr(2), s.ptr(3), s.ptr(4), s.ptr(5));
-        let params: &mut [*mut c_void] = &mut [
-            &t as *const _ as *mut c_void,
-            &lp as *const _ as *mut c_void,
-            &lg as *const _ as *mut c_void,
-            &vocab as *const _ as *mut c_void,
-            &temps as *const _ as *mut c_void,
-            &ks as *const _ as *mut c_void,
-            &ps as *const _ as *mut c_void,
-            &mps as *const _ as *mut c_void,
-            &seeds as *const _ as *mut c_void,
-            &offs as *const _ as *mut c_void,
-        ];
-        self.gpu.launch("sampling", "sample_tokens", (rows as u32, 1, 1), (1024, 1, 1), 0, params)
+        macro_rules! args {
+            ($($x:expr),* $(,)?) => { &mut [$(&$x as *const _ as *mut c_void),*] };
+        }
+        if plain {
+            // nchunks = clamp(528 / B, 4, 128): measured fastest on the H100 (sampling.cu).
+            let nchunks = (528 / rows).clamp(4, 128) as i32;
+            let parts = self.sample_partials.ptr;
+            self.gpu.launch("sampling", "sample_plain_partial", (nchunks as u32, rows as u32, 1), (256, 1, 1), 0, args![parts, lg, vocab, nchunks, temps, ks, seeds, offs])?;
+            self.gpu.launch("sampling", "sample_plain_finish", (rows as u32, 1, 1), (32, 1, 1), 0, args![t, lp, parts, lg, vocab, nchunks, temps, ks])
+        } else {
+            self.gpu.launch("sampling", "sample_tokens", (rows as u32, 1, 1), (1024, 1, 1), 0, args![t, lp, lg, vocab, temps, ks, ps, mps, seeds, offs])
+        }
     }
 
     fn capture(&mut self, b: usize) -> Result<()> {
@@ -245,11 +258,11 @@ impl CudaExecutor {
         be.fixed_decode_partitions.store(maxp, std::sync::atomic::Ordering::Relaxed);
         let step = be.upload_step(&dummy)?;
         // Warm-up outside the capture (cuBLAS picks its kernels, modules load).
-        self.launch_step(b, &step)?;
+        self.launch_step(b, &step, true)?;
         self.gpu.sync()?;
         unsafe { drv::stream::begin_capture(self.gpu.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) }
             .map_err(|e| anyhow::anyhow!("starting CUDA graph capture: {e:?}"))?;
-        let launched = self.launch_step(b, &step);
+        let launched = self.launch_step(b, &step, true);
         let graph = unsafe { drv::stream::end_capture(self.gpu.stream) };
         self.runner.parts().0.fixed_decode_partitions.store(0, std::sync::atomic::Ordering::Relaxed);
         launched.with_context(|| format!("capturing the decode graph for batch {b}"))?;
@@ -308,7 +321,8 @@ impl CudaExecutor {
             row_params.push((p.temperature, top_k, p.top_p, p.min_p, sampler.seed(), sr.num_output_tokens as u64));
         }
         let n = row_params.len();
-        let pure_decode = batch.seqs.iter().all(|s| s.num_tokens == 1) && n == batch.seqs.len();
+        let plain = row_params.iter().all(|&(_, k, p, m, _, _)| (k <= 1 || k as usize >= self.config.vocab_size) && p >= 1.0 && m <= 0.0);
+        let pure_decode = plain && batch.seqs.iter().all(|s| s.num_tokens == 1) && n == batch.seqs.len();
         let graph_size = if pure_decode { GRAPH_SIZES.iter().copied().find(|&g| g >= n && self.graphs.contains_key(&g)) } else { None };
         match graph_size {
             Some(g) => {
@@ -334,7 +348,7 @@ impl CudaExecutor {
                 self.sampling.fill(&row_params);
                 self.gpu.upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
                 let step = self.runner.parts().0.upload_step(&batch)?;
-                self.launch_step(n, &step)?;
+                self.launch_step(n, &step, plain)?;
             }
         }
         let mut toks = vec![0i32; n];
