@@ -1,7 +1,8 @@
 //! `cargo xtask bench-build`: times the kernel build the way a developer meets it.
 //!
-//! 1. cold: fresh target dir, empty ccache;  2. no-op rebuild;  3. one `.cu` changed;
-//! 4. cold rebuild (fresh target dir) with the ccache warmed by 1-3.
+//! Steps: cold (fresh target dir, empty ccache), no-op rebuild, one `.cu` changed, and a
+//! cold rebuild (fresh target dir) with the ccache the first three warmed.
+//!
 //! It builds `rvllm-kernels --features cuda --release` from a scratch copy of
 //! `kernels/src` (`RVLLM_KERNELS_SRC`), so the repository's kernels are never edited, and
 //! uses its own target and ccache folders, so nothing else is disturbed.

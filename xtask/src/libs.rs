@@ -124,10 +124,10 @@ mod tests {
             s = sys.display()
         );
         // Only the system copy: the symlink chain is one library.
-        assert!(duplicate_copies(&ldconfig, &[sys.clone()]).is_empty());
+        assert!(duplicate_copies(&ldconfig, std::slice::from_ref(&sys)).is_empty());
 
         // A second NCCL on LD_LIBRARY_PATH is named, cuBLAS (one copy) is not.
-        let dups = duplicate_copies(&ldconfig, &[conda.clone()]);
+        let dups = duplicate_copies(&ldconfig, std::slice::from_ref(&conda));
         assert_eq!(dups.len(), 1, "{dups:?}");
         assert_eq!(dups[0].0, "libnccl");
         assert_eq!(dups[0].1.len(), 2);

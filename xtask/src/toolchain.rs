@@ -194,7 +194,7 @@ pub fn standard_prefixes() -> Vec<PathBuf> {
             Some((ver, e.path()))
         })
         .collect();
-    versioned.sort_by(|a, b| b.0.cmp(&a.0));
+    versioned.sort_by_key(|(v, _)| std::cmp::Reverse(*v));
     v.extend(versioned.into_iter().map(|(_, p)| p));
     v.extend(["/opt/cuda", "/usr/lib/cuda", "/usr/lib/nvidia-cuda-toolkit"].map(PathBuf::from));
     v
