@@ -438,3 +438,80 @@ fn forward_batch_validation_names_the_problem() {
         .to_string()
         .contains("logits row"));
 }
+
+#[test]
+fn half_precision_weights_are_widened_exactly() {
+    use half::{bf16, f16};
+    let be = CpuBackend::new();
+    let mut rng = StdRng::seed_from_u64(10);
+    // k * n spans several widening blocks; m covers the split and the large-m paths.
+    let (k, n) = (129, 1200);
+    let ws = rand_vec(&mut rng, n * k);
+    let as_bf16: Vec<bf16> = ws.iter().map(|&v| bf16::from_f32(v)).collect();
+    let as_f16: Vec<f16> = ws.iter().map(|&v| f16::from_f32(v)).collect();
+    let widened_bf16: Vec<f32> = as_bf16.iter().map(|v| v.to_f32()).collect();
+    let widened_f16: Vec<f32> = as_f16.iter().map(|v| v.to_f32()).collect();
+    let cases = [
+        (HostData::BF16(as_bf16), widened_bf16),
+        (HostData::F16(as_f16), widened_f16),
+    ];
+    for (data, widened) in cases {
+        let w = be
+            .upload_weight(
+                "w",
+                HostTensor {
+                    shape: vec![n, k],
+                    data,
+                },
+            )
+            .unwrap();
+        let f = be
+            .upload_weight("w32", host(&[n, k], widened.clone()))
+            .unwrap();
+        for m in [1, 5, 40] {
+            let xs = rand_vec(&mut rng, m * k);
+            let x = be.activation_from_host(m, k, &xs).unwrap();
+            let (mut a, mut b) = (
+                be.alloc_activation(m, n).unwrap(),
+                be.alloc_activation(m, n).unwrap(),
+            );
+            be.linear(&x, &w, None, &mut a).unwrap();
+            be.linear(&x, &f, None, &mut b).unwrap();
+            assert_close(
+                a.as_slice(),
+                b.as_slice(),
+                1e-5,
+                &format!("half weights, {m} rows"),
+            );
+        }
+        // The embedding table may be half precision too (tied LM head).
+        let step = be
+            .upload_step(&ForwardBatch {
+                token_ids: vec![1199, 0],
+                positions: vec![0, 1],
+                slot_mapping: vec![0, 1],
+                seqs: vec![SeqSlice {
+                    token_offset: 0,
+                    num_tokens: 2,
+                    context_len: 2,
+                    block_table: vec![0],
+                }],
+                logits_rows: vec![],
+            })
+            .unwrap();
+        let mut e = be.alloc_activation(2, k).unwrap();
+        be.embedding(&w, &step, &mut e).unwrap();
+        assert_close(
+            &e.as_slice()[..k],
+            &widened[1199 * k..],
+            0.0,
+            "half embedding row",
+        );
+        assert_close(
+            &e.as_slice()[k..],
+            &widened[..k],
+            0.0,
+            "half embedding row 0",
+        );
+    }
+}
