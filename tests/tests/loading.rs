@@ -610,3 +610,68 @@ fn tiny_qwen2_gguf_keeps_biases_and_is_not_unpermuted() {
     assert!(g.tokenizer.is_none());
     assert_same_weights(&g, &hf, &[]);
 }
+
+/// Corrupt header bytes and truncations: every load returns (an error naming the file, or a
+/// model), none panics or runs away with memory.
+fn fuzz_file(src: &Path, name: &str, header_len: usize, folder_files: &[&str]) {
+    let original = std::fs::read(src).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for f in folder_files {
+        std::fs::copy(src.parent().unwrap().join(f), dir.path().join(f)).unwrap();
+    }
+    let target = dir.path().join(name);
+    let spec = if folder_files.is_empty() {
+        target.clone()
+    } else {
+        dir.path().to_path_buf()
+    };
+    let mut failures = Vec::new();
+    let mut errors = 0;
+    let mut mutations: Vec<(usize, Option<u8>)> = Vec::new();
+    for pos in (0..header_len.min(original.len())).step_by(5) {
+        mutations.push((pos, Some(original[pos] ^ 0xFF)));
+        mutations.push((pos, Some(original[pos].wrapping_add(1))));
+    }
+    for cut in (0..original.len()).step_by(original.len() / 97 + 1) {
+        mutations.push((cut, None));
+    }
+    for (pos, byte) in mutations {
+        let mut bytes = original.clone();
+        match byte {
+            Some(b) => bytes[pos] = b,
+            None => bytes.truncate(pos),
+        }
+        std::fs::write(&target, &bytes).unwrap();
+        let spec = spec.clone();
+        let r = std::panic::catch_unwind(move || load(&spec, LoadFormat::Auto));
+        match r {
+            Err(_) => failures.push(format!("panic at byte {pos} ({byte:?})")),
+            Ok(Err(e)) => {
+                errors += 1;
+                let msg = format!("{e:#}");
+                if !msg.contains(name) {
+                    failures.push(format!(
+                        "byte {pos} ({byte:?}): error without the file name: {msg}"
+                    ));
+                }
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    assert!(errors > 50, "only {errors} corruptions were noticed");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn corrupt_gguf_bytes_never_panic() {
+    let src = fixtures().join("gguf/tiny_qwen2.gguf");
+    fuzz_file(&src, "tiny_qwen2.gguf", 4096, &[]);
+}
+
+#[test]
+fn corrupt_safetensors_bytes_never_panic() {
+    let src = tiny("llama_tied").join("model.safetensors");
+    let bytes = std::fs::read(&src).unwrap();
+    let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    fuzz_file(&src, "model.safetensors", header, &["config.json"]);
+}

@@ -180,7 +180,7 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
     let eos_token_ids = from_either("eos_token_id")?;
     let bos_token_id = from_either("bos_token_id")?.first().copied();
 
-    Ok(ModelConfig {
+    let config = ModelConfig {
         architecture,
         hidden_size,
         intermediate_size: required(&cfg, "intermediate_size")?,
@@ -207,7 +207,9 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
         sliding_window,
         bos_token_id,
         eos_token_ids,
-    })
+    };
+    super::layout::check_config_sane(&config)?;
+    Ok(config)
 }
 
 /// Read `config.json` and the `generation_config.json` beside it (if any).

@@ -152,6 +152,12 @@ impl Tokenizer {
         self.eos_token_id
     }
 
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.bos_token
+            .as_deref()
+            .and_then(|t| self.inner.token_to_id(t))
+    }
+
     pub fn bos_token(&self) -> Option<&str> {
         self.bos_token.as_deref()
     }

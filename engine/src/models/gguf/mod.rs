@@ -115,6 +115,10 @@ fn read_config_inner(g: &GgufFile) -> Result<ModelConfig> {
     let head_dim =
         meta_usize(g, &key("attention.key_length"))?.unwrap_or(hidden_size / num_attention_heads);
     ensure!(
+        head_dim > 0 && head_dim % 2 == 0,
+        "head dimension {head_dim} must be even and > 0"
+    );
+    ensure!(
         num_key_value_heads > 0 && num_attention_heads % num_key_value_heads == 0,
         "{num_attention_heads} attention heads cannot be shared by {num_key_value_heads} KV heads"
     );
@@ -166,6 +170,7 @@ fn read_config_inner(g: &GgufFile) -> Result<ModelConfig> {
         bos_token_id: id("tokenizer.ggml.bos_token_id")?,
         eos_token_ids,
     };
+    super::layout::check_config_sane(&cfg)?;
     if let Some(info) = g.tensor_info("rope_freqs.weight") {
         cfg.rope_scaling = Some(llama3_scaling_from_rope_freqs(g, info, &cfg, &key)?);
     }

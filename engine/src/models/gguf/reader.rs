@@ -97,8 +97,9 @@ pub struct GgufTensorInfo {
 }
 
 impl GgufTensorInfo {
+    /// Element count; saturates on a corrupt header so size checks fail instead of wrapping.
     pub fn numel(&self) -> u64 {
-        self.dims.iter().product()
+        self.dims.iter().fold(1u64, |a, &d| a.saturating_mul(d))
     }
     /// Row-major shape (outermost first), as Hugging Face names it.
     pub fn shape(&self) -> Vec<usize> {
@@ -198,7 +199,8 @@ impl<'a> Cursor<'a> {
                     len <= self.remaining() as u64,
                     "{what}: array length {len} runs past the end of the file: truncated or corrupt"
                 );
-                let mut items = Vec::with_capacity(len as usize);
+                // Capacity is capped: a corrupt length must fail on reading, not on allocating.
+                let mut items = Vec::with_capacity((len as usize).min(1 << 16));
                 for _ in 0..len {
                     items.push(self.value(elem_ty, what, depth + 1)?);
                 }
@@ -252,7 +254,7 @@ impl GgufFile {
             let value = c.value(ty, &format!("metadata `{key}`"), 0)?;
             metadata.insert(key, value);
         }
-        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut tensors = Vec::with_capacity((n_tensors as usize).min(1 << 16));
         for i in 0..n_tensors {
             let name = c.string(&format!("tensor info #{i}"))?;
             let what = format!("tensor info of `{name}`");
