@@ -155,7 +155,11 @@ fn prompt_logprobs_arrive_with_the_last_prompt_chunk_whatever_the_chunking() {
         .prompt_logprobs
         .clone()
         .expect("prompt logprobs were asked for");
-    assert_eq!(want.len(), 149, "one entry per prompt token after the first");
+    assert_eq!(
+        want.len(),
+        149,
+        "one entry per prompt token after the first"
+    );
     for (e, &t) in want.iter().zip(&p[1..]) {
         assert_eq!(e.token_id, t);
         assert!(e.logprob <= 0.0 && e.top.len() == 3);
