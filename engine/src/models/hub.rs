@@ -163,6 +163,15 @@ impl Hub<'_> {
             req = req.bearer_auth(t);
         }
         let resp = req.send().map_err(|e| {
+            // reqwest's Display stops at "error sending request"; the cause says why.
+            let mut cause = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(inner) = src {
+                cause.push_str(": ");
+                cause.push_str(&inner.to_string());
+                src = inner.source();
+            }
+            let e = cause;
             anyhow::Error::new(Unreachable(format!(
                 "the Hugging Face hub at {} is unreachable ({e}); pass a local model folder or .gguf file to --model, or set HF_ENDPOINT to a reachable mirror",
                 self.settings.endpoint
@@ -393,5 +402,126 @@ mod tests {
         );
         let snap = make_cache(dir.path(), "org/cached", "def456");
         assert_eq!(resolve(&s, "org/cached", false).unwrap(), snap);
+    }
+
+    /// A loopback hub mirror (HF_ENDPOINT may point at any mirror) serving the tiny fixture
+    /// folder, so the download path runs for real: model info, file URLs, auth header,
+    /// cache layout, refs/main.
+    fn serve_mirror(
+        files: Vec<(String, Vec<u8>)>,
+        sha: &'static str,
+        require_token: Option<&'static str>,
+    ) -> String {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                let mut authorized = require_token.is_none();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(t) = require_token {
+                        if line.to_ascii_lowercase().starts_with("authorization:")
+                            && line.contains(&format!("Bearer {t}"))
+                        {
+                            authorized = true;
+                        }
+                    }
+                }
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string();
+                let (status, body): (&str, Vec<u8>) = if !authorized {
+                    ("401 Unauthorized", b"{}".to_vec())
+                } else if path == "/api/models/org/tiny/revision/main" {
+                    let siblings: Vec<String> = files
+                        .iter()
+                        .map(|(n, _)| format!("{{\"rfilename\": \"{n}\"}}"))
+                        .collect();
+                    let body = format!(
+                        "{{\"sha\": \"{sha}\", \"siblings\": [{}]}}",
+                        siblings.join(",")
+                    );
+                    ("200 OK", body.into_bytes())
+                } else if let Some(f) = path.strip_prefix(&format!("/org/tiny/resolve/{sha}/")) {
+                    match files.iter().find(|(n, _)| n == f) {
+                        Some((_, data)) => ("200 OK", data.clone()),
+                        None => ("404 Not Found", vec![]),
+                    }
+                } else {
+                    ("404 Not Found", vec![])
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&body);
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn fixture_files() -> Vec<(String, Vec<u8>)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny/llama_tied");
+        [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "model.safetensors",
+        ]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(dir.join(f)).unwrap()))
+        .collect()
+    }
+
+    #[test]
+    fn downloads_from_a_mirror_into_the_cache_layout() {
+        let files = fixture_files();
+        let endpoint = serve_mirror(files.clone(), "feedbeef", Some("secret"));
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), false, &endpoint);
+        s.token = Some("secret".into());
+        let snap = resolve(&s, "org/tiny", false).unwrap();
+        assert_eq!(
+            snap,
+            dir.path().join("hub/models--org--tiny/snapshots/feedbeef")
+        );
+        for (name, data) in &files {
+            assert_eq!(&std::fs::read(snap.join(name)).unwrap(), data, "{name}");
+        }
+        let refs = dir.path().join("hub/models--org--tiny/refs/main");
+        assert_eq!(std::fs::read_to_string(refs).unwrap(), "feedbeef");
+        // Now offline, the cache alone serves it.
+        s.offline = true;
+        assert_eq!(resolve(&s, "org/tiny", false).unwrap(), snap);
+        // And the snapshot is a loadable model folder.
+        let m = crate::models::load_model(snap.to_str().unwrap(), &Default::default()).unwrap();
+        assert!(m.weights.is_some() && m.tokenizer.is_some());
+    }
+
+    #[test]
+    fn refused_access_and_unknown_models_are_explained() {
+        let endpoint = serve_mirror(fixture_files(), "feedbeef", Some("secret"));
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(dir.path(), false, &endpoint);
+        let e = format!("{:#}", resolve(&s, "org/tiny", false).unwrap_err());
+        assert!(e.contains("HF_TOKEN") && e.contains("org/tiny"), "{e}");
+        let endpoint = serve_mirror(fixture_files(), "feedbeef", None);
+        let s = settings(dir.path(), false, &endpoint);
+        let e = format!("{:#}", resolve(&s, "org/other", false).unwrap_err());
+        assert!(e.contains("not found") && e.contains("org/other"), "{e}");
     }
 }
