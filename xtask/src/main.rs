@@ -6,6 +6,7 @@ mod build;
 mod demo;
 mod doctor;
 mod driver;
+mod gpu_test;
 mod jobs;
 mod libs;
 mod setup_cuda;
@@ -50,6 +51,8 @@ enum Command {
     Dev(dev::Args),
     /// Build (or pull) the Docker images.
     Docker(docker::Args),
+    /// Build the GPU tests, the binary and their fixtures into one folder to run on a GPU machine.
+    GpuTest(gpu_test::Args),
 }
 
 fn main() {
@@ -65,6 +68,7 @@ fn main() {
         Command::Install(a) => install::run(a),
         Command::Dev(a) => dev::run(a),
         Command::Docker(a) => docker::run(a),
+        Command::GpuTest(a) => gpu_test::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
