@@ -379,4 +379,82 @@ mod tests {
         assert_ne!(permuted, hf);
         assert_eq!(unpermute_rows(&permuted, heads, rows, cols), hf);
     }
+
+    fn llama_meta(extra: Vec<(&'static str, GgufValue)>) -> Vec<(&'static str, GgufValue)> {
+        let mut m = vec![
+            ("general.architecture", GgufValue::String("llama".into())),
+            ("llama.embedding_length", GgufValue::U32(256)),
+            ("llama.block_count", GgufValue::U32(2)),
+            ("llama.feed_forward_length", GgufValue::U32(512)),
+            ("llama.attention.head_count", GgufValue::U32(4)),
+            ("llama.attention.head_count_kv", GgufValue::U32(2)),
+            ("llama.rope.freq_base", GgufValue::F32(500000.0)),
+            ("llama.vocab_size", GgufValue::U32(1000)),
+        ];
+        m.extend(extra);
+        m
+    }
+
+    fn open_written(
+        meta: &[(&str, GgufValue)],
+        tensors: &[reader::test_writer::TestTensor],
+    ) -> (tempfile::TempDir, GgufFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        std::fs::write(&p, reader::test_writer::write(meta, tensors)).unwrap();
+        let g = GgufFile::open(&p).unwrap();
+        (dir, g)
+    }
+
+    /// Llama 3.1 GGUFs store RoPE scaling as per-frequency divisors: they are turned back into
+    /// the llama3 parameters, and divisors that match no llama3 scaling are refused.
+    #[test]
+    fn rope_freqs_tensor_becomes_llama3_scaling() {
+        let want = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        };
+        let (_d, g) = open_written(&llama_meta(vec![]), &[]);
+        let base = read_config(&g).unwrap();
+        assert_eq!((base.head_dim, base.vocab_size), (64, 1000));
+        let plain = base.rope_inv_freq();
+        let scaled = ModelConfig {
+            rope_scaling: Some(want.clone()),
+            ..base.clone()
+        }
+        .rope_inv_freq();
+        let divisors: Vec<f32> = plain.iter().zip(&scaled).map(|(p, s)| p / s).collect();
+        let tensor = |d: &[f32]| reader::test_writer::TestTensor {
+            name: "rope_freqs.weight".into(),
+            dims: vec![d.len() as u64],
+            ggml_type: dequant::ggml_type::F32,
+            data: d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        };
+        let (_d, g) = open_written(&llama_meta(vec![]), &[tensor(&divisors)]);
+        assert_eq!(read_config(&g).unwrap().rope_scaling, Some(want));
+
+        let mut wrong = divisors.clone();
+        wrong[20] *= 1.5;
+        let (_d, g) = open_written(&llama_meta(vec![]), &[tensor(&wrong)]);
+        let e = format!("{:#}", read_config(&g).unwrap_err());
+        assert!(e.contains("rope_freqs") && e.contains("m.gguf"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_architecture_and_missing_keys_are_named() {
+        let mut meta = llama_meta(vec![]);
+        meta[0].1 = GgufValue::String("gemma2".into());
+        let (_d, g) = open_written(&meta, &[]);
+        let e = format!("{:#}", read_config(&g).unwrap_err());
+        assert!(e.contains("gemma2") && e.contains("llama, qwen2"), "{e}");
+        let meta: Vec<_> = llama_meta(vec![])
+            .into_iter()
+            .filter(|(k, _)| *k != "llama.block_count")
+            .collect();
+        let (_d, g) = open_written(&meta, &[]);
+        let e = format!("{:#}", read_config(&g).unwrap_err());
+        assert!(e.contains("llama.block_count"), "{e}");
+    }
 }
