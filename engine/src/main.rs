@@ -2,7 +2,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rvllm", about = "A vLLM-class LLM inference engine", disable_version_flag = true)]
+#[command(
+    name = "rvllm",
+    about = "A vLLM-class LLM inference engine",
+    disable_version_flag = true
+)]
 struct Cli {
     /// Print version, commit, target and compiled device backends.
     #[arg(long, short = 'V')]
@@ -43,7 +47,9 @@ fn main() {
         Some(Command::Serve(a)) => rvllm::server::run(a),
         Some(Command::Bench(BenchCommand::Serve(a))) => rvllm::bench::serve::run(a),
         Some(Command::Bench(BenchCommand::Latency(a))) => rvllm::bench::offline::run_latency(a),
-        Some(Command::Bench(BenchCommand::Throughput(a))) => rvllm::bench::offline::run_throughput(a),
+        Some(Command::Bench(BenchCommand::Throughput(a))) => {
+            rvllm::bench::offline::run_throughput(a)
+        }
         None => {
             eprintln!("rvllm: give a command (generate, serve, bench); see `rvllm --help`");
             std::process::exit(2);

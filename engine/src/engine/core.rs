@@ -80,9 +80,12 @@ impl EngineCore {
             "dummy" => LoadFormat::Dummy,
             other => bail!("unknown --load-format `{other}`: use auto or dummy"),
         };
-        let opts = LoadOptions { load_format, progress: !args.disable_progress };
-        let mut model: LoadedModel =
-            load_model(&args.model, &opts).with_context(|| format!("loading model `{}`", args.model))?;
+        let opts = LoadOptions {
+            load_format,
+            progress: !args.disable_progress,
+        };
+        let mut model: LoadedModel = load_model(&args.model, &opts)
+            .with_context(|| format!("loading model `{}`", args.model))?;
         let tokenizer = model.tokenizer.take();
         let config = model.config.clone();
         let runner_cfg = RunnerConfig {
@@ -159,8 +162,10 @@ impl EngineCore {
         }
         let out = self.executor.execute(&so)?;
         let outputs = self.scheduler.update_from_output(&so, &out);
-        self.generation_tokens_total +=
-            outputs.iter().map(|o| o.new_token_ids.len() as u64).sum::<u64>();
+        self.generation_tokens_total += outputs
+            .iter()
+            .map(|o| o.new_token_ids.len() as u64)
+            .sum::<u64>();
         Ok(outputs)
     }
 }

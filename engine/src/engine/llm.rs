@@ -49,7 +49,10 @@ struct Slot {
 impl Llm {
     pub fn new(args: &EngineArgs) -> Result<Self> {
         let (core, tokenizer) = EngineCore::new(args)?;
-        Ok(Self { core, tokenizer: tokenizer.map(Arc::new) })
+        Ok(Self {
+            core,
+            tokenizer: tokenizer.map(Arc::new),
+        })
     }
 
     pub fn tokenizer(&self) -> Option<Arc<Tokenizer>> {
@@ -69,7 +72,9 @@ impl Llm {
         mut on_step: impl FnMut(usize),
     ) -> Result<Vec<RequestOutput>> {
         if params.len() != 1 && params.len() != prompts.len() {
-            return Err(anyhow!("give one SamplingParams for all prompts or one per prompt"));
+            return Err(anyhow!(
+                "give one SamplingParams for all prompts or one per prompt"
+            ));
         }
         let start = Instant::now();
         let eos = self.core.config.eos_token_ids.clone();
@@ -78,11 +83,17 @@ impl Llm {
         let mut slots: HashMap<RequestId, Slot> = HashMap::new();
         let mut pending = Vec::with_capacity(prompts.len());
         for (i, prompt) in prompts.iter().enumerate() {
-            let p = if params.len() == 1 { &params[0] } else { &params[i] };
+            let p = if params.len() == 1 {
+                &params[0]
+            } else {
+                &params[i]
+            };
             let (p, reqs) = admit(prompt, p, self.core.max_model_len, &eos)
                 .map_err(|e| anyhow!("prompt {i}: {e}"))?;
             texts.push(
-                (0..reqs.len()).map(|s| SeqOutput::new(s, self.tokenizer.clone(), prompt, &p)).collect(),
+                (0..reqs.len())
+                    .map(|s| SeqOutput::new(s, self.tokenizer.clone(), prompt, &p))
+                    .collect(),
             );
             results.push(RequestOutput {
                 prompt_token_ids: prompt.clone(),
@@ -124,7 +135,9 @@ impl Llm {
                 }
             };
             for out in outputs {
-                let Some(slot) = slots.get(&out.req_id) else { continue };
+                let Some(slot) = slots.get(&out.req_id) else {
+                    continue;
+                };
                 let (req_idx, seq_idx, id) = (slot.request, slot.seq, out.req_id);
                 let (delta, stopped) = texts[req_idx][seq_idx].process(out);
                 if stopped {

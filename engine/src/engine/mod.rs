@@ -7,10 +7,10 @@ pub mod llm;
 pub mod output;
 pub mod request;
 
+pub use crate::scheduler::FinishReason;
 pub use args::EngineArgs;
 pub use async_engine::{AsyncEngine, EngineStats, RequestStream};
 pub use core::{resolve_device, Device, EngineCore};
 pub use llm::{CompletionOutput, Llm, RequestOutput};
 pub use output::{CompletionDelta, StopReason};
 pub use request::EngineError;
-pub use crate::scheduler::FinishReason;

@@ -52,17 +52,31 @@ impl SeqOutput {
         prompt_ids: &[u32],
         params: &SamplingParams,
     ) -> Self {
-        let detok = tokenizer.as_ref().map(|_| {
-            IncrementalDetokenizer::new(prompt_ids, params.skip_special_tokens)
-        });
-        let longest = params.stop.iter().map(|s| s.chars().count()).max().unwrap_or(0);
+        let detok = tokenizer
+            .as_ref()
+            .map(|_| IncrementalDetokenizer::new(prompt_ids, params.skip_special_tokens));
+        let longest = params
+            .stop
+            .iter()
+            .map(|s| s.chars().count())
+            .max()
+            .unwrap_or(0);
         Self {
             index,
             tokenizer,
             detok,
-            stop: params.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            stop: params
+                .stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .collect(),
             include_stop: params.include_stop_str_in_output,
-            holdback_chars: if params.include_stop_str_in_output { 0 } else { longest.saturating_sub(1) },
+            holdback_chars: if params.include_stop_str_in_output {
+                0
+            } else {
+                longest.saturating_sub(1)
+            },
             text: String::new(),
             emitted: 0,
             finished: false,
@@ -77,7 +91,9 @@ impl SeqOutput {
             token_ids: out.new_token_ids.clone(),
             logprobs: out.new_logprobs,
             prompt_logprobs: out.prompt_logprobs.map(|v| {
-                std::iter::once(None).chain(v.into_iter().map(Some)).collect()
+                std::iter::once(None)
+                    .chain(v.into_iter().map(Some))
+                    .collect()
             }),
             finish_reason: out.finish_reason,
             stop_reason: out.stop_token.map(StopReason::TokenId),
@@ -97,7 +113,11 @@ impl SeqOutput {
                 let search_from = self.text.len().saturating_sub(max_len(&self.stop) + 4);
                 self.text.push_str(&piece);
                 if let Some((pos, s)) = find_stop(&self.text, &self.stop, search_from) {
-                    let cut = if self.include_stop { pos + s.len() } else { pos };
+                    let cut = if self.include_stop {
+                        pos + s.len()
+                    } else {
+                        pos
+                    };
                     self.text.truncate(cut);
                     delta.finish_reason = Some(FinishReason::Stop);
                     delta.stop_reason = Some(StopReason::Str(s));

@@ -14,9 +14,15 @@ pub fn next_request_id() -> RequestId {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineError {
     /// A parameter is out of range; `param` names it, `message` says what to change.
-    InvalidParam { param: String, message: String },
+    InvalidParam {
+        param: String,
+        message: String,
+    },
     /// The prompt leaves no room to generate within --max-model-len.
-    PromptTooLong { prompt_len: usize, max_model_len: usize },
+    PromptTooLong {
+        prompt_len: usize,
+        max_model_len: usize,
+    },
     /// The engine is stopping and takes no new requests.
     ShuttingDown,
     Internal(String),
@@ -59,7 +65,10 @@ pub fn admit(
     }
     let prompt_len = prompt_token_ids.len();
     if prompt_len >= max_model_len {
-        return Err(EngineError::PromptTooLong { prompt_len, max_model_len });
+        return Err(EngineError::PromptTooLong {
+            prompt_len,
+            max_model_len,
+        });
     }
     let room = max_model_len - prompt_len;
     let mut params = params.clone();

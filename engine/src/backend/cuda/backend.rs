@@ -41,7 +41,12 @@ impl Activation for CudaTensor {
         self.cap
     }
     fn set_rows(&mut self, rows: usize) -> Result<()> {
-        ensure!(rows <= self.cap, "GPU activation holds {} rows of {}, asked for {rows}", self.cap, self.cols);
+        ensure!(
+            rows <= self.cap,
+            "GPU activation holds {} rows of {}, asked for {rows}",
+            self.cap,
+            self.cols
+        );
         self.rows = rows;
         Ok(())
     }
@@ -110,7 +115,16 @@ impl MetaLayout {
         let logits_rows = context_lens + l.max_seqs;
         let block_tables = logits_rows + l.max_tokens;
         let total = block_tables + l.max_seqs * l.max_blocks_per_seq;
-        Self { ids, positions, slots, cu_seqlens, context_lens, logits_rows, block_tables, total }
+        Self {
+            ids,
+            positions,
+            slots,
+            cu_seqlens,
+            context_lens,
+            logits_rows,
+            block_tables,
+            total,
+        }
     }
 }
 
@@ -167,7 +181,13 @@ macro_rules! args {
 
 impl CudaBackend {
     /// `max_context`: the longest context a step may attend to (sizes the split-K scratch).
-    pub fn new(gpu: Arc<Gpu>, limits: StepLimits, num_heads: usize, head_dim: usize, max_context: usize) -> Result<Self> {
+    pub fn new(
+        gpu: Arc<Gpu>,
+        limits: StepLimits,
+        num_heads: usize,
+        head_dim: usize,
+        max_context: usize,
+    ) -> Result<Self> {
         let layout = MetaLayout::new(&limits);
         let meta = gpu.alloc(layout.total * 4)?;
         let max_partitions = max_context.div_ceil(DECODE_PARTITION).max(1);
@@ -210,8 +230,16 @@ impl CudaBackend {
         Ok(buf)
     }
 
-    fn launch(&self, module: &'static str, kernel: &'static str, grid: (u32, u32, u32), block: u32, params: &mut [*mut c_void]) -> Result<()> {
-        self.gpu.launch(module, kernel, grid, (block, 1, 1), 0, params)
+    fn launch(
+        &self,
+        module: &'static str,
+        kernel: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        self.gpu
+            .launch(module, kernel, grid, (block, 1, 1), 0, params)
     }
 
     /// `y[1, n] = x[1, k] @ w[n, k]^T` with the GEMV kernel (k a multiple of 8).
@@ -220,14 +248,26 @@ impl CudaBackend {
         let (m, n, k) = (1i32, w.rows as i32, w.cols as i32);
         let wp = w.buf.ptr;
         let grid = (w.rows.div_ceil(8 / SPLIT as usize) as u32, 1, 1);
-        self.launch("gemv", "gemv_bf16_b1", grid, 256, args![y, x, wp, m, n, k, SPLIT])
+        self.launch(
+            "gemv",
+            "gemv_bf16_b1",
+            grid,
+            256,
+            args![y, x, wp, m, n, k, SPLIT],
+        )
     }
 
     /// bf16 → f32, `n` elements.
     pub fn bf16_to_f32(&self, out: CUdeviceptr, input: CUdeviceptr, n: usize) -> Result<()> {
         let n64 = n as i64;
         let blocks = n.div_ceil(256).min(4096) as u32;
-        self.launch("activation", "bf16_to_f32", (blocks, 1, 1), 256, args![out, input, n64])
+        self.launch(
+            "activation",
+            "bf16_to_f32",
+            (blocks, 1, 1),
+            256,
+            args![out, input, n64],
+        )
     }
 
     fn decode_kernel(head_dim: usize, group: usize) -> Result<(&'static str, usize)> {
@@ -270,16 +310,28 @@ impl Backend for CudaBackend {
     type StepMeta = CudaStepMeta;
 
     fn device_name(&self) -> String {
-        format!("cuda:0 ({}, sm_{}{})", self.gpu.name, self.gpu.compute_capability.0, self.gpu.compute_capability.1)
+        format!(
+            "cuda:0 ({}, sm_{}{})",
+            self.gpu.name, self.gpu.compute_capability.0, self.gpu.compute_capability.1
+        )
     }
 
     fn alloc_activation(&self, capacity_rows: usize, cols: usize) -> Result<CudaTensor> {
         let buf = self.gpu.alloc(capacity_rows.max(1) * cols * BF16)?;
-        Ok(CudaTensor { buf, rows: 0, cols, cap: capacity_rows.max(1) })
+        Ok(CudaTensor {
+            buf,
+            rows: 0,
+            cols,
+            cap: capacity_rows.max(1),
+        })
     }
 
     fn activation_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaTensor> {
-        ensure!(data.len() == rows * cols, "activation data has {} values for {rows}x{cols}", data.len());
+        ensure!(
+            data.len() == rows * cols,
+            "activation data has {} values for {rows}x{cols}",
+            data.len()
+        );
         let host: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
         let mut t = self.alloc_activation(rows, cols)?;
         self.gpu.upload(t.buf.ptr, &host)?;
@@ -296,16 +348,28 @@ impl Backend for CudaBackend {
     }
 
     fn upload_weight(&self, name: &str, t: HostTensor) -> Result<CudaWeight> {
-        ensure!(t.shape.len() == 2, "weight `{name}` should be 2-D, has shape {:?}", t.shape);
+        ensure!(
+            t.shape.len() == 2,
+            "weight `{name}` should be 2-D, has shape {:?}",
+            t.shape
+        );
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let buf = self.upload_bf16(&to_bf16_parallel(t))?;
         Ok(CudaWeight { buf, rows, cols })
     }
 
     fn upload_vector(&self, name: &str, t: HostTensor) -> Result<CudaVector> {
-        ensure!(t.shape.len() == 1, "vector `{name}` should be 1-D, has shape {:?}", t.shape);
+        ensure!(
+            t.shape.len() == 1,
+            "vector `{name}` should be 1-D, has shape {:?}",
+            t.shape
+        );
         let f = t.to_f32();
-        Ok(CudaVector { bf16: self.upload_bf16(&t.to_bf16())?, f32: self.upload_f32(&f)?, len: f.len() })
+        Ok(CudaVector {
+            bf16: self.upload_bf16(&t.to_bf16())?,
+            f32: self.upload_f32(&f)?,
+            len: f.len(),
+        })
     }
 
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache> {
@@ -324,9 +388,20 @@ impl Backend for CudaBackend {
     fn upload_step(&self, batch: &ForwardBatch) -> Result<CudaStepMeta> {
         let l = &self.limits;
         let (nt, ns) = (batch.num_tokens(), batch.seqs.len());
-        ensure!(nt <= l.max_tokens, "step of {nt} tokens exceeds the GPU step buffers ({})", l.max_tokens);
-        ensure!(ns <= l.max_seqs, "step of {ns} sequences exceeds the GPU step buffers ({})", l.max_seqs);
-        ensure!(batch.logits_rows.len() <= l.max_tokens, "too many logits rows");
+        ensure!(
+            nt <= l.max_tokens,
+            "step of {nt} tokens exceeds the GPU step buffers ({})",
+            l.max_tokens
+        );
+        ensure!(
+            ns <= l.max_seqs,
+            "step of {ns} sequences exceeds the GPU step buffers ({})",
+            l.max_seqs
+        );
+        ensure!(
+            batch.logits_rows.len() <= l.max_tokens,
+            "too many logits rows"
+        );
         let lay = &self.layout;
         let mut st = self.staging.lock().unwrap_or_else(|e| e.into_inner());
         for (i, t) in batch.token_ids.iter().enumerate() {
@@ -339,7 +414,11 @@ impl Backend for CudaBackend {
         let (mut max_chunk, mut max_context) = (0, 0);
         st[lay.cu_seqlens] = 0;
         for (i, s) in batch.seqs.iter().enumerate() {
-            ensure!(s.block_table.len() <= l.max_blocks_per_seq, "sequence {i} has {} blocks, more than --max-model-len allows", s.block_table.len());
+            ensure!(
+                s.block_table.len() <= l.max_blocks_per_seq,
+                "sequence {i} has {} blocks, more than --max-model-len allows",
+                s.block_table.len()
+            );
             if decoding && s.num_tokens == 1 {
                 num_decode += 1;
             } else {
@@ -359,9 +438,18 @@ impl Backend for CudaBackend {
         }
         // One copy of the whole (fixed-layout) buffer keeps every array at a fixed address.
         self.gpu.upload_async(self.meta.ptr, &st[..lay.total])?;
-        let fixed = self.fixed_decode_partitions.load(std::sync::atomic::Ordering::Relaxed);
-        let decode_partitions = if fixed > 0 { fixed } else { max_context.div_ceil(DECODE_PARTITION).max(1) };
-        ensure!(decode_partitions <= self.max_partitions, "context of {max_context} tokens exceeds the attention scratch");
+        let fixed = self
+            .fixed_decode_partitions
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let decode_partitions = if fixed > 0 {
+            fixed
+        } else {
+            max_context.div_ceil(DECODE_PARTITION).max(1)
+        };
+        ensure!(
+            decode_partitions <= self.max_partitions,
+            "context of {max_context} tokens exceeds the attention scratch"
+        );
         Ok(CudaStepMeta {
             num_tokens: nt,
             num_seqs: ns,
@@ -375,19 +463,46 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn embedding(&self, table: &CudaWeight, step: &CudaStepMeta, out: &mut CudaTensor) -> Result<()> {
+    fn embedding(
+        &self,
+        table: &CudaWeight,
+        step: &CudaStepMeta,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
         out.set_rows(step.num_tokens)?;
         let (o, t, ids) = (out.buf.ptr, table.buf.ptr, step.ids());
         let (n, h, v) = (step.num_tokens as i32, table.cols as i32, table.rows as i32);
         if n == 0 {
             return Ok(());
         }
-        self.launch("embedding", "embedding_lookup_bf16", (n as u32, 1, 1), 256, args![o, t, ids, n, h, v])
+        self.launch(
+            "embedding",
+            "embedding_lookup_bf16",
+            (n as u32, 1, 1),
+            256,
+            args![o, t, ids, n, h, v],
+        )
     }
 
-    fn linear(&self, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaVector>, out: &mut CudaTensor) -> Result<()> {
-        ensure!(x.cols == w.cols, "linear: input has {} columns, weight expects {}", x.cols, w.cols);
-        ensure!(out.cols == w.rows, "linear: output has {} columns, weight gives {}", out.cols, w.rows);
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaVector>,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        ensure!(
+            x.cols == w.cols,
+            "linear: input has {} columns, weight expects {}",
+            x.cols,
+            w.cols
+        );
+        ensure!(
+            out.cols == w.rows,
+            "linear: output has {} columns, weight gives {}",
+            out.cols,
+            w.rows
+        );
         out.set_rows(x.rows)?;
         if x.rows == 0 {
             return Ok(());
@@ -396,37 +511,102 @@ impl Backend for CudaBackend {
             // Batch-1 decode streams every weight once: our GEMV reads them faster than cuBLAS.
             self.gemv_b1(x.buf.ptr, w, out.buf.ptr)?;
         } else {
-            self.gpu.gemm_bf16(x.buf.ptr, w.buf.ptr, out.buf.ptr, x.rows, w.rows, w.cols, false)?;
+            self.gpu.gemm_bf16(
+                x.buf.ptr,
+                w.buf.ptr,
+                out.buf.ptr,
+                x.rows,
+                w.rows,
+                w.cols,
+                false,
+            )?;
         }
         if let Some(b) = bias {
-            ensure!(b.len == w.rows, "bias has {} values for {} outputs", b.len, w.rows);
+            ensure!(
+                b.len == w.rows,
+                "bias has {} values for {} outputs",
+                b.len,
+                w.rows
+            );
             // out += ones[rows, 1] @ bias[out, 1]^T
-            self.gpu.gemm_bf16(self.ones.ptr, b.bf16.ptr, out.buf.ptr, x.rows, w.rows, 1, true)?;
+            self.gpu.gemm_bf16(
+                self.ones.ptr,
+                b.bf16.ptr,
+                out.buf.ptr,
+                x.rows,
+                w.rows,
+                1,
+                true,
+            )?;
         }
         Ok(())
     }
 
-    fn rms_norm(&self, x: &CudaTensor, weight: &CudaVector, eps: f32, out: &mut CudaTensor) -> Result<()> {
+    fn rms_norm(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaVector,
+        eps: f32,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
         out.set_rows(x.rows)?;
-        let (o, xp, wp, t, h) = (out.buf.ptr, x.buf.ptr, weight.bf16.ptr, x.rows as i32, x.cols as i32);
+        let (o, xp, wp, t, h) = (
+            out.buf.ptr,
+            x.buf.ptr,
+            weight.bf16.ptr,
+            x.rows as i32,
+            x.cols as i32,
+        );
         if t == 0 {
             return Ok(());
         }
-        self.launch("norm", "rms_norm_bf16", (t as u32, 1, 1), 256, args![o, xp, wp, eps, t, h])
+        self.launch(
+            "norm",
+            "rms_norm_bf16",
+            (t as u32, 1, 1),
+            256,
+            args![o, xp, wp, eps, t, h],
+        )
     }
 
-    fn add_rms_norm(&self, residual: &mut CudaTensor, x: &CudaTensor, weight: &CudaVector, eps: f32, out: &mut CudaTensor) -> Result<()> {
-        ensure!(residual.rows == x.rows, "add_rms_norm: residual has {} rows, x {}", residual.rows, x.rows);
+    fn add_rms_norm(
+        &self,
+        residual: &mut CudaTensor,
+        x: &CudaTensor,
+        weight: &CudaVector,
+        eps: f32,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        ensure!(
+            residual.rows == x.rows,
+            "add_rms_norm: residual has {} rows, x {}",
+            residual.rows,
+            x.rows
+        );
         out.set_rows(x.rows)?;
         let (o, r, xp, wp) = (out.buf.ptr, residual.buf.ptr, x.buf.ptr, weight.bf16.ptr);
         let (t, h) = (x.rows as i32, x.cols as i32);
         if t == 0 {
             return Ok(());
         }
-        self.launch("norm", "fused_add_rms_norm_bf16", (t as u32, 1, 1), 256, args![o, r, xp, wp, eps, t, h])
+        self.launch(
+            "norm",
+            "fused_add_rms_norm_bf16",
+            (t as u32, 1, 1),
+            256,
+            args![o, r, xp, wp, eps, t, h],
+        )
     }
 
-    fn rope_and_write_kv(&self, qkv: &mut CudaTensor, inv_freq: &CudaVector, layout: &AttentionLayout, step: &CudaStepMeta, cache: &mut CudaKvCache, layer: usize) -> Result<()> {
+    fn rope_and_write_kv(
+        &self,
+        qkv: &mut CudaTensor,
+        inv_freq: &CudaVector,
+        layout: &AttentionLayout,
+        step: &CudaStepMeta,
+        cache: &mut CudaKvCache,
+        layer: usize,
+    ) -> Result<()> {
         let t = step.num_tokens as i32;
         if t == 0 {
             return Ok(());
@@ -435,8 +615,16 @@ impl Backend for CudaBackend {
         let k = q + (layout.q_size() * BF16) as u64;
         let v = k + (layout.kv_size() * BF16) as u64;
         let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
-        let (pos, slots, inv) = (step.at(step.layout.positions), step.at(step.layout.slots), inv_freq.f32.ptr);
-        let (nh, nkv, hd) = (layout.num_heads as i32, layout.num_kv_heads as i32, layout.head_dim as i32);
+        let (pos, slots, inv) = (
+            step.at(step.layout.positions),
+            step.at(step.layout.slots),
+            inv_freq.f32.ptr,
+        );
+        let (nh, nkv, hd) = (
+            layout.num_heads as i32,
+            layout.num_kv_heads as i32,
+            layout.head_dim as i32,
+        );
         let stride = layout.qkv_size() as i32;
         self.launch(
             "rope_cache",
@@ -447,10 +635,22 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn attention(&self, qkv: &CudaTensor, layout: &AttentionLayout, step: &CudaStepMeta, cache: &CudaKvCache, layer: usize, out: &mut CudaTensor) -> Result<()> {
+    fn attention(
+        &self,
+        qkv: &CudaTensor,
+        layout: &AttentionLayout,
+        step: &CudaStepMeta,
+        cache: &CudaKvCache,
+        layer: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
         out.set_rows(step.num_tokens)?;
         let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
-        let (nh, nkv, hd) = (layout.num_heads as i32, layout.num_kv_heads as i32, layout.head_dim);
+        let (nh, nkv, hd) = (
+            layout.num_heads as i32,
+            layout.num_kv_heads as i32,
+            layout.head_dim,
+        );
         let bs = cache.shape.block_size as i32;
         let maxb = step.max_blocks_per_seq as i32;
         let q_stride = layout.qkv_size() as i32;
@@ -462,10 +662,23 @@ impl Backend for CudaBackend {
             let (kernel, gt) = Self::decode_kernel(hd, group)?;
             let parts = step.decode_partitions;
             let (po, pml) = (self.partial_out.ptr, self.partial_ml.ptr);
-            let (bt, cl) = (step.at(step.layout.block_tables), step.at(step.layout.context_lens));
+            let (bt, cl) = (
+                step.at(step.layout.block_tables),
+                step.at(step.layout.context_lens),
+            );
             let ps = DECODE_PARTITION as i32;
-            let grid = ((layout.num_kv_heads * group.div_ceil(gt)) as u32, step.num_decode as u32, parts as u32);
-            self.launch("attention_decode", kernel, grid, 128, args![o, po, pml, q, kc, vc, bt, cl, scale, nh, nkv, bs, maxb, q_stride, ps])?;
+            let grid = (
+                (layout.num_kv_heads * group.div_ceil(gt)) as u32,
+                step.num_decode as u32,
+                parts as u32,
+            );
+            self.launch(
+                "attention_decode",
+                kernel,
+                grid,
+                128,
+                args![o, po, pml, q, kc, vc, bt, cl, scale, nh, nkv, bs, maxb, q_stride, ps],
+            )?;
             if parts > 1 {
                 let (hdi, mp) = (hd as i32, parts as i32);
                 self.launch(
@@ -488,24 +701,55 @@ impl Backend for CudaBackend {
             let cu = step.at(step.layout.cu_seqlens + d);
             let cl = step.at(step.layout.context_lens + d);
             let bt = step.at(step.layout.block_tables + d * step.max_blocks_per_seq);
-            let grid = (step.max_chunk.div_ceil(64) as u32, layout.num_heads as u32, num_prefill as u32);
-            self.launch("attention_prefill", kernel, grid, 128, args![o, q, kc, vc, cu, cl, bt, scale, nh, nkv, bs, maxb, q_stride])?;
+            let grid = (
+                step.max_chunk.div_ceil(64) as u32,
+                layout.num_heads as u32,
+                num_prefill as u32,
+            );
+            self.launch(
+                "attention_prefill",
+                kernel,
+                grid,
+                128,
+                args![o, q, kc, vc, cu, cl, bt, scale, nh, nkv, bs, maxb, q_stride],
+            )?;
         }
         Ok(())
     }
 
     fn silu_and_mul(&self, gate_up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
         let inter = gate_up.cols / 2;
-        ensure!(out.cols == inter, "silu_and_mul: output has {} columns, expected {inter}", out.cols);
+        ensure!(
+            out.cols == inter,
+            "silu_and_mul: output has {} columns, expected {inter}",
+            out.cols
+        );
         out.set_rows(gate_up.rows)?;
-        let (o, i, t, n) = (out.buf.ptr, gate_up.buf.ptr, gate_up.rows as i32, inter as i32);
+        let (o, i, t, n) = (
+            out.buf.ptr,
+            gate_up.buf.ptr,
+            gate_up.rows as i32,
+            inter as i32,
+        );
         if t == 0 {
             return Ok(());
         }
-        self.launch("activation", "silu_and_mul_bf16", (inter.div_ceil(256) as u32, t as u32, 1), 256, args![o, i, t, n])
+        self.launch(
+            "activation",
+            "silu_and_mul_bf16",
+            (inter.div_ceil(256) as u32, t as u32, 1),
+            256,
+            args![o, i, t, n],
+        )
     }
 
-    fn gather_rows(&self, x: &CudaTensor, step: &CudaStepMeta, range: Range<usize>, out: &mut CudaTensor) -> Result<()> {
+    fn gather_rows(
+        &self,
+        x: &CudaTensor,
+        step: &CudaStepMeta,
+        range: Range<usize>,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
         let n = range.len();
         out.set_rows(n)?;
         if n == 0 {
@@ -514,6 +758,12 @@ impl Backend for CudaBackend {
         let (o, i) = (out.buf.ptr, x.buf.ptr);
         let rows = step.logits_rows() + (range.start * 4) as u64;
         let (nr, cols) = (n as i32, x.cols as i32);
-        self.launch("embedding", "gather_rows_bf16", (n as u32, 1, 1), 256, args![o, i, rows, nr, cols])
+        self.launch(
+            "embedding",
+            "gather_rows_bf16",
+            (n as u32, 1, 1),
+            256,
+            args![o, i, rows, nr, cols],
+        )
     }
 }

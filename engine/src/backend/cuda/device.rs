@@ -261,43 +261,6 @@ impl Gpu {
         }
         .map_err(|e| anyhow!("cuBLAS bf16 GEMM ({m}x{k} @ {k}x{n}): {e:?}"))
     }
-
-    /// Same as `gemm_bf16` with an f32 output (logits).
-    pub fn gemm_bf16_f32out(
-        &self,
-        x: sys::CUdeviceptr,
-        w: sys::CUdeviceptr,
-        y: sys::CUdeviceptr,
-        m: usize,
-        n: usize,
-        k: usize,
-    ) -> Result<()> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        unsafe {
-            blas::gemm_ex(
-                self.blas,
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
-                m as i32,
-                k as i32,
-                &alpha as *const f32 as *const c_void,
-                w as *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
-                k as i32,
-                x as *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
-                k as i32,
-                &beta as *const f32 as *const c_void,
-                y as *mut c_void,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                n as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-            )
-        }
-        .map_err(|e| anyhow!("cuBLAS bf16 GEMM to f32 ({m}x{k} @ {k}x{n}): {e:?}"))
-    }
 }
 
 impl Drop for Gpu {

@@ -1,6 +1,6 @@
 //! CUDA backend: cudarc driver API (dynamically loaded), cuBLAS GEMMs, rvllm-kernels' fatbin.
-pub mod ceilings;
 pub mod backend;
+pub mod ceilings;
 pub mod device;
 pub mod runner;
 

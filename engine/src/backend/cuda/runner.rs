@@ -21,7 +21,9 @@ use crate::sampling::SamplingParams;
 use crate::scheduler::{ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput};
 
 /// Batch sizes with a captured decode graph (those up to --max-num-seqs, plus it).
-const GRAPH_SIZES: &[usize] = &[1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512];
+const GRAPH_SIZES: &[usize] = &[
+    1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512,
+];
 
 /// Persistent per-row sampling parameters (fixed addresses for graphs).
 struct SamplingBuffers {
@@ -77,8 +79,8 @@ pub struct CudaExecutor {
     /// LM-head input rows and f32 logits for the sampled rows of a step.
     gathered: CudaTensor,
     logits: DevBuf,
-    /// bf16 logits of a batch-1 step (the GEMV writes bf16; sampling reads f32).
-    logits_b1: DevBuf,
+    /// bf16 logits of the sampled rows (widened into `logits` for the sampler).
+    logits_bf16: DevBuf,
     /// Scratch of the two-kernel sampler (`[rows, nchunks, 5]` int32).
     sample_partials: DevBuf,
     tokens: DevBuf,
@@ -100,7 +102,11 @@ fn device_samplable(p: &SamplingParams, step: usize) -> bool {
         && step >= p.min_tokens
 }
 
-pub fn create_cuda_executor(model: LoadedModel, cfg: &RunnerConfig, args: &EngineArgs) -> Result<Box<dyn Executor>> {
+pub fn create_cuda_executor(
+    model: LoadedModel,
+    cfg: &RunnerConfig,
+    args: &EngineArgs,
+) -> Result<Box<dyn Executor>> {
     Ok(Box::new(CudaExecutor::new(model, cfg, args)?))
 }
 
@@ -109,7 +115,10 @@ impl CudaExecutor {
         let gpu = Arc::new(Gpu::new(0)?);
         let config = model.config.clone();
         let c = &config;
-        let max_len = args.max_model_len.unwrap_or(c.max_position_embeddings).max(1);
+        let max_len = args
+            .max_model_len
+            .unwrap_or(c.max_position_embeddings)
+            .max(1);
         let max_seqs = cfg.max_num_seqs.max(1);
         let limits = StepLimits {
             max_tokens: cfg.max_num_batched_tokens.max(max_seqs).max(1),
@@ -120,15 +129,25 @@ impl CudaExecutor {
         let ws_bytes = 64 << 20;
         let cublas_ws = gpu.alloc(ws_bytes)?;
         unsafe {
-            cudarc::cublas::sys::cublasSetWorkspace_v2(gpu.blas, cublas_ws.ptr as *mut c_void, ws_bytes)
-                .result()
-                .map_err(|e| anyhow::anyhow!("cublasSetWorkspace: {e:?}"))?;
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                gpu.blas,
+                cublas_ws.ptr as *mut c_void,
+                ws_bytes,
+            )
+            .result()
+            .map_err(|e| anyhow::anyhow!("cublasSetWorkspace: {e:?}"))?;
         }
-        let be = CudaBackend::new(gpu.clone(), limits, c.num_attention_heads, c.head_dim, max_len)?;
+        let be = CudaBackend::new(
+            gpu.clone(),
+            limits,
+            c.num_attention_heads,
+            c.head_dim,
+            max_len,
+        )?;
         let gathered = be.alloc_activation(max_seqs, c.hidden_size)?;
         let logits = gpu.alloc(max_seqs * c.vocab_size * 4)?;
         let tokens = gpu.alloc(max_seqs * 4)?;
-        let logits_b1 = gpu.alloc(c.vocab_size * 2)?;
+        let logits_bf16 = gpu.alloc(max_seqs * c.vocab_size * 2)?;
         let sample_partials = gpu.alloc(max_seqs * 128 * 5 * 4)?;
         let token_logprobs = gpu.alloc(max_seqs * 4)?;
         let sampling = SamplingBuffers {
@@ -143,14 +162,25 @@ impl CudaExecutor {
         let t0 = std::time::Instant::now();
         let mut runner = ModelRunner::new(be, c, model.weights, cfg, profile_blocks)
             .with_context(|| format!("loading the model onto {}", gpu.name))?;
-        eprintln!("rvllm: weights on {} in {:.1} s", gpu.name, t0.elapsed().as_secs_f64());
-        profile_pass(&mut runner, profile_tokens, max_len, cfg.block_size, c.vocab_size)?;
+        eprintln!(
+            "rvllm: weights on {} in {:.1} s",
+            gpu.name,
+            t0.elapsed().as_secs_f64()
+        );
+        profile_pass(
+            &mut runner,
+            profile_tokens,
+            max_len,
+            cfg.block_size,
+            c.vocab_size,
+        )?;
         let num_blocks = match cfg.num_kv_blocks {
             Some(n) => n,
             None => {
                 let (free, total) = gpu.mem_info()?;
                 let used = total - free;
-                let budget = (args.gpu_memory_utilization as f64 * total as f64) as i64 - used as i64;
+                let budget =
+                    (args.gpu_memory_utilization as f64 * total as f64) as i64 - used as i64;
                 let per_block = (cfg.block_size * c.kv_bytes_per_token(2)) as i64;
                 let profile_kv = profile_blocks as i64 * per_block;
                 let blocks = (budget + profile_kv) / per_block;
@@ -166,7 +196,9 @@ impl CudaExecutor {
                 blocks as usize
             }
         };
-        runner.resize_kv_cache(num_blocks).context("allocating the KV cache")?;
+        runner
+            .resize_kv_cache(num_blocks)
+            .context("allocating the KV cache")?;
         let kv_tokens = num_blocks * cfg.block_size;
         eprintln!(
             "rvllm: KV cache: {num_blocks} blocks of {} tokens ({kv_tokens} tokens, {:.2} GiB); the longest context that fits is {} tokens",
@@ -182,7 +214,7 @@ impl CudaExecutor {
             num_blocks,
             gathered,
             logits,
-            logits_b1,
+            logits_bf16,
             sample_partials,
             tokens,
             token_logprobs,
@@ -198,7 +230,11 @@ impl CudaExecutor {
             if !ex.graphs.contains_key(&max_seqs) {
                 ex.capture(max_seqs)?;
             }
-            eprintln!("rvllm: captured {} decode graphs in {:.1} s", ex.graphs.len(), t0.elapsed().as_secs_f64());
+            eprintln!(
+                "rvllm: captured {} decode graphs in {:.1} s",
+                ex.graphs.len(),
+                t0.elapsed().as_secs_f64()
+            );
         }
         Ok(ex)
     }
@@ -210,7 +246,12 @@ impl CudaExecutor {
             p.token_ids.push(0);
             p.positions.push(0);
             p.slot_mapping.push(u32::MAX); // -1 on the device: skip the cache write
-            p.seqs.push(SeqSlice { token_offset: i, num_tokens: 1, context_len: 1, block_table: vec![0] });
+            p.seqs.push(SeqSlice {
+                token_offset: i,
+                num_tokens: 1,
+                context_len: 1,
+                block_table: vec![0],
+            });
         }
         p.logits_rows = (0..b as u32).collect();
         p
@@ -219,22 +260,38 @@ impl CudaExecutor {
     /// Everything after the step metadata is uploaded: body, LM head on the sampled rows,
     /// sampling. Launches only (graph-capturable). `plain`: no row filters (top-k/top-p/
     /// min-p), so the faster two-kernel sampler applies.
-    fn launch_step(&mut self, rows: usize, step: &super::backend::CudaStepMeta, plain: bool) -> Result<()> {
+    fn launch_step(
+        &mut self,
+        rows: usize,
+        step: &super::backend::CudaStepMeta,
+        plain: bool,
+    ) -> Result<()> {
         let (be, model, kv, ws) = self.runner.parts();
         model.forward_hidden(be, step, kv, ws)?;
         be.gather_rows(ws.normed(), step, 0..rows, &mut self.gathered)?;
         let c = &self.config;
         let lm_head = model.lm_head();
+        // Logits are made in bf16, as the host path (and vLLM) make them, then widened: the
+        // on-GPU sampler and the host sampler then see the same values.
         if rows == 1 && c.hidden_size % 8 == 0 {
-            be.gemv_b1(self.gathered.ptr(), lm_head, self.logits_b1.ptr)?;
-            be.bf16_to_f32(self.logits.ptr, self.logits_b1.ptr, c.vocab_size)?;
+            be.gemv_b1(self.gathered.ptr(), lm_head, self.logits_bf16.ptr)?;
         } else {
-            self.gpu.gemm_bf16_f32out(self.gathered.ptr(), lm_head.buf.ptr, self.logits.ptr, rows, c.vocab_size, c.hidden_size)?;
+            self.gpu.gemm_bf16(
+                self.gathered.ptr(),
+                lm_head.buf.ptr,
+                self.logits_bf16.ptr,
+                rows,
+                c.vocab_size,
+                c.hidden_size,
+                false,
+            )?;
         }
+        be.bf16_to_f32(self.logits.ptr, self.logits_bf16.ptr, rows * c.vocab_size)?;
         let (t, lp, lg) = (self.tokens.ptr, self.token_logprobs.ptr, self.logits.ptr);
         let vocab = c.vocab_size as i32;
         let s = &self.sampling;
-        let (temps, ks, ps, mps, seeds, offs) = (s.ptr(0), s.ptr(1), s.ptr(2), s.ptr(3), s.ptr(4), s.ptr(5));
+        let (temps, ks, ps, mps, seeds, offs) =
+            (s.ptr(0), s.ptr(1), s.ptr(2), s.ptr(3), s.ptr(4), s.ptr(5));
         macro_rules! args {
             ($($x:expr),* $(,)?) => { &mut [$(&$x as *const _ as *mut c_void),*] };
         }
@@ -242,31 +299,64 @@ impl CudaExecutor {
             // nchunks = clamp(528 / B, 4, 128): measured fastest on the H100 (sampling.cu).
             let nchunks = (528 / rows).clamp(4, 128) as i32;
             let parts = self.sample_partials.ptr;
-            self.gpu.launch("sampling", "sample_plain_partial", (nchunks as u32, rows as u32, 1), (256, 1, 1), 0, args![parts, lg, vocab, nchunks, temps, ks, seeds, offs])?;
-            self.gpu.launch("sampling", "sample_plain_finish", (rows as u32, 1, 1), (32, 1, 1), 0, args![t, lp, parts, lg, vocab, nchunks, temps, ks])
+            self.gpu.launch(
+                "sampling",
+                "sample_plain_partial",
+                (nchunks as u32, rows as u32, 1),
+                (256, 1, 1),
+                0,
+                args![parts, lg, vocab, nchunks, temps, ks, seeds, offs],
+            )?;
+            self.gpu.launch(
+                "sampling",
+                "sample_plain_finish",
+                (rows as u32, 1, 1),
+                (32, 1, 1),
+                0,
+                args![t, lp, parts, lg, vocab, nchunks, temps, ks],
+            )
         } else {
-            self.gpu.launch("sampling", "sample_tokens", (rows as u32, 1, 1), (1024, 1, 1), 0, args![t, lp, lg, vocab, temps, ks, ps, mps, seeds, offs])
+            self.gpu.launch(
+                "sampling",
+                "sample_tokens",
+                (rows as u32, 1, 1),
+                (1024, 1, 1),
+                0,
+                args![t, lp, lg, vocab, temps, ks, ps, mps, seeds, offs],
+            )
         }
     }
 
     fn capture(&mut self, b: usize) -> Result<()> {
         let dummy = Self::padded(&ForwardBatch::default(), b);
         self.sampling.fill(&vec![(0.0, 0, 1.0, 0.0, 0, 0); b]);
-        self.gpu.upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
+        self.gpu
+            .upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
         let be = self.runner.parts().0;
         let maxp = be.max_partitions();
-        be.fixed_decode_partitions.store(maxp, std::sync::atomic::Ordering::Relaxed);
+        be.fixed_decode_partitions
+            .store(maxp, std::sync::atomic::Ordering::Relaxed);
         let step = be.upload_step(&dummy)?;
         // Warm-up outside the capture (cuBLAS picks its kernels, modules load).
         self.launch_step(b, &step, true)?;
         self.gpu.sync()?;
-        unsafe { drv::stream::begin_capture(self.gpu.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) }
-            .map_err(|e| anyhow::anyhow!("starting CUDA graph capture: {e:?}"))?;
+        unsafe {
+            drv::stream::begin_capture(
+                self.gpu.stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(|e| anyhow::anyhow!("starting CUDA graph capture: {e:?}"))?;
         let launched = self.launch_step(b, &step, true);
         let graph = unsafe { drv::stream::end_capture(self.gpu.stream) };
-        self.runner.parts().0.fixed_decode_partitions.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.runner
+            .parts()
+            .0
+            .fixed_decode_partitions
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         launched.with_context(|| format!("capturing the decode graph for batch {b}"))?;
-        let graph = graph.map_err(|e| anyhow::anyhow!("ending CUDA graph capture for batch {b}: {e:?}"))?;
+        let graph =
+            graph.map_err(|e| anyhow::anyhow!("ending CUDA graph capture for batch {b}: {e:?}"))?;
         let exec = unsafe { drv::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
             .map_err(|e| anyhow::anyhow!("instantiating the decode graph for batch {b}: {e:?}"));
         unsafe {
@@ -278,7 +368,12 @@ impl CudaExecutor {
 
     /// The fast path, when every sampled row can be sampled on the GPU; None otherwise.
     fn try_device_step(&mut self, so: &SchedulerOutput) -> Result<Option<ModelRunnerOutput>> {
-        if so.scheduled.is_empty() || !so.new_requests.iter().all(|n| n.sampling.prompt_logprobs.is_none()) {
+        if so.scheduled.is_empty()
+            || !so
+                .new_requests
+                .iter()
+                .all(|n| n.sampling.prompt_logprobs.is_none())
+        {
             return Ok(None);
         }
         self.runner.update_states(so);
@@ -286,7 +381,9 @@ impl CudaExecutor {
             if self.runner.wants_prompt_logprobs(sr.req_id) {
                 return Ok(None);
             }
-            let Some(sampler) = self.runner.sampler(sr.req_id) else { return Ok(None) };
+            let Some(sampler) = self.runner.sampler(sr.req_id) else {
+                return Ok(None);
+            };
             if sr.sample && !device_samplable(sampler.params(), sr.num_output_tokens) {
                 return Ok(None);
             }
@@ -295,7 +392,10 @@ impl CudaExecutor {
         let mut order: Vec<usize> = (0..so.scheduled.len()).collect();
         order.sort_by_key(|&i| so.scheduled[i].token_ids.len() > 1);
         let reordered = SchedulerOutput {
-            scheduled: order.iter().map(|&i| so.scheduled[i].clone()).collect::<Vec<ScheduledRequest>>(),
+            scheduled: order
+                .iter()
+                .map(|&i| so.scheduled[i].clone())
+                .collect::<Vec<ScheduledRequest>>(),
             ..Default::default()
         };
         let (batch, _uses) = build_forward_batch(&reordered, self.block_size, |_| None)?;
@@ -312,30 +412,57 @@ impl CudaExecutor {
             );
         }
         // Sampling rows follow the reordered sequences.
-        let sampled_ids: Vec<u64> = reordered.scheduled.iter().filter(|s| s.sample).map(|s| s.req_id).collect();
+        let sampled_ids: Vec<u64> = reordered
+            .scheduled
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| s.req_id)
+            .collect();
         let mut row_params = Vec::with_capacity(sampled_ids.len());
         for sr in reordered.scheduled.iter().filter(|s| s.sample) {
-            let sampler = self.runner.sampler(sr.req_id).context("a scheduled request lost its sampler")?;
+            let sampler = self
+                .runner
+                .sampler(sr.req_id)
+                .context("a scheduled request lost its sampler")?;
             let p = sampler.params();
             let top_k = if p.top_k <= 0 { 0 } else { p.top_k };
-            row_params.push((p.temperature, top_k, p.top_p, p.min_p, sampler.seed(), sr.num_output_tokens as u64));
+            row_params.push((
+                p.temperature,
+                top_k,
+                p.top_p,
+                p.min_p,
+                sampler.seed(),
+                sr.num_output_tokens as u64,
+            ));
         }
         let n = row_params.len();
-        let plain = row_params.iter().all(|&(_, k, p, m, _, _)| (k <= 1 || k as usize >= self.config.vocab_size) && p >= 1.0 && m <= 0.0);
-        let pure_decode = plain && batch.seqs.iter().all(|s| s.num_tokens == 1) && n == batch.seqs.len();
-        let graph_size = if pure_decode { GRAPH_SIZES.iter().copied().find(|&g| g >= n && self.graphs.contains_key(&g)) } else { None };
+        let plain = row_params.iter().all(|&(_, k, p, m, _, _)| {
+            (k <= 1 || k as usize >= self.config.vocab_size) && p >= 1.0 && m <= 0.0
+        });
+        let pure_decode =
+            plain && batch.seqs.iter().all(|s| s.num_tokens == 1) && n == batch.seqs.len();
+        let graph_size = if pure_decode {
+            GRAPH_SIZES
+                .iter()
+                .copied()
+                .find(|&g| g >= n && self.graphs.contains_key(&g))
+        } else {
+            None
+        };
         match graph_size {
             Some(g) => {
                 let padded = Self::padded(&batch, g);
                 let mut rows = row_params.clone();
                 rows.resize(g, (0.0, 0, 1.0, 0.0, 0, 0));
                 self.sampling.fill(&rows);
-                self.gpu.upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
+                self.gpu
+                    .upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
                 let be = self.runner.parts().0;
                 let _step = be.upload_step(&padded)?;
                 let exec = self.graphs[&g].exec;
-                unsafe { drv::graph::launch(exec, self.gpu.stream) }
-                    .map_err(|e| anyhow::anyhow!("launching the decode graph for batch {g}: {e:?}"))?;
+                unsafe { drv::graph::launch(exec, self.gpu.stream) }.map_err(|e| {
+                    anyhow::anyhow!("launching the decode graph for batch {g}: {e:?}")
+                })?;
             }
             None => {
                 if n == 0 {
@@ -346,7 +473,8 @@ impl CudaExecutor {
                     return Ok(Some(ModelRunnerOutput::default()));
                 }
                 self.sampling.fill(&row_params);
-                self.gpu.upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
+                self.gpu
+                    .upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
                 let step = self.runner.parts().0.upload_step(&batch)?;
                 self.launch_step(n, &step, plain)?;
             }
@@ -362,7 +490,12 @@ impl CudaExecutor {
             .scheduled
             .iter()
             .filter(|s| s.sample)
-            .map(|s| SampledToken { req_id: s.req_id, token_id: by_id[&s.req_id], logprobs: None, prompt_logprobs: None })
+            .map(|s| SampledToken {
+                req_id: s.req_id,
+                token_id: by_id[&s.req_id],
+                logprobs: None,
+                prompt_logprobs: None,
+            })
             .collect();
         Ok(Some(ModelRunnerOutput { sampled }))
     }
@@ -388,15 +521,24 @@ fn profile_pass(
         for i in 0..n {
             batch.token_ids.push(((offset + i) % vocab) as u32);
             batch.positions.push(i as u32);
-            batch.slot_mapping.push(blocks[i / block_size] * block_size as u32 + (i % block_size) as u32);
+            batch
+                .slot_mapping
+                .push(blocks[i / block_size] * block_size as u32 + (i % block_size) as u32);
         }
         next_block += blocks.len() as u32;
-        batch.seqs.push(SeqSlice { token_offset: offset, num_tokens: n, context_len: n, block_table: blocks });
+        batch.seqs.push(SeqSlice {
+            token_offset: offset,
+            num_tokens: n,
+            context_len: n,
+            block_table: blocks,
+        });
         offset += n;
         batch.logits_rows.push(offset as u32 - 1);
     }
     let (be, model, kv, ws) = runner.parts();
-    model.forward(be, &batch, kv, ws).context("profiling forward pass")?;
+    model
+        .forward(be, &batch, kv, ws)
+        .context("profiling forward pass")?;
     be.gpu.sync()
 }
 
