@@ -477,3 +477,59 @@ fn bench_serve_drives_the_server_and_saves_results() {
     }
     assert!(idle_and_no_leak(&s.metrics()));
 }
+
+#[test]
+fn token_ids_are_returned_on_request_and_always_without_a_tokenizer() {
+    // With a tokenizer: `return_token_ids` adds them to the choice (and to every chunk).
+    let s = start(&[]);
+    let body = json!({"model": MODEL_NAME, "prompt": [5, 6, 7], "max_tokens": 5, "ignore_eos": true,
+                      "return_token_ids": true});
+    let r = s.post_json("/v1/completions", &body).json();
+    assert_eq!(
+        r["choices"][0]["token_ids"].as_array().map(Vec::len),
+        Some(5),
+        "{r}"
+    );
+    let plain = s.post_json("/v1/completions", &completion("hi", 2)).json();
+    assert!(
+        plain["choices"][0].get("token_ids").is_none(),
+        "only when asked: {plain}"
+    );
+
+    // A model folder with config.json alone: dummy weights and no tokenizer, so token ids
+    // are the only output and every chunk carries them.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        tiny_model().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let bare = Server::start(
+        dir.path(),
+        &["--load-format", "dummy", "--served-model-name", "bare"],
+        &[],
+    );
+    let body = json!({"prompt": [5, 6, 7], "max_tokens": 6, "ignore_eos": true, "stream": true});
+    let events = bare.post_json("/v1/completions", &body).sse_events();
+    let ids: usize = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .map(|c| {
+            c["choices"][0]["token_ids"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(ids, 6, "{events:?}");
+    let e = bare
+        .post_json(
+            "/v1/completions",
+            &json!({"prompt": "text", "max_tokens": 2}),
+        )
+        .expect_error(400);
+    assert!(
+        e["message"].as_str().unwrap().contains("no tokenizer"),
+        "{e}"
+    );
+}

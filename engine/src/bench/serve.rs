@@ -362,6 +362,11 @@ fn build_body(
     } else {
         body["prompt"] = prompt;
     }
+    if args.random_prompt_format == "ids" {
+        // vLLM's extension: token ids in every chunk, so a model without a tokenizer (whose
+        // text is empty) still shows when each token arrives.
+        body["return_token_ids"] = json!(true);
+    }
     if args.ignore_eos {
         body["ignore_eos"] = json!(true);
     }
@@ -459,7 +464,9 @@ async fn send_one(
                     } else {
                         &c["text"]
                     };
+                    // A server without a tokenizer (dummy weights) streams token ids only.
                     t.as_str().is_some_and(|s| !s.is_empty())
+                        || c["token_ids"].as_array().is_some_and(|ids| !ids.is_empty())
                 })
             });
             if has_content {

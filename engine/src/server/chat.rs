@@ -84,7 +84,8 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
     let bytes = read_body(body, st.max_body_bytes).await?;
     let req: ChatCompletionRequest = parse_json(&bytes)?;
     check_model(req.model.as_deref(), &st.served_model, &st.model_path)?;
-    let job = validate_chat(&req)?;
+    let mut job = validate_chat(&req)?;
+    job.return_token_ids |= st.tokenizer.is_none();
     let template = job.chat_template.as_deref().or(st.chat_template.as_deref());
     let ids = render_chat(
         st.tokenizer.as_deref(),
@@ -117,6 +118,7 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
                 echo: echo.clone(),
                 text: String::new(),
                 tokens: 0,
+                token_ids: Vec::new(),
                 logprobs: job.logprobs.map(|_| ChatLogprobs::default()),
                 finish_reason: None,
                 stop_reason: None,
@@ -135,6 +137,7 @@ struct ChoiceState {
     echo: Option<String>,
     text: String,
     tokens: usize,
+    token_ids: Vec<u32>,
     logprobs: Option<ChatLogprobs>,
     finish_reason: Option<&'static str>,
     stop_reason: Option<serde_json::Value>,
@@ -168,6 +171,9 @@ impl Output {
         });
         ch.text.push_str(&text);
         ch.tokens += d.token_ids.len();
+        if self.job.return_token_ids {
+            ch.token_ids.extend_from_slice(&d.token_ids);
+        }
         if let (Some(all), Some(new)) = (ch.logprobs.as_mut(), lps.as_ref()) {
             all.content.extend(new.content.iter().cloned());
         }
@@ -223,6 +229,7 @@ async fn collect(mut gen: Generation, mut out: Output) -> Result<Response, ApiEr
                 logprobs: c.logprobs,
                 finish_reason: c.finish_reason,
                 stop_reason: c.stop_reason,
+                token_ids: out.job.return_token_ids.then_some(c.token_ids),
             })
             .collect(),
         usage,
@@ -242,6 +249,7 @@ fn stream(gen: Generation, out: Output) -> Response {
             logprobs: None,
             finish_reason: None,
             stop_reason: None,
+            token_ids: None,
         })
         .collect();
     let head: Vec<Bytes> = roles
@@ -258,7 +266,8 @@ fn stream(gen: Generation, out: Output) -> Response {
                 let (text, logprobs) = out.absorb(c, &d);
                 let finish = d.finish_reason.as_ref().map(finish_str);
                 let has_lps = logprobs.as_ref().is_some_and(|l| !l.content.is_empty());
-                if text.is_empty() && finish.is_none() && !has_lps {
+                let has_ids = out.job.return_token_ids && !d.token_ids.is_empty();
+                if text.is_empty() && finish.is_none() && !has_lps && !has_ids {
                     return Some((vec![], Some((gen, out))));
                 }
                 let choice = ChatChunkChoice {
@@ -270,6 +279,7 @@ fn stream(gen: Generation, out: Output) -> Response {
                     logprobs,
                     finish_reason: finish,
                     stop_reason: stop_reason_json(&d.stop_reason),
+                    token_ids: out.job.return_token_ids.then(|| d.token_ids.clone()),
                 };
                 let usage = out.job.stream.continuous_usage.then(|| out.usage());
                 Some((vec![out.chunk(vec![choice], usage)], Some((gen, out))))

@@ -38,7 +38,9 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
     let bytes = read_body(body, st.max_body_bytes).await?;
     let req: CompletionRequest = parse_json(&bytes)?;
     check_model(req.model.as_deref(), &st.served_model, &st.model_path)?;
-    let job = validate_completion(&req)?;
+    let mut job = validate_completion(&req)?;
+    // Without a tokenizer there is no text: the token ids are the output.
+    job.return_token_ids |= st.tokenizer.is_none();
     let tok = st.tokenizer.as_deref();
     let prompts = job
         .prompts
@@ -122,6 +124,7 @@ struct ChoiceState {
     echo: Option<(String, Vec<u32>)>,
     text: String,
     tokens: usize,
+    token_ids: Vec<u32>,
     logprobs: Option<CompletionLogprobs>,
     text_offset: usize,
     finish_reason: Option<&'static str>,
@@ -134,6 +137,7 @@ impl ChoiceState {
             echo: job.echo.then(|| (prompt.text.clone(), prompt.ids.clone())),
             text: String::new(),
             tokens: 0,
+            token_ids: Vec::new(),
             logprobs: job.params.logprobs.map(|_| CompletionLogprobs::default()),
             text_offset: 0,
             finish_reason: None,
@@ -200,6 +204,9 @@ impl Output {
         }
         ch.text.push_str(&text);
         ch.tokens += d.token_ids.len();
+        if self.job.return_token_ids {
+            ch.token_ids.extend_from_slice(&d.token_ids);
+        }
         if let (Some(all), Some(new)) = (ch.logprobs.as_mut(), lps.as_ref()) {
             all.extend(new.clone());
         }
@@ -241,6 +248,7 @@ async fn collect(mut gen: Generation, mut out: Output) -> Result<Response, ApiEr
                 logprobs: c.logprobs,
                 finish_reason: c.finish_reason,
                 stop_reason: c.stop_reason,
+                token_ids: out.job.return_token_ids.then_some(c.token_ids),
             })
             .collect(),
         usage: Some(usage),
@@ -272,6 +280,7 @@ fn stream(gen: Generation, out: Output) -> Response {
                 if text.is_empty()
                     && finish.is_none()
                     && logprobs.as_ref().is_none_or(|l| l.tokens.is_empty())
+                    && !(out.job.return_token_ids && !d.token_ids.is_empty())
                 {
                     // Nothing to say yet (text held back while a stop string may be forming).
                     return Some((vec![], Some((gen, out))));
@@ -282,6 +291,7 @@ fn stream(gen: Generation, out: Output) -> Response {
                     logprobs,
                     finish_reason: finish,
                     stop_reason: stop_reason_json(&d.stop_reason),
+                    token_ids: out.job.return_token_ids.then(|| d.token_ids.clone()),
                 };
                 let usage = out.job.stream.continuous_usage.then(|| out.usage());
                 Some((vec![chunk(&out, vec![choice], usage)], Some((gen, out))))

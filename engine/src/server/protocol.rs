@@ -79,6 +79,8 @@ macro_rules! sampling_fields {
             pub guided_whitespace_pattern: Option<Value>,
             pub logits_processors: Option<Value>,
             pub return_tokens_as_token_ids: Option<bool>,
+            /// vLLM: add each choice's generated `token_ids` to responses and chunks.
+            pub return_token_ids: Option<bool>,
             // Accepted and ignored: they do not change the output.
             pub priority: Option<i64>,
             pub request_id: Option<String>,

@@ -32,6 +32,10 @@ pub struct CompletionChoice {
     pub finish_reason: Option<&'static str>,
     /// vLLM's extension: the stop string or stop token id that ended the choice.
     pub stop_reason: Option<Value>,
+    /// Generated token ids, when asked for (`return_token_ids`) or when the model has no
+    /// tokenizer (the text is then empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,6 +78,10 @@ pub struct ChatChoice {
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
     pub stop_reason: Option<Value>,
+    /// Generated token ids, when asked for (`return_token_ids`) or when the model has no
+    /// tokenizer (the text is then empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -101,6 +109,10 @@ pub struct ChatChunkChoice {
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
     pub stop_reason: Option<Value>,
+    /// Generated token ids, when asked for (`return_token_ids`) or when the model has no
+    /// tokenizer (the text is then empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize)]

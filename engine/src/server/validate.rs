@@ -40,6 +40,8 @@ pub struct CompletionJob {
     pub echo: bool,
     pub add_special_tokens: bool,
     pub tokens_as_ids: bool,
+    /// Put generated token ids in each choice (vLLM's `return_token_ids`).
+    pub return_token_ids: bool,
 }
 
 /// A chat message with its content flattened to text.
@@ -62,6 +64,8 @@ pub struct ChatJob {
     pub add_special_tokens: bool,
     pub chat_template: Option<String>,
     pub tokens_as_ids: bool,
+    /// Put generated token ids in each choice (vLLM's `return_token_ids`).
+    pub return_token_ids: bool,
 }
 
 /// Parse a JSON body: invalid UTF-8, malformed JSON, wrong types and unknown fields each
@@ -424,6 +428,7 @@ pub fn validate_completion(r: &CompletionRequest) -> Result<CompletionJob, ApiEr
         echo,
         add_special_tokens: r.add_special_tokens.unwrap_or(true),
         tokens_as_ids: r.return_tokens_as_token_ids.unwrap_or(false),
+        return_token_ids: r.return_token_ids.unwrap_or(false),
     })
 }
 
@@ -511,6 +516,7 @@ pub fn validate_chat(r: &ChatCompletionRequest) -> Result<ChatJob, ApiError> {
         add_special_tokens: r.add_special_tokens.unwrap_or(false),
         chat_template: r.chat_template.clone(),
         tokens_as_ids: r.return_tokens_as_token_ids.unwrap_or(false),
+        return_token_ids: r.return_token_ids.unwrap_or(false),
     })
 }
 
