@@ -75,6 +75,45 @@ pub fn rvllm_bin() -> PathBuf {
     bin
 }
 
+/// The device backends compiled into an `rvllm` binary, from its `--version` line
+/// (`... device backends: cpu, cuda`).
+pub fn binary_backends(bin: &Path) -> Vec<String> {
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("running {} --version: {e}", bin.display()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let list = text.split("device backends: ").nth(1).unwrap_or_else(|| {
+        panic!(
+            "{} --version does not list its device backends: {text}",
+            bin.display()
+        )
+    });
+    list.trim()
+        .trim_end_matches(')')
+        .split(", ")
+        .map(str::to_string)
+        .collect()
+}
+
+/// The `rvllm` binary, checked to carry the backend of the test device: the tests' target
+/// folder is shared, and a binary built for another target device would fail every test for
+/// a reason that has nothing to do with the code under test.
+pub fn rvllm_bin_for_test_device() -> PathBuf {
+    let bin = rvllm_bin();
+    let want = if on_cuda() { "cuda" } else { "cpu" };
+    let have = binary_backends(&bin);
+    assert!(
+        have.iter().any(|b| b == want),
+        "{} was built with device backends [{}] but the tests run on {want}: rebuild it with \
+         `cargo build -p rvllm --release` (add `--features cuda` for the GPU), or point RVLLM_BIN \
+         at a binary that has the {want} backend",
+        bin.display(),
+        have.join(", ")
+    );
+    bin
+}
+
 /// The device the tests run on: $RVLLM_TEST_DEVICE (cpu, cuda), cpu when unset.
 pub fn test_device() -> String {
     std::env::var("RVLLM_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
