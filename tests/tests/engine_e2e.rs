@@ -439,7 +439,7 @@ fn stop_string_across_token_boundary() {
         .find(|p| p.name == "long_300")
         .expect("long_300 prompt");
     let mut llm = smollm2();
-    let full = run(&mut llm, &[p.prompt_ids.clone()], &[greedy(24)]);
+    let full = run(&mut llm, std::slice::from_ref(&p.prompt_ids), &[greedy(24)]);
     let ids = tokens(&full[0]).to_vec();
     let (text, ends) = text_boundaries(&llm, &ids);
     assert_eq!(
@@ -469,7 +469,7 @@ fn stop_string_across_token_boundary() {
             include_stop_str_in_output: include,
             ..greedy(24)
         };
-        let out = run(&mut llm, &[p.prompt_ids.clone()], &[params]);
+        let out = run(&mut llm, std::slice::from_ref(&p.prompt_ids), &[params]);
         let o = &out[0].outputs[0];
         let want = if include {
             &text[..at + stop.len()]
@@ -504,7 +504,11 @@ fn stop_token_ids_eos_and_max_tokens() {
         .find(|p| p.name == "plain")
         .expect("plain prompt");
     let mut llm = smollm2();
-    let full = run(&mut llm, &[plain.prompt_ids.clone()], &[greedy(16)]);
+    let full = run(
+        &mut llm,
+        std::slice::from_ref(&plain.prompt_ids),
+        &[greedy(16)],
+    );
     let ids = tokens(&full[0]).to_vec();
     let k = (2..ids.len())
         .find(|&k| !ids[..k].contains(&ids[k]))
@@ -513,7 +517,7 @@ fn stop_token_ids_eos_and_max_tokens() {
         stop_token_ids: vec![ids[k]],
         ..greedy(16)
     };
-    let out = run(&mut llm, &[plain.prompt_ids.clone()], &[params]);
+    let out = run(&mut llm, std::slice::from_ref(&plain.prompt_ids), &[params]);
     let o = &out[0].outputs[0];
     assert_eq!(o.token_ids, ids[..=k], "stop_token_ids={}", ids[k]);
     assert_eq!(o.finish_reason, Some(FinishReason::Stop));
@@ -530,7 +534,7 @@ fn stop_token_ids_eos_and_max_tokens() {
         include_stop_str_in_output: true,
         ..greedy(16)
     };
-    let out = run(&mut llm, &[plain.prompt_ids.clone()], &[params]);
+    let out = run(&mut llm, std::slice::from_ref(&plain.prompt_ids), &[params]);
     assert_eq!(
         out[0].outputs[0].text,
         tok.decode(&ids[..=k], true).expect("decode")
@@ -540,7 +544,7 @@ fn stop_token_ids_eos_and_max_tokens() {
     let eos = 2;
     let out = run(
         &mut llm,
-        &[chat.prompt_ids.clone()],
+        std::slice::from_ref(&chat.prompt_ids),
         &[SamplingParams {
             ignore_eos: false,
             ..greedy(32)
@@ -566,7 +570,7 @@ fn stop_token_ids_eos_and_max_tokens() {
 
     let out = run(
         &mut llm,
-        &[chat.prompt_ids.clone()],
+        std::slice::from_ref(&chat.prompt_ids),
         &[SamplingParams {
             ignore_eos: false,
             ..greedy(3)
@@ -598,7 +602,7 @@ fn min_tokens_defers_eos() {
         min_tokens: min,
         ..greedy(min + 6)
     };
-    let out = run(&mut llm, &[chat.prompt_ids.clone()], &[params]);
+    let out = run(&mut llm, std::slice::from_ref(&chat.prompt_ids), &[params]);
     let o = &out[0].outputs[0];
     assert!(
         o.token_ids.len() >= min,
@@ -632,7 +636,7 @@ fn logprobs_and_prompt_logprobs_counts() {
         prompt_logprobs: Some(2),
         ..greedy(6)
     };
-    let out = run(&mut llm, &[p.prompt_ids.clone()], &[params]);
+    let out = run(&mut llm, std::slice::from_ref(&p.prompt_ids), &[params]);
     let o = &out[0].outputs[0];
     assert_eq!(
         o.logprobs.len(),
@@ -664,7 +668,7 @@ fn logprobs_and_prompt_logprobs_counts() {
         assert_eq!(e.top.len(), 2, "prompt_logprobs=2");
     }
     // Without the flags, none.
-    let out = run(&mut llm, &[p.prompt_ids.clone()], &[greedy(2)]);
+    let out = run(&mut llm, std::slice::from_ref(&p.prompt_ids), &[greedy(2)]);
     assert!(out[0].outputs[0].logprobs.is_empty() && out[0].prompt_logprobs.is_none());
 }
 
@@ -677,7 +681,7 @@ fn prompt_longer_than_max_model_len_is_rejected() {
     args.max_model_len = Some(32);
     let mut llm = load(&args);
     let err = llm
-        .generate(&[long.clone()], &[greedy(4)], |_| {})
+        .generate(std::slice::from_ref(&long), &[greedy(4)], |_| {})
         .map(|_| ())
         .expect_err("a 48-token prompt with --max-model-len 32");
     let msg = format!("{err:#}");
@@ -689,7 +693,7 @@ fn prompt_longer_than_max_model_len_is_rejected() {
     );
     let short = reference.prompts[1].prompt_ids.clone();
     let err = llm
-        .generate(&[short.clone()], &[greedy(40)], |_| {})
+        .generate(std::slice::from_ref(&short), &[greedy(40)], |_| {})
         .map(|_| ())
         .expect_err("max_tokens 40");
     assert!(
@@ -701,7 +705,7 @@ fn prompt_longer_than_max_model_len_is_rejected() {
         ..greedy(4)
     };
     let err = llm
-        .generate(&[short.clone()], &[bad], |_| {})
+        .generate(std::slice::from_ref(&short), &[bad], |_| {})
         .map(|_| ())
         .expect_err("top_p 0");
     assert!(
