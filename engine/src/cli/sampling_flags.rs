@@ -9,14 +9,14 @@ pub struct SamplingFlags {
     #[arg(long, default_value_t = 1)]
     pub n: usize,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub top_p: f32,
     /// 0 or -1 disables.
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     pub top_k: i32,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub min_p: f32,
     #[arg(long)]
     pub seed: Option<u64>,
@@ -24,7 +24,7 @@ pub struct SamplingFlags {
     pub presence_penalty: f32,
     #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub frequency_penalty: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,

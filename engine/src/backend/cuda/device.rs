@@ -11,6 +11,10 @@ use cudarc::driver::{result as drv, sys, CudaContext};
 
 /// Number of CUDA devices, or an error saying why none can be used (no libcuda, no driver).
 pub fn device_count() -> Result<usize> {
+    // SAFETY: only probes whether the driver library can be loaded.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        bail!("the CUDA driver library (libcuda.so) could not be loaded: install the NVIDIA driver, or run with --device cpu");
+    }
     let n = std::panic::catch_unwind(CudaContext::device_count)
         .map_err(|_| anyhow!("the CUDA driver library (libcuda.so) could not be loaded: install the NVIDIA driver, or run with --device cpu"))?
         .map_err(|e| anyhow!("the CUDA driver failed to initialise: {e:?}"))?;
