@@ -1,6 +1,7 @@
-//! `cargo xtask test`: the README's test command. Runs the whole workspace's tests in the
-//! release profile (one profile for builds and tests keeps CI from compiling twice), and
-//! where a CUDA toolkit is present also checks the embedded kernels.
+//! `cargo xtask test`: the README's test command. Builds the `rvllm` binary that the
+//! end-to-end tests drive, then runs the whole workspace's tests, all in the release profile
+//! (one profile for builds and tests keeps CI from compiling twice), and where a CUDA toolkit
+//! is present also checks the embedded kernels.
 
 use std::process::Command;
 
@@ -13,6 +14,10 @@ pub struct Args {
     /// Use the dev profile instead of --release.
     #[arg(long)]
     pub debug: bool,
+    /// The `rvllm` binary the end-to-end tests run: cpu by default, cuda when
+    /// RVLLM_TEST_DEVICE=cuda (the tests' own device switch).
+    #[arg(long, value_enum)]
+    pub target_device: Option<TargetDevice>,
     /// Extra arguments for `cargo test` (after `--`, e.g. a test name filter).
     #[arg(last = true)]
     pub rest: Vec<String>,
@@ -35,6 +40,21 @@ fn cargo(args: &[&str], extra: &[String]) -> Result<()> {
 
 pub fn run(args: Args) -> Result<()> {
     let profile: &[&str] = if args.debug { &[] } else { &["--release"] };
+    // The end-to-end tests run target/<profile>/rvllm, which `cargo test` does not build
+    // (it belongs to another package): build it first, for the device the tests run on.
+    let device =
+        args.target_device
+            .unwrap_or_else(|| match std::env::var("RVLLM_TEST_DEVICE").as_deref() {
+                Ok("cuda") => TargetDevice::Cuda,
+                _ => TargetDevice::Cpu,
+            });
+    let build_args = crate::build::Args {
+        target_device: Some(device),
+        release: !args.debug,
+        ..Default::default()
+    };
+    let (_, bin) = crate::build::build_engine(&build_args)?;
+    std::env::set_var("RVLLM_BIN", &bin);
     let mut test = vec!["test", "--workspace"];
     test.extend(profile);
     cargo(&test, &args.rest)?;
