@@ -57,6 +57,7 @@ pub struct AsyncEngine {
     model_name: Arc<str>,
     max_model_len: usize,
     eos_token_ids: Arc<[u32]>,
+    vocab_size: usize,
 }
 
 impl AsyncEngine {
@@ -65,6 +66,7 @@ impl AsyncEngine {
         let (core, tokenizer) = EngineCore::new(args)?;
         let max_model_len = core.max_model_len;
         let eos_token_ids: Arc<[u32]> = core.config.eos_token_ids.clone().into();
+        let vocab_size = core.config.vocab_size;
         let (tx, rx) = mpsc::channel();
         let stats = EngineStats {
             num_total_blocks: core.executor.num_kv_blocks(),
@@ -91,6 +93,7 @@ impl AsyncEngine {
                 .into(),
             max_model_len,
             eos_token_ids,
+            vocab_size,
         })
     }
 
@@ -123,6 +126,7 @@ impl AsyncEngine {
             &prompt_token_ids,
             &params,
             self.max_model_len,
+            self.vocab_size,
             &self.eos_token_ids,
         )?;
         let (sink, events) = tmpsc::unbounded_channel();

@@ -88,7 +88,7 @@ impl Llm {
             } else {
                 &params[i]
             };
-            let (p, reqs) = admit(prompt, p, self.core.max_model_len, &eos)
+            let (p, reqs) = admit(prompt, p, self.core.max_model_len, self.core.config.vocab_size, &eos)
                 .map_err(|e| anyhow!("prompt {i}: {e}"))?;
             texts.push(
                 (0..reqs.len())

@@ -51,6 +51,7 @@ pub fn admit(
     prompt_token_ids: &[u32],
     params: &SamplingParams,
     max_model_len: usize,
+    vocab_size: usize,
     eos_token_ids: &[u32],
 ) -> Result<(SamplingParams, Vec<EngineRequest>), EngineError> {
     params.validate().map_err(|e| EngineError::InvalidParam {
@@ -61,6 +62,17 @@ pub fn admit(
         return Err(EngineError::InvalidParam {
             param: "prompt".into(),
             message: "the prompt is empty; give at least one token".into(),
+        });
+    }
+    // Checked here, at admission: an out-of-range id reaching a step would fail the whole
+    // batch it runs in, not just this request.
+    if let Some(bad) = prompt_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(EngineError::InvalidParam {
+            param: "prompt".into(),
+            message: format!(
+                "token id {bad} is outside the model's vocabulary (ids 0..{}); give token ids below {vocab_size}",
+                vocab_size.saturating_sub(1)
+            ),
         });
     }
     let prompt_len = prompt_token_ids.len();
