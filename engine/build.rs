@@ -11,8 +11,14 @@ fn main() {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     });
-    println!("cargo:rustc-env=RVLLM_GIT_COMMIT={}", commit.unwrap_or_else(|| "unknown".into()));
-    println!("cargo:rustc-env=RVLLM_TARGET_TRIPLE={}", std::env::var("TARGET").unwrap_or_default());
+    println!(
+        "cargo:rustc-env=RVLLM_GIT_COMMIT={}",
+        commit.unwrap_or_else(|| "unknown".into())
+    );
+    println!(
+        "cargo:rustc-env=RVLLM_TARGET_TRIPLE={}",
+        std::env::var("TARGET").unwrap_or_default()
+    );
     println!("cargo:rerun-if-env-changed=RVLLM_COMMIT");
     // HEAD names the branch; the commit lives in the branch's ref (or packed-refs).
     println!("cargo:rerun-if-changed=../.git/HEAD");

@@ -10,8 +10,8 @@ pub mod models;
 pub mod runner;
 pub mod sampling;
 pub mod scheduler;
-pub mod tokenizer;
 pub mod server;
+pub mod tokenizer;
 
 /// Version string printed by `rvllm --version`: crate version, commit, target.
 pub fn version_string() -> String {

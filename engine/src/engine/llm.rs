@@ -88,8 +88,14 @@ impl Llm {
             } else {
                 &params[i]
             };
-            let (p, reqs) = admit(prompt, p, self.core.max_model_len, self.core.config.vocab_size, &eos)
-                .map_err(|e| anyhow!("prompt {i}: {e}"))?;
+            let (p, reqs) = admit(
+                prompt,
+                p,
+                self.core.max_model_len,
+                self.core.config.vocab_size,
+                &eos,
+            )
+            .map_err(|e| anyhow!("prompt {i}: {e}"))?;
             texts.push(
                 (0..reqs.len())
                     .map(|s| SeqOutput::new(s, self.tokenizer.clone(), prompt, &p))

@@ -1,12 +1,12 @@
 //! Model files (HF folders, GGUF, hub ids) and the Llama-family model.
 pub mod config;
-pub mod llama;
-pub mod weights;
 pub mod gguf;
 pub mod hf_config;
 pub mod hf_weights;
 pub mod hub;
 pub mod layout;
+pub mod llama;
 pub mod loader;
+pub mod weights;
 
 pub use loader::{load_model, LoadFormat, LoadOptions, LoadedModel};
