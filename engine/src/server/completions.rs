@@ -280,7 +280,7 @@ fn stream(gen: Generation, out: Output) -> Response {
                 if text.is_empty()
                     && finish.is_none()
                     && logprobs.as_ref().is_none_or(|l| l.tokens.is_empty())
-                    && !(out.job.return_token_ids && !d.token_ids.is_empty())
+                    && (!out.job.return_token_ids || d.token_ids.is_empty())
                 {
                     // Nothing to say yet (text held back while a stop string may be forming).
                     return Some((vec![], Some((gen, out))));
