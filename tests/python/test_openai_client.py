@@ -6,7 +6,11 @@ Run by tests/tests/server_e2e.rs, which starts the server and passes:
   RVLLM_EXPECT     JSON: greedy outputs of `rvllm generate` for the same prompts:
                    {"max_tokens": N,
                     "completion": {"prompt": str, "text": str},
-                    "chat": {"message": str, "text": str}}
+                    "chat": {"message": str, "text": str},
+                    "prompt_logprobs": {"k": K, "completion": P, "chat": P}}
+                   where P is the engine's prompt logprobs of that prompt (`rvllm generate
+                   --prompt-logprobs K`): {"prompt_token_ids": [...], "entries": [null,
+                   {"token_id", "logprob", "rank", "top": [[id, logprob], ...]}, ...]}
 Plain unittest (no pytest needed); exits non-zero on any failure.
 """
 
@@ -186,6 +190,140 @@ class Chat(unittest.TestCase):
         with self.assertRaises(openai.BadRequestError) as cm:
             client.chat.completions.create(model=MODEL, messages=[])
         self.assertIn("messages", str(cm.exception))
+
+
+class PromptLogprobs(unittest.TestCase):
+    """vLLM's `prompt_logprobs` (sent through extra_body): per prompt token, null first, then
+    {token id: {"logprob", "rank", "decoded_token"}} holding the prompt token and the top K."""
+
+    k = EXPECT["prompt_logprobs"]["k"]
+
+    def check_against_engine(self, plp, expected, prompt_tokens):
+        ids = expected["prompt_token_ids"]
+        self.assertEqual(len(plp), prompt_tokens, "one entry per prompt token")
+        self.assertEqual(len(plp), len(ids))
+        self.assertIsNone(plp[0], "nothing precedes the first prompt token")
+        for pos in range(1, len(ids)):
+            entry, want = plp[pos], expected["entries"][pos]
+            where = f"position {pos}: {entry}"
+            self.assertIsInstance(entry, dict, where)
+            tid = str(ids[pos])
+            self.assertIn(tid, entry, "the actual prompt token is present: " + where)
+            self.assertEqual(want["token_id"], ids[pos])
+            own = entry[tid]
+            self.assertEqual(set(own), {"logprob", "rank", "decoded_token"}, where)
+            self.assertAlmostEqual(own["logprob"], want["logprob"], delta=1e-4, msg=where)
+            self.assertLessEqual(own["logprob"], 0.0, where)
+            self.assertIsInstance(own["decoded_token"], str, where)
+            # The top K alternatives, with the engine's values and ranks 1..K.
+            top = want["top"]
+            self.assertEqual(len(top), self.k)
+            for r, (alt, lp) in enumerate(top, start=1):
+                got = entry.get(str(alt))
+                self.assertIsNotNone(got, f"alternative {alt} missing at {where}")
+                self.assertAlmostEqual(got["logprob"], lp, delta=1e-4, msg=where)
+                self.assertEqual(got["rank"], r, where)
+                self.assertIsInstance(got["decoded_token"], str, where)
+            top_ids = [alt for alt, _ in top]
+            self.assertEqual(len(entry), self.k + (0 if ids[pos] in top_ids else 1), where)
+            if ids[pos] in top_ids:
+                self.assertEqual(own["rank"], top_ids.index(ids[pos]) + 1, where)
+            else:
+                self.assertEqual(own["rank"], want["rank"], where)
+                self.assertGreater(own["rank"], self.k, where)
+                self.assertLessEqual(own["logprob"], top[-1][1] + 1e-6, where)
+            # Ranks follow the logprobs.
+            ranked = sorted(entry.values(), key=lambda e: e["rank"])
+            self.assertEqual([e["logprob"] for e in ranked], sorted((e["logprob"] for e in ranked), reverse=True))
+        return [plp[pos][str(ids[pos])]["decoded_token"] for pos in range(1, len(ids))]
+
+    def test_completion_prompt_logprobs_equal_the_engines(self):
+        expected = EXPECT["prompt_logprobs"]["completion"]
+        prompt = EXPECT["completion"]["prompt"]
+        r = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": self.k}
+        )
+        body = r.model_dump()
+        self.assertNotIn("prompt_logprobs", body, "completions carry them per choice, not at the top")
+        plp = body["choices"][0]["prompt_logprobs"]
+        decoded = self.check_against_engine(plp, expected, r.usage.prompt_tokens)
+        # The prompt tokens' texts after the first spell the end of the prompt.
+        self.assertTrue(prompt.endswith("".join(decoded)), decoded)
+        self.assertGreater(len("".join(decoded)), 0)
+
+    def test_every_choice_of_every_prompt_carries_its_own(self):
+        prompt = EXPECT["completion"]["prompt"]
+        r = client.completions.create(
+            model=MODEL,
+            prompt=[prompt, "Hello"],
+            n=2,
+            max_tokens=1,
+            temperature=0,
+            extra_body={"prompt_logprobs": 0},
+        )
+        by_prompt = {}
+        for c in sorted(r.model_dump()["choices"], key=lambda c: c["index"]):
+            plp = c["prompt_logprobs"]
+            self.assertIsNone(plp[0])
+            for e in plp[1:]:
+                self.assertEqual(len(e), 1, "prompt_logprobs=0: the prompt token alone")
+            by_prompt.setdefault(c["index"] // 2, []).append(plp)
+        self.assertEqual(sorted(by_prompt), [0, 1])
+        for plps in by_prompt.values():
+            self.assertEqual(plps[0], plps[1], "the n choices of one prompt share its prompt logprobs")
+        ids = EXPECT["prompt_logprobs"]["completion"]["prompt_token_ids"]
+        self.assertEqual(len(by_prompt[0][0]), len(ids))
+        self.assertEqual(len(by_prompt[1][0]), r.usage.prompt_tokens - len(ids), "the second prompt's own length")
+
+    def test_chat_prompt_logprobs_are_at_the_top_level(self):
+        expected = EXPECT["prompt_logprobs"]["chat"]
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": EXPECT["chat"]["message"]}],
+            max_tokens=2,
+            temperature=0,
+            extra_body={"prompt_logprobs": self.k},
+        )
+        body = r.model_dump()
+        self.check_against_engine(body["prompt_logprobs"], expected, r.usage.prompt_tokens)
+        self.assertNotIn("prompt_logprobs", body["choices"][0])
+
+    def test_absent_unless_asked(self):
+        r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+        self.assertIsNone(r.model_dump()["choices"][0].get("prompt_logprobs"))
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+        self.assertIsNone(r.model_dump().get("prompt_logprobs"))
+
+    def assert_refused(self, create, words, **kwargs):
+        with self.assertRaises(openai.BadRequestError) as cm:
+            create(**kwargs)
+        e = cm.exception
+        self.assertEqual(e.status_code, 400)
+        error = e.response.json()["error"]
+        self.assertEqual(error["type"], "invalid_request_error", error)
+        self.assertEqual(error["param"], "prompt_logprobs", error)
+        self.assertIn(words, error["message"])
+        return error["message"]
+
+    def test_bad_values_are_400s_that_say_what_to_send(self):
+        completion = lambda plp, **kw: client.completions.create(  # noqa: E731
+            model=MODEL, prompt="x", max_tokens=1, extra_body={"prompt_logprobs": plp}, **kw
+        )
+        chat = lambda plp, **kw: client.chat.completions.create(  # noqa: E731
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1,
+            extra_body={"prompt_logprobs": plp}, **kw
+        )
+        for create in (completion, chat):
+            msg = self.assert_refused(create, "between 0 and 20", plp=-3)
+            self.assertIn("got -3", msg)
+            self.assert_refused(create, "whole vocabulary", plp=-1)
+            self.assert_refused(create, "got 21", plp=21)
+            self.assert_refused(create, "not available when `stream=True`", plp=2, stream=True)
+        with self.assertRaises(openai.BadRequestError) as cm:
+            completion("3")
+        self.assertIn("prompt_logprobs", str(cm.exception))
+        # Still serving afterwards.
+        self.assertEqual(len(completion(1).choices), 1)
 
 
 class Models(unittest.TestCase):

@@ -1,6 +1,7 @@
 //! `rvllm serve` with SmolLM2-135M-Instruct (GGUF) against the real `openai` Python client
 //! (tests/python/test_openai_client.py): completions and chat, streamed and not, n=2,
-//! logprobs, stop strings, echo, errors; greedy outputs must equal `rvllm generate`'s.
+//! logprobs, prompt logprobs, stop strings, echo, errors; greedy outputs and prompt
+//! logprobs must equal `rvllm generate`'s.
 mod server_common;
 
 use std::path::Path;
@@ -12,9 +13,18 @@ use server_common::{idle_and_no_leak, rvllm_bin, smollm2_gguf, Server};
 const MAX_TOKENS: usize = 16;
 const PROMPT: &str = "The capital of France is";
 const CHAT_MESSAGE: &str = "Name three colors of the rainbow.";
+/// Top alternatives asked for per prompt token.
+const PROMPT_LOGPROBS: usize = 5;
 
-/// Greedy text of `rvllm generate` for one prompt (with --chat: as one user message).
-fn generate(model: &Path, prompt: &str, chat: bool) -> String {
+/// `rvllm generate --output json` for one greedy prompt (with --chat: as one user
+/// message), with `extra` flags; the JSON of that request.
+fn generate_json(
+    model: &Path,
+    prompt: &str,
+    chat: bool,
+    max_tokens: usize,
+    extra: &[&str],
+) -> Value {
     let mut cmd = Command::new(rvllm_bin());
     cmd.args([
         "generate",
@@ -28,7 +38,8 @@ fn generate(model: &Path, prompt: &str, chat: bool) -> String {
     ])
     .arg("--model")
     .arg(model)
-    .args(["--max-tokens", &MAX_TOKENS.to_string(), "--prompt", prompt]);
+    .args(["--max-tokens", &max_tokens.to_string(), "--prompt", prompt])
+    .args(extra);
     if chat {
         cmd.arg("--chat");
     }
@@ -39,10 +50,26 @@ fn generate(model: &Path, prompt: &str, chat: bool) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).expect("rvllm generate --output json");
-    v["outputs"][0]["outputs"][0]["text"]
+    v["outputs"][0].clone()
+}
+
+/// Greedy text of `rvllm generate` for one prompt.
+fn generate(model: &Path, prompt: &str, chat: bool) -> String {
+    generate_json(model, prompt, chat, MAX_TOKENS, &[])["outputs"][0]["text"]
         .as_str()
         .expect("generated text")
         .to_string()
+}
+
+/// The engine's prompt logprobs for one prompt, through `rvllm generate`: its prompt token
+/// ids and, per position, null or {token_id, logprob, rank, top: [[id, logprob], ...]}.
+fn prompt_logprobs(model: &Path, prompt: &str, chat: bool) -> Value {
+    let k = PROMPT_LOGPROBS.to_string();
+    let v = generate_json(model, prompt, chat, 1, &["--prompt-logprobs", &k]);
+    let ids = v["prompt_token_ids"].as_array().expect("prompt_token_ids");
+    let entries = v["prompt_logprobs"].as_array().expect("prompt_logprobs");
+    assert_eq!(ids.len(), entries.len(), "rvllm generate: {v}");
+    json!({"prompt_token_ids": ids, "entries": entries})
 }
 
 /// A Python that can `import openai`: $RVLLM_PYTHON, else python3 from PATH.
@@ -68,6 +95,11 @@ fn openai_python_client_against_smollm2() {
         "max_tokens": MAX_TOKENS,
         "completion": {"prompt": PROMPT, "text": generate(&model, PROMPT, false)},
         "chat": {"message": CHAT_MESSAGE, "text": generate(&model, CHAT_MESSAGE, true)},
+        "prompt_logprobs": {
+            "k": PROMPT_LOGPROBS,
+            "completion": prompt_logprobs(&model, PROMPT, false),
+            "chat": prompt_logprobs(&model, CHAT_MESSAGE, true),
+        },
     });
     let s = Server::start(
         &model,

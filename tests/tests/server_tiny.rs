@@ -208,6 +208,30 @@ fn bad_inputs_get_openai_errors_and_the_server_keeps_serving() {
             "stream",
         ),
         (
+            "negative prompt_logprobs",
+            c,
+            br#"{"prompt": "hi", "prompt_logprobs": -3}"#.to_vec(),
+            400,
+            json!("prompt_logprobs"),
+            "between 0 and 20",
+        ),
+        (
+            "prompt_logprobs too large",
+            chat,
+            br#"{"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 21}"#.to_vec(),
+            400,
+            json!("prompt_logprobs"),
+            "got 21",
+        ),
+        (
+            "prompt_logprobs while streaming",
+            c,
+            br#"{"prompt": "hi", "prompt_logprobs": 2, "stream": true}"#.to_vec(),
+            400,
+            json!("prompt_logprobs"),
+            "stream=True",
+        ),
+        (
             "detokenize bad id",
             "/detokenize",
             br#"{"tokens": [-1]}"#.to_vec(),
@@ -247,12 +271,11 @@ fn bad_inputs_get_openai_errors_and_the_server_keeps_serving() {
     let ok = s.post_json(c, &completion("hello", 4));
     assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(ok.json()["usage"]["completion_tokens"], 4);
-    let m = s.metrics();
+    let m = s.wait_idle();
     assert!(
         metric(&m, "rvllm:http_request_errors_total") >= cases.len() as f64 + 3.0,
         "{m}"
     );
-    assert!(idle_and_no_leak(&m), "{m}");
 }
 
 #[test]
@@ -475,7 +498,7 @@ fn bench_serve_drives_the_server_and_saves_results() {
         }
         assert!(v["mean_ttft_ms"].as_f64().unwrap() > 0.0);
     }
-    assert!(idle_and_no_leak(&s.metrics()));
+    s.wait_idle();
 }
 
 #[test]
@@ -532,4 +555,74 @@ fn token_ids_are_returned_on_request_and_always_without_a_tokenizer() {
         e["message"].as_str().unwrap().contains("no tokenizer"),
         "{e}"
     );
+}
+
+/// prompt_logprobs over raw HTTP: the wire shape (string keys, null first), token-id
+/// prompts, `n`, chat at the top level, and `stream` with 0 (accepted, nothing sent).
+#[test]
+fn prompt_logprobs_wire_shape() {
+    let s = start(&[]);
+    let prompts = [vec![5u32, 6, 7], vec![9, 10, 11, 12]];
+    let body = json!({"model": MODEL_NAME, "prompt": prompts, "n": 2, "max_tokens": 2,
+                      "ignore_eos": true, "prompt_logprobs": 3});
+    let r = s.post_json("/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert!(
+        v.get("prompt_logprobs").is_none(),
+        "per choice, not top level: {v}"
+    );
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    for c in choices {
+        let p = &prompts[c["index"].as_u64().unwrap() as usize / 2];
+        let plp = c["prompt_logprobs"].as_array().expect("a list");
+        assert_eq!(plp.len(), p.len(), "{c}");
+        assert!(plp[0].is_null(), "{c}");
+        for (pos, e) in plp.iter().enumerate().skip(1) {
+            let e = e.as_object().expect("a map");
+            let own = &e[&p[pos].to_string()];
+            assert!(own["logprob"].as_f64().unwrap() <= 0.0, "{own}");
+            assert!(own["rank"].as_u64().unwrap() >= 1, "{own}");
+            assert!(own["decoded_token"].is_string(), "{own}");
+            assert!((3..=4).contains(&e.len()), "{e:?}");
+            let mut ranks: Vec<u64> = e.values().map(|x| x["rank"].as_u64().unwrap()).collect();
+            ranks.sort();
+            assert_eq!(&ranks[..3], &[1, 2, 3], "{e:?}");
+        }
+    }
+    // Whole responses always carry the field, null unless asked for (as vLLM writes it).
+    let plain = s.post_json("/v1/completions", &completion("hi", 1)).json();
+    assert!(
+        plain["choices"][0]["prompt_logprobs"].is_null()
+            && plain["choices"][0]
+                .as_object()
+                .unwrap()
+                .contains_key("prompt_logprobs"),
+        "{plain}"
+    );
+
+    let body = json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 2,
+                      "prompt_logprobs": 0});
+    let v = s.post_json("/v1/chat/completions", &body).json();
+    let plp = v["prompt_logprobs"].as_array().expect("top level");
+    assert_eq!(
+        plp.len() as u64,
+        v["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert!(plp[0].is_null());
+    assert!(
+        plp[1..].iter().all(|e| e.as_object().unwrap().len() == 1),
+        "{v}"
+    );
+    assert!(v["choices"][0].get("prompt_logprobs").is_none(), "{v}");
+
+    // stream with 0: accepted (vLLM's rule); chunks carry no prompt_logprobs.
+    let body = json!({"prompt": "hi", "max_tokens": 2, "stream": true, "prompt_logprobs": 0});
+    let r = s.post_json("/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let events = r.sse_events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(!r.text().contains("prompt_logprobs"), "{}", r.text());
+    s.wait_idle();
 }

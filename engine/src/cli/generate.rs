@@ -231,6 +231,7 @@ fn logprobs_json(t: &crate::scheduler::TokenLogprobs) -> serde_json::Value {
     json!({
         "token_id": t.token_id,
         "logprob": t.logprob,
+        "rank": t.rank,
         "top": t.top.iter().map(|(id, lp)| json!([id, lp])).collect::<Vec<_>>(),
     })
 }

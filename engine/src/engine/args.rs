@@ -13,7 +13,8 @@ pub struct EngineArgs {
     /// cpu, cuda, or auto (cuda when a GPU and the cuda backend are present).
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// auto (weights' own: bf16 on GPU, f32 on CPU), bfloat16, float16, float32.
+    /// auto: the backend's one compute type (bfloat16 on the GPU, float32 on the CPU);
+    /// `rvllm serve` also takes that type's name and refuses any other.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Longest prompt + output, in tokens (default: the model's max_position_embeddings,
@@ -36,7 +37,7 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 2.0)]
     pub cpu_kv_cache_gb: f32,
     /// Use exactly this many KV blocks (skips memory-based sizing).
-    #[arg(long, alias = "num-gpu-blocks-override")]
+    #[arg(long, visible_alias = "num-gpu-blocks-override")]
     pub num_kv_blocks: Option<usize>,
     /// Disable CUDA graphs.
     #[arg(long)]

@@ -226,8 +226,8 @@ fn log_softmax_shift(values: &[f32]) -> Option<(f32, f64)> {
     Some((max, sum.ln()))
 }
 
-/// Log-softmax of `logits` at `chosen`, and the `k` most likely tokens (highest first, the
-/// lower id first on ties). Also used for prompt logprobs.
+/// Log-softmax of `logits` at `chosen`, its rank, and the `k` most likely tokens (highest
+/// first, the lower id first on ties). Also used for prompt logprobs.
 pub fn top_logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprobs {
     let shift = log_softmax_shift(logits);
     let logprob = |v: f32| match shift {
@@ -238,11 +238,18 @@ pub fn top_logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprobs {
         .into_iter()
         .map(|i| (i, logprob(logits[i as usize])))
         .collect();
+    // NaN ranks as -inf, as in top_k_indices; an id outside the vocabulary ranks last.
+    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    let rank = match logits.get(chosen as usize) {
+        Some(&c) => logits.iter().filter(|&&v| key(v) >= key(c)).count(),
+        None => logits.len() + 1,
+    };
     TokenLogprobs {
         token_id: chosen,
         logprob: logits
             .get(chosen as usize)
             .map_or(f32::NEG_INFINITY, |&v| logprob(v)),
+        rank: u32::try_from(rank).unwrap_or(u32::MAX),
         top,
     }
 }

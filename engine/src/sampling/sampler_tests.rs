@@ -348,6 +348,19 @@ fn logprobs_are_the_log_softmax_of_the_raw_logits() {
     assert_eq!(ids, vec![1, 4, 2], "highest first, lower id first on ties");
     assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
     assert!(lp.top.iter().all(|t| t.1 <= 0.0));
+    // Ranks count the tokens at least as likely (vLLM's rule): 3.0 twice, then 2.0.
+    assert_eq!(lp.rank, 3);
+    assert_eq!(
+        top_logprobs(&logits, 1, 0).rank,
+        2,
+        "a tie shares the higher count"
+    );
+    assert_eq!(top_logprobs(&logits, 3, 0).rank, 5);
+    assert_eq!(
+        top_logprobs(&[f32::NAN, 1.0], 1, 0).rank,
+        1,
+        "NaN ranks last"
+    );
 
     // Huge logits stay finite.
     let lp = top_logprobs(&[1000.0, 999.0], 1, 2);

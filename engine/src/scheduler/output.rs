@@ -57,6 +57,9 @@ impl SchedulerOutput {
 pub struct TokenLogprobs {
     pub token_id: u32,
     pub logprob: f32,
+    /// Rank of `token_id` in the vocabulary, counted as vLLM does: how many tokens have a
+    /// logprob at least as high as its own (1: the most likely token).
+    pub rank: u32,
     /// (token id, logprob), highest first.
     pub top: Vec<(u32, f32)>,
 }

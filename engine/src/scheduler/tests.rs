@@ -543,6 +543,7 @@ fn logprobs_pass_through_and_prompt_logprobs_come_once() {
     let lp = |t: u32| TokenLogprobs {
         token_id: t,
         logprob: -0.5,
+        rank: 1,
         top: vec![(t, -0.5)],
     };
     let mut prompt_lp_seen = 0;

@@ -13,13 +13,14 @@ use super::error::ApiError;
 use super::generation::{failure, Generation};
 use super::protocol::ChatCompletionRequest;
 use super::responses::{
-    chat_logprobs, finish_str, random_id, stop_reason_json, unix_now, ChatChoice, ChatChunk,
-    ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageOut, ChatResponse, Usage,
+    chat_logprobs, finish_str, prompt_logprobs, random_id, stop_reason_json, unix_now, ChatChoice,
+    ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageOut, ChatResponse, Usage,
 };
 use super::routes::read_body;
 use super::validate::{check_model, parse_json, validate_chat, ChatJob};
 use super::{sse, AppState};
 use crate::engine::CompletionDelta;
+use crate::scheduler::TokenLogprobs;
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
 pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
@@ -84,7 +85,8 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
     let bytes = read_body(body, st.max_body_bytes).await?;
     let req: ChatCompletionRequest = parse_json(&bytes)?;
     check_model(req.model.as_deref(), &st.served_model, &st.model_path)?;
-    let mut job = validate_chat(&req)?;
+    let mut job = validate_chat(&req, st.max_logprobs)?;
+    st.apply_defaults(&mut job.params, &mut job.tokens_as_ids);
     job.return_token_ids |= st.tokenizer.is_none();
     let template = job.chat_template.as_deref().or(st.chat_template.as_deref());
     let ids = render_chat(
@@ -124,6 +126,7 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
                 stop_reason: None,
             })
             .collect(),
+        prompt_logprobs: None,
         job,
     };
     if out.job.stream.stream {
@@ -151,6 +154,9 @@ struct Output {
     job: ChatJob,
     prompt_tokens: usize,
     choices: Vec<ChoiceState>,
+    /// The engine's prompt logprobs (None first): every choice computes the same ones, so
+    /// the first to arrive is kept (vLLM puts them at the top level of the response).
+    prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
 }
 
 impl Output {
@@ -159,6 +165,9 @@ impl Output {
         let Some(ch) = self.choices.get_mut(c) else {
             return (String::new(), None);
         };
+        if self.prompt_logprobs.is_none() {
+            self.prompt_logprobs = d.prompt_logprobs.clone();
+        }
         let mut text = ch.echo.take().unwrap_or_default();
         text.push_str(&d.text);
         let lps = self.job.logprobs.map(|k| {
@@ -211,6 +220,13 @@ async fn collect(mut gen: Generation, mut out: Output) -> Result<Response, ApiEr
         out.absorb(c, &d);
     }
     let usage = out.usage();
+    let plp = out.job.params.prompt_logprobs.map(|k| {
+        prompt_logprobs(
+            out.tokenizer.as_deref(),
+            out.prompt_logprobs.as_deref().unwrap_or(&[]),
+            k,
+        )
+    });
     let resp = ChatResponse {
         id: out.id,
         object: "chat.completion",
@@ -233,6 +249,7 @@ async fn collect(mut gen: Generation, mut out: Output) -> Result<Response, ApiEr
             })
             .collect(),
         usage,
+        prompt_logprobs: plp,
     };
     Ok(axum::Json(resp).into_response())
 }

@@ -12,13 +12,14 @@ use super::error::ApiError;
 use super::generation::{failure, Generation};
 use super::protocol::CompletionRequest;
 use super::responses::{
-    completion_logprobs, finish_str, random_id, stop_reason_json, unix_now, CompletionChoice,
-    CompletionLogprobs, CompletionResponse, Usage,
+    completion_logprobs, finish_str, prompt_logprobs, random_id, stop_reason_json, unix_now,
+    CompletionChoice, CompletionLogprobs, CompletionResponse, Usage,
 };
 use super::routes::read_body;
 use super::validate::{check_model, parse_json, validate_completion, CompletionJob, PromptInput};
 use super::{sse, AppState};
 use crate::engine::CompletionDelta;
+use crate::scheduler::TokenLogprobs;
 use crate::tokenizer::Tokenizer;
 
 pub async fn completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
@@ -38,7 +39,8 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
     let bytes = read_body(body, st.max_body_bytes).await?;
     let req: CompletionRequest = parse_json(&bytes)?;
     check_model(req.model.as_deref(), &st.served_model, &st.model_path)?;
-    let mut job = validate_completion(&req)?;
+    let mut job = validate_completion(&req, st.max_logprobs)?;
+    st.apply_defaults(&mut job.params, &mut job.tokens_as_ids);
     // Without a tokenizer there is no text: the token ids are the output.
     job.return_token_ids |= st.tokenizer.is_none();
     let tok = st.tokenizer.as_deref();
@@ -129,6 +131,8 @@ struct ChoiceState {
     text_offset: usize,
     finish_reason: Option<&'static str>,
     stop_reason: Option<serde_json::Value>,
+    /// The engine's prompt logprobs (None first), from the first delta that has them.
+    prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
 }
 
 impl ChoiceState {
@@ -142,6 +146,7 @@ impl ChoiceState {
             text_offset: 0,
             finish_reason: None,
             stop_reason: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -202,6 +207,9 @@ impl Output {
                 &mut ch.text_offset,
             ));
         }
+        if ch.prompt_logprobs.is_none() {
+            ch.prompt_logprobs = d.prompt_logprobs.clone();
+        }
         ch.text.push_str(&text);
         ch.tokens += d.token_ids.len();
         if self.job.return_token_ids {
@@ -233,24 +241,32 @@ async fn collect(mut gen: Generation, mut out: Output) -> Result<Response, ApiEr
         out.absorb(c, &d);
     }
     let usage = out.usage();
-    let resp = CompletionResponse {
-        id: out.id,
-        object: "text_completion",
-        created: out.created,
-        model: out.model,
-        choices: out
-            .choices
-            .into_iter()
-            .enumerate()
-            .map(|(index, c)| CompletionChoice {
+    let tok = out.tokenizer.as_deref();
+    let plp_k = out.job.params.prompt_logprobs;
+    let return_ids = out.job.return_token_ids;
+    let choices = out
+        .choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, c)| {
+            let plp = c.prompt_logprobs.as_deref().unwrap_or(&[]);
+            CompletionChoice {
                 index,
                 text: c.text,
                 logprobs: c.logprobs,
                 finish_reason: c.finish_reason,
                 stop_reason: c.stop_reason,
-                token_ids: out.job.return_token_ids.then_some(c.token_ids),
-            })
-            .collect(),
+                token_ids: return_ids.then_some(c.token_ids),
+                prompt_logprobs: Some(plp_k.map(|k| prompt_logprobs(tok, plp, k))),
+            }
+        })
+        .collect();
+    let resp = CompletionResponse {
+        id: out.id,
+        object: "text_completion",
+        created: out.created,
+        model: out.model,
+        choices,
         usage: Some(usage),
     };
     Ok(axum::Json(resp).into_response())
@@ -292,6 +308,7 @@ fn stream(gen: Generation, out: Output) -> Response {
                     finish_reason: finish,
                     stop_reason: stop_reason_json(&d.stop_reason),
                     token_ids: out.job.return_token_ids.then(|| d.token_ids.clone()),
+                    prompt_logprobs: None,
                 };
                 let usage = out.job.stream.continuous_usage.then(|| out.usage());
                 Some((vec![chunk(&out, vec![choice], usage)], Some((gen, out))))

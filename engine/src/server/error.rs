@@ -70,7 +70,7 @@ impl ApiError {
         Self {
             status: StatusCode::UNAUTHORIZED,
             message: "Missing or wrong API key: send the header `Authorization: Bearer <key>` with the key \
-                      the server was started with (--api-key or RVLLM_API_KEY)"
+                      the server was started with (--api-key, RVLLM_API_KEY or VLLM_API_KEY)"
                 .into(),
             kind: "authentication_error",
             param: None,

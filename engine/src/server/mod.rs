@@ -4,6 +4,7 @@
 //! (through generation.rs to the engine) → responses.rs; sse.rs frames streams, metrics.rs
 //! renders /metrics, error.rs shapes every failure, routes.rs holds the small routes.
 pub mod chat;
+pub mod compat;
 pub mod completions;
 pub mod error;
 pub mod generation;
@@ -16,7 +17,7 @@ pub mod validate;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +30,9 @@ use axum::Router;
 use clap::Args;
 
 use crate::engine::{AsyncEngine, EngineArgs};
+use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
+use compat::VllmCompatArgs;
 use error::ApiError;
 use metrics::ServerMetrics;
 
@@ -44,7 +47,8 @@ pub struct ServeArgs {
     /// Port to listen on (0: any free port; the address is printed).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Require `Authorization: Bearer <key>` on every route but /health.
+    /// Require `Authorization: Bearer <key>` on every route but /health (also read from
+    /// RVLLM_API_KEY, else VLLM_API_KEY as vLLM does).
     #[arg(long, env = "RVLLM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// A chat template (a file, or the template text itself) overriding the model's.
@@ -56,11 +60,10 @@ pub struct ServeArgs {
     /// Seconds that in-flight requests get to finish after SIGTERM / Ctrl-C.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace_period: f64,
-    /// Accepted for vLLM compatibility (rvllm does not log requests).
-    #[arg(long)]
-    pub disable_log_requests: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub vllm: VllmCompatArgs,
 }
 
 /// What every handler shares.
@@ -75,6 +78,25 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub started_unix: u64,
     pub shutting_down: AtomicBool,
+    /// `--max-logprobs`: the most top log-probabilities a request may ask for.
+    pub max_logprobs: usize,
+    /// `--seed`: seeds the requests that bring none, in arrival order.
+    pub seed: Option<u64>,
+    pub unseeded_requests: AtomicU64,
+    /// `--return-tokens-as-token-ids`.
+    pub return_tokens_as_token_ids: bool,
+}
+
+impl AppState {
+    /// Server-wide defaults for what a validated request left unset: a seed derived from
+    /// `--seed` and the request's arrival number, and `--return-tokens-as-token-ids`.
+    pub fn apply_defaults(&self, params: &mut SamplingParams, tokens_as_ids: &mut bool) {
+        if let (None, Some(s)) = (params.seed, self.seed) {
+            let i = self.unseeded_requests.fetch_add(1, Ordering::Relaxed);
+            params.seed = Some(compat::request_seed(s, i));
+        }
+        *tokens_as_ids |= self.return_tokens_as_token_ids;
+    }
 }
 
 /// The routes, with auth and error counting around them.
@@ -159,7 +181,14 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         .as_deref()
         .map(load_chat_template)
         .transpose()?;
-    let api_key = args.api_key.clone().filter(|k| !k.is_empty());
+    for note in args.vllm.check(&args.engine)? {
+        eprintln!("rvllm: note: {note}");
+    }
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("VLLM_API_KEY").ok())
+        .filter(|k| !k.is_empty());
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .or_else(|_| {
@@ -199,6 +228,10 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         max_body_bytes: args.max_request_body_bytes,
         started_unix: responses::unix_now(),
         shutting_down: AtomicBool::new(false),
+        max_logprobs: args.vllm.max_logprobs as usize,
+        seed: args.vllm.seed,
+        unseeded_requests: AtomicU64::new(0),
+        return_tokens_as_token_ids: args.vllm.return_tokens_as_token_ids,
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -36,6 +36,10 @@ pub struct CompletionChoice {
     /// tokenizer (the text is then empty).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,
+    /// vLLM's `prompt_logprobs`: always present in a whole response (`null` unless asked
+    /// for, as vLLM writes it), absent from stream chunks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<Option<PromptLogprobs>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -92,6 +96,8 @@ pub struct ChatResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    /// vLLM's `prompt_logprobs` of the rendered conversation (`null` unless asked for).
+    pub prompt_logprobs: Option<PromptLogprobs>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -144,6 +150,72 @@ pub struct ChatTopLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
+}
+
+/// vLLM's `prompt_logprobs`: one entry per prompt token, `null` for the first (nothing
+/// precedes it), else a map from token id (a string key, as JSON writes vLLM's int keys) to
+/// its `Logprob`: the prompt's own token first, then the top alternatives.
+pub type PromptLogprobs = Vec<Option<LogprobMap>>;
+
+/// vLLM's `Logprob`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct VllmLogprob {
+    pub logprob: Value,
+    pub rank: u32,
+    pub decoded_token: Option<String>,
+}
+
+/// `{token id: Logprob}` in insertion order (the prompt token first), as vLLM's dict is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogprobMap(pub Vec<(u32, VllmLogprob)>);
+
+impl Serialize for LogprobMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (id, lp) in &self.0 {
+            m.serialize_entry(&id.to_string(), lp)?;
+        }
+        m.end()
+    }
+}
+
+/// Build vLLM's prompt_logprobs from the engine's (`None` first, as the engine's delta has
+/// it), with the top `top_k` alternatives per position. As vLLM: the prompt token carries
+/// its own rank; alternatives are ranked 1..=top_k, and when the prompt token is one of
+/// them its entry keeps its place and takes the alternative's rank; -inf becomes -9999.
+/// `decoded_token` is the token's own text (null without a tokenizer).
+pub fn prompt_logprobs(
+    tok: Option<&Tokenizer>,
+    plp: &[Option<TokenLogprobs>],
+    top_k: usize,
+) -> PromptLogprobs {
+    let decoded = |id: u32| tok.map(|_| token_str(tok, id, false));
+    plp.iter()
+        .map(|lp| {
+            let lp = lp.as_ref()?;
+            let mut map = LogprobMap(vec![(
+                lp.token_id,
+                VllmLogprob {
+                    logprob: json_f32(finite(lp.logprob)),
+                    rank: lp.rank,
+                    decoded_token: decoded(lp.token_id),
+                },
+            )]);
+            for (i, (id, l)) in lp.top.iter().take(top_k).enumerate() {
+                let entry = VllmLogprob {
+                    logprob: json_f32(finite(*l)),
+                    rank: i as u32 + 1,
+                    decoded_token: decoded(*id),
+                };
+                match map.0.iter_mut().find(|(k, _)| k == id) {
+                    Some((_, e)) => *e = entry,
+                    None => map.0.push((*id, entry)),
+                }
+            }
+            Some(map)
+        })
+        .collect()
 }
 
 pub fn finish_str(f: &FinishReason) -> &'static str {
@@ -281,6 +353,7 @@ mod tests {
         TokenLogprobs {
             token_id: id,
             logprob: l,
+            rank: 1 + top.iter().filter(|t| t.1 > l).count() as u32,
             top: top.to_vec(),
         }
     }
@@ -315,6 +388,36 @@ mod tests {
         assert_eq!(top["token_id:6"], json_f32(-1.5));
         assert_eq!(json_f32(-0.48119926).to_string(), "-0.48119926");
         assert!(out.top_logprobs[0].is_none());
+    }
+
+    #[test]
+    fn prompt_logprobs_layout_is_vllms() {
+        // Position 1: the prompt token (8) is outside the top 2; position 2: it is the
+        // second alternative, so it keeps its place first and takes rank 2.
+        let plp = vec![
+            None,
+            Some(lp(8, -4.0, &[(3, -0.1), (4, -2.5), (8, -4.0)])),
+            Some(lp(6, -1.5, &[(5, -0.5), (6, -1.5), (7, f32::NEG_INFINITY)])),
+        ];
+        let v = serde_json::to_value(prompt_logprobs(None, &plp, 2)).unwrap();
+        assert_eq!(v[0], Value::Null);
+        let first = v[1].as_object().unwrap();
+        assert_eq!(first.len(), 3, "the prompt token plus the top 2");
+        assert_eq!(
+            v[1]["8"],
+            serde_json::json!({"logprob": -4.0, "rank": 3, "decoded_token": null})
+        );
+        assert_eq!(v[1]["3"]["rank"], 1);
+        assert_eq!(v[1]["4"]["rank"], 2);
+        assert_eq!(v[2].as_object().unwrap().len(), 2);
+        assert_eq!(v[2]["6"]["rank"], 2);
+        assert_eq!(v[2]["5"]["logprob"], -0.5);
+        // The prompt token comes first in the text, as in vLLM's dict.
+        let text = serde_json::to_string(&prompt_logprobs(None, &plp, 2)).unwrap();
+        assert!(text.starts_with(r#"[null,{"8":"#), "{text}");
+        // -inf is written as -9999, as vLLM clamps it.
+        let v = serde_json::to_value(prompt_logprobs(None, &plp, 3)).unwrap();
+        assert_eq!(v[2]["7"]["logprob"], -9999.0);
     }
 
     #[test]

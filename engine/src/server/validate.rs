@@ -12,7 +12,8 @@ use super::protocol::{
 };
 use crate::sampling::SamplingParams;
 
-/// OpenAI's (and vLLM's default) ceiling on top log-probabilities per token.
+/// OpenAI's (and vLLM's default `--max-logprobs`) ceiling on top log-probabilities per
+/// token; the engine returns no more. `rvllm serve --max-logprobs` may lower it.
 pub const MAX_LOGPROBS: i64 = 20;
 /// OpenAI's ceiling on `n`.
 pub const MAX_N: i64 = 128;
@@ -176,6 +177,44 @@ fn stream_mode(stream: Option<bool>, opts: &Option<StreamOptions>) -> Result<Str
     })
 }
 
+/// A count of top log-probabilities (`logprobs`, `top_logprobs`, `prompt_logprobs`): 0 up to
+/// the server's `--max-logprobs`.
+fn logprob_count(param: &str, k: i64, max: usize) -> Result<usize, ApiError> {
+    match usize::try_from(k) {
+        Ok(k) if k <= max => Ok(k),
+        _ => {
+            let whole = if k == -1 {
+                " (-1, the whole vocabulary, is not served)"
+            } else {
+                ""
+            };
+            Err(ApiError::invalid(
+                param,
+                format!(
+                    "`{param}` must be between 0 and {max} (this server's --max-logprobs), got {k}{whole}"
+                ),
+            ))
+        }
+    }
+}
+
+/// vLLM's rule: prompt logprobs come in the whole response only, never in stream chunks,
+/// so asking for some (more than 0) while streaming is refused. The value is checked here
+/// too; with `stream` and 0 nothing is returned, so nothing is computed.
+fn prompt_logprobs(k: Option<i64>, stream: bool, max: usize) -> Result<Option<usize>, ApiError> {
+    let Some(k) = k else { return Ok(None) };
+    let k = logprob_count("prompt_logprobs", k, max)?;
+    match (stream, k) {
+        (false, k) => Ok(Some(k)),
+        (true, 0) => Ok(None),
+        (true, _) => Err(ApiError::invalid(
+            "prompt_logprobs",
+            "`prompt_logprobs` are not available when `stream=True` (they come in the whole \
+             response only); set stream to false, or leave prompt_logprobs out",
+        )),
+    }
+}
+
 fn unsupported(param: &str, what: &str) -> ApiError {
     let mut e = ApiError::invalid(
         param,
@@ -189,7 +228,7 @@ fn unsupported(param: &str, what: &str) -> ApiError {
 /// SamplingParams. `default_max_tokens` differs: 16 for completions, None (to the end of the
 /// context) for chat.
 macro_rules! common_params {
-    ($r:expr, $default_max_tokens:expr, $max_tokens_name:expr, $max_tokens:expr) => {{
+    ($r:expr, $default_max_tokens:expr, $max_tokens_name:expr, $max_tokens:expr, $max_logprobs:expr) => {{
         let r = $r;
         let mut p = SamplingParams::default();
         if let Some(t) = r.temperature {
@@ -304,15 +343,8 @@ macro_rules! common_params {
         p.include_stop_str_in_output = r.include_stop_str_in_output.unwrap_or(false);
         p.ignore_eos = r.ignore_eos.unwrap_or(false);
         p.skip_special_tokens = r.skip_special_tokens.unwrap_or(true);
-        if let Some(k) = r.prompt_logprobs {
-            if !(0..=MAX_LOGPROBS).contains(&k) {
-                return Err(ApiError::invalid(
-                    "prompt_logprobs",
-                    format!("`prompt_logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}"),
-                ));
-            }
-            p.prompt_logprobs = Some(k as usize);
-        }
+        p.prompt_logprobs =
+            prompt_logprobs(r.prompt_logprobs, r.stream.unwrap_or(false), $max_logprobs)?;
         if r.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
             return Err(unsupported(
                 "logit_bias",
@@ -366,8 +398,12 @@ macro_rules! common_params {
     }};
 }
 
-pub fn validate_completion(r: &CompletionRequest) -> Result<CompletionJob, ApiError> {
-    let mut params = common_params!(r, Some(16), "max_tokens", r.max_tokens);
+/// `max_logprobs`: the server's `--max-logprobs` (at most MAX_LOGPROBS).
+pub fn validate_completion(
+    r: &CompletionRequest,
+    max_logprobs: usize,
+) -> Result<CompletionJob, ApiError> {
+    let mut params = common_params!(r, Some(16), "max_tokens", r.max_tokens, max_logprobs);
     if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(unsupported(
             "suffix",
@@ -375,13 +411,7 @@ pub fn validate_completion(r: &CompletionRequest) -> Result<CompletionJob, ApiEr
         ));
     }
     if let Some(k) = r.logprobs {
-        if !(0..=MAX_LOGPROBS).contains(&k) {
-            return Err(ApiError::invalid(
-                "logprobs",
-                format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}"),
-            ));
-        }
-        params.logprobs = Some(k as usize);
+        params.logprobs = Some(logprob_count("logprobs", k, max_logprobs)?);
     }
     let echo = r.echo.unwrap_or(false);
     if echo && params.logprobs.is_some() && params.prompt_logprobs.is_none() {
@@ -432,7 +462,8 @@ pub fn validate_completion(r: &CompletionRequest) -> Result<CompletionJob, ApiEr
     })
 }
 
-pub fn validate_chat(r: &ChatCompletionRequest) -> Result<ChatJob, ApiError> {
+/// `max_logprobs`: the server's `--max-logprobs` (at most MAX_LOGPROBS).
+pub fn validate_chat(r: &ChatCompletionRequest, max_logprobs: usize) -> Result<ChatJob, ApiError> {
     if r.max_tokens.is_some()
         && r.max_completion_tokens.is_some()
         && r.max_tokens != r.max_completion_tokens
@@ -446,7 +477,7 @@ pub fn validate_chat(r: &ChatCompletionRequest) -> Result<ChatJob, ApiError> {
         Some(v) => ("max_completion_tokens", Some(v)),
         None => ("max_tokens", r.max_tokens),
     };
-    let mut params = common_params!(r, None, max_name, max_val);
+    let mut params = common_params!(r, None, max_name, max_val, max_logprobs);
     let logprobs = match (r.logprobs.unwrap_or(false), r.top_logprobs) {
         (false, Some(k)) if k > 0 => {
             return Err(ApiError::invalid(
@@ -455,16 +486,7 @@ pub fn validate_chat(r: &ChatCompletionRequest) -> Result<ChatJob, ApiError> {
             ))
         }
         (false, _) => None,
-        (true, k) => {
-            let k = k.unwrap_or(0);
-            if !(0..=MAX_LOGPROBS).contains(&k) {
-                return Err(ApiError::invalid(
-                    "top_logprobs",
-                    format!("`top_logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}"),
-                ));
-            }
-            Some(k as usize)
-        }
+        (true, k) => Some(logprob_count("top_logprobs", k.unwrap_or(0), max_logprobs)?),
     };
     params.logprobs = logprobs;
     if r.tools.as_ref().is_some_and(|t| !t.is_empty())
@@ -577,11 +599,13 @@ mod tests {
     use super::*;
     use axum::http::StatusCode;
 
+    const MAX: usize = MAX_LOGPROBS as usize;
+
     fn completion(json: &str) -> Result<CompletionJob, ApiError> {
-        validate_completion(&parse_json::<CompletionRequest>(json.as_bytes())?)
+        validate_completion(&parse_json::<CompletionRequest>(json.as_bytes())?, MAX)
     }
     fn chat(json: &str) -> Result<ChatJob, ApiError> {
-        validate_chat(&parse_json::<ChatCompletionRequest>(json.as_bytes())?)
+        validate_chat(&parse_json::<ChatCompletionRequest>(json.as_bytes())?, MAX)
     }
 
     #[test]
@@ -698,6 +722,71 @@ mod tests {
             "messages[0].content[0]",
             "text",
         );
+    }
+
+    #[test]
+    fn prompt_logprobs_rules_are_vllms() {
+        let j = completion(r#"{"prompt":"x","prompt_logprobs":3}"#).unwrap();
+        assert_eq!(j.params.prompt_logprobs, Some(3));
+        assert_eq!(
+            completion(r#"{"prompt":"x","prompt_logprobs":0}"#)
+                .unwrap()
+                .params
+                .prompt_logprobs,
+            Some(0),
+            "0: the prompt token's own logprob and rank"
+        );
+        let c =
+            chat(r#"{"messages":[{"role":"user","content":"x"}],"prompt_logprobs":20}"#).unwrap();
+        assert_eq!(c.params.prompt_logprobs, Some(20));
+        assert_bad(
+            completion(r#"{"prompt":"x","prompt_logprobs":-2}"#),
+            "prompt_logprobs",
+            "between 0 and 20",
+        );
+        assert_bad(
+            completion(r#"{"prompt":"x","prompt_logprobs":-1}"#),
+            "prompt_logprobs",
+            "whole vocabulary",
+        );
+        assert_bad(
+            chat(r#"{"messages":[{"role":"user","content":"x"}],"prompt_logprobs":21}"#),
+            "prompt_logprobs",
+            "between 0 and 20",
+        );
+        assert_bad(
+            completion(r#"{"prompt":"x","prompt_logprobs":1,"stream":true}"#),
+            "prompt_logprobs",
+            "not available when `stream=True`",
+        );
+        assert_bad(
+            chat(
+                r#"{"messages":[{"role":"user","content":"x"}],"prompt_logprobs":2,"stream":true}"#,
+            ),
+            "prompt_logprobs",
+            "stream",
+        );
+        // 0 with stream is accepted (as vLLM) and computes nothing, since nothing is sent;
+        // echo + logprobs still asks the engine for the echoed tokens' logprobs.
+        let j = completion(r#"{"prompt":"x","prompt_logprobs":0,"stream":true}"#).unwrap();
+        assert_eq!(j.params.prompt_logprobs, None);
+        let j = completion(r#"{"prompt":"x","stream":true,"echo":true,"logprobs":2}"#).unwrap();
+        assert_eq!(j.params.prompt_logprobs, Some(2));
+        // A lower --max-logprobs bounds all three counts.
+        let r = parse_json::<CompletionRequest>(br#"{"prompt":"x","prompt_logprobs":5}"#).unwrap();
+        assert_bad(
+            validate_completion(&r, 4),
+            "prompt_logprobs",
+            "between 0 and 4",
+        );
+        let r = parse_json::<CompletionRequest>(br#"{"prompt":"x","logprobs":5}"#).unwrap();
+        assert_bad(validate_completion(&r, 4), "logprobs", "--max-logprobs");
+        let r = parse_json::<ChatCompletionRequest>(
+            br#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":5}"#,
+        )
+        .unwrap();
+        assert_bad(validate_chat(&r, 4), "top_logprobs", "between 0 and 4");
+        assert!(validate_chat(&r, 5).is_ok());
     }
 
     #[test]

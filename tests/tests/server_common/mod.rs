@@ -83,6 +83,7 @@ impl Server {
             ])
             .args(args)
             .env_remove("RVLLM_API_KEY")
+            .env_remove("VLLM_API_KEY")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -177,6 +178,17 @@ impl Server {
     }
 
     /// /metrics as text.
+    /// Wait (up to 10 s) until nothing runs or waits and every KV block is free. The
+    /// engine thread publishes what /metrics reads after each step, just after it hands the
+    /// step's outputs over, so a response can arrive a moment before its request's end shows.
+    pub fn wait_idle(&self) -> String {
+        self.wait_metrics(
+            Duration::from_secs(10),
+            "an idle engine with every KV block free",
+            idle_and_no_leak,
+        )
+    }
+
     pub fn metrics(&self) -> String {
         let r = self.get("/metrics");
         assert_eq!(r.status, 200, "/metrics: {}", r.text());
