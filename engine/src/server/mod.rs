@@ -2,7 +2,8 @@
 //! only one that knows HTTP, JSON or the OpenAI wire format (ARCHITECTURE.md invariant 4).
 //! protocol.rs (wire requests) → validate.rs (internal jobs) → completions.rs / chat.rs
 //! (through generation.rs to the engine) → responses.rs; sse.rs frames streams, metrics.rs
-//! renders /metrics, error.rs shapes every failure, routes.rs holds the small routes.
+//! renders /metrics, error.rs shapes every failure, routes.rs holds the small routes;
+//! compat.rs takes `vllm serve`'s flags (accepts, or refuses saying why).
 pub mod chat;
 pub mod compat;
 pub mod completions;
