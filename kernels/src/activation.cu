@@ -12,6 +12,7 @@
 extern "C" __global__ void silu_and_mul_bf16(__nv_bfloat16* __restrict__ out,
                                              const __nv_bfloat16* __restrict__ in,
                                              int num_tokens, int inter) {
+    pdl_enter();
     const int t = blockIdx.y;
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= num_tokens || i >= inter) return;
@@ -25,6 +26,7 @@ extern "C" __global__ void silu_and_mul_bf16(__nv_bfloat16* __restrict__ out,
 extern "C" __global__ void add_bf16(__nv_bfloat16* __restrict__ out,
                                     const __nv_bfloat16* __restrict__ a,
                                     const __nv_bfloat16* __restrict__ b, int64_t n) {
+    pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         out[i] = __float2bfloat16(__bfloat162float(a[i]) + __bfloat162float(b[i]));
@@ -33,6 +35,7 @@ extern "C" __global__ void add_bf16(__nv_bfloat16* __restrict__ out,
 
 extern "C" __global__ void f32_to_bf16(__nv_bfloat16* __restrict__ out,
                                        const float* __restrict__ in, int64_t n) {
+    pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         out[i] = __float2bfloat16(in[i]);
@@ -41,6 +44,7 @@ extern "C" __global__ void f32_to_bf16(__nv_bfloat16* __restrict__ out,
 
 extern "C" __global__ void bf16_to_f32(float* __restrict__ out,
                                        const __nv_bfloat16* __restrict__ in, int64_t n) {
+    pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         out[i] = __bfloat162float(in[i]);

@@ -56,6 +56,7 @@ __device__ __forceinline__ void decode_attention(
     const int32_t* __restrict__ block_tables, const int32_t* __restrict__ context_lens,
     float scale, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
     int q_stride, int partition_size) {
+    pdl_enter();
     constexpr int LPT = HD / 16;        // lanes per token: 16 dims (two 16-byte loads) each
     constexpr int TPW = 32 / LPT;       // tokens per warp per step
     constexpr int TPB = TPW * kWarps;   // tokens per block per step
@@ -311,6 +312,7 @@ extern "C" __global__ void __launch_bounds__(kReduceThreads)
                                   const float* __restrict__ partial_ml,
                                   const int32_t* __restrict__ context_lens, int num_heads,
                                   int head_dim, int max_partitions, int partition_size) {
+    pdl_enter();
     __shared__ float w[kMaxReducePartitions];
     __shared__ __align__(16) float red[kReduceThreads * 4];
     __shared__ float scratch[32];

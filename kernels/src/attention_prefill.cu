@@ -62,6 +62,7 @@ __device__ __forceinline__ void prefill_attention(
     const int32_t* __restrict__ cu_seqlens_q, const int32_t* __restrict__ context_lens,
     const int32_t* __restrict__ block_tables, float scale, int num_heads, int num_kv_heads,
     int block_size, int max_blocks_per_seq, int q_stride) {
+    pdl_enter();
     constexpr int LD = HD + 8;  // padded row: conflict-free fragment reads
     constexpr int KSTEPS = HD / 16;
     constexpr int NT_S = kBN / 8;  // n-tiles of S

@@ -7,6 +7,34 @@
 
 #define RVLLM_DEVICE __device__ __forceinline__
 
+// Programmatic dependent launch (Hopper, sm_90+). The host launches every kernel with the
+// programmatic-serialization attribute, so a kernel may start while the one before it in the
+// stream is still running. Each kernel therefore calls `pdl_wait()` before it touches any
+// memory an earlier kernel writes or reads (it returns once every earlier kernel has finished
+// and its writes are visible), and `pdl_launch_dependents()` to let the next kernel start
+// early. Work that depends on nothing earlier (streaming weights into registers) may go before
+// the wait: that is how a GEMV overlaps its weight loads with the small kernels before it.
+// Every block must reach `pdl_wait()` (call it before any early return), so that a kernel's
+// completion always implies its predecessors' completion. Without the attribute (older GPUs,
+// RVLLM_PDL=0, the kernel tests) both are no-ops.
+RVLLM_DEVICE void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+RVLLM_DEVICE void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// The prologue of a kernel with nothing to do before its inputs are ready.
+RVLLM_DEVICE void pdl_enter() {
+    pdl_wait();
+    pdl_launch_dependents();
+}
+
 // Eight bf16 values moved as one 16-byte access (the widest single load/store).
 struct __align__(16) Bf16x8 {
     __nv_bfloat162 h[4];

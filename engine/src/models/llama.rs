@@ -347,8 +347,7 @@ impl<B: Backend> LlamaModel<B> {
                 &mut ws.normed,
             )?;
             be.linear(&ws.normed, &l.gate_up, None, &mut ws.gate_up)?;
-            be.silu_and_mul(&ws.gate_up, &mut ws.act)?;
-            be.linear(&ws.act, &l.down, None, &mut ws.proj)?;
+            be.silu_mul_linear(&ws.gate_up, &l.down, &mut ws.act, &mut ws.proj)?;
         }
         if self.layers.is_empty() {
             be.rms_norm(&ws.residual, &self.final_norm, eps, &mut ws.normed)?;

@@ -22,6 +22,15 @@ pub trait Executor: Send {
     fn num_kv_blocks(&self) -> usize;
     fn block_size(&self) -> usize;
     fn device_name(&self) -> String;
+    /// Time spent blocked on the device since start-up (waiting for a step's results); zero
+    /// for backends that compute on the calling thread.
+    fn device_wait(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+    /// A backend's own breakdown of its step time, for the bench commands.
+    fn profile_detail(&self) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -138,6 +138,41 @@ impl Gpu {
             .unwrap_or_else(|e| panic!("`{kernel}` failed while running: {e:?}"));
     }
 
+    /// `launch` with `shared_bytes` of dynamic shared memory (raising the kernel's limit
+    /// past the 48 KiB default when needed).
+    pub fn launch_smem(
+        &self,
+        module: &str,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &mut [*mut c_void],
+    ) {
+        let f = self.function(module, kernel);
+        unsafe {
+            drv::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_bytes as i32,
+            )
+        }
+        .unwrap_or_else(|e| panic!("`{kernel}`: {shared_bytes} B of shared memory: {e:?}"));
+        unsafe { drv::launch_kernel(f, grid, block, shared_bytes, std::ptr::null_mut(), args) }
+            .unwrap_or_else(|e| {
+                panic!("launching `{kernel}` grid {grid:?} block {block:?}: {e:?}")
+            });
+        drv::ctx::synchronize()
+            .unwrap_or_else(|e| panic!("`{kernel}` failed while running: {e:?}"));
+    }
+
+    /// The device's compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self._ctx
+            .compute_capability()
+            .expect("reading the compute capability")
+    }
+
     /// Launches without waiting (for timing loops).
     pub fn launch_async(
         &self,

@@ -170,6 +170,10 @@ pub struct CudaBackend {
     /// When set, decode attention uses this many partitions whatever the step's contexts
     /// (graph capture: the grid is frozen into the graph).
     pub fixed_decode_partitions: std::sync::atomic::AtomicUsize,
+    /// Batch-1 GEMVs through gemv_bulk (sm_90+; `RVLLM_GEMV=classic` keeps gemv.cu).
+    gemv_bulk: bool,
+    /// Counts the bytes of weights uploaded while a model loads (`set_upload_progress`).
+    upload_progress: Mutex<Option<indicatif::ProgressBar>>,
 }
 
 // SAFETY: all device state is used from one thread at a time (the engine thread).
@@ -196,6 +200,8 @@ impl CudaBackend {
         let partial_ml = gpu.alloc(scratch * 2 * 4)?;
         let ones = gpu.alloc(limits.max_tokens * BF16)?;
         gpu.upload(ones.ptr, &vec![bf16::ONE; limits.max_tokens])?;
+        let gemv_bulk = gpu.compute_capability.0 >= 9
+            && std::env::var("RVLLM_GEMV").map_or(true, |v| v.trim() != "classic");
         Ok(Self {
             gpu,
             limits,
@@ -207,7 +213,38 @@ impl CudaBackend {
             max_partitions,
             ones,
             fixed_decode_partitions: std::sync::atomic::AtomicUsize::new(0),
+            upload_progress: Mutex::new(None),
+            gemv_bulk,
         })
+    }
+
+    /// Shows weight uploads on `bar` (bytes in bf16) until `finish_upload_progress`.
+    pub fn set_upload_progress(&self, bar: indicatif::ProgressBar) {
+        *self
+            .upload_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(bar);
+    }
+
+    pub fn finish_upload_progress(&self) {
+        if let Some(bar) = self
+            .upload_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn count_upload(&self, bytes: usize) {
+        if let Some(bar) = &*self
+            .upload_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            bar.inc(bytes as u64);
+        }
     }
 
     pub fn limits(&self) -> StepLimits {
@@ -244,17 +281,44 @@ impl CudaBackend {
 
     /// `y[1, n] = x[1, k] @ w[n, k]^T` with the GEMV kernel (k a multiple of 8).
     pub fn gemv_b1(&self, x: CUdeviceptr, w: &CudaWeight, y: CUdeviceptr) -> Result<()> {
+        self.gemv_b1_kernel("gemv_bf16_b1", x, w, y)
+    }
+
+    /// `gemv_b1` whose input is `silu(gate) * up` of a `[1, 2k]` gate|up row.
+    pub fn gemv_silu_b1(&self, gate_up: CUdeviceptr, w: &CudaWeight, y: CUdeviceptr) -> Result<()> {
+        self.gemv_b1_kernel("gemv_silu_bf16_b1", gate_up, w, y)
+    }
+
+    fn gemv_b1_kernel(
+        &self,
+        kernel: &'static str,
+        x: CUdeviceptr,
+        w: &CudaWeight,
+        y: CUdeviceptr,
+    ) -> Result<()> {
+        let wp = w.buf.ptr;
+        if let Some(g) = self.gemv_bulk.then(|| GemvBulk::for_k(w.cols)).flatten() {
+            // Hopper: persistent blocks fed by the bulk copy engine (gemv_bulk.cu).
+            let bulk = if kernel == "gemv_silu_bf16_b1" {
+                "gemv_bulk_silu_bf16_b1"
+            } else {
+                "gemv_bulk_bf16_b1"
+            };
+            let (n, k, rows) = (w.rows as i32, w.cols as i32, g.rows_per_stage as i32);
+            let grid = (w.rows.div_ceil(g.rows_per_stage) as u32).min(self.gpu.sm_count);
+            return self.gpu.launch(
+                "gemv_bulk",
+                bulk,
+                (grid, 1, 1),
+                (256, 1, 1),
+                g.shared_bytes,
+                args![y, x, wp, n, k, rows],
+            );
+        }
         const SPLIT: i32 = 4; // warps per output row; measured best on the H100
         let (m, n, k) = (1i32, w.rows as i32, w.cols as i32);
-        let wp = w.buf.ptr;
         let grid = (w.rows.div_ceil(8 / SPLIT as usize) as u32, 1, 1);
-        self.launch(
-            "gemv",
-            "gemv_bf16_b1",
-            grid,
-            256,
-            args![y, x, wp, m, n, k, SPLIT],
-        )
+        self.launch("gemv", kernel, grid, 256, args![y, x, wp, m, n, k, SPLIT])
     }
 
     /// bf16 → f32, `n` elements.
@@ -289,6 +353,34 @@ impl CudaBackend {
             _ => bail!("no decode attention kernel for head_dim {head_dim} (built: 64, 128)"),
         };
         Ok((name, gt))
+    }
+}
+
+/// Launch geometry of the bulk-copy GEMV (kernels/src/gemv_bulk.cu): whole rows per
+/// pipeline stage and the dynamic shared memory of its stages, x and barriers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GemvBulk {
+    pub rows_per_stage: usize,
+    pub shared_bytes: u32,
+}
+
+impl GemvBulk {
+    const STAGES: usize = 4;
+    const STAGE_BYTES: usize = 32 * 1024;
+
+    /// None when a row of `k` bf16 does not fit one stage (or k is not a multiple of 8).
+    pub fn for_k(k: usize) -> Option<Self> {
+        let row_bytes = 2 * k;
+        if k == 0 || k % 8 != 0 {
+            return None;
+        }
+        let rows_per_stage = [8, 4, 2, 1]
+            .into_iter()
+            .find(|&r| r * row_bytes <= Self::STAGE_BYTES)?;
+        Some(Self {
+            rows_per_stage,
+            shared_bytes: (Self::STAGES * Self::STAGE_BYTES + row_bytes + 8 * Self::STAGES) as u32,
+        })
     }
 }
 
@@ -355,6 +447,7 @@ impl Backend for CudaBackend {
         );
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let buf = self.upload_bf16(&to_bf16_parallel(t))?;
+        self.count_upload(buf.bytes);
         Ok(CudaWeight { buf, rows, cols })
     }
 
@@ -365,6 +458,7 @@ impl Backend for CudaBackend {
             t.shape
         );
         let f = t.to_f32();
+        self.count_upload(f.len() * BF16);
         Ok(CudaVector {
             bf16: self.upload_bf16(&t.to_bf16())?,
             f32: self.upload_f32(&f)?,
@@ -743,6 +837,29 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn silu_mul_linear(
+        &self,
+        gate_up: &CudaTensor,
+        down: &CudaWeight,
+        act: &mut CudaTensor,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let inter = gate_up.cols / 2;
+        if gate_up.rows != 1 || inter != down.cols || inter % 8 != 0 {
+            self.silu_and_mul(gate_up, act)?;
+            return self.linear(act, down, None, out);
+        }
+        ensure!(
+            out.cols == down.rows,
+            "silu_mul_linear: output has {} columns, weight gives {}",
+            out.cols,
+            down.rows
+        );
+        out.set_rows(1)?;
+        // Batch-1 decode: SiLU-and-mul happens inside the GEMV's input loads.
+        self.gemv_silu_b1(gate_up.buf.ptr, down, out.buf.ptr)
+    }
+
     fn gather_rows(
         &self,
         x: &CudaTensor,
@@ -765,5 +882,26 @@ impl Backend for CudaBackend {
             256,
             args![o, i, rows, nr, cols],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GemvBulk;
+
+    #[test]
+    fn gemv_bulk_stages_hold_whole_rows() {
+        // Llama-3.1-8B: hidden 4096 (8 KiB rows, 4 a stage), intermediate 14336 (one row).
+        assert_eq!(GemvBulk::for_k(4096).unwrap().rows_per_stage, 4);
+        assert_eq!(GemvBulk::for_k(14336).unwrap().rows_per_stage, 1);
+        assert_eq!(GemvBulk::for_k(576).unwrap().rows_per_stage, 8);
+        // Shared memory: 4 stages of 32 KiB, x, 4 barriers; within Hopper's 227 KiB.
+        let g = GemvBulk::for_k(14336).unwrap();
+        assert_eq!(g.shared_bytes, 4 * 32768 + 28672 + 32);
+        assert!(g.shared_bytes <= 227 * 1024);
+        // Rows longer than a stage, or k not a multiple of 8: the classic GEMV.
+        assert_eq!(GemvBulk::for_k(16392), None);
+        assert_eq!(GemvBulk::for_k(4095), None);
+        assert_eq!(GemvBulk::for_k(0), None);
     }
 }

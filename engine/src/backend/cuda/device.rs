@@ -52,6 +52,17 @@ pub struct Gpu {
     functions: std::sync::Mutex<HashMap<(&'static str, &'static str), sys::CUfunction>>,
     pub name: String,
     pub compute_capability: (i32, i32),
+    /// Launch kernels with programmatic dependent launch (sm_90+; `RVLLM_PDL=0` turns it
+    /// off): each may start while the previous one finishes (see kernels/src/common.cuh).
+    pub pdl: bool,
+    /// Streaming multiprocessors (sizes persistent grids).
+    pub sm_count: u32,
+}
+
+/// Whether to launch with programmatic dependent launch on a GPU of this compute capability.
+fn pdl_enabled(compute_capability: (i32, i32), env: Option<&str>) -> bool {
+    let requested = !matches!(env.map(str::trim), Some("0" | "false" | "off" | "no"));
+    requested && compute_capability.0 >= 9
 }
 
 // SAFETY: the raw handles are only used from the engine thread that owns the Gpu; the
@@ -97,6 +108,14 @@ impl Gpu {
             })?;
             modules.insert(stem, module);
         }
+        let pdl = pdl_enabled(
+            compute_capability,
+            std::env::var("RVLLM_PDL").ok().as_deref(),
+        );
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| anyhow!("reading the multiprocessor count: {e:?}"))?
+            .max(1) as u32;
         Ok(Self {
             ctx,
             stream,
@@ -105,6 +124,8 @@ impl Gpu {
             functions: Default::default(),
             name,
             compute_capability,
+            pdl,
+            sm_count,
         })
     }
 
@@ -156,10 +177,37 @@ impl Gpu {
                 anyhow!("kernel `{kernel}`: setting {shared_bytes} B of shared memory: {e:?}")
             })?;
         }
-        // SAFETY: the caller passes argument pointers matching the kernel's signature.
-        unsafe { drv::launch_kernel(f, grid, block, shared_bytes, self.stream, params) }.map_err(
-            |e| anyhow!("launching kernel `{kernel}` (grid {grid:?}, block {block:?}): {e:?}"),
-        )
+        let launched = if self.pdl {
+            // SAFETY: a zeroed attribute is a valid plain-old-data value; the one field
+            // written is the one the id selects.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let config = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block.0,
+                blockDimY: block.1,
+                blockDimZ: block.2,
+                sharedMemBytes: shared_bytes,
+                hStream: self.stream,
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: as below; config and attr outlive the call.
+            unsafe {
+                sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut())
+                    .result()
+            }
+        } else {
+            // SAFETY: the caller passes argument pointers matching the kernel's signature.
+            unsafe { drv::launch_kernel(f, grid, block, shared_bytes, self.stream, params) }
+        };
+        launched.map_err(|e| {
+            anyhow!("launching kernel `{kernel}` (grid {grid:?}, block {block:?}): {e:?}")
+        })
     }
 
     pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
@@ -227,6 +275,7 @@ impl Gpu {
 
     /// Row-major `y[m, n] = x[m, k] @ w[n, k]^T` in bf16 with f32 accumulation (beta = 0, or
     /// 1 to accumulate into y).
+    #[allow(clippy::too_many_arguments)] // a BLAS call: the shape and operands, as cuBLAS takes them
     pub fn gemm_bf16(
         &self,
         x: sys::CUdeviceptr,
@@ -288,5 +337,19 @@ pub trait GpuContext<T> {
 impl<T> GpuContext<T> for Result<T> {
     fn gpu_ctx(self, what: &str) -> Result<T> {
         self.with_context(|| what.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pdl_enabled;
+
+    #[test]
+    fn pdl_only_on_hopper_and_newer_unless_turned_off() {
+        assert!(pdl_enabled((9, 0), None));
+        assert!(pdl_enabled((10, 0), Some("1")));
+        assert!(!pdl_enabled((8, 9), None));
+        assert!(!pdl_enabled((9, 0), Some("0")));
+        assert!(!pdl_enabled((9, 0), Some("off")));
     }
 }

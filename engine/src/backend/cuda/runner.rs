@@ -88,6 +88,20 @@ pub struct CudaExecutor {
     sampling: SamplingBuffers,
     graphs: HashMap<usize, Graph>,
     _cublas_workspace: DevBuf,
+    /// Host time of device-path steps by phase (summed since start-up).
+    phases: PhaseTimes,
+}
+
+/// Where a device-path step's host time goes: preparing the batch (runner state, batch,
+/// checks, sampling rows), submitting (uploads and launches), waiting for the sampled
+/// tokens, and finishing (recording them).
+#[derive(Debug, Default, Clone, Copy)]
+struct PhaseTimes {
+    steps: u32,
+    prepare: std::time::Duration,
+    submit: std::time::Duration,
+    wait: std::time::Duration,
+    finish: std::time::Duration,
 }
 
 // SAFETY: used from the engine thread only; raw handles are not shared.
@@ -160,8 +174,17 @@ impl CudaExecutor {
         let profile_tokens = limits.max_tokens;
         let profile_blocks = profile_blocks(profile_tokens, max_len, cfg.block_size);
         let t0 = std::time::Instant::now();
-        let mut runner = ModelRunner::new(be, c, model.weights, cfg, profile_blocks)
-            .with_context(|| format!("loading the model onto {}", gpu.name))?;
+        if !args.disable_progress {
+            be.set_upload_progress(crate::models::loader::bytes_progress_bar(
+                c.num_parameters() * 2,
+                &format!("weights to {} (bf16)", gpu.name),
+            ));
+        }
+        let runner = ModelRunner::new(be, c, model.weights, cfg, profile_blocks);
+        if let Ok(r) = &runner {
+            r.backend().finish_upload_progress();
+        }
+        let mut runner = runner.with_context(|| format!("loading the model onto {}", gpu.name))?;
         eprintln!(
             "rvllm: weights on {} in {:.1} s",
             gpu.name,
@@ -221,6 +244,7 @@ impl CudaExecutor {
             sampling,
             graphs: HashMap::new(),
             _cublas_workspace: cublas_ws,
+            phases: PhaseTimes::default(),
         };
         if !args.enforce_eager {
             let t0 = std::time::Instant::now();
@@ -376,6 +400,7 @@ impl CudaExecutor {
         {
             return Ok(None);
         }
+        let t_start = std::time::Instant::now();
         self.runner.update_states(so);
         for sr in &so.scheduled {
             if self.runner.wants_prompt_logprobs(sr.req_id) {
@@ -449,6 +474,7 @@ impl CudaExecutor {
         } else {
             None
         };
+        let t_prepared = std::time::Instant::now();
         match graph_size {
             Some(g) => {
                 let padded = Self::padded(&batch, g);
@@ -480,7 +506,9 @@ impl CudaExecutor {
             }
         }
         let mut toks = vec![0i32; n];
+        let t_submitted = std::time::Instant::now();
         self.gpu.download(&mut toks, self.tokens.ptr)?;
+        let t_done = std::time::Instant::now();
         let mut by_id: HashMap<u64, u32> = HashMap::with_capacity(n);
         for (id, &t) in sampled_ids.iter().zip(&toks) {
             by_id.insert(*id, t as u32);
@@ -497,6 +525,12 @@ impl CudaExecutor {
                 prompt_logprobs: None,
             })
             .collect();
+        let p = &mut self.phases;
+        p.steps += 1;
+        p.prepare += t_prepared - t_start;
+        p.submit += t_submitted - t_prepared;
+        p.wait += t_done - t_submitted;
+        p.finish += t_done.elapsed();
         Ok(Some(ModelRunnerOutput { sampled }))
     }
 }
@@ -565,5 +599,21 @@ impl Executor for CudaExecutor {
     }
     fn device_name(&self) -> String {
         self.runner.backend().device_name()
+    }
+    fn device_wait(&self) -> std::time::Duration {
+        self.phases.wait
+    }
+    fn profile_detail(&self) -> Option<String> {
+        let p = &self.phases;
+        let n = p.steps.max(1) as f64;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n;
+        Some(format!(
+            "{} device-path steps; per step: prepare {:.3} ms, submit {:.3} ms, wait {:.3} ms, finish {:.3} ms",
+            p.steps,
+            ms(p.prepare),
+            ms(p.submit),
+            ms(p.wait),
+            ms(p.finish)
+        ))
     }
 }

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# rvllm GPU benchmarks (the suite behind BENCHMARKS.md), gathered by `cargo xtask gpu-test`.
+# Usage: ./bench.sh [latency] [latency-nopdl] [ttft] [throughput] [serve] [serve-c1] [peers] [hf]
+#        (no argument: latency ttft throughput). Model: the Llama-3.1-8B shape with dummy weights.
+# Env: RESULTS=<dir> for the logs and JSON (default ./results); PEERS=<dir> holding
+# fast_peer.py / fast_peer_batch.py / hf_baseline.py (needed by `peers` and `hf`);
+# SERVE_PROMPTS (default 1000) and SERVE_C1_PROMPTS (default 1000) size the serving runs.
+# Every rvllm run measures the copy bandwidth and the bf16 GEMM rate in the same process and
+# prints its figure as a fraction of them.
+set -uo pipefail
+cd "$(dirname "$0")"
+RES="${RESULTS:-./results}"
+mkdir -p "$RES"
+MODEL=./configs/llama-3.1-8b
+RVLLM=./bin/rvllm
+failed=0
+
+run() { # name command...: runs it, keeps the log, prints its last lines
+    local name=$1
+    shift
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    "$@" >"$RES/$name.log" 2>&1
+    local rc=$?
+    grep -v '^\s*$' "$RES/$name.log" | grep -iv 'warn' | tail -n 14
+    echo "--- $name: exit $rc, $((SECONDS - t0)) s"
+    [ $rc -eq 0 ] || failed=$((failed + 1))
+}
+
+serve_bench() { # name concurrency prompts
+    local name=$1 conc=$2 prompts=$3 port=8123
+    "$RVLLM" serve "$MODEL" --load-format dummy --port $port --max-model-len 2048 \
+        --max-num-seqs 256 --max-num-batched-tokens 16384 >"$RES/$name-server.log" 2>&1 &
+    local pid=$!
+    for _ in $(seq 1 300); do
+        curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+        kill -0 $pid 2>/dev/null || break
+        sleep 1
+    done
+    local extra=()
+    [ "$conc" != inf ] && extra=(--max-concurrency "$conc")
+    run "$name" "$RVLLM" bench serve --base-url "http://127.0.0.1:$port" --dataset-name random \
+        --random-prompt-format ids --random-vocab-size 100000 --random-input-len 1024 \
+        --random-output-len 128 --ignore-eos --seed 0 --num-prompts "$prompts" "${extra[@]}" \
+        --save-result --result-filename "$RES/$name.json"
+    curl -s "http://127.0.0.1:$port/metrics" | grep -E '^rvllm:(kv_cache|num_requests|request_success)' >"$RES/$name-metrics.txt"
+    kill -TERM $pid
+    wait $pid
+}
+
+peer() { # name script [env...]
+    local name=$1 script=$2
+    shift 2
+    if [ -z "${PEERS:-}" ] || [ ! -f "$PEERS/$script" ]; then
+        echo "=== $name: skipped (PEERS=<dir with $script> not set)"
+        return
+    fi
+    run "$name" env PYTHONUNBUFFERED=1 OUT="$RES" "$@" python3 "$PEERS/$script"
+}
+
+[ $# -eq 0 ] && set -- latency ttft throughput
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
+for what in "$@"; do
+    case "$what" in
+    latency)
+        run latency "$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1 \
+            --input-len 128 --output-len 256 --num-iters-warmup 1 --num-iters 3 \
+            --max-model-len 2048 --max-num-seqs 8 --output-json "$RES/latency.json" ;;
+    latency-nopdl)
+        run latency-nopdl env RVLLM_PDL=0 "$RVLLM" bench latency --model "$MODEL" --load-format dummy \
+            --batch-size 1 --input-len 128 --output-len 256 --num-iters-warmup 1 --num-iters 3 \
+            --max-model-len 2048 --max-num-seqs 8 --output-json "$RES/latency-nopdl.json" ;;
+    ttft)
+        run ttft "$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1 \
+            --input-len 2048 --output-len 2 --num-iters-warmup 1 --num-iters 5 \
+            --max-model-len 4096 --enforce-eager --output-json "$RES/ttft.json" ;;
+    throughput)
+        run throughput "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
+            --input-len 256 --output-len 256 --num-prompts 1000 --max-model-len 1024 \
+            --max-num-seqs 512 --max-num-batched-tokens 16384 --output-json "$RES/throughput.json" ;;
+    serve) serve_bench serve inf "${SERVE_PROMPTS:-1000}" ;;
+    serve-c1) serve_bench serve-c1 1 "${SERVE_C1_PROMPTS:-1000}" ;;
+    peers)
+        peer fast_peer fast_peer.py
+        peer fast_peer_batch fast_peer_batch.py B=512 ;;
+    hf) peer hf_baseline hf_baseline.py ;;
+    *) echo "unknown benchmark \`$what\`"; failed=$((failed + 1)) ;;
+    esac
+done
+echo
+echo "=== summary"
+grep -h -E "^(Decode|Avg time to first|Throughput|Device ceilings|Request throughput|Output token|Total token|Mean TTFT|Mean TPOT|FINAL)" "$RES"/*.log 2>/dev/null || true
+[ $failed -eq 0 ] || { echo "$failed benchmark(s) failed"; exit 1; }
