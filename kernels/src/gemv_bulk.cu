@@ -1,15 +1,25 @@
 // Batch-1 matrix-vector products for Hopper (sm_90+): y = W x with the weights streamed into
-// shared memory by the bulk copy engine.
+// shared memory by the bulk copy engine, and the small ops around a decoder's GEMVs fused in.
 //
-// Kernels (all extern "C"):
-//   gemv_bulk_bf16_b1(y, x, w, n, k, rows_per_stage)
-//     w: bf16 [n, k] row-major; x: bf16 [k]; y: bf16 [n]; f32 accumulation.
-//   gemv_bulk_silu_bf16_b1(y, gate_up, w, n, k, rows_per_stage)
-//     the same with x = silu(gate) * up from gate_up: bf16 [2k] (rounded to bf16 as
-//     silu_and_mul_bf16 stores it).
+// Kernels (all extern "C", one signature):
+//   gemv_bulk_<variant>_b1(y, x, w, n, k, rows_per_stage, norm_w, eps)
+//     w: bf16 [n, k] row-major; y: bf16 [n]; f32 accumulation. The variant says what x is and
+//     what happens to y:
+//       bf16           x [k];                         y = W x
+//       silu_bf16      x = gate_up [2k], input silu(gate) * up (rounded to bf16 as
+//                      silu_and_mul_bf16 stores it);   y = W silu(gate) * up
+//       norm_bf16      x = residual [k], input rmsnorm(x) * norm_w (eps; rounded to bf16 as
+//                      rms_norm_bf16 computes it);     y = W rmsnorm(x)
+//       add_bf16       x [k];                         y = bf16(y + W x), the residual add
+//                      (each row of y read and written by the block that owns it)
+//       silu_add_bf16  silu input and add output together.
+//     norm_w / eps are read by the norm variant only.
 //   k a multiple of 8; rows_per_stage R in {1, 2, 4, 8} with R * k * 2 <= kStageBytes; the
-//   pointers 16-byte aligned. Grid: at most one block per SM (gemv_bulk_grid on the host),
-//   block 256, dynamic shared memory gemv_bulk_smem_bytes(k) (see the host).
+//   pointers 16-byte aligned. Grid: at most one block per SM (the host takes min(groups, SMs)),
+//   block 256, dynamic shared memory 4 * 32 KiB + 2k + 32 bytes (GemvBulk on the host).
+//   Measured on an H200 (batch-1 decode, Llama-3.1-8B): 4 compile-time stages 209.9 tok/s;
+//   the stage count as a kernel argument, 198.0 at 4 and 193.9 at 3 (3 stages let two blocks
+//   share an SM so consecutive GEMVs overlap, which did not pay).
 //   On GPUs before sm_90 the kernels trap: the host uses gemv.cu there.
 //
 // Why: at batch 1 a decode step is a stream over every weight, so the GEMVs must run at the
@@ -19,7 +29,8 @@
 // kStages groups of R whole rows (R * k * 2 contiguous bytes) in flight through
 // cp.async.bulk, completing on an mbarrier per stage, while its 8 warps compute on the stage
 // that has landed. The first stages are requested before pdl_wait: the weights depend on no
-// earlier kernel, so their loads overlap the small kernels before the GEMV.
+// earlier kernel, so their loads overlap the small kernels before the GEMV. Fusing the norm
+// (input side) and the residual add (output side) removes both RMSNorm launches of a layer.
 #include "common.cuh"
 
 namespace {
@@ -75,16 +86,20 @@ __device__ __forceinline__ float dot8(const int4& a, const int4& b) {
     return s;
 }
 
-template <bool kSilu>
+enum Input { kPlain, kSilu, kNorm };
+
+template <Input kIn, bool kAdd>
 __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
                                           const __nv_bfloat16* __restrict__ x,
                                           const __nv_bfloat16* __restrict__ w, int n, int k,
-                                          int rows_per_stage) {
+                                          int rows_per_stage,
+                                          const __nv_bfloat16* __restrict__ norm_w, float eps) {
     extern __shared__ __align__(128) unsigned char smem[];
-    int4* stages = reinterpret_cast<int4*>(smem);  // kStages x kStageBytes
+    int4* stage_buf = reinterpret_cast<int4*>(smem);  // kStages x kStageBytes
     int4* xs = reinterpret_cast<int4*>(smem + kStages * kStageBytes);  // k bf16
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + k * 2);
     __shared__ float partial[2][kWarps];
+    __shared__ float scratch[32];
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int R = rows_per_stage;
@@ -98,7 +113,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
     // Asks for group g's rows (the last group may be short) into stage s.
     auto request = [&](int g, int s) {
         const int rows = min(R, n - g * R);
-        bulk_load(reinterpret_cast<unsigned char*>(stages) + (int64_t)s * kStageBytes,
+        bulk_load(reinterpret_cast<unsigned char*>(stage_buf) + (int64_t)s * kStageBytes,
                   reinterpret_cast<const unsigned char*>(w) + g * R * row_bytes,
                   (uint32_t)(rows * row_bytes), &bars[s]);
     };
@@ -118,31 +133,70 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
     pdl_wait();
     pdl_launch_dependents();
     const int4* xg = reinterpret_cast<const int4*>(x);
-    for (int c = tid; c < k8; c += kThreads) {
-        if (!kSilu) {
-            xs[c] = xg[c];
-        } else {
-            float g[8], u[8], a[8];
-            const int4 gv = xg[c], uv = xg[k8 + c];
-            bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&gv), g);
-            bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&uv), u);
+    if (kIn == kNorm) {
+        // The chunks of each thread and the block sum are rms_norm_bf16's, so the normed
+        // input is the one that kernel would have stored.
+        float ss = 0.0f;
+        for (int c = tid; c < k8; c += kThreads) {
+            float v[8];
+            const int4 xv = xg[c];
+            bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&xv), v);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) a[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
-            const Bf16x8 v = f32_to_bf16x8(a);
-            xs[c] = *reinterpret_cast<const int4*>(&v);
+            for (int e = 0; e < 8; ++e) ss += v[e] * v[e];
+        }
+        ss = block_sum(ss, scratch);
+        const float inv = rsqrtf(ss / (float)k + eps);
+        const int4* wn = reinterpret_cast<const int4*>(norm_w);
+        for (int c = tid; c < k8; c += kThreads) {
+            float v[8], wf[8], r[8];
+            const int4 xv = xg[c], wv = wn[c];
+            bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&xv), v);
+            bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&wv), wf);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) r[e] = v[e] * inv * wf[e];
+            const Bf16x8 o = f32_to_bf16x8(r);
+            xs[c] = *reinterpret_cast<const int4*>(&o);
+        }
+    } else {
+        for (int c = tid; c < k8; c += kThreads) {
+            if (kIn == kPlain) {
+                xs[c] = xg[c];
+            } else {
+                float g[8], u[8], a[8];
+                const int4 gv = xg[c], uv = xg[k8 + c];
+                bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&gv), g);
+                bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&uv), u);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) a[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
+                const Bf16x8 v = f32_to_bf16x8(a);
+                xs[c] = *reinterpret_cast<const int4*>(&v);
+            }
         }
     }
     __syncthreads();
 
+    // The residual of this block's first row (add variants).
+    const int first_row = blockIdx.x * R + row_in_group;
+    float resid = kAdd && part == 0 && lane == 0 && first_row < n ? __bfloat162float(y[first_row])
+                                                                : 0.0f;
     for (int i = 0;; ++i) {
         const int g = blockIdx.x + i * gridDim.x;
         if (g >= groups) break;
         const int s = i % kStages;
         mbar_wait(&bars[s], (i / kStages) & 1);
         const int row = g * R + row_in_group;
+        const bool owner = part == 0 && lane == 0 && row < n;
+        // The residual of the next group's row is requested a whole stage ahead, so that its
+        // latency never stalls a store (and with it the next stage). Only this block writes
+        // these rows, and it reads each before writing it.
+        const int next_row = (g + gridDim.x) * R + row_in_group;
+        const float resid_next = kAdd && part == 0 && lane == 0 && g + (int)gridDim.x < groups &&
+                                         next_row < n
+                                     ? __bfloat162float(y[next_row])
+                                     : 0.0f;
         float acc = 0.0f;
         if (row < n) {
-            const int4* wr = stages + (int64_t)s * (kStageBytes / 16) + (int64_t)row_in_group * k8;
+            const int4* wr = stage_buf + (int64_t)s * (kStageBytes / 16) + (int64_t)row_in_group * k8;
             for (int c = part * 32 + lane; c < k8; c += warps_per_row * 32)
                 acc += dot8(wr[c], xs[c]);
         }
@@ -154,11 +208,13 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
             const int next = g + kStages * gridDim.x;
             if (next < groups) request(next, s);
         }
-        if (part == 0 && lane == 0 && row < n) {
+        if (owner) {
             float sum = 0.0f;
             for (int p = 0; p < warps_per_row; ++p) sum += partial[i & 1][warp + p];
-            y[row] = __float2bfloat16(sum);
+            // The residual add rounds once, as cuBLAS accumulating into y (beta = 1) does.
+            y[row] = __float2bfloat16(resid + sum);
         }
+        resid = resid_next;
     }
 }
 
@@ -167,20 +223,23 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
 }  // namespace
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define RVLLM_GEMV_BULK_BODY(SILU) gemv_bulk<SILU>(y, x, w, n, k, rows_per_stage)
+#define RVLLM_GEMV_BULK_BODY(IN, ADD) gemv_bulk<IN, ADD>(y, x, w, n, k, rows_per_stage, norm_w, eps)
 #else
-#define RVLLM_GEMV_BULK_BODY(SILU) __trap()
+#define RVLLM_GEMV_BULK_BODY(IN, ADD) __trap()
 #endif
 
-extern "C" __global__ void __launch_bounds__(kThreads, 1)
-    gemv_bulk_bf16_b1(__nv_bfloat16* __restrict__ y, const __nv_bfloat16* __restrict__ x,
-                      const __nv_bfloat16* __restrict__ w, int n, int k, int rows_per_stage) {
-    RVLLM_GEMV_BULK_BODY(false);
-}
+#define RVLLM_GEMV_BULK(NAME, IN, ADD)                                                          \
+    extern "C" __global__ void __launch_bounds__(kThreads, 1)                                  \
+        gemv_bulk_##NAME##_b1(__nv_bfloat16* __restrict__ y,                                   \
+                              const __nv_bfloat16* __restrict__ x,                             \
+                              const __nv_bfloat16* __restrict__ w, int n, int k,               \
+                              int rows_per_stage, const __nv_bfloat16* __restrict__ norm_w,    \
+                              float eps) {                                                     \
+        RVLLM_GEMV_BULK_BODY(IN, ADD);                                                         \
+    }
 
-extern "C" __global__ void __launch_bounds__(kThreads, 1)
-    gemv_bulk_silu_bf16_b1(__nv_bfloat16* __restrict__ y, const __nv_bfloat16* __restrict__ x,
-                           const __nv_bfloat16* __restrict__ w, int n, int k,
-                           int rows_per_stage) {
-    RVLLM_GEMV_BULK_BODY(true);
-}
+RVLLM_GEMV_BULK(bf16, kPlain, false)
+RVLLM_GEMV_BULK(silu_bf16, kSilu, false)
+RVLLM_GEMV_BULK(norm_bf16, kNorm, false)
+RVLLM_GEMV_BULK(add_bf16, kPlain, true)
+RVLLM_GEMV_BULK(silu_add_bf16, kSilu, true)

@@ -795,8 +795,9 @@ fn gemv_bulk_matches_reference() {
         return;
     }
     let mut r = rng("gemv_bulk");
-    // (out features, in features, grid): many groups per block, a short last group, one row
-    // per stage (k = 14336), a partial last group (4099 rows), a tiny k.
+    let eps = 1e-5f32;
+    // (out features, in features, grid): many groups per block, one row per stage
+    // (k = 14336), a partial last group (4099 rows), a tiny k.
     for &(n, k, grid) in &[
         (1000usize, 576usize, 132u32),
         (6144, 4096, 132),
@@ -805,23 +806,33 @@ fn gemv_bulk_matches_reference() {
         (129, 8, 2),
         (4099, 4096, 7),
     ] {
-        for silu in [false, true] {
-            let in_len = if silu { 2 * k } else { k };
-            let (x_h, x) = random_bf16(&mut r, in_len, if silu { 2.0 } else { 1.0 });
+        // (kernel variant, input: 0 plain / 1 silu / 2 norm, adds into y)
+        for (variant, input, add) in [
+            ("bf16", 0, false),
+            ("silu_bf16", 1, false),
+            ("norm_bf16", 2, false),
+            ("add_bf16", 0, true),
+            ("silu_add_bf16", 1, true),
+        ] {
+            let in_len = if input == 1 { 2 * k } else { k };
+            let (x_h, x) = random_bf16(&mut r, in_len, if input == 1 { 2.0 } else { 1.0 });
             let (w_h, w) = random_bf16(&mut r, n * k, 0.05);
-            let (d_x, d_w) = (g.upload(&x_h), g.upload(&w_h));
-            let y = g.poisoned(n, BF16_NAN);
+            let (nw_h, nw) = random_bf16(&mut r, k, 1.0);
+            let (y0_h, y0) = random_bf16(&mut r, n, 1.0);
+            let (d_x, d_w, d_nw) = (g.upload(&x_h), g.upload(&w_h), g.upload(&nw_h));
+            // Poisoned unless the kernel adds into y.
+            let y = if add {
+                g.upload(&y0_h)
+            } else {
+                g.poisoned(n, BF16_NAN)
+            };
             let (rows, smem) = gemv_bulk_geometry(k);
             let (ni, ki) = (n as i32, k as i32);
-            let kernel = if silu {
-                "gemv_bulk_silu_bf16_b1"
-            } else {
-                "gemv_bulk_bf16_b1"
-            };
+            let kernel = format!("gemv_bulk_{variant}_b1");
             let groups = n.div_ceil(rows as usize) as u32;
             g.launch_smem(
                 "gemv_bulk",
-                kernel,
+                &kernel,
                 (grid.min(groups), 1, 1),
                 (256, 1, 1),
                 smem,
@@ -832,20 +843,29 @@ fn gemv_bulk_matches_reference() {
                     arg(&ni),
                     arg(&ki),
                     arg(&rows),
+                    arg(&d_nw.ptr),
+                    arg(&eps),
                 ],
             );
-            let input: Vec<f32> = if silu {
-                cpu::silu_and_mul(&x, k)
-                    .into_iter()
-                    .map(|v| bf16::from_f32(v).to_f32())
-                    .collect()
-            } else {
-                x
+            // The unfused paths store their input in bf16 before the GEMV reads it.
+            let round = |v: Vec<f32>| -> Vec<f32> {
+                v.into_iter().map(|v| bf16::from_f32(v).to_f32()).collect()
             };
+            let input_vec = match input {
+                1 => round(cpu::silu_and_mul(&x, k)),
+                2 => round(cpu::rms_norm(&x, &nw, eps)),
+                _ => x,
+            };
+            let mut want = cpu::linear(&input_vec, &w, n, k);
+            if add {
+                for (o, y0) in want.iter_mut().zip(&y0) {
+                    *o += y0;
+                }
+            }
             assert_close(
                 &format!("{kernel} n{n} k{k} grid {grid}"),
                 &g.download_bf16(&y),
-                &cpu::linear(&input, &w, n, k),
+                &want,
                 ATOL,
                 RTOL,
             );

@@ -283,6 +283,54 @@ pub trait Backend: Send + Sized + 'static {
     /// `out = silu(gate) * up` where `gate_up` rows are `[gate | up]`.
     fn silu_and_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
 
+    /// `acc += x`, elementwise.
+    fn add_inplace(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
+
+    /// A pre-norm block's input side: `normed = rms_norm(x) * norm_weight`, then
+    /// `out = normed @ w^T (+ bias)`. A backend may fuse the two (and then need not fill
+    /// `normed`).
+    #[allow(clippy::too_many_arguments)] // the norm's and the projection's operands
+    fn norm_linear(
+        &self,
+        x: &Self::Tensor,
+        norm_weight: &Self::Vector,
+        eps: f32,
+        normed: &mut Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Vector>,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.rms_norm(x, norm_weight, eps, normed)?;
+        self.linear(normed, w, bias, out)
+    }
+
+    /// A block's output side: `residual += x @ w^T`. `scratch` (`[rows, w.rows]`) holds the
+    /// product where the backend does not fuse the add.
+    fn linear_add(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        residual: &mut Self::Tensor,
+        scratch: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.linear(x, w, None, scratch)?;
+        self.add_inplace(residual, scratch)
+    }
+
+    /// The MLP's output side: `residual += (silu(gate) * up) @ down^T`; `act` and `scratch`
+    /// hold the intermediates where the backend does not fuse them.
+    fn silu_mul_linear_add(
+        &self,
+        gate_up: &Self::Tensor,
+        down: &Self::Weight,
+        act: &mut Self::Tensor,
+        residual: &mut Self::Tensor,
+        scratch: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.silu_mul_linear(gate_up, down, act, scratch)?;
+        self.add_inplace(residual, scratch)
+    }
+
     /// The MLP's second half: `act = silu(gate) * up`, then `out = act @ down^T`. A backend
     /// may fuse the two (and then need not fill `act`); the result is the same either way.
     fn silu_mul_linear(

@@ -322,44 +322,40 @@ impl<B: Backend> LlamaModel<B> {
     ) -> Result<()> {
         let eps = self.config.rms_norm_eps;
         be.embedding(&self.embed, step, &mut ws.residual)?;
+        // Each projection that ends a block adds into the residual stream itself
+        // (`linear_add`), and each norm feeds the projection after it (`norm_linear`): a GPU
+        // fuses both at batch 1, and adds by accumulating GEMMs otherwise.
         for (i, l) in self.layers.iter().enumerate() {
-            // The residual add of the previous layer's MLP is fused into this layer's norm.
-            if i == 0 {
-                be.rms_norm(&ws.residual, &l.input_norm, eps, &mut ws.normed)?;
-            } else {
-                be.add_rms_norm(
-                    &mut ws.residual,
-                    &ws.proj,
-                    &l.input_norm,
-                    eps,
-                    &mut ws.normed,
-                )?;
-            }
-            be.linear(&ws.normed, &l.qkv, l.qkv_bias.as_ref(), &mut ws.qkv)?;
+            be.norm_linear(
+                &ws.residual,
+                &l.input_norm,
+                eps,
+                &mut ws.normed,
+                &l.qkv,
+                l.qkv_bias.as_ref(),
+                &mut ws.qkv,
+            )?;
             be.rope_and_write_kv(&mut ws.qkv, &self.inv_freq, &self.layout, step, kv, i)?;
             be.attention(&ws.qkv, &self.layout, step, kv, i, &mut ws.attn)?;
-            be.linear(&ws.attn, &l.o_proj, None, &mut ws.proj)?;
-            be.add_rms_norm(
-                &mut ws.residual,
-                &ws.proj,
+            be.linear_add(&ws.attn, &l.o_proj, &mut ws.residual, &mut ws.proj)?;
+            be.norm_linear(
+                &ws.residual,
                 &l.post_norm,
                 eps,
                 &mut ws.normed,
+                &l.gate_up,
+                None,
+                &mut ws.gate_up,
             )?;
-            be.linear(&ws.normed, &l.gate_up, None, &mut ws.gate_up)?;
-            be.silu_mul_linear(&ws.gate_up, &l.down, &mut ws.act, &mut ws.proj)?;
-        }
-        if self.layers.is_empty() {
-            be.rms_norm(&ws.residual, &self.final_norm, eps, &mut ws.normed)?;
-        } else {
-            be.add_rms_norm(
+            be.silu_mul_linear_add(
+                &ws.gate_up,
+                &l.down,
+                &mut ws.act,
                 &mut ws.residual,
-                &ws.proj,
-                &self.final_norm,
-                eps,
-                &mut ws.normed,
+                &mut ws.proj,
             )?;
         }
+        be.rms_norm(&ws.residual, &self.final_norm, eps, &mut ws.normed)?;
         Ok(())
     }
 

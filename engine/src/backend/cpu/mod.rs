@@ -256,6 +256,10 @@ impl Backend for CpuBackend {
         rowwise::silu_and_mul(gate_up, out)
     }
 
+    fn add_inplace(&self, acc: &mut CpuTensor, x: &CpuTensor) -> Result<()> {
+        rowwise::add_inplace(acc, x)
+    }
+
     fn gather_rows(
         &self,
         x: &CpuTensor,

@@ -70,6 +70,28 @@ pub fn rms_norm(x: &CpuTensor, w: &CpuVector, eps: f32, out: &mut CpuTensor) -> 
     Ok(())
 }
 
+/// `acc += x` (the residual stream update).
+pub fn add_inplace(acc: &mut CpuTensor, x: &CpuTensor) -> Result<()> {
+    ensure!(
+        acc.rows == x.rows && acc.cols == x.cols,
+        "add: accumulator is {}x{}, input {}x{}",
+        acc.rows,
+        acc.cols,
+        x.rows,
+        x.cols
+    );
+    let step = rows_per_task(x.cols.max(1)) * x.cols.max(1);
+    acc.as_mut_slice()
+        .par_chunks_mut(step)
+        .zip(x.as_slice().par_chunks(step))
+        .for_each(|(a, b)| {
+            for (a, &b) in a.iter_mut().zip(b) {
+                *a += b;
+            }
+        });
+    Ok(())
+}
+
 pub fn add_rms_norm(
     residual: &mut CpuTensor,
     x: &CpuTensor,

@@ -281,44 +281,74 @@ impl CudaBackend {
 
     /// `y[1, n] = x[1, k] @ w[n, k]^T` with the GEMV kernel (k a multiple of 8).
     pub fn gemv_b1(&self, x: CUdeviceptr, w: &CudaWeight, y: CUdeviceptr) -> Result<()> {
-        self.gemv_b1_kernel("gemv_bf16_b1", x, w, y)
+        if self.gemv_bulk(GemvInput::Plain, false, x, w, y, None)? {
+            return Ok(());
+        }
+        self.gemv_classic("gemv_bf16_b1", x, w, y)
     }
 
-    /// `gemv_b1` whose input is `silu(gate) * up` of a `[1, 2k]` gate|up row.
-    pub fn gemv_silu_b1(&self, gate_up: CUdeviceptr, w: &CudaWeight, y: CUdeviceptr) -> Result<()> {
-        self.gemv_b1_kernel("gemv_silu_bf16_b1", gate_up, w, y)
+    /// Batch-1 GEMV through gemv_bulk (kernels/src/gemv_bulk.cu) when this GPU and `w` allow
+    /// it; false (nothing launched) otherwise. `add`: y += the product (the residual add).
+    fn gemv_bulk(
+        &self,
+        input: GemvInput,
+        add: bool,
+        x: CUdeviceptr,
+        w: &CudaWeight,
+        y: CUdeviceptr,
+        norm: Option<(&CudaVector, f32)>,
+    ) -> Result<bool> {
+        let Some(g) = self.gemv_bulk.then(|| GemvBulk::for_k(w.cols)).flatten() else {
+            return Ok(false);
+        };
+        let kernel = match (input, add) {
+            (GemvInput::Plain, false) => "gemv_bulk_bf16_b1",
+            (GemvInput::Silu, false) => "gemv_bulk_silu_bf16_b1",
+            (GemvInput::Norm, false) => "gemv_bulk_norm_bf16_b1",
+            (GemvInput::Plain, true) => "gemv_bulk_add_bf16_b1",
+            (GemvInput::Silu, true) => "gemv_bulk_silu_add_bf16_b1",
+            (GemvInput::Norm, true) => bail!("gemv_bulk has no norm + add variant"),
+        };
+        let (norm_w, eps) = match norm {
+            Some((v, eps)) => (v.bf16.ptr, eps),
+            None => (0, 0.0f32),
+        };
+        let (wp, n, k, rows) = (
+            w.buf.ptr,
+            w.rows as i32,
+            w.cols as i32,
+            g.rows_per_stage as i32,
+        );
+        let grid = (w.rows.div_ceil(g.rows_per_stage) as u32).min(self.gpu.sm_count);
+        self.gpu.launch(
+            "gemv_bulk",
+            kernel,
+            (grid, 1, 1),
+            (256, 1, 1),
+            g.shared_bytes,
+            args![y, x, wp, n, k, rows, norm_w, eps],
+        )?;
+        Ok(true)
     }
 
-    fn gemv_b1_kernel(
+    /// The warp-per-row GEMV of gemv.cu (any GPU).
+    fn gemv_classic(
         &self,
         kernel: &'static str,
         x: CUdeviceptr,
         w: &CudaWeight,
         y: CUdeviceptr,
     ) -> Result<()> {
-        let wp = w.buf.ptr;
-        if let Some(g) = self.gemv_bulk.then(|| GemvBulk::for_k(w.cols)).flatten() {
-            // Hopper: persistent blocks fed by the bulk copy engine (gemv_bulk.cu).
-            let bulk = if kernel == "gemv_silu_bf16_b1" {
-                "gemv_bulk_silu_bf16_b1"
-            } else {
-                "gemv_bulk_bf16_b1"
-            };
-            let (n, k, rows) = (w.rows as i32, w.cols as i32, g.rows_per_stage as i32);
-            let grid = (w.rows.div_ceil(g.rows_per_stage) as u32).min(self.gpu.sm_count);
-            return self.gpu.launch(
-                "gemv_bulk",
-                bulk,
-                (grid, 1, 1),
-                (256, 1, 1),
-                g.shared_bytes,
-                args![y, x, wp, n, k, rows],
-            );
-        }
         const SPLIT: i32 = 4; // warps per output row; measured best on the H100
         let (m, n, k) = (1i32, w.rows as i32, w.cols as i32);
+        let wp = w.buf.ptr;
         let grid = (w.rows.div_ceil(8 / SPLIT as usize) as u32, 1, 1);
         self.launch("gemv", kernel, grid, 256, args![y, x, wp, m, n, k, SPLIT])
+    }
+
+    /// Whether a batch-1 GEMV over `w` fuses its neighbours (gemv_bulk applies).
+    fn fuses_b1(&self, rows: usize, w: &CudaWeight) -> bool {
+        rows == 1 && self.gemv_bulk && GemvBulk::for_k(w.cols).is_some()
     }
 
     /// bf16 → f32, `n` elements.
@@ -356,6 +386,16 @@ impl CudaBackend {
     }
 }
 
+/// What a bulk GEMV reads as its input vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GemvInput {
+    Plain,
+    /// silu(gate) * up of a `[2k]` gate|up row.
+    Silu,
+    /// rms_norm(x) * weight.
+    Norm,
+}
+
 /// Launch geometry of the bulk-copy GEMV (kernels/src/gemv_bulk.cu): whole rows per
 /// pipeline stage and the dynamic shared memory of its stages, x and barriers.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -365,6 +405,7 @@ pub struct GemvBulk {
 }
 
 impl GemvBulk {
+    /// Pipeline depth and stage size: gemv_bulk.cu's kStages and kStageBytes.
     const STAGES: usize = 4;
     const STAGE_BYTES: usize = 32 * 1024;
 
@@ -857,7 +898,132 @@ impl Backend for CudaBackend {
         );
         out.set_rows(1)?;
         // Batch-1 decode: SiLU-and-mul happens inside the GEMV's input loads.
-        self.gemv_silu_b1(gate_up.buf.ptr, down, out.buf.ptr)
+        let (x, y) = (gate_up.buf.ptr, out.buf.ptr);
+        if self.gemv_bulk(GemvInput::Silu, false, x, down, y, None)? {
+            return Ok(());
+        }
+        self.gemv_classic("gemv_silu_bf16_b1", x, down, y)
+    }
+
+    fn add_inplace(&self, acc: &mut CudaTensor, x: &CudaTensor) -> Result<()> {
+        ensure!(
+            acc.rows == x.rows && acc.cols == x.cols,
+            "add: accumulator is {}x{}, input {}x{}",
+            acc.rows,
+            acc.cols,
+            x.rows,
+            x.cols
+        );
+        let n = (x.rows * x.cols) as i64;
+        if n == 0 {
+            return Ok(());
+        }
+        let (o, a, b) = (acc.buf.ptr, acc.buf.ptr, x.buf.ptr);
+        let blocks = (n as usize).div_ceil(256).min(4096) as u32;
+        self.launch(
+            "activation",
+            "add_bf16",
+            (blocks, 1, 1),
+            256,
+            args![o, a, b, n],
+        )
+    }
+
+    fn norm_linear(
+        &self,
+        x: &CudaTensor,
+        norm_weight: &CudaVector,
+        eps: f32,
+        normed: &mut CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaVector>,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        if bias.is_none() && x.cols == w.cols && out.cols == w.rows && self.fuses_b1(x.rows, w) {
+            out.set_rows(1)?;
+            let norm = Some((norm_weight, eps));
+            if self.gemv_bulk(GemvInput::Norm, false, x.buf.ptr, w, out.buf.ptr, norm)? {
+                return Ok(());
+            }
+        }
+        self.rms_norm(x, norm_weight, eps, normed)?;
+        self.linear(normed, w, bias, out)
+    }
+
+    fn linear_add(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        residual: &mut CudaTensor,
+        scratch: &mut CudaTensor,
+    ) -> Result<()> {
+        ensure!(
+            x.cols == w.cols && residual.cols == w.rows && residual.rows == x.rows,
+            "linear_add: input {}x{}, weight {}x{}, residual {}x{}",
+            x.rows,
+            x.cols,
+            w.rows,
+            w.cols,
+            residual.rows,
+            residual.cols
+        );
+        if x.rows == 0 {
+            return Ok(());
+        }
+        if self.fuses_b1(x.rows, w)
+            && self.gemv_bulk(GemvInput::Plain, true, x.buf.ptr, w, residual.buf.ptr, None)?
+        {
+            return Ok(());
+        }
+        if x.rows == 1 && w.cols % 8 == 0 {
+            // The classic GEMV has no add: product, then the elementwise add.
+            self.linear(x, w, None, scratch)?;
+            return self.add_inplace(residual, scratch);
+        }
+        // cuBLAS accumulates into the residual (beta = 1): one rounding, no scratch pass.
+        self.gpu.gemm_bf16(
+            x.buf.ptr,
+            w.buf.ptr,
+            residual.buf.ptr,
+            x.rows,
+            w.rows,
+            w.cols,
+            true,
+        )
+    }
+
+    fn silu_mul_linear_add(
+        &self,
+        gate_up: &CudaTensor,
+        down: &CudaWeight,
+        act: &mut CudaTensor,
+        residual: &mut CudaTensor,
+        scratch: &mut CudaTensor,
+    ) -> Result<()> {
+        let inter = gate_up.cols / 2;
+        ensure!(
+            inter == down.cols && residual.cols == down.rows && residual.rows == gate_up.rows,
+            "silu_mul_linear_add: gate_up {}x{}, weight {}x{}, residual {}x{}",
+            gate_up.rows,
+            gate_up.cols,
+            down.rows,
+            down.cols,
+            residual.rows,
+            residual.cols
+        );
+        if self.fuses_b1(gate_up.rows, down) {
+            let (x, y) = (gate_up.buf.ptr, residual.buf.ptr);
+            if self.gemv_bulk(GemvInput::Silu, true, x, down, y, None)? {
+                return Ok(());
+            }
+        }
+        if gate_up.rows == 1 {
+            // The classic GEMV with SiLU fused, then the add.
+            self.silu_mul_linear(gate_up, down, act, scratch)?;
+            return self.add_inplace(residual, scratch);
+        }
+        self.silu_and_mul(gate_up, act)?;
+        self.linear_add(act, down, residual, scratch)
     }
 
     fn gather_rows(
