@@ -171,6 +171,19 @@ impl AttentionLayout {
     }
 }
 
+/// An error unless `a` and `b` have the same current shape (elementwise ops).
+pub fn check_same_shape(op: &str, a: &impl Activation, b: &impl Activation) -> Result<()> {
+    anyhow::ensure!(
+        a.rows() == b.rows() && a.cols() == b.cols(),
+        "{op}: the operands are {}x{} and {}x{}",
+        a.rows(),
+        a.cols(),
+        b.rows(),
+        b.cols()
+    );
+    Ok(())
+}
+
 /// A device activation buffer: `[rows, cols]` with a fixed row capacity.
 pub trait Activation {
     fn rows(&self) -> usize;

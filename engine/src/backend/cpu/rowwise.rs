@@ -72,14 +72,7 @@ pub fn rms_norm(x: &CpuTensor, w: &CpuVector, eps: f32, out: &mut CpuTensor) -> 
 
 /// `acc += x` (the residual stream update).
 pub fn add_inplace(acc: &mut CpuTensor, x: &CpuTensor) -> Result<()> {
-    ensure!(
-        acc.rows == x.rows && acc.cols == x.cols,
-        "add: accumulator is {}x{}, input {}x{}",
-        acc.rows,
-        acc.cols,
-        x.rows,
-        x.cols
-    );
+    crate::backend::check_same_shape("add", acc, x)?;
     let step = rows_per_task(x.cols.max(1)) * x.cols.max(1);
     acc.as_mut_slice()
         .par_chunks_mut(step)

@@ -906,14 +906,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_inplace(&self, acc: &mut CudaTensor, x: &CudaTensor) -> Result<()> {
-        ensure!(
-            acc.rows == x.rows && acc.cols == x.cols,
-            "add: accumulator is {}x{}, input {}x{}",
-            acc.rows,
-            acc.cols,
-            x.rows,
-            x.cols
-        );
+        crate::backend::check_same_shape("add", acc, x)?;
         let n = (x.rows * x.cols) as i64;
         if n == 0 {
             return Ok(());
