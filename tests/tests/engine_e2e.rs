@@ -731,3 +731,51 @@ fn prompt_longer_than_max_model_len_is_rejected() {
     assert_eq!(tokens(&ok[0]).len(), 8);
     assert!(!llm.core.has_unfinished());
 }
+
+/// `--enable-prefix-caching`: the same prompts a second time reuse the KV blocks of the
+/// first (hit rate above zero) and give the same greedy tokens, which on the CPU are
+/// transformers' tokens.
+#[test]
+fn prefix_caching_reuses_blocks_and_keeps_the_tokens() {
+    for name in TINY_MODELS {
+        let reference = TinyReference::load(name);
+        let mut args = engine_args(&tiny_model(name));
+        args.block_size = 4; // short prompts still fill whole blocks
+        args.num_kv_blocks = Some(256);
+        args.max_model_len = Some(256);
+        args.enable_prefix_caching = true;
+        let mut llm = load(&args);
+        let prompts: Vec<Vec<u32>> = reference
+            .prompts
+            .iter()
+            .map(|p| p.prompt_ids.clone())
+            .collect();
+        let params = greedy(reference.new_tokens);
+        let first = run(&mut llm, &prompts, std::slice::from_ref(&params));
+        assert_eq!(
+            llm.core.scheduler.prefix_cache_hit_rate(),
+            0.0,
+            "tiny {name}: nothing to reuse in the first pass (distinct prompts)"
+        );
+        let second = run(&mut llm, &prompts, std::slice::from_ref(&params));
+        assert!(
+            llm.core.scheduler.prefix_cache_hit_rate() > 0.2,
+            "tiny {name}: the second pass reused no blocks (hit rate {})",
+            llm.core.scheduler.prefix_cache_hit_rate()
+        );
+        for (i, (a, b)) in first.iter().zip(&second).enumerate() {
+            assert_eq!(
+                tokens(a),
+                tokens(b),
+                "tiny {name} prompt {i}: tokens changed with a cached prefix"
+            );
+            if !on_cuda() {
+                assert_eq!(
+                    tokens(b),
+                    reference.prompts[i].greedy_ids.as_slice(),
+                    "tiny {name} prompt {i}: differs from transformers"
+                );
+            }
+        }
+    }
+}

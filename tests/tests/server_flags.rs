@@ -52,8 +52,10 @@ const CLAIMED: &[&str] = &[
     "--disable-uvicorn-access-log",
     "--disable-frontend-multiprocessing",
     "--swap-space",
-    "--no-enable-prefix-caching",
     "--enable-chunked-prefill",
+    // Engine flags shared with generate and bench.
+    "--enable-prefix-caching",
+    "--no-enable-prefix-caching",
 ];
 
 fn serve_help() -> String {
@@ -79,7 +81,7 @@ fn serve_help_lists_every_vllm_flag_we_claim() {
         "rvllm serve --help lacks {missing:?}:\n{help}"
     );
     // Flags that exist only to be refused stay out of the help.
-    for hidden in ["--enable-prefix-caching", "--enable-auto-tool-choice"] {
+    for hidden in ["--enable-auto-tool-choice", "--no-enable-chunked-prefill"] {
         assert!(!words.contains(hidden), "{hidden} is listed:\n{help}");
     }
     assert!(help.contains("vLLM compatibility"), "{help}");
@@ -129,7 +131,6 @@ fn flags_rvllm_cannot_honour_fail_at_once_with_the_reason() {
         "tokenizer from the model",
     );
     refused(&["--kv-cache-dtype", "fp8"], "--kv-cache-dtype auto");
-    refused(&["--enable-prefix-caching"], "prefix");
     refused(&["--enable-auto-tool-choice"], "tool calling");
     refused(&["--uvicorn-log-level", "verbose"], "verbose");
 }

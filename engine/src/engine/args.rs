@@ -48,6 +48,14 @@ pub struct EngineArgs {
     /// Hide progress bars.
     #[arg(long)]
     pub disable_progress: bool,
+    /// Reuse the KV blocks of prompt prefixes that earlier requests computed (full blocks
+    /// only; requests asking for prompt logprobs always compute their whole prompt). Off by
+    /// default; `--no-enable-prefix-caching` states the default.
+    #[arg(long, overrides_with = "no_enable_prefix_caching")]
+    pub enable_prefix_caching: bool,
+    /// Prefix caching off (the default), as vLLM spells it.
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
 }
 
 impl Default for EngineArgs {
@@ -67,6 +75,8 @@ impl Default for EngineArgs {
             enforce_eager: false,
             load_format: "auto".into(),
             disable_progress: false,
+            enable_prefix_caching: false,
+            no_enable_prefix_caching: false,
         }
     }
 }

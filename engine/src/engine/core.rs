@@ -157,7 +157,8 @@ impl EngineCore {
             max_model_len,
             block_size: args.block_size,
             num_kv_blocks: num_blocks,
-        });
+        })
+        .with_prefix_caching(args.enable_prefix_caching && !args.no_enable_prefix_caching);
         let core = Self {
             scheduler,
             executor,

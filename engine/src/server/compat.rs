@@ -85,16 +85,11 @@ pub struct VllmCompatArgs {
     /// CPU memory.
     #[arg(long, value_name = "GIB", allow_negative_numbers = true)]
     pub swap_space: Option<f64>,
-    /// Accepted, no effect: prefix caching is off in rvllm.
-    #[arg(long)]
-    pub no_enable_prefix_caching: bool,
     /// Accepted, no effect: rvllm always splits long prompts into chunks within
     /// --max-num-batched-tokens.
     #[arg(long)]
     pub enable_chunked_prefill: bool,
     // Refused (hidden from --help; present only to say why).
-    #[arg(long, hide = true)]
-    pub enable_prefix_caching: bool,
     #[arg(long, hide = true)]
     pub no_enable_chunked_prefill: bool,
     #[arg(long, hide = true)]
@@ -233,12 +228,6 @@ impl VllmCompatArgs {
         if self.enable_log_requests {
             notes.push("--enable-log-requests has no effect: rvllm does not log requests".into());
         }
-        if self.enable_prefix_caching {
-            bail!(
-                "--enable-prefix-caching: rvllm's server does not cache prompt prefixes across \
-                 requests yet; leave the flag out (or pass --no-enable-prefix-caching)"
-            );
-        }
         if self.no_enable_chunked_prefill {
             bail!(
                 "--no-enable-chunked-prefill: rvllm always splits long prompts into chunks within \
@@ -348,7 +337,6 @@ mod tests {
         refused(&["--kv-cache-dtype", "fp8"], "compute type");
         refused(&["--chat-template-content-format", "openai"], "one string");
         refused(&["--swap-space", "-1"], "0 or more");
-        refused(&["--enable-prefix-caching"], "prefix");
         refused(&["--no-enable-chunked-prefill"], "chunks");
         refused(&["--enable-auto-tool-choice"], "tool calling");
         refused(&["--tool-call-parser", "hermes"], "tool calling");
