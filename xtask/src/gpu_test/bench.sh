@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # rvllm GPU benchmarks (the suite behind BENCHMARKS.md), gathered by `cargo xtask gpu-test`.
 # Usage: ./bench.sh [latency] [latency-nopdl] [ttft] [throughput] [serve] [serve-c1] [peers] [hf]
+#                   [profile] [profile-throughput]
 #        (no argument: latency ttft throughput). Model: the Llama-3.1-8B shape with dummy weights.
 # Env: RESULTS=<dir> for the logs and JSON (default ./results); PEERS=<dir> holding
 # fast_peer.py / fast_peer_batch.py / hf_baseline.py (needed by `peers` and `hf`);
@@ -78,6 +79,16 @@ for what in "$@"; do
         run throughput "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
             --input-len 256 --output-len 256 --num-prompts 1000 --max-model-len 1024 \
             --max-num-seqs 512 --max-num-batched-tokens 16384 --output-json "$RES/throughput.json" ;;
+    profile)
+        # Per-kernel GPU times (RVLLM_PROFILE_KERNELS): eager, so decode kernels are seen too.
+        run profile env RVLLM_PROFILE_KERNELS=1 "$RVLLM" bench latency --model "$MODEL" \
+            --load-format dummy --batch-size 1 --input-len 128 --output-len 64 \
+            --num-iters-warmup 0 --num-iters 1 --max-model-len 2048 --enforce-eager ;;
+    profile-throughput)
+        run profile-throughput env RVLLM_PROFILE_KERNELS=1 "$RVLLM" bench throughput \
+            --model "$MODEL" --load-format dummy --input-len 256 --output-len 256 \
+            --num-prompts 200 --max-model-len 1024 --max-num-seqs 512 \
+            --max-num-batched-tokens 16384 --enforce-eager ;;
     serve) serve_bench serve inf "${SERVE_PROMPTS:-1000}" ;;
     serve-c1) serve_bench serve-c1 1 "${SERVE_C1_PROMPTS:-1000}" ;;
     peers)

@@ -57,6 +57,8 @@ pub struct Gpu {
     pub pdl: bool,
     /// Streaming multiprocessors (sizes persistent grids).
     pub sm_count: u32,
+    /// Per-kernel GPU times (`RVLLM_PROFILE_KERNELS=1`).
+    pub profiler: Option<super::profiler::KernelProfiler>,
 }
 
 /// Whether to launch with programmatic dependent launch on a GPU of this compute capability.
@@ -126,6 +128,7 @@ impl Gpu {
             compute_capability,
             pdl,
             sm_count,
+            profiler: super::profiler::KernelProfiler::from_env(),
         })
     }
 
@@ -177,6 +180,11 @@ impl Gpu {
                 anyhow!("kernel `{kernel}`: setting {shared_bytes} B of shared memory: {e:?}")
             })?;
         }
+        // SAFETY: the Gpu's own stream, live as long as self.
+        let started = self
+            .profiler
+            .as_ref()
+            .and_then(|p| unsafe { p.begin(self.stream) });
         let launched = if self.pdl {
             // SAFETY: a zeroed attribute is a valid plain-old-data value; the one field
             // written is the one the id selects.
@@ -205,6 +213,10 @@ impl Gpu {
             // SAFETY: the caller passes argument pointers matching the kernel's signature.
             unsafe { drv::launch_kernel(f, grid, block, shared_bytes, self.stream, params) }
         };
+        if let (Some(p), Some(start)) = (&self.profiler, started) {
+            // SAFETY: `start` was begun on this stream just above.
+            unsafe { p.end(kernel, start, self.stream) };
+        }
         launched.map_err(|e| {
             anyhow!("launching kernel `{kernel}` (grid {grid:?}, block {block:?}): {e:?}")
         })
@@ -266,7 +278,11 @@ impl Gpu {
         // SAFETY: valid stream.
         unsafe { drv::stream::synchronize(self.stream) }.map_err(|e| {
             anyhow!("a GPU kernel failed (reported at stream synchronize): {e:?}; rerun with CUDA_LAUNCH_BLOCKING=1 to name it")
-        })
+        })?;
+        if let Some(p) = &self.profiler {
+            p.resolve();
+        }
+        Ok(())
     }
 
     pub fn mem_info(&self) -> Result<(usize, usize)> {
@@ -288,8 +304,13 @@ impl Gpu {
     ) -> Result<()> {
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
+        // SAFETY: the Gpu's own stream, live as long as self.
+        let started = self
+            .profiler
+            .as_ref()
+            .and_then(|p| unsafe { p.begin(self.stream) });
         // Column-major view: y^T[n, m] = w[n, k] (as k×n col-major, transposed) · x^T[k, m].
-        unsafe {
+        let done = unsafe {
             blas::gemm_ex(
                 self.blas,
                 blas_sys::cublasOperation_t::CUBLAS_OP_T,
@@ -311,8 +332,12 @@ impl Gpu {
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
             )
+        };
+        if let (Some(p), Some(start)) = (&self.profiler, started) {
+            // SAFETY: `start` was begun on this stream just above.
+            unsafe { p.end("cublas_gemm_bf16", start, self.stream) };
         }
-        .map_err(|e| anyhow!("cuBLAS bf16 GEMM ({m}x{k} @ {k}x{n}): {e:?}"))
+        done.map_err(|e| anyhow!("cuBLAS bf16 GEMM ({m}x{k} @ {k}x{n}): {e:?}"))
     }
 }
 

@@ -2,6 +2,7 @@
 pub mod backend;
 pub mod ceilings;
 pub mod device;
+pub mod profiler;
 pub mod runner;
 
 pub use ceilings::measure_ceilings;

@@ -607,13 +607,18 @@ impl Executor for CudaExecutor {
         let p = &self.phases;
         let n = p.steps.max(1) as f64;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n;
-        Some(format!(
+        let mut line = format!(
             "{} device-path steps; per step: prepare {:.3} ms, submit {:.3} ms, wait {:.3} ms, finish {:.3} ms",
             p.steps,
             ms(p.prepare),
             ms(p.submit),
             ms(p.wait),
             ms(p.finish)
-        ))
+        );
+        if let Some(profiler) = &self.gpu.profiler {
+            line.push('\n');
+            line.push_str(&profiler.report());
+        }
+        Some(line)
     }
 }
