@@ -5,6 +5,7 @@ pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod engine;
+pub mod hash;
 pub mod kv;
 pub mod models;
 pub mod runner;

@@ -16,11 +16,13 @@ pub struct BlockKey {
 
 impl BlockKey {
     pub fn new(parent: Option<u64>, tokens: &[u32]) -> Self {
-        let mut h = mix(parent.map_or(0x005E_ED0F_B10C_u64, |p| p ^ 0xA5A5_A5A5_A5A5_A5A5));
+        let mut h = crate::hash::splitmix64(
+            parent.map_or(0x005E_ED0F_B10C_u64, |p| p ^ 0xA5A5_A5A5_A5A5_A5A5),
+        );
         for &t in tokens {
-            h = mix(h ^ t as u64);
+            h = crate::hash::splitmix64(h ^ t as u64);
         }
-        h = mix(h ^ tokens.len() as u64);
+        h = crate::hash::splitmix64(h ^ tokens.len() as u64);
         Self {
             hash: h,
             parent,
@@ -44,14 +46,6 @@ pub fn block_keys(
             parent = Some(key.hash);
             key
         })
-}
-
-/// splitmix64's output function: a well-mixed 64-bit hash step.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -93,14 +93,11 @@ impl WeightSource {
     }
 }
 
-/// splitmix64: a tiny, good-enough generator that can be seeded per chunk, so that dummy
-/// weights are generated in parallel yet identically on every run.
+/// splitmix64 as a generator: a tiny, good-enough one that can be seeded per chunk, so that
+/// dummy weights are generated in parallel yet identically on every run.
 fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    *state = state.wrapping_add(crate::hash::GOLDEN);
+    crate::hash::splitmix64_finalize(*state)
 }
 
 fn name_hash(name: &str) -> u64 {

@@ -248,11 +248,7 @@ impl VllmCompatArgs {
 /// A well-mixed seed for the `i`-th unseeded request of a server started with `--seed`.
 pub fn request_seed(server_seed: u64, i: u64) -> u64 {
     // splitmix64 over the pair.
-    let mut z = server_seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    crate::hash::splitmix64(server_seed ^ i.wrapping_mul(crate::hash::GOLDEN))
 }
 
 #[cfg(test)]
