@@ -34,6 +34,8 @@ enum BenchCommand {
     Throughput(rvllm::bench::offline::ThroughputArgs),
     /// Load-test an OpenAI-compatible server (rvllm or another).
     Serve(rvllm::bench::serve::ServeBenchArgs),
+    /// Merge the saved results of `bench serve` runs made one after another (`--shard I/N`).
+    ServeMerge(rvllm::bench::serve_merge::ServeMergeArgs),
 }
 
 fn main() {
@@ -46,6 +48,7 @@ fn main() {
         Some(Command::Generate(a)) => rvllm::cli::generate::run(a),
         Some(Command::Serve(a)) => rvllm::server::run(a),
         Some(Command::Bench(BenchCommand::Serve(a))) => rvllm::bench::serve::run(a),
+        Some(Command::Bench(BenchCommand::ServeMerge(a))) => rvllm::bench::serve_merge::run(a),
         Some(Command::Bench(BenchCommand::Latency(a))) => rvllm::bench::offline::run_latency(a),
         Some(Command::Bench(BenchCommand::Throughput(a))) => {
             rvllm::bench::offline::run_throughput(a)

@@ -4,32 +4,39 @@
 //   paged_attention_decode_hd{64,128}_g{1,2,4,8}(
 //       out, partial_out, partial_ml, q, key_cache, value_cache, block_tables, context_lens,
 //       scale, num_heads, num_kv_heads, block_size, max_blocks_per_seq, q_stride,
-//       partition_size)
+//       target_partitions)
 //     out:          bf16 [num_seqs, num_heads * HD]
 //     partial_out:  f32  [num_seqs, num_heads, max_partitions, HD]   (split-K scratch)
 //     partial_ml:   f32  [num_seqs, num_heads, max_partitions, 2]    (max in log2 units, sum)
 //     q:            bf16 [num_seqs, q_stride], heads at the start of the row
 //     key_cache, value_cache: bf16 [num_blocks, block_size, num_kv_heads, HD]
 //     block_tables: int32 [num_seqs, max_blocks_per_seq]; context_lens: int32 [num_seqs]
-//     partition_size: tokens per block along the context, a multiple of 64, at most 512.
+//     target_partitions: how many pieces each sequence's context is split into, at most.
+//       A sequence of `ctx` tokens is cut into partitions of partition_tokens(ctx, target)
+//       tokens: ceil(ctx / target) rounded up to a multiple of 64, at least 64 and at most
+//       512 (so a context over 512 * target tokens gets more than `target` partitions).
 //   grid (num_kv_heads * ceil(G / GT), num_seqs, max_partitions), block 128, where
-//   G = num_heads / num_kv_heads and max_partitions = ceil(max context / partition_size).
-//   With gridDim.z == 1 the kernel writes `out` directly and no reduce is needed; otherwise
-//   each block writes its partition's normalised partial output and (max, sum), and
-//   paged_attention_decode_reduce combines them.
+//   G = num_heads / num_kv_heads and max_partitions >= max(target, ceil(max context / 512));
+//   blocks past a sequence's last partition exit at once. A sequence that fits in one
+//   partition is written to `out` directly; the others write each partition's normalised
+//   partial output and (max, sum), and paged_attention_decode_reduce combines them (it skips
+//   the one-partition sequences, so it is launched whenever max_partitions > 1).
 //
 //   (A variant that fused this reduce into the last partition block, via an atomic counter,
 //   measured slower in every configuration on the H100 (e.g. 11.1 vs 8.3 us at batch 1,
 //   context 384): the single finishing block serialises the combine. Removed.)
 //
 //   paged_attention_decode_reduce(out, partial_out, partial_ml, context_lens, num_heads,
-//                                 head_dim, max_partitions, partition_size)
+//                                 head_dim, max_partitions, target_partitions)
 //     grid (num_heads, num_seqs), block 256 (128 works); head_dim a multiple of 4, at most 256;
 //     max_partitions at most 2048 (e.g. partition 64 up to a 128k context).
 //
-//   Choosing partition_size (host): the smallest of 512/256/128/64 that still leaves
-//   num_kv_heads * num_seqs * partitions >= ~2 blocks per SM; long contexts at batch 1 want
-//   small partitions, large batches 512 (measured on the H100).
+//   Choosing target_partitions (host, from the batch size alone so that one CUDA graph serves
+//   every context): enough blocks for ~2 per SM, num_kv_heads * num_seqs * target >= 2 * SMs.
+//   Batch 1 then cuts a 384-token context into 6 partitions of 64 (48 blocks instead of 2 of
+//   256); large batches keep one partition per sequence and skip the reduce. On an H200 a
+//   fixed 256-token partition cost 14 us a layer at batch 1 and, with its reduce, 30 % of the
+//   decode attention time at batch 512 (kernel profile, 2026-11-29).
 //
 // Why this shape: decode attention is a pure stream over the KV cache, so each block owns one
 // KV head and up to GT query heads of its group (GQA): K and V are read from memory once for
@@ -48,6 +55,13 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kReduceThreads = 256;
 constexpr int kMaxReducePartitions = 2048;
 
+// Tokens in each partition of a `ctx`-token context split `target` ways (see the header).
+__device__ __forceinline__ int partition_tokens(int ctx, int target) {
+    const int t = max(target, 1);
+    const int even = (ctx + t - 1) / t;
+    return min(max((even + 63) / 64 * 64, 64), kMaxPartition);
+}
+
 template <int HD, int GT>
 __device__ __forceinline__ void decode_attention(
     __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,
@@ -55,7 +69,7 @@ __device__ __forceinline__ void decode_attention(
     const __nv_bfloat16* __restrict__ key_cache, const __nv_bfloat16* __restrict__ value_cache,
     const int32_t* __restrict__ block_tables, const int32_t* __restrict__ context_lens,
     float scale, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
-    int q_stride, int partition_size) {
+    int q_stride, int target_partitions) {
     pdl_enter();
     constexpr int LPT = HD / 16;        // lanes per token: 16 dims (two 16-byte loads) each
     constexpr int TPW = 32 / LPT;       // tokens per warp per step
@@ -80,8 +94,10 @@ __device__ __forceinline__ void decode_attention(
     const int seq = blockIdx.y;
     const int part = blockIdx.z;
     const int ctx = context_lens[seq];
+    const int partition_size = partition_tokens(ctx, target_partitions);
     const int start = part * partition_size;
     if (start >= ctx) return;
+    const bool direct = ctx <= partition_size;  // one partition: no reduce for this sequence
     const int ntok = min(partition_size, ctx - start);
 
     const int tid = threadIdx.x;
@@ -254,7 +270,6 @@ __device__ __forceinline__ void decode_attention(
     }
     __syncthreads();
 
-    const bool direct = gridDim.z == 1;
     for (int idx = tid; idx < nvalid * HD; idx += kThreads) {
         const int g = idx / HD;
         const int d = idx % HD;
@@ -287,10 +302,10 @@ __device__ __forceinline__ void decode_attention(
             const __nv_bfloat16* __restrict__ value_cache,                                     \
             const int32_t* __restrict__ block_tables, const int32_t* __restrict__ context_lens, \
             float scale, int num_heads, int num_kv_heads, int block_size,                      \
-            int max_blocks_per_seq, int q_stride, int partition_size) {                        \
+            int max_blocks_per_seq, int q_stride, int target_partitions) {                     \
         decode_attention<HD, GT>(out, partial_out, partial_ml, q, key_cache, value_cache,      \
                                  block_tables, context_lens, scale, num_heads, num_kv_heads,   \
-                                 block_size, max_blocks_per_seq, q_stride, partition_size);    \
+                                 block_size, max_blocks_per_seq, q_stride, target_partitions); \
     }
 
 RVLLM_DECODE_ATTENTION(64, 1)
@@ -311,7 +326,7 @@ extern "C" __global__ void __launch_bounds__(kReduceThreads)
                                   const float* __restrict__ partial_out,
                                   const float* __restrict__ partial_ml,
                                   const int32_t* __restrict__ context_lens, int num_heads,
-                                  int head_dim, int max_partitions, int partition_size) {
+                                  int head_dim, int max_partitions, int target_partitions) {
     pdl_enter();
     __shared__ float w[kMaxReducePartitions];
     __shared__ __align__(16) float red[kReduceThreads * 4];
@@ -320,7 +335,11 @@ extern "C" __global__ void __launch_bounds__(kReduceThreads)
     const int seq = blockIdx.y;
     const int tid = threadIdx.x;
     const int nthreads = blockDim.x;  // 128 or 256 (kReduceThreads at most)
-    const int nparts = min((context_lens[seq] + partition_size - 1) / partition_size,
+    const int ctx = context_lens[seq];
+    const int partition_size = partition_tokens(ctx, target_partitions);
+    // One partition: the attention kernel wrote `out` itself.
+    if (ctx <= partition_size) return;
+    const int nparts = min((ctx + partition_size - 1) / partition_size,
                            min(max_partitions, kMaxReducePartitions));
     const int64_t base = ((int64_t)seq * num_heads + head) * max_partitions;
 

@@ -2,7 +2,8 @@
 // shared memory by the bulk copy engine, and the small ops around a decoder's GEMVs fused in.
 //
 // Kernels (all extern "C", one signature):
-//   gemv_bulk_<variant>_b1(y, x, w, n, k, rows_per_stage, norm_w, eps)
+//   gemv_bulk_<variant>_b1(y, x, w, n, k, rows_per_stage, norm_w, eps)      4 stages
+//   gemv_bulk_<variant>_s6_b1(...)                                           6 stages
 //     w: bf16 [n, k] row-major; y: bf16 [n]; f32 accumulation. The variant says what x is and
 //     what happens to y:
 //       bf16           x [k];                         y = W x
@@ -16,7 +17,9 @@
 //     norm_w / eps are read by the norm variant only.
 //   k a multiple of 8; rows_per_stage R in {1, 2, 4, 8} with R * k * 2 <= kStageBytes; the
 //   pointers 16-byte aligned. Grid: at most one block per SM (the host takes min(groups, SMs)),
-//   block 256, dynamic shared memory 4 * 32 KiB + 2k + 32 bytes (GemvBulk on the host).
+//   block 256, dynamic shared memory S * 32 KiB + 2k + 8 * S bytes for S stages (GemvBulk on
+//   the host; `RVLLM_GEMV_STAGES=6` picks the deeper pipeline, which covers the input
+//   prologue and the first loads' latency with more weight bytes in flight).
 //   Measured on an H200 (batch-1 decode, Llama-3.1-8B): 4 compile-time stages 209.9 tok/s;
 //   the stage count as a kernel argument, 198.0 at 4 and 193.9 at 3 (3 stages let two blocks
 //   share an SM so consecutive GEMVs overlap, which did not pay).
@@ -37,7 +40,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kStages = 4;
 constexpr int kStageBytes = 32 * 1024;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -88,7 +90,11 @@ __device__ __forceinline__ float dot8(const int4& a, const int4& b) {
 
 enum Input { kPlain, kSilu, kNorm };
 
-template <Input kIn, bool kAdd>
+// Input chunks (8 bf16) a thread loads before using any: their latencies overlap instead of
+// adding up (the silu input of the down projection is 7 chunks a thread).
+constexpr int kPrologueBatch = 8;
+
+template <Input kIn, bool kAdd, int kStages>
 __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
                                           const __nv_bfloat16* __restrict__ x,
                                           const __nv_bfloat16* __restrict__ w, int n, int k,
@@ -133,43 +139,77 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
     pdl_wait();
     pdl_launch_dependents();
     const int4* xg = reinterpret_cast<const int4*>(x);
+    // Loads chunks c0, c0 + kThreads, ... (up to kPrologueBatch of them) of x (and, for silu,
+    // of the up half) before any is used.
+    auto load_batch = [&](int c0, int4(&a)[kPrologueBatch], int4(&b)[kPrologueBatch]) {
+#pragma unroll
+        for (int j = 0; j < kPrologueBatch; ++j) {
+            const int c = c0 + j * kThreads;
+            if (c < k8) {
+                a[j] = xg[c];
+                if (kIn == kSilu) b[j] = xg[k8 + c];
+            }
+        }
+    };
+    constexpr int kSpan = kThreads * kPrologueBatch;
     if (kIn == kNorm) {
         // The chunks of each thread and the block sum are rms_norm_bf16's, so the normed
-        // input is the one that kernel would have stored.
+        // input is the one that kernel would have stored. One batch covers k <= 16384, so the
+        // inputs stay in registers between the sum and the scaling.
+        int4 xv[kPrologueBatch], unused[kPrologueBatch];
         float ss = 0.0f;
-        for (int c = tid; c < k8; c += kThreads) {
-            float v[8];
-            const int4 xv = xg[c];
-            bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&xv), v);
+        for (int c0 = tid; c0 < k8; c0 += kSpan) {
+            load_batch(c0, xv, unused);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) ss += v[e] * v[e];
+            for (int j = 0; j < kPrologueBatch; ++j) {
+                if (c0 + j * kThreads >= k8) break;
+                float v[8];
+                bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&xv[j]), v);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) ss += v[e] * v[e];
+            }
         }
         ss = block_sum(ss, scratch);
         const float inv = rsqrtf(ss / (float)k + eps);
         const int4* wn = reinterpret_cast<const int4*>(norm_w);
-        for (int c = tid; c < k8; c += kThreads) {
-            float v[8], wf[8], r[8];
-            const int4 xv = xg[c], wv = wn[c];
-            bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&xv), v);
-            bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&wv), wf);
+        for (int c0 = tid; c0 < k8; c0 += kSpan) {
+            if (k8 > kSpan) load_batch(c0, xv, unused);  // else still in registers
+            int4 wv[kPrologueBatch];
 #pragma unroll
-            for (int e = 0; e < 8; ++e) r[e] = v[e] * inv * wf[e];
-            const Bf16x8 o = f32_to_bf16x8(r);
-            xs[c] = *reinterpret_cast<const int4*>(&o);
+            for (int j = 0; j < kPrologueBatch; ++j)
+                if (c0 + j * kThreads < k8) wv[j] = wn[c0 + j * kThreads];
+#pragma unroll
+            for (int j = 0; j < kPrologueBatch; ++j) {
+                const int c = c0 + j * kThreads;
+                if (c >= k8) break;
+                float v[8], wf[8], r[8];
+                bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&xv[j]), v);
+                bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&wv[j]), wf);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) r[e] = v[e] * inv * wf[e];
+                const Bf16x8 o = f32_to_bf16x8(r);
+                xs[c] = *reinterpret_cast<const int4*>(&o);
+            }
         }
     } else {
-        for (int c = tid; c < k8; c += kThreads) {
-            if (kIn == kPlain) {
-                xs[c] = xg[c];
-            } else {
-                float g[8], u[8], a[8];
-                const int4 gv = xg[c], uv = xg[k8 + c];
-                bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&gv), g);
-                bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&uv), u);
+        for (int c0 = tid; c0 < k8; c0 += kSpan) {
+            int4 a[kPrologueBatch], b[kPrologueBatch];
+            load_batch(c0, a, b);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) a[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
-                const Bf16x8 v = f32_to_bf16x8(a);
-                xs[c] = *reinterpret_cast<const int4*>(&v);
+            for (int j = 0; j < kPrologueBatch; ++j) {
+                const int c = c0 + j * kThreads;
+                if (c >= k8) break;
+                if (kIn == kPlain) {
+                    xs[c] = a[j];
+                } else {
+                    float g[8], u[8], r[8];
+                    bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&a[j]), g);
+                    bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&b[j]), u);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) r[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
+                    const Bf16x8 v = f32_to_bf16x8(r);
+                    xs[c] = *reinterpret_cast<const int4*>(&v);
+                }
             }
         }
     }
@@ -223,23 +263,29 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
 }  // namespace
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define RVLLM_GEMV_BULK_BODY(IN, ADD) gemv_bulk<IN, ADD>(y, x, w, n, k, rows_per_stage, norm_w, eps)
+#define RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES) \
+    gemv_bulk<IN, ADD, STAGES>(y, x, w, n, k, rows_per_stage, norm_w, eps)
 #else
-#define RVLLM_GEMV_BULK_BODY(IN, ADD) __trap()
+#define RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES) __trap()
 #endif
 
-#define RVLLM_GEMV_BULK(NAME, IN, ADD)                                                          \
+#define RVLLM_GEMV_BULK(NAME, IN, ADD, STAGES)                                                  \
     extern "C" __global__ void __launch_bounds__(kThreads, 1)                                  \
         gemv_bulk_##NAME##_b1(__nv_bfloat16* __restrict__ y,                                   \
                               const __nv_bfloat16* __restrict__ x,                             \
                               const __nv_bfloat16* __restrict__ w, int n, int k,               \
                               int rows_per_stage, const __nv_bfloat16* __restrict__ norm_w,    \
                               float eps) {                                                     \
-        RVLLM_GEMV_BULK_BODY(IN, ADD);                                                         \
+        RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES);                                                 \
     }
 
-RVLLM_GEMV_BULK(bf16, kPlain, false)
-RVLLM_GEMV_BULK(silu_bf16, kSilu, false)
-RVLLM_GEMV_BULK(norm_bf16, kNorm, false)
-RVLLM_GEMV_BULK(add_bf16, kPlain, true)
-RVLLM_GEMV_BULK(silu_add_bf16, kSilu, true)
+RVLLM_GEMV_BULK(bf16, kPlain, false, 4)
+RVLLM_GEMV_BULK(silu_bf16, kSilu, false, 4)
+RVLLM_GEMV_BULK(norm_bf16, kNorm, false, 4)
+RVLLM_GEMV_BULK(add_bf16, kPlain, true, 4)
+RVLLM_GEMV_BULK(silu_add_bf16, kSilu, true, 4)
+RVLLM_GEMV_BULK(bf16_s6, kPlain, false, 6)
+RVLLM_GEMV_BULK(silu_bf16_s6, kSilu, false, 6)
+RVLLM_GEMV_BULK(norm_bf16_s6, kNorm, false, 6)
+RVLLM_GEMV_BULK(add_bf16_s6, kPlain, true, 6)
+RVLLM_GEMV_BULK(silu_add_bf16_s6, kSilu, true, 6)

@@ -114,12 +114,16 @@ fn run_decode(
     nh: usize,
     ctx: &[usize],
     scale: f32,
-    partition: usize,
+    target: usize,
+    spare_depth: usize,
 ) -> Vec<f32> {
     let num_seqs = ctx.len();
     let group = nh / c.nkv;
     let gt = decode_group_tile(group);
-    let max_parts = ctx.iter().max().copied().unwrap_or(1).div_ceil(partition);
+    // The grid must cover max(target, ceil(ctx / 512)) partitions; deeper grids are allowed
+    // (the extra blocks exit at once) and `spare_depth` checks that.
+    let max_ctx = ctx.iter().max().copied().unwrap_or(1);
+    let max_parts = target.max(max_ctx.div_ceil(512)) + spare_depth;
     let (d_q, d_k, d_v) = (g.upload(q_h), g.upload(&c.k_h), g.upload(&c.v_h));
     let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
     let (d_tables, d_ctx) = (g.upload(&c.tables), g.upload(&ctx_i));
@@ -132,7 +136,7 @@ fn run_decode(
         c.block_size as i32,
         c.max_blocks as i32,
         q_stride as i32,
-        partition as i32,
+        target as i32,
     );
     let grid = (
         (c.nkv * group.div_ceil(gt)) as u32,
@@ -166,7 +170,7 @@ fn run_decode(
     if max_parts > 1 {
         let (hd_, mp_) = (c.hd as i32, max_parts as i32);
         // The reduce works with 128 or 256 threads; cover both.
-        let reduce_block = if partition == 64 { 128 } else { 256 };
+        let reduce_block = if target % 2 == 1 { 128 } else { 256 };
         g.launch(
             "attention_decode",
             "paged_attention_decode_reduce",
@@ -193,18 +197,20 @@ fn paged_attention_decode_matches_reference() {
         return;
     };
     let mut r = rng("decode");
-    // (heads, kv heads, head dim, contexts, partition size)
+    // (heads, kv heads, head dim, contexts, target partitions). Each launch mixes sequences
+    // that fit one partition (written directly, skipped by the reduce) with split ones, except
+    // the second: all direct, no reduce launched.
     let cases: &[(usize, usize, usize, &[usize], usize)] = &[
-        (32, 8, 128, &[1, 15, 17, 300, 1000], 512),
-        (32, 8, 128, &[1, 100, 500], 512), // one partition: written directly, no reduce
-        (32, 8, 128, &[700, 33, 129], 64),
-        (9, 3, 64, &[5, 33, 129, 600], 512),
-        (8, 8, 128, &[1, 64, 1100], 256),
-        (16, 1, 64, &[3, 250], 128),
-        (16, 8, 128, &[16, 2000], 512),
-        (12, 2, 64, &[40, 77], 64),
+        (32, 8, 128, &[1, 15, 17, 300, 1000], 1), // 1000: two partitions of 512
+        (32, 8, 128, &[1, 100, 500], 1),
+        (32, 8, 128, &[700, 33, 129], 11), // partitions of 64: 11, 1, 3
+        (9, 3, 64, &[5, 33, 129, 600], 2), // 600: 2 x 320; 129: 2 x 128
+        (8, 8, 128, &[1, 64, 1100], 4),    // 1100: 4 x 320
+        (16, 1, 64, &[3, 250], 33),        // 250: 4 x 64
+        (16, 8, 128, &[16, 2000], 1),      // 2000: 4 x 512, beyond the target
+        (12, 2, 64, &[40, 77], 2),         // 77: 2 x 64
     ];
-    for &(nh, nkv, hd, ctx, partition) in cases {
+    for (i, &(nh, nkv, hd, ctx, target)) in cases.iter().enumerate() {
         let c = TestCache::new(&mut r, ctx, 16, nkv, hd, 3.0);
         // q inside a wider (fused QKV) row: stride > nh * hd.
         let q_stride = (nh + 2 * nkv) * hd;
@@ -219,9 +225,10 @@ fn paged_attention_decode_matches_reference() {
             max_blocks_per_seq: c.max_blocks,
         };
         let want = cpu::paged_attention(&q, q_stride, nh, &c.paged(), &batch, scale);
-        let got = run_decode(&g, &c, &q_h, q_stride, nh, ctx, scale, partition);
+        let spare = i % 2;
+        let got = run_decode(&g, &c, &q_h, q_stride, nh, ctx, scale, target, spare);
         assert_close(
-            &format!("decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} part{partition}"),
+            &format!("decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} target{target} spare{spare}"),
             &got,
             &want,
             ATOL,

@@ -53,8 +53,8 @@ fn decode_setup(g: &Gpu, batch: usize, ctx: usize) -> DecodeSetup {
 }
 
 /// (eager milliseconds, microseconds inside a CUDA graph of 32 calls) per call.
-fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, partition: usize) -> (f32, f32) {
-    let parts = ctx.div_ceil(partition);
+fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, target: usize) -> (f32, f32) {
+    let parts = target.max(ctx.div_ceil(512));
     let out = g.poisoned(batch * NH * HD, bf16::NAN);
     let po = g.poisoned(batch * NH * parts * HD, f32::NAN);
     let pml = g.poisoned(batch * NH * parts * 2, f32::NAN);
@@ -67,7 +67,7 @@ fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, partition: us
         BS as i32,
         s.max_blocks as i32,
         (NH * HD) as i32,
-        partition as i32,
+        target as i32,
         HD as i32,
         parts as i32,
     );
@@ -132,17 +132,19 @@ fn bench_decode_attention() {
     println!("Eager: one call timed alone (host launch gaps included). Graph: per call, 32 calls in one CUDA graph.");
     println!(
         "{:>6} {:>7} {:>9} {:>10} {:>9} {:>10} {:>9}",
-        "batch", "context", "partition", "eager us", "GB/s", "graph us", "GB/s"
+        "batch", "context", "target", "eager us", "GB/s", "graph us", "GB/s"
     );
+    // Targets: partitions per sequence (the engine picks 2 * SMs / (batch * kv heads)).
     for &(batch, ctx, parts) in &[
-        (1usize, 32768usize, &[512usize, 256, 128, 64][..]),
-        (1, 4096, &[512, 256, 128, 64][..]),
-        (1, 1024, &[256, 128, 64][..]),
-        (1, 384, &[512, 128, 64][..]),
-        (1, 128, &[512, 64][..]),
-        (64, 2048, &[512, 256, 128][..]),
-        (64, 4096, &[512, 256][..]),
-        (256, 512, &[512, 256][..]),
+        (1usize, 32768usize, &[64usize, 128, 512][..]),
+        (1, 4096, &[8, 16, 33, 64][..]),
+        (1, 1024, &[4, 8, 16, 33][..]),
+        (1, 384, &[1, 3, 6, 33][..]),
+        (1, 128, &[1, 2, 33][..]),
+        (64, 2048, &[1, 4, 8][..]),
+        (64, 4096, &[1, 8][..]),
+        (256, 512, &[1, 2][..]),
+        (512, 384, &[1, 2][..]),
     ] {
         let s = decode_setup(&g, batch, ctx);
         for &p in parts {
@@ -592,7 +594,7 @@ fn bench_decode_step_kernels() {
             g.launch_on(
                 st,
                 f,
-                (inter.div_ceil(256) as u32, 1, 1),
+                (inter.div_ceil(2048) as u32, 1, 1),
                 (256, 1, 1),
                 &mut [arg(&act.ptr), arg(&gate_up.ptr), arg(&one), arg(&inter_i)],
             )
@@ -600,8 +602,8 @@ fn bench_decode_step_kernels() {
     ));
     let s = decode_setup(&g, 1, 384);
     rows.push((
-        "decode attention ctx 384 (P 64)",
-        time_decode(&g, &s, 1, 384, 64).1,
+        "decode attention ctx 384 (target 33)",
+        time_decode(&g, &s, 1, 384, 33).1,
     ));
     for (name, n, k) in [
         ("gemv qkv", qkv_w, hidden),

@@ -166,7 +166,7 @@ fn silu_and_mul_and_elementwise_helpers() {
         return;
     };
     let mut r = rng("silu");
-    for &(tokens, inter) in &[(1usize, 1536usize), (9, 14336), (4, 1000)] {
+    for &(tokens, inter) in &[(1usize, 1536usize), (9, 14336), (4, 1000), (3, 2053)] {
         let (x_h, x) = random_bf16(&mut r, tokens * 2 * inter, 4.0);
         let d_x = g.upload(&x_h);
         let out = g.poisoned(tokens * inter, BF16_NAN);
@@ -174,7 +174,7 @@ fn silu_and_mul_and_elementwise_helpers() {
         g.launch(
             "activation",
             "silu_and_mul_bf16",
-            (inter.div_ceil(256) as u32, tokens as u32, 1),
+            (inter.div_ceil(2048) as u32, tokens as u32, 1),
             (256, 1, 1),
             &mut [arg(&out.ptr), arg(&d_x.ptr), arg(&n), arg(&i)],
         );
@@ -771,8 +771,7 @@ fn gemv_with_fused_silu_matches_reference() {
 
 /// Launch geometry of gemv_bulk (kernels/src/gemv_bulk.cu): rows per stage, dynamic shared
 /// memory. The engine computes the same in `CudaBackend::gemv_b1_kernel`.
-fn gemv_bulk_geometry(k: usize) -> (i32, u32) {
-    const STAGES: usize = 4;
+fn gemv_bulk_geometry(k: usize, stages: usize) -> (i32, u32) {
     const STAGE_BYTES: usize = 32 * 1024;
     let row_bytes = 2 * k;
     let rows = [8usize, 4, 2, 1]
@@ -781,7 +780,7 @@ fn gemv_bulk_geometry(k: usize) -> (i32, u32) {
         .expect("k small enough for one row per stage");
     (
         rows as i32,
-        (STAGES * STAGE_BYTES + row_bytes + 8 * STAGES) as u32,
+        (stages * STAGE_BYTES + row_bytes + 8 * stages) as u32,
     )
 }
 
@@ -798,13 +797,18 @@ fn gemv_bulk_matches_reference() {
     let eps = 1e-5f32;
     // (out features, in features, grid): many groups per block, one row per stage
     // (k = 14336), a partial last group (4099 rows), a tiny k.
-    for &(n, k, grid) in &[
-        (1000usize, 576usize, 132u32),
-        (6144, 4096, 132),
-        (37, 2056, 3),
-        (4096, 14336, 132),
-        (129, 8, 2),
-        (4099, 4096, 7),
+    // Both built pipeline depths (4 and 6 stages); k = 16384 is the longest row a stage holds.
+    for &(n, k, grid, stages) in &[
+        (1000usize, 576usize, 132u32, 4usize),
+        (6144, 4096, 132, 4),
+        (37, 2056, 3, 4),
+        (4096, 14336, 132, 4),
+        (129, 8, 2, 4),
+        (4099, 4096, 7, 4),
+        (6144, 4096, 132, 6),
+        (4096, 14336, 132, 6),
+        (300, 16384, 5, 6),
+        (4099, 4096, 7, 6),
     ] {
         // (kernel variant, input: 0 plain / 1 silu / 2 norm, adds into y)
         for (variant, input, add) in [
@@ -826,9 +830,10 @@ fn gemv_bulk_matches_reference() {
             } else {
                 g.poisoned(n, BF16_NAN)
             };
-            let (rows, smem) = gemv_bulk_geometry(k);
+            let (rows, smem) = gemv_bulk_geometry(k, stages);
             let (ni, ki) = (n as i32, k as i32);
-            let kernel = format!("gemv_bulk_{variant}_b1");
+            let depth = if stages == 6 { "_s6" } else { "" };
+            let kernel = format!("gemv_bulk_{variant}{depth}_b1");
             let groups = n.div_ceil(rows as usize) as u32;
             g.launch_smem(
                 "gemv_bulk",

@@ -502,6 +502,91 @@ fn bench_serve_drives_the_server_and_saves_results() {
 }
 
 #[test]
+fn bench_serve_shards_merge_into_the_whole_run() {
+    // A run split in shards (`--shard I/N`, one command each) and joined by `bench
+    // serve-merge` covers every prompt of the whole run once.
+    let s = start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let bench = |extra: &[&str]| {
+        let out = std::process::Command::new(server_common::rvllm_bin())
+            .args([
+                "bench",
+                "serve",
+                "--base-url",
+                &format!("http://{}", s.addr),
+            ])
+            .args(["--random-input-len", "10", "--random-output-len", "4"])
+            .args([
+                "--num-prompts",
+                "7",
+                "--ignore-eos",
+                "--max-concurrency",
+                "1",
+            ])
+            .args([
+                "--random-prompt-format",
+                "ids",
+                "--random-vocab-size",
+                "300",
+            ])
+            .args(extra)
+            .output()
+            .expect("running rvllm bench serve");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let mut parts = Vec::new();
+    for (i, want) in [(0, 3), (1, 4)] {
+        let path = dir.path().join(format!("shard{i}.json"));
+        let (ok, text) = bench(&[
+            "--shard",
+            &format!("{i}/2"),
+            "--save-result",
+            "--result-filename",
+            path.to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
+        assert!(text.contains(&format!("shard {i}/2 of 7")), "{text}");
+        let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["completed"], want, "shard {i} sends its part only: {v}");
+        assert_eq!(v["e2els"].as_array().map(Vec::len), Some(want));
+        parts.push(path);
+    }
+    let merged = dir.path().join("merged.json");
+    let out = std::process::Command::new(server_common::rvllm_bin())
+        .args(["bench", "serve-merge", "--output", merged.to_str().unwrap()])
+        .args(&parts)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Mean TPOT (ms):"), "{stdout}");
+    let v: Value = serde_json::from_slice(&std::fs::read(&merged).unwrap()).unwrap();
+    assert_eq!(v["completed"], 7, "{v}");
+    assert_eq!(v["total_output_tokens"], 28);
+    assert_eq!(v["total_input_tokens"], 70);
+    // Merging a shard twice is refused, and a bad shard is refused before any request.
+    let out = std::process::Command::new(server_common::rvllm_bin())
+        .args(["bench", "serve-merge"])
+        .args([&parts[0], &parts[0]])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("repeats shard"));
+    let (ok, text) = bench(&["--shard", "2/2"]);
+    assert!(!ok && text.contains("0 <= I < N"), "{text}");
+    s.wait_idle();
+}
+
+#[test]
 fn token_ids_are_returned_on_request_and_always_without_a_tokenizer() {
     // With a tokenizer: `return_token_ids` adds them to the choice (and to every chunk).
     let s = start(&[]);

@@ -1,3 +1,4 @@
-//! `rvllm bench latency|throughput|serve`, shaped like `vllm bench`.
+//! `rvllm bench latency|throughput|serve`, shaped like `vllm bench`, and `serve-merge`.
 pub mod offline;
 pub mod serve;
+pub mod serve_merge;

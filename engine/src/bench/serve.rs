@@ -81,6 +81,31 @@ pub struct ServeBenchArgs {
     /// Give up on one request after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     pub request_timeout_s: f64,
+    /// Send only part I of N (`--shard 0/2`) of the --num-prompts requests: the prompts and
+    /// arrival times are the whole run's, so shards run one after another (separate commands,
+    /// e.g. when one command may not run long enough) and `rvllm bench serve-merge` adds
+    /// their saved results up to the whole run's.
+    #[arg(long, value_parser = parse_shard)]
+    pub shard: Option<(usize, usize)>,
+}
+
+/// `I/N` with I < N.
+fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
+    let bad = || format!("--shard `{s}`: give I/N with 0 <= I < N, e.g. 0/2");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// The requests of shard `i` of `n` among `total`: contiguous, sizes differing by one at most.
+pub fn shard_range(total: usize, (i, n): (usize, usize)) -> std::ops::Range<usize> {
+    total * i / n..total * (i + 1) / n
 }
 
 /// Synchronous entry point: builds its own runtime.
@@ -150,7 +175,7 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     };
 
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let requests: Vec<Value> = (0..args.num_prompts)
+    let mut requests: Vec<Value> = (0..args.num_prompts)
         .map(|_| {
             let in_len = draw_len(&mut rng, args.random_input_len, args.random_range_ratio);
             let out_len =
@@ -165,11 +190,29 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
             build_body(&model, prompt, out_len, chat, &args)
         })
         .collect();
-    let delays = arrival_delays(&mut rng, args.num_prompts, rate);
+    let mut delays = arrival_delays(&mut rng, args.num_prompts, rate);
+    if let Some(shard) = args.shard {
+        let range = shard_range(args.num_prompts, shard);
+        if range.is_empty() {
+            bail!(
+                "--shard {}/{} of {} prompts sends nothing: use fewer shards",
+                shard.0,
+                shard.1,
+                args.num_prompts
+            );
+        }
+        // The shard starts at once: its arrivals keep their gaps from the whole schedule.
+        let offset = delays[range.start];
+        delays = delays[range.clone()].iter().map(|d| *d - offset).collect();
+        requests = requests.drain(range).collect();
+    }
+    let sent = requests.len();
 
     println!(
-        "Benchmarking {url} with {} requests (rate {}, max concurrency {})",
-        args.num_prompts,
+        "Benchmarking {url} with {sent} requests{} (rate {}, max concurrency {})",
+        args.shard
+            .map(|(i, n)| format!(" (shard {i}/{n} of {})", args.num_prompts))
+            .unwrap_or_default(),
         args.request_rate,
         args.max_concurrency
             .map(|c| c.to_string())
@@ -213,7 +256,7 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     }
     let duration = start.elapsed().as_secs_f64();
     let summary = summarize(&results, duration);
-    print_table(&summary, &args, &model);
+    print_table(&summary, args.max_concurrency, &args.request_rate, &model);
     let failed: Vec<&RequestResult> = results.iter().filter(|r| !r.ok).collect();
     if let Some(f) = failed.first() {
         eprintln!(
@@ -228,7 +271,11 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     obj.insert("endpoint".into(), json!(args.endpoint));
     obj.insert("base_url".into(), json!(base));
     obj.insert("model_id".into(), json!(model));
-    obj.insert("num_prompts".into(), json!(args.num_prompts));
+    obj.insert("num_prompts".into(), json!(sent));
+    if let Some((i, n)) = args.shard {
+        obj.insert("shard".into(), json!([i, n]));
+        obj.insert("shard_of_prompts".into(), json!(args.num_prompts));
+    }
     obj.insert("request_rate".into(), json!(args.request_rate));
     obj.insert("max_concurrency".into(), json!(args.max_concurrency));
     obj.insert("random_input_len".into(), json!(args.random_input_len));
@@ -244,6 +291,10 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     obj.insert(
         "ttfts".into(),
         json!(results.iter().map(|r| r.ttft_s).collect::<Vec<_>>()),
+    );
+    obj.insert(
+        "e2els".into(),
+        json!(results.iter().map(|r| r.e2e_s).collect::<Vec<_>>()),
     );
     obj.insert(
         "itls".into(),
@@ -642,7 +693,12 @@ impl Summary {
     }
 }
 
-fn print_table(s: &Summary, args: &ServeBenchArgs, model: &str) {
+pub(crate) fn print_table(
+    s: &Summary,
+    max_concurrency: Option<usize>,
+    request_rate: &str,
+    model: &str,
+) {
     let line = |k: &str, v: String| println!("{k:<40} {v:<10}");
     let head = |t: &str| println!("{:-^50}", t);
     println!("{:=^50}", " Serving Benchmark Result ");
@@ -651,10 +707,10 @@ fn print_table(s: &Summary, args: &ServeBenchArgs, model: &str) {
     if s.failed > 0 {
         line("Failed requests:", s.failed.to_string());
     }
-    if let Some(c) = args.max_concurrency {
+    if let Some(c) = max_concurrency {
         line("Maximum request concurrency:", c.to_string());
     }
-    line("Request rate configured (RPS):", args.request_rate.clone());
+    line("Request rate configured (RPS):", request_rate.to_string());
     line("Benchmark duration (s):", format!("{:.2}", s.duration_s));
     line("Total input tokens:", s.total_input.to_string());
     line("Total generated tokens:", s.total_output.to_string());
@@ -687,7 +743,7 @@ fn print_table(s: &Summary, args: &ServeBenchArgs, model: &str) {
     println!("{}", "=".repeat(50));
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -719,6 +775,23 @@ mod tests {
         assert!((mean_gap - 0.02).abs() < 0.001, "mean gap {mean_gap}");
         let inf = arrival_delays(&mut StdRng::seed_from_u64(7), 5, f64::INFINITY);
         assert!(inf.iter().all(|d| d.is_zero()));
+    }
+
+    #[test]
+    fn shards_split_the_run_into_contiguous_parts() {
+        for (total, n) in [(1000usize, 2usize), (7, 3), (5, 5)] {
+            let ranges: Vec<_> = (0..n).map(|i| shard_range(total, (i, n))).collect();
+            assert_eq!(ranges[0].start, 0);
+            assert_eq!(ranges[n - 1].end, total);
+            for w in ranges.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+            assert!(ranges.iter().all(|r| r.len() + 1 >= total / n));
+        }
+        assert_eq!(parse_shard("1/2"), Ok((1, 2)));
+        assert!(parse_shard("2/2").is_err());
+        assert!(parse_shard("0/0").is_err());
+        assert!(parse_shard("half").is_err());
     }
 
     #[test]

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # rvllm GPU benchmarks (the suite behind BENCHMARKS.md), gathered by `cargo xtask gpu-test`.
-# Usage: ./bench.sh [latency] [latency-nopdl] [ttft] [throughput] [serve] [serve-c1] [peers] [hf]
+# Usage: ./bench.sh [latency] [latency-s6] [latency-nopdl] [ttft] [throughput] [serve] [serve-c1] [peers] [hf]
 #                   [profile] [profile-throughput]
 #        (no argument: latency ttft throughput). Model: the Llama-3.1-8B shape with dummy weights.
 # Env: RESULTS=<dir> for the logs and JSON (default ./results); PEERS=<dir> holding
 # fast_peer.py / fast_peer_batch.py / hf_baseline.py (needed by `peers` and `hf`);
-# SERVE_PROMPTS (default 1000) and SERVE_C1_PROMPTS (default 1000) size the serving runs.
+# SERVE_PROMPTS (default 1000) and SERVE_C1_PROMPTS (default 1000) size the serving runs;
+# serve-c1-shardIofN runs part I of N of the concurrency-1 run (merge with bench serve-merge).
 # Every rvllm run measures the copy bandwidth and the bf16 GEMM rate in the same process and
 # prints its figure as a fraction of them.
 set -uo pipefail
@@ -28,8 +29,8 @@ run() { # name command...: runs it, keeps the log, prints its last lines
     [ $rc -eq 0 ] || failed=$((failed + 1))
 }
 
-serve_bench() { # name concurrency prompts
-    local name=$1 conc=$2 prompts=$3 port=8123
+serve_bench() { # name concurrency prompts [shard I/N]
+    local name=$1 conc=$2 prompts=$3 shard=${4:-} port=8123
     "$RVLLM" serve "$MODEL" --load-format dummy --port $port --max-model-len 2048 \
         --max-num-seqs 256 --max-num-batched-tokens 16384 >"$RES/$name-server.log" 2>&1 &
     local pid=$!
@@ -40,6 +41,7 @@ serve_bench() { # name concurrency prompts
     done
     local extra=()
     [ "$conc" != inf ] && extra=(--max-concurrency "$conc")
+    [ -n "$shard" ] && extra+=(--shard "$shard")
     run "$name" "$RVLLM" bench serve --base-url "http://127.0.0.1:$port" --dataset-name random \
         --random-prompt-format ids --random-vocab-size 100000 --random-input-len 1024 \
         --random-output-len 128 --ignore-eos --seed 0 --num-prompts "$prompts" "${extra[@]}" \
@@ -67,6 +69,11 @@ for what in "$@"; do
         run latency "$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1 \
             --input-len 128 --output-len 256 --num-iters-warmup 1 --num-iters 3 \
             --max-model-len 2048 --max-num-seqs 8 --output-json "$RES/latency.json" ;;
+    latency-s6)
+        run latency-s6 env RVLLM_GEMV_STAGES=6 "$RVLLM" bench latency --model "$MODEL" \
+            --load-format dummy --batch-size 1 --input-len 128 --output-len 256 \
+            --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 --max-num-seqs 8 \
+            --output-json "$RES/latency-s6.json" ;;
     latency-nopdl)
         run latency-nopdl env RVLLM_PDL=0 "$RVLLM" bench latency --model "$MODEL" --load-format dummy \
             --batch-size 1 --input-len 128 --output-len 256 --num-iters-warmup 1 --num-iters 3 \
@@ -87,10 +94,15 @@ for what in "$@"; do
     profile-throughput)
         run profile-throughput env RVLLM_PROFILE_KERNELS=1 "$RVLLM" bench throughput \
             --model "$MODEL" --load-format dummy --input-len 256 --output-len 256 \
-            --num-prompts 200 --max-model-len 1024 --max-num-seqs 512 \
+            --num-prompts 1000 --max-model-len 1024 --max-num-seqs 512 \
             --max-num-batched-tokens 16384 --enforce-eager ;;
     serve) serve_bench serve inf "${SERVE_PROMPTS:-1000}" ;;
     serve-c1) serve_bench serve-c1 1 "${SERVE_C1_PROMPTS:-1000}" ;;
+    serve-c1-shard*)
+        # One part of the concurrency-1 run (1,000 requests outlast a 10-minute command):
+        # serve-c1-shard0of2, then serve-c1-shard1of2; `rvllm bench serve-merge` joins them.
+        spec=${what#serve-c1-shard}
+        serve_bench "$what" 1 "${SERVE_C1_PROMPTS:-1000}" "${spec%of*}/${spec#*of}" ;;
     peers)
         peer fast_peer fast_peer.py
         peer fast_peer_batch fast_peer_batch.py B=512 ;;

@@ -14,8 +14,29 @@ use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCache
 use crate::models::weights::{HostData, HostTensor};
 
 const BF16: usize = 2;
-/// Tokens per decode-attention partition (split-K along the context); a multiple of 64, ≤ 512.
-pub const DECODE_PARTITION: usize = 256;
+/// The longest decode-attention partition (split-K along the context), in tokens: the
+/// kernel's shared score buffer (kMaxPartition in attention_decode.cu).
+pub const MAX_DECODE_PARTITION: usize = 512;
+
+/// How decode attention splits contexts for a batch of `num_decode` sequences: the target
+/// number of partitions per sequence (from the batch size alone, so that one CUDA graph serves
+/// every context; enough blocks for about two per SM) and the grid depth that covers every
+/// context up to `max_context` (attention_decode.cu's header has the per-sequence rule).
+pub fn decode_split(
+    num_decode: usize,
+    num_kv_heads: usize,
+    sm_count: usize,
+    max_context: usize,
+) -> (usize, usize) {
+    let blocks_per_partition = num_decode.max(1) * num_kv_heads.max(1);
+    let target = (2 * sm_count.max(1)).div_ceil(blocks_per_partition).max(1);
+    // No sequence gets more than ceil(ctx / 64) partitions, nor fewer than ctx / 512 allow.
+    let depth = target
+        .min(max_context.div_ceil(64))
+        .max(max_context.div_ceil(MAX_DECODE_PARTITION))
+        .max(1);
+    (target, depth)
+}
 
 pub struct CudaTensor {
     buf: DevBuf,
@@ -136,7 +157,9 @@ pub struct CudaStepMeta {
     pub num_decode: usize,
     pub max_chunk: usize,
     pub max_context: usize,
-    /// Grid depth of decode attention; fixed to the model's limit when capturing a graph.
+    /// Decode attention's target partitions per sequence and grid depth (`decode_split`);
+    /// the depth covers the model's whole context when capturing a graph.
+    pub decode_target: usize,
     pub decode_partitions: usize,
     base: CUdeviceptr,
     layout: MetaLayout,
@@ -161,17 +184,22 @@ pub struct CudaBackend {
     layout: MetaLayout,
     meta: DevBuf,
     staging: Mutex<Vec<i32>>,
-    /// Split-K scratch for decode attention.
+    /// Split-K scratch for decode attention: `scratch_partitions` (sequence, partition) pairs
+    /// of every head.
     partial_out: DevBuf,
     partial_ml: DevBuf,
-    max_partitions: usize,
+    scratch_partitions: usize,
+    num_kv_heads: usize,
+    max_context: usize,
     /// A column of bf16 ones: adds a bias as a rank-1 GEMM update.
     ones: DevBuf,
-    /// When set, decode attention uses this many partitions whatever the step's contexts
-    /// (graph capture: the grid is frozen into the graph).
-    pub fixed_decode_partitions: std::sync::atomic::AtomicUsize,
+    /// Set while capturing a graph: decode attention's grid then covers the model's longest
+    /// context, not just the step's (the grid is frozen into the graph).
+    pub capturing_graph: std::sync::atomic::AtomicBool,
     /// Batch-1 GEMVs through gemv_bulk (sm_90+; `RVLLM_GEMV=classic` keeps gemv.cu).
     gemv_bulk: bool,
+    /// gemv_bulk's pipeline depth: 4, or 6 with `RVLLM_GEMV_STAGES=6`.
+    gemv_stages: usize,
     /// Counts the bytes of weights uploaded while a model loads (`set_upload_progress`).
     upload_progress: Mutex<Option<indicatif::ProgressBar>>,
 }
@@ -189,19 +217,29 @@ impl CudaBackend {
         gpu: Arc<Gpu>,
         limits: StepLimits,
         num_heads: usize,
+        num_kv_heads: usize,
         head_dim: usize,
         max_context: usize,
     ) -> Result<Self> {
         let layout = MetaLayout::new(&limits);
         let meta = gpu.alloc(layout.total * 4)?;
-        let max_partitions = max_context.div_ceil(DECODE_PARTITION).max(1);
-        let scratch = limits.max_seqs * num_heads * max_partitions;
+        let sms = gpu.sm_count as usize;
+        let scratch_partitions = (1..=limits.max_seqs)
+            .map(|b| b * decode_split(b, num_kv_heads, sms, max_context).1)
+            .max()
+            .unwrap_or(1);
+        let scratch = scratch_partitions * num_heads;
         let partial_out = gpu.alloc(scratch * head_dim * 4)?;
         let partial_ml = gpu.alloc(scratch * 2 * 4)?;
         let ones = gpu.alloc(limits.max_tokens * BF16)?;
         gpu.upload(ones.ptr, &vec![bf16::ONE; limits.max_tokens])?;
         let gemv_bulk = gpu.compute_capability.0 >= 9
             && std::env::var("RVLLM_GEMV").map_or(true, |v| v.trim() != "classic");
+        let gemv_stages = match std::env::var("RVLLM_GEMV_STAGES").as_deref().map(str::trim) {
+            Err(_) | Ok("") | Ok("4") => 4,
+            Ok("6") => 6,
+            Ok(other) => bail!("RVLLM_GEMV_STAGES={other}: the built depths are 4 and 6"),
+        };
         Ok(Self {
             gpu,
             limits,
@@ -210,11 +248,14 @@ impl CudaBackend {
             staging: Mutex::new(vec![0; layout.total]),
             partial_out,
             partial_ml,
-            max_partitions,
+            scratch_partitions,
+            num_kv_heads,
+            max_context,
             ones,
-            fixed_decode_partitions: std::sync::atomic::AtomicUsize::new(0),
+            capturing_graph: std::sync::atomic::AtomicBool::new(false),
             upload_progress: Mutex::new(None),
             gemv_bulk,
+            gemv_stages,
         })
     }
 
@@ -249,10 +290,6 @@ impl CudaBackend {
 
     pub fn limits(&self) -> StepLimits {
         self.limits
-    }
-
-    pub fn max_partitions(&self) -> usize {
-        self.max_partitions
     }
 
     fn upload_bf16(&self, data: &[bf16]) -> Result<DevBuf> {
@@ -298,16 +335,26 @@ impl CudaBackend {
         y: CUdeviceptr,
         norm: Option<(&CudaVector, f32)>,
     ) -> Result<bool> {
-        let Some(g) = self.gemv_bulk.then(|| GemvBulk::for_k(w.cols)).flatten() else {
+        let stages = self.gemv_stages;
+        let Some(g) = self
+            .gemv_bulk
+            .then(|| GemvBulk::for_k(w.cols, stages))
+            .flatten()
+        else {
             return Ok(false);
         };
-        let kernel = match (input, add) {
-            (GemvInput::Plain, false) => "gemv_bulk_bf16_b1",
-            (GemvInput::Silu, false) => "gemv_bulk_silu_bf16_b1",
-            (GemvInput::Norm, false) => "gemv_bulk_norm_bf16_b1",
-            (GemvInput::Plain, true) => "gemv_bulk_add_bf16_b1",
-            (GemvInput::Silu, true) => "gemv_bulk_silu_add_bf16_b1",
-            (GemvInput::Norm, true) => bail!("gemv_bulk has no norm + add variant"),
+        let kernel = match (input, add, stages == 6) {
+            (GemvInput::Plain, false, false) => "gemv_bulk_bf16_b1",
+            (GemvInput::Silu, false, false) => "gemv_bulk_silu_bf16_b1",
+            (GemvInput::Norm, false, false) => "gemv_bulk_norm_bf16_b1",
+            (GemvInput::Plain, true, false) => "gemv_bulk_add_bf16_b1",
+            (GemvInput::Silu, true, false) => "gemv_bulk_silu_add_bf16_b1",
+            (GemvInput::Plain, false, true) => "gemv_bulk_bf16_s6_b1",
+            (GemvInput::Silu, false, true) => "gemv_bulk_silu_bf16_s6_b1",
+            (GemvInput::Norm, false, true) => "gemv_bulk_norm_bf16_s6_b1",
+            (GemvInput::Plain, true, true) => "gemv_bulk_add_bf16_s6_b1",
+            (GemvInput::Silu, true, true) => "gemv_bulk_silu_add_bf16_s6_b1",
+            (GemvInput::Norm, true, _) => bail!("gemv_bulk has no norm + add variant"),
         };
         let (norm_w, eps) = match norm {
             Some((v, eps)) => (v.bf16.ptr, eps),
@@ -348,7 +395,7 @@ impl CudaBackend {
 
     /// Whether a batch-1 GEMV over `w` fuses its neighbours (gemv_bulk applies).
     fn fuses_b1(&self, rows: usize, w: &CudaWeight) -> bool {
-        rows == 1 && self.gemv_bulk && GemvBulk::for_k(w.cols).is_some()
+        rows == 1 && self.gemv_bulk && GemvBulk::for_k(w.cols, self.gemv_stages).is_some()
     }
 
     /// bf16 → f32, `n` elements.
@@ -405,12 +452,15 @@ pub struct GemvBulk {
 }
 
 impl GemvBulk {
-    /// Pipeline depth and stage size: gemv_bulk.cu's kStages and kStageBytes.
-    const STAGES: usize = 4;
+    /// Stage size: gemv_bulk.cu's kStageBytes.
     const STAGE_BYTES: usize = 32 * 1024;
+    /// Hopper's largest dynamic shared memory for one block.
+    const MAX_SHARED: usize = 227 * 1024;
 
-    /// None when a row of `k` bf16 does not fit one stage (or k is not a multiple of 8).
-    pub fn for_k(k: usize) -> Option<Self> {
+    /// Geometry for `stages` pipeline stages (4 or 6, the built depths). None when a row of
+    /// `k` bf16 does not fit one stage, k is not a multiple of 8, or the stages and x do not
+    /// fit shared memory.
+    pub fn for_k(k: usize, stages: usize) -> Option<Self> {
         let row_bytes = 2 * k;
         if k == 0 || k % 8 != 0 {
             return None;
@@ -418,9 +468,10 @@ impl GemvBulk {
         let rows_per_stage = [8, 4, 2, 1]
             .into_iter()
             .find(|&r| r * row_bytes <= Self::STAGE_BYTES)?;
-        Some(Self {
+        let shared = stages * Self::STAGE_BYTES + row_bytes + 8 * stages;
+        (shared <= Self::MAX_SHARED).then_some(Self {
             rows_per_stage,
-            shared_bytes: (Self::STAGES * Self::STAGE_BYTES + row_bytes + 8 * Self::STAGES) as u32,
+            shared_bytes: shared as u32,
         })
     }
 }
@@ -573,17 +624,23 @@ impl Backend for CudaBackend {
         }
         // One copy of the whole (fixed-layout) buffer keeps every array at a fixed address.
         self.gpu.upload_async(self.meta.ptr, &st[..lay.total])?;
-        let fixed = self
-            .fixed_decode_partitions
+        let capturing = self
+            .capturing_graph
             .load(std::sync::atomic::Ordering::Relaxed);
-        let decode_partitions = if fixed > 0 {
-            fixed
+        let covered = if capturing {
+            self.max_context
         } else {
-            max_context.div_ceil(DECODE_PARTITION).max(1)
+            max_context
         };
+        let sms = self.gpu.sm_count as usize;
+        let (decode_target, decode_partitions) =
+            decode_split(num_decode, self.num_kv_heads, sms, covered);
         ensure!(
-            decode_partitions <= self.max_partitions,
-            "context of {max_context} tokens exceeds the attention scratch"
+            num_decode * decode_partitions <= self.scratch_partitions,
+            "a decode step of {num_decode} sequences with contexts up to {covered} tokens \
+             exceeds the attention scratch (sized for {} sequences of {} tokens)",
+            self.limits.max_seqs,
+            self.max_context
         );
         Ok(CudaStepMeta {
             num_tokens: nt,
@@ -591,6 +648,7 @@ impl Backend for CudaBackend {
             num_decode,
             max_chunk,
             max_context,
+            decode_target,
             decode_partitions,
             base: self.meta.ptr,
             layout: *lay,
@@ -801,7 +859,7 @@ impl Backend for CudaBackend {
                 step.at(step.layout.block_tables),
                 step.at(step.layout.context_lens),
             );
-            let ps = DECODE_PARTITION as i32;
+            let target = step.decode_target as i32;
             let grid = (
                 (layout.num_kv_heads * group.div_ceil(gt)) as u32,
                 step.num_decode as u32,
@@ -812,7 +870,7 @@ impl Backend for CudaBackend {
                 kernel,
                 grid,
                 128,
-                args![o, po, pml, q, kc, vc, bt, cl, scale, nh, nkv, bs, maxb, q_stride, ps],
+                args![o, po, pml, q, kc, vc, bt, cl, scale, nh, nkv, bs, maxb, q_stride, target],
             )?;
             if parts > 1 {
                 let (hdi, mp) = (hd as i32, parts as i32);
@@ -821,7 +879,7 @@ impl Backend for CudaBackend {
                     "paged_attention_decode_reduce",
                     (layout.num_heads as u32, step.num_decode as u32, 1),
                     128,
-                    args![o, po, pml, cl, nh, hdi, mp, ps],
+                    args![o, po, pml, cl, nh, hdi, mp, target],
                 )?;
             }
         }
@@ -872,7 +930,7 @@ impl Backend for CudaBackend {
         self.launch(
             "activation",
             "silu_and_mul_bf16",
-            (inter.div_ceil(256) as u32, t as u32, 1),
+            (inter.div_ceil(2048) as u32, t as u32, 1),
             256,
             args![o, i, t, n],
         )
@@ -1051,16 +1109,19 @@ mod tests {
     #[test]
     fn gemv_bulk_stages_hold_whole_rows() {
         // Llama-3.1-8B: hidden 4096 (8 KiB rows, 4 a stage), intermediate 14336 (one row).
-        assert_eq!(GemvBulk::for_k(4096).unwrap().rows_per_stage, 4);
-        assert_eq!(GemvBulk::for_k(14336).unwrap().rows_per_stage, 1);
-        assert_eq!(GemvBulk::for_k(576).unwrap().rows_per_stage, 8);
+        assert_eq!(GemvBulk::for_k(4096, 4).unwrap().rows_per_stage, 4);
+        assert_eq!(GemvBulk::for_k(14336, 4).unwrap().rows_per_stage, 1);
+        assert_eq!(GemvBulk::for_k(576, 4).unwrap().rows_per_stage, 8);
         // Shared memory: 4 stages of 32 KiB, x, 4 barriers; within Hopper's 227 KiB.
-        let g = GemvBulk::for_k(14336).unwrap();
+        let g = GemvBulk::for_k(14336, 4).unwrap();
         assert_eq!(g.shared_bytes, 4 * 32768 + 28672 + 32);
-        assert!(g.shared_bytes <= 227 * 1024);
+        // Six stages still fit with the longest row a stage holds (k = 16384).
+        let g = GemvBulk::for_k(16384, 6).unwrap();
+        assert_eq!(g.shared_bytes, 6 * 32768 + 32768 + 48);
+        assert!(g.shared_bytes as usize <= 227 * 1024);
         // Rows longer than a stage, or k not a multiple of 8: the classic GEMV.
-        assert_eq!(GemvBulk::for_k(16392), None);
-        assert_eq!(GemvBulk::for_k(4095), None);
-        assert_eq!(GemvBulk::for_k(0), None);
+        assert_eq!(GemvBulk::for_k(16392, 4), None);
+        assert_eq!(GemvBulk::for_k(4095, 4), None);
+        assert_eq!(GemvBulk::for_k(0, 4), None);
     }
 }

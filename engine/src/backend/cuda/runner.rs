@@ -155,6 +155,7 @@ impl CudaExecutor {
             gpu.clone(),
             limits,
             c.num_attention_heads,
+            c.num_key_value_heads,
             c.head_dim,
             max_len,
         )?;
@@ -357,9 +358,8 @@ impl CudaExecutor {
         self.gpu
             .upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
         let be = self.runner.parts().0;
-        let maxp = be.max_partitions();
-        be.fixed_decode_partitions
-            .store(maxp, std::sync::atomic::Ordering::Relaxed);
+        be.capturing_graph
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let step = be.upload_step(&dummy)?;
         // Warm-up outside the capture (cuBLAS picks its kernels, modules load).
         self.launch_step(b, &step, true)?;
@@ -376,8 +376,8 @@ impl CudaExecutor {
         self.runner
             .parts()
             .0
-            .fixed_decode_partitions
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+            .capturing_graph
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         launched.with_context(|| format!("capturing the decode graph for batch {b}"))?;
         let graph =
             graph.map_err(|e| anyhow::anyhow!("ending CUDA graph capture for batch {b}: {e:?}"))?;
