@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the README's test command. Builds the `rvllm` binary that the
 //! end-to-end tests drive, then runs the whole workspace's tests, all in the release profile
 //! (one profile for builds and tests keeps CI from compiling twice), and where a CUDA toolkit
-//! is present also checks the embedded kernels.
+//! is present also checks the embedded kernels and runs the CUDA backend's host-side unit
+//! tests.
 
 use std::process::Command;
 
@@ -71,6 +72,11 @@ pub fn run(args: Args) -> Result<()> {
             .context("cuda target without a toolkit")?;
         std::env::set_var("RVLLM_NVCC", &tk.nvcc);
         cargo(&kt, &[])?;
+        // The engine's CUDA-only unit tests: host logic of the CUDA backend (launch geometry,
+        // split-K sizing, upload sizes, PDL and profiler switches) that needs no GPU.
+        let mut et = vec!["test", "-p", "rvllm", "--features", "cuda", "--lib"];
+        et.extend(profile);
+        cargo(&et, &["backend::cuda".to_string()])?;
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # rvllm GPU benchmarks (the suite behind BENCHMARKS.md), gathered by `cargo xtask gpu-test`.
-# Usage: ./bench.sh [latency] [latency-s6] [latency-nopdl] [ttft] [throughput] [serve] [serve-c1] [peers] [hf]
+# Usage: ./bench.sh [latency] [latency-s6] [latency-nopdl] [ttft] [throughput] [throughput-1024] [serve] [serve-c1] [peers] [hf]
 #                   [profile] [profile-throughput]
 #        (no argument: latency ttft throughput). Model: the Llama-3.1-8B shape with dummy weights.
 # Env: RESULTS=<dir> for the logs and JSON (default ./results); PEERS=<dir> holding
@@ -82,6 +82,12 @@ for what in "$@"; do
         run ttft "$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1 \
             --input-len 2048 --output-len 2 --num-iters-warmup 1 --num-iters 5 \
             --max-model-len 4096 --enforce-eager --output-json "$RES/ttft.json" ;;
+    throughput-1024)
+        # vLLM's offline defaults on GPUs of 70 GiB and more (not A100): 1024 sequences.
+        run throughput-1024 "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
+            --input-len 256 --output-len 256 --num-prompts 1000 --max-model-len 1024 \
+            --max-num-seqs 1024 --max-num-batched-tokens 16384 \
+            --output-json "$RES/throughput-1024.json" ;;
     throughput)
         run throughput "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
             --input-len 256 --output-len 256 --num-prompts 1000 --max-model-len 1024 \

@@ -147,6 +147,15 @@ impl MetaLayout {
             total,
         }
     }
+
+    /// Elements a step of `num_seqs` sequences must upload: everything up to the end of its
+    /// block-table rows (the tables come last). The rows past them keep earlier, valid values
+    /// (the buffer starts zeroed), which no kernel of this step reads. With a long
+    /// --max-model-len the whole buffer is large (256 sequences x 8,192 blocks = 8 MiB for
+    /// Llama 3.1's 131,072 tokens), too much to copy every decode step.
+    fn used(&self, num_seqs: usize, max_blocks_per_seq: usize) -> usize {
+        (self.block_tables + num_seqs * max_blocks_per_seq).min(self.total)
+    }
 }
 
 /// A step's metadata on the device. Sequences that decode (one new token) come first in
@@ -223,6 +232,8 @@ impl CudaBackend {
     ) -> Result<Self> {
         let layout = MetaLayout::new(&limits);
         let meta = gpu.alloc(layout.total * 4)?;
+        // Zeroed once: steps upload only the rows they use (MetaLayout::used).
+        gpu.upload(meta.ptr, &vec![0i32; layout.total])?;
         let sms = gpu.sm_count as usize;
         let scratch_partitions = (1..=limits.max_seqs)
             .map(|b| b * decode_split(b, num_kv_heads, sms, max_context).1)
@@ -622,8 +633,10 @@ impl Backend for CudaBackend {
         for (i, r) in batch.logits_rows.iter().enumerate() {
             st[lay.logits_rows + i] = *r as i32;
         }
-        // One copy of the whole (fixed-layout) buffer keeps every array at a fixed address.
-        self.gpu.upload_async(self.meta.ptr, &st[..lay.total])?;
+        // One copy of the (fixed-layout) buffer keeps every array at a fixed address; only the
+        // part this step uses goes across.
+        self.gpu
+            .upload_async(self.meta.ptr, &st[..lay.used(ns, l.max_blocks_per_seq)])?;
         let capturing = self
             .capturing_graph
             .load(std::sync::atomic::Ordering::Relaxed);
@@ -1104,7 +1117,44 @@ impl Backend for CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::GemvBulk;
+    use super::{decode_split, GemvBulk, MetaLayout, StepLimits};
+
+    #[test]
+    fn steps_upload_only_their_block_table_rows() {
+        let limits = StepLimits {
+            max_tokens: 8192,
+            max_seqs: 256,
+            max_blocks_per_seq: 8192,
+        };
+        let lay = MetaLayout::new(&limits);
+        assert_eq!(lay.total, lay.block_tables + 256 * 8192);
+        assert_eq!(lay.used(1, 8192), lay.block_tables + 8192);
+        assert_eq!(lay.used(256, 8192), lay.total);
+        // Every array but the tables precedes them, so a step always uploads those whole.
+        for start in [
+            lay.ids,
+            lay.positions,
+            lay.slots,
+            lay.cu_seqlens,
+            lay.context_lens,
+        ] {
+            assert!(start < lay.block_tables);
+        }
+        assert!(lay.logits_rows + limits.max_tokens <= lay.block_tables);
+    }
+
+    #[test]
+    fn decode_split_targets_two_blocks_per_sm_and_covers_long_contexts() {
+        // Batch 1, 8 KV heads, 132 SMs: 33 partitions wanted, at most ctx / 64 of them.
+        assert_eq!(decode_split(1, 8, 132, 2048), (33, 32));
+        assert_eq!(decode_split(1, 8, 132, 384), (33, 6));
+        // Large batches: one partition unless a context exceeds 512 tokens.
+        assert_eq!(decode_split(512, 8, 132, 511), (1, 1));
+        assert_eq!(decode_split(512, 8, 132, 1024), (1, 2));
+        assert_eq!(decode_split(0, 8, 132, 0), (33, 1));
+        // A long context needs ctx / 512 partitions whatever the target.
+        assert_eq!(decode_split(64, 8, 132, 131072).1, 256);
+    }
 
     #[test]
     fn gemv_bulk_stages_hold_whole_rows() {

@@ -20,9 +20,11 @@ use crate::runner::{build_forward_batch, Executor, ModelRunner, RunnerConfig};
 use crate::sampling::SamplingParams;
 use crate::scheduler::{ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput};
 
-/// Batch sizes with a captured decode graph (those up to --max-num-seqs, plus it).
+/// Batch sizes with a captured decode graph (those up to --max-num-seqs, plus it). A step
+/// runs the smallest graph that holds its batch, so the steps between sizes pad by < 20 %.
 const GRAPH_SIZES: &[usize] = &[
-    1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512,
+    1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896,
+    1024,
 ];
 
 /// Persistent per-row sampling parameters (fixed addresses for graphs).
