@@ -163,7 +163,7 @@ fn tiny_models_chunked_prefill_batch_match_transformers() {
     for name in TINY_MODELS {
         let reference = TinyReference::load(name);
         let mut args = engine_args(&tiny_model(name));
-        args.max_num_batched_tokens = 8;
+        args.max_num_batched_tokens = Some(8);
         args.num_kv_blocks = Some(64);
         args.max_model_len = Some(256);
         let mut llm = load(&args);
@@ -287,7 +287,7 @@ fn seeded_sampling_reproduces_alone_and_in_a_batch() {
         .map(|p| p.prompt_ids.clone())
         .collect();
     let mut args = engine_args(&tiny_model("llama3"));
-    args.max_num_batched_tokens = 16; // chunked prefill beside the decodes of others
+    args.max_num_batched_tokens = Some(16); // chunked prefill beside the decodes of others
     let mut llm = load(&args);
     let alone = run(&mut llm, &p[1..2], &[sampled(Some(42), 24)]);
     let again = run(&mut llm, &p[1..2], &[sampled(Some(42), 24)]);

@@ -54,7 +54,7 @@ fn engine(
         model: model.to_str().expect("fixture paths are UTF-8").to_string(),
         device: device.into(),
         max_model_len: Some(max_model_len),
-        max_num_batched_tokens: step_tokens,
+        max_num_batched_tokens: Some(step_tokens),
         gpu_memory_utilization: 0.3,
         cpu_kv_cache_gb: 0.25,
         enforce_eager: eager,

@@ -360,7 +360,7 @@ fn tiny_models_through_the_engine_batched_and_preempted() {
                 model: dir.to_str().unwrap().to_string(),
                 device: "cpu".into(),
                 num_kv_blocks: blocks,
-                max_num_batched_tokens: 24,
+                max_num_batched_tokens: Some(24),
                 disable_progress: true,
                 ..EngineArgs::default()
             };

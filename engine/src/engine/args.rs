@@ -21,12 +21,15 @@ pub struct EngineArgs {
     /// capped by what the KV cache holds).
     #[arg(long)]
     pub max_model_len: Option<usize>,
-    /// Most requests running at once.
-    #[arg(long, default_value_t = 256)]
-    pub max_num_seqs: usize,
-    /// Token budget of one engine step (prefill chunks + decodes).
-    #[arg(long, default_value_t = 8192)]
-    pub max_num_batched_tokens: usize,
+    /// Most requests running at once. Default, as vLLM's: 1024 on GPUs of 70 GiB or more
+    /// other than the A100, else 256.
+    #[arg(long)]
+    pub max_num_seqs: Option<usize>,
+    /// Token budget of one engine step (prefill chunks + decodes). Default, as vLLM's: on
+    /// GPUs of 70 GiB or more other than the A100 16384 offline (generate, bench) and 8192
+    /// for `serve`; else 8192.
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -56,6 +59,39 @@ pub struct EngineArgs {
     /// Prefix caching off (the default), as vLLM spells it.
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
+    /// Set by `rvllm serve`: the batch defaults are the server's (vLLM's usage context).
+    #[arg(skip)]
+    pub serving: bool,
+}
+
+/// The step limits an engine runs with, after the defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchLimits {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+}
+
+/// Whether vLLM would give this GPU its larger batch defaults: 70 GiB of memory or more, and
+/// not an A100 (larger steps measured slower there).
+pub fn is_large_gpu(total_bytes: usize, name: &str) -> bool {
+    total_bytes >= 70 << 30 && !name.to_ascii_lowercase().contains("a100")
+}
+
+impl EngineArgs {
+    /// --max-num-seqs and --max-num-batched-tokens, or vLLM's defaults for the device (on a
+    /// `large_gpu`, see `is_large_gpu`) and the usage (offline or `serve`).
+    pub fn batch_limits(&self, large_gpu: bool) -> BatchLimits {
+        let seqs = if large_gpu { 1024 } else { 256 };
+        let tokens = if large_gpu && !self.serving {
+            16384
+        } else {
+            8192
+        };
+        BatchLimits {
+            max_num_seqs: self.max_num_seqs.unwrap_or(seqs).max(1),
+            max_num_batched_tokens: self.max_num_batched_tokens.unwrap_or(tokens).max(1),
+        }
+    }
 }
 
 impl Default for EngineArgs {
@@ -66,8 +102,8 @@ impl Default for EngineArgs {
             device: "auto".into(),
             dtype: "auto".into(),
             max_model_len: None,
-            max_num_seqs: 256,
-            max_num_batched_tokens: 8192,
+            max_num_seqs: None,
+            max_num_batched_tokens: None,
             block_size: 16,
             gpu_memory_utilization: 0.9,
             cpu_kv_cache_gb: 2.0,
@@ -77,6 +113,34 @@ impl Default for EngineArgs {
             disable_progress: false,
             enable_prefix_caching: false,
             no_enable_prefix_caching: false,
+            serving: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_defaults_follow_vllms_per_device_and_usage() {
+        let gib = 1usize << 30;
+        assert!(is_large_gpu(80 * gib, "NVIDIA H100 80GB HBM3"));
+        assert!(is_large_gpu(141 * gib, "NVIDIA H200"));
+        assert!(!is_large_gpu(80 * gib, "NVIDIA A100-SXM4-80GB"));
+        assert!(!is_large_gpu(24 * gib, "NVIDIA L4"));
+        let mut args = EngineArgs::default();
+        let limits = |a: &EngineArgs, large| {
+            let l = a.batch_limits(large);
+            (l.max_num_seqs, l.max_num_batched_tokens)
+        };
+        assert_eq!(limits(&args, false), (256, 8192));
+        assert_eq!(limits(&args, true), (1024, 16384));
+        args.serving = true;
+        assert_eq!(limits(&args, true), (1024, 8192));
+        // Given flags always win.
+        args.max_num_seqs = Some(8);
+        args.max_num_batched_tokens = Some(64);
+        assert_eq!(limits(&args, true), (8, 64));
     }
 }

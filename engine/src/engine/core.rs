@@ -2,7 +2,7 @@
 //! It sees token ids only; text lives in `output.rs` at the edge.
 use anyhow::{bail, Context, Result};
 
-use super::args::EngineArgs;
+use super::args::{BatchLimits, EngineArgs};
 use crate::models::config::ModelConfig;
 use crate::models::{load_model, LoadFormat, LoadOptions, LoadedModel};
 use crate::runner::{Executor, RunnerConfig};
@@ -41,6 +41,30 @@ pub fn resolve_device(requested: &str) -> Result<Device> {
         }
         other => bail!("unknown --device `{other}`: use cpu, cuda or auto"),
     }
+}
+
+/// The step limits: the flags, or vLLM's defaults for this device and usage (said on stderr
+/// when they differ from the small-device ones, so that a larger default is never a surprise).
+fn batch_limits(args: &EngineArgs, device: Device) -> Result<BatchLimits> {
+    let large_gpu = match device {
+        Device::Cpu => false,
+        #[cfg(feature = "cuda")]
+        Device::Cuda => {
+            let (total, name) = crate::backend::cuda::memory_and_name(0)?;
+            super::args::is_large_gpu(total, &name)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => false,
+    };
+    let limits = args.batch_limits(large_gpu);
+    if large_gpu && (args.max_num_seqs.is_none() || args.max_num_batched_tokens.is_none()) {
+        eprintln!(
+            "rvllm: up to {} sequences and {} tokens a step (vLLM's defaults for a GPU of 70 GiB \
+             or more; --max-num-seqs / --max-num-batched-tokens change them)",
+            limits.max_num_seqs, limits.max_num_batched_tokens
+        );
+    }
+    Ok(limits)
 }
 
 #[cfg(feature = "cuda")]
@@ -118,12 +142,13 @@ impl EngineCore {
             .with_context(|| format!("loading model `{}`", args.model))?;
         let tokenizer = model.tokenizer.take();
         let config = model.config.clone();
+        let limits = batch_limits(args, device)?;
         let runner_cfg = RunnerConfig {
             block_size: args.block_size,
             num_kv_blocks: args.num_kv_blocks,
             kv_cache_bytes: (args.cpu_kv_cache_gb as f64 * (1u64 << 30) as f64) as usize,
-            max_num_batched_tokens: args.max_num_batched_tokens,
-            max_num_seqs: args.max_num_seqs,
+            max_num_batched_tokens: limits.max_num_batched_tokens,
+            max_num_seqs: limits.max_num_seqs,
         };
         let executor: Box<dyn Executor> = match device {
             Device::Cpu => crate::runner::create_cpu_executor(model, &runner_cfg)?,
@@ -152,8 +177,8 @@ impl EngineCore {
             bail!("the KV cache holds no tokens; give it more memory (--gpu-memory-utilization / --cpu-kv-cache-gb)");
         }
         let scheduler = Scheduler::new(SchedulerConfig {
-            max_num_seqs: args.max_num_seqs,
-            max_num_batched_tokens: args.max_num_batched_tokens.max(1),
+            max_num_seqs: limits.max_num_seqs,
+            max_num_batched_tokens: limits.max_num_batched_tokens,
             max_model_len,
             block_size: args.block_size,
             num_kv_blocks: num_blocks,

@@ -217,6 +217,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         .local_addr()
         .context("reading the bound address")?;
 
+    args.engine.serving = true; // the server's batch defaults (vLLM's usage context)
     let engine = AsyncEngine::start(&args.engine).context("starting the engine")?;
     let state = Arc::new(AppState {
         tokenizer: engine.tokenizer(),

@@ -21,6 +21,22 @@ pub fn device_count() -> Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// Total memory in bytes and name of CUDA device `ordinal` (defaults that depend on the GPU
+/// are chosen before the engine's own context exists).
+pub fn memory_and_name(ordinal: usize) -> Result<(usize, String)> {
+    let count = device_count()?;
+    if ordinal >= count {
+        bail!("CUDA device {ordinal} requested but {count} present; run with --device cpu or check CUDA_VISIBLE_DEVICES");
+    }
+    let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+        .map_err(|_| anyhow!("the CUDA driver library could not be loaded"))?
+        .map_err(|e| anyhow!("creating a CUDA context on device {ordinal}: {e:?}"))?;
+    let total = ctx
+        .total_mem()
+        .map_err(|e| anyhow!("reading the memory of CUDA device {ordinal}: {e:?}"))?;
+    Ok((total, ctx.name().unwrap_or_else(|_| "unknown GPU".into())))
+}
+
 /// A device allocation, freed on drop.
 pub struct DevBuf {
     pub ptr: sys::CUdeviceptr,

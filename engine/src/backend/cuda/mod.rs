@@ -6,5 +6,5 @@ pub mod profiler;
 pub mod runner;
 
 pub use ceilings::measure_ceilings;
-pub use device::{device_count, Gpu};
+pub use device::{device_count, memory_and_name, Gpu};
 pub use runner::create_cuda_executor;
