@@ -417,21 +417,21 @@ fn a_client_that_disconnects_mid_stream_frees_its_request() {
     );
 }
 
+/// `rvllm bench serve` pointed at the server at `addr`.
+fn bench_serve(addr: impl std::fmt::Display) -> std::process::Command {
+    let mut cmd = std::process::Command::new(server_common::rvllm_bin());
+    cmd.args(["bench", "serve", "--base-url", &format!("http://{addr}")]);
+    cmd
+}
+
 #[test]
 fn bench_serve_drives_the_server_and_saves_results() {
     let s = start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let result = dir.path().join("bench.json");
     for (endpoint, format) in [("/v1/completions", "ids"), ("/v1/chat/completions", "text")] {
-        let out = std::process::Command::new(server_common::rvllm_bin())
-            .args([
-                "bench",
-                "serve",
-                "--base-url",
-                &format!("http://{}", s.addr),
-                "--endpoint",
-                endpoint,
-            ])
+        let out = bench_serve(&s.addr)
+            .args(["--endpoint", endpoint])
             .args([
                 "--random-input-len",
                 "12",
@@ -508,13 +508,7 @@ fn bench_serve_shards_merge_into_the_whole_run() {
     let s = start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let bench = |extra: &[&str]| {
-        let out = std::process::Command::new(server_common::rvllm_bin())
-            .args([
-                "bench",
-                "serve",
-                "--base-url",
-                &format!("http://{}", s.addr),
-            ])
+        let out = bench_serve(&s.addr)
             .args(["--random-input-len", "10", "--random-output-len", "4"])
             .args([
                 "--num-prompts",
