@@ -262,6 +262,11 @@ impl TinyReference {
         }
     }
 
+    /// Every prompt's token ids, in order (what the engine is given).
+    pub fn prompt_ids(&self) -> Vec<Vec<u32>> {
+        self.prompts.iter().map(|p| p.prompt_ids.clone()).collect()
+    }
+
     /// The reference log-softmax row of `prompt` at greedy `step`.
     pub fn step_row(&self, prompt: usize, step: usize) -> &[f32] {
         let v = self.vocab_size;

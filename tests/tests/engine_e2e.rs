@@ -167,11 +167,7 @@ fn tiny_models_chunked_prefill_batch_match_transformers() {
         args.num_kv_blocks = Some(64);
         args.max_model_len = Some(256);
         let mut llm = load(&args);
-        let prompts: Vec<Vec<u32>> = reference
-            .prompts
-            .iter()
-            .map(|p| p.prompt_ids.clone())
-            .collect();
+        let prompts = reference.prompt_ids();
         let params = SamplingParams {
             logprobs: Some(5),
             prompt_logprobs: Some(1),
@@ -281,11 +277,7 @@ fn sampled(seed: Option<u64>, max_tokens: usize) -> SamplingParams {
 #[test]
 fn seeded_sampling_reproduces_alone_and_in_a_batch() {
     let reference = TinyReference::load("llama3");
-    let p: Vec<Vec<u32>> = reference
-        .prompts
-        .iter()
-        .map(|p| p.prompt_ids.clone())
-        .collect();
+    let p = reference.prompt_ids();
     let mut args = engine_args(&tiny_model("llama3"));
     args.max_num_batched_tokens = Some(16); // chunked prefill beside the decodes of others
     let mut llm = load(&args);
@@ -368,11 +360,7 @@ fn n_two_gives_two_completions() {
 #[test]
 fn top_k_one_equals_greedy() {
     let reference = TinyReference::load("llama3");
-    let prompts: Vec<Vec<u32>> = reference
-        .prompts
-        .iter()
-        .map(|p| p.prompt_ids.clone())
-        .collect();
+    let prompts = reference.prompt_ids();
     let mut llm = load(&engine_args(&tiny_model("llama3")));
     let want = run(&mut llm, &prompts, &[greedy(32)]);
     for (filter, params) in [
@@ -745,11 +733,7 @@ fn prefix_caching_reuses_blocks_and_keeps_the_tokens() {
         args.max_model_len = Some(256);
         args.enable_prefix_caching = true;
         let mut llm = load(&args);
-        let prompts: Vec<Vec<u32>> = reference
-            .prompts
-            .iter()
-            .map(|p| p.prompt_ids.clone())
-            .collect();
+        let prompts = reference.prompt_ids();
         let params = greedy(reference.new_tokens);
         let first = run(&mut llm, &prompts, std::slice::from_ref(&params));
         assert_eq!(

@@ -21,25 +21,21 @@ pub fn device_count() -> Result<usize> {
     Ok(n.max(0) as usize)
 }
 
-/// Total memory in bytes and name of CUDA device `ordinal` (defaults that depend on the GPU
-/// are chosen before the engine's own context exists).
+/// Total memory in bytes and name of CUDA device `ordinal`, for defaults that depend on the
+/// GPU. Device queries only: no context is created (the engine creates its own later).
 pub fn memory_and_name(ordinal: usize) -> Result<(usize, String)> {
-    let ctx = open_context(ordinal)?;
-    let total = ctx
-        .total_mem()
-        .map_err(|e| anyhow!("reading the memory of CUDA device {ordinal}: {e:?}"))?;
-    Ok((total, ctx.name().unwrap_or_else(|_| "unknown GPU".into())))
-}
-
-/// The (primary) context of CUDA device `ordinal`, with errors that say what to do.
-fn open_context(ordinal: usize) -> Result<std::sync::Arc<CudaContext>> {
     let count = device_count()?;
     if ordinal >= count {
         bail!("CUDA device {ordinal} requested but {count} present; run with --device cpu or check CUDA_VISIBLE_DEVICES");
     }
-    std::panic::catch_unwind(|| CudaContext::new(ordinal))
-        .map_err(|_| anyhow!("the CUDA driver library could not be loaded"))?
-        .map_err(|e| anyhow!("creating a CUDA context on device {ordinal}: {e:?}"))
+    drv::init().map_err(|e| anyhow!("the CUDA driver failed to initialise: {e:?}"))?;
+    let dev = drv::device::get(ordinal as i32)
+        .map_err(|e| anyhow!("opening CUDA device {ordinal}: {e:?}"))?;
+    // SAFETY: `dev` is a valid device handle from the initialised driver.
+    let total = unsafe { drv::device::total_mem(dev) }
+        .map_err(|e| anyhow!("reading the memory of CUDA device {ordinal}: {e:?}"))?;
+    let name = drv::device::get_name(dev).unwrap_or_else(|_| "unknown GPU".into());
+    Ok((total, name))
 }
 
 /// A device allocation, freed on drop.
@@ -95,7 +91,13 @@ unsafe impl Sync for Gpu {}
 
 impl Gpu {
     pub fn new(ordinal: usize) -> Result<Self> {
-        let ctx = open_context(ordinal)?;
+        let count = device_count()?;
+        if ordinal >= count {
+            bail!("CUDA device {ordinal} requested but {count} present; run with --device cpu or check CUDA_VISIBLE_DEVICES");
+        }
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| anyhow!("the CUDA driver library could not be loaded"))?
+            .map_err(|e| anyhow!("creating a CUDA context on device {ordinal}: {e:?}"))?;
         ctx.bind_to_thread()
             .map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
