@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # rvllm GPU benchmarks (the suite behind BENCHMARKS.md), gathered by `cargo xtask gpu-test`.
-# Usage: ./bench.sh [latency] [latency-s6] [latency-nopdl] [ttft] [throughput] [throughput-1024] [serve] [serve-c1] [peers] [hf]
-#                   [profile] [profile-throughput]
+# Usage: ./bench.sh [latency] [latency-s6] [latency-nopdl] [latency-skip:PATTERNS] [ttft]
+#                   [throughput] [throughput-1024] [throughput-default] [serve] [serve-c1]
+#                   [peers] [hf] [profile] [profile-throughput]
 #        (no argument: latency ttft throughput). Model: the Llama-3.1-8B shape with dummy weights.
 # Env: RESULTS=<dir> for the logs and JSON (default ./results); PEERS=<dir> holding
 # fast_peer.py / fast_peer_batch.py / hf_baseline.py (needed by `peers` and `hf`);
@@ -78,6 +79,13 @@ for what in "$@"; do
         run latency-nopdl env RVLLM_PDL=0 "$RVLLM" bench latency --model "$MODEL" --load-format dummy \
             --batch-size 1 --input-len 128 --output-len 256 --num-iters-warmup 1 --num-iters 3 \
             --max-model-len 2048 --max-num-seqs 8 --output-json "$RES/latency-nopdl.json" ;;
+    latency-skip:*)
+        # What the kernels matching PATTERNS (comma-separated) cost inside the decode graphs:
+        # the same run with them not launched (RVLLM_SKIP_KERNELS; its tokens are wrong).
+        pats=${what#latency-skip:}
+        run "latency-skip-${pats//,/_}" env RVLLM_SKIP_KERNELS="$pats" "$RVLLM" bench latency \
+            --model "$MODEL" --load-format dummy --batch-size 1 --input-len 128 --output-len 256 \
+            --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 --max-num-seqs 8 ;;
     ttft)
         run ttft "$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1 \
             --input-len 2048 --output-len 2 --num-iters-warmup 1 --num-iters 5 \
@@ -88,6 +96,12 @@ for what in "$@"; do
             --input-len 256 --output-len 256 --num-prompts 1000 --max-model-len 1024 \
             --max-num-seqs 1024 --max-num-batched-tokens 16384 \
             --output-json "$RES/throughput-1024.json" ;;
+    throughput-default)
+        # The command as a user types it: every other setting at its default
+        # (--max-model-len from config.json: 131,072 tokens; vLLM's batch limits).
+        run throughput-default "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
+            --input-len 256 --output-len 256 --num-prompts 1000 \
+            --output-json "$RES/throughput-default.json" ;;
     throughput)
         run throughput "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
             --input-len 256 --output-len 256 --num-prompts 1000 --max-model-len 1024 \

@@ -76,6 +76,20 @@ pub struct Gpu {
     pub sm_count: u32,
     /// Per-kernel GPU times (`RVLLM_PROFILE_KERNELS=1`).
     pub profiler: Option<super::profiler::KernelProfiler>,
+    /// Diagnostic only (`RVLLM_SKIP_KERNELS=pat1,pat2`): kernels whose name contains a
+    /// pattern are not launched, so a benchmark shows what they cost inside CUDA graphs,
+    /// where the event profile cannot look. The outputs are wrong while it is set.
+    skip_kernels: Vec<String>,
+}
+
+/// The patterns of `RVLLM_SKIP_KERNELS` (comma-separated, blanks ignored).
+fn skip_patterns(env: Option<&str>) -> Vec<String> {
+    env.unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// Whether to launch with programmatic dependent launch on a GPU of this compute capability.
@@ -146,6 +160,17 @@ impl Gpu {
             pdl,
             sm_count,
             profiler: super::profiler::KernelProfiler::from_env(),
+            skip_kernels: {
+                let skip = skip_patterns(std::env::var("RVLLM_SKIP_KERNELS").ok().as_deref());
+                if !skip.is_empty() {
+                    eprintln!(
+                        "WARNING: RVLLM_SKIP_KERNELS={} — kernels matching it are not launched; \
+                         every output of this run is wrong (timing diagnostic only)",
+                        skip.join(",")
+                    );
+                }
+                skip
+            },
         })
     }
 
@@ -184,6 +209,13 @@ impl Gpu {
         params: &mut [*mut c_void],
     ) -> Result<()> {
         let f = self.function(module, kernel)?;
+        if self
+            .skip_kernels
+            .iter()
+            .any(|p| kernel.contains(p.as_str()))
+        {
+            return Ok(());
+        }
         if shared_bytes > 48 * 1024 {
             // SAFETY: f is a valid function handle.
             unsafe {
@@ -384,7 +416,17 @@ impl<T> GpuContext<T> for Result<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::pdl_enabled;
+    use super::{pdl_enabled, skip_patterns};
+
+    #[test]
+    fn skip_patterns_split_on_commas_and_drop_blanks() {
+        assert!(skip_patterns(None).is_empty());
+        assert!(skip_patterns(Some(" , ")).is_empty());
+        assert_eq!(
+            skip_patterns(Some("rope_and, reduce ")),
+            ["rope_and", "reduce"]
+        );
+    }
 
     #[test]
     fn pdl_only_on_hopper_and_newer_unless_turned_off() {
