@@ -1,48 +1,58 @@
-// Paged attention for decode: one query token per sequence, reading K/V from the paged cache.
+// Paged attention for decode: one new token per sequence, with that token's RoPE and KV-cache
+// write fused in, reading the older K/V from the paged cache.
 //
 // Kernels (all extern "C"):
 //   paged_attention_decode_hd{64,128}_g{1,2,4,8}(
-//       out, partial_out, partial_ml, q, key_cache, value_cache, block_tables, context_lens,
-//       scale, num_heads, num_kv_heads, block_size, max_blocks_per_seq, q_stride,
-//       target_partitions)
+//       out, partial_out, partial_ml, q, k_new, v_new, qkv_stride, key_cache, value_cache,
+//       block_tables, context_lens, positions, slot_mapping, inv_freq, scale, num_heads,
+//       num_kv_heads, block_size, max_blocks_per_seq, target_partitions)
 //     out:          bf16 [num_seqs, num_heads * HD]
-//     partial_out:  f32  [num_seqs, num_heads, max_partitions, HD]   (split-K scratch)
-//     partial_ml:   f32  [num_seqs, num_heads, max_partitions, 2]    (max in log2 units, sum)
-//     q:            bf16 [num_seqs, q_stride], heads at the start of the row
+//     partial_out:  f32  [num_seqs, num_heads, depth, HD]   (split-K scratch; depth = gridDim.z)
+//     partial_ml:   f32  [num_seqs, num_heads, depth, 2]    (max in log2 units, sum)
+//     q, k_new, v_new: bf16 rows of qkv_stride elements, one per sequence (the fused QKV
+//       output of the step's decode tokens, before RoPE): sequence s's new token. Its position
+//       is positions[s] and it is the last token of the context (index context_lens[s] - 1).
+//     The kernel rotates q and k_new (HF "rotate half" with inv_freq, as rope_and_cache_bf16
+//     does, both rounded to bf16), writes the rotated k and v into the cache at
+//     slot_mapping[s] (skipped when negative: padding), and attends over the context with the
+//     new token's K/V taken from registers, not the cache. inv_freq null: no rotation.
 //     key_cache, value_cache: bf16 [num_blocks, block_size, num_kv_heads, HD]
-//     block_tables: int32 [num_seqs, max_blocks_per_seq]; context_lens: int32 [num_seqs]
-//     target_partitions: how many pieces each sequence's context is split into, at most.
-//       A sequence of `ctx` tokens is cut into partitions of partition_tokens(ctx, target)
-//       tokens: ceil(ctx / target) rounded up to a multiple of 64, at least 64 and at most
-//       512 (so a context over 512 * target tokens gets more than `target` partitions).
-//   grid (num_kv_heads * ceil(G / GT), num_seqs, max_partitions), block 128, where
-//   G = num_heads / num_kv_heads and max_partitions >= max(target, ceil(max context / 512));
-//   blocks past a sequence's last partition exit at once. A sequence that fits in one
-//   partition is written to `out` directly; the others write each partition's normalised
-//   partial output and (max, sum), and paged_attention_decode_reduce combines them (it skips
-//   the one-partition sequences, so it is launched whenever max_partitions > 1).
-//
-//   (A variant that fused this reduce into the last partition block, via an atomic counter,
-//   measured slower in every configuration on the H100 (e.g. 11.1 vs 8.3 us at batch 1,
-//   context 384): the single finishing block serialises the combine. Removed.)
+//     block_tables: int32 [num_seqs, max_blocks_per_seq]; context_lens, positions,
+//       slot_mapping: int32 [num_seqs]
+//     target_partitions: a sequence of `ctx` tokens is cut into partitions of
+//       partition_tokens(ctx, target) tokens: ceil(ctx / target) rounded up to a multiple of
+//       64, at least 64 and at most 512 (so a context over 512 * target tokens gets more
+//       than `target` partitions).
+//   grid (num_kv_heads * ceil(G / GT), num_seqs, depth), block 128, dynamic shared memory
+//   decode_smem_bytes(GT) (below; the host mirrors it), where G = num_heads / num_kv_heads
+//   and depth >= 1 is free: block z takes partitions z, z + depth, z + 2 * depth, ... of its
+//   sequence and merges them itself (online softmax), so the grid, the scratch and a CUDA
+//   graph do not depend on the longest context. A sequence whose partitions all fall to one block
+//   (one partition, or depth 1) is written to `out` directly; the others write one
+//   normalised partial output and (max, sum) per block that had a partition, and
+//   paged_attention_decode_reduce combines them (it skips the sequences written directly, so
+//   it is launched whenever depth > 1).
 //
 //   paged_attention_decode_reduce(out, partial_out, partial_ml, context_lens, num_heads,
-//                                 head_dim, max_partitions, target_partitions)
+//                                 head_dim, depth, target_partitions)
 //     grid (num_heads, num_seqs), block 256 (128 works); head_dim a multiple of 4, at most 256;
-//     max_partitions at most 2048 (e.g. partition 64 up to a 128k context).
+//     depth at most 2048.
 //
 //   Choosing target_partitions (host, from the batch size alone so that one CUDA graph serves
 //   every context): enough blocks for ~2 per SM, num_kv_heads * num_seqs * target >= 2 * SMs.
 //   Batch 1 then cuts a 384-token context into 6 partitions of 64 (48 blocks instead of 2 of
-//   256); large batches keep one partition per sequence and skip the reduce. On an H200 a
-//   fixed 256-token partition cost 14 us a layer at batch 1 and, with its reduce, 30 % of the
-//   decode attention time at batch 512 (kernel profile, 2026-11-29).
+//   256); large batches keep one partition per sequence and skip the reduce.
 //
 // Why this shape: decode attention is a pure stream over the KV cache, so each block owns one
 // KV head and up to GT query heads of its group (GQA): K and V are read from memory once for
-// the whole group. Each key row is read by HD/16 lanes with 16-byte loads (two per lane), four
-// tokens' loads are issued before the first use so that enough bytes are in flight, and the
-// context is split into partitions so that batch 1 with a long context still fills the GPU.
+// the whole group. Each key row is read by HD/16 lanes (16 dims, two 16-byte pieces each).
+// The rows stream through a per-thread ring of kStages chunks in shared memory (cp.async:
+// each lane copies and later reads only its own pieces, so the ring needs no barriers): K
+// chunks, then V chunks, with kStages - 1 chunks always in flight, so the V loads start while
+// the scores are still being computed. The first chunks are requested before pdl_wait: the
+// older K/V depend on no kernel of this step, so at batch 1 their loads overlap the QKV
+// projection; only q and the new token wait for it. Fusing RoPE and the cache write removes a
+// launch from every layer (at batch 1 on an H200, 2.9 us a layer inside the decode graph).
 #include "common.cuh"
 
 namespace {
@@ -51,9 +61,22 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxPartition = 512;
 constexpr int kUnroll = 4;
+constexpr int kStages = 3;
+constexpr int kRingStageBytes = kUnroll * 2 * kThreads * 16;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kReduceThreads = 256;
 constexpr int kMaxReducePartitions = 2048;
+
+// Dynamic shared memory of the GT variant: the K/V ring, the scores, the slots (the host's
+// decode_attention_smem mirrors it).
+__host__ __device__ constexpr int decode_smem_bytes(int gt, int stages = kStages) {
+    return stages * kRingStageBytes + gt * kMaxPartition * 4 + kMaxPartition * 4;
+}
+// Blocks an SM must hold: three (of 58 KiB shared memory each, <= 168 registers a thread) for
+// up to 4 heads a block; q and the accumulators of 8 heads need more registers than that
+// allows. (Four blocks with a 2-stage ring, <= 128 registers, spilled and ran 35-40 % slower
+// at batches of 64-512 on an H200.)
+__host__ __device__ constexpr int kMinBlocks(int gt) { return gt <= 4 ? 3 : 1; }
 
 // Tokens in each partition of a `ctx`-token context split `target` ways (see the header).
 __device__ __forceinline__ int partition_tokens(int ctx, int target) {
@@ -62,29 +85,69 @@ __device__ __forceinline__ int partition_tokens(int ctx, int target) {
     return min(max((even + 63) / 64 * 64, 64), kMaxPartition);
 }
 
-template <int HD, int GT>
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                     (uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"(src));
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Rotates the pairs (a[e], b[e]) by the angles of cos_t/sin_t[i0 + e] and rounds to bf16.
+__device__ __forceinline__ void rotate8(Bf16x8& lo, Bf16x8& hi, const float* cos_t,
+                                       const float* sin_t, int i0) {
+    float a[8], b[8], y1[8], y2[8];
+    bf16x8_to_f32(lo, a);
+    bf16x8_to_f32(hi, b);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const float c = cos_t[i0 + e], s = sin_t[i0 + e];
+        y1[e] = a[e] * c - b[e] * s;
+        y2[e] = b[e] * c + a[e] * s;
+    }
+    lo = f32_to_bf16x8(y1);
+    hi = f32_to_bf16x8(y2);
+}
+
+template <int HD, int GT, int S>
 __device__ __forceinline__ void decode_attention(
     __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,
     float* __restrict__ partial_ml, const __nv_bfloat16* __restrict__ q,
-    const __nv_bfloat16* __restrict__ key_cache, const __nv_bfloat16* __restrict__ value_cache,
-    const int32_t* __restrict__ block_tables, const int32_t* __restrict__ context_lens,
-    float scale, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
-    int q_stride, int target_partitions) {
-    pdl_enter();
-    constexpr int LPT = HD / 16;        // lanes per token: 16 dims (two 16-byte loads) each
+    const __nv_bfloat16* __restrict__ k_new, const __nv_bfloat16* __restrict__ v_new,
+    int qkv_stride, __nv_bfloat16* __restrict__ key_cache,
+    __nv_bfloat16* __restrict__ value_cache, const int32_t* __restrict__ block_tables,
+    const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,
+    const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq, float scale,
+    int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
+    int target_partitions) {
+    constexpr int LPT = HD / 16;        // lanes per token: 16 dims (two 16-byte pieces) each
     constexpr int TPW = 32 / LPT;       // tokens per warp per step
     constexpr int TPB = TPW * kWarps;   // tokens per block per step
+    constexpr int kChunk = TPB * kUnroll;
+    constexpr int kHalf = HD / 2;
     static_assert(HD % 16 == 0 && 32 % LPT == 0, "unsupported head dim");
 
-    __shared__ float scores[GT][kMaxPartition];
-    // Staging for the first V chunk, reused for the cross-warp sum at the end.
-    constexpr int kStageBytes = kUnroll * kThreads * 2 * 16;
-    constexpr int kRedBytes = kWarps * GT * HD * 4;
-    __shared__ __align__(16) unsigned char staging[kStageBytes > kRedBytes ? kStageBytes : kRedBytes];
-    auto vstage = reinterpret_cast<Bf16x8(*)[kThreads][2]>(staging);
-    auto red = reinterpret_cast<float(*)[GT][HD]>(staging);
-    __shared__ int32_t slots[kMaxPartition];
-    __shared__ float head_max[GT], head_sum[GT];
+    extern __shared__ __align__(16) unsigned char smem[];
+    Bf16x8* ring = reinterpret_cast<Bf16x8*>(smem);  // [S][kUnroll][2][kThreads]
+    auto scores = reinterpret_cast<float(*)[kMaxPartition]>(smem + S * kRingStageBytes);
+    int32_t* slots =
+        reinterpret_cast<int32_t*>(smem + S * kRingStageBytes + GT * kMaxPartition * 4);
+    // After the stream the ring holds the cross-warp sums.
+    auto red = reinterpret_cast<float(*)[GT][HD]>(smem);
+    static_assert(kWarps * GT * HD * 4 <= S * kRingStageBytes, "ring too small");
+    static_assert(decode_smem_bytes(GT, S) == S * kRingStageBytes + GT * kMaxPartition * 4 +
+                                               kMaxPartition * 4,
+                  "the layout above is decode_smem_bytes");
+    __shared__ float cos_t[kHalf], sin_t[kHalf];
+    __shared__ float run_max[GT], run_sum[GT], alpha[GT];
+    __shared__ Bf16x8 new_kv[2][2][LPT];  // the new token's rotated k and its v, per lane
 
     const int group = num_heads / num_kv_heads;
     const int groups_per_kv = (group + GT - 1) / GT;
@@ -92,13 +155,19 @@ __device__ __forceinline__ void decode_attention(
     const int head0 = kv_head * group + (blockIdx.x % groups_per_kv) * GT;
     const int nvalid = min(GT, kv_head * group + group - head0);  // heads of this block
     const int seq = blockIdx.y;
-    const int part = blockIdx.z;
+    const int z = blockIdx.z;
+    const int depth = gridDim.z;
     const int ctx = context_lens[seq];
-    const int partition_size = partition_tokens(ctx, target_partitions);
-    const int start = part * partition_size;
-    if (start >= ctx) return;
-    const bool direct = ctx <= partition_size;  // one partition: no reduce for this sequence
-    const int ntok = min(partition_size, ctx - start);
+    const int psize = partition_tokens(ctx, target_partitions);
+    const int nparts = (ctx + psize - 1) / psize;
+    if (z >= nparts) {
+        pdl_enter();
+        return;
+    }
+    // Blocks of this sequence with a partition; one alone merges them all and writes `out`.
+    const bool direct = min(nparts, depth) == 1;
+    const int new_t = ctx - 1;  // the token this step adds
+    const int new_part = new_t / psize;
 
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
@@ -107,149 +176,201 @@ __device__ __forceinline__ void decode_attention(
     const int sub = lane % LPT;
     const int64_t kv_row = (int64_t)num_kv_heads * HD;
     const int64_t head_off = (int64_t)kv_head * HD + sub * 8;
-
-    // Physical cache slot of every token of the partition, looked up once.
     const int32_t* table = block_tables + (int64_t)seq * max_blocks_per_seq;
-    for (int i = tid; i < ntok; i += kThreads) {
-        const int t = start + i;
-        slots[i] = table[t / block_size] * block_size + t % block_size;
+    const bool rope = inv_freq != nullptr;
+
+    if (rope) {
+        const float pos = (float)positions[seq];
+        // As rope_and_cache_bf16: the angle in f32, its sine and cosine in double precision
+        // (fast-math f32 intrinsics lose all accuracy at the ~1e5 rad of long positions).
+        for (int i = tid; i < kHalf; i += kThreads) {
+            const float angle = pos * inv_freq[i];
+            double sd, cd;
+            sincos((double)angle, &sd, &cd);
+            cos_t[i] = (float)cd;
+            sin_t[i] = (float)sd;
+        }
+    }
+    if (tid < GT) {
+        run_max[tid] = -INFINITY;
+        run_sum[tid] = 0.0f;
     }
 
-    // This lane's slice of each query head, pre-scaled so scores come out in log2 units.
+    // The partition being streamed: its first token, its length, its chunks, and the index of
+    // the new token in it (-1 when it holds none).
+    int start = 0, ntok = 0, nchunks = 0, new_ti = -1;
+    auto begin_partition = [&](int p) {
+        start = p * psize;
+        ntok = min(psize, ctx - start);
+        nchunks = (ntok + kChunk - 1) / kChunk;
+        new_ti = p == new_part ? new_t - start : -1;
+        for (int i = tid; i < ntok; i += kThreads) {
+            const int t = start + i;
+            slots[i] = table[t / block_size] * block_size + t % block_size;
+        }
+    };
+    // Requests stream element i (K chunks 0..nchunks-1, then V chunks) into ring stage
+    // i % S; always commits a group, so that wait_group counts stay uniform.
+    auto issue = [&](int i) {
+        if (i < 2 * nchunks) {
+            const bool is_k = i < nchunks;
+            const int base = (is_k ? i : i - nchunks) * kChunk;
+            const __nv_bfloat16* cache = is_k ? key_cache : value_cache;
+            const int s = i % S;
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+                const int ti = base + u * TPB + warp * TPW + tok_in_warp;
+                if (ti < ntok && ti != new_ti) {
+                    const __nv_bfloat16* row = cache + (int64_t)slots[ti] * kv_row + head_off;
+                    cp_async16(&ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid], row);
+                    cp_async16(&ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid], row + kHalf);
+                }
+            }
+        }
+        cp_async_commit();
+    };
+
+    // Before the wait: the first partition's older K/V depend on no kernel of this step.
+    begin_partition(z);
+    __syncthreads();  // slots, cos/sin, running max/sum
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) issue(i);
+    pdl_wait();
+    pdl_launch_dependents();
+
+    // This lane's slice of each query head (rotated, rounded to bf16 as the cache write
+    // path rounds it), pre-scaled so scores come out in log2 units.
     float qf[GT][16];
 #pragma unroll
     for (int g = 0; g < GT; ++g) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            float f[8];
-            if (g < nvalid) {
-                const Bf16x8 v = *reinterpret_cast<const Bf16x8*>(
-                    q + (int64_t)seq * q_stride + (int64_t)(head0 + g) * HD + j * (HD / 2) +
-                    sub * 8);
-                bf16x8_to_f32(v, f);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; ++e) f[e] = 0.0f;
-            }
-#pragma unroll
-            for (int e = 0; e < 8; ++e) qf[g][j * 8 + e] = f[e] * scale * kLog2e;
+        Bf16x8 lo{}, hi{};
+        if (g < nvalid) {
+            const __nv_bfloat16* qh = q + (int64_t)seq * qkv_stride + (int64_t)(head0 + g) * HD;
+            lo = *reinterpret_cast<const Bf16x8*>(qh + sub * 8);
+            hi = *reinterpret_cast<const Bf16x8*>(qh + kHalf + sub * 8);
+            if (rope) rotate8(lo, hi, cos_t, sin_t, sub * 8);
         }
+        bf16x8_to_f32(lo, qf[g]);
+        bf16x8_to_f32(hi, qf[g] + 8);
+#pragma unroll
+        for (int e = 0; e < 16; ++e) qf[g][e] *= scale * kLog2e;
     }
-    __syncthreads();
-
-    // Loads the K or V rows of chunk `base` (kUnroll steps of TPB tokens): 16 bytes x2 per lane.
-    auto load_chunk = [&](const __nv_bfloat16* __restrict__ cache, int base,
-                          Bf16x8(&dst)[kUnroll][2]) {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int ti = base + u * TPB + warp * TPW + tok_in_warp;
-            if (ti < ntok) {
-                const __nv_bfloat16* row = cache + (int64_t)slots[ti] * kv_row + head_off;
-                dst[u][0] = *reinterpret_cast<const Bf16x8*>(row);
-                dst[u][1] = *reinterpret_cast<const Bf16x8*>(row + HD / 2);
-            } else {
-                dst[u][0] = Bf16x8{};
-                dst[u][1] = Bf16x8{};
-            }
-        }
-    };
-    constexpr int kChunk = TPB * kUnroll;
-
-    // Phase 1: scores = q . k for every token of the partition. The first chunk's V is loaded
-    // together with the first K (for short contexts that is all of V: one memory round trip
-    // saved). Holding it or the next K chunk in registers was tried: 165-211 registers for
-    // GT=4, a third to half less occupancy.
-    // The first V chunk goes straight to shared memory (cp.async, no registers held during
-    // phase 1); each lane later reads back exactly the 32 bytes it copied, so no barrier.
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-        const int ti = u * TPB + warp * TPW + tok_in_warp;
-        if (ti < ntok) {
-            const __nv_bfloat16* row = value_cache + (int64_t)slots[ti] * kv_row + head_off;
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const uint32_t dst = (uint32_t)__cvta_generic_to_shared(&vstage[u][tid][j]);
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst),
-                             "l"(row + j * (HD / 2)));
+    // The new token: the block that streams its partition takes its k and v from the QKV
+    // output (the lanes that own it in the chunk layout keep them in shared memory); the
+    // first block of its KV head writes them to the cache.
+    const int owner_part_block = new_part % depth;
+    if (z == owner_part_block) {
+        const int r = (new_t - new_part * psize) % kChunk;
+        if (warp == (r % TPB) / TPW && tok_in_warp == r % TPW) {
+            const int64_t off = (int64_t)seq * qkv_stride + (int64_t)kv_head * HD + sub * 8;
+            Bf16x8 klo = *reinterpret_cast<const Bf16x8*>(k_new + off);
+            Bf16x8 khi = *reinterpret_cast<const Bf16x8*>(k_new + off + kHalf);
+            const Bf16x8 vlo = *reinterpret_cast<const Bf16x8*>(v_new + off);
+            const Bf16x8 vhi = *reinterpret_cast<const Bf16x8*>(v_new + off + kHalf);
+            if (rope) rotate8(klo, khi, cos_t, sin_t, sub * 8);
+            new_kv[0][0][sub] = klo;
+            new_kv[0][1][sub] = khi;
+            new_kv[1][0][sub] = vlo;
+            new_kv[1][1][sub] = vhi;
+            const int64_t slot = slot_mapping[seq];
+            if (blockIdx.x % groups_per_kv == 0 && slot >= 0) {
+                __nv_bfloat16* kd = key_cache + slot * kv_row + head_off;
+                __nv_bfloat16* vd = value_cache + slot * kv_row + head_off;
+                *reinterpret_cast<Bf16x8*>(kd) = klo;
+                *reinterpret_cast<Bf16x8*>(kd + kHalf) = khi;
+                *reinterpret_cast<Bf16x8*>(vd) = vlo;
+                *reinterpret_cast<Bf16x8*>(vd + kHalf) = vhi;
             }
         }
     }
-    asm volatile("cp.async.commit_group;\n" ::);
-    for (int base = 0; base < ntok; base += kChunk) {
-        Bf16x8 kbuf[kUnroll][2];
-        load_chunk(key_cache, base, kbuf);
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            float kf[16];
-            bf16x8_to_f32(kbuf[u][0], kf);
-            bf16x8_to_f32(kbuf[u][1], kf + 8);
-            const int ti = base + u * TPB + warp * TPW + tok_in_warp;
-#pragma unroll
-            for (int g = 0; g < GT; ++g) {
-                float dot = 0.0f;
-#pragma unroll
-                for (int e = 0; e < 16; ++e) dot = fmaf(qf[g][e], kf[e], dot);
-#pragma unroll
-                for (int o = LPT / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                if (sub == g % LPT && ti < ntok) scores[g][ti] = dot;
-            }
-        }
-    }
-    __syncthreads();
 
-    // Phase 2: softmax numerators per head, one warp per head.
-    for (int g = warp; g < GT; g += kWarps) {
-        float m = -INFINITY;
-        for (int i = lane; i < ntok; i += 32) m = fmaxf(m, scores[g][i]);
-        m = warp_max(m);
-        float s = 0.0f;
-        for (int i = lane; i < ntok; i += 32) {
-            const float p = exp2f(scores[g][i] - m);
-            scores[g][i] = p;
-            s += p;
-        }
-        s = warp_sum(s);
-        if (lane == 0) {
-            head_max[g] = m;
-            head_sum[g] = s;
-        }
-    }
-    __syncthreads();
-
-    // Phase 3: acc = sum_t p_t * v_t.
     float acc[GT][16];
 #pragma unroll
     for (int g = 0; g < GT; ++g)
 #pragma unroll
         for (int e = 0; e < 16; ++e) acc[g][e] = 0.0f;
-    asm volatile("cp.async.wait_group 0;\n" ::);
-    for (int base = 0; base < ntok; base += kChunk) {
-        Bf16x8 vfirst[kUnroll][2];
-        if (base == 0) {
+
+    for (int p = z;;) {
+        for (int i = 0; i < 2 * nchunks; ++i) {
+            issue(i + S - 1);
+            cp_async_wait<S - 1>();
+            const int s = i % S;
+            const bool is_k = i < nchunks;
+            const int base = (is_k ? i : i - nchunks) * kChunk;
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
-                vfirst[u][0] = vstage[u][tid][0];
-                vfirst[u][1] = vstage[u][tid][1];
-            }
-        } else {
-            load_chunk(value_cache, base, vfirst);
-        }
+                const int ti = base + u * TPB + warp * TPW + tok_in_warp;
+                Bf16x8 lo, hi;
+                if (ti == new_ti) {
+                    lo = new_kv[is_k ? 0 : 1][0][sub];
+                    hi = new_kv[is_k ? 0 : 1][1][sub];
+                } else {
+                    lo = ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid];
+                    hi = ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid];
+                }
+                float f[16];
+                bf16x8_to_f32(lo, f);
+                bf16x8_to_f32(hi, f + 8);
+                if (is_k) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int ti = base + u * TPB + warp * TPW + tok_in_warp;
-            if (ti < ntok) {
-                float vf[16];
-                bf16x8_to_f32(vfirst[u][0], vf);
-                bf16x8_to_f32(vfirst[u][1], vf + 8);
+                    for (int g = 0; g < GT; ++g) {
+                        float dot = 0.0f;
+#pragma unroll
+                        for (int e = 0; e < 16; ++e) dot = fmaf(qf[g][e], f[e], dot);
+#pragma unroll
+                        for (int o = LPT / 2; o > 0; o >>= 1)
+                            dot += __shfl_xor_sync(0xffffffffu, dot, o);
+                        if (sub == g % LPT && ti < ntok) scores[g][ti] = dot;
+                    }
+                } else if (ti < ntok) {
+#pragma unroll
+                    for (int g = 0; g < GT; ++g) {
+                        const float pr = scores[g][ti];
+#pragma unroll
+                        for (int e = 0; e < 16; ++e) acc[g][e] = fmaf(pr, f[e], acc[g][e]);
+                    }
+                }
+            }
+            if (i == nchunks - 1) {
+                // Every score of the partition is in: softmax numerators against the running
+                // maximum, one warp per head (the V chunks keep streaming meanwhile).
+                __syncthreads();
+                for (int g = warp; g < GT; g += kWarps) {
+                    float m = -INFINITY;
+                    for (int t = lane; t < ntok; t += 32) m = fmaxf(m, scores[g][t]);
+                    m = fmaxf(warp_max(m), run_max[g]);
+                    float sum = 0.0f;
+                    for (int t = lane; t < ntok; t += 32) {
+                        const float e = exp2f(scores[g][t] - m);
+                        scores[g][t] = e;
+                        sum += e;
+                    }
+                    sum = warp_sum(sum);
+                    if (lane == 0) {
+                        const float a = exp2f(run_max[g] - m);  // 0 for the first partition
+                        alpha[g] = a;
+                        run_sum[g] = run_sum[g] * a + sum;
+                        run_max[g] = m;
+                    }
+                }
+                __syncthreads();
 #pragma unroll
                 for (int g = 0; g < GT; ++g) {
-                    const float p = scores[g][ti];
+                    const float a = alpha[g];
 #pragma unroll
-                    for (int e = 0; e < 16; ++e) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
+                    for (int e = 0; e < 16; ++e) acc[g][e] *= a;
                 }
             }
         }
+        p += depth;
+        if (p >= nparts) break;
+        __syncthreads();  // every warp is done with the scores and slots of this partition
+        begin_partition(p);
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < S - 1; ++i) issue(i);
     }
+
     // Sum the warp's token groups (lanes that share `sub`), then the warps via shared memory.
 #pragma unroll
     for (int g = 0; g < GT; ++g)
@@ -258,7 +379,8 @@ __device__ __forceinline__ void decode_attention(
 #pragma unroll
             for (int o = LPT; o < 32; o <<= 1)
                 acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
-    __syncthreads();  // every warp is done with its staged V before `red` overwrites it
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the ring before `red` overwrites it
     if (tok_in_warp == 0) {
 #pragma unroll
         for (int g = 0; g < GT; ++g)
@@ -266,26 +388,26 @@ __device__ __forceinline__ void decode_attention(
             for (int j = 0; j < 2; ++j)
 #pragma unroll
                 for (int e = 0; e < 8; ++e)
-                    red[warp][g][j * (HD / 2) + sub * 8 + e] = acc[g][j * 8 + e];
+                    red[warp][g][j * kHalf + sub * 8 + e] = acc[g][j * 8 + e];
     }
     __syncthreads();
 
     for (int idx = tid; idx < nvalid * HD; idx += kThreads) {
         const int g = idx / HD;
         const int d = idx % HD;
-        float s = 0.0f;
+        float sum = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) s += red[w][g][d];
-        const float o = s / head_sum[g];
+        for (int w = 0; w < kWarps; ++w) sum += red[w][g][d];
+        const float o = sum / run_sum[g];
         const int head = head0 + g;
         if (direct) {
             out[((int64_t)seq * num_heads + head) * HD + d] = __float2bfloat16(o);
         } else {
-            const int64_t pi = ((int64_t)seq * num_heads + head) * gridDim.z + part;
+            const int64_t pi = ((int64_t)seq * num_heads + head) * depth + z;
             partial_out[pi * HD + d] = o;
             if (d == 0) {
-                partial_ml[pi * 2] = head_max[g];
-                partial_ml[pi * 2 + 1] = head_sum[g];
+                partial_ml[pi * 2] = run_max[g];
+                partial_ml[pi * 2 + 1] = run_sum[g];
             }
         }
     }
@@ -293,20 +415,26 @@ __device__ __forceinline__ void decode_attention(
 
 }  // namespace
 
-#define RVLLM_DECODE_ATTENTION(HD, GT)                                                         \
-    extern "C" __global__ void __launch_bounds__(kThreads)                                     \
-        paged_attention_decode_hd##HD##_g##GT(                                                 \
+#define RVLLM_DECODE_ATTENTION_V(HD, GT, NAME, STAGES, MINB)                                                         \
+    extern "C" __global__ void __launch_bounds__(kThreads, MINB)                    \
+        paged_attention_decode_hd##HD##_g##GT##NAME(                                                 \
             __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,                  \
             float* __restrict__ partial_ml, const __nv_bfloat16* __restrict__ q,               \
-            const __nv_bfloat16* __restrict__ key_cache,                                       \
-            const __nv_bfloat16* __restrict__ value_cache,                                     \
-            const int32_t* __restrict__ block_tables, const int32_t* __restrict__ context_lens, \
+            const __nv_bfloat16* __restrict__ k_new, const __nv_bfloat16* __restrict__ v_new,  \
+            int qkv_stride, __nv_bfloat16* __restrict__ key_cache,                             \
+            __nv_bfloat16* __restrict__ value_cache, const int32_t* __restrict__ block_tables, \
+            const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,   \
+            const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq,      \
             float scale, int num_heads, int num_kv_heads, int block_size,                      \
-            int max_blocks_per_seq, int q_stride, int target_partitions) {                     \
-        decode_attention<HD, GT>(out, partial_out, partial_ml, q, key_cache, value_cache,      \
-                                 block_tables, context_lens, scale, num_heads, num_kv_heads,   \
-                                 block_size, max_blocks_per_seq, q_stride, target_partitions); \
+            int max_blocks_per_seq, int target_partitions) {                                   \
+        decode_attention<HD, GT, STAGES>(out, partial_out, partial_ml, q, k_new, v_new, qkv_stride,    \
+                                 key_cache, value_cache, block_tables, context_lens,           \
+                                 positions, slot_mapping, inv_freq, scale, num_heads,          \
+                                 num_kv_heads, block_size, max_blocks_per_seq,                 \
+                                 target_partitions);                                           \
     }
+
+#define RVLLM_DECODE_ATTENTION(HD, GT) RVLLM_DECODE_ATTENTION_V(HD, GT, , kStages, kMinBlocks(GT))
 
 RVLLM_DECODE_ATTENTION(64, 1)
 RVLLM_DECODE_ATTENTION(64, 2)
@@ -337,10 +465,10 @@ extern "C" __global__ void __launch_bounds__(kReduceThreads)
     const int nthreads = blockDim.x;  // 128 or 256 (kReduceThreads at most)
     const int ctx = context_lens[seq];
     const int partition_size = partition_tokens(ctx, target_partitions);
-    // One partition: the attention kernel wrote `out` itself.
-    if (ctx <= partition_size) return;
+    // Partials: one per block that had a partition. One alone wrote `out` itself.
     const int nparts = min((ctx + partition_size - 1) / partition_size,
                            min(max_partitions, kMaxReducePartitions));
+    if (nparts <= 1) return;
     const int64_t base = ((int64_t)seq * num_heads + head) * max_partitions;
 
     float m = -INFINITY;

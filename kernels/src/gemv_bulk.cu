@@ -12,7 +12,9 @@
 //       norm_bf16      x = residual [k], input rmsnorm(x) * norm_w (eps; rounded to bf16 as
 //                      rms_norm_bf16 computes it);     y = W rmsnorm(x)
 //       add_bf16       x [k];                         y = bf16(y + W x), the residual add
-//                      (each row of y read and written by the block that owns it)
+//                      (each row of y read and written by the block that owns it); the
+//                      O projection after attention, so it also prefetches all its rows
+//                      past the first stages into L2 before pdl_wait
 //       silu_add_bf16  silu input and add output together.
 //     norm_w / eps are read by the norm variant only.
 //   k a multiple of 8; rows_per_stage R in {1, 2, 4, 8} with R * k * 2 <= kStageBytes; the
@@ -133,6 +135,19 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
         for (int s = 0; s < kStages; ++s) {
             const int g = blockIdx.x + s * gridDim.x;
             if (g < groups) request(g, s);
+        }
+    }
+    if (kAdd && kIn == kPlain) {
+        // The O projection follows decode attention, a chain of small latency-bound kernels
+        // that leaves the memory idle: the rest of this block's rows go to L2 meanwhile, so
+        // the stages after the first ones refill from L2.
+        for (int g = blockIdx.x + (kStages + tid) * gridDim.x; g < groups;
+             g += kThreads * gridDim.x) {
+            const int rows = min(R, n - g * R);
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
+                             reinterpret_cast<const unsigned char*>(w) + g * R * row_bytes),
+                         "r"((uint32_t)(rows * row_bytes))
+                         : "memory");
         }
     }
     // Only now wait for the kernels that produce x.

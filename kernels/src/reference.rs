@@ -35,6 +35,16 @@ pub fn gather_rows(input: &[f32], cols: usize, rows: &[i32]) -> Vec<f32> {
     out
 }
 
+/// Writes sequence `s`'s block ids, `compact[offsets[s]..offsets[s + 1]]`, at the start of
+/// row `s` of `tables` (rows `stride` apart); the rest of each row is left as it was.
+pub fn expand_block_tables(tables: &mut [i32], compact: &[i32], offsets: &[i32], stride: usize) {
+    for (s, w) in offsets.windows(2).enumerate() {
+        let ids = &compact[w[0] as usize..w[1] as usize];
+        let n = ids.len().min(stride);
+        tables[s * stride..s * stride + n].copy_from_slice(&ids[..n]);
+    }
+}
+
 /// RMSNorm of every row of `x` (row width = `weight.len()`).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let hidden = weight.len();

@@ -1,4 +1,5 @@
-//! Paged attention kernels (decode with split-K, chunked prefill) against the CPU reference
+//! Paged attention kernels (decode with its fused RoPE and cache write and split-K, chunked
+//! prefill) against the CPU reference
 //! `rvllm_kernels::reference::paged_attention`, on fresh random inputs (seed printed;
 //! RVLLM_TEST_SEED replays one), outputs poisoned before each launch, cache slots that no
 //! sequence owns filled with NaN (a read outside a context shows), bf16 tolerance; GQA group
@@ -7,11 +8,14 @@
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns.
 mod gpu_harness;
 
-use gpu_harness::{arg, assert_close, gpu, random_bf16, rng, Gpu, ATOL, BF16_NAN, RTOL};
+use gpu_harness::{arg, assert_close, gpu, inv_freq, random_bf16, rng, Gpu, ATOL, BF16_NAN, RTOL};
 use half::bf16;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rvllm_kernels::reference as cpu;
+
+/// (heads, kv heads, head dim, contexts, target partitions, grid depth).
+type DecodeCase = (usize, usize, usize, &'static [usize], usize, usize);
 
 /// (heads, kv heads, head dim, [(chunk length, context length after the step)]).
 type PrefillCase = (usize, usize, usize, &'static [(usize, usize)]);
@@ -104,73 +108,105 @@ fn decode_group_tile(group: usize) -> usize {
     }
 }
 
-/// Runs paged decode attention (partition kernel + reduce when split) and returns the output.
-#[allow(clippy::too_many_arguments)]
-fn run_decode(
-    g: &Gpu,
-    c: &TestCache,
-    q_h: &[bf16],
-    q_stride: usize,
+/// Bytes of dynamic shared memory of the decode kernel with GT heads a block (its
+/// decode_smem_bytes: a 3-stage ring of 16 KiB, GT x 512 scores, 512 slots).
+fn decode_smem(gt: usize) -> u32 {
+    (3 * 16384 + gt * 512 * 4 + 512 * 4) as u32
+}
+
+/// One decode launch's inputs: the new tokens' raw q/k/v rows, where they go, and the RoPE
+/// table (None: no rotation).
+struct DecodeStep<'a> {
+    qkv_h: &'a [bf16],
+    stride: usize,
     nh: usize,
-    ctx: &[usize],
+    ctx: &'a [usize],
+    positions: &'a [i32],
+    slots: &'a [i32],
+    inv_freq: Option<&'a [f32]>,
     scale: f32,
     target: usize,
-    spare_depth: usize,
-) -> Vec<f32> {
-    let num_seqs = ctx.len();
+    depth: usize,
+}
+
+/// Runs paged decode attention (partition kernel + reduce when split) on a cache whose new
+/// token slots hold NaN; returns the output and the caches after the launch.
+fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let num_seqs = st.ctx.len();
+    let nh = st.nh;
     let group = nh / c.nkv;
     let gt = decode_group_tile(group);
-    // The grid must cover max(target, ceil(ctx / 512)) partitions; deeper grids are allowed
-    // (the extra blocks exit at once) and `spare_depth` checks that.
-    let max_ctx = ctx.iter().max().copied().unwrap_or(1);
-    let max_parts = target.max(max_ctx.div_ceil(512)) + spare_depth;
-    let (d_q, d_k, d_v) = (g.upload(q_h), g.upload(&c.k_h), g.upload(&c.v_h));
-    let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
+    let depth = st.depth;
+    let mut k_h = c.k_h.clone();
+    let mut v_h = c.v_h.clone();
+    let width = c.nkv * c.hd;
+    // Every new token's slot, the padding rows' too (whose kernel must leave it alone).
+    for (s, &n) in st.ctx.iter().enumerate() {
+        let t = n - 1;
+        let slot = c.tables[s * c.max_blocks + t / c.block_size] as usize * c.block_size
+            + t % c.block_size;
+        let at = slot * width;
+        k_h[at..at + width].fill(BF16_NAN);
+        v_h[at..at + width].fill(BF16_NAN);
+    }
+    let (d_qkv, d_k, d_v) = (g.upload(st.qkv_h), g.upload(&k_h), g.upload(&v_h));
+    let ctx_i: Vec<i32> = st.ctx.iter().map(|&x| x as i32).collect();
     let (d_tables, d_ctx) = (g.upload(&c.tables), g.upload(&ctx_i));
+    let (d_pos, d_slots) = (g.upload(st.positions), g.upload(st.slots));
+    let d_freq = st.inv_freq.map(|f| g.upload(f));
+    let freq_ptr = d_freq.as_ref().map_or(0, |b| b.ptr);
     let out = g.poisoned(num_seqs * nh * c.hd, BF16_NAN);
-    let part_out = g.poisoned(num_seqs * nh * max_parts * c.hd, f32::NAN);
-    let part_ml = g.poisoned(num_seqs * nh * max_parts * 2, f32::NAN);
-    let (nh_, nkv_, bs_, mb_, qs_, ps_) = (
+    let part_out = g.poisoned(num_seqs * nh * depth * c.hd, f32::NAN);
+    let part_ml = g.poisoned(num_seqs * nh * depth * 2, f32::NAN);
+    let k_ptr = d_qkv.ptr + (nh * c.hd * 2) as u64;
+    let v_ptr = k_ptr + (width * 2) as u64;
+    let (nh_, nkv_, bs_, mb_, qs_, tg_) = (
         nh as i32,
         c.nkv as i32,
         c.block_size as i32,
         c.max_blocks as i32,
-        q_stride as i32,
-        target as i32,
+        st.stride as i32,
+        st.target as i32,
     );
     let grid = (
         (c.nkv * group.div_ceil(gt)) as u32,
         num_seqs as u32,
-        max_parts as u32,
+        depth as u32,
     );
     let kernel = format!("paged_attention_decode_hd{}_g{gt}", c.hd);
-    g.launch(
+    g.launch_smem(
         "attention_decode",
         &kernel,
         grid,
         (128, 1, 1),
+        decode_smem(gt),
         &mut [
             arg(&out.ptr),
             arg(&part_out.ptr),
             arg(&part_ml.ptr),
-            arg(&d_q.ptr),
+            arg(&d_qkv.ptr),
+            arg(&k_ptr),
+            arg(&v_ptr),
+            arg(&qs_),
             arg(&d_k.ptr),
             arg(&d_v.ptr),
             arg(&d_tables.ptr),
             arg(&d_ctx.ptr),
-            arg(&scale),
+            arg(&d_pos.ptr),
+            arg(&d_slots.ptr),
+            arg(&freq_ptr),
+            arg(&st.scale),
             arg(&nh_),
             arg(&nkv_),
             arg(&bs_),
             arg(&mb_),
-            arg(&qs_),
-            arg(&ps_),
+            arg(&tg_),
         ],
     );
-    if max_parts > 1 {
-        let (hd_, mp_) = (c.hd as i32, max_parts as i32);
+    if depth > 1 {
+        let (hd_, dp_) = (c.hd as i32, depth as i32);
         // The reduce works with 128 or 256 threads; cover both.
-        let reduce_block = if target % 2 == 1 { 128 } else { 256 };
+        let reduce_block = if st.target % 2 == 1 { 128 } else { 256 };
         g.launch(
             "attention_decode",
             "paged_attention_decode_reduce",
@@ -183,12 +219,23 @@ fn run_decode(
                 arg(&d_ctx.ptr),
                 arg(&nh_),
                 arg(&hd_),
-                arg(&mp_),
-                arg(&ps_),
+                arg(&dp_),
+                arg(&tg_),
             ],
         );
     }
-    g.download_bf16(&out)
+    (
+        g.download_bf16(&out),
+        g.download_bf16(&d_k),
+        g.download_bf16(&d_v),
+    )
+}
+
+/// Rounds every value to bf16 (what the kernels store after rotating).
+fn round_bf16(x: &mut [f32]) {
+    for v in x {
+        *v = bf16::from_f32(*v).to_f32();
+    }
 }
 
 #[test]
@@ -197,43 +244,110 @@ fn paged_attention_decode_matches_reference() {
         return;
     };
     let mut r = rng("decode");
-    // (heads, kv heads, head dim, contexts, target partitions). Each launch mixes sequences
-    // that fit one partition (written directly, skipped by the reduce) with split ones, except
-    // the second: all direct, no reduce launched.
-    let cases: &[(usize, usize, usize, &[usize], usize)] = &[
-        (32, 8, 128, &[1, 15, 17, 300, 1000], 1), // 1000: two partitions of 512
-        (32, 8, 128, &[1, 100, 500], 1),
-        (32, 8, 128, &[700, 33, 129], 11), // partitions of 64: 11, 1, 3
-        (9, 3, 64, &[5, 33, 129, 600], 2), // 600: 2 x 320; 129: 2 x 128
-        (8, 8, 128, &[1, 64, 1100], 4),    // 1100: 4 x 320
-        (16, 1, 64, &[3, 250], 33),        // 250: 4 x 64
-        (16, 8, 128, &[16, 2000], 1),      // 2000: 4 x 512, beyond the target
-        (12, 2, 64, &[40, 77], 2),         // 77: 2 x 64
+    // (heads, kv heads, head dim, contexts, target partitions, grid depth). Each launch mixes
+    // sequences that fit one partition (written directly, skipped by the reduce) with split
+    // ones, except the second: all direct, no reduce launched. Depths below a sequence's
+    // partition count make blocks stream several partitions and merge them; depths above it
+    // leave blocks with nothing to do.
+    let cases: &[DecodeCase] = &[
+        (32, 8, 128, &[1, 15, 17, 300, 1000], 1, 2), // 1000: two partitions of 512
+        (32, 8, 128, &[1, 100, 500], 1, 1),
+        (32, 8, 128, &[700, 33, 129], 11, 11), // partitions of 64: 11, 1, 3
+        (9, 3, 64, &[5, 33, 129, 600], 2, 3),  // 600: 2 x 320; 129: 2 x 128
+        (8, 8, 128, &[1, 64, 1100], 4, 2),     // 1100: 4 x 320, two a block
+        (16, 1, 64, &[3, 250], 33, 33),        // 250: 4 x 64
+        (16, 8, 128, &[16, 2000], 1, 1),       // 2000: 4 x 512 in one block
+        (12, 2, 64, &[40, 77], 2, 2),          // 77: 2 x 64
+        (32, 8, 128, &[3000, 65], 33, 5),      // 3000: 24 x 128, five a block
+        (64, 8, 128, &[200, 900], 3, 3),       // GQA group 8
     ];
-    for (i, &(nh, nkv, hd, ctx, target)) in cases.iter().enumerate() {
-        let c = TestCache::new(&mut r, ctx, 16, nkv, hd, 3.0);
-        // q inside a wider (fused QKV) row: stride > nh * hd.
-        let q_stride = (nh + 2 * nkv) * hd;
-        let (q_h, q) = random_bf16(&mut r, ctx.len() * q_stride, 1.0);
+    for (i, &(nh, nkv, hd, ctx, target, depth)) in cases.iter().enumerate() {
+        let mut c = TestCache::new(&mut r, ctx, 16, nkv, hd, 3.0);
+        // The new tokens' raw q, k, v inside fused QKV rows.
+        let stride = (nh + 2 * nkv) * hd;
+        let (qkv_h, qkv) = random_bf16(&mut r, ctx.len() * stride, 1.0);
         let scale = 1.0 / (hd as f32).sqrt();
         let cu: Vec<i32> = (0..=ctx.len() as i32).collect();
         let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
+        let positions: Vec<i32> = ctx_i.iter().map(|&x| x - 1 + 7 * (i as i32 % 2)).collect();
+        // The new token's cache slot; the last sequence of odd cases is padding (no write).
+        let mut slots: Vec<i32> = ctx
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| {
+                let t = n - 1;
+                c.tables[s * c.max_blocks + t / 16] * 16 + (t % 16) as i32
+            })
+            .collect();
+        if i % 2 == 1 {
+            *slots.last_mut().unwrap() = -1;
+        }
+        let rope = i != 1; // one case without rotation (q and k given rotated)
+        let freqs = inv_freq(hd, 500_000.0);
+        // Reference: rotate q and the new k (rounded to bf16 as the kernel stores them), put
+        // the new k and v in the cache, attend.
+        let mut q = qkv.clone();
+        if rope {
+            cpu::rope_inplace(&mut q, stride, nh + nkv, hd, &positions, &freqs);
+            round_bf16(&mut q);
+        }
+        let width = nkv * hd;
+        for (s, &n) in ctx.iter().enumerate() {
+            let t = n - 1;
+            let slot = (c.tables[s * c.max_blocks + t / 16] as usize * 16 + t % 16) * width;
+            let row = s * stride + nh * hd;
+            c.k[slot..slot + width].copy_from_slice(&q[row..row + width]);
+            c.v[slot..slot + width].copy_from_slice(&qkv[row + width..row + 2 * width]);
+        }
         let batch = cpu::AttentionBatch {
             cu_seqlens_q: &cu,
             context_lens: &ctx_i,
             block_tables: &c.tables,
             max_blocks_per_seq: c.max_blocks,
         };
-        let want = cpu::paged_attention(&q, q_stride, nh, &c.paged(), &batch, scale);
-        let spare = i % 2;
-        let got = run_decode(&g, &c, &q_h, q_stride, nh, ctx, scale, target, spare);
-        assert_close(
-            &format!("decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} target{target} spare{spare}"),
-            &got,
-            &want,
-            ATOL,
-            RTOL,
-        );
+        let want = cpu::paged_attention(&q, stride, nh, &c.paged(), &batch, scale);
+        let step = DecodeStep {
+            qkv_h: &qkv_h,
+            stride,
+            nh,
+            ctx,
+            positions: &positions,
+            slots: &slots,
+            inv_freq: rope.then_some(&freqs[..]),
+            scale,
+            target,
+            depth,
+        };
+        let (got, k_after, v_after) = run_decode(&g, &c, &step);
+        let what = format!("decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} target{target} depth{depth}");
+        assert_close(&what, &got, &want, ATOL, RTOL);
+        // The new tokens' K/V went to their slots (and nowhere for the padding row).
+        for (s, &slot) in slots.iter().enumerate() {
+            let t = ctx[s] - 1;
+            let at = (c.tables[s * c.max_blocks + t / 16] as usize * 16 + t % 16) * width;
+            let (k_got, v_got) = (&k_after[at..at + width], &v_after[at..at + width]);
+            if slot < 0 {
+                assert!(
+                    k_got.iter().chain(v_got).all(|x| x.is_nan()),
+                    "{what}: the padding row wrote the cache"
+                );
+            } else {
+                assert_close(
+                    &format!("{what} new k, seq {s}"),
+                    k_got,
+                    &c.k[at..at + width],
+                    ATOL,
+                    RTOL,
+                );
+                assert_close(
+                    &format!("{what} new v, seq {s}"),
+                    v_got,
+                    &c.v[at..at + width],
+                    0.0,
+                    0.0,
+                );
+            }
+        }
     }
 }
 

@@ -43,7 +43,8 @@ fn decode_setup(g: &Gpu, batch: usize, ctx: usize) -> DecodeSetup {
         .collect();
     let elems = num_blocks * BS * NKV * HD;
     DecodeSetup {
-        q: g.upload(&filler(batch * NH * HD, 1)),
+        // The new tokens' fused QKV rows (q, then k and v).
+        q: g.upload(&filler(batch * (NH + 2 * NKV) * HD, 1)),
         k: g.upload(&filler(elems, 2)),
         v: g.upload(&filler(elems, 3)),
         tables: g.upload(&tables),
@@ -52,50 +53,69 @@ fn decode_setup(g: &Gpu, batch: usize, ctx: usize) -> DecodeSetup {
     }
 }
 
-/// (eager milliseconds, microseconds inside a CUDA graph of 32 calls) per call.
+/// (eager milliseconds, microseconds inside a CUDA graph of 32 calls) per call, with the grid
+/// `target` blocks deep as the engine's graphs have it, RoPE of the new token included (its
+/// cache write skipped, so that every call sees the same cache).
 fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, target: usize) -> (f32, f32) {
-    let parts = target.max(ctx.div_ceil(512));
+    let depth = target;
     let out = g.poisoned(batch * NH * HD, bf16::NAN);
-    let po = g.poisoned(batch * NH * parts * HD, f32::NAN);
-    let pml = g.poisoned(batch * NH * parts * 2, f32::NAN);
+    let po = g.poisoned(batch * NH * depth * HD, f32::NAN);
+    let pml = g.poisoned(batch * NH * depth * 2, f32::NAN);
+    let positions = g.upload(&vec![ctx as i32 - 1; batch]);
+    let slots = g.upload(&vec![-1i32; batch]);
+    let freqs: Vec<f32> = (0..HD / 2)
+        .map(|i| 500_000f32.powf(-(2.0 * i as f32) / HD as f32))
+        .collect();
+    let freqs = g.upload(&freqs);
     let f = g.function("attention_decode", "paged_attention_decode_hd128_g4");
+    let smem = (3 * 16384 + 4 * 512 * 4 + 512 * 4) as u32;
+    g.allow_smem(f, smem);
     let red = g.function("attention_decode", "paged_attention_decode_reduce");
     let scale = 1.0f32 / (HD as f32).sqrt();
-    let (nh, nkv, bs, mb, qs, ps, hd, mp) = (
+    let stride = (NH + 2 * NKV) * HD;
+    let k_new = s.q.ptr + (NH * HD * 2) as u64;
+    let v_new = k_new + (NKV * HD * 2) as u64;
+    let (nh, nkv, bs, mb, qs, ps, hd, dp) = (
         NH as i32,
         NKV as i32,
         BS as i32,
         s.max_blocks as i32,
-        (NH * HD) as i32,
+        stride as i32,
         target as i32,
         HD as i32,
-        parts as i32,
+        depth as i32,
     );
     let call = |stream: cudarc::driver::sys::CUstream| {
-        g.launch_on(
+        g.launch_on_smem(
             stream,
             f,
-            (NKV as u32, batch as u32, parts as u32),
+            (NKV as u32, batch as u32, depth as u32),
             (128, 1, 1),
+            smem,
             &mut [
                 arg(&out.ptr),
                 arg(&po.ptr),
                 arg(&pml.ptr),
                 arg(&s.q.ptr),
+                arg(&k_new),
+                arg(&v_new),
+                arg(&qs),
                 arg(&s.k.ptr),
                 arg(&s.v.ptr),
                 arg(&s.tables.ptr),
                 arg(&s.ctx.ptr),
+                arg(&positions.ptr),
+                arg(&slots.ptr),
+                arg(&freqs.ptr),
                 arg(&scale),
                 arg(&nh),
                 arg(&nkv),
                 arg(&bs),
                 arg(&mb),
-                arg(&qs),
                 arg(&ps),
             ],
         );
-        if parts > 1 {
+        if depth > 1 {
             g.launch_on(
                 stream,
                 red,
@@ -108,7 +128,7 @@ fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, target: usize
                     arg(&s.ctx.ptr),
                     arg(&nh),
                     arg(&hd),
-                    arg(&mp),
+                    arg(&dp),
                     arg(&ps),
                 ],
             );

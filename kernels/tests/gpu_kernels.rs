@@ -8,11 +8,54 @@
 //! `gpu_bench.rs`.
 mod gpu_harness;
 
-use gpu_harness::{arg, assert_close, gpu, random_bf16, rng, ATOL, BF16_NAN, RTOL};
+use gpu_harness::{arg, assert_close, gpu, inv_freq, random_bf16, rng, ATOL, BF16_NAN, RTOL};
 use half::bf16;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rvllm_kernels::reference as cpu;
+
+#[test]
+fn block_tables_expand_from_the_compact_upload() {
+    let Some(g) = gpu("block_tables_expand_from_the_compact_upload") else {
+        return;
+    };
+    let mut r = rng("block_tables");
+    // (sequences, row stride); rows from empty to full.
+    for &(seqs, stride) in &[(5usize, 8usize), (300, 40), (1, 8192)] {
+        let lens: Vec<usize> = (0..seqs).map(|_| r.random_range(0..=stride)).collect();
+        let mut offsets = vec![0i32];
+        let mut compact = Vec::new();
+        for &n in &lens {
+            compact.extend((0..n).map(|_| r.random_range(0..1_000_000)));
+            offsets.push(compact.len() as i32);
+        }
+        // What the table held before: entries past each row's ids must keep it.
+        let before: Vec<i32> = (0..seqs * stride).map(|i| -(i as i32) - 1).collect();
+        let d_tables = g.upload(&before);
+        let (d_compact, d_offsets) = (g.upload(&compact), g.upload(&offsets));
+        let (n, st) = (seqs as i32, stride as i32);
+        g.launch(
+            "block_tables",
+            "expand_block_tables",
+            (seqs as u32, 1, 1),
+            (128, 1, 1),
+            &mut [
+                arg(&d_tables.ptr),
+                arg(&d_compact.ptr),
+                arg(&d_offsets.ptr),
+                arg(&n),
+                arg(&st),
+            ],
+        );
+        let mut want = before.clone();
+        cpu::expand_block_tables(&mut want, &compact, &offsets, stride);
+        assert_eq!(
+            g.download(&d_tables),
+            want,
+            "{seqs} rows of stride {stride}"
+        );
+    }
+}
 
 #[test]
 fn embedding_lookup_and_row_gather() {
@@ -231,12 +274,6 @@ fn silu_and_mul_and_elementwise_helpers() {
 }
 
 /// Llama-3 style inv_freq (the scaling itself is host work; any positive table will do here).
-fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
-    (0..head_dim / 2)
-        .map(|i| theta.powf(-(2.0 * i as f32) / head_dim as f32))
-        .collect()
-}
-
 #[test]
 fn rope_and_cache_write() {
     let Some(g) = gpu("rope_and_cache_write") else {

@@ -293,6 +293,25 @@ pub trait Backend: Send + Sized + 'static {
         out: &mut Self::Tensor,
     ) -> Result<()>;
 
+    /// One layer's RoPE, KV-cache write and attention: `rope_and_write_kv` then `attention`.
+    /// Models call this; a backend may fuse the two (the CUDA backend rotates and stores the
+    /// decode tokens inside its decode attention kernel), so afterwards only `out` and the
+    /// cache are defined, not the q/k part of `qkv`.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention(
+        &self,
+        qkv: &mut Self::Tensor,
+        inv_freq: &Self::Vector,
+        layout: &AttentionLayout,
+        step: &Self::StepMeta,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.rope_and_write_kv(qkv, inv_freq, layout, step, cache, layer)?;
+        self.attention(qkv, layout, step, cache, layer, out)
+    }
+
     /// `out = silu(gate) * up` where `gate_up` rows are `[gate | up]`.
     fn silu_and_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
 

@@ -332,8 +332,15 @@ impl<B: Backend> LlamaModel<B> {
                 l.qkv_bias.as_ref(),
                 &mut ws.qkv,
             )?;
-            be.rope_and_write_kv(&mut ws.qkv, &self.inv_freq, &self.layout, step, kv, i)?;
-            be.attention(&ws.qkv, &self.layout, step, kv, i, &mut ws.attn)?;
+            be.rope_attention(
+                &mut ws.qkv,
+                &self.inv_freq,
+                &self.layout,
+                step,
+                kv,
+                i,
+                &mut ws.attn,
+            )?;
             be.linear_add(&ws.attn, &l.o_proj, &mut ws.residual, &mut ws.proj)?;
             be.norm_linear(
                 &ws.residual,

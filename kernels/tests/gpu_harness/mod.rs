@@ -150,14 +150,7 @@ impl Gpu {
         args: &mut [*mut c_void],
     ) {
         let f = self.function(module, kernel);
-        unsafe {
-            drv::function::set_function_attribute(
-                f,
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                shared_bytes as i32,
-            )
-        }
-        .unwrap_or_else(|e| panic!("`{kernel}`: {shared_bytes} B of shared memory: {e:?}"));
+        self.allow_smem(f, shared_bytes);
         unsafe { drv::launch_kernel(f, grid, block, shared_bytes, std::ptr::null_mut(), args) }
             .unwrap_or_else(|e| {
                 panic!("launching `{kernel}` grid {grid:?} block {block:?}: {e:?}")
@@ -194,8 +187,34 @@ impl Gpu {
         block: (u32, u32, u32),
         args: &mut [*mut c_void],
     ) {
-        unsafe { drv::launch_kernel(f, grid, block, 0, stream, args) }
+        self.launch_on_smem(stream, f, grid, block, 0, args)
+    }
+
+    /// `launch_on` with `shared_bytes` of dynamic shared memory (the function's limit must
+    /// allow it: `allow_smem`).
+    pub fn launch_on_smem(
+        &self,
+        stream: sys::CUstream,
+        f: sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        args: &mut [*mut c_void],
+    ) {
+        unsafe { drv::launch_kernel(f, grid, block, shared_bytes, stream, args) }
             .unwrap_or_else(|e| panic!("launch grid {grid:?} block {block:?}: {e:?}"));
+    }
+
+    /// Raises `f`'s dynamic shared memory limit to `shared_bytes`.
+    pub fn allow_smem(&self, f: sys::CUfunction, shared_bytes: u32) {
+        unsafe {
+            drv::function::set_function_attribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_bytes as i32,
+            )
+        }
+        .unwrap_or_else(|e| panic!("{shared_bytes} B of shared memory: {e:?}"));
     }
 
     /// Per-repetition time in microseconds of `body` replayed from a CUDA graph that holds
@@ -324,6 +343,13 @@ impl Gpu {
 }
 
 pub const BF16_NAN: bf16 = bf16::NAN;
+
+/// RoPE inverse frequencies for `head_dim` and base `theta` (no scaling).
+pub fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| theta.powf(-(2.0 * i as f32) / head_dim as f32))
+        .collect()
+}
 
 /// A fresh RNG per test; the seed is printed so that a failure can be replayed with
 /// RVLLM_TEST_SEED.

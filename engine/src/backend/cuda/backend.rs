@@ -20,22 +20,35 @@ pub const MAX_DECODE_PARTITION: usize = 512;
 
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
 /// number of partitions per sequence (from the batch size alone, so that one CUDA graph serves
-/// every context; enough blocks for about two per SM) and the grid depth that covers every
-/// context up to `max_context` (attention_decode.cu's header has the per-sequence rule).
+/// every context; enough blocks for about two per SM) and the grid depth. Each block streams
+/// every depth-th partition of its sequence and merges them (attention_decode.cu), so any
+/// depth covers any context: a graph (`max_context` None) takes the target, an eager step no
+/// more than its longest context has partitions of 64 tokens.
 pub fn decode_split(
     num_decode: usize,
     num_kv_heads: usize,
     sm_count: usize,
-    max_context: usize,
+    max_context: Option<usize>,
 ) -> (usize, usize) {
     let blocks_per_partition = num_decode.max(1) * num_kv_heads.max(1);
-    let target = (2 * sm_count.max(1)).div_ceil(blocks_per_partition).max(1);
-    // No sequence gets more than ceil(ctx / 64) partitions, nor fewer than ctx / 512 allow.
-    let depth = target
-        .min(max_context.div_ceil(64))
-        .max(max_context.div_ceil(MAX_DECODE_PARTITION))
-        .max(1);
+    let target = (2 * sm_count.max(1))
+        .div_ceil(blocks_per_partition)
+        .clamp(1, MAX_DECODE_DEPTH);
+    let depth = match max_context {
+        Some(ctx) => target.min(ctx.div_ceil(64)).max(1),
+        None => target,
+    };
     (target, depth)
+}
+
+/// The decode reduce combines at most this many partials (kMaxReducePartitions).
+const MAX_DECODE_DEPTH: usize = 2048;
+
+/// Dynamic shared memory of the decode attention kernel for `gt` query heads a block
+/// (decode_smem_bytes in attention_decode.cu: a 3-stage K/V ring of 16 KiB, the scores of a
+/// 512-token partition per head, its 512 slots).
+fn decode_attention_smem(gt: usize) -> u32 {
+    (3 * 16384 + gt * MAX_DECODE_PARTITION * 4 + MAX_DECODE_PARTITION * 4) as u32
 }
 
 pub struct CudaTensor {
@@ -122,6 +135,10 @@ struct MetaLayout {
     cu_seqlens: usize,
     context_lens: usize,
     logits_rows: usize,
+    /// Sequence s's block ids are compact[table_offsets[s]..table_offsets[s + 1]]: what goes
+    /// up each step; expand_block_tables writes them into the strided `block_tables`.
+    table_offsets: usize,
+    compact_tables: usize,
     block_tables: usize,
     total: usize,
 }
@@ -134,7 +151,9 @@ impl MetaLayout {
         let cu_seqlens = slots + l.max_tokens;
         let context_lens = cu_seqlens + l.max_seqs + 1;
         let logits_rows = context_lens + l.max_seqs;
-        let block_tables = logits_rows + l.max_tokens;
+        let table_offsets = logits_rows + l.max_tokens;
+        let compact_tables = table_offsets + l.max_seqs + 1;
+        let block_tables = compact_tables + l.max_seqs * l.max_blocks_per_seq;
         let total = block_tables + l.max_seqs * l.max_blocks_per_seq;
         Self {
             ids,
@@ -143,18 +162,18 @@ impl MetaLayout {
             cu_seqlens,
             context_lens,
             logits_rows,
+            table_offsets,
+            compact_tables,
             block_tables,
             total,
         }
     }
 
-    /// Elements a step of `num_seqs` sequences must upload: everything up to the end of its
-    /// block-table rows (the tables come last). The rows past them keep earlier, valid values
-    /// (the buffer starts zeroed), which no kernel of this step reads. With a long
-    /// --max-model-len the whole buffer is large (256 sequences x 8,192 blocks = 8 MiB for
-    /// Llama 3.1's 131,072 tokens), too much to copy every decode step.
-    fn used(&self, num_seqs: usize, max_blocks_per_seq: usize) -> usize {
-        (self.block_tables + num_seqs * max_blocks_per_seq).min(self.total)
+    /// Elements a step must upload: everything up to the end of its `compact_ids` block ids.
+    /// The strided tables are never uploaded (their row stride follows --max-model-len:
+    /// 1,024 sequences x 8,192 blocks = 33 MB for Llama 3.1's 131,072 tokens).
+    fn used(&self, compact_ids: usize) -> usize {
+        (self.compact_tables + compact_ids).min(self.block_tables)
     }
 }
 
@@ -166,8 +185,7 @@ pub struct CudaStepMeta {
     pub num_decode: usize,
     pub max_chunk: usize,
     pub max_context: usize,
-    /// Decode attention's target partitions per sequence and grid depth (`decode_split`);
-    /// the depth covers the model's whole context when capturing a graph.
+    /// Decode attention's target partitions per sequence and grid depth (`decode_split`).
     pub decode_target: usize,
     pub decode_partitions: usize,
     base: CUdeviceptr,
@@ -199,11 +217,11 @@ pub struct CudaBackend {
     partial_ml: DevBuf,
     scratch_partitions: usize,
     num_kv_heads: usize,
-    max_context: usize,
     /// A column of bf16 ones: adds a bias as a rank-1 GEMM update.
     ones: DevBuf,
-    /// Set while capturing a graph: decode attention's grid then covers the model's longest
-    /// context, not just the step's (the grid is frozen into the graph).
+    /// Set while capturing a graph: decode attention's grid then takes the batch's target
+    /// depth, which serves every context, not just the capture step's (the grid is frozen
+    /// into the graph).
     pub capturing_graph: std::sync::atomic::AtomicBool,
     /// Batch-1 GEMVs through gemv_bulk (sm_90+; `RVLLM_GEMV=classic` keeps gemv.cu).
     gemv_bulk: bool,
@@ -221,22 +239,21 @@ macro_rules! args {
 }
 
 impl CudaBackend {
-    /// `max_context`: the longest context a step may attend to (sizes the split-K scratch).
     pub fn new(
         gpu: Arc<Gpu>,
         limits: StepLimits,
         num_heads: usize,
         num_kv_heads: usize,
         head_dim: usize,
-        max_context: usize,
     ) -> Result<Self> {
         let layout = MetaLayout::new(&limits);
         let meta = gpu.alloc(layout.total * 4)?;
-        // Zeroed once: steps upload only the rows they use (MetaLayout::used).
+        // Zeroed once: steps upload only the block ids they use (MetaLayout::used), and
+        // table entries past a sequence's ids keep earlier, valid values.
         gpu.upload(meta.ptr, &vec![0i32; layout.total])?;
         let sms = gpu.sm_count as usize;
         let scratch_partitions = (1..=limits.max_seqs)
-            .map(|b| b * decode_split(b, num_kv_heads, sms, max_context).1)
+            .map(|b| b * decode_split(b, num_kv_heads, sms, None).1)
             .max()
             .unwrap_or(1);
         let scratch = scratch_partitions * num_heads;
@@ -261,7 +278,6 @@ impl CudaBackend {
             partial_ml,
             scratch_partitions,
             num_kv_heads,
-            max_context,
             ones,
             capturing_graph: std::sync::atomic::AtomicBool::new(false),
             upload_progress: Mutex::new(None),
@@ -325,6 +341,164 @@ impl CudaBackend {
     ) -> Result<()> {
         self.gpu
             .launch(module, kernel, grid, (block, 1, 1), 0, params)
+    }
+
+    /// RoPE and the cache write for the step's tokens from `first` on (the decode tokens come
+    /// first; the fused path leaves them to decode attention).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_tokens(
+        &self,
+        qkv: &mut CudaTensor,
+        inv_freq: &CudaVector,
+        layout: &AttentionLayout,
+        step: &CudaStepMeta,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        first: usize,
+    ) -> Result<()> {
+        let t = step.num_tokens.saturating_sub(first) as i32;
+        if t == 0 {
+            return Ok(());
+        }
+        let q = qkv.buf.ptr + (first * layout.qkv_size() * BF16) as u64;
+        let k = q + (layout.q_size() * BF16) as u64;
+        let v = k + (layout.kv_size() * BF16) as u64;
+        let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
+        let (pos, slots, inv) = (
+            step.at(step.layout.positions + first),
+            step.at(step.layout.slots + first),
+            inv_freq.f32.ptr,
+        );
+        let (nh, nkv, hd) = (
+            layout.num_heads as i32,
+            layout.num_kv_heads as i32,
+            layout.head_dim as i32,
+        );
+        let stride = layout.qkv_size() as i32;
+        self.launch(
+            "rope_cache",
+            "rope_and_cache_bf16",
+            (t as u32, 1, 1),
+            256,
+            args![q, k, v, kc, vc, pos, slots, inv, t, nh, nkv, hd, stride, stride, stride],
+        )
+    }
+
+    /// Decode attention for the step's leading one-token sequences. `rope`: their q and new
+    /// k are still unrotated and the kernel rotates them and writes k and v to the cache;
+    /// None: `rope_and_write_kv` did both already (the kernel rewrites the same values).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_attention(
+        &self,
+        qkv: &CudaTensor,
+        rope: Option<&CudaVector>,
+        layout: &AttentionLayout,
+        step: &CudaStepMeta,
+        cache: &CudaKvCache,
+        layer: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        if step.num_decode == 0 {
+            return Ok(());
+        }
+        let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
+        let (nh, nkv, hd) = (
+            layout.num_heads as i32,
+            layout.num_kv_heads as i32,
+            layout.head_dim,
+        );
+        let bs = cache.shape.block_size as i32;
+        let maxb = step.max_blocks_per_seq as i32;
+        let stride = layout.qkv_size() as i32;
+        let scale = layout.scale;
+        let q = qkv.buf.ptr;
+        let k = q + (layout.q_size() * BF16) as u64;
+        let v = k + (layout.kv_size() * BF16) as u64;
+        let o = out.buf.ptr;
+        let group = layout.num_heads / layout.num_kv_heads;
+        let (kernel, gt) = Self::decode_kernel(hd, group)?;
+        let depth = step.decode_partitions;
+        let (po, pml) = (self.partial_out.ptr, self.partial_ml.ptr);
+        let (bt, cl, pos, slots) = (
+            step.at(step.layout.block_tables),
+            step.at(step.layout.context_lens),
+            step.at(step.layout.positions),
+            step.at(step.layout.slots),
+        );
+        let inv: CUdeviceptr = rope.map_or(0, |r| r.f32.ptr);
+        let target = step.decode_target as i32;
+        let grid = (
+            (layout.num_kv_heads * group.div_ceil(gt)) as u32,
+            step.num_decode as u32,
+            depth as u32,
+        );
+        self.gpu.launch(
+            "attention_decode",
+            kernel,
+            grid,
+            (128, 1, 1),
+            decode_attention_smem(gt),
+            args![
+                o, po, pml, q, k, v, stride, kc, vc, bt, cl, pos, slots, inv, scale, nh, nkv, bs,
+                maxb, target
+            ],
+        )?;
+        if depth > 1 {
+            let (hdi, dp) = (hd as i32, depth as i32);
+            self.launch(
+                "attention_decode",
+                "paged_attention_decode_reduce",
+                (layout.num_heads as u32, step.num_decode as u32, 1),
+                128,
+                args![o, po, pml, cl, nh, hdi, dp, target],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Prefill attention for the step's sequences after the decodes (chunks of prompts).
+    fn prefill_attention(
+        &self,
+        qkv: &CudaTensor,
+        layout: &AttentionLayout,
+        step: &CudaStepMeta,
+        cache: &CudaKvCache,
+        layer: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let num_prefill = step.num_seqs - step.num_decode;
+        if num_prefill == 0 {
+            return Ok(());
+        }
+        let hd = layout.head_dim;
+        let kernel = match hd {
+            64 => "paged_attention_prefill_hd64",
+            128 => "paged_attention_prefill_hd128",
+            _ => bail!("no prefill attention kernel for head_dim {hd} (built: 64, 128)"),
+        };
+        let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
+        let (nh, nkv) = (layout.num_heads as i32, layout.num_kv_heads as i32);
+        let bs = cache.shape.block_size as i32;
+        let maxb = step.max_blocks_per_seq as i32;
+        let q_stride = layout.qkv_size() as i32;
+        let scale = layout.scale;
+        let (q, o) = (qkv.buf.ptr, out.buf.ptr);
+        let d = step.num_decode;
+        let cu = step.at(step.layout.cu_seqlens + d);
+        let cl = step.at(step.layout.context_lens + d);
+        let bt = step.at(step.layout.block_tables + d * step.max_blocks_per_seq);
+        let grid = (
+            step.max_chunk.div_ceil(64) as u32,
+            layout.num_heads as u32,
+            num_prefill as u32,
+        );
+        self.launch(
+            "attention_prefill",
+            kernel,
+            grid,
+            128,
+            args![o, q, kc, vc, cu, cl, bt, scale, nh, nkv, bs, maxb, q_stride],
+        )
     }
 
     /// `y[1, n] = x[1, k] @ w[n, k]^T` with the GEMV kernel (k a multiple of 8).
@@ -610,6 +784,8 @@ impl Backend for CudaBackend {
         let mut decoding = true;
         let (mut max_chunk, mut max_context) = (0, 0);
         st[lay.cu_seqlens] = 0;
+        st[lay.table_offsets] = 0;
+        let mut compact = 0;
         for (i, s) in batch.seqs.iter().enumerate() {
             ensure!(
                 s.block_table.len() <= l.max_blocks_per_seq,
@@ -625,10 +801,12 @@ impl Backend for CudaBackend {
             max_context = max_context.max(s.context_len);
             st[lay.cu_seqlens + i + 1] = (s.token_offset + s.num_tokens) as i32;
             st[lay.context_lens + i] = s.context_len as i32;
-            let row = lay.block_tables + i * l.max_blocks_per_seq;
+            let at = lay.compact_tables + compact;
             for (j, b) in s.block_table.iter().enumerate() {
-                st[row + j] = *b as i32;
+                st[at + j] = *b as i32;
             }
+            compact += s.block_table.len();
+            st[lay.table_offsets + i + 1] = compact as i32;
         }
         for (i, r) in batch.logits_rows.iter().enumerate() {
             st[lay.logits_rows + i] = *r as i32;
@@ -636,24 +814,37 @@ impl Backend for CudaBackend {
         // One copy of the (fixed-layout) buffer keeps every array at a fixed address; only the
         // part this step uses goes across.
         self.gpu
-            .upload_async(self.meta.ptr, &st[..lay.used(ns, l.max_blocks_per_seq)])?;
+            .upload_async(self.meta.ptr, &st[..lay.used(compact)])?;
+        if ns > 0 {
+            let (tables, ids, offsets) = (
+                self.meta.ptr + (lay.block_tables * 4) as u64,
+                self.meta.ptr + (lay.compact_tables * 4) as u64,
+                self.meta.ptr + (lay.table_offsets * 4) as u64,
+            );
+            let (n, stride) = (ns as i32, l.max_blocks_per_seq as i32);
+            self.launch(
+                "block_tables",
+                "expand_block_tables",
+                (ns as u32, 1, 1),
+                128,
+                args![tables, ids, offsets, n, stride],
+            )?;
+        }
         let capturing = self
             .capturing_graph
             .load(std::sync::atomic::Ordering::Relaxed);
-        let covered = if capturing {
-            self.max_context
-        } else {
-            max_context
-        };
         let sms = self.gpu.sm_count as usize;
-        let (decode_target, decode_partitions) =
-            decode_split(num_decode, self.num_kv_heads, sms, covered);
+        let (decode_target, decode_partitions) = decode_split(
+            num_decode,
+            self.num_kv_heads,
+            sms,
+            (!capturing).then_some(max_context),
+        );
         ensure!(
             num_decode * decode_partitions <= self.scratch_partitions,
-            "a decode step of {num_decode} sequences with contexts up to {covered} tokens \
-             exceeds the attention scratch (sized for {} sequences of {} tokens)",
+            "a decode step of {num_decode} sequences split {decode_partitions} ways exceeds the \
+             attention scratch (sized for {} sequences); this is a bug",
             self.limits.max_seqs,
-            self.max_context
         );
         Ok(CudaStepMeta {
             num_tokens: nt,
@@ -813,32 +1004,7 @@ impl Backend for CudaBackend {
         cache: &mut CudaKvCache,
         layer: usize,
     ) -> Result<()> {
-        let t = step.num_tokens as i32;
-        if t == 0 {
-            return Ok(());
-        }
-        let q = qkv.buf.ptr;
-        let k = q + (layout.q_size() * BF16) as u64;
-        let v = k + (layout.kv_size() * BF16) as u64;
-        let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
-        let (pos, slots, inv) = (
-            step.at(step.layout.positions),
-            step.at(step.layout.slots),
-            inv_freq.f32.ptr,
-        );
-        let (nh, nkv, hd) = (
-            layout.num_heads as i32,
-            layout.num_kv_heads as i32,
-            layout.head_dim as i32,
-        );
-        let stride = layout.qkv_size() as i32;
-        self.launch(
-            "rope_cache",
-            "rope_and_cache_bf16",
-            (t as u32, 1, 1),
-            256,
-            args![q, k, v, kc, vc, pos, slots, inv, t, nh, nkv, hd, stride, stride, stride],
-        )
+        self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, 0)
     }
 
     fn attention(
@@ -851,76 +1017,26 @@ impl Backend for CudaBackend {
         out: &mut CudaTensor,
     ) -> Result<()> {
         out.set_rows(step.num_tokens)?;
-        let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
-        let (nh, nkv, hd) = (
-            layout.num_heads as i32,
-            layout.num_kv_heads as i32,
-            layout.head_dim,
-        );
-        let bs = cache.shape.block_size as i32;
-        let maxb = step.max_blocks_per_seq as i32;
-        let q_stride = layout.qkv_size() as i32;
-        let scale = layout.scale;
-        let q = qkv.buf.ptr;
-        let o = out.buf.ptr;
-        if step.num_decode > 0 {
-            let group = layout.num_heads / layout.num_kv_heads;
-            let (kernel, gt) = Self::decode_kernel(hd, group)?;
-            let parts = step.decode_partitions;
-            let (po, pml) = (self.partial_out.ptr, self.partial_ml.ptr);
-            let (bt, cl) = (
-                step.at(step.layout.block_tables),
-                step.at(step.layout.context_lens),
-            );
-            let target = step.decode_target as i32;
-            let grid = (
-                (layout.num_kv_heads * group.div_ceil(gt)) as u32,
-                step.num_decode as u32,
-                parts as u32,
-            );
-            self.launch(
-                "attention_decode",
-                kernel,
-                grid,
-                128,
-                args![o, po, pml, q, kc, vc, bt, cl, scale, nh, nkv, bs, maxb, q_stride, target],
-            )?;
-            if parts > 1 {
-                let (hdi, mp) = (hd as i32, parts as i32);
-                self.launch(
-                    "attention_decode",
-                    "paged_attention_decode_reduce",
-                    (layout.num_heads as u32, step.num_decode as u32, 1),
-                    128,
-                    args![o, po, pml, cl, nh, hdi, mp, target],
-                )?;
-            }
-        }
-        let num_prefill = step.num_seqs - step.num_decode;
-        if num_prefill > 0 {
-            let kernel = match hd {
-                64 => "paged_attention_prefill_hd64",
-                128 => "paged_attention_prefill_hd128",
-                _ => bail!("no prefill attention kernel for head_dim {hd} (built: 64, 128)"),
-            };
-            let d = step.num_decode;
-            let cu = step.at(step.layout.cu_seqlens + d);
-            let cl = step.at(step.layout.context_lens + d);
-            let bt = step.at(step.layout.block_tables + d * step.max_blocks_per_seq);
-            let grid = (
-                step.max_chunk.div_ceil(64) as u32,
-                layout.num_heads as u32,
-                num_prefill as u32,
-            );
-            self.launch(
-                "attention_prefill",
-                kernel,
-                grid,
-                128,
-                args![o, q, kc, vc, cu, cl, bt, scale, nh, nkv, bs, maxb, q_stride],
-            )?;
-        }
-        Ok(())
+        self.decode_attention(qkv, None, layout, step, cache, layer, out)?;
+        self.prefill_attention(qkv, layout, step, cache, layer, out)
+    }
+
+    /// The decode tokens' RoPE and cache write happen inside decode attention; the rotation
+    /// kernel runs over the prefill tokens only.
+    fn rope_attention(
+        &self,
+        qkv: &mut CudaTensor,
+        inv_freq: &CudaVector,
+        layout: &AttentionLayout,
+        step: &CudaStepMeta,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        out.set_rows(step.num_tokens)?;
+        self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, step.num_decode)?;
+        self.decode_attention(qkv, Some(inv_freq), layout, step, cache, layer, out)?;
+        self.prefill_attention(qkv, layout, step, cache, layer, out)
     }
 
     fn silu_and_mul(&self, gate_up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
@@ -1120,7 +1236,7 @@ mod tests {
     use super::{decode_split, GemvBulk, MetaLayout, StepLimits};
 
     #[test]
-    fn steps_upload_only_their_block_table_rows() {
+    fn steps_upload_their_block_ids_not_the_strided_tables() {
         let limits = StepLimits {
             max_tokens: 8192,
             max_seqs: 256,
@@ -1128,32 +1244,39 @@ mod tests {
         };
         let lay = MetaLayout::new(&limits);
         assert_eq!(lay.total, lay.block_tables + 256 * 8192);
-        assert_eq!(lay.used(1, 8192), lay.block_tables + 8192);
-        assert_eq!(lay.used(256, 8192), lay.total);
-        // Every array but the tables precedes them, so a step always uploads those whole.
+        // A step uploads up to the end of its block ids, never the strided tables.
+        assert_eq!(lay.used(0), lay.compact_tables);
+        assert_eq!(lay.used(40 * 256), lay.compact_tables + 40 * 256);
+        assert_eq!(lay.used(256 * 8192), lay.block_tables);
+        // Every other array precedes the ids, so a step always uploads those whole.
         for start in [
             lay.ids,
             lay.positions,
             lay.slots,
             lay.cu_seqlens,
             lay.context_lens,
+            lay.table_offsets,
         ] {
-            assert!(start < lay.block_tables);
+            assert!(start < lay.compact_tables);
         }
-        assert!(lay.logits_rows + limits.max_tokens <= lay.block_tables);
+        assert!(lay.logits_rows + limits.max_tokens <= lay.table_offsets);
+        assert_eq!(lay.table_offsets + limits.max_seqs + 1, lay.compact_tables);
     }
 
     #[test]
-    fn decode_split_targets_two_blocks_per_sm_and_covers_long_contexts() {
-        // Batch 1, 8 KV heads, 132 SMs: 33 partitions wanted, at most ctx / 64 of them.
-        assert_eq!(decode_split(1, 8, 132, 2048), (33, 32));
-        assert_eq!(decode_split(1, 8, 132, 384), (33, 6));
-        // Large batches: one partition unless a context exceeds 512 tokens.
-        assert_eq!(decode_split(512, 8, 132, 511), (1, 1));
-        assert_eq!(decode_split(512, 8, 132, 1024), (1, 2));
-        assert_eq!(decode_split(0, 8, 132, 0), (33, 1));
-        // A long context needs ctx / 512 partitions whatever the target.
-        assert_eq!(decode_split(64, 8, 132, 131072).1, 256);
+    fn decode_split_targets_two_blocks_per_sm_whatever_the_context() {
+        // Batch 1, 8 KV heads, 132 SMs: 33 partitions wanted, at most ctx / 64 blocks deep.
+        assert_eq!(decode_split(1, 8, 132, Some(2048)), (33, 32));
+        assert_eq!(decode_split(1, 8, 132, Some(384)), (33, 6));
+        // Large batches: one block a sequence, which streams every partition.
+        assert_eq!(decode_split(512, 8, 132, Some(511)), (1, 1));
+        assert_eq!(decode_split(512, 8, 132, Some(1024)), (1, 1));
+        assert_eq!(decode_split(0, 8, 132, Some(0)), (33, 1));
+        // A graph takes the target: long contexts no longer deepen the grid (or the scratch).
+        assert_eq!(decode_split(64, 8, 132, None), (1, 1));
+        assert_eq!(decode_split(1, 8, 132, None), (33, 33));
+        // One KV head on a large GPU: the reduce's limit caps the depth.
+        assert_eq!(decode_split(1, 1, 2000, None).1, 2048);
     }
 
     #[test]

@@ -159,7 +159,6 @@ impl CudaExecutor {
             c.num_attention_heads,
             c.num_key_value_heads,
             c.head_dim,
-            max_len,
         )?;
         let gathered = be.alloc_activation(max_seqs, c.hidden_size)?;
         let logits = gpu.alloc(max_seqs * c.vocab_size * 4)?;
