@@ -53,6 +53,11 @@
 // older K/V depend on no kernel of this step, so at batch 1 their loads overlap the QKV
 // projection; only q and the new token wait for it. Fusing RoPE and the cache write removes a
 // launch from every layer (at batch 1 on an H200, 2.9 us a layer inside the decode graph).
+// Each partition runs a K loop (scores, q in registers), the softmax, then a V loop (the
+// accumulators in registers), whose result joins the block's running output in shared
+// memory; keeping q and the accumulators apart holds the kernel at 122 registers, four blocks
+// an SM. H200, Llama-3.1-8B layer inside a CUDA graph (gpu_bench): 512 sequences x 384 tokens
+// 269 us (2.99 TB/s of K/V), 64 x 2,048 172 us (3.12 TB/s), batch 1 x 32k 54 us.
 #include "common.cuh"
 
 namespace {
@@ -60,7 +65,7 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxPartition = 512;
-constexpr int kUnroll = 4;
+constexpr int kUnroll = 3;
 constexpr int kStages = 3;
 constexpr int kRingStageBytes = kUnroll * 2 * kThreads * 16;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -72,11 +77,13 @@ constexpr int kMaxReducePartitions = 2048;
 __host__ __device__ constexpr int decode_smem_bytes(int gt, int stages = kStages) {
     return stages * kRingStageBytes + gt * kMaxPartition * 4 + kMaxPartition * 4;
 }
-// Blocks an SM must hold: three (of 58 KiB shared memory each, <= 168 registers a thread) for
-// up to 4 heads a block; q and the accumulators of 8 heads need more registers than that
-// allows. (Four blocks with a 2-stage ring, <= 128 registers, spilled and ran 35-40 % slower
-// at batches of 64-512 on an H200.)
-__host__ __device__ constexpr int kMinBlocks(int gt) { return gt <= 4 ? 3 : 1; }
+// Blocks an SM must hold: four (of ~49 KiB shared memory each, <= 128 registers a thread) for
+// up to 4 heads a block, which the split K and V loops allow (q lives in registers only in
+// the first, the accumulators only in the second). With both live across one loop the kernel
+// needed 168 registers (three blocks an SM) and decoded batches of 512-1,024 2-5 % slower
+// than this one's predecessor; forcing four blocks on that shape spilled and ran 35-40 %
+// slower.
+__host__ __device__ constexpr int kMinBlocks(int gt) { return gt <= 4 ? 4 : 1; }
 
 // Tokens in each partition of a `ctx`-token context split `target` ways (see the header).
 __device__ __forceinline__ int partition_tokens(int ctx, int target) {
@@ -148,6 +155,7 @@ __device__ __forceinline__ void decode_attention(
     __shared__ float cos_t[kHalf], sin_t[kHalf];
     __shared__ float run_max[GT], run_sum[GT], alpha[GT];
     __shared__ Bf16x8 new_kv[2][2][LPT];  // the new token's rotated k and its v, per lane
+    __shared__ float out_acc[GT][HD];     // the block's output so far, unnormalised
 
     const int group = num_heads / num_kv_heads;
     const int groups_per_kv = (group + GT - 1) / GT;
@@ -238,23 +246,6 @@ __device__ __forceinline__ void decode_attention(
     pdl_wait();
     pdl_launch_dependents();
 
-    // This lane's slice of each query head (rotated, rounded to bf16 as the cache write
-    // path rounds it), pre-scaled so scores come out in log2 units.
-    float qf[GT][16];
-#pragma unroll
-    for (int g = 0; g < GT; ++g) {
-        Bf16x8 lo{}, hi{};
-        if (g < nvalid) {
-            const __nv_bfloat16* qh = q + (int64_t)seq * qkv_stride + (int64_t)(head0 + g) * HD;
-            lo = *reinterpret_cast<const Bf16x8*>(qh + sub * 8);
-            hi = *reinterpret_cast<const Bf16x8*>(qh + kHalf + sub * 8);
-            if (rope) rotate8(lo, hi, cos_t, sin_t, sub * 8);
-        }
-        bf16x8_to_f32(lo, qf[g]);
-        bf16x8_to_f32(hi, qf[g] + 8);
-#pragma unroll
-        for (int e = 0; e < 16; ++e) qf[g][e] *= scale * kLog2e;
-    }
     // The new token: the block that streams its partition takes its k and v from the QKV
     // output (the lanes that own it in the chunk layout keep them in shared memory); the
     // first block of its KV head writes them to the cache.
@@ -283,35 +274,53 @@ __device__ __forceinline__ void decode_attention(
             }
         }
     }
+    for (int i = tid; i < GT * HD; i += kThreads) out_acc[i / HD][i % HD] = 0.0f;
 
-    float acc[GT][16];
-#pragma unroll
-    for (int g = 0; g < GT; ++g)
-#pragma unroll
-        for (int e = 0; e < 16; ++e) acc[g][e] = 0.0f;
+    // Stream element i's row of token ti as 16 floats (the new token from new_kv).
+    auto row_at = [&](int i, int u, int ti, bool is_k, float (&f)[16]) {
+        const int s = i % S;
+        Bf16x8 lo, hi;
+        if (ti == new_ti) {
+            lo = new_kv[is_k ? 0 : 1][0][sub];
+            hi = new_kv[is_k ? 0 : 1][1][sub];
+        } else {
+            lo = ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid];
+            hi = ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid];
+        }
+        bf16x8_to_f32(lo, f);
+        bf16x8_to_f32(hi, f + 8);
+    };
 
     for (int p = z;;) {
-        for (int i = 0; i < 2 * nchunks; ++i) {
-            issue(i + S - 1);
-            cp_async_wait<S - 1>();
-            const int s = i % S;
-            const bool is_k = i < nchunks;
-            const int base = (is_k ? i : i - nchunks) * kChunk;
+        {
+            // This lane's slice of each query head (rotated, rounded to bf16 as the cache
+            // write path rounds it), pre-scaled so scores come out in log2 units. Reloaded
+            // for each partition, so that q and the accumulators are never live together.
+            float qf[GT][16];
 #pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-                const int ti = base + u * TPB + warp * TPW + tok_in_warp;
-                Bf16x8 lo, hi;
-                if (ti == new_ti) {
-                    lo = new_kv[is_k ? 0 : 1][0][sub];
-                    hi = new_kv[is_k ? 0 : 1][1][sub];
-                } else {
-                    lo = ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid];
-                    hi = ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid];
+            for (int g = 0; g < GT; ++g) {
+                Bf16x8 lo{}, hi{};
+                if (g < nvalid) {
+                    const __nv_bfloat16* qh =
+                        q + (int64_t)seq * qkv_stride + (int64_t)(head0 + g) * HD;
+                    lo = *reinterpret_cast<const Bf16x8*>(qh + sub * 8);
+                    hi = *reinterpret_cast<const Bf16x8*>(qh + kHalf + sub * 8);
+                    if (rope) rotate8(lo, hi, cos_t, sin_t, sub * 8);
                 }
-                float f[16];
-                bf16x8_to_f32(lo, f);
-                bf16x8_to_f32(hi, f + 8);
-                if (is_k) {
+                bf16x8_to_f32(lo, qf[g]);
+                bf16x8_to_f32(hi, qf[g] + 8);
+#pragma unroll
+                for (int e = 0; e < 16; ++e) qf[g][e] *= scale * kLog2e;
+            }
+            // Phase 1: scores = q . k (the V chunks start streaming meanwhile).
+            for (int i = 0; i < nchunks; ++i) {
+                issue(i + S - 1);
+                cp_async_wait<S - 1>();
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int ti = i * kChunk + u * TPB + warp * TPW + tok_in_warp;
+                    float f[16];
+                    row_at(i, u, ti, true, f);
 #pragma unroll
                     for (int g = 0; g < GT; ++g) {
                         float dot = 0.0f;
@@ -322,83 +331,99 @@ __device__ __forceinline__ void decode_attention(
                             dot += __shfl_xor_sync(0xffffffffu, dot, o);
                         if (sub == g % LPT && ti < ntok) scores[g][ti] = dot;
                     }
-                } else if (ti < ntok) {
-#pragma unroll
-                    for (int g = 0; g < GT; ++g) {
-                        const float pr = scores[g][ti];
-#pragma unroll
-                        for (int e = 0; e < 16; ++e) acc[g][e] = fmaf(pr, f[e], acc[g][e]);
-                    }
-                }
-            }
-            if (i == nchunks - 1) {
-                // Every score of the partition is in: softmax numerators against the running
-                // maximum, one warp per head (the V chunks keep streaming meanwhile).
-                __syncthreads();
-                for (int g = warp; g < GT; g += kWarps) {
-                    float m = -INFINITY;
-                    for (int t = lane; t < ntok; t += 32) m = fmaxf(m, scores[g][t]);
-                    m = fmaxf(warp_max(m), run_max[g]);
-                    float sum = 0.0f;
-                    for (int t = lane; t < ntok; t += 32) {
-                        const float e = exp2f(scores[g][t] - m);
-                        scores[g][t] = e;
-                        sum += e;
-                    }
-                    sum = warp_sum(sum);
-                    if (lane == 0) {
-                        const float a = exp2f(run_max[g] - m);  // 0 for the first partition
-                        alpha[g] = a;
-                        run_sum[g] = run_sum[g] * a + sum;
-                        run_max[g] = m;
-                    }
-                }
-                __syncthreads();
-#pragma unroll
-                for (int g = 0; g < GT; ++g) {
-                    const float a = alpha[g];
-#pragma unroll
-                    for (int e = 0; e < 16; ++e) acc[g][e] *= a;
                 }
             }
         }
+        // Phase 2: softmax numerators against the running maximum, one warp per head.
+        __syncthreads();
+        for (int g = warp; g < GT; g += kWarps) {
+            float m = -INFINITY;
+            for (int t = lane; t < ntok; t += 32) m = fmaxf(m, scores[g][t]);
+            m = fmaxf(warp_max(m), run_max[g]);
+            float sum = 0.0f;
+            for (int t = lane; t < ntok; t += 32) {
+                const float e = exp2f(scores[g][t] - m);
+                scores[g][t] = e;
+                sum += e;
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) {
+                const float a = exp2f(run_max[g] - m);  // 0 for the first partition
+                alpha[g] = a;
+                run_sum[g] = run_sum[g] * a + sum;
+                run_max[g] = m;
+            }
+        }
+        __syncthreads();
+        {
+            // Phase 3: acc = sum_t p_t * v_t over this partition.
+            float acc[GT][16];
+#pragma unroll
+            for (int g = 0; g < GT; ++g)
+#pragma unroll
+                for (int e = 0; e < 16; ++e) acc[g][e] = 0.0f;
+            for (int i = nchunks; i < 2 * nchunks; ++i) {
+                issue(i + S - 1);
+                cp_async_wait<S - 1>();
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int ti = (i - nchunks) * kChunk + u * TPB + warp * TPW + tok_in_warp;
+                    if (ti < ntok) {
+                        float f[16];
+                        row_at(i, u, ti, false, f);
+#pragma unroll
+                        for (int g = 0; g < GT; ++g) {
+                            const float pr = scores[g][ti];
+#pragma unroll
+                            for (int e = 0; e < 16; ++e) acc[g][e] = fmaf(pr, f[e], acc[g][e]);
+                        }
+                    }
+                }
+            }
+            // Sum the warp's token groups (lanes that share `sub`), then the warps via shared
+            // memory, into the block's running output (rescaled to the running maximum).
+#pragma unroll
+            for (int g = 0; g < GT; ++g)
+#pragma unroll
+                for (int e = 0; e < 16; ++e)
+#pragma unroll
+                    for (int o = LPT; o < 32; o <<= 1)
+                        acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+            cp_async_wait<0>();
+            __syncthreads();  // every warp is done with the ring before `red` overwrites it
+            if (tok_in_warp == 0) {
+#pragma unroll
+                for (int g = 0; g < GT; ++g)
+#pragma unroll
+                    for (int j = 0; j < 2; ++j)
+#pragma unroll
+                        for (int e = 0; e < 8; ++e)
+                            red[warp][g][j * kHalf + sub * 8 + e] = acc[g][j * 8 + e];
+            }
+        }
+        __syncthreads();
+        for (int idx = tid; idx < GT * HD; idx += kThreads) {
+            const int g = idx / HD;
+            const int d = idx % HD;
+            float sum = 0.0f;
+#pragma unroll
+            for (int w = 0; w < kWarps; ++w) sum += red[w][g][d];
+            out_acc[g][d] = out_acc[g][d] * alpha[g] + sum;
+        }
         p += depth;
         if (p >= nparts) break;
-        __syncthreads();  // every warp is done with the scores and slots of this partition
+        __syncthreads();  // scores, slots and `red` (the ring) are free again
         begin_partition(p);
         __syncthreads();
 #pragma unroll
         for (int i = 0; i < S - 1; ++i) issue(i);
-    }
-
-    // Sum the warp's token groups (lanes that share `sub`), then the warps via shared memory.
-#pragma unroll
-    for (int g = 0; g < GT; ++g)
-#pragma unroll
-        for (int e = 0; e < 16; ++e)
-#pragma unroll
-            for (int o = LPT; o < 32; o <<= 1)
-                acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
-    cp_async_wait<0>();
-    __syncthreads();  // every warp is done with the ring before `red` overwrites it
-    if (tok_in_warp == 0) {
-#pragma unroll
-        for (int g = 0; g < GT; ++g)
-#pragma unroll
-            for (int j = 0; j < 2; ++j)
-#pragma unroll
-                for (int e = 0; e < 8; ++e)
-                    red[warp][g][j * kHalf + sub * 8 + e] = acc[g][j * 8 + e];
     }
     __syncthreads();
 
     for (int idx = tid; idx < nvalid * HD; idx += kThreads) {
         const int g = idx / HD;
         const int d = idx % HD;
-        float sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += red[w][g][d];
-        const float o = sum / run_sum[g];
+        const float o = out_acc[g][d] / run_sum[g];
         const int head = head0 + g;
         if (direct) {
             out[((int64_t)seq * num_heads + head) * HD + d] = __float2bfloat16(o);
@@ -455,7 +480,12 @@ extern "C" __global__ void __launch_bounds__(kReduceThreads)
                                   const float* __restrict__ partial_ml,
                                   const int32_t* __restrict__ context_lens, int num_heads,
                                   int head_dim, int max_partitions, int target_partitions) {
-    pdl_enter();
+    // The next kernel (at batch 1 the O projection's GEMV) may start at once: it streams its
+    // weights while the attention blocks run, and its own pdl_wait still waits for this
+    // kernel, which waits for them. (Attention itself triggers only after its wait: every one
+    // of its blocks is then placed, so nothing launched early can crowd them out.)
+    pdl_launch_dependents();
+    pdl_wait();
     __shared__ float w[kMaxReducePartitions];
     __shared__ __align__(16) float red[kReduceThreads * 4];
     __shared__ float scratch[32];

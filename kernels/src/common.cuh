@@ -15,7 +15,10 @@
 // early. Work that depends on nothing earlier (streaming weights into registers) may go before
 // the wait: that is how a GEMV overlaps its weight loads with the small kernels before it.
 // Every block must reach `pdl_wait()` (call it before any early return), so that a kernel's
-// completion always implies its predecessors' completion. Without the attribute (older GPUs,
+// completion always implies its predecessors' completion. A kernel may trigger its dependents
+// before its own wait (the decode reduce does, so that the O projection's weight loads overlap
+// the attention before it) when every block of it is placed by then, so that the early
+// dependents cannot take the room its blocks need. Without the attribute (older GPUs,
 // RVLLM_PDL=0, the kernel tests) both are no-ops.
 RVLLM_DEVICE void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -109,9 +109,9 @@ fn decode_group_tile(group: usize) -> usize {
 }
 
 /// Bytes of dynamic shared memory of the decode kernel with GT heads a block (its
-/// decode_smem_bytes: a 3-stage ring of 16 KiB, GT x 512 scores, 512 slots).
+/// decode_smem_bytes: a 3-stage ring of 12 KiB, GT x 512 scores, 512 slots).
 fn decode_smem(gt: usize) -> u32 {
-    (3 * 16384 + gt * 512 * 4 + 512 * 4) as u32
+    (3 * 12288 + gt * 512 * 4 + 512 * 4) as u32
 }
 
 /// One decode launch's inputs: the new tokens' raw q/k/v rows, where they go, and the RoPE

@@ -68,7 +68,7 @@ fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, target: usize
         .collect();
     let freqs = g.upload(&freqs);
     let f = g.function("attention_decode", "paged_attention_decode_hd128_g4");
-    let smem = (3 * 16384 + 4 * 512 * 4 + 512 * 4) as u32;
+    let smem = (3 * 12288 + 4 * 512 * 4 + 512 * 4) as u32;
     g.allow_smem(f, smem);
     let red = g.function("attention_decode", "paged_attention_decode_reduce");
     let scale = 1.0f32 / (HD as f32).sqrt();

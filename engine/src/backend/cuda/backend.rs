@@ -45,10 +45,10 @@ pub fn decode_split(
 const MAX_DECODE_DEPTH: usize = 2048;
 
 /// Dynamic shared memory of the decode attention kernel for `gt` query heads a block
-/// (decode_smem_bytes in attention_decode.cu: a 3-stage K/V ring of 16 KiB, the scores of a
+/// (decode_smem_bytes in attention_decode.cu: a 3-stage K/V ring of 12 KiB, the scores of a
 /// 512-token partition per head, its 512 slots).
 fn decode_attention_smem(gt: usize) -> u32 {
-    (3 * 16384 + gt * MAX_DECODE_PARTITION * 4 + MAX_DECODE_PARTITION * 4) as u32
+    (3 * 12288 + gt * MAX_DECODE_PARTITION * 4 + MAX_DECODE_PARTITION * 4) as u32
 }
 
 pub struct CudaTensor {

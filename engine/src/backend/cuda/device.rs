@@ -216,7 +216,9 @@ impl Gpu {
         {
             return Ok(());
         }
-        if shared_bytes > 48 * 1024 {
+        // Static and dynamic shared memory together may not pass 48 KiB without the opt-in
+        // (decode attention: 46 KiB dynamic + 3 KiB static), so any dynamic size sets it.
+        if shared_bytes > 0 {
             // SAFETY: f is a valid function handle.
             unsafe {
                 drv::function::set_function_attribute(

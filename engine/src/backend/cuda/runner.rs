@@ -104,6 +104,10 @@ struct PhaseTimes {
     submit: std::time::Duration,
     wait: std::time::Duration,
     finish: std::time::Duration,
+    /// The share of the steps (and of their submit and wait) that replayed a decode graph.
+    graph_steps: u32,
+    graph_submit: std::time::Duration,
+    graph_wait: std::time::Duration,
 }
 
 // SAFETY: used from the engine thread only; raw handles are not shared.
@@ -532,6 +536,11 @@ impl CudaExecutor {
         p.submit += t_submitted - t_prepared;
         p.wait += t_done - t_submitted;
         p.finish += t_done.elapsed();
+        if graph_size.is_some() {
+            p.graph_steps += 1;
+            p.graph_submit += t_submitted - t_prepared;
+            p.graph_wait += t_done - t_submitted;
+        }
         Ok(Some(ModelRunnerOutput { sampled }))
     }
 }
@@ -616,6 +625,24 @@ impl Executor for CudaExecutor {
             ms(p.wait),
             ms(p.finish)
         );
+        // Graph replays and eager steps cost the host very differently: show both.
+        let split = |steps: u32, submit: std::time::Duration, wait: std::time::Duration| {
+            let k = steps.max(1) as f64;
+            format!(
+                "{steps} steps, submit {:.3} ms, wait {:.3} ms",
+                submit.as_secs_f64() * 1e3 / k,
+                wait.as_secs_f64() * 1e3 / k
+            )
+        };
+        line.push_str(&format!(
+            "\n  decode graphs: {}; eager: {}",
+            split(p.graph_steps, p.graph_submit, p.graph_wait),
+            split(
+                p.steps - p.graph_steps,
+                p.submit - p.graph_submit,
+                p.wait - p.graph_wait
+            )
+        ));
         if let Some(profiler) = &self.gpu.profiler {
             line.push('\n');
             line.push_str(&profiler.report());
