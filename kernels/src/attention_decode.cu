@@ -440,9 +440,9 @@ __device__ __forceinline__ void decode_attention(
 
 }  // namespace
 
-#define RVLLM_DECODE_ATTENTION_V(HD, GT, NAME, STAGES, MINB)                                                         \
-    extern "C" __global__ void __launch_bounds__(kThreads, MINB)                    \
-        paged_attention_decode_hd##HD##_g##GT##NAME(                                                 \
+#define RVLLM_DECODE_ATTENTION(HD, GT)                                                         \
+    extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks(GT))                    \
+        paged_attention_decode_hd##HD##_g##GT(                                                 \
             __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,                  \
             float* __restrict__ partial_ml, const __nv_bfloat16* __restrict__ q,               \
             const __nv_bfloat16* __restrict__ k_new, const __nv_bfloat16* __restrict__ v_new,  \
@@ -452,14 +452,11 @@ __device__ __forceinline__ void decode_attention(
             const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq,      \
             float scale, int num_heads, int num_kv_heads, int block_size,                      \
             int max_blocks_per_seq, int target_partitions) {                                   \
-        decode_attention<HD, GT, STAGES>(out, partial_out, partial_ml, q, k_new, v_new, qkv_stride,    \
-                                 key_cache, value_cache, block_tables, context_lens,           \
-                                 positions, slot_mapping, inv_freq, scale, num_heads,          \
-                                 num_kv_heads, block_size, max_blocks_per_seq,                 \
-                                 target_partitions);                                           \
+        decode_attention<HD, GT, kStages>(                                                     \
+            out, partial_out, partial_ml, q, k_new, v_new, qkv_stride, key_cache, value_cache,    \
+            block_tables, context_lens, positions, slot_mapping, inv_freq, scale, num_heads,      \
+            num_kv_heads, block_size, max_blocks_per_seq, target_partitions);                     \
     }
-
-#define RVLLM_DECODE_ATTENTION(HD, GT) RVLLM_DECODE_ATTENTION_V(HD, GT, , kStages, kMinBlocks(GT))
 
 RVLLM_DECODE_ATTENTION(64, 1)
 RVLLM_DECODE_ATTENTION(64, 2)
