@@ -8,7 +8,10 @@
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns.
 mod gpu_harness;
 
-use gpu_harness::{arg, assert_close, gpu, inv_freq, random_bf16, rng, Gpu, ATOL, BF16_NAN, RTOL};
+use gpu_harness::{
+    arg, assert_close, decode_attention_smem, gpu, inv_freq, random_bf16, rng, Gpu, ATOL, BF16_NAN,
+    RTOL,
+};
 use half::bf16;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -87,6 +90,12 @@ impl TestCache {
         }
     }
 
+    /// The cache slot of token `t` of sequence `seq`.
+    fn slot(&self, seq: usize, t: usize) -> usize {
+        self.tables[seq * self.max_blocks + t / self.block_size] as usize * self.block_size
+            + t % self.block_size
+    }
+
     fn paged(&self) -> cpu::PagedKv<'_> {
         cpu::PagedKv {
             key_cache: &self.k,
@@ -106,12 +115,6 @@ fn decode_group_tile(group: usize) -> usize {
         3 | 4 => 4,
         _ => 8,
     }
-}
-
-/// Bytes of dynamic shared memory of the decode kernel with GT heads a block (its
-/// decode_smem_bytes: a 3-stage ring of 12 KiB, GT x 512 scores, 512 slots).
-fn decode_smem(gt: usize) -> u32 {
-    (3 * 12288 + gt * 512 * 4 + 512 * 4) as u32
 }
 
 /// One decode launch's inputs: the new tokens' raw q/k/v rows, where they go, and the RoPE
@@ -142,10 +145,7 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
     let width = c.nkv * c.hd;
     // Every new token's slot, the padding rows' too (whose kernel must leave it alone).
     for (s, &n) in st.ctx.iter().enumerate() {
-        let t = n - 1;
-        let slot = c.tables[s * c.max_blocks + t / c.block_size] as usize * c.block_size
-            + t % c.block_size;
-        let at = slot * width;
+        let at = c.slot(s, n - 1) * width;
         k_h[at..at + width].fill(BF16_NAN);
         v_h[at..at + width].fill(BF16_NAN);
     }
@@ -179,7 +179,7 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
         &kernel,
         grid,
         (128, 1, 1),
-        decode_smem(gt),
+        decode_attention_smem(gt),
         &mut [
             arg(&out.ptr),
             arg(&part_out.ptr),
@@ -274,10 +274,7 @@ fn paged_attention_decode_matches_reference() {
         let mut slots: Vec<i32> = ctx
             .iter()
             .enumerate()
-            .map(|(s, &n)| {
-                let t = n - 1;
-                c.tables[s * c.max_blocks + t / 16] * 16 + (t % 16) as i32
-            })
+            .map(|(s, &n)| c.slot(s, n - 1) as i32)
             .collect();
         if i % 2 == 1 {
             *slots.last_mut().unwrap() = -1;
@@ -293,8 +290,7 @@ fn paged_attention_decode_matches_reference() {
         }
         let width = nkv * hd;
         for (s, &n) in ctx.iter().enumerate() {
-            let t = n - 1;
-            let slot = (c.tables[s * c.max_blocks + t / 16] as usize * 16 + t % 16) * width;
+            let slot = c.slot(s, n - 1) * width;
             let row = s * stride + nh * hd;
             c.k[slot..slot + width].copy_from_slice(&q[row..row + width]);
             c.v[slot..slot + width].copy_from_slice(&qkv[row + width..row + 2 * width]);
@@ -323,8 +319,7 @@ fn paged_attention_decode_matches_reference() {
         assert_close(&what, &got, &want, ATOL, RTOL);
         // The new tokens' K/V went to their slots (and nowhere for the padding row).
         for (s, &slot) in slots.iter().enumerate() {
-            let t = ctx[s] - 1;
-            let at = (c.tables[s * c.max_blocks + t / 16] as usize * 16 + t % 16) * width;
+            let at = c.slot(s, ctx[s] - 1) * width;
             let (k_got, v_got) = (&k_after[at..at + width], &v_after[at..at + width]);
             if slot < 0 {
                 assert!(

@@ -4,7 +4,7 @@
 //! `gpu_bench-<hash> --ignored --nocapture --test-threads=1`.
 mod gpu_harness;
 
-use gpu_harness::{arg, gpu, Buf, Gpu};
+use gpu_harness::{arg, decode_attention_smem, gpu, inv_freq, Buf, Gpu};
 use half::bf16;
 
 /// Fast deterministic filler (xorshift64*): bf16 values in [-1, 1), never all zero.
@@ -63,12 +63,9 @@ fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, target: usize
     let pml = g.poisoned(batch * NH * depth * 2, f32::NAN);
     let positions = g.upload(&vec![ctx as i32 - 1; batch]);
     let slots = g.upload(&vec![-1i32; batch]);
-    let freqs: Vec<f32> = (0..HD / 2)
-        .map(|i| 500_000f32.powf(-(2.0 * i as f32) / HD as f32))
-        .collect();
-    let freqs = g.upload(&freqs);
+    let freqs = g.upload(&inv_freq(HD, 500_000.0));
     let f = g.function("attention_decode", "paged_attention_decode_hd128_g4");
-    let smem = (3 * 12288 + 4 * 512 * 4 + 512 * 4) as u32;
+    let smem = decode_attention_smem(4);
     g.allow_smem(f, smem);
     let red = g.function("attention_decode", "paged_attention_decode_reduce");
     let scale = 1.0f32 / (HD as f32).sqrt();

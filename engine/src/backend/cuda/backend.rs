@@ -250,7 +250,7 @@ impl CudaBackend {
         let meta = gpu.alloc(layout.total * 4)?;
         // Zeroed once: steps upload only the block ids they use (MetaLayout::used), and
         // table entries past a sequence's ids keep earlier, valid values.
-        gpu.upload(meta.ptr, &vec![0i32; layout.total])?;
+        gpu.memset_zero(meta.ptr, layout.total * 4)?;
         let sms = gpu.sm_count as usize;
         let scratch_partitions = (1..=limits.max_seqs)
             .map(|b| b * decode_split(b, num_kv_heads, sms, None).1)
@@ -273,7 +273,8 @@ impl CudaBackend {
             limits,
             layout,
             meta,
-            staging: Mutex::new(vec![0; layout.total]),
+            // The host fills only what goes up: everything before the strided tables.
+            staging: Mutex::new(vec![0; layout.block_tables]),
             partial_out,
             partial_ml,
             scratch_partitions,

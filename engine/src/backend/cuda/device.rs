@@ -21,13 +21,19 @@ pub fn device_count() -> Result<usize> {
     Ok(n.max(0) as usize)
 }
 
-/// Total memory in bytes and name of CUDA device `ordinal`, for defaults that depend on the
-/// GPU. Device queries only: no context is created (the engine creates its own later).
-pub fn memory_and_name(ordinal: usize) -> Result<(usize, String)> {
+/// An error that says what to do when device `ordinal` does not exist.
+fn check_ordinal(ordinal: usize) -> Result<()> {
     let count = device_count()?;
     if ordinal >= count {
         bail!("CUDA device {ordinal} requested but {count} present; run with --device cpu or check CUDA_VISIBLE_DEVICES");
     }
+    Ok(())
+}
+
+/// Total memory in bytes and name of CUDA device `ordinal`, for defaults that depend on the
+/// GPU. Device queries only: no context is created (the engine creates its own later).
+pub fn memory_and_name(ordinal: usize) -> Result<(usize, String)> {
+    check_ordinal(ordinal)?;
     drv::init().map_err(|e| anyhow!("the CUDA driver failed to initialise: {e:?}"))?;
     let dev = drv::device::get(ordinal as i32)
         .map_err(|e| anyhow!("opening CUDA device {ordinal}: {e:?}"))?;
@@ -105,10 +111,7 @@ unsafe impl Sync for Gpu {}
 
 impl Gpu {
     pub fn new(ordinal: usize) -> Result<Self> {
-        let count = device_count()?;
-        if ordinal >= count {
-            bail!("CUDA device {ordinal} requested but {count} present; run with --device cpu or check CUDA_VISIBLE_DEVICES");
-        }
+        check_ordinal(ordinal)?;
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| anyhow!("the CUDA driver library could not be loaded"))?
             .map_err(|e| anyhow!("creating a CUDA context on device {ordinal}: {e:?}"))?;
