@@ -45,6 +45,13 @@ pub fn expand_block_tables(tables: &mut [i32], compact: &[i32], offsets: &[i32],
     }
 }
 
+/// feed_sampled_tokens: `ids[feed[2i]] = tokens[feed[2i + 1]]` for every pair of `feed`.
+pub fn feed_sampled_tokens(ids: &mut [i32], feed: &[i32], tokens: &[i32]) {
+    for pair in feed.chunks_exact(2) {
+        ids[pair[0] as usize] = tokens[pair[1] as usize];
+    }
+}
+
 /// RMSNorm of every row of `x` (row width = `weight.len()`).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let hidden = weight.len();

@@ -58,6 +58,51 @@ fn block_tables_expand_from_the_compact_upload() {
 }
 
 #[test]
+fn sampled_tokens_feed_the_next_steps_ids() {
+    let Some(g) = gpu("sampled_tokens_feed_the_next_steps_ids") else {
+        return;
+    };
+    let mut r = rng("feed");
+    // (step tokens, previous rows, pairs): fewer and more pairs than a block's 256 threads.
+    for &(num_ids, rows, pairs) in &[
+        (7usize, 5usize, 3usize),
+        (1024, 1024, 1000),
+        (600, 300, 257),
+    ] {
+        let ids: Vec<i32> = (0..num_ids).map(|_| r.random_range(0..128_000)).collect();
+        let tokens: Vec<i32> = (0..rows).map(|_| r.random_range(0..128_000)).collect();
+        // Distinct destinations (each placeholder is one token), any source rows.
+        let mut dst: Vec<i32> = (0..num_ids as i32).collect();
+        dst.shuffle(&mut r);
+        let feed: Vec<i32> = dst[..pairs]
+            .iter()
+            .flat_map(|&d| [d, r.random_range(0..rows as i32)])
+            .collect();
+        let (d_ids, d_feed, d_tokens) = (g.upload(&ids), g.upload(&feed), g.upload(&tokens));
+        let n = pairs as i32;
+        g.launch(
+            "block_tables",
+            "feed_sampled_tokens",
+            (pairs.div_ceil(256) as u32, 1, 1),
+            (256, 1, 1),
+            &mut [
+                arg(&d_ids.ptr),
+                arg(&d_feed.ptr),
+                arg(&d_tokens.ptr),
+                arg(&n),
+            ],
+        );
+        let mut want = ids.clone();
+        cpu::feed_sampled_tokens(&mut want, &feed, &tokens);
+        assert_eq!(
+            g.download(&d_ids),
+            want,
+            "{pairs} of {num_ids} ids from {rows} rows"
+        );
+    }
+}
+
+#[test]
 fn embedding_lookup_and_row_gather() {
     let Some(g) = gpu("embedding_lookup_and_row_gather") else {
         return;

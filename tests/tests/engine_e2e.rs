@@ -763,3 +763,80 @@ fn prefix_caching_reuses_blocks_and_keeps_the_tokens() {
         }
     }
 }
+
+/// Async scheduling (each step scheduled while the one before runs, its input tokens filled
+/// in by the runner) gives exactly the outputs of scheduling each step after the last one's
+/// output: on a mixed batch with EOS and stop-token stops on tokens still pending, seeded
+/// sampling, penalties and logprobs (the host path on CUDA), chunked prefill, and a KV cache
+/// small enough to preempt.
+#[test]
+fn async_scheduling_gives_the_same_outputs_as_step_by_step() {
+    let reference = smollm2_reference();
+    let prompts: Vec<Vec<u32>> = reference.iter().map(|p| p.prompt_ids.clone()).collect();
+    let eos_free = |max_tokens| SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(max_tokens),
+        ..SamplingParams::default()
+    };
+    // First run: find tokens each greedy request produces, to stop some on them below.
+    let mut args = engine_args(&smollm2_gguf());
+    args.num_kv_blocks = Some(24); // 384 tokens for the whole batch: preemption
+    args.max_num_batched_tokens = Some(64);
+    let mut llm = load(&args);
+    assert!(llm.core.lookahead(), "the default engine schedules ahead");
+    let plain = run(&mut llm, &prompts, &vec![greedy(12); prompts.len()]);
+    let params: Vec<SamplingParams> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, _)| match i % 5 {
+            // Stops on its 4th token.
+            0 => SamplingParams {
+                stop_token_ids: vec![tokens(&plain[i])[3]],
+                ..greedy(16)
+            },
+            1 => sampled(Some(100 + i as u64), 14),
+            2 => SamplingParams {
+                repetition_penalty: 1.3,
+                frequency_penalty: 0.5,
+                logprobs: Some(3),
+                ..greedy(10)
+            },
+            3 => eos_free(3 + i),
+            _ => SamplingParams {
+                temperature: 0.7,
+                top_p: 0.9,
+                top_k: 20,
+                seed: Some(i as u64),
+                ..greedy(15)
+            },
+        })
+        .collect();
+    let ahead = run(&mut llm, &prompts, &params);
+    drop(llm);
+    args.no_async_scheduling = true;
+    let mut step_by_step = load(&args);
+    assert!(!step_by_step.core.lookahead());
+    let want = run(&mut step_by_step, &prompts, &params);
+    for (i, (a, w)) in ahead.iter().zip(&want).enumerate() {
+        assert_eq!(tokens(a), tokens(w), "prompt {i}: tokens");
+        assert_eq!(
+            a.outputs[0].finish_reason, w.outputs[0].finish_reason,
+            "prompt {i}: finish reason"
+        );
+        assert_eq!(top_ids(a), top_ids(w), "prompt {i}: logprobs");
+    }
+    for i in (0..prompts.len()).step_by(5) {
+        let stop = tokens(&plain[i])[3];
+        let first = tokens(&plain[i]).iter().position(|&t| t == stop).unwrap();
+        assert_eq!(
+            tokens(&ahead[i]),
+            &tokens(&plain[i])[..=first],
+            "prompt {i}"
+        );
+        assert_eq!(ahead[i].outputs[0].finish_reason, Some(FinishReason::Stop));
+    }
+    assert!(
+        step_by_step.core.scheduler.num_preemptions() > 0,
+        "the KV cache was meant to preempt"
+    );
+}

@@ -59,6 +59,14 @@ pub struct EngineArgs {
     /// Prefix caching off (the default), as vLLM spells it.
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
+    /// Schedule each step while the one before still runs, so that the host's work
+    /// overlaps the device's (the default where the executor allows it: CUDA, and the CPU
+    /// runner's thread). Accepted for vLLM compatibility.
+    #[arg(long, overrides_with = "no_async_scheduling")]
+    pub async_scheduling: bool,
+    /// Schedule each step only after the last one's output is back.
+    #[arg(long)]
+    pub no_async_scheduling: bool,
     /// Set by `rvllm serve`: the batch defaults are the server's (vLLM's usage context).
     #[arg(skip)]
     pub serving: bool,
@@ -113,6 +121,8 @@ impl Default for EngineArgs {
             disable_progress: false,
             enable_prefix_caching: false,
             no_enable_prefix_caching: false,
+            async_scheduling: false,
+            no_async_scheduling: false,
             serving: false,
         }
     }

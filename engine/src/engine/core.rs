@@ -1,12 +1,16 @@
 //! The engine core: one step is `schedule()` → `execute()` → `update_from_output()`.
 //! It sees token ids only; text lives in `output.rs` at the edge.
+use std::collections::VecDeque;
+
 use anyhow::{bail, Context, Result};
 
 use super::args::{BatchLimits, EngineArgs};
 use crate::models::config::ModelConfig;
 use crate::models::{load_model, LoadFormat, LoadOptions, LoadedModel};
 use crate::runner::{Executor, RunnerConfig};
-use crate::scheduler::{EngineCoreOutput, EngineRequest, RequestId, Scheduler, SchedulerConfig};
+use crate::scheduler::{
+    EngineCoreOutput, EngineRequest, RequestId, Scheduler, SchedulerConfig, SchedulerOutput,
+};
 
 /// Which backend runs the model, after resolving `--device auto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +123,10 @@ pub struct EngineCore {
     pub prompt_tokens_total: u64,
     pub generation_tokens_total: u64,
     pub profile: StepProfile,
+    /// Steps submitted whose outputs are not folded in yet, oldest first (two at most).
+    in_flight: VecDeque<SchedulerOutput>,
+    /// Schedule and submit the next step while the last one runs (async scheduling).
+    lookahead: bool,
 }
 
 impl EngineCore {
@@ -184,6 +192,7 @@ impl EngineCore {
             num_kv_blocks: num_blocks,
         })
         .with_prefix_caching(args.enable_prefix_caching && !args.no_enable_prefix_caching);
+        let lookahead = executor.overlaps() && !args.no_async_scheduling;
         let core = Self {
             scheduler,
             executor,
@@ -192,6 +201,8 @@ impl EngineCore {
             prompt_tokens_total: 0,
             generation_tokens_total: 0,
             profile: StepProfile::default(),
+            in_flight: VecDeque::new(),
+            lookahead,
         };
         Ok((core, tokenizer))
     }
@@ -207,30 +218,57 @@ impl EngineCore {
         self.scheduler.abort(id);
     }
 
+    /// True while any request is unfinished or a step's output is still to be folded in.
     pub fn has_unfinished(&self) -> bool {
-        self.scheduler.has_unfinished()
+        self.scheduler.has_unfinished() || !self.in_flight.is_empty()
+    }
+
+    /// Whether steps are scheduled one ahead of the device (async scheduling).
+    pub fn lookahead(&self) -> bool {
+        self.lookahead
     }
 
     /// One engine step. Returns the outputs of every request that produced something.
+    ///
+    /// With lookahead the next step is scheduled and submitted before this one's output is
+    /// waited for, so the host's scheduling, batch preparation and output handling overlap
+    /// the device's work on the step before; its outputs come with the next call.
     pub fn step(&mut self) -> Result<Vec<EngineCoreOutput>> {
-        let t0 = std::time::Instant::now();
-        let so = self.scheduler.schedule();
-        if so.is_empty() && so.finished.is_empty() {
+        if self.in_flight.is_empty() && !self.submit_next()? {
             return Ok(Vec::new());
         }
+        if self.lookahead && self.in_flight.len() == 1 {
+            self.submit_next()?;
+        }
+        let so = self.in_flight.pop_front().expect("a step is in flight");
+        let t0 = std::time::Instant::now();
+        let out = self.executor.collect()?;
         let t1 = std::time::Instant::now();
-        let out = self.executor.execute(&so)?;
-        let t2 = std::time::Instant::now();
         let outputs = self.scheduler.update_from_output(&so, &out);
         let p = &mut self.profile;
         p.steps += 1;
-        p.schedule += t1 - t0;
-        p.execute += t2 - t1;
-        p.update += t2.elapsed();
+        p.execute += t1 - t0;
+        p.update += t1.elapsed();
         self.generation_tokens_total += outputs
             .iter()
             .map(|o| o.new_token_ids.len() as u64)
             .sum::<u64>();
         Ok(outputs)
+    }
+
+    /// Schedules a step and hands it to the executor; false when there is nothing to run.
+    fn submit_next(&mut self) -> Result<bool> {
+        let t0 = std::time::Instant::now();
+        let so = self.scheduler.schedule();
+        if so.is_empty() && so.finished.is_empty() {
+            self.profile.schedule += t0.elapsed();
+            return Ok(false);
+        }
+        let t1 = std::time::Instant::now();
+        self.executor.submit(&so)?;
+        self.in_flight.push_back(so);
+        self.profile.schedule += t1 - t0;
+        self.profile.execute += t1.elapsed();
+        Ok(true)
     }
 }

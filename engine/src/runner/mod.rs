@@ -1,6 +1,8 @@
 //! The model runner: turns a `SchedulerOutput` into a forward pass and sampled tokens.
 //! The engine core drives it through `Executor`, whatever the backend.
-use anyhow::{ensure, Result};
+use std::sync::mpsc;
+
+use anyhow::{anyhow, ensure, Context, Result};
 
 use crate::backend::cpu::CpuBackend;
 use crate::models::config::ModelConfig;
@@ -14,11 +16,30 @@ mod model_runner;
 mod tests;
 
 pub use batch::{build_forward_batch, RowUse};
+#[cfg(feature = "cuda")]
+pub(crate) use model_runner::resolve_placeholders;
 pub use model_runner::ModelRunner;
 
-/// What the engine core drives; implemented by `ModelRunner<B>` for every backend.
+/// What the engine core drives: `ModelRunner<B>` for every backend, on a worker thread for
+/// the CPU, with a device fast path for CUDA.
 pub trait Executor: Send {
-    fn execute(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput>;
+    /// Starts a step; its output comes from `collect`, oldest first. Every `submit` that
+    /// returns Ok has exactly one `collect` result (which may be an error). When the previous
+    /// step is still running, this step's `PLACEHOLDER_TOKEN`s stand for the tokens that step
+    /// samples for the same requests, and the executor fills them in.
+    fn submit(&mut self, so: &SchedulerOutput) -> Result<()>;
+    /// The output of the oldest step submitted and not collected, waiting for it if need be.
+    fn collect(&mut self) -> Result<ModelRunnerOutput>;
+    /// Whether `submit` returns before the step's work is done, so that the engine schedules
+    /// the next step meanwhile (lookahead); false: steps run inside `submit`.
+    fn overlaps(&self) -> bool {
+        false
+    }
+    /// One step from start to end (nothing may be in flight).
+    fn execute(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+        self.submit(so)?;
+        self.collect()
+    }
     fn num_kv_blocks(&self) -> usize;
     fn block_size(&self) -> usize;
     fn device_name(&self) -> String;
@@ -88,26 +109,104 @@ pub fn create_cpu_executor_from_parts(
 ) -> Result<Box<dyn Executor>> {
     let blocks = kv_blocks_for(config, cfg, std::mem::size_of::<f32>())?;
     let runner = ModelRunner::new(CpuBackend::new(), config, weights, cfg, blocks)?;
-    Ok(Box::new(CpuExecutor(runner)))
+    Ok(Box::new(CpuExecutor::spawn(runner)?))
 }
 
-/// Runs each step on a rayon worker thread: the ops' parallel loops then start from inside
-/// the pool (cheap work-stealing) instead of each one being injected from the engine thread
-/// and waited for (hundreds of cross-thread hand-offs per decode step).
-struct CpuExecutor(ModelRunner<CpuBackend>);
+/// Runs the steps on a thread of its own, in order, so that the engine schedules the next
+/// step and hands out the last one's outputs meanwhile. Each step runs inside a rayon scope:
+/// the ops' parallel loops then start from inside the pool (cheap work-stealing) instead of
+/// each one being injected from the calling thread and waited for (hundreds of cross-thread
+/// hand-offs per decode step).
+struct CpuExecutor {
+    steps: Option<mpsc::Sender<SchedulerOutput>>,
+    outputs: mpsc::Receiver<Result<ModelRunnerOutput>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    num_kv_blocks: usize,
+    block_size: usize,
+    device_name: String,
+}
+
+impl CpuExecutor {
+    fn spawn(mut runner: ModelRunner<CpuBackend>) -> Result<Self> {
+        let (num_kv_blocks, block_size, device_name) = (
+            runner.num_kv_blocks(),
+            runner.block_size(),
+            runner.device_name(),
+        );
+        let (step_tx, step_rx) = mpsc::channel::<SchedulerOutput>();
+        let (out_tx, out_rx) = mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name("rvllm-cpu-runner".into())
+            .spawn(move || {
+                for so in step_rx {
+                    // A panic is a bug, but it must reach the caller as an error, not end the
+                    // thread and leave the engine waiting.
+                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        rayon::scope(|_| runner.run_step(&so))
+                    }))
+                    .unwrap_or_else(|panic| {
+                        Err(anyhow!(
+                            "the CPU model runner panicked: {}",
+                            panic_message(&panic)
+                        ))
+                    });
+                    if out_tx.send(out).is_err() {
+                        return;
+                    }
+                }
+            })
+            .context("starting the CPU model runner thread")?;
+        Ok(Self {
+            steps: Some(step_tx),
+            outputs: out_rx,
+            worker: Some(worker),
+            num_kv_blocks,
+            block_size,
+            device_name,
+        })
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
 
 impl Executor for CpuExecutor {
-    fn execute(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput> {
-        let runner = &mut self.0;
-        rayon::scope(|_| runner.execute(so))
+    fn submit(&mut self, so: &SchedulerOutput) -> Result<()> {
+        self.steps
+            .as_ref()
+            .and_then(|tx| tx.send(so.clone()).ok())
+            .context("the CPU model runner thread has stopped")
+    }
+    fn collect(&mut self) -> Result<ModelRunnerOutput> {
+        self.outputs
+            .recv()
+            .context("the CPU model runner thread has stopped")?
+    }
+    fn overlaps(&self) -> bool {
+        true
     }
     fn num_kv_blocks(&self) -> usize {
-        self.0.num_kv_blocks()
+        self.num_kv_blocks
     }
     fn block_size(&self) -> usize {
-        self.0.block_size()
+        self.block_size
     }
     fn device_name(&self) -> String {
-        self.0.device_name()
+        self.device_name.clone()
+    }
+}
+
+impl Drop for CpuExecutor {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker's loop once the steps in flight are done.
+        self.steps.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
     }
 }

@@ -11,7 +11,8 @@ use crate::models::llama::{LlamaModel, Workspace};
 use crate::models::weights::WeightMap;
 use crate::sampling::sampler::{top_logprobs, SeqSampler};
 use crate::scheduler::{
-    ModelRunnerOutput, RequestId, SampledToken, SchedulerOutput, TokenLogprobs,
+    ModelRunnerOutput, RequestId, SampledToken, ScheduledRequest, SchedulerOutput, TokenLogprobs,
+    PLACEHOLDER_TOKEN,
 };
 
 /// Workspace rows allocated up front; it grows to the largest step actually seen (up to
@@ -34,6 +35,10 @@ pub struct ModelRunner<B: Backend> {
     kv_shape: KvCacheShape,
     ws: Workspace<B>,
     requests: HashMap<RequestId, RequestState>,
+    /// The tokens the last step sampled: what the next step's placeholders stand for.
+    last_sampled: HashMap<RequestId, u32>,
+    /// Outputs of steps submitted and not yet collected (they run inside `submit`).
+    ready: std::collections::VecDeque<Result<ModelRunnerOutput>>,
 }
 
 impl<B: Backend> ModelRunner<B> {
@@ -65,6 +70,8 @@ impl<B: Backend> ModelRunner<B> {
             kv_shape,
             ws,
             requests: HashMap::new(),
+            last_sampled: HashMap::new(),
+            ready: Default::default(),
         })
     }
 
@@ -143,6 +150,14 @@ impl<B: Backend> ModelRunner<B> {
         }
     }
 
+    /// Runs one step now: its placeholders are the tokens of the step run before it.
+    pub(crate) fn run_step(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+        let resolved = resolve_placeholders(so, &self.last_sampled)?;
+        let out = self.run(resolved.as_ref().unwrap_or(so))?;
+        self.last_sampled = out.sampled.iter().map(|t| (t.req_id, t.token_id)).collect();
+        Ok(out)
+    }
+
     fn run(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput> {
         self.update_states(so);
         if so.scheduled.is_empty() {
@@ -185,8 +200,15 @@ impl<B: Backend> ModelRunner<B> {
 }
 
 impl<B: Backend> Executor for ModelRunner<B> {
-    fn execute(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput> {
-        self.run(so)
+    fn submit(&mut self, so: &SchedulerOutput) -> Result<()> {
+        let out = self.run_step(so);
+        self.ready.push_back(out);
+        Ok(())
+    }
+    fn collect(&mut self) -> Result<ModelRunnerOutput> {
+        self.ready
+            .pop_front()
+            .context("collect() without a step submitted")?
     }
     fn num_kv_blocks(&self) -> usize {
         self.kv_shape.num_blocks
@@ -197,6 +219,32 @@ impl<B: Backend> Executor for ModelRunner<B> {
     fn device_name(&self) -> String {
         self.backend.device_name()
     }
+}
+
+/// `so` with each `PLACEHOLDER_TOKEN` replaced by the token `previous` sampled for its
+/// request; None when it has none.
+pub(crate) fn resolve_placeholders(
+    so: &SchedulerOutput,
+    previous: &HashMap<RequestId, u32>,
+) -> Result<Option<SchedulerOutput>> {
+    let pending = |sr: &ScheduledRequest| sr.token_ids.contains(&PLACEHOLDER_TOKEN);
+    if !so.scheduled.iter().any(pending) {
+        return Ok(None);
+    }
+    let mut resolved = so.clone();
+    for sr in resolved.scheduled.iter_mut().filter(|sr| pending(sr)) {
+        let token = *previous.get(&sr.req_id).with_context(|| {
+            format!(
+                "request {} was scheduled with the token of a step that sampled none for it; \
+                 this is a bug",
+                sr.req_id
+            )
+        })?;
+        for t in sr.token_ids.iter_mut().filter(|t| **t == PLACEHOLDER_TOKEN) {
+            *t = token;
+        }
+    }
+    Ok(Some(resolved))
 }
 
 /// Uses one row of logits: a prompt logprob, or the next token of a request.

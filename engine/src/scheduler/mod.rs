@@ -8,6 +8,12 @@
 //! prefilled in chunks next to running decodes. When the KV cache runs out of blocks the
 //! newest running request is preempted: its blocks are freed and it is recomputed later
 //! from its prompt and the outputs it already has.
+//!
+//! A step may be scheduled while the previous one is still on the device (lookahead, so that
+//! the host's work overlaps the device's): a request's computed count advances when it is
+//! scheduled, and a token that a running step is still sampling is scheduled as
+//! `PLACEHOLDER_TOKEN` for the runner to fill in. Its outputs then come one step later: a
+//! request that stops on that token has one wasted step computed, never a wrong token.
 pub mod output;
 mod request;
 #[cfg(test)]
@@ -150,16 +156,29 @@ impl Scheduler {
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
             let req = &self.requests[&id];
-            let num_new = req.num_uncomputed().min(budget);
+            // A pending token that ends the sequence anyway: nothing left to compute.
+            let num_new = if req.ends_with_pending(self.cfg.max_model_len) {
+                0
+            } else {
+                req.num_uncomputed().min(budget)
+            };
             if num_new == 0 {
                 i += 1;
                 continue;
             }
             let target = req.num_computed_tokens + num_new;
+            let pending = req.num_pending > 0;
             let mut keeps_running = true;
+            let mut wait_for_pending = false;
             while !self.kv.allocate_slots(id, target) {
                 let victim = *self.running.last().expect("the running list holds `id`");
                 if victim == id && i == 0 {
+                    if pending {
+                        // Its token from the step still running comes first (ending the
+                        // request now would lose it); the next step ends it if need be.
+                        wait_for_pending = true;
+                        break;
+                    }
                     // Alone in the cache and it still does not fit: this one sequence has
                     // used up every block. End it rather than preempt it forever.
                     self.running.pop();
@@ -174,10 +193,14 @@ impl Scheduler {
                     break;
                 }
             }
+            if wait_for_pending {
+                i += 1;
+                continue;
+            }
             if !keeps_running {
                 continue; // `id` left the running list, which ends this loop
             }
-            out.scheduled.push(self.scheduled_request(id, num_new));
+            out.scheduled.push(self.schedule_chunk(id, num_new));
             budget -= num_new;
             i += 1;
         }
@@ -190,6 +213,11 @@ impl Scheduler {
                     break;
                 };
                 let req = &self.requests[&id];
+                if req.num_pending > 0 {
+                    // Preempted while its last step still runs: first come, first served,
+                    // so everyone waits for that step's token.
+                    break;
+                }
                 // Waiting requests hold no blocks and have nothing computed; start them
                 // from the cached prefix when there is one.
                 let cached = if self.kv.prefix_caching() && req.sampling.prompt_logprobs.is_none() {
@@ -227,7 +255,7 @@ impl Scheduler {
                         sampling: req.sampling.clone(),
                     });
                 }
-                out.scheduled.push(self.scheduled_request(id, num_new));
+                out.scheduled.push(self.schedule_chunk(id, num_new));
                 budget -= num_new;
             }
         }
@@ -236,8 +264,9 @@ impl Scheduler {
         out
     }
 
-    /// Fold the runner's sampled tokens into the requests: advance their computed counts,
-    /// append tokens, and end those that hit a stop condition.
+    /// Fold the runner's sampled tokens into the requests: append tokens, share the blocks
+    /// the step computed, and end those that hit a stop condition. `so` is the step the
+    /// output belongs to, which need not be the last one scheduled.
     pub fn update_from_output(
         &mut self,
         so: &SchedulerOutput,
@@ -248,24 +277,30 @@ impl Scheduler {
             out.sampled.iter().map(|s| (s.req_id, s)).collect();
         let max_model_len = self.cfg.max_model_len;
         for s in &so.scheduled {
-            // Aborted since the step was scheduled: nothing to update.
+            // Aborted (or finished) since the step was scheduled: nothing to update.
             let Some(req) = self.requests.get_mut(&s.req_id) else {
                 continue;
             };
-            if req.status != Status::Running {
-                continue;
+            // A request preempted while this step ran (Waiting) keeps its token, since the
+            // step computed it from the whole context, but its blocks are gone.
+            if req.status == Status::Running {
+                // The step wrote these blocks: from now on other requests may share them.
+                let computed = (s.start_pos + s.token_ids.len())
+                    .min(req.num_computed_tokens)
+                    .min(req.num_tokens());
+                self.kv
+                    .cache_computed_blocks(s.req_id, &req.all_token_ids, computed);
             }
-            req.num_computed_tokens = (s.start_pos + s.token_ids.len()).min(req.num_tokens());
-            // The step wrote these blocks: from now on other requests may share them.
-            self.kv
-                .cache_computed_blocks(s.req_id, &req.all_token_ids, req.num_computed_tokens);
             if !s.sample {
                 continue;
             }
+            req.num_pending = req.num_pending.saturating_sub(1);
             let Some(tok) = sampled.get(&s.req_id) else {
                 // The runner skipped a token it should have sampled. Recompute the last
                 // token next step instead of leaving the request with nothing to do.
-                req.num_computed_tokens = req.num_tokens() - 1;
+                if req.status == Status::Running {
+                    req.num_computed_tokens = req.num_tokens() - 1;
+                }
                 continue;
             };
             req.all_token_ids.push(tok.token_id);
@@ -331,19 +366,29 @@ impl Scheduler {
         self.prefix_cache_hits as f32 / self.prefix_cache_queries as f32
     }
 
-    /// The chunk of `id`'s tokens from its computed count, `num_new` long; its blocks are
-    /// already allocated.
-    fn scheduled_request(&self, id: RequestId, num_new: usize) -> ScheduledRequest {
-        let req = &self.requests[&id];
+    /// The chunk of `id`'s tokens from its computed count, `num_new` long (its blocks are
+    /// already allocated), counted as computed from now on: tokens a running step is still
+    /// sampling go as `PLACEHOLDER_TOKEN`, and a chunk that reaches the end samples one more.
+    fn schedule_chunk(&mut self, id: RequestId, num_new: usize) -> ScheduledRequest {
+        let req = self.requests.get_mut(&id).expect("scheduled ids are known");
         let start = req.num_computed_tokens;
         let end = start + num_new;
+        let known = req.num_tokens();
+        let mut token_ids = req.all_token_ids[start.min(known)..end.min(known)].to_vec();
+        token_ids.resize(num_new, PLACEHOLDER_TOKEN);
+        let sample = end == known + req.num_pending;
+        let num_output_tokens = req.num_output_tokens() + req.num_pending;
+        req.num_computed_tokens = end;
+        if sample {
+            req.num_pending += 1;
+        }
         ScheduledRequest {
             req_id: id,
-            token_ids: req.all_token_ids[start..end].to_vec(),
+            token_ids,
             start_pos: start,
             block_table: self.kv.block_table(id).to_vec(),
-            sample: end == req.num_tokens(),
-            num_output_tokens: req.num_output_tokens(),
+            sample,
+            num_output_tokens,
         }
     }
 
@@ -376,9 +421,11 @@ impl Scheduler {
         });
     }
 
-    /// End a running request that hit a stop condition and free its blocks.
+    /// End a request that hit a stop condition (running, or preempted while its last step
+    /// ran) and free its blocks.
     fn finish_request(&mut self, id: RequestId) {
         self.running.retain(|&r| r != id);
+        self.waiting.retain(|&r| r != id);
         self.kv.free(id);
         self.requests.remove(&id);
         self.finished_since_last.push(id);

@@ -13,12 +13,17 @@ pub struct NewRequestData {
     pub sampling: SamplingParams,
 }
 
+/// Stands for the token that the step still running samples for the same request: a step
+/// may be scheduled before the previous one's output is back (lookahead scheduling), and the
+/// runner fills this in from that output (on the device, where it stays).
+pub const PLACEHOLDER_TOKEN: u32 = u32::MAX;
+
 /// One request's share of a step.
 #[derive(Debug, Clone)]
 pub struct ScheduledRequest {
     pub req_id: RequestId,
     /// Tokens whose KV entries are computed this step, at positions
-    /// `start_pos .. start_pos + token_ids.len()`.
+    /// `start_pos .. start_pos + token_ids.len()`. The last may be `PLACEHOLDER_TOKEN`.
     pub token_ids: Vec<u32>,
     /// Number of tokens already in the KV cache before this step (num_computed_tokens).
     pub start_pos: usize,
@@ -28,8 +33,9 @@ pub struct ScheduledRequest {
     /// True when this chunk reaches the end of the request's known tokens, so the runner
     /// samples the next token. False for a non-final prefill chunk.
     pub sample: bool,
-    /// Number of tokens the request has generated so far (the sampling step index; seeded
-    /// sampling draws from (seed, this index) so that batching never changes the stream).
+    /// Number of tokens the request has generated so far, the pending one included (the
+    /// sampling step index; seeded sampling draws from (seed, this index) so that batching
+    /// and lookahead never change the stream).
     pub num_output_tokens: usize,
 }
 

@@ -151,6 +151,9 @@ pub(super) struct Request {
     pub sent_to_runner: bool,
     /// Prompt logprobs were delivered (a recompute after preemption must not repeat them).
     pub prompt_logprobs_sent: bool,
+    /// Tokens being sampled by a step still on the device (0 or 1): scheduled as
+    /// `PLACEHOLDER_TOKEN`, appended when that step's output comes back.
+    pub num_pending: usize,
 }
 
 impl Request {
@@ -164,6 +167,7 @@ impl Request {
             status: Status::Waiting,
             sent_to_runner: false,
             prompt_logprobs_sent: false,
+            num_pending: 0,
         }
     }
 
@@ -179,9 +183,20 @@ impl Request {
         &self.all_token_ids[..self.prompt_len]
     }
 
-    /// Known tokens still lacking KV entries.
+    /// Known tokens still lacking KV entries, the pending ones included.
     pub fn num_uncomputed(&self) -> usize {
-        self.num_tokens().saturating_sub(self.num_computed_tokens)
+        (self.num_tokens() + self.num_pending).saturating_sub(self.num_computed_tokens)
+    }
+
+    /// Whether the pending token ends the sequence whatever it is (max_tokens or the
+    /// context length reached): then there is nothing to schedule until it comes back.
+    pub fn ends_with_pending(&self, max_model_len: usize) -> bool {
+        self.num_pending > 0
+            && (self
+                .sampling
+                .max_tokens
+                .is_some_and(|m| self.num_output_tokens() + self.num_pending >= m)
+                || self.num_tokens() + self.num_pending >= max_model_len)
     }
 
     /// After appending the sampled token: does the sequence end here, and why?

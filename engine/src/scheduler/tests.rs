@@ -678,3 +678,161 @@ fn prefix_caching_skips_requests_that_want_prompt_logprobs() {
         "two full blocks reused, the last one recomputed"
     );
 }
+
+/// Drives the scheduler as the engine does with lookahead: each step is scheduled before the
+/// previous one's output is folded in, and the fake runner fills placeholders from that
+/// output, as the real runners do. Returns every request's outputs and finish reason, and
+/// checks that each chunk computed the request's real tokens at their positions.
+fn run_lookahead(
+    s: &mut Scheduler,
+    prompts: &HashMap<RequestId, Vec<u32>>,
+    token: &dyn Fn(RequestId, usize) -> u32,
+) -> HashMap<RequestId, (Vec<u32>, Option<FinishReason>)> {
+    let mut results: HashMap<RequestId, (Vec<u32>, Option<FinishReason>)> = HashMap::new();
+    let mut computed: Vec<(RequestId, usize, Vec<u32>)> = Vec::new();
+    let mut in_flight: Option<(SchedulerOutput, ModelRunnerOutput)> = None;
+    let mut steps = 0;
+    loop {
+        steps += 1;
+        assert!(steps < 10_000, "scheduler does not make progress");
+        let so = s.schedule();
+        let prev: HashMap<RequestId, u32> = in_flight
+            .as_ref()
+            .map(|(_, o)| o.sampled.iter().map(|t| (t.req_id, t.token_id)).collect())
+            .unwrap_or_default();
+        let mut sampled = Vec::new();
+        for sr in &so.scheduled {
+            let mut tokens = sr.token_ids.clone();
+            for (k, t) in tokens.iter_mut().enumerate() {
+                if *t == PLACEHOLDER_TOKEN {
+                    assert_eq!(
+                        k,
+                        sr.token_ids.len() - 1,
+                        "only the last token can be pending"
+                    );
+                    *t = *prev.get(&sr.req_id).unwrap_or_else(|| {
+                        panic!("{}: placeholder with no step sampling it", sr.req_id)
+                    });
+                }
+            }
+            computed.push((sr.req_id, sr.start_pos, tokens));
+            if sr.sample {
+                sampled.push(SampledToken {
+                    req_id: sr.req_id,
+                    token_id: token(sr.req_id, sr.num_output_tokens),
+                    logprobs: None,
+                    prompt_logprobs: None,
+                });
+            }
+        }
+        if let Some((pso, pout)) = in_flight.take() {
+            for o in s.update_from_output(&pso, &pout) {
+                let r = results.entry(o.req_id).or_default();
+                assert!(r.1.is_none(), "output after finish for {}", o.req_id);
+                r.0.extend(&o.new_token_ids);
+                r.1 = o.finish_reason;
+            }
+        }
+        if so.scheduled.is_empty() && !s.has_unfinished() {
+            break;
+        }
+        in_flight = Some((so, ModelRunnerOutput { sampled }));
+    }
+    for (id, start, tokens) in computed {
+        let seq: Vec<u32> = prompts[&id]
+            .iter()
+            .chain(&results[&id].0)
+            .copied()
+            .collect();
+        for (k, &t) in tokens.iter().enumerate() {
+            // A step past the end is the wasted one after a stop on a pending token.
+            if let Some(&want) = seq.get(start + k) {
+                assert_eq!(
+                    t,
+                    want,
+                    "{id}: position {} computed the wrong token",
+                    start + k
+                );
+            }
+        }
+    }
+    results
+}
+
+#[test]
+fn lookahead_scheduling_gives_the_same_outputs_under_preemption_and_stops() {
+    // The heavy mixed load through a tiny cache, with some requests hitting EOS on a token
+    // that is still pending when the next step is scheduled.
+    let token = |id: RequestId, step: usize| {
+        if id % 4 == 1 && step == 3 {
+            2
+        } else {
+            default_token(id, step)
+        }
+    };
+    let requests: Vec<EngineRequest> = (0..30u64)
+        .map(|id| request(id, 1 + (id as usize * 13) % 30, 1 + (id as usize * 7) % 15))
+        .collect();
+    let mut sync = Scheduler::new(config(6, 24, 4, 12));
+    let mut h = Harness::default();
+    for r in &requests {
+        h.add(&mut sync, r.clone());
+    }
+    h.run_to_end(&mut sync, &token);
+
+    let mut s = Scheduler::new(config(6, 24, 4, 12));
+    let prompts = requests
+        .iter()
+        .map(|r| (r.req_id, r.prompt_token_ids.clone()))
+        .collect();
+    for r in &requests {
+        s.add_request(r.clone()).unwrap();
+    }
+    let got = run_lookahead(&mut s, &prompts, &token);
+    for r in &requests {
+        let id = r.req_id;
+        assert_eq!(got[&id].0, h.outputs[&id], "request {id}'s tokens");
+        assert_eq!(
+            got[&id].1,
+            Some(h.finished[&id].0),
+            "request {id}'s finish reason"
+        );
+    }
+    assert!(
+        s.num_preemptions() > 0,
+        "the cache was meant to be too small"
+    );
+    assert_eq!(s.num_free_blocks(), 12, "blocks leaked");
+    assert!(got.values().any(|(out, _)| out.last() == Some(&2)));
+}
+
+#[test]
+fn lookahead_does_not_schedule_a_request_whose_pending_token_is_its_last() {
+    // max_tokens 2: the second step's token ends it, so the step after schedules nothing.
+    let mut s = Scheduler::new(config(4, 64, 4, 64));
+    s.add_request(request(7, 5, 2)).unwrap();
+    let first = s.schedule();
+    assert_eq!(first.scheduled[0].token_ids.len(), 5);
+    let second = s.schedule();
+    assert_eq!(second.scheduled[0].token_ids, vec![PLACEHOLDER_TOKEN]);
+    assert_eq!(second.scheduled[0].start_pos, 5);
+    assert_eq!(second.scheduled[0].num_output_tokens, 1);
+    let out = |t| ModelRunnerOutput {
+        sampled: vec![SampledToken {
+            req_id: 7,
+            token_id: t,
+            logprobs: None,
+            prompt_logprobs: None,
+        }],
+    };
+    assert!(s.update_from_output(&first, &out(40))[0]
+        .finish_reason
+        .is_none());
+    assert!(
+        s.schedule().scheduled.is_empty(),
+        "its pending token is its last"
+    );
+    let last = s.update_from_output(&second, &out(41));
+    assert_eq!(last[0].finish_reason, Some(FinishReason::Length));
+    assert!(!s.has_unfinished());
+}

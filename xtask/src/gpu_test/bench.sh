@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # rvllm GPU benchmarks (the suite behind BENCHMARKS.md), gathered by `cargo xtask gpu-test`.
-# Usage: ./bench.sh [latency] [latency-s6] [latency-nopdl] [latency-skip:PATTERNS] [ttft]
-#                   [throughput] [throughput-1024] [throughput-default] [serve] [serve-c1]
+# Usage: ./bench.sh [latency] [latency-s6] [latency-nopdl] [latency-skip:PATTERNS]
+#                   [latency-env:VAR=VALUE,...] [ttft]
+#                   [throughput] [throughput-1024] [throughput-default] [throughput-default-sync]
+#                   [latency-sync] [serve] [serve-c1]
 #                   [peers] [hf] [profile] [profile-throughput]
 #        (no argument: latency ttft throughput). Model: the Llama-3.1-8B shape with dummy weights.
 # Env: RESULTS=<dir> for the logs and JSON (default ./results); PEERS=<dir> holding
@@ -86,6 +88,13 @@ for what in "$@"; do
         run "latency-skip-${pats//,/_}" env RVLLM_SKIP_KERNELS="$pats" "$RVLLM" bench latency \
             --model "$MODEL" --load-format dummy --batch-size 1 --input-len 128 --output-len 256 \
             --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 --max-num-seqs 8 ;;
+    latency-env:*)
+        # The latency run with diagnostic settings, e.g. latency-env:RVLLM_DECODE_REDUCE=kernel
+        # (comma-separated VAR=VALUE pairs; the log is named after them).
+        IFS=, read -r -a vars <<<"${what#latency-env:}"
+        run "latency-env-$(IFS=_; echo "${vars[*]}")" env "${vars[@]}" "$RVLLM" bench latency \
+            --model "$MODEL" --load-format dummy --batch-size 1 --input-len 128 --output-len 256 \
+            --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 --max-num-seqs 8 ;;
     ttft)
         run ttft "$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1 \
             --input-len 2048 --output-len 2 --num-iters-warmup 1 --num-iters 5 \
@@ -102,6 +111,15 @@ for what in "$@"; do
         run throughput-default "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
             --input-len 256 --output-len 256 --num-prompts 1000 \
             --output-json "$RES/throughput-default.json" ;;
+    throughput-default-sync)
+        # The same with each step scheduled only after the last one's output (no overlap).
+        run throughput-default-sync "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
+            --input-len 256 --output-len 256 --num-prompts 1000 --no-async-scheduling \
+            --output-json "$RES/throughput-default-sync.json" ;;
+    latency-sync)
+        run latency-sync "$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1 \
+            --input-len 128 --output-len 256 --num-iters-warmup 1 --num-iters 3 \
+            --max-model-len 2048 --max-num-seqs 8 --no-async-scheduling ;;
     throughput)
         run throughput "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
             --input-len 256 --output-len 256 --num-prompts 1000 --max-model-len 1024 \

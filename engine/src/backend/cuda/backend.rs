@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Result};
 use cudarc::driver::sys::CUdeviceptr;
 use half::bf16;
 
-use super::device::{DevBuf, Gpu};
+use super::device::{DevBuf, Gpu, PinnedBuf};
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
 use crate::models::weights::{HostData, HostTensor};
 
@@ -210,7 +210,10 @@ pub struct CudaBackend {
     limits: StepLimits,
     layout: MetaLayout,
     meta: DevBuf,
-    staging: Mutex<Vec<i32>>,
+    /// Host staging of the step metadata, page-locked so that an upload never waits for the
+    /// stream; two, used in turn, since a step's upload may still be queued behind the step
+    /// before when the next one is prepared (lookahead scheduling).
+    staging: Mutex<(usize, [PinnedBuf; 2])>,
     /// Split-K scratch for decode attention: `scratch_partitions` (sequence, partition) pairs
     /// of every head.
     partial_out: DevBuf,
@@ -274,7 +277,13 @@ impl CudaBackend {
             layout,
             meta,
             // The host fills only what goes up: everything before the strided tables.
-            staging: Mutex::new(vec![0; layout.block_tables]),
+            staging: Mutex::new((
+                0,
+                [
+                    PinnedBuf::new(layout.block_tables * 4)?,
+                    PinnedBuf::new(layout.block_tables * 4)?,
+                ],
+            )),
             partial_out,
             partial_ml,
             scratch_partitions,
@@ -775,7 +784,11 @@ impl Backend for CudaBackend {
             "too many logits rows"
         );
         let lay = &self.layout;
-        let mut st = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        let (next, bufs) = &mut *staging;
+        let buf = &mut bufs[*next];
+        *next ^= 1;
+        let st: &mut [i32] = buf.slice_mut(lay.block_tables);
         for (i, t) in batch.token_ids.iter().enumerate() {
             st[lay.ids + i] = *t as i32;
             st[lay.positions + i] = batch.positions[i] as i32;
@@ -814,8 +827,7 @@ impl Backend for CudaBackend {
         }
         // One copy of the (fixed-layout) buffer keeps every array at a fixed address; only the
         // part this step uses goes across.
-        self.gpu
-            .upload_async(self.meta.ptr, &st[..lay.used(compact)])?;
+        buf.upload(&self.gpu, self.meta.ptr, lay.used(compact) * 4)?;
         if ns > 0 {
             let (tables, ids, offsets) = (
                 self.meta.ptr + (lay.block_tables * 4) as u64,

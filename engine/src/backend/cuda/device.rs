@@ -67,6 +67,115 @@ impl Drop for DevBuf {
     }
 }
 
+/// Page-locked host memory: the stream copies from and to it in order with the kernels,
+/// without the host waiting. (A copy from ordinary memory may make the host wait for the
+/// stream, so nothing could be queued behind a step still running; one to ordinary memory
+/// always does.) The owner keeps a buffer unchanged until the copies using it are done.
+pub struct PinnedBuf {
+    ptr: *mut c_void,
+    bytes: usize,
+}
+
+impl PinnedBuf {
+    pub fn new(bytes: usize) -> Result<Self> {
+        // SAFETY: plain page-locked allocation of at least one byte.
+        let ptr = unsafe { drv::malloc_host(bytes.max(1), 0) }
+            .map_err(|e| anyhow!("allocating {bytes} bytes of page-locked host memory: {e:?}"))?;
+        // Zeroed, so that a reader never sees uninitialised memory.
+        // SAFETY: `ptr` holds at least `bytes` bytes.
+        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
+        Ok(Self { ptr, bytes })
+    }
+
+    /// The first `n` values of type `T` (plain integers and floats).
+    pub fn slice<T: Copy>(&self, n: usize) -> &[T] {
+        assert!(
+            n * std::mem::size_of::<T>() <= self.bytes,
+            "pinned buffer overrun"
+        );
+        // SAFETY: in bounds (checked), page-locked memory aligned to a page.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const T, n) }
+    }
+
+    pub fn slice_mut<T: Copy>(&mut self, n: usize) -> &mut [T] {
+        assert!(
+            n * std::mem::size_of::<T>() <= self.bytes,
+            "pinned buffer overrun"
+        );
+        // SAFETY: as `slice`, and `&mut self` makes it the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut T, n) }
+    }
+
+    /// Queues a copy of the first `bytes` bytes to `dst` on the GPU's stream.
+    pub fn upload(&self, gpu: &Gpu, dst: sys::CUdeviceptr, bytes: usize) -> Result<()> {
+        anyhow::ensure!(
+            bytes <= self.bytes,
+            "an upload of {bytes} bytes from {}",
+            self.bytes
+        );
+        // SAFETY: the buffer holds `bytes` bytes; the owner keeps it until the copy is done.
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dst, self.ptr, bytes, gpu.stream).result() }
+            .map_err(|e| anyhow!("queueing a copy to the GPU: {e:?}"))
+    }
+
+    /// Queues a copy of `bytes` bytes from `src` into this buffer on the GPU's stream.
+    pub fn download(&mut self, gpu: &Gpu, src: sys::CUdeviceptr, bytes: usize) -> Result<()> {
+        anyhow::ensure!(
+            bytes <= self.bytes,
+            "a download of {bytes} bytes into {}",
+            self.bytes
+        );
+        // SAFETY: as `upload`.
+        unsafe { sys::cuMemcpyDtoHAsync_v2(self.ptr, src, bytes, gpu.stream).result() }
+            .map_err(|e| anyhow!("queueing a copy from the GPU: {e:?}"))
+    }
+}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new`; owners wait for their copies before dropping.
+        unsafe {
+            let _ = drv::free_host(self.ptr);
+        }
+    }
+}
+
+/// A point in the GPU's stream that the host can wait for.
+pub struct StreamEvent(sys::CUevent);
+
+impl StreamEvent {
+    pub fn new() -> Result<Self> {
+        drv::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map(Self)
+            .map_err(|e| anyhow!("creating a CUDA event: {e:?}"))
+    }
+
+    /// Marks the stream's current end.
+    pub fn record(&self, gpu: &Gpu) -> Result<()> {
+        // SAFETY: a valid event and stream.
+        unsafe { drv::event::record(self.0, gpu.stream) }
+            .map_err(|e| anyhow!("recording a CUDA event: {e:?}"))
+    }
+
+    /// Waits until the stream has passed the mark.
+    pub fn wait(&self) -> Result<()> {
+        // SAFETY: a valid event.
+        unsafe { sys::cuEventSynchronize(self.0).result() }.map_err(|e| {
+            anyhow!("a GPU kernel failed (reported when a step's tokens were read): {e:?}; rerun with CUDA_LAUNCH_BLOCKING=1 to name it")
+        })
+    }
+}
+
+impl Drop for StreamEvent {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, used by nothing else.
+        unsafe {
+            let _ = sys::cuEventSynchronize(self.0);
+            let _ = sys::cuEventDestroy_v2(self.0);
+        }
+    }
+}
+
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: sys::CUstream,

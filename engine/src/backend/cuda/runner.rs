@@ -3,7 +3,7 @@
 //! logprobs or prompt logprobs): logits stay on the GPU, a kernel samples them, and only the
 //! token ids come back. Pure decode steps of that kind replay a CUDA graph captured at
 //! start-up for the padded batch size.
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -11,14 +11,18 @@ use anyhow::{bail, Context, Result};
 use cudarc::driver::{result as drv, sys};
 
 use super::backend::{CudaBackend, CudaTensor, StepLimits};
-use super::device::{DevBuf, Gpu};
+use super::device::{DevBuf, Gpu, PinnedBuf, StreamEvent};
 use crate::backend::{Backend, ForwardBatch, SeqSlice};
 use crate::engine::EngineArgs;
 use crate::models::config::ModelConfig;
 use crate::models::LoadedModel;
-use crate::runner::{build_forward_batch, Executor, ModelRunner, RunnerConfig};
+use crate::runner::{
+    build_forward_batch, resolve_placeholders, Executor, ModelRunner, RunnerConfig,
+};
 use crate::sampling::SamplingParams;
-use crate::scheduler::{ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput};
+use crate::scheduler::{
+    ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput, PLACEHOLDER_TOKEN,
+};
 
 /// Batch sizes with a captured decode graph (those up to --max-num-seqs, plus it). A step
 /// runs the smallest graph that holds its batch, so the steps between sizes pad by < 20 %.
@@ -27,10 +31,13 @@ const GRAPH_SIZES: &[usize] = &[
     1024,
 ];
 
-/// Persistent per-row sampling parameters (fixed addresses for graphs).
+/// Persistent per-row sampling parameters (fixed addresses for graphs), staged in two
+/// page-locked buffers used in turn (a step's upload may still be queued when the next step
+/// is prepared).
 struct SamplingBuffers {
     dev: DevBuf,
-    staging: Vec<u8>,
+    staging: [PinnedBuf; 2],
+    next: usize,
     max_rows: usize,
 }
 
@@ -46,17 +53,23 @@ impl SamplingBuffers {
     fn ptr(&self, i: usize) -> sys::CUdeviceptr {
         self.dev.ptr + self.offsets()[i] as u64
     }
-    fn fill(&mut self, rows: &[(f32, i32, f32, f32, u64, u64)]) {
+    /// Writes the rows' parameters (zeros after them) and queues their upload.
+    fn upload(&mut self, gpu: &Gpu, rows: &[(f32, i32, f32, f32, u64, u64)]) -> Result<()> {
         let o = self.offsets();
-        self.staging.fill(0);
+        let bytes = Self::bytes(self.max_rows);
+        let buf = &mut self.staging[self.next];
+        self.next ^= 1;
+        let st: &mut [u8] = buf.slice_mut(bytes);
+        st.fill(0);
         for (r, &(t, k, p, m, seed, off)) in rows.iter().enumerate() {
-            self.staging[o[0] + 4 * r..][..4].copy_from_slice(&t.to_le_bytes());
-            self.staging[o[1] + 4 * r..][..4].copy_from_slice(&k.to_le_bytes());
-            self.staging[o[2] + 4 * r..][..4].copy_from_slice(&p.to_le_bytes());
-            self.staging[o[3] + 4 * r..][..4].copy_from_slice(&m.to_le_bytes());
-            self.staging[o[4] + 8 * r..][..8].copy_from_slice(&seed.to_le_bytes());
-            self.staging[o[5] + 8 * r..][..8].copy_from_slice(&off.to_le_bytes());
+            st[o[0] + 4 * r..][..4].copy_from_slice(&t.to_le_bytes());
+            st[o[1] + 4 * r..][..4].copy_from_slice(&k.to_le_bytes());
+            st[o[2] + 4 * r..][..4].copy_from_slice(&p.to_le_bytes());
+            st[o[3] + 4 * r..][..4].copy_from_slice(&m.to_le_bytes());
+            st[o[4] + 8 * r..][..8].copy_from_slice(&seed.to_le_bytes());
+            st[o[5] + 8 * r..][..8].copy_from_slice(&off.to_le_bytes());
         }
+        buf.upload(gpu, self.dev.ptr, bytes)
     }
 }
 
@@ -92,6 +105,40 @@ pub struct CudaExecutor {
     _cublas_workspace: DevBuf,
     /// Host time of device-path steps by phase (summed since start-up).
     phases: PhaseTimes,
+    /// Steps submitted and not yet collected, oldest first.
+    queue: VecDeque<Submitted>,
+    /// Where the last step, when it was queued on the device, leaves each request's sampled
+    /// token (its row of `tokens`): what the next step's placeholders stand for.
+    last_rows: HashMap<u64, u32>,
+    /// The tokens of the last step, when it ran to completion on the host path.
+    last_tokens: HashMap<u64, u32>,
+    /// Each device step's sampled tokens come back into one of these (two: the step queued
+    /// behind it must not overwrite a copy not yet read).
+    downloads: [(PinnedBuf, StreamEvent); 2],
+    next_download: usize,
+    /// (index into the step's ids, row of `tokens`) of the placeholders filled on the device,
+    /// and its staging.
+    feed: DevBuf,
+    feed_staging: [PinnedBuf; 2],
+    next_feed: usize,
+}
+
+/// A step handed to `submit` and not yet collected.
+enum Submitted {
+    /// Done already: the host path, or a step with nothing to sample.
+    Ready(Result<ModelRunnerOutput>),
+    /// Queued on the device.
+    Device(DeviceStep),
+}
+
+struct DeviceStep {
+    /// The request whose token each row of `tokens` holds.
+    row_ids: Vec<u64>,
+    /// The sampling requests in scheduling order (the output's order).
+    sched_ids: Vec<u64>,
+    /// Which of `downloads` receives the tokens.
+    slot: usize,
+    graph: bool,
 }
 
 /// Where a device-path step's host time goes: preparing the batch (runner state, batch,
@@ -172,9 +219,22 @@ impl CudaExecutor {
         let token_logprobs = gpu.alloc(max_seqs * 4)?;
         let sampling = SamplingBuffers {
             dev: gpu.alloc(SamplingBuffers::bytes(max_seqs))?,
-            staging: vec![0; SamplingBuffers::bytes(max_seqs)],
+            staging: [
+                PinnedBuf::new(SamplingBuffers::bytes(max_seqs))?,
+                PinnedBuf::new(SamplingBuffers::bytes(max_seqs))?,
+            ],
+            next: 0,
             max_rows: max_seqs,
         };
+        let downloads = [
+            (PinnedBuf::new(max_seqs * 4)?, StreamEvent::new()?),
+            (PinnedBuf::new(max_seqs * 4)?, StreamEvent::new()?),
+        ];
+        let feed = gpu.alloc(max_seqs * 2 * 4)?;
+        let feed_staging = [
+            PinnedBuf::new(max_seqs * 2 * 4)?,
+            PinnedBuf::new(max_seqs * 2 * 4)?,
+        ];
         // Load with a KV cache just big enough for the profiling pass, then size the real one
         // from what that pass left free.
         let profile_tokens = limits.max_tokens;
@@ -251,6 +311,14 @@ impl CudaExecutor {
             graphs: HashMap::new(),
             _cublas_workspace: cublas_ws,
             phases: PhaseTimes::default(),
+            queue: VecDeque::new(),
+            last_rows: HashMap::new(),
+            last_tokens: HashMap::new(),
+            downloads,
+            next_download: 0,
+            feed,
+            feed_staging,
+            next_feed: 0,
         };
         if !args.enforce_eager {
             let t0 = std::time::Instant::now();
@@ -359,9 +427,8 @@ impl CudaExecutor {
 
     fn capture(&mut self, b: usize) -> Result<()> {
         let dummy = Self::padded(&ForwardBatch::default(), b);
-        self.sampling.fill(&vec![(0.0, 0, 1.0, 0.0, 0, 0); b]);
-        self.gpu
-            .upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
+        self.sampling
+            .upload(&self.gpu, &vec![(0.0, 0, 1.0, 0.0, 0, 0); b])?;
         let be = self.runner.parts().0;
         be.capturing_graph
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -395,39 +462,42 @@ impl CudaExecutor {
         Ok(())
     }
 
-    /// The fast path, when every sampled row can be sampled on the GPU; None otherwise.
-    fn try_device_step(&mut self, so: &SchedulerOutput) -> Result<Option<ModelRunnerOutput>> {
+    /// The fast path, when every sampled row can be sampled on the GPU: queues the step on
+    /// the device (its tokens come back in `collect`) and returns true; false when the step
+    /// needs the host path.
+    fn try_device_submit(&mut self, so: &SchedulerOutput) -> Result<bool> {
         if so.scheduled.is_empty()
             || !so
                 .new_requests
                 .iter()
                 .all(|n| n.sampling.prompt_logprobs.is_none())
         {
-            return Ok(None);
+            return Ok(false);
         }
         let t_start = std::time::Instant::now();
         self.runner.update_states(so);
         for sr in &so.scheduled {
             if self.runner.wants_prompt_logprobs(sr.req_id) {
-                return Ok(None);
+                return Ok(false);
             }
             let Some(sampler) = self.runner.sampler(sr.req_id) else {
-                return Ok(None);
+                return Ok(false);
             };
             if sr.sample && !device_samplable(sampler.params(), sr.num_output_tokens) {
-                return Ok(None);
+                return Ok(false);
             }
         }
         // Decodes first: the attention dispatch takes the leading one-token sequences.
         let mut order: Vec<usize> = (0..so.scheduled.len()).collect();
         order.sort_by_key(|&i| so.scheduled[i].token_ids.len() > 1);
-        let reordered = SchedulerOutput {
+        let mut reordered = SchedulerOutput {
             scheduled: order
                 .iter()
                 .map(|&i| so.scheduled[i].clone())
                 .collect::<Vec<ScheduledRequest>>(),
             ..Default::default()
         };
+        let feed = self.resolve_placeholders_on_device(&mut reordered)?;
         let (batch, _uses) = build_forward_batch(&reordered, self.block_size, |_| None)?;
         let kv_shape = {
             let (be, _, kv, _) = self.runner.parts();
@@ -442,13 +512,13 @@ impl CudaExecutor {
             );
         }
         // Sampling rows follow the reordered sequences.
-        let sampled_ids: Vec<u64> = reordered
+        let row_ids: Vec<u64> = reordered
             .scheduled
             .iter()
             .filter(|s| s.sample)
             .map(|s| s.req_id)
             .collect();
-        let mut row_params = Vec::with_capacity(sampled_ids.len());
+        let mut row_params = Vec::with_capacity(row_ids.len());
         for sr in reordered.scheduled.iter().filter(|s| s.sample) {
             let sampler = self
                 .runner
@@ -485,11 +555,9 @@ impl CudaExecutor {
                 let padded = Self::padded(&batch, g);
                 let mut rows = row_params.clone();
                 rows.resize(g, (0.0, 0, 1.0, 0.0, 0, 0));
-                self.sampling.fill(&rows);
-                self.gpu
-                    .upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
-                let be = self.runner.parts().0;
-                let _step = be.upload_step(&padded)?;
+                self.sampling.upload(&self.gpu, &rows)?;
+                let step = self.runner.parts().0.upload_step(&padded)?;
+                self.feed_tokens(&feed, &step)?;
                 let exec = self.graphs[&g].exec;
                 unsafe { drv::graph::launch(exec, self.gpu.stream) }.map_err(|e| {
                     anyhow::anyhow!("launching the decode graph for batch {g}: {e:?}")
@@ -498,50 +566,184 @@ impl CudaExecutor {
             None => {
                 if n == 0 {
                     // Only non-final prefill chunks: run the body, nothing to sample.
+                    let step = self.runner.parts().0.upload_step(&batch)?;
+                    self.feed_tokens(&feed, &step)?;
                     let (be, model, kv, ws) = self.runner.parts();
-                    let step = be.upload_step(&batch)?;
                     model.forward_hidden(be, &step, kv, ws)?;
-                    return Ok(Some(ModelRunnerOutput::default()));
+                    self.last_rows.clear();
+                    self.last_tokens.clear();
+                    self.queue
+                        .push_back(Submitted::Ready(Ok(ModelRunnerOutput::default())));
+                    return Ok(true);
                 }
-                self.sampling.fill(&row_params);
-                self.gpu
-                    .upload_async(self.sampling.dev.ptr, &self.sampling.staging)?;
+                self.sampling.upload(&self.gpu, &row_params)?;
                 let step = self.runner.parts().0.upload_step(&batch)?;
+                self.feed_tokens(&feed, &step)?;
                 self.launch_step(n, &step, plain)?;
             }
         }
-        let mut toks = vec![0i32; n];
-        let t_submitted = std::time::Instant::now();
-        self.gpu.download(&mut toks, self.tokens.ptr)?;
-        let t_done = std::time::Instant::now();
-        let mut by_id: HashMap<u64, u32> = HashMap::with_capacity(n);
-        for (id, &t) in sampled_ids.iter().zip(&toks) {
-            by_id.insert(*id, t as u32);
-            self.runner.record_output(*id, t as u32);
-        }
-        let sampled = so
-            .scheduled
+        // The tokens come back behind the step; the slot's previous copy must have been read.
+        let slot = self.next_download;
+        if self
+            .queue
             .iter()
-            .filter(|s| s.sample)
-            .map(|s| SampledToken {
-                req_id: s.req_id,
-                token_id: by_id[&s.req_id],
+            .any(|q| matches!(q, Submitted::Device(d) if d.slot == slot))
+        {
+            self.finish_queued_device_steps()?;
+        }
+        self.next_download ^= 1;
+        let (buf, event) = &mut self.downloads[slot];
+        buf.download(&self.gpu, self.tokens.ptr, n * 4)?;
+        event.record(&self.gpu)?;
+        self.last_rows = row_ids
+            .iter()
+            .enumerate()
+            .map(|(row, &id)| (id, row as u32))
+            .collect();
+        self.last_tokens.clear();
+        self.queue.push_back(Submitted::Device(DeviceStep {
+            row_ids,
+            sched_ids: so
+                .scheduled
+                .iter()
+                .filter(|s| s.sample)
+                .map(|s| s.req_id)
+                .collect(),
+            slot,
+            graph: graph_size.is_some(),
+        }));
+        let p = &mut self.phases;
+        p.prepare += t_prepared - t_start;
+        p.submit += t_prepared.elapsed();
+        if graph_size.is_some() {
+            p.graph_submit += t_prepared.elapsed();
+        }
+        Ok(true)
+    }
+
+    /// Replaces each placeholder of `so` with its token where the host knows it, else with 0
+    /// and a (token index in the step, row of `tokens`) pair for `feed_tokens`.
+    fn resolve_placeholders_on_device(&self, so: &mut SchedulerOutput) -> Result<Vec<i32>> {
+        let mut feed = Vec::new();
+        let mut offset = 0;
+        for sr in &mut so.scheduled {
+            for (k, t) in sr.token_ids.iter_mut().enumerate() {
+                if *t != PLACEHOLDER_TOKEN {
+                    continue;
+                }
+                if let Some(&tok) = self.last_tokens.get(&sr.req_id) {
+                    *t = tok;
+                } else if let Some(&row) = self.last_rows.get(&sr.req_id) {
+                    *t = 0;
+                    feed.extend([(offset + k) as i32, row as i32]);
+                } else {
+                    bail!(
+                        "request {} was scheduled with the token of a step that sampled none for \
+                         it; this is a bug",
+                        sr.req_id
+                    );
+                }
+            }
+            offset += sr.token_ids.len();
+        }
+        Ok(feed)
+    }
+
+    /// Puts the previous step's sampled tokens into this step's ids (after its upload).
+    fn feed_tokens(&mut self, feed: &[i32], step: &super::backend::CudaStepMeta) -> Result<()> {
+        if feed.is_empty() {
+            return Ok(());
+        }
+        let buf = &mut self.feed_staging[self.next_feed];
+        self.next_feed ^= 1;
+        buf.slice_mut(feed.len()).copy_from_slice(feed);
+        buf.upload(&self.gpu, self.feed.ptr, feed.len() * 4)?;
+        let pairs = (feed.len() / 2) as i32;
+        let (ids, pairs_ptr, tokens) = (step.ids(), self.feed.ptr, self.tokens.ptr);
+        self.gpu.launch(
+            "block_tables",
+            "feed_sampled_tokens",
+            ((pairs as u32).div_ceil(256), 1, 1),
+            (256, 1, 1),
+            0,
+            &mut [
+                &ids as *const _ as *mut c_void,
+                &pairs_ptr as *const _ as *mut c_void,
+                &tokens as *const _ as *mut c_void,
+                &pairs as *const _ as *mut c_void,
+            ],
+        )
+    }
+
+    /// Waits for a device step's tokens and makes its output.
+    fn finish_device_step(&mut self, d: DeviceStep) -> Result<ModelRunnerOutput> {
+        let t0 = std::time::Instant::now();
+        let (buf, event) = &self.downloads[d.slot];
+        event.wait()?;
+        if self.gpu.profiler.is_some() {
+            self.gpu.sync()?; // resolves the kernel timings
+        }
+        let toks: Vec<i32> = buf.slice(d.row_ids.len()).to_vec();
+        let t_done = std::time::Instant::now();
+        let mut by_id: HashMap<u64, u32> = HashMap::with_capacity(toks.len());
+        for (&id, &t) in d.row_ids.iter().zip(&toks) {
+            by_id.insert(id, t as u32);
+            self.runner.record_output(id, t as u32);
+        }
+        let sampled = d
+            .sched_ids
+            .iter()
+            .map(|id| SampledToken {
+                req_id: *id,
+                token_id: by_id[id],
                 logprobs: None,
                 prompt_logprobs: None,
             })
             .collect();
         let p = &mut self.phases;
         p.steps += 1;
-        p.prepare += t_prepared - t_start;
-        p.submit += t_submitted - t_prepared;
-        p.wait += t_done - t_submitted;
+        p.wait += t_done - t0;
         p.finish += t_done.elapsed();
-        if graph_size.is_some() {
+        if d.graph {
             p.graph_steps += 1;
-            p.graph_submit += t_submitted - t_prepared;
-            p.graph_wait += t_done - t_submitted;
+            p.graph_wait += t_done - t0;
         }
-        Ok(Some(ModelRunnerOutput { sampled }))
+        Ok(ModelRunnerOutput { sampled })
+    }
+
+    /// Waits for every step queued on the device and keeps its output for `collect`; the
+    /// newest one's tokens become what the next step's placeholders stand for.
+    fn finish_queued_device_steps(&mut self) -> Result<()> {
+        for i in 0..self.queue.len() {
+            if let Submitted::Device(_) = self.queue[i] {
+                let Submitted::Device(d) = std::mem::replace(
+                    &mut self.queue[i],
+                    Submitted::Ready(Err(anyhow::anyhow!("taken"))),
+                ) else {
+                    unreachable!()
+                };
+                let out = self.finish_device_step(d);
+                if let Ok(o) = &out {
+                    self.last_tokens = o.sampled.iter().map(|t| (t.req_id, t.token_id)).collect();
+                }
+                self.queue[i] = Submitted::Ready(out);
+            }
+        }
+        self.last_rows.clear();
+        Ok(())
+    }
+
+    /// The host path: the step runs to completion now, after the steps queued on the device
+    /// (whose tokens it may need, and whose sampler state it continues).
+    fn host_step(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+        self.finish_queued_device_steps()?;
+        let resolved = resolve_placeholders(so, &self.last_tokens)?;
+        let out = self.runner.run_step(resolved.as_ref().unwrap_or(so));
+        self.last_tokens = match &out {
+            Ok(o) => o.sampled.iter().map(|t| (t.req_id, t.token_id)).collect(),
+            Err(_) => HashMap::new(),
+        };
+        out
     }
 }
 
@@ -594,12 +796,23 @@ fn profile_blocks(tokens: usize, max_len: usize, block_size: usize) -> usize {
 }
 
 impl Executor for CudaExecutor {
-    fn execute(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput> {
+    fn submit(&mut self, so: &SchedulerOutput) -> Result<()> {
         self.gpu.bind()?;
-        if let Some(out) = self.try_device_step(so)? {
-            return Ok(out);
+        if !self.try_device_submit(so)? {
+            let out = self.host_step(so);
+            self.queue.push_back(Submitted::Ready(out));
         }
-        self.runner.execute(so)
+        Ok(())
+    }
+    fn collect(&mut self) -> Result<ModelRunnerOutput> {
+        match self.queue.pop_front() {
+            None => bail!("collect() without a step submitted; this is a bug"),
+            Some(Submitted::Ready(out)) => out,
+            Some(Submitted::Device(d)) => self.finish_device_step(d),
+        }
+    }
+    fn overlaps(&self) -> bool {
+        true
     }
     fn num_kv_blocks(&self) -> usize {
         self.num_blocks
