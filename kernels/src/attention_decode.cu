@@ -3,12 +3,14 @@
 //
 // Kernels (all extern "C"):
 //   paged_attention_decode_hd{64,128}_g{1,2,4,8}(
-//       out, partial_out, partial_ml, q, k_new, v_new, qkv_stride, key_cache, value_cache,
-//       block_tables, context_lens, positions, slot_mapping, inv_freq, scale, num_heads,
-//       num_kv_heads, block_size, max_blocks_per_seq, target_partitions)
+//       out, partial_out, partial_ml, semaphores, q, k_new, v_new, qkv_stride, key_cache,
+//       value_cache, block_tables, context_lens, positions, slot_mapping, inv_freq, scale,
+//       num_heads, num_kv_heads, block_size, max_blocks_per_seq, target_partitions)
 //     out:          bf16 [num_seqs, num_heads * HD]
 //     partial_out:  f32  [num_seqs, num_heads, depth, HD]   (split-K scratch; depth = gridDim.z)
 //     partial_ml:   f32  [num_seqs, num_heads, depth, 2]    (max in log2 units, sum)
+//     semaphores:   int32 [num_seqs, gridDim.x], all zero before the first launch and left
+//       zero by every launch; or null, and paged_attention_decode_reduce merges the partials.
 //     q, k_new, v_new: bf16 rows of qkv_stride elements, one per sequence (the fused QKV
 //       output of the step's decode tokens, before RoPE): sequence s's new token. Its position
 //       is positions[s] and it is the last token of the context (index context_lens[s] - 1).
@@ -31,7 +33,15 @@
 //   (one partition, or depth 1) is written to `out` directly; the others write one
 //   normalised partial output and (max, sum) per block that had a partition, and
 //   paged_attention_decode_reduce combines them (it skips the sequences written directly, so
-//   it is launched whenever depth > 1).
+//   it is launched whenever depth > 1). With `semaphores` the last of those blocks to finish
+//   merges them into `out` itself instead (no reduce launch). Measured on an H200 inside CUDA
+//   graphs, that merge is slower than the reduce kernel: one block per KV head walks every
+//   partial, against a block per query head (batch 1, 384 tokens, 6 partitions: 13.8 against
+//   11.2 us; batch-1 decode 218.8 against 221.1 tok/s), so the engine uses the reduce
+//   (RVLLM_DECODE_REDUCE=fold selects the merge). The kernel with this epilogue compiled to
+//   128 registers (122 without) and streamed large batches faster: 512 sequences x 384 tokens
+//   236 us, 64 x 2,048 149 us, and the engine's default throughput run +2 % on one machine
+//   (why the compiler's choice helps is not known; see BENCHMARKS.md).
 //
 //   paged_attention_decode_reduce(out, partial_out, partial_ml, context_lens, num_heads,
 //                                 head_dim, depth, target_partitions)
@@ -55,9 +65,9 @@
 // launch from every layer (at batch 1 on an H200, 2.9 us a layer inside the decode graph).
 // Each partition runs a K loop (scores, q in registers), the softmax, then a V loop (the
 // accumulators in registers), whose result joins the block's running output in shared
-// memory; keeping q and the accumulators apart holds the kernel at 122 registers, four blocks
+// memory; keeping q and the accumulators apart holds the kernel at 128 registers, four blocks
 // an SM. H200, Llama-3.1-8B layer inside a CUDA graph (gpu_bench): 512 sequences x 384 tokens
-// 269 us (2.99 TB/s of K/V), 64 x 2,048 172 us (3.12 TB/s), batch 1 x 32k 54 us.
+// 236 us (3.42 TB/s of K/V), 64 x 2,048 149 us (3.60 TB/s), batch 1 x 32k 47 us (reduce).
 #include "common.cuh"
 
 namespace {
@@ -123,11 +133,54 @@ __device__ __forceinline__ void rotate8(Bf16x8& lo, Bf16x8& hi, const float* cos
     hi = f32_to_bf16x8(y2);
 }
 
+// Combines the `nblocks` partials of heads head0 .. head0 + nvalid - 1 of one sequence
+// (normalised outputs and (max in log2 units, sum) per block, as decode_attention writes them)
+// into `out`: weights w_b = l_b * 2^(m_b - M). The partials come from other blocks, so they are
+// read through L2 (ld.global.cg), never from a possibly stale L1 line. m_scratch / w_scratch:
+// GT floats of shared memory each.
+template <int HD, int GT>
+__device__ __forceinline__ void merge_partials(__nv_bfloat16* __restrict__ out,
+                                               const float* __restrict__ partial_out,
+                                               const float* __restrict__ partial_ml,
+                                               float* m_scratch, float* w_scratch, int seq,
+                                               int head0, int nvalid, int num_heads, int nblocks,
+                                               int depth) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    for (int g = warp; g < nvalid; g += kWarps) {
+        const int64_t base = ((int64_t)seq * num_heads + head0 + g) * depth;
+        float m = -INFINITY;
+        for (int b = lane; b < nblocks; b += 32) m = fmaxf(m, __ldcg(&partial_ml[(base + b) * 2]));
+        m = warp_max(m);
+        float w = 0.0f;
+        for (int b = lane; b < nblocks; b += 32)
+            w += __ldcg(&partial_ml[(base + b) * 2 + 1]) *
+                 exp2f(__ldcg(&partial_ml[(base + b) * 2]) - m);
+        w = warp_sum(w);
+        if (lane == 0) {
+            m_scratch[g] = m;
+            w_scratch[g] = w;
+        }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < nvalid * HD; idx += kThreads) {
+        const int g = idx / HD;
+        const int d = idx % HD;
+        const int64_t base = ((int64_t)seq * num_heads + head0 + g) * depth;
+        float acc = 0.0f;
+        for (int b = 0; b < nblocks; ++b) {
+            const float wb = __ldcg(&partial_ml[(base + b) * 2 + 1]) *
+                             exp2f(__ldcg(&partial_ml[(base + b) * 2]) - m_scratch[g]);
+            acc = fmaf(wb, __ldcg(&partial_out[(base + b) * HD + d]), acc);
+        }
+        out[((int64_t)seq * num_heads + head0 + g) * HD + d] = __float2bfloat16(acc / w_scratch[g]);
+    }
+}
+
 template <int HD, int GT, int S>
 __device__ __forceinline__ void decode_attention(
     __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,
-    float* __restrict__ partial_ml, const __nv_bfloat16* __restrict__ q,
-    const __nv_bfloat16* __restrict__ k_new, const __nv_bfloat16* __restrict__ v_new,
+    float* __restrict__ partial_ml, int32_t* __restrict__ semaphores,
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_new, const __nv_bfloat16* __restrict__ v_new,
     int qkv_stride, __nv_bfloat16* __restrict__ key_cache,
     __nv_bfloat16* __restrict__ value_cache, const int32_t* __restrict__ block_tables,
     const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,
@@ -436,6 +489,25 @@ __device__ __forceinline__ void decode_attention(
             }
         }
     }
+    if (direct || semaphores == nullptr) return;
+
+    // The last of this sequence's blocks (for these heads) to finish merges every block's
+    // partial: the pattern of CUDA's threadFenceReduction sample. Each block makes its
+    // partials visible device-wide before it is counted; the last one resets the counter
+    // for the next launch (no block of this launch touches it again).
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        int32_t* sem = semaphores + (int64_t)seq * gridDim.x + blockIdx.x;
+        last = atomicAdd(sem, 1) == min(nparts, depth) - 1;
+        if (last) *sem = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    merge_partials<HD, GT>(out, partial_out, partial_ml, run_max, run_sum, seq, head0, nvalid,
+                           num_heads, min(nparts, depth), depth);
 }
 
 }  // namespace
@@ -444,8 +516,9 @@ __device__ __forceinline__ void decode_attention(
     extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks(GT))                    \
         paged_attention_decode_hd##HD##_g##GT(                                                 \
             __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,                  \
-            float* __restrict__ partial_ml, const __nv_bfloat16* __restrict__ q,               \
-            const __nv_bfloat16* __restrict__ k_new, const __nv_bfloat16* __restrict__ v_new,  \
+            float* __restrict__ partial_ml, int32_t* __restrict__ semaphores,                  \
+            const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_new,      \
+            const __nv_bfloat16* __restrict__ v_new,                                           \
             int qkv_stride, __nv_bfloat16* __restrict__ key_cache,                             \
             __nv_bfloat16* __restrict__ value_cache, const int32_t* __restrict__ block_tables, \
             const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,   \
@@ -453,7 +526,8 @@ __device__ __forceinline__ void decode_attention(
             float scale, int num_heads, int num_kv_heads, int block_size,                      \
             int max_blocks_per_seq, int target_partitions) {                                   \
         decode_attention<HD, GT, kStages>(                                                     \
-            out, partial_out, partial_ml, q, k_new, v_new, qkv_stride, key_cache, value_cache,    \
+            out, partial_out, partial_ml, semaphores, q, k_new, v_new, qkv_stride, key_cache,     \
+            value_cache,                                                                          \
             block_tables, context_lens, positions, slot_mapping, inv_freq, scale, num_heads,      \
             num_kv_heads, block_size, max_blocks_per_seq, target_partitions);                     \
     }

@@ -130,10 +130,14 @@ struct DecodeStep<'a> {
     scale: f32,
     target: usize,
     depth: usize,
+    /// The last block of each sequence merges the partials (arrival counters); false: the
+    /// separate reduce kernel does.
+    fold: bool,
 }
 
-/// Runs paged decode attention (partition kernel + reduce when split) on a cache whose new
-/// token slots hold NaN; returns the output and the caches after the launch.
+/// Runs paged decode attention (partition kernel, merged in its last blocks or by the reduce
+/// kernel) on a cache whose new token slots hold NaN; returns the output and the caches after
+/// the launch. With `fold`, also checks that every arrival counter is back at zero.
 fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let num_seqs = st.ctx.len();
     let nh = st.nh;
@@ -158,6 +162,9 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
     let out = g.poisoned(num_seqs * nh * c.hd, BF16_NAN);
     let part_out = g.poisoned(num_seqs * nh * depth * c.hd, f32::NAN);
     let part_ml = g.poisoned(num_seqs * nh * depth * 2, f32::NAN);
+    let columns = c.nkv * group.div_ceil(gt);
+    let semaphores = g.upload(&vec![0i32; num_seqs * columns]);
+    let sem_ptr = if st.fold { semaphores.ptr } else { 0 };
     let k_ptr = d_qkv.ptr + (nh * c.hd * 2) as u64;
     let v_ptr = k_ptr + (width * 2) as u64;
     let (nh_, nkv_, bs_, mb_, qs_, tg_) = (
@@ -168,11 +175,7 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
         st.stride as i32,
         st.target as i32,
     );
-    let grid = (
-        (c.nkv * group.div_ceil(gt)) as u32,
-        num_seqs as u32,
-        depth as u32,
-    );
+    let grid = (columns as u32, num_seqs as u32, depth as u32);
     let kernel = format!("paged_attention_decode_hd{}_g{gt}", c.hd);
     g.launch_smem(
         "attention_decode",
@@ -184,6 +187,7 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
             arg(&out.ptr),
             arg(&part_out.ptr),
             arg(&part_ml.ptr),
+            arg(&sem_ptr),
             arg(&d_qkv.ptr),
             arg(&k_ptr),
             arg(&v_ptr),
@@ -203,7 +207,12 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
             arg(&tg_),
         ],
     );
-    if depth > 1 {
+    if st.fold {
+        assert!(
+            g.download(&semaphores).iter().all(|&n| n == 0),
+            "decode attention left an arrival counter set"
+        );
+    } else if depth > 1 {
         let (hd_, dp_) = (c.hd as i32, depth as i32);
         // The reduce works with 128 or 256 threads; cover both.
         let reduce_block = if st.target % 2 == 1 { 128 } else { 256 };
@@ -302,45 +311,55 @@ fn paged_attention_decode_matches_reference() {
             max_blocks_per_seq: c.max_blocks,
         };
         let want = cpu::paged_attention(&q, stride, nh, &c.paged(), &batch, scale);
-        let step = DecodeStep {
-            qkv_h: &qkv_h,
-            stride,
-            nh,
-            ctx,
-            positions: &positions,
-            slots: &slots,
-            inv_freq: rope.then_some(&freqs[..]),
-            scale,
-            target,
-            depth,
-        };
-        let (got, k_after, v_after) = run_decode(&g, &c, &step);
-        let what = format!("decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} target{target} depth{depth}");
-        assert_close(&what, &got, &want, ATOL, RTOL);
-        // The new tokens' K/V went to their slots (and nowhere for the padding row).
-        for (s, &slot) in slots.iter().enumerate() {
-            let at = c.slot(s, ctx[s] - 1) * width;
-            let (k_got, v_got) = (&k_after[at..at + width], &v_after[at..at + width]);
-            if slot < 0 {
-                assert!(
-                    k_got.iter().chain(v_got).all(|x| x.is_nan()),
-                    "{what}: the padding row wrote the cache"
-                );
+        for fold in [true, false] {
+            let step = DecodeStep {
+                qkv_h: &qkv_h,
+                stride,
+                nh,
+                ctx,
+                positions: &positions,
+                slots: &slots,
+                inv_freq: rope.then_some(&freqs[..]),
+                scale,
+                target,
+                depth,
+                fold,
+            };
+            let (got, k_after, v_after) = run_decode(&g, &c, &step);
+            let merge = if fold {
+                "last-block merge"
             } else {
-                assert_close(
-                    &format!("{what} new k, seq {s}"),
-                    k_got,
-                    &c.k[at..at + width],
-                    ATOL,
-                    RTOL,
-                );
-                assert_close(
-                    &format!("{what} new v, seq {s}"),
-                    v_got,
-                    &c.v[at..at + width],
-                    0.0,
-                    0.0,
-                );
+                "reduce kernel"
+            };
+            let what = format!(
+                "decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} target{target} depth{depth} ({merge})"
+            );
+            assert_close(&what, &got, &want, ATOL, RTOL);
+            // The new tokens' K/V went to their slots (and nowhere for the padding row).
+            for (s, &slot) in slots.iter().enumerate() {
+                let at = c.slot(s, ctx[s] - 1) * width;
+                let (k_got, v_got) = (&k_after[at..at + width], &v_after[at..at + width]);
+                if slot < 0 {
+                    assert!(
+                        k_got.iter().chain(v_got).all(|x| x.is_nan()),
+                        "{what}: the padding row wrote the cache"
+                    );
+                } else {
+                    assert_close(
+                        &format!("{what} new k, seq {s}"),
+                        k_got,
+                        &c.k[at..at + width],
+                        ATOL,
+                        RTOL,
+                    );
+                    assert_close(
+                        &format!("{what} new v, seq {s}"),
+                        v_got,
+                        &c.v[at..at + width],
+                        0.0,
+                        0.0,
+                    );
+                }
             }
         }
     }

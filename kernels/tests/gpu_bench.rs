@@ -56,8 +56,18 @@ fn decode_setup(g: &Gpu, batch: usize, ctx: usize) -> DecodeSetup {
 /// (eager milliseconds, microseconds inside a CUDA graph of 32 calls) per call, with the grid
 /// `target` blocks deep as the engine's graphs have it, RoPE of the new token included (its
 /// cache write skipped, so that every call sees the same cache).
-fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, target: usize) -> (f32, f32) {
+fn time_decode(
+    g: &Gpu,
+    s: &DecodeSetup,
+    batch: usize,
+    ctx: usize,
+    target: usize,
+    fold: bool,
+) -> (f32, f32) {
     let depth = target;
+    // Arrival counters (zero, and left zero by every call); null: the reduce kernel merges.
+    let semaphores = g.upload(&vec![0i32; batch * NKV]);
+    let sem = if fold { semaphores.ptr } else { 0 };
     let out = g.poisoned(batch * NH * HD, bf16::NAN);
     let po = g.poisoned(batch * NH * depth * HD, f32::NAN);
     let pml = g.poisoned(batch * NH * depth * 2, f32::NAN);
@@ -93,6 +103,7 @@ fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, target: usize
                 arg(&out.ptr),
                 arg(&po.ptr),
                 arg(&pml.ptr),
+                arg(&sem),
                 arg(&s.q.ptr),
                 arg(&k_new),
                 arg(&v_new),
@@ -112,7 +123,7 @@ fn time_decode(g: &Gpu, s: &DecodeSetup, batch: usize, ctx: usize, target: usize
                 arg(&ps),
             ],
         );
-        if depth > 1 {
+        if depth > 1 && !fold {
             g.launch_on(
                 stream,
                 red,
@@ -147,9 +158,10 @@ fn bench_decode_attention() {
         g.name
     );
     println!("Eager: one call timed alone (host launch gaps included). Graph: per call, 32 calls in one CUDA graph.");
+    println!("Split sequences merge in the last block of each; `reduce`: in a separate kernel.");
     println!(
-        "{:>6} {:>7} {:>9} {:>10} {:>9} {:>10} {:>9}",
-        "batch", "context", "target", "eager us", "GB/s", "graph us", "GB/s"
+        "{:>6} {:>7} {:>9} {:>10} {:>9} {:>10} {:>9} {:>10}",
+        "batch", "context", "target", "eager us", "GB/s", "graph us", "GB/s", "reduce us"
     );
     // Targets: partitions per sequence (the engine picks 2 * SMs / (batch * kv heads)).
     for &(batch, ctx, parts) in &[
@@ -165,14 +177,16 @@ fn bench_decode_attention() {
     ] {
         let s = decode_setup(&g, batch, ctx);
         for &p in parts {
-            let (ms, us) = time_decode(&g, &s, batch, ctx, p);
+            let (ms, us) = time_decode(&g, &s, batch, ctx, p, true);
+            let (_, us_reduce) = time_decode(&g, &s, batch, ctx, p, false);
             let bytes = (batch * ctx * NKV * HD * 2 * 2) as f64;
             println!(
-                "{batch:>6} {ctx:>7} {p:>9} {:>10.1} {:>9.0} {:>10.1} {:>9.0}",
+                "{batch:>6} {ctx:>7} {p:>9} {:>10.1} {:>9.0} {:>10.1} {:>9.0} {:>10.1}",
                 ms * 1e3,
                 bytes / (ms as f64 * 1e-3) / 1e9,
                 us,
-                bytes / (us as f64 * 1e-6) / 1e9
+                bytes / (us as f64 * 1e-6) / 1e9,
+                us_reduce
             );
         }
     }
@@ -620,7 +634,7 @@ fn bench_decode_step_kernels() {
     let s = decode_setup(&g, 1, 384);
     rows.push((
         "decode attention ctx 384 (target 33)",
-        time_decode(&g, &s, 1, 384, 33).1,
+        time_decode(&g, &s, 1, 384, 33, true).1,
     ));
     for (name, n, k) in [
         ("gemv qkv", qkv_w, hidden),

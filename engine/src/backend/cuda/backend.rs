@@ -218,6 +218,11 @@ pub struct CudaBackend {
     /// of every head.
     partial_out: DevBuf,
     partial_ml: DevBuf,
+    /// Decode attention's arrival counters (one per sequence and block column), zero between
+    /// launches: used when the last block of a split sequence merges its partials
+    /// (`RVLLM_DECODE_REDUCE=fold`); by default the reduce kernel does.
+    decode_semaphores: DevBuf,
+    decode_fold: bool,
     scratch_partitions: usize,
     num_kv_heads: usize,
     /// A column of bf16 ones: adds a bias as a rank-1 GEMM update.
@@ -262,6 +267,18 @@ impl CudaBackend {
         let scratch = scratch_partitions * num_heads;
         let partial_out = gpu.alloc(scratch * head_dim * 4)?;
         let partial_ml = gpu.alloc(scratch * 2 * 4)?;
+        // A decode block column covers at least one query head.
+        let semaphores = limits.max_seqs * num_heads;
+        let decode_semaphores = gpu.alloc(semaphores * 4)?;
+        gpu.memset_zero(decode_semaphores.ptr, semaphores * 4)?;
+        let decode_fold = match std::env::var("RVLLM_DECODE_REDUCE")
+            .as_deref()
+            .map(str::trim)
+        {
+            Err(_) | Ok("") | Ok("kernel") => false,
+            Ok("fold") => true,
+            Ok(other) => bail!("RVLLM_DECODE_REDUCE={other}: use kernel (the default) or fold"),
+        };
         let ones = gpu.alloc(limits.max_tokens * BF16)?;
         gpu.upload(ones.ptr, &vec![bf16::ONE; limits.max_tokens])?;
         let gemv_bulk = gpu.compute_capability.0 >= 9
@@ -286,6 +303,8 @@ impl CudaBackend {
             )),
             partial_out,
             partial_ml,
+            decode_semaphores,
+            decode_fold,
             scratch_partitions,
             num_kv_heads,
             ones,
@@ -429,6 +448,11 @@ impl CudaBackend {
         let (kernel, gt) = Self::decode_kernel(hd, group)?;
         let depth = step.decode_partitions;
         let (po, pml) = (self.partial_out.ptr, self.partial_ml.ptr);
+        let sem: CUdeviceptr = if self.decode_fold {
+            self.decode_semaphores.ptr
+        } else {
+            0
+        };
         let (bt, cl, pos, slots) = (
             step.at(step.layout.block_tables),
             step.at(step.layout.context_lens),
@@ -449,11 +473,11 @@ impl CudaBackend {
             (128, 1, 1),
             decode_attention_smem(gt),
             args![
-                o, po, pml, q, k, v, stride, kc, vc, bt, cl, pos, slots, inv, scale, nh, nkv, bs,
-                maxb, target
+                o, po, pml, sem, q, k, v, stride, kc, vc, bt, cl, pos, slots, inv, scale, nh, nkv,
+                bs, maxb, target
             ],
         )?;
-        if depth > 1 {
+        if depth > 1 && !self.decode_fold {
             let (hdi, dp) = (hd as i32, depth as i32);
             self.launch(
                 "attention_decode",
