@@ -1,5 +1,7 @@
-//! The engine core: one step is `schedule()` → `execute()` → `update_from_output()`.
-//! It sees token ids only; text lives in `output.rs` at the edge.
+//! The engine core: one step is `schedule()` → executor `submit` / `collect` →
+//! `update_from_output()`, with the next step scheduled and submitted before the current one
+//! is collected (async scheduling, ARCHITECTURE.md invariant 12). It sees token ids only;
+//! text lives in `output.rs` at the edge.
 use std::collections::VecDeque;
 
 use anyhow::{bail, Context, Result};

@@ -20,8 +20,8 @@ pub use batch::{build_forward_batch, RowUse};
 pub(crate) use model_runner::resolve_placeholders;
 pub use model_runner::ModelRunner;
 
-/// What the engine core drives: `ModelRunner<B>` for every backend, on a worker thread for
-/// the CPU, with a device fast path for CUDA.
+/// What the engine core drives: `ModelRunner<B>` on a thread of its own for the CPU
+/// (`CpuExecutor`), behind a device fast path for CUDA (`CudaExecutor`).
 pub trait Executor: Send {
     /// Starts a step; its output comes from `collect`, oldest first. Every `submit` that
     /// returns Ok has exactly one `collect` result (which may be an error). When the previous

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 
 use super::batch::{build_forward_batch, RowUse};
-use super::{Executor, RunnerConfig};
+use super::RunnerConfig;
 use crate::backend::{Backend, KvCacheShape};
 use crate::models::config::ModelConfig;
 use crate::models::llama::{LlamaModel, Workspace};
@@ -37,8 +37,6 @@ pub struct ModelRunner<B: Backend> {
     requests: HashMap<RequestId, RequestState>,
     /// The tokens the last step sampled: what the next step's placeholders stand for.
     last_sampled: HashMap<RequestId, u32>,
-    /// Outputs of steps submitted and not yet collected (they run inside `submit`).
-    ready: std::collections::VecDeque<Result<ModelRunnerOutput>>,
 }
 
 impl<B: Backend> ModelRunner<B> {
@@ -71,7 +69,6 @@ impl<B: Backend> ModelRunner<B> {
             ws,
             requests: HashMap::new(),
             last_sampled: HashMap::new(),
-            ready: Default::default(),
         })
     }
 
@@ -199,24 +196,14 @@ impl<B: Backend> ModelRunner<B> {
     }
 }
 
-impl<B: Backend> Executor for ModelRunner<B> {
-    fn submit(&mut self, so: &SchedulerOutput) -> Result<()> {
-        let out = self.run_step(so);
-        self.ready.push_back(out);
-        Ok(())
-    }
-    fn collect(&mut self) -> Result<ModelRunnerOutput> {
-        self.ready
-            .pop_front()
-            .context("collect() without a step submitted")?
-    }
-    fn num_kv_blocks(&self) -> usize {
+impl<B: Backend> ModelRunner<B> {
+    pub fn num_kv_blocks(&self) -> usize {
         self.kv_shape.num_blocks
     }
-    fn block_size(&self) -> usize {
+    pub fn block_size(&self) -> usize {
         self.kv_shape.block_size
     }
-    fn device_name(&self) -> String {
+    pub fn device_name(&self) -> String {
         self.backend.device_name()
     }
 }
