@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Result};
 use cudarc::driver::sys::CUdeviceptr;
 use half::bf16;
 
-use super::device::{DevBuf, Gpu, PinnedBuf};
+use super::device::{DevBuf, Gpu, PinnedPair};
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
 use crate::models::weights::{HostData, HostTensor};
 
@@ -211,9 +211,8 @@ pub struct CudaBackend {
     layout: MetaLayout,
     meta: DevBuf,
     /// Host staging of the step metadata, page-locked so that an upload never waits for the
-    /// stream; two, used in turn, since a step's upload may still be queued behind the step
-    /// before when the next one is prepared (lookahead scheduling).
-    staging: Mutex<(usize, [PinnedBuf; 2])>,
+    /// stream (lookahead scheduling prepares a step while the one before runs).
+    staging: Mutex<PinnedPair>,
     /// Split-K scratch for decode attention: `scratch_partitions` (sequence, partition) pairs
     /// of every head.
     partial_out: DevBuf,
@@ -294,13 +293,7 @@ impl CudaBackend {
             layout,
             meta,
             // The host fills only what goes up: everything before the strided tables.
-            staging: Mutex::new((
-                0,
-                [
-                    PinnedBuf::new(layout.block_tables * 4)?,
-                    PinnedBuf::new(layout.block_tables * 4)?,
-                ],
-            )),
+            staging: Mutex::new(PinnedPair::new(layout.block_tables * 4)?),
             partial_out,
             partial_ml,
             decode_semaphores,
@@ -809,9 +802,7 @@ impl Backend for CudaBackend {
         );
         let lay = &self.layout;
         let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-        let (next, bufs) = &mut *staging;
-        let buf = &mut bufs[*next];
-        *next ^= 1;
+        let buf = staging.take_turn();
         let st: &mut [i32] = buf.slice_mut(lay.block_tables);
         for (i, t) in batch.token_ids.iter().enumerate() {
             st[lay.ids + i] = *t as i32;

@@ -140,6 +140,29 @@ impl Drop for PinnedBuf {
     }
 }
 
+/// Two page-locked staging buffers used in turn: an upload may still be queued behind the
+/// step before when the next step's data is written, so consecutive steps never share one.
+pub struct PinnedPair {
+    bufs: [PinnedBuf; 2],
+    next: usize,
+}
+
+impl PinnedPair {
+    pub fn new(bytes: usize) -> Result<Self> {
+        Ok(Self {
+            bufs: [PinnedBuf::new(bytes)?, PinnedBuf::new(bytes)?],
+            next: 0,
+        })
+    }
+
+    /// The buffer whose turn it is (the other one's turn comes next).
+    pub fn take_turn(&mut self) -> &mut PinnedBuf {
+        let i = self.next;
+        self.next ^= 1;
+        &mut self.bufs[i]
+    }
+}
+
 /// A point in the GPU's stream that the host can wait for.
 pub struct StreamEvent(sys::CUevent);
 

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use cudarc::driver::{result as drv, sys};
 
 use super::backend::{CudaBackend, CudaTensor, StepLimits};
-use super::device::{DevBuf, Gpu, PinnedBuf, StreamEvent};
+use super::device::{DevBuf, Gpu, PinnedBuf, PinnedPair, StreamEvent};
 use crate::backend::{Backend, ForwardBatch, SeqSlice};
 use crate::engine::EngineArgs;
 use crate::models::config::ModelConfig;
@@ -31,13 +31,10 @@ const GRAPH_SIZES: &[usize] = &[
     1024,
 ];
 
-/// Persistent per-row sampling parameters (fixed addresses for graphs), staged in two
-/// page-locked buffers used in turn (a step's upload may still be queued when the next step
-/// is prepared).
+/// Persistent per-row sampling parameters (fixed addresses for graphs), staged page-locked.
 struct SamplingBuffers {
     dev: DevBuf,
-    staging: [PinnedBuf; 2],
-    next: usize,
+    staging: PinnedPair,
     max_rows: usize,
 }
 
@@ -57,8 +54,7 @@ impl SamplingBuffers {
     fn upload(&mut self, gpu: &Gpu, rows: &[(f32, i32, f32, f32, u64, u64)]) -> Result<()> {
         let o = self.offsets();
         let bytes = Self::bytes(self.max_rows);
-        let buf = &mut self.staging[self.next];
-        self.next ^= 1;
+        let buf = self.staging.take_turn();
         let st: &mut [u8] = buf.slice_mut(bytes);
         st.fill(0);
         for (r, &(t, k, p, m, seed, off)) in rows.iter().enumerate() {
@@ -119,8 +115,7 @@ pub struct CudaExecutor {
     /// (index into the step's ids, row of `tokens`) of the placeholders filled on the device,
     /// and its staging.
     feed: DevBuf,
-    feed_staging: [PinnedBuf; 2],
-    next_feed: usize,
+    feed_staging: PinnedPair,
 }
 
 /// A step handed to `submit` and not yet collected.
@@ -219,11 +214,7 @@ impl CudaExecutor {
         let token_logprobs = gpu.alloc(max_seqs * 4)?;
         let sampling = SamplingBuffers {
             dev: gpu.alloc(SamplingBuffers::bytes(max_seqs))?,
-            staging: [
-                PinnedBuf::new(SamplingBuffers::bytes(max_seqs))?,
-                PinnedBuf::new(SamplingBuffers::bytes(max_seqs))?,
-            ],
-            next: 0,
+            staging: PinnedPair::new(SamplingBuffers::bytes(max_seqs))?,
             max_rows: max_seqs,
         };
         let downloads = [
@@ -231,12 +222,8 @@ impl CudaExecutor {
             (PinnedBuf::new(max_seqs * 4)?, StreamEvent::new()?),
         ];
         let feed = gpu.alloc(max_seqs * 2 * 4)?;
-        let feed_staging = [
-            PinnedBuf::new(max_seqs * 2 * 4)?,
-            PinnedBuf::new(max_seqs * 2 * 4)?,
-        ];
-        // Load with a KV cache just big enough for the profiling pass, then size the real one
-        // from what that pass left free.
+        let feed_staging = PinnedPair::new(max_seqs * 2 * 4)?; // Load with a KV cache just big enough for the profiling pass, then size the real one
+                                                               // from what that pass left free.
         let profile_tokens = limits.max_tokens;
         let profile_blocks = profile_blocks(profile_tokens, max_len, cfg.block_size);
         let t0 = std::time::Instant::now();
@@ -318,7 +305,6 @@ impl CudaExecutor {
             next_download: 0,
             feed,
             feed_staging,
-            next_feed: 0,
         };
         if !args.enforce_eager {
             let t0 = std::time::Instant::now();
@@ -589,7 +575,7 @@ impl CudaExecutor {
             .iter()
             .any(|q| matches!(q, Submitted::Device(d) if d.slot == slot))
         {
-            self.finish_queued_device_steps()?;
+            self.finish_queued_device_steps();
         }
         self.next_download ^= 1;
         let (buf, event) = &mut self.downloads[slot];
@@ -654,8 +640,7 @@ impl CudaExecutor {
         if feed.is_empty() {
             return Ok(());
         }
-        let buf = &mut self.feed_staging[self.next_feed];
-        self.next_feed ^= 1;
+        let buf = self.feed_staging.take_turn();
         buf.slice_mut(feed.len()).copy_from_slice(feed);
         buf.upload(&self.gpu, self.feed.ptr, feed.len() * 4)?;
         let pairs = (feed.len() / 2) as i32;
@@ -713,30 +698,28 @@ impl CudaExecutor {
 
     /// Waits for every step queued on the device and keeps its output for `collect`; the
     /// newest one's tokens become what the next step's placeholders stand for.
-    fn finish_queued_device_steps(&mut self) -> Result<()> {
-        for i in 0..self.queue.len() {
-            if let Submitted::Device(_) = self.queue[i] {
-                let Submitted::Device(d) = std::mem::replace(
-                    &mut self.queue[i],
-                    Submitted::Ready(Err(anyhow::anyhow!("taken"))),
-                ) else {
-                    unreachable!()
-                };
-                let out = self.finish_device_step(d);
-                if let Ok(o) = &out {
-                    self.last_tokens = o.sampled.iter().map(|t| (t.req_id, t.token_id)).collect();
+    fn finish_queued_device_steps(&mut self) {
+        for entry in std::mem::take(&mut self.queue) {
+            let ready = match entry {
+                Submitted::Device(d) => {
+                    let out = self.finish_device_step(d);
+                    if let Ok(o) = &out {
+                        self.last_tokens =
+                            o.sampled.iter().map(|t| (t.req_id, t.token_id)).collect();
+                    }
+                    Submitted::Ready(out)
                 }
-                self.queue[i] = Submitted::Ready(out);
-            }
+                ready => ready,
+            };
+            self.queue.push_back(ready);
         }
         self.last_rows.clear();
-        Ok(())
     }
 
     /// The host path: the step runs to completion now, after the steps queued on the device
     /// (whose tokens it may need, and whose sampler state it continues).
     fn host_step(&mut self, so: &SchedulerOutput) -> Result<ModelRunnerOutput> {
-        self.finish_queued_device_steps()?;
+        self.finish_queued_device_steps();
         let resolved = resolve_placeholders(so, &self.last_tokens)?;
         let out = self.runner.run_step(resolved.as_ref().unwrap_or(so));
         self.last_tokens = match &out {
