@@ -210,6 +210,7 @@ __device__ __forceinline__ void decode_attention(
     __shared__ Bf16x8 new_kv[2][2][LPT];  // the new token's rotated k and its v, per lane
     __shared__ float out_acc[GT][HD];     // the block's output so far, unnormalised
 
+    BlockTrace trace(1);
     const int group = num_heads / num_kv_heads;
     const int groups_per_kv = (group + GT - 1) / GT;
     const int kv_head = blockIdx.x / groups_per_kv;
@@ -297,6 +298,7 @@ __device__ __forceinline__ void decode_attention(
 #pragma unroll
     for (int i = 0; i < S - 1; ++i) issue(i);
     pdl_wait();
+    trace.mark_waited();
     pdl_launch_dependents();
 
     // The new token: the block that streams its partition takes its k and v from the QKV
@@ -389,6 +391,7 @@ __device__ __forceinline__ void decode_attention(
         }
         // Phase 2: softmax numerators against the running maximum, one warp per head.
         __syncthreads();
+        trace.mark_first();  // the first partition's scores are done
         for (int g = warp; g < GT; g += kWarps) {
             float m = -INFINITY;
             for (int t = lane; t < ntok; t += 32) m = fmaxf(m, scores[g][t]);
@@ -555,8 +558,10 @@ extern "C" __global__ void __launch_bounds__(kReduceThreads)
     // weights while the attention blocks run, and its own pdl_wait still waits for this
     // kernel, which waits for them. (Attention itself triggers only after its wait: every one
     // of its blocks is then placed, so nothing launched early can crowd them out.)
+    BlockTrace trace(2);
     pdl_launch_dependents();
     pdl_wait();
+    trace.mark_waited();
     __shared__ float w[kMaxReducePartitions];
     __shared__ __align__(16) float red[kReduceThreads * 4];
     __shared__ float scratch[32];

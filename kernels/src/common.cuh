@@ -32,6 +32,49 @@ RVLLM_DEVICE void pdl_launch_dependents() {
 #endif
 }
 
+// Block timeline (diagnostic; the host sets it when RVLLM_TRACE_BLOCKS names a file, else
+// null): a ring of records of 8 u64 after a header of 8 (record count so far, capacity).
+// Each block of a traced kernel stores, from thread 0, when it started, when its pdl_wait
+// returned, when its first input landed (kernels that say), when it ended, and tag | SM << 8
+// | linear block index << 16. Inside CUDA graphs this is the only view of how the kernels
+// of a step overlap. A __constant__ pointer: reading it costs a block nothing measurable.
+__constant__ unsigned long long* rvllm_block_trace;
+
+RVLLM_DEVICE unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+struct BlockTrace {
+    unsigned long long start = 0, waited = 0, first = 0;
+    unsigned tag;
+    __device__ explicit BlockTrace(unsigned kernel_tag) : tag(kernel_tag) {
+        if (rvllm_block_trace) start = global_ns();
+    }
+    __device__ void mark_waited() {
+        if (start) waited = global_ns();
+    }
+    __device__ void mark_first() {
+        if (start && !first) first = global_ns();
+    }
+    __device__ ~BlockTrace() {
+        if (!start || threadIdx.x != 0) return;
+        unsigned long long* buf = rvllm_block_trace;
+        const unsigned long long i = atomicAdd(buf, 1ull) % buf[1];
+        unsigned long long* r = buf + 8 + 8 * i;
+        unsigned smid;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+        const unsigned long long block =
+            blockIdx.x + (unsigned long long)gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+        r[0] = start;
+        r[1] = waited;
+        r[2] = first;
+        r[3] = global_ns();
+        r[4] = tag | (smid << 8) | (block << 16);
+    }
+};
+
 // The prologue of a kernel with nothing to do before its inputs are ready.
 RVLLM_DEVICE void pdl_enter() {
     pdl_wait();

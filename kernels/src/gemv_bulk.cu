@@ -55,17 +55,34 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
 }
 
 // Requests `bytes` from global `src` into shared `dst`; the stage's barrier completes when
-// they have landed.
+// they have landed. `policy` non-zero: an L2 cache policy (evict_first_policy) for the lines.
 __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
-                                          uint64_t* bar) {
+                                          uint64_t* bar, uint64_t policy) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
                  "r"(bytes)
                  : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::
-            "r"(smem_addr(dst)),
-        "l"(src), "r"(bytes), "r"(smem_addr(bar))
-        : "memory");
+    if (policy != 0) {
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+            " [%0], [%1], %2, [%3], %4;" ::"r"(smem_addr(dst)),
+            "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
+            : "memory");
+    } else {
+        asm volatile(
+            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+            "[%3];" ::"r"(smem_addr(dst)),
+            "l"(src), "r"(bytes), "r"(smem_addr(bar))
+            : "memory");
+    }
+}
+
+// An L2 policy that evicts these lines before any other: weights are read once a step, and
+// streaming 16 GB through L2 would otherwise push out what is reused within the step (the
+// kernels' code, activations, the O projection's prefetched rows).
+__device__ __forceinline__ uint64_t evict_first_policy() {
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
 }
 
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
@@ -101,7 +118,9 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
                                           const __nv_bfloat16* __restrict__ x,
                                           const __nv_bfloat16* __restrict__ w, int n, int k,
                                           int rows_per_stage,
-                                          const __nv_bfloat16* __restrict__ norm_w, float eps) {
+                                          const __nv_bfloat16* __restrict__ norm_w, float eps,
+                                          int evict_first) {
+    BlockTrace trace(16 + kIn * 2 + kAdd);
     extern __shared__ __align__(128) unsigned char smem[];
     int4* stage_buf = reinterpret_cast<int4*>(smem);  // kStages x kStageBytes
     int4* xs = reinterpret_cast<int4*>(smem + kStages * kStageBytes);  // k bf16
@@ -119,11 +138,12 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
     const int part = warp % warps_per_row;
 
     // Asks for group g's rows (the last group may be short) into stage s.
+    const uint64_t policy = evict_first ? evict_first_policy() : 0;
     auto request = [&](int g, int s) {
         const int rows = min(R, n - g * R);
         bulk_load(reinterpret_cast<unsigned char*>(stage_buf) + (int64_t)s * kStageBytes,
                   reinterpret_cast<const unsigned char*>(w) + g * R * row_bytes,
-                  (uint32_t)(rows * row_bytes), &bars[s]);
+                  (uint32_t)(rows * row_bytes), &bars[s], policy);
     };
 
     if (tid == 0) {
@@ -150,8 +170,20 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
                          : "memory");
         }
     }
+    // The norm weights depend on no kernel: loaded before the wait when one batch of chunks
+    // covers k (k <= 16384), so that their latency is not added to the prologue's.
+    constexpr int kSpan = kThreads * kPrologueBatch;
+    int4 wn_early[kPrologueBatch];
+    const bool norm_early = kIn == kNorm && k8 <= kSpan;
+    if (norm_early) {
+        const int4* wn = reinterpret_cast<const int4*>(norm_w);
+#pragma unroll
+        for (int j = 0; j < kPrologueBatch; ++j)
+            if (tid + j * kThreads < k8) wn_early[j] = wn[tid + j * kThreads];
+    }
     // Only now wait for the kernels that produce x.
     pdl_wait();
+    trace.mark_waited();
     pdl_launch_dependents();
     const int4* xg = reinterpret_cast<const int4*>(x);
     // Loads chunks c0, c0 + kThreads, ... (up to kPrologueBatch of them) of x (and, for silu,
@@ -166,7 +198,6 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
             }
         }
     };
-    constexpr int kSpan = kThreads * kPrologueBatch;
     if (kIn == kNorm) {
         // The chunks of each thread and the block sum are rms_norm_bf16's, so the normed
         // input is the one that kernel would have stored. One batch covers k <= 16384, so the
@@ -192,7 +223,8 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
             int4 wv[kPrologueBatch];
 #pragma unroll
             for (int j = 0; j < kPrologueBatch; ++j)
-                if (c0 + j * kThreads < k8) wv[j] = wn[c0 + j * kThreads];
+                if (c0 + j * kThreads < k8)
+                    wv[j] = norm_early ? wn_early[j] : wn[c0 + j * kThreads];
 #pragma unroll
             for (int j = 0; j < kPrologueBatch; ++j) {
                 const int c = c0 + j * kThreads;
@@ -239,6 +271,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
         if (g >= groups) break;
         const int s = i % kStages;
         mbar_wait(&bars[s], (i / kStages) & 1);
+        trace.mark_first();
         const int row = g * R + row_in_group;
         const bool owner = part == 0 && lane == 0 && row < n;
         // The residual of the next group's row is requested a whole stage ahead, so that its
@@ -279,7 +312,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES) \
-    gemv_bulk<IN, ADD, STAGES>(y, x, w, n, k, rows_per_stage, norm_w, eps)
+    gemv_bulk<IN, ADD, STAGES>(y, x, w, n, k, rows_per_stage, norm_w, eps, evict_first)
 #else
 #define RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES) __trap()
 #endif
@@ -290,7 +323,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
                               const __nv_bfloat16* __restrict__ x,                             \
                               const __nv_bfloat16* __restrict__ w, int n, int k,               \
                               int rows_per_stage, const __nv_bfloat16* __restrict__ norm_w,    \
-                              float eps) {                                                     \
+                              float eps, int evict_first) {                                    \
         RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES);                                                 \
     }
 

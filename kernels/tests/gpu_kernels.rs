@@ -917,6 +917,8 @@ fn gemv_bulk_matches_reference() {
             let depth = if stages == 6 { "_s6" } else { "" };
             let kernel = format!("gemv_bulk_{variant}{depth}_b1");
             let groups = n.div_ceil(rows as usize) as u32;
+            // The L2 evict-first streaming (same values) on the deeper pipeline.
+            let evict_first = (stages == 6) as i32;
             g.launch_smem(
                 "gemv_bulk",
                 &kernel,
@@ -932,6 +934,7 @@ fn gemv_bulk_matches_reference() {
                     arg(&rows),
                     arg(&d_nw.ptr),
                     arg(&eps),
+                    arg(&evict_first),
                 ],
             );
             // The unfused paths store their input in bf16 before the GEMV reads it.

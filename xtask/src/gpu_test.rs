@@ -279,7 +279,11 @@ pub fn run(args: Args) -> Result<()> {
             strip(&out.join("tests").join(name));
         }
     }
-    for (name, text) in [("run.sh", RUN_SH), ("bench.sh", BENCH_SH)] {
+    for (name, text) in [
+        ("run.sh", RUN_SH),
+        ("bench.sh", BENCH_SH),
+        ("trace_report.py", TRACE_REPORT),
+    ] {
         let path = out.join(name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         make_executable(&path)?;
@@ -331,6 +335,8 @@ fn git_commit(root: &Path) -> Option<String> {
 /// counts as a failure unless RVLLM_ALLOW_SKIP=1, since this folder exists to run on a GPU.
 /// The benchmark suite of BENCHMARKS.md (latency, TTFT, throughput, serving, the peers).
 const BENCH_SH: &str = include_str!("gpu_test/bench.sh");
+/// Summarises the block timeline of bench.sh's `trace` targets.
+const TRACE_REPORT: &str = include_str!("gpu_test/trace_report.py");
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # rvllm GPU tests, gathered by `cargo xtask gpu-test`. Usage: ./run.sh [test-binary args]

@@ -3,7 +3,7 @@
 # Usage: ./bench.sh [latency] [latency-s6] [latency-nopdl] [latency-skip:PATTERNS]
 #                   [latency-env:VAR=VALUE,...] [ttft]
 #                   [throughput] [throughput-1024] [throughput-default] [throughput-default-sync]
-#                   [latency-sync] [serve] [serve-c1]
+#                   [latency-sync] [trace] [trace-env:VAR=VALUE,...] [serve] [serve-c1]
 #                   [peers] [hf] [profile] [profile-throughput]
 #        (no argument: latency ttft throughput). Model: the Llama-3.1-8B shape with dummy weights.
 # Env: RESULTS=<dir> for the logs and JSON (default ./results); PEERS=<dir> holding
@@ -19,6 +19,10 @@ mkdir -p "$RES"
 MODEL=./configs/llama-3.1-8b
 RVLLM=./bin/rvllm
 failed=0
+# The batch-1 decode benchmark of the issue; its variants add settings.
+LATENCY=("$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1
+    --input-len 128 --output-len 256 --num-iters-warmup 1 --num-iters 3 --max-model-len 2048
+    --max-num-seqs 8)
 
 run() { # name command...: runs it, keeps the log, prints its last lines
     local name=$1
@@ -69,32 +73,31 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 for what in "$@"; do
     case "$what" in
     latency)
-        run latency "$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1 \
-            --input-len 128 --output-len 256 --num-iters-warmup 1 --num-iters 3 \
-            --max-model-len 2048 --max-num-seqs 8 --output-json "$RES/latency.json" ;;
-    latency-s6)
-        run latency-s6 env RVLLM_GEMV_STAGES=6 "$RVLLM" bench latency --model "$MODEL" \
-            --load-format dummy --batch-size 1 --input-len 128 --output-len 256 \
-            --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 --max-num-seqs 8 \
-            --output-json "$RES/latency-s6.json" ;;
-    latency-nopdl)
-        run latency-nopdl env RVLLM_PDL=0 "$RVLLM" bench latency --model "$MODEL" --load-format dummy \
-            --batch-size 1 --input-len 128 --output-len 256 --num-iters-warmup 1 --num-iters 3 \
-            --max-model-len 2048 --max-num-seqs 8 --output-json "$RES/latency-nopdl.json" ;;
+        run latency "${LATENCY[@]}" --output-json "$RES/latency.json" ;;
+    latency-s6) run latency-s6 env RVLLM_GEMV_STAGES=6 "${LATENCY[@]}" ;;
+    latency-nopdl) run latency-nopdl env RVLLM_PDL=0 "${LATENCY[@]}" ;;
+    latency-sync) run latency-sync "${LATENCY[@]}" --no-async-scheduling ;;
     latency-skip:*)
         # What the kernels matching PATTERNS (comma-separated) cost inside the decode graphs:
         # the same run with them not launched (RVLLM_SKIP_KERNELS; its tokens are wrong).
         pats=${what#latency-skip:}
-        run "latency-skip-${pats//,/_}" env RVLLM_SKIP_KERNELS="$pats" "$RVLLM" bench latency \
-            --model "$MODEL" --load-format dummy --batch-size 1 --input-len 128 --output-len 256 \
-            --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 --max-num-seqs 8 ;;
+        run "latency-skip-${pats//,/_}" env RVLLM_SKIP_KERNELS="$pats" "${LATENCY[@]}" ;;
     latency-env:*)
         # The latency run with diagnostic settings, e.g. latency-env:RVLLM_DECODE_REDUCE=kernel
         # (comma-separated VAR=VALUE pairs; the log is named after them).
         IFS=, read -r -a vars <<<"${what#latency-env:}"
-        run "latency-env-$(IFS=_; echo "${vars[*]}")" env "${vars[@]}" "$RVLLM" bench latency \
+        run "latency-env-$(IFS=_; echo "${vars[*]}")" env "${vars[@]}" "${LATENCY[@]}" ;;
+    trace|trace-env:*)
+        # The block timeline of batch-1 decode inside the graphs (RVLLM_TRACE_BLOCKS, see
+        # engine/src/backend/cuda/block_trace.rs): the last ~12 tokens' kernels, block by block.
+        vars=()
+        [ "$what" != trace ] && IFS=, read -r -a vars <<<"${what#trace-env:}"
+        name="$what"; name=${name//[:=,]/_}
+        run "$name" env "${vars[@]}" RVLLM_TRACE_BLOCKS="$RES/$name.bin" "$RVLLM" bench latency \
             --model "$MODEL" --load-format dummy --batch-size 1 --input-len 128 --output-len 256 \
-            --num-iters-warmup 1 --num-iters 3 --max-model-len 2048 --max-num-seqs 8 ;;
+            --num-iters-warmup 0 --num-iters 1 --max-model-len 2048 --max-num-seqs 8
+        gzip -f "$RES/$name.bin"
+        python3 ./trace_report.py "$RES/$name.bin.gz" 9 | tee "$RES/$name-report.txt" ;;
     ttft)
         run ttft "$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1 \
             --input-len 2048 --output-len 2 --num-iters-warmup 1 --num-iters 5 \
@@ -116,10 +119,6 @@ for what in "$@"; do
         run throughput-default-sync "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
             --input-len 256 --output-len 256 --num-prompts 1000 --no-async-scheduling \
             --output-json "$RES/throughput-default-sync.json" ;;
-    latency-sync)
-        run latency-sync "$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1 \
-            --input-len 128 --output-len 256 --num-iters-warmup 1 --num-iters 3 \
-            --max-model-len 2048 --max-num-seqs 8 --no-async-scheduling ;;
     throughput)
         run throughput "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
             --input-len 256 --output-len 256 --num-prompts 1000 --max-model-len 1024 \

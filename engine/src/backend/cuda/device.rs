@@ -218,6 +218,8 @@ pub struct Gpu {
     /// pattern are not launched, so a benchmark shows what they cost inside CUDA graphs,
     /// where the event profile cannot look. The outputs are wrong while it is set.
     skip_kernels: Vec<String>,
+    /// The kernels' block timeline (`RVLLM_TRACE_BLOCKS=<file>`, diagnostic), written on drop.
+    block_trace: Option<super::block_trace::BlockTrace>,
 }
 
 /// The patterns of `RVLLM_SKIP_KERNELS` (comma-separated, blanks ignored).
@@ -276,6 +278,9 @@ impl Gpu {
             })?;
             modules.insert(stem, module);
         }
+        let block_trace = super::block_trace::BlockTrace::from_env(
+            &modules.values().copied().collect::<Vec<_>>(),
+        )?;
         let pdl = pdl_enabled(
             compute_capability,
             std::env::var("RVLLM_PDL").ok().as_deref(),
@@ -306,6 +311,7 @@ impl Gpu {
                 }
                 skip
             },
+            block_trace,
         })
     }
 
@@ -531,6 +537,13 @@ impl Drop for Gpu {
     fn drop(&mut self) {
         unsafe {
             let _ = drv::stream::synchronize(self.stream);
+        }
+        if let Some(trace) = &self.block_trace {
+            if let Err(e) = trace.write() {
+                eprintln!("{e:#}");
+            }
+        }
+        unsafe {
             let _ = blas::destroy_handle(self.blas);
             for (_, m) in self.modules.drain() {
                 let _ = drv::module::unload(m);

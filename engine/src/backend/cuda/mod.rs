@@ -1,5 +1,6 @@
 //! CUDA backend: cudarc driver API (dynamically loaded), cuBLAS GEMMs, rvllm-kernels' fatbin.
 pub mod backend;
+pub mod block_trace;
 pub mod ceilings;
 pub mod device;
 pub mod profiler;
