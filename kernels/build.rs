@@ -42,6 +42,7 @@ fn main() {
         "RVLLM_DRIVER_CUDA_VERSION",
         "RVLLM_PREBUILT_KERNELS",
         "RVLLM_KERNELS_SRC",
+        "RVLLM_KERNEL_TRACE",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -263,6 +264,10 @@ fn compile_all(
         flags.push("-c".into());
     }
     flags.extend(["-fatbin", "-O3", "-std=c++17", "--use_fast_math"].map(String::from));
+    if env("RVLLM_KERNEL_TRACE").is_some_and(|v| v != "0") {
+        // The block timeline of common.cuh (a diagnostic build; see block_trace.rs).
+        flags.push("-DRVLLM_BLOCK_TRACE".into());
+    }
     flags.extend(toolchain::gencode_flags(&archs, with_ptx));
     for inc in tk.include_dirs() {
         flags.push(format!("-I{}", inc.display()));

@@ -32,12 +32,16 @@ RVLLM_DEVICE void pdl_launch_dependents() {
 #endif
 }
 
-// Block timeline (diagnostic; the host sets it when RVLLM_TRACE_BLOCKS names a file, else
-// null): a ring of records of 8 u64 after a header of 8 (record count so far, capacity).
-// Each block of a traced kernel stores, from thread 0, when it started, when its pdl_wait
-// returned, when its first input landed (kernels that say), when it ended, and tag | SM << 8
-// | linear block index << 16. Inside CUDA graphs this is the only view of how the kernels
-// of a step overlap. A __constant__ pointer: reading it costs a block nothing measurable.
+// Block timeline (diagnostic builds only: kernels compiled with RVLLM_KERNEL_TRACE=1 define
+// RVLLM_BLOCK_TRACE; elsewhere BlockTrace is empty and costs nothing). The host sets the
+// pointer when RVLLM_TRACE_BLOCKS names a file, else it stays null: a ring of records of 8
+// u64 after a header of 8 (record count so far, capacity). Each block of a traced kernel
+// stores, from thread 0, when it started, when its pdl_wait returned, when its first input
+// landed (kernels that say), when it ended, and tag | SM << 8 | linear block index << 16.
+// Inside CUDA graphs this is the only view of how the kernels of a step overlap. It is not
+// compiled in by default because an H200 measured the instrumented build ~2.5 % slower at
+// batch 1 than the one before it (BENCHMARKS.md, 2026-11-30), the cause not isolated.
+#ifdef RVLLM_BLOCK_TRACE
 __constant__ unsigned long long* rvllm_block_trace;
 
 RVLLM_DEVICE unsigned long long global_ns() {
@@ -74,6 +78,13 @@ struct BlockTrace {
         r[4] = tag | (smid << 8) | (block << 16);
     }
 };
+#else
+struct BlockTrace {
+    __device__ explicit BlockTrace(unsigned) {}
+    __device__ void mark_waited() {}
+    __device__ void mark_first() {}
+};
+#endif
 
 // The prologue of a kernel with nothing to do before its inputs are ready.
 RVLLM_DEVICE void pdl_enter() {

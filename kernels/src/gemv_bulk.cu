@@ -170,17 +170,6 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
                          : "memory");
         }
     }
-    // The norm weights depend on no kernel: loaded before the wait when one batch of chunks
-    // covers k (k <= 16384), so that their latency is not added to the prologue's.
-    constexpr int kSpan = kThreads * kPrologueBatch;
-    int4 wn_early[kPrologueBatch];
-    const bool norm_early = kIn == kNorm && k8 <= kSpan;
-    if (norm_early) {
-        const int4* wn = reinterpret_cast<const int4*>(norm_w);
-#pragma unroll
-        for (int j = 0; j < kPrologueBatch; ++j)
-            if (tid + j * kThreads < k8) wn_early[j] = wn[tid + j * kThreads];
-    }
     // Only now wait for the kernels that produce x.
     pdl_wait();
     trace.mark_waited();
@@ -198,6 +187,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
             }
         }
     };
+    constexpr int kSpan = kThreads * kPrologueBatch;
     if (kIn == kNorm) {
         // The chunks of each thread and the block sum are rms_norm_bf16's, so the normed
         // input is the one that kernel would have stored. One batch covers k <= 16384, so the
@@ -223,8 +213,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
             int4 wv[kPrologueBatch];
 #pragma unroll
             for (int j = 0; j < kPrologueBatch; ++j)
-                if (c0 + j * kThreads < k8)
-                    wv[j] = norm_early ? wn_early[j] : wn[c0 + j * kThreads];
+                if (c0 + j * kThreads < k8) wv[j] = wn[c0 + j * kThreads];
 #pragma unroll
             for (int j = 0; j < kPrologueBatch; ++j) {
                 const int c = c0 + j * kThreads;

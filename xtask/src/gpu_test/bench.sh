@@ -90,6 +90,7 @@ for what in "$@"; do
     trace|trace-env:*)
         # The block timeline of batch-1 decode inside the graphs (RVLLM_TRACE_BLOCKS, see
         # engine/src/backend/cuda/block_trace.rs): the last ~12 tokens' kernels, block by block.
+        # Needs a folder built with RVLLM_KERNEL_TRACE=1 (the default kernels carry no probes).
         vars=()
         [ "$what" != trace ] && IFS=, read -r -a vars <<<"${what#trace-env:}"
         name="$what"; name=${name//[:=,]/_}

@@ -1,4 +1,5 @@
-//! The block timeline of kernels/src/common.cuh (`RVLLM_TRACE_BLOCKS=<file>`, diagnostic):
+//! The block timeline of kernels/src/common.cuh (`RVLLM_TRACE_BLOCKS=<file>`, diagnostic; the
+//! kernels must be built with `RVLLM_KERNEL_TRACE=1`, default builds carry no instrumentation):
 //! every traced kernel's blocks record when they started, passed their PDL wait, saw their
 //! first input and ended, into a ring on the device; the last `CAPACITY` records are written
 //! to the file when the GPU is dropped. Inside CUDA graphs it is the only view of how the
@@ -11,7 +12,7 @@
 
 use std::ffi::CString;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{result as drv, sys};
 
 use super::device::DevBuf;
@@ -46,15 +47,25 @@ impl BlockTrace {
         header[1] = CAPACITY as u64;
         unsafe { drv::memcpy_htod_sync(buf.ptr, &header) }
             .map_err(|e| anyhow!("clearing the block trace: {e:?}"))?;
+        let mut traced = 0;
         for &m in modules {
             let name = CString::new("rvllm_block_trace").expect("no NUL");
-            // Modules without traced kernels have no such symbol.
+            // Modules without traced kernels, and every module of a default build, have no
+            // such symbol.
             if let Ok((sym, bytes)) = unsafe { drv::module::get_global(m, name) } {
                 if bytes == 8 {
                     unsafe { drv::memcpy_htod_sync(sym, &[buf.ptr]) }
                         .map_err(|e| anyhow!("setting rvllm_block_trace: {e:?}"))?;
+                    traced += 1;
                 }
             }
+        }
+        if traced == 0 {
+            bail!(
+                "RVLLM_TRACE_BLOCKS={path}: these kernels were built without the block timeline; \
+                 rebuild them with RVLLM_KERNEL_TRACE=1 (e.g. `RVLLM_KERNEL_TRACE=1 cargo xtask \
+                 gpu-test`), or unset RVLLM_TRACE_BLOCKS"
+            );
         }
         eprintln!("RVLLM_TRACE_BLOCKS={path}: tracing kernel blocks (diagnostic)");
         Ok(Some(Self { buf, path }))

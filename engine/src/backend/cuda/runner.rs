@@ -222,8 +222,9 @@ impl CudaExecutor {
             (PinnedBuf::new(max_seqs * 4)?, StreamEvent::new()?),
         ];
         let feed = gpu.alloc(max_seqs * 2 * 4)?;
-        let feed_staging = PinnedPair::new(max_seqs * 2 * 4)?; // Load with a KV cache just big enough for the profiling pass, then size the real one
-                                                               // from what that pass left free.
+        let feed_staging = PinnedPair::new(max_seqs * 2 * 4)?;
+        // Load with a KV cache just big enough for the profiling pass, then size the real one
+        // from what that pass left free.
         let profile_tokens = limits.max_tokens;
         let profile_blocks = profile_blocks(profile_tokens, max_len, cfg.block_size);
         let t0 = std::time::Instant::now();
