@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # rvllm GPU benchmarks (the suite behind BENCHMARKS.md), gathered by `cargo xtask gpu-test`.
 # Usage: ./bench.sh [latency] [latency-s6] [latency-nopdl] [latency-skip:PATTERNS]
-#                   [latency-env:VAR=VALUE,...] [ttft]
+#                   [latency-env:VAR=VALUE,...] [latency-bin:PATH] [ttft]
 #                   [throughput] [throughput-1024] [throughput-default] [throughput-default-sync]
 #                   [latency-sync] [trace] [trace-env:VAR=VALUE,...] [serve] [serve-c1]
 #                   [peers] [hf] [profile] [profile-throughput]
@@ -82,6 +82,11 @@ for what in "$@"; do
         # the same run with them not launched (RVLLM_SKIP_KERNELS; its tokens are wrong).
         pats=${what#latency-skip:}
         run "latency-skip-${pats//,/_}" env RVLLM_SKIP_KERNELS="$pats" "${LATENCY[@]}" ;;
+    latency-bin:*)
+        # The latency run with another rvllm binary copied into the folder (e.g. an older
+        # build's, for a same-machine A/B: latency latency-bin:./bin/rvllm-old latency).
+        bin=${what#latency-bin:}
+        run "latency-bin-$(basename "$bin")" "$bin" "${LATENCY[@]:1}" ;;
     latency-env:*)
         # The latency run with diagnostic settings, e.g. latency-env:RVLLM_DECODE_REDUCE=kernel
         # (comma-separated VAR=VALUE pairs; the log is named after them).
