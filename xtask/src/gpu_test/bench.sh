@@ -19,10 +19,11 @@ mkdir -p "$RES"
 MODEL=./configs/llama-3.1-8b
 RVLLM=./bin/rvllm
 failed=0
-# The batch-1 decode benchmark of the issue; its variants add settings.
-LATENCY=("$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1
-    --input-len 128 --output-len 256 --num-iters-warmup 1 --num-iters 3 --max-model-len 2048
-    --max-num-seqs 8)
+# The batch-1 decode benchmark of the issue (its variants add settings); the trace target
+# runs the same workload once.
+LATENCY_WORKLOAD=("$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1
+    --input-len 128 --output-len 256 --max-model-len 2048 --max-num-seqs 8)
+LATENCY=("${LATENCY_WORKLOAD[@]}" --num-iters-warmup 1 --num-iters 3)
 
 run() { # name command...: runs it, keeps the log, prints its last lines
     local name=$1
@@ -99,9 +100,8 @@ for what in "$@"; do
         vars=()
         [ "$what" != trace ] && IFS=, read -r -a vars <<<"${what#trace-env:}"
         name="$what"; name=${name//[:=,]/_}
-        run "$name" env "${vars[@]}" RVLLM_TRACE_BLOCKS="$RES/$name.bin" "$RVLLM" bench latency \
-            --model "$MODEL" --load-format dummy --batch-size 1 --input-len 128 --output-len 256 \
-            --num-iters-warmup 0 --num-iters 1 --max-model-len 2048 --max-num-seqs 8
+        run "$name" env "${vars[@]}" RVLLM_TRACE_BLOCKS="$RES/$name.bin" "${LATENCY_WORKLOAD[@]}" \
+            --num-iters-warmup 0 --num-iters 1
         gzip -f "$RES/$name.bin"
         python3 ./trace_report.py "$RES/$name.bin.gz" 9 | tee "$RES/$name-report.txt" ;;
     ttft)

@@ -48,11 +48,11 @@ impl BlockTrace {
         unsafe { drv::memcpy_htod_sync(buf.ptr, &header) }
             .map_err(|e| anyhow!("clearing the block trace: {e:?}"))?;
         let mut traced = 0;
+        let name = CString::new("rvllm_block_trace").expect("no NUL");
         for &m in modules {
-            let name = CString::new("rvllm_block_trace").expect("no NUL");
             // Modules without traced kernels, and every module of a default build, have no
             // such symbol.
-            if let Ok((sym, bytes)) = unsafe { drv::module::get_global(m, name) } {
+            if let Ok((sym, bytes)) = unsafe { drv::module::get_global(m, name.clone()) } {
                 if bytes == 8 {
                     unsafe { drv::memcpy_htod_sync(sym, &[buf.ptr]) }
                         .map_err(|e| anyhow!("setting rvllm_block_trace: {e:?}"))?;
