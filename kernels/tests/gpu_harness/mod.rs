@@ -347,6 +347,11 @@ pub const BF16_NAN: bf16 = bf16::NAN;
 /// Bytes of dynamic shared memory of the decode attention kernel with `gt` query heads a
 /// block (decode_smem_bytes in attention_decode.cu: a 3-stage ring of 12 KiB, gt x 512
 /// scores, 512 slots).
+/// compact_smem_bytes of attention_decode.cu's compact kernel.
+pub fn decode_compact_smem(hd: usize, gt: usize) -> u32 {
+    (4 * 64 * (hd * 2 + 16) + gt * hd * 4 + 4 * 64 * 4 + 2 * hd * 2) as u32
+}
+
 pub fn decode_attention_smem(gt: usize) -> u32 {
     (3 * 12288 + gt * 512 * 4 + 512 * 4) as u32
 }

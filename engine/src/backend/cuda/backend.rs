@@ -51,6 +51,13 @@ fn decode_attention_smem(gt: usize) -> u32 {
     (3 * 12288 + gt * MAX_DECODE_PARTITION * 4 + MAX_DECODE_PARTITION * 4) as u32
 }
 
+/// Dynamic shared memory of the compact decode kernel (compact_smem_bytes in
+/// attention_decode.cu): two buffers of 64 K and V rows padded by 16 bytes, q in f32, the
+/// warps' probabilities, the new token's k and v.
+fn decode_compact_smem(head_dim: usize, gt: usize) -> u32 {
+    (4 * 64 * (head_dim * 2 + 16) + gt * head_dim * 4 + 4 * 64 * 4 + 2 * head_dim * 2) as u32
+}
+
 pub struct CudaTensor {
     buf: DevBuf,
     rows: usize,
@@ -222,6 +229,8 @@ pub struct CudaBackend {
     /// (`RVLLM_DECODE_REDUCE=fold`); by default the reduce kernel does.
     decode_semaphores: DevBuf,
     decode_fold: bool,
+    /// Split decode attention through the compact kernel (`RVLLM_DECODE_COMPACT=1`).
+    decode_compact: bool,
     scratch_partitions: usize,
     num_kv_heads: usize,
     /// A column of bf16 ones: adds a bias as a rank-1 GEMM update.
@@ -301,6 +310,7 @@ impl CudaBackend {
             partial_ml,
             decode_semaphores,
             decode_fold,
+            decode_compact: std::env::var("RVLLM_DECODE_COMPACT").is_ok_and(|v| v.trim() == "1"),
             scratch_partitions,
             num_kv_heads,
             ones,
@@ -449,6 +459,16 @@ impl CudaBackend {
         let group = layout.num_heads / layout.num_kv_heads;
         let (kernel, gt) = Self::decode_kernel(hd, group)?;
         let depth = step.decode_partitions;
+        // The compact kernel (`RVLLM_DECODE_COMPACT=1`, split contexts only): an experiment.
+        let compact = self.decode_compact && depth > 1 && !self.decode_fold;
+        let (kernel, smem) = if compact {
+            (
+                Self::decode_compact_kernel(hd, gt)?,
+                decode_compact_smem(hd, gt),
+            )
+        } else {
+            (kernel, decode_attention_smem(gt))
+        };
         let (po, pml) = (self.partial_out.ptr, self.partial_ml.ptr);
         let sem: CUdeviceptr = if self.decode_fold {
             self.decode_semaphores.ptr
@@ -473,7 +493,7 @@ impl CudaBackend {
             kernel,
             grid,
             (128, 1, 1),
-            decode_attention_smem(gt),
+            smem,
             args![
                 o, po, pml, sem, q, k, v, stride, kc, vc, bt, cl, pos, slots, inv, scale, nh, nkv,
                 bs, maxb, target
@@ -631,6 +651,20 @@ impl CudaBackend {
             256,
             args![out, input, n64],
         )
+    }
+
+    fn decode_compact_kernel(head_dim: usize, gt: usize) -> Result<&'static str> {
+        Ok(match (head_dim, gt) {
+            (64, 1) => "paged_attention_decode_compact_hd64_g1",
+            (64, 2) => "paged_attention_decode_compact_hd64_g2",
+            (64, 4) => "paged_attention_decode_compact_hd64_g4",
+            (64, 8) => "paged_attention_decode_compact_hd64_g8",
+            (128, 1) => "paged_attention_decode_compact_hd128_g1",
+            (128, 2) => "paged_attention_decode_compact_hd128_g2",
+            (128, 4) => "paged_attention_decode_compact_hd128_g4",
+            (128, 8) => "paged_attention_decode_compact_hd128_g8",
+            _ => bail!("no compact decode attention kernel for head_dim {head_dim}"),
+        })
     }
 
     fn decode_kernel(head_dim: usize, group: usize) -> Result<(&'static str, usize)> {
