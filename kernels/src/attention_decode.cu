@@ -588,6 +588,9 @@ __device__ __forceinline__ void decode_attention_compact(
             sin_t[i] = (float)sd;
         }
     }
+    // Every warp rotates with the table (the q loop's threads are not the ones that wrote
+    // it: without this barrier warps 2-3 read it unwritten, which broke query head 1).
+    __syncthreads();
 
     // Stages tokens [t0, t0 + n) into buffer b (the new token's row is never read from the
     // cache) and commits one group.
