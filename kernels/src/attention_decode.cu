@@ -48,6 +48,10 @@
 //     grid (num_heads, num_seqs), block 256 (128 works); head_dim a multiple of 4, at most 256;
 //     depth at most 2048.
 //
+//   paged_attention_decode_compact_hd{64,128}_g{1,2,4,8}: the same arguments and results
+//     (semaphores unused, dynamic shared memory compact_smem_bytes<HD, GT>()); the engine
+//     uses it whenever depth > 1, i.e. for small batches (see the kernel below).
+//
 //   Choosing target_partitions (host, from the batch size alone so that one CUDA graph serves
 //   every context): enough blocks for ~2 per SM, num_kv_heads * num_seqs * target >= 2 * SMs.
 //   Batch 1 then cuts a 384-token context into 6 partitions of 64 (48 blocks instead of 2 of
@@ -513,7 +517,310 @@ __device__ __forceinline__ void decode_attention(
                            num_heads, min(nparts, depth), depth);
 }
 
+// The compact variant (paged_attention_decode_compact_*; same arguments, semaphores unused):
+// the same partitions, outputs and partials, with a fraction of the code. Each block stages
+// 64-token chunks of K and V in shared memory (two buffers: the next chunk loads while this
+// one is used), one warp per query head computes two tokens' scores a lane and then sums the
+// chunk's V rows into its lane's HD/32 dimensions. Nothing is unrolled beyond 16-byte
+// pieces, so the kernel is a few KB of code instead of ~95 KB: at batch 1 a decode attention
+// block runs once a layer, and its instructions may have to come from memory each time.
+constexpr int kCompactChunk = 64;
+
+template <int HD, int GT>
+__host__ __device__ constexpr int compact_smem_bytes() {
+    // K and V chunks (two buffers, rows padded by 16 bytes against bank conflicts), q as
+    // floats, the warps' probabilities, the new token's k and v.
+    return 4 * kCompactChunk * (HD * 2 + 16) + GT * HD * 4 + kWarps * kCompactChunk * 4 +
+           2 * HD * 2;
+}
+
+template <int HD, int GT>
+__device__ __forceinline__ void decode_attention_compact(
+    __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,
+    float* __restrict__ partial_ml, const __nv_bfloat16* __restrict__ q,
+    const __nv_bfloat16* __restrict__ k_new, const __nv_bfloat16* __restrict__ v_new,
+    int qkv_stride, __nv_bfloat16* __restrict__ key_cache,
+    __nv_bfloat16* __restrict__ value_cache, const int32_t* __restrict__ block_tables,
+    const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,
+    const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq, float scale,
+    int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
+    int target_partitions) {
+    constexpr int kRow = HD * 2 + 16;  // bytes of a staged row
+    constexpr int kPieces = HD / 8;    // 16-byte pieces of a row
+    constexpr int kDims = HD / 32;     // output dimensions of a lane
+    constexpr int kHalf = HD / 2;
+    constexpr int kHeadsPerWarp = (GT + kWarps - 1) / kWarps;
+    static_assert(kDims == 2 || kDims == 4, "compact decode attention: head dim 64 or 128");
+    BlockTrace trace(3);
+    extern __shared__ __align__(16) unsigned char smem[];
+    unsigned char* kv_buf = smem;  // [2 buffers][K, V][kCompactChunk][kRow]
+    float* qs = reinterpret_cast<float*>(smem + 4 * kCompactChunk * kRow);  // [GT][HD]
+    float* probs = qs + GT * HD;                                             // [kWarps][chunk]
+    __nv_bfloat16* new_kv =
+        reinterpret_cast<__nv_bfloat16*>(probs + kWarps * kCompactChunk);  // k [HD], v [HD]
+    __shared__ float cos_t[kHalf], sin_t[kHalf];
+
+    const int group = num_heads / num_kv_heads;
+    const int groups_per_kv = (group + GT - 1) / GT;
+    const int kv_head = blockIdx.x / groups_per_kv;
+    const int head0 = kv_head * group + (blockIdx.x % groups_per_kv) * GT;
+    const int nvalid = min(GT, kv_head * group + group - head0);
+    const int seq = blockIdx.y;
+    const int z = blockIdx.z;
+    const int depth = gridDim.z;
+    const int ctx = context_lens[seq];
+    const int psize = partition_tokens(ctx, target_partitions);
+    const int nparts = (ctx + psize - 1) / psize;
+    if (z >= nparts) {
+        pdl_enter();
+        return;
+    }
+    const bool direct = min(nparts, depth) == 1;
+    const int new_t = ctx - 1;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int64_t kv_row = (int64_t)num_kv_heads * HD;
+    const int64_t head_off = (int64_t)kv_head * HD;
+    const int32_t* table = block_tables + (int64_t)seq * max_blocks_per_seq;
+    const bool rope = inv_freq != nullptr;
+    if (rope) {
+        const float pos = (float)positions[seq];
+        for (int i = tid; i < kHalf; i += kThreads) {  // as decode_attention (double sincos)
+            const float angle = pos * inv_freq[i];
+            double sd, cd;
+            sincos((double)angle, &sd, &cd);
+            cos_t[i] = (float)cd;
+            sin_t[i] = (float)sd;
+        }
+    }
+    // Every warp rotates with the table (the q loop's threads are not the ones that wrote
+    // it: without this barrier warps 2-3 read it unwritten, which broke query head 1).
+    __syncthreads();
+
+    // Stages tokens [t0, t0 + n) into buffer b (the new token's row is never read from the
+    // cache) and commits one group.
+    auto load_chunk = [&](int t0, int n, int b) {
+        for (int i = tid; i < 2 * n * kPieces; i += kThreads) {
+            const int is_v = i / (n * kPieces);
+            const int ti = (i % (n * kPieces)) / kPieces;
+            const int piece = i % kPieces;
+            const int t = t0 + ti;
+            if (t == new_t) continue;
+            const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
+            const __nv_bfloat16* src =
+                (is_v ? value_cache : key_cache) + slot * kv_row + head_off + piece * 8;
+            cp_async16(kv_buf + ((b * 2 + is_v) * kCompactChunk + ti) * kRow + piece * 16, src);
+        }
+        cp_async_commit();
+    };
+    // The chunk after (p, c): the partition's next 64 tokens, else the block's next partition.
+    auto next_chunk = [&](int& p, int& c) {
+        ++c;
+        if (p * psize + c * kCompactChunk >= min(ctx, (p + 1) * psize)) {
+            p += depth;
+            c = 0;
+        }
+    };
+    auto chunk_span = [&](int p, int c, int& t0, int& n) {
+        t0 = p * psize + c * kCompactChunk;
+        n = min(kCompactChunk, min(ctx, (p + 1) * psize) - t0);
+    };
+
+    int t0, n;
+    chunk_span(z, 0, t0, n);
+    load_chunk(t0, n, 0);  // the older context depends on no kernel of this step
+    pdl_wait();
+    trace.mark_waited();
+    pdl_launch_dependents();
+
+    // This block's query heads, rotated and rounded to bf16 as the cache path rounds them,
+    // pre-scaled so that scores come out in log2 units; the new token's rotated k and its v.
+    const float qscale = scale * kLog2e;
+    for (int i = tid; i < GT * kHalf; i += kThreads) {
+        const int g = i / kHalf, d = i % kHalf;
+        float a = 0.0f, b = 0.0f;
+        if (g < nvalid) {
+            const __nv_bfloat16* qh = q + (int64_t)seq * qkv_stride + (int64_t)(head0 + g) * HD;
+            a = __bfloat162float(qh[d]);
+            b = __bfloat162float(qh[d + kHalf]);
+            if (rope) {
+                const float y1 = a * cos_t[d] - b * sin_t[d], y2 = b * cos_t[d] + a * sin_t[d];
+                a = __bfloat162float(__float2bfloat16(y1));
+                b = __bfloat162float(__float2bfloat16(y2));
+            }
+        }
+        qs[g * HD + d] = a * qscale;
+        qs[g * HD + d + kHalf] = b * qscale;
+    }
+    const int new_part = new_t / psize;
+    const bool writes_cache = z == new_part % depth && blockIdx.x % groups_per_kv == 0;
+    const int64_t slot_new = slot_mapping[seq];
+    for (int d = tid; d < kHalf; d += kThreads) {
+        const int64_t off = (int64_t)seq * qkv_stride + head_off;
+        __nv_bfloat16 ka = k_new[off + d], kb = k_new[off + d + kHalf];
+        if (rope) {
+            const float a = __bfloat162float(ka), b = __bfloat162float(kb);
+            ka = __float2bfloat16(a * cos_t[d] - b * sin_t[d]);
+            kb = __float2bfloat16(b * cos_t[d] + a * sin_t[d]);
+        }
+        const __nv_bfloat16 va = v_new[off + d], vb = v_new[off + d + kHalf];
+        new_kv[d] = ka;
+        new_kv[d + kHalf] = kb;
+        new_kv[HD + d] = va;
+        new_kv[HD + d + kHalf] = vb;
+        if (writes_cache && slot_new >= 0) {
+            key_cache[slot_new * kv_row + head_off + d] = ka;
+            key_cache[slot_new * kv_row + head_off + d + kHalf] = kb;
+            value_cache[slot_new * kv_row + head_off + d] = va;
+            value_cache[slot_new * kv_row + head_off + d + kHalf] = vb;
+        }
+    }
+
+    float m[kHeadsPerWarp], l[kHeadsPerWarp], acc[kHeadsPerWarp][kDims];
+#pragma unroll
+    for (int j = 0; j < kHeadsPerWarp; ++j) {
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < kDims; ++e) acc[j][e] = 0.0f;
+    }
+    for (int p = z, c = 0, buf = 0;;) {
+        int np = p, nc = c;
+        next_chunk(np, nc);
+        const bool more = np < nparts;
+        if (more) {
+            int nt0, nn;
+            chunk_span(np, nc, nt0, nn);
+            load_chunk(nt0, nn, buf ^ 1);
+        } else {
+            cp_async_commit();  // uniform group counts
+        }
+        cp_async_wait<1>();
+        __syncthreads();  // the chunk, q and the new token are in shared memory
+        trace.mark_first();
+        chunk_span(p, c, t0, n);
+        const unsigned char* kb = kv_buf + (buf * 2) * kCompactChunk * kRow;
+        const unsigned char* vb = kb + kCompactChunk * kRow;
+        float* pw = probs + warp * kCompactChunk;
+#pragma unroll
+        for (int j = 0; j < kHeadsPerWarp; ++j) {
+            const int g = warp + j * kWarps;
+            if (g >= nvalid) break;
+            const float* qg = qs + g * HD;
+            float sc[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int ti = lane + 32 * h;
+                sc[h] = -INFINITY;
+                if (ti < n) {
+                    const unsigned char* row = t0 + ti == new_t
+                                                   ? reinterpret_cast<const unsigned char*>(new_kv)
+                                                   : kb + ti * kRow;
+                    float dot = 0.0f;
+#pragma unroll 2
+                    for (int pc = 0; pc < kPieces; ++pc) {
+                        float f[8];
+                        bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(row + pc * 16), f);
+                        const float4 q0 = *reinterpret_cast<const float4*>(qg + pc * 8);
+                        const float4 q1 = *reinterpret_cast<const float4*>(qg + pc * 8 + 4);
+                        dot = fmaf(q0.x, f[0], dot);
+                        dot = fmaf(q0.y, f[1], dot);
+                        dot = fmaf(q0.z, f[2], dot);
+                        dot = fmaf(q0.w, f[3], dot);
+                        dot = fmaf(q1.x, f[4], dot);
+                        dot = fmaf(q1.y, f[5], dot);
+                        dot = fmaf(q1.z, f[6], dot);
+                        dot = fmaf(q1.w, f[7], dot);
+                    }
+                    sc[h] = dot;
+                }
+            }
+            const float mn = fmaxf(m[j], warp_max(fmaxf(sc[0], sc[1])));
+            const float alpha = exp2f(m[j] - mn);  // 0 for the first chunk
+            const float p0 = lane < n ? exp2f(sc[0] - mn) : 0.0f;
+            const float p1 = lane + 32 < n ? exp2f(sc[1] - mn) : 0.0f;
+            pw[lane] = p0;
+            pw[lane + 32] = p1;
+            l[j] = l[j] * alpha + warp_sum(p0 + p1);
+            m[j] = mn;
+            __syncwarp();
+#pragma unroll
+            for (int e = 0; e < kDims; ++e) acc[j][e] *= alpha;
+            for (int ti = 0; ti < n; ++ti) {
+                const float pt = pw[ti];
+                const unsigned char* row =
+                    t0 + ti == new_t ? reinterpret_cast<const unsigned char*>(new_kv + HD)
+                                     : vb + ti * kRow;
+                const __nv_bfloat162* v2 =
+                    reinterpret_cast<const __nv_bfloat162*>(row + lane * kDims * 2);
+#pragma unroll
+                for (int e = 0; e < kDims / 2; ++e) {
+                    const float2 f = __bfloat1622float2(v2[e]);
+                    acc[j][2 * e] = fmaf(pt, f.x, acc[j][2 * e]);
+                    acc[j][2 * e + 1] = fmaf(pt, f.y, acc[j][2 * e + 1]);
+                }
+            }
+            __syncwarp();  // pw is rewritten by this warp's next head
+        }
+        __syncthreads();  // buffer `buf` is free for the chunk after next
+        if (!more) break;
+        p = np;
+        c = nc;
+        buf ^= 1;
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int j = 0; j < kHeadsPerWarp; ++j) {
+        const int g = warp + j * kWarps;
+        if (g >= nvalid) break;
+        const int head = head0 + g;
+#pragma unroll
+        for (int e = 0; e < kDims; ++e) {
+            const int d = lane * kDims + e;
+            const float o = acc[j][e] / l[j];
+            if (direct) {
+                out[((int64_t)seq * num_heads + head) * HD + d] = __float2bfloat16(o);
+            } else {
+                partial_out[(((int64_t)seq * num_heads + head) * depth + z) * HD + d] = o;
+            }
+        }
+        if (!direct && lane == 0) {
+            const int64_t pi = ((int64_t)seq * num_heads + head) * depth + z;
+            partial_ml[pi * 2] = m[j];
+            partial_ml[pi * 2 + 1] = l[j];
+        }
+    }
+}
+
 }  // namespace
+
+#define RVLLM_DECODE_ATTENTION_COMPACT(HD, GT)                                                 \
+    extern "C" __global__ void __launch_bounds__(kThreads)                                     \
+        paged_attention_decode_compact_hd##HD##_g##GT(                                         \
+            __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,                  \
+            float* __restrict__ partial_ml, int32_t* __restrict__ semaphores,                  \
+            const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_new,      \
+            const __nv_bfloat16* __restrict__ v_new, int qkv_stride,                           \
+            __nv_bfloat16* __restrict__ key_cache, __nv_bfloat16* __restrict__ value_cache,    \
+            const int32_t* __restrict__ block_tables, const int32_t* __restrict__ context_lens, \
+            const int32_t* __restrict__ positions, const int32_t* __restrict__ slot_mapping,   \
+            const float* __restrict__ inv_freq, float scale, int num_heads, int num_kv_heads,  \
+            int block_size, int max_blocks_per_seq, int target_partitions) {                   \
+        decode_attention_compact<HD, GT>(out, partial_out, partial_ml, q, k_new, v_new,        \
+                                         qkv_stride, key_cache, value_cache, block_tables,     \
+                                         context_lens, positions, slot_mapping, inv_freq,      \
+                                         scale, num_heads, num_kv_heads, block_size,           \
+                                         max_blocks_per_seq, target_partitions);               \
+    }
+
+RVLLM_DECODE_ATTENTION_COMPACT(64, 1)
+RVLLM_DECODE_ATTENTION_COMPACT(64, 2)
+RVLLM_DECODE_ATTENTION_COMPACT(64, 4)
+RVLLM_DECODE_ATTENTION_COMPACT(64, 8)
+RVLLM_DECODE_ATTENTION_COMPACT(128, 1)
+RVLLM_DECODE_ATTENTION_COMPACT(128, 2)
+RVLLM_DECODE_ATTENTION_COMPACT(128, 4)
+RVLLM_DECODE_ATTENTION_COMPACT(128, 8)
 
 #define RVLLM_DECODE_ATTENTION(HD, GT)                                                         \
     extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks(GT))                    \

@@ -9,8 +9,8 @@
 mod gpu_harness;
 
 use gpu_harness::{
-    arg, assert_close, decode_attention_smem, gpu, inv_freq, random_bf16, rng, Gpu, ATOL, BF16_NAN,
-    RTOL,
+    arg, assert_close, decode_attention_smem, decode_compact_smem, gpu, inv_freq, random_bf16, rng,
+    Gpu, ATOL, BF16_NAN, RTOL,
 };
 use half::bf16;
 use rand::seq::SliceRandom;
@@ -133,6 +133,8 @@ struct DecodeStep<'a> {
     /// The last block of each sequence merges the partials (arrival counters); false: the
     /// separate reduce kernel does.
     fold: bool,
+    /// The compact kernel (reduce kernel merge).
+    compact: bool,
 }
 
 /// Runs paged decode attention (partition kernel, merged in its last blocks or by the reduce
@@ -176,13 +178,23 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
         st.target as i32,
     );
     let grid = (columns as u32, num_seqs as u32, depth as u32);
-    let kernel = format!("paged_attention_decode_hd{}_g{gt}", c.hd);
+    let (kernel, smem) = if st.compact {
+        (
+            format!("paged_attention_decode_compact_hd{}_g{gt}", c.hd),
+            decode_compact_smem(c.hd, gt),
+        )
+    } else {
+        (
+            format!("paged_attention_decode_hd{}_g{gt}", c.hd),
+            decode_attention_smem(gt),
+        )
+    };
     g.launch_smem(
         "attention_decode",
         &kernel,
         grid,
         (128, 1, 1),
-        decode_attention_smem(gt),
+        smem,
         &mut [
             arg(&out.ptr),
             arg(&part_out.ptr),
@@ -311,7 +323,7 @@ fn paged_attention_decode_matches_reference() {
             max_blocks_per_seq: c.max_blocks,
         };
         let want = cpu::paged_attention(&q, stride, nh, &c.paged(), &batch, scale);
-        for fold in [true, false] {
+        for (fold, compact) in [(true, false), (false, false), (false, true)] {
             let step = DecodeStep {
                 qkv_h: &qkv_h,
                 stride,
@@ -324,12 +336,13 @@ fn paged_attention_decode_matches_reference() {
                 target,
                 depth,
                 fold,
+                compact,
             };
             let (got, k_after, v_after) = run_decode(&g, &c, &step);
-            let merge = if fold {
-                "last-block merge"
-            } else {
-                "reduce kernel"
+            let merge = match (fold, compact) {
+                (true, _) => "last-block merge",
+                (false, false) => "reduce kernel",
+                (false, true) => "compact kernel, reduce kernel",
             };
             let what = format!(
                 "decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} target{target} depth{depth} ({merge})"
