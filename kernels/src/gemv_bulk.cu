@@ -3,7 +3,7 @@
 //
 // Kernels (all extern "C", one signature):
 //   gemv_bulk_<variant>_b1(y, x, w, n, k, rows_per_stage, norm_w, eps, evict_first)  4 stages
-//   gemv_bulk_<variant>_s5_b1(...), gemv_bulk_<variant>_s6_b1(...)          5 and 6 stages
+//   gemv_bulk_<variant>_s6_b1(...)                                           6 stages
 //     w: bf16 [n, k] row-major; y: bf16 [n]; f32 accumulation. The variant says what x is and
 //     what happens to y:
 //       bf16           x [k];                         y = W x
@@ -22,10 +22,8 @@
 //   k a multiple of 8; rows_per_stage R in {1, 2, 4, 8} with R * k * 2 <= kStageBytes; the
 //   pointers 16-byte aligned. Grid: at most one block per SM (the host takes min(groups, SMs)),
 //   block 256, dynamic shared memory S * 32 KiB + 2k + 8 * S bytes for S stages (GemvBulk on
-//   the host). The host picks S so that about 128 KiB of weights are in flight a block: 4
-//   stages of 32 KiB, 5 when a stage holds one row of 28 KiB (Llama-3.1-8B's down projection,
-//   whose blocks streamed ~17 % slower than gate/up's with 112 KiB in flight; H200 block
-//   timeline). `RVLLM_GEMV_STAGES=4|5|6` forces one depth (6 everywhere measured slower).
+//   the host; `RVLLM_GEMV_STAGES=6` picks the deeper pipeline, which covers the input
+//   prologue and the first loads' latency with more weight bytes in flight).
 //   Measured on an H200 (batch-1 decode, Llama-3.1-8B): 4 compile-time stages 209.9 tok/s;
 //   the stage count as a kernel argument, 198.0 at 4 and 193.9 at 3 (3 stages let two blocks
 //   share an SM so consecutive GEMVs overlap, which did not pay).
@@ -325,11 +323,6 @@ RVLLM_GEMV_BULK(silu_bf16, kSilu, false, 4)
 RVLLM_GEMV_BULK(norm_bf16, kNorm, false, 4)
 RVLLM_GEMV_BULK(add_bf16, kPlain, true, 4)
 RVLLM_GEMV_BULK(silu_add_bf16, kSilu, true, 4)
-RVLLM_GEMV_BULK(bf16_s5, kPlain, false, 5)
-RVLLM_GEMV_BULK(silu_bf16_s5, kSilu, false, 5)
-RVLLM_GEMV_BULK(norm_bf16_s5, kNorm, false, 5)
-RVLLM_GEMV_BULK(add_bf16_s5, kPlain, true, 5)
-RVLLM_GEMV_BULK(silu_add_bf16_s5, kSilu, true, 5)
 RVLLM_GEMV_BULK(bf16_s6, kPlain, false, 6)
 RVLLM_GEMV_BULK(silu_bf16_s6, kSilu, false, 6)
 RVLLM_GEMV_BULK(norm_bf16_s6, kNorm, false, 6)

@@ -242,9 +242,8 @@ pub struct CudaBackend {
     pub capturing_graph: std::sync::atomic::AtomicBool,
     /// Batch-1 GEMVs through gemv_bulk (sm_90+; `RVLLM_GEMV=classic` keeps gemv.cu).
     gemv_bulk: bool,
-    /// gemv_bulk's pipeline depth forced by `RVLLM_GEMV_STAGES=4|5|6`; None: chosen by the
-    /// row length (GemvBulk::for_k).
-    gemv_stages: Option<usize>,
+    /// gemv_bulk's pipeline depth: 4, or 6 with `RVLLM_GEMV_STAGES=6`.
+    gemv_stages: usize,
     /// gemv_bulk streams the weights with an L2 evict-first policy (`RVLLM_GEMV_EVICT_FIRST=0`
     /// turns it off): measured +1.1 % batch-1 decode on an H200 (BENCHMARKS.md).
     gemv_evict_first: bool,
@@ -305,13 +304,9 @@ impl CudaBackend {
         let gemv_bulk = gpu.compute_capability.0 >= 9
             && std::env::var("RVLLM_GEMV").map_or(true, |v| v.trim() != "classic");
         let gemv_stages = match std::env::var("RVLLM_GEMV_STAGES").as_deref().map(str::trim) {
-            Err(_) | Ok("") | Ok("auto") => None,
-            Ok("4") => Some(4),
-            Ok("5") => Some(5),
-            Ok("6") => Some(6),
-            Ok(other) => {
-                bail!("RVLLM_GEMV_STAGES={other}: use auto (the default) or a built depth: 4, 5, 6")
-            }
+            Err(_) | Ok("") | Ok("4") => 4,
+            Ok("6") => 6,
+            Ok(other) => bail!("RVLLM_GEMV_STAGES={other}: the built depths are 4 and 6"),
         };
         Ok(Self {
             gpu,
@@ -592,29 +587,25 @@ impl CudaBackend {
         y: CUdeviceptr,
         norm: Option<(&CudaVector, f32)>,
     ) -> Result<bool> {
+        let stages = self.gemv_stages;
         let Some(g) = self
             .gemv_bulk
-            .then(|| GemvBulk::for_k(w.cols, self.gemv_stages))
+            .then(|| GemvBulk::for_k(w.cols, stages))
             .flatten()
         else {
             return Ok(false);
         };
-        let kernel = match (input, add, g.stages) {
-            (GemvInput::Plain, false, 4) => "gemv_bulk_bf16_b1",
-            (GemvInput::Silu, false, 4) => "gemv_bulk_silu_bf16_b1",
-            (GemvInput::Norm, false, 4) => "gemv_bulk_norm_bf16_b1",
-            (GemvInput::Plain, true, 4) => "gemv_bulk_add_bf16_b1",
-            (GemvInput::Silu, true, 4) => "gemv_bulk_silu_add_bf16_b1",
-            (GemvInput::Plain, false, 5) => "gemv_bulk_bf16_s5_b1",
-            (GemvInput::Silu, false, 5) => "gemv_bulk_silu_bf16_s5_b1",
-            (GemvInput::Norm, false, 5) => "gemv_bulk_norm_bf16_s5_b1",
-            (GemvInput::Plain, true, 5) => "gemv_bulk_add_bf16_s5_b1",
-            (GemvInput::Silu, true, 5) => "gemv_bulk_silu_add_bf16_s5_b1",
-            (GemvInput::Plain, false, _) => "gemv_bulk_bf16_s6_b1",
-            (GemvInput::Silu, false, _) => "gemv_bulk_silu_bf16_s6_b1",
-            (GemvInput::Norm, false, _) => "gemv_bulk_norm_bf16_s6_b1",
-            (GemvInput::Plain, true, _) => "gemv_bulk_add_bf16_s6_b1",
-            (GemvInput::Silu, true, _) => "gemv_bulk_silu_add_bf16_s6_b1",
+        let kernel = match (input, add, stages == 6) {
+            (GemvInput::Plain, false, false) => "gemv_bulk_bf16_b1",
+            (GemvInput::Silu, false, false) => "gemv_bulk_silu_bf16_b1",
+            (GemvInput::Norm, false, false) => "gemv_bulk_norm_bf16_b1",
+            (GemvInput::Plain, true, false) => "gemv_bulk_add_bf16_b1",
+            (GemvInput::Silu, true, false) => "gemv_bulk_silu_add_bf16_b1",
+            (GemvInput::Plain, false, true) => "gemv_bulk_bf16_s6_b1",
+            (GemvInput::Silu, false, true) => "gemv_bulk_silu_bf16_s6_b1",
+            (GemvInput::Norm, false, true) => "gemv_bulk_norm_bf16_s6_b1",
+            (GemvInput::Plain, true, true) => "gemv_bulk_add_bf16_s6_b1",
+            (GemvInput::Silu, true, true) => "gemv_bulk_silu_add_bf16_s6_b1",
             (GemvInput::Norm, true, _) => bail!("gemv_bulk has no norm + add variant"),
         };
         let (norm_w, eps) = match norm {
@@ -720,12 +711,10 @@ enum GemvInput {
 }
 
 /// Launch geometry of the bulk-copy GEMV (kernels/src/gemv_bulk.cu): whole rows per
-/// pipeline stage, the pipeline depth, and the dynamic shared memory of its stages, x and
-/// barriers.
+/// pipeline stage and the dynamic shared memory of its stages, x and barriers.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GemvBulk {
     pub rows_per_stage: usize,
-    pub stages: usize,
     pub shared_bytes: u32,
 }
 
@@ -734,14 +723,11 @@ impl GemvBulk {
     const STAGE_BYTES: usize = 32 * 1024;
     /// Hopper's largest dynamic shared memory for one block.
     const MAX_SHARED: usize = 227 * 1024;
-    /// Weight bytes a block keeps in flight when the depth is chosen: four full stages.
-    const IN_FLIGHT: usize = 4 * Self::STAGE_BYTES;
 
-    /// Geometry for rows of `k` bf16 with `stages` pipeline stages (a built depth: 4, 5 or
-    /// 6), or by default the fewest stages that keep IN_FLIGHT bytes requested (4 for full
-    /// 32 KiB stages, 5 for one 28 KiB row a stage). None when a row does not fit one stage,
-    /// k is not a multiple of 8, or the stages and x do not fit shared memory.
-    pub fn for_k(k: usize, stages: Option<usize>) -> Option<Self> {
+    /// Geometry for `stages` pipeline stages (4 or 6, the built depths). None when a row of
+    /// `k` bf16 does not fit one stage, k is not a multiple of 8, or the stages and x do not
+    /// fit shared memory.
+    pub fn for_k(k: usize, stages: usize) -> Option<Self> {
         let row_bytes = 2 * k;
         if k == 0 || k % 8 != 0 {
             return None;
@@ -749,19 +735,9 @@ impl GemvBulk {
         let rows_per_stage = [8, 4, 2, 1]
             .into_iter()
             .find(|&r| r * row_bytes <= Self::STAGE_BYTES)?;
-        let stage_bytes = rows_per_stage * row_bytes;
-        let stages = stages.unwrap_or_else(|| Self::IN_FLIGHT.div_ceil(stage_bytes).clamp(4, 6));
-        let shared_for = |s: usize| s * Self::STAGE_BYTES + row_bytes + 8 * s;
-        // A default depth that does not fit falls back to 4 stages.
-        let stages = if shared_for(stages) > Self::MAX_SHARED && stages > 4 {
-            4
-        } else {
-            stages
-        };
-        let shared = shared_for(stages);
+        let shared = stages * Self::STAGE_BYTES + row_bytes + 8 * stages;
         (shared <= Self::MAX_SHARED).then_some(Self {
             rows_per_stage,
-            stages,
             shared_bytes: shared as u32,
         })
     }
@@ -1389,30 +1365,19 @@ mod tests {
     #[test]
     fn gemv_bulk_stages_hold_whole_rows() {
         // Llama-3.1-8B: hidden 4096 (8 KiB rows, 4 a stage), intermediate 14336 (one row).
-        assert_eq!(GemvBulk::for_k(4096, Some(4)).unwrap().rows_per_stage, 4);
-        assert_eq!(GemvBulk::for_k(14336, Some(4)).unwrap().rows_per_stage, 1);
-        assert_eq!(GemvBulk::for_k(576, Some(4)).unwrap().rows_per_stage, 8);
+        assert_eq!(GemvBulk::for_k(4096, 4).unwrap().rows_per_stage, 4);
+        assert_eq!(GemvBulk::for_k(14336, 4).unwrap().rows_per_stage, 1);
+        assert_eq!(GemvBulk::for_k(576, 4).unwrap().rows_per_stage, 8);
         // Shared memory: 4 stages of 32 KiB, x, 4 barriers; within Hopper's 227 KiB.
-        let g = GemvBulk::for_k(14336, Some(4)).unwrap();
+        let g = GemvBulk::for_k(14336, 4).unwrap();
         assert_eq!(g.shared_bytes, 4 * 32768 + 28672 + 32);
         // Six stages still fit with the longest row a stage holds (k = 16384).
-        let g = GemvBulk::for_k(16384, Some(6)).unwrap();
+        let g = GemvBulk::for_k(16384, 6).unwrap();
         assert_eq!(g.shared_bytes, 6 * 32768 + 32768 + 48);
         assert!(g.shared_bytes as usize <= 227 * 1024);
         // Rows longer than a stage, or k not a multiple of 8: the classic GEMV.
-        assert_eq!(GemvBulk::for_k(16392, Some(4)), None);
-        assert_eq!(GemvBulk::for_k(4095, None), None);
-        assert_eq!(GemvBulk::for_k(0, None), None);
-        // The default depth keeps ~128 KiB in flight: full stages 4, one 28 KiB row 5
-        // (Llama-3.1-8B's down projection), one 20 KiB row (k = 10240) 6 (the deepest built).
-        assert_eq!(GemvBulk::for_k(4096, None).unwrap().stages, 4);
-        assert_eq!(GemvBulk::for_k(576, None).unwrap().stages, 4);
-        let down = GemvBulk::for_k(14336, None).unwrap();
-        assert_eq!(
-            (down.stages, down.shared_bytes),
-            (5, 5 * 32768 + 28672 + 40)
-        );
-        assert_eq!(GemvBulk::for_k(10240, None).unwrap().stages, 6);
-        assert_eq!(GemvBulk::for_k(14336, Some(4)).unwrap().stages, 4);
+        assert_eq!(GemvBulk::for_k(16392, 4), None);
+        assert_eq!(GemvBulk::for_k(4095, 4), None);
+        assert_eq!(GemvBulk::for_k(0, 4), None);
     }
 }
