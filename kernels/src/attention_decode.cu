@@ -50,7 +50,7 @@
 //
 //   paged_attention_decode_compact_hd{64,128}_g{1,2,4,8}: the same arguments and results
 //     (semaphores unused, dynamic shared memory compact_smem_bytes<HD, GT>()); the engine
-//     uses it whenever depth > 1, i.e. for small batches (see the kernel below).
+//     uses it at batch 1 (see the kernel below and CudaBackend::decode_attention).
 //
 //   Choosing target_partitions (host, from the batch size alone so that one CUDA graph serves
 //   every context): enough blocks for ~2 per SM, num_kv_heads * num_seqs * target >= 2 * SMs.

@@ -2,8 +2,7 @@
 // shared memory by the bulk copy engine, and the small ops around a decoder's GEMVs fused in.
 //
 // Kernels (all extern "C", one signature):
-//   gemv_bulk_<variant>_b1(y, x, w, n, k, rows_per_stage, norm_w, eps, evict_first,
-//                          signal, wait_on, wait_count)                        4 stages
+//   gemv_bulk_<variant>_b1(y, x, w, n, k, rows_per_stage, norm_w, eps, evict_first)  4 stages
 //   gemv_bulk_<variant>_s6_b1(...)                                           6 stages
 //     w: bf16 [n, k] row-major; y: bf16 [n]; f32 accumulation. The variant says what x is and
 //     what happens to y:
@@ -20,14 +19,6 @@
 //     norm_w / eps are read by the norm variant only. evict_first non-zero: the weights are
 //     streamed with an L2 evict-first policy (each is read once a step; measured +1.1-1.3 %
 //     batch-1 decode on an H200 over evict-normal streaming).
-//     signal (or null): every block adds 1 to *signal once its rows of y are written and
-//     visible device-wide. wait_on (or null): instead of the programmatic-launch wait, the
-//     block waits until *wait_on >= wait_count, the previous launch's signal and its block
-//     count (a chain of GEMVs; the host zeroes the counters at the start of each forward
-//     pass). The grid-completion wait released the next GEMV's blocks ~2 us after the last
-//     block of the one before ended (H200 block timeline); a counter in L2 is seen sooner.
-//     Inputs written by earlier kernels (x, and y for the add) are read through L2 (.cg), as
-//     a counter, unlike grid completion, does not invalidate stale L1 lines.
 //   k a multiple of 8; rows_per_stage R in {1, 2, 4, 8} with R * k * 2 <= kStageBytes; the
 //   pointers 16-byte aligned. Grid: at most one block per SM (the host takes min(groups, SMs)),
 //   block 256, dynamic shared memory S * 32 KiB + 2k + 8 * S bytes for S stages (GemvBulk on
@@ -108,22 +99,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         : "memory");
 }
 
-// Waits until the counter reaches `count` (one thread polls; the block then proceeds).
-__device__ __forceinline__ void wait_counter(const int* counter, int count) {
-    if (threadIdx.x == 0) {
-        int seen;
-        do {
-            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
-        } while (seen < count);
-    }
-    __syncthreads();
-}
-
-__device__ __forceinline__ float load_bf16_cg(const __nv_bfloat16* p) {
-    return __bfloat162float(
-        __ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short*>(p))));
-}
-
 __device__ __forceinline__ float dot8(const int4& a, const int4& b) {
     float fa[8], fb[8];
     bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&a), fa);
@@ -146,8 +121,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
                                           const __nv_bfloat16* __restrict__ w, int n, int k,
                                           int rows_per_stage,
                                           const __nv_bfloat16* __restrict__ norm_w, float eps,
-                                          int evict_first, int* __restrict__ signal,
-                                          const int* __restrict__ wait_on, int wait_count) {
+                                          int evict_first) {
     BlockTrace trace(16 + kIn * 2 + kAdd);
     extern __shared__ __align__(128) unsigned char smem[];
     int4* stage_buf = reinterpret_cast<int4*>(smem);  // kStages x kStageBytes
@@ -199,11 +173,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
         }
     }
     // Only now wait for the kernels that produce x.
-    if (wait_on != nullptr) {
-        wait_counter(wait_on, wait_count);
-    } else {
-        pdl_wait();
-    }
+    pdl_wait();
     trace.mark_waited();
     pdl_launch_dependents();
     const int4* xg = reinterpret_cast<const int4*>(x);
@@ -214,8 +184,8 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
         for (int j = 0; j < kPrologueBatch; ++j) {
             const int c = c0 + j * kThreads;
             if (c < k8) {
-                a[j] = __ldcg(xg + c);
-                if (kIn == kSilu) b[j] = __ldcg(xg + k8 + c);
+                a[j] = xg[c];
+                if (kIn == kSilu) b[j] = xg[k8 + c];
             }
         }
     };
@@ -285,7 +255,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
 
     // The residual of this block's first row (add variants).
     const int first_row = blockIdx.x * R + row_in_group;
-    float resid = kAdd && part == 0 && lane == 0 && first_row < n ? load_bf16_cg(y + first_row)
+    float resid = kAdd && part == 0 && lane == 0 && first_row < n ? __bfloat162float(y[first_row])
                                                                 : 0.0f;
     for (int i = 0;; ++i) {
         const int g = blockIdx.x + i * gridDim.x;
@@ -301,7 +271,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
         const int next_row = (g + gridDim.x) * R + row_in_group;
         const float resid_next = kAdd && part == 0 && lane == 0 && g + (int)gridDim.x < groups &&
                                          next_row < n
-                                     ? load_bf16_cg(y + next_row)
+                                     ? __bfloat162float(y[next_row])
                                      : 0.0f;
         float acc = 0.0f;
         if (row < n) {
@@ -325,12 +295,6 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
         }
         resid = resid_next;
     }
-    if (signal != nullptr) {
-        // Every thread's stores of y are visible device-wide before the block is counted.
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) atomicAdd(signal, 1);
-    }
 }
 
 #endif  // __CUDA_ARCH__ >= 900
@@ -339,8 +303,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES) \
-    gemv_bulk<IN, ADD, STAGES>(y, x, w, n, k, rows_per_stage, norm_w, eps, evict_first, signal, \
-                               wait_on, wait_count)
+    gemv_bulk<IN, ADD, STAGES>(y, x, w, n, k, rows_per_stage, norm_w, eps, evict_first)
 #else
 #define RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES) __trap()
 #endif
@@ -351,8 +314,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
                               const __nv_bfloat16* __restrict__ x,                             \
                               const __nv_bfloat16* __restrict__ w, int n, int k,               \
                               int rows_per_stage, const __nv_bfloat16* __restrict__ norm_w,    \
-                              float eps, int evict_first, int* __restrict__ signal,            \
-                              const int* __restrict__ wait_on, int wait_count) {               \
+                              float eps, int evict_first) {                                    \
         RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES);                                                 \
     }
 

@@ -8,7 +8,6 @@
 //! `gpu_bench.rs`.
 mod gpu_harness;
 
-use cudarc::driver::result as drv;
 use gpu_harness::{arg, assert_close, gpu, inv_freq, random_bf16, rng, ATOL, BF16_NAN, RTOL};
 use half::bf16;
 use rand::seq::SliceRandom;
@@ -867,160 +866,6 @@ fn gemv_bulk_geometry(k: usize, stages: usize) -> (i32, u32) {
     )
 }
 
-/// gemv_bulk's `signal` / `wait_on` left out (a null pointer).
-const NO_COUNTER: u64 = 0;
-
-#[test]
-fn gemv_bulk_chain_hands_off_through_counters() {
-    // The batch-1 tail of a layer as the engine queues it with programmatic launch: a GEMV,
-    // the norm-fused GEMV of its output, the SiLU-fused GEMV that adds into a residual. Each
-    // later one waits on its predecessor's counter instead of its grid (gemv_chain.rs), so
-    // a missed or early hand-off reads the poisoned input of the step before.
-    let Some(g) = gpu("gemv_bulk_chain_hands_off_through_counters") else {
-        return;
-    };
-    if g.compute_capability().0 < 9 {
-        eprintln!("gemv_bulk needs sm_90 ({}): not run", g.name);
-        return;
-    }
-    let mut r = rng("gemv_bulk_chain");
-    let (h, inter, eps) = (4096usize, 3072usize, 1e-5f32);
-    let (xa_h, xa) = random_bf16(&mut r, h, 1.0);
-    let (wa_h, wa) = random_bf16(&mut r, h * h, 0.05);
-    let (wb_h, wb) = random_bf16(&mut r, 2 * inter * h, 0.05);
-    let (nw_h, nw) = random_bf16(&mut r, h, 1.0);
-    let (wc_h, wc) = random_bf16(&mut r, h * inter, 0.05);
-    let (r0_h, r0) = random_bf16(&mut r, h, 1.0);
-    let (d_xa, d_wa, d_wb, d_nw, d_wc) = (
-        g.upload(&xa_h),
-        g.upload(&wa_h),
-        g.upload(&wb_h),
-        g.upload(&nw_h),
-        g.upload(&wc_h),
-    );
-    let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking).expect("stream");
-    let grid = 132u32;
-    for round in 0..8 {
-        let y1 = g.poisoned(h, BF16_NAN);
-        let y2 = g.poisoned(2 * inter, BF16_NAN);
-        let res = g.upload(&r0_h);
-        let counters = g.upload(&[0i32; 3]);
-        let ctr = |i: u64| counters.ptr + 4 * i;
-        let (c0, c1, c2) = (ctr(0), ctr(1), ctr(2));
-        // (kernel, y, x, w, n, k, signal, wait_on)
-        let steps = [
-            (
-                "gemv_bulk_bf16_b1",
-                y1.ptr,
-                d_xa.ptr,
-                d_wa.ptr,
-                h,
-                h,
-                c0,
-                NO_COUNTER,
-            ),
-            (
-                "gemv_bulk_norm_bf16_b1",
-                y2.ptr,
-                y1.ptr,
-                d_wb.ptr,
-                2 * inter,
-                h,
-                c1,
-                c0,
-            ),
-            (
-                "gemv_bulk_silu_add_bf16_b1",
-                res.ptr,
-                y2.ptr,
-                d_wc.ptr,
-                h,
-                inter,
-                c2,
-                c1,
-            ),
-        ];
-        for (kernel, y, x, w, n, k, signal, wait_on) in steps {
-            let (rows, smem) = gemv_bulk_geometry(k, 4);
-            let f = g.function("gemv_bulk", kernel);
-            g.allow_smem(f, smem);
-            let blocks = grid.min(n.div_ceil(rows as usize) as u32);
-            let (ni, ki, evict) = (n as i32, k as i32, 1i32);
-            // Every step here has `grid` blocks (n / rows >= 132).
-            let wait_count = if wait_on == NO_COUNTER {
-                0
-            } else {
-                grid as i32
-            };
-            assert_eq!(blocks, grid);
-            g.launch_on_pdl(
-                stream,
-                f,
-                (blocks, 1, 1),
-                (256, 1, 1),
-                smem,
-                &mut [
-                    arg(&y),
-                    arg(&x),
-                    arg(&w),
-                    arg(&ni),
-                    arg(&ki),
-                    arg(&rows),
-                    arg(&d_nw.ptr),
-                    arg(&eps),
-                    arg(&evict),
-                    arg(&signal),
-                    arg(&wait_on),
-                    arg(&wait_count),
-                ],
-            );
-        }
-        unsafe { drv::stream::synchronize(stream) }
-            .expect("the chained GEMVs failed while running");
-        let round_bf16 = |v: Vec<f32>| -> Vec<f32> {
-            v.into_iter().map(|v| bf16::from_f32(v).to_f32()).collect()
-        };
-        // Each stage against the reference of the GPU's own input to it.
-        let got1 = g.download_bf16(&y1);
-        assert_close(
-            &format!("round {round}: chain step 1 (plain)"),
-            &got1,
-            &cpu::linear(&xa, &wa, h, h),
-            ATOL,
-            RTOL,
-        );
-        let got2 = g.download_bf16(&y2);
-        let normed = round_bf16(cpu::rms_norm(&got1, &nw, eps));
-        assert_close(
-            &format!("round {round}: chain step 2 (norm, waits on step 1's counter)"),
-            &got2,
-            &cpu::linear(&normed, &wb, 2 * inter, h),
-            ATOL,
-            RTOL,
-        );
-        let act = round_bf16(cpu::silu_and_mul(&got2, inter));
-        let mut want3 = cpu::linear(&act, &wc, h, inter);
-        for (o, r) in want3.iter_mut().zip(&r0) {
-            *o += r;
-        }
-        assert_close(
-            &format!("round {round}: chain step 3 (silu + add, waits on step 2's counter)"),
-            &g.download_bf16(&res),
-            &want3,
-            ATOL,
-            RTOL,
-        );
-        assert_eq!(
-            g.download(&counters),
-            vec![grid as i32; 3],
-            "round {round}: every block of every step counted once"
-        );
-    }
-    unsafe {
-        let _ = drv::stream::destroy(stream);
-    }
-}
-
 #[test]
 fn gemv_bulk_matches_reference() {
     let Some(g) = gpu("gemv_bulk_matches_reference") else {
@@ -1090,9 +935,6 @@ fn gemv_bulk_matches_reference() {
                     arg(&d_nw.ptr),
                     arg(&eps),
                     arg(&evict_first),
-                    arg(&NO_COUNTER),
-                    arg(&NO_COUNTER),
-                    arg(&0i32),
                 ],
             );
             // The unfused paths store their input in bf16 before the GEMV reads it.

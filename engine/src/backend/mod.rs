@@ -231,12 +231,6 @@ pub trait Backend: Send + Sized + 'static {
 
     // ---- ops ---------------------------------------------------------------------------
 
-    /// Called at the start of every forward pass, before its first op (the CUDA backend
-    /// zeroes the counters that chain its batch-1 GEMVs there).
-    fn begin_forward(&self) -> Result<()> {
-        Ok(())
-    }
-
     /// `out[t] = table[token_ids[t]]` for every token of the step.
     fn embedding(
         &self,

@@ -318,7 +318,6 @@ impl<B: Backend> LlamaModel<B> {
         ws: &mut Workspace<B>,
     ) -> Result<()> {
         let eps = self.config.rms_norm_eps;
-        be.begin_forward()?;
         be.embedding(&self.embed, step, &mut ws.residual)?;
         // Each projection that ends a block adds into the residual stream itself
         // (`linear_add`), and each norm feeds the projection after it (`norm_linear`): a GPU

@@ -205,37 +205,6 @@ impl Gpu {
             .unwrap_or_else(|e| panic!("launch grid {grid:?} block {block:?}: {e:?}"));
     }
 
-    /// `launch_on_smem` with programmatic dependent launch (sm_90+), as the engine launches:
-    /// the kernel may start while the one before it on `stream` is still running.
-    pub fn launch_on_pdl(
-        &self,
-        stream: sys::CUstream,
-        f: sys::CUfunction,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        shared_bytes: u32,
-        args: &mut [*mut c_void],
-    ) {
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let config = sys::CUlaunchConfig {
-            gridDimX: grid.0,
-            gridDimY: grid.1,
-            gridDimZ: grid.2,
-            blockDimX: block.0,
-            blockDimY: block.1,
-            blockDimZ: block.2,
-            sharedMemBytes: shared_bytes,
-            hStream: stream,
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        unsafe { sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut()) }
-            .result()
-            .unwrap_or_else(|e| panic!("PDL launch grid {grid:?} block {block:?}: {e:?}"));
-    }
-
     /// Raises `f`'s dynamic shared memory limit to `shared_bytes`.
     pub fn allow_smem(&self, f: sys::CUfunction, shared_bytes: u32) {
         unsafe {

@@ -10,7 +10,6 @@ use cudarc::driver::sys::CUdeviceptr;
 use half::bf16;
 
 use super::device::{DevBuf, Gpu, PinnedPair};
-use super::gemv_chain::GemvChain;
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
 use crate::models::weights::{HostData, HostTensor};
 
@@ -230,7 +229,7 @@ pub struct CudaBackend {
     /// (`RVLLM_DECODE_REDUCE=fold`); by default the reduce kernel does.
     decode_semaphores: DevBuf,
     decode_fold: bool,
-    /// Decode attention of small batches (a target over 1 partition) through the compact kernel;
+    /// Batch-1 decode attention through the compact kernel;
     /// `RVLLM_DECODE_COMPACT=0` uses the full kernel there too (a same-binary A/B).
     decode_compact: bool,
     scratch_partitions: usize,
@@ -248,9 +247,6 @@ pub struct CudaBackend {
     /// gemv_bulk streams the weights with an L2 evict-first policy (`RVLLM_GEMV_EVICT_FIRST=0`
     /// turns it off): measured +1.1 % batch-1 decode on an H200 (BENCHMARKS.md).
     gemv_evict_first: bool,
-    /// Counter hand-offs between consecutive batch-1 GEMVs (gemv_chain.rs; None with
-    /// `RVLLM_GEMV_CHAIN=0` or without programmatic launch).
-    gemv_chain: Option<GemvChain>,
     /// Counts the bytes of weights uploaded while a model loads (`set_upload_progress`).
     upload_progress: Mutex<Option<indicatif::ProgressBar>>,
 }
@@ -303,7 +299,6 @@ impl CudaBackend {
             Ok("0") => false,
             Ok(other) => bail!("RVLLM_DECODE_COMPACT={other}: use 1 (the default) or 0"),
         };
-        let gemv_chain = GemvChain::from_env(&gpu)?;
         let ones = gpu.alloc(limits.max_tokens * BF16)?;
         gpu.upload(ones.ptr, &vec![bf16::ONE; limits.max_tokens])?;
         let gemv_bulk = gpu.compute_capability.0 >= 9
@@ -338,7 +333,6 @@ impl CudaBackend {
                     .map(str::trim),
                 Ok("0")
             ),
-            gemv_chain,
         })
     }
 
@@ -474,13 +468,15 @@ impl CudaBackend {
         let group = layout.num_heads / layout.num_kv_heads;
         let (kernel, gt) = Self::decode_kernel(hd, group)?;
         let depth = step.decode_partitions;
-        // Small batches (split contexts) go through the compact kernel: at batch 1 a decode
-        // attention block runs once a layer, and the full kernel's ~95 KB of code cost it
-        // ~4 us a layer in instruction fetch (H200 block timeline: 12.8 vs 9.1 us). The choice
-        // follows the batch's target, not the step's depth: an eager step of a short context
-        // has depth 1 where its graph has the target, and both must run the same kernel to
-        // give the same tokens (the two kernels round differently).
-        let compact = self.decode_compact && step.decode_target > 1 && !self.decode_fold;
+        // Batch 1 goes through the compact kernel: there a decode attention block runs once a
+        // layer, and the full kernel's ~95 KB of code cost it ~4 us a layer in instruction
+        // fetch (H200 block timeline: 12.8 vs 9.1 us; batch-1 decode +2.5-3 %). Larger batches
+        // keep the full kernel, which streams long partitions faster (batch 8 and 16 with
+        // 1,024-token prompts: 10 % longer runs with the compact one). The choice follows the
+        // batch size alone, never the step's depth: an eager step of a short context has depth
+        // 1 where its graph has the target, and both must run the same kernel to give the
+        // same tokens (the two kernels round differently).
+        let compact = self.decode_compact && step.num_decode == 1 && !self.decode_fold;
         let (kernel, smem) = if compact {
             (
                 Self::decode_compact_kernel(hd, gt)?,
@@ -629,20 +625,14 @@ impl CudaBackend {
         );
         let grid = (w.rows.div_ceil(g.rows_per_stage) as u32).min(self.gpu.sm_count);
         let evict = self.gemv_evict_first as i32;
-        let chain = self.gemv_chain.as_ref();
-        let link = chain.map_or_else(Default::default, |c| c.link(&self.gpu, kernel));
-        let (signal, wait_on, wait_count) = (link.signal, link.wait_on, link.wait_count);
         self.gpu.launch(
             "gemv_bulk",
             kernel,
             (grid, 1, 1),
             (256, 1, 1),
             g.shared_bytes,
-            args![y, x, wp, n, k, rows, norm_w, eps, evict, signal, wait_on, wait_count],
+            args![y, x, wp, n, k, rows, norm_w, eps, evict],
         )?;
-        if let Some(c) = chain {
-            c.launched(&self.gpu, link, grid);
-        }
         Ok(true)
     }
 
@@ -774,13 +764,6 @@ impl Backend for CudaBackend {
     type Vector = CudaVector;
     type KvCache = CudaKvCache;
     type StepMeta = CudaStepMeta;
-
-    fn begin_forward(&self) -> Result<()> {
-        match &self.gemv_chain {
-            Some(chain) => chain.begin(&self.gpu),
-            None => Ok(()),
-        }
-    }
 
     fn device_name(&self) -> String {
         format!(

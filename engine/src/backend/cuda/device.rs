@@ -114,7 +114,6 @@ impl PinnedBuf {
             self.bytes
         );
         // SAFETY: the buffer holds `bytes` bytes; the owner keeps it until the copy is done.
-        gpu.note_queued();
         unsafe { sys::cuMemcpyHtoDAsync_v2(dst, self.ptr, bytes, gpu.stream).result() }
             .map_err(|e| anyhow!("queueing a copy to the GPU: {e:?}"))
     }
@@ -127,7 +126,6 @@ impl PinnedBuf {
             self.bytes
         );
         // SAFETY: as `upload`.
-        gpu.note_queued();
         unsafe { sys::cuMemcpyDtoHAsync_v2(self.ptr, src, bytes, gpu.stream).result() }
             .map_err(|e| anyhow!("queueing a copy from the GPU: {e:?}"))
     }
@@ -222,9 +220,6 @@ pub struct Gpu {
     skip_kernels: Vec<String>,
     /// The kernels' block timeline (`RVLLM_TRACE_BLOCKS=<file>`, diagnostic), written on drop.
     block_trace: Option<super::block_trace::BlockTrace>,
-    /// Work items queued on the stream through this Gpu (launches, copies, memsets, GEMMs):
-    /// a caller can tell whether anything was queued between two of its own launches.
-    queued: std::sync::atomic::AtomicU64,
 }
 
 /// The patterns of `RVLLM_SKIP_KERNELS` (comma-separated, blanks ignored).
@@ -317,7 +312,6 @@ impl Gpu {
                 skip
             },
             block_trace,
-            queued: Default::default(),
         })
     }
 
@@ -345,24 +339,6 @@ impl Gpu {
         Ok(f)
     }
 
-    /// Counts one more work item queued on the stream.
-    fn note_queued(&self) {
-        self.queued
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Work items queued on the stream so far (see `queued`).
-    pub fn queued(&self) -> u64 {
-        self.queued.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Whether `RVLLM_SKIP_KERNELS` keeps this kernel from launching.
-    pub fn skips(&self, kernel: &str) -> bool {
-        self.skip_kernels
-            .iter()
-            .any(|p| kernel.contains(p.as_str()))
-    }
-
     /// Launch a kernel on the stream. `params` are pointers to each argument's value.
     pub fn launch(
         &self,
@@ -374,10 +350,13 @@ impl Gpu {
         params: &mut [*mut c_void],
     ) -> Result<()> {
         let f = self.function(module, kernel)?;
-        if self.skips(kernel) {
+        if self
+            .skip_kernels
+            .iter()
+            .any(|p| kernel.contains(p.as_str()))
+        {
             return Ok(());
         }
-        self.note_queued();
         // Static and dynamic shared memory together may not pass 48 KiB without the opt-in
         // (decode attention: 46 KiB dynamic + 3 KiB static), so any dynamic size sets it.
         if shared_bytes > 0 {
@@ -462,7 +441,6 @@ impl Gpu {
     /// Upload on the stream; the host slice must stay alive and unchanged until the stream
     /// has consumed it (callers keep step buffers alive for the step).
     pub fn upload_async<T: Copy>(&self, dst: sys::CUdeviceptr, src: &[T]) -> Result<()> {
-        self.note_queued();
         unsafe { drv::memcpy_htod_async(dst, src, self.stream) }
             .map_err(|e| anyhow!("async copy to the GPU: {e:?}"))
     }
@@ -474,7 +452,6 @@ impl Gpu {
     }
 
     pub fn memset_zero(&self, dst: sys::CUdeviceptr, bytes: usize) -> Result<()> {
-        self.note_queued();
         unsafe { drv::memset_d8_async(dst, 0, bytes, self.stream) }
             .map_err(|e| anyhow!("memset: {e:?}"))
     }
@@ -485,7 +462,6 @@ impl Gpu {
         src: sys::CUdeviceptr,
         bytes: usize,
     ) -> Result<()> {
-        self.note_queued();
         unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream) }
             .map_err(|e| anyhow!("device copy: {e:?}"))
     }
@@ -520,7 +496,6 @@ impl Gpu {
     ) -> Result<()> {
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0 };
-        self.note_queued();
         // SAFETY: the Gpu's own stream, live as long as self.
         let started = self
             .profiler

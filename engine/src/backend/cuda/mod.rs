@@ -3,7 +3,6 @@ pub mod backend;
 pub mod block_trace;
 pub mod ceilings;
 pub mod device;
-pub mod gemv_chain;
 pub mod profiler;
 pub mod runner;
 
