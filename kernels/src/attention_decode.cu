@@ -876,64 +876,40 @@ extern "C" __global__ void __launch_bounds__(kReduceThreads)
     const int seq = blockIdx.y;
     const int tid = threadIdx.x;
     const int nthreads = blockDim.x;  // 128 or 256 (kReduceThreads at most)
-    const int64_t base = ((int64_t)seq * num_heads + head) * max_partitions;
-    const int cols = head_dim / 4;
-    const int slices = nthreads / cols;
-    const int col = tid % cols;
-    const int slice = tid / cols;
-    // The context length, this thread's (max, sum) pair and its first two partial slices are
-    // requested together, before the partition count they depend on is known: one memory
-    // round trip instead of three in a row (batch 1 waits on this kernel every layer). Slots
-    // past the count hold stale values of earlier steps and are masked below.
-    const int limit = min(max_partitions, kMaxReducePartitions);
     const int ctx = context_lens[seq];
-    float2 ml = make_float2(-INFINITY, 0.0f);
-    if (tid < limit) ml = *reinterpret_cast<const float2*>(partial_ml + (base + tid) * 2);
-    float4 v_first[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int p = slice + r * slices;
-        v_first[r] = slice < slices && p < limit
-                         ? *reinterpret_cast<const float4*>(partial_out + (base + p) * head_dim +
-                                                            col * 4)
-                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    }
     const int partition_size = partition_tokens(ctx, target_partitions);
     // Partials: one per block that had a partition. One alone wrote `out` itself.
-    const int nparts = min((ctx + partition_size - 1) / partition_size, limit);
+    const int nparts = min((ctx + partition_size - 1) / partition_size,
+                           min(max_partitions, kMaxReducePartitions));
     if (nparts <= 1) return;
+    const int64_t base = ((int64_t)seq * num_heads + head) * max_partitions;
 
-    float m = tid < nparts ? ml.x : -INFINITY;
-    for (int p = tid + nthreads; p < nparts; p += nthreads) m = fmaxf(m, partial_ml[(base + p) * 2]);
+    float m = -INFINITY;
+    for (int p = tid; p < nparts; p += nthreads) m = fmaxf(m, partial_ml[(base + p) * 2]);
     m = block_max(m, scratch);
     float wsum = 0.0f;
-    if (tid < nparts) {
-        const float wp = ml.y * exp2f(ml.x - m);
-        w[tid] = wp;
-        wsum = wp;
-    }
-    for (int p = tid + nthreads; p < nparts; p += nthreads) {
+    for (int p = tid; p < nparts; p += nthreads) {
         const float wp = partial_ml[(base + p) * 2 + 1] * exp2f(partial_ml[(base + p) * 2] - m);
         w[p] = wp;
         wsum += wp;
     }
     wsum = block_sum(wsum, scratch);  // its barriers also publish w[]
 
+    const int cols = head_dim / 4;
+    const int slices = nthreads / cols;
+    const int col = tid % cols;
+    const int slice = tid / cols;
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (slice < slices) {
-        auto add = [&](int p, const float4& v) {
+#pragma unroll 4
+        for (int p = slice; p < nparts; p += slices) {
+            const float4 v =
+                *reinterpret_cast<const float4*>(partial_out + (base + p) * head_dim + col * 4);
             const float wp = w[p];
             acc.x = fmaf(wp, v.x, acc.x);
             acc.y = fmaf(wp, v.y, acc.y);
             acc.z = fmaf(wp, v.z, acc.z);
             acc.w = fmaf(wp, v.w, acc.w);
-        };
-        // The same partitions in the same order as one strided loop would take them.
-        if (slice < nparts) add(slice, v_first[0]);
-        if (slice + slices < nparts) add(slice + slices, v_first[1]);
-#pragma unroll 4
-        for (int p = slice + 2 * slices; p < nparts; p += slices) {
-            add(p, *reinterpret_cast<const float4*>(partial_out + (base + p) * head_dim + col * 4));
         }
     }
     *reinterpret_cast<float4*>(&red[tid * 4]) = acc;

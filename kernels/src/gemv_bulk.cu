@@ -194,13 +194,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
         // The chunks of each thread and the block sum are rms_norm_bf16's, so the normed
         // input is the one that kernel would have stored. One batch covers k <= 16384, so the
         // inputs stay in registers between the sum and the scaling.
-        int4 xv[kPrologueBatch], unused[kPrologueBatch], wv[kPrologueBatch];
-        const int4* wn = reinterpret_cast<const int4*>(norm_w);
-        // The norm weights of the first batch are requested with x: both loads' latencies
-        // overlap (the block sum needs x alone, the scaling after it both).
-#pragma unroll
-        for (int j = 0; j < kPrologueBatch; ++j)
-            if (tid + j * kThreads < k8) wv[j] = wn[tid + j * kThreads];
+        int4 xv[kPrologueBatch], unused[kPrologueBatch];
         float ss = 0.0f;
         for (int c0 = tid; c0 < k8; c0 += kSpan) {
             load_batch(c0, xv, unused);
@@ -215,13 +209,13 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
         }
         ss = block_sum(ss, scratch);
         const float inv = rsqrtf(ss / (float)k + eps);
+        const int4* wn = reinterpret_cast<const int4*>(norm_w);
         for (int c0 = tid; c0 < k8; c0 += kSpan) {
-            if (k8 > kSpan) {  // else x and the weights are still in registers
-                load_batch(c0, xv, unused);
+            if (k8 > kSpan) load_batch(c0, xv, unused);  // else still in registers
+            int4 wv[kPrologueBatch];
 #pragma unroll
-                for (int j = 0; j < kPrologueBatch; ++j)
-                    if (c0 + j * kThreads < k8) wv[j] = wn[c0 + j * kThreads];
-            }
+            for (int j = 0; j < kPrologueBatch; ++j)
+                if (c0 + j * kThreads < k8) wv[j] = wn[c0 + j * kThreads];
 #pragma unroll
             for (int j = 0; j < kPrologueBatch; ++j) {
                 const int c = c0 + j * kThreads;
