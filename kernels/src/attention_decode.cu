@@ -99,18 +99,12 @@ __host__ __device__ constexpr int decode_smem_bytes(int gt, int stages = kStages
 // slower.
 __host__ __device__ constexpr int kMinBlocks(int gt) { return gt <= 4 ? 4 : 1; }
 
-// Tokens in each partition of a `ctx`-token context split `target` ways (see the header):
-// a multiple of G, the granule (64; 32 for the compact kernel).
-template <int G = 64>
+// Tokens in each partition of a `ctx`-token context split `target` ways (see the header).
 __device__ __forceinline__ int partition_tokens(int ctx, int target) {
     const int t = max(target, 1);
     const int even = (ctx + t - 1) / t;
-    return min(max((even + G - 1) / G * G, G), kMaxPartition);
+    return min(max((even + 63) / 64 * 64, 64), kMaxPartition);
 }
-
-// The compact kernel's granule: at batch 1 more, shorter partitions shorten the serial
-// chain of each block (its V loop walks a partition's tokens one by one).
-constexpr int kCompactGranule = 32;
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
@@ -575,7 +569,7 @@ __device__ __forceinline__ void decode_attention_compact(
     const int z = blockIdx.z;
     const int depth = gridDim.z;
     const int ctx = context_lens[seq];
-    const int psize = partition_tokens<kCompactGranule>(ctx, target_partitions);
+    const int psize = partition_tokens(ctx, target_partitions);
     const int nparts = (ctx + psize - 1) / psize;
     if (z >= nparts) {
         pdl_enter();
@@ -861,13 +855,12 @@ RVLLM_DECODE_ATTENTION(128, 8)
 // memory, then every thread sums a float4 column slice over a strided subset of the partitions
 // (many independent loads in flight, instead of one long dependent loop), and the slices are
 // added in shared memory.
-template <int G>
-__device__ __forceinline__ void decode_reduce(__nv_bfloat16* __restrict__ out,
-                                              const float* __restrict__ partial_out,
-                                              const float* __restrict__ partial_ml,
-                                              const int32_t* __restrict__ context_lens,
-                                              int num_heads, int head_dim, int max_partitions,
-                                              int target_partitions) {
+extern "C" __global__ void __launch_bounds__(kReduceThreads)
+    paged_attention_decode_reduce(__nv_bfloat16* __restrict__ out,
+                                  const float* __restrict__ partial_out,
+                                  const float* __restrict__ partial_ml,
+                                  const int32_t* __restrict__ context_lens, int num_heads,
+                                  int head_dim, int max_partitions, int target_partitions) {
     // The next kernel (at batch 1 the O projection's GEMV) may start at once: it streams its
     // weights while the attention blocks run, and its own pdl_wait still waits for this
     // kernel, which waits for them. (Attention itself triggers only after its wait: every one
@@ -884,7 +877,7 @@ __device__ __forceinline__ void decode_reduce(__nv_bfloat16* __restrict__ out,
     const int tid = threadIdx.x;
     const int nthreads = blockDim.x;  // 128 or 256 (kReduceThreads at most)
     const int ctx = context_lens[seq];
-    const int partition_size = partition_tokens<G>(ctx, target_partitions);
+    const int partition_size = partition_tokens(ctx, target_partitions);
     // Partials: one per block that had a partition. One alone wrote `out` itself.
     const int nparts = min((ctx + partition_size - 1) / partition_size,
                            min(max_partitions, kMaxReducePartitions));
@@ -927,17 +920,3 @@ __device__ __forceinline__ void decode_reduce(__nv_bfloat16* __restrict__ out,
         out[((int64_t)seq * num_heads + head) * head_dim + d] = __float2bfloat16(sum / wsum);
     }
 }
-
-// The reduce of the full kernel's partitions (multiples of 64 tokens) and of the compact
-// kernel's (multiples of 32): the same arguments.
-#define RVLLM_DECODE_REDUCE(NAME, G)                                                           \
-    extern "C" __global__ void __launch_bounds__(kReduceThreads)                               \
-        NAME(__nv_bfloat16* __restrict__ out, const float* __restrict__ partial_out,           \
-             const float* __restrict__ partial_ml, const int32_t* __restrict__ context_lens,   \
-             int num_heads, int head_dim, int max_partitions, int target_partitions) {          \
-        decode_reduce<G>(out, partial_out, partial_ml, context_lens, num_heads, head_dim,      \
-                         max_partitions, target_partitions);                                   \
-    }
-
-RVLLM_DECODE_REDUCE(paged_attention_decode_reduce, 64)
-RVLLM_DECODE_REDUCE(paged_attention_decode_reduce_compact, kCompactGranule)

@@ -228,15 +228,9 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
         let (hd_, dp_) = (c.hd as i32, depth as i32);
         // The reduce works with 128 or 256 threads; cover both.
         let reduce_block = if st.target % 2 == 1 { 128 } else { 256 };
-        // The compact kernel's partitions are multiples of 32 tokens: its own reduce.
-        let reduce = if st.compact {
-            "paged_attention_decode_reduce_compact"
-        } else {
-            "paged_attention_decode_reduce"
-        };
         g.launch(
             "attention_decode",
-            reduce,
+            "paged_attention_decode_reduce",
             (nh as u32, num_seqs as u32, 1),
             (reduce_block, 1, 1),
             &mut [
@@ -275,8 +269,7 @@ fn paged_attention_decode_matches_reference() {
     // sequences that fit one partition (written directly, skipped by the reduce) with split
     // ones, except the second: all direct, no reduce launched. Depths below a sequence's
     // partition count make blocks stream several partitions and merge them; depths above it
-    // leave blocks with nothing to do. (The partition sizes noted are the full kernel's; the
-    // compact kernel cuts multiples of 32 tokens, e.g. 33 tokens at target 11 in two.)
+    // leave blocks with nothing to do.
     let cases: &[DecodeCase] = &[
         (32, 8, 128, &[1, 15, 17, 300, 1000], 1, 2), // 1000: two partitions of 512
         (32, 8, 128, &[1, 100, 500], 1, 1),

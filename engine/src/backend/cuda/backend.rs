@@ -23,29 +23,23 @@ pub const MAX_DECODE_PARTITION: usize = 512;
 /// every context; enough blocks for about two per SM) and the grid depth. Each block streams
 /// every depth-th partition of its sequence and merges them (attention_decode.cu), so any
 /// depth covers any context: a graph (`max_context` None) takes the target, an eager step no
-/// more than its longest context has partitions of `granule` tokens (64; 32 for the compact
-/// kernel), so that both give every partition its own block.
+/// more than its longest context has partitions of 64 tokens.
 pub fn decode_split(
     num_decode: usize,
     num_kv_heads: usize,
     sm_count: usize,
     max_context: Option<usize>,
-    granule: usize,
 ) -> (usize, usize) {
     let blocks_per_partition = num_decode.max(1) * num_kv_heads.max(1);
     let target = (2 * sm_count.max(1))
         .div_ceil(blocks_per_partition)
         .clamp(1, MAX_DECODE_DEPTH);
     let depth = match max_context {
-        Some(ctx) => target.min(ctx.div_ceil(granule)).max(1),
+        Some(ctx) => target.min(ctx.div_ceil(64)).max(1),
         None => target,
     };
     (target, depth)
 }
-
-/// The compact decode kernel's partitions are multiples of this many tokens
-/// (kCompactGranule in attention_decode.cu).
-const COMPACT_GRANULE: usize = 32;
 
 /// The decode reduce combines at most this many partials (kMaxReducePartitions).
 const MAX_DECODE_DEPTH: usize = 2048;
@@ -279,7 +273,7 @@ impl CudaBackend {
         gpu.memset_zero(meta.ptr, layout.total * 4)?;
         let sms = gpu.sm_count as usize;
         let scratch_partitions = (1..=limits.max_seqs)
-            .map(|b| b * decode_split(b, num_kv_heads, sms, None, 64).1)
+            .map(|b| b * decode_split(b, num_kv_heads, sms, None).1)
             .max()
             .unwrap_or(1);
         let scratch = scratch_partitions * num_heads;
@@ -482,7 +476,7 @@ impl CudaBackend {
         // batch size alone, never the step's depth: an eager step of a short context has depth
         // 1 where its graph has the target, and both must run the same kernel to give the
         // same tokens (the two kernels round differently).
-        let compact = self.compact_decode(step.num_decode);
+        let compact = self.decode_compact && step.num_decode == 1 && !self.decode_fold;
         let (kernel, smem) = if compact {
             (
                 Self::decode_compact_kernel(hd, gt)?,
@@ -523,15 +517,9 @@ impl CudaBackend {
         )?;
         if depth > 1 && !self.decode_fold {
             let (hdi, dp) = (hd as i32, depth as i32);
-            // The compact kernel's partitions are multiples of 32 tokens, the full one's of 64.
-            let reduce = if compact {
-                "paged_attention_decode_reduce_compact"
-            } else {
-                "paged_attention_decode_reduce"
-            };
             self.launch(
                 "attention_decode",
-                reduce,
+                "paged_attention_decode_reduce",
                 (layout.num_heads as u32, step.num_decode as u32, 1),
                 128,
                 args![o, po, pml, cl, nh, hdi, dp, target],
@@ -679,11 +667,6 @@ impl CudaBackend {
             256,
             args![out, input, n64],
         )
-    }
-
-    /// Whether decode attention of `num_decode` sequences runs the compact kernel.
-    fn compact_decode(&self, num_decode: usize) -> bool {
-        self.decode_compact && num_decode == 1 && !self.decode_fold
     }
 
     fn decode_compact_kernel(head_dim: usize, gt: usize) -> Result<&'static str> {
@@ -939,17 +922,11 @@ impl Backend for CudaBackend {
             .capturing_graph
             .load(std::sync::atomic::Ordering::Relaxed);
         let sms = self.gpu.sm_count as usize;
-        let granule = if self.compact_decode(num_decode) {
-            COMPACT_GRANULE
-        } else {
-            64
-        };
         let (decode_target, decode_partitions) = decode_split(
             num_decode,
             self.num_kv_heads,
             sms,
             (!capturing).then_some(max_context),
-            granule,
         );
         ensure!(
             num_decode * decode_partitions <= self.scratch_partitions,
@@ -1377,20 +1354,17 @@ mod tests {
     #[test]
     fn decode_split_targets_two_blocks_per_sm_whatever_the_context() {
         // Batch 1, 8 KV heads, 132 SMs: 33 partitions wanted, at most ctx / 64 blocks deep.
-        assert_eq!(decode_split(1, 8, 132, Some(2048), 64), (33, 32));
-        assert_eq!(decode_split(1, 8, 132, Some(384), 64), (33, 6));
-        // The compact kernel's 32-token granule: as many blocks as partitions, up to the target.
-        assert_eq!(decode_split(1, 8, 132, Some(384), 32), (33, 12));
-        assert_eq!(decode_split(1, 8, 132, Some(2048), 32), (33, 33));
+        assert_eq!(decode_split(1, 8, 132, Some(2048)), (33, 32));
+        assert_eq!(decode_split(1, 8, 132, Some(384)), (33, 6));
         // Large batches: one block a sequence, which streams every partition.
-        assert_eq!(decode_split(512, 8, 132, Some(511), 64), (1, 1));
-        assert_eq!(decode_split(512, 8, 132, Some(1024), 64), (1, 1));
-        assert_eq!(decode_split(0, 8, 132, Some(0), 64), (33, 1));
+        assert_eq!(decode_split(512, 8, 132, Some(511)), (1, 1));
+        assert_eq!(decode_split(512, 8, 132, Some(1024)), (1, 1));
+        assert_eq!(decode_split(0, 8, 132, Some(0)), (33, 1));
         // A graph takes the target: long contexts no longer deepen the grid (or the scratch).
-        assert_eq!(decode_split(64, 8, 132, None, 64), (1, 1));
-        assert_eq!(decode_split(1, 8, 132, None, 64), (33, 33));
+        assert_eq!(decode_split(64, 8, 132, None), (1, 1));
+        assert_eq!(decode_split(1, 8, 132, None), (33, 33));
         // One KV head on a large GPU: the reduce's limit caps the depth.
-        assert_eq!(decode_split(1, 1, 2000, None, 64).1, 2048);
+        assert_eq!(decode_split(1, 1, 2000, None).1, 2048);
     }
 
     #[test]
