@@ -245,18 +245,7 @@ __device__ __forceinline__ void decode_attention(
     const int32_t* table = block_tables + (int64_t)seq * max_blocks_per_seq;
     const bool rope = inv_freq != nullptr;
 
-    if (rope) {
-        const float pos = (float)positions[seq];
-        // As rope_and_cache_bf16: the angle in f32, its sine and cosine in double precision
-        // (fast-math f32 intrinsics lose all accuracy at the ~1e5 rad of long positions).
-        for (int i = tid; i < kHalf; i += kThreads) {
-            const float angle = pos * inv_freq[i];
-            double sd, cd;
-            sincos((double)angle, &sd, &cd);
-            cos_t[i] = (float)cd;
-            sin_t[i] = (float)sd;
-        }
-    }
+    if (rope) rope_table((float)positions[seq], inv_freq, kHalf, kThreads, cos_t, sin_t);
     if (tid < GT) {
         run_max[tid] = -INFINITY;
         run_sum[tid] = 0.0f;
@@ -582,16 +571,7 @@ __device__ __forceinline__ void decode_attention_compact(
     const int64_t head_off = (int64_t)kv_head * HD;
     const int32_t* table = block_tables + (int64_t)seq * max_blocks_per_seq;
     const bool rope = inv_freq != nullptr;
-    if (rope) {
-        const float pos = (float)positions[seq];
-        for (int i = tid; i < kHalf; i += kThreads) {  // as decode_attention (double sincos)
-            const float angle = pos * inv_freq[i];
-            double sd, cd;
-            sincos((double)angle, &sd, &cd);
-            cos_t[i] = (float)cd;
-            sin_t[i] = (float)sd;
-        }
-    }
+    if (rope) rope_table((float)positions[seq], inv_freq, kHalf, kThreads, cos_t, sin_t);
     // Every warp rotates with the table (the q loop's threads are not the ones that wrote
     // it: without this barrier warps 2-3 read it unwritten, which broke query head 1).
     __syncthreads();

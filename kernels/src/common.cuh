@@ -139,6 +139,24 @@ RVLLM_DEVICE float block_sum(float v, float* scratch) {
     return warp_sum(v);
 }
 
+// The RoPE table of one position for the decode attention kernels: cos and sin of
+// pos * inv_freq[i] for i < half, written by the block's threads (thread i, i + stride, ...)
+// into shared memory; the caller syncs. The angle is rounded to f32 as in the HF reference;
+// its sine and cosine are taken in double precision: angles reach ~1e5 rad at long positions,
+// where the f32 fast-math intrinsics (the build uses --use_fast_math) lose all accuracy, and
+// double functions are never replaced. (rope_cache.cu keeps its own copy of this loop: moved
+// here, its kernel compiled to different code, and that change has not been run on a GPU.)
+RVLLM_DEVICE void rope_table(float pos, const float* __restrict__ inv_freq, int half, int stride,
+                             float* cos_t, float* sin_t) {
+    for (int i = threadIdx.x; i < half; i += stride) {
+        const float angle = pos * inv_freq[i];
+        double sd, cd;
+        sincos((double)angle, &sd, &cd);
+        cos_t[i] = (float)cd;
+        sin_t[i] = (float)sd;
+    }
+}
+
 RVLLM_DEVICE float block_max(float v, float* scratch) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;

@@ -10,6 +10,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use half::bf16;
 
 use super::device::{DevBuf, Gpu, PinnedPair};
+use super::switches::switch;
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
 use crate::models::weights::{HostData, HostTensor};
 
@@ -283,31 +284,15 @@ impl CudaBackend {
         let semaphores = limits.max_seqs * num_heads;
         let decode_semaphores = gpu.alloc(semaphores * 4)?;
         gpu.memset_zero(decode_semaphores.ptr, semaphores * 4)?;
-        let decode_fold = match std::env::var("RVLLM_DECODE_REDUCE")
-            .as_deref()
-            .map(str::trim)
-        {
-            Err(_) | Ok("") | Ok("kernel") => false,
-            Ok("fold") => true,
-            Ok(other) => bail!("RVLLM_DECODE_REDUCE={other}: use kernel (the default) or fold"),
-        };
-        let decode_compact = match std::env::var("RVLLM_DECODE_COMPACT")
-            .as_deref()
-            .map(str::trim)
-        {
-            Err(_) | Ok("") | Ok("1") => true,
-            Ok("0") => false,
-            Ok(other) => bail!("RVLLM_DECODE_COMPACT={other}: use 1 (the default) or 0"),
-        };
+        let decode_fold = switch("RVLLM_DECODE_REDUCE", &[("kernel", false), ("fold", true)])?;
+        let decode_compact = switch("RVLLM_DECODE_COMPACT", &[("1", true), ("0", false)])?;
         let ones = gpu.alloc(limits.max_tokens * BF16)?;
         gpu.upload(ones.ptr, &vec![bf16::ONE; limits.max_tokens])?;
         let gemv_bulk = gpu.compute_capability.0 >= 9
-            && std::env::var("RVLLM_GEMV").map_or(true, |v| v.trim() != "classic");
-        let gemv_stages = match std::env::var("RVLLM_GEMV_STAGES").as_deref().map(str::trim) {
-            Err(_) | Ok("") | Ok("4") => 4,
-            Ok("6") => 6,
-            Ok(other) => bail!("RVLLM_GEMV_STAGES={other}: the built depths are 4 and 6"),
-        };
+            && switch("RVLLM_GEMV", &[("bulk", true), ("classic", false)])?;
+        // The built pipeline depths of gemv_bulk.cu.
+        let gemv_stages = switch("RVLLM_GEMV_STAGES", &[("4", 4), ("6", 6)])?;
+        let gemv_evict_first = switch("RVLLM_GEMV_EVICT_FIRST", &[("1", true), ("0", false)])?;
         Ok(Self {
             gpu,
             limits,
@@ -327,12 +312,7 @@ impl CudaBackend {
             upload_progress: Mutex::new(None),
             gemv_bulk,
             gemv_stages,
-            gemv_evict_first: !matches!(
-                std::env::var("RVLLM_GEMV_EVICT_FIRST")
-                    .as_deref()
-                    .map(str::trim),
-                Ok("0")
-            ),
+            gemv_evict_first,
         })
     }
 
@@ -466,7 +446,6 @@ impl CudaBackend {
         let v = k + (layout.kv_size() * BF16) as u64;
         let o = out.buf.ptr;
         let group = layout.num_heads / layout.num_kv_heads;
-        let (kernel, gt) = Self::decode_kernel(hd, group)?;
         let depth = step.decode_partitions;
         // Batch 1 goes through the compact kernel: there a decode attention block runs once a
         // layer, and the full kernel's ~95 KB of code cost it ~4 us a layer in instruction
@@ -477,13 +456,11 @@ impl CudaBackend {
         // 1 where its graph has the target, and both must run the same kernel to give the
         // same tokens (the two kernels round differently).
         let compact = self.decode_compact && step.num_decode == 1 && !self.decode_fold;
-        let (kernel, smem) = if compact {
-            (
-                Self::decode_compact_kernel(hd, gt)?,
-                decode_compact_smem(hd, gt),
-            )
+        let (kernel, gt) = Self::decode_kernel(hd, group, compact)?;
+        let smem = if compact {
+            decode_compact_smem(hd, gt)
         } else {
-            (kernel, decode_attention_smem(gt))
+            decode_attention_smem(gt)
         };
         let (po, pml) = (self.partial_out.ptr, self.partial_ml.ptr);
         let sem: CUdeviceptr = if self.decode_fold {
@@ -669,41 +646,81 @@ impl CudaBackend {
         )
     }
 
-    fn decode_compact_kernel(head_dim: usize, gt: usize) -> Result<&'static str> {
-        Ok(match (head_dim, gt) {
-            (64, 1) => "paged_attention_decode_compact_hd64_g1",
-            (64, 2) => "paged_attention_decode_compact_hd64_g2",
-            (64, 4) => "paged_attention_decode_compact_hd64_g4",
-            (64, 8) => "paged_attention_decode_compact_hd64_g8",
-            (128, 1) => "paged_attention_decode_compact_hd128_g1",
-            (128, 2) => "paged_attention_decode_compact_hd128_g2",
-            (128, 4) => "paged_attention_decode_compact_hd128_g4",
-            (128, 8) => "paged_attention_decode_compact_hd128_g8",
-            _ => bail!("no compact decode attention kernel for head_dim {head_dim}"),
-        })
-    }
-
-    fn decode_kernel(head_dim: usize, group: usize) -> Result<(&'static str, usize)> {
+    /// The decode attention kernel (full or compact) for a head size and GQA group, and the
+    /// query heads each of its blocks takes.
+    fn decode_kernel(
+        head_dim: usize,
+        group: usize,
+        compact: bool,
+    ) -> Result<(&'static str, usize)> {
         let gt = match group {
             1 => 1,
             2 => 2,
             3 | 4 => 4,
             _ => 8,
         };
-        let name = match (head_dim, gt) {
-            (64, 1) => "paged_attention_decode_hd64_g1",
-            (64, 2) => "paged_attention_decode_hd64_g2",
-            (64, 4) => "paged_attention_decode_hd64_g4",
-            (64, 8) => "paged_attention_decode_hd64_g8",
-            (128, 1) => "paged_attention_decode_hd128_g1",
-            (128, 2) => "paged_attention_decode_hd128_g2",
-            (128, 4) => "paged_attention_decode_hd128_g4",
-            (128, 8) => "paged_attention_decode_hd128_g8",
-            _ => bail!("no decode attention kernel for head_dim {head_dim} (built: 64, 128)"),
+        let Some(&(_, _, full, small)) = DECODE_KERNELS
+            .iter()
+            .find(|&&(hd, g, _, _)| hd == head_dim && g == gt)
+        else {
+            bail!("no decode attention kernel for head_dim {head_dim} (built: 64, 128)");
         };
-        Ok((name, gt))
+        Ok((if compact { small } else { full }, gt))
     }
 }
+
+/// The decode attention kernels of attention_decode.cu: (head dim, query heads a block, the
+/// full kernel, the compact one).
+const DECODE_KERNELS: &[(usize, usize, &str, &str)] = &[
+    (
+        64,
+        1,
+        "paged_attention_decode_hd64_g1",
+        "paged_attention_decode_compact_hd64_g1",
+    ),
+    (
+        64,
+        2,
+        "paged_attention_decode_hd64_g2",
+        "paged_attention_decode_compact_hd64_g2",
+    ),
+    (
+        64,
+        4,
+        "paged_attention_decode_hd64_g4",
+        "paged_attention_decode_compact_hd64_g4",
+    ),
+    (
+        64,
+        8,
+        "paged_attention_decode_hd64_g8",
+        "paged_attention_decode_compact_hd64_g8",
+    ),
+    (
+        128,
+        1,
+        "paged_attention_decode_hd128_g1",
+        "paged_attention_decode_compact_hd128_g1",
+    ),
+    (
+        128,
+        2,
+        "paged_attention_decode_hd128_g2",
+        "paged_attention_decode_compact_hd128_g2",
+    ),
+    (
+        128,
+        4,
+        "paged_attention_decode_hd128_g4",
+        "paged_attention_decode_compact_hd128_g4",
+    ),
+    (
+        128,
+        8,
+        "paged_attention_decode_hd128_g8",
+        "paged_attention_decode_compact_hd128_g8",
+    ),
+];
 
 /// What a bulk GEMV reads as its input vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1365,6 +1382,26 @@ mod tests {
         assert_eq!(decode_split(1, 8, 132, None), (33, 33));
         // One KV head on a large GPU: the reduce's limit caps the depth.
         assert_eq!(decode_split(1, 1, 2000, None).1, 2048);
+    }
+
+    #[test]
+    fn decode_kernels_cover_the_built_head_sizes_and_groups() {
+        use super::CudaBackend;
+        // Llama-3.1-8B: group 4, head dim 128; groups of 3 take the 4-head tile, 5+ the 8-head.
+        assert_eq!(
+            CudaBackend::decode_kernel(128, 4, false).unwrap(),
+            ("paged_attention_decode_hd128_g4", 4)
+        );
+        assert_eq!(
+            CudaBackend::decode_kernel(128, 4, true).unwrap(),
+            ("paged_attention_decode_compact_hd128_g4", 4)
+        );
+        assert_eq!(CudaBackend::decode_kernel(64, 3, true).unwrap().1, 4);
+        assert_eq!(CudaBackend::decode_kernel(64, 7, false).unwrap().1, 8);
+        let e = CudaBackend::decode_kernel(96, 1, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("head_dim 96") && e.contains("64, 128"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod ceilings;
 pub mod device;
 pub mod profiler;
 pub mod runner;
+pub mod switches;
 
 pub use ceilings::measure_ceilings;
 pub use device::{device_count, memory_and_name, Gpu};
