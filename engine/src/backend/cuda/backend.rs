@@ -669,58 +669,29 @@ impl CudaBackend {
     }
 }
 
-/// The decode attention kernels of attention_decode.cu: (head dim, query heads a block, the
-/// full kernel, the compact one).
-const DECODE_KERNELS: &[(usize, usize, &str, &str)] = &[
-    (
-        64,
-        1,
-        "paged_attention_decode_hd64_g1",
-        "paged_attention_decode_compact_hd64_g1",
-    ),
-    (
-        64,
-        2,
-        "paged_attention_decode_hd64_g2",
-        "paged_attention_decode_compact_hd64_g2",
-    ),
-    (
-        64,
-        4,
-        "paged_attention_decode_hd64_g4",
-        "paged_attention_decode_compact_hd64_g4",
-    ),
-    (
-        64,
-        8,
-        "paged_attention_decode_hd64_g8",
-        "paged_attention_decode_compact_hd64_g8",
-    ),
-    (
-        128,
-        1,
-        "paged_attention_decode_hd128_g1",
-        "paged_attention_decode_compact_hd128_g1",
-    ),
-    (
-        128,
-        2,
-        "paged_attention_decode_hd128_g2",
-        "paged_attention_decode_compact_hd128_g2",
-    ),
-    (
-        128,
-        4,
-        "paged_attention_decode_hd128_g4",
-        "paged_attention_decode_compact_hd128_g4",
-    ),
-    (
-        128,
-        8,
-        "paged_attention_decode_hd128_g8",
-        "paged_attention_decode_compact_hd128_g8",
-    ),
-];
+/// (head dim, query heads a block, the full kernel, the compact one) for each tile built.
+macro_rules! decode_kernels {
+    ($(($hd:literal, $gt:literal)),*) => {
+        &[$((
+            $hd,
+            $gt,
+            concat!("paged_attention_decode_hd", $hd, "_g", $gt),
+            concat!("paged_attention_decode_compact_hd", $hd, "_g", $gt),
+        )),*]
+    };
+}
+
+/// The decode attention kernels of attention_decode.cu.
+const DECODE_KERNELS: &[(usize, usize, &str, &str)] = decode_kernels!(
+    (64, 1),
+    (64, 2),
+    (64, 4),
+    (64, 8),
+    (128, 1),
+    (128, 2),
+    (128, 4),
+    (128, 8)
+);
 
 /// What a bulk GEMV reads as its input vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
