@@ -87,7 +87,7 @@ constexpr int kReduceThreads = 256;
 constexpr int kMaxReducePartitions = 2048;
 
 // Dynamic shared memory of the GT variant: the K/V ring, the scores, the slots (the host's
-// decode_attention_smem mirrors it).
+// rvllm_kernels::decode_smem::full mirrors it).
 __host__ __device__ constexpr int decode_smem_bytes(int gt, int stages = kStages) {
     return stages * kRingStageBytes + gt * kMaxPartition * 4 + kMaxPartition * 4;
 }
@@ -105,6 +105,29 @@ __device__ __forceinline__ int partition_tokens(int ctx, int target) {
     const int even = (ctx + t - 1) / t;
     return min(max((even + 63) / 64 * 64, 64), kMaxPartition);
 }
+
+// What one decode attention block takes (grid: num_kv_heads * ceil(G / GT) columns, the
+// sequences, depth), for the full and the compact kernel alike: the KV head, the query heads
+// head0 .. head0 + nvalid - 1 of its group, the sequence, and that sequence's partitions
+// (block z streams z, z + depth, ...; a block with z >= nparts has nothing to do).
+template <int GT>
+struct DecodeTile {
+    int groups_per_kv, kv_head, head0, nvalid, seq, z, depth, ctx, psize, nparts;
+    __device__ __forceinline__ DecodeTile(int num_heads, int num_kv_heads,
+                                          const int32_t* __restrict__ context_lens, int target) {
+        const int group = num_heads / num_kv_heads;
+        groups_per_kv = (group + GT - 1) / GT;
+        kv_head = blockIdx.x / groups_per_kv;
+        head0 = kv_head * group + (blockIdx.x % groups_per_kv) * GT;
+        nvalid = min(GT, kv_head * group + group - head0);
+        seq = blockIdx.y;
+        z = blockIdx.z;
+        depth = gridDim.z;
+        ctx = context_lens[seq];
+        psize = partition_tokens(ctx, target);
+        nparts = (ctx + psize - 1) / psize;
+    }
+};
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
@@ -215,17 +238,10 @@ __device__ __forceinline__ void decode_attention(
     __shared__ float out_acc[GT][HD];     // the block's output so far, unnormalised
 
     BlockTrace trace(1);
-    const int group = num_heads / num_kv_heads;
-    const int groups_per_kv = (group + GT - 1) / GT;
-    const int kv_head = blockIdx.x / groups_per_kv;
-    const int head0 = kv_head * group + (blockIdx.x % groups_per_kv) * GT;
-    const int nvalid = min(GT, kv_head * group + group - head0);  // heads of this block
-    const int seq = blockIdx.y;
-    const int z = blockIdx.z;
-    const int depth = gridDim.z;
-    const int ctx = context_lens[seq];
-    const int psize = partition_tokens(ctx, target_partitions);
-    const int nparts = (ctx + psize - 1) / psize;
+    const DecodeTile<GT> tile(num_heads, num_kv_heads, context_lens, target_partitions);
+    const int groups_per_kv = tile.groups_per_kv, kv_head = tile.kv_head, head0 = tile.head0;
+    const int nvalid = tile.nvalid, seq = tile.seq, z = tile.z, depth = tile.depth;
+    const int ctx = tile.ctx, psize = tile.psize, nparts = tile.nparts;
     if (z >= nparts) {
         pdl_enter();
         return;
@@ -518,7 +534,8 @@ constexpr int kCompactChunk = 64;
 template <int HD, int GT>
 __host__ __device__ constexpr int compact_smem_bytes() {
     // K and V chunks (two buffers, rows padded by 16 bytes against bank conflicts), q as
-    // floats, the warps' probabilities, the new token's k and v.
+    // floats, the warps' probabilities, the new token's k and v (the host's
+    // rvllm_kernels::decode_smem::compact mirrors it).
     return 4 * kCompactChunk * (HD * 2 + 16) + GT * HD * 4 + kWarps * kCompactChunk * 4 +
            2 * HD * 2;
 }
@@ -549,17 +566,10 @@ __device__ __forceinline__ void decode_attention_compact(
         reinterpret_cast<__nv_bfloat16*>(probs + kWarps * kCompactChunk);  // k [HD], v [HD]
     __shared__ float cos_t[kHalf], sin_t[kHalf];
 
-    const int group = num_heads / num_kv_heads;
-    const int groups_per_kv = (group + GT - 1) / GT;
-    const int kv_head = blockIdx.x / groups_per_kv;
-    const int head0 = kv_head * group + (blockIdx.x % groups_per_kv) * GT;
-    const int nvalid = min(GT, kv_head * group + group - head0);
-    const int seq = blockIdx.y;
-    const int z = blockIdx.z;
-    const int depth = gridDim.z;
-    const int ctx = context_lens[seq];
-    const int psize = partition_tokens(ctx, target_partitions);
-    const int nparts = (ctx + psize - 1) / psize;
+    const DecodeTile<GT> tile(num_heads, num_kv_heads, context_lens, target_partitions);
+    const int groups_per_kv = tile.groups_per_kv, kv_head = tile.kv_head, head0 = tile.head0;
+    const int nvalid = tile.nvalid, seq = tile.seq, z = tile.z, depth = tile.depth;
+    const int ctx = tile.ctx, psize = tile.psize, nparts = tile.nparts;
     if (z >= nparts) {
         pdl_enter();
         return;

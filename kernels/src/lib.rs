@@ -24,6 +24,25 @@ pub fn built_archs() -> &'static str {
     BUILT_ARCHS
 }
 
+/// Dynamic shared memory of the decode attention kernels as attention_decode.cu lays it out;
+/// the engine's launches and the GPU tests size them here.
+pub mod decode_smem {
+    /// The longest partition of the full kernel, in tokens (kMaxPartition).
+    pub const MAX_PARTITION: usize = 512;
+
+    /// The full kernel with `gt` query heads a block (decode_smem_bytes): a 3-stage K/V ring
+    /// of 12 KiB, the scores of a partition per head, its slots.
+    pub const fn full(gt: usize) -> u32 {
+        (3 * 12288 + gt * MAX_PARTITION * 4 + MAX_PARTITION * 4) as u32
+    }
+
+    /// The compact kernel (compact_smem_bytes): two buffers of 64 K and V rows padded by 16
+    /// bytes, q in f32, the warps' probabilities, the new token's k and v.
+    pub const fn compact(head_dim: usize, gt: usize) -> u32 {
+        (4 * 64 * (head_dim * 2 + 16) + gt * head_dim * 4 + 4 * 64 * 4 + 2 * head_dim * 2) as u32
+    }
+}
+
 /// Whether this build embeds compiled kernels (feature `cuda`).
 pub const fn compiled_with_cuda() -> bool {
     cfg!(feature = "cuda")

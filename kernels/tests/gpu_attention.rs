@@ -8,13 +8,11 @@
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns.
 mod gpu_harness;
 
-use gpu_harness::{
-    arg, assert_close, decode_attention_smem, decode_compact_smem, gpu, inv_freq, random_bf16, rng,
-    Gpu, ATOL, BF16_NAN, RTOL,
-};
+use gpu_harness::{arg, assert_close, gpu, inv_freq, random_bf16, rng, Gpu, ATOL, BF16_NAN, RTOL};
 use half::bf16;
 use rand::seq::SliceRandom;
 use rand::Rng;
+use rvllm_kernels::decode_smem;
 use rvllm_kernels::reference as cpu;
 
 /// (heads, kv heads, head dim, contexts, target partitions, grid depth).
@@ -181,12 +179,12 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
     let (kernel, smem) = if st.compact {
         (
             format!("paged_attention_decode_compact_hd{}_g{gt}", c.hd),
-            decode_compact_smem(c.hd, gt),
+            decode_smem::compact(c.hd, gt),
         )
     } else {
         (
             format!("paged_attention_decode_hd{}_g{gt}", c.hd),
-            decode_attention_smem(gt),
+            decode_smem::full(gt),
         )
     };
     g.launch_smem(

@@ -4,8 +4,9 @@
 //! `gpu_bench-<hash> --ignored --nocapture --test-threads=1`.
 mod gpu_harness;
 
-use gpu_harness::{arg, decode_attention_smem, gpu, inv_freq, Buf, Gpu};
+use gpu_harness::{arg, gpu, inv_freq, Buf, Gpu};
 use half::bf16;
+use rvllm_kernels::decode_smem;
 
 /// Fast deterministic filler (xorshift64*): bf16 values in [-1, 1), never all zero.
 fn filler(n: usize, mut s: u64) -> Vec<bf16> {
@@ -75,7 +76,7 @@ fn time_decode(
     let slots = g.upload(&vec![-1i32; batch]);
     let freqs = g.upload(&inv_freq(HD, 500_000.0));
     let f = g.function("attention_decode", "paged_attention_decode_hd128_g4");
-    let smem = decode_attention_smem(4);
+    let smem = decode_smem::full(4);
     g.allow_smem(f, smem);
     let red = g.function("attention_decode", "paged_attention_decode_reduce");
     let scale = 1.0f32 / (HD as f32).sqrt();

@@ -344,20 +344,6 @@ impl Gpu {
 
 pub const BF16_NAN: bf16 = bf16::NAN;
 
-/// Bytes of dynamic shared memory of the compact decode attention kernel
-/// (compact_smem_bytes in attention_decode.cu: two buffers of 64 K and V rows padded by 16
-/// bytes, q in f32, the warps' probabilities, the new token's k and v).
-pub fn decode_compact_smem(hd: usize, gt: usize) -> u32 {
-    (4 * 64 * (hd * 2 + 16) + gt * hd * 4 + 4 * 64 * 4 + 2 * hd * 2) as u32
-}
-
-/// Bytes of dynamic shared memory of the decode attention kernel with `gt` query heads a
-/// block (decode_smem_bytes in attention_decode.cu: a 3-stage ring of 12 KiB, gt x 512
-/// scores, 512 slots).
-pub fn decode_attention_smem(gt: usize) -> u32 {
-    (3 * 12288 + gt * 512 * 4 + 512 * 4) as u32
-}
-
 /// RoPE inverse frequencies for `head_dim` and base `theta` (no scaling).
 pub fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
     (0..head_dim / 2)

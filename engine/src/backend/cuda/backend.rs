@@ -13,12 +13,9 @@ use super::device::{DevBuf, Gpu, PinnedPair};
 use super::switches::switch;
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
 use crate::models::weights::{HostData, HostTensor};
+use rvllm_kernels::decode_smem;
 
 const BF16: usize = 2;
-/// The longest decode-attention partition (split-K along the context), in tokens: the
-/// kernel's shared score buffer (kMaxPartition in attention_decode.cu).
-pub const MAX_DECODE_PARTITION: usize = 512;
-
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
 /// number of partitions per sequence (from the batch size alone, so that one CUDA graph serves
 /// every context; enough blocks for about two per SM) and the grid depth. Each block streams
@@ -44,20 +41,6 @@ pub fn decode_split(
 
 /// The decode reduce combines at most this many partials (kMaxReducePartitions).
 const MAX_DECODE_DEPTH: usize = 2048;
-
-/// Dynamic shared memory of the decode attention kernel for `gt` query heads a block
-/// (decode_smem_bytes in attention_decode.cu: a 3-stage K/V ring of 12 KiB, the scores of a
-/// 512-token partition per head, its 512 slots).
-fn decode_attention_smem(gt: usize) -> u32 {
-    (3 * 12288 + gt * MAX_DECODE_PARTITION * 4 + MAX_DECODE_PARTITION * 4) as u32
-}
-
-/// Dynamic shared memory of the compact decode kernel (compact_smem_bytes in
-/// attention_decode.cu): two buffers of 64 K and V rows padded by 16 bytes, q in f32, the
-/// warps' probabilities, the new token's k and v.
-fn decode_compact_smem(head_dim: usize, gt: usize) -> u32 {
-    (4 * 64 * (head_dim * 2 + 16) + gt * head_dim * 4 + 4 * 64 * 4 + 2 * head_dim * 2) as u32
-}
 
 pub struct CudaTensor {
     buf: DevBuf,
@@ -458,9 +441,9 @@ impl CudaBackend {
         let compact = self.decode_compact && step.num_decode == 1 && !self.decode_fold;
         let (kernel, gt) = Self::decode_kernel(hd, group, compact)?;
         let smem = if compact {
-            decode_compact_smem(hd, gt)
+            decode_smem::compact(hd, gt)
         } else {
-            decode_attention_smem(gt)
+            decode_smem::full(gt)
         };
         let (po, pml) = (self.partial_out.ptr, self.partial_ml.ptr);
         let sem: CUdeviceptr = if self.decode_fold {
