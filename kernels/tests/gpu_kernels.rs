@@ -862,7 +862,7 @@ fn gemv_bulk_geometry(k: usize, stages: usize) -> (i32, u32) {
         .expect("k small enough for one row per stage");
     (
         rows as i32,
-        (stages * STAGE_BYTES + row_bytes + 8 * stages) as u32,
+        (stages * STAGE_BYTES + row_bytes + 8 * (stages + 1)) as u32,
     )
 }
 

@@ -697,8 +697,9 @@ pub struct GemvBulk {
 impl GemvBulk {
     /// Stage size: gemv_bulk.cu's kStageBytes.
     const STAGE_BYTES: usize = 32 * 1024;
-    /// Hopper's largest dynamic shared memory for one block.
-    const MAX_SHARED: usize = 227 * 1024;
+    /// Hopper's largest shared memory for one block (227 KiB), less gemv_bulk's static
+    /// shared memory (1,152 bytes).
+    const MAX_SHARED: usize = 227 * 1024 - 1280;
 
     /// Geometry for `stages` pipeline stages (4 or 6, the built depths). None when a row of
     /// `k` bf16 does not fit one stage, k is not a multiple of 8, or the stages and x do not
@@ -711,7 +712,8 @@ impl GemvBulk {
         let rows_per_stage = [8, 4, 2, 1]
             .into_iter()
             .find(|&r| r * row_bytes <= Self::STAGE_BYTES)?;
-        let shared = stages * Self::STAGE_BYTES + row_bytes + 8 * stages;
+        // A barrier a stage, and one for the norm weights.
+        let shared = stages * Self::STAGE_BYTES + row_bytes + 8 * (stages + 1);
         (shared <= Self::MAX_SHARED).then_some(Self {
             rows_per_stage,
             shared_bytes: shared as u32,
@@ -1364,13 +1366,13 @@ mod tests {
         assert_eq!(GemvBulk::for_k(4096, 4).unwrap().rows_per_stage, 4);
         assert_eq!(GemvBulk::for_k(14336, 4).unwrap().rows_per_stage, 1);
         assert_eq!(GemvBulk::for_k(576, 4).unwrap().rows_per_stage, 8);
-        // Shared memory: 4 stages of 32 KiB, x, 4 barriers; within Hopper's 227 KiB.
+        // Shared memory: 4 stages of 32 KiB, x, 5 barriers; within Hopper's 227 KiB.
         let g = GemvBulk::for_k(14336, 4).unwrap();
-        assert_eq!(g.shared_bytes, 4 * 32768 + 28672 + 32);
+        assert_eq!(g.shared_bytes, 4 * 32768 + 28672 + 40);
         // Six stages still fit with the longest row a stage holds (k = 16384).
         let g = GemvBulk::for_k(16384, 6).unwrap();
-        assert_eq!(g.shared_bytes, 6 * 32768 + 32768 + 48);
-        assert!(g.shared_bytes as usize <= 227 * 1024);
+        assert_eq!(g.shared_bytes, 6 * 32768 + 32768 + 56);
+        assert!(g.shared_bytes as usize + 1152 <= 227 * 1024); // + the kernel's static memory
         // Rows longer than a stage, or k not a multiple of 8: the classic GEMV.
         assert_eq!(GemvBulk::for_k(16392, 4), None);
         assert_eq!(GemvBulk::for_k(4095, 4), None);
