@@ -44,11 +44,13 @@
 // (the 28 KiB rows of the down projection as the 32 KiB of gate/up), and a fifth stage did
 // not help. A thread multiplied its chunks one after another, each a shared-memory load and
 // a chain of eight FMAs; loading a stage's chunks together and multiplying them apart
-// (kDotBatch, the same order of additions) took decode from 233.6 to 242.2 tok/s. The norm
-// weights fetched by the copy engine before pdl_wait (instead of by the threads after the
-// block sum) took it from 230.7 to 233.6. Warps retiring stages through per-stage barriers
-// without a block-wide one, with warp 0 refilling and summing, measured 218 (its refills
-// came a stage later).
+// (kDotBatch, the same order of additions) took decode from 233.6 to 242.2 tok/s. After that,
+// the add variants' residual rows parked in shared memory (thread 0 had waited on the next
+// row's residual before each refill) took it from 242.2 to 245.0; before it they had gained
+// nothing. The norm weights fetched by the copy engine before pdl_wait (instead of by the
+// threads after the block sum) took it from 230.7 to 233.6. Warps retiring stages through
+// per-stage barriers without a block-wide one, with warp 0 refilling and summing, measured
+// 218 (its refills came a stage later).
 #include "common.cuh"
 
 namespace {
@@ -56,6 +58,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kStageBytes = 32 * 1024;
+// Rows of y an add variant's block parks in shared memory (1 KiB). A block owns
+// ceil(ceil(n / R) / grid) * R rows: 32 for a 4,096-wide residual on 132 SMs.
+constexpr int kMaxOwnedRows = 512;
+constexpr int kOwnedPerThread = kMaxOwnedRows / kThreads;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 
@@ -143,6 +149,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + k * 2);
     __shared__ float partial[2][kWarps];
     __shared__ float scratch[32];
+    __shared__ unsigned short resid_s[kAdd ? kMaxOwnedRows : 1];  // bf16 bits
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int R = rows_per_stage;
@@ -195,6 +202,22 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
     pdl_wait();
     trace.mark_waited();
     pdl_launch_dependents();
+    // The residual rows this block adds into (add variants): requested now, beside x, and
+    // parked in shared memory. Loaded in the loop, a stage ahead, the next row's residual
+    // held thread 0 before it issued each refill: the compiler put its first use right
+    // after the stage's barrier, so every stage waited one loaded-L2 round trip.
+    const int iters = blockIdx.x < groups ? (groups - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    const int owned = kAdd ? min(iters * R, kMaxOwnedRows) : 0;
+    unsigned short own[kOwnedPerThread];
+    if (kAdd) {
+        const unsigned short* yr = reinterpret_cast<const unsigned short*>(y);
+#pragma unroll
+        for (int j = 0; j < kOwnedPerThread; ++j) {
+            const int t = tid + j * kThreads;
+            const int row = (blockIdx.x + (t / R) * gridDim.x) * R + t % R;
+            own[j] = t < owned && row < n ? yr[row] : 0;
+        }
+    }
     const int4* xg = reinterpret_cast<const int4*>(x);
     // Loads chunks c0, c0 + kThreads, ... (up to kPrologueBatch of them) of x (and, for silu,
     // of the up half) before any is used.
@@ -270,12 +293,13 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
             }
         }
     }
+    if (kAdd) {
+#pragma unroll
+        for (int j = 0; j < kOwnedPerThread; ++j)
+            if (tid + j * kThreads < owned) resid_s[tid + j * kThreads] = own[j];
+    }
     __syncthreads();
 
-    // The residual of this block's first row (add variants).
-    const int first_row = blockIdx.x * R + row_in_group;
-    float resid = kAdd && part == 0 && lane == 0 && first_row < n ? __bfloat162float(y[first_row])
-                                                                : 0.0f;
     for (int i = 0;; ++i) {
         const int g = blockIdx.x + i * gridDim.x;
         if (g >= groups) break;
@@ -284,14 +308,6 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
         trace.mark_first();
         const int row = g * R + row_in_group;
         const bool owner = part == 0 && lane == 0 && row < n;
-        // The residual of the next group's row is requested a whole stage ahead, so that its
-        // latency never stalls a store (and with it the next stage). Only this block writes
-        // these rows, and it reads each before writing it.
-        const int next_row = (g + gridDim.x) * R + row_in_group;
-        const float resid_next = kAdd && part == 0 && lane == 0 && g + (int)gridDim.x < groups &&
-                                         next_row < n
-                                     ? __bfloat162float(y[next_row])
-                                     : 0.0f;
         float acc = 0.0f;
         if (row < n) {
             // kDotBatch chunks' loads issued together and their dot products computed apart,
@@ -330,9 +346,15 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
             float sum = 0.0f;
             for (int p = 0; p < warps_per_row; ++p) sum += partial[i & 1][warp + p];
             // The residual add rounds once, as cuBLAS accumulating into y (beta = 1) does.
-            y[row] = __float2bfloat16(resid + sum);
+            // Only this block writes these rows; it parked the first kMaxOwnedRows of them
+            // (a block owns more only on a grid far smaller than the SMs).
+            if (kAdd) {
+                const int t = i * R + row_in_group;
+                sum += __bfloat162float(t < kMaxOwnedRows ? __ushort_as_bfloat16(resid_s[t])
+                                                          : y[row]);
+            }
+            y[row] = __float2bfloat16(sum);
         }
-        resid = resid_next;
     }
 }
 
