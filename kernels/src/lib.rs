@@ -43,6 +43,45 @@ pub mod decode_smem {
     }
 }
 
+/// Launch geometry of the bulk-copy batch-1 GEMV (gemv_bulk.cu); the engine's launches and
+/// the GPU tests take it from here.
+pub mod gemv_bulk {
+    /// Whole rows per pipeline stage and the dynamic shared memory of the stages, x and the
+    /// barriers.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct GemvBulk {
+        pub rows_per_stage: usize,
+        pub shared_bytes: u32,
+    }
+
+    impl GemvBulk {
+        /// Stage size: kStageBytes.
+        const STAGE_BYTES: usize = 32 * 1024;
+        /// Hopper's largest shared memory for one block (227 KiB), less the kernel's static
+        /// shared memory (at most 2,176 bytes: the add variants park their residual rows).
+        const MAX_SHARED: usize = 227 * 1024 - 2304;
+
+        /// Geometry for `stages` pipeline stages (4 or 6, the built depths). None when a row
+        /// of `k` bf16 does not fit one stage, k is not a multiple of 8, or the stages and x
+        /// do not fit shared memory.
+        pub fn for_k(k: usize, stages: usize) -> Option<Self> {
+            let row_bytes = 2 * k;
+            if k == 0 || k % 8 != 0 {
+                return None;
+            }
+            let rows_per_stage = [8, 4, 2, 1]
+                .into_iter()
+                .find(|&r| r * row_bytes <= Self::STAGE_BYTES)?;
+            // A barrier a stage, and one for the norm weights.
+            let shared = stages * Self::STAGE_BYTES + row_bytes + 8 * (stages + 1);
+            (shared <= Self::MAX_SHARED).then_some(Self {
+                rows_per_stage,
+                shared_bytes: shared as u32,
+            })
+        }
+    }
+}
+
 /// Whether this build embeds compiled kernels (feature `cuda`).
 pub const fn compiled_with_cuda() -> bool {
     cfg!(feature = "cuda")

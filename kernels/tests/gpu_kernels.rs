@@ -12,6 +12,7 @@ use gpu_harness::{arg, assert_close, gpu, inv_freq, random_bf16, rng, ATOL, BF16
 use half::bf16;
 use rand::seq::SliceRandom;
 use rand::Rng;
+use rvllm_kernels::gemv_bulk::GemvBulk;
 use rvllm_kernels::reference as cpu;
 
 #[test]
@@ -851,21 +852,6 @@ fn gemv_with_fused_silu_matches_reference() {
     }
 }
 
-/// Launch geometry of gemv_bulk (kernels/src/gemv_bulk.cu): rows per stage, dynamic shared
-/// memory. The engine computes the same in `CudaBackend::gemv_b1_kernel`.
-fn gemv_bulk_geometry(k: usize, stages: usize) -> (i32, u32) {
-    const STAGE_BYTES: usize = 32 * 1024;
-    let row_bytes = 2 * k;
-    let rows = [8usize, 4, 2, 1]
-        .into_iter()
-        .find(|&r| r * row_bytes <= STAGE_BYTES)
-        .expect("k small enough for one row per stage");
-    (
-        rows as i32,
-        (stages * STAGE_BYTES + row_bytes + 8 * (stages + 1)) as u32,
-    )
-}
-
 #[test]
 fn gemv_bulk_matches_reference() {
     let Some(g) = gpu("gemv_bulk_matches_reference") else {
@@ -912,7 +898,8 @@ fn gemv_bulk_matches_reference() {
             } else {
                 g.poisoned(n, BF16_NAN)
             };
-            let (rows, smem) = gemv_bulk_geometry(k, stages);
+            let geometry = GemvBulk::for_k(k, stages).expect("a row fits one stage");
+            let (rows, smem) = (geometry.rows_per_stage as i32, geometry.shared_bytes);
             let (ni, ki) = (n as i32, k as i32);
             let depth = if stages == 6 { "_s6" } else { "" };
             let kernel = format!("gemv_bulk_{variant}{depth}_b1");

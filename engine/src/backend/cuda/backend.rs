@@ -13,7 +13,7 @@ use super::device::{DevBuf, Gpu, PinnedPair};
 use super::switches::switch;
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
 use crate::models::weights::{HostData, HostTensor};
-use rvllm_kernels::decode_smem;
+use rvllm_kernels::{decode_smem, gemv_bulk::GemvBulk};
 
 const BF16: usize = 2;
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
@@ -684,41 +684,6 @@ enum GemvInput {
     Silu,
     /// rms_norm(x) * weight.
     Norm,
-}
-
-/// Launch geometry of the bulk-copy GEMV (kernels/src/gemv_bulk.cu): whole rows per
-/// pipeline stage and the dynamic shared memory of its stages, x and barriers.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GemvBulk {
-    pub rows_per_stage: usize,
-    pub shared_bytes: u32,
-}
-
-impl GemvBulk {
-    /// Stage size: gemv_bulk.cu's kStageBytes.
-    const STAGE_BYTES: usize = 32 * 1024;
-    /// Hopper's largest shared memory for one block (227 KiB), less gemv_bulk's static
-    /// shared memory (at most 2,176 bytes: the add variants park their residual rows).
-    const MAX_SHARED: usize = 227 * 1024 - 2304;
-
-    /// Geometry for `stages` pipeline stages (4 or 6, the built depths). None when a row of
-    /// `k` bf16 does not fit one stage, k is not a multiple of 8, or the stages and x do not
-    /// fit shared memory.
-    pub fn for_k(k: usize, stages: usize) -> Option<Self> {
-        let row_bytes = 2 * k;
-        if k == 0 || k % 8 != 0 {
-            return None;
-        }
-        let rows_per_stage = [8, 4, 2, 1]
-            .into_iter()
-            .find(|&r| r * row_bytes <= Self::STAGE_BYTES)?;
-        // A barrier a stage, and one for the norm weights.
-        let shared = stages * Self::STAGE_BYTES + row_bytes + 8 * (stages + 1);
-        (shared <= Self::MAX_SHARED).then_some(Self {
-            rows_per_stage,
-            shared_bytes: shared as u32,
-        })
-    }
 }
 
 /// bf16 copy of a host tensor on every core (an 8B model is 8 billion conversions).
