@@ -11,57 +11,56 @@
 //   bf16_to_f32(out, in, n)           exact; grid-stride loop.
 #include "common.cuh"
 
-extern "C" __global__ void silu_and_mul_bf16(__nv_bfloat16* __restrict__ out,
-                                             const __nv_bfloat16* __restrict__ in,
-                                             int num_tokens, int inter) {
+extern "C" __global__ void DT(silu_and_mul_bf16, silu_and_mul_f16)(
+    elem_t* __restrict__ out, const elem_t* __restrict__ in, int num_tokens, int inter) {
     pdl_enter();
     const int t = blockIdx.y;
     const int i0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (t >= num_tokens || i0 >= inter) return;
-    const __nv_bfloat16* row = in + (int64_t)t * 2 * inter;
-    __nv_bfloat16* dst = out + (int64_t)t * inter;
+    const elem_t* row = in + (int64_t)t * 2 * inter;
+    elem_t* dst = out + (int64_t)t * inter;
     // expf (not __expf) so that the result matches a CPU f32 reference to rounding.
     if (inter % 8 == 0) {
         // Rows start on 16-byte boundaries: one 16-byte load per half, one store.
         float g[8], u[8], a[8];
-        bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(row + i0), g);
-        bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(row + inter + i0), u);
+        elem8_to_f32(*reinterpret_cast<const Elem8*>(row + i0), g);
+        elem8_to_f32(*reinterpret_cast<const Elem8*>(row + inter + i0), u);
 #pragma unroll
         for (int e = 0; e < 8; ++e) a[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
-        *reinterpret_cast<Bf16x8*>(dst + i0) = f32_to_bf16x8(a);
+        *reinterpret_cast<Elem8*>(dst + i0) = f32_to_elem8(a);
     } else {
         for (int i = i0; i < min(i0 + 8, inter); ++i) {
-            const float g = __bfloat162float(row[i]);
-            const float u = __bfloat162float(row[inter + i]);
-            dst[i] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
+            const float g = to_f32(row[i]);
+            const float u = to_f32(row[inter + i]);
+            dst[i] = from_f32(g / (1.0f + expf(-g)) * u);
         }
     }
 }
 
-extern "C" __global__ void add_bf16(__nv_bfloat16* __restrict__ out,
-                                    const __nv_bfloat16* __restrict__ a,
-                                    const __nv_bfloat16* __restrict__ b, int64_t n) {
+extern "C" __global__ void DT(add_bf16, add_f16)(
+    elem_t* __restrict__ out, const elem_t* __restrict__ a, const elem_t* __restrict__ b,
+    int64_t n) {
     pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
-        out[i] = __float2bfloat16(__bfloat162float(a[i]) + __bfloat162float(b[i]));
+        out[i] = from_f32(to_f32(a[i]) + to_f32(b[i]));
     }
 }
 
-extern "C" __global__ void f32_to_bf16(__nv_bfloat16* __restrict__ out,
-                                       const float* __restrict__ in, int64_t n) {
+extern "C" __global__ void DT(f32_to_bf16, f32_to_f16)(
+    elem_t* __restrict__ out, const float* __restrict__ in, int64_t n) {
     pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
-        out[i] = __float2bfloat16(in[i]);
+        out[i] = from_f32(in[i]);
     }
 }
 
-extern "C" __global__ void bf16_to_f32(float* __restrict__ out,
-                                       const __nv_bfloat16* __restrict__ in, int64_t n) {
+extern "C" __global__ void DT(bf16_to_f32, f16_to_f32)(
+    float* __restrict__ out, const elem_t* __restrict__ in, int64_t n) {
     pdl_enter();
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
-        out[i] = __bfloat162float(in[i]);
+        out[i] = to_f32(in[i]);
     }
 }

@@ -145,19 +145,19 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Rotates the pairs (a[e], b[e]) by the angles of cos_t/sin_t[i0 + e] and rounds to bf16.
-__device__ __forceinline__ void rotate8(Bf16x8& lo, Bf16x8& hi, const float* cos_t,
+__device__ __forceinline__ void rotate8(Elem8& lo, Elem8& hi, const float* cos_t,
                                        const float* sin_t, int i0) {
     float a[8], b[8], y1[8], y2[8];
-    bf16x8_to_f32(lo, a);
-    bf16x8_to_f32(hi, b);
+    elem8_to_f32(lo, a);
+    elem8_to_f32(hi, b);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
         const float c = cos_t[i0 + e], s = sin_t[i0 + e];
         y1[e] = a[e] * c - b[e] * s;
         y2[e] = b[e] * c + a[e] * s;
     }
-    lo = f32_to_bf16x8(y1);
-    hi = f32_to_bf16x8(y2);
+    lo = f32_to_elem8(y1);
+    hi = f32_to_elem8(y2);
 }
 
 // Combines the `nblocks` partials of heads head0 .. head0 + nvalid - 1 of one sequence
@@ -166,7 +166,7 @@ __device__ __forceinline__ void rotate8(Bf16x8& lo, Bf16x8& hi, const float* cos
 // read through L2 (ld.global.cg), never from a possibly stale L1 line. m_scratch / w_scratch:
 // GT floats of shared memory each.
 template <int HD, int GT>
-__device__ __forceinline__ void merge_partials(__nv_bfloat16* __restrict__ out,
+__device__ __forceinline__ void merge_partials(elem_t* __restrict__ out,
                                                const float* __restrict__ partial_out,
                                                const float* __restrict__ partial_ml,
                                                float* m_scratch, float* w_scratch, int seq,
@@ -199,17 +199,18 @@ __device__ __forceinline__ void merge_partials(__nv_bfloat16* __restrict__ out,
                              exp2f(__ldcg(&partial_ml[(base + b) * 2]) - m_scratch[g]);
             acc = fmaf(wb, __ldcg(&partial_out[(base + b) * HD + d]), acc);
         }
-        out[((int64_t)seq * num_heads + head0 + g) * HD + d] = __float2bfloat16(acc / w_scratch[g]);
+        out[((int64_t)seq * num_heads + head0 + g) * HD + d] = from_f32(acc / w_scratch[g]);
     }
 }
 
 template <int HD, int GT, int S>
 __device__ __forceinline__ void decode_attention(
-    __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,
+    elem_t* __restrict__ out, float* __restrict__ partial_out,
     float* __restrict__ partial_ml, int32_t* __restrict__ semaphores,
-    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_new, const __nv_bfloat16* __restrict__ v_new,
-    int qkv_stride, __nv_bfloat16* __restrict__ key_cache,
-    __nv_bfloat16* __restrict__ value_cache, const int32_t* __restrict__ block_tables,
+    const elem_t* __restrict__ q, const elem_t* __restrict__ k_new,
+    const elem_t* __restrict__ v_new,
+    int qkv_stride, elem_t* __restrict__ key_cache,
+    elem_t* __restrict__ value_cache, const int32_t* __restrict__ block_tables,
     const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,
     const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq, float scale,
     int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
@@ -222,7 +223,7 @@ __device__ __forceinline__ void decode_attention(
     static_assert(HD % 16 == 0 && 32 % LPT == 0, "unsupported head dim");
 
     extern __shared__ __align__(16) unsigned char smem[];
-    Bf16x8* ring = reinterpret_cast<Bf16x8*>(smem);  // [S][kUnroll][2][kThreads]
+    Elem8* ring = reinterpret_cast<Elem8*>(smem);  // [S][kUnroll][2][kThreads]
     auto scores = reinterpret_cast<float(*)[kMaxPartition]>(smem + S * kRingStageBytes);
     int32_t* slots =
         reinterpret_cast<int32_t*>(smem + S * kRingStageBytes + GT * kMaxPartition * 4);
@@ -234,7 +235,7 @@ __device__ __forceinline__ void decode_attention(
                   "the layout above is decode_smem_bytes");
     __shared__ float cos_t[kHalf], sin_t[kHalf];
     __shared__ float run_max[GT], run_sum[GT], alpha[GT];
-    __shared__ Bf16x8 new_kv[2][2][LPT];  // the new token's rotated k and its v, per lane
+    __shared__ Elem8 new_kv[2][2][LPT];  // the new token's rotated k and its v, per lane
     __shared__ float out_acc[GT][HD];     // the block's output so far, unnormalised
 
     BlockTrace trace(1);
@@ -286,13 +287,13 @@ __device__ __forceinline__ void decode_attention(
         if (i < 2 * nchunks) {
             const bool is_k = i < nchunks;
             const int base = (is_k ? i : i - nchunks) * kChunk;
-            const __nv_bfloat16* cache = is_k ? key_cache : value_cache;
+            const elem_t* cache = is_k ? key_cache : value_cache;
             const int s = i % S;
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
                 const int ti = base + u * TPB + warp * TPW + tok_in_warp;
                 if (ti < ntok && ti != new_ti) {
-                    const __nv_bfloat16* row = cache + (int64_t)slots[ti] * kv_row + head_off;
+                    const elem_t* row = cache + (int64_t)slots[ti] * kv_row + head_off;
                     cp_async16(&ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid], row);
                     cp_async16(&ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid], row + kHalf);
                 }
@@ -318,10 +319,10 @@ __device__ __forceinline__ void decode_attention(
         const int r = (new_t - new_part * psize) % kChunk;
         if (warp == (r % TPB) / TPW && tok_in_warp == r % TPW) {
             const int64_t off = (int64_t)seq * qkv_stride + (int64_t)kv_head * HD + sub * 8;
-            Bf16x8 klo = *reinterpret_cast<const Bf16x8*>(k_new + off);
-            Bf16x8 khi = *reinterpret_cast<const Bf16x8*>(k_new + off + kHalf);
-            const Bf16x8 vlo = *reinterpret_cast<const Bf16x8*>(v_new + off);
-            const Bf16x8 vhi = *reinterpret_cast<const Bf16x8*>(v_new + off + kHalf);
+            Elem8 klo = *reinterpret_cast<const Elem8*>(k_new + off);
+            Elem8 khi = *reinterpret_cast<const Elem8*>(k_new + off + kHalf);
+            const Elem8 vlo = *reinterpret_cast<const Elem8*>(v_new + off);
+            const Elem8 vhi = *reinterpret_cast<const Elem8*>(v_new + off + kHalf);
             if (rope) rotate8(klo, khi, cos_t, sin_t, sub * 8);
             new_kv[0][0][sub] = klo;
             new_kv[0][1][sub] = khi;
@@ -329,12 +330,12 @@ __device__ __forceinline__ void decode_attention(
             new_kv[1][1][sub] = vhi;
             const int64_t slot = slot_mapping[seq];
             if (blockIdx.x % groups_per_kv == 0 && slot >= 0) {
-                __nv_bfloat16* kd = key_cache + slot * kv_row + head_off;
-                __nv_bfloat16* vd = value_cache + slot * kv_row + head_off;
-                *reinterpret_cast<Bf16x8*>(kd) = klo;
-                *reinterpret_cast<Bf16x8*>(kd + kHalf) = khi;
-                *reinterpret_cast<Bf16x8*>(vd) = vlo;
-                *reinterpret_cast<Bf16x8*>(vd + kHalf) = vhi;
+                elem_t* kd = key_cache + slot * kv_row + head_off;
+                elem_t* vd = value_cache + slot * kv_row + head_off;
+                *reinterpret_cast<Elem8*>(kd) = klo;
+                *reinterpret_cast<Elem8*>(kd + kHalf) = khi;
+                *reinterpret_cast<Elem8*>(vd) = vlo;
+                *reinterpret_cast<Elem8*>(vd + kHalf) = vhi;
             }
         }
     }
@@ -343,7 +344,7 @@ __device__ __forceinline__ void decode_attention(
     // Stream element i's row of token ti as 16 floats (the new token from new_kv).
     auto row_at = [&](int i, int u, int ti, bool is_k, float (&f)[16]) {
         const int s = i % S;
-        Bf16x8 lo, hi;
+        Elem8 lo, hi;
         if (ti == new_ti) {
             lo = new_kv[is_k ? 0 : 1][0][sub];
             hi = new_kv[is_k ? 0 : 1][1][sub];
@@ -351,8 +352,8 @@ __device__ __forceinline__ void decode_attention(
             lo = ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid];
             hi = ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid];
         }
-        bf16x8_to_f32(lo, f);
-        bf16x8_to_f32(hi, f + 8);
+        elem8_to_f32(lo, f);
+        elem8_to_f32(hi, f + 8);
     };
 
     for (int p = z;;) {
@@ -363,16 +364,16 @@ __device__ __forceinline__ void decode_attention(
             float qf[GT][16];
 #pragma unroll
             for (int g = 0; g < GT; ++g) {
-                Bf16x8 lo{}, hi{};
+                Elem8 lo{}, hi{};
                 if (g < nvalid) {
-                    const __nv_bfloat16* qh =
+                    const elem_t* qh =
                         q + (int64_t)seq * qkv_stride + (int64_t)(head0 + g) * HD;
-                    lo = *reinterpret_cast<const Bf16x8*>(qh + sub * 8);
-                    hi = *reinterpret_cast<const Bf16x8*>(qh + kHalf + sub * 8);
+                    lo = *reinterpret_cast<const Elem8*>(qh + sub * 8);
+                    hi = *reinterpret_cast<const Elem8*>(qh + kHalf + sub * 8);
                     if (rope) rotate8(lo, hi, cos_t, sin_t, sub * 8);
                 }
-                bf16x8_to_f32(lo, qf[g]);
-                bf16x8_to_f32(hi, qf[g] + 8);
+                elem8_to_f32(lo, qf[g]);
+                elem8_to_f32(hi, qf[g] + 8);
 #pragma unroll
                 for (int e = 0; e < 16; ++e) qf[g][e] *= scale * kLog2e;
             }
@@ -491,7 +492,7 @@ __device__ __forceinline__ void decode_attention(
         const float o = out_acc[g][d] / run_sum[g];
         const int head = head0 + g;
         if (direct) {
-            out[((int64_t)seq * num_heads + head) * HD + d] = __float2bfloat16(o);
+            out[((int64_t)seq * num_heads + head) * HD + d] = from_f32(o);
         } else {
             const int64_t pi = ((int64_t)seq * num_heads + head) * depth + z;
             partial_out[pi * HD + d] = o;
@@ -542,11 +543,11 @@ __host__ __device__ constexpr int compact_smem_bytes() {
 
 template <int HD, int GT>
 __device__ __forceinline__ void decode_attention_compact(
-    __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,
-    float* __restrict__ partial_ml, const __nv_bfloat16* __restrict__ q,
-    const __nv_bfloat16* __restrict__ k_new, const __nv_bfloat16* __restrict__ v_new,
-    int qkv_stride, __nv_bfloat16* __restrict__ key_cache,
-    __nv_bfloat16* __restrict__ value_cache, const int32_t* __restrict__ block_tables,
+    elem_t* __restrict__ out, float* __restrict__ partial_out,
+    float* __restrict__ partial_ml, const elem_t* __restrict__ q,
+    const elem_t* __restrict__ k_new, const elem_t* __restrict__ v_new,
+    int qkv_stride, elem_t* __restrict__ key_cache,
+    elem_t* __restrict__ value_cache, const int32_t* __restrict__ block_tables,
     const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,
     const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq, float scale,
     int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
@@ -562,8 +563,8 @@ __device__ __forceinline__ void decode_attention_compact(
     unsigned char* kv_buf = smem;  // [2 buffers][K, V][kCompactChunk][kRow]
     float* qs = reinterpret_cast<float*>(smem + 4 * kCompactChunk * kRow);  // [GT][HD]
     float* probs = qs + GT * HD;                                             // [kWarps][chunk]
-    __nv_bfloat16* new_kv =
-        reinterpret_cast<__nv_bfloat16*>(probs + kWarps * kCompactChunk);  // k [HD], v [HD]
+    elem_t* new_kv =
+        reinterpret_cast<elem_t*>(probs + kWarps * kCompactChunk);  // k [HD], v [HD]
     __shared__ float cos_t[kHalf], sin_t[kHalf];
 
     const DecodeTile<GT> tile(num_heads, num_kv_heads, context_lens, target_partitions);
@@ -596,7 +597,7 @@ __device__ __forceinline__ void decode_attention_compact(
             const int t = t0 + ti;
             if (t == new_t) continue;
             const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
-            const __nv_bfloat16* src =
+            const elem_t* src =
                 (is_v ? value_cache : key_cache) + slot * kv_row + head_off + piece * 8;
             cp_async16(kv_buf + ((b * 2 + is_v) * kCompactChunk + ti) * kRow + piece * 16, src);
         }
@@ -629,13 +630,13 @@ __device__ __forceinline__ void decode_attention_compact(
         const int g = i / kHalf, d = i % kHalf;
         float a = 0.0f, b = 0.0f;
         if (g < nvalid) {
-            const __nv_bfloat16* qh = q + (int64_t)seq * qkv_stride + (int64_t)(head0 + g) * HD;
-            a = __bfloat162float(qh[d]);
-            b = __bfloat162float(qh[d + kHalf]);
+            const elem_t* qh = q + (int64_t)seq * qkv_stride + (int64_t)(head0 + g) * HD;
+            a = to_f32(qh[d]);
+            b = to_f32(qh[d + kHalf]);
             if (rope) {
                 const float y1 = a * cos_t[d] - b * sin_t[d], y2 = b * cos_t[d] + a * sin_t[d];
-                a = __bfloat162float(__float2bfloat16(y1));
-                b = __bfloat162float(__float2bfloat16(y2));
+                a = to_f32(from_f32(y1));
+                b = to_f32(from_f32(y2));
             }
         }
         qs[g * HD + d] = a * qscale;
@@ -646,13 +647,13 @@ __device__ __forceinline__ void decode_attention_compact(
     const int64_t slot_new = slot_mapping[seq];
     for (int d = tid; d < kHalf; d += kThreads) {
         const int64_t off = (int64_t)seq * qkv_stride + head_off;
-        __nv_bfloat16 ka = k_new[off + d], kb = k_new[off + d + kHalf];
+        elem_t ka = k_new[off + d], kb = k_new[off + d + kHalf];
         if (rope) {
-            const float a = __bfloat162float(ka), b = __bfloat162float(kb);
-            ka = __float2bfloat16(a * cos_t[d] - b * sin_t[d]);
-            kb = __float2bfloat16(b * cos_t[d] + a * sin_t[d]);
+            const float a = to_f32(ka), b = to_f32(kb);
+            ka = from_f32(a * cos_t[d] - b * sin_t[d]);
+            kb = from_f32(b * cos_t[d] + a * sin_t[d]);
         }
-        const __nv_bfloat16 va = v_new[off + d], vb = v_new[off + d + kHalf];
+        const elem_t va = v_new[off + d], vb = v_new[off + d + kHalf];
         new_kv[d] = ka;
         new_kv[d + kHalf] = kb;
         new_kv[HD + d] = va;
@@ -709,7 +710,7 @@ __device__ __forceinline__ void decode_attention_compact(
 #pragma unroll 2
                     for (int pc = 0; pc < kPieces; ++pc) {
                         float f[8];
-                        bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(row + pc * 16), f);
+                        elem8_to_f32(*reinterpret_cast<const Elem8*>(row + pc * 16), f);
                         const float4 q0 = *reinterpret_cast<const float4*>(qg + pc * 8);
                         const float4 q1 = *reinterpret_cast<const float4*>(qg + pc * 8 + 4);
                         dot = fmaf(q0.x, f[0], dot);
@@ -740,11 +741,11 @@ __device__ __forceinline__ void decode_attention_compact(
                 const unsigned char* row =
                     t0 + ti == new_t ? reinterpret_cast<const unsigned char*>(new_kv + HD)
                                      : vb + ti * kRow;
-                const __nv_bfloat162* v2 =
-                    reinterpret_cast<const __nv_bfloat162*>(row + lane * kDims * 2);
+                const elem2_t* v2 =
+                    reinterpret_cast<const elem2_t*>(row + lane * kDims * 2);
 #pragma unroll
                 for (int e = 0; e < kDims / 2; ++e) {
-                    const float2 f = __bfloat1622float2(v2[e]);
+                    const float2 f = to_f32x2(v2[e]);
                     acc[j][2 * e] = fmaf(pt, f.x, acc[j][2 * e]);
                     acc[j][2 * e + 1] = fmaf(pt, f.y, acc[j][2 * e + 1]);
                 }
@@ -769,7 +770,7 @@ __device__ __forceinline__ void decode_attention_compact(
             const int d = lane * kDims + e;
             const float o = acc[j][e] / l[j];
             if (direct) {
-                out[((int64_t)seq * num_heads + head) * HD + d] = __float2bfloat16(o);
+                out[((int64_t)seq * num_heads + head) * HD + d] = from_f32(o);
             } else {
                 partial_out[(((int64_t)seq * num_heads + head) * depth + z) * HD + d] = o;
             }
@@ -786,12 +787,13 @@ __device__ __forceinline__ void decode_attention_compact(
 
 #define RVLLM_DECODE_ATTENTION_COMPACT(HD, GT)                                                 \
     extern "C" __global__ void __launch_bounds__(kThreads)                                     \
-        paged_attention_decode_compact_hd##HD##_g##GT(                                         \
-            __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,                  \
+        DT(paged_attention_decode_compact_hd##HD##_g##GT,                                      \
+           paged_attention_decode_compact_hd##HD##_g##GT##_f16)(                               \
+            elem_t* __restrict__ out, float* __restrict__ partial_out,                         \
             float* __restrict__ partial_ml, int32_t* __restrict__ semaphores,                  \
-            const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_new,      \
-            const __nv_bfloat16* __restrict__ v_new, int qkv_stride,                           \
-            __nv_bfloat16* __restrict__ key_cache, __nv_bfloat16* __restrict__ value_cache,    \
+            const elem_t* __restrict__ q, const elem_t* __restrict__ k_new,                    \
+            const elem_t* __restrict__ v_new, int qkv_stride,                                  \
+            elem_t* __restrict__ key_cache, elem_t* __restrict__ value_cache,                  \
             const int32_t* __restrict__ block_tables, const int32_t* __restrict__ context_lens, \
             const int32_t* __restrict__ positions, const int32_t* __restrict__ slot_mapping,   \
             const float* __restrict__ inv_freq, float scale, int num_heads, int num_kv_heads,  \
@@ -814,13 +816,14 @@ RVLLM_DECODE_ATTENTION_COMPACT(128, 8)
 
 #define RVLLM_DECODE_ATTENTION(HD, GT)                                                         \
     extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks(GT))                    \
-        paged_attention_decode_hd##HD##_g##GT(                                                 \
-            __nv_bfloat16* __restrict__ out, float* __restrict__ partial_out,                  \
+        DT(paged_attention_decode_hd##HD##_g##GT,                                              \
+           paged_attention_decode_hd##HD##_g##GT##_f16)(                                       \
+            elem_t* __restrict__ out, float* __restrict__ partial_out,                         \
             float* __restrict__ partial_ml, int32_t* __restrict__ semaphores,                  \
-            const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k_new,      \
-            const __nv_bfloat16* __restrict__ v_new,                                           \
-            int qkv_stride, __nv_bfloat16* __restrict__ key_cache,                             \
-            __nv_bfloat16* __restrict__ value_cache, const int32_t* __restrict__ block_tables, \
+            const elem_t* __restrict__ q, const elem_t* __restrict__ k_new,                    \
+            const elem_t* __restrict__ v_new,                                                  \
+            int qkv_stride, elem_t* __restrict__ key_cache,                                    \
+            elem_t* __restrict__ value_cache, const int32_t* __restrict__ block_tables,        \
             const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,   \
             const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq,      \
             float scale, int num_heads, int num_kv_heads, int block_size,                      \
@@ -846,11 +849,10 @@ RVLLM_DECODE_ATTENTION(128, 8)
 // (many independent loads in flight, instead of one long dependent loop), and the slices are
 // added in shared memory.
 extern "C" __global__ void __launch_bounds__(kReduceThreads)
-    paged_attention_decode_reduce(__nv_bfloat16* __restrict__ out,
-                                  const float* __restrict__ partial_out,
-                                  const float* __restrict__ partial_ml,
-                                  const int32_t* __restrict__ context_lens, int num_heads,
-                                  int head_dim, int max_partitions, int target_partitions) {
+    DT(paged_attention_decode_reduce, paged_attention_decode_reduce_f16)(
+        elem_t* __restrict__ out, const float* __restrict__ partial_out,
+        const float* __restrict__ partial_ml, const int32_t* __restrict__ context_lens,
+        int num_heads, int head_dim, int max_partitions, int target_partitions) {
     // The next kernel (at batch 1 the O projection's GEMV) may start at once: it streams its
     // weights while the attention blocks run, and its own pdl_wait still waits for this
     // kernel, which waits for them. (Attention itself triggers only after its wait: every one
@@ -907,6 +909,6 @@ extern "C" __global__ void __launch_bounds__(kReduceThreads)
     for (int d = tid; d < head_dim; d += nthreads) {
         float sum = 0.0f;
         for (int sl = 0; sl < slices; ++sl) sum += red[(sl * cols + d / 4) * 4 + d % 4];
-        out[((int64_t)seq * num_heads + head) * head_dim + d] = __float2bfloat16(sum / wsum);
+        out[((int64_t)seq * num_heads + head) * head_dim + d] = from_f32(sum / wsum);
     }
 }

@@ -24,17 +24,17 @@ constexpr int kBN = 64;  // keys per tile
 constexpr int kThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0,
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0,
                                                uint32_t b1) {
     asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "mma.sync.aligned.m16n8k16.row.col.f32." RVLLM_MMA_AB ".f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+__device__ __forceinline__ uint32_t pack_elem2(float lo, float hi) {
+    elem2_t v = from_f32x2(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
@@ -57,8 +57,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) 
 
 template <int HD>
 __device__ __forceinline__ void prefill_attention(
-    __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ q,
-    const __nv_bfloat16* __restrict__ key_cache, const __nv_bfloat16* __restrict__ value_cache,
+    elem_t* __restrict__ out, const elem_t* __restrict__ q,
+    const elem_t* __restrict__ key_cache, const elem_t* __restrict__ value_cache,
     const int32_t* __restrict__ cu_seqlens_q, const int32_t* __restrict__ context_lens,
     const int32_t* __restrict__ block_tables, float scale, int num_heads, int num_kv_heads,
     int block_size, int max_blocks_per_seq, int q_stride) {
@@ -93,8 +93,8 @@ __device__ __forceinline__ void prefill_attention(
     // Q fragments straight from global memory (read once per block).
     uint32_t qa[KSTEPS][4];
     {
-        const __nv_bfloat16* qa_row = q + (int64_t)(q_begin + row_a) * q_stride + head * HD;
-        const __nv_bfloat16* qb_row = q + (int64_t)(q_begin + row_b) * q_stride + head * HD;
+        const elem_t* qa_row = q + (int64_t)(q_begin + row_a) * q_stride + head * HD;
+        const elem_t* qb_row = q + (int64_t)(q_begin + row_b) * q_stride + head * HD;
         const bool va = row_a < q_len, vb = row_b < q_len;
 #pragma unroll
         for (int kk = 0; kk < KSTEPS; ++kk) {
@@ -118,7 +118,7 @@ __device__ __forceinline__ void prefill_attention(
     // staggered pipeline: the next K tile loads while P V runs, the next V tile while Q K^T
     // runs. Commit groups alternate K, V, K, V...; `wait_group 1` leaves only the newest
     // group in flight.
-    auto issue_tile = [&](uint16_t(*dst)[LD], const __nv_bfloat16* __restrict__ cache, int kt) {
+    auto issue_tile = [&](uint16_t(*dst)[LD], const elem_t* __restrict__ cache, int kt) {
         for (int idx = tid; idx < kBN * (HD / 8); idx += kThreads) {
             const int r = idx / (HD / 8);
             const int c = (idx % (HD / 8)) * 8;
@@ -126,7 +126,7 @@ __device__ __forceinline__ void prefill_attention(
             const uint32_t d = (uint32_t)__cvta_generic_to_shared(&dst[r][c]);
             if (key < kend) {
                 const int64_t slot = (int64_t)table[key / block_size] * block_size + key % block_size;
-                const __nv_bfloat16* src = cache + slot * kv_row + (int64_t)kv_head * HD + c;
+                const elem_t* src = cache + slot * kv_row + (int64_t)kv_head * HD + c;
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
             } else {
                 asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 0;\n" ::"r"(d), "l"(cache));
@@ -155,8 +155,8 @@ __device__ __forceinline__ void prefill_attention(
             for (int n = 0; n < NT_S; n += 2) {
                 uint32_t b[4];
                 ldmatrix_x4(b, &ks[n * 8 + lm_r + 8 * (lm_j >> 1)][kk * 16 + 8 * (lm_j & 1)]);
-                mma_bf16_16816(s[n], qa[kk], b[0], b[1]);
-                mma_bf16_16816(s[n + 1], qa[kk], b[2], b[3]);
+                mma_16816(s[n], qa[kk], b[0], b[1]);
+                mma_16816(s[n + 1], qa[kk], b[2], b[3]);
             }
         }
 
@@ -220,18 +220,18 @@ __device__ __forceinline__ void prefill_attention(
                 l_b += p[h][2] + p[h][3];
             }
             uint32_t pa[4];
-            pa[0] = pack_bf16(p[0][0], p[0][1]);
-            pa[1] = pack_bf16(p[0][2], p[0][3]);
-            pa[2] = pack_bf16(p[1][0], p[1][1]);
-            pa[3] = pack_bf16(p[1][2], p[1][3]);
+            pa[0] = pack_elem2(p[0][0], p[0][1]);
+            pa[1] = pack_elem2(p[0][2], p[0][3]);
+            pa[2] = pack_elem2(p[1][0], p[1][1]);
+            pa[3] = pack_elem2(p[1][2], p[1][3]);
             // Transposed loads of V (row-major [key][dim]): matrices (keys +0..7, dims +0..7),
             // (keys +8..15, dims +0..7), (keys +0..7, dims +8..15), (keys +8..15, dims +8..15).
 #pragma unroll
             for (int n = 0; n < NT_O; n += 2) {
                 uint32_t b[4];
                 ldmatrix_x4_trans(b, &vs[kk * 16 + lm_r + 8 * (lm_j & 1)][n * 8 + 8 * (lm_j >> 1)]);
-                mma_bf16_16816(o[n], pa, b[0], b[1]);
-                mma_bf16_16816(o[n + 1], pa, b[2], b[3]);
+                mma_16816(o[n], pa, b[0], b[1]);
+                mma_16816(o[n + 1], pa, b[2], b[3]);
             }
         }
         __syncthreads();  // every warp is done with vs
@@ -256,12 +256,12 @@ __device__ __forceinline__ void prefill_attention(
     for (int n = 0; n < NT_O; ++n) {
         const int col = head * HD + n * 8 + 2 * t;
         if (row_a < q_len) {
-            *reinterpret_cast<__nv_bfloat162*>(out + (q_begin + row_a) * out_stride + col) =
-                __floats2bfloat162_rn(o[n][0] * inv_a, o[n][1] * inv_a);
+            *reinterpret_cast<elem2_t*>(out + (q_begin + row_a) * out_stride + col) =
+                from_f32x2(o[n][0] * inv_a, o[n][1] * inv_a);
         }
         if (row_b < q_len) {
-            *reinterpret_cast<__nv_bfloat162*>(out + (q_begin + row_b) * out_stride + col) =
-                __floats2bfloat162_rn(o[n][2] * inv_b, o[n][3] * inv_b);
+            *reinterpret_cast<elem2_t*>(out + (q_begin + row_b) * out_stride + col) =
+                from_f32x2(o[n][2] * inv_b, o[n][3] * inv_b);
         }
     }
 }
@@ -269,10 +269,11 @@ __device__ __forceinline__ void prefill_attention(
 }  // namespace
 
 #define RVLLM_PREFILL_ATTENTION(HD, MINB)                                                         \
-    extern "C" __global__ void __launch_bounds__(kThreads, MINB) paged_attention_prefill_hd##HD(\
-        __nv_bfloat16* __restrict__ out, const __nv_bfloat16* __restrict__ q,                  \
-        const __nv_bfloat16* __restrict__ key_cache,                                           \
-        const __nv_bfloat16* __restrict__ value_cache,                                         \
+    extern "C" __global__ void __launch_bounds__(kThreads, MINB)                               \
+        DT(paged_attention_prefill_hd##HD, paged_attention_prefill_hd##HD##_f16)(              \
+        elem_t* __restrict__ out, const elem_t* __restrict__ q,                                \
+        const elem_t* __restrict__ key_cache,                                                  \
+        const elem_t* __restrict__ value_cache,                                                \
         const int32_t* __restrict__ cu_seqlens_q, const int32_t* __restrict__ context_lens,    \
         const int32_t* __restrict__ block_tables, float scale, int num_heads, int num_kv_heads, \
         int block_size, int max_blocks_per_seq, int q_stride) {                                \

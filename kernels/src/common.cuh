@@ -1,11 +1,41 @@
-// Shared device helpers for rvllm's kernels: bf16 <-> f32 vector conversions and warp/block
-// reductions. Every kernel file includes this; nothing here is a kernel entry point.
+// Shared device helpers for rvllm's kernels: the element type and its f32 conversions,
+// warp/block reductions. Every kernel file includes this; nothing here is a kernel entry point.
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #define RVLLM_DEVICE __device__ __forceinline__
+
+// The element type of activations, weights and the KV cache (arithmetic is f32 throughout).
+// A kernel file is written once over `elem_t` and compiled twice: as itself for bf16, and
+// through its `<stem>_f16.cu` wrapper, which defines RVLLM_F16 before including it, for IEEE
+// half (f16 checkpoints, `--dtype float16`). Both types are 2 bytes, so layouts, strides and
+// launch geometry are the same; only the conversions (and the prefill MMA's operand type)
+// differ. `DT(bf16_name, f16_name)` names an entry point in each build: the engine picks the
+// module (`norm` / `norm_f16`) and the name together.
+#ifdef RVLLM_F16
+typedef __half elem_t;
+typedef __half2 elem2_t;
+#define DT(bf16_name, f16_name) f16_name
+#define RVLLM_MMA_AB "f16.f16"
+RVLLM_DEVICE float to_f32(elem_t v) { return __half2float(v); }
+RVLLM_DEVICE elem_t from_f32(float v) { return __float2half_rn(v); }
+RVLLM_DEVICE float2 to_f32x2(elem2_t v) { return __half22float2(v); }
+RVLLM_DEVICE elem2_t from_f32x2(float lo, float hi) { return __floats2half2_rn(lo, hi); }
+RVLLM_DEVICE elem_t elem_from_bits(unsigned short bits) { return __ushort_as_half(bits); }
+#else
+typedef __nv_bfloat16 elem_t;
+typedef __nv_bfloat162 elem2_t;
+#define DT(bf16_name, f16_name) bf16_name
+#define RVLLM_MMA_AB "bf16.bf16"
+RVLLM_DEVICE float to_f32(elem_t v) { return __bfloat162float(v); }
+RVLLM_DEVICE elem_t from_f32(float v) { return __float2bfloat16(v); }
+RVLLM_DEVICE float2 to_f32x2(elem2_t v) { return __bfloat1622float2(v); }
+RVLLM_DEVICE elem2_t from_f32x2(float lo, float hi) { return __floats2bfloat162_rn(lo, hi); }
+RVLLM_DEVICE elem_t elem_from_bits(unsigned short bits) { return __ushort_as_bfloat16(bits); }
+#endif
 
 // Programmatic dependent launch (Hopper, sm_90+). The host launches every kernel with the
 // programmatic-serialization attribute, so a kernel may start while the one before it in the
@@ -92,24 +122,24 @@ RVLLM_DEVICE void pdl_enter() {
     pdl_launch_dependents();
 }
 
-// Eight bf16 values moved as one 16-byte access (the widest single load/store).
-struct __align__(16) Bf16x8 {
-    __nv_bfloat162 h[4];
+// Eight elements moved as one 16-byte access (the widest single load/store).
+struct __align__(16) Elem8 {
+    elem2_t h[4];
 };
 
-RVLLM_DEVICE void bf16x8_to_f32(const Bf16x8& v, float out[8]) {
+RVLLM_DEVICE void elem8_to_f32(const Elem8& v, float out[8]) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        float2 f = __bfloat1622float2(v.h[i]);
+        float2 f = to_f32x2(v.h[i]);
         out[2 * i] = f.x;
         out[2 * i + 1] = f.y;
     }
 }
 
-RVLLM_DEVICE Bf16x8 f32_to_bf16x8(const float in[8]) {
-    Bf16x8 v;
+RVLLM_DEVICE Elem8 f32_to_elem8(const float in[8]) {
+    Elem8 v;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v.h[i] = __floats2bfloat162_rn(in[2 * i], in[2 * i + 1]);
+    for (int i = 0; i < 4; ++i) v.h[i] = from_f32x2(in[2 * i], in[2 * i + 1]);
     return v;
 }
 

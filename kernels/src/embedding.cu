@@ -12,39 +12,37 @@
 #include "common.cuh"
 
 // Copies one row of `cols` bf16, 16 bytes per access when the row allows it.
-__device__ __forceinline__ void copy_row(__nv_bfloat16* __restrict__ dst,
-                                         const __nv_bfloat16* __restrict__ src, int cols) {
+__device__ __forceinline__ void copy_row(elem_t* __restrict__ dst,
+                                         const elem_t* __restrict__ src, int cols) {
     const bool vec = (cols % 8 == 0) && ((reinterpret_cast<uintptr_t>(dst) |
                                           reinterpret_cast<uintptr_t>(src)) % 16 == 0);
     if (vec) {
-        const Bf16x8* s = reinterpret_cast<const Bf16x8*>(src);
-        Bf16x8* d = reinterpret_cast<Bf16x8*>(dst);
+        const Elem8* s = reinterpret_cast<const Elem8*>(src);
+        Elem8* d = reinterpret_cast<Elem8*>(dst);
         for (int i = threadIdx.x; i < cols / 8; i += blockDim.x) d[i] = s[i];
     } else {
         for (int i = threadIdx.x; i < cols; i += blockDim.x) dst[i] = src[i];
     }
 }
 
-extern "C" __global__ void embedding_lookup_bf16(__nv_bfloat16* __restrict__ out,
-                                                 const __nv_bfloat16* __restrict__ table,
-                                                 const int32_t* __restrict__ ids, int num_tokens,
-                                                 int hidden, int vocab) {
+extern "C" __global__ void DT(embedding_lookup_bf16, embedding_lookup_f16)(
+    elem_t* __restrict__ out, const elem_t* __restrict__ table, const int32_t* __restrict__ ids,
+    int num_tokens, int hidden, int vocab) {
     pdl_enter();
     const int t = blockIdx.x;
     if (t >= num_tokens) return;
     const int id = ids[t];
-    __nv_bfloat16* dst = out + (int64_t)t * hidden;
+    elem_t* dst = out + (int64_t)t * hidden;
     if (id < 0 || id >= vocab) {
-        for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = __float2bfloat16(0.0f);
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = from_f32(0.0f);
         return;
     }
     copy_row(dst, table + (int64_t)id * hidden, hidden);
 }
 
-extern "C" __global__ void gather_rows_bf16(__nv_bfloat16* __restrict__ out,
-                                            const __nv_bfloat16* __restrict__ in,
-                                            const int32_t* __restrict__ rows, int num_rows,
-                                            int cols) {
+extern "C" __global__ void DT(gather_rows_bf16, gather_rows_f16)(
+    elem_t* __restrict__ out, const elem_t* __restrict__ in, const int32_t* __restrict__ rows,
+    int num_rows, int cols) {
     pdl_enter();
     const int r = blockIdx.x;
     if (r >= num_rows) return;

@@ -24,10 +24,10 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int kUnroll = 8;
 
-__device__ __forceinline__ float dot8(const Bf16x8& a, const Bf16x8& b) {
+__device__ __forceinline__ float dot8(const Elem8& a, const Elem8& b) {
     float fa[8], fb[8];
-    bf16x8_to_f32(a, fa);
-    bf16x8_to_f32(b, fb);
+    elem8_to_f32(a, fa);
+    elem8_to_f32(b, fb);
     float s = 0.0f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) s = fmaf(fa[e], fb[e], s);
@@ -38,21 +38,21 @@ __device__ __forceinline__ float dot8(const Bf16x8& a, const Bf16x8& b) {
 // MLP's [m, 2k] gate|up output and the input is silu(gate) * up, rounded to bf16 exactly as
 // silu_and_mul_bf16 stores it, so that the fused and unfused paths agree bit for bit.
 template <bool kSilu>
-__device__ __forceinline__ Bf16x8 load_x(const __nv_bfloat16* __restrict__ x, int b, int idx,
+__device__ __forceinline__ Elem8 load_x(const elem_t* __restrict__ x, int b, int idx,
                                          int k8) {
     const int4* xv = reinterpret_cast<const int4*>(x);
     if (!kSilu) {
         const int4 v = __ldg(xv + (int64_t)b * k8 + idx);
-        return *reinterpret_cast<const Bf16x8*>(&v);
+        return *reinterpret_cast<const Elem8*>(&v);
     }
     const int4 gv = __ldg(xv + (int64_t)b * 2 * k8 + idx);
     const int4 uv = __ldg(xv + (int64_t)b * 2 * k8 + k8 + idx);
     float g[8], u[8], a[8];
-    bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&gv), g);
-    bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&uv), u);
+    elem8_to_f32(*reinterpret_cast<const Elem8*>(&gv), g);
+    elem8_to_f32(*reinterpret_cast<const Elem8*>(&uv), u);
 #pragma unroll
     for (int e = 0; e < 8; ++e) a[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
-    return f32_to_bf16x8(a);
+    return f32_to_elem8(a);
 }
 
 // Loads this lane's next kUnroll 16-byte weight chunks (zeros past the row's end).
@@ -67,9 +67,9 @@ __device__ __forceinline__ void load_w(int4 (&wv)[kUnroll], const int4* __restri
 }
 
 template <int MT, bool kSilu>
-__device__ __forceinline__ void gemv(__nv_bfloat16* __restrict__ y,
-                                     const __nv_bfloat16* __restrict__ x,
-                                     const __nv_bfloat16* __restrict__ w, int m, int n, int k,
+__device__ __forceinline__ void gemv(elem_t* __restrict__ y,
+                                     const elem_t* __restrict__ x,
+                                     const elem_t* __restrict__ w, int m, int n, int k,
                                      int split) {
     __shared__ float partial[kWarpsPerBlock][MT];
     const int lane = threadIdx.x & 31;
@@ -99,7 +99,7 @@ __device__ __forceinline__ void gemv(__nv_bfloat16* __restrict__ y,
             for (int u = 0; u < kUnroll; ++u) {
                 const int idx = base + u * stride;
                 if (idx < k8) {
-                    const Bf16x8 wb = *reinterpret_cast<const Bf16x8*>(&wv[u]);
+                    const Elem8 wb = *reinterpret_cast<const Elem8*>(&wv[u]);
 #pragma unroll
                     for (int b = 0; b < MT; ++b) {
                         if (b < m) acc[b] += dot8(wb, load_x<kSilu>(x, b, idx, k8));
@@ -115,7 +115,7 @@ __device__ __forceinline__ void gemv(__nv_bfloat16* __restrict__ y,
         if (lane == 0 && active) {
 #pragma unroll
             for (int b = 0; b < MT; ++b)
-                if (b < m) y[(int64_t)b * n + row] = __float2bfloat16(acc[b]);
+                if (b < m) y[(int64_t)b * n + row] = from_f32(acc[b]);
         }
         return;
     }
@@ -127,7 +127,7 @@ __device__ __forceinline__ void gemv(__nv_bfloat16* __restrict__ y,
     if (part == 0 && lane < MT && lane < m && active) {
         float s = 0.0f;
         for (int p = 0; p < split; ++p) s += partial[warp + p][lane];
-        y[(int64_t)lane * n + row] = __float2bfloat16(s);
+        y[(int64_t)lane * n + row] = from_f32(s);
     }
 }
 
@@ -135,8 +135,10 @@ __device__ __forceinline__ void gemv(__nv_bfloat16* __restrict__ y,
 
 #define RVLLM_GEMV(MT, MINB)                                                                       \
     extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * 32, MINB)                    \
-        gemv_bf16_b##MT(__nv_bfloat16* __restrict__ y, const __nv_bfloat16* __restrict__ x,    \
-                        const __nv_bfloat16* __restrict__ w, int m, int n, int k, int split) { \
+        DT(gemv_bf16_b##MT, gemv_f16_b##MT)(elem_t* __restrict__ y,                           \
+                                            const elem_t* __restrict__ x,                     \
+                                            const elem_t* __restrict__ w, int m, int n, int k, \
+                                            int split) {                                       \
         gemv<MT, false>(y, x, w, m, n, k, split);                                              \
     }
 
@@ -149,7 +151,9 @@ RVLLM_GEMV(8, 2)
 // The MLP's down projection at batch 1 with SiLU-and-mul fused into its input: x is the
 // [1, 2k] gate|up activation; one launch (and one pass over x) fewer per layer.
 extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
-    gemv_silu_bf16_b1(__nv_bfloat16* __restrict__ y, const __nv_bfloat16* __restrict__ gate_up,
-                      const __nv_bfloat16* __restrict__ w, int m, int n, int k, int split) {
+    DT(gemv_silu_bf16_b1, gemv_silu_f16_b1)(elem_t* __restrict__ y,
+                                            const elem_t* __restrict__ gate_up,
+                                            const elem_t* __restrict__ w, int m, int n, int k,
+                                            int split) {
     gemv<1, true>(y, gate_up, w, m, n, k, split);
 }

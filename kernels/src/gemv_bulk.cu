@@ -118,8 +118,8 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 
 __device__ __forceinline__ float dot8(const int4& a, const int4& b) {
     float fa[8], fb[8];
-    bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&a), fa);
-    bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&b), fb);
+    elem8_to_f32(*reinterpret_cast<const Elem8*>(&a), fa);
+    elem8_to_f32(*reinterpret_cast<const Elem8*>(&b), fb);
     float s = 0.0f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) s = fmaf(fa[e], fb[e], s);
@@ -136,11 +136,11 @@ constexpr int kDotBatch = 8;
 constexpr int kPrologueBatch = 8;
 
 template <Input kIn, bool kAdd, int kStages>
-__device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
-                                          const __nv_bfloat16* __restrict__ x,
-                                          const __nv_bfloat16* __restrict__ w, int n, int k,
+__device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
+                                          const elem_t* __restrict__ x,
+                                          const elem_t* __restrict__ w, int n, int k,
                                           int rows_per_stage,
-                                          const __nv_bfloat16* __restrict__ norm_w, float eps,
+                                          const elem_t* __restrict__ norm_w, float eps,
                                           int evict_first) {
     BlockTrace trace(16 + kIn * 2 + kAdd);
     extern __shared__ __align__(128) unsigned char smem[];
@@ -244,7 +244,7 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
             for (int j = 0; j < kPrologueBatch; ++j) {
                 if (c0 + j * kThreads >= k8) break;
                 float v[8];
-                bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&xv[j]), v);
+                elem8_to_f32(*reinterpret_cast<const Elem8*>(&xv[j]), v);
 #pragma unroll
                 for (int e = 0; e < 8; ++e) ss += v[e] * v[e];
             }
@@ -263,11 +263,11 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
                 const int c = c0 + j * kThreads;
                 if (c >= k8) break;
                 float v[8], wf[8], r[8];
-                bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&xv[j]), v);
-                bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&wv[j]), wf);
+                elem8_to_f32(*reinterpret_cast<const Elem8*>(&xv[j]), v);
+                elem8_to_f32(*reinterpret_cast<const Elem8*>(&wv[j]), wf);
 #pragma unroll
                 for (int e = 0; e < 8; ++e) r[e] = v[e] * inv * wf[e];
-                const Bf16x8 o = f32_to_bf16x8(r);
+                const Elem8 o = f32_to_elem8(r);
                 xs[c] = *reinterpret_cast<const int4*>(&o);
             }
         }
@@ -283,11 +283,11 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
                     xs[c] = a[j];
                 } else {
                     float g[8], u[8], r[8];
-                    bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&a[j]), g);
-                    bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(&b[j]), u);
+                    elem8_to_f32(*reinterpret_cast<const Elem8*>(&a[j]), g);
+                    elem8_to_f32(*reinterpret_cast<const Elem8*>(&b[j]), u);
 #pragma unroll
                     for (int e = 0; e < 8; ++e) r[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
-                    const Bf16x8 v = f32_to_bf16x8(r);
+                    const Elem8 v = f32_to_elem8(r);
                     xs[c] = *reinterpret_cast<const int4*>(&v);
                 }
             }
@@ -350,10 +350,10 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
             // (a block owns more only on a grid far smaller than the SMs).
             if (kAdd) {
                 const int t = i * R + row_in_group;
-                sum += __bfloat162float(t < kMaxOwnedRows ? __ushort_as_bfloat16(resid_s[t])
+                sum += to_f32(t < kMaxOwnedRows ? elem_from_bits(resid_s[t])
                                                           : y[row]);
             }
-            y[row] = __float2bfloat16(sum);
+            y[row] = from_f32(sum);
         }
     }
 }
@@ -369,23 +369,22 @@ __device__ __forceinline__ void gemv_bulk(__nv_bfloat16* __restrict__ y,
 #define RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES) __trap()
 #endif
 
-#define RVLLM_GEMV_BULK(NAME, IN, ADD, STAGES)                                                  \
+#define RVLLM_GEMV_BULK(BF16_NAME, F16_NAME, IN, ADD, STAGES)                                \
     extern "C" __global__ void __launch_bounds__(kThreads, 1)                                  \
-        gemv_bulk_##NAME##_b1(__nv_bfloat16* __restrict__ y,                                   \
-                              const __nv_bfloat16* __restrict__ x,                             \
-                              const __nv_bfloat16* __restrict__ w, int n, int k,               \
-                              int rows_per_stage, const __nv_bfloat16* __restrict__ norm_w,    \
-                              float eps, int evict_first) {                                    \
+        DT(gemv_bulk_##BF16_NAME##_b1, gemv_bulk_##F16_NAME##_b1)(                             \
+            elem_t* __restrict__ y, const elem_t* __restrict__ x, const elem_t* __restrict__ w, \
+            int n, int k, int rows_per_stage, const elem_t* __restrict__ norm_w, float eps,    \
+            int evict_first) {                                                                 \
         RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES);                                                 \
     }
 
-RVLLM_GEMV_BULK(bf16, kPlain, false, 4)
-RVLLM_GEMV_BULK(silu_bf16, kSilu, false, 4)
-RVLLM_GEMV_BULK(norm_bf16, kNorm, false, 4)
-RVLLM_GEMV_BULK(add_bf16, kPlain, true, 4)
-RVLLM_GEMV_BULK(silu_add_bf16, kSilu, true, 4)
-RVLLM_GEMV_BULK(bf16_s6, kPlain, false, 6)
-RVLLM_GEMV_BULK(silu_bf16_s6, kSilu, false, 6)
-RVLLM_GEMV_BULK(norm_bf16_s6, kNorm, false, 6)
-RVLLM_GEMV_BULK(add_bf16_s6, kPlain, true, 6)
-RVLLM_GEMV_BULK(silu_add_bf16_s6, kSilu, true, 6)
+RVLLM_GEMV_BULK(bf16, f16, kPlain, false, 4)
+RVLLM_GEMV_BULK(silu_bf16, silu_f16, kSilu, false, 4)
+RVLLM_GEMV_BULK(norm_bf16, norm_f16, kNorm, false, 4)
+RVLLM_GEMV_BULK(add_bf16, add_f16, kPlain, true, 4)
+RVLLM_GEMV_BULK(silu_add_bf16, silu_add_f16, kSilu, true, 4)
+RVLLM_GEMV_BULK(bf16_s6, f16_s6, kPlain, false, 6)
+RVLLM_GEMV_BULK(silu_bf16_s6, silu_f16_s6, kSilu, false, 6)
+RVLLM_GEMV_BULK(norm_bf16_s6, norm_f16_s6, kNorm, false, 6)
+RVLLM_GEMV_BULK(add_bf16_s6, add_f16_s6, kPlain, true, 6)
+RVLLM_GEMV_BULK(silu_add_bf16_s6, silu_add_f16_s6, kSilu, true, 6)

@@ -27,8 +27,8 @@ __device__ __forceinline__ bool vector_path(int hidden, const void* a, const voi
 }
 
 // out = v * inv * weight for the chunks this thread holds.
-__device__ __forceinline__ void scale_chunks(__nv_bfloat16* __restrict__ o,
-                                             const __nv_bfloat16* __restrict__ weight,
+__device__ __forceinline__ void scale_chunks(elem_t* __restrict__ o,
+                                             const elem_t* __restrict__ weight,
                                              const float (&v)[kMaxChunks][8], int chunks,
                                              float inv) {
 #pragma unroll
@@ -36,26 +36,25 @@ __device__ __forceinline__ void scale_chunks(__nv_bfloat16* __restrict__ o,
         const int i = threadIdx.x + c * blockDim.x;
         if (i < chunks) {
             float wf[8], r[8];
-            bf16x8_to_f32(reinterpret_cast<const Bf16x8*>(weight)[i], wf);
+            elem8_to_f32(reinterpret_cast<const Elem8*>(weight)[i], wf);
 #pragma unroll
             for (int e = 0; e < 8; ++e) r[e] = v[c][e] * inv * wf[e];
-            reinterpret_cast<Bf16x8*>(o)[i] = f32_to_bf16x8(r);
+            reinterpret_cast<Elem8*>(o)[i] = f32_to_elem8(r);
         }
     }
 }
 
 }  // namespace
 
-extern "C" __global__ void rms_norm_bf16(__nv_bfloat16* __restrict__ out,
-                                         const __nv_bfloat16* __restrict__ x,
-                                         const __nv_bfloat16* __restrict__ weight, float eps,
-                                         int num_tokens, int hidden) {
+extern "C" __global__ void DT(rms_norm_bf16, rms_norm_f16)(
+    elem_t* __restrict__ out, const elem_t* __restrict__ x, const elem_t* __restrict__ weight,
+    float eps, int num_tokens, int hidden) {
     pdl_enter();
     __shared__ float scratch[32];
     const int t = blockIdx.x;
     if (t >= num_tokens) return;
-    const __nv_bfloat16* row = x + (int64_t)t * hidden;
-    __nv_bfloat16* o = out + (int64_t)t * hidden;
+    const elem_t* row = x + (int64_t)t * hidden;
+    elem_t* o = out + (int64_t)t * hidden;
     if (vector_path(hidden, x, out, weight, row)) {
         const int chunks = hidden / 8;
         float v[kMaxChunks][8];
@@ -64,7 +63,7 @@ extern "C" __global__ void rms_norm_bf16(__nv_bfloat16* __restrict__ out,
         for (int c = 0; c < kMaxChunks; ++c) {
             const int i = threadIdx.x + c * blockDim.x;
             if (i < chunks) {
-                bf16x8_to_f32(reinterpret_cast<const Bf16x8*>(row)[i], v[c]);
+                elem8_to_f32(reinterpret_cast<const Elem8*>(row)[i], v[c]);
 #pragma unroll
                 for (int e = 0; e < 8; ++e) ss += v[c][e] * v[c][e];
             }
@@ -75,28 +74,26 @@ extern "C" __global__ void rms_norm_bf16(__nv_bfloat16* __restrict__ out,
     }
     float ss = 0.0f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = __bfloat162float(row[i]);
+        float v = to_f32(row[i]);
         ss += v * v;
     }
     ss = block_sum(ss, scratch);
     const float inv = rsqrtf(ss / (float)hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        o[i] = __float2bfloat16(__bfloat162float(row[i]) * inv * __bfloat162float(weight[i]));
+        o[i] = from_f32(to_f32(row[i]) * inv * to_f32(weight[i]));
     }
 }
 
-extern "C" __global__ void fused_add_rms_norm_bf16(__nv_bfloat16* __restrict__ out,
-                                                   __nv_bfloat16* __restrict__ residual,
-                                                   const __nv_bfloat16* __restrict__ x,
-                                                   const __nv_bfloat16* __restrict__ weight,
-                                                   float eps, int num_tokens, int hidden) {
+extern "C" __global__ void DT(fused_add_rms_norm_bf16, fused_add_rms_norm_f16)(
+    elem_t* __restrict__ out, elem_t* __restrict__ residual, const elem_t* __restrict__ x,
+    const elem_t* __restrict__ weight, float eps, int num_tokens, int hidden) {
     pdl_enter();
     __shared__ float scratch[32];
     const int t = blockIdx.x;
     if (t >= num_tokens) return;
-    __nv_bfloat16* res = residual + (int64_t)t * hidden;
-    const __nv_bfloat16* xr = x + (int64_t)t * hidden;
-    __nv_bfloat16* o = out + (int64_t)t * hidden;
+    elem_t* res = residual + (int64_t)t * hidden;
+    const elem_t* xr = x + (int64_t)t * hidden;
+    elem_t* o = out + (int64_t)t * hidden;
     if (vector_path(hidden, res, xr, o, weight)) {
         const int chunks = hidden / 8;
         float v[kMaxChunks][8];
@@ -106,13 +103,13 @@ extern "C" __global__ void fused_add_rms_norm_bf16(__nv_bfloat16* __restrict__ o
             const int i = threadIdx.x + c * blockDim.x;
             if (i < chunks) {
                 float a[8], b[8];
-                bf16x8_to_f32(reinterpret_cast<const Bf16x8*>(res)[i], a);
-                bf16x8_to_f32(reinterpret_cast<const Bf16x8*>(xr)[i], b);
+                elem8_to_f32(reinterpret_cast<const Elem8*>(res)[i], a);
+                elem8_to_f32(reinterpret_cast<const Elem8*>(xr)[i], b);
 #pragma unroll
                 for (int e = 0; e < 8; ++e) a[e] += b[e];
-                const Bf16x8 s = f32_to_bf16x8(a);
-                reinterpret_cast<Bf16x8*>(res)[i] = s;
-                bf16x8_to_f32(s, v[c]);  // the rounded sum, as stored
+                const Elem8 s = f32_to_elem8(a);
+                reinterpret_cast<Elem8*>(res)[i] = s;
+                elem8_to_f32(s, v[c]);  // the rounded sum, as stored
 #pragma unroll
                 for (int e = 0; e < 8; ++e) ss += v[c][e] * v[c][e];
             }
@@ -125,14 +122,14 @@ extern "C" __global__ void fused_add_rms_norm_bf16(__nv_bfloat16* __restrict__ o
     // Each thread re-reads only the elements it wrote itself, so no barrier is needed
     // between the two passes over `res`.
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        __nv_bfloat16 s = __float2bfloat16(__bfloat162float(res[i]) + __bfloat162float(xr[i]));
+        elem_t s = from_f32(to_f32(res[i]) + to_f32(xr[i]));
         res[i] = s;
-        float v = __bfloat162float(s);
+        float v = to_f32(s);
         ss += v * v;
     }
     ss = block_sum(ss, scratch);
     const float inv = rsqrtf(ss / (float)hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        o[i] = __float2bfloat16(__bfloat162float(res[i]) * inv * __bfloat162float(weight[i]));
+        o[i] = from_f32(to_f32(res[i]) * inv * to_f32(weight[i]));
     }
 }

@@ -18,12 +18,12 @@
 
 constexpr int kMaxHalf = 256;  // head_dim up to 512
 
-extern "C" __global__ void rope_and_cache_bf16(
-    __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ k,
-    const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ key_cache,
-    __nv_bfloat16* __restrict__ value_cache, const int32_t* __restrict__ positions,
-    const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq, int num_tokens,
-    int num_heads, int num_kv_heads, int head_dim, int q_stride, int k_stride, int v_stride) {
+extern "C" __global__ void DT(rope_and_cache_bf16, rope_and_cache_f16)(
+    elem_t* __restrict__ q, elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    elem_t* __restrict__ key_cache, elem_t* __restrict__ value_cache,
+    const int32_t* __restrict__ positions, const int32_t* __restrict__ slot_mapping,
+    const float* __restrict__ inv_freq, int num_tokens, int num_heads, int num_kv_heads,
+    int head_dim, int q_stride, int k_stride, int v_stride) {
     pdl_enter();
     __shared__ float cos_t[kMaxHalf], sin_t[kMaxHalf];
     const int t = blockIdx.x;
@@ -32,9 +32,9 @@ extern "C" __global__ void rope_and_cache_bf16(
     const float pos = (float)positions[t];
     const int64_t slot = slot_mapping[t];
     const int64_t kv_row = (int64_t)num_kv_heads * head_dim;
-    __nv_bfloat16* qrow = q + (int64_t)t * q_stride;
-    __nv_bfloat16* krow = k + (int64_t)t * k_stride;
-    const __nv_bfloat16* vrow = v + (int64_t)t * v_stride;
+    elem_t* qrow = q + (int64_t)t * q_stride;
+    elem_t* krow = k + (int64_t)t * k_stride;
+    const elem_t* vrow = v + (int64_t)t * v_stride;
 
     // One angle per pair index, shared by every head of the token. The angle is rounded to
     // f32 as in the HF reference; its sine and cosine are taken in double precision. Angles
@@ -62,30 +62,30 @@ extern "C" __global__ void rope_and_cache_bf16(
         for (int idx = threadIdx.x; idx < items; idx += blockDim.x) {
             const int head = idx / groups;
             const int i = (idx - head * groups) * 8;
-            __nv_bfloat16* x = head < num_heads ? qrow + head * head_dim
+            elem_t* x = head < num_heads ? qrow + head * head_dim
                                                 : krow + (head - num_heads) * head_dim;
             float a[8], b[8], y1[8], y2[8];
-            bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(x + i), a);
-            bf16x8_to_f32(*reinterpret_cast<const Bf16x8*>(x + i + half), b);
+            elem8_to_f32(*reinterpret_cast<const Elem8*>(x + i), a);
+            elem8_to_f32(*reinterpret_cast<const Elem8*>(x + i + half), b);
 #pragma unroll
             for (int e = 0; e < 8; ++e) {
                 const float c = cos_t[i + e], s = sin_t[i + e];
                 y1[e] = a[e] * c - b[e] * s;
                 y2[e] = b[e] * c + a[e] * s;
             }
-            const Bf16x8 r1 = f32_to_bf16x8(y1), r2 = f32_to_bf16x8(y2);
-            *reinterpret_cast<Bf16x8*>(x + i) = r1;
-            *reinterpret_cast<Bf16x8*>(x + i + half) = r2;
+            const Elem8 r1 = f32_to_elem8(y1), r2 = f32_to_elem8(y2);
+            *reinterpret_cast<Elem8*>(x + i) = r1;
+            *reinterpret_cast<Elem8*>(x + i + half) = r2;
             if (head >= num_heads && slot >= 0) {
-                __nv_bfloat16* dst = key_cache + slot * kv_row + (head - num_heads) * head_dim;
-                *reinterpret_cast<Bf16x8*>(dst + i) = r1;
-                *reinterpret_cast<Bf16x8*>(dst + i + half) = r2;
+                elem_t* dst = key_cache + slot * kv_row + (head - num_heads) * head_dim;
+                *reinterpret_cast<Elem8*>(dst + i) = r1;
+                *reinterpret_cast<Elem8*>(dst + i + half) = r2;
             }
         }
         if (slot >= 0) {
             for (int idx = threadIdx.x; idx < num_kv_heads * head_dim / 8; idx += blockDim.x) {
-                reinterpret_cast<Bf16x8*>(value_cache + slot * kv_row)[idx] =
-                    reinterpret_cast<const Bf16x8*>(vrow)[idx];
+                reinterpret_cast<Elem8*>(value_cache + slot * kv_row)[idx] =
+                    reinterpret_cast<const Elem8*>(vrow)[idx];
             }
         }
         return;
@@ -96,20 +96,20 @@ extern "C" __global__ void rope_and_cache_bf16(
         const int head = idx / half;
         const int i = idx - head * half;
         const float c = cos_t[i], s = sin_t[i];
-        __nv_bfloat16* x;
+        elem_t* x;
         if (head < num_heads) {
             x = qrow + head * head_dim;
         } else {
             x = krow + (head - num_heads) * head_dim;
         }
-        const float x1 = __bfloat162float(x[i]);
-        const float x2 = __bfloat162float(x[i + half]);
-        const __nv_bfloat16 y1 = __float2bfloat16(x1 * c - x2 * s);
-        const __nv_bfloat16 y2 = __float2bfloat16(x2 * c + x1 * s);
+        const float x1 = to_f32(x[i]);
+        const float x2 = to_f32(x[i + half]);
+        const elem_t y1 = from_f32(x1 * c - x2 * s);
+        const elem_t y2 = from_f32(x2 * c + x1 * s);
         x[i] = y1;
         x[i + half] = y2;
         if (head >= num_heads && slot >= 0) {
-            __nv_bfloat16* dst = key_cache + slot * kv_row + (head - num_heads) * head_dim;
+            elem_t* dst = key_cache + slot * kv_row + (head - num_heads) * head_dim;
             dst[i] = y1;
             dst[i + half] = y2;
         }

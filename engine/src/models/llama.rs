@@ -451,6 +451,7 @@ mod tests {
             sliding_window: None,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
+            torch_dtype: None,
         }
     }
 

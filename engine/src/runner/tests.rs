@@ -25,6 +25,7 @@ fn tiny_config() -> ModelConfig {
         sliding_window: None,
         bos_token_id: None,
         eos_token_ids: vec![96],
+        torch_dtype: None,
     }
 }
 

@@ -98,35 +98,13 @@ pub struct VllmCompatArgs {
     pub tool_call_parser: Option<String>,
 }
 
-/// The compute type of a device: what `--dtype` may name besides `auto`.
-fn device_dtype(d: Device) -> &'static str {
-    match d {
-        Device::Cpu => "float32",
-        Device::Cuda => "bfloat16",
-    }
-}
-
-/// `--dtype`: `auto`, or the type the device computes in (bfloat16 on the GPU, float32 on
-/// the CPU), under any of vLLM's spellings of it.
+/// `--dtype`: `auto`, or a type the device computes in (bfloat16 or float16 on the GPU,
+/// float32 on the CPU), under any of vLLM's spellings of it. Checked before the model loads.
 pub fn check_dtype(dtype: &str, device: Device) -> Result<()> {
-    let canonical = match dtype {
-        "auto" => return Ok(()),
-        "bfloat16" | "bf16" => "bfloat16",
-        "float16" | "half" | "fp16" => "float16",
-        "float32" | "float" | "fp32" => "float32",
-        other => bail!(
-            "unknown --dtype `{other}`: use auto, bfloat16, float16 or float32 (vLLM's names)"
-        ),
-    };
-    let own = device_dtype(device);
-    if canonical != own {
-        let which = match device {
-            Device::Cpu => "the CPU backend computes in float32",
-            Device::Cuda => "the CUDA backend computes in bfloat16",
-        };
-        bail!("--dtype {dtype} is not supported here: {which}; pass --dtype auto or {own}");
+    match device {
+        Device::Cpu => crate::backend::dtype::check_cpu_dtype(dtype),
+        Device::Cuda => crate::backend::dtype::gpu_dtype(dtype, None).map(|_| ()),
     }
-    Ok(())
 }
 
 fn same_model(tokenizer: &str, model: &str) -> bool {
@@ -344,10 +322,11 @@ mod tests {
         assert!(check_dtype("auto", Device::Cuda).is_ok());
         assert!(check_dtype("bfloat16", Device::Cuda).is_ok());
         assert!(check_dtype("bf16", Device::Cuda).is_ok());
-        let e = check_dtype("float16", Device::Cuda)
+        assert!(check_dtype("float16", Device::Cuda).is_ok());
+        let e = check_dtype("float32", Device::Cuda)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("bfloat16"), "{e}");
+        assert!(e.contains("bfloat16 or float16"), "{e}");
         assert!(check_dtype("float32", Device::Cpu).is_ok());
     }
 

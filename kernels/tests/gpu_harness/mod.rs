@@ -1,7 +1,8 @@
 //! Minimal CUDA plumbing for the kernel tests: a context on device 0, the embedded fatbins,
 //! raw device buffers, checked launches (every launch is followed by a synchronize so that an
-//! execution error is reported against the kernel that caused it), random bf16 data and the
-//! bf16 comparison rule.
+//! execution error is reported against the kernel that caused it), the element types the
+//! kernels are built for (`Elem`: bf16 and f16, with their module and kernel names, rounding,
+//! random data and tolerances) and the comparison rule.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -9,13 +10,112 @@ use std::ffi::{c_void, CString};
 use std::sync::Arc;
 
 use cudarc::driver::{result as drv, sys, CudaContext};
-use half::bf16;
+use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// bf16 tolerances (GPU.md): |got - want| <= ATOL + RTOL * |want|.
 pub const ATOL: f32 = 2e-2;
 pub const RTOL: f32 = 1.6e-2;
+
+/// f16 tolerances: about 10 ulps (f16's unit roundoff is 4.9e-4), tighter than bf16's.
+pub const ATOL_F16: f32 = 5e-3;
+pub const RTOL_F16: f32 = 5e-3;
+
+/// The 2-byte element type of a kernel build. Every dtype-dependent kernel file is compiled
+/// twice (common.cuh): as itself for bf16, and through `<stem>_f16.cu` for IEEE half, whose
+/// entry points are the bf16 names with `bf16` replaced by `f16` (or `_f16` appended to names
+/// without `bf16`). Device buffers of either type hold the raw bits (`u16`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Elem {
+    Bf16,
+    F16,
+}
+
+impl Elem {
+    pub const BOTH: [Elem; 2] = [Elem::Bf16, Elem::F16];
+
+    /// For messages: "bf16" or "f16".
+    pub fn name(self) -> &'static str {
+        match self {
+            Elem::Bf16 => "bf16",
+            Elem::F16 => "f16",
+        }
+    }
+
+    /// The kernel module (fatbin) of `stem` in this type: `norm` / `norm_f16`.
+    pub fn module(self, stem: &str) -> String {
+        match self {
+            Elem::Bf16 => stem.to_string(),
+            Elem::F16 => format!("{stem}_f16"),
+        }
+    }
+
+    /// The entry point named `bf16_name` in the bf16 build, in this type's build:
+    /// `rms_norm_bf16` -> `rms_norm_f16`, `paged_attention_prefill_hd64` ->
+    /// `paged_attention_prefill_hd64_f16`.
+    pub fn kernel(self, bf16_name: &str) -> String {
+        match self {
+            Elem::Bf16 => bf16_name.to_string(),
+            Elem::F16 if bf16_name.contains("bf16") => bf16_name.replace("bf16", "f16"),
+            Elem::F16 => format!("{bf16_name}_f16"),
+        }
+    }
+
+    /// `x` rounded to nearest even in this type, as raw bits.
+    pub fn bits(self, x: f32) -> u16 {
+        match self {
+            Elem::Bf16 => bf16::from_f32(x).to_bits(),
+            Elem::F16 => f16::from_f32(x).to_bits(),
+        }
+    }
+
+    /// The value of raw `bits` of this type, widened to f32 (exact).
+    pub fn widen(self, bits: u16) -> f32 {
+        match self {
+            Elem::Bf16 => bf16::from_bits(bits).to_f32(),
+            Elem::F16 => f16::from_bits(bits).to_f32(),
+        }
+    }
+
+    /// `x` rounded to this type (nearest even), as f32: what a kernel store keeps.
+    pub fn round(self, x: f32) -> f32 {
+        self.widen(self.bits(x))
+    }
+
+    /// Rounds every value of `x` to this type in place.
+    pub fn round_all(self, x: &mut [f32]) {
+        for v in x {
+            *v = self.round(*v);
+        }
+    }
+
+    /// A quiet NaN of this type (the poison of outputs).
+    pub fn nan(self) -> u16 {
+        match self {
+            Elem::Bf16 => bf16::NAN.to_bits(),
+            Elem::F16 => f16::NAN.to_bits(),
+        }
+    }
+
+    /// `n` uniform values in [-amp, amp), rounded to this type; returns (raw bits for the
+    /// device, the same values as f32 for the reference).
+    pub fn random(self, rng: &mut StdRng, n: usize, amp: f32) -> (Vec<u16>, Vec<f32>) {
+        let h: Vec<u16> = (0..n)
+            .map(|_| self.bits(rng.random_range(-amp..amp)))
+            .collect();
+        let f = h.iter().map(|&b| self.widen(b)).collect();
+        (h, f)
+    }
+
+    /// (atol, rtol) for outputs of this type: |got - want| <= atol + rtol |want|.
+    pub fn tolerance(self) -> (f32, f32) {
+        match self {
+            Elem::Bf16 => (ATOL, RTOL),
+            Elem::F16 => (ATOL_F16, RTOL_F16),
+        }
+    }
+}
 
 pub struct Gpu {
     _ctx: Arc<CudaContext>,
@@ -313,6 +413,11 @@ impl Gpu {
         self.download(buf).iter().map(|v| v.to_f32()).collect()
     }
 
+    /// A buffer of raw `e` elements, widened to f32.
+    pub fn download_as(&self, e: Elem, buf: &Buf<u16>) -> Vec<f32> {
+        self.download(buf).into_iter().map(|b| e.widen(b)).collect()
+    }
+
     /// Median time of `reps` runs of `body` in milliseconds, timed with device events.
     pub fn time_ms(&self, reps: usize, mut body: impl FnMut()) -> f32 {
         self.bind();
@@ -342,8 +447,6 @@ impl Gpu {
     }
 }
 
-pub const BF16_NAN: bf16 = bf16::NAN;
-
 /// RoPE inverse frequencies for `head_dim` and base `theta` (no scaling).
 pub fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
     (0..head_dim / 2)
@@ -360,16 +463,6 @@ pub fn rng(test: &str) -> StdRng {
         .unwrap_or_else(|| rand::rng().random::<u64>());
     eprintln!("{test}: seed {seed}");
     StdRng::seed_from_u64(seed)
-}
-
-/// `n` uniform values in [-amp, amp), rounded to bf16; returns (bf16 for the device, the same
-/// values as f32 for the reference).
-pub fn random_bf16(rng: &mut StdRng, n: usize, amp: f32) -> (Vec<bf16>, Vec<f32>) {
-    let h: Vec<bf16> = (0..n)
-        .map(|_| bf16::from_f32(rng.random_range(-amp..amp)))
-        .collect();
-    let f = h.iter().map(|v| v.to_f32()).collect();
-    (h, f)
 }
 
 /// Asserts |got - want| <= atol + rtol |want| elementwise (NaN fails), naming the worst ones.

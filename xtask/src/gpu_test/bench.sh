@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # rvllm GPU benchmarks (the suite behind BENCHMARKS.md), gathered by `cargo xtask gpu-test`.
-# Usage: ./bench.sh [latency] [latency-s6] [latency-nopdl] [latency-skip:PATTERNS]
+# Usage: ./bench.sh [latency] [latency-f16] [latency-s6] [latency-nopdl] [latency-skip:PATTERNS]
 #                   [latency-env:VAR=VALUE,...] [latency-bin:PATH] [ttft]
-#                   [throughput] [throughput-1024] [throughput-default] [throughput-default-sync]
+#                   [throughput] [throughput-1024] [throughput-default] [throughput-default-f16]
+#                   [throughput-default-sync]
 #                   [latency-sync] [trace] [trace-env:VAR=VALUE,...] [serve] [serve-c1]
 #                   [peers] [hf] [profile] [profile-throughput]
 #        (no argument: latency ttft throughput). Model: the Llama-3.1-8B shape with dummy weights.
@@ -75,6 +76,9 @@ for what in "$@"; do
     case "$what" in
     latency)
         run latency "${LATENCY[@]}" --output-json "$RES/latency.json" ;;
+    latency-f16)
+        # The same in float16 (the f16 build of every kernel, f16 cuBLAS GEMMs).
+        run latency-f16 "${LATENCY[@]}" --dtype float16 --output-json "$RES/latency-f16.json" ;;
     latency-s6) run latency-s6 env RVLLM_GEMV_STAGES=6 "${LATENCY[@]}" ;;
     latency-nopdl) run latency-nopdl env RVLLM_PDL=0 "${LATENCY[@]}" ;;
     latency-sync) run latency-sync "${LATENCY[@]}" --no-async-scheduling ;;
@@ -120,6 +124,10 @@ for what in "$@"; do
         run throughput-default "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
             --input-len 256 --output-len 256 --num-prompts 1000 \
             --output-json "$RES/throughput-default.json" ;;
+    throughput-default-f16)
+        run throughput-default-f16 "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
+            --input-len 256 --output-len 256 --num-prompts 1000 --dtype float16 \
+            --output-json "$RES/throughput-default-f16.json" ;;
     throughput-default-sync)
         # The same with each step scheduled only after the last one's output (no overlap).
         run throughput-default-sync "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \

@@ -1,21 +1,19 @@
-//! `Backend` on the GPU: bf16 activations and weights, cuBLAS GEMMs, rvllm-kernels for the
-//! rest. Step metadata goes up in one copy into buffers allocated once, so that every step
+//! `Backend` on the GPU: bf16 or f16 activations, weights and KV cache (`GpuDtype`), cuBLAS
+//! GEMMs, rvllm-kernels for the rest. Step metadata goes up in one copy into buffers allocated once, so that every step
 //! of a given shape uses the same device addresses (what CUDA graphs need).
 use std::ffi::c_void;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, ensure, Result};
-use cudarc::driver::sys::CUdeviceptr;
-use half::bf16;
-
 use super::device::{DevBuf, Gpu, PinnedPair};
+use super::elem::{bits_of, host_bits, kernel, value_of, GpuDtype, Kernel, ELEM_BYTES};
 use super::switches::switch;
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
-use crate::models::weights::{HostData, HostTensor};
+use crate::models::weights::HostTensor;
+use anyhow::{bail, ensure, Result};
+use cudarc::driver::sys::CUdeviceptr;
 use rvllm_kernels::{decode_smem, gemv_bulk::GemvBulk};
 
-const BF16: usize = 2;
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
 /// number of partitions per sequence (from the batch size alone, so that one CUDA graph serves
 /// every context; enough blocks for about two per SM) and the grid depth. Each block streams
@@ -83,9 +81,10 @@ pub struct CudaWeight {
     pub cols: usize,
 }
 
-/// A 1-D parameter, kept in bf16 (norm weights, biases) and f32 (RoPE frequencies).
+/// A 1-D parameter, kept in the compute type (norm weights, biases) and f32 (RoPE
+/// frequencies).
 pub struct CudaVector {
-    pub bf16: DevBuf,
+    pub elem: DevBuf,
     pub f32: DevBuf,
     pub len: usize,
 }
@@ -99,7 +98,7 @@ pub struct CudaKvCache {
 
 impl CudaKvCache {
     fn layer_bytes(&self) -> usize {
-        self.shape.layer_elems() * BF16
+        self.shape.layer_elems() * ELEM_BYTES
     }
     pub fn k_layer(&self, l: usize) -> CUdeviceptr {
         self.k.ptr + (l * self.layer_bytes()) as u64
@@ -218,8 +217,10 @@ pub struct CudaBackend {
     decode_compact: bool,
     scratch_partitions: usize,
     num_kv_heads: usize,
-    /// A column of bf16 ones: adds a bias as a rank-1 GEMM update.
+    /// A column of ones: adds a bias as a rank-1 GEMM update.
     ones: DevBuf,
+    /// The element type of activations, weights and the KV cache.
+    pub dtype: GpuDtype,
     /// Set while capturing a graph: decode attention's grid then takes the batch's target
     /// depth, which serves every context, not just the capture step's (the grid is frozen
     /// into the graph).
@@ -249,6 +250,7 @@ impl CudaBackend {
         num_heads: usize,
         num_kv_heads: usize,
         head_dim: usize,
+        dtype: GpuDtype,
     ) -> Result<Self> {
         let layout = MetaLayout::new(&limits);
         let meta = gpu.alloc(layout.total * 4)?;
@@ -269,8 +271,8 @@ impl CudaBackend {
         gpu.memset_zero(decode_semaphores.ptr, semaphores * 4)?;
         let decode_fold = switch("RVLLM_DECODE_REDUCE", &[("kernel", false), ("fold", true)])?;
         let decode_compact = switch("RVLLM_DECODE_COMPACT", &[("1", true), ("0", false)])?;
-        let ones = gpu.alloc(limits.max_tokens * BF16)?;
-        gpu.upload(ones.ptr, &vec![bf16::ONE; limits.max_tokens])?;
+        let ones = gpu.alloc(limits.max_tokens * ELEM_BYTES)?;
+        gpu.upload(ones.ptr, &vec![bits_of(1.0, dtype); limits.max_tokens])?;
         let gemv_bulk = gpu.compute_capability.0 >= 9
             && switch("RVLLM_GEMV", &[("bulk", true), ("classic", false)])?;
         // The built pipeline depths of gemv_bulk.cu.
@@ -291,6 +293,7 @@ impl CudaBackend {
             scratch_partitions,
             num_kv_heads,
             ones,
+            dtype,
             capturing_graph: std::sync::atomic::AtomicBool::new(false),
             upload_progress: Mutex::new(None),
             gemv_bulk,
@@ -299,7 +302,7 @@ impl CudaBackend {
         })
     }
 
-    /// Shows weight uploads on `bar` (bytes in bf16) until `finish_upload_progress`.
+    /// Shows weight uploads on `bar` (bytes in the compute type) until `finish_upload_progress`.
     pub fn set_upload_progress(&self, bar: indicatif::ProgressBar) {
         *self
             .upload_progress
@@ -332,8 +335,8 @@ impl CudaBackend {
         self.limits
     }
 
-    fn upload_bf16(&self, data: &[bf16]) -> Result<DevBuf> {
-        let buf = self.gpu.alloc(data.len() * BF16)?;
+    fn upload_bits(&self, data: &[u16]) -> Result<DevBuf> {
+        let buf = self.gpu.alloc(data.len() * ELEM_BYTES)?;
         self.gpu.upload(buf.ptr, data)?;
         Ok(buf)
     }
@@ -344,16 +347,28 @@ impl CudaBackend {
         Ok(buf)
     }
 
+    /// Launches the build of `kernel` for this backend's element type.
     fn launch(
         &self,
-        module: &'static str,
-        kernel: &'static str,
+        kernel: Kernel,
         grid: (u32, u32, u32),
         block: u32,
         params: &mut [*mut c_void],
     ) -> Result<()> {
+        self.launch_smem(kernel, grid, block, 0, params)
+    }
+
+    fn launch_smem(
+        &self,
+        kernel: Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared_bytes: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        let (module, name) = kernel.of(self.dtype);
         self.gpu
-            .launch(module, kernel, grid, (block, 1, 1), 0, params)
+            .launch(module, name, grid, (block, 1, 1), shared_bytes, params)
     }
 
     /// RoPE and the cache write for the step's tokens from `first` on (the decode tokens come
@@ -373,9 +388,9 @@ impl CudaBackend {
         if t == 0 {
             return Ok(());
         }
-        let q = qkv.buf.ptr + (first * layout.qkv_size() * BF16) as u64;
-        let k = q + (layout.q_size() * BF16) as u64;
-        let v = k + (layout.kv_size() * BF16) as u64;
+        let q = qkv.buf.ptr + (first * layout.qkv_size() * ELEM_BYTES) as u64;
+        let k = q + (layout.q_size() * ELEM_BYTES) as u64;
+        let v = k + (layout.kv_size() * ELEM_BYTES) as u64;
         let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
         let (pos, slots, inv) = (
             step.at(step.layout.positions + first),
@@ -389,8 +404,7 @@ impl CudaBackend {
         );
         let stride = layout.qkv_size() as i32;
         self.launch(
-            "rope_cache",
-            "rope_and_cache_bf16",
+            kernel!("rope_cache", "rope_and_cache_bf16", "rope_and_cache_f16"),
             (t as u32, 1, 1),
             256,
             args![q, k, v, kc, vc, pos, slots, inv, t, nh, nkv, hd, stride, stride, stride],
@@ -425,8 +439,8 @@ impl CudaBackend {
         let stride = layout.qkv_size() as i32;
         let scale = layout.scale;
         let q = qkv.buf.ptr;
-        let k = q + (layout.q_size() * BF16) as u64;
-        let v = k + (layout.kv_size() * BF16) as u64;
+        let k = q + (layout.q_size() * ELEM_BYTES) as u64;
+        let v = k + (layout.kv_size() * ELEM_BYTES) as u64;
         let o = out.buf.ptr;
         let group = layout.num_heads / layout.num_kv_heads;
         let depth = step.decode_partitions;
@@ -464,11 +478,10 @@ impl CudaBackend {
             step.num_decode as u32,
             depth as u32,
         );
-        self.gpu.launch(
-            "attention_decode",
+        self.launch_smem(
             kernel,
             grid,
-            (128, 1, 1),
+            128,
             smem,
             args![
                 o, po, pml, sem, q, k, v, stride, kc, vc, bt, cl, pos, slots, inv, scale, nh, nkv,
@@ -478,8 +491,11 @@ impl CudaBackend {
         if depth > 1 && !self.decode_fold {
             let (hdi, dp) = (hd as i32, depth as i32);
             self.launch(
-                "attention_decode",
-                "paged_attention_decode_reduce",
+                kernel!(
+                    "attention_decode",
+                    "paged_attention_decode_reduce",
+                    "paged_attention_decode_reduce_f16"
+                ),
                 (layout.num_heads as u32, step.num_decode as u32, 1),
                 128,
                 args![o, po, pml, cl, nh, hdi, dp, target],
@@ -504,8 +520,16 @@ impl CudaBackend {
         }
         let hd = layout.head_dim;
         let kernel = match hd {
-            64 => "paged_attention_prefill_hd64",
-            128 => "paged_attention_prefill_hd128",
+            64 => kernel!(
+                "attention_prefill",
+                "paged_attention_prefill_hd64",
+                "paged_attention_prefill_hd64_f16"
+            ),
+            128 => kernel!(
+                "attention_prefill",
+                "paged_attention_prefill_hd128",
+                "paged_attention_prefill_hd128_f16"
+            ),
             _ => bail!("no prefill attention kernel for head_dim {hd} (built: 64, 128)"),
         };
         let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
@@ -525,7 +549,6 @@ impl CudaBackend {
             num_prefill as u32,
         );
         self.launch(
-            "attention_prefill",
             kernel,
             grid,
             128,
@@ -538,7 +561,7 @@ impl CudaBackend {
         if self.gemv_bulk(GemvInput::Plain, false, x, w, y, None)? {
             return Ok(());
         }
-        self.gemv_classic("gemv_bf16_b1", x, w, y)
+        self.gemv_classic(kernel!("gemv", "gemv_bf16_b1", "gemv_f16_b1"), x, w, y)
     }
 
     /// Batch-1 GEMV through gemv_bulk (kernels/src/gemv_bulk.cu) when this GPU and `w` allow
@@ -561,20 +584,54 @@ impl CudaBackend {
             return Ok(false);
         };
         let kernel = match (input, add, stages == 6) {
-            (GemvInput::Plain, false, false) => "gemv_bulk_bf16_b1",
-            (GemvInput::Silu, false, false) => "gemv_bulk_silu_bf16_b1",
-            (GemvInput::Norm, false, false) => "gemv_bulk_norm_bf16_b1",
-            (GemvInput::Plain, true, false) => "gemv_bulk_add_bf16_b1",
-            (GemvInput::Silu, true, false) => "gemv_bulk_silu_add_bf16_b1",
-            (GemvInput::Plain, false, true) => "gemv_bulk_bf16_s6_b1",
-            (GemvInput::Silu, false, true) => "gemv_bulk_silu_bf16_s6_b1",
-            (GemvInput::Norm, false, true) => "gemv_bulk_norm_bf16_s6_b1",
-            (GemvInput::Plain, true, true) => "gemv_bulk_add_bf16_s6_b1",
-            (GemvInput::Silu, true, true) => "gemv_bulk_silu_add_bf16_s6_b1",
+            (GemvInput::Plain, false, false) => {
+                kernel!("gemv_bulk", "gemv_bulk_bf16_b1", "gemv_bulk_f16_b1")
+            }
+            (GemvInput::Silu, false, false) => kernel!(
+                "gemv_bulk",
+                "gemv_bulk_silu_bf16_b1",
+                "gemv_bulk_silu_f16_b1"
+            ),
+            (GemvInput::Norm, false, false) => kernel!(
+                "gemv_bulk",
+                "gemv_bulk_norm_bf16_b1",
+                "gemv_bulk_norm_f16_b1"
+            ),
+            (GemvInput::Plain, true, false) => {
+                kernel!("gemv_bulk", "gemv_bulk_add_bf16_b1", "gemv_bulk_add_f16_b1")
+            }
+            (GemvInput::Silu, true, false) => kernel!(
+                "gemv_bulk",
+                "gemv_bulk_silu_add_bf16_b1",
+                "gemv_bulk_silu_add_f16_b1"
+            ),
+            (GemvInput::Plain, false, true) => {
+                kernel!("gemv_bulk", "gemv_bulk_bf16_s6_b1", "gemv_bulk_f16_s6_b1")
+            }
+            (GemvInput::Silu, false, true) => kernel!(
+                "gemv_bulk",
+                "gemv_bulk_silu_bf16_s6_b1",
+                "gemv_bulk_silu_f16_s6_b1"
+            ),
+            (GemvInput::Norm, false, true) => kernel!(
+                "gemv_bulk",
+                "gemv_bulk_norm_bf16_s6_b1",
+                "gemv_bulk_norm_f16_s6_b1"
+            ),
+            (GemvInput::Plain, true, true) => kernel!(
+                "gemv_bulk",
+                "gemv_bulk_add_bf16_s6_b1",
+                "gemv_bulk_add_f16_s6_b1"
+            ),
+            (GemvInput::Silu, true, true) => kernel!(
+                "gemv_bulk",
+                "gemv_bulk_silu_add_bf16_s6_b1",
+                "gemv_bulk_silu_add_f16_s6_b1"
+            ),
             (GemvInput::Norm, true, _) => bail!("gemv_bulk has no norm + add variant"),
         };
         let (norm_w, eps) = match norm {
-            Some((v, eps)) => (v.bf16.ptr, eps),
+            Some((v, eps)) => (v.elem.ptr, eps),
             None => (0, 0.0f32),
         };
         let (wp, n, k, rows) = (
@@ -585,11 +642,10 @@ impl CudaBackend {
         );
         let grid = (w.rows.div_ceil(g.rows_per_stage) as u32).min(self.gpu.sm_count);
         let evict = self.gemv_evict_first as i32;
-        self.gpu.launch(
-            "gemv_bulk",
+        self.launch_smem(
             kernel,
             (grid, 1, 1),
-            (256, 1, 1),
+            256,
             g.shared_bytes,
             args![y, x, wp, n, k, rows, norm_w, eps, evict],
         )?;
@@ -599,7 +655,7 @@ impl CudaBackend {
     /// The warp-per-row GEMV of gemv.cu (any GPU).
     fn gemv_classic(
         &self,
-        kernel: &'static str,
+        kernel: Kernel,
         x: CUdeviceptr,
         w: &CudaWeight,
         y: CUdeviceptr,
@@ -608,7 +664,7 @@ impl CudaBackend {
         let (m, n, k) = (1i32, w.rows as i32, w.cols as i32);
         let wp = w.buf.ptr;
         let grid = (w.rows.div_ceil(8 / SPLIT as usize) as u32, 1, 1);
-        self.launch("gemv", kernel, grid, 256, args![y, x, wp, m, n, k, SPLIT])
+        self.launch(kernel, grid, 256, args![y, x, wp, m, n, k, SPLIT])
     }
 
     /// Whether a batch-1 GEMV over `w` fuses its neighbours (gemv_bulk applies).
@@ -616,13 +672,12 @@ impl CudaBackend {
         rows == 1 && self.gemv_bulk && GemvBulk::for_k(w.cols, self.gemv_stages).is_some()
     }
 
-    /// bf16 → f32, `n` elements.
-    pub fn bf16_to_f32(&self, out: CUdeviceptr, input: CUdeviceptr, n: usize) -> Result<()> {
+    /// Compute type → f32, `n` elements.
+    pub fn to_f32(&self, out: CUdeviceptr, input: CUdeviceptr, n: usize) -> Result<()> {
         let n64 = n as i64;
         let blocks = n.div_ceil(256).min(4096) as u32;
         self.launch(
-            "activation",
-            "bf16_to_f32",
+            kernel!("activation", "bf16_to_f32", "f16_to_f32"),
             (blocks, 1, 1),
             256,
             args![out, input, n64],
@@ -631,11 +686,7 @@ impl CudaBackend {
 
     /// The decode attention kernel (full or compact) for a head size and GQA group, and the
     /// query heads each of its blocks takes.
-    fn decode_kernel(
-        head_dim: usize,
-        group: usize,
-        compact: bool,
-    ) -> Result<(&'static str, usize)> {
+    fn decode_kernel(head_dim: usize, group: usize, compact: bool) -> Result<(Kernel, usize)> {
         let gt = match group {
             1 => 1,
             2 => 2,
@@ -658,14 +709,22 @@ macro_rules! decode_kernels {
         &[$((
             $hd,
             $gt,
-            concat!("paged_attention_decode_hd", $hd, "_g", $gt),
-            concat!("paged_attention_decode_compact_hd", $hd, "_g", $gt),
+            kernel!(
+                "attention_decode",
+                concat!("paged_attention_decode_hd", $hd, "_g", $gt),
+                concat!("paged_attention_decode_hd", $hd, "_g", $gt, "_f16")
+            ),
+            kernel!(
+                "attention_decode",
+                concat!("paged_attention_decode_compact_hd", $hd, "_g", $gt),
+                concat!("paged_attention_decode_compact_hd", $hd, "_g", $gt, "_f16")
+            ),
         )),*]
     };
 }
 
 /// The decode attention kernels of attention_decode.cu.
-const DECODE_KERNELS: &[(usize, usize, &str, &str)] = decode_kernels!(
+const DECODE_KERNELS: &[(usize, usize, Kernel, Kernel)] = decode_kernels!(
     (64, 1),
     (64, 2),
     (64, 4),
@@ -686,16 +745,6 @@ enum GemvInput {
     Norm,
 }
 
-/// bf16 copy of a host tensor on every core (an 8B model is 8 billion conversions).
-fn to_bf16_parallel(t: HostTensor) -> Vec<bf16> {
-    use rayon::prelude::*;
-    match t.data {
-        HostData::BF16(v) => v,
-        HostData::F32(v) => v.par_iter().map(|&x| bf16::from_f32(x)).collect(),
-        HostData::F16(v) => v.par_iter().map(|x| bf16::from_f32(x.to_f32())).collect(),
-    }
-}
-
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
@@ -711,7 +760,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_activation(&self, capacity_rows: usize, cols: usize) -> Result<CudaTensor> {
-        let buf = self.gpu.alloc(capacity_rows.max(1) * cols * BF16)?;
+        let buf = self.gpu.alloc(capacity_rows.max(1) * cols * ELEM_BYTES)?;
         Ok(CudaTensor {
             buf,
             rows: 0,
@@ -726,7 +775,7 @@ impl Backend for CudaBackend {
             "activation data has {} values for {rows}x{cols}",
             data.len()
         );
-        let host: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+        let host: Vec<u16> = data.iter().map(|&x| bits_of(x, self.dtype)).collect();
         let mut t = self.alloc_activation(rows, cols)?;
         self.gpu.upload(t.buf.ptr, &host)?;
         t.rows = rows;
@@ -734,10 +783,10 @@ impl Backend for CudaBackend {
     }
 
     fn to_host(&self, x: &CudaTensor, dst: &mut Vec<f32>) -> Result<()> {
-        let mut tmp = vec![bf16::ZERO; x.rows * x.cols];
+        let mut tmp = vec![0u16; x.rows * x.cols];
         self.gpu.download(&mut tmp, x.buf.ptr)?;
         dst.clear();
-        dst.extend(tmp.iter().map(|v| v.to_f32()));
+        dst.extend(tmp.iter().map(|&v| value_of(v, self.dtype)));
         Ok(())
     }
 
@@ -748,7 +797,7 @@ impl Backend for CudaBackend {
             t.shape
         );
         let (rows, cols) = (t.shape[0], t.shape[1]);
-        let buf = self.upload_bf16(&to_bf16_parallel(t))?;
+        let buf = self.upload_bits(&host_bits(t.data, self.dtype))?;
         self.count_upload(buf.bytes);
         Ok(CudaWeight { buf, rows, cols })
     }
@@ -760,16 +809,17 @@ impl Backend for CudaBackend {
             t.shape
         );
         let f = t.to_f32();
-        self.count_upload(f.len() * BF16);
+        self.count_upload(f.len() * ELEM_BYTES);
+        let bits: Vec<u16> = f.iter().map(|&x| bits_of(x, self.dtype)).collect();
         Ok(CudaVector {
-            bf16: self.upload_bf16(&t.to_bf16())?,
+            elem: self.upload_bits(&bits)?,
             f32: self.upload_f32(&f)?,
             len: f.len(),
         })
     }
 
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache> {
-        let bytes = shape.num_layers * shape.layer_elems() * BF16;
+        let bytes = shape.num_layers * shape.layer_elems() * ELEM_BYTES;
         let k = self.gpu.alloc(bytes)?;
         let v = self.gpu.alloc(bytes)?;
         self.gpu.memset_zero(k.ptr, bytes)?;
@@ -848,11 +898,13 @@ impl Backend for CudaBackend {
                 self.meta.ptr + (lay.table_offsets * 4) as u64,
             );
             let (n, stride) = (ns as i32, l.max_blocks_per_seq as i32);
-            self.launch(
+            // Block ids are int32 in both element types: one build.
+            self.gpu.launch(
                 "block_tables",
                 "expand_block_tables",
                 (ns as u32, 1, 1),
-                128,
+                (128, 1, 1),
+                0,
                 args![tables, ids, offsets, n, stride],
             )?;
         }
@@ -899,8 +951,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.launch(
-            "embedding",
-            "embedding_lookup_bf16",
+            kernel!("embedding", "embedding_lookup_bf16", "embedding_lookup_f16"),
             (n as u32, 1, 1),
             256,
             args![o, t, ids, n, h, v],
@@ -934,7 +985,8 @@ impl Backend for CudaBackend {
             // Batch-1 decode streams every weight once: our GEMV reads them faster than cuBLAS.
             self.gemv_b1(x.buf.ptr, w, out.buf.ptr)?;
         } else {
-            self.gpu.gemm_bf16(
+            self.gpu.gemm(
+                self.dtype,
                 x.buf.ptr,
                 w.buf.ptr,
                 out.buf.ptr,
@@ -952,9 +1004,10 @@ impl Backend for CudaBackend {
                 w.rows
             );
             // out += ones[rows, 1] @ bias[out, 1]^T
-            self.gpu.gemm_bf16(
+            self.gpu.gemm(
+                self.dtype,
                 self.ones.ptr,
-                b.bf16.ptr,
+                b.elem.ptr,
                 out.buf.ptr,
                 x.rows,
                 w.rows,
@@ -976,7 +1029,7 @@ impl Backend for CudaBackend {
         let (o, xp, wp, t, h) = (
             out.buf.ptr,
             x.buf.ptr,
-            weight.bf16.ptr,
+            weight.elem.ptr,
             x.rows as i32,
             x.cols as i32,
         );
@@ -984,8 +1037,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.launch(
-            "norm",
-            "rms_norm_bf16",
+            kernel!("norm", "rms_norm_bf16", "rms_norm_f16"),
             (t as u32, 1, 1),
             256,
             args![o, xp, wp, eps, t, h],
@@ -1007,14 +1059,13 @@ impl Backend for CudaBackend {
             x.rows
         );
         out.set_rows(x.rows)?;
-        let (o, r, xp, wp) = (out.buf.ptr, residual.buf.ptr, x.buf.ptr, weight.bf16.ptr);
+        let (o, r, xp, wp) = (out.buf.ptr, residual.buf.ptr, x.buf.ptr, weight.elem.ptr);
         let (t, h) = (x.rows as i32, x.cols as i32);
         if t == 0 {
             return Ok(());
         }
         self.launch(
-            "norm",
-            "fused_add_rms_norm_bf16",
+            kernel!("norm", "fused_add_rms_norm_bf16", "fused_add_rms_norm_f16"),
             (t as u32, 1, 1),
             256,
             args![o, r, xp, wp, eps, t, h],
@@ -1083,8 +1134,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.launch(
-            "activation",
-            "silu_and_mul_bf16",
+            kernel!("activation", "silu_and_mul_bf16", "silu_and_mul_f16"),
             (inter.div_ceil(2048) as u32, t as u32, 1),
             256,
             args![o, i, t, n],
@@ -1115,7 +1165,12 @@ impl Backend for CudaBackend {
         if self.gemv_bulk(GemvInput::Silu, false, x, down, y, None)? {
             return Ok(());
         }
-        self.gemv_classic("gemv_silu_bf16_b1", x, down, y)
+        self.gemv_classic(
+            kernel!("gemv", "gemv_silu_bf16_b1", "gemv_silu_f16_b1"),
+            x,
+            down,
+            y,
+        )
     }
 
     fn add_inplace(&self, acc: &mut CudaTensor, x: &CudaTensor) -> Result<()> {
@@ -1127,8 +1182,7 @@ impl Backend for CudaBackend {
         let (o, a, b) = (acc.buf.ptr, acc.buf.ptr, x.buf.ptr);
         let blocks = (n as usize).div_ceil(256).min(4096) as u32;
         self.launch(
-            "activation",
-            "add_bf16",
+            kernel!("activation", "add_bf16", "add_f16"),
             (blocks, 1, 1),
             256,
             args![o, a, b, n],
@@ -1187,7 +1241,8 @@ impl Backend for CudaBackend {
             return self.add_inplace(residual, scratch);
         }
         // cuBLAS accumulates into the residual (beta = 1): one rounding, no scratch pass.
-        self.gpu.gemm_bf16(
+        self.gpu.gemm(
+            self.dtype,
             x.buf.ptr,
             w.buf.ptr,
             residual.buf.ptr,
@@ -1248,8 +1303,7 @@ impl Backend for CudaBackend {
         let rows = step.logits_rows() + (range.start * 4) as u64;
         let (nr, cols) = (n as i32, x.cols as i32);
         self.launch(
-            "embedding",
-            "gather_rows_bf16",
+            kernel!("embedding", "gather_rows_bf16", "gather_rows_f16"),
             (n as u32, 1, 1),
             256,
             args![o, i, rows, nr, cols],
@@ -1307,15 +1361,25 @@ mod tests {
 
     #[test]
     fn decode_kernels_cover_the_built_head_sizes_and_groups() {
-        use super::CudaBackend;
+        use super::{CudaBackend, GpuDtype};
         // Llama-3.1-8B: group 4, head dim 128; groups of 3 take the 4-head tile, 5+ the 8-head.
+        let (full, gt) = CudaBackend::decode_kernel(128, 4, false).unwrap();
+        assert_eq!(gt, 4);
         assert_eq!(
-            CudaBackend::decode_kernel(128, 4, false).unwrap(),
-            ("paged_attention_decode_hd128_g4", 4)
+            full.of(GpuDtype::Bf16),
+            ("attention_decode", "paged_attention_decode_hd128_g4")
         );
         assert_eq!(
-            CudaBackend::decode_kernel(128, 4, true).unwrap(),
-            ("paged_attention_decode_compact_hd128_g4", 4)
+            full.of(GpuDtype::F16),
+            (
+                "attention_decode_f16",
+                "paged_attention_decode_hd128_g4_f16"
+            )
+        );
+        let (compact, _) = CudaBackend::decode_kernel(128, 4, true).unwrap();
+        assert_eq!(
+            compact.of(GpuDtype::F16).1,
+            "paged_attention_decode_compact_hd128_g4_f16"
         );
         assert_eq!(CudaBackend::decode_kernel(64, 3, true).unwrap().1, 4);
         assert_eq!(CudaBackend::decode_kernel(64, 7, false).unwrap().1, 8);

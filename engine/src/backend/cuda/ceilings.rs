@@ -54,7 +54,16 @@ pub fn gemm_rate(gpu: &Gpu) -> Result<f64> {
     gpu.upload(a.ptr, &host)?;
     gpu.upload(b.ptr, &host)?;
     let ms = time_ms(gpu, 20, || {
-        gpu.gemm_bf16(a.ptr, b.ptr, c.ptr, n, n, n, false)
+        gpu.gemm(
+            super::elem::GpuDtype::Bf16,
+            a.ptr,
+            b.ptr,
+            c.ptr,
+            n,
+            n,
+            n,
+            false,
+        )
     })?;
     Ok(2.0 * (n as f64).powi(3) / (ms * 1e-3))
 }

@@ -481,11 +481,12 @@ impl Gpu {
         drv::mem_get_info().map_err(|e| anyhow!("cuMemGetInfo: {e:?}"))
     }
 
-    /// Row-major `y[m, n] = x[m, k] @ w[n, k]^T` in bf16 with f32 accumulation (beta = 0, or
-    /// 1 to accumulate into y).
+    /// Row-major `y[m, n] = x[m, k] @ w[n, k]^T` in `dtype` with f32 accumulation (beta = 0,
+    /// or 1 to accumulate into y).
     #[allow(clippy::too_many_arguments)] // a BLAS call: the shape and operands, as cuBLAS takes them
-    pub fn gemm_bf16(
+    pub fn gemm(
         &self,
+        dtype: super::elem::GpuDtype,
         x: sys::CUdeviceptr,
         w: sys::CUdeviceptr,
         y: sys::CUdeviceptr,
@@ -501,6 +502,7 @@ impl Gpu {
             .profiler
             .as_ref()
             .and_then(|p| unsafe { p.begin(self.stream) });
+        let ty = super::elem::blas_type(dtype);
         // Column-major view: y^T[n, m] = w[n, k] (as k×n col-major, transposed) · x^T[k, m].
         let done = unsafe {
             blas::gemm_ex(
@@ -512,14 +514,14 @@ impl Gpu {
                 k as i32,
                 &alpha as *const f32 as *const c_void,
                 w as *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
+                ty,
                 k as i32,
                 x as *const c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
+                ty,
                 k as i32,
                 &beta as *const f32 as *const c_void,
                 y as *mut c_void,
-                blas_sys::cudaDataType::CUDA_R_16BF,
+                ty,
                 n as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
@@ -527,9 +529,13 @@ impl Gpu {
         };
         if let (Some(p), Some(start)) = (&self.profiler, started) {
             // SAFETY: `start` was begun on this stream just above.
-            unsafe { p.end("cublas_gemm_bf16", start, self.stream) };
+            let name = match dtype {
+                super::elem::GpuDtype::Bf16 => "cublas_gemm_bf16",
+                super::elem::GpuDtype::F16 => "cublas_gemm_f16",
+            };
+            unsafe { p.end(name, start, self.stream) };
         }
-        done.map_err(|e| anyhow!("cuBLAS bf16 GEMM ({m}x{k} @ {k}x{n}): {e:?}"))
+        done.map_err(|e| anyhow!("cuBLAS {} GEMM ({m}x{k} @ {k}x{n}): {e:?}", dtype.name()))
     }
 }
 

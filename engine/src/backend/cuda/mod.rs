@@ -3,6 +3,7 @@ pub mod backend;
 pub mod block_trace;
 pub mod ceilings;
 pub mod device;
+pub mod elem;
 pub mod profiler;
 pub mod runner;
 pub mod switches;

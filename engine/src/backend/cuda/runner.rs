@@ -90,8 +90,8 @@ pub struct CudaExecutor {
     /// LM-head input rows and f32 logits for the sampled rows of a step.
     gathered: CudaTensor,
     logits: DevBuf,
-    /// bf16 logits of the sampled rows (widened into `logits` for the sampler).
-    logits_bf16: DevBuf,
+    /// Logits of the sampled rows in the compute type (widened into `logits` for the sampler).
+    logits_elem: DevBuf,
     /// Scratch of the two-kernel sampler (`[rows, nchunks, 5]` int32).
     sample_partials: DevBuf,
     tokens: DevBuf,
@@ -174,9 +174,10 @@ pub fn create_cuda_executor(
 
 impl CudaExecutor {
     pub fn new(model: LoadedModel, cfg: &RunnerConfig, args: &EngineArgs) -> Result<Self> {
-        let gpu = Arc::new(Gpu::new(0)?);
         let config = model.config.clone();
         let c = &config;
+        let dtype = crate::backend::dtype::gpu_dtype(&args.dtype, c.torch_dtype.as_deref())?;
+        let gpu = Arc::new(Gpu::new(0)?);
         let max_len = args
             .max_model_len
             .unwrap_or(c.max_position_embeddings)
@@ -205,11 +206,12 @@ impl CudaExecutor {
             c.num_attention_heads,
             c.num_key_value_heads,
             c.head_dim,
+            dtype,
         )?;
         let gathered = be.alloc_activation(max_seqs, c.hidden_size)?;
         let logits = gpu.alloc(max_seqs * c.vocab_size * 4)?;
         let tokens = gpu.alloc(max_seqs * 4)?;
-        let logits_bf16 = gpu.alloc(max_seqs * c.vocab_size * 2)?;
+        let logits_elem = gpu.alloc(max_seqs * c.vocab_size * 2)?;
         let sample_partials = gpu.alloc(max_seqs * 128 * 5 * 4)?;
         let token_logprobs = gpu.alloc(max_seqs * 4)?;
         let sampling = SamplingBuffers {
@@ -231,7 +233,7 @@ impl CudaExecutor {
         if !args.disable_progress {
             be.set_upload_progress(crate::models::loader::bytes_progress_bar(
                 c.num_parameters() * 2,
-                &format!("weights to {} (bf16)", gpu.name),
+                &format!("weights to {} ({})", gpu.name, dtype.name()),
             ));
         }
         let runner = ModelRunner::new(be, c, model.weights, cfg, profile_blocks);
@@ -240,9 +242,10 @@ impl CudaExecutor {
         }
         let mut runner = runner.with_context(|| format!("loading the model onto {}", gpu.name))?;
         eprintln!(
-            "rvllm: weights on {} in {:.1} s",
+            "rvllm: weights on {} in {:.1} s, computing in {}",
             gpu.name,
-            t0.elapsed().as_secs_f64()
+            t0.elapsed().as_secs_f64(),
+            dtype.name()
         );
         profile_pass(
             &mut runner,
@@ -291,7 +294,7 @@ impl CudaExecutor {
             num_blocks,
             gathered,
             logits,
-            logits_bf16,
+            logits_elem,
             sample_partials,
             tokens,
             token_logprobs,
@@ -356,22 +359,23 @@ impl CudaExecutor {
         be.gather_rows(ws.normed(), step, 0..rows, &mut self.gathered)?;
         let c = &self.config;
         let lm_head = model.lm_head();
-        // Logits are made in bf16, as the host path (and vLLM) make them, then widened: the
-        // on-GPU sampler and the host sampler then see the same values.
+        // Logits are made in the compute type, as the host path (and vLLM) make them, then
+        // widened: the on-GPU sampler and the host sampler then see the same values.
         if rows == 1 && c.hidden_size % 8 == 0 {
-            be.gemv_b1(self.gathered.ptr(), lm_head, self.logits_bf16.ptr)?;
+            be.gemv_b1(self.gathered.ptr(), lm_head, self.logits_elem.ptr)?;
         } else {
-            self.gpu.gemm_bf16(
+            self.gpu.gemm(
+                be.dtype,
                 self.gathered.ptr(),
                 lm_head.buf.ptr,
-                self.logits_bf16.ptr,
+                self.logits_elem.ptr,
                 rows,
                 c.vocab_size,
                 c.hidden_size,
                 false,
             )?;
         }
-        be.bf16_to_f32(self.logits.ptr, self.logits_bf16.ptr, rows * c.vocab_size)?;
+        be.to_f32(self.logits.ptr, self.logits_elem.ptr, rows * c.vocab_size)?;
         let (t, lp, lg) = (self.tokens.ptr, self.token_logprobs.ptr, self.logits.ptr);
         let vocab = c.vocab_size as i32;
         let s = &self.sampling;

@@ -169,6 +169,7 @@ fn read_config_inner(g: &GgufFile) -> Result<ModelConfig> {
         sliding_window: None,
         bos_token_id: id("tokenizer.ggml.bos_token_id")?,
         eos_token_ids,
+        torch_dtype: None,
     };
     super::layout::check_config_sane(&cfg)?;
     if let Some(info) = g.tensor_info("rope_freqs.weight") {

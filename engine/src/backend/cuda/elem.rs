@@ -1,0 +1,127 @@
+//! The GPU's element type (bf16 or f16) where it meets the host: which build of a kernel to
+//! launch, cuBLAS's name of the type, and the conversions of uploads and downloads. Both types
+//! are 2 bytes, so buffers, strides and launch geometry never depend on it.
+use cudarc::cublas::sys::cudaDataType;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+pub use crate::backend::dtype::GpuDtype;
+use crate::models::weights::HostData;
+
+/// Bytes of one element in either type.
+pub const ELEM_BYTES: usize = 2;
+
+/// An rvllm-kernels entry point in both element types: the bf16 build lives in module
+/// `<stem>`, the f16 build (the same source compiled with RVLLM_F16) in `<stem>_f16`, each
+/// under its own name (kernels/src/common.cuh). Make one with `kernel!`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernel {
+    modules: [&'static str; 2],
+    names: [&'static str; 2],
+}
+
+impl Kernel {
+    pub const fn new(
+        module_bf16: &'static str,
+        module_f16: &'static str,
+        bf16: &'static str,
+        f16: &'static str,
+    ) -> Self {
+        Self {
+            modules: [module_bf16, module_f16],
+            names: [bf16, f16],
+        }
+    }
+
+    /// (module, entry point) of the build for `dtype`.
+    pub fn of(self, dtype: GpuDtype) -> (&'static str, &'static str) {
+        let i = match dtype {
+            GpuDtype::Bf16 => 0,
+            GpuDtype::F16 => 1,
+        };
+        (self.modules[i], self.names[i])
+    }
+}
+
+/// `kernel!("norm", "rms_norm_bf16", "rms_norm_f16")`: the entry point of `norm.cu` in both
+/// builds.
+macro_rules! kernel {
+    ($stem:literal, $bf16:expr, $f16:expr) => {
+        $crate::backend::cuda::elem::Kernel::new($stem, concat!($stem, "_f16"), $bf16, $f16)
+    };
+}
+pub(crate) use kernel;
+
+/// cuBLAS's name of the type.
+pub fn blas_type(dtype: GpuDtype) -> cudaDataType {
+    match dtype {
+        GpuDtype::Bf16 => cudaDataType::CUDA_R_16BF,
+        GpuDtype::F16 => cudaDataType::CUDA_R_16F,
+    }
+}
+
+/// `x` rounded to the type (nearest, ties to even), as its 16 bits.
+pub fn bits_of(x: f32, dtype: GpuDtype) -> u16 {
+    match dtype {
+        GpuDtype::Bf16 => bf16::from_f32(x).to_bits(),
+        GpuDtype::F16 => f16::from_f32(x).to_bits(),
+    }
+}
+
+/// The value of 16 bits of the type.
+pub fn value_of(bits: u16, dtype: GpuDtype) -> f32 {
+    match dtype {
+        GpuDtype::Bf16 => bf16::from_bits(bits).to_f32(),
+        GpuDtype::F16 => f16::from_bits(bits).to_f32(),
+    }
+}
+
+/// Host data as the type's bits, converted on every core (an 8B model is 8 billion
+/// conversions); data already in the type moves without a copy of its values.
+pub fn host_bits(data: HostData, dtype: GpuDtype) -> Vec<u16> {
+    match (data, dtype) {
+        (HostData::BF16(v), GpuDtype::Bf16) => v.into_iter().map(bf16::to_bits).collect(),
+        (HostData::F16(v), GpuDtype::F16) => v.into_iter().map(f16::to_bits).collect(),
+        (HostData::F32(v), d) => v.par_iter().map(|&x| bits_of(x, d)).collect(),
+        (HostData::F16(v), d) => v.par_iter().map(|x| bits_of(x.to_f32(), d)).collect(),
+        (HostData::BF16(v), d) => v.par_iter().map(|x| bits_of(x.to_f32(), d)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_name_the_build_of_each_type() {
+        let k = kernel!("norm", "rms_norm_bf16", "rms_norm_f16");
+        assert_eq!(k.of(GpuDtype::Bf16), ("norm", "rms_norm_bf16"));
+        assert_eq!(k.of(GpuDtype::F16), ("norm_f16", "rms_norm_f16"));
+    }
+
+    #[test]
+    fn host_data_converts_to_either_type_with_one_rounding() {
+        let x = [1.0f32, -2.5, 1.0e-3, 70000.0, 2.71];
+        for d in [GpuDtype::Bf16, GpuDtype::F16] {
+            let from_f32 = host_bits(HostData::F32(x.to_vec()), d);
+            let want: Vec<u16> = x.iter().map(|&v| bits_of(v, d)).collect();
+            assert_eq!(from_f32, want, "{d:?}");
+            let as_bf16 = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let from_bf16 = host_bits(HostData::BF16(as_bf16), d);
+            assert_eq!(value_of(from_bf16[1], d), -2.5);
+        }
+        // f16 has no 70000: it rounds to infinity, as torch's .half() does.
+        assert!(value_of(bits_of(70000.0, GpuDtype::F16), GpuDtype::F16).is_infinite());
+        // f16 keeps 3 more mantissa bits than bf16.
+        assert_eq!(
+            value_of(bits_of(0.1, GpuDtype::F16), GpuDtype::F16),
+            0.099975586
+        );
+        assert_eq!(
+            value_of(bits_of(0.1, GpuDtype::Bf16), GpuDtype::Bf16),
+            0.100097656
+        );
+        let same = host_bits(HostData::F16(vec![f16::from_f32(0.1)]), GpuDtype::F16);
+        assert_eq!(same, vec![f16::from_f32(0.1).to_bits()]);
+    }
+}
