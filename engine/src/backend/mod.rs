@@ -197,7 +197,7 @@ pub trait Activation {
 /// The ops a model forward pass needs. Every op writes into an output that the caller
 /// allocated up front, and sets the output's row count from its input.
 pub trait Backend: Send + Sized + 'static {
-    /// Activations (`[rows, cols]`, f32 on the CPU, bf16 on the GPU).
+    /// Activations (`[rows, cols]`, f32 on the CPU, bf16 or f16 on the GPU).
     type Tensor: Activation + Send;
     /// A `[out, in]` matrix: linear weights, the embedding table, the LM head.
     type Weight: Send;
