@@ -372,15 +372,15 @@ mod gpu {
             .collect()
     }
 
-    #[test]
-    fn tiny_llama3_hd64_greedy_matches_transformers() {
-        let Some(_gpu) = gpu("tiny_llama3_hd64_greedy_matches_transformers") else {
+    /// A tiny fixture through the greedy suite on the GPU, computing in `dtype`.
+    fn tiny_greedy_on_gpu(test: &str, name: &str, dtype: &str) {
+        let Some(_gpu) = gpu(test) else {
             return;
         };
-        let (dir, prompts, tol) = tiny_reference("llama3_hd64");
+        let (dir, prompts, tol) = tiny_reference(name);
         greedy_suite(
             "cuda",
-            "auto",
+            dtype,
             &[false, true],
             &dir,
             &prompts,
@@ -392,21 +392,20 @@ mod gpu {
     }
 
     #[test]
-    fn tiny_qwen2_hd128_greedy_matches_transformers() {
-        let Some(_gpu) = gpu("tiny_qwen2_hd128_greedy_matches_transformers") else {
-            return;
-        };
-        let (dir, prompts, tol) = tiny_reference("qwen2_hd128");
-        greedy_suite(
-            "cuda",
+    fn tiny_llama3_hd64_greedy_matches_transformers() {
+        tiny_greedy_on_gpu(
+            "tiny_llama3_hd64_greedy_matches_transformers",
+            "llama3_hd64",
             "auto",
-            &[false, true],
-            &dir,
-            &prompts,
-            32,
-            256,
-            0,
-            tol,
+        );
+    }
+
+    #[test]
+    fn tiny_qwen2_hd128_greedy_matches_transformers() {
+        tiny_greedy_on_gpu(
+            "tiny_qwen2_hd128_greedy_matches_transformers",
+            "qwen2_hd128",
+            "auto",
         );
     }
 
@@ -415,21 +414,11 @@ mod gpu {
     /// the bf16 tolerance bounds it), batched and one at a time, graphs and eager.
     #[test]
     fn tiny_fixtures_in_float16_match_transformers() {
-        let Some(_gpu) = gpu("tiny_fixtures_in_float16_match_transformers") else {
-            return;
-        };
         for name in ["llama3_hd64", "qwen2_hd128"] {
-            let (dir, prompts, tol) = tiny_reference(name);
-            greedy_suite(
-                "cuda",
+            tiny_greedy_on_gpu(
+                "tiny_fixtures_in_float16_match_transformers",
+                name,
                 "float16",
-                &[false, true],
-                &dir,
-                &prompts,
-                32,
-                256,
-                0,
-                tol,
             );
         }
     }
@@ -457,7 +446,7 @@ mod gpu {
 
         let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.prompt_ids.clone()).collect();
         let params = greedy_params(16, true);
-        let mut run = |dtype: &str, model: &Path| {
+        let run = |dtype: &str, model: &Path| {
             let mut llm = engine("cuda", dtype, model, false, 256, 2048);
             generate(&mut llm, &prompt_ids, &params, true)
         };
