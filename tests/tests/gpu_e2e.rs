@@ -6,10 +6,10 @@
 //! Each runs in bf16 (the fixtures' own type) and in f16 (`--dtype float16`); a copy of a
 //! fixture whose config says float16 checks that `--dtype auto` follows the checkpoint.
 //!
-//! The GPU computes in bf16 or f16 and the references in f32, so greedy tokens follow the bf16 rule:
-//! identical, or at the first difference each side's token is in the other's top 5 (our top 5
-//! from `logprobs: 5`); and on every step up to the first difference our top-5 logprobs lie
-//! within a tolerance of the reference's. Requests asking for logprobs are sampled on the host,
+//! The GPU computes in bf16 or f16 and the references in f32, so greedy tokens follow the
+//! bf16 rule: identical, or at the first difference each side's token is in the other's top 5
+//! (our top 5 from `logprobs: 5`); and on every step up to the first difference our top-5
+//! logprobs lie within a tolerance of the reference's. Requests asking for logprobs are sampled on the host,
 //! so every run is repeated without logprobs (the on-GPU sampler) and must give the same
 //! tokens. Each comparison runs batched (all prompts in one call, small steps that chunk the
 //! prefill) and one prompt at a time, with CUDA graphs and with `enforce_eager`.
@@ -421,6 +421,29 @@ mod gpu {
                 "float16",
             );
         }
+    }
+
+    /// Every entry point the backend launches exists in its module, in both builds: the
+    /// suites above reach only the default paths (not the 6-stage bulk GEMVs, the classic
+    /// GEMV of `RVLLM_GEMV=classic`, every decode tile), and a misspelt name would surface
+    /// only when a user's settings reached it.
+    #[test]
+    fn every_kernel_the_backend_names_is_in_both_builds() {
+        let Some(_gpu) = gpu("every_kernel_the_backend_names_is_in_both_builds") else {
+            return;
+        };
+        use rvllm::backend::cuda::elem::GpuDtype;
+        let g = rvllm::backend::cuda::Gpu::new(0).expect("a CUDA context");
+        let mut missing = Vec::new();
+        for k in rvllm::backend::cuda::kernels::all() {
+            for dtype in [GpuDtype::Bf16, GpuDtype::F16] {
+                let (module, name) = k.of(dtype);
+                if let Err(e) = g.function(module, name) {
+                    missing.push(format!("{e:#}"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "{}", missing.join("\n"));
     }
 
     /// `--dtype auto` follows the checkpoint: a copy of a bf16 fixture whose config.json says

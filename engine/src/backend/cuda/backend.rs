@@ -1,17 +1,20 @@
 //! `Backend` on the GPU: bf16 or f16 activations, weights and KV cache (`GpuDtype`), cuBLAS
-//! GEMMs, rvllm-kernels for the rest. Step metadata goes up in one copy into buffers allocated once, so that every step
-//! of a given shape uses the same device addresses (what CUDA graphs need).
+//! GEMMs, rvllm-kernels for the rest. Step metadata goes up in one copy into buffers allocated
+//! once, so that every step of a given shape uses the same device addresses (what CUDA graphs
+//! need).
 use std::ffi::c_void;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
+use anyhow::{bail, ensure, Result};
+use cudarc::driver::sys::CUdeviceptr;
+
 use super::device::{DevBuf, Gpu, PinnedPair};
-use super::elem::{bits_of, host_bits, kernel, value_of, GpuDtype, Kernel, ELEM_BYTES};
+use super::elem::{bits_of, host_bits, value_of, GpuDtype, Kernel, ELEM_BYTES};
+use super::kernels;
 use super::switches::switch;
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
 use crate::models::weights::HostTensor;
-use anyhow::{bail, ensure, Result};
-use cudarc::driver::sys::CUdeviceptr;
 use rvllm_kernels::{decode_smem, gemv_bulk::GemvBulk};
 
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
@@ -404,7 +407,7 @@ impl CudaBackend {
         );
         let stride = layout.qkv_size() as i32;
         self.launch(
-            kernel!("rope_cache", "rope_and_cache_bf16", "rope_and_cache_f16"),
+            kernels::ROPE_AND_CACHE,
             (t as u32, 1, 1),
             256,
             args![q, k, v, kc, vc, pos, slots, inv, t, nh, nkv, hd, stride, stride, stride],
@@ -491,11 +494,7 @@ impl CudaBackend {
         if depth > 1 && !self.decode_fold {
             let (hdi, dp) = (hd as i32, depth as i32);
             self.launch(
-                kernel!(
-                    "attention_decode",
-                    "paged_attention_decode_reduce",
-                    "paged_attention_decode_reduce_f16"
-                ),
+                kernels::DECODE_REDUCE,
                 (layout.num_heads as u32, step.num_decode as u32, 1),
                 128,
                 args![o, po, pml, cl, nh, hdi, dp, target],
@@ -519,18 +518,8 @@ impl CudaBackend {
             return Ok(());
         }
         let hd = layout.head_dim;
-        let kernel = match hd {
-            64 => kernel!(
-                "attention_prefill",
-                "paged_attention_prefill_hd64",
-                "paged_attention_prefill_hd64_f16"
-            ),
-            128 => kernel!(
-                "attention_prefill",
-                "paged_attention_prefill_hd128",
-                "paged_attention_prefill_hd128_f16"
-            ),
-            _ => bail!("no prefill attention kernel for head_dim {hd} (built: 64, 128)"),
+        let Some(&(_, kernel)) = kernels::PREFILL.iter().find(|p| p.0 == hd) else {
+            bail!("no prefill attention kernel for head_dim {hd} (built: 64, 128)");
         };
         let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
         let (nh, nkv) = (layout.num_heads as i32, layout.num_kv_heads as i32);
@@ -561,7 +550,7 @@ impl CudaBackend {
         if self.gemv_bulk(GemvInput::Plain, false, x, w, y, None)? {
             return Ok(());
         }
-        self.gemv_classic(kernel!("gemv", "gemv_bf16_b1", "gemv_f16_b1"), x, w, y)
+        self.gemv_classic(kernels::GEMV_B1, x, w, y)
     }
 
     /// Batch-1 GEMV through gemv_bulk (kernels/src/gemv_bulk.cu) when this GPU and `w` allow
@@ -583,53 +572,15 @@ impl CudaBackend {
         else {
             return Ok(false);
         };
-        let kernel = match (input, add, stages == 6) {
-            (GemvInput::Plain, false, false) => {
-                kernel!("gemv_bulk", "gemv_bulk_bf16_b1", "gemv_bulk_f16_b1")
-            }
-            (GemvInput::Silu, false, false) => kernel!(
-                "gemv_bulk",
-                "gemv_bulk_silu_bf16_b1",
-                "gemv_bulk_silu_f16_b1"
-            ),
-            (GemvInput::Norm, false, false) => kernel!(
-                "gemv_bulk",
-                "gemv_bulk_norm_bf16_b1",
-                "gemv_bulk_norm_f16_b1"
-            ),
-            (GemvInput::Plain, true, false) => {
-                kernel!("gemv_bulk", "gemv_bulk_add_bf16_b1", "gemv_bulk_add_f16_b1")
-            }
-            (GemvInput::Silu, true, false) => kernel!(
-                "gemv_bulk",
-                "gemv_bulk_silu_add_bf16_b1",
-                "gemv_bulk_silu_add_f16_b1"
-            ),
-            (GemvInput::Plain, false, true) => {
-                kernel!("gemv_bulk", "gemv_bulk_bf16_s6_b1", "gemv_bulk_f16_s6_b1")
-            }
-            (GemvInput::Silu, false, true) => kernel!(
-                "gemv_bulk",
-                "gemv_bulk_silu_bf16_s6_b1",
-                "gemv_bulk_silu_f16_s6_b1"
-            ),
-            (GemvInput::Norm, false, true) => kernel!(
-                "gemv_bulk",
-                "gemv_bulk_norm_bf16_s6_b1",
-                "gemv_bulk_norm_f16_s6_b1"
-            ),
-            (GemvInput::Plain, true, true) => kernel!(
-                "gemv_bulk",
-                "gemv_bulk_add_bf16_s6_b1",
-                "gemv_bulk_add_f16_s6_b1"
-            ),
-            (GemvInput::Silu, true, true) => kernel!(
-                "gemv_bulk",
-                "gemv_bulk_silu_add_bf16_s6_b1",
-                "gemv_bulk_silu_add_f16_s6_b1"
-            ),
-            (GemvInput::Norm, true, _) => bail!("gemv_bulk has no norm + add variant"),
+        let depths = match (input, add) {
+            (GemvInput::Plain, false) => kernels::GEMV_BULK_PLAIN,
+            (GemvInput::Silu, false) => kernels::GEMV_BULK_SILU,
+            (GemvInput::Norm, false) => kernels::GEMV_BULK_NORM,
+            (GemvInput::Plain, true) => kernels::GEMV_BULK_ADD,
+            (GemvInput::Silu, true) => kernels::GEMV_BULK_SILU_ADD,
+            (GemvInput::Norm, true) => bail!("gemv_bulk has no norm + add variant"),
         };
+        let kernel = depths[usize::from(stages == 6)];
         let (norm_w, eps) = match norm {
             Some((v, eps)) => (v.elem.ptr, eps),
             None => (0, 0.0f32),
@@ -676,12 +627,7 @@ impl CudaBackend {
     pub fn to_f32(&self, out: CUdeviceptr, input: CUdeviceptr, n: usize) -> Result<()> {
         let n64 = n as i64;
         let blocks = n.div_ceil(256).min(4096) as u32;
-        self.launch(
-            kernel!("activation", "bf16_to_f32", "f16_to_f32"),
-            (blocks, 1, 1),
-            256,
-            args![out, input, n64],
-        )
+        self.launch(kernels::TO_F32, (blocks, 1, 1), 256, args![out, input, n64])
     }
 
     /// The decode attention kernel (full or compact) for a head size and GQA group, and the
@@ -693,7 +639,7 @@ impl CudaBackend {
             3 | 4 => 4,
             _ => 8,
         };
-        let Some(&(_, _, full, small)) = DECODE_KERNELS
+        let Some(&(_, _, full, small)) = kernels::DECODE
             .iter()
             .find(|&&(hd, g, _, _)| hd == head_dim && g == gt)
         else {
@@ -702,38 +648,6 @@ impl CudaBackend {
         Ok((if compact { small } else { full }, gt))
     }
 }
-
-/// (head dim, query heads a block, the full kernel, the compact one) for each tile built.
-macro_rules! decode_kernels {
-    ($(($hd:literal, $gt:literal)),*) => {
-        &[$((
-            $hd,
-            $gt,
-            kernel!(
-                "attention_decode",
-                concat!("paged_attention_decode_hd", $hd, "_g", $gt),
-                concat!("paged_attention_decode_hd", $hd, "_g", $gt, "_f16")
-            ),
-            kernel!(
-                "attention_decode",
-                concat!("paged_attention_decode_compact_hd", $hd, "_g", $gt),
-                concat!("paged_attention_decode_compact_hd", $hd, "_g", $gt, "_f16")
-            ),
-        )),*]
-    };
-}
-
-/// The decode attention kernels of attention_decode.cu.
-const DECODE_KERNELS: &[(usize, usize, Kernel, Kernel)] = decode_kernels!(
-    (64, 1),
-    (64, 2),
-    (64, 4),
-    (64, 8),
-    (128, 1),
-    (128, 2),
-    (128, 4),
-    (128, 8)
-);
 
 /// What a bulk GEMV reads as its input vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -951,7 +865,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.launch(
-            kernel!("embedding", "embedding_lookup_bf16", "embedding_lookup_f16"),
+            kernels::EMBEDDING,
             (n as u32, 1, 1),
             256,
             args![o, t, ids, n, h, v],
@@ -1037,7 +951,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.launch(
-            kernel!("norm", "rms_norm_bf16", "rms_norm_f16"),
+            kernels::RMS_NORM,
             (t as u32, 1, 1),
             256,
             args![o, xp, wp, eps, t, h],
@@ -1065,7 +979,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.launch(
-            kernel!("norm", "fused_add_rms_norm_bf16", "fused_add_rms_norm_f16"),
+            kernels::FUSED_ADD_RMS_NORM,
             (t as u32, 1, 1),
             256,
             args![o, r, xp, wp, eps, t, h],
@@ -1134,7 +1048,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.launch(
-            kernel!("activation", "silu_and_mul_bf16", "silu_and_mul_f16"),
+            kernels::SILU_AND_MUL,
             (inter.div_ceil(2048) as u32, t as u32, 1),
             256,
             args![o, i, t, n],
@@ -1165,12 +1079,7 @@ impl Backend for CudaBackend {
         if self.gemv_bulk(GemvInput::Silu, false, x, down, y, None)? {
             return Ok(());
         }
-        self.gemv_classic(
-            kernel!("gemv", "gemv_silu_bf16_b1", "gemv_silu_f16_b1"),
-            x,
-            down,
-            y,
-        )
+        self.gemv_classic(kernels::GEMV_SILU_B1, x, down, y)
     }
 
     fn add_inplace(&self, acc: &mut CudaTensor, x: &CudaTensor) -> Result<()> {
@@ -1181,12 +1090,7 @@ impl Backend for CudaBackend {
         }
         let (o, a, b) = (acc.buf.ptr, acc.buf.ptr, x.buf.ptr);
         let blocks = (n as usize).div_ceil(256).min(4096) as u32;
-        self.launch(
-            kernel!("activation", "add_bf16", "add_f16"),
-            (blocks, 1, 1),
-            256,
-            args![o, a, b, n],
-        )
+        self.launch(kernels::ADD, (blocks, 1, 1), 256, args![o, a, b, n])
     }
 
     fn norm_linear(
@@ -1303,7 +1207,7 @@ impl Backend for CudaBackend {
         let rows = step.logits_rows() + (range.start * 4) as u64;
         let (nr, cols) = (n as i32, x.cols as i32);
         self.launch(
-            kernel!("embedding", "gather_rows_bf16", "gather_rows_f16"),
+            kernels::GATHER_ROWS,
             (n as u32, 1, 1),
             256,
             args![o, i, rows, nr, cols],

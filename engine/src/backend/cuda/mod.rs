@@ -4,6 +4,7 @@ pub mod block_trace;
 pub mod ceilings;
 pub mod device;
 pub mod elem;
+pub mod kernels;
 pub mod profiler;
 pub mod runner;
 pub mod switches;
