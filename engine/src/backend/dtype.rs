@@ -5,6 +5,8 @@
 //! GPU rvllm supports (sm_80+) and which keeps float32's range.
 use anyhow::{bail, Result};
 
+use crate::engine::Device;
+
 /// The element type of the GPU's activations, weights and KV cache (both 2 bytes; arithmetic
 /// inside the kernels is f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +36,15 @@ fn canonical(flag: &str) -> Result<&'static str> {
             "unknown --dtype `{other}`: use auto, bfloat16, float16 or float32 (vLLM's names)"
         ),
     })
+}
+
+/// `--dtype`: `auto`, or a type the device computes in (bfloat16 or float16 on the GPU,
+/// float32 on the CPU), under any of vLLM's spellings of it. Checked before the model loads.
+pub fn check_dtype(flag: &str, device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => check_cpu_dtype(flag),
+        Device::Cuda => gpu_dtype(flag, None).map(|_| ()),
+    }
 }
 
 /// The CPU backend's check: `auto` or float32.

@@ -140,7 +140,7 @@ impl EngineCore {
         }
         let device = resolve_device(&args.device)?;
         // A --dtype the device cannot run fails before the model loads.
-        crate::server::compat::check_dtype(&args.dtype, device)?;
+        crate::backend::dtype::check_dtype(&args.dtype, device)?;
         let load_format = match args.load_format.as_str() {
             "auto" | "safetensors" | "gguf" => LoadFormat::Auto,
             "dummy" => LoadFormat::Dummy,

@@ -7,7 +7,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use super::validate::MAX_LOGPROBS;
-use crate::engine::{resolve_device, Device, EngineArgs};
+use crate::backend::dtype::check_dtype;
+use crate::engine::{resolve_device, EngineArgs};
 
 #[derive(Args, Clone, Debug)]
 #[command(next_help_heading = "vLLM compatibility")]
@@ -96,15 +97,6 @@ pub struct VllmCompatArgs {
     pub enable_auto_tool_choice: bool,
     #[arg(long, hide = true)]
     pub tool_call_parser: Option<String>,
-}
-
-/// `--dtype`: `auto`, or a type the device computes in (bfloat16 or float16 on the GPU,
-/// float32 on the CPU), under any of vLLM's spellings of it. Checked before the model loads.
-pub fn check_dtype(dtype: &str, device: Device) -> Result<()> {
-    match device {
-        Device::Cpu => crate::backend::dtype::check_cpu_dtype(dtype),
-        Device::Cuda => crate::backend::dtype::gpu_dtype(dtype, None).map(|_| ()),
-    }
 }
 
 fn same_model(tokenizer: &str, model: &str) -> bool {
@@ -232,6 +224,7 @@ pub fn request_seed(server_seed: u64, i: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Device;
     use clap::Parser;
 
     #[derive(Parser)]

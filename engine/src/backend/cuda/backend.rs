@@ -14,7 +14,7 @@ use super::elem::{bits_of, host_bits, value_of, GpuDtype, Kernel, ELEM_BYTES};
 use super::kernels;
 use super::switches::switch;
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
-use crate::models::weights::HostTensor;
+use crate::models::weights::{HostData, HostTensor};
 use rvllm_kernels::{decode_smem, gemv_bulk::GemvBulk};
 
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
@@ -338,14 +338,18 @@ impl CudaBackend {
         self.limits
     }
 
-    fn upload_bits(&self, data: &[u16]) -> Result<DevBuf> {
-        let buf = self.gpu.alloc(data.len() * ELEM_BYTES)?;
-        self.gpu.upload(buf.ptr, data)?;
-        Ok(buf)
+    /// Host data in this backend's type: a checkpoint already in it goes up as it is (no
+    /// pass over 16 GB of values on the start-up path), any other is converted first.
+    fn upload_host(&self, data: &HostData) -> Result<DevBuf> {
+        match (data, self.dtype) {
+            (HostData::BF16(v), GpuDtype::Bf16) => self.upload_slice(v),
+            (HostData::F16(v), GpuDtype::F16) => self.upload_slice(v),
+            (data, dtype) => self.upload_slice(&host_bits(data, dtype)),
+        }
     }
 
-    fn upload_f32(&self, data: &[f32]) -> Result<DevBuf> {
-        let buf = self.gpu.alloc(data.len() * 4)?;
+    fn upload_slice<T: Copy>(&self, data: &[T]) -> Result<DevBuf> {
+        let buf = self.gpu.alloc(std::mem::size_of_val(data))?;
         self.gpu.upload(buf.ptr, data)?;
         Ok(buf)
     }
@@ -711,7 +715,7 @@ impl Backend for CudaBackend {
             t.shape
         );
         let (rows, cols) = (t.shape[0], t.shape[1]);
-        let buf = self.upload_bits(&host_bits(t.data, self.dtype))?;
+        let buf = self.upload_host(&t.data)?;
         self.count_upload(buf.bytes);
         Ok(CudaWeight { buf, rows, cols })
     }
@@ -726,8 +730,8 @@ impl Backend for CudaBackend {
         self.count_upload(f.len() * ELEM_BYTES);
         let bits: Vec<u16> = f.iter().map(|&x| bits_of(x, self.dtype)).collect();
         Ok(CudaVector {
-            elem: self.upload_bits(&bits)?,
-            f32: self.upload_f32(&f)?,
+            elem: self.upload_slice(&bits)?,
+            f32: self.upload_slice(&f)?,
             len: f.len(),
         })
     }

@@ -77,14 +77,12 @@ pub fn value_of(bits: u16, dtype: GpuDtype) -> f32 {
 }
 
 /// Host data as the type's bits, converted on every core (an 8B model is 8 billion
-/// conversions); data already in the type moves without a copy of its values.
-pub fn host_bits(data: HostData, dtype: GpuDtype) -> Vec<u16> {
-    match (data, dtype) {
-        (HostData::BF16(v), GpuDtype::Bf16) => v.into_iter().map(bf16::to_bits).collect(),
-        (HostData::F16(v), GpuDtype::F16) => v.into_iter().map(f16::to_bits).collect(),
-        (HostData::F32(v), d) => v.par_iter().map(|&x| bits_of(x, d)).collect(),
-        (HostData::F16(v), d) => v.par_iter().map(|x| bits_of(x.to_f32(), d)).collect(),
-        (HostData::BF16(v), d) => v.par_iter().map(|x| bits_of(x.to_f32(), d)).collect(),
+/// conversions). Data already in the type needs none: `CudaBackend` uploads it as it is.
+pub fn host_bits(data: &HostData, dtype: GpuDtype) -> Vec<u16> {
+    match data {
+        HostData::F32(v) => v.par_iter().map(|&x| bits_of(x, dtype)).collect(),
+        HostData::F16(v) => v.par_iter().map(|x| bits_of(x.to_f32(), dtype)).collect(),
+        HostData::BF16(v) => v.par_iter().map(|x| bits_of(x.to_f32(), dtype)).collect(),
     }
 }
 
@@ -103,11 +101,11 @@ mod tests {
     fn host_data_converts_to_either_type_with_one_rounding() {
         let x = [1.0f32, -2.5, 1.0e-3, 70000.0, 2.71];
         for d in [GpuDtype::Bf16, GpuDtype::F16] {
-            let from_f32 = host_bits(HostData::F32(x.to_vec()), d);
+            let from_f32 = host_bits(&HostData::F32(x.to_vec()), d);
             let want: Vec<u16> = x.iter().map(|&v| bits_of(v, d)).collect();
             assert_eq!(from_f32, want, "{d:?}");
             let as_bf16 = x.iter().map(|&v| bf16::from_f32(v)).collect();
-            let from_bf16 = host_bits(HostData::BF16(as_bf16), d);
+            let from_bf16 = host_bits(&HostData::BF16(as_bf16), d);
             assert_eq!(value_of(from_bf16[1], d), -2.5);
         }
         // f16 has no 70000: it rounds to infinity, as torch's .half() does.
@@ -121,7 +119,7 @@ mod tests {
             value_of(bits_of(0.1, GpuDtype::Bf16), GpuDtype::Bf16),
             0.100097656
         );
-        let same = host_bits(HostData::F16(vec![f16::from_f32(0.1)]), GpuDtype::F16);
+        let same = host_bits(&HostData::F16(vec![f16::from_f32(0.1)]), GpuDtype::F16);
         assert_eq!(same, vec![f16::from_f32(0.1).to_bits()]);
     }
 }
