@@ -10,6 +10,7 @@ mod gpu_test;
 mod jobs;
 mod libs;
 mod setup_cuda;
+mod soak;
 mod testing;
 mod toolchain;
 
@@ -53,6 +54,9 @@ enum Command {
     Docker(docker::Args),
     /// Build the GPU tests, the binary and their fixtures into one folder to run on a GPU machine.
     GpuTest(gpu_test::Args),
+    /// Soak `rvllm serve` on the CPU: many clients, hang-ups and hostile requests for a long
+    /// time; then check nothing was lost, the engine drained and RSS stayed flat.
+    Soak(soak::Args),
 }
 
 fn main() {
@@ -69,6 +73,7 @@ fn main() {
         Command::Dev(a) => dev::run(a),
         Command::Docker(a) => docker::run(a),
         Command::GpuTest(a) => gpu_test::run(a),
+        Command::Soak(a) => soak::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
