@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use super::config::{Architecture, ModelConfig, RopeScaling};
+use super::config::{implied_head_dim, Architecture, Field, ModelConfig, RopeScaling};
 
 /// `architectures[0]` of config.json, or the architecture `model_type` implies.
 fn architecture(cfg: &Value) -> Result<Architecture> {
@@ -53,10 +53,41 @@ fn required(cfg: &Value, key: &str) -> Result<usize> {
 fn f32_field(cfg: &Value, key: &str) -> Result<Option<f32>> {
     match cfg.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(|x| Some(x as f32))
-            .ok_or_else(|| anyhow::anyhow!("`{key}` is {v}, expected a number")),
+        Some(v) => {
+            let x = v
+                .as_f64()
+                .ok_or_else(|| anyhow::anyhow!("`{key}` is {v}, expected a number"))?;
+            // Past f32's range the value would silently become infinite.
+            ensure!(
+                (x as f32).is_finite(),
+                "`{key}` = {v} is out of range for a 32-bit float"
+            );
+            Ok(Some(x as f32))
+        }
+    }
+}
+
+/// A [`Field`] as config.json spells it; `theta` and `scaling` say where the RoPE values were
+/// found (`rope_theta` / `rope_scaling`, or inside transformers 5's `rope_parameters`).
+fn field_name(f: Field, theta: &str, scaling: &str) -> String {
+    match f {
+        Field::HiddenSize => "hidden_size".into(),
+        Field::IntermediateSize => "intermediate_size".into(),
+        Field::NumHiddenLayers => "num_hidden_layers".into(),
+        Field::NumAttentionHeads => "num_attention_heads".into(),
+        Field::NumKeyValueHeads => "num_key_value_heads".into(),
+        Field::HeadDim => "head_dim".into(),
+        Field::VocabSize => "vocab_size".into(),
+        Field::MaxPositionEmbeddings => "max_position_embeddings".into(),
+        Field::SlidingWindow => "sliding_window".into(),
+        Field::RmsNormEps => "rms_norm_eps".into(),
+        Field::RopeTheta => theta.into(),
+        Field::RopeScalingFactor => format!("{scaling}.factor"),
+        Field::RopeLowFreqFactor => format!("{scaling}.low_freq_factor"),
+        Field::RopeHighFreqFactor => format!("{scaling}.high_freq_factor"),
+        Field::RopeOriginalMaxPositionEmbeddings => {
+            format!("{scaling}.original_max_position_embeddings")
+        }
     }
 }
 
@@ -124,33 +155,31 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
     if cfg.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
         bail!("mlp_bias = true is not supported");
     }
-    let hidden_size = required(&cfg, "hidden_size")?;
-    let num_attention_heads = required(&cfg, "num_attention_heads")?;
-    ensure!(num_attention_heads > 0, "`num_attention_heads` is 0");
-    let num_key_value_heads =
-        usize_field(&cfg, "num_key_value_heads")?.unwrap_or(num_attention_heads);
-    ensure!(
-        num_key_value_heads > 0 && num_attention_heads % num_key_value_heads == 0,
-        "{num_attention_heads} attention heads cannot be shared by {num_key_value_heads} KV heads"
-    );
-    let head_dim = usize_field(&cfg, "head_dim")?.unwrap_or(hidden_size / num_attention_heads);
-    ensure!(
-        head_dim > 0 && head_dim % 2 == 0,
-        "head_dim {head_dim} must be even and > 0"
-    );
-
     let rope_params = cfg.get("rope_parameters").filter(|v| v.is_object());
-    let rope_theta = match f32_field(&cfg, "rope_theta")? {
-        Some(t) => t,
+    let (rope_theta, theta_key) = match f32_field(&cfg, "rope_theta")? {
+        Some(t) => (t, "rope_theta"),
         None => match rope_params {
-            Some(p) => f32_field(p, "rope_theta")?.unwrap_or(10000.0),
-            None => 10000.0,
+            Some(p) => (
+                f32_field(p, "rope_theta")?.unwrap_or(10000.0),
+                "rope_parameters.rope_theta",
+            ),
+            None => (10000.0, "rope_theta"),
         },
     };
-    let scaling_src = cfg
-        .get("rope_scaling")
-        .filter(|v| !v.is_null())
-        .or(rope_params);
+    let (scaling_src, scaling_key) = match cfg.get("rope_scaling").filter(|v| !v.is_null()) {
+        Some(s) => (Some(s), "rope_scaling"),
+        None => (rope_params, "rope_parameters"),
+    };
+    let name = |f: Field| field_name(f, theta_key, scaling_key);
+
+    let hidden_size = required(&cfg, "hidden_size")?;
+    let num_attention_heads = required(&cfg, "num_attention_heads")?;
+    let num_key_value_heads =
+        usize_field(&cfg, "num_key_value_heads")?.unwrap_or(num_attention_heads);
+    let head_dim = match usize_field(&cfg, "head_dim")? {
+        Some(d) => d,
+        None => implied_head_dim(hidden_size, num_attention_heads, &name)?,
+    };
 
     let sliding_window = match architecture {
         Architecture::Mistral => usize_field(&cfg, "sliding_window")?,
@@ -212,7 +241,7 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
             .find_map(|k| cfg.get(*k).and_then(Value::as_str))
             .map(str::to_string),
     };
-    super::layout::check_config_sane(&config)?;
+    config.validate(&name)?;
     Ok(config)
 }
 
@@ -336,6 +365,51 @@ mod tests {
         for s in Architecture::SUPPORTED {
             assert!(e.contains(s), "{e}");
         }
+    }
+
+    /// Impossible values name the field where the file put it, with the value.
+    #[test]
+    fn impossible_values_name_the_field_as_the_file_spells_it() {
+        let qwen = |rope: &str| {
+            format!(
+                r#"{{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+                    "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100, {rope}}}"#
+            )
+        };
+        let cases = [
+            (
+                r#""rope_parameters": {"rope_theta": -5.0}"#,
+                "`rope_parameters.rope_theta` = -5 ",
+            ),
+            (
+                r#""rope_parameters": {"rope_theta": 1e6, "rope_type": "linear", "factor": 0}"#,
+                "`rope_parameters.factor` = 0 ",
+            ),
+            (
+                r#""rope_scaling": {"rope_type": "linear", "factor": -2}"#,
+                "`rope_scaling.factor` = -2 ",
+            ),
+            (
+                r#""rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4,
+                    "high_freq_factor": 4, "original_max_position_embeddings": 64}"#,
+                "`rope_scaling.high_freq_factor` = 4 ",
+            ),
+            (r#""rms_norm_eps": 0"#, "`rms_norm_eps` = 0 "),
+            (
+                r#""rope_theta": 1e39"#,
+                "`rope_theta` = 1e39 is out of range",
+            ),
+            (
+                r#""max_position_embeddings": 0"#,
+                "`max_position_embeddings` = 0 ",
+            ),
+            (r#""num_key_value_heads": 3"#, "`num_key_value_heads` = 3 "),
+        ];
+        for (rope, needle) in cases {
+            let e = format!("{:#}", parse_config(&qwen(rope), None).unwrap_err());
+            assert!(e.contains(needle), "{rope}: {e}");
+        }
+        assert!(parse_config(&qwen(r#""rope_theta": 1e6"#), None).is_ok());
     }
 
     #[test]

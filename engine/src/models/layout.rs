@@ -20,27 +20,6 @@ fn t(name: String, shape: Vec<usize>) -> ExpectedTensor {
     }
 }
 
-/// Refuse configs whose sizes no real model has: they come from corrupt or mistyped files and
-/// would otherwise make the loader allocate or loop without bound.
-pub fn check_config_sane(c: &ModelConfig) -> anyhow::Result<()> {
-    let limits = [
-        ("num_hidden_layers", c.num_hidden_layers, 4096),
-        ("hidden_size", c.hidden_size, 1 << 20),
-        ("intermediate_size", c.intermediate_size, 1 << 22),
-        ("num_attention_heads", c.num_attention_heads, 4096),
-        ("num_key_value_heads", c.num_key_value_heads, 4096),
-        ("head_dim", c.head_dim, 4096),
-        ("vocab_size", c.vocab_size, 1 << 24),
-    ];
-    for (name, value, max) in limits {
-        anyhow::ensure!(
-            (1..=max).contains(&value),
-            "{name} = {value} is out of range (1..={max}): the model config is corrupt"
-        );
-    }
-    Ok(())
-}
-
 /// Every tensor the model reads, in file order of a typical checkpoint.
 pub fn expected_tensors(c: &ModelConfig) -> Vec<ExpectedTensor> {
     let (h, q, kv, inter, v) = (

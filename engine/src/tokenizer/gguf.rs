@@ -52,45 +52,40 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<Value> {
 }
 
 fn string_array<'a>(g: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>> {
-    let Some(v) = g.get(key) else { return Ok(None) };
-    let arr = v
-        .as_array()
-        .with_context(|| format!("metadata `{key}` is not an array"))?;
-    arr.iter()
-        .map(|x| {
-            x.as_str()
-                .with_context(|| format!("metadata `{key}` holds a non-string"))
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    let Some(arr) = g.array(key)? else {
+        return Ok(None);
+    };
+    let strings = arr.strings().with_context(|| {
+        format!(
+            "metadata `{key}` is an array of {}, expected strings",
+            arr.elem_type()
+        )
+    })?;
+    Ok(Some(strings.iter().collect()))
 }
 
 fn int_array(g: &GgufFile, key: &str) -> Result<Option<Vec<i64>>> {
-    let Some(v) = g.get(key) else { return Ok(None) };
-    let arr = v
-        .as_array()
-        .with_context(|| format!("metadata `{key}` is not an array"))?;
-    arr.iter()
-        .map(|x| {
-            x.as_i64()
-                .with_context(|| format!("metadata `{key}` holds a non-integer"))
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    let Some(arr) = g.array(key)? else {
+        return Ok(None);
+    };
+    arr.to_i64s().map(Some).with_context(|| {
+        format!(
+            "metadata `{key}` is an array of {}, expected integers",
+            arr.elem_type()
+        )
+    })
 }
 
 fn float_array(g: &GgufFile, key: &str) -> Result<Option<Vec<f64>>> {
-    let Some(v) = g.get(key) else { return Ok(None) };
-    let arr = v
-        .as_array()
-        .with_context(|| format!("metadata `{key}` is not an array"))?;
-    arr.iter()
-        .map(|x| {
-            x.as_f64()
-                .with_context(|| format!("metadata `{key}` holds a non-number"))
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+    let Some(arr) = g.array(key)? else {
+        return Ok(None);
+    };
+    arr.to_f64s().map(Some).with_context(|| {
+        format!(
+            "metadata `{key}` is an array of {}, expected numbers",
+            arr.elem_type()
+        )
+    })
 }
 
 fn token_id(g: &GgufFile, key: &str) -> Option<u32> {
@@ -99,7 +94,10 @@ fn token_id(g: &GgufFile, key: &str) -> Option<u32> {
 
 /// The tokenizer stored in a GGUF file, or None when it has none.
 pub fn from_gguf(g: &GgufFile) -> Result<Option<Tokenizer>> {
-    let Some(model) = g.get_str("tokenizer.ggml.model") else {
+    let model = g
+        .string("tokenizer.ggml.model")
+        .with_context(|| format!("reading the tokenizer stored in {}", g.path.display()))?;
+    let Some(model) = model else {
         return Ok(None);
     };
     build(g, model)
@@ -153,7 +151,7 @@ fn build(g: &GgufFile, model: &str) -> Result<Tokenizer> {
                         .with_context(|| format!("merge `{m}` is not two tokens"))
                 })
                 .collect::<Result<_>>()?;
-            let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("default");
+            let pre = g.string("tokenizer.ggml.pre")?.unwrap_or("default");
             let doc = json!({
                 "normalizer": null,
                 "pre_tokenizer": gpt2_pre_tokenizer(pre)?,
@@ -229,7 +227,7 @@ fn build(g: &GgufFile, model: &str) -> Result<Tokenizer> {
         .map_err(|e| anyhow::anyhow!("the tokenizer description is not valid: {e}"))?;
     Ok(Tokenizer::from_parts(
         inner,
-        g.get_str("tokenizer.chat_template").map(String::from),
+        g.string("tokenizer.chat_template")?.map(String::from),
         name_of(bos),
         name_of(eos),
     ))

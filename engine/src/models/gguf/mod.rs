@@ -6,10 +6,10 @@ pub mod reader;
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::ProgressBar;
 
-use super::config::{Architecture, ModelConfig, RopeScaling};
+use super::config::{implied_head_dim, Architecture, Field, ModelConfig, RopeScaling};
 use super::layout::expected_tensors;
 use super::weights::{HostData, HostTensor, WeightMap};
-pub use reader::{GgufFile, GgufTensorInfo, GgufValue};
+pub use reader::{GgufArray, GgufFile, GgufStrings, GgufTensorInfo, GgufType, GgufValue};
 
 /// GGUF `general.architecture` values this loader understands.
 pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama", "qwen2"];
@@ -61,23 +61,54 @@ pub fn hf_name_for(gguf: &str) -> Option<String> {
     Some(format!("{h}.{suffix}"))
 }
 
+/// A value as an error message shows it: scalars as they are, arrays by type and length.
+fn shown(v: &GgufValue) -> String {
+    match v {
+        GgufValue::Array(a) => format!("an array of {} {}", a.len(), a.elem_type()),
+        GgufValue::String(s) => format!("{} {s:?}", v.type_description()),
+        GgufValue::F32(x) => format!("f32 {x}"),
+        GgufValue::F64(x) => format!("f64 {x}"),
+        GgufValue::Bool(x) => format!("bool {x}"),
+        other => {
+            let n = match other.as_i64() {
+                Some(i) => i.to_string(),
+                None => other.as_u64().unwrap_or_default().to_string(),
+            };
+            format!("{} {n}", other.type_description())
+        }
+    }
+}
+
 fn meta_usize(g: &GgufFile, key: &str) -> Result<Option<usize>> {
     match g.get(key) {
         None => Ok(None),
         Some(v) => v
             .as_u64()
-            .map(|x| Some(x as usize))
-            .ok_or_else(|| anyhow::anyhow!("metadata `{key}` is {v:?}, expected an integer")),
+            .and_then(|x| usize::try_from(x).ok())
+            .map(Some)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "metadata `{key}` is {}, expected a non-negative integer",
+                    shown(v)
+                )
+            }),
     }
 }
 
 fn meta_f32(g: &GgufFile, key: &str) -> Result<Option<f32>> {
     match g.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(|x| Some(x as f32))
-            .ok_or_else(|| anyhow::anyhow!("metadata `{key}` is {v:?}, expected a number")),
+        Some(v) => {
+            let x = v.as_f64().ok_or_else(|| {
+                anyhow::anyhow!("metadata `{key}` is {}, expected a number", shown(v))
+            })?;
+            // An f64 past f32's range would silently become infinite.
+            ensure!(
+                !x.is_finite() || (x as f32).is_finite(),
+                "metadata `{key}` = {x} is out of range for a 32-bit float"
+            );
+            Ok(Some(x as f32))
+        }
     }
 }
 
@@ -94,7 +125,7 @@ pub fn read_config(g: &GgufFile) -> Result<ModelConfig> {
 
 fn read_config_inner(g: &GgufFile) -> Result<ModelConfig> {
     let arch_name = g
-        .get_str("general.architecture")
+        .string("general.architecture")?
         .ok_or_else(|| anyhow::anyhow!("metadata `general.architecture` is missing"))?;
     let architecture = match arch_name {
         "llama" => Architecture::Llama,
@@ -105,23 +136,38 @@ fn read_config_inner(g: &GgufFile) -> Result<ModelConfig> {
         ),
     };
     let key = |k: &str| format!("{arch_name}.{k}");
+    let vocab_key = match g.tensor_info("token_embd.weight") {
+        Some(t) if t.dims.len() == 2 => "token_embd.weight".to_string(),
+        _ if g.get(&key("vocab_size")).is_some() => key("vocab_size"),
+        _ => "tokenizer.ggml.tokens".to_string(),
+    };
+    let name = |f: Field| match f {
+        Field::HiddenSize => key("embedding_length"),
+        Field::IntermediateSize => key("feed_forward_length"),
+        Field::NumHiddenLayers => key("block_count"),
+        Field::NumAttentionHeads => key("attention.head_count"),
+        Field::NumKeyValueHeads => key("attention.head_count_kv"),
+        Field::HeadDim => key("attention.key_length"),
+        Field::VocabSize => vocab_key.clone(),
+        Field::MaxPositionEmbeddings => key("context_length"),
+        Field::SlidingWindow => key("attention.sliding_window"),
+        Field::RmsNormEps => key("attention.layer_norm_rms_epsilon"),
+        Field::RopeTheta => key("rope.freq_base"),
+        Field::RopeScalingFactor => key("rope.scaling.factor"),
+        // llama.cpp stores no such keys: the Llama 3 values are rebuilt from this tensor.
+        Field::RopeLowFreqFactor | Field::RopeHighFreqFactor => "rope_freqs.weight".into(),
+        Field::RopeOriginalMaxPositionEmbeddings => key("rope.scaling.original_context_length"),
+    };
     let hidden_size = required_usize(g, &key("embedding_length"))?;
     let num_hidden_layers = required_usize(g, &key("block_count"))?;
     let intermediate_size = required_usize(g, &key("feed_forward_length"))?;
     let num_attention_heads = required_usize(g, &key("attention.head_count"))?;
-    ensure!(num_attention_heads > 0, "attention.head_count is 0");
     let num_key_value_heads =
         meta_usize(g, &key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
-    let head_dim =
-        meta_usize(g, &key("attention.key_length"))?.unwrap_or(hidden_size / num_attention_heads);
-    ensure!(
-        head_dim > 0 && head_dim % 2 == 0,
-        "head dimension {head_dim} must be even and > 0"
-    );
-    ensure!(
-        num_key_value_heads > 0 && num_attention_heads % num_key_value_heads == 0,
-        "{num_attention_heads} attention heads cannot be shared by {num_key_value_heads} KV heads"
-    );
+    let head_dim = match meta_usize(g, &key("attention.key_length"))? {
+        Some(d) => d,
+        None => implied_head_dim(hidden_size, num_attention_heads, &name)?,
+    };
     let rms_norm_eps = meta_f32(g, &key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
     let rope_theta = meta_f32(g, &key("rope.freq_base"))?.unwrap_or(10000.0);
     let max_position_embeddings = meta_usize(g, &key("context_length"))?.unwrap_or(2048);
@@ -130,13 +176,12 @@ fn read_config_inner(g: &GgufFile) -> Result<ModelConfig> {
         _ => match meta_usize(g, &key("vocab_size"))? {
             Some(v) => v,
             None => g
-                .get("tokenizer.ggml.tokens")
-                .and_then(|v| v.as_array())
-                .map(|a| a.len())
+                .array("tokenizer.ggml.tokens")?
+                .map(|a| a.len() as usize)
                 .ok_or_else(|| anyhow::anyhow!("cannot tell the vocabulary size: no token_embd.weight, vocab_size or token list"))?,
         },
     };
-    let rope_scaling = match g.get_str(&key("rope.scaling.type")) {
+    let rope_scaling = match g.string(&key("rope.scaling.type"))? {
         None | Some("none") => None,
         Some("linear") => Some(RopeScaling::Linear {
             factor: meta_f32(g, &key("rope.scaling.factor"))?.unwrap_or(1.0),
@@ -171,9 +216,10 @@ fn read_config_inner(g: &GgufFile) -> Result<ModelConfig> {
         eos_token_ids,
         torch_dtype: None,
     };
-    super::layout::check_config_sane(&cfg)?;
+    // Before the Llama 3 check below, which computes frequencies from these values.
+    cfg.validate(&name)?;
     if let Some(info) = g.tensor_info("rope_freqs.weight") {
-        cfg.rope_scaling = Some(llama3_scaling_from_rope_freqs(g, info, &cfg, &key)?);
+        cfg.rope_scaling = Some(llama3_scaling_from_rope_freqs(g, info, &cfg, &key, &name)?);
     }
     Ok(cfg)
 }
@@ -187,6 +233,7 @@ fn llama3_scaling_from_rope_freqs(
     info: &GgufTensorInfo,
     cfg: &ModelConfig,
     key: &dyn Fn(&str) -> String,
+    name: &dyn Fn(Field) -> String,
 ) -> Result<RopeScaling> {
     let n = cfg.head_dim / 2;
     ensure!(
@@ -215,8 +262,10 @@ fn llama3_scaling_from_rope_freqs(
     let scaled = ModelConfig {
         rope_scaling: Some(scaling.clone()),
         ..cfg.clone()
-    }
-    .rope_inv_freq();
+    };
+    // A factor of 0 would turn the comparison below into inf against inf: name it instead.
+    scaled.validate(name)?;
+    let scaled = scaled.rope_inv_freq();
     for i in 0..n {
         let want = plain[i] / scaled[i];
         ensure!(
@@ -441,6 +490,66 @@ mod tests {
         let (_d, g) = open_written(&llama_meta(vec![]), &[tensor(&wrong)]);
         let e = format!("{:#}", read_config(&g).unwrap_err());
         assert!(e.contains("rope_freqs") && e.contains("m.gguf"), "{e}");
+    }
+
+    /// Values no model can have, and keys of the wrong type, are named with what was found.
+    #[test]
+    fn impossible_values_and_wrong_types_are_named() {
+        let with = |over: Vec<(&'static str, GgufValue)>| {
+            let mut m = llama_meta(vec![]);
+            for (k, v) in over {
+                match m.iter_mut().find(|(key, _)| *key == k) {
+                    Some(e) => e.1 = v,
+                    None => m.push((k, v)),
+                }
+            }
+            m
+        };
+        let theta = "llama.rope.freq_base";
+        let eps = "llama.attention.layer_norm_rms_epsilon";
+        let cases = [
+            (with(vec![(theta, GgufValue::F32(f32::NAN))]), "`llama.rope.freq_base` = NaN "),
+            (with(vec![(theta, GgufValue::F32(f32::NEG_INFINITY))]), "= -inf "),
+            (with(vec![(theta, GgufValue::U32(0))]), "`llama.rope.freq_base` = 0 "),
+            (with(vec![(eps, GgufValue::F32(-1e-5))]), "`llama.attention.layer_norm_rms_epsilon` = -0.00001 "),
+            (with(vec![(eps, GgufValue::F64(1e300))]), "out of range for a 32-bit float"),
+            (
+                with(vec![
+                    ("llama.rope.scaling.type", GgufValue::String("linear".into())),
+                    ("llama.rope.scaling.factor", GgufValue::F32(f32::NAN)),
+                ]),
+                "`llama.rope.scaling.factor` = NaN ",
+            ),
+            (
+                with(vec![("llama.embedding_length", GgufValue::U32(250))]),
+                "`llama.embedding_length` = 250 is not divisible by `llama.attention.head_count` = 4",
+            ),
+            (
+                with(vec![("llama.attention.head_count_kv", GgufValue::U32(3))]),
+                "`llama.attention.head_count_kv` = 3 ",
+            ),
+            (
+                with(vec![("llama.context_length", GgufValue::U32(0))]),
+                "`llama.context_length` = 0 ",
+            ),
+            (
+                with(vec![("general.architecture", GgufValue::U32(7))]),
+                "metadata `general.architecture` has type u32, expected a string",
+            ),
+            (
+                with(vec![("llama.rope.scaling.type", GgufValue::F32(1.0))]),
+                "metadata `llama.rope.scaling.type` has type f32",
+            ),
+            (
+                with(vec![("llama.block_count", GgufValue::F32(2.5))]),
+                "metadata `llama.block_count` is f32 2.5, expected a non-negative integer",
+            ),
+        ];
+        for (meta, needle) in cases {
+            let (_d, g) = open_written(&meta, &[]);
+            let e = format!("{:#}", read_config(&g).unwrap_err());
+            assert!(e.contains(needle) && e.contains("m.gguf"), "{needle}: {e}");
+        }
     }
 
     #[test]
