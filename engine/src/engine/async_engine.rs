@@ -16,6 +16,10 @@ use crate::sampling::SamplingParams;
 use crate::scheduler::{EngineCoreOutput, EngineRequest, FinishReason, RequestId};
 use crate::tokenizer::Tokenizer;
 
+/// The failure that requests still running get when the engine stops (the server's grace
+/// period ran out); the server answers it with 503, as it does a request refused at shutdown.
+pub const SHUT_DOWN_MESSAGE: &str = "the server shut down before this request finished";
+
 /// A snapshot of the engine's counters, for /metrics.
 #[derive(Debug, Clone, Default)]
 pub struct EngineStats {
@@ -41,6 +45,7 @@ enum Command {
 enum CoreEvent {
     Output(EngineCoreOutput),
     Failed(String),
+    ShutDown,
 }
 
 struct Shared {
@@ -78,6 +83,8 @@ impl AsyncEngine {
             accepting: std::sync::atomic::AtomicBool::new(true),
             thread: Mutex::new(None),
         });
+        // /metrics reads these before the first step publishes any (free blocks included).
+        publish_stats(&core, &shared);
         let thread_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name("rvllm-engine".into())
@@ -219,15 +226,11 @@ impl RequestStream {
                 }
                 CoreEvent::Failed(msg) => {
                     child.finished = true;
-                    return Some(CompletionDelta {
-                        index,
-                        finish_reason: Some(FinishReason::Abort),
-                        text: String::new(),
-                        stop_reason: Some(super::output::StopReason::Str(format!(
-                            "engine error: {msg}"
-                        ))),
-                        ..Default::default()
-                    });
+                    return Some(aborted(index, format!("engine error: {msg}")));
+                }
+                CoreEvent::ShutDown => {
+                    child.finished = true;
+                    return Some(aborted(index, SHUT_DOWN_MESSAGE.into()));
                 }
             }
         }
@@ -255,6 +258,17 @@ impl Drop for RequestStream {
         if !unfinished.is_empty() {
             let _ = self.abort_ids(unfinished);
         }
+    }
+}
+
+/// The last delta of a sequence the engine gave up on, carrying why.
+fn aborted(index: usize, why: String) -> CompletionDelta {
+    CompletionDelta {
+        index,
+        finish_reason: Some(FinishReason::Abort),
+        text: String::new(),
+        stop_reason: Some(super::output::StopReason::Str(why)),
+        ..Default::default()
     }
 }
 
@@ -293,8 +307,7 @@ fn engine_loop(mut core: EngineCore, rx: mpsc::Receiver<Command>, shared: &Share
                 }
                 Command::Shutdown => {
                     for (_, (sink, index)) in routes.drain() {
-                        let _ =
-                            sink.send((index, CoreEvent::Failed("the engine shut down".into())));
+                        let _ = sink.send((index, CoreEvent::ShutDown));
                     }
                     return;
                 }

@@ -91,6 +91,34 @@ impl ApiError {
         }
     }
 
+    /// 408: the request body stopped arriving (tower-http's body timeout fired).
+    pub fn request_timeout() -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: "The request body stopped arriving before it was complete (the server waits \
+                      --request-body-timeout seconds for each piece); send the whole body without pausing"
+                .into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+        }
+    }
+
+    /// 415: a JSON route was sent a body of another media type.
+    pub fn unsupported_media_type(given: &str) -> Self {
+        Self {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message: format!(
+                "This route takes a JSON body, but the request's Content-Type is `{given}`; send \
+                 `Content-Type: application/json` (curl -d sends application/x-www-form-urlencoded \
+                 unless given -H 'Content-Type: application/json')"
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("unsupported_media_type"),
+        }
+    }
+
     pub fn not_found_route(path: &str) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
@@ -165,6 +193,14 @@ impl IntoResponse for ApiError {
             axum::http::header::CONTENT_TYPE,
             axum::http::HeaderValue::from_static("application/json"),
         );
+        // The rest of a timed-out body may still arrive: the connection cannot carry another
+        // request.
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

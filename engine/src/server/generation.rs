@@ -10,6 +10,7 @@ use futures::stream::{SelectAll, Stream, StreamExt};
 
 use super::error::ApiError;
 use super::metrics::{Finished, ServerMetrics};
+use crate::engine::async_engine::SHUT_DOWN_MESSAGE;
 use crate::engine::{AsyncEngine, CompletionDelta, EngineError, FinishReason, StopReason};
 use crate::sampling::SamplingParams;
 
@@ -130,6 +131,9 @@ impl Drop for Generation {
 /// message), as an error for the client.
 pub fn failure(delta: &CompletionDelta) -> Option<ApiError> {
     match (&delta.finish_reason, &delta.stop_reason) {
+        (Some(FinishReason::Abort), Some(StopReason::Str(msg))) if msg == SHUT_DOWN_MESSAGE => {
+            Some(ApiError::unavailable(msg.clone()))
+        }
         (Some(FinishReason::Abort), Some(StopReason::Str(msg))) => {
             Some(ApiError::internal(msg.clone()))
         }

@@ -9,6 +9,7 @@ pub mod compat;
 pub mod completions;
 pub mod error;
 pub mod generation;
+pub mod http;
 pub mod metrics;
 pub mod protocol;
 pub mod responses;
@@ -61,6 +62,24 @@ pub struct ServeArgs {
     /// Seconds that in-flight requests get to finish after SIGTERM / Ctrl-C.
     #[arg(long, default_value_t = 30.0)]
     pub shutdown_grace_period: f64,
+    /// Seconds a client has to send a request's line and headers, counted from when the
+    /// connection opens (or, on a kept-alive connection, from the previous response); the
+    /// connection is closed after that.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub header_read_timeout: f64,
+    /// Seconds the server waits for the next piece of a request body before answering 408
+    /// and closing the connection.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    pub request_body_timeout: f64,
+    /// Seconds an idle keep-alive connection stays open waiting for its next request
+    /// (uvicorn's name and vLLM's default; also read from VLLM_HTTP_TIMEOUT_KEEP_ALIVE).
+    #[arg(long, env = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", default_value_t = 5.0, value_name = "SECONDS")]
+    pub timeout_keep_alive: f64,
+    /// Most connections open at once; further ones wait in the listen backlog until one
+    /// closes (a log line says when the limit is reached). Default: the open-file limit
+    /// less what the server keeps for itself.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<u32>,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -111,6 +130,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(routes::metrics))
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
+        .route_layer(axum::middleware::from_fn(routes::require_json))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
@@ -177,6 +197,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
             args.shutdown_grace_period
         );
     }
+    let limits = http::HttpLimits::from_args(&args)?;
     let chat_template = args
         .chat_template
         .as_deref()
@@ -241,8 +262,12 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let grace = Duration::from_secs_f64(args.shutdown_grace_period);
-    let result = rt.block_on(serve(std_listener, local, state, grace));
+    let conns = http::Connections::new(limits.max_connections);
+    let result = rt.block_on(serve(std_listener, local, state, grace, limits, conns.clone()));
     engine.shutdown();
+    // The requests the grace period cut off now have their answers (503, or an error event
+    // in a stream): give them a moment to go out.
+    rt.block_on(conns.wait_closed(Duration::from_secs(1)));
     // Streams cut off by the grace period may still hold tasks: do not wait for them.
     rt.shutdown_timeout(Duration::from_secs(1));
     eprintln!("rvllm: server stopped");
@@ -254,6 +279,8 @@ async fn serve(
     local: SocketAddr,
     state: Arc<AppState>,
     grace: Duration,
+    limits: http::HttpLimits,
+    conns: Arc<http::Connections>,
 ) -> Result<()> {
     let listener =
         tokio::net::TcpListener::from_std(std_listener).context("registering the listener")?;
@@ -273,22 +300,32 @@ async fn serve(
         "rvllm: serving `{}` on http://{local} (OpenAI API at http://{local}/v1)",
         state.served_model
     );
-    let mut stop_rx = signalled_rx.clone();
-    // Stream chunks are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
-    // back until the client's (delayed, ~40 ms) ACK of the previous.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    });
+    eprintln!(
+        "rvllm: at most {} connections; header read timeout {:.0} s, request body timeout {:.0} s, \
+         keep-alive timeout {:.0} s",
+        limits.max_connections,
+        limits.header_read_timeout.as_secs_f64(),
+        limits.request_body_timeout.as_secs_f64(),
+        limits.keep_alive_timeout.as_secs_f64()
+    );
+    let accept = http::accept_loop(
+        listener,
+        router(state),
+        limits,
+        conns.clone(),
+        signalled_rx.clone(),
+    );
+    let server = async move {
+        accept.await;
+        conns.closed().await;
+    };
     let mut grace_rx = signalled_rx;
     let deadline = async move {
         let _ = grace_rx.wait_for(|s| *s).await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        r = server => r.context("serving HTTP")?,
+        _ = server => {}
         _ = deadline => eprintln!("rvllm: grace period over; aborting the requests still running"),
     }
     Ok(())

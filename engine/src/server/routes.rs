@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode, Uri};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -17,13 +18,17 @@ use super::validate::{check_model, flatten_message, parse_json};
 use super::AppState;
 use crate::tokenizer::Tokenizer;
 
-/// Read a whole body, refusing more than `limit` bytes (413).
+/// Read a whole body, refusing more than `limit` bytes (413), and answering 408 when it stops
+/// arriving (the body timeout layer in http.rs).
 pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-            .any(|e| e.to_string().contains("length limit exceeded"));
+        let chain = || std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source());
+        let too_large = chain().any(|e| e.to_string().contains("length limit exceeded"));
+        let timed_out = chain().any(|e| e.is::<tower_http::timeout::TimeoutError>());
         if too_large {
             ApiError::payload_too_large(limit)
+        } else if timed_out {
+            ApiError::request_timeout()
         } else {
             ApiError::bad_request(
                 format!("could not read the request body: {e}"),
@@ -190,10 +195,70 @@ pub async fn detokenize(State(st): State<Arc<AppState>>, body: Body) -> Response
     run.await.unwrap_or_else(|e: ApiError| e.into_response())
 }
 
+/// The routes that read a JSON body.
+const JSON_ROUTES: [&str; 4] = [
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/tokenize",
+    "/detokenize",
+];
+
+/// 415 for a POST to a JSON route whose Content-Type is not JSON. No Content-Type at all is
+/// read as JSON, as FastAPI (vLLM) does; `application/json` and `application/*+json` pass,
+/// with any parameters (charset).
+pub async fn require_json(req: Request, next: Next) -> Response {
+    if req.method() == Method::POST && JSON_ROUTES.contains(&req.uri().path()) {
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let given = String::from_utf8_lossy(ct.as_bytes());
+            if !is_json_media_type(&given) {
+                return ApiError::unsupported_media_type(given.trim()).into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.strip_prefix("application/") {
+        Some(sub) => sub == "json" || sub.ends_with("+json"),
+        None => false,
+    }
+}
+
 pub async fn not_found(uri: Uri) -> Response {
     ApiError::not_found_route(uri.path()).into_response()
 }
 
 pub async fn method_not_allowed() -> Response {
     ApiError::method_not_allowed().into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_json_media_type;
+
+    #[test]
+    fn json_media_types() {
+        for ok in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/merge-patch+json",
+        ] {
+            assert!(is_json_media_type(ok), "{ok}");
+        }
+        for bad in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "",
+        ] {
+            assert!(!is_json_media_type(bad), "{bad}");
+        }
+    }
 }

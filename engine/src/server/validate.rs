@@ -104,14 +104,22 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
                 "invalid_json",
             )
         } else {
-            // serde names unknown fields itself; for type errors the path says where.
-            let field = unknown_field_name(&inner.to_string()).unwrap_or_else(|| path.clone());
-            let where_ = if path == "." || path.is_empty() {
+            // serde names unknown and missing fields itself, inside the object the path points
+            // at; for type errors the path says where. The root's path is ".": no field.
+            let at_root = path == "." || path.is_empty();
+            let field = match (named_field(&inner.to_string()), at_root) {
+                (Some(name), true) => Some(name),
+                (Some(name), false) => Some(format!("{path}.{name}")),
+                (None, false) => Some(path.clone()),
+                (None, true) => None,
+            };
+            let where_ = if at_root {
                 String::new()
             } else {
                 format!(" at `{path}`")
             };
-            let mut err = ApiError::invalid(field, format!("Invalid request{where_}: {inner}"));
+            let mut err = ApiError::invalid("", format!("Invalid request{where_}: {inner}"));
+            err.param = field;
             err.code = Some("invalid_type");
             err
         }
@@ -125,8 +133,11 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-fn unknown_field_name(msg: &str) -> Option<String> {
-    let rest = msg.strip_prefix("unknown field `")?;
+/// The field serde's message names: "unknown field `x`, expected ..." or "missing field `x`".
+fn named_field(msg: &str) -> Option<String> {
+    let rest = msg
+        .strip_prefix("unknown field `")
+        .or_else(|| msg.strip_prefix("missing field `"))?;
     Some(rest[..rest.find('`')?].to_string())
 }
 
