@@ -360,7 +360,8 @@ fn config_json_impossible_values_are_refused_naming_the_field_and_value() {
     let (_d, path) = edited_llama3(|_| {});
     ok(&generate(&path), "the unmodified tiny llama3 folder");
 
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "rope_theta 0",
             Box::new(|c| c["rope_theta"] = 0.0.into()),

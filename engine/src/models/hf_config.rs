@@ -397,7 +397,7 @@ mod tests {
             (r#""rms_norm_eps": 0"#, "`rms_norm_eps` = 0 "),
             (
                 r#""rope_theta": 1e39"#,
-                "`rope_theta` = 1e39 is out of range",
+                "`rope_theta` = 1e+39 is out of range",
             ),
             (
                 r#""max_position_embeddings": 0"#,

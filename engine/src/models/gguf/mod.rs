@@ -490,6 +490,12 @@ mod tests {
         let (_d, g) = open_written(&llama_meta(vec![]), &[tensor(&wrong)]);
         let e = format!("{:#}", read_config(&g).unwrap_err());
         assert!(e.contains("rope_freqs") && e.contains("m.gguf"), "{e}");
+
+        // A stored factor of 0 is named as such, not as a tensor mismatch.
+        let zero = llama_meta(vec![("llama.rope.scaling.factor", GgufValue::F32(0.0))]);
+        let (_d, g) = open_written(&zero, &[tensor(&divisors)]);
+        let e = format!("{:#}", read_config(&g).unwrap_err());
+        assert!(e.contains("`llama.rope.scaling.factor` = 0 "), "{e}");
     }
 
     /// Values no model can have, and keys of the wrong type, are named with what was found.
