@@ -107,7 +107,7 @@ pub fn default_max_connections() -> u32 {
     } else {
         1024
     };
-    let soft = u64::try_from(soft).unwrap_or(u64::MAX).min(1 << 20);
+    let soft: u64 = soft.min(1 << 20);
     let reserve = (soft / 2).min(128);
     (soft - reserve).clamp(1, u32::MAX as u64) as u32
 }

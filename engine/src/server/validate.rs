@@ -109,6 +109,10 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             let at_root = path == "." || path.is_empty();
             let field = match (named_field(&inner.to_string()), at_root) {
                 (Some(name), true) => Some(name),
+                // An unknown field's path already ends with it; a missing one's is the object.
+                (Some(name), false) if path == name || path.ends_with(&format!(".{name}")) => {
+                    Some(path.clone())
+                }
                 (Some(name), false) => Some(format!("{path}.{name}")),
                 (None, false) => Some(path.clone()),
                 (None, true) => None,
