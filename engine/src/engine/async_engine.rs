@@ -137,9 +137,12 @@ impl AsyncEngine {
             &self.eos_token_ids,
         )?;
         let (sink, events) = tmpsc::unbounded_channel();
-        let children = (0..reqs.len())
-            .map(|i| SeqOutput::new(i, self.tokenizer.clone(), &prompt_token_ids, &params))
-            .collect();
+        let children = SeqOutput::for_request(
+            reqs.len(),
+            self.tokenizer.clone(),
+            &prompt_token_ids,
+            &params,
+        );
         let ids: Vec<RequestId> = reqs.iter().map(|r| r.req_id).collect();
         self.send(Command::Add { reqs, sink })
             .map_err(|_| EngineError::ShuttingDown)?;

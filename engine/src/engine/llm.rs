@@ -96,11 +96,12 @@ impl Llm {
                 &eos,
             )
             .map_err(|e| anyhow!("prompt {i}: {e}"))?;
-            texts.push(
-                (0..reqs.len())
-                    .map(|s| SeqOutput::new(s, self.tokenizer.clone(), prompt, &p))
-                    .collect(),
-            );
+            texts.push(SeqOutput::for_request(
+                reqs.len(),
+                self.tokenizer.clone(),
+                prompt,
+                &p,
+            ));
             results.push(RequestOutput {
                 prompt_token_ids: prompt.clone(),
                 prompt_logprobs: None,

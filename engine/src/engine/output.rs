@@ -3,6 +3,10 @@
 //! that the CLI and the server hand to their users.
 use std::sync::Arc;
 
+use aho_corasick::automaton::{Automaton, StateID};
+use aho_corasick::nfa::contiguous::NFA;
+use aho_corasick::{Anchored, MatchKind};
+
 use crate::sampling::SamplingParams;
 use crate::scheduler::{EngineCoreOutput, FinishReason, TokenLogprobs};
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
@@ -29,19 +33,109 @@ pub struct CompletionDelta {
     pub stop_reason: Option<StopReason>,
 }
 
+/// A request's stop strings, compiled once into one Aho-Corasick automaton that every
+/// sequence of the request shares (in an `Arc`): each sequence keeps only its automaton
+/// state, and feeding it a token's text costs that text's length whatever the number and
+/// length of the stop strings.
+pub struct StopStrings {
+    strings: Vec<String>,
+    /// None when there are no (non-empty) stop strings.
+    automaton: Option<NFA>,
+    /// Characters held back while streaming (the longest stop string's length less one, or
+    /// 0 with include_stop_str_in_output), so that no text is sent that a stop string
+    /// completed later would have cut.
+    holdback_chars: usize,
+    include_stop: bool,
+}
+
+impl StopStrings {
+    pub fn new(params: &SamplingParams) -> Self {
+        let strings: Vec<String> = params
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect();
+        // Standard semantics: a state lists every stop string that ends at the current
+        // position, which is what finding the earliest-starting one needs. Building fails
+        // only past u32 state ids, far beyond the stop-string limits that
+        // SamplingParams::validate enforces before any request gets here.
+        let automaton = match strings.is_empty() {
+            true => None,
+            false => match NFA::builder()
+                .match_kind(MatchKind::Standard)
+                .build(&strings)
+            {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    eprintln!("rvllm: stop strings ignored: cannot compile them: {e}");
+                    None
+                }
+            },
+        };
+        let longest = params
+            .stop
+            .iter()
+            .map(|s| s.chars().count())
+            .max()
+            .unwrap_or(0);
+        Self {
+            strings,
+            automaton,
+            holdback_chars: if params.include_stop_str_in_output {
+                0
+            } else {
+                longest.saturating_sub(1)
+            },
+            include_stop: params.include_stop_str_in_output,
+        }
+    }
+
+    fn start(&self) -> Option<StateID> {
+        self.automaton
+            .as_ref()
+            .and_then(|a| a.start_state(Anchored::No).ok())
+    }
+
+    /// Feed `piece`, which sits at byte `at` of the sequence's text, advancing `state`.
+    /// Returns the earliest-starting stop string that ends inside `piece` (at equal starts
+    /// the first in the request's list) as (start byte, index in `strings`).
+    fn feed(&self, state: &mut Option<StateID>, piece: &str, at: usize) -> Option<(usize, usize)> {
+        let (Some(a), Some(sid)) = (self.automaton.as_ref(), state.as_mut()) else {
+            return None;
+        };
+        let mut best: Option<(usize, usize)> = None;
+        for (i, &b) in piece.as_bytes().iter().enumerate() {
+            *sid = a.next_state(Anchored::No, *sid, b);
+            if a.is_match(*sid) {
+                let end = at + i + 1;
+                for k in 0..a.match_len(*sid) {
+                    let pid = a.match_pattern(*sid, k);
+                    let found = (end - a.pattern_len(pid), pid.as_usize());
+                    if best.is_none_or(|b| found < b) {
+                        best = Some(found);
+                    }
+                }
+            }
+        }
+        best
+    }
+}
+
 /// Text state of one sequence. `process` returns the delta to emit and whether a stop
 /// string ended the sequence (the caller then aborts it in the core).
 pub struct SeqOutput {
     index: usize,
     tokenizer: Option<Arc<Tokenizer>>,
     detok: Option<IncrementalDetokenizer>,
-    stop: Vec<String>,
-    include_stop: bool,
-    /// Characters held back while streaming because they may start a stop string.
-    holdback_chars: usize,
+    stops: Arc<StopStrings>,
+    /// Where the stop-string automaton stands after the text so far.
+    stop_state: Option<StateID>,
     /// All text produced so far (after stop handling) and how much of it was emitted.
     text: String,
     emitted: usize,
+    /// Characters in `text[emitted..]`, so that the holdback is found without rescanning.
+    pending_chars: usize,
     pub finished: bool,
 }
 
@@ -52,33 +146,47 @@ impl SeqOutput {
         prompt_ids: &[u32],
         params: &SamplingParams,
     ) -> Self {
+        Self::with_stops(
+            index,
+            tokenizer,
+            prompt_ids,
+            params,
+            Arc::new(StopStrings::new(params)),
+        )
+    }
+
+    /// The `n` sequences of one request, sharing one compiled set of stop strings.
+    pub fn for_request(
+        n: usize,
+        tokenizer: Option<Arc<Tokenizer>>,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+    ) -> Vec<Self> {
+        let stops = Arc::new(StopStrings::new(params));
+        (0..n)
+            .map(|i| Self::with_stops(i, tokenizer.clone(), prompt_ids, params, stops.clone()))
+            .collect()
+    }
+
+    fn with_stops(
+        index: usize,
+        tokenizer: Option<Arc<Tokenizer>>,
+        prompt_ids: &[u32],
+        params: &SamplingParams,
+        stops: Arc<StopStrings>,
+    ) -> Self {
         let detok = tokenizer
             .as_ref()
             .map(|_| IncrementalDetokenizer::new(prompt_ids, params.skip_special_tokens));
-        let longest = params
-            .stop
-            .iter()
-            .map(|s| s.chars().count())
-            .max()
-            .unwrap_or(0);
         Self {
             index,
             tokenizer,
             detok,
-            stop: params
-                .stop
-                .iter()
-                .filter(|s| !s.is_empty())
-                .cloned()
-                .collect(),
-            include_stop: params.include_stop_str_in_output,
-            holdback_chars: if params.include_stop_str_in_output {
-                0
-            } else {
-                longest.saturating_sub(1)
-            },
+            stop_state: stops.start(),
+            stops,
             text: String::new(),
             emitted: 0,
+            pending_chars: 0,
             finished: false,
         }
     }
@@ -100,31 +208,24 @@ impl SeqOutput {
             ..Default::default()
         };
         let mut stopped_by_string = false;
-        if let (Some(tok), Some(detok)) = (self.tokenizer.as_ref(), self.detok.as_mut()) {
+        if let (Some(tok), Some(mut detok)) = (self.tokenizer.clone(), self.detok.take()) {
             let n = out.new_token_ids.len();
             for (j, &id) in out.new_token_ids.iter().enumerate() {
                 // As vLLM: the text of the token that stopped the sequence (EOS or one of
                 // stop_token_ids) is not part of the output unless include_stop_str_in_output;
                 // the id stays in token_ids.
-                if j + 1 == n && out.stop_token.is_some() && !self.include_stop {
+                if j + 1 == n && out.stop_token.is_some() && !self.stops.include_stop {
                     break;
                 }
-                let piece = detok.push(tok, id).unwrap_or_default();
-                let search_from = self.text.len().saturating_sub(max_len(&self.stop) + 4);
-                self.text.push_str(&piece);
-                if let Some((pos, s)) = find_stop(&self.text, &self.stop, search_from) {
-                    let cut = if self.include_stop {
-                        pos + s.len()
-                    } else {
-                        pos
-                    };
-                    self.text.truncate(cut);
+                let piece = detok.push(&tok, id).unwrap_or_default();
+                if let Some(k) = self.push_piece(&piece) {
                     delta.finish_reason = Some(FinishReason::Stop);
-                    delta.stop_reason = Some(StopReason::Str(s));
+                    delta.stop_reason = Some(StopReason::Str(self.stops.strings[k].clone()));
                     stopped_by_string = true;
                     break;
                 }
             }
+            self.detok = Some(detok);
         }
         let finished = delta.finish_reason.is_some();
         if finished && !stopped_by_string {
@@ -138,43 +239,52 @@ impl SeqOutput {
         (delta, stopped_by_string)
     }
 
+    /// Append one token's text and look for a stop string ending in it. On a match the
+    /// text is cut at the stop string (after it with include_stop_str_in_output) and the
+    /// string's index in `StopStrings::strings` is returned.
+    fn push_piece(&mut self, piece: &str) -> Option<usize> {
+        let at = self.text.len();
+        self.text.push_str(piece);
+        self.pending_chars += piece.chars().count();
+        let (pos, k) = self.stops.feed(&mut self.stop_state, piece, at)?;
+        let cut = if self.stops.include_stop {
+            pos + self.stops.strings[k].len()
+        } else {
+            pos
+        };
+        self.text.truncate(cut);
+        Some(k)
+    }
+
     /// All text so far (for offline results).
     pub fn text(&self) -> &str {
         &self.text
     }
 
     /// The text not yet emitted, minus a tail that could still turn into a stop string.
+    /// Only the characters emitted now are walked, so streaming stays linear in the text.
     fn take_emittable(&mut self, finished: bool) -> String {
-        let mut end = self.text.len();
-        if !finished && self.holdback_chars > 0 {
-            end = self.text[..end]
+        let hold = self.stops.holdback_chars;
+        let end = if finished || hold == 0 {
+            self.text.len()
+        } else if self.pending_chars <= hold {
+            return String::new();
+        } else {
+            let emit = self.pending_chars - hold;
+            self.text[self.emitted..]
                 .char_indices()
-                .rev()
-                .nth(self.holdback_chars - 1)
-                .map(|(i, _)| i)
-                .unwrap_or(0);
-        }
+                .nth(emit)
+                .map_or(self.text.len(), |(i, _)| self.emitted + i)
+        };
         if end <= self.emitted {
             return String::new();
         }
         let s = self.text[self.emitted..end].to_string();
+        self.pending_chars = self.pending_chars.saturating_sub(s.chars().count());
         self.emitted = end;
         s
     }
 }
 
-fn max_len(stops: &[String]) -> usize {
-    stops.iter().map(|s| s.len()).max().unwrap_or(0)
-}
-
-/// The earliest stop string in `text[from..]` (from is moved back to a char boundary).
-fn find_stop(text: &str, stops: &[String], from: usize) -> Option<(usize, String)> {
-    let mut from = from.min(text.len());
-    while !text.is_char_boundary(from) {
-        from -= 1;
-    }
-    stops
-        .iter()
-        .filter_map(|s| text[from..].find(s.as_str()).map(|p| (from + p, s.clone())))
-        .min_by_key(|(p, _)| *p)
-}
+#[cfg(test)]
+mod tests;

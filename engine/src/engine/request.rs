@@ -98,6 +98,9 @@ pub fn admit(
         }
         Some(_) => {}
     }
+    // The core never reads stop strings (they are matched at the edge, invariant 3): its
+    // `n` copies of the parameters go without them rather than hold n copies of the strings.
+    let stop = std::mem::take(&mut params.stop);
     let reqs = (0..params.n)
         .map(|i| {
             let mut child = params.clone();
@@ -111,5 +114,6 @@ pub fn admit(
             }
         })
         .collect();
+    params.stop = stop;
     Ok((params, reqs))
 }

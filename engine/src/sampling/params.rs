@@ -81,6 +81,15 @@ pub const MAX_LOGPROBS: usize = 20;
 /// Most completions one request may ask for; each is a separate sequence in the engine.
 pub const MAX_N: usize = 128;
 
+/// Most stop strings one request may give. vLLM sets no limit and OpenAI allows 4; every
+/// stop string is searched for in every sequence's text, and a request's `n` sequences each
+/// hold back the longest one's length while streaming, so the count and length are bounded
+/// generously for real use (a few stop words) and tightly enough that a request cannot buy
+/// seconds of CPU or gigabytes of memory with them.
+pub const MAX_STOP_STRINGS: usize = 64;
+/// Longest stop string, in characters.
+pub const MAX_STOP_STRING_CHARS: usize = 1024;
+
 /// A sampling parameter outside its allowed range: which one, and what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamError {
@@ -207,14 +216,46 @@ impl SamplingParams {
                 );
             }
         }
-        if self.stop.iter().any(|s| s.is_empty()) {
+        check_stop_strings(&self.stop)
+    }
+}
+
+/// The stop-string limits (MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS) and no empty string.
+/// Public so that the server can refuse a request before it spends time on its prompt.
+pub fn check_stop_strings(stop: &[String]) -> Result<(), ParamError> {
+    if stop.len() > MAX_STOP_STRINGS {
+        return bad(
+            "stop",
+            format!(
+                "`stop` holds {} strings, more than the limit of {MAX_STOP_STRINGS} stop strings \
+                 a request may give; send at most {MAX_STOP_STRINGS}",
+                stop.len()
+            ),
+        );
+    }
+    for (i, s) in stop.iter().enumerate() {
+        if s.is_empty() {
             return bad(
                 "stop",
                 "stop strings must not be empty; remove the empty string from `stop`".into(),
             );
         }
-        Ok(())
+        // A string of more bytes than the limit allows characters is over it whatever
+        // its characters are: skip counting them.
+        if s.len() > MAX_STOP_STRING_CHARS {
+            let chars = s.chars().count();
+            if chars > MAX_STOP_STRING_CHARS {
+                return bad(
+                    "stop",
+                    format!(
+                        "stop string {i} is {chars} characters long, more than the limit of \
+                         {MAX_STOP_STRING_CHARS} characters a stop string may have; shorten it"
+                    ),
+                );
+            }
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -335,6 +376,24 @@ mod tests {
             assert_eq!(e.param, name);
             assert!(e.to_string().contains(name), "{e}");
         }
+        let many = err(SamplingParams {
+            stop: vec!["x".into(); MAX_STOP_STRINGS + 1],
+            ..d()
+        });
+        assert_eq!(many.param, "stop");
+        assert!(many.message.contains("limit of 64 stop strings"), "{many}");
+        let long = err(SamplingParams {
+            stop: vec!["é".repeat(MAX_STOP_STRING_CHARS + 1)],
+            ..d()
+        });
+        assert!(long.message.contains("limit of 1024 characters"), "{long}");
+        // At the limits exactly: accepted (a 1024-character string of 2-byte characters too).
+        SamplingParams {
+            stop: vec!["é".repeat(MAX_STOP_STRING_CHARS); MAX_STOP_STRINGS],
+            ..d()
+        }
+        .validate()
+        .unwrap();
         let e = err(SamplingParams {
             max_tokens: Some(3),
             min_tokens: 4,

@@ -11,6 +11,7 @@ use futures::StreamExt;
 
 use super::error::ApiError;
 use super::generation::{failure, Generation};
+use super::limits::{check_request_template, PromptBound};
 use super::protocol::ChatCompletionRequest;
 use super::responses::{
     chat_logprobs, finish_str, prompt_logprobs, random_id, stop_reason_json, unix_now, ChatChoice,
@@ -21,7 +22,7 @@ use super::validate::{check_model, parse_json, validate_chat, ChatJob};
 use super::{sse, AppState};
 use crate::engine::CompletionDelta;
 use crate::scheduler::TokenLogprobs;
-use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::tokenizer::{ChatMessage, RenderError, Tokenizer};
 
 pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
     match handle(st, body).await {
@@ -30,8 +31,9 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
     }
 }
 
-/// Render and tokenize the conversation. Returns the prompt ids and the echo text (the last
-/// message when it is the assistant's and echo is asked for).
+/// Render and tokenize the conversation (on a CPU-work thread: see cpu_work.rs). The
+/// rendering stops at `bound.render_cap()` bytes and at the template's fuel; the rendered
+/// text is checked against `bound` before it is tokenized.
 pub fn render_chat(
     tok: Option<&Tokenizer>,
     turns: &[super::validate::ChatTurn],
@@ -39,6 +41,7 @@ pub fn render_chat(
     continue_final_message: bool,
     add_special_tokens: bool,
     template: Option<&str>,
+    bound: &PromptBound<'_>,
 ) -> Result<Vec<u32>, ApiError> {
     let tok = tok.ok_or_else(|| {
         ApiError::invalid(
@@ -51,12 +54,18 @@ pub fn render_chat(
         .map(|t| ChatMessage::new(&t.role, &t.content))
         .collect();
     let mut text = tok
-        .apply_chat_template(&msgs, add_generation_prompt, template)
-        .map_err(|e| {
-            ApiError::invalid(
+        .render_chat_template(
+            &msgs,
+            add_generation_prompt,
+            template,
+            Some(bound.render_cap()),
+        )
+        .map_err(|e| match e {
+            RenderError::TooLong { limit } => bound.rendered_too_long("messages", limit),
+            e => ApiError::invalid(
                 "messages",
-                format!("the chat template could not render these messages: {e:#}"),
-            )
+                format!("the chat template could not render these messages: {e}"),
+            ),
         })?;
     if continue_final_message {
         // Cut the rendered text right after the final message so the model continues it.
@@ -66,6 +75,7 @@ pub fn render_chat(
             }
         }
     }
+    bound.check("messages", &text)?;
     let ids = tok.encode(&text, add_special_tokens).map_err(|e| {
         ApiError::invalid(
             "messages",
@@ -81,11 +91,17 @@ pub fn render_chat(
     Ok(ids)
 }
 
-async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
-    let bytes = read_body(body, st.max_body_bytes).await?;
-    let req: ChatCompletionRequest = parse_json(&bytes)?;
+/// Everything before generation, from the body's bytes: parse, validate, render, tokenize.
+fn prepare(st: &AppState, bytes: &[u8]) -> Result<(ChatJob, Vec<u32>), ApiError> {
+    let req: ChatCompletionRequest = parse_json(bytes)?;
     check_model(req.model.as_deref(), &st.served_model, &st.model_path)?;
+    check_request_template(
+        req.chat_template.as_deref(),
+        req.chat_template_kwargs.as_ref(),
+        st.trust_request_chat_template,
+    )?;
     let mut job = validate_chat(&req, st.max_logprobs)?;
+    drop(req);
     st.apply_defaults(&mut job.params, &mut job.tokens_as_ids);
     job.return_token_ids |= st.tokenizer.is_none();
     let template = job.chat_template.as_deref().or(st.chat_template.as_deref());
@@ -96,7 +112,15 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
         job.continue_final_message,
         job.add_special_tokens,
         template,
+        &PromptBound::new(st.tokenizer.as_deref(), st.engine.max_model_len()),
     )?;
+    Ok((job, ids))
+}
+
+async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
+    let bytes = read_body(body, st.max_body_bytes).await?;
+    let shared = st.clone();
+    let (job, ids) = st.cpu_work.run(move || prepare(&shared, &bytes)).await??;
     let echo = match job.messages.last() {
         Some(m) if job.echo && m.role == "assistant" => Some(m.content.clone()),
         _ => None,

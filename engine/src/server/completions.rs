@@ -10,6 +10,7 @@ use futures::StreamExt;
 
 use super::error::ApiError;
 use super::generation::{failure, Generation};
+use super::limits::PromptBound;
 use super::protocol::CompletionRequest;
 use super::responses::{
     completion_logprobs, finish_str, prompt_logprobs, random_id, stop_reason_json, unix_now,
@@ -35,20 +36,36 @@ struct Prompt {
     ids: Vec<u32>,
 }
 
-async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
-    let bytes = read_body(body, st.max_body_bytes).await?;
-    let req: CompletionRequest = parse_json(&bytes)?;
+/// Everything before generation, from the body's bytes (on a CPU-work thread: see
+/// cpu_work.rs): parse, validate, then every text prompt checked against the context by its
+/// byte length before any is tokenized.
+fn prepare(st: &AppState, bytes: &[u8]) -> Result<(CompletionJob, Vec<Prompt>), ApiError> {
+    let req: CompletionRequest = parse_json(bytes)?;
     check_model(req.model.as_deref(), &st.served_model, &st.model_path)?;
     let mut job = validate_completion(&req, st.max_logprobs)?;
+    drop(req);
     st.apply_defaults(&mut job.params, &mut job.tokens_as_ids);
     // Without a tokenizer there is no text: the token ids are the output.
     job.return_token_ids |= st.tokenizer.is_none();
     let tok = st.tokenizer.as_deref();
+    let bound = PromptBound::new(tok, st.engine.max_model_len());
+    for p in &job.prompts {
+        if let PromptInput::Text(s) = p {
+            bound.check("prompt", s)?;
+        }
+    }
     let prompts = job
         .prompts
         .iter()
         .map(|p| tokenize_prompt(tok, p, &job))
         .collect::<Result<Vec<_>, _>>()?;
+    Ok((job, prompts))
+}
+
+async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
+    let bytes = read_body(body, st.max_body_bytes).await?;
+    let shared = st.clone();
+    let (job, prompts) = st.cpu_work.run(move || prepare(&shared, &bytes)).await??;
     let gen = Generation::start(
         &st.engine,
         st.metrics.clone(),

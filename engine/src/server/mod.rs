@@ -7,9 +7,11 @@
 pub mod chat;
 pub mod compat;
 pub mod completions;
+pub mod cpu_work;
 pub mod error;
 pub mod generation;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod responses;
@@ -56,6 +58,10 @@ pub struct ServeArgs {
     /// A chat template (a file, or the template text itself) overriding the model's.
     #[arg(long)]
     pub chat_template: Option<String>,
+    /// Honour a `chat_template` sent in a request (chat, /tokenize); without this flag such
+    /// a request is refused, as vLLM does (a template is code the server runs).
+    #[arg(long)]
+    pub trust_request_chat_template: bool,
     /// Largest request body accepted (413 above).
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_request_body_bytes: usize,
@@ -105,6 +111,10 @@ pub struct AppState {
     pub unseeded_requests: AtomicU64,
     /// `--return-tokens-as-token-ids`.
     pub return_tokens_as_token_ids: bool,
+    /// `--trust-request-chat-template`.
+    pub trust_request_chat_template: bool,
+    /// Parsing, template rendering and tokenizing, off the async threads (cpu_work.rs).
+    pub cpu_work: cpu_work::CpuWork,
 }
 
 impl AppState {
@@ -255,6 +265,8 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         seed: args.vllm.seed,
         unseeded_requests: AtomicU64::new(0),
         return_tokens_as_token_ids: args.vllm.return_tokens_as_token_ids,
+        trust_request_chat_template: args.trust_request_chat_template,
+        cpu_work: cpu_work::CpuWork::for_this_machine(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -12,6 +12,7 @@ use serde_json::json;
 
 use super::chat::render_chat;
 use super::error::ApiError;
+use super::limits::{check_request_template, PromptBound};
 use super::metrics::EngineGauges;
 use super::protocol::{DetokenizeRequest, TokenizeRequest};
 use super::validate::{check_model, flatten_message, parse_json};
@@ -108,65 +109,83 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 pub async fn tokenize(State(st): State<Arc<AppState>>, body: Body) -> Response {
     let run = async {
         let bytes = read_body(body, st.max_body_bytes).await?;
-        let req: TokenizeRequest = parse_json(&bytes)?;
-        check_model(req.model.as_deref(), &st.served_model, &st.model_path)?;
-        let tok = st.tokenizer.as_deref();
-        let ids = match (&req.prompt, &req.messages) {
-            (Some(_), Some(_)) => {
+        let shared = st.clone();
+        st.cpu_work
+            .run(move || tokenize_json(&shared, &bytes))
+            .await?
+    };
+    match run.await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// /tokenize's answer (on a CPU-work thread: see cpu_work.rs), with the chat route's rules:
+/// request templates only when trusted, prompts past the context refused by length first.
+fn tokenize_json(st: &AppState, bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let req: TokenizeRequest = parse_json(bytes)?;
+    check_model(req.model.as_deref(), &st.served_model, &st.model_path)?;
+    let tok = st.tokenizer.as_deref();
+    let bound = PromptBound::new(tok, st.engine.max_model_len());
+    let ids = match (&req.prompt, &req.messages) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "messages",
+                "send either `prompt` or `messages`, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "send `prompt` (text) or `messages` (a chat)",
+            ))
+        }
+        (Some(p), None) => {
+            let t =
+                tok.ok_or_else(|| ApiError::invalid("prompt", "this model has no tokenizer"))?;
+            bound.check("prompt", p)?;
+            t.encode(p, req.add_special_tokens.unwrap_or(true))
+                .map_err(|e| ApiError::invalid("prompt", format!("could not tokenize: {e:#}")))?
+        }
+        (None, Some(msgs)) => {
+            if msgs.is_empty() {
                 return Err(ApiError::invalid(
                     "messages",
-                    "send either `prompt` or `messages`, not both",
+                    "`messages` is empty; send at least one message",
                 ));
             }
-            (None, None) => {
-                return Err(ApiError::invalid(
-                    "prompt",
-                    "send `prompt` (text) or `messages` (a chat)",
-                ))
-            }
-            (Some(p), None) => {
-                let t =
-                    tok.ok_or_else(|| ApiError::invalid("prompt", "this model has no tokenizer"))?;
-                t.encode(p, req.add_special_tokens.unwrap_or(true))
-                    .map_err(|e| {
-                        ApiError::invalid("prompt", format!("could not tokenize: {e:#}"))
-                    })?
-            }
-            (None, Some(msgs)) => {
-                if msgs.is_empty() {
-                    return Err(ApiError::invalid(
-                        "messages",
-                        "`messages` is empty; send at least one message",
-                    ));
-                }
-                let turns = msgs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, m)| flatten_message(i, m))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let template = req.chat_template.as_deref().or(st.chat_template.as_deref());
-                render_chat(
-                    tok,
-                    &turns,
-                    req.add_generation_prompt.unwrap_or(true),
-                    req.continue_final_message.unwrap_or(false),
-                    req.add_special_tokens.unwrap_or(false),
-                    template,
-                )?
-            }
-        };
-        let mut v =
-            json!({"count": ids.len(), "max_model_len": st.engine.max_model_len(), "tokens": ids});
-        if req.return_token_strs == Some(true) {
-            let strs: Vec<String> = ids
+            check_request_template(
+                req.chat_template.as_deref(),
+                req.chat_template_kwargs.as_ref(),
+                st.trust_request_chat_template,
+            )?;
+            let turns = msgs
                 .iter()
-                .map(|&id| tok.and_then(|t| t.id_to_token(id)).unwrap_or_default())
-                .collect();
-            v["token_strs"] = json!(strs);
+                .enumerate()
+                .map(|(i, m)| flatten_message(i, m))
+                .collect::<Result<Vec<_>, _>>()?;
+            let template = req.chat_template.as_deref().or(st.chat_template.as_deref());
+            render_chat(
+                tok,
+                &turns,
+                req.add_generation_prompt.unwrap_or(true),
+                req.continue_final_message.unwrap_or(false),
+                req.add_special_tokens.unwrap_or(false),
+                template,
+                &bound,
+            )?
         }
-        Ok(Json(v).into_response())
     };
-    run.await.unwrap_or_else(|e: ApiError| e.into_response())
+    let mut v =
+        json!({"count": ids.len(), "max_model_len": st.engine.max_model_len(), "tokens": ids});
+    if req.return_token_strs == Some(true) {
+        let strs: Vec<String> = ids
+            .iter()
+            .map(|&id| tok.and_then(|t| t.id_to_token(id)).unwrap_or_default())
+            .collect();
+        v["token_strs"] = json!(strs);
+    }
+    Ok(v)
 }
 
 pub async fn detokenize(State(st): State<Arc<AppState>>, body: Body) -> Response {

@@ -297,6 +297,10 @@ macro_rules! common_params {
                 StopField::Many(v) => v.clone(),
             };
             p.stop.retain(|s| !s.is_empty());
+            // Checked here, before the prompt is tokenized, though the engine checks too.
+            if let Err(e) = crate::sampling::params::check_stop_strings(&p.stop) {
+                return Err(ApiError::invalid(e.param, e.message));
+            }
         }
         for (name, v, field) in [
             (
@@ -856,6 +860,20 @@ mod tests {
                 content: "a\nb".into()
             }
         );
+    }
+
+    #[test]
+    fn stop_strings_are_bounded_before_the_prompt_is_tokenized() {
+        let many: Vec<String> = (0..65).map(|i| format!("s{i}")).collect();
+        let body = serde_json::json!({"prompt": "x", "stop": many}).to_string();
+        assert_bad(completion(&body), "stop", "limit of 64 stop strings");
+        let long = serde_json::json!({"messages": [{"role": "user", "content": "x"}],
+            "stop": ["y".repeat(1025)]})
+        .to_string();
+        assert_bad(chat(&long), "stop", "limit of 1024 characters");
+        let at_limit: Vec<String> = (0..64).map(|i| format!("{i:0>1024}")).collect();
+        let body = serde_json::json!({"prompt": "x", "stop": at_limit}).to_string();
+        assert_eq!(completion(&body).unwrap().params.stop.len(), 64);
     }
 
     #[test]

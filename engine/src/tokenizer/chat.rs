@@ -5,6 +5,73 @@ use anyhow::Result;
 use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
+/// The most template instructions (minijinja "fuel") one rendering may execute. Real chat
+/// templates spend a few dozen to a few hundred per message (the tests measure the ones we
+/// ship against), so this covers conversations far longer than any context, while a
+/// template that loops without end is stopped after about a second of CPU.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// Why a chat template produced no prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RenderError {
+    /// The model has no template and none was given.
+    NoTemplate,
+    /// The template failed: syntax, `raise_exception`, a bad value.
+    Template(String),
+    /// Rendering used up its TEMPLATE_FUEL instructions.
+    OutOfFuel { fuel: u64 },
+    /// The rendered text grew past `limit` bytes (the caller's bound; see `render`).
+    TooLong { limit: usize },
+}
+
+impl std::fmt::Display for RenderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RenderError::NoTemplate => write!(
+                f,
+                "this model's tokenizer has no chat template; pass one explicitly (e.g. --chat-template FILE) or send plain prompts"
+            ),
+            RenderError::Template(m) => write!(f, "chat template failed: {m}"),
+            RenderError::OutOfFuel { fuel } => write!(
+                f,
+                "chat template failed: rendering stopped at the limit of {fuel} template \
+                 instructions (the work one rendering may do); the template loops too much \
+                 for these messages"
+            ),
+            RenderError::TooLong { limit } => write!(
+                f,
+                "the rendered chat prompt is longer than {limit} bytes"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RenderError {}
+
+/// The rendered text, refusing to grow past `limit` bytes: a template can write far more
+/// than it reads (a string repeated in a loop), and the caller knows how long a prompt can
+/// usefully be.
+struct BoundedOutput {
+    buf: Vec<u8>,
+    limit: usize,
+    over: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.limit {
+            self.over = true;
+            return Err(std::io::Error::other("the rendered prompt is too long"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
@@ -187,6 +254,7 @@ fn tojson_filter(
 
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     // transformers renders with trim_blocks and lstrip_blocks on.
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
@@ -208,15 +276,16 @@ fn environment() -> Environment<'static> {
     env
 }
 
-/// Render `template` for `messages`. Template errors (syntax, `raise_exception`) come back
-/// as errors carrying the template's own message.
+/// Render `template` for `messages`, into at most `max_bytes` bytes of text. Template
+/// errors (syntax, `raise_exception`) come back carrying the template's own message.
 pub(crate) fn render(
     template: &str,
     messages: &[ChatMessage],
     add_generation_prompt: bool,
     bos_token: Option<&str>,
     eos_token: Option<&str>,
-) -> Result<String> {
+    max_bytes: Option<usize>,
+) -> Result<String, RenderError> {
     let env = environment();
     let ctx = minijinja::context! {
         messages => messages,
@@ -224,14 +293,46 @@ pub(crate) fn render(
         bos_token => bos_token.unwrap_or(""),
         eos_token => eos_token.unwrap_or(""),
     };
-    env.render_str(template, ctx).map_err(|e| {
-        // raise_exception's message is the useful part; keep minijinja's detail for syntax.
-        let msg = match e.kind() {
-            ErrorKind::InvalidOperation => e.detail().unwrap_or("template error").to_string(),
-            _ => format!("{e:#}"),
-        };
-        anyhow::anyhow!("chat template failed: {msg}")
-    })
+    let mut out = BoundedOutput {
+        buf: Vec::new(),
+        limit: max_bytes.unwrap_or(usize::MAX),
+        over: false,
+    };
+    let rendered = env
+        .template_from_str(template)
+        .and_then(|t| t.render_captured_to(ctx, &mut out).map(drop));
+    match rendered {
+        Ok(_) => String::from_utf8(out.buf)
+            .map_err(|e| RenderError::Template(format!("the output is not UTF-8: {e}"))),
+        Err(_) if out.over => Err(RenderError::TooLong { limit: out.limit }),
+        Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(RenderError::OutOfFuel {
+            fuel: TEMPLATE_FUEL,
+        }),
+        Err(e) => {
+            // raise_exception's message is the useful part; keep minijinja's detail for syntax.
+            let msg = match e.kind() {
+                ErrorKind::InvalidOperation => e.detail().unwrap_or("template error").to_string(),
+                _ => format!("{e:#}"),
+            };
+            Err(RenderError::Template(msg))
+        }
+    }
+}
+
+/// Fuel a rendering uses (for the tests that keep TEMPLATE_FUEL well above real templates).
+#[cfg(test)]
+pub(crate) fn fuel_used(template: &str, messages: &[ChatMessage]) -> u64 {
+    let env = environment();
+    let ctx = minijinja::context! {
+        messages => messages,
+        add_generation_prompt => true,
+        bos_token => "<s>",
+        eos_token => "</s>",
+    };
+    let t = env.template_from_str(template).unwrap();
+    let captured = t.render_captured(ctx).unwrap();
+    let used = captured.state().fuel_levels().unwrap().0;
+    used
 }
 
 #[cfg(test)]
@@ -260,6 +361,7 @@ mod tests {
             false,
             None,
             None,
+            None,
         )
         .unwrap();
         assert_eq!(out, r#"hi|True|"  hi  ""#);
@@ -269,11 +371,12 @@ mod tests {
             false,
             None,
             None,
+            None,
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("Conversation roles must alternate"), "{e}");
-        let e = render("{% for %}", &msgs, false, None, None)
+        let e = render("{% for %}", &msgs, false, None, None, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("chat template failed"), "{e}");
@@ -282,7 +385,7 @@ mod tests {
     #[test]
     fn tojson_writes_like_python_json_dumps() {
         let msgs = vec![ChatMessage::new("user", "<|im_start|>é \"q\"\n")];
-        let out = render("{{ messages | tojson }}", &msgs, false, None, None).unwrap();
+        let out = render("{{ messages | tojson }}", &msgs, false, None, None, None).unwrap();
         // Python keeps insertion order: role before content, as ChatMessage declares them.
         assert_eq!(
             out,
@@ -292,6 +395,7 @@ mod tests {
             "{{ {'a': [1, 2.5, none, true], 'b': {}} | tojson(indent=2) }}",
             &msgs,
             false,
+            None,
             None,
             None,
         )
@@ -314,8 +418,73 @@ mod tests {
             true,
             Some("<s>"),
             Some("</s>"),
+            None,
         )
         .unwrap();
         assert_eq!(out, "<s>\n[a]\n></s>");
+    }
+
+    #[test]
+    fn runaway_templates_stop_at_the_fuel_limit() {
+        let msgs = vec![ChatMessage::new("user", "hi")];
+        // 2 * 10^8 loop steps: about 15 s of CPU without a limit.
+        let t = "{% for i in range(10000) %}{% for j in range(10000) %}{% for k in range(2) %}{% endfor %}{% endfor %}{% endfor %}";
+        let start = std::time::Instant::now();
+        let e = render(t, &msgs, true, None, None, None).unwrap_err();
+        assert_eq!(
+            e,
+            RenderError::OutOfFuel {
+                fuel: TEMPLATE_FUEL
+            }
+        );
+        assert!(
+            e.to_string()
+                .contains("limit of 20000000 template instructions"),
+            "{e}"
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn output_stops_at_the_callers_bound() {
+        let msgs = vec![ChatMessage::new("user", "hi")];
+        let t = "{% for i in range(10000) %}{{ 'x' * 1000000 }}{% endfor %}";
+        let e = render(t, &msgs, true, None, None, Some(5_000_000)).unwrap_err();
+        assert_eq!(e, RenderError::TooLong { limit: 5_000_000 });
+        let ok = render("{{ 'x' * 10 }}", &msgs, true, None, None, Some(10)).unwrap();
+        assert_eq!(ok, "xxxxxxxxxx");
+    }
+
+    /// Every template shipped with the test models, over a conversation of 2,000 turns,
+    /// spends a small fraction of TEMPLATE_FUEL (at most 1/20): a budget that stops runaway
+    /// templates never stops a real one.
+    #[test]
+    fn real_templates_use_a_small_part_of_the_fuel() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny");
+        let msgs: Vec<ChatMessage> = std::iter::once(ChatMessage::new("system", "Be brief."))
+            .chain((0..2000).map(|i| {
+                let role = if i % 2 == 0 { "user" } else { "assistant" };
+                ChatMessage::new(role, format!("message number {i} with some words in it"))
+            }))
+            .collect();
+        let mut checked = 0;
+        for model in ["llama3", "mistral", "qwen2"] {
+            let cfg: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join(model).join("tokenizer_config.json")).unwrap(),
+            )
+            .unwrap();
+            let Some(t) = cfg["chat_template"].as_str() else {
+                continue;
+            };
+            let used = fuel_used(t, &msgs);
+            eprintln!("{model}: {used} fuel for {} messages", msgs.len());
+            assert!(used * 20 < TEMPLATE_FUEL, "{model}: {used}");
+            checked += 1;
+        }
+        assert!(checked > 0, "no fixture has a chat template");
     }
 }

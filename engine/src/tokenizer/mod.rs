@@ -2,16 +2,19 @@
 //! tokenizer_config.json adds), chat templates and incremental detokenization.
 //!
 //! The engine core sees token ids only; the server and CLI use this module.
+mod bound;
 mod chat;
 mod detok;
 pub mod gguf;
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-pub use chat::ChatMessage;
+pub use bound::TokenBound;
+pub use chat::{ChatMessage, RenderError, TEMPLATE_FUEL};
 pub use detok::IncrementalDetokenizer;
 
 /// A tokenizer with its special tokens and chat template. `Send + Sync`: share it in an `Arc`.
@@ -21,6 +24,8 @@ pub struct Tokenizer {
     bos_token: Option<String>,
     eos_token: Option<String>,
     eos_token_id: Option<u32>,
+    /// `bound::token_bound`, worked out on first use (it walks the vocabulary).
+    token_bound: OnceLock<Option<TokenBound>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -72,6 +77,7 @@ impl Tokenizer {
             bos_token,
             eos_token,
             eos_token_id,
+            token_bound: OnceLock::new(),
         }
     }
 
@@ -175,6 +181,14 @@ impl Tokenizer {
         &self.inner
     }
 
+    /// A lower bound on a text's token count from its bytes alone, when this tokenizer's
+    /// pipeline gives one (see bound.rs).
+    pub fn token_bound(&self) -> Option<&TokenBound> {
+        self.token_bound
+            .get_or_init(|| bound::token_bound(&self.inner))
+            .as_ref()
+    }
+
     /// Render `messages` with the model's chat template (or `template_override`).
     pub fn apply_chat_template(
         &self,
@@ -182,17 +196,28 @@ impl Tokenizer {
         add_generation_prompt: bool,
         template_override: Option<&str>,
     ) -> Result<String> {
-        let template = template_override.or(self.chat_template()).ok_or_else(|| {
-            anyhow::anyhow!(
-                "this model's tokenizer has no chat template; pass one explicitly (e.g. --chat-template FILE) or send plain prompts"
-            )
-        })?;
+        Ok(self.render_chat_template(messages, add_generation_prompt, template_override, None)?)
+    }
+
+    /// `apply_chat_template` with its failures told apart, and the output bounded to
+    /// `max_bytes` (a template can write far more than any context holds).
+    pub fn render_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        template_override: Option<&str>,
+        max_bytes: Option<usize>,
+    ) -> std::result::Result<String, RenderError> {
+        let template = template_override
+            .or(self.chat_template())
+            .ok_or(RenderError::NoTemplate)?;
         chat::render(
             template,
             messages,
             add_generation_prompt,
             self.bos_token(),
             self.eos_token(),
+            max_bytes,
         )
     }
 }
