@@ -309,3 +309,73 @@ fn stop_strings_are_bounded_and_cheap_at_the_limits() {
         peak - rss_before
     );
 }
+
+/// The SmolLM2 tokenizer (built from GGUF metadata; its byte-level vocabulary lacks some
+/// control bytes) has a byte bound, and the bound never exceeds the true token count; its
+/// chat template renders a 20,000-turn conversation (far past any context) within the fuel.
+#[test]
+fn smollm2_bound_holds_and_its_template_renders_long_chats_within_the_fuel() {
+    use rvllm::models::{load_model, LoadFormat, LoadOptions};
+    use rvllm::tokenizer::ChatMessage;
+    let opts = LoadOptions {
+        load_format: LoadFormat::Dummy,
+        progress: false,
+    };
+    let m = load_model(smollm2_gguf().to_str().unwrap(), &opts).unwrap();
+    let tok = m.tokenizer.expect("SmolLM2 carries its tokenizer");
+    let bound = tok
+        .token_bound()
+        .expect("a byte-level BPE has a bound")
+        .clone();
+    eprintln!(
+        "SmolLM2: at most {} bytes per token; every byte kept: {}",
+        bound.bytes_per_token(),
+        bound.keeps_every_byte()
+    );
+    let parts = [
+        "the",
+        " ",
+        "\n",
+        "    ",
+        "é",
+        "日本語",
+        "😀",
+        "\u{4}",
+        "\u{13}",
+        "####",
+        "1234567",
+        "<|im_start|>",
+        "=====",
+    ];
+    let mut seed = 12345u64;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize
+    };
+    for _ in 0..300 {
+        let text: String = (0..next() % 300)
+            .map(|_| parts[next() % parts.len()])
+            .collect();
+        let n = tok.encode(&text, false).unwrap().len();
+        assert!(
+            n >= bound.min_tokens(&text),
+            "{n} tokens < bound for {text:?}"
+        );
+    }
+    let msgs: Vec<ChatMessage> = (0..20_000)
+        .map(|i| {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            ChatMessage::new(role, format!("turn {i}: a line of ordinary chat text"))
+        })
+        .collect();
+    let t = Instant::now();
+    let text = tok.apply_chat_template(&msgs, true, None).unwrap();
+    eprintln!(
+        "SmolLM2 template: 20,000 turns ({} bytes) in {:.2} s",
+        text.len(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(text.contains("turn 19999"));
+}

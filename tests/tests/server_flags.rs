@@ -19,6 +19,7 @@ const CLAIMED: &[&str] = &[
     "--served-model-name",
     "--model",
     "--chat-template",
+    "--trust-request-chat-template",
     "--max-model-len",
     "--max-num-seqs",
     "--max-num-batched-tokens",
