@@ -45,7 +45,10 @@ impl HttpLimits {
         let max_connections = match a.max_connections {
             Some(0) => anyhow::bail!("--max-connections must be 1 or more, got 0"),
             Some(n) => n,
-            None => default_max_connections(),
+            None => {
+                raise_open_file_limit();
+                default_max_connections()
+            }
         };
         Ok(Self {
             header_read_timeout: seconds("--header-read-timeout", a.header_read_timeout)?,
@@ -91,6 +94,22 @@ impl Connections {
 
     pub fn open(&self) -> usize {
         self.max as usize - self.permits.available_permits()
+    }
+}
+
+/// Raise the soft open-file limit to the hard one (as Go's runtime does): the soft default
+/// (often 1024) would otherwise cap a server meant for thousands of clients.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max.min(1 << 20);
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 
