@@ -323,7 +323,8 @@ pub fn weights_nbytes(g: &GgufFile, cfg: &ModelConfig) -> u64 {
             dequant::tensor_nbytes(t.ggml_type, t.numel(), t.dims.first().copied().unwrap_or(1))
                 .ok()
         })
-        .sum()
+        // Sizes come from the file: a corrupt one can claim more than u64 in all.
+        .fold(0, u64::saturating_add)
 }
 
 /// Read every tensor the model needs, dequantized, under Hugging Face names.
@@ -556,6 +557,24 @@ mod tests {
             let e = format!("{:#}", read_config(&g).unwrap_err());
             assert!(e.contains(needle) && e.contains("m.gguf"), "{needle}: {e}");
         }
+    }
+
+    /// Found by fuzz/gguf: tensor sizes a corrupt header claims summed past u64 (a panic in
+    /// debug builds, a wrapped progress total in release).
+    #[test]
+    fn claimed_tensor_sizes_past_u64_saturate() {
+        let huge = |name: &str| reader::test_writer::TestTensor {
+            name: name.into(),
+            dims: vec![1 << 31, 1 << 30],
+            ggml_type: dequant::ggml_type::F32,
+            data: Vec::new(),
+        };
+        let (_d, g) = open_written(
+            &llama_meta(vec![]),
+            &[huge("blk.0.ffn_gate.weight"), huge("blk.0.ffn_up.weight")],
+        );
+        let cfg = read_config(&g).unwrap();
+        assert_eq!(weights_nbytes(&g, &cfg), u64::MAX);
     }
 
     #[test]
