@@ -13,8 +13,10 @@
 //! - Paged KV cache, per layer: K and V each `[num_blocks, block_size, num_kv_heads, head_dim]`.
 //!   A token's slot is `block_id * block_size + offset`, so slot `s` starts at element
 //!   `s * num_kv_heads * head_dim` of the layer's K (or V) array.
-//! - RoPE is the HF "rotate half" form: pairs (i, i + head_dim/2) rotated by
-//!   `position * inv_freq[i]`, with `inv_freq` from `ModelConfig::rope_inv_freq()`.
+//! - RoPE is the HF "rotate half" form over the first `rotary_dim` dims of each head: pairs
+//!   (i, i + rotary_dim/2) rotated by `position * inv_freq[i]` (`inv_freq` from
+//!   `ModelConfig::rope`), cos and sin multiplied by the layout's `rope_scale`; the other
+//!   dims pass through (partial rotary, Phi-4).
 //! - Attention reads K/V from the cache only (the step's own keys are written there first by
 //!   `rope_and_write_kv`). Token `i` of a sequence chunk that starts at `start_pos` sees keys
 //!   `0 ..= start_pos + i` (causal with offset; a decode is a chunk of one token). Query head
@@ -23,12 +25,14 @@ use std::ops::Range;
 
 use anyhow::Result;
 
+use crate::models::spec::DecoderSpec;
 use crate::models::weights::HostTensor;
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dtype;
+pub mod gpu_support;
 
 /// Geometry of the paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +161,12 @@ pub struct AttentionLayout {
     /// When set, token at position p only sees keys at positions > p - window
     /// (Mistral-style sliding window). None: full causal attention.
     pub sliding_window: Option<usize>,
+    /// When set, scores (after `scale`) become `cap * tanh(score / cap)` (Gemma 2).
+    pub softcap: Option<f32>,
+    /// Dims of each head RoPE rotates (the first ones); `head_dim` unless partial rotary.
+    pub rotary_dim: usize,
+    /// cos and sin are multiplied by this (YaRN / LongRoPE attention factor; else 1).
+    pub rope_scale: f32,
 }
 
 impl AttentionLayout {
@@ -315,6 +325,49 @@ pub trait Backend: Send + Sized + 'static {
 
     /// `out = silu(gate) * up` where `gate_up` rows are `[gate | up]`.
     fn silu_and_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()>;
+
+    /// Refuses, naming it, a model feature this backend cannot run (before any weight is
+    /// uploaded). `context_len` is the longest context the model will see.
+    fn check_decoder(&self, spec: &DecoderSpec, context_len: usize) -> Result<()> {
+        let _ = (spec, context_len);
+        Ok(())
+    }
+
+    /// Per-head RMSNorm of the q and k parts of a fused qkv activation, in place: every
+    /// `head_dim` slice of q is normalized and scaled by `q_weight`, of k by `k_weight`
+    /// (Qwen3 / Gemma 3, before RoPE).
+    fn qk_norm(
+        &self,
+        qkv: &mut Self::Tensor,
+        q_weight: &Self::Vector,
+        k_weight: &Self::Vector,
+        eps: f32,
+        layout: &AttentionLayout,
+    ) -> Result<()> {
+        let _ = (qkv, q_weight, k_weight, eps, layout);
+        anyhow::bail!(
+            "per-head q/k RMSNorm (qk_norm) is not implemented on {}",
+            self.device_name()
+        )
+    }
+
+    /// `out = gelu_tanh(gate) * up` (GeGLU with the tanh approximation, Gemma).
+    fn gelu_tanh_and_mul(&self, gate_up: &Self::Tensor, out: &mut Self::Tensor) -> Result<()> {
+        let _ = (gate_up, out);
+        anyhow::bail!(
+            "the GeGLU MLP (gelu_pytorch_tanh) is not implemented on {}",
+            self.device_name()
+        )
+    }
+
+    /// `x *= factor`, elementwise (Gemma's embedding scale).
+    fn scale(&self, x: &mut Self::Tensor, factor: f32) -> Result<()> {
+        let _ = (x, factor);
+        anyhow::bail!(
+            "scaling activations (Gemma's embedding scale) is not implemented on {}",
+            self.device_name()
+        )
+    }
 
     /// `acc += x`, elementwise.
     fn add_inplace(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;

@@ -153,6 +153,8 @@ impl EngineCore {
         let mut model: LoadedModel = load_model(&args.model, &opts)
             .with_context(|| format!("loading model `{}`", args.model))?;
         let tokenizer = model.tokenizer.take();
+        // What the model may see decides LongRoPE's factors and whether a window matters.
+        model.config.family.max_model_len = args.max_model_len;
         let config = model.config.clone();
         let limits = batch_limits(args, device)?;
         let runner_cfg = RunnerConfig {

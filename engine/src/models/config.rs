@@ -7,14 +7,26 @@ pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
+    Phi3,
+    Gemma2,
+    Gemma3,
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static [&'static str] =
-        &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+    pub const SUPPORTED: &'static [&'static str] = &[
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+    ];
 }
 
-/// Llama 3.x frequency scaling ("rope_type": "llama3"), or linear scaling.
+/// RoPE frequency scaling: Llama 3.x ("llama3"), linear, YaRN ("yarn") or LongRoPE
+/// ("longrope", formerly "su"). `rope.rs` turns each into inverse frequencies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RopeScaling {
     Llama3 {
@@ -26,6 +38,78 @@ pub enum RopeScaling {
     Linear {
         factor: f32,
     },
+    /// YaRN: each frequency blended between interpolated (`/ factor`) and extrapolated by a
+    /// ramp over the dimensions that `beta_fast` / `beta_slow` rotations bound; cos and sin
+    /// scaled by `attention_factor` (resolved at parse time from `mscale` when not given).
+    Yarn {
+        factor: f32,
+        original_max_position_embeddings: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        attention_factor: f32,
+        /// Round the ramp's bounds to whole dimensions (transformers' `truncate`, default on).
+        truncate: bool,
+    },
+    /// LongRoPE (Phi-3, Phi-4): one divisor per frequency, the short list for contexts up to
+    /// `original_max_position_embeddings`, the long one beyond; cos and sin scaled by
+    /// `attention_factor`.
+    LongRope {
+        short_factor: Vec<f32>,
+        long_factor: Vec<f32>,
+        original_max_position_embeddings: usize,
+        attention_factor: f32,
+    },
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum MlpActivation {
+    /// SwiGLU: `silu(gate) * up` (Llama, Mistral, Qwen, Phi-3).
+    #[default]
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (`gelu_pytorch_tanh`: Gemma).
+    GeluTanh,
+}
+
+/// The RoPE of Gemma 3's local (sliding-window) layers, which differs from the global one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalRope {
+    pub theta: f32,
+    pub scaling: Option<RopeScaling>,
+}
+
+/// What sets a family apart from Llama; the default is Llama. The decoder reads these through
+/// `models::spec::DecoderSpec`, one description per layer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FamilyConfig {
+    /// Per-head RMSNorm of q and k before RoPE (`q_norm` / `k_norm`: Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Norm weights are stored as `w` and scale by `1 + w` (Gemma); folded in at load.
+    pub norm_plus_one: bool,
+    /// Norms around both blocks: `post_attention_layernorm` normalizes the attention output
+    /// and `pre_feedforward_layernorm` / `post_feedforward_layernorm` wrap the MLP (Gemma 2/3).
+    pub sandwich_norms: bool,
+    pub activation: MlpActivation,
+    /// The embedding is multiplied by sqrt(hidden_size) (Gemma).
+    pub scale_embedding: bool,
+    /// `cap * tanh(score / cap)` on attention scores (Gemma 2).
+    pub attn_logit_softcap: Option<f32>,
+    /// `cap * tanh(logit / cap)` on the final logits (Gemma 2, some Gemma 3).
+    pub final_logit_softcap: Option<f32>,
+    /// Attention scores scale by `query_pre_attn_scalar^-0.5` instead of `head_dim^-0.5`.
+    pub query_pre_attn_scalar: Option<f32>,
+    /// Per layer, whether it attends within `sliding_window` only; None: every layer does
+    /// when `sliding_window` is set.
+    pub sliding_layers: Option<Vec<bool>>,
+    /// RoPE of the sliding layers when it differs from the global one (Gemma 3).
+    pub local_rope: Option<LocalRope>,
+    /// Dimensions of each head that RoPE rotates (`partial_rotary_factor`); None: all.
+    pub rotary_dim: Option<usize>,
+    /// `qkv_proj` and `gate_up_proj` stored fused (Phi-3).
+    pub fused_projections: bool,
+    /// The longest context the engine will run (`--max-model-len`): LongRoPE picks its long
+    /// factors when this passes the original context. None: `max_position_embeddings`.
+    pub max_model_len: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +136,8 @@ pub struct ModelConfig {
     /// The checkpoint's type as config.json names it (`torch_dtype`, or `dtype` in newer
     /// transformers): what `--dtype auto` follows on the GPU. None for GGUF files.
     pub torch_dtype: Option<String>,
+    /// The family's differences from Llama.
+    pub family: FamilyConfig,
 }
 
 impl ModelConfig {
@@ -72,7 +158,14 @@ impl ModelConfig {
             self.intermediate_size as u64,
         );
         let bias = if self.attention_bias { q + 2 * kv } else { 0 };
-        let layer = h * (q + 2 * kv) + bias + q * h + 3 * inter * h + 2 * h;
+        let f = &self.family;
+        let norms = if f.sandwich_norms { 4 * h } else { 2 * h }
+            + if f.qk_norm {
+                2 * self.head_dim as u64
+            } else {
+                0
+            };
+        let layer = h * (q + 2 * kv) + bias + q * h + 3 * inter * h + norms;
         let embed = self.vocab_size as u64 * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + head + self.num_hidden_layers as u64 * layer + h
@@ -82,40 +175,46 @@ impl ModelConfig {
         2 * self.num_hidden_layers * self.kv_size() * elem_bytes
     }
 
-    /// Inverse frequencies for RoPE (one per pair of dims), with rope scaling applied.
-    /// Shared by the CPU backend and the CUDA backend (which uploads them once).
+    /// Inverse frequencies of the global RoPE (one per rotated pair of dims), with its
+    /// scaling applied. Shared by the CPU backend and the CUDA backend (which uploads them).
     pub fn rope_inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
-        let mut inv: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / (self.rope_theta as f64).powf(2.0 * i as f64 / d as f64) as f32)
-            .collect();
-        match &self.rope_scaling {
-            None => {}
-            Some(RopeScaling::Linear { factor }) => inv.iter_mut().for_each(|f| *f /= factor),
-            Some(RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            }) => {
-                let old = *original_max_position_embeddings as f32;
-                let low_wavelen = old / low_freq_factor;
-                let high_wavelen = old / high_freq_factor;
-                for f in inv.iter_mut() {
-                    let wavelen = 2.0 * std::f32::consts::PI / *f;
-                    if wavelen < high_wavelen {
-                        // high frequency: unchanged
-                    } else if wavelen > low_wavelen {
-                        *f /= factor;
-                    } else {
-                        let smooth = (old / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
-                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
-                    }
-                }
-            }
-        }
-        inv
+        self.rope(false).inv_freq
+    }
+
+    /// The RoPE of the global layers, or (`local`) of the sliding-window ones.
+    pub fn rope(&self, local: bool) -> super::rope::Rope {
+        let (theta, scaling) = match (&self.family.local_rope, local) {
+            (Some(l), true) => (l.theta, l.scaling.as_ref()),
+            _ => (self.rope_theta, self.rope_scaling.as_ref()),
+        };
+        super::rope::Rope::new(theta, self.rotary_dim(), scaling, self.context_len())
+    }
+
+    /// Dimensions of each head that RoPE rotates.
+    pub fn rotary_dim(&self) -> usize {
+        self.family.rotary_dim.unwrap_or(self.head_dim)
+    }
+
+    /// The longest context the model will see.
+    pub fn context_len(&self) -> usize {
+        self.family
+            .max_model_len
+            .unwrap_or(self.max_position_embeddings)
+    }
+
+    /// Layer `i`'s attention window: None for full attention.
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        let sliding = match &self.family.sliding_layers {
+            Some(v) => v.get(i).copied().unwrap_or(false),
+            None => true,
+        };
+        self.sliding_window.filter(|_| sliding)
+    }
+
+    /// Whether some layer's window is shorter than a context of `len` tokens (so that it
+    /// changes the result).
+    pub fn window_matters(&self, len: usize) -> bool {
+        (0..self.num_hidden_layers).any(|i| self.layer_window(i).is_some_and(|w| w < len))
     }
 }
 
@@ -139,6 +238,17 @@ pub enum Field {
     RopeLowFreqFactor,
     RopeHighFreqFactor,
     RopeOriginalMaxPositionEmbeddings,
+    RopeAttentionFactor,
+    RopeBetaFast,
+    RopeBetaSlow,
+    RopeShortFactor,
+    RopeLongFactor,
+    PartialRotaryFactor,
+    RopeLocalTheta,
+    AttnLogitSoftcapping,
+    FinalLogitSoftcapping,
+    QueryPreAttnScalar,
+    LayerTypes,
 }
 
 /// The head size a config implies when it names none: hidden size over the head count, which
@@ -232,46 +342,141 @@ impl ModelConfig {
             theta.is_finite() && theta > 1.0,
             "the RoPE base must be a finite number greater than 1, typically 10000 to 1000000",
         )?;
-        match &self.rope_scaling {
-            None => {}
-            Some(RopeScaling::Linear { factor }) => float(
-                Field::RopeScalingFactor,
-                *factor,
-                factor.is_finite() && *factor > 0.0,
-                "the RoPE scaling factor must be a finite number greater than 0",
-            )?,
-            Some(RopeScaling::Llama3 {
+        if let Some(s) = &self.rope_scaling {
+            self.validate_scaling(s, name)?;
+        }
+        let f = &self.family;
+        if let Some(local) = &f.local_rope {
+            float(
+                Field::RopeLocalTheta,
+                local.theta,
+                local.theta.is_finite() && local.theta > 1.0,
+                "the local RoPE base must be a finite number greater than 1",
+            )?;
+            if let Some(s) = &local.scaling {
+                self.validate_scaling(s, name)?;
+            }
+        }
+        let rot = self.rotary_dim();
+        ensure!(
+            rot > 0 && rot % 2 == 0 && rot <= self.head_dim,
+            "{} gives {rot} rotated dimensions of {}: it must be an even number between 2 and the head size",
+            field(Field::PartialRotaryFactor),
+            self.head_dim
+        );
+        for (fl, v) in [
+            (Field::AttnLogitSoftcapping, f.attn_logit_softcap),
+            (Field::FinalLogitSoftcapping, f.final_logit_softcap),
+            (Field::QueryPreAttnScalar, f.query_pre_attn_scalar),
+        ] {
+            if let Some(v) = v {
+                float(
+                    fl,
+                    v,
+                    v.is_finite() && v > 0.0,
+                    "it must be a finite number greater than 0",
+                )?;
+            }
+        }
+        if let Some(layers) = &f.sliding_layers {
+            ensure!(
+                layers.len() == self.num_hidden_layers,
+                "{} has {} entries for {} = {} layers",
+                field(Field::LayerTypes),
+                layers.len(),
+                field(Field::NumHiddenLayers),
+                self.num_hidden_layers
+            );
+            ensure!(
+                self.sliding_window.is_some() || !layers.contains(&true),
+                "{} marks layers sliding_attention but {} is not set",
+                field(Field::LayerTypes),
+                field(Field::SlidingWindow)
+            );
+        }
+        Ok(())
+    }
+
+    fn validate_scaling(
+        &self,
+        scaling: &RopeScaling,
+        name: &dyn Fn(Field) -> String,
+    ) -> Result<()> {
+        let field = |f: Field| format!("`{}`", name(f));
+        let positive = |f: Field, v: f32| -> Result<()> {
+            ensure!(
+                v.is_finite() && v > 0.0,
+                "{} = {v} is impossible: it must be a finite number greater than 0",
+                field(f)
+            );
+            Ok(())
+        };
+        let original = |n: usize| -> Result<()> {
+            ensure!(
+                n > 0,
+                "{} = 0 is impossible: the original context length must be at least 1",
+                field(Field::RopeOriginalMaxPositionEmbeddings)
+            );
+            Ok(())
+        };
+        match scaling {
+            RopeScaling::Linear { factor } => positive(Field::RopeScalingFactor, *factor)?,
+            RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings,
-            }) => {
-                float(
-                    Field::RopeScalingFactor,
-                    *factor,
-                    factor.is_finite() && *factor > 0.0,
-                    "the RoPE scaling factor must be a finite number greater than 0",
-                )?;
-                float(
-                    Field::RopeLowFreqFactor,
-                    *low_freq_factor,
-                    low_freq_factor.is_finite() && *low_freq_factor > 0.0,
-                    "the low frequency factor must be a finite number greater than 0",
-                )?;
-                float(
-                    Field::RopeHighFreqFactor,
-                    *high_freq_factor,
-                    high_freq_factor.is_finite() && *high_freq_factor > *low_freq_factor,
-                    &format!(
-                        "the high frequency factor must be finite and greater than {} = {low_freq_factor}",
-                        field(Field::RopeLowFreqFactor)
-                    ),
-                )?;
+            } => {
+                positive(Field::RopeScalingFactor, *factor)?;
+                positive(Field::RopeLowFreqFactor, *low_freq_factor)?;
                 ensure!(
-                    *original_max_position_embeddings > 0,
-                    "{} = 0 is impossible: the original context length must be at least 1",
-                    field(Field::RopeOriginalMaxPositionEmbeddings)
+                    high_freq_factor.is_finite() && *high_freq_factor > *low_freq_factor,
+                    "{} = {high_freq_factor} is impossible: the high frequency factor must be finite and greater than {} = {low_freq_factor}",
+                    field(Field::RopeHighFreqFactor),
+                    field(Field::RopeLowFreqFactor)
                 );
+                original(*original_max_position_embeddings)?;
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                ..
+            } => {
+                positive(Field::RopeScalingFactor, *factor)?;
+                positive(Field::RopeBetaFast, *beta_fast)?;
+                positive(Field::RopeBetaSlow, *beta_slow)?;
+                positive(Field::RopeAttentionFactor, *attention_factor)?;
+                original(*original_max_position_embeddings)?;
+            }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                let want = self.rotary_dim() / 2;
+                for (f, list) in [
+                    (Field::RopeShortFactor, short_factor),
+                    (Field::RopeLongFactor, long_factor),
+                ] {
+                    ensure!(
+                        list.len() == want,
+                        "{} has {} entries; LongRoPE needs one per rotated pair of dimensions ({want})",
+                        field(f),
+                        list.len()
+                    );
+                    if let Some(bad) = list.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+                        bail!(
+                            "{} holds {bad}: every factor must be a finite number greater than 0",
+                            field(f)
+                        );
+                    }
+                }
+                positive(Field::RopeAttentionFactor, *attention_factor)?;
+                original(*original_max_position_embeddings)?;
             }
         }
         Ok(())

@@ -7,7 +7,8 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
-use super::config::{implied_head_dim, Architecture, Field, ModelConfig, RopeScaling};
+use super::config::{implied_head_dim, Architecture, Field, ModelConfig};
+use super::hf_family;
 
 /// `architectures[0]` of config.json, or the architecture `model_type` implies.
 fn architecture(cfg: &Value) -> Result<Architecture> {
@@ -21,6 +22,10 @@ fn architecture(cfg: &Value) -> Result<Architecture> {
             Some("llama") => "LlamaForCausalLM".into(),
             Some("mistral") => "MistralForCausalLM".into(),
             Some("qwen2") => "Qwen2ForCausalLM".into(),
+            Some("qwen3") => "Qwen3ForCausalLM".into(),
+            Some("phi3") => "Phi3ForCausalLM".into(),
+            Some("gemma2") => "Gemma2ForCausalLM".into(),
+            Some("gemma3_text") => "Gemma3ForCausalLM".into(),
             Some(other) => format!("model_type `{other}`"),
             None => bail!("config.json names no `architectures` and no `model_type`"),
         },
@@ -29,6 +34,10 @@ fn architecture(cfg: &Value) -> Result<Architecture> {
         "LlamaForCausalLM" => Architecture::Llama,
         "MistralForCausalLM" => Architecture::Mistral,
         "Qwen2ForCausalLM" => Architecture::Qwen2,
+        "Qwen3ForCausalLM" => Architecture::Qwen3,
+        "Phi3ForCausalLM" => Architecture::Phi3,
+        "Gemma2ForCausalLM" => Architecture::Gemma2,
+        "Gemma3ForCausalLM" => Architecture::Gemma3,
         other => bail!(
             "architecture {other} is not supported; supported architectures: {}",
             Architecture::SUPPORTED.join(", ")
@@ -36,7 +45,7 @@ fn architecture(cfg: &Value) -> Result<Architecture> {
     })
 }
 
-fn usize_field(cfg: &Value, key: &str) -> Result<Option<usize>> {
+pub(super) fn usize_field(cfg: &Value, key: &str) -> Result<Option<usize>> {
     match cfg.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v
@@ -50,7 +59,7 @@ fn required(cfg: &Value, key: &str) -> Result<usize> {
     usize_field(cfg, key)?.ok_or_else(|| anyhow::anyhow!("`{key}` is missing"))
 }
 
-fn f32_field(cfg: &Value, key: &str) -> Result<Option<f32>> {
+pub(super) fn f32_field(cfg: &Value, key: &str) -> Result<Option<f32>> {
     match cfg.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => {
@@ -88,6 +97,17 @@ fn field_name(f: Field, theta: &str, scaling: &str) -> String {
         Field::RopeOriginalMaxPositionEmbeddings => {
             format!("{scaling}.original_max_position_embeddings")
         }
+        Field::RopeAttentionFactor => format!("{scaling}.attention_factor"),
+        Field::RopeBetaFast => format!("{scaling}.beta_fast"),
+        Field::RopeBetaSlow => format!("{scaling}.beta_slow"),
+        Field::RopeShortFactor => format!("{scaling}.short_factor"),
+        Field::RopeLongFactor => format!("{scaling}.long_factor"),
+        Field::PartialRotaryFactor => "partial_rotary_factor".into(),
+        Field::RopeLocalTheta => "rope_local_base_freq".into(),
+        Field::AttnLogitSoftcapping => "attn_logit_softcapping".into(),
+        Field::FinalLogitSoftcapping => "final_logit_softcapping".into(),
+        Field::QueryPreAttnScalar => "query_pre_attn_scalar".into(),
+        Field::LayerTypes => "layer_types".into(),
     }
 }
 
@@ -110,66 +130,20 @@ fn token_ids(v: Option<&Value>, key: &str) -> Result<Vec<u32>> {
     }
 }
 
-/// RoPE scaling from `rope_scaling` or `rope_parameters` (whichever is present).
-fn rope_scaling(params: Option<&Value>) -> Result<Option<RopeScaling>> {
-    let Some(p) = params.filter(|p| !p.is_null()) else {
-        return Ok(None);
-    };
-    let kind = p
-        .get("rope_type")
-        .or_else(|| p.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let num = |k: &str| -> Result<f32> {
-        f32_field(p, k)?.ok_or_else(|| anyhow::anyhow!("rope scaling `{kind}` needs `{k}`"))
-    };
-    Ok(match kind {
-        "default" => None,
-        "linear" => Some(RopeScaling::Linear {
-            factor: num("factor")?,
-        }),
-        "llama3" => Some(RopeScaling::Llama3 {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: usize_field(p, "original_max_position_embeddings")?
-                .ok_or_else(|| {
-                anyhow::anyhow!("rope scaling `llama3` needs `original_max_position_embeddings`")
-            })?,
-        }),
-        other => bail!("rope scaling type `{other}` is not supported (supported: linear, llama3)"),
-    })
-}
-
 /// Parse the text of config.json and, when present, generation_config.json.
 pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<ModelConfig> {
     let cfg: Value = serde_json::from_str(config_json).context("config.json is not valid JSON")?;
     ensure!(cfg.is_object(), "config.json is not a JSON object");
     let architecture = architecture(&cfg)?;
-    if let Some(act) = cfg.get("hidden_act").and_then(Value::as_str) {
-        ensure!(
-            act == "silu",
-            "hidden_act `{act}` is not supported (Llama-family models use silu)"
-        );
-    }
     if cfg.get("mlp_bias").and_then(Value::as_bool) == Some(true) {
         bail!("mlp_bias = true is not supported");
     }
-    let rope_params = cfg.get("rope_parameters").filter(|v| v.is_object());
-    let (rope_theta, theta_key) = match f32_field(&cfg, "rope_theta")? {
-        Some(t) => (t, "rope_theta"),
-        None => match rope_params {
-            Some(p) => (
-                f32_field(p, "rope_theta")?.unwrap_or(10000.0),
-                "rope_parameters.rope_theta",
-            ),
-            None => (10000.0, "rope_theta"),
-        },
-    };
-    let (scaling_src, scaling_key) = match cfg.get("rope_scaling").filter(|v| !v.is_null()) {
-        Some(s) => (Some(s), "rope_scaling"),
-        None => (rope_params, "rope_parameters"),
-    };
+    let rope = hf_family::rope_source(&cfg, architecture)?;
+    let (rope_theta, theta_key, scaling_key) = (
+        rope.theta,
+        rope.theta_key.as_str(),
+        rope.scaling_key.as_str(),
+    );
     let name = |f: Field| field_name(f, theta_key, scaling_key);
 
     let hidden_size = required(&cfg, "hidden_size")?;
@@ -181,15 +155,33 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
         None => implied_head_dim(hidden_size, num_attention_heads, &name)?,
     };
 
-    let sliding_window = match architecture {
-        Architecture::Mistral => usize_field(&cfg, "sliding_window")?,
-        Architecture::Qwen2
-            if cfg.get("use_sliding_window").and_then(Value::as_bool) == Some(true) =>
-        {
-            usize_field(&cfg, "sliding_window")?
-        }
-        _ => None,
+    let intermediate_size = required(&cfg, "intermediate_size")?;
+    let num_hidden_layers = required(&cfg, "num_hidden_layers")?;
+    let (sliding_window, sliding_layers) =
+        hf_family::sliding(&cfg, architecture, num_hidden_layers)?;
+    let max_position_embeddings = usize_field(&cfg, "max_position_embeddings")?.unwrap_or(2048);
+    let rope_ctx = hf_family::RopeContext {
+        max_position_embeddings,
+        original_max_position_embeddings: usize_field(&cfg, "original_max_position_embeddings")?,
     };
+    let mut family = hf_family::family(&cfg, architecture)?;
+    family.sliding_layers = sliding_layers;
+    family.local_rope = hf_family::local_rope(&rope, &rope_ctx)?;
+    let partial = match f32_field(&cfg, "partial_rotary_factor")? {
+        Some(p) => Some(p),
+        None => match cfg.get("rope_parameters").filter(|v| v.is_object()) {
+            Some(p) => f32_field(p, "partial_rotary_factor")?,
+            None => None,
+        },
+    };
+    if let Some(p) = partial {
+        ensure!(
+            p.is_finite() && p > 0.0 && p <= 1.0,
+            "`partial_rotary_factor` = {p} is impossible: it must be in (0, 1]"
+        );
+        // transformers: int(head_dim * partial_rotary_factor)
+        family.rotary_dim = Some((head_dim as f64 * p as f64) as usize);
+    }
 
     let generation: Option<Value> = match generation_json {
         Some(text) => {
@@ -212,20 +204,24 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
     let config = ModelConfig {
         architecture,
         hidden_size,
-        intermediate_size: required(&cfg, "intermediate_size")?,
-        num_hidden_layers: required(&cfg, "num_hidden_layers")?,
+        intermediate_size,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
         head_dim,
         vocab_size: required(&cfg, "vocab_size")?,
         rms_norm_eps: f32_field(&cfg, "rms_norm_eps")?.unwrap_or(1e-6),
         rope_theta,
-        rope_scaling: rope_scaling(scaling_src)?,
-        max_position_embeddings: usize_field(&cfg, "max_position_embeddings")?.unwrap_or(2048),
+        rope_scaling: hf_family::rope_scaling(rope.scaling, &rope_ctx)?,
+        max_position_embeddings,
+        // Gemma's config classes tie by default, the others do not.
         tie_word_embeddings: cfg
             .get("tie_word_embeddings")
             .and_then(Value::as_bool)
-            .unwrap_or(false),
+            .unwrap_or(matches!(
+                architecture,
+                Architecture::Gemma2 | Architecture::Gemma3
+            )),
         attention_bias: match architecture {
             Architecture::Qwen2 => true,
             _ => cfg
@@ -240,6 +236,7 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
             .iter()
             .find_map(|k| cfg.get(*k).and_then(Value::as_str))
             .map(str::to_string),
+        family,
     };
     config.validate(&name)?;
     Ok(config)
@@ -265,6 +262,7 @@ pub fn read_config(config_path: &Path) -> Result<ModelConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::config::RopeScaling;
 
     const LLAMA31: &str = r#"{
         "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,

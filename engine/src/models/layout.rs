@@ -1,4 +1,4 @@
-//! The tensors a Llama-family model needs, by Hugging Face name, with the shape the config
+//! The tensors a decoder of any supported family needs, by Hugging Face name, with the shape the config
 //! implies. Loaders read exactly these (and check each shape as they go), so a file whose
 //! tensor disagrees with config.json is refused at load with the tensor named.
 use super::config::ModelConfig;
@@ -33,9 +33,21 @@ pub fn expected_tensors(c: &ModelConfig) -> Vec<ExpectedTensor> {
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         out.push(t(format!("{p}.input_layernorm.weight"), vec![h]));
-        out.push(t(format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
-        out.push(t(format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-        out.push(t(format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+        let f = &c.family;
+        if f.fused_projections {
+            out.push(t(
+                format!("{p}.self_attn.qkv_proj.weight"),
+                vec![q + 2 * kv, h],
+            ));
+        } else {
+            out.push(t(format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+            out.push(t(format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+            out.push(t(format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+        }
+        if f.qk_norm {
+            out.push(t(format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim]));
+            out.push(t(format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim]));
+        }
         if c.attention_bias {
             out.push(t(format!("{p}.self_attn.q_proj.bias"), vec![q]));
             out.push(t(format!("{p}.self_attn.k_proj.bias"), vec![kv]));
@@ -43,8 +55,19 @@ pub fn expected_tensors(c: &ModelConfig) -> Vec<ExpectedTensor> {
         }
         out.push(t(format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
         out.push(t(format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        out.push(t(format!("{p}.mlp.gate_proj.weight"), vec![inter, h]));
-        out.push(t(format!("{p}.mlp.up_proj.weight"), vec![inter, h]));
+        if f.sandwich_norms {
+            out.push(t(format!("{p}.pre_feedforward_layernorm.weight"), vec![h]));
+            out.push(t(format!("{p}.post_feedforward_layernorm.weight"), vec![h]));
+        }
+        if f.fused_projections {
+            out.push(t(
+                format!("{p}.mlp.gate_up_proj.weight"),
+                vec![2 * inter, h],
+            ));
+        } else {
+            out.push(t(format!("{p}.mlp.gate_proj.weight"), vec![inter, h]));
+            out.push(t(format!("{p}.mlp.up_proj.weight"), vec![inter, h]));
+        }
         out.push(t(format!("{p}.mlp.down_proj.weight"), vec![h, inter]));
     }
     out.push(t("model.norm.weight".into(), vec![h]));

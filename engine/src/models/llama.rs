@@ -1,12 +1,15 @@
-//! The Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2 with QKV bias), written once
-//! against `Backend`. Weights are fused at load: q/k/v into one `qkv` matrix, gate/up into
-//! one `gate_up` matrix, so that each layer runs four GEMMs.
+//! The decoder of every supported family (Llama 2/3, SmolLM, Mistral, Qwen2/3, Phi-3/4,
+//! Gemma 2/3), written once against `Backend`; what a family does differently is data
+//! (`spec::DecoderSpec`, one `LayerSpec` a layer). Weights are fused at load: q/k/v into one
+//! `qkv` matrix, gate/up into one `gate_up` matrix (Phi-3 stores them so), so that each layer
+//! runs four GEMMs.
 use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 
-use super::config::ModelConfig;
+use super::config::{MlpActivation, ModelConfig};
+use super::spec::DecoderSpec;
 use super::weights::{DType, HostData, HostTensor, WeightMap};
-use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch};
+use crate::backend::{Activation, Backend, ForwardBatch};
 
 /// Rows pushed through the LM head at once: bounds the logits buffer when many rows are
 /// wanted (prompt logprobs over a long prefill).
@@ -16,21 +19,33 @@ struct LlamaLayer<B: Backend> {
     input_norm: B::Vector,
     qkv: B::Weight,
     qkv_bias: Option<B::Vector>,
+    /// Per-head norms of q and k (Qwen3, Gemma 3).
+    q_norm: Option<B::Vector>,
+    k_norm: Option<B::Vector>,
     o_proj: B::Weight,
-    post_norm: B::Vector,
+    /// Norm of the attention output before the residual add (Gemma's
+    /// `post_attention_layernorm`).
+    attn_out_norm: Option<B::Vector>,
+    /// The MLP's input norm (`post_attention_layernorm` in Llama, `pre_feedforward_layernorm`
+    /// in Gemma).
+    mlp_norm: B::Vector,
+    /// Norm of the MLP output before the residual add (Gemma).
+    mlp_out_norm: Option<B::Vector>,
     gate_up: B::Weight,
     down: B::Weight,
 }
 
 pub struct LlamaModel<B: Backend> {
     config: ModelConfig,
-    layout: AttentionLayout,
+    spec: DecoderSpec,
     embed: B::Weight,
     /// None: tied to the embedding table.
     lm_head: Option<B::Weight>,
     layers: Vec<LlamaLayer<B>>,
     final_norm: B::Vector,
-    inv_freq: B::Vector,
+    /// Inverse frequencies of the global RoPE and, where the sliding layers have their own
+    /// (Gemma 3), of the local one.
+    inv_freq: Vec<B::Vector>,
 }
 
 /// Activation buffers reused by every step (allocated for the largest step seen).
@@ -211,6 +226,9 @@ impl<B: Backend> LlamaModel<B> {
             "head_dim ({}) must be even and non-zero",
             c.head_dim
         );
+        let spec = DecoderSpec::new(c);
+        // Refused before a single weight is read or uploaded.
+        be.check_decoder(&spec, c.context_len())?;
         let (h, q, kv, inter, vocab) = (
             c.hidden_size,
             c.q_size(),
@@ -223,88 +241,140 @@ impl<B: Backend> LlamaModel<B> {
             .is_some_and(|m| m.contains("lm_head.weight"));
         let tied = c.tie_word_embeddings || (weights.is_some() && !lm_head_in_files);
         let mut src = WeightSource { map: weights, seed };
+        // Gemma's norms scale by 1 + w: the 1 is added once here, in f32.
+        let plus_one = spec.norm_plus_one;
+        let norm = |src: &mut WeightSource, name: &str, len: usize| -> Result<B::Vector> {
+            let mut t = src.take(name, &[len])?;
+            if plus_one {
+                let data = t.to_f32().into_iter().map(|w| w + 1.0).collect();
+                t = HostTensor {
+                    shape: vec![len],
+                    data: HostData::F32(data),
+                };
+            }
+            be.upload_vector(name, t)
+        };
 
         let embed_name = "model.embed_tokens.weight";
         let embed = be.upload_weight(embed_name, src.take(embed_name, &[vocab, h])?)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
+        for (i, ls) in spec.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            let mut take = |n: &str, shape: &[usize]| src.take(&format!("{p}.{n}"), shape);
-            let input_norm = take("input_layernorm.weight", &[h])?;
-            let qkv = concat_rows(
-                &format!("{p}.self_attn.qkv"),
-                vec![
-                    take("self_attn.q_proj.weight", &[q, h])?,
-                    take("self_attn.k_proj.weight", &[kv, h])?,
-                    take("self_attn.v_proj.weight", &[kv, h])?,
-                ],
-            )?;
+            let n = |s: &str| format!("{p}.{s}");
+            let input_norm = norm(&mut src, &n("input_layernorm.weight"), h)?;
+            let qkv = if spec.fused_projections {
+                src.take(&n("self_attn.qkv_proj.weight"), &[q + 2 * kv, h])?
+            } else {
+                concat_rows(
+                    &n("self_attn.qkv"),
+                    vec![
+                        src.take(&n("self_attn.q_proj.weight"), &[q, h])?,
+                        src.take(&n("self_attn.k_proj.weight"), &[kv, h])?,
+                        src.take(&n("self_attn.v_proj.weight"), &[kv, h])?,
+                    ],
+                )?
+            };
             let qkv_bias = if c.attention_bias {
                 Some(concat_rows(
-                    &format!("{p}.self_attn.qkv_bias"),
+                    &n("self_attn.qkv_bias"),
                     vec![
-                        take("self_attn.q_proj.bias", &[q])?,
-                        take("self_attn.k_proj.bias", &[kv])?,
-                        take("self_attn.v_proj.bias", &[kv])?,
+                        src.take(&n("self_attn.q_proj.bias"), &[q])?,
+                        src.take(&n("self_attn.k_proj.bias"), &[kv])?,
+                        src.take(&n("self_attn.v_proj.bias"), &[kv])?,
                     ],
                 )?)
             } else {
                 None
             };
-            let o_proj = take("self_attn.o_proj.weight", &[h, q])?;
-            let post_norm = take("post_attention_layernorm.weight", &[h])?;
-            let gate_up = concat_rows(
-                &format!("{p}.mlp.gate_up"),
-                vec![
-                    take("mlp.gate_proj.weight", &[inter, h])?,
-                    take("mlp.up_proj.weight", &[inter, h])?,
-                ],
-            )?;
-            let down = take("mlp.down_proj.weight", &[h, inter])?;
+            let (q_norm, k_norm) = if ls.qk_norm {
+                (
+                    Some(norm(&mut src, &n("self_attn.q_norm.weight"), c.head_dim)?),
+                    Some(norm(&mut src, &n("self_attn.k_norm.weight"), c.head_dim)?),
+                )
+            } else {
+                (None, None)
+            };
+            let o_proj = src.take(&n("self_attn.o_proj.weight"), &[h, q])?;
+            let post_attn = norm(&mut src, &n("post_attention_layernorm.weight"), h)?;
+            let (attn_out_norm, mlp_norm, mlp_out_norm) = if ls.sandwich_norms {
+                (
+                    Some(post_attn),
+                    norm(&mut src, &n("pre_feedforward_layernorm.weight"), h)?,
+                    Some(norm(&mut src, &n("post_feedforward_layernorm.weight"), h)?),
+                )
+            } else {
+                (None, post_attn, None)
+            };
+            let gate_up = if spec.fused_projections {
+                src.take(&n("mlp.gate_up_proj.weight"), &[2 * inter, h])?
+            } else {
+                concat_rows(
+                    &n("mlp.gate_up"),
+                    vec![
+                        src.take(&n("mlp.gate_proj.weight"), &[inter, h])?,
+                        src.take(&n("mlp.up_proj.weight"), &[inter, h])?,
+                    ],
+                )?
+            };
+            let down = src.take(&n("mlp.down_proj.weight"), &[h, inter])?;
             layers.push(LlamaLayer {
-                input_norm: be.upload_vector(&format!("{p}.input_layernorm.weight"), input_norm)?,
-                qkv: be.upload_weight(&format!("{p}.self_attn.qkv"), qkv)?,
+                input_norm,
+                qkv: be.upload_weight(&n("self_attn.qkv"), qkv)?,
                 qkv_bias: qkv_bias
-                    .map(|b| be.upload_vector(&format!("{p}.self_attn.qkv_bias"), b))
+                    .map(|b| be.upload_vector(&n("self_attn.qkv_bias"), b))
                     .transpose()?,
-                o_proj: be.upload_weight(&format!("{p}.self_attn.o_proj.weight"), o_proj)?,
-                post_norm: be
-                    .upload_vector(&format!("{p}.post_attention_layernorm.weight"), post_norm)?,
-                gate_up: be.upload_weight(&format!("{p}.mlp.gate_up"), gate_up)?,
-                down: be.upload_weight(&format!("{p}.mlp.down_proj.weight"), down)?,
+                q_norm,
+                k_norm,
+                o_proj: be.upload_weight(&n("self_attn.o_proj.weight"), o_proj)?,
+                attn_out_norm,
+                mlp_norm,
+                mlp_out_norm,
+                gate_up: be.upload_weight(&n("mlp.gate_up"), gate_up)?,
+                down: be.upload_weight(&n("mlp.down_proj.weight"), down)?,
             });
         }
-        let final_norm =
-            be.upload_vector("model.norm.weight", src.take("model.norm.weight", &[h])?)?;
+        let final_norm = norm(&mut src, "model.norm.weight", h)?;
         let lm_head = if tied {
             None
         } else {
             Some(be.upload_weight("lm_head.weight", src.take("lm_head.weight", &[vocab, h])?)?)
         };
-        let inv = c.rope_inv_freq();
-        let inv_freq = be.upload_vector(
-            "rope_inv_freq",
-            HostTensor {
-                shape: vec![inv.len()],
-                data: HostData::F32(inv),
-            },
-        )?;
-        let layout = AttentionLayout {
-            num_heads: c.num_attention_heads,
-            num_kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-            scale: 1.0 / (c.head_dim as f32).sqrt(),
-            sliding_window: c.sliding_window,
+        let ropes = if spec.has_local_rope() {
+            vec![c.rope(false), c.rope(true)]
+        } else {
+            vec![c.rope(false)]
         };
+        let inv_freq = ropes
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                be.upload_vector(
+                    if i == 0 {
+                        "rope_inv_freq"
+                    } else {
+                        "rope_local_inv_freq"
+                    },
+                    HostTensor {
+                        shape: vec![r.inv_freq.len()],
+                        data: HostData::F32(r.inv_freq),
+                    },
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: c.clone(),
-            layout,
+            spec,
             embed,
             lm_head,
             layers,
             final_norm,
             inv_freq,
         })
+    }
+
+    /// The decoder's per-layer description.
+    pub fn spec(&self) -> &DecoderSpec {
+        &self.spec
     }
 
     /// The transformer body for an uploaded step: embedding, every layer (writing K/V into
@@ -319,10 +389,14 @@ impl<B: Backend> LlamaModel<B> {
     ) -> Result<()> {
         let eps = self.config.rms_norm_eps;
         be.embedding(&self.embed, step, &mut ws.residual)?;
+        if let Some(s) = self.spec.embed_scale {
+            be.scale(&mut ws.residual, s)?;
+        }
         // Each projection that ends a block adds into the residual stream itself
         // (`linear_add`), and each norm feeds the projection after it (`norm_linear`): a GPU
-        // fuses both at batch 1, and adds by accumulating GEMMs otherwise.
-        for (i, l) in self.layers.iter().enumerate() {
+        // fuses both at batch 1, and adds by accumulating GEMMs otherwise. A block with an
+        // output norm (Gemma) projects, normalizes, then adds.
+        for (i, (l, ls)) in self.layers.iter().zip(&self.spec.layers).enumerate() {
             be.norm_linear(
                 &ws.residual,
                 &l.input_norm,
@@ -332,32 +406,60 @@ impl<B: Backend> LlamaModel<B> {
                 l.qkv_bias.as_ref(),
                 &mut ws.qkv,
             )?;
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                be.qk_norm(&mut ws.qkv, qn, kn, eps, &ls.attention)?;
+            }
             be.rope_attention(
                 &mut ws.qkv,
-                &self.inv_freq,
-                &self.layout,
+                &self.inv_freq[ls.local_rope as usize],
+                &ls.attention,
                 step,
                 kv,
                 i,
                 &mut ws.attn,
             )?;
-            be.linear_add(&ws.attn, &l.o_proj, &mut ws.residual, &mut ws.proj)?;
+            match &l.attn_out_norm {
+                None => be.linear_add(&ws.attn, &l.o_proj, &mut ws.residual, &mut ws.proj)?,
+                Some(w) => {
+                    be.linear(&ws.attn, &l.o_proj, None, &mut ws.proj)?;
+                    be.rms_norm(&ws.proj, w, eps, &mut ws.normed)?;
+                    be.add_inplace(&mut ws.residual, &ws.normed)?;
+                }
+            }
             be.norm_linear(
                 &ws.residual,
-                &l.post_norm,
+                &l.mlp_norm,
                 eps,
                 &mut ws.normed,
                 &l.gate_up,
                 None,
                 &mut ws.gate_up,
             )?;
-            be.silu_mul_linear_add(
-                &ws.gate_up,
-                &l.down,
-                &mut ws.act,
-                &mut ws.residual,
-                &mut ws.proj,
-            )?;
+            match (ls.activation, &l.mlp_out_norm) {
+                (MlpActivation::Silu, None) => be.silu_mul_linear_add(
+                    &ws.gate_up,
+                    &l.down,
+                    &mut ws.act,
+                    &mut ws.residual,
+                    &mut ws.proj,
+                )?,
+                (act, out_norm) => {
+                    match act {
+                        MlpActivation::Silu => be.silu_and_mul(&ws.gate_up, &mut ws.act)?,
+                        MlpActivation::GeluTanh => {
+                            be.gelu_tanh_and_mul(&ws.gate_up, &mut ws.act)?
+                        }
+                    }
+                    match out_norm {
+                        None => be.linear_add(&ws.act, &l.down, &mut ws.residual, &mut ws.proj)?,
+                        Some(w) => {
+                            be.linear(&ws.act, &l.down, None, &mut ws.proj)?;
+                            be.rms_norm(&ws.proj, w, eps, &mut ws.normed)?;
+                            be.add_inplace(&mut ws.residual, &ws.normed)?;
+                        }
+                    }
+                }
+            }
         }
         be.rms_norm(&ws.residual, &self.final_norm, eps, &mut ws.normed)?;
         Ok(())
@@ -417,6 +519,12 @@ impl<B: Backend> LlamaModel<B> {
             be.gather_rows(&ws.normed, &step, range, &mut ws.gathered)?;
             be.linear(&ws.gathered, lm_head, None, &mut ws.logits)?;
             be.to_host(&ws.logits, &mut ws.host)?;
+            // On the host: the logits are here anyway, and this is the only reader.
+            if let Some(cap) = self.spec.final_logit_softcap {
+                ws.host
+                    .iter_mut()
+                    .for_each(|x| *x = cap * (*x / cap).tanh());
+            }
             consume(start, &mut ws.host)?;
         }
         Ok(())
@@ -452,6 +560,7 @@ mod tests {
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
             torch_dtype: None,
+            family: Default::default(),
         }
     }
 

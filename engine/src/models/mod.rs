@@ -2,11 +2,14 @@
 pub mod config;
 pub mod gguf;
 pub mod hf_config;
+pub mod hf_family;
 pub mod hf_weights;
 pub mod hub;
 pub mod layout;
 pub mod llama;
 pub mod loader;
+pub mod rope;
+pub mod spec;
 pub mod weights;
 
 pub use loader::{load_model, LoadFormat, LoadOptions, LoadedModel};

@@ -26,6 +26,7 @@ fn tiny_config() -> ModelConfig {
         bos_token_id: None,
         eos_token_ids: vec![96],
         torch_dtype: None,
+        family: Default::default(),
     }
 }
 

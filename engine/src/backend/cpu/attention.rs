@@ -6,10 +6,11 @@ use rayon::prelude::*;
 use super::{CpuKvCache, CpuStepMeta, CpuTensor};
 use crate::backend::{Activation, AttentionLayout, ForwardBatch};
 
-/// Rotates `x` (one head, `head_dim` values) in the HF "rotate half" form.
+/// Rotates the first `2 * cos.len()` values of `x` (one head) in the HF "rotate half" form;
+/// the rest pass through (partial rotary).
 fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = cos.len();
-    let (a, b) = x.split_at_mut(half);
+    let (a, b) = x[..2 * half].split_at_mut(half);
     for i in 0..half {
         let (x0, x1) = (a[i], b[i]);
         a[i] = x0 * cos[i] - x1 * sin[i];
@@ -44,10 +45,12 @@ pub fn rope_and_write_kv(
         batch.num_tokens()
     );
     ensure!(
-        inv_freq.len() * 2 == hd,
-        "rope: {} inverse frequencies for head_dim {hd}",
-        inv_freq.len()
+        inv_freq.len() * 2 == layout.rotary_dim && layout.rotary_dim <= hd,
+        "rope: {} inverse frequencies for {} rotated dims of head_dim {hd}",
+        inv_freq.len(),
+        layout.rotary_dim
     );
+    let m = layout.rope_scale;
     ensure!(
         layer < cache.shape.num_layers,
         "layer {layer} is outside the KV cache"
@@ -63,12 +66,13 @@ pub fn rope_and_write_kv(
         .par_chunks_mut(width)
         .zip(batch.positions.par_iter())
         .for_each(|(row, &pos)| {
-            // Angles as HF computes them: f32 position times f32 inverse frequency.
+            // Angles as HF computes them: f32 position times f32 inverse frequency; cos and
+            // sin then scaled by the attention factor (YaRN, LongRoPE).
             let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
                 .iter()
                 .map(|&f| {
                     let a = pos as f32 * f;
-                    (a.cos(), a.sin())
+                    (a.cos() * m, a.sin() * m)
                 })
                 .unzip();
             for head in row[..rotated_heads * hd].chunks_mut(hd) {
@@ -175,7 +179,11 @@ pub fn paged_attention(
             let mut scores: Vec<f32> = (first..=qpos)
                 .map(|j| {
                     let s = slot_of(j);
-                    dot(q, &kc[s..s + hd]) * layout.scale
+                    let x = dot(q, &kc[s..s + hd]) * layout.scale;
+                    match layout.softcap {
+                        Some(cap) => cap * (x / cap).tanh(),
+                        None => x,
+                    }
                 })
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -260,6 +260,33 @@ impl Backend for CpuBackend {
         rowwise::add_inplace(acc, x)
     }
 
+    fn qk_norm(
+        &self,
+        qkv: &mut CpuTensor,
+        q_weight: &CpuVector,
+        k_weight: &CpuVector,
+        eps: f32,
+        layout: &AttentionLayout,
+    ) -> Result<()> {
+        ensure!(
+            qkv.cols == layout.qkv_size(),
+            "qk_norm: qkv has {} cols, layout wants {}",
+            qkv.cols,
+            layout.qkv_size()
+        );
+        let hd = layout.head_dim;
+        rowwise::head_rms_norm(qkv, 0, layout.num_heads, hd, q_weight, eps)?;
+        rowwise::head_rms_norm(qkv, layout.q_size(), layout.num_kv_heads, hd, k_weight, eps)
+    }
+
+    fn gelu_tanh_and_mul(&self, gate_up: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
+        rowwise::gelu_tanh_and_mul(gate_up, out)
+    }
+
+    fn scale(&self, x: &mut CpuTensor, factor: f32) -> Result<()> {
+        rowwise::scale(x, factor)
+    }
+
     fn gather_rows(
         &self,
         x: &CpuTensor,

@@ -155,6 +155,74 @@ pub fn silu_and_mul(gate_up: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
     Ok(())
 }
 
+/// `out = gelu_tanh(gate) * up`, GELU in transformers' `gelu_pytorch_tanh` form.
+pub fn gelu_tanh_and_mul(gate_up: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
+    let i = out.cols;
+    ensure!(
+        gate_up.cols == 2 * i,
+        "gelu_tanh_and_mul: input has {} cols, output {i} (expected half)",
+        gate_up.cols
+    );
+    out.set_rows(gate_up.rows)?;
+    if i == 0 {
+        return Ok(());
+    }
+    // sqrt(2 / pi)
+    const K: f32 = 0.797_884_6;
+    let rows = rows_per_task(2 * i);
+    out.as_mut_slice()
+        .par_chunks_mut(rows * i)
+        .zip(gate_up.as_slice().par_chunks(rows * 2 * i))
+        .for_each(|(o, gu)| {
+            for (orow, gurow) in o.chunks_mut(i).zip(gu.chunks(2 * i)) {
+                let (gate, up) = gurow.split_at(i);
+                for ((o, &g), &u) in orow.iter_mut().zip(gate).zip(up) {
+                    let inner = K * (g + 0.044715 * g * g * g);
+                    *o = 0.5 * g * (1.0 + inner.tanh()) * u;
+                }
+            }
+        });
+    Ok(())
+}
+
+/// Per-head RMSNorm over `[start, start + heads * hd)` of every row, in place.
+pub fn head_rms_norm(
+    x: &mut CpuTensor,
+    start: usize,
+    heads: usize,
+    hd: usize,
+    w: &CpuVector,
+    eps: f32,
+) -> Result<()> {
+    ensure!(
+        w.data.len() == hd && start + heads * hd <= x.cols,
+        "head norm: weight of {} for head_dim {hd}, {heads} heads from column {start} of {}",
+        w.data.len(),
+        x.cols
+    );
+    let cols = x.cols;
+    if cols == 0 {
+        return Ok(());
+    }
+    x.as_mut_slice().par_chunks_mut(cols).for_each(|row| {
+        for head in row[start..start + heads * hd].chunks_mut(hd) {
+            let inv = inv_rms(head, eps);
+            for (v, &g) in head.iter_mut().zip(&w.data) {
+                *v = *v * inv * g;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// `x *= factor`.
+pub fn scale(x: &mut CpuTensor, factor: f32) -> Result<()> {
+    x.as_mut_slice()
+        .par_chunks_mut(16 * 1024)
+        .for_each(|c| c.iter_mut().for_each(|v| *v *= factor));
+    Ok(())
+}
+
 pub fn gather_rows(x: &CpuTensor, rows: &[u32], out: &mut CpuTensor) -> Result<()> {
     let c = x.cols;
     ensure!(

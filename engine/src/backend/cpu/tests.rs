@@ -204,6 +204,9 @@ fn attn_case(rng: &mut StdRng, chunks: &[(usize, usize)], window: Option<usize>)
         head_dim: hd,
         scale: 1.0 / (hd as f32).sqrt(),
         sliding_window: window,
+        softcap: None,
+        rotary_dim: hd,
+        rope_scale: 1.0,
     };
     let blocks_needed: usize = chunks.iter().map(|(s, n)| (s + n).div_ceil(bs)).sum();
     let num_blocks = blocks_needed + 5;

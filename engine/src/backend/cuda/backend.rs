@@ -13,7 +13,9 @@ use super::device::{DevBuf, Gpu, PinnedPair};
 use super::elem::{bits_of, host_bits, value_of, GpuDtype, Kernel, ELEM_BYTES};
 use super::kernels;
 use super::switches::switch;
+use crate::backend::gpu_support::{check_gpu_decoder, gpu_layout};
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
+use crate::models::spec::DecoderSpec;
 use crate::models::weights::{HostData, HostTensor};
 use rvllm_kernels::{decode_smem, gemv_bulk::GemvBulk};
 
@@ -999,6 +1001,7 @@ impl Backend for CudaBackend {
         cache: &mut CudaKvCache,
         layer: usize,
     ) -> Result<()> {
+        let layout = &gpu_layout(layout);
         self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, 0)
     }
 
@@ -1011,6 +1014,7 @@ impl Backend for CudaBackend {
         layer: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
         self.decode_attention(qkv, None, layout, step, cache, layer, out)?;
         self.prefill_attention(qkv, layout, step, cache, layer, out)
@@ -1028,10 +1032,15 @@ impl Backend for CudaBackend {
         layer: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
         self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, step.num_decode)?;
         self.decode_attention(qkv, Some(inv_freq), layout, step, cache, layer, out)?;
         self.prefill_attention(qkv, layout, step, cache, layer, out)
+    }
+
+    fn check_decoder(&self, spec: &DecoderSpec, context_len: usize) -> Result<()> {
+        check_gpu_decoder(spec, context_len)
     }
 
     fn silu_and_mul(&self, gate_up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {

@@ -157,6 +157,8 @@ fn read_config_inner(g: &GgufFile) -> Result<ModelConfig> {
         // llama.cpp stores no such keys: the Llama 3 values are rebuilt from this tensor.
         Field::RopeLowFreqFactor | Field::RopeHighFreqFactor => "rope_freqs.weight".into(),
         Field::RopeOriginalMaxPositionEmbeddings => key("rope.scaling.original_context_length"),
+        // Families this loader does not read (their fields stay at Llama's defaults).
+        other => format!("{other:?}"),
     };
     let hidden_size = required_usize(g, &key("embedding_length"))?;
     let num_hidden_layers = required_usize(g, &key("block_count"))?;
@@ -215,6 +217,7 @@ fn read_config_inner(g: &GgufFile) -> Result<ModelConfig> {
         bos_token_id: id("tokenizer.ggml.bos_token_id")?,
         eos_token_ids,
         torch_dtype: None,
+        family: Default::default(),
     };
     // Before the Llama 3 check below, which computes frequencies from these values.
     cfg.validate(&name)?;
