@@ -262,6 +262,12 @@ fn stop_strings_are_bounded_and_cheap_at_the_limits() {
             .contains("limit of 64 stop strings"),
         "{e}"
     );
+    let (_, peak) = rss_mib(s.pid());
+    eprintln!(
+        "15,000 stop strings x 1,000 chars, n=16: refused in {:.2} s; RSS {rss_before:.0} MiB, \
+         peak {peak:.0}",
+        t.elapsed().as_secs_f64()
+    );
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     let e = s
         .post_json(
