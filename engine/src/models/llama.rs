@@ -665,7 +665,58 @@ mod tests {
         });
         let mut mistral = tiny_config(Architecture::Mistral);
         mistral.sliding_window = Some(9);
-        vec![llama, qwen, tied_llama3, mistral]
+        let mut qwen3_yarn = tiny_config(Architecture::Qwen3);
+        qwen3_yarn.family.qk_norm = true;
+        qwen3_yarn.rope_scaling = Some(RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: 16,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attention_factor: 1.1,
+            truncate: true,
+        });
+        let mut phi3 = tiny_config(Architecture::Phi3);
+        phi3.family.fused_projections = true;
+        phi3.family.rotary_dim = Some(8);
+        phi3.rope_scaling = Some(RopeScaling::LongRope {
+            short_factor: vec![1.0, 1.5, 2.0, 2.5],
+            long_factor: vec![2.0, 3.0, 4.0, 5.0],
+            original_max_position_embeddings: 16,
+            attention_factor: 1.2,
+        });
+        let gemma = |arch: Architecture| {
+            let mut g = tiny_config(arch);
+            let f = &mut g.family;
+            f.norm_plus_one = true;
+            f.sandwich_norms = true;
+            f.scale_embedding = true;
+            f.activation = MlpActivation::GeluTanh;
+            f.query_pre_attn_scalar = Some(24.0);
+            f.sliding_layers = Some(vec![true, false]);
+            g.sliding_window = Some(9);
+            g.tie_word_embeddings = true;
+            g
+        };
+        let mut gemma2 = gemma(Architecture::Gemma2);
+        gemma2.family.attn_logit_softcap = Some(2.0);
+        gemma2.family.final_logit_softcap = Some(3.0);
+        let mut gemma3 = gemma(Architecture::Gemma3);
+        gemma3.family.qk_norm = true;
+        gemma3.family.local_rope = Some(crate::models::config::LocalRope {
+            theta: 100.0,
+            scaling: None,
+        });
+        gemma3.rope_scaling = Some(RopeScaling::Linear { factor: 8.0 });
+        vec![
+            llama,
+            qwen,
+            tied_llama3,
+            mistral,
+            qwen3_yarn,
+            phi3,
+            gemma2,
+            gemma3,
+        ]
     }
 
     #[test]

@@ -267,6 +267,7 @@ fn dense_attention(l: &AttentionLayout, q: &[f32], k: &[f32], v: &[f32], start: 
                         .sum::<f64>()
                         * l.scale as f64
                 })
+                .map(|x| l.softcap.map_or(x, |c| c as f64 * (x / c as f64).tanh()))
                 .collect();
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
@@ -284,13 +285,23 @@ fn dense_attention(l: &AttentionLayout, q: &[f32], k: &[f32], v: &[f32], start: 
 }
 
 fn check_paged_attention(chunks: &[(usize, usize)], window: Option<usize>, seed: u64) {
+    check_paged_attention_capped(chunks, window, None, seed)
+}
+
+fn check_paged_attention_capped(
+    chunks: &[(usize, usize)],
+    window: Option<usize>,
+    softcap: Option<f32>,
+    seed: u64,
+) {
     let be = CpuBackend::new();
     let mut rng = StdRng::seed_from_u64(seed);
     let AttnCase {
-        layout,
+        mut layout,
         shape,
         batch,
     } = attn_case(&mut rng, chunks, window);
+    layout.softcap = softcap;
     let (nkv, hd, bs) = (layout.num_kv_heads, layout.head_dim, shape.block_size);
     let layer = 1;
     let mut cache = be.alloc_kv_cache(shape).unwrap();
@@ -341,6 +352,129 @@ fn paged_attention_matches_dense_for_mixed_prefill_and_decode() {
 #[test]
 fn paged_attention_honours_sliding_window() {
     check_paged_attention(&[(0, 17), (9, 6), (30, 1)], Some(5), 7);
+}
+
+/// Gemma 2's soft-cap: scores become `cap * tanh(score / cap)` (a cap this small changes
+/// the random scores a lot), with and without a window.
+#[test]
+fn paged_attention_soft_caps_scores() {
+    check_paged_attention_capped(&[(0, 17), (9, 6), (30, 1)], None, Some(0.5), 11);
+    check_paged_attention_capped(&[(0, 17), (30, 1)], Some(5), Some(0.5), 12);
+}
+
+/// Partial rotary (Phi-4): only the first `rotary_dim` dims of each head turn, the rest pass
+/// through; cos and sin carry the RoPE attention factor.
+#[test]
+fn rope_rotates_the_rotary_part_only_and_scales_it() {
+    let be = CpuBackend::new();
+    let mut rng = StdRng::seed_from_u64(13);
+    let AttnCase {
+        mut layout,
+        shape,
+        batch,
+    } = attn_case(&mut rng, &[(0, 5), (20, 1)], None);
+    let (hd, rot, m) = (layout.head_dim, 6, 1.25f32);
+    layout.rotary_dim = rot;
+    layout.rope_scale = m;
+    let w = layout.qkv_size();
+    let inv_freq: Vec<f32> = (0..rot / 2)
+        .map(|i| 1.0 / 100f32.powf(2.0 * i as f32 / rot as f32))
+        .collect();
+    let t = batch.num_tokens();
+    let src = rand_vec(&mut rng, t * w);
+    let mut qkv = be.activation_from_host(t, w, &src).unwrap();
+    let mut cache = be.alloc_kv_cache(shape).unwrap();
+    let inv = be
+        .upload_vector("inv_freq", host(&[rot / 2], inv_freq.clone()))
+        .unwrap();
+    let step = be.upload_step(&batch).unwrap();
+    be.rope_and_write_kv(&mut qkv, &inv, &layout, &step, &mut cache, 0)
+        .unwrap();
+    for r in 0..t {
+        let pos = batch.positions[r] as f64;
+        let row = &src[r * w..(r + 1) * w];
+        let mut want = row.to_vec();
+        for head in 0..layout.num_heads + layout.num_kv_heads {
+            let x = &row[head * hd..(head + 1) * hd];
+            for d in 0..rot {
+                let f = inv_freq[d % (rot / 2)] as f64 * pos;
+                let other = if d < rot / 2 {
+                    -x[d + rot / 2]
+                } else {
+                    x[d - rot / 2]
+                } as f64;
+                want[head * hd + d] = ((x[d] as f64 * f.cos() + other * f.sin()) * m as f64) as f32;
+            }
+        }
+        assert_close(
+            &qkv.as_slice()[r * w..(r + 1) * w],
+            &want,
+            2e-5,
+            &format!("partial rope row {r}"),
+        );
+    }
+}
+
+#[test]
+fn gelu_tanh_and_head_norms_match_naive() {
+    let be = CpuBackend::new();
+    let mut rng = StdRng::seed_from_u64(14);
+    let (rows, i) = (7, 40);
+    let gu = rand_vec(&mut rng, rows * 2 * i);
+    let x = be.activation_from_host(rows, 2 * i, &gu).unwrap();
+    let mut out = be.alloc_activation(rows, i).unwrap();
+    be.gelu_tanh_and_mul(&x, &mut out).unwrap();
+    let want: Vec<f32> = gu
+        .chunks(2 * i)
+        .flat_map(|r| {
+            let (g, u) = r.split_at(i);
+            g.iter()
+                .zip(u)
+                .map(|(&g, &u)| {
+                    let g = 4.0 * g as f64; // past the linear part
+                    let c = (2.0 / std::f64::consts::PI).sqrt();
+                    (0.5 * g * (1.0 + (c * (g + 0.044715 * g.powi(3))).tanh()) * u as f64) as f32
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let scaled: Vec<f32> = gu
+        .chunks(2 * i)
+        .flat_map(|r| {
+            let (g, u) = r.split_at(i);
+            g.iter()
+                .map(|v| 4.0 * v)
+                .chain(u.iter().copied())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let x = be.activation_from_host(rows, 2 * i, &scaled).unwrap();
+    be.gelu_tanh_and_mul(&x, &mut out).unwrap();
+    assert_close(out.as_slice(), &want, 1e-5, "gelu_tanh_and_mul");
+
+    // q/k norm: each head of q and of k normalized with its own weight; v untouched.
+    let mut rng = StdRng::seed_from_u64(15);
+    let AttnCase { layout, .. } = attn_case(&mut rng, &[(0, 3)], None);
+    let (hd, w, t) = (layout.head_dim, layout.qkv_size(), 3);
+    let src = rand_vec(&mut rng, t * w);
+    let (qw, kw) = (rand_vec(&mut rng, hd), rand_vec(&mut rng, hd));
+    let mut qkv = be.activation_from_host(t, w, &src).unwrap();
+    let q_norm = be.upload_vector("q_norm", host(&[hd], qw.clone())).unwrap();
+    let k_norm = be.upload_vector("k_norm", host(&[hd], kw.clone())).unwrap();
+    be.qk_norm(&mut qkv, &q_norm, &k_norm, 1e-6, &layout)
+        .unwrap();
+    let want: Vec<f32> = src
+        .chunks(w)
+        .flat_map(|row| {
+            let (q, rest) = row.split_at(layout.q_size());
+            let (k, v) = rest.split_at(layout.kv_size());
+            let mut out = naive_rms(q, &qw, 1e-6);
+            out.extend(naive_rms(k, &kw, 1e-6));
+            out.extend_from_slice(v);
+            out
+        })
+        .collect();
+    assert_close(qkv.as_slice(), &want, 1e-5, "qk_norm");
 }
 
 #[test]
