@@ -38,8 +38,10 @@ pub struct Args {
     /// Largest RSS growth allowed from the end of the warm-up to the end, in percent.
     #[arg(long, default_value_t = 10.0)]
     pub max_rss_growth_pct: f64,
-    /// A request with no complete answer after this long counts as hung.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    /// A request with no complete answer after this long counts as hung. Queueing alone
+    /// takes about clients / throughput (~2.5 requests/s for SmolLM2 on 2 busy cores: 6-7
+    /// minutes at 1,000 clients), so the default leaves room for that.
+    #[arg(long, default_value = "20m", value_parser = parse_duration)]
     pub request_timeout: Duration,
     /// KV-cache blocks of 16 tokens (small, so that requests queue and get preempted).
     #[arg(long, default_value_t = 512)]
