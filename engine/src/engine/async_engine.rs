@@ -73,13 +73,9 @@ impl AsyncEngine {
         let eos_token_ids: Arc<[u32]> = core.config.eos_token_ids.clone().into();
         let vocab_size = core.config.vocab_size;
         let (tx, rx) = mpsc::channel();
-        let stats = EngineStats {
-            num_total_blocks: core.executor.num_kv_blocks(),
-            ..Default::default()
-        };
         let shared = Arc::new(Shared {
             commands: Mutex::new(tx),
-            stats: Mutex::new(stats),
+            stats: Mutex::new(EngineStats::default()),
             accepting: std::sync::atomic::AtomicBool::new(true),
             thread: Mutex::new(None),
         });
