@@ -89,6 +89,10 @@ pub const MAX_N: usize = 128;
 pub const MAX_STOP_STRINGS: usize = 64;
 /// Longest stop string, in characters.
 pub const MAX_STOP_STRING_CHARS: usize = 1024;
+/// Most `stop_token_ids` one request may give: each generated token is checked against
+/// them, so like the stop strings they are bounded well above real use (a model's few
+/// end-of-turn ids).
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
 
 /// A sampling parameter outside its allowed range: which one, and what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,6 +219,16 @@ impl SamplingParams {
                     format!("prompt_logprobs must be at most {MAX_LOGPROBS}, got {k}"),
                 );
             }
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return bad(
+                "stop_token_ids",
+                format!(
+                    "`stop_token_ids` holds {} ids, more than the limit of {MAX_STOP_TOKEN_IDS} a \
+                     request may give",
+                    self.stop_token_ids.len()
+                ),
+            );
         }
         check_stop_strings(&self.stop)
     }
@@ -387,6 +401,12 @@ mod tests {
             ..d()
         });
         assert!(long.message.contains("limit of 1024 characters"), "{long}");
+        let ids = err(SamplingParams {
+            stop_token_ids: vec![1; MAX_STOP_TOKEN_IDS + 1],
+            ..d()
+        });
+        assert_eq!(ids.param, "stop_token_ids");
+        assert!(ids.message.contains("limit of 1024"), "{ids}");
         // At the limits exactly: accepted (a 1024-character string of 2-byte characters too).
         SamplingParams {
             stop: vec!["é".repeat(MAX_STOP_STRING_CHARS); MAX_STOP_STRINGS],
