@@ -154,11 +154,11 @@ pub fn rope_scaling(params: Option<&Value>, ctx: &RopeContext) -> Result<Option<
             };
             Some(RopeScaling::Yarn {
                 factor,
-                original_max_position_embeddings: usize_field(
-                    p,
-                    "original_max_position_embeddings",
-                )?
-                .unwrap_or(ctx.max_position_embeddings),
+                original_max_position_embeddings: match ctx.original_max_position_embeddings {
+                    Some(o) => o,
+                    None => usize_field(p, "original_max_position_embeddings")?
+                        .unwrap_or(ctx.max_position_embeddings),
+                },
                 beta_fast: f32_field(p, "beta_fast")?.unwrap_or(32.0),
                 beta_slow: f32_field(p, "beta_slow")?.unwrap_or(1.0),
                 attention_factor,
@@ -166,20 +166,21 @@ pub fn rope_scaling(params: Option<&Value>, ctx: &RopeContext) -> Result<Option<
             })
         }
         "longrope" | "su" => {
+            // As transformers 5: a top-level `original_max_position_embeddings` (Phi-3 keeps
+            // the pretrained length there) wins over the one inside the scaling.
             let inner = usize_field(p, "original_max_position_embeddings")?;
-            let original = inner
-                .or(ctx.original_max_position_embeddings)
+            let original = ctx
+                .original_max_position_embeddings
+                .or(inner)
                 .ok_or_else(|| {
                     anyhow::anyhow!(
                         "rope scaling `{kind}` needs `original_max_position_embeddings`"
                     )
                 })?;
-            // As transformers: a model that keeps the pretrained length beside an extended
-            // `max_position_embeddings` (Phi-3) scales by their ratio, not by `factor`.
-            let factor = match (ctx.original_max_position_embeddings, f32_field(p, "factor")?) {
-                (Some(o), _) => ctx.max_position_embeddings as f32 / o as f32,
-                (None, Some(f)) => f,
-                (None, None) => ctx.max_position_embeddings as f32 / original as f32,
+            // Without a `factor`, how far `max_position_embeddings` extends the original.
+            let factor = match f32_field(p, "factor")? {
+                Some(f) => f,
+                None => ctx.max_position_embeddings as f32 / original as f32,
             };
             let attention_factor = match f32_field(p, "attention_factor")? {
                 Some(a) => a,
@@ -283,6 +284,13 @@ pub fn family(cfg: &Value, arch: Architecture) -> Result<FamilyConfig> {
         Architecture::Phi3 => f.fused_projections = true,
         Architecture::Gemma2 | Architecture::Gemma3 => {
             let g2 = arch == Architecture::Gemma2;
+            if cfg
+                .get("use_bidirectional_attention")
+                .and_then(Value::as_bool)
+                == Some(true)
+            {
+                bail!("use_bidirectional_attention = true (an embedding model's bidirectional attention) is not supported: rvllm runs causal decoders");
+            }
             f.qk_norm = !g2;
             f.norm_plus_one = true;
             f.sandwich_norms = true;
