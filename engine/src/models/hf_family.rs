@@ -386,7 +386,7 @@ mod tests {
         let g = parse_config(&format!("{base}}}"), None).unwrap();
         assert_eq!(g.family.attn_logit_softcap, Some(50.0));
         assert_eq!(g.family.final_logit_softcap, Some(30.0));
-        assert!(g.family.qk_norm == false && g.family.norm_plus_one);
+        assert!(!g.family.qk_norm && g.family.norm_plus_one);
         assert_eq!((g.layer_window(0), g.layer_window(1)), (Some(16), None));
         let g = parse_config(
             &format!(r#"{base}, "attn_logit_softcapping": null, "final_logit_softcapping": 5}}"#),
