@@ -217,7 +217,12 @@ pub fn sliding(
     arch: Architecture,
     num_layers: usize,
 ) -> Result<(Option<usize>, Option<Vec<bool>>)> {
-    let window = usize_field(cfg, "sliding_window")?;
+    // Absent (not null), the config classes' default applies: 4096 for Mistral, Gemma and
+    // Qwen (the last only with use_sliding_window), none for Phi-3.
+    let window = match cfg.get("sliding_window") {
+        None if arch != Architecture::Phi3 => Some(4096),
+        _ => usize_field(cfg, "sliding_window")?,
+    };
     let qwen = matches!(arch, Architecture::Qwen2 | Architecture::Qwen3);
     if qwen && cfg.get("use_sliding_window").and_then(Value::as_bool) != Some(true) {
         return Ok((None, None));
@@ -395,6 +400,22 @@ mod tests {
         .unwrap();
         assert_eq!(g.family.attn_logit_softcap, None);
         assert_eq!(g.family.final_logit_softcap, Some(5.0));
+    }
+
+    /// An absent `sliding_window` is the config class's default (4096 for Mistral), a null
+    /// one is none.
+    #[test]
+    fn an_absent_window_takes_the_config_class_default() {
+        let mistral = |extra: &str| {
+            format!(
+                r#"{{"architectures": ["MistralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+                    "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100{extra}}}"#
+            )
+        };
+        let c = parse_config(&mistral(""), None).unwrap();
+        assert_eq!(c.sliding_window, Some(4096));
+        let c = parse_config(&mistral(r#", "sliding_window": null"#), None).unwrap();
+        assert_eq!(c.sliding_window, None);
     }
 
     fn qwen3(rope: &str) -> String {
