@@ -8,23 +8,13 @@ use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use rvllm::models::gguf::GgufFile;
 use rvllm::server::chat::render_chat;
 use rvllm::server::limits::PromptBound;
-use rvllm::server::validate::ChatTurn;
+use rvllm::server::validate::{ChatTurn, CHAT_ROLES};
 use rvllm::tokenizer::Tokenizer;
 
 /// SmolLM2's context: the render cap and the prompt bound follow from it.
 const MAX_MODEL_LEN: usize = 2048;
-
-const ROLES: [&str; 6] = [
-    "system",
-    "user",
-    "assistant",
-    "tool",
-    "developer",
-    "function",
-];
 
 #[derive(Debug, Arbitrary)]
 struct Turn {
@@ -50,11 +40,7 @@ fn tokenizers() -> &'static [Tokenizer; 2] {
             Some(&dir.join("tokenizer_config.json")),
         )
         .expect("the fixture tokenizer loads");
-        let g = GgufFile::open(&rvllm_fuzz::repo_fixture("gguf/tiny_llama_spm.gguf"))
-            .expect("the fixture GGUF opens");
-        let spm = rvllm::tokenizer::gguf::from_gguf(&g)
-            .expect("the fixture GGUF tokenizer loads")
-            .expect("the fixture GGUF has a tokenizer");
+        let spm = rvllm_fuzz::spm_fixture_tokenizer();
         assert!(hf.chat_template().is_some() && spm.chat_template().is_some());
         [hf, spm]
     })
@@ -66,7 +52,7 @@ fuzz_target!(|input: Input| {
         .turns
         .into_iter()
         .map(|t| ChatTurn {
-            role: ROLES[t.role as usize % ROLES.len()].to_string(),
+            role: CHAT_ROLES[t.role as usize % CHAT_ROLES.len()].to_string(),
             content: t.content,
         })
         .collect();

@@ -7,7 +7,6 @@ use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use rvllm::models::gguf::GgufFile;
 use rvllm::tokenizer::{IncrementalDetokenizer, Tokenizer};
 
 #[derive(Debug, Arbitrary)]
@@ -24,11 +23,7 @@ fn tokenizers() -> &'static [Tokenizer; 2] {
         let dir = rvllm_fuzz::repo_fixture("tiny/llama3");
         let hf = Tokenizer::from_file(&dir.join("tokenizer.json"), None)
             .expect("the fixture tokenizer loads");
-        let g = GgufFile::open(&rvllm_fuzz::repo_fixture("gguf/tiny_llama_spm.gguf"))
-            .expect("the fixture GGUF opens");
-        let spm = rvllm::tokenizer::gguf::from_gguf(&g)
-            .expect("the fixture GGUF tokenizer loads")
-            .expect("the fixture GGUF has a tokenizer");
+        let spm = rvllm_fuzz::spm_fixture_tokenizer();
         [hf, spm]
     })
 }

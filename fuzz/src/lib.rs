@@ -11,6 +11,16 @@ pub fn repo_fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
+/// The SentencePiece-style tokenizer embedded in the tiny GGUF fixture (with its chat
+/// template): the second tokenizer kind the detokenizer and chat targets run against.
+pub fn spm_fixture_tokenizer() -> rvllm::tokenizer::Tokenizer {
+    let g = rvllm::models::gguf::GgufFile::open(&repo_fixture("gguf/tiny_llama_spm.gguf"))
+        .expect("the fixture GGUF opens");
+    rvllm::tokenizer::gguf::from_gguf(&g)
+        .expect("the fixture GGUF tokenizer loads")
+        .expect("the fixture GGUF has a tokenizer")
+}
+
 /// `fuzz/fixtures/<rel>` (written by make_seeds.py).
 pub fn fuzz_fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -561,7 +561,8 @@ pub fn validate_chat(r: &ChatCompletionRequest, max_logprobs: usize) -> Result<C
     })
 }
 
-const ROLES: [&str; 6] = [
+/// The chat roles a message may have (OpenAI's, and `function` from its older API).
+pub const CHAT_ROLES: [&str; 6] = [
     "system",
     "user",
     "assistant",
@@ -571,10 +572,14 @@ const ROLES: [&str; 6] = [
 ];
 
 pub fn flatten_message(i: usize, m: &ChatMessageIn) -> Result<ChatTurn, ApiError> {
-    if !ROLES.contains(&m.role.as_str()) {
+    if !CHAT_ROLES.contains(&m.role.as_str()) {
         return Err(ApiError::invalid(
             format!("messages[{i}].role"),
-            format!("unknown role `{}`; use one of {}", m.role, ROLES.join(", ")),
+            format!(
+                "unknown role `{}`; use one of {}",
+                m.role,
+                CHAT_ROLES.join(", ")
+            ),
         ));
     }
     let content = match &m.content {

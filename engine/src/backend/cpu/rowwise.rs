@@ -130,45 +130,36 @@ pub fn add_rms_norm(
 }
 
 pub fn silu_and_mul(gate_up: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
-    let i = out.cols;
-    ensure!(
-        gate_up.cols == 2 * i,
-        "silu_and_mul: input has {} cols, output {i} (expected half)",
-        gate_up.cols
-    );
-    out.set_rows(gate_up.rows)?;
-    if i == 0 {
-        return Ok(());
-    }
-    let rows = rows_per_task(2 * i);
-    out.as_mut_slice()
-        .par_chunks_mut(rows * i)
-        .zip(gate_up.as_slice().par_chunks(rows * 2 * i))
-        .for_each(|(o, gu)| {
-            for (orow, gurow) in o.chunks_mut(i).zip(gu.chunks(2 * i)) {
-                let (gate, up) = gurow.split_at(i);
-                for ((o, &g), &u) in orow.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
-            }
-        });
-    Ok(())
+    gated_mul("silu_and_mul", gate_up, out, |g| g / (1.0 + (-g).exp()))
 }
 
 /// `out = gelu_tanh(gate) * up`, GELU in transformers' `gelu_pytorch_tanh` form.
 pub fn gelu_tanh_and_mul(gate_up: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
+    // sqrt(2 / pi)
+    const K: f32 = 0.797_884_6;
+    gated_mul("gelu_tanh_and_mul", gate_up, out, |g| {
+        let inner = K * (g + 0.044715 * g * g * g);
+        0.5 * g * (1.0 + inner.tanh())
+    })
+}
+
+/// `out = act(gate) * up` for rows laid out `[gate | up]`: the one loop of every gated MLP.
+fn gated_mul(
+    op: &str,
+    gate_up: &CpuTensor,
+    out: &mut CpuTensor,
+    act: impl Fn(f32) -> f32 + Sync,
+) -> Result<()> {
     let i = out.cols;
     ensure!(
         gate_up.cols == 2 * i,
-        "gelu_tanh_and_mul: input has {} cols, output {i} (expected half)",
+        "{op}: input has {} cols, output {i} (expected half)",
         gate_up.cols
     );
     out.set_rows(gate_up.rows)?;
     if i == 0 {
         return Ok(());
     }
-    // sqrt(2 / pi)
-    const K: f32 = 0.797_884_6;
     let rows = rows_per_task(2 * i);
     out.as_mut_slice()
         .par_chunks_mut(rows * i)
@@ -177,8 +168,7 @@ pub fn gelu_tanh_and_mul(gate_up: &CpuTensor, out: &mut CpuTensor) -> Result<()>
             for (orow, gurow) in o.chunks_mut(i).zip(gu.chunks(2 * i)) {
                 let (gate, up) = gurow.split_at(i);
                 for ((o, &g), &u) in orow.iter_mut().zip(gate).zip(up) {
-                    let inner = K * (g + 0.044715 * g * g * g);
-                    *o = 0.5 * g * (1.0 + inner.tanh()) * u;
+                    *o = act(g) * u;
                 }
             }
         });

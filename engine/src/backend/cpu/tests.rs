@@ -362,6 +362,34 @@ fn paged_attention_soft_caps_scores() {
     check_paged_attention_capped(&[(0, 17), (30, 1)], Some(5), Some(0.5), 12);
 }
 
+/// RoPE by the definition: x * cos + rotate_half(x) * sin over the first `rot` dims of each
+/// of the row's first `heads` heads (cos/sin duplicated over both halves), times `scale`;
+/// the other dims, and what follows the heads (v), pass through.
+fn naive_rope(
+    row: &[f32],
+    heads: usize,
+    hd: usize,
+    rot: usize,
+    inv_freq: &[f32],
+    pos: f64,
+    scale: f32,
+) -> Vec<f32> {
+    let mut want = row.to_vec();
+    for head in 0..heads {
+        let x = &row[head * hd..(head + 1) * hd];
+        for d in 0..rot {
+            let f = inv_freq[d % (rot / 2)] as f64 * pos;
+            let other = if d < rot / 2 {
+                -x[d + rot / 2]
+            } else {
+                x[d - rot / 2]
+            } as f64;
+            want[head * hd + d] = ((x[d] as f64 * f.cos() + other * f.sin()) * scale as f64) as f32;
+        }
+    }
+    want
+}
+
 /// Partial rotary (Phi-4): only the first `rotary_dim` dims of each head turn, the rest pass
 /// through; cos and sin carry the RoPE attention factor.
 #[test]
@@ -393,19 +421,8 @@ fn rope_rotates_the_rotary_part_only_and_scales_it() {
     for r in 0..t {
         let pos = batch.positions[r] as f64;
         let row = &src[r * w..(r + 1) * w];
-        let mut want = row.to_vec();
-        for head in 0..layout.num_heads + layout.num_kv_heads {
-            let x = &row[head * hd..(head + 1) * hd];
-            for d in 0..rot {
-                let f = inv_freq[d % (rot / 2)] as f64 * pos;
-                let other = if d < rot / 2 {
-                    -x[d + rot / 2]
-                } else {
-                    x[d - rot / 2]
-                } as f64;
-                want[head * hd + d] = ((x[d] as f64 * f.cos() + other * f.sin()) * m as f64) as f32;
-            }
-        }
+        let heads = layout.num_heads + layout.num_kv_heads;
+        let want = naive_rope(row, heads, hd, rot, &inv_freq, pos, m);
         assert_close(
             &qkv.as_slice()[r * w..(r + 1) * w],
             &want,
@@ -508,20 +525,8 @@ fn rope_rotates_q_k_and_writes_cache_slots() {
     for r in 0..t {
         let pos = batch.positions[r] as f64;
         let row = &src[r * w..(r + 1) * w];
-        let mut want = row.to_vec();
-        // x * cos + rotate_half(x) * sin, with cos/sin duplicated over both halves.
-        for head in 0..layout.num_heads + layout.num_kv_heads {
-            let x = &row[head * hd..(head + 1) * hd];
-            for d in 0..hd {
-                let f = inv_freq[d % (hd / 2)] as f64 * pos;
-                let rot = if d < hd / 2 {
-                    -x[d + hd / 2]
-                } else {
-                    x[d - hd / 2]
-                } as f64;
-                want[head * hd + d] = (x[d] as f64 * f.cos() + rot * f.sin()) as f32;
-            }
-        }
+        let heads = layout.num_heads + layout.num_kv_heads;
+        let want = naive_rope(row, heads, hd, hd, &inv_freq, pos, 1.0);
         assert_close(
             &qkv.as_slice()[r * w..(r + 1) * w],
             &want,
