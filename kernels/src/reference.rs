@@ -233,118 +233,14 @@ pub fn paged_attention(
     out
 }
 
-/// One row's sampling settings, as `sample_tokens` takes them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SampleParams {
-    /// Below 1e-5: greedy.
-    pub temperature: f32,
-    /// <= 0 or >= vocab: disabled.
-    pub top_k: i32,
-    /// 1: disabled.
-    pub top_p: f32,
-    /// 0: disabled.
-    pub min_p: f32,
-    pub seed: u64,
-    /// Advanced by the caller every step.
-    pub offset: u64,
-}
-
-/// The first index of the largest logit.
-pub fn argmax(logits: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-/// `log_softmax(logits)[idx]`, computed in f64.
-pub fn log_softmax_at(logits: &[f32], idx: usize) -> f32 {
-    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let s: f64 = logits.iter().map(|&l| (l as f64 - m).exp()).sum();
-    (logits[idx] as f64 - m - s.ln()) as f32
-}
-
-/// Which tokens survive min-p, then top-k, then top-p (vLLM's order; see sampling.cu).
-/// All three keep whole ties. Masses in f64.
-pub fn allowed_tokens(logits: &[f32], p: &SampleParams) -> Vec<bool> {
-    let vocab = logits.len();
-    let lmax = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut floor = f32::NEG_INFINITY;
-    if p.min_p > 0.0 {
-        floor = lmax + p.temperature * p.min_p.ln();
-    }
-    if p.top_k > 0 && (p.top_k as usize) < vocab {
-        let mut sorted = logits.to_vec();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        floor = floor.max(sorted[p.top_k as usize - 1]);
-    }
-    if p.top_p < 1.0 {
-        let inv_t = 1.0 / p.temperature as f64;
-        let mut kept: Vec<f32> = logits.iter().cloned().filter(|&l| l >= floor).collect();
-        kept.sort_by(|a, b| b.total_cmp(a));
-        let mass = |l: f32| ((l as f64 - lmax as f64) * inv_t).exp();
-        let total: f64 = kept.iter().map(|&l| mass(l)).sum();
-        let target = p.top_p as f64 * total;
-        let mut cum = 0.0;
-        for &l in &kept {
-            cum += mass(l);
-            if cum >= target {
-                floor = floor.max(l);
-                break;
-            }
-        }
-    }
-    logits.iter().map(|&l| l >= floor).collect()
-}
-
-fn mix64(mut x: u64) -> u64 {
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58476d1ce4e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d049bb133111eb);
-    x ^= x >> 31;
-    x
-}
-
-/// The Gumbel noise `sample_tokens` adds to token `i` in draw `(seed, offset)`: element `i`
-/// of a splitmix64 stream keyed by the draw.
-pub fn gumbel_noise(seed: u64, offset: u64, i: usize) -> f32 {
-    let key = mix64(seed ^ mix64(offset));
-    let h = mix64(key.wrapping_add((i as u64).wrapping_mul(0x9E3779B97F4A7C15)));
-    let u = ((h >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0);
-    -(-u.ln()).ln()
-}
-
-/// The token `sample_tokens` picks for one row, and its raw-logit logprob.
-pub fn sample(logits: &[f32], p: &SampleParams) -> (usize, f32) {
-    // top-k 1 is greedy whatever the temperature (the kernel skips the draw too).
-    let token = if p.temperature < 1e-5 || p.top_k == 1 {
-        argmax(logits)
-    } else {
-        let inv_t = 1.0 / p.temperature;
-        let allowed = allowed_tokens(logits, p);
-        let mut best = usize::MAX;
-        let mut best_score = f32::NEG_INFINITY;
-        for (i, &l) in logits.iter().enumerate() {
-            if !allowed[i] {
-                continue;
-            }
-            let score = l * inv_t + gumbel_noise(p.seed, p.offset, i);
-            if best == usize::MAX || score > best_score {
-                best = i;
-                best_score = score;
-            }
-        }
-        best
-    };
-    (token, log_softmax_at(logits, token))
-}
+// Sampling (the draw, the logits processors, logprobs): one definition, its own file.
+#[path = "reference_sampling.rs"]
+mod sampling;
+pub use sampling::*;
 
 #[cfg(test)]
 mod tests {
+    use super::sampling::mix64;
     use super::*;
 
     /// Small deterministic pseudo-random values in [-1, 1), never all zero.
@@ -517,79 +413,5 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "head {h}: {a} vs {b}");
             }
         }
-    }
-
-    #[test]
-    fn sampling_filters_keep_the_expected_sets() {
-        let logits = [1.0f32, 3.0, 2.0, 0.5, 3.0, -1.0];
-        let base = SampleParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            seed: 1,
-            offset: 0,
-        };
-        assert_eq!(argmax(&logits), 1, "first of the tied maxima");
-        assert!(allowed_tokens(&logits, &base).iter().all(|&a| a));
-        // top-k 2 keeps the two 3.0s; top-k 3 adds the 2.0.
-        let k2 = allowed_tokens(&logits, &SampleParams { top_k: 2, ..base });
-        assert_eq!(k2, [false, true, false, false, true, false]);
-        let k3 = allowed_tokens(&logits, &SampleParams { top_k: 3, ..base });
-        assert_eq!(k3, [false, true, true, false, true, false]);
-        // min-p 0.5 keeps logits >= 3 + ln 0.5 = 2.31.
-        let mp = allowed_tokens(&logits, &SampleParams { min_p: 0.5, ..base });
-        assert_eq!(mp, [false, true, false, false, true, false]);
-        // The two 3.0s hold 2e^3 / (2e^3 + e^2 + e + e^0.5 + e^-1) = 0.768 of the mass.
-        let p75 = allowed_tokens(
-            &logits,
-            &SampleParams {
-                top_p: 0.75,
-                ..base
-            },
-        );
-        assert_eq!(p75, [false, true, false, false, true, false]);
-        let p78 = allowed_tokens(
-            &logits,
-            &SampleParams {
-                top_p: 0.78,
-                ..base
-            },
-        );
-        assert_eq!(p78, [false, true, true, false, true, false]);
-    }
-
-    #[test]
-    fn sampling_is_seeded_and_follows_the_distribution() {
-        let logits = [0.0f32, 1.0, 2.0];
-        let p = SampleParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            seed: 42,
-            offset: 0,
-        };
-        assert_eq!(sample(&logits, &p), sample(&logits, &p));
-        let mut counts = [0usize; 3];
-        let draws = 20_000;
-        for offset in 0..draws {
-            counts[sample(&logits, &SampleParams { offset, ..p }).0] += 1;
-        }
-        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
-        for (i, &c) in counts.iter().enumerate() {
-            let want = (logits[i] as f64).exp() / z;
-            let got = c as f64 / draws as f64;
-            assert!((got - want).abs() < 0.015, "token {i}: {got} vs {want}");
-        }
-        let (tok, lp) = sample(
-            &logits,
-            &SampleParams {
-                temperature: 0.0,
-                ..p
-            },
-        );
-        assert_eq!(tok, 2);
-        assert!((lp as f64 - (2.0 - z.ln())).abs() < 1e-6);
     }
 }
