@@ -1,4 +1,6 @@
-//! The GGUF container: header, metadata key/values, tensor infos and the data section.
+//! The GGUF container: header, metadata key/values, tensor infos and the data section. Read by
+//! the model loader (`models::gguf`) and the tokenizer (`tokenizer::gguf`), so it imports
+//! neither.
 //!
 //! Layout (versions 2 and 3, little-endian): magic `GGUF`, u32 version, u64 tensor count,
 //! u64 metadata count, the metadata entries, the tensor infos, padding to

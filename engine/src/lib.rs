@@ -5,6 +5,7 @@ pub mod backend;
 pub mod bench;
 pub mod cli;
 pub mod engine;
+pub mod gguf_file;
 pub mod hash;
 pub mod kv;
 pub mod models;
@@ -13,6 +14,10 @@ pub mod sampling;
 pub mod scheduler;
 pub mod server;
 pub mod tokenizer;
+pub mod types;
+
+#[cfg(test)]
+mod layering_tests;
 
 /// Version string printed by `rvllm --version`: crate version, commit, target.
 pub fn version_string() -> String {

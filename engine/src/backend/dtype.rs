@@ -5,7 +5,7 @@
 //! GPU rvllm supports (sm_80+) and which keeps float32's range.
 use anyhow::{bail, Result};
 
-use crate::engine::Device;
+use crate::types::Device;
 
 /// The element type of the GPU's activations, weights and KV cache (both 2 bytes; arithmetic
 /// inside the kernels is f32).

@@ -25,8 +25,8 @@ use std::ops::Range;
 
 use anyhow::Result;
 
-use crate::models::spec::DecoderSpec;
-use crate::models::weights::HostTensor;
+pub use crate::types::AttentionLayout;
+use crate::types::{DecoderSpec, HostTensor};
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -147,38 +147,6 @@ impl ForwardBatch {
             anyhow::bail!("logits row {r} is outside the batch ({n} tokens)");
         }
         Ok(())
-    }
-}
-
-/// Attention geometry, fixed per model.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AttentionLayout {
-    pub num_heads: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    /// Softmax scale, normally `1 / sqrt(head_dim)`.
-    pub scale: f32,
-    /// When set, token at position p only sees keys at positions > p - window
-    /// (Mistral-style sliding window). None: full causal attention.
-    pub sliding_window: Option<usize>,
-    /// When set, scores (after `scale`) become `cap * tanh(score / cap)` (Gemma 2).
-    pub softcap: Option<f32>,
-    /// Dims of each head RoPE rotates (the first ones); `head_dim` unless partial rotary.
-    pub rotary_dim: usize,
-    /// cos and sin are multiplied by this (YaRN / LongRoPE attention factor; else 1).
-    pub rope_scale: f32,
-}
-
-impl AttentionLayout {
-    pub fn q_size(&self) -> usize {
-        self.num_heads * self.head_dim
-    }
-    pub fn kv_size(&self) -> usize {
-        self.num_kv_heads * self.head_dim
-    }
-    /// Width of a fused qkv row.
-    pub fn qkv_size(&self) -> usize {
-        self.q_size() + 2 * self.kv_size()
     }
 }
 

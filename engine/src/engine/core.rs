@@ -14,12 +14,7 @@ use crate::scheduler::{
     EngineCoreOutput, EngineRequest, RequestId, Scheduler, SchedulerConfig, SchedulerOutput,
 };
 
-/// Which backend runs the model, after resolving `--device auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
+pub use crate::types::Device;
 
 pub fn resolve_device(requested: &str) -> Result<Device> {
     let built = crate::compiled_devices();

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use super::block_pool::KvBlockPool;
 use super::prefix_cache::{block_keys, BlockKey};
-use crate::scheduler::RequestId;
+use crate::types::RequestId;
 
 #[derive(Debug, Clone)]
 pub struct KvCacheManager {

@@ -2,6 +2,8 @@
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 
+pub use crate::types::MlpActivation;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Architecture {
     Llama,
@@ -59,16 +61,6 @@ pub enum RopeScaling {
         original_max_position_embeddings: usize,
         attention_factor: f32,
     },
-}
-
-/// The MLP's gate activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum MlpActivation {
-    /// SwiGLU: `silu(gate) * up` (Llama, Mistral, Qwen, Phi-3).
-    #[default]
-    Silu,
-    /// GeGLU with the tanh approximation of GELU (`gelu_pytorch_tanh`: Gemma).
-    GeluTanh,
 }
 
 /// The RoPE of Gemma 3's local (sliding-window) layers, which differs from the global one.

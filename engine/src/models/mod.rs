@@ -12,4 +12,7 @@ pub mod rope;
 pub mod spec;
 pub mod weights;
 
+#[cfg(test)]
+mod gpu_support_tests;
+
 pub use loader::{load_model, LoadFormat, LoadOptions, LoadedModel};

@@ -1,38 +1,11 @@
 //! The decoder as data: what each family does differently, layer by layer, built once from
 //! `ModelConfig`. `llama.rs` runs any `DecoderSpec` with the same code; a backend reads it to
-//! refuse at load what its kernels cannot do (`Backend::check_decoder`).
-use super::config::{MlpActivation, ModelConfig};
-use crate::backend::AttentionLayout;
-
-/// One decoder layer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LayerSpec {
-    /// Heads, softmax scale, window, soft-cap and the rotated part of each head.
-    pub attention: AttentionLayout,
-    /// Uses the local RoPE (Gemma 3's sliding layers) rather than the global one.
-    pub local_rope: bool,
-    /// Per-head RMSNorm of q and k before RoPE.
-    pub qk_norm: bool,
-    /// Norms on the attention output and around the MLP (Gemma 2/3), besides the input norm.
-    pub sandwich_norms: bool,
-    pub activation: MlpActivation,
-}
-
-/// The whole decoder.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DecoderSpec {
-    /// The embedding is multiplied by this (Gemma: sqrt(hidden_size)).
-    pub embed_scale: Option<f32>,
-    /// `cap * tanh(logit / cap)` on the LM head's output.
-    pub final_logit_softcap: Option<f32>,
-    /// Norm weights scale by `1 + w` (folded into the weight at load).
-    pub norm_plus_one: bool,
-    /// `qkv_proj` / `gate_up_proj` are stored fused.
-    pub fused_projections: bool,
-    pub layers: Vec<LayerSpec>,
-    /// The RoPE cos/sin factor of the global and the local RoPE.
-    pub rope_scale: [f32; 2],
-}
+//! refuse at load what its kernels cannot do (`Backend::check_decoder`). The types themselves
+//! are plain data at the bottom of the layering (`types`), so backends read them without
+//! importing `models`; building one from a config is the models' business, here.
+use super::config::ModelConfig;
+use crate::types::AttentionLayout;
+pub use crate::types::{DecoderSpec, LayerSpec};
 
 impl DecoderSpec {
     pub fn new(c: &ModelConfig) -> Self {
@@ -72,10 +45,5 @@ impl DecoderSpec {
             layers,
             rope_scale,
         }
-    }
-
-    /// Whether any layer uses the local RoPE.
-    pub fn has_local_rope(&self) -> bool {
-        self.layers.iter().any(|l| l.local_rope)
     }
 }

@@ -1,8 +1,7 @@
 //! The only two types that cross between the scheduler and the model runner
 //! (ARCHITECTURE.md invariant 2). Plain data: no tensors, no backend handles.
 use crate::sampling::SamplingParams;
-
-pub type RequestId = u64;
+pub use crate::types::{RequestId, TokenLogprobs};
 
 /// Sent once, the first step a request is scheduled. The runner keeps what it needs for
 /// sampling (penalties, seeded RNG) until the request shows up in `finished`.
@@ -56,18 +55,6 @@ impl SchedulerOutput {
     pub fn is_empty(&self) -> bool {
         self.scheduled.is_empty()
     }
-}
-
-/// Top log-probabilities at one position: the chosen token first, then the top-k.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprobs {
-    pub token_id: u32,
-    pub logprob: f32,
-    /// Rank of `token_id` in the vocabulary, counted as vLLM does: how many tokens have a
-    /// logprob at least as high as its own (1: the most likely token).
-    pub rank: u32,
-    /// (token id, logprob), highest first.
-    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Debug, Clone)]

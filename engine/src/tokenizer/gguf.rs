@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::Tokenizer;
-use crate::models::gguf::{GgufFile, GgufValue};
+use crate::gguf_file::{GgufFile, GgufValue};
 
 const TOKEN_TYPE_NORMAL: i64 = 1;
 const TOKEN_TYPE_CONTROL: i64 = 3;

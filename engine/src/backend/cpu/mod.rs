@@ -5,7 +5,7 @@ use std::ops::Range;
 use anyhow::{ensure, Context, Result};
 
 use super::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
-use crate::models::weights::{HostData, HostTensor};
+use crate::types::{HostData, HostTensor};
 
 mod attention;
 mod linear;

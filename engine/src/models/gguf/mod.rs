@@ -1,7 +1,9 @@
 //! GGUF model files (llama.cpp's format): config from the metadata, weights dequantized at
 //! load and renamed to the Hugging Face layout, Q/K rows un-permuted.
 pub mod dequant;
-pub mod reader;
+// The container reader sits at the bottom of the layering (`crate::gguf_file`) because the
+// tokenizer reads GGUF metadata too; `reader` keeps its old path.
+pub use crate::gguf_file as reader;
 
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::ProgressBar;

@@ -1,0 +1,92 @@
+//! The CUDA backend's rules (`backend/gpu_support.rs`) on decoders built from real configs:
+//! building a `DecoderSpec` from a `ModelConfig` is the models' business, a layer above the
+//! backend, so the tests that need both live here.
+use super::config::{Architecture, FamilyConfig, MlpActivation, ModelConfig, RopeScaling};
+use super::spec::DecoderSpec;
+use crate::backend::gpu_support::{check_gpu_decoder, gpu_layout};
+
+fn config() -> ModelConfig {
+    ModelConfig {
+        architecture: Architecture::Mistral,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 128,
+        vocab_size: 100,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        max_position_embeddings: 8192,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        sliding_window: None,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+        torch_dtype: None,
+        family: FamilyConfig::default(),
+    }
+}
+
+fn refused(c: &ModelConfig) -> String {
+    check_gpu_decoder(&DecoderSpec::new(c), c.context_len())
+        .expect_err("must be refused")
+        .to_string()
+}
+
+#[test]
+fn a_window_shorter_than_the_context_is_refused_unless_max_model_len_fits_it() {
+    let mut c = config();
+    c.sliding_window = Some(4096);
+    let e = refused(&c);
+    assert!(
+        e.contains("sliding window of 4096") && e.contains("--max-model-len 4096"),
+        "{e}"
+    );
+    c.family.max_model_len = Some(4096);
+    check_gpu_decoder(&DecoderSpec::new(&c), c.context_len()).unwrap();
+}
+
+#[test]
+fn features_the_kernels_lack_are_named() {
+    let mut c = config();
+    c.head_dim = 96;
+    assert!(refused(&c).contains("head_dim 96"));
+    let mut c = config();
+    c.family.qk_norm = true;
+    assert!(refused(&c).contains("q_norm"));
+    let mut c = config();
+    c.family.rotary_dim = Some(96);
+    assert!(refused(&c).contains("partial_rotary_factor"));
+    let mut c = config();
+    c.family.attn_logit_softcap = Some(50.0);
+    assert!(refused(&c).contains("attn_logit_softcapping"));
+    let mut c = config();
+    c.family.activation = MlpActivation::GeluTanh;
+    assert!(refused(&c).contains("gelu_pytorch_tanh"));
+    let mut c = config();
+    c.family.final_logit_softcap = Some(30.0);
+    assert!(refused(&c).contains("final_logit_softcapping"));
+    let mut c = config();
+    c.family.scale_embedding = true;
+    assert!(refused(&c).contains("embedding"));
+}
+
+#[test]
+fn yarn_attention_factor_moves_into_the_softmax_scale() {
+    let mut c = config();
+    c.rope_scaling = Some(RopeScaling::Yarn {
+        factor: 4.0,
+        original_max_position_embeddings: 2048,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        attention_factor: 1.2,
+        truncate: true,
+    });
+    let spec = DecoderSpec::new(&c);
+    check_gpu_decoder(&spec, c.context_len()).unwrap();
+    let l = gpu_layout(&spec.layers[0].attention);
+    assert_eq!(l.rope_scale, 1.0);
+    assert!((l.scale - 1.44 / (128f32).sqrt()).abs() < 1e-7);
+}
