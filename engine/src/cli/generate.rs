@@ -11,6 +11,7 @@ use serde_json::json;
 use super::progress;
 use super::sampling_flags::SamplingFlags;
 use crate::engine::{EngineArgs, Llm, RequestOutput};
+use crate::sampling::params::bad_words_token_ids;
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
 #[derive(Args, Clone, Debug)]
@@ -75,7 +76,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .with_context(|| format!("prompt {i}"))?;
         prompts.push(ids);
     }
-    let params = args.sampling.to_params();
+    let mut params = args.sampling.to_params();
+    if !params.bad_words.is_empty() {
+        let tok = tok
+            .as_deref()
+            .context("--bad-words needs the model's tokenizer, and this model has none")?;
+        params.bad_words_token_ids =
+            bad_words_token_ids(&params.bad_words, |w| tok.encode(w, false))?;
+    }
     let bar = progress::bar(
         prompts.len() as u64,
         "generating",

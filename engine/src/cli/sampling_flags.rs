@@ -1,6 +1,7 @@
 //! Every SamplingParams field as a command-line flag (vLLM spellings).
 use clap::Args;
 
+use crate::sampling::params::normalize_logit_bias;
 use crate::sampling::SamplingParams;
 
 #[derive(Args, Clone, Debug)]
@@ -49,9 +50,38 @@ pub struct SamplingFlags {
     /// Keep special tokens in the output text.
     #[arg(long)]
     pub keep_special_tokens: bool,
+    /// Bias added to token logits, `ID=BIAS` pairs separated by commas (e.g.
+    /// `123=2.5,77=-100`, repeatable); biases are clamped to [-100, 100].
+    #[arg(long, value_delimiter = ',', value_parser = parse_bias_pair, allow_hyphen_values = true)]
+    pub logit_bias: Vec<(u32, f64)>,
+    /// Only these token ids may be generated (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// A word that must not be generated (repeatable).
+    #[arg(long = "bad-words")]
+    pub bad_words: Vec<String>,
+}
+
+/// One `ID=BIAS` of `--logit-bias`.
+fn parse_bias_pair(item: &str) -> Result<(u32, f64), String> {
+    let (id, bias) = item
+        .split_once('=')
+        .ok_or_else(|| format!("`{item}`: expected ID=BIAS, e.g. 123=2.5"))?;
+    let id = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{item}`: the token id `{id}` is not an integer"))?;
+    match bias.trim().parse::<f64>() {
+        Ok(b) if b.is_finite() => Ok((id, b)),
+        _ => Err(format!(
+            "`{item}`: the bias `{bias}` is not a finite number"
+        )),
+    }
 }
 
 impl SamplingFlags {
+    /// The sampling parameters; `bad_words_token_ids` stays empty until
+    /// [`crate::sampling::params::bad_words_token_ids`] fills it with the model's tokenizer.
     pub fn to_params(&self) -> SamplingParams {
         SamplingParams {
             n: self.n,
@@ -72,6 +102,10 @@ impl SamplingFlags {
             logprobs: self.logprobs,
             prompt_logprobs: self.prompt_logprobs,
             skip_special_tokens: !self.keep_special_tokens,
+            logit_bias: normalize_logit_bias(self.logit_bias.clone()),
+            allowed_token_ids: self.allowed_token_ids.clone(),
+            bad_words: self.bad_words.clone(),
+            bad_words_token_ids: Vec::new(),
         }
     }
 }

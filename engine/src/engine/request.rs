@@ -54,10 +54,13 @@ pub fn admit(
     vocab_size: usize,
     eos_token_ids: &[u32],
 ) -> Result<(SamplingParams, Vec<EngineRequest>), EngineError> {
-    params.validate().map_err(|e| EngineError::InvalidParam {
-        param: e.param.to_string(),
-        message: e.message,
-    })?;
+    params
+        .validate()
+        .and_then(|()| params.check_vocab(vocab_size))
+        .map_err(|e| EngineError::InvalidParam {
+            param: e.param.to_string(),
+            message: e.message,
+        })?;
     if prompt_token_ids.is_empty() {
         return Err(EngineError::InvalidParam {
             param: "prompt".into(),

@@ -4,4 +4,4 @@ pub mod params;
 pub mod sampler;
 
 pub use params::{ParamError, SamplingParams, MAX_LOGPROBS, MAX_N};
-pub use sampler::{argmax, log_sum_exp, top_logprobs, uniform, SeqSampler};
+pub use sampler::{argmax, log_sum_exp, top_logprobs, SeqSampler};

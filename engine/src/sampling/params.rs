@@ -35,6 +35,16 @@ pub struct SamplingParams {
     /// Number of top log-probabilities per prompt token.
     pub prompt_logprobs: Option<usize>,
     pub skip_special_tokens: bool,
+    /// Added to a token's logit before sampling (OpenAI's `logit_bias`): sorted by id,
+    /// unique, values in [-100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Only these tokens may be generated (vLLM's `allowed_token_ids`); None: all.
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// Words that must not be generated (vLLM's `bad_words`), as given.
+    pub bad_words: Vec<String>,
+    /// `bad_words` tokenized ([`bad_words_token_ids`] at the edge, where the tokenizer is
+    /// known): each a token sequence whose last token is masked after its prefix.
+    pub bad_words_token_ids: Vec<Vec<u32>>,
 }
 
 impl Default for SamplingParams {
@@ -58,6 +68,10 @@ impl Default for SamplingParams {
             logprobs: None,
             prompt_logprobs: None,
             skip_special_tokens: true,
+            logit_bias: Vec::new(),
+            allowed_token_ids: None,
+            bad_words: Vec::new(),
+            bad_words_token_ids: Vec::new(),
         }
     }
 }
@@ -93,6 +107,17 @@ pub const MAX_STOP_STRING_CHARS: usize = 1024;
 /// them, so like the stop strings they are bounded well above real use (a model's few
 /// end-of-turn ids).
 pub const MAX_STOP_TOKEN_IDS: usize = 1024;
+
+/// Most `logit_bias` entries one request may give (the GPU sampler holds them per row).
+pub const MAX_LOGIT_BIAS: usize = 1024;
+/// The range a bias is clamped to (OpenAI's and vLLM's).
+pub const LOGIT_BIAS_LIMIT: f32 = 100.0;
+/// Most tokens one bad word may take, and most bad-word token sequences a request may
+/// have after tokenization (the GPU sampler holds them per row).
+pub const MAX_BAD_WORD_TOKENS: usize = 32;
+pub const MAX_BAD_WORD_SEQUENCES: usize = 128;
+/// Most `allowed_token_ids` one request may give: no more than a vocabulary would need.
+pub const MAX_ALLOWED_TOKEN_IDS: usize = 1 << 20;
 
 /// A sampling parameter outside its allowed range: which one, and what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,8 +255,170 @@ impl SamplingParams {
                 ),
             );
         }
-        check_stop_strings(&self.stop)
+        check_stop_strings(&self.stop)?;
+        self.check_token_lists()
     }
+
+    /// `logit_bias`, `allowed_token_ids` and the tokenized bad words: the limits the GPU
+    /// sampler needs (the vocabulary is checked by [`SamplingParams::check_vocab`]).
+    fn check_token_lists(&self) -> Result<(), ParamError> {
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return bad(
+                "logit_bias",
+                format!(
+                    "`logit_bias` holds {} entries, more than the limit of {MAX_LOGIT_BIAS} a \
+                     request may give",
+                    self.logit_bias.len()
+                ),
+            );
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+            return bad(
+                "logit_bias",
+                format!("the bias of token {t} must be a finite number, got {b}"),
+            );
+        }
+        if let Some(allowed) = &self.allowed_token_ids {
+            if allowed.is_empty() {
+                return bad(
+                    "allowed_token_ids",
+                    "`allowed_token_ids` must not be empty; omit it to allow every token".into(),
+                );
+            }
+            if allowed.len() > MAX_ALLOWED_TOKEN_IDS {
+                return bad(
+                    "allowed_token_ids",
+                    format!(
+                        "`allowed_token_ids` holds {} ids, more than the limit of \
+                         {MAX_ALLOWED_TOKEN_IDS}",
+                        allowed.len()
+                    ),
+                );
+            }
+        }
+        check_bad_word_ids(&self.bad_words_token_ids)
+    }
+
+    /// Every token id the request names (`logit_bias`, `allowed_token_ids`, bad words) is
+    /// below `vocab_size`. vLLM's wording.
+    pub fn check_vocab(&self, vocab_size: usize) -> Result<(), ParamError> {
+        let out = |t: u32| t as usize >= vocab_size;
+        if let Some((t, _)) = self.logit_bias.iter().find(|(t, _)| out(*t)) {
+            return bad(
+                "logit_bias",
+                format!("token_id {t} in logit_bias contains out-of-vocab token id (vocabulary size {vocab_size})"),
+            );
+        }
+        if let Some(t) = self.allowed_token_ids.iter().flatten().find(|&&t| out(t)) {
+            return bad(
+                "allowed_token_ids",
+                format!("allowed_token_ids contains out-of-vocab token id {t} (vocabulary size {vocab_size})"),
+            );
+        }
+        if let Some(t) = self.bad_words_token_ids.iter().flatten().find(|&&t| out(t)) {
+            return bad(
+                "bad_words",
+                format!(
+                    "bad_words contains out-of-vocab token id {t} (vocabulary size {vocab_size})"
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The tokenized bad words: at most [`MAX_BAD_WORD_SEQUENCES`] sequences of 1 to
+/// [`MAX_BAD_WORD_TOKENS`] tokens.
+pub fn check_bad_word_ids(ids: &[Vec<u32>]) -> Result<(), ParamError> {
+    if ids.len() > MAX_BAD_WORD_SEQUENCES {
+        return bad(
+            "bad_words",
+            format!(
+                "`bad_words` tokenize to {} token sequences, more than the limit of \
+                 {MAX_BAD_WORD_SEQUENCES}; give fewer bad words",
+                ids.len()
+            ),
+        );
+    }
+    for w in ids {
+        if w.is_empty() {
+            return bad(
+                "bad_words",
+                "a bad word tokenizes to no tokens; remove empty bad words".into(),
+            );
+        }
+        if w.len() > MAX_BAD_WORD_TOKENS {
+            return bad(
+                "bad_words",
+                format!(
+                    "a bad word tokenizes to {} tokens, more than the limit of \
+                     {MAX_BAD_WORD_TOKENS} tokens per bad word; shorten it",
+                    w.len()
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `logit_bias` as OpenAI sends it (token id as a string key, bias as the value) into
+/// [`normalize_logit_bias`]'s form. A key that is not a token id, or a bias that is not
+/// finite, is an error naming `logit_bias`.
+pub fn parse_logit_bias<'a>(
+    entries: impl IntoIterator<Item = (&'a str, f64)>,
+) -> Result<Vec<(u32, f32)>, ParamError> {
+    let mut out = Vec::new();
+    for (key, value) in entries {
+        let id: u32 = key.trim().parse().map_err(|_| ParamError {
+            param: "logit_bias",
+            message: format!("logit_bias keys must be token ids (integers), got {key:?}"),
+        })?;
+        if !value.is_finite() {
+            return Err(ParamError {
+                param: "logit_bias",
+                message: format!("the bias of token {id} must be a finite number, got {value}"),
+            });
+        }
+        out.push((id, value));
+    }
+    Ok(normalize_logit_bias(out))
+}
+
+/// Sorted unique `(id, bias)` pairs (the last value of a repeated id wins, as a JSON object
+/// with a repeated key keeps the last), each bias clamped to [-100, 100].
+pub fn normalize_logit_bias(entries: Vec<(u32, f64)>) -> Vec<(u32, f32)> {
+    let limit = LOGIT_BIAS_LIMIT as f64;
+    let mut out: Vec<(u32, f32)> = entries
+        .into_iter()
+        .rev()
+        .map(|(id, b)| (id, b.clamp(-limit, limit) as f32))
+        .collect();
+    // A stable sort keeps the last-given value first within an id.
+    out.sort_by_key(|e| e.0);
+    out.dedup_by_key(|e| e.0);
+    out
+}
+
+/// vLLM's tokenization of bad words: for each word, the ids of `word.trim_start()` and of
+/// `" " + word.trim_start()` (without special tokens); the second is kept only when it has
+/// as many tokens as the first and a different first token (a real "word after a space"
+/// variant). `encode` returns the ids of a string without special tokens.
+pub fn bad_words_token_ids<E>(
+    words: &[String],
+    mut encode: impl FnMut(&str) -> Result<Vec<u32>, E>,
+) -> Result<Vec<Vec<u32>>, E> {
+    let mut out = Vec::new();
+    for word in words {
+        let word = word.trim_start();
+        let plain = encode(word)?;
+        let spaced = encode(&format!(" {word}"))?;
+        let keep_spaced = !plain.is_empty() && spaced.len() == plain.len() && spaced[0] != plain[0];
+        out.push(plain);
+        if keep_spaced {
+            out.push(spaced);
+        }
+    }
+    Ok(out)
 }
 
 /// The stop-string limits (MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS) and no empty string.
@@ -424,5 +611,78 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn token_lists_are_limited_and_checked_against_the_vocabulary() {
+        let d = SamplingParams::default;
+        let e = err(SamplingParams {
+            logit_bias: (0..=MAX_LOGIT_BIAS as u32).map(|t| (t, 1.0)).collect(),
+            ..d()
+        });
+        assert_eq!(e.param, "logit_bias");
+        assert!(e.message.contains("limit of 1024"), "{e}");
+        let e = err(SamplingParams {
+            allowed_token_ids: Some(vec![]),
+            ..d()
+        });
+        assert_eq!(e.param, "allowed_token_ids");
+        let e = err(SamplingParams {
+            bad_words_token_ids: vec![vec![1; MAX_BAD_WORD_TOKENS + 1]],
+            ..d()
+        });
+        assert!(e.message.contains("limit of 32 tokens"), "{e}");
+        let e = err(SamplingParams {
+            bad_words_token_ids: vec![vec![1]; MAX_BAD_WORD_SEQUENCES + 1],
+            ..d()
+        });
+        assert!(e.message.contains("limit of 128"), "{e}");
+        let ok = SamplingParams {
+            logit_bias: vec![(3, 1.0)],
+            allowed_token_ids: Some(vec![1, 9]),
+            bad_words_token_ids: vec![vec![2, 4]],
+            ..d()
+        };
+        ok.validate().unwrap();
+        ok.check_vocab(10).unwrap();
+        for (vocab, param) in [(3, "logit_bias"), (5, "allowed_token_ids")] {
+            assert_eq!(ok.check_vocab(vocab).unwrap_err().param, param);
+        }
+        let bad_word = SamplingParams {
+            bad_words_token_ids: vec![vec![2, 40]],
+            ..d()
+        };
+        let e = bad_word.check_vocab(10).unwrap_err();
+        assert!(e.param == "bad_words" && e.message.contains("40"), "{e}");
+    }
+
+    #[test]
+    fn logit_bias_parses_clamps_sorts_and_keeps_the_last_repeat() {
+        let got = parse_logit_bias([("7", 150.0), ("2", -0.5), ("7", -300.0)]).unwrap();
+        assert_eq!(got, vec![(2, -0.5), (7, -100.0)]);
+        let e = parse_logit_bias([("x", 1.0)]).unwrap_err();
+        assert!(
+            e.param == "logit_bias" && e.message.contains("\"x\""),
+            "{e}"
+        );
+        assert!(parse_logit_bias([("-1", 1.0)]).is_err());
+        assert!(parse_logit_bias([("1", f64::NAN)]).is_err());
+    }
+
+    #[test]
+    fn bad_words_tokenize_with_and_without_a_leading_space() {
+        // A toy tokenizer: a leading space is its own token 0 unless the word is "hi",
+        // which has a distinct "space-hi" token.
+        let encode = |s: &str| -> Result<Vec<u32>, ()> {
+            Ok(match s {
+                "hi" => vec![5],
+                " hi" => vec![6],
+                "ab" => vec![1, 2],
+                " ab" => vec![0, 1, 2],
+                other => other.bytes().map(u32::from).collect(),
+            })
+        };
+        let ids = bad_words_token_ids(&["  hi".into(), "ab".into()], encode).unwrap();
+        assert_eq!(ids, vec![vec![5], vec![6], vec![1, 2]]);
     }
 }

@@ -18,8 +18,13 @@ fn logits_for(probs: &[f32]) -> Vec<f32> {
 /// A reproducible, varied logits vector with distinct values.
 fn varied_logits(vocab: usize) -> Vec<f32> {
     (0..vocab)
-        .map(|i| (uniform(7, i as u64) * 8.0 - 4.0) as f32)
+        .map(|i| rvllm_kernels::reference::gumbel_noise(7, 0, i) * 1.5)
         .collect()
+}
+
+/// Ids of the `k` largest logits, largest first.
+fn top_k_indices(logits: &[f32], k: usize) -> Vec<u32> {
+    top_logprobs(logits, 0, k).top.iter().map(|t| t.0).collect()
 }
 
 fn draws(s: &mut SeqSampler, logits: &[f32], n: usize) -> Vec<u32> {
@@ -408,4 +413,108 @@ fn degenerate_logits_do_not_panic() {
         f32::NEG_INFINITY,
         "an id outside the vocabulary"
     );
+}
+
+#[test]
+fn seq_sampler_equals_the_reference_processors_and_draw() {
+    use rvllm_kernels::reference as ops;
+    let vocab = 64;
+    let prompt = [3u32, 9, 9, 20, 41];
+    let eos = [0u32];
+    for case in 0..48u64 {
+        let p = SamplingParams {
+            temperature: [0.0, 0.6, 1.0, 1.4][case as usize % 4],
+            top_k: [0, 5, 20][case as usize % 3],
+            top_p: [1.0, 0.9, 0.5][(case as usize / 3) % 3],
+            min_p: [0.0, 0.05][(case as usize / 2) % 2],
+            seed: Some(case),
+            repetition_penalty: [1.0, 1.2][case as usize % 2],
+            frequency_penalty: [0.0, 0.4, -0.3][(case as usize / 4) % 3],
+            presence_penalty: [0.0, 0.7][(case as usize / 5) % 2],
+            min_tokens: (case % 6) as usize,
+            stop_token_ids: vec![7],
+            logit_bias: if case % 3 == 0 {
+                vec![(5, 3.0), (30, -100.0)]
+            } else {
+                vec![]
+            },
+            allowed_token_ids: (case % 4 == 1).then(|| (0..vocab as u32).step_by(3).collect()),
+            bad_words_token_ids: vec![vec![12], vec![6, 15], vec![9, 9, 18]],
+            ..params(1.0)
+        };
+        let mut s = SeqSampler::new(&p, &prompt, &eos);
+        let mut output = Vec::new();
+        for step in 0..12 {
+            let mut logits = varied_logits(vocab);
+            logits[(step * 7 + case as usize) % vocab] = f32::NAN;
+            let mut want = logits.clone();
+            let eos_and_stop = [0u32, 7];
+            ops::apply_processors(
+                &mut want,
+                &ops::Processors {
+                    allowed_token_ids: p.allowed_token_ids.as_deref(),
+                    bad_words: &p.bad_words_token_ids,
+                    min_tokens: p.min_tokens,
+                    eos_and_stop: &eos_and_stop,
+                    logit_bias: &p.logit_bias,
+                    repetition_penalty: p.repetition_penalty,
+                    frequency_penalty: p.frequency_penalty,
+                    presence_penalty: p.presence_penalty,
+                },
+                &prompt,
+                &output,
+            );
+            let want_token = ops::sample_token(&want, &s.draw_params(step)) as u32;
+            let mut got = logits.clone();
+            let (token, _) = s.sample(&mut got, step);
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "case {case} step {step}: processed logits differ"
+            );
+            assert_eq!(token, want_token, "case {case} step {step}");
+            // Steer the output through bad-word prefixes now and then.
+            let fed = if step % 4 == 1 { 6 } else { token };
+            s.record_output(fed);
+            output.push(fed);
+        }
+    }
+}
+
+#[test]
+fn bad_words_bias_and_allowed_ids_steer_the_sampler() {
+    let logits = varied_logits(50);
+    let best = argmax(&logits);
+    // The best token as a bad word: never chosen greedily.
+    let p = SamplingParams {
+        bad_words_token_ids: vec![vec![best]],
+        ..SamplingParams::greedy(10)
+    };
+    let mut s = SeqSampler::new(&p, &[], &[]);
+    assert_ne!(s.sample(&mut logits.clone(), 0).0, best);
+    // A two-token bad word only after its prefix.
+    let p = SamplingParams {
+        bad_words_token_ids: vec![vec![4, best]],
+        ..SamplingParams::greedy(10)
+    };
+    let mut s = SeqSampler::new(&p, &[], &[]);
+    assert_eq!(s.sample(&mut logits.clone(), 0).0, best);
+    s.record_output(4);
+    assert_ne!(s.sample(&mut logits.clone(), 1).0, best);
+    // +100 bias forces a token; allowed ids restrict every draw.
+    let p = SamplingParams {
+        logit_bias: vec![(17, 100.0)],
+        seed: Some(3),
+        ..params(1.0)
+    };
+    let mut s = SeqSampler::new(&p, &[], &[]);
+    assert!(draws(&mut s, &logits, 100).iter().all(|&t| t == 17));
+    let p = SamplingParams {
+        allowed_token_ids: Some(vec![2, 11, 40]),
+        seed: Some(3),
+        ..params(1.0)
+    };
+    let mut s = SeqSampler::new(&p, &[], &[]);
+    let seen: HashSet<u32> = draws(&mut s, &logits, 300).into_iter().collect();
+    assert_eq!(seen, HashSet::from([2, 11, 40]));
 }
