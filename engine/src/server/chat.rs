@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 
 use super::error::ApiError;
-use super::generation::{failure, Generation};
+use super::generation::{failure, tokenize_bad_words, Generation};
 use super::limits::{check_request_template, PromptBound};
 use super::protocol::ChatCompletionRequest;
 use super::responses::{
@@ -104,6 +104,7 @@ fn prepare(st: &AppState, bytes: &[u8]) -> Result<(ChatJob, Vec<u32>), ApiError>
     drop(req);
     st.apply_defaults(&mut job.params, &mut job.tokens_as_ids);
     job.return_token_ids |= st.tokenizer.is_none();
+    tokenize_bad_words(st.tokenizer.as_deref(), &mut job.params)?;
     let template = job.chat_template.as_deref().or(st.chat_template.as_deref());
     let ids = render_chat(
         st.tokenizer.as_deref(),

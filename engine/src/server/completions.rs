@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 
 use super::error::ApiError;
-use super::generation::{failure, Generation};
+use super::generation::{failure, tokenize_bad_words, Generation};
 use super::limits::PromptBound;
 use super::protocol::CompletionRequest;
 use super::responses::{
@@ -48,6 +48,7 @@ fn prepare(st: &AppState, bytes: &[u8]) -> Result<(CompletionJob, Vec<Prompt>), 
     // Without a tokenizer there is no text: the token ids are the output.
     job.return_token_ids |= st.tokenizer.is_none();
     let tok = st.tokenizer.as_deref();
+    tokenize_bad_words(tok, &mut job.params)?;
     let bound = PromptBound::new(tok, st.engine.max_model_len());
     for p in &job.prompts {
         if let PromptInput::Text(s) = p {

@@ -12,7 +12,9 @@ use super::error::ApiError;
 use super::metrics::{Finished, ServerMetrics};
 use crate::engine::async_engine::SHUT_DOWN_MESSAGE;
 use crate::engine::{AsyncEngine, CompletionDelta, EngineError, FinishReason, StopReason};
+use crate::sampling::params::{bad_words_token_ids, check_bad_word_ids};
 use crate::sampling::SamplingParams;
+use crate::tokenizer::Tokenizer;
 
 type DeltaStream = Pin<Box<dyn Stream<Item = (usize, CompletionDelta)> + Send>>;
 
@@ -43,6 +45,32 @@ pub fn engine_error(e: EngineError, prompt_param: &str) -> ApiError {
         EngineError::ShuttingDown => ApiError::unavailable(e.to_string()),
         EngineError::Internal(m) => ApiError::internal(format!("internal engine error: {m}")),
     }
+}
+
+/// Fills `bad_words_token_ids` from `bad_words` with the model's tokenizer (vLLM's rule, see
+/// `bad_words_token_ids`) and checks them against the limits the GPU sampler holds.
+pub fn tokenize_bad_words(
+    tok: Option<&Tokenizer>,
+    params: &mut SamplingParams,
+) -> Result<(), ApiError> {
+    if params.bad_words.is_empty() {
+        return Ok(());
+    }
+    let tok = tok.ok_or_else(|| {
+        ApiError::invalid(
+            "bad_words",
+            "this model has no tokenizer, so `bad_words` cannot be tokenized; leave it out",
+        )
+    })?;
+    let ids = bad_words_token_ids(&params.bad_words, |w| tok.encode(w, false)).map_err(|e| {
+        ApiError::invalid(
+            "bad_words",
+            format!("a bad word could not be tokenized: {e:#}"),
+        )
+    })?;
+    check_bad_word_ids(&ids).map_err(|e| ApiError::invalid(e.param, e.message))?;
+    params.bad_words_token_ids = ids;
+    Ok(())
 }
 
 impl Generation {

@@ -230,6 +230,69 @@ fn prompt_logprobs(k: Option<i64>, stream: bool, max: usize) -> Result<Option<us
     }
 }
 
+/// OpenAI's `logit_bias`: token ids (as string keys) to numbers, clamped to [-100, 100].
+fn logit_bias(m: &serde_json::Map<String, serde_json::Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    use crate::sampling::params::{parse_logit_bias, MAX_LOGIT_BIAS};
+    if m.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "`logit_bias` holds {} entries, more than the limit of {MAX_LOGIT_BIAS} a request may give",
+                m.len()
+            ),
+        ));
+    }
+    let mut entries = Vec::with_capacity(m.len());
+    for (k, v) in m {
+        let Some(b) = v.as_f64() else {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                format!("`logit_bias` values must be numbers (the bias, -100 to 100); token {k:?} has {v}"),
+            ));
+        };
+        entries.push((k.as_str(), b));
+    }
+    parse_logit_bias(entries).map_err(|e| ApiError::invalid(e.param, e.message))
+}
+
+/// vLLM's `bad_words`: checked for count and length before they are tokenized (each word
+/// makes at least one token sequence; none may pass MAX_BAD_WORD_TOKENS tokens, which no
+/// word of more than MAX_BAD_WORD_CHARS characters could meet in any real vocabulary).
+fn bad_words(words: &[String]) -> Result<Vec<String>, ApiError> {
+    use crate::sampling::params::MAX_BAD_WORD_SEQUENCES;
+    if words.len() > MAX_BAD_WORD_SEQUENCES {
+        return Err(ApiError::invalid(
+            "bad_words",
+            format!(
+                "`bad_words` holds {} words, more than the limit of {MAX_BAD_WORD_SEQUENCES} token \
+                 sequences they may tokenize to; give fewer",
+                words.len()
+            ),
+        ));
+    }
+    for (i, w) in words.iter().enumerate() {
+        if w.trim().is_empty() {
+            return Err(ApiError::invalid(
+                "bad_words",
+                format!("bad word {i} is empty; remove it"),
+            ));
+        }
+        if w.len() > MAX_BAD_WORD_CHARS && w.chars().count() > MAX_BAD_WORD_CHARS {
+            return Err(ApiError::invalid(
+                "bad_words",
+                format!(
+                    "bad word {i} is longer than {MAX_BAD_WORD_CHARS} characters; a bad word may \
+                     tokenize to at most 32 tokens"
+                ),
+            ));
+        }
+    }
+    Ok(words.to_vec())
+}
+
+/// Longest bad word accepted before tokenization, in characters.
+const MAX_BAD_WORD_CHARS: usize = 1024;
+
 fn unsupported(param: &str, what: &str) -> ApiError {
     let mut e = ApiError::invalid(
         param,
@@ -364,11 +427,8 @@ macro_rules! common_params {
         p.skip_special_tokens = r.skip_special_tokens.unwrap_or(true);
         p.prompt_logprobs =
             prompt_logprobs(r.prompt_logprobs, r.stream.unwrap_or(false), $max_logprobs)?;
-        if r.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(unsupported(
-                "logit_bias",
-                "logit biasing is not implemented",
-            ));
+        if let Some(m) = &r.logit_bias {
+            p.logit_bias = logit_bias(m)?;
         }
         if r.use_beam_search == Some(true) {
             return Err(unsupported(
@@ -390,14 +450,17 @@ macro_rules! common_params {
                 "prompts are never truncated; shorten the prompt yourself",
             ));
         }
-        if r.allowed_token_ids.as_ref().is_some_and(|v| !v.is_empty()) {
-            return Err(unsupported(
-                "allowed_token_ids",
-                "restricting the vocabulary is not implemented",
-            ));
+        if let Some(ids) = &r.allowed_token_ids {
+            if ids.is_empty() {
+                return Err(ApiError::invalid(
+                    "allowed_token_ids",
+                    "`allowed_token_ids` must not be empty; leave it out to allow every token",
+                ));
+            }
+            p.allowed_token_ids = Some(token_ids("allowed_token_ids", ids)?);
         }
-        if r.bad_words.as_ref().is_some_and(|v| !v.is_empty()) {
-            return Err(unsupported("bad_words", "banning words is not implemented"));
+        if let Some(words) = &r.bad_words {
+            p.bad_words = bad_words(words)?;
         }
         for (name, v) in [
             ("guided_json", &r.guided_json),
@@ -656,6 +719,18 @@ mod tests {
         assert_eq!(j.params.stop_token_ids, vec![7]);
         assert!(j.echo);
         assert!(!j.stream.stream);
+        // logit_bias (OpenAI), allowed_token_ids and bad_words (vLLM's extra_body).
+        let j = completion(
+            r#"{"prompt":"x","logit_bias":{"9":250,"3":-1.5},"allowed_token_ids":[4,2],
+                "bad_words":["no"]}"#,
+        )
+        .unwrap();
+        assert_eq!(j.params.logit_bias, vec![(3, -1.5), (9, 100.0)]);
+        assert_eq!(j.params.allowed_token_ids, Some(vec![4, 2]));
+        assert_eq!(j.params.bad_words, vec!["no".to_string()]);
+        let c =
+            chat(r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"1":2}}"#).unwrap();
+        assert_eq!(c.params.logit_bias, vec![(1, 2.0)]);
     }
 
     #[test]
@@ -723,9 +798,29 @@ mod tests {
             "stream: true",
         );
         assert_bad(
-            completion(r#"{"prompt":"x","logit_bias":{"5":1}}"#),
+            completion(r#"{"prompt":"x","logit_bias":{"five":1}}"#),
             "logit_bias",
-            "not supported",
+            "token ids",
+        );
+        assert_bad(
+            completion(r#"{"prompt":"x","logit_bias":{"5":"up"}}"#),
+            "logit_bias",
+            "numbers",
+        );
+        assert_bad(
+            completion(r#"{"prompt":"x","allowed_token_ids":[]}"#),
+            "allowed_token_ids",
+            "must not be empty",
+        );
+        assert_bad(
+            completion(r#"{"prompt":"x","allowed_token_ids":[1,-1]}"#),
+            "allowed_token_ids",
+            "not a token id",
+        );
+        assert_bad(
+            completion(r#"{"prompt":"x","bad_words":["ok",""]}"#),
+            "bad_words",
+            "empty",
         );
         assert_bad(chat(r#"{"messages":[]}"#), "messages", "empty");
         assert_bad(chat(r#"{"model":"m"}"#), "messages", "required");
