@@ -162,7 +162,7 @@ impl EngineCore {
         let executor: Box<dyn Executor> = match device {
             Device::Cpu => crate::runner::create_cpu_executor(model, &runner_cfg)?,
             #[cfg(feature = "cuda")]
-            Device::Cuda => crate::backend::cuda::create_cuda_executor(model, &runner_cfg, args)?,
+            Device::Cuda => crate::runner::gpu::create_gpu_executor(model, &runner_cfg, args)?,
             #[cfg(not(feature = "cuda"))]
             Device::Cuda => unreachable!("resolve_device refuses cuda without the cuda feature"),
         };

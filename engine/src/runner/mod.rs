@@ -11,17 +11,16 @@ use crate::models::LoadedModel;
 use crate::scheduler::{ModelRunnerOutput, SchedulerOutput};
 
 mod batch;
+pub mod gpu;
 mod model_runner;
 #[cfg(test)]
 mod tests;
 
 pub use batch::{build_forward_batch, RowUse};
-#[cfg(feature = "cuda")]
-pub(crate) use model_runner::resolve_placeholders;
 pub use model_runner::ModelRunner;
 
 /// What the engine core drives: `ModelRunner<B>` on a thread of its own for the CPU
-/// (`CpuExecutor`), behind a device fast path for CUDA (`CudaExecutor`).
+/// (`CpuExecutor`), the `GpuRunner` (`gpu/`) for CUDA.
 pub trait Executor: Send {
     /// Starts a step; its output comes from `collect`, oldest first. Every `submit` that
     /// returns Ok has exactly one `collect` result (which may be an error). When the previous

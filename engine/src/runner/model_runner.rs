@@ -81,50 +81,7 @@ impl<B: Backend> ModelRunner<B> {
         self.requests.len()
     }
 
-    /// Backend, model, KV cache and workspace at once, for a backend-specific fast path
-    /// (the CUDA runner's graphs and on-device sampling) that drives the same model.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // used by the CUDA runner
-    pub(crate) fn parts(&mut self) -> (&B, &LlamaModel<B>, &mut B::KvCache, &mut Workspace<B>) {
-        (&self.backend, &self.model, &mut self.kv, &mut self.ws)
-    }
-
-    /// Replace the KV cache with one of `num_blocks` blocks (its contents are dropped: call
-    /// before any request runs, e.g. after a profiling pass sized the memory).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // used by the CUDA runner
-    pub(crate) fn resize_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
-        self.kv_shape.num_blocks = num_blocks;
-        // Free the old cache first so that both never need to fit at once.
-        self.kv = self.backend.alloc_kv_cache(KvCacheShape {
-            num_blocks: 1,
-            ..self.kv_shape
-        })?;
-        self.kv = self.backend.alloc_kv_cache(self.kv_shape)?;
-        Ok(())
-    }
-
-    /// The sampler of a tracked request (its parameters and seed).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // used by the CUDA runner
-    pub(crate) fn sampler(&self, id: RequestId) -> Option<&SeqSampler> {
-        self.requests.get(&id).map(|s| &s.sampler)
-    }
-
-    /// Whether a tracked request still owes prompt logprobs.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // used by the CUDA runner
-    pub(crate) fn wants_prompt_logprobs(&self, id: RequestId) -> bool {
-        self.requests
-            .get(&id)
-            .is_some_and(|s| s.prompt_logprobs_k.is_some())
-    }
-
-    /// Record a token sampled outside this runner (penalty counts stay right).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // used by the CUDA runner
-    pub(crate) fn record_output(&mut self, id: RequestId, token: u32) {
-        if let Some(st) = self.requests.get_mut(&id) {
-            st.sampler.record_output(token);
-        }
-    }
-
-    pub(crate) fn update_states(&mut self, so: &SchedulerOutput) {
+    fn update_states(&mut self, so: &SchedulerOutput) {
         for id in &so.finished {
             self.requests.remove(id);
         }

@@ -6,9 +6,7 @@ pub mod device;
 pub mod elem;
 pub mod kernels;
 pub mod profiler;
-pub mod runner;
 pub mod switches;
 
 pub use ceilings::measure_ceilings;
 pub use device::{device_count, memory_and_name, Gpu};
-pub use runner::create_cuda_executor;
