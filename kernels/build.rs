@@ -1,5 +1,6 @@
 //! Compiles every `src/*.cu` into a fatbin with nvcc (feature `cuda`) and generates the table
-//! that `src/lib.rs` embeds. Without the feature nothing is compiled.
+//! that `src/lib.rs` embeds. Without the feature nothing is compiled. Either way the kernels'
+//! signatures become the typed argument structs of `rvllm_kernels::args` (launch_args.rs).
 //!
 //! Inputs (all optional; `cargo xtask build` sets the RVLLM_* ones from its own detection):
 //! - `RVLLM_NVCC`: the nvcc to use; else CUDA_HOME, PATH, standard prefixes, `<repo>/.cuda`.
@@ -14,6 +15,7 @@
 
 #[path = "../xtask/src/jobs.rs"]
 mod jobs;
+mod launch_args;
 #[path = "../xtask/src/toolchain.rs"]
 mod toolchain;
 
@@ -63,15 +65,17 @@ fn run() -> Result<(), String> {
         PathBuf::from(env("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR is not set")?);
     let repo_root = manifest_dir.parent().unwrap_or(&manifest_dir).to_path_buf();
 
-    if env("CARGO_FEATURE_CUDA").is_none() {
-        return write_table(&out_dir, &[], "none (built without the `cuda` feature)");
-    }
-
     let src_dir = env("RVLLM_KERNELS_SRC")
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest_dir.join("src"));
     println!("cargo:rerun-if-changed={}", src_dir.display());
+    println!("cargo:rerun-if-changed=launch_args.rs");
     let sources = list_sources(&src_dir)?;
+    write_args(&src_dir, &sources, &out_dir)?;
+
+    if env("CARGO_FEATURE_CUDA").is_none() {
+        return write_table(&out_dir, &[], "none (built without the `cuda` feature)");
+    }
     let fatbin_dir = out_dir.join("fatbin");
     std::fs::create_dir_all(&fatbin_dir)
         .map_err(|e| format!("creating {}: {e}", fatbin_dir.display()))?;
@@ -460,6 +464,23 @@ fn source_hash(src_dir: &Path, stem: &str, fixed: &str) -> Result<u64, String> {
     Ok(h)
 }
 
+/// `args.rs` in OUT_DIR: one argument struct a kernel signature (launch_args.rs).
+fn write_args(src_dir: &Path, sources: &[String], out_dir: &Path) -> Result<(), String> {
+    let (sigs, skipped) = launch_args::parse_dir(src_dir, sources)?;
+    for s in &skipped {
+        println!("cargo:warning=no typed arguments for a kernel: {s}");
+    }
+    write_if_changed(&out_dir.join("args.rs"), &launch_args::render(&sigs))
+}
+
+/// Rewrites `path` only on change, so that the crate is not recompiled for nothing.
+fn write_if_changed(path: &Path, text: &str) -> Result<(), String> {
+    if std::fs::read_to_string(path).ok().as_deref() != Some(text) {
+        std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// `kernels.rs` in OUT_DIR: the names, the archs, and one aligned `include_bytes!` each.
 fn write_table(out_dir: &Path, kernels: &[String], archs: &str) -> Result<(), String> {
     let mut s = String::new();
@@ -487,12 +508,7 @@ fn write_table(out_dir: &Path, kernels: &[String], archs: &str) -> Result<(), St
         }
         let _ = writeln!(s, "        _ => None,\n    }}\n}}");
     }
-    let path = out_dir.join("kernels.rs");
-    // Rewrite only on change so the crate is not recompiled for nothing.
-    if std::fs::read_to_string(&path).ok().as_deref() != Some(s.as_str()) {
-        std::fs::write(&path, s).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    }
-    Ok(())
+    write_if_changed(&out_dir.join("kernels.rs"), &s)
 }
 
 /// Copies the fatbins to `<target>/<profile>/rvllm-kernels/` (a path that does not change

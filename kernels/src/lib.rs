@@ -11,8 +11,88 @@ struct Aligned<T: ?Sized>(T);
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
+/// Typed kernel arguments: one struct a kernel signature, generated at build time from the
+/// `.cu` files (kernels/launch_args.rs; no nvcc needed), fields named and ordered as the C
+/// parameters, so that a launch written against a struct cannot pass its arguments in
+/// another order, and a changed signature fails to compile at every launch site.
+///
+/// Naming: a kernel of a `RVLLM_<NAME>(...)` macro gets `<Name>` (`RVLLM_GEMV_BULK` ->
+/// `GemvBulk`, `RVLLM_DECODE_ATTENTION` -> `DecodeAttention`); any other its name in CamelCase
+/// without `bf16` (`rms_norm_bf16` -> `RmsNorm`, `sample_tokens` -> `SampleTokens`), where a
+/// conversion reads it `elem` (`bf16_to_f32` -> `ElemToF32`). Pointers are `u64` device
+/// addresses; `int` is `i32`, `int64_t` `i64`, `uint64_t` `u64`, `float` `f32`. Each struct
+/// lists its entry points (`ENTRIES`: module and name, and the f16 build's) and C parameter
+/// names (`PARAMS`); `KernelArgs::params` gives the pointer array a launch takes.
+pub mod args {
+    include!(concat!(env!("OUT_DIR"), "/args.rs"));
+}
+
+/// One entry point of a kernel module: the bf16 (or only) build's module and name, and the f16
+/// build's (`<module>_f16`, its name) for a dtype-dependent kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub module: &'static str,
+    pub name: &'static str,
+    pub f16: Option<(&'static str, &'static str)>,
+}
+
+/// A kernel's argument struct (see `args`).
+pub trait KernelArgs {
+    /// The entry points that take these arguments.
+    const ENTRIES: &'static [Entry];
+
+    /// The kernel parameter array of a launch (`cuLaunchKernel`'s `kernelParams`): one
+    /// pointer a field, in the C order, valid while `self` is borrowed.
+    fn params(&mut self) -> Params<'_>;
+
+    /// Whether `name` is one of `ENTRIES` (either build).
+    fn takes(name: &str) -> bool {
+        Self::ENTRIES
+            .iter()
+            .any(|e| e.name == name || e.f16.is_some_and(|(_, f)| f == name))
+    }
+}
+
+/// The most parameters a kernel may take (a generated struct with more fails to build).
+pub const MAX_PARAMS: usize = 32;
+
+/// Pointers to the fields of an argument struct, in the C parameter order.
+pub struct Params<'a> {
+    ptrs: [*mut std::ffi::c_void; MAX_PARAMS],
+    len: usize,
+    _args: std::marker::PhantomData<&'a mut ()>,
+}
+
+impl<'a> Params<'a> {
+    /// Used by the generated code; each pointer points into the struct borrowed for `'a`.
+    #[doc(hidden)]
+    pub fn new<const N: usize>(ptrs: &mut [*mut std::ffi::c_void; N]) -> Self {
+        const {
+            assert!(
+                N <= MAX_PARAMS,
+                "a kernel takes more than MAX_PARAMS parameters"
+            )
+        };
+        let mut all = [std::ptr::null_mut(); MAX_PARAMS];
+        all[..N].copy_from_slice(ptrs);
+        Self {
+            ptrs: all,
+            len: N,
+            _args: std::marker::PhantomData,
+        }
+    }
+
+    /// The array `cuLaunchKernel` takes.
+    pub fn as_mut_slice(&mut self) -> &mut [*mut std::ffi::c_void] {
+        &mut self.ptrs[..self.len]
+    }
+}
+
 /// CPU reference implementations of the kernels (f32), shared by the GPU tests and the engine.
 pub mod reference;
+
+/// The GPU sampler's per-request state layouts (`sampling_state.cuh`).
+pub mod sampling_state;
 
 /// The fatbin of kernel module `name` (the `.cu` file's stem), if this build has it.
 pub fn fatbin(name: &str) -> Option<&'static [u8]> {
@@ -87,9 +167,114 @@ pub const fn compiled_with_cuda() -> bool {
     cfg!(feature = "cuda")
 }
 
+/// The generator's own tests (it is a module of build.rs, whose tests cargo does not run).
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../launch_args.rs"]
+mod launch_args;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The generated structs follow the `.cu` signatures: fields named and ordered as the C
+    /// parameters (copied here from norm.cu, activation.cu, attention_decode.cu and
+    /// gemv_bulk.cu), and `params` points at the fields in that order.
+    #[test]
+    fn argument_structs_follow_the_c_parameter_order() {
+        assert_eq!(
+            args::RmsNorm::PARAMS,
+            ["out", "x", "weight", "eps", "num_tokens", "hidden"]
+        );
+        assert_eq!(args::ElemToF32::PARAMS, ["out", "in", "n"]);
+        assert_eq!(
+            args::GemvBulk::PARAMS,
+            [
+                "y",
+                "x",
+                "w",
+                "n",
+                "k",
+                "rows_per_stage",
+                "norm_w",
+                "eps",
+                "evict_first"
+            ]
+        );
+        assert_eq!(
+            args::PagedAttentionDecodeReduce::PARAMS,
+            [
+                "out",
+                "partial_out",
+                "partial_ml",
+                "context_lens",
+                "num_heads",
+                "head_dim",
+                "max_partitions",
+                "target_partitions"
+            ]
+        );
+        assert_eq!(
+            args::DecodeAttention::PARAMS,
+            args::DecodeAttentionCompact::PARAMS
+        );
+        assert_eq!(args::DecodeAttention::PARAMS.len(), 21);
+        assert_eq!(args::DecodeAttention::PARAMS[3], "semaphores");
+
+        let mut a = args::RmsNorm {
+            out: 1,
+            x: 2,
+            weight: 3,
+            eps: 1e-5,
+            num_tokens: 7,
+            hidden: 4096,
+        };
+        let want: Vec<*mut std::ffi::c_void> = vec![
+            &mut a.out as *mut u64 as _,
+            &mut a.x as *mut u64 as _,
+            &mut a.weight as *mut u64 as _,
+            &mut a.eps as *mut f32 as _,
+            &mut a.num_tokens as *mut i32 as _,
+            &mut a.hidden as *mut i32 as _,
+        ];
+        let mut p = a.params();
+        assert_eq!(p.as_mut_slice(), want.as_slice());
+        // The values behind the pointers are the fields' (what cuLaunchKernel reads).
+        let got = unsafe { *(p.as_mut_slice()[4] as *const i32) };
+        assert_eq!(got, 7);
+    }
+
+    /// Each struct lists its entry points in both builds; a macro's instantiations share one.
+    #[test]
+    fn argument_structs_list_their_entry_points() {
+        assert_eq!(
+            args::RmsNorm::ENTRIES,
+            [Entry {
+                module: "norm",
+                name: "rms_norm_bf16",
+                f16: Some(("norm_f16", "rms_norm_f16")),
+            }]
+        );
+        assert!(args::ElemToF32::takes("f16_to_f32") && args::ElemToF32::takes("bf16_to_f32"));
+        assert!(!args::ElemToF32::takes("f32_to_bf16"));
+        assert!(args::GemvBulk::takes("gemv_bulk_silu_add_f16_b1"));
+        assert!(args::GemvBulk::takes("gemv_bulk_norm_bf16_s6_b1"));
+        assert_eq!(args::DecodeAttention::ENTRIES.len(), 8);
+        assert!(args::DecodeAttentionCompact::takes(
+            "paged_attention_decode_compact_hd128_g4_f16"
+        ));
+        assert_eq!(args::PrefillAttention::ENTRIES.len(), 2);
+        assert_eq!(args::Gemv::ENTRIES[0].name, "gemv_bf16_b1");
+        assert_eq!(
+            args::ExpandBlockTables::ENTRIES,
+            [Entry {
+                module: "block_tables",
+                name: "expand_block_tables",
+                f16: None,
+            }]
+        );
+        assert_eq!(args::RvllmSmokeAddOne::PARAMS, ["data", "n"]);
+    }
 
     #[cfg(not(feature = "cuda"))]
     #[test]

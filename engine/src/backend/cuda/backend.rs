@@ -2,7 +2,6 @@
 //! GEMMs, rvllm-kernels for the rest. Step metadata goes up in one copy into buffers allocated
 //! once, so that every step of a given shape uses the same device addresses (what CUDA graphs
 //! need).
-use std::ffi::c_void;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -12,12 +11,11 @@ use cudarc::driver::sys::CUdeviceptr;
 use super::device::{DevBuf, Gpu, PinnedPair};
 use super::elem::{bits_of, host_bits, value_of, GpuDtype, Kernel, ELEM_BYTES};
 use super::kernels;
-use super::switches::switch;
 use crate::backend::gpu_support::{check_gpu_decoder, gpu_layout};
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
 use crate::models::spec::DecoderSpec;
 use crate::models::weights::{HostData, HostTensor};
-use rvllm_kernels::{decode_smem, gemv_bulk::GemvBulk};
+use rvllm_kernels::{args, decode_smem, gemv_bulk::GemvBulk, KernelArgs};
 
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
 /// number of partitions per sequence (from the batch size alone, so that one CUDA graph serves
@@ -212,11 +210,6 @@ pub struct CudaBackend {
     /// of every head.
     partial_out: DevBuf,
     partial_ml: DevBuf,
-    /// Decode attention's arrival counters (one per sequence and block column), zero between
-    /// launches: used when the last block of a split sequence merges its partials
-    /// (`RVLLM_DECODE_REDUCE=fold`); by default the reduce kernel does.
-    decode_semaphores: DevBuf,
-    decode_fold: bool,
     /// Batch-1 decode attention through the compact kernel;
     /// `RVLLM_DECODE_COMPACT=0` uses the full kernel there too (a same-binary A/B).
     decode_compact: bool,
@@ -230,10 +223,8 @@ pub struct CudaBackend {
     /// depth, which serves every context, not just the capture step's (the grid is frozen
     /// into the graph).
     pub capturing_graph: std::sync::atomic::AtomicBool,
-    /// Batch-1 GEMVs through gemv_bulk (sm_90+; `RVLLM_GEMV=classic` keeps gemv.cu).
+    /// Batch-1 GEMVs through gemv_bulk (sm_90+; older GPUs use gemv.cu).
     gemv_bulk: bool,
-    /// gemv_bulk's pipeline depth: 4, or 6 with `RVLLM_GEMV_STAGES=6`.
-    gemv_stages: usize,
     /// gemv_bulk streams the weights with an L2 evict-first policy (`RVLLM_GEMV_EVICT_FIRST=0`
     /// turns it off): measured +1.1 % batch-1 decode on an H200 (BENCHMARKS.md).
     gemv_evict_first: bool,
@@ -244,9 +235,8 @@ pub struct CudaBackend {
 // SAFETY: all device state is used from one thread at a time (the engine thread).
 unsafe impl Send for CudaBackend {}
 
-macro_rules! args {
-    ($($x:expr),* $(,)?) => { &mut [$(&$x as *const _ as *mut c_void),*] };
-}
+/// gemv_bulk's pipeline depth (the 6-stage build measured slower: BENCHMARKS.md).
+const GEMV_STAGES: usize = 4;
 
 impl CudaBackend {
     pub fn new(
@@ -270,19 +260,11 @@ impl CudaBackend {
         let scratch = scratch_partitions * num_heads;
         let partial_out = gpu.alloc(scratch * head_dim * 4)?;
         let partial_ml = gpu.alloc(scratch * 2 * 4)?;
-        // A decode block column covers at least one query head.
-        let semaphores = limits.max_seqs * num_heads;
-        let decode_semaphores = gpu.alloc(semaphores * 4)?;
-        gpu.memset_zero(decode_semaphores.ptr, semaphores * 4)?;
-        let decode_fold = switch("RVLLM_DECODE_REDUCE", &[("kernel", false), ("fold", true)])?;
-        let decode_compact = switch("RVLLM_DECODE_COMPACT", &[("1", true), ("0", false)])?;
+        let decode_compact = gpu.settings.decode_compact;
         let ones = gpu.alloc(limits.max_tokens * ELEM_BYTES)?;
         gpu.upload(ones.ptr, &vec![bits_of(1.0, dtype); limits.max_tokens])?;
-        let gemv_bulk = gpu.compute_capability.0 >= 9
-            && switch("RVLLM_GEMV", &[("bulk", true), ("classic", false)])?;
-        // The built pipeline depths of gemv_bulk.cu.
-        let gemv_stages = switch("RVLLM_GEMV_STAGES", &[("4", 4), ("6", 6)])?;
-        let gemv_evict_first = switch("RVLLM_GEMV_EVICT_FIRST", &[("1", true), ("0", false)])?;
+        let gemv_bulk = gpu.compute_capability.0 >= 9;
+        let gemv_evict_first = gpu.settings.gemv_evict_first;
         Ok(Self {
             gpu,
             limits,
@@ -292,8 +274,6 @@ impl CudaBackend {
             staging: Mutex::new(PinnedPair::new(layout.block_tables * 4)?),
             partial_out,
             partial_ml,
-            decode_semaphores,
-            decode_fold,
             decode_compact,
             scratch_partitions,
             num_kv_heads,
@@ -302,7 +282,6 @@ impl CudaBackend {
             capturing_graph: std::sync::atomic::AtomicBool::new(false),
             upload_progress: Mutex::new(None),
             gemv_bulk,
-            gemv_stages,
             gemv_evict_first,
         })
     }
@@ -356,28 +335,34 @@ impl CudaBackend {
         Ok(buf)
     }
 
-    /// Launches the build of `kernel` for this backend's element type.
-    fn launch(
+    /// Launches the build of `kernel` for this backend's element type with `args`.
+    fn launch<A: KernelArgs>(
         &self,
-        kernel: Kernel,
+        kernel: Kernel<A>,
         grid: (u32, u32, u32),
         block: u32,
-        params: &mut [*mut c_void],
+        args: A,
     ) -> Result<()> {
-        self.launch_smem(kernel, grid, block, 0, params)
+        self.launch_smem(kernel, grid, block, 0, args)
     }
 
-    fn launch_smem(
+    fn launch_smem<A: KernelArgs>(
         &self,
-        kernel: Kernel,
+        kernel: Kernel<A>,
         grid: (u32, u32, u32),
         block: u32,
         shared_bytes: u32,
-        params: &mut [*mut c_void],
+        mut args: A,
     ) -> Result<()> {
         let (module, name) = kernel.of(self.dtype);
-        self.gpu
-            .launch(module, name, grid, (block, 1, 1), shared_bytes, params)
+        self.gpu.launch_params(
+            module,
+            name,
+            grid,
+            (block, 1, 1),
+            shared_bytes,
+            args.params(),
+        )
     }
 
     /// RoPE and the cache write for the step's tokens from `first` on (the decode tokens come
@@ -416,7 +401,23 @@ impl CudaBackend {
             kernels::ROPE_AND_CACHE,
             (t as u32, 1, 1),
             256,
-            args![q, k, v, kc, vc, pos, slots, inv, t, nh, nkv, hd, stride, stride, stride],
+            args::RopeAndCache {
+                q,
+                k,
+                v,
+                key_cache: kc,
+                value_cache: vc,
+                positions: pos,
+                slot_mapping: slots,
+                inv_freq: inv,
+                num_tokens: t,
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+                q_stride: stride,
+                k_stride: stride,
+                v_stride: stride,
+            },
         )
     }
 
@@ -461,7 +462,7 @@ impl CudaBackend {
         // batch size alone, never the step's depth: an eager step of a short context has depth
         // 1 where its graph has the target, and both must run the same kernel to give the
         // same tokens (the two kernels round differently).
-        let compact = self.decode_compact && step.num_decode == 1 && !self.decode_fold;
+        let compact = self.decode_compact && step.num_decode == 1;
         let (kernel, gt) = Self::decode_kernel(hd, group, compact)?;
         let smem = if compact {
             decode_smem::compact(hd, gt)
@@ -469,11 +470,6 @@ impl CudaBackend {
             decode_smem::full(gt)
         };
         let (po, pml) = (self.partial_out.ptr, self.partial_ml.ptr);
-        let sem: CUdeviceptr = if self.decode_fold {
-            self.decode_semaphores.ptr
-        } else {
-            0
-        };
         let (bt, cl, pos, slots) = (
             step.at(step.layout.block_tables),
             step.at(step.layout.context_lens),
@@ -487,23 +483,54 @@ impl CudaBackend {
             step.num_decode as u32,
             depth as u32,
         );
-        self.launch_smem(
-            kernel,
-            grid,
-            128,
-            smem,
-            args![
-                o, po, pml, sem, q, k, v, stride, kc, vc, bt, cl, pos, slots, inv, scale, nh, nkv,
-                bs, maxb, target
-            ],
-        )?;
-        if depth > 1 && !self.decode_fold {
+        // The full and compact kernels take the same arguments (the compact one ignores
+        // `semaphores`); null semaphores: the reduce kernel merges split sequences (the
+        // kernel's last-block merge measured slower and is the kernel tests' benchmark only).
+        let full = args::DecodeAttention {
+            out: o,
+            partial_out: po,
+            partial_ml: pml,
+            semaphores: 0,
+            q,
+            k_new: k,
+            v_new: v,
+            qkv_stride: stride,
+            key_cache: kc,
+            value_cache: vc,
+            block_tables: bt,
+            context_lens: cl,
+            positions: pos,
+            slot_mapping: slots,
+            inv_freq: inv,
+            scale,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            block_size: bs,
+            max_blocks_per_seq: maxb,
+            target_partitions: target,
+        };
+        match kernel {
+            DecodeKernel::Full(kernel) => self.launch_smem(kernel, grid, 128, smem, full)?,
+            DecodeKernel::Compact(kernel) => {
+                self.launch_smem(kernel, grid, 128, smem, compact_args(full))?
+            }
+        }
+        if depth > 1 {
             let (hdi, dp) = (hd as i32, depth as i32);
             self.launch(
                 kernels::DECODE_REDUCE,
                 (layout.num_heads as u32, step.num_decode as u32, 1),
                 128,
-                args![o, po, pml, cl, nh, hdi, dp, target],
+                args::PagedAttentionDecodeReduce {
+                    out: o,
+                    partial_out: po,
+                    partial_ml: pml,
+                    context_lens: cl,
+                    num_heads: nh,
+                    head_dim: hdi,
+                    max_partitions: dp,
+                    target_partitions: target,
+                },
             )?;
         }
         Ok(())
@@ -547,7 +574,21 @@ impl CudaBackend {
             kernel,
             grid,
             128,
-            args![o, q, kc, vc, cu, cl, bt, scale, nh, nkv, bs, maxb, q_stride],
+            args::PrefillAttention {
+                out: o,
+                q,
+                key_cache: kc,
+                value_cache: vc,
+                cu_seqlens_q: cu,
+                context_lens: cl,
+                block_tables: bt,
+                scale,
+                num_heads: nh,
+                num_kv_heads: nkv,
+                block_size: bs,
+                max_blocks_per_seq: maxb,
+                q_stride,
+            },
         )
     }
 
@@ -556,7 +597,19 @@ impl CudaBackend {
         if self.gemv_bulk(GemvInput::Plain, false, x, w, y, None)? {
             return Ok(());
         }
-        self.gemv_classic(kernels::GEMV_B1, x, w, y)
+        let (m, n, k, split) = self.gemv_classic_shape(w);
+        let grid = self.gemv_classic_grid(w);
+        let w = w.buf.ptr;
+        let args = args::Gemv {
+            y,
+            x,
+            w,
+            m,
+            n,
+            k,
+            split,
+        };
+        self.launch(kernels::GEMV_B1, grid, 256, args)
     }
 
     /// Batch-1 GEMV through gemv_bulk (kernels/src/gemv_bulk.cu) when this GPU and `w` allow
@@ -570,15 +623,14 @@ impl CudaBackend {
         y: CUdeviceptr,
         norm: Option<(&CudaVector, f32)>,
     ) -> Result<bool> {
-        let stages = self.gemv_stages;
         let Some(g) = self
             .gemv_bulk
-            .then(|| GemvBulk::for_k(w.cols, stages))
+            .then(|| GemvBulk::for_k(w.cols, GEMV_STAGES))
             .flatten()
         else {
             return Ok(false);
         };
-        let depths = match (input, add) {
+        let kernel = match (input, add) {
             (GemvInput::Plain, false) => kernels::GEMV_BULK_PLAIN,
             (GemvInput::Silu, false) => kernels::GEMV_BULK_SILU,
             (GemvInput::Norm, false) => kernels::GEMV_BULK_NORM,
@@ -586,7 +638,6 @@ impl CudaBackend {
             (GemvInput::Silu, true) => kernels::GEMV_BULK_SILU_ADD,
             (GemvInput::Norm, true) => bail!("gemv_bulk has no norm + add variant"),
         };
-        let kernel = depths[usize::from(stages == 6)];
         let (norm_w, eps) = match norm {
             Some((v, eps)) => (v.elem.ptr, eps),
             None => (0, 0.0f32),
@@ -604,41 +655,56 @@ impl CudaBackend {
             (grid, 1, 1),
             256,
             g.shared_bytes,
-            args![y, x, wp, n, k, rows, norm_w, eps, evict],
+            args::GemvBulk {
+                y,
+                x,
+                w: wp,
+                n,
+                k,
+                rows_per_stage: rows,
+                norm_w,
+                eps,
+                evict_first: evict,
+            },
         )?;
         Ok(true)
     }
 
-    /// The warp-per-row GEMV of gemv.cu (any GPU).
-    fn gemv_classic(
-        &self,
-        kernel: Kernel,
-        x: CUdeviceptr,
-        w: &CudaWeight,
-        y: CUdeviceptr,
-    ) -> Result<()> {
-        const SPLIT: i32 = 4; // warps per output row; measured best on the H100
-        let (m, n, k) = (1i32, w.rows as i32, w.cols as i32);
-        let wp = w.buf.ptr;
-        let grid = (w.rows.div_ceil(8 / SPLIT as usize) as u32, 1, 1);
-        self.launch(kernel, grid, 256, args![y, x, wp, m, n, k, SPLIT])
+    /// The warp-per-row GEMV of gemv.cu (GPUs before sm_90, rows gemv_bulk cannot stage):
+    /// (m, n, k, split) of a batch-1 product with `w`.
+    fn gemv_classic_shape(&self, w: &CudaWeight) -> (i32, i32, i32, i32) {
+        (1, w.rows as i32, w.cols as i32, GEMV_SPLIT)
+    }
+
+    /// The grid of gemv.cu's batch-1 kernels over `w`: 8 warps a block, `GEMV_SPLIT` a row.
+    fn gemv_classic_grid(&self, w: &CudaWeight) -> (u32, u32, u32) {
+        (w.rows.div_ceil(8 / GEMV_SPLIT as usize) as u32, 1, 1)
     }
 
     /// Whether a batch-1 GEMV over `w` fuses its neighbours (gemv_bulk applies).
     fn fuses_b1(&self, rows: usize, w: &CudaWeight) -> bool {
-        rows == 1 && self.gemv_bulk && GemvBulk::for_k(w.cols, self.gemv_stages).is_some()
+        rows == 1 && self.gemv_bulk && GemvBulk::for_k(w.cols, GEMV_STAGES).is_some()
     }
 
     /// Compute type → f32, `n` elements.
     pub fn to_f32(&self, out: CUdeviceptr, input: CUdeviceptr, n: usize) -> Result<()> {
         let n64 = n as i64;
         let blocks = n.div_ceil(256).min(4096) as u32;
-        self.launch(kernels::TO_F32, (blocks, 1, 1), 256, args![out, input, n64])
+        let args = args::ElemToF32 {
+            out,
+            r#in: input,
+            n: n64,
+        };
+        self.launch(kernels::TO_F32, (blocks, 1, 1), 256, args)
     }
 
     /// The decode attention kernel (full or compact) for a head size and GQA group, and the
     /// query heads each of its blocks takes.
-    fn decode_kernel(head_dim: usize, group: usize, compact: bool) -> Result<(Kernel, usize)> {
+    fn decode_kernel(
+        head_dim: usize,
+        group: usize,
+        compact: bool,
+    ) -> Result<(DecodeKernel, usize)> {
         let gt = match group {
             1 => 1,
             2 => 2,
@@ -651,7 +717,83 @@ impl CudaBackend {
         else {
             bail!("no decode attention kernel for head_dim {head_dim} (built: 64, 128)");
         };
-        Ok((if compact { small } else { full }, gt))
+        let kernel = if compact {
+            DecodeKernel::Compact(small)
+        } else {
+            DecodeKernel::Full(full)
+        };
+        Ok((kernel, gt))
+    }
+}
+
+/// Warps per output row of gemv.cu's batch-1 kernels; measured best on the H100.
+const GEMV_SPLIT: i32 = 4;
+
+/// The decode attention kernel a step runs (`CudaBackend::decode_kernel`).
+#[derive(Debug, Clone, Copy)]
+enum DecodeKernel {
+    Full(Kernel<args::DecodeAttention>),
+    Compact(Kernel<args::DecodeAttentionCompact>),
+}
+
+impl DecodeKernel {
+    #[cfg(test)]
+    fn of(self, dtype: GpuDtype) -> (&'static str, &'static str) {
+        match self {
+            DecodeKernel::Full(k) => k.of(dtype),
+            DecodeKernel::Compact(k) => k.of(dtype),
+        }
+    }
+}
+
+/// The compact decode kernel's arguments: the full kernel's, field for field (both kernels
+/// have the same C parameters; a signature change of either fails to compile here).
+fn compact_args(a: args::DecodeAttention) -> args::DecodeAttentionCompact {
+    let args::DecodeAttention {
+        out,
+        partial_out,
+        partial_ml,
+        semaphores,
+        q,
+        k_new,
+        v_new,
+        qkv_stride,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        positions,
+        slot_mapping,
+        inv_freq,
+        scale,
+        num_heads,
+        num_kv_heads,
+        block_size,
+        max_blocks_per_seq,
+        target_partitions,
+    } = a;
+    args::DecodeAttentionCompact {
+        out,
+        partial_out,
+        partial_ml,
+        semaphores,
+        q,
+        k_new,
+        v_new,
+        qkv_stride,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        positions,
+        slot_mapping,
+        inv_freq,
+        scale,
+        num_heads,
+        num_kv_heads,
+        block_size,
+        max_blocks_per_seq,
+        target_partitions,
     }
 }
 
@@ -819,13 +961,17 @@ impl Backend for CudaBackend {
             );
             let (n, stride) = (ns as i32, l.max_blocks_per_seq as i32);
             // Block ids are int32 in both element types: one build.
-            self.gpu.launch(
-                "block_tables",
-                "expand_block_tables",
+            self.gpu.launch_args(
                 (ns as u32, 1, 1),
                 (128, 1, 1),
                 0,
-                args![tables, ids, offsets, n, stride],
+                args::ExpandBlockTables {
+                    tables,
+                    compact: ids,
+                    offsets,
+                    num_seqs: n,
+                    stride,
+                },
             )?;
         }
         let capturing = self
@@ -874,7 +1020,14 @@ impl Backend for CudaBackend {
             kernels::EMBEDDING,
             (n as u32, 1, 1),
             256,
-            args![o, t, ids, n, h, v],
+            args::EmbeddingLookup {
+                out: o,
+                table: t,
+                ids,
+                num_tokens: n,
+                hidden: h,
+                vocab: v,
+            },
         )
     }
 
@@ -960,7 +1113,14 @@ impl Backend for CudaBackend {
             kernels::RMS_NORM,
             (t as u32, 1, 1),
             256,
-            args![o, xp, wp, eps, t, h],
+            args::RmsNorm {
+                out: o,
+                x: xp,
+                weight: wp,
+                eps,
+                num_tokens: t,
+                hidden: h,
+            },
         )
     }
 
@@ -988,7 +1148,15 @@ impl Backend for CudaBackend {
             kernels::FUSED_ADD_RMS_NORM,
             (t as u32, 1, 1),
             256,
-            args![o, r, xp, wp, eps, t, h],
+            args::FusedAddRmsNorm {
+                out: o,
+                residual: r,
+                x: xp,
+                weight: wp,
+                eps,
+                num_tokens: t,
+                hidden: h,
+            },
         )
     }
 
@@ -1064,7 +1232,12 @@ impl Backend for CudaBackend {
             kernels::SILU_AND_MUL,
             (inter.div_ceil(2048) as u32, t as u32, 1),
             256,
-            args![o, i, t, n],
+            args::SiluAndMul {
+                out: o,
+                r#in: i,
+                num_tokens: t,
+                inter: n,
+            },
         )
     }
 
@@ -1092,7 +1265,18 @@ impl Backend for CudaBackend {
         if self.gemv_bulk(GemvInput::Silu, false, x, down, y, None)? {
             return Ok(());
         }
-        self.gemv_classic(kernels::GEMV_SILU_B1, x, down, y)
+        let (m, n, k, split) = self.gemv_classic_shape(down);
+        let grid = self.gemv_classic_grid(down);
+        let args = args::GemvSiluB1 {
+            y,
+            gate_up: x,
+            w: down.buf.ptr,
+            m,
+            n,
+            k,
+            split,
+        };
+        self.launch(kernels::GEMV_SILU_B1, grid, 256, args)
     }
 
     fn add_inplace(&self, acc: &mut CudaTensor, x: &CudaTensor) -> Result<()> {
@@ -1103,7 +1287,8 @@ impl Backend for CudaBackend {
         }
         let (o, a, b) = (acc.buf.ptr, acc.buf.ptr, x.buf.ptr);
         let blocks = (n as usize).div_ceil(256).min(4096) as u32;
-        self.launch(kernels::ADD, (blocks, 1, 1), 256, args![o, a, b, n])
+        let args = args::Add { out: o, a, b, n };
+        self.launch(kernels::ADD, (blocks, 1, 1), 256, args)
     }
 
     fn norm_linear(
@@ -1223,7 +1408,13 @@ impl Backend for CudaBackend {
             kernels::GATHER_ROWS,
             (n as u32, 1, 1),
             256,
-            args![o, i, rows, nr, cols],
+            args::GatherRows {
+                out: o,
+                r#in: i,
+                rows,
+                num_rows: nr,
+                cols,
+            },
         )
     }
 }

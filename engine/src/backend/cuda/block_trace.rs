@@ -27,13 +27,10 @@ pub struct BlockTrace {
 }
 
 impl BlockTrace {
-    /// Allocates the ring and points every module's `rvllm_block_trace` at it, when
-    /// `RVLLM_TRACE_BLOCKS` names a file.
-    pub fn from_env(modules: &[sys::CUmodule]) -> Result<Option<Self>> {
-        let Some(path) = std::env::var("RVLLM_TRACE_BLOCKS")
-            .ok()
-            .filter(|p| !p.trim().is_empty())
-        else {
+    /// Allocates the ring and points every module's `rvllm_block_trace` at it, when `path`
+    /// (`RVLLM_TRACE_BLOCKS`, `CudaSettings::trace_blocks`) names a file.
+    pub fn new(path: Option<&str>, modules: &[sys::CUmodule]) -> Result<Option<Self>> {
+        let Some(path) = path.map(str::to_string) else {
             return Ok(None);
         };
         let words = HEADER + 8 * CAPACITY;

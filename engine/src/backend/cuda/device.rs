@@ -8,6 +8,9 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{result as drv, sys, CudaContext};
+use rvllm_kernels::KernelArgs;
+
+use super::switches::CudaSettings;
 
 /// Number of CUDA devices, or an error saying why none can be used (no libcuda, no driver).
 pub fn device_count() -> Result<usize> {
@@ -210,6 +213,8 @@ pub struct Gpu {
     /// Launch kernels with programmatic dependent launch (sm_90+; `RVLLM_PDL=0` turns it
     /// off): each may start while the previous one finishes (see kernels/src/common.cuh).
     pub pdl: bool,
+    /// The run's diagnostic settings, read once at start-up.
+    pub settings: CudaSettings,
     /// Streaming multiprocessors (sizes persistent grids).
     pub sm_count: u32,
     /// Per-kernel GPU times (`RVLLM_PROFILE_KERNELS=1`).
@@ -222,29 +227,19 @@ pub struct Gpu {
     block_trace: Option<super::block_trace::BlockTrace>,
 }
 
-/// The patterns of `RVLLM_SKIP_KERNELS` (comma-separated, blanks ignored).
-fn skip_patterns(env: Option<&str>) -> Vec<String> {
-    env.unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(String::from)
-        .collect()
-}
-
-/// Whether to launch with programmatic dependent launch on a GPU of this compute capability.
-fn pdl_enabled(compute_capability: (i32, i32), env: Option<&str>) -> bool {
-    let requested = !matches!(env.map(str::trim), Some("0" | "false" | "off" | "no"));
-    requested && compute_capability.0 >= 9
-}
-
 // SAFETY: the raw handles are only used from the engine thread that owns the Gpu; the
 // context is bound to whichever thread calls `bind`.
 unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
 impl Gpu {
+    /// Device `ordinal` with the settings of this process's environment.
     pub fn new(ordinal: usize) -> Result<Self> {
+        Self::with_settings(ordinal, CudaSettings::from_env()?)
+    }
+
+    /// Device `ordinal`, every kernel module loaded, with `settings`.
+    pub fn with_settings(ordinal: usize, settings: CudaSettings) -> Result<Self> {
         check_ordinal(ordinal)?;
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| anyhow!("the CUDA driver library could not be loaded"))?
@@ -278,13 +273,11 @@ impl Gpu {
             })?;
             modules.insert(stem, module);
         }
-        let block_trace = super::block_trace::BlockTrace::from_env(
+        let block_trace = super::block_trace::BlockTrace::new(
+            settings.trace_blocks.as_deref(),
             &modules.values().copied().collect::<Vec<_>>(),
         )?;
-        let pdl = pdl_enabled(
-            compute_capability,
-            std::env::var("RVLLM_PDL").ok().as_deref(),
-        );
+        let pdl = settings.pdl_on(compute_capability);
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| anyhow!("reading the multiprocessor count: {e:?}"))?
@@ -299,9 +292,11 @@ impl Gpu {
             compute_capability,
             pdl,
             sm_count,
-            profiler: super::profiler::KernelProfiler::from_env(),
+            profiler: settings
+                .profile_kernels
+                .then(super::profiler::KernelProfiler::default),
             skip_kernels: {
-                let skip = skip_patterns(std::env::var("RVLLM_SKIP_KERNELS").ok().as_deref());
+                let skip = settings.skip_kernels.clone();
                 if !skip.is_empty() {
                     eprintln!(
                         "WARNING: RVLLM_SKIP_KERNELS={} — kernels matching it are not launched; \
@@ -312,6 +307,7 @@ impl Gpu {
                 skip
             },
             block_trace,
+            settings,
         })
     }
 
@@ -337,6 +333,53 @@ impl Gpu {
             .map_err(|e| anyhow!("kernel `{kernel}` not found in module `{module}`: {e:?}"))?;
         cache.insert((module, kernel), f);
         Ok(f)
+    }
+
+    /// Launches the one entry point of argument struct `A` (a kernel built once, under one
+    /// name: `args::ExpandBlockTables`, `args::SampleTokens`, ...). Kernels built per element
+    /// type, or several under one signature, go through `CudaBackend`'s `Kernel<A>` table.
+    pub fn launch_args<A: KernelArgs>(
+        &self,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        mut args: A,
+    ) -> Result<()> {
+        let [entry] = A::ENTRIES else {
+            bail!(
+                "{} has {} entry points; launch one by name",
+                std::any::type_name::<A>(),
+                A::ENTRIES.len()
+            );
+        };
+        if entry.f16.is_some() {
+            bail!(
+                "`{}` has a build per element type; launch it through the backend's kernel table",
+                entry.name
+            );
+        }
+        let params = args.params();
+        self.launch_params(entry.module, entry.name, grid, block, shared_bytes, params)
+    }
+
+    /// `launch` with the parameter array of an argument struct.
+    pub fn launch_params(
+        &self,
+        module: &'static str,
+        kernel: &'static str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        mut params: rvllm_kernels::Params<'_>,
+    ) -> Result<()> {
+        self.launch(
+            module,
+            kernel,
+            grid,
+            block,
+            shared_bytes,
+            params.as_mut_slice(),
+        )
     }
 
     /// Launch a kernel on the stream. `params` are pointers to each argument's value.
@@ -567,29 +610,5 @@ pub trait GpuContext<T> {
 impl<T> GpuContext<T> for Result<T> {
     fn gpu_ctx(self, what: &str) -> Result<T> {
         self.with_context(|| what.to_string())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{pdl_enabled, skip_patterns};
-
-    #[test]
-    fn skip_patterns_split_on_commas_and_drop_blanks() {
-        assert!(skip_patterns(None).is_empty());
-        assert!(skip_patterns(Some(" , ")).is_empty());
-        assert_eq!(
-            skip_patterns(Some("rope_and, reduce ")),
-            ["rope_and", "reduce"]
-        );
-    }
-
-    #[test]
-    fn pdl_only_on_hopper_and_newer_unless_turned_off() {
-        assert!(pdl_enabled((9, 0), None));
-        assert!(pdl_enabled((10, 0), Some("1")));
-        assert!(!pdl_enabled((8, 9), None));
-        assert!(!pdl_enabled((9, 0), Some("0")));
-        assert!(!pdl_enabled((9, 0), Some("off")));
     }
 }

@@ -4,6 +4,8 @@
 use cudarc::cublas::sys::cudaDataType;
 use half::{bf16, f16};
 use rayon::prelude::*;
+use rvllm_kernels::{Entry, KernelArgs};
+use std::marker::PhantomData;
 
 pub use crate::backend::dtype::GpuDtype;
 use crate::models::weights::HostData;
@@ -13,14 +15,30 @@ pub const ELEM_BYTES: usize = 2;
 
 /// An rvllm-kernels entry point in both element types: the bf16 build lives in module
 /// `<stem>`, the f16 build (the same source compiled with RVLLM_F16) in `<stem>_f16`, each
-/// under its own name (kernels/src/common.cuh). Make one with `kernel!`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Kernel {
+/// under its own name (kernels/src/common.cuh). `A` is its argument struct
+/// (`rvllm_kernels::args`), so a launch can only pass the arguments that kernel declares.
+/// Make one with `kernel!`.
+pub struct Kernel<A> {
     modules: [&'static str; 2],
     names: [&'static str; 2],
+    args: PhantomData<fn(A)>,
 }
 
-impl Kernel {
+impl<A> Clone for Kernel<A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<A> Copy for Kernel<A> {}
+
+impl<A> std::fmt::Debug for Kernel<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Kernel({}.{})", self.modules[0], self.names[0])
+    }
+}
+
+impl<A> Kernel<A> {
     pub const fn new(
         module_bf16: &'static str,
         module_f16: &'static str,
@@ -30,6 +48,7 @@ impl Kernel {
         Self {
             modules: [module_bf16, module_f16],
             names: [bf16, f16],
+            args: PhantomData,
         }
     }
 
@@ -43,11 +62,45 @@ impl Kernel {
     }
 }
 
-/// `kernel!("norm", "rms_norm_bf16", "rms_norm_f16")`: the entry point of `norm.cu` in both
-/// builds.
+impl<A: KernelArgs> Kernel<A> {
+    /// The same entry point without its argument type, with the entry points `A` declares
+    /// (for the tables that list kernels of every signature).
+    pub fn named(self) -> NamedKernel {
+        NamedKernel {
+            of: [self.of(GpuDtype::Bf16), self.of(GpuDtype::F16)],
+            declared: A::ENTRIES,
+        }
+    }
+}
+
+/// A `Kernel` of any signature: its (module, name) in each build, and the entry points its
+/// argument struct was generated from (the `.cu` signatures).
+#[derive(Debug, Clone, Copy)]
+pub struct NamedKernel {
+    pub of: [(&'static str, &'static str); 2],
+    pub declared: &'static [Entry],
+}
+
+impl NamedKernel {
+    /// (module, entry point) of the build for `dtype`.
+    pub fn of(self, dtype: GpuDtype) -> (&'static str, &'static str) {
+        match dtype {
+            GpuDtype::Bf16 => self.of[0],
+            GpuDtype::F16 => self.of[1],
+        }
+    }
+}
+
+/// `kernel!(args::RmsNorm, "norm", "rms_norm_bf16", "rms_norm_f16")`: the entry point of
+/// `norm.cu` in both builds, launched with `args::RmsNorm`.
 macro_rules! kernel {
-    ($stem:literal, $bf16:expr, $f16:expr) => {
-        $crate::backend::cuda::elem::Kernel::new($stem, concat!($stem, "_f16"), $bf16, $f16)
+    ($args:ty, $stem:literal, $bf16:expr, $f16:expr) => {
+        $crate::backend::cuda::elem::Kernel::<$args>::new(
+            $stem,
+            concat!($stem, "_f16"),
+            $bf16,
+            $f16,
+        )
     };
 }
 pub(crate) use kernel;
@@ -92,7 +145,12 @@ mod tests {
 
     #[test]
     fn kernels_name_the_build_of_each_type() {
-        let k = kernel!("norm", "rms_norm_bf16", "rms_norm_f16");
+        let k = kernel!(
+            rvllm_kernels::args::RmsNorm,
+            "norm",
+            "rms_norm_bf16",
+            "rms_norm_f16"
+        );
         assert_eq!(k.of(GpuDtype::Bf16), ("norm", "rms_norm_bf16"));
         assert_eq!(k.of(GpuDtype::F16), ("norm_f16", "rms_norm_f16"));
     }

@@ -1,31 +1,66 @@
 //! Every dtype-dependent rvllm-kernels entry point the CUDA backend launches, each named in
-//! both builds (`elem::Kernel`): one table, so that the GPU tests can check that each exists
-//! in its module and a new launch cannot misspell one of its two names unnoticed.
-use super::elem::{kernel, Kernel};
+//! both builds and typed by its argument struct (`elem::Kernel<args::...>`): one table, so that
+//! a unit test checks each name against the signatures the kernels crate parsed from the
+//! `.cu` files, and the GPU tests that each exists in its module.
+use super::elem::{kernel, Kernel, NamedKernel};
+use rvllm_kernels::args;
 
-pub const EMBEDDING: Kernel = kernel!("embedding", "embedding_lookup_bf16", "embedding_lookup_f16");
-pub const GATHER_ROWS: Kernel = kernel!("embedding", "gather_rows_bf16", "gather_rows_f16");
-pub const RMS_NORM: Kernel = kernel!("norm", "rms_norm_bf16", "rms_norm_f16");
-pub const FUSED_ADD_RMS_NORM: Kernel =
-    kernel!("norm", "fused_add_rms_norm_bf16", "fused_add_rms_norm_f16");
-pub const ROPE_AND_CACHE: Kernel =
-    kernel!("rope_cache", "rope_and_cache_bf16", "rope_and_cache_f16");
-pub const SILU_AND_MUL: Kernel = kernel!("activation", "silu_and_mul_bf16", "silu_and_mul_f16");
-pub const ADD: Kernel = kernel!("activation", "add_bf16", "add_f16");
-pub const TO_F32: Kernel = kernel!("activation", "bf16_to_f32", "f16_to_f32");
-/// gemv.cu at batch 1 (GPUs without the bulk copy engine, or `RVLLM_GEMV=classic`).
-pub const GEMV_B1: Kernel = kernel!("gemv", "gemv_bf16_b1", "gemv_f16_b1");
-pub const GEMV_SILU_B1: Kernel = kernel!("gemv", "gemv_silu_bf16_b1", "gemv_silu_f16_b1");
-pub const DECODE_REDUCE: Kernel = kernel!(
+pub const EMBEDDING: Kernel<args::EmbeddingLookup> = kernel!(
+    args::EmbeddingLookup,
+    "embedding",
+    "embedding_lookup_bf16",
+    "embedding_lookup_f16"
+);
+pub const GATHER_ROWS: Kernel<args::GatherRows> = kernel!(
+    args::GatherRows,
+    "embedding",
+    "gather_rows_bf16",
+    "gather_rows_f16"
+);
+pub const RMS_NORM: Kernel<args::RmsNorm> =
+    kernel!(args::RmsNorm, "norm", "rms_norm_bf16", "rms_norm_f16");
+pub const FUSED_ADD_RMS_NORM: Kernel<args::FusedAddRmsNorm> = kernel!(
+    args::FusedAddRmsNorm,
+    "norm",
+    "fused_add_rms_norm_bf16",
+    "fused_add_rms_norm_f16"
+);
+pub const ROPE_AND_CACHE: Kernel<args::RopeAndCache> = kernel!(
+    args::RopeAndCache,
+    "rope_cache",
+    "rope_and_cache_bf16",
+    "rope_and_cache_f16"
+);
+pub const SILU_AND_MUL: Kernel<args::SiluAndMul> = kernel!(
+    args::SiluAndMul,
+    "activation",
+    "silu_and_mul_bf16",
+    "silu_and_mul_f16"
+);
+pub const ADD: Kernel<args::Add> = kernel!(args::Add, "activation", "add_bf16", "add_f16");
+pub const TO_F32: Kernel<args::ElemToF32> =
+    kernel!(args::ElemToF32, "activation", "bf16_to_f32", "f16_to_f32");
+/// gemv.cu at batch 1: GPUs without the bulk copy engine (before sm_90), and rows gemv_bulk
+/// cannot stage.
+pub const GEMV_B1: Kernel<args::Gemv> = kernel!(args::Gemv, "gemv", "gemv_bf16_b1", "gemv_f16_b1");
+pub const GEMV_SILU_B1: Kernel<args::GemvSiluB1> = kernel!(
+    args::GemvSiluB1,
+    "gemv",
+    "gemv_silu_bf16_b1",
+    "gemv_silu_f16_b1"
+);
+pub const DECODE_REDUCE: Kernel<args::PagedAttentionDecodeReduce> = kernel!(
+    args::PagedAttentionDecodeReduce,
     "attention_decode",
     "paged_attention_decode_reduce",
     "paged_attention_decode_reduce_f16"
 );
 /// Prefill attention by head dim (the built ones).
-pub const PREFILL: [(usize, Kernel); 2] = [
+pub const PREFILL: [(usize, Kernel<args::PrefillAttention>); 2] = [
     (
         64,
         kernel!(
+            args::PrefillAttention,
             "attention_prefill",
             "paged_attention_prefill_hd64",
             "paged_attention_prefill_hd64_f16"
@@ -34,6 +69,7 @@ pub const PREFILL: [(usize, Kernel); 2] = [
     (
         128,
         kernel!(
+            args::PrefillAttention,
             "attention_prefill",
             "paged_attention_prefill_hd128",
             "paged_attention_prefill_hd128_f16"
@@ -41,30 +77,25 @@ pub const PREFILL: [(usize, Kernel); 2] = [
     ),
 ];
 
-/// gemv_bulk.cu: `gemv_bulk_<variant>bf16<depth>_b1` and its f16 build.
+/// gemv_bulk.cu: `gemv_bulk_<variant>bf16_b1` and its f16 build (4 pipeline stages; the
+/// 6-stage builds measured slower and are the kernel tests' benchmarks only).
 macro_rules! bulk {
     ($variant:literal) => {
-        [
-            kernel!(
-                "gemv_bulk",
-                concat!("gemv_bulk_", $variant, "bf16_b1"),
-                concat!("gemv_bulk_", $variant, "f16_b1")
-            ),
-            kernel!(
-                "gemv_bulk",
-                concat!("gemv_bulk_", $variant, "bf16_s6_b1"),
-                concat!("gemv_bulk_", $variant, "f16_s6_b1")
-            ),
-        ]
+        kernel!(
+            args::GemvBulk,
+            "gemv_bulk",
+            concat!("gemv_bulk_", $variant, "bf16_b1"),
+            concat!("gemv_bulk_", $variant, "f16_b1")
+        )
     };
 }
 
-/// The bulk GEMV's variants, each at its two built pipeline depths ([4 stages, 6 stages]).
-pub const GEMV_BULK_PLAIN: [Kernel; 2] = bulk!("");
-pub const GEMV_BULK_SILU: [Kernel; 2] = bulk!("silu_");
-pub const GEMV_BULK_NORM: [Kernel; 2] = bulk!("norm_");
-pub const GEMV_BULK_ADD: [Kernel; 2] = bulk!("add_");
-pub const GEMV_BULK_SILU_ADD: [Kernel; 2] = bulk!("silu_add_");
+/// The bulk GEMV's variants.
+pub const GEMV_BULK_PLAIN: Kernel<args::GemvBulk> = bulk!("");
+pub const GEMV_BULK_SILU: Kernel<args::GemvBulk> = bulk!("silu_");
+pub const GEMV_BULK_NORM: Kernel<args::GemvBulk> = bulk!("norm_");
+pub const GEMV_BULK_ADD: Kernel<args::GemvBulk> = bulk!("add_");
+pub const GEMV_BULK_SILU_ADD: Kernel<args::GemvBulk> = bulk!("silu_add_");
 
 /// (head dim, query heads a block, the full kernel, the compact one) for each tile built.
 macro_rules! decode_kernels {
@@ -73,11 +104,13 @@ macro_rules! decode_kernels {
             $hd,
             $gt,
             kernel!(
+                args::DecodeAttention,
                 "attention_decode",
                 concat!("paged_attention_decode_hd", $hd, "_g", $gt),
                 concat!("paged_attention_decode_hd", $hd, "_g", $gt, "_f16")
             ),
             kernel!(
+                args::DecodeAttentionCompact,
                 "attention_decode",
                 concat!("paged_attention_decode_compact_hd", $hd, "_g", $gt),
                 concat!("paged_attention_decode_compact_hd", $hd, "_g", $gt, "_f16")
@@ -87,7 +120,13 @@ macro_rules! decode_kernels {
 }
 
 /// The decode attention kernels of attention_decode.cu.
-pub const DECODE: [(usize, usize, Kernel, Kernel); 8] = decode_kernels!(
+#[allow(clippy::type_complexity)]
+pub const DECODE: [(
+    usize,
+    usize,
+    Kernel<args::DecodeAttention>,
+    Kernel<args::DecodeAttentionCompact>,
+); 8] = decode_kernels!(
     (64, 1),
     (64, 2),
     (64, 4),
@@ -99,31 +138,31 @@ pub const DECODE: [(usize, usize, Kernel, Kernel); 8] = decode_kernels!(
 );
 
 /// Every entry point above.
-pub fn all() -> Vec<Kernel> {
+pub fn all() -> Vec<NamedKernel> {
     let mut k = vec![
-        EMBEDDING,
-        GATHER_ROWS,
-        RMS_NORM,
-        FUSED_ADD_RMS_NORM,
-        ROPE_AND_CACHE,
-        SILU_AND_MUL,
-        ADD,
-        TO_F32,
-        GEMV_B1,
-        GEMV_SILU_B1,
-        DECODE_REDUCE,
+        EMBEDDING.named(),
+        GATHER_ROWS.named(),
+        RMS_NORM.named(),
+        FUSED_ADD_RMS_NORM.named(),
+        ROPE_AND_CACHE.named(),
+        SILU_AND_MUL.named(),
+        ADD.named(),
+        TO_F32.named(),
+        GEMV_B1.named(),
+        GEMV_SILU_B1.named(),
+        DECODE_REDUCE.named(),
     ];
-    k.extend(PREFILL.iter().map(|p| p.1));
-    for depths in [
+    k.extend(PREFILL.iter().map(|p| p.1.named()));
+    for bulk in [
         GEMV_BULK_PLAIN,
         GEMV_BULK_SILU,
         GEMV_BULK_NORM,
         GEMV_BULK_ADD,
         GEMV_BULK_SILU_ADD,
     ] {
-        k.extend(depths);
+        k.push(bulk.named());
     }
-    k.extend(DECODE.iter().flat_map(|d| [d.2, d.3]));
+    k.extend(DECODE.iter().flat_map(|d| [d.2.named(), d.3.named()]));
     k
 }
 
@@ -137,7 +176,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 11 + 2 + 10 + 16);
+        assert_eq!(all.len(), 11 + 2 + 5 + 16);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);
@@ -153,5 +192,25 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), all.len(), "a kernel is listed twice");
+    }
+
+    /// Each entry point the backend names is one that its argument struct was generated from
+    /// (the same module and names in both builds): a misspelled name, or a kernel launched
+    /// with another kernel's arguments, fails here without a GPU.
+    #[test]
+    fn every_kernel_is_declared_by_its_argument_struct() {
+        for k in all() {
+            let (module, name) = k.of(GpuDtype::Bf16);
+            let want = rvllm_kernels::Entry {
+                module,
+                name,
+                f16: Some(k.of(GpuDtype::F16)),
+            };
+            assert!(
+                k.declared.contains(&want),
+                "{module}.{name} is not among its argument struct's entry points {:?}",
+                k.declared
+            );
+        }
     }
 }

@@ -21,16 +21,7 @@ pub struct KernelProfiler {
 unsafe impl Send for KernelProfiler {}
 unsafe impl Sync for KernelProfiler {}
 
-/// Whether `RVLLM_PROFILE_KERNELS` asks for the profile.
-pub fn requested(env: Option<&str>) -> bool {
-    matches!(env.map(str::trim), Some("1" | "true" | "on" | "yes"))
-}
-
 impl KernelProfiler {
-    pub fn from_env() -> Option<Self> {
-        requested(std::env::var("RVLLM_PROFILE_KERNELS").ok().as_deref()).then(Self::default)
-    }
-
     /// Records a start event on `stream`, unless the stream is being captured into a graph
     /// (or events cannot be made: the profile then misses that launch, the launch goes on).
     ///
@@ -129,14 +120,6 @@ fn report(totals: &BTreeMap<&'static str, (u64, f64)>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn asked_for_by_the_environment_only() {
-        assert!(requested(Some("1")));
-        assert!(requested(Some(" on ")));
-        assert!(!requested(Some("0")));
-        assert!(!requested(None));
-    }
 
     #[test]
     fn report_lists_kernels_by_time_with_their_share() {

@@ -1,16 +1,129 @@
-//! The CUDA backend's diagnostic switches (`RVLLM_*` environment variables that pick between
-//! kernels for same-binary A/B runs): each takes one of a fixed set of values, and anything
-//! else is an error that lists them, so that a mistyped A/B never silently measures the
-//! default twice.
+//! The CUDA backend's diagnostic settings: `RVLLM_*` environment variables read once, at
+//! start-up (`CudaSettings::from_env`), into one struct that the `Gpu` carries and the backend
+//! reads; nothing deeper in the backend looks at the environment. A switch takes one of a
+//! fixed set of values, and anything else is an error that lists them, so that a mistyped A/B
+//! never silently measures the default twice.
+//!
+//! Kernel variants that measured slower are not switches: they left the engine and live on as
+//! benchmarks of the kernel tests (kernels/tests/gpu_bench.rs, BENCHMARKS.md has their
+//! history). Setting one of their old switches to a non-default value is an error that says so.
 
 use anyhow::{bail, Result};
 
-/// The value of switch `name` among `choices` (value, meaning); the first choice is the
-/// default, taken when the variable is unset or empty.
-pub fn switch<T: Copy>(name: &str, choices: &[(&str, T)]) -> Result<T> {
-    parse(name, std::env::var(name).ok().as_deref(), choices)
+/// The settings of one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CudaSettings {
+    /// `RVLLM_PDL` (default on): launch kernels with programmatic dependent launch where the
+    /// GPU has it (sm_90+); `0`, `false`, `off` or `no` turn it off.
+    pub pdl: bool,
+    /// `RVLLM_DECODE_COMPACT` (`1`, `0`): batch-1 decode attention through the compact kernel;
+    /// `0` keeps the full kernel there too (a same-binary A/B).
+    pub decode_compact: bool,
+    /// `RVLLM_GEMV_EVICT_FIRST` (`1`, `0`): gemv_bulk streams the weights with an L2
+    /// evict-first policy (+1.1 % batch-1 decode on an H200, BENCHMARKS.md).
+    pub gemv_evict_first: bool,
+    /// `RVLLM_PROFILE_KERNELS=1`: CUDA events around every eager kernel launch.
+    pub profile_kernels: bool,
+    /// `RVLLM_SKIP_KERNELS=pat1,pat2` (diagnostic only: outputs are wrong): kernels whose
+    /// name contains a pattern are not launched.
+    pub skip_kernels: Vec<String>,
+    /// `RVLLM_TRACE_BLOCKS=<file>`: the kernels' block timeline goes to this file.
+    pub trace_blocks: Option<String>,
 }
 
+impl Default for CudaSettings {
+    fn default() -> Self {
+        Self::from_lookup(|_| None).expect("the defaults parse")
+    }
+}
+
+/// Switches of variants that left the engine: (variable, its default value, why).
+const REMOVED: &[(&str, &str, &str)] = &[
+    (
+        "RVLLM_DECODE_REDUCE",
+        "kernel",
+        "the last-block merge (`fold`) measured slower than the reduce kernel",
+    ),
+    (
+        "RVLLM_GEMV",
+        "bulk",
+        "the warp-per-row GEMV (`classic`) measured slower than gemv_bulk on sm_90+",
+    ),
+    (
+        "RVLLM_GEMV_STAGES",
+        "4",
+        "the 6-stage bulk GEMV measured slower than the 4-stage one",
+    ),
+];
+
+impl CudaSettings {
+    /// The settings of this process's environment.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// The settings `var` gives (a variable's value, None when unset).
+    pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        for &(name, default, why) in REMOVED {
+            if let Some(v) = var(name) {
+                let v = v.trim();
+                if !v.is_empty() && v != default {
+                    bail!(
+                        "{name}={v}: removed ({why}; kernels/tests/gpu_bench.rs keeps it as a \
+                         benchmark, BENCHMARKS.md has the measurements); unset {name}"
+                    );
+                }
+            }
+        }
+        let pdl = !matches!(
+            var("RVLLM_PDL").as_deref().map(str::trim),
+            Some("0" | "false" | "off" | "no")
+        );
+        let decode_compact = parse(
+            "RVLLM_DECODE_COMPACT",
+            var("RVLLM_DECODE_COMPACT").as_deref(),
+            &[("1", true), ("0", false)],
+        )?;
+        let gemv_evict_first = parse(
+            "RVLLM_GEMV_EVICT_FIRST",
+            var("RVLLM_GEMV_EVICT_FIRST").as_deref(),
+            &[("1", true), ("0", false)],
+        )?;
+        let profile_kernels = matches!(
+            var("RVLLM_PROFILE_KERNELS").as_deref().map(str::trim),
+            Some("1" | "true" | "on" | "yes")
+        );
+        let skip_kernels = skip_patterns(var("RVLLM_SKIP_KERNELS").as_deref());
+        let trace_blocks = var("RVLLM_TRACE_BLOCKS").filter(|p| !p.trim().is_empty());
+        Ok(Self {
+            pdl,
+            decode_compact,
+            gemv_evict_first,
+            profile_kernels,
+            skip_kernels,
+            trace_blocks,
+        })
+    }
+
+    /// Whether to launch with programmatic dependent launch on a GPU of this compute
+    /// capability.
+    pub fn pdl_on(&self, compute_capability: (i32, i32)) -> bool {
+        self.pdl && compute_capability.0 >= 9
+    }
+}
+
+/// The patterns of `RVLLM_SKIP_KERNELS` (comma-separated, blanks ignored).
+fn skip_patterns(env: Option<&str>) -> Vec<String> {
+    env.unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// The value of switch `name` among `choices` (value, meaning); the first choice is the
+/// default, taken when the variable is unset or empty.
 fn parse<T: Copy>(name: &str, value: Option<&str>, choices: &[(&str, T)]) -> Result<T> {
     let value = value.map(str::trim).unwrap_or("");
     let Some(&(default_name, default)) = choices.first() else {
@@ -31,9 +144,17 @@ fn parse<T: Copy>(name: &str, value: Option<&str>, choices: &[(&str, T)]) -> Res
 
 #[cfg(test)]
 mod tests {
-    use super::parse;
+    use super::*;
 
     const CHOICES: &[(&str, usize)] = &[("4", 4), ("6", 6)];
+
+    fn settings(vars: &[(&str, &str)]) -> Result<CudaSettings> {
+        CudaSettings::from_lookup(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
 
     #[test]
     fn unset_or_blank_is_the_first_choice() {
@@ -52,5 +173,75 @@ mod tests {
         let three = &[("kernel", 0), ("fold", 1), ("other", 2)];
         let e = parse("RVLLM_Y", Some("x"), three).unwrap_err().to_string();
         assert_eq!(e, "RVLLM_Y=x: use kernel (the default) or fold or other");
+    }
+
+    #[test]
+    fn defaults_are_the_fast_paths_with_no_diagnostics() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s, CudaSettings::default());
+        assert!(s.pdl && s.decode_compact && s.gemv_evict_first);
+        assert!(!s.profile_kernels && s.skip_kernels.is_empty() && s.trace_blocks.is_none());
+    }
+
+    #[test]
+    fn each_variable_sets_its_field() {
+        let s = settings(&[
+            ("RVLLM_PDL", " off "),
+            ("RVLLM_DECODE_COMPACT", "0"),
+            ("RVLLM_GEMV_EVICT_FIRST", "0"),
+            ("RVLLM_PROFILE_KERNELS", "1"),
+            ("RVLLM_SKIP_KERNELS", "rope_and, reduce "),
+            ("RVLLM_TRACE_BLOCKS", "/tmp/t.bin"),
+        ])
+        .unwrap();
+        assert!(!s.pdl && !s.decode_compact && !s.gemv_evict_first && s.profile_kernels);
+        assert_eq!(s.skip_kernels, ["rope_and", "reduce"]);
+        assert_eq!(s.trace_blocks.as_deref(), Some("/tmp/t.bin"));
+        assert!(settings(&[("RVLLM_TRACE_BLOCKS", " ")])
+            .unwrap()
+            .trace_blocks
+            .is_none());
+        assert!(settings(&[("RVLLM_SKIP_KERNELS", " , ")])
+            .unwrap()
+            .skip_kernels
+            .is_empty());
+        assert!(
+            !settings(&[("RVLLM_PROFILE_KERNELS", "0")])
+                .unwrap()
+                .profile_kernels
+        );
+        let e = settings(&[("RVLLM_DECODE_COMPACT", "2")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "RVLLM_DECODE_COMPACT=2: use 1 (the default) or 0"
+        );
+    }
+
+    #[test]
+    fn pdl_only_on_hopper_and_newer_unless_turned_off() {
+        let on = settings(&[("RVLLM_PDL", "1")]).unwrap();
+        assert!(on.pdl_on((9, 0)) && on.pdl_on((10, 0)) && !on.pdl_on((8, 9)));
+        for off in ["0", "off", "no", "false"] {
+            assert!(!settings(&[("RVLLM_PDL", off)]).unwrap().pdl_on((9, 0)));
+        }
+    }
+
+    #[test]
+    fn removed_variants_are_refused_and_their_defaults_accepted() {
+        for (name, slower) in [
+            ("RVLLM_DECODE_REDUCE", "fold"),
+            ("RVLLM_GEMV", "classic"),
+            ("RVLLM_GEMV_STAGES", "6"),
+        ] {
+            let e = settings(&[(name, slower)]).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{name}={slower}: removed")), "{e}");
+        }
+        for (name, default) in [
+            ("RVLLM_DECODE_REDUCE", "kernel"),
+            ("RVLLM_GEMV", "bulk"),
+            ("RVLLM_GEMV_STAGES", "4"),
+        ] {
+            assert!(settings(&[(name, default)]).is_ok());
+        }
     }
 }
