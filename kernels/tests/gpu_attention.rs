@@ -11,9 +11,10 @@
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns.
 mod gpu_harness;
 
-use gpu_harness::{arg, assert_close, gpu, inv_freq, rng, Elem, Gpu};
+use gpu_harness::{assert_close, gpu, inv_freq, rng, Elem, Gpu};
 use rand::seq::SliceRandom;
 use rand::Rng;
+use rvllm_kernels::args;
 use rvllm_kernels::decode_smem;
 use rvllm_kernels::reference as cpu;
 
@@ -196,36 +197,41 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
             decode_smem::full(gt),
         )
     };
-    g.launch_smem(
-        &module,
-        &kernel,
-        grid,
-        (128, 1, 1),
-        smem,
-        &mut [
-            arg(&out.ptr),
-            arg(&part_out.ptr),
-            arg(&part_ml.ptr),
-            arg(&sem_ptr),
-            arg(&d_qkv.ptr),
-            arg(&k_ptr),
-            arg(&v_ptr),
-            arg(&qs_),
-            arg(&d_k.ptr),
-            arg(&d_v.ptr),
-            arg(&d_tables.ptr),
-            arg(&d_ctx.ptr),
-            arg(&d_pos.ptr),
-            arg(&d_slots.ptr),
-            arg(&freq_ptr),
-            arg(&st.scale),
-            arg(&nh_),
-            arg(&nkv_),
-            arg(&bs_),
-            arg(&mb_),
-            arg(&tg_),
-        ],
-    );
+    // The full and compact kernels take the same parameters; one literal for both.
+    macro_rules! decode_args {
+        ($ty:ident) => {
+            args::$ty {
+                out: out.ptr,
+                partial_out: part_out.ptr,
+                partial_ml: part_ml.ptr,
+                semaphores: sem_ptr,
+                q: d_qkv.ptr,
+                k_new: k_ptr,
+                v_new: v_ptr,
+                qkv_stride: qs_,
+                key_cache: d_k.ptr,
+                value_cache: d_v.ptr,
+                block_tables: d_tables.ptr,
+                context_lens: d_ctx.ptr,
+                positions: d_pos.ptr,
+                slot_mapping: d_slots.ptr,
+                inv_freq: freq_ptr,
+                scale: st.scale,
+                num_heads: nh_,
+                num_kv_heads: nkv_,
+                block_size: bs_,
+                max_blocks_per_seq: mb_,
+                target_partitions: tg_,
+            }
+        };
+    }
+    if st.compact {
+        let a = decode_args!(DecodeAttentionCompact);
+        g.launch_args_smem(&module, &kernel, grid, (128, 1, 1), smem, a);
+    } else {
+        let a = decode_args!(DecodeAttention);
+        g.launch_args_smem(&module, &kernel, grid, (128, 1, 1), smem, a);
+    }
     if st.fold {
         assert!(
             g.download(&semaphores).iter().all(|&n| n == 0),
@@ -236,21 +242,21 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
         let (hd_, dp_) = (c.hd as i32, depth as i32);
         // The reduce works with 128 or 256 threads; cover both.
         let reduce_block = if st.target % 2 == 1 { 128 } else { 256 };
-        g.launch(
+        g.launch_args(
             &module,
             &e.kernel("paged_attention_decode_reduce"),
             (nh as u32, num_seqs as u32, 1),
             (reduce_block, 1, 1),
-            &mut [
-                arg(&out.ptr),
-                arg(&part_out.ptr),
-                arg(&part_ml.ptr),
-                arg(&d_ctx.ptr),
-                arg(&nh_),
-                arg(&hd_),
-                arg(&dp_),
-                arg(&tg_),
-            ],
+            args::PagedAttentionDecodeReduce {
+                out: out.ptr,
+                partial_out: part_out.ptr,
+                partial_ml: part_ml.ptr,
+                context_lens: d_ctx.ptr,
+                num_heads: nh_,
+                head_dim: hd_,
+                max_partitions: dp_,
+                target_partitions: tg_,
+            },
         );
     }
     (
@@ -424,26 +430,26 @@ fn paged_attention_prefill_matches_reference() {
                 q_stride as i32,
             );
             let kernel = e.kernel(&format!("paged_attention_prefill_hd{hd}"));
-            g.launch(
+            g.launch_args(
                 &e.module("attention_prefill"),
                 &kernel,
                 (max_chunk.div_ceil(64) as u32, nh as u32, seqs.len() as u32),
                 (128, 1, 1),
-                &mut [
-                    arg(&out.ptr),
-                    arg(&d_q.ptr),
-                    arg(&d_k.ptr),
-                    arg(&d_v.ptr),
-                    arg(&d_cu.ptr),
-                    arg(&d_ctx.ptr),
-                    arg(&d_tables.ptr),
-                    arg(&scale),
-                    arg(&nh_),
-                    arg(&nkv_),
-                    arg(&bs_),
-                    arg(&mb_),
-                    arg(&qs_),
-                ],
+                args::PrefillAttention {
+                    out: out.ptr,
+                    q: d_q.ptr,
+                    key_cache: d_k.ptr,
+                    value_cache: d_v.ptr,
+                    cu_seqlens_q: d_cu.ptr,
+                    context_lens: d_ctx.ptr,
+                    block_tables: d_tables.ptr,
+                    scale,
+                    num_heads: nh_,
+                    num_kv_heads: nkv_,
+                    block_size: bs_,
+                    max_blocks_per_seq: mb_,
+                    q_stride: qs_,
+                },
             );
             let batch = cpu::AttentionBatch {
                 cu_seqlens_q: &cu,

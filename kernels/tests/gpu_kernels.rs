@@ -10,9 +10,10 @@
 //! `gpu_bench.rs`.
 mod gpu_harness;
 
-use gpu_harness::{arg, assert_close, gpu, inv_freq, rng, Elem};
+use gpu_harness::{assert_close, gpu, inv_freq, rng, Elem};
 use rand::seq::SliceRandom;
 use rand::Rng;
+use rvllm_kernels::args;
 use rvllm_kernels::gemv_bulk::GemvBulk;
 use rvllm_kernels::reference as cpu;
 
@@ -36,18 +37,18 @@ fn block_tables_expand_from_the_compact_upload() {
         let d_tables = g.upload(&before);
         let (d_compact, d_offsets) = (g.upload(&compact), g.upload(&offsets));
         let (n, st) = (seqs as i32, stride as i32);
-        g.launch(
+        g.launch_args(
             "block_tables",
             "expand_block_tables",
             (seqs as u32, 1, 1),
             (128, 1, 1),
-            &mut [
-                arg(&d_tables.ptr),
-                arg(&d_compact.ptr),
-                arg(&d_offsets.ptr),
-                arg(&n),
-                arg(&st),
-            ],
+            args::ExpandBlockTables {
+                tables: d_tables.ptr,
+                compact: d_compact.ptr,
+                offsets: d_offsets.ptr,
+                num_seqs: n,
+                stride: st,
+            },
         );
         let mut want = before.clone();
         cpu::expand_block_tables(&mut want, &compact, &offsets, stride);
@@ -82,17 +83,17 @@ fn sampled_tokens_feed_the_next_steps_ids() {
             .collect();
         let (d_ids, d_feed, d_tokens) = (g.upload(&ids), g.upload(&feed), g.upload(&tokens));
         let n = pairs as i32;
-        g.launch(
+        g.launch_args(
             "block_tables",
             "feed_sampled_tokens",
             (pairs.div_ceil(256) as u32, 1, 1),
             (256, 1, 1),
-            &mut [
-                arg(&d_ids.ptr),
-                arg(&d_feed.ptr),
-                arg(&d_tokens.ptr),
-                arg(&n),
-            ],
+            args::FeedSampledTokens {
+                ids: d_ids.ptr,
+                feed: d_feed.ptr,
+                tokens: d_tokens.ptr,
+                n,
+            },
         );
         let mut want = ids.clone();
         cpu::feed_sampled_tokens(&mut want, &feed, &tokens);
@@ -124,19 +125,19 @@ fn embedding_lookup_and_row_gather() {
             let d_ids = g.upload(&ids);
             let out = g.poisoned(tokens * hidden, e.nan());
             let (n, h, v) = (tokens as i32, hidden as i32, vocab as i32);
-            g.launch(
+            g.launch_args(
                 &module,
                 &e.kernel("embedding_lookup_bf16"),
                 (tokens as u32, 1, 1),
                 (256, 1, 1),
-                &mut [
-                    arg(&out.ptr),
-                    arg(&d_table.ptr),
-                    arg(&d_ids.ptr),
-                    arg(&n),
-                    arg(&h),
-                    arg(&v),
-                ],
+                args::EmbeddingLookup {
+                    out: out.ptr,
+                    table: d_table.ptr,
+                    ids: d_ids.ptr,
+                    num_tokens: n,
+                    hidden: h,
+                    vocab: v,
+                },
             );
             // Embedding rows are copies: exact.
             assert_close(
@@ -151,18 +152,18 @@ fn embedding_lookup_and_row_gather() {
             let d_rows = g.upload(&rows);
             let out = g.poisoned(rows.len() * hidden, e.nan());
             let nr = rows.len() as i32;
-            g.launch(
+            g.launch_args(
                 &module,
                 &e.kernel("gather_rows_bf16"),
                 (rows.len() as u32, 1, 1),
                 (256, 1, 1),
-                &mut [
-                    arg(&out.ptr),
-                    arg(&d_table.ptr),
-                    arg(&d_rows.ptr),
-                    arg(&nr),
-                    arg(&h),
-                ],
+                args::GatherRows {
+                    out: out.ptr,
+                    r#in: d_table.ptr,
+                    rows: d_rows.ptr,
+                    num_rows: nr,
+                    cols: h,
+                },
             );
             assert_close(
                 &format!("{ty} gather_rows v{vocab} h{hidden}"),
@@ -199,19 +200,19 @@ fn rms_norm_plain_and_fused_with_residual() {
             let (d_x, d_w) = (g.upload(&x_h), g.upload(&w_h));
             let (n, h) = (tokens as i32, hidden as i32);
             let out = g.poisoned(tokens * hidden, e.nan());
-            g.launch(
+            g.launch_args(
                 &module,
                 &e.kernel("rms_norm_bf16"),
                 (tokens as u32, 1, 1),
                 (256, 1, 1),
-                &mut [
-                    arg(&out.ptr),
-                    arg(&d_x.ptr),
-                    arg(&d_w.ptr),
-                    arg(&eps),
-                    arg(&n),
-                    arg(&h),
-                ],
+                args::RmsNorm {
+                    out: out.ptr,
+                    x: d_x.ptr,
+                    weight: d_w.ptr,
+                    eps,
+                    num_tokens: n,
+                    hidden: h,
+                },
             );
             assert_close(
                 &format!("{ty} rms_norm t{tokens} h{hidden}"),
@@ -223,20 +224,20 @@ fn rms_norm_plain_and_fused_with_residual() {
 
             let d_res = g.upload(&res_h);
             let out = g.poisoned(tokens * hidden, e.nan());
-            g.launch(
+            g.launch_args(
                 &module,
                 &e.kernel("fused_add_rms_norm_bf16"),
                 (tokens as u32, 1, 1),
                 (256, 1, 1),
-                &mut [
-                    arg(&out.ptr),
-                    arg(&d_res.ptr),
-                    arg(&d_x.ptr),
-                    arg(&d_w.ptr),
-                    arg(&eps),
-                    arg(&n),
-                    arg(&h),
-                ],
+                args::FusedAddRmsNorm {
+                    out: out.ptr,
+                    residual: d_res.ptr,
+                    x: d_x.ptr,
+                    weight: d_w.ptr,
+                    eps,
+                    num_tokens: n,
+                    hidden: h,
+                },
             );
             let mut want_res = res.clone();
             let want = cpu::fused_add_rms_norm(&mut want_res, &x, &w, eps);
@@ -272,12 +273,17 @@ fn silu_and_mul_and_elementwise_helpers() {
             let d_x = g.upload(&x_h);
             let out = g.poisoned(tokens * inter, e.nan());
             let (n, i) = (tokens as i32, inter as i32);
-            g.launch(
+            g.launch_args(
                 &module,
                 &e.kernel("silu_and_mul_bf16"),
                 (inter.div_ceil(2048) as u32, tokens as u32, 1),
                 (256, 1, 1),
-                &mut [arg(&out.ptr), arg(&d_x.ptr), arg(&n), arg(&i)],
+                args::SiluAndMul {
+                    out: out.ptr,
+                    r#in: d_x.ptr,
+                    num_tokens: n,
+                    inter: i,
+                },
             );
             assert_close(
                 &format!("{ty} silu_and_mul t{tokens} i{inter}"),
@@ -294,12 +300,17 @@ fn silu_and_mul_and_elementwise_helpers() {
         let out = g.poisoned(n, e.nan());
         let n64 = n as i64;
         let add = e.kernel("add_bf16");
-        g.launch(
+        g.launch_args(
             &module,
             &add,
             (8, 1, 1),
             (256, 1, 1),
-            &mut [arg(&out.ptr), arg(&d_a.ptr), arg(&d_b.ptr), arg(&n64)],
+            args::Add {
+                out: out.ptr,
+                a: d_a.ptr,
+                b: d_b.ptr,
+                n: n64,
+            },
         );
         let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
         assert_close(
@@ -314,12 +325,16 @@ fn silu_and_mul_and_elementwise_helpers() {
         let d_f = g.upload(&f);
         let out = g.poisoned(n, e.nan());
         let narrow = e.kernel("f32_to_bf16");
-        g.launch(
+        g.launch_args(
             &module,
             &narrow,
             (8, 1, 1),
             (256, 1, 1),
-            &mut [arg(&out.ptr), arg(&d_f.ptr), arg(&n64)],
+            args::F32ToElem {
+                out: out.ptr,
+                r#in: d_f.ptr,
+                n: n64,
+            },
         );
         // Exactly half::bf16::from_f32 / half::f16::from_f32 (round to nearest even).
         let got: Vec<u16> = g.download(&out);
@@ -330,12 +345,16 @@ fn silu_and_mul_and_elementwise_helpers() {
         );
         let back = g.poisoned(n, f32::NAN);
         let widen = e.kernel("bf16_to_f32");
-        g.launch(
+        g.launch_args(
             &module,
             &widen,
             (8, 1, 1),
             (256, 1, 1),
-            &mut [arg(&back.ptr), arg(&out.ptr), arg(&n64)],
+            args::ElemToF32 {
+                out: back.ptr,
+                r#in: out.ptr,
+                n: n64,
+            },
         );
         let want: Vec<f32> = f.iter().map(|&v| e.round(v)).collect();
         assert_close(
@@ -413,28 +432,28 @@ fn rope_and_cache_write() {
                 (g.upload(&positions), g.upload(&slots), g.upload(&freqs));
             let (n, nh_, nkv_, hd_) = (tokens as i32, nh as i32, nkv as i32, hd as i32);
             let (qs, ks, vs) = (q_stride as i32, k_stride as i32, v_stride as i32);
-            g.launch(
+            g.launch_args(
                 &e.module("rope_cache"),
                 &e.kernel("rope_and_cache_bf16"),
                 (tokens as u32, 1, 1),
                 (256, 1, 1),
-                &mut [
-                    arg(&q_ptr),
-                    arg(&k_ptr),
-                    arg(&v_ptr),
-                    arg(&kc.ptr),
-                    arg(&vc.ptr),
-                    arg(&d_pos.ptr),
-                    arg(&d_slots.ptr),
-                    arg(&d_freq.ptr),
-                    arg(&n),
-                    arg(&nh_),
-                    arg(&nkv_),
-                    arg(&hd_),
-                    arg(&qs),
-                    arg(&ks),
-                    arg(&vs),
-                ],
+                args::RopeAndCache {
+                    q: q_ptr,
+                    k: k_ptr,
+                    v: v_ptr,
+                    key_cache: kc.ptr,
+                    value_cache: vc.ptr,
+                    positions: d_pos.ptr,
+                    slot_mapping: d_slots.ptr,
+                    inv_freq: d_freq.ptr,
+                    num_tokens: n,
+                    num_heads: nh_,
+                    num_kv_heads: nkv_,
+                    head_dim: hd_,
+                    q_stride: qs,
+                    k_stride: ks,
+                    v_stride: vs,
+                },
             );
 
             let mut want_q = q.clone();
@@ -588,23 +607,23 @@ fn sampling_greedy_and_seeded() {
             let tokens = g.poisoned(params.len(), -1i32);
             let lps = g.poisoned(params.len(), f32::NAN);
             let v = vocab as i32;
-            g.launch(
+            g.launch_args(
                 "sampling",
                 "sample_tokens",
                 (params.len() as u32, 1, 1),
                 (1024, 1, 1),
-                &mut [
-                    arg(&tokens.ptr),
-                    arg(&lps.ptr),
-                    arg(&d_logits.ptr),
-                    arg(&v),
-                    arg(&d_t.ptr),
-                    arg(&d_k.ptr),
-                    arg(&d_p.ptr),
-                    arg(&d_m.ptr),
-                    arg(&d_s.ptr),
-                    arg(&d_o.ptr),
-                ],
+                args::SampleTokens {
+                    out_tokens: tokens.ptr,
+                    out_logprobs: lps.ptr,
+                    logits: d_logits.ptr,
+                    vocab: v,
+                    temperatures: d_t.ptr,
+                    top_ks: d_k.ptr,
+                    top_ps: d_p.ptr,
+                    min_ps: d_m.ptr,
+                    seeds: d_s.ptr,
+                    offsets: d_o.ptr,
+                },
             );
             (g.download(&tokens), g.download(&lps))
         };
@@ -704,20 +723,20 @@ fn gemv_small_batch_matches_reference() {
             // Every split (warps per output row) on a rotating basis across the cases.
             let split = [1i32, 2, 4, 8][case % 4];
             let rows_per_block = 8 / split as usize;
-            g.launch(
+            g.launch_args(
                 &module,
                 &e.kernel(&format!("gemv_bf16_b{bt}")),
                 (n.div_ceil(rows_per_block) as u32, 1, 1),
                 (256, 1, 1),
-                &mut [
-                    arg(&y.ptr),
-                    arg(&d_x.ptr),
-                    arg(&d_w.ptr),
-                    arg(&mi),
-                    arg(&ni),
-                    arg(&ki),
-                    arg(&split),
-                ],
+                args::Gemv {
+                    y: y.ptr,
+                    x: d_x.ptr,
+                    w: d_w.ptr,
+                    m: mi,
+                    n: ni,
+                    k: ki,
+                    split,
+                },
             );
             assert_close(
                 &format!("{ty} gemv m{m} n{n} k{k} split {split}"),
@@ -794,37 +813,37 @@ fn sampling_plain_path_matches_single_block_sampler() {
             let tokens = g.poisoned(b, -1i32);
             let lps = g.poisoned(b, f32::NAN);
             let nc = nchunks as i32;
-            g.launch(
+            g.launch_args(
                 "sampling",
                 "sample_plain_partial",
                 (nchunks as u32, b as u32, 1),
                 (256, 1, 1),
-                &mut [
-                    arg(&partials.ptr),
-                    arg(&d_logits.ptr),
-                    arg(&v),
-                    arg(&nc),
-                    arg(&d_t.ptr),
-                    arg(&d_k.ptr),
-                    arg(&d_s.ptr),
-                    arg(&d_o.ptr),
-                ],
+                args::SamplePlainPartial {
+                    partials: partials.ptr,
+                    logits: d_logits.ptr,
+                    vocab: v,
+                    nchunks: nc,
+                    temperatures: d_t.ptr,
+                    top_ks: d_k.ptr,
+                    seeds: d_s.ptr,
+                    offsets: d_o.ptr,
+                },
             );
-            g.launch(
+            g.launch_args(
                 "sampling",
                 "sample_plain_finish",
                 (b as u32, 1, 1),
                 (32, 1, 1),
-                &mut [
-                    arg(&tokens.ptr),
-                    arg(&lps.ptr),
-                    arg(&partials.ptr),
-                    arg(&d_logits.ptr),
-                    arg(&v),
-                    arg(&nc),
-                    arg(&d_t.ptr),
-                    arg(&d_k.ptr),
-                ],
+                args::SamplePlainFinish {
+                    out_tokens: tokens.ptr,
+                    out_logprobs: lps.ptr,
+                    partials: partials.ptr,
+                    logits: d_logits.ptr,
+                    vocab: v,
+                    nchunks: nc,
+                    temperatures: d_t.ptr,
+                    top_ks: d_k.ptr,
+                },
             );
             let (tokens, lps) = (g.download(&tokens), g.download(&lps));
             for (i, p) in params.iter().enumerate() {
@@ -863,20 +882,20 @@ fn gemv_with_fused_silu_matches_reference() {
             let (d_gu, d_w) = (g.upload(&gu_h), g.upload(&w_h));
             let y = g.poisoned(n, e.nan());
             let (mi, ni, ki, split) = (1i32, n as i32, inter as i32, 4i32);
-            g.launch(
+            g.launch_args(
                 &e.module("gemv"),
                 &e.kernel("gemv_silu_bf16_b1"),
                 (n.div_ceil(2) as u32, 1, 1),
                 (256, 1, 1),
-                &mut [
-                    arg(&y.ptr),
-                    arg(&d_gu.ptr),
-                    arg(&d_w.ptr),
-                    arg(&mi),
-                    arg(&ni),
-                    arg(&ki),
-                    arg(&split),
-                ],
+                args::GemvSiluB1 {
+                    y: y.ptr,
+                    gate_up: d_gu.ptr,
+                    w: d_w.ptr,
+                    m: mi,
+                    n: ni,
+                    k: ki,
+                    split,
+                },
             );
             // The unfused path stores silu(gate) * up in the element type before the GEMV reads
             // it.
@@ -952,23 +971,23 @@ fn gemv_bulk_matches_reference() {
                 let groups = n.div_ceil(rows as usize) as u32;
                 // The L2 evict-first streaming (same values) on the deeper pipeline.
                 let evict_first = (stages == 6) as i32;
-                g.launch_smem(
+                g.launch_args_smem(
                     &module,
                     &kernel,
                     (grid.min(groups), 1, 1),
                     (256, 1, 1),
                     smem,
-                    &mut [
-                        arg(&y.ptr),
-                        arg(&d_x.ptr),
-                        arg(&d_w.ptr),
-                        arg(&ni),
-                        arg(&ki),
-                        arg(&rows),
-                        arg(&d_nw.ptr),
-                        arg(&eps),
-                        arg(&evict_first),
-                    ],
+                    args::GemvBulk {
+                        y: y.ptr,
+                        x: d_x.ptr,
+                        w: d_w.ptr,
+                        n: ni,
+                        k: ki,
+                        rows_per_stage: rows,
+                        norm_w: d_nw.ptr,
+                        eps,
+                        evict_first,
+                    },
                 );
                 // The unfused paths store their input in the element type before the GEMV reads
                 // it.

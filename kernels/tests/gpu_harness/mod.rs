@@ -13,6 +13,7 @@ use cudarc::driver::{result as drv, sys, CudaContext};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rvllm_kernels::KernelArgs;
 
 /// bf16 tolerances (GPU.md): |got - want| <= ATOL + RTOL * |want|.
 pub const ATOL: f32 = 2e-2;
@@ -236,6 +237,45 @@ impl Gpu {
             });
         drv::ctx::synchronize()
             .unwrap_or_else(|e| panic!("`{kernel}` failed while running: {e:?}"));
+    }
+
+    /// `launch` with a kernel's typed arguments (`rvllm_kernels::args`); panics when `kernel`
+    /// is not one of the entry points of `A`.
+    pub fn launch_args<A: KernelArgs>(
+        &self,
+        module: &str,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        args: A,
+    ) {
+        self.launch_args_smem(module, kernel, grid, block, 0, args)
+    }
+
+    /// `launch_args` with `shared_bytes` of dynamic shared memory.
+    pub fn launch_args_smem<A: KernelArgs>(
+        &self,
+        module: &str,
+        kernel: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        mut args: A,
+    ) {
+        assert!(
+            A::takes(kernel),
+            "`{kernel}` does not take {}",
+            std::any::type_name::<A>()
+        );
+        let mut params = args.params();
+        self.launch_smem(
+            module,
+            kernel,
+            grid,
+            block,
+            shared_bytes,
+            params.as_mut_slice(),
+        )
     }
 
     /// `launch` with `shared_bytes` of dynamic shared memory (raising the kernel's limit
