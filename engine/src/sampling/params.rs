@@ -344,14 +344,14 @@ pub fn check_bad_word_ids(ids: &[Vec<u32>]) -> Result<(), ParamError> {
         if w.is_empty() {
             return bad(
                 "bad_words",
-                "a bad word tokenizes to no tokens; remove empty bad words".into(),
+                "a word of `bad_words` tokenizes to no tokens; remove empty bad words".into(),
             );
         }
         if w.len() > MAX_BAD_WORD_TOKENS {
             return bad(
                 "bad_words",
                 format!(
-                    "a bad word tokenizes to {} tokens, more than the limit of \
+                    "a word of `bad_words` tokenizes to {} tokens, more than the limit of \
                      {MAX_BAD_WORD_TOKENS} tokens per bad word; shorten it",
                     w.len()
                 ),
