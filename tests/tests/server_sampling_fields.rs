@@ -144,3 +144,67 @@ fn openai_client_logit_bias_allowed_token_ids_and_bad_words() {
         idle_and_no_leak,
     );
 }
+
+/// The same fields as `rvllm generate` flags: the generated token ids of one prompt.
+fn generate_ids(extra: &[&str]) -> Result<Vec<u64>, String> {
+    let out = Command::new(server_common::rvllm_bin())
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--disable-progress",
+            "--output",
+            "json",
+        ])
+        .arg("--model")
+        .arg(tiny_model())
+        .args([
+            "--max-tokens",
+            "12",
+            "--ignore-eos",
+            "--prompt",
+            "The quick brown fox",
+        ])
+        .args(extra)
+        .output()
+        .expect("running rvllm generate");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--output json");
+    Ok(v["outputs"][0]["outputs"][0]["token_ids"]
+        .as_array()
+        .expect("token_ids")
+        .iter()
+        .map(|t| t.as_u64().expect("a token id"))
+        .collect())
+}
+
+#[test]
+fn generate_flags_logit_bias_allowed_token_ids_and_bad_words() {
+    let sampled = ["--temperature", "1", "--seed", "4"];
+    let forced =
+        generate_ids(&[&sampled[..], &["--logit-bias", "77=100,5=-2.5"]].concat()).unwrap();
+    assert_eq!(forced, vec![77; 12]);
+    let bounded =
+        generate_ids(&[&sampled[..], &["--allowed-token-ids", "4,9,300"]].concat()).unwrap();
+    assert!(
+        bounded.iter().all(|t| [4, 9, 300].contains(t)),
+        "{bounded:?}"
+    );
+    // Token 77 decodes to "k" in this vocabulary: forced by the bias, banned as a bad word,
+    // the ban wins (the bias cannot lift a -inf).
+    let banned = generate_ids(
+        &[
+            &sampled[..],
+            &["--logit-bias", "77=100", "--bad-words", "k"],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    assert!(!banned.contains(&77), "{banned:?}");
+    let err = generate_ids(&["--logit-bias", "999999=1"]).unwrap_err();
+    assert!(err.contains("logit_bias") && err.contains("vocab"), "{err}");
+    let err = generate_ids(&["--logit-bias", "77"]).unwrap_err();
+    assert!(err.contains("ID=BIAS"), "{err}");
+}
