@@ -10,6 +10,11 @@
 //! CUDA's; they move a token only at float near-ties, which random logits essentially never
 //! produce.
 //!
+//! The uniform behind the Gumbel noise is clamped to `1 - 2^-24` ([`gumbel_noise`]): without
+//! it the top hash value gives u = 1 and +inf noise, and a random token wins about one draw
+//! in 110 at vocab 150k whatever its logit. `sampling.cu`'s `gumbel()` needs the same clamp
+//! (`fminf(u, 0x1.fffffep-1f)`) to agree on those draws.
+//!
 //! Contract on the logits: no NaN (the processors' first step maps NaN to -inf) and no +inf.
 //! -inf marks a token that cannot be chosen.
 
@@ -75,6 +80,9 @@ pub fn order_key(x: f32) -> u32 {
 /// f32 operations in that order, the product in f64, truncated. At most 2^40 (the maximum).
 pub fn top_p_mass(l: f32, lmax: f32, inv_t: f32) -> u64 {
     let e = ((l - lmax) * inv_t) * LOG2E;
+    if e < -41.0 {
+        return 0; // exp2f(e) < 2^-41: the product truncates to 0 (saves the exp2)
+    }
     (f64::from(e.exp2()) * MASS_SCALE) as u64
 }
 
@@ -92,15 +100,22 @@ fn draw_key(seed: u64, offset: u64) -> u64 {
     mix64(seed ^ mix64(offset))
 }
 
+/// The largest uniform the noise uses, `1 - 2^-24` (0x3f7fffff): for the top hash value,
+/// `(h >> 40) + 0.5` rounds (ties to even) to 2^24, so u would be exactly 1 and the noise
+/// +inf, which makes that token win whatever its logit (about 1 draw in 110 at vocab 150k).
+const U_MAX: f32 = 1.0 - 1.0 / 16_777_216.0;
+
 fn gumbel_of_key(key: u64, i: usize) -> f32 {
     let h = mix64(key.wrapping_add((i as u64).wrapping_mul(0x9E3779B97F4A7C15)));
-    let u = ((h >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0);
+    let u = (((h >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0)).min(U_MAX);
     -(-u.ln()).ln()
 }
 
 /// The Gumbel noise added to token `i` in draw `(seed, offset)`: with
 /// `key = mix64(seed ^ mix64(offset))` and `h = mix64(key + i * 0x9E3779B97F4A7C15)` (u64
-/// wrapping), `u = ((f32)(h >> 40) + 0.5) * 2^-24` and the noise is `-logf(-logf(u))`.
+/// wrapping), `u = min(((f32)(h >> 40) + 0.5) * 2^-24, 1 - 2^-24)` (f32; the clamp matters
+/// for the top hash value only, whose u rounds to 1 and would give +inf noise) and the noise
+/// is `-logf(-logf(u))`, always finite: in about [-2.8, 16.6].
 /// `mix64` is splitmix64's finaliser (xor-shift 30, multiply 0xbf58476d1ce4e5b9, xor-shift
 /// 27, multiply 0x94d049bb133111eb, xor-shift 31).
 pub fn gumbel_noise(seed: u64, offset: u64, i: usize) -> f32 {
@@ -205,13 +220,30 @@ pub fn sample_token(logits: &[f32], p: &SampleParams) -> usize {
     let inv_t = 1.0 / p.temperature;
     let floor = kept_floor_key(logits, p);
     let key = draw_key(p.seed, p.offset);
+    // Speed only, same token: the token of the largest key is always kept and its score is
+    // a lower bound on the winning one, so a token whose score cannot reach it even with
+    // the largest noise is skipped without computing its noise (the logarithms dominate).
+    // (The argmax has the largest key unless it is -0.0 beside a +0.0.)
+    let top = if logits[best] == 0.0 {
+        (0..logits.len())
+            .max_by_key(|&i| (order_key(logits[i]), std::cmp::Reverse(i)))
+            .unwrap_or(best)
+    } else {
+        best
+    };
+    let bar = logits[top] * inv_t + gumbel_of_key(key, top);
+    let reach = -(-U_MAX.ln()).ln() + 1e-3; // margin for the last bit of logf
     let mut pick = None;
     let mut pick_score = f32::NEG_INFINITY;
     for (i, &l) in logits.iter().enumerate() {
         if order_key(l) < floor || l == f32::NEG_INFINITY {
             continue;
         }
-        let score = l * inv_t + gumbel_of_key(key, i);
+        let base = l * inv_t;
+        if base + reach < bar {
+            continue;
+        }
+        let score = base + gumbel_of_key(key, i);
         if score > pick_score {
             pick = Some(i);
             pick_score = score;

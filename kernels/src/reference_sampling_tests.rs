@@ -399,3 +399,97 @@ fn top_logprobs_ranks_and_orders() {
     );
     assert_eq!(top_logprobs(&logits, 9, 0).logprob, f32::NEG_INFINITY);
 }
+
+/// The draw by its definition: every kept token's score computed, the first largest wins.
+fn naive_draw(logits: &[f32], p: &SampleParams) -> usize {
+    if p.is_greedy() || logits[argmax(logits)] == f32::NEG_INFINITY {
+        return argmax(logits);
+    }
+    let kept = brute_kept(logits, p);
+    let inv_t = 1.0 / p.temperature;
+    let mut best = None;
+    let mut best_score = f32::NEG_INFINITY;
+    for (i, &l) in logits.iter().enumerate() {
+        let score = l * inv_t + gumbel_noise(p.seed, p.offset, i);
+        if kept[i] && score > best_score {
+            best = Some(i);
+            best_score = score;
+        }
+    }
+    best.unwrap_or_else(|| argmax(logits))
+}
+
+#[test]
+fn the_draw_equals_its_definition() {
+    let mut case = 0u64;
+    for vocab in [3usize, 40, 2000] {
+        for trial in 0..60u64 {
+            case += 1;
+            // Wide logits (most tokens far below the top, where the draw skips work), with
+            // signed zeros as maxima now and then.
+            let mut logits = values(vocab, case + 1000, -40.0, 8.0);
+            if trial % 5 == 0 {
+                logits.iter_mut().for_each(|l| *l = l.min(-1.0));
+                logits[vocab / 2] = -0.0;
+                logits[vocab - 1] = 0.0;
+            }
+            let r = values(3, case + 2000, 0.0, 1.0);
+            let p = SampleParams {
+                temperature: [0.05, 0.5, 1.0, 3.0][trial as usize % 4],
+                top_k: if r[0] < 0.5 {
+                    0
+                } else {
+                    2 + (r[0] * 10.0) as i32
+                },
+                top_p: if r[1] < 0.5 { 1.0 } else { r[1] },
+                min_p: if r[2] < 0.7 { 0.0 } else { r[2] - 0.7 },
+                seed: case,
+                offset: trial,
+            };
+            assert_eq!(
+                sample_token(&logits, &p),
+                naive_draw(&logits, &p),
+                "vocab {vocab} {p:?}"
+            );
+        }
+    }
+    // Many tokens a few units below the top: the large noises decide, which an
+    // over-eager skip would miss.
+    let logits = values(20_000, 77, -12.0, 0.0);
+    for offset in 0..300 {
+        let p = SampleParams {
+            offset,
+            temperature: 1.0 + (offset % 3) as f32,
+            ..base()
+        };
+        assert_eq!(sample_token(&logits, &p), naive_draw(&logits, &p), "{p:?}");
+    }
+}
+
+#[test]
+fn the_top_hash_value_gives_finite_noise() {
+    // (h >> 40) + 0.5 rounds to 2^24 for the top hash value: unclamped, u = 1 and the noise
+    // is +inf, so that token would win whatever its logit.
+    let vocab = 150_000;
+    let (offset, hit) = (0..1000u64)
+        .find_map(|offset| {
+            (0..vocab)
+                .find(|&i| {
+                    let key = super::draw_key(9, offset);
+                    let h = mix64(key.wrapping_add((i as u64).wrapping_mul(0x9E3779B97F4A7C15)));
+                    h >> 40 == 0xFF_FFFF
+                })
+                .map(|i| (offset, i))
+        })
+        .expect("a top hash value within 1000 draws");
+    let noise = gumbel_noise(9, offset, hit);
+    assert!(noise.is_finite() && noise > 16.0, "{noise}");
+    let mut logits = values(vocab, 5, -1.0, 1.0);
+    logits[hit] = -60.0;
+    let p = SampleParams {
+        seed: 9,
+        offset,
+        ..base()
+    };
+    assert_ne!(sample_token(&logits, &p), hit);
+}
