@@ -33,13 +33,6 @@ const LAYERS: &[(&str, &[&str])] = &[
 const KNOWN_UPWARD: &[(&str, &str)] = &[
     // TokenLogprobs: crate::types.
     ("sampling/sampler.rs", "scheduler"),
-    // DecoderSpec, HostData, HostTensor: crate::types.
-    ("backend/cuda/backend.rs", "models"),
-    // HostData: crate::types.
-    ("backend/cuda/elem.rs", "models"),
-    // EngineArgs: the runner should take the plain values it needs (the runner config), not
-    // the engine's flags.
-    ("runner/gpu/executor.rs", "engine"),
 ];
 
 fn src_dir() -> PathBuf {

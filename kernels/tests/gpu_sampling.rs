@@ -92,7 +92,8 @@ fn random_req(r: &mut StdRng, vocab: usize, kind: usize) -> Req {
         let out = q.output.clone();
         q.bad.push(vec![tok(r)]);
         if out.len() >= 2 {
-            q.bad.push(vec![out[out.len() - 2], out[out.len() - 1], tok(r)]);
+            q.bad
+                .push(vec![out[out.len() - 2], out[out.len() - 1], tok(r)]);
         }
         q.bad.push(vec![tok(r), tok(r)]);
         q.params.n_bad = q.bad.len() as i32;
@@ -110,7 +111,10 @@ struct State {
 
 fn device_state(g: &Gpu, reqs: &[Req], vocab: usize) -> State {
     let sizes = SamplingTables::array_bytes(reqs.len(), vocab);
-    let arrays: Vec<Buf<u8>> = sizes.iter().map(|&b| g.poisoned(b.max(1), 0xA5u8)).collect();
+    let arrays: Vec<Buf<u8>> = sizes
+        .iter()
+        .map(|&b| g.poisoned(b.max(1), 0xA5u8))
+        .collect();
     let t = SamplingTables {
         params: arrays[0].ptr,
         counts: arrays[1].ptr,
@@ -328,11 +332,21 @@ fn token_logprobs_match_the_cpu_reference() {
                 .collect();
             for _ in 0..rows * 3 {
                 let i = r.random_range(0..raw.len());
-                raw[i] = if r.random() { e.nan() } else { e.bits(f32::NEG_INFINITY) };
+                raw[i] = if r.random() {
+                    e.nan()
+                } else {
+                    e.bits(f32::NEG_INFINITY)
+                };
             }
             let ks: Vec<i32> = vec![0, 1, 5, 20, -1, 20, 3, 20, 7];
             let chosen: Vec<i32> = (0..rows)
-                .map(|i| if i == 6 { vocab as i32 + 3 } else { r.random_range(0..vocab as i32) })
+                .map(|i| {
+                    if i == 6 {
+                        vocab as i32 + 3
+                    } else {
+                        r.random_range(0..vocab as i32)
+                    }
+                })
                 .collect();
             let (d_raw, d_ks, d_ch) = (g.upload(&raw), g.upload(&ks), g.upload(&chosen));
             let lp = g.poisoned(rows, f32::NAN);
@@ -357,8 +371,12 @@ fn token_logprobs_match_the_cpu_reference() {
                 (512, 1, 1),
                 a.params().as_mut_slice(),
             );
-            let (lp, rank, ids, vals) =
-                (g.download(&lp), g.download(&rank), g.download(&ids), g.download(&vals));
+            let (lp, rank, ids, vals) = (
+                g.download(&lp),
+                g.download(&rank),
+                g.download(&ids),
+                g.download(&vals),
+            );
             for i in 0..rows {
                 if ks[i] < 0 {
                     assert!(lp[i].is_nan() && rank[i] == -5, "row {i} was skipped");
@@ -372,13 +390,25 @@ fn token_logprobs_match_the_cpu_reference() {
                 let what = format!("{} vocab {vocab} row {i}", e.name());
                 assert_eq!(rank[i] as u32, want.rank, "{what}: rank");
                 let close = |a: f32, b: f32| a == b || (a - b).abs() <= 1e-3;
-                assert!(close(lp[i], want.logprob), "{what}: logprob {} vs {}", lp[i], want.logprob);
+                assert!(
+                    close(lp[i], want.logprob),
+                    "{what}: logprob {} vs {}",
+                    lp[i],
+                    want.logprob
+                );
                 for (j, &(id, v)) in want.top.iter().enumerate() {
                     assert_eq!(ids[i * K + j] as u32, id, "{what}: top {j} id");
-                    assert!(close(vals[i * K + j], v), "{what}: top {j} {} vs {v}", vals[i * K + j]);
+                    assert!(
+                        close(vals[i * K + j], v),
+                        "{what}: top {j} {} vs {v}",
+                        vals[i * K + j]
+                    );
                 }
             }
-            eprintln!("token logprobs {} vocab {vocab}: identical ids and ranks, values within 1e-3", e.name());
+            eprintln!(
+                "token logprobs {} vocab {vocab}: identical ids and ranks, values within 1e-3",
+                e.name()
+            );
         }
     }
 }
@@ -427,7 +457,13 @@ fn both_samplers_draw_the_reference_token_for_thousands_of_rows() {
         seeds: seeds.ptr,
         offsets: offs.ptr,
     };
-    g.launch("sampling", "sample_tokens", (rows as u32, 1, 1), (1024, 1, 1), full.params().as_mut_slice());
+    g.launch(
+        "sampling",
+        "sample_tokens",
+        (rows as u32, 1, 1),
+        (1024, 1, 1),
+        full.params().as_mut_slice(),
+    );
     let got_full = g.download(&tokens);
     let nchunks = (528 / rows).clamp(4, 128) as i32;
     let partials = g.poisoned(rows * nchunks as usize * 5, -1i32);
@@ -442,7 +478,13 @@ fn both_samplers_draw_the_reference_token_for_thousands_of_rows() {
         seeds: seeds.ptr,
         offsets: offs.ptr,
     };
-    g.launch("sampling", "sample_plain_partial", (nchunks as u32, rows as u32, 1), (256, 1, 1), partial.params().as_mut_slice());
+    g.launch(
+        "sampling",
+        "sample_plain_partial",
+        (nchunks as u32, rows as u32, 1),
+        (256, 1, 1),
+        partial.params().as_mut_slice(),
+    );
     let mut finish = args::SamplePlainFinish {
         out_tokens: plain_tokens.ptr,
         out_logprobs: lps.ptr,
@@ -453,13 +495,22 @@ fn both_samplers_draw_the_reference_token_for_thousands_of_rows() {
         temperatures: temps.ptr,
         top_ks: top_ks.ptr,
     };
-    g.launch("sampling", "sample_plain_finish", (rows as u32, 1, 1), (32, 1, 1), finish.params().as_mut_slice());
+    g.launch(
+        "sampling",
+        "sample_plain_finish",
+        (rows as u32, 1, 1),
+        (32, 1, 1),
+        finish.params().as_mut_slice(),
+    );
     let got_plain = g.download(&plain_tokens);
     let (mut plain_rows, mut mismatches) = (0, Vec::new());
     for (i, p) in params.iter().enumerate() {
         let want = cpu::sample_token(&logits[i * vocab..(i + 1) * vocab], p);
         if got_full[i] as usize != want {
-            mismatches.push(format!("sample_tokens row {i} {p:?}: {} vs {want}", got_full[i]));
+            mismatches.push(format!(
+                "sample_tokens row {i} {p:?}: {} vs {want}",
+                got_full[i]
+            ));
         }
         let filters = (p.top_k > 1 && (p.top_k as usize) < vocab) || p.top_p < 1.0 || p.min_p > 0.0;
         if p.is_greedy() || !filters {
@@ -469,6 +520,13 @@ fn both_samplers_draw_the_reference_token_for_thousands_of_rows() {
             }
         }
     }
-    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
-    eprintln!("draws: {rows} rows (sample_tokens) and {plain_rows} plain rows pick the reference's token");
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+    eprintln!(
+        "draws: {rows} rows (sample_tokens) and {plain_rows} plain rows pick the reference's token"
+    );
 }

@@ -9,9 +9,8 @@
 //! The GPU computes in bf16 or f16 and the references in f32, so greedy tokens follow the
 //! bf16 rule: identical, or at the first difference each side's token is in the other's top 5
 //! (our top 5 from `logprobs: 5`); and on every step up to the first difference our top-5
-//! logprobs lie within a tolerance of the reference's. Requests asking for logprobs are sampled on the host,
-//! so every run is repeated without logprobs (the on-GPU sampler) and must give the same
-//! tokens. Each comparison runs batched (all prompts in one call, small steps that chunk the
+//! logprobs lie within a tolerance of the reference's. Every run is repeated without logprobs
+//! and must give the same tokens (asking for logprobs never changes what is sampled). Each comparison runs batched (all prompts in one call, small steps that chunk the
 //! prefill) and one prompt at a time, with CUDA graphs and with `enforce_eager`.
 //!
 //! Fixtures: `$RVLLM_FIXTURES_DIR` (the folder `cargo xtask gpu-test` makes holds a copy), else
@@ -298,6 +297,115 @@ fn gpu_fixtures_pass_the_same_checks_on_the_cpu() {
     }
 }
 
+/// The seeded request of `seeded_request_ignores_its_neighbours`: temperature 1, top-p 0.9.
+fn seeded_target(min_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        seed: Some(1234),
+        min_tokens,
+        max_tokens: Some(24),
+        ..SamplingParams::default()
+    }
+}
+
+/// A seeded request's tokens depend only on its own seed and steps: alone; batched beside
+/// requests asking for logprobs, penalties, logit bias, min_tokens and prompt logprobs; and
+/// whether or not its own min_tokens is still in force (it only masks EOS, which the free
+/// run must not pick that early for the comparison to hold).
+fn seeded_request_ignores_its_neighbours(device: &str, eager: bool) {
+    let (dir, prompts, _) = tiny_reference("llama3_hd64");
+    let mut llm = engine(device, "auto", &dir, eager, 256, 64);
+    let target_prompt = prompts[0].prompt_ids.clone();
+    let first = |outs: Vec<RequestOutput>| outs[0].outputs[0].token_ids.clone();
+    let alone = first(
+        llm.generate(
+            std::slice::from_ref(&target_prompt),
+            &[seeded_target(6)],
+            |_| {},
+        )
+        .expect("generate"),
+    );
+    let free = first(
+        llm.generate(
+            std::slice::from_ref(&target_prompt),
+            &[seeded_target(0)],
+            |_| {},
+        )
+        .expect("generate"),
+    );
+    let eos = llm_eos(&dir);
+    if !free.iter().take(6).any(|t| eos.contains(t)) {
+        assert_eq!(
+            alone, free,
+            "{device} eager={eager}: min_tokens changed tokens it does not mask"
+        );
+    }
+    let neighbours = [
+        SamplingParams {
+            logprobs: Some(5),
+            ..greedy_params(20, false)
+        },
+        SamplingParams {
+            temperature: 0.8,
+            seed: Some(7),
+            repetition_penalty: 1.3,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.2,
+            max_tokens: Some(30),
+            ..SamplingParams::default()
+        },
+        SamplingParams {
+            min_tokens: 12,
+            logit_bias: vec![(5, 3.0), (9, -100.0)],
+            max_tokens: Some(16),
+            ..greedy_params(16, false)
+        },
+        SamplingParams {
+            prompt_logprobs: Some(3),
+            temperature: 1.0,
+            max_tokens: Some(8),
+            ..SamplingParams::default()
+        },
+    ];
+    let mut batch_prompts = vec![target_prompt.clone()];
+    let mut batch_params = vec![seeded_target(6)];
+    for (i, p) in neighbours.iter().enumerate() {
+        batch_prompts.push(prompts[(i + 1) % prompts.len()].prompt_ids.clone());
+        batch_params.push(p.clone());
+    }
+    let outs = llm
+        .generate(&batch_prompts, &batch_params, |_| {})
+        .expect("generate");
+    assert_eq!(
+        outs[0].outputs[0].token_ids, alone,
+        "{device} eager={eager}: the seeded request's tokens changed beside its neighbours"
+    );
+    assert!(outs[1].outputs[0].logprobs.len() == outs[1].outputs[0].token_ids.len());
+    assert!(
+        outs[4].prompt_logprobs.is_some(),
+        "prompt logprobs were delivered"
+    );
+}
+
+/// The fixture's EOS ids (config.json's `eos_token_id`, one id or a list).
+fn llm_eos(dir: &Path) -> Vec<u32> {
+    let c = read_json(&dir.join("config.json"));
+    match &c["eos_token_id"] {
+        serde_json::Value::Array(v) => v
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
+        v => v.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+    }
+}
+
+#[test]
+fn seeded_request_ignores_its_neighbours_on_the_cpu() {
+    seeded_request_ignores_its_neighbours("cpu", true);
+}
+
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn gpu_end_to_end_tests_need_the_cuda_feature() {
@@ -389,6 +497,15 @@ mod gpu {
             0,
             tol,
         );
+    }
+
+    #[test]
+    fn seeded_request_ignores_its_neighbours_on_the_gpu() {
+        let Some(_gpu) = gpu("seeded_request_ignores_its_neighbours_on_the_gpu") else {
+            return;
+        };
+        seeded_request_ignores_its_neighbours("cuda", true);
+        seeded_request_ignores_its_neighbours("cuda", false);
     }
 
     #[test]

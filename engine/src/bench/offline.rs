@@ -32,6 +32,12 @@ pub struct LatencyArgs {
     pub seed: u64,
 }
 
+/// Whether request `i` is one of an evenly spread `fraction` of them (shifted by `phase`).
+fn picked(i: usize, fraction: f64, phase: f64) -> bool {
+    let at = |k: usize| (k as f64 * fraction + phase).floor();
+    fraction > 0.0 && at(i + 1) != at(i)
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct ThroughputArgs {
     #[command(flatten)]
@@ -49,6 +55,14 @@ pub struct ThroughputArgs {
     pub output_json: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Share of the requests (spread evenly) that ask for `logprobs: 5`: a mixed workload,
+    /// where those rows must not slow the others.
+    #[arg(long, default_value_t = 0.0)]
+    pub logprobs_fraction: f64,
+    /// Share of the requests (spread evenly, offset from the logprob ones) with a
+    /// repetition penalty of 1.1.
+    #[arg(long, default_value_t = 0.0)]
+    pub penalty_fraction: f64,
 }
 
 fn random_prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
@@ -217,9 +231,23 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
         args.engine.disable_progress,
     );
     let t0 = Instant::now();
-    let outs = llm.generate(&prompts, std::slice::from_ref(&params), |d| {
-        bar.set_position(d as u64)
-    })?;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.logprobs_fraction)
+            && (0.0..=1.0).contains(&args.penalty_fraction),
+        "--logprobs-fraction and --penalty-fraction are shares between 0 and 1"
+    );
+    let per_request: Vec<SamplingParams> = (0..prompts.len())
+        .map(|i| SamplingParams {
+            logprobs: picked(i, args.logprobs_fraction, 0.0).then_some(5),
+            repetition_penalty: if picked(i, args.penalty_fraction, 0.5) {
+                1.1
+            } else {
+                1.0
+            },
+            ..params.clone()
+        })
+        .collect();
+    let outs = llm.generate(&prompts, &per_request, |d| bar.set_position(d as u64))?;
     let elapsed = t0.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let prompt_tokens: usize = outs.iter().map(|o| o.prompt_token_ids.len()).sum();
@@ -263,4 +291,20 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
         std::fs::write(p, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn picked_spreads_a_share_evenly() {
+        let n = |f: f64, phase: f64| (0..1000).filter(|&i| super::picked(i, f, phase)).count();
+        assert_eq!(n(0.1, 0.0), 100);
+        assert_eq!(n(0.1, 0.5), 100);
+        assert_eq!(n(0.0, 0.0), 0);
+        assert_eq!(n(1.0, 0.0), 1000);
+        let both = (0..1000)
+            .filter(|&i| super::picked(i, 0.1, 0.0) && super::picked(i, 0.1, 0.5))
+            .count();
+        assert_eq!(both, 0, "the two shares do not overlap at 10 %");
+    }
 }

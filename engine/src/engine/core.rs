@@ -162,7 +162,17 @@ impl EngineCore {
         let executor: Box<dyn Executor> = match device {
             Device::Cpu => crate::runner::create_cpu_executor(model, &runner_cfg)?,
             #[cfg(feature = "cuda")]
-            Device::Cuda => crate::runner::gpu::create_gpu_executor(model, &runner_cfg, args)?,
+            Device::Cuda => crate::runner::gpu::create_gpu_executor(
+                model,
+                &runner_cfg,
+                &crate::runner::gpu::GpuOptions {
+                    dtype: args.dtype.clone(),
+                    max_model_len: args.max_model_len,
+                    gpu_memory_utilization: args.gpu_memory_utilization,
+                    enforce_eager: args.enforce_eager,
+                    show_progress: !args.disable_progress,
+                },
+            )?,
             #[cfg(not(feature = "cuda"))]
             Device::Cuda => unreachable!("resolve_device refuses cuda without the cuda feature"),
         };

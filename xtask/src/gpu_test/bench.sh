@@ -3,7 +3,7 @@
 # Usage: ./bench.sh [latency] [latency-f16] [latency-s6] [latency-nopdl] [latency-skip:PATTERNS]
 #                   [latency-env:VAR=VALUE,...] [latency-bin:PATH] [ttft]
 #                   [throughput] [throughput-1024] [throughput-default] [throughput-default-f16]
-#                   [throughput-default-sync]
+#                   [throughput-default-sync] [throughput-mixed] [throughput-default-bin:PATH]
 #                   [latency-sync] [trace] [trace-env:VAR=VALUE,...] [serve] [serve-c1]
 #                   [peers] [hf] [profile] [profile-throughput]
 #        (no argument: latency ttft throughput). Model: the Llama-3.1-8B shape with dummy weights.
@@ -124,6 +124,19 @@ for what in "$@"; do
         run throughput-default "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
             --input-len 256 --output-len 256 --num-prompts 1000 \
             --output-json "$RES/throughput-default.json" ;;
+    throughput-mixed)
+        # The same with 10 % of the requests asking logprobs=5 and 10 % a repetition penalty
+        # of 1.1: those rows are sampled on the device beside the others (issue 17).
+        run throughput-mixed "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
+            --input-len 256 --output-len 256 --num-prompts 1000 \
+            --logprobs-fraction 0.1 --penalty-fraction 0.1 \
+            --output-json "$RES/throughput-mixed.json" ;;
+    throughput-default-bin:*)
+        # throughput-default with another rvllm binary copied into the folder (an older
+        # build's, for a same-machine A/B).
+        bin=${what#throughput-default-bin:}
+        run "throughput-default-bin-$(basename "$bin")" "$bin" bench throughput --model "$MODEL" \
+            --load-format dummy --input-len 256 --output-len 256 --num-prompts 1000 ;;
     throughput-default-f16)
         run throughput-default-f16 "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \
             --input-len 256 --output-len 256 --num-prompts 1000 --dtype float16 \

@@ -13,8 +13,7 @@ use super::elem::{bits_of, host_bits, value_of, GpuDtype, Kernel, ELEM_BYTES};
 use super::kernels;
 use crate::backend::gpu_support::{check_gpu_decoder, gpu_layout};
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
-use crate::models::spec::DecoderSpec;
-use crate::models::weights::{HostData, HostTensor};
+use crate::types::{DecoderSpec, HostData, HostTensor};
 use rvllm_kernels::{args, decode_smem, gemv_bulk::GemvBulk, KernelArgs};
 
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target

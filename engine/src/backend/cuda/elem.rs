@@ -8,7 +8,7 @@ use rvllm_kernels::{Entry, KernelArgs};
 use std::marker::PhantomData;
 
 pub use crate::backend::dtype::GpuDtype;
-use crate::models::weights::HostData;
+use crate::types::HostData;
 
 /// Bytes of one element in either type.
 pub const ELEM_BYTES: usize = 2;

@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 
 use crate::backend::cuda::backend::{CudaBackend, CudaKvCache, CudaTensor, StepLimits};
 use crate::backend::cuda::device::{DevBuf, Gpu, PinnedBuf, PinnedPair, StreamEvent};
+use crate::backend::cuda::switches::CudaSettings;
 use crate::backend::{Backend, KvCacheShape};
-use crate::engine::EngineArgs;
 use crate::models::config::ModelConfig;
 use crate::models::llama::{LlamaModel, Workspace};
 use crate::models::LoadedModel;
@@ -75,20 +75,35 @@ pub(super) struct Download {
 // SAFETY: used from the engine thread only; raw handles are not shared.
 unsafe impl Send for GpuRunner {}
 
+/// What the GPU runner needs beyond the runner config (the engine's flags of the same names).
+#[derive(Debug, Clone)]
+pub struct GpuOptions {
+    /// `--dtype`.
+    pub dtype: String,
+    /// `--max-model-len`; None: the model's.
+    pub max_model_len: Option<usize>,
+    /// `--gpu-memory-utilization`.
+    pub gpu_memory_utilization: f32,
+    /// `--enforce-eager`: no CUDA graphs.
+    pub enforce_eager: bool,
+    /// Progress bars while loading.
+    pub show_progress: bool,
+}
+
 pub fn create_gpu_executor(
     model: LoadedModel,
     cfg: &RunnerConfig,
-    args: &EngineArgs,
+    options: &GpuOptions,
 ) -> Result<Box<dyn Executor>> {
-    Ok(Box::new(GpuRunner::new(model, cfg, args)?))
+    Ok(Box::new(GpuRunner::new(model, cfg, options)?))
 }
 
 impl GpuRunner {
-    pub fn new(model: LoadedModel, cfg: &RunnerConfig, args: &EngineArgs) -> Result<Self> {
+    pub fn new(model: LoadedModel, cfg: &RunnerConfig, args: &GpuOptions) -> Result<Self> {
         let config = model.config.clone();
         let c = &config;
         let dtype = crate::backend::dtype::gpu_dtype(&args.dtype, c.torch_dtype.as_deref())?;
-        let gpu = Arc::new(Gpu::new(0)?);
+        let gpu = Arc::new(Gpu::with_settings(0, CudaSettings::from_env()?)?);
         let max_len = args
             .max_model_len
             .unwrap_or(c.max_position_embeddings)
@@ -128,7 +143,7 @@ impl GpuRunner {
         let feed_staging = PinnedPair::new(max_rows * 2 * 4)?;
 
         let t0 = std::time::Instant::now();
-        if !args.disable_progress {
+        if args.show_progress {
             be.set_upload_progress(crate::models::loader::bytes_progress_bar(
                 c.num_parameters() * 2,
                 &format!("weights to {} ({})", gpu.name, dtype.name()),
@@ -153,10 +168,19 @@ impl GpuRunner {
             num_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
         };
-        let mut kv = be.alloc_kv_cache(kv_shape).context("allocating the KV cache")?;
-        let mut ws =
-            Workspace::new(&be, c, profile_tokens).context("allocating activations")?;
-        memory::profile_pass(&be, &model, &mut kv, &mut ws, profile_tokens, max_len, cfg.block_size)?;
+        let mut kv = be
+            .alloc_kv_cache(kv_shape)
+            .context("allocating the KV cache")?;
+        let mut ws = Workspace::new(&be, c, profile_tokens).context("allocating activations")?;
+        memory::profile_pass(
+            &be,
+            &model,
+            &mut kv,
+            &mut ws,
+            profile_tokens,
+            max_len,
+            cfg.block_size,
+        )?;
         let block_bytes = cfg.block_size * c.kv_bytes_per_token(2);
         let num_blocks = match cfg.num_kv_blocks {
             Some(n) => n,
@@ -169,7 +193,9 @@ impl GpuRunner {
         };
         drop(kv); // both never need to fit at once
         kv_shape.num_blocks = num_blocks;
-        let kv = be.alloc_kv_cache(kv_shape).context("allocating the KV cache")?;
+        let kv = be
+            .alloc_kv_cache(kv_shape)
+            .context("allocating the KV cache")?;
         let kv_tokens = num_blocks * cfg.block_size;
         eprintln!(
             "rvllm: KV cache: {num_blocks} blocks of {} tokens ({kv_tokens} tokens, {:.2} GiB); the longest context that fits is {} tokens",

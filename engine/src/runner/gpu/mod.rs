@@ -21,4 +21,4 @@ mod sampler;
 mod step;
 
 #[cfg(feature = "cuda")]
-pub use executor::{create_gpu_executor, GpuRunner};
+pub use executor::{create_gpu_executor, GpuOptions, GpuRunner};

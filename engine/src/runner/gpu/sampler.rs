@@ -13,7 +13,6 @@ use crate::backend::cuda::device::{DevBuf, Gpu, PinnedBuf, PinnedPair};
 use crate::backend::cuda::elem::{kernel, GpuDtype, Kernel};
 use crate::sampling::params::MAX_LOGPROBS;
 
-
 const LOGITS_PROCESS: Kernel<args::LogitsProcess> = kernel!(
     args::LogitsProcess,
     "logits_process",
@@ -192,7 +191,11 @@ impl DeviceSampler {
         logprobs: &[i32],
     ) -> Result<()> {
         let n = self.max_rows;
-        ensure!(slots.len() <= n, "{} sampled rows; at most {n}", slots.len());
+        ensure!(
+            slots.len() <= n,
+            "{} sampled rows; at most {n}",
+            slots.len()
+        );
         let buf = self.rows_staging.take_turn();
         let st = buf.slice_mut::<i32>(3 * n);
         st.fill(-1);
@@ -328,7 +331,14 @@ impl DeviceSampler {
             chosen: tokens,
             row_k: want,
         };
-        gpu.launch_params(module, name, (rows as u32, 1, 1), (512, 1, 1), 0, logprobs.params())
+        gpu.launch_params(
+            module,
+            name,
+            (rows as u32, 1, 1),
+            (512, 1, 1),
+            0,
+            logprobs.params(),
+        )
     }
 
     /// Queues the copy of the step's tokens into `tokens` and, with `logprobs`, of the
@@ -375,4 +385,3 @@ fn lists_start(batch: &JoinBatch, i: usize) -> usize {
             .unwrap_or(0) as usize
     })
 }
-

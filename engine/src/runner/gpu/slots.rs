@@ -253,17 +253,13 @@ mod tests {
             logit_bias: (0..BIAS_CAP as u32 + 1).map(|t| (t, 1.0)).collect(),
             ..SamplingParams::default()
         };
-        let e = JoinBatch::default()
-            .push(0, &p, 0, &[], &[])
-            .unwrap_err();
+        let e = JoinBatch::default().push(0, &p, 0, &[], &[]).unwrap_err();
         assert!(e.to_string().contains("logit_bias"), "{e}");
         let p = SamplingParams {
             bad_words_token_ids: vec![vec![1; HISTORY + 2]],
             ..SamplingParams::default()
         };
-        let e = JoinBatch::default()
-            .push(0, &p, 0, &[], &[])
-            .unwrap_err();
+        let e = JoinBatch::default().push(0, &p, 0, &[], &[]).unwrap_err();
         assert!(e.to_string().contains("bad_words"), "{e}");
     }
 }

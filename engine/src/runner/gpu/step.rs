@@ -14,8 +14,8 @@ use crate::backend::Backend;
 use crate::runner::{build_forward_batch, RowUse};
 use crate::sampling::sampler::top_logprobs;
 use crate::scheduler::{
-    ModelRunnerOutput, RequestId, SampledToken, ScheduledRequest, SchedulerOutput,
-    TokenLogprobs, PLACEHOLDER_TOKEN,
+    ModelRunnerOutput, RequestId, SampledToken, ScheduledRequest, SchedulerOutput, TokenLogprobs,
+    PLACEHOLDER_TOKEN,
 };
 
 /// A step handed to `submit` and not yet collected.
@@ -183,7 +183,10 @@ impl GpuRunner {
         for &(_, si) in &sampled {
             let sr = &reordered.scheduled[si];
             let st = &self.requests[&sr.req_id];
-            let slot = self.slots.get(sr.req_id).context("a live request lost its slot")?;
+            let slot = self
+                .slots
+                .get(sr.req_id)
+                .context("a live request lost its slot")?;
             let p = &st.params;
             let top_k_filters = p.top_k > 1 && (p.top_k as usize) < vocab;
             if !p.is_greedy() && (top_k_filters || p.top_p < 1.0 || p.min_p > 0.0) {
@@ -231,10 +234,10 @@ impl GpuRunner {
                 for &(_, si) in &sampled {
                     let sr = &reordered.scheduled[si];
                     let st = self.requests.get_mut(&sr.req_id).context("lost request")?;
-                    if sr.start_pos + sr.token_ids.len() >= st.prompt.len() {
-                        if st.prompt_logprobs_k.take().is_some() {
-                            delivered.insert(sr.req_id, std::mem::take(&mut st.prompt_logprobs));
-                        }
+                    if sr.start_pos + sr.token_ids.len() >= st.prompt.len()
+                        && st.prompt_logprobs_k.take().is_some()
+                    {
+                        delivered.insert(sr.req_id, std::mem::take(&mut st.prompt_logprobs));
                     }
                 }
                 if n == 0 {
