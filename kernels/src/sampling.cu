@@ -68,7 +68,9 @@ __device__ __forceinline__ uint64_t draw_key(uint64_t seed, uint64_t offset) {
 // (a counter-based generator); reference.rs mirrors this exactly.
 __device__ __forceinline__ float gumbel(uint64_t key, int i) {
     const uint64_t h = mix64(key + (uint64_t)i * 0x9E3779B97F4A7C15ull);
-    const float u = ((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f);
+    // Clamped below 1: the top hash value's (h >> 40) + 0.5 rounds to 2^24, u would be 1 and
+    // the noise +inf, letting that token win whatever its logit (~1 draw in 110 at vocab 150k).
+    const float u = fminf(((float)(h >> 40) + 0.5f) * (1.0f / 16777216.0f), 0x1.fffffep-1f);
     return -logf(-logf(u));
 }
 
