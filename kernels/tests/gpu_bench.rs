@@ -4,9 +4,9 @@
 //! `gpu_bench-<hash> --ignored --nocapture --test-threads=1`.
 mod gpu_harness;
 
-use gpu_harness::{arg, gpu, inv_freq, Buf, Gpu};
+use gpu_harness::{gpu, inv_freq, Buf, Gpu};
 use half::bf16;
-use rvllm_kernels::decode_smem;
+use rvllm_kernels::{args, decode_smem, KernelArgs};
 
 /// Fast deterministic filler (xorshift64*): bf16 values in [-1, 1), never all zero.
 fn filler(n: usize, mut s: u64) -> Vec<bf16> {
@@ -83,16 +83,6 @@ fn time_decode(
     let stride = (NH + 2 * NKV) * HD;
     let k_new = s.q.ptr + (NH * HD * 2) as u64;
     let v_new = k_new + (NKV * HD * 2) as u64;
-    let (nh, nkv, bs, mb, qs, ps, hd, dp) = (
-        NH as i32,
-        NKV as i32,
-        BS as i32,
-        s.max_blocks as i32,
-        stride as i32,
-        target as i32,
-        HD as i32,
-        depth as i32,
-    );
     let call = |stream: cudarc::driver::sys::CUstream| {
         g.launch_on_smem(
             stream,
@@ -100,29 +90,31 @@ fn time_decode(
             (NKV as u32, batch as u32, depth as u32),
             (128, 1, 1),
             smem,
-            &mut [
-                arg(&out.ptr),
-                arg(&po.ptr),
-                arg(&pml.ptr),
-                arg(&sem),
-                arg(&s.q.ptr),
-                arg(&k_new),
-                arg(&v_new),
-                arg(&qs),
-                arg(&s.k.ptr),
-                arg(&s.v.ptr),
-                arg(&s.tables.ptr),
-                arg(&s.ctx.ptr),
-                arg(&positions.ptr),
-                arg(&slots.ptr),
-                arg(&freqs.ptr),
-                arg(&scale),
-                arg(&nh),
-                arg(&nkv),
-                arg(&bs),
-                arg(&mb),
-                arg(&ps),
-            ],
+            args::DecodeAttention {
+                out: out.ptr,
+                partial_out: po.ptr,
+                partial_ml: pml.ptr,
+                semaphores: sem,
+                q: s.q.ptr,
+                k_new,
+                v_new,
+                qkv_stride: stride as i32,
+                key_cache: s.k.ptr,
+                value_cache: s.v.ptr,
+                block_tables: s.tables.ptr,
+                context_lens: s.ctx.ptr,
+                positions: positions.ptr,
+                slot_mapping: slots.ptr,
+                inv_freq: freqs.ptr,
+                scale,
+                num_heads: NH as i32,
+                num_kv_heads: NKV as i32,
+                block_size: BS as i32,
+                max_blocks_per_seq: s.max_blocks as i32,
+                target_partitions: target as i32,
+            }
+            .params()
+            .as_mut_slice(),
         );
         if depth > 1 && !fold {
             g.launch_on(
@@ -130,16 +122,18 @@ fn time_decode(
                 red,
                 (NH as u32, batch as u32, 1),
                 (256, 1, 1),
-                &mut [
-                    arg(&out.ptr),
-                    arg(&po.ptr),
-                    arg(&pml.ptr),
-                    arg(&s.ctx.ptr),
-                    arg(&nh),
-                    arg(&hd),
-                    arg(&dp),
-                    arg(&ps),
-                ],
+                args::PagedAttentionDecodeReduce {
+                    out: out.ptr,
+                    partial_out: po.ptr,
+                    partial_ml: pml.ptr,
+                    context_lens: s.ctx.ptr,
+                    num_heads: NH as i32,
+                    head_dim: HD as i32,
+                    max_partitions: depth as i32,
+                    target_partitions: target as i32,
+                }
+                .params()
+                .as_mut_slice(),
             );
         }
     };
@@ -215,33 +209,28 @@ fn bench_prefill_attention() {
         let cu = g.upload(&cu);
         let f = g.function("attention_prefill", "paged_attention_prefill_hd128");
         let scale = 1.0f32 / (HD as f32).sqrt();
-        let (nh, nkv, bs, mb, qs) = (
-            NH as i32,
-            NKV as i32,
-            BS as i32,
-            s.max_blocks as i32,
-            (NH * HD) as i32,
-        );
         let ms = g.time_ms(10, || {
             g.launch_async(
                 f,
                 (len.div_ceil(64) as u32, NH as u32, seqs as u32),
                 (128, 1, 1),
-                &mut [
-                    arg(&out.ptr),
-                    arg(&q.ptr),
-                    arg(&s.k.ptr),
-                    arg(&s.v.ptr),
-                    arg(&cu.ptr),
-                    arg(&s.ctx.ptr),
-                    arg(&s.tables.ptr),
-                    arg(&scale),
-                    arg(&nh),
-                    arg(&nkv),
-                    arg(&bs),
-                    arg(&mb),
-                    arg(&qs),
-                ],
+                args::PrefillAttention {
+                    out: out.ptr,
+                    q: q.ptr,
+                    key_cache: s.k.ptr,
+                    value_cache: s.v.ptr,
+                    cu_seqlens_q: cu.ptr,
+                    context_lens: s.ctx.ptr,
+                    block_tables: s.tables.ptr,
+                    scale,
+                    num_heads: NH as i32,
+                    num_kv_heads: NKV as i32,
+                    block_size: BS as i32,
+                    max_blocks_per_seq: s.max_blocks as i32,
+                    q_stride: (NH * HD) as i32,
+                }
+                .params()
+                .as_mut_slice(),
             );
         });
         // Causal: half of the QK^T and PV products, 2 flops per multiply-add.
@@ -285,24 +274,25 @@ fn bench_sampling() {
             let tokens = g.poisoned(b, -1i32);
             let lps = g.poisoned(b, f32::NAN);
             let f = g.function("sampling", "sample_tokens");
-            let v = vocab as i32;
             let ms = g.time_ms(10, || {
                 g.launch_async(
                     f,
                     (b as u32, 1, 1),
                     (1024, 1, 1),
-                    &mut [
-                        arg(&tokens.ptr),
-                        arg(&lps.ptr),
-                        arg(&d_logits.ptr),
-                        arg(&v),
-                        arg(&dt.ptr),
-                        arg(&dk.ptr),
-                        arg(&dp.ptr),
-                        arg(&dm.ptr),
-                        arg(&ds.ptr),
-                        arg(&doff.ptr),
-                    ],
+                    args::SampleTokens {
+                        out_tokens: tokens.ptr,
+                        out_logprobs: lps.ptr,
+                        logits: d_logits.ptr,
+                        vocab: vocab as i32,
+                        temperatures: dt.ptr,
+                        top_ks: dk.ptr,
+                        top_ps: dp.ptr,
+                        min_ps: dm.ptr,
+                        seeds: ds.ptr,
+                        offsets: doff.ptr,
+                    }
+                    .params()
+                    .as_mut_slice(),
                 );
             });
             // The multi-block path for rows without filters, timed from a CUDA graph (both
@@ -314,39 +304,42 @@ fn bench_sampling() {
                     g.function("sampling", "sample_plain_partial"),
                     g.function("sampling", "sample_plain_finish"),
                 );
-                let nc = nchunks as i32;
                 let us = g.graph_time_us(8, |st| {
                     g.launch_on(
                         st,
                         fp,
                         (nchunks as u32, b as u32, 1),
                         (256, 1, 1),
-                        &mut [
-                            arg(&partials.ptr),
-                            arg(&d_logits.ptr),
-                            arg(&v),
-                            arg(&nc),
-                            arg(&dt.ptr),
-                            arg(&dk.ptr),
-                            arg(&ds.ptr),
-                            arg(&doff.ptr),
-                        ],
+                        args::SamplePlainPartial {
+                            partials: partials.ptr,
+                            logits: d_logits.ptr,
+                            vocab: vocab as i32,
+                            nchunks: nchunks as i32,
+                            temperatures: dt.ptr,
+                            top_ks: dk.ptr,
+                            seeds: ds.ptr,
+                            offsets: doff.ptr,
+                        }
+                        .params()
+                        .as_mut_slice(),
                     );
                     g.launch_on(
                         st,
                         ff,
                         (b as u32, 1, 1),
                         (32, 1, 1),
-                        &mut [
-                            arg(&tokens.ptr),
-                            arg(&lps.ptr),
-                            arg(&partials.ptr),
-                            arg(&d_logits.ptr),
-                            arg(&v),
-                            arg(&nc),
-                            arg(&dt.ptr),
-                            arg(&dk.ptr),
-                        ],
+                        args::SamplePlainFinish {
+                            out_tokens: tokens.ptr,
+                            out_logprobs: lps.ptr,
+                            partials: partials.ptr,
+                            logits: d_logits.ptr,
+                            vocab: vocab as i32,
+                            nchunks: nchunks as i32,
+                            temperatures: dt.ptr,
+                            top_ks: dk.ptr,
+                        }
+                        .params()
+                        .as_mut_slice(),
                     );
                 });
                 format!("   plain path ({nchunks} chunks/row, graph): {us:.1} us")
@@ -439,7 +432,6 @@ fn bench_gemv_vs_cublas() {
             let y2 = g.poisoned(m * n, bf16::NAN);
             let bt = [1usize, 2, 4, 8].into_iter().find(|&b| b >= m).unwrap();
             let f = g.function("gemv", &format!("gemv_bf16_b{bt}"));
-            let (mi, ni, ki) = (m as i32, n as i32, k as i32);
             let reps = 4 * copies;
             let mut ours = Vec::new();
             for split in [1i32, 2, 4] {
@@ -447,20 +439,21 @@ fn bench_gemv_vs_cublas() {
                 ours.push(
                     g.time_ms(10, || {
                         for i in 0..reps {
-                            let wp = ws[i % copies].ptr;
                             g.launch_async(
                                 f,
                                 (blocks, 1, 1),
                                 (256, 1, 1),
-                                &mut [
-                                    arg(&y1.ptr),
-                                    arg(&x.ptr),
-                                    arg(&wp),
-                                    arg(&mi),
-                                    arg(&ni),
-                                    arg(&ki),
-                                    arg(&split),
-                                ],
+                                args::Gemv {
+                                    y: y1.ptr,
+                                    x: x.ptr,
+                                    w: ws[i % copies].ptr,
+                                    m: m as i32,
+                                    n: n as i32,
+                                    k: k as i32,
+                                    split,
+                                }
+                                .params()
+                                .as_mut_slice(),
                             );
                         }
                     }) * 1e3
@@ -543,8 +536,7 @@ fn bench_decode_step_kernels() {
     );
     let tok = g.poisoned(1, -1i32);
     let lp = g.poisoned(1, f32::NAN);
-    let (one, hid, voc, inter_i, eps) = (1i32, hidden as i32, vocab as i32, inter as i32, 1e-5f32);
-    let (nh, nkv, hd, qs) = (NH as i32, NKV as i32, HD as i32, qkv_w as i32);
+    let eps = 1e-5f32;
     let q_ptr = qkv.ptr;
     let k_ptr = q_ptr + (NH * HD * 2) as u64;
     let v_ptr = k_ptr + (NKV * HD * 2) as u64;
@@ -558,14 +550,16 @@ fn bench_decode_step_kernels() {
                 f,
                 (1, 1, 1),
                 (256, 1, 1),
-                &mut [
-                    arg(&h.ptr),
-                    arg(&table.ptr),
-                    arg(&ids.ptr),
-                    arg(&one),
-                    arg(&hid),
-                    arg(&voc),
-                ],
+                args::EmbeddingLookup {
+                    out: h.ptr,
+                    table: table.ptr,
+                    ids: ids.ptr,
+                    num_tokens: 1,
+                    hidden: hidden as i32,
+                    vocab: vocab as i32,
+                }
+                .params()
+                .as_mut_slice(),
             )
         }),
     ));
@@ -578,15 +572,17 @@ fn bench_decode_step_kernels() {
                 f,
                 (1, 1, 1),
                 (256, 1, 1),
-                &mut [
-                    arg(&h.ptr),
-                    arg(&res.ptr),
-                    arg(&x.ptr),
-                    arg(&w.ptr),
-                    arg(&eps),
-                    arg(&one),
-                    arg(&hid),
-                ],
+                args::FusedAddRmsNorm {
+                    out: h.ptr,
+                    residual: res.ptr,
+                    x: x.ptr,
+                    weight: w.ptr,
+                    eps,
+                    num_tokens: 1,
+                    hidden: hidden as i32,
+                }
+                .params()
+                .as_mut_slice(),
             )
         }),
     ));
@@ -599,23 +595,25 @@ fn bench_decode_step_kernels() {
                 f,
                 (1, 1, 1),
                 (256, 1, 1),
-                &mut [
-                    arg(&q_ptr),
-                    arg(&k_ptr),
-                    arg(&v_ptr),
-                    arg(&kc.ptr),
-                    arg(&vc.ptr),
-                    arg(&pos.ptr),
-                    arg(&slot.ptr),
-                    arg(&inv.ptr),
-                    arg(&one),
-                    arg(&nh),
-                    arg(&nkv),
-                    arg(&hd),
-                    arg(&qs),
-                    arg(&qs),
-                    arg(&qs),
-                ],
+                args::RopeAndCache {
+                    q: q_ptr,
+                    k: k_ptr,
+                    v: v_ptr,
+                    key_cache: kc.ptr,
+                    value_cache: vc.ptr,
+                    positions: pos.ptr,
+                    slot_mapping: slot.ptr,
+                    inv_freq: inv.ptr,
+                    num_tokens: 1,
+                    num_heads: NH as i32,
+                    num_kv_heads: NKV as i32,
+                    head_dim: HD as i32,
+                    q_stride: qkv_w as i32,
+                    k_stride: qkv_w as i32,
+                    v_stride: qkv_w as i32,
+                }
+                .params()
+                .as_mut_slice(),
             )
         }),
     ));
@@ -628,7 +626,14 @@ fn bench_decode_step_kernels() {
                 f,
                 (inter.div_ceil(2048) as u32, 1, 1),
                 (256, 1, 1),
-                &mut [arg(&act.ptr), arg(&gate_up.ptr), arg(&one), arg(&inter_i)],
+                args::SiluAndMul {
+                    out: act.ptr,
+                    r#in: gate_up.ptr,
+                    num_tokens: 1,
+                    inter: inter as i32,
+                }
+                .params()
+                .as_mut_slice(),
             )
         }),
     ));
@@ -647,7 +652,6 @@ fn bench_decode_step_kernels() {
         let xin = g.upload(&filler(k, 31));
         let y = g.poisoned(n, bf16::NAN);
         let f = g.function("gemv", "gemv_bf16_b1");
-        let (ni, ki, split) = (n as i32, k as i32, 4i32);
         // One weight matrix replayed 32 times: small ones sit in L2, so this is a lower bound.
         rows.push((
             name,
@@ -657,15 +661,17 @@ fn bench_decode_step_kernels() {
                     f,
                     (n.div_ceil(2) as u32, 1, 1),
                     (256, 1, 1),
-                    &mut [
-                        arg(&y.ptr),
-                        arg(&xin.ptr),
-                        arg(&wm.ptr),
-                        arg(&one),
-                        arg(&ni),
-                        arg(&ki),
-                        arg(&split),
-                    ],
+                    args::Gemv {
+                        y: y.ptr,
+                        x: xin.ptr,
+                        w: wm.ptr,
+                        m: 1,
+                        n: n as i32,
+                        k: k as i32,
+                        split: 4,
+                    }
+                    .params()
+                    .as_mut_slice(),
                 )
             }),
         ));
@@ -679,18 +685,20 @@ fn bench_decode_step_kernels() {
                 f,
                 (1, 1, 1),
                 (1024, 1, 1),
-                &mut [
-                    arg(&tok.ptr),
-                    arg(&lp.ptr),
-                    arg(&logits.ptr),
-                    arg(&voc),
-                    arg(&samp.0.ptr),
-                    arg(&samp.1.ptr),
-                    arg(&samp.2.ptr),
-                    arg(&samp.3.ptr),
-                    arg(&samp.4.ptr),
-                    arg(&samp.5.ptr),
-                ],
+                args::SampleTokens {
+                    out_tokens: tok.ptr,
+                    out_logprobs: lp.ptr,
+                    logits: logits.ptr,
+                    vocab: vocab as i32,
+                    temperatures: samp.0.ptr,
+                    top_ks: samp.1.ptr,
+                    top_ps: samp.2.ptr,
+                    min_ps: samp.3.ptr,
+                    seeds: samp.4.ptr,
+                    offsets: samp.5.ptr,
+                }
+                .params()
+                .as_mut_slice(),
             )
         }),
     ));
