@@ -22,8 +22,9 @@
 //   k a multiple of 8; rows_per_stage R in {1, 2, 4, 8} with R * k * 2 <= kStageBytes; the
 //   pointers 16-byte aligned. Grid: at most one block per SM (the host takes min(groups, SMs)),
 //   block 256, dynamic shared memory S * 32 KiB + 2k + 8 * (S + 1) bytes for S stages
-//   (GemvBulk on the host; `RVLLM_GEMV_STAGES=6` picks the deeper pipeline, which covers the
-//   input prologue and the first loads' latency with more weight bytes in flight).
+//   (GemvBulk on the host; the engine runs 4 stages; the `_s6` build, a deeper pipeline that
+//   covers the input prologue and the first loads' latency with more weight bytes in flight,
+//   is launched only by gpu_kernels' reference test).
 //   Measured on an H200 (batch-1 decode, Llama-3.1-8B): 4 compile-time stages 209.9 tok/s;
 //   the stage count as a kernel argument, 198.0 at 4 and 193.9 at 3 (3 stages let two blocks
 //   share an SM so consecutive GEMVs overlap, which did not pay).

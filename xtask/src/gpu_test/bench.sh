@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # rvllm GPU benchmarks (the suite behind BENCHMARKS.md), gathered by `cargo xtask gpu-test`.
-# Usage: ./bench.sh [latency] [latency-f16] [latency-s6] [latency-nopdl] [latency-skip:PATTERNS]
+# Usage: ./bench.sh [latency] [latency-f16] [latency-nopdl] [latency-skip:PATTERNS]
 #                   [latency-env:VAR=VALUE,...] [latency-bin:PATH] [ttft]
 #                   [throughput] [throughput-1024] [throughput-default] [throughput-default-f16]
 #                   [throughput-default-sync] [throughput-mixed] [throughput-default-bin:PATH]
@@ -79,7 +79,6 @@ for what in "$@"; do
     latency-f16)
         # The same in float16 (the f16 build of every kernel, f16 cuBLAS GEMMs).
         run latency-f16 "${LATENCY[@]}" --dtype float16 --output-json "$RES/latency-f16.json" ;;
-    latency-s6) run latency-s6 env RVLLM_GEMV_STAGES=6 "${LATENCY[@]}" ;;
     latency-nopdl) run latency-nopdl env RVLLM_PDL=0 "${LATENCY[@]}" ;;
     latency-sync) run latency-sync "${LATENCY[@]}" --no-async-scheduling ;;
     latency-skip:*)
@@ -93,7 +92,7 @@ for what in "$@"; do
         bin=${what#latency-bin:}
         run "latency-bin-$(basename "$bin")" "$bin" "${LATENCY[@]:1}" ;;
     latency-env:*)
-        # The latency run with diagnostic settings, e.g. latency-env:RVLLM_DECODE_REDUCE=kernel
+        # The latency run with diagnostic settings, e.g. latency-env:RVLLM_DECODE_COMPACT=0
         # (comma-separated VAR=VALUE pairs; the log is named after them).
         IFS=, read -r -a vars <<<"${what#latency-env:}"
         run "latency-env-$(IFS=_; echo "${vars[*]}")" env "${vars[@]}" "${LATENCY[@]}" ;;
