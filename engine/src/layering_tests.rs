@@ -26,15 +26,6 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("bench", &["cli"]),
 ];
 
-/// Upward imports that remain in files being rewritten by others (issue 17). Each type they
-/// name now lives in `types` (re-exported at the old path); the file's owner switches the
-/// import to `crate::types` and deletes the entry. The test fails on an entry that an existing
-/// file no longer needs, so the list only shrinks.
-const KNOWN_UPWARD: &[(&str, &str)] = &[
-    // TokenLogprobs: crate::types.
-    ("sampling/sampler.rs", "scheduler"),
-];
-
 fn src_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
@@ -150,7 +141,6 @@ fn crate_paths_go_down_the_layers_of_architecture_md() {
     );
 
     let mut errors = Vec::new();
-    let mut used_exceptions = BTreeSet::new();
     for path in &files {
         let rel = path
             .strip_prefix(&src)
@@ -172,10 +162,6 @@ fn crate_paths_go_down_the_layers_of_architecture_md() {
             if ok.contains(target.as_str()) || ROOT_ITEMS.contains(&target.as_str()) {
                 continue;
             }
-            if KNOWN_UPWARD.contains(&(rel.as_str(), target.as_str())) {
-                used_exceptions.insert((rel.clone(), target));
-                continue;
-            }
             let why = if allowed(&target).is_some() {
                 format!("which is not below `{layer}`")
             } else {
@@ -184,17 +170,6 @@ fn crate_paths_go_down_the_layers_of_architecture_md() {
             errors.push(format!(
                 "engine/src/{rel}:{line}: `{layer}` imports `crate::{target}`, {why} \
                  (may import: {ok:?})"
-            ));
-        }
-    }
-    for (file, target) in KNOWN_UPWARD {
-        // A file not there yet (committed later by its owner) or moved away is no reason to
-        // fail; its entry goes with the move.
-        let exists = src.join(file).is_file();
-        if exists && !used_exceptions.contains(&(file.to_string(), target.to_string())) {
-            errors.push(format!(
-                "KNOWN_UPWARD lists ({file}, {target}) but the file no longer imports it: \
-                 delete the entry"
             ));
         }
     }

@@ -362,6 +362,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         const MaxArg win = block_maxarg(best, scratch);
         token = win.idx;
     }
+    // A row with every logit -inf (everything masked) has no index: token 0, as the reference.
+    if (token < 0 || token >= vocab) token = 0;
     if (threadIdx.x == 0) {
         out_tokens[b] = token;
         out_logprobs[b] = row[token] - lse;
@@ -458,7 +460,8 @@ extern "C" __global__ void sample_plain_finish(int32_t* __restrict__ out_tokens,
     if (lane == 0) {
         const float temp = temperatures[b];
         const bool greedy = temp < 1e-5f || top_ks[b] == 1;
-        const int token = greedy ? acc.idx : best.idx;
+        int token = greedy ? acc.idx : best.idx;
+        if (token < 0 || token >= vocab) token = 0;  // every logit -inf: token 0, as the reference
         out_tokens[b] = token;
         out_logprobs[b] = logits[(int64_t)b * vocab + token] - (acc.m + logf(acc.s));
     }

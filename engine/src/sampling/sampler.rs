@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use rvllm_kernels::reference as ops;
 
 use super::params::SamplingParams;
-use crate::scheduler::TokenLogprobs;
+use crate::types::TokenLogprobs;
 
 /// One request's sampler, kept by the model runner for the life of the request.
 #[derive(Debug, Clone)]
