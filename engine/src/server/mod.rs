@@ -79,7 +79,12 @@ pub struct ServeArgs {
     pub request_body_timeout: f64,
     /// Seconds an idle keep-alive connection stays open waiting for its next request
     /// (uvicorn's name and vLLM's default; also read from VLLM_HTTP_TIMEOUT_KEEP_ALIVE).
-    #[arg(long, env = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE", default_value_t = 5.0, value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE",
+        default_value_t = 5.0,
+        value_name = "SECONDS"
+    )]
     pub timeout_keep_alive: f64,
     /// Most connections open at once; further ones wait in the listen backlog until one
     /// closes (a log line says when the limit is reached). Default: the open-file limit
@@ -275,7 +280,14 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         .context("starting the tokio runtime")?;
     let grace = Duration::from_secs_f64(args.shutdown_grace_period);
     let conns = http::Connections::new(limits.max_connections);
-    let result = rt.block_on(serve(std_listener, local, state, grace, limits, conns.clone()));
+    let result = rt.block_on(serve(
+        std_listener,
+        local,
+        state,
+        grace,
+        limits,
+        conns.clone(),
+    ));
     engine.shutdown();
     // The requests the grace period cut off now have their answers (503, or an error event
     // in a stream): give them a moment to go out.
