@@ -3,12 +3,13 @@
 //
 // Kernel (extern "C"):
 //   sample_tokens(out_tokens, out_logprobs, logits, vocab, temperatures, top_ks, top_ps,
-//                 min_ps, seeds, offsets)
+//                 min_ps, seeds, offsets, filtered_only)
 //     logits: f32 [B, vocab]; per row b:
 //       temperatures[b] (f32; < 1e-5 means greedy), top_ks[b] (int32; <= 0 or >= vocab
 //       disables), top_ps[b] (f32 in (0, 1]; 1 disables), min_ps[b] (f32 in [0, 1]; 0 disables),
 //       seeds[b], offsets[b] (uint64; the draw is a pure function of (seed, offset, logits),
-//       the caller advances the offset each step).
+//       the caller advances the offset each step). filtered_only != 0: rows without a filter
+//       (greedy, or no top-k/top-p/min-p) are left alone, for the plain kernels to sample.
 //     out_tokens: int32 [B]; out_logprobs: f32 [B], the chosen token's log-softmax of the raw
 //       logits (before temperature and filtering, as vLLM reports it).
 //   grid (B), block 1024 (kThreads).
@@ -256,7 +257,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                   const float* __restrict__ logits, int vocab,
                   const float* __restrict__ temperatures, const int32_t* __restrict__ top_ks,
                   const float* __restrict__ top_ps, const float* __restrict__ min_ps,
-                  const uint64_t* __restrict__ seeds, const uint64_t* __restrict__ offsets) {
+                  const uint64_t* __restrict__ seeds, const uint64_t* __restrict__ offsets,
+                  int filtered_only) {
     pdl_enter();
     __shared__ MaxArg scratch[kWarps];
     __shared__ uint64_t hist[256];
@@ -275,6 +277,9 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     // No filter: the Gumbel draw needs no threshold and runs in the same pass as the max.
     const bool plain = !greedy && (top_ks[b] <= 0 || top_ks[b] >= vocab) && top_ps[b] >= 1.0f &&
                        min_ps[b] <= 0.0f;
+    // Beside the plain kernels (which sample the other rows the same way), only rows with a
+    // filter are this kernel's: a step mixing both runs both, inside one graph.
+    if (filtered_only && (greedy || plain)) return;
     const uint64_t key = draw_key(seeds[b], offsets[b]);
     MaxArg acc{-INFINITY, 0x7fffffff, 0.0f};
     MaxArg best{-INFINITY, 0x7fffffff, 0.0f};

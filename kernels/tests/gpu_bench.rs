@@ -290,6 +290,7 @@ fn bench_sampling() {
                         min_ps: dm.ptr,
                         seeds: ds.ptr,
                         offsets: doff.ptr,
+                        filtered_only: 0,
                     }
                     .params()
                     .as_mut_slice(),
@@ -696,6 +697,7 @@ fn bench_decode_step_kernels() {
                     min_ps: samp.3.ptr,
                     seeds: samp.4.ptr,
                     offsets: samp.5.ptr,
+                    filtered_only: 0,
                 }
                 .params()
                 .as_mut_slice(),

@@ -623,6 +623,7 @@ fn sampling_greedy_and_seeded() {
                     min_ps: d_m.ptr,
                     seeds: d_s.ptr,
                     offsets: d_o.ptr,
+                    filtered_only: 0,
                 },
             );
             (g.download(&tokens), g.download(&lps))

@@ -456,6 +456,7 @@ fn both_samplers_draw_the_reference_token_for_thousands_of_rows() {
         min_ps: min_ps.ptr,
         seeds: seeds.ptr,
         offsets: offs.ptr,
+        filtered_only: 0,
     };
     g.launch(
         "sampling",

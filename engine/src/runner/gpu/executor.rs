@@ -255,7 +255,7 @@ impl GpuRunner {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let step = self.be.upload_step(&dummy)?;
         // Warm-up outside the capture (cuBLAS picks its kernels, modules load).
-        self.launch_step(b, &step, true)?;
+        self.launch_step(b, &step)?;
         self.gpu.sync()?;
         unsafe {
             drv::stream::begin_capture(
@@ -264,7 +264,7 @@ impl GpuRunner {
             )
         }
         .map_err(|e| anyhow::anyhow!("starting CUDA graph capture: {e:?}"))?;
-        let launched = self.launch_step(b, &step, true);
+        let launched = self.launch_step(b, &step);
         let graph = unsafe { drv::stream::end_capture(self.gpu.stream) };
         self.be
             .capturing_graph
@@ -277,18 +277,17 @@ impl GpuRunner {
     }
 
     /// Everything after the step metadata is uploaded: body, LM head on the first `rows`
-    /// logits rows, sampling. Launches only (graph-capturable).
+    /// logits rows, sampling of rows with any parameters. Launches only (graph-capturable).
     fn launch_step(
         &mut self,
         rows: usize,
         step: &crate::backend::cuda::backend::CudaStepMeta,
-        plain: bool,
     ) -> Result<()> {
         self.model
             .forward_hidden(&self.be, step, &mut self.kv, &mut self.ws)?;
         self.lm_head(step, 0..rows)?;
         self.sampler
-            .launch(&self.gpu, self.logits_elem.ptr, rows, plain)
+            .launch(&self.gpu, self.logits_elem.ptr, rows, true)
     }
 
     /// Logits (compute type) of the step's logits rows `range` into `logits_elem`: made in

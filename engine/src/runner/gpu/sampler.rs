@@ -206,9 +206,9 @@ impl DeviceSampler {
     }
 
     /// Everything from the LM head's logits (`raw`, `rows` x vocab in the compute type) to
-    /// the sampled tokens and logprobs. Launches only. `plain`: no row filters (top-k,
-    /// top-p, min-p), so the faster two-kernel sampler applies.
-    pub fn launch(&self, gpu: &Gpu, raw: u64, rows: usize, plain: bool) -> Result<()> {
+    /// the sampled tokens and logprobs. Launches only. `filtered`: some row may have a
+    /// filter (top-k, top-p, min-p); decode graphs are captured with it.
+    pub fn launch(&self, gpu: &Gpu, raw: u64, rows: usize, filtered: bool) -> Result<()> {
         let n = self.max_rows as u64;
         let (slot, step, want) = (self.rows.ptr, self.rows.ptr + 4 * n, self.rows.ptr + 8 * n);
         let p = self.row_params.ptr;
@@ -254,41 +254,43 @@ impl DeviceSampler {
             },
         )?;
         let lp = self.sampler_logprobs.ptr;
-        if plain {
-            // nchunks = clamp(528 / B, 4, 128): measured fastest on the H100 (sampling.cu).
-            let nchunks = (528 / rows).clamp(4, 128) as i32;
-            let parts = self.partials.ptr;
-            gpu.launch_args(
-                (nchunks as u32, rows as u32, 1),
-                (256, 1, 1),
-                0,
-                args::SamplePlainPartial {
-                    partials: parts,
-                    logits: lg,
-                    vocab,
-                    nchunks,
-                    temperatures: temps,
-                    top_ks: ks,
-                    seeds,
-                    offsets: offs,
-                },
-            )?;
-            gpu.launch_args(
-                (rows as u32, 1, 1),
-                (32, 1, 1),
-                0,
-                args::SamplePlainFinish {
-                    out_tokens: tokens,
-                    out_logprobs: lp,
-                    partials: parts,
-                    logits: lg,
-                    vocab,
-                    nchunks,
-                    temperatures: temps,
-                    top_ks: ks,
-                },
-            )?;
-        } else {
+        // The plain kernels sample every row without a filter (and greedy ones); rows with
+        // top-k, top-p or min-p are then sampled by sample_tokens, which leaves the others.
+        // Both draw the same function, so a row's token does not depend on which one ran.
+        // nchunks = clamp(528 / B, 4, 128): measured fastest on the H100 (sampling.cu).
+        let nchunks = (528 / rows).clamp(4, 128) as i32;
+        let parts = self.partials.ptr;
+        gpu.launch_args(
+            (nchunks as u32, rows as u32, 1),
+            (256, 1, 1),
+            0,
+            args::SamplePlainPartial {
+                partials: parts,
+                logits: lg,
+                vocab,
+                nchunks,
+                temperatures: temps,
+                top_ks: ks,
+                seeds,
+                offsets: offs,
+            },
+        )?;
+        gpu.launch_args(
+            (rows as u32, 1, 1),
+            (32, 1, 1),
+            0,
+            args::SamplePlainFinish {
+                out_tokens: tokens,
+                out_logprobs: lp,
+                partials: parts,
+                logits: lg,
+                vocab,
+                nchunks,
+                temperatures: temps,
+                top_ks: ks,
+            },
+        )?;
+        if filtered {
             gpu.launch_args(
                 (rows as u32, 1, 1),
                 (1024, 1, 1),
@@ -304,6 +306,7 @@ impl DeviceSampler {
                     min_ps: mps,
                     seeds,
                     offsets: offs,
+                    filtered_only: 1,
                 },
             )?;
         }

@@ -178,7 +178,7 @@ impl GpuRunner {
         let n = sampled.len();
         let mut rows = Vec::with_capacity(n);
         let (mut row_slots, mut row_steps, mut row_k) = (vec![], vec![], vec![]);
-        let mut plain = true;
+        let mut filtered = false;
         let vocab = self.config.vocab_size;
         for &(_, si) in &sampled {
             let sr = &reordered.scheduled[si];
@@ -190,7 +190,7 @@ impl GpuRunner {
             let p = &st.params;
             let top_k_filters = p.top_k > 1 && (p.top_k as usize) < vocab;
             if !p.is_greedy() && (top_k_filters || p.top_p < 1.0 || p.min_p > 0.0) {
-                plain = false;
+                filtered = true;
             }
             row_slots.push(slot as i32);
             row_steps.push(i32::try_from(sr.num_output_tokens).context("sampling step")?);
@@ -198,8 +198,7 @@ impl GpuRunner {
             rows.push((sr.req_id, p.logprobs));
         }
         let want_logprobs = rows.iter().any(|r| r.1.is_some());
-        let pure_decode = plain
-            && prompt_rows.is_empty()
+        let pure_decode = prompt_rows.is_empty()
             && batch.seqs.iter().all(|s| s.num_tokens == 1)
             && n == batch.seqs.len();
         let graph_size = if pure_decode {
@@ -247,7 +246,7 @@ impl GpuRunner {
                 }
                 self.lm_head(&step, 0..n)?;
                 self.sampler
-                    .launch(&self.gpu, self.logits_elem.ptr, n, plain)?;
+                    .launch(&self.gpu, self.logits_elem.ptr, n, filtered)?;
             }
         }
         // The results come back behind the step; the slot's previous copy must have been read.
