@@ -1,4 +1,5 @@
 //! `rvllm bench latency|throughput|serve`, shaped like `vllm bench`, and `serve-merge`.
+pub mod dataset;
 pub mod offline;
 pub mod serve;
 pub mod serve_merge;

@@ -8,6 +8,7 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+use super::dataset::{describe_hit_rate, prefix_repetition_prompts, PrefixRepetitionArgs};
 use crate::engine::{EngineArgs, Llm};
 use crate::models::config::ModelConfig;
 use crate::sampling::SamplingParams;
@@ -42,13 +43,19 @@ fn picked(i: usize, fraction: f64, phase: f64) -> bool {
 pub struct ThroughputArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Only `random` is built in.
+    /// random (--input-len random token ids per prompt) or prefix_repetition (prompts
+    /// sharing a few long prefixes, shaped by the --prefix-repetition-* flags).
     #[arg(long, default_value = "random")]
     pub dataset_name: String,
+    /// random: prompt tokens.
     #[arg(long, default_value_t = 256)]
     pub input_len: usize,
+    /// random: tokens to generate per request (prefix_repetition takes
+    /// --prefix-repetition-output-len).
     #[arg(long, default_value_t = 256)]
     pub output_len: usize,
+    #[command(flatten)]
+    pub prefix_repetition: PrefixRepetitionArgs,
     #[arg(long, default_value_t = 1000)]
     pub num_prompts: usize,
     #[arg(long)]
@@ -65,17 +72,38 @@ pub struct ThroughputArgs {
     pub penalty_fraction: f64,
 }
 
+/// The ids random prompts are drawn from: the lowest are skipped, since special tokens live
+/// there in most vocabularies.
+fn prompt_id_range(vocab: usize) -> std::ops::Range<u32> {
+    (vocab / 100).min(1000) as u32..vocab as u32
+}
+
 fn random_prompts(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    // Skip the lowest ids: special tokens live there in most vocabularies.
-    let lo = (vocab / 100).min(1000) as u32;
+    let ids = prompt_id_range(vocab);
     (0..n)
-        .map(|_| {
-            (0..len)
-                .map(|_| rng.random_range(lo..vocab as u32))
-                .collect()
-        })
+        .map(|_| (0..len).map(|_| rng.random_range(ids.clone())).collect())
         .collect()
+}
+
+/// `--dataset-name`'s prompts and tokens to generate per request.
+fn throughput_prompts(args: &ThroughputArgs, vocab: usize) -> Result<(Vec<Vec<u32>>, usize)> {
+    match args.dataset_name.as_str() {
+        "random" => Ok((
+            random_prompts(args.num_prompts, args.input_len, vocab, args.seed),
+            args.output_len,
+        )),
+        "prefix_repetition" => Ok((
+            prefix_repetition_prompts(
+                args.num_prompts,
+                &args.prefix_repetition,
+                prompt_id_range(vocab),
+                args.seed,
+            )?,
+            args.prefix_repetition.prefix_repetition_output_len,
+        )),
+        other => anyhow::bail!("unknown --dataset-name `{other}`: use random or prefix_repetition"),
+    }
 }
 
 /// Bytes of all weights (bf16: 2 bytes each), counted as GPU.md does for the batch-1
@@ -211,18 +239,18 @@ fn print_step_profile(llm: &Llm) {
 
 pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
     anyhow::ensure!(
-        args.dataset_name == "random",
-        "unknown --dataset-name `{}`: only `random` is built in",
+        matches!(args.dataset_name.as_str(), "random" | "prefix_repetition"),
+        "unknown --dataset-name `{}`: use random or prefix_repetition",
         args.dataset_name
     );
     let mut llm = Llm::new(&args.engine)?;
     let cfg = llm.core.config.clone();
-    let prompts = random_prompts(args.num_prompts, args.input_len, cfg.vocab_size, args.seed);
+    let (prompts, output_len) = throughput_prompts(&args, cfg.vocab_size)?;
     let params = SamplingParams {
         temperature: 1.0,
         top_p: 1.0,
         ignore_eos: true,
-        max_tokens: Some(args.output_len),
+        max_tokens: Some(output_len),
         ..SamplingParams::default()
     };
     let bar = crate::cli::progress::bar(
@@ -265,6 +293,15 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
     );
     println!("Total num prompt tokens:  {prompt_tokens}");
     println!("Total num output tokens:  {output_tokens}");
+    let scheduler = &llm.core.scheduler;
+    let (hits, queries) = (
+        scheduler.prefix_cache_hits(),
+        scheduler.prefix_cache_queries(),
+    );
+    println!(
+        "Prefix cache hit rate: {}",
+        describe_hit_rate(hits as f64, queries as f64)
+    );
     print_step_profile(&llm);
     let mut out = json!({
         "elapsed_time": elapsed,
@@ -273,6 +310,10 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
         "requests_per_second": outs.len() as f64 / elapsed,
         "tokens_per_second": total as f64 / elapsed,
         "output_tokens_per_second": output_tokens as f64 / elapsed,
+        "dataset_name": args.dataset_name,
+        "prefix_cache_queries": queries,
+        "prefix_cache_hits": hits,
+        "prefix_cache_hit_rate": scheduler.prefix_cache_hit_rate(),
         "device": llm.core.executor.device_name(),
     });
     if let Some((copy_bw, gemm_flops)) = device_ceilings(&llm) {

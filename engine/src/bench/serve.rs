@@ -18,6 +18,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
+use super::dataset::{
+    describe_hit_rate, prefix_cache_counters, prefix_repetition_prompts, PrefixRepetitionArgs,
+};
+
 #[derive(Args, Clone, Debug)]
 pub struct ServeBenchArgs {
     /// Server base URL (overrides --host/--port).
@@ -33,9 +37,12 @@ pub struct ServeBenchArgs {
     /// Model name to request (default: the first one the server lists at /v1/models).
     #[arg(long)]
     pub model: Option<String>,
-    /// Only `random` is implemented.
+    /// random, or prefix_repetition (token-id prompts sharing a few long prefixes, shaped
+    /// by the --prefix-repetition-* flags; /v1/completions only).
     #[arg(long, default_value = "random")]
     pub dataset_name: String,
+    #[command(flatten)]
+    pub prefix_repetition: PrefixRepetitionArgs,
     /// Prompt length: words (about one token each) or, with --random-prompt-format ids, tokens.
     #[arg(long, default_value_t = 1024)]
     pub random_input_len: usize,
@@ -48,7 +55,8 @@ pub struct ServeBenchArgs {
     /// text (random words; any endpoint) or ids (random token ids; /v1/completions only).
     #[arg(long, default_value = "text")]
     pub random_prompt_format: String,
-    /// Token ids for --random-prompt-format ids are drawn from [100, 100 + this).
+    /// Token ids for --random-prompt-format ids (and prefix_repetition) are drawn from
+    /// [100, 100 + this).
     #[arg(long, default_value_t = 1000)]
     pub random_vocab_size: u32,
     #[arg(long, default_value_t = 1000)]
@@ -131,12 +139,11 @@ pub struct RequestResult {
 }
 
 pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
-    if args.dataset_name != "random" {
-        bail!(
-            "unknown --dataset-name `{}`: only `random` is implemented",
-            args.dataset_name
-        );
-    }
+    let prefix_repetition = match args.dataset_name.as_str() {
+        "random" => false,
+        "prefix_repetition" => true,
+        other => bail!("unknown --dataset-name `{other}`: use random or prefix_repetition"),
+    };
     let rate = parse_rate(&args.request_rate)?;
     if args.num_prompts == 0 {
         bail!("--num-prompts must be at least 1");
@@ -146,6 +153,10 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     }
     let chat = args.endpoint.contains("chat");
     let ids_format = match args.random_prompt_format.as_str() {
+        _ if prefix_repetition && chat => {
+            bail!("--dataset-name prefix_repetition sends token ids: it needs /v1/completions")
+        }
+        _ if prefix_repetition => true,
         "text" => false,
         "ids" if chat => {
             bail!("--random-prompt-format ids needs /v1/completions (chat messages are text)")
@@ -175,21 +186,16 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     };
 
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let mut requests: Vec<Value> = (0..args.num_prompts)
-        .map(|_| {
-            let in_len = draw_len(&mut rng, args.random_input_len, args.random_range_ratio);
-            let out_len =
-                draw_len(&mut rng, args.random_output_len, args.random_range_ratio).max(1);
-            let prompt = if ids_format {
-                json!((0..in_len)
-                    .map(|_| 100 + rng.random_range(0..args.random_vocab_size.max(1)))
-                    .collect::<Vec<_>>())
-            } else {
-                json!(random_words(&mut rng, in_len))
-            };
-            build_body(&model, prompt, out_len, chat, &args)
-        })
-        .collect();
+    let mut requests: Vec<Value> = if prefix_repetition {
+        let ids = 100..100 + args.random_vocab_size.max(1);
+        let out_len = args.prefix_repetition.prefix_repetition_output_len.max(1);
+        prefix_repetition_prompts(args.num_prompts, &args.prefix_repetition, ids, args.seed)?
+            .into_iter()
+            .map(|p| build_body(&model, json!(p), out_len, chat, ids_format, &args))
+            .collect()
+    } else {
+        random_requests(&mut rng, &model, chat, ids_format, &args)
+    };
     let mut delays = arrival_delays(&mut rng, args.num_prompts, rate);
     if let Some(shard) = args.shard {
         let range = shard_range(args.num_prompts, shard);
@@ -218,6 +224,7 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
             .map(|c| c.to_string())
             .unwrap_or_else(|| "unlimited".into())
     );
+    let cache_before = scrape_prefix_cache(&client, &base, api_key.as_deref()).await;
     let limiter = args
         .max_concurrency
         .map(|c| Arc::new(tokio::sync::Semaphore::new(c)));
@@ -257,6 +264,18 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     let duration = start.elapsed().as_secs_f64();
     let summary = summarize(&results, duration);
     print_table(&summary, args.max_concurrency, &args.request_rate, &model);
+    // This run's share of the server's counters (other clients' requests count too).
+    let cache_after = scrape_prefix_cache(&client, &base, api_key.as_deref()).await;
+    let cache_delta = cache_before
+        .zip(cache_after)
+        .map(|((h0, q0), (h1, q1))| ((h1 - h0).max(0.0), (q1 - q0).max(0.0)));
+    match cache_delta {
+        Some((hits, queries)) => println!(
+            "Prefix cache hit rate (server /metrics, during the run): {}",
+            describe_hit_rate(hits, queries)
+        ),
+        None => println!("Prefix cache hit rate: not reported by the server's /metrics"),
+    }
     let failed: Vec<&RequestResult> = results.iter().filter(|r| !r.ok).collect();
     if let Some(f) = failed.first() {
         eprintln!(
@@ -278,8 +297,36 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     }
     obj.insert("request_rate".into(), json!(args.request_rate));
     obj.insert("max_concurrency".into(), json!(args.max_concurrency));
-    obj.insert("random_input_len".into(), json!(args.random_input_len));
-    obj.insert("random_output_len".into(), json!(args.random_output_len));
+    obj.insert("dataset_name".into(), json!(args.dataset_name));
+    if prefix_repetition {
+        let p = &args.prefix_repetition;
+        obj.insert(
+            "prefix_repetition_prefix_len".into(),
+            json!(p.prefix_repetition_prefix_len),
+        );
+        obj.insert(
+            "prefix_repetition_suffix_len".into(),
+            json!(p.prefix_repetition_suffix_len),
+        );
+        obj.insert(
+            "prefix_repetition_num_prefixes".into(),
+            json!(p.prefix_repetition_num_prefixes),
+        );
+        obj.insert(
+            "prefix_repetition_output_len".into(),
+            json!(p.prefix_repetition_output_len),
+        );
+    } else {
+        obj.insert("random_input_len".into(), json!(args.random_input_len));
+        obj.insert("random_output_len".into(), json!(args.random_output_len));
+    }
+    if let Some((hits, queries)) = cache_delta {
+        obj.insert("prefix_cache_hits".into(), json!(hits));
+        obj.insert("prefix_cache_queries".into(), json!(queries));
+        if queries > 0.0 {
+            obj.insert("prefix_cache_hit_rate".into(), json!(hits / queries));
+        }
+    }
     obj.insert(
         "input_lens".into(),
         json!(results.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>()),
@@ -394,11 +441,37 @@ fn random_words(rng: &mut StdRng, n: usize) -> String {
     s
 }
 
+/// The `random` dataset's request bodies: random words or token ids, lengths drawn around
+/// --random-input-len / --random-output-len.
+fn random_requests(
+    rng: &mut StdRng,
+    model: &str,
+    chat: bool,
+    ids_format: bool,
+    args: &ServeBenchArgs,
+) -> Vec<Value> {
+    (0..args.num_prompts)
+        .map(|_| {
+            let in_len = draw_len(rng, args.random_input_len, args.random_range_ratio);
+            let out_len = draw_len(rng, args.random_output_len, args.random_range_ratio).max(1);
+            let prompt = if ids_format {
+                json!((0..in_len)
+                    .map(|_| 100 + rng.random_range(0..args.random_vocab_size.max(1)))
+                    .collect::<Vec<_>>())
+            } else {
+                json!(random_words(rng, in_len))
+            };
+            build_body(model, prompt, out_len, chat, ids_format, args)
+        })
+        .collect()
+}
+
 fn build_body(
     model: &str,
     prompt: Value,
     max_tokens: usize,
     chat: bool,
+    ids_format: bool,
     args: &ServeBenchArgs,
 ) -> Value {
     let mut body = json!({
@@ -413,7 +486,7 @@ fn build_body(
     } else {
         body["prompt"] = prompt;
     }
-    if args.random_prompt_format == "ids" {
+    if ids_format {
         // vLLM's extension: token ids in every chunk, so a model without a tokenizer (whose
         // text is empty) still shows when each token arrives.
         body["return_token_ids"] = json!(true);
@@ -450,6 +523,24 @@ async fn first_model(client: &reqwest::Client, base: &str, key: Option<&str>) ->
 }
 
 /// Send one streaming request and time its chunks.
+/// The server's prefix-cache (hits, queries) counters now, if its /metrics has them (a
+/// server without /metrics, or without these counters, gives None: the run goes on).
+async fn scrape_prefix_cache(
+    client: &reqwest::Client,
+    base: &str,
+    key: Option<&str>,
+) -> Option<(f64, f64)> {
+    let mut req = client.get(format!("{base}/metrics"));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    prefix_cache_counters(&resp.text().await.ok()?)
+}
+
 async fn send_one(
     client: &reqwest::Client,
     url: &str,

@@ -31,6 +31,11 @@ const SAME_RUN: &[&str] = &[
     "max_concurrency",
     "random_input_len",
     "random_output_len",
+    "dataset_name",
+    "prefix_repetition_prefix_len",
+    "prefix_repetition_suffix_len",
+    "prefix_repetition_num_prefixes",
+    "prefix_repetition_output_len",
 ];
 
 pub fn run(args: ServeMergeArgs) -> Result<()> {
@@ -123,7 +128,13 @@ pub fn merge(parts: &[Value], names: &[PathBuf]) -> Result<Value> {
     let mut results = Vec::new();
     let mut duration = 0.0;
     let mut shards = Vec::new();
+    // Prefix-cache tokens (hits, queries), when every part has them.
+    let mut cache: Option<(f64, f64)> = Some((0.0, 0.0));
     for (part, path) in parts.iter().zip(names) {
+        let counts = part["prefix_cache_hits"]
+            .as_f64()
+            .zip(part["prefix_cache_queries"].as_f64());
+        cache = cache.zip(counts).map(|((h, q), (ph, pq))| (h + ph, q + pq));
         let name = path.display().to_string();
         for key in SAME_RUN {
             if part[key] != first[key] {
@@ -161,6 +172,17 @@ pub fn merge(parts: &[Value], names: &[PathBuf]) -> Result<Value> {
     let obj = out.as_object_mut().context("summary is an object")?;
     for key in SAME_RUN {
         obj.insert(key.to_string(), first[*key].clone());
+    }
+    if let Some((hits, queries)) = cache {
+        println!(
+            "Prefix cache hit rate (server /metrics, during the runs): {}",
+            super::dataset::describe_hit_rate(hits, queries)
+        );
+        obj.insert("prefix_cache_hits".into(), json!(hits));
+        obj.insert("prefix_cache_queries".into(), json!(queries));
+        if queries > 0.0 {
+            obj.insert("prefix_cache_hit_rate".into(), json!(hits / queries));
+        }
     }
     obj.insert("date".into(), json!(unix_now()));
     obj.insert("num_prompts".into(), json!(results.len()));

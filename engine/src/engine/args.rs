@@ -52,12 +52,12 @@ pub struct EngineArgs {
     #[arg(long)]
     pub disable_progress: bool,
     /// Reuse the KV blocks of prompt prefixes that earlier requests computed (full blocks
-    /// only; requests asking for prompt logprobs always compute their whole prompt). Off by
-    /// default; `--no-enable-prefix-caching` states the default.
+    /// only; the last prompt token is always computed; requests asking for prompt logprobs
+    /// compute their whole prompt). On by default, as in vLLM; accepted to state it.
     #[arg(long, overrides_with = "no_enable_prefix_caching")]
     pub enable_prefix_caching: bool,
-    /// Prefix caching off (the default), as vLLM spells it.
-    #[arg(long)]
+    /// Prefix caching off: every request computes its whole prompt.
+    #[arg(long, overrides_with = "enable_prefix_caching")]
     pub no_enable_prefix_caching: bool,
     /// Schedule each step while the one before still runs, so that the host's work
     /// overlaps the device's (the default where the executor allows it: CUDA, and the CPU
@@ -86,6 +86,12 @@ pub fn is_large_gpu(total_bytes: usize, name: &str) -> bool {
 }
 
 impl EngineArgs {
+    /// Whether prefix caching is on: the default, unless `--no-enable-prefix-caching` came
+    /// last (the two flags override each other, the last one wins).
+    pub fn prefix_caching(&self) -> bool {
+        !self.no_enable_prefix_caching || self.enable_prefix_caching
+    }
+
     /// --max-num-seqs and --max-num-batched-tokens, or vLLM's defaults for the device (on a
     /// `large_gpu`, see `is_large_gpu`) and the usage (offline or `serve`).
     pub fn batch_limits(&self, large_gpu: bool) -> BatchLimits {
@@ -152,5 +158,41 @@ mod tests {
         args.max_num_seqs = Some(8);
         args.max_num_batched_tokens = Some(64);
         assert_eq!(limits(&args, true), (8, 64));
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    fn prefix_caching(flags: &[&str]) -> bool {
+        use clap::Parser;
+        let argv = std::iter::once("rvllm").chain(flags.iter().copied());
+        Cli::try_parse_from(argv)
+            .expect("flags parse")
+            .engine
+            .prefix_caching()
+    }
+
+    #[test]
+    fn prefix_caching_is_on_unless_turned_off_last() {
+        assert!(prefix_caching(&[]), "on by default, as in vLLM v1");
+        assert!(EngineArgs::default().prefix_caching());
+        assert!(prefix_caching(&["--enable-prefix-caching"]));
+        assert!(!prefix_caching(&["--no-enable-prefix-caching"]));
+        assert!(!prefix_caching(&[
+            "--enable-prefix-caching",
+            "--no-enable-prefix-caching"
+        ]));
+        assert!(prefix_caching(&[
+            "--no-enable-prefix-caching",
+            "--enable-prefix-caching"
+        ]));
+        let off = EngineArgs {
+            no_enable_prefix_caching: true,
+            ..EngineArgs::default()
+        };
+        assert!(!off.prefix_caching());
     }
 }

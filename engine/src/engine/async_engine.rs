@@ -31,6 +31,9 @@ pub struct EngineStats {
     pub num_preemptions: u64,
     pub prompt_tokens_total: u64,
     pub generation_tokens_total: u64,
+    /// Prefix-cache lookups and hits, in tokens (vLLM's prefix_cache_queries / _hits).
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
 }
 
 enum Command {
@@ -358,6 +361,8 @@ fn publish_stats(core: &EngineCore, shared: &Shared) {
         num_preemptions: s.num_preemptions(),
         prompt_tokens_total: core.prompt_tokens_total,
         generation_tokens_total: core.generation_tokens_total,
+        prefix_cache_queries: s.prefix_cache_queries(),
+        prefix_cache_hits: s.prefix_cache_hits(),
     };
     *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
 }

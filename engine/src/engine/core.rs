@@ -202,7 +202,7 @@ impl EngineCore {
             block_size: args.block_size,
             num_kv_blocks: num_blocks,
         })
-        .with_prefix_caching(args.enable_prefix_caching && !args.no_enable_prefix_caching);
+        .with_prefix_caching(args.prefix_caching());
         let lookahead = executor.overlaps() && !args.no_async_scheduling;
         let core = Self {
             scheduler,

@@ -85,7 +85,8 @@ impl Scheduler {
     }
 
     /// Reuse the KV of computed full blocks across requests with the same token prefix
-    /// (and across a preempted request's recompute). Off by default. Requests that ask for
+    /// (and across a preempted request's recompute). Off unless asked for here (the engine
+    /// turns it on by default, see `EngineArgs::prefix_caching`). Requests that ask for
     /// prompt_logprobs never start from cached blocks, since those need every prompt
     /// position computed.
     pub fn with_prefix_caching(mut self, enabled: bool) -> Self {
@@ -219,8 +220,12 @@ impl Scheduler {
                     break;
                 }
                 // Waiting requests hold no blocks and have nothing computed; start them
-                // from the cached prefix when there is one.
-                let cached = if self.kv.prefix_caching() && req.sampling.prompt_logprobs.is_none() {
+                // from the cached prefix when there is one. Prompt logprobs need a row for
+                // every prompt position, so those requests never read the cache (their
+                // blocks are still cached for others once computed).
+                let reads_cache =
+                    self.kv.prefix_caching() && req.sampling.prompt_logprobs.is_none();
+                let cached = if reads_cache {
                     self.kv.acquire_cached_prefix(id, &req.all_token_ids)
                 } else {
                     0
@@ -243,7 +248,9 @@ impl Scheduler {
                 let req = self.requests.get_mut(&id).expect("waiting ids are known");
                 req.status = Status::Running;
                 req.num_computed_tokens = cached;
-                if self.kv.prefix_caching() {
+                // As vLLM counts them: first admissions only (a preempted request's
+                // recompute is not a new query), and only requests that read the cache.
+                if reads_cache && !req.sent_to_runner {
                     self.prefix_cache_queries += req.num_tokens() as u64;
                     self.prefix_cache_hits += cached as u64;
                 }
@@ -364,6 +371,17 @@ impl Scheduler {
             return 0.0;
         }
         self.prefix_cache_hits as f32 / self.prefix_cache_queries as f32
+    }
+
+    /// Tokens of the requests that looked their prefix up in the cache, counted once per
+    /// request when first admitted (vLLM's `prefix_cache_queries`).
+    pub fn prefix_cache_queries(&self) -> u64 {
+        self.prefix_cache_queries
+    }
+
+    /// Of `prefix_cache_queries`, the tokens found cached (vLLM's `prefix_cache_hits`).
+    pub fn prefix_cache_hits(&self) -> u64 {
+        self.prefix_cache_hits
     }
 
     /// The chunk of `id`'s tokens from its computed count, `num_new` long (its blocks are

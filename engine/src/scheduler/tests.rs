@@ -836,3 +836,119 @@ fn lookahead_does_not_schedule_a_request_whose_pending_token_is_its_last() {
     assert_eq!(last[0].finish_reason, Some(FinishReason::Length));
     assert!(!s.has_unfinished());
 }
+
+/// vLLM's counting: queries and hits are the tokens of first admissions that read the cache;
+/// a request asking prompt logprobs reads nothing and counts nothing, and a preempted
+/// request's recompute (which does reuse its own cached blocks) is no new query.
+#[test]
+fn prefix_cache_counters_count_first_admissions_that_read_the_cache() {
+    let mut s = Scheduler::new(config(4, 64, 4, 64)).with_prefix_caching(true);
+    let mut h = Harness::default();
+    h.add(&mut s, request(1, 12, 2));
+    h.run_to_end(&mut s, &default_token);
+    assert_eq!((s.prefix_cache_queries(), s.prefix_cache_hits()), (12, 0));
+    let mut wants_logprobs = request(2, 12, 2);
+    wants_logprobs.sampling.prompt_logprobs = Some(1);
+    h.add(&mut s, wants_logprobs);
+    h.run_to_end(&mut s, &default_token);
+    assert_eq!(
+        (s.prefix_cache_queries(), s.prefix_cache_hits()),
+        (12, 0),
+        "a request that skips the lookup is not a query"
+    );
+    // The same 12-token prompt: two full blocks hit, the third is recomputed for its last
+    // token.
+    h.add(&mut s, request(3, 12, 2));
+    h.run_to_end(&mut s, &default_token);
+    assert_eq!((s.prefix_cache_queries(), s.prefix_cache_hits()), (24, 8));
+    assert!((s.prefix_cache_hit_rate() - 8.0 / 24.0).abs() < 1e-6);
+
+    // Off: nothing is counted.
+    let mut off = Scheduler::new(config(4, 64, 4, 64));
+    let mut h = Harness::default();
+    h.add(&mut off, request(1, 12, 2));
+    h.add(&mut off, request(2, 12, 2));
+    h.run_to_end(&mut off, &default_token);
+    assert_eq!(
+        (off.prefix_cache_queries(), off.prefix_cache_hits()),
+        (0, 0)
+    );
+}
+
+#[test]
+fn a_preempted_recompute_reuses_its_blocks_without_counting_a_query() {
+    // 6 blocks of 4: two 8-token prompts generating 12 tokens each cannot both finish.
+    let mut s = Scheduler::new(config(4, 64, 4, 6)).with_prefix_caching(true);
+    let mut h = Harness::default();
+    let distinct = |id: RequestId| EngineRequest {
+        req_id: id,
+        prompt_token_ids: (0..8).map(|t| 3000 + 100 * id as u32 + t).collect(),
+        sampling: SamplingParams::greedy(12),
+        eos_token_ids: vec![2],
+    };
+    h.add(&mut s, distinct(1));
+    h.add(&mut s, distinct(2));
+    h.run_to_end(&mut s, &default_token);
+    assert!(
+        s.num_preemptions() > 0,
+        "the cache was meant to be too small"
+    );
+    assert_eq!(
+        (s.prefix_cache_queries(), s.prefix_cache_hits()),
+        (16, 0),
+        "only the two first admissions count"
+    );
+    for id in [1, 2] {
+        let expected: Vec<u32> = (0..12).map(|step| default_token(id, step)).collect();
+        assert_eq!(h.outputs[&id], expected);
+    }
+    assert_eq!(s.num_free_blocks(), 6);
+}
+
+/// Lookahead scheduling with prefix caching, shared prompts and preemption: the outputs are
+/// those of plain scheduling without the cache, every computed token is a known one (the
+/// runner's placeholders are filled from the step before), and the cache was used.
+#[test]
+fn lookahead_with_prefix_caching_gives_the_same_outputs() {
+    let system: Vec<u32> = (0..13).map(|t| 700 + t).collect();
+    let requests: Vec<EngineRequest> = (0..16u64)
+        .map(|id| {
+            let mut prompt = system.clone();
+            prompt.extend((0..(id % 5) as u32 * 2).map(|t| 950 + t + (id % 2) as u32));
+            EngineRequest {
+                req_id: id,
+                prompt_token_ids: prompt,
+                sampling: SamplingParams::greedy(1 + (id as usize * 5) % 9),
+                eos_token_ids: vec![2],
+            }
+        })
+        .collect();
+    let mut plain = Scheduler::new(config(5, 24, 4, 20));
+    let mut h = Harness::default();
+    for r in &requests {
+        h.add(&mut plain, r.clone());
+    }
+    h.run_to_end(&mut plain, &default_token);
+
+    let mut s = Scheduler::new(config(5, 24, 4, 20)).with_prefix_caching(true);
+    let prompts = requests
+        .iter()
+        .map(|r| (r.req_id, r.prompt_token_ids.clone()))
+        .collect();
+    for r in &requests {
+        s.add_request(r.clone()).unwrap();
+    }
+    let got = run_lookahead(&mut s, &prompts, &default_token);
+    for r in &requests {
+        assert_eq!(
+            got[&r.req_id].0, h.outputs[&r.req_id],
+            "request {}",
+            r.req_id
+        );
+    }
+    assert!(
+        s.prefix_cache_hits() > 0,
+        "no request reused the system prompt"
+    );
+    assert_eq!(s.num_free_blocks(), 20, "blocks leaked");
+}

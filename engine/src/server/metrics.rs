@@ -76,6 +76,8 @@ pub struct EngineGauges {
     pub num_preemptions: u64,
     pub prompt_tokens_total: u64,
     pub generation_tokens_total: u64,
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
 }
 
 #[derive(Debug)]
@@ -227,6 +229,19 @@ impl ServerMetrics {
             "Tokens generated.",
             engine.generation_tokens_total,
         );
+        counter(
+            &mut out,
+            "prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache (first admissions of requests that \
+             read it).",
+            engine.prefix_cache_queries,
+        );
+        counter(
+            &mut out,
+            "prefix_cache_hits_total",
+            "Prompt tokens found in the prefix cache (full blocks).",
+            engine.prefix_cache_hits,
+        );
         self.with(|m| {
             gauge(&mut out, "server_requests_in_flight", "HTTP generation requests being answered.", m.in_flight.to_string());
             let _ = writeln!(
@@ -335,6 +350,22 @@ mod tests {
             ),
             1.0
         );
+    }
+
+    #[test]
+    fn prefix_cache_counters_are_counters_in_tokens() {
+        let g = EngineGauges {
+            prefix_cache_queries: 96,
+            prefix_cache_hits: 32,
+            ..Default::default()
+        };
+        let t = ServerMetrics::new().render("smol", &g);
+        let l = "model_name=\"smol\"";
+        for (name, v) in [("queries", 96.0), ("hits", 32.0)] {
+            let series = format!("rvllm:prefix_cache_{name}_total");
+            assert!(t.contains(&format!("# TYPE {series} counter")), "{t}");
+            assert_eq!(sample_value(&t, &format!("{series}{{{l}}}")), v);
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::limits::{check_request_template, PromptBound};
 use super::metrics::EngineGauges;
 use super::protocol::{DetokenizeRequest, TokenizeRequest};
-use super::validate::{check_model, flatten_message, parse_json};
+use super::validate::{check_model, flatten_message, parse_json, template_kwargs};
 use super::AppState;
 use crate::tokenizer::Tokenizer;
 
@@ -97,6 +97,8 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         num_preemptions: s.num_preemptions,
         prompt_tokens_total: s.prompt_tokens_total,
         generation_tokens_total: s.generation_tokens_total,
+        prefix_cache_queries: s.prefix_cache_queries,
+        prefix_cache_hits: s.prefix_cache_hits,
     };
     let mut resp = st.metrics.render(&st.served_model, &gauges).into_response();
     resp.headers_mut().insert(
@@ -164,10 +166,17 @@ fn tokenize_json(st: &AppState, bytes: &[u8]) -> Result<serde_json::Value, ApiEr
                 .enumerate()
                 .map(|(i, m)| flatten_message(i, m))
                 .collect::<Result<Vec<_>, _>>()?;
-            let template = req.chat_template.as_deref().or(st.chat_template.as_deref());
+            let (kwargs, kwargs_template) =
+                template_kwargs(None, None, req.chat_template_kwargs.as_ref())?;
+            let template = req
+                .chat_template
+                .as_deref()
+                .or(kwargs_template.as_deref())
+                .or(st.chat_template.as_deref());
             render_chat(
                 tok,
                 &turns,
+                &kwargs,
                 req.add_generation_prompt.unwrap_or(true),
                 req.continue_final_message.unwrap_or(false),
                 req.add_special_tokens.unwrap_or(false),
