@@ -18,11 +18,11 @@ use super::responses::{
     ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageOut, ChatResponse, Usage,
 };
 use super::routes::read_body;
-use super::validate::{check_model, parse_json, validate_chat, ChatJob};
+use super::validate::{check_cache_salt, check_model, parse_json, validate_chat, ChatJob};
 use super::{sse, AppState};
 use crate::engine::CompletionDelta;
 use crate::scheduler::TokenLogprobs;
-use crate::tokenizer::{ChatMessage, RenderError, Tokenizer};
+use crate::tokenizer::{RenderError, Tokenizer};
 
 pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Response {
     match handle(st, body).await {
@@ -37,6 +37,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
 pub fn render_chat(
     tok: Option<&Tokenizer>,
     turns: &[super::validate::ChatTurn],
+    template_kwargs: &serde_json::Map<String, serde_json::Value>,
     add_generation_prompt: bool,
     continue_final_message: bool,
     add_special_tokens: bool,
@@ -49,13 +50,11 @@ pub fn render_chat(
             "this model has no tokenizer, so chat messages cannot be rendered; use /v1/completions with token ids",
         )
     })?;
-    let msgs: Vec<ChatMessage> = turns
-        .iter()
-        .map(|t| ChatMessage::new(&t.role, &t.content))
-        .collect();
+    let msgs: Vec<serde_json::Value> = turns.iter().map(|t| t.to_template_json()).collect();
     let mut text = tok
-        .render_chat_template(
+        .render_chat_json(
             &msgs,
+            template_kwargs,
             add_generation_prompt,
             template,
             Some(bound.render_cap()),
@@ -69,7 +68,7 @@ pub fn render_chat(
         })?;
     if continue_final_message {
         // Cut the rendered text right after the final message so the model continues it.
-        if let Some(last) = msgs.last().filter(|m| !m.content.is_empty()) {
+        if let Some(last) = turns.last().filter(|m| !m.content.is_empty()) {
             if let Some(pos) = text.rfind(&last.content) {
                 text.truncate(pos + last.content.len());
             }
@@ -95,6 +94,7 @@ pub fn render_chat(
 fn prepare(st: &AppState, bytes: &[u8]) -> Result<(ChatJob, Vec<u32>), ApiError> {
     let req: ChatCompletionRequest = parse_json(bytes)?;
     check_model(req.model.as_deref(), &st.served_model, &st.model_path)?;
+    check_cache_salt(req.cache_salt.as_deref(), st.prefix_caching)?;
     check_request_template(
         req.chat_template.as_deref(),
         req.chat_template_kwargs.as_ref(),
@@ -109,6 +109,7 @@ fn prepare(st: &AppState, bytes: &[u8]) -> Result<(ChatJob, Vec<u32>), ApiError>
     let ids = render_chat(
         st.tokenizer.as_deref(),
         &job.messages,
+        &job.template_kwargs,
         job.add_generation_prompt,
         job.continue_final_message,
         job.add_special_tokens,
@@ -135,7 +136,10 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
         "messages",
     )?;
     let out = Output {
-        id: random_id("chatcmpl"),
+        id: match &job.request_id {
+            Some(r) => format!("chatcmpl-{r}"),
+            None => random_id("chatcmpl"),
+        },
         created: unix_now(),
         model: st.served_model.clone(),
         tokenizer: st.tokenizer.clone(),

@@ -17,7 +17,9 @@ use super::responses::{
     CompletionChoice, CompletionLogprobs, CompletionResponse, Usage,
 };
 use super::routes::read_body;
-use super::validate::{check_model, parse_json, validate_completion, CompletionJob, PromptInput};
+use super::validate::{
+    check_cache_salt, check_model, parse_json, validate_completion, CompletionJob, PromptInput,
+};
 use super::{sse, AppState};
 use crate::engine::CompletionDelta;
 use crate::scheduler::TokenLogprobs;
@@ -42,6 +44,7 @@ struct Prompt {
 fn prepare(st: &AppState, bytes: &[u8]) -> Result<(CompletionJob, Vec<Prompt>), ApiError> {
     let req: CompletionRequest = parse_json(bytes)?;
     check_model(req.model.as_deref(), &st.served_model, &st.model_path)?;
+    check_cache_salt(req.cache_salt.as_deref(), st.prefix_caching)?;
     let mut job = validate_completion(&req, st.max_logprobs)?;
     drop(req);
     st.apply_defaults(&mut job.params, &mut job.tokens_as_ids);
@@ -79,7 +82,10 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
         .map(|c| ChoiceState::new(&prompts[c / n], &job))
         .collect();
     let out = Output {
-        id: random_id("cmpl"),
+        id: match &job.request_id {
+            Some(r) => format!("cmpl-{r}"),
+            None => random_id("cmpl"),
+        },
         created: unix_now(),
         model: st.served_model.clone(),
         tokenizer: st.tokenizer.clone(),

@@ -9,6 +9,8 @@ pub mod compat;
 pub mod completions;
 pub mod cpu_work;
 pub mod error;
+#[cfg(test)]
+mod field_audit;
 pub mod generation;
 pub mod http;
 pub mod limits;
@@ -118,6 +120,8 @@ pub struct AppState {
     pub return_tokens_as_token_ids: bool,
     /// `--trust-request-chat-template`.
     pub trust_request_chat_template: bool,
+    /// Whether the engine shares a prefix cache between requests (`cache_salt` needs not).
+    pub prefix_caching: bool,
     /// Parsing, template rendering and tokenizing, off the async threads (cpu_work.rs).
     pub cpu_work: cpu_work::CpuWork,
 }
@@ -271,6 +275,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         unseeded_requests: AtomicU64::new(0),
         return_tokens_as_token_ids: args.vllm.return_tokens_as_token_ids,
         trust_request_chat_template: args.trust_request_chat_template,
+        prefix_caching: args.engine.prefix_caching(),
         cpu_work: cpu_work::CpuWork::for_this_machine(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -145,6 +145,8 @@ pub struct ChatMessageIn {
     pub refusal: Option<String>,
     pub function_call: Option<Value>,
     pub reasoning_content: Option<String>,
+    /// vLLM's newer name for `reasoning_content`.
+    pub reasoning: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

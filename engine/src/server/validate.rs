@@ -43,13 +43,31 @@ pub struct CompletionJob {
     pub tokens_as_ids: bool,
     /// Put generated token ids in each choice (vLLM's `return_token_ids`).
     pub return_token_ids: bool,
+    /// vLLM's `request_id`: the response's id is built from it (else a random one).
+    pub request_id: Option<String>,
 }
 
-/// A chat message with its content flattened to text.
+/// A chat message with its content flattened to text, and what else the turn carries for
+/// the chat template (`name`, `tool_calls` with their arguments as mappings, `tool_call_id`,
+/// `reasoning_content` / `reasoning`), as vLLM hands them to templates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatTurn {
     pub role: String,
     pub content: String,
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ChatTurn {
+    /// The message as the template sees it: role, content, then the rest.
+    pub fn to_template_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("role".into(), self.role.clone().into());
+        m.insert("content".into(), self.content.clone().into());
+        for (k, v) in &self.extra {
+            m.insert(k.clone(), v.clone());
+        }
+        serde_json::Value::Object(m)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -64,9 +82,14 @@ pub struct ChatJob {
     pub continue_final_message: bool,
     pub add_special_tokens: bool,
     pub chat_template: Option<String>,
+    /// Variables for the chat template beside the messages: `documents`,
+    /// `reasoning_effort` and `chat_template_kwargs`, merged in that order (vLLM's).
+    pub template_kwargs: serde_json::Map<String, serde_json::Value>,
     pub tokens_as_ids: bool,
     /// Put generated token ids in each choice (vLLM's `return_token_ids`).
     pub return_token_ids: bool,
+    /// vLLM's `request_id`: the response's id is built from it (else a random one).
+    pub request_id: Option<String>,
 }
 
 /// Parse a JSON body: invalid UTF-8, malformed JSON, wrong types and unknown fields each
@@ -425,6 +448,41 @@ macro_rules! common_params {
         p.include_stop_str_in_output = r.include_stop_str_in_output.unwrap_or(false);
         p.ignore_eos = r.ignore_eos.unwrap_or(false);
         p.skip_special_tokens = r.skip_special_tokens.unwrap_or(true);
+        if r.spaces_between_special_tokens == Some(false) {
+            return Err(unsupported(
+                "spaces_between_special_tokens",
+                "text is decoded as the tokenizer's decoder writes it, as vLLM's fast-tokenizer \
+                 path does; only true (the default) is served",
+            ));
+        }
+        if r.length_penalty.is_some_and(|v| v != 1.0) {
+            return Err(unsupported(
+                "length_penalty",
+                "it only weighs beams in beam search, which is not implemented; only 1 is served",
+            ));
+        }
+        if r.priority.is_some_and(|v| v != 0) {
+            return Err(unsupported(
+                "priority",
+                "requests are scheduled first come, first served; only 0 is served",
+            ));
+        }
+        if r.store == Some(true) {
+            return Err(unsupported(
+                "store",
+                "completions are not stored; send false or leave it out",
+            ));
+        }
+        if let Some(t) = r
+            .service_tier
+            .as_deref()
+            .filter(|t| !matches!(*t, "auto" | "default"))
+        {
+            return Err(unsupported(
+                "service_tier",
+                &format!("there is one tier; `{t}` is not served, send auto or default"),
+            ));
+        }
         p.prompt_logprobs =
             prompt_logprobs(r.prompt_logprobs, r.stream.unwrap_or(false), $max_logprobs)?;
         if let Some(m) = &r.logit_bias {
@@ -467,6 +525,8 @@ macro_rules! common_params {
             ("guided_regex", &r.guided_regex),
             ("guided_choice", &r.guided_choice),
             ("guided_grammar", &r.guided_grammar),
+            ("guided_decoding_backend", &r.guided_decoding_backend),
+            ("guided_whitespace_pattern", &r.guided_whitespace_pattern),
             ("logits_processors", &r.logits_processors),
         ] {
             if v.as_ref().is_some_and(|v| !v.is_null()) {
@@ -478,6 +538,20 @@ macro_rules! common_params {
         }
         p
     }};
+}
+
+/// vLLM's `cache_salt` keeps a request's prompt out of the prefix cache that other requests
+/// share; rvllm's cache does not take a salt, so a salted request is served only where there
+/// is no shared cache (`--no-enable-prefix-caching`).
+pub fn check_cache_salt(salt: Option<&str>, prefix_caching: bool) -> Result<(), ApiError> {
+    match salt {
+        Some(_) if prefix_caching => Err(unsupported(
+            "cache_salt",
+            "the prefix cache takes no salt, so it cannot keep this request's prompt apart; \
+             leave it out, or start the server with --no-enable-prefix-caching",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `max_logprobs`: the server's `--max-logprobs` (at most MAX_LOGPROBS).
@@ -541,7 +615,65 @@ pub fn validate_completion(
         add_special_tokens: r.add_special_tokens.unwrap_or(true),
         tokens_as_ids: r.return_tokens_as_token_ids.unwrap_or(false),
         return_token_ids: r.return_token_ids.unwrap_or(false),
+        request_id: r.request_id.clone(),
     })
+}
+
+/// The chat template's variables beside the messages, merged as vLLM merges them:
+/// `documents`, then `reasoning_effort`, then `chat_template_kwargs` (which may override
+/// both). A `chat_template` inside the kwargs is taken out and returned as the template
+/// (the caller has checked --trust-request-chat-template); the names the server sets
+/// itself (`messages`, `add_generation_prompt`, ...) are refused.
+pub fn template_kwargs(
+    documents: Option<&serde_json::Value>,
+    reasoning_effort: Option<&str>,
+    kwargs: Option<&serde_json::Value>,
+) -> Result<(serde_json::Map<String, serde_json::Value>, Option<String>), ApiError> {
+    let mut vars = serde_json::Map::new();
+    if let Some(d) = documents.filter(|d| !d.is_null()) {
+        vars.insert("documents".into(), d.clone());
+    }
+    if let Some(e) = reasoning_effort {
+        vars.insert("reasoning_effort".into(), e.into());
+    }
+    let mut template = None;
+    match kwargs {
+        None | Some(serde_json::Value::Null) => {}
+        Some(serde_json::Value::Object(m)) => {
+            for (k, v) in m {
+                if crate::tokenizer::Tokenizer::RESERVED_TEMPLATE_VARIABLES.contains(&k.as_str()) {
+                    return Err(ApiError::invalid(
+                        format!("chat_template_kwargs.{k}"),
+                        format!(
+                            "`{k}` is set by the server, not by template kwargs; send it as the \
+                             request's own field (or leave it out)"
+                        ),
+                    ));
+                }
+                match (k.as_str(), v) {
+                    ("chat_template", serde_json::Value::Null) => {}
+                    ("chat_template", serde_json::Value::String(t)) => template = Some(t.clone()),
+                    ("chat_template", _) => {
+                        return Err(ApiError::invalid(
+                            "chat_template_kwargs.chat_template",
+                            "`chat_template` must be a string (the template's text)",
+                        ))
+                    }
+                    _ => {
+                        vars.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "chat_template_kwargs",
+                "`chat_template_kwargs` must be a JSON object of template variables, e.g. \
+                 {\"enable_thinking\": false}",
+            ))
+        }
+    }
+    Ok((vars, template))
 }
 
 /// `max_logprobs`: the server's `--max-logprobs` (at most MAX_LOGPROBS).
@@ -571,19 +703,53 @@ pub fn validate_chat(r: &ChatCompletionRequest, max_logprobs: usize) -> Result<C
         (true, k) => Some(logprob_count("top_logprobs", k.unwrap_or(0), max_logprobs)?),
     };
     params.logprobs = logprobs;
-    if r.tools.as_ref().is_some_and(|t| !t.is_empty())
-        || r.functions.as_ref().is_some_and(|f| !f.is_empty())
-    {
-        return Err(unsupported("tools", "tool calling is not implemented"));
-    }
-    if let Some(choice) = &r.tool_choice {
-        if !matches!(choice.as_str(), Some("none") | Some("auto")) && !choice.is_null() {
-            return Err(unsupported(
-                "tool_choice",
-                "tool calling is not implemented",
-            ));
+    for (name, list) in [("tools", &r.tools), ("functions", &r.functions)] {
+        if list.as_ref().is_some_and(|t| !t.is_empty()) {
+            return Err(unsupported(name, "tool calling is not implemented"));
         }
     }
+    for (name, choice) in [
+        ("tool_choice", &r.tool_choice),
+        ("function_call", &r.function_call),
+    ] {
+        if let Some(choice) = choice {
+            if !matches!(choice.as_str(), Some("none") | Some("auto")) && !choice.is_null() {
+                return Err(unsupported(name, "tool calling is not implemented"));
+            }
+        }
+    }
+    if let Some(m) = r
+        .modalities
+        .as_ref()
+        .filter(|m| m.iter().any(|m| m != "text"))
+    {
+        return Err(unsupported(
+            "modalities",
+            &format!("only text is generated, not {}", m.join(", ")),
+        ));
+    }
+    for (name, v, what) in [
+        ("audio", &r.audio, "audio output is not generated"),
+        (
+            "prediction",
+            &r.prediction,
+            "predicted outputs are not implemented",
+        ),
+        (
+            "web_search_options",
+            &r.web_search_options,
+            "there is no web search",
+        ),
+    ] {
+        if v.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(unsupported(name, what));
+        }
+    }
+    let (template_kwargs, kwargs_template) = template_kwargs(
+        r.documents.as_ref(),
+        r.reasoning_effort.as_deref(),
+        r.chat_template_kwargs.as_ref(),
+    )?;
     let raw = r.messages.as_ref().ok_or_else(|| {
         ApiError::invalid(
             "messages",
@@ -618,9 +784,11 @@ pub fn validate_chat(r: &ChatCompletionRequest, max_logprobs: usize) -> Result<C
         add_generation_prompt,
         continue_final_message,
         add_special_tokens: r.add_special_tokens.unwrap_or(false),
-        chat_template: r.chat_template.clone(),
+        chat_template: r.chat_template.clone().or(kwargs_template),
+        template_kwargs,
         tokens_as_ids: r.return_tokens_as_token_ids.unwrap_or(false),
         return_token_ids: r.return_token_ids.unwrap_or(false),
+        request_id: r.request_id.clone(),
     })
 }
 
@@ -678,7 +846,64 @@ pub fn flatten_message(i: usize, m: &ChatMessageIn) -> Result<ChatTurn, ApiError
     Ok(ChatTurn {
         role: m.role.clone(),
         content,
+        extra: template_fields(i, m)?,
     })
+}
+
+/// What a message carries besides role and content, as vLLM gives it to templates: `name`,
+/// `tool_call_id`, `tool_calls` with each `function.arguments` parsed from its JSON string
+/// into a mapping (transformers' convention for tool-use templates), and the reasoning under
+/// both `reasoning_content` and `reasoning` (a request may send either name). `refusal` and
+/// the deprecated `function_call` are passed as they came.
+fn template_fields(
+    i: usize,
+    m: &ChatMessageIn,
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    use serde_json::Value;
+    let mut extra = serde_json::Map::new();
+    if let Some(n) = &m.name {
+        extra.insert("name".into(), n.clone().into());
+    }
+    if let Some(calls) = &m.tool_calls {
+        let mut out = Vec::with_capacity(calls.len());
+        for (j, call) in calls.iter().enumerate() {
+            let mut call = call.clone();
+            let args = call
+                .get_mut("function")
+                .and_then(Value::as_object_mut)
+                .and_then(|f| f.get_mut("arguments"));
+            if let Some(a) = args {
+                let parsed = match &*a {
+                    Value::String(s) if s.trim().is_empty() => Value::Object(Default::default()),
+                    Value::String(s) => serde_json::from_str(s).map_err(|e| {
+                        ApiError::invalid(
+                            format!("messages[{i}].tool_calls[{j}].function.arguments"),
+                            format!("the arguments are not valid JSON ({e}); send them as a JSON object encoded in a string"),
+                        )
+                    })?,
+                    Value::Null => Value::Object(Default::default()),
+                    other => other.clone(),
+                };
+                *a = parsed;
+            }
+            out.push(call);
+        }
+        extra.insert("tool_calls".into(), Value::Array(out));
+    }
+    if let Some(id) = &m.tool_call_id {
+        extra.insert("tool_call_id".into(), id.clone().into());
+    }
+    if let Some(r) = m.reasoning_content.as_ref().or(m.reasoning.as_ref()) {
+        extra.insert("reasoning_content".into(), r.clone().into());
+        extra.insert("reasoning".into(), r.clone().into());
+    }
+    if let Some(r) = &m.refusal {
+        extra.insert("refusal".into(), r.clone().into());
+    }
+    if let Some(f) = &m.function_call {
+        extra.insert("function_call".into(), f.clone());
+    }
+    Ok(extra)
 }
 
 #[cfg(test)]
@@ -957,9 +1182,70 @@ mod tests {
             c.messages[1],
             ChatTurn {
                 role: "user".into(),
-                content: "a\nb".into()
+                content: "a\nb".into(),
+                extra: Default::default(),
             }
         );
+    }
+
+    #[test]
+    fn history_turns_keep_tool_calls_results_and_reasoning_for_the_template() {
+        let c = chat(
+            r#"{"messages":[{"role":"user","content":"Weather?"},
+                {"role":"assistant","content":null,"reasoning":"Call it.",
+                 "tool_calls":[{"id":"c1","type":"function","function":{"name":"w","arguments":"{\"city\": \"Paris\"}"}},
+                               {"id":"c2","type":"function","function":{"name":"t","arguments":""}}]},
+                {"role":"tool","tool_call_id":"c1","name":"w","content":"21C"}]}"#,
+        )
+        .unwrap();
+        let a = c.messages[1].to_template_json();
+        assert_eq!(a["content"], "");
+        assert_eq!(a["reasoning_content"], "Call it.");
+        assert_eq!(a["reasoning"], "Call it.");
+        assert_eq!(
+            a["tool_calls"][0]["function"]["arguments"],
+            serde_json::json!({"city": "Paris"}),
+            "arguments reach the template as a mapping"
+        );
+        assert_eq!(
+            a["tool_calls"][1]["function"]["arguments"],
+            serde_json::json!({})
+        );
+        let t = c.messages[2].to_template_json();
+        assert_eq!(
+            (&t["tool_call_id"], &t["name"]),
+            (&"c1".into(), &"w".into())
+        );
+        assert_bad(
+            chat(
+                r#"{"messages":[{"role":"assistant","content":"",
+                    "tool_calls":[{"id":"c1","type":"function","function":{"name":"w","arguments":"{oops"}}]}]}"#,
+            ),
+            "messages[0].tool_calls[0].function.arguments",
+            "not valid JSON",
+        );
+    }
+
+    #[test]
+    fn template_kwargs_are_an_object_without_the_servers_own_names() {
+        let base = r#"{"messages":[{"role":"user","content":"x"}],"chat_template_kwargs":"#;
+        assert_bad(
+            chat(&format!("{base}[1]}}")),
+            "chat_template_kwargs",
+            "JSON object",
+        );
+        assert_bad(
+            chat(&format!(r#"{base}{{"add_generation_prompt":false}}}}"#)),
+            "chat_template_kwargs.add_generation_prompt",
+            "set by the server",
+        );
+        let c = chat(&format!(
+            r#"{base}{{"chat_template":"{{{{ 1 }}}}","x":2}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.chat_template.as_deref(), Some("{{ 1 }}"));
+        assert_eq!(c.template_kwargs.get("chat_template"), None);
+        assert_eq!(c.template_kwargs["x"], 2);
     }
 
     #[test]

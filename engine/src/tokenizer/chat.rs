@@ -286,13 +286,89 @@ pub(crate) fn render(
     eos_token: Option<&str>,
     max_bytes: Option<usize>,
 ) -> Result<String, RenderError> {
-    let env = environment();
     let ctx = minijinja::context! {
         messages => messages,
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token.unwrap_or(""),
         eos_token => eos_token.unwrap_or(""),
     };
+    render_context(template, ctx, max_bytes)
+}
+
+/// The names a chat template's context always sets; `extra` variables may not replace them.
+pub const RESERVED_TEMPLATE_VARIABLES: [&str; 4] = [
+    "messages",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+];
+
+impl super::Tokenizer {
+    /// The names a chat template's context always sets (see `render_chat_json`).
+    pub const RESERVED_TEMPLATE_VARIABLES: [&'static str; 4] = RESERVED_TEMPLATE_VARIABLES;
+
+    /// Render messages given as JSON objects (OpenAI's: `role`, `content`, and whatever
+    /// else a turn carries, e.g. `tool_calls`, `tool_call_id`, `reasoning_content`), with
+    /// `extra` variables in the template's context beside the usual ones (vLLM's
+    /// `chat_template_kwargs`, `documents`, `reasoning_effort`). An `extra` name among
+    /// RESERVED_TEMPLATE_VARIABLES is an error: the caller's own arguments set those.
+    pub fn render_chat_json(
+        &self,
+        messages: &[serde_json::Value],
+        extra: &serde_json::Map<String, serde_json::Value>,
+        add_generation_prompt: bool,
+        template_override: Option<&str>,
+        max_bytes: Option<usize>,
+    ) -> Result<String, RenderError> {
+        let template = template_override
+            .or(self.chat_template())
+            .ok_or(RenderError::NoTemplate)?;
+        render_json(
+            template,
+            messages,
+            extra,
+            add_generation_prompt,
+            self.bos_token(),
+            self.eos_token(),
+            max_bytes,
+        )
+    }
+}
+
+/// `render` for JSON messages and extra context variables (see `render_chat_json`).
+pub(crate) fn render_json(
+    template: &str,
+    messages: &[serde_json::Value],
+    extra: &serde_json::Map<String, serde_json::Value>,
+    add_generation_prompt: bool,
+    bos_token: Option<&str>,
+    eos_token: Option<&str>,
+    max_bytes: Option<usize>,
+) -> Result<String, RenderError> {
+    if let Some(k) = extra
+        .keys()
+        .find(|k| RESERVED_TEMPLATE_VARIABLES.contains(&k.as_str()))
+    {
+        return Err(RenderError::Template(format!(
+            "`{k}` cannot be passed as a template variable: the request's own fields set it"
+        )));
+    }
+    let base = minijinja::context! {
+        messages => minijinja::Value::from_serialize(messages),
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token.unwrap_or(""),
+        eos_token => eos_token.unwrap_or(""),
+    };
+    let ctx = minijinja::context! { ..base, ..minijinja::Value::from_serialize(extra) };
+    render_context(template, ctx, max_bytes)
+}
+
+fn render_context(
+    template: &str,
+    ctx: minijinja::Value,
+    max_bytes: Option<usize>,
+) -> Result<String, RenderError> {
+    let env = environment();
     let mut out = BoundedOutput {
         buf: Vec::new(),
         limit: max_bytes.unwrap_or(usize::MAX),
@@ -457,6 +533,88 @@ mod tests {
         assert_eq!(e, RenderError::TooLong { limit: 5_000_000 });
         let ok = render("{{ 'x' * 10 }}", &msgs, true, None, None, Some(10)).unwrap();
         assert_eq!(ok, "xxxxxxxxxx");
+    }
+
+    /// A Qwen3/Hermes-style template, in the shape of the real ones: assistant turns with
+    /// `reasoning_content` and `tool_calls` (arguments as a mapping), `tool` turns grouped
+    /// into a user turn, and `enable_thinking` from the request's template kwargs.
+    const QWEN3_STYLE: &str = r#"{%- for m in messages %}
+{%- if m.role == 'assistant' %}
+{{- '<|im_start|>assistant\n' }}
+{%- if m.reasoning_content %}{{ '<think>\n' + m.reasoning_content + '\n</think>\n\n' }}{% endif %}
+{{- m.content }}
+{%- for tc in m.tool_calls or [] %}
+{%- set f = tc.function if tc.function else tc %}
+{{- '\n<tool_call>\n{"name": "' + f.name + '", "arguments": ' }}
+{%- if f.arguments is string %}{{ f.arguments }}{% else %}{{ f.arguments | tojson }}{% endif %}
+{{- '}\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\n' }}
+{%- elif m.role == 'tool' %}
+{{- '<|im_start|>user\n<tool_response id="' + m.tool_call_id + '">\n' + m.content + '\n</tool_response><|im_end|>\n' }}
+{%- else %}
+{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}
+{%- endif %}"#;
+
+    #[test]
+    fn json_messages_carry_tool_calls_reasoning_and_tool_results() {
+        let msgs: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[{"role":"user","content":"Weather in Paris?"},
+                {"role":"assistant","content":"","reasoning_content":"Use the tool.",
+                 "tool_calls":[{"id":"c1","type":"function","function":{"name":"weather","arguments":{"city":"Paris"}}}]},
+                {"role":"tool","tool_call_id":"c1","content":"21C"}]"#,
+        )
+        .unwrap();
+        let none = serde_json::Map::new();
+        let out = render_json(QWEN3_STYLE, &msgs, &none, true, None, None, None).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>user\nWeather in Paris?<|im_end|>\n\
+             <|im_start|>assistant\n<think>\nUse the tool.\n</think>\n\n\n\
+             <tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n\
+             <|im_start|>user\n<tool_response id=\"c1\">\n21C\n</tool_response><|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("enable_thinking".into(), serde_json::Value::Bool(false));
+        let off = render_json(QWEN3_STYLE, &msgs[..1], &kwargs, true, None, None, None).unwrap();
+        assert!(
+            off.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+            "{off:?}"
+        );
+        let on = render_json(QWEN3_STYLE, &msgs[..1], &none, true, None, None, None).unwrap();
+        assert!(on.ends_with("<|im_start|>assistant\n"), "{on:?}");
+    }
+
+    #[test]
+    fn extra_variables_cannot_replace_the_reserved_ones() {
+        let msgs = vec![serde_json::json!({"role": "user", "content": "hi"})];
+        for name in RESERVED_TEMPLATE_VARIABLES {
+            let mut kwargs = serde_json::Map::new();
+            kwargs.insert(name.into(), serde_json::json!("x"));
+            let e = render_json("{{ messages }}", &msgs, &kwargs, true, None, None, None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("`{name}`")), "{e}");
+        }
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("reasoning_effort".into(), serde_json::json!("low"));
+        let out = render_json(
+            "{{ reasoning_effort }}|{{ messages[0].content }}",
+            &msgs,
+            &kwargs,
+            true,
+            None,
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(out, "low|hi");
     }
 
     /// Every template shipped with the test models, over a conversation of 2,000 turns,
