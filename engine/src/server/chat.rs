@@ -13,6 +13,7 @@ use super::error::ApiError;
 use super::generation::{failure, tokenize_bad_words, Generation};
 use super::limits::{check_request_template, PromptBound};
 use super::protocol::ChatCompletionRequest;
+use super::reasoning::{split_piece, ReasoningSplitter, Split};
 use super::responses::{
     chat_logprobs, finish_str, prompt_logprobs, random_id, stop_reason_json, unix_now, ChatChoice,
     ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageOut, ChatResponse, Usage,
@@ -147,6 +148,10 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
         choices: (0..gen.num_choices())
             .map(|_| ChoiceState {
                 echo: echo.clone(),
+                splitter: st
+                    .reasoning_parser
+                    .map(|p| p.splitter(&job.template_kwargs)),
+                reasoning: String::new(),
                 text: String::new(),
                 tokens: 0,
                 token_ids: Vec::new(),
@@ -167,6 +172,10 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
 
 struct ChoiceState {
     echo: Option<String>,
+    /// With --reasoning-parser: splits the output into reasoning and content.
+    splitter: Option<ReasoningSplitter>,
+    /// The reasoning so far (with a parser), and the content so far.
+    reasoning: String,
     text: String,
     tokens: usize,
     token_ids: Vec<u32>,
@@ -189,10 +198,11 @@ struct Output {
 }
 
 impl Output {
-    fn absorb(&mut self, c: usize, d: &CompletionDelta) -> (String, Option<ChatLogprobs>) {
+    /// The delta's text, split into reasoning and content, and its logprobs.
+    fn absorb(&mut self, c: usize, d: &CompletionDelta) -> (Split, Option<ChatLogprobs>) {
         // The engine numbers choices below n; an out-of-range one is dropped, not a panic.
         let Some(ch) = self.choices.get_mut(c) else {
-            return (String::new(), None);
+            return (Split::default(), None);
         };
         if self.prompt_logprobs.is_none() {
             self.prompt_logprobs = d.prompt_logprobs.clone();
@@ -207,7 +217,15 @@ impl Output {
                 self.job.tokens_as_ids,
             )
         });
-        ch.text.push_str(&text);
+        let split = match ch.splitter.as_mut() {
+            Some(s) => split_piece(s, &text, d.finish_reason.is_some()),
+            None => Split {
+                reasoning: String::new(),
+                content: text,
+            },
+        };
+        ch.text.push_str(&split.content);
+        ch.reasoning.push_str(&split.reasoning);
         ch.tokens += d.token_ids.len();
         if self.job.return_token_ids {
             ch.token_ids.extend_from_slice(&d.token_ids);
@@ -219,7 +237,7 @@ impl Output {
             ch.finish_reason = Some(finish_str(f));
             ch.stop_reason = stop_reason_json(&d.stop_reason);
         }
-        (text, lps)
+        (split, lps)
     }
 
     fn usage(&self) -> Usage {
@@ -267,10 +285,7 @@ async fn collect(mut gen: Generation, mut out: Output) -> Result<Response, ApiEr
             .enumerate()
             .map(|(index, c)| ChatChoice {
                 index,
-                message: ChatMessageOut {
-                    role: "assistant",
-                    content: c.text,
-                },
+                message: message_out(c.splitter.is_some(), c.reasoning, c.text),
                 logprobs: c.logprobs,
                 finish_reason: c.finish_reason,
                 stop_reason: c.stop_reason,
@@ -283,6 +298,26 @@ async fn collect(mut gen: Generation, mut out: Output) -> Result<Response, ApiEr
     Ok(axum::Json(resp).into_response())
 }
 
+/// The whole message; with a reasoning parser, vLLM's shape: `content` null when the model
+/// only thought, the reasoning under both of vLLM's names.
+fn message_out(parsed: bool, reasoning: String, content: String) -> ChatMessageOut {
+    if !parsed {
+        return ChatMessageOut {
+            role: "assistant",
+            content: Some(content),
+            reasoning_content: None,
+            reasoning: None,
+        };
+    }
+    let reasoning = (!reasoning.is_empty()).then_some(reasoning);
+    ChatMessageOut {
+        role: "assistant",
+        content: (!content.is_empty()).then_some(content),
+        reasoning_content: reasoning.clone(),
+        reasoning,
+    }
+}
+
 fn stream(gen: Generation, out: Output) -> Response {
     // The role comes first, once per choice, before any content.
     let roles: Vec<ChatChunkChoice> = (0..out.choices.len())
@@ -291,6 +326,7 @@ fn stream(gen: Generation, out: Output) -> Response {
             delta: ChatDelta {
                 role: Some("assistant"),
                 content: Some(String::new()),
+                ..Default::default()
             },
             logprobs: None,
             finish_reason: None,
@@ -309,18 +345,31 @@ fn stream(gen: Generation, out: Output) -> Response {
                 if let Some(e) = failure(&d) {
                     return Some((vec![sse::error_event(&e), sse::done()], None));
                 }
-                let (text, logprobs) = out.absorb(c, &d);
+                let (split, logprobs) = out.absorb(c, &d);
                 let finish = d.finish_reason.as_ref().map(finish_str);
                 let has_lps = logprobs.as_ref().is_some_and(|l| !l.content.is_empty());
                 let has_ids = out.job.return_token_ids && !d.token_ids.is_empty();
-                if text.is_empty() && finish.is_none() && !has_lps && !has_ids {
+                let Split { reasoning, content } = split;
+                if content.is_empty()
+                    && reasoning.is_empty()
+                    && finish.is_none()
+                    && !has_lps
+                    && !has_ids
+                {
                     return Some((vec![], Some((gen, out))));
                 }
+                // An empty content goes out only where the chunk carries nothing else of
+                // the text (logprobs or token ids of a piece the splitter held back).
+                let send_content =
+                    !content.is_empty() || (finish.is_none() && reasoning.is_empty());
+                let reasoning = (!reasoning.is_empty()).then_some(reasoning);
                 let choice = ChatChunkChoice {
                     index: c,
                     delta: ChatDelta {
                         role: None,
-                        content: (!text.is_empty() || finish.is_none()).then_some(text),
+                        content: send_content.then_some(content),
+                        reasoning_content: reasoning.clone(),
+                        reasoning,
                     },
                     logprobs,
                     finish_reason: finish,

@@ -16,6 +16,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod protocol;
+pub mod reasoning;
 pub mod responses;
 pub mod routes;
 pub mod sse;
@@ -64,6 +65,10 @@ pub struct ServeArgs {
     /// a request is refused, as vLLM does (a template is code the server runs).
     #[arg(long)]
     pub trust_request_chat_template: bool,
+    /// Put a reasoning model's thinking in chat messages' `reasoning_content` (vLLM's
+    /// parsers: deepseek_r1, qwen3; see server/reasoning.rs).
+    #[arg(long, value_name = "NAME", value_parser = parse_reasoning_parser)]
+    pub reasoning_parser: Option<reasoning::ReasoningParser>,
     /// Largest request body accepted (413 above).
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_request_body_bytes: usize,
@@ -99,6 +104,10 @@ pub struct ServeArgs {
     pub vllm: VllmCompatArgs,
 }
 
+fn parse_reasoning_parser(s: &str) -> Result<reasoning::ReasoningParser, String> {
+    s.parse()
+}
+
 /// What every handler shares.
 pub struct AppState {
     pub engine: AsyncEngine,
@@ -120,6 +129,8 @@ pub struct AppState {
     pub return_tokens_as_token_ids: bool,
     /// `--trust-request-chat-template`.
     pub trust_request_chat_template: bool,
+    /// `--reasoning-parser`.
+    pub reasoning_parser: Option<reasoning::ReasoningParser>,
     /// Whether the engine shares a prefix cache between requests (`cache_salt` needs not).
     pub prefix_caching: bool,
     /// Parsing, template rendering and tokenizing, off the async threads (cpu_work.rs).
@@ -276,6 +287,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         return_tokens_as_token_ids: args.vllm.return_tokens_as_token_ids,
         trust_request_chat_template: args.trust_request_chat_template,
         prefix_caching: args.engine.prefix_caching(),
+        reasoning_parser: args.reasoning_parser,
         cpu_work: cpu_work::CpuWork::for_this_machine(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
