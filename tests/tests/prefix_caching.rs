@@ -1,8 +1,8 @@
 //! Prefix caching, on by default as in vLLM: requests sharing a prompt prefix reuse the KV
 //! blocks an earlier request computed, and get the outputs of a cold cache (the same tokens,
-//! logprobs up to rounding, prompt logprobs, `n` > 1); the server's /metrics counts the lookups and hits in
-//! tokens; `--no-enable-prefix-caching` turns it all off; `rvllm bench` reports the hit rate of
-//! its `prefix_repetition` workload.
+//! logprobs up to rounding; with `n` > 1 and prompt logprobs too); the server's /metrics
+//! counts the lookups and hits in tokens; `--no-enable-prefix-caching` turns it all off;
+//! `rvllm bench` reports the hit rate of its `prefix_repetition` workload.
 mod server_common;
 
 use std::process::Command;
