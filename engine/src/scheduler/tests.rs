@@ -682,7 +682,8 @@ fn prefix_caching_skips_requests_that_want_prompt_logprobs() {
 /// Drives the scheduler as the engine does with lookahead: each step is scheduled before the
 /// previous one's output is folded in, and the fake runner fills placeholders from that
 /// output, as the real runners do. Returns every request's outputs and finish reason, and
-/// checks that each chunk computed the request's real tokens at their positions.
+/// checks that each chunk computed the request's real tokens at their positions, reading KV
+/// that was computed for the same context (prefix caching included).
 fn run_lookahead(
     s: &mut Scheduler,
     prompts: &HashMap<RequestId, Vec<u32>>,
@@ -691,6 +692,9 @@ fn run_lookahead(
     let mut results: HashMap<RequestId, (Vec<u32>, Option<FinishReason>)> = HashMap::new();
     let mut computed: Vec<(RequestId, usize, Vec<u32>)> = Vec::new();
     let mut in_flight: Option<(SchedulerOutput, ModelRunnerOutput)> = None;
+    let bs = s.config().block_size;
+    // Per block, per slot: the token context whose last token's KV the slot holds.
+    let mut kv: HashMap<u32, Vec<Option<Vec<u32>>>> = HashMap::new();
     let mut steps = 0;
     loop {
         steps += 1;
@@ -715,7 +719,34 @@ fn run_lookahead(
                     });
                 }
             }
-            computed.push((sr.req_id, sr.start_pos, tokens));
+            // The KV the chunk reads: each earlier position's slot must hold that position
+            // computed after the same context (with prefix caching, possibly by another
+            // request). The whole context is checked against the final sequence below.
+            let slot = |kv: &HashMap<u32, Vec<Option<Vec<u32>>>>, p: usize| {
+                kv.get(&sr.block_table[p / bs])
+                    .and_then(|b| b[p % bs].clone())
+            };
+            let mut context = match sr.start_pos {
+                0 => Vec::new(),
+                start => slot(&kv, start - 1)
+                    .unwrap_or_else(|| panic!("{}: no KV at {}", sr.req_id, start - 1)),
+            };
+            assert_eq!(context.len(), sr.start_pos);
+            for p in 0..sr.start_pos {
+                assert_eq!(
+                    slot(&kv, p).as_deref(),
+                    Some(&context[..=p]),
+                    "{}: KV at {p} belongs to another context",
+                    sr.req_id
+                );
+            }
+            for (k, &t) in tokens.iter().enumerate() {
+                context.push(t);
+                let p = sr.start_pos + k;
+                kv.entry(sr.block_table[p / bs])
+                    .or_insert_with(|| vec![None; bs])[p % bs] = Some(context.clone());
+            }
+            computed.push((sr.req_id, 0, context));
             if sr.sample {
                 sampled.push(SampledToken {
                     req_id: sr.req_id,
