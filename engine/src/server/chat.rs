@@ -32,19 +32,34 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, body: Body) -> Re
     }
 }
 
+/// What a chat prompt is rendered from: the turns, the template (None: the model's) and
+/// its variables, and the request's rendering switches.
+#[derive(Clone, Copy)]
+pub struct ChatPrompt<'a> {
+    pub turns: &'a [super::validate::ChatTurn],
+    pub template: Option<&'a str>,
+    pub template_kwargs: &'a serde_json::Map<String, serde_json::Value>,
+    pub add_generation_prompt: bool,
+    pub continue_final_message: bool,
+    pub add_special_tokens: bool,
+}
+
 /// Render and tokenize the conversation (on a CPU-work thread: see cpu_work.rs). The
 /// rendering stops at `bound.render_cap()` bytes and at the template's fuel; the rendered
 /// text is checked against `bound` before it is tokenized.
 pub fn render_chat(
     tok: Option<&Tokenizer>,
-    turns: &[super::validate::ChatTurn],
-    template_kwargs: &serde_json::Map<String, serde_json::Value>,
-    add_generation_prompt: bool,
-    continue_final_message: bool,
-    add_special_tokens: bool,
-    template: Option<&str>,
+    prompt: &ChatPrompt<'_>,
     bound: &PromptBound<'_>,
 ) -> Result<Vec<u32>, ApiError> {
+    let ChatPrompt {
+        turns,
+        template,
+        template_kwargs,
+        add_generation_prompt,
+        continue_final_message,
+        add_special_tokens,
+    } = *prompt;
     let tok = tok.ok_or_else(|| {
         ApiError::invalid(
             "messages",
@@ -107,14 +122,17 @@ fn prepare(st: &AppState, bytes: &[u8]) -> Result<(ChatJob, Vec<u32>), ApiError>
     job.return_token_ids |= st.tokenizer.is_none();
     tokenize_bad_words(st.tokenizer.as_deref(), &mut job.params)?;
     let template = job.chat_template.as_deref().or(st.chat_template.as_deref());
+    let prompt = ChatPrompt {
+        turns: &job.messages,
+        template,
+        template_kwargs: &job.template_kwargs,
+        add_generation_prompt: job.add_generation_prompt,
+        continue_final_message: job.continue_final_message,
+        add_special_tokens: job.add_special_tokens,
+    };
     let ids = render_chat(
         st.tokenizer.as_deref(),
-        &job.messages,
-        &job.template_kwargs,
-        job.add_generation_prompt,
-        job.continue_final_message,
-        job.add_special_tokens,
-        template,
+        &prompt,
         &PromptBound::new(st.tokenizer.as_deref(), st.engine.max_model_len()),
     )?;
     Ok((job, ids))

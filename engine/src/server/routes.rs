@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::chat::render_chat;
+use super::chat::{render_chat, ChatPrompt};
 use super::error::ApiError;
 use super::limits::{check_request_template, PromptBound};
 use super::metrics::EngineGauges;
@@ -173,16 +173,15 @@ fn tokenize_json(st: &AppState, bytes: &[u8]) -> Result<serde_json::Value, ApiEr
                 .as_deref()
                 .or(kwargs_template.as_deref())
                 .or(st.chat_template.as_deref());
-            render_chat(
-                tok,
-                &turns,
-                &kwargs,
-                req.add_generation_prompt.unwrap_or(true),
-                req.continue_final_message.unwrap_or(false),
-                req.add_special_tokens.unwrap_or(false),
+            let prompt = ChatPrompt {
+                turns: &turns,
                 template,
-                &bound,
-            )?
+                template_kwargs: &kwargs,
+                add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+                continue_final_message: req.continue_final_message.unwrap_or(false),
+                add_special_tokens: req.add_special_tokens.unwrap_or(false),
+            };
+            render_chat(tok, &prompt, &bound)?
         }
     };
     let mut v =
