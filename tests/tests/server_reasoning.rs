@@ -35,15 +35,11 @@ fn an_unknown_reasoning_parser_stops_start_up_naming_the_known_ones() {
     );
 }
 
-/// The non-streamed message and the streamed deltas of one chat request, joined:
-/// (reasoning_content, content), each None when absent.
-fn whole_and_streamed(
-    s: &Server,
-    body: &Value,
-) -> (
-    (Option<String>, Option<String>),
-    (Option<String>, Option<String>),
-) {
+/// A message's text: (reasoning_content, content), each None when absent.
+type Parts = (Option<String>, Option<String>);
+
+/// The non-streamed message and the streamed deltas of one chat request, joined.
+fn whole_and_streamed(s: &Server, body: &Value) -> (Parts, Parts) {
     let r = s.post_json("/v1/chat/completions", body);
     assert_eq!(r.status, 200, "{}", r.text());
     let m = &r.json()["choices"][0]["message"];
