@@ -292,11 +292,17 @@ impl Scheduler {
             // step computed it from the whole context, but its blocks are gone.
             if req.status == Status::Running {
                 // The step wrote these blocks: from now on other requests may share them.
-                let computed = (s.start_pos + s.token_ids.len())
-                    .min(req.num_computed_tokens)
-                    .min(req.num_tokens());
-                self.kv
-                    .cache_computed_blocks(s.req_id, &req.all_token_ids, computed);
+                // Only a chunk that completes a block has any to add (most decode steps do
+                // not), so the others skip the lookups. A block not added when completed
+                // (its last token still unknown) is added by the next chunk that completes
+                // one: each call adds every completed block not added yet.
+                let end = s.start_pos + s.token_ids.len();
+                let computed = end.min(req.num_computed_tokens).min(req.num_tokens());
+                let bs = self.cfg.block_size;
+                if self.kv.prefix_caching() && computed / bs > s.start_pos / bs {
+                    self.kv
+                        .cache_computed_blocks(s.req_id, &req.all_token_ids, computed);
+                }
             }
             if !s.sample {
                 continue;
