@@ -851,8 +851,8 @@ pub fn flatten_message(i: usize, m: &ChatMessageIn) -> Result<ChatTurn, ApiError
 }
 
 /// What a message carries besides role and content, as vLLM gives it to templates: `name`,
-/// `tool_call_id`, `tool_calls` with each `function.arguments` parsed from its JSON string
-/// into a mapping (transformers' convention for tool-use templates), and the reasoning under
+/// `tool_call_id`, `tool_calls` (each `function.arguments` checked to be JSON; the template
+/// reads it as a mapping, transformers' convention for tool-use templates), the reasoning under
 /// both `reasoning_content` and `reasoning` (a request may send either name). `refusal` and
 /// the deprecated `function_call` are passed as they came.
 fn template_fields(
@@ -873,9 +873,11 @@ fn template_fields(
                 .and_then(Value::as_object_mut)
                 .and_then(|f| f.get_mut("arguments"));
             if let Some(a) = args {
+                // A JSON string stays a string here: the chat template reads it into a
+                // mapping with its keys in order (tokenizer/chat.rs).
                 let parsed = match &*a {
                     Value::String(s) if s.trim().is_empty() => Value::Object(Default::default()),
-                    Value::String(s) => serde_json::from_str(s).map_err(|e| {
+                    Value::String(s) => serde_json::from_str::<Value>(s).map(|_| a.clone()).map_err(|e| {
                         ApiError::invalid(
                             format!("messages[{i}].tool_calls[{j}].function.arguments"),
                             format!("the arguments are not valid JSON ({e}); send them as a JSON object encoded in a string"),
@@ -1203,9 +1205,8 @@ mod tests {
         assert_eq!(a["reasoning_content"], "Call it.");
         assert_eq!(a["reasoning"], "Call it.");
         assert_eq!(
-            a["tool_calls"][0]["function"]["arguments"],
-            serde_json::json!({"city": "Paris"}),
-            "arguments reach the template as a mapping"
+            a["tool_calls"][0]["function"]["arguments"], "{\"city\": \"Paris\"}",
+            "the template reads the string into a mapping, keys in order"
         );
         assert_eq!(
             a["tool_calls"][1]["function"]["arguments"],

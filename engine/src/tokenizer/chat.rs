@@ -353,14 +353,165 @@ pub(crate) fn render_json(
             "`{k}` cannot be passed as a template variable: the request's own fields set it"
         )));
     }
+    let messages: Vec<minijinja::Value> = messages.iter().map(template_message).collect();
     let base = minijinja::context! {
-        messages => minijinja::Value::from_serialize(messages),
+        messages => messages,
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token.unwrap_or(""),
         eos_token => eos_token.unwrap_or(""),
     };
     let ctx = minijinja::context! { ..base, ..minijinja::Value::from_serialize(extra) };
     render_context(template, ctx, max_bytes)
+}
+
+/// A message for the template. A tool call's `function.arguments` given as a JSON string
+/// (OpenAI's form) becomes a mapping, as transformers' tool-use templates expect, with its
+/// keys in the order the string has them (as Python's json.loads keeps them), so `tojson`
+/// writes the arguments back as the model wrote them.
+fn template_message(m: &serde_json::Value) -> minijinja::Value {
+    let Some(calls) = m.get("tool_calls").and_then(|c| c.as_array()) else {
+        return minijinja::Value::from_serialize(m);
+    };
+    let calls: Vec<minijinja::Value> = calls
+        .iter()
+        .map(|call| {
+            let args = call
+                .get("function")
+                .and_then(|f| f.get("arguments"))
+                .and_then(|a| a.as_str())
+                .and_then(|a| serde_json::from_str::<OrderedJson>(a).ok());
+            match args {
+                Some(OrderedJson(args)) => {
+                    let mut function = vec![];
+                    for (k, v) in call["function"].as_object().into_iter().flatten() {
+                        let v = if k == "arguments" {
+                            args.clone()
+                        } else {
+                            minijinja::Value::from_serialize(v)
+                        };
+                        function.push((k.clone(), v));
+                    }
+                    let mut out = vec![];
+                    for (k, v) in call.as_object().into_iter().flatten() {
+                        let v = if k == "function" {
+                            OrderedMap::value(std::mem::take(&mut function))
+                        } else {
+                            minijinja::Value::from_serialize(v)
+                        };
+                        out.push((k.clone(), v));
+                    }
+                    OrderedMap::value(out)
+                }
+                None => minijinja::Value::from_serialize(call),
+            }
+        })
+        .collect();
+    let fields = m
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| {
+            let v = if k == "tool_calls" {
+                minijinja::Value::from(calls.clone())
+            } else {
+                minijinja::Value::from_serialize(v)
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    OrderedMap::value(fields)
+}
+
+/// A template mapping that keeps its keys in insertion order.
+#[derive(Debug)]
+struct OrderedMap(Vec<(String, minijinja::Value)>);
+
+impl OrderedMap {
+    fn value(entries: Vec<(String, minijinja::Value)>) -> minijinja::Value {
+        minijinja::Value::from_object(OrderedMap(entries))
+    }
+}
+
+impl minijinja::value::Object for OrderedMap {
+    fn repr(self: &std::sync::Arc<Self>) -> minijinja::value::ObjectRepr {
+        minijinja::value::ObjectRepr::Map
+    }
+
+    fn get_value(self: &std::sync::Arc<Self>, key: &minijinja::Value) -> Option<minijinja::Value> {
+        let key = key.as_str()?;
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn enumerate(self: &std::sync::Arc<Self>) -> minijinja::value::Enumerator {
+        minijinja::value::Enumerator::Values(
+            self.0
+                .iter()
+                .map(|(k, _)| minijinja::Value::from(k.as_str()))
+                .collect(),
+        )
+    }
+}
+
+/// JSON read into template values with object keys kept in order (serde_json's own maps
+/// sort them).
+struct OrderedJson(minijinja::Value);
+
+impl<'de> Deserialize<'de> for OrderedJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OrderedJson;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<OrderedJson, E> {
+                Ok(OrderedJson(v.into()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<OrderedJson, E> {
+                Ok(OrderedJson(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<OrderedJson, E> {
+                Ok(OrderedJson(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<OrderedJson, E> {
+                Ok(OrderedJson(v.into()))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<OrderedJson, E> {
+                Ok(OrderedJson(v.into()))
+            }
+            fn visit_unit<E>(self) -> Result<OrderedJson, E> {
+                Ok(OrderedJson(minijinja::Value::from(())))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<OrderedJson, A::Error> {
+                let mut items = vec![];
+                while let Some(OrderedJson(v)) = a.next_element()? {
+                    items.push(v);
+                }
+                Ok(OrderedJson(items.into()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<OrderedJson, A::Error> {
+                let mut entries: Vec<(String, minijinja::Value)> = vec![];
+                while let Some((k, OrderedJson(v))) = a.next_entry::<String, OrderedJson>()? {
+                    // A repeated key keeps its first place and its last value, as in Python.
+                    match entries.iter_mut().find(|(e, _)| *e == k) {
+                        Some(e) => e.1 = v,
+                        None => entries.push((k, v)),
+                    }
+                }
+                Ok(OrderedJson(OrderedMap::value(entries)))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn render_context(
@@ -589,6 +740,24 @@ mod tests {
         );
         let on = render_json(QWEN3_STYLE, &msgs[..1], &none, true, None, None, None).unwrap();
         assert!(on.ends_with("<|im_start|>assistant\n"), "{on:?}");
+    }
+
+    #[test]
+    fn string_arguments_become_mappings_with_their_keys_in_order() {
+        let msgs = vec![serde_json::json!({"role": "assistant", "content": "",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w",
+                "arguments": "{\"unit\": \"C\", \"city\": \"Paris\", \"days\": [1, {\"z\": 1, \"a\": 2}]}"}}]})];
+        let none = serde_json::Map::new();
+        let t = "{% for c in messages[0].tool_calls %}{{ c.function.arguments | tojson }}|\
+                 {{ c.function.arguments.city }}|{{ c.id }}|{{ c.function.name }}\
+                 {% for k in c.function.arguments %};{{ k }}{% endfor %}\
+                 {% for k, v in c.function.arguments | items %},{{ k }}={{ v }}{% endfor %}\
+                 |{{ c.function.arguments is mapping }}{% endfor %}";
+        let out = render_json(t, &msgs, &none, false, None, None, None).unwrap();
+        assert_eq!(
+            out,
+            r#"{"unit": "C", "city": "Paris", "days": [1, {"z": 1, "a": 2}]}|Paris|c1|w;unit;city;days,unit=C,city=Paris,days=[1, {"z": 1, "a": 2}]|True"#
+        );
     }
 
     #[test]
