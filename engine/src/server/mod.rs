@@ -3,7 +3,9 @@
 //! protocol.rs (wire requests) → validate.rs (internal jobs) → completions.rs / chat.rs
 //! (through generation.rs to the engine) → responses.rs; sse.rs frames streams, metrics.rs
 //! renders /metrics, error.rs shapes every failure, routes.rs holds the small routes;
-//! compat.rs takes `vllm serve`'s flags (accepts, or refuses saying why).
+//! compat.rs takes `vllm serve`'s flags (accepts, or refuses saying why); reasoning.rs
+//! splits a reasoning model's thinking from its answer (`--reasoning-parser`). The
+//! field_audit.rs test holds every request field to a decision: honoured or refused.
 pub mod chat;
 pub mod compat;
 pub mod completions;
