@@ -767,7 +767,7 @@ fn prefix_caching_reuses_blocks_and_keeps_the_tokens() {
 /// Async scheduling (each step scheduled while the one before runs, its input tokens filled
 /// in by the runner) gives exactly the outputs of scheduling each step after the last one's
 /// output: on a mixed batch with EOS and stop-token stops on tokens still pending, seeded
-/// sampling, penalties and logprobs (the host path on CUDA), chunked prefill, and a KV cache
+/// sampling, penalties and logprobs, chunked prefill, and a KV cache
 /// small enough to preempt.
 #[test]
 fn async_scheduling_gives_the_same_outputs_as_step_by_step() {

@@ -777,8 +777,8 @@ mod gpu {
     }
 
     /// Async scheduling (each step queued behind the one before, its input tokens filled in
-    /// on the device) gives exactly the tokens of step-by-step scheduling, on the device path
-    /// (greedy, seeded top-p) and the host path (logprobs, penalties) side by side, through
+    /// on the device) gives exactly the tokens of step-by-step scheduling, with rows of every
+    /// kind side by side (greedy, seeded top-p, logprobs, penalties), through
     /// CUDA graphs and eager. Every request runs to the same length, so both modes run the
     /// same batches (a stop would leave one wasted row in the lookahead step, and a
     /// different batch shape may move a near-tie in the last bf16 bit; the CPU test covers
