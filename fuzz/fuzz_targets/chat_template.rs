@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use rvllm::server::chat::render_chat;
+use rvllm::server::chat::{render_chat, ChatPrompt};
 use rvllm::server::limits::PromptBound;
 use rvllm::server::validate::{ChatTurn, CHAT_ROLES};
 use rvllm::tokenizer::Tokenizer;
@@ -54,15 +54,20 @@ fuzz_target!(|input: Input| {
         .map(|t| ChatTurn {
             role: CHAT_ROLES[t.role as usize % CHAT_ROLES.len()].to_string(),
             content: t.content,
+            extra: Default::default(),
         })
         .collect();
+    let prompt = ChatPrompt {
+        turns: &turns,
+        template: None,
+        template_kwargs: &Default::default(),
+        add_generation_prompt: input.add_generation_prompt,
+        continue_final_message: input.continue_final_message,
+        add_special_tokens: input.add_special_tokens,
+    };
     let r = render_chat(
         Some(tok),
-        &turns,
-        input.add_generation_prompt,
-        input.continue_final_message,
-        input.add_special_tokens,
-        None,
+        &prompt,
         &PromptBound::new(Some(tok), MAX_MODEL_LEN),
     );
     if let Err(e) = r {
