@@ -106,6 +106,7 @@ impl SamplingFlags {
             allowed_token_ids: self.allowed_token_ids.clone(),
             bad_words: self.bad_words.clone(),
             bad_words_token_ids: Vec::new(),
+            structured_output: None,
         }
     }
 }

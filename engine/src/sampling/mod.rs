@@ -3,5 +3,5 @@
 pub mod params;
 pub mod sampler;
 
-pub use params::{ParamError, SamplingParams, MAX_LOGPROBS, MAX_N};
+pub use params::{ParamError, SamplingParams, StructuredOutput, MAX_LOGPROBS, MAX_N};
 pub use sampler::{argmax, log_sum_exp, top_logprobs, SeqSampler};

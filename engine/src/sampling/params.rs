@@ -45,6 +45,27 @@ pub struct SamplingParams {
     /// `bad_words` tokenized ([`bad_words_token_ids`] at the edge, where the tokenizer is
     /// known): each a token sequence whose last token is masked after its prefix.
     pub bad_words_token_ids: Vec<Vec<u32>>,
+    /// Constrains the output to a grammar (vLLM's `structured_outputs`, the OpenAI
+    /// `response_format`, the `guided_*` fields, and tool calls with `tool_choice`
+    /// `required` or named); None: unconstrained.
+    pub structured_output: Option<StructuredOutput>,
+}
+
+/// What a constrained request's output must match (vLLM's `StructuredOutputsParams`,
+/// one of its fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StructuredOutput {
+    /// A JSON document valid against this JSON schema.
+    JsonSchema(serde_json::Value),
+    /// Any JSON object (`response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// A string fully matching this regular expression.
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// A context-free grammar (Lark syntax, or GBNF/EBNF as llguidance accepts it).
+    Grammar(String),
 }
 
 impl Default for SamplingParams {
@@ -72,6 +93,7 @@ impl Default for SamplingParams {
             allowed_token_ids: None,
             bad_words: Vec::new(),
             bad_words_token_ids: Vec::new(),
+            structured_output: None,
         }
     }
 }
