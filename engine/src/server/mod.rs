@@ -22,6 +22,7 @@ pub mod reasoning;
 pub mod responses;
 pub mod routes;
 pub mod sse;
+pub mod tools;
 pub mod validate;
 
 use std::net::SocketAddr;

@@ -1,0 +1,153 @@
+//! Every parser, fed each output of its corpus cut at every char boundary (in two, char by
+//! char, and in three for the short ones), streams to exactly the whole output's parse.
+use super::{parse_whole, ToolDelta, ToolParserName};
+
+fn streamed(name: ToolParserName, pieces: &[&str]) -> ToolDelta {
+    let mut p = name.parser();
+    let mut out = ToolDelta::default();
+    for piece in pieces {
+        out.append(p.push(piece));
+    }
+    out.append(p.finish());
+    out
+}
+
+/// Outputs every parser must read the same whole and streamed: calls, content around them,
+/// broken and cut-off calls, markers in prose, non-ASCII text and replacement characters
+/// (a detokenizer's stand-in for bytes that are not UTF-8).
+const COMMON: &[&str] = &[
+    "",
+    " ",
+    "Plain answer, no tools.\n",
+    "é ü 漢字 🙂 \u{fffd}\u{fffd} done",
+    "{",
+    "[",
+    "<",
+    "{\"name\": \"f\", \"arguments\": {\"a\": 1}}",
+    "[{\"name\": \"f\", \"arguments\": {}}]",
+];
+
+fn corpus(name: ToolParserName) -> Vec<String> {
+    let own: &[&str] = match name {
+        ToolParserName::Hermes => &[
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+            "Let me look.\n\n<tool_call>{\"name\": \"a\", \"arguments\": {\"q\": \"</tool_call>\"}}</tool_call>\n<tool_call>{\"name\": \"b\"}</tool_call>\nDone 🙂",
+            "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": 1}}",
+            "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": ",
+            "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": }</tool_call> after",
+            "x <tool_call>just prose</tool_call> y",
+            "<tool_call>oops <tool_call>{\"name\": \"f\"}</tool_call>",
+            "<tool_call>{\"a\": 1}</tool_call><tool_call>{\"name\": \"é\", \"arguments\": {\"漢\": \"🙂\"}}</tool_call>",
+            "a < b <tool_ca ll> </tool_call> <tool_call",
+            "<tool_call></tool_call>",
+            "  <tool_call>  {\"name\":\"f\",\"arguments\":\"{\\\"x\\\": 2}\"}  </tool_call>  ",
+        ],
+        ToolParserName::Llama3Json => &[
+            "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}",
+            "{\"name\": \"a\", \"parameters\": {\"s\": \"}{;\"}}; {\"name\": \"b\", \"parameters\": {}}",
+            "  {\"name\": \"f\", \"arguments\": {\"x\": [1, {\"y\": null}]}}  ",
+            "{\"name\": \"f\", \"parameters\": {}} Done.",
+            "{\"name\": \"f\", \"parameters\": {}}; trailing",
+            "{\"name\": \"f\", \"parameters\": {\"x\": ",
+            "{\"not\": \"a call\"}",
+            "<|python_tag|>",
+            "<|python_ta",
+            "<|pyth0n_tag|>{}",
+            "The weather is {\"name\": \"f\"}",
+        ],
+        ToolParserName::Mistral => &[
+            "[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]",
+            "Sure.\n[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"s\": \"]\"}}, {\"name\": \"b\", \"arguments\": {}}] ok",
+            "[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Paris\"}[TOOL_CALLS]get_time[ARGS]{}",
+            "[TOOL_CALLS]f[ARGS]{\"a\": \"[ARGS]\"} then text",
+            "[TOOL_CALLS]get weather[ARGS]{}",
+            "[TOOL_CALLS]f[ARGS]{\"a\": ",
+            "[TOOL_CALLS]f[AR",
+            "[TOOL_CALLS]f[ARGS][1]",
+            "[TOOL_CALLS] [{\"arguments\": {}}] [TOOL_CALLS]g[ARGS]{}",
+            "[TOOL_CALLS]",
+            "plain [TOOL",
+            "[TOOL_CALLS]é[ARGS]{}",
+        ],
+        ToolParserName::Pythonic => &[
+            "[get_weather(city='Paris'), t()]",
+            " <|python_start|>[f(a=1, b=\"x\")]<|python_end|> ",
+            "[f(x=[1, 2.5], y={'k': (True, None)}, z='it\\'s é')]",
+            "[f(a=1)] and more",
+            "[f(a=1)",
+            "<|python_sta",
+            "The answer is [f(a=1)]",
+            "[f(a='unterminated)]",
+        ],
+    };
+    own.iter().chain(COMMON).map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn streams_cut_anywhere_add_up_to_the_whole() {
+    for name in [
+        ToolParserName::Hermes,
+        ToolParserName::Llama3Json,
+        ToolParserName::Mistral,
+        ToolParserName::Pythonic,
+    ] {
+        for text in corpus(name) {
+            let want = parse_whole(name, &text);
+            for call in &want.calls {
+                serde_json::from_str::<serde_json::Value>(&call.arguments)
+                    .unwrap_or_else(|e| panic!("{name:?} {text:?}: arguments not JSON: {e}"));
+            }
+            let cuts: Vec<usize> = (0..=text.len())
+                .filter(|&i| text.is_char_boundary(i))
+                .collect();
+            for &i in &cuts {
+                let got = streamed(name, &[&text[..i], &text[i..]]);
+                assert_eq!(got, want, "{name:?} {text:?} cut at {i}");
+            }
+            let chars: Vec<String> = text.chars().map(String::from).collect();
+            let pieces: Vec<&str> = chars.iter().map(String::as_str).collect();
+            assert_eq!(streamed(name, &pieces), want, "{name:?} {text:?} by char");
+            if text.len() <= 40 {
+                for &i in &cuts {
+                    for &j in cuts.iter().filter(|&&j| j >= i) {
+                        let got = streamed(name, &[&text[..i], &text[i..j], &text[j..]]);
+                        assert_eq!(got, want, "{name:?} {text:?} cut at {i}, {j}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Content is released as soon as no marker can be in it.
+#[test]
+fn content_is_not_held_longer_than_a_marker_needs() {
+    let mut p = ToolParserName::Hermes.parser();
+    assert_eq!(p.push("Hello <").content, "Hello");
+    assert_eq!(p.push("b> and").content, " <b> and");
+    let mut p = ToolParserName::Llama3Json.parser();
+    assert_eq!(p.push("Hi").content, "Hi");
+    let mut p = ToolParserName::Mistral.parser();
+    assert_eq!(p.push("ok [TOOL").content, "ok");
+}
+
+#[test]
+fn unknown_names_list_the_known_ones() {
+    assert_eq!("hermes".parse(), Ok(ToolParserName::Hermes));
+    assert_eq!("llama3_json".parse(), Ok(ToolParserName::Llama3Json));
+    let e = "granite".parse::<ToolParserName>().unwrap_err();
+    assert!(
+        e.contains("`granite`") && e.contains("hermes, llama3_json, mistral, pythonic"),
+        "{e}"
+    );
+    let id = ToolParserName::Mistral.call_id();
+    assert!(
+        id.len() == 9 && id.chars().all(|c| c.is_ascii_alphanumeric()),
+        "{id}"
+    );
+    let id = ToolParserName::Hermes.call_id();
+    assert!(
+        id.starts_with("chatcmpl-tool-") && id.len() == 14 + 32,
+        "{id}"
+    );
+}
