@@ -19,6 +19,8 @@ use super::responses::{
     ChatChunk, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessageOut, ChatResponse, Usage,
 };
 use super::routes::read_body;
+use super::tools::choice::{accumulate, CallDelta, CallOut, ChoiceTools};
+use super::tools::request::ToolChoice;
 use super::validate::{check_cache_salt, check_model, parse_json, validate_chat, ChatJob};
 use super::{sse, AppState};
 use crate::engine::CompletionDelta;
@@ -118,6 +120,21 @@ fn prepare(st: &AppState, bytes: &[u8]) -> Result<(ChatJob, Vec<u32>), ApiError>
     )?;
     let mut job = validate_chat(&req, st.max_logprobs)?;
     drop(req);
+    if let Some(t) = job.tools.as_ref().filter(|t| t.choice == ToolChoice::Auto) {
+        // vLLM's rule: the model may call tools on its own only where the server reads
+        // its calls.
+        let parser = st.auto_tool_parser.ok_or_else(|| {
+            ApiError::invalid(
+                "tool_choice",
+                "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser \
+                 to be set on the server (tool_choice defaults to \"auto\" when `tools` are \
+                 given); send tool_choice \"none\", \"required\" or a named function instead",
+            )
+        })?;
+        if parser.needs_special_tokens() && !t.tools.is_empty() {
+            job.params.skip_special_tokens = false;
+        }
+    }
     st.apply_defaults(&mut job.params, &mut job.tokens_as_ids);
     job.return_token_ids |= st.tokenizer.is_none();
     tokenize_bad_words(st.tokenizer.as_deref(), &mut job.params)?;
@@ -169,6 +186,11 @@ async fn handle(st: Arc<AppState>, body: Body) -> Result<Response, ApiError> {
                 splitter: st
                     .reasoning_parser
                     .map(|p| p.splitter(&job.template_kwargs)),
+                tools: job
+                    .tools
+                    .as_ref()
+                    .and_then(|t| ChoiceTools::new(t, st.auto_tool_parser)),
+                calls: Vec::new(),
                 reasoning: String::new(),
                 text: String::new(),
                 tokens: 0,
@@ -195,6 +217,9 @@ struct ChoiceState {
     /// The reasoning so far (with a parser), and the content so far.
     reasoning: String,
     text: String,
+    /// With tools: reads calls out of the content (after the reasoning).
+    tools: Option<ChoiceTools>,
+    calls: Vec<CallOut>,
     tokens: usize,
     token_ids: Vec<u32>,
     logprobs: Option<ChatLogprobs>,
@@ -216,11 +241,16 @@ struct Output {
 }
 
 impl Output {
-    /// The delta's text, split into reasoning and content, and its logprobs.
-    fn absorb(&mut self, c: usize, d: &CompletionDelta) -> (Split, Option<ChatLogprobs>) {
+    /// The delta's text, split into reasoning and content, the pieces of tool calls in it,
+    /// and its logprobs.
+    fn absorb(
+        &mut self,
+        c: usize,
+        d: &CompletionDelta,
+    ) -> (Split, Vec<CallDelta>, Option<ChatLogprobs>) {
         // The engine numbers choices below n; an out-of-range one is dropped, not a panic.
         let Some(ch) = self.choices.get_mut(c) else {
-            return (Split::default(), None);
+            return (Split::default(), Vec::new(), None);
         };
         if self.prompt_logprobs.is_none() {
             self.prompt_logprobs = d.prompt_logprobs.clone();
@@ -235,13 +265,20 @@ impl Output {
                 self.job.tokens_as_ids,
             )
         });
-        let split = match ch.splitter.as_mut() {
+        let mut split = match ch.splitter.as_mut() {
             Some(s) => split_piece(s, &text, d.finish_reason.is_some()),
             None => Split {
                 reasoning: String::new(),
                 content: text,
             },
         };
+        let mut calls = Vec::new();
+        if let Some(t) = ch.tools.as_mut() {
+            let td = t.push(&split.content, d.finish_reason.is_some());
+            split.content = td.content;
+            accumulate(&mut ch.calls, &td.calls);
+            calls = td.calls;
+        }
         ch.text.push_str(&split.content);
         ch.reasoning.push_str(&split.reasoning);
         ch.tokens += d.token_ids.len();
@@ -252,10 +289,11 @@ impl Output {
             all.content.extend(new.content.iter().cloned());
         }
         if let Some(f) = &d.finish_reason {
-            ch.finish_reason = Some(finish_str(f));
+            let f = finish_str(f);
+            ch.finish_reason = Some(ch.tools.as_ref().map_or(f, |t| t.finish_reason(f)));
             ch.stop_reason = stop_reason_json(&d.stop_reason);
         }
-        (split, lps)
+        (split, calls, lps)
     }
 
     fn usage(&self) -> Usage {
@@ -303,7 +341,12 @@ async fn collect(mut gen: Generation, mut out: Output) -> Result<Response, ApiEr
             .enumerate()
             .map(|(index, c)| ChatChoice {
                 index,
-                message: message_out(c.splitter.is_some(), c.reasoning, c.text),
+                message: message_out(
+                    c.splitter.is_some() || c.tools.is_some(),
+                    c.reasoning,
+                    c.text,
+                    &c.calls,
+                ),
                 logprobs: c.logprobs,
                 finish_reason: c.finish_reason,
                 stop_reason: c.stop_reason,
@@ -316,15 +359,22 @@ async fn collect(mut gen: Generation, mut out: Output) -> Result<Response, ApiEr
     Ok(axum::Json(resp).into_response())
 }
 
-/// The whole message; with a reasoning parser, vLLM's shape: `content` null when the model
-/// only thought, the reasoning under both of vLLM's names.
-fn message_out(parsed: bool, reasoning: String, content: String) -> ChatMessageOut {
+/// The whole message; with a reasoning parser or tools, vLLM's shape: `content` null when
+/// the model only thought or only called tools, the reasoning under both of vLLM's names.
+fn message_out(
+    parsed: bool,
+    reasoning: String,
+    content: String,
+    calls: &[CallOut],
+) -> ChatMessageOut {
+    let tool_calls = calls.iter().map(CallOut::to_json).collect();
     if !parsed {
         return ChatMessageOut {
             role: "assistant",
             content: Some(content),
             reasoning_content: None,
             reasoning: None,
+            tool_calls,
         };
     }
     let reasoning = (!reasoning.is_empty()).then_some(reasoning);
@@ -333,6 +383,7 @@ fn message_out(parsed: bool, reasoning: String, content: String) -> ChatMessageO
         content: (!content.is_empty()).then_some(content),
         reasoning_content: reasoning.clone(),
         reasoning,
+        tool_calls,
     }
 }
 
@@ -363,13 +414,17 @@ fn stream(gen: Generation, out: Output) -> Response {
                 if let Some(e) = failure(&d) {
                     return Some((vec![sse::error_event(&e), sse::done()], None));
                 }
-                let (split, logprobs) = out.absorb(c, &d);
-                let finish = d.finish_reason.as_ref().map(finish_str);
+                let (split, calls, logprobs) = out.absorb(c, &d);
+                let finish = d
+                    .finish_reason
+                    .as_ref()
+                    .and_then(|_| out.choices.get(c)?.finish_reason);
                 let has_lps = logprobs.as_ref().is_some_and(|l| !l.content.is_empty());
                 let has_ids = out.job.return_token_ids && !d.token_ids.is_empty();
                 let Split { reasoning, content } = split;
                 if content.is_empty()
                     && reasoning.is_empty()
+                    && calls.is_empty()
                     && finish.is_none()
                     && !has_lps
                     && !has_ids
@@ -378,8 +433,8 @@ fn stream(gen: Generation, out: Output) -> Response {
                 }
                 // An empty content goes out only where the chunk carries nothing else of
                 // the text (logprobs or token ids of a piece the splitter held back).
-                let send_content =
-                    !content.is_empty() || (finish.is_none() && reasoning.is_empty());
+                let send_content = !content.is_empty()
+                    || (finish.is_none() && reasoning.is_empty() && calls.is_empty());
                 let reasoning = (!reasoning.is_empty()).then_some(reasoning);
                 let choice = ChatChunkChoice {
                     index: c,
@@ -388,6 +443,7 @@ fn stream(gen: Generation, out: Output) -> Response {
                         content: send_content.then_some(content),
                         reasoning_content: reasoning.clone(),
                         reasoning,
+                        tool_calls: calls.iter().map(CallDelta::to_json).collect(),
                     },
                     logprobs,
                     finish_reason: finish,

@@ -93,10 +93,18 @@ pub struct VllmCompatArgs {
     // Refused (hidden from --help; present only to say why).
     #[arg(long, hide = true)]
     pub no_enable_chunked_prefill: bool,
-    #[arg(long, hide = true)]
+    /// Let the model call tools on its own (`tool_choice` "auto", the default when a
+    /// request has `tools`); needs --tool-call-parser to read its calls.
+    #[arg(long)]
     pub enable_auto_tool_choice: bool,
-    #[arg(long, hide = true)]
-    pub tool_call_parser: Option<String>,
+    /// How the model writes tool calls (vLLM's parsers: hermes, llama3_json, mistral,
+    /// pythonic; see server/tools/).
+    #[arg(long, value_name = "NAME", value_parser = parse_tool_call_parser)]
+    pub tool_call_parser: Option<super::tools::ToolParserName>,
+}
+
+fn parse_tool_call_parser(s: &str) -> Result<super::tools::ToolParserName, String> {
+    s.parse()
 }
 
 fn same_model(tokenizer: &str, model: &str) -> bool {
@@ -204,10 +212,11 @@ impl VllmCompatArgs {
                  --max-num-batched-tokens and cannot turn that off; leave the flag out"
             );
         }
-        if self.enable_auto_tool_choice || self.tool_call_parser.is_some() {
+        if self.enable_auto_tool_choice && self.tool_call_parser.is_none() {
             bail!(
-                "--enable-auto-tool-choice / --tool-call-parser: rvllm does not implement tool \
-                 calling; leave these flags out"
+                "--enable-auto-tool-choice requires --tool-call-parser (one of {}): it says how \
+                 the model writes its calls",
+                super::tools::ToolParserName::NAMES.join(", ")
             );
         }
         check_dtype(&engine.dtype, resolve_device(&engine.device)?)?;
@@ -305,8 +314,19 @@ mod tests {
         refused(&["--chat-template-content-format", "openai"], "one string");
         refused(&["--swap-space", "-1"], "0 or more");
         refused(&["--no-enable-chunked-prefill"], "chunks");
-        refused(&["--enable-auto-tool-choice"], "tool calling");
-        refused(&["--tool-call-parser", "hermes"], "tool calling");
+        refused(
+            &["--enable-auto-tool-choice"],
+            "requires --tool-call-parser",
+        );
+        assert!(check(&["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]).is_ok());
+        assert!(check(&["--tool-call-parser", "mistral"]).is_ok());
+        let e = check(&["--tool-call-parser", "granite"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`granite`") && e.contains("hermes, llama3_json, mistral, pythonic"),
+            "{e}"
+        );
         assert!(check(&["--uvicorn-log-level", "loud"]).is_err());
     }
 

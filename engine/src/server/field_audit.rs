@@ -98,19 +98,19 @@ const HONOURED_CHAT: &[&str] = &[
     "chat_template_kwargs",
     "documents",
     "reasoning_effort",
-    // Honoured where they are served (none, auto), refused where not:
+    // Tool calling (server/tools/): tools reach the template, tool_choice picks how calls
+    // are read (auto: --tool-call-parser; required / named: a JSON schema), and without
+    // parallel_tool_calls only the first call is kept.
     "tools",
-    "functions",
     "tool_choice",
+    "parallel_tool_calls",
+    // Honoured where they are served (none, auto), refused where not:
+    "functions",
     "function_call",
     "modalities",
 ];
-const WITHOUT_EFFECT_CHAT: &[(&str, &str)] = &[(
-    "parallel_tool_calls",
-    "shapes tool calls only, and `tools` are refused",
-)];
+const WITHOUT_EFFECT_CHAT: &[(&str, &str)] = &[];
 const REFUSED_CHAT: &[(&str, &str)] = &[
-    ("tools", r#"[{"type":"function","function":{"name":"f"}}]"#),
     ("functions", r#"[{"name":"f"}]"#),
     ("tool_choice", r#""required""#),
     ("function_call", r#"{"name":"f"}"#),
@@ -277,6 +277,7 @@ fn served_values_of_partly_served_fields_pass() {
         r#""function_call":"auto""#,
         r#""modalities":["text"]"#,
         r#""parallel_tool_calls":true"#,
+        r#""parallel_tool_calls":false,"tools":[{"type":"function","function":{"name":"f"}}]"#,
         r#""user":"u1","metadata":{"k":"v"}"#,
     ] {
         chat(ok);
@@ -293,4 +294,18 @@ fn served_values_of_partly_served_fields_pass() {
         "chat_template_kwargs wins, as in vLLM"
     );
     assert_eq!(j.request_id.as_deref(), Some("abc"));
+    // required and named choices constrain the output; the tools reach the template.
+    let tools =
+        r#""tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]"#;
+    for choice in [
+        r#""required""#,
+        r#"{"type":"function","function":{"name":"f"}}"#,
+    ] {
+        let j = chat(&format!(r#"{tools},"tool_choice":{choice}"#));
+        assert!(j.params.structured_output.is_some(), "{choice}");
+        assert_eq!(j.template_kwargs["tools"][0]["function"]["name"], "f");
+    }
+    let j = chat(&format!(r#"{tools},"tool_choice":"none""#));
+    assert!(j.params.structured_output.is_none());
+    assert_eq!(j.template_kwargs["tools"][0]["function"]["name"], "f");
 }

@@ -4,7 +4,8 @@
 //! (through generation.rs to the engine) → responses.rs; sse.rs frames streams, metrics.rs
 //! renders /metrics, error.rs shapes every failure, routes.rs holds the small routes;
 //! compat.rs takes `vllm serve`'s flags (accepts, or refuses saying why); reasoning.rs
-//! splits a reasoning model's thinking from its answer (`--reasoning-parser`). The
+//! splits a reasoning model's thinking from its answer (`--reasoning-parser`); tools/ reads
+//! tool calls (`--enable-auto-tool-choice --tool-call-parser`, `tool_choice`). The
 //! field_audit.rs test holds every request field to a decision: honoured or refused.
 pub mod chat;
 pub mod compat;
@@ -134,6 +135,9 @@ pub struct AppState {
     pub trust_request_chat_template: bool,
     /// `--reasoning-parser`.
     pub reasoning_parser: Option<reasoning::ReasoningParser>,
+    /// `--tool-call-parser` when `--enable-auto-tool-choice` is on: reads the calls of
+    /// requests whose `tool_choice` is auto.
+    pub auto_tool_parser: Option<tools::ToolParserName>,
     /// Whether the engine shares a prefix cache between requests (`cache_salt` needs not).
     pub prefix_caching: bool,
     /// Parsing, template rendering and tokenizing, off the async threads (cpu_work.rs).
@@ -291,6 +295,10 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         trust_request_chat_template: args.trust_request_chat_template,
         prefix_caching: args.engine.prefix_caching(),
         reasoning_parser: args.reasoning_parser,
+        auto_tool_parser: args
+            .vllm
+            .tool_call_parser
+            .filter(|_| args.vllm.enable_auto_tool_choice),
         cpu_work: cpu_work::CpuWork::for_this_machine(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -79,6 +79,9 @@ pub struct ChatMessageOut {
     pub reasoning_content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning: Option<String>,
+    /// The calls the model made (server/tools/): OpenAI's `tool_calls`, absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -117,6 +120,9 @@ pub struct ChatDelta {
     pub reasoning_content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning: Option<String>,
+    /// Pieces of tool calls (`index`; `id`, `type` and `name` in a call's first piece).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]

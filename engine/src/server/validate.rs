@@ -90,6 +90,8 @@ pub struct ChatJob {
     pub return_token_ids: bool,
     /// vLLM's `request_id`: the response's id is built from it (else a random one).
     pub request_id: Option<String>,
+    /// `tools`, `tool_choice` and `parallel_tool_calls` (None: neither tools nor a choice).
+    pub tools: Option<super::tools::request::ToolRequest>,
 }
 
 /// Parse a JSON body: invalid UTF-8, malformed JSON, wrong types and unknown fields each
@@ -703,20 +705,40 @@ pub fn validate_chat(r: &ChatCompletionRequest, max_logprobs: usize) -> Result<C
         (true, k) => Some(logprob_count("top_logprobs", k.unwrap_or(0), max_logprobs)?),
     };
     params.logprobs = logprobs;
-    for (name, list) in [("tools", &r.tools), ("functions", &r.functions)] {
-        if list.as_ref().is_some_and(|t| !t.is_empty()) {
-            return Err(unsupported(name, "tool calling is not implemented"));
+    if r.functions.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(unsupported(
+            "functions",
+            "OpenAI's deprecated functions are not served; send them as `tools`",
+        ));
+    }
+    if let Some(choice) = &r.function_call {
+        if !matches!(choice.as_str(), Some("none") | Some("auto")) && !choice.is_null() {
+            return Err(unsupported(
+                "function_call",
+                "OpenAI's deprecated function_call is not served; use `tool_choice`",
+            ));
         }
     }
-    for (name, choice) in [
-        ("tool_choice", &r.tool_choice),
-        ("function_call", &r.function_call),
-    ] {
-        if let Some(choice) = choice {
-            if !matches!(choice.as_str(), Some("none") | Some("auto")) && !choice.is_null() {
-                return Err(unsupported(name, "tool calling is not implemented"));
-            }
+    let tools = super::tools::request::read_tools(
+        r.tools.as_deref(),
+        r.tool_choice.as_ref(),
+        r.parallel_tool_calls,
+    )?;
+    // `required` and a named function constrain the output to calls (vLLM's schemas).
+    if let Some(schema) = tools
+        .as_ref()
+        .map(super::tools::request::output_schema)
+        .transpose()?
+        .flatten()
+    {
+        if params.structured_output.is_some() {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "`tool_choice` \"required\" or a named function constrains the output to tool \
+                 calls; it cannot be combined with response_format or guided decoding",
+            ));
         }
+        params.structured_output = Some(crate::sampling::StructuredOutput::JsonSchema(schema));
     }
     if let Some(m) = r
         .modalities
@@ -745,11 +767,18 @@ pub fn validate_chat(r: &ChatCompletionRequest, max_logprobs: usize) -> Result<C
             return Err(unsupported(name, what));
         }
     }
-    let (template_kwargs, kwargs_template) = template_kwargs(
+    let (mut template_kwargs, kwargs_template) = template_kwargs(
         r.documents.as_ref(),
         r.reasoning_effort.as_deref(),
         r.chat_template_kwargs.as_ref(),
     )?;
+    // The tools reach the template whatever the choice (vLLM's default), under template
+    // kwargs' own `tools` if sent (vLLM merges the kwargs last).
+    if let Some(t) = &tools {
+        template_kwargs
+            .entry("tools")
+            .or_insert_with(|| serde_json::Value::Array(t.tools.clone()));
+    }
     let raw = r.messages.as_ref().ok_or_else(|| {
         ApiError::invalid(
             "messages",
@@ -789,6 +818,7 @@ pub fn validate_chat(r: &ChatCompletionRequest, max_logprobs: usize) -> Result<C
         tokens_as_ids: r.return_tokens_as_token_ids.unwrap_or(false),
         return_token_ids: r.return_token_ids.unwrap_or(false),
         request_id: r.request_id.clone(),
+        tools,
     })
 }
 
