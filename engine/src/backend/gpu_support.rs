@@ -35,6 +35,19 @@ pub fn check_gpu_decoder(spec: &DecoderSpec, context_len: usize) -> Result<()> {
              --max-model-len {w} (or less) so that the window never matters, or {cpu}"
         );
     }
+    if let Some((i, m)) = spec
+        .layers
+        .iter()
+        .enumerate()
+        .find_map(|(i, l)| l.moe.map(|m| (i, m)))
+    {
+        bail!(
+            "layer {i} is a mixture of experts ({} experts, top {}) and the CUDA backend has no \
+             mixture-of-experts kernels yet; {cpu}",
+            m.num_experts,
+            m.top_k
+        );
+    }
     for l in &spec.layers {
         let a = &l.attention;
         if a.softcap.is_some() {

@@ -25,7 +25,7 @@ use std::ops::Range;
 
 use anyhow::Result;
 
-pub use crate::types::AttentionLayout;
+pub use crate::types::{AttentionLayout, MoeLayout};
 use crate::types::{DecoderSpec, HostTensor};
 
 pub mod cpu;
@@ -148,6 +148,19 @@ impl ForwardBatch {
         }
         Ok(())
     }
+}
+
+/// Scratch of a mixture-of-experts layer, allocated with the model's workspace for the
+/// largest step: `T` rows of the step's tokens, `P = T * top_k` rows of (token, expert) pairs.
+pub struct MoeScratch<A> {
+    /// The router's logits, `[T, num_experts]`.
+    pub router_logits: A,
+    /// Each pair's input row, grouped by expert, then the expert's output row, `[P, hidden]`.
+    pub rows: A,
+    /// `[P, 2 * intermediate]`.
+    pub gate_up: A,
+    /// `[P, intermediate]`.
+    pub act: A,
 }
 
 /// An error unless `a` and `b` have the same current shape (elementwise ops).
@@ -324,6 +337,30 @@ pub trait Backend: Send + Sized + 'static {
         let _ = (gate_up, out);
         anyhow::bail!(
             "the GeGLU MLP (gelu_pytorch_tanh) is not implemented on {}",
+            self.device_name()
+        )
+    }
+
+    /// A mixture-of-experts MLP (`MoeLayout`): each row of `x` is routed to its `top_k`
+    /// experts (softmax of `x @ router^T` in f32, renormalized over the top k when the
+    /// layout says so) and `out[t] = sum_e w[t, e] * (silu(x[t] @ gate_e^T) * (x[t] @ up_e^T))
+    /// @ down_e^T`. `router` is `[num_experts, hidden]`; `gate_up` stacks every expert's
+    /// `[gate | up]` (`[num_experts * 2 * inter, hidden]`), `down` every expert's down
+    /// projection (`[num_experts * hidden, inter]`).
+    #[allow(clippy::too_many_arguments)]
+    fn moe(
+        &self,
+        x: &Self::Tensor,
+        router: &Self::Weight,
+        gate_up: &Self::Weight,
+        down: &Self::Weight,
+        layout: &MoeLayout,
+        scratch: &mut MoeScratch<Self::Tensor>,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        let _ = (x, router, gate_up, down, layout, scratch, out);
+        anyhow::bail!(
+            "mixture-of-experts layers are not implemented on {}",
             self.device_name()
         )
     }

@@ -13,6 +13,8 @@ pub enum Architecture {
     Phi3,
     Gemma2,
     Gemma3,
+    Mixtral,
+    Qwen3Moe,
 }
 
 impl Architecture {
@@ -24,6 +26,8 @@ impl Architecture {
         "Phi3ForCausalLM",
         "Gemma2ForCausalLM",
         "Gemma3ForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen3MoeForCausalLM",
     ];
 }
 
@@ -99,6 +103,9 @@ pub struct FamilyConfig {
     pub rotary_dim: Option<usize>,
     /// `qkv_proj` and `gate_up_proj` stored fused (Phi-3).
     pub fused_projections: bool,
+    /// Mixture-of-experts MLPs (Mixtral, Qwen3-MoE): the experts and which layers have them.
+    #[serde(default)]
+    pub moe: Option<super::moe::MoeConfig>,
     /// The longest context the engine will run (`--max-model-len`): LongRoPE picks its long
     /// factors when this passes the original context. None: `max_position_embeddings`.
     pub max_model_len: Option<usize>,
@@ -157,10 +164,20 @@ impl ModelConfig {
             } else {
                 0
             };
-        let layer = h * (q + 2 * kv) + bias + q * h + 3 * inter * h + norms;
+        let layer = h * (q + 2 * kv) + bias + q * h + norms;
+        let (sparse, moe) = match &f.moe {
+            Some(m) => (m.num_sparse_layers() as u64, m.layer_parameters(h)),
+            None => (0, 0),
+        };
+        let dense = self.num_hidden_layers as u64 - sparse;
         let embed = self.vocab_size as u64 * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
-        embed + head + self.num_hidden_layers as u64 * layer + h
+        embed
+            + head
+            + self.num_hidden_layers as u64 * layer
+            + dense * 3 * inter * h
+            + sparse * moe
+            + h
     }
 
     pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> usize {

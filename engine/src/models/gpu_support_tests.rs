@@ -74,6 +74,24 @@ fn features_the_kernels_lack_are_named() {
 }
 
 #[test]
+fn mixture_of_experts_models_are_refused_with_the_layer_named() {
+    let mut c = config();
+    c.family.moe = Some(super::moe::MoeConfig {
+        num_experts: 8,
+        top_k: 2,
+        intermediate_size: 256,
+        renormalize: true,
+        sparse_layers: vec![false, true],
+    });
+    let e = refused(&c);
+    assert!(
+        e.contains("layer 1 is a mixture of experts (8 experts, top 2)")
+            && e.contains("--device cpu"),
+        "{e}"
+    );
+}
+
+#[test]
 fn yarn_attention_factor_moves_into_the_softmax_scale() {
     let mut c = config();
     c.rope_scaling = Some(RopeScaling::Yarn {

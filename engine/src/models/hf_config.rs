@@ -26,6 +26,8 @@ fn architecture(cfg: &Value) -> Result<Architecture> {
             Some("phi3") => "Phi3ForCausalLM".into(),
             Some("gemma2") => "Gemma2ForCausalLM".into(),
             Some("gemma3_text") => "Gemma3ForCausalLM".into(),
+            Some("mixtral") => "MixtralForCausalLM".into(),
+            Some("qwen3_moe") => "Qwen3MoeForCausalLM".into(),
             Some(other) => format!("model_type `{other}`"),
             None => bail!("config.json names no `architectures` and no `model_type`"),
         },
@@ -38,6 +40,13 @@ fn architecture(cfg: &Value) -> Result<Architecture> {
         "Phi3ForCausalLM" => Architecture::Phi3,
         "Gemma2ForCausalLM" => Architecture::Gemma2,
         "Gemma3ForCausalLM" => Architecture::Gemma3,
+        "MixtralForCausalLM" => Architecture::Mixtral,
+        "Qwen3MoeForCausalLM" => Architecture::Qwen3Moe,
+        other if super::moe::unsupported_architecture(other).is_some() => bail!(
+            "architecture {other} is not supported: {} is not implemented; supported architectures: {}",
+            super::moe::unsupported_architecture(other).unwrap_or_default(),
+            Architecture::SUPPORTED.join(", ")
+        ),
         other => bail!(
             "architecture {other} is not supported; supported architectures: {}",
             Architecture::SUPPORTED.join(", ")
@@ -165,6 +174,13 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
         original_max_position_embeddings: usize_field(&cfg, "original_max_position_embeddings")?,
     };
     let mut family = hf_family::family(&cfg, architecture)?;
+    family.moe = super::moe::from_hf(
+        &cfg,
+        architecture,
+        num_hidden_layers,
+        intermediate_size,
+        family.activation,
+    )?;
     family.sliding_layers = sliding_layers;
     family.local_rope = hf_family::local_rope(&rope, &rope_ctx)?;
     let partial = match f32_field(&cfg, "partial_rotary_factor")? {

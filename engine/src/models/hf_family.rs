@@ -220,9 +220,14 @@ pub fn sliding(
     // Absent (not null), the config classes' default applies: 4096 for Mistral, Gemma and
     // Qwen (the last only with use_sliding_window), none for Phi-3.
     let window = match cfg.get("sliding_window") {
-        None if arch != Architecture::Phi3 => Some(4096),
+        None if !matches!(arch, Architecture::Phi3 | Architecture::Mixtral) => Some(4096),
         _ => usize_field(cfg, "sliding_window")?,
     };
+    // Qwen3-MoE windows every layer or none (no `max_window_layers`); Mixtral every layer.
+    if arch == Architecture::Qwen3Moe {
+        let used = cfg.get("use_sliding_window").and_then(Value::as_bool) == Some(true);
+        return Ok((window.filter(|_| used), None));
+    }
     let qwen = matches!(arch, Architecture::Qwen2 | Architecture::Qwen3);
     if qwen && cfg.get("use_sliding_window").and_then(Value::as_bool) != Some(true) {
         return Ok((None, None));
@@ -285,7 +290,7 @@ pub fn family(cfg: &Value, arch: Architecture) -> Result<FamilyConfig> {
         }
     };
     match arch {
-        Architecture::Qwen3 => f.qk_norm = true,
+        Architecture::Qwen3 | Architecture::Qwen3Moe => f.qk_norm = true,
         Architecture::Phi3 => f.fused_projections = true,
         Architecture::Gemma2 | Architecture::Gemma3 => {
             let g2 = arch == Architecture::Gemma2;

@@ -154,6 +154,25 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, progress: &ProgressBar) -> Re
         let names: BTreeMap<&str, ()> = st.names().into_iter().map(|n| (n, ())).collect();
         for name in names.keys() {
             let Some(shape) = wanted.remove::<str>(name) else {
+                if super::moe::is_stacked(cfg, name) {
+                    // transformers 5's stacked experts: split into the names the model reads.
+                    let view = st
+                        .tensor(name)
+                        .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+                    let data = convert(path, name, view.dtype(), view.data())?;
+                    let shape = view.shape().to_vec();
+                    let parts = super::moe::split_stacked(cfg, name, HostTensor { shape, data })
+                        .with_context(|| path.display().to_string())?;
+                    progress.inc(view.data().len() as u64);
+                    for (part, t) in parts {
+                        ensure!(
+                            wanted.remove::<str>(&part).is_some(),
+                            "{}: `{part}` is given twice (once inside `{name}`)",
+                            path.display()
+                        );
+                        map.tensors.insert(part, t);
+                    }
+                }
                 continue; // e.g. rotary_emb.inv_freq: not a weight we use.
             };
             let view = st

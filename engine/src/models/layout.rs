@@ -59,6 +59,14 @@ pub fn expected_tensors(c: &ModelConfig) -> Vec<ExpectedTensor> {
             out.push(t(format!("{p}.pre_feedforward_layernorm.weight"), vec![h]));
             out.push(t(format!("{p}.post_feedforward_layernorm.weight"), vec![h]));
         }
+        if let Some(m) = f.moe.as_ref().filter(|m| m.is_sparse(i)) {
+            out.extend(
+                super::moe::expected_tensors(c, m, i)
+                    .into_iter()
+                    .map(|(name, shape)| t(name, shape)),
+            );
+            continue;
+        }
         if f.fused_projections {
             out.push(t(
                 format!("{p}.mlp.gate_up_proj.weight"),

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::config::{MlpActivation, ModelConfig};
 use super::spec::DecoderSpec;
 use super::weights::{DType, HostData, HostTensor, WeightMap};
-use crate::backend::{Activation, Backend, ForwardBatch};
+use crate::backend::{Activation, Backend, ForwardBatch, MoeScratch};
 
 /// Rows pushed through the LM head at once: bounds the logits buffer when many rows are
 /// wanted (prompt logprobs over a long prefill).
@@ -31,8 +31,11 @@ struct LlamaLayer<B: Backend> {
     mlp_norm: B::Vector,
     /// Norm of the MLP output before the residual add (Gemma).
     mlp_out_norm: Option<B::Vector>,
+    /// The dense MLP's `[gate | up]` and down, or a mixture's experts stacked (`Backend::moe`).
     gate_up: B::Weight,
     down: B::Weight,
+    /// A mixture of experts' router (None: a dense MLP).
+    router: Option<B::Weight>,
 }
 
 pub struct LlamaModel<B: Backend> {
@@ -61,6 +64,8 @@ pub struct Workspace<B: Backend> {
     gathered: B::Tensor,
     logits: B::Tensor,
     host: Vec<f32>,
+    /// Mixture-of-experts buffers, for models that have such layers.
+    moe: Option<MoeScratch<B::Tensor>>,
 }
 
 impl<B: Backend> Workspace<B> {
@@ -88,6 +93,7 @@ impl<B: Backend> Workspace<B> {
             gathered: be.alloc_activation(logits_rows, c.hidden_size)?,
             logits: be.alloc_activation(logits_rows, c.vocab_size)?,
             host: Vec::new(),
+            moe: super::moe::scratch(be, c, t)?,
         })
     }
 }
@@ -155,7 +161,7 @@ fn dummy_tensor(name: &str, shape: &[usize], seed: u64) -> HostTensor {
 
 /// Stacks tensors along their first dimension (fusing q/k/v or gate/up). Keeps the common
 /// dtype so that a bf16 checkpoint stays bf16 on the way to a GPU.
-fn concat_rows(name: &str, parts: Vec<HostTensor>) -> Result<HostTensor> {
+pub(super) fn concat_rows(name: &str, parts: Vec<HostTensor>) -> Result<HostTensor> {
     let tail = parts[0].shape[1..].to_vec();
     ensure!(
         parts.iter().all(|p| p.shape[1..] == tail[..]),
@@ -305,7 +311,15 @@ impl<B: Backend> LlamaModel<B> {
             } else {
                 (None, post_attn, None)
             };
-            let gate_up = if spec.fused_projections {
+            let (mut router, mut experts_down) = (None, None);
+            let gate_up = if let Some(m) = &ls.moe {
+                let [r, gate_up, down] =
+                    super::moe::stacked_experts(c, i, m, |name, shape| src.take(name, shape))?;
+                let router_name = super::moe::router_name(c.architecture, i);
+                router = Some(be.upload_weight(&router_name, r)?);
+                experts_down = Some(down);
+                gate_up
+            } else if spec.fused_projections {
                 src.take(&n("mlp.gate_up_proj.weight"), &[2 * inter, h])?
             } else {
                 concat_rows(
@@ -316,7 +330,10 @@ impl<B: Backend> LlamaModel<B> {
                     ],
                 )?
             };
-            let down = src.take(&n("mlp.down_proj.weight"), &[h, inter])?;
+            let down = match experts_down {
+                Some(d) => d,
+                None => src.take(&n("mlp.down_proj.weight"), &[h, inter])?,
+            };
             layers.push(LlamaLayer {
                 input_norm,
                 qkv: be.upload_weight(&n("self_attn.qkv"), qkv)?,
@@ -331,6 +348,7 @@ impl<B: Backend> LlamaModel<B> {
                 mlp_out_norm,
                 gate_up: be.upload_weight(&n("mlp.gate_up"), gate_up)?,
                 down: be.upload_weight(&n("mlp.down_proj.weight"), down)?,
+                router,
             });
         }
         let final_norm = norm(&mut src, "model.norm.weight", h)?;
@@ -425,6 +443,30 @@ impl<B: Backend> LlamaModel<B> {
                     be.rms_norm(&ws.proj, w, eps, &mut ws.normed)?;
                     be.add_inplace(&mut ws.residual, &ws.normed)?;
                 }
+            }
+            if let (Some(router), Some(moe)) = (&l.router, &ls.moe) {
+                be.rms_norm(&ws.residual, &l.mlp_norm, eps, &mut ws.normed)?;
+                let scratch = ws
+                    .moe
+                    .as_mut()
+                    .context("the workspace has no mixture-of-experts buffers")?;
+                be.moe(
+                    &ws.normed,
+                    router,
+                    &l.gate_up,
+                    &l.down,
+                    moe,
+                    scratch,
+                    &mut ws.proj,
+                )?;
+                match &l.mlp_out_norm {
+                    None => be.add_inplace(&mut ws.residual, &ws.proj)?,
+                    Some(w) => {
+                        be.rms_norm(&ws.proj, w, eps, &mut ws.normed)?;
+                        be.add_inplace(&mut ws.residual, &ws.normed)?;
+                    }
+                }
+                continue;
             }
             be.norm_linear(
                 &ws.residual,

@@ -8,6 +8,7 @@ pub mod hub;
 pub mod layout;
 pub mod llama;
 pub mod loader;
+pub mod moe;
 pub mod rope;
 pub mod spec;
 pub mod weights;

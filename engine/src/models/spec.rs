@@ -34,6 +34,11 @@ impl DecoderSpec {
                     qk_norm: f.qk_norm,
                     sandwich_norms: f.sandwich_norms,
                     activation: f.activation,
+                    moe: f
+                        .moe
+                        .as_ref()
+                        .filter(|m| m.is_sparse(i))
+                        .map(|m| m.layout()),
                 }
             })
             .collect();

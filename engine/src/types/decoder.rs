@@ -56,6 +56,23 @@ pub struct LayerSpec {
     /// Norms on the attention output and around the MLP (Gemma 2/3), besides the input norm.
     pub sandwich_norms: bool,
     pub activation: MlpActivation,
+    /// A mixture-of-experts MLP in place of the dense one (None: dense).
+    pub moe: Option<MoeLayout>,
+}
+
+/// A layer's mixture of experts (Mixtral, Qwen3-MoE): a router `[num_experts, hidden]`
+/// scores every token, the softmax (f32) of its logits picks the `top_k` experts, whose
+/// weights are those probabilities (divided by their sum when `renormalize`), and each expert
+/// is a SwiGLU MLP of `intermediate_size`; the layer's output is the weighted sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeLayout {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Width of one expert's gate (and up) projection.
+    pub intermediate_size: usize,
+    /// Divide the top-k probabilities by their sum (Mixtral always; Qwen3-MoE's
+    /// `norm_topk_prob`).
+    pub renormalize: bool,
 }
 
 /// The whole decoder.

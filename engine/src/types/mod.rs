@@ -6,7 +6,7 @@
 mod decoder;
 mod tensor;
 
-pub use decoder::{AttentionLayout, DecoderSpec, LayerSpec, MlpActivation};
+pub use decoder::{AttentionLayout, DecoderSpec, LayerSpec, MlpActivation, MoeLayout};
 pub use tensor::{DType, HostData, HostTensor};
 
 /// The id of one core request: one sequence (a user request with `n > 1` becomes `n` of them).

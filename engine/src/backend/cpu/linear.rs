@@ -108,7 +108,7 @@ pub fn linear(
 /// `dst` must be valid for `m` rows of stride `ld` (n columns each), `x` for `m * k` and
 /// `w` for `n * k` elements.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(
+pub(super) unsafe fn gemm_into(
     m: usize,
     n: usize,
     k: usize,

@@ -9,6 +9,7 @@ use crate::types::{HostData, HostTensor};
 
 mod attention;
 mod linear;
+mod moe;
 mod rowwise;
 #[cfg(test)]
 mod tests;
@@ -285,6 +286,19 @@ impl Backend for CpuBackend {
 
     fn scale(&self, x: &mut CpuTensor, factor: f32) -> Result<()> {
         rowwise::scale(x, factor)
+    }
+
+    fn moe(
+        &self,
+        x: &CpuTensor,
+        router: &CpuWeight,
+        gate_up: &CpuWeight,
+        down: &CpuWeight,
+        layout: &super::MoeLayout,
+        scratch: &mut super::MoeScratch<CpuTensor>,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        moe::moe(x, router, gate_up, down, layout, scratch, out)
     }
 
     fn gather_rows(
