@@ -36,6 +36,10 @@ pub struct GenerateArgs {
     /// text (for people) or json (for machines).
     #[arg(long, default_value = "text")]
     pub output: String,
+    /// The KV cache's element type: auto (the compute type), fp8 or fp8_e4m3 (E4M3 with the
+    /// checkpoint's k_scale / v_scale, else 1.0; CPU only for now).
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: String,
 }
 
 #[derive(Deserialize)]
@@ -68,7 +72,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ),
         None => None,
     };
-    let mut llm = Llm::new(&args.engine)?;
+    let engine_args = EngineArgs {
+        kv_cache_dtype: Some(args.kv_cache_dtype.clone()),
+        ..args.engine.clone()
+    };
+    let mut llm = Llm::new(&engine_args)?;
     let tok = llm.tokenizer();
     let mut prompts = Vec::with_capacity(inputs.len());
     for (i, input) in inputs.iter().enumerate() {

@@ -70,6 +70,14 @@ pub struct EngineArgs {
     /// Set by `rvllm serve`: the batch defaults are the server's (vLLM's usage context).
     #[arg(skip)]
     pub serving: bool,
+    /// `fp8`: vLLM's online dynamic FP8, the layer weights rounded through E4M3 at a
+    /// per-tensor scale of amax / 448 (CPU only for now). An FP8 checkpoint needs no flag.
+    #[arg(long)]
+    pub quantization: Option<String>,
+    /// `--kv-cache-dtype` (auto, fp8, fp8_e4m3): set by `rvllm generate`'s flag (the server
+    /// reads vLLM's among its compatibility flags). None: auto.
+    #[arg(skip)]
+    pub kv_cache_dtype: Option<String>,
 }
 
 /// The step limits an engine runs with, after the defaults.
@@ -130,6 +138,8 @@ impl Default for EngineArgs {
             async_scheduling: false,
             no_async_scheduling: false,
             serving: false,
+            quantization: None,
+            kv_cache_dtype: None,
         }
     }
 }

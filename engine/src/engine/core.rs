@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 
 use super::args::{BatchLimits, EngineArgs};
 use crate::models::config::ModelConfig;
+use crate::models::quant::{apply_runtime_options, KvCacheDtype};
 use crate::models::{load_model, LoadFormat, LoadOptions, LoadedModel};
 use crate::runner::{Executor, RunnerConfig};
 use crate::scheduler::{
@@ -145,8 +146,11 @@ impl EngineCore {
             load_format,
             progress: !args.disable_progress,
         };
+        let kv_cache_dtype =
+            KvCacheDtype::parse(args.kv_cache_dtype.as_deref().unwrap_or("auto"))?;
         let mut model: LoadedModel = load_model(&args.model, &opts)
             .with_context(|| format!("loading model `{}`", args.model))?;
+        apply_runtime_options(&mut model, args.quantization.as_deref(), kv_cache_dtype, device)?;
         let tokenizer = model.tokenizer.take();
         // What the model may see decides LongRoPE's factors and whether a window matters.
         model.config.family.max_model_len = args.max_model_len;

@@ -109,6 +109,9 @@ pub struct FamilyConfig {
     /// The longest context the engine will run (`--max-model-len`): LongRoPE picks its long
     /// factors when this passes the original context. None: `max_position_embeddings`.
     pub max_model_len: Option<usize>,
+    /// FP8: the checkpoint's format and the runtime options (`models/quant`).
+    #[serde(default)]
+    pub quant: super::quant::QuantConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

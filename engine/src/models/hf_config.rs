@@ -174,6 +174,7 @@ pub fn parse_config(config_json: &str, generation_json: Option<&str>) -> Result<
         original_max_position_embeddings: usize_field(&cfg, "original_max_position_embeddings")?,
     };
     let mut family = hf_family::family(&cfg, architecture)?;
+    family.quant.checkpoint = super::quant::parse_quantization_config(&cfg)?;
     family.moe = super::moe::from_hf(
         &cfg,
         architecture,

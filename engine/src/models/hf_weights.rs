@@ -1,6 +1,7 @@
 //! Weights of a Hugging Face folder: `model.safetensors`, or shards listed in
 //! `model.safetensors.index.json`. Files are memory-mapped; only the tensors the model needs
-//! are copied out, keeping their dtype (F32 / F16 / BF16).
+//! are copied out, keeping their dtype (F32 / F16 / BF16); FP8 (E4M3) weights of a checkpoint
+//! with an FP8 `quantization_config` are dequantized into F32 (`models/quant`).
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::config::ModelConfig;
 use super::layout::expected_tensors;
+use super::quant::Fp8Loader;
 use super::weights::{HostData, HostTensor, WeightMap};
 
 /// The safetensors files of a folder and, for each, the tensor names it holds (from the
@@ -147,12 +149,22 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, progress: &ProgressBar) -> Re
         .map(|e| (e.name.as_str(), e.shape.as_slice()))
         .collect();
     let mut map = WeightMap::default();
+    let mut fp8 = Fp8Loader::new(cfg.family.quant.checkpoint.as_ref());
     for path in &files {
         let mmap = map_file(path)?;
         let st = SafeTensors::deserialize(&mmap).map_err(|e| diagnose(path, &mmap, &e))?;
         // Sorted for a deterministic first error.
         let names: BTreeMap<&str, ()> = st.names().into_iter().map(|n| (n, ())).collect();
         for name in names.keys() {
+            if fp8.is_scale(name) {
+                let view = st
+                    .tensor(name)
+                    .map_err(|e| anyhow::anyhow!("{}: tensor `{name}`: {e}", path.display()))?;
+                let data = convert(path, name, view.dtype(), view.data())?;
+                let shape = view.shape().to_vec();
+                fp8.add_scale(name, HostTensor { shape, data });
+                continue;
+            }
             let Some(shape) = wanted.remove::<str>(name) else {
                 if super::moe::is_stacked(cfg, name) {
                     // transformers 5's stacked experts: split into the names the model reads.
@@ -185,6 +197,11 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, progress: &ProgressBar) -> Re
                 view.shape(),
                 shape
             );
+            let file = path.display().to_string();
+            if fp8.take_weight(&file, name, view.dtype(), shape, view.data())? {
+                progress.inc(view.data().len() as u64);
+                continue;
+            }
             let data = convert(path, name, view.dtype(), view.data())?;
             progress.inc(view.data().len() as u64);
             map.tensors.insert(
@@ -196,6 +213,7 @@ pub fn load_weights(dir: &Path, cfg: &ModelConfig, progress: &ProgressBar) -> Re
             );
         }
     }
+    fp8.finish(&mut map.tensors)?;
     let searched = files
         .iter()
         .map(|p| p.display().to_string())

@@ -9,6 +9,7 @@ pub mod layout;
 pub mod llama;
 pub mod loader;
 pub mod moe;
+pub mod quant;
 pub mod rope;
 pub mod spec;
 pub mod weights;

@@ -107,7 +107,9 @@ pub fn create_cpu_executor_from_parts(
     cfg: &RunnerConfig,
 ) -> Result<Box<dyn Executor>> {
     let blocks = kv_blocks_for(config, cfg, std::mem::size_of::<f32>())?;
-    let runner = ModelRunner::new(CpuBackend::new(), config, weights, cfg, blocks)?;
+    let backend =
+        CpuBackend::new().with_kv_cache_fp8(config.family.quant.kv_cache_fp8_scales.clone());
+    let runner = ModelRunner::new(backend, config, weights, cfg, blocks)?;
     Ok(Box::new(CpuExecutor::spawn(runner)?))
 }
 

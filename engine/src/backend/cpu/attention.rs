@@ -3,6 +3,7 @@
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
+use super::fp8::fake_quant_in_place;
 use super::{CpuKvCache, CpuStepMeta, CpuTensor};
 use crate::backend::{Activation, AttentionLayout, ForwardBatch};
 
@@ -90,6 +91,11 @@ pub fn rope_and_write_kv(
         );
         kc[s..s + kv_size].copy_from_slice(&row[q_size..q_size + kv_size]);
         vc[s..s + kv_size].copy_from_slice(&row[q_size + kv_size..]);
+        let fp8_scales = cache.fp8_scales.as_ref().and_then(|s| s.get(layer));
+        if let Some(&(k_scale, v_scale)) = fp8_scales {
+            fake_quant_in_place(&mut kc[s..s + kv_size], k_scale);
+            fake_quant_in_place(&mut vc[s..s + kv_size], v_scale);
+        }
     }
     Ok(())
 }

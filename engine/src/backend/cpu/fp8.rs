@@ -19,7 +19,11 @@ const fn decode_code(code: u8) -> f32 {
     let mant = (code & 0x07) as f32;
     if exp == 0x0f && code & 0x07 == 0x07 {
         // Negation flips the sign bit, so 0xff decodes to a negative NaN.
-        return if code & 0x80 != 0 { -f32::NAN } else { f32::NAN };
+        return if code & 0x80 != 0 {
+            -f32::NAN
+        } else {
+            f32::NAN
+        };
     }
     // 2^(exp - 7) without powi (not const): exponents run from -6 to 8.
     let mut scale = 1.0f32 / 64.0;

@@ -8,19 +8,30 @@ use super::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
 use crate::types::{HostData, HostTensor};
 
 mod attention;
+pub mod fp8;
 mod linear;
 mod moe;
 mod rowwise;
 #[cfg(test)]
 mod tests;
 
-/// The CPU backend. Stateless: the thread pool is rayon's global one.
+/// The CPU backend. The thread pool is rayon's global one; the only setting is the KV
+/// cache's element type.
 #[derive(Debug, Default, Clone)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    kv_fp8_scales: Option<Vec<(f32, f32)>>,
+}
 
 impl CpuBackend {
     pub fn new() -> Self {
-        Self
+        Self::default()
+    }
+
+    /// An FP8 (E4M3) KV cache with these per-layer (k, v) scales (`--kv-cache-dtype fp8`);
+    /// None keeps it f32.
+    pub fn with_kv_cache_fp8(mut self, scales: Option<Vec<(f32, f32)>>) -> Self {
+        self.kv_fp8_scales = scales;
+        self
     }
 }
 
@@ -84,6 +95,11 @@ pub struct CpuKvCache {
     pub shape: KvCacheShape,
     pub k: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
+    /// FP8 cache: per layer, the (k, v) scales. Each value is written as
+    /// `decode(encode(x / scale)) * scale`, so the f32 arrays hold exactly what an E4M3
+    /// cache dequantizes to on read (the reference for the GPU's byte cache; the CPU keeps
+    /// 4 bytes an element either way).
+    pub fp8_scales: Option<Vec<(f32, f32)>>,
 }
 
 /// The step's batch plus, per token, which sequence it belongs to (attention is
@@ -177,7 +193,20 @@ impl Backend for CpuBackend {
         // vec![0.0; n] comes from calloc: pages are only touched when first written.
         let k = (0..shape.num_layers).map(|_| vec![0.0f32; n]).collect();
         let v = (0..shape.num_layers).map(|_| vec![0.0f32; n]).collect();
-        Ok(CpuKvCache { shape, k, v })
+        if let Some(s) = &self.kv_fp8_scales {
+            ensure!(
+                s.len() == shape.num_layers,
+                "{} FP8 KV-cache scales for {} layers",
+                s.len(),
+                shape.num_layers
+            );
+        }
+        Ok(CpuKvCache {
+            shape,
+            k,
+            v,
+            fp8_scales: self.kv_fp8_scales.clone(),
+        })
     }
 
     fn kv_cache_shape(&self, cache: &CpuKvCache) -> KvCacheShape {
