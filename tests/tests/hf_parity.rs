@@ -381,11 +381,16 @@ fn experts_are_exercised(name: &str) {
         .as_u64()
         .unwrap();
     assert!(k >= 2, "{name}: top-{k} routing");
-    let layers = reference["routing"]["tokens_per_expert"].as_object().unwrap();
+    let layers = reference["routing"]["tokens_per_expert"]
+        .as_object()
+        .unwrap();
     assert!(!layers.is_empty());
     for (layer, counts) in layers {
         let counts = ids(counts);
-        assert!(!counts.contains(&0), "{name} {layer}: an idle expert {counts:?}");
+        assert!(
+            !counts.contains(&0),
+            "{name} {layer}: an idle expert {counts:?}"
+        );
     }
 }
 
@@ -429,7 +434,11 @@ fn tiny_mixtral_with_stacked_experts_matches_transformers() {
         let info = &header[name];
         let off = info["data_offsets"].as_array().unwrap();
         let (a, b) = (off[0].as_u64().unwrap(), off[1].as_u64().unwrap());
-        let shape = info["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap());
+        let shape = info["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap());
         (shape.collect(), &data[a as usize..b as usize])
     };
     let mut out: Vec<(String, Vec<u64>, Vec<u8>)> = Vec::new();
@@ -443,7 +452,11 @@ fn tiny_mixtral_with_stacked_experts_matches_transformers() {
     for l in 0..layers {
         let p = format!("model.layers.{l}.block_sparse_moe");
         let (shape, router) = tensor(&format!("{p}.gate.weight"));
-        out.push((format!("model.layers.{l}.mlp.gate.weight"), shape, router.to_vec()));
+        out.push((
+            format!("model.layers.{l}.mlp.gate.weight"),
+            shape,
+            router.to_vec(),
+        ));
         let (mut gate_up, mut down) = (Vec::new(), Vec::new());
         let (w1, _) = tensor(&format!("{p}.experts.0.w1.weight"));
         let (inter, hidden) = (w1[0], w1[1]);
@@ -454,8 +467,16 @@ fn tiny_mixtral_with_stacked_experts_matches_transformers() {
             down.extend_from_slice(tensor(&format!("{p}.experts.{e}.w2.weight")).1);
         }
         let m = format!("model.layers.{l}.mlp.experts");
-        out.push((format!("{m}.gate_up_proj"), vec![experts as u64, 2 * inter, hidden], gate_up));
-        out.push((format!("{m}.down_proj"), vec![experts as u64, hidden, inter], down));
+        out.push((
+            format!("{m}.gate_up_proj"),
+            vec![experts as u64, 2 * inter, hidden],
+            gate_up,
+        ));
+        out.push((
+            format!("{m}.down_proj"),
+            vec![experts as u64, hidden, inter],
+            down,
+        ));
     }
     let mut head = serde_json::Map::new();
     let mut offset = 0;

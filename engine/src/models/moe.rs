@@ -431,6 +431,31 @@ mod tests {
         assert_eq!(params, 2 * 100 * 64 + 2 * (attn + experts) + 64);
     }
 
+    /// The benchmark shapes parse as their families with the published parameter counts
+    /// (Qwen3-30B-A3B: 30.5 B, Mixtral-8x7B: 46.7 B).
+    #[test]
+    fn shipped_moe_shapes_parse_with_their_parameter_counts() {
+        let shipped = |name: &str| {
+            let path = format!("{}/configs/{name}/config.json", env!("CARGO_MANIFEST_DIR"));
+            parse_config(&std::fs::read_to_string(path).unwrap(), None).unwrap()
+        };
+        let q = shipped("qwen3-30b-a3b");
+        assert_eq!(q.architecture, Architecture::Qwen3Moe);
+        let m = q.family.moe.as_ref().unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.intermediate_size), (128, 8, 768));
+        assert!(m.renormalize && q.family.qk_norm && q.sliding_window.is_none());
+        assert_eq!(m.num_sparse_layers(), 48);
+        let x = shipped("mixtral-8x7b");
+        assert_eq!(x.architecture, Architecture::Mixtral);
+        let m = x.family.moe.as_ref().unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.intermediate_size), (8, 2, 14336));
+        assert!(x.sliding_window.is_none());
+        for (c, billions) in [(q, 30.5), (x, 46.7)] {
+            let got = c.num_parameters() as f64 / 1e9;
+            assert!((got - billions).abs() < 0.1, "{got} B, expected {billions}");
+        }
+    }
+
     #[test]
     fn unimplemented_moe_features_are_refused_by_name() {
         for (extra, needle) in [
