@@ -317,6 +317,18 @@ pub fn apply_allowed_token_ids(logits: &mut [f32], allowed: &[u32]) {
     }
 }
 
+/// Structured output's token mask (vLLM v1's grammar bitmask), applied before every other
+/// processor: token `t` is kept when bit `t % 32` of `words[t / 32]` is set, every other
+/// logit -> -inf. Tokens past the mask's words are masked.
+pub fn apply_token_bitmask(logits: &mut [f32], words: &[u32]) {
+    for (t, l) in logits.iter_mut().enumerate() {
+        let allowed = words.get(t / 32).is_some_and(|w| w >> (t % 32) & 1 == 1);
+        if !allowed {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
 /// vLLM's `apply_bad_words` over the output tokens: for each bad word `ids`, skipped when
 /// `ids.len() > output.len() + 1`; otherwise when `ids.len() == 1` or `output` ends with
 /// `ids[..len - 1]`, `logits[ids[len - 1]] = -inf`.

@@ -114,6 +114,29 @@ extern "C" __global__ void __launch_bounds__(128)
     }
 }
 
+// Structured output's grammar mask (`reference::apply_token_bitmask`): a logit whose bit is
+// clear in its row's packed mask (bit t % 32 of word t / 32, vocab / 32 words rounded up)
+// becomes -inf. `row_mask[r]` picks the row's mask in `masks`; negative: the row has no
+// grammar and is left as it is, so the masks buffer and the launch keep one shape whatever
+// the batch asks (CUDA graphs). Masking after `logits_process` gives what masking before the
+// processors gives (bias and penalties keep -inf at -inf and touch nothing else), so vLLM v1's
+// order holds.
+extern "C" __global__ void __launch_bounds__(256)
+    token_bitmask(float* __restrict__ logits, int rows, int vocab,
+                  const uint32_t* __restrict__ masks, const int32_t* __restrict__ row_mask) {
+    pdl_enter();
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const int m = row_mask[r];
+    if (m < 0) return;
+    const int64_t words = (vocab + 31) / 32;
+    const uint32_t* mask = masks + (int64_t)m * words;
+    float* row = logits + (int64_t)r * vocab;
+    for (int t = threadIdx.x; t < vocab; t += blockDim.x) {
+        if (((mask[t >> 5] >> (t & 31)) & 1u) == 0) row[t] = -INFINITY;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(128)
     sample_commit(const int32_t* __restrict__ tokens, int rows, const int32_t* __restrict__ row_slot,
                   const SamplingTables* __restrict__ tables) {

@@ -531,3 +531,68 @@ fn both_samplers_draw_the_reference_token_for_thousands_of_rows() {
         "draws: {rows} rows (sample_tokens) and {plain_rows} plain rows pick the reference's token"
     );
 }
+
+#[test]
+fn token_bitmask_matches_the_cpu_reference() {
+    let Some(g) = gpu("token_bitmask_matches_the_cpu_reference") else {
+        return;
+    };
+    let mut r = rng("token_bitmask");
+    for &vocab in &[1000usize, 49_152, 151_937] {
+        let words = vocab.div_ceil(32);
+        let (rows, buffer_rows, n_masks) = (11usize, 13usize, 5usize);
+        // Masks from all-clear to all-set, and random ones; bits past the vocabulary set, as a
+        // careless producer would leave them.
+        let masks: Vec<u32> = (0..n_masks * words)
+            .map(|i| match i / words {
+                0 => 0,
+                1 => u32::MAX,
+                _ => r.random(),
+            })
+            .collect();
+        // Rows without a grammar (-1) stay as they are; the rest pick a mask, some the same.
+        let row_mask: Vec<i32> = (0..buffer_rows)
+            .map(|_| r.random_range(-1..n_masks as i32))
+            .collect();
+        let logits: Vec<f32> = (0..buffer_rows * vocab)
+            .map(|i| match i % 97 {
+                0 => f32::NEG_INFINITY,
+                _ => r.random_range(-30.0..30.0f32),
+            })
+            .collect();
+        let d_logits = g.upload(&logits);
+        let d_masks = g.upload(&masks);
+        let d_rows = g.upload(&row_mask);
+        let mut a = args::TokenBitmask {
+            logits: d_logits.ptr,
+            rows: rows as i32,
+            vocab: vocab as i32,
+            masks: d_masks.ptr,
+            row_mask: d_rows.ptr,
+        };
+        g.launch(
+            "sampling_state",
+            "token_bitmask",
+            (buffer_rows as u32, 1, 1),
+            (256, 1, 1),
+            a.params().as_mut_slice(),
+        );
+        let got = g.download(&d_logits);
+        for row in 0..buffer_rows {
+            let mut want = logits[row * vocab..(row + 1) * vocab].to_vec();
+            let m = row_mask[row];
+            // Rows past `rows` (a graph's padding) are never touched.
+            if row < rows && m >= 0 {
+                let m = m as usize;
+                cpu::apply_token_bitmask(&mut want, &masks[m * words..(m + 1) * words]);
+            }
+            for (t, (a, b)) in got[row * vocab..(row + 1) * vocab].iter().zip(&want).enumerate() {
+                assert!(
+                    a.to_bits() == b.to_bits(),
+                    "vocab {vocab}, row {row} (mask {m}), token {t}: GPU {a} vs CPU {b}"
+                );
+            }
+        }
+        eprintln!("token_bitmask vocab {vocab}: {rows} rows bit-identical to the CPU reference");
+    }
+}

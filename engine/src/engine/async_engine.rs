@@ -66,6 +66,7 @@ pub struct AsyncEngine {
     max_model_len: usize,
     eos_token_ids: Arc<[u32]>,
     vocab_size: usize,
+    structured: crate::sampling::structured::StructuredSupport,
 }
 
 impl AsyncEngine {
@@ -75,6 +76,7 @@ impl AsyncEngine {
         let max_model_len = core.max_model_len;
         let eos_token_ids: Arc<[u32]> = core.config.eos_token_ids.clone().into();
         let vocab_size = core.config.vocab_size;
+        let structured = core.structured.clone();
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             commands: Mutex::new(tx),
@@ -100,6 +102,7 @@ impl AsyncEngine {
             max_model_len,
             eos_token_ids,
             vocab_size,
+            structured,
         })
     }
 
@@ -128,6 +131,12 @@ impl AsyncEngine {
         {
             return Err(EngineError::ShuttingDown);
         }
+        crate::sampling::structured::check_request(&self.structured, &params).map_err(|e| {
+            EngineError::InvalidParam {
+                param: e.param.to_string(),
+                message: e.message,
+            }
+        })?;
         let (params, reqs) = admit(
             &prompt_token_ids,
             &params,

@@ -11,6 +11,7 @@ use crate::models::config::ModelConfig;
 use crate::models::quant::{apply_runtime_options, KvCacheDtype};
 use crate::models::{load_model, LoadFormat, LoadOptions, LoadedModel};
 use crate::runner::{Executor, RunnerConfig};
+use crate::sampling::structured::StructuredSupport;
 use crate::scheduler::{
     EngineCoreOutput, EngineRequest, RequestId, Scheduler, SchedulerConfig, SchedulerOutput,
 };
@@ -121,6 +122,8 @@ pub struct EngineCore {
     pub prompt_tokens_total: u64,
     pub generation_tokens_total: u64,
     pub profile: StepProfile,
+    /// Whether constrained requests can run (admission checks them against it).
+    pub structured: StructuredSupport,
     /// Steps submitted whose outputs are not folded in yet, oldest first (two at most).
     in_flight: VecDeque<SchedulerOutput>,
     /// Schedule and submit the next step while the last one runs (async scheduling).
@@ -163,8 +166,23 @@ impl EngineCore {
             max_num_batched_tokens: limits.max_num_batched_tokens,
             max_num_seqs: limits.max_num_seqs,
         };
+        // The CPU runner applies grammar masks; the CUDA runner has no mask yet and refuses.
+        let structured: StructuredSupport = match device {
+            Device::Cpu => StructuredSupport::lazy(
+                tokenizer.as_ref().map(|t| t.inner()),
+                &config.eos_token_ids,
+                config.vocab_size,
+            ),
+            Device::Cuda => StructuredSupport::refused(
+                "structured output (response_format, structured_outputs, guided_*) is not \
+                 supported on the CUDA device yet: its sampler has no grammar mask; run this \
+                 model with --device cpu for constrained output",
+            ),
+        };
         let executor: Box<dyn Executor> = match device {
-            Device::Cpu => crate::runner::create_cpu_executor(model, &runner_cfg)?,
+            Device::Cpu => {
+                crate::runner::create_cpu_executor(model, &runner_cfg, structured.clone())?
+            }
             #[cfg(feature = "cuda")]
             Device::Cuda => crate::runner::gpu::create_gpu_executor(
                 model,
@@ -216,6 +234,7 @@ impl EngineCore {
             prompt_tokens_total: 0,
             generation_tokens_total: 0,
             profile: StepProfile::default(),
+            structured,
             in_flight: VecDeque::new(),
             lookahead,
         };

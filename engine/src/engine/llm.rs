@@ -88,6 +88,8 @@ impl Llm {
             } else {
                 &params[i]
             };
+            crate::sampling::structured::check_request(&self.core.structured, p)
+                .map_err(|e| anyhow!("prompt {i}: invalid `{}`: {}", e.param, e.message))?;
             let (p, reqs) = admit(
                 prompt,
                 p,

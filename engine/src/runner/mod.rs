@@ -8,6 +8,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::models::config::ModelConfig;
 use crate::models::weights::WeightMap;
 use crate::models::LoadedModel;
+use crate::sampling::structured::StructuredSupport;
 use crate::scheduler::{ModelRunnerOutput, SchedulerOutput};
 
 mod batch;
@@ -96,8 +97,14 @@ pub fn kv_blocks_for(config: &ModelConfig, cfg: &RunnerConfig, elem_bytes: usize
 }
 
 /// The CPU executor for a loaded model (f32 weights and KV cache).
-pub fn create_cpu_executor(model: LoadedModel, cfg: &RunnerConfig) -> Result<Box<dyn Executor>> {
-    create_cpu_executor_from_parts(&model.config, model.weights, cfg)
+/// `structured` compiles the grammars of constrained requests (where it refuses them, they get
+/// a matcher that allows only end of sequence; admission refuses them first).
+pub fn create_cpu_executor(
+    model: LoadedModel,
+    cfg: &RunnerConfig,
+    structured: StructuredSupport,
+) -> Result<Box<dyn Executor>> {
+    cpu_executor(&model.config, model.weights, cfg, structured)
 }
 
 /// The CPU executor from a config and weights (None: deterministic random weights).
@@ -106,10 +113,21 @@ pub fn create_cpu_executor_from_parts(
     weights: Option<WeightMap>,
     cfg: &RunnerConfig,
 ) -> Result<Box<dyn Executor>> {
+    let structured = StructuredSupport::refused("this runner has no tokenizer");
+    cpu_executor(config, weights, cfg, structured)
+}
+
+fn cpu_executor(
+    config: &ModelConfig,
+    weights: Option<WeightMap>,
+    cfg: &RunnerConfig,
+    structured: StructuredSupport,
+) -> Result<Box<dyn Executor>> {
     let blocks = kv_blocks_for(config, cfg, std::mem::size_of::<f32>())?;
     let backend =
         CpuBackend::new().with_kv_cache_fp8(config.family.quant.kv_cache_fp8_scales.clone());
-    let runner = ModelRunner::new(backend, config, weights, cfg, blocks)?;
+    let runner =
+        ModelRunner::new(backend, config, weights, cfg, blocks)?.with_structured(structured);
     Ok(Box::new(CpuExecutor::spawn(runner)?))
 }
 

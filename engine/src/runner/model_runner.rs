@@ -10,6 +10,7 @@ use crate::models::config::ModelConfig;
 use crate::models::llama::{LlamaModel, Workspace};
 use crate::models::weights::WeightMap;
 use crate::sampling::sampler::{top_logprobs, SeqSampler};
+use crate::sampling::structured::StructuredSupport;
 use crate::scheduler::{
     ModelRunnerOutput, RequestId, SampledToken, ScheduledRequest, SchedulerOutput, TokenLogprobs,
     PLACEHOLDER_TOKEN,
@@ -37,6 +38,8 @@ pub struct ModelRunner<B: Backend> {
     requests: HashMap<RequestId, RequestState>,
     /// The tokens the last step sampled: what the next step's placeholders stand for.
     last_sampled: HashMap<RequestId, u32>,
+    /// Compiles the grammars of constrained requests (structured output).
+    structured: StructuredSupport,
 }
 
 impl<B: Backend> ModelRunner<B> {
@@ -69,7 +72,14 @@ impl<B: Backend> ModelRunner<B> {
             ws,
             requests: HashMap::new(),
             last_sampled: HashMap::new(),
+            structured: StructuredSupport::refused("no structured output was set up"),
         })
+    }
+
+    /// Constrained requests get their grammar matchers from `structured`.
+    pub fn with_structured(mut self, structured: StructuredSupport) -> Self {
+        self.structured = structured;
+        self
     }
 
     pub fn backend(&self) -> &B {
@@ -92,11 +102,27 @@ impl<B: Backend> ModelRunner<B> {
             }
         }
         let eos = &self.model.config().eos_token_ids;
+        let vocab = self.model.config().vocab_size;
+        // Built (if it is not yet) only for a constrained request: admission has built it.
+        let constrained = so
+            .new_requests
+            .iter()
+            .any(|nr| nr.sampling.structured_output.is_some());
+        let structured = match constrained {
+            true => self.structured.get().ok().map(|s| s.as_ref()),
+            false => None,
+        };
         for nr in &so.new_requests {
             self.requests
                 .entry(nr.req_id)
                 .or_insert_with(|| RequestState {
-                    sampler: SeqSampler::new(&nr.sampling, &nr.prompt_token_ids, eos),
+                    sampler: SeqSampler::for_request(
+                        &nr.sampling,
+                        &nr.prompt_token_ids,
+                        eos,
+                        structured,
+                        vocab,
+                    ),
                     prompt: nr.prompt_token_ids.clone(),
                     prompt_logprobs_k: nr.sampling.prompt_logprobs,
                     prompt_logprobs: Vec::new(),

@@ -1,9 +1,10 @@
 //! The CPU sampler: turns one position's logits into a token, through the one sampling
 //! definition in `rvllm_kernels::reference` that the GPU kernels mirror.
 //!
-//! Order of operations (vLLM v1): logprobs are taken from the raw logits; then the logits
-//! processors (`reference::apply_processors`: allowed ids, bad words, min_tokens, logit
-//! bias, penalties) and the draw (`reference::sample_token`: greedy, or temperature, min-p,
+//! Order of operations (vLLM v1): logprobs are taken from the raw logits; then the
+//! structured-output mask of a constrained request (`reference::apply_token_bitmask`, from its
+//! `GrammarMatcher`); then the logits processors (`reference::apply_processors`: allowed ids,
+//! bad words, min_tokens, logit bias, penalties) and the draw (`reference::sample_token`: greedy, or temperature, min-p,
 //! top-k, top-p and a Gumbel-max draw).
 //!
 //! Reproducibility: the draw at sampling step `s` depends only on `(seed, s)` and the
@@ -14,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 use rvllm_kernels::reference as ops;
 
 use super::params::SamplingParams;
+use super::structured::{bitmask_words, GrammarMatcher, StructuredOutputs};
 use crate::types::TokenLogprobs;
 
 /// One request's sampler, kept by the model runner for the life of the request.
@@ -29,6 +31,8 @@ pub struct SeqSampler {
     /// The generated tokens, for bad words (empty when there are none).
     output: Vec<u32>,
     seed: u64,
+    /// The structured-output matcher of a constrained request, and its mask buffer.
+    grammar: Option<(GrammarMatcher, Vec<u32>)>,
 }
 
 impl SeqSampler {
@@ -50,7 +54,42 @@ impl SeqSampler {
             output_counts: HashMap::new(),
             output: Vec::new(),
             seed: params.seed.unwrap_or_else(rand::random),
+            grammar: None,
         }
+    }
+
+    /// Constrains this sequence's tokens to `matcher`'s grammar (a request with
+    /// `structured_output`); `vocab` is the model's logits per row.
+    pub fn with_grammar(mut self, matcher: GrammarMatcher, vocab: usize) -> Self {
+        self.grammar = Some((matcher, vec![0; bitmask_words(vocab)]));
+        self
+    }
+
+    /// The sampler of a request that may be constrained: its matcher from `structured`, or
+    /// one allowing only end of sequence when the constraint cannot be applied (admission
+    /// refuses such requests; this keeps a bypass from running unconstrained).
+    pub fn for_request(
+        params: &SamplingParams,
+        prompt_token_ids: &[u32],
+        eos_token_ids: &[u32],
+        structured: Option<&StructuredOutputs>,
+        vocab: usize,
+    ) -> Self {
+        let sampler = Self::new(params, prompt_token_ids, eos_token_ids);
+        let Some(spec) = &params.structured_output else {
+            return sampler;
+        };
+        let matcher = match structured.map(|s| s.matcher(spec)) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => GrammarMatcher::refused(eos_token_ids, vocab, &e),
+            None => GrammarMatcher::refused(eos_token_ids, vocab, "no structured output here"),
+        };
+        sampler.with_grammar(matcher, vocab)
+    }
+
+    /// Whether the sequence is constrained by a grammar.
+    pub fn is_constrained(&self) -> bool {
+        self.grammar.is_some()
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -84,6 +123,10 @@ impl SeqSampler {
         }
         ops::clear_nan(logits);
         let raw = self.params.logprobs.map(|k| (logits.to_vec(), k));
+        if let Some((matcher, words)) = &mut self.grammar {
+            matcher.fill_bitmask(words);
+            ops::apply_token_bitmask(logits, words);
+        }
         self.apply_processors(logits, step);
         let token = ops::sample_token(logits, &self.draw_params(step)) as u32;
         let logprobs = raw.map(|(raw, k)| top_logprobs(&raw, token, k));
@@ -93,6 +136,9 @@ impl SeqSampler {
     /// Count a generated token for the penalties and bad words (the runner calls this after
     /// each sample).
     pub fn record_output(&mut self, token: u32) {
+        if let Some((matcher, _)) = &mut self.grammar {
+            matcher.accept(token);
+        }
         *self.output_counts.entry(token).or_insert(0) += 1;
         if self.params.repetition_penalty != 1.0 {
             self.seen.insert(token);

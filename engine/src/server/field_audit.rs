@@ -40,6 +40,17 @@ const HONOURED_COMMON: &[&str] = &[
     "bad_words",
     "return_tokens_as_token_ids",
     "return_token_ids",
+    // Structured output (llguidance; validate.rs's structured_fields.rs). One kind a
+    // request; bad values get a 400 (REFUSED_COMMON), and so does a spec that does not
+    // compile, at admission.
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_whitespace_pattern",
+    // llguidance is the one backend: `auto` and `guidance` are served, others refused.
+    "guided_decoding_backend",
     // The response id is built from it, as vLLM does.
     "request_id",
     // Honoured where they are served, refused where not (see REFUSED_COMMON):
@@ -66,17 +77,18 @@ const WITHOUT_EFFECT_COMMON: &[(&str, &str)] = &[
 /// A value of each common field that is not served, for a 400 naming the field.
 const REFUSED_COMMON: &[(&str, &str)] = &[
     ("best_of", "3"),
-    ("response_format", r#"{"type":"json_object"}"#),
+    ("response_format", r#"{"type":"structural_tag"}"#),
     ("spaces_between_special_tokens", "false"),
     ("use_beam_search", "true"),
     ("length_penalty", "2.0"),
     ("truncate_prompt_tokens", "5"),
-    ("guided_json", "{}"),
-    ("guided_regex", r#""a+""#),
-    ("guided_choice", r#"["a"]"#),
-    ("guided_grammar", r#""root ::= \"a\"""#),
+    ("structured_outputs", r#"{"structural_tag":"{}"}"#),
+    ("guided_json", "3"),
+    ("guided_regex", "5"),
+    ("guided_choice", "[]"),
+    ("guided_grammar", "5"),
     ("guided_decoding_backend", r#""xgrammar""#),
-    ("guided_whitespace_pattern", r#"" ""#),
+    ("guided_whitespace_pattern", "5"),
     ("logits_processors", r#"["x"]"#),
     ("priority", "1"),
     ("store", "true"),
@@ -267,6 +279,10 @@ fn served_values_of_partly_served_fields_pass() {
     for ok in [
         r#""best_of":1"#,
         r#""response_format":{"type":"text"}"#,
+        r#""response_format":{"type":"json_object"}"#,
+        r#""response_format":{"type":"json_schema","json_schema":{"name":"n","schema":{},"strict":true}}"#,
+        r#""structured_outputs":{"regex":"a+"}"#,
+        r#""guided_choice":["a","b"],"guided_decoding_backend":"guidance""#,
         r#""spaces_between_special_tokens":true"#,
         r#""use_beam_search":false"#,
         r#""length_penalty":1.0"#,

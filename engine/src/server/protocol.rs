@@ -77,6 +77,8 @@ macro_rules! sampling_fields {
             pub guided_grammar: Option<Value>,
             pub guided_decoding_backend: Option<Value>,
             pub guided_whitespace_pattern: Option<Value>,
+            /// vLLM's `StructuredOutputsParams` (json, regex, choice, grammar, json_object).
+            pub structured_outputs: Option<Value>,
             pub logits_processors: Option<Value>,
             pub return_tokens_as_token_ids: Option<bool>,
             /// vLLM: add each choice's generated `token_ids` to responses and chunks.

@@ -12,6 +12,10 @@ use super::protocol::{
 };
 use crate::sampling::SamplingParams;
 
+#[path = "structured_fields.rs"]
+mod structured_fields;
+pub use structured_fields::{structured_output, StructuredFields};
+
 /// OpenAI's (and vLLM's default `--max-logprobs`) ceiling on top log-probabilities per
 /// token; the engine returns no more. `rvllm serve --max-logprobs` may lower it.
 pub const MAX_LOGPROBS: i64 = 20;
@@ -496,14 +500,16 @@ macro_rules! common_params {
                 "beam search is not implemented",
             ));
         }
-        if let Some(f) = &r.response_format {
-            if f.get("type").and_then(|t| t.as_str()) != Some("text") {
-                return Err(unsupported(
-                    "response_format",
-                    "only {\"type\": \"text\"} is served; structured output is not implemented",
-                ));
-            }
-        }
+        p.structured_output = structured_output(&StructuredFields {
+            response_format: r.response_format.as_ref(),
+            structured_outputs: r.structured_outputs.as_ref(),
+            guided_json: r.guided_json.as_ref(),
+            guided_regex: r.guided_regex.as_ref(),
+            guided_choice: r.guided_choice.as_ref(),
+            guided_grammar: r.guided_grammar.as_ref(),
+            guided_decoding_backend: r.guided_decoding_backend.as_ref(),
+            guided_whitespace_pattern: r.guided_whitespace_pattern.as_ref(),
+        })?;
         if r.truncate_prompt_tokens.is_some() {
             return Err(unsupported(
                 "truncate_prompt_tokens",
@@ -522,21 +528,11 @@ macro_rules! common_params {
         if let Some(words) = &r.bad_words {
             p.bad_words = bad_words(words)?;
         }
-        for (name, v) in [
-            ("guided_json", &r.guided_json),
-            ("guided_regex", &r.guided_regex),
-            ("guided_choice", &r.guided_choice),
-            ("guided_grammar", &r.guided_grammar),
-            ("guided_decoding_backend", &r.guided_decoding_backend),
-            ("guided_whitespace_pattern", &r.guided_whitespace_pattern),
-            ("logits_processors", &r.logits_processors),
-        ] {
-            if v.as_ref().is_some_and(|v| !v.is_null()) {
-                return Err(unsupported(
-                    name,
-                    "guided decoding and custom logits processors are not implemented",
-                ));
-            }
+        if r.logits_processors.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(unsupported(
+                "logits_processors",
+                "custom logits processors are not implemented",
+            ));
         }
         p
     }};
