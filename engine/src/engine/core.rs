@@ -180,9 +180,11 @@ impl EngineCore {
             ),
         };
         let executor: Box<dyn Executor> = match device {
-            Device::Cpu => {
-                crate::runner::create_cpu_executor(model, &runner_cfg, structured.clone())?
-            }
+            Device::Cpu => crate::runner::create_cpu_executor_structured(
+                model,
+                &runner_cfg,
+                structured.clone(),
+            )?,
             #[cfg(feature = "cuda")]
             Device::Cuda => crate::runner::gpu::create_gpu_executor(
                 model,

@@ -96,10 +96,16 @@ pub fn kv_blocks_for(config: &ModelConfig, cfg: &RunnerConfig, elem_bytes: usize
     Ok(blocks)
 }
 
-/// The CPU executor for a loaded model (f32 weights and KV cache).
-/// `structured` compiles the grammars of constrained requests (where it refuses them, they get
-/// a matcher that allows only end of sequence; admission refuses them first).
-pub fn create_cpu_executor(
+/// The CPU executor for a loaded model (f32 weights and KV cache), without structured output.
+pub fn create_cpu_executor(model: LoadedModel, cfg: &RunnerConfig) -> Result<Box<dyn Executor>> {
+    let structured = StructuredSupport::refused("this runner has no tokenizer");
+    create_cpu_executor_structured(model, cfg, structured)
+}
+
+/// `create_cpu_executor` whose constrained requests get their grammars from `structured`
+/// (where it refuses them, a matcher that allows only end of sequence; admission refuses
+/// them first).
+pub fn create_cpu_executor_structured(
     model: LoadedModel,
     cfg: &RunnerConfig,
     structured: StructuredSupport,

@@ -37,9 +37,12 @@ pub struct StructuredSupport(Arc<Support>);
 
 struct Support {
     built: OnceLock<Result<Arc<StructuredOutputs>, Arc<str>>>,
-    /// What to build from: the tokenizer, EOS ids and logits per row; or why not.
-    source: Mutex<Option<Result<(tokenizers::Tokenizer, Vec<u32>, usize), Arc<str>>>>,
+    /// What to build from, or why not; taken by the first use.
+    source: Mutex<Option<Result<Source, Arc<str>>>>,
 }
+
+/// The tokenizer, the model's EOS ids and its logits per row.
+type Source = (tokenizers::Tokenizer, Vec<u32>, usize);
 
 impl std::fmt::Debug for StructuredSupport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
