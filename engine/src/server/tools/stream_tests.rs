@@ -151,3 +151,105 @@ fn unknown_names_list_the_known_ones() {
         "{id}"
     );
 }
+
+/// Random outputs built from the pieces calls are made of (markers, brackets, quotes, keys,
+/// separators, non-ASCII text): every parser, and the `required` reader, reads each the
+/// same whole and streamed, never panics, and every call it finds has JSON arguments.
+#[test]
+fn random_outputs_of_call_pieces_stream_like_the_whole() {
+    const PIECES: &[&str] = &[
+        "<tool_call>",
+        "</tool_call>",
+        "[TOOL_CALLS]",
+        "[ARGS]",
+        "<|python_tag|>",
+        "<|python_start|>",
+        "{",
+        "}",
+        "[",
+        "]",
+        "(",
+        ")",
+        "\"name\"",
+        "\"arguments\"",
+        "\"parameters\"",
+        ": ",
+        ":",
+        ", ",
+        ",",
+        ";",
+        "\"f\"",
+        "\"é\"",
+        "f",
+        "x=",
+        "'s'",
+        "1",
+        "{}",
+        "{\"name\": \"f\", \"arguments\": {\"a\": [1]}}",
+        "[{\"name\": \"g\", \"parameters\": {}}",
+        "f(x=1)",
+        "g[ARGS]{\"b\": \"}\"}",
+        " ",
+        "\n",
+        "é",
+        "🙂",
+        "\\",
+        "\"",
+        "<",
+        "[TOOL",
+        "</tool",
+        "\u{fffd}",
+    ];
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: usize| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 33) as usize) % n
+    };
+    let parsers: Vec<(&str, fn() -> Box<dyn super::ToolCallParser>)> = vec![
+        ("hermes", || ToolParserName::Hermes.parser()),
+        ("llama3_json", || ToolParserName::Llama3Json.parser()),
+        ("mistral", || ToolParserName::Mistral.parser()),
+        ("pythonic", || ToolParserName::Pythonic.parser()),
+        ("required", || {
+            Box::new(super::required::RequiredParser::default())
+        }),
+    ];
+    let mut found = 0;
+    for _ in 0..2000 {
+        let len = next(14);
+        let text: String = (0..len).map(|_| PIECES[next(PIECES.len())]).collect();
+        for (name, make) in &parsers {
+            let run = |pieces: &[&str]| {
+                let mut p = make();
+                let mut out = ToolDelta::default();
+                for piece in pieces {
+                    out.append(p.push(piece));
+                }
+                out.append(p.finish());
+                out
+            };
+            let want = run(&[&text]);
+            found += want.calls.len();
+            for call in &want.calls {
+                assert!(
+                    serde_json::from_str::<serde_json::Value>(&call.arguments)
+                        .is_ok_and(|v| v.is_object()),
+                    "{name} {text:?}: {call:?}"
+                );
+            }
+            for i in (0..=text.len()).filter(|&i| text.is_char_boundary(i)) {
+                assert_eq!(
+                    run(&[&text[..i], &text[i..]]),
+                    want,
+                    "{name} {text:?} cut at {i}"
+                );
+            }
+            let chars: Vec<String> = text.chars().map(String::from).collect();
+            let pieces: Vec<&str> = chars.iter().map(String::as_str).collect();
+            assert_eq!(run(&pieces), want, "{name} {text:?} by char");
+        }
+    }
+    assert!(found > 80, "only {found} calls in the random outputs");
+}
