@@ -230,6 +230,49 @@ fn auto_calls_are_read_by_the_parser_whole_and_streamed() {
     );
 }
 
+#[test]
+fn reasoning_is_split_off_before_calls_are_read() {
+    let s = Server::start(
+        &tiny_model(),
+        &[
+            "--reasoning-parser",
+            "deepseek_r1",
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            "hermes",
+        ],
+        &[],
+    );
+    // A call written while thinking is thinking; the one after </think> is a call.
+    let prefix = "<think>Maybe <tool_call>{\"name\": \"get_time\"}</tool_call>?</think>Checking.\n<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>";
+    let body = json!({
+        "messages": [{"role": "user", "content": "Weather in Paris?"},
+                     {"role": "assistant", "content": prefix}],
+        "tools": tools(), "add_generation_prompt": false, "continue_final_message": true,
+        "echo": true, "max_tokens": 4, "temperature": 0, "ignore_eos": true,
+    });
+    let r = s.post_json("/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = r.json()["choices"][0]["message"].clone();
+    assert_eq!(
+        m["reasoning_content"], "Maybe <tool_call>{\"name\": \"get_time\"}</tool_call>?",
+        "{m}"
+    );
+    let (whole, streamed) = whole_and_streamed(&s, &body);
+    assert_eq!(
+        whole.1,
+        vec![(
+            "get_weather".to_string(),
+            r#"{"city": "Paris"}"#.to_string()
+        )]
+    );
+    assert!(
+        whole.0.as_deref().unwrap().starts_with("Checking."),
+        "{whole:?}"
+    );
+    assert_eq!(whole, streamed);
+}
+
 /// A Hermes-style chat template (the shape of Qwen2.5's): the tools in the system turn,
 /// calls in `<tool_call>` tags, results in `<tool_response>` tags.
 const HERMES_TEMPLATE: &str = r#"{%- if tools %}<|im_start|>system
