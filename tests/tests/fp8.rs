@@ -235,6 +235,51 @@ fn online_fp8_and_fp8_kv_cache_keep_the_top5_rule() {
     }
 }
 
+/// The same on SmolLM2-135M-Instruct (its Q4_1 GGUF, dequantized to f32 at load: the
+/// unquantized run), every reference prompt, 32 tokens.
+#[test]
+fn smollm2_online_fp8_and_fp8_kv_cache_keep_the_top5_rule() {
+    if on_cuda() {
+        println!("SKIPPED: --quantization fp8 and --kv-cache-dtype fp8 are CPU-only for now");
+        return;
+    }
+    let gguf = rvllm_tests::smollm2_gguf();
+    let prompts: Vec<Vec<u32>> = rvllm_tests::smollm2_reference()
+        .into_iter()
+        .map(|p| p.prompt_ids)
+        .collect();
+    let base_args = engine_args(&gguf);
+    let base = run(&base_args, &prompts);
+    let mut failures = Vec::new();
+    for (mode, quantization, kv) in [
+        ("--quantization fp8", Some("fp8"), None),
+        ("--kv-cache-dtype fp8", None, Some("fp8")),
+        ("both", Some("fp8"), Some("fp8")),
+    ] {
+        let args = EngineArgs {
+            quantization: quantization.map(str::to_string),
+            kv_cache_dtype: kv.map(str::to_string),
+            ..base_args.clone()
+        };
+        let outs = run(&args, &prompts);
+        let (mut same_total, mut diffs) = (0, Vec::new());
+        for (i, (o, b)) in outs.iter().zip(&base).enumerate() {
+            let what = format!("smollm2 {mode} prompt {i}");
+            let (same, mean) = compare_runs(&what, o, b, &mut failures);
+            same_total += same;
+            diffs.push(mean);
+        }
+        let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+        println!(
+            "smollm2 {mode}: {same_total}/{} greedy tokens equal to the unquantized run; \
+             mean |Δlogprob| of the greedy tokens {mean:.4e}",
+            32 * prompts.len()
+        );
+        assert!(mean > 0.0, "smollm2 {mode}: no logprob moved");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 fn copy_fixture(name: &str, edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
     let src = tiny_model(name);
     let dir = tempfile::tempdir().unwrap();
