@@ -94,15 +94,17 @@ pub struct ChoiceTools {
     mode: Mode,
     parallel: bool,
     made: usize,
-    required: bool,
 }
 
 impl ChoiceTools {
     /// None where the choice's text is all content: no tools, `tool_choice` none, or
-    /// auto without a parser (refused before generation, see chat.rs).
+    /// auto with an empty tool list or without a parser (refused before generation, see
+    /// chat.rs).
     pub fn new(req: &ToolRequest, parser: Option<ToolParserName>) -> Option<ChoiceTools> {
         let mode = match &req.choice {
             ToolChoice::None => return None,
+            // No tools to call (vLLM reads calls only where `tools` is non-empty).
+            ToolChoice::Auto if req.tools.is_empty() => return None,
             ToolChoice::Auto => Mode::Parsed {
                 parser: parser?.parser(),
                 ids: parser,
@@ -121,7 +123,6 @@ impl ChoiceTools {
             mode,
             parallel: req.parallel,
             made: 0,
-            required: req.choice == ToolChoice::Required,
         })
     }
 
@@ -186,11 +187,6 @@ impl ChoiceTools {
         } else {
             engine
         }
-    }
-
-    /// Whether this choice's output is constrained to calls (`required` or named).
-    pub fn constrained(&self) -> bool {
-        self.required || matches!(self.mode, Mode::Named { .. })
     }
 }
 
