@@ -238,6 +238,11 @@ pub fn paged_attention(
 mod sampling;
 pub use sampling::*;
 
+// The fused mixture-of-experts path (moe.cu): its own file.
+#[path = "reference_moe.rs"]
+mod moe;
+pub use moe::*;
+
 #[cfg(test)]
 mod tests {
     use super::sampling::mix64;

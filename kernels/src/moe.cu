@@ -1,0 +1,204 @@
+// The fused mixture-of-experts path (issue 19), in the shape vLLM and SGLang run it, with every
+// size on the device so that a step fits a CUDA graph (the routing never crosses to the host):
+//
+//   router logits [T, E] (a GEMM) -> moe_topk_softmax -> moe_align (pairs sorted by expert)
+//   -> moe_gather (each pair's input row) -> moe_grouped_gemm (gate/up, [2I, H] per expert)
+//   -> silu_and_mul (activation.cu, over P = T * top_k rows) -> moe_grouped_gemm (down)
+//   -> moe_unpermute (each token's expert rows, weighted, summed).
+//
+// The CPU reference of every kernel is `rvllm_kernels::reference` (reference_moe.rs); the
+// engine's CPU backend (backend/cpu/moe.rs) computes the same function. This is the first,
+// correct version: the grouped GEMM is a warp-per-output dot product (experts with no token
+// return at once, so batch-1 decode reads only the selected experts' weights); tensor-core
+// tiles for large batches come next.
+//
+// Kernels (all extern "C"):
+//   moe_topk_softmax_bf16(topk_ids, topk_weights, logits, tokens, experts, top_k, renormalize)
+//       one warp a token (block 256: 8 tokens); experts <= 1024; softmax in f32 (expf), the
+//       top_k largest probabilities, ties to the lower expert, divided by their sum when
+//       renormalize != 0; a token's k entries are stored in ascending expert order.
+//       topk_ids int [T, k], topk_weights f32 [T, k].
+//   moe_align_bf16(expert_offsets, sorted_pairs, pair_slots, topk_ids, pairs, experts)
+//       one block of 1024 threads: expert_offsets [E + 1] (exclusive prefix of the counts),
+//       sorted_pairs [P] (the pair id at each slot, grouped by expert; the order inside an
+//       expert's group is the pair order), pair_slots [P] (each pair's slot). pairs <= 65536.
+//   moe_gather_bf16(rows, x, sorted_pairs, pairs, hidden, top_k)
+//       rows[s] = x[sorted_pairs[s] / top_k]; grid (P), block 256.
+//   moe_grouped_gemm_bf16(out, in, w, expert_offsets, experts, n, k)
+//       out[s, j] = sum_l in[s, l] * w[e, j, l] for the slots s of expert e; w [E, n, k].
+//       grid (ceil(n / 8), E, row_chunks), block 256 (a warp an output column); f32 sums.
+//   moe_unpermute_bf16(out, rows, pair_slots, topk_weights, tokens, hidden, top_k)
+//       out[t] = sum_j topk_weights[t, j] * rows[pair_slots[t * k + j]] (f32, j in order);
+//       grid (T), block 256.
+#include "common.cuh"
+
+constexpr int kMoeMaxExperts = 1024;
+constexpr int kMoeMaxPairs = 65536;
+
+// Warp argmax of (value, index): the larger value, ties to the lower index.
+RVLLM_DEVICE void warp_argmax(float& v, int& i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (ov > v || (ov == v && oi < i)) {
+            v = ov;
+            i = oi;
+        }
+    }
+}
+
+extern "C" __global__ void DT(moe_topk_softmax_bf16, moe_topk_softmax_f16)(
+    int* __restrict__ topk_ids, float* __restrict__ topk_weights, const elem_t* __restrict__ logits,
+    int tokens, int experts, int top_k, int renormalize) {
+    pdl_enter();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int t = blockIdx.x * (blockDim.x / 32) + warp;
+    if (t >= tokens || experts > kMoeMaxExperts || top_k > 32) return;
+    const elem_t* row = logits + (int64_t)t * experts;
+    constexpr int kPer = kMoeMaxExperts / 32;
+    float p[kPer];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+        const int e = q * 32 + lane;
+        p[q] = e < experts ? to_f32(row[e]) : -INFINITY;
+        mx = fmaxf(mx, p[q]);
+    }
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+        const int e = q * 32 + lane;
+        p[q] = e < experts ? expf(p[q] - mx) : 0.0f;
+        sum += p[q];
+    }
+    sum = warp_sum(sum);
+    // Lane j keeps the j-th pick; picks are knocked out of p (set to -1) as they are taken.
+    int my_id = 0;
+    float my_w = 0.0f, picked = 0.0f;
+    for (int j = 0; j < top_k; ++j) {
+        float bv = -1.0f;
+        int bi = kMoeMaxExperts;
+#pragma unroll
+        for (int q = 0; q < kPer; ++q) {
+            const int e = q * 32 + lane;
+            if (e < experts && (p[q] > bv || (p[q] == bv && e < bi))) {
+                bv = p[q];
+                bi = e;
+            }
+        }
+        warp_argmax(bv, bi);
+        const float prob = bv / sum;
+        picked += prob;
+        if (lane == j) {
+            my_id = bi;
+            my_w = prob;
+        }
+        if (bi % 32 == lane) p[bi / 32] = -1.0f;
+    }
+    const float norm = renormalize ? picked : 1.0f;
+    // Ascending expert order: each pick's rank among the picks is its place.
+    int rank = 0;
+    for (int j = 0; j < top_k; ++j) {
+        const int other = __shfl_sync(0xffffffffu, my_id, j);
+        if (lane < top_k && other < my_id) ++rank;
+    }
+    if (lane < top_k) {
+        topk_ids[(int64_t)t * top_k + rank] = my_id;
+        topk_weights[(int64_t)t * top_k + rank] = my_w / norm;
+    }
+}
+
+extern "C" __global__ void DT(moe_align_bf16, moe_align_f16)(
+    int* __restrict__ expert_offsets, int* __restrict__ sorted_pairs, int* __restrict__ pair_slots,
+    const int* __restrict__ topk_ids, int pairs, int experts) {
+    pdl_enter();
+    __shared__ int counts[kMoeMaxExperts + 1];
+    if (experts > kMoeMaxExperts || pairs > kMoeMaxPairs) return;
+    for (int e = threadIdx.x; e <= experts; e += blockDim.x) counts[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&counts[topk_ids[p] + 1], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int e = 0; e < experts; ++e) counts[e + 1] += counts[e];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e <= experts; e += blockDim.x) expert_offsets[e] = counts[e];
+    // A pair's slot: its expert's start plus how many earlier pairs chose that expert, so the
+    // order inside a group is the pair order (deterministic; a chunk of 1024 pairs at a time,
+    // each thread counting the earlier pairs of its expert within the chunk).
+    __shared__ int chunk_ids[1024];
+    for (int base = 0; base < pairs; base += blockDim.x) {
+        const int p = base + threadIdx.x;
+        const int e = p < pairs ? topk_ids[p] : -1;
+        chunk_ids[threadIdx.x] = e;
+        __syncthreads();
+        if (p < pairs) {
+            int before = 0;
+            for (int q = 0; q < threadIdx.x; ++q) before += chunk_ids[q] == e;
+            const int slot = counts[e] + before;
+            sorted_pairs[slot] = p;
+            pair_slots[p] = slot;
+        }
+        __syncthreads();
+        // Advance each expert's start past this chunk's pairs.
+        if (p < pairs) {
+            bool last = true;
+            for (int q = threadIdx.x + 1; q < blockDim.x && base + q < pairs; ++q)
+                last &= chunk_ids[q] != e;
+            if (last) {
+                int n = 0;
+                for (int q = 0; q <= threadIdx.x; ++q) n += chunk_ids[q] == e;
+                counts[e] += n;
+            }
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void DT(moe_gather_bf16, moe_gather_f16)(
+    elem_t* __restrict__ rows, const elem_t* __restrict__ x, const int* __restrict__ sorted_pairs,
+    int pairs, int hidden, int top_k) {
+    pdl_enter();
+    const int s = blockIdx.x;
+    if (s >= pairs) return;
+    const elem_t* src = x + (int64_t)(sorted_pairs[s] / top_k) * hidden;
+    elem_t* dst = rows + (int64_t)s * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
+}
+
+extern "C" __global__ void DT(moe_grouped_gemm_bf16, moe_grouped_gemm_f16)(
+    elem_t* __restrict__ out, const elem_t* __restrict__ in, const elem_t* __restrict__ w,
+    const int* __restrict__ expert_offsets, int experts, int n, int k) {
+    pdl_enter();
+    const int e = blockIdx.y;
+    if (e >= experts) return;
+    const int first = expert_offsets[e], count = expert_offsets[e + 1] - first;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int j = blockIdx.x * (blockDim.x / 32) + warp;
+    if (count == 0 || j >= n) return;
+    const elem_t* wrow = w + ((int64_t)e * n + j) * k;
+    for (int r = blockIdx.z; r < count; r += gridDim.z) {
+        const elem_t* xrow = in + (int64_t)(first + r) * k;
+        float acc = 0.0f;
+        for (int l = lane; l < k; l += 32) acc += to_f32(xrow[l]) * to_f32(wrow[l]);
+        acc = warp_sum(acc);
+        if (lane == 0) out[(int64_t)(first + r) * n + j] = from_f32(acc);
+    }
+}
+
+extern "C" __global__ void DT(moe_unpermute_bf16, moe_unpermute_f16)(
+    elem_t* __restrict__ out, const elem_t* __restrict__ rows, const int* __restrict__ pair_slots,
+    const float* __restrict__ topk_weights, int tokens, int hidden, int top_k) {
+    pdl_enter();
+    const int t = blockIdx.x;
+    if (t >= tokens) return;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < top_k; ++j) {
+            const int p = t * top_k + j;
+            acc += topk_weights[p] * to_f32(rows[(int64_t)pair_slots[p] * hidden + i]);
+        }
+        out[(int64_t)t * hidden + i] = from_f32(acc);
+    }
+}

@@ -1,0 +1,104 @@
+//! CPU references of the fused mixture-of-experts kernels (`moe.cu`), one function a kernel,
+//! in f32. The engine's CPU backend (`backend/cpu/moe.rs`) computes the same layer.
+
+/// `moe_topk_softmax`: each token's `top_k` experts (ascending) and weights from router logits
+/// `[tokens, experts]`: softmax, the largest probabilities (ties to the lower expert), divided
+/// by their sum when `renormalize`.
+pub fn moe_topk_softmax(
+    logits: &[f32],
+    experts: usize,
+    top_k: usize,
+    renormalize: bool,
+) -> (Vec<i32>, Vec<f32>) {
+    let mut ids = Vec::new();
+    let mut weights = Vec::new();
+    for row in logits.chunks_exact(experts) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = row.iter().map(|&l| (l - max).exp()).collect();
+        let sum: f32 = exps.iter().sum();
+        let mut order: Vec<usize> = (0..experts).collect();
+        order.sort_by(|&a, &b| exps[b].total_cmp(&exps[a]));
+        let top = &mut order[..top_k];
+        let probs: Vec<f32> = top.iter().map(|&e| exps[e] / sum).collect();
+        let norm = if renormalize { probs.iter().sum() } else { 1.0 };
+        let mut picks: Vec<(usize, f32)> = top.iter().copied().zip(probs).collect();
+        picks.sort_by_key(|p| p.0);
+        for (e, p) in picks {
+            ids.push(e as i32);
+            weights.push(p / norm);
+        }
+    }
+    (ids, weights)
+}
+
+/// `moe_align`: per expert the start of its slots (`[experts + 1]`), the pair at each slot
+/// (grouped by expert, pair order inside a group) and each pair's slot.
+pub fn moe_align(topk_ids: &[i32], experts: usize) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let mut offsets = vec![0i32; experts + 1];
+    for &e in topk_ids {
+        offsets[e as usize + 1] += 1;
+    }
+    for e in 0..experts {
+        offsets[e + 1] += offsets[e];
+    }
+    let mut next = offsets.clone();
+    let mut sorted = vec![0i32; topk_ids.len()];
+    let mut slots = vec![0i32; topk_ids.len()];
+    for (p, &e) in topk_ids.iter().enumerate() {
+        let s = next[e as usize];
+        next[e as usize] += 1;
+        sorted[s as usize] = p as i32;
+        slots[p] = s;
+    }
+    (offsets, sorted, slots)
+}
+
+/// `moe_gather`: `rows[s] = x[sorted_pairs[s] / top_k]`.
+pub fn moe_gather(x: &[f32], sorted_pairs: &[i32], hidden: usize, top_k: usize) -> Vec<f32> {
+    sorted_pairs
+        .iter()
+        .flat_map(|&p| {
+            let t = p as usize / top_k;
+            x[t * hidden..(t + 1) * hidden].iter().copied()
+        })
+        .collect()
+}
+
+/// `moe_grouped_gemm`: `out[s, j] = sum_l input[s, l] * w[e, j, l]` for the slots `s` of each
+/// expert `e` (`offsets` from `moe_align`); `w` is `[experts, n, k]`.
+pub fn moe_grouped_gemm(input: &[f32], w: &[f32], offsets: &[i32], n: usize, k: usize) -> Vec<f32> {
+    let rows = input.len() / k;
+    let mut out = vec![0.0f32; rows * n];
+    for e in 0..offsets.len() - 1 {
+        for s in offsets[e] as usize..offsets[e + 1] as usize {
+            let x = &input[s * k..(s + 1) * k];
+            for j in 0..n {
+                let wr = &w[(e * n + j) * k..(e * n + j + 1) * k];
+                out[s * n + j] = x.iter().zip(wr).map(|(a, b)| a * b).sum();
+            }
+        }
+    }
+    out
+}
+
+/// `moe_unpermute`: `out[t] = sum_j weights[t, j] * rows[pair_slots[t * top_k + j]]`.
+pub fn moe_unpermute(
+    rows: &[f32],
+    pair_slots: &[i32],
+    weights: &[f32],
+    hidden: usize,
+    top_k: usize,
+) -> Vec<f32> {
+    let tokens = pair_slots.len() / top_k;
+    let mut out = vec![0.0f32; tokens * hidden];
+    for t in 0..tokens {
+        for j in 0..top_k {
+            let p = t * top_k + j;
+            let s = pair_slots[p] as usize;
+            for i in 0..hidden {
+                out[t * hidden + i] += weights[p] * rows[s * hidden + i];
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,264 @@
+//! The fused mixture-of-experts kernels (`moe.cu`) against their CPU references
+//! (`rvllm_kernels::reference::moe_*`), chained as the engine will run them: routing, the
+//! expert sort, gather, the gate/up grouped GEMM, SiLU-and-mul, the down grouped GEMM and the
+//! weighted un-permute. Shapes: batches of 1, 7, 64 and 1,024 tokens; routings where some
+//! experts get no token and where one expert gets every token; Mixtral's 8 experts top-2 and
+//! Qwen3-MoE's 128 top-8. Routing ids, offsets and slots must match exactly; the numbers within
+//! the element type's tolerance.
+//!
+//! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns.
+mod gpu_harness;
+
+use gpu_harness::{assert_close, gpu, rng, Elem};
+use rand::Rng;
+use rvllm_kernels::{args, reference};
+
+struct Shape {
+    tokens: usize,
+    experts: usize,
+    top_k: usize,
+    hidden: usize,
+    inter: usize,
+    renormalize: bool,
+    /// Router logits that send every token to expert 0 first.
+    one_expert: bool,
+}
+
+fn shapes() -> Vec<Shape> {
+    let s = |tokens, experts, top_k, hidden, inter, renormalize, one_expert| Shape {
+        tokens,
+        experts,
+        top_k,
+        hidden,
+        inter,
+        renormalize,
+        one_expert,
+    };
+    vec![
+        // Batch 1: most experts idle.
+        s(1, 8, 2, 256, 128, true, false),
+        s(1, 128, 8, 256, 64, true, false),
+        s(7, 128, 8, 128, 64, false, false),
+        s(64, 8, 2, 256, 192, true, false),
+        s(64, 16, 1, 128, 64, false, true),
+        s(1024, 8, 2, 128, 64, true, false),
+        s(1024, 128, 8, 128, 32, true, false),
+    ]
+}
+
+#[test]
+fn the_fused_moe_chain_matches_the_reference() {
+    let Some(g) = gpu("the_fused_moe_chain_matches_the_reference") else {
+        return;
+    };
+    let mut r = rng("moe_chain");
+    for e in Elem::BOTH {
+        for sh in shapes() {
+            let (t, ex, k, h, i) = (sh.tokens, sh.experts, sh.top_k, sh.hidden, sh.inter);
+            let p = t * k;
+            let what = format!(
+                "{} tokens {t} experts {ex} top {k} hidden {h} inter {i}",
+                e.name()
+            );
+            // Router logits spread enough that the top k are not near-ties in bf16.
+            let (mut logit_bits, mut logits) = e.random(&mut r, t * ex, 4.0);
+            if sh.one_expert {
+                for row in 0..t {
+                    logit_bits[row * ex] = e.bits(8.0);
+                    logits[row * ex] = e.widen(logit_bits[row * ex]);
+                }
+            }
+            let d_logits = g.upload(&logit_bits);
+            let ids = g.poisoned(p, -1i32);
+            let weights = g.poisoned(p, f32::NAN);
+            g.launch_args(
+                &e.module("moe"),
+                &e.kernel("moe_topk_softmax_bf16"),
+                (t.div_ceil(8) as u32, 1, 1),
+                (256, 1, 1),
+                args::MoeTopkSoftmax {
+                    topk_ids: ids.ptr,
+                    topk_weights: weights.ptr,
+                    logits: d_logits.ptr,
+                    tokens: t as i32,
+                    experts: ex as i32,
+                    top_k: k as i32,
+                    renormalize: sh.renormalize as i32,
+                },
+            );
+            let (want_ids, want_w) = reference::moe_topk_softmax(&logits, ex, k, sh.renormalize);
+            assert_eq!(g.download(&ids), want_ids, "{what}: routed experts");
+            assert_close(
+                &format!("{what}: routing weights"),
+                &g.download(&weights),
+                &want_w,
+                1e-6,
+                1e-5,
+            );
+            if sh.one_expert {
+                assert!(want_ids.chunks(k).all(|c| c.contains(&0)), "{what}");
+            }
+
+            let offsets = g.poisoned(ex + 1, -1i32);
+            let sorted = g.poisoned(p, -1i32);
+            let slots = g.poisoned(p, -1i32);
+            g.launch_args(
+                &e.module("moe"),
+                &e.kernel("moe_align_bf16"),
+                (1, 1, 1),
+                (1024, 1, 1),
+                args::MoeAlign {
+                    expert_offsets: offsets.ptr,
+                    sorted_pairs: sorted.ptr,
+                    pair_slots: slots.ptr,
+                    topk_ids: ids.ptr,
+                    pairs: p as i32,
+                    experts: ex as i32,
+                },
+            );
+            let (want_off, want_sorted, want_slots) = reference::moe_align(&want_ids, ex);
+            assert_eq!(g.download(&offsets), want_off, "{what}: expert offsets");
+            assert_eq!(g.download(&sorted), want_sorted, "{what}: sorted pairs");
+            assert_eq!(g.download(&slots), want_slots, "{what}: pair slots");
+            let idle = want_off.windows(2).filter(|w| w[0] == w[1]).count();
+            if t * k < ex {
+                assert!(idle > 0, "{what}: some expert should get no token");
+            }
+
+            let (x_bits, x) = e.random(&mut r, t * h, 1.0);
+            let d_x = g.upload(&x_bits);
+            let rows = g.poisoned(p * h, e.nan());
+            g.launch_args(
+                &e.module("moe"),
+                &e.kernel("moe_gather_bf16"),
+                (p as u32, 1, 1),
+                (256, 1, 1),
+                args::MoeGather {
+                    rows: rows.ptr,
+                    x: d_x.ptr,
+                    sorted_pairs: sorted.ptr,
+                    pairs: p as i32,
+                    hidden: h as i32,
+                    top_k: k as i32,
+                },
+            );
+            let want_rows = reference::moe_gather(&x, &want_sorted, h, k);
+            assert_eq!(g.download_as(e, &rows), want_rows, "{what}: gathered rows");
+
+            // Gate/up: w_gu [E, 2I, H]; then SiLU-and-mul; then down: w_d [E, H, I].
+            let (wgu_bits, wgu) = e.random(&mut r, ex * 2 * i * h, 1.0 / (h as f32).sqrt());
+            let (wd_bits, wd) = e.random(&mut r, ex * h * i, 1.0 / (i as f32).sqrt());
+            let (d_wgu, d_wd) = (g.upload(&wgu_bits), g.upload(&wd_bits));
+            let gate_up = g.poisoned(p * 2 * i, e.nan());
+            let grouped = |out: u64, input: u64, w: u64, n: usize, kk: usize| {
+                g.launch_args(
+                    &e.module("moe"),
+                    &e.kernel("moe_grouped_gemm_bf16"),
+                    (n.div_ceil(8) as u32, ex as u32, 4),
+                    (256, 1, 1),
+                    args::MoeGroupedGemm {
+                        out,
+                        r#in: input,
+                        w,
+                        expert_offsets: offsets.ptr,
+                        experts: ex as i32,
+                        n: n as i32,
+                        k: kk as i32,
+                    },
+                );
+            };
+            grouped(gate_up.ptr, rows.ptr, d_wgu.ptr, 2 * i, h);
+            let want_gu = reference::moe_grouped_gemm(&want_rows, &wgu, &want_off, 2 * i, h);
+            let (atol, rtol) = e.tolerance();
+            let got_gu = g.download_as(e, &gate_up);
+            assert_close(&format!("{what}: gate/up"), &got_gu, &want_gu, atol, rtol);
+
+            let act = g.poisoned(p * i, e.nan());
+            g.launch_args(
+                &e.module("activation"),
+                &e.kernel("silu_and_mul_bf16"),
+                (i.div_ceil(2048) as u32, p as u32, 1),
+                (256, 1, 1),
+                args::SiluAndMul {
+                    out: act.ptr,
+                    r#in: gate_up.ptr,
+                    num_tokens: p as i32,
+                    inter: i as i32,
+                },
+            );
+            // The reference continues from the device's rounded activations, so that each
+            // step is checked on its own.
+            let got_act = g.download_as(e, &act);
+            let down = g.poisoned(p * h, e.nan());
+            grouped(down.ptr, act.ptr, d_wd.ptr, h, i);
+            let want_down = reference::moe_grouped_gemm(&got_act, &wd, &want_off, h, i);
+            let got_down = g.download_as(e, &down);
+            assert_close(&format!("{what}: down"), &got_down, &want_down, atol, rtol);
+
+            let out = g.poisoned(t * h, e.nan());
+            g.launch_args(
+                &e.module("moe"),
+                &e.kernel("moe_unpermute_bf16"),
+                (t as u32, 1, 1),
+                (256, 1, 1),
+                args::MoeUnpermute {
+                    out: out.ptr,
+                    rows: down.ptr,
+                    pair_slots: slots.ptr,
+                    topk_weights: weights.ptr,
+                    tokens: t as i32,
+                    hidden: h as i32,
+                    top_k: k as i32,
+                },
+            );
+            let want_out = reference::moe_unpermute(&got_down, &want_slots, &want_w, h, k);
+            assert_close(
+                &format!("{what}: output"),
+                &g.download_as(e, &out),
+                &want_out,
+                atol,
+                rtol,
+            );
+        }
+    }
+}
+
+/// The references compose into the layer: gathered, multiplied and un-permuted, they give each
+/// token's weighted sum of its experts' outputs (no GPU needed).
+#[test]
+fn the_references_compose_into_a_per_token_moe() {
+    let mut r = rng("moe_reference");
+    let (t, ex, k, h) = (5, 6, 2, 8);
+    let logits: Vec<f32> = (0..t * ex).map(|_| r.random_range(-2.0..2.0)).collect();
+    let x: Vec<f32> = (0..t * h).map(|_| r.random_range(-1.0..1.0)).collect();
+    let w: Vec<f32> = (0..ex * h * h).map(|_| r.random_range(-1.0..1.0)).collect();
+    let (ids, weights) = reference::moe_topk_softmax(&logits, ex, k, true);
+    let (off, sorted, slots) = reference::moe_align(&ids, ex);
+    let rows = reference::moe_gather(&x, &sorted, h, k);
+    let y = reference::moe_grouped_gemm(&rows, &w, &off, h, h);
+    let out = reference::moe_unpermute(&y, &slots, &weights, h, k);
+    for tok in 0..t {
+        let mut want = vec![0.0f32; h];
+        for j in 0..k {
+            let (e, wt) = (ids[tok * k + j] as usize, weights[tok * k + j]);
+            for (o, want) in want.iter_mut().enumerate() {
+                let wr = &w[(e * h + o) * h..(e * h + o + 1) * h];
+                *want += wt
+                    * wr.iter()
+                        .zip(&x[tok * h..])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>();
+            }
+        }
+        assert_close(
+            &format!("token {tok}"),
+            &out[tok * h..(tok + 1) * h],
+            &want,
+            1e-5,
+            1e-5,
+        );
+        let s: f32 = weights[tok * k..(tok + 1) * k].iter().sum();
+        assert!((s - 1.0).abs() < 1e-6, "renormalized weights sum to {s}");
+    }
+    assert_eq!(*off.last().unwrap() as usize, t * k);
+}
