@@ -1,7 +1,8 @@
 //! The FP8 activation quantization kernels (`fp8_quant.cu`) against a CPU reference of
 //! vLLM's `scaled_fp8_quant` (dynamic per-token and per-tensor scales, E4M3 codes rounded to
 //! nearest even with saturation), in both input types, on random inputs with the outputs
-//! poisoned first. Codes and scales must match bit for bit.
+//! poisoned first. Codes and scales must match bit for bit. And the FP8 GEMM through
+//! cuBLASLt (E4M3 x E4M3, per-tensor scale pointers, bf16 out) against the f32 reference.
 //!
 //! The reference codec is the engine's (`rvllm::backend::cpu::fp8`, checked there against
 //! torch's table), restated here because this crate sits below the engine.
@@ -172,22 +173,157 @@ fn per_tensor_quantization_matches_the_reference() {
     }
 }
 
+fn e4m3_to_f32(code: u8) -> f32 {
+    let exp = ((code >> 3) & 0xf) as i32;
+    let mant = (code & 7) as f32;
+    if exp == 15 && code & 7 == 7 {
+        return f32::NAN;
+    }
+    let mag = if exp == 0 {
+        mant / 8.0 * 2f32.powi(-6)
+    } else {
+        (1.0 + mant / 8.0) * 2f32.powi(exp - 7)
+    };
+    if code & 0x80 != 0 {
+        -mag
+    } else {
+        mag
+    }
+}
+
+/// The FP8 GEMM the engine will run for prefill and large batches: `y[m, n] = sx * sw *
+/// sum_k x[m, k] w[n, k]`, E4M3 x E4M3 with f32 accumulation and per-tensor scales read from
+/// device pointers (cuBLASLt's A/B scale pointers), bf16 out, row-major throughout. In
+/// cuBLASLt's column-major terms that is `Y^T = op_T(W) * X^T`: the "TN" layout FP8 GEMMs
+/// require. Checked against the f32 reference at bf16 tolerance.
+#[test]
+fn fp8_gemm_through_cublaslt_matches_the_reference() {
+    use cudarc::cublaslt::{result as lt, sys as ltsys};
+    use std::ffi::c_void;
+    let Some(g) = gpu("fp8_gemm_through_cublaslt_matches_the_reference") else {
+        return;
+    };
+    if g.compute_capability() < (8, 9) {
+        println!("SKIPPED: FP8 GEMMs need compute capability 8.9 or newer");
+        return;
+    }
+    let mut r = rng("fp8_gemm");
+    // (m, n, k): a decode-sized batch, a prefill chunk, and n not a multiple of 128; k a
+    // multiple of 16, as cuBLASLt's FP8 kernels require.
+    for &(m, n, k) in &[
+        (16usize, 4096usize, 4096usize),
+        (300, 1000, 512),
+        (128, 14336, 4096),
+    ] {
+        let xv: Vec<f32> = (0..m * k).map(|_| r.random_range(-2.0..2.0)).collect();
+        let wv: Vec<f32> = (0..n * k).map(|_| r.random_range(-0.05..0.05)).collect();
+        let (sx, sw) = (scale_of(&xv), scale_of(&wv));
+        let (xq, wq) = (quantize(&xv, sx), quantize(&wv, sw));
+        let d_x = g.upload(&xq);
+        let d_w = g.upload(&wq);
+        let (d_sx, d_sw) = (g.upload(&[sx]), g.upload(&[sw]));
+        let d_y = g.poisoned(m * n, Elem::Bf16.nan());
+        let workspace_bytes = 32usize << 20;
+        let d_ws = g.poisoned(workspace_bytes, 0u8);
+        unsafe {
+            let handle = lt::create_handle().expect("cublasLtCreate");
+            let desc = lt::create_matmul_desc(
+                ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                ltsys::cudaDataType::CUDA_R_32F,
+            )
+            .expect("matmul desc");
+            let set = |attr, v: *const c_void, size| {
+                lt::set_matmul_desc_attribute(desc, attr, v, size).expect("matmul desc attribute")
+            };
+            use ltsys::cublasLtMatmulDescAttributes_t as A;
+            // cublasOperation_t: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
+            let (op_t, op_n) = (1i32, 0i32);
+            set(A::CUBLASLT_MATMUL_DESC_TRANSA, &op_t as *const i32 as _, 4);
+            set(A::CUBLASLT_MATMUL_DESC_TRANSB, &op_n as *const i32 as _, 4);
+            let (psw, psx) = (d_sw.ptr, d_sx.ptr);
+            set(
+                A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                &psw as *const u64 as _,
+                8,
+            );
+            set(
+                A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                &psx as *const u64 as _,
+                8,
+            );
+            let e4m3 = ltsys::cudaDataType::CUDA_R_8F_E4M3;
+            let bf16 = ltsys::cudaDataType::CUDA_R_16BF;
+            let a = lt::create_matrix_layout(e4m3, k as u64, n as u64, k as i64).unwrap();
+            let b = lt::create_matrix_layout(e4m3, k as u64, m as u64, k as i64).unwrap();
+            let c = lt::create_matrix_layout(bf16, n as u64, m as u64, n as i64).unwrap();
+            let pref = lt::create_matmul_pref().unwrap();
+            lt::set_matmul_pref_attribute(
+                pref,
+                ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &workspace_bytes as *const usize as _,
+                std::mem::size_of::<usize>(),
+            )
+            .unwrap();
+            let heuristic = lt::get_matmul_algo_heuristic(handle, desc, a, b, c, c, pref)
+                .expect("no cuBLASLt algorithm for this FP8 GEMM");
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            lt::matmul(
+                handle,
+                desc,
+                &alpha as *const f32 as _,
+                &beta as *const f32 as _,
+                d_w.ptr as *const c_void,
+                a,
+                d_x.ptr as *const c_void,
+                b,
+                d_y.ptr as *const c_void,
+                c,
+                d_y.ptr as *mut c_void,
+                c,
+                &heuristic.algo,
+                d_ws.ptr as *mut c_void,
+                workspace_bytes,
+                std::ptr::null_mut(),
+            )
+            .expect("cublasLtMatmul");
+            g.sync();
+            lt::destroy_matmul_pref(pref).unwrap();
+            for l in [a, b, c] {
+                lt::destroy_matrix_layout(l).unwrap();
+            }
+            lt::destroy_matmul_desc(desc).unwrap();
+            lt::destroy_handle(handle).unwrap();
+        }
+        let (xd, wd): (Vec<f32>, Vec<f32>) = (
+            xq.iter().map(|&q| e4m3_to_f32(q)).collect(),
+            wq.iter().map(|&q| e4m3_to_f32(q)).collect(),
+        );
+        let mut want = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f32 = xd[i * k..(i + 1) * k]
+                    .iter()
+                    .zip(&wd[j * k..(j + 1) * k])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                want[i * n + j] = dot * sx * sw;
+            }
+        }
+        let got = g.download_as(Elem::Bf16, &d_y);
+        let (atol, rtol) = Elem::Bf16.tolerance();
+        gpu_harness::assert_close(&format!("fp8 gemm {m}x{n}x{k}"), &got, &want, atol, rtol);
+    }
+}
+
 #[test]
 fn the_reference_codec_round_trips_every_code() {
     // Guards the restated codec itself (no GPU needed): every finite code's value, built
     // from its fields, encodes back to the code.
     for code in 0..=255u8 {
-        let exp = ((code >> 3) & 0xf) as i32;
-        let mant = (code & 7) as f32;
-        if exp == 15 && code & 7 == 7 {
+        let v = e4m3_to_f32(code);
+        if v.is_nan() {
             continue;
         }
-        let mag = if exp == 0 {
-            mant / 8.0 * 2f32.powi(-6)
-        } else {
-            (1.0 + mant / 8.0) * 2f32.powi(exp - 7)
-        };
-        let v = if code & 0x80 != 0 { -mag } else { mag };
         assert_eq!(f32_to_e4m3(v), code, "code {code:#x} = {v}");
     }
     assert_eq!(f32_to_e4m3(1e6), 0x7e);
