@@ -580,7 +580,8 @@ fn tiny_models_through_the_engine_batched_and_preempted() {
     let families = rvllm_tests::FAMILY_TINY_MODELS
         .into_iter()
         .filter(|&n| n != "phi3");
-    for name in ["llama3", "qwen2"].into_iter().chain(families) {
+    let moe = ["mixtral", "qwen3_moe"];
+    for name in ["llama3", "qwen2"].into_iter().chain(families).chain(moe) {
         let dir = fixtures().join("tiny").join(name);
         let reference = json(&dir.join("reference.json"));
         let prompts: Vec<&Value> = reference["prompts"].as_array().unwrap().iter().collect();
