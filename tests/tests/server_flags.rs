@@ -33,6 +33,8 @@ const CLAIMED: &[&str] = &[
     "--seed",
     "--max-logprobs",
     "--return-tokens-as-token-ids",
+    "--enable-auto-tool-choice",
+    "--tool-call-parser",
     // Accepted where the value holds for rvllm.
     "--tensor-parallel-size",
     "--pipeline-parallel-size",
@@ -82,7 +84,7 @@ fn serve_help_lists_every_vllm_flag_we_claim() {
         "rvllm serve --help lacks {missing:?}:\n{help}"
     );
     // Flags that exist only to be refused stay out of the help.
-    for hidden in ["--enable-auto-tool-choice", "--no-enable-chunked-prefill"] {
+    for hidden in ["--no-enable-chunked-prefill"] {
         assert!(!words.contains(hidden), "{hidden} is listed:\n{help}");
     }
     assert!(help.contains("vLLM compatibility"), "{help}");
@@ -132,7 +134,14 @@ fn flags_rvllm_cannot_honour_fail_at_once_with_the_reason() {
         "tokenizer from the model",
     );
     refused(&["--kv-cache-dtype", "fp8"], "--kv-cache-dtype auto");
-    refused(&["--enable-auto-tool-choice"], "tool calling");
+    refused(
+        &["--enable-auto-tool-choice"],
+        "requires --tool-call-parser",
+    );
+    refused(
+        &["--tool-call-parser", "granite"],
+        "hermes, llama3_json, mistral, pythonic",
+    );
     refused(&["--uvicorn-log-level", "verbose"], "verbose");
 }
 
