@@ -749,6 +749,21 @@ mod tests {
             scaling: None,
         });
         gemma3.rope_scaling = Some(RopeScaling::Linear { factor: 8.0 });
+        let moe = |experts, top_k, intermediate_size, renormalize, sparse_layers| {
+            Some(crate::models::moe::MoeConfig {
+                num_experts: experts,
+                top_k,
+                intermediate_size,
+                renormalize,
+                sparse_layers,
+            })
+        };
+        let mut mixtral = tiny_config(Architecture::Mixtral);
+        mixtral.family.moe = moe(4, 2, 96, true, vec![true, true]);
+        // A dense layer before a sparse one, experts narrower than the dense MLP.
+        let mut qwen3_moe = tiny_config(Architecture::Qwen3Moe);
+        qwen3_moe.family.qk_norm = true;
+        qwen3_moe.family.moe = moe(8, 3, 32, false, vec![false, true]);
         vec![
             llama,
             qwen,
@@ -758,6 +773,8 @@ mod tests {
             phi3,
             gemma2,
             gemma3,
+            mixtral,
+            qwen3_moe,
         ]
     }
 
