@@ -28,6 +28,9 @@ pub struct StructuredFields<'a> {
 struct Layout {
     flexible: Option<bool>,
     pattern: Option<String>,
+    /// vLLM's `disable_additional_properties`: objects without `additionalProperties` get
+    /// `false`.
+    closed_objects: bool,
 }
 
 /// The constraint these fields ask for (None: none), or a 400 naming the field.
@@ -179,15 +182,7 @@ fn structured_outputs(
             "disable_fallback" => {
                 boolean(&param, v)?;
             }
-            "disable_additional_properties" => {
-                if boolean(&param, v)? {
-                    return Err(ApiError::invalid(
-                        &param,
-                        "`disable_additional_properties` is not supported by rvllm: add \
-                         \"additionalProperties\": false to the schema's objects instead",
-                    ));
-                }
-            }
+            "disable_additional_properties" => layout.closed_objects = boolean(&param, v)?,
             "structural_tag" => {
                 return Err(unsupported_kind("structured_outputs", "structural_tag"))
             }
@@ -282,6 +277,13 @@ fn unsupported_kind(param: &str, kind: &str) -> ApiError {
 /// The layout options go into a JSON schema's `x-guidance` (llguidance's own options);
 /// other kinds have no whitespace to set.
 fn with_layout(spec: StructuredOutput, layout: &Layout) -> StructuredOutput {
+    let spec = match spec {
+        StructuredOutput::JsonSchema(mut s) if layout.closed_objects => {
+            close_objects(&mut s);
+            StructuredOutput::JsonSchema(s)
+        }
+        other => other,
+    };
     if layout.flexible.is_none() && layout.pattern.is_none() {
         return spec;
     }
@@ -312,6 +314,24 @@ fn with_layout(spec: StructuredOutput, layout: &Layout) -> StructuredOutput {
         map.insert("x-guidance".into(), Value::Object(opts));
     }
     StructuredOutput::JsonSchema(Value::Object(map))
+}
+
+/// Every object schema (one with `properties`, or of type object) in `schema`, however deep,
+/// that does not say `additionalProperties` gets `false`, as vLLM's
+/// `disable_additional_properties` does.
+fn close_objects(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            let is_object = map.contains_key("properties")
+                || map.get("type").and_then(Value::as_str) == Some("object");
+            if is_object && !map.contains_key("additionalProperties") {
+                map.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            map.values_mut().for_each(close_objects);
+        }
+        Value::Array(items) => items.iter_mut().for_each(close_objects),
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -404,6 +424,19 @@ mod tests {
             panic!("{got:?}")
         };
         assert_eq!(s["x-guidance"]["whitespace_flexible"], true);
+        let got = parse(
+            json!({"structured_outputs": {"disable_additional_properties": true,
+            "json": {"type": "object", "properties": {"a": {"properties": {}},
+                     "b": {"type": "object", "additionalProperties": true}}}}}),
+        )
+        .map_err(|e| e.message)
+        .unwrap();
+        let Some(StructuredOutput::JsonSchema(s)) = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["a"]["additionalProperties"], false);
+        assert_eq!(s["properties"]["b"]["additionalProperties"], true);
     }
 
     #[test]
