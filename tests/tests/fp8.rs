@@ -351,6 +351,15 @@ fn what_cannot_be_honoured_is_refused_by_name() {
         let e = apply_runtime_options(&mut model, q, kv, Device::Cuda).unwrap_err();
         assert!(format!("{e}").contains("CUDA backend"), "{e}");
     }
+    // Dummy weights are made after load: online FP8 could not round them.
+    let opts = LoadOptions {
+        load_format: LoadFormat::Dummy,
+        progress: false,
+    };
+    let mut dummy = load_model(dir.to_str().unwrap(), &opts).unwrap();
+    let e = apply_runtime_options(&mut dummy, Some("fp8"), KvCacheDtype::Auto, Device::Cpu)
+        .unwrap_err();
+    assert!(format!("{e}").contains("dummy"), "{e}");
     // A compressed-tensors checkpoint is not an fp8 one: --quantization fp8 does not match.
     let mut ct = load(&tiny_model("llama3_fp8_channel"));
     let e =

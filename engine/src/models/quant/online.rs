@@ -77,7 +77,20 @@ pub fn apply_runtime_options(
              attention kernels read the compute type only; issue 20); pass --kv-cache-dtype auto"
         );
     }
+    if on_gpu && quant.checkpoint.is_some() {
+        eprintln!(
+            "note: the FP8 checkpoint's weights were dequantized at load; the CUDA backend runs \
+             them in its compute type (no FP8 kernels yet), with the memory and speed of an \
+             unquantized model"
+        );
+    }
     let online = quantization == Some("fp8") && quant.checkpoint.is_none();
+    if online && model.weights.is_none() {
+        bail!(
+            "--quantization fp8 with --load-format dummy: the random weights are made after \
+             load and would not be rounded through FP8; load real weights or leave the flag out"
+        );
+    }
     if online {
         if let Some(weights) = model.weights.as_mut() {
             for (name, t) in weights.tensors.iter_mut() {
