@@ -183,6 +183,16 @@ impl ModelConfig {
             + h
     }
 
+    /// Parameters one token reads: `num_parameters` less the experts a mixture-of-experts
+    /// layer does not route it to (the bandwidth ceiling of MoE decode).
+    pub fn num_active_parameters(&self) -> u64 {
+        let idle = self.family.moe.as_ref().map_or(0, |m| {
+            let per_expert = 3 * m.intermediate_size as u64 * self.hidden_size as u64;
+            m.num_sparse_layers() as u64 * (m.num_experts - m.top_k) as u64 * per_expert
+        });
+        self.num_parameters() - idle
+    }
+
     pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> usize {
         2 * self.num_hidden_layers * self.kv_size() * elem_bytes
     }

@@ -432,7 +432,7 @@ mod tests {
     }
 
     /// The benchmark shapes parse as their families with the published parameter counts
-    /// (Qwen3-30B-A3B: 30.5 B, Mixtral-8x7B: 46.7 B).
+    /// (Qwen3-30B-A3B: 30.5 B, Mixtral-8x7B: 46.7 B) and active parameter counts.
     #[test]
     fn shipped_moe_shapes_parse_with_their_parameter_counts() {
         let shipped = |name: &str| {
@@ -450,9 +450,15 @@ mod tests {
         let m = x.family.moe.as_ref().unwrap();
         assert_eq!((m.num_experts, m.top_k, m.intermediate_size), (8, 2, 14336));
         assert!(x.sliding_window.is_none());
-        for (c, billions) in [(q, 30.5), (x, 46.7)] {
+        // Active: 3.3 B and 12.9 B, as published.
+        for (c, total, active) in [(q, 30.5, 3.3), (x, 46.7, 12.9)] {
             let got = c.num_parameters() as f64 / 1e9;
-            assert!((got - billions).abs() < 0.1, "{got} B, expected {billions}");
+            assert!((got - total).abs() < 0.1, "{got} B, expected {total}");
+            let got = c.num_active_parameters() as f64 / 1e9;
+            assert!(
+                (got - active).abs() < 0.1,
+                "{got} B active, expected {active}"
+            );
         }
     }
 
