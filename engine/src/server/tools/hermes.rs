@@ -1,7 +1,7 @@
 //! `hermes`: calls written `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, any
 //! number of them, between content (Hermes 2 Pro and 3, Qwen2.5, Qwen3). A call left open
 //! at the end of the output counts if its JSON is complete, as in vLLM.
-use super::json::{call_from_object, scan_container, Scan};
+use super::json::{call_from_object, find_growing, GrowingScan, Scan};
 use super::{MarkedContent, ToolCallParser, ToolDelta};
 
 const START: &str = "<tool_call>";
@@ -13,6 +13,9 @@ pub struct HermesParser {
     content: MarkedContent,
     /// Inside a call: the whitespace before its marker, and its text so far.
     call: Option<(String, String)>,
+    /// How far the call's text was searched for the end marker and scanned.
+    searched: usize,
+    scan: GrowingScan,
 }
 
 impl HermesParser {
@@ -25,11 +28,15 @@ impl HermesParser {
                     (ws, body)
                 }
                 None => match self.content.push(START, &pending, &mut out.content) {
-                    Some(found) => (found.ws, found.rest),
+                    Some(found) => {
+                        self.searched = 0;
+                        self.scan = GrowingScan::default();
+                        (found.ws, found.rest)
+                    }
                     None => return,
                 },
             };
-            match body.find(END) {
+            match find_growing(&body, END, &mut self.searched) {
                 Some(p) => match call_from_object(&body[..p], ARGS) {
                     Some(call) => {
                         out.calls.push(call);
@@ -39,7 +46,9 @@ impl HermesParser {
                     // Not a call: the marker is content, and what follows it is read again.
                     None => pending = fall_back(ws, body, out),
                 },
-                None if scan_container(&body) == Scan::Invalid => {
+                // Only the first character can tell early that this is no call (a
+                // GrowingScan sees nothing else as invalid): the rest waits for the end.
+                None if self.scan.scan(&body) == Scan::Invalid => {
                     pending = fall_back(ws, body, out)
                 }
                 None => {

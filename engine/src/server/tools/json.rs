@@ -34,6 +34,77 @@ pub fn scan_container(text: &str) -> Scan {
     }
 }
 
+/// [`scan_container`] for a text that grows: each call reads only the bytes added since
+/// the last (a long call streamed token by token costs linear time, not quadratic). It
+/// follows brackets and strings only; the value it finds complete is then parsed in full.
+/// Reset it when the text starts anew.
+#[derive(Debug, Clone, Default)]
+pub struct GrowingScan {
+    /// The value's end, once found.
+    end: Option<usize>,
+    pos: usize,
+    depth: usize,
+    opened: bool,
+    in_str: bool,
+    escaped: bool,
+}
+
+impl GrowingScan {
+    /// Where the object or array `text` begins with (after whitespace) ends; `text` must
+    /// extend the text of the previous call.
+    pub fn scan(&mut self, text: &str) -> Scan {
+        if let Some(end) = self.end {
+            return Scan::Complete(end);
+        }
+        let bytes = text.as_bytes();
+        while let Some(&c) = bytes.get(self.pos) {
+            self.pos += 1;
+            if !self.opened {
+                match c {
+                    b'{' | b'[' => {
+                        self.opened = true;
+                        self.depth = 1;
+                    }
+                    c if c.is_ascii_whitespace() => {}
+                    _ => return Scan::Invalid,
+                }
+            } else if self.in_str {
+                match c {
+                    _ if self.escaped => self.escaped = false,
+                    b'\\' => self.escaped = true,
+                    b'"' => self.in_str = false,
+                    _ => {}
+                }
+            } else {
+                match c {
+                    b'"' => self.in_str = true,
+                    b'{' | b'[' => self.depth += 1,
+                    b'}' | b']' => {
+                        self.depth -= 1;
+                        if self.depth == 0 {
+                            self.end = Some(self.pos);
+                            return Scan::Complete(self.pos);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Scan::Incomplete
+    }
+}
+
+/// `text.find(marker)` for a text that grows: `searched` is how far earlier calls looked.
+pub fn find_growing(text: &str, marker: &str, searched: &mut usize) -> Option<usize> {
+    let mut from = searched.saturating_sub(marker.len() - 1);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    let found = text[from..].find(marker).map(|p| from + p);
+    *searched = text.len();
+    found
+}
+
 /// The length of the JSON value `text` begins with (no leading whitespace), if complete.
 fn value_len(text: &str) -> Option<usize> {
     let mut it = serde_json::Deserializer::from_str(text).into_iter::<IgnoredAny>();
@@ -226,6 +297,42 @@ mod tests {
         assert_eq!(array_items("[]"), Some(vec![]));
         assert_eq!(array_items("[1,]"), None);
         assert_eq!(array_items("[1] 2"), None);
+    }
+
+    #[test]
+    fn growing_scans_agree_with_whole_scans() {
+        let texts = [
+            r#" {"a": [1, "}\"]"], "b": {}} tail"#,
+            r#"[{"x": "[", "y": "\\"}]"#,
+            "  x",
+            r#"{"a": "#,
+            "",
+        ];
+        for t in texts {
+            let whole = GrowingScan::default().scan(t);
+            for i in (0..=t.len()).filter(|&i| t.is_char_boundary(i)) {
+                let mut g = GrowingScan::default();
+                let first = g.scan(&t[..i]);
+                let got = if first == Scan::Incomplete {
+                    g.scan(t)
+                } else {
+                    first
+                };
+                assert_eq!(got, whole, "{t:?} at {i}");
+            }
+            if let Scan::Complete(n) = whole {
+                assert_eq!(scan_container(t), Scan::Complete(n), "{t:?}");
+            }
+        }
+        let mut searched = 0;
+        assert_eq!(
+            find_growing("ab</tool", "</tool_call>", &mut searched),
+            None
+        );
+        assert_eq!(
+            find_growing("ab</tool_call>", "</tool_call>", &mut searched),
+            Some(2)
+        );
     }
 
     #[test]

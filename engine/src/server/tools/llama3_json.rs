@@ -3,7 +3,7 @@
 //! or `{`: JSON objects `{"name": ..., "parameters": {...}}` (or `"arguments"`), separated
 //! by `;`. Any other output is content. From the first text that is not a call on, the
 //! rest of the output is content, as written.
-use super::json::{call_from_object, scan_container, Scan};
+use super::json::{call_from_object, GrowingScan, Scan};
 use super::{ToolCallParser, ToolDelta};
 
 const PYTHON_TAG: &str = "<|python_tag|>";
@@ -27,6 +27,8 @@ pub struct Llama3JsonParser {
     buf: String,
     /// Where the calls' JSON resumes in `buf` (after the tag and separators).
     pos: usize,
+    /// The scan of the value at `pos`.
+    scan: GrowingScan,
     calls: usize,
 }
 
@@ -69,21 +71,22 @@ impl Llama3JsonParser {
                     }
                     if self.calls > 0 && t.starts_with(';') {
                         self.pos += skip + 1;
+                        self.scan = GrowingScan::default();
                         continue;
                     }
-                    match scan_container(t) {
-                        Scan::Complete(n) if t.starts_with('{') => {
-                            match call_from_object(&t[..n], ARGS) {
-                                Some(call) => {
-                                    out.calls.push(call);
-                                    self.calls += 1;
-                                    let end = self.pos + skip + n;
-                                    self.buf.drain(..end);
-                                    self.pos = 0;
-                                }
-                                None => self.state = State::Content,
+                    let object = t.starts_with('{');
+                    match self.scan.scan(rest) {
+                        Scan::Complete(n) if object => match call_from_object(&rest[..n], ARGS) {
+                            Some(call) => {
+                                out.calls.push(call);
+                                self.calls += 1;
+                                let end = self.pos + n;
+                                self.buf.drain(..end);
+                                self.pos = 0;
+                                self.scan = GrowingScan::default();
                             }
-                        }
+                            None => self.state = State::Content,
+                        },
                         Scan::Incomplete if !at_end => return,
                         _ => self.state = State::Content,
                     }

@@ -2,7 +2,7 @@
 //! request keeps special tokens in its text), in either of Mistral's forms: a JSON array
 //! `[{"name": ..., "arguments": {...}}, ...]` (tokenizers before v11), or v11's
 //! `name[ARGS]{...}`, one call a `[TOOL_CALLS]`. Text before the first call is content.
-use super::json::{array_items, call_from_object, partial_marker_len, scan_container, Scan};
+use super::json::{array_items, call_from_object, partial_marker_len, GrowingScan, Scan};
 use super::{MarkedContent, ToolCall, ToolCallParser, ToolDelta};
 
 const MARK: &str = "[TOOL_CALLS]";
@@ -13,6 +13,8 @@ pub struct MistralParser {
     content: MarkedContent,
     /// After a `[TOOL_CALLS]`: the whitespace before it and the text since.
     call: Option<(String, String)>,
+    /// The scan of the calls' JSON (the array, or one call's arguments).
+    scan: GrowingScan,
 }
 
 enum Read {
@@ -27,8 +29,9 @@ fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')
 }
 
-/// The calls at the start of `body` (the text after `[TOOL_CALLS]`).
-fn read_calls(body: &str, at_end: bool) -> Read {
+/// The calls at the start of `body` (the text after `[TOOL_CALLS]`), `scan` following
+/// their JSON as `body` grows.
+fn read_calls(body: &str, at_end: bool, scan: &mut GrowingScan) -> Read {
     let t = body.trim_start();
     let lead = body.len() - t.len();
     let wait = if at_end { Read::NotCalls } else { Read::Wait };
@@ -36,16 +39,16 @@ fn read_calls(body: &str, at_end: bool) -> Read {
         return wait;
     }
     if t.starts_with('[') {
-        return match scan_container(t) {
+        return match scan.scan(body) {
             Scan::Complete(n) => {
-                let calls: Option<Vec<ToolCall>> = array_items(&t[..n]).and_then(|items| {
+                let calls: Option<Vec<ToolCall>> = array_items(&body[..n]).and_then(|items| {
                     items
                         .into_iter()
                         .map(|i| call_from_object(i, &["arguments"]))
                         .collect()
                 });
                 match calls {
-                    Some(c) if !c.is_empty() => Read::Calls(c, lead + n),
+                    Some(c) if !c.is_empty() => Read::Calls(c, n),
                     _ => Read::NotCalls,
                 }
             }
@@ -69,7 +72,7 @@ fn read_calls(body: &str, at_end: bool) -> Read {
     if !args.trim_start().is_empty() && !args.trim_start().starts_with('{') {
         return Read::NotCalls;
     }
-    match scan_container(args) {
+    match scan.scan(args) {
         Scan::Complete(n) => Read::Calls(
             vec![ToolCall {
                 name: name.to_string(),
@@ -92,11 +95,14 @@ impl MistralParser {
                     (ws, body)
                 }
                 None => match self.content.push(MARK, &pending, &mut out.content) {
-                    Some(found) => (found.ws, found.rest),
+                    Some(found) => {
+                        self.scan = GrowingScan::default();
+                        (found.ws, found.rest)
+                    }
                     None => return,
                 },
             };
-            match read_calls(&body, at_end) {
+            match read_calls(&body, at_end, &mut self.scan) {
                 Read::Calls(calls, used) => {
                     out.calls.extend(calls);
                     self.content.after_call = true;

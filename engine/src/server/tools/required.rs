@@ -2,7 +2,7 @@
 //! `{"name": ..., "parameters": {...}}` calls: read as it streams, each call released once
 //! its object is complete. Only an output cut short (by `max_tokens`) can break the
 //! array; from the first item that is not a complete call on, the rest is content.
-use super::json::{call_from_object, scan_container, Scan};
+use super::json::{call_from_object, GrowingScan, Scan};
 use super::{ToolCallParser, ToolDelta};
 
 #[derive(Debug, Default)]
@@ -12,6 +12,8 @@ pub struct RequiredParser {
     buf: String,
     /// Where reading resumes in `buf`.
     pos: usize,
+    /// The scan of the value at `pos`.
+    scan: GrowingScan,
     /// Past the opening `[`.
     opened: bool,
     closed: bool,
@@ -55,6 +57,7 @@ impl RequiredParser {
                 }
                 self.opened = true;
                 self.pos += skip + 1;
+                self.scan = GrowingScan::default();
                 continue;
             }
             if self.calls > 0 && (first == b',' || first == b']') {
@@ -62,20 +65,22 @@ impl RequiredParser {
                     self.closed = true;
                 }
                 self.pos += skip + 1;
+                self.scan = GrowingScan::default();
                 continue;
             }
             if self.calls == 0 && first == b']' {
                 self.content = true;
                 continue;
             }
-            match scan_container(t) {
+            match self.scan.scan(rest) {
                 Scan::Complete(n) if first == b'{' => {
-                    match call_from_object(&t[..n], &["parameters"]) {
+                    match call_from_object(&rest[..n], &["parameters"]) {
                         Some(call) => {
                             out.calls.push(call);
                             self.calls += 1;
-                            self.buf.drain(..self.pos + skip + n);
+                            self.buf.drain(..self.pos + n);
                             self.pos = 0;
+                            self.scan = GrowingScan::default();
                         }
                         None => self.content = true,
                     }

@@ -253,3 +253,46 @@ fn random_outputs_of_call_pieces_stream_like_the_whole() {
     }
     assert!(found > 80, "only {found} calls in the random outputs");
 }
+
+/// A long call streamed a byte at a time costs linear time: each piece is read once
+/// (a parser rescanning its whole call on every piece took seconds here).
+#[test]
+fn long_calls_stream_in_linear_time() {
+    let body = "x".repeat(400_000);
+    let outputs = [
+        (
+            ToolParserName::Hermes,
+            format!(
+                "<tool_call>{{\"name\": \"w\", \"arguments\": {{\"s\": \"{body}\"}}}}</tool_call>"
+            ),
+        ),
+        (
+            ToolParserName::Llama3Json,
+            format!("{{\"name\": \"w\", \"parameters\": {{\"s\": \"{body}\"}}}}"),
+        ),
+        (
+            ToolParserName::Mistral,
+            format!("[TOOL_CALLS]w[ARGS]{{\"s\": \"{body}\"}}"),
+        ),
+        (
+            ToolParserName::Mistral,
+            format!("[TOOL_CALLS][{{\"name\": \"w\", \"arguments\": {{\"s\": \"{body}\"}}}}]"),
+        ),
+    ];
+    for (name, text) in outputs {
+        let start = std::time::Instant::now();
+        let mut p = name.parser();
+        let mut out = ToolDelta::default();
+        for chunk in text.as_bytes().chunks(4) {
+            out.append(p.push(std::str::from_utf8(chunk).unwrap()));
+        }
+        out.append(p.finish());
+        assert_eq!(out.calls.len(), 1, "{name:?}");
+        assert_eq!(out.calls[0].arguments.len(), body.len() + 9, "{name:?}");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(2),
+            "{name:?}: {:?}",
+            start.elapsed()
+        );
+    }
+}
