@@ -92,12 +92,12 @@ fn check_rust() -> Check {
                 Some(v)
                     if v < (CudaVersion {
                         major: 1,
-                        minor: 85,
+                        minor: 87,
                     }) =>
                 {
                     fail(
                         "rust",
-                        format!("{text}: rvllm needs Rust 1.85 or newer"),
+                        format!("{text}: rvllm needs Rust 1.87 or newer (llguidance, the structured-output engine, does)"),
                         "rustup update stable",
                     )
                 }
