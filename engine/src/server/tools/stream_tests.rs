@@ -207,7 +207,8 @@ fn random_outputs_of_call_pieces_stream_like_the_whole() {
             .wrapping_add(1442695040888963407);
         ((seed >> 33) as usize) % n
     };
-    let parsers: Vec<(&str, fn() -> Box<dyn super::ToolCallParser>)> = vec![
+    type MakeParser = fn() -> Box<dyn super::ToolCallParser>;
+    let parsers: Vec<(&str, MakeParser)> = vec![
         ("hermes", || ToolParserName::Hermes.parser()),
         ("llama3_json", || ToolParserName::Llama3Json.parser()),
         ("mistral", || ToolParserName::Mistral.parser()),
