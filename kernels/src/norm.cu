@@ -8,6 +8,15 @@
 //       The norm is taken of the bf16-rounded sum, i.e. of exactly what the next layer's
 //       residual holds, so that the fused and unfused paths agree bit for bit.
 //   grid (num_tokens), block 256 (any multiple of 32 up to 1024 works).
+//   head_rms_norm_bf16(out, x, q_weight, k_weight, eps, num_tokens, row_stride,
+//                      num_q_heads, num_kv_heads, head_dim)
+//       Per-head RMSNorm of the q and k parts of fused qkv rows (Qwen3, Gemma 3; before RoPE):
+//       head h < num_q_heads of row t (columns h * head_dim .. of the row) is normalized over
+//       its head_dim values and scaled by q_weight, the num_kv_heads heads after it by
+//       k_weight. Gemma's (1 + w) is folded into the weights at load. The v part is neither
+//       read nor written. `out` may be `x` (the engine runs it in place): each lane reads and
+//       writes only its own elements. grid (num_tokens, ceil(heads / warps a block)), a warp a
+//       head; head_dim <= 256 stays in registers, larger heads are read twice.
 //
 // At decode these run once per token per layer, so their latency matters more than their
 // bandwidth: rows with hidden % 8 == 0 and hidden <= 8 * 4 * blockDim (8192 at 256 threads)
@@ -131,5 +140,48 @@ extern "C" __global__ void DT(fused_add_rms_norm_bf16, fused_add_rms_norm_f16)(
     const float inv = rsqrtf(ss / (float)hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         o[i] = from_f32(to_f32(res[i]) * inv * to_f32(weight[i]));
+    }
+}
+
+extern "C" __global__ void DT(head_rms_norm_bf16, head_rms_norm_f16)(
+    elem_t* out, const elem_t* x, const elem_t* __restrict__ q_weight,
+    const elem_t* __restrict__ k_weight, float eps, int num_tokens, int row_stride,
+    int num_q_heads, int num_kv_heads, int head_dim) {
+    pdl_enter();
+    constexpr int kPerLane = 8;  // head_dim <= 256 in registers
+    const int t = blockIdx.x;
+    const int lane = threadIdx.x & 31;
+    const int head = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    // Whole warps leave together, so the warp reduction below sees all 32 lanes.
+    if (t >= num_tokens || head >= num_q_heads + num_kv_heads) return;
+    const elem_t* w = head < num_q_heads ? q_weight : k_weight;
+    const int64_t base = (int64_t)t * row_stride + (int64_t)head * head_dim;
+    const elem_t* src = x + base;
+    elem_t* dst = out + base;
+    if (head_dim <= 32 * kPerLane) {
+        float v[kPerLane];
+        float ss = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kPerLane; ++c) {
+            const int i = lane + 32 * c;
+            v[c] = i < head_dim ? to_f32(src[i]) : 0.0f;
+            ss += v[c] * v[c];
+        }
+        const float inv = rsqrtf(warp_sum(ss) / (float)head_dim + eps);
+#pragma unroll
+        for (int c = 0; c < kPerLane; ++c) {
+            const int i = lane + 32 * c;
+            if (i < head_dim) dst[i] = from_f32(v[c] * inv * to_f32(w[i]));
+        }
+        return;
+    }
+    float ss = 0.0f;
+    for (int i = lane; i < head_dim; i += 32) {
+        const float v = to_f32(src[i]);
+        ss += v * v;
+    }
+    const float inv = rsqrtf(warp_sum(ss) / (float)head_dim + eps);
+    for (int i = lane; i < head_dim; i += 32) {
+        dst[i] = from_f32(to_f32(src[i]) * inv * to_f32(w[i]));
     }
 }

@@ -75,6 +75,39 @@ pub fn fused_add_rms_norm(residual: &mut [f32], x: &[f32], weight: &[f32], eps: 
     rms_norm(residual, weight, eps)
 }
 
+/// Per-head RMSNorm of the q and k parts of rows `stride` apart, in place: each of the first
+/// `num_q_heads` heads (of `q_weight.len()` values) is normalized and scaled by `q_weight`,
+/// the `num_kv_heads` after it by `k_weight`; the rest of each row (v) is left as it is.
+pub fn head_rms_norm(
+    x: &mut [f32],
+    stride: usize,
+    num_q_heads: usize,
+    num_kv_heads: usize,
+    q_weight: &[f32],
+    k_weight: &[f32],
+    eps: f32,
+) {
+    let hd = q_weight.len();
+    assert_eq!(k_weight.len(), hd, "q and k norm weights differ in length");
+    assert!(
+        (num_q_heads + num_kv_heads) * hd <= stride,
+        "heads overrun the row"
+    );
+    for row in x.chunks_exact_mut(stride) {
+        for (h, head) in row[..(num_q_heads + num_kv_heads) * hd]
+            .chunks_exact_mut(hd)
+            .enumerate()
+        {
+            let w = if h < num_q_heads { q_weight } else { k_weight };
+            let ss: f32 = head.iter().map(|v| v * v).sum();
+            let inv = 1.0 / (ss / hd as f32 + eps).sqrt();
+            for (v, &g) in head.iter_mut().zip(w) {
+                *v = *v * inv * g;
+            }
+        }
+    }
+}
+
 /// Applies rotate-half RoPE in place to `num_heads` heads at the start of each row of `x`
 /// (rows `stride` apart), token `t` at position `positions[t]`.
 pub fn rope_inplace(
@@ -147,6 +180,29 @@ pub fn silu_and_mul(input: &[f32], inter: usize) -> Vec<f32> {
         );
     }
     out
+}
+
+/// GELU with the tanh approximation (PyTorch's `gelu(x, approximate="tanh")`, HF's
+/// `gelu_pytorch_tanh`).
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// `in` is `[T, 2 * inter]` (gate, then up); returns `gelu_tanh(gate) * up`, `[T, inter]`
+/// (GeGLU, Gemma).
+pub fn gelu_tanh_and_mul(input: &[f32], inter: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(input.len() / 2);
+    for row in input.chunks_exact(2 * inter) {
+        let (gate, up) = row.split_at(inter);
+        out.extend(gate.iter().zip(up).map(|(&g, &u)| gelu_tanh(g) * u));
+    }
+    out
+}
+
+/// `cap * tanh(x / cap)`: Gemma's soft-cap of attention scores and of final logits.
+pub fn softcap(x: f32, cap: f32) -> f32 {
+    cap * (x / cap).tanh()
 }
 
 /// A paged KV cache of one layer, as the attention kernels see it.

