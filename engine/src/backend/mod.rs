@@ -33,6 +33,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod gpu_support;
+pub mod parallel;
 
 /// Geometry of the paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,6 +377,17 @@ pub trait Backend: Send + Sized + 'static {
 
     /// `acc += x`, elementwise.
     fn add_inplace(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
+
+    /// Tensor parallelism: `x` (its current rows) becomes the sum of every rank's `x`, through
+    /// the communicator of the rank this backend serves (`parallel::Communicator`). Called
+    /// after each row-parallel projection of a sharded model only.
+    fn all_reduce_sum(&self, x: &mut Self::Tensor) -> Result<()> {
+        let _ = x;
+        anyhow::bail!(
+            "tensor parallelism (an all-reduce) is not implemented on {}",
+            self.device_name()
+        )
+    }
 
     /// A pre-norm block's input side: `normed = rms_norm(x) * norm_weight`, then
     /// `out = normed @ w^T (+ bias)`. A backend may fuse the two (and then need not fill

@@ -30,6 +30,11 @@ pub struct EngineArgs {
     /// for `serve`; else 8192.
     #[arg(long)]
     pub max_num_batched_tokens: Option<usize>,
+    /// Ranks to split the model over, Megatron-style (vLLM's flag): on `--device cpu` the
+    /// ranks are threads of this process; the CUDA backend runs one GPU until its NCCL path
+    /// exists and refuses more.
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel_size: usize,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -126,6 +131,7 @@ impl Default for EngineArgs {
             max_model_len: None,
             max_num_seqs: None,
             max_num_batched_tokens: None,
+            tensor_parallel_size: 1,
             block_size: 16,
             gpu_memory_utilization: 0.9,
             cpu_kv_cache_gb: 2.0,

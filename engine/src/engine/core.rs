@@ -46,6 +46,22 @@ pub fn resolve_device(requested: &str) -> Result<Device> {
     }
 }
 
+/// `--tensor-parallel-size`: any size on the CPU (the model checks that it divides the
+/// heads and the MLP when it loads); the CUDA backend has no NCCL path yet.
+fn check_tensor_parallel(tp: usize, device: Device) -> Result<()> {
+    if tp == 0 {
+        bail!("--tensor-parallel-size must be at least 1");
+    }
+    if tp > 1 && device == Device::Cuda {
+        bail!(
+            "--tensor-parallel-size {tp}: the CUDA backend runs a model on one GPU until its \
+             NCCL path exists (issue 22); pass --tensor-parallel-size 1, or --device cpu to \
+             split the model over {tp} CPU ranks"
+        );
+    }
+    Ok(())
+}
+
 /// The step limits: the flags, or vLLM's defaults for this device and usage (said on stderr
 /// when they differ from the small-device ones, so that a larger default is never a surprise).
 fn batch_limits(args: &EngineArgs, device: Device) -> Result<BatchLimits> {
@@ -140,6 +156,7 @@ impl EngineCore {
         let device = resolve_device(&args.device)?;
         // A --dtype the device cannot run fails before the model loads.
         crate::backend::dtype::check_dtype(&args.dtype, device)?;
+        check_tensor_parallel(args.tensor_parallel_size, device)?;
         let load_format = match args.load_format.as_str() {
             "auto" | "safetensors" | "gguf" => LoadFormat::Auto,
             "dummy" => LoadFormat::Dummy,
@@ -165,6 +182,7 @@ impl EngineCore {
             kv_cache_bytes: (args.cpu_kv_cache_gb as f64 * (1u64 << 30) as f64) as usize,
             max_num_batched_tokens: limits.max_num_batched_tokens,
             max_num_seqs: limits.max_num_seqs,
+            tensor_parallel_size: args.tensor_parallel_size,
         };
         // The CPU runner applies grammar masks; the CUDA runner has no mask yet and refuses.
         let structured: StructuredSupport = match device {

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::config::{MlpActivation, ModelConfig};
 use super::spec::DecoderSpec;
 use super::weights::{DType, HostData, HostTensor, WeightMap};
+use crate::backend::parallel::{check_divisible, TpShard};
 use crate::backend::{Activation, Backend, ForwardBatch, MoeScratch};
 
 /// Rows pushed through the LM head at once: bounds the logits buffer when many rows are
@@ -39,8 +40,11 @@ struct LlamaLayer<B: Backend> {
 }
 
 pub struct LlamaModel<B: Backend> {
+    /// This rank's dimensions (`rank_config`): the whole model's for a single rank.
     config: ModelConfig,
     spec: DecoderSpec,
+    /// Which rank of a tensor-parallel group this is (`TpShard::whole()` alone).
+    shard: TpShard,
     embed: B::Weight,
     /// None: tied to the embedding table.
     lm_head: Option<B::Weight>,
@@ -207,6 +211,74 @@ pub(super) fn concat_rows(name: &str, parts: Vec<HostTensor>) -> Result<HostTens
     Ok(HostTensor { shape, data })
 }
 
+/// How a rank's part of a host tensor is cut from the whole.
+type Part<'a> = dyn Fn(&TpShard, &HostTensor) -> Result<HostTensor> + 'a;
+
+/// Rank `sh`'s part of `t`; a single rank takes `t` itself (moved, never copied).
+fn part_of(t: &mut Option<HostTensor>, sh: &TpShard, part: &Part) -> Result<HostTensor> {
+    if sh.is_whole() {
+        return t.take().context("a tensor was handed out twice");
+    }
+    part(sh, t.as_ref().context("a tensor was handed out already")?)
+}
+
+/// The dimensions one rank of `tp` runs: its query heads, KV heads (one when they are
+/// replicated), MLP width and experts' width. Hidden size, vocabulary and everything else
+/// stay whole.
+pub fn rank_config(c: &ModelConfig, tp: usize) -> ModelConfig {
+    let mut local = c.clone();
+    if tp > 1 {
+        local.num_attention_heads /= tp;
+        local.num_key_value_heads = (c.num_key_value_heads / tp).max(1);
+        local.intermediate_size /= tp;
+        if let Some(m) = local.family.moe.as_mut() {
+            m.intermediate_size /= tp;
+        }
+    }
+    local
+}
+
+/// One layer's uploads, one entry a rank, handed out last rank first.
+struct RankParts<B: Backend> {
+    input_norm: Vec<B::Vector>,
+    qkv: Vec<B::Weight>,
+    qkv_bias: Option<Vec<B::Vector>>,
+    q_norm: Option<Vec<B::Vector>>,
+    k_norm: Option<Vec<B::Vector>>,
+    o_proj: Vec<B::Weight>,
+    attn_out_norm: Option<Vec<B::Vector>>,
+    mlp_norm: Vec<B::Vector>,
+    mlp_out_norm: Option<Vec<B::Vector>>,
+    gate_up: Vec<B::Weight>,
+    down: Vec<B::Weight>,
+    router: Option<Vec<B::Weight>>,
+}
+
+impl<B: Backend> RankParts<B> {
+    fn pop(&mut self) -> Result<LlamaLayer<B>> {
+        fn one<T>(v: &mut Vec<T>) -> Result<T> {
+            v.pop().context("a layer has fewer parts than ranks")
+        }
+        fn maybe<T>(v: &mut Option<Vec<T>>) -> Result<Option<T>> {
+            v.as_mut().map(one).transpose()
+        }
+        Ok(LlamaLayer {
+            input_norm: one(&mut self.input_norm)?,
+            qkv: one(&mut self.qkv)?,
+            qkv_bias: maybe(&mut self.qkv_bias)?,
+            q_norm: maybe(&mut self.q_norm)?,
+            k_norm: maybe(&mut self.k_norm)?,
+            o_proj: one(&mut self.o_proj)?,
+            attn_out_norm: maybe(&mut self.attn_out_norm)?,
+            mlp_norm: one(&mut self.mlp_norm)?,
+            mlp_out_norm: maybe(&mut self.mlp_out_norm)?,
+            gate_up: one(&mut self.gate_up)?,
+            down: one(&mut self.down)?,
+            router: maybe(&mut self.router)?,
+        })
+    }
+}
+
 impl<B: Backend> LlamaModel<B> {
     /// Builds the model on `be` from the files' weights, or (None) from deterministic random
     /// weights (seed 0).
@@ -220,7 +292,23 @@ impl<B: Backend> LlamaModel<B> {
         weights: Option<WeightMap>,
         seed: u64,
     ) -> Result<Self> {
+        let mut ranks = Self::load_ranks(std::slice::from_ref(be), config, weights, seed)?;
+        ranks.pop().context("loading produced no model")
+    }
+
+    /// One model a backend: with several, the ranks of a tensor-parallel group, rank i on
+    /// `bes[i]` (whose backend must reduce through rank i's communicator). Each rank holds its
+    /// query heads and KV heads (KV heads replicated when fewer than the ranks), its slice of
+    /// the MLP (and of every expert's), the matching columns of O and down; the embedding, the
+    /// norms, the router and the LM head are replicated (the logits are whole on every rank).
+    pub fn load_ranks(
+        bes: &[B],
+        config: &ModelConfig,
+        weights: Option<WeightMap>,
+        seed: u64,
+    ) -> Result<Vec<Self>> {
         let c = config;
+        let tp = bes.len();
         ensure!(
             c.num_key_value_heads > 0 && c.num_attention_heads % c.num_key_value_heads == 0,
             "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
@@ -232,9 +320,22 @@ impl<B: Backend> LlamaModel<B> {
             "head_dim ({}) must be even and non-zero",
             c.head_dim
         );
-        let spec = DecoderSpec::new(c);
+        check_divisible(
+            tp,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.intermediate_size,
+            c.family.moe.as_ref().map(|m| m.intermediate_size),
+        )?;
+        // The files' shapes come from the whole model; each rank runs its own part.
+        let file_spec = DecoderSpec::new(c);
+        let local = rank_config(c, tp);
+        let spec = DecoderSpec::new(&local);
         // Refused before a single weight is read or uploaded.
-        be.check_decoder(&spec, c.context_len())?;
+        for be in bes {
+            be.check_decoder(&spec, c.context_len())?;
+        }
+        let shards: Vec<TpShard> = (0..tp).map(|rank| TpShard { rank, size: tp }).collect();
         let (h, q, kv, inter, vocab) = (
             c.hidden_size,
             c.q_size(),
@@ -242,6 +343,7 @@ impl<B: Backend> LlamaModel<B> {
             c.intermediate_size,
             c.vocab_size,
         );
+        let (heads, kv_heads, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let lm_head_in_files = weights
             .as_ref()
             .is_some_and(|m| m.contains("lm_head.weight"));
@@ -249,7 +351,7 @@ impl<B: Backend> LlamaModel<B> {
         let mut src = WeightSource { map: weights, seed };
         // Gemma's norms scale by 1 + w: the 1 is added once here, in f32.
         let plus_one = spec.norm_plus_one;
-        let norm = |src: &mut WeightSource, name: &str, len: usize| -> Result<B::Vector> {
+        let norm = |src: &mut WeightSource, name: &str, len: usize| -> Result<HostTensor> {
             let mut t = src.take(name, &[len])?;
             if plus_one {
                 let data = t.to_f32().into_iter().map(|w| w + 1.0).collect();
@@ -258,13 +360,33 @@ impl<B: Backend> LlamaModel<B> {
                     data: HostData::F32(data),
                 };
             }
-            be.upload_vector(name, t)
+            Ok(t)
         };
+        // Each rank's upload of its part of `t` (`t` itself, moved, for a single rank).
+        let weights_of = |name: &str, t: HostTensor, part: &Part| -> Result<Vec<B::Weight>> {
+            let mut t = Some(t);
+            bes.iter()
+                .zip(&shards)
+                .map(|(be, sh)| be.upload_weight(name, part_of(&mut t, sh, part)?))
+                .collect()
+        };
+        let vectors_of = |name: &str, t: HostTensor, part: &Part| -> Result<Vec<B::Vector>> {
+            let mut t = Some(t);
+            bes.iter()
+                .zip(&shards)
+                .map(|(be, sh)| be.upload_vector(name, part_of(&mut t, sh, part)?))
+                .collect()
+        };
+        let whole: &Part = &|_, t| Ok(t.clone());
+        let qkv_part: &Part = &|sh, t| sh.qkv(t, heads, kv_heads, d);
+        let o_part: &Part = &|sh, t| sh.columns(t, heads, d);
 
         let embed_name = "model.embed_tokens.weight";
-        let embed = be.upload_weight(embed_name, src.take(embed_name, &[vocab, h])?)?;
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for (i, ls) in spec.layers.iter().enumerate() {
+        let mut embed = weights_of(embed_name, src.take(embed_name, &[vocab, h])?, whole)?;
+        let mut layers: Vec<Vec<LlamaLayer<B>>> = (0..tp)
+            .map(|_| Vec::with_capacity(c.num_hidden_layers))
+            .collect();
+        for (i, ls) in file_spec.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let n = |s: &str| format!("{p}.{s}");
             let input_norm = norm(&mut src, &n("input_layernorm.weight"), h)?;
@@ -302,6 +424,10 @@ impl<B: Backend> LlamaModel<B> {
             };
             let o_proj = src.take(&n("self_attn.o_proj.weight"), &[h, q])?;
             let post_attn = norm(&mut src, &n("post_attention_layernorm.weight"), h)?;
+            let mlp_norm_name = match ls.sandwich_norms {
+                true => "pre_feedforward_layernorm.weight",
+                false => "post_attention_layernorm.weight",
+            };
             let (attn_out_norm, mlp_norm, mlp_out_norm) = if ls.sandwich_norms {
                 (
                     Some(post_attn),
@@ -312,11 +438,16 @@ impl<B: Backend> LlamaModel<B> {
                 (None, post_attn, None)
             };
             let (mut router, mut experts_down) = (None, None);
+            // The MLP's width and how many [gate | up] blocks it stacks (one a expert).
+            let (mlp_inter, mlp_blocks) = match &ls.moe {
+                Some(m) => (m.intermediate_size, m.num_experts),
+                None => (inter, 1),
+            };
             let gate_up = if let Some(m) = &ls.moe {
                 let [r, gate_up, down] =
                     super::moe::stacked_experts(c, i, m, |name, shape| src.take(name, shape))?;
                 let router_name = super::moe::router_name(c.architecture, i);
-                router = Some(be.upload_weight(&router_name, r)?);
+                router = Some(weights_of(&router_name, r, whole)?);
                 experts_down = Some(down);
                 gate_up
             } else if spec.fused_projections {
@@ -334,60 +465,90 @@ impl<B: Backend> LlamaModel<B> {
                 Some(d) => d,
                 None => src.take(&n("mlp.down_proj.weight"), &[h, inter])?,
             };
-            layers.push(LlamaLayer {
-                input_norm,
-                qkv: be.upload_weight(&n("self_attn.qkv"), qkv)?,
-                qkv_bias: qkv_bias
-                    .map(|b| be.upload_vector(&n("self_attn.qkv_bias"), b))
-                    .transpose()?,
-                q_norm,
-                k_norm,
-                o_proj: be.upload_weight(&n("self_attn.o_proj.weight"), o_proj)?,
-                attn_out_norm,
-                mlp_norm,
-                mlp_out_norm,
-                gate_up: be.upload_weight(&n("mlp.gate_up"), gate_up)?,
-                down: be.upload_weight(&n("mlp.down_proj.weight"), down)?,
+            let gate_up_part: &Part = &|sh, t| sh.gate_up(t, mlp_inter, mlp_blocks);
+            let down_part: &Part = &|sh, t| sh.columns(t, mlp_inter, 1);
+            let vectors = |name: &str, t: Option<HostTensor>, part: &Part| {
+                t.map(|t| vectors_of(name, t, part)).transpose()
+            };
+            let mut ranks = RankParts {
+                input_norm: vectors_of(&n("input_layernorm.weight"), input_norm, whole)?,
+                qkv: weights_of(&n("self_attn.qkv"), qkv, qkv_part)?,
+                qkv_bias: vectors(&n("self_attn.qkv_bias"), qkv_bias, qkv_part)?,
+                q_norm: vectors(&n("self_attn.q_norm.weight"), q_norm, whole)?,
+                k_norm: vectors(&n("self_attn.k_norm.weight"), k_norm, whole)?,
+                o_proj: weights_of(&n("self_attn.o_proj.weight"), o_proj, o_part)?,
+                attn_out_norm: vectors(
+                    &n("post_attention_layernorm.weight"),
+                    attn_out_norm,
+                    whole,
+                )?,
+                mlp_norm: vectors_of(&n(mlp_norm_name), mlp_norm, whole)?,
+                mlp_out_norm: vectors(
+                    &n("post_feedforward_layernorm.weight"),
+                    mlp_out_norm,
+                    whole,
+                )?,
+                gate_up: weights_of(&n("mlp.gate_up"), gate_up, gate_up_part)?,
+                down: weights_of(&n("mlp.down_proj.weight"), down, down_part)?,
                 router,
-            });
+            };
+            // Hand each rank its parts, last rank first (`pop`).
+            for rank_layers in layers.iter_mut().rev() {
+                rank_layers.push(ranks.pop()?);
+            }
         }
-        let final_norm = norm(&mut src, "model.norm.weight", h)?;
-        let lm_head = if tied {
+        let mut final_norm = vectors_of(
+            "model.norm.weight",
+            norm(&mut src, "model.norm.weight", h)?,
+            whole,
+        )?;
+        let mut lm_head = if tied {
             None
         } else {
-            Some(be.upload_weight("lm_head.weight", src.take("lm_head.weight", &[vocab, h])?)?)
+            Some(weights_of(
+                "lm_head.weight",
+                src.take("lm_head.weight", &[vocab, h])?,
+                whole,
+            )?)
         };
         let ropes = if spec.has_local_rope() {
             vec![c.rope(false), c.rope(true)]
         } else {
             vec![c.rope(false)]
         };
-        let inv_freq = ropes
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                be.upload_vector(
-                    if i == 0 {
-                        "rope_inv_freq"
-                    } else {
-                        "rope_local_inv_freq"
-                    },
-                    HostTensor {
-                        shape: vec![r.inv_freq.len()],
-                        data: HostData::F32(r.inv_freq),
-                    },
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            config: c.clone(),
-            spec,
-            embed,
-            lm_head,
-            layers,
-            final_norm,
-            inv_freq,
-        })
+        let mut inv_freq: Vec<Vec<B::Vector>> = (0..tp).map(|_| Vec::new()).collect();
+        for (i, r) in ropes.into_iter().enumerate() {
+            let name = if i == 0 {
+                "rope_inv_freq"
+            } else {
+                "rope_local_inv_freq"
+            };
+            let t = HostTensor {
+                shape: vec![r.inv_freq.len()],
+                data: HostData::F32(r.inv_freq),
+            };
+            for (rank, v) in vectors_of(name, t, whole)?.into_iter().enumerate() {
+                inv_freq[rank].push(v);
+            }
+        }
+        let mut models = Vec::with_capacity(tp);
+        for (rank, layers) in layers.into_iter().enumerate().rev() {
+            models.push(Self {
+                config: local.clone(),
+                spec: spec.clone(),
+                shard: shards[rank],
+                embed: embed.pop().context("an embedding a rank")?,
+                lm_head: match lm_head.as_mut() {
+                    Some(v) => Some(v.pop().context("an LM head a rank")?),
+                    None => None,
+                },
+                layers,
+                final_norm: final_norm.pop().context("a final norm a rank")?,
+                inv_freq: std::mem::take(&mut inv_freq[rank]),
+            });
+        }
+        models.reverse();
+        Ok(models)
     }
 
     /// The decoder's per-layer description.
@@ -437,9 +598,11 @@ impl<B: Backend> LlamaModel<B> {
                 &mut ws.attn,
             )?;
             match &l.attn_out_norm {
-                None => be.linear_add(&ws.attn, &l.o_proj, &mut ws.residual, &mut ws.proj)?,
+                None => {
+                    self.row_parallel_add(be, &ws.attn, &l.o_proj, &mut ws.residual, &mut ws.proj)?
+                }
                 Some(w) => {
-                    be.linear(&ws.attn, &l.o_proj, None, &mut ws.proj)?;
+                    self.row_parallel(be, &ws.attn, &l.o_proj, &mut ws.proj)?;
                     be.rms_norm(&ws.proj, w, eps, &mut ws.normed)?;
                     be.add_inplace(&mut ws.residual, &ws.normed)?;
                 }
@@ -459,6 +622,10 @@ impl<B: Backend> LlamaModel<B> {
                     scratch,
                     &mut ws.proj,
                 )?;
+                // Each rank's experts hold a slice of every expert's MLP: partial sums.
+                if !self.shard.is_whole() {
+                    be.all_reduce_sum(&mut ws.proj)?;
+                }
                 match &l.mlp_out_norm {
                     None => be.add_inplace(&mut ws.residual, &ws.proj)?,
                     Some(w) => {
@@ -478,7 +645,7 @@ impl<B: Backend> LlamaModel<B> {
                 &mut ws.gate_up,
             )?;
             match (ls.activation, &l.mlp_out_norm) {
-                (MlpActivation::Silu, None) => be.silu_mul_linear_add(
+                (MlpActivation::Silu, None) if self.shard.is_whole() => be.silu_mul_linear_add(
                     &ws.gate_up,
                     &l.down,
                     &mut ws.act,
@@ -493,9 +660,15 @@ impl<B: Backend> LlamaModel<B> {
                         }
                     }
                     match out_norm {
-                        None => be.linear_add(&ws.act, &l.down, &mut ws.residual, &mut ws.proj)?,
+                        None => self.row_parallel_add(
+                            be,
+                            &ws.act,
+                            &l.down,
+                            &mut ws.residual,
+                            &mut ws.proj,
+                        )?,
                         Some(w) => {
-                            be.linear(&ws.act, &l.down, None, &mut ws.proj)?;
+                            self.row_parallel(be, &ws.act, &l.down, &mut ws.proj)?;
                             be.rms_norm(&ws.proj, w, eps, &mut ws.normed)?;
                             be.add_inplace(&mut ws.residual, &ws.normed)?;
                         }
@@ -505,6 +678,43 @@ impl<B: Backend> LlamaModel<B> {
         }
         be.rms_norm(&ws.residual, &self.final_norm, eps, &mut ws.normed)?;
         Ok(())
+    }
+
+    /// `out = x @ w^T` for a row-parallel projection (O, down): on a rank of a group, `x` and
+    /// `w` hold the rank's slice of the inner dimension, so the ranks' products are summed.
+    fn row_parallel(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        w: &B::Weight,
+        out: &mut B::Tensor,
+    ) -> Result<()> {
+        be.linear(x, w, None, out)?;
+        if !self.shard.is_whole() {
+            be.all_reduce_sum(out)?;
+        }
+        Ok(())
+    }
+
+    /// `residual += x @ w^T` for a row-parallel projection (fused on a single rank).
+    fn row_parallel_add(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        w: &B::Weight,
+        residual: &mut B::Tensor,
+        scratch: &mut B::Tensor,
+    ) -> Result<()> {
+        if self.shard.is_whole() {
+            return be.linear_add(x, w, residual, scratch);
+        }
+        self.row_parallel(be, x, w, scratch)?;
+        be.add_inplace(residual, scratch)
+    }
+
+    /// Which rank of a tensor-parallel group this model is.
+    pub fn shard(&self) -> TpShard {
+        self.shard
     }
 
     /// The LM head matrix (the embedding table when tied).
@@ -533,6 +743,27 @@ impl<B: Backend> LlamaModel<B> {
         Ok(logits)
     }
 
+    /// The body of a step from its batch (checked, uploaded, the workspace grown to fit),
+    /// leaving the final hidden states in `ws`: what a rank that computes no logits runs.
+    pub fn forward_body(
+        &self,
+        be: &B,
+        batch: &ForwardBatch,
+        kv: &mut B::KvCache,
+        ws: &mut Workspace<B>,
+    ) -> Result<B::StepMeta> {
+        let c = &self.config;
+        batch
+            .validate(&be.kv_cache_shape(kv), c.vocab_size)
+            .context("invalid forward batch")?;
+        if batch.num_tokens() > ws.capacity {
+            *ws = Workspace::new(be, c, batch.num_tokens())?;
+        }
+        let step = be.upload_step(batch)?;
+        self.forward_hidden(be, &step, kv, ws)?;
+        Ok(step)
+    }
+
     /// Like `forward`, but hands the host logits to `consume` a few rows at a time
     /// (`consume(first_row, rows x vocab)`, rows in `logits_rows` order), so that prompt
     /// logprobs over a long prefill never hold every row's logits at once.
@@ -544,15 +775,7 @@ impl<B: Backend> LlamaModel<B> {
         ws: &mut Workspace<B>,
         mut consume: impl FnMut(usize, &mut [f32]) -> Result<()>,
     ) -> Result<()> {
-        let c = &self.config;
-        batch
-            .validate(&be.kv_cache_shape(kv), c.vocab_size)
-            .context("invalid forward batch")?;
-        if batch.num_tokens() > ws.capacity {
-            *ws = Workspace::new(be, c, batch.num_tokens())?;
-        }
-        let step = be.upload_step(batch)?;
-        self.forward_hidden(be, &step, kv, ws)?;
+        let step = self.forward_body(be, batch, kv, ws)?;
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let rows = batch.logits_rows.len();
         let chunk = ws.gathered.capacity_rows().max(1);

@@ -14,6 +14,7 @@ use crate::scheduler::{ModelRunnerOutput, SchedulerOutput};
 mod batch;
 pub mod gpu;
 mod model_runner;
+mod tensor_parallel;
 #[cfg(test)]
 mod tests;
 
@@ -64,6 +65,9 @@ pub struct RunnerConfig {
     pub kv_cache_bytes: usize,
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
+    /// Ranks the model is split over (`--tensor-parallel-size`); above 1 on the CPU only,
+    /// ranks as threads of this process (`tensor_parallel.rs`).
+    pub tensor_parallel_size: usize,
 }
 
 impl Default for RunnerConfig {
@@ -74,6 +78,7 @@ impl Default for RunnerConfig {
             kv_cache_bytes: 2 << 30,
             max_num_batched_tokens: 8192,
             max_num_seqs: 256,
+            tensor_parallel_size: 1,
         }
     }
 }
@@ -129,12 +134,17 @@ fn cpu_executor(
     cfg: &RunnerConfig,
     structured: StructuredSupport,
 ) -> Result<Box<dyn Executor>> {
-    let blocks = kv_blocks_for(config, cfg, std::mem::size_of::<f32>())?;
-    let backend =
-        CpuBackend::new().with_kv_cache_fp8(config.family.quant.kv_cache_fp8_scales.clone());
-    let runner =
-        ModelRunner::new(backend, config, weights, cfg, blocks)?.with_structured(structured);
-    Ok(Box::new(CpuExecutor::spawn(runner)?))
+    let kv_fp8 = config.family.quant.kv_cache_fp8_scales.clone();
+    let runner = if cfg.tensor_parallel_size > 1 {
+        tensor_parallel::tp_model_runner(config, weights, cfg, kv_fp8)?
+    } else {
+        let blocks = kv_blocks_for(config, cfg, std::mem::size_of::<f32>())?;
+        let backend = CpuBackend::new().with_kv_cache_fp8(kv_fp8);
+        ModelRunner::new(backend, config, weights, cfg, blocks)?
+    };
+    Ok(Box::new(CpuExecutor::spawn(
+        runner.with_structured(structured),
+    )?))
 }
 
 /// Runs the steps on a thread of its own, in order, so that the engine schedules the next
@@ -158,6 +168,9 @@ impl CpuExecutor {
             runner.block_size(),
             runner.device_name(),
         );
+        // A rank blocked at an all-reduce must not hold one of rayon's workers, which the
+        // other ranks' ops need: the ranks of a group run outside the pool.
+        let in_pool = runner.tensor_parallel_size() == 1;
         let (step_tx, step_rx) = mpsc::channel::<SchedulerOutput>();
         let (out_tx, out_rx) = mpsc::channel();
         let worker = std::thread::Builder::new()
@@ -166,15 +179,17 @@ impl CpuExecutor {
                 for so in step_rx {
                     // A panic is a bug, but it must reach the caller as an error, not end the
                     // thread and leave the engine waiting.
-                    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        rayon::scope(|_| runner.run_step(&so))
-                    }))
-                    .unwrap_or_else(|panic| {
-                        Err(anyhow!(
-                            "the CPU model runner panicked: {}",
-                            panic_message(&panic)
-                        ))
-                    });
+                    let out =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match in_pool {
+                            true => rayon::scope(|_| runner.run_step(&so)),
+                            false => runner.run_step(&so),
+                        }))
+                        .unwrap_or_else(|panic| {
+                            Err(anyhow!(
+                                "the CPU model runner panicked: {}",
+                                panic_message(&panic)
+                            ))
+                        });
                     if out_tx.send(out).is_err() {
                         return;
                     }
@@ -192,7 +207,7 @@ impl CpuExecutor {
     }
 }
 
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+pub(super) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -40,6 +40,14 @@ pub struct ModelRunner<B: Backend> {
     last_sampled: HashMap<RequestId, u32>,
     /// Compiles the grammars of constrained requests (structured output).
     structured: StructuredSupport,
+    /// Tensor parallelism: the other ranks of the group, which run every forward with this
+    /// one (rank 0); None for a single rank.
+    peers: Option<super::tensor_parallel::TpPeers>,
+}
+
+/// Workspace rows a runner starts with (see `INITIAL_WORKSPACE_ROWS`).
+pub(super) fn initial_rows(cfg: &RunnerConfig) -> usize {
+    cfg.max_num_batched_tokens.clamp(1, INITIAL_WORKSPACE_ROWS)
 }
 
 impl<B: Backend> ModelRunner<B> {
@@ -52,18 +60,23 @@ impl<B: Backend> ModelRunner<B> {
         num_kv_blocks: usize,
     ) -> Result<Self> {
         let model = LlamaModel::load(&backend, config, weights).context("building the model")?;
-        let kv_shape = KvCacheShape {
-            num_layers: config.num_hidden_layers,
-            num_blocks: num_kv_blocks,
-            block_size: cfg.block_size,
-            num_kv_heads: config.num_key_value_heads,
-            head_dim: config.head_dim,
-        };
+        Self::from_model(backend, model, cfg, num_kv_blocks)
+    }
+
+    /// A runner for a model already loaded onto `backend` (one rank's part, for a rank of a
+    /// tensor-parallel group: the KV cache holds that rank's KV heads).
+    pub fn from_model(
+        backend: B,
+        model: LlamaModel<B>,
+        cfg: &RunnerConfig,
+        num_kv_blocks: usize,
+    ) -> Result<Self> {
+        let kv_shape = super::tensor_parallel::kv_shape(model.config(), cfg, num_kv_blocks);
         let kv = backend
             .alloc_kv_cache(kv_shape)
             .context("allocating the KV cache")?;
-        let rows = cfg.max_num_batched_tokens.clamp(1, INITIAL_WORKSPACE_ROWS);
-        let ws = Workspace::new(&backend, config, rows).context("allocating activations")?;
+        let ws = Workspace::new(&backend, model.config(), initial_rows(cfg))
+            .context("allocating activations")?;
         Ok(Self {
             backend,
             model,
@@ -73,7 +86,19 @@ impl<B: Backend> ModelRunner<B> {
             requests: HashMap::new(),
             last_sampled: HashMap::new(),
             structured: StructuredSupport::refused("no structured output was set up"),
+            peers: None,
         })
+    }
+
+    /// This runner is rank 0 of a tensor-parallel group whose other ranks are `peers`.
+    pub(super) fn with_peers(mut self, peers: super::tensor_parallel::TpPeers) -> Self {
+        self.peers = Some(peers);
+        self
+    }
+
+    /// Ranks that run each step (1 without tensor parallelism).
+    pub fn tensor_parallel_size(&self) -> usize {
+        self.peers.as_ref().map_or(1, |p| p.world_size())
     }
 
     /// Constrained requests get their grammar matchers from `structured`.
@@ -162,10 +187,14 @@ impl<B: Backend> ModelRunner<B> {
             kv,
             ws,
             requests,
+            peers,
             ..
         } = self;
         let mut out = ModelRunnerOutput::default();
-        model.forward_chunked(backend, &batch, kv, ws, |first, chunk| {
+        if let Some(p) = peers.as_ref() {
+            p.start(&batch)?;
+        }
+        let done = model.forward_chunked(backend, &batch, kv, ws, |first, chunk| {
             for (i, logits) in chunk.chunks_exact_mut(vocab).enumerate() {
                 let row = first + i;
                 let u = uses
@@ -174,7 +203,11 @@ impl<B: Backend> ModelRunner<B> {
                 handle_row(requests, so, *u, logits, &mut out)?;
             }
             Ok(())
-        })?;
+        });
+        match peers.as_ref() {
+            Some(p) => p.finish(done)?,
+            None => done?,
+        }
         Ok(out)
     }
 }

@@ -13,9 +13,6 @@ use crate::engine::{resolve_device, EngineArgs};
 #[derive(Args, Clone, Debug)]
 #[command(next_help_heading = "vLLM compatibility")]
 pub struct VllmCompatArgs {
-    /// GPUs to split the model over: rvllm runs a model on one GPU, so only 1 is accepted.
-    #[arg(long, default_value_t = 1)]
-    pub tensor_parallel_size: usize,
     /// Pipeline stages: rvllm runs a model on one GPU, so only 1 is accepted.
     #[arg(long, default_value_t = 1)]
     pub pipeline_parallel_size: usize,
@@ -126,10 +123,8 @@ impl VllmCompatArgs {
     /// something; an error for a flag rvllm cannot honour.
     pub fn check(&self, engine: &EngineArgs) -> Result<Vec<String>> {
         let mut notes = Vec::new();
-        for (flag, v) in [
-            ("--tensor-parallel-size", self.tensor_parallel_size),
-            ("--pipeline-parallel-size", self.pipeline_parallel_size),
-        ] {
+        // --tensor-parallel-size is an engine flag (`EngineArgs`), checked at start-up.
+        for (flag, v) in [("--pipeline-parallel-size", self.pipeline_parallel_size)] {
             if v != 1 {
                 bail!(
                     "{flag} {v}: rvllm runs a model on one GPU and cannot split it; pass {flag} 1 \
@@ -299,7 +294,10 @@ mod tests {
     #[test]
     #[cfg(feature = "cpu")] // check() resolves --device cpu
     fn flags_rvllm_cannot_honour_are_refused_with_the_reason() {
-        refused(&["--tensor-parallel-size", "2"], "one GPU");
+        assert!(
+            check(&["--tensor-parallel-size", "2"]).is_ok(),
+            "an engine flag, checked against the model at start-up"
+        );
         refused(&["--pipeline-parallel-size", "4"], "one GPU");
         refused(&["--data-parallel-size", "2"], "load balancer");
         refused(&["--dtype", "bfloat16"], "CPU backend computes in float32");

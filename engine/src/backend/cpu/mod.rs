@@ -4,6 +4,7 @@ use std::ops::Range;
 
 use anyhow::{ensure, Context, Result};
 
+use super::parallel::HostCommunicator;
 use super::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
 use crate::types::{HostData, HostTensor};
 
@@ -15,11 +16,12 @@ mod rowwise;
 #[cfg(test)]
 mod tests;
 
-/// The CPU backend. The thread pool is rayon's global one; the only setting is the KV
-/// cache's element type.
+/// The CPU backend. The thread pool is rayon's global one; the settings are the KV
+/// cache's element type and, for one rank of a tensor-parallel group, its communicator.
 #[derive(Debug, Default, Clone)]
 pub struct CpuBackend {
     kv_fp8_scales: Option<Vec<(f32, f32)>>,
+    comm: Option<std::sync::Arc<HostCommunicator>>,
 }
 
 impl CpuBackend {
@@ -31,6 +33,13 @@ impl CpuBackend {
     /// None keeps it f32.
     pub fn with_kv_cache_fp8(mut self, scales: Option<Vec<(f32, f32)>>) -> Self {
         self.kv_fp8_scales = scales;
+        self
+    }
+
+    /// This backend serves one rank of a tensor-parallel group (`all_reduce_sum` goes
+    /// through `comm`).
+    pub fn with_communicator(mut self, comm: std::sync::Arc<HostCommunicator>) -> Self {
+        self.comm = Some(comm);
         self
     }
 }
@@ -288,6 +297,15 @@ impl Backend for CpuBackend {
 
     fn add_inplace(&self, acc: &mut CpuTensor, x: &CpuTensor) -> Result<()> {
         rowwise::add_inplace(acc, x)
+    }
+
+    fn all_reduce_sum(&self, x: &mut CpuTensor) -> Result<()> {
+        match &self.comm {
+            Some(comm) => comm.all_reduce_sum(x.as_mut_slice()),
+            None => anyhow::bail!(
+                "all_reduce_sum on a CPU backend that belongs to no tensor-parallel group"
+            ),
+        }
     }
 
     fn qk_norm(
