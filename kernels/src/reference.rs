@@ -118,17 +118,39 @@ pub fn rope_inplace(
     positions: &[i32],
     inv_freq: &[f32],
 ) {
-    let half = head_dim / 2;
+    rope_partial_inplace(
+        x, stride, num_heads, head_dim, head_dim, positions, inv_freq, 1.0,
+    );
+}
+
+/// `rope_inplace` over the first `rotary_dim` dims of each head only (partial rotary, Phi-3/4:
+/// pairs `i, i + rotary_dim / 2`, `inv_freq` of `rotary_dim / 2` values), with cos and sin
+/// multiplied by `attention_factor` (LongRoPE / YaRN; 1 for none); the other dims are left as
+/// they are.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_partial_inplace(
+    x: &mut [f32],
+    stride: usize,
+    num_heads: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+    positions: &[i32],
+    inv_freq: &[f32],
+    attention_factor: f32,
+) {
+    let half = rotary_dim / 2;
+    assert!(rotary_dim <= head_dim, "rotary_dim past head_dim");
     assert_eq!(
         inv_freq.len(),
         half,
-        "inv_freq must hold head_dim / 2 values"
+        "inv_freq must hold rotary_dim / 2 values"
     );
     for (t, &pos) in positions.iter().enumerate() {
         for h in 0..num_heads {
             let base = t * stride + h * head_dim;
             for i in 0..half {
                 let (s, c) = (pos as f32 * inv_freq[i]).sin_cos();
+                let (s, c) = (s * attention_factor, c * attention_factor);
                 let x1 = x[base + i];
                 let x2 = x[base + i + half];
                 x[base + i] = x1 * c - x2 * s;

@@ -14,21 +14,31 @@
 //     HF "rotate half": for i < head_dim/2, with a = pos * inv_freq[i],
 //        x[i]' = x[i] cos a - x[i + hd/2] sin a,   x[i + hd/2]' = x[i + hd/2] cos a + x[i] sin a.
 //   grid (num_tokens), block 256; head_dim even, at most 512.
+//   rope_partial_and_cache_bf16(..., v_stride, rotary_dim, attention_factor)
+//     The same with partial rotary (Phi-3/4's partial_rotary_factor, HF's q[..., :rotary_dim]):
+//     only the first rotary_dim dims of each head are rotated (pairs i, i + rotary_dim/2,
+//     inv_freq: f32 [rotary_dim / 2]); the others pass through to q, k and the cache. cos and
+//     sin are multiplied by attention_factor (LongRoPE / YaRN's, as HF does; 1 for none): with
+//     only part of each head rotated it cannot move into the softmax scale, as it does for
+//     whole heads. rotary_dim even, at most head_dim.
 #include "common.cuh"
 
 constexpr int kMaxHalf = 256;  // head_dim up to 512
 
-extern "C" __global__ void DT(rope_and_cache_bf16, rope_and_cache_f16)(
+namespace {
+
+__device__ __forceinline__ void rope_and_cache(
     elem_t* __restrict__ q, elem_t* __restrict__ k, const elem_t* __restrict__ v,
     elem_t* __restrict__ key_cache, elem_t* __restrict__ value_cache,
     const int32_t* __restrict__ positions, const int32_t* __restrict__ slot_mapping,
     const float* __restrict__ inv_freq, int num_tokens, int num_heads, int num_kv_heads,
-    int head_dim, int q_stride, int k_stride, int v_stride) {
+    int head_dim, int q_stride, int k_stride, int v_stride, int rotary_dim,
+    float attention_factor) {
     pdl_enter();
     __shared__ float cos_t[kMaxHalf], sin_t[kMaxHalf];
     const int t = blockIdx.x;
     if (t >= num_tokens) return;
-    const int half = head_dim / 2;
+    const int half = rotary_dim / 2;
     const float pos = (float)positions[t];
     const int64_t slot = slot_mapping[t];
     const int64_t kv_row = (int64_t)num_kv_heads * head_dim;
@@ -44,8 +54,8 @@ extern "C" __global__ void DT(rope_and_cache_bf16, rope_and_cache_f16)(
         const float angle = pos * inv_freq[i];
         double sd, cd;
         sincos((double)angle, &sd, &cd);
-        cos_t[i] = (float)cd;
-        sin_t[i] = (float)sd;
+        cos_t[i] = (float)cd * attention_factor;
+        sin_t[i] = (float)sd * attention_factor;
     }
     __syncthreads();
 
@@ -82,6 +92,15 @@ extern "C" __global__ void DT(rope_and_cache_bf16, rope_and_cache_f16)(
                 *reinterpret_cast<Elem8*>(dst + i + half) = r2;
             }
         }
+        // Partial rotary: k's unrotated dims go to the cache as they are (q's stay in place).
+        if (slot >= 0 && rotary_dim < head_dim) {
+            const int rest = head_dim - rotary_dim;
+            for (int idx = threadIdx.x; idx < num_kv_heads * rest; idx += blockDim.x) {
+                const int head = idx / rest;
+                const int d = rotary_dim + (idx - head * rest);
+                key_cache[slot * kv_row + head * head_dim + d] = krow[head * head_dim + d];
+            }
+        }
         if (slot >= 0) {
             for (int idx = threadIdx.x; idx < num_kv_heads * head_dim / 8; idx += blockDim.x) {
                 reinterpret_cast<Elem8*>(value_cache + slot * kv_row)[idx] =
@@ -114,6 +133,15 @@ extern "C" __global__ void DT(rope_and_cache_bf16, rope_and_cache_f16)(
             dst[i + half] = y2;
         }
     }
+    // Partial rotary: k's unrotated dims go to the cache as they are (q's stay in place).
+    if (slot >= 0 && rotary_dim < head_dim) {
+        const int rest = head_dim - rotary_dim;
+        for (int idx = threadIdx.x; idx < num_kv_heads * rest; idx += blockDim.x) {
+            const int head = idx / rest;
+            const int d = rotary_dim + (idx - head * rest);
+            key_cache[slot * kv_row + head * head_dim + d] = krow[head * head_dim + d];
+        }
+    }
     if (slot >= 0) {
         for (int idx = threadIdx.x; idx < num_kv_heads * head_dim; idx += blockDim.x) {
             const int head = idx / head_dim;
@@ -121,4 +149,29 @@ extern "C" __global__ void DT(rope_and_cache_bf16, rope_and_cache_f16)(
             value_cache[slot * kv_row + idx] = vrow[head * head_dim + d];
         }
     }
+}
+
+}  // namespace
+
+extern "C" __global__ void DT(rope_and_cache_bf16, rope_and_cache_f16)(
+    elem_t* __restrict__ q, elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    elem_t* __restrict__ key_cache, elem_t* __restrict__ value_cache,
+    const int32_t* __restrict__ positions, const int32_t* __restrict__ slot_mapping,
+    const float* __restrict__ inv_freq, int num_tokens, int num_heads, int num_kv_heads,
+    int head_dim, int q_stride, int k_stride, int v_stride) {
+    rope_and_cache(q, k, v, key_cache, value_cache, positions, slot_mapping, inv_freq,
+                   num_tokens, num_heads, num_kv_heads, head_dim, q_stride, k_stride, v_stride,
+                   head_dim, 1.0f);
+}
+
+extern "C" __global__ void DT(rope_partial_and_cache_bf16, rope_partial_and_cache_f16)(
+    elem_t* __restrict__ q, elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    elem_t* __restrict__ key_cache, elem_t* __restrict__ value_cache,
+    const int32_t* __restrict__ positions, const int32_t* __restrict__ slot_mapping,
+    const float* __restrict__ inv_freq, int num_tokens, int num_heads, int num_kv_heads,
+    int head_dim, int q_stride, int k_stride, int v_stride, int rotary_dim,
+    float attention_factor) {
+    rope_and_cache(q, k, v, key_cache, value_cache, positions, slot_mapping, inv_freq,
+                   num_tokens, num_heads, num_kv_heads, head_dim, q_stride, k_stride, v_stride,
+                   rotary_dim, attention_factor);
 }

