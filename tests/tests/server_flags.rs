@@ -133,7 +133,10 @@ fn flags_rvllm_cannot_honour_fail_at_once_with_the_reason() {
         &["--tokenizer", "meta-llama/Llama-3.1-8B"],
         "tokenizer from the model",
     );
-    refused(&["--kv-cache-dtype", "fp8"], "--kv-cache-dtype auto");
+    refused(
+        &["--kv-cache-dtype", "fp8_e5m2"],
+        "rvllm's FP8 KV cache is E4M3",
+    );
     refused(
         &["--enable-auto-tool-choice"],
         "requires --tool-call-parser",

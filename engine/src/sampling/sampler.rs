@@ -123,11 +123,15 @@ impl SeqSampler {
         }
         ops::clear_nan(logits);
         let raw = self.params.logprobs.map(|k| (logits.to_vec(), k));
+        let mut min_tokens_apply = true;
         if let Some((matcher, words)) = &mut self.grammar {
             matcher.fill_bitmask(words);
             ops::apply_token_bitmask(logits, words);
+            // A finished grammar allows only end of sequence, which ends the request even
+            // before `min_tokens`: masking it as well would leave no token to sample.
+            min_tokens_apply = !matcher.is_finished();
         }
-        self.apply_processors(logits, step);
+        self.apply_processors(logits, step, min_tokens_apply);
         let token = ops::sample_token(logits, &self.draw_params(step)) as u32;
         let logprobs = raw.map(|(raw, k)| top_logprobs(&raw, token, k));
         (token, logprobs)
@@ -150,14 +154,17 @@ impl SeqSampler {
 
     /// `reference::apply_processors` with this request's settings, from the incremental
     /// counts (the same result: each step is the reference's own function). `step` is the
-    /// number of tokens generated so far.
-    pub(crate) fn apply_processors(&self, logits: &mut [f32], step: usize) {
+    /// number of tokens generated so far; `min_tokens_apply` false skips `min_tokens` (a
+    /// finished grammar).
+    pub(crate) fn apply_processors(&self, logits: &mut [f32], step: usize, min_tokens_apply: bool) {
         let p = &self.params;
         if let Some(allowed) = &p.allowed_token_ids {
             ops::apply_allowed_token_ids(logits, allowed);
         }
         ops::apply_bad_words(logits, &p.bad_words_token_ids, &self.output);
-        ops::apply_min_tokens(logits, p.min_tokens, &self.eos_and_stop, step);
+        if min_tokens_apply {
+            ops::apply_min_tokens(logits, p.min_tokens, &self.eos_and_stop, step);
+        }
         ops::apply_logit_bias(logits, &p.logit_bias);
         self.apply_penalties(logits);
     }

@@ -275,7 +275,10 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         .local_addr()
         .context("reading the bound address")?;
 
-    args.engine.serving = true; // the server's batch defaults (vLLM's usage context)
+    // The server's batch defaults (vLLM's usage context).
+    args.engine.serving = true;
+    // vLLM's flag is read among the compatibility flags; the engine checks its value.
+    args.engine.kv_cache_dtype = args.vllm.kv_cache_dtype.clone();
     let engine = AsyncEngine::start(&args.engine).context("starting the engine")?;
     let state = Arc::new(AppState {
         tokenizer: engine.tokenizer(),

@@ -138,6 +138,15 @@ fn read_config_inner(g: &GgufFile) -> Result<ModelConfig> {
         ),
     };
     let key = |k: &str| format!("{arch_name}.{k}");
+    // llama.cpp writes Mixtral as `llama` with experts: its tensors are not the dense ones
+    // this loader maps, so it is refused by name rather than failing on a missing tensor.
+    if let Some(experts) = meta_usize(g, &key("expert_count"))?.filter(|&n| n > 0) {
+        bail!(
+            "GGUF mixture-of-experts models (`{}` = {experts}) are not supported; load the \
+             Hugging Face safetensors folder instead (Mixtral and Qwen3-MoE run from there)",
+            key("expert_count")
+        );
+    }
     let vocab_key = match g.tensor_info("token_embd.weight") {
         Some(t) if t.dims.len() == 2 => "token_embd.weight".to_string(),
         _ if g.get(&key("vocab_size")).is_some() => key("vocab_size"),
@@ -543,6 +552,10 @@ mod tests {
             (
                 with(vec![("llama.context_length", GgufValue::U32(0))]),
                 "`llama.context_length` = 0 ",
+            ),
+            (
+                with(vec![("llama.expert_count", GgufValue::U32(8))]),
+                "`llama.expert_count` = 8) are not supported",
             ),
             (
                 with(vec![("general.architecture", GgufValue::U32(7))]),

@@ -6,7 +6,7 @@
 //! the file says): every backend then runs the same dequantized weights, so an FP8
 //! checkpoint gives exactly the tokens of its dequantized-f32 copy on the CPU (the CUDA
 //! backend rounds that copy to its compute type, as for any checkpoint). `--quantization fp8`
-//! rounds each layer weight through E4M3 with vLLM's dynamic per-tensor scale (amax / 448)
+//! rounds each layer weight through E4M3 with vLLM's dynamic per-channel scale (row amax / 448)
 //! and keeps the rounded values; activations stay unquantized (vLLM's weight-only FP8, the
 //! path it takes on GPUs without FP8 tensor cores). Neither saves memory yet: the FP8 GEMMs
 //! that would are issue 20's GPU work.

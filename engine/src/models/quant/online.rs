@@ -38,7 +38,8 @@ fn is_layer_linear(name: &str, t: &HostTensor) -> bool {
 }
 
 /// Apply `--quantization` and `--kv-cache-dtype` to a loaded model, on `device`:
-/// round the layer weights through E4M3 at vLLM's dynamic per-tensor scale, and set the KV
+/// round the layer weights through E4M3 at a dynamic per-channel scale (amax of the row /
+/// 448), and set the KV
 /// cache's per-layer scales. The CUDA backend has no FP8 kernels yet and refuses both.
 pub fn apply_runtime_options(
     model: &mut LoadedModel,
@@ -105,8 +106,13 @@ pub fn apply_runtime_options(
                     }
                     .to_f32(),
                 };
-                let scale = dynamic_scale(&data);
-                fake_quant_in_place(&mut data, scale);
+                // Per output channel (a row of the [out, in] weight), as the issue and
+                // vLLM's channel-wise FP8 do: one outlier row does not coarsen the others.
+                let cols = t.shape[1].max(1);
+                for row in data.chunks_mut(cols) {
+                    let scale = dynamic_scale(row);
+                    fake_quant_in_place(row, scale);
+                }
                 t.data = HostData::F32(data);
             }
         }

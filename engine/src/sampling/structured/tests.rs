@@ -161,3 +161,26 @@ fn a_failed_matcher_allows_only_eos() {
     assert!(m.is_finished());
     assert_eq!(allowed(&mut m, vocab), vec![EOS]);
 }
+
+/// `min_tokens` masks end of sequence, but a finished grammar allows nothing else: the
+/// grammar's end wins (never token 0 from an all -inf row).
+#[test]
+fn a_finished_grammar_ends_the_request_before_min_tokens() {
+    let (tok, so) = outputs();
+    let vocab = so.vocab_size();
+    let spec = StructuredOutput::Choice(vec!["ab".into()]);
+    let params = SamplingParams {
+        min_tokens: 8,
+        structured_output: Some(spec.clone()),
+        ..SamplingParams::greedy(16)
+    };
+    let mut s = crate::sampling::SeqSampler::for_request(&params, &[], &[EOS], Some(&so), vocab);
+    let mut logits = vec![0.0f32; vocab];
+    logits[id(&tok, "ab") as usize] = 1.0;
+    let (first, _) = s.sample(&mut logits, 0);
+    assert_eq!(first, id(&tok, "ab"));
+    s.record_output(first);
+    let mut logits = vec![0.0f32; vocab];
+    let (next, _) = s.sample(&mut logits, 1);
+    assert_eq!(next, EOS, "only end of sequence is left");
+}
