@@ -310,13 +310,14 @@ impl<B: Backend> LlamaModel<B> {
         let c = config;
         let tp = bes.len();
         ensure!(
-            c.num_key_value_heads > 0 && c.num_attention_heads % c.num_key_value_heads == 0,
+            c.num_key_value_heads > 0
+                && c.num_attention_heads.is_multiple_of(c.num_key_value_heads),
             "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
             c.num_attention_heads,
             c.num_key_value_heads
         );
         ensure!(
-            c.head_dim > 0 && c.head_dim % 2 == 0,
+            c.head_dim > 0 && c.head_dim.is_multiple_of(2),
             "head_dim ({}) must be even and non-zero",
             c.head_dim
         );

@@ -54,21 +54,21 @@ pub fn check_divisible(
 ) -> Result<()> {
     ensure!(tp >= 1, "--tensor-parallel-size must be at least 1");
     ensure!(
-        num_heads % tp == 0,
+        num_heads.is_multiple_of(tp),
         "--tensor-parallel-size {tp} must divide num_attention_heads ({num_heads})"
     );
     ensure!(
-        num_kv_heads % tp == 0 || tp % num_kv_heads == 0,
+        num_kv_heads.is_multiple_of(tp) || tp.is_multiple_of(num_kv_heads),
         "--tensor-parallel-size {tp} must divide num_key_value_heads ({num_kv_heads}) or be a \
          multiple of it (KV heads are then replicated)"
     );
     ensure!(
-        intermediate % tp == 0,
+        intermediate.is_multiple_of(tp),
         "--tensor-parallel-size {tp} must divide intermediate_size ({intermediate})"
     );
     if let Some(i) = expert_intermediate {
         ensure!(
-            i % tp == 0,
+            i.is_multiple_of(tp),
             "--tensor-parallel-size {tp} must divide the experts' intermediate size ({i})"
         );
     }
