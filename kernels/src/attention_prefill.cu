@@ -11,6 +11,13 @@
 //        are already written there by rope_and_cache_bf16).
 //     Causal with offset: with start = context_len - chunk_len, query i sees keys 0..start+i.
 //   grid (ceil(max_chunk_len / 64), num_heads, num_seqs), block 128.
+//   paged_attention_prefill_windowed_hd{64,80,96,128,256}(..., q_stride, window, softcap)
+//     The same, plus: window > 0 is a sliding window (Mistral, Gemma's local layers): query i
+//     (at position start + i) sees only keys > start + i - window, and key tiles wholly below
+//     every row of the block are not read; softcap > 0 caps each scaled score s to
+//     softcap * tanh(s / softcap) before the softmax (Gemma 2's attn_logit_softcapping).
+//     0 turns either off. Head dim 256 streams 32-key tiles (64 would need 67 KiB of static
+//     shared memory; 32 take 33 KiB).
 //
 // Flash-attention style: each warp owns 16 query rows, a block 64; K and V tiles of 64 keys are
 // gathered from the paged cache into shared memory, S = Q K^T and O += P V run on the tensor
@@ -20,7 +27,6 @@
 namespace {
 
 constexpr int kBM = 64;  // query rows per block (16 per warp)
-constexpr int kBN = 64;  // keys per tile
 constexpr int kThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -55,13 +61,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) 
                  : "r"(a));
 }
 
-template <int HD>
+template <int HD, int kBN>
 __device__ __forceinline__ void prefill_attention(
     elem_t* __restrict__ out, const elem_t* __restrict__ q,
     const elem_t* __restrict__ key_cache, const elem_t* __restrict__ value_cache,
     const int32_t* __restrict__ cu_seqlens_q, const int32_t* __restrict__ context_lens,
     const int32_t* __restrict__ block_tables, float scale, int num_heads, int num_kv_heads,
-    int block_size, int max_blocks_per_seq, int q_stride) {
+    int block_size, int max_blocks_per_seq, int q_stride, int window, float softcap) {
     pdl_enter();
     constexpr int LD = HD + 8;  // padded row: conflict-free fragment reads
     constexpr int KSTEPS = HD / 16;
@@ -81,6 +87,9 @@ __device__ __forceinline__ void prefill_attention(
     const int start = ctx - q_len;
     const int kv_head = head / (num_heads / num_kv_heads);
     const int kend = min(ctx, start + min(q_len, row_base + kBM));  // exclusive
+    // The block's first row sees keys from start + row_base - window + 1 on; the rows after
+    // it see less far back. Tiles stay aligned to kBN from 0.
+    const int kbegin = window > 0 ? max(0, start + row_base - window + 1) / kBN * kBN : 0;
 
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
@@ -134,10 +143,10 @@ __device__ __forceinline__ void prefill_attention(
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
-    issue_tile(ks, key_cache, 0);
-    issue_tile(vs, value_cache, 0);
+    issue_tile(ks, key_cache, kbegin);
+    issue_tile(vs, value_cache, kbegin);
 
-    for (int kt = 0; kt < kend; kt += kBN) {
+    for (int kt = kbegin; kt < kend; kt += kBN) {
         const bool more = kt + kBN < kend;
         asm volatile("cp.async.wait_group 1;\n" ::);  // K tile kt has landed
         __syncthreads();
@@ -168,8 +177,13 @@ __device__ __forceinline__ void prefill_attention(
             for (int c = 0; c < 4; ++c) {
                 const int key = kt + n * 8 + 2 * t + (c & 1);
                 const int row = c < 2 ? row_a : row_b;
-                const bool ok = key < kend && key <= start + row;
-                s[n][c] = ok ? s[n][c] * sl2 : -INFINITY;
+                const bool ok = key < kend && key <= start + row &&
+                                (window <= 0 || key > start + row - window);
+                float v = s[n][c];
+                // tanhf, which --use_fast_math may make the hardware approximation.
+                if (softcap > 0.0f) v = softcap * tanhf(v * scale / softcap) * kLog2e;
+                else v *= sl2;
+                s[n][c] = ok ? v : -INFINITY;
             }
             mx_a = fmaxf(mx_a, fmaxf(s[n][0], s[n][1]));
             mx_b = fmaxf(mx_b, fmaxf(s[n][2], s[n][3]));
@@ -277,12 +291,36 @@ __device__ __forceinline__ void prefill_attention(
         const int32_t* __restrict__ cu_seqlens_q, const int32_t* __restrict__ context_lens,    \
         const int32_t* __restrict__ block_tables, float scale, int num_heads, int num_kv_heads, \
         int block_size, int max_blocks_per_seq, int q_stride) {                                \
-        prefill_attention<HD>(out, q, key_cache, value_cache, cu_seqlens_q, context_lens,      \
-                              block_tables, scale, num_heads, num_kv_heads, block_size,        \
-                              max_blocks_per_seq, q_stride);                                   \
+        prefill_attention<HD, 64>(out, q, key_cache, value_cache, cu_seqlens_q, context_lens,  \
+                                  block_tables, scale, num_heads, num_kv_heads, block_size,    \
+                                  max_blocks_per_seq, q_stride, 0, 0.0f);                      \
     }
 
 // Register caps for occupancy (ncu on the H100: 176 registers allowed 2 blocks per SM, 8 warps,
 // and the kernel was latency-bound at 28% of SM throughput).
 RVLLM_PREFILL_ATTENTION(64, 4)
 RVLLM_PREFILL_ATTENTION(128, 3)
+
+// The windowed / soft-capped builds and the other head dims (not yet run on a GPU; the
+// engine does not launch them yet). Head dim 256 holds 64 q and 128 accumulator registers a
+// thread, so it takes one block an SM's register cap.
+#define RVLLM_PREFILL_ATTENTION_WINDOWED(HD, BN, MINB)                                            \
+    extern "C" __global__ void __launch_bounds__(kThreads, MINB)                               \
+        DT(paged_attention_prefill_windowed_hd##HD,                                            \
+           paged_attention_prefill_windowed_hd##HD##_f16)(                                     \
+        elem_t* __restrict__ out, const elem_t* __restrict__ q,                                \
+        const elem_t* __restrict__ key_cache,                                                  \
+        const elem_t* __restrict__ value_cache,                                                \
+        const int32_t* __restrict__ cu_seqlens_q, const int32_t* __restrict__ context_lens,    \
+        const int32_t* __restrict__ block_tables, float scale, int num_heads, int num_kv_heads, \
+        int block_size, int max_blocks_per_seq, int q_stride, int window, float softcap) {     \
+        prefill_attention<HD, BN>(out, q, key_cache, value_cache, cu_seqlens_q, context_lens,  \
+                                  block_tables, scale, num_heads, num_kv_heads, block_size,    \
+                                  max_blocks_per_seq, q_stride, window, softcap);              \
+    }
+
+RVLLM_PREFILL_ATTENTION_WINDOWED(64, 64, 4)
+RVLLM_PREFILL_ATTENTION_WINDOWED(80, 64, 3)
+RVLLM_PREFILL_ATTENTION_WINDOWED(96, 64, 3)
+RVLLM_PREFILL_ATTENTION_WINDOWED(128, 64, 3)
+RVLLM_PREFILL_ATTENTION_WINDOWED(256, 32, 1)

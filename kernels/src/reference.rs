@@ -260,6 +260,23 @@ pub fn paged_attention(
     batch: &AttentionBatch<'_>,
     scale: f32,
 ) -> Vec<f32> {
+    paged_attention_windowed(q, q_stride, num_heads, kv, batch, scale, None, None)
+}
+
+/// `paged_attention` with a sliding window (a query at position p sees keys at positions
+/// > p - window: Mistral, Gemma's local layers) and a soft-cap (each scaled score s becomes
+/// `cap * tanh(s / cap)` before the softmax: Gemma 2).
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_windowed(
+    q: &[f32],
+    q_stride: usize,
+    num_heads: usize,
+    kv: &PagedKv<'_>,
+    batch: &AttentionBatch<'_>,
+    scale: f32,
+    window: Option<usize>,
+    softcap: Option<f32>,
+) -> Vec<f32> {
     let hd = kv.head_dim;
     let group = num_heads / kv.num_kv_heads;
     let num_seqs = batch.context_lens.len();
@@ -278,17 +295,20 @@ pub fn paged_attention(
         for i in 0..n {
             let row = q0 + i;
             let visible = start + i + 1;
+            let first = window.map_or(0, |w| visible.saturating_sub(w));
             for h in 0..num_heads {
                 let kvh = h / group;
                 let qv = &q[row * q_stride + h * hd..row * q_stride + (h + 1) * hd];
-                let scores: Vec<f64> = (0..visible)
+                let scores: Vec<f64> = (first..visible)
                     .map(|key| {
                         let k = &kv.key_cache[slot(key) * kv_row + kvh * hd..][..hd];
-                        qv.iter()
+                        let s = qv
+                            .iter()
                             .zip(k)
                             .map(|(&a, &b)| a as f64 * b as f64)
                             .sum::<f64>()
-                            * scale as f64
+                            * scale as f64;
+                        softcap.map_or(s, |c| c as f64 * (s / c as f64).tanh())
                     })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -296,7 +316,7 @@ pub fn paged_attention(
                 let total: f64 = weights.iter().sum();
                 let o = &mut out[(row * num_heads + h) * hd..(row * num_heads + h + 1) * hd];
                 let mut acc = vec![0.0f64; hd];
-                for (key, w) in weights.iter().enumerate() {
+                for (key, w) in (first..visible).zip(&weights) {
                     let v = &kv.value_cache[slot(key) * kv_row + kvh * hd..][..hd];
                     for (a, &x) in acc.iter_mut().zip(v) {
                         *a += w * x as f64;
@@ -496,5 +516,52 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "head {h}: {a} vs {b}");
             }
         }
+    }
+
+    /// A window of w keys gives a query the attention of a context holding only its last w
+    /// keys; a soft-cap far above every score changes nothing, a tight one does.
+    #[test]
+    fn windowed_attention_sees_the_last_window_keys_and_softcap_bends_scores() {
+        let (hd, bs, ctx, w) = (8, 4, 11, 4);
+        let table: [i32; 3] = [2, 0, 1];
+        let kd = values(ctx * hd, 3);
+        let vd = values(ctx * hd, 4);
+        let mut key_cache = vec![f32::NAN; 3 * bs * hd];
+        let mut value_cache = key_cache.clone();
+        let slots: Vec<i32> = (0..ctx)
+            .map(|t| table[t / bs] * bs as i32 + (t % bs) as i32)
+            .collect();
+        write_cache(&mut key_cache, hd, &kd, hd, &slots);
+        write_cache(&mut value_cache, hd, &vd, hd, &slots);
+        let q: Vec<f32> = values(hd, 5).iter().map(|x| 4.0 * x).collect();
+        let kv = PagedKv {
+            key_cache: &key_cache,
+            value_cache: &value_cache,
+            block_size: bs,
+            num_kv_heads: 1,
+            head_dim: hd,
+        };
+        let batch = AttentionBatch {
+            cu_seqlens_q: &[0, 1],
+            context_lens: &[ctx as i32],
+            block_tables: &table,
+            max_blocks_per_seq: 3,
+        };
+        let attend =
+            |window, cap| paged_attention_windowed(&q, hd, 1, &kv, &batch, 0.5, window, cap);
+        let last = (ctx - w) * hd..;
+        let want = dense_attention(&q, &kd[last.clone()], &vd[last], 1, w, hd, 0.5);
+        for (a, b) in attend(Some(w), None).iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "window: {a} vs {b}");
+        }
+        let plain = attend(None, None);
+        for (a, b) in attend(Some(ctx), Some(1e6)).iter().zip(&plain) {
+            assert!((a - b).abs() < 1e-5, "loose cap: {a} vs {b}");
+        }
+        let tight = attend(None, Some(0.1));
+        assert!(
+            tight.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-3),
+            "a 0.1 cap must flatten the softmax"
+        );
     }
 }

@@ -468,3 +468,103 @@ fn paged_attention_prefill_matches_reference() {
         }
     }
 }
+
+/// The windowed / soft-capped prefill builds (`paged_attention_prefill_windowed_hd*`) against
+/// `reference::paged_attention_windowed`: head dims 64, 80, 96, 128 and 256 (Gemma 3's, on
+/// 32-key tiles), windows shorter than one key tile, than the chunk and than the context, and
+/// none; soft-caps (Gemma 2's 50, and a tight 5 that saturates) and none; chunks after a cached
+/// prefix, so the window cuts into the cache.
+#[test]
+fn paged_attention_prefill_windowed_and_softcapped_matches_reference() {
+    let Some(g) = gpu("paged_attention_prefill_windowed_and_softcapped_matches_reference") else {
+        return;
+    };
+    let mut r = rng("prefill_windowed");
+    // (heads, kv heads, head dim, [(chunk, context)], window (0: none), soft-cap (0: none))
+    let cases: &[(usize, usize, usize, &[(usize, usize)], usize, f32)] = &[
+        (
+            8,
+            2,
+            128,
+            &[(70, 70), (37, 87), (130, 130), (5, 205)],
+            16,
+            0.0,
+        ),
+        (4, 2, 256, &[(70, 70), (37, 87), (100, 300)], 48, 50.0),
+        (2, 1, 256, &[(129, 129), (1, 40)], 0, 5.0),
+        (6, 3, 96, &[(90, 150), (64, 64)], 100, 0.0),
+        (5, 1, 80, &[(33, 33), (70, 200)], 7, 30.0),
+        (9, 3, 64, &[(17, 17), (64, 100), (1, 33)], 4096, 0.0),
+        (8, 8, 64, &[(150, 150)], 64, 50.0),
+    ];
+    for e in Elem::BOTH {
+        let ty = e.name();
+        let (atol, rtol) = e.tolerance();
+        for &(nh, nkv, hd, seqs, window, softcap) in cases {
+            let ctx: Vec<usize> = seqs.iter().map(|s| s.1).collect();
+            let c = TestCache::new(&mut r, e, &ctx, 16, nkv, hd, 3.0);
+            let mut cu = vec![0i32];
+            for s in seqs {
+                cu.push(cu.last().unwrap() + s.0 as i32);
+            }
+            let total = *cu.last().unwrap() as usize;
+            let q_stride = nh * hd + 64;
+            let (q_h, q) = e.random(&mut r, total * q_stride, 1.0);
+            let scale = 1.0 / (hd as f32).sqrt();
+            let (d_q, d_k, d_v) = (g.upload(&q_h), g.upload(&c.k_h), g.upload(&c.v_h));
+            let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
+            let (d_cu, d_ctx, d_tables) = (g.upload(&cu), g.upload(&ctx_i), g.upload(&c.tables));
+            let out = g.poisoned(total * nh * hd, e.nan());
+            let max_chunk = seqs.iter().map(|s| s.0).max().unwrap();
+            let kernel = e.kernel(&format!("paged_attention_prefill_windowed_hd{hd}"));
+            g.launch_args(
+                &e.module("attention_prefill"),
+                &kernel,
+                (max_chunk.div_ceil(64) as u32, nh as u32, seqs.len() as u32),
+                (128, 1, 1),
+                args::PrefillAttentionWindowed {
+                    out: out.ptr,
+                    q: d_q.ptr,
+                    key_cache: d_k.ptr,
+                    value_cache: d_v.ptr,
+                    cu_seqlens_q: d_cu.ptr,
+                    context_lens: d_ctx.ptr,
+                    block_tables: d_tables.ptr,
+                    scale,
+                    num_heads: nh as i32,
+                    num_kv_heads: nkv as i32,
+                    block_size: 16,
+                    max_blocks_per_seq: c.max_blocks as i32,
+                    q_stride: q_stride as i32,
+                    window: window as i32,
+                    softcap,
+                },
+            );
+            let batch = cpu::AttentionBatch {
+                cu_seqlens_q: &cu,
+                context_lens: &ctx_i,
+                block_tables: &c.tables,
+                max_blocks_per_seq: c.max_blocks,
+            };
+            let want = cpu::paged_attention_windowed(
+                &q,
+                q_stride,
+                nh,
+                &c.paged(),
+                &batch,
+                scale,
+                (window > 0).then_some(window),
+                (softcap > 0.0).then_some(softcap),
+            );
+            assert_close(
+                &format!(
+                    "{ty} {kernel} nh{nh} nkv{nkv} window {window} softcap {softcap} seqs{seqs:?}"
+                ),
+                &g.download_as(e, &out),
+                &want,
+                atol,
+                rtol,
+            );
+        }
+    }
+}
