@@ -263,8 +263,8 @@ pub fn paged_attention(
     paged_attention_windowed(q, q_stride, num_heads, kv, batch, scale, None, None)
 }
 
-/// `paged_attention` with a sliding window (a query at position p sees keys at positions
-/// > p - window: Mistral, Gemma's local layers) and a soft-cap (each scaled score s becomes
+/// `paged_attention` with a sliding window (a query at position p sees the keys after
+/// p - window: Mistral, Gemma's local layers) and a soft-cap (each scaled score s becomes
 /// `cap * tanh(s / cap)` before the softmax: Gemma 2).
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention_windowed(

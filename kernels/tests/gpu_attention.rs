@@ -23,6 +23,8 @@ type DecodeCase = (usize, usize, usize, &'static [usize], usize, usize);
 
 /// (heads, kv heads, head dim, [(chunk length, context length after the step)]).
 type PrefillCase = (usize, usize, usize, &'static [(usize, usize)]);
+/// A prefill case, its window (0: none) and soft-cap (0: none).
+type WindowedCase = (PrefillCase, usize, f32);
 
 /// A paged KV cache of element type `elem` filled for the given context lengths, with shuffled
 /// physical blocks and NaN in every slot no sequence owns (so a read outside a sequence's
@@ -480,27 +482,23 @@ fn paged_attention_prefill_windowed_and_softcapped_matches_reference() {
         return;
     };
     let mut r = rng("prefill_windowed");
-    // (heads, kv heads, head dim, [(chunk, context)], window (0: none), soft-cap (0: none))
-    let cases: &[(usize, usize, usize, &[(usize, usize)], usize, f32)] = &[
+    let cases: &[WindowedCase] = &[
         (
-            8,
-            2,
-            128,
-            &[(70, 70), (37, 87), (130, 130), (5, 205)],
+            (8, 2, 128, &[(70, 70), (37, 87), (130, 130), (5, 205)]),
             16,
             0.0,
         ),
-        (4, 2, 256, &[(70, 70), (37, 87), (100, 300)], 48, 50.0),
-        (2, 1, 256, &[(129, 129), (1, 40)], 0, 5.0),
-        (6, 3, 96, &[(90, 150), (64, 64)], 100, 0.0),
-        (5, 1, 80, &[(33, 33), (70, 200)], 7, 30.0),
-        (9, 3, 64, &[(17, 17), (64, 100), (1, 33)], 4096, 0.0),
-        (8, 8, 64, &[(150, 150)], 64, 50.0),
+        ((4, 2, 256, &[(70, 70), (37, 87), (100, 300)]), 48, 50.0),
+        ((2, 1, 256, &[(129, 129), (1, 40)]), 0, 5.0),
+        ((6, 3, 96, &[(90, 150), (64, 64)]), 100, 0.0),
+        ((5, 1, 80, &[(33, 33), (70, 200)]), 7, 30.0),
+        ((9, 3, 64, &[(17, 17), (64, 100), (1, 33)]), 4096, 0.0),
+        ((8, 8, 64, &[(150, 150)]), 64, 50.0),
     ];
     for e in Elem::BOTH {
         let ty = e.name();
         let (atol, rtol) = e.tolerance();
-        for &(nh, nkv, hd, seqs, window, softcap) in cases {
+        for &((nh, nkv, hd, seqs), window, softcap) in cases {
             let ctx: Vec<usize> = seqs.iter().map(|s| s.1).collect();
             let c = TestCache::new(&mut r, e, &ctx, 16, nkv, hd, 3.0);
             let mut cu = vec![0i32];

@@ -398,7 +398,7 @@ impl CudaBackend {
         let stride = layout.qkv_size() as i32;
         if layout.rotary_dim != layout.head_dim {
             ensure!(
-                inv_freq.len * 2 == layout.rotary_dim && layout.rotary_dim % 2 == 0,
+                inv_freq.len * 2 == layout.rotary_dim,
                 "partial rotary: {} inverse frequencies for rotary_dim {}",
                 inv_freq.len,
                 layout.rotary_dim
