@@ -72,24 +72,8 @@ fn prompt_logprobs(model: &Path, prompt: &str, chat: bool) -> Value {
     json!({"prompt_token_ids": ids, "entries": entries})
 }
 
-/// A Python that can `import openai`: $RVLLM_PYTHON, else python3 from PATH.
-fn python_with_openai() -> String {
-    let py = std::env::var("RVLLM_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py).args(["-c", "import openai"]).output();
-    match ok {
-        Ok(o) if o.status.success() => py,
-        Ok(o) => panic!(
-            "`{py}` cannot import the openai package ({}): `pip install openai`, or set RVLLM_PYTHON to a Python \
-             that has it",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => panic!("cannot run `{py}` ({e}): install Python 3 with `pip install openai`, or set RVLLM_PYTHON"),
-    }
-}
-
 #[test]
 fn openai_python_client_against_smollm2() {
-    let python = python_with_openai();
     let model = smollm2_gguf();
     let expect = json!({
         "max_tokens": MAX_TOKENS,
@@ -113,29 +97,14 @@ fn openai_python_client_against_smollm2() {
         ],
         &[],
     );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join("test_openai_client.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .env("RVLLM_BASE_URL", format!("http://{}/v1", s.addr))
-        .env("RVLLM_MODEL", "smollm2")
-        .env("RVLLM_EXPECT", expect.to_string())
-        .output()
-        .expect("running the python test");
-    let report = format!(
-        "{}{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        s.log()
-    );
-    assert!(
-        out.status.success(),
-        "the openai client tests failed:\n{report}"
-    );
-    assert!(
-        report.contains("\nOK"),
-        "unittest did not report OK:\n{report}"
+    server_common::run_openai_unittest(
+        &s,
+        &[server_common::python_script("test_openai_client.py")],
+        &[
+            ("RVLLM_BASE_URL", format!("http://{}/v1", s.addr)),
+            ("RVLLM_MODEL", "smollm2".into()),
+            ("RVLLM_EXPECT", expect.to_string()),
+        ],
     );
     // Everything the client did is finished and freed.
     s.wait_metrics(

@@ -231,7 +231,6 @@ fn generate_chat(model: &Path, message: &str, max_tokens: usize) -> String {
 
 #[test]
 fn openai_client_reads_reasoning_content_from_smollm2() {
-    let python = std::env::var("RVLLM_PYTHON").unwrap_or_else(|_| "python3".into());
     let model = smollm2_gguf();
     let message = "Name three colors of the rainbow.";
     let max_tokens = 12;
@@ -251,28 +250,13 @@ fn openai_client_reads_reasoning_content_from_smollm2() {
         ],
         &[],
     );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join("test_openai_reasoning.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .env("RVLLM_BASE_URL", format!("http://{}/v1", s.addr))
-        .env("RVLLM_MODEL", "smollm2")
-        .env("RVLLM_EXPECT", expect.to_string())
-        .output()
-        .expect("running the python test");
-    let report = format!(
-        "{}{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        s.log()
-    );
-    assert!(
-        out.status.success(),
-        "the openai client tests failed:\n{report}"
-    );
-    assert!(
-        report.contains("\nOK"),
-        "unittest did not report OK:\n{report}"
+    server_common::run_openai_unittest(
+        &s,
+        &[server_common::python_script("test_openai_reasoning.py")],
+        &[
+            ("RVLLM_BASE_URL", format!("http://{}/v1", s.addr)),
+            ("RVLLM_MODEL", "smollm2".into()),
+            ("RVLLM_EXPECT", expect.to_string()),
+        ],
     );
 }

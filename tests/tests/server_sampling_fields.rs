@@ -100,43 +100,16 @@ class SamplingFields(unittest.TestCase):
 unittest.main(verbosity=2)
 "#;
 
-/// A Python that can `import openai`: $RVLLM_PYTHON, else python3 from PATH.
-fn python_with_openai() -> String {
-    let py = std::env::var("RVLLM_PYTHON").unwrap_or_else(|_| "python3".into());
-    match Command::new(&py).args(["-c", "import openai"]).output() {
-        Ok(o) if o.status.success() => py,
-        Ok(o) => panic!(
-            "`{py}` cannot import the openai package ({}): `pip install openai`, or set RVLLM_PYTHON to a Python \
-             that has it",
-            String::from_utf8_lossy(&o.stderr).trim()
-        ),
-        Err(e) => panic!("cannot run `{py}` ({e}): install Python 3 with `pip install openai`, or set RVLLM_PYTHON"),
-    }
-}
-
 #[test]
 fn openai_client_logit_bias_allowed_token_ids_and_bad_words() {
-    let python = python_with_openai();
     let s = Server::start(&tiny_model(), &["--served-model-name", MODEL], &[]);
-    let out = Command::new(&python)
-        .args(["-c", SCRIPT])
-        .env("RVLLM_BASE_URL", format!("http://{}", s.addr))
-        .env("RVLLM_MODEL", MODEL)
-        .output()
-        .expect("running the python client");
-    let report = format!(
-        "{}{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        s.log()
-    );
-    assert!(
-        out.status.success(),
-        "the openai client tests failed:\n{report}"
-    );
-    assert!(
-        report.contains("\nOK"),
-        "unittest did not report OK:\n{report}"
+    server_common::run_openai_unittest(
+        &s,
+        &["-c", SCRIPT],
+        &[
+            ("RVLLM_BASE_URL", format!("http://{}", s.addr)),
+            ("RVLLM_MODEL", MODEL.into()),
+        ],
     );
     s.wait_metrics(
         std::time::Duration::from_secs(10),

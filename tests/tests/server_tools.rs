@@ -402,32 +402,16 @@ fn few_shot(city: &str) -> Value {
 
 #[test]
 fn openai_client_round_trips_tool_calls_with_smollm2() {
-    let python = std::env::var("RVLLM_PYTHON").unwrap_or_else(|_| "python3".into());
     let dir = tempfile::tempdir().unwrap();
     let s = smollm2_server(dir.path());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join("test_openai_tools.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .env("RVLLM_BASE_URL", format!("http://{}/v1", s.addr))
-        .env("RVLLM_MODEL", "smollm2")
-        .env("RVLLM_TOOLS", WEATHER)
-        .env("RVLLM_FEW_SHOT", few_shot("Paris").to_string())
-        .output()
-        .expect("running the python test");
-    let report = format!(
-        "{}{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        s.log()
-    );
-    assert!(
-        out.status.success(),
-        "the openai client tests failed:\n{report}"
-    );
-    assert!(
-        report.contains("\nOK"),
-        "unittest did not report OK:\n{report}"
+    server_common::run_openai_unittest(
+        &s,
+        &[server_common::python_script("test_openai_tools.py")],
+        &[
+            ("RVLLM_BASE_URL", format!("http://{}/v1", s.addr)),
+            ("RVLLM_MODEL", "smollm2".into()),
+            ("RVLLM_TOOLS", WEATHER.to_string()),
+            ("RVLLM_FEW_SHOT", few_shot("Paris").to_string()),
+        ],
     );
 }

@@ -415,29 +415,13 @@ fn openai_client_parse_returns_a_pydantic_object() {
     if skip_on_cuda("openai_client_parse_returns_a_pydantic_object") {
         return;
     }
-    let python = std::env::var("RVLLM_PYTHON").unwrap_or_else(|_| "python3".into());
     let s = smollm2_server();
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join("test_openai_structured.py");
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .env("RVLLM_BASE_URL", format!("http://{}/v1", s.addr))
-        .env("RVLLM_MODEL", "smollm2")
-        .output()
-        .expect("running the python test");
-    let report = format!(
-        "{}{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        s.log()
-    );
-    assert!(
-        out.status.success(),
-        "the openai client tests failed:\n{report}"
-    );
-    assert!(
-        report.contains("\nOK"),
-        "unittest did not report OK:\n{report}"
+    server_common::run_openai_unittest(
+        &s,
+        &[server_common::python_script("test_openai_structured.py")],
+        &[
+            ("RVLLM_BASE_URL", format!("http://{}/v1", s.addr)),
+            ("RVLLM_MODEL", "smollm2".into()),
+        ],
     );
 }

@@ -359,3 +359,57 @@ pub fn idle_and_no_leak(m: &str) -> bool {
         && metric(m, "rvllm:num_requests_waiting") == 0.0
         && metric(m, "rvllm:kv_cache_free_blocks") == metric(m, "rvllm:kv_cache_total_blocks")
 }
+
+/// A Python that can `import openai`: $RVLLM_PYTHON, else python3 from PATH. Without the
+/// package the test fails saying how to get it (`cargo xtask test` provides one).
+pub fn python_with_openai() -> String {
+    let py = std::env::var("RVLLM_PYTHON").unwrap_or_else(|_| "python3".into());
+    match Command::new(&py).args(["-c", "import openai"]).output() {
+        Ok(o) if o.status.success() => py,
+        Ok(o) => panic!(
+            "`{py}` cannot import the openai package ({}): `pip install openai`, or set \
+             RVLLM_PYTHON to a Python that has it",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => panic!(
+            "cannot run `{py}` ({e}): install Python 3 with `pip install openai`, or set \
+             RVLLM_PYTHON"
+        ),
+    }
+}
+
+/// Where the Python client tests live (tests/python).
+pub fn python_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name)
+}
+
+/// Runs a unittest program of the real `openai` client against `server` (`args`: a script
+/// path, or `-c` and code; `env`: what it reads, RVLLM_BASE_URL among it), and fails with its output and the server's log unless it exits 0 with
+/// unittest's `OK`.
+pub fn run_openai_unittest<A: AsRef<std::ffi::OsStr>>(
+    server: &Server,
+    args: &[A],
+    env: &[(&str, String)],
+) {
+    let out = Command::new(python_with_openai())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("running the python client tests");
+    let report = format!(
+        "{}{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    assert!(
+        out.status.success(),
+        "the openai client tests failed:\n{report}"
+    );
+    assert!(
+        report.contains("\nOK"),
+        "unittest did not report OK:\n{report}"
+    );
+}
