@@ -304,7 +304,7 @@ fn the_engine_gives_the_same_greedy_tokens_over_ranks_batched_and_preempted() {
                 );
             }
             let heads = load(&dir).0.num_attention_heads;
-            for tp in [2, 4].into_iter().filter(|tp| heads % tp == 0) {
+            for tp in [2, 4].into_iter().filter(|tp| heads.is_multiple_of(*tp)) {
                 let (got, p) = greedy(&mut engine(&dir, tp, blocks), &prompts, NEW);
                 assert_eq!(got, want, "{name}: TP {tp}, {blocks} blocks");
                 assert_eq!(p, preempted, "{name}: TP {tp} schedules as TP 1");
@@ -327,4 +327,66 @@ fn the_engine_refuses_a_size_that_does_not_split_the_model() {
     };
     let err = format!("{:#}", Llm::new(&args).err().expect("2 heads over 4 ranks"));
     assert!(err.contains("num_attention_heads (2)"), "{err}");
+}
+
+/// `rvllm generate --device cpu --tensor-parallel-size N` as users run it: the same greedy
+/// completions for 1, 2 and 4 ranks; a size that does not split the model fails naming why.
+#[test]
+fn rvllm_generate_takes_the_flag() {
+    let model = fixtures().join("tiny/llama3");
+    let run = |tp: &str| {
+        let out = std::process::Command::new(rvllm_tests::rvllm_bin())
+            .args([
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ])
+            .args([
+                "--tensor-parallel-size",
+                tp,
+                "--prompt",
+                "Hello there",
+                "--prompt",
+            ])
+            .args([
+                "The capital of France is",
+                "--temperature",
+                "0",
+                "--ignore-eos",
+            ])
+            .args([
+                "--max-tokens",
+                "12",
+                "--output",
+                "json",
+                "--disable-progress",
+            ])
+            .output()
+            .expect("running the rvllm binary");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stdout, stderr)
+    };
+    let texts = |stdout: &str| -> Vec<serde_json::Value> {
+        let doc: serde_json::Value = serde_json::from_str(stdout).expect("--output json");
+        doc["outputs"]
+            .as_array()
+            .expect("outputs")
+            .iter()
+            .map(|o| o["outputs"].clone())
+            .collect()
+    };
+    let (ok, one, err) = run("1");
+    assert!(ok, "TP 1 failed: {err}");
+    let twelve = |o: &serde_json::Value| o[0]["token_ids"].as_array().map(Vec::len) == Some(12);
+    assert!(texts(&one).iter().all(twelve), "{one}");
+    for tp in ["2", "4"] {
+        let (ok, got, err) = run(tp);
+        assert!(ok, "TP {tp} failed: {err}");
+        assert_eq!(texts(&got), texts(&one), "TP {tp}");
+    }
+    let (ok, _, err) = run("3");
+    assert!(!ok && err.contains("num_attention_heads"), "TP 3: {err}");
 }
