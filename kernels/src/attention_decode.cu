@@ -2,7 +2,7 @@
 // write fused in, reading the older K/V from the paged cache.
 //
 // Kernels (all extern "C"):
-//   paged_attention_decode_hd{64,128}_g{1,2,4,8}(
+//   paged_attention_decode_hd{64,128,256}_g{1,2,4,8}(
 //       out, partial_out, partial_ml, semaphores, q, k_new, v_new, qkv_stride, key_cache,
 //       value_cache, block_tables, context_lens, positions, slot_mapping, inv_freq, scale,
 //       num_heads, num_kv_heads, block_size, max_blocks_per_seq, target_partitions)
@@ -48,7 +48,7 @@
 //     grid (num_heads, num_seqs), block 256 (128 works); head_dim a multiple of 4, at most 256;
 //     depth at most 2048.
 //
-//   paged_attention_decode_compact_hd{64,128}_g{1,2,4,8}: the same arguments and results
+//   paged_attention_decode_compact_hd{64,128}_g{1,2,4,8} (no head dim 256): the same arguments and results
 //     (semaphores unused, dynamic shared memory compact_smem_bytes<HD, GT>()); the engine
 //     uses it at batch 1 (see the kernel below and CudaBackend::decode_attention).
 //
@@ -843,6 +843,13 @@ RVLLM_DECODE_ATTENTION(128, 1)
 RVLLM_DECODE_ATTENTION(128, 2)
 RVLLM_DECODE_ATTENTION(128, 4)
 RVLLM_DECODE_ATTENTION(128, 8)
+// Head dim 256 (Gemma 3): the full kernel only (16 lanes a key row; sm_90a: the same
+// registers as head dim 128 and no spills); the compact kernel holds 64 or 128, so batch 1
+// runs the full one too.
+RVLLM_DECODE_ATTENTION(256, 1)
+RVLLM_DECODE_ATTENTION(256, 2)
+RVLLM_DECODE_ATTENTION(256, 4)
+RVLLM_DECODE_ATTENTION(256, 8)
 
 // Combines the partitions of one (sequence, head): weights w_p = l_p * 2^(m_p - M) in shared
 // memory, then every thread sums a float4 column slice over a strided subset of the partitions

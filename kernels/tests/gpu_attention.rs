@@ -3,10 +3,10 @@
 //! `rvllm_kernels::reference::paged_attention`, on fresh random inputs (seed printed;
 //! RVLLM_TEST_SEED replays one), outputs poisoned before each launch, cache slots that no
 //! sequence owns filled with NaN (a read outside a context shows); GQA group sizes 1..16, head
-//! dims 64 and 128, contexts from 1 token to several KV blocks and partitions. Every case runs
-//! in both element types the kernels are built for, bf16 and f16 (the `_f16` modules), each
-//! with its inputs and the kernels' intermediate stores rounded to that type and at that
-//! type's tolerance.
+//! dims 64, 128 and 256 (decode; prefill's windowed builds also 80 and 96), contexts from 1
+//! token to several KV blocks and partitions. Every case runs in both element types the
+//! kernels are built for, bf16 and f16 (the `_f16` modules), each with its inputs and the
+//! kernels' intermediate stores rounded to that type and at that type's tolerance.
 //!
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns.
 mod gpu_harness;
@@ -290,6 +290,9 @@ fn paged_attention_decode_matches_reference() {
         (12, 2, 64, &[40, 77], 2, 2),          // 77: 2 x 64
         (32, 8, 128, &[3000, 65], 33, 5),      // 3000: 24 x 128, five a block
         (64, 8, 128, &[200, 900], 3, 3),       // GQA group 8
+        (8, 4, 256, &[1, 40, 700], 2, 2),      // head dim 256 (Gemma 3): 700 = 2 x 384
+        (16, 2, 256, &[300, 65], 33, 5),       // 256, group 8, partitions of 64
+        (4, 1, 256, &[1000], 1, 1),            // 256, group 4, 2 x 512 in one block
     ];
     for e in Elem::BOTH {
         let ty = e.name();
@@ -335,7 +338,13 @@ fn paged_attention_decode_matches_reference() {
                 max_blocks_per_seq: c.max_blocks,
             };
             let want = cpu::paged_attention(&q, stride, nh, &c.paged(), &batch, scale);
-            for (fold, compact) in [(true, false), (false, false), (false, true)] {
+            // Head dim 256 has no compact build.
+            let variants: &[(bool, bool)] = if hd == 256 {
+                &[(true, false), (false, false)]
+            } else {
+                &[(true, false), (false, false), (false, true)]
+            };
+            for &(fold, compact) in variants {
                 let step = DecodeStep {
                     qkv_h: &qkv_h,
                     stride,

@@ -7,7 +7,9 @@ use super::AttentionLayout;
 use crate::types::DecoderSpec;
 
 /// Head sizes with prefill and decode attention kernels (kernels/src/attention_*.cu).
-pub const GPU_HEAD_DIMS: [usize; 2] = [64, 128];
+/// Head dim 256 (Gemma 3) runs decode's full kernel at every batch size and the windowed
+/// prefill build.
+pub const GPU_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
 /// Refuses what the CUDA backend's kernels do not do yet. `context_len` is the longest
 /// context the model will see (`--max-model-len`, else `max_position_embeddings`).

@@ -75,6 +75,14 @@ fn qk_norm_geglu_and_the_embedding_scale_run_on_the_gpu() {
     check_gpu_decoder(&DecoderSpec::new(&c), c.context_len()).unwrap();
 }
 
+/// Head dim 256 (Gemma 3) has decode (full kernel) and prefill (windowed build) kernels.
+#[test]
+fn head_dim_256_runs_on_the_gpu() {
+    let mut c = config();
+    c.head_dim = 256;
+    check_gpu_decoder(&DecoderSpec::new(&c), c.context_len()).unwrap();
+}
+
 #[test]
 fn mixture_of_experts_models_are_refused_with_the_layer_named() {
     let mut c = config();

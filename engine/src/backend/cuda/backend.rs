@@ -501,10 +501,9 @@ impl CudaBackend {
         // same tokens (the two kernels round differently).
         let compact = self.decode_compact && step.num_decode == 1;
         let (kernel, gt) = Self::decode_kernel(hd, group, compact)?;
-        let smem = if compact {
-            decode_smem::compact(hd, gt)
-        } else {
-            decode_smem::full(gt)
+        let smem = match kernel {
+            DecodeKernel::Compact(_) => decode_smem::compact(hd, gt),
+            DecodeKernel::Full(_) => decode_smem::full(gt),
         };
         let (po, pml) = (self.partial_out.ptr, self.partial_ml.ptr);
         let (bt, cl, pos, slots) = (
@@ -588,9 +587,11 @@ impl CudaBackend {
             return Ok(());
         }
         let hd = layout.head_dim;
-        let Some(&(_, kernel)) = kernels::PREFILL.iter().find(|p| p.0 == hd) else {
-            bail!("no prefill attention kernel for head_dim {hd} (built: 64, 128)");
-        };
+        let plain = kernels::PREFILL.iter().find(|p| p.0 == hd).map(|p| p.1);
+        let windowed = kernels::PREFILL_WINDOWED
+            .iter()
+            .find(|p| p.0 == hd)
+            .map(|p| p.1);
         let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
         let (nh, nkv) = (layout.num_heads as i32, layout.num_kv_heads as i32);
         let bs = cache.shape.block_size as i32;
@@ -607,26 +608,30 @@ impl CudaBackend {
             layout.num_heads as u32,
             num_prefill as u32,
         );
-        self.launch(
-            kernel,
-            grid,
-            128,
-            args::PrefillAttention {
-                out: o,
-                q,
-                key_cache: kc,
-                value_cache: vc,
-                cu_seqlens_q: cu,
-                context_lens: cl,
-                block_tables: bt,
-                scale,
-                num_heads: nh,
-                num_kv_heads: nkv,
-                block_size: bs,
-                max_blocks_per_seq: maxb,
-                q_stride,
-            },
-        )
+        let a = args::PrefillAttention {
+            out: o,
+            q,
+            key_cache: kc,
+            value_cache: vc,
+            cu_seqlens_q: cu,
+            context_lens: cl,
+            block_tables: bt,
+            scale,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            block_size: bs,
+            max_blocks_per_seq: maxb,
+            q_stride,
+        };
+        match (plain, windowed) {
+            (Some(kernel), _) => self.launch(kernel, grid, 128, a),
+            // Head dims the plain builds lack (256) run the windowed build with no window and
+            // no cap (gpu_support refuses both until decode attention honours them).
+            (None, Some(kernel)) => self.launch(kernel, grid, 128, windowed_args(a, 0, 0.0)),
+            (None, None) => {
+                bail!("no prefill attention kernel for head_dim {hd} (built: 64, 80, 96, 128, 256)")
+            }
+        }
     }
 
     /// `logits[i] = cap * tanh(logits[i] / cap)` over `n` values in the compute type, in place
@@ -767,11 +772,19 @@ impl CudaBackend {
             3 | 4 => 4,
             _ => 8,
         };
+        // Head dims without a compact build run the full kernel at every batch size (one
+        // kernel per model and batch size, so graphs and eager steps still agree).
+        if let Some(&(_, _, full)) = kernels::DECODE_FULL_ONLY
+            .iter()
+            .find(|&&(hd, g, _)| hd == head_dim && g == gt)
+        {
+            return Ok((DecodeKernel::Full(full), gt));
+        }
         let Some(&(_, _, full, small)) = kernels::DECODE
             .iter()
             .find(|&&(hd, g, _, _)| hd == head_dim && g == gt)
         else {
-            bail!("no decode attention kernel for head_dim {head_dim} (built: 64, 128)");
+            bail!("no decode attention kernel for head_dim {head_dim} (built: 64, 128, 256)");
         };
         let kernel = if compact {
             DecodeKernel::Compact(small)
@@ -799,6 +812,47 @@ impl DecodeKernel {
             DecodeKernel::Full(k) => k.of(dtype),
             DecodeKernel::Compact(k) => k.of(dtype),
         }
+    }
+}
+
+/// The windowed prefill kernel's arguments: the plain kernel's and the window and soft-cap
+/// (0: none).
+fn windowed_args(
+    a: args::PrefillAttention,
+    window: i32,
+    softcap: f32,
+) -> args::PrefillAttentionWindowed {
+    let args::PrefillAttention {
+        out,
+        q,
+        key_cache,
+        value_cache,
+        cu_seqlens_q,
+        context_lens,
+        block_tables,
+        scale,
+        num_heads,
+        num_kv_heads,
+        block_size,
+        max_blocks_per_seq,
+        q_stride,
+    } = a;
+    args::PrefillAttentionWindowed {
+        out,
+        q,
+        key_cache,
+        value_cache,
+        cu_seqlens_q,
+        context_lens,
+        block_tables,
+        scale,
+        num_heads,
+        num_kv_heads,
+        block_size,
+        max_blocks_per_seq,
+        q_stride,
+        window,
+        softcap,
     }
 }
 
@@ -1649,7 +1703,17 @@ mod tests {
         let e = CudaBackend::decode_kernel(96, 1, false)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("head_dim 96") && e.contains("64, 128"), "{e}");
+        assert!(
+            e.contains("head_dim 96") && e.contains("64, 128, 256"),
+            "{e}"
+        );
+        // Head dim 256 has no compact build: batch 1 runs the full kernel.
+        let (k256, gt) = CudaBackend::decode_kernel(256, 2, true).unwrap();
+        assert_eq!(gt, 2);
+        assert_eq!(
+            k256.of(GpuDtype::Bf16),
+            ("attention_decode", "paged_attention_decode_hd256_g2")
+        );
     }
 
     #[test]

@@ -78,6 +78,20 @@ pub const DECODE_REDUCE: Kernel<args::PagedAttentionDecodeReduce> = kernel!(
     "paged_attention_decode_reduce",
     "paged_attention_decode_reduce_f16"
 );
+macro_rules! prefill_windowed {
+    ($hd:literal) => {
+        (
+            $hd,
+            kernel!(
+                args::PrefillAttentionWindowed,
+                "attention_prefill",
+                concat!("paged_attention_prefill_windowed_hd", $hd),
+                concat!("paged_attention_prefill_windowed_hd", $hd, "_f16")
+            ),
+        )
+    };
+}
+
 /// Prefill attention by head dim (the built ones).
 pub const PREFILL: [(usize, Kernel<args::PrefillAttention>); 2] = [
     (
@@ -98,6 +112,16 @@ pub const PREFILL: [(usize, Kernel<args::PrefillAttention>); 2] = [
             "paged_attention_prefill_hd128_f16"
         ),
     ),
+];
+
+/// Prefill attention with a sliding window and soft-cap (0 and 0.0: none), by head dim; the
+/// engine runs the head dims the plain builds lack (256) through it.
+pub const PREFILL_WINDOWED: [(usize, Kernel<args::PrefillAttentionWindowed>); 5] = [
+    prefill_windowed!(64),
+    prefill_windowed!(80),
+    prefill_windowed!(96),
+    prefill_windowed!(128),
+    prefill_windowed!(256),
 ];
 
 /// gemv_bulk.cu: `gemv_bulk_<variant>bf16_b1` and its f16 build (4 pipeline stages; the
@@ -142,6 +166,21 @@ macro_rules! decode_kernels {
     };
 }
 
+macro_rules! decode_full {
+    ($hd:literal, $gt:literal) => {
+        (
+            $hd,
+            $gt,
+            kernel!(
+                args::DecodeAttention,
+                "attention_decode",
+                concat!("paged_attention_decode_hd", $hd, "_g", $gt),
+                concat!("paged_attention_decode_hd", $hd, "_g", $gt, "_f16")
+            ),
+        )
+    };
+}
+
 /// The decode attention kernels of attention_decode.cu.
 #[allow(clippy::type_complexity)]
 pub const DECODE: [(
@@ -159,6 +198,15 @@ pub const DECODE: [(
     (128, 4),
     (128, 8)
 );
+
+/// Decode attention with no compact build (head dim 256): (head dim, query heads a block,
+/// the full kernel), which batch 1 runs too.
+pub const DECODE_FULL_ONLY: [(usize, usize, Kernel<args::DecodeAttention>); 4] = [
+    decode_full!(256, 1),
+    decode_full!(256, 2),
+    decode_full!(256, 4),
+    decode_full!(256, 8),
+];
 
 /// Every entry point above.
 pub fn all() -> Vec<NamedKernel> {
@@ -191,6 +239,8 @@ pub fn all() -> Vec<NamedKernel> {
         k.push(bulk.named());
     }
     k.extend(DECODE.iter().flat_map(|d| [d.2.named(), d.3.named()]));
+    k.extend(PREFILL_WINDOWED.iter().map(|p| p.1.named()));
+    k.extend(DECODE_FULL_ONLY.iter().map(|d| d.2.named()));
     k
 }
 
@@ -204,7 +254,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 16 + 2 + 5 + 16);
+        assert_eq!(all.len(), 16 + 2 + 5 + 16 + 5 + 4);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);
