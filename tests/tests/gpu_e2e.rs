@@ -34,9 +34,9 @@ const TINY_MIN_LOGPROB_TOL: f32 = 0.25;
 /// f16, graphs and eager (and on the CPU, exactly). Qwen3 adds per-head q/k RMSNorm, Phi-3
 /// partial rotary (96 of 128 dims) with LongRoPE's attention factor, fused projections and a
 /// 282-token prompt. Not here:
-/// `qwen3_yarn` and `gemma2` are float32 fixtures without a bf16 agreement record; Gemma 2
-/// and 3 need the attention soft-cap, head_dim 256 and the sliding window, which the CUDA
-/// kernels refuse.
+/// `qwen3_yarn` and `gemma2` are float32 fixtures without a bf16 agreement record; Gemma 3
+/// (head_dim 256 runs) needs its local layers' sliding window and RoPE base in decode
+/// attention, Gemma 2 also the attention soft-cap, which the CUDA backend still refuses.
 const GPU_FIXTURES: [&str; 4] = ["llama3_hd64", "qwen2_hd128", "qwen3", "phi3"];
 
 /// A fixture's prompts in the groups it must run in, each with its `--max-model-len`. LongRoPE
