@@ -586,7 +586,11 @@ fn token_bitmask_matches_the_cpu_reference() {
                 let m = m as usize;
                 cpu::apply_token_bitmask(&mut want, &masks[m * words..(m + 1) * words]);
             }
-            for (t, (a, b)) in got[row * vocab..(row + 1) * vocab].iter().zip(&want).enumerate() {
+            for (t, (a, b)) in got[row * vocab..(row + 1) * vocab]
+                .iter()
+                .zip(&want)
+                .enumerate()
+            {
                 assert!(
                     a.to_bits() == b.to_bits(),
                     "vocab {vocab}, row {row} (mask {m}), token {t}: GPU {a} vs CPU {b}"

@@ -122,7 +122,7 @@ fn refused(flags: &[&str], words: &str) {
 
 #[test]
 fn flags_rvllm_cannot_honour_fail_at_once_with_the_reason() {
-    refused(&["--tensor-parallel-size", "2"], "one GPU");
+    refused(&["--tensor-parallel-size", "3"], "num_attention_heads");
     refused(&["--pipeline-parallel-size", "2"], "one GPU");
     refused(&["--data-parallel-size", "2"], "load balancer");
     refused(&["--dtype", "float16"], "computes in float32");

@@ -166,11 +166,15 @@ impl EngineCore {
             load_format,
             progress: !args.disable_progress,
         };
-        let kv_cache_dtype =
-            KvCacheDtype::parse(args.kv_cache_dtype.as_deref().unwrap_or("auto"))?;
+        let kv_cache_dtype = KvCacheDtype::parse(args.kv_cache_dtype.as_deref().unwrap_or("auto"))?;
         let mut model: LoadedModel = load_model(&args.model, &opts)
             .with_context(|| format!("loading model `{}`", args.model))?;
-        apply_runtime_options(&mut model, args.quantization.as_deref(), kv_cache_dtype, device)?;
+        apply_runtime_options(
+            &mut model,
+            args.quantization.as_deref(),
+            kv_cache_dtype,
+            device,
+        )?;
         let tokenizer = model.tokenizer.take();
         // What the model may see decides LongRoPE's factors and whether a window matters.
         model.config.family.max_model_len = args.max_model_len;
