@@ -39,7 +39,9 @@ enum BenchCommand {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(rvllm::cli::vllm_aliases::expand_vllm_aliases(
+        std::env::args_os(),
+    ));
     if cli.version {
         println!("{}", rvllm::version_string());
         return;

@@ -2,3 +2,4 @@
 pub mod generate;
 pub mod progress;
 pub mod sampling_flags;
+pub mod vllm_aliases;
