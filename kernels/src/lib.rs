@@ -259,7 +259,8 @@ mod tests {
         assert!(!args::ElemToF32::takes("f32_to_bf16"));
         assert!(args::GemvBulk::takes("gemv_bulk_silu_add_f16_b1"));
         assert!(args::GemvBulk::takes("gemv_bulk_norm_bf16_s6_b1"));
-        assert_eq!(args::DecodeAttention::ENTRIES.len(), 8);
+        // Head dims 64 and 128 at groups 1, 2, 4, 8; head dim 256 (full kernel only) at the same.
+        assert_eq!(args::DecodeAttention::ENTRIES.len(), 12);
         assert!(args::DecodeAttentionCompact::takes(
             "paged_attention_decode_compact_hd128_g4_f16"
         ));
