@@ -4,7 +4,7 @@
 mod install_support;
 
 use install_support::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// A prefix with 0.1.0 installed, and a second prefix path that does not exist yet.
 fn prefixes(server: &Server) -> (tempfile::TempDir, PathBuf, PathBuf) {
@@ -197,11 +197,14 @@ fn dot_dot_entry_is_refused() {
 fn absolute_path_entry_is_refused() {
     let server = Server::start(&release_tree());
     let (manifest, bin) = genuine_parts();
+    // An absolute name on this machine (the temp folder), which extraction must not write.
+    let target = std::env::temp_dir().join("rvllm-absolute-entry");
+    let target_name = target.to_str().expect("a UTF-8 temp folder");
     serve_as_commit_020(
         &server,
         gz(|t| {
             raw_entry(t, "manifest.json", b'0', "", &manifest);
-            raw_entry(t, "/tmp/rvllm-absolute-entry", b'0', "", b"pwned");
+            raw_entry(t, target_name, b'0', "", b"pwned");
             raw_entry(t, "bin/rvllm", b'0', "", &bin);
         }),
     );
@@ -210,7 +213,7 @@ fn absolute_path_entry_is_refused() {
         &["--commit", COMMIT_020, "--cuda", "cpu"],
         &["absolute"],
     );
-    assert!(!Path::new("/tmp/rvllm-absolute-entry").exists());
+    assert!(!target.exists());
 }
 
 #[test]

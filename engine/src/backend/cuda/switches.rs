@@ -191,12 +191,12 @@ mod tests {
             ("RVLLM_GEMV_EVICT_FIRST", "0"),
             ("RVLLM_PROFILE_KERNELS", "1"),
             ("RVLLM_SKIP_KERNELS", "rope_and, reduce "),
-            ("RVLLM_TRACE_BLOCKS", "/tmp/t.bin"),
+            ("RVLLM_TRACE_BLOCKS", "trace.bin"),
         ])
         .unwrap();
         assert!(!s.pdl && !s.decode_compact && !s.gemv_evict_first && s.profile_kernels);
         assert_eq!(s.skip_kernels, ["rope_and", "reduce"]);
-        assert_eq!(s.trace_blocks.as_deref(), Some("/tmp/t.bin"));
+        assert_eq!(s.trace_blocks.as_deref(), Some("trace.bin"));
         assert!(settings(&[("RVLLM_TRACE_BLOCKS", " ")])
             .unwrap()
             .trace_blocks
