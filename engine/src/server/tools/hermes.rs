@@ -96,13 +96,6 @@ impl ToolCallParser for HermesParser {
 mod tests {
     use super::super::{parse_whole, ToolCall, ToolParserName::Hermes};
 
-    fn call(name: &str, args: &str) -> ToolCall {
-        ToolCall {
-            name: name.into(),
-            arguments: args.into(),
-        }
-    }
-
     #[test]
     fn calls_and_content_as_vllm_reads_them() {
         let d = parse_whole(
@@ -112,7 +105,10 @@ mod tests {
         assert_eq!(d.content, "Let me check.");
         assert_eq!(
             d.calls,
-            vec![call("get_weather", r#"{"city": "Paris"}"#), call("t", "{}")]
+            vec![
+                ToolCall::new("get_weather", r#"{"city": "Paris"}"#),
+                ToolCall::new("t", "{}")
+            ]
         );
         // Open at the end but complete.
         let d = parse_whole(
@@ -121,7 +117,7 @@ mod tests {
         );
         assert_eq!(
             (d.content.as_str(), d.calls),
-            ("", vec![call("f", r#"{"a": 1}"#)])
+            ("", vec![ToolCall::new("f", r#"{"a": 1}"#)])
         );
         // Broken JSON, cut-off JSON and non-calls stay content, as written.
         for text in [
@@ -139,7 +135,7 @@ mod tests {
             "<tool_call>oops <tool_call>{\"name\": \"f\"}</tool_call>",
         );
         assert_eq!(d.content, "<tool_call>oops");
-        assert_eq!(d.calls, vec![call("f", "{}")]);
+        assert_eq!(d.calls, vec![ToolCall::new("f", "{}")]);
         let d = parse_whole(Hermes, "No tools needed.\n");
         assert_eq!(d.content, "No tools needed.\n");
     }

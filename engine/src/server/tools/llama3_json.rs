@@ -4,7 +4,7 @@
 //! by `;`. Any other output is content. From the first text that is not a call on, the
 //! rest of the output is content, as written.
 use super::json::{call_from_object, GrowingScan, Scan};
-use super::{ToolCallParser, ToolDelta};
+use super::{BufferedParser, ToolDelta};
 
 const PYTHON_TAG: &str = "<|python_tag|>";
 const ARGS: &[&str] = &["parameters", "arguments"];
@@ -33,7 +33,7 @@ pub struct Llama3JsonParser {
 }
 
 impl Llama3JsonParser {
-    fn step(&mut self, out: &mut ToolDelta, at_end: bool) {
+    fn read(&mut self, out: &mut ToolDelta, at_end: bool) {
         loop {
             match self.state {
                 State::Content => {
@@ -96,18 +96,13 @@ impl Llama3JsonParser {
     }
 }
 
-impl ToolCallParser for Llama3JsonParser {
-    fn push(&mut self, text: &str) -> ToolDelta {
-        let mut out = ToolDelta::default();
-        self.buf.push_str(text);
-        self.step(&mut out, false);
-        out
+impl BufferedParser for Llama3JsonParser {
+    fn buffer(&mut self) -> &mut String {
+        &mut self.buf
     }
 
-    fn finish(&mut self) -> ToolDelta {
-        let mut out = ToolDelta::default();
-        self.step(&mut out, true);
-        out
+    fn step(&mut self, out: &mut ToolDelta, at_end: bool) {
+        self.read(out, at_end)
     }
 }
 
@@ -125,14 +120,8 @@ mod tests {
         assert_eq!(
             d.calls,
             vec![
-                ToolCall {
-                    name: "get_weather".into(),
-                    arguments: r#"{"city": "Paris"}"#.into()
-                },
-                ToolCall {
-                    name: "t".into(),
-                    arguments: "{}".into()
-                }
+                ToolCall::new("get_weather", r#"{"city": "Paris"}"#),
+                ToolCall::new("t", "{}")
             ]
         );
         let d = parse_whole(

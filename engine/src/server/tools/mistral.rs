@@ -141,13 +141,6 @@ impl ToolCallParser for MistralParser {
 mod tests {
     use super::super::{parse_whole, ToolCall, ToolParserName::Mistral};
 
-    fn call(name: &str, args: &str) -> ToolCall {
-        ToolCall {
-            name: name.into(),
-            arguments: args.into(),
-        }
-    }
-
     #[test]
     fn both_forms() {
         let d = parse_whole(
@@ -157,7 +150,10 @@ mod tests {
         assert_eq!(d.content, "Sure.");
         assert_eq!(
             d.calls,
-            vec![call("get_weather", r#"{"city": "Paris"}"#), call("t", "{}")]
+            vec![
+                ToolCall::new("get_weather", r#"{"city": "Paris"}"#),
+                ToolCall::new("t", "{}")
+            ]
         );
         let d = parse_whole(
             Mistral,
@@ -167,8 +163,8 @@ mod tests {
         assert_eq!(
             d.calls,
             vec![
-                call("get_weather", r#"{"city": "Paris"}"#),
-                call("get_time", "{}")
+                ToolCall::new("get_weather", r#"{"city": "Paris"}"#),
+                ToolCall::new("get_time", "{}")
             ]
         );
         for text in [

@@ -36,6 +36,15 @@ pub struct ToolCall {
     pub arguments: String,
 }
 
+impl ToolCall {
+    pub fn new(name: impl Into<String>, arguments: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            arguments: arguments.into(),
+        }
+    }
+}
+
 /// What a piece of output holds: content text and the calls completed in it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ToolDelta {
@@ -56,6 +65,28 @@ pub trait ToolCallParser: Send {
     fn push(&mut self, text: &str) -> ToolDelta;
     /// The end of the output: what was held back, settled.
     fn finish(&mut self) -> ToolDelta;
+}
+
+/// A parser that keeps the output it has not released in one buffer and reads it in
+/// `step`, holding back what may still grow into a call until `at_end`.
+trait BufferedParser: Send {
+    fn buffer(&mut self) -> &mut String;
+    fn step(&mut self, out: &mut ToolDelta, at_end: bool);
+}
+
+impl<P: BufferedParser> ToolCallParser for P {
+    fn push(&mut self, text: &str) -> ToolDelta {
+        let mut out = ToolDelta::default();
+        self.buffer().push_str(text);
+        self.step(&mut out, false);
+        out
+    }
+
+    fn finish(&mut self) -> ToolDelta {
+        let mut out = ToolDelta::default();
+        self.step(&mut out, true);
+        out
+    }
 }
 
 /// The parsers served, by vLLM's names.

@@ -286,13 +286,7 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(a).unwrap();
         }
         let d = parse_whole(Pythonic, "<|python_start|>[f(a=1)]<|python_end|>");
-        assert_eq!(
-            d.calls,
-            vec![ToolCall {
-                name: "f".into(),
-                arguments: r#"{"a": 1}"#.into()
-            }]
-        );
+        assert_eq!(d.calls, vec![ToolCall::new("f", r#"{"a": 1}"#)]);
         for text in [
             "The answer is [f(a=1)]",
             "[f(a=1)] and more",

@@ -3,7 +3,7 @@
 //! its object is complete. Only an output cut short (by `max_tokens`) can break the
 //! array; from the first item that is not a complete call on, the rest is content.
 use super::json::{call_from_object, GrowingScan, Scan};
-use super::{ToolCallParser, ToolDelta};
+use super::{BufferedParser, ToolDelta};
 
 #[derive(Debug, Default)]
 pub struct RequiredParser {
@@ -22,7 +22,7 @@ pub struct RequiredParser {
 }
 
 impl RequiredParser {
-    fn step(&mut self, out: &mut ToolDelta, at_end: bool) {
+    fn read(&mut self, out: &mut ToolDelta, at_end: bool) {
         loop {
             if self.content {
                 out.content.push_str(&std::mem::take(&mut self.buf));
@@ -92,17 +92,12 @@ impl RequiredParser {
     }
 }
 
-impl ToolCallParser for RequiredParser {
-    fn push(&mut self, text: &str) -> ToolDelta {
-        let mut out = ToolDelta::default();
-        self.buf.push_str(text);
-        self.step(&mut out, false);
-        out
+impl BufferedParser for RequiredParser {
+    fn buffer(&mut self) -> &mut String {
+        &mut self.buf
     }
 
-    fn finish(&mut self) -> ToolDelta {
-        let mut out = ToolDelta::default();
-        self.step(&mut out, true);
-        out
+    fn step(&mut self, out: &mut ToolDelta, at_end: bool) {
+        self.read(out, at_end)
     }
 }
