@@ -229,6 +229,8 @@ pub struct CudaBackend {
     gemv_evict_first: bool,
     /// Counts the bytes of weights uploaded while a model loads (`set_upload_progress`).
     upload_progress: Mutex<Option<indicatif::ProgressBar>>,
+    /// The NCCL group this backend is a rank of (`nccl.rs`), set once before graphs.
+    pub(super) nccl: std::sync::OnceLock<super::nccl::NcclComm>,
 }
 
 // SAFETY: all device state is used from one thread at a time (the engine thread).
@@ -280,6 +282,7 @@ impl CudaBackend {
             dtype,
             capturing_graph: std::sync::atomic::AtomicBool::new(false),
             upload_progress: Mutex::new(None),
+            nccl: std::sync::OnceLock::new(),
             gemv_bulk,
             gemv_evict_first,
         })
@@ -1486,6 +1489,10 @@ impl Backend for CudaBackend {
             split,
         };
         self.launch(kernels::GEMV_SILU_B1, grid, 256, args)
+    }
+
+    fn all_reduce_sum(&self, x: &mut CudaTensor) -> Result<()> {
+        self.nccl_all_reduce_sum(x)
     }
 
     fn add_inplace(&self, acc: &mut CudaTensor, x: &CudaTensor) -> Result<()> {

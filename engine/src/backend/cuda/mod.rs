@@ -5,6 +5,8 @@ pub mod ceilings;
 pub mod device;
 pub mod elem;
 pub mod kernels;
+pub mod moe;
+pub mod nccl;
 pub mod profiler;
 pub mod switches;
 
