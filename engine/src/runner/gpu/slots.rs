@@ -1,7 +1,9 @@
 //! The GPU sampler's persistent input batch, host side: which device slot holds each live
 //! request's sampling state, and the join records that bring a new request's parameters
 //! and lists to that slot once (vLLM's persistent batch: updated by difference as requests
-//! come and go, never re-uploaded whole). Plain bookkeeping, tested without a GPU.
+//! come and go, never re-uploaded whole); and the grammars of constrained requests
+//! (structured output), whose masks the host builds for each step. Plain bookkeeping,
+//! tested without a GPU.
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
@@ -10,6 +12,7 @@ use rvllm_kernels::sampling_state::{
     SLOT_PENALTIES, STOP_CAP,
 };
 
+use crate::sampling::structured::{bitmask_words, GrammarMatcher, StructuredSupport};
 use crate::sampling::SamplingParams;
 use crate::scheduler::RequestId;
 
@@ -192,6 +195,159 @@ impl JoinBatch {
     }
 }
 
+/// Structured output on the GPU runner, host side: each constrained request's grammar
+/// matcher, advanced by its sampled tokens as their steps are collected, and the masks of a
+/// step's constrained rows in vLLM's layout (bit `t % 32` of word `t / 32`,
+/// `bitmask_words(vocab)` words a row), one mask row per constrained sampled row, compacted.
+/// `row_mask[r]` names sampled row `r`'s mask row, -1 for an unconstrained row, which the
+/// device leaves alone (so unconstrained rows cost no upload and no work).
+///
+/// A mask needs the request's previous token, which lookahead scheduling leaves on the
+/// device: a step with a constrained row whose last token is in a step not yet collected
+/// waits for that step first (`must_wait`; vLLM v1 likewise takes structured-output requests
+/// out of async scheduling's overlap).
+pub struct Grammars {
+    support: StructuredSupport,
+    vocab: usize,
+    eos: Vec<u32>,
+    by_request: HashMap<RequestId, Grammar>,
+}
+
+struct Grammar {
+    matcher: GrammarMatcher,
+    /// The request's `min_tokens` still masks EOS on the device. A finished grammar allows
+    /// only end of sequence, which ends the request before `min_tokens` (as the CPU sampler
+    /// does): the device must stop applying it.
+    min_tokens_on_device: bool,
+}
+
+/// What `Grammars::fill_masks` wrote.
+#[derive(Debug, Default, PartialEq)]
+pub struct StepMasks {
+    /// Mask rows written: the step's constrained rows.
+    pub rows: usize,
+    /// Requests whose grammar has finished while their `min_tokens` is still applied on the
+    /// device: the runner clears it before the step (once per request).
+    pub end_min_tokens: Vec<RequestId>,
+}
+
+impl Grammars {
+    /// For a model of `vocab` logits per row whose end-of-sequence ids are `eos`.
+    pub fn new(support: StructuredSupport, vocab: usize, eos: &[u32]) -> Self {
+        Self {
+            support,
+            vocab,
+            eos: eos.to_vec(),
+            by_request: HashMap::new(),
+        }
+    }
+
+    /// Words of one mask row.
+    pub fn words(&self) -> usize {
+        bitmask_words(self.vocab)
+    }
+
+    /// Starts the grammar of a constrained request (nothing for any other, or one already
+    /// started: a preempted request keeps its position). A constraint that cannot be built
+    /// here (admission checks it first) allows only end of sequence, never free output.
+    pub fn join(&mut self, id: RequestId, p: &SamplingParams) {
+        let Some(spec) = &p.structured_output else {
+            return;
+        };
+        if self.by_request.contains_key(&id) {
+            return;
+        }
+        let matcher = match self.support.get().map(|s| s.matcher(spec)) {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => GrammarMatcher::refused(&self.eos, self.vocab, &e),
+            Err(why) => GrammarMatcher::refused(&self.eos, self.vocab, &why),
+        };
+        self.by_request.insert(
+            id,
+            Grammar {
+                matcher,
+                min_tokens_on_device: p.min_tokens > 0,
+            },
+        );
+    }
+
+    pub fn leave(&mut self, id: RequestId) {
+        self.by_request.remove(&id);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_request.is_empty()
+    }
+
+    pub fn is_constrained(&self, id: RequestId) -> bool {
+        self.by_request.contains_key(&id)
+    }
+
+    /// Advances `id`'s grammar past its sampled `token` (nothing for an unconstrained one).
+    pub fn accept(&mut self, id: RequestId, token: u32) {
+        if let Some(g) = self.by_request.get_mut(&id) {
+            g.matcher.accept(token);
+        }
+    }
+
+    /// Whether a step sampling `step` must wait for the steps still queued (their sampled
+    /// requests, `queued`): when one of them holds the last token of a constrained request
+    /// of this step, whose mask depends on it.
+    pub fn must_wait(
+        &self,
+        step: &[RequestId],
+        queued: impl IntoIterator<Item = RequestId>,
+    ) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let constrained: Vec<RequestId> = step
+            .iter()
+            .copied()
+            .filter(|&id| self.is_constrained(id))
+            .collect();
+        !constrained.is_empty() && queued.into_iter().any(|id| constrained.contains(&id))
+    }
+
+    /// The masks of the step whose sampled rows belong to `rows`: `row_mask` (at least
+    /// `rows.len()` long) gets each row's mask row or -1, `masks` the packed mask rows one
+    /// after another. Every grammar must have seen its request's tokens so far.
+    pub fn fill_masks(
+        &mut self,
+        rows: &[RequestId],
+        row_mask: &mut [i32],
+        masks: &mut [u32],
+    ) -> Result<StepMasks> {
+        let words = self.words();
+        let mut out = StepMasks::default();
+        if row_mask.len() < rows.len() {
+            bail!(
+                "{} sampled rows but room for {} mask indexes; this is a bug",
+                rows.len(),
+                row_mask.len()
+            );
+        }
+        for (r, id) in rows.iter().enumerate() {
+            let Some(g) = self.by_request.get_mut(id) else {
+                row_mask[r] = -1;
+                continue;
+            };
+            let k = out.rows;
+            let dst = masks
+                .get_mut(k * words..(k + 1) * words)
+                .with_context(|| format!("no room for mask row {k}; this is a bug"))?;
+            g.matcher.fill_bitmask(dst);
+            row_mask[r] = k as i32;
+            out.rows += 1;
+            if g.min_tokens_on_device && g.matcher.is_finished() {
+                g.min_tokens_on_device = false;
+                out.end_min_tokens.push(*id);
+            }
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +401,122 @@ mod tests {
         assert_eq!(r.params.n_bad, 2);
         assert_eq!(at(r.bad_at, 5), vec![1, 2, 6, 7, 8]);
         assert_eq!(j.bytes(), 2 * 96 + 4 * j.data.len());
+    }
+
+    /// The grammars of the tiny llama3 fixture's tokenizer (512 tokens, one per ASCII
+    /// character among them; EOS 2).
+    fn tiny_grammars() -> (tokenizers::Tokenizer, Grammars) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/tiny/llama3_hd64/tokenizer.json");
+        let tok = tokenizers::Tokenizer::from_file(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let support = StructuredSupport::lazy(Some(&tok), &[2], 512);
+        (tok, Grammars::new(support, 512, &[2]))
+    }
+
+    fn token(tok: &tokenizers::Tokenizer, s: &str) -> u32 {
+        tok.token_to_id(s)
+            .unwrap_or_else(|| panic!("no token {s:?}"))
+    }
+
+    fn is_set(mask: &[u32], t: u32) -> bool {
+        mask[t as usize / 32] >> (t % 32) & 1 == 1
+    }
+
+    fn choice(choices: &[&str]) -> SamplingParams {
+        SamplingParams {
+            structured_output: Some(crate::sampling::StructuredOutput::Choice(
+                choices.iter().map(|c| c.to_string()).collect(),
+            )),
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn masks_go_to_constrained_rows_only_compacted_in_row_order() {
+        let (tok, mut g) = tiny_grammars();
+        let words = g.words();
+        assert_eq!(words, 16);
+        g.join(10, &choice(&["yes", "no"]));
+        g.join(11, &SamplingParams::default());
+        g.join(12, &choice(&["maybe"]));
+        assert!(g.is_constrained(10) && g.is_constrained(12) && !g.is_constrained(11));
+        // Rows: 11 (free), 12, 10; a padding row index stays as the caller left it.
+        let mut row_mask = vec![-7; 4];
+        let mut masks = vec![u32::MAX; 4 * words];
+        let m = g
+            .fill_masks(&[11, 12, 10], &mut row_mask, &mut masks)
+            .unwrap();
+        assert_eq!(m.rows, 2);
+        assert!(m.end_min_tokens.is_empty());
+        assert_eq!(row_mask[..3], [-1, 0, 1]);
+        let (m12, m10) = (&masks[..words], &masks[words..2 * words]);
+        let (y, n, mm) = (token(&tok, "y"), token(&tok, "n"), token(&tok, "m"));
+        assert!(is_set(m10, y) && is_set(m10, n) && !is_set(m10, mm));
+        assert!(is_set(m12, mm) && !is_set(m12, y) && !is_set(m12, 2));
+        // Rows past the ones written keep what they held.
+        assert!(masks[2 * words..].iter().all(|&w| w == u32::MAX));
+
+        // The grammar follows the accepted tokens: after "n", only "o".
+        g.accept(10, n);
+        g.accept(11, y); // unconstrained: nothing to advance
+        let m = g.fill_masks(&[10], &mut row_mask, &mut masks).unwrap();
+        assert_eq!((m.rows, row_mask[0]), (1, 0));
+        let allowed: Vec<u32> = (0..512).filter(|&t| is_set(&masks[..words], t)).collect();
+        assert_eq!(allowed, vec![token(&tok, "o")]);
+        g.leave(10);
+        assert!(!g.is_constrained(10));
+    }
+
+    #[test]
+    fn a_finished_grammar_allows_only_eos_and_ends_min_tokens_once() {
+        let (tok, mut g) = tiny_grammars();
+        let words = g.words();
+        g.join(
+            1,
+            &SamplingParams {
+                min_tokens: 50,
+                ..choice(&["a"])
+            },
+        );
+        g.join(2, &choice(&["a"])); // no min_tokens: nothing to clear
+        g.accept(1, token(&tok, "a"));
+        g.accept(2, token(&tok, "a"));
+        let (mut row_mask, mut masks) = (vec![0; 2], vec![0; 2 * words]);
+        let m = g.fill_masks(&[1, 2], &mut row_mask, &mut masks).unwrap();
+        assert_eq!(m.end_min_tokens, vec![1]);
+        for k in 0..2 {
+            let allowed: Vec<u32> = (0..512)
+                .filter(|&t| is_set(&masks[k * words..], t))
+                .collect();
+            assert_eq!(allowed, vec![2], "mask row {k}: only EOS");
+        }
+        let m = g.fill_masks(&[1, 2], &mut row_mask, &mut masks).unwrap();
+        assert!(m.end_min_tokens.is_empty(), "cleared once");
+    }
+
+    #[test]
+    fn a_constraint_that_cannot_be_built_allows_only_eos() {
+        let mut g = Grammars::new(StructuredSupport::refused("no masks here"), 512, &[2]);
+        g.join(1, &choice(&["a"]));
+        let (mut row_mask, mut masks) = (vec![0; 1], vec![0; 16]);
+        g.fill_masks(&[1], &mut row_mask, &mut masks).unwrap();
+        let allowed: Vec<u32> = (0..512).filter(|&t| is_set(&masks, t)).collect();
+        assert_eq!(allowed, vec![2]);
+    }
+
+    #[test]
+    fn a_step_waits_only_for_queued_tokens_of_its_constrained_requests() {
+        let (_, mut g) = tiny_grammars();
+        assert!(!g.must_wait(&[1, 2], [1, 2]), "nothing constrained");
+        g.join(1, &choice(&["a"]));
+        // Request 1's last token is in a queued step: its mask must wait for it.
+        assert!(g.must_wait(&[1, 2], [2, 1]));
+        // Only unconstrained requests in flight, or request 1 not in this step: no wait.
+        assert!(!g.must_wait(&[1, 2], [2, 3]));
+        assert!(!g.must_wait(&[2, 3], [1, 2]));
+        // Its first sampled row (nothing queued for it): no wait.
+        assert!(!g.must_wait(&[1], []));
     }
 
     #[test]
