@@ -35,30 +35,69 @@ fn refused(c: &ModelConfig) -> String {
         .to_string()
 }
 
+/// Windows shorter than the context (Mistral), attention-logit and final-logit soft-caps
+/// (Gemma 2) and Gemma 3's own RoPE for its sliding layers run on the GPU: windowed and
+/// capped layers attend through the windowed prefill build, the runner caps the LM head's
+/// logits before the sampler, and each layer hands the CUDA rotation its own inverse
+/// frequencies.
 #[test]
-fn a_window_shorter_than_the_context_is_refused_unless_max_model_len_fits_it() {
+fn windows_soft_caps_and_the_local_rope_run_on_the_gpu() {
     let mut c = config();
     c.sliding_window = Some(4096);
-    let e = refused(&c);
-    assert!(
-        e.contains("sliding window of 4096") && e.contains("--max-model-len 4096"),
-        "{e}"
+    let spec = DecoderSpec::new(&c);
+    check_gpu_decoder(&spec, c.context_len()).unwrap();
+    assert_eq!(spec.layers[0].attention.sliding_window, Some(4096));
+
+    let mut gemma2 = config();
+    gemma2.head_dim = 256;
+    gemma2.sliding_window = Some(4096);
+    gemma2.family.sliding_layers = Some(vec![true, false]);
+    gemma2.family.attn_logit_softcap = Some(50.0);
+    gemma2.family.final_logit_softcap = Some(30.0);
+    let spec = DecoderSpec::new(&gemma2);
+    check_gpu_decoder(&spec, gemma2.context_len()).unwrap();
+    assert_eq!(spec.final_logit_softcap, Some(30.0));
+    assert!(spec
+        .layers
+        .iter()
+        .all(|l| l.attention.softcap == Some(50.0)));
+
+    let mut gemma3 = config();
+    gemma3.head_dim = 256;
+    gemma3.sliding_window = Some(1024);
+    gemma3.family.sliding_layers = Some(vec![true, false]);
+    gemma3.family.local_rope = Some(super::config::LocalRope {
+        theta: 10000.0,
+        scaling: None,
+    });
+    gemma3.rope_theta = 1_000_000.0;
+    let spec = DecoderSpec::new(&gemma3);
+    check_gpu_decoder(&spec, gemma3.context_len()).unwrap();
+    assert!(spec.has_local_rope());
+    assert_eq!(
+        spec.layers.iter().map(|l| l.local_rope).collect::<Vec<_>>(),
+        [true, false]
     );
-    c.family.max_model_len = Some(4096);
-    check_gpu_decoder(&DecoderSpec::new(&c), c.context_len()).unwrap();
 }
 
+/// Head sizes 80 and 96 (Phi) have prefill builds and attend for decodes through them;
+/// sizes with no build at all are refused by name.
 #[test]
-fn features_the_kernels_lack_are_named() {
+fn head_dims_80_and_96_run_and_unbuilt_ones_are_named() {
+    for hd in [80, 96] {
+        let mut c = config();
+        c.head_dim = hd;
+        check_gpu_decoder(&DecoderSpec::new(&c), c.context_len()).unwrap();
+    }
     let mut c = config();
-    c.head_dim = 96;
-    assert!(refused(&c).contains("head_dim 96"));
-    let mut c = config();
-    c.family.attn_logit_softcap = Some(50.0);
-    assert!(refused(&c).contains("attn_logit_softcapping"));
-    let mut c = config();
-    c.family.final_logit_softcap = Some(30.0);
-    assert!(refused(&c).contains("final_logit_softcapping"));
+    c.head_dim = 112;
+    let e = refused(&c);
+    assert!(
+        e.contains("head_dim 112")
+            && e.contains("[64, 80, 96, 128, 256]")
+            && e.contains("--device cpu"),
+        "{e}"
+    );
 }
 
 /// Per-head q/k RMSNorm (Qwen3; norm.cu's head_rms_norm), GeGLU and Gemma's embedding scale

@@ -16,6 +16,8 @@ use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCache
 use crate::types::{DecoderSpec, HostData, HostTensor};
 use rvllm_kernels::{args, decode_smem, gemv_bulk::GemvBulk, KernelArgs};
 
+mod windowed_attention;
+
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
 /// number of partitions per sequence (from the batch size alone, so that one CUDA graph serves
 /// every context; enough blocks for about two per SM) and the grid depth. Each block streams
@@ -629,7 +631,7 @@ impl CudaBackend {
         match (plain, windowed) {
             (Some(kernel), _) => self.launch(kernel, grid, 128, a),
             // Head dims the plain builds lack (256) run the windowed build with no window and
-            // no cap (gpu_support refuses both until decode attention honours them).
+            // no cap (layers with either attend in windowed_attention).
             (None, Some(kernel)) => self.launch(kernel, grid, 128, windowed_args(a, 0, 0.0)),
             (None, None) => {
                 bail!("no prefill attention kernel for head_dim {hd} (built: 64, 80, 96, 128, 256)")
@@ -1297,6 +1299,9 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
+        if self.layer_attends_windowed(layout, cache) {
+            return self.windowed_attention(qkv, layout, step, cache, layer, out);
+        }
         self.decode_attention(qkv, None, layout, step, cache, layer, out)?;
         self.prefill_attention(qkv, layout, step, cache, layer, out)
     }
@@ -1315,6 +1320,9 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
+        if self.layer_attends_windowed(layout, cache) {
+            return self.windowed_rope_attention(qkv, inv_freq, layout, step, cache, layer, out);
+        }
         if layout.rotary_dim != layout.head_dim {
             // Decode attention rotates whole heads only: with partial rotary the rotation
             // kernel takes every token, decode ones included, and decode attention rotates

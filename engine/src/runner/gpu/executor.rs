@@ -307,7 +307,7 @@ impl GpuRunner {
         let lm_head = self.model.lm_head();
         if rows == 1 && c.hidden_size % 8 == 0 {
             self.be
-                .gemv_b1(self.gathered.ptr(), lm_head, self.logits_elem.ptr)
+                .gemv_b1(self.gathered.ptr(), lm_head, self.logits_elem.ptr)?;
         } else {
             self.gpu.gemm(
                 self.be.dtype,
@@ -318,8 +318,15 @@ impl GpuRunner {
                 c.vocab_size,
                 c.hidden_size,
                 false,
-            )
+            )?;
         }
+        // Every reader of the logits (the sampler, logprobs, prompt logprobs) sees them
+        // capped, as the CPU runner hands them on.
+        if let Some(cap) = self.model.spec().final_logit_softcap {
+            self.be
+                .softcap_logits(self.logits_elem.ptr, rows * c.vocab_size, cap)?;
+        }
+        Ok(())
     }
 }
 
