@@ -21,7 +21,8 @@
 //   moe_align_bf16(expert_offsets, sorted_pairs, pair_slots, topk_ids, pairs, experts)
 //       one block of 1024 threads: expert_offsets [E + 1] (exclusive prefix of the counts),
 //       sorted_pairs [P] (the pair id at each slot, grouped by expert; the order inside an
-//       expert's group is the pair order), pair_slots [P] (each pair's slot). pairs <= 65536.
+//       expert's group is the pair order), pair_slots [P] (each pair's slot); any number of
+//       pairs, 1024 at a time.
 //   moe_gather_bf16(rows, x, sorted_pairs, pairs, hidden, top_k)
 //       rows[s] = x[sorted_pairs[s] / top_k]; grid (P), block 256.
 //   moe_grouped_gemm_bf16(out, in, w, expert_offsets, experts, n, k)
@@ -33,7 +34,6 @@
 #include "common.cuh"
 
 constexpr int kMoeMaxExperts = 1024;
-constexpr int kMoeMaxPairs = 65536;
 
 // Warp argmax of (value, index): the larger value, ties to the lower index.
 RVLLM_DEVICE void warp_argmax(float& v, int& i) {
@@ -114,7 +114,7 @@ extern "C" __global__ void DT(moe_align_bf16, moe_align_f16)(
     const int* __restrict__ topk_ids, int pairs, int experts) {
     pdl_enter();
     __shared__ int counts[kMoeMaxExperts + 1];
-    if (experts > kMoeMaxExperts || pairs > kMoeMaxPairs) return;
+    if (experts > kMoeMaxExperts) return;
     for (int e = threadIdx.x; e <= experts; e += blockDim.x) counts[e] = 0;
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&counts[topk_ids[p] + 1], 1);

@@ -2,8 +2,8 @@
 //! (`rvllm_kernels::reference::moe_*`), chained as the engine will run them: routing, the
 //! expert sort, gather, the gate/up grouped GEMM, SiLU-and-mul, the down grouped GEMM and the
 //! weighted un-permute. Shapes: batches of 1, 7, 64 and 1,024 tokens; routings where some
-//! experts get no token and where one expert gets every token; Mixtral's 8 experts top-2 and
-//! Qwen3-MoE's 128 top-8. Routing ids, offsets and slots must match exactly; the numbers within
+//! experts get no token and where one expert gets every token (at each batch size); Mixtral's
+//! 8 experts top-2 and Qwen3-MoE's 128 top-8. Routing ids, offsets and slots must match exactly; the numbers within
 //! the element type's tolerance.
 //!
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns.
@@ -38,11 +38,17 @@ fn shapes() -> Vec<Shape> {
         // Batch 1: most experts idle.
         s(1, 8, 2, 256, 128, true, false),
         s(1, 128, 8, 256, 64, true, false),
+        s(1, 8, 2, 256, 128, true, true),
         s(7, 128, 8, 128, 64, false, false),
+        s(7, 128, 8, 128, 64, true, true),
         s(64, 8, 2, 256, 192, true, false),
         s(64, 16, 1, 128, 64, false, true),
         s(1024, 8, 2, 128, 64, true, false),
         s(1024, 128, 8, 128, 32, true, false),
+        // Expert 0 gets all 1,024 tokens (and 8,192 pairs span eight of moe_align's chunks).
+        s(1024, 128, 8, 128, 32, false, true),
+        // 3,000 pairs: the last chunk of moe_align is partial.
+        s(1000, 16, 3, 128, 32, false, false),
     ]
 }
 
@@ -123,6 +129,9 @@ fn the_fused_moe_chain_matches_the_reference() {
             let idle = want_off.windows(2).filter(|w| w[0] == w[1]).count();
             if t * k < ex {
                 assert!(idle > 0, "{what}: some expert should get no token");
+            }
+            if sh.one_expert {
+                assert_eq!(want_off[1], t as i32, "{what}: expert 0 gets every token");
             }
 
             let (x_bits, x) = e.random(&mut r, t * h, 1.0);

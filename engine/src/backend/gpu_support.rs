@@ -24,15 +24,18 @@ pub fn check_gpu_decoder(spec: &DecoderSpec, _context_len: usize) -> Result<()> 
     if !GPU_HEAD_DIMS.contains(&hd) {
         bail!("head_dim {hd} has no CUDA attention kernel (built: {GPU_HEAD_DIMS:?}); {cpu}");
     }
+    // Mixtures of experts run moe.cu (backend/cuda/moe.rs), whose routing kernel holds a
+    // token's logits in a warp's registers and its picks one a lane.
     if let Some((i, m)) = spec
         .layers
         .iter()
         .enumerate()
         .find_map(|(i, l)| l.moe.map(|m| (i, m)))
+        .filter(|(_, m)| m.num_experts > 1024 || m.top_k > 32)
     {
         bail!(
-            "layer {i} is a mixture of experts ({} experts, top {}) and the CUDA backend has no \
-             mixture-of-experts kernels yet; {cpu}",
+            "layer {i} is a mixture of {} experts, top {}, and the CUDA routing kernel takes at \
+             most 1024 experts and top 32; {cpu}",
             m.num_experts,
             m.top_k
         );

@@ -122,22 +122,30 @@ fn head_dim_256_runs_on_the_gpu() {
     check_gpu_decoder(&DecoderSpec::new(&c), c.context_len()).unwrap();
 }
 
+/// Mixtures of experts run on moe.cu up to the routing kernel's limits (1024 experts, top 32);
+/// past them the layer is named.
 #[test]
-fn mixture_of_experts_models_are_refused_with_the_layer_named() {
+fn mixture_of_experts_models_run_within_the_routing_kernels_limits() {
     let mut c = config();
-    c.family.moe = Some(super::moe::MoeConfig {
-        num_experts: 8,
-        top_k: 2,
-        intermediate_size: 256,
-        renormalize: true,
-        sparse_layers: vec![false, true],
-    });
+    let moe = |num_experts, top_k| {
+        Some(super::moe::MoeConfig {
+            num_experts,
+            top_k,
+            intermediate_size: 256,
+            renormalize: true,
+            sparse_layers: vec![false, true],
+        })
+    };
+    c.family.moe = moe(128, 8);
+    check_gpu_decoder(&DecoderSpec::new(&c), c.context_len()).unwrap();
+    c.family.moe = moe(2048, 8);
     let e = refused(&c);
     assert!(
-        e.contains("layer 1 is a mixture of experts (8 experts, top 2)")
-            && e.contains("--device cpu"),
+        e.contains("layer 1 is a mixture of 2048 experts, top 8") && e.contains("--device cpu"),
         "{e}"
     );
+    c.family.moe = moe(64, 33);
+    assert!(refused(&c).contains("top 33"));
 }
 
 /// Partial rotary (Phi-3/4) runs on rope_cache.cu's rope_partial_and_cache, which scales cos

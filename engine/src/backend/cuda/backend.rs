@@ -231,6 +231,8 @@ pub struct CudaBackend {
     gemv_evict_first: bool,
     /// Counts the bytes of weights uploaded while a model loads (`set_upload_progress`).
     upload_progress: Mutex<Option<indicatif::ProgressBar>>,
+    /// The mixture-of-experts routing arrays (`moe.rs`), allocated on first use.
+    pub(super) moe_routing: super::moe::MoeRouting,
     /// The NCCL group this backend is a rank of (`nccl.rs`), set once before graphs.
     pub(super) nccl: std::sync::OnceLock<super::nccl::NcclComm>,
 }
@@ -284,6 +286,7 @@ impl CudaBackend {
             dtype,
             capturing_graph: std::sync::atomic::AtomicBool::new(false),
             upload_progress: Mutex::new(None),
+            moe_routing: Default::default(),
             nccl: std::sync::OnceLock::new(),
             gemv_bulk,
             gemv_evict_first,
@@ -1445,6 +1448,19 @@ impl Backend for CudaBackend {
                 inter: n,
             },
         )
+    }
+
+    fn moe(
+        &self,
+        x: &CudaTensor,
+        router: &CudaWeight,
+        gate_up: &CudaWeight,
+        down: &CudaWeight,
+        layout: &crate::backend::MoeLayout,
+        scratch: &mut crate::backend::MoeScratch<CudaTensor>,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        self.moe_impl(x, router, gate_up, down, layout, scratch, out)
     }
 
     fn scale(&self, x: &mut CudaTensor, factor: f32) -> Result<()> {

@@ -1,0 +1,531 @@
+//! `Backend::moe` on the GPU: the fused mixture-of-experts path of kernels/src/moe.cu, the
+//! same function as the CPU backend's (backend/cpu/moe.rs).
+//!
+//! router GEMM (cuBLAS, or the batch-1 GEMV) -> `moe_topk_softmax` (f32 softmax, top k in
+//! ascending expert order, renormalised when the layout says so) -> `moe_align` (pairs sorted
+//! by expert: offsets, sorted pairs, each pair's slot) -> `moe_gather` -> `moe_grouped_gemm`
+//! (gate/up, `[E, 2I, H]`) -> `silu_and_mul` over all pairs -> `moe_grouped_gemm` (down,
+//! `[E, H, I]`) -> `moe_unpermute` (each token's rows, weighted, summed in expert order).
+//!
+//! No step of it reads the routing on the host: every grid is a function of the batch size
+//! and the layout alone, and the grouped GEMM reads each expert's rows from the offsets on the
+//! device (an expert with no pair returns at once), so a decode step captures into a CUDA graph
+//! and batch-1 decode reads only the selected experts' weights. The price is a GEMM without
+//! tensor cores (a warp an output), correct first; per-expert cuBLAS GEMMs would need the
+//! counts on the host, a sync that graphs cannot hold.
+use std::sync::Mutex;
+
+use anyhow::{ensure, Result};
+use cudarc::driver::sys::CUdeviceptr;
+
+use super::backend::{CudaBackend, CudaTensor, CudaWeight};
+use super::device::DevBuf;
+use super::elem::{kernel, Kernel, NamedKernel};
+use crate::backend::{Activation, Backend, MoeLayout, MoeScratch};
+use rvllm_kernels::{args, KernelArgs};
+
+pub const MOE_TOPK_SOFTMAX: Kernel<args::MoeTopkSoftmax> = kernel!(
+    args::MoeTopkSoftmax,
+    "moe",
+    "moe_topk_softmax_bf16",
+    "moe_topk_softmax_f16"
+);
+pub const MOE_ALIGN: Kernel<args::MoeAlign> =
+    kernel!(args::MoeAlign, "moe", "moe_align_bf16", "moe_align_f16");
+pub const MOE_GATHER: Kernel<args::MoeGather> =
+    kernel!(args::MoeGather, "moe", "moe_gather_bf16", "moe_gather_f16");
+pub const MOE_GROUPED_GEMM: Kernel<args::MoeGroupedGemm> = kernel!(
+    args::MoeGroupedGemm,
+    "moe",
+    "moe_grouped_gemm_bf16",
+    "moe_grouped_gemm_f16"
+);
+pub const MOE_UNPERMUTE: Kernel<args::MoeUnpermute> = kernel!(
+    args::MoeUnpermute,
+    "moe",
+    "moe_unpermute_bf16",
+    "moe_unpermute_f16"
+);
+
+/// The entry points this path launches (for the tables that list every kernel).
+pub fn kernels() -> Vec<NamedKernel> {
+    vec![
+        MOE_TOPK_SOFTMAX.named(),
+        MOE_ALIGN.named(),
+        MOE_GATHER.named(),
+        MOE_GROUPED_GEMM.named(),
+        MOE_UNPERMUTE.named(),
+    ]
+}
+
+/// moe_topk_softmax keeps a token's logits in a warp's registers (kMoeMaxExperts) and its
+/// picks one a lane.
+const MAX_EXPERTS: usize = 1024;
+const MAX_TOP_K: usize = 32;
+
+/// Output columns of the grouped GEMM a block (a warp each, block 256).
+const GEMM_COLS_PER_BLOCK: usize = 8;
+
+/// The grouped GEMM's grid depth: each block strides over its expert's rows by it. From the
+/// shape alone (a graph freezes the grid): about one row a block per expert at the average
+/// load, at most 64.
+pub fn gemm_row_chunks(pairs: usize, experts: usize) -> usize {
+    pairs.div_ceil(experts.max(1)).clamp(1, 64)
+}
+
+/// The layer's operands against its layout (the CPU backend's checks, and the kernels'
+/// limits), as `(rows, cols)`.
+pub fn check_moe_shapes(
+    hidden: usize,
+    router: (usize, usize),
+    gate_up: (usize, usize),
+    down: (usize, usize),
+    layout: &MoeLayout,
+) -> Result<()> {
+    let (e, k, inter, h) = (
+        layout.num_experts,
+        layout.top_k,
+        layout.intermediate_size,
+        hidden,
+    );
+    ensure!(
+        router == (e, h),
+        "moe: router is {router:?}, expected ({e}, {h})"
+    );
+    ensure!(
+        gate_up == (e * 2 * inter, h),
+        "moe: stacked gate/up is {gate_up:?}, expected ({}, {h})",
+        e * 2 * inter
+    );
+    ensure!(
+        down == (e * h, inter),
+        "moe: stacked down is {down:?}, expected ({}, {inter})",
+        e * h
+    );
+    ensure!((1..=e).contains(&k), "moe: top_k {k} of {e} experts");
+    ensure!(
+        e <= MAX_EXPERTS && k <= MAX_TOP_K,
+        "moe: the CUDA routing kernel takes at most {MAX_EXPERTS} experts and top {MAX_TOP_K}; \
+         this layer has {e} experts, top {k}"
+    );
+    Ok(())
+}
+
+/// The routing's integer and f32 arrays, one allocation for every layer (they run one after
+/// another on the stream): `topk_ids`, `topk_weights`, `sorted_pairs`, `pair_slots` (`P`
+/// each) and `expert_offsets` (`E + 1`). Allocated on first use at the scratch's capacity, so
+/// that every step sees the same addresses; a buffer outgrown is kept, not freed, since a
+/// captured graph may still point into it.
+#[derive(Default)]
+pub struct MoeRouting {
+    bufs: Mutex<RoutingBufs>,
+}
+
+#[derive(Default)]
+struct RoutingBufs {
+    current: Option<(DevBuf, usize, usize)>,
+    retired: Vec<DevBuf>,
+}
+
+/// Device addresses of one layer's routing arrays.
+#[derive(Debug, Clone, Copy)]
+struct RoutingPtrs {
+    topk_ids: CUdeviceptr,
+    topk_weights: CUdeviceptr,
+    sorted_pairs: CUdeviceptr,
+    pair_slots: CUdeviceptr,
+    expert_offsets: CUdeviceptr,
+}
+
+impl RoutingPtrs {
+    fn at(base: CUdeviceptr, pairs: usize) -> Self {
+        let p = (pairs * 4) as u64;
+        Self {
+            topk_ids: base,
+            topk_weights: base + p,
+            sorted_pairs: base + 2 * p,
+            pair_slots: base + 3 * p,
+            expert_offsets: base + 4 * p,
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Routing arrays for up to `pairs` pairs of `experts`.
+    fn moe_routing_ptrs(&self, pairs: usize, experts: usize) -> Result<RoutingPtrs> {
+        let mut b = self
+            .moe_routing
+            .bufs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((buf, p, e)) = &b.current {
+            if *p >= pairs && *e >= experts {
+                return Ok(RoutingPtrs::at(buf.ptr, *p));
+            }
+        }
+        // A graph being captured cannot allocate (nor would its replays see a later buffer);
+        // the profiling pass and each capture's warm-up step come first and allocate here.
+        use cudarc::driver::{result::stream, sys::CUstreamCaptureStatus};
+        // SAFETY: the backend's own stream, live as long as the Gpu.
+        let capture = unsafe { stream::is_capturing(self.gpu.stream) }
+            .map_err(|e| anyhow::anyhow!("cuStreamIsCapturing: {e:?}"))?;
+        ensure!(
+            capture == CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE,
+            "moe: routing buffers for {pairs} pairs first asked for inside a CUDA graph capture"
+        );
+        let (p, e) = match &b.current {
+            Some((_, p, e)) => ((*p).max(pairs), (*e).max(experts)),
+            None => (pairs, experts),
+        };
+        let buf = self.gpu.alloc((4 * p + e + 1) * 4)?;
+        let ptrs = RoutingPtrs::at(buf.ptr, p);
+        if let Some((old, _, _)) = b.current.replace((buf, p, e)) {
+            b.retired.push(old);
+        }
+        Ok(ptrs)
+    }
+
+    fn launch_moe<A: KernelArgs>(
+        &self,
+        kernel: Kernel<A>,
+        grid: (u32, u32, u32),
+        block: u32,
+        mut args: A,
+    ) -> Result<()> {
+        let (module, name) = kernel.of(self.dtype);
+        self.gpu
+            .launch_params(module, name, grid, (block, 1, 1), 0, args.params())
+    }
+
+    /// `Backend::moe` (see the module comment).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn moe_impl(
+        &self,
+        x: &CudaTensor,
+        router: &CudaWeight,
+        gate_up: &CudaWeight,
+        down: &CudaWeight,
+        layout: &MoeLayout,
+        scratch: &mut MoeScratch<CudaTensor>,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let (e, k, inter) = (layout.num_experts, layout.top_k, layout.intermediate_size);
+        let (tokens, h) = (x.rows(), x.cols());
+        check_moe_shapes(
+            h,
+            (router.rows, router.cols),
+            (gate_up.rows, gate_up.cols),
+            (down.rows, down.cols),
+            layout,
+        )?;
+        ensure!(
+            out.cols() == h,
+            "moe: output has {} cols, expected {h}",
+            out.cols()
+        );
+        let s = scratch;
+        ensure!(
+            s.rows.cols() == h && s.gate_up.cols() == 2 * inter && s.act.cols() == inter,
+            "moe: scratch buffers do not match the layout"
+        );
+        out.set_rows(tokens)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let pairs = tokens * k;
+        s.rows.set_rows(pairs)?;
+        s.gate_up.set_rows(pairs)?;
+        let r = self.moe_routing_ptrs(s.rows.capacity_rows(), e)?;
+        self.linear(x, router, None, &mut s.router_logits)?;
+
+        let (t32, e32, k32, p32) = (tokens as i32, e as i32, k as i32, pairs as i32);
+        self.launch_moe(
+            MOE_TOPK_SOFTMAX,
+            (tokens.div_ceil(8) as u32, 1, 1),
+            256,
+            args::MoeTopkSoftmax {
+                topk_ids: r.topk_ids,
+                topk_weights: r.topk_weights,
+                logits: s.router_logits.ptr(),
+                tokens: t32,
+                experts: e32,
+                top_k: k32,
+                renormalize: layout.renormalize as i32,
+            },
+        )?;
+        self.launch_moe(
+            MOE_ALIGN,
+            (1, 1, 1),
+            1024,
+            args::MoeAlign {
+                expert_offsets: r.expert_offsets,
+                sorted_pairs: r.sorted_pairs,
+                pair_slots: r.pair_slots,
+                topk_ids: r.topk_ids,
+                pairs: p32,
+                experts: e32,
+            },
+        )?;
+        self.launch_moe(
+            MOE_GATHER,
+            (pairs as u32, 1, 1),
+            256,
+            args::MoeGather {
+                rows: s.rows.ptr(),
+                x: x.ptr(),
+                sorted_pairs: r.sorted_pairs,
+                pairs: p32,
+                hidden: h as i32,
+                top_k: k32,
+            },
+        )?;
+        let chunks = gemm_row_chunks(pairs, e) as u32;
+        let grouped =
+            |out: CUdeviceptr, input: CUdeviceptr, w: CUdeviceptr, n: usize, kk: usize| {
+                self.launch_moe(
+                    MOE_GROUPED_GEMM,
+                    (n.div_ceil(GEMM_COLS_PER_BLOCK) as u32, e as u32, chunks),
+                    256,
+                    args::MoeGroupedGemm {
+                        out,
+                        r#in: input,
+                        w,
+                        expert_offsets: r.expert_offsets,
+                        experts: e32,
+                        n: n as i32,
+                        k: kk as i32,
+                    },
+                )
+            };
+        grouped(s.gate_up.ptr(), s.rows.ptr(), gate_up.buf.ptr, 2 * inter, h)?;
+        self.silu_and_mul(&s.gate_up, &mut s.act)?;
+        // The experts' outputs replace their inputs, which are no longer needed.
+        grouped(s.rows.ptr(), s.act.ptr(), down.buf.ptr, h, inter)?;
+        self.launch_moe(
+            MOE_UNPERMUTE,
+            (tokens as u32, 1, 1),
+            256,
+            args::MoeUnpermute {
+                out: out.ptr(),
+                rows: s.rows.ptr(),
+                pair_slots: r.pair_slots,
+                topk_weights: r.topk_weights,
+                tokens: t32,
+                hidden: h as i32,
+                top_k: k32,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::elem::GpuDtype;
+    use super::*;
+
+    fn layout(e: usize, k: usize, inter: usize) -> MoeLayout {
+        MoeLayout {
+            num_experts: e,
+            top_k: k,
+            intermediate_size: inter,
+            renormalize: true,
+        }
+    }
+
+    /// Each entry point is one its argument struct was generated from, in both builds.
+    #[test]
+    fn every_moe_kernel_is_declared_by_its_argument_struct() {
+        for k in kernels() {
+            let (module, name) = k.of(GpuDtype::Bf16);
+            let want = rvllm_kernels::Entry {
+                module,
+                name,
+                f16: Some(k.of(GpuDtype::F16)),
+            };
+            assert!(k.declared.contains(&want), "{module}.{name}");
+            assert_eq!(k.of(GpuDtype::F16).0, "moe_f16");
+        }
+    }
+
+    #[test]
+    fn shapes_and_kernel_limits_are_checked() {
+        let (h, i) = (64, 32);
+        let l = layout(8, 2, i);
+        check_moe_shapes(h, (8, h), (8 * 2 * i, h), (8 * h, i), &l).unwrap();
+        let e = check_moe_shapes(h, (8, h), (8 * i, h), (8 * h, i), &l).unwrap_err();
+        assert!(e.to_string().contains("stacked gate/up"), "{e}");
+        let e = check_moe_shapes(h, (8, h + 1), (8 * 2 * i, h), (8 * h, i), &l).unwrap_err();
+        assert!(e.to_string().contains("router"), "{e}");
+        let big = layout(2048, 8, i);
+        let e = check_moe_shapes(h, (2048, h), (2048 * 2 * i, h), (2048 * h, i), &big).unwrap_err();
+        assert!(e.to_string().contains("at most 1024 experts"), "{e}");
+        let e =
+            check_moe_shapes(h, (8, h), (8 * 2 * i, h), (8 * h, i), &layout(8, 9, i)).unwrap_err();
+        assert!(e.to_string().contains("top_k 9 of 8"), "{e}");
+    }
+
+    /// The grid depth depends on the shape only, covers batch 1 with one chunk and stays
+    /// bounded for large prefills.
+    #[test]
+    fn grouped_gemm_depth_follows_the_average_load() {
+        assert_eq!(gemm_row_chunks(8, 128), 1);
+        assert_eq!(gemm_row_chunks(2, 8), 1);
+        assert_eq!(gemm_row_chunks(64 * 2, 8), 16);
+        assert_eq!(gemm_row_chunks(1024 * 8, 128), 64);
+        assert_eq!(gemm_row_chunks(0, 0), 1);
+    }
+    /// A deterministic pseudo-random fill in [-scale, scale).
+    fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// The whole layer on the GPU against the CPU backend's, on the same (rounded) inputs and
+    /// weights, in both element types: batches of 1, 7, 64 and 1,024 tokens, Mixtral's 8
+    /// experts top 2 and Qwen3-MoE's 128 top 8, routings where most experts get no token and
+    /// where one expert gets every token. The router reads dimension `e` of x for expert `e`,
+    /// and those dimensions hold levels 0.25 apart (exact in bf16 and f16), so the routing
+    /// cannot flip between the GPU's rounded logits and the CPU's. Outputs are poisoned first.
+    #[test]
+    fn the_gpu_layer_matches_the_cpu_backend() {
+        use super::super::backend::StepLimits;
+        use super::super::elem::{bits_of, value_of};
+        use crate::backend::cpu::{CpuBackend, CpuWeight};
+        use crate::types::{HostData, HostTensor};
+        if !matches!(super::super::device_count(), Ok(n) if n > 0) {
+            eprintln!("SKIPPED: no CUDA device (the_gpu_layer_matches_the_cpu_backend)");
+            return;
+        }
+        let gpu = std::sync::Arc::new(super::super::Gpu::new(0).expect("a CUDA context"));
+        let limits = StepLimits {
+            max_tokens: 1024,
+            max_seqs: 1,
+            max_blocks_per_seq: 1,
+        };
+        let cpu = CpuBackend::new();
+        // (experts, top k, tokens, renormalize, one expert takes every token)
+        let cases = [
+            (8, 2, 1, true, false),
+            (128, 8, 1, true, false),
+            (128, 8, 7, false, false),
+            (8, 2, 64, true, false),
+            (16, 1, 64, false, true),
+            (8, 2, 1024, true, false),
+            (128, 8, 1024, true, true),
+        ];
+        for dtype in [GpuDtype::Bf16, GpuDtype::F16] {
+            let be = CudaBackend::new(gpu.clone(), limits, 1, 1, 64, dtype).unwrap();
+            let round = |v: Vec<f32>| -> Vec<f32> {
+                v.into_iter()
+                    .map(|x| value_of(bits_of(x, dtype), dtype))
+                    .collect()
+            };
+            for (seed, &(e, k, tokens, renormalize, one_expert)) in cases.iter().enumerate() {
+                let (h, inter) = (256, 64);
+                let what = format!("{dtype:?} experts {e} top {k} tokens {tokens}");
+                let l = MoeLayout {
+                    num_experts: e,
+                    top_k: k,
+                    intermediate_size: inter,
+                    renormalize,
+                };
+                let mut router = vec![0.0f32; e * h];
+                for x in 0..e {
+                    router[x * h + x] = 1.0;
+                }
+                let mut xs = fill(tokens * h, seed as u64 + 10, 1.0);
+                for t in 0..tokens {
+                    for x in 0..e {
+                        xs[t * h + x] = 0.25 * ((x * 37 + t * 11) % e) as f32 - 8.0;
+                    }
+                    if one_expert {
+                        xs[t * h + 2] = 40.0;
+                    }
+                }
+                let xs = round(xs);
+                let gate_up = round(fill(e * 2 * inter * h, seed as u64 + 20, 0.1));
+                let down = round(fill(e * h * inter, seed as u64 + 30, 0.1));
+
+                let cw = |data: &Vec<f32>, rows, cols| CpuWeight {
+                    data: data.clone(),
+                    rows,
+                    cols,
+                };
+                let cx = cpu.activation_from_host(tokens, h, &xs).unwrap();
+                let mut cs = MoeScratch {
+                    router_logits: cpu.alloc_activation(tokens, e).unwrap(),
+                    rows: cpu.alloc_activation(tokens * k, h).unwrap(),
+                    gate_up: cpu.alloc_activation(tokens * k, 2 * inter).unwrap(),
+                    act: cpu.alloc_activation(tokens * k, inter).unwrap(),
+                };
+                let mut cout = cpu.alloc_activation(tokens, h).unwrap();
+                cpu.moe(
+                    &cx,
+                    &cw(&router, e, h),
+                    &cw(&gate_up, e * 2 * inter, h),
+                    &cw(&down, e * h, inter),
+                    &l,
+                    &mut cs,
+                    &mut cout,
+                )
+                .unwrap();
+                let mut want = Vec::new();
+                cpu.to_host(&cout, &mut want).unwrap();
+
+                let gw = |name: &str, data: &Vec<f32>, rows, cols| {
+                    let t = HostTensor {
+                        shape: vec![rows, cols],
+                        data: HostData::F32(data.clone()),
+                    };
+                    be.upload_weight(name, t).unwrap()
+                };
+                let gx = be.activation_from_host(tokens, h, &xs).unwrap();
+                let poisoned = |rows: usize, cols: usize| {
+                    be.activation_from_host(rows, cols, &vec![f32::NAN; rows * cols])
+                        .unwrap()
+                };
+                let mut gs = MoeScratch {
+                    router_logits: poisoned(tokens, e),
+                    rows: poisoned(tokens * k, h),
+                    gate_up: poisoned(tokens * k, 2 * inter),
+                    act: poisoned(tokens * k, inter),
+                };
+                let mut gout = poisoned(tokens, h);
+                be.moe(
+                    &gx,
+                    &gw("router", &router, e, h),
+                    &gw("gate_up", &gate_up, e * 2 * inter, h),
+                    &gw("down", &down, e * h, inter),
+                    &l,
+                    &mut gs,
+                    &mut gout,
+                )
+                .unwrap();
+                let mut got = Vec::new();
+                be.to_host(&gout, &mut got).unwrap();
+
+                assert_eq!(got.len(), want.len(), "{what}");
+                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let tol = match dtype {
+                    GpuDtype::Bf16 => 3e-2,
+                    GpuDtype::F16 => 5e-3,
+                } * scale.max(1e-3);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "{what}: token {} dim {}: GPU {a}, CPU {b} (tolerance {tol})",
+                        i / h,
+                        i % h
+                    );
+                }
+            }
+        }
+    }
+}
