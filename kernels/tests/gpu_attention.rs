@@ -484,7 +484,11 @@ fn paged_attention_prefill_matches_reference() {
 /// `reference::paged_attention_windowed`: head dims 64, 80, 96, 128 and 256 (Gemma 3's, on
 /// 32-key tiles), windows shorter than one key tile, than the chunk and than the context, and
 /// none; soft-caps (Gemma 2's 50, and a tight 5 that saturates) and none; chunks after a cached
-/// prefix, so the window cuts into the cache.
+/// prefix, so the window cuts into the cache. The engine also runs decodes through these
+/// builds (`cuda/backend/windowed_attention.rs`: windowed or capped layers, and head dims 80
+/// and 96, which have no decode build), one launch for a step's decodes (chunks of one row,
+/// first) and its prefill chunks: the cases with one-row chunks are those steps, with a
+/// padding row's context of 1 among them.
 #[test]
 fn paged_attention_prefill_windowed_and_softcapped_matches_reference() {
     let Some(g) = gpu("paged_attention_prefill_windowed_and_softcapped_matches_reference") else {
@@ -503,6 +507,17 @@ fn paged_attention_prefill_windowed_and_softcapped_matches_reference() {
         ((5, 1, 80, &[(33, 33), (70, 200)]), 7, 30.0),
         ((9, 3, 64, &[(17, 17), (64, 100), (1, 33)]), 4096, 0.0),
         ((8, 8, 64, &[(150, 150)]), 64, 50.0),
+        // Decode steps as the engine launches them.
+        (
+            (8, 2, 80, &[(1, 300), (1, 1), (1, 64), (1, 65), (40, 140)]),
+            100,
+            0.0,
+        ),
+        ((4, 4, 96, &[(1, 513), (1, 17), (1, 96)]), 0, 0.0),
+        ((16, 8, 256, &[(1, 1040), (1, 5), (1, 1024)]), 1024, 0.0),
+        ((8, 1, 128, &[(1, 700), (1, 513), (1, 1)]), 512, 50.0),
+        ((4, 2, 64, &[(1, 200), (17, 17)]), 0, 30.0),
+        ((2, 1, 80, &[(1, 2), (1, 40)]), 1, 0.0),
     ];
     for e in Elem::BOTH {
         let ty = e.name();
