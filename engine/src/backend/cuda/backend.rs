@@ -353,6 +353,40 @@ impl CudaBackend {
         self.launch_smem(kernel, grid, block, 0, args)
     }
 
+    /// `act(gate) * up` over `gate_up`'s two halves into `out`: the checks and the grid
+    /// the gated activations share (each kernel has its own argument struct).
+    fn gated_activation<A: KernelArgs>(
+        &self,
+        op: &str,
+        kernel: Kernel<A>,
+        gate_up: &CudaTensor,
+        out: &mut CudaTensor,
+        args: impl FnOnce(CUdeviceptr, CUdeviceptr, i32, i32) -> A,
+    ) -> Result<()> {
+        let inter = gate_up.cols / 2;
+        ensure!(
+            out.cols == inter,
+            "{op}: output has {} columns, expected {inter}",
+            out.cols
+        );
+        out.set_rows(gate_up.rows)?;
+        if gate_up.rows == 0 {
+            return Ok(());
+        }
+        let a = args(
+            out.buf.ptr,
+            gate_up.buf.ptr,
+            gate_up.rows as i32,
+            inter as i32,
+        );
+        self.launch(
+            kernel,
+            (inter.div_ceil(2048) as u32, gate_up.rows as u32, 1),
+            256,
+            a,
+        )
+    }
+
     fn launch_smem<A: KernelArgs>(
         &self,
         kernel: Kernel<A>,
@@ -1391,27 +1425,12 @@ impl Backend for CudaBackend {
     }
 
     fn silu_and_mul(&self, gate_up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
-        let inter = gate_up.cols / 2;
-        ensure!(
-            out.cols == inter,
-            "silu_and_mul: output has {} columns, expected {inter}",
-            out.cols
-        );
-        out.set_rows(gate_up.rows)?;
-        let (o, i, t, n) = (
-            out.buf.ptr,
-            gate_up.buf.ptr,
-            gate_up.rows as i32,
-            inter as i32,
-        );
-        if t == 0 {
-            return Ok(());
-        }
-        self.launch(
+        self.gated_activation(
+            "silu_and_mul",
             kernels::SILU_AND_MUL,
-            (inter.div_ceil(2048) as u32, t as u32, 1),
-            256,
-            args::SiluAndMul {
+            gate_up,
+            out,
+            |o, i, t, n| args::SiluAndMul {
                 out: o,
                 r#in: i,
                 num_tokens: t,
@@ -1421,27 +1440,12 @@ impl Backend for CudaBackend {
     }
 
     fn gelu_tanh_and_mul(&self, gate_up: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
-        let inter = gate_up.cols / 2;
-        ensure!(
-            out.cols == inter,
-            "gelu_tanh_and_mul: output has {} columns, expected {inter}",
-            out.cols
-        );
-        out.set_rows(gate_up.rows)?;
-        let (o, i, t, n) = (
-            out.buf.ptr,
-            gate_up.buf.ptr,
-            gate_up.rows as i32,
-            inter as i32,
-        );
-        if t == 0 {
-            return Ok(());
-        }
-        self.launch(
+        self.gated_activation(
+            "gelu_tanh_and_mul",
             kernels::GELU_TANH_AND_MUL,
-            (inter.div_ceil(2048) as u32, t as u32, 1),
-            256,
-            args::GeluTanhAndMul {
+            gate_up,
+            out,
+            |o, i, t, n| args::GeluTanhAndMul {
                 out: o,
                 r#in: i,
                 num_tokens: t,
