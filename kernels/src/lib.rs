@@ -91,6 +91,9 @@ impl<'a> Params<'a> {
 /// CPU reference implementations of the kernels (f32), shared by the GPU tests and the engine.
 pub mod reference;
 
+/// FP8 E4M3 and vLLM's scaled quantization rules (the engine's codec, and the FP8 tests').
+pub mod reference_fp8;
+
 /// The GPU sampler's per-request state layouts (`sampling_state.cuh`).
 pub mod sampling_state;
 

@@ -4,8 +4,8 @@
 //! poisoned first. Codes and scales must match bit for bit. And the FP8 GEMM through
 //! cuBLASLt (E4M3 x E4M3, per-tensor scale pointers, bf16 out) against the f32 reference.
 //!
-//! The reference codec is the engine's (`rvllm::backend::cpu::fp8`, checked there against
-//! torch's table), restated here because this crate sits below the engine.
+//! The reference codec is `rvllm_kernels::reference_fp8`, the one the engine's FP8 paths use
+//! (`rvllm::backend::cpu::fp8` re-exports it).
 //!
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns.
 mod gpu_harness;
@@ -13,44 +13,9 @@ mod gpu_harness;
 use gpu_harness::{gpu, rng, Elem};
 use rand::Rng;
 use rvllm_kernels::args;
-
-const E4M3_MAX: f32 = 448.0;
-const MIN_SCALE: f32 = 1.0 / (E4M3_MAX * 512.0);
-
-/// Nearest E4M3 code, ties to even, saturating at ±448; NaN stays NaN.
-fn f32_to_e4m3(x: f32) -> u8 {
-    let sign = ((x.to_bits() >> 24) & 0x80) as u8;
-    if x.is_nan() {
-        return sign | 0x7f;
-    }
-    let a = x.abs().min(E4M3_MAX);
-    if a < 1.0 / 64.0 {
-        return sign | (a * 512.0).round_ties_even() as u8;
-    }
-    let bits = a.to_bits();
-    let mut exp = ((bits >> 23) & 0xff) as i32 - 127 + 7;
-    let mant = bits & 0x7f_ffff;
-    let mut m = mant >> 20;
-    let rest = mant & 0xf_ffff;
-    if rest > 1 << 19 || (rest == 1 << 19 && m & 1 == 1) {
-        m += 1;
-    }
-    if m == 8 {
-        m = 0;
-        exp += 1;
-    }
-    sign | ((exp as u8) << 3) | m as u8
-}
-
-fn scale_of(x: &[f32]) -> f32 {
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    (amax / E4M3_MAX).max(MIN_SCALE)
-}
-
-fn quantize(x: &[f32], scale: f32) -> Vec<u8> {
-    let inv = 1.0 / scale;
-    x.iter().map(|&v| f32_to_e4m3(v * inv)).collect()
-}
+use rvllm_kernels::reference_fp8::{
+    dynamic_scale, e4m3_to_f32, f32_to_e4m3, quantize_per_token, quantize_with_scale, scaled_mm,
+};
 
 /// Inputs whose rows span magnitudes (so scales differ row to row), with an all-zero row
 /// (the floor scale) when there are several rows.
@@ -100,11 +65,11 @@ fn per_token_quantization_matches_the_reference() {
                     cols: cols as i32,
                 },
             );
-            let want_scales: Vec<f32> = vals.chunks(cols).map(scale_of).collect();
+            let want_scales: Vec<f32> = vals.chunks(cols).map(dynamic_scale).collect();
             let want: Vec<u8> = vals
                 .chunks(cols)
                 .zip(&want_scales)
-                .flat_map(|(row, &s)| quantize(row, s))
+                .flat_map(|(row, &s)| quantize_with_scale(row, s))
                 .collect();
             let what = format!("{} per-token {rows}x{cols}", e.name());
             let got_scales: Vec<u32> = g.download(&scales).iter().map(|s| s.to_bits()).collect();
@@ -158,7 +123,7 @@ fn per_tensor_quantization_matches_the_reference() {
                     n: n64,
                 },
             );
-            let want_scale = scale_of(&vals);
+            let want_scale = dynamic_scale(&vals);
             let what = format!("{} per-tensor n {n}", e.name());
             let got_scale = g.download(&scale)[0];
             assert_eq!(
@@ -166,28 +131,12 @@ fn per_tensor_quantization_matches_the_reference() {
                 want_scale.to_bits(),
                 "{what}: scale {got_scale} vs {want_scale}"
             );
-            if let Some(m) = first_mismatch(&g.download(&out), &quantize(&vals, want_scale)) {
+            if let Some(m) =
+                first_mismatch(&g.download(&out), &quantize_with_scale(&vals, want_scale))
+            {
                 panic!("{what}: codes differ at {m}");
             }
         }
-    }
-}
-
-fn e4m3_to_f32(code: u8) -> f32 {
-    let exp = ((code >> 3) & 0xf) as i32;
-    let mant = (code & 7) as f32;
-    if exp == 15 && code & 7 == 7 {
-        return f32::NAN;
-    }
-    let mag = if exp == 0 {
-        mant / 8.0 * 2f32.powi(-6)
-    } else {
-        (1.0 + mant / 8.0) * 2f32.powi(exp - 7)
-    };
-    if code & 0x80 != 0 {
-        -mag
-    } else {
-        mag
     }
 }
 
@@ -217,8 +166,8 @@ fn fp8_gemm_through_cublaslt_matches_the_reference() {
     ] {
         let xv: Vec<f32> = (0..m * k).map(|_| r.random_range(-2.0..2.0)).collect();
         let wv: Vec<f32> = (0..n * k).map(|_| r.random_range(-0.05..0.05)).collect();
-        let (sx, sw) = (scale_of(&xv), scale_of(&wv));
-        let (xq, wq) = (quantize(&xv, sx), quantize(&wv, sw));
+        let (sx, sw) = (dynamic_scale(&xv), dynamic_scale(&wv));
+        let (xq, wq) = (quantize_with_scale(&xv, sx), quantize_with_scale(&wv, sw));
         let d_x = g.upload(&xq);
         let d_w = g.upload(&wq);
         let (d_sx, d_sw) = (g.upload(&[sx]), g.upload(&[sw]));
@@ -315,16 +264,136 @@ fn fp8_gemm_through_cublaslt_matches_the_reference() {
     }
 }
 
+/// Per-token codes and scales of `rows` random rows (magnitudes differ row to row).
+fn per_token_inputs(r: &mut rand::rngs::StdRng, rows: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+    let x: Vec<f32> = (0..rows)
+        .flat_map(|_| {
+            let amp = 10f32.powf(r.random_range(-2.0..1.0));
+            (0..k)
+                .map(|_| r.random_range(-amp..amp))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    quantize_per_token(&x, k)
+}
+
+/// `fp8_scaled_mm` (the FP8 GEMM for shapes cuBLASLt does not take) against the reference's
+/// `scaled_mm`, with and without accumulation into the output, k a multiple of 16 (the
+/// 16-byte path) and not (the scalar path), n not a multiple of the block's 8 warps.
 #[test]
-fn the_reference_codec_round_trips_every_code() {
-    // Guards the restated codec itself (no GPU needed): every finite code's value, built
-    // from its fields, encodes back to the code.
+fn fp8_scaled_mm_matches_the_reference() {
+    let Some(g) = gpu("fp8_scaled_mm_matches_the_reference") else {
+        return;
+    };
+    let mut r = rng("fp8_scaled_mm");
+    for e in Elem::BOTH {
+        for &(m, n, k) in &[(1usize, 100usize, 64usize), (5, 37, 40), (17, 256, 576)] {
+            let (xq, sx) = per_token_inputs(&mut r, m, k);
+            let (wq, sw) = per_token_inputs(&mut r, n, k);
+            let want_mm = scaled_mm(&xq, &sx, &wq, &sw, k);
+            for accumulate in [false, true] {
+                let (y0_bits, y0) = e.random(&mut r, m * n, 1.0);
+                let d_y = if accumulate {
+                    g.upload(&y0_bits)
+                } else {
+                    g.poisoned(m * n, e.nan())
+                };
+                let (d_xq, d_sx, d_wq, d_sw) =
+                    (g.upload(&xq), g.upload(&sx), g.upload(&wq), g.upload(&sw));
+                g.launch_args(
+                    &e.module("fp8_quant"),
+                    &e.kernel("fp8_scaled_mm_bf16"),
+                    (n.div_ceil(8) as u32, m as u32, 1),
+                    (256, 1, 1),
+                    args::Fp8ScaledMm {
+                        y: d_y.ptr,
+                        xq: d_xq.ptr,
+                        x_scales: d_sx.ptr,
+                        wq: d_wq.ptr,
+                        w_scales: d_sw.ptr,
+                        m: m as i32,
+                        n: n as i32,
+                        k: k as i32,
+                        accumulate: accumulate as i32,
+                    },
+                );
+                let want: Vec<f32> = if accumulate {
+                    want_mm.iter().zip(&y0).map(|(a, b)| a + b).collect()
+                } else {
+                    want_mm.clone()
+                };
+                let got = g.download_as(e, &d_y);
+                let (atol, rtol) = e.tolerance();
+                let what = format!(
+                    "{} fp8_scaled_mm {m}x{n}x{k} accumulate {accumulate}",
+                    e.name()
+                );
+                gpu_harness::assert_close(&what, &got, &want, atol, rtol);
+            }
+        }
+    }
+}
+
+/// `fp8_scaled_epilogue`: a bf16 product scaled by token x channel scale into either element
+/// type, in place (acc = out, the linear) and accumulating from a separate buffer (the
+/// residual add).
+#[test]
+fn fp8_scaled_epilogue_matches_the_reference() {
+    let Some(g) = gpu("fp8_scaled_epilogue_matches_the_reference") else {
+        return;
+    };
+    let mut r = rng("fp8_scaled_epilogue");
+    for e in Elem::BOTH {
+        let (rows, cols) = (7usize, 1000usize);
+        let (acc_bits, acc) = Elem::Bf16.random(&mut r, rows * cols, 3000.0);
+        let rs: Vec<f32> = (0..rows).map(|_| r.random_range(1e-4..1e-2)).collect();
+        let cs: Vec<f32> = (0..cols).map(|_| r.random_range(1e-4..1e-2)).collect();
+        let scaled: Vec<f32> = (0..rows * cols)
+            .map(|i| acc[i] * rs[i / cols] * cs[i % cols])
+            .collect();
+        let (d_rs, d_cs) = (g.upload(&rs), g.upload(&cs));
+        // In place: out holds the bf16 product on entry.
+        let d_out = g.upload(&acc_bits);
+        let launch = |out: u64, acc: u64, accumulate: bool| {
+            g.launch_args(
+                &e.module("fp8_quant"),
+                &e.kernel("fp8_scaled_epilogue_bf16"),
+                (((rows * cols).div_ceil(256)) as u32, 1, 1),
+                (256, 1, 1),
+                args::Fp8ScaledEpilogue {
+                    out,
+                    acc,
+                    row_scales: d_rs.ptr,
+                    col_scales: d_cs.ptr,
+                    rows: rows as i32,
+                    cols: cols as i32,
+                    accumulate: accumulate as i32,
+                },
+            )
+        };
+        launch(d_out.ptr, d_out.ptr, false);
+        let (atol, rtol) = e.tolerance();
+        let what = format!("{} epilogue in place", e.name());
+        gpu_harness::assert_close(&what, &g.download_as(e, &d_out), &scaled, atol, rtol);
+        let (res_bits, res) = e.random(&mut r, rows * cols, 1.0);
+        let d_res = g.upload(&res_bits);
+        let d_acc = g.upload(&acc_bits);
+        launch(d_res.ptr, d_acc.ptr, true);
+        let want: Vec<f32> = scaled.iter().zip(&res).map(|(a, b)| a + b).collect();
+        let what = format!("{} epilogue accumulating", e.name());
+        gpu_harness::assert_close(&what, &g.download_as(e, &d_res), &want, atol, rtol);
+    }
+}
+
+#[test]
+fn the_reference_codec_saturates() {
+    // The shared codec's own tests live in reference_fp8; this guards what these tests lean
+    // on: saturation and a round trip of every finite code.
     for code in 0..=255u8 {
         let v = e4m3_to_f32(code);
-        if v.is_nan() {
-            continue;
+        if !v.is_nan() {
+            assert_eq!(f32_to_e4m3(v), code, "code {code:#x} = {v}");
         }
-        assert_eq!(f32_to_e4m3(v), code, "code {code:#x} = {v}");
     }
     assert_eq!(f32_to_e4m3(1e6), 0x7e);
 }

@@ -16,6 +16,7 @@ use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCache
 use crate::types::{DecoderSpec, HostData, HostTensor};
 use rvllm_kernels::{args, decode_smem, gemv_bulk::GemvBulk, KernelArgs};
 
+mod fp8;
 mod windowed_attention;
 
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
@@ -83,6 +84,8 @@ pub struct CudaWeight {
     pub buf: DevBuf,
     pub rows: usize,
     pub cols: usize,
+    /// `--quantization fp8`: `buf` holds E4M3 codes and this one f32 scale a row (fp8.rs).
+    pub fp8_scales: Option<DevBuf>,
 }
 
 /// A 1-D parameter, kept in the compute type (norm weights, biases) and f32 (RoPE
@@ -231,6 +234,8 @@ pub struct CudaBackend {
     gemv_evict_first: bool,
     /// Counts the bytes of weights uploaded while a model loads (`set_upload_progress`).
     upload_progress: Mutex<Option<indicatif::ProgressBar>>,
+    /// `--quantization fp8`'s switch, cuBLASLt and activation buffers (fp8.rs).
+    fp8: fp8::Fp8State,
     /// The mixture-of-experts routing arrays (`moe.rs`), allocated on first use.
     pub(super) moe_routing: super::moe::MoeRouting,
     /// The NCCL group this backend is a rank of (`nccl.rs`), set once before graphs.
@@ -286,6 +291,7 @@ impl CudaBackend {
             dtype,
             capturing_graph: std::sync::atomic::AtomicBool::new(false),
             upload_progress: Mutex::new(None),
+            fp8: Default::default(),
             moe_routing: Default::default(),
             nccl: std::sync::OnceLock::new(),
             gemv_bulk,
@@ -697,6 +703,10 @@ impl CudaBackend {
 
     /// `y[1, n] = x[1, k] @ w[n, k]^T` with the GEMV kernel (k a multiple of 8).
     pub fn gemv_b1(&self, x: CUdeviceptr, w: &CudaWeight, y: CUdeviceptr) -> Result<()> {
+        ensure!(
+            w.fp8_scales.is_none(),
+            "gemv_b1 reads the compute type, not FP8 codes"
+        );
         if self.gemv_bulk(GemvInput::Plain, false, x, w, y, None)? {
             return Ok(());
         }
@@ -726,6 +736,10 @@ impl CudaBackend {
         y: CUdeviceptr,
         norm: Option<(&CudaVector, f32)>,
     ) -> Result<bool> {
+        ensure!(
+            w.fp8_scales.is_none(),
+            "gemv_bulk reads the compute type, not FP8 codes"
+        );
         let Some(g) = self
             .gemv_bulk
             .then(|| GemvBulk::for_k(w.cols, GEMV_STAGES))
@@ -1010,10 +1024,18 @@ impl Backend for CudaBackend {
             "weight `{name}` should be 2-D, has shape {:?}",
             t.shape
         );
+        if let Some(w) = self.upload_fp8_weight(name, &t)? {
+            return Ok(w);
+        }
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let buf = self.upload_host(&t.data)?;
         self.count_upload(buf.bytes);
-        Ok(CudaWeight { buf, rows, cols })
+        Ok(CudaWeight {
+            buf,
+            rows,
+            cols,
+            fp8_scales: None,
+        })
     }
 
     fn upload_vector(&self, name: &str, t: HostTensor) -> Result<CudaVector> {
@@ -1190,6 +1212,9 @@ impl Backend for CudaBackend {
         bias: Option<&CudaVector>,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        if w.fp8_scales.is_some() {
+            return self.fp8_linear(x, w, bias, out);
+        }
         ensure!(
             x.cols == w.cols,
             "linear: input has {} columns, weight expects {}",
@@ -1488,6 +1513,9 @@ impl Backend for CudaBackend {
         act: &mut CudaTensor,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        if down.fp8_scales.is_some() {
+            return self.fp8_silu_mul_linear(gate_up, down, act, out);
+        }
         let inter = gate_up.cols / 2;
         if gate_up.rows != 1 || inter != down.cols || inter % 8 != 0 {
             self.silu_and_mul(gate_up, act)?;
@@ -1545,6 +1573,9 @@ impl Backend for CudaBackend {
         bias: Option<&CudaVector>,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        if w.fp8_scales.is_some() {
+            return self.fp8_norm_linear(x, norm_weight, eps, normed, w, bias, out);
+        }
         if bias.is_none() && x.cols == w.cols && out.cols == w.rows && self.fuses_b1(x.rows, w) {
             out.set_rows(1)?;
             let norm = Some((norm_weight, eps));
@@ -1563,6 +1594,9 @@ impl Backend for CudaBackend {
         residual: &mut CudaTensor,
         scratch: &mut CudaTensor,
     ) -> Result<()> {
+        if w.fp8_scales.is_some() {
+            return self.fp8_linear_add(x, w, residual, scratch);
+        }
         ensure!(
             x.cols == w.cols && residual.cols == w.rows && residual.rows == x.rows,
             "linear_add: input {}x{}, weight {}x{}, residual {}x{}",
@@ -1607,6 +1641,9 @@ impl Backend for CudaBackend {
         residual: &mut CudaTensor,
         scratch: &mut CudaTensor,
     ) -> Result<()> {
+        if down.fp8_scales.is_some() {
+            return self.fp8_silu_mul_linear_add(gate_up, down, act, residual, scratch);
+        }
         let inter = gate_up.cols / 2;
         ensure!(
             inter == down.cols && residual.cols == down.rows && residual.rows == gate_up.rows,

@@ -39,8 +39,10 @@ fn is_layer_linear(name: &str, t: &HostTensor) -> bool {
 
 /// Apply `--quantization` and `--kv-cache-dtype` to a loaded model, on `device`:
 /// round the layer weights through E4M3 at a dynamic per-channel scale (amax of the row /
-/// 448), and set the KV
-/// cache's per-layer scales. The CUDA backend has no FP8 kernels yet and refuses both.
+/// 448), and set the KV cache's per-layer scales. The CUDA backend stores the rounded
+/// projections as E4M3 codes (the same codes: `backend/cuda/backend/fp8.rs`) and quantizes
+/// their inputs per token; it refuses the FP8 KV cache (its attention kernels read the
+/// compute type only).
 pub fn apply_runtime_options(
     model: &mut LoadedModel,
     quantization: Option<&str>,
@@ -61,12 +63,6 @@ pub fn apply_runtime_options(
                     "--quantization fp8 does not match the checkpoint's quantization_config \
                      ({}); leave --quantization out to run the checkpoint as quantized",
                     c.quant_method
-                );
-            }
-            if on_gpu && quant.checkpoint.is_none() {
-                bail!(
-                    "--quantization fp8 is not available on the CUDA backend yet (it has no FP8 \
-                     GEMM; issue 20); run it with --device cpu, or leave the flag out"
                 );
             }
         }

@@ -134,6 +134,8 @@ impl GpuRunner {
             c.head_dim,
             dtype,
         )?;
+        // `--quantization fp8`: the projections upload as E4M3 (backend/fp8.rs).
+        be.enable_online_fp8(c.family.quant.online_fp8)?;
         // Everything a step uses is allocated before the profiling pass measures what is left.
         let gathered = be.alloc_activation(max_rows, c.hidden_size)?;
         let logits_elem = gpu.alloc(max_rows * c.vocab_size * 2)?;

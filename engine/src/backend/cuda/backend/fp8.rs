@@ -1,0 +1,619 @@
+//! `--quantization fp8` on the CUDA backend, as vLLM's online dynamic FP8 runs on Hopper:
+//! the decoder layers' projections are held as E4M3 codes with one f32 scale per output
+//! channel (a row of the `[out, in]` weight), each linear quantizes its input per token
+//! (`fp8_quant_per_token`), and an FP8 GEMM multiplies the codes.
+//!
+//! The weight rule is the CPU's (`backend::cpu::fp8`: scale = row amax / 448, codes rounded to
+//! nearest even, saturating), applied on the host at upload, so the GPU holds the very codes
+//! the CPU path rounds its weights through. The GEMM is cuBLASLt's E4M3 x E4M3 matmul with
+//! unit scales into bf16 (which holds the unscaled product's range; f16 would overflow), then
+//! `fp8_scaled_epilogue` applies token scale x channel scale (and the residual add) in one
+//! pass. Shapes cuBLASLt's FP8 kernels do not take (k or n not a multiple of 16) run
+//! `fp8_scaled_mm`, a warp-per-output kernel with the same scales. Nothing here syncs the
+//! host, and every buffer is allocated at load, so CUDA graphs capture it.
+//!
+//! The fused batch-1 GEMVs (gemv_bulk with the norm, SiLU or residual add folded in) read the
+//! compute type only: an FP8 weight takes the unfused path (norm, then the FP8 linear).
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use cudarc::cublaslt::{result as lt, sys as ltsys};
+use cudarc::driver::sys::CUdeviceptr;
+use rayon::prelude::*;
+
+use super::super::elem::{kernel, Kernel, NamedKernel};
+use super::{CudaBackend, CudaTensor, CudaVector, CudaWeight};
+use crate::backend::cpu::fp8::{dynamic_scale, quantize_with_scale};
+use crate::backend::{Activation, Backend};
+use crate::types::HostTensor;
+use rvllm_kernels::args;
+
+pub const FP8_QUANT_PER_TOKEN: Kernel<args::Fp8QuantPerToken> = kernel!(
+    args::Fp8QuantPerToken,
+    "fp8_quant",
+    "fp8_quant_per_token_bf16",
+    "fp8_quant_per_token_f16"
+);
+pub const FP8_SCALED_EPILOGUE: Kernel<args::Fp8ScaledEpilogue> = kernel!(
+    args::Fp8ScaledEpilogue,
+    "fp8_quant",
+    "fp8_scaled_epilogue_bf16",
+    "fp8_scaled_epilogue_f16"
+);
+pub const FP8_SCALED_MM: Kernel<args::Fp8ScaledMm> = kernel!(
+    args::Fp8ScaledMm,
+    "fp8_quant",
+    "fp8_scaled_mm_bf16",
+    "fp8_scaled_mm_f16"
+);
+
+/// Every FP8 entry point the backend launches (checked like `kernels::all`).
+#[cfg(test)]
+fn all_fp8_kernels() -> Vec<NamedKernel> {
+    vec![
+        FP8_QUANT_PER_TOKEN.named(),
+        FP8_SCALED_EPILOGUE.named(),
+        FP8_SCALED_MM.named(),
+    ]
+}
+
+/// The weights `--quantization fp8` stores as E4M3: the decoder layers' projections as the
+/// model uploads them (fused QKV, O, fused gate|up, down). Embeddings, the LM head, norms,
+/// MoE routers and experts stay in the compute type (the experts' host values are already
+/// rounded through E4M3, as on the CPU).
+pub fn is_fp8_projection(name: &str) -> bool {
+    name.starts_with("model.layers.")
+        && [
+            ".self_attn.qkv",
+            ".self_attn.o_proj.weight",
+            ".mlp.gate_up",
+            ".mlp.down_proj.weight",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
+}
+
+/// E4M3 codes and per-row scales of `[rows, cols]` f32 values, by the CPU's rule.
+pub fn quantize_rows(values: &[f32], cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let cols = cols.max(1);
+    let per_row: Vec<(Vec<u8>, f32)> = values
+        .par_chunks(cols)
+        .map(|row| {
+            let s = dynamic_scale(row);
+            (quantize_with_scale(row, s), s)
+        })
+        .collect();
+    let mut codes = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(per_row.len());
+    for (c, s) in per_row {
+        codes.extend(c);
+        scales.push(s);
+    }
+    (codes, scales)
+}
+
+/// Whether cuBLASLt's FP8 GEMM takes `[m, k] x [n, k]^T`: its FP8 kernels want the
+/// reduction and the output's leading dimension in multiples of 16 (16-byte aligned rows).
+pub fn cublaslt_takes(n: usize, k: usize) -> bool {
+    n % 16 == 0 && k % 16 == 0
+}
+
+/// The FP8 state of one backend: whether uploads quantize, and (from the first FP8 weight on)
+/// cuBLASLt, its workspace and the per-token activation buffers.
+#[derive(Default)]
+pub struct Fp8State {
+    online: AtomicBool,
+    rt: Mutex<Option<Fp8Runtime>>,
+}
+
+const LT_WORKSPACE_BYTES: usize = 32 << 20;
+
+struct Fp8Runtime {
+    /// None below compute capability 8.9 (no FP8 tensor cores): `fp8_scaled_mm` only.
+    lt: Option<ltsys::cublasLtHandle_t>,
+    workspace: super::super::device::DevBuf,
+    /// The current input's codes (`[max_tokens, max_k]`) and per-token scales.
+    codes: super::super::device::DevBuf,
+    scales: super::super::device::DevBuf,
+    max_k: usize,
+    /// One matmul plan per (m, n, k); None where cuBLASLt offered no algorithm.
+    plans: HashMap<(usize, usize, usize), Option<LtPlan>>,
+}
+
+struct LtPlan {
+    desc: ltsys::cublasLtMatmulDesc_t,
+    layouts: [ltsys::cublasLtMatrixLayout_t; 3],
+    algo: ltsys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for LtPlan {
+    fn drop(&mut self) {
+        // SAFETY: created by LtPlan::new and used by no one after this.
+        unsafe {
+            for l in self.layouts {
+                let _ = lt::destroy_matrix_layout(l);
+            }
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+impl Drop for Fp8Runtime {
+    fn drop(&mut self) {
+        self.plans.clear();
+        if let Some(h) = self.lt.take() {
+            // SAFETY: our own handle, its plans destroyed above.
+            unsafe {
+                let _ = lt::destroy_handle(h);
+            }
+        }
+    }
+}
+
+fn lt_err(what: &str) -> impl Fn(lt::CublasError) -> anyhow::Error + '_ {
+    move |e| anyhow!("cuBLASLt {what}: {e:?}")
+}
+
+impl LtPlan {
+    /// Row-major `y[m, n] = x[m, k] @ w[n, k]^T`, E4M3 in, bf16 out, unit scales: in
+    /// cuBLASLt's column-major terms `Y^T[n, m] = W^T (op T of the k x n W) * X^T`, the "TN"
+    /// layout its FP8 kernels require.
+    fn new(h: ltsys::cublasLtHandle_t, m: usize, n: usize, k: usize) -> Result<Option<Self>> {
+        use ltsys::cublasLtMatmulDescAttributes_t as A;
+        // SAFETY: descriptors are created, set with values that outlive the calls, and owned
+        // by the plan (destroyed on drop, including on the error paths below).
+        unsafe {
+            let desc = lt::create_matmul_desc(
+                ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                ltsys::cudaDataType::CUDA_R_32F,
+            )
+            .map_err(lt_err("matmul descriptor"))?;
+            let e4m3 = ltsys::cudaDataType::CUDA_R_8F_E4M3;
+            let bf16 = ltsys::cudaDataType::CUDA_R_16BF;
+            let mut plan = Self {
+                desc,
+                layouts: [std::ptr::null_mut(); 3],
+                // SAFETY: plain data, overwritten by the heuristic's choice below.
+                algo: std::mem::zeroed(),
+            };
+            let (op_t, op_n) = (1i32, 0i32); // CUBLAS_OP_T, CUBLAS_OP_N
+            for (attr, v) in [
+                (A::CUBLASLT_MATMUL_DESC_TRANSA, &op_t),
+                (A::CUBLASLT_MATMUL_DESC_TRANSB, &op_n),
+            ] {
+                lt::set_matmul_desc_attribute(desc, attr, v as *const i32 as *const c_void, 4)
+                    .map_err(lt_err("matmul transpose"))?;
+            }
+            plan.layouts[0] = lt::create_matrix_layout(e4m3, k as u64, n as u64, k as i64)
+                .map_err(lt_err("layout of W"))?;
+            plan.layouts[1] = lt::create_matrix_layout(e4m3, k as u64, m as u64, k as i64)
+                .map_err(lt_err("layout of X"))?;
+            plan.layouts[2] = lt::create_matrix_layout(bf16, n as u64, m as u64, n as i64)
+                .map_err(lt_err("layout of Y"))?;
+            let pref = lt::create_matmul_pref().map_err(lt_err("preference"))?;
+            let ws = LT_WORKSPACE_BYTES;
+            let set = lt::set_matmul_pref_attribute(
+                pref,
+                ltsys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const usize as *const c_void,
+                std::mem::size_of::<usize>(),
+            );
+            let [a, b, c] = plan.layouts;
+            let found = set.and_then(|_| lt::get_matmul_algo_heuristic(h, desc, a, b, c, c, pref));
+            let _ = lt::destroy_matmul_pref(pref);
+            match found {
+                Ok(r) => {
+                    plan.algo = r.algo;
+                    Ok(Some(plan))
+                }
+                Err(e) => {
+                    eprintln!(
+                        "rvllm: cuBLASLt has no FP8 GEMM for {m}x{k} @ {k}x{n} ({e:?}); that \
+                         shape runs fp8_scaled_mm"
+                    );
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+impl Fp8State {
+    pub fn online(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+    }
+}
+
+impl CudaBackend {
+    /// `--quantization fp8` (vLLM's online dynamic FP8): from now on `upload_weight` stores
+    /// the decoder's projections as E4M3 with per-channel scales. Refused below compute
+    /// capability 8.9 (no FP8 tensor cores), as vLLM's FP8 GEMMs are.
+    pub fn enable_online_fp8(&self, on: bool) -> Result<()> {
+        if on {
+            let (major, minor) = self.gpu.compute_capability;
+            ensure!(
+                (major, minor) >= (8, 9),
+                "--quantization fp8 needs FP8 tensor cores (compute capability 8.9 or newer: \
+                 Ada, Hopper); {} is sm_{major}{minor}; leave the flag out or run it with \
+                 --device cpu",
+                self.gpu.name
+            );
+        }
+        self.fp8.online.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The FP8 upload of `t` when `--quantization fp8` is on and `name` is a projection;
+    /// None otherwise (the caller uploads it in the compute type).
+    pub(super) fn upload_fp8_weight(
+        &self,
+        name: &str,
+        t: &HostTensor,
+    ) -> Result<Option<CudaWeight>> {
+        if !self.fp8.online() || !is_fp8_projection(name) || t.shape.len() != 2 {
+            return Ok(None);
+        }
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let (codes, scales) = quantize_rows(&t.to_f32(), cols);
+        self.ensure_fp8_runtime(cols)
+            .with_context(|| format!("preparing the FP8 GEMM for `{name}`"))?;
+        let buf = self.upload_slice(&codes)?;
+        let scales = self.upload_slice(&scales)?;
+        // The progress bar counts the compute type's bytes.
+        self.count_upload(rows * cols * super::ELEM_BYTES);
+        Ok(Some(CudaWeight {
+            buf,
+            rows,
+            cols,
+            fp8_scales: Some(scales),
+        }))
+    }
+
+    /// cuBLASLt and the activation buffers, sized for inputs of `k` columns (grown at load,
+    /// never while a step runs).
+    fn ensure_fp8_runtime(&self, k: usize) -> Result<()> {
+        let mut rt = self.fp8.rt.lock().unwrap_or_else(|e| e.into_inner());
+        let tokens = self.limits.max_tokens.max(1);
+        if rt.is_none() {
+            let lt = if self.gpu.compute_capability >= (8, 9) {
+                Some(lt::create_handle().map_err(|e| {
+                    anyhow!("cuBLASLt could not be initialised ({e:?}): is libcublasLt (CUDA 12/13) on the loader path?")
+                })?)
+            } else {
+                None
+            };
+            *rt = Some(Fp8Runtime {
+                lt,
+                workspace: self.gpu.alloc(LT_WORKSPACE_BYTES)?,
+                codes: self.gpu.alloc(tokens * k)?,
+                scales: self.gpu.alloc(tokens * 4)?,
+                max_k: k,
+                plans: HashMap::new(),
+            });
+        }
+        let r = rt.as_mut().expect("just set");
+        if k > r.max_k {
+            r.codes = self.gpu.alloc(tokens * k)?;
+            r.max_k = k;
+        }
+        Ok(())
+    }
+
+    /// `y = x @ w^T` (or `y += ...` when `accumulate`) for an FP8 `w`: per-token quantization
+    /// of `x`, then the FP8 GEMM. `scratch` (`[x.rows, w.rows]` in the compute type's 2 bytes
+    /// an element) takes cuBLASLt's unscaled product when accumulating.
+    fn fp8_matmul(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        y: CUdeviceptr,
+        scratch: Option<CUdeviceptr>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let Some(w_scales) = w.fp8_scales.as_ref() else {
+            bail!("fp8_matmul on a weight that is not FP8");
+        };
+        let (m, n, k) = (x.rows, w.rows, w.cols);
+        ensure!(
+            x.cols == k,
+            "FP8 linear: input has {} columns, weight expects {k}",
+            x.cols
+        );
+        if m == 0 {
+            return Ok(());
+        }
+        let mut guard = self.fp8.rt.lock().unwrap_or_else(|e| e.into_inner());
+        let rt = guard
+            .as_mut()
+            .ok_or_else(|| anyhow!("FP8 weight without the FP8 runtime"))?;
+        ensure!(
+            k <= rt.max_k && m <= self.limits.max_tokens,
+            "FP8 linear of {m}x{k}: the activation buffers hold {}x{}",
+            self.limits.max_tokens,
+            rt.max_k
+        );
+        let (codes, x_scales) = (rt.codes.ptr, rt.scales.ptr);
+        self.launch(
+            FP8_QUANT_PER_TOKEN,
+            (m as u32, 1, 1),
+            256,
+            args::Fp8QuantPerToken {
+                out: codes,
+                scales: x_scales,
+                r#in: x.ptr(),
+                rows: m as i32,
+                cols: k as i32,
+            },
+        )?;
+        let lt_handle = rt.lt.filter(|_| cublaslt_takes(n, k));
+        let plan = match lt_handle {
+            Some(h) => {
+                if !rt.plans.contains_key(&(m, n, k)) {
+                    let p = LtPlan::new(h, m, n, k)?;
+                    rt.plans.insert((m, n, k), p);
+                }
+                rt.plans[&(m, n, k)].as_ref().map(|p| (h, p))
+            }
+            None => None,
+        };
+        let Some((h, plan)) = plan else {
+            let grid = (n.div_ceil(8) as u32, m as u32, 1);
+            return self.launch(
+                FP8_SCALED_MM,
+                grid,
+                256,
+                args::Fp8ScaledMm {
+                    y,
+                    xq: codes,
+                    x_scales,
+                    wq: w.buf.ptr,
+                    w_scales: w_scales.ptr,
+                    m: m as i32,
+                    n: n as i32,
+                    k: k as i32,
+                    accumulate: accumulate as i32,
+                },
+            );
+        };
+        let acc = if accumulate {
+            scratch.ok_or_else(|| anyhow!("an accumulating FP8 linear needs a scratch buffer"))?
+        } else {
+            y
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let [a, b, c] = plan.layouts;
+        // SAFETY: the plan describes these buffers' shapes (codes [m, k], weight [n, k],
+        // acc [m, n] bf16), the workspace is ours, and the stream is the backend's.
+        unsafe {
+            lt::matmul(
+                h,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w.buf.ptr as *const c_void,
+                a,
+                codes as *const c_void,
+                b,
+                acc as *const c_void,
+                c,
+                acc as *mut c_void,
+                c,
+                &plan.algo,
+                rt.workspace.ptr as *mut c_void,
+                LT_WORKSPACE_BYTES,
+                self.gpu.stream as ltsys::cudaStream_t,
+            )
+        }
+        .map_err(|e| anyhow!("cuBLASLt FP8 GEMM ({m}x{k} @ {k}x{n}): {e:?}"))?;
+        let total = m * n;
+        let blocks = total.div_ceil(256).min(4096) as u32;
+        self.launch(
+            FP8_SCALED_EPILOGUE,
+            (blocks, 1, 1),
+            256,
+            args::Fp8ScaledEpilogue {
+                out: y,
+                acc,
+                row_scales: x_scales,
+                col_scales: w_scales.ptr,
+                rows: m as i32,
+                cols: n as i32,
+                accumulate: accumulate as i32,
+            },
+        )
+    }
+
+    /// `linear` for an FP8 weight.
+    pub(super) fn fp8_linear(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaVector>,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        ensure!(
+            out.cols == w.rows,
+            "FP8 linear: output has {} columns, weight gives {}",
+            out.cols,
+            w.rows
+        );
+        out.set_rows(x.rows)?;
+        if x.rows == 0 {
+            return Ok(());
+        }
+        self.fp8_matmul(x, w, out.ptr(), None, false)?;
+        if let Some(b) = bias {
+            ensure!(
+                b.len == w.rows,
+                "bias has {} values for {} outputs",
+                b.len,
+                w.rows
+            );
+            // out += ones[rows, 1] @ bias[out, 1]^T, as the compute-type linear adds it.
+            self.gpu.gemm(
+                self.dtype,
+                self.ones.ptr,
+                b.elem.ptr,
+                out.ptr(),
+                x.rows,
+                w.rows,
+                1,
+                true,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `residual += x @ w^T` for an FP8 weight (the add in the GEMM's epilogue).
+    pub(super) fn fp8_linear_add(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        residual: &mut CudaTensor,
+        scratch: &mut CudaTensor,
+    ) -> Result<()> {
+        ensure!(
+            residual.cols == w.rows && residual.rows == x.rows && scratch.cols == w.rows,
+            "FP8 linear_add: input {}x{}, weight {}x{}, residual {}x{}, scratch of {} columns",
+            x.rows,
+            x.cols,
+            w.rows,
+            w.cols,
+            residual.rows,
+            residual.cols,
+            scratch.cols
+        );
+        scratch.set_rows(x.rows)?;
+        self.fp8_matmul(x, w, residual.ptr(), Some(scratch.ptr()), true)
+    }
+
+    /// `norm_linear` for an FP8 weight: the norm, then the FP8 linear.
+    #[allow(clippy::too_many_arguments)] // the trait method's operands
+    pub(super) fn fp8_norm_linear(
+        &self,
+        x: &CudaTensor,
+        norm_weight: &CudaVector,
+        eps: f32,
+        normed: &mut CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaVector>,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        self.rms_norm(x, norm_weight, eps, normed)?;
+        self.fp8_linear(normed, w, bias, out)
+    }
+
+    /// `silu_mul_linear` for an FP8 down projection.
+    pub(super) fn fp8_silu_mul_linear(
+        &self,
+        gate_up: &CudaTensor,
+        down: &CudaWeight,
+        act: &mut CudaTensor,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        self.silu_and_mul(gate_up, act)?;
+        self.fp8_linear(act, down, None, out)
+    }
+
+    /// `silu_mul_linear_add` for an FP8 down projection.
+    pub(super) fn fp8_silu_mul_linear_add(
+        &self,
+        gate_up: &CudaTensor,
+        down: &CudaWeight,
+        act: &mut CudaTensor,
+        residual: &mut CudaTensor,
+        scratch: &mut CudaTensor,
+    ) -> Result<()> {
+        self.silu_and_mul(gate_up, act)?;
+        self.fp8_linear_add(act, down, residual, scratch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::elem::GpuDtype;
+    use super::*;
+
+    #[test]
+    fn only_the_layer_projections_are_fp8() {
+        for name in [
+            "model.layers.0.self_attn.qkv",
+            "model.layers.11.self_attn.o_proj.weight",
+            "model.layers.3.mlp.gate_up",
+            "model.layers.3.mlp.down_proj.weight",
+        ] {
+            assert!(is_fp8_projection(name), "{name}");
+        }
+        for name in [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.0.mlp.gate.weight",
+            "model.layers.0.block_sparse_moe.gate.weight",
+            "model.layers.0.input_layernorm.weight",
+        ] {
+            assert!(!is_fp8_projection(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn rows_quantize_by_the_cpu_rule_and_round_trip_the_cpu_rounding() {
+        use crate::backend::cpu::fp8::{e4m3_to_f32, fake_quant_in_place};
+        let cols = 5;
+        let mut w: Vec<f32> = (0..4 * cols)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.013)
+            .collect();
+        w[7] = 0.0;
+        let (codes, scales) = quantize_rows(&w, cols);
+        for (r, row) in w.chunks(cols).enumerate() {
+            assert_eq!(scales[r], dynamic_scale(row));
+            assert_eq!(
+                &codes[r * cols..(r + 1) * cols],
+                &quantize_with_scale(row, scales[r])[..]
+            );
+        }
+        // `--quantization fp8` rounds the host weights first (models/quant/online.rs); the
+        // GPU's codes of those rounded values stand for the same values.
+        let mut rounded = w.clone();
+        for row in rounded.chunks_mut(cols) {
+            let s = dynamic_scale(row);
+            fake_quant_in_place(row, s);
+        }
+        let (codes2, scales2) = quantize_rows(&rounded, cols);
+        for (i, (&c, &v)) in codes2.iter().zip(&rounded).enumerate() {
+            let back = e4m3_to_f32(c) * scales2[i / cols];
+            assert!((back - v).abs() <= v.abs() * 1e-6, "{i}: {back} vs {v}");
+        }
+    }
+
+    #[test]
+    fn cublaslt_takes_16_aligned_shapes_only() {
+        assert!(cublaslt_takes(576, 576));
+        assert!(cublaslt_takes(28672, 4096));
+        assert!(!cublaslt_takes(100, 64));
+        assert!(!cublaslt_takes(64, 40));
+    }
+
+    /// As `kernels::tests`: the f16 build's names follow the rule, and each is declared by
+    /// its argument struct.
+    #[test]
+    fn fp8_kernels_are_declared_by_their_argument_structs() {
+        for k in all_fp8_kernels() {
+            let (module, name) = k.of(GpuDtype::Bf16);
+            assert_eq!(k.of(GpuDtype::F16).0, format!("{module}_f16"));
+            assert_eq!(k.of(GpuDtype::F16).1, name.replace("bf16", "f16"));
+            let want = rvllm_kernels::Entry {
+                module,
+                name,
+                f16: Some(k.of(GpuDtype::F16)),
+            };
+            assert!(
+                k.declared.contains(&want),
+                "{module}.{name}: {:?}",
+                k.declared
+            );
+        }
+    }
+}
