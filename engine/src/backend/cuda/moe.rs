@@ -7,12 +7,14 @@
 //! (gate/up, `[E, 2I, H]`) -> `silu_and_mul` over all pairs -> `moe_grouped_gemm` (down,
 //! `[E, H, I]`) -> `moe_unpermute` (each token's rows, weighted, summed in expert order).
 //!
-//! No step of it reads the routing on the host: every grid is a function of the batch size
-//! and the layout alone, and the grouped GEMM reads each expert's rows from the offsets on the
+//! A step that a decode graph may hold never reads the routing on the host: every grid is a
+//! function of the batch size and the layout alone, and the grouped GEMM reads each expert's rows from the offsets on the
 //! device (an expert with no pair returns at once), so a decode step captures into a CUDA graph
 //! and batch-1 decode reads only the selected experts' weights. The price is a GEMM without
-//! tensor cores (a warp an output), correct first; per-expert cuBLAS GEMMs would need the
-//! counts on the host, a sync that graphs cannot hold.
+//! tensor cores (a warp an output), correct first. Steps with more tokens than
+//! `--max-num-seqs` (the largest decode graph) are prefills, never captured: they read the
+//! offsets back (one stream sync) and run one cuBLAS GEMM an expert with rows, since the
+//! warp-an-output GEMM would re-read each row from L2 once per output column.
 use std::sync::Mutex;
 
 use anyhow::{ensure, Result};
@@ -20,7 +22,7 @@ use cudarc::driver::sys::CUdeviceptr;
 
 use super::backend::{CudaBackend, CudaTensor, CudaWeight};
 use super::device::DevBuf;
-use super::elem::{kernel, Kernel, NamedKernel};
+use super::elem::{kernel, Kernel, NamedKernel, ELEM_BYTES};
 use crate::backend::{Activation, Backend, MoeLayout, MoeScratch};
 use rvllm_kernels::{args, KernelArgs};
 
@@ -197,6 +199,56 @@ impl CudaBackend {
             .launch_params(module, name, grid, (block, 1, 1), 0, args.params())
     }
 
+    /// `moe_align`'s offsets, read back (a stream sync), checked to partition the pairs.
+    fn expert_offsets_on_host(
+        &self,
+        offsets: CUdeviceptr,
+        experts: usize,
+        pairs: usize,
+    ) -> Result<Vec<i32>> {
+        let mut off = vec![0i32; experts + 1];
+        self.gpu.download(&mut off, offsets)?;
+        ensure!(
+            off[0] == 0 && off[experts] as usize == pairs && off.windows(2).all(|w| w[0] <= w[1]),
+            "moe: the expert offsets from the device do not partition the {pairs} pairs \
+             (first {}, last {})",
+            off[0],
+            off[experts]
+        );
+        Ok(off)
+    }
+
+    /// `out[s] = input[s] @ w[e]^T` for each expert's rows `s` (`offsets`), one cuBLAS GEMM
+    /// an expert with rows; `w` is `[E, n, k]`.
+    fn per_expert_gemms(
+        &self,
+        offsets: &[i32],
+        out: CUdeviceptr,
+        input: CUdeviceptr,
+        w: CUdeviceptr,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let elem = ELEM_BYTES as u64;
+        for (e, span) in offsets.windows(2).enumerate() {
+            let (first, rows) = (span[0] as u64, (span[1] - span[0]) as usize);
+            if rows == 0 {
+                continue;
+            }
+            self.gpu.gemm(
+                self.dtype,
+                input + first * (k as u64) * elem,
+                w + (e * n * k) as u64 * elem,
+                out + first * (n as u64) * elem,
+                rows,
+                n,
+                k,
+                false,
+            )?;
+        }
+        Ok(())
+    }
+
     /// `Backend::moe` (see the module comment).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn moe_impl(
@@ -279,9 +331,20 @@ impl CudaBackend {
                 top_k: k32,
             },
         )?;
+        // Steps larger than any decode graph (prefills) read the expert counts on the host
+        // and give each expert's rows to cuBLAS (tensor cores); steps a graph may hold never
+        // leave the device.
+        let host_offsets = if tokens > self.limits().max_seqs {
+            Some(self.expert_offsets_on_host(r.expert_offsets, e, pairs)?)
+        } else {
+            None
+        };
         let chunks = gemm_row_chunks(pairs, e) as u32;
         let grouped =
             |out: CUdeviceptr, input: CUdeviceptr, w: CUdeviceptr, n: usize, kk: usize| {
+                if let Some(offsets) = &host_offsets {
+                    return self.per_expert_gemms(offsets, out, input, w, n, kk);
+                }
                 self.launch_moe(
                     MOE_GROUPED_GEMM,
                     (n.div_ceil(GEMM_COLS_PER_BLOCK) as u32, e as u32, chunks),
@@ -393,6 +456,8 @@ mod tests {
     /// where one expert gets every token. The router reads dimension `e` of x for expert `e`,
     /// and those dimensions hold levels 0.25 apart (exact in bf16 and f16), so the routing
     /// cannot flip between the GPU's rounded logits and the CPU's. Outputs are poisoned first.
+    /// Each case runs on the grouped kernel and, past one token, on the per-expert cuBLAS
+    /// path.
     #[test]
     fn the_gpu_layer_matches_the_cpu_backend() {
         use super::super::backend::StepLimits;
@@ -404,9 +469,11 @@ mod tests {
             return;
         }
         let gpu = std::sync::Arc::new(super::super::Gpu::new(0).expect("a CUDA context"));
-        let limits = StepLimits {
+        // max_seqs 1: every batch past 1 token takes the per-expert cuBLAS path; 1024: every
+        // batch here takes the grouped kernel that graphs hold.
+        let limits = |max_seqs| StepLimits {
             max_tokens: 1024,
-            max_seqs: 1,
+            max_seqs,
             max_blocks_per_seq: 1,
         };
         let cpu = CpuBackend::new();
@@ -420,8 +487,13 @@ mod tests {
             (8, 2, 1024, true, false),
             (128, 8, 1024, true, true),
         ];
-        for dtype in [GpuDtype::Bf16, GpuDtype::F16] {
-            let be = CudaBackend::new(gpu.clone(), limits, 1, 1, 64, dtype).unwrap();
+        for (dtype, max_seqs) in [
+            (GpuDtype::Bf16, 1),
+            (GpuDtype::Bf16, 1024),
+            (GpuDtype::F16, 1),
+            (GpuDtype::F16, 1024),
+        ] {
+            let be = CudaBackend::new(gpu.clone(), limits(max_seqs), 1, 1, 64, dtype).unwrap();
             let round = |v: Vec<f32>| -> Vec<f32> {
                 v.into_iter()
                     .map(|x| value_of(bits_of(x, dtype), dtype))
@@ -429,7 +501,8 @@ mod tests {
             };
             for (seed, &(e, k, tokens, renormalize, one_expert)) in cases.iter().enumerate() {
                 let (h, inter) = (256, 64);
-                let what = format!("{dtype:?} experts {e} top {k} tokens {tokens}");
+                let what =
+                    format!("{dtype:?} max_seqs {max_seqs}: experts {e} top {k} tokens {tokens}");
                 let l = MoeLayout {
                     num_experts: e,
                     top_k: k,
