@@ -8,6 +8,9 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::driver::{self, DriverInfo};
+
+mod gpu_topology;
+mod nccl_probe;
 use crate::toolchain::{self, CudaToolkit, CudaVersion, Detection};
 use crate::{jobs, libs};
 
@@ -388,6 +391,47 @@ fn check_jobs(checks: &mut Vec<Check>) {
     }
 }
 
+/// NCCL's version (from the library itself; no GPU needed). Only tensor parallelism on the
+/// CUDA device needs it, so its absence is a warning only where there are GPUs to split over.
+fn check_nccl(gpus: usize, checks: &mut Vec<Check>) {
+    match nccl_probe::probe() {
+        Ok(info) => {
+            let (a, b, c) = info.version;
+            checks.push(ok("nccl", format!("NCCL {a}.{b}.{c} ({})", info.path)));
+        }
+        Err(e) if gpus >= 2 => checks.push(warn(
+            "nccl",
+            format!("NCCL {e}: --tensor-parallel-size above 1 cannot run on the CUDA device"),
+            "install NCCL (apt-get install libnccl2, or pip install nvidia-nccl-cu12 and put its \
+             lib folder on LD_LIBRARY_PATH), or name the file in VLLM_NCCL_SO_PATH",
+        )),
+        Err(e) => checks.push(ok(
+            "nccl",
+            format!("NCCL {e} (only tensor parallelism on GPUs needs it)"),
+        )),
+    }
+}
+
+/// NVLink and peer-to-peer between the GPUs (`nvidia-smi topo`).
+fn check_topology(gpus: usize, checks: &mut Vec<Check>) {
+    if gpus == 0 {
+        checks.push(ok("gpu-topology", "not found: no GPU"));
+        return;
+    }
+    match gpu_topology::describe() {
+        Ok(line) if line.contains("PCIe only") || line.contains("not available") => {
+            checks.push(warn(
+                "gpu-topology",
+                line,
+                "tensor parallelism all-reduces over these links twice a layer: give one model \
+                 NVLink-connected GPUs (CUDA_VISIBLE_DEVICES) where the host has them",
+            ))
+        }
+        Ok(line) => checks.push(ok("gpu-topology", line)),
+        Err(e) => checks.push(ok("gpu-topology", format!("not found: {e}"))),
+    }
+}
+
 /// Runs every check.
 pub fn collect(repo_root: &Path) -> Vec<Check> {
     let mut checks = vec![check_os(), check_rust()];
@@ -396,7 +440,9 @@ pub fn collect(repo_root: &Path) -> Vec<Check> {
     if let Some(tk) = &det.chosen {
         check_nvcc_targets(tk, &mut checks);
     }
-    check_driver(det.chosen.as_ref(), &mut checks);
+    let gpus = check_driver(det.chosen.as_ref(), &mut checks).map_or(0, |d| d.gpus.len());
+    check_nccl(gpus, &mut checks);
+    check_topology(gpus, &mut checks);
     check_ccache(&mut checks);
     check_libraries(&mut checks);
     check_jobs(&mut checks);
