@@ -1,6 +1,8 @@
 //! Engine flags shared by `rvllm generate`, `rvllm serve` and `rvllm bench`, spelled as vLLM's.
 use clap::Args;
 
+use crate::runner::MultiNode;
+
 #[derive(Args, Clone, Debug)]
 pub struct EngineArgs {
     /// Model: a Hugging Face folder, a .gguf file, a config.json (with --load-format dummy),
@@ -35,6 +37,19 @@ pub struct EngineArgs {
     /// exists and refuses more.
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel_size: usize,
+    /// Nodes (hosts) the --tensor-parallel-size ranks are split over, evenly (vLLM's flag;
+    /// CPU only until the NCCL path exists). Node 0 serves; the others run `--headless`.
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's index, 0 to --nnodes - 1 (0: the leader).
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// The leader's address, as the other nodes reach it (with --nnodes above 1).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// The port the leader listens on for the other nodes' ranks (with --nnodes above 1).
+    #[arg(long, default_value_t = 29501)]
+    pub master_port: u16,
     /// Tokens per KV-cache block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
@@ -99,6 +114,36 @@ pub fn is_large_gpu(total_bytes: usize, name: &str) -> bool {
 }
 
 impl EngineArgs {
+    /// `--nnodes`, `--node-rank`, `--master-addr`, `--master-port` checked: None on one node.
+    pub fn multi_node(&self, device: crate::types::Device) -> anyhow::Result<Option<MultiNode>> {
+        let (tp, n, rank) = (self.tensor_parallel_size, self.nnodes, self.node_rank);
+        anyhow::ensure!(n >= 1, "--nnodes must be at least 1");
+        anyhow::ensure!(
+            rank < n,
+            "--node-rank {rank} is not a node of --nnodes {n} (0 to {})",
+            n - 1
+        );
+        if n == 1 {
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            tp.is_multiple_of(n),
+            "--tensor-parallel-size {tp} is not divisible by --nnodes {n}: every node runs the \
+             same number of ranks (tp / nnodes)"
+        );
+        anyhow::ensure!(
+            device == crate::types::Device::Cpu,
+            "--nnodes {n}: ranks on several nodes run on --device cpu only until the NCCL path \
+             exists (issue 22)"
+        );
+        Ok(Some(MultiNode {
+            nnodes: n,
+            node_rank: rank,
+            master_addr: self.master_addr.clone(),
+            master_port: self.master_port,
+        }))
+    }
+
     /// Whether prefix caching is on: the default, unless `--no-enable-prefix-caching` came
     /// last (the two flags override each other, the last one wins).
     pub fn prefix_caching(&self) -> bool {
@@ -132,6 +177,10 @@ impl Default for EngineArgs {
             max_num_seqs: None,
             max_num_batched_tokens: None,
             tensor_parallel_size: 1,
+            nnodes: 1,
+            node_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 29501,
             block_size: 16,
             gpu_memory_utilization: 0.9,
             cpu_kv_cache_gb: 2.0,

@@ -187,6 +187,7 @@ impl EngineCore {
             max_num_batched_tokens: limits.max_num_batched_tokens,
             max_num_seqs: limits.max_num_seqs,
             tensor_parallel_size: args.tensor_parallel_size,
+            multi_node: args.multi_node(device)?,
         };
         // The CPU runner applies grammar masks; the CUDA runner has no mask yet and refuses.
         let structured: StructuredSupport = match device {

@@ -15,11 +15,15 @@ mod batch;
 pub mod gpu;
 mod model_runner;
 mod tensor_parallel;
+mod tensor_parallel_headless;
+mod tensor_parallel_remote;
 #[cfg(test)]
 mod tests;
 
 pub use batch::{build_forward_batch, RowUse};
 pub use model_runner::ModelRunner;
+pub use tensor_parallel_headless::serve_headless;
+pub use tensor_parallel_remote::MultiNode;
 
 /// What the engine core drives: `ModelRunner<B>` on a thread of its own for the CPU
 /// (`CpuExecutor`), the `GpuRunner` (`gpu/`) for CUDA.
@@ -68,6 +72,9 @@ pub struct RunnerConfig {
     /// Ranks the model is split over (`--tensor-parallel-size`); above 1 on the CPU only,
     /// ranks as threads of this process (`tensor_parallel.rs`).
     pub tensor_parallel_size: usize,
+    /// The ranks spread over several nodes (`--nnodes`), ranks of other nodes reached over
+    /// TCP (`tensor_parallel_remote.rs`); None: every rank in this process.
+    pub multi_node: Option<MultiNode>,
 }
 
 impl Default for RunnerConfig {
@@ -79,6 +86,7 @@ impl Default for RunnerConfig {
             max_num_batched_tokens: 8192,
             max_num_seqs: 256,
             tensor_parallel_size: 1,
+            multi_node: None,
         }
     }
 }

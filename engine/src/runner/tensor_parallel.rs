@@ -1,14 +1,19 @@
-//! Tensor parallelism on the CPU: the ranks of one group are threads of this process. Rank
-//! 0 is the `ModelRunner` itself (it alone computes the logits and samples, as vLLM's driver
-//! worker); ranks 1.. each own their part of the model, a KV cache of their KV heads and a
-//! workspace, on threads of their own. Every step, rank 0 hands them the step's batch and
-//! all ranks run the decoder together, meeting at each all-reduce; the scheduler sees one
-//! executor and one KV block pool (every rank's cache has the same blocks).
+//! Tensor parallelism on the CPU. Rank 0 is the `ModelRunner` itself (it alone computes the
+//! logits and samples, as vLLM's driver worker); every other rank owns its part of the model,
+//! a KV cache of its KV heads and a workspace. Every step, rank 0 hands its peers the step's
+//! batch and all ranks run the decoder together, meeting at each all-reduce; the scheduler
+//! sees one executor and one KV block pool (every rank's cache has the same blocks).
+//!
+//! A peer is a rank on a thread of this process (`ThreadPeer`, the in-process communicator
+//! on one node) or, with `--nnodes` above 1, the ranks of another node, sent each step over
+//! TCP (`tensor_parallel_remote.rs`; that node's side is `tensor_parallel_headless.rs`).
+use std::ops::Range;
 use std::sync::{mpsc, Arc};
 
 use anyhow::{anyhow, Context, Result};
 
 use super::model_runner::ModelRunner;
+use super::tensor_parallel_remote::RemoteNode;
 use super::{kv_blocks_for, panic_message, RunnerConfig};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::parallel::{HostCommunicator, LocalGroup};
@@ -21,29 +26,52 @@ use crate::models::weights::WeightMap;
 pub(super) struct TpPeers {
     /// Rank 0's communicator: aborting it releases the peers when rank 0 fails mid-step.
     comm: Arc<HostCommunicator>,
+    world: usize,
     peers: Vec<Peer>,
 }
 
-struct Peer {
-    steps: Option<mpsc::Sender<Arc<ForwardBatch>>>,
-    done: mpsc::Receiver<Result<()>>,
-    worker: Option<std::thread::JoinHandle<()>>,
+pub(super) enum Peer {
+    Thread(ThreadPeer),
+    Remote(RemoteNode),
+}
+
+impl Peer {
+    fn start(&self, batch: &Arc<ForwardBatch>) -> Result<()> {
+        match self {
+            Peer::Thread(p) => p.start(batch.clone()),
+            Peer::Remote(p) => p.start(batch),
+        }
+    }
+    fn finish(&self) -> Result<()> {
+        match self {
+            Peer::Thread(p) => p.finish(),
+            Peer::Remote(p) => p.finish(),
+        }
+    }
 }
 
 impl TpPeers {
-    /// Ranks in the group, rank 0 included.
-    pub(super) fn world_size(&self) -> usize {
-        self.peers.len() + 1
+    pub(super) fn new(comm: Arc<HostCommunicator>, world: usize, peers: Vec<Peer>) -> Self {
+        Self { comm, world, peers }
     }
 
-    /// Hands the step to every peer, which starts its forward at once.
+    /// Ranks in the group, rank 0 included.
+    pub(super) fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// Hands the step to every peer, which starts its forward at once. A peer that cannot
+    /// take it aborts the group, so that the peers already started do not wait for it.
     pub(super) fn start(&self, batch: &ForwardBatch) -> Result<()> {
         let batch = Arc::new(batch.clone());
         for (i, p) in self.peers.iter().enumerate() {
-            p.steps
-                .as_ref()
-                .and_then(|tx| tx.send(batch.clone()).ok())
-                .with_context(|| format!("tensor-parallel rank {} has stopped", i + 1))?;
+            if let Err(e) = p.start(&batch) {
+                self.comm.abort();
+                for started in &self.peers[..i] {
+                    let _ = started.finish();
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -55,13 +83,8 @@ impl TpPeers {
             self.comm.abort();
         }
         let mut first_err = None;
-        for (i, p) in self.peers.iter().enumerate() {
-            let r = p
-                .done
-                .recv()
-                .map_err(|_| anyhow!("tensor-parallel rank {} has stopped", i + 1))
-                .and_then(|r| r.with_context(|| format!("tensor-parallel rank {}", i + 1)));
-            if let Err(e) = r {
+        for p in &self.peers {
+            if let Err(e) = p.finish() {
                 first_err.get_or_insert(e);
             }
         }
@@ -73,15 +96,36 @@ impl TpPeers {
     }
 }
 
-impl Drop for TpPeers {
+/// One rank on a thread of this process.
+pub(super) struct ThreadPeer {
+    rank: usize,
+    steps: Option<mpsc::Sender<Arc<ForwardBatch>>>,
+    done: mpsc::Receiver<Result<()>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ThreadPeer {
+    pub(super) fn start(&self, batch: Arc<ForwardBatch>) -> Result<()> {
+        self.steps
+            .as_ref()
+            .and_then(|tx| tx.send(batch).ok())
+            .with_context(|| format!("tensor-parallel rank {} has stopped", self.rank))
+    }
+
+    pub(super) fn finish(&self) -> Result<()> {
+        let rank = self.rank;
+        self.done
+            .recv()
+            .map_err(|_| anyhow!("tensor-parallel rank {rank} has stopped"))
+            .and_then(|r| r.with_context(|| format!("tensor-parallel rank {rank}")))
+    }
+}
+
+impl Drop for ThreadPeer {
     fn drop(&mut self) {
-        for p in &mut self.peers {
-            p.steps.take();
-        }
-        for p in &mut self.peers {
-            if let Some(w) = p.worker.take() {
-                let _ = w.join();
-            }
+        self.steps.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
         }
     }
 }
@@ -105,49 +149,76 @@ pub(super) fn tp_model_runner(
     cfg: &RunnerConfig,
     kv_fp8_scales: Option<Vec<(f32, f32)>>,
 ) -> Result<ModelRunner<CpuBackend>> {
+    if let Some(mn) = &cfg.multi_node {
+        return super::tensor_parallel_remote::leader_model_runner(
+            config,
+            weights,
+            cfg,
+            kv_fp8_scales,
+            mn,
+        );
+    }
     let tp = cfg.tensor_parallel_size;
     let comms: Vec<Arc<HostCommunicator>> = LocalGroup::new(tp)
         .into_iter()
         .map(|g| Arc::new(g) as Arc<HostCommunicator>)
         .collect();
-    let backends: Vec<CpuBackend> = comms
-        .iter()
-        .map(|c| {
-            CpuBackend::new()
-                .with_kv_cache_fp8(kv_fp8_scales.clone())
-                .with_communicator(c.clone())
-        })
-        .collect();
-    let models =
-        LlamaModel::load_ranks(&backends, config, weights, 0).context("building the model")?;
+    let models = load_ranks_of(config, weights, tp, 0..tp)?;
     let local = models[0].config().clone();
     let blocks = kv_blocks_for(&local, cfg, std::mem::size_of::<f32>())?;
-    let mut ranks = backends.into_iter().zip(models);
-    let (be0, model0) = ranks.next().context("a group without rank 0")?;
-    let mut peers = Vec::with_capacity(tp - 1);
-    for (rank, (be, model)) in ranks.enumerate().map(|(i, r)| (i + 1, r)) {
-        let kv = be
-            .alloc_kv_cache(kv_shape(&local, cfg, blocks))
-            .with_context(|| format!("allocating rank {rank}'s KV cache"))?;
-        let ws = Workspace::new(&be, &local, super::model_runner::initial_rows(cfg))
-            .with_context(|| format!("allocating rank {rank}'s activations"))?;
-        peers.push(spawn_peer(rank, be, model, kv, ws, comms[rank].clone())?);
-    }
-    let tp_peers = TpPeers {
-        comm: comms[0].clone(),
-        peers,
+    let mut ranks = comms.iter().zip(models);
+    let (comm0, model0) = ranks.next().context("a group without rank 0")?;
+    let backend = |c: &Arc<HostCommunicator>| {
+        CpuBackend::new()
+            .with_kv_cache_fp8(kv_fp8_scales.clone())
+            .with_communicator(c.clone())
     };
-    ModelRunner::from_model(be0, model0, cfg, blocks).map(|r| r.with_peers(tp_peers))
+    let mut peers = Vec::with_capacity(tp - 1);
+    for (rank, (comm, model)) in ranks.enumerate().map(|(i, r)| (i + 1, r)) {
+        let p = spawn_peer(rank, backend(comm), model, cfg, blocks, comm.clone())?;
+        peers.push(Peer::Thread(p));
+    }
+    let tp_peers = TpPeers::new(comms[0].clone(), tp, peers);
+    ModelRunner::from_model(backend(comm0), model0, cfg, blocks).map(|r| r.with_peers(tp_peers))
 }
 
-fn spawn_peer(
+/// Ranks `mine` of a group of `tp`, loaded on the CPU. Loading builds every rank's part and
+/// keeps this node's (`LlamaModel::load_ranks` splits the whole group at once): more memory
+/// while loading on a node that holds only some of the ranks, none after. A CPU backend
+/// carries no state the weights depend on, so the ranks take their communicators later.
+pub(super) fn load_ranks_of(
+    config: &ModelConfig,
+    weights: Option<WeightMap>,
+    tp: usize,
+    mine: Range<usize>,
+) -> Result<Vec<LlamaModel<CpuBackend>>> {
+    let backends = vec![CpuBackend::new(); tp];
+    let models =
+        LlamaModel::load_ranks(&backends, config, weights, 0).context("building the model")?;
+    Ok(models
+        .into_iter()
+        .enumerate()
+        .filter(|(rank, _)| mine.contains(rank))
+        .map(|(_, m)| m)
+        .collect())
+}
+
+/// Starts rank `rank` on a thread of its own: its KV cache of `blocks` blocks, its
+/// workspace, then a forward for every step it is handed.
+pub(super) fn spawn_peer(
     rank: usize,
     be: CpuBackend,
     model: LlamaModel<CpuBackend>,
-    mut kv: <CpuBackend as Backend>::KvCache,
-    mut ws: Workspace<CpuBackend>,
+    cfg: &RunnerConfig,
+    blocks: usize,
     comm: Arc<HostCommunicator>,
-) -> Result<Peer> {
+) -> Result<ThreadPeer> {
+    let local = model.config().clone();
+    let mut kv = be
+        .alloc_kv_cache(kv_shape(&local, cfg, blocks))
+        .with_context(|| format!("allocating rank {rank}'s KV cache"))?;
+    let mut ws = Workspace::new(&be, &local, super::model_runner::initial_rows(cfg))
+        .with_context(|| format!("allocating rank {rank}'s activations"))?;
     let (step_tx, step_rx) = mpsc::channel::<Arc<ForwardBatch>>();
     let (done_tx, done_rx) = mpsc::channel();
     let worker = std::thread::Builder::new()
@@ -171,7 +242,8 @@ fn spawn_peer(
             }
         })
         .with_context(|| format!("starting tensor-parallel rank {rank}'s thread"))?;
-    Ok(Peer {
+    Ok(ThreadPeer {
+        rank,
         steps: Some(step_tx),
         done: done_rx,
         worker: Some(worker),

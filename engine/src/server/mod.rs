@@ -102,6 +102,10 @@ pub struct ServeArgs {
     /// less what the server keeps for itself.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<u32>,
+    /// A worker node of a multi-node group (--nnodes, --node-rank above 0): run this node's
+    /// tensor-parallel ranks for the leader, serving no HTTP (vLLM's flag).
+    #[arg(long)]
+    pub headless: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -242,6 +246,10 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
         .transpose()?;
     for note in args.vllm.check(&args.engine)? {
         eprintln!("rvllm: note: {note}");
+    }
+    if args.headless {
+        args.engine.kv_cache_dtype = args.vllm.kv_cache_dtype.clone();
+        return crate::runner::serve_headless(&args.engine);
     }
     let api_key = args
         .api_key

@@ -5,16 +5,21 @@
 //! and its slice of the MLP), O and down are row-parallel (each rank multiplies its slice
 //! and the partial sums are all-reduced). The communicator is per rank, like a process
 //! group: `local.rs` holds the in-process one (ranks as threads, for the CPU backend and
-//! tests); an NCCL one (cudarc) fits behind the same trait with device buffers as `Buf`.
+//! tests), `tcp.rs` one whose ranks are processes on one host or several (`--nnodes`,
+//! meeting through `wire.rs`'s rendezvous); an NCCL one (cudarc) fits behind the same trait
+//! with device buffers as `Buf`.
 use std::fmt::Debug;
 
 use anyhow::{ensure, Result};
 
 mod local;
 mod shard;
+mod tcp;
+pub mod wire;
 
 pub use local::LocalGroup;
 pub use shard::TpShard;
+pub use tcp::TcpGroup;
 
 /// One rank's view of a group of `world_size` ranks. Every rank must call the same
 /// collectives in the same order with buffers of the same length; a collective returns
