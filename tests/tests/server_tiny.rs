@@ -340,6 +340,16 @@ fn two_hundred_concurrent_streams_complete_without_leaking_kv() {
     assert_eq!(metric(&m, "rvllm:server_requests_in_flight"), 0.0);
     let generated: f64 = (0..200).map(|i| (8 + i % 17) as f64).sum();
     assert_eq!(metric(&m, "rvllm:generation_tokens_total"), generated);
+    // The same series under vLLM's names, which an inference gateway reads to balance replicas.
+    assert_eq!(metric(&m, "vllm:generation_tokens_total"), generated);
+    let l = "model_name=\"tiny\"";
+    for gauge in [
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+    ] {
+        assert_eq!(metric(&m, &format!("vllm:{gauge}{{{l}}}")), 0.0, "{gauge}");
+    }
 }
 
 #[test]

@@ -1,6 +1,9 @@
 //! /metrics in the Prometheus text format (version 0.0.4), with vLLM's metric names under an
-//! `rvllm:` prefix. Engine gauges and counters are read from the engine's snapshot at scrape
-//! time; latency histograms are recorded here, at the edge, where a request's life is seen.
+//! `rvllm:` prefix, and the series that mean what vLLM's mean also under vLLM's own `vllm:`
+//! names (`VLLM_FAMILIES`), so that tooling written for vLLM (an inference gateway's endpoint
+//! picker, dashboards) balances and watches rvllm replicas unchanged. Engine gauges and
+//! counters are read from the engine's snapshot at scrape time; latency histograms are
+//! recorded here, at the edge, where a request's life is seen.
 use std::fmt::Write;
 use std::sync::Mutex;
 
@@ -16,6 +19,26 @@ const TPOT_BUCKETS: &[f64] = &[
 const E2E_BUCKETS: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
     480.0, 960.0, 1920.0, 7680.0,
+];
+
+/// The families (rvllm names without the prefix) repeated under `vllm:`: same type, labels
+/// (vLLM's `model_name`) and values as vLLM's series of that name. rvllm's own additions
+/// (free/total blocks, in-flight HTTP requests, HTTP errors) stay `rvllm:` only. vLLM's
+/// `vllm:lora_requests_info` is absent, as vLLM omits it without `--enable-lora`: rvllm serves
+/// no LoRA adapters.
+pub const VLLM_FAMILIES: &[&str] = &[
+    "num_requests_running",
+    "num_requests_waiting",
+    "kv_cache_usage_perc",
+    "num_preemptions_total",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "prefix_cache_queries_total",
+    "prefix_cache_hits_total",
+    "request_success_total",
+    "time_to_first_token_seconds",
+    "time_per_output_token_seconds",
+    "e2e_request_latency_seconds",
 ];
 
 #[derive(Debug)]
@@ -256,8 +279,43 @@ impl ServerMetrics {
             m.tpot.render(&mut out, "rvllm:time_per_output_token_seconds", "Time per output token after the first.", &labels);
             m.e2e.render(&mut out, "rvllm:e2e_request_latency_seconds", "End-to-end request latency.", &labels);
         });
+        let vllm = vllm_copies(&out);
+        out.push_str(&vllm);
+        // vLLM's name for the KV usage before its V1 engine, still what older gateways read
+        // (the Gateway API Inference Extension's first releases).
+        let _ = writeln!(
+            out,
+            "# HELP vllm:gpu_cache_usage_perc KV-cache usage (1 = full); vLLM's older name of \
+             vllm:kv_cache_usage_perc.\n# TYPE vllm:gpu_cache_usage_perc gauge\n\
+             vllm:gpu_cache_usage_perc{{{labels}}} {}",
+            engine.kv_usage
+        );
         out
     }
+}
+
+/// The lines of `VLLM_FAMILIES`' families in `rendered` (rvllm's series) again, under
+/// `vllm:`. A family runs from its `# HELP` line to the next one.
+fn vllm_copies(rendered: &str) -> String {
+    let mut out = String::with_capacity(rendered.len());
+    let mut copying = false;
+    for line in rendered.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP rvllm:") {
+            let family = rest.split(' ').next().unwrap_or_default();
+            copying = VLLM_FAMILIES.contains(&family);
+        }
+        if !copying {
+            continue;
+        }
+        let copied = if let Some(rest) = line.strip_prefix("rvllm:") {
+            format!("vllm:{rest}")
+        } else {
+            line.replacen(" rvllm:", " vllm:", 1)
+        };
+        out.push_str(&copied);
+        out.push('\n');
+    }
+    out
 }
 
 fn escape_label(v: &str) -> String {
@@ -365,6 +423,71 @@ mod tests {
             let series = format!("rvllm:prefix_cache_{name}_total");
             assert!(t.contains(&format!("# TYPE {series} counter")), "{t}");
             assert_eq!(sample_value(&t, &format!("{series}{{{l}}}")), v);
+        }
+    }
+
+    #[test]
+    fn vllm_names_carry_the_same_series_for_gateways() {
+        let m = ServerMetrics::new();
+        m.record_sequence(Some(0.02), 0.5, 4, Finished::Stop);
+        let g = EngineGauges {
+            num_running: 3,
+            num_waiting: 5,
+            kv_usage: 0.25,
+            num_free_blocks: 6,
+            num_total_blocks: 8,
+            num_preemptions: 2,
+            prompt_tokens_total: 40,
+            generation_tokens_total: 12,
+            ..Default::default()
+        };
+        let t = m.render("smol", &g);
+        let l = "model_name=\"smol\"";
+        // What the Gateway API Inference Extension's endpoint picker and vLLM dashboards read.
+        for (family, kind, v) in [
+            ("num_requests_running", "gauge", 3.0),
+            ("num_requests_waiting", "gauge", 5.0),
+            ("kv_cache_usage_perc", "gauge", 0.25),
+            ("gpu_cache_usage_perc", "gauge", 0.25),
+            ("num_preemptions_total", "counter", 2.0),
+            ("prompt_tokens_total", "counter", 40.0),
+            ("generation_tokens_total", "counter", 12.0),
+        ] {
+            assert!(
+                t.contains(&format!("# TYPE vllm:{family} {kind}\n")),
+                "{family}: {t}"
+            );
+            assert_eq!(
+                sample_value(&t, &format!("vllm:{family}{{{l}}}")),
+                v,
+                "{family}"
+            );
+        }
+        for series in [
+            format!("time_to_first_token_seconds_count{{{l}}}"),
+            format!("e2e_request_latency_seconds_bucket{{{l},le=\"0.5\"}}"),
+            format!("request_success_total{{{l},finished_reason=\"stop\"}}"),
+        ] {
+            assert_eq!(
+                sample_value(&t, &format!("vllm:{series}")),
+                sample_value(&t, &format!("rvllm:{series}")),
+                "{series}"
+            );
+            assert_eq!(sample_value(&t, &format!("vllm:{series}")), 1.0, "{series}");
+        }
+        assert!(t.contains("# TYPE vllm:time_per_output_token_seconds histogram"));
+        // rvllm's own series are not vLLM's and keep their prefix only.
+        for own in [
+            "kv_cache_free_blocks",
+            "server_requests_in_flight",
+            "http_request_errors_total",
+        ] {
+            assert!(t.contains(&format!("rvllm:{own}")), "{own}");
+            assert!(
+                !t.lines()
+                    .any(|line| line.starts_with(&format!("vllm:{own}"))),
+                "{own}"
+            );
         }
     }
 
