@@ -27,7 +27,9 @@
 //       rows[s] = x[sorted_pairs[s] / top_k]; grid (P), block 256.
 //   moe_grouped_gemm_bf16(out, in, w, expert_offsets, experts, n, k)
 //       out[s, j] = sum_l in[s, l] * w[e, j, l] for the slots s of expert e; w [E, n, k].
-//       grid (ceil(n / 8), E, row_chunks), block 256 (a warp an output column); f32 sums.
+//       grid (ceil(n / 8), E, row_chunks), block 256 (a warp an output column); f32 sums;
+//       16-byte loads when k is a multiple of 8 (then in, w and their rows must be 16-byte
+//       aligned, as device allocations and whole rows are).
 //   moe_unpermute_bf16(out, rows, pair_slots, topk_weights, tokens, hidden, top_k)
 //       out[t] = sum_j topk_weights[t, j] * rows[pair_slots[t * k + j]] (f32, j in order);
 //       grid (T), block 256.
@@ -178,10 +180,25 @@ extern "C" __global__ void DT(moe_grouped_gemm_bf16, moe_grouped_gemm_f16)(
     const int j = blockIdx.x * (blockDim.x / 32) + warp;
     if (count == 0 || j >= n) return;
     const elem_t* wrow = w + ((int64_t)e * n + j) * k;
+    // Rows of a multiple of 8 elements start 16-byte aligned (cuMemAlloc aligns the buffers):
+    // a lane then loads 8 elements at once, so a warp streams 512 bytes a request.
+    const bool wide = k % 8 == 0;
     for (int r = blockIdx.z; r < count; r += gridDim.z) {
         const elem_t* xrow = in + (int64_t)(first + r) * k;
         float acc = 0.0f;
-        for (int l = lane; l < k; l += 32) acc += to_f32(xrow[l]) * to_f32(wrow[l]);
+        if (wide) {
+            const Elem8* x8 = reinterpret_cast<const Elem8*>(xrow);
+            const Elem8* w8 = reinterpret_cast<const Elem8*>(wrow);
+            for (int l = lane; l < k / 8; l += 32) {
+                float a[8], b[8];
+                elem8_to_f32(x8[l], a);
+                elem8_to_f32(w8[l], b);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc += a[i] * b[i];
+            }
+        } else {
+            for (int l = lane; l < k; l += 32) acc += to_f32(xrow[l]) * to_f32(wrow[l]);
+        }
         acc = warp_sum(acc);
         if (lane == 0) out[(int64_t)(first + r) * n + j] = from_f32(acc);
     }

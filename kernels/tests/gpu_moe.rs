@@ -41,6 +41,8 @@ fn shapes() -> Vec<Shape> {
         s(1, 8, 2, 256, 128, true, true),
         s(7, 128, 8, 128, 64, false, false),
         s(7, 128, 8, 128, 64, true, true),
+        // Rows of a length that is no multiple of 8: the grouped GEMM's scalar loads.
+        s(7, 8, 2, 100, 36, true, false),
         s(64, 8, 2, 256, 192, true, false),
         s(64, 16, 1, 128, 64, false, true),
         s(1024, 8, 2, 128, 64, true, false),
