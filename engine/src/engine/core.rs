@@ -189,19 +189,13 @@ impl EngineCore {
             tensor_parallel_size: args.tensor_parallel_size,
             multi_node: args.multi_node(device)?,
         };
-        // The CPU runner applies grammar masks; the CUDA runner has no mask yet and refuses.
-        let structured: StructuredSupport = match device {
-            Device::Cpu => StructuredSupport::lazy(
-                tokenizer.as_ref().map(|t| t.inner()),
-                &config.eos_token_ids,
-                config.vocab_size,
-            ),
-            Device::Cuda => StructuredSupport::refused(
-                "structured output (response_format, structured_outputs, guided_*) is not \
-                 supported on the CUDA device yet: its sampler has no grammar mask; run this \
-                 model with --device cpu for constrained output",
-            ),
-        };
+        // Both runners apply grammar masks (the CUDA one builds them on the host and applies
+        // them in its device sampler).
+        let structured = StructuredSupport::lazy(
+            tokenizer.as_ref().map(|t| t.inner()),
+            &config.eos_token_ids,
+            config.vocab_size,
+        );
         let executor: Box<dyn Executor> = match device {
             Device::Cpu => crate::runner::create_cpu_executor_structured(
                 model,
@@ -218,6 +212,7 @@ impl EngineCore {
                     gpu_memory_utilization: args.gpu_memory_utilization,
                     enforce_eager: args.enforce_eager,
                     show_progress: !args.disable_progress,
+                    structured: structured.clone(),
                 },
             )?,
             #[cfg(not(feature = "cuda"))]

@@ -13,12 +13,13 @@ use crate::models::config::ModelConfig;
 use crate::models::llama::{LlamaModel, Workspace};
 use crate::models::LoadedModel;
 use crate::runner::{Executor, RunnerConfig};
+use crate::sampling::structured::StructuredSupport;
 use crate::sampling::SamplingParams;
 use crate::scheduler::{ModelRunnerOutput, RequestId, TokenLogprobs};
 
 use super::graphs::{self, Graph};
 use super::sampler::DeviceSampler;
-use super::slots::{JoinBatch, SlotTable};
+use super::slots::{Grammars, JoinBatch, SlotTable};
 use super::{memory, step};
 
 /// A live request, host side: what the device does not hold.
@@ -44,6 +45,8 @@ pub struct GpuRunner {
     pub(super) slots: SlotTable,
     /// Joins not yet uploaded (they go up with the next step that runs).
     pub(super) joins: JoinBatch,
+    /// Grammar matchers of constrained requests (structured output); their masks.
+    pub(super) grammars: Grammars,
     pub(super) sampler: DeviceSampler,
     /// LM-head input rows and their logits in the compute type.
     pub(super) gathered: CudaTensor,
@@ -88,6 +91,8 @@ pub struct GpuOptions {
     pub enforce_eager: bool,
     /// Progress bars while loading.
     pub show_progress: bool,
+    /// Compiles constrained requests' grammars (or says why they are refused).
+    pub structured: StructuredSupport,
 }
 
 pub fn create_gpu_executor(
@@ -217,6 +222,11 @@ impl GpuRunner {
             requests: HashMap::new(),
             slots: SlotTable::new(max_rows),
             joins: JoinBatch::default(),
+            grammars: Grammars::new(
+                args.structured.clone(),
+                config.vocab_size,
+                &config.eos_token_ids,
+            ),
             sampler,
             gathered,
             logits_elem,

@@ -3,9 +3,14 @@
 //! request's logprobs or penalties never move its neighbours off the fast path. Launches
 //! only, after the per-step uploads: the same sequence runs eagerly and inside the decode
 //! graphs. What comes back is the token ids and, for rows that ask, their logprobs.
+//!
+//! Structured output: the host builds the grammar masks of a step's constrained rows
+//! (`slots::Grammars`) and `upload_masks` queues them into one persistent buffer (each
+//! sampled row's mask index, then the packed masks), which `token_bitmask` applies to the
+//! processed logits before the draw; the decode graphs capture that launch like the rest.
 use anyhow::{ensure, Result};
 use rvllm_kernels::args;
-use rvllm_kernels::sampling_state::{as_bytes, SamplingTables, SlotJoin};
+use rvllm_kernels::sampling_state::{as_bytes, SamplingTables, SlotJoin, SlotParams};
 use rvllm_kernels::KernelArgs;
 
 use super::slots::JoinBatch;
@@ -41,8 +46,9 @@ pub struct DeviceSampler {
     max_rows: usize,
     vocab: usize,
     dtype: GpuDtype,
-    /// The per-slot arrays, and the `SamplingTables` struct that points at them.
-    _state: Vec<DevBuf>,
+    /// The per-slot arrays (the parameters first), and the `SamplingTables` struct that
+    /// points at them.
+    state: Vec<DevBuf>,
     tables: DevBuf,
     /// Per row: slot, sampling step, logprobs wanted (-1: none); staged page-locked.
     rows: DevBuf,
@@ -61,6 +67,12 @@ pub struct DeviceSampler {
     sampler_logprobs: DevBuf,
     /// logprob f32 [rows] | rank i32 [rows] | top ids i32 [rows, K] | top values f32 [rows, K].
     logprobs: DevBuf,
+    /// Grammar masks: each sampled row's mask row i32 [rows] (-1: none) | the packed mask
+    /// rows u32 [rows, words]; staged page-locked.
+    grammar: DevBuf,
+    grammar_staging: PinnedPair,
+    /// Some row's mask index on the device is not -1 (the next unmasked step resets them).
+    grammar_live: bool,
 }
 
 impl DeviceSampler {
@@ -89,12 +101,15 @@ impl DeviceSampler {
         // Params of a slot nobody joined yet are zeros: greedy, no processors.
         gpu.memset_zero(state[0].ptr, sizes[0])?;
         gpu.memset_zero(state[9].ptr, sizes[9])?;
+        let grammar = gpu.alloc(Self::grammar_bytes(max_rows, vocab))?;
+        // No row masked: the graph captures and their warm-ups read these indexes.
+        gpu.upload(grammar.ptr, &vec![-1i32; max_rows])?;
         gpu.sync()?;
         Ok(Self {
             max_rows,
             vocab,
             dtype,
-            _state: state,
+            state,
             tables,
             rows: gpu.alloc(3 * 4 * max_rows)?,
             rows_staging: PinnedPair::new(3 * 4 * max_rows)?,
@@ -106,6 +121,9 @@ impl DeviceSampler {
             tokens: gpu.alloc(max_rows * 4)?,
             sampler_logprobs: gpu.alloc(max_rows * 4)?,
             logprobs: gpu.alloc(Self::logprob_bytes(max_rows))?,
+            grammar,
+            grammar_staging: PinnedPair::new(Self::grammar_bytes(max_rows, vocab))?,
+            grammar_live: false,
         })
     }
 
@@ -116,6 +134,50 @@ impl DeviceSampler {
     /// Bytes of the logprobs block for `rows` rows (the download of a step that asks).
     pub fn logprob_bytes(rows: usize) -> usize {
         rows * (8 + 8 * MAX_LOGPROBS)
+    }
+
+    /// Bytes of the grammar buffer: a mask index and a mask row for each of `rows` rows.
+    fn grammar_bytes(rows: usize, vocab: usize) -> usize {
+        4 * rows * (1 + vocab.div_ceil(32))
+    }
+
+    /// Queues the grammar masks of a step: `fill` gets the mask index of every row (all -1
+    /// on entry; it sets the constrained sampled rows') and room for the mask rows, and
+    /// returns how many it wrote. `constrained`: some row of the step has a grammar; when
+    /// none has and the device's indexes are all -1 already, nothing is uploaded. Returns
+    /// whether any row is masked.
+    pub fn upload_masks(
+        &mut self,
+        gpu: &Gpu,
+        constrained: bool,
+        fill: impl FnOnce(&mut [i32], &mut [u32]) -> Result<usize>,
+    ) -> Result<bool> {
+        if !constrained && !self.grammar_live {
+            return Ok(false);
+        }
+        let (n, words) = (self.max_rows, self.vocab.div_ceil(32));
+        let buf = self.grammar_staging.take_turn();
+        let all = buf.slice_mut::<u32>(n * (1 + words));
+        let (index, masks) = all.split_at_mut(n);
+        let index: &mut [i32] = bytemuck::cast_slice_mut(index);
+        index.fill(-1);
+        let written = if constrained { fill(index, masks)? } else { 0 };
+        ensure!(
+            written <= n,
+            "{written} grammar masks for {n} rows; this is a bug"
+        );
+        buf.upload(gpu, self.grammar.ptr, 4 * (n + written * words))?;
+        self.grammar_live = written > 0;
+        Ok(written > 0)
+    }
+
+    /// Stops applying `slot`'s `min_tokens` from the next launch on (its grammar allows only
+    /// end of sequence now). Queued on the stream, so steps queued before keep it.
+    pub fn end_min_tokens(&self, gpu: &Gpu, slot: u32) -> Result<()> {
+        let at = self.state[0].ptr
+            + (slot as usize * std::mem::size_of::<SlotParams>()
+                + std::mem::offset_of!(SlotParams, min_tokens)) as u64;
+        gpu.memset_zero(at, 4)
     }
 
     /// Queues the joins' upload and the kernel that writes them into their slots. Joins too
@@ -206,9 +268,23 @@ impl DeviceSampler {
     }
 
     /// Everything from the LM head's logits (`raw`, `rows` x vocab in the compute type) to
-    /// the sampled tokens and logprobs. Launches only. `filtered`: some row may have a
-    /// filter (top-k, top-p, min-p); decode graphs are captured with it.
+    /// the sampled tokens and logprobs, grammar masks included: what decode graphs capture.
+    /// Launches only. `filtered`: some row may have a filter (top-k, top-p, min-p); decode
+    /// graphs are captured with it.
     pub fn launch(&self, gpu: &Gpu, raw: u64, rows: usize, filtered: bool) -> Result<()> {
+        self.launch_with(gpu, raw, rows, filtered, true)
+    }
+
+    /// `launch`, with the grammar masks applied only when `masked` (an eager step with no
+    /// constrained row skips that kernel).
+    pub fn launch_with(
+        &self,
+        gpu: &Gpu,
+        raw: u64,
+        rows: usize,
+        filtered: bool,
+        masked: bool,
+    ) -> Result<()> {
         let n = self.max_rows as u64;
         let (slot, step, want) = (self.rows.ptr, self.rows.ptr + 4 * n, self.rows.ptr + 8 * n);
         let p = self.row_params.ptr;
@@ -253,6 +329,22 @@ impl DeviceSampler {
                 tables,
             },
         )?;
+        if masked {
+            // After the processors, which keep -inf at -inf: the same logits as masking
+            // first (the CPU sampler's order), and min_tokens and bad words only add -inf.
+            gpu.launch_args(
+                (rows as u32, 1, 1),
+                (256, 1, 1),
+                0,
+                args::TokenBitmask {
+                    logits: lg,
+                    rows: r,
+                    vocab,
+                    masks: self.grammar.ptr + 4 * n,
+                    row_mask: self.grammar.ptr,
+                },
+            )?;
+        }
         let lp = self.sampler_logprobs.ptr;
         // The plain kernels sample every row without a filter (and greedy ones); rows with
         // top-k, top-p or min-p are then sampled by sample_tokens, which leaves the others.

@@ -1,6 +1,8 @@
 //! One step of the GPU runner: request bookkeeping, the batch (decodes first, sampled rows
 //! before prompt-logprob rows), its uploads, the graph or the eager launches, and the
-//! results read back in `collect`.
+//! results read back in `collect`. A step with constrained rows (structured output) first
+//! waits for any queued step holding one of their last tokens, then builds their grammar
+//! masks on the host and uploads them with the rows (`grammar_masks`).
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -52,6 +54,11 @@ pub(super) struct PhaseTimes {
     graph_steps: u32,
     graph_submit: Duration,
     graph_wait: Duration,
+    /// Steps with grammar masks, the host time building them, and how many of those steps
+    /// had to wait for the step queued before (no overlap for them).
+    masked_steps: u32,
+    masks: Duration,
+    mask_waits: u32,
 }
 
 impl PhaseTimes {
@@ -67,8 +74,16 @@ impl PhaseTimes {
             )
         };
         // Graph replays and eager steps cost the host very differently: show both.
+        let masks = match self.masked_steps {
+            0 => String::new(),
+            k => format!(
+                "\n  grammar masks: {k} steps, {:.3} ms each, {} waited for the step before",
+                self.masks.as_secs_f64() * 1e3 / k as f64,
+                self.mask_waits
+            ),
+        };
         format!(
-            "{} device steps; per step: prepare {:.3} ms, submit {:.3} ms, wait {:.3} ms, finish {:.3} ms\n  decode graphs: {}; eager: {}",
+            "{} device steps; per step: prepare {:.3} ms, submit {:.3} ms, wait {:.3} ms, finish {:.3} ms\n  decode graphs: {}; eager: {}{masks}",
             self.steps,
             ms(self.prepare),
             ms(self.submit),
@@ -91,6 +106,7 @@ impl GpuRunner {
         for id in &so.finished {
             self.requests.remove(id);
             self.slots.leave(*id);
+            self.grammars.leave(*id);
         }
         for id in &so.preempted {
             if let Some(st) = self.requests.get_mut(id) {
@@ -107,6 +123,7 @@ impl GpuRunner {
             self.joins
                 .push(slot, &nr.sampling, seed, &nr.prompt_token_ids, &eos)
                 .with_context(|| format!("request {}", nr.req_id))?;
+            self.grammars.join(nr.req_id, &nr.sampling);
             self.requests.insert(
                 nr.req_id,
                 GpuRequest {
@@ -213,6 +230,7 @@ impl GpuRunner {
         }
         self.sampler
             .upload_rows(&self.gpu, &row_slots, &row_steps, &row_k)?;
+        let masked = self.grammar_masks(&rows)?;
         let mut delivered = HashMap::new();
         match graph_size {
             Some(g) => {
@@ -246,7 +264,7 @@ impl GpuRunner {
                 }
                 self.lm_head(&step, 0..n)?;
                 self.sampler
-                    .launch(&self.gpu, self.logits_elem.ptr, n, filtered)?;
+                    .launch_with(&self.gpu, self.logits_elem.ptr, n, filtered, masked)?;
             }
         }
         // The results come back behind the step; the slot's previous copy must have been read.
@@ -291,6 +309,43 @@ impl GpuRunner {
             logprobs: want_logprobs,
             graph: graph_size.is_some(),
         }))
+    }
+
+    /// Queues the grammar masks of the step's sampled `rows` (true: some row is masked).
+    /// A constrained row's mask needs its request's last token: a queued step that holds one
+    /// is waited for first (its output is kept for `collect`), which advances the grammars.
+    fn grammar_masks(&mut self, rows: &[(RequestId, Option<usize>)]) -> Result<bool> {
+        let ids: Vec<RequestId> = rows.iter().map(|r| r.0).collect();
+        let constrained = ids.iter().any(|&id| self.grammars.is_constrained(id));
+        if constrained {
+            let queued = self.queue.iter().flat_map(|q| match q {
+                Submitted::Device(d) => d.rows.as_slice(),
+                Submitted::Ready(_) => &[],
+            });
+            if self.grammars.must_wait(&ids, queued.map(|r| r.0)) {
+                self.finish_queued_device_steps();
+                self.phases.mask_waits += 1;
+            }
+        }
+        let t0 = Instant::now();
+        let grammars = &mut self.grammars;
+        let mut ended = Vec::new();
+        let masked = self
+            .sampler
+            .upload_masks(&self.gpu, constrained, |index, masks| {
+                let m = grammars.fill_masks(&ids, index, masks)?;
+                ended = m.end_min_tokens;
+                Ok(m.rows)
+            })?;
+        for id in ended {
+            let slot = self.slots.get(id).context("a live request lost its slot")?;
+            self.sampler.end_min_tokens(&self.gpu, slot)?;
+        }
+        if masked {
+            self.phases.masked_steps += 1;
+            self.phases.masks += t0.elapsed();
+        }
+        Ok(masked)
     }
 
     /// Prompt logprobs of the step's logits rows after the `first` sampled ones, in groups the
@@ -385,6 +440,11 @@ impl GpuRunner {
         }
         let toks: Vec<i32> = dl.tokens.slice(d.rows.len()).to_vec();
         let t_done = Instant::now();
+        if !self.grammars.is_empty() {
+            for (&(id, _), &t) in d.rows.iter().zip(&toks) {
+                self.grammars.accept(id, t as u32);
+            }
+        }
         let mut by_id: HashMap<RequestId, (u32, Option<TokenLogprobs>)> =
             HashMap::with_capacity(toks.len());
         for (r, (&(id, k), &t)) in d.rows.iter().zip(&toks).enumerate() {
