@@ -23,6 +23,25 @@ use super::elem::{GpuDtype, ELEM_BYTES};
 use crate::backend::parallel::Communicator;
 use crate::backend::Activation;
 
+/// `RVLLM_NCCL_TP1=1`: a single-GPU engine still joins an NCCL group (of one) and calls its
+/// all-reduces after O and down, the path a sharded model takes; a same-binary A/B of what
+/// the collectives cost batch-1 decode, and the one-GPU proof that the path gives the same
+/// tokens (tests/tests/gpu_nccl.rs).
+pub const NCCL_AT_TP1_ENV: &str = "RVLLM_NCCL_TP1";
+
+/// Whether `RVLLM_NCCL_TP1` asks for the NCCL path on one GPU.
+pub fn nccl_at_tp1() -> bool {
+    std::env::var(NCCL_AT_TP1_ENV).is_ok_and(|v| v == "1")
+}
+
+/// All-reduces queued by this process (captured ones count once, at capture): what shows
+/// that a run took the NCCL path at all.
+static ALL_REDUCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn all_reduces_queued() -> u64 {
+    ALL_REDUCES.load(Ordering::Relaxed)
+}
+
 /// The library names tried, in order, after `$VLLM_NCCL_SO_PATH`.
 pub const LIBRARY_NAMES: [&str; 2] = ["libnccl.so.2", "libnccl.so"];
 
@@ -430,6 +449,7 @@ impl Communicator for NcclComm {
     /// order is NCCL's, not rank order (a group of one leaves the data unchanged).
     fn all_reduce_sum(&self, buf: &mut CudaTensor) -> Result<()> {
         self.live()?;
+        ALL_REDUCES.fetch_add(1, Ordering::Relaxed);
         let n = Self::elems(buf);
         let ptr = buf.ptr() as *mut c_void;
         // SAFETY: `buf` holds n elements of the group's type on this rank's GPU; the
