@@ -317,7 +317,7 @@ impl GpuRunner {
             .gather_rows(self.ws.normed(), step, range, &mut self.gathered)?;
         let c = &self.config;
         let lm_head = self.model.lm_head();
-        if rows == 1 && c.hidden_size % 8 == 0 {
+        if rows == 1 && c.hidden_size.is_multiple_of(8) {
             self.be
                 .gemv_b1(self.gathered.ptr(), lm_head, self.logits_elem.ptr)?;
         } else {
