@@ -468,7 +468,7 @@ fn free_port() -> u16 {
 /// The manifest's command for `template` (leaderTemplate, workerTemplate) as this test runs
 /// it: LWS's variables and the container's env set to loopback values, the model a fixture,
 /// HTTP on a free loopback port, the rendezvous on `master_port`, on the CPU.
-fn command_from_manifest(template: &str, model: &Path, master_port: u16) -> Vec<String> {
+fn command_from_manifest(template: &str, model: &Path, master_port: u16, tp: usize) -> Vec<String> {
     let lws = lws_doc();
     let c = &lws["spec"]["leaderWorkerTemplate"][template]["spec"]["containers"][0];
     let vars: HashMap<&str, String> = HashMap::from([
@@ -476,7 +476,7 @@ fn command_from_manifest(template: &str, model: &Path, master_port: u16) -> Vec<
         ("LWS_GROUP_SIZE", "2".to_string()),
         ("LWS_WORKER_INDEX", "1".to_string()),
         ("MODEL", model.to_str().unwrap().to_string()),
-        ("TP_SIZE", "2".to_string()),
+        ("TP_SIZE", tp.to_string()),
     ]);
     let mut cmd: Vec<String> = strings(c, "command")
         .into_iter()
@@ -583,10 +583,10 @@ impl Drop for Proc {
 
 /// Node 0 and node 1 of a two-node group on `model`, started from the manifest; returns
 /// them once the leader serves.
-fn start_group(model: &Path) -> (Proc, Proc, String) {
+fn start_group(model: &Path, tp: usize) -> (Proc, Proc, String) {
     let port = free_port();
-    let worker = Proc::start(&command_from_manifest("workerTemplate", model, port));
-    let leader = Proc::start(&command_from_manifest("leaderTemplate", model, port));
+    let worker = Proc::start(&command_from_manifest("workerTemplate", model, port, tp));
+    let leader = Proc::start(&command_from_manifest("leaderTemplate", model, port, tp));
     let addr = leader
         .addr
         .recv_timeout(Duration::from_secs(120))
@@ -648,21 +648,27 @@ fn group_tokens(addr: &str, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
     })
 }
 
-/// llama3 (2 KV heads, one per rank) and gemma2 (1 KV head, replicated on both ranks): the
-/// two-process group gives one rank's greedy tokens. Then a killed worker fails the next
-/// request with an error naming it, at once, and a worker whose leader stops exits 0.
+/// llama3 (2 KV heads, one per rank) and gemma2 (1 KV head, replicated on both ranks) at TP 2,
+/// one rank a process; qwen2 at TP 4, two ranks a process (each node's second rank a thread
+/// that reduces over TCP too): the group gives one rank's greedy tokens. Then a killed worker
+/// fails the next request with an error naming it, at once, and a worker whose leader stops
+/// exits 0.
 #[test]
 fn two_processes_give_one_ranks_tokens_and_fail_cleanly() {
-    for (name, kill_worker) in [("llama3", true), ("gemma2", false)] {
+    for (name, tp, kill_worker) in [
+        ("llama3", 2, true),
+        ("gemma2", 2, false),
+        ("qwen2", 4, false),
+    ] {
         let model = fixtures().join("tiny").join(name);
         let prompts = prompts(&model);
         let want = one_rank_tokens(&model, &prompts);
-        let (mut leader, mut worker, addr) = start_group(&model);
+        let (mut leader, mut worker, addr) = start_group(&model, tp);
         let got = group_tokens(&addr, &prompts);
         assert_eq!(
             got,
             want,
-            "{name}: two nodes vs one rank; leader log:\n{}",
+            "{name}: TP {tp} over two nodes vs one rank; leader log:\n{}",
             leader.log()
         );
         assert!(got.iter().all(|t| t.len() == NEW_TOKENS));
@@ -713,8 +719,8 @@ fn mismatched_nodes_and_sizes_are_refused_by_name() {
     let llama = fixtures().join("tiny").join("llama3");
     let qwen = fixtures().join("tiny").join("qwen2");
     let port = free_port();
-    let mut worker = Proc::start(&command_from_manifest("workerTemplate", &qwen, port));
-    let mut leader = Proc::start(&command_from_manifest("leaderTemplate", &llama, port));
+    let mut worker = Proc::start(&command_from_manifest("workerTemplate", &qwen, port, 2));
+    let mut leader = Proc::start(&command_from_manifest("leaderTemplate", &llama, port, 2));
     assert!(!leader.wait(Duration::from_secs(60)).success());
     assert!(!worker.wait(Duration::from_secs(60)).success());
     for (who, log) in [("leader", leader.log()), ("worker", worker.log())] {
@@ -723,7 +729,7 @@ fn mismatched_nodes_and_sizes_are_refused_by_name() {
             "{who}:\n{log}"
         );
     }
-    let mut cmd = command_from_manifest("leaderTemplate", &llama, free_port());
+    let mut cmd = command_from_manifest("leaderTemplate", &llama, free_port(), 2);
     let i = cmd
         .iter()
         .position(|a| a == "--tensor-parallel-size")
