@@ -90,6 +90,9 @@ extern "C" __global__ void DT(moe_topk_softmax_bf16, moe_topk_softmax_f16)(
             }
         }
         warp_argmax(bv, bi);
+        // Only NaN logits leave nothing to pick: keep the id inside the expert table (moe_align
+        // indexes shared memory by it); the layer's output is NaN either way.
+        if (bi >= experts) bi = 0;
         const float prob = bv / sum;
         picked += prob;
         if (lane == j) {
