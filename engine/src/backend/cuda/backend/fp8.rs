@@ -24,7 +24,7 @@ use cudarc::cublaslt::{result as lt, sys as ltsys};
 use cudarc::driver::sys::CUdeviceptr;
 use rayon::prelude::*;
 
-use super::super::elem::{kernel, Kernel, NamedKernel};
+use super::super::elem::{kernel, Kernel};
 use super::{CudaBackend, CudaTensor, CudaVector, CudaWeight};
 use crate::backend::cpu::fp8::{dynamic_scale, quantize_with_scale};
 use crate::backend::{Activation, Backend};
@@ -52,7 +52,7 @@ pub const FP8_SCALED_MM: Kernel<args::Fp8ScaledMm> = kernel!(
 
 /// Every FP8 entry point the backend launches (checked like `kernels::all`).
 #[cfg(test)]
-fn all_fp8_kernels() -> Vec<NamedKernel> {
+fn all_fp8_kernels() -> Vec<super::super::elem::NamedKernel> {
     vec![
         FP8_QUANT_PER_TOKEN.named(),
         FP8_SCALED_EPILOGUE.named(),
@@ -98,7 +98,7 @@ pub fn quantize_rows(values: &[f32], cols: usize) -> (Vec<u8>, Vec<f32>) {
 /// Whether cuBLASLt's FP8 GEMM takes `[m, k] x [n, k]^T`: its FP8 kernels want the
 /// reduction and the output's leading dimension in multiples of 16 (16-byte aligned rows).
 pub fn cublaslt_takes(n: usize, k: usize) -> bool {
-    n % 16 == 0 && k % 16 == 0
+    n.is_multiple_of(16) && k.is_multiple_of(16)
 }
 
 /// The FP8 state of one backend: whether uploads quantize, and (from the first FP8 weight on)
@@ -351,11 +351,13 @@ impl CudaBackend {
         let lt_handle = rt.lt.filter(|_| cublaslt_takes(n, k));
         let plan = match lt_handle {
             Some(h) => {
-                if !rt.plans.contains_key(&(m, n, k)) {
-                    let p = LtPlan::new(h, m, n, k)?;
-                    rt.plans.insert((m, n, k), p);
-                }
-                rt.plans[&(m, n, k)].as_ref().map(|p| (h, p))
+                let slot = match rt.plans.entry((m, n, k)) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(LtPlan::new(h, m, n, k)?)
+                    }
+                };
+                slot.as_ref().map(|p| (h, p))
             }
             None => None,
         };
