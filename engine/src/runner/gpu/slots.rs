@@ -309,9 +309,11 @@ impl Grammars {
         !constrained.is_empty() && queued.into_iter().any(|id| constrained.contains(&id))
     }
 
-    /// The masks of the step whose sampled rows belong to `rows`: `row_mask` (at least
-    /// `rows.len()` long) gets each row's mask row or -1, `masks` the packed mask rows one
-    /// after another. Every grammar must have seen its request's tokens so far.
+    /// The masks of the step whose sampled rows belong to `rows` (a request at most once):
+    /// `row_mask` (at least `rows.len()` long) gets each row's mask row or -1, `masks` the
+    /// packed mask rows one after another. Every grammar must have seen its request's tokens
+    /// so far. Many rows are filled on several threads (each matcher is independent; a
+    /// JSON schema's mask takes llguidance tens to hundreds of microseconds).
     pub fn fill_masks(
         &mut self,
         rows: &[RequestId],
@@ -319,7 +321,6 @@ impl Grammars {
         masks: &mut [u32],
     ) -> Result<StepMasks> {
         let words = self.words();
-        let mut out = StepMasks::default();
         if row_mask.len() < rows.len() {
             bail!(
                 "{} sampled rows but room for {} mask indexes; this is a bug",
@@ -327,26 +328,77 @@ impl Grammars {
                 row_mask.len()
             );
         }
+        let mut mask_of: HashMap<RequestId, usize> = HashMap::new();
         for (r, id) in rows.iter().enumerate() {
-            let Some(g) = self.by_request.get_mut(id) else {
-                row_mask[r] = -1;
-                continue;
+            row_mask[r] = match self.by_request.contains_key(id) {
+                true => {
+                    let k = mask_of.len();
+                    if mask_of.insert(*id, k).is_some() {
+                        bail!("request {id} has two sampled rows in one step; this is a bug");
+                    }
+                    k as i32
+                }
+                false => -1,
             };
-            let k = out.rows;
-            let dst = masks
-                .get_mut(k * words..(k + 1) * words)
-                .with_context(|| format!("no room for mask row {k}; this is a bug"))?;
-            g.matcher.fill_bitmask(dst);
-            row_mask[r] = k as i32;
-            out.rows += 1;
-            if g.min_tokens_on_device && g.matcher.is_finished() {
-                g.min_tokens_on_device = false;
-                out.end_min_tokens.push(*id);
+        }
+        let n = mask_of.len();
+        if masks.len() < n * words {
+            bail!(
+                "{n} grammar masks but room for {}; this is a bug",
+                masks.len() / words
+            );
+        }
+        let mut dst: Vec<Option<&mut [u32]>> = masks.chunks_mut(words).take(n).map(Some).collect();
+        let mut work: Vec<(RequestId, &mut Grammar, &mut [u32])> = Vec::with_capacity(n);
+        for (id, g) in self.by_request.iter_mut() {
+            if let Some(&k) = mask_of.get(id) {
+                let d = dst[k]
+                    .take()
+                    .context("a mask row given twice; this is a bug")?;
+                work.push((*id, g, d));
             }
         }
-        Ok(out)
+        let fill = |part: &mut [(RequestId, &mut Grammar, &mut [u32])]| -> Vec<RequestId> {
+            let mut ended = Vec::new();
+            for (id, g, d) in part.iter_mut() {
+                g.matcher.fill_bitmask(d);
+                if g.min_tokens_on_device && g.matcher.is_finished() {
+                    g.min_tokens_on_device = false;
+                    ended.push(*id);
+                }
+            }
+            ended
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get().min(8));
+        let mut end_min_tokens = if n >= PARALLEL_MASKS && threads > 1 {
+            let per = n.div_ceil(threads);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = work
+                    .chunks_mut(per)
+                    .map(|part| scope.spawn(move || fill(part)))
+                    .collect();
+                let mut ended = Vec::new();
+                for h in handles {
+                    match h.join() {
+                        Ok(e) => ended.extend(e),
+                        Err(_) => bail!("building a grammar mask panicked"),
+                    }
+                }
+                Ok(ended)
+            })?
+        } else {
+            fill(&mut work)
+        };
+        end_min_tokens.sort_by_key(|id| mask_of[id]);
+        Ok(StepMasks {
+            rows: n,
+            end_min_tokens,
+        })
     }
 }
+
+/// Constrained rows from which a step's masks are built on several threads.
+const PARALLEL_MASKS: usize = 4;
 
 #[cfg(test)]
 mod tests {
@@ -466,6 +518,54 @@ mod tests {
         assert_eq!(allowed, vec![token(&tok, "o")]);
         g.leave(10);
         assert!(!g.is_constrained(10));
+    }
+
+    #[test]
+    fn many_rows_filled_on_threads_match_one_at_a_time() {
+        let (tok, mut g) = tiny_grammars();
+        let (mut one, words) = (tiny_grammars().1, g.words());
+        let specs = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr", "st"];
+        let mut rows = Vec::new();
+        for (i, c) in specs.iter().enumerate() {
+            let id = 100 + i as RequestId;
+            let p = SamplingParams {
+                min_tokens: i % 2,
+                ..choice(&[c, "z"])
+            };
+            g.join(id, &p);
+            one.join(id, &p);
+            // Half of them one character in; the odd ones' grammars finish with it.
+            if i % 2 == 1 {
+                let first = token(&tok, &c[..1]);
+                let second = token(&tok, &c[1..]);
+                for t in [first, second] {
+                    g.accept(id, t);
+                    one.accept(id, t);
+                }
+            }
+            rows.push(id);
+            rows.push(i as RequestId); // unconstrained neighbours between them
+        }
+        let mut row_mask = vec![0; rows.len()];
+        let mut masks = vec![0u32; specs.len() * words];
+        let m = g.fill_masks(&rows, &mut row_mask, &mut masks).unwrap();
+        assert_eq!(m.rows, specs.len());
+        // The odd requests (min_tokens 1, grammar finished), in row order.
+        assert_eq!(m.end_min_tokens, vec![101, 103, 105, 107, 109]);
+        for (r, &id) in rows.iter().enumerate() {
+            if id < 100 {
+                assert_eq!(row_mask[r], -1);
+                continue;
+            }
+            let k = row_mask[r] as usize;
+            let (mut idx, mut alone) = (vec![0; 1], vec![0u32; words]);
+            one.fill_masks(&[id], &mut idx, &mut alone).unwrap();
+            assert_eq!(
+                &masks[k * words..(k + 1) * words],
+                &alone[..],
+                "request {id}"
+            );
+        }
     }
 
     #[test]

@@ -315,6 +315,10 @@ impl GpuRunner {
     /// A constrained row's mask needs its request's last token: a queued step that holds one
     /// is waited for first (its output is kept for `collect`), which advances the grammars.
     fn grammar_masks(&mut self, rows: &[(RequestId, Option<usize>)]) -> Result<bool> {
+        if self.grammars.is_empty() {
+            // Nothing constrained: at most a reset of the last masked step's indexes.
+            return self.sampler.upload_masks(&self.gpu, false, |_, _| Ok(0));
+        }
         let ids: Vec<RequestId> = rows.iter().map(|r| r.0).collect();
         let constrained = ids.iter().any(|&id| self.grammars.is_constrained(id));
         if constrained {
