@@ -342,15 +342,16 @@ fn what_cannot_be_honoured_is_refused_by_name() {
         let e = format!("{:#}", Llm::new(&args).err().expect("refused"));
         assert!(e.contains(want), "{want}: {e}");
     }
-    // The CUDA backend has no FP8 kernels yet: it refuses the runtime options at load.
-    for (q, kv) in [
-        (Some("fp8"), KvCacheDtype::Auto),
-        (None, KvCacheDtype::Fp8E4m3),
-    ] {
-        let mut model = load(&dir);
-        let e = apply_runtime_options(&mut model, q, kv, Device::Cuda).unwrap_err();
-        assert!(format!("{e}").contains("CUDA backend"), "{e}");
-    }
+    // The CUDA backend's attention reads the compute type only: it refuses the FP8 KV cache
+    // at load; `--quantization fp8` it runs (FP8 GEMMs: backend/cuda/backend/fp8.rs).
+    let mut model = load(&dir);
+    let e =
+        apply_runtime_options(&mut model, None, KvCacheDtype::Fp8E4m3, Device::Cuda).unwrap_err();
+    assert!(format!("{e}").contains("CUDA backend"), "{e}");
+    let mut model = load(&dir);
+    apply_runtime_options(&mut model, Some("fp8"), KvCacheDtype::Auto, Device::Cuda)
+        .expect("--quantization fp8 on CUDA");
+    assert!(model.config.family.quant.online_fp8);
     // Dummy weights are made after load: online FP8 could not round them.
     let opts = LoadOptions {
         load_format: LoadFormat::Dummy,
