@@ -47,7 +47,8 @@ pub fn resolve_device(requested: &str) -> Result<Device> {
 }
 
 /// `--tensor-parallel-size`: any size on the CPU (the model checks that it divides the
-/// heads and the MLP when it loads); the CUDA backend has no NCCL path yet.
+/// heads and the MLP when it loads); on CUDA one GPU: the backend has its NCCL communicator
+/// (`backend/cuda/nccl.rs`) but the runner does not yet drive one rank per GPU.
 fn check_tensor_parallel(tp: usize, device: Device) -> Result<()> {
     if tp == 0 {
         bail!("--tensor-parallel-size must be at least 1");
@@ -55,9 +56,19 @@ fn check_tensor_parallel(tp: usize, device: Device) -> Result<()> {
     if tp > 1 && device == Device::Cuda {
         bail!(
             "--tensor-parallel-size {tp}: the CUDA backend runs a model on one GPU until its \
-             NCCL path exists (issue 22); pass --tensor-parallel-size 1, or --device cpu to \
-             split the model over {tp} CPU ranks"
+             runner drives one NCCL rank per GPU (issue 22); pass --tensor-parallel-size 1, or \
+             --device cpu to split the model over {tp} CPU ranks"
         );
+    }
+    #[cfg(feature = "cuda")]
+    if device == Device::Cuda && crate::backend::cuda::nccl::nccl_at_tp1() {
+        // Said before the model loads, not after minutes of uploading weights.
+        crate::backend::cuda::nccl::version().with_context(|| {
+            format!(
+                "{}=1 asks for the NCCL path on one GPU",
+                crate::backend::cuda::nccl::NCCL_AT_TP1_ENV
+            )
+        })?;
     }
     Ok(())
 }

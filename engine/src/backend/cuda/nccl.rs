@@ -316,6 +316,11 @@ impl NcclComm {
         for comm in &mut out {
             comm.alloc_token()?;
         }
+        // One thread drives every rank here, so the warm-up is one NCCL group.
+        Self::grouped(|| out.iter().try_for_each(NcclComm::token_all_reduce))?;
+        for comm in &out {
+            comm.settle()?;
+        }
         Ok(out)
     }
 
@@ -342,6 +347,8 @@ impl NcclComm {
         )?;
         let mut this = Self::wrap(lib, comm, gpu, rank, world, dtype);
         this.alloc_token()?;
+        this.token_all_reduce()?;
+        this.settle()?;
         Ok(this)
     }
 
@@ -363,6 +370,35 @@ impl NcclComm {
             dtype,
             aborted: AtomicBool::new(false),
         }
+    }
+
+    /// A one-element all-reduce. NCCL connects a group's ranks at its first collective and
+    /// allocates as it does, which a stream being captured into a graph forbids: the
+    /// constructors run this once (vLLM's warm-up), so the first captured one is not the first.
+    fn token_all_reduce(&self) -> Result<()> {
+        let ptr = self.token.ptr as *mut c_void;
+        // SAFETY: one element of the token buffer on this rank's GPU.
+        self.lib.check(
+            unsafe {
+                (self.lib.all_reduce)(
+                    ptr,
+                    ptr,
+                    1,
+                    nccl_type(self.dtype),
+                    ncclRedOp_t::ncclSum,
+                    self.comm,
+                    self.stream(),
+                )
+            },
+            &format!("a one-element all-reduce on rank {}", self.rank),
+        )
+    }
+
+    /// Waits for this rank's stream, then raises what NCCL reported meanwhile.
+    fn settle(&self) -> Result<()> {
+        self.gpu.bind()?;
+        self.gpu.sync()?;
+        self.check_async()
     }
 
     /// The barrier's element, in the rank's own context.
@@ -527,24 +563,8 @@ impl Communicator for NcclComm {
     /// reached the barrier once it returns. Not for use inside a graph capture.
     fn barrier(&self) -> Result<()> {
         self.live()?;
-        let ptr = self.token.ptr as *mut c_void;
-        // SAFETY: one element of the token buffer on this rank's GPU.
-        self.lib.check(
-            unsafe {
-                (self.lib.all_reduce)(
-                    ptr,
-                    ptr,
-                    1,
-                    nccl_type(self.dtype),
-                    ncclRedOp_t::ncclSum,
-                    self.comm,
-                    self.stream(),
-                )
-            },
-            "the barrier's all-reduce",
-        )?;
-        self.gpu.sync()?;
-        self.check_async()
+        self.token_all_reduce()?;
+        self.settle()
     }
 
     fn abort(&self) {
@@ -622,6 +642,23 @@ mod tests {
         assert_eq!(decode_version(22703), (2, 27, 3));
         assert_eq!(decode_version(2804), (2, 8, 4));
         assert_eq!(decode_version(-1), (0, 0, 0));
+    }
+
+    /// No GPU needed: with NCCL on the loader path (or in VLLM_NCCL_SO_PATH) it loads and
+    /// answers 2.x; without, the error names what was tried instead of panicking.
+    #[test]
+    fn the_library_loads_without_a_gpu_or_says_what_was_tried() {
+        match version() {
+            Ok(((major, _, _), name)) => {
+                assert_eq!(major, 2, "{name}");
+                assert!(name.contains("nccl"), "{name}");
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                assert!(e.contains("NCCL could not be loaded (tried"), "{e}");
+                assert!(e.contains("libnccl.so.2"), "{e}");
+            }
+        }
     }
 
     #[test]
