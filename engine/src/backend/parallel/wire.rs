@@ -16,6 +16,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"RVLLMTP\0";
 /// A frame past this is junk, not a step or an activation.
 const MAX_FRAME: u64 = 1 << 34;
+/// How long a connection to the rendezvous has to say its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A failure sent in place of the expected frame; its payload is the message (UTF-8).
 pub const TAG_ERROR: u8 = 0xEE;
@@ -31,11 +33,15 @@ pub fn write_frame(mut s: impl Write, tag: u8, payload: &[u8]) -> std::io::Resul
     s.flush()
 }
 
-pub fn read_frame(mut s: impl Read) -> std::io::Result<(u8, Vec<u8>)> {
+pub fn read_frame(s: impl Read) -> std::io::Result<(u8, Vec<u8>)> {
+    read_frame_up_to(s, MAX_FRAME)
+}
+
+fn read_frame_up_to(mut s: impl Read, max: u64) -> std::io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 9];
     s.read_exact(&mut head)?;
     let len = u64::from_le_bytes(head[1..].try_into().expect("8 bytes"));
-    if len > MAX_FRAME {
+    if len > max {
         return Err(std::io::Error::new(
             ErrorKind::InvalidData,
             format!("a frame of {len} bytes: the peer is not an rvllm rank"),
@@ -228,8 +234,18 @@ pub fn accept_all(
             Err(e) => return Err(e).context("accepting a rank's connection"),
         };
         s.set_nonblocking(false)?;
-        s.set_read_timeout(Some(remaining(deadline)))?;
-        let (_, b) = read_frame(&mut s).context("reading a connecting process's hello")?;
+        // Anything may connect to the port (a scanner, a probe): what is not an rvllm
+        // process's hello within a few seconds is dropped, not waited for.
+        s.set_read_timeout(Some(remaining(deadline).min(HELLO_TIMEOUT)))?;
+        let b = match read_frame_up_to(&mut s, 64) {
+            Ok((_, b)) if b.starts_with(MAGIC) => b,
+            other => {
+                let why = other.map_or_else(|e| e.to_string(), |_| "no rvllm hello".into());
+                let from = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                eprintln!("rvllm: rendezvous: dropped a connection from {from}: {why}");
+                continue;
+            }
+        };
         let hello = match Hello::decode_against(&b, own).and_then(|h| check_new(&got, own, h)) {
             Ok(h) => h,
             Err(e) => {

@@ -195,6 +195,11 @@ fn the_rendezvous_refuses_a_mismatched_process_and_times_out_on_a_missing_one() 
         assert!(m.contains("rank 1 loaded a different model"), "{m}");
     }
 
+    // A stray connection (junk, then one that says nothing) is dropped, not fatal.
+    let addr = listener.local_addr().unwrap();
+    let mut junk = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(&mut junk, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let _silent = std::net::TcpStream::connect(addr).unwrap();
     let started = Instant::now();
     let soon = Instant::now() + Duration::from_millis(300);
     let err = accept_all(&listener, &hello(3, Role::Rank(0), FP), &[], soon)
