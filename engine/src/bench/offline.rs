@@ -106,18 +106,22 @@ fn throughput_prompts(args: &ThroughputArgs, vocab: usize) -> Result<(Vec<Vec<u3
     }
 }
 
-/// Bytes of all weights (bf16: 2 bytes each), counted as GPU.md does for the batch-1
-/// ceiling: every parameter, embedding table included, so figures compare with the peers'.
+/// Bytes one decoded token reads from the weights, counted as GPU.md does for the batch-1
+/// ceiling: every parameter, embedding table included, so figures compare with the peers';
+/// a mixture of experts counts only the experts a token is routed to, and `--quantization
+/// fp8` one byte for each projection weight (the embedding and LM head stay `elem_bytes`).
 pub fn weight_bytes(c: &ModelConfig, elem_bytes: usize) -> u64 {
-    let (h, i, v) = (
-        c.hidden_size as u64,
-        c.intermediate_size as u64,
-        c.vocab_size as u64,
-    );
-    let (q, kv) = (c.q_size() as u64, c.kv_size() as u64);
-    let per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h;
-    let lm_head = if c.tie_word_embeddings { 0 } else { v * h };
-    (c.num_hidden_layers as u64 * per_layer + h + v * h + lm_head) * elem_bytes as u64
+    let active = c.num_active_parameters();
+    if !c.family.quant.online_fp8 {
+        return active * elem_bytes as u64;
+    }
+    let embed = c.vocab_size as u64 * c.hidden_size as u64;
+    let tables = if c.tie_word_embeddings {
+        embed
+    } else {
+        2 * embed
+    };
+    tables * elem_bytes as u64 + (active - tables)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -317,7 +321,7 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
         "device": llm.core.executor.device_name(),
     });
     if let Some((copy_bw, gemm_flops)) = device_ceilings(&llm) {
-        let flops_per_token = 2.0 * weight_bytes(&cfg, 1) as f64;
+        let flops_per_token = 2.0 * cfg.num_active_parameters() as f64;
         let ceiling = gemm_flops / flops_per_token;
         println!(
             "Device ceilings (measured now): copy {:.2} TB/s, bf16 GEMM {:.0} TFLOP/s -> compute ceiling \

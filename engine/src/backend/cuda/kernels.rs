@@ -241,6 +241,7 @@ pub fn all() -> Vec<NamedKernel> {
     k.extend(DECODE.iter().flat_map(|d| [d.2.named(), d.3.named()]));
     k.extend(PREFILL_WINDOWED.iter().map(|p| p.1.named()));
     k.extend(DECODE_FULL_ONLY.iter().map(|d| d.2.named()));
+    k.extend(super::moe::kernels());
     k
 }
 
@@ -254,7 +255,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 16 + 2 + 5 + 16 + 5 + 4);
+        assert_eq!(all.len(), 16 + 2 + 5 + 16 + 5 + 4 + 5);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);
