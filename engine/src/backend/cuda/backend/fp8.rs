@@ -598,6 +598,189 @@ mod tests {
         assert!(!cublaslt_takes(64, 40));
     }
 
+    /// A deterministic pseudo-random fill in [-scale, scale).
+    fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// The backend's FP8 linears on the GPU against the reference (`reference_fp8`: the
+    /// input's per-token codes, the weight's per-channel codes, `scaled_mm` in f32): `linear`
+    /// (with a bias), `linear_add`, `norm_linear` and `silu_mul_linear_add`, in both element
+    /// types, through cuBLASLt (16-aligned shapes) and `fp8_scaled_mm` (n = 100), at batch 1
+    /// (where the compute-type path would fuse) and past it. Outputs are poisoned first.
+    #[test]
+    fn fp8_linears_match_the_reference() {
+        use super::super::super::elem::{bits_of, value_of};
+        use super::super::StepLimits;
+        use crate::backend::cpu::fp8::{quantize_per_token, scaled_mm};
+        use crate::types::HostData;
+        if !matches!(super::super::super::device_count(), Ok(n) if n > 0) {
+            eprintln!("SKIPPED: no CUDA device (fp8_linears_match_the_reference)");
+            return;
+        }
+        let gpu = std::sync::Arc::new(super::super::super::Gpu::new(0).expect("a CUDA context"));
+        if gpu.compute_capability < (8, 9) {
+            eprintln!(
+                "SKIPPED: FP8 needs compute capability 8.9 (fp8_linears_match_the_reference)"
+            );
+            return;
+        }
+        let limits = StepLimits {
+            max_tokens: 512,
+            max_seqs: 8,
+            max_blocks_per_seq: 1,
+        };
+        for dtype in [GpuDtype::Bf16, GpuDtype::F16] {
+            let be = CudaBackend::new(gpu.clone(), limits, 1, 1, 64, dtype).unwrap();
+            be.enable_online_fp8(true).unwrap();
+            let round = |v: Vec<f32>| -> Vec<f32> {
+                v.into_iter()
+                    .map(|x| value_of(bits_of(x, dtype), dtype))
+                    .collect()
+            };
+            let tol_of = |want: &[f32]| {
+                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let rel = match dtype {
+                    GpuDtype::Bf16 => 2e-2,
+                    GpuDtype::F16 => 1e-2,
+                };
+                rel * scale.max(1e-3)
+            };
+            let check = |what: &str, got: &CudaTensor, want: &[f32]| {
+                let mut g = Vec::new();
+                be.to_host(got, &mut g).unwrap();
+                assert_eq!(g.len(), want.len(), "{what}");
+                let tol = tol_of(want);
+                for (i, (a, b)) in g.iter().zip(want).enumerate() {
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "{what}: element {i}: GPU {a}, reference {b} (tolerance {tol})"
+                    );
+                }
+            };
+            for (seed, &(m, n, k)) in [
+                (1usize, 256usize, 128usize),
+                (1, 100, 64),
+                (7, 100, 64),
+                (33, 576, 1536),
+                (300, 960, 576),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let what = format!("{dtype:?} {m}x{n}x{k}");
+                let seed = seed as u64 * 10;
+                let wv = fill(n * k, seed + 1, 0.05);
+                let w = be
+                    .upload_weight(
+                        "model.layers.0.mlp.down_proj.weight",
+                        HostTensor {
+                            shape: vec![n, k],
+                            data: HostData::F32(wv.clone()),
+                        },
+                    )
+                    .unwrap();
+                assert!(
+                    w.fp8_scales.is_some() && w.buf.bytes == n * k,
+                    "{what}: not stored as FP8"
+                );
+                let (wq, sw) = quantize_rows(&wv, k);
+                // The reference of `x @ w^T` for an input the GPU holds as `x` (rounded).
+                let reference = |x: &[f32]| {
+                    let (xq, sx) = quantize_per_token(x, k);
+                    scaled_mm(&xq, &sx, &wq, &sw, k)
+                };
+                let poisoned = |rows: usize, cols: usize| {
+                    be.activation_from_host(rows, cols, &vec![f32::NAN; rows * cols])
+                        .unwrap()
+                };
+                let xs = round(fill(m * k, seed + 2, 2.0));
+                let x = be.activation_from_host(m, k, &xs).unwrap();
+                let mm = reference(&xs);
+
+                let bias_v = round(fill(n, seed + 3, 0.5));
+                let bias = be
+                    .upload_vector(
+                        "bias",
+                        HostTensor {
+                            shape: vec![n],
+                            data: HostData::F32(bias_v.clone()),
+                        },
+                    )
+                    .unwrap();
+                let mut out = poisoned(m, n);
+                be.linear(&x, &w, Some(&bias), &mut out).unwrap();
+                let want: Vec<f32> = mm
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v + bias_v[i % n])
+                    .collect();
+                check(&format!("{what} linear + bias"), &out, &want);
+
+                let res_v = round(fill(m * n, seed + 4, 1.0));
+                let mut residual = be.activation_from_host(m, n, &res_v).unwrap();
+                let mut scratch = poisoned(m, n);
+                be.linear_add(&x, &w, &mut residual, &mut scratch).unwrap();
+                let want: Vec<f32> = mm.iter().zip(&res_v).map(|(a, b)| a + b).collect();
+                check(&format!("{what} linear_add"), &residual, &want);
+
+                // norm_linear: the GPU's normed rows (rounded as it stores them) are the input.
+                let norm_v = round(
+                    fill(k, seed + 5, 1.0)
+                        .into_iter()
+                        .map(|v| 1.0 + 0.5 * v)
+                        .collect(),
+                );
+                let norm = be
+                    .upload_vector(
+                        "norm",
+                        HostTensor {
+                            shape: vec![k],
+                            data: HostData::F32(norm_v),
+                        },
+                    )
+                    .unwrap();
+                let mut normed = poisoned(m, k);
+                let mut out = poisoned(m, n);
+                be.norm_linear(&x, &norm, 1e-5, &mut normed, &w, None, &mut out)
+                    .unwrap();
+                let mut normed_host = Vec::new();
+                be.to_host(&normed, &mut normed_host).unwrap();
+                check(
+                    &format!("{what} norm_linear"),
+                    &out,
+                    &reference(&normed_host),
+                );
+
+                // silu_mul_linear_add: the GPU's silu(gate) * up rows are the input.
+                let gate_up = be
+                    .activation_from_host(m, 2 * k, &round(fill(m * 2 * k, seed + 6, 3.0)))
+                    .unwrap();
+                let mut act = poisoned(m, k);
+                let mut residual = be.activation_from_host(m, n, &res_v).unwrap();
+                let mut scratch = poisoned(m, n);
+                be.silu_mul_linear_add(&gate_up, &w, &mut act, &mut residual, &mut scratch)
+                    .unwrap();
+                let mut act_host = Vec::new();
+                be.to_host(&act, &mut act_host).unwrap();
+                let want: Vec<f32> = reference(&act_host)
+                    .iter()
+                    .zip(&res_v)
+                    .map(|(a, b)| a + b)
+                    .collect();
+                check(&format!("{what} silu_mul_linear_add"), &residual, &want);
+            }
+        }
+    }
+
     /// As `kernels::tests`: the f16 build's names follow the rule, and each is declared by
     /// its argument struct.
     #[test]
