@@ -225,6 +225,50 @@ mod tests {
         assert_eq!(limits(&args, true), (8, 64));
     }
 
+    #[test]
+    fn nodes_split_the_ranks_evenly_on_the_cpu_or_are_refused_by_name() {
+        use crate::types::Device;
+        use clap::Parser;
+        let parse = |flags: &[&str]| {
+            let argv = std::iter::once("rvllm").chain(flags.iter().copied());
+            Cli::try_parse_from(argv).expect("flags parse").engine
+        };
+        let err =
+            |flags: &[&str], device| format!("{:#}", parse(flags).multi_node(device).unwrap_err());
+        assert_eq!(parse(&[]).multi_node(Device::Cpu).unwrap(), None);
+        let two = [
+            "--tensor-parallel-size",
+            "4",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+        ];
+        let mn = parse(
+            &[
+                &two[..],
+                &["--master-addr", "10.0.0.7", "--master-port", "4000"],
+            ]
+            .concat(),
+        )
+        .multi_node(Device::Cpu)
+        .unwrap()
+        .unwrap();
+        assert_eq!((mn.nnodes, mn.node_rank, mn.master_port), (2, 1, 4000));
+        assert_eq!(
+            (mn.master_addr.as_str(), mn.ranks_of(1, 4)),
+            ("10.0.0.7", 2..4)
+        );
+        assert!(err(
+            &["--tensor-parallel-size", "3", "--nnodes", "2"],
+            Device::Cpu
+        )
+        .contains("--tensor-parallel-size 3 is not divisible by --nnodes 2"));
+        assert!(err(&["--nnodes", "2", "--node-rank", "2"], Device::Cpu)
+            .contains("--node-rank 2 is not a node of --nnodes 2"));
+        assert!(err(&two, Device::Cuda).contains("--device cpu only"));
+    }
+
     #[derive(clap::Parser)]
     struct Cli {
         #[command(flatten)]
