@@ -362,6 +362,11 @@ impl CudaBackend {
             None => None,
         };
         let Some((h, plan)) = plan else {
+            // One grid row a token: CUDA's grid y stops at 65,535.
+            ensure!(
+                m <= 65_535,
+                "fp8_scaled_mm takes at most 65,535 tokens a launch, asked for {m} (n {n}, k {k})"
+            );
             let grid = (n.div_ceil(8) as u32, m as u32, 1);
             return self.launch(
                 FP8_SCALED_MM,
