@@ -32,6 +32,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dtype;
+pub mod dummy_weight;
 pub mod gpu_support;
 pub mod parallel;
 
@@ -213,6 +214,15 @@ pub trait Backend: Send + Sized + 'static {
     fn to_host(&self, x: &Self::Tensor, dst: &mut Vec<f32>) -> Result<()>;
     /// Takes a 2-D host tensor (`[out, in]`) into device storage. `name` is for errors.
     fn upload_weight(&self, name: &str, t: HostTensor) -> Result<Self::Weight>;
+    /// Makes a `--load-format dummy` weight in device storage. By default its values are made
+    /// on the host and uploaded; a backend may make them where they live, identically.
+    fn upload_dummy_weight(
+        &self,
+        name: &str,
+        w: &dummy_weight::DummyWeight,
+    ) -> Result<Self::Weight> {
+        self.upload_weight(name, w.to_host())
+    }
     /// Takes a 1-D host tensor into device storage. `name` is for errors.
     fn upload_vector(&self, name: &str, t: HostTensor) -> Result<Self::Vector>;
     /// A zero-filled paged KV cache.
@@ -377,6 +387,12 @@ pub trait Backend: Send + Sized + 'static {
 
     /// `acc += x`, elementwise.
     fn add_inplace(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
+
+    /// Whether this backend serves a rank of a tensor-parallel group (so the model calls
+    /// `all_reduce_sum`), a group of one included.
+    fn in_tp_group(&self) -> bool {
+        false
+    }
 
     /// Tensor parallelism: `x` (its current rows) becomes the sum of every rank's `x`, through
     /// the communicator of the rank this backend serves (`parallel::Communicator`). Called

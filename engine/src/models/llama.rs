@@ -3,12 +3,12 @@
 //! (`spec::DecoderSpec`, one `LayerSpec` a layer). Weights are fused at load: q/k/v into one
 //! `qkv` matrix, gate/up into one `gate_up` matrix (Phi-3 stores them so), so that each layer
 //! runs four GEMMs.
-use anyhow::{ensure, Context, Result};
-use rayon::prelude::*;
+use anyhow::{bail, ensure, Context, Result};
 
 use super::config::{MlpActivation, ModelConfig};
 use super::spec::DecoderSpec;
 use super::weights::{DType, HostData, HostTensor, WeightMap};
+use crate::backend::dummy_weight::DummyWeight;
 use crate::backend::parallel::{check_divisible, TpShard};
 use crate::backend::{Activation, Backend, ForwardBatch, MoeScratch};
 
@@ -110,57 +110,78 @@ struct WeightSource {
 }
 
 impl WeightSource {
+    /// A tensor on the host (vectors: norms, biases).
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
         match &mut self.map {
             Some(m) => m.take(name, shape),
             None => Ok(dummy_tensor(name, shape, self.seed)),
         }
     }
+
+    /// A matrix: the files' tensor, or a dummy one's description (made where it is uploaded).
+    fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<Pending> {
+        match &mut self.map {
+            Some(m) => Ok(Pending::Host(m.take(name, shape)?)),
+            None => Ok(Pending::Dummy(DummyWeight::new(name, shape, self.seed))),
+        }
+    }
 }
 
-/// splitmix64 as a generator: a tiny, good-enough one that can be seeded per chunk, so that
-/// dummy weights are generated in parallel yet identically on every run.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(crate::hash::GOLDEN);
-    crate::hash::splitmix64_finalize(*state)
+/// A weight on its way to the backends: the files' tensor on the host, or a dummy weight that
+/// each backend makes itself (`Backend::upload_dummy_weight`: on a GPU, in device memory).
+enum Pending {
+    Host(HostTensor),
+    Dummy(DummyWeight),
 }
 
-fn name_hash(name: &str) -> u64 {
-    // FNV-1a
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+/// `concat_rows` of either kind (all parts come from one source).
+fn fuse(name: &str, parts: Vec<Pending>) -> Result<Pending> {
+    if parts.iter().all(|p| matches!(p, Pending::Dummy(_))) {
+        let parts = parts.into_iter().filter_map(|p| match p {
+            Pending::Dummy(w) => Some(w),
+            Pending::Host(_) => None,
+        });
+        return Ok(Pending::Dummy(DummyWeight::stack(name, parts.collect())?));
+    }
+    let mut host = Vec::with_capacity(parts.len());
+    for p in parts {
+        match p {
+            Pending::Host(t) => host.push(t),
+            Pending::Dummy(_) => bail!("cannot fuse `{name}`: files' and dummy tensors mixed"),
+        }
+    }
+    Ok(Pending::Host(concat_rows(name, host)?))
 }
 
-/// Random weights that keep activations finite: matrices uniform in ±1/sqrt(in), norm
-/// weights 1, biases uniform in ±0.02.
+/// A mixture layer's dummy router and stacked experts, as `moe::stacked_experts` stacks the
+/// files' (each expert's gate, up and down under its own name).
+fn dummy_experts(
+    c: &ModelConfig,
+    layer: usize,
+    m: &crate::types::MoeLayout,
+    seed: u64,
+) -> Result<[Pending; 3]> {
+    let (h, i, arch) = (c.hidden_size, m.intermediate_size, c.architecture);
+    let one = |name: &str, shape: &[usize]| DummyWeight::new(name, shape, seed);
+    let router = one(&super::moe::router_name(arch, layer), &[m.num_experts, h]);
+    let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+    for e in 0..m.num_experts {
+        let [g, u, d] = super::moe::expert_names(arch, layer, e);
+        gate_up.extend([one(&g, &[i, h]), one(&u, &[i, h])]);
+        down.push(one(&d, &[h, i]));
+    }
+    Ok([
+        Pending::Dummy(router),
+        Pending::Dummy(DummyWeight::stack("experts.gate_up", gate_up)?),
+        Pending::Dummy(DummyWeight::stack("experts.down", down)?),
+    ])
+}
+
+/// Random weights that keep activations finite (`DummyWeight::new`), on the host.
 fn dummy_tensor(name: &str, shape: &[usize], seed: u64) -> HostTensor {
-    let n: usize = shape.iter().product();
-    let mut data = vec![0.0f32; n];
-    if name.contains("norm") {
-        data.fill(1.0);
-    } else {
-        let bound = if shape.len() == 2 {
-            1.0 / (shape[1].max(1) as f32).sqrt()
-        } else {
-            0.02
-        };
-        let base = name_hash(name) ^ seed;
-        const CHUNK: usize = 1 << 16;
-        data.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(ci, chunk)| {
-                let mut s = base.wrapping_add((ci as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93));
-                for x in chunk {
-                    let u = (splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-                    *x = (2.0 * u - 1.0) * bound;
-                }
-            });
-    }
-    HostTensor {
-        shape: shape.to_vec(),
-        data: HostData::F32(data),
-    }
+    let mut t = DummyWeight::new(name, shape, seed).to_host();
+    t.shape = shape.to_vec();
+    t
 }
 
 /// Stacks tensors along their first dimension (fusing q/k/v or gate/up). Keeps the common
@@ -211,15 +232,88 @@ pub(super) fn concat_rows(name: &str, parts: Vec<HostTensor>) -> Result<HostTens
     Ok(HostTensor { shape, data })
 }
 
-/// How a rank's part of a host tensor is cut from the whole.
-type Part<'a> = dyn Fn(&TpShard, &HostTensor) -> Result<HostTensor> + 'a;
+/// How a rank's part of a tensor is cut from the whole (`TpShard`'s cuts).
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    Whole,
+    Qkv {
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    },
+    GateUp {
+        inter: usize,
+        blocks: usize,
+    },
+    Columns {
+        n: usize,
+        unit: usize,
+    },
+}
+
+impl Cut {
+    fn host(self, sh: &TpShard, t: &HostTensor) -> Result<HostTensor> {
+        match self {
+            Cut::Whole => Ok(t.clone()),
+            Cut::Qkv {
+                heads,
+                kv_heads,
+                head_dim,
+            } => sh.qkv(t, heads, kv_heads, head_dim),
+            Cut::GateUp { inter, blocks } => sh.gate_up(t, inter, blocks),
+            Cut::Columns { n, unit } => sh.columns(t, n, unit),
+        }
+    }
+
+    /// The same cut of a dummy weight: the rows (or columns) it keeps are read off the host
+    /// cut of a column (or row) of their indices, so both paths share `TpShard`'s rule.
+    fn dummy(self, sh: &TpShard, w: &DummyWeight) -> Result<DummyWeight> {
+        if sh.is_whole() || matches!(self, Cut::Whole) {
+            return Ok(w.clone());
+        }
+        let [rows, cols] = w.shape();
+        let by_columns = matches!(self, Cut::Columns { .. });
+        let n = if by_columns { cols } else { rows };
+        ensure!(
+            n <= 1 << 24,
+            "a dummy weight of {n} rows or columns is too large to shard"
+        );
+        let shape = if by_columns { vec![1, n] } else { vec![n, 1] };
+        let index = HostTensor {
+            shape,
+            data: HostData::F32((0..n).map(|i| i as f32).collect()),
+        };
+        let kept: Vec<usize> = self
+            .host(sh, &index)?
+            .to_f32()
+            .into_iter()
+            .map(|i| i as usize)
+            .collect();
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for i in kept {
+            match runs.last_mut() {
+                Some(r) if r.end == i => r.end += 1,
+                _ => runs.push(i..i + 1),
+            }
+        }
+        if by_columns {
+            ensure!(
+                runs.len() == 1,
+                "a column cut keeps one range, not {runs:?}"
+            );
+            w.select_columns(runs[0].clone())
+        } else {
+            w.select_rows(&runs)
+        }
+    }
+}
 
 /// Rank `sh`'s part of `t`; a single rank takes `t` itself (moved, never copied).
-fn part_of(t: &mut Option<HostTensor>, sh: &TpShard, part: &Part) -> Result<HostTensor> {
+fn part_of(t: &mut Option<HostTensor>, sh: &TpShard, cut: Cut) -> Result<HostTensor> {
     if sh.is_whole() {
         return t.take().context("a tensor was handed out twice");
     }
-    part(sh, t.as_ref().context("a tensor was handed out already")?)
+    cut.host(sh, t.as_ref().context("a tensor was handed out already")?)
 }
 
 /// The dimensions one rank of `tp` runs: its query heads, KV heads (one when they are
@@ -364,26 +458,40 @@ impl<B: Backend> LlamaModel<B> {
             Ok(t)
         };
         // Each rank's upload of its part of `t` (`t` itself, moved, for a single rank).
-        let weights_of = |name: &str, t: HostTensor, part: &Part| -> Result<Vec<B::Weight>> {
+        let weights_of = |name: &str, t: Pending, cut: Cut| -> Result<Vec<B::Weight>> {
+            let t = match t {
+                Pending::Host(t) => t,
+                Pending::Dummy(w) => {
+                    return bes
+                        .iter()
+                        .zip(&shards)
+                        .map(|(be, sh)| be.upload_dummy_weight(name, &cut.dummy(sh, &w)?))
+                        .collect();
+                }
+            };
             let mut t = Some(t);
             bes.iter()
                 .zip(&shards)
-                .map(|(be, sh)| be.upload_weight(name, part_of(&mut t, sh, part)?))
+                .map(|(be, sh)| be.upload_weight(name, part_of(&mut t, sh, cut)?))
                 .collect()
         };
-        let vectors_of = |name: &str, t: HostTensor, part: &Part| -> Result<Vec<B::Vector>> {
+        let vectors_of = |name: &str, t: HostTensor, cut: Cut| -> Result<Vec<B::Vector>> {
             let mut t = Some(t);
             bes.iter()
                 .zip(&shards)
-                .map(|(be, sh)| be.upload_vector(name, part_of(&mut t, sh, part)?))
+                .map(|(be, sh)| be.upload_vector(name, part_of(&mut t, sh, cut)?))
                 .collect()
         };
-        let whole: &Part = &|_, t| Ok(t.clone());
-        let qkv_part: &Part = &|sh, t| sh.qkv(t, heads, kv_heads, d);
-        let o_part: &Part = &|sh, t| sh.columns(t, heads, d);
+        let whole = Cut::Whole;
+        let qkv_part = Cut::Qkv {
+            heads,
+            kv_heads,
+            head_dim: d,
+        };
+        let o_part = Cut::Columns { n: heads, unit: d };
 
         let embed_name = "model.embed_tokens.weight";
-        let mut embed = weights_of(embed_name, src.take(embed_name, &[vocab, h])?, whole)?;
+        let mut embed = weights_of(embed_name, src.matrix(embed_name, &[vocab, h])?, whole)?;
         let mut layers: Vec<Vec<LlamaLayer<B>>> = (0..tp)
             .map(|_| Vec::with_capacity(c.num_hidden_layers))
             .collect();
@@ -392,14 +500,14 @@ impl<B: Backend> LlamaModel<B> {
             let n = |s: &str| format!("{p}.{s}");
             let input_norm = norm(&mut src, &n("input_layernorm.weight"), h)?;
             let qkv = if spec.fused_projections {
-                src.take(&n("self_attn.qkv_proj.weight"), &[q + 2 * kv, h])?
+                src.matrix(&n("self_attn.qkv_proj.weight"), &[q + 2 * kv, h])?
             } else {
-                concat_rows(
+                fuse(
                     &n("self_attn.qkv"),
                     vec![
-                        src.take(&n("self_attn.q_proj.weight"), &[q, h])?,
-                        src.take(&n("self_attn.k_proj.weight"), &[kv, h])?,
-                        src.take(&n("self_attn.v_proj.weight"), &[kv, h])?,
+                        src.matrix(&n("self_attn.q_proj.weight"), &[q, h])?,
+                        src.matrix(&n("self_attn.k_proj.weight"), &[kv, h])?,
+                        src.matrix(&n("self_attn.v_proj.weight"), &[kv, h])?,
                     ],
                 )?
             };
@@ -423,7 +531,7 @@ impl<B: Backend> LlamaModel<B> {
             } else {
                 (None, None)
             };
-            let o_proj = src.take(&n("self_attn.o_proj.weight"), &[h, q])?;
+            let o_proj = src.matrix(&n("self_attn.o_proj.weight"), &[h, q])?;
             let post_attn = norm(&mut src, &n("post_attention_layernorm.weight"), h)?;
             let mlp_norm_name = match ls.sandwich_norms {
                 true => "pre_feedforward_layernorm.weight",
@@ -445,31 +553,42 @@ impl<B: Backend> LlamaModel<B> {
                 None => (inter, 1),
             };
             let gate_up = if let Some(m) = &ls.moe {
-                let [r, gate_up, down] =
-                    super::moe::stacked_experts(c, i, m, |name, shape| src.take(name, shape))?;
+                let [r, gate_up, down] = match src.map.as_mut() {
+                    Some(map) => {
+                        super::moe::stacked_experts(c, i, m, |name, shape| map.take(name, shape))?
+                            .map(Pending::Host)
+                    }
+                    None => dummy_experts(c, i, m, src.seed)?,
+                };
                 let router_name = super::moe::router_name(c.architecture, i);
                 router = Some(weights_of(&router_name, r, whole)?);
                 experts_down = Some(down);
                 gate_up
             } else if spec.fused_projections {
-                src.take(&n("mlp.gate_up_proj.weight"), &[2 * inter, h])?
+                src.matrix(&n("mlp.gate_up_proj.weight"), &[2 * inter, h])?
             } else {
-                concat_rows(
+                fuse(
                     &n("mlp.gate_up"),
                     vec![
-                        src.take(&n("mlp.gate_proj.weight"), &[inter, h])?,
-                        src.take(&n("mlp.up_proj.weight"), &[inter, h])?,
+                        src.matrix(&n("mlp.gate_proj.weight"), &[inter, h])?,
+                        src.matrix(&n("mlp.up_proj.weight"), &[inter, h])?,
                     ],
                 )?
             };
             let down = match experts_down {
                 Some(d) => d,
-                None => src.take(&n("mlp.down_proj.weight"), &[h, inter])?,
+                None => src.matrix(&n("mlp.down_proj.weight"), &[h, inter])?,
             };
-            let gate_up_part: &Part = &|sh, t| sh.gate_up(t, mlp_inter, mlp_blocks);
-            let down_part: &Part = &|sh, t| sh.columns(t, mlp_inter, 1);
-            let vectors = |name: &str, t: Option<HostTensor>, part: &Part| {
-                t.map(|t| vectors_of(name, t, part)).transpose()
+            let gate_up_part = Cut::GateUp {
+                inter: mlp_inter,
+                blocks: mlp_blocks,
+            };
+            let down_part = Cut::Columns {
+                n: mlp_inter,
+                unit: 1,
+            };
+            let vectors = |name: &str, t: Option<HostTensor>, cut: Cut| {
+                t.map(|t| vectors_of(name, t, cut)).transpose()
             };
             let mut ranks = RankParts {
                 input_norm: vectors_of(&n("input_layernorm.weight"), input_norm, whole)?,
@@ -508,7 +627,7 @@ impl<B: Backend> LlamaModel<B> {
         } else {
             Some(weights_of(
                 "lm_head.weight",
-                src.take("lm_head.weight", &[vocab, h])?,
+                src.matrix("lm_head.weight", &[vocab, h])?,
                 whole,
             )?)
         };
@@ -624,7 +743,7 @@ impl<B: Backend> LlamaModel<B> {
                     &mut ws.proj,
                 )?;
                 // Each rank's experts hold a slice of every expert's MLP: partial sums.
-                if !self.shard.is_whole() {
+                if self.reduces(be) {
                     be.all_reduce_sum(&mut ws.proj)?;
                 }
                 match &l.mlp_out_norm {
@@ -646,7 +765,7 @@ impl<B: Backend> LlamaModel<B> {
                 &mut ws.gate_up,
             )?;
             match (ls.activation, &l.mlp_out_norm) {
-                (MlpActivation::Silu, None) if self.shard.is_whole() => be.silu_mul_linear_add(
+                (MlpActivation::Silu, None) if !self.reduces(be) => be.silu_mul_linear_add(
                     &ws.gate_up,
                     &l.down,
                     &mut ws.act,
@@ -681,6 +800,13 @@ impl<B: Backend> LlamaModel<B> {
         Ok(())
     }
 
+    /// Whether row-parallel outputs are all-reduced: on every rank of a sharded model, and on
+    /// a whole model whose backend is a group of one (the NCCL path at tensor-parallel size
+    /// 1, which runs the sharded model's unfused steps).
+    fn reduces(&self, be: &B) -> bool {
+        !self.shard.is_whole() || be.in_tp_group()
+    }
+
     /// `out = x @ w^T` for a row-parallel projection (O, down): on a rank of a group, `x` and
     /// `w` hold the rank's slice of the inner dimension, so the ranks' products are summed.
     fn row_parallel(
@@ -691,7 +817,7 @@ impl<B: Backend> LlamaModel<B> {
         out: &mut B::Tensor,
     ) -> Result<()> {
         be.linear(x, w, None, out)?;
-        if !self.shard.is_whole() {
+        if self.reduces(be) {
             be.all_reduce_sum(out)?;
         }
         Ok(())
@@ -706,7 +832,7 @@ impl<B: Backend> LlamaModel<B> {
         residual: &mut B::Tensor,
         scratch: &mut B::Tensor,
     ) -> Result<()> {
-        if self.shard.is_whole() {
+        if !self.reduces(be) {
             return be.linear_add(x, w, residual, scratch);
         }
         self.row_parallel(be, x, w, scratch)?;
@@ -1131,5 +1257,77 @@ mod tests {
             .to_f32()
             .iter()
             .all(|&v| v == 1.0));
+    }
+
+    /// A dummy weight's description, fused and cut for a rank, holds the values the host gets
+    /// by making each tensor, fusing them and cutting the result (what the CPU backend did
+    /// before; a GPU makes the description's values on the device).
+    #[test]
+    fn dummy_weights_fused_and_cut_match_the_host_path() {
+        let (h, heads, kv_heads, d, inter, experts) = (24, 8, 2, 4, 12, 3);
+        let names = |prefix: &str, parts: &[(&str, usize)]| -> Vec<(String, Vec<usize>)> {
+            parts
+                .iter()
+                .map(|(n, rows)| (format!("{prefix}.{n}.weight"), vec![*rows, h]))
+                .collect()
+        };
+        let qkv = names(
+            "l.self_attn",
+            &[
+                ("q_proj", heads * d),
+                ("k_proj", kv_heads * d),
+                ("v_proj", kv_heads * d),
+            ],
+        );
+        let mut gate_up = Vec::new();
+        for e in 0..experts {
+            gate_up.extend(names(
+                &format!("l.experts.{e}"),
+                &[("gate", inter), ("up", inter)],
+            ));
+        }
+        let o = vec![("l.o_proj.weight".to_string(), vec![h, heads * d])];
+        let cases = [
+            (
+                qkv,
+                Cut::Qkv {
+                    heads,
+                    kv_heads,
+                    head_dim: d,
+                },
+            ),
+            (
+                gate_up,
+                Cut::GateUp {
+                    inter,
+                    blocks: experts,
+                },
+            ),
+            (o, Cut::Columns { n: heads, unit: d }),
+        ];
+        for (parts, cut) in cases {
+            let host = concat_rows(
+                "fused",
+                parts.iter().map(|(n, s)| dummy_tensor(n, s, 5)).collect(),
+            )
+            .unwrap();
+            let lazy = DummyWeight::stack(
+                "fused",
+                parts
+                    .iter()
+                    .map(|(n, s)| DummyWeight::new(n, s, 5))
+                    .collect(),
+            )
+            .unwrap();
+            for size in [1, 2, 4] {
+                for rank in 0..size {
+                    let sh = TpShard { rank, size };
+                    let want = cut.host(&sh, &host).unwrap();
+                    let got = cut.dummy(&sh, &lazy).unwrap().to_host();
+                    assert_eq!(got.shape, want.shape, "{cut:?} rank {rank} of {size}");
+                    assert_eq!(got.to_f32(), want.to_f32(), "{cut:?} rank {rank} of {size}");
+                }
+            }
+        }
     }
 }

@@ -298,6 +298,9 @@ impl Backend for CpuBackend {
     fn add_inplace(&self, acc: &mut CpuTensor, x: &CpuTensor) -> Result<()> {
         rowwise::add_inplace(acc, x)
     }
+    fn in_tp_group(&self) -> bool {
+        self.comm.is_some()
+    }
 
     fn all_reduce_sum(&self, x: &mut CpuTensor) -> Result<()> {
         match &self.comm {

@@ -9,14 +9,16 @@ use anyhow::{bail, ensure, Result};
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::device::{DevBuf, Gpu, PinnedPair};
-use super::elem::{bits_of, host_bits, value_of, GpuDtype, Kernel, ELEM_BYTES};
+use super::elem::{bits_of, value_of, GpuDtype, Kernel, ELEM_BYTES};
 use super::kernels;
 use crate::backend::gpu_support::{check_gpu_decoder, gpu_layout};
 use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
 use crate::types::{DecoderSpec, HostData, HostTensor};
 use rvllm_kernels::{args, decode_smem, gemv_bulk::GemvBulk, KernelArgs};
 
+mod dummy;
 mod fp8;
+mod upload;
 mod windowed_attention;
 
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
@@ -332,14 +334,9 @@ impl CudaBackend {
         self.limits
     }
 
-    /// Host data in this backend's type: a checkpoint already in it goes up as it is (no
-    /// pass over 16 GB of values on the start-up path), any other is converted first.
+    /// Host data in this backend's type, streamed through page-locked buffers (upload.rs).
     fn upload_host(&self, data: &HostData) -> Result<DevBuf> {
-        match (data, self.dtype) {
-            (HostData::BF16(v), GpuDtype::Bf16) => self.upload_slice(v),
-            (HostData::F16(v), GpuDtype::F16) => self.upload_slice(v),
-            (data, dtype) => self.upload_slice(&host_bits(data, dtype)),
-        }
+        self.upload_host_staged(data)
     }
 
     fn upload_slice<T: Copy>(&self, data: &[T]) -> Result<DevBuf> {
@@ -1018,6 +1015,14 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
+    fn upload_dummy_weight(
+        &self,
+        name: &str,
+        w: &crate::backend::dummy_weight::DummyWeight,
+    ) -> Result<CudaWeight> {
+        self.fill_dummy_weight(name, w)
+    }
+
     fn upload_weight(&self, name: &str, t: HostTensor) -> Result<CudaWeight> {
         ensure!(
             t.shape.len() == 2,
@@ -1545,6 +1550,10 @@ impl Backend for CudaBackend {
             split,
         };
         self.launch(kernels::GEMV_SILU_B1, grid, 256, args)
+    }
+
+    fn in_tp_group(&self) -> bool {
+        self.nccl().is_some()
     }
 
     fn all_reduce_sum(&self, x: &mut CudaTensor) -> Result<()> {

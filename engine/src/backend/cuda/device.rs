@@ -166,6 +166,25 @@ impl PinnedPair {
     }
 }
 
+/// Bytes of each of the two page-locked buffers that host data streams to the GPU through.
+pub const UPLOAD_CHUNK_BYTES: usize = 16 << 20;
+
+/// Two page-locked buffers used in turn by `Gpu::upload_staged`, each with the event of the
+/// last copy out of it: the host fills one while the other's copy runs.
+pub struct UploadStaging {
+    bufs: [(PinnedBuf, StreamEvent); 2],
+}
+
+impl UploadStaging {
+    fn new() -> Result<Self> {
+        let one =
+            || -> Result<_> { Ok((PinnedBuf::new(UPLOAD_CHUNK_BYTES)?, StreamEvent::new()?)) };
+        Ok(Self {
+            bufs: [one()?, one()?],
+        })
+    }
+}
+
 /// A point in the GPU's stream that the host can wait for.
 pub struct StreamEvent(sys::CUevent);
 
@@ -203,6 +222,9 @@ impl Drop for StreamEvent {
 }
 
 pub struct Gpu {
+    /// The page-locked buffers host data goes up through (`upload_staged`), made on first
+    /// use. First, so that it is dropped while the context still lives.
+    upload_staging: std::sync::Mutex<Option<UploadStaging>>,
     pub ctx: Arc<CudaContext>,
     pub stream: sys::CUstream,
     pub blas: blas_sys::cublasHandle_t,
@@ -283,6 +305,7 @@ impl Gpu {
             .map_err(|e| anyhow!("reading the multiprocessor count: {e:?}"))?
             .max(1) as u32;
         Ok(Self {
+            upload_staging: Default::default(),
             ctx,
             stream,
             blas: handle,
@@ -474,6 +497,39 @@ impl Gpu {
             )
         })?;
         Ok(DevBuf { ptr, bytes })
+    }
+
+    /// Copies `n` 16-bit values to `dst` through the page-locked staging buffers:
+    /// `fill(first, chunk)` writes values `first..first + chunk.len()` into one, whose copy then
+    /// runs on the stream while the next chunk is filled. (A copy from pageable memory is
+    /// synchronous and staged by the driver, one chunk at a time, with no overlap.) Returns once
+    /// every value is in page-locked memory; the copies are ordered before later work on the
+    /// stream, and a download waits for them.
+    pub fn upload_staged(
+        &self,
+        dst: sys::CUdeviceptr,
+        n: usize,
+        mut fill: impl FnMut(usize, &mut [u16]),
+    ) -> Result<()> {
+        let mut guard = self
+            .upload_staging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let staging = match &mut *guard {
+            Some(s) => s,
+            none => none.insert(UploadStaging::new()?),
+        };
+        let per = UPLOAD_CHUNK_BYTES / 2;
+        for (k, first) in (0..n).step_by(per).enumerate() {
+            let len = per.min(n - first);
+            let (buf, copied) = &mut staging.bufs[k % 2];
+            // The buffer's previous copy must have left it before it is overwritten.
+            copied.wait()?;
+            fill(first, buf.slice_mut::<u16>(len));
+            buf.upload(self, dst + (first * 2) as u64, len * 2)?;
+            copied.record(self)?;
+        }
+        Ok(())
     }
 
     pub fn upload<T: Copy>(&self, dst: sys::CUdeviceptr, src: &[T]) -> Result<()> {
