@@ -192,7 +192,10 @@ fn compare_runs(
 #[test]
 fn online_fp8_and_fp8_kv_cache_keep_the_top5_rule() {
     if on_cuda() {
-        println!("SKIPPED: --quantization fp8 and --kv-cache-dtype fp8 are CPU-only for now");
+        println!(
+            "SKIPPED on CUDA: --kv-cache-dtype fp8 has no CUDA kernels yet (--quantization fp8 on \
+             CUDA is tests/gpu_fp8_e2e.rs)"
+        );
         return;
     }
     let mut failures = Vec::new();
@@ -240,7 +243,10 @@ fn online_fp8_and_fp8_kv_cache_keep_the_top5_rule() {
 #[test]
 fn smollm2_online_fp8_and_fp8_kv_cache_keep_the_top5_rule() {
     if on_cuda() {
-        println!("SKIPPED: --quantization fp8 and --kv-cache-dtype fp8 are CPU-only for now");
+        println!(
+            "SKIPPED on CUDA: --kv-cache-dtype fp8 has no CUDA kernels yet (--quantization fp8 on \
+             CUDA is tests/gpu_fp8_e2e.rs)"
+        );
         return;
     }
     let gguf = rvllm_tests::smollm2_gguf();

@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use rvllm::engine::{FinishReason, Llm, RequestOutput};
 use rvllm::sampling::{SamplingParams, StructuredOutput};
 use rvllm::tokenizer::ChatMessage;
-use rvllm_tests::{engine_args, fixtures, on_cuda, smollm2_gguf};
+use rvllm_tests::{engine_args, fixtures, smollm2_gguf};
 use serde_json::Value;
 
 /// Tokens any output of a suite schema fits in (the schemas are bounded; gen.py).
@@ -59,18 +59,8 @@ fn schemas() -> Vec<(String, Value)> {
         .collect()
 }
 
-fn skip_on_cuda(test: &str) -> bool {
-    if on_cuda() {
-        eprintln!("SKIPPED {test}: the CUDA runner refuses structured output for now");
-    }
-    on_cuda()
-}
-
 #[test]
 fn every_schema_of_the_suite_gives_a_valid_document() {
-    if skip_on_cuda("every_schema_of_the_suite_gives_a_valid_document") {
-        return;
-    }
     let suite = schemas();
     assert!(suite.len() >= 100, "the suite has {} schemas", suite.len());
     let mut llm = smollm2();
@@ -179,9 +169,6 @@ fn check_matches(outs: &[RequestOutput], params: &[SamplingParams]) {
 
 #[test]
 fn choice_and_regex_outputs_always_match_also_under_preemption() {
-    if skip_on_cuda("choice_and_regex_outputs_always_match_also_under_preemption") {
-        return;
-    }
     let (prompts, params, roomy) = {
         let mut llm = smollm2();
         let (prompts, params) = choice_and_regex_batch(&llm);
@@ -210,9 +197,6 @@ fn choice_and_regex_outputs_always_match_also_under_preemption() {
 
 #[test]
 fn a_spec_that_does_not_compile_is_refused_at_admission() {
-    if skip_on_cuda("a_spec_that_does_not_compile_is_refused_at_admission") {
-        return;
-    }
     let mut llm = smollm2();
     let prompt = chat_prompt(&llm, "hi");
     for (spec, says) in [
@@ -271,9 +255,6 @@ fn user(text: &str) -> Value {
 #[test]
 fn the_server_serves_response_format_and_the_vllm_fields_and_refuses_bad_ones() {
     use serde_json::json;
-    if skip_on_cuda("the_server_serves_response_format_and_the_vllm_fields_and_refuses_bad_ones") {
-        return;
-    }
     let s = smollm2_server();
     let schema = json!({"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 12},
@@ -412,9 +393,6 @@ fn the_server_serves_response_format_and_the_vllm_fields_and_refuses_bad_ones() 
 
 #[test]
 fn openai_client_parse_returns_a_pydantic_object() {
-    if skip_on_cuda("openai_client_parse_returns_a_pydantic_object") {
-        return;
-    }
     let s = smollm2_server();
     server_common::run_openai_unittest(
         &s,

@@ -91,7 +91,9 @@ pub struct EngineArgs {
     #[arg(skip)]
     pub serving: bool,
     /// `fp8`: vLLM's online dynamic FP8, the layer weights rounded through E4M3 at a
-    /// per-output-channel scale of amax / 448 (CPU only for now). An FP8 checkpoint needs no flag.
+    /// per-output-channel scale of amax / 448 (weight-only on the CPU; on CUDA, sm_89 or
+    /// newer, with per-token dynamic activation scales and FP8 GEMMs). An FP8 checkpoint
+    /// needs no flag.
     #[arg(long)]
     pub quantization: Option<String>,
     /// `--kv-cache-dtype` (auto, fp8, fp8_e4m3): set by `rvllm generate`'s flag (the server
