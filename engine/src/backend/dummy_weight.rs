@@ -4,6 +4,8 @@
 //! the seed and its index in that tensor (`dummy_value`), so a backend can make a weight where
 //! it lives (the CUDA backend fills device memory with a kernel, no host copy of 16 GB) and
 //! still get exactly the values the host makes (`to_host`, the CPU backend's path).
+// A weight's kept rows are a list of ranges, often of one: `vec![0..rows]` is meant.
+#![allow(clippy::single_range_in_vec_init)]
 use std::ops::Range;
 
 use anyhow::{ensure, Result};
