@@ -1,5 +1,6 @@
-//! `cargo xtask gpu-test`: builds the GPU tests (the engine end to end, `tests/tests/gpu_e2e.rs`,
-//! and the kernels against their CPU references, `kernels/tests/`) plus the `rvllm` binary with
+//! `cargo xtask gpu-test`: builds the GPU tests (every `tests/tests/gpu_*.rs`: the engine end to
+//! end, the GPU sampler, MoE, FP8, NCCL; the engine's own unit tests with the `cuda` feature,
+//! as `rvllm_lib`; the kernels against their CPU references, `kernels/tests/`) plus the `rvllm` binary with
 //! the `cuda` feature, and gathers them with the fixtures they read and a `run.sh` into one
 //! folder. That folder runs on a GPU machine that has the NVIDIA driver and nothing else (no
 //! Rust, no network): the fatbins are embedded in the binaries.
@@ -18,11 +19,25 @@ use crate::toolchain;
 const FALLBACK_ARCHS: &str = "90a";
 
 /// The fixtures the GPU tests read, relative to tests/fixtures (copied with their folders).
-const FIXTURES: &[&str] = &[
-    "tiny/llama3_hd64",
-    "tiny/qwen2_hd128",
-    "smollm2/reference.json",
-];
+const FIXTURES: &[&str] = &["tiny", "smollm2/reference.json"];
+
+/// The GPU test targets of the `rvllm-tests` package: its `tests/gpu_*.rs` files.
+fn gpu_test_targets(root: &Path) -> Result<Vec<String>> {
+    let dir = root.join("tests/tests");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        if stem.starts_with("gpu_") && path.extension().is_some_and(|e| e == "rs") {
+            names.push(stem.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -208,17 +223,32 @@ pub fn run(args: Args) -> Result<()> {
     // builds) writes the same target/release/rvllm.
     let staged_bin = crate::target_dir().join("gpu-test-rvllm.tmp");
     copy_file(&rvllm_bin, &staged_bin)?;
-    let e2e = cargo_json(
+    let targets = gpu_test_targets(&root)?;
+    let mut e2e_args: Vec<&str> = vec![
+        "test",
+        "--release",
+        "--no-run",
+        "-p",
+        "rvllm-tests",
+        "--features",
+        "cuda",
+    ];
+    for t in &targets {
+        e2e_args.extend(["--test", t.as_str()]);
+    }
+    let e2e = cargo_json(&e2e_args, &archs)?;
+    // The engine's unit tests that need a GPU (the CUDA backend's ops against the CPU
+    // backend) live beside its code; the binary also runs the CPU ones, in seconds.
+    let engine_lib = cargo_json(
         &[
             "test",
             "--release",
             "--no-run",
             "-p",
-            "rvllm-tests",
+            "rvllm",
             "--features",
             "cuda",
-            "--test",
-            "gpu_e2e",
+            "--lib",
         ],
         &archs,
     )?;
@@ -236,7 +266,19 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     // Target name -> executable; names are unique across the two packages' test targets.
     let mut tests = BTreeMap::new();
-    for a in e2e.into_iter().chain(kernels).filter(|a| a.is_test) {
+    let engine_lib = engine_lib
+        .into_iter()
+        .filter(|a| a.is_test)
+        .map(|a| Artifact {
+            name: "rvllm_lib".into(),
+            ..a
+        });
+    for a in e2e
+        .into_iter()
+        .chain(kernels)
+        .filter(|a| a.is_test)
+        .chain(engine_lib)
+    {
         if let Some(old) = tests.insert(a.name.clone(), a.path.clone()) {
             bail!(
                 "two test executables named `{}`: {} and {}",
