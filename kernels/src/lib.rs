@@ -223,6 +223,8 @@ mod tests {
         );
         assert_eq!(args::DecodeAttention::PARAMS.len(), 21);
         assert_eq!(args::DecodeAttention::PARAMS[3], "semaphores");
+        // The small-batch FP8 GEMV takes fp8_scaled_mm's operands (the engine's two paths).
+        assert_eq!(args::Fp8Gemv::PARAMS, args::Fp8ScaledMm::PARAMS);
 
         let mut a = args::RmsNorm {
             out: 1,

@@ -2,7 +2,8 @@
 //! vLLM's `scaled_fp8_quant` (dynamic per-token and per-tensor scales, E4M3 codes rounded to
 //! nearest even with saturation), in both input types, on random inputs with the outputs
 //! poisoned first. Codes and scales must match bit for bit. And the FP8 GEMM through
-//! cuBLASLt (E4M3 x E4M3, per-tensor scale pointers, bf16 out) against the f32 reference.
+//! cuBLASLt (E4M3 x E4M3, per-tensor scale pointers, bf16 out), `fp8_scaled_mm`, the scaled
+//! epilogue and the small-batch `fp8_gemv` against the f32 reference.
 //!
 //! The reference codec is `rvllm_kernels::reference_fp8`, the one the engine's FP8 paths use
 //! (`rvllm::backend::cpu::fp8` re-exports it).
@@ -329,6 +330,95 @@ fn fp8_scaled_mm_matches_the_reference() {
                     e.name()
                 );
                 gpu_harness::assert_close(&what, &got, &want, atol, rtol);
+            }
+        }
+    }
+}
+
+/// `fp8_gemv` (the FP8 linear at 1 to 8 tokens, through the FP8 tensor cores on sm_89+)
+/// against the reference's `scaled_mm`, with and without accumulation into the output: every
+/// token count from 1 to 8; k a multiple of 64 (whole tiles), a multiple of 16 but not of 64
+/// (a partial last tile), and not a multiple of 16 (the byte-wise loads); n below, at and not
+/// a multiple of the block's 16 rows; the Llama-3.1-8B down projection's k.
+#[test]
+fn fp8_gemv_matches_the_reference() {
+    let Some(g) = gpu("fp8_gemv_matches_the_reference") else {
+        return;
+    };
+    let mut r = rng("fp8_gemv");
+    let shapes: [(usize, usize); 8] = [
+        (100, 64),
+        (16, 4096),
+        (37, 40),
+        (256, 576),
+        (1000, 1000),
+        (5, 23),
+        (48, 14336),
+        (4096, 208),
+    ];
+    for e in Elem::BOTH {
+        for (i, &(n, k)) in shapes.iter().enumerate() {
+            let (wq, sw) = per_token_inputs(&mut r, n, k);
+            let d_wq = g.upload(&wq);
+            let d_sw = g.upload(&sw);
+            for m in 1..=8usize {
+                // Every shape at batch 1 and its own token count, all counts on two shapes.
+                if m != 1 && m != 1 + i % 8 && i > 1 {
+                    continue;
+                }
+                let (xq, sx) = per_token_inputs(&mut r, m, k);
+                let want_mm = scaled_mm(&xq, &sx, &wq, &sw, k);
+                // The sum of the terms' magnitudes (the codes with their sign bits cleared):
+                // the tensor cores' f32 accumulation may keep fewer bits than an FMA chain
+                // (Hopper's FP8 MMA is reported to keep about 14), so each output may differ
+                // from the sequential f32 sum by a small fraction of this, on top of its
+                // rounding to the element type.
+                let abs = |q: &[u8]| q.iter().map(|&c| c & 0x7f).collect::<Vec<u8>>();
+                let magnitude = scaled_mm(&abs(&xq), &sx, &abs(&wq), &sw, k);
+                let (d_xq, d_sx) = (g.upload(&xq), g.upload(&sx));
+                for accumulate in [false, true] {
+                    let (y0_bits, y0) = e.random(&mut r, m * n, 1.0);
+                    let d_y = if accumulate {
+                        g.upload(&y0_bits)
+                    } else {
+                        g.poisoned(m * n, e.nan())
+                    };
+                    g.launch_args(
+                        &e.module("fp8_gemv"),
+                        &e.kernel("fp8_gemv_bf16"),
+                        (n.div_ceil(16) as u32, 1, 1),
+                        (256, 1, 1),
+                        args::Fp8Gemv {
+                            y: d_y.ptr,
+                            xq: d_xq.ptr,
+                            x_scales: d_sx.ptr,
+                            wq: d_wq.ptr,
+                            w_scales: d_sw.ptr,
+                            m: m as i32,
+                            n: n as i32,
+                            k: k as i32,
+                            accumulate: accumulate as i32,
+                        },
+                    );
+                    let want: Vec<f32> = if accumulate {
+                        want_mm.iter().zip(&y0).map(|(a, b)| a + b).collect()
+                    } else {
+                        want_mm.clone()
+                    };
+                    let got = g.download_as(e, &d_y);
+                    let (atol, rtol) = e.tolerance();
+                    let what = format!("{} fp8_gemv {m}x{n}x{k} accumulate {accumulate}", e.name());
+                    for (j, ((&a, &b), &l1)) in got.iter().zip(&want).zip(&magnitude).enumerate() {
+                        let tol = atol + rtol * b.abs() + l1 / 4096.0;
+                        assert!(
+                            (a - b).abs() <= tol,
+                            "{what}: element {j} (token {}, row {}): GPU {a}, reference {b} \
+                             (tolerance {tol})",
+                            j / n,
+                            j % n
+                        );
+                    }
+                }
             }
         }
     }

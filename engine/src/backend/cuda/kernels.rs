@@ -144,6 +144,30 @@ pub const GEMV_BULK_NORM: Kernel<args::GemvBulk> = bulk!("norm_");
 pub const GEMV_BULK_ADD: Kernel<args::GemvBulk> = bulk!("add_");
 pub const GEMV_BULK_SILU_ADD: Kernel<args::GemvBulk> = bulk!("silu_add_");
 
+/// fp8_quant.cu: `--quantization fp8`'s per-token activation quantization, the scaled
+/// epilogue after cuBLASLt's FP8 GEMM, and the warp-an-output FP8 GEMM for other shapes.
+pub const FP8_QUANT_PER_TOKEN: Kernel<args::Fp8QuantPerToken> = kernel!(
+    args::Fp8QuantPerToken,
+    "fp8_quant",
+    "fp8_quant_per_token_bf16",
+    "fp8_quant_per_token_f16"
+);
+pub const FP8_SCALED_EPILOGUE: Kernel<args::Fp8ScaledEpilogue> = kernel!(
+    args::Fp8ScaledEpilogue,
+    "fp8_quant",
+    "fp8_scaled_epilogue_bf16",
+    "fp8_scaled_epilogue_f16"
+);
+pub const FP8_SCALED_MM: Kernel<args::Fp8ScaledMm> = kernel!(
+    args::Fp8ScaledMm,
+    "fp8_quant",
+    "fp8_scaled_mm_bf16",
+    "fp8_scaled_mm_f16"
+);
+/// fp8_gemv.cu: the FP8 linear at 1 to 8 tokens (the weights streamed once).
+pub const FP8_GEMV: Kernel<args::Fp8Gemv> =
+    kernel!(args::Fp8Gemv, "fp8_gemv", "fp8_gemv_bf16", "fp8_gemv_f16");
+
 /// (head dim, query heads a block, the full kernel, the compact one) for each tile built.
 macro_rules! decode_kernels {
     ($(($hd:literal, $gt:literal)),*) => {
@@ -242,6 +266,12 @@ pub fn all() -> Vec<NamedKernel> {
     k.extend(PREFILL_WINDOWED.iter().map(|p| p.1.named()));
     k.extend(DECODE_FULL_ONLY.iter().map(|d| d.2.named()));
     k.extend(super::moe::kernels());
+    k.extend([
+        FP8_QUANT_PER_TOKEN.named(),
+        FP8_SCALED_EPILOGUE.named(),
+        FP8_SCALED_MM.named(),
+        FP8_GEMV.named(),
+    ]);
     k
 }
 
@@ -255,7 +285,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 16 + 2 + 5 + 16 + 5 + 4 + 5);
+        assert_eq!(all.len(), 16 + 2 + 5 + 16 + 5 + 4 + 5 + 4);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);

@@ -12,8 +12,11 @@
 //! `fp8_scaled_mm`, a warp-per-output kernel with the same scales. Nothing here syncs the
 //! host, and every buffer is allocated at load, so CUDA graphs capture it.
 //!
-//! The fused batch-1 GEMVs (gemv_bulk with the norm, SiLU or residual add folded in) read the
-//! compute type only: an FP8 weight takes the unfused path (norm, then the FP8 linear).
+//! Up to `FP8_GEMV_MAX_TOKENS` tokens (decode) the product is `fp8_gemv` instead: the weight
+//! codes streamed once through the FP8 tensor cores, both scales and the residual add applied
+//! in the same kernel, so a linear is two launches (quantize, GEMV). The compute type's fused
+//! batch-1 GEMVs (gemv_bulk with the norm or SiLU folded in) read the compute type only: an
+//! FP8 weight takes the unfused path there (norm, then the FP8 linear).
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,41 +27,15 @@ use cudarc::cublaslt::{result as lt, sys as ltsys};
 use cudarc::driver::sys::CUdeviceptr;
 use rayon::prelude::*;
 
-use super::super::elem::{kernel, Kernel};
+use super::super::kernels::{FP8_GEMV, FP8_QUANT_PER_TOKEN, FP8_SCALED_EPILOGUE, FP8_SCALED_MM};
 use super::{CudaBackend, CudaTensor, CudaVector, CudaWeight};
 use crate::backend::cpu::fp8::{dynamic_scale, quantize_with_scale};
 use crate::backend::{Activation, Backend};
 use crate::types::HostTensor;
 use rvllm_kernels::args;
 
-pub const FP8_QUANT_PER_TOKEN: Kernel<args::Fp8QuantPerToken> = kernel!(
-    args::Fp8QuantPerToken,
-    "fp8_quant",
-    "fp8_quant_per_token_bf16",
-    "fp8_quant_per_token_f16"
-);
-pub const FP8_SCALED_EPILOGUE: Kernel<args::Fp8ScaledEpilogue> = kernel!(
-    args::Fp8ScaledEpilogue,
-    "fp8_quant",
-    "fp8_scaled_epilogue_bf16",
-    "fp8_scaled_epilogue_f16"
-);
-pub const FP8_SCALED_MM: Kernel<args::Fp8ScaledMm> = kernel!(
-    args::Fp8ScaledMm,
-    "fp8_quant",
-    "fp8_scaled_mm_bf16",
-    "fp8_scaled_mm_f16"
-);
-
-/// Every FP8 entry point the backend launches (checked like `kernels::all`).
-#[cfg(test)]
-fn all_fp8_kernels() -> Vec<super::super::elem::NamedKernel> {
-    vec![
-        FP8_QUANT_PER_TOKEN.named(),
-        FP8_SCALED_EPILOGUE.named(),
-        FP8_SCALED_MM.named(),
-    ]
-}
+/// The most tokens `fp8_gemv` (kernels/src/fp8_gemv.cu) takes: the N of its MMA.
+pub const FP8_GEMV_MAX_TOKENS: usize = 8;
 
 /// The weights `--quantization fp8` stores as E4M3: the decoder layers' projections as the
 /// model uploads them (fused QKV, O, fused gate|up, down). Embeddings, the LM head, norms,
@@ -348,6 +325,26 @@ impl CudaBackend {
                 cols: k as i32,
             },
         )?;
+        if m <= FP8_GEMV_MAX_TOKENS {
+            // Decode-sized batches: one pass over the weight codes, scales and residual add
+            // in the same kernel, instead of cuBLASLt and the epilogue.
+            return self.launch(
+                FP8_GEMV,
+                (n.div_ceil(16) as u32, 1, 1),
+                256,
+                args::Fp8Gemv {
+                    y,
+                    xq: codes,
+                    x_scales,
+                    wq: w.buf.ptr,
+                    w_scales: w_scales.ptr,
+                    m: m as i32,
+                    n: n as i32,
+                    k: k as i32,
+                    accumulate: accumulate as i32,
+                },
+            );
+        }
         let lt_handle = rt.lt.filter(|_| cublaslt_takes(n, k));
         let plan = match lt_handle {
             Some(h) => {
@@ -619,8 +616,9 @@ mod tests {
     /// The backend's FP8 linears on the GPU against the reference (`reference_fp8`: the
     /// input's per-token codes, the weight's per-channel codes, `scaled_mm` in f32): `linear`
     /// (with a bias), `linear_add`, `norm_linear` and `silu_mul_linear_add`, in both element
-    /// types, through cuBLASLt (16-aligned shapes) and `fp8_scaled_mm` (n = 100), at batch 1
-    /// (where the compute-type path would fuse) and past it. Outputs are poisoned first.
+    /// types, through `fp8_gemv` (1 to 8 tokens, batch 1 being where the compute-type path
+    /// would fuse), cuBLASLt (16-aligned shapes past 8 tokens) and `fp8_scaled_mm` (n = 100
+    /// past 8 tokens). Outputs are poisoned first.
     #[test]
     fn fp8_linears_match_the_reference() {
         use super::super::super::elem::{bits_of, value_of};
@@ -675,6 +673,8 @@ mod tests {
                 (1usize, 256usize, 128usize),
                 (1, 100, 64),
                 (7, 100, 64),
+                (8, 4096, 1000),
+                (9, 100, 64),
                 (33, 576, 1536),
                 (300, 960, 576),
             ]
@@ -783,27 +783,6 @@ mod tests {
                     .collect();
                 check(&format!("{what} silu_mul_linear_add"), &residual, &want);
             }
-        }
-    }
-
-    /// As `kernels::tests`: the f16 build's names follow the rule, and each is declared by
-    /// its argument struct.
-    #[test]
-    fn fp8_kernels_are_declared_by_their_argument_structs() {
-        for k in all_fp8_kernels() {
-            let (module, name) = k.of(GpuDtype::Bf16);
-            assert_eq!(k.of(GpuDtype::F16).0, format!("{module}_f16"));
-            assert_eq!(k.of(GpuDtype::F16).1, name.replace("bf16", "f16"));
-            let want = rvllm_kernels::Entry {
-                module,
-                name,
-                f16: Some(k.of(GpuDtype::F16)),
-            };
-            assert!(
-                k.declared.contains(&want),
-                "{module}.{name}: {:?}",
-                k.declared
-            );
         }
     }
 }

@@ -1,0 +1,203 @@
+// The FP8 linear of `--quantization fp8` at small batches (issue 20): 1 to 8 tokens, where
+// a step is a stream over every weight and the three launches of the GEMM path (quantize,
+// cuBLASLt, epilogue) cost more than the product.
+//
+// Kernel (extern "C"):
+//   fp8_gemv_bf16(y, xq, x_scales, wq, w_scales, m, n, k, accumulate)
+//       y[t, j] = x_scales[t] * w_scales[j] * sum_k e4m3(xq[t, k]) * e4m3(wq[j, k]), f32
+//       accumulation, plus y[t, j] when accumulate is non-zero (the residual add, rounded
+//       once): the same operands, scales and result as fp8_scaled_mm (fp8_quant.cu), so a
+//       request's numbers do not depend on which of the two its batch takes beyond the
+//       order of the additions. xq / x_scales are fp8_quant_per_token's output.
+//       m <= 8 (kMaxTokens); xq and wq 16-byte aligned; grid (ceil(n / 16)), block 256.
+//
+// Why this shape: a weight row is read once for all the batch's tokens, so the bytes are the
+// weights' (n * k, half of bf16's) whatever m is. On sm_89+ the products go through the FP8
+// tensor cores (mma.sync m16n8k32, E4M3 x E4M3 into f32): a block owns 16 weight rows (the
+// MMA's M), the tokens are its N (8, the missing ones fed as zero codes) and its 8 warps split
+// k between them, 64 codes of a row a step. The k order inside a step is free (a dot
+// product's terms may be taken in any order), so each lane loads 16 contiguous codes of its
+// two rows and of its token at the same offset with one 16-byte load each, and those bytes
+// are the A and B fragments as they come: no decoding, no shuffles. Decoding E4M3 to f32 on
+// the CUDA cores instead would take a conversion an element, and conversions run at a
+// sixteenth of the FMA rate: far below the memory's bandwidth. The first weights of each warp
+// are requested before pdl_wait (they depend on no kernel), and every batch's loads are
+// issued before the previous batch's MMAs.
+//
+// Below sm_89 (no FP8 MMA; the engine refuses FP8 there, so only for completeness) a warp a
+// row decodes each code with cuda_fp8.h's conversion, as fp8_scaled_mm does.
+#include <cuda_fp8.h>
+
+#include "common.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerBlock = 16;
+constexpr int kMaxTokens = 8;
+
+// 16 codes of row `row` (of `rows`, each `k` long) from column c0, zeros past the row's end
+// and for rows past the last. kVec (k a multiple of 16, so c0 < k means the whole chunk is
+// inside): one 16-byte load.
+template <bool kVec, bool kStream>
+RVLLM_DEVICE uint4 load16(const unsigned char* __restrict__ base, int row, int rows, int c0,
+                          int k) {
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (row >= rows || c0 >= k) return v;
+    const unsigned char* p = base + (int64_t)row * k + c0;
+    if (kVec) {
+        const uint4* q = reinterpret_cast<const uint4*>(p);
+        // Weights are read once a step: stream them past the caches (evict-first).
+        return kStream ? __ldcs(q) : *q;
+    }
+    uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int e = 0; e < 16; ++e)
+        if (c0 + e < k) w[e / 4] |= (uint32_t)p[e] << (8 * (e % 4));
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+
+constexpr int kTileK = 64;  // codes of a row one MMA pair covers: 4 lanes x 16
+constexpr int kUnroll = 4;  // tiles a warp has in flight
+
+// c += A (16 x 32, rows g and g + 8: a0/a2 and a1/a3) * B (32 x 8, token g: b0/b1), the
+// fragment layout of PTX's mma.m16n8k32 for 8-bit operands.
+RVLLM_DEVICE void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                           uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <bool kVec>
+RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const unsigned char* __restrict__ xq,
+                               const float* __restrict__ x_scales,
+                               const unsigned char* __restrict__ wq,
+                               const float* __restrict__ w_scales, int m, int n, int k,
+                               int accumulate) {
+    __shared__ float partial[kWarps][4][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // The MMA's groupID (row of A, column of B) and thread-in-group (which 16 codes of a tile).
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * kRowsPerBlock;
+    const int ra = row0 + g, rb = row0 + g + 8;
+    const int tiles = (k + kTileK - 1) / kTileK;
+    constexpr int kBatch = kUnroll * kWarps;  // tiles between a warp's batches
+
+    // Lane (g, t)'s codes of tile `tile`: columns tile * 64 + t * 16 ... + 15.
+    uint4 wa[kUnroll], wb[kUnroll];
+    auto load_weights = [&](int base, uint4(&a)[kUnroll], uint4(&b)[kUnroll]) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int tile = base + u * kWarps;
+            const int c0 = tile < tiles ? tile * kTileK + t * 16 : k;
+            a[u] = load16<kVec, true>(wq, ra, n, c0, k);
+            b[u] = load16<kVec, true>(wq, rb, n, c0, k);
+        }
+    };
+    load_weights(warp, wa, wb);
+    pdl_wait();
+    pdl_launch_dependents();
+
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int base = warp; base < tiles; base += kBatch) {
+        uint4 xv[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int tile = base + u * kWarps;
+            const int c0 = tile < tiles ? tile * kTileK + t * 16 : k;
+            xv[u] = load16<kVec, false>(xq, g, m, c0, k);
+        }
+        uint4 na[kUnroll], nb[kUnroll];
+        load_weights(base + kBatch, na, nb);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            mma_e4m3(c, wa[u].x, wb[u].x, wa[u].y, wb[u].y, xv[u].x, xv[u].y);
+            mma_e4m3(c, wa[u].z, wb[u].z, wa[u].w, wb[u].w, xv[u].z, xv[u].w);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            wa[u] = na[u];
+            wb[u] = nb[u];
+        }
+    }
+
+    // The warps' partial products, added in warp order by warp 0.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][i][lane] = c[i];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += partial[w][i][lane];
+        // c0, c1: row g, tokens 2t and 2t + 1; c2, c3: row g + 8.
+        const int row = i < 2 ? ra : rb;
+        const int tok = 2 * t + (i & 1);
+        if (row >= n || tok >= m) continue;
+        const int64_t at = (int64_t)tok * n + row;
+        float v = s * x_scales[tok] * w_scales[row];
+        if (accumulate) v += to_f32(y[at]);
+        y[at] = from_f32(v);
+    }
+}
+
+#else
+
+RVLLM_DEVICE float e4m3_to_f32(unsigned char code) {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(code, __NV_E4M3)));
+}
+
+// A warp a row (rows w and w + 8 of the block's 16), every token in turn.
+RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const unsigned char* __restrict__ xq,
+                                    const float* __restrict__ x_scales,
+                                    const unsigned char* __restrict__ wq,
+                                    const float* __restrict__ w_scales, int m, int n, int k,
+                                    int accumulate) {
+    pdl_enter();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int r = warp; r < kRowsPerBlock; r += kWarps) {
+        const int row = blockIdx.x * kRowsPerBlock + r;
+        if (row >= n) break;
+        const unsigned char* wrow = wq + (int64_t)row * k;
+        for (int tok = 0; tok < m; ++tok) {
+            const unsigned char* xrow = xq + (int64_t)tok * k;
+            float s = 0.0f;
+            for (int c = lane; c < k; c += 32)
+                s = fmaf(e4m3_to_f32(xrow[c]), e4m3_to_f32(wrow[c]), s);
+            s = warp_sum(s);
+            if (lane != 0) continue;
+            const int64_t at = (int64_t)tok * n + row;
+            float v = s * x_scales[tok] * w_scales[row];
+            if (accumulate) v += to_f32(y[at]);
+            y[at] = from_f32(v);
+        }
+    }
+}
+
+#endif
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_bf16, fp8_gemv_f16)(
+    elem_t* y, const unsigned char* __restrict__ xq, const float* __restrict__ x_scales,
+    const unsigned char* __restrict__ wq, const float* __restrict__ w_scales, int m, int n,
+    int k, int accumulate) {
+    // Tokens past kMaxTokens have no column in the MMA: the host never asks for them.
+    if (m > kMaxTokens) m = kMaxTokens;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    if ((k & 15) == 0) {
+        fp8_gemv_mma<true>(y, xq, x_scales, wq, w_scales, m, n, k, accumulate);
+    } else {
+        fp8_gemv_mma<false>(y, xq, x_scales, wq, w_scales, m, n, k, accumulate);
+    }
+#else
+    fp8_gemv_portable(y, xq, x_scales, wq, w_scales, m, n, k, accumulate);
+#endif
+}
