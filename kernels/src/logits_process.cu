@@ -222,7 +222,9 @@ extern "C" __global__ void __launch_bounds__(kLogprobThreads) DT(token_logprobs_
         }
     }
     __syncthreads();
-    int ties_left = k - greater;
+    // Ties are taken in id order, a block-wide chunk at a time: `taken` of them already sit
+    // after the `greater` keys above the k-th.
+    int ties_left = k - greater, taken = 0;
     for (int base = 0; base < vocab && ties_left > 0; base += blockDim.x) {
         const int i = base + threadIdx.x;
         const bool tie = i < vocab && key16(row[i]) == kth;
@@ -236,9 +238,10 @@ extern "C" __global__ void __launch_bounds__(kLogprobThreads) DT(token_logprobs_
         }
         before += __popc(ballot & ((1u << lane) - 1u));
         if (tie && before < ties_left) {
-            const int at = greater + before;
+            const int at = greater + taken + before;
             if (at < 64) { list_id[at] = i; list_key[at] = kth; }
         }
+        taken += min(total, ties_left);
         ties_left -= total;
         __syncthreads();
     }
