@@ -206,12 +206,12 @@ fn constrained_neighbours_on_the_cpu() {
 
 #[cfg(not(feature = "cuda"))]
 #[test]
-fn gpu_sampling_tests_need_the_cuda_feature() {
+fn gpu_structured_output_tests_need_the_cuda_feature() {
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr(),
         "\n*** SKIPPED: built without the cuda feature: the GPU constrained-sampling tests did \
-         not run. Build them with `cargo test -p rvllm-tests --features cuda --test gpu_sampling`. ***"
+         not run. Build them with `cargo test -p rvllm-tests --features cuda --test gpu_structured_output`. ***"
     );
 }
 
