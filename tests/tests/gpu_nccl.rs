@@ -347,23 +347,34 @@ mod gpu {
     }
 
     /// `--tensor-parallel-size 2` against 1, by the bf16 rule: identical greedy tokens, or at
-    /// the first difference each side's token in the other's top 5.
+    /// the first difference each side's token in the other's top 5. Both with decode graphs
+    /// (every rank replays its own, the all-reduces captured) and eager; TP 2 runs the
+    /// runner's ranks on GPUs 0 and 1 (`runner/gpu/tensor_parallel.rs`).
     #[test]
     fn tensor_parallel_two_matches_one_by_the_top5_rule() {
         let Some(_lock) = gpus("tensor_parallel_two_matches_one_by_the_top5_rule", 2) else {
             return;
         };
-        for name in ["llama3_hd64", "qwen2_hd128"] {
+        for (name, eager) in [
+            ("llama3_hd64", false),
+            ("qwen2_hd128", false),
+            ("llama3_hd64", true),
+        ] {
             let model = fixture(name);
-            let one = greedy(&mut engine(&model, 1, false), &prompts(), 32);
-            let two = greedy(&mut engine(&model, 2, false), &prompts(), 32);
+            let one = greedy(&mut engine(&model, 1, eager), &prompts(), 32);
+            let before = nccl::all_reduces_queued();
+            let two = greedy(&mut engine(&model, 2, eager), &prompts(), 32);
+            assert!(
+                nccl::all_reduces_queued() > before,
+                "{name}: TP 2 queued no NCCL all-reduce"
+            );
             let failures: Vec<String> = one
                 .iter()
                 .zip(&two)
                 .enumerate()
                 .filter_map(|(i, (a, b))| {
                     check_greedy_against_reference(
-                        &format!("{name} prompt {i} TP 2 vs 1"),
+                        &format!("{name} prompt {i} (eager {eager}) TP 2 vs 1"),
                         &b.0,
                         &b.1,
                         &a.0,

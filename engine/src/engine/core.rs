@@ -46,19 +46,27 @@ pub fn resolve_device(requested: &str) -> Result<Device> {
     }
 }
 
-/// `--tensor-parallel-size`: any size on the CPU (the model checks that it divides the
-/// heads and the MLP when it loads); on CUDA one GPU: the backend has its NCCL communicator
-/// (`backend/cuda/nccl.rs`) but the runner does not yet drive one rank per GPU.
+/// `--tensor-parallel-size`: any size (the model checks that it divides the heads and the
+/// MLP when it loads). On CUDA the ranks are the GPUs of this node, one thread each over one
+/// NCCL group (`runner/gpu/tensor_parallel.rs`); several nodes are refused by the args.
 fn check_tensor_parallel(tp: usize, device: Device) -> Result<()> {
     if tp == 0 {
         bail!("--tensor-parallel-size must be at least 1");
     }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device; // a CUDA device needs the cuda feature; resolve_device said so already
+    #[cfg(feature = "cuda")]
     if tp > 1 && device == Device::Cuda {
-        bail!(
-            "--tensor-parallel-size {tp}: the CUDA backend runs a model on one GPU until its \
-             runner drives one NCCL rank per GPU (issue 22); pass --tensor-parallel-size 1, or \
-             --device cpu to split the model over {tp} CPU ranks"
-        );
+        let found = crate::backend::cuda::device_count().unwrap_or(0);
+        if found < tp {
+            bail!(
+                "--tensor-parallel-size {tp} needs {tp} GPUs on this node (one rank each), found \
+                 {found}; pass a smaller size, or --device cpu to split the model over {tp} CPU ranks"
+            );
+        }
+        // Said before the model loads, not after minutes of uploading weights.
+        crate::backend::cuda::nccl::version()
+            .with_context(|| format!("--tensor-parallel-size {tp} on CUDA needs NCCL"))?;
     }
     #[cfg(feature = "cuda")]
     if device == Device::Cuda && crate::backend::cuda::nccl::nccl_at_tp1() {

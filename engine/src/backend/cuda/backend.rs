@@ -1020,10 +1020,12 @@ impl Backend for CudaBackend {
         name: &str,
         w: &crate::backend::dummy_weight::DummyWeight,
     ) -> Result<CudaWeight> {
+        self.gpu.bind()?; // tensor parallelism loads every GPU's rank from one thread
         self.fill_dummy_weight(name, w)
     }
 
     fn upload_weight(&self, name: &str, t: HostTensor) -> Result<CudaWeight> {
+        self.gpu.bind()?; // tensor parallelism loads every GPU's rank from one thread
         ensure!(
             t.shape.len() == 2,
             "weight `{name}` should be 2-D, has shape {:?}",
@@ -1044,6 +1046,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload_vector(&self, name: &str, t: HostTensor) -> Result<CudaVector> {
+        self.gpu.bind()?; // tensor parallelism loads every GPU's rank from one thread
         ensure!(
             t.shape.len() == 1,
             "vector `{name}` should be 1-D, has shape {:?}",

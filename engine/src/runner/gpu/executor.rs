@@ -33,6 +33,8 @@ pub(super) struct GpuRequest {
 }
 
 pub struct GpuRunner {
+    /// Ranks 1.. with --tensor-parallel-size above 1 (`tensor_parallel.rs`); rank 0 is this.
+    pub(super) tp: Option<super::tensor_parallel::GpuPeers>,
     pub(super) gpu: Arc<Gpu>,
     pub(super) be: CudaBackend,
     pub(super) model: LlamaModel<CudaBackend>,
@@ -131,11 +133,14 @@ impl GpuRunner {
             .result()
             .map_err(|e| anyhow::anyhow!("cublasSetWorkspace: {e:?}"))?;
         }
+        let tp = cfg.tensor_parallel_size.max(1);
+        // This rank's heads (all of them at tensor-parallel size 1).
+        let local = crate::models::llama::rank_config(c, tp);
         let be = CudaBackend::new(
             gpu.clone(),
             limits,
-            c.num_attention_heads,
-            c.num_key_value_heads,
+            local.num_attention_heads,
+            local.num_key_value_heads,
             c.head_dim,
             dtype,
         )?;
@@ -150,7 +155,7 @@ impl GpuRunner {
         let feed_staging = PinnedPair::new(max_rows * 2 * 4)?;
         // The NCCL path at tensor-parallel size 1 (a group of this one GPU, joined before the
         // profiling pass and the graphs so that its all-reduces are captured like a rank's).
-        if crate::backend::cuda::nccl::nccl_at_tp1() {
+        if tp == 1 && crate::backend::cuda::nccl::nccl_at_tp1() {
             let comm =
                 crate::backend::cuda::nccl::NcclComm::group_of(std::slice::from_ref(&gpu), dtype)?
                     .remove(0);
@@ -164,9 +169,26 @@ impl GpuRunner {
                 &format!("weights to {} ({})", gpu.name, dtype.name()),
             ));
         }
-        let loaded = LlamaModel::load(&be, c, model.weights);
+        let sizing = super::tensor_parallel::PeerSizing {
+            profile_tokens: limits.max_tokens,
+            max_len,
+            block_size: cfg.block_size,
+            gpu_memory_utilization: args.gpu_memory_utilization,
+            num_kv_blocks: cfg.num_kv_blocks,
+        };
+        let (be, loaded, peers) = if tp > 1 {
+            let (be, model, peers) =
+                super::tensor_parallel::GpuPeers::load(be, c, model.weights, tp, limits, sizing)?;
+            (be, Ok(model), Some(peers))
+        } else {
+            let loaded = LlamaModel::load(&be, c, model.weights);
+            (be, loaded, None)
+        };
         be.finish_upload_progress();
         let model = loaded.with_context(|| format!("loading the model onto {}", gpu.name))?;
+        if let Some(p) = &peers {
+            p.pin(&be);
+        }
         eprintln!(
             "rvllm: weights on {} in {:.1} s, computing in {}",
             gpu.name,
@@ -180,14 +202,15 @@ impl GpuRunner {
             num_layers: c.num_hidden_layers,
             num_blocks: profile_blocks,
             block_size: cfg.block_size,
-            num_kv_heads: c.num_key_value_heads,
+            num_kv_heads: local.num_key_value_heads,
             head_dim: c.head_dim,
         };
         let mut kv = be
             .alloc_kv_cache(kv_shape)
             .context("allocating the KV cache")?;
-        let mut ws = Workspace::new(&be, c, profile_tokens).context("allocating activations")?;
-        memory::profile_pass(
+        let mut ws =
+            Workspace::new(&be, &local, profile_tokens).context("allocating activations")?;
+        let profiled = memory::profile_pass(
             &be,
             &model,
             &mut kv,
@@ -195,16 +218,24 @@ impl GpuRunner {
             profile_tokens,
             max_len,
             cfg.block_size,
-        )?;
-        let block_bytes = cfg.block_size * c.kv_bytes_per_token(2);
-        let num_blocks = match cfg.num_kv_blocks {
-            Some(n) => n,
+        );
+        let block_bytes = cfg.block_size * local.kv_bytes_per_token(2);
+        let fits = profiled.and_then(|()| match cfg.num_kv_blocks {
+            Some(n) => Ok(n),
             None => memory::kv_blocks_for_memory(
                 &gpu,
                 args.gpu_memory_utilization,
                 profile_blocks,
                 block_bytes,
-            )?,
+            ),
+        });
+        let capture_sizes = match args.enforce_eager {
+            true => vec![],
+            false => super::tensor_parallel::capture_sizes(max_rows),
+        };
+        let num_blocks = match &peers {
+            Some(p) => p.agree_blocks(fits, cfg.num_kv_blocks, capture_sizes.clone())?,
+            None => fits?,
         };
         drop(kv); // both never need to fit at once
         kv_shape.num_blocks = num_blocks;
@@ -219,6 +250,7 @@ impl GpuRunner {
             kv_tokens.min(max_len)
         );
         let mut runner = Self {
+            tp: peers,
             gpu,
             be,
             model,
@@ -248,19 +280,27 @@ impl GpuRunner {
             feed,
             feed_staging,
         };
+        if let Some(p) = &runner.tp {
+            p.pin(&runner.be);
+        }
         if !args.enforce_eager {
             let t0 = std::time::Instant::now();
-            for &b in graphs::GRAPH_SIZES.iter().filter(|&&b| b <= max_rows) {
-                runner.capture(b)?;
-            }
-            if !runner.graphs.contains_key(&max_rows) {
-                runner.capture(max_rows)?;
+            // Every rank captures these sizes in this order (their all-reduces meet).
+            for b in capture_sizes {
+                let captured = runner.capture(b);
+                match &runner.tp {
+                    Some(p) => p.checked(captured)?,
+                    None => captured?,
+                }
             }
             eprintln!(
                 "rvllm: captured {} decode graphs in {:.1} s",
                 runner.graphs.len(),
                 t0.elapsed().as_secs_f64()
             );
+        }
+        if let Some(p) = &runner.tp {
+            p.wait_started()?;
         }
         Ok(runner)
     }
@@ -363,15 +403,27 @@ impl Download {
 impl Executor for GpuRunner {
     fn submit(&mut self, so: &crate::scheduler::SchedulerOutput) -> Result<()> {
         self.gpu.bind()?;
-        let submitted = self.submit_step(so)?;
+        if let Some(tp) = self.tp.as_mut() {
+            tp.begin_submit()?;
+        }
+        let submitted = self.submit_step(so);
+        let submitted = match self.tp.as_mut() {
+            Some(tp) => tp.end_submit(submitted)?,
+            None => submitted?,
+        };
         self.queue.push_back(submitted);
         Ok(())
     }
     fn collect(&mut self) -> Result<ModelRunnerOutput> {
-        match self.queue.pop_front() {
+        let out = match self.queue.pop_front() {
             None => bail!("collect() without a step submitted; this is a bug"),
             Some(step::Submitted::Ready(out)) => out,
             Some(step::Submitted::Device(d)) => self.finish_device_step(d),
+        };
+        // A peer that failed aborted the group: this step's tokens are not to be trusted.
+        match &self.tp {
+            Some(tp) => tp.checked(out),
+            None => out,
         }
     }
     fn overlaps(&self) -> bool {

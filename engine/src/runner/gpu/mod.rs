@@ -19,6 +19,8 @@ mod memory;
 mod sampler;
 #[cfg(feature = "cuda")]
 mod step;
+#[cfg(feature = "cuda")]
+mod tensor_parallel;
 
 #[cfg(feature = "cuda")]
 pub use executor::{create_gpu_executor, GpuOptions, GpuRunner};

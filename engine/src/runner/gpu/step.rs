@@ -237,11 +237,17 @@ impl GpuRunner {
                 let padded = graphs::padded(&batch, g);
                 let step = self.be.upload_step(&padded)?;
                 self.feed_tokens(&feed, &step)?;
+                if let Some(tp) = self.tp.as_mut() {
+                    tp.step(&self.be, &padded, Some(g), &step)?;
+                }
                 self.graphs[&g].launch(&self.gpu, g)?;
             }
             None => {
                 let step = self.be.upload_step(&batch)?;
                 self.feed_tokens(&feed, &step)?;
+                if let Some(tp) = self.tp.as_mut() {
+                    tp.step(&self.be, &batch, None, &step)?;
+                }
                 self.model
                     .forward_hidden(&self.be, &step, &mut self.kv, &mut self.ws)?;
                 if !prompt_rows.is_empty() {
