@@ -187,7 +187,7 @@ impl GpuRunner {
         be.finish_upload_progress();
         let model = loaded.with_context(|| format!("loading the model onto {}", gpu.name))?;
         if let Some(p) = &peers {
-            p.pin(&be);
+            p.profile(&be)?;
         }
         eprintln!(
             "rvllm: weights on {} in {:.1} s, computing in {}",
@@ -234,7 +234,7 @@ impl GpuRunner {
             false => super::tensor_parallel::capture_sizes(max_rows),
         };
         let num_blocks = match &peers {
-            Some(p) => p.agree_blocks(fits, cfg.num_kv_blocks, capture_sizes.clone())?,
+            Some(p) => p.agree_blocks(fits, cfg.num_kv_blocks)?,
             None => fits?,
         };
         drop(kv); // both never need to fit at once
@@ -281,7 +281,7 @@ impl GpuRunner {
             feed_staging,
         };
         if let Some(p) = &runner.tp {
-            p.pin(&runner.be);
+            p.start(&runner.be, num_blocks, &capture_sizes)?;
         }
         if !args.enforce_eager {
             let t0 = std::time::Instant::now();

@@ -92,7 +92,8 @@ pub(super) struct PeerSizing {
 }
 
 /// Every rank's communicator, by address, for aborting the group from any thread; and the
-/// first failure. Rank 0's address is re-registered whenever it may have moved (`pin`).
+/// first failure. Rank 0's address is re-registered before each phase in which a peer may
+/// fail (`pin`: the profiling pass, the captures, each step), when the runner no longer moves.
 #[derive(Default)]
 struct GroupState {
     comms: Mutex<Vec<usize>>,
@@ -146,6 +147,9 @@ struct PeerStep {
 }
 
 enum Command {
+    /// Run the profiling pass and answer the KV blocks this rank fits (sent once rank 0's
+    /// communicator is pinned where it stays for the pass).
+    Profile,
     /// Allocate the KV cache of `blocks` blocks, then capture decode graphs of these sizes.
     Start {
         blocks: usize,
@@ -237,8 +241,38 @@ impl GpuPeers {
             ids,
             in_step: false,
         };
-        peers.pin(&be0);
         Ok((be0, model0, peers))
+    }
+
+    fn send_all(&self, what: &str, command: impl Fn() -> Command) -> Result<()> {
+        for p in &self.peers {
+            if p.commands
+                .as_ref()
+                .and_then(|tx| tx.send(command()).ok())
+                .is_none()
+            {
+                let e = self.peer_error(p, what);
+                self.group.abort_all();
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the peers' profiling passes; rank 0 runs its own next, from `be0` where it is.
+    pub(super) fn profile(&self, be0: &CudaBackend) -> Result<()> {
+        self.pin(be0);
+        self.send_all("before its profiling pass", || Command::Profile)
+    }
+
+    /// Has the peers allocate `blocks` KV blocks and capture these graph sizes, while rank 0
+    /// (`be0`, where it stays for the captures) captures its own.
+    pub(super) fn start(&self, be0: &CudaBackend, blocks: usize, graphs: &[usize]) -> Result<()> {
+        self.pin(be0);
+        self.send_all("before its KV cache", || Command::Start {
+            blocks,
+            graphs: graphs.to_vec(),
+        })
     }
 
     /// Registers rank 0's communicator at its current address (call after each move).
@@ -261,14 +295,8 @@ impl GpuPeers {
         }
     }
 
-    /// Every peer's KV block count, then the agreed count (with rank 0's `own`) sent back
-    /// with the graph sizes to capture (none with --enforce-eager).
-    pub(super) fn agree_blocks(
-        &self,
-        own: Result<usize>,
-        forced: Option<usize>,
-        graphs: Vec<usize>,
-    ) -> Result<usize> {
+    /// Every peer's KV block count, then the count every rank allocates (with rank 0's `own`).
+    pub(super) fn agree_blocks(&self, own: Result<usize>, forced: Option<usize>) -> Result<usize> {
         let mut all = vec![self.checked(own)?];
         for p in &self.peers {
             let r = p
@@ -277,20 +305,7 @@ impl GpuPeers {
                 .map_err(|_| self.peer_error(p, "during its profiling pass"))?;
             all.push(self.checked(r)?);
         }
-        let blocks = agreed_blocks(&all, forced)?;
-        for p in &self.peers {
-            p.commands
-                .as_ref()
-                .and_then(|tx| {
-                    tx.send(Command::Start {
-                        blocks,
-                        graphs: graphs.clone(),
-                    })
-                    .ok()
-                })
-                .ok_or_else(|| self.peer_error(p, "before its KV cache"))?;
-        }
-        Ok(blocks)
+        agreed_blocks(&all, forced)
     }
 
     /// Waits until every peer has its KV cache and graphs.
@@ -321,17 +336,7 @@ impl GpuPeers {
             graph,
         });
         self.in_step = true;
-        for p in &self.peers {
-            if p.commands
-                .as_ref()
-                .and_then(|tx| tx.send(Command::Step(msg.clone())).ok())
-                .is_none()
-            {
-                let e = self.peer_error(p, "before this step");
-                self.group.abort_all();
-                return Err(e);
-            }
-        }
+        self.send_all("before this step", || Command::Step(msg.clone()))?;
         let n = batch.num_tokens();
         self.ids.set_rows(n)?;
         be0.gpu.copy_d2d(self.ids.ptr(), step.ids(), n * 4)?;
@@ -359,8 +364,9 @@ impl GpuPeers {
         self.checked(r)
     }
 
-    /// Stops the peers: every communicator is aborted (a local operation, where destroying
-    /// one of a group may wait for the others), then each thread is given a while to end.
+    /// Stops the peers: every registered communicator is aborted (a local operation, where
+    /// destroying one of a group may wait for the others), then each thread is given a while
+    /// to end. Rank 0's is among them only when `GpuRunner`'s drop pinned it just before.
     fn shut_down(&mut self) {
         self.group.abort_all();
         for p in &mut self.peers {
@@ -375,11 +381,15 @@ impl GpuPeers {
             }
         }
         self.peers.clear();
+        self.group.set(0, None);
     }
 }
 
 impl Drop for GpuPeers {
     fn drop(&mut self) {
+        // Without the runner (start-up failed), rank 0's address may be stale: its backend
+        // drops on its own.
+        self.group.set(0, None);
         self.shut_down();
     }
 }
@@ -464,6 +474,9 @@ fn run_rank(
 ) -> Result<()> {
     let (be, model) = (&parts.be, &parts.model);
     be.gpu.bind()?;
+    let Ok(Command::Profile) = commands.recv() else {
+        return Ok(()); // rank 0 gave up before the profiling pass
+    };
     let local = model.config().clone();
     let profile_blocks =
         memory::profile_blocks(sizing.profile_tokens, sizing.max_len, sizing.block_size);
@@ -519,7 +532,7 @@ fn run_rank(
     }
     for command in commands {
         let Command::Step(s) = command else {
-            bail!("rank {rank} was started twice; this is a bug");
+            bail!("rank {rank} was sent a start-up command mid-run; this is a bug");
         };
         let step = be.upload_step(&s.batch)?;
         let n = s.batch.num_tokens();
