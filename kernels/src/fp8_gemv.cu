@@ -10,6 +10,11 @@
 //       request's numbers do not depend on which of the two its batch takes beyond the
 //       order of the additions. xq / x_scales are fp8_quant_per_token's output.
 //       m <= 8 (kMaxTokens); xq and wq 16-byte aligned; grid (ceil(n / 16)), block 256.
+//   fp8_gemv_quant_bf16(y, x, wq, w_scales, m, n, k, accumulate)
+//       the same product of x [m, k] in the compute type: each block quantizes it per token
+//       itself (the row's amax, then fp8_quant_per_token's scale and codes, bit for bit), so
+//       a linear is one launch. Every block reads all of x first (m * k elements from L2),
+//       so the host takes it at batch 1 only, where that is a few KiB.
 //
 // Why this shape: a weight row is read once for all the batch's tokens, so the bytes are the
 // weights' (n * k, half of bf16's) whatever m is. On sm_89+ the products go through the FP8
@@ -74,13 +79,49 @@ RVLLM_DEVICE void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// fp8_quant.cu's dynamic scale (bit for bit: IEEE division despite --use_fast_math).
+RVLLM_DEVICE float fp8_scale_of(float amax) {
+    return fmaxf(__fdiv_rn(amax, 448.0f), 1.0f / (448.0f * 512.0f));
+}
+
+// 16 codes of token row `row` from column c0 (zeros past its end): fp8_quant_per_token's codes
+// (the same product with the inverse scale, the same saturating conversion).
 template <bool kVec>
-RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const unsigned char* __restrict__ xq,
+RVLLM_DEVICE uint4 quantize16(const elem_t* __restrict__ row, int c0, int k, float inv) {
+    float f[16];
+    if (kVec) {
+        if (c0 >= k) return make_uint4(0u, 0u, 0u, 0u);
+        const Elem8* v = reinterpret_cast<const Elem8*>(row + c0);
+        elem8_to_f32(v[0], f);
+        elem8_to_f32(v[1], f + 8);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 16; ++e) f[e] = c0 + e < k ? to_f32(row[c0 + e]) : 0.0f;
+    }
+    uint32_t w[4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        // The first element of a pair goes to the low byte.
+        const uint32_t lo = __nv_cvt_float2_to_fp8x2(
+            make_float2(f[4 * p] * inv, f[4 * p + 1] * inv), __NV_SATFINITE, __NV_E4M3);
+        const uint32_t hi = __nv_cvt_float2_to_fp8x2(
+            make_float2(f[4 * p + 2] * inv, f[4 * p + 3] * inv), __NV_SATFINITE, __NV_E4M3);
+        w[p] = lo | (hi << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// kQuant: x is the compute type ([m, k]) and each block quantizes it per token on the fly
+// (amax over the row first, as fp8_quant_per_token, then codes as the tiles need them);
+// else x is fp8_quant_per_token's codes and x_scales its scales.
+template <bool kVec, bool kQuant>
+RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const void* __restrict__ x,
                                const float* __restrict__ x_scales,
                                const unsigned char* __restrict__ wq,
                                const float* __restrict__ w_scales, int m, int n, int k,
                                int accumulate) {
     __shared__ float partial[kWarps][4][32];
+    __shared__ int token_amax[kMaxTokens];  // non-negative floats order as their bits
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // The MMA's groupID (row of A, column of B) and thread-in-group (which 16 codes of a tile).
     const int g = lane >> 2, t = lane & 3;
@@ -88,6 +129,8 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const unsigned char* __restrict__ xq,
     const int ra = row0 + g, rb = row0 + g + 8;
     const int tiles = (k + kTileK - 1) / kTileK;
     constexpr int kBatch = kUnroll * kWarps;  // tiles between a warp's batches
+    const unsigned char* xq = static_cast<const unsigned char*>(x);
+    const elem_t* xe = static_cast<const elem_t*>(x);
 
     // Lane (g, t)'s codes of tile `tile`: columns tile * 64 + t * 16 ... + 15.
     uint4 wa[kUnroll], wb[kUnroll];
@@ -101,8 +144,33 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const unsigned char* __restrict__ xq,
         }
     };
     load_weights(warp, wa, wb);
+    if (kQuant && threadIdx.x < kMaxTokens) token_amax[threadIdx.x] = 0;
     pdl_wait();
     pdl_launch_dependents();
+
+    float inv = 0.0f;  // kQuant: 1 / token g's scale
+    if (kQuant) {
+        __syncthreads();  // token_amax zeroed
+        for (int tok = 0; tok < m; ++tok) {
+            const elem_t* row = xe + (int64_t)tok * k;
+            float a = 0.0f;
+            if (kVec) {
+                const Elem8* v = reinterpret_cast<const Elem8*>(row);
+                for (int c = threadIdx.x; c < k / 8; c += kThreads) {
+                    float f[8];
+                    elem8_to_f32(v[c], f);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(f[e]));
+                }
+            } else {
+                for (int c = threadIdx.x; c < k; c += kThreads) a = fmaxf(a, fabsf(to_f32(row[c])));
+            }
+            a = warp_max(a);
+            if (lane == 0) atomicMax(&token_amax[tok], __float_as_int(a));
+        }
+        __syncthreads();
+        if (g < m) inv = __frcp_rn(fp8_scale_of(__int_as_float(token_amax[g])));
+    }
 
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int base = warp; base < tiles; base += kBatch) {
@@ -111,7 +179,12 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const unsigned char* __restrict__ xq,
         for (int u = 0; u < kUnroll; ++u) {
             const int tile = base + u * kWarps;
             const int c0 = tile < tiles ? tile * kTileK + t * 16 : k;
-            xv[u] = load16<kVec, false>(xq, g, m, c0, k);
+            if (kQuant) {
+                xv[u] = g < m ? quantize16<kVec>(xe + (int64_t)g * k, c0, k, inv)
+                              : make_uint4(0u, 0u, 0u, 0u);
+            } else {
+                xv[u] = load16<kVec, false>(xq, g, m, c0, k);
+            }
         }
         uint4 na[kUnroll], nb[kUnroll];
         load_weights(base + kBatch, na, nb);
@@ -142,7 +215,9 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const unsigned char* __restrict__ xq,
         const int tok = 2 * t + (i & 1);
         if (row >= n || tok >= m) continue;
         const int64_t at = (int64_t)tok * n + row;
-        float v = s * x_scales[tok] * w_scales[row];
+        const float sx =
+            kQuant ? fp8_scale_of(__int_as_float(token_amax[tok])) : x_scales[tok];
+        float v = s * sx * w_scales[row];
         if (accumulate) v += to_f32(y[at]);
         y[at] = from_f32(v);
     }
@@ -154,8 +229,10 @@ RVLLM_DEVICE float e4m3_to_f32(unsigned char code) {
     return __half2float(__half(__nv_cvt_fp8_to_halfraw(code, __NV_E4M3)));
 }
 
-// A warp a row (rows w and w + 8 of the block's 16), every token in turn.
-RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const unsigned char* __restrict__ xq,
+// A warp a row (rows w and w + 8 of the block's 16), every token in turn. kQuant: x is the
+// compute type, quantized per token by each warp as fp8_quant_per_token does.
+template <bool kQuant>
+RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const void* __restrict__ x,
                                     const float* __restrict__ x_scales,
                                     const unsigned char* __restrict__ wq,
                                     const float* __restrict__ w_scales, int m, int n, int k,
@@ -167,14 +244,29 @@ RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const unsigned char* __restrict__
         if (row >= n) break;
         const unsigned char* wrow = wq + (int64_t)row * k;
         for (int tok = 0; tok < m; ++tok) {
-            const unsigned char* xrow = xq + (int64_t)tok * k;
+            const unsigned char* xrow = static_cast<const unsigned char*>(x) + (int64_t)tok * k;
+            const elem_t* erow = static_cast<const elem_t*>(x) + (int64_t)tok * k;
+            float sx = 0.0f, inv = 0.0f;
+            if (kQuant) {
+                float a = 0.0f;
+                for (int c = lane; c < k; c += 32) a = fmaxf(a, fabsf(to_f32(erow[c])));
+                sx = fmaxf(__fdiv_rn(warp_max(a), 448.0f), 1.0f / (448.0f * 512.0f));
+                inv = __frcp_rn(sx);
+            } else {
+                sx = x_scales[tok];
+            }
             float s = 0.0f;
-            for (int c = lane; c < k; c += 32)
-                s = fmaf(e4m3_to_f32(xrow[c]), e4m3_to_f32(wrow[c]), s);
+            for (int c = lane; c < k; c += 32) {
+                const unsigned char code =
+                    kQuant ? __nv_cvt_float_to_fp8(to_f32(erow[c]) * inv, __NV_SATFINITE,
+                                                   __NV_E4M3)
+                           : xrow[c];
+                s = fmaf(e4m3_to_f32(code), e4m3_to_f32(wrow[c]), s);
+            }
             s = warp_sum(s);
             if (lane != 0) continue;
             const int64_t at = (int64_t)tok * n + row;
-            float v = s * x_scales[tok] * w_scales[row];
+            float v = s * sx * w_scales[row];
             if (accumulate) v += to_f32(y[at]);
             y[at] = from_f32(v);
         }
@@ -185,19 +277,32 @@ RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const unsigned char* __restrict__
 
 }  // namespace
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+#define RVLLM_FP8_GEMV_BODY(QUANT)                                                            \
+    if ((k & 15) == 0) {                                                                      \
+        fp8_gemv_mma<true, QUANT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate);         \
+    } else {                                                                                  \
+        fp8_gemv_mma<false, QUANT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate);        \
+    }
+#else
+#define RVLLM_FP8_GEMV_BODY(QUANT) \
+    fp8_gemv_portable<QUANT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate)
+#endif
+
+// Tokens past kMaxTokens have no column in the MMA: the host never asks for them.
 extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_bf16, fp8_gemv_f16)(
     elem_t* y, const unsigned char* __restrict__ xq, const float* __restrict__ x_scales,
     const unsigned char* __restrict__ wq, const float* __restrict__ w_scales, int m, int n,
     int k, int accumulate) {
-    // Tokens past kMaxTokens have no column in the MMA: the host never asks for them.
-    if (m > kMaxTokens) m = kMaxTokens;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-    if ((k & 15) == 0) {
-        fp8_gemv_mma<true>(y, xq, x_scales, wq, w_scales, m, n, k, accumulate);
-    } else {
-        fp8_gemv_mma<false>(y, xq, x_scales, wq, w_scales, m, n, k, accumulate);
-    }
-#else
-    fp8_gemv_portable(y, xq, x_scales, wq, w_scales, m, n, k, accumulate);
-#endif
+    const void* x = xq;
+    m = min(m, kMaxTokens);
+    RVLLM_FP8_GEMV_BODY(false);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_quant_bf16, fp8_gemv_quant_f16)(
+    elem_t* y, const elem_t* __restrict__ x, const unsigned char* __restrict__ wq,
+    const float* __restrict__ w_scales, int m, int n, int k, int accumulate) {
+    const float* x_scales = nullptr;
+    m = min(m, kMaxTokens);
+    RVLLM_FP8_GEMV_BODY(true);
 }

@@ -225,6 +225,10 @@ mod tests {
         assert_eq!(args::DecodeAttention::PARAMS[3], "semaphores");
         // The small-batch FP8 GEMV takes fp8_scaled_mm's operands (the engine's two paths).
         assert_eq!(args::Fp8Gemv::PARAMS, args::Fp8ScaledMm::PARAMS);
+        assert_eq!(
+            args::Fp8GemvQuant::PARAMS,
+            ["y", "x", "wq", "w_scales", "m", "n", "k", "accumulate"]
+        );
 
         let mut a = args::RmsNorm {
             out: 1,

@@ -3,7 +3,7 @@
 //! nearest even with saturation), in both input types, on random inputs with the outputs
 //! poisoned first. Codes and scales must match bit for bit. And the FP8 GEMM through
 //! cuBLASLt (E4M3 x E4M3, per-tensor scale pointers, bf16 out), `fp8_scaled_mm`, the scaled
-//! epilogue and the small-batch `fp8_gemv` against the f32 reference.
+//! epilogue and the small-batch `fp8_gemv` / `fp8_gemv_quant` against the f32 reference.
 //!
 //! The reference codec is `rvllm_kernels::reference_fp8`, the one the engine's FP8 paths use
 //! (`rvllm::backend::cpu::fp8` re-exports it).
@@ -368,13 +368,7 @@ fn fp8_gemv_matches_the_reference() {
                 }
                 let (xq, sx) = per_token_inputs(&mut r, m, k);
                 let want_mm = scaled_mm(&xq, &sx, &wq, &sw, k);
-                // The sum of the terms' magnitudes (the codes with their sign bits cleared):
-                // the tensor cores' f32 accumulation may keep fewer bits than an FMA chain
-                // (Hopper's FP8 MMA is reported to keep about 14), so each output may differ
-                // from the sequential f32 sum by a small fraction of this, on top of its
-                // rounding to the element type.
-                let abs = |q: &[u8]| q.iter().map(|&c| c & 0x7f).collect::<Vec<u8>>();
-                let magnitude = scaled_mm(&abs(&xq), &sx, &abs(&wq), &sw, k);
+                let magnitude = term_magnitudes(&xq, &sx, &wq, &sw, k);
                 let (d_xq, d_sx) = (g.upload(&xq), g.upload(&sx));
                 for accumulate in [false, true] {
                     let (y0_bits, y0) = e.random(&mut r, m * n, 1.0);
@@ -405,22 +399,100 @@ fn fp8_gemv_matches_the_reference() {
                     } else {
                         want_mm.clone()
                     };
-                    let got = g.download_as(e, &d_y);
-                    let (atol, rtol) = e.tolerance();
                     let what = format!("{} fp8_gemv {m}x{n}x{k} accumulate {accumulate}", e.name());
-                    for (j, ((&a, &b), &l1)) in got.iter().zip(&want).zip(&magnitude).enumerate() {
-                        let tol = atol + rtol * b.abs() + l1 / 4096.0;
-                        assert!(
-                            (a - b).abs() <= tol,
-                            "{what}: element {j} (token {}, row {}): GPU {a}, reference {b} \
-                             (tolerance {tol})",
-                            j / n,
-                            j % n
-                        );
-                    }
+                    assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &magnitude, e, n);
                 }
             }
         }
+    }
+}
+
+/// `fp8_gemv_quant` (the batch-1 FP8 linear that quantizes its input itself) against the
+/// reference's per-token quantization and `scaled_mm`: inputs in both element types with
+/// rows of different magnitudes (and an all-zero row, the floor scale), token counts 1 to 8,
+/// k a multiple of 16 and not, with and without accumulation.
+#[test]
+fn fp8_gemv_quant_matches_the_reference() {
+    let Some(g) = gpu("fp8_gemv_quant_matches_the_reference") else {
+        return;
+    };
+    let mut r = rng("fp8_gemv_quant");
+    for e in Elem::BOTH {
+        for &(m, n, k) in &[
+            (1usize, 4096usize, 4096usize),
+            (1, 100, 40),
+            (1, 48, 14336),
+            (3, 256, 576),
+            (8, 33, 1000),
+        ] {
+            // Inputs reach 1e3: weights near 1e-3 keep the outputs within f16's range.
+            let (wq, sw) = per_token_inputs(&mut r, n, k);
+            let sw: Vec<f32> = sw.iter().map(|s| s * 1e-3).collect();
+            let (bits, vals) = inputs(e, &mut r, m, k);
+            let (xq, sx) = quantize_per_token(&vals, k);
+            let want_mm = scaled_mm(&xq, &sx, &wq, &sw, k);
+            let magnitude = term_magnitudes(&xq, &sx, &wq, &sw, k);
+            let (d_x, d_wq, d_sw) = (g.upload(&bits), g.upload(&wq), g.upload(&sw));
+            for accumulate in [false, true] {
+                let (y0_bits, y0) = e.random(&mut r, m * n, 1.0);
+                let d_y = if accumulate {
+                    g.upload(&y0_bits)
+                } else {
+                    g.poisoned(m * n, e.nan())
+                };
+                g.launch_args(
+                    &e.module("fp8_gemv"),
+                    &e.kernel("fp8_gemv_quant_bf16"),
+                    (n.div_ceil(16) as u32, 1, 1),
+                    (256, 1, 1),
+                    args::Fp8GemvQuant {
+                        y: d_y.ptr,
+                        x: d_x.ptr,
+                        wq: d_wq.ptr,
+                        w_scales: d_sw.ptr,
+                        m: m as i32,
+                        n: n as i32,
+                        k: k as i32,
+                        accumulate: accumulate as i32,
+                    },
+                );
+                let want: Vec<f32> = if accumulate {
+                    want_mm.iter().zip(&y0).map(|(a, b)| a + b).collect()
+                } else {
+                    want_mm.clone()
+                };
+                let what = format!(
+                    "{} fp8_gemv_quant {m}x{n}x{k} accumulate {accumulate}",
+                    e.name()
+                );
+                assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &magnitude, e, n);
+            }
+        }
+    }
+}
+
+/// Each output's sum of term magnitudes: the reference over the codes with their sign bits
+/// cleared.
+fn term_magnitudes(xq: &[u8], sx: &[f32], wq: &[u8], sw: &[f32], k: usize) -> Vec<f32> {
+    let abs = |q: &[u8]| q.iter().map(|&c| c & 0x7f).collect::<Vec<u8>>();
+    scaled_mm(&abs(xq), sx, &abs(wq), sw, k)
+}
+
+/// `got` against `want` at the element type's tolerance plus 1/4096 of each output's term
+/// magnitudes: the tensor cores' f32 accumulation may keep fewer bits than an FMA chain
+/// (Hopper's FP8 MMA is reported to keep about 14), so an output may differ from the
+/// sequential f32 sum by a small fraction of them, on top of its rounding to the element type.
+fn assert_gemv_close(what: &str, got: &[f32], want: &[f32], magnitude: &[f32], e: Elem, n: usize) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let (atol, rtol) = e.tolerance();
+    for (j, ((&a, &b), &l1)) in got.iter().zip(want).zip(magnitude).enumerate() {
+        let tol = atol + rtol * b.abs() + l1 / 4096.0;
+        assert!(
+            (a - b).abs() <= tol,
+            "{what}: element {j} (token {}, row {}): GPU {a}, reference {b} (tolerance {tol})",
+            j / n,
+            j % n
+        );
     }
 }
 

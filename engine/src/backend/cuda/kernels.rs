@@ -167,6 +167,13 @@ pub const FP8_SCALED_MM: Kernel<args::Fp8ScaledMm> = kernel!(
 /// fp8_gemv.cu: the FP8 linear at 1 to 8 tokens (the weights streamed once).
 pub const FP8_GEMV: Kernel<args::Fp8Gemv> =
     kernel!(args::Fp8Gemv, "fp8_gemv", "fp8_gemv_bf16", "fp8_gemv_f16");
+/// fp8_gemv.cu with the per-token activation quantization in each block's prologue.
+pub const FP8_GEMV_QUANT: Kernel<args::Fp8GemvQuant> = kernel!(
+    args::Fp8GemvQuant,
+    "fp8_gemv",
+    "fp8_gemv_quant_bf16",
+    "fp8_gemv_quant_f16"
+);
 
 /// (head dim, query heads a block, the full kernel, the compact one) for each tile built.
 macro_rules! decode_kernels {
@@ -271,6 +278,7 @@ pub fn all() -> Vec<NamedKernel> {
         FP8_SCALED_EPILOGUE.named(),
         FP8_SCALED_MM.named(),
         FP8_GEMV.named(),
+        FP8_GEMV_QUANT.named(),
     ]);
     k
 }
@@ -285,7 +293,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 16 + 2 + 5 + 16 + 5 + 4 + 5 + 4);
+        assert_eq!(all.len(), 16 + 2 + 5 + 16 + 5 + 4 + 5 + 5);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);

@@ -14,7 +14,8 @@
 //!
 //! Up to `FP8_GEMV_MAX_TOKENS` tokens (decode) the product is `fp8_gemv` instead: the weight
 //! codes streamed once through the FP8 tensor cores, both scales and the residual add applied
-//! in the same kernel, so a linear is two launches (quantize, GEMV). The compute type's fused
+//! in the same kernel, so a linear is two launches (quantize, GEMV); at batch 1 one
+//! (`fp8_gemv_quant` quantizes its input in its prologue, to the same codes). The compute type's fused
 //! batch-1 GEMVs (gemv_bulk with the norm or SiLU folded in) read the compute type only: an
 //! FP8 weight takes the unfused path there (norm, then the FP8 linear).
 use std::collections::HashMap;
@@ -27,7 +28,9 @@ use cudarc::cublaslt::{result as lt, sys as ltsys};
 use cudarc::driver::sys::CUdeviceptr;
 use rayon::prelude::*;
 
-use super::super::kernels::{FP8_GEMV, FP8_QUANT_PER_TOKEN, FP8_SCALED_EPILOGUE, FP8_SCALED_MM};
+use super::super::kernels::{
+    FP8_GEMV, FP8_GEMV_QUANT, FP8_QUANT_PER_TOKEN, FP8_SCALED_EPILOGUE, FP8_SCALED_MM,
+};
 use super::{CudaBackend, CudaTensor, CudaVector, CudaWeight};
 use crate::backend::cpu::fp8::{dynamic_scale, quantize_with_scale};
 use crate::backend::{Activation, Backend};
@@ -36,6 +39,11 @@ use rvllm_kernels::args;
 
 /// The most tokens `fp8_gemv` (kernels/src/fp8_gemv.cu) takes: the N of its MMA.
 pub const FP8_GEMV_MAX_TOKENS: usize = 8;
+
+/// Up to this many tokens `fp8_gemv_quant` quantizes the input inside the GEMV (each of its
+/// blocks reads the whole input first, a few KiB at batch 1; more tokens, more of that
+/// prologue in every block, so past it the separate quantization kernel runs once).
+pub const FP8_GEMV_QUANT_MAX_TOKENS: usize = 1;
 
 /// The weights `--quantization fp8` stores as E4M3: the decoder layers' projections as the
 /// model uploads them (fused QKV, O, fused gate|up, down). Embeddings, the LM head, norms,
@@ -312,6 +320,27 @@ impl CudaBackend {
             self.limits.max_tokens,
             rt.max_k
         );
+        let (wq, sw, mi, ni, ki) = (w.buf.ptr, w_scales.ptr, m as i32, n as i32, k as i32);
+        let acc_flag = accumulate as i32;
+        let grid_16_rows = (n.div_ceil(16) as u32, 1, 1);
+        if m <= FP8_GEMV_QUANT_MAX_TOKENS {
+            // Batch-1 decode: the GEMV quantizes its input itself, one launch a linear.
+            return self.launch(
+                FP8_GEMV_QUANT,
+                grid_16_rows,
+                256,
+                args::Fp8GemvQuant {
+                    y,
+                    x: x.ptr(),
+                    wq,
+                    w_scales: sw,
+                    m: mi,
+                    n: ni,
+                    k: ki,
+                    accumulate: acc_flag,
+                },
+            );
+        }
         let (codes, x_scales) = (rt.codes.ptr, rt.scales.ptr);
         self.launch(
             FP8_QUANT_PER_TOKEN,
@@ -330,18 +359,18 @@ impl CudaBackend {
             // in the same kernel, instead of cuBLASLt and the epilogue.
             return self.launch(
                 FP8_GEMV,
-                (n.div_ceil(16) as u32, 1, 1),
+                grid_16_rows,
                 256,
                 args::Fp8Gemv {
                     y,
                     xq: codes,
                     x_scales,
-                    wq: w.buf.ptr,
-                    w_scales: w_scales.ptr,
-                    m: m as i32,
-                    n: n as i32,
-                    k: k as i32,
-                    accumulate: accumulate as i32,
+                    wq,
+                    w_scales: sw,
+                    m: mi,
+                    n: ni,
+                    k: ki,
+                    accumulate: acc_flag,
                 },
             );
         }
@@ -616,9 +645,10 @@ mod tests {
     /// The backend's FP8 linears on the GPU against the reference (`reference_fp8`: the
     /// input's per-token codes, the weight's per-channel codes, `scaled_mm` in f32): `linear`
     /// (with a bias), `linear_add`, `norm_linear` and `silu_mul_linear_add`, in both element
-    /// types, through `fp8_gemv` (1 to 8 tokens, batch 1 being where the compute-type path
-    /// would fuse), cuBLASLt (16-aligned shapes past 8 tokens) and `fp8_scaled_mm` (n = 100
-    /// past 8 tokens). Outputs are poisoned first.
+    /// types, through `fp8_gemv_quant` (batch 1, where the compute-type path would fuse),
+    /// `fp8_gemv` (2 to 8 tokens), cuBLASLt (16-aligned shapes past 8 tokens) and
+    /// `fp8_scaled_mm` (n = 100 past 8 tokens); k = 40 and 1000 take the GEMVs' byte-wise
+    /// loads. Outputs are poisoned first.
     #[test]
     fn fp8_linears_match_the_reference() {
         use super::super::super::elem::{bits_of, value_of};
@@ -672,6 +702,7 @@ mod tests {
             for (seed, &(m, n, k)) in [
                 (1usize, 256usize, 128usize),
                 (1, 100, 64),
+                (1, 96, 40),
                 (7, 100, 64),
                 (8, 4096, 1000),
                 (9, 100, 64),
