@@ -15,6 +15,10 @@
 //       itself (the row's amax, then fp8_quant_per_token's scale and codes, bit for bit), so
 //       a linear is one launch. Every block reads all of x first (m * k elements from L2),
 //       so the host takes it at batch 1 only, where that is a few KiB.
+//   fp8_gemv_silu_bf16(y, gate_up, wq, w_scales, m, n, k, accumulate)
+//       as fp8_gemv_quant with the input silu(gate) * up of gate_up [m, 2k] (gate half,
+//       then up half), rounded to the compute type as silu_and_mul stores it: the down
+//       projection without the silu_and_mul launch (the activation is not stored).
 //
 // Why this shape: a weight row is read once for all the batch's tokens, so the bytes are the
 // weights' (n * k, half of bf16's) whatever m is. On sm_89+ the products go through the FP8
@@ -63,6 +67,50 @@ RVLLM_DEVICE uint4 load16(const unsigned char* __restrict__ base, int row, int r
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// What x is: fp8_quant_per_token's codes (with x_scales); the compute type, quantized per
+// token by each block; or gate_up ([m, 2k]), whose input is silu(gate) * up rounded to the
+// compute type as silu_and_mul stores it, then quantized.
+enum Input { kCodes, kElem, kSilu };
+
+// Element c of token tok's input (kElem, kSilu), as the unfused kernels would have stored it.
+template <Input kIn>
+RVLLM_DEVICE float input_at(const elem_t* __restrict__ x, int tok, int c, int k) {
+    if (kIn == kSilu) {
+        const elem_t* row = x + (int64_t)tok * 2 * k;
+        const float g = to_f32(row[c]), u = to_f32(row[k + c]);
+        // silu_and_mul's expression (expf, not __expf), rounded as it stores it.
+        return to_f32(from_f32(g / (1.0f + expf(-g)) * u));
+    }
+    return to_f32(x[(int64_t)tok * k + c]);
+}
+
+// Elements c ... c + 7 of token tok's input, zeros past k. kVec: k a multiple of 16 and c of
+// 8, so the eight are in or out together and 16-byte aligned.
+template <Input kIn, bool kVec>
+RVLLM_DEVICE void input8(const elem_t* __restrict__ x, int tok, int c, int k, float (&f)[8]) {
+    if (!kVec) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] = c + e < k ? input_at<kIn>(x, tok, c + e, k) : 0.0f;
+        return;
+    }
+    if (c >= k) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] = 0.0f;
+        return;
+    }
+    if (kIn == kSilu) {
+        const elem_t* row = x + (int64_t)tok * 2 * k;
+        float g[8], u[8], a[8];
+        elem8_to_f32(*reinterpret_cast<const Elem8*>(row + c), g);
+        elem8_to_f32(*reinterpret_cast<const Elem8*>(row + k + c), u);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) a[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
+        elem8_to_f32(f32_to_elem8(a), f);
+    } else {
+        elem8_to_f32(*reinterpret_cast<const Elem8*>(x + (int64_t)tok * k + c), f);
+    }
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
 
 constexpr int kTileK = 64;  // codes of a row one MMA pair covers: 4 lanes x 16
@@ -84,37 +132,30 @@ RVLLM_DEVICE float fp8_scale_of(float amax) {
     return fmaxf(__fdiv_rn(amax, 448.0f), 1.0f / (448.0f * 512.0f));
 }
 
-// 16 codes of token row `row` from column c0 (zeros past its end): fp8_quant_per_token's codes
-// (the same product with the inverse scale, the same saturating conversion).
-template <bool kVec>
-RVLLM_DEVICE uint4 quantize16(const elem_t* __restrict__ row, int c0, int k, float inv) {
-    float f[16];
-    if (kVec) {
-        if (c0 >= k) return make_uint4(0u, 0u, 0u, 0u);
-        const Elem8* v = reinterpret_cast<const Elem8*>(row + c0);
-        elem8_to_f32(v[0], f);
-        elem8_to_f32(v[1], f + 8);
-    } else {
-#pragma unroll
-        for (int e = 0; e < 16; ++e) f[e] = c0 + e < k ? to_f32(row[c0 + e]) : 0.0f;
-    }
+// 16 codes of token tok's input from column c0 (zeros past its end): fp8_quant_per_token's
+// codes (the same product with the inverse scale, the same saturating conversion).
+template <Input kIn, bool kVec>
+RVLLM_DEVICE uint4 quantize16(const elem_t* __restrict__ x, int tok, int c0, int k, float inv) {
+    float f[2][8];
+    input8<kIn, kVec>(x, tok, c0, k, f[0]);
+    input8<kIn, kVec>(x, tok, c0 + 8, k, f[1]);
     uint32_t w[4];
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
+        const float* q = f[p / 2] + 4 * (p % 2);
         // The first element of a pair goes to the low byte.
-        const uint32_t lo = __nv_cvt_float2_to_fp8x2(
-            make_float2(f[4 * p] * inv, f[4 * p + 1] * inv), __NV_SATFINITE, __NV_E4M3);
-        const uint32_t hi = __nv_cvt_float2_to_fp8x2(
-            make_float2(f[4 * p + 2] * inv, f[4 * p + 3] * inv), __NV_SATFINITE, __NV_E4M3);
+        const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(q[0] * inv, q[1] * inv),
+                                                     __NV_SATFINITE, __NV_E4M3);
+        const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(q[2] * inv, q[3] * inv),
+                                                     __NV_SATFINITE, __NV_E4M3);
         w[p] = lo | (hi << 16);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// kQuant: x is the compute type ([m, k]) and each block quantizes it per token on the fly
-// (amax over the row first, as fp8_quant_per_token, then codes as the tiles need them);
-// else x is fp8_quant_per_token's codes and x_scales its scales.
-template <bool kVec, bool kQuant>
+// kIn other than kCodes: each block quantizes the input per token on the fly (amax over the
+// row first, as fp8_quant_per_token, then codes as the tiles need them).
+template <bool kVec, Input kIn>
 RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const void* __restrict__ x,
                                const float* __restrict__ x_scales,
                                const unsigned char* __restrict__ wq,
@@ -144,6 +185,7 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const void* __restrict__ x,
         }
     };
     load_weights(warp, wa, wb);
+    constexpr bool kQuant = kIn != kCodes;
     if (kQuant && threadIdx.x < kMaxTokens) token_amax[threadIdx.x] = 0;
     pdl_wait();
     pdl_launch_dependents();
@@ -152,18 +194,12 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const void* __restrict__ x,
     if (kQuant) {
         __syncthreads();  // token_amax zeroed
         for (int tok = 0; tok < m; ++tok) {
-            const elem_t* row = xe + (int64_t)tok * k;
             float a = 0.0f;
-            if (kVec) {
-                const Elem8* v = reinterpret_cast<const Elem8*>(row);
-                for (int c = threadIdx.x; c < k / 8; c += kThreads) {
-                    float f[8];
-                    elem8_to_f32(v[c], f);
+            for (int c = threadIdx.x * 8; c < k; c += kThreads * 8) {
+                float f[8];
+                input8<kIn, kVec>(xe, tok, c, k, f);
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(f[e]));
-                }
-            } else {
-                for (int c = threadIdx.x; c < k; c += kThreads) a = fmaxf(a, fabsf(to_f32(row[c])));
+                for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(f[e]));
             }
             a = warp_max(a);
             if (lane == 0) atomicMax(&token_amax[tok], __float_as_int(a));
@@ -180,7 +216,7 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const void* __restrict__ x,
             const int tile = base + u * kWarps;
             const int c0 = tile < tiles ? tile * kTileK + t * 16 : k;
             if (kQuant) {
-                xv[u] = g < m ? quantize16<kVec>(xe + (int64_t)g * k, c0, k, inv)
+                xv[u] = g < m ? quantize16<kIn, kVec>(xe, g, c0, k, inv)
                               : make_uint4(0u, 0u, 0u, 0u);
             } else {
                 xv[u] = load16<kVec, false>(xq, g, m, c0, k);
@@ -229,9 +265,9 @@ RVLLM_DEVICE float e4m3_to_f32(unsigned char code) {
     return __half2float(__half(__nv_cvt_fp8_to_halfraw(code, __NV_E4M3)));
 }
 
-// A warp a row (rows w and w + 8 of the block's 16), every token in turn. kQuant: x is the
-// compute type, quantized per token by each warp as fp8_quant_per_token does.
-template <bool kQuant>
+// A warp a row (rows w and w + 8 of the block's 16), every token in turn; other inputs than
+// codes quantized per token by each warp as fp8_quant_per_token does.
+template <Input kIn>
 RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const void* __restrict__ x,
                                     const float* __restrict__ x_scales,
                                     const unsigned char* __restrict__ wq,
@@ -239,17 +275,17 @@ RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const void* __restrict__ x,
                                     int accumulate) {
     pdl_enter();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const unsigned char* xq = static_cast<const unsigned char*>(x);
+    const elem_t* xe = static_cast<const elem_t*>(x);
     for (int r = warp; r < kRowsPerBlock; r += kWarps) {
         const int row = blockIdx.x * kRowsPerBlock + r;
         if (row >= n) break;
         const unsigned char* wrow = wq + (int64_t)row * k;
         for (int tok = 0; tok < m; ++tok) {
-            const unsigned char* xrow = static_cast<const unsigned char*>(x) + (int64_t)tok * k;
-            const elem_t* erow = static_cast<const elem_t*>(x) + (int64_t)tok * k;
             float sx = 0.0f, inv = 0.0f;
-            if (kQuant) {
+            if (kIn != kCodes) {
                 float a = 0.0f;
-                for (int c = lane; c < k; c += 32) a = fmaxf(a, fabsf(to_f32(erow[c])));
+                for (int c = lane; c < k; c += 32) a = fmaxf(a, fabsf(input_at<kIn>(xe, tok, c, k)));
                 sx = fmaxf(__fdiv_rn(warp_max(a), 448.0f), 1.0f / (448.0f * 512.0f));
                 inv = __frcp_rn(sx);
             } else {
@@ -258,9 +294,9 @@ RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const void* __restrict__ x,
             float s = 0.0f;
             for (int c = lane; c < k; c += 32) {
                 const unsigned char code =
-                    kQuant ? __nv_cvt_float_to_fp8(to_f32(erow[c]) * inv, __NV_SATFINITE,
-                                                   __NV_E4M3)
-                           : xrow[c];
+                    kIn != kCodes ? __nv_cvt_float_to_fp8(input_at<kIn>(xe, tok, c, k) * inv,
+                                                          __NV_SATFINITE, __NV_E4M3)
+                                  : xq[(int64_t)tok * k + c];
                 s = fmaf(e4m3_to_f32(code), e4m3_to_f32(wrow[c]), s);
             }
             s = warp_sum(s);
@@ -278,15 +314,15 @@ RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const void* __restrict__ x,
 }  // namespace
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-#define RVLLM_FP8_GEMV_BODY(QUANT)                                                            \
+#define RVLLM_FP8_GEMV_BODY(INPUT)                                                            \
     if ((k & 15) == 0) {                                                                      \
-        fp8_gemv_mma<true, QUANT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate);         \
+        fp8_gemv_mma<true, INPUT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate);         \
     } else {                                                                                  \
-        fp8_gemv_mma<false, QUANT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate);        \
+        fp8_gemv_mma<false, INPUT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate);        \
     }
 #else
-#define RVLLM_FP8_GEMV_BODY(QUANT) \
-    fp8_gemv_portable<QUANT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate)
+#define RVLLM_FP8_GEMV_BODY(INPUT) \
+    fp8_gemv_portable<INPUT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate)
 #endif
 
 // Tokens past kMaxTokens have no column in the MMA: the host never asks for them.
@@ -296,7 +332,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_bf16, fp8_gem
     int k, int accumulate) {
     const void* x = xq;
     m = min(m, kMaxTokens);
-    RVLLM_FP8_GEMV_BODY(false);
+    RVLLM_FP8_GEMV_BODY(kCodes);
 }
 
 extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_quant_bf16, fp8_gemv_quant_f16)(
@@ -304,5 +340,14 @@ extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_quant_bf16, f
     const float* __restrict__ w_scales, int m, int n, int k, int accumulate) {
     const float* x_scales = nullptr;
     m = min(m, kMaxTokens);
-    RVLLM_FP8_GEMV_BODY(true);
+    RVLLM_FP8_GEMV_BODY(kElem);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_silu_bf16, fp8_gemv_silu_f16)(
+    elem_t* y, const elem_t* __restrict__ gate_up, const unsigned char* __restrict__ wq,
+    const float* __restrict__ w_scales, int m, int n, int k, int accumulate) {
+    const elem_t* x = gate_up;
+    const float* x_scales = nullptr;
+    m = min(m, kMaxTokens);
+    RVLLM_FP8_GEMV_BODY(kSilu);
 }

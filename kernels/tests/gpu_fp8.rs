@@ -3,7 +3,7 @@
 //! nearest even with saturation), in both input types, on random inputs with the outputs
 //! poisoned first. Codes and scales must match bit for bit. And the FP8 GEMM through
 //! cuBLASLt (E4M3 x E4M3, per-tensor scale pointers, bf16 out), `fp8_scaled_mm`, the scaled
-//! epilogue and the small-batch `fp8_gemv` / `fp8_gemv_quant` against the f32 reference.
+//! epilogue and the small-batch `fp8_gemv` / `_quant` / `_silu` against the f32 reference.
 //!
 //! The reference codec is `rvllm_kernels::reference_fp8`, the one the engine's FP8 paths use
 //! (`rvllm::backend::cpu::fp8` re-exports it).
@@ -463,6 +463,70 @@ fn fp8_gemv_quant_matches_the_reference() {
                 };
                 let what = format!(
                     "{} fp8_gemv_quant {m}x{n}x{k} accumulate {accumulate}",
+                    e.name()
+                );
+                assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &magnitude, e, n);
+            }
+        }
+    }
+}
+
+/// `fp8_gemv_silu` (the down projection with silu_and_mul in its input) against the
+/// reference: `silu(gate) * up` rounded to the element type (as silu_and_mul stores it),
+/// quantized per token, then `scaled_mm`; both element types, 1 to 8 tokens, k a multiple
+/// of 16 and not, with and without accumulation (silu_mul_linear_add).
+#[test]
+fn fp8_gemv_silu_matches_the_reference() {
+    let Some(g) = gpu("fp8_gemv_silu_matches_the_reference") else {
+        return;
+    };
+    let mut r = rng("fp8_gemv_silu");
+    for e in Elem::BOTH {
+        for &(m, n, k) in &[
+            (1usize, 4096usize, 14336usize),
+            (1, 100, 40),
+            (2, 64, 576),
+            (8, 33, 1000),
+        ] {
+            let (wq, sw) = per_token_inputs(&mut r, n, k);
+            let sw: Vec<f32> = sw.iter().map(|s| s * 1e-2).collect();
+            let (bits, vals) = e.random(&mut r, m * 2 * k, 4.0);
+            let mut act = rvllm_kernels::reference::silu_and_mul(&vals, k);
+            e.round_all(&mut act);
+            let (xq, sx) = quantize_per_token(&act, k);
+            let want_mm = scaled_mm(&xq, &sx, &wq, &sw, k);
+            let magnitude = term_magnitudes(&xq, &sx, &wq, &sw, k);
+            let (d_x, d_wq, d_sw) = (g.upload(&bits), g.upload(&wq), g.upload(&sw));
+            for accumulate in [false, true] {
+                let (y0_bits, y0) = e.random(&mut r, m * n, 1.0);
+                let d_y = if accumulate {
+                    g.upload(&y0_bits)
+                } else {
+                    g.poisoned(m * n, e.nan())
+                };
+                g.launch_args(
+                    &e.module("fp8_gemv"),
+                    &e.kernel("fp8_gemv_silu_bf16"),
+                    (n.div_ceil(16) as u32, 1, 1),
+                    (256, 1, 1),
+                    args::Fp8GemvSilu {
+                        y: d_y.ptr,
+                        gate_up: d_x.ptr,
+                        wq: d_wq.ptr,
+                        w_scales: d_sw.ptr,
+                        m: m as i32,
+                        n: n as i32,
+                        k: k as i32,
+                        accumulate: accumulate as i32,
+                    },
+                );
+                let want: Vec<f32> = if accumulate {
+                    want_mm.iter().zip(&y0).map(|(a, b)| a + b).collect()
+                } else {
+                    want_mm.clone()
+                };
+                let what = format!(
+                    "{} fp8_gemv_silu {m}x{n}x{k} accumulate {accumulate}",
                     e.name()
                 );
                 assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &magnitude, e, n);

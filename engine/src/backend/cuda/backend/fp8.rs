@@ -14,10 +14,12 @@
 //!
 //! Up to `FP8_GEMV_MAX_TOKENS` tokens (decode) the product is `fp8_gemv` instead: the weight
 //! codes streamed once through the FP8 tensor cores, both scales and the residual add applied
-//! in the same kernel, so a linear is two launches (quantize, GEMV); at batch 1 one
-//! (`fp8_gemv_quant` quantizes its input in its prologue, to the same codes). The compute type's fused
-//! batch-1 GEMVs (gemv_bulk with the norm or SiLU folded in) read the compute type only: an
-//! FP8 weight takes the unfused path there (norm, then the FP8 linear).
+//! in the same kernel, so a linear is two launches (quantize, GEMV). At batch 1 it is one:
+//! `fp8_gemv_quant` quantizes its input in its prologue (to the same codes), and
+//! `fp8_gemv_silu` also computes the down projection's silu(gate) * up there (no
+//! silu_and_mul launch, no activation stored). The norm before QKV and gate|up is still its
+//! own launch (rms_norm, then the FP8 linear): the compute type's gemv_bulk fuses it, this
+//! path does not yet.
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +31,8 @@ use cudarc::driver::sys::CUdeviceptr;
 use rayon::prelude::*;
 
 use super::super::kernels::{
-    FP8_GEMV, FP8_GEMV_QUANT, FP8_QUANT_PER_TOKEN, FP8_SCALED_EPILOGUE, FP8_SCALED_MM,
+    FP8_GEMV, FP8_GEMV_QUANT, FP8_GEMV_SILU, FP8_QUANT_PER_TOKEN, FP8_SCALED_EPILOGUE,
+    FP8_SCALED_MM,
 };
 use super::{CudaBackend, CudaTensor, CudaVector, CudaWeight};
 use crate::backend::cpu::fp8::{dynamic_scale, quantize_with_scale};
@@ -547,6 +550,16 @@ impl CudaBackend {
         act: &mut CudaTensor,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        ensure!(
+            out.cols == down.rows,
+            "FP8 silu_mul_linear: output has {} columns, weight gives {}",
+            out.cols,
+            down.rows
+        );
+        out.set_rows(gate_up.rows)?;
+        if self.fp8_gemv_silu(gate_up, down, out.ptr(), false)? {
+            return Ok(());
+        }
         self.silu_and_mul(gate_up, act)?;
         self.fp8_linear(act, down, None, out)
     }
@@ -560,8 +573,61 @@ impl CudaBackend {
         residual: &mut CudaTensor,
         scratch: &mut CudaTensor,
     ) -> Result<()> {
+        ensure!(
+            residual.cols == down.rows && residual.rows == gate_up.rows,
+            "FP8 silu_mul_linear_add: gate_up {}x{}, weight {}x{}, residual {}x{}",
+            gate_up.rows,
+            gate_up.cols,
+            down.rows,
+            down.cols,
+            residual.rows,
+            residual.cols
+        );
+        if self.fp8_gemv_silu(gate_up, down, residual.ptr(), true)? {
+            return Ok(());
+        }
         self.silu_and_mul(gate_up, act)?;
         self.fp8_linear_add(act, down, residual, scratch)
+    }
+
+    /// Batch-1 `y (+)= (silu(gate) * up) @ down^T` in one launch (`fp8_gemv_silu`: the
+    /// activation and its quantization inside the GEMV, the activation not stored); false
+    /// (nothing launched) past batch 1.
+    fn fp8_gemv_silu(
+        &self,
+        gate_up: &CudaTensor,
+        down: &CudaWeight,
+        y: CUdeviceptr,
+        accumulate: bool,
+    ) -> Result<bool> {
+        let Some(w_scales) = down.fp8_scales.as_ref() else {
+            bail!("fp8_gemv_silu on a weight that is not FP8");
+        };
+        if gate_up.rows == 0 || gate_up.rows > FP8_GEMV_QUANT_MAX_TOKENS {
+            return Ok(false);
+        }
+        ensure!(
+            gate_up.cols == 2 * down.cols,
+            "FP8 silu_mul_linear: gate_up has {} columns, the down projection takes {}",
+            gate_up.cols,
+            down.cols
+        );
+        self.launch(
+            FP8_GEMV_SILU,
+            (down.rows.div_ceil(16) as u32, 1, 1),
+            256,
+            args::Fp8GemvSilu {
+                y,
+                gate_up: gate_up.ptr(),
+                wq: down.buf.ptr,
+                w_scales: w_scales.ptr,
+                m: gate_up.rows as i32,
+                n: down.rows as i32,
+                k: down.cols as i32,
+                accumulate: accumulate as i32,
+            },
+        )?;
+        Ok(true)
     }
 }
 
@@ -796,17 +862,17 @@ mod tests {
                     &reference(&normed_host),
                 );
 
-                // silu_mul_linear_add: the GPU's silu(gate) * up rows are the input.
-                let gate_up = be
-                    .activation_from_host(m, 2 * k, &round(fill(m * 2 * k, seed + 6, 3.0)))
-                    .unwrap();
+                // silu_mul_linear_add: silu(gate) * up rounded to the element type (as
+                // silu_and_mul stores it) is the input; batch 1 computes it inside the GEMV
+                // and stores no activation.
+                let gate_up_v = round(fill(m * 2 * k, seed + 6, 3.0));
+                let gate_up = be.activation_from_host(m, 2 * k, &gate_up_v).unwrap();
                 let mut act = poisoned(m, k);
                 let mut residual = be.activation_from_host(m, n, &res_v).unwrap();
                 let mut scratch = poisoned(m, n);
                 be.silu_mul_linear_add(&gate_up, &w, &mut act, &mut residual, &mut scratch)
                     .unwrap();
-                let mut act_host = Vec::new();
-                be.to_host(&act, &mut act_host).unwrap();
+                let act_host = round(rvllm_kernels::reference::silu_and_mul(&gate_up_v, k));
                 let want: Vec<f32> = reference(&act_host)
                     .iter()
                     .zip(&res_v)
