@@ -605,6 +605,20 @@ mod tests {
         assert!(agreed_blocks(&[], None).is_err());
     }
 
+    /// The first failure is the one reported (the others are its consequences: collectives
+    /// that the abort ended); with nothing registered, failing aborts nothing and is no crash.
+    #[test]
+    fn the_group_keeps_the_first_failure() {
+        let group = GroupState::new(3);
+        assert_eq!(group.failure(), None);
+        group.fail("tensor-parallel rank 2 (GPU 2): out of memory".into());
+        group.fail("tensor-parallel rank 1 (GPU 1): the NCCL group was aborted".into());
+        assert_eq!(
+            group.failure().as_deref(),
+            Some("tensor-parallel rank 2 (GPU 2): out of memory")
+        );
+    }
+
     #[test]
     fn capture_sizes_are_ascending_and_end_at_max_num_seqs() {
         assert_eq!(capture_sizes(1), vec![1]);
