@@ -184,8 +184,8 @@ const ELEMS_PER_ID: usize = 2;
 
 impl GpuPeers {
     /// Rank 0's backend `be0` (its GPU 0) and the group's other GPUs: every rank's part of
-    /// the model, the NCCL group, and the peers started (their profiling pass running).
-    #[allow(clippy::too_many_arguments)]
+    /// the model (loaded from this thread: each upload binds its GPU), the NCCL group, and
+    /// the peers' threads, waiting for `profile`.
     pub(super) fn load(
         be0: CudaBackend,
         config: &ModelConfig,
