@@ -19,6 +19,10 @@
 //       as fp8_gemv_quant with the input silu(gate) * up of gate_up [m, 2k] (gate half,
 //       then up half), rounded to the compute type as silu_and_mul stores it: the down
 //       projection without the silu_and_mul launch (the activation is not stored).
+//   fp8_gemv_norm_bf16(y, x, norm_w, eps, wq, w_scales, m, n, k, accumulate)
+//       as fp8_gemv_quant with the input rmsnorm(x) * norm_w (eps), rounded to the compute
+//       type as rms_norm stores it: QKV and gate|up without the rms_norm launch (the normed
+//       rows are not stored).
 //
 // Why this shape: a weight row is read once for all the batch's tokens, so the bytes are the
 // weights' (n * k, half of bf16's) whatever m is. On sm_89+ the products go through the FP8
@@ -68,13 +72,19 @@ RVLLM_DEVICE uint4 load16(const unsigned char* __restrict__ base, int row, int r
 }
 
 // What x is: fp8_quant_per_token's codes (with x_scales); the compute type, quantized per
-// token by each block; or gate_up ([m, 2k]), whose input is silu(gate) * up rounded to the
-// compute type as silu_and_mul stores it, then quantized.
-enum Input { kCodes, kElem, kSilu };
+// token by each block; gate_up ([m, 2k]), whose input is silu(gate) * up rounded to the
+// compute type as silu_and_mul stores it, then quantized; or the residual stream, whose
+// input is rmsnorm(x) * norm_w rounded as rms_norm stores it, then quantized.
+enum Input { kCodes, kElem, kSilu, kNorm };
 
-// Element c of token tok's input (kElem, kSilu), as the unfused kernels would have stored it.
+// Element c of token tok's input (kElem, kSilu, kNorm), as the unfused kernels would have
+// stored it. inv_rms: kNorm's 1 / rms of the token's row.
 template <Input kIn>
-RVLLM_DEVICE float input_at(const elem_t* __restrict__ x, int tok, int c, int k) {
+RVLLM_DEVICE float input_at(const elem_t* __restrict__ x, int tok, int c, int k,
+                            const elem_t* __restrict__ norm_w, float inv_rms) {
+    if (kIn == kNorm) {
+        return to_f32(from_f32(to_f32(x[(int64_t)tok * k + c]) * inv_rms * to_f32(norm_w[c])));
+    }
     if (kIn == kSilu) {
         const elem_t* row = x + (int64_t)tok * 2 * k;
         const float g = to_f32(row[c]), u = to_f32(row[k + c]);
@@ -87,10 +97,12 @@ RVLLM_DEVICE float input_at(const elem_t* __restrict__ x, int tok, int c, int k)
 // Elements c ... c + 7 of token tok's input, zeros past k. kVec: k a multiple of 16 and c of
 // 8, so the eight are in or out together and 16-byte aligned.
 template <Input kIn, bool kVec>
-RVLLM_DEVICE void input8(const elem_t* __restrict__ x, int tok, int c, int k, float (&f)[8]) {
+RVLLM_DEVICE void input8(const elem_t* __restrict__ x, int tok, int c, int k, float (&f)[8],
+                         const elem_t* __restrict__ norm_w, float inv_rms) {
     if (!kVec) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] = c + e < k ? input_at<kIn>(x, tok, c + e, k) : 0.0f;
+        for (int e = 0; e < 8; ++e)
+            f[e] = c + e < k ? input_at<kIn>(x, tok, c + e, k, norm_w, inv_rms) : 0.0f;
         return;
     }
     if (c >= k) {
@@ -106,6 +118,14 @@ RVLLM_DEVICE void input8(const elem_t* __restrict__ x, int tok, int c, int k, fl
 #pragma unroll
         for (int e = 0; e < 8; ++e) a[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
         elem8_to_f32(f32_to_elem8(a), f);
+    } else if (kIn == kNorm) {
+        float v[8], w[8], r[8];
+        elem8_to_f32(*reinterpret_cast<const Elem8*>(x + (int64_t)tok * k + c), v);
+        elem8_to_f32(*reinterpret_cast<const Elem8*>(norm_w + c), w);
+        // rms_norm's expression, rounded as it stores it.
+#pragma unroll
+        for (int e = 0; e < 8; ++e) r[e] = v[e] * inv_rms * w[e];
+        elem8_to_f32(f32_to_elem8(r), f);
     } else {
         elem8_to_f32(*reinterpret_cast<const Elem8*>(x + (int64_t)tok * k + c), f);
     }
@@ -135,10 +155,11 @@ RVLLM_DEVICE float fp8_scale_of(float amax) {
 // 16 codes of token tok's input from column c0 (zeros past its end): fp8_quant_per_token's
 // codes (the same product with the inverse scale, the same saturating conversion).
 template <Input kIn, bool kVec>
-RVLLM_DEVICE uint4 quantize16(const elem_t* __restrict__ x, int tok, int c0, int k, float inv) {
+RVLLM_DEVICE uint4 quantize16(const elem_t* __restrict__ x, int tok, int c0, int k, float inv,
+                              const elem_t* __restrict__ norm_w, float inv_rms) {
     float f[2][8];
-    input8<kIn, kVec>(x, tok, c0, k, f[0]);
-    input8<kIn, kVec>(x, tok, c0 + 8, k, f[1]);
+    input8<kIn, kVec>(x, tok, c0, k, f[0], norm_w, inv_rms);
+    input8<kIn, kVec>(x, tok, c0 + 8, k, f[1], norm_w, inv_rms);
     uint32_t w[4];
 #pragma unroll
     for (int p = 0; p < 4; ++p) {
@@ -160,8 +181,10 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const void* __restrict__ x,
                                const float* __restrict__ x_scales,
                                const unsigned char* __restrict__ wq,
                                const float* __restrict__ w_scales, int m, int n, int k,
-                               int accumulate) {
+                               int accumulate, const elem_t* __restrict__ norm_w, float eps) {
     __shared__ float partial[kWarps][4][32];
+    __shared__ float token_inv_rms[kMaxTokens];
+    __shared__ float scratch[32];
     __shared__ int token_amax[kMaxTokens];  // non-negative floats order as their bits
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // The MMA's groupID (row of A, column of B) and thread-in-group (which 16 codes of a tile).
@@ -190,14 +213,30 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const void* __restrict__ x,
     pdl_wait();
     pdl_launch_dependents();
 
-    float inv = 0.0f;  // kQuant: 1 / token g's scale
+    float inv = 0.0f, inv_rms = 0.0f;  // kQuant: 1 / token g's scale; kNorm: its 1 / rms
     if (kQuant) {
-        __syncthreads();  // token_amax zeroed
+        if (kIn == kNorm) {
+            // rms_norm's sum of squares (its order of additions may differ: a last-bit
+            // difference in the scale at most).
+            for (int tok = 0; tok < m; ++tok) {
+                float ss = 0.0f;
+                for (int c = threadIdx.x * 8; c < k; c += kThreads * 8) {
+                    float f[8];
+                    input8<kElem, kVec>(xe, tok, c, k, f, norm_w, 0.0f);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) ss += f[e] * f[e];
+                }
+                ss = block_sum(ss, scratch);
+                if (threadIdx.x == 0) token_inv_rms[tok] = rsqrtf(ss / (float)k + eps);
+            }
+        }
+        __syncthreads();  // token_amax zeroed, token_inv_rms written
         for (int tok = 0; tok < m; ++tok) {
+            const float tok_inv_rms = kIn == kNorm ? token_inv_rms[tok] : 0.0f;
             float a = 0.0f;
             for (int c = threadIdx.x * 8; c < k; c += kThreads * 8) {
                 float f[8];
-                input8<kIn, kVec>(xe, tok, c, k, f);
+                input8<kIn, kVec>(xe, tok, c, k, f, norm_w, tok_inv_rms);
 #pragma unroll
                 for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(f[e]));
             }
@@ -205,7 +244,10 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const void* __restrict__ x,
             if (lane == 0) atomicMax(&token_amax[tok], __float_as_int(a));
         }
         __syncthreads();
-        if (g < m) inv = __frcp_rn(fp8_scale_of(__int_as_float(token_amax[g])));
+        if (g < m) {
+            inv = __frcp_rn(fp8_scale_of(__int_as_float(token_amax[g])));
+            if (kIn == kNorm) inv_rms = token_inv_rms[g];
+        }
     }
 
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -216,7 +258,7 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const void* __restrict__ x,
             const int tile = base + u * kWarps;
             const int c0 = tile < tiles ? tile * kTileK + t * 16 : k;
             if (kQuant) {
-                xv[u] = g < m ? quantize16<kIn, kVec>(xe, g, c0, k, inv)
+                xv[u] = g < m ? quantize16<kIn, kVec>(xe, g, c0, k, inv, norm_w, inv_rms)
                               : make_uint4(0u, 0u, 0u, 0u);
             } else {
                 xv[u] = load16<kVec, false>(xq, g, m, c0, k);
@@ -272,7 +314,8 @@ RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const void* __restrict__ x,
                                     const float* __restrict__ x_scales,
                                     const unsigned char* __restrict__ wq,
                                     const float* __restrict__ w_scales, int m, int n, int k,
-                                    int accumulate) {
+                                    int accumulate, const elem_t* __restrict__ norm_w,
+                                    float eps) {
     pdl_enter();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const unsigned char* xq = static_cast<const unsigned char*>(x);
@@ -282,10 +325,19 @@ RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const void* __restrict__ x,
         if (row >= n) break;
         const unsigned char* wrow = wq + (int64_t)row * k;
         for (int tok = 0; tok < m; ++tok) {
-            float sx = 0.0f, inv = 0.0f;
+            float sx = 0.0f, inv = 0.0f, inv_rms = 0.0f;
+            if (kIn == kNorm) {
+                float ss = 0.0f;
+                for (int c = lane; c < k; c += 32) {
+                    const float v = to_f32(xe[(int64_t)tok * k + c]);
+                    ss += v * v;
+                }
+                inv_rms = rsqrtf(warp_sum(ss) / (float)k + eps);
+            }
             if (kIn != kCodes) {
                 float a = 0.0f;
-                for (int c = lane; c < k; c += 32) a = fmaxf(a, fabsf(input_at<kIn>(xe, tok, c, k)));
+                for (int c = lane; c < k; c += 32)
+                    a = fmaxf(a, fabsf(input_at<kIn>(xe, tok, c, k, norm_w, inv_rms)));
                 sx = fmaxf(__fdiv_rn(warp_max(a), 448.0f), 1.0f / (448.0f * 512.0f));
                 inv = __frcp_rn(sx);
             } else {
@@ -294,7 +346,7 @@ RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const void* __restrict__ x,
             float s = 0.0f;
             for (int c = lane; c < k; c += 32) {
                 const unsigned char code =
-                    kIn != kCodes ? __nv_cvt_float_to_fp8(input_at<kIn>(xe, tok, c, k) * inv,
+                    kIn != kCodes ? __nv_cvt_float_to_fp8(input_at<kIn>(xe, tok, c, k, norm_w, inv_rms) * inv,
                                                           __NV_SATFINITE, __NV_E4M3)
                                   : xq[(int64_t)tok * k + c];
                 s = fmaf(e4m3_to_f32(code), e4m3_to_f32(wrow[c]), s);
@@ -316,13 +368,15 @@ RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const void* __restrict__ x,
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
 #define RVLLM_FP8_GEMV_BODY(INPUT)                                                            \
     if ((k & 15) == 0) {                                                                      \
-        fp8_gemv_mma<true, INPUT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate);         \
+        fp8_gemv_mma<true, INPUT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate, norm_w, \
+                                  eps);                                                       \
     } else {                                                                                  \
-        fp8_gemv_mma<false, INPUT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate);        \
+        fp8_gemv_mma<false, INPUT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate, norm_w, \
+                                   eps);                                                      \
     }
 #else
 #define RVLLM_FP8_GEMV_BODY(INPUT) \
-    fp8_gemv_portable<INPUT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate)
+    fp8_gemv_portable<INPUT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate, norm_w, eps)
 #endif
 
 // Tokens past kMaxTokens have no column in the MMA: the host never asks for them.
@@ -331,6 +385,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_bf16, fp8_gem
     const unsigned char* __restrict__ wq, const float* __restrict__ w_scales, int m, int n,
     int k, int accumulate) {
     const void* x = xq;
+    const elem_t* norm_w = nullptr;
+    const float eps = 0.0f;
     m = min(m, kMaxTokens);
     RVLLM_FP8_GEMV_BODY(kCodes);
 }
@@ -339,6 +395,8 @@ extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_quant_bf16, f
     elem_t* y, const elem_t* __restrict__ x, const unsigned char* __restrict__ wq,
     const float* __restrict__ w_scales, int m, int n, int k, int accumulate) {
     const float* x_scales = nullptr;
+    const elem_t* norm_w = nullptr;
+    const float eps = 0.0f;
     m = min(m, kMaxTokens);
     RVLLM_FP8_GEMV_BODY(kElem);
 }
@@ -348,6 +406,17 @@ extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_silu_bf16, fp
     const float* __restrict__ w_scales, int m, int n, int k, int accumulate) {
     const elem_t* x = gate_up;
     const float* x_scales = nullptr;
+    const elem_t* norm_w = nullptr;
+    const float eps = 0.0f;
     m = min(m, kMaxTokens);
     RVLLM_FP8_GEMV_BODY(kSilu);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_norm_bf16, fp8_gemv_norm_f16)(
+    elem_t* y, const elem_t* __restrict__ x, const elem_t* __restrict__ norm_w, float eps,
+    const unsigned char* __restrict__ wq, const float* __restrict__ w_scales, int m, int n,
+    int k, int accumulate) {
+    const float* x_scales = nullptr;
+    m = min(m, kMaxTokens);
+    RVLLM_FP8_GEMV_BODY(kNorm);
 }

@@ -3,7 +3,8 @@
 //! nearest even with saturation), in both input types, on random inputs with the outputs
 //! poisoned first. Codes and scales must match bit for bit. And the FP8 GEMM through
 //! cuBLASLt (E4M3 x E4M3, per-tensor scale pointers, bf16 out), `fp8_scaled_mm`, the scaled
-//! epilogue and the small-batch `fp8_gemv` / `_quant` / `_silu` against the f32 reference.
+//! epilogue and the small-batch `fp8_gemv` / `_quant` / `_silu` / `_norm` against the f32
+//! reference.
 //!
 //! The reference codec is `rvllm_kernels::reference_fp8`, the one the engine's FP8 paths use
 //! (`rvllm::backend::cpu::fp8` re-exports it).
@@ -531,6 +532,58 @@ fn fp8_gemv_silu_matches_the_reference() {
                 );
                 assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &magnitude, e, n);
             }
+        }
+    }
+}
+
+/// `fp8_gemv_norm` (QKV / gate|up with the RMSNorm in its input) against the reference:
+/// `rmsnorm(x) * w` rounded to the element type (as rms_norm stores it), quantized per token,
+/// then `scaled_mm`; both element types, 1 to 8 tokens, k a multiple of 16 and not.
+#[test]
+fn fp8_gemv_norm_matches_the_reference() {
+    let Some(g) = gpu("fp8_gemv_norm_matches_the_reference") else {
+        return;
+    };
+    let mut r = rng("fp8_gemv_norm");
+    let eps = 1e-5f32;
+    for e in Elem::BOTH {
+        for &(m, n, k) in &[
+            (1usize, 6144usize, 4096usize),
+            (1, 100, 40),
+            (2, 64, 576),
+            (8, 33, 1000),
+        ] {
+            let (wq, sw) = per_token_inputs(&mut r, n, k);
+            let (bits, vals) = inputs(e, &mut r, m, k);
+            let (nw_bits, nw) = e.random(&mut r, k, 2.0);
+            let mut normed = rvllm_kernels::reference::rms_norm(&vals, &nw, eps);
+            e.round_all(&mut normed);
+            let (xq, sx) = quantize_per_token(&normed, k);
+            let want = scaled_mm(&xq, &sx, &wq, &sw, k);
+            let magnitude = term_magnitudes(&xq, &sx, &wq, &sw, k);
+            let (d_x, d_nw) = (g.upload(&bits), g.upload(&nw_bits));
+            let (d_wq, d_sw) = (g.upload(&wq), g.upload(&sw));
+            let d_y = g.poisoned(m * n, e.nan());
+            g.launch_args(
+                &e.module("fp8_gemv"),
+                &e.kernel("fp8_gemv_norm_bf16"),
+                (n.div_ceil(16) as u32, 1, 1),
+                (256, 1, 1),
+                args::Fp8GemvNorm {
+                    y: d_y.ptr,
+                    x: d_x.ptr,
+                    norm_w: d_nw.ptr,
+                    eps,
+                    wq: d_wq.ptr,
+                    w_scales: d_sw.ptr,
+                    m: m as i32,
+                    n: n as i32,
+                    k: k as i32,
+                    accumulate: 0,
+                },
+            );
+            let what = format!("{} fp8_gemv_norm {m}x{n}x{k}", e.name());
+            assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &magnitude, e, n);
         }
     }
 }

@@ -174,6 +174,13 @@ pub const FP8_GEMV_QUANT: Kernel<args::Fp8GemvQuant> = kernel!(
     "fp8_gemv_quant_bf16",
     "fp8_gemv_quant_f16"
 );
+/// fp8_gemv.cu with the RMSNorm and the quantization in each block's prologue.
+pub const FP8_GEMV_NORM: Kernel<args::Fp8GemvNorm> = kernel!(
+    args::Fp8GemvNorm,
+    "fp8_gemv",
+    "fp8_gemv_norm_bf16",
+    "fp8_gemv_norm_f16"
+);
 /// fp8_gemv.cu with silu_and_mul and the quantization in each block's prologue.
 pub const FP8_GEMV_SILU: Kernel<args::Fp8GemvSilu> = kernel!(
     args::Fp8GemvSilu,
@@ -287,6 +294,7 @@ pub fn all() -> Vec<NamedKernel> {
         FP8_GEMV.named(),
         FP8_GEMV_QUANT.named(),
         FP8_GEMV_SILU.named(),
+        FP8_GEMV_NORM.named(),
     ]);
     k
 }
@@ -301,7 +309,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 16 + 2 + 5 + 16 + 5 + 4 + 5 + 6);
+        assert_eq!(all.len(), 16 + 2 + 5 + 16 + 5 + 4 + 5 + 7);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);

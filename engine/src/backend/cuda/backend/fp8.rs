@@ -17,9 +17,8 @@
 //! in the same kernel, so a linear is two launches (quantize, GEMV). At batch 1 it is one:
 //! `fp8_gemv_quant` quantizes its input in its prologue (to the same codes), and
 //! `fp8_gemv_silu` also computes the down projection's silu(gate) * up there (no
-//! silu_and_mul launch, no activation stored). The norm before QKV and gate|up is still its
-//! own launch (rms_norm, then the FP8 linear): the compute type's gemv_bulk fuses it, this
-//! path does not yet.
+//! silu_and_mul launch, no activation stored) and `fp8_gemv_norm` the RMSNorm before QKV and
+//! gate|up (no rms_norm launch, no normed rows stored), as gemv_bulk's variants do.
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,8 +30,8 @@ use cudarc::driver::sys::CUdeviceptr;
 use rayon::prelude::*;
 
 use super::super::kernels::{
-    FP8_GEMV, FP8_GEMV_QUANT, FP8_GEMV_SILU, FP8_QUANT_PER_TOKEN, FP8_SCALED_EPILOGUE,
-    FP8_SCALED_MM,
+    FP8_GEMV, FP8_GEMV_NORM, FP8_GEMV_QUANT, FP8_GEMV_SILU, FP8_QUANT_PER_TOKEN,
+    FP8_SCALED_EPILOGUE, FP8_SCALED_MM,
 };
 use super::{CudaBackend, CudaTensor, CudaVector, CudaWeight};
 use crate::backend::cpu::fp8::{dynamic_scale, quantize_with_scale};
@@ -538,6 +537,41 @@ impl CudaBackend {
         bias: Option<&CudaVector>,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        if bias.is_none() && x.rows <= FP8_GEMV_QUANT_MAX_TOKENS && x.rows > 0 {
+            // Batch 1: the norm and the quantization inside the GEMV (the normed rows are not
+            // stored, as gemv_bulk's norm variant does not store them).
+            let Some(w_scales) = w.fp8_scales.as_ref() else {
+                bail!("fp8_norm_linear on a weight that is not FP8");
+            };
+            ensure!(
+                x.cols == w.cols && out.cols == w.rows && norm_weight.len == w.cols,
+                "FP8 norm_linear: input {}x{}, norm of {}, weight {}x{}, output of {} columns",
+                x.rows,
+                x.cols,
+                norm_weight.len,
+                w.rows,
+                w.cols,
+                out.cols
+            );
+            out.set_rows(x.rows)?;
+            return self.launch(
+                FP8_GEMV_NORM,
+                (w.rows.div_ceil(16) as u32, 1, 1),
+                256,
+                args::Fp8GemvNorm {
+                    y: out.ptr(),
+                    x: x.ptr(),
+                    norm_w: norm_weight.elem.ptr,
+                    eps,
+                    wq: w.buf.ptr,
+                    w_scales: w_scales.ptr,
+                    m: x.rows as i32,
+                    n: w.rows as i32,
+                    k: w.cols as i32,
+                    accumulate: 0,
+                },
+            );
+        }
         self.rms_norm(x, norm_weight, eps, normed)?;
         self.fp8_linear(normed, w, bias, out)
     }
@@ -846,7 +880,7 @@ mod tests {
                         "norm",
                         HostTensor {
                             shape: vec![k],
-                            data: HostData::F32(norm_v),
+                            data: HostData::F32(norm_v.clone()),
                         },
                     )
                     .unwrap();
@@ -854,8 +888,9 @@ mod tests {
                 let mut out = poisoned(m, n);
                 be.norm_linear(&x, &norm, 1e-5, &mut normed, &w, None, &mut out)
                     .unwrap();
-                let mut normed_host = Vec::new();
-                be.to_host(&normed, &mut normed_host).unwrap();
+                // The input: rmsnorm(x) * w rounded to the element type (as rms_norm stores it;
+                // batch 1 computes it inside the GEMV and stores no normed rows).
+                let normed_host = round(rvllm_kernels::reference::rms_norm(&xs, &norm_v, 1e-5));
                 check(
                     &format!("{what} norm_linear"),
                     &out,
