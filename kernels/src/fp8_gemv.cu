@@ -220,6 +220,7 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const void* __restrict__ x,
             // difference in the scale at most).
             for (int tok = 0; tok < m; ++tok) {
                 float ss = 0.0f;
+#pragma unroll 4
                 for (int c = threadIdx.x * 8; c < k; c += kThreads * 8) {
                     float f[8];
                     input8<kElem, kVec>(xe, tok, c, k, f, norm_w, 0.0f);
@@ -234,6 +235,10 @@ RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const void* __restrict__ x,
         for (int tok = 0; tok < m; ++tok) {
             const float tok_inv_rms = kIn == kNorm ? token_inv_rms[tok] : 0.0f;
             float a = 0.0f;
+            // Unrolled so that a thread's loads are in flight together: until this pass ends
+            // the block streams only its first weights (the down projection's 14,336-wide
+            // silu input is 7 chunks a thread, in one wave of blocks).
+#pragma unroll 4
             for (int c = threadIdx.x * 8; c < k; c += kThreads * 8) {
                 float f[8];
                 input8<kIn, kVec>(xe, tok, c, k, f, norm_w, tok_inv_rms);
