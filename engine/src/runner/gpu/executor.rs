@@ -144,6 +144,14 @@ impl GpuRunner {
             c.head_dim,
             dtype,
         )?;
+        // The NCCL path at tensor-parallel size 1 (a group of this one GPU, joined before the
+        // profiling pass and the graphs so that its all-reduces are captured like a rank's).
+        if tp == 1 && crate::backend::cuda::nccl::nccl_at_tp1() {
+            let comm =
+                crate::backend::cuda::nccl::NcclComm::group_of(std::slice::from_ref(&gpu), dtype)?
+                    .remove(0);
+            be.join_nccl_group(comm)?;
+        }
         // `--quantization fp8`: the projections upload as E4M3 (backend/fp8.rs).
         be.enable_online_fp8(c.family.quant.online_fp8)?;
         // Everything a step uses is allocated before the profiling pass measures what is left.
@@ -153,14 +161,6 @@ impl GpuRunner {
         let downloads = [Download::new(&sampler)?, Download::new(&sampler)?];
         let feed = gpu.alloc(max_rows * 2 * 4)?;
         let feed_staging = PinnedPair::new(max_rows * 2 * 4)?;
-        // The NCCL path at tensor-parallel size 1 (a group of this one GPU, joined before the
-        // profiling pass and the graphs so that its all-reduces are captured like a rank's).
-        if tp == 1 && crate::backend::cuda::nccl::nccl_at_tp1() {
-            let comm =
-                crate::backend::cuda::nccl::NcclComm::group_of(std::slice::from_ref(&gpu), dtype)?
-                    .remove(0);
-            be.join_nccl_group(comm)?;
-        }
 
         let t0 = std::time::Instant::now();
         if args.show_progress {
