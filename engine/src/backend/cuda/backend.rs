@@ -373,21 +373,27 @@ impl CudaBackend {
             out.cols
         );
         out.set_rows(gate_up.rows)?;
-        if gate_up.rows == 0 {
-            return Ok(());
+        // Rows go on the grid's y, which stops at 65,535: a mixture of experts' prefill has
+        // tokens x top-k rows (131,072 for 16,384 tokens at top 8), so launch in chunks.
+        const MAX_GRID_Y: usize = 65_535;
+        let mut row = 0;
+        while row < gate_up.rows {
+            let rows = (gate_up.rows - row).min(MAX_GRID_Y);
+            let a = args(
+                out.buf.ptr + (row * inter * ELEM_BYTES) as CUdeviceptr,
+                gate_up.buf.ptr + (row * 2 * inter * ELEM_BYTES) as CUdeviceptr,
+                rows as i32,
+                inter as i32,
+            );
+            self.launch(
+                kernel,
+                (inter.div_ceil(2048) as u32, rows as u32, 1),
+                256,
+                a,
+            )?;
+            row += rows;
         }
-        let a = args(
-            out.buf.ptr,
-            gate_up.buf.ptr,
-            gate_up.rows as i32,
-            inter as i32,
-        );
-        self.launch(
-            kernel,
-            (inter.div_ceil(2048) as u32, gate_up.rows as u32, 1),
-            256,
-            a,
-        )
+        Ok(())
     }
 
     fn launch_smem<A: KernelArgs>(
