@@ -364,7 +364,7 @@ impl CudaBackend {
         kernel: Kernel<A>,
         gate_up: &CudaTensor,
         out: &mut CudaTensor,
-        args: impl FnOnce(CUdeviceptr, CUdeviceptr, i32, i32) -> A,
+        args: impl Fn(CUdeviceptr, CUdeviceptr, i32, i32) -> A,
     ) -> Result<()> {
         let inter = gate_up.cols / 2;
         ensure!(
