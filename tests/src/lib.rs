@@ -29,8 +29,8 @@ pub const TINY_MODELS: [&str; 5] = [
 
 /// Tiny fixtures of the families beyond Llama/Mistral/Qwen2 (issue 18): Qwen3 (q/k norm),
 /// Qwen3 with YaRN, Phi-3/4 (LongRoPE, partial rotary), Gemma 2 and Gemma 3. Kept apart
-/// from `TINY_MODELS`: they are float32 on disk, and the GPU suites take their bf16 ones
-/// (qwen3, phi3, gemma3) by name.
+/// from `TINY_MODELS`: the GPU suites name the ones they run (qwen3, phi3 and gemma3 are
+/// bf16 on disk; gemma2 is float32, with no bf16 agreement record yet).
 pub const FAMILY_TINY_MODELS: [&str; 5] = ["qwen3", "qwen3_yarn", "phi3", "gemma2", "gemma3"];
 
 /// The fixtures root: `$RVLLM_FIXTURES_DIR` (a `cargo xtask gpu-test` folder on a machine
