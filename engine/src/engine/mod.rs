@@ -3,6 +3,7 @@
 pub mod args;
 pub mod async_engine;
 pub mod core;
+mod headless;
 pub mod llm;
 pub mod output;
 pub mod request;
@@ -11,6 +12,7 @@ pub use crate::scheduler::FinishReason;
 pub use args::EngineArgs;
 pub use async_engine::{AsyncEngine, EngineStats, RequestStream};
 pub use core::{resolve_device, Device, EngineCore};
+pub use headless::serve_headless;
 pub use llm::{CompletionOutput, Llm, RequestOutput};
 pub use output::{CompletionDelta, StopReason};
 pub use request::EngineError;

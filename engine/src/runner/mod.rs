@@ -14,15 +14,13 @@ use crate::scheduler::{ModelRunnerOutput, SchedulerOutput};
 mod batch;
 pub mod gpu;
 mod model_runner;
-mod tensor_parallel;
-mod tensor_parallel_headless;
-mod tensor_parallel_remote;
+pub(crate) mod tensor_parallel;
+pub(crate) mod tensor_parallel_remote;
 #[cfg(test)]
 mod tests;
 
 pub use batch::{build_forward_batch, RowUse};
 pub use model_runner::ModelRunner;
-pub use tensor_parallel_headless::serve_headless;
 pub use tensor_parallel_remote::MultiNode;
 
 /// What the engine core drives: `ModelRunner<B>` on a thread of its own for the CPU

@@ -6,7 +6,7 @@
 //!
 //! A peer is a rank on a thread of this process (`ThreadPeer`, the in-process communicator
 //! on one node) or, with `--nnodes` above 1, the ranks of another node, sent each step over
-//! TCP (`tensor_parallel_remote.rs`; that node's side is `tensor_parallel_headless.rs`).
+//! TCP (`tensor_parallel_remote.rs`; that node's side is `engine/headless.rs`).
 use std::ops::Range;
 use std::sync::{mpsc, Arc};
 
@@ -97,7 +97,7 @@ impl TpPeers {
 }
 
 /// One rank on a thread of this process.
-pub(super) struct ThreadPeer {
+pub(crate) struct ThreadPeer {
     rank: usize,
     steps: Option<mpsc::Sender<Arc<ForwardBatch>>>,
     done: mpsc::Receiver<Result<()>>,
@@ -105,14 +105,14 @@ pub(super) struct ThreadPeer {
 }
 
 impl ThreadPeer {
-    pub(super) fn start(&self, batch: Arc<ForwardBatch>) -> Result<()> {
+    pub(crate) fn start(&self, batch: Arc<ForwardBatch>) -> Result<()> {
         self.steps
             .as_ref()
             .and_then(|tx| tx.send(batch).ok())
             .with_context(|| format!("tensor-parallel rank {} has stopped", self.rank))
     }
 
-    pub(super) fn finish(&self) -> Result<()> {
+    pub(crate) fn finish(&self) -> Result<()> {
         let rank = self.rank;
         self.done
             .recv()
@@ -186,7 +186,7 @@ pub(super) fn tp_model_runner(
 /// keeps this node's (`LlamaModel::load_ranks` splits the whole group at once): more memory
 /// while loading on a node that holds only some of the ranks, none after. A CPU backend
 /// carries no state the weights depend on, so the ranks take their communicators later.
-pub(super) fn load_ranks_of(
+pub(crate) fn load_ranks_of(
     config: &ModelConfig,
     weights: Option<WeightMap>,
     tp: usize,
@@ -205,7 +205,7 @@ pub(super) fn load_ranks_of(
 
 /// Starts rank `rank` on a thread of its own: its KV cache of `blocks` blocks, its
 /// workspace, then a forward for every step it is handed.
-pub(super) fn spawn_peer(
+pub(crate) fn spawn_peer(
     rank: usize,
     be: CpuBackend,
     model: LlamaModel<CpuBackend>,

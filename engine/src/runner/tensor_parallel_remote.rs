@@ -1,7 +1,7 @@
 //! Tensor parallelism over several nodes (`--nnodes`), the leader's side. The
 //! `--tensor-parallel-size` ranks are split evenly over the nodes, node n holding ranks
 //! n·k..(n+1)·k (k = tp / nnodes). Node 0 (the leader) holds rank 0, schedules and serves;
-//! every other node runs `rvllm serve --headless` (`tensor_parallel_headless.rs`). All ranks
+//! every other node runs `rvllm serve --headless` (`engine/headless.rs`). All ranks
 //! meet at the leader's rendezvous on --master-port (`backend/parallel/wire.rs`) and reduce
 //! through the TCP communicator; each other node is a `RemoteNode` peer that gets every
 //! step's `ForwardBatch` on its control socket and answers when its ranks are done.
@@ -26,9 +26,9 @@ use crate::models::config::ModelConfig;
 use crate::models::weights::WeightMap;
 
 /// Control frames between the leader and a node.
-pub(super) const TAG_STEP: u8 = 0x53;
-pub(super) const TAG_DONE: u8 = 0x44;
-pub(super) const TAG_READY: u8 = 0x52;
+pub(crate) const TAG_STEP: u8 = 0x53;
+pub(crate) const TAG_DONE: u8 = 0x44;
+pub(crate) const TAG_READY: u8 = 0x52;
 
 /// Where this process sits in a group spread over several nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +48,7 @@ impl MultiNode {
     }
 
     /// `host:port` of the rendezvous (an IPv6 literal bracketed).
-    pub(super) fn rendezvous(&self) -> String {
+    pub(crate) fn rendezvous(&self) -> String {
         match self.master_addr.contains(':') && !self.master_addr.starts_with('[') {
             true => format!("[{}]:{}", self.master_addr, self.master_port),
             false => format!("{}:{}", self.master_addr, self.master_port),
@@ -59,7 +59,7 @@ impl MultiNode {
 /// What must agree between the nodes beyond the group's shape: the model as loaded
 /// (architecture, sizes, quantization, KV cache dtype, max_model_len) and the block size.
 /// FNV-1a of their debug text, which one build prints the same on every host.
-pub(super) fn config_fingerprint(config: &ModelConfig, cfg: &RunnerConfig) -> u64 {
+pub(crate) fn config_fingerprint(config: &ModelConfig, cfg: &RunnerConfig) -> u64 {
     let text = format!("{config:?}|block_size={}", cfg.block_size);
     text.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
@@ -254,7 +254,7 @@ pub(super) fn encode_batch(b: &ForwardBatch) -> Vec<u8> {
     out
 }
 
-pub(super) fn decode_batch(bytes: &[u8]) -> Result<ForwardBatch> {
+pub(crate) fn decode_batch(bytes: &[u8]) -> Result<ForwardBatch> {
     let mut r = Reader { bytes, at: 0 };
     let token_ids = r.u32s()?;
     let positions = r.u32s()?;

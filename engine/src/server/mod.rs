@@ -249,7 +249,7 @@ pub fn run(mut args: ServeArgs) -> Result<()> {
     }
     if args.headless {
         args.engine.kv_cache_dtype = args.vllm.kv_cache_dtype.clone();
-        return crate::runner::serve_headless(&args.engine);
+        return crate::engine::serve_headless(&args.engine);
     }
     let api_key = args
         .api_key

@@ -10,20 +10,20 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::tensor_parallel::{load_ranks_of, spawn_peer, ThreadPeer};
-use super::tensor_parallel_remote::{
-    config_fingerprint, decode_batch, MultiNode, TAG_DONE, TAG_READY, TAG_STEP,
-};
-use super::RunnerConfig;
+use super::core::resolve_device;
+use super::EngineArgs;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::parallel::wire::{
     self, connect, join, read_frame, write_frame, Hello, Role, TAG_ERROR,
 };
 use crate::backend::parallel::{HostCommunicator, TcpGroup};
-use crate::engine::core::resolve_device;
-use crate::engine::EngineArgs;
 use crate::models::quant::{apply_runtime_options, KvCacheDtype};
 use crate::models::{load_model, LoadFormat, LoadOptions};
+use crate::runner::tensor_parallel::{load_ranks_of, spawn_peer, ThreadPeer};
+use crate::runner::tensor_parallel_remote::{
+    config_fingerprint, decode_batch, MultiNode, TAG_DONE, TAG_READY, TAG_STEP,
+};
+use crate::runner::RunnerConfig;
 
 /// Runs this process as worker node `--node-rank` until the leader closes.
 pub fn serve_headless(args: &EngineArgs) -> Result<()> {
