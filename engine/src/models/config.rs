@@ -286,7 +286,7 @@ pub fn implied_head_dim(
         name(Field::NumAttentionHeads)
     );
     ensure!(
-        hidden_size % num_attention_heads == 0,
+        hidden_size.is_multiple_of(num_attention_heads),
         "`{}` = {hidden_size} is not divisible by `{}` = {num_attention_heads}, and no `{}` gives the head size",
         name(Field::HiddenSize),
         name(Field::NumAttentionHeads),
@@ -327,13 +327,14 @@ impl ModelConfig {
             );
         }
         ensure!(
-            self.head_dim % 2 == 0,
+            self.head_dim.is_multiple_of(2),
             "{} = {} is odd: rotary embeddings rotate pairs of dimensions",
             field(Field::HeadDim),
             self.head_dim
         );
         ensure!(
-            self.num_attention_heads % self.num_key_value_heads == 0,
+            self.num_attention_heads
+                .is_multiple_of(self.num_key_value_heads),
             "{} = {} attention heads cannot be shared by {} = {} KV heads (it must divide them)",
             field(Field::NumAttentionHeads),
             self.num_attention_heads,
@@ -381,7 +382,7 @@ impl ModelConfig {
         }
         let rot = self.rotary_dim();
         ensure!(
-            rot > 0 && rot % 2 == 0 && rot <= self.head_dim,
+            rot > 0 && rot.is_multiple_of(2) && rot <= self.head_dim,
             "{} gives {rot} rotated dimensions of {}: it must be an even number between 2 and the head size",
             field(Field::PartialRotaryFactor),
             self.head_dim

@@ -30,7 +30,7 @@ pub fn rope_and_write_kv(
     let hd = layout.head_dim;
     let (q_size, kv_size) = (layout.q_size(), layout.kv_size());
     ensure!(
-        hd > 0 && hd % 2 == 0,
+        hd > 0 && hd.is_multiple_of(2),
         "rope: head_dim {hd} must be even and non-zero"
     );
     ensure!(

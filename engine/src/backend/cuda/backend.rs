@@ -1245,7 +1245,7 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return Ok(());
         }
-        if x.rows == 1 && w.cols % 8 == 0 {
+        if x.rows == 1 && w.cols.is_multiple_of(8) {
             // Batch-1 decode streams every weight once: our GEMV reads them faster than cuBLAS.
             self.gemv_b1(x.buf.ptr, w, out.buf.ptr)?;
         } else {
@@ -1531,7 +1531,7 @@ impl Backend for CudaBackend {
             return self.fp8_silu_mul_linear(gate_up, down, act, out);
         }
         let inter = gate_up.cols / 2;
-        if gate_up.rows != 1 || inter != down.cols || inter % 8 != 0 {
+        if gate_up.rows != 1 || inter != down.cols || !inter.is_multiple_of(8) {
             self.silu_and_mul(gate_up, act)?;
             return self.linear(act, down, None, out);
         }
@@ -1633,7 +1633,7 @@ impl Backend for CudaBackend {
         {
             return Ok(());
         }
-        if x.rows == 1 && w.cols % 8 == 0 {
+        if x.rows == 1 && w.cols.is_multiple_of(8) {
             // The classic GEMV has no add: product, then the elementwise add.
             self.linear(x, w, None, scratch)?;
             return self.add_inplace(residual, scratch);

@@ -96,7 +96,7 @@ pub fn tensor_nbytes(t: u32, numel: u64, row_len: u64) -> Result<u64> {
         );
     };
     ensure!(
-        row_len % block == 0,
+        row_len.is_multiple_of(block),
         "rows of {row_len} values are not a whole number of {}-value {} blocks",
         block,
         type_name(t)
@@ -123,7 +123,7 @@ pub fn dequantize(t: u32, bytes: &[u8], numel: usize) -> Result<HostData> {
     })?;
     let (block, bsize) = (block as usize, bsize as usize);
     ensure!(
-        numel % block == 0 && bytes.len() == numel / block * bsize,
+        numel.is_multiple_of(block) && bytes.len() == numel / block * bsize,
         "{} data of {} bytes does not hold {numel} values",
         type_name(t),
         bytes.len()

@@ -313,7 +313,7 @@ fn unpermute_tensor(t: HostTensor, n_heads: usize) -> Result<HostTensor> {
     let rows = t.shape[0];
     let cols: usize = t.shape[1..].iter().product();
     ensure!(
-        n_heads > 0 && rows % n_heads == 0 && (rows / n_heads) % 2 == 0,
+        n_heads > 0 && rows.is_multiple_of(n_heads) && (rows / n_heads).is_multiple_of(2),
         "{rows} rows do not split into {n_heads} heads of even size"
     );
     let data = match &t.data {
