@@ -87,13 +87,12 @@ pub fn prefix_repetition_prompts(
 /// `rvllm:prefix_cache_*_total` or vLLM's `vllm:prefix_cache_*_total`, summed over label
 /// sets. None when the page has neither (a server without prefix-cache metrics).
 pub fn prefix_cache_counters(metrics: &str) -> Option<(f64, f64)> {
-    let sum = |what: &str| -> Option<f64> {
+    // Summed over label sets (one a model). rvllm exports both names, so its own series is
+    // read when present and vLLM's otherwise (a vLLM server).
+    let sum = |series: &str| -> Option<f64> {
         let mut found = None;
         for line in metrics.lines().filter(|l| !l.starts_with('#')) {
-            let name = line.split(['{', ' ']).next().unwrap_or("");
-            let ours = name == format!("rvllm:prefix_cache_{what}_total")
-                || name == format!("vllm:prefix_cache_{what}_total");
-            if !ours {
+            if line.split(['{', ' ']).next() != Some(series) {
                 continue;
             }
             if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
@@ -102,7 +101,12 @@ pub fn prefix_cache_counters(metrics: &str) -> Option<(f64, f64)> {
         }
         found
     };
-    Some((sum("hits")?, sum("queries")?))
+    ["rvllm", "vllm"].iter().find_map(|ns| {
+        Some((
+            sum(&format!("{ns}:prefix_cache_hits_total"))?,
+            sum(&format!("{ns}:prefix_cache_queries_total"))?,
+        ))
+    })
 }
 
 /// "12.3 % (hits / queries tokens)", or a note that nothing was looked up.
@@ -181,6 +185,9 @@ mod tests {
                     vllm:prefix_cache_hits_total{engine=\"1\",model_name=\"m\"} 1.0\n\
                     vllm:prefix_cache_queries_created{model_name=\"m\"} 1.7e9\n";
         assert_eq!(prefix_cache_counters(vllm), Some((6.0, 10.0)));
+        // rvllm's page carries both names for the same counts: read once, not twice.
+        let both = format!("{ours}{}", ours.replace("rvllm:", "vllm:"));
+        assert_eq!(prefix_cache_counters(&both), Some((32.0, 96.0)));
         assert_eq!(
             prefix_cache_counters("rvllm:num_requests_running 0\n"),
             None
