@@ -7,10 +7,9 @@
 //   -> moe_unpermute (each token's expert rows, weighted, summed).
 //
 // The CPU reference of every kernel is `rvllm_kernels::reference` (reference_moe.rs); the
-// engine's CPU backend (backend/cpu/moe.rs) computes the same function. This is the first,
-// correct version: the grouped GEMM is a warp-per-output dot product (experts with no token
-// return at once, so batch-1 decode reads only the selected experts' weights); tensor-core
-// tiles for large batches come next.
+// engine's CPU backend (backend/cpu/moe.rs) computes the same function. The grouped GEMM
+// (moe_gemm.cu) reads each expert's rows from the offsets on the device; a block whose expert
+// has no row returns at once, so batch-1 decode reads only the selected experts' weights.
 //
 // Kernels (all extern "C"):
 //   moe_topk_softmax_bf16(topk_ids, topk_weights, logits, tokens, experts, top_k, renormalize)
@@ -25,11 +24,8 @@
 //       pairs, 1024 at a time.
 //   moe_gather_bf16(rows, x, sorted_pairs, pairs, hidden, top_k)
 //       rows[s] = x[sorted_pairs[s] / top_k]; grid (P), block 256.
-//   moe_grouped_gemm_bf16(out, in, w, expert_offsets, experts, n, k)
-//       out[s, j] = sum_l in[s, l] * w[e, j, l] for the slots s of expert e; w [E, n, k].
-//       grid (ceil(n / 8), E, row_chunks), block 256 (a warp an output column); f32 sums;
-//       16-byte loads when k is a multiple of 8 (then in, w and their rows must be 16-byte
-//       aligned, as device allocations and whole rows are).
+//   moe_grouped_gemm_bf16 (gate/up and down) lives in moe_gemm.cu: tensor-core tiles of 64
+//       rows of an expert by 64 output columns.
 //   moe_unpermute_bf16(out, rows, pair_slots, topk_weights, tokens, hidden, top_k)
 //       out[t] = sum_j topk_weights[t, j] * rows[pair_slots[t * k + j]] (f32, j in order);
 //       grid (T), block 256.
@@ -170,41 +166,6 @@ extern "C" __global__ void DT(moe_gather_bf16, moe_gather_f16)(
     const elem_t* src = x + (int64_t)(sorted_pairs[s] / top_k) * hidden;
     elem_t* dst = rows + (int64_t)s * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
-}
-
-extern "C" __global__ void DT(moe_grouped_gemm_bf16, moe_grouped_gemm_f16)(
-    elem_t* __restrict__ out, const elem_t* __restrict__ in, const elem_t* __restrict__ w,
-    const int* __restrict__ expert_offsets, int experts, int n, int k) {
-    pdl_enter();
-    const int e = blockIdx.y;
-    if (e >= experts) return;
-    const int first = expert_offsets[e], count = expert_offsets[e + 1] - first;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int j = blockIdx.x * (blockDim.x / 32) + warp;
-    if (count == 0 || j >= n) return;
-    const elem_t* wrow = w + ((int64_t)e * n + j) * k;
-    // Rows of a multiple of 8 elements start 16-byte aligned (cuMemAlloc aligns the buffers):
-    // a lane then loads 8 elements at once, so a warp streams 512 bytes a request.
-    const bool wide = k % 8 == 0;
-    for (int r = blockIdx.z; r < count; r += gridDim.z) {
-        const elem_t* xrow = in + (int64_t)(first + r) * k;
-        float acc = 0.0f;
-        if (wide) {
-            const Elem8* x8 = reinterpret_cast<const Elem8*>(xrow);
-            const Elem8* w8 = reinterpret_cast<const Elem8*>(wrow);
-            for (int l = lane; l < k / 8; l += 32) {
-                float a[8], b[8];
-                elem8_to_f32(x8[l], a);
-                elem8_to_f32(w8[l], b);
-#pragma unroll
-                for (int i = 0; i < 8; ++i) acc += a[i] * b[i];
-            }
-        } else {
-            for (int l = lane; l < k; l += 32) acc += to_f32(xrow[l]) * to_f32(wrow[l]);
-        }
-        acc = warp_sum(acc);
-        if (lane == 0) out[(int64_t)(first + r) * n + j] = from_f32(acc);
-    }
 }
 
 extern "C" __global__ void DT(moe_unpermute_bf16, moe_unpermute_f16)(

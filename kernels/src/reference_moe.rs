@@ -1,5 +1,38 @@
 //! CPU references of the fused mixture-of-experts kernels (`moe.cu`), one function a kernel,
-//! in f32. The engine's CPU backend (`backend/cpu/moe.rs`) computes the same layer.
+//! in f32. The engine's CPU backend (`backend/cpu/moe.rs`) computes the same layer. The grouped
+//! GEMM's launch geometry (`moe_gemm.cu`) is here too, so the engine and the GPU tests launch it
+//! the same way.
+
+/// Rows of one expert a tile of the tensor-core grouped GEMM (`moe_gemm.cu`'s kBM).
+pub const MOE_GEMM_TILE_ROWS: usize = 64;
+/// Output columns a block of the grouped GEMM (kBN).
+pub const MOE_GEMM_TILE_COLS: usize = 64;
+/// Threads a block of the grouped GEMM (kThreads).
+pub const MOE_GEMM_THREADS: u32 = 128;
+/// Dynamic shared memory a block of the grouped GEMM: 4 stages of a 64 x 64 input tile and a
+/// 64 x 64 weight tile, rows padded to 72 elements (kSmemBytes, checked there).
+pub const MOE_GEMM_SMEM_BYTES: u32 = 4 * (64 + 64) * (64 + 8) * 2;
+
+/// `(grid, block, dynamic shared bytes)` of `moe_grouped_gemm` with `n` output columns over
+/// `pairs` rows of `experts` experts. The grid depends on the shape alone (a CUDA graph freezes
+/// it): a block a tile of 64 columns and expert, and a depth of row tiles each block strides
+/// by, about two tiles' worth of the average expert's rows (so an expert of twice the average
+/// load still has a block a tile), at most 64. Blocks with no rows there return at once.
+pub fn moe_grouped_gemm_launch(
+    n: usize,
+    experts: usize,
+    pairs: usize,
+) -> ((u32, u32, u32), u32, u32) {
+    let depth = (2 * pairs)
+        .div_ceil(experts.max(1) * MOE_GEMM_TILE_ROWS)
+        .clamp(1, 64);
+    let grid = (
+        n.div_ceil(MOE_GEMM_TILE_COLS).max(1) as u32,
+        experts.max(1) as u32,
+        depth as u32,
+    );
+    (grid, MOE_GEMM_THREADS, MOE_GEMM_SMEM_BYTES)
+}
 
 /// `moe_topk_softmax`: each token's `top_k` experts (ascending) and weights from router logits
 /// `[tokens, experts]`: softmax, the largest probabilities (ties to the lower expert), divided

@@ -1,10 +1,13 @@
-//! The fused mixture-of-experts kernels (`moe.cu`) against their CPU references
+//! The fused mixture-of-experts kernels (`moe.cu`, `moe_gemm.cu`) against their CPU references
 //! (`rvllm_kernels::reference::moe_*`), chained as the engine will run them: routing, the
 //! expert sort, gather, the gate/up grouped GEMM, SiLU-and-mul, the down grouped GEMM and the
 //! weighted un-permute. Shapes: batches of 1, 7, 64 and 1,024 tokens; routings where some
 //! experts get no token and where one expert gets every token (at each batch size); Mixtral's
-//! 8 experts top-2 and Qwen3-MoE's 128 top-8. Routing ids, offsets and slots must match exactly; the numbers within
-//! the element type's tolerance.
+//! 8 experts top-2 and Qwen3-MoE's 128 top-8, and its hidden size and expert width (2,048 and
+//! 768); reduction lengths that are no multiple of the grouped GEMM's 64-deep stages or of 8
+//! (its element loads), output widths that are no multiple of its 64-column tiles or odd. Every
+//! output is poisoned (NaN) first. Routing ids, offsets and slots must match exactly; the
+//! numbers within the element type's tolerance.
 //!
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns.
 mod gpu_harness;
@@ -43,6 +46,13 @@ fn shapes() -> Vec<Shape> {
         s(7, 128, 8, 128, 64, true, true),
         // Rows of a length that is no multiple of 8: the grouped GEMM's scalar loads.
         s(7, 8, 2, 100, 36, true, false),
+        // Qwen3-30B-A3B's hidden size and expert width (fewer experts): 32 stages of the
+        // reduction, 24 and 32 column tiles.
+        s(7, 16, 8, 2048, 768, true, false),
+        // Reductions of 200 and 40 (16-byte loads, a zero-filled tail), 80 and 101 output
+        // columns (partial tiles, an odd row length), 101-long rows (scalar loads).
+        s(64, 8, 2, 200, 40, true, false),
+        s(64, 8, 2, 101, 40, false, false),
         s(64, 8, 2, 256, 192, true, false),
         s(64, 16, 1, 128, 64, false, true),
         s(1024, 8, 2, 128, 64, true, false),
@@ -51,6 +61,9 @@ fn shapes() -> Vec<Shape> {
         s(1024, 128, 8, 128, 32, false, true),
         // 3,000 pairs: the last chunk of moe_align is partial.
         s(1000, 16, 3, 128, 32, false, false),
+        // Top 1, every token to expert 0 and no other expert busy: 16 row tiles of one expert,
+        // four a block (the grid's depth follows the average load, 128 rows).
+        s(1024, 8, 1, 256, 128, false, true),
     ]
 }
 
@@ -162,11 +175,13 @@ fn the_fused_moe_chain_matches_the_reference() {
             let (d_wgu, d_wd) = (g.upload(&wgu_bits), g.upload(&wd_bits));
             let gate_up = g.poisoned(p * 2 * i, e.nan());
             let grouped = |out: u64, input: u64, w: u64, n: usize, kk: usize| {
-                g.launch_args(
-                    &e.module("moe"),
+                let (grid, block, smem) = reference::moe_grouped_gemm_launch(n, ex, p);
+                g.launch_args_smem(
+                    &e.module("moe_gemm"),
                     &e.kernel("moe_grouped_gemm_bf16"),
-                    (n.div_ceil(8) as u32, ex as u32, 4),
-                    (256, 1, 1),
+                    grid,
+                    (block, 1, 1),
+                    smem,
                     args::MoeGroupedGemm {
                         out,
                         r#in: input,

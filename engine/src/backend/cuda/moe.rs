@@ -7,14 +7,12 @@
 //! (gate/up, `[E, 2I, H]`) -> `silu_and_mul` over all pairs -> `moe_grouped_gemm` (down,
 //! `[E, H, I]`) -> `moe_unpermute` (each token's rows, weighted, summed in expert order).
 //!
-//! A step that a decode graph may hold never reads the routing on the host: every grid is a
-//! function of the batch size and the layout alone, and the grouped GEMM reads each expert's rows from the offsets on the
-//! device (an expert with no pair returns at once), so a decode step captures into a CUDA graph
-//! and batch-1 decode reads only the selected experts' weights. The price is a GEMM without
-//! tensor cores (a warp an output), correct first. Steps with more tokens than
-//! `--max-num-seqs` (the largest decode graph) are prefills, never captured: they read the
-//! offsets back (one stream sync) and run one cuBLAS GEMM an expert with rows, since the
-//! warp-an-output GEMM would re-read each row from L2 once per output column.
+//! No step reads the routing on the host: every grid is a function of the batch size and the
+//! layout alone, and the grouped GEMM (kernels/src/moe_gemm.cu, tensor cores, tiles of 64 of an
+//! expert's rows by 64 output columns) reads each expert's rows from the offsets on the device
+//! (a block whose expert has no rows there returns at once), so decode steps capture into CUDA
+//! graphs and batch-1 decode streams only the selected experts' weights, each once. Prefills
+//! run the same kernels (no stream sync, one launch a projection).
 use std::sync::Mutex;
 
 use anyhow::{ensure, Result};
@@ -22,8 +20,9 @@ use cudarc::driver::sys::CUdeviceptr;
 
 use super::backend::{CudaBackend, CudaTensor, CudaWeight};
 use super::device::DevBuf;
-use super::elem::{kernel, Kernel, NamedKernel, ELEM_BYTES};
+use super::elem::{kernel, Kernel, NamedKernel};
 use crate::backend::{Activation, Backend, MoeLayout, MoeScratch};
+use rvllm_kernels::reference::moe_grouped_gemm_launch;
 use rvllm_kernels::{args, KernelArgs};
 
 pub const MOE_TOPK_SOFTMAX: Kernel<args::MoeTopkSoftmax> = kernel!(
@@ -38,7 +37,7 @@ pub const MOE_GATHER: Kernel<args::MoeGather> =
     kernel!(args::MoeGather, "moe", "moe_gather_bf16", "moe_gather_f16");
 pub const MOE_GROUPED_GEMM: Kernel<args::MoeGroupedGemm> = kernel!(
     args::MoeGroupedGemm,
-    "moe",
+    "moe_gemm",
     "moe_grouped_gemm_bf16",
     "moe_grouped_gemm_f16"
 );
@@ -64,16 +63,6 @@ pub fn kernels() -> Vec<NamedKernel> {
 /// picks one a lane.
 const MAX_EXPERTS: usize = 1024;
 const MAX_TOP_K: usize = 32;
-
-/// Output columns of the grouped GEMM a block (a warp each, block 256).
-const GEMM_COLS_PER_BLOCK: usize = 8;
-
-/// The grouped GEMM's grid depth: each block strides over its expert's rows by it. From the
-/// shape alone (a graph freezes the grid): about one row a block per expert at the average
-/// load, at most 64.
-pub fn gemm_row_chunks(pairs: usize, experts: usize) -> usize {
-    pairs.div_ceil(experts.max(1)).clamp(1, 64)
-}
 
 /// The layer's operands against its layout (the CPU backend's checks, and the kernels'
 /// limits), as `(rows, cols)`.
@@ -192,61 +181,28 @@ impl CudaBackend {
         kernel: Kernel<A>,
         grid: (u32, u32, u32),
         block: u32,
+        args: A,
+    ) -> Result<()> {
+        self.launch_moe_smem(kernel, grid, block, 0, args)
+    }
+
+    fn launch_moe_smem<A: KernelArgs>(
+        &self,
+        kernel: Kernel<A>,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared_bytes: u32,
         mut args: A,
     ) -> Result<()> {
         let (module, name) = kernel.of(self.dtype);
-        self.gpu
-            .launch_params(module, name, grid, (block, 1, 1), 0, args.params())
-    }
-
-    /// `moe_align`'s offsets, read back (a stream sync), checked to partition the pairs.
-    fn expert_offsets_on_host(
-        &self,
-        offsets: CUdeviceptr,
-        experts: usize,
-        pairs: usize,
-    ) -> Result<Vec<i32>> {
-        let mut off = vec![0i32; experts + 1];
-        self.gpu.download(&mut off, offsets)?;
-        ensure!(
-            off[0] == 0 && off[experts] as usize == pairs && off.windows(2).all(|w| w[0] <= w[1]),
-            "moe: the expert offsets from the device do not partition the {pairs} pairs \
-             (first {}, last {})",
-            off[0],
-            off[experts]
-        );
-        Ok(off)
-    }
-
-    /// `out[s] = input[s] @ w[e]^T` for each expert's rows `s` (`offsets`), one cuBLAS GEMM
-    /// an expert with rows; `w` is `[E, n, k]`.
-    fn per_expert_gemms(
-        &self,
-        offsets: &[i32],
-        out: CUdeviceptr,
-        input: CUdeviceptr,
-        w: CUdeviceptr,
-        n: usize,
-        k: usize,
-    ) -> Result<()> {
-        let elem = ELEM_BYTES as u64;
-        for (e, span) in offsets.windows(2).enumerate() {
-            let (first, rows) = (span[0] as u64, (span[1] - span[0]) as usize);
-            if rows == 0 {
-                continue;
-            }
-            self.gpu.gemm(
-                self.dtype,
-                input + first * (k as u64) * elem,
-                w + (e * n * k) as u64 * elem,
-                out + first * (n as u64) * elem,
-                rows,
-                n,
-                k,
-                false,
-            )?;
-        }
-        Ok(())
+        self.gpu.launch_params(
+            module,
+            name,
+            grid,
+            (block, 1, 1),
+            shared_bytes,
+            args.params(),
+        )
     }
 
     /// `Backend::moe` (see the module comment).
@@ -341,24 +297,14 @@ impl CudaBackend {
                 top_k: k32,
             },
         )?;
-        // Steps larger than any decode graph (prefills) read the expert counts on the host
-        // and give each expert's rows to cuBLAS (tensor cores); steps a graph may hold never
-        // leave the device.
-        let host_offsets = if tokens > self.limits().max_seqs {
-            Some(self.expert_offsets_on_host(r.expert_offsets, e, pairs)?)
-        } else {
-            None
-        };
-        let chunks = gemm_row_chunks(pairs, e) as u32;
         let grouped =
             |out: CUdeviceptr, input: CUdeviceptr, w: CUdeviceptr, n: usize, kk: usize| {
-                if let Some(offsets) = &host_offsets {
-                    return self.per_expert_gemms(offsets, out, input, w, n, kk);
-                }
-                self.launch_moe(
+                let (grid, block, smem) = moe_grouped_gemm_launch(n, e, pairs);
+                self.launch_moe_smem(
                     MOE_GROUPED_GEMM,
-                    (n.div_ceil(GEMM_COLS_PER_BLOCK) as u32, e as u32, chunks),
-                    256,
+                    grid,
+                    block,
+                    smem,
                     args::MoeGroupedGemm {
                         out,
                         r#in: input,
@@ -416,7 +362,7 @@ mod tests {
                 f16: Some(k.of(GpuDtype::F16)),
             };
             assert!(k.declared.contains(&want), "{module}.{name}");
-            assert_eq!(k.of(GpuDtype::F16).0, "moe_f16");
+            assert!(module.starts_with("moe"), "{module}.{name}");
         }
     }
 
@@ -437,15 +383,18 @@ mod tests {
         assert!(e.to_string().contains("top_k 9 of 8"), "{e}");
     }
 
-    /// The grid depth depends on the shape only, covers batch 1 with one chunk and stays
-    /// bounded for large prefills.
+    /// The grouped GEMM's grid depends on the shape only: a block a 64-column tile and
+    /// expert, one row tile deep up to 32 rows an expert on average (every decode batch of
+    /// Qwen3-MoE up to 512 tokens), deeper for prefills, bounded.
     #[test]
-    fn grouped_gemm_depth_follows_the_average_load() {
-        assert_eq!(gemm_row_chunks(8, 128), 1);
-        assert_eq!(gemm_row_chunks(2, 8), 1);
-        assert_eq!(gemm_row_chunks(64 * 2, 8), 16);
-        assert_eq!(gemm_row_chunks(1024 * 8, 128), 64);
-        assert_eq!(gemm_row_chunks(0, 0), 1);
+    fn grouped_gemm_grid_follows_the_average_load() {
+        let grid = |n, e, p| moe_grouped_gemm_launch(n, e, p).0;
+        assert_eq!(grid(1536, 128, 8), (24, 128, 1));
+        assert_eq!(grid(2048, 128, 512 * 8), (32, 128, 1));
+        assert_eq!(grid(2048, 128, 1024 * 8), (32, 128, 2));
+        assert_eq!(grid(100, 8, 2), (2, 8, 1));
+        assert_eq!(grid(2048, 128, 1 << 24), (32, 128, 64));
+        assert_eq!(grid(0, 0, 0), (1, 1, 1));
     }
     /// A deterministic pseudo-random fill in [-scale, scale).
     fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -466,8 +415,6 @@ mod tests {
     /// where one expert gets every token. The router reads dimension `e` of x for expert `e`,
     /// and those dimensions hold levels 0.25 apart (exact in bf16 and f16), so the routing
     /// cannot flip between the GPU's rounded logits and the CPU's. Outputs are poisoned first.
-    /// Each case runs on the grouped kernel and, past one token, on the per-expert cuBLAS
-    /// path.
     #[test]
     fn the_gpu_layer_matches_the_cpu_backend() {
         use super::super::backend::StepLimits;
@@ -479,11 +426,9 @@ mod tests {
             return;
         }
         let gpu = std::sync::Arc::new(super::super::Gpu::new(0).expect("a CUDA context"));
-        // max_seqs 1: every batch past 1 token takes the per-expert cuBLAS path; 1024: every
-        // batch here takes the grouped kernel that graphs hold.
-        let limits = |max_seqs| StepLimits {
+        let limits = StepLimits {
             max_tokens: 1024,
-            max_seqs,
+            max_seqs: 1024,
             max_blocks_per_seq: 1,
         };
         let cpu = CpuBackend::new();
@@ -497,13 +442,8 @@ mod tests {
             (8, 2, 1024, true, false),
             (128, 8, 1024, true, true),
         ];
-        for (dtype, max_seqs) in [
-            (GpuDtype::Bf16, 1),
-            (GpuDtype::Bf16, 1024),
-            (GpuDtype::F16, 1),
-            (GpuDtype::F16, 1024),
-        ] {
-            let be = CudaBackend::new(gpu.clone(), limits(max_seqs), 1, 1, 64, dtype).unwrap();
+        for dtype in [GpuDtype::Bf16, GpuDtype::F16] {
+            let be = CudaBackend::new(gpu.clone(), limits, 1, 1, 64, dtype).unwrap();
             let round = |v: Vec<f32>| -> Vec<f32> {
                 v.into_iter()
                     .map(|x| value_of(bits_of(x, dtype), dtype))
@@ -511,8 +451,7 @@ mod tests {
             };
             for (seed, &(e, k, tokens, renormalize, one_expert)) in cases.iter().enumerate() {
                 let (h, inter) = (256, 64);
-                let what =
-                    format!("{dtype:?} max_seqs {max_seqs}: experts {e} top {k} tokens {tokens}");
+                let what = format!("{dtype:?}: experts {e} top {k} tokens {tokens}");
                 let l = MoeLayout {
                     num_experts: e,
                     top_k: k,
