@@ -325,6 +325,7 @@ pub fn run(args: Args) -> Result<()> {
         ("run.sh", RUN_SH),
         ("bench.sh", BENCH_SH),
         ("trace_report.py", TRACE_REPORT),
+        ("make_bench_tokenizer.py", MAKE_BENCH_TOKENIZER),
     ] {
         let path = out.join(name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -379,6 +380,9 @@ fn git_commit(root: &Path) -> Option<String> {
 const BENCH_SH: &str = include_str!("gpu_test/bench.sh");
 /// Summarises the block timeline of bench.sh's `trace` targets.
 const TRACE_REPORT: &str = include_str!("gpu_test/trace_report.py");
+/// Gives the config-only benchmark model a synthetic tokenizer of its vocabulary size, which
+/// structured output needs (bench.sh's `serve-structured` and `throughput-structured`).
+const MAKE_BENCH_TOKENIZER: &str = include_str!("gpu_test/make_bench_tokenizer.py");
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # rvllm GPU tests, gathered by `cargo xtask gpu-test`. Usage: ./run.sh [test-binary args]

@@ -9,9 +9,10 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use super::dataset::{describe_hit_rate, prefix_repetition_prompts, PrefixRepetitionArgs};
-use crate::engine::{EngineArgs, Llm};
+use super::structured::{self, StructuredOutputArgs};
+use crate::engine::{EngineArgs, FinishReason, Llm};
 use crate::models::config::ModelConfig;
-use crate::sampling::SamplingParams;
+use crate::sampling::{SamplingParams, StructuredOutput};
 
 #[derive(Args, Clone, Debug)]
 pub struct LatencyArgs {
@@ -70,6 +71,10 @@ pub struct ThroughputArgs {
     /// repetition penalty of 1.1.
     #[arg(long, default_value_t = 0.0)]
     pub penalty_fraction: f64,
+    /// A share of the requests constrained by a JSON schema, as `bench serve` sends them;
+    /// the step profile then counts the steps with grammar masks beside the graph replays.
+    #[command(flatten)]
+    pub structured: StructuredOutputArgs,
 }
 
 /// The ids random prompts are drawn from: the lowest are skipped, since special tokens live
@@ -268,8 +273,12 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
             && (0.0..=1.0).contains(&args.penalty_fraction),
         "--logprobs-fraction and --penalty-fraction are shares between 0 and 1"
     );
+    let plan = structured::plan(&args.structured, prompts.len(), args.seed)?;
+    let constrained = |i: usize| plan.as_ref().filter(|p| p.constrained.contains(&i));
     let per_request: Vec<SamplingParams> = (0..prompts.len())
         .map(|i| SamplingParams {
+            structured_output: constrained(i)
+                .map(|p| StructuredOutput::JsonSchema(p.schema.clone())),
             logprobs: picked(i, args.logprobs_fraction, 0.0).then_some(5),
             repetition_penalty: if picked(i, args.penalty_fraction, 0.5) {
                 1.1
@@ -306,6 +315,25 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
         "Prefix cache hit rate: {}",
         describe_hit_rate(hits as f64, queries as f64)
     );
+    let tally = plan.as_ref().map(|p| {
+        let outputs = outs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| constrained(*i).is_some())
+            .flat_map(|(_, o)| &o.outputs)
+            .map(|c| {
+                let finish = match c.finish_reason {
+                    Some(FinishReason::Stop) => Some("stop"),
+                    Some(_) => Some("length"),
+                    None => None,
+                };
+                (c.text.as_str(), finish)
+            });
+        structured::tally(&p.schema, outputs)
+    });
+    if let Some(t) = &tally {
+        t.print(args.structured.structured_output_ratio);
+    }
     print_step_profile(&llm);
     let mut out = json!({
         "elapsed_time": elapsed,
@@ -319,7 +347,13 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
         "prefix_cache_hits": hits,
         "prefix_cache_hit_rate": scheduler.prefix_cache_hit_rate(),
         "device": llm.core.executor.device_name(),
+        "structured_output_ratio": args.structured.structured_output_ratio,
     });
+    if let (Some(t), Some(fields)) = (&tally, out.as_object_mut()) {
+        if let serde_json::Value::Object(more) = t.to_json() {
+            fields.extend(more);
+        }
+    }
     if let Some((copy_bw, gemm_flops)) = device_ceilings(&llm) {
         let flops_per_token = 2.0 * cfg.num_active_parameters() as f64;
         let ceiling = gemm_flops / flops_per_token;

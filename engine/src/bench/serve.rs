@@ -7,6 +7,8 @@
 //! them; token counts in the results are the server's own (`usage`, asked for with
 //! `stream_options.include_usage`), so they are exact whatever the tokenizer.
 //! `--random-prompt-format ids` sends exact-length token-id prompts instead (completions only).
+//! `--structured-output-ratio` constrains a share of the requests by a JSON schema and
+//! counts the outputs valid against it (bench/structured.rs).
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ use serde_json::{json, Value};
 use super::dataset::{
     describe_hit_rate, prefix_cache_counters, prefix_repetition_prompts, PrefixRepetitionArgs,
 };
+use super::structured::{self, StructuredOutputArgs};
 
 #[derive(Args, Clone, Debug)]
 pub struct ServeBenchArgs {
@@ -95,6 +98,8 @@ pub struct ServeBenchArgs {
     /// their saved results up to the whole run's.
     #[arg(long, value_parser = parse_shard)]
     pub shard: Option<(usize, usize)>,
+    #[command(flatten)]
+    pub structured: StructuredOutputArgs,
 }
 
 /// `I/N` with I < N.
@@ -136,6 +141,10 @@ pub struct RequestResult {
     /// Gaps between successive content chunks after the first.
     pub itl_s: Vec<f64>,
     pub e2e_s: f64,
+    /// The generated text, chunks joined (empty from a server without a tokenizer).
+    pub text: String,
+    /// The choice's last `finish_reason` (stop, length, ...).
+    pub finish_reason: Option<String>,
 }
 
 pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
@@ -196,6 +205,12 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     } else {
         random_requests(&mut rng, &model, chat, ids_format, &args)
     };
+    let plan = structured::plan(&args.structured, args.num_prompts, args.seed)?;
+    let mut constrained: Vec<bool> = requests
+        .iter_mut()
+        .enumerate()
+        .map(|(i, body)| plan.as_ref().is_some_and(|p| p.apply(i, body)))
+        .collect();
     let mut delays = arrival_delays(&mut rng, args.num_prompts, rate);
     if let Some(shard) = args.shard {
         let range = shard_range(args.num_prompts, shard);
@@ -210,7 +225,8 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
         // The shard starts at once: its arrivals keep their gaps from the whole schedule.
         let offset = delays[range.start];
         delays = delays[range.clone()].iter().map(|d| *d - offset).collect();
-        requests = requests.drain(range).collect();
+        requests = requests.drain(range.clone()).collect();
+        constrained = constrained.drain(range).collect();
     }
     let sent = requests.len();
 
@@ -276,6 +292,17 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
         ),
         None => println!("Prefix cache hit rate: not reported by the server's /metrics"),
     }
+    let tally = plan.as_ref().map(|p| {
+        let outputs = results
+            .iter()
+            .zip(&constrained)
+            .filter(|(r, &c)| c && r.ok)
+            .map(|(r, _)| (r.text.as_str(), r.finish_reason.as_deref()));
+        structured::tally(&p.schema, outputs)
+    });
+    if let Some(t) = &tally {
+        t.print(args.structured.structured_output_ratio);
+    }
     let failed: Vec<&RequestResult> = results.iter().filter(|r| !r.ok).collect();
     if let Some(f) = failed.first() {
         eprintln!(
@@ -298,6 +325,21 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     obj.insert("request_rate".into(), json!(args.request_rate));
     obj.insert("max_concurrency".into(), json!(args.max_concurrency));
     obj.insert("dataset_name".into(), json!(args.dataset_name));
+    obj.insert(
+        "structured_output_ratio".into(),
+        json!(args.structured.structured_output_ratio),
+    );
+    if let Some(t) = &tally {
+        if let Value::Object(fields) = t.to_json() {
+            obj.extend(fields);
+        }
+        obj.insert(
+            "structured_output_schema".into(),
+            plan.as_ref().map(|p| p.schema.clone()).into(),
+        );
+        // Which requests were constrained, in the order of the per-request arrays.
+        obj.insert("structured_output_constrained".into(), json!(constrained));
+    }
     if prefix_repetition {
         let p = &args.prefix_repetition;
         obj.insert(
@@ -346,6 +388,10 @@ pub async fn run_async(args: ServeBenchArgs) -> Result<Value> {
     obj.insert(
         "itls".into(),
         json!(results.iter().map(|r| &r.itl_s).collect::<Vec<_>>()),
+    );
+    obj.insert(
+        "generated_texts".into(),
+        json!(results.iter().map(|r| &r.text).collect::<Vec<_>>()),
     );
     obj.insert(
         "errors".into(),
@@ -599,18 +645,22 @@ async fn send_one(
                 r.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0) as usize;
                 r.output_tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
             }
-            let has_content = v["choices"].as_array().is_some_and(|cs| {
-                cs.iter().any(|c| {
-                    let t = if chat {
-                        &c["delta"]["content"]
-                    } else {
-                        &c["text"]
-                    };
-                    // A server without a tokenizer (dummy weights) streams token ids only.
-                    t.as_str().is_some_and(|s| !s.is_empty())
-                        || c["token_ids"].as_array().is_some_and(|ids| !ids.is_empty())
-                })
-            });
+            let mut has_content = false;
+            for c in v["choices"].as_array().into_iter().flatten() {
+                let t = if chat {
+                    c["delta"]["content"].as_str()
+                } else {
+                    c["text"].as_str()
+                };
+                let t = t.unwrap_or_default();
+                r.text.push_str(t);
+                if let Some(f) = c["finish_reason"].as_str() {
+                    r.finish_reason = Some(f.to_string());
+                }
+                // A server without a tokenizer (dummy weights) streams token ids only.
+                has_content |=
+                    !t.is_empty() || c["token_ids"].as_array().is_some_and(|ids| !ids.is_empty());
+            }
             if has_content {
                 let now = Instant::now();
                 match last_chunk {

@@ -32,6 +32,7 @@ const SAME_RUN: &[&str] = &[
     "random_input_len",
     "random_output_len",
     "dataset_name",
+    "structured_output_ratio",
     "prefix_repetition_prefix_len",
     "prefix_repetition_suffix_len",
     "prefix_repetition_num_prefixes",
@@ -116,6 +117,7 @@ fn requests_of(part: &Value, name: &str) -> Result<Vec<RequestResult>> {
                     .map(|v| num(v, "itls", i))
                     .collect::<Result<_>>()?,
                 e2e_s: num(&e2es[i], "e2els", i)?,
+                ..RequestResult::default()
             })
         })
         .collect()

@@ -5,12 +5,16 @@
 #                   [throughput] [throughput-1024] [throughput-default] [throughput-default-f16]
 #                   [throughput-default-sync] [throughput-mixed] [throughput-default-bin:PATH]
 #                   [latency-sync] [trace] [trace-env:VAR=VALUE,...] [serve] [serve-c1]
+#                   [serve-structured] [throughput-structured]
 #                   [peers] [hf] [profile] [profile-throughput]
 #        (no argument: latency ttft throughput). Model: the Llama-3.1-8B shape with dummy weights.
 # Env: RESULTS=<dir> for the logs and JSON (default ./results); PEERS=<dir> holding
 # fast_peer.py / fast_peer_batch.py / hf_baseline.py (needed by `peers` and `hf`);
 # SERVE_PROMPTS (default 1000) and SERVE_C1_PROMPTS (default 1000) size the serving runs;
 # serve-c1-shardIofN runs part I of N of the concurrency-1 run (merge with bench serve-merge).
+# SERVE_STRUCTURED_PROMPTS (default 256) sizes serve-structured and throughput-structured,
+# which run on a copy of the model folder given a synthetic tokenizer (make_bench_tokenizer.py):
+# structured output needs one whose vocabulary matches the model's.
 # Every rvllm run measures the copy bandwidth and the bf16 GEMM rate in the same process and
 # prints its figure as a fraction of them.
 set -uo pipefail
@@ -58,6 +62,63 @@ serve_bench() { # name concurrency prompts [shard I/N]
     curl -s "http://127.0.0.1:$port/metrics" | grep -E '^rvllm:(kv_cache|num_requests|request_success)' >"$RES/$name-metrics.txt"
     kill -TERM $pid
     wait $pid
+}
+
+tokenized_model() { # prints the folder: the model's config with a synthetic tokenizer
+    local dir=./configs/$(basename "$MODEL")-synthetic-tokenizer
+    python3 ./make_bench_tokenizer.py "$MODEL" "$dir" >&2 && echo "$dir"
+}
+
+# Issue 21's benchmark: bench serve at concurrency 64, every request unconstrained, then
+# every request constrained by a JSON schema (the built-in one: an unbounded string, so
+# with --ignore-eos each request still generates all its tokens), the same prompts; prints
+# the two mean TPOTs, their ratio (the issue asks <= 1.10) and the server's graph capture.
+serve_structured() {
+    local name=serve-structured port=8124 model
+    model=$(tokenized_model) || { echo "=== $name: making the tokenizer failed"; failed=$((failed + 1)); return; }
+    "$RVLLM" serve "$model" --load-format dummy --port $port --max-model-len 2048 \
+        --max-num-seqs 256 --max-num-batched-tokens 16384 >"$RES/$name-server.log" 2>&1 &
+    local pid=$!
+    for _ in $(seq 1 300); do
+        curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+        kill -0 $pid 2>/dev/null || break
+        sleep 1
+    done
+    local prompts=${SERVE_STRUCTURED_PROMPTS:-256}
+    local bench=("$RVLLM" bench serve --base-url "http://127.0.0.1:$port" --dataset-name random
+        --random-prompt-format ids --random-vocab-size 100000 --random-input-len 256
+        --random-output-len 256 --ignore-eos --seed 0 --max-concurrency 64 --save-result)
+    # Warms the graphs and builds the grammar engine's vocabulary (once per server) first.
+    run "$name-warmup" "${bench[@]}" --num-prompts 64 --random-output-len 16 \
+        --structured-output-ratio 1 --result-filename "$RES/$name-warmup.json"
+    run "$name-ratio0" "${bench[@]}" --num-prompts "$prompts" --structured-output-ratio 0 \
+        --result-filename "$RES/$name-ratio0.json"
+    run "$name-ratio1" "${bench[@]}" --num-prompts "$prompts" --structured-output-ratio 1 \
+        --result-filename "$RES/$name-ratio1.json"
+    kill -TERM $pid
+    wait $pid
+    echo "=== $name: result"
+    python3 - "$RES/$name-ratio0.json" "$RES/$name-ratio1.json" <<'PY' | tee "$RES/$name-summary.txt"
+import json, sys
+off, on = (json.load(open(p)) for p in sys.argv[1:3])
+a, b = off["mean_tpot_ms"], on["mean_tpot_ms"]
+print(f"Mean TPOT unconstrained (ratio 0): {a:.3f} ms ({off['completed']} requests)")
+print(f"Mean TPOT constrained (ratio 1):   {b:.3f} ms ({on['completed']} requests, "
+      f"{on.get('structured_output_requests', 0)} constrained, "
+      f"{on.get('structured_output_valid', 0)} valid, {on.get('structured_output_truncated', 0)} "
+      f"cut off by max_tokens)")
+ratio = b / a if a > 0 else float("inf")
+print(f"FINAL TPOT ratio constrained/unconstrained: {ratio:.3f} "
+      f"({'within' if ratio <= 1.10 else 'ABOVE'} issue 21's 1.10)")
+PY
+    [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
+    if grep -q "captured [1-9][0-9]* decode graphs" "$RES/$name-server.log"; then
+        echo "CUDA graphs: $(grep -o 'captured [0-9]* decode graphs[^)]*' "$RES/$name-server.log" | head -1)" \
+            "(the server does not count replays; throughput-structured's step profile does)"
+    else
+        echo "CUDA graphs: NONE captured (see $RES/$name-server.log)"
+        failed=$((failed + 1))
+    fi
 }
 
 peer() { # name script [env...]
@@ -160,6 +221,22 @@ for what in "$@"; do
             --num-prompts 1000 --max-model-len 1024 --max-num-seqs 512 \
             --max-num-batched-tokens 16384 --enforce-eager ;;
     serve) serve_bench serve inf "${SERVE_PROMPTS:-1000}" ;;
+    serve-structured) serve_structured ;;
+    throughput-structured)
+        # The offline engine at 64 sequences, unconstrained then every request constrained:
+        # its step profile ("Engine steps") counts decode-graph replays and grammar-mask steps.
+        if model=$(tokenized_model); then
+            for ratio in 0 1; do
+                run "throughput-structured-ratio$ratio" "$RVLLM" bench throughput --model "$model" \
+                    --load-format dummy --input-len 256 --output-len 256 \
+                    --num-prompts "${SERVE_STRUCTURED_PROMPTS:-256}" --max-model-len 1024 \
+                    --max-num-seqs 64 --structured-output-ratio $ratio \
+                    --output-json "$RES/throughput-structured-ratio$ratio.json"
+                grep -h -A3 "^Engine steps: [0-9]* device steps" "$RES/throughput-structured-ratio$ratio.log"
+            done
+        else
+            echo "=== throughput-structured: making the tokenizer failed"; failed=$((failed + 1))
+        fi ;;
     serve-c1) serve_bench serve-c1 1 "${SERVE_C1_PROMPTS:-1000}" ;;
     serve-c1-shard*)
         # One part of the concurrency-1 run (1,000 requests outlast a 10-minute command):
