@@ -73,11 +73,13 @@ tokenized_model() { # prints the folder: the model's config with a synthetic tok
 # every request constrained by a JSON schema (the built-in one: an unbounded string, so
 # with --ignore-eos each request still generates all its tokens), the same prompts; prints
 # the two mean TPOTs, their ratio (the issue asks <= 1.10) and the server's graph capture.
+# The prefix cache is off: the second run would otherwise find the first one's prompts cached.
 serve_structured() {
     local name=serve-structured port=8124 model
     model=$(tokenized_model) || { echo "=== $name: making the tokenizer failed"; failed=$((failed + 1)); return; }
     "$RVLLM" serve "$model" --load-format dummy --port $port --max-model-len 2048 \
-        --max-num-seqs 256 --max-num-batched-tokens 16384 >"$RES/$name-server.log" 2>&1 &
+        --max-num-seqs 256 --max-num-batched-tokens 16384 --no-enable-prefix-caching \
+        >"$RES/$name-server.log" 2>&1 &
     local pid=$!
     for _ in $(seq 1 300); do
         curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
@@ -87,14 +89,15 @@ serve_structured() {
     local prompts=${SERVE_STRUCTURED_PROMPTS:-256}
     local bench=("$RVLLM" bench serve --base-url "http://127.0.0.1:$port" --dataset-name random
         --random-prompt-format ids --random-vocab-size 100000 --random-input-len 256
-        --random-output-len 256 --ignore-eos --seed 0 --max-concurrency 64 --save-result)
+        --ignore-eos --max-concurrency 64 --save-result)
     # Warms the graphs and builds the grammar engine's vocabulary (once per server) first.
-    run "$name-warmup" "${bench[@]}" --num-prompts 64 --random-output-len 16 \
+    run "$name-warmup" "${bench[@]}" --seed 1 --num-prompts 64 --random-output-len 16 \
         --structured-output-ratio 1 --result-filename "$RES/$name-warmup.json"
-    run "$name-ratio0" "${bench[@]}" --num-prompts "$prompts" --structured-output-ratio 0 \
-        --result-filename "$RES/$name-ratio0.json"
-    run "$name-ratio1" "${bench[@]}" --num-prompts "$prompts" --structured-output-ratio 1 \
-        --result-filename "$RES/$name-ratio1.json"
+    for ratio in 0 1; do
+        run "$name-ratio$ratio" "${bench[@]}" --seed 0 --num-prompts "$prompts" \
+            --random-output-len 256 --structured-output-ratio $ratio \
+            --result-filename "$RES/$name-ratio$ratio.json"
+    done
     kill -TERM $pid
     wait $pid
     echo "=== $name: result"
