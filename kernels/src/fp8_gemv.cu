@@ -1,44 +1,50 @@
-// The FP8 linear of `--quantization fp8` at small batches (issue 20): 1 to 8 tokens, where
-// a step is a stream over every weight and the three launches of the GEMM path (quantize,
-// cuBLASLt, epilogue) cost more than the product.
+// The FP8 linear of `--quantization fp8` at small batches (issue 20): 1 to 16 tokens, where a
+// step is a stream over every weight. Weight-only FP8 (W8A16): the weights are E4M3 codes with
+// f32 scales, the input stays in the compute type (no activation quantization, no extra
+// launch), products accumulate in f32.
 //
-// Kernel (extern "C"):
-//   fp8_gemv_bf16(y, xq, x_scales, wq, w_scales, m, n, k, accumulate)
-//       y[t, j] = x_scales[t] * w_scales[j] * sum_k e4m3(xq[t, k]) * e4m3(wq[j, k]), f32
-//       accumulation, plus y[t, j] when accumulate is non-zero (the residual add, rounded
-//       once): the same operands, scales and result as fp8_scaled_mm (fp8_quant.cu), so a
-//       request's numbers do not depend on which of the two its batch takes beyond the
-//       order of the additions. xq / x_scales are fp8_quant_per_token's output.
-//       m <= 8 (kMaxTokens); xq and wq 16-byte aligned; grid (ceil(n / 16)), block 256.
-//   fp8_gemv_quant_bf16(y, x, wq, w_scales, m, n, k, accumulate)
-//       the same product of x [m, k] in the compute type: each block quantizes it per token
-//       itself (the row's amax, then fp8_quant_per_token's scale and codes, bit for bit), so
-//       a linear is one launch. Every block reads all of x first (m * k elements from L2),
-//       so the host takes it at batch 1 only, where that is a few KiB.
-//   fp8_gemv_silu_bf16(y, gate_up, wq, w_scales, m, n, k, accumulate)
-//       as fp8_gemv_quant with the input silu(gate) * up of gate_up [m, 2k] (gate half,
-//       then up half), rounded to the compute type as silu_and_mul stores it: the down
-//       projection without the silu_and_mul launch (the activation is not stored).
-//   fp8_gemv_norm_bf16(y, x, norm_w, eps, wq, w_scales, m, n, k, accumulate)
-//       as fp8_gemv_quant with the input rmsnorm(x) * norm_w (eps), rounded to the compute
-//       type as rms_norm stores it: QKV and gate|up without the rms_norm launch (the normed
-//       rows are not stored).
+// Kernels (all extern "C"):
+//   fp8_gemv_bf16(y, x, wq, w_scales, scale_kind, m, n, k, accumulate)
+//       y[t, j] = sum_k x[t, k] * dequant(wq)[j, k] for x [m, k] in the compute type, plus
+//       y[t, j] when accumulate is non-zero (the residual add, rounded once). m <= 16.
+//   fp8_gemv_silu_bf16(y, gate_up, wq, w_scales, scale_kind, m, n, k, accumulate)
+//       the same with the input silu(gate) * up of gate_up [1, 2k] (gate half, then up half),
+//       rounded to the compute type as silu_and_mul stores it: the down projection without
+//       the silu_and_mul launch. m = 1, k <= kMaxStagedK.
+//   fp8_gemv_norm_bf16(y, x, norm_w, eps, wq, w_scales, scale_kind, m, n, k, accumulate)
+//       the same with the input rmsnorm(x) * norm_w (eps), rounded as rms_norm stores it: QKV
+//       and gate|up without the rms_norm launch. m = 1, k <= kMaxStagedK.
+//   fp8_gemv_quant_bf16: fp8_gemv under its former name, launched by nothing; kept only
+//       while engine/src/backend/cuda/kernels.rs still names it (FP8_GEMV_QUANT).
+//   wq: E4M3 codes [n, k] row-major; scale_kind says what w_scales holds:
+//       0 per tensor (w_scales[0]), 1 per channel (w_scales[j]), 2 per 128 x 128 block
+//       (w_scales[(j / 128) * ceil(k / 128) + kk / 128], edge blocks partial), the
+//       `weight_block_size: [128, 128]` of block-wise FP8 checkpoints.
+//   Grid (ceil(n / 16)), block 256; pointers 16-byte aligned. k a multiple of 16 takes
+//   16-byte loads; other k (tiny models) byte-wise loads, same results.
 //
-// Why this shape: a weight row is read once for all the batch's tokens, so the bytes are the
-// weights' (n * k, half of bf16's) whatever m is. On sm_89+ the products go through the FP8
-// tensor cores (mma.sync m16n8k32, E4M3 x E4M3 into f32): a block owns 16 weight rows (the
-// MMA's M), the tokens are its N (8, the missing ones fed as zero codes) and its 8 warps split
-// k between them, 64 codes of a row a step. The k order inside a step is free (a dot
-// product's terms may be taken in any order), so each lane loads 16 contiguous codes of its
-// two rows and of its token at the same offset with one 16-byte load each, and those bytes
-// are the A and B fragments as they come: no decoding, no shuffles. Decoding E4M3 to f32 on
-// the CUDA cores instead would take a conversion an element, and conversions run at a
-// sixteenth of the FMA rate: far below the memory's bandwidth. The first weights of each warp
-// are requested before pdl_wait (they depend on no kernel), and every batch's loads are
-// issued before the previous batch's MMAs.
-//
-// Below sm_89 (no FP8 MMA; the engine refuses FP8 there, so only for completeness) a warp a
-// row decodes each code with cuda_fp8.h's conversion, as fp8_scaled_mm does.
+// Why this shape (gemv.cu's, with FP8 bytes): at batch 1 a decode step streams every weight
+// once, so the kernel must keep enough bytes in flight and spend few instructions a byte.
+// A block owns 16 weight rows; its 8 warps split k in tiles of 128 codes (one block-scale
+// column), tile w, w + 8, ... to warp w, so the warps together read 1 KiB runs of each row.
+// Each lane loads 16 codes (16 bytes) of its row per half-tile, kUnroll tiles at once, and the
+// next tiles' loads are issued before the current ones are multiplied (2 x 128 bytes a lane
+// in flight); the first tiles are requested before pdl_wait (weights depend on no kernel).
+// Weights are streamed evict-first (__ldcs): each is read once a step.
+//   The products run on the tensor cores (mma m16n8k16, f32 accumulation): A is the input
+// (16 tokens, missing ones zero), B is 8 weight rows. A dot product's terms may be taken in
+// any order, so lane (g, t) feeds the MMA the 16 contiguous columns t*16 ... t*16+15 of a
+// 64-column half-tile for both operands (its row g of the weights, its tokens g and g + 8 of
+// the input): loads stay 16 bytes wide and need no shuffles. Decoding is the hardware
+// cvt.rn.f16x2.e4m3x2 (two codes an instruction, exact); the bf16 build widens the halves to
+// f32 and packs them as bf16 (exact: E4M3 has 3 mantissa bits). That is ~2 instructions a
+// weight (0.5 in f16) whatever the batch, where CUDA-core FMAs would cost 2 a weight and
+// token: at 16 tokens far past what the memory's bandwidth leaves time for.
+//   Per-tensor and per-channel scales multiply each output once; block scales multiply each
+// tile's partial product (a tile is one block column, and a block's 16 rows lie in one block
+// row). The fused variants stage their input (normed or silu'd, rounded as the unfused
+// kernels store it) in shared memory once per block, all 256 threads computing it, so the
+// tile loop reads it as the plain variant reads x.
 #include <cuda_fp8.h>
 
 #include "common.cuh"
@@ -47,23 +53,30 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerBlock = 16;
-constexpr int kMaxTokens = 8;
+constexpr int kGroups = 2;  // 8-row MMA column groups a block
+constexpr int kRowsPerBlock = 8 * kGroups;
+constexpr int kTileK = 128;  // codes of a row a warp takes at a time: one block-scale column
+constexpr int kMaxStagedK = 16384;  // the fused variants' staged input (32 KiB)
 
-// 16 codes of row `row` (of `rows`, each `k` long) from column c0, zeros past the row's end
+enum ScaleKind { kPerTensor = 0, kPerChannel = 1, kBlock128 = 2 };
+enum Input { kPlain, kSilu, kNorm };
+
+// Shared memory of a block, declared once in each entry point (a template's own __shared__
+// arrays would be allocated once per instantiation that entry point contains).
+struct Shared {
+    float partial[kWarps][kGroups][4][32];
+    float scratch[32];
+};
+
+// 16 codes of weight row `row` (of n, each k long) from column c0; zeros past the row's end
 // and for rows past the last. kVec (k a multiple of 16, so c0 < k means the whole chunk is
-// inside): one 16-byte load.
-template <bool kVec, bool kStream>
-RVLLM_DEVICE uint4 load16(const unsigned char* __restrict__ base, int row, int rows, int c0,
-                          int k) {
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (row >= rows || c0 >= k) return v;
-    const unsigned char* p = base + (int64_t)row * k + c0;
-    if (kVec) {
-        const uint4* q = reinterpret_cast<const uint4*>(p);
-        // Weights are read once a step: stream them past the caches (evict-first).
-        return kStream ? __ldcs(q) : *q;
-    }
+// inside): one streaming 16-byte load.
+template <bool kVec>
+RVLLM_DEVICE uint4 load_codes(const unsigned char* __restrict__ wq, int row, int n, int c0,
+                              int k) {
+    if (row >= n || c0 >= k) return make_uint4(0u, 0u, 0u, 0u);
+    const unsigned char* p = wq + (int64_t)row * k + c0;
+    if (kVec) return __ldcs(reinterpret_cast<const uint4*>(p));
     uint32_t w[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
     for (int e = 0; e < 16; ++e)
@@ -71,357 +84,325 @@ RVLLM_DEVICE uint4 load16(const unsigned char* __restrict__ base, int row, int r
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// What x is: fp8_quant_per_token's codes (with x_scales); the compute type, quantized per
-// token by each block; gate_up ([m, 2k]), whose input is silu(gate) * up rounded to the
-// compute type as silu_and_mul stores it, then quantized; or the residual stream, whose
-// input is rmsnorm(x) * norm_w rounded as rms_norm stores it, then quantized.
-enum Input { kCodes, kElem, kSilu, kNorm };
-
-// Element c of token tok's input (kElem, kSilu, kNorm), as the unfused kernels would have
-// stored it. inv_rms: kNorm's 1 / rms of the token's row.
-template <Input kIn>
-RVLLM_DEVICE float input_at(const elem_t* __restrict__ x, int tok, int c, int k,
-                            const elem_t* __restrict__ norm_w, float inv_rms) {
-    if (kIn == kNorm) {
-        return to_f32(from_f32(to_f32(x[(int64_t)tok * k + c]) * inv_rms * to_f32(norm_w[c])));
+// Elements c0 ... c0 + 15 of the input row at `row` (element bits, zeros past k).
+template <bool kVec>
+RVLLM_DEVICE void load_x16(const elem_t* row, int c0, int k, uint4 (&v)[2]) {
+    if (kVec) {
+        if (c0 < k) {
+            v[0] = *reinterpret_cast<const uint4*>(row + c0);
+            v[1] = *reinterpret_cast<const uint4*>(row + c0 + 8);
+        } else {
+            v[0] = v[1] = make_uint4(0u, 0u, 0u, 0u);
+        }
+        return;
     }
-    if (kIn == kSilu) {
-        const elem_t* row = x + (int64_t)tok * 2 * k;
-        const float g = to_f32(row[c]), u = to_f32(row[k + c]);
-        // silu_and_mul's expression (expf, not __expf), rounded as it stores it.
-        return to_f32(from_f32(g / (1.0f + expf(-g)) * u));
+    const unsigned short* r = reinterpret_cast<const unsigned short*>(row);
+    uint32_t w[8];
+#pragma unroll
+    for (int p = 0; p < 8; ++p) {
+        const int c = c0 + 2 * p;
+        const uint32_t lo = c < k ? r[c] : 0u, hi = c + 1 < k ? r[c + 1] : 0u;
+        w[p] = lo | (hi << 16);
     }
-    return to_f32(x[(int64_t)tok * k + c]);
+    v[0] = make_uint4(w[0], w[1], w[2], w[3]);
+    v[1] = make_uint4(w[4], w[5], w[6], w[7]);
 }
 
-// Elements c ... c + 7 of token tok's input, zeros past k. kVec: k a multiple of 16 and c of
-// 8, so the eight are in or out together and 16-byte aligned.
-template <Input kIn, bool kVec>
-RVLLM_DEVICE void input8(const elem_t* __restrict__ x, int tok, int c, int k, float (&f)[8],
-                         const elem_t* __restrict__ norm_w, float inv_rms) {
-    if (!kVec) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-            f[e] = c + e < k ? input_at<kIn>(x, tok, c + e, k, norm_w, inv_rms) : 0.0f;
-        return;
-    }
-    if (c >= k) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] = 0.0f;
-        return;
-    }
-    if (kIn == kSilu) {
-        const elem_t* row = x + (int64_t)tok * 2 * k;
-        float g[8], u[8], a[8];
-        elem8_to_f32(*reinterpret_cast<const Elem8*>(row + c), g);
-        elem8_to_f32(*reinterpret_cast<const Elem8*>(row + k + c), u);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) a[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
-        elem8_to_f32(f32_to_elem8(a), f);
-    } else if (kIn == kNorm) {
-        float v[8], w[8], r[8];
-        elem8_to_f32(*reinterpret_cast<const Elem8*>(x + (int64_t)tok * k + c), v);
-        elem8_to_f32(*reinterpret_cast<const Elem8*>(norm_w + c), w);
-        // rms_norm's expression, rounded as it stores it.
-#pragma unroll
-        for (int e = 0; e < 8; ++e) r[e] = v[e] * inv_rms * w[e];
-        elem8_to_f32(f32_to_elem8(r), f);
-    } else {
-        elem8_to_f32(*reinterpret_cast<const Elem8*>(x + (int64_t)tok * k + c), f);
+// Word p (elements 2p, 2p + 1) of 16 elements held as two uint4.
+RVLLM_DEVICE uint32_t word_of(const uint4 (&v)[2], int p) {
+    const uint4& q = v[p / 4];
+    switch (p % 4) {
+        case 0: return q.x;
+        case 1: return q.y;
+        case 2: return q.z;
+        default: return q.w;
     }
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+RVLLM_DEVICE uint32_t word_of(const uint4& q, int p) {
+    switch (p) {
+        case 0: return q.x;
+        case 1: return q.y;
+        case 2: return q.z;
+        default: return q.w;
+    }
+}
 
-constexpr int kTileK = 64;  // codes of a row one MMA pair covers: 4 lanes x 16
-constexpr int kUnroll = 4;  // tiles a warp has in flight
+// Two E4M3 codes (the low 16 bits; the first in the low byte) as a pair of the compute type,
+// exactly, the first element in the low half (the MMA's operand order).
+RVLLM_DEVICE uint32_t decode_pair(uint32_t codes) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(codes & 0xffffu),
+                                                     __NV_E4M3);
+#ifdef RVLLM_F16
+    return (uint32_t)h.x | ((uint32_t)h.y << 16);
+#else
+    const float2 f = __half22float2(__half2(h));
+    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+    return *reinterpret_cast<const uint32_t*>(&b);
+#endif
+}
 
-// c += A (16 x 32, rows g and g + 8: a0/a2 and a1/a3) * B (32 x 8, token g: b0/b1), the
-// fragment layout of PTX's mma.m16n8k32 for 8-bit operands.
-RVLLM_DEVICE void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                           uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, "
+// c += A (16 tokens x 16) * B (16 x 8 rows): PTX's mma.m16n8k16 fragments for 16-bit
+// operands (a0/a2: token g, a1/a3: token g + 8; b0/b1: row g; c0/c1: token g, c2/c3: g + 8).
+RVLLM_DEVICE void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                            uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." RVLLM_MMA_AB ".f32 {%0, %1, %2, %3}, "
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// fp8_quant.cu's dynamic scale (bit for bit: IEEE division despite --use_fast_math).
-RVLLM_DEVICE float fp8_scale_of(float amax) {
-    return fmaxf(__fdiv_rn(amax, 448.0f), 1.0f / (448.0f * 512.0f));
-}
-
-// 16 codes of token tok's input from column c0 (zeros past its end): fp8_quant_per_token's
-// codes (the same product with the inverse scale, the same saturating conversion).
+// The fused variants' input (token 0) into xs: silu(gate) * up or rmsnorm(x) * norm_w,
+// computed and rounded as silu_and_mul / rms_norm compute and store it (the sum of squares
+// in another order: a last-bit difference in the norm's scale at most). Every thread takes
+// part; the caller syncs before reading xs.
 template <Input kIn, bool kVec>
-RVLLM_DEVICE uint4 quantize16(const elem_t* __restrict__ x, int tok, int c0, int k, float inv,
-                              const elem_t* __restrict__ norm_w, float inv_rms) {
-    float f[2][8];
-    input8<kIn, kVec>(x, tok, c0, k, f[0], norm_w, inv_rms);
-    input8<kIn, kVec>(x, tok, c0 + 8, k, f[1], norm_w, inv_rms);
-    uint32_t w[4];
+RVLLM_DEVICE void stage_input(const elem_t* __restrict__ x, const elem_t* __restrict__ norm_w,
+                              float eps, int k, elem_t* xs, float* scratch) {
+    const int tid = threadIdx.x;
+    float inv_rms = 0.0f;
+    if (kIn == kNorm) {
+        float ss = 0.0f;
+        if (kVec) {
+#pragma unroll 4
+            for (int c = tid * 8; c < k; c += kThreads * 8) {
+                float f[8];
+                elem8_to_f32(*reinterpret_cast<const Elem8*>(x + c), f);
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-        const float* q = f[p / 2] + 4 * (p % 2);
-        // The first element of a pair goes to the low byte.
-        const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(q[0] * inv, q[1] * inv),
-                                                     __NV_SATFINITE, __NV_E4M3);
-        const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(q[2] * inv, q[3] * inv),
-                                                     __NV_SATFINITE, __NV_E4M3);
-        w[p] = lo | (hi << 16);
+                for (int e = 0; e < 8; ++e) ss += f[e] * f[e];
+            }
+        } else {
+            for (int c = tid; c < k; c += kThreads) {
+                const float v = to_f32(x[c]);
+                ss += v * v;
+            }
+        }
+        inv_rms = rsqrtf(block_sum(ss, scratch) / (float)k + eps);
     }
-    return make_uint4(w[0], w[1], w[2], w[3]);
+    if (kVec) {
+#pragma unroll 4
+        for (int c = tid * 8; c < k; c += kThreads * 8) {
+            float a[8], b[8], r[8];
+            elem8_to_f32(*reinterpret_cast<const Elem8*>(x + c), a);
+            elem8_to_f32(*reinterpret_cast<const Elem8*>(kIn == kSilu ? x + k + c : norm_w + c),
+                         b);
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                r[e] = kIn == kSilu ? a[e] / (1.0f + expf(-a[e])) * b[e] : a[e] * inv_rms * b[e];
+            *reinterpret_cast<Elem8*>(xs + c) = f32_to_elem8(r);
+        }
+    } else {
+        for (int c = tid; c < k; c += kThreads) {
+            const float a = to_f32(x[c]);
+            const float b = to_f32(kIn == kSilu ? x[k + c] : norm_w[c]);
+            xs[c] = from_f32(kIn == kSilu ? a / (1.0f + expf(-a)) * b : a * inv_rms * b);
+        }
+    }
 }
 
-// kIn other than kCodes: each block quantizes the input per token on the fly (amax over the
-// row first, as fp8_quant_per_token, then codes as the tiles need them).
-template <bool kVec, Input kIn>
-RVLLM_DEVICE void fp8_gemv_mma(elem_t* y, const void* __restrict__ x,
-                               const float* __restrict__ x_scales,
-                               const unsigned char* __restrict__ wq,
-                               const float* __restrict__ w_scales, int m, int n, int k,
-                               int accumulate, const elem_t* __restrict__ norm_w, float eps) {
-    __shared__ float partial[kWarps][4][32];
-    __shared__ float token_inv_rms[kMaxTokens];
-    __shared__ float scratch[32];
-    __shared__ int token_amax[kMaxTokens];  // non-negative floats order as their bits
+// kWide: tokens 8 to 15 exist (m > 8), fed as the MMA's rows 8 to 15; otherwise those rows
+// are zeros and never loaded. xs: the fused variants' staged input (null for kPlain).
+template <Input kIn, bool kWide, bool kVec>
+RVLLM_DEVICE void fp8_gemv(elem_t* y, const elem_t* __restrict__ x,
+                           const elem_t* __restrict__ norm_w, float eps,
+                           const unsigned char* __restrict__ wq,
+                           const float* __restrict__ w_scales, int scale_kind, int m, int n,
+                           int k, int accumulate, Shared& sh, elem_t* xs) {
+    // Tiles a warp has in flight: 2 (8 loads of 16 bytes a lane, twice that while the next
+    // batch lands); 1 in the wide build, whose second token of inputs would not fit the
+    // registers beside them (128 a thread for two blocks an SM; 2 spilled).
+    constexpr int kUnroll = kWide ? 1 : 2;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    // The MMA's groupID (row of A, column of B) and thread-in-group (which 16 codes of a tile).
+    // The MMA's groupID (token of A, weight row of B) and thread-in-group (which 16 columns).
     const int g = lane >> 2, t = lane & 3;
     const int row0 = blockIdx.x * kRowsPerBlock;
-    const int ra = row0 + g, rb = row0 + g + 8;
     const int tiles = (k + kTileK - 1) / kTileK;
-    constexpr int kBatch = kUnroll * kWarps;  // tiles between a warp's batches
-    const unsigned char* xq = static_cast<const unsigned char*>(x);
-    const elem_t* xe = static_cast<const elem_t*>(x);
+    constexpr int kStep = kWarps * kUnroll;  // tiles between a warp's batches
 
-    // Lane (g, t)'s codes of tile `tile`: columns tile * 64 + t * 16 ... + 15.
-    uint4 wa[kUnroll], wb[kUnroll];
-    auto load_weights = [&](int base, uint4(&a)[kUnroll], uint4(&b)[kUnroll]) {
+    // Lane (g, t)'s codes of batch `first` (tiles first, first + kWarps, ...): row
+    // row0 + 8q + g, columns tile * 128 + h * 64 + t * 16 ... + 15.
+    auto load_weights = [&](int first, uint4(&dst)[kUnroll][kGroups][2]) {
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            const int tile = base + u * kWarps;
-            const int c0 = tile < tiles ? tile * kTileK + t * 16 : k;
-            a[u] = load16<kVec, true>(wq, ra, n, c0, k);
-            b[u] = load16<kVec, true>(wq, rb, n, c0, k);
+            const int tile = first + u * kWarps;
+#pragma unroll
+            for (int q = 0; q < kGroups; ++q)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int c0 = tile < tiles ? tile * kTileK + h * 64 + t * 16 : k;
+                    dst[u][q][h] = load_codes<kVec>(wq, row0 + 8 * q + g, n, c0, k);
+                }
         }
     };
-    load_weights(warp, wa, wb);
-    constexpr bool kQuant = kIn != kCodes;
-    if (kQuant && threadIdx.x < kMaxTokens) token_amax[threadIdx.x] = 0;
+    uint4 w[kUnroll][kGroups][2];
+    load_weights(warp, w);
     pdl_wait();
     pdl_launch_dependents();
 
-    float inv = 0.0f, inv_rms = 0.0f;  // kQuant: 1 / token g's scale; kNorm: its 1 / rms
-    if (kQuant) {
-        if (kIn == kNorm) {
-            // rms_norm's sum of squares (its order of additions may differ: a last-bit
-            // difference in the scale at most).
-            for (int tok = 0; tok < m; ++tok) {
-                float ss = 0.0f;
-#pragma unroll 4
-                for (int c = threadIdx.x * 8; c < k; c += kThreads * 8) {
-                    float f[8];
-                    input8<kElem, kVec>(xe, tok, c, k, f, norm_w, 0.0f);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) ss += f[e] * f[e];
-                }
-                ss = block_sum(ss, scratch);
-                if (threadIdx.x == 0) token_inv_rms[tok] = rsqrtf(ss / (float)k + eps);
-            }
-        }
-        __syncthreads();  // token_amax zeroed, token_inv_rms written
-        for (int tok = 0; tok < m; ++tok) {
-            const float tok_inv_rms = kIn == kNorm ? token_inv_rms[tok] : 0.0f;
-            float a = 0.0f;
-            // Unrolled so that a thread's loads are in flight together: until this pass ends
-            // the block streams only its first weights (the down projection's 14,336-wide
-            // silu input is 7 chunks a thread, in one wave of blocks).
-#pragma unroll 4
-            for (int c = threadIdx.x * 8; c < k; c += kThreads * 8) {
-                float f[8];
-                input8<kIn, kVec>(xe, tok, c, k, f, norm_w, tok_inv_rms);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(f[e]));
-            }
-            a = warp_max(a);
-            if (lane == 0) atomicMax(&token_amax[tok], __float_as_int(a));
-        }
+    const elem_t* xin = x;
+    if (kIn != kPlain) {
+        stage_input<kIn, kVec>(x, norm_w, eps, k, xs, sh.scratch);
         __syncthreads();
-        if (g < m) {
-            inv = __frcp_rn(fp8_scale_of(__int_as_float(token_amax[g])));
-            if (kIn == kNorm) inv_rms = token_inv_rms[g];
-        }
+        xin = xs;
+        m = 1;
     }
+    const bool has_lo = g < m, has_hi = kWide && g + 8 < m;
+    const elem_t* x_lo = xin + (int64_t)(has_lo ? g : 0) * k;
+    const elem_t* x_hi = xin + (int64_t)(has_hi ? g + 8 : 0) * k;
+    // Block scales: this block's rows lie in one 128-row block; a tile is one block column.
+    const bool block_scaled = scale_kind == kBlock128;
+    const float* tile_scales = w_scales + (int64_t)(row0 / 128) * tiles;
 
-    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int base = warp; base < tiles; base += kBatch) {
-        uint4 xv[kUnroll];
+    float acc[kGroups][4];
+#pragma unroll
+    for (int q = 0; q < kGroups; ++q)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[q][i] = 0.0f;
+
+    for (int base = warp; base < tiles; base += kStep) {
+        // The input's columns of this batch first (L2 hits), then the next batch's weights,
+        // then the products: both kinds of load are in flight while the MMAs wait.
+        uint4 xa[kUnroll][2][2], xb[kUnroll][2][2];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const int tile = base + u * kWarps;
-            const int c0 = tile < tiles ? tile * kTileK + t * 16 : k;
-            if (kQuant) {
-                xv[u] = g < m ? quantize16<kIn, kVec>(xe, g, c0, k, inv, norm_w, inv_rms)
-                              : make_uint4(0u, 0u, 0u, 0u);
-            } else {
-                xv[u] = load16<kVec, false>(xq, g, m, c0, k);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int c0 = tile < tiles ? tile * kTileK + h * 64 + t * 16 : k;
+                load_x16<kVec>(x_lo, has_lo ? c0 : k, k, xa[u][h]);
+                if (kWide) load_x16<kVec>(x_hi, has_hi ? c0 : k, k, xb[u][h]);
             }
         }
-        uint4 na[kUnroll], nb[kUnroll];
-        load_weights(base + kBatch, na, nb);
+        uint4 next[kUnroll][kGroups][2];
+        load_weights(base + kStep, next);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            mma_e4m3(c, wa[u].x, wb[u].x, wa[u].y, wb[u].y, xv[u].x, xv[u].y);
-            mma_e4m3(c, wa[u].z, wb[u].z, wa[u].w, wb[u].w, xv[u].z, xv[u].w);
+            const int tile = base + u * kWarps;
+            float part[kGroups][4];
+#pragma unroll
+            for (int q = 0; q < kGroups; ++q)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) part[q][i] = 0.0f;
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const uint32_t a0 = word_of(xa[u][h], 2 * j);
+                    const uint32_t a2 = word_of(xa[u][h], 2 * j + 1);
+                    const uint32_t a1 = kWide ? word_of(xb[u][h], 2 * j) : 0u;
+                    const uint32_t a3 = kWide ? word_of(xb[u][h], 2 * j + 1) : 0u;
+#pragma unroll
+                    for (int q = 0; q < kGroups; ++q) {
+                        const uint32_t codes = word_of(w[u][q][h], j);
+                        mma_16816(part[q], a0, a1, a2, a3, decode_pair(codes),
+                                  decode_pair(codes >> 16));
+                    }
+                }
+            const float s = !block_scaled ? 1.0f : tile < tiles ? tile_scales[tile] : 0.0f;
+#pragma unroll
+            for (int q = 0; q < kGroups; ++q)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[q][i] = fmaf(part[q][i], s, acc[q][i]);
         }
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            wa[u] = na[u];
-            wb[u] = nb[u];
-        }
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+            for (int q = 0; q < kGroups; ++q)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) w[u][q][h] = next[u][q][h];
     }
 
     // The warps' partial products, added in warp order by warp 0.
 #pragma unroll
-    for (int i = 0; i < 4; ++i) partial[warp][i][lane] = c[i];
+    for (int q = 0; q < kGroups; ++q)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sh.partial[warp][q][i][lane] = acc[q][i];
     __syncthreads();
     if (warp != 0) return;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float s = 0.0f;
+    for (int q = 0; q < kGroups; ++q)
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) s += partial[w][i][lane];
-        // c0, c1: row g, tokens 2t and 2t + 1; c2, c3: row g + 8.
-        const int row = i < 2 ? ra : rb;
-        const int tok = 2 * t + (i & 1);
-        if (row >= n || tok >= m) continue;
-        const int64_t at = (int64_t)tok * n + row;
-        const float sx =
-            kQuant ? fp8_scale_of(__int_as_float(token_amax[tok])) : x_scales[tok];
-        float v = s * sx * w_scales[row];
-        if (accumulate) v += to_f32(y[at]);
-        y[at] = from_f32(v);
-    }
-}
-
-#else
-
-RVLLM_DEVICE float e4m3_to_f32(unsigned char code) {
-    return __half2float(__half(__nv_cvt_fp8_to_halfraw(code, __NV_E4M3)));
-}
-
-// A warp a row (rows w and w + 8 of the block's 16), every token in turn; other inputs than
-// codes quantized per token by each warp as fp8_quant_per_token does.
-template <Input kIn>
-RVLLM_DEVICE void fp8_gemv_portable(elem_t* y, const void* __restrict__ x,
-                                    const float* __restrict__ x_scales,
-                                    const unsigned char* __restrict__ wq,
-                                    const float* __restrict__ w_scales, int m, int n, int k,
-                                    int accumulate, const elem_t* __restrict__ norm_w,
-                                    float eps) {
-    pdl_enter();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const unsigned char* xq = static_cast<const unsigned char*>(x);
-    const elem_t* xe = static_cast<const elem_t*>(x);
-    for (int r = warp; r < kRowsPerBlock; r += kWarps) {
-        const int row = blockIdx.x * kRowsPerBlock + r;
-        if (row >= n) break;
-        const unsigned char* wrow = wq + (int64_t)row * k;
-        for (int tok = 0; tok < m; ++tok) {
-            float sx = 0.0f, inv = 0.0f, inv_rms = 0.0f;
-            if (kIn == kNorm) {
-                float ss = 0.0f;
-                for (int c = lane; c < k; c += 32) {
-                    const float v = to_f32(xe[(int64_t)tok * k + c]);
-                    ss += v * v;
-                }
-                inv_rms = rsqrtf(warp_sum(ss) / (float)k + eps);
-            }
-            if (kIn != kCodes) {
-                float a = 0.0f;
-                for (int c = lane; c < k; c += 32)
-                    a = fmaxf(a, fabsf(input_at<kIn>(xe, tok, c, k, norm_w, inv_rms)));
-                sx = fmaxf(__fdiv_rn(warp_max(a), 448.0f), 1.0f / (448.0f * 512.0f));
-                inv = __frcp_rn(sx);
-            } else {
-                sx = x_scales[tok];
-            }
+        for (int i = 0; i < 4; ++i) {
             float s = 0.0f;
-            for (int c = lane; c < k; c += 32) {
-                const unsigned char code =
-                    kIn != kCodes ? __nv_cvt_float_to_fp8(input_at<kIn>(xe, tok, c, k, norm_w, inv_rms) * inv,
-                                                          __NV_SATFINITE, __NV_E4M3)
-                                  : xq[(int64_t)tok * k + c];
-                s = fmaf(e4m3_to_f32(code), e4m3_to_f32(wrow[c]), s);
-            }
-            s = warp_sum(s);
-            if (lane != 0) continue;
+#pragma unroll
+            for (int v = 0; v < kWarps; ++v) s += sh.partial[v][q][i][lane];
+            const int tok = g + 8 * (i >> 1);
+            const int row = row0 + 8 * q + 2 * t + (i & 1);
+            if (tok >= m || row >= n) continue;
+            if (scale_kind == kPerTensor) s *= w_scales[0];
+            if (scale_kind == kPerChannel) s *= w_scales[row];
             const int64_t at = (int64_t)tok * n + row;
-            float v = s * sx * w_scales[row];
-            if (accumulate) v += to_f32(y[at]);
-            y[at] = from_f32(v);
+            if (accumulate) s += to_f32(y[at]);
+            y[at] = from_f32(s);
         }
-    }
 }
-
-#endif
 
 }  // namespace
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-#define RVLLM_FP8_GEMV_BODY(INPUT)                                                            \
-    if ((k & 15) == 0) {                                                                      \
-        fp8_gemv_mma<true, INPUT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate, norm_w, \
-                                  eps);                                                       \
-    } else {                                                                                  \
-        fp8_gemv_mma<false, INPUT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate, norm_w, \
-                                   eps);                                                      \
+// 16-byte loads when k allows them; the wide build when tokens 8 to 15 exist.
+#define RVLLM_FP8_GEMV_BODY(INPUT, XS)                                                          \
+    __shared__ Shared sh;                                                                       \
+    if (m > 8) {                                                                                \
+        if ((k & 15) == 0)                                                                      \
+            fp8_gemv<INPUT, true, true>(y, x, norm_w, eps, wq, w_scales, scale_kind, m, n, k,   \
+                                        accumulate, sh, XS);                                        \
+        else                                                                                    \
+            fp8_gemv<INPUT, true, false>(y, x, norm_w, eps, wq, w_scales, scale_kind, m, n, k,  \
+                                         accumulate, sh, XS);                                       \
+    } else {                                                                                    \
+        if ((k & 15) == 0)                                                                      \
+            fp8_gemv<INPUT, false, true>(y, x, norm_w, eps, wq, w_scales, scale_kind, m, n, k,  \
+                                         accumulate, sh, XS);                                       \
+        else                                                                                    \
+            fp8_gemv<INPUT, false, false>(y, x, norm_w, eps, wq, w_scales, scale_kind, m, n, k, \
+                                          accumulate, sh, XS);                                      \
     }
-#else
-#define RVLLM_FP8_GEMV_BODY(INPUT) \
-    fp8_gemv_portable<INPUT>(y, x, x_scales, wq, w_scales, m, n, k, accumulate, norm_w, eps)
-#endif
 
-// Tokens past kMaxTokens have no column in the MMA: the host never asks for them.
-extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_bf16, fp8_gemv_f16)(
-    elem_t* y, const unsigned char* __restrict__ xq, const float* __restrict__ x_scales,
-    const unsigned char* __restrict__ wq, const float* __restrict__ w_scales, int m, int n,
-    int k, int accumulate) {
-    const void* x = xq;
-    const elem_t* norm_w = nullptr;
-    const float eps = 0.0f;
-    m = min(m, kMaxTokens);
-    RVLLM_FP8_GEMV_BODY(kCodes);
-}
+// The fused variants take one token (m = 1): the narrow build only.
+#define RVLLM_FP8_GEMV_FUSED_BODY(INPUT)                                                        \
+    __shared__ Shared sh;                                                                       \
+    __shared__ __align__(16) elem_t xs[kMaxStagedK];                                            \
+    if (k > kMaxStagedK) { /* the host never asks: leave y alone */                             \
+        pdl_enter();                                                                            \
+        return;                                                                                 \
+    }                                                                                           \
+    if ((k & 15) == 0)                                                                          \
+        fp8_gemv<INPUT, false, true>(y, x, norm_w, eps, wq, w_scales, scale_kind, m, n, k,      \
+                                     accumulate, sh, xs);                                           \
+    else                                                                                        \
+        fp8_gemv<INPUT, false, false>(y, x, norm_w, eps, wq, w_scales, scale_kind, m, n, k,     \
+                                      accumulate, sh, xs);
 
-extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_quant_bf16, fp8_gemv_quant_f16)(
+extern "C" __global__ void __launch_bounds__(kThreads, 2) DT(fp8_gemv_bf16, fp8_gemv_f16)(
     elem_t* y, const elem_t* __restrict__ x, const unsigned char* __restrict__ wq,
-    const float* __restrict__ w_scales, int m, int n, int k, int accumulate) {
-    const float* x_scales = nullptr;
+    const float* __restrict__ w_scales, int scale_kind, int m, int n, int k, int accumulate) {
     const elem_t* norm_w = nullptr;
     const float eps = 0.0f;
-    m = min(m, kMaxTokens);
-    RVLLM_FP8_GEMV_BODY(kElem);
+    m = min(m, 16);
+    RVLLM_FP8_GEMV_BODY(kPlain, nullptr);
 }
 
-extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_silu_bf16, fp8_gemv_silu_f16)(
+extern "C" __global__ void __launch_bounds__(kThreads, 2) DT(fp8_gemv_quant_bf16, fp8_gemv_quant_f16)(
+    elem_t* y, const elem_t* __restrict__ x, const unsigned char* __restrict__ wq,
+    const float* __restrict__ w_scales, int scale_kind, int m, int n, int k, int accumulate) {
+    const elem_t* norm_w = nullptr;
+    const float eps = 0.0f;
+    m = min(m, 16);
+    RVLLM_FP8_GEMV_BODY(kPlain, nullptr);
+}
+
+extern "C" __global__ void __launch_bounds__(kThreads, 2) DT(fp8_gemv_silu_bf16, fp8_gemv_silu_f16)(
     elem_t* y, const elem_t* __restrict__ gate_up, const unsigned char* __restrict__ wq,
-    const float* __restrict__ w_scales, int m, int n, int k, int accumulate) {
+    const float* __restrict__ w_scales, int scale_kind, int m, int n, int k, int accumulate) {
     const elem_t* x = gate_up;
-    const float* x_scales = nullptr;
     const elem_t* norm_w = nullptr;
     const float eps = 0.0f;
-    m = min(m, kMaxTokens);
-    RVLLM_FP8_GEMV_BODY(kSilu);
+    RVLLM_FP8_GEMV_FUSED_BODY(kSilu);
 }
 
-extern "C" __global__ void __launch_bounds__(kThreads) DT(fp8_gemv_norm_bf16, fp8_gemv_norm_f16)(
+extern "C" __global__ void __launch_bounds__(kThreads, 2) DT(fp8_gemv_norm_bf16, fp8_gemv_norm_f16)(
     elem_t* y, const elem_t* __restrict__ x, const elem_t* __restrict__ norm_w, float eps,
-    const unsigned char* __restrict__ wq, const float* __restrict__ w_scales, int m, int n,
-    int k, int accumulate) {
-    const float* x_scales = nullptr;
-    m = min(m, kMaxTokens);
-    RVLLM_FP8_GEMV_BODY(kNorm);
+    const unsigned char* __restrict__ wq, const float* __restrict__ w_scales, int scale_kind,
+    int m, int n, int k, int accumulate) {
+    RVLLM_FP8_GEMV_FUSED_BODY(kNorm);
 }

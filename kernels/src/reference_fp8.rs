@@ -178,6 +178,100 @@ pub fn scaled_mm(xq: &[u8], sx: &[f32], wq: &[u8], sw: &[f32], k: usize) -> Vec<
     y
 }
 
+/// The side of a weight-scale block of block-wise FP8 checkpoints (`weight_block_size:
+/// [128, 128]`), the only block size the GPU's FP8 GEMV takes.
+pub const SCALE_BLOCK: usize = 128;
+
+/// How an FP8 weight's scales are laid out: one for the tensor, one per output channel (a
+/// row of the `[n, k]` weight), or one per [`SCALE_BLOCK`]-square block (row-major over the
+/// `[ceil(n / 128), ceil(k / 128)]` grid; edge blocks partial). Each multiplies the decoded
+/// codes it covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightScales {
+    PerTensor,
+    PerChannel,
+    Block128,
+}
+
+impl WeightScales {
+    pub const ALL: [WeightScales; 3] = [Self::PerTensor, Self::PerChannel, Self::Block128];
+
+    /// The `scale_kind` argument of kernels/src/fp8_gemv.cu.
+    pub fn kernel_arg(self) -> i32 {
+        match self {
+            Self::PerTensor => 0,
+            Self::PerChannel => 1,
+            Self::Block128 => 2,
+        }
+    }
+
+    /// How many scales an `[n, k]` weight has.
+    pub fn count(self, n: usize, k: usize) -> usize {
+        match self {
+            Self::PerTensor => 1,
+            Self::PerChannel => n,
+            Self::Block128 => n.div_ceil(SCALE_BLOCK) * k.div_ceil(SCALE_BLOCK),
+        }
+    }
+}
+
+/// The small-batch FP8 linear (`fp8_gemv`, weight-only FP8): `y[i, j] = sum_k x[i, k] *
+/// e4m3(wq[j, k])` in f32 over the input as it is (no activation quantization), scaled once
+/// per output for per-tensor and per-channel scales, and per 128-column block (each block's
+/// partial sum times its scale, then the blocks added) for block scales. `x` is `[m, k]`,
+/// `wq` `[n, k]`.
+pub fn weight_only_mm(
+    x: &[f32],
+    wq: &[u8],
+    scales: &[f32],
+    kind: WeightScales,
+    k: usize,
+) -> Vec<f32> {
+    let k1 = k.max(1);
+    let (m, n) = (x.len() / k1, wq.len() / k1);
+    assert_eq!(
+        x.len(),
+        m * k,
+        "weight_only_mm: x has {} values for k {k}",
+        x.len()
+    );
+    assert_eq!(
+        wq.len(),
+        n * k,
+        "weight_only_mm: w has {} codes for k {k}",
+        wq.len()
+    );
+    assert_eq!(
+        scales.len(),
+        kind.count(n, k),
+        "weight_only_mm: {} scales for {kind:?} of {n}x{k}",
+        scales.len()
+    );
+    let wd: Vec<f32> = wq.iter().map(|&c| e4m3_to_f32(c)).collect();
+    let kb = k.div_ceil(SCALE_BLOCK);
+    let mut y = vec![0.0f32; m * n];
+    for i in 0..m {
+        let xr = &x[i * k..(i + 1) * k];
+        for j in 0..n {
+            let wr = &wd[j * k..(j + 1) * k];
+            let dot = |lo: usize, hi: usize| -> f32 {
+                xr[lo..hi].iter().zip(&wr[lo..hi]).map(|(a, b)| a * b).sum()
+            };
+            y[i * n + j] = match kind {
+                WeightScales::PerTensor => dot(0, k) * scales[0],
+                WeightScales::PerChannel => dot(0, k) * scales[j],
+                WeightScales::Block128 => (0..kb)
+                    .map(|b| {
+                        let hi = ((b + 1) * SCALE_BLOCK).min(k);
+                        dot(b * SCALE_BLOCK, hi) * scales[(j / SCALE_BLOCK) * kb + b]
+                    })
+                    .sum(),
+            };
+        }
+    }
+    y
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +326,33 @@ mod tests {
         assert!(zeros.iter().all(|&c| c == 0));
         let (_, per_row) = quantize_per_token(&[1.0, -2.0, 4.0, 0.5], 2);
         assert_eq!(per_row, vec![2.0 / 448.0, 4.0 / 448.0]);
+    }
+
+    #[test]
+    fn weight_only_mm_applies_each_scale_kind_to_its_codes() {
+        // w = [[1, 2, ...]] decoded codes times the scale; x = ones.
+        let k = 2 * SCALE_BLOCK + 3;
+        let wq: Vec<u8> = (0..2 * k)
+            .map(|i| f32_to_e4m3(if i < k { 1.0 } else { -0.5 }))
+            .collect();
+        let x = vec![1.0f32; k];
+        let kf = k as f32;
+        assert_eq!(
+            weight_only_mm(&x, &wq, &[2.0], WeightScales::PerTensor, k),
+            vec![2.0 * kf, -kf]
+        );
+        assert_eq!(
+            weight_only_mm(&x, &wq, &[2.0, 4.0], WeightScales::PerChannel, k),
+            vec![2.0 * kf, -2.0 * kf]
+        );
+        // Both rows lie in block row 0: scales 1, 2 and 4 for the columns' three blocks
+        // (the last one 3 wide).
+        let b = SCALE_BLOCK as f32;
+        assert_eq!(
+            weight_only_mm(&x, &wq, &[1.0, 2.0, 4.0], WeightScales::Block128, k),
+            vec![b + 2.0 * b + 4.0 * 3.0, -0.5 * (b + 2.0 * b + 4.0 * 3.0)]
+        );
+        assert_eq!(WeightScales::Block128.count(129, 256), 4);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! nearest even with saturation), in both input types, on random inputs with the outputs
 //! poisoned first. Codes and scales must match bit for bit. And the FP8 GEMM through
 //! cuBLASLt (E4M3 x E4M3, per-tensor scale pointers, bf16 out), `fp8_scaled_mm`, the scaled
-//! epilogue and the small-batch `fp8_gemv` / `_quant` / `_silu` / `_norm` against the f32
-//! reference.
+//! epilogue against the f32 reference, and the small-batch weight-only `fp8_gemv` / `_silu` /
+//! `_norm` (every scale kind) against `weight_only_mm`.
 //!
 //! The reference codec is `rvllm_kernels::reference_fp8`, the one the engine's FP8 paths use
 //! (`rvllm::backend::cpu::fp8` re-exports it).
@@ -17,6 +17,7 @@ use rand::Rng;
 use rvllm_kernels::args;
 use rvllm_kernels::reference_fp8::{
     dynamic_scale, e4m3_to_f32, f32_to_e4m3, quantize_per_token, quantize_with_scale, scaled_mm,
+    weight_only_mm, WeightScales,
 };
 
 /// Inputs whose rows span magnitudes (so scales differ row to row), with an all-zero row
@@ -336,269 +337,212 @@ fn fp8_scaled_mm_matches_the_reference() {
     }
 }
 
-/// `fp8_gemv` (the FP8 linear at 1 to 8 tokens, through the FP8 tensor cores on sm_89+)
-/// against the reference's `scaled_mm`, with and without accumulation into the output: every
-/// token count from 1 to 8; k a multiple of 64 (whole tiles), a multiple of 16 but not of 64
-/// (a partial last tile), and not a multiple of 16 (the byte-wise loads); n below, at and not
-/// a multiple of the block's 16 rows; the Llama-3.1-8B down projection's k.
+/// What an `fp8_gemv` variant (kernels/src/fp8_gemv.cu) takes as its input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum GemvInput {
+    /// `fp8_gemv`: x `[m, k]` as it is.
+    Plain,
+    /// `fp8_gemv_silu`: gate_up `[1, 2k]`, the input silu(gate) * up.
+    Silu,
+    /// `fp8_gemv_norm`: x `[1, k]` and a norm weight, the input rmsnorm(x) * norm_w.
+    Norm,
+}
+
+/// One `fp8_gemv*` launch against the reference: random codes and `kind` scales for an
+/// `[n, k]` weight, an input of `input`'s kind in `e` (rows of different magnitudes and, with
+/// several rows, an all-zero one), `y` poisoned or, when accumulating, random. The expected
+/// input is what the unfused kernels would have stored (silu_and_mul's and rms_norm's results
+/// rounded to `e`); the product is `weight_only_mm`.
+#[allow(clippy::too_many_arguments)] // one test case's parameters
+fn check_fp8_gemv(
+    g: &gpu_harness::Gpu,
+    r: &mut rand::rngs::StdRng,
+    e: Elem,
+    input: GemvInput,
+    kind: WeightScales,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    let eps = 1e-5f32;
+    let (wq, _) = per_token_inputs(r, n, k);
+    // Scales near 1e-5 keep outputs within f16's range for inputs up to 1e3.
+    let sw: Vec<f32> = (0..kind.count(n, k))
+        .map(|_| r.random_range(0.5f32..2.0) * 1e-5)
+        .collect();
+    let (x_bits, x_input, norm_bits) = match input {
+        GemvInput::Plain => {
+            let (bits, vals) = inputs(e, r, m, k);
+            (bits, vals, None)
+        }
+        GemvInput::Silu => {
+            let (bits, vals) = e.random(r, 2 * k, 4.0);
+            let mut act = rvllm_kernels::reference::silu_and_mul(&vals, k);
+            e.round_all(&mut act);
+            (bits, act, None)
+        }
+        GemvInput::Norm => {
+            let (bits, vals) = inputs(e, r, 1, k);
+            let (nw_bits, nw) = e.random(r, k, 2.0);
+            let mut normed = rvllm_kernels::reference::rms_norm(&vals, &nw, eps);
+            e.round_all(&mut normed);
+            (bits, normed, Some(nw_bits))
+        }
+    };
+    let want_mm = weight_only_mm(&x_input, &wq, &sw, kind, k);
+    // Each output's sum of term magnitudes (the tensor cores' f32 accumulation may keep fewer
+    // bits than an FMA chain).
+    let x_abs: Vec<f32> = x_input.iter().map(|v| v.abs()).collect();
+    let w_abs: Vec<u8> = wq.iter().map(|&c| c & 0x7f).collect();
+    let magnitude = weight_only_mm(&x_abs, &w_abs, &sw, kind, k);
+
+    let (y0_bits, y0) = e.random(r, m * n, 1.0);
+    let d_y = if accumulate {
+        g.upload(&y0_bits)
+    } else {
+        g.poisoned(m * n, e.nan())
+    };
+    let (d_x, d_wq, d_sw) = (g.upload(&x_bits), g.upload(&wq), g.upload(&sw));
+    let d_nw = g.upload(norm_bits.as_deref().unwrap_or(&[0u16]));
+    let grid = (n.div_ceil(16) as u32, 1, 1);
+    let (module, block) = (e.module("fp8_gemv"), (256, 1, 1));
+    let (mi, ni, ki, acc) = (m as i32, n as i32, k as i32, accumulate as i32);
+    let scale_kind = kind.kernel_arg();
+    let name = match input {
+        GemvInput::Plain => "fp8_gemv_bf16",
+        GemvInput::Silu => "fp8_gemv_silu_bf16",
+        GemvInput::Norm => "fp8_gemv_norm_bf16",
+    };
+    let kernel = e.kernel(name);
+    match input {
+        GemvInput::Plain => g.launch_args(
+            &module,
+            &kernel,
+            grid,
+            block,
+            args::Fp8Gemv {
+                y: d_y.ptr,
+                x: d_x.ptr,
+                wq: d_wq.ptr,
+                w_scales: d_sw.ptr,
+                scale_kind,
+                m: mi,
+                n: ni,
+                k: ki,
+                accumulate: acc,
+            },
+        ),
+        GemvInput::Silu => g.launch_args(
+            &module,
+            &kernel,
+            grid,
+            block,
+            args::Fp8GemvSilu {
+                y: d_y.ptr,
+                gate_up: d_x.ptr,
+                wq: d_wq.ptr,
+                w_scales: d_sw.ptr,
+                scale_kind,
+                m: mi,
+                n: ni,
+                k: ki,
+                accumulate: acc,
+            },
+        ),
+        GemvInput::Norm => g.launch_args(
+            &module,
+            &kernel,
+            grid,
+            block,
+            args::Fp8GemvNorm {
+                y: d_y.ptr,
+                x: d_x.ptr,
+                norm_w: d_nw.ptr,
+                eps,
+                wq: d_wq.ptr,
+                w_scales: d_sw.ptr,
+                scale_kind,
+                m: mi,
+                n: ni,
+                k: ki,
+                accumulate: acc,
+            },
+        ),
+    }
+    let want: Vec<f32> = if accumulate {
+        want_mm.iter().zip(&y0).map(|(a, b)| a + b).collect()
+    } else {
+        want_mm
+    };
+    let what = format!(
+        "{} {name} {kind:?} {m}x{n}x{k} accumulate {accumulate}",
+        e.name()
+    );
+    assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &magnitude, e, n);
+}
+
+/// `fp8_gemv` (the FP8 linear at 1 to 16 tokens: weight-only FP8 on the tensor cores) against
+/// `weight_only_mm`, every scale kind, both element types, with and without accumulation:
+/// batch 1, 3, 8 (the narrow build's last), 9 and 16 (the wide build); k a multiple of the
+/// 128-column tile, a multiple of 16 but not of 128 (a partial last tile), and not a multiple
+/// of 16 (the byte-wise loads); n below, across and not a multiple of the block's 16 rows and
+/// of the 128-row scale blocks; the Llama-3.1-8B down projection's k.
 #[test]
 fn fp8_gemv_matches_the_reference() {
     let Some(g) = gpu("fp8_gemv_matches_the_reference") else {
         return;
     };
     let mut r = rng("fp8_gemv");
-    let shapes: [(usize, usize); 8] = [
-        (100, 64),
-        (16, 4096),
-        (37, 40),
-        (256, 576),
-        (1000, 1000),
-        (5, 23),
-        (48, 14336),
-        (4096, 208),
-    ];
     for e in Elem::BOTH {
-        for (i, &(n, k)) in shapes.iter().enumerate() {
-            let (wq, sw) = per_token_inputs(&mut r, n, k);
-            let d_wq = g.upload(&wq);
-            let d_sw = g.upload(&sw);
-            for m in 1..=8usize {
-                // Every shape at batch 1 and its own token count, all counts on two shapes.
-                if m != 1 && m != 1 + i % 8 && i > 1 {
-                    continue;
-                }
-                let (xq, sx) = per_token_inputs(&mut r, m, k);
-                let want_mm = scaled_mm(&xq, &sx, &wq, &sw, k);
-                let magnitude = term_magnitudes(&xq, &sx, &wq, &sw, k);
-                let (d_xq, d_sx) = (g.upload(&xq), g.upload(&sx));
+        for kind in WeightScales::ALL {
+            for shape in [
+                (1usize, 256usize, 4096usize),
+                (3, 100, 576),
+                (16, 48, 14336),
+                (1, 37, 40),
+                (9, 33, 1000),
+                (8, 130, 256),
+                (16, 300, 208),
+            ] {
                 for accumulate in [false, true] {
-                    let (y0_bits, y0) = e.random(&mut r, m * n, 1.0);
-                    let d_y = if accumulate {
-                        g.upload(&y0_bits)
-                    } else {
-                        g.poisoned(m * n, e.nan())
-                    };
-                    g.launch_args(
-                        &e.module("fp8_gemv"),
-                        &e.kernel("fp8_gemv_bf16"),
-                        (n.div_ceil(16) as u32, 1, 1),
-                        (256, 1, 1),
-                        args::Fp8Gemv {
-                            y: d_y.ptr,
-                            xq: d_xq.ptr,
-                            x_scales: d_sx.ptr,
-                            wq: d_wq.ptr,
-                            w_scales: d_sw.ptr,
-                            m: m as i32,
-                            n: n as i32,
-                            k: k as i32,
-                            accumulate: accumulate as i32,
-                        },
-                    );
-                    let want: Vec<f32> = if accumulate {
-                        want_mm.iter().zip(&y0).map(|(a, b)| a + b).collect()
-                    } else {
-                        want_mm.clone()
-                    };
-                    let what = format!("{} fp8_gemv {m}x{n}x{k} accumulate {accumulate}", e.name());
-                    assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &magnitude, e, n);
+                    check_fp8_gemv(&g, &mut r, e, GemvInput::Plain, kind, shape, accumulate);
                 }
             }
         }
     }
 }
 
-/// `fp8_gemv_quant` (the batch-1 FP8 linear that quantizes its input itself) against the
-/// reference's per-token quantization and `scaled_mm`: inputs in both element types with
-/// rows of different magnitudes (and an all-zero row, the floor scale), token counts 1 to 8,
-/// k a multiple of 16 and not, with and without accumulation.
+/// `fp8_gemv_silu` (the batch-1 down projection with silu_and_mul in its input) and
+/// `fp8_gemv_norm` (QKV / gate|up with the RMSNorm in its input) against the reference: every
+/// scale kind, both element types, with and without accumulation, k a multiple of 16 and not
+/// (the staging's element-wise path), the Llama-3.1-8B shapes.
 #[test]
-fn fp8_gemv_quant_matches_the_reference() {
-    let Some(g) = gpu("fp8_gemv_quant_matches_the_reference") else {
+fn fp8_gemv_fused_inputs_match_the_reference() {
+    let Some(g) = gpu("fp8_gemv_fused_inputs_match_the_reference") else {
         return;
     };
-    let mut r = rng("fp8_gemv_quant");
+    let mut r = rng("fp8_gemv_fused");
     for e in Elem::BOTH {
-        for &(m, n, k) in &[
-            (1usize, 4096usize, 4096usize),
-            (1, 100, 40),
-            (1, 48, 14336),
-            (3, 256, 576),
-            (8, 33, 1000),
-        ] {
-            // Inputs reach 1e3: weights near 1e-3 keep the outputs within f16's range.
-            let (wq, sw) = per_token_inputs(&mut r, n, k);
-            let sw: Vec<f32> = sw.iter().map(|s| s * 1e-3).collect();
-            let (bits, vals) = inputs(e, &mut r, m, k);
-            let (xq, sx) = quantize_per_token(&vals, k);
-            let want_mm = scaled_mm(&xq, &sx, &wq, &sw, k);
-            let magnitude = term_magnitudes(&xq, &sx, &wq, &sw, k);
-            let (d_x, d_wq, d_sw) = (g.upload(&bits), g.upload(&wq), g.upload(&sw));
-            for accumulate in [false, true] {
-                let (y0_bits, y0) = e.random(&mut r, m * n, 1.0);
-                let d_y = if accumulate {
-                    g.upload(&y0_bits)
-                } else {
-                    g.poisoned(m * n, e.nan())
-                };
-                g.launch_args(
-                    &e.module("fp8_gemv"),
-                    &e.kernel("fp8_gemv_quant_bf16"),
-                    (n.div_ceil(16) as u32, 1, 1),
-                    (256, 1, 1),
-                    args::Fp8GemvQuant {
-                        y: d_y.ptr,
-                        x: d_x.ptr,
-                        wq: d_wq.ptr,
-                        w_scales: d_sw.ptr,
-                        m: m as i32,
-                        n: n as i32,
-                        k: k as i32,
-                        accumulate: accumulate as i32,
-                    },
-                );
-                let want: Vec<f32> = if accumulate {
-                    want_mm.iter().zip(&y0).map(|(a, b)| a + b).collect()
-                } else {
-                    want_mm.clone()
-                };
-                let what = format!(
-                    "{} fp8_gemv_quant {m}x{n}x{k} accumulate {accumulate}",
-                    e.name()
-                );
-                assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &magnitude, e, n);
+        for kind in WeightScales::ALL {
+            for (input, shape) in [
+                (GemvInput::Silu, (1usize, 4096usize, 14336usize)),
+                (GemvInput::Silu, (1, 100, 40)),
+                (GemvInput::Silu, (1, 64, 576)),
+                (GemvInput::Norm, (1, 6144, 4096)),
+                (GemvInput::Norm, (1, 100, 40)),
+                (GemvInput::Norm, (1, 130, 1000)),
+            ] {
+                for accumulate in [false, true] {
+                    check_fp8_gemv(&g, &mut r, e, input, kind, shape, accumulate);
+                }
             }
         }
     }
-}
-
-/// `fp8_gemv_silu` (the down projection with silu_and_mul in its input) against the
-/// reference: `silu(gate) * up` rounded to the element type (as silu_and_mul stores it),
-/// quantized per token, then `scaled_mm`; both element types, 1 to 8 tokens, k a multiple
-/// of 16 and not, with and without accumulation (silu_mul_linear_add).
-#[test]
-fn fp8_gemv_silu_matches_the_reference() {
-    let Some(g) = gpu("fp8_gemv_silu_matches_the_reference") else {
-        return;
-    };
-    let mut r = rng("fp8_gemv_silu");
-    for e in Elem::BOTH {
-        for &(m, n, k) in &[
-            (1usize, 4096usize, 14336usize),
-            (1, 100, 40),
-            (2, 64, 576),
-            (8, 33, 1000),
-        ] {
-            let (wq, sw) = per_token_inputs(&mut r, n, k);
-            let sw: Vec<f32> = sw.iter().map(|s| s * 1e-2).collect();
-            let (bits, vals) = e.random(&mut r, m * 2 * k, 4.0);
-            let mut act = rvllm_kernels::reference::silu_and_mul(&vals, k);
-            e.round_all(&mut act);
-            let (xq, sx) = quantize_per_token(&act, k);
-            let want_mm = scaled_mm(&xq, &sx, &wq, &sw, k);
-            let magnitude = term_magnitudes(&xq, &sx, &wq, &sw, k);
-            let (d_x, d_wq, d_sw) = (g.upload(&bits), g.upload(&wq), g.upload(&sw));
-            for accumulate in [false, true] {
-                let (y0_bits, y0) = e.random(&mut r, m * n, 1.0);
-                let d_y = if accumulate {
-                    g.upload(&y0_bits)
-                } else {
-                    g.poisoned(m * n, e.nan())
-                };
-                g.launch_args(
-                    &e.module("fp8_gemv"),
-                    &e.kernel("fp8_gemv_silu_bf16"),
-                    (n.div_ceil(16) as u32, 1, 1),
-                    (256, 1, 1),
-                    args::Fp8GemvSilu {
-                        y: d_y.ptr,
-                        gate_up: d_x.ptr,
-                        wq: d_wq.ptr,
-                        w_scales: d_sw.ptr,
-                        m: m as i32,
-                        n: n as i32,
-                        k: k as i32,
-                        accumulate: accumulate as i32,
-                    },
-                );
-                let want: Vec<f32> = if accumulate {
-                    want_mm.iter().zip(&y0).map(|(a, b)| a + b).collect()
-                } else {
-                    want_mm.clone()
-                };
-                let what = format!(
-                    "{} fp8_gemv_silu {m}x{n}x{k} accumulate {accumulate}",
-                    e.name()
-                );
-                assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &magnitude, e, n);
-            }
-        }
-    }
-}
-
-/// `fp8_gemv_norm` (QKV / gate|up with the RMSNorm in its input) against the reference:
-/// `rmsnorm(x) * w` rounded to the element type (as rms_norm stores it), quantized per token,
-/// then `scaled_mm`; both element types, 1 to 8 tokens, k a multiple of 16 and not.
-#[test]
-fn fp8_gemv_norm_matches_the_reference() {
-    let Some(g) = gpu("fp8_gemv_norm_matches_the_reference") else {
-        return;
-    };
-    let mut r = rng("fp8_gemv_norm");
-    let eps = 1e-5f32;
-    for e in Elem::BOTH {
-        for &(m, n, k) in &[
-            (1usize, 6144usize, 4096usize),
-            (1, 100, 40),
-            (2, 64, 576),
-            (8, 33, 1000),
-        ] {
-            let (wq, sw) = per_token_inputs(&mut r, n, k);
-            let (bits, vals) = inputs(e, &mut r, m, k);
-            let (nw_bits, nw) = e.random(&mut r, k, 2.0);
-            let mut normed = rvllm_kernels::reference::rms_norm(&vals, &nw, eps);
-            e.round_all(&mut normed);
-            let (xq, sx) = quantize_per_token(&normed, k);
-            let want = scaled_mm(&xq, &sx, &wq, &sw, k);
-            let magnitude = term_magnitudes(&xq, &sx, &wq, &sw, k);
-            let (d_x, d_nw) = (g.upload(&bits), g.upload(&nw_bits));
-            let (d_wq, d_sw) = (g.upload(&wq), g.upload(&sw));
-            let d_y = g.poisoned(m * n, e.nan());
-            g.launch_args(
-                &e.module("fp8_gemv"),
-                &e.kernel("fp8_gemv_norm_bf16"),
-                (n.div_ceil(16) as u32, 1, 1),
-                (256, 1, 1),
-                args::Fp8GemvNorm {
-                    y: d_y.ptr,
-                    x: d_x.ptr,
-                    norm_w: d_nw.ptr,
-                    eps,
-                    wq: d_wq.ptr,
-                    w_scales: d_sw.ptr,
-                    m: m as i32,
-                    n: n as i32,
-                    k: k as i32,
-                    accumulate: 0,
-                },
-            );
-            let what = format!("{} fp8_gemv_norm {m}x{n}x{k}", e.name());
-            assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &magnitude, e, n);
-        }
-    }
-}
-
-/// Each output's sum of term magnitudes: the reference over the codes with their sign bits
-/// cleared.
-fn term_magnitudes(xq: &[u8], sx: &[f32], wq: &[u8], sw: &[f32], k: usize) -> Vec<f32> {
-    let abs = |q: &[u8]| q.iter().map(|&c| c & 0x7f).collect::<Vec<u8>>();
-    scaled_mm(&abs(xq), sx, &abs(wq), sw, k)
 }
 
 /// `got` against `want` at the element type's tolerance plus 1/4096 of each output's term
-/// magnitudes: the tensor cores' f32 accumulation may keep fewer bits than an FMA chain
-/// (Hopper's FP8 MMA is reported to keep about 14), so an output may differ from the
-/// sequential f32 sum by a small fraction of them, on top of its rounding to the element type.
+/// magnitudes: the tensor cores' f32 accumulation may keep fewer bits than an FMA chain, so an
+/// output may differ from the sequential f32 sum by a small fraction of them, on top of its
+/// rounding to the element type.
 fn assert_gemv_close(what: &str, got: &[f32], want: &[f32], magnitude: &[f32], e: Elem, n: usize) {
     assert_eq!(got.len(), want.len(), "{what}");
     let (atol, rtol) = e.tolerance();

@@ -12,13 +12,15 @@
 //! `fp8_scaled_mm`, a warp-per-output kernel with the same scales. Nothing here syncs the
 //! host, and every buffer is allocated at load, so CUDA graphs capture it.
 //!
-//! Up to `FP8_GEMV_MAX_TOKENS` tokens (decode) the product is `fp8_gemv` instead: the weight
-//! codes streamed once through the FP8 tensor cores, both scales and the residual add applied
-//! in the same kernel, so a linear is two launches (quantize, GEMV). At batch 1 it is one:
-//! `fp8_gemv_quant` quantizes its input in its prologue (to the same codes), and
-//! `fp8_gemv_silu` also computes the down projection's silu(gate) * up there (no
-//! silu_and_mul launch, no activation stored) and `fp8_gemv_norm` the RMSNorm before QKV and
-//! gate|up (no rms_norm launch, no normed rows stored), as gemv_bulk's variants do.
+//! Up to `FP8_GEMV_MAX_TOKENS` tokens (decode) the product is `fp8_gemv` instead
+//! (kernels/src/fp8_gemv.cu): weight-only FP8, the codes streamed once and decoded in the
+//! kernel, the input taken as it is in the compute type (not quantized), the channel scale and
+//! the residual add applied in the same kernel: one launch a linear, as the compute-type
+//! path's GEMV. At batch 1 `fp8_gemv_silu` also computes the down projection's
+//! silu(gate) * up (no silu_and_mul launch, no activation stored) and `fp8_gemv_norm` the
+//! RMSNorm before QKV and gate|up (no rms_norm launch, no normed rows stored), as gemv_bulk's
+//! variants do for the compute type. So a request's numbers depend on its batch's size: up to
+//! 16 tokens the input keeps its compute-type precision, past it it is rounded to E4M3.
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,8 +32,7 @@ use cudarc::driver::sys::CUdeviceptr;
 use rayon::prelude::*;
 
 use super::super::kernels::{
-    FP8_GEMV, FP8_GEMV_NORM, FP8_GEMV_QUANT, FP8_GEMV_SILU, FP8_QUANT_PER_TOKEN,
-    FP8_SCALED_EPILOGUE, FP8_SCALED_MM,
+    FP8_GEMV, FP8_GEMV_NORM, FP8_GEMV_SILU, FP8_QUANT_PER_TOKEN, FP8_SCALED_EPILOGUE, FP8_SCALED_MM,
 };
 use super::{CudaBackend, CudaTensor, CudaVector, CudaWeight};
 use crate::backend::cpu::fp8::{dynamic_scale, quantize_with_scale};
@@ -39,13 +40,20 @@ use crate::backend::{Activation, Backend};
 use crate::types::HostTensor;
 use rvllm_kernels::args;
 
-/// The most tokens `fp8_gemv` (kernels/src/fp8_gemv.cu) takes: the N of its MMA.
-pub const FP8_GEMV_MAX_TOKENS: usize = 8;
+/// The most tokens `fp8_gemv` (kernels/src/fp8_gemv.cu) takes: the M of its MMA.
+pub const FP8_GEMV_MAX_TOKENS: usize = 16;
 
-/// Up to this many tokens `fp8_gemv_quant` quantizes the input inside the GEMV (each of its
-/// blocks reads the whole input first, a few KiB at batch 1; more tokens, more of that
-/// prologue in every block, so past it the separate quantization kernel runs once).
-pub const FP8_GEMV_QUANT_MAX_TOKENS: usize = 1;
+/// The widest input `fp8_gemv_silu` / `fp8_gemv_norm` stage in shared memory (the kernels'
+/// kMaxStagedK); wider ones run the unfused kernels.
+pub const FP8_GEMV_MAX_STAGED_K: usize = 16384;
+
+/// `fp8_gemv`'s scale layout for the weights `--quantization fp8` makes: one scale a row.
+const CHANNEL_SCALES: i32 = 1;
+
+/// Whether a batch of `rows` tokens runs the fused batch-1 FP8 GEMVs over `k` inputs.
+fn fused_gemv_takes(rows: usize, k: usize) -> bool {
+    rows == 1 && k <= FP8_GEMV_MAX_STAGED_K
+}
 
 /// The weights `--quantization fp8` stores as E4M3: the decoder layers' projections as the
 /// model uploads them (fused QKV, O, fused gate|up, down). Embeddings, the LM head, norms,
@@ -289,9 +297,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `y = x @ w^T` (or `y += ...` when `accumulate`) for an FP8 `w`: per-token quantization
-    /// of `x`, then the FP8 GEMM. `scratch` (`[x.rows, w.rows]` in the compute type's 2 bytes
-    /// an element) takes cuBLASLt's unscaled product when accumulating.
+    /// `y = x @ w^T` (or `y += ...` when `accumulate`) for an FP8 `w`: up to
+    /// `FP8_GEMV_MAX_TOKENS` tokens `fp8_gemv` (weight-only FP8, one launch); past it
+    /// per-token quantization of `x`, then the FP8 GEMM. `scratch` (`[x.rows, w.rows]` in the
+    /// compute type's 2 bytes an element) takes cuBLASLt's unscaled product when accumulating.
     fn fp8_matmul(
         &self,
         x: &CudaTensor,
@@ -312,6 +321,26 @@ impl CudaBackend {
         if m == 0 {
             return Ok(());
         }
+        if m <= FP8_GEMV_MAX_TOKENS {
+            // Decode-sized batches: one pass over the weight codes with the scale and the
+            // residual add in the same kernel, instead of quantize, cuBLASLt and the epilogue.
+            return self.launch(
+                FP8_GEMV,
+                (n.div_ceil(16) as u32, 1, 1),
+                256,
+                args::Fp8Gemv {
+                    y,
+                    x: x.ptr(),
+                    wq: w.buf.ptr,
+                    w_scales: w_scales.ptr,
+                    scale_kind: CHANNEL_SCALES,
+                    m: m as i32,
+                    n: n as i32,
+                    k: k as i32,
+                    accumulate: accumulate as i32,
+                },
+            );
+        }
         let mut guard = self.fp8.rt.lock().unwrap_or_else(|e| e.into_inner());
         let rt = guard
             .as_mut()
@@ -322,27 +351,6 @@ impl CudaBackend {
             self.limits.max_tokens,
             rt.max_k
         );
-        let (wq, sw, mi, ni, ki) = (w.buf.ptr, w_scales.ptr, m as i32, n as i32, k as i32);
-        let acc_flag = accumulate as i32;
-        let grid_16_rows = (n.div_ceil(16) as u32, 1, 1);
-        if m <= FP8_GEMV_QUANT_MAX_TOKENS {
-            // Batch-1 decode: the GEMV quantizes its input itself, one launch a linear.
-            return self.launch(
-                FP8_GEMV_QUANT,
-                grid_16_rows,
-                256,
-                args::Fp8GemvQuant {
-                    y,
-                    x: x.ptr(),
-                    wq,
-                    w_scales: sw,
-                    m: mi,
-                    n: ni,
-                    k: ki,
-                    accumulate: acc_flag,
-                },
-            );
-        }
         let (codes, x_scales) = (rt.codes.ptr, rt.scales.ptr);
         self.launch(
             FP8_QUANT_PER_TOKEN,
@@ -356,26 +364,6 @@ impl CudaBackend {
                 cols: k as i32,
             },
         )?;
-        if m <= FP8_GEMV_MAX_TOKENS {
-            // Decode-sized batches: one pass over the weight codes, scales and residual add
-            // in the same kernel, instead of cuBLASLt and the epilogue.
-            return self.launch(
-                FP8_GEMV,
-                grid_16_rows,
-                256,
-                args::Fp8Gemv {
-                    y,
-                    xq: codes,
-                    x_scales,
-                    wq,
-                    w_scales: sw,
-                    m: mi,
-                    n: ni,
-                    k: ki,
-                    accumulate: acc_flag,
-                },
-            );
-        }
         let lt_handle = rt.lt.filter(|_| cublaslt_takes(n, k));
         let plan = match lt_handle {
             Some(h) => {
@@ -537,9 +525,9 @@ impl CudaBackend {
         bias: Option<&CudaVector>,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        if bias.is_none() && x.rows <= FP8_GEMV_QUANT_MAX_TOKENS && x.rows > 0 {
-            // Batch 1: the norm and the quantization inside the GEMV (the normed rows are not
-            // stored, as gemv_bulk's norm variant does not store them).
+        if bias.is_none() && fused_gemv_takes(x.rows, x.cols) {
+            // Batch 1: the norm inside the GEMV (the normed rows are not stored, as
+            // gemv_bulk's norm variant does not store them).
             let Some(w_scales) = w.fp8_scales.as_ref() else {
                 bail!("fp8_norm_linear on a weight that is not FP8");
             };
@@ -565,6 +553,7 @@ impl CudaBackend {
                     eps,
                     wq: w.buf.ptr,
                     w_scales: w_scales.ptr,
+                    scale_kind: CHANNEL_SCALES,
                     m: x.rows as i32,
                     n: w.rows as i32,
                     k: w.cols as i32,
@@ -625,8 +614,8 @@ impl CudaBackend {
     }
 
     /// Batch-1 `y (+)= (silu(gate) * up) @ down^T` in one launch (`fp8_gemv_silu`: the
-    /// activation and its quantization inside the GEMV, the activation not stored); false
-    /// (nothing launched) past batch 1.
+    /// activation computed inside the GEMV, not stored); false (nothing launched) past batch 1
+    /// or past `FP8_GEMV_MAX_STAGED_K` inputs.
     fn fp8_gemv_silu(
         &self,
         gate_up: &CudaTensor,
@@ -637,7 +626,7 @@ impl CudaBackend {
         let Some(w_scales) = down.fp8_scales.as_ref() else {
             bail!("fp8_gemv_silu on a weight that is not FP8");
         };
-        if gate_up.rows == 0 || gate_up.rows > FP8_GEMV_QUANT_MAX_TOKENS {
+        if !fused_gemv_takes(gate_up.rows, down.cols) {
             return Ok(false);
         }
         ensure!(
@@ -655,6 +644,7 @@ impl CudaBackend {
                 gate_up: gate_up.ptr(),
                 wq: down.buf.ptr,
                 w_scales: w_scales.ptr,
+                scale_kind: CHANNEL_SCALES,
                 m: gate_up.rows as i32,
                 n: down.rows as i32,
                 k: down.cols as i32,
@@ -742,18 +732,20 @@ mod tests {
             .collect()
     }
 
-    /// The backend's FP8 linears on the GPU against the reference (`reference_fp8`: the
-    /// input's per-token codes, the weight's per-channel codes, `scaled_mm` in f32): `linear`
-    /// (with a bias), `linear_add`, `norm_linear` and `silu_mul_linear_add`, in both element
-    /// types, through `fp8_gemv_quant` (batch 1, where the compute-type path would fuse),
-    /// `fp8_gemv` (2 to 8 tokens), cuBLASLt (16-aligned shapes past 8 tokens) and
-    /// `fp8_scaled_mm` (n = 100 past 8 tokens); k = 40 and 1000 take the GEMVs' byte-wise
-    /// loads. Outputs are poisoned first.
+    /// The backend's FP8 linears on the GPU against the reference (`reference_fp8`): up to
+    /// 16 tokens `weight_only_mm` (the input as it is, the weight's per-channel codes), past
+    /// them the input's per-token codes and `scaled_mm`, both in f32. `linear` (with a bias),
+    /// `linear_add`, `norm_linear` and `silu_mul_linear_add`, in both element types, through
+    /// the fused `fp8_gemv_norm` / `fp8_gemv_silu` (batch 1), `fp8_gemv` (1 to 16 tokens),
+    /// cuBLASLt (16-aligned shapes past 16 tokens) and `fp8_scaled_mm` (n = 100 past 16
+    /// tokens); k = 40 and 1000 take the GEMVs' byte-wise loads. Outputs are poisoned first.
     #[test]
     fn fp8_linears_match_the_reference() {
         use super::super::super::elem::{bits_of, value_of};
         use super::super::StepLimits;
-        use crate::backend::cpu::fp8::{quantize_per_token, scaled_mm};
+        use crate::backend::cpu::fp8::{
+            quantize_per_token, scaled_mm, weight_only_mm, WeightScales,
+        };
         use crate::types::HostData;
         if !matches!(super::super::super::device_count(), Ok(n) if n > 0) {
             eprintln!("SKIPPED: no CUDA device (fp8_linears_match_the_reference)");
@@ -805,7 +797,8 @@ mod tests {
                 (1, 96, 40),
                 (7, 100, 64),
                 (8, 4096, 1000),
-                (9, 100, 64),
+                (16, 100, 64),
+                (17, 100, 64),
                 (33, 576, 1536),
                 (300, 960, 576),
             ]
@@ -831,6 +824,9 @@ mod tests {
                 let (wq, sw) = quantize_rows(&wv, k);
                 // The reference of `x @ w^T` for an input the GPU holds as `x` (rounded).
                 let reference = |x: &[f32]| {
+                    if m <= FP8_GEMV_MAX_TOKENS {
+                        return weight_only_mm(x, &wq, &sw, WeightScales::PerChannel, k);
+                    }
                     let (xq, sx) = quantize_per_token(x, k);
                     scaled_mm(&xq, &sx, &wq, &sw, k)
                 };
