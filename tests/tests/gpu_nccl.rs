@@ -318,6 +318,68 @@ mod gpu {
         vec![vec![1, 15, 27, 99, 4, 8], (2..40).collect(), vec![7; 12]]
     }
 
+    /// One run of the prompts on each path: greedy tokens and, per prompt, every step's
+    /// chosen-token logprob then its top-5 logprobs.
+    struct Tp1Runs {
+        plain: (Vec<Vec<u32>>, Vec<Vec<f32>>),
+        via_nccl: (Vec<Vec<u32>>, Vec<Vec<f32>>),
+        /// All-reduces the NCCL run queued.
+        queued: u64,
+    }
+
+    /// The same prompts on the plain path and on the NCCL path at tensor-parallel size 1
+    /// (`RVLLM_NCCL_TP1=1`, read when the engine starts).
+    fn plain_and_nccl_at_tp1(model: &Path, eager: bool) -> Tp1Runs {
+        let run = |nccl: bool| {
+            if nccl {
+                std::env::set_var(nccl::NCCL_AT_TP1_ENV, "1");
+            } else {
+                std::env::remove_var(nccl::NCCL_AT_TP1_ENV);
+            }
+            let out = greedy_logprobs(&mut engine(model, 1, eager), &prompts(), 32);
+            std::env::remove_var(nccl::NCCL_AT_TP1_ENV);
+            out
+        };
+        let plain = run(false);
+        let before = nccl::all_reduces_queued();
+        let via_nccl = run(true);
+        Tp1Runs {
+            plain,
+            via_nccl,
+            queued: nccl::all_reduces_queued() - before,
+        }
+    }
+
+    /// Greedy tokens of every prompt (one batch) and, per prompt, every step's chosen-token
+    /// logprob followed by its top-5 logprobs.
+    fn greedy_logprobs(
+        llm: &mut Llm,
+        prompts: &[Vec<u32>],
+        n: usize,
+    ) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+        let params = SamplingParams {
+            temperature: 0.0,
+            ignore_eos: true,
+            max_tokens: Some(n),
+            logprobs: Some(5),
+            ..SamplingParams::default()
+        };
+        let outs: Vec<RequestOutput> = llm
+            .generate(prompts, std::slice::from_ref(&params), |_| {})
+            .unwrap_or_else(|e| panic!("generate: {e:#}"));
+        outs.into_iter()
+            .map(|o| {
+                let c = &o.outputs[0];
+                let lp = c
+                    .logprobs
+                    .iter()
+                    .flat_map(|l| std::iter::once(l.logprob).chain(l.top.iter().map(|t| t.1)))
+                    .collect();
+                (c.token_ids.clone(), lp)
+            })
+            .unzip()
+    }
+
     /// The acceptance check of the one-GPU NCCL path: a group of one, its all-reduces
     /// called (and captured into the decode graphs), the same greedy tokens as without.
     #[test]
@@ -327,20 +389,55 @@ mod gpu {
         };
         let model = fixture("llama3_hd64");
         for eager in [false, true] {
-            std::env::remove_var(nccl::NCCL_AT_TP1_ENV);
-            let plain = greedy(&mut engine(&model, 1, eager), &prompts(), 32);
-            std::env::set_var(nccl::NCCL_AT_TP1_ENV, "1");
-            let before = nccl::all_reduces_queued();
-            let via_nccl = greedy(&mut engine(&model, 1, eager), &prompts(), 32);
-            std::env::remove_var(nccl::NCCL_AT_TP1_ENV);
+            let runs = plain_and_nccl_at_tp1(&model, eager);
             assert!(
-                nccl::all_reduces_queued() > before,
+                runs.queued > 0,
                 "RVLLM_NCCL_TP1=1 queued no all-reduce: the engine did not take the NCCL path"
             );
-            for (i, (a, b)) in plain.iter().zip(&via_nccl).enumerate() {
+            for (i, (a, b)) in runs.plain.0.iter().zip(&runs.via_nccl.0).enumerate() {
                 assert_eq!(
-                    a.0, b.0,
+                    a, b,
                     "prompt {i} (eager {eager}): tokens differ on the NCCL path"
+                );
+            }
+        }
+    }
+
+    /// The NCCL path is the single-GPU path plus one in-place all-reduce per row-parallel
+    /// projection, not a path of its own: the fused kernels stay (rank 0 of a group adds the
+    /// residual in the projection's fused store, as one GPU does, and the all-reduce sums the
+    /// residual in place), and an in-place all-reduce over a group of one changes nothing
+    /// (NCCL queues no work for it). So every logprob is the plain path's, bit for bit; an
+    /// unfused TP path rounds in other places and fails here.
+    #[test]
+    fn the_nccl_path_on_one_gpu_runs_the_single_gpu_kernels() {
+        let Some(_lock) = gpus("the_nccl_path_on_one_gpu_runs_the_single_gpu_kernels", 1) else {
+            return;
+        };
+        let model = fixture("llama3_hd64");
+        for eager in [false, true] {
+            let runs = plain_and_nccl_at_tp1(&model, eager);
+            assert!(runs.queued > 0, "RVLLM_NCCL_TP1=1 queued no all-reduce");
+            assert_eq!(
+                runs.plain.0, runs.via_nccl.0,
+                "eager {eager}: tokens differ"
+            );
+            for (i, (a, b)) in runs.plain.1.iter().zip(&runs.via_nccl.1).enumerate() {
+                let worst = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                loud(&format!(
+                    "gpu_nccl: prompt {i} (eager {eager}): max |logprob difference| of the \
+                     NCCL path at TP 1 = {worst:e} (expected 0)"
+                ));
+                let same_bits =
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same_bits,
+                    "prompt {i} (eager {eager}): the NCCL path's logprobs differ from the plain \
+                     path's (max {worst:e}): it does not run the single-GPU kernels"
                 );
             }
         }

@@ -24,14 +24,14 @@ use crate::backend::parallel::Communicator;
 use crate::backend::Activation;
 
 /// `RVLLM_NCCL_TP1=1`: a single-GPU engine still joins an NCCL group (of one) and calls its
-/// all-reduces after O and down, the path a sharded model takes; a same-binary A/B of what
-/// the collectives cost batch-1 decode, and the one-GPU proof that the path gives the same
-/// tokens (tests/tests/gpu_nccl.rs).
-pub const NCCL_AT_TP1_ENV: &str = "RVLLM_NCCL_TP1";
+/// all-reduces after O and down (`CudaSettings::nccl_at_tp1`, read with the other switches).
+pub use super::switches::NCCL_AT_TP1_ENV;
 
-/// Whether `RVLLM_NCCL_TP1` asks for the NCCL path on one GPU.
+/// Whether this process's settings ask for the NCCL path on one GPU, for the engine's checks
+/// made before any `Gpu` exists (a malformed value reads as no here; the runner's own parse
+/// of the settings reports it). The runner reads `Gpu::settings`, parsed once at start-up.
 pub fn nccl_at_tp1() -> bool {
-    std::env::var(NCCL_AT_TP1_ENV).is_ok_and(|v| v == "1")
+    super::switches::CudaSettings::from_env().is_ok_and(|s| s.nccl_at_tp1)
 }
 
 /// All-reduces queued by this process (captured ones count once, at capture): what shows

@@ -29,7 +29,16 @@ pub struct CudaSettings {
     pub skip_kernels: Vec<String>,
     /// `RVLLM_TRACE_BLOCKS=<file>`: the kernels' block timeline goes to this file.
     pub trace_blocks: Option<String>,
+    /// `RVLLM_NCCL_TP1` (`0`, `1`): at tensor-parallel size 1 the GPU runner still joins an
+    /// NCCL group (of its one GPU) and the decoder calls its in-place all-reduces after O and
+    /// down, as every rank of a sharded model does; a same-binary A/B of what the
+    /// tensor-parallel path costs batch-1 decode, and the one-GPU proof that it gives the
+    /// same tokens (tests/tests/gpu_nccl.rs).
+    pub nccl_at_tp1: bool,
 }
+
+/// The variable of `CudaSettings::nccl_at_tp1`.
+pub const NCCL_AT_TP1_ENV: &str = "RVLLM_NCCL_TP1";
 
 impl Default for CudaSettings {
     fn default() -> Self {
@@ -95,6 +104,11 @@ impl CudaSettings {
         );
         let skip_kernels = skip_patterns(var("RVLLM_SKIP_KERNELS").as_deref());
         let trace_blocks = var("RVLLM_TRACE_BLOCKS").filter(|p| !p.trim().is_empty());
+        let nccl_at_tp1 = parse(
+            NCCL_AT_TP1_ENV,
+            var(NCCL_AT_TP1_ENV).as_deref(),
+            &[("0", false), ("1", true)],
+        )?;
         Ok(Self {
             pdl,
             decode_compact,
@@ -102,6 +116,7 @@ impl CudaSettings {
             profile_kernels,
             skip_kernels,
             trace_blocks,
+            nccl_at_tp1,
         })
     }
 
@@ -181,6 +196,7 @@ mod tests {
         assert_eq!(s, CudaSettings::default());
         assert!(s.pdl && s.decode_compact && s.gemv_evict_first);
         assert!(!s.profile_kernels && s.skip_kernels.is_empty() && s.trace_blocks.is_none());
+        assert!(!s.nccl_at_tp1);
     }
 
     #[test]
@@ -192,9 +208,11 @@ mod tests {
             ("RVLLM_PROFILE_KERNELS", "1"),
             ("RVLLM_SKIP_KERNELS", "rope_and, reduce "),
             ("RVLLM_TRACE_BLOCKS", "trace.bin"),
+            ("RVLLM_NCCL_TP1", "1"),
         ])
         .unwrap();
         assert!(!s.pdl && !s.decode_compact && !s.gemv_evict_first && s.profile_kernels);
+        assert!(s.nccl_at_tp1);
         assert_eq!(s.skip_kernels, ["rope_and", "reduce"]);
         assert_eq!(s.trace_blocks.as_deref(), Some("trace.bin"));
         assert!(settings(&[("RVLLM_TRACE_BLOCKS", " ")])
@@ -214,6 +232,13 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "RVLLM_DECODE_COMPACT=2: use 1 (the default) or 0"
+        );
+        // A mistyped switch is an error, not a silent measurement of the plain path.
+        assert!(!settings(&[("RVLLM_NCCL_TP1", "0")]).unwrap().nccl_at_tp1);
+        let e = settings(&[("RVLLM_NCCL_TP1", "yes")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "RVLLM_NCCL_TP1=yes: use 0 (the default) or 1"
         );
     }
 

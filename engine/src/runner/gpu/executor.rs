@@ -146,7 +146,7 @@ impl GpuRunner {
         )?;
         // The NCCL path at tensor-parallel size 1 (a group of this one GPU, joined before the
         // profiling pass and the graphs so that its all-reduces are captured like a rank's).
-        if tp == 1 && crate::backend::cuda::nccl::nccl_at_tp1() {
+        if tp == 1 && gpu.settings.nccl_at_tp1 {
             let comm =
                 crate::backend::cuda::nccl::NcclComm::group_of(std::slice::from_ref(&gpu), dtype)?
                     .remove(0);

@@ -27,7 +27,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::backend::cuda::backend::{CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor};
 use crate::backend::cuda::device::{DevBuf, Gpu};
 use crate::backend::cuda::nccl::NcclComm;
-use crate::backend::cuda::switches::CudaSettings;
 use crate::backend::parallel::Communicator;
 use crate::backend::{Activation, Backend, ForwardBatch, KvCacheShape};
 use crate::models::config::ModelConfig;
@@ -197,11 +196,13 @@ impl GpuPeers {
         let local = crate::models::llama::rank_config(config, tp);
         let dtype = be0.dtype;
         let mut gpus = vec![be0.gpu.clone()];
+        // Rank 0's settings, parsed once at start-up, for every rank.
+        let settings = be0.gpu.settings.clone();
         let mut bes = vec![be0];
         let mut cublas = vec![];
         for rank in 1..tp {
             let gpu = Arc::new(
-                Gpu::with_settings(rank, CudaSettings::from_env()?)
+                Gpu::with_settings(rank, settings.clone())
                     .with_context(|| format!("tensor-parallel rank {rank} needs GPU {rank}"))?,
             );
             cublas.push(fixed_cublas_workspace(&gpu)?);
