@@ -17,11 +17,14 @@
 //       top_k largest probabilities, ties to the lower expert, divided by their sum when
 //       renormalize != 0; a token's k entries are stored in ascending expert order.
 //       topk_ids int [T, k], topk_weights f32 [T, k].
-//   moe_align_bf16(expert_offsets, sorted_pairs, pair_slots, topk_ids, pairs, experts)
+//   moe_align_bf16(expert_offsets, sorted_pairs, pair_slots, tile_map, topk_ids, pairs, experts)
 //       one block of 1024 threads: expert_offsets [E + 1] (exclusive prefix of the counts),
 //       sorted_pairs [P] (the pair id at each slot, grouped by expert; the order inside an
 //       expert's group is the pair order), pair_slots [P] (each pair's slot); any number of
-//       pairs, 1024 at a time.
+//       pairs, 1024 at a time. tile_map [P / 64 + min(E, P)]: the grouped GEMM's work, one
+//       entry a tile of up to 64 rows of one expert, (row tile << 10) | expert, experts in
+//       order and each expert's tiles in order, then -1 for the slots no tile needs (the
+//       bound holds every routing: an expert's tiles are at most its rows / 64 plus one).
 //   moe_gather_bf16(rows, x, sorted_pairs, pairs, hidden, top_k)
 //       rows[s] = x[sorted_pairs[s] / top_k]; grid (P), block 256.
 //   moe_grouped_gemm_bf16 (gate/up and down) lives in moe_gemm.cu: tensor-core tiles of 64
@@ -32,6 +35,8 @@
 #include "common.cuh"
 
 constexpr int kMoeMaxExperts = 1024;
+// Rows of one expert a tile of the grouped GEMM (moe_gemm.cu's kBM).
+constexpr int kMoeGemmTileRows = 64;
 
 // Warp argmax of (value, index): the larger value, ties to the lower index.
 RVLLM_DEVICE void warp_argmax(float& v, int& i) {
@@ -112,19 +117,29 @@ extern "C" __global__ void DT(moe_topk_softmax_bf16, moe_topk_softmax_f16)(
 
 extern "C" __global__ void DT(moe_align_bf16, moe_align_f16)(
     int* __restrict__ expert_offsets, int* __restrict__ sorted_pairs, int* __restrict__ pair_slots,
-    const int* __restrict__ topk_ids, int pairs, int experts) {
+    int* __restrict__ tile_map, const int* __restrict__ topk_ids, int pairs, int experts) {
     pdl_enter();
     __shared__ int counts[kMoeMaxExperts + 1];
+    __shared__ int tiles[kMoeMaxExperts + 1];  // exclusive prefix of each expert's row tiles
     if (experts > kMoeMaxExperts) return;
     for (int e = threadIdx.x; e <= experts; e += blockDim.x) counts[e] = 0;
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&counts[topk_ids[p] + 1], 1);
     __syncthreads();
     if (threadIdx.x == 0) {
-        for (int e = 0; e < experts; ++e) counts[e + 1] += counts[e];
+        tiles[0] = 0;
+        for (int e = 0; e < experts; ++e) {
+            tiles[e + 1] = tiles[e] + (counts[e + 1] + kMoeGemmTileRows - 1) / kMoeGemmTileRows;
+            counts[e + 1] += counts[e];
+        }
     }
     __syncthreads();
     for (int e = threadIdx.x; e <= experts; e += blockDim.x) expert_offsets[e] = counts[e];
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+        for (int t = 0; t < tiles[e + 1] - tiles[e]; ++t) tile_map[tiles[e] + t] = (t << 10) | e;
+    }
+    const int slots = pairs / kMoeGemmTileRows + min(experts, pairs);
+    for (int j = tiles[experts] + threadIdx.x; j < slots; j += blockDim.x) tile_map[j] = -1;
     // A pair's slot: its expert's start plus how many earlier pairs chose that expert, so the
     // order inside a group is the pair order (deterministic; a chunk of 1024 pairs at a time,
     // each thread counting the earlier pairs of its expert within the chunk).

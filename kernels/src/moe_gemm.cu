@@ -2,17 +2,20 @@
 // the gate/up projection ([E, 2I, H]) and the down projection ([E, H, I]) of every expert in one
 // launch each, over the rows that moe_align grouped by expert.
 //
-//   moe_grouped_gemm_bf16(out, in, w, expert_offsets, experts, n, k)
+//   moe_grouped_gemm_bf16(out, in, w, expert_offsets, tile_map, n, k)
 //       out[s, j] = sum_l in[s, l] * w[e, j, l] for the slots s of expert e, that is
 //       expert_offsets[e] <= s < expert_offsets[e + 1]; in [P, k], w [E, n, k], out [P, n].
-//       grid (ceil(n / 64), E, depth), block 128, kSmemBytes (73,728) of dynamic shared memory
-//       (rvllm_kernels::reference::moe_grouped_gemm_launch gives all three).
+//       tile_map from moe_align: entry y is (row tile << 10) | expert, or -1 for no work.
+//       grid (ceil(n / 64), P / 64 + min(E, P)), block 128, kSmemBytes (110,592) of dynamic
+//       shared memory (rvllm_kernels::reference::moe_grouped_gemm_launch gives all three).
 //
-// A block owns 64 output columns of one expert and walks that expert's rows in tiles of 64
-// (tile blockIdx.z, then every gridDim.z-th), so the grid follows from the shapes alone and a
-// decode step fits a CUDA graph: a block whose expert has no rows there returns at once. Each
-// tile streams its 64 weight rows once through a 4-stage cp.async ring (16-byte copies, 128
-// contiguous bytes of a row a stage) while mma.sync m16n8k16 (f32 accumulate) consumes them;
+// A block computes 64 output columns (blockIdx.x) of one tile of up to 64 rows of one expert
+// (tile_map[blockIdx.y]). The grid follows from the shapes alone, so a decode step fits a CUDA
+// graph, and it has no block for an idle expert: at batch 1 of 128 experts top 8, eight rows
+// of blocks, all working. Each block streams its 64 weight rows once through a 6-stage
+// cp.async ring (16-byte copies, 128 contiguous bytes of a row a stage; five stages, 40 KiB of
+// weights, in flight a block, since batch-1 decode has about two blocks an SM to keep the
+// memory busy with) while mma.sync m16n8k16 (f32 accumulate) consumes them;
 // the 16-row slices of the tile past the expert's last row are neither loaded nor multiplied,
 // so at batch 1 (one row an expert) the block is a weight stream with one MMA row slice.
 // Warp w computes columns 16w..16w+15 for all of the tile's row slices. Rows, columns and the
@@ -26,13 +29,13 @@ namespace {
 constexpr int kBM = 64;       // rows of the expert a tile
 constexpr int kBN = 64;       // output columns a block (16 a warp)
 constexpr int kBK = 64;       // reduction depth a stage
-constexpr int kStages = 4;
+constexpr int kStages = 6;
 constexpr int kThreads = 128;
 constexpr int kLd = kBK + 8;  // padded shared row (144 B): ldmatrix rows fall in distinct banks
 constexpr int kStageElems = (kBM + kBN) * kLd;
 constexpr int kSmemBytes = kStages * kStageElems * 2;
-constexpr int kBlocksPerSm = 3;  // 228 KiB of shared memory an SM (H100) / kSmemBytes
-static_assert(kSmemBytes == 73728, "reference_moe.rs's MOE_GEMM_SMEM_BYTES");
+constexpr int kBlocksPerSm = 2;  // 228 KiB of shared memory an SM (H100) / kSmemBytes
+static_assert(kSmemBytes == 110592, "reference_moe.rs's MOE_GEMM_SMEM_BYTES");
 
 __device__ __forceinline__ void cp_async16_or_zero(void* dst, const void* src, bool valid) {
     const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
@@ -93,91 +96,89 @@ __device__ __forceinline__ void grouped_gemm(elem_t* __restrict__ out,
                                              const elem_t* __restrict__ in,
                                              const elem_t* __restrict__ w,
                                              const int* __restrict__ expert_offsets,
-                                             int n, int k) {
+                                             int e, int mt, int n, int k) {
     extern __shared__ __align__(16) unsigned char moe_gemm_smem[];
     elem_t* smem = reinterpret_cast<elem_t*>(moe_gemm_smem);
-    const int e = blockIdx.y, n0 = blockIdx.x * kBN;
+    const int n0 = blockIdx.x * kBN;
     const int first = expert_offsets[e], count = expert_offsets[e + 1] - first;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int cols = min(kBN, n - n0);
     const elem_t* wt = w + ((int64_t)e * n + n0) * k;
     const int k_tiles = (k + kBK - 1) / kBK;
 
-    for (int mt = blockIdx.z; mt * kBM < count; mt += gridDim.z) {
-        const int row0 = first + mt * kBM;
-        const int rows = min(kBM, count - mt * kBM);
-        const int slices = (rows + 15) / 16;  // 16-row MMA slices holding rows
-        const elem_t* at = in + (int64_t)row0 * k;
-        auto load_stage = [&](int stage, int kt) {
-            elem_t* sa = smem + stage * kStageElems;
-            load_tile<kWide>(sa, at, rows, slices * 16, k, kt * kBK);
-            load_tile<kWide>(sa + kBM * kLd, wt, cols, kBN, k, kt * kBK);
-        };
-        float acc[4][2][4];
+    if (mt * kBM >= count) return;  // only a tile map that does not match the offsets
+    const int row0 = first + mt * kBM;
+    const int rows = min(kBM, count - mt * kBM);
+    const int slices = (rows + 15) / 16;  // 16-row MMA slices holding rows
+    const elem_t* at = in + (int64_t)row0 * k;
+    auto load_stage = [&](int stage, int kt) {
+        elem_t* sa = smem + stage * kStageElems;
+        load_tile<kWide>(sa, at, rows, slices * 16, k, kt * kBK);
+        load_tile<kWide>(sa + kBM * kLd, wt, cols, kBN, k, kt * kBK);
+    };
+    float acc[4][2][4];
 #pragma unroll
-        for (int s = 0; s < 4; ++s)
+    for (int s = 0; s < 4; ++s)
 #pragma unroll
-            for (int b = 0; b < 2; ++b)
+        for (int b = 0; b < 2; ++b)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) acc[s][b][i] = 0.0f;
+            for (int i = 0; i < 4; ++i) acc[s][b][i] = 0.0f;
 
 #pragma unroll
-        for (int s = 0; s < kStages - 1; ++s) {
-            if (s < k_tiles) load_stage(s, s);
-            cp_async_commit();  // empty groups too: the wait below counts groups
-        }
-        for (int kt = 0; kt < k_tiles; ++kt) {
-            cp_async_wait<kStages - 2>();
-            __syncthreads();  // stage kt landed for all threads; stage kt - 1 is consumed
-            const int next = kt + kStages - 1;
-            if (next < k_tiles) load_stage(next % kStages, next);
-            cp_async_commit();
-            const elem_t* sa = smem + (kt % kStages) * kStageElems;
-            const elem_t* sb = sa + kBM * kLd;
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < k_tiles) load_stage(s, s);
+        cp_async_commit();  // empty groups too: the wait below counts groups
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<kStages - 2>();
+        __syncthreads();  // stage kt landed for all threads; stage kt - 1 is consumed
+        const int next = kt + kStages - 1;
+        if (next < k_tiles) load_stage(next % kStages, next);
+        cp_async_commit();
+        const elem_t* sa = smem + (kt % kStages) * kStageElems;
+        const elem_t* sb = sa + kBM * kLd;
 #pragma unroll
-            for (int kk = 0; kk < kBK; kk += 16) {
-                // Matrices (cols 0-7, k 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15) of the
-                // warp's 16 columns: the B fragments of its two 8-column MMAs.
-                uint32_t bf[4];
-                ldmatrix_x4(bf, sb + (warp * 16 + (lane & 7) + (lane >> 4) * 8) * kLd + kk +
-                                    ((lane >> 3) & 1) * 8);
+        for (int kk = 0; kk < kBK; kk += 16) {
+            // Matrices (cols 0-7, k 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15) of the
+            // warp's 16 columns: the B fragments of its two 8-column MMAs.
+            uint32_t bf[4];
+            ldmatrix_x4(bf, sb + (warp * 16 + (lane & 7) + (lane >> 4) * 8) * kLd + kk +
+                                ((lane >> 3) & 1) * 8);
 #pragma unroll
-                for (int s = 0; s < 4; ++s) {
-                    if (s < slices) {
-                        // (rows 0-7, k 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15): a0..a3.
-                        uint32_t af[4];
-                        ldmatrix_x4(af, sa + (s * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd +
-                                            kk + (lane >> 4) * 8);
-                        mma_16816(acc[s][0], af, bf[0], bf[1]);
-                        mma_16816(acc[s][1], af, bf[2], bf[3]);
-                    }
+            for (int s = 0; s < 4; ++s) {
+                if (s < slices) {
+                    // (rows 0-7, k 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15): a0..a3.
+                    uint32_t af[4];
+                    ldmatrix_x4(af, sa + (s * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd +
+                                        kk + (lane >> 4) * 8);
+                    mma_16816(acc[s][0], af, bf[0], bf[1]);
+                    mma_16816(acc[s][1], af, bf[2], bf[3]);
                 }
             }
         }
-        cp_async_wait<0>();
-        __syncthreads();  // the next tile's first loads reuse the stages
+    }
+    cp_async_wait<0>();  // only empty groups are left
 
-        // Accumulator i of slice s, block b: row s*16 + lane/4 (+8 for i >= 2), column
-        // warp*16 + b*8 + 2(lane%4) (+1 for odd i).
-        const int g = lane / 4, t = lane % 4;
+    // Accumulator i of slice s, block b: row s*16 + lane/4 (+8 for i >= 2), column
+    // warp*16 + b*8 + 2(lane%4) (+1 for odd i).
+    const int g = lane / 4, t = lane % 4;
 #pragma unroll
-        for (int s = 0; s < 4; ++s) {
-            if (s >= slices) continue;
+    for (int s = 0; s < 4; ++s) {
+        if (s >= slices) continue;
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int r = s * 16 + g + half * 8;
-                if (r >= rows) continue;
-                elem_t* orow = out + (int64_t)(row0 + r) * n;
+        for (int half = 0; half < 2; ++half) {
+            const int r = s * 16 + g + half * 8;
+            if (r >= rows) continue;
+            elem_t* orow = out + (int64_t)(row0 + r) * n;
 #pragma unroll
-                for (int b = 0; b < 2; ++b) {
-                    const int c = n0 + warp * 16 + b * 8 + 2 * t;
-                    const float v0 = acc[s][b][half * 2], v1 = acc[s][b][half * 2 + 1];
-                    if (n % 2 == 0 && c + 1 < n) {
-                        *reinterpret_cast<elem2_t*>(orow + c) = from_f32x2(v0, v1);
-                    } else {
-                        if (c < n) orow[c] = from_f32(v0);
-                        if (c + 1 < n) orow[c + 1] = from_f32(v1);
-                    }
+            for (int b = 0; b < 2; ++b) {
+                const int c = n0 + warp * 16 + b * 8 + 2 * t;
+                const float v0 = acc[s][b][half * 2], v1 = acc[s][b][half * 2 + 1];
+                if (n % 2 == 0 && c + 1 < n) {
+                    *reinterpret_cast<elem2_t*>(orow + c) = from_f32x2(v0, v1);
+                } else {
+                    if (c < n) orow[c] = from_f32(v0);
+                    if (c + 1 < n) orow[c + 1] = from_f32(v1);
                 }
             }
         }
@@ -186,18 +187,20 @@ __device__ __forceinline__ void grouped_gemm(elem_t* __restrict__ out,
 
 }  // namespace
 
-// Three blocks an SM is what the shared memory allows; saying so lets ptxas use the registers
-// that allows (152, no spills; the default held it to 128 and spilled).
+// Two blocks an SM is what the shared memory allows; saying so lets ptxas use the registers
+// that allows (the default held it to 128 registers and spilled).
 extern "C" __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     DT(moe_grouped_gemm_bf16, moe_grouped_gemm_f16)(
     elem_t* __restrict__ out, const elem_t* __restrict__ in, const elem_t* __restrict__ w,
-    const int* __restrict__ expert_offsets, int experts, int n, int k) {
+    const int* __restrict__ expert_offsets, const int* __restrict__ tile_map, int n, int k) {
     pdl_enter();
-    if ((int)blockIdx.y >= experts || (int)blockIdx.x * kBN >= n || blockDim.x != kThreads) return;
+    const int tile = tile_map[blockIdx.y];
+    if (tile < 0 || (int)blockIdx.x * kBN >= n || blockDim.x != kThreads) return;
+    const int e = tile & 1023, mt = tile >> 10;
     // Rows of a multiple of 8 elements start 16-byte aligned (device allocations are).
     if (k % 8 == 0) {
-        grouped_gemm<true>(out, in, w, expert_offsets, n, k);
+        grouped_gemm<true>(out, in, w, expert_offsets, e, mt, n, k);
     } else {
-        grouped_gemm<false>(out, in, w, expert_offsets, n, k);
+        grouped_gemm<false>(out, in, w, expert_offsets, e, mt, n, k);
     }
 }

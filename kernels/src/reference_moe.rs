@@ -3,35 +3,53 @@
 //! GEMM's launch geometry (`moe_gemm.cu`) is here too, so the engine and the GPU tests launch it
 //! the same way.
 
-/// Rows of one expert a tile of the tensor-core grouped GEMM (`moe_gemm.cu`'s kBM).
+/// Rows of one expert a tile of the tensor-core grouped GEMM (`moe_gemm.cu`'s kBM, `moe.cu`'s
+/// kMoeGemmTileRows).
 pub const MOE_GEMM_TILE_ROWS: usize = 64;
 /// Output columns a block of the grouped GEMM (kBN).
 pub const MOE_GEMM_TILE_COLS: usize = 64;
 /// Threads a block of the grouped GEMM (kThreads).
 pub const MOE_GEMM_THREADS: u32 = 128;
-/// Dynamic shared memory a block of the grouped GEMM: 4 stages of a 64 x 64 input tile and a
+/// Dynamic shared memory a block of the grouped GEMM: 6 stages of a 64 x 64 input tile and a
 /// 64 x 64 weight tile, rows padded to 72 elements (kSmemBytes, checked there).
-pub const MOE_GEMM_SMEM_BYTES: u32 = 4 * (64 + 64) * (64 + 8) * 2;
+pub const MOE_GEMM_SMEM_BYTES: u32 = 6 * (64 + 64) * (64 + 8) * 2;
+
+/// Entries of `moe_align`'s tile map for `pairs` pairs of `experts` experts, the grouped GEMM's
+/// grid height: every routing fits, since an expert with `c` rows has at most `c / 64 + 1`
+/// tiles and at most `min(experts, pairs)` experts have rows.
+pub fn moe_gemm_tile_slots(pairs: usize, experts: usize) -> usize {
+    pairs / MOE_GEMM_TILE_ROWS + experts.min(pairs)
+}
 
 /// `(grid, block, dynamic shared bytes)` of `moe_grouped_gemm` with `n` output columns over
-/// `pairs` rows of `experts` experts. The grid depends on the shape alone (a CUDA graph freezes
-/// it): a block a tile of 64 columns and expert, and a depth of row tiles each block strides
-/// by, about two tiles' worth of the average expert's rows (so an expert of twice the average
-/// load still has a block a tile), at most 64. Blocks with no rows there return at once.
+/// `pairs` rows of `experts` experts: a block a tile of 64 columns and tile-map entry. From the
+/// shape alone, so that a CUDA graph may hold it.
 pub fn moe_grouped_gemm_launch(
     n: usize,
     experts: usize,
     pairs: usize,
 ) -> ((u32, u32, u32), u32, u32) {
-    let depth = (2 * pairs)
-        .div_ceil(experts.max(1) * MOE_GEMM_TILE_ROWS)
-        .clamp(1, 64);
     let grid = (
         n.div_ceil(MOE_GEMM_TILE_COLS).max(1) as u32,
-        experts.max(1) as u32,
-        depth as u32,
+        moe_gemm_tile_slots(pairs, experts).max(1) as u32,
+        1,
     );
     (grid, MOE_GEMM_THREADS, MOE_GEMM_SMEM_BYTES)
+}
+
+/// `moe_align`'s tile map from its `offsets` (`[experts + 1]`): for each expert in order, each of
+/// its tiles of up to 64 rows in order, as `(row tile << 10) | expert`, then -1 up to
+/// [`moe_gemm_tile_slots`].
+pub fn moe_gemm_tile_map(offsets: &[i32]) -> Vec<i32> {
+    let experts = offsets.len() - 1;
+    let pairs = offsets[experts] as usize;
+    let mut map = Vec::new();
+    for (e, span) in offsets.windows(2).enumerate() {
+        let tiles = ((span[1] - span[0]) as usize).div_ceil(MOE_GEMM_TILE_ROWS);
+        map.extend((0..tiles).map(|t| ((t << 10) | e) as i32));
+    }
+    map.resize(moe_gemm_tile_slots(pairs, experts), -1);
+    map
 }
 
 /// `moe_topk_softmax`: each token's `top_k` experts (ascending) and weights from router logits

@@ -123,6 +123,7 @@ fn the_fused_moe_chain_matches_the_reference() {
             let offsets = g.poisoned(ex + 1, -1i32);
             let sorted = g.poisoned(p, -1i32);
             let slots = g.poisoned(p, -1i32);
+            let tile_map = g.poisoned(reference::moe_gemm_tile_slots(p, ex), i32::MIN);
             g.launch_args(
                 &e.module("moe"),
                 &e.kernel("moe_align_bf16"),
@@ -132,6 +133,7 @@ fn the_fused_moe_chain_matches_the_reference() {
                     expert_offsets: offsets.ptr,
                     sorted_pairs: sorted.ptr,
                     pair_slots: slots.ptr,
+                    tile_map: tile_map.ptr,
                     topk_ids: ids.ptr,
                     pairs: p as i32,
                     experts: ex as i32,
@@ -141,6 +143,12 @@ fn the_fused_moe_chain_matches_the_reference() {
             assert_eq!(g.download(&offsets), want_off, "{what}: expert offsets");
             assert_eq!(g.download(&sorted), want_sorted, "{what}: sorted pairs");
             assert_eq!(g.download(&slots), want_slots, "{what}: pair slots");
+            let want_tiles = reference::moe_gemm_tile_map(&want_off);
+            assert_eq!(
+                g.download(&tile_map),
+                want_tiles,
+                "{what}: grouped GEMM tiles"
+            );
             let idle = want_off.windows(2).filter(|w| w[0] == w[1]).count();
             if t * k < ex {
                 assert!(idle > 0, "{what}: some expert should get no token");
@@ -187,7 +195,7 @@ fn the_fused_moe_chain_matches_the_reference() {
                         r#in: input,
                         w,
                         expert_offsets: offsets.ptr,
-                        experts: ex as i32,
+                        tile_map: tile_map.ptr,
                         n: n as i32,
                         k: kk as i32,
                     },
@@ -287,4 +295,39 @@ fn the_references_compose_into_a_per_token_moe() {
         assert!((s - 1.0).abs() < 1e-6, "renormalized weights sum to {s}");
     }
     assert_eq!(*off.last().unwrap() as usize, t * k);
+}
+
+/// The tile map lists each busy expert's rows once, in tiles of at most 64 in order, and fits
+/// its bound for routings from batch 1 to every pair on one expert (no GPU needed).
+#[test]
+fn the_gemm_tile_map_covers_every_expert_row_once() {
+    let mut r = rng("moe_tiles");
+    let routings: Vec<(usize, Vec<i32>)> = vec![
+        (128, vec![3, 17, 20, 41, 64, 90, 101, 127]),
+        (8, vec![0; 1024]),
+        (128, (0..8192).map(|_| r.random_range(0..128)).collect()),
+        (16, (0..3000).map(|p| (p % 7) as i32).collect()),
+    ];
+    for (experts, ids) in routings {
+        let (off, _, _) = reference::moe_align(&ids, experts);
+        let map = reference::moe_gemm_tile_map(&off);
+        assert_eq!(
+            map.len(),
+            reference::moe_gemm_tile_slots(ids.len(), experts)
+        );
+        let mut covered = vec![0u8; ids.len()];
+        for &tile in map.iter().take_while(|&&t| t >= 0) {
+            let (e, mt) = ((tile & 1023) as usize, (tile >> 10) as usize);
+            let start = off[e] as usize + mt * reference::MOE_GEMM_TILE_ROWS;
+            assert!(
+                start < off[e + 1] as usize,
+                "tile {mt} of expert {e} is empty"
+            );
+            let end = (start + reference::MOE_GEMM_TILE_ROWS).min(off[e + 1] as usize);
+            covered[start..end].iter_mut().for_each(|c| *c += 1);
+        }
+        assert!(covered.iter().all(|&c| c == 1), "{experts} experts");
+        let used = map.iter().take_while(|&&t| t >= 0).count();
+        assert!(map[used..].iter().all(|&t| t == -1));
+    }
 }

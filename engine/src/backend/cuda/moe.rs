@@ -22,7 +22,7 @@ use super::backend::{CudaBackend, CudaTensor, CudaWeight};
 use super::device::DevBuf;
 use super::elem::{kernel, Kernel, NamedKernel};
 use crate::backend::{Activation, Backend, MoeLayout, MoeScratch};
-use rvllm_kernels::reference::moe_grouped_gemm_launch;
+use rvllm_kernels::reference::{moe_gemm_tile_slots, moe_grouped_gemm_launch};
 use rvllm_kernels::{args, KernelArgs};
 
 pub const MOE_TOPK_SOFTMAX: Kernel<args::MoeTopkSoftmax> = kernel!(
@@ -104,7 +104,8 @@ pub fn check_moe_shapes(
 
 /// The routing's integer and f32 arrays, one allocation for every layer (they run one after
 /// another on the stream): `topk_ids`, `topk_weights`, `sorted_pairs`, `pair_slots` (`P`
-/// each) and `expert_offsets` (`E + 1`). Allocated on first use at the scratch's capacity, so
+/// each), `expert_offsets` (`E + 1`) and the grouped GEMM's `tile_map`
+/// (`moe_gemm_tile_slots`). Allocated on first use at the scratch's capacity, so
 /// that every step sees the same addresses; a buffer outgrown is kept, not freed, since a
 /// captured graph may still point into it.
 #[derive(Default)]
@@ -126,10 +127,16 @@ struct RoutingPtrs {
     sorted_pairs: CUdeviceptr,
     pair_slots: CUdeviceptr,
     expert_offsets: CUdeviceptr,
+    tile_map: CUdeviceptr,
 }
 
 impl RoutingPtrs {
-    fn at(base: CUdeviceptr, pairs: usize) -> Self {
+    /// Ints (and f32s) of the arrays for up to `pairs` pairs of `experts` experts.
+    fn len(pairs: usize, experts: usize) -> usize {
+        4 * pairs + experts + 1 + moe_gemm_tile_slots(pairs, experts)
+    }
+
+    fn at(base: CUdeviceptr, pairs: usize, experts: usize) -> Self {
         let p = (pairs * 4) as u64;
         Self {
             topk_ids: base,
@@ -137,6 +144,7 @@ impl RoutingPtrs {
             sorted_pairs: base + 2 * p,
             pair_slots: base + 3 * p,
             expert_offsets: base + 4 * p,
+            tile_map: base + 4 * p + ((experts + 1) * 4) as u64,
         }
     }
 }
@@ -151,7 +159,7 @@ impl CudaBackend {
             .unwrap_or_else(|e| e.into_inner());
         if let Some((buf, p, e)) = &b.current {
             if *p >= pairs && *e >= experts {
-                return Ok(RoutingPtrs::at(buf.ptr, *p));
+                return Ok(RoutingPtrs::at(buf.ptr, *p, *e));
             }
         }
         // A graph being captured cannot allocate (nor would its replays see a later buffer);
@@ -168,8 +176,8 @@ impl CudaBackend {
             Some((_, p, e)) => ((*p).max(pairs), (*e).max(experts)),
             None => (pairs, experts),
         };
-        let buf = self.gpu.alloc((4 * p + e + 1) * 4)?;
-        let ptrs = RoutingPtrs::at(buf.ptr, p);
+        let buf = self.gpu.alloc(RoutingPtrs::len(p, e) * 4)?;
+        let ptrs = RoutingPtrs::at(buf.ptr, p, e);
         if let Some((old, _, _)) = b.current.replace((buf, p, e)) {
             b.retired.push(old);
         }
@@ -279,6 +287,7 @@ impl CudaBackend {
                 expert_offsets: r.expert_offsets,
                 sorted_pairs: r.sorted_pairs,
                 pair_slots: r.pair_slots,
+                tile_map: r.tile_map,
                 topk_ids: r.topk_ids,
                 pairs: p32,
                 experts: e32,
@@ -310,7 +319,7 @@ impl CudaBackend {
                         r#in: input,
                         w,
                         expert_offsets: r.expert_offsets,
-                        experts: e32,
+                        tile_map: r.tile_map,
                         n: n as i32,
                         k: kk as i32,
                     },
@@ -384,17 +393,27 @@ mod tests {
     }
 
     /// The grouped GEMM's grid depends on the shape only: a block a 64-column tile and
-    /// expert, one row tile deep up to 32 rows an expert on average (every decode batch of
-    /// Qwen3-MoE up to 512 tokens), deeper for prefills, bounded.
+    /// tile-map entry; batch 1 of Qwen3-MoE (8 pairs) has 8 rows of blocks, one an expert.
     #[test]
-    fn grouped_gemm_grid_follows_the_average_load() {
+    fn grouped_gemm_grid_follows_the_shape() {
         let grid = |n, e, p| moe_grouped_gemm_launch(n, e, p).0;
-        assert_eq!(grid(1536, 128, 8), (24, 128, 1));
-        assert_eq!(grid(2048, 128, 512 * 8), (32, 128, 1));
-        assert_eq!(grid(2048, 128, 1024 * 8), (32, 128, 2));
-        assert_eq!(grid(100, 8, 2), (2, 8, 1));
-        assert_eq!(grid(2048, 128, 1 << 24), (32, 128, 64));
+        assert_eq!(grid(1536, 128, 8), (24, 8, 1));
+        assert_eq!(grid(2048, 128, 200 * 8), (32, 25 + 128, 1));
+        assert_eq!(grid(100, 8, 2), (2, 2, 1));
         assert_eq!(grid(0, 0, 0), (1, 1, 1));
+    }
+
+    /// The routing arrays do not overlap and the tile map holds every routing's tiles.
+    #[test]
+    fn routing_arrays_are_laid_out_back_to_back() {
+        let (p, e) = (1600, 128);
+        let r = RoutingPtrs::at(0, p, e);
+        assert_eq!(r.expert_offsets, 4 * 4 * p as u64);
+        assert_eq!(r.tile_map, r.expert_offsets + 4 * (e as u64 + 1));
+        assert_eq!(
+            RoutingPtrs::len(p, e) as u64 * 4,
+            r.tile_map + 4 * moe_gemm_tile_slots(p, e) as u64
+        );
     }
     /// A deterministic pseudo-random fill in [-scale, scale).
     fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
