@@ -64,7 +64,7 @@ pub fn plan(args: &StructuredOutputArgs, n: usize, seed: u64) -> Result<Option<P
         return Ok(None);
     }
     // Its own stream, so the prompts and arrival times do not depend on the ratio.
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_0f_5c4e3a);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x005e_ed0f_5c4e_3a00);
     let constrained = sample(&mut rng, n, count).into_iter().collect();
     Ok(Some(Plan {
         schema,
