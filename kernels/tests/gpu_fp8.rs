@@ -620,3 +620,116 @@ fn the_reference_codec_saturates() {
     }
     assert_eq!(f32_to_e4m3(1e6), 0x7e);
 }
+
+/// Timings of `fp8_gemv` on the Llama-3.1-8B projections (per-channel scales), replayed from
+/// a CUDA graph, weights rotating over copies so that L2 does not hold them; GB/s counts the
+/// weight bytes (the E4M3 codes). Not a timed test: run on a GPU with
+/// `gpu_fp8-<hash> bench_fp8_gemv --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: run on a GPU with --ignored"]
+fn bench_fp8_gemv() {
+    use rvllm_kernels::KernelArgs;
+    let Some(g) = gpu("bench_fp8_gemv") else {
+        return;
+    };
+    let mut r = rng("bench_fp8_gemv");
+    let e = Elem::Bf16;
+    let module = e.module("fp8_gemv");
+    println!("fp8_gemv on {} (bf16 inputs, per-channel scales)", g.name);
+    println!(
+        "{:>8} {:>6} {:>6} {:>2} {:>6} {:>9} {:>7}",
+        "layer", "n", "k", "m", "input", "us", "GB/s"
+    );
+    for (name, n, k) in [
+        ("qkv", 6144usize, 4096usize),
+        ("o_proj", 4096, 4096),
+        ("gate_up", 28672, 4096),
+        ("down", 4096, 14336),
+    ] {
+        let bytes = n * k;
+        let copies = 400_000_000usize.div_ceil(bytes).clamp(2, 16);
+        // Random codes without the NaN ones.
+        let host: Vec<u8> = (0..bytes)
+            .map(|_| {
+                let c: u8 = r.random();
+                if c & 0x7f == 0x7f {
+                    c ^ 1
+                } else {
+                    c
+                }
+            })
+            .collect();
+        let ws: Vec<_> = (0..copies).map(|_| g.upload(&host)).collect();
+        let sw = g.upload(&vec![1e-3f32; n]);
+        let (x_bits, _) = e.random(&mut r, 16 * 2 * k, 1.0);
+        let x = g.upload(&x_bits);
+        let (nw_bits, _) = e.random(&mut r, k, 1.0);
+        let nw = g.upload(&nw_bits);
+        let y = g.poisoned(16 * n, e.nan());
+        let grid = (n.div_ceil(16) as u32, 1, 1);
+        let mut cases: Vec<(usize, &str)> = [1usize, 3, 8, 16].map(|m| (m, "plain")).to_vec();
+        cases.push((1, if name == "down" { "silu" } else { "norm" }));
+        for (m, input) in cases {
+            let kernel = match input {
+                "plain" => "fp8_gemv_bf16",
+                "silu" => "fp8_gemv_silu_bf16",
+                _ => "fp8_gemv_norm_bf16",
+            };
+            let f = g.function(&module, &e.kernel(kernel));
+            let reps = 2 * copies;
+            let us = g.graph_time_us(reps, |stream| {
+                for w in ws.iter().cycle().take(reps) {
+                    let (mi, ni, ki) = (m as i32, n as i32, k as i32);
+                    match input {
+                        "plain" => {
+                            let mut a = args::Fp8Gemv {
+                                y: y.ptr,
+                                x: x.ptr,
+                                wq: w.ptr,
+                                w_scales: sw.ptr,
+                                scale_kind: 1,
+                                m: mi,
+                                n: ni,
+                                k: ki,
+                                accumulate: 0,
+                            };
+                            g.launch_on(stream, f, grid, (256, 1, 1), a.params().as_mut_slice());
+                        }
+                        "silu" => {
+                            let mut a = args::Fp8GemvSilu {
+                                y: y.ptr,
+                                gate_up: x.ptr,
+                                wq: w.ptr,
+                                w_scales: sw.ptr,
+                                scale_kind: 1,
+                                m: mi,
+                                n: ni,
+                                k: ki,
+                                accumulate: 1,
+                            };
+                            g.launch_on(stream, f, grid, (256, 1, 1), a.params().as_mut_slice());
+                        }
+                        _ => {
+                            let mut a = args::Fp8GemvNorm {
+                                y: y.ptr,
+                                x: x.ptr,
+                                norm_w: nw.ptr,
+                                eps: 1e-5,
+                                wq: w.ptr,
+                                w_scales: sw.ptr,
+                                scale_kind: 1,
+                                m: mi,
+                                n: ni,
+                                k: ki,
+                                accumulate: 0,
+                            };
+                            g.launch_on(stream, f, grid, (256, 1, 1), a.params().as_mut_slice());
+                        }
+                    }
+                }
+            });
+            let gbs = bytes as f64 / (us as f64 * 1e-6) / 1e9;
+            println!("{name:>8} {n:>6} {k:>6} {m:>2} {input:>6} {us:>9.2} {gbs:>7.0}");
+        }
+    }
+}
