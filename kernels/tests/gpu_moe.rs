@@ -306,7 +306,7 @@ fn the_gemm_tile_map_covers_every_expert_row_once() {
         (128, vec![3, 17, 20, 41, 64, 90, 101, 127]),
         (8, vec![0; 1024]),
         (128, (0..8192).map(|_| r.random_range(0..128)).collect()),
-        (16, (0..3000).map(|p| (p % 7) as i32).collect()),
+        (16, (0..3000).map(|p| p % 7).collect()),
     ];
     for (experts, ids) in routings {
         let (off, _, _) = reference::moe_align(&ids, experts);
