@@ -765,7 +765,8 @@ impl<B: Backend> LlamaModel<B> {
                 &mut ws.gate_up,
             )?;
             match (ls.activation, &l.mlp_out_norm) {
-                (MlpActivation::Silu, None) if !self.reduces(be) => be.silu_mul_linear_add(
+                (MlpActivation::Silu, None) => self.row_parallel_silu_add(
+                    be,
                     &ws.gate_up,
                     &l.down,
                     &mut ws.act,
@@ -802,9 +803,15 @@ impl<B: Backend> LlamaModel<B> {
 
     /// Whether row-parallel outputs are all-reduced: on every rank of a sharded model, and on
     /// a whole model whose backend is a group of one (the NCCL path at tensor-parallel size
-    /// 1, which runs the sharded model's unfused steps).
+    /// 1, which runs the single-GPU kernels and calls the collectives a rank calls).
     fn reduces(&self, be: &B) -> bool {
         !self.shard.is_whole() || be.in_tp_group()
+    }
+
+    /// Whether this rank adds the residual into its partial product before the all-reduce
+    /// (rank 0; every rank when nothing is reduced).
+    fn adds_residual(&self) -> bool {
+        self.shard.rank == 0
     }
 
     /// `out = x @ w^T` for a row-parallel projection (O, down): on a rank of a group, `x` and
@@ -823,7 +830,12 @@ impl<B: Backend> LlamaModel<B> {
         Ok(())
     }
 
-    /// `residual += x @ w^T` for a row-parallel projection (fused on a single rank).
+    /// `residual += x @ w^T` for a row-parallel projection that ends a block. On a rank of a
+    /// group the residual is folded into rank 0's partial product, as vLLM adds a
+    /// row-parallel layer's bias on rank 0 only: rank 0 runs one GPU's fused product-and-add
+    /// into the residual, the other ranks write their partial product there, and one
+    /// in-place all-reduce of the residual completes the sum. So a rank runs the single-GPU
+    /// kernels plus that collective, and every rank ends with the same residual bits.
     fn row_parallel_add(
         &self,
         be: &B,
@@ -832,11 +844,38 @@ impl<B: Backend> LlamaModel<B> {
         residual: &mut B::Tensor,
         scratch: &mut B::Tensor,
     ) -> Result<()> {
-        if !self.reduces(be) {
-            return be.linear_add(x, w, residual, scratch);
+        if self.adds_residual() {
+            be.linear_add(x, w, residual, scratch)?;
+        } else {
+            be.linear(x, w, None, residual)?;
         }
-        self.row_parallel(be, x, w, scratch)?;
-        be.add_inplace(residual, scratch)
+        self.all_reduce_residual(be, residual)
+    }
+
+    /// `residual += (silu(gate) * up) @ down^T`, the down projection row-parallel: folded
+    /// into rank 0's partial product as in `row_parallel_add`.
+    fn row_parallel_silu_add(
+        &self,
+        be: &B,
+        gate_up: &B::Tensor,
+        down: &B::Weight,
+        act: &mut B::Tensor,
+        residual: &mut B::Tensor,
+        scratch: &mut B::Tensor,
+    ) -> Result<()> {
+        if self.adds_residual() {
+            be.silu_mul_linear_add(gate_up, down, act, residual, scratch)?;
+        } else {
+            be.silu_mul_linear(gate_up, down, act, residual)?;
+        }
+        self.all_reduce_residual(be, residual)
+    }
+
+    fn all_reduce_residual(&self, be: &B, residual: &mut B::Tensor) -> Result<()> {
+        if self.reduces(be) {
+            be.all_reduce_sum(residual)?;
+        }
+        Ok(())
     }
 
     /// Which rank of a tensor-parallel group this model is.
