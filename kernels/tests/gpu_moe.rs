@@ -14,7 +14,7 @@ mod gpu_harness;
 
 use gpu_harness::{assert_close, gpu, rng, Elem};
 use rand::Rng;
-use rvllm_kernels::{args, reference};
+use rvllm_kernels::{args, reference, KernelArgs};
 
 struct Shape {
     tokens: usize,
@@ -329,5 +329,193 @@ fn the_gemm_tile_map_covers_every_expert_row_once() {
         assert!(covered.iter().all(|&c| c == 1), "{experts} experts");
         let used = map.iter().take_while(|&&t| t >= 0).count();
         assert!(map[used..].iter().all(|&t| t == -1));
+    }
+}
+
+/// Timings of the MoE kernels on Qwen3-30B-A3B's layer (128 experts, top 8, hidden 2,048,
+/// expert width 768, bf16) inside CUDA graphs, at batch sizes from 1 to 1,024 with random
+/// routing: each grouped GEMM alone (and the bandwidth of the weights of the experts it
+/// reads), and the whole chain from the routing to the un-permute (router GEMM excluded).
+/// Not a timed test: `gpu_moe-<hash> --ignored --nocapture`.
+#[test]
+#[ignore]
+fn qwen3_moe_layer_timings() {
+    let Some(g) = gpu("qwen3_moe_layer_timings") else {
+        return;
+    };
+    let e = Elem::Bf16;
+    let (ex, k, h, i) = (128usize, 8usize, 2048usize, 768usize);
+    let mut r = rng("moe_bench");
+    // Weights: one random MiB of values repeated (the values do not matter, the bytes do).
+    let (pattern, _) = e.random(&mut r, 1 << 19, 0.03);
+    let tiled = |n: usize| -> Vec<u16> { pattern.iter().copied().cycle().take(n).collect() };
+    let w_gu = g.upload(&tiled(ex * 2 * i * h));
+    let w_d = g.upload(&tiled(ex * h * i));
+    let gemm = g.function(&e.module("moe_gemm"), &e.kernel("moe_grouped_gemm_bf16"));
+    g.allow_smem(gemm, reference::MOE_GEMM_SMEM_BYTES);
+    let f = |name: &str| g.function(&e.module("moe"), &e.kernel(name));
+    let (topk, align, gather, unpermute) = (
+        f("moe_topk_softmax_bf16"),
+        f("moe_align_bf16"),
+        f("moe_gather_bf16"),
+        f("moe_unpermute_bf16"),
+    );
+    let silu = g.function(&e.module("activation"), &e.kernel("silu_and_mul_bf16"));
+    println!(
+        "batch | experts used | gate/up us | GB/s | down us | GB/s | whole layer us (x48 = ms)"
+    );
+    for t in [1usize, 8, 64, 200, 512, 1024] {
+        let p = t * k;
+        let (logits, _) = e.random(&mut r, t * ex, 4.0);
+        let logits = g.upload(&logits);
+        let (x, _) = e.random(&mut r, t * h, 1.0);
+        let x = g.upload(&x);
+        let ids = g.poisoned(p, -1i32);
+        let weights = g.poisoned(p, f32::NAN);
+        let offsets = g.poisoned(ex + 1, -1i32);
+        let sorted = g.poisoned(p, -1i32);
+        let slots = g.poisoned(p, -1i32);
+        let tile_map = g.poisoned(reference::moe_gemm_tile_slots(p, ex), -1i32);
+        let rows = g.poisoned(p * h, e.nan());
+        let gate_up = g.poisoned(p * 2 * i, e.nan());
+        let act = g.poisoned(p * i, e.nan());
+        let out = g.poisoned(t * h, e.nan());
+        let route = |st| {
+            g.launch_on(
+                st,
+                topk,
+                (t.div_ceil(8) as u32, 1, 1),
+                (256, 1, 1),
+                args::MoeTopkSoftmax {
+                    topk_ids: ids.ptr,
+                    topk_weights: weights.ptr,
+                    logits: logits.ptr,
+                    tokens: t as i32,
+                    experts: ex as i32,
+                    top_k: k as i32,
+                    renormalize: 1,
+                }
+                .params()
+                .as_mut_slice(),
+            );
+            g.launch_on(
+                st,
+                align,
+                (1, 1, 1),
+                (1024, 1, 1),
+                args::MoeAlign {
+                    expert_offsets: offsets.ptr,
+                    sorted_pairs: sorted.ptr,
+                    pair_slots: slots.ptr,
+                    tile_map: tile_map.ptr,
+                    topk_ids: ids.ptr,
+                    pairs: p as i32,
+                    experts: ex as i32,
+                }
+                .params()
+                .as_mut_slice(),
+            );
+            g.launch_on(
+                st,
+                gather,
+                (p as u32, 1, 1),
+                (256, 1, 1),
+                args::MoeGather {
+                    rows: rows.ptr,
+                    x: x.ptr,
+                    sorted_pairs: sorted.ptr,
+                    pairs: p as i32,
+                    hidden: h as i32,
+                    top_k: k as i32,
+                }
+                .params()
+                .as_mut_slice(),
+            );
+        };
+        let grouped = |st, out: u64, input: u64, w: u64, n: usize, kk: usize| {
+            let (grid, block, smem) = reference::moe_grouped_gemm_launch(n, ex, p);
+            g.launch_on_smem(
+                st,
+                gemm,
+                grid,
+                (block, 1, 1),
+                smem,
+                args::MoeGroupedGemm {
+                    out,
+                    r#in: input,
+                    w,
+                    expert_offsets: offsets.ptr,
+                    tile_map: tile_map.ptr,
+                    n: n as i32,
+                    k: kk as i32,
+                }
+                .params()
+                .as_mut_slice(),
+            );
+        };
+        let gate_up_gemm = |st| grouped(st, gate_up.ptr, rows.ptr, w_gu.ptr, 2 * i, h);
+        let down_gemm = |st| grouped(st, rows.ptr, act.ptr, w_d.ptr, h, i);
+        let activation = |st| {
+            g.launch_on(
+                st,
+                silu,
+                (i.div_ceil(2048) as u32, p as u32, 1),
+                (256, 1, 1),
+                args::SiluAndMul {
+                    out: act.ptr,
+                    r#in: gate_up.ptr,
+                    num_tokens: p as i32,
+                    inter: i as i32,
+                }
+                .params()
+                .as_mut_slice(),
+            );
+        };
+        let combine = |st| {
+            g.launch_on(
+                st,
+                unpermute,
+                (t as u32, 1, 1),
+                (256, 1, 1),
+                args::MoeUnpermute {
+                    out: out.ptr,
+                    rows: rows.ptr,
+                    pair_slots: slots.ptr,
+                    topk_weights: weights.ptr,
+                    tokens: t as i32,
+                    hidden: h as i32,
+                    top_k: k as i32,
+                }
+                .params()
+                .as_mut_slice(),
+            );
+        };
+        // One eager pass leaves the routing, rows and activations in place for the GEMMs alone.
+        route(std::ptr::null_mut());
+        gate_up_gemm(std::ptr::null_mut());
+        activation(std::ptr::null_mut());
+        g.sync();
+        let off = g.download(&offsets);
+        let used = off.windows(2).filter(|w| w[1] > w[0]).count();
+        let gu_us = g.graph_time_us(16, gate_up_gemm);
+        let d_us = g.graph_time_us(16, down_gemm);
+        let layer_us = g.graph_time_us(8, |st| {
+            route(st);
+            gate_up_gemm(st);
+            activation(st);
+            down_gemm(st);
+            combine(st);
+        });
+        let gb = |bytes: usize, us: f32| bytes as f32 / us / 1e3;
+        println!(
+            "{t:5} | {used:12} | {gu_us:10.1} | {:4.0} | {d_us:7.1} | {:4.0} | {layer_us:.1} ({:.2})",
+            gb(used * 2 * i * h * 2, gu_us),
+            gb(used * h * i * 2, d_us),
+            layer_us * 48.0 / 1e3
+        );
+        assert!(
+            g.download_as(e, &out).iter().all(|v| v.is_finite()),
+            "batch {t}: the layer left NaN"
+        );
     }
 }
