@@ -2,14 +2,16 @@
 // the gate/up projection ([E, 2I, H]) and the down projection ([E, H, I]) of every expert in one
 // launch each, over the rows that moe_align grouped by expert.
 //
-//   moe_grouped_gemm_bf16(out, in, w, expert_offsets, tile_map, n, k)
-//       out[s, j] = sum_l in[s, l] * w[e, j, l] for the slots s of expert e, that is
-//       expert_offsets[e] <= s < expert_offsets[e + 1]; in [P, k], w [E, n, k], out [P, n].
-//       tile_map from moe_align: entry y is (row tile << 10) | expert, or -1 for no work.
-//       grid (ceil(n / 64), P / 64 + min(E, P)), block 128, kSmemBytes (110,592) of dynamic
-//       shared memory (rvllm_kernels::reference::moe_grouped_gemm_launch gives all three).
+//   moe_grouped_gemm_bf16(out, in, w, expert_offsets, tile_map, n, k, gated)
+//       gated == 0 (down): out[s, j] = sum_l in[s, l] * w[e, j, l] for the slots s of expert
+//       e, that is expert_offsets[e] <= s < expert_offsets[e + 1]; in [P, k], w [E, n, k],
+//       out [P, n]. gated != 0 (gate/up with SiLU-and-mul): w [E, 2n, k] (gate rows, then
+//       up rows), out[s, j] = silu(gate_j) * up_j in f32 (silu_and_mul's expf formula), one
+//       rounding. tile_map from moe_align: entry y is (row tile << 10) | expert, or -1.
+//       grid (ceil(n / 64), or / 32 gated; P / 64 + min(E, P)), block 128, kSmemBytes
+//       (110,592) of dynamic shared memory (rvllm_kernels::reference::moe_grouped_gemm_launch).
 //
-// A block computes 64 output columns (blockIdx.x) of one tile of up to 64 rows of one expert
+// A block computes 64 output columns (32 gated: their 32 gate and 32 up rows) of one tile of up to 64 rows of one expert
 // (tile_map[blockIdx.y]). The grid follows from the shapes alone, so a decode step fits a CUDA
 // graph, and it has no block for an idle expert: at batch 1 of 128 experts top 8, eight rows
 // of blocks, all working. Each block streams its 64 weight rows once through a 6-stage
@@ -69,29 +71,35 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint3
 }
 
 // One operand's tile rows [0, load_rows) x reduction columns [k0, k0 + kBK) into `dst` (row
-// stride kLd): rows past `rows` and columns past k are zeros. `src` is row 0 (rows >= 1).
-template <bool kWide>
-__device__ __forceinline__ void load_tile(elem_t* dst, const elem_t* __restrict__ src, int rows,
+// stride kLd). `row(r)` is where tile row r starts in memory, or null for a row past the
+// operand; null rows and columns past k are zeros. `any` is some readable address (a copy of
+// zero bytes still names one).
+template <bool kWide, typename RowFn>
+__device__ __forceinline__ void load_tile(elem_t* dst, RowFn row, const elem_t* any,
                                           int load_rows, int k, int k0) {
     if (kWide) {
         constexpr int kChunks = kBK / 8;  // 16-byte pieces a row
         for (int c = threadIdx.x; c < load_rows * kChunks; c += kThreads) {
             const int r = c / kChunks, col = (c % kChunks) * 8;
+            const elem_t* src = row(r);
             // k % 8 == 0: a piece lies wholly inside the row or wholly past it.
-            const bool valid = r < rows && k0 + col < k;
-            const elem_t* from = valid ? src + (int64_t)r * k + k0 + col : src;
-            cp_async16_or_zero(dst + r * kLd + col, from, valid);
+            const bool valid = src != nullptr && k0 + col < k;
+            cp_async16_or_zero(dst + r * kLd + col, valid ? src + k0 + col : any, valid);
         }
     } else {
         for (int i = threadIdx.x; i < load_rows * kBK; i += kThreads) {
             const int r = i / kBK, col = i % kBK;
-            dst[r * kLd + col] =
-                r < rows && k0 + col < k ? src[(int64_t)r * k + k0 + col] : from_f32(0.0f);
+            const elem_t* src = row(r);
+            dst[r * kLd + col] = src != nullptr && k0 + col < k ? src[k0 + col] : from_f32(0.0f);
         }
     }
 }
 
-template <bool kWide>
+// kGated: w holds 2n rows an expert (gate, then up) and out[s, j] = silu(gate_j) * up_j. Tile
+// row r of the weights is then gate column n0 + 8 (r / 16) + r % 8 for r % 16 < 8 and the up
+// column of the same index otherwise, so that warp w's two 8-column MMAs hold gate and up of
+// the same 8 columns, in the same lanes and registers: the epilogue needs no exchange.
+template <bool kWide, bool kGated>
 __device__ __forceinline__ void grouped_gemm(elem_t* __restrict__ out,
                                              const elem_t* __restrict__ in,
                                              const elem_t* __restrict__ w,
@@ -99,11 +107,16 @@ __device__ __forceinline__ void grouped_gemm(elem_t* __restrict__ out,
                                              int e, int mt, int n, int k) {
     extern __shared__ __align__(16) unsigned char moe_gemm_smem[];
     elem_t* smem = reinterpret_cast<elem_t*>(moe_gemm_smem);
-    const int n0 = blockIdx.x * kBN;
+    constexpr int kCols = kGated ? kBN / 2 : kBN;  // output columns a block
+    const int n0 = blockIdx.x * kCols;
     const int first = expert_offsets[e], count = expert_offsets[e + 1] - first;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int cols = min(kBN, n - n0);
-    const elem_t* wt = w + ((int64_t)e * n + n0) * k;
+    const elem_t* we = w + (int64_t)e * (kGated ? 2 * n : n) * k;
+    auto weight_row = [&](int r) -> const elem_t* {
+        const int j = kGated ? n0 + (r / 16) * 8 + r % 8 : n0 + r;
+        if (j >= n) return nullptr;
+        return we + (int64_t)(kGated && (r & 8) ? n + j : j) * k;
+    };
     const int k_tiles = (k + kBK - 1) / kBK;
 
     if (mt * kBM >= count) return;  // only a tile map that does not match the offsets
@@ -111,10 +124,13 @@ __device__ __forceinline__ void grouped_gemm(elem_t* __restrict__ out,
     const int rows = min(kBM, count - mt * kBM);
     const int slices = (rows + 15) / 16;  // 16-row MMA slices holding rows
     const elem_t* at = in + (int64_t)row0 * k;
+    auto input_row = [&](int r) -> const elem_t* {
+        return r < rows ? at + (int64_t)r * k : nullptr;
+    };
     auto load_stage = [&](int stage, int kt) {
         elem_t* sa = smem + stage * kStageElems;
-        load_tile<kWide>(sa, at, rows, slices * 16, k, kt * kBK);
-        load_tile<kWide>(sa + kBM * kLd, wt, cols, kBN, k, kt * kBK);
+        load_tile<kWide>(sa, input_row, at, slices * 16, k, kt * kBK);
+        load_tile<kWide>(sa + kBM * kLd, weight_row, we, kBN, k, kt * kBK);
     };
     float acc[4][2][4];
 #pragma unroll
@@ -160,7 +176,8 @@ __device__ __forceinline__ void grouped_gemm(elem_t* __restrict__ out,
     cp_async_wait<0>();  // only empty groups are left
 
     // Accumulator i of slice s, block b: row s*16 + lane/4 (+8 for i >= 2), column
-    // warp*16 + b*8 + 2(lane%4) (+1 for odd i).
+    // warp*16 + b*8 + 2(lane%4) (+1 for odd i); gated, gate (b = 0) and up (b = 1) of column
+    // warp*8 + 2(lane%4) (+1).
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
@@ -170,15 +187,32 @@ __device__ __forceinline__ void grouped_gemm(elem_t* __restrict__ out,
             const int r = s * 16 + g + half * 8;
             if (r >= rows) continue;
             elem_t* orow = out + (int64_t)(row0 + r) * n;
+            if constexpr (kGated) {
+                const int c = n0 + warp * 8 + 2 * t;
+                float v[2];
 #pragma unroll
-            for (int b = 0; b < 2; ++b) {
-                const int c = n0 + warp * 16 + b * 8 + 2 * t;
-                const float v0 = acc[s][b][half * 2], v1 = acc[s][b][half * 2 + 1];
+                for (int q = 0; q < 2; ++q) {
+                    // expf, as silu_and_mul (activation.cu) computes it.
+                    const float gate = acc[s][0][half * 2 + q], up = acc[s][1][half * 2 + q];
+                    v[q] = gate / (1.0f + expf(-gate)) * up;
+                }
                 if (n % 2 == 0 && c + 1 < n) {
-                    *reinterpret_cast<elem2_t*>(orow + c) = from_f32x2(v0, v1);
+                    *reinterpret_cast<elem2_t*>(orow + c) = from_f32x2(v[0], v[1]);
                 } else {
-                    if (c < n) orow[c] = from_f32(v0);
-                    if (c + 1 < n) orow[c + 1] = from_f32(v1);
+                    if (c < n) orow[c] = from_f32(v[0]);
+                    if (c + 1 < n) orow[c + 1] = from_f32(v[1]);
+                }
+            } else {
+#pragma unroll
+                for (int b = 0; b < 2; ++b) {
+                    const int c = n0 + warp * 16 + b * 8 + 2 * t;
+                    const float v0 = acc[s][b][half * 2], v1 = acc[s][b][half * 2 + 1];
+                    if (n % 2 == 0 && c + 1 < n) {
+                        *reinterpret_cast<elem2_t*>(orow + c) = from_f32x2(v0, v1);
+                    } else {
+                        if (c < n) orow[c] = from_f32(v0);
+                        if (c + 1 < n) orow[c + 1] = from_f32(v1);
+                    }
                 }
             }
         }
@@ -192,15 +226,23 @@ __device__ __forceinline__ void grouped_gemm(elem_t* __restrict__ out,
 extern "C" __global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     DT(moe_grouped_gemm_bf16, moe_grouped_gemm_f16)(
     elem_t* __restrict__ out, const elem_t* __restrict__ in, const elem_t* __restrict__ w,
-    const int* __restrict__ expert_offsets, const int* __restrict__ tile_map, int n, int k) {
+    const int* __restrict__ expert_offsets, const int* __restrict__ tile_map, int n, int k,
+    int gated) {
     pdl_enter();
     const int tile = tile_map[blockIdx.y];
-    if (tile < 0 || (int)blockIdx.x * kBN >= n || blockDim.x != kThreads) return;
+    if (tile < 0 || (int)blockIdx.x * (gated ? kBN / 2 : kBN) >= n || blockDim.x != kThreads)
+        return;
     const int e = tile & 1023, mt = tile >> 10;
     // Rows of a multiple of 8 elements start 16-byte aligned (device allocations are).
     if (k % 8 == 0) {
-        grouped_gemm<true>(out, in, w, expert_offsets, e, mt, n, k);
+        if (gated) {
+            grouped_gemm<true, true>(out, in, w, expert_offsets, e, mt, n, k);
+        } else {
+            grouped_gemm<true, false>(out, in, w, expert_offsets, e, mt, n, k);
+        }
+    } else if (gated) {
+        grouped_gemm<false, true>(out, in, w, expert_offsets, e, mt, n, k);
     } else {
-        grouped_gemm<false>(out, in, w, expert_offsets, e, mt, n, k);
+        grouped_gemm<false, false>(out, in, w, expert_offsets, e, mt, n, k);
     }
 }

@@ -6,7 +6,8 @@
 /// Rows of one expert a tile of the tensor-core grouped GEMM (`moe_gemm.cu`'s kBM, `moe.cu`'s
 /// kMoeGemmTileRows).
 pub const MOE_GEMM_TILE_ROWS: usize = 64;
-/// Output columns a block of the grouped GEMM (kBN).
+/// Output columns a block of the grouped GEMM (kBN); half as many gated (each with its gate and
+/// up weight rows).
 pub const MOE_GEMM_TILE_COLS: usize = 64;
 /// Threads a block of the grouped GEMM (kThreads).
 pub const MOE_GEMM_THREADS: u32 = 128;
@@ -22,15 +23,22 @@ pub fn moe_gemm_tile_slots(pairs: usize, experts: usize) -> usize {
 }
 
 /// `(grid, block, dynamic shared bytes)` of `moe_grouped_gemm` with `n` output columns over
-/// `pairs` rows of `experts` experts: a block a tile of 64 columns and tile-map entry. From the
-/// shape alone, so that a CUDA graph may hold it.
+/// `pairs` rows of `experts` experts, `gated` (SiLU-and-mul of gate and up) or not: a block a
+/// tile of 64 columns (32 gated) and tile-map entry. From the shape alone, so that a CUDA graph
+/// may hold it.
 pub fn moe_grouped_gemm_launch(
     n: usize,
     experts: usize,
     pairs: usize,
+    gated: bool,
 ) -> ((u32, u32, u32), u32, u32) {
+    let cols = if gated {
+        MOE_GEMM_TILE_COLS / 2
+    } else {
+        MOE_GEMM_TILE_COLS
+    };
     let grid = (
-        n.div_ceil(MOE_GEMM_TILE_COLS).max(1) as u32,
+        n.div_ceil(cols).max(1) as u32,
         moe_gemm_tile_slots(pairs, experts).max(1) as u32,
         1,
     );

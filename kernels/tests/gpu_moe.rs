@@ -1,7 +1,7 @@
 //! The fused mixture-of-experts kernels (`moe.cu`, `moe_gemm.cu`) against their CPU references
 //! (`rvllm_kernels::reference::moe_*`), chained as the engine will run them: routing, the
-//! expert sort, gather, the gate/up grouped GEMM, SiLU-and-mul, the down grouped GEMM and the
-//! weighted un-permute. Shapes: batches of 1, 7, 64 and 1,024 tokens; routings where some
+//! expert sort and tile map, gather, the gate/up grouped GEMM (plain, and gated: SiLU-and-mul
+//! in its epilogue, as the engine runs it), the down grouped GEMM and the weighted un-permute. Shapes: batches of 1, 7, 64 and 1,024 tokens; routings where some
 //! experts get no token and where one expert gets every token (at each batch size); Mixtral's
 //! 8 experts top-2 and Qwen3-MoE's 128 top-8, and its hidden size and expert width (2,048 and
 //! 768); reduction lengths that are no multiple of the grouped GEMM's 64-deep stages or of 8
@@ -177,13 +177,14 @@ fn the_fused_moe_chain_matches_the_reference() {
             let want_rows = reference::moe_gather(&x, &want_sorted, h, k);
             assert_eq!(g.download_as(e, &rows), want_rows, "{what}: gathered rows");
 
-            // Gate/up: w_gu [E, 2I, H]; then SiLU-and-mul; then down: w_d [E, H, I].
+            // Gate/up: w_gu [E, 2I, H], plain (all 2I columns) and gated (SiLU-and-mul in the
+            // epilogue, as the engine runs it); then down: w_d [E, H, I].
             let (wgu_bits, wgu) = e.random(&mut r, ex * 2 * i * h, 1.0 / (h as f32).sqrt());
             let (wd_bits, wd) = e.random(&mut r, ex * h * i, 1.0 / (i as f32).sqrt());
             let (d_wgu, d_wd) = (g.upload(&wgu_bits), g.upload(&wd_bits));
             let gate_up = g.poisoned(p * 2 * i, e.nan());
-            let grouped = |out: u64, input: u64, w: u64, n: usize, kk: usize| {
-                let (grid, block, smem) = reference::moe_grouped_gemm_launch(n, ex, p);
+            let grouped = |out: u64, input: u64, w: u64, n: usize, kk: usize, gated: bool| {
+                let (grid, block, smem) = reference::moe_grouped_gemm_launch(n, ex, p, gated);
                 g.launch_args_smem(
                     &e.module("moe_gemm"),
                     &e.kernel("moe_grouped_gemm_bf16"),
@@ -198,33 +199,25 @@ fn the_fused_moe_chain_matches_the_reference() {
                         tile_map: tile_map.ptr,
                         n: n as i32,
                         k: kk as i32,
+                        gated: gated as i32,
                     },
                 );
             };
-            grouped(gate_up.ptr, rows.ptr, d_wgu.ptr, 2 * i, h);
+            grouped(gate_up.ptr, rows.ptr, d_wgu.ptr, 2 * i, h, false);
             let want_gu = reference::moe_grouped_gemm(&want_rows, &wgu, &want_off, 2 * i, h);
             let (atol, rtol) = e.tolerance();
             let got_gu = g.download_as(e, &gate_up);
             assert_close(&format!("{what}: gate/up"), &got_gu, &want_gu, atol, rtol);
 
             let act = g.poisoned(p * i, e.nan());
-            g.launch_args(
-                &e.module("activation"),
-                &e.kernel("silu_and_mul_bf16"),
-                (i.div_ceil(2048) as u32, p as u32, 1),
-                (256, 1, 1),
-                args::SiluAndMul {
-                    out: act.ptr,
-                    r#in: gate_up.ptr,
-                    num_tokens: p as i32,
-                    inter: i as i32,
-                },
-            );
+            grouped(act.ptr, rows.ptr, d_wgu.ptr, i, h, true);
+            let want_act = reference::silu_and_mul(&want_gu, i);
+            let got_act = g.download_as(e, &act);
+            assert_close(&format!("{what}: gated"), &got_act, &want_act, atol, rtol);
             // The reference continues from the device's rounded activations, so that each
             // step is checked on its own.
-            let got_act = g.download_as(e, &act);
             let down = g.poisoned(p * h, e.nan());
-            grouped(down.ptr, act.ptr, d_wd.ptr, h, i);
+            grouped(down.ptr, act.ptr, d_wd.ptr, h, i, false);
             let want_down = reference::moe_grouped_gemm(&got_act, &wd, &want_off, h, i);
             let got_down = g.download_as(e, &down);
             assert_close(&format!("{what}: down"), &got_down, &want_down, atol, rtol);
@@ -334,8 +327,9 @@ fn the_gemm_tile_map_covers_every_expert_row_once() {
 
 /// Timings of the MoE kernels on Qwen3-30B-A3B's layer (128 experts, top 8, hidden 2,048,
 /// expert width 768, bf16) inside CUDA graphs, at batch sizes from 1 to 1,024 with random
-/// routing: each grouped GEMM alone (and the bandwidth of the weights of the experts it
-/// reads), and the whole chain from the routing to the un-permute (router GEMM excluded).
+/// routing: each grouped GEMM alone (gate/up gated, and the bandwidth of the weights of the
+/// experts it reads), and the whole chain from the routing to the un-permute (router GEMM
+/// excluded).
 /// Not a timed test: `gpu_moe-<hash> --ignored --nocapture`.
 #[test]
 #[ignore]
@@ -360,7 +354,6 @@ fn qwen3_moe_layer_timings() {
         f("moe_gather_bf16"),
         f("moe_unpermute_bf16"),
     );
-    let silu = g.function(&e.module("activation"), &e.kernel("silu_and_mul_bf16"));
     println!(
         "batch | experts used | gate/up us | GB/s | down us | GB/s | whole layer us (x48 = ms)"
     );
@@ -377,7 +370,6 @@ fn qwen3_moe_layer_timings() {
         let slots = g.poisoned(p, -1i32);
         let tile_map = g.poisoned(reference::moe_gemm_tile_slots(p, ex), -1i32);
         let rows = g.poisoned(p * h, e.nan());
-        let gate_up = g.poisoned(p * 2 * i, e.nan());
         let act = g.poisoned(p * i, e.nan());
         let out = g.poisoned(t * h, e.nan());
         let route = |st| {
@@ -432,8 +424,8 @@ fn qwen3_moe_layer_timings() {
                 .as_mut_slice(),
             );
         };
-        let grouped = |st, out: u64, input: u64, w: u64, n: usize, kk: usize| {
-            let (grid, block, smem) = reference::moe_grouped_gemm_launch(n, ex, p);
+        let grouped = |st, out: u64, input: u64, w: u64, n: usize, kk: usize, gated: bool| {
+            let (grid, block, smem) = reference::moe_grouped_gemm_launch(n, ex, p, gated);
             g.launch_on_smem(
                 st,
                 gemm,
@@ -448,29 +440,14 @@ fn qwen3_moe_layer_timings() {
                     tile_map: tile_map.ptr,
                     n: n as i32,
                     k: kk as i32,
+                    gated: gated as i32,
                 }
                 .params()
                 .as_mut_slice(),
             );
         };
-        let gate_up_gemm = |st| grouped(st, gate_up.ptr, rows.ptr, w_gu.ptr, 2 * i, h);
-        let down_gemm = |st| grouped(st, rows.ptr, act.ptr, w_d.ptr, h, i);
-        let activation = |st| {
-            g.launch_on(
-                st,
-                silu,
-                (i.div_ceil(2048) as u32, p as u32, 1),
-                (256, 1, 1),
-                args::SiluAndMul {
-                    out: act.ptr,
-                    r#in: gate_up.ptr,
-                    num_tokens: p as i32,
-                    inter: i as i32,
-                }
-                .params()
-                .as_mut_slice(),
-            );
-        };
+        let gate_up_gemm = |st| grouped(st, act.ptr, rows.ptr, w_gu.ptr, i, h, true);
+        let down_gemm = |st| grouped(st, rows.ptr, act.ptr, w_d.ptr, h, i, false);
         let combine = |st| {
             g.launch_on(
                 st,
@@ -493,7 +470,6 @@ fn qwen3_moe_layer_timings() {
         // One eager pass leaves the routing, rows and activations in place for the GEMMs alone.
         route(std::ptr::null_mut());
         gate_up_gemm(std::ptr::null_mut());
-        activation(std::ptr::null_mut());
         g.sync();
         let off = g.download(&offsets);
         let used = off.windows(2).filter(|w| w[1] > w[0]).count();
@@ -502,7 +478,6 @@ fn qwen3_moe_layer_timings() {
         let layer_us = g.graph_time_us(8, |st| {
             route(st);
             gate_up_gemm(st);
-            activation(st);
             down_gemm(st);
             combine(st);
         });

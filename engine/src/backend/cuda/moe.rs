@@ -3,9 +3,10 @@
 //!
 //! router GEMM (cuBLAS, or the batch-1 GEMV) -> `moe_topk_softmax` (f32 softmax, top k in
 //! ascending expert order, renormalised when the layout says so) -> `moe_align` (pairs sorted
-//! by expert: offsets, sorted pairs, each pair's slot) -> `moe_gather` -> `moe_grouped_gemm`
-//! (gate/up, `[E, 2I, H]`) -> `silu_and_mul` over all pairs -> `moe_grouped_gemm` (down,
-//! `[E, H, I]`) -> `moe_unpermute` (each token's rows, weighted, summed in expert order).
+//! by expert: offsets, sorted pairs, each pair's slot, the grouped GEMM's tile map) ->
+//! `moe_gather` -> `moe_grouped_gemm` gated (gate/up, `[E, 2I, H]`, SiLU-and-mul in its
+//! epilogue) -> `moe_grouped_gemm` (down, `[E, H, I]`) -> `moe_unpermute` (each token's rows,
+//! weighted, summed in expert order).
 //!
 //! No step reads the routing on the host: every grid is a function of the batch size and the
 //! layout alone, and the grouped GEMM (kernels/src/moe_gemm.cu, tensor cores, tiles of 64 of an
@@ -260,7 +261,7 @@ impl CudaBackend {
         }
         let pairs = tokens * k;
         s.rows.set_rows(pairs)?;
-        s.gate_up.set_rows(pairs)?;
+        s.act.set_rows(pairs)?;
         let r = self.moe_routing_ptrs(s.rows.capacity_rows(), e)?;
         self.linear(x, router, None, &mut s.router_logits)?;
 
@@ -306,29 +307,34 @@ impl CudaBackend {
                 top_k: k32,
             },
         )?;
-        let grouped =
-            |out: CUdeviceptr, input: CUdeviceptr, w: CUdeviceptr, n: usize, kk: usize| {
-                let (grid, block, smem) = moe_grouped_gemm_launch(n, e, pairs);
-                self.launch_moe_smem(
-                    MOE_GROUPED_GEMM,
-                    grid,
-                    block,
-                    smem,
-                    args::MoeGroupedGemm {
-                        out,
-                        r#in: input,
-                        w,
-                        expert_offsets: r.expert_offsets,
-                        tile_map: r.tile_map,
-                        n: n as i32,
-                        k: kk as i32,
-                    },
-                )
-            };
-        grouped(s.gate_up.ptr(), s.rows.ptr(), gate_up.buf.ptr, 2 * inter, h)?;
-        self.silu_and_mul(&s.gate_up, &mut s.act)?;
+        let grouped = |out: CUdeviceptr,
+                       input: CUdeviceptr,
+                       w: CUdeviceptr,
+                       n: usize,
+                       kk: usize,
+                       gated: bool| {
+            let (grid, block, smem) = moe_grouped_gemm_launch(n, e, pairs, gated);
+            self.launch_moe_smem(
+                MOE_GROUPED_GEMM,
+                grid,
+                block,
+                smem,
+                args::MoeGroupedGemm {
+                    out,
+                    r#in: input,
+                    w,
+                    expert_offsets: r.expert_offsets,
+                    tile_map: r.tile_map,
+                    n: n as i32,
+                    k: kk as i32,
+                    gated: gated as i32,
+                },
+            )
+        };
+        // Gate/up with SiLU-and-mul in its epilogue (the scratch's gate_up rows stay unused).
+        grouped(s.act.ptr(), s.rows.ptr(), gate_up.buf.ptr, inter, h, true)?;
         // The experts' outputs replace their inputs, which are no longer needed.
-        grouped(s.rows.ptr(), s.act.ptr(), down.buf.ptr, h, inter)?;
+        grouped(s.rows.ptr(), s.act.ptr(), down.buf.ptr, h, inter, false)?;
         self.launch_moe(
             MOE_UNPERMUTE,
             (tokens as u32, 1, 1),
@@ -396,11 +402,13 @@ mod tests {
     /// tile-map entry; batch 1 of Qwen3-MoE (8 pairs) has 8 rows of blocks, one an expert.
     #[test]
     fn grouped_gemm_grid_follows_the_shape() {
-        let grid = |n, e, p| moe_grouped_gemm_launch(n, e, p).0;
-        assert_eq!(grid(1536, 128, 8), (24, 8, 1));
-        assert_eq!(grid(2048, 128, 200 * 8), (32, 25 + 128, 1));
-        assert_eq!(grid(100, 8, 2), (2, 2, 1));
-        assert_eq!(grid(0, 0, 0), (1, 1, 1));
+        let grid = |n, e, p, gated| moe_grouped_gemm_launch(n, e, p, gated).0;
+        assert_eq!(grid(768, 128, 8, true), (24, 8, 1));
+        assert_eq!(grid(2048, 128, 8, false), (32, 8, 1));
+        assert_eq!(grid(2048, 128, 200 * 8, false), (32, 25 + 128, 1));
+        assert_eq!(grid(100, 8, 2, false), (2, 2, 1));
+        assert_eq!(grid(36, 8, 2, true), (2, 2, 1));
+        assert_eq!(grid(0, 0, 0, false), (1, 1, 1));
     }
 
     /// The routing arrays do not overlap and the tile map holds every routing's tiles.
