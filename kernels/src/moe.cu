@@ -121,17 +121,52 @@ extern "C" __global__ void DT(moe_align_bf16, moe_align_f16)(
     pdl_enter();
     __shared__ int counts[kMoeMaxExperts + 1];
     __shared__ int tiles[kMoeMaxExperts + 1];  // exclusive prefix of each expert's row tiles
-    if (experts > kMoeMaxExperts) return;
+    // The scans below take an expert a thread, whole warps.
+    if (experts > kMoeMaxExperts || (int)blockDim.x < experts || blockDim.x % 32 != 0) return;
     for (int e = threadIdx.x; e <= experts; e += blockDim.x) counts[e] = 0;
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&counts[topk_ids[p] + 1], 1);
     __syncthreads();
-    if (threadIdx.x == 0) {
-        tiles[0] = 0;
-        for (int e = 0; e < experts; ++e) {
-            tiles[e + 1] = tiles[e] + (counts[e + 1] + kMoeGemmTileRows - 1) / kMoeGemmTileRows;
-            counts[e + 1] += counts[e];
+    // Exclusive prefixes of the counts and of the row tiles (a block scan, thread e for expert
+    // e: one thread's loop over 128 experts took microseconds of each batch-1 layer).
+    {
+        const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+        const int c = tid < experts ? counts[tid + 1] : 0;
+        int cs = c, ts = (c + kMoeGemmTileRows - 1) / kMoeGemmTileRows;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int a = __shfl_up_sync(0xffffffffu, cs, o);
+            const int b = __shfl_up_sync(0xffffffffu, ts, o);
+            if (lane >= o) {
+                cs += a;
+                ts += b;
+            }
         }
+        __shared__ int warp_counts[32], warp_tiles[32];
+        if (lane == 31) {
+            warp_counts[warp] = cs;
+            warp_tiles[warp] = ts;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            const bool live = lane < (int)blockDim.x / 32;
+            int a = live ? warp_counts[lane] : 0, b = live ? warp_tiles[lane] : 0;
+            for (int o = 1; o < 32; o <<= 1) {
+                const int x = __shfl_up_sync(0xffffffffu, a, o);
+                const int y = __shfl_up_sync(0xffffffffu, b, o);
+                if (lane >= o) {
+                    a += x;
+                    b += y;
+                }
+            }
+            warp_counts[lane] = a;
+            warp_tiles[lane] = b;
+        }
+        __syncthreads();
+        if (tid < experts) {
+            counts[tid + 1] = cs + (warp > 0 ? warp_counts[warp - 1] : 0);
+            tiles[tid + 1] = ts + (warp > 0 ? warp_tiles[warp - 1] : 0);
+        }
+        if (tid == 0) tiles[0] = 0;
     }
     __syncthreads();
     for (int e = threadIdx.x; e <= experts; e += blockDim.x) expert_offsets[e] = counts[e];
