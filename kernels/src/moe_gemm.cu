@@ -11,19 +11,20 @@
 //       grid (ceil(n / 64), or / 32 gated; P / 64 + min(E, P)), block 128, kSmemBytes
 //       (110,592) of dynamic shared memory (rvllm_kernels::reference::moe_grouped_gemm_launch).
 //
-// A block computes 64 output columns (32 gated: their 32 gate and 32 up rows) of one tile of up to 64 rows of one expert
-// (tile_map[blockIdx.y]). The grid follows from the shapes alone, so a decode step fits a CUDA
-// graph, and it has no block for an idle expert: at batch 1 of 128 experts top 8, eight rows
-// of blocks, all working. Each block streams its 64 weight rows once through a 6-stage
-// cp.async ring (16-byte copies, 128 contiguous bytes of a row a stage; five stages, 40 KiB of
-// weights, in flight a block, since batch-1 decode has about two blocks an SM to keep the
-// memory busy with) while mma.sync m16n8k16 (f32 accumulate) consumes them;
-// the 16-row slices of the tile past the expert's last row are neither loaded nor multiplied,
-// so at batch 1 (one row an expert) the block is a weight stream with one MMA row slice.
-// Warp w computes columns 16w..16w+15 for all of the tile's row slices. Rows, columns and the
-// reduction tail past the operands are zero-filled in shared memory, never read from memory;
-// any n and k work (k not a multiple of 8 falls back to element loads, as 16-byte copies need
-// 16-byte aligned rows).
+// A block computes 64 output columns (32 gated, from their 32 gate and 32 up weight rows) of
+// one tile of up to 64 rows of one expert (tile_map[blockIdx.y]). The grid follows from the
+// shapes alone, so a decode step fits a CUDA graph, and it has no block for an idle expert: at
+// batch 1 of 128 experts top 8, eight rows of blocks, all working. Each block streams its 64
+// weight rows once through a 6-stage cp.async ring (16-byte copies, 128 contiguous bytes of a
+// row a stage; five stages, 40 KiB of weights, in flight a block, since batch-1 decode has
+// about two blocks an SM to keep the memory busy with) while mma.sync m16n8k16 (f32
+// accumulate) consumes them; the 16-row slices of the tile past the expert's last row are
+// neither loaded nor multiplied, so at batch 1 (one row an expert) the block is a weight
+// stream with one MMA row slice. Warp w owns 16 of the block's weight rows (columns 16w..16w+15,
+// or gated the gate and up rows of columns 8w..8w+7) for all of the tile's row slices. Rows,
+// columns and the reduction tail past the operands are zero-filled in shared memory, never
+// read from memory; any n and k work (k not a multiple of 8 falls back to element loads, as
+// 16-byte copies need 16-byte aligned rows).
 #include "common.cuh"
 
 namespace {
