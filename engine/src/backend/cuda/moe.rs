@@ -9,11 +9,12 @@
 //! weighted, summed in expert order).
 //!
 //! No step reads the routing on the host: every grid is a function of the batch size and the
-//! layout alone, and the grouped GEMM (kernels/src/moe_gemm.cu, tensor cores, tiles of 64 of an
-//! expert's rows by 64 output columns) reads each expert's rows from the offsets on the device
-//! (a block whose expert has no rows there returns at once), so decode steps capture into CUDA
-//! graphs and batch-1 decode streams only the selected experts' weights, each once. Prefills
-//! run the same kernels (no stream sync, one launch a projection).
+//! layout alone. The grouped GEMM (kernels/src/moe_gemm.cu, tensor cores) runs a block a tile
+//! of up to 64 of an expert's rows by 64 output columns (32 gated), the tiles listed on the
+//! device by `moe_align` (its grid height bounds every routing; unused entries return at once),
+//! so decode steps capture into CUDA graphs and batch-1 decode streams only the selected
+//! experts' weights, each once. Prefills run the same kernels (no stream sync, one launch a
+//! projection).
 use std::sync::Mutex;
 
 use anyhow::{ensure, Result};
