@@ -214,7 +214,13 @@ extern "C" __global__ void DT(moe_gather_bf16, moe_gather_f16)(
     if (s >= pairs) return;
     const elem_t* src = x + (int64_t)(sorted_pairs[s] / top_k) * hidden;
     elem_t* dst = rows + (int64_t)s * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
+    if (hidden % 8 == 0) {  // whole rows of 16-byte pieces, 16-byte aligned
+        const Elem8* src8 = reinterpret_cast<const Elem8*>(src);
+        Elem8* dst8 = reinterpret_cast<Elem8*>(dst);
+        for (int i = threadIdx.x; i < hidden / 8; i += blockDim.x) dst8[i] = src8[i];
+    } else {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = src[i];
+    }
 }
 
 extern "C" __global__ void DT(moe_unpermute_bf16, moe_unpermute_f16)(
