@@ -193,3 +193,70 @@ fn constrained_outputs_follow_the_schema() {
         "{v}"
     );
 }
+
+/// The runner's step counters on /metrics (what bench.sh's `serve-structured` diffs around
+/// its runs): an unconstrained request's steps are eager (no graphs on the CPU) and unmasked;
+/// a constrained request's steps are all masked. One request at a time, so the deltas of a
+/// window are that request's steps: one per token, and at most one more (a step scheduled
+/// ahead before the grammar ended the request).
+#[test]
+fn metrics_count_graph_eager_and_grammar_mask_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic_tokenizer_model(dir.path());
+    let server = Server::start(&model, &["--load-format", "dummy"], &[]);
+    let steps = |m: &str| {
+        let l = "{model_name=";
+        [
+            "cuda_graph_decode_steps_total",
+            "eager_steps_total",
+            "grammar_mask_steps_total",
+        ]
+        .map(|name| {
+            let series = format!("rvllm:{name}");
+            assert!(m.contains(&format!("# TYPE {series} counter\n")), "{m}");
+            server_common::metric(m, &format!("{series}{l}"))
+        })
+    };
+    let complete = |extra: Value| {
+        let mut body = json!({"prompt": "a b c d", "max_tokens": 8, "ignore_eos": true,
+                              "temperature": 0});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let r = server.post_json("/v1/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let tokens = r.json()["usage"]["completion_tokens"].as_f64().unwrap();
+        assert!(tokens >= 1.0, "{}", r.text());
+        tokens
+    };
+
+    let before = steps(&server.wait_idle());
+    let tokens = complete(json!({}));
+    let after = steps(&server.wait_idle());
+    let [graph, eager, masked] = [0, 1, 2].map(|i| after[i] - before[i]);
+    assert_eq!(graph, 0.0, "the CPU has no graphs");
+    assert!(
+        (tokens..=tokens + 1.0).contains(&eager),
+        "{eager} eager steps for {tokens} tokens"
+    );
+    assert_eq!(
+        masked, 0.0,
+        "an unconstrained request applied grammar masks"
+    );
+
+    let before = after;
+    let schema = json!({"type": "object", "properties": {"text": {"type": "string"}},
+                        "required": ["text"], "additionalProperties": false});
+    let tokens = complete(json!({"structured_outputs": {"json": schema}}));
+    let after = steps(&server.wait_idle());
+    let [graph, eager, masked] = [0, 1, 2].map(|i| after[i] - before[i]);
+    assert_eq!(graph, 0.0, "the CPU has no graphs");
+    assert!(
+        (tokens..=tokens + 1.0).contains(&eager),
+        "{eager} eager steps for {tokens} tokens"
+    );
+    assert_eq!(
+        masked, eager,
+        "a constrained request's steps all apply its mask"
+    );
+}

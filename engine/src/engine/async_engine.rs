@@ -34,6 +34,8 @@ pub struct EngineStats {
     /// Prefix-cache lookups and hits, in tokens (vLLM's prefix_cache_queries / _hits).
     pub prefix_cache_queries: u64,
     pub prefix_cache_hits: u64,
+    /// How the runner's steps ran (`Executor::step_counts`).
+    pub steps: crate::runner::StepCounts,
 }
 
 enum Command {
@@ -372,6 +374,7 @@ fn publish_stats(core: &EngineCore, shared: &Shared) {
         generation_tokens_total: core.generation_tokens_total,
         prefix_cache_queries: s.prefix_cache_queries(),
         prefix_cache_hits: s.prefix_cache_hits(),
+        steps: core.executor.step_counts(),
     };
     *shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
 }

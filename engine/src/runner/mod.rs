@@ -55,6 +55,24 @@ pub trait Executor: Send {
     fn profile_detail(&self) -> Option<String> {
         None
     }
+    /// How the steps that sampled tokens ran, counted since start-up (for /metrics).
+    fn step_counts(&self) -> StepCounts {
+        StepCounts::default()
+    }
+}
+
+/// How a runner's steps ran, counted since start-up: only steps that sample tokens count
+/// (a prefill chunk that samples nothing does not). Graph plus eager is every such step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepCounts {
+    /// Steps that replayed a captured CUDA decode graph (always 0 on the CPU).
+    pub graph_steps: u64,
+    /// Steps launched op by op: every CPU step; on CUDA, the steps no captured graph fits
+    /// (prefill or mixed batches, a batch above the largest graph, graphs turned off).
+    pub eager_steps: u64,
+    /// Of those steps, the ones where some sampled row was masked by its grammar
+    /// (structured output).
+    pub grammar_mask_steps: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,7 +178,10 @@ fn cpu_executor(
 /// hand-offs per decode step).
 struct CpuExecutor {
     steps: Option<mpsc::Sender<SchedulerOutput>>,
-    outputs: mpsc::Receiver<Result<ModelRunnerOutput>>,
+    /// Each step's output with the runner's step counts after it.
+    outputs: mpsc::Receiver<(Result<ModelRunnerOutput>, StepCounts)>,
+    /// The counts that came with the last output collected.
+    step_counts: StepCounts,
     worker: Option<std::thread::JoinHandle<()>>,
     num_kv_blocks: usize,
     block_size: usize,
@@ -196,7 +217,7 @@ impl CpuExecutor {
                                 panic_message(&panic)
                             ))
                         });
-                    if out_tx.send(out).is_err() {
+                    if out_tx.send((out, runner.step_counts())).is_err() {
                         return;
                     }
                 }
@@ -205,6 +226,7 @@ impl CpuExecutor {
         Ok(Self {
             steps: Some(step_tx),
             outputs: out_rx,
+            step_counts: StepCounts::default(),
             worker: Some(worker),
             num_kv_blocks,
             block_size,
@@ -229,9 +251,12 @@ impl Executor for CpuExecutor {
             .context("the CPU model runner thread has stopped")
     }
     fn collect(&mut self) -> Result<ModelRunnerOutput> {
-        self.outputs
+        let (out, counts) = self
+            .outputs
             .recv()
-            .context("the CPU model runner thread has stopped")?
+            .context("the CPU model runner thread has stopped")?;
+        self.step_counts = counts;
+        out
     }
     fn overlaps(&self) -> bool {
         true
@@ -244,6 +269,9 @@ impl Executor for CpuExecutor {
     }
     fn device_name(&self) -> String {
         self.device_name.clone()
+    }
+    fn step_counts(&self) -> StepCounts {
+        self.step_counts
     }
 }
 

@@ -43,6 +43,7 @@ pub struct ModelRunner<B: Backend> {
     /// Tensor parallelism: the other ranks of the group, which run every forward with this
     /// one (rank 0); None for a single rank.
     peers: Option<super::tensor_parallel::TpPeers>,
+    step_counts: super::StepCounts,
 }
 
 /// Workspace rows a runner starts with (see `INITIAL_WORKSPACE_ROWS`).
@@ -87,6 +88,7 @@ impl<B: Backend> ModelRunner<B> {
             last_sampled: HashMap::new(),
             structured: StructuredSupport::refused("no structured output was set up"),
             peers: None,
+            step_counts: super::StepCounts::default(),
         })
     }
 
@@ -208,6 +210,18 @@ impl<B: Backend> ModelRunner<B> {
             Some(p) => p.finish(done)?,
             None => done?,
         }
+        if !out.sampled.is_empty() {
+            let c = &mut self.step_counts;
+            c.eager_steps += 1;
+            let requests = &self.requests;
+            if out.sampled.iter().any(|t| {
+                requests
+                    .get(&t.req_id)
+                    .is_some_and(|st| st.sampler.is_constrained())
+            }) {
+                c.grammar_mask_steps += 1;
+            }
+        }
         Ok(out)
     }
 }
@@ -221,6 +235,10 @@ impl<B: Backend> ModelRunner<B> {
     }
     pub fn device_name(&self) -> String {
         self.backend.device_name()
+    }
+    /// Every step runs eagerly here: no graphs.
+    pub fn step_counts(&self) -> super::StepCounts {
+        self.step_counts
     }
 }
 

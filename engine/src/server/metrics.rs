@@ -23,9 +23,9 @@ const E2E_BUCKETS: &[f64] = &[
 
 /// The families (rvllm names without the prefix) repeated under `vllm:`: same type, labels
 /// (vLLM's `model_name`) and values as vLLM's series of that name. rvllm's own additions
-/// (free/total blocks, in-flight HTTP requests, HTTP errors) stay `rvllm:` only. vLLM's
-/// `vllm:lora_requests_info` is absent, as vLLM omits it without `--enable-lora`: rvllm serves
-/// no LoRA adapters.
+/// (free/total blocks, in-flight HTTP requests, HTTP errors, the runner's step counts) stay
+/// `rvllm:` only. vLLM's `vllm:lora_requests_info` is absent, as vLLM omits it without
+/// `--enable-lora`: rvllm serves no LoRA adapters.
 pub const VLLM_FAMILIES: &[&str] = &[
     "num_requests_running",
     "num_requests_waiting",
@@ -101,6 +101,12 @@ pub struct EngineGauges {
     pub generation_tokens_total: u64,
     pub prefix_cache_queries: u64,
     pub prefix_cache_hits: u64,
+    /// How the runner's steps that sampled tokens ran: CUDA decode-graph replays (0 on the
+    /// CPU, which has no graphs), eager launches (every CPU step), and the steps of either
+    /// kind that applied grammar masks (structured output). Graph plus eager is every step.
+    pub cuda_graph_decode_steps: u64,
+    pub eager_steps: u64,
+    pub grammar_mask_steps: u64,
 }
 
 #[derive(Debug)]
@@ -265,6 +271,27 @@ impl ServerMetrics {
             "Prompt tokens found in the prefix cache (full blocks).",
             engine.prefix_cache_hits,
         );
+        // Always present, 0 where they cannot happen (graphs on the CPU), so that a scrape
+        // before and after a run gives a delta whatever the device.
+        counter(
+            &mut out,
+            "cuda_graph_decode_steps_total",
+            "Steps that sampled tokens by replaying a captured CUDA decode graph (0 on the CPU).",
+            engine.cuda_graph_decode_steps,
+        );
+        counter(
+            &mut out,
+            "eager_steps_total",
+            "Steps that sampled tokens with their kernels launched one by one (every CPU step; \
+             on CUDA, batches no decode graph fits).",
+            engine.eager_steps,
+        );
+        counter(
+            &mut out,
+            "grammar_mask_steps_total",
+            "Steps (graph or eager) that applied structured-output grammar masks to some row.",
+            engine.grammar_mask_steps,
+        );
         self.with(|m| {
             gauge(&mut out, "server_requests_in_flight", "HTTP generation requests being answered.", m.in_flight.to_string());
             let _ = writeln!(
@@ -423,6 +450,32 @@ mod tests {
             let series = format!("rvllm:prefix_cache_{name}_total");
             assert!(t.contains(&format!("# TYPE {series} counter")), "{t}");
             assert_eq!(sample_value(&t, &format!("{series}{{{l}}}")), v);
+        }
+    }
+
+    #[test]
+    fn step_counts_are_rvllm_counters_only() {
+        let g = EngineGauges {
+            cuda_graph_decode_steps: 120,
+            eager_steps: 7,
+            grammar_mask_steps: 90,
+            ..Default::default()
+        };
+        let t = ServerMetrics::new().render("smol", &g);
+        let l = "model_name=\"smol\"";
+        for (name, v) in [
+            ("cuda_graph_decode_steps_total", 120.0),
+            ("eager_steps_total", 7.0),
+            ("grammar_mask_steps_total", 90.0),
+        ] {
+            assert!(t.contains(&format!("# TYPE rvllm:{name} counter\n")), "{t}");
+            assert_eq!(sample_value(&t, &format!("rvllm:{name}{{{l}}}")), v);
+            // vLLM has no such series: nothing to copy under its prefix.
+            assert!(
+                !t.lines()
+                    .any(|line| line.starts_with(&format!("vllm:{name}"))),
+                "{t}"
+            );
         }
     }
 

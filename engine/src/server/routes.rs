@@ -99,6 +99,9 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         generation_tokens_total: s.generation_tokens_total,
         prefix_cache_queries: s.prefix_cache_queries,
         prefix_cache_hits: s.prefix_cache_hits,
+        cuda_graph_decode_steps: s.steps.graph_steps,
+        eager_steps: s.steps.eager_steps,
+        grammar_mask_steps: s.steps.grammar_mask_steps,
     };
     let mut resp = st.metrics.render(&st.served_model, &gauges).into_response();
     resp.headers_mut().insert(

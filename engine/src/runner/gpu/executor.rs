@@ -441,6 +441,9 @@ impl Executor for GpuRunner {
     fn device_wait(&self) -> std::time::Duration {
         self.phases.wait
     }
+    fn step_counts(&self) -> crate::runner::StepCounts {
+        self.phases.counts()
+    }
     fn profile_detail(&self) -> Option<String> {
         let mut line = self.phases.report();
         if let Some(profiler) = &self.gpu.profiler {

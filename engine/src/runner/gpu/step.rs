@@ -45,27 +45,37 @@ pub(super) struct DeviceStep {
 /// submitting (uploads and launches), waiting for the sampled tokens, and finishing.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct PhaseTimes {
-    steps: u32,
+    /// u64: these counts are also /metrics counters of a server that may run for months.
+    steps: u64,
     prepare: Duration,
     submit: Duration,
     pub(super) wait: Duration,
     finish: Duration,
     /// The share of the steps (and of their submit and wait) that replayed a decode graph.
-    graph_steps: u32,
+    graph_steps: u64,
     graph_submit: Duration,
     graph_wait: Duration,
     /// Steps with grammar masks, the host time building them, and how many of those steps
     /// had to wait for the step queued before (no overlap for them).
-    masked_steps: u32,
+    masked_steps: u64,
     masks: Duration,
-    mask_waits: u32,
+    mask_waits: u64,
 }
 
 impl PhaseTimes {
+    /// The step counts of `report`, for /metrics.
+    pub(super) fn counts(&self) -> crate::runner::StepCounts {
+        crate::runner::StepCounts {
+            graph_steps: self.graph_steps,
+            eager_steps: self.steps - self.graph_steps,
+            grammar_mask_steps: self.masked_steps,
+        }
+    }
+
     pub(super) fn report(&self) -> String {
         let n = self.steps.max(1) as f64;
         let ms = |d: Duration| d.as_secs_f64() * 1e3 / n;
-        let split = |steps: u32, submit: Duration, wait: Duration| {
+        let split = |steps: u64, submit: Duration, wait: Duration| {
             let k = steps.max(1) as f64;
             format!(
                 "{steps} steps, submit {:.3} ms, wait {:.3} ms",
