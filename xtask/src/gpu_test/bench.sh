@@ -72,7 +72,10 @@ tokenized_model() { # prints the folder: the model's config with a synthetic tok
 # Issue 21's benchmark: bench serve at concurrency 64, every request unconstrained, then
 # every request constrained by a JSON schema (the built-in one: an unbounded string, so
 # with --ignore-eos each request still generates all its tokens), the same prompts; prints
-# the two mean TPOTs, their ratio (the issue asks <= 1.10) and the server's graph capture.
+# the two mean TPOTs, their ratio (the issue asks <= 1.10), the server's graph capture, and
+# each run's step counts from /metrics (scraped after the warm-up and after each run:
+# decode-graph replays, eager steps, steps with grammar masks). This suite runs on CUDA, so a
+# constrained run that replayed no decode graph fails the target ("CUDA graphs still used").
 # The prefix cache is off: the second run would otherwise find the first one's prompts cached.
 serve_structured() {
     local name=serve-structured port=8124 model
@@ -90,34 +93,63 @@ serve_structured() {
     local bench=("$RVLLM" bench serve --base-url "http://127.0.0.1:$port" --dataset-name random
         --random-prompt-format ids --random-vocab-size 100000 --random-input-len 256
         --ignore-eos --max-concurrency 64 --save-result)
+    # The runner's step counters (rvllm:*_steps_total), one "series value" a line.
+    local steps=(curl -sf "http://127.0.0.1:$port/metrics")
+    local step_series='^rvllm:(cuda_graph_decode|eager|grammar_mask)_steps_total'
     # Warms the graphs and builds the grammar engine's vocabulary (once per server) first.
     run "$name-warmup" "${bench[@]}" --seed 1 --num-prompts 64 --random-output-len 16 \
         --structured-output-ratio 1 --result-filename "$RES/$name-warmup.json"
+    "${steps[@]}" | grep -E "$step_series" >"$RES/$name-steps-warmup.txt"
     for ratio in 0 1; do
         run "$name-ratio$ratio" "${bench[@]}" --seed 0 --num-prompts "$prompts" \
             --random-output-len 256 --structured-output-ratio $ratio \
             --result-filename "$RES/$name-ratio$ratio.json"
+        "${steps[@]}" | grep -E "$step_series" >"$RES/$name-steps-ratio$ratio.txt"
     done
     kill -TERM $pid
     wait $pid
     echo "=== $name: result"
-    python3 - "$RES/$name-ratio0.json" "$RES/$name-ratio1.json" <<'PY' | tee "$RES/$name-summary.txt"
+    python3 - "$RES/$name-ratio0.json" "$RES/$name-ratio1.json" "$RES/$name-steps-warmup.txt" \
+        "$RES/$name-steps-ratio0.txt" "$RES/$name-steps-ratio1.txt" <<'PY' | tee "$RES/$name-summary.txt"
 import json, sys
 off, on = (json.load(open(p)) for p in sys.argv[1:3])
+
+def counters(path):  # {"eager_steps_total": 12.0, ...} from "rvllm:NAME{labels} VALUE" lines
+    out = {}
+    for line in open(path):
+        series, value = line.rsplit(" ", 1)
+        out[series.split("{")[0].removeprefix("rvllm:")] = float(value)
+    return out
+
+warm, after0, after1 = (counters(p) for p in sys.argv[3:6])
+names = ("cuda_graph_decode_steps_total", "eager_steps_total", "grammar_mask_steps_total")
+missing = [n for n in names if not all(n in c for c in (warm, after0, after1))]
+
+def steps(before, after):
+    if missing:
+        return "steps: not on /metrics (" + ", ".join(missing) + ")"
+    g, e, m = (int(after[n] - before[n]) for n in names)
+    return f"steps: {g} decode-graph replays, {e} eager, {m} with grammar masks"
+
 a, b = off["mean_tpot_ms"], on["mean_tpot_ms"]
 print(f"Mean TPOT unconstrained (ratio 0): {a:.3f} ms ({off['completed']} requests)")
+print(f"  {steps(warm, after0)}")
 print(f"Mean TPOT constrained (ratio 1):   {b:.3f} ms ({on['completed']} requests, "
       f"{on.get('structured_output_requests', 0)} constrained, "
       f"{on.get('structured_output_valid', 0)} valid, {on.get('structured_output_truncated', 0)} "
       f"cut off by max_tokens)")
+print(f"  {steps(after0, after1)}")
 ratio = b / a if a > 0 else float("inf")
 print(f"FINAL TPOT ratio constrained/unconstrained: {ratio:.3f} "
       f"({'within' if ratio <= 1.10 else 'ABOVE'} issue 21's 1.10)")
+graphs = 0 if missing else after1[names[0]] - after0[names[0]]
+print(f"FINAL constrained run on CUDA graphs: {'yes' if graphs > 0 else 'NO'} "
+      f"({int(graphs)} decode-graph replays)")
+sys.exit(0 if graphs > 0 else 1)
 PY
     [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
     if grep -q "captured [1-9][0-9]* decode graphs" "$RES/$name-server.log"; then
-        echo "CUDA graphs: $(grep -o 'captured [0-9]* decode graphs[^)]*' "$RES/$name-server.log" | head -1)" \
-            "(the server does not count replays; throughput-structured's step profile does)"
+        echo "CUDA graphs: $(grep -o 'captured [0-9]* decode graphs[^)]*' "$RES/$name-server.log" | head -1)"
     else
         echo "CUDA graphs: NONE captured (see $RES/$name-server.log)"
         failed=$((failed + 1))
