@@ -69,12 +69,14 @@ fn check_tensor_parallel(tp: usize, device: Device) -> Result<()> {
             .with_context(|| format!("--tensor-parallel-size {tp} on CUDA needs NCCL"))?;
     }
     #[cfg(feature = "cuda")]
-    if device == Device::Cuda && crate::backend::cuda::nccl::nccl_at_tp1() {
+    if device == Device::Cuda
+        && crate::backend::cuda::switches::CudaSettings::from_env()?.nccl_at_tp1
+    {
         // Said before the model loads, not after minutes of uploading weights.
         crate::backend::cuda::nccl::version().with_context(|| {
             format!(
                 "{}=1 asks for the NCCL path on one GPU",
-                crate::backend::cuda::nccl::NCCL_AT_TP1_ENV
+                crate::backend::cuda::switches::NCCL_AT_TP1_ENV
             )
         })?;
     }

@@ -27,13 +27,6 @@ use crate::backend::Activation;
 /// all-reduces after O and down (`CudaSettings::nccl_at_tp1`, read with the other switches).
 pub use super::switches::NCCL_AT_TP1_ENV;
 
-/// Whether this process's settings ask for the NCCL path on one GPU, for the engine's checks
-/// made before any `Gpu` exists (a malformed value reads as no here; the runner's own parse
-/// of the settings reports it). The runner reads `Gpu::settings`, parsed once at start-up.
-pub fn nccl_at_tp1() -> bool {
-    super::switches::CudaSettings::from_env().is_ok_and(|s| s.nccl_at_tp1)
-}
-
 /// All-reduces queued by this process (captured ones count once, at capture): what shows
 /// that a run took the NCCL path at all.
 static ALL_REDUCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
