@@ -291,7 +291,11 @@ pub fn scratch<B: Backend>(
     Ok(Some(MoeScratch {
         router_logits: be.alloc_activation(tokens, m.num_experts)?,
         rows: be.alloc_activation(pairs, c.hidden_size)?,
-        gate_up: be.alloc_activation(pairs, 2 * m.intermediate_size)?,
+        gate_up: if B::MOE_GATE_UP_SCRATCH {
+            Some(be.alloc_activation(pairs, 2 * m.intermediate_size)?)
+        } else {
+            None
+        },
         act: be.alloc_activation(pairs, m.intermediate_size)?,
     }))
 }

@@ -3,7 +3,7 @@
 //! renormalization), sort the (token, expert) pairs by expert, gather each expert's rows, run
 //! its SwiGLU as two GEMMs over them, and add each token's expert outputs, weighted, in
 //! ascending expert order (the order of transformers' `index_add_`).
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -95,8 +95,12 @@ pub fn moe(
         out.cols
     );
     let s = scratch;
+    let gate_up_rows = s
+        .gate_up
+        .as_mut()
+        .context("moe: the CPU backend needs the scratch's gate_up rows")?;
     ensure!(
-        s.rows.cols == h && s.gate_up.cols == 2 * inter && s.act.cols == inter,
+        s.rows.cols == h && gate_up_rows.cols == 2 * inter && s.act.cols == inter,
         "moe: scratch buffers do not match the layout"
     );
     out.set_rows(tokens)?;
@@ -109,7 +113,7 @@ pub fn moe(
     // Counting sort of the (token, expert) pairs by expert: slot[p] is pair p's row.
     let pairs = tokens * k;
     s.rows.set_rows(pairs)?;
-    s.gate_up.set_rows(pairs)?;
+    gate_up_rows.set_rows(pairs)?;
     s.act.set_rows(pairs)?;
     let mut starts = vec![0usize; e + 1];
     for &x in &routing.experts {
@@ -137,7 +141,7 @@ pub fn moe(
     {
         let (mut rows, mut gu, mut act) = (
             s.rows.as_mut_slice(),
-            s.gate_up.as_mut_slice(),
+            gate_up_rows.as_mut_slice(),
             s.act.as_mut_slice(),
         );
         for ex in 0..e {
@@ -299,7 +303,7 @@ mod tests {
             let mut scratch = MoeScratch {
                 router_logits: be.alloc_activation(tokens, e).unwrap(),
                 rows: be.alloc_activation(tokens * k, h).unwrap(),
-                gate_up: be.alloc_activation(tokens * k, 2 * inter).unwrap(),
+                gate_up: Some(be.alloc_activation(tokens * k, 2 * inter).unwrap()),
                 act: be.alloc_activation(tokens * k, inter).unwrap(),
             };
             let mut out = be.alloc_activation(tokens, h).unwrap();

@@ -982,6 +982,7 @@ impl Backend for CudaBackend {
     type Vector = CudaVector;
     type KvCache = CudaKvCache;
     type StepMeta = CudaStepMeta;
+    const MOE_GATE_UP_SCRATCH: bool = false; // SiLU-and-mul is in moe_grouped_gemm's epilogue
 
     fn device_name(&self) -> String {
         format!(

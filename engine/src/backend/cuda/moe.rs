@@ -253,7 +253,7 @@ impl CudaBackend {
         );
         let s = scratch;
         ensure!(
-            s.rows.cols() == h && s.gate_up.cols() == 2 * inter && s.act.cols() == inter,
+            s.rows.cols() == h && s.act.cols() == inter,
             "moe: scratch buffers do not match the layout"
         );
         out.set_rows(tokens)?;
@@ -332,7 +332,7 @@ impl CudaBackend {
                 },
             )
         };
-        // Gate/up with SiLU-and-mul in its epilogue (the scratch's gate_up rows stay unused).
+        // Gate/up with SiLU-and-mul in its epilogue: no [P, 2I] gate/up rows.
         grouped(s.act.ptr(), s.rows.ptr(), gate_up.buf.ptr, inter, h, true)?;
         // The experts' outputs replace their inputs, which are no longer needed.
         grouped(s.rows.ptr(), s.act.ptr(), down.buf.ptr, h, inter, false)?;
@@ -512,7 +512,7 @@ mod tests {
                 let mut cs = MoeScratch {
                     router_logits: cpu.alloc_activation(tokens, e).unwrap(),
                     rows: cpu.alloc_activation(tokens * k, h).unwrap(),
-                    gate_up: cpu.alloc_activation(tokens * k, 2 * inter).unwrap(),
+                    gate_up: Some(cpu.alloc_activation(tokens * k, 2 * inter).unwrap()),
                     act: cpu.alloc_activation(tokens * k, inter).unwrap(),
                 };
                 let mut cout = cpu.alloc_activation(tokens, h).unwrap();
@@ -544,7 +544,7 @@ mod tests {
                 let mut gs = MoeScratch {
                     router_logits: poisoned(tokens, e),
                     rows: poisoned(tokens * k, h),
-                    gate_up: poisoned(tokens * k, 2 * inter),
+                    gate_up: None,
                     act: poisoned(tokens * k, inter),
                 };
                 let mut gout = poisoned(tokens, h);
