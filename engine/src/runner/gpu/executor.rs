@@ -53,7 +53,7 @@ pub struct GpuRunner {
     /// LM-head input rows and their logits in the compute type.
     pub(super) gathered: CudaTensor,
     pub(super) logits_elem: DevBuf,
-    pub(super) graphs: HashMap<usize, Graph>,
+    pub(super) graphs: HashMap<usize, graphs::DecodeGraphs>,
     pub(super) _cublas_workspace: DevBuf,
     pub(super) phases: step::PhaseTimes,
     /// Steps submitted and not yet collected, oldest first.
@@ -305,18 +305,48 @@ impl GpuRunner {
         Ok(runner)
     }
 
-    /// Captures the decode graph of `b` padding rows: the body, the LM head and the sampler.
+    /// Captures the decode graphs of `b` padding rows: the body with the LM head, then the
+    /// sampler (`graphs::DecodeGraphs`).
     fn capture(&mut self, b: usize) -> Result<()> {
-        use cudarc::driver::{result as drv, sys};
         let dummy = graphs::padded(&crate::backend::ForwardBatch::default(), b);
         self.sampler.upload_rows(&self.gpu, &[], &[], &[])?;
         self.be
             .capturing_graph
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let step = self.be.upload_step(&dummy)?;
+        let captured = self.capture_both(b, &dummy);
+        self.be
+            .capturing_graph
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.graphs.insert(b, captured?);
+        Ok(())
+    }
+
+    fn capture_both(
+        &mut self,
+        b: usize,
+        dummy: &crate::backend::ForwardBatch,
+    ) -> Result<graphs::DecodeGraphs> {
+        let step = self.be.upload_step(dummy)?;
         // Warm-up outside the capture (cuBLAS picks its kernels, modules load).
-        self.launch_step(b, &step)?;
+        self.launch_forward(b, &step)?;
+        self.sampler
+            .launch(&self.gpu, self.logits_elem.ptr, b, true)?;
         self.gpu.sync()?;
+        let forward = self.capture_one(b, "decode graph", |r| r.launch_forward(b, &step))?;
+        let sample = self.capture_one(b, "sampling graph", |r| {
+            r.sampler.launch(&r.gpu, r.logits_elem.ptr, b, true)
+        })?;
+        Ok(graphs::DecodeGraphs { forward, sample })
+    }
+
+    /// What `launch` queues on the stream, captured into a graph.
+    fn capture_one(
+        &mut self,
+        b: usize,
+        what: &str,
+        launch: impl FnOnce(&mut Self) -> Result<()>,
+    ) -> Result<Graph> {
+        use cudarc::driver::{result as drv, sys};
         unsafe {
             drv::stream::begin_capture(
                 self.gpu.stream,
@@ -324,30 +354,24 @@ impl GpuRunner {
             )
         }
         .map_err(|e| anyhow::anyhow!("starting CUDA graph capture: {e:?}"))?;
-        let launched = self.launch_step(b, &step);
+        let launched = launch(self);
         let graph = unsafe { drv::stream::end_capture(self.gpu.stream) };
-        self.be
-            .capturing_graph
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        launched.with_context(|| format!("capturing the decode graph for batch {b}"))?;
+        launched.with_context(|| format!("capturing the {what} for batch {b}"))?;
         let graph =
             graph.map_err(|e| anyhow::anyhow!("ending CUDA graph capture for batch {b}: {e:?}"))?;
-        self.graphs.insert(b, Graph::instantiate(graph, b)?);
-        Ok(())
+        Graph::instantiate(graph, b)
     }
 
-    /// Everything after the step metadata is uploaded: body, LM head on the first `rows`
-    /// logits rows, sampling of rows with any parameters. Launches only (graph-capturable).
-    fn launch_step(
+    /// The body and the LM head on the first `rows` logits rows, after the step metadata is
+    /// uploaded. Launches only (graph-capturable); the sampler follows separately.
+    fn launch_forward(
         &mut self,
         rows: usize,
         step: &crate::backend::cuda::backend::CudaStepMeta,
     ) -> Result<()> {
         self.model
             .forward_hidden(&self.be, step, &mut self.kv, &mut self.ws)?;
-        self.lm_head(step, 0..rows)?;
-        self.sampler
-            .launch(&self.gpu, self.logits_elem.ptr, rows, true)
+        self.lm_head(step, 0..rows)
     }
 
     /// Logits (compute type) of the step's logits rows `range` into `logits_elem`: made in

@@ -16,6 +16,15 @@ pub struct Graph {
     exec: sys::CUgraphExec,
 }
 
+/// Rank 0's decode step of one size as two graphs: the body with the LM head, then the
+/// sampler. Apart so that a step with grammar masks queues its body first and builds the
+/// masks while it runs; their upload goes between the two (stream order puts it before the
+/// sampler), as vLLM overlaps the bitmask with the forward pass.
+pub struct DecodeGraphs {
+    pub forward: Graph,
+    pub sample: Graph,
+}
+
 impl Graph {
     /// Instantiates what the stream captured (the capture must have ended successfully).
     pub fn instantiate(graph: sys::CUgraph, b: usize) -> Result<Self> {

@@ -1,8 +1,9 @@
 //! One step of the GPU runner: request bookkeeping, the batch (decodes first, sampled rows
 //! before prompt-logprob rows), its uploads, the graph or the eager launches, and the
-//! results read back in `collect`. A step with constrained rows (structured output) first
-//! waits for any queued step holding one of their last tokens, then builds their grammar
-//! masks on the host and uploads them with the rows (`grammar_masks`).
+//! results read back in `collect`. A step with constrained rows (structured output) queues
+//! its body and LM head first, then waits for any queued step holding one of their last
+//! tokens, builds their grammar masks on the host while the body runs, uploads them and
+//! only then queues the sampler (`grammar_masks`): the device does not idle on the host.
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -55,11 +56,14 @@ pub(super) struct PhaseTimes {
     graph_steps: u64,
     graph_submit: Duration,
     graph_wait: Duration,
-    /// Steps with grammar masks, the host time building them, and how many of those steps
-    /// had to wait for the step queued before (no overlap for them).
+    /// Steps with grammar masks, the host time building and queuing them, and how many of
+    /// those steps had to wait for the step queued before (behind their own queued body).
     masked_steps: u64,
     masks: Duration,
     mask_waits: u64,
+    /// Host time those waits took (the step before's tail on the device; with the body
+    /// queued first it overlaps this step's body).
+    mask_wait: Duration,
 }
 
 impl PhaseTimes {
@@ -87,9 +91,10 @@ impl PhaseTimes {
         let masks = match self.masked_steps {
             0 => String::new(),
             k => format!(
-                "\n  grammar masks: {k} steps, {:.3} ms each, {} waited for the step before",
+                "\n  grammar masks: {k} steps, {:.3} ms each, {} waited for the step before ({:.3} ms each)",
                 self.masks.as_secs_f64() * 1e3 / k as f64,
-                self.mask_waits
+                self.mask_waits,
+                self.mask_wait.as_secs_f64() * 1e3 / self.mask_waits.max(1) as f64
             ),
         };
         format!(
@@ -240,7 +245,6 @@ impl GpuRunner {
         }
         self.sampler
             .upload_rows(&self.gpu, &row_slots, &row_steps, &row_k)?;
-        let masked = self.grammar_masks(&rows)?;
         let mut delivered = HashMap::new();
         match graph_size {
             Some(g) => {
@@ -250,7 +254,11 @@ impl GpuRunner {
                 if let Some(tp) = self.tp.as_mut() {
                     tp.step(&self.be, &padded, Some(g), &step)?;
                 }
-                self.graphs[&g].launch(&self.gpu, g)?;
+                // The body first: the masks are built while it runs (the step before may
+                // have to finish first) and go up before the sampler in stream order.
+                self.graphs[&g].forward.launch(&self.gpu, g)?;
+                self.grammar_masks(&rows)?;
+                self.graphs[&g].sample.launch(&self.gpu, g)?;
             }
             None => {
                 let step = self.be.upload_step(&batch)?;
@@ -279,6 +287,7 @@ impl GpuRunner {
                     return Ok(Submitted::Ready(Ok(ModelRunnerOutput::default())));
                 }
                 self.lm_head(&step, 0..n)?;
+                let masked = self.grammar_masks(&rows)?;
                 self.sampler
                     .launch_with(&self.gpu, self.logits_elem.ptr, n, filtered, masked)?;
             }
@@ -330,6 +339,8 @@ impl GpuRunner {
     /// Queues the grammar masks of the step's sampled `rows` (true: some row is masked).
     /// A constrained row's mask needs its request's last token: a queued step that holds one
     /// is waited for first (its output is kept for `collect`), which advances the grammars.
+    /// Called after the step's body is queued and before its sampler, so that wait and the
+    /// host's mask building overlap the body on the device.
     fn grammar_masks(&mut self, rows: &[(RequestId, Option<usize>)]) -> Result<bool> {
         if self.grammars.is_empty() {
             // Nothing constrained: at most a reset of the last masked step's indexes.
@@ -343,8 +354,10 @@ impl GpuRunner {
                 Submitted::Ready(_) => &[],
             });
             if self.grammars.must_wait(&ids, queued.map(|r| r.0)) {
+                let t_wait = Instant::now();
                 self.finish_queued_device_steps();
                 self.phases.mask_waits += 1;
+                self.phases.mask_wait += t_wait.elapsed();
             }
         }
         let t0 = Instant::now();
