@@ -7,7 +7,9 @@
 //! Structured output: the host builds the grammar masks of a step's constrained rows
 //! (`slots::Grammars`) and `upload_masks` queues them into one persistent buffer (each
 //! sampled row's mask index, then the packed masks), which `token_bitmask` applies to the
-//! processed logits before the draw; the decode graphs capture that launch like the rest.
+//! processed logits before the draw. Each decode size's sampling graph
+//! (`graphs::DecodeGraphs`) captures that launch with the rest, and a step launches it after
+//! the masks' upload, its body graph before them.
 use anyhow::{ensure, Result};
 use rvllm_kernels::args;
 use rvllm_kernels::sampling_state::{as_bytes, SamplingTables, SlotJoin, SlotParams};
@@ -268,7 +270,7 @@ impl DeviceSampler {
     }
 
     /// Everything from the LM head's logits (`raw`, `rows` x vocab in the compute type) to
-    /// the sampled tokens and logprobs, grammar masks included: what decode graphs capture.
+    /// the sampled tokens and logprobs, grammar masks included: what sampling graphs capture.
     /// Launches only. `filtered`: some row may have a filter (top-k, top-p, min-p); decode
     /// graphs are captured with it.
     pub fn launch(&self, gpu: &Gpu, raw: u64, rows: usize, filtered: bool) -> Result<()> {
