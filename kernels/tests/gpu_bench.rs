@@ -84,7 +84,7 @@ fn time_decode(
     let k_new = s.q.ptr + (NH * HD * 2) as u64;
     let v_new = k_new + (NKV * HD * 2) as u64;
     let call = |stream: cudarc::driver::sys::CUstream| {
-        g.launch_on_smem(
+        g.launch_on_args_smem(
             stream,
             f,
             (NKV as u32, batch as u32, depth as u32),
@@ -112,12 +112,10 @@ fn time_decode(
                 block_size: BS as i32,
                 max_blocks_per_seq: s.max_blocks as i32,
                 target_partitions: target as i32,
-            }
-            .params()
-            .as_mut_slice(),
+            },
         );
         if depth > 1 && !fold {
-            g.launch_on(
+            g.launch_on_args(
                 stream,
                 red,
                 (NH as u32, batch as u32, 1),
@@ -131,9 +129,7 @@ fn time_decode(
                     head_dim: HD as i32,
                     max_partitions: depth as i32,
                     target_partitions: target as i32,
-                }
-                .params()
-                .as_mut_slice(),
+                },
             );
         }
     };
@@ -306,7 +302,7 @@ fn bench_sampling() {
                     g.function("sampling", "sample_plain_finish"),
                 );
                 let us = g.graph_time_us(8, |st| {
-                    g.launch_on(
+                    g.launch_on_args(
                         st,
                         fp,
                         (nchunks as u32, b as u32, 1),
@@ -320,11 +316,9 @@ fn bench_sampling() {
                             top_ks: dk.ptr,
                             seeds: ds.ptr,
                             offsets: doff.ptr,
-                        }
-                        .params()
-                        .as_mut_slice(),
+                        },
                     );
-                    g.launch_on(
+                    g.launch_on_args(
                         st,
                         ff,
                         (b as u32, 1, 1),
@@ -338,9 +332,7 @@ fn bench_sampling() {
                             nchunks: nchunks as i32,
                             temperatures: dt.ptr,
                             top_ks: dk.ptr,
-                        }
-                        .params()
-                        .as_mut_slice(),
+                        },
                     );
                 });
                 format!("   plain path ({nchunks} chunks/row, graph): {us:.1} us")
@@ -546,7 +538,7 @@ fn bench_decode_step_kernels() {
     rows.push((
         "embedding_lookup",
         g.graph_time_us(32, |st| {
-            g.launch_on(
+            g.launch_on_args(
                 st,
                 f,
                 (1, 1, 1),
@@ -558,9 +550,7 @@ fn bench_decode_step_kernels() {
                     num_tokens: 1,
                     hidden: hidden as i32,
                     vocab: vocab as i32,
-                }
-                .params()
-                .as_mut_slice(),
+                },
             )
         }),
     ));
@@ -568,7 +558,7 @@ fn bench_decode_step_kernels() {
     rows.push((
         "fused_add_rms_norm (x2/layer)",
         g.graph_time_us(32, |st| {
-            g.launch_on(
+            g.launch_on_args(
                 st,
                 f,
                 (1, 1, 1),
@@ -581,9 +571,7 @@ fn bench_decode_step_kernels() {
                     eps,
                     num_tokens: 1,
                     hidden: hidden as i32,
-                }
-                .params()
-                .as_mut_slice(),
+                },
             )
         }),
     ));
@@ -591,7 +579,7 @@ fn bench_decode_step_kernels() {
     rows.push((
         "rope_and_cache",
         g.graph_time_us(32, |st| {
-            g.launch_on(
+            g.launch_on_args(
                 st,
                 f,
                 (1, 1, 1),
@@ -612,9 +600,7 @@ fn bench_decode_step_kernels() {
                     q_stride: qkv_w as i32,
                     k_stride: qkv_w as i32,
                     v_stride: qkv_w as i32,
-                }
-                .params()
-                .as_mut_slice(),
+                },
             )
         }),
     ));
@@ -622,7 +608,7 @@ fn bench_decode_step_kernels() {
     rows.push((
         "silu_and_mul",
         g.graph_time_us(32, |st| {
-            g.launch_on(
+            g.launch_on_args(
                 st,
                 f,
                 (inter.div_ceil(2048) as u32, 1, 1),
@@ -632,9 +618,7 @@ fn bench_decode_step_kernels() {
                     r#in: gate_up.ptr,
                     num_tokens: 1,
                     inter: inter as i32,
-                }
-                .params()
-                .as_mut_slice(),
+                },
             )
         }),
     ));
@@ -657,7 +641,7 @@ fn bench_decode_step_kernels() {
         rows.push((
             name,
             g.graph_time_us(32, |st| {
-                g.launch_on(
+                g.launch_on_args(
                     st,
                     f,
                     (n.div_ceil(2) as u32, 1, 1),
@@ -670,9 +654,7 @@ fn bench_decode_step_kernels() {
                         n: n as i32,
                         k: k as i32,
                         split: 4,
-                    }
-                    .params()
-                    .as_mut_slice(),
+                    },
                 )
             }),
         ));
@@ -681,7 +663,7 @@ fn bench_decode_step_kernels() {
     rows.push((
         "sample_tokens greedy (per token)",
         g.graph_time_us(32, |st| {
-            g.launch_on(
+            g.launch_on_args(
                 st,
                 f,
                 (1, 1, 1),
@@ -698,9 +680,7 @@ fn bench_decode_step_kernels() {
                     seeds: samp.4.ptr,
                     offsets: samp.5.ptr,
                     filtered_only: 0,
-                }
-                .params()
-                .as_mut_slice(),
+                },
             )
         }),
     ));

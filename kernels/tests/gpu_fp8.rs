@@ -348,6 +348,111 @@ enum GemvInput {
     Norm,
 }
 
+impl GemvInput {
+    /// The bf16 build's entry point of this variant.
+    fn kernel(self) -> &'static str {
+        match self {
+            GemvInput::Plain => "fp8_gemv_bf16",
+            GemvInput::Silu => "fp8_gemv_silu_bf16",
+            GemvInput::Norm => "fp8_gemv_norm_bf16",
+        }
+    }
+}
+
+/// One `fp8_gemv*` launch's operands, whichever the input (`x` is gate_up for silu; `norm_w`
+/// and `eps` are read by norm only), and each variant's typed arguments over them.
+struct Gemv {
+    y: u64,
+    x: u64,
+    norm_w: u64,
+    eps: f32,
+    wq: u64,
+    w_scales: u64,
+    scale_kind: i32,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+}
+
+impl Gemv {
+    const BLOCK: (u32, u32, u32) = (256, 1, 1);
+
+    fn grid(&self) -> (u32, u32, u32) {
+        (self.n.div_ceil(16) as u32, 1, 1)
+    }
+
+    fn plain(&self) -> args::Fp8Gemv {
+        args::Fp8Gemv {
+            y: self.y,
+            x: self.x,
+            wq: self.wq,
+            w_scales: self.w_scales,
+            scale_kind: self.scale_kind,
+            m: self.m as i32,
+            n: self.n as i32,
+            k: self.k as i32,
+            accumulate: self.accumulate as i32,
+        }
+    }
+
+    fn silu(&self) -> args::Fp8GemvSilu {
+        args::Fp8GemvSilu {
+            y: self.y,
+            gate_up: self.x,
+            wq: self.wq,
+            w_scales: self.w_scales,
+            scale_kind: self.scale_kind,
+            m: self.m as i32,
+            n: self.n as i32,
+            k: self.k as i32,
+            accumulate: self.accumulate as i32,
+        }
+    }
+
+    fn norm(&self) -> args::Fp8GemvNorm {
+        args::Fp8GemvNorm {
+            y: self.y,
+            x: self.x,
+            norm_w: self.norm_w,
+            eps: self.eps,
+            wq: self.wq,
+            w_scales: self.w_scales,
+            scale_kind: self.scale_kind,
+            m: self.m as i32,
+            n: self.n as i32,
+            k: self.k as i32,
+            accumulate: self.accumulate as i32,
+        }
+    }
+
+    /// Launches `input`'s variant `kernel` of `module` and waits (`launch_args`).
+    fn launch(&self, g: &gpu_harness::Gpu, input: GemvInput, module: &str, kernel: &str) {
+        let (grid, block) = (self.grid(), Self::BLOCK);
+        match input {
+            GemvInput::Plain => g.launch_args(module, kernel, grid, block, self.plain()),
+            GemvInput::Silu => g.launch_args(module, kernel, grid, block, self.silu()),
+            GemvInput::Norm => g.launch_args(module, kernel, grid, block, self.norm()),
+        }
+    }
+
+    /// Launches `input`'s variant `f` on `stream` without waiting (`launch_on_args`).
+    fn launch_on(
+        &self,
+        g: &gpu_harness::Gpu,
+        stream: cudarc::driver::sys::CUstream,
+        f: cudarc::driver::sys::CUfunction,
+        input: GemvInput,
+    ) {
+        let (grid, block) = (self.grid(), Self::BLOCK);
+        match input {
+            GemvInput::Plain => g.launch_on_args(stream, f, grid, block, self.plain()),
+            GemvInput::Silu => g.launch_on_args(stream, f, grid, block, self.silu()),
+            GemvInput::Norm => g.launch_on_args(stream, f, grid, block, self.norm()),
+        }
+    }
+}
+
 /// One `fp8_gemv*` launch against the reference: random codes and `kind` scales for an
 /// `[n, k]` weight, an input of `input`'s kind in `e` (rows of different magnitudes and, with
 /// several rows, an all-zero one), `y` poisoned or, when accumulating, random. The expected
@@ -403,71 +508,21 @@ fn check_fp8_gemv(
     };
     let (d_x, d_wq, d_sw) = (g.upload(&x_bits), g.upload(&wq), g.upload(&sw));
     let d_nw = g.upload(norm_bits.as_deref().unwrap_or(&[0u16]));
-    let grid = (n.div_ceil(16) as u32, 1, 1);
-    let (module, block) = (e.module("fp8_gemv"), (256, 1, 1));
-    let (mi, ni, ki, acc) = (m as i32, n as i32, k as i32, accumulate as i32);
-    let scale_kind = kind.kernel_arg();
-    let name = match input {
-        GemvInput::Plain => "fp8_gemv_bf16",
-        GemvInput::Silu => "fp8_gemv_silu_bf16",
-        GemvInput::Norm => "fp8_gemv_norm_bf16",
+    let name = input.kernel();
+    let gemv = Gemv {
+        y: d_y.ptr,
+        x: d_x.ptr,
+        norm_w: d_nw.ptr,
+        eps,
+        wq: d_wq.ptr,
+        w_scales: d_sw.ptr,
+        scale_kind: kind.kernel_arg(),
+        m,
+        n,
+        k,
+        accumulate,
     };
-    let kernel = e.kernel(name);
-    match input {
-        GemvInput::Plain => g.launch_args(
-            &module,
-            &kernel,
-            grid,
-            block,
-            args::Fp8Gemv {
-                y: d_y.ptr,
-                x: d_x.ptr,
-                wq: d_wq.ptr,
-                w_scales: d_sw.ptr,
-                scale_kind,
-                m: mi,
-                n: ni,
-                k: ki,
-                accumulate: acc,
-            },
-        ),
-        GemvInput::Silu => g.launch_args(
-            &module,
-            &kernel,
-            grid,
-            block,
-            args::Fp8GemvSilu {
-                y: d_y.ptr,
-                gate_up: d_x.ptr,
-                wq: d_wq.ptr,
-                w_scales: d_sw.ptr,
-                scale_kind,
-                m: mi,
-                n: ni,
-                k: ki,
-                accumulate: acc,
-            },
-        ),
-        GemvInput::Norm => g.launch_args(
-            &module,
-            &kernel,
-            grid,
-            block,
-            args::Fp8GemvNorm {
-                y: d_y.ptr,
-                x: d_x.ptr,
-                norm_w: d_nw.ptr,
-                eps,
-                wq: d_wq.ptr,
-                w_scales: d_sw.ptr,
-                scale_kind,
-                m: mi,
-                n: ni,
-                k: ki,
-                accumulate: acc,
-            },
-        ),
-    }
+    gemv.launch(g, input, &e.module("fp8_gemv"), &e.kernel(name));
     let want: Vec<f32> = if accumulate {
         want_mm.iter().zip(&y0).map(|(a, b)| a + b).collect()
     } else {
@@ -628,7 +683,6 @@ fn the_reference_codec_saturates() {
 #[test]
 #[ignore = "benchmark: run on a GPU with --ignored"]
 fn bench_fp8_gemv() {
-    use rvllm_kernels::KernelArgs;
     let Some(g) = gpu("bench_fp8_gemv") else {
         return;
     };
@@ -666,66 +720,32 @@ fn bench_fp8_gemv() {
         let (nw_bits, _) = e.random(&mut r, k, 1.0);
         let nw = g.upload(&nw_bits);
         let y = g.poisoned(16 * n, e.nan());
-        let grid = (n.div_ceil(16) as u32, 1, 1);
         let mut cases: Vec<(usize, &str)> = [1usize, 3, 8, 16].map(|m| (m, "plain")).to_vec();
         cases.push((1, if name == "down" { "silu" } else { "norm" }));
         for (m, input) in cases {
-            let kernel = match input {
-                "plain" => "fp8_gemv_bf16",
-                "silu" => "fp8_gemv_silu_bf16",
-                _ => "fp8_gemv_norm_bf16",
+            let which = match input {
+                "plain" => GemvInput::Plain,
+                "silu" => GemvInput::Silu,
+                _ => GemvInput::Norm,
             };
-            let f = g.function(&module, &e.kernel(kernel));
+            let f = g.function(&module, &e.kernel(which.kernel()));
             let reps = 2 * copies;
             let us = g.graph_time_us(reps, |stream| {
                 for w in ws.iter().cycle().take(reps) {
-                    let (mi, ni, ki) = (m as i32, n as i32, k as i32);
-                    match input {
-                        "plain" => {
-                            let mut a = args::Fp8Gemv {
-                                y: y.ptr,
-                                x: x.ptr,
-                                wq: w.ptr,
-                                w_scales: sw.ptr,
-                                scale_kind: 1,
-                                m: mi,
-                                n: ni,
-                                k: ki,
-                                accumulate: 0,
-                            };
-                            g.launch_on(stream, f, grid, (256, 1, 1), a.params().as_mut_slice());
-                        }
-                        "silu" => {
-                            let mut a = args::Fp8GemvSilu {
-                                y: y.ptr,
-                                gate_up: x.ptr,
-                                wq: w.ptr,
-                                w_scales: sw.ptr,
-                                scale_kind: 1,
-                                m: mi,
-                                n: ni,
-                                k: ki,
-                                accumulate: 1,
-                            };
-                            g.launch_on(stream, f, grid, (256, 1, 1), a.params().as_mut_slice());
-                        }
-                        _ => {
-                            let mut a = args::Fp8GemvNorm {
-                                y: y.ptr,
-                                x: x.ptr,
-                                norm_w: nw.ptr,
-                                eps: 1e-5,
-                                wq: w.ptr,
-                                w_scales: sw.ptr,
-                                scale_kind: 1,
-                                m: mi,
-                                n: ni,
-                                k: ki,
-                                accumulate: 0,
-                            };
-                            g.launch_on(stream, f, grid, (256, 1, 1), a.params().as_mut_slice());
-                        }
-                    }
+                    let gemv = Gemv {
+                        y: y.ptr,
+                        x: x.ptr,
+                        norm_w: nw.ptr,
+                        eps: 1e-5,
+                        wq: w.ptr,
+                        w_scales: sw.ptr,
+                        scale_kind: 1,
+                        m,
+                        n,
+                        k,
+                        accumulate: which == GemvInput::Silu,
+                    };
+                    gemv.launch_on(&g, stream, f, which);
                 }
             });
             let gbs = bytes as f64 / (us as f64 * 1e-6) / 1e9;

@@ -12,9 +12,9 @@
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns.
 mod gpu_harness;
 
-use gpu_harness::{assert_close, gpu, rng, Elem};
+use gpu_harness::{assert_close, gpu, rng, Buf, Elem, Gpu};
 use rand::Rng;
-use rvllm_kernels::{args, reference, KernelArgs};
+use rvllm_kernels::{args, reference};
 
 struct Shape {
     tokens: usize,
@@ -67,6 +67,116 @@ fn shapes() -> Vec<Shape> {
     ]
 }
 
+/// One batch's routing buffers (poisoned), which the chain's kernels pass between them, and
+/// each kernel's arguments over them.
+struct Chain {
+    tokens: usize,
+    experts: usize,
+    top_k: usize,
+    hidden: usize,
+    ids: Buf<i32>,
+    weights: Buf<f32>,
+    offsets: Buf<i32>,
+    sorted: Buf<i32>,
+    slots: Buf<i32>,
+    tile_map: Buf<i32>,
+}
+
+impl Chain {
+    fn new(g: &Gpu, tokens: usize, experts: usize, top_k: usize, hidden: usize) -> Chain {
+        let p = tokens * top_k;
+        Chain {
+            tokens,
+            experts,
+            top_k,
+            hidden,
+            ids: g.poisoned(p, -1i32),
+            weights: g.poisoned(p, f32::NAN),
+            offsets: g.poisoned(experts + 1, -1i32),
+            sorted: g.poisoned(p, -1i32),
+            slots: g.poisoned(p, -1i32),
+            tile_map: g.poisoned(reference::moe_gemm_tile_slots(p, experts), i32::MIN),
+        }
+    }
+
+    fn pairs(&self) -> usize {
+        self.tokens * self.top_k
+    }
+
+    fn topk(&self, logits: u64, renormalize: bool) -> args::MoeTopkSoftmax {
+        args::MoeTopkSoftmax {
+            topk_ids: self.ids.ptr,
+            topk_weights: self.weights.ptr,
+            logits,
+            tokens: self.tokens as i32,
+            experts: self.experts as i32,
+            top_k: self.top_k as i32,
+            renormalize: renormalize as i32,
+        }
+    }
+
+    fn align(&self) -> args::MoeAlign {
+        args::MoeAlign {
+            expert_offsets: self.offsets.ptr,
+            sorted_pairs: self.sorted.ptr,
+            pair_slots: self.slots.ptr,
+            tile_map: self.tile_map.ptr,
+            topk_ids: self.ids.ptr,
+            pairs: self.pairs() as i32,
+            experts: self.experts as i32,
+        }
+    }
+
+    fn gather(&self, rows: u64, x: u64) -> args::MoeGather {
+        args::MoeGather {
+            rows,
+            x,
+            sorted_pairs: self.sorted.ptr,
+            pairs: self.pairs() as i32,
+            hidden: self.hidden as i32,
+            top_k: self.top_k as i32,
+        }
+    }
+
+    /// The grouped GEMM's launch (grid, block, shared bytes) and arguments: `out` [P, n] from
+    /// `input` [P, k] and the experts' `w` [E, n (2n when gated), k].
+    fn grouped_gemm(
+        &self,
+        out: u64,
+        input: u64,
+        w: u64,
+        n: usize,
+        k: usize,
+        gated: bool,
+    ) -> ((u32, u32, u32), u32, u32, args::MoeGroupedGemm) {
+        let (grid, block, smem) =
+            reference::moe_grouped_gemm_launch(n, self.experts, self.pairs(), gated);
+        let a = args::MoeGroupedGemm {
+            out,
+            r#in: input,
+            w,
+            expert_offsets: self.offsets.ptr,
+            tile_map: self.tile_map.ptr,
+            n: n as i32,
+            k: k as i32,
+            gated: gated as i32,
+        };
+        (grid, block, smem, a)
+    }
+
+    fn unpermute(&self, out: u64, rows: u64) -> args::MoeUnpermute {
+        args::MoeUnpermute {
+            out,
+            rows,
+            pair_slots: self.slots.ptr,
+            topk_weights: self.weights.ptr,
+            tokens: self.tokens as i32,
+            hidden: self.hidden as i32,
+            top_k: self.top_k as i32,
+        }
+    }
+}
+
 #[test]
 fn the_fused_moe_chain_matches_the_reference() {
     let Some(g) = gpu("the_fused_moe_chain_matches_the_reference") else {
@@ -90,28 +200,19 @@ fn the_fused_moe_chain_matches_the_reference() {
                 }
             }
             let d_logits = g.upload(&logit_bits);
-            let ids = g.poisoned(p, -1i32);
-            let weights = g.poisoned(p, f32::NAN);
+            let c = Chain::new(&g, t, ex, k, h);
             g.launch_args(
                 &e.module("moe"),
                 &e.kernel("moe_topk_softmax_bf16"),
                 (t.div_ceil(8) as u32, 1, 1),
                 (256, 1, 1),
-                args::MoeTopkSoftmax {
-                    topk_ids: ids.ptr,
-                    topk_weights: weights.ptr,
-                    logits: d_logits.ptr,
-                    tokens: t as i32,
-                    experts: ex as i32,
-                    top_k: k as i32,
-                    renormalize: sh.renormalize as i32,
-                },
+                c.topk(d_logits.ptr, sh.renormalize),
             );
             let (want_ids, want_w) = reference::moe_topk_softmax(&logits, ex, k, sh.renormalize);
-            assert_eq!(g.download(&ids), want_ids, "{what}: routed experts");
+            assert_eq!(g.download(&c.ids), want_ids, "{what}: routed experts");
             assert_close(
                 &format!("{what}: routing weights"),
-                &g.download(&weights),
+                &g.download(&c.weights),
                 &want_w,
                 1e-6,
                 1e-5,
@@ -120,32 +221,20 @@ fn the_fused_moe_chain_matches_the_reference() {
                 assert!(want_ids.chunks(k).all(|c| c.contains(&0)), "{what}");
             }
 
-            let offsets = g.poisoned(ex + 1, -1i32);
-            let sorted = g.poisoned(p, -1i32);
-            let slots = g.poisoned(p, -1i32);
-            let tile_map = g.poisoned(reference::moe_gemm_tile_slots(p, ex), i32::MIN);
             g.launch_args(
                 &e.module("moe"),
                 &e.kernel("moe_align_bf16"),
                 (1, 1, 1),
                 (1024, 1, 1),
-                args::MoeAlign {
-                    expert_offsets: offsets.ptr,
-                    sorted_pairs: sorted.ptr,
-                    pair_slots: slots.ptr,
-                    tile_map: tile_map.ptr,
-                    topk_ids: ids.ptr,
-                    pairs: p as i32,
-                    experts: ex as i32,
-                },
+                c.align(),
             );
             let (want_off, want_sorted, want_slots) = reference::moe_align(&want_ids, ex);
-            assert_eq!(g.download(&offsets), want_off, "{what}: expert offsets");
-            assert_eq!(g.download(&sorted), want_sorted, "{what}: sorted pairs");
-            assert_eq!(g.download(&slots), want_slots, "{what}: pair slots");
+            assert_eq!(g.download(&c.offsets), want_off, "{what}: expert offsets");
+            assert_eq!(g.download(&c.sorted), want_sorted, "{what}: sorted pairs");
+            assert_eq!(g.download(&c.slots), want_slots, "{what}: pair slots");
             let want_tiles = reference::moe_gemm_tile_map(&want_off);
             assert_eq!(
-                g.download(&tile_map),
+                g.download(&c.tile_map),
                 want_tiles,
                 "{what}: grouped GEMM tiles"
             );
@@ -165,14 +254,7 @@ fn the_fused_moe_chain_matches_the_reference() {
                 &e.kernel("moe_gather_bf16"),
                 (p as u32, 1, 1),
                 (256, 1, 1),
-                args::MoeGather {
-                    rows: rows.ptr,
-                    x: d_x.ptr,
-                    sorted_pairs: sorted.ptr,
-                    pairs: p as i32,
-                    hidden: h as i32,
-                    top_k: k as i32,
-                },
+                c.gather(rows.ptr, d_x.ptr),
             );
             let want_rows = reference::moe_gather(&x, &want_sorted, h, k);
             assert_eq!(g.download_as(e, &rows), want_rows, "{what}: gathered rows");
@@ -184,23 +266,14 @@ fn the_fused_moe_chain_matches_the_reference() {
             let (d_wgu, d_wd) = (g.upload(&wgu_bits), g.upload(&wd_bits));
             let gate_up = g.poisoned(p * 2 * i, e.nan());
             let grouped = |out: u64, input: u64, w: u64, n: usize, kk: usize, gated: bool| {
-                let (grid, block, smem) = reference::moe_grouped_gemm_launch(n, ex, p, gated);
+                let (grid, block, smem, a) = c.grouped_gemm(out, input, w, n, kk, gated);
                 g.launch_args_smem(
                     &e.module("moe_gemm"),
                     &e.kernel("moe_grouped_gemm_bf16"),
                     grid,
                     (block, 1, 1),
                     smem,
-                    args::MoeGroupedGemm {
-                        out,
-                        r#in: input,
-                        w,
-                        expert_offsets: offsets.ptr,
-                        tile_map: tile_map.ptr,
-                        n: n as i32,
-                        k: kk as i32,
-                        gated: gated as i32,
-                    },
+                    a,
                 );
             };
             grouped(gate_up.ptr, rows.ptr, d_wgu.ptr, 2 * i, h, false);
@@ -228,15 +301,7 @@ fn the_fused_moe_chain_matches_the_reference() {
                 &e.kernel("moe_unpermute_bf16"),
                 (t as u32, 1, 1),
                 (256, 1, 1),
-                args::MoeUnpermute {
-                    out: out.ptr,
-                    rows: down.ptr,
-                    pair_slots: slots.ptr,
-                    topk_weights: weights.ptr,
-                    tokens: t as i32,
-                    hidden: h as i32,
-                    top_k: k as i32,
-                },
+                c.unpermute(out.ptr, down.ptr),
             );
             let want_out = reference::moe_unpermute(&got_down, &want_slots, &want_w, h, k);
             assert_close(
@@ -363,115 +428,47 @@ fn qwen3_moe_layer_timings() {
         let logits = g.upload(&logits);
         let (x, _) = e.random(&mut r, t * h, 1.0);
         let x = g.upload(&x);
-        let ids = g.poisoned(p, -1i32);
-        let weights = g.poisoned(p, f32::NAN);
-        let offsets = g.poisoned(ex + 1, -1i32);
-        let sorted = g.poisoned(p, -1i32);
-        let slots = g.poisoned(p, -1i32);
-        let tile_map = g.poisoned(reference::moe_gemm_tile_slots(p, ex), -1i32);
+        let c = Chain::new(&g, t, ex, k, h);
         let rows = g.poisoned(p * h, e.nan());
         let act = g.poisoned(p * i, e.nan());
         let out = g.poisoned(t * h, e.nan());
         let route = |st| {
-            g.launch_on(
+            g.launch_on_args(
                 st,
                 topk,
                 (t.div_ceil(8) as u32, 1, 1),
                 (256, 1, 1),
-                args::MoeTopkSoftmax {
-                    topk_ids: ids.ptr,
-                    topk_weights: weights.ptr,
-                    logits: logits.ptr,
-                    tokens: t as i32,
-                    experts: ex as i32,
-                    top_k: k as i32,
-                    renormalize: 1,
-                }
-                .params()
-                .as_mut_slice(),
+                c.topk(logits.ptr, true),
             );
-            g.launch_on(
-                st,
-                align,
-                (1, 1, 1),
-                (1024, 1, 1),
-                args::MoeAlign {
-                    expert_offsets: offsets.ptr,
-                    sorted_pairs: sorted.ptr,
-                    pair_slots: slots.ptr,
-                    tile_map: tile_map.ptr,
-                    topk_ids: ids.ptr,
-                    pairs: p as i32,
-                    experts: ex as i32,
-                }
-                .params()
-                .as_mut_slice(),
-            );
-            g.launch_on(
+            g.launch_on_args(st, align, (1, 1, 1), (1024, 1, 1), c.align());
+            g.launch_on_args(
                 st,
                 gather,
                 (p as u32, 1, 1),
                 (256, 1, 1),
-                args::MoeGather {
-                    rows: rows.ptr,
-                    x: x.ptr,
-                    sorted_pairs: sorted.ptr,
-                    pairs: p as i32,
-                    hidden: h as i32,
-                    top_k: k as i32,
-                }
-                .params()
-                .as_mut_slice(),
+                c.gather(rows.ptr, x.ptr),
             );
         };
         let grouped = |st, out: u64, input: u64, w: u64, n: usize, kk: usize, gated: bool| {
-            let (grid, block, smem) = reference::moe_grouped_gemm_launch(n, ex, p, gated);
-            g.launch_on_smem(
-                st,
-                gemm,
-                grid,
-                (block, 1, 1),
-                smem,
-                args::MoeGroupedGemm {
-                    out,
-                    r#in: input,
-                    w,
-                    expert_offsets: offsets.ptr,
-                    tile_map: tile_map.ptr,
-                    n: n as i32,
-                    k: kk as i32,
-                    gated: gated as i32,
-                }
-                .params()
-                .as_mut_slice(),
-            );
+            let (grid, block, smem, a) = c.grouped_gemm(out, input, w, n, kk, gated);
+            g.launch_on_args_smem(st, gemm, grid, (block, 1, 1), smem, a);
         };
         let gate_up_gemm = |st| grouped(st, act.ptr, rows.ptr, w_gu.ptr, i, h, true);
         let down_gemm = |st| grouped(st, rows.ptr, act.ptr, w_d.ptr, h, i, false);
         let combine = |st| {
-            g.launch_on(
+            g.launch_on_args(
                 st,
                 unpermute,
                 (t as u32, 1, 1),
                 (256, 1, 1),
-                args::MoeUnpermute {
-                    out: out.ptr,
-                    rows: rows.ptr,
-                    pair_slots: slots.ptr,
-                    topk_weights: weights.ptr,
-                    tokens: t as i32,
-                    hidden: h as i32,
-                    top_k: k as i32,
-                }
-                .params()
-                .as_mut_slice(),
+                c.unpermute(out.ptr, rows.ptr),
             );
         };
         // One eager pass leaves the routing, rows and activations in place for the GEMMs alone.
         route(std::ptr::null_mut());
         gate_up_gemm(std::ptr::null_mut());
         g.sync();
-        let off = g.download(&offsets);
+        let off = g.download(&c.offsets);
         let used = off.windows(2).filter(|w| w[1] > w[0]).count();
         let gu_us = g.graph_time_us(16, gate_up_gemm);
         let d_us = g.graph_time_us(16, down_gemm);

@@ -345,6 +345,32 @@ impl Gpu {
             .unwrap_or_else(|e| panic!("launch grid {grid:?} block {block:?}: {e:?}"));
     }
 
+    /// `launch_on` with a kernel's typed arguments (`rvllm_kernels::args`).
+    pub fn launch_on_args<A: KernelArgs>(
+        &self,
+        stream: sys::CUstream,
+        f: sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        args: A,
+    ) {
+        self.launch_on_args_smem(stream, f, grid, block, 0, args)
+    }
+
+    /// `launch_on_smem` with a kernel's typed arguments (`rvllm_kernels::args`).
+    pub fn launch_on_args_smem<A: KernelArgs>(
+        &self,
+        stream: sys::CUstream,
+        f: sys::CUfunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_bytes: u32,
+        mut args: A,
+    ) {
+        let mut params = args.params();
+        self.launch_on_smem(stream, f, grid, block, shared_bytes, params.as_mut_slice())
+    }
+
     /// Raises `f`'s dynamic shared memory limit to `shared_bytes`.
     pub fn allow_smem(&self, f: sys::CUfunction, shared_bytes: u32) {
         unsafe {
