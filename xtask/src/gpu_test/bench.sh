@@ -42,16 +42,21 @@ run() { # name command...: runs it, keeps the log, prints its last lines
     [ $rc -eq 0 ] || failed=$((failed + 1))
 }
 
+wait_healthy() { # port pid: until the server on port answers /health, it exits, or 300 s pass
+    local port=$1 pid=$2
+    for _ in $(seq 1 300); do
+        curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 1
+    done
+}
+
 serve_bench() { # name concurrency prompts [shard I/N]
     local name=$1 conc=$2 prompts=$3 shard=${4:-} port=8123
     "$RVLLM" serve "$MODEL" --load-format dummy --port $port --max-model-len 2048 \
         --max-num-seqs 256 --max-num-batched-tokens 16384 >"$RES/$name-server.log" 2>&1 &
     local pid=$!
-    for _ in $(seq 1 300); do
-        curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
-        kill -0 $pid 2>/dev/null || break
-        sleep 1
-    done
+    wait_healthy $port $pid
     local extra=()
     [ "$conc" != inf ] && extra=(--max-concurrency "$conc")
     [ -n "$shard" ] && extra+=(--shard "$shard")
@@ -84,11 +89,7 @@ serve_structured() {
         --max-num-seqs 256 --max-num-batched-tokens 16384 --no-enable-prefix-caching \
         >"$RES/$name-server.log" 2>&1 &
     local pid=$!
-    for _ in $(seq 1 300); do
-        curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
-        kill -0 $pid 2>/dev/null || break
-        sleep 1
-    done
+    wait_healthy $port $pid
     local prompts=${SERVE_STRUCTURED_PROMPTS:-256}
     local bench=("$RVLLM" bench serve --base-url "http://127.0.0.1:$port" --dataset-name random
         --random-prompt-format ids --random-vocab-size 100000 --random-input-len 256
