@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{json, Value};
-use server_common::{rvllm_bin, tiny_model, Server};
+use server_common::{tiny_model, Server};
 
 /// The tiny model's config in `dir`, given the generator's tokenizer.
 fn synthetic_tokenizer_model(dir: &Path) -> PathBuf {
@@ -39,43 +39,21 @@ fn synthetic_tokenizer_model(dir: &Path) -> PathBuf {
 
 /// Runs `rvllm bench serve` with `args` and returns its saved result.
 fn bench(server: &Server, dir: &Path, args: &[&str]) -> Value {
-    let result = dir.join("result.json");
-    let out = Command::new(rvllm_bin())
-        .args([
-            "bench",
-            "serve",
-            "--base-url",
-            &format!("http://{}", server.addr),
-        ])
-        .args([
-            "--random-prompt-format",
-            "ids",
-            "--random-vocab-size",
-            "400",
-        ])
-        .args([
-            "--random-input-len",
-            "8",
-            "--max-concurrency",
-            "3",
-            "--seed",
-            "5",
-        ])
-        .args(args)
-        .arg("--save-result")
-        .arg("--result-filename")
-        .arg(&result)
-        .output()
-        .expect("running rvllm bench serve");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bench serve {args:?} failed:\n{stdout}\n{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        server.log()
-    );
+    let common = [
+        "--random-prompt-format",
+        "ids",
+        "--random-vocab-size",
+        "400",
+        "--random-input-len",
+        "8",
+        "--max-concurrency",
+        "3",
+        "--seed",
+        "5",
+    ];
+    let args: Vec<&str> = common.iter().chain(args).copied().collect();
+    let (stdout, v) = server.bench_serve(&args, &dir.join("result.json"));
     assert!(stdout.contains("Structured output ratio:"), "{stdout}");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
     assert_eq!(v["failed"], 0, "{v}");
     v
 }
@@ -230,31 +208,29 @@ fn metrics_count_graph_eager_and_grammar_mask_steps() {
         tokens
     };
 
-    let before = steps(&server.wait_idle());
-    let tokens = complete(json!({}));
-    let after = steps(&server.wait_idle());
-    let [graph, eager, masked] = [0, 1, 2].map(|i| after[i] - before[i]);
-    assert_eq!(graph, 0.0, "the CPU has no graphs");
-    assert!(
-        (tokens..=tokens + 1.0).contains(&eager),
-        "{eager} eager steps for {tokens} tokens"
-    );
+    // One request's eager and masked steps (the counters' deltas around it).
+    let request_steps = |extra: Value| {
+        let before = steps(&server.wait_idle());
+        let tokens = complete(extra);
+        let after = steps(&server.wait_idle());
+        let [graph, eager, masked] = [0, 1, 2].map(|i| after[i] - before[i]);
+        assert_eq!(graph, 0.0, "the CPU has no graphs");
+        assert!(
+            (tokens..=tokens + 1.0).contains(&eager),
+            "{eager} eager steps for {tokens} tokens"
+        );
+        (eager, masked)
+    };
+
+    let (_, masked) = request_steps(json!({}));
     assert_eq!(
         masked, 0.0,
         "an unconstrained request applied grammar masks"
     );
 
-    let before = after;
     let schema = json!({"type": "object", "properties": {"text": {"type": "string"}},
                         "required": ["text"], "additionalProperties": false});
-    let tokens = complete(json!({"structured_outputs": {"json": schema}}));
-    let after = steps(&server.wait_idle());
-    let [graph, eager, masked] = [0, 1, 2].map(|i| after[i] - before[i]);
-    assert_eq!(graph, 0.0, "the CPU has no graphs");
-    assert!(
-        (tokens..=tokens + 1.0).contains(&eager),
-        "{eager} eager steps for {tokens} tokens"
-    );
+    let (eager, masked) = request_steps(json!({"structured_outputs": {"json": schema}}));
     assert_eq!(
         masked, eager,
         "a constrained request's steps all apply its mask"

@@ -217,45 +217,32 @@ fn bench_serve_prefix_repetition_reports_the_hit_rate() {
     );
     let dir = tempfile::tempdir().unwrap();
     let result = dir.path().join("bench.json");
-    let out = Command::new(server_common::rvllm_bin())
-        .args([
-            "bench",
-            "serve",
-            "--base-url",
-            &format!("http://{}", s.addr),
-        ])
-        .args(["--dataset-name", "prefix_repetition"])
-        .args(["--prefix-repetition-prefix-len", "32"])
-        .args(["--prefix-repetition-suffix-len", "8"])
-        .args(["--prefix-repetition-num-prefixes", "2"])
-        .args(["--prefix-repetition-output-len", "4"])
-        .args([
+    let (stdout, saved) = s.bench_serve(
+        &[
+            "--dataset-name",
+            "prefix_repetition",
+            "--prefix-repetition-prefix-len",
+            "32",
+            "--prefix-repetition-suffix-len",
+            "8",
+            "--prefix-repetition-num-prefixes",
+            "2",
+            "--prefix-repetition-output-len",
+            "4",
             "--num-prompts",
             "8",
             "--max-concurrency",
             "1",
             "--ignore-eos",
-        ])
-        .args([
             "--random-vocab-size",
             "300",
-            "--save-result",
-            "--result-filename",
-        ])
-        .arg(&result)
-        .output()
-        .expect("running rvllm bench serve");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &result,
     );
     assert!(
         stdout.contains("Prefix cache hit rate (server /metrics, during the run): 60.00 %"),
         "{stdout}"
     );
-    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
     assert_eq!(saved["input_lens"], json!(vec![40; 8]));
     assert_eq!(saved["output_lens"], json!(vec![4; 8]));
     assert_eq!(saved["prefix_cache_hits"], json!(192.0));

@@ -427,22 +427,16 @@ fn a_client_that_disconnects_mid_stream_frees_its_request() {
     );
 }
 
-/// `rvllm bench serve` pointed at the server at `addr`.
-fn bench_serve(addr: impl std::fmt::Display) -> std::process::Command {
-    let mut cmd = std::process::Command::new(server_common::rvllm_bin());
-    cmd.args(["bench", "serve", "--base-url", &format!("http://{addr}")]);
-    cmd
-}
-
 #[test]
 fn bench_serve_drives_the_server_and_saves_results() {
     let s = start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let result = dir.path().join("bench.json");
     for (endpoint, format) in [("/v1/completions", "ids"), ("/v1/chat/completions", "text")] {
-        let out = bench_serve(&s.addr)
-            .args(["--endpoint", endpoint])
-            .args([
+        let (stdout, v) = s.bench_serve(
+            &[
+                "--endpoint",
+                endpoint,
                 "--random-input-len",
                 "12",
                 "--random-output-len",
@@ -450,31 +444,18 @@ fn bench_serve_drives_the_server_and_saves_results() {
                 "--num-prompts",
                 "24",
                 "--ignore-eos",
-            ])
-            .args([
                 "--request-rate",
                 "200",
                 "--max-concurrency",
                 "8",
                 "--seed",
                 "3",
-            ])
-            .args([
                 "--random-prompt-format",
                 format,
                 "--random-vocab-size",
                 "300",
-                "--save-result",
-                "--result-filename",
-            ])
-            .arg(&result)
-            .output()
-            .expect("running rvllm bench serve");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{endpoint}: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
+            ],
+            &result,
         );
         for line in [
             "Successful requests:",
@@ -487,7 +468,6 @@ fn bench_serve_drives_the_server_and_saves_results() {
                 "{endpoint}: the table lacks `{line}`:\n{stdout}"
             );
         }
-        let v: Value = serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
         assert_eq!(v["completed"], 24, "{endpoint}: {v}");
         assert_eq!(v["failed"], 0);
         assert_eq!(
@@ -518,7 +498,8 @@ fn bench_serve_shards_merge_into_the_whole_run() {
     let s = start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let bench = |extra: &[&str]| {
-        let out = bench_serve(&s.addr)
+        let out = s
+            .bench_serve_command()
             .args(["--random-input-len", "10", "--random-output-len", "4"])
             .args([
                 "--num-prompts",

@@ -204,6 +204,44 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+
+    /// `rvllm bench serve` pointed at this server.
+    pub fn bench_serve_command(&self) -> Command {
+        let mut cmd = Command::new(rvllm_bin());
+        cmd.args([
+            "bench",
+            "serve",
+            "--base-url",
+            &format!("http://{}", self.addr),
+        ]);
+        cmd
+    }
+
+    /// Runs `rvllm bench serve ARGS` against this server with its result saved to `result`;
+    /// asserts that it succeeded (its output and the server's log in the message) and returns
+    /// what it printed and the saved result.
+    pub fn bench_serve(&self, args: &[&str], result: &Path) -> (String, serde_json::Value) {
+        let out = self
+            .bench_serve_command()
+            .args(args)
+            .arg("--save-result")
+            .arg("--result-filename")
+            .arg(result)
+            .output()
+            .expect("running rvllm bench serve");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "bench serve {args:?} failed:\n{stdout}\n{}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        let saved =
+            std::fs::read(result).unwrap_or_else(|e| panic!("reading {}: {e}", result.display()));
+        let saved = serde_json::from_slice(&saved)
+            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", result.display()));
+        (stdout, saved)
+    }
 }
 
 impl Drop for Server {
