@@ -289,8 +289,8 @@ mod gpu {
         Llm::new(&args).unwrap_or_else(|e| panic!("starting the engine at TP {tp}: {e:#}"))
     }
 
-    /// Greedy tokens and top-5 ids per step of every prompt, all in one batch.
-    fn greedy(llm: &mut Llm, prompts: &[Vec<u32>], n: usize) -> Vec<(Vec<u32>, Vec<Vec<u32>>)> {
+    /// `n` greedy tokens of every prompt, all in one batch, with each step's top-5 logprobs.
+    fn greedy_outputs(llm: &mut Llm, prompts: &[Vec<u32>], n: usize) -> Vec<RequestOutput> {
         let params = SamplingParams {
             temperature: 0.0,
             ignore_eos: true,
@@ -298,10 +298,14 @@ mod gpu {
             logprobs: Some(5),
             ..SamplingParams::default()
         };
-        let outs: Vec<RequestOutput> = llm
-            .generate(prompts, std::slice::from_ref(&params), |_| {})
-            .unwrap_or_else(|e| panic!("generate: {e:#}"));
-        outs.into_iter()
+        llm.generate(prompts, std::slice::from_ref(&params), |_| {})
+            .unwrap_or_else(|e| panic!("generate: {e:#}"))
+    }
+
+    /// Greedy tokens and top-5 ids per step of every prompt, all in one batch.
+    fn greedy(llm: &mut Llm, prompts: &[Vec<u32>], n: usize) -> Vec<(Vec<u32>, Vec<Vec<u32>>)> {
+        greedy_outputs(llm, prompts, n)
+            .into_iter()
             .map(|o| {
                 let c = &o.outputs[0];
                 let top5 = c
@@ -357,17 +361,8 @@ mod gpu {
         prompts: &[Vec<u32>],
         n: usize,
     ) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
-        let params = SamplingParams {
-            temperature: 0.0,
-            ignore_eos: true,
-            max_tokens: Some(n),
-            logprobs: Some(5),
-            ..SamplingParams::default()
-        };
-        let outs: Vec<RequestOutput> = llm
-            .generate(prompts, std::slice::from_ref(&params), |_| {})
-            .unwrap_or_else(|e| panic!("generate: {e:#}"));
-        outs.into_iter()
+        greedy_outputs(llm, prompts, n)
+            .into_iter()
             .map(|o| {
                 let c = &o.outputs[0];
                 let lp = c
