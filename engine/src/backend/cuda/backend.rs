@@ -346,7 +346,7 @@ impl CudaBackend {
     }
 
     /// Launches the build of `kernel` for this backend's element type with `args`.
-    fn launch<A: KernelArgs>(
+    pub(super) fn launch<A: KernelArgs>(
         &self,
         kernel: Kernel<A>,
         grid: (u32, u32, u32),
@@ -396,7 +396,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn launch_smem<A: KernelArgs>(
+    pub(super) fn launch_smem<A: KernelArgs>(
         &self,
         kernel: Kernel<A>,
         grid: (u32, u32, u32),

@@ -24,8 +24,8 @@ use super::backend::{CudaBackend, CudaTensor, CudaWeight};
 use super::device::DevBuf;
 use super::elem::{kernel, Kernel, NamedKernel};
 use crate::backend::{Activation, Backend, MoeLayout, MoeScratch};
+use rvllm_kernels::args;
 use rvllm_kernels::reference::{moe_gemm_tile_slots, moe_grouped_gemm_launch};
-use rvllm_kernels::{args, KernelArgs};
 
 pub const MOE_TOPK_SOFTMAX: Kernel<args::MoeTopkSoftmax> = kernel!(
     args::MoeTopkSoftmax,
@@ -186,35 +186,6 @@ impl CudaBackend {
         Ok(ptrs)
     }
 
-    fn launch_moe<A: KernelArgs>(
-        &self,
-        kernel: Kernel<A>,
-        grid: (u32, u32, u32),
-        block: u32,
-        args: A,
-    ) -> Result<()> {
-        self.launch_moe_smem(kernel, grid, block, 0, args)
-    }
-
-    fn launch_moe_smem<A: KernelArgs>(
-        &self,
-        kernel: Kernel<A>,
-        grid: (u32, u32, u32),
-        block: u32,
-        shared_bytes: u32,
-        mut args: A,
-    ) -> Result<()> {
-        let (module, name) = kernel.of(self.dtype);
-        self.gpu.launch_params(
-            module,
-            name,
-            grid,
-            (block, 1, 1),
-            shared_bytes,
-            args.params(),
-        )
-    }
-
     /// `Backend::moe` (see the module comment).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn moe_impl(
@@ -267,7 +238,7 @@ impl CudaBackend {
         self.linear(x, router, None, &mut s.router_logits)?;
 
         let (t32, e32, k32, p32) = (tokens as i32, e as i32, k as i32, pairs as i32);
-        self.launch_moe(
+        self.launch(
             MOE_TOPK_SOFTMAX,
             (tokens.div_ceil(8) as u32, 1, 1),
             256,
@@ -281,7 +252,7 @@ impl CudaBackend {
                 renormalize: layout.renormalize as i32,
             },
         )?;
-        self.launch_moe(
+        self.launch(
             MOE_ALIGN,
             (1, 1, 1),
             1024,
@@ -295,7 +266,7 @@ impl CudaBackend {
                 experts: e32,
             },
         )?;
-        self.launch_moe(
+        self.launch(
             MOE_GATHER,
             (pairs as u32, 1, 1),
             256,
@@ -315,7 +286,7 @@ impl CudaBackend {
                        kk: usize,
                        gated: bool| {
             let (grid, block, smem) = moe_grouped_gemm_launch(n, e, pairs, gated);
-            self.launch_moe_smem(
+            self.launch_smem(
                 MOE_GROUPED_GEMM,
                 grid,
                 block,
@@ -336,7 +307,7 @@ impl CudaBackend {
         grouped(s.act.ptr(), s.rows.ptr(), gate_up.buf.ptr, inter, h, true)?;
         // The experts' outputs replace their inputs, which are no longer needed.
         grouped(s.rows.ptr(), s.act.ptr(), down.buf.ptr, h, inter, false)?;
-        self.launch_moe(
+        self.launch(
             MOE_UNPERMUTE,
             (tokens as u32, 1, 1),
             256,
