@@ -84,7 +84,7 @@ fn time_decode(
     let k_new = s.q.ptr + (NH * HD * 2) as u64;
     let v_new = k_new + (NKV * HD * 2) as u64;
     let call = |stream: cudarc::driver::sys::CUstream| {
-        g.launch_on_args_smem(
+        g.launch_on_smem(
             stream,
             f,
             (NKV as u32, batch as u32, depth as u32),
@@ -115,7 +115,7 @@ fn time_decode(
             },
         );
         if depth > 1 && !fold {
-            g.launch_on_args(
+            g.launch_on(
                 stream,
                 red,
                 (NH as u32, batch as u32, 1),
@@ -302,7 +302,7 @@ fn bench_sampling() {
                     g.function("sampling", "sample_plain_finish"),
                 );
                 let us = g.graph_time_us(8, |st| {
-                    g.launch_on_args(
+                    g.launch_on(
                         st,
                         fp,
                         (nchunks as u32, b as u32, 1),
@@ -318,7 +318,7 @@ fn bench_sampling() {
                             offsets: doff.ptr,
                         },
                     );
-                    g.launch_on_args(
+                    g.launch_on(
                         st,
                         ff,
                         (b as u32, 1, 1),
@@ -538,7 +538,7 @@ fn bench_decode_step_kernels() {
     rows.push((
         "embedding_lookup",
         g.graph_time_us(32, |st| {
-            g.launch_on_args(
+            g.launch_on(
                 st,
                 f,
                 (1, 1, 1),
@@ -558,7 +558,7 @@ fn bench_decode_step_kernels() {
     rows.push((
         "fused_add_rms_norm (x2/layer)",
         g.graph_time_us(32, |st| {
-            g.launch_on_args(
+            g.launch_on(
                 st,
                 f,
                 (1, 1, 1),
@@ -579,7 +579,7 @@ fn bench_decode_step_kernels() {
     rows.push((
         "rope_and_cache",
         g.graph_time_us(32, |st| {
-            g.launch_on_args(
+            g.launch_on(
                 st,
                 f,
                 (1, 1, 1),
@@ -608,7 +608,7 @@ fn bench_decode_step_kernels() {
     rows.push((
         "silu_and_mul",
         g.graph_time_us(32, |st| {
-            g.launch_on_args(
+            g.launch_on(
                 st,
                 f,
                 (inter.div_ceil(2048) as u32, 1, 1),
@@ -641,7 +641,7 @@ fn bench_decode_step_kernels() {
         rows.push((
             name,
             g.graph_time_us(32, |st| {
-                g.launch_on_args(
+                g.launch_on(
                     st,
                     f,
                     (n.div_ceil(2) as u32, 1, 1),
@@ -663,7 +663,7 @@ fn bench_decode_step_kernels() {
     rows.push((
         "sample_tokens greedy (per token)",
         g.graph_time_us(32, |st| {
-            g.launch_on_args(
+            g.launch_on(
                 st,
                 f,
                 (1, 1, 1),

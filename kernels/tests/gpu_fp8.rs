@@ -375,6 +375,23 @@ struct Gemv {
     accumulate: bool,
 }
 
+/// An `fp8_gemv*` argument struct from a `Gemv`: the fields every variant shares, and its own.
+macro_rules! gemv_args {
+    ($g:expr, $ty:ident { $($field:ident: $value:expr),* }) => {
+        args::$ty {
+            y: $g.y,
+            wq: $g.wq,
+            w_scales: $g.w_scales,
+            scale_kind: $g.scale_kind,
+            m: $g.m as i32,
+            n: $g.n as i32,
+            k: $g.k as i32,
+            accumulate: $g.accumulate as i32,
+            $($field: $value),*
+        }
+    };
+}
+
 impl Gemv {
     const BLOCK: (u32, u32, u32) = (256, 1, 1);
 
@@ -383,47 +400,22 @@ impl Gemv {
     }
 
     fn plain(&self) -> args::Fp8Gemv {
-        args::Fp8Gemv {
-            y: self.y,
-            x: self.x,
-            wq: self.wq,
-            w_scales: self.w_scales,
-            scale_kind: self.scale_kind,
-            m: self.m as i32,
-            n: self.n as i32,
-            k: self.k as i32,
-            accumulate: self.accumulate as i32,
-        }
+        gemv_args!(self, Fp8Gemv { x: self.x })
     }
 
     fn silu(&self) -> args::Fp8GemvSilu {
-        args::Fp8GemvSilu {
-            y: self.y,
-            gate_up: self.x,
-            wq: self.wq,
-            w_scales: self.w_scales,
-            scale_kind: self.scale_kind,
-            m: self.m as i32,
-            n: self.n as i32,
-            k: self.k as i32,
-            accumulate: self.accumulate as i32,
-        }
+        gemv_args!(self, Fp8GemvSilu { gate_up: self.x })
     }
 
     fn norm(&self) -> args::Fp8GemvNorm {
-        args::Fp8GemvNorm {
-            y: self.y,
-            x: self.x,
-            norm_w: self.norm_w,
-            eps: self.eps,
-            wq: self.wq,
-            w_scales: self.w_scales,
-            scale_kind: self.scale_kind,
-            m: self.m as i32,
-            n: self.n as i32,
-            k: self.k as i32,
-            accumulate: self.accumulate as i32,
-        }
+        gemv_args!(
+            self,
+            Fp8GemvNorm {
+                x: self.x,
+                norm_w: self.norm_w,
+                eps: self.eps
+            }
+        )
     }
 
     /// Launches `input`'s variant `kernel` of `module` and waits (`launch_args`).
@@ -436,7 +428,7 @@ impl Gemv {
         }
     }
 
-    /// Launches `input`'s variant `f` on `stream` without waiting (`launch_on_args`).
+    /// Launches `input`'s variant `f` on `stream` without waiting (`launch_on`).
     fn launch_on(
         &self,
         g: &gpu_harness::Gpu,
@@ -446,9 +438,9 @@ impl Gemv {
     ) {
         let (grid, block) = (self.grid(), Self::BLOCK);
         match input {
-            GemvInput::Plain => g.launch_on_args(stream, f, grid, block, self.plain()),
-            GemvInput::Silu => g.launch_on_args(stream, f, grid, block, self.silu()),
-            GemvInput::Norm => g.launch_on_args(stream, f, grid, block, self.norm()),
+            GemvInput::Plain => g.launch_on(stream, f, grid, block, self.plain()),
+            GemvInput::Silu => g.launch_on(stream, f, grid, block, self.silu()),
+            GemvInput::Norm => g.launch_on(stream, f, grid, block, self.norm()),
         }
     }
 }

@@ -12,9 +12,10 @@
 //! Without a CUDA device each test prints `SKIPPED: no CUDA device` and returns.
 mod gpu_harness;
 
+use cudarc::driver::sys::{CUfunction, CUstream};
 use gpu_harness::{assert_close, gpu, rng, Buf, Elem, Gpu};
 use rand::Rng;
-use rvllm_kernels::{args, reference};
+use rvllm_kernels::{args, reference, KernelArgs};
 
 struct Shape {
     tokens: usize,
@@ -67,8 +68,40 @@ fn shapes() -> Vec<Shape> {
     ]
 }
 
+/// One launch of a chain kernel: its grid, block, dynamic shared bytes and typed arguments.
+struct Launch<A> {
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    smem: u32,
+    args: A,
+}
+
+impl<A: KernelArgs> Launch<A> {
+    fn new(grid: (u32, u32, u32), block: u32, args: A) -> Launch<A> {
+        Launch {
+            grid,
+            block: (block, 1, 1),
+            smem: 0,
+            args,
+        }
+    }
+
+    /// Launches `kernel` (its bf16 name) of `e`'s build of `module` and waits.
+    fn run(self, g: &Gpu, e: Elem, module: &str, kernel: &str) {
+        let (module, kernel) = (e.module(module), e.kernel(kernel));
+        g.launch_args_smem(
+            &module, &kernel, self.grid, self.block, self.smem, self.args,
+        )
+    }
+
+    /// Launches `f` on `stream` without waiting.
+    fn on(self, g: &Gpu, stream: CUstream, f: CUfunction) {
+        g.launch_on_smem(stream, f, self.grid, self.block, self.smem, self.args)
+    }
+}
+
 /// One batch's routing buffers (poisoned), which the chain's kernels pass between them, and
-/// each kernel's arguments over them.
+/// each kernel's launch over them.
 struct Chain {
     tokens: usize,
     experts: usize,
@@ -103,42 +136,56 @@ impl Chain {
         self.tokens * self.top_k
     }
 
-    fn topk(&self, logits: u64, renormalize: bool) -> args::MoeTopkSoftmax {
-        args::MoeTopkSoftmax {
-            topk_ids: self.ids.ptr,
-            topk_weights: self.weights.ptr,
-            logits,
-            tokens: self.tokens as i32,
-            experts: self.experts as i32,
-            top_k: self.top_k as i32,
-            renormalize: renormalize as i32,
-        }
+    fn topk(&self, logits: u64, renormalize: bool) -> Launch<args::MoeTopkSoftmax> {
+        let grid = (self.tokens.div_ceil(8) as u32, 1, 1);
+        Launch::new(
+            grid,
+            256,
+            args::MoeTopkSoftmax {
+                topk_ids: self.ids.ptr,
+                topk_weights: self.weights.ptr,
+                logits,
+                tokens: self.tokens as i32,
+                experts: self.experts as i32,
+                top_k: self.top_k as i32,
+                renormalize: renormalize as i32,
+            },
+        )
     }
 
-    fn align(&self) -> args::MoeAlign {
-        args::MoeAlign {
-            expert_offsets: self.offsets.ptr,
-            sorted_pairs: self.sorted.ptr,
-            pair_slots: self.slots.ptr,
-            tile_map: self.tile_map.ptr,
-            topk_ids: self.ids.ptr,
-            pairs: self.pairs() as i32,
-            experts: self.experts as i32,
-        }
+    fn align(&self) -> Launch<args::MoeAlign> {
+        Launch::new(
+            (1, 1, 1),
+            1024,
+            args::MoeAlign {
+                expert_offsets: self.offsets.ptr,
+                sorted_pairs: self.sorted.ptr,
+                pair_slots: self.slots.ptr,
+                tile_map: self.tile_map.ptr,
+                topk_ids: self.ids.ptr,
+                pairs: self.pairs() as i32,
+                experts: self.experts as i32,
+            },
+        )
     }
 
-    fn gather(&self, rows: u64, x: u64) -> args::MoeGather {
-        args::MoeGather {
-            rows,
-            x,
-            sorted_pairs: self.sorted.ptr,
-            pairs: self.pairs() as i32,
-            hidden: self.hidden as i32,
-            top_k: self.top_k as i32,
-        }
+    fn gather(&self, rows: u64, x: u64) -> Launch<args::MoeGather> {
+        let grid = (self.pairs() as u32, 1, 1);
+        Launch::new(
+            grid,
+            256,
+            args::MoeGather {
+                rows,
+                x,
+                sorted_pairs: self.sorted.ptr,
+                pairs: self.pairs() as i32,
+                hidden: self.hidden as i32,
+                top_k: self.top_k as i32,
+            },
+        )
     }
 
-    /// The grouped GEMM's launch (grid, block, shared bytes) and arguments: `out` [P, n] from
+    /// The grouped GEMM: `out` [P, n] from
     /// `input` [P, k] and the experts' `w` [E, n (2n when gated), k].
     fn grouped_gemm(
         &self,
@@ -148,10 +195,10 @@ impl Chain {
         n: usize,
         k: usize,
         gated: bool,
-    ) -> ((u32, u32, u32), u32, u32, args::MoeGroupedGemm) {
+    ) -> Launch<args::MoeGroupedGemm> {
         let (grid, block, smem) =
             reference::moe_grouped_gemm_launch(n, self.experts, self.pairs(), gated);
-        let a = args::MoeGroupedGemm {
+        let args = args::MoeGroupedGemm {
             out,
             r#in: input,
             w,
@@ -161,19 +208,27 @@ impl Chain {
             k: k as i32,
             gated: gated as i32,
         };
-        (grid, block, smem, a)
+        Launch {
+            smem,
+            ..Launch::new(grid, block, args)
+        }
     }
 
-    fn unpermute(&self, out: u64, rows: u64) -> args::MoeUnpermute {
-        args::MoeUnpermute {
-            out,
-            rows,
-            pair_slots: self.slots.ptr,
-            topk_weights: self.weights.ptr,
-            tokens: self.tokens as i32,
-            hidden: self.hidden as i32,
-            top_k: self.top_k as i32,
-        }
+    fn unpermute(&self, out: u64, rows: u64) -> Launch<args::MoeUnpermute> {
+        let grid = (self.tokens as u32, 1, 1);
+        Launch::new(
+            grid,
+            256,
+            args::MoeUnpermute {
+                out,
+                rows,
+                pair_slots: self.slots.ptr,
+                topk_weights: self.weights.ptr,
+                tokens: self.tokens as i32,
+                hidden: self.hidden as i32,
+                top_k: self.top_k as i32,
+            },
+        )
     }
 }
 
@@ -201,13 +256,8 @@ fn the_fused_moe_chain_matches_the_reference() {
             }
             let d_logits = g.upload(&logit_bits);
             let c = Chain::new(&g, t, ex, k, h);
-            g.launch_args(
-                &e.module("moe"),
-                &e.kernel("moe_topk_softmax_bf16"),
-                (t.div_ceil(8) as u32, 1, 1),
-                (256, 1, 1),
-                c.topk(d_logits.ptr, sh.renormalize),
-            );
+            c.topk(d_logits.ptr, sh.renormalize)
+                .run(&g, e, "moe", "moe_topk_softmax_bf16");
             let (want_ids, want_w) = reference::moe_topk_softmax(&logits, ex, k, sh.renormalize);
             assert_eq!(g.download(&c.ids), want_ids, "{what}: routed experts");
             assert_close(
@@ -221,13 +271,7 @@ fn the_fused_moe_chain_matches_the_reference() {
                 assert!(want_ids.chunks(k).all(|c| c.contains(&0)), "{what}");
             }
 
-            g.launch_args(
-                &e.module("moe"),
-                &e.kernel("moe_align_bf16"),
-                (1, 1, 1),
-                (1024, 1, 1),
-                c.align(),
-            );
+            c.align().run(&g, e, "moe", "moe_align_bf16");
             let (want_off, want_sorted, want_slots) = reference::moe_align(&want_ids, ex);
             assert_eq!(g.download(&c.offsets), want_off, "{what}: expert offsets");
             assert_eq!(g.download(&c.sorted), want_sorted, "{what}: sorted pairs");
@@ -249,13 +293,8 @@ fn the_fused_moe_chain_matches_the_reference() {
             let (x_bits, x) = e.random(&mut r, t * h, 1.0);
             let d_x = g.upload(&x_bits);
             let rows = g.poisoned(p * h, e.nan());
-            g.launch_args(
-                &e.module("moe"),
-                &e.kernel("moe_gather_bf16"),
-                (p as u32, 1, 1),
-                (256, 1, 1),
-                c.gather(rows.ptr, d_x.ptr),
-            );
+            c.gather(rows.ptr, d_x.ptr)
+                .run(&g, e, "moe", "moe_gather_bf16");
             let want_rows = reference::moe_gather(&x, &want_sorted, h, k);
             assert_eq!(g.download_as(e, &rows), want_rows, "{what}: gathered rows");
 
@@ -266,15 +305,12 @@ fn the_fused_moe_chain_matches_the_reference() {
             let (d_wgu, d_wd) = (g.upload(&wgu_bits), g.upload(&wd_bits));
             let gate_up = g.poisoned(p * 2 * i, e.nan());
             let grouped = |out: u64, input: u64, w: u64, n: usize, kk: usize, gated: bool| {
-                let (grid, block, smem, a) = c.grouped_gemm(out, input, w, n, kk, gated);
-                g.launch_args_smem(
-                    &e.module("moe_gemm"),
-                    &e.kernel("moe_grouped_gemm_bf16"),
-                    grid,
-                    (block, 1, 1),
-                    smem,
-                    a,
-                );
+                c.grouped_gemm(out, input, w, n, kk, gated).run(
+                    &g,
+                    e,
+                    "moe_gemm",
+                    "moe_grouped_gemm_bf16",
+                )
             };
             grouped(gate_up.ptr, rows.ptr, d_wgu.ptr, 2 * i, h, false);
             let want_gu = reference::moe_grouped_gemm(&want_rows, &wgu, &want_off, 2 * i, h);
@@ -296,13 +332,8 @@ fn the_fused_moe_chain_matches_the_reference() {
             assert_close(&format!("{what}: down"), &got_down, &want_down, atol, rtol);
 
             let out = g.poisoned(t * h, e.nan());
-            g.launch_args(
-                &e.module("moe"),
-                &e.kernel("moe_unpermute_bf16"),
-                (t as u32, 1, 1),
-                (256, 1, 1),
-                c.unpermute(out.ptr, down.ptr),
-            );
+            c.unpermute(out.ptr, down.ptr)
+                .run(&g, e, "moe", "moe_unpermute_bf16");
             let want_out = reference::moe_unpermute(&got_down, &want_slots, &want_w, h, k);
             assert_close(
                 &format!("{what}: output"),
@@ -433,37 +464,16 @@ fn qwen3_moe_layer_timings() {
         let act = g.poisoned(p * i, e.nan());
         let out = g.poisoned(t * h, e.nan());
         let route = |st| {
-            g.launch_on_args(
-                st,
-                topk,
-                (t.div_ceil(8) as u32, 1, 1),
-                (256, 1, 1),
-                c.topk(logits.ptr, true),
-            );
-            g.launch_on_args(st, align, (1, 1, 1), (1024, 1, 1), c.align());
-            g.launch_on_args(
-                st,
-                gather,
-                (p as u32, 1, 1),
-                (256, 1, 1),
-                c.gather(rows.ptr, x.ptr),
-            );
+            c.topk(logits.ptr, true).on(&g, st, topk);
+            c.align().on(&g, st, align);
+            c.gather(rows.ptr, x.ptr).on(&g, st, gather);
         };
         let grouped = |st, out: u64, input: u64, w: u64, n: usize, kk: usize, gated: bool| {
-            let (grid, block, smem, a) = c.grouped_gemm(out, input, w, n, kk, gated);
-            g.launch_on_args_smem(st, gemm, grid, (block, 1, 1), smem, a);
+            c.grouped_gemm(out, input, w, n, kk, gated).on(&g, st, gemm)
         };
         let gate_up_gemm = |st| grouped(st, act.ptr, rows.ptr, w_gu.ptr, i, h, true);
         let down_gemm = |st| grouped(st, rows.ptr, act.ptr, w_d.ptr, h, i, false);
-        let combine = |st| {
-            g.launch_on_args(
-                st,
-                unpermute,
-                (t as u32, 1, 1),
-                (256, 1, 1),
-                c.unpermute(out.ptr, rows.ptr),
-            );
-        };
+        let combine = |st| c.unpermute(out.ptr, rows.ptr).on(&g, st, unpermute);
         // One eager pass leaves the routing, rows and activations in place for the GEMMs alone.
         route(std::ptr::null_mut());
         gate_up_gemm(std::ptr::null_mut());

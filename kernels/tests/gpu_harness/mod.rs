@@ -318,35 +318,9 @@ impl Gpu {
             .unwrap_or_else(|e| panic!("launch grid {grid:?} block {block:?}: {e:?}"));
     }
 
-    /// Launches on `stream` without waiting.
-    pub fn launch_on(
-        &self,
-        stream: sys::CUstream,
-        f: sys::CUfunction,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        args: &mut [*mut c_void],
-    ) {
-        self.launch_on_smem(stream, f, grid, block, 0, args)
-    }
-
-    /// `launch_on` with `shared_bytes` of dynamic shared memory (the function's limit must
-    /// allow it: `allow_smem`).
-    pub fn launch_on_smem(
-        &self,
-        stream: sys::CUstream,
-        f: sys::CUfunction,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        shared_bytes: u32,
-        args: &mut [*mut c_void],
-    ) {
-        unsafe { drv::launch_kernel(f, grid, block, shared_bytes, stream, args) }
-            .unwrap_or_else(|e| panic!("launch grid {grid:?} block {block:?}: {e:?}"));
-    }
-
-    /// `launch_on` with a kernel's typed arguments (`rvllm_kernels::args`).
-    pub fn launch_on_args<A: KernelArgs>(
+    /// Launches on `stream` without waiting, with a kernel's typed arguments
+    /// (`rvllm_kernels::args`).
+    pub fn launch_on<A: KernelArgs>(
         &self,
         stream: sys::CUstream,
         f: sys::CUfunction,
@@ -354,11 +328,12 @@ impl Gpu {
         block: (u32, u32, u32),
         args: A,
     ) {
-        self.launch_on_args_smem(stream, f, grid, block, 0, args)
+        self.launch_on_smem(stream, f, grid, block, 0, args)
     }
 
-    /// `launch_on_smem` with a kernel's typed arguments (`rvllm_kernels::args`).
-    pub fn launch_on_args_smem<A: KernelArgs>(
+    /// `launch_on` with `shared_bytes` of dynamic shared memory (the function's limit must
+    /// allow it: `allow_smem`).
+    pub fn launch_on_smem<A: KernelArgs>(
         &self,
         stream: sys::CUstream,
         f: sys::CUfunction,
@@ -368,7 +343,8 @@ impl Gpu {
         mut args: A,
     ) {
         let mut params = args.params();
-        self.launch_on_smem(stream, f, grid, block, shared_bytes, params.as_mut_slice())
+        unsafe { drv::launch_kernel(f, grid, block, shared_bytes, stream, params.as_mut_slice()) }
+            .unwrap_or_else(|e| panic!("launch grid {grid:?} block {block:?}: {e:?}"));
     }
 
     /// Raises `f`'s dynamic shared memory limit to `shared_bytes`.
