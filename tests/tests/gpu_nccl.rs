@@ -354,6 +354,24 @@ mod gpu {
         }
     }
 
+    /// On one GPU (the test is skipped without), with decode graphs then eager: the prompts on
+    /// the plain path and on the NCCL path at TP 1, checked to have queued all-reduces, then
+    /// handed to `check` with whether the run was eager.
+    fn each_tp1_run(test: &str, check: impl Fn(bool, &Tp1Runs)) {
+        let Some(_lock) = gpus(test, 1) else {
+            return;
+        };
+        let model = fixture("llama3_hd64");
+        for eager in [false, true] {
+            let runs = plain_and_nccl_at_tp1(&model, eager);
+            assert!(
+                runs.queued > 0,
+                "RVLLM_NCCL_TP1=1 queued no all-reduce: the engine did not take the NCCL path"
+            );
+            check(eager, &runs);
+        }
+    }
+
     /// Greedy tokens of every prompt (one batch) and, per prompt, every step's chosen-token
     /// logprob followed by its top-5 logprobs.
     fn greedy_logprobs(
@@ -379,23 +397,17 @@ mod gpu {
     /// called (and captured into the decode graphs), the same greedy tokens as without.
     #[test]
     fn the_nccl_path_on_one_gpu_gives_the_same_tokens() {
-        let Some(_lock) = gpus("the_nccl_path_on_one_gpu_gives_the_same_tokens", 1) else {
-            return;
-        };
-        let model = fixture("llama3_hd64");
-        for eager in [false, true] {
-            let runs = plain_and_nccl_at_tp1(&model, eager);
-            assert!(
-                runs.queued > 0,
-                "RVLLM_NCCL_TP1=1 queued no all-reduce: the engine did not take the NCCL path"
-            );
-            for (i, (a, b)) in runs.plain.0.iter().zip(&runs.via_nccl.0).enumerate() {
-                assert_eq!(
-                    a, b,
-                    "prompt {i} (eager {eager}): tokens differ on the NCCL path"
-                );
-            }
-        }
+        each_tp1_run(
+            "the_nccl_path_on_one_gpu_gives_the_same_tokens",
+            |eager, runs| {
+                for (i, (a, b)) in runs.plain.0.iter().zip(&runs.via_nccl.0).enumerate() {
+                    assert_eq!(
+                        a, b,
+                        "prompt {i} (eager {eager}): tokens differ on the NCCL path"
+                    );
+                }
+            },
+        );
     }
 
     /// The NCCL path is the single-GPU path plus one in-place all-reduce per row-parallel
@@ -406,36 +418,33 @@ mod gpu {
     /// unfused TP path rounds in other places and fails here.
     #[test]
     fn the_nccl_path_on_one_gpu_runs_the_single_gpu_kernels() {
-        let Some(_lock) = gpus("the_nccl_path_on_one_gpu_runs_the_single_gpu_kernels", 1) else {
-            return;
-        };
-        let model = fixture("llama3_hd64");
-        for eager in [false, true] {
-            let runs = plain_and_nccl_at_tp1(&model, eager);
-            assert!(runs.queued > 0, "RVLLM_NCCL_TP1=1 queued no all-reduce");
-            assert_eq!(
-                runs.plain.0, runs.via_nccl.0,
-                "eager {eager}: tokens differ"
-            );
-            for (i, (a, b)) in runs.plain.1.iter().zip(&runs.via_nccl.1).enumerate() {
-                let worst = a
-                    .iter()
-                    .zip(b)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0f32, f32::max);
-                loud(&format!(
-                    "gpu_nccl: prompt {i} (eager {eager}): max |logprob difference| of the \
-                     NCCL path at TP 1 = {worst:e} (expected 0)"
-                ));
-                let same_bits =
-                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-                assert!(
-                    same_bits,
-                    "prompt {i} (eager {eager}): the NCCL path's logprobs differ from the plain \
-                     path's (max {worst:e}): it does not run the single-GPU kernels"
+        each_tp1_run(
+            "the_nccl_path_on_one_gpu_runs_the_single_gpu_kernels",
+            |eager, runs| {
+                assert_eq!(
+                    runs.plain.0, runs.via_nccl.0,
+                    "eager {eager}: tokens differ"
                 );
-            }
-        }
+                for (i, (a, b)) in runs.plain.1.iter().zip(&runs.via_nccl.1).enumerate() {
+                    let worst = a
+                        .iter()
+                        .zip(b)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max);
+                    loud(&format!(
+                        "gpu_nccl: prompt {i} (eager {eager}): max |logprob difference| of \
+                         the NCCL path at TP 1 = {worst:e} (expected 0)"
+                    ));
+                    let same_bits = a.len() == b.len()
+                        && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(
+                        same_bits,
+                        "prompt {i} (eager {eager}): the NCCL path's logprobs differ from the \
+                         plain path's (max {worst:e}): it does not run the single-GPU kernels"
+                    );
+                }
+            },
+        );
     }
 
     /// `--tensor-parallel-size 2` against 1, by the bf16 rule: identical greedy tokens, or at
