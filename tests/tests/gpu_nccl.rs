@@ -35,6 +35,7 @@ mod gpu {
     use rvllm::backend::Backend;
     use rvllm::engine::{EngineArgs, Llm, RequestOutput};
     use rvllm::sampling::SamplingParams;
+    use rvllm::types::TokenLogprobs;
     use rvllm_tests::check_greedy_against_reference;
 
     use super::loud;
@@ -289,8 +290,14 @@ mod gpu {
         Llm::new(&args).unwrap_or_else(|e| panic!("starting the engine at TP {tp}: {e:#}"))
     }
 
-    /// `n` greedy tokens of every prompt, all in one batch, with each step's top-5 logprobs.
-    fn greedy_outputs(llm: &mut Llm, prompts: &[Vec<u32>], n: usize) -> Vec<RequestOutput> {
+    /// `n` greedy tokens of every prompt, all in one batch, and `step` of each step's
+    /// logprobs (top 5).
+    fn greedy_steps<T>(
+        llm: &mut Llm,
+        prompts: &[Vec<u32>],
+        n: usize,
+        step: impl Fn(&TokenLogprobs) -> T,
+    ) -> Vec<(Vec<u32>, Vec<T>)> {
         let params = SamplingParams {
             temperature: 0.0,
             ignore_eos: true,
@@ -298,24 +305,22 @@ mod gpu {
             logprobs: Some(5),
             ..SamplingParams::default()
         };
-        llm.generate(prompts, std::slice::from_ref(&params), |_| {})
-            .unwrap_or_else(|e| panic!("generate: {e:#}"))
+        let outs: Vec<RequestOutput> = llm
+            .generate(prompts, std::slice::from_ref(&params), |_| {})
+            .unwrap_or_else(|e| panic!("generate: {e:#}"));
+        outs.into_iter()
+            .map(|o| {
+                let c = &o.outputs[0];
+                (c.token_ids.clone(), c.logprobs.iter().map(&step).collect())
+            })
+            .collect()
     }
 
     /// Greedy tokens and top-5 ids per step of every prompt, all in one batch.
     fn greedy(llm: &mut Llm, prompts: &[Vec<u32>], n: usize) -> Vec<(Vec<u32>, Vec<Vec<u32>>)> {
-        greedy_outputs(llm, prompts, n)
-            .into_iter()
-            .map(|o| {
-                let c = &o.outputs[0];
-                let top5 = c
-                    .logprobs
-                    .iter()
-                    .map(|l| l.top.iter().map(|(id, _)| *id).collect())
-                    .collect();
-                (c.token_ids.clone(), top5)
-            })
-            .collect()
+        greedy_steps(llm, prompts, n, |l| {
+            l.top.iter().map(|(id, _)| *id).collect()
+        })
     }
 
     fn prompts() -> Vec<Vec<u32>> {
@@ -379,18 +384,14 @@ mod gpu {
         prompts: &[Vec<u32>],
         n: usize,
     ) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
-        greedy_outputs(llm, prompts, n)
-            .into_iter()
-            .map(|o| {
-                let c = &o.outputs[0];
-                let lp = c
-                    .logprobs
-                    .iter()
-                    .flat_map(|l| std::iter::once(l.logprob).chain(l.top.iter().map(|t| t.1)))
-                    .collect();
-                (c.token_ids.clone(), lp)
-            })
-            .unzip()
+        greedy_steps(llm, prompts, n, |l| {
+            std::iter::once(l.logprob)
+                .chain(l.top.iter().map(|t| t.1))
+                .collect::<Vec<f32>>()
+        })
+        .into_iter()
+        .map(|(tokens, steps)| (tokens, steps.concat()))
+        .unzip()
     }
 
     /// The acceptance check of the one-GPU NCCL path: a group of one, its all-reduces
