@@ -49,6 +49,33 @@ pub fn resolve_device(requested: &str) -> Result<Device> {
 /// `--tensor-parallel-size`: any size (the model checks that it divides the heads and the
 /// MLP when it loads). On CUDA the ranks are the GPUs of this node, one thread each over one
 /// NCCL group (`runner/gpu/tensor_parallel.rs`); several nodes are refused by the args.
+/// The model as the engine runs it: loaded with `--load-format`, then `--quantization` and
+/// `--kv-cache-dtype` applied for `device`, and `--max-model-len` set. A headless node
+/// (headless.rs) loads it the same way, so that its fingerprint agrees with the leader's.
+pub(crate) fn load_engine_model(args: &EngineArgs, device: Device) -> Result<LoadedModel> {
+    let load_format = match args.load_format.as_str() {
+        "auto" | "safetensors" | "gguf" => LoadFormat::Auto,
+        "dummy" => LoadFormat::Dummy,
+        other => bail!("unknown --load-format `{other}`: use auto or dummy"),
+    };
+    let opts = LoadOptions {
+        load_format,
+        progress: !args.disable_progress,
+    };
+    let kv_cache_dtype = KvCacheDtype::parse(args.kv_cache_dtype.as_deref().unwrap_or("auto"))?;
+    let mut model = load_model(&args.model, &opts)
+        .with_context(|| format!("loading model `{}`", args.model))?;
+    apply_runtime_options(
+        &mut model,
+        args.quantization.as_deref(),
+        kv_cache_dtype,
+        device,
+    )?;
+    // What the model may see decides LongRoPE's factors and whether a window matters.
+    model.config.family.max_model_len = args.max_model_len;
+    Ok(model)
+}
+
 fn check_tensor_parallel(tp: usize, device: Device) -> Result<()> {
     if tp == 0 {
         bail!("--tensor-parallel-size must be at least 1");
@@ -178,27 +205,8 @@ impl EngineCore {
         // A --dtype the device cannot run fails before the model loads.
         crate::backend::dtype::check_dtype(&args.dtype, device)?;
         check_tensor_parallel(args.tensor_parallel_size, device)?;
-        let load_format = match args.load_format.as_str() {
-            "auto" | "safetensors" | "gguf" => LoadFormat::Auto,
-            "dummy" => LoadFormat::Dummy,
-            other => bail!("unknown --load-format `{other}`: use auto or dummy"),
-        };
-        let opts = LoadOptions {
-            load_format,
-            progress: !args.disable_progress,
-        };
-        let kv_cache_dtype = KvCacheDtype::parse(args.kv_cache_dtype.as_deref().unwrap_or("auto"))?;
-        let mut model: LoadedModel = load_model(&args.model, &opts)
-            .with_context(|| format!("loading model `{}`", args.model))?;
-        apply_runtime_options(
-            &mut model,
-            args.quantization.as_deref(),
-            kv_cache_dtype,
-            device,
-        )?;
+        let mut model = load_engine_model(args, device)?;
         let tokenizer = model.tokenizer.take();
-        // What the model may see decides LongRoPE's factors and whether a window matters.
-        model.config.family.max_model_len = args.max_model_len;
         let config = model.config.clone();
         let limits = batch_limits(args, device)?;
         let runner_cfg = RunnerConfig {

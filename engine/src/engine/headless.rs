@@ -8,17 +8,15 @@ use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 
-use super::core::resolve_device;
+use super::core::{load_engine_model, resolve_device};
 use super::EngineArgs;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::parallel::wire::{
     self, connect, join, read_frame, write_frame, Hello, Role, TAG_ERROR,
 };
 use crate::backend::parallel::{HostCommunicator, TcpGroup};
-use crate::models::quant::{apply_runtime_options, KvCacheDtype};
-use crate::models::{load_model, LoadFormat, LoadOptions};
 use crate::runner::tensor_parallel::{load_ranks_of, spawn_peer, ThreadPeer};
 use crate::runner::tensor_parallel_remote::{
     config_fingerprint, decode_batch, MultiNode, TAG_DONE, TAG_READY, TAG_STEP,
@@ -37,21 +35,7 @@ pub fn serve_headless(args: &EngineArgs) -> Result<()> {
         "--headless with --node-rank 0: node 0 is the leader, which serves HTTP; start it \
          without --headless"
     );
-    // The model as the leader's engine loads it (core.rs), so that the fingerprints agree.
-    let load_format = match args.load_format.as_str() {
-        "auto" | "safetensors" | "gguf" => LoadFormat::Auto,
-        "dummy" => LoadFormat::Dummy,
-        other => bail!("unknown --load-format `{other}`: use auto or dummy"),
-    };
-    let opts = LoadOptions {
-        load_format,
-        progress: !args.disable_progress,
-    };
-    let kv_dtype = KvCacheDtype::parse(args.kv_cache_dtype.as_deref().unwrap_or("auto"))?;
-    let mut model = load_model(&args.model, &opts)
-        .with_context(|| format!("loading model `{}`", args.model))?;
-    apply_runtime_options(&mut model, args.quantization.as_deref(), kv_dtype, device)?;
-    model.config.family.max_model_len = args.max_model_len;
+    let mut model = load_engine_model(args, device)?;
     let limits = args.batch_limits(false);
     let cfg = RunnerConfig {
         block_size: args.block_size,
