@@ -29,6 +29,13 @@
 //   the stage count as a kernel argument, 198.0 at 4 and 193.9 at 3 (3 stages let two blocks
 //   share an SM so consecutive GEMVs overlap, which did not pay).
 //   On GPUs before sm_90 the kernels trap: the host uses gemv.cu there.
+//   gemv_bulk_fp8_<variant>_b1(y, x, wq, w_scales, scale_kind, n, k, rows_per_stage, norm_w,
+//                              eps, evict_first)                             4 stages
+//     the same five variants over E4M3 weights (`--quantization fp8` at batch 1; fp8_gemv.cu
+//     takes 2 to 16 tokens): wq [n, k] codes, w_scales and scale_kind as fp8_gemv takes them
+//     (0 per tensor, 1 per channel, 2 per 128 x 128 block), y rounded once as there. k a
+//     multiple of 16 and at most 16,384; R the largest of {8, 4, 2, 1} with R * k <=
+//     kStageBytes; dynamic shared memory 4 * 32 KiB + 2k + 40 (GemvBulk::for_fp8_k).
 //
 // Why: at batch 1 a decode step is a stream over every weight, so the GEMVs must run at the
 // memory's bandwidth. A warp-per-row kernel keeps only a few loads in flight per thread and
@@ -52,6 +59,24 @@
 // threads after the block sum) took it from 230.7 to 233.6. Warps retiring stages through
 // per-stage barriers without a block-wide one, with warp 0 refilling and summing, measured
 // 218 (its refills came a stage later).
+//
+// The E4M3 build (issue 20: fp8_gemv, warp tiles streaming with __ldcs, reached ~2 TB/s on an
+// H100) keeps the pipeline, the prologues and the epilogues, and changes the stage's compute,
+// which bounded the bf16 kernel and has twice the weights a byte here. A CUDA-core dot
+// product would cost ~3 instructions a weight (decode, widen to f32, FMA); instead the
+// products run on the tensor cores (mma m16n8k16, f16 in, f32 accumulation) as in fp8_gemv:
+// one cvt.rn.f16x2.e4m3x2 per two weights (exact) is the B operand as it comes, and four
+// MMAs take a lane's 16-byte chunk. The input is A: rounded to f16 after scaling by a power
+// of two that puts its largest magnitude in [2^14, 2^15) (exact for every value within 2^-28
+// of it; the smaller ones lose bits below 2^-39 of it), the scale undone on the output. At one
+// token A has one useful row, so the MMA's 8 columns are (row, segment) pairs of the stage
+// (R rows x 8 / R segments of the row) and A's rows the segments' inputs: C's (s, s * R + r)
+// are row r's partial products. A lane's A fragments are the same in every stage, so they are
+// loaded once into registers (64 at most); a stage costs a lane one shared load, 8 cvt and 4
+// MMAs per 16 weights. Block scales multiply each 64-column unit's partial (a unit lies in
+// one 128-column tile, a stage's rows in one 128-row block).
+#include <cuda_fp8.h>
+
 #include "common.cuh"
 
 namespace {
@@ -129,6 +154,39 @@ __device__ __forceinline__ float dot8(const int4& a, const int4& b) {
 
 enum Input { kPlain, kSilu, kNorm };
 
+// E4M3 weights (the FP8 build): fp8_gemv.cu's scale kinds.
+enum ScaleKind { kPerTensor = 0, kPerChannel = 1, kBlock128 = 2 };
+// The MMA's 8 weight columns, each (row r, segment s) of a stage: column s * R + r.
+constexpr int kFp8Cols = 8;
+// Columns of a row one MMA step covers: 4 lanes x 16 codes.
+constexpr int kUnitCols = 64;
+// Units a warp takes of each segment a stage: covers R * k <= 32 KiB at k <= kFp8MaxK.
+constexpr int kMaxUnits = 8;
+constexpr int kFp8MaxK = 16384;
+
+// 16 E4M3 codes (a chunk of one weight row, as B of the MMA's column) times 16 input
+// elements (f16 pairs, as A's row): c += A B over the chunk, in four m16n8k16 MMAs. Only A's
+// row of this lane's group is given (rows g + 8 are zero). Codes 4j .. 4j + 3 are the MMA j's
+// columns 2t, 2t + 1, 2t + 8, 2t + 9 (any order of a dot product's terms will do, as long as
+// A takes the same one: xf's words 2j and 2j + 1).
+__device__ __forceinline__ void fp8_mma_chunk(float (&c)[4], const uint32_t (&xf)[8],
+                                              const uint4& codes16) {
+    const uint32_t words[4] = {codes16.x, codes16.y, codes16.z, codes16.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(
+            (__nv_fp8x2_storage_t)(words[j] & 0xffffu), __NV_E4M3);
+        const __half2_raw hi =
+            __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(words[j] >> 16), __NV_E4M3);
+        const uint32_t b0 = (uint32_t)lo.x | ((uint32_t)lo.y << 16);
+        const uint32_t b1 = (uint32_t)hi.x | ((uint32_t)hi.y << 16);
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(xf[2 * j]), "r"(0u), "r"(xf[2 * j + 1]), "r"(0u), "r"(b0), "r"(b1));
+    }
+}
+
 // Weight chunks (8 bf16) of a stage a thread multiplies at once.
 constexpr int kDotBatch = 8;
 
@@ -136,26 +194,30 @@ constexpr int kDotBatch = 8;
 // adding up (the silu input of the down projection is 7 chunks a thread).
 constexpr int kPrologueBatch = 8;
 
-template <Input kIn, bool kAdd, int kStages>
+// WT: the weights' type, elem_t (the compute type) or unsigned char (E4M3 codes, with
+// w_scales and scale_kind as fp8_gemv.cu takes them; the compute type ignores both).
+template <typename WT, Input kIn, bool kAdd, int kStages>
 __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
                                           const elem_t* __restrict__ x,
-                                          const elem_t* __restrict__ w, int n, int k,
+                                          const WT* __restrict__ w, int n, int k,
                                           int rows_per_stage,
                                           const elem_t* __restrict__ norm_w, float eps,
-                                          int evict_first) {
-    BlockTrace trace(16 + kIn * 2 + kAdd);
+                                          int evict_first, const float* __restrict__ w_scales,
+                                          int scale_kind) {
+    constexpr bool kFp8 = sizeof(WT) == 1;
+    BlockTrace trace((kFp8 ? 24 : 16) + kIn * 2 + kAdd);
     extern __shared__ __align__(128) unsigned char smem[];
     int4* stage_buf = reinterpret_cast<int4*>(smem);  // kStages x kStageBytes
     int4* xs = reinterpret_cast<int4*>(smem + kStages * kStageBytes);  // k bf16
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + k * 2);
-    __shared__ float partial[2][kWarps];
+    __shared__ float partial[2][kWarps * (kFp8 ? kFp8Cols : 1)];
     __shared__ float scratch[32];
     __shared__ unsigned short resid_s[kAdd ? kMaxOwnedRows : 1];  // bf16 bits
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int R = rows_per_stage;
     const int k8 = k / 8;
-    const int64_t row_bytes = (int64_t)k * 2;
+    const int64_t row_bytes = (int64_t)k * sizeof(WT);
     const int groups = (n + R - 1) / R;
     const int warps_per_row = kWarps / R;
     const int row_in_group = warp / warps_per_row;
@@ -180,7 +242,7 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
         // overwrites each chunk with the normed input by the thread that reads it): they
         // depend on no kernel, so their latency passes before pdl_wait, and no thread holds
         // a register or a load slot for them.
-        if (kIn == kNorm) bulk_load(xs, norm_w, (uint32_t)row_bytes, &bars[kStages], 0);
+        if (kIn == kNorm) bulk_load(xs, norm_w, (uint32_t)(k * 2), &bars[kStages], 0);
         for (int s = 0; s < kStages; ++s) {
             const int g = blockIdx.x + s * gridDim.x;
             if (g < groups) request(g, s);
@@ -301,60 +363,189 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
     }
     __syncthreads();
 
-    for (int i = 0;; ++i) {
-        const int g = blockIdx.x + i * gridDim.x;
-        if (g >= groups) break;
-        const int s = i % kStages;
-        mbar_wait(&bars[s], (i / kStages) & 1);
-        trace.mark_first();
-        const int row = g * R + row_in_group;
-        const bool owner = part == 0 && lane == 0 && row < n;
-        float acc = 0.0f;
-        if (row < n) {
-            // kDotBatch chunks' loads issued together and their dot products computed apart,
-            // then added in chunk order (the sum of one chunk after another, as before): one
-            // chunk at a time left each warp waiting on a shared-memory load and a chain of
-            // eight FMAs per chunk.
-            const int4* wr = stage_buf + (int64_t)s * (kStageBytes / 16) + (int64_t)row_in_group * k8;
-            const int step = warps_per_row * 32;
-            for (int c0 = part * 32 + lane; c0 < k8; c0 += kDotBatch * step) {
-                // Past the row's end a chunk is read again (clamped, no branch that would
-                // keep the loads apart) and its product dropped.
-                int4 wv[kDotBatch], xv[kDotBatch];
+    if constexpr (kFp8) {
+        // The input as the MMA's A operand in f16, scaled by 2^xshift so that its largest
+        // magnitude lies in [2^14, 2^15): every bf16 value within 2^-28 of it is then exact
+        // in f16 (smaller ones lose bits below 2^-39 of the largest), and E4M3 codes decode
+        // to f16 exactly, one instruction a pair, with f32 accumulation in the MMA. Each
+        // lane's fragments are the same every stage (the same columns of other rows), so they
+        // are loaded once into registers.
+        float amax = 0.0f;
+        for (int c = tid; c < k8; c += kThreads) {
+            float v[8];
+            elem8_to_f32(*reinterpret_cast<const Elem8*>(&xs[c]), v);
 #pragma unroll
-                for (int j = 0; j < kDotBatch; ++j) {
-                    const int c = min(c0 + j * step, k8 - 1);
-                    wv[j] = wr[c];
-                    xv[j] = xs[c];
+            for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(v[e]));
+        }
+        amax = block_max(amax, scratch);
+        int ex = 0;
+        frexpf(amax, &ex);
+        const int xshift = amax > 0.0f && amax <= 3.0e38f ? 15 - ex : 0;
+        // A stage's R rows are split into segs = 8 / R segments of seg_units units (64
+        // columns) each, so that the MMA's 8 columns are (row, segment) pairs: A's row m holds
+        // the input of segment m, and C's element (m, column s * R + r) is row r's product over
+        // segment s where m = s. Warp w takes units w, w + 8, ... of every segment.
+        const int segs = kFp8Cols / R;
+        const int units = (k + kUnitCols - 1) / kUnitCols;
+        const int seg_units = (units + segs - 1) / segs;
+        const int gq = lane >> 2, tq = lane & 3;
+        const int b_row = gq % R, b_seg = gq / R;  // this lane's B column
+        uint32_t xf[kMaxUnits][8];
+#pragma unroll
+        for (int u = 0; u < kMaxUnits; ++u) {
+            const int l = warp + u * kWarps;
+            const int col = (gq * seg_units + l) * kUnitCols + tq * 16;
+            const bool valid = gq < segs && l < seg_units && col < k;
+            float v[16];
+            if (valid) {
+                elem8_to_f32(*reinterpret_cast<const Elem8*>(&xs[col / 8]), v);
+                elem8_to_f32(*reinterpret_cast<const Elem8*>(&xs[col / 8 + 1]), v + 8);
+            }
+#pragma unroll
+            for (int p = 0; p < 8; ++p) {
+                const __half2 h = __floats2half2_rn(ldexpf(v[2 * p], xshift),
+                                                    ldexpf(v[2 * p + 1], xshift));
+                xf[u][p] = valid ? *reinterpret_cast<const uint32_t*>(&h) : 0u;
+            }
+        }
+        const bool block_scaled = scale_kind == kBlock128;
+        const int tiles = (k + 127) / 128;
+        for (int i = 0;; ++i) {
+            const int g = blockIdx.x + i * gridDim.x;
+            if (g >= groups) break;
+            const int s = i % kStages;
+            // Block scales of the units of this lane's A segment (its useful C elements):
+            // the group's R rows lie in one 128-row block, a unit in one 128-column tile.
+            float sc[kMaxUnits];
+            if (block_scaled) {
+                const float* ts = w_scales + (int64_t)(g * R / 128) * tiles;
+#pragma unroll
+                for (int u = 0; u < kMaxUnits; ++u) {
+                    const int unit = gq * seg_units + warp + u * kWarps;
+                    sc[u] = gq < segs && warp + u * kWarps < seg_units && unit < units
+                                ? ts[unit * kUnitCols / 128]
+                                : 0.0f;
                 }
-                float d[kDotBatch];
+            }
+            mbar_wait(&bars[s], (i / kStages) & 1);
+            trace.mark_first();
+            // All of the stage's chunks loaded before any is used (kDotBatch's reason).
+            const unsigned char* st = reinterpret_cast<const unsigned char*>(stage_buf) +
+                                      (int64_t)s * kStageBytes + (int64_t)b_row * k;
+            uint4 wv[kMaxUnits];
 #pragma unroll
-                for (int j = 0; j < kDotBatch; ++j) d[j] = dot8(wv[j], xv[j]);
+            for (int u = 0; u < kMaxUnits; ++u) {
+                const int l = warp + u * kWarps;
+                const int col = (b_seg * seg_units + l) * kUnitCols + tq * 16;
+                wv[u] = l < seg_units && col < k ? *reinterpret_cast<const uint4*>(st + col)
+                                                 : make_uint4(0u, 0u, 0u, 0u);
+            }
+            // Even and odd units into two accumulators: half the chain of dependent MMAs.
+            float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
-                for (int j = 0; j < kDotBatch; ++j)
-                    if (c0 + j * step < k8) acc += d[j];
+            for (int u = 0; u < kMaxUnits; ++u) {
+                if (warp + u * kWarps >= seg_units) break;
+                if (block_scaled) {
+                    float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    fp8_mma_chunk(p, xf[u], wv[u]);
+                    c[u & 1][0] = fmaf(p[0], sc[u], c[u & 1][0]);
+                    c[u & 1][1] = fmaf(p[1], sc[u], c[u & 1][1]);
+                } else {
+                    fp8_mma_chunk(c[u & 1], xf[u], wv[u]);
+                }
+            }
+            // C's elements (gq, 2tq) and (gq, 2tq + 1): a (row, segment) product where the
+            // column's segment is gq; each column has one such lane.
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int col = 2 * tq + e;
+                if (col / R == gq) partial[i & 1][warp * kFp8Cols + col] = c[0][e] + c[1][e];
+            }
+            // Every warp is done with stage s: refill it.
+            __syncthreads();
+            if (tid == 0) {
+                const int next = g + kStages * gridDim.x;
+                if (next < groups) request(next, s);
+            }
+            if (warp == 0) {
+                // Lane j < 8 adds column j over the warps, then the segments of a row are
+                // added across lanes (columns s * R + r): lane r < R holds row r.
+                float v = 0.0f;
+                if (lane < kFp8Cols) {
+#pragma unroll
+                    for (int p = 0; p < kWarps; ++p) v += partial[i & 1][p * kFp8Cols + lane];
+                }
+                for (int off = R; off < kFp8Cols; off <<= 1)
+                    v += __shfl_xor_sync(0xffffffffu, v, off);
+                const int row = g * R + lane;
+                if (lane < R && row < n) {
+                    if (scale_kind == kPerTensor) v *= w_scales[0];
+                    if (scale_kind == kPerChannel) v *= w_scales[row];
+                    v = ldexpf(v, -xshift);
+                    if (kAdd) {
+                        const int t = i * R + lane;
+                        v += to_f32(t < kMaxOwnedRows ? elem_from_bits(resid_s[t]) : y[row]);
+                    }
+                    y[row] = from_f32(v);
+                }
             }
         }
-        acc = warp_sum(acc);
-        if (lane == 0) partial[i & 1][warp] = acc;
-        // Every warp is done with stage s (and partial[i & 1] is complete): refill the stage.
-        __syncthreads();
-        if (tid == 0) {
-            const int next = g + kStages * gridDim.x;
-            if (next < groups) request(next, s);
-        }
-        if (owner) {
-            float sum = 0.0f;
-            for (int p = 0; p < warps_per_row; ++p) sum += partial[i & 1][warp + p];
-            // The residual add rounds once, as cuBLAS accumulating into y (beta = 1) does.
-            // Only this block writes these rows; it parked the first kMaxOwnedRows of them
-            // (a block owns more only on a grid far smaller than the SMs).
-            if (kAdd) {
-                const int t = i * R + row_in_group;
-                sum += to_f32(t < kMaxOwnedRows ? elem_from_bits(resid_s[t])
-                                                          : y[row]);
+    } else {
+        for (int i = 0;; ++i) {
+            const int g = blockIdx.x + i * gridDim.x;
+            if (g >= groups) break;
+            const int s = i % kStages;
+            mbar_wait(&bars[s], (i / kStages) & 1);
+            trace.mark_first();
+            const int row = g * R + row_in_group;
+            const bool owner = part == 0 && lane == 0 && row < n;
+            float acc = 0.0f;
+            if (row < n) {
+                // kDotBatch chunks' loads issued together and their dot products computed apart,
+                // then added in chunk order (the sum of one chunk after another, as before): one
+                // chunk at a time left each warp waiting on a shared-memory load and a chain of
+                // eight FMAs per chunk.
+                const int4* wr = stage_buf + (int64_t)s * (kStageBytes / 16) + (int64_t)row_in_group * k8;
+                const int step = warps_per_row * 32;
+                for (int c0 = part * 32 + lane; c0 < k8; c0 += kDotBatch * step) {
+                    // Past the row's end a chunk is read again (clamped, no branch that would
+                    // keep the loads apart) and its product dropped.
+                    int4 wv[kDotBatch], xv[kDotBatch];
+    #pragma unroll
+                    for (int j = 0; j < kDotBatch; ++j) {
+                        const int c = min(c0 + j * step, k8 - 1);
+                        wv[j] = wr[c];
+                        xv[j] = xs[c];
+                    }
+                    float d[kDotBatch];
+    #pragma unroll
+                    for (int j = 0; j < kDotBatch; ++j) d[j] = dot8(wv[j], xv[j]);
+    #pragma unroll
+                    for (int j = 0; j < kDotBatch; ++j)
+                        if (c0 + j * step < k8) acc += d[j];
+                }
             }
-            y[row] = from_f32(sum);
+            acc = warp_sum(acc);
+            if (lane == 0) partial[i & 1][warp] = acc;
+            // Every warp is done with stage s (and partial[i & 1] is complete): refill the stage.
+            __syncthreads();
+            if (tid == 0) {
+                const int next = g + kStages * gridDim.x;
+                if (next < groups) request(next, s);
+            }
+            if (owner) {
+                float sum = 0.0f;
+                for (int p = 0; p < warps_per_row; ++p) sum += partial[i & 1][warp + p];
+                // The residual add rounds once, as cuBLAS accumulating into y (beta = 1) does.
+                // Only this block writes these rows; it parked the first kMaxOwnedRows of them
+                // (a block owns more only on a grid far smaller than the SMs).
+                if (kAdd) {
+                    const int t = i * R + row_in_group;
+                    sum += to_f32(t < kMaxOwnedRows ? elem_from_bits(resid_s[t])
+                                                              : y[row]);
+                }
+                y[row] = from_f32(sum);
+            }
         }
     }
 }
@@ -364,10 +555,21 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
 }  // namespace
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES) \
-    gemv_bulk<IN, ADD, STAGES>(y, x, w, n, k, rows_per_stage, norm_w, eps, evict_first)
+#define RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES)                                                 \
+    gemv_bulk<elem_t, IN, ADD, STAGES>(y, x, w, n, k, rows_per_stage, norm_w, eps, evict_first, \
+                                       nullptr, 0)
+// A geometry the layout does not cover (the host never asks) leaves y alone.
+#define RVLLM_GEMV_BULK_FP8_BODY(IN, ADD)                                                      \
+    if ((k & 15) != 0 || k > kFp8MaxK || rows_per_stage < 1 || kFp8Cols % rows_per_stage != 0 || \
+        rows_per_stage * k > kStageBytes) {                                                    \
+        pdl_enter();                                                                           \
+        return;                                                                                \
+    }                                                                                          \
+    gemv_bulk<unsigned char, IN, ADD, 4>(y, x, wq, n, k, rows_per_stage, norm_w, eps,          \
+                                         evict_first, w_scales, scale_kind)
 #else
 #define RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES) __trap()
+#define RVLLM_GEMV_BULK_FP8_BODY(IN, ADD) __trap()
 #endif
 
 #define RVLLM_GEMV_BULK(BF16_NAME, F16_NAME, IN, ADD, STAGES)                                \
@@ -389,3 +591,20 @@ RVLLM_GEMV_BULK(silu_bf16_s6, silu_f16_s6, kSilu, false, 6)
 RVLLM_GEMV_BULK(norm_bf16_s6, norm_f16_s6, kNorm, false, 6)
 RVLLM_GEMV_BULK(add_bf16_s6, add_f16_s6, kPlain, true, 6)
 RVLLM_GEMV_BULK(silu_add_bf16_s6, silu_add_f16_s6, kSilu, true, 6)
+
+// E4M3 weights (`--quantization fp8` at batch 1), 4 stages: gemv_bulk_fp8_<variant>_b1.
+#define RVLLM_GEMV_BULK_FP8(BF16_NAME, F16_NAME, IN, ADD)                                      \
+    extern "C" __global__ void __launch_bounds__(kThreads, 1)                                  \
+        DT(gemv_bulk_fp8_##BF16_NAME##_b1, gemv_bulk_fp8_##F16_NAME##_b1)(                     \
+            elem_t* __restrict__ y, const elem_t* __restrict__ x,                              \
+            const unsigned char* __restrict__ wq, const float* __restrict__ w_scales,          \
+            int scale_kind, int n, int k, int rows_per_stage,                                  \
+            const elem_t* __restrict__ norm_w, float eps, int evict_first) {                   \
+        RVLLM_GEMV_BULK_FP8_BODY(IN, ADD);                                                     \
+    }
+
+RVLLM_GEMV_BULK_FP8(bf16, f16, kPlain, false)
+RVLLM_GEMV_BULK_FP8(silu_bf16, silu_f16, kSilu, false)
+RVLLM_GEMV_BULK_FP8(norm_bf16, norm_f16, kNorm, false)
+RVLLM_GEMV_BULK_FP8(add_bf16, add_f16, kPlain, true)
+RVLLM_GEMV_BULK_FP8(silu_add_bf16, silu_add_f16, kSilu, true)

@@ -15,6 +15,7 @@ mod gpu_harness;
 use gpu_harness::{gpu, rng, Elem};
 use rand::Rng;
 use rvllm_kernels::args;
+use rvllm_kernels::gemv_bulk::GemvBulk;
 use rvllm_kernels::reference_fp8::{
     dynamic_scale, e4m3_to_f32, f32_to_e4m3, quantize_per_token, quantize_with_scale, scaled_mm,
     weight_only_mm, WeightScales,
@@ -407,6 +408,24 @@ impl Gemv {
         gemv_args!(self, Fp8GemvSilu { gate_up: self.x })
     }
 
+    /// gemv_bulk.cu's E4M3 build (one token; `accumulate` picks the add variant's kernel, not
+    /// an argument).
+    fn bulk(&self, rows_per_stage: usize) -> args::GemvBulkFp8 {
+        args::GemvBulkFp8 {
+            y: self.y,
+            x: self.x,
+            wq: self.wq,
+            w_scales: self.w_scales,
+            scale_kind: self.scale_kind,
+            n: self.n as i32,
+            k: self.k as i32,
+            rows_per_stage: rows_per_stage as i32,
+            norm_w: self.norm_w,
+            eps: self.eps,
+            evict_first: 1,
+        }
+    }
+
     fn norm(&self) -> args::Fp8GemvNorm {
         gemv_args!(
             self,
@@ -445,22 +464,31 @@ impl Gemv {
     }
 }
 
-/// One `fp8_gemv*` launch against the reference: random codes and `kind` scales for an
-/// `[n, k]` weight, an input of `input`'s kind in `e` (rows of different magnitudes and, with
-/// several rows, an all-zero one), `y` poisoned or, when accumulating, random. The expected
-/// input is what the unfused kernels would have stored (silu_and_mul's and rms_norm's results
-/// rounded to `e`); the product is `weight_only_mm`.
-#[allow(clippy::too_many_arguments)] // one test case's parameters
-fn check_fp8_gemv(
-    g: &gpu_harness::Gpu,
+/// One FP8 GEMV test case's host data: random codes and `kind` scales for an `[n, k]`
+/// weight, an input of `input`'s kind (rows of different magnitudes and, with several rows,
+/// an all-zero one), the expected product and each output's sum of term magnitudes.
+struct GemvCase {
+    wq: Vec<u8>,
+    sw: Vec<f32>,
+    /// The kernel's input as raw element bits (gate_up for silu).
+    x_bits: Vec<u16>,
+    norm_bits: Option<Vec<u16>>,
+    want_mm: Vec<f32>,
+    magnitude: Vec<f32>,
+}
+
+const GEMV_EPS: f32 = 1e-5;
+
+/// A `GemvCase`: the expected input is what the unfused kernels would have stored
+/// (silu_and_mul's and rms_norm's results rounded to `e`); the product is `weight_only_mm`.
+fn gemv_case(
     r: &mut rand::rngs::StdRng,
     e: Elem,
     input: GemvInput,
     kind: WeightScales,
     (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-) {
-    let eps = 1e-5f32;
+) -> GemvCase {
+    let eps = GEMV_EPS;
     let (wq, _) = per_token_inputs(r, n, k);
     // Scales near 1e-5 keep outputs within f16's range for inputs up to 1e3.
     let sw: Vec<f32> = (0..kind.count(n, k))
@@ -491,21 +519,56 @@ fn check_fp8_gemv(
     let x_abs: Vec<f32> = x_input.iter().map(|v| v.abs()).collect();
     let w_abs: Vec<u8> = wq.iter().map(|&c| c & 0x7f).collect();
     let magnitude = weight_only_mm(&x_abs, &w_abs, &sw, kind, k);
+    GemvCase {
+        wq,
+        sw,
+        x_bits,
+        norm_bits,
+        want_mm,
+        magnitude,
+    }
+}
 
+/// Which FP8 GEMV a check launches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fp8Kernel {
+    /// fp8_gemv.cu's `fp8_gemv*` (1 to 16 tokens).
+    Tiles,
+    /// gemv_bulk.cu's `gemv_bulk_fp8_*` (one token) on a grid of at most `grid` blocks.
+    Bulk { grid: u32 },
+}
+
+/// One FP8 GEMV launch against the reference (`gemv_case`), `y` poisoned or, when
+/// accumulating (the bulk kernel's add variants), random.
+#[allow(clippy::too_many_arguments)] // one test case's parameters
+fn check_fp8_gemv_with(
+    g: &gpu_harness::Gpu,
+    r: &mut rand::rngs::StdRng,
+    e: Elem,
+    which: Fp8Kernel,
+    input: GemvInput,
+    kind: WeightScales,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    let case = gemv_case(r, e, input, kind, (m, n, k));
     let (y0_bits, y0) = e.random(r, m * n, 1.0);
     let d_y = if accumulate {
         g.upload(&y0_bits)
     } else {
         g.poisoned(m * n, e.nan())
     };
-    let (d_x, d_wq, d_sw) = (g.upload(&x_bits), g.upload(&wq), g.upload(&sw));
-    let d_nw = g.upload(norm_bits.as_deref().unwrap_or(&[0u16]));
-    let name = input.kernel();
+    let (d_x, d_wq, d_sw) = (
+        g.upload(&case.x_bits),
+        g.upload(&case.wq),
+        g.upload(&case.sw),
+    );
+    let d_nw = g.upload(case.norm_bits.as_deref().unwrap_or(&[0u16]));
     let gemv = Gemv {
         y: d_y.ptr,
         x: d_x.ptr,
         norm_w: d_nw.ptr,
-        eps,
+        eps: GEMV_EPS,
         wq: d_wq.ptr,
         w_scales: d_sw.ptr,
         scale_kind: kind.kernel_arg(),
@@ -514,17 +577,123 @@ fn check_fp8_gemv(
         k,
         accumulate,
     };
-    gemv.launch(g, input, &e.module("fp8_gemv"), &e.kernel(name));
+    let name = match which {
+        Fp8Kernel::Tiles => {
+            let name = input.kernel();
+            gemv.launch(g, input, &e.module("fp8_gemv"), &e.kernel(name));
+            name.to_string()
+        }
+        Fp8Kernel::Bulk { grid } => {
+            assert_eq!(m, 1, "gemv_bulk_fp8 takes one token");
+            let name = bulk_fp8_kernel(input, accumulate);
+            let geometry = GemvBulk::for_fp8_k(k).expect("gemv_bulk_fp8 takes this k");
+            let grid = grid.min(n.div_ceil(geometry.rows_per_stage) as u32);
+            g.launch_args_smem(
+                &e.module("gemv_bulk"),
+                &e.kernel(name),
+                (grid, 1, 1),
+                Gemv::BLOCK,
+                geometry.shared_bytes,
+                gemv.bulk(geometry.rows_per_stage),
+            );
+            format!("{name} grid {grid}")
+        }
+    };
     let want: Vec<f32> = if accumulate {
-        want_mm.iter().zip(&y0).map(|(a, b)| a + b).collect()
+        case.want_mm.iter().zip(&y0).map(|(a, b)| a + b).collect()
     } else {
-        want_mm
+        case.want_mm
     };
     let what = format!(
         "{} {name} {kind:?} {m}x{n}x{k} accumulate {accumulate}",
         e.name()
     );
-    assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &magnitude, e, n);
+    assert_gemv_close(&what, &g.download_as(e, &d_y), &want, &case.magnitude, e, n);
+}
+
+/// `check_fp8_gemv_with` for fp8_gemv.cu's kernels.
+fn check_fp8_gemv(
+    g: &gpu_harness::Gpu,
+    r: &mut rand::rngs::StdRng,
+    e: Elem,
+    input: GemvInput,
+    kind: WeightScales,
+    shape: (usize, usize, usize),
+    accumulate: bool,
+) {
+    let which = Fp8Kernel::Tiles;
+    check_fp8_gemv_with(g, r, e, which, input, kind, shape, accumulate);
+}
+
+/// The bf16 build's name of gemv_bulk.cu's E4M3 variant for `input` (`add`: the residual add).
+fn bulk_fp8_kernel(input: GemvInput, add: bool) -> &'static str {
+    match (input, add) {
+        (GemvInput::Plain, false) => "gemv_bulk_fp8_bf16_b1",
+        (GemvInput::Silu, false) => "gemv_bulk_fp8_silu_bf16_b1",
+        (GemvInput::Norm, false) => "gemv_bulk_fp8_norm_bf16_b1",
+        (GemvInput::Plain, true) => "gemv_bulk_fp8_add_bf16_b1",
+        (GemvInput::Silu, true) => "gemv_bulk_fp8_silu_add_bf16_b1",
+        (GemvInput::Norm, true) => panic!("gemv_bulk_fp8 has no norm + add variant"),
+    }
+}
+
+/// gemv_bulk.cu's E4M3 build (the FP8 linear at batch 1 on sm_90+) against `weight_only_mm`:
+/// every variant (plain, add, silu, silu + add, norm), every scale kind, both element types;
+/// k of 8, 4 and 2 rows a stage (4,096, 6,144, 14,336 and 16,384: 1, 2 and 4 segments a row),
+/// a partial 64-column unit (k = 208), a partial last group of rows and n across the 128-row
+/// scale blocks; the full grid and small ones (a block loops over many groups, and the add
+/// variants read past the rows they park). Outputs poisoned first unless added into.
+#[test]
+fn gemv_bulk_fp8_matches_the_reference() {
+    let Some(g) = gpu("gemv_bulk_fp8_matches_the_reference") else {
+        return;
+    };
+    if g.compute_capability() < (9, 0) {
+        println!("SKIPPED: gemv_bulk_fp8 needs sm_90 ({})", g.name);
+        return;
+    }
+    let mut r = rng("gemv_bulk_fp8");
+    for e in Elem::BOTH {
+        for kind in WeightScales::ALL {
+            for &((n, k), grid) in &[
+                ((256usize, 4096usize), 132u32),
+                ((100, 576), 132),
+                ((300, 6144), 132),
+                ((33, 208), 2),
+                ((4096, 14336), 132),
+                ((130, 16384), 5),
+                ((2051, 4096), 3),
+            ] {
+                for (input, add) in [
+                    (GemvInput::Plain, false),
+                    (GemvInput::Plain, true),
+                    (GemvInput::Silu, false),
+                    (GemvInput::Silu, true),
+                    (GemvInput::Norm, false),
+                ] {
+                    let which = Fp8Kernel::Bulk { grid };
+                    check_fp8_gemv_with(&g, &mut r, e, which, input, kind, (1, n, k), add);
+                }
+            }
+        }
+    }
+}
+
+/// The host's geometry of the E4M3 bulk GEMV: rows of k one-byte codes, R the most whole rows
+/// in a 32 KiB stage, and the k it refuses (not a multiple of 16, past 16,384).
+#[test]
+fn gemv_bulk_fp8_geometry() {
+    let rows = |k| GemvBulk::for_fp8_k(k).map(|g| g.rows_per_stage);
+    assert_eq!(rows(4096), Some(8));
+    assert_eq!(rows(6144), Some(4));
+    assert_eq!(rows(14336), Some(2));
+    assert_eq!(rows(16384), Some(2));
+    assert_eq!(rows(576), Some(8));
+    assert_eq!(rows(1000), None);
+    assert_eq!(rows(16400), None);
+    assert_eq!(rows(0), None);
+    let g = GemvBulk::for_fp8_k(14336).unwrap();
+    assert_eq!(g.shared_bytes as usize, 4 * 32 * 1024 + 2 * 14336 + 40);
 }
 
 /// `fp8_gemv` (the FP8 linear at 1 to 16 tokens: weight-only FP8 on the tensor cores) against
@@ -668,10 +837,23 @@ fn the_reference_codec_saturates() {
     assert_eq!(f32_to_e4m3(1e6), 0x7e);
 }
 
-/// Timings of `fp8_gemv` on the Llama-3.1-8B projections (per-channel scales), replayed from
-/// a CUDA graph, weights rotating over copies so that L2 does not hold them; GB/s counts the
-/// weight bytes (the E4M3 codes). Not a timed test: run on a GPU with
-/// `gpu_fp8-<hash> bench_fp8_gemv --ignored --nocapture`.
+/// The device's streaming multiprocessors (the bulk kernel's grid: one block an SM at most).
+fn sm_count() -> u32 {
+    use cudarc::driver::{result as drv, sys};
+    let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+    unsafe { drv::device::get_attribute(drv::device::get(0).expect("device 0"), attr) }
+        .expect("the SM count") as u32
+}
+
+/// Timings of the FP8 GEMVs on the Llama-3.1-8B projections (per-channel scales, bf16):
+/// `fp8_gemv` at 1, 3, 8 and 16 tokens, and at batch 1 the old path (`fp8_gemv` with the
+/// variant the engine ran: norm for qkv and gate|up, the residual add for o_proj, silu + add
+/// for down) against gemv_bulk's E4M3 build (plain, and the engine's variant). Each time is
+/// the median of 20 replays of a CUDA graph of N launches between two events, after a warm-up
+/// replay, divided by N; the launches rotate over copies of the weights (>= 400 MB) so that
+/// L2 does not hold them. GB/s counts the weight bytes (the E4M3 codes). Not a timed test:
+/// run on a GPU with `gpu_fp8-<hash> bench_fp8_gemv --ignored --nocapture`. (It printed
+/// 300-530 us before: the graph held N launches a repetition, N x N in all, divided by N.)
 #[test]
 #[ignore = "benchmark: run on a GPU with --ignored"]
 fn bench_fp8_gemv() {
@@ -680,17 +862,21 @@ fn bench_fp8_gemv() {
     };
     let mut r = rng("bench_fp8_gemv");
     let e = Elem::Bf16;
-    let module = e.module("fp8_gemv");
-    println!("fp8_gemv on {} (bf16 inputs, per-channel scales)", g.name);
+    let bulk = g.compute_capability() >= (9, 0);
+    let sms = sm_count();
     println!(
-        "{:>8} {:>6} {:>6} {:>2} {:>6} {:>9} {:>7}",
-        "layer", "n", "k", "m", "input", "us", "GB/s"
+        "FP8 GEMVs on {} ({sms} SMs; bf16 inputs, per-channel scales)",
+        g.name
     );
-    for (name, n, k) in [
-        ("qkv", 6144usize, 4096usize),
-        ("o_proj", 4096, 4096),
-        ("gate_up", 28672, 4096),
-        ("down", 4096, 14336),
+    println!(
+        "{:>8} {:>6} {:>6} {:>2} {:>30} {:>9} {:>7}",
+        "layer", "n", "k", "m", "kernel", "us", "GB/s"
+    );
+    for (name, n, k, fused, add) in [
+        ("qkv", 6144usize, 4096usize, GemvInput::Norm, false),
+        ("o_proj", 4096, 4096, GemvInput::Plain, true),
+        ("gate_up", 28672, 4096, GemvInput::Norm, false),
+        ("down", 4096, 14336, GemvInput::Silu, true),
     ] {
         let bytes = n * k;
         let copies = 400_000_000usize.div_ceil(bytes).clamp(2, 16);
@@ -712,36 +898,67 @@ fn bench_fp8_gemv() {
         let (nw_bits, _) = e.random(&mut r, k, 1.0);
         let nw = g.upload(&nw_bits);
         let y = g.poisoned(16 * n, e.nan());
-        let mut cases: Vec<(usize, &str)> = [1usize, 3, 8, 16].map(|m| (m, "plain")).to_vec();
-        cases.push((1, if name == "down" { "silu" } else { "norm" }));
-        for (m, input) in cases {
-            let which = match input {
-                "plain" => GemvInput::Plain,
-                "silu" => GemvInput::Silu,
-                _ => GemvInput::Norm,
-            };
-            let f = g.function(&module, &e.kernel(which.kernel()));
-            let reps = 2 * copies;
-            let us = g.graph_time_us(reps, |stream| {
-                for w in ws.iter().cycle().take(reps) {
-                    let gemv = Gemv {
-                        y: y.ptr,
-                        x: x.ptr,
-                        norm_w: nw.ptr,
-                        eps: 1e-5,
-                        wq: w.ptr,
-                        w_scales: sw.ptr,
-                        scale_kind: 1,
-                        m,
-                        n,
-                        k,
-                        accumulate: which == GemvInput::Silu,
-                    };
-                    gemv.launch_on(&g, stream, f, which);
-                }
-            });
+        let gemv = |m: usize, wq: u64, accumulate: bool| Gemv {
+            y: y.ptr,
+            x: x.ptr,
+            norm_w: nw.ptr,
+            eps: 1e-5,
+            wq,
+            w_scales: sw.ptr,
+            scale_kind: 1,
+            m,
+            n,
+            k,
+            accumulate,
+        };
+        // Launches a repetition: the weights rotate through every copy several times.
+        let launches = 4 * copies;
+        let report = |m: usize, kernel: &str, us: f32| {
             let gbs = bytes as f64 / (us as f64 * 1e-6) / 1e9;
-            println!("{name:>8} {n:>6} {k:>6} {m:>2} {input:>6} {us:>9.2} {gbs:>7.0}");
+            println!("{name:>8} {n:>6} {k:>6} {m:>2} {kernel:>30} {us:>9.2} {gbs:>7.0}");
+        };
+
+        let module = e.module("fp8_gemv");
+        let mut cases: Vec<(usize, GemvInput, bool)> = [1usize, 3, 8, 16]
+            .map(|m| (m, GemvInput::Plain, false))
+            .to_vec();
+        cases.push((1, fused, add));
+        for (m, input, accumulate) in cases {
+            let kernel = e.kernel(input.kernel());
+            let f = g.function(&module, &kernel);
+            let mut i = 0;
+            let us = g.graph_time_us(launches, |stream| {
+                gemv(m, ws[i % copies].ptr, accumulate).launch_on(&g, stream, f, input);
+                i += 1;
+            });
+            report(m, &kernel, us);
+        }
+
+        if !bulk {
+            println!("{name:>8}: gemv_bulk_fp8 needs sm_90");
+            continue;
+        }
+        let geometry = GemvBulk::for_fp8_k(k).expect("gemv_bulk_fp8 takes the Llama k");
+        let grid = (n.div_ceil(geometry.rows_per_stage) as u32).min(sms);
+        let module = e.module("gemv_bulk");
+        for (input, accumulate) in [(GemvInput::Plain, false), (fused, add)] {
+            let kernel = e.kernel(bulk_fp8_kernel(input, accumulate));
+            let f = g.function(&module, &kernel);
+            g.allow_smem(f, geometry.shared_bytes);
+            let mut i = 0;
+            let us = g.graph_time_us(launches, |stream| {
+                let args = gemv(1, ws[i % copies].ptr, accumulate).bulk(geometry.rows_per_stage);
+                g.launch_on_smem(
+                    stream,
+                    f,
+                    (grid, 1, 1),
+                    Gemv::BLOCK,
+                    geometry.shared_bytes,
+                    args,
+                );
+                i += 1;
+            });
+            report(1, &kernel, us);
         }
     }
 }

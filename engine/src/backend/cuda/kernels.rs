@@ -144,6 +144,25 @@ pub const GEMV_BULK_NORM: Kernel<args::GemvBulk> = bulk!("norm_");
 pub const GEMV_BULK_ADD: Kernel<args::GemvBulk> = bulk!("add_");
 pub const GEMV_BULK_SILU_ADD: Kernel<args::GemvBulk> = bulk!("silu_add_");
 
+/// gemv_bulk.cu's E4M3 build, `gemv_bulk_fp8_<variant>bf16_b1`: `--quantization fp8` at
+/// batch 1 on sm_90+.
+macro_rules! bulk_fp8 {
+    ($variant:literal) => {
+        kernel!(
+            args::GemvBulkFp8,
+            "gemv_bulk",
+            concat!("gemv_bulk_fp8_", $variant, "bf16_b1"),
+            concat!("gemv_bulk_fp8_", $variant, "f16_b1")
+        )
+    };
+}
+
+pub const GEMV_BULK_FP8_PLAIN: Kernel<args::GemvBulkFp8> = bulk_fp8!("");
+pub const GEMV_BULK_FP8_SILU: Kernel<args::GemvBulkFp8> = bulk_fp8!("silu_");
+pub const GEMV_BULK_FP8_NORM: Kernel<args::GemvBulkFp8> = bulk_fp8!("norm_");
+pub const GEMV_BULK_FP8_ADD: Kernel<args::GemvBulkFp8> = bulk_fp8!("add_");
+pub const GEMV_BULK_FP8_SILU_ADD: Kernel<args::GemvBulkFp8> = bulk_fp8!("silu_add_");
+
 /// fp8_quant.cu: `--quantization fp8`'s per-token activation quantization, the scaled
 /// epilogue after cuBLASLt's FP8 GEMM, and the warp-an-output FP8 GEMM for other shapes.
 pub const FP8_QUANT_PER_TOKEN: Kernel<args::Fp8QuantPerToken> = kernel!(
@@ -289,6 +308,11 @@ pub fn all() -> Vec<NamedKernel> {
         FP8_GEMV.named(),
         FP8_GEMV_SILU.named(),
         FP8_GEMV_NORM.named(),
+        GEMV_BULK_FP8_PLAIN.named(),
+        GEMV_BULK_FP8_SILU.named(),
+        GEMV_BULK_FP8_NORM.named(),
+        GEMV_BULK_FP8_ADD.named(),
+        GEMV_BULK_FP8_SILU_ADD.named(),
     ]);
     k
 }
@@ -303,7 +327,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 16 + 2 + 5 + 16 + 5 + 4 + 5 + 6);
+        assert_eq!(all.len(), 16 + 2 + 5 + 16 + 5 + 4 + 5 + 6 + 5);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);

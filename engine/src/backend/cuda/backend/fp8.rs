@@ -21,6 +21,12 @@
 //! RMSNorm before QKV and gate|up (no rms_norm launch, no normed rows stored), as gemv_bulk's
 //! variants do for the compute type. So a request's numbers depend on its batch's size: up to
 //! 16 tokens the input keeps its compute-type precision, past it it is rounded to E4M3.
+//!
+//! At batch 1 on sm_90+ every projection runs gemv_bulk's E4M3 build instead
+//! (`gemv_bulk_fp8_*`, kernels/src/gemv_bulk.cu: the weights streamed into shared memory by
+//! the bulk copy engine, the products on the tensor cores), with the same fusions (QKV and
+//! gate|up with the norm, O with the residual add, down with silu input and residual add);
+//! `fp8_gemv` keeps 2 to 16 tokens, and batch 1 where the bulk kernel does not take k.
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,13 +38,16 @@ use cudarc::driver::sys::CUdeviceptr;
 use rayon::prelude::*;
 
 use super::super::kernels::{
-    FP8_GEMV, FP8_GEMV_NORM, FP8_GEMV_SILU, FP8_QUANT_PER_TOKEN, FP8_SCALED_EPILOGUE, FP8_SCALED_MM,
+    FP8_GEMV, FP8_GEMV_NORM, FP8_GEMV_SILU, FP8_QUANT_PER_TOKEN, FP8_SCALED_EPILOGUE,
+    FP8_SCALED_MM, GEMV_BULK_FP8_ADD, GEMV_BULK_FP8_NORM, GEMV_BULK_FP8_PLAIN, GEMV_BULK_FP8_SILU,
+    GEMV_BULK_FP8_SILU_ADD,
 };
-use super::{CudaBackend, CudaTensor, CudaVector, CudaWeight};
+use super::{CudaBackend, CudaTensor, CudaVector, CudaWeight, GemvInput};
 use crate::backend::cpu::fp8::{dynamic_scale, quantize_with_scale};
 use crate::backend::{Activation, Backend};
 use crate::types::HostTensor;
 use rvllm_kernels::args;
+use rvllm_kernels::gemv_bulk::GemvBulk;
 
 /// The most tokens `fp8_gemv` (kernels/src/fp8_gemv.cu) takes: the M of its MMA.
 pub const FP8_GEMV_MAX_TOKENS: usize = 16;
@@ -321,6 +330,9 @@ impl CudaBackend {
         if m == 0 {
             return Ok(());
         }
+        if m == 1 && self.fp8_gemv_bulk(GemvInput::Plain, accumulate, x.ptr(), w, y, None)? {
+            return Ok(());
+        }
         if m <= FP8_GEMV_MAX_TOKENS {
             // Decode-sized batches: one pass over the weight codes with the scale and the
             // residual add in the same kernel, instead of quantize, cuBLASLt and the epilogue.
@@ -542,6 +554,10 @@ impl CudaBackend {
                 out.cols
             );
             out.set_rows(x.rows)?;
+            let norm = Some((norm_weight, eps));
+            if self.fp8_gemv_bulk(GemvInput::Norm, false, x.ptr(), w, out.ptr(), norm)? {
+                return Ok(());
+            }
             return self.launch(
                 FP8_GEMV_NORM,
                 (w.rows.div_ceil(16) as u32, 1, 1),
@@ -635,6 +651,9 @@ impl CudaBackend {
             gate_up.cols,
             down.cols
         );
+        if self.fp8_gemv_bulk(GemvInput::Silu, accumulate, gate_up.ptr(), down, y, None)? {
+            return Ok(true);
+        }
         self.launch(
             FP8_GEMV_SILU,
             (down.rows.div_ceil(16) as u32, 1, 1),
@@ -649,6 +668,65 @@ impl CudaBackend {
                 n: down.rows as i32,
                 k: down.cols as i32,
                 accumulate: accumulate as i32,
+            },
+        )?;
+        Ok(true)
+    }
+
+    /// Batch-1 `y (+)= input @ w^T` for an FP8 `w` through gemv_bulk's E4M3 build
+    /// (`gemv_bulk_fp8_*`) when this GPU (sm_90+) and `w` allow it (`GemvBulk::for_fp8_k`);
+    /// false (nothing launched) otherwise. `x` is what `input` reads: the row, gate|up `[2k]`
+    /// (silu) or the residual to normalize with `norm`; `add`: y += the product.
+    fn fp8_gemv_bulk(
+        &self,
+        input: GemvInput,
+        add: bool,
+        x: CUdeviceptr,
+        w: &CudaWeight,
+        y: CUdeviceptr,
+        norm: Option<(&CudaVector, f32)>,
+    ) -> Result<bool> {
+        let Some(w_scales) = w.fp8_scales.as_ref() else {
+            bail!("fp8_gemv_bulk on a weight that is not FP8");
+        };
+        let Some(g) = self
+            .gemv_bulk
+            .then(|| GemvBulk::for_fp8_k(w.cols))
+            .flatten()
+        else {
+            return Ok(false);
+        };
+        let kernel = match (input, add) {
+            (GemvInput::Plain, false) => GEMV_BULK_FP8_PLAIN,
+            (GemvInput::Silu, false) => GEMV_BULK_FP8_SILU,
+            (GemvInput::Norm, false) => GEMV_BULK_FP8_NORM,
+            (GemvInput::Plain, true) => GEMV_BULK_FP8_ADD,
+            (GemvInput::Silu, true) => GEMV_BULK_FP8_SILU_ADD,
+            (GemvInput::Norm, true) => bail!("gemv_bulk_fp8 has no norm + add variant"),
+        };
+        let (norm_w, eps) = match norm {
+            Some((v, eps)) => (v.elem.ptr, eps),
+            None => (0, 0.0f32),
+        };
+        // One persistent block per SM at most, as the compute type's bulk GEMV.
+        let grid = (w.rows.div_ceil(g.rows_per_stage) as u32).min(self.gpu.sm_count);
+        self.launch_smem(
+            kernel,
+            (grid, 1, 1),
+            256,
+            g.shared_bytes,
+            args::GemvBulkFp8 {
+                y,
+                x,
+                wq: w.buf.ptr,
+                w_scales: w_scales.ptr,
+                scale_kind: CHANNEL_SCALES,
+                n: w.rows as i32,
+                k: w.cols as i32,
+                rows_per_stage: g.rows_per_stage as i32,
+                norm_w,
+                eps,
+                evict_first: self.gemv_evict_first as i32,
             },
         )?;
         Ok(true)
@@ -736,7 +814,8 @@ mod tests {
     /// 16 tokens `weight_only_mm` (the input as it is, the weight's per-channel codes), past
     /// them the input's per-token codes and `scaled_mm`, both in f32. `linear` (with a bias),
     /// `linear_add`, `norm_linear` and `silu_mul_linear_add`, in both element types, through
-    /// the fused `fp8_gemv_norm` / `fp8_gemv_silu` (batch 1), `fp8_gemv` (1 to 16 tokens),
+    /// gemv_bulk's E4M3 build (batch 1 on sm_90+, k a multiple of 16), the fused
+    /// `fp8_gemv_norm` / `fp8_gemv_silu` (batch 1 elsewhere), `fp8_gemv` (1 to 16 tokens),
     /// cuBLASLt (16-aligned shapes past 16 tokens) and `fp8_scaled_mm` (n = 100 past 16
     /// tokens); k = 40 and 1000 take the GEMVs' byte-wise loads. Outputs are poisoned first.
     #[test]
