@@ -380,7 +380,11 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
         amax = block_max(amax, scratch);
         int ex = 0;
         frexpf(amax, &ex);
-        const int xshift = amax > 0.0f && amax <= 3.0e38f ? 15 - ex : 0;
+        // Powers of two both ways kept normal floats (an input's largest magnitude below
+        // 2^-111 is scaled less than it could be).
+        const int xshift = amax > 0.0f && amax <= 3.0e38f ? max(-126, min(126, 15 - ex)) : 0;
+        const float xscale = __int_as_float((127 + xshift) << 23);
+        const float unscale = __int_as_float((127 - xshift) << 23);
         // A stage's R rows are split into segs = 8 / R segments of seg_units units (64
         // columns) each, so that the MMA's 8 columns are (row, segment) pairs: A's row m holds
         // the input of segment m, and C's element (m, column s * R + r) is row r's product over
@@ -396,15 +400,14 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
             const int l = warp + u * kWarps;
             const int col = (gq * seg_units + l) * kUnitCols + tq * 16;
             const bool valid = gq < segs && l < seg_units && col < k;
-            float v[16];
+            float v[16] = {};
             if (valid) {
                 elem8_to_f32(*reinterpret_cast<const Elem8*>(&xs[col / 8]), v);
                 elem8_to_f32(*reinterpret_cast<const Elem8*>(&xs[col / 8 + 1]), v + 8);
             }
 #pragma unroll
             for (int p = 0; p < 8; ++p) {
-                const __half2 h = __floats2half2_rn(ldexpf(v[2 * p], xshift),
-                                                    ldexpf(v[2 * p + 1], xshift));
+                const __half2 h = __floats2half2_rn(v[2 * p] * xscale, v[2 * p + 1] * xscale);
                 xf[u][p] = valid ? *reinterpret_cast<const uint32_t*>(&h) : 0u;
             }
         }
@@ -481,7 +484,7 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
                 if (lane < R && row < n) {
                     if (scale_kind == kPerTensor) v *= w_scales[0];
                     if (scale_kind == kPerChannel) v *= w_scales[row];
-                    v = ldexpf(v, -xshift);
+                    v *= unscale;
                     if (kAdd) {
                         const int t = i * R + lane;
                         v += to_f32(t < kMaxOwnedRows ? elem_from_bits(resid_s[t]) : y[row]);
