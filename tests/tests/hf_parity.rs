@@ -372,6 +372,28 @@ fn tiny_gemma3_local_and_global_layers_match_transformers() {
     check_family_fixture("gemma3", None, None);
 }
 
+/// Gemma 2 as its GPU fixture (bf16 on disk): head 256, `query_pre_attn_scalar` 192 (not
+/// the head size), both soft-caps reached by the weights, a 16-token window on every other
+/// layer.
+#[test]
+fn tiny_gemma2_bf16_head_256_softcaps_and_local_layers_match_transformers() {
+    window_is_exercised("gemma2_bf16");
+    check_family_fixture("gemma2_bf16", None, None);
+}
+
+/// A Mistral-v0.1-style window on every layer (20 tokens, not a multiple of the KV block),
+/// head 96 with 4 query heads over 2 KV heads, and a 282-token prompt.
+#[test]
+fn tiny_mistral_window_head_96_matches_transformers() {
+    window_is_exercised("mistral_window");
+    check_family_fixture("mistral_window", None, None);
+}
+
+#[test]
+fn tiny_llama_hd80_matches_transformers() {
+    check_family_fixture("llama_hd80", None, None);
+}
+
 /// Every expert of every sparse layer got some of the prompts' tokens in transformers, and each
 /// token went to several experts.
 fn experts_are_exercised(name: &str) {
