@@ -48,6 +48,19 @@
 //     grid (num_heads, num_seqs), block 256 (128 works); head_dim a multiple of 4, at most 256;
 //     depth at most 2048.
 //
+//   paged_attention_decode_windowed_hd{64,80,96,128,256}_g{1,2,4,8}(..., target_partitions,
+//       window, softcap)
+//     The full kernel with a sliding window and an attention-logit soft-cap (0: none of
+//     either), for the layers that have them (Mistral, Gemma's local layers, Gemma 2) and for
+//     head dims 80 and 96 (Phi). window w > 0: the new token (context index ctx - 1) attends
+//     the keys ctx - w .. ctx - 1, as the CPU reference and transformers do; the partitions
+//     cut that range instead of the whole context, so no key before it is read and no
+//     partition is empty. softcap s > 0: each scaled score x becomes s * tanh(x / s) before the
+//     softmax (Gemma 2's attn_logit_softcapping). Head dims 80 and 96 take 8 lanes a key row
+//     as 128 does, of which 5 or 6 hold dims.
+//   paged_attention_decode_reduce_windowed(..., target_partitions, window): the reduce of
+//     the windowed kernel's partials (its partitions follow the window).
+//
 //   paged_attention_decode_compact_hd{64,128}_g{1,2,4,8} (no head dim 256): the same arguments and results
 //     (semaphores unused, dynamic shared memory compact_smem_bytes<HD, GT>()); the engine
 //     uses it at batch 1 (see the kernel below and CudaBackend::decode_attention).
@@ -106,15 +119,29 @@ __device__ __forceinline__ int partition_tokens(int ctx, int target) {
     return min(max((even + 63) / 64 * 64, 64), kMaxPartition);
 }
 
+// The first key a new token at context index ctx - 1 attends with a `window` (0: none): the
+// CPU reference's (qpos + 1).saturating_sub(w).
+__device__ __forceinline__ int window_first(int ctx, int window) {
+    return window > 0 ? max(ctx - window, 0) : 0;
+}
+
+// A score x (already scaled) capped to cap * tanh(x / cap), in log2 units; the kernels
+// pre-scale q by scale alone when capping, by scale * log2(e) otherwise.
+__device__ __forceinline__ float capped_log2(float x, float cap) {
+    return cap * tanhf(x / cap) * kLog2e;
+}
+
 // What one decode attention block takes (grid: num_kv_heads * ceil(G / GT) columns, the
 // sequences, depth), for the full and the compact kernel alike: the KV head, the query heads
 // head0 .. head0 + nvalid - 1 of its group, the sequence, and that sequence's partitions
 // (block z streams z, z + depth, ...; a block with z >= nparts has nothing to do).
+// With a sliding window the partitions cut the window's tokens first .. ctx - 1 instead.
 template <int GT>
 struct DecodeTile {
-    int groups_per_kv, kv_head, head0, nvalid, seq, z, depth, ctx, psize, nparts;
+    int groups_per_kv, kv_head, head0, nvalid, seq, z, depth, ctx, first, psize, nparts;
     __device__ __forceinline__ DecodeTile(int num_heads, int num_kv_heads,
-                                          const int32_t* __restrict__ context_lens, int target) {
+                                          const int32_t* __restrict__ context_lens, int target,
+                                          int window) {
         const int group = num_heads / num_kv_heads;
         groups_per_kv = (group + GT - 1) / GT;
         kv_head = blockIdx.x / groups_per_kv;
@@ -124,8 +151,9 @@ struct DecodeTile {
         z = blockIdx.z;
         depth = gridDim.z;
         ctx = context_lens[seq];
-        psize = partition_tokens(ctx, target);
-        nparts = (ctx + psize - 1) / psize;
+        first = window_first(ctx, window);
+        psize = partition_tokens(ctx - first, target);
+        nparts = (ctx - first + psize - 1) / psize;
     }
 };
 
@@ -214,13 +242,16 @@ __device__ __forceinline__ void decode_attention(
     const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,
     const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq, float scale,
     int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
-    int target_partitions) {
-    constexpr int LPT = HD / 16;        // lanes per token: 16 dims (two 16-byte pieces) each
+    int target_partitions, int window, float softcap) {
+    // Lanes per token: 16 dims (two 16-byte pieces) each; head dims 80 and 96 round up to 8
+    // lanes (a power of two, for the shuffles), of which the last 3 or 2 hold nothing.
+    constexpr int kDimLanes = HD / 16;
+    constexpr int LPT = kDimLanes <= 4 ? kDimLanes : kDimLanes <= 8 ? 8 : 16;
     constexpr int TPW = 32 / LPT;       // tokens per warp per step
     constexpr int TPB = TPW * kWarps;   // tokens per block per step
     constexpr int kChunk = TPB * kUnroll;
     constexpr int kHalf = HD / 2;
-    static_assert(HD % 16 == 0 && 32 % LPT == 0, "unsupported head dim");
+    static_assert(HD % 16 == 0 && 32 % LPT == 0 && kDimLanes <= LPT, "unsupported head dim");
 
     extern __shared__ __align__(16) unsigned char smem[];
     Elem8* ring = reinterpret_cast<Elem8*>(smem);  // [S][kUnroll][2][kThreads]
@@ -239,10 +270,10 @@ __device__ __forceinline__ void decode_attention(
     __shared__ float out_acc[GT][HD];     // the block's output so far, unnormalised
 
     BlockTrace trace(1);
-    const DecodeTile<GT> tile(num_heads, num_kv_heads, context_lens, target_partitions);
+    const DecodeTile<GT> tile(num_heads, num_kv_heads, context_lens, target_partitions, window);
     const int groups_per_kv = tile.groups_per_kv, kv_head = tile.kv_head, head0 = tile.head0;
     const int nvalid = tile.nvalid, seq = tile.seq, z = tile.z, depth = tile.depth;
-    const int ctx = tile.ctx, psize = tile.psize, nparts = tile.nparts;
+    const int ctx = tile.ctx, first = tile.first, psize = tile.psize, nparts = tile.nparts;
     if (z >= nparts) {
         pdl_enter();
         return;
@@ -250,13 +281,14 @@ __device__ __forceinline__ void decode_attention(
     // Blocks of this sequence with a partition; one alone merges them all and writes `out`.
     const bool direct = min(nparts, depth) == 1;
     const int new_t = ctx - 1;  // the token this step adds
-    const int new_part = new_t / psize;
+    const int new_part = (new_t - first) / psize;
 
     const int tid = threadIdx.x;
     const int warp = tid >> 5;
     const int lane = tid & 31;
     const int tok_in_warp = lane / LPT;
     const int sub = lane % LPT;
+    const bool holds_dims = sub < kDimLanes;  // false only for head dims 80 and 96
     const int64_t kv_row = (int64_t)num_kv_heads * HD;
     const int64_t head_off = (int64_t)kv_head * HD + sub * 8;
     const int32_t* table = block_tables + (int64_t)seq * max_blocks_per_seq;
@@ -272,7 +304,7 @@ __device__ __forceinline__ void decode_attention(
     // the new token in it (-1 when it holds none).
     int start = 0, ntok = 0, nchunks = 0, new_ti = -1;
     auto begin_partition = [&](int p) {
-        start = p * psize;
+        start = first + p * psize;
         ntok = min(psize, ctx - start);
         nchunks = (ntok + kChunk - 1) / kChunk;
         new_ti = p == new_part ? new_t - start : -1;
@@ -292,7 +324,7 @@ __device__ __forceinline__ void decode_attention(
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
                 const int ti = base + u * TPB + warp * TPW + tok_in_warp;
-                if (ti < ntok && ti != new_ti) {
+                if (ti < ntok && ti != new_ti && holds_dims) {
                     const elem_t* row = cache + (int64_t)slots[ti] * kv_row + head_off;
                     cp_async16(&ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid], row);
                     cp_async16(&ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid], row + kHalf);
@@ -316,8 +348,8 @@ __device__ __forceinline__ void decode_attention(
     // first block of its KV head writes them to the cache.
     const int owner_part_block = new_part % depth;
     if (z == owner_part_block) {
-        const int r = (new_t - new_part * psize) % kChunk;
-        if (warp == (r % TPB) / TPW && tok_in_warp == r % TPW) {
+        const int r = (new_t - first - new_part * psize) % kChunk;
+        if (warp == (r % TPB) / TPW && tok_in_warp == r % TPW && holds_dims) {
             const int64_t off = (int64_t)seq * qkv_stride + (int64_t)kv_head * HD + sub * 8;
             Elem8 klo = *reinterpret_cast<const Elem8*>(k_new + off);
             Elem8 khi = *reinterpret_cast<const Elem8*>(k_new + off + kHalf);
@@ -344,8 +376,10 @@ __device__ __forceinline__ void decode_attention(
     // Stream element i's row of token ti as 16 floats (the new token from new_kv).
     auto row_at = [&](int i, int u, int ti, bool is_k, float (&f)[16]) {
         const int s = i % S;
-        Elem8 lo, hi;
-        if (ti == new_ti) {
+        Elem8 lo{}, hi{};
+        if (!holds_dims) {
+            // Zeros: these lanes' dot products and sums then add nothing.
+        } else if (ti == new_ti) {
             lo = new_kv[is_k ? 0 : 1][0][sub];
             hi = new_kv[is_k ? 0 : 1][1][sub];
         } else {
@@ -362,10 +396,12 @@ __device__ __forceinline__ void decode_attention(
             // write path rounds it), pre-scaled so scores come out in log2 units. Reloaded
             // for each partition, so that q and the accumulators are never live together.
             float qf[GT][16];
+            // Capped scores go through tanh in natural units, then to log2 units.
+            const float qmul = softcap > 0.0f ? scale : scale * kLog2e;
 #pragma unroll
             for (int g = 0; g < GT; ++g) {
                 Elem8 lo{}, hi{};
-                if (g < nvalid) {
+                if (g < nvalid && holds_dims) {
                     const elem_t* qh =
                         q + (int64_t)seq * qkv_stride + (int64_t)(head0 + g) * HD;
                     lo = *reinterpret_cast<const Elem8*>(qh + sub * 8);
@@ -375,7 +411,7 @@ __device__ __forceinline__ void decode_attention(
                 elem8_to_f32(lo, qf[g]);
                 elem8_to_f32(hi, qf[g] + 8);
 #pragma unroll
-                for (int e = 0; e < 16; ++e) qf[g][e] *= scale * kLog2e;
+                for (int e = 0; e < 16; ++e) qf[g][e] *= qmul;
             }
             // Phase 1: scores = q . k (the V chunks start streaming meanwhile).
             for (int i = 0; i < nchunks; ++i) {
@@ -394,7 +430,8 @@ __device__ __forceinline__ void decode_attention(
 #pragma unroll
                         for (int o = LPT / 2; o > 0; o >>= 1)
                             dot += __shfl_xor_sync(0xffffffffu, dot, o);
-                        if (sub == g % LPT && ti < ntok) scores[g][ti] = dot;
+                        if (sub == g % LPT && ti < ntok)
+                            scores[g][ti] = softcap > 0.0f ? capped_log2(dot, softcap) : dot;
                     }
                 }
             }
@@ -457,7 +494,7 @@ __device__ __forceinline__ void decode_attention(
                         acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
             cp_async_wait<0>();
             __syncthreads();  // every warp is done with the ring before `red` overwrites it
-            if (tok_in_warp == 0) {
+            if (tok_in_warp == 0 && holds_dims) {
 #pragma unroll
                 for (int g = 0; g < GT; ++g)
 #pragma unroll
@@ -551,7 +588,7 @@ __device__ __forceinline__ void decode_attention_compact(
     const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,
     const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq, float scale,
     int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
-    int target_partitions) {
+    int target_partitions, int window, float softcap) {
     constexpr int kRow = HD * 2 + 16;  // bytes of a staged row
     constexpr int kPieces = HD / 8;    // 16-byte pieces of a row
     constexpr int kDims = HD / 32;     // output dimensions of a lane
@@ -567,10 +604,10 @@ __device__ __forceinline__ void decode_attention_compact(
         reinterpret_cast<elem_t*>(probs + kWarps * kCompactChunk);  // k [HD], v [HD]
     __shared__ float cos_t[kHalf], sin_t[kHalf];
 
-    const DecodeTile<GT> tile(num_heads, num_kv_heads, context_lens, target_partitions);
+    const DecodeTile<GT> tile(num_heads, num_kv_heads, context_lens, target_partitions, window);
     const int groups_per_kv = tile.groups_per_kv, kv_head = tile.kv_head, head0 = tile.head0;
     const int nvalid = tile.nvalid, seq = tile.seq, z = tile.z, depth = tile.depth;
-    const int ctx = tile.ctx, psize = tile.psize, nparts = tile.nparts;
+    const int ctx = tile.ctx, first = tile.first, psize = tile.psize, nparts = tile.nparts;
     if (z >= nparts) {
         pdl_enter();
         return;
@@ -606,14 +643,14 @@ __device__ __forceinline__ void decode_attention_compact(
     // The chunk after (p, c): the partition's next 64 tokens, else the block's next partition.
     auto next_chunk = [&](int& p, int& c) {
         ++c;
-        if (p * psize + c * kCompactChunk >= min(ctx, (p + 1) * psize)) {
+        if (first + p * psize + c * kCompactChunk >= min(ctx, first + (p + 1) * psize)) {
             p += depth;
             c = 0;
         }
     };
     auto chunk_span = [&](int p, int c, int& t0, int& n) {
-        t0 = p * psize + c * kCompactChunk;
-        n = min(kCompactChunk, min(ctx, (p + 1) * psize) - t0);
+        t0 = first + p * psize + c * kCompactChunk;
+        n = min(kCompactChunk, min(ctx, first + (p + 1) * psize) - t0);
     };
 
     int t0, n;
@@ -625,7 +662,8 @@ __device__ __forceinline__ void decode_attention_compact(
 
     // This block's query heads, rotated and rounded to bf16 as the cache path rounds them,
     // pre-scaled so that scores come out in log2 units; the new token's rotated k and its v.
-    const float qscale = scale * kLog2e;
+    // Capped scores go through tanh in natural units, then to log2 units.
+    const float qscale = softcap > 0.0f ? scale : scale * kLog2e;
     for (int i = tid; i < GT * kHalf; i += kThreads) {
         const int g = i / kHalf, d = i % kHalf;
         float a = 0.0f, b = 0.0f;
@@ -642,7 +680,7 @@ __device__ __forceinline__ void decode_attention_compact(
         qs[g * HD + d] = a * qscale;
         qs[g * HD + d + kHalf] = b * qscale;
     }
-    const int new_part = new_t / psize;
+    const int new_part = (new_t - first) / psize;
     const bool writes_cache = z == new_part % depth && blockIdx.x % groups_per_kv == 0;
     const int64_t slot_new = slot_mapping[seq];
     for (int d = tid; d < kHalf; d += kThreads) {
@@ -722,7 +760,7 @@ __device__ __forceinline__ void decode_attention_compact(
                         dot = fmaf(q1.z, f[6], dot);
                         dot = fmaf(q1.w, f[7], dot);
                     }
-                    sc[h] = dot;
+                    sc[h] = softcap > 0.0f ? capped_log2(dot, softcap) : dot;
                 }
             }
             const float mn = fmaxf(m[j], warp_max(fmaxf(sc[0], sc[1])));
@@ -802,7 +840,7 @@ __device__ __forceinline__ void decode_attention_compact(
                                          qkv_stride, key_cache, value_cache, block_tables,     \
                                          context_lens, positions, slot_mapping, inv_freq,      \
                                          scale, num_heads, num_kv_heads, block_size,           \
-                                         max_blocks_per_seq, target_partitions);               \
+                                         max_blocks_per_seq, target_partitions, 0, 0.0f);      \
     }
 
 RVLLM_DECODE_ATTENTION_COMPACT(64, 1)
@@ -832,7 +870,7 @@ RVLLM_DECODE_ATTENTION_COMPACT(128, 8)
             out, partial_out, partial_ml, semaphores, q, k_new, v_new, qkv_stride, key_cache,     \
             value_cache,                                                                          \
             block_tables, context_lens, positions, slot_mapping, inv_freq, scale, num_heads,      \
-            num_kv_heads, block_size, max_blocks_per_seq, target_partitions);                     \
+            num_kv_heads, block_size, max_blocks_per_seq, target_partitions, 0, 0.0f);            \
     }
 
 RVLLM_DECODE_ATTENTION(64, 1)
@@ -851,15 +889,63 @@ RVLLM_DECODE_ATTENTION(256, 2)
 RVLLM_DECODE_ATTENTION(256, 4)
 RVLLM_DECODE_ATTENTION(256, 8)
 
+// The full kernel with a window and a soft-cap (see the header). Separate entry points, so
+// that the plain ones above keep their code (both compile the checks away where 0) and their
+// signature; the engine launches these for windowed and capped layers and head dims 80/96.
+#define RVLLM_DECODE_ATTENTION_WINDOWED(HD, GT)                                                \
+    extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks(GT))                    \
+        DT(paged_attention_decode_windowed_hd##HD##_g##GT,                                     \
+           paged_attention_decode_windowed_hd##HD##_g##GT##_f16)(                              \
+            elem_t* __restrict__ out, float* __restrict__ partial_out,                         \
+            float* __restrict__ partial_ml, int32_t* __restrict__ semaphores,                  \
+            const elem_t* __restrict__ q, const elem_t* __restrict__ k_new,                    \
+            const elem_t* __restrict__ v_new, int qkv_stride, elem_t* __restrict__ key_cache, \
+            elem_t* __restrict__ value_cache, const int32_t* __restrict__ block_tables,        \
+            const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,   \
+            const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq,      \
+            float scale, int num_heads, int num_kv_heads, int block_size,                      \
+            int max_blocks_per_seq, int target_partitions, int window, float softcap) {        \
+        decode_attention<HD, GT, kStages>(                                                     \
+            out, partial_out, partial_ml, semaphores, q, k_new, v_new, qkv_stride, key_cache,  \
+            value_cache, block_tables, context_lens, positions, slot_mapping, inv_freq, scale, \
+            num_heads, num_kv_heads, block_size, max_blocks_per_seq, target_partitions,        \
+            window, softcap);                                                                  \
+    }
+
+RVLLM_DECODE_ATTENTION_WINDOWED(64, 1)
+RVLLM_DECODE_ATTENTION_WINDOWED(64, 2)
+RVLLM_DECODE_ATTENTION_WINDOWED(64, 4)
+RVLLM_DECODE_ATTENTION_WINDOWED(64, 8)
+RVLLM_DECODE_ATTENTION_WINDOWED(80, 1)
+RVLLM_DECODE_ATTENTION_WINDOWED(80, 2)
+RVLLM_DECODE_ATTENTION_WINDOWED(80, 4)
+RVLLM_DECODE_ATTENTION_WINDOWED(80, 8)
+RVLLM_DECODE_ATTENTION_WINDOWED(96, 1)
+RVLLM_DECODE_ATTENTION_WINDOWED(96, 2)
+RVLLM_DECODE_ATTENTION_WINDOWED(96, 4)
+RVLLM_DECODE_ATTENTION_WINDOWED(96, 8)
+RVLLM_DECODE_ATTENTION_WINDOWED(128, 1)
+RVLLM_DECODE_ATTENTION_WINDOWED(128, 2)
+RVLLM_DECODE_ATTENTION_WINDOWED(128, 4)
+RVLLM_DECODE_ATTENTION_WINDOWED(128, 8)
+RVLLM_DECODE_ATTENTION_WINDOWED(256, 1)
+RVLLM_DECODE_ATTENTION_WINDOWED(256, 2)
+RVLLM_DECODE_ATTENTION_WINDOWED(256, 4)
+RVLLM_DECODE_ATTENTION_WINDOWED(256, 8)
+
+namespace {
+
 // Combines the partitions of one (sequence, head): weights w_p = l_p * 2^(m_p - M) in shared
 // memory, then every thread sums a float4 column slice over a strided subset of the partitions
 // (many independent loads in flight, instead of one long dependent loop), and the slices are
 // added in shared memory.
-extern "C" __global__ void __launch_bounds__(kReduceThreads)
-    DT(paged_attention_decode_reduce, paged_attention_decode_reduce_f16)(
-        elem_t* __restrict__ out, const float* __restrict__ partial_out,
-        const float* __restrict__ partial_ml, const int32_t* __restrict__ context_lens,
-        int num_heads, int head_dim, int max_partitions, int target_partitions) {
+// `window` as the windowed kernel took it (0 for the plain ones).
+__device__ __forceinline__ void decode_reduce(elem_t* __restrict__ out,
+                                              const float* __restrict__ partial_out,
+                                              const float* __restrict__ partial_ml,
+                                              const int32_t* __restrict__ context_lens,
+                                              int num_heads, int head_dim, int max_partitions,
+                                              int target_partitions, int window) {
     // The next kernel (at batch 1 the O projection's GEMV) may start at once: it streams its
     // weights while the attention blocks run, and its own pdl_wait still waits for this
     // kernel, which waits for them. (Attention itself triggers only after its wait: every one
@@ -876,9 +962,10 @@ extern "C" __global__ void __launch_bounds__(kReduceThreads)
     const int tid = threadIdx.x;
     const int nthreads = blockDim.x;  // 128 or 256 (kReduceThreads at most)
     const int ctx = context_lens[seq];
-    const int partition_size = partition_tokens(ctx, target_partitions);
+    const int len = ctx - window_first(ctx, window);  // the tokens the partitions cut
+    const int partition_size = partition_tokens(len, target_partitions);
     // Partials: one per block that had a partition. One alone wrote `out` itself.
-    const int nparts = min((ctx + partition_size - 1) / partition_size,
+    const int nparts = min((len + partition_size - 1) / partition_size,
                            min(max_partitions, kMaxReducePartitions));
     if (nparts <= 1) return;
     const int64_t base = ((int64_t)seq * num_heads + head) * max_partitions;
@@ -918,4 +1005,24 @@ extern "C" __global__ void __launch_bounds__(kReduceThreads)
         for (int sl = 0; sl < slices; ++sl) sum += red[(sl * cols + d / 4) * 4 + d % 4];
         out[((int64_t)seq * num_heads + head) * head_dim + d] = from_f32(sum / wsum);
     }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kReduceThreads)
+    DT(paged_attention_decode_reduce, paged_attention_decode_reduce_f16)(
+        elem_t* __restrict__ out, const float* __restrict__ partial_out,
+        const float* __restrict__ partial_ml, const int32_t* __restrict__ context_lens,
+        int num_heads, int head_dim, int max_partitions, int target_partitions) {
+    decode_reduce(out, partial_out, partial_ml, context_lens, num_heads, head_dim,
+                  max_partitions, target_partitions, 0);
+}
+
+extern "C" __global__ void __launch_bounds__(kReduceThreads)
+    DT(paged_attention_decode_reduce_windowed, paged_attention_decode_reduce_windowed_f16)(
+        elem_t* __restrict__ out, const float* __restrict__ partial_out,
+        const float* __restrict__ partial_ml, const int32_t* __restrict__ context_lens,
+        int num_heads, int head_dim, int max_partitions, int target_partitions, int window) {
+    decode_reduce(out, partial_out, partial_ml, context_lens, num_heads, head_dim,
+                  max_partitions, target_partitions, window);
 }

@@ -3,8 +3,9 @@
 //! `rvllm_kernels::reference::paged_attention`, on fresh random inputs (seed printed;
 //! RVLLM_TEST_SEED replays one), outputs poisoned before each launch, cache slots that no
 //! sequence owns filled with NaN (a read outside a context shows); GQA group sizes 1..16, head
-//! dims 64, 128 and 256 (decode; prefill's windowed builds also 80 and 96), contexts from 1
-//! token to several KV blocks and partitions. Every case runs in both element types the
+//! dims 64, 128 and 256 (the windowed decode and prefill builds also 80 and 96), contexts from
+//! 1 token to several KV blocks and partitions, sliding windows (the keys before a window
+//! NaN too) and attention-logit soft-caps. Every case runs in both element types the
 //! kernels are built for, bf16 and f16 (the `_f16` modules), each with its inputs and the
 //! kernels' intermediate stores rounded to that type and at that type's tolerance.
 //!
@@ -20,6 +21,8 @@ use rvllm_kernels::reference as cpu;
 
 /// (heads, kv heads, head dim, contexts, target partitions, grid depth).
 type DecodeCase = (usize, usize, usize, &'static [usize], usize, usize);
+/// A decode case, its window (0: none) and soft-cap (0: none).
+type WindowedDecodeCase = (DecodeCase, usize, f32);
 
 /// (heads, kv heads, head dim, [(chunk length, context length after the step)]).
 type PrefillCase = (usize, usize, usize, &'static [(usize, usize)]);
@@ -143,6 +146,9 @@ struct DecodeStep<'a> {
     fold: bool,
     /// The compact kernel (reduce kernel merge).
     compact: bool,
+    /// The windowed build (`paged_attention_decode_windowed_*`, and its reduce) with this
+    /// window and soft-cap (0: none); None: the plain build.
+    windowed: Option<(usize, f32)>,
 }
 
 /// Runs paged decode attention (partition kernel, merged in its last blocks or by the reduce
@@ -188,20 +194,25 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
         st.target as i32,
     );
     let grid = (columns as u32, num_seqs as u32, depth as u32);
-    let (kernel, smem) = if st.compact {
-        (
+    let (kernel, smem) = match (st.compact, st.windowed) {
+        (true, _) => (
             e.kernel(&format!("paged_attention_decode_compact_hd{}_g{gt}", c.hd)),
             decode_smem::compact(c.hd, gt),
-        )
-    } else {
-        (
+        ),
+        (false, None) => (
             e.kernel(&format!("paged_attention_decode_hd{}_g{gt}", c.hd)),
             decode_smem::full(gt),
-        )
+        ),
+        (false, Some(_)) => (
+            e.kernel(&format!("paged_attention_decode_windowed_hd{}_g{gt}", c.hd)),
+            decode_smem::full(gt),
+        ),
     };
-    // The full and compact kernels take the same parameters; one literal for both.
+    let (window, softcap) = st.windowed.unwrap_or((0, 0.0));
+    let window_ = window as i32;
+    // The three builds take the same parameters (the windowed one two more); one literal.
     macro_rules! decode_args {
-        ($ty:ident) => {
+        ($ty:ident $(, $field:ident)*) => {
             args::$ty {
                 out: out.ptr,
                 partial_out: part_out.ptr,
@@ -224,15 +235,24 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
                 block_size: bs_,
                 max_blocks_per_seq: mb_,
                 target_partitions: tg_,
+                $($field,)*
             }
         };
     }
-    if st.compact {
-        let a = decode_args!(DecodeAttentionCompact);
-        g.launch_args_smem(&module, &kernel, grid, (128, 1, 1), smem, a);
-    } else {
-        let a = decode_args!(DecodeAttention);
-        g.launch_args_smem(&module, &kernel, grid, (128, 1, 1), smem, a);
+    match (st.compact, st.windowed) {
+        (true, _) => {
+            let a = decode_args!(DecodeAttentionCompact);
+            g.launch_args_smem(&module, &kernel, grid, (128, 1, 1), smem, a);
+        }
+        (false, None) => {
+            let a = decode_args!(DecodeAttention);
+            g.launch_args_smem(&module, &kernel, grid, (128, 1, 1), smem, a);
+        }
+        (false, Some(_)) => {
+            let window = window_;
+            let a = decode_args!(DecodeAttentionWindowed, window, softcap);
+            g.launch_args_smem(&module, &kernel, grid, (128, 1, 1), smem, a);
+        }
     }
     if st.fold {
         assert!(
@@ -244,22 +264,35 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
         let (hd_, dp_) = (c.hd as i32, depth as i32);
         // The reduce works with 128 or 256 threads; cover both.
         let reduce_block = if st.target % 2 == 1 { 128 } else { 256 };
-        g.launch_args(
-            &module,
-            &e.kernel("paged_attention_decode_reduce"),
-            (nh as u32, num_seqs as u32, 1),
-            (reduce_block, 1, 1),
-            args::PagedAttentionDecodeReduce {
-                out: out.ptr,
-                partial_out: part_out.ptr,
-                partial_ml: part_ml.ptr,
-                context_lens: d_ctx.ptr,
-                num_heads: nh_,
-                head_dim: hd_,
-                max_partitions: dp_,
-                target_partitions: tg_,
-            },
-        );
+        let grid = (nh as u32, num_seqs as u32, 1);
+        let a = args::PagedAttentionDecodeReduce {
+            out: out.ptr,
+            partial_out: part_out.ptr,
+            partial_ml: part_ml.ptr,
+            context_lens: d_ctx.ptr,
+            num_heads: nh_,
+            head_dim: hd_,
+            max_partitions: dp_,
+            target_partitions: tg_,
+        };
+        if st.windowed.is_some() {
+            let a = args::PagedAttentionDecodeReduceWindowed {
+                out: a.out,
+                partial_out: a.partial_out,
+                partial_ml: a.partial_ml,
+                context_lens: a.context_lens,
+                num_heads: a.num_heads,
+                head_dim: a.head_dim,
+                max_partitions: a.max_partitions,
+                target_partitions: a.target_partitions,
+                window: window_,
+            };
+            let reduce = e.kernel("paged_attention_decode_reduce_windowed");
+            g.launch_args(&module, &reduce, grid, (reduce_block, 1, 1), a);
+        } else {
+            let reduce = e.kernel("paged_attention_decode_reduce");
+            g.launch_args(&module, &reduce, grid, (reduce_block, 1, 1), a);
+        }
     }
     (
         g.download_as(e, &out),
@@ -295,107 +328,192 @@ fn paged_attention_decode_matches_reference() {
         (4, 1, 256, &[1000], 1, 1),            // 256, group 4, 2 x 512 in one block
     ];
     for e in Elem::BOTH {
-        let ty = e.name();
-        let (atol, rtol) = e.tolerance();
-        for (i, &(nh, nkv, hd, ctx, target, depth)) in cases.iter().enumerate() {
-            let mut c = TestCache::new(&mut r, e, ctx, 16, nkv, hd, 3.0);
-            // The new tokens' raw q, k, v inside fused QKV rows.
-            let stride = (nh + 2 * nkv) * hd;
-            let (qkv_h, qkv) = e.random(&mut r, ctx.len() * stride, 1.0);
-            let scale = 1.0 / (hd as f32).sqrt();
-            let cu: Vec<i32> = (0..=ctx.len() as i32).collect();
-            let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
-            let positions: Vec<i32> = ctx_i.iter().map(|&x| x - 1 + 7 * (i as i32 % 2)).collect();
-            // The new token's cache slot; the last sequence of odd cases is padding (no write).
-            let mut slots: Vec<i32> = ctx
-                .iter()
-                .enumerate()
-                .map(|(s, &n)| c.slot(s, n - 1) as i32)
-                .collect();
-            if i % 2 == 1 {
-                *slots.last_mut().unwrap() = -1;
+        for (i, &case) in cases.iter().enumerate() {
+            check_decode(&g, &mut r, e, i, case, None);
+        }
+    }
+}
+
+/// The windowed decode build (`paged_attention_decode_windowed_hd*`, with
+/// `paged_attention_decode_reduce_windowed`), which the engine runs for windowed and capped
+/// layers and head dims 80 and 96 (`cuda/backend/windowed_decode.rs`), against
+/// `reference::paged_attention_windowed`: windows shorter and longer than the context, inside
+/// one 16-token block and spanning several, equal to the context and of one token; soft-caps
+/// (Gemma 2's 50, a tight 5 that saturates) and none; head dims 64, 80, 96, 128 and 256, GQA
+/// groups 1 to 16, split and unsplit contexts. Every key before a sequence's window is NaN in
+/// the cache, so a kernel that reads one fails.
+#[test]
+fn paged_attention_decode_windowed_and_softcapped_matches_reference() {
+    let Some(g) = gpu("paged_attention_decode_windowed_and_softcapped_matches_reference") else {
+        return;
+    };
+    let mut r = rng("decode_windowed");
+    // ((heads, kv heads, head dim, contexts, target partitions, grid depth), window, soft-cap)
+    let cases: &[WindowedDecodeCase] = &[
+        ((32, 8, 128, &[1, 15, 17, 300, 1000], 1, 2), 256, 0.0), // cuts 300 and 1000
+        ((8, 4, 256, &[1, 40, 700, 1040], 2, 2), 1024, 0.0),     // Gemma 3 local: cuts 1040
+        ((16, 8, 256, &[300, 65, 2000], 33, 5), 1024, 50.0),     // partitions of 64
+        ((4, 1, 256, &[1000], 1, 1), 0, 50.0),                   // Gemma 2 global: cap only
+        ((9, 3, 64, &[5, 33, 129, 600], 2, 3), 10, 0.0),         // inside one block
+        ((12, 2, 64, &[40, 77, 500], 2, 2), 7, 5.0),             // group 6, tight cap
+        ((8, 8, 128, &[1, 64, 1100], 4, 2), 100, 30.0),          // several blocks
+        ((16, 1, 64, &[3, 250, 4000], 33, 33), 3000, 0.0),       // group 16, 24 x 128
+        ((32, 8, 128, &[3000, 65], 33, 5), 4096, 50.0),          // longer than every context
+        ((4, 2, 64, &[200, 17], 2, 2), 200, 0.0),                // the whole context
+        ((5, 1, 80, &[1, 33, 200, 700], 2, 2), 100, 30.0),       // head dim 80, group 5
+        ((8, 2, 80, &[300, 1, 64, 65], 11, 11), 0, 0.0),         // 80 unwindowed (Phi)
+        ((2, 1, 80, &[2, 40], 1, 1), 1, 0.0),                    // only the new token
+        ((6, 3, 96, &[90, 150, 513], 3, 3), 100, 0.0),           // head dim 96, group 2
+        ((4, 4, 96, &[513, 17, 96], 1, 1), 0, 0.0),              // 96: 2 x 512 in one block
+        ((32, 4, 96, &[700, 129], 4, 2), 64, 50.0),              // 96, group 8
+    ];
+    for e in Elem::BOTH {
+        for (i, &(case, window, softcap)) in cases.iter().enumerate() {
+            check_decode(&g, &mut r, e, i, case, Some((window, softcap)));
+        }
+    }
+}
+
+/// One decode case in element type `e` against the CPU reference: fresh inputs, new tokens
+/// rotated (except case 1) and written by the kernel (odd cases: the last sequence is padding
+/// and writes nothing), every merge the build has; `windowed`: the windowed build with that
+/// window and soft-cap, the keys before each window NaN.
+fn check_decode(
+    g: &Gpu,
+    r: &mut rand::rngs::StdRng,
+    e: Elem,
+    i: usize,
+    (nh, nkv, hd, ctx, target, depth): DecodeCase,
+    windowed: Option<(usize, f32)>,
+) {
+    let ty = e.name();
+    let (atol, rtol) = e.tolerance();
+    let mut c = TestCache::new(r, e, ctx, 16, nkv, hd, 3.0);
+    let width = nkv * hd;
+    let (window, softcap) = windowed.unwrap_or((0, 0.0));
+    if window > 0 {
+        for (s, &n) in ctx.iter().enumerate() {
+            for t in 0..n.saturating_sub(window) {
+                let at = c.slot(s, t) * width;
+                c.k[at..at + width].fill(f32::NAN);
+                c.v[at..at + width].fill(f32::NAN);
+                c.k_h[at..at + width].fill(e.nan());
+                c.v_h[at..at + width].fill(e.nan());
             }
-            let rope = i != 1; // one case without rotation (q and k given rotated)
-            let freqs = inv_freq(hd, 500_000.0);
-            // Reference: rotate q and the new k (rounded to the element type as the kernel stores
-            // them), put the new k and v in the cache, attend.
-            let mut q = qkv.clone();
-            if rope {
-                cpu::rope_inplace(&mut q, stride, nh + nkv, hd, &positions, &freqs);
-                e.round_all(&mut q);
-            }
-            let width = nkv * hd;
-            for (s, &n) in ctx.iter().enumerate() {
-                let slot = c.slot(s, n - 1) * width;
-                let row = s * stride + nh * hd;
-                c.k[slot..slot + width].copy_from_slice(&q[row..row + width]);
-                c.v[slot..slot + width].copy_from_slice(&qkv[row + width..row + 2 * width]);
-            }
-            let batch = cpu::AttentionBatch {
-                cu_seqlens_q: &cu,
-                context_lens: &ctx_i,
-                block_tables: &c.tables,
-                max_blocks_per_seq: c.max_blocks,
-            };
-            let want = cpu::paged_attention(&q, stride, nh, &c.paged(), &batch, scale);
-            // Head dim 256 has no compact build.
-            let variants: &[(bool, bool)] = if hd == 256 {
-                &[(true, false), (false, false)]
-            } else {
-                &[(true, false), (false, false), (false, true)]
-            };
-            for &(fold, compact) in variants {
-                let step = DecodeStep {
-                    qkv_h: &qkv_h,
-                    stride,
-                    nh,
-                    ctx,
-                    positions: &positions,
-                    slots: &slots,
-                    inv_freq: rope.then_some(&freqs[..]),
-                    scale,
-                    target,
-                    depth,
-                    fold,
-                    compact,
-                };
-                let (got, k_after, v_after) = run_decode(&g, &c, &step);
-                let merge = match (fold, compact) {
-                    (true, _) => "last-block merge",
-                    (false, false) => "reduce kernel",
-                    (false, true) => "compact kernel, reduce kernel",
-                };
-                let what = format!(
-                    "{ty} decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} target{target} depth{depth} \
-                     ({merge})"
+        }
+    }
+    // The new tokens' raw q, k, v inside fused QKV rows.
+    let stride = (nh + 2 * nkv) * hd;
+    let (qkv_h, qkv) = e.random(r, ctx.len() * stride, 1.0);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let cu: Vec<i32> = (0..=ctx.len() as i32).collect();
+    let ctx_i: Vec<i32> = ctx.iter().map(|&x| x as i32).collect();
+    let positions: Vec<i32> = ctx_i.iter().map(|&x| x - 1 + 7 * (i as i32 % 2)).collect();
+    // The new token's cache slot; the last sequence of odd cases is padding (no write).
+    let mut slots: Vec<i32> = ctx
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| c.slot(s, n - 1) as i32)
+        .collect();
+    if i % 2 == 1 {
+        *slots.last_mut().unwrap() = -1;
+    }
+    let rope = i != 1; // one case without rotation (q and k given rotated)
+    let freqs = inv_freq(hd, 500_000.0);
+    // Reference: rotate q and the new k (rounded to the element type as the kernel stores
+    // them), put the new k and v in the cache, attend.
+    let mut q = qkv.clone();
+    if rope {
+        cpu::rope_inplace(&mut q, stride, nh + nkv, hd, &positions, &freqs);
+        e.round_all(&mut q);
+    }
+    for (s, &n) in ctx.iter().enumerate() {
+        let slot = c.slot(s, n - 1) * width;
+        let row = s * stride + nh * hd;
+        c.k[slot..slot + width].copy_from_slice(&q[row..row + width]);
+        c.v[slot..slot + width].copy_from_slice(&qkv[row + width..row + 2 * width]);
+    }
+    let batch = cpu::AttentionBatch {
+        cu_seqlens_q: &cu,
+        context_lens: &ctx_i,
+        block_tables: &c.tables,
+        max_blocks_per_seq: c.max_blocks,
+    };
+    let want = match windowed {
+        None => cpu::paged_attention(&q, stride, nh, &c.paged(), &batch, scale),
+        Some(_) => cpu::paged_attention_windowed(
+            &q,
+            stride,
+            nh,
+            &c.paged(),
+            &batch,
+            scale,
+            (window > 0).then_some(window),
+            (softcap > 0.0).then_some(softcap),
+        ),
+    };
+    // (last-block merge, compact kernel): head dim 256 and the windowed build have no compact
+    // one.
+    let variants: &[(bool, bool)] = if hd == 256 || windowed.is_some() {
+        &[(true, false), (false, false)]
+    } else {
+        &[(true, false), (false, false), (false, true)]
+    };
+    for &(fold, compact) in variants {
+        let step = DecodeStep {
+            qkv_h: &qkv_h,
+            stride,
+            nh,
+            ctx,
+            positions: &positions,
+            slots: &slots,
+            inv_freq: rope.then_some(&freqs[..]),
+            scale,
+            target,
+            depth,
+            fold,
+            compact,
+            windowed,
+        };
+        let (got, k_after, v_after) = run_decode(g, &c, &step);
+        let merge = match (fold, compact) {
+            (true, _) => "last-block merge",
+            (false, false) => "reduce kernel",
+            (false, true) => "compact kernel, reduce kernel",
+        };
+        let build = match windowed {
+            None => String::new(),
+            Some(_) => format!(" windowed: window {window} softcap {softcap}"),
+        };
+        let what = format!(
+            "{ty} decode nh{nh} nkv{nkv} hd{hd} ctx{ctx:?} target{target} depth{depth}{build} \
+             ({merge})"
+        );
+        assert_close(&what, &got, &want, atol, rtol);
+        // The new tokens' K/V went to their slots (and nowhere for the padding row).
+        for (s, &slot) in slots.iter().enumerate() {
+            let at = c.slot(s, ctx[s] - 1) * width;
+            let (k_got, v_got) = (&k_after[at..at + width], &v_after[at..at + width]);
+            if slot < 0 {
+                assert!(
+                    k_got.iter().chain(v_got).all(|x| x.is_nan()),
+                    "{what}: the padding row wrote the cache"
                 );
-                assert_close(&what, &got, &want, atol, rtol);
-                // The new tokens' K/V went to their slots (and nowhere for the padding row).
-                for (s, &slot) in slots.iter().enumerate() {
-                    let at = c.slot(s, ctx[s] - 1) * width;
-                    let (k_got, v_got) = (&k_after[at..at + width], &v_after[at..at + width]);
-                    if slot < 0 {
-                        assert!(
-                            k_got.iter().chain(v_got).all(|x| x.is_nan()),
-                            "{what}: the padding row wrote the cache"
-                        );
-                    } else {
-                        assert_close(
-                            &format!("{what} new k, seq {s}"),
-                            k_got,
-                            &c.k[at..at + width],
-                            atol,
-                            rtol,
-                        );
-                        assert_close(
-                            &format!("{what} new v, seq {s}"),
-                            v_got,
-                            &c.v[at..at + width],
-                            0.0,
-                            0.0,
-                        );
-                    }
-                }
+            } else {
+                assert_close(
+                    &format!("{what} new k, seq {s}"),
+                    k_got,
+                    &c.k[at..at + width],
+                    atol,
+                    rtol,
+                );
+                assert_close(
+                    &format!("{what} new v, seq {s}"),
+                    v_got,
+                    &c.v[at..at + width],
+                    0.0,
+                    0.0,
+                );
             }
         }
     }
@@ -484,11 +602,9 @@ fn paged_attention_prefill_matches_reference() {
 /// `reference::paged_attention_windowed`: head dims 64, 80, 96, 128 and 256 (Gemma 3's, on
 /// 32-key tiles), windows shorter than one key tile, than the chunk and than the context, and
 /// none; soft-caps (Gemma 2's 50, and a tight 5 that saturates) and none; chunks after a cached
-/// prefix, so the window cuts into the cache. The engine also runs decodes through these
-/// builds (`cuda/backend/windowed_attention.rs`: windowed or capped layers, and head dims 80
-/// and 96, which have no decode build), one launch for a step's decodes (chunks of one row,
-/// first) and its prefill chunks: the cases with one-row chunks are those steps, with a
-/// padding row's context of 1 among them.
+/// prefix, so the window cuts into the cache. The cases with one-row chunks (decode-shaped,
+/// with a padding row's context of 1 among them) are how the engine ran decodes of windowed
+/// layers before the windowed decode build; they still check the kernel's single-row tiles.
 #[test]
 fn paged_attention_prefill_windowed_and_softcapped_matches_reference() {
     let Some(g) = gpu("paged_attention_prefill_windowed_and_softcapped_matches_reference") else {

@@ -20,6 +20,7 @@ mod dummy;
 mod fp8;
 mod upload;
 mod windowed_attention;
+pub(super) mod windowed_decode;
 
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
 /// number of partitions per sequence (from the batch size alone, so that one CUDA graph serves

@@ -1,14 +1,15 @@
-//! Attention for the layers the fused decode kernel cannot run: a sliding window shorter than
-//! the longest context (Mistral, Gemma's local layers, Phi-3), attention-logit soft-capping
-//! (Gemma 2), and head sizes without a decode build (80 and 96: Phi). Every token of such a
-//! layer is rotated and written to the cache by the rotation kernel, then one launch of the
-//! windowed prefill kernel (`paged_attention_prefill_windowed_hd*`) attends for all of the
-//! step's sequences, a decode being a chunk of one query row. The kernel reads only the key
-//! tiles inside the window, but streams one query head a block with no split over the context:
-//! simple before fast. The choice follows the layer and the step buffers alone, never the
-//! step, so that a decode graph and an eager step run the same kernel.
-use anyhow::{bail, ensure, Result};
+//! Attention for the layers the plain kernels cannot run: a sliding window shorter than the
+//! longest context (Mistral, Gemma's local layers, Phi-3), attention-logit soft-capping
+//! (Gemma 2), and head sizes without a plain decode build (80 and 96: Phi). The step's decodes
+//! go through the windowed build of the fused decode kernel (`windowed_decode.rs`: RoPE and
+//! the cache write fused in where the whole head rotates, split over the window's keys), its
+//! prefill chunks through the windowed prefill kernel (`paged_attention_prefill_windowed_hd*`,
+//! after the rotation kernel), both reading only the keys inside the window. The choice
+//! follows the layer and the step buffers alone, never the step's data, so that a decode
+//! graph and an eager step run the same kernels.
+use anyhow::{Context, Result};
 
+use super::windowed_decode::{softcap_arg, window_arg};
 use super::{
     kernels, windowed_args, CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor, CudaVector,
 };
@@ -18,9 +19,9 @@ use rvllm_kernels::args;
 /// Query rows a block of the windowed prefill kernel takes.
 const ROWS_PER_BLOCK: usize = 64;
 
-/// Whether a layer attends through the windowed kernel rather than decode attention:
+/// Whether a layer attends through the windowed builds rather than the plain ones:
 /// `longest_context` bounds every context (the block table's capacity), so a window at least
-/// that long never cuts and keeps the fused path; `has_decode_build` says whether decode
+/// that long never cuts and keeps the plain path; `has_decode_build` says whether plain decode
 /// attention has a build for the layer's head size and group.
 pub(super) fn attends_windowed(
     layout: &AttentionLayout,
@@ -45,8 +46,9 @@ impl CudaBackend {
         attends_windowed(layout, longest, built)
     }
 
-    /// `rope_attention` of such a layer (`layout` from `gpu_layout`): every token, decodes
-    /// included, through the rotation kernel, then `windowed_attention`.
+    /// `rope_attention` of such a layer (`layout` from `gpu_layout`): the prefill tokens
+    /// through the rotation kernel, the decodes rotated inside decode attention (every token
+    /// through the rotation kernel with partial rotary, which decode attention does not do).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn windowed_rope_attention(
         &self,
@@ -58,12 +60,17 @@ impl CudaBackend {
         layer: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, 0)?;
-        self.windowed_attention(qkv, layout, step, cache, layer, out)
+        if layout.rotary_dim != layout.head_dim {
+            self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, 0)?;
+            return self.windowed_attention(qkv, layout, step, cache, layer, out);
+        }
+        self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, step.num_decode)?;
+        self.windowed_decode_attention(qkv, Some(inv_freq), layout, step, cache, layer, out)?;
+        self.windowed_prefill_attention(qkv, layout, step, cache, layer, out)
     }
 
-    /// Attention of every sequence of the step, decodes and prefill chunks in one launch, with
-    /// the layer's window and soft-cap; q, k and v already rotated and in the cache.
+    /// Attention of every sequence of the step with the layer's window and soft-cap; q, k and
+    /// v already rotated and in the cache.
     pub(super) fn windowed_attention(
         &self,
         qkv: &CudaTensor,
@@ -73,31 +80,47 @@ impl CudaBackend {
         layer: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        if step.num_seqs == 0 {
+        self.windowed_decode_attention(qkv, None, layout, step, cache, layer, out)?;
+        self.windowed_prefill_attention(qkv, layout, step, cache, layer, out)
+    }
+
+    /// The windowed prefill kernel over the step's sequences after the decodes (prefill
+    /// chunks), one launch for all of them.
+    fn windowed_prefill_attention(
+        &self,
+        qkv: &CudaTensor,
+        layout: &AttentionLayout,
+        step: &CudaStepMeta,
+        cache: &CudaKvCache,
+        layer: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let num_prefill = step.num_seqs - step.num_decode;
+        if num_prefill == 0 {
             return Ok(());
         }
         let hd = layout.head_dim;
-        let Some(&(_, kernel)) = kernels::PREFILL_WINDOWED.iter().find(|p| p.0 == hd) else {
-            bail!("no windowed attention kernel for head_dim {hd} (built: 64, 80, 96, 128, 256)");
-        };
-        // 0 is the kernel's "none" for both; a window past i32 never cuts a context.
-        let window = layout
-            .sliding_window
-            .map_or(0, |w| w.min(i32::MAX as usize) as i32);
-        ensure!(
-            layout.softcap.is_none_or(|c| c > 0.0 && c.is_finite()),
-            "attention logit soft-cap {:?}: must be positive",
-            layout.softcap
-        );
-        let softcap = layout.softcap.unwrap_or(0.0);
+        let &(_, kernel) = kernels::PREFILL_WINDOWED
+            .iter()
+            .find(|p| p.0 == hd)
+            .with_context(|| {
+                format!(
+                    "no windowed attention kernel for head_dim {hd} (built: 64, 80, 96, 128, 256)"
+                )
+            })?;
+        let window = window_arg(layout);
+        let softcap = softcap_arg(layout)?;
+        // The prefill sequences' rows of the step metadata (cu_seqlens holds token offsets
+        // into the whole step, so q stays the step's).
+        let d = step.num_decode;
         let a = args::PrefillAttention {
             out: out.buf.ptr,
             q: qkv.buf.ptr,
             key_cache: cache.k_layer(layer),
             value_cache: cache.v_layer(layer),
-            cu_seqlens_q: step.at(step.layout.cu_seqlens),
-            context_lens: step.at(step.layout.context_lens),
-            block_tables: step.at(step.layout.block_tables),
+            cu_seqlens_q: step.at(step.layout.cu_seqlens + d),
+            context_lens: step.at(step.layout.context_lens + d),
+            block_tables: step.at(step.layout.block_tables + d * step.max_blocks_per_seq),
             scale: layout.scale,
             num_heads: layout.num_heads as i32,
             num_kv_heads: layout.num_kv_heads as i32,
@@ -105,11 +128,10 @@ impl CudaBackend {
             max_blocks_per_seq: step.max_blocks_per_seq as i32,
             q_stride: layout.qkv_size() as i32,
         };
-        // A decode-only step has no chunk: its sequences are chunks of one row.
         let grid = (
             step.max_chunk.max(1).div_ceil(ROWS_PER_BLOCK) as u32,
             layout.num_heads as u32,
-            step.num_seqs as u32,
+            num_prefill as u32,
         );
         self.launch(kernel, grid, 128, windowed_args(a, window, softcap))
     }

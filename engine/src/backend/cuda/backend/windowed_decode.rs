@@ -1,0 +1,251 @@
+//! Decode attention of the layers `windowed_attention` takes (a sliding window shorter than the
+//! longest context, attention-logit soft-capping, head dims 80 and 96): the fused paged decode
+//! kernel's windowed build (`paged_attention_decode_windowed_hd*`), which streams only the
+//! window's keys, split over the context like the plain kernel, with RoPE and the cache write
+//! of the new token fused in. Its partials go through the windowed reduce, whose partitions
+//! follow the window. The kernel follows the layer alone (no compact build at batch 1, as for
+//! head dim 256), so that a decode graph and an eager step run the same kernel.
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::sys::CUdeviceptr;
+
+use super::{CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor, CudaVector, ELEM_BYTES};
+use crate::backend::cuda::elem::{kernel, Kernel, NamedKernel};
+use crate::backend::AttentionLayout;
+use rvllm_kernels::{args, decode_smem};
+
+/// (head dim, query heads a block, the kernel) for each windowed decode build.
+macro_rules! windowed_decode {
+    ($(($hd:literal, $gt:literal)),*) => {
+        [$((
+            $hd,
+            $gt,
+            kernel!(
+                args::DecodeAttentionWindowed,
+                "attention_decode",
+                concat!("paged_attention_decode_windowed_hd", $hd, "_g", $gt),
+                concat!("paged_attention_decode_windowed_hd", $hd, "_g", $gt, "_f16")
+            ),
+        )),*]
+    };
+}
+
+/// The windowed decode builds of attention_decode.cu.
+#[allow(clippy::type_complexity)]
+const DECODE_WINDOWED: [(usize, usize, Kernel<args::DecodeAttentionWindowed>); 20] = windowed_decode!(
+    (64, 1),
+    (64, 2),
+    (64, 4),
+    (64, 8),
+    (80, 1),
+    (80, 2),
+    (80, 4),
+    (80, 8),
+    (96, 1),
+    (96, 2),
+    (96, 4),
+    (96, 8),
+    (128, 1),
+    (128, 2),
+    (128, 4),
+    (128, 8),
+    (256, 1),
+    (256, 2),
+    (256, 4),
+    (256, 8)
+);
+
+const DECODE_REDUCE_WINDOWED: Kernel<args::PagedAttentionDecodeReduceWindowed> = kernel!(
+    args::PagedAttentionDecodeReduceWindowed,
+    "attention_decode",
+    "paged_attention_decode_reduce_windowed",
+    "paged_attention_decode_reduce_windowed_f16"
+);
+
+/// Every entry point above (for `kernels::all`).
+pub fn kernels() -> Vec<NamedKernel> {
+    let mut k: Vec<NamedKernel> = DECODE_WINDOWED.iter().map(|d| d.2.named()).collect();
+    k.push(DECODE_REDUCE_WINDOWED.named());
+    k
+}
+
+/// Query heads a block for a GQA group of `group` heads, as `decode_kernel` tiles them: groups
+/// of 3 take the 4-head tile, 5 and more the 8-head one (several blocks a KV head past 8).
+fn tile_heads(group: usize) -> usize {
+    match group {
+        0 | 1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    }
+}
+
+/// The windowed decode kernel of a layer and its query heads a block, if built.
+pub(super) fn windowed_decode_kernel(
+    head_dim: usize,
+    group: usize,
+) -> Option<(Kernel<args::DecodeAttentionWindowed>, usize)> {
+    let gt = tile_heads(group);
+    DECODE_WINDOWED
+        .iter()
+        .find(|&&(hd, g, _)| hd == head_dim && g == gt)
+        .map(|&(_, _, kernel)| (kernel, gt))
+}
+
+/// The kernels' window argument: 0 for none; a window past i32 never cuts a context.
+pub(super) fn window_arg(layout: &AttentionLayout) -> i32 {
+    layout
+        .sliding_window
+        .map_or(0, |w| w.min(i32::MAX as usize) as i32)
+}
+
+/// The kernels' soft-cap argument: 0 for none, else positive and finite.
+pub(super) fn softcap_arg(layout: &AttentionLayout) -> Result<f32> {
+    ensure!(
+        layout.softcap.is_none_or(|c| c > 0.0 && c.is_finite()),
+        "attention logit soft-cap {:?}: must be positive",
+        layout.softcap
+    );
+    Ok(layout.softcap.unwrap_or(0.0))
+}
+
+impl CudaBackend {
+    /// Windowed decode attention for the step's leading one-token sequences. `rope`: their q
+    /// and new k are still unrotated and the kernel rotates them and writes k and v to the
+    /// cache; None: the rotation kernel did both already (the kernel rewrites the same values).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn windowed_decode_attention(
+        &self,
+        qkv: &CudaTensor,
+        rope: Option<&CudaVector>,
+        layout: &AttentionLayout,
+        step: &CudaStepMeta,
+        cache: &CudaKvCache,
+        layer: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        if step.num_decode == 0 {
+            return Ok(());
+        }
+        let hd = layout.head_dim;
+        let group = layout.num_heads / layout.num_kv_heads.max(1);
+        let (kernel, gt) = windowed_decode_kernel(hd, group).with_context(|| {
+            format!("no windowed decode attention kernel for head_dim {hd} (built: 64, 80, 96, 128, 256)")
+        })?;
+        let window = window_arg(layout);
+        let softcap = softcap_arg(layout)?;
+        let q = qkv.buf.ptr;
+        let k_new = q + (layout.q_size() * ELEM_BYTES) as u64;
+        let v_new = k_new + (layout.kv_size() * ELEM_BYTES) as u64;
+        let (nh, depth) = (layout.num_heads as i32, step.decode_partitions);
+        let target = step.decode_target as i32;
+        let context_lens = step.at(step.layout.context_lens);
+        let (partial_out, partial_ml) = (self.partial_out.ptr, self.partial_ml.ptr);
+        let a = args::DecodeAttentionWindowed {
+            out: out.buf.ptr,
+            partial_out,
+            partial_ml,
+            // Null: the reduce kernel merges split sequences, as on the plain path.
+            semaphores: 0,
+            q,
+            k_new,
+            v_new,
+            qkv_stride: layout.qkv_size() as i32,
+            key_cache: cache.k_layer(layer),
+            value_cache: cache.v_layer(layer),
+            block_tables: step.at(step.layout.block_tables),
+            context_lens,
+            positions: step.at(step.layout.positions),
+            slot_mapping: step.at(step.layout.slots),
+            inv_freq: rope.map_or(0 as CUdeviceptr, |r| r.f32.ptr),
+            scale: layout.scale,
+            num_heads: nh,
+            num_kv_heads: layout.num_kv_heads as i32,
+            block_size: cache.shape.block_size as i32,
+            max_blocks_per_seq: step.max_blocks_per_seq as i32,
+            target_partitions: target,
+            window,
+            softcap,
+        };
+        let grid = (
+            (layout.num_kv_heads * group.div_ceil(gt)) as u32,
+            step.num_decode as u32,
+            depth as u32,
+        );
+        self.launch_smem(kernel, grid, 128, decode_smem::full(gt), a)?;
+        if depth > 1 {
+            let reduce = args::PagedAttentionDecodeReduceWindowed {
+                out: out.buf.ptr,
+                partial_out,
+                partial_ml,
+                context_lens,
+                num_heads: nh,
+                head_dim: hd as i32,
+                max_partitions: depth as i32,
+                target_partitions: target,
+                window,
+            };
+            let grid = (layout.num_heads as u32, step.num_decode as u32, 1);
+            self.launch(DECODE_REDUCE_WINDOWED, grid, 128, reduce)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{softcap_arg, window_arg, windowed_decode_kernel};
+    use crate::backend::cuda::elem::GpuDtype;
+    use crate::backend::AttentionLayout;
+
+    #[test]
+    fn every_head_size_and_group_has_a_windowed_decode_build() {
+        for hd in [64, 80, 96, 128, 256] {
+            for (group, gt) in [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (8, 8), (16, 8)] {
+                let (kernel, tile) = windowed_decode_kernel(hd, group).unwrap();
+                assert_eq!(tile, gt, "group {group}");
+                assert_eq!(
+                    kernel.of(GpuDtype::F16),
+                    (
+                        "attention_decode_f16",
+                        format!("paged_attention_decode_windowed_hd{hd}_g{gt}_f16").as_str()
+                    )
+                );
+            }
+        }
+        assert!(windowed_decode_kernel(112, 1).is_none());
+    }
+
+    #[test]
+    fn window_and_softcap_arguments_say_none_with_zero_and_refuse_bad_caps() {
+        let plain = AttentionLayout {
+            num_heads: 8,
+            num_kv_heads: 2,
+            head_dim: 256,
+            scale: 1.0 / 16.0,
+            sliding_window: None,
+            softcap: None,
+            rotary_dim: 256,
+            rope_scale: 1.0,
+        };
+        assert_eq!((window_arg(&plain), softcap_arg(&plain).unwrap()), (0, 0.0));
+        let gemma = AttentionLayout {
+            sliding_window: Some(4096),
+            softcap: Some(50.0),
+            ..plain
+        };
+        assert_eq!(
+            (window_arg(&gemma), softcap_arg(&gemma).unwrap()),
+            (4096, 50.0)
+        );
+        let huge = AttentionLayout {
+            sliding_window: Some(usize::MAX),
+            ..plain
+        };
+        assert_eq!(window_arg(&huge), i32::MAX);
+        let negative = AttentionLayout {
+            softcap: Some(-1.0),
+            ..plain
+        };
+        assert!(softcap_arg(&negative).is_err());
+    }
+}
