@@ -6,6 +6,9 @@
 //   -> silu_and_mul (activation.cu, over P = T * top_k rows) -> moe_grouped_gemm (down)
 //   -> moe_unpermute (each token's expert rows, weighted, summed).
 //
+// Up to 8 tokens (decode) take moe_small.cu's two launches instead; both route with
+// moe_topk.cuh's moe_route_token.
+//
 // The CPU reference of every kernel is `rvllm_kernels::reference` (reference_moe.rs); the
 // engine's CPU backend (backend/cpu/moe.rs) computes the same function. The grouped GEMM
 // (moe_gemm.cu) reads each expert's rows from the offsets on the device; a block whose expert
@@ -33,22 +36,10 @@
 //       out[t] = sum_j topk_weights[t, j] * rows[pair_slots[t * k + j]] (f32, j in order);
 //       grid (T), block 256.
 #include "common.cuh"
+#include "moe_topk.cuh"
 
-constexpr int kMoeMaxExperts = 1024;
 // Rows of one expert a tile of the grouped GEMM (moe_gemm.cu's kBM).
 constexpr int kMoeGemmTileRows = 64;
-
-// Warp argmax of (value, index): the larger value, ties to the lower index.
-RVLLM_DEVICE void warp_argmax(float& v, int& i) {
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-        if (ov > v || (ov == v && oi < i)) {
-            v = ov;
-            i = oi;
-        }
-    }
-}
 
 extern "C" __global__ void DT(moe_topk_softmax_bf16, moe_topk_softmax_f16)(
     int* __restrict__ topk_ids, float* __restrict__ topk_weights, const elem_t* __restrict__ logits,
@@ -57,61 +48,12 @@ extern "C" __global__ void DT(moe_topk_softmax_bf16, moe_topk_softmax_f16)(
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int t = blockIdx.x * (blockDim.x / 32) + warp;
     if (t >= tokens || experts > kMoeMaxExperts || top_k > 32) return;
-    const elem_t* row = logits + (int64_t)t * experts;
-    constexpr int kPer = kMoeMaxExperts / 32;
-    float p[kPer];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int q = 0; q < kPer; ++q) {
-        const int e = q * 32 + lane;
-        p[q] = e < experts ? to_f32(row[e]) : -INFINITY;
-        mx = fmaxf(mx, p[q]);
-    }
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float sum = 0.0f;
-#pragma unroll
-    for (int q = 0; q < kPer; ++q) {
-        const int e = q * 32 + lane;
-        p[q] = e < experts ? expf(p[q] - mx) : 0.0f;
-        sum += p[q];
-    }
-    sum = warp_sum(sum);
-    // Lane j keeps the j-th pick; picks are knocked out of p (set to -1) as they are taken.
-    int my_id = 0;
-    float my_w = 0.0f, picked = 0.0f;
-    for (int j = 0; j < top_k; ++j) {
-        float bv = -1.0f;
-        int bi = kMoeMaxExperts;
-#pragma unroll
-        for (int q = 0; q < kPer; ++q) {
-            const int e = q * 32 + lane;
-            if (e < experts && (p[q] > bv || (p[q] == bv && e < bi))) {
-                bv = p[q];
-                bi = e;
-            }
-        }
-        warp_argmax(bv, bi);
-        // Only NaN logits leave nothing to pick: keep the id inside the expert table (moe_align
-        // indexes shared memory by it); the layer's output is NaN either way.
-        if (bi >= experts) bi = 0;
-        const float prob = bv / sum;
-        picked += prob;
-        if (lane == j) {
-            my_id = bi;
-            my_w = prob;
-        }
-        if (bi % 32 == lane) p[bi / 32] = -1.0f;
-    }
-    const float norm = renormalize ? picked : 1.0f;
-    // Ascending expert order: each pick's rank among the picks is its place.
-    int rank = 0;
-    for (int j = 0; j < top_k; ++j) {
-        const int other = __shfl_sync(0xffffffffu, my_id, j);
-        if (lane < top_k && other < my_id) ++rank;
-    }
+    int id, rank;
+    float w;
+    moe_route_token(logits + (int64_t)t * experts, experts, top_k, renormalize, id, w, rank);
     if (lane < top_k) {
-        topk_ids[(int64_t)t * top_k + rank] = my_id;
-        topk_weights[(int64_t)t * top_k + rank] = my_w / norm;
+        topk_ids[(int64_t)t * top_k + rank] = id;
+        topk_weights[(int64_t)t * top_k + rank] = w;
     }
 }
 

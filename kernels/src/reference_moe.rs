@@ -161,3 +161,105 @@ pub fn moe_unpermute(
     }
     out
 }
+
+/// Most tokens the small-batch decode path (`moe_small.cu`) takes (its kMoeSmallMaxTokens): a
+/// warp routes a token and each lane keeps a partial sum a token, so the kernels hold eight in
+/// registers; at 8 tokens of 128 experts top 8 about 50 experts are busy, and past it the
+/// grouped GEMM's tensor cores reuse each weight for more rows than the GEMV's FMAs keep up
+/// with.
+pub const MOE_SMALL_MAX_TOKENS: usize = 8;
+/// Output columns (one a warp) a block of each small-path kernel, and its threads.
+pub const MOE_SMALL_COLS: usize = 8;
+pub const MOE_SMALL_THREADS: u32 = 256;
+
+/// Whether the small-batch path takes `tokens` tokens of this layer: at most
+/// [`MOE_SMALL_MAX_TOKENS`], top 32 and 1,024 experts, rows of whole 16-byte chunks.
+pub fn moe_small_fits(
+    tokens: usize,
+    experts: usize,
+    top_k: usize,
+    hidden: usize,
+    inter: usize,
+) -> bool {
+    (1..=MOE_SMALL_MAX_TOKENS).contains(&tokens)
+        && (1..=experts.min(32)).contains(&top_k)
+        && experts <= 1024
+        && hidden > 0
+        && inter > 0
+        && hidden.is_multiple_of(8)
+        && inter.is_multiple_of(8)
+}
+
+/// `(grid, block)` of `moe_small_gate_up`: a block 8 columns of one distinct expert, as many
+/// expert rows as the step could select (those past the routing's return at once).
+pub fn moe_small_gate_up_launch(
+    tokens: usize,
+    experts: usize,
+    top_k: usize,
+    inter: usize,
+) -> ((u32, u32, u32), u32) {
+    let grid = (
+        inter.div_ceil(MOE_SMALL_COLS).max(1) as u32,
+        experts.min(tokens * top_k).max(1) as u32,
+        1,
+    );
+    (grid, MOE_SMALL_THREADS)
+}
+
+/// `(grid, block)` of `moe_small_down`: a block 8 output columns of every token.
+pub fn moe_small_down_launch(hidden: usize) -> ((u32, u32, u32), u32) {
+    (
+        (hidden.div_ceil(MOE_SMALL_COLS).max(1) as u32, 1, 1),
+        MOE_SMALL_THREADS,
+    )
+}
+
+/// `moe_small_gate_up`'s activations `[tokens * top_k, inter]` in pair order: pair `p` of token
+/// `p / top_k` and expert `ids[p]`, `silu(x . gate) * (x . up)` for every column, from `w_gu`
+/// (`[experts, 2 * inter, hidden]`, gate rows then up rows). The routing is
+/// [`moe_topk_softmax`]'s.
+pub fn moe_small_gate_up(
+    x: &[f32],
+    ids: &[i32],
+    w_gu: &[f32],
+    top_k: usize,
+    hidden: usize,
+    inter: usize,
+) -> Vec<f32> {
+    let dot = |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(a, b)| a * b).sum() };
+    let mut act = vec![0.0f32; ids.len() * inter];
+    for (p, &e) in ids.iter().enumerate() {
+        let xt = &x[p / top_k * hidden..(p / top_k + 1) * hidden];
+        let we = &w_gu[e as usize * 2 * inter * hidden..(e as usize + 1) * 2 * inter * hidden];
+        for j in 0..inter {
+            let g = dot(xt, &we[j * hidden..(j + 1) * hidden]);
+            let u = dot(xt, &we[(inter + j) * hidden..(inter + j + 1) * hidden]);
+            act[p * inter + j] = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+    act
+}
+
+/// `moe_small_down`: `out[t, c] = sum_j weights[p] * (act[p] . w_d[ids[p], c])` over the pairs
+/// `p = t * top_k + j` of each token (`w_d` is `[experts, hidden, inter]`).
+pub fn moe_small_down(
+    act: &[f32],
+    ids: &[i32],
+    weights: &[f32],
+    w_d: &[f32],
+    top_k: usize,
+    hidden: usize,
+    inter: usize,
+) -> Vec<f32> {
+    let tokens = ids.len() / top_k;
+    let mut out = vec![0.0f32; tokens * hidden];
+    for (p, (&e, &wt)) in ids.iter().zip(weights).enumerate() {
+        let a = &act[p * inter..(p + 1) * inter];
+        for c in 0..hidden {
+            let row =
+                &w_d[(e as usize * hidden + c) * inter..(e as usize * hidden + c + 1) * inter];
+            out[p / top_k * hidden + c] += wt * a.iter().zip(row).map(|(a, b)| a * b).sum::<f32>();
+        }
+    }
+    out
+}

@@ -346,6 +346,211 @@ fn the_fused_moe_chain_matches_the_reference() {
     }
 }
 
+/// The small-batch decode path's two launches (`moe_small.cu`).
+struct Small<'a> {
+    c: &'a Chain,
+    inter: usize,
+}
+
+impl Small<'_> {
+    fn gate_up(
+        &self,
+        act: u64,
+        x: u64,
+        logits: u64,
+        w: u64,
+        renormalize: bool,
+    ) -> Launch<args::MoeSmallGateUp> {
+        let c = self.c;
+        let (grid, block) =
+            reference::moe_small_gate_up_launch(c.tokens, c.experts, c.top_k, self.inter);
+        Launch::new(
+            grid,
+            block,
+            args::MoeSmallGateUp {
+                act,
+                topk_ids: c.ids.ptr,
+                topk_weights: c.weights.ptr,
+                x,
+                logits,
+                w,
+                tokens: c.tokens as i32,
+                experts: c.experts as i32,
+                top_k: c.top_k as i32,
+                renormalize: renormalize as i32,
+                inter: self.inter as i32,
+                hidden: c.hidden as i32,
+            },
+        )
+    }
+
+    fn down(&self, out: u64, act: u64, w: u64) -> Launch<args::MoeSmallDown> {
+        let c = self.c;
+        let (grid, block) = reference::moe_small_down_launch(c.hidden);
+        Launch::new(
+            grid,
+            block,
+            args::MoeSmallDown {
+                out,
+                act,
+                w,
+                topk_ids: c.ids.ptr,
+                topk_weights: c.weights.ptr,
+                tokens: c.tokens as i32,
+                experts: c.experts as i32,
+                top_k: c.top_k as i32,
+                hidden: c.hidden as i32,
+                inter: self.inter as i32,
+            },
+        )
+    }
+}
+
+/// The small-batch path (1 to `MOE_SMALL_MAX_TOKENS` tokens) against its references: the
+/// routing its gate/up kernel stores (exactly `moe_topk_softmax`'s), the activations in pair
+/// order, and the down kernel's weighted sums (from the device's rounded activations). Shapes:
+/// Qwen3-30B-A3B's at 1 and 8 tokens, most experts idle, every pair on one expert (top 1),
+/// expert 0 in every token beside others, top 32 at 8 tokens (256 pairs, the kernels' most),
+/// reductions of no whole 32 chunks a lane. Outputs poisoned first.
+#[test]
+fn the_small_batch_moe_path_matches_the_reference() {
+    let Some(g) = gpu("the_small_batch_moe_path_matches_the_reference") else {
+        return;
+    };
+    let mut r = rng("moe_small");
+    let max = reference::MOE_SMALL_MAX_TOKENS;
+    // (tokens, experts, top k, hidden, inter, renormalize, one expert first)
+    let shapes = [
+        (1, 128, 8, 2048, 768, true, false),
+        (max, 128, 8, 2048, 768, true, false),
+        (1, 8, 2, 256, 128, true, false),
+        (2, 128, 8, 256, 64, false, false),
+        (3, 128, 8, 136, 40, true, true),
+        (max, 16, 1, 256, 64, false, true),
+        (1, 16, 1, 256, 64, true, true),
+        (max, 8, 2, 200, 48, true, true),
+        (5, 64, 4, 4104, 24, false, false),
+        (max, 64, 32, 128, 32, true, false),
+    ];
+    for e in Elem::BOTH {
+        for &(t, ex, k, h, i, renormalize, one_expert) in &shapes {
+            assert!(reference::moe_small_fits(t, ex, k, h, i));
+            let p = t * k;
+            let what = format!(
+                "small path {} tokens {t} experts {ex} top {k} hidden {h} inter {i}",
+                e.name()
+            );
+            let (mut logit_bits, mut logits) = e.random(&mut r, t * ex, 4.0);
+            if one_expert {
+                for row in 0..t {
+                    logit_bits[row * ex] = e.bits(8.0);
+                    logits[row * ex] = e.widen(logit_bits[row * ex]);
+                }
+            }
+            let d_logits = g.upload(&logit_bits);
+            let (x_bits, x) = e.random(&mut r, t * h, 1.0);
+            let d_x = g.upload(&x_bits);
+            let (wgu_bits, wgu) = e.random(&mut r, ex * 2 * i * h, 1.0 / (h as f32).sqrt());
+            let (wd_bits, wd) = e.random(&mut r, ex * h * i, 1.0 / (i as f32).sqrt());
+            let (d_wgu, d_wd) = (g.upload(&wgu_bits), g.upload(&wd_bits));
+            let c = Chain::new(&g, t, ex, k, h);
+            let small = Small { c: &c, inter: i };
+            let act = g.poisoned(p * i, e.nan());
+            small
+                .gate_up(act.ptr, d_x.ptr, d_logits.ptr, d_wgu.ptr, renormalize)
+                .run(&g, e, "moe_small", "moe_small_gate_up_bf16");
+            let (want_ids, want_w) = reference::moe_topk_softmax(&logits, ex, k, renormalize);
+            assert_eq!(g.download(&c.ids), want_ids, "{what}: routed experts");
+            assert_close(
+                &format!("{what}: routing weights"),
+                &g.download(&c.weights),
+                &want_w,
+                1e-6,
+                1e-5,
+            );
+            let (off, _, _) = reference::moe_align(&want_ids, ex);
+            let busy = off.windows(2).filter(|w| w[1] > w[0]).count();
+            if p < ex {
+                assert!(busy < ex, "{what}: some expert should be idle");
+            }
+            if one_expert {
+                assert!(
+                    want_ids.chunks(k).all(|c| c[0] == 0),
+                    "{what}: expert 0 first"
+                );
+                if k == 1 {
+                    assert_eq!(busy, 1, "{what}: every pair on one expert");
+                }
+            }
+            let (atol, rtol) = e.tolerance();
+            let want_act = reference::moe_small_gate_up(&x, &want_ids, &wgu, k, h, i);
+            let got_act = g.download_as(e, &act);
+            assert_close(&format!("{what}: act"), &got_act, &want_act, atol, rtol);
+
+            let out = g.poisoned(t * h, e.nan());
+            small
+                .down(out.ptr, act.ptr, d_wd.ptr)
+                .run(&g, e, "moe_small", "moe_small_down_bf16");
+            let want_out = reference::moe_small_down(&got_act, &want_ids, &want_w, &wd, k, h, i);
+            let got_out = g.download_as(e, &out);
+            assert_close(&format!("{what}: output"), &got_out, &want_out, atol, rtol);
+            // A grid narrower than a block a column group: its blocks take several groups
+            // each, computing each column as before.
+            let (act3, out3) = (g.poisoned(p * i, e.nan()), g.poisoned(t * h, e.nan()));
+            let mut l = small.gate_up(act3.ptr, d_x.ptr, d_logits.ptr, d_wgu.ptr, renormalize);
+            l.grid.0 = 3;
+            l.run(&g, e, "moe_small", "moe_small_gate_up_bf16");
+            assert_eq!(
+                g.download_as(e, &act3),
+                got_act,
+                "{what}: act, 3 blocks wide"
+            );
+            let mut l = small.down(out3.ptr, act.ptr, d_wd.ptr);
+            l.grid.0 = 3;
+            l.run(&g, e, "moe_small", "moe_small_down_bf16");
+            assert_eq!(
+                g.download_as(e, &out3),
+                got_out,
+                "{what}: output, 3 blocks wide"
+            );
+        }
+    }
+}
+
+/// The small path's references are the grouped chain's: the same activations (sorted by
+/// expert there, in pair order here) and the same layer output (no GPU needed).
+#[test]
+fn the_small_path_references_match_the_grouped_chain() {
+    let mut r = rng("moe_small_reference");
+    let (t, ex, k, h, i) = (3, 6, 2, 8, 4);
+    let logits: Vec<f32> = (0..t * ex).map(|_| r.random_range(-2.0..2.0)).collect();
+    let x: Vec<f32> = (0..t * h).map(|_| r.random_range(-1.0..1.0)).collect();
+    let wgu: Vec<f32> = (0..ex * 2 * i * h)
+        .map(|_| r.random_range(-1.0..1.0))
+        .collect();
+    let wd: Vec<f32> = (0..ex * h * i).map(|_| r.random_range(-1.0..1.0)).collect();
+    let (ids, weights) = reference::moe_topk_softmax(&logits, ex, k, true);
+    let (off, sorted, slots) = reference::moe_align(&ids, ex);
+    let rows = reference::moe_gather(&x, &sorted, h, k);
+    let gu = reference::moe_grouped_gemm(&rows, &wgu, &off, 2 * i, h);
+    let act_sorted = reference::silu_and_mul(&gu, i);
+    let act = reference::moe_small_gate_up(&x, &ids, &wgu, k, h, i);
+    for (pair, &slot) in slots.iter().enumerate() {
+        let s = slot as usize;
+        assert_close(
+            &format!("pair {pair}"),
+            &act[pair * i..(pair + 1) * i],
+            &act_sorted[s * i..(s + 1) * i],
+            1e-5,
+            1e-5,
+        );
+    }
+    let down = reference::moe_grouped_gemm(&act_sorted, &wd, &off, h, i);
+    let want = reference::moe_unpermute(&down, &slots, &weights, h, k);
+    let got = reference::moe_small_down(&act, &ids, &weights, &wd, k, h, i);
+    assert_close("layer output", &got, &want, 1e-5, 1e-5);
+}
+
 /// The references compose into the layer: gathered, multiplied and un-permuted, they give each
 /// token's weighted sum of its experts' outputs (no GPU needed).
 #[test]
@@ -425,7 +630,10 @@ fn the_gemm_tile_map_covers_every_expert_row_once() {
 /// expert width 768, bf16) inside CUDA graphs, at batch sizes from 1 to 1,024 with random
 /// routing: each grouped GEMM alone (gate/up gated, and the bandwidth of the weights of the
 /// experts it reads), and the whole chain from the routing to the un-permute (router GEMM
-/// excluded).
+/// excluded); then, at 1, 2, 4 and 8 tokens, the small-batch path's two kernels (each alone,
+/// and the pair) beside the grouped chain on the same routing. Each graph replays the same
+/// experts, so some of their weights may come from L2 (50 MiB on an H100) as in the grouped
+/// rows.
 /// Not a timed test: `gpu_moe-<hash> --ignored --nocapture`.
 #[test]
 #[ignore]
@@ -498,6 +706,100 @@ fn qwen3_moe_layer_timings() {
         assert!(
             g.download_as(e, &out).iter().all(|v| v.is_finite()),
             "batch {t}: the layer left NaN"
+        );
+    }
+
+    // The small-batch path beside the grouped one at the same batch and routing.
+    let (gate_up_small, down_small) = (
+        g.function(&e.module("moe_small"), &e.kernel("moe_small_gate_up_bf16")),
+        g.function(&e.module("moe_small"), &e.kernel("moe_small_down_bf16")),
+    );
+    println!(
+        "small path | batch | experts used | gate/up us | GB/s | down us | GB/s | \
+         layer us (x48 = ms) | grouped path layer us | speed-up"
+    );
+    for t in [1usize, 2, 4, 8] {
+        assert!(t <= reference::MOE_SMALL_MAX_TOKENS);
+        let p = t * k;
+        let (logits, _) = e.random(&mut r, t * ex, 4.0);
+        let logits = g.upload(&logits);
+        let (x, _) = e.random(&mut r, t * h, 1.0);
+        let x = g.upload(&x);
+        let c = Chain::new(&g, t, ex, k, h);
+        let small = Small { c: &c, inter: i };
+        let rows = g.poisoned(p * h, e.nan());
+        let act = g.poisoned(p * i, e.nan());
+        let out = g.poisoned(t * h, e.nan());
+        // Each kernel at a grid `width` blocks wide (0: the engine's).
+        let gate_up_at = |st, width: u32| {
+            let mut l = small.gate_up(act.ptr, x.ptr, logits.ptr, w_gu.ptr, true);
+            if width > 0 {
+                l.grid.0 = width;
+            }
+            l.on(&g, st, gate_up_small)
+        };
+        let down_at = |st, width: u32| {
+            let mut l = small.down(out.ptr, act.ptr, w_d.ptr);
+            if width > 0 {
+                l.grid.0 = width;
+            }
+            l.on(&g, st, down_small)
+        };
+        let gate_up = |st| gate_up_at(st, 0);
+        let down = |st| down_at(st, 0);
+        gate_up(std::ptr::null_mut());
+        down(std::ptr::null_mut());
+        g.sync();
+        let mut ids = g.download(&c.ids);
+        ids.sort_unstable();
+        ids.dedup();
+        let used = ids.len();
+        assert!(
+            g.download_as(e, &out).iter().all(|v| v.is_finite()),
+            "small path batch {t}: the layer left NaN"
+        );
+        let gu_us = g.graph_time_us(16, gate_up);
+        let d_us = g.graph_time_us(16, down);
+        let layer_us = g.graph_time_us(8, |st| {
+            gate_up(st);
+            down(st);
+        });
+        // The grouped path over the same routing (its own routing kernel recomputes it).
+        let grouped_us = g.graph_time_us(8, |st| {
+            c.topk(logits.ptr, true).on(&g, st, topk);
+            c.align().on(&g, st, align);
+            c.gather(rows.ptr, x.ptr).on(&g, st, gather);
+            c.grouped_gemm(act.ptr, rows.ptr, w_gu.ptr, i, h, true)
+                .on(&g, st, gemm);
+            c.grouped_gemm(rows.ptr, act.ptr, w_d.ptr, h, i, false)
+                .on(&g, st, gemm);
+            c.unpermute(out.ptr, rows.ptr).on(&g, st, unpermute);
+        });
+        let gb = |bytes: usize, us: f32| bytes as f32 / us / 1e3;
+        let (gu_bytes, d_bytes) = (used * 2 * i * h * 2, used * h * i * 2);
+        println!(
+            "small path | {t:5} | {used:12} | {gu_us:10.1} | {:4.0} | {d_us:7.1} | {:4.0} | \
+             {layer_us:6.1} ({:.2}) [{:4.0} GB/s] | {grouped_us:21.1} | {:.2}x",
+            gb(gu_bytes, gu_us),
+            gb(d_bytes, d_us),
+            layer_us * 48.0 / 1e3,
+            gb(gu_bytes + d_bytes, layer_us),
+            grouped_us / layer_us
+        );
+        // Narrower grids: fewer blocks, each routing once for several column groups.
+        let widths = |full: u32, f: &dyn Fn(CUstream, u32)| -> String {
+            [full, full / 2, full / 3, full / 4, full / 8]
+                .iter()
+                .map(|&w| format!("{w}: {:.1}", g.graph_time_us(16, |st| f(st, w))))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let full_gu = reference::moe_small_gate_up_launch(t, ex, k, i).0 .0;
+        let full_d = reference::moe_small_down_launch(h).0 .0;
+        println!(
+            "small path | {t:5} | gate/up us by grid width {{{}}} | down us by grid width {{{}}}",
+            widths(full_gu, &gate_up_at),
+            widths(full_d, &down_at)
         );
     }
 }

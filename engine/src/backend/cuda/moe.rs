@@ -15,6 +15,13 @@
 //! so decode steps capture into CUDA graphs and batch-1 decode streams only the selected
 //! experts' weights, each once. Prefills run the same kernels (no stream sync, one launch a
 //! projection).
+//!
+//! Up to `MOE_SMALL_MAX_TOKENS` (8) tokens, with rows of whole 16-byte chunks, take the
+//! small-batch decode path instead (kernels/src/moe_small.cu): after the router GEMM,
+//! `moe_small_gate_up` (the routing in every block, then a GEMV of each distinct selected
+//! expert's gate and up rows with SiLU-and-mul, `act` in pair order) and `moe_small_down` (each
+//! output element its token's weighted sum over its experts): two launches where the path above
+//! takes six, the same routing and the same function.
 use std::sync::Mutex;
 
 use anyhow::{ensure, Result};
@@ -25,7 +32,10 @@ use super::device::DevBuf;
 use super::elem::{kernel, Kernel, NamedKernel};
 use crate::backend::{Activation, Backend, MoeLayout, MoeScratch};
 use rvllm_kernels::args;
-use rvllm_kernels::reference::{moe_gemm_tile_slots, moe_grouped_gemm_launch};
+use rvllm_kernels::reference::{
+    moe_gemm_tile_slots, moe_grouped_gemm_launch, moe_small_down_launch, moe_small_fits,
+    moe_small_gate_up_launch,
+};
 
 pub const MOE_TOPK_SOFTMAX: Kernel<args::MoeTopkSoftmax> = kernel!(
     args::MoeTopkSoftmax,
@@ -49,6 +59,18 @@ pub const MOE_UNPERMUTE: Kernel<args::MoeUnpermute> = kernel!(
     "moe_unpermute_bf16",
     "moe_unpermute_f16"
 );
+pub const MOE_SMALL_GATE_UP: Kernel<args::MoeSmallGateUp> = kernel!(
+    args::MoeSmallGateUp,
+    "moe_small",
+    "moe_small_gate_up_bf16",
+    "moe_small_gate_up_f16"
+);
+pub const MOE_SMALL_DOWN: Kernel<args::MoeSmallDown> = kernel!(
+    args::MoeSmallDown,
+    "moe_small",
+    "moe_small_down_bf16",
+    "moe_small_down_f16"
+);
 
 /// The entry points this path launches (for the tables that list every kernel).
 pub fn kernels() -> Vec<NamedKernel> {
@@ -58,6 +80,8 @@ pub fn kernels() -> Vec<NamedKernel> {
         MOE_GATHER.named(),
         MOE_GROUPED_GEMM.named(),
         MOE_UNPERMUTE.named(),
+        MOE_SMALL_GATE_UP.named(),
+        MOE_SMALL_DOWN.named(),
     ]
 }
 
@@ -236,6 +260,9 @@ impl CudaBackend {
         s.act.set_rows(pairs)?;
         let r = self.moe_routing_ptrs(s.rows.capacity_rows(), e)?;
         self.linear(x, router, None, &mut s.router_logits)?;
+        if moe_small_fits(tokens, e, k, h, inter) {
+            return self.moe_small(x, gate_up, down, layout, s, r, out);
+        }
 
         let (t32, e32, k32, p32) = (tokens as i32, e as i32, k as i32, pairs as i32);
         self.launch(
@@ -324,6 +351,66 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// The small-batch decode path (kernels/src/moe_small.cu): `moe_small_gate_up` routes
+    /// every token from the router logits in each block (moe_topk_softmax's routing), stores
+    /// the routing for the down kernel and writes `act` in pair order; `moe_small_down` sums
+    /// each token's experts, weighted, into `out`. Two launches after the router GEMM, grids
+    /// from the shape alone.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_small(
+        &self,
+        x: &CudaTensor,
+        gate_up: &CudaWeight,
+        down: &CudaWeight,
+        layout: &MoeLayout,
+        s: &mut MoeScratch<CudaTensor>,
+        r: RoutingPtrs,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let (e, k, inter) = (layout.num_experts, layout.top_k, layout.intermediate_size);
+        let (tokens, h) = (x.rows(), x.cols());
+        let (grid, block) = moe_small_gate_up_launch(tokens, e, k, inter);
+        self.launch(
+            MOE_SMALL_GATE_UP,
+            grid,
+            block,
+            args::MoeSmallGateUp {
+                act: s.act.ptr(),
+                topk_ids: r.topk_ids,
+                topk_weights: r.topk_weights,
+                x: x.ptr(),
+                logits: s.router_logits.ptr(),
+                w: gate_up.buf.ptr,
+                tokens: tokens as i32,
+                experts: e as i32,
+                top_k: k as i32,
+                renormalize: layout.renormalize as i32,
+                inter: inter as i32,
+                hidden: h as i32,
+            },
+        )?;
+        let (grid, block) = moe_small_down_launch(h);
+        self.launch(
+            MOE_SMALL_DOWN,
+            grid,
+            block,
+            args::MoeSmallDown {
+                out: out.ptr(),
+                act: s.act.ptr(),
+                w: down.buf.ptr,
+                topk_ids: r.topk_ids,
+                topk_weights: r.topk_weights,
+                tokens: tokens as i32,
+                experts: e as i32,
+                top_k: k as i32,
+                hidden: h as i32,
+                inter: inter as i32,
+            },
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::elem::GpuDtype;
@@ -385,6 +472,21 @@ mod tests {
 
     /// The routing arrays do not overlap and the tile map holds every routing's tiles.
     #[test]
+    fn small_batches_take_the_small_path() {
+        let fits = rvllm_kernels::reference::moe_small_fits;
+        assert!(fits(1, 128, 8, 2048, 768));
+        assert!(fits(8, 128, 8, 2048, 768));
+        assert!(!fits(9, 128, 8, 2048, 768));
+        assert!(!fits(0, 128, 8, 2048, 768));
+        assert!(!fits(1, 8, 2, 100, 36), "rows of no whole 16-byte chunks");
+        assert!(!fits(1, 64, 33, 2048, 768), "top 33");
+        assert_eq!(moe_small_gate_up_launch(1, 128, 8, 768).0, (96, 8, 1));
+        assert_eq!(moe_small_gate_up_launch(8, 128, 8, 768).0, (96, 64, 1));
+        assert_eq!(moe_small_gate_up_launch(8, 8, 2, 768).0, (96, 8, 1));
+        assert_eq!(moe_small_down_launch(2048).0, (256, 1, 1));
+    }
+
+    #[test]
     fn routing_arrays_are_laid_out_back_to_back() {
         let (p, e) = (1600, 128);
         let r = RoutingPtrs::at(0, p, e);
@@ -409,7 +511,8 @@ mod tests {
     }
 
     /// The whole layer on the GPU against the CPU backend's, on the same (rounded) inputs and
-    /// weights, in both element types: batches of 1, 7, 64 and 1,024 tokens, Mixtral's 8
+    /// weights, in both element types: batches of 1, 2, 7 and 8 tokens (the small-batch path),
+    /// 9, 64 and 1,024 (the grouped GEMM's), Mixtral's 8
     /// experts top 2 and Qwen3-MoE's 128 top 8, routings where most experts get no token and
     /// where one expert gets every token. The router reads dimension `e` of x for expert `e`,
     /// and those dimensions hold levels 0.25 apart (exact in bf16 and f16), so the routing
@@ -432,10 +535,17 @@ mod tests {
         };
         let cpu = CpuBackend::new();
         // (experts, top k, tokens, renormalize, one expert takes every token)
+        // Up to MOE_SMALL_MAX_TOKENS (8) tokens take the small-batch path, more the grouped GEMM.
         let cases = [
             (8, 2, 1, true, false),
             (128, 8, 1, true, false),
+            (128, 8, 2, true, false),
             (128, 8, 7, false, false),
+            (128, 8, 8, true, false),
+            (128, 8, 8, true, true),
+            (16, 1, 8, false, true),
+            (16, 1, 1, false, true),
+            (128, 8, 9, true, false),
             (8, 2, 64, true, false),
             (16, 1, 64, false, true),
             (8, 2, 1024, true, false),
