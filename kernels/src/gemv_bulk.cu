@@ -385,6 +385,19 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
         const int xshift = amax > 0.0f && amax <= 3.0e38f ? max(-126, min(126, 15 - ex)) : 0;
         const float xscale = __int_as_float((127 + xshift) << 23);
         const float unscale = __int_as_float((127 - xshift) << 23);
+        // xs becomes the scaled f16 input in place, each chunk by the thread that read it for
+        // the maximum; the lanes then load their fragments as they are (up to 8 lanes of a
+        // warp would otherwise convert the same elements).
+        for (int c = tid; c < k8; c += kThreads) {
+            float v[8];
+            elem8_to_f32(*reinterpret_cast<const Elem8*>(&xs[c]), v);
+            __half2 h[4];
+#pragma unroll
+            for (int p = 0; p < 4; ++p)
+                h[p] = __floats2half2_rn(v[2 * p] * xscale, v[2 * p + 1] * xscale);
+            xs[c] = *reinterpret_cast<const int4*>(h);
+        }
+        __syncthreads();
         // A stage's R rows are split into segs = 8 / R segments of seg_units units (64
         // columns) each, so that the MMA's 8 columns are (row, segment) pairs: A's row m holds
         // the input of segment m, and C's element (m, column s * R + r) is row r's product over
@@ -400,16 +413,12 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
             const int l = warp + u * kWarps;
             const int col = (gq * seg_units + l) * kUnitCols + tq * 16;
             const bool valid = gq < segs && l < seg_units && col < k;
-            float v[16] = {};
-            if (valid) {
-                elem8_to_f32(*reinterpret_cast<const Elem8*>(&xs[col / 8]), v);
-                elem8_to_f32(*reinterpret_cast<const Elem8*>(&xs[col / 8 + 1]), v + 8);
-            }
+            const int4 zero = make_int4(0, 0, 0, 0);
+            const int4 a = valid ? xs[col / 8] : zero, b = valid ? xs[col / 8 + 1] : zero;
+            const uint32_t words[8] = {(uint32_t)a.x, (uint32_t)a.y, (uint32_t)a.z, (uint32_t)a.w,
+                                       (uint32_t)b.x, (uint32_t)b.y, (uint32_t)b.z, (uint32_t)b.w};
 #pragma unroll
-            for (int p = 0; p < 8; ++p) {
-                const __half2 h = __floats2half2_rn(v[2 * p] * xscale, v[2 * p + 1] * xscale);
-                xf[u][p] = valid ? *reinterpret_cast<const uint32_t*>(&h) : 0u;
-            }
+            for (int p = 0; p < 8; ++p) xf[u][p] = words[p];
         }
         const bool block_scaled = scale_kind == kBlock128;
         const int tiles = (k + 127) / 128;
