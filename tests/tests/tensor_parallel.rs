@@ -140,7 +140,7 @@ fn logits_over_ranks(
                         if rank == 0 {
                             out.push(model.forward(be, b, &mut kv, &mut ws)?);
                         } else {
-                            model.forward_body(be, b, &mut kv, &mut ws)?;
+                            model.forward_peer(be, b, &mut kv, &mut ws)?;
                         }
                     }
                     Ok(out)

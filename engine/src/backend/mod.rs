@@ -411,6 +411,61 @@ pub trait Backend: Send + Sized + 'static {
         )
     }
 
+    /// Whether a sharded model splits its embedding and LM head over the vocabulary (vLLM's
+    /// `VocabParallelEmbedding` and `ParallelLMHead`): this backend has
+    /// `vocab_parallel_embedding` and `all_gather_columns`. Otherwise they are replicated.
+    const VOCAB_PARALLEL: bool = false;
+
+    /// A vocabulary-parallel embedding: `out[t] = table[token_ids[t] - first_token]` for the
+    /// tokens whose row this rank's `table` holds, zero for the others (an all-reduce then
+    /// gives every rank every row).
+    fn vocab_parallel_embedding(
+        &self,
+        table: &Self::Weight,
+        step: &Self::StepMeta,
+        first_token: usize,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        let _ = (table, step, first_token, out);
+        anyhow::bail!(
+            "a vocabulary-parallel embedding is not implemented on {}",
+            self.device_name()
+        )
+    }
+
+    /// `out` (`[rows, ranks × part.cols]`) becomes every rank's `part`, rank r's in columns
+    /// `r × part.cols..`: the ranks' vocabulary shards of the logits side by side.
+    fn all_gather_columns(&self, part: &Self::Tensor, out: &mut Self::Tensor) -> Result<()> {
+        let _ = (part, out);
+        anyhow::bail!(
+            "tensor parallelism (an all-gather) is not implemented on {}",
+            self.device_name()
+        )
+    }
+
+    /// Whether the model runs its row-parallel projections (O, down) through
+    /// `row_parallel_linear` instead of `linear`/`linear_add` and `all_reduce_sum`.
+    const ROW_PARALLEL_F64: bool = false;
+
+    /// A row-parallel projection summed exactly: `out = x @ w^T`, or `out += x @ w^T` with
+    /// `accumulate`, the inner dimension in f64 over parts of `part_len` and, on a rank of a
+    /// group, over the ranks (each rank's `x` and `w` hold whole parts), rounded once; so the
+    /// result does not depend on how many ranks the model is split over.
+    fn row_parallel_linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        part_len: usize,
+        accumulate: bool,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        let _ = (x, w, part_len, accumulate, out);
+        anyhow::bail!(
+            "exactly summed row-parallel projections are not implemented on {}",
+            self.device_name()
+        )
+    }
+
     /// A pre-norm block's input side: `normed = rms_norm(x) * norm_weight`, then
     /// `out = normed @ w^T (+ bias)`. A backend may fuse the two (and then need not fill
     /// `normed`).

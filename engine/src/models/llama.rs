@@ -9,7 +9,7 @@ use super::config::{MlpActivation, ModelConfig};
 use super::spec::DecoderSpec;
 use super::weights::{DType, HostData, HostTensor, WeightMap};
 use crate::backend::dummy_weight::DummyWeight;
-use crate::backend::parallel::{check_divisible, TpShard};
+use crate::backend::parallel::{check_divisible, row_parallel_parts, TpShard};
 use crate::backend::{Activation, Backend, ForwardBatch, MoeScratch};
 
 /// Rows pushed through the LM head at once: bounds the logits buffer when many rows are
@@ -45,6 +45,13 @@ pub struct LlamaModel<B: Backend> {
     spec: DecoderSpec,
     /// Which rank of a tensor-parallel group this is (`TpShard::whole()` alone).
     shard: TpShard,
+    /// The embedding and LM head hold this rank's part of the vocabulary
+    /// (`TpShard::vocab_rows`); otherwise they are whole on every rank.
+    vocab_parallel: bool,
+    /// The parts the row-parallel projections' inner dimension is summed in where the
+    /// backend sums them exactly (`Backend::ROW_PARALLEL_F64`): O's, and the dense MLP's down.
+    o_part_len: usize,
+    down_part_len: usize,
     embed: B::Weight,
     /// None: tied to the embedding table.
     lm_head: Option<B::Weight>,
@@ -67,6 +74,9 @@ pub struct Workspace<B: Backend> {
     act: B::Tensor,
     gathered: B::Tensor,
     logits: B::Tensor,
+    /// A vocabulary-parallel LM head's logits: this rank's part, and every rank's side by
+    /// side (made by the first step that computes logits).
+    vocab_logits: Option<(B::Tensor, B::Tensor)>,
     host: Vec<f32>,
     /// Mixture-of-experts buffers, for models that have such layers.
     moe: Option<MoeScratch<B::Tensor>>,
@@ -96,6 +106,7 @@ impl<B: Backend> Workspace<B> {
             act: be.alloc_activation(t, c.intermediate_size)?,
             gathered: be.alloc_activation(logits_rows, c.hidden_size)?,
             logits: be.alloc_activation(logits_rows, c.vocab_size)?,
+            vocab_logits: None,
             host: Vec::new(),
             moe: super::moe::scratch(be, c, t)?,
         })
@@ -249,6 +260,8 @@ enum Cut {
         n: usize,
         unit: usize,
     },
+    /// A `[vocab, hidden]` table's rows of this rank's part of the vocabulary, zero-padded.
+    Vocab,
 }
 
 impl Cut {
@@ -262,6 +275,7 @@ impl Cut {
             } => sh.qkv(t, heads, kv_heads, head_dim),
             Cut::GateUp { inter, blocks } => sh.gate_up(t, inter, blocks),
             Cut::Columns { n, unit } => sh.columns(t, n, unit),
+            Cut::Vocab => sh.vocab_rows(t),
         }
     }
 
@@ -271,6 +285,11 @@ impl Cut {
         if sh.is_whole() || matches!(self, Cut::Whole) {
             return Ok(w.clone());
         }
+        // Zero padding rows are no dummy weight's: `load_ranks` cuts such tables on the host.
+        ensure!(
+            !matches!(self, Cut::Vocab),
+            "a dummy vocabulary table is cut on the host"
+        );
         let [rows, cols] = w.shape();
         let by_columns = matches!(self, Cut::Columns { .. });
         let n = if by_columns { cols } else { rows };
@@ -393,8 +412,9 @@ impl<B: Backend> LlamaModel<B> {
     /// One model a backend: with several, the ranks of a tensor-parallel group, rank i on
     /// `bes[i]` (whose backend must reduce through rank i's communicator). Each rank holds its
     /// query heads and KV heads (KV heads replicated when fewer than the ranks), its slice of
-    /// the MLP (and of every expert's), the matching columns of O and down; the embedding, the
-    /// norms, the router and the LM head are replicated (the logits are whole on every rank).
+    /// the MLP (and of every expert's), the matching columns of O and down; the norms and the
+    /// router are replicated. The embedding and the LM head (tied or not) are split over the
+    /// vocabulary where the backend can (`Backend::VOCAB_PARALLEL`), else replicated.
     pub fn load_ranks(
         bes: &[B],
         config: &ModelConfig,
@@ -431,6 +451,17 @@ impl<B: Backend> LlamaModel<B> {
             be.check_decoder(&spec, c.context_len())?;
         }
         let shards: Vec<TpShard> = (0..tp).map(|rank| TpShard { rank, size: tp }).collect();
+        let vocab_parallel = tp > 1 && B::VOCAB_PARALLEL;
+        let vocab_cut = if vocab_parallel {
+            Cut::Vocab
+        } else {
+            Cut::Whole
+        };
+        let parts = row_parallel_parts(
+            c.num_attention_heads,
+            c.intermediate_size,
+            c.family.moe.as_ref().map(|m| m.intermediate_size),
+        );
         let (h, q, kv, inter, vocab) = (
             c.hidden_size,
             c.q_size(),
@@ -461,6 +492,12 @@ impl<B: Backend> LlamaModel<B> {
         let weights_of = |name: &str, t: Pending, cut: Cut| -> Result<Vec<B::Weight>> {
             let t = match t {
                 Pending::Host(t) => t,
+                // Its padded rows are no dummy weight's: made on the host and cut there.
+                Pending::Dummy(w) if matches!(cut, Cut::Vocab) => {
+                    let mut t = w.to_host();
+                    t.shape = w.shape().to_vec();
+                    t
+                }
                 Pending::Dummy(w) => {
                     return bes
                         .iter()
@@ -491,7 +528,7 @@ impl<B: Backend> LlamaModel<B> {
         let o_part = Cut::Columns { n: heads, unit: d };
 
         let embed_name = "model.embed_tokens.weight";
-        let mut embed = weights_of(embed_name, src.matrix(embed_name, &[vocab, h])?, whole)?;
+        let mut embed = weights_of(embed_name, src.matrix(embed_name, &[vocab, h])?, vocab_cut)?;
         let mut layers: Vec<Vec<LlamaLayer<B>>> = (0..tp)
             .map(|_| Vec::with_capacity(c.num_hidden_layers))
             .collect();
@@ -628,7 +665,7 @@ impl<B: Backend> LlamaModel<B> {
             Some(weights_of(
                 "lm_head.weight",
                 src.matrix("lm_head.weight", &[vocab, h])?,
-                whole,
+                vocab_cut,
             )?)
         };
         let ropes = if spec.has_local_rope() {
@@ -657,6 +694,9 @@ impl<B: Backend> LlamaModel<B> {
                 config: local.clone(),
                 spec: spec.clone(),
                 shard: shards[rank],
+                vocab_parallel,
+                o_part_len: q / parts,
+                down_part_len: inter / parts,
                 embed: embed.pop().context("an embedding a rank")?,
                 lm_head: match lm_head.as_mut() {
                     Some(v) => Some(v.pop().context("an LM head a rank")?),
@@ -687,7 +727,14 @@ impl<B: Backend> LlamaModel<B> {
         ws: &mut Workspace<B>,
     ) -> Result<()> {
         let eps = self.config.rms_norm_eps;
-        be.embedding(&self.embed, step, &mut ws.residual)?;
+        if self.vocab_parallel {
+            let first = self.shard.vocab(self.config.vocab_size).start;
+            be.vocab_parallel_embedding(&self.embed, step, first, &mut ws.residual)?;
+            // One rank holds each token's row, the others add zeros: exact.
+            be.all_reduce_sum(&mut ws.residual)?;
+        } else {
+            be.embedding(&self.embed, step, &mut ws.residual)?;
+        }
         if let Some(s) = self.spec.embed_scale {
             be.scale(&mut ws.residual, s)?;
         }
@@ -718,11 +765,16 @@ impl<B: Backend> LlamaModel<B> {
                 &mut ws.attn,
             )?;
             match &l.attn_out_norm {
-                None => {
-                    self.row_parallel_add(be, &ws.attn, &l.o_proj, &mut ws.residual, &mut ws.proj)?
-                }
+                None => self.row_parallel_add(
+                    be,
+                    &ws.attn,
+                    &l.o_proj,
+                    self.o_part_len,
+                    &mut ws.residual,
+                    &mut ws.proj,
+                )?,
                 Some(w) => {
-                    self.row_parallel(be, &ws.attn, &l.o_proj, &mut ws.proj)?;
+                    self.row_parallel(be, &ws.attn, &l.o_proj, self.o_part_len, &mut ws.proj)?;
                     be.rms_norm(&ws.proj, w, eps, &mut ws.normed)?;
                     be.add_inplace(&mut ws.residual, &ws.normed)?;
                 }
@@ -785,11 +837,18 @@ impl<B: Backend> LlamaModel<B> {
                             be,
                             &ws.act,
                             &l.down,
+                            self.down_part_len,
                             &mut ws.residual,
                             &mut ws.proj,
                         )?,
                         Some(w) => {
-                            self.row_parallel(be, &ws.act, &l.down, &mut ws.proj)?;
+                            self.row_parallel(
+                                be,
+                                &ws.act,
+                                &l.down,
+                                self.down_part_len,
+                                &mut ws.proj,
+                            )?;
                             be.rms_norm(&ws.proj, w, eps, &mut ws.normed)?;
                             be.add_inplace(&mut ws.residual, &ws.normed)?;
                         }
@@ -816,13 +875,19 @@ impl<B: Backend> LlamaModel<B> {
 
     /// `out = x @ w^T` for a row-parallel projection (O, down): on a rank of a group, `x` and
     /// `w` hold the rank's slice of the inner dimension, so the ranks' products are summed.
+    /// A backend that sums exactly (`Backend::ROW_PARALLEL_F64`, in parts of `part_len`) does
+    /// so whether or not the model is split, so that both give the same bits.
     fn row_parallel(
         &self,
         be: &B,
         x: &B::Tensor,
         w: &B::Weight,
+        part_len: usize,
         out: &mut B::Tensor,
     ) -> Result<()> {
+        if B::ROW_PARALLEL_F64 {
+            return be.row_parallel_linear(x, w, part_len, false, out);
+        }
         be.linear(x, w, None, out)?;
         if self.reduces(be) {
             be.all_reduce_sum(out)?;
@@ -841,9 +906,13 @@ impl<B: Backend> LlamaModel<B> {
         be: &B,
         x: &B::Tensor,
         w: &B::Weight,
+        part_len: usize,
         residual: &mut B::Tensor,
         scratch: &mut B::Tensor,
     ) -> Result<()> {
+        if B::ROW_PARALLEL_F64 {
+            return be.row_parallel_linear(x, w, part_len, self.adds_residual(), residual);
+        }
         if self.adds_residual() {
             be.linear_add(x, w, residual, scratch)?;
         } else {
@@ -863,6 +932,11 @@ impl<B: Backend> LlamaModel<B> {
         residual: &mut B::Tensor,
         scratch: &mut B::Tensor,
     ) -> Result<()> {
+        if B::ROW_PARALLEL_F64 {
+            be.silu_and_mul(gate_up, act)?;
+            let part_len = self.down_part_len;
+            return be.row_parallel_linear(act, down, part_len, self.adds_residual(), residual);
+        }
         if self.adds_residual() {
             be.silu_mul_linear_add(gate_up, down, act, residual, scratch)?;
         } else {
@@ -909,6 +983,23 @@ impl<B: Backend> LlamaModel<B> {
         Ok(logits)
     }
 
+    /// What a rank other than the one that samples runs for a step: the body and, with a
+    /// vocabulary-parallel LM head, its part of the logits (handed to the sampling rank by
+    /// the all-gather).
+    pub fn forward_peer(
+        &self,
+        be: &B,
+        batch: &ForwardBatch,
+        kv: &mut B::KvCache,
+        ws: &mut Workspace<B>,
+    ) -> Result<()> {
+        if self.vocab_parallel {
+            self.forward_chunked(be, batch, kv, ws, |_, _| Ok(()))
+        } else {
+            self.forward_body(be, batch, kv, ws).map(|_| ())
+        }
+    }
+
     /// The body of a step from its batch (checked, uploaded, the workspace grown to fit),
     /// leaving the final hidden states in `ws`: what a rank that computes no logits runs.
     pub fn forward_body(
@@ -945,11 +1036,29 @@ impl<B: Backend> LlamaModel<B> {
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let rows = batch.logits_rows.len();
         let chunk = ws.gathered.capacity_rows().max(1);
+        let vocab = self.config.vocab_size;
+        let per_rank = self.shard.vocab_rows_per_rank(vocab);
+        if self.vocab_parallel && ws.vocab_logits.is_none() {
+            ws.vocab_logits = Some((
+                be.alloc_activation(chunk, per_rank)?,
+                be.alloc_activation(chunk, per_rank * self.shard.size)?,
+            ));
+        }
         for start in (0..rows).step_by(chunk) {
             let range = start..(start + chunk).min(rows);
             be.gather_rows(&ws.normed, &step, range, &mut ws.gathered)?;
-            be.linear(&ws.gathered, lm_head, None, &mut ws.logits)?;
-            be.to_host(&ws.logits, &mut ws.host)?;
+            match ws.vocab_logits.as_mut().filter(|_| self.vocab_parallel) {
+                None => {
+                    be.linear(&ws.gathered, lm_head, None, &mut ws.logits)?;
+                    be.to_host(&ws.logits, &mut ws.host)?;
+                }
+                Some((part, all)) => {
+                    be.linear(&ws.gathered, lm_head, None, part)?;
+                    be.all_gather_columns(part, all)?;
+                    be.to_host(all, &mut ws.host)?;
+                    drop_vocab_padding(&mut ws.host, per_rank * self.shard.size, vocab);
+                }
+            }
             // On the host: the logits are here anyway, and this is the only reader.
             if let Some(cap) = self.spec.final_logit_softcap {
                 ws.host
@@ -960,6 +1069,16 @@ impl<B: Backend> LlamaModel<B> {
         }
         Ok(())
     }
+}
+
+/// Rows of `padded` logits (every rank's part side by side) become rows of `vocab`, in
+/// place: the padding past the vocabulary sits at the end of each row.
+fn drop_vocab_padding(host: &mut Vec<f32>, padded: usize, vocab: usize) {
+    let rows = host.len() / padded.max(1);
+    for r in 0..rows {
+        host.copy_within(r * padded..r * padded + vocab, r * vocab);
+    }
+    host.truncate(rows * vocab);
 }
 
 #[cfg(test)]

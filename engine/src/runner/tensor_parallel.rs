@@ -1,5 +1,6 @@
-//! Tensor parallelism on the CPU. Rank 0 is the `ModelRunner` itself (it alone computes the
-//! logits and samples, as vLLM's driver worker); every other rank owns its part of the model,
+//! Tensor parallelism on the CPU. Rank 0 is the `ModelRunner` itself (it alone samples, as
+//! vLLM's driver worker, from the logits every rank's part of the vocabulary-parallel LM
+//! head computes and the all-gather collects); every other rank owns its part of the model,
 //! a KV cache of its KV heads and a workspace. Every step, rank 0 hands its peers the step's
 //! batch and all ranks run the decoder together, meeting at each all-reduce; the scheduler
 //! sees one executor and one KV block pool (every rank's cache has the same blocks).
@@ -226,9 +227,7 @@ pub(crate) fn spawn_peer(
         .spawn(move || {
             for batch in step_rx {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    model
-                        .forward_body(&be, &batch, &mut kv, &mut ws)
-                        .map(|_| ())
+                    model.forward_peer(&be, &batch, &mut kv, &mut ws)
                 }))
                 .unwrap_or_else(|panic| {
                     Err(anyhow!("rank {rank} panicked: {}", panic_message(&panic)))

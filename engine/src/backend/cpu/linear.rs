@@ -1,20 +1,31 @@
-//! `out = x @ w^T (+ bias)` through the `gemm` crate.
+//! `out = x @ w^T (+ bias)` through the `gemm` crate, and the row-parallel projections'
+//! product summed in f64 (`row_parallel_linear`).
 use anyhow::{ensure, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{CpuTensor, CpuVector, CpuWeight};
+use crate::backend::parallel::{all_reduce_sum_f64, HostCommunicator};
 use crate::backend::Activation;
 
 /// Below this many rows the gemm crate takes its single-threaded matrix-vector path (and
 /// its own threading pays off poorly), so we split the output columns across threads.
 const SPLIT_COLUMNS_BELOW_ROWS: usize = 32;
 
+/// The gemm crate computes a product of at most this many outputs (`m × n`) with its
+/// "horizontal" kernel: each output one SIMD dot product along the inner dimension, the
+/// same arithmetic whatever the tile. Column blocks kept under it give every output the
+/// bits it has in any other column block, so a rank's columns of a column-parallel
+/// projection (QKV, gate/up, a vocabulary shard of the LM head) equal those of the whole
+/// product; larger blocks would switch, with the block's width, between that kernel, the
+/// packed one and the matrix-vector one, which add in other orders.
+const HORIZONTAL_KERNEL_MAX_OUTPUTS: usize = 256;
+
 /// Raw pointer that may cross to rayon workers; every worker writes a disjoint column range.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
 pub fn linear(
     x: &CpuTensor,
@@ -52,27 +63,84 @@ pub fn linear(
         }
     }
     let read_dst = bias.is_some();
-    let dst_ptr = SendPtr(dst.as_mut_ptr());
+    // SAFETY: shapes checked above; dst holds m * n, x m * k, w n * k elements.
+    unsafe {
+        product(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            x.as_slice().as_ptr(),
+            k,
+            w.data.as_ptr(),
+            k,
+            read_dst,
+        )
+    };
+    Ok(())
+}
+
+/// `dst[i, j] (+)= sum_l x[i, l] * w[j, l]`, `dst` `[m, n]` row-major; `x` and `w` rows of
+/// stride `ldx` and `ldw`. Every output gets the same bits whatever `n` and wherever its
+/// column sits, so that a rank's columns of a column-parallel projection (QKV, gate/up, a
+/// vocabulary shard of the LM head) equal those of the whole product: one row takes
+/// `dot_rows` (the gemm crate's kernels for one row add in orders that change with the
+/// width), a few rows take the gemm crate's "horizontal" kernel in column blocks narrow
+/// enough for it, and more take its packed kernel over the whole product.
+///
+/// # Safety
+/// `dst` must be valid for `m * n` elements, `x` for `m` rows of stride `ldx` and `w` for `n`
+/// rows of stride `ldw`, `k` elements each.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    x: *const f32,
+    ldx: usize,
+    w: *const f32,
+    ldw: usize,
+    read_dst: bool,
+) {
     let threads = rayon::current_num_threads();
-    if m < SPLIT_COLUMNS_BELOW_ROWS && threads > 1 {
+    let dst_ptr = SendPtr(dst);
+    let (x_ptr, w_ptr) = (SendPtr(x as *mut f32), SendPtr(w as *mut f32));
+    if m == 1 {
+        // SAFETY (here and below): the caller's bounds; each task writes its own columns.
+        let xs = std::slice::from_raw_parts(x, k);
+        let block = n.div_ceil(threads * 4).max(16);
+        (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+            let (d, wp) = (dst_ptr, w_ptr);
+            for j in b * block..((b + 1) * block).min(n) {
+                let wj = unsafe { std::slice::from_raw_parts(wp.0.add(j * ldw), k) };
+                let v = dot_rows(xs, wj);
+                let o = unsafe { &mut *d.0.add(j) };
+                *o = if read_dst { *o + v } else { v };
+            }
+        });
+    } else if m < SPLIT_COLUMNS_BELOW_ROWS {
         // Several column blocks per thread so that uneven progress evens out.
-        let block = n.div_ceil(threads * 4).next_multiple_of(16).min(n);
-        let blocks: Vec<usize> = (0..n).step_by(block).collect();
-        let xs = x.as_slice();
-        blocks.into_par_iter().for_each(|j0| {
+        let block = n
+            .div_ceil(threads * 4)
+            .next_multiple_of(16)
+            .min(HORIZONTAL_KERNEL_MAX_OUTPUTS / m)
+            .min(n);
+        (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+            let j0 = b * block;
             let cols = block.min(n - j0);
-            let d = dst_ptr;
-            // SAFETY: columns j0..j0+cols of a row-major [m, n] dst, rows j0.. of w; disjoint
-            // per task, all within bounds checked above.
+            let (d, xp, wp) = (dst_ptr, x_ptr, w_ptr);
             unsafe {
-                gemm_into(
+                gemm_strided(
                     m,
                     cols,
                     k,
                     d.0.add(j0),
                     n,
-                    xs.as_ptr(),
-                    w.data.as_ptr().add(j0 * k),
+                    xp.0,
+                    ldx,
+                    wp.0.add(j0 * ldw),
+                    ldw,
                     read_dst,
                     Parallelism::None,
                 )
@@ -84,21 +152,137 @@ pub fn linear(
         } else {
             Parallelism::None
         };
-        // SAFETY: shapes checked above; dst holds m * n, x m * k, w n * k elements.
-        unsafe {
-            gemm_into(
-                m,
-                n,
-                k,
-                dst_ptr.0,
-                n,
-                x.as_slice().as_ptr(),
-                w.data.as_ptr(),
-                read_dst,
-                par,
-            )
-        };
+        gemm_strided(m, n, k, dst, n, x, ldx, w, ldw, read_dst, par);
     }
+}
+
+/// Lanes of `dot_rows`' accumulators: eight AVX vectors, enough independent sums to hide
+/// the latency of each fused multiply-add.
+const DOT_LANES: usize = 64;
+
+/// `sum_l x[l] * w[l]` in a fixed order: lane `l % DOT_LANES` accumulates with fused
+/// multiply-adds, then the lanes are added pairwise. Runs the AVX2/FMA build where the CPU
+/// has it (the same order, so the same bits on any machine with FMA).
+fn dot_rows(x: &[f32], w: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2")
+        {
+            // SAFETY: the CPU has the features the function is built for.
+            return unsafe { dot_rows_fma(x, w) };
+        }
+    }
+    dot_rows_in_order(x, w)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_rows_fma(x: &[f32], w: &[f32]) -> f32 {
+    dot_rows_in_order(x, w)
+}
+
+#[inline(always)]
+fn dot_rows_in_order(x: &[f32], w: &[f32]) -> f32 {
+    let mut acc = [0.0f32; DOT_LANES];
+    let (xc, wc) = (x.chunks_exact(DOT_LANES), w.chunks_exact(DOT_LANES));
+    let (xr, wr) = (xc.remainder(), wc.remainder());
+    for (xs, ws) in xc.zip(wc) {
+        for l in 0..DOT_LANES {
+            acc[l] = xs[l].mul_add(ws[l], acc[l]);
+        }
+    }
+    for (l, (a, b)) in xr.iter().zip(wr).enumerate() {
+        acc[l] = a.mul_add(*b, acc[l]);
+    }
+    let mut width = DOT_LANES;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0]
+}
+
+/// A row-parallel projection (O, down): `out = x @ w^T`, or `out += x @ w^T` with
+/// `accumulate`, where `x`'s and `w`'s inner dimension is a rank's slice of the model's and
+/// the ranks' products are summed through `comm`.
+///
+/// The inner dimension is cut into `chunk`-wide parts, each part's product is an f32
+/// `product`, and the parts, the value added to, and the ranks' sums are added in f64 and
+/// rounded to f32 once. A rank's slice is a whole number of parts (`row_parallel_parts`), so
+/// every part is computed with the same bits whatever the number of ranks, and their f64
+/// sum (exact unless the parts span more than 2^29 in magnitude) does not depend on how they
+/// are grouped over ranks: the result is that of one rank, to the rare last-bit rounding of
+/// a sum that is not exact. Summing f32 partials over ranks instead would round in another
+/// order than one rank's GEMM (a few ulps of the largest logits).
+pub fn row_parallel_linear(
+    x: &CpuTensor,
+    w: &CpuWeight,
+    chunk: usize,
+    accumulate: bool,
+    out: &mut CpuTensor,
+    comm: Option<&HostCommunicator>,
+) -> Result<()> {
+    let (m, k, n) = (x.rows, x.cols, w.rows);
+    ensure!(
+        w.cols == k,
+        "row-parallel linear: input has {k} features, weight is [{}, {}]",
+        w.rows,
+        w.cols
+    );
+    ensure!(
+        out.cols == n,
+        "row-parallel linear: output has {} cols, weight has {n} outputs",
+        out.cols
+    );
+    ensure!(
+        chunk > 0 && k.is_multiple_of(chunk),
+        "row-parallel linear: {k} input features are not parts of {chunk}"
+    );
+    if accumulate {
+        ensure!(
+            out.rows == m,
+            "row-parallel linear: adding {m} rows into {}",
+            out.rows
+        );
+    }
+    out.set_rows(m)?;
+    let mut wide: Vec<f64> = if accumulate {
+        out.as_slice().iter().map(|&v| v as f64).collect()
+    } else {
+        vec![0.0; m * n]
+    };
+    if m > 0 && n > 0 {
+        let mut part = vec![0.0f32; m * n];
+        for l0 in (0..k).step_by(chunk) {
+            // SAFETY: columns l0..l0 + chunk of x's m rows and w's n rows (stride k), within
+            // the shapes checked above; `part` holds m x n.
+            unsafe {
+                product(
+                    m,
+                    n,
+                    chunk,
+                    part.as_mut_ptr(),
+                    x.as_slice().as_ptr().add(l0),
+                    k,
+                    w.data.as_ptr().add(l0),
+                    k,
+                    false,
+                )
+            };
+            wide.par_chunks_mut(n)
+                .zip(part.par_chunks(n))
+                .for_each(|(s, p)| s.iter_mut().zip(p).for_each(|(s, &p)| *s += p as f64));
+        }
+    }
+    if let Some(comm) = comm {
+        all_reduce_sum_f64(comm, &mut wide)?;
+    }
+    out.as_mut_slice()
+        .iter_mut()
+        .zip(&wide)
+        .for_each(|(o, &s)| *o = s as f32);
     Ok(())
 }
 
@@ -119,8 +303,31 @@ pub(super) unsafe fn gemm_into(
     read_dst: bool,
     par: Parallelism,
 ) {
+    gemm_strided(m, n, k, dst, ld, x, k, w, k, read_dst, par)
+}
+
+/// `gemm_into` with row strides of their own for `x` (`ldx`) and `w` (`ldw`): the product
+/// over a slice of the inner dimension.
+///
+/// # Safety
+/// `dst` must be valid for `m` rows of stride `ld` (n columns each), `x` for `m` rows of
+/// stride `ldx` and `w` for `n` rows of stride `ldw`, `k` elements each.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    ld: usize,
+    x: *const f32,
+    ldx: usize,
+    w: *const f32,
+    ldw: usize,
+    read_dst: bool,
+    par: Parallelism,
+) {
     // gemm computes dst := alpha * dst + beta * lhs * rhs. lhs = x (row-major: col stride 1,
-    // row stride k); rhs = w^T, i.e. rhs[l, j] = w[j, l]: col stride k, row stride 1.
+    // row stride ldx); rhs = w^T, i.e. rhs[l, j] = w[j, l]: col stride ldw, row stride 1.
     gemm::gemm(
         m,
         n,
@@ -131,9 +338,9 @@ pub(super) unsafe fn gemm_into(
         read_dst,
         x,
         1,
-        k as isize,
+        ldx as isize,
         w,
-        k as isize,
+        ldw as isize,
         1,
         1.0f32,
         1.0f32,

@@ -15,6 +15,7 @@ mod moe;
 mod rowwise;
 #[cfg(test)]
 mod tests;
+mod vocab_parallel;
 
 /// The CPU backend. The thread pool is rayon's global one; the settings are the KV
 /// cache's element type and, for one rank of a tensor-parallel group, its communicator.
@@ -309,6 +310,35 @@ impl Backend for CpuBackend {
                 "all_reduce_sum on a CPU backend that belongs to no tensor-parallel group"
             ),
         }
+    }
+
+    const VOCAB_PARALLEL: bool = true;
+
+    fn vocab_parallel_embedding(
+        &self,
+        table: &CpuWeight,
+        step: &CpuStepMeta,
+        first_token: usize,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        vocab_parallel::embedding(table, &step.batch.token_ids, first_token, out)
+    }
+
+    fn all_gather_columns(&self, part: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
+        vocab_parallel::all_gather_columns(self.comm.as_deref(), part, out)
+    }
+
+    const ROW_PARALLEL_F64: bool = true;
+
+    fn row_parallel_linear(
+        &self,
+        x: &CpuTensor,
+        w: &CpuWeight,
+        part_len: usize,
+        accumulate: bool,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        linear::row_parallel_linear(x, w, part_len, accumulate, out, self.comm.as_deref())
     }
 
     fn qk_norm(

@@ -15,11 +15,13 @@ use anyhow::{ensure, Result};
 mod local;
 mod shard;
 mod tcp;
+mod wide;
 pub mod wire;
 
 pub use local::LocalGroup;
-pub use shard::TpShard;
+pub use shard::{TpShard, VOCAB_PADDING};
 pub use tcp::TcpGroup;
+pub use wide::all_reduce_sum_f64;
 
 /// One rank's view of a group of `world_size` ranks. Every rank must call the same
 /// collectives in the same order with buffers of the same length; a collective returns
@@ -78,4 +80,25 @@ pub fn check_divisible(
         );
     }
     Ok(())
+}
+
+/// How many equal parts the inner dimension of a row-parallel projection (O, the MLP's
+/// down) is summed in where a backend sums them exactly (`Backend::ROW_PARALLEL_F64`): the
+/// greatest common divisor of the query heads and the MLP widths. Every size that
+/// `check_divisible` accepts divides it, so each rank's slice is a whole number of parts,
+/// the same parts at every size.
+pub fn row_parallel_parts(
+    num_heads: usize,
+    intermediate: usize,
+    expert_intermediate: Option<usize>,
+) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let g = gcd(num_heads, intermediate);
+    expert_intermediate.map_or(g, |e| gcd(g, e)).max(1)
 }

@@ -1,10 +1,15 @@
 //! Which slice of each weight a rank holds (vLLM's `ColumnParallelLinear`,
-//! `QKVParallelLinear`, `MergedColumnParallelLinear`, `RowParallelLinear`).
+//! `QKVParallelLinear`, `MergedColumnParallelLinear`, `RowParallelLinear`,
+//! `VocabParallelEmbedding` / `ParallelLMHead`).
 use std::ops::Range;
 
 use anyhow::{ensure, Result};
 
 use crate::types::{HostData, HostTensor};
+
+/// The vocabulary is padded to a multiple of this before it is split (vLLM's
+/// `DEFAULT_VOCAB_PADDING_SIZE`).
+pub const VOCAB_PADDING: usize = 64;
 
 /// Rank `rank` of `size` ranks. `TpShard::whole()` (size 1) keeps every tensor as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +42,38 @@ impl TpShard {
             let h = self.rank / (self.size / kv_heads);
             h..h + 1
         }
+    }
+
+    /// Rows of the vocabulary-parallel embedding and LM head each rank holds: an equal part
+    /// of the vocabulary padded to `VOCAB_PADDING` (vLLM's split).
+    pub fn vocab_rows_per_rank(&self, vocab: usize) -> usize {
+        vocab.next_multiple_of(VOCAB_PADDING).div_ceil(self.size)
+    }
+
+    /// The token ids whose rows this rank holds. The last ranks' parts run past the
+    /// vocabulary (padding) and may hold fewer ids, or none.
+    pub fn vocab(&self, vocab: usize) -> Range<usize> {
+        let per = self.vocab_rows_per_rank(vocab);
+        (self.rank * per).min(vocab)..((self.rank + 1) * per).min(vocab)
+    }
+
+    /// This rank's part of a `[vocab, hidden]` table (embedding, LM head): its `vocab` rows,
+    /// then zero rows up to `vocab_rows_per_rank`, so that every rank's logits have the same
+    /// width and the padding's logits are zero.
+    pub fn vocab_rows(&self, t: &HostTensor) -> Result<HostTensor> {
+        ensure!(
+            t.shape.len() == 2,
+            "a vocabulary table must be 2-D, not {:?}",
+            t.shape
+        );
+        let (vocab, hidden) = (t.shape[0], t.shape[1]);
+        let mut part = rows(t, &[self.vocab(vocab)])?;
+        let per = self.vocab_rows_per_rank(vocab);
+        if let HostData::F32(v) = &mut part.data {
+            v.resize(per * hidden, 0.0);
+        }
+        part.shape = vec![per, hidden];
+        Ok(part)
     }
 
     /// QKV stacked along the first dim (a weight `[q + 2 kv, in]` or a bias): this rank's
@@ -147,6 +184,28 @@ mod tests {
             vec![0..1, 0..1, 1..2, 1..2]
         );
         assert_eq!(at(3, 4, 1), 0..1);
+    }
+
+    #[test]
+    fn the_vocabulary_splits_padded_as_vllm() {
+        // 101 ids padded to 128: 64 a rank of 2 (the second holds 37 and 27 zero rows), 32
+        // a rank of 4 (the last holds 5); 3 ranks take 43 each of the 128.
+        let parts = |size| {
+            (0..size)
+                .map(|rank| TpShard { rank, size }.vocab(101))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(parts(2), vec![0..64, 64..101]);
+        assert_eq!(parts(4), vec![0..32, 32..64, 64..96, 96..101]);
+        assert_eq!(parts(3), vec![0..43, 43..86, 86..101]);
+        assert_eq!(parts(1), vec![0..101]);
+        let table = seq(&[101, 2]);
+        let last = TpShard { rank: 1, size: 2 }.vocab_rows(&table).unwrap();
+        assert_eq!(last.shape, vec![64, 2]);
+        let v = last.to_f32();
+        assert_eq!(&v[..4], &[128.0, 129.0, 130.0, 131.0]);
+        assert_eq!(v[73], 200.0 + 1.0);
+        assert!(v[74..].iter().all(|&x| x == 0.0));
     }
 
     #[test]
