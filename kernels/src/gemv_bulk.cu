@@ -31,11 +31,13 @@
 //   On GPUs before sm_90 the kernels trap: the host uses gemv.cu there.
 //   gemv_bulk_fp8_<variant>_b1(y, x, wq, w_scales, scale_kind, n, k, rows_per_stage, norm_w,
 //                              eps, evict_first)                             4 stages
+//   gemv_bulk_fp8_<variant>_s6_b1(...)                                      6 stages
 //     the same five variants over E4M3 weights (`--quantization fp8` at batch 1; fp8_gemv.cu
 //     takes 2 to 16 tokens): wq [n, k] codes, w_scales and scale_kind as fp8_gemv takes them
 //     (0 per tensor, 1 per channel, 2 per 128 x 128 block), y rounded once as there. k a
 //     multiple of 16 and at most 16,384; R the largest of {8, 4, 2, 1} with R * k <=
-//     kStageBytes; dynamic shared memory 4 * 32 KiB + 2k + 40 (GemvBulk::for_fp8_k).
+//     kStageBytes; dynamic shared memory S * 32 KiB + 2k + 8 * (S + 1) (GemvBulk::for_fp8_k;
+//     the engine runs 4 stages, the `_s6` build is the kernel tests' comparison).
 //
 // Why: at batch 1 a decode step is a stream over every weight, so the GEMVs must run at the
 // memory's bandwidth. A warp-per-row kernel keeps only a few loads in flight per thread and
@@ -571,17 +573,17 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
     gemv_bulk<elem_t, IN, ADD, STAGES>(y, x, w, n, k, rows_per_stage, norm_w, eps, evict_first, \
                                        nullptr, 0)
 // A geometry the layout does not cover (the host never asks) leaves y alone.
-#define RVLLM_GEMV_BULK_FP8_BODY(IN, ADD)                                                      \
+#define RVLLM_GEMV_BULK_FP8_BODY(IN, ADD, STAGES)                                              \
     if ((k & 15) != 0 || k > kFp8MaxK || rows_per_stage < 1 || kFp8Cols % rows_per_stage != 0 || \
         rows_per_stage * k > kStageBytes) {                                                    \
         pdl_enter();                                                                           \
         return;                                                                                \
     }                                                                                          \
-    gemv_bulk<unsigned char, IN, ADD, 4>(y, x, wq, n, k, rows_per_stage, norm_w, eps,          \
-                                         evict_first, w_scales, scale_kind)
+    gemv_bulk<unsigned char, IN, ADD, STAGES>(y, x, wq, n, k, rows_per_stage, norm_w, eps,     \
+                                              evict_first, w_scales, scale_kind)
 #else
 #define RVLLM_GEMV_BULK_BODY(IN, ADD, STAGES) __trap()
-#define RVLLM_GEMV_BULK_FP8_BODY(IN, ADD) __trap()
+#define RVLLM_GEMV_BULK_FP8_BODY(IN, ADD, STAGES) __trap()
 #endif
 
 #define RVLLM_GEMV_BULK(BF16_NAME, F16_NAME, IN, ADD, STAGES)                                \
@@ -604,19 +606,25 @@ RVLLM_GEMV_BULK(norm_bf16_s6, norm_f16_s6, kNorm, false, 6)
 RVLLM_GEMV_BULK(add_bf16_s6, add_f16_s6, kPlain, true, 6)
 RVLLM_GEMV_BULK(silu_add_bf16_s6, silu_add_f16_s6, kSilu, true, 6)
 
-// E4M3 weights (`--quantization fp8` at batch 1), 4 stages: gemv_bulk_fp8_<variant>_b1.
-#define RVLLM_GEMV_BULK_FP8(BF16_NAME, F16_NAME, IN, ADD)                                      \
+// E4M3 weights (`--quantization fp8` at batch 1): gemv_bulk_fp8_<variant>_b1 (4 stages, the
+// engine's) and gemv_bulk_fp8_<variant>_s6_b1 (6 stages, the kernel tests' comparison).
+#define RVLLM_GEMV_BULK_FP8(BF16_NAME, F16_NAME, IN, ADD, STAGES)                              \
     extern "C" __global__ void __launch_bounds__(kThreads, 1)                                  \
         DT(gemv_bulk_fp8_##BF16_NAME##_b1, gemv_bulk_fp8_##F16_NAME##_b1)(                     \
             elem_t* __restrict__ y, const elem_t* __restrict__ x,                              \
             const unsigned char* __restrict__ wq, const float* __restrict__ w_scales,          \
             int scale_kind, int n, int k, int rows_per_stage,                                  \
             const elem_t* __restrict__ norm_w, float eps, int evict_first) {                   \
-        RVLLM_GEMV_BULK_FP8_BODY(IN, ADD);                                                     \
+        RVLLM_GEMV_BULK_FP8_BODY(IN, ADD, STAGES);                                             \
     }
 
-RVLLM_GEMV_BULK_FP8(bf16, f16, kPlain, false)
-RVLLM_GEMV_BULK_FP8(silu_bf16, silu_f16, kSilu, false)
-RVLLM_GEMV_BULK_FP8(norm_bf16, norm_f16, kNorm, false)
-RVLLM_GEMV_BULK_FP8(add_bf16, add_f16, kPlain, true)
-RVLLM_GEMV_BULK_FP8(silu_add_bf16, silu_add_f16, kSilu, true)
+RVLLM_GEMV_BULK_FP8(bf16, f16, kPlain, false, 4)
+RVLLM_GEMV_BULK_FP8(silu_bf16, silu_f16, kSilu, false, 4)
+RVLLM_GEMV_BULK_FP8(norm_bf16, norm_f16, kNorm, false, 4)
+RVLLM_GEMV_BULK_FP8(add_bf16, add_f16, kPlain, true, 4)
+RVLLM_GEMV_BULK_FP8(silu_add_bf16, silu_add_f16, kSilu, true, 4)
+RVLLM_GEMV_BULK_FP8(bf16_s6, f16_s6, kPlain, false, 6)
+RVLLM_GEMV_BULK_FP8(silu_bf16_s6, silu_f16_s6, kSilu, false, 6)
+RVLLM_GEMV_BULK_FP8(norm_bf16_s6, norm_f16_s6, kNorm, false, 6)
+RVLLM_GEMV_BULK_FP8(add_bf16_s6, add_f16_s6, kPlain, true, 6)
+RVLLM_GEMV_BULK_FP8(silu_add_bf16_s6, silu_add_f16_s6, kSilu, true, 6)

@@ -163,18 +163,18 @@ pub mod gemv_bulk {
             })
         }
 
-        /// Geometry of the E4M3 build (`gemv_bulk_fp8_*`, 4 stages): rows of `k` one-byte
-        /// codes, the input staged in the compute type. None when k is not a multiple of 16
-        /// (the bulk copies' 16-byte rows) or past 16,384 (kFp8MaxK: each lane keeps its
-        /// input fragments in registers).
-        pub fn for_fp8_k(k: usize) -> Option<Self> {
+        /// Geometry of the E4M3 build (`gemv_bulk_fp8_*`) for `stages` pipeline stages (4 or
+        /// 6): rows of `k` one-byte codes, the input staged in the compute type. None when k
+        /// is not a multiple of 16 (the bulk copies' 16-byte rows) or past 16,384 (kFp8MaxK:
+        /// each lane keeps its input fragments in registers).
+        pub fn for_fp8_k(k: usize, stages: usize) -> Option<Self> {
             if k == 0 || !k.is_multiple_of(16) || k > 16384 {
                 return None;
             }
             let rows_per_stage = [8, 4, 2, 1]
                 .into_iter()
                 .find(|&r| r * k <= Self::STAGE_BYTES)?;
-            let shared = 4 * Self::STAGE_BYTES + 2 * k + 8 * (4 + 1);
+            let shared = stages * Self::STAGE_BYTES + 2 * k + 8 * (stages + 1);
             (shared <= Self::MAX_SHARED).then_some(Self {
                 rows_per_stage,
                 shared_bytes: shared as u32,

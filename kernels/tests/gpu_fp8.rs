@@ -534,8 +534,9 @@ fn gemv_case(
 enum Fp8Kernel {
     /// fp8_gemv.cu's `fp8_gemv*` (1 to 16 tokens).
     Tiles,
-    /// gemv_bulk.cu's `gemv_bulk_fp8_*` (one token) on a grid of at most `grid` blocks.
-    Bulk { grid: u32 },
+    /// gemv_bulk.cu's `gemv_bulk_fp8_*` (one token) with `stages` pipeline stages (4 or 6) on
+    /// a grid of at most `grid` blocks.
+    Bulk { grid: u32, stages: usize },
 }
 
 /// One FP8 GEMV launch against the reference (`gemv_case`), `y` poisoned or, when
@@ -583,14 +584,14 @@ fn check_fp8_gemv_with(
             gemv.launch(g, input, &e.module("fp8_gemv"), &e.kernel(name));
             name.to_string()
         }
-        Fp8Kernel::Bulk { grid } => {
+        Fp8Kernel::Bulk { grid, stages } => {
             assert_eq!(m, 1, "gemv_bulk_fp8 takes one token");
-            let name = bulk_fp8_kernel(input, accumulate);
-            let geometry = GemvBulk::for_fp8_k(k).expect("gemv_bulk_fp8 takes this k");
+            let name = bulk_fp8_kernel(input, accumulate, stages);
+            let geometry = GemvBulk::for_fp8_k(k, stages).expect("gemv_bulk_fp8 takes this k");
             let grid = grid.min(n.div_ceil(geometry.rows_per_stage) as u32);
             g.launch_args_smem(
                 &e.module("gemv_bulk"),
-                &e.kernel(name),
+                &e.kernel(&name),
                 (grid, 1, 1),
                 Gemv::BLOCK,
                 geometry.shared_bytes,
@@ -625,16 +626,19 @@ fn check_fp8_gemv(
     check_fp8_gemv_with(g, r, e, which, input, kind, shape, accumulate);
 }
 
-/// The bf16 build's name of gemv_bulk.cu's E4M3 variant for `input` (`add`: the residual add).
-fn bulk_fp8_kernel(input: GemvInput, add: bool) -> &'static str {
-    match (input, add) {
-        (GemvInput::Plain, false) => "gemv_bulk_fp8_bf16_b1",
-        (GemvInput::Silu, false) => "gemv_bulk_fp8_silu_bf16_b1",
-        (GemvInput::Norm, false) => "gemv_bulk_fp8_norm_bf16_b1",
-        (GemvInput::Plain, true) => "gemv_bulk_fp8_add_bf16_b1",
-        (GemvInput::Silu, true) => "gemv_bulk_fp8_silu_add_bf16_b1",
+/// The bf16 build's name of gemv_bulk.cu's E4M3 variant for `input` (`add`: the residual add)
+/// with `stages` pipeline stages (4, or 6: the `_s6` build).
+fn bulk_fp8_kernel(input: GemvInput, add: bool, stages: usize) -> String {
+    let variant = match (input, add) {
+        (GemvInput::Plain, false) => "",
+        (GemvInput::Silu, false) => "silu_",
+        (GemvInput::Norm, false) => "norm_",
+        (GemvInput::Plain, true) => "add_",
+        (GemvInput::Silu, true) => "silu_add_",
         (GemvInput::Norm, true) => panic!("gemv_bulk_fp8 has no norm + add variant"),
-    }
+    };
+    let depth = if stages == 6 { "_s6" } else { "" };
+    format!("gemv_bulk_fp8_{variant}bf16{depth}_b1")
 }
 
 /// gemv_bulk.cu's E4M3 build (the FP8 linear at batch 1 on sm_90+) against `weight_only_mm`:
@@ -642,7 +646,8 @@ fn bulk_fp8_kernel(input: GemvInput, add: bool) -> &'static str {
 /// k of 8, 4 and 2 rows a stage (4,096, 6,144, 14,336 and 16,384: 1, 2 and 4 segments a row),
 /// a partial 64-column unit (k = 208), a partial last group of rows and n across the 128-row
 /// scale blocks; the full grid and small ones (a block loops over many groups, and the add
-/// variants read past the rows they park). Outputs poisoned first unless added into.
+/// variants read past the rows they park); 4 stages (the engine's) and, on three shapes, the
+/// 6-stage build. Outputs poisoned first unless added into.
 #[test]
 fn gemv_bulk_fp8_matches_the_reference() {
     let Some(g) = gpu("gemv_bulk_fp8_matches_the_reference") else {
@@ -655,14 +660,17 @@ fn gemv_bulk_fp8_matches_the_reference() {
     let mut r = rng("gemv_bulk_fp8");
     for e in Elem::BOTH {
         for kind in WeightScales::ALL {
-            for &((n, k), grid) in &[
-                ((256usize, 4096usize), 132u32),
-                ((100, 576), 132),
-                ((300, 6144), 132),
-                ((33, 208), 2),
-                ((4096, 14336), 132),
-                ((130, 16384), 5),
-                ((2051, 4096), 3),
+            for &((n, k), grid, stages) in &[
+                ((256usize, 4096usize), 132u32, 4usize),
+                ((100, 576), 132, 4),
+                ((300, 6144), 132, 4),
+                ((33, 208), 2, 4),
+                ((4096, 14336), 132, 4),
+                ((130, 16384), 5, 4),
+                ((2051, 4096), 3, 4),
+                ((300, 6144), 132, 6),
+                ((4096, 14336), 132, 6),
+                ((130, 16384), 5, 6),
             ] {
                 for (input, add) in [
                     (GemvInput::Plain, false),
@@ -671,7 +679,7 @@ fn gemv_bulk_fp8_matches_the_reference() {
                     (GemvInput::Silu, true),
                     (GemvInput::Norm, false),
                 ] {
-                    let which = Fp8Kernel::Bulk { grid };
+                    let which = Fp8Kernel::Bulk { grid, stages };
                     check_fp8_gemv_with(&g, &mut r, e, which, input, kind, (1, n, k), add);
                 }
             }
@@ -683,7 +691,7 @@ fn gemv_bulk_fp8_matches_the_reference() {
 /// in a 32 KiB stage, and the k it refuses (not a multiple of 16, past 16,384).
 #[test]
 fn gemv_bulk_fp8_geometry() {
-    let rows = |k| GemvBulk::for_fp8_k(k).map(|g| g.rows_per_stage);
+    let rows = |k| GemvBulk::for_fp8_k(k, 4).map(|g| g.rows_per_stage);
     assert_eq!(rows(4096), Some(8));
     assert_eq!(rows(6144), Some(4));
     assert_eq!(rows(14336), Some(2));
@@ -692,8 +700,11 @@ fn gemv_bulk_fp8_geometry() {
     assert_eq!(rows(1000), None);
     assert_eq!(rows(16400), None);
     assert_eq!(rows(0), None);
-    let g = GemvBulk::for_fp8_k(14336).unwrap();
+    let g = GemvBulk::for_fp8_k(14336, 4).unwrap();
     assert_eq!(g.shared_bytes as usize, 4 * 32 * 1024 + 2 * 14336 + 40);
+    // Six stages and the widest input still fit one block's shared memory.
+    let g = GemvBulk::for_fp8_k(16384, 6).unwrap();
+    assert_eq!(g.shared_bytes as usize, 6 * 32 * 1024 + 2 * 16384 + 56);
 }
 
 /// `fp8_gemv` (the FP8 linear at 1 to 16 tokens: weight-only FP8 on the tensor cores) against
@@ -848,12 +859,13 @@ fn sm_count() -> u32 {
 /// Timings of the FP8 GEMVs on the Llama-3.1-8B projections (per-channel scales, bf16):
 /// `fp8_gemv` at 1, 3, 8 and 16 tokens, and at batch 1 the old path (`fp8_gemv` with the
 /// variant the engine ran: norm for qkv and gate|up, the residual add for o_proj, silu + add
-/// for down) against gemv_bulk's E4M3 build (plain, and the engine's variant). Each time is
-/// the median of 20 replays of a CUDA graph of N launches between two events, after a warm-up
-/// replay, divided by N; the launches rotate over copies of the weights (>= 400 MB) so that
-/// L2 does not hold them. GB/s counts the weight bytes (the E4M3 codes). Not a timed test:
-/// run on a GPU with `gpu_fp8-<hash> bench_fp8_gemv --ignored --nocapture`. (It printed
-/// 300-530 us before: the graph held N launches a repetition, N x N in all, divided by N.)
+/// for down) against gemv_bulk's E4M3 build (plain, and the engine's variant; 4 stages, the
+/// engine's, and 6). Each time is the median of 20 replays of a CUDA graph of N launches
+/// between two events, after a warm-up replay, divided by N; the launches rotate over copies
+/// of the weights (>= 400 MB) so that L2 does not hold them. GB/s counts the weight bytes (the
+/// E4M3 codes). Not a timed test: run on a GPU with `gpu_fp8 --ignored --nocapture
+/// bench_fp8_gemv`. (It printed 300-530 us before: the graph held N launches a repetition,
+/// N x N in all, divided by N.)
 #[test]
 #[ignore = "benchmark: run on a GPU with --ignored"]
 fn bench_fp8_gemv() {
@@ -938,11 +950,16 @@ fn bench_fp8_gemv() {
             println!("{name:>8}: gemv_bulk_fp8 needs sm_90");
             continue;
         }
-        let geometry = GemvBulk::for_fp8_k(k).expect("gemv_bulk_fp8 takes the Llama k");
-        let grid = (n.div_ceil(geometry.rows_per_stage) as u32).min(sms);
         let module = e.module("gemv_bulk");
-        for (input, accumulate) in [(GemvInput::Plain, false), (fused, add)] {
-            let kernel = e.kernel(bulk_fp8_kernel(input, accumulate));
+        for (stages, input, accumulate) in [
+            (4, GemvInput::Plain, false),
+            (4, fused, add),
+            (6, GemvInput::Plain, false),
+            (6, fused, add),
+        ] {
+            let geometry = GemvBulk::for_fp8_k(k, stages).expect("gemv_bulk_fp8 takes the Llama k");
+            let grid = (n.div_ceil(geometry.rows_per_stage) as u32).min(sms);
+            let kernel = e.kernel(&bulk_fp8_kernel(input, accumulate, stages));
             let f = g.function(&module, &kernel);
             g.allow_smem(f, geometry.shared_bytes);
             let mut i = 0;

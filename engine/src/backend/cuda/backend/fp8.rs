@@ -691,7 +691,7 @@ impl CudaBackend {
         };
         let Some(g) = self
             .gemv_bulk
-            .then(|| GemvBulk::for_fp8_k(w.cols))
+            .then(|| GemvBulk::for_fp8_k(w.cols, 4))
             .flatten()
         else {
             return Ok(false);
