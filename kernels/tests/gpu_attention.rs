@@ -706,3 +706,174 @@ fn paged_attention_prefill_windowed_and_softcapped_matches_reference() {
         }
     }
 }
+
+/// Timings (`--ignored --nocapture`, bf16) of a Gemma-3-12B local layer's decode attention
+/// (16 query heads, 8 KV heads, head dim 256, window 1024): the windowed decode build the
+/// engine now runs, the plain decode build on the same contexts (no window: the cost of a
+/// window that never cuts), and the windowed prefill build with one query row per sequence
+/// (how the engine ran these layers' decodes before). Each with its reduce where split, eager
+/// launches back to back, median of 20; partition targets as the engine picks them on a
+/// 132-SM H100.
+#[test]
+#[ignore]
+fn bench_windowed_decode_attention() {
+    let Some(g) = gpu("bench_windowed_decode_attention") else {
+        return;
+    };
+    const NH: usize = 16;
+    const NKV: usize = 8;
+    const HD: usize = 256;
+    const BS: usize = 16;
+    const WINDOW: usize = 1024;
+    let e = Elem::Bf16;
+    let module = e.module("attention_decode");
+    let prefill_module = e.module("attention_prefill");
+    let gt = decode_group_tile(NH / NKV);
+    let smem = decode_smem::full(gt);
+    let plain = g.function(&module, &format!("paged_attention_decode_hd{HD}_g{gt}"));
+    let windowed = g.function(
+        &module,
+        &format!("paged_attention_decode_windowed_hd{HD}_g{gt}"),
+    );
+    g.allow_smem(plain, smem);
+    g.allow_smem(windowed, smem);
+    let reduce = g.function(&module, "paged_attention_decode_reduce");
+    let reduce_windowed = g.function(&module, "paged_attention_decode_reduce_windowed");
+    let prefill = g.function(
+        &prefill_module,
+        &format!("paged_attention_prefill_windowed_hd{HD}"),
+    );
+    // (sequences, context, target partitions = grid depth)
+    for &(batch, ctx, target) in &[(1usize, 4096usize, 33usize), (256, 512, 1), (32, 8192, 2)] {
+        let max_blocks = ctx.div_ceil(BS);
+        let width = NKV * HD;
+        // Small finite values: the timings do not depend on them.
+        let fill = e.bits(0.01);
+        let cache_len = batch * max_blocks * BS * width;
+        let (k, v) = (
+            g.upload(&vec![fill; cache_len]),
+            g.upload(&vec![fill; cache_len]),
+        );
+        let tables: Vec<i32> = (0..(batch * max_blocks) as i32).collect();
+        let tables = g.upload(&tables);
+        let ctx_lens = g.upload(&vec![ctx as i32; batch]);
+        let positions = g.upload(&vec![ctx as i32 - 1; batch]);
+        let slots = g.upload(&vec![-1i32; batch]);
+        let cu: Vec<i32> = (0..=batch as i32).collect();
+        let cu = g.upload(&cu);
+        let stride = (NH + 2 * NKV) * HD;
+        let qkv = g.upload(&vec![fill; batch * stride]);
+        let freqs = g.upload(&inv_freq(HD, 10_000.0));
+        let out = g.poisoned(batch * NH * HD, e.nan());
+        let po = g.poisoned(batch * NH * target * HD, f32::NAN);
+        let pml = g.poisoned(batch * NH * target * 2, f32::NAN);
+        let k_new = qkv.ptr + (NH * HD * 2) as u64;
+        let v_new = k_new + (width * 2) as u64;
+        let scale = 1.0 / (HD as f32).sqrt();
+        let grid = (
+            (NKV * (NH / NKV).div_ceil(gt)) as u32,
+            batch as u32,
+            target as u32,
+        );
+        let reduce_grid = (NH as u32, batch as u32, 1);
+        macro_rules! decode_args {
+            ($ty:ident $(, $field:ident: $value:expr)*) => {
+                args::$ty {
+                    out: out.ptr,
+                    partial_out: po.ptr,
+                    partial_ml: pml.ptr,
+                    semaphores: 0,
+                    q: qkv.ptr,
+                    k_new,
+                    v_new,
+                    qkv_stride: stride as i32,
+                    key_cache: k.ptr,
+                    value_cache: v.ptr,
+                    block_tables: tables.ptr,
+                    context_lens: ctx_lens.ptr,
+                    positions: positions.ptr,
+                    slot_mapping: slots.ptr,
+                    inv_freq: freqs.ptr,
+                    scale,
+                    num_heads: NH as i32,
+                    num_kv_heads: NKV as i32,
+                    block_size: BS as i32,
+                    max_blocks_per_seq: max_blocks as i32,
+                    target_partitions: target as i32,
+                    $($field: $value,)*
+                }
+            };
+        }
+        macro_rules! reduce_args {
+            ($ty:ident $(, $field:ident: $value:expr)*) => {
+                args::$ty {
+                    out: out.ptr,
+                    partial_out: po.ptr,
+                    partial_ml: pml.ptr,
+                    context_lens: ctx_lens.ptr,
+                    num_heads: NH as i32,
+                    head_dim: HD as i32,
+                    max_partitions: target as i32,
+                    target_partitions: target as i32,
+                    $($field: $value,)*
+                }
+            };
+        }
+        let null = std::ptr::null_mut();
+        let plain_us = 1e3
+            * g.time_ms(20, || {
+                g.launch_on_smem(
+                    null,
+                    plain,
+                    grid,
+                    (128, 1, 1),
+                    smem,
+                    decode_args!(DecodeAttention),
+                );
+                if target > 1 {
+                    let a = reduce_args!(PagedAttentionDecodeReduce);
+                    g.launch_on(null, reduce, reduce_grid, (128, 1, 1), a);
+                }
+            });
+        let windowed_us = 1e3
+            * g.time_ms(20, || {
+                let a = decode_args!(DecodeAttentionWindowed, window: WINDOW as i32, softcap: 0.0);
+                g.launch_on_smem(null, windowed, grid, (128, 1, 1), smem, a);
+                if target > 1 {
+                    let a = reduce_args!(PagedAttentionDecodeReduceWindowed, window: WINDOW as i32);
+                    g.launch_on(null, reduce_windowed, reduce_grid, (128, 1, 1), a);
+                }
+            });
+        let prefill_us = 1e3
+            * g.time_ms(20, || {
+                let a = args::PrefillAttentionWindowed {
+                    out: out.ptr,
+                    q: qkv.ptr,
+                    key_cache: k.ptr,
+                    value_cache: v.ptr,
+                    cu_seqlens_q: cu.ptr,
+                    context_lens: ctx_lens.ptr,
+                    block_tables: tables.ptr,
+                    scale,
+                    num_heads: NH as i32,
+                    num_kv_heads: NKV as i32,
+                    block_size: BS as i32,
+                    max_blocks_per_seq: max_blocks as i32,
+                    q_stride: stride as i32,
+                    window: WINDOW as i32,
+                    softcap: 0.0,
+                };
+                g.launch_on(null, prefill, (1, NH as u32, batch as u32), (128, 1, 1), a);
+            });
+        let got = g.download_as(e, &out);
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "batch {batch} ctx {ctx}: an attention output is not finite"
+        );
+        println!(
+            "gemma-3 local layer decode attention, batch {batch} x {ctx} tokens (window \
+             {WINDOW}, target {target}): windowed decode {windowed_us:.1} us, plain decode (no \
+             window) {plain_us:.1} us, windowed prefill one row a sequence {prefill_us:.1} us"
+        );
+    }
+}
