@@ -4,8 +4,8 @@
 // chain of short kernels took half of the layer's 91 us; the weights of the 8 selected experts
 // (75 MB) take ~25 us at the H100's bandwidth.
 //
-//   moe_small_gate_up_bf16(act, topk_ids, topk_weights, x, logits, w, tokens, experts, top_k,
-//                          renormalize, inter, hidden)
+//   moe_small_gate_up_bf16(act, topk_ids, topk_weights, x, logits, w, w_down, tokens, experts,
+//                          top_k, renormalize, inter, hidden)
 //       Every block routes every token from the router logits [T, E] (moe_route_token, the
 //       routing of moe_topk_softmax: same ids, same weights), block (0, 0) stores them
 //       (topk_ids int [T, k], topk_weights f32 [T, k], for moe_small_down), and block (x, y)
@@ -15,6 +15,9 @@
 //       w [E, 2I, H] (gate rows, then up rows), act [T * k, I] in pair order (no sort).
 //       grid (up to ceil(I / 8), min(E, T * k)), block 256: a narrower grid's blocks take
 //       columns 8 gridDim.x apart, in turn.
+//       w_down non-null: the down projection [E, H, I]; each block first asks L2 (sm_90's bulk
+//       prefetch) for its share of its expert's down rows, so that moe_small_down after it
+//       reads them from L2 while this kernel streams from memory (null: no prefetch).
 //   moe_small_down_bf16(out, act, w, topk_ids, topk_weights, tokens, experts, top_k, hidden,
 //                       inter)
 //       out[t, c] = sum over the token's picks p of topk_weights[p] * (act[p] . w[e_p, c]) in f32
@@ -85,6 +88,23 @@ __device__ __forceinline__ int distinct_experts(const int* ids, int pairs, int* 
     }
     __syncthreads();
     return count;
+}
+
+// Asks L2 for this block's share (blockIdx.x of gridDim.x) of `bytes` at `p` (16-byte aligned,
+// a multiple of 16), 16 KiB a lane of the calling warp at a time (Hopper's bulk prefetch;
+// nothing before sm_90).
+__device__ __forceinline__ void prefetch_l2_share(const void* p, int64_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    constexpr int64_t kPiece = 16 * 1024;
+    const int64_t pieces = (bytes + kPiece - 1) / kPiece;
+    const int64_t lo = pieces * blockIdx.x / gridDim.x, hi = pieces * (blockIdx.x + 1) / gridDim.x;
+    for (int64_t i = lo + threadIdx.x % 32; i < hi; i += 32) {
+        const int64_t n = min(kPiece, bytes - i * kPiece);
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(
+                         reinterpret_cast<const unsigned char*>(p) + i * kPiece),
+                     "r"((uint32_t)n));
+    }
+#endif
 }
 
 // act[pt[t], c] for the tokens t with a pair (pt[t] >= 0) with expert e: one warp, gate and up
@@ -189,8 +209,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     DT(moe_small_gate_up_bf16, moe_small_gate_up_f16)(
     elem_t* __restrict__ act, int* __restrict__ topk_ids, float* __restrict__ topk_weights,
     const elem_t* __restrict__ x, const elem_t* __restrict__ logits,
-    const elem_t* __restrict__ w, int tokens, int experts, int top_k, int renormalize, int inter,
-    int hidden) {
+    const elem_t* __restrict__ w, const elem_t* __restrict__ w_down, int tokens, int experts,
+    int top_k, int renormalize, int inter, int hidden) {
     pdl_enter();
     __shared__ int ids[kMaxPairs], first[kMaxPairs], uniq[kMaxPairs];
     __shared__ float weights[kMaxPairs];
@@ -225,6 +245,9 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     int pt[kMoeSmallMaxTokens];
 #pragma unroll
     for (int t = 0; t < kMoeSmallMaxTokens; ++t) pt[t] = t < tokens ? pair_of[t] : -1;
+    if (w_down != nullptr && warp == 0) {
+        prefetch_l2_share(w_down + (int64_t)e * hidden * inter, (int64_t)hidden * inter * 2);
+    }
 
     // Column c of this warp, then c + 8 * gridDim.x, ... (the grid may be narrower than I / 8).
     for (int c = blockIdx.x * kWarps + warp; c < inter; c += gridDim.x * kWarps) {

@@ -68,7 +68,11 @@ RVLLM_DEVICE void moe_route_token(const elem_t* __restrict__ row, int experts, i
             my_id = bi;
             my_w = prob;
         }
-        if (bi % 32 == lane) p[bi / 32] = -1.0f;
+        // A static index, so that p stays in registers.
+#pragma unroll
+        for (int q = 0; q < kPer; ++q) {
+            if (q * 32 + lane == bi) p[q] = -1.0f;
+        }
     }
     const float norm = renormalize ? picked : 1.0f;
     // Ascending expert order: each pick's rank among the picks is its place (equal ids, only

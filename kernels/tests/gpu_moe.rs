@@ -350,6 +350,8 @@ fn the_fused_moe_chain_matches_the_reference() {
 struct Small<'a> {
     c: &'a Chain,
     inter: usize,
+    /// The down projection the gate/up kernel prefetches into L2, or 0 for none.
+    w_down: u64,
 }
 
 impl Small<'_> {
@@ -374,6 +376,7 @@ impl Small<'_> {
                 x,
                 logits,
                 w,
+                w_down: self.w_down,
                 tokens: c.tokens as i32,
                 experts: c.experts as i32,
                 top_k: c.top_k as i32,
@@ -454,7 +457,11 @@ fn the_small_batch_moe_path_matches_the_reference() {
             let (wd_bits, wd) = e.random(&mut r, ex * h * i, 1.0 / (i as f32).sqrt());
             let (d_wgu, d_wd) = (g.upload(&wgu_bits), g.upload(&wd_bits));
             let c = Chain::new(&g, t, ex, k, h);
-            let small = Small { c: &c, inter: i };
+            let mut small = Small {
+                c: &c,
+                inter: i,
+                w_down: d_wd.ptr,
+            };
             let act = g.poisoned(p * i, e.nan());
             small
                 .gate_up(act.ptr, d_x.ptr, d_logits.ptr, d_wgu.ptr, renormalize)
@@ -494,8 +501,9 @@ fn the_small_batch_moe_path_matches_the_reference() {
             let want_out = reference::moe_small_down(&got_act, &want_ids, &want_w, &wd, k, h, i);
             let got_out = g.download_as(e, &out);
             assert_close(&format!("{what}: output"), &got_out, &want_out, atol, rtol);
-            // A grid narrower than a block a column group: its blocks take several groups
-            // each, computing each column as before.
+            // A grid narrower than a block a column group (and no L2 prefetch): its blocks take
+            // several groups each, computing each column as before.
+            small.w_down = 0;
             let (act3, out3) = (g.poisoned(p * i, e.nan()), g.poisoned(t * h, e.nan()));
             let mut l = small.gate_up(act3.ptr, d_x.ptr, d_logits.ptr, d_wgu.ptr, renormalize);
             l.grid.0 = 3;
@@ -726,13 +734,19 @@ fn qwen3_moe_layer_timings() {
         let (x, _) = e.random(&mut r, t * h, 1.0);
         let x = g.upload(&x);
         let c = Chain::new(&g, t, ex, k, h);
-        let small = Small { c: &c, inter: i };
+        let small = Small {
+            c: &c,
+            inter: i,
+            w_down: w_d.ptr,
+        };
+        let no_prefetch = Small { w_down: 0, ..small };
         let rows = g.poisoned(p * h, e.nan());
         let act = g.poisoned(p * i, e.nan());
         let out = g.poisoned(t * h, e.nan());
-        // Each kernel at a grid `width` blocks wide (0: the engine's).
+        // Each kernel at a grid `width` blocks wide (0: the engine's); gate/up alone without
+        // the down rows' L2 prefetch, so that its figure is its own stream.
         let gate_up_at = |st, width: u32| {
-            let mut l = small.gate_up(act.ptr, x.ptr, logits.ptr, w_gu.ptr, true);
+            let mut l = no_prefetch.gate_up(act.ptr, x.ptr, logits.ptr, w_gu.ptr, true);
             if width > 0 {
                 l.grid.0 = width;
             }
@@ -760,7 +774,14 @@ fn qwen3_moe_layer_timings() {
         );
         let gu_us = g.graph_time_us(16, gate_up);
         let d_us = g.graph_time_us(16, down);
+        // The layer as the engine runs it: gate/up prefetching the down rows into L2.
         let layer_us = g.graph_time_us(8, |st| {
+            small
+                .gate_up(act.ptr, x.ptr, logits.ptr, w_gu.ptr, true)
+                .on(&g, st, gate_up_small);
+            down(st);
+        });
+        let unfetched_us = g.graph_time_us(8, |st| {
             gate_up(st);
             down(st);
         });
@@ -796,6 +817,9 @@ fn qwen3_moe_layer_timings() {
         };
         let full_gu = reference::moe_small_gate_up_launch(t, ex, k, i).0 .0;
         let full_d = reference::moe_small_down_launch(h).0 .0;
+        println!(
+            "small path | {t:5} | layer without the down rows' L2 prefetch: {unfetched_us:.1} us"
+        );
         println!(
             "small path | {t:5} | gate/up us by grid width {{{}}} | down us by grid width {{{}}}",
             widths(full_gu, &gate_up_at),

@@ -382,6 +382,8 @@ impl CudaBackend {
                 x: x.ptr(),
                 logits: s.router_logits.ptr(),
                 w: gate_up.buf.ptr,
+                // Its blocks ask L2 for the experts' down rows while they stream gate/up.
+                w_down: down.buf.ptr,
                 tokens: tokens as i32,
                 experts: e as i32,
                 top_k: k as i32,
