@@ -441,6 +441,14 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
                                 : 0.0f;
                 }
             }
+            // The row's per-tensor or per-channel scale, requested before the wait so that
+            // warp 0's reduction does not wait on a global load each stage.
+            const int out_row = g * R + lane;
+            float row_scale = 1.0f;
+            if (warp == 0 && lane < R && out_row < n) {
+                if (scale_kind == kPerTensor) row_scale = w_scales[0];
+                if (scale_kind == kPerChannel) row_scale = w_scales[out_row];
+            }
             mbar_wait(&bars[s], (i / kStages) & 1);
             trace.mark_first();
             // All of the stage's chunks loaded before any is used (kDotBatch's reason).
@@ -491,16 +499,13 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
                 }
                 for (int off = R; off < kFp8Cols; off <<= 1)
                     v += __shfl_xor_sync(0xffffffffu, v, off);
-                const int row = g * R + lane;
-                if (lane < R && row < n) {
-                    if (scale_kind == kPerTensor) v *= w_scales[0];
-                    if (scale_kind == kPerChannel) v *= w_scales[row];
-                    v *= unscale;
+                if (lane < R && out_row < n) {
+                    v = v * row_scale * unscale;
                     if (kAdd) {
                         const int t = i * R + lane;
-                        v += to_f32(t < kMaxOwnedRows ? elem_from_bits(resid_s[t]) : y[row]);
+                        v += to_f32(t < kMaxOwnedRows ? elem_from_bits(resid_s[t]) : y[out_row]);
                     }
-                    y[row] = from_f32(v);
+                    y[out_row] = from_f32(v);
                 }
             }
         }
