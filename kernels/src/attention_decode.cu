@@ -58,8 +58,10 @@
 //     partition is empty. softcap s > 0: each scaled score x becomes s * tanh(x / s) before the
 //     softmax (Gemma 2's attn_logit_softcapping). Head dims 80 and 96 take 8 lanes a key row
 //     as 128 does, of which 5 or 6 hold dims.
+//   paged_attention_decode_compact_windowed_hd{64,128}_g{1,2,4,8}(..., window, softcap):
+//     the compact kernel (below) with the same window and soft-cap, for batch 1.
 //   paged_attention_decode_reduce_windowed(..., target_partitions, window): the reduce of
-//     the windowed kernel's partials (its partitions follow the window).
+//     the windowed kernels' partials (their partitions follow the window).
 //
 //   paged_attention_decode_compact_hd{64,128}_g{1,2,4,8} (no head dim 256): the same arguments and results
 //     (semaphores unused, dynamic shared memory compact_smem_bytes<HD, GT>()); the engine
@@ -851,6 +853,39 @@ RVLLM_DECODE_ATTENTION_COMPACT(128, 1)
 RVLLM_DECODE_ATTENTION_COMPACT(128, 2)
 RVLLM_DECODE_ATTENTION_COMPACT(128, 4)
 RVLLM_DECODE_ATTENTION_COMPACT(128, 8)
+
+// The compact kernel with a window and a soft-cap (as the full kernel's windowed build), for
+// batch 1 of the windowed and capped layers of head dims 64 and 128.
+#define RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(HD, GT)                                        \
+    extern "C" __global__ void __launch_bounds__(kThreads)                                     \
+        DT(paged_attention_decode_compact_windowed_hd##HD##_g##GT,                             \
+           paged_attention_decode_compact_windowed_hd##HD##_g##GT##_f16)(                      \
+            elem_t* __restrict__ out, float* __restrict__ partial_out,                         \
+            float* __restrict__ partial_ml, int32_t* __restrict__ semaphores,                  \
+            const elem_t* __restrict__ q, const elem_t* __restrict__ k_new,                    \
+            const elem_t* __restrict__ v_new, int qkv_stride,                                  \
+            elem_t* __restrict__ key_cache, elem_t* __restrict__ value_cache,                  \
+            const int32_t* __restrict__ block_tables, const int32_t* __restrict__ context_lens, \
+            const int32_t* __restrict__ positions, const int32_t* __restrict__ slot_mapping,   \
+            const float* __restrict__ inv_freq, float scale, int num_heads, int num_kv_heads,  \
+            int block_size, int max_blocks_per_seq, int target_partitions, int window,         \
+            float softcap) {                                                                   \
+        decode_attention_compact<HD, GT>(out, partial_out, partial_ml, q, k_new, v_new,        \
+                                         qkv_stride, key_cache, value_cache, block_tables,     \
+                                         context_lens, positions, slot_mapping, inv_freq,      \
+                                         scale, num_heads, num_kv_heads, block_size,           \
+                                         max_blocks_per_seq, target_partitions, window,        \
+                                         softcap);                                             \
+    }
+
+RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(64, 1)
+RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(64, 2)
+RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(64, 4)
+RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(64, 8)
+RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(128, 1)
+RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(128, 2)
+RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(128, 4)
+RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(128, 8)
 
 #define RVLLM_DECODE_ATTENTION(HD, GT)                                                         \
     extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks(GT))                    \

@@ -195,8 +195,15 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
     );
     let grid = (columns as u32, num_seqs as u32, depth as u32);
     let (kernel, smem) = match (st.compact, st.windowed) {
-        (true, _) => (
+        (true, None) => (
             e.kernel(&format!("paged_attention_decode_compact_hd{}_g{gt}", c.hd)),
+            decode_smem::compact(c.hd, gt),
+        ),
+        (true, Some(_)) => (
+            e.kernel(&format!(
+                "paged_attention_decode_compact_windowed_hd{}_g{gt}",
+                c.hd
+            )),
             decode_smem::compact(c.hd, gt),
         ),
         (false, None) => (
@@ -240,8 +247,13 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
         };
     }
     match (st.compact, st.windowed) {
-        (true, _) => {
+        (true, None) => {
             let a = decode_args!(DecodeAttentionCompact);
+            g.launch_args_smem(&module, &kernel, grid, (128, 1, 1), smem, a);
+        }
+        (true, Some(_)) => {
+            let window = window_;
+            let a = decode_args!(DecodeAttentionCompactWindowed, window, softcap);
             g.launch_args_smem(&module, &kernel, grid, (128, 1, 1), smem, a);
         }
         (false, None) => {
@@ -334,7 +346,8 @@ fn paged_attention_decode_matches_reference() {
     }
 }
 
-/// The windowed decode build (`paged_attention_decode_windowed_hd*`, with
+/// The windowed decode builds (`paged_attention_decode_windowed_hd*`, the compact
+/// `paged_attention_decode_compact_windowed_hd{64,128}*`, and
 /// `paged_attention_decode_reduce_windowed`), which the engine runs for windowed and capped
 /// layers and head dims 80 and 96 (`cuda/backend/windowed_decode.rs`), against
 /// `reference::paged_attention_windowed`: windows shorter and longer than the context, inside
@@ -452,9 +465,8 @@ fn check_decode(
             (softcap > 0.0).then_some(softcap),
         ),
     };
-    // (last-block merge, compact kernel): head dim 256 and the windowed build have no compact
-    // one.
-    let variants: &[(bool, bool)] = if hd == 256 || windowed.is_some() {
+    // (last-block merge, compact kernel): only head dims 64 and 128 have a compact build.
+    let variants: &[(bool, bool)] = if hd != 64 && hd != 128 {
         &[(true, false), (false, false)]
     } else {
         &[(true, false), (false, false), (false, true)]

@@ -3,8 +3,9 @@
 //! kernel's windowed build (`paged_attention_decode_windowed_hd*`), which streams only the
 //! window's keys, split over the context like the plain kernel, with RoPE and the cache write
 //! of the new token fused in. Its partials go through the windowed reduce, whose partitions
-//! follow the window. The kernel follows the layer alone (no compact build at batch 1, as for
-//! head dim 256), so that a decode graph and an eager step run the same kernel.
+//! follow the window. Batch 1 of head dims 64 and 128 runs the compact kernel's windowed build,
+//! as the plain path does (`decode_attention`); the choice follows the layer and the batch size
+//! alone, so that a decode graph and an eager step run the same kernel.
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys::CUdeviceptr;
 
@@ -26,6 +27,27 @@ macro_rules! windowed_decode {
                 concat!("paged_attention_decode_windowed_hd", $hd, "_g", $gt, "_f16")
             ),
         )),*]
+    };
+}
+
+macro_rules! compact_windowed {
+    ($hd:literal, $gt:literal) => {
+        (
+            $hd,
+            $gt,
+            kernel!(
+                args::DecodeAttentionCompactWindowed,
+                "attention_decode",
+                concat!("paged_attention_decode_compact_windowed_hd", $hd, "_g", $gt),
+                concat!(
+                    "paged_attention_decode_compact_windowed_hd",
+                    $hd,
+                    "_g",
+                    $gt,
+                    "_f16"
+                )
+            ),
+        )
     };
 }
 
@@ -54,6 +76,19 @@ const DECODE_WINDOWED: [(usize, usize, Kernel<args::DecodeAttentionWindowed>); 2
     (256, 8)
 );
 
+/// (head dim, query heads a block, the compact kernel's windowed build) for batch 1.
+#[allow(clippy::type_complexity)]
+const DECODE_COMPACT_WINDOWED: [(usize, usize, Kernel<args::DecodeAttentionCompactWindowed>); 8] = [
+    compact_windowed!(64, 1),
+    compact_windowed!(64, 2),
+    compact_windowed!(64, 4),
+    compact_windowed!(64, 8),
+    compact_windowed!(128, 1),
+    compact_windowed!(128, 2),
+    compact_windowed!(128, 4),
+    compact_windowed!(128, 8),
+];
+
 const DECODE_REDUCE_WINDOWED: Kernel<args::PagedAttentionDecodeReduceWindowed> = kernel!(
     args::PagedAttentionDecodeReduceWindowed,
     "attention_decode",
@@ -64,6 +99,7 @@ const DECODE_REDUCE_WINDOWED: Kernel<args::PagedAttentionDecodeReduceWindowed> =
 /// Every entry point above (for `kernels::all`).
 pub fn kernels() -> Vec<NamedKernel> {
     let mut k: Vec<NamedKernel> = DECODE_WINDOWED.iter().map(|d| d.2.named()).collect();
+    k.extend(DECODE_COMPACT_WINDOWED.iter().map(|d| d.2.named()));
     k.push(DECODE_REDUCE_WINDOWED.named());
     k
 }
@@ -89,6 +125,72 @@ pub(super) fn windowed_decode_kernel(
         .iter()
         .find(|&&(hd, g, _)| hd == head_dim && g == gt)
         .map(|&(_, _, kernel)| (kernel, gt))
+}
+
+/// The compact kernel's windowed build for a layer, if built (head dims 64 and 128).
+fn compact_windowed_kernel(
+    head_dim: usize,
+    gt: usize,
+) -> Option<Kernel<args::DecodeAttentionCompactWindowed>> {
+    DECODE_COMPACT_WINDOWED
+        .iter()
+        .find(|&&(hd, g, _)| hd == head_dim && g == gt)
+        .map(|&(_, _, kernel)| kernel)
+}
+
+/// The compact build's arguments: the full build's, field for field (both kernels have the
+/// same C parameters; a signature change of either fails to compile here).
+fn compact_windowed_args(a: args::DecodeAttentionWindowed) -> args::DecodeAttentionCompactWindowed {
+    let args::DecodeAttentionWindowed {
+        out,
+        partial_out,
+        partial_ml,
+        semaphores,
+        q,
+        k_new,
+        v_new,
+        qkv_stride,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        positions,
+        slot_mapping,
+        inv_freq,
+        scale,
+        num_heads,
+        num_kv_heads,
+        block_size,
+        max_blocks_per_seq,
+        target_partitions,
+        window,
+        softcap,
+    } = a;
+    args::DecodeAttentionCompactWindowed {
+        out,
+        partial_out,
+        partial_ml,
+        semaphores,
+        q,
+        k_new,
+        v_new,
+        qkv_stride,
+        key_cache,
+        value_cache,
+        block_tables,
+        context_lens,
+        positions,
+        slot_mapping,
+        inv_freq,
+        scale,
+        num_heads,
+        num_kv_heads,
+        block_size,
+        max_blocks_per_seq,
+        target_partitions,
+        window,
+        softcap,
+    }
 }
 
 /// The kernels' window argument: 0 for none; a window past i32 never cuts a context.
@@ -171,7 +273,18 @@ impl CudaBackend {
             step.num_decode as u32,
             depth as u32,
         );
-        self.launch_smem(kernel, grid, 128, decode_smem::full(gt), a)?;
+        // Batch 1 through the compact build where there is one, as `decode_attention` decides
+        // (its comment says why; by the batch size alone, never the step's depth).
+        let compact = (self.decode_compact && step.num_decode == 1)
+            .then(|| compact_windowed_kernel(hd, gt))
+            .flatten();
+        match compact {
+            Some(kernel) => {
+                let smem = decode_smem::compact(hd, gt);
+                self.launch_smem(kernel, grid, 128, smem, compact_windowed_args(a))?;
+            }
+            None => self.launch_smem(kernel, grid, 128, decode_smem::full(gt), a)?,
+        }
         if depth > 1 {
             let reduce = args::PagedAttentionDecodeReduceWindowed {
                 out: out.buf.ptr,
@@ -193,7 +306,7 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{softcap_arg, window_arg, windowed_decode_kernel};
+    use super::{compact_windowed_kernel, softcap_arg, window_arg, windowed_decode_kernel};
     use crate::backend::cuda::elem::GpuDtype;
     use crate::backend::AttentionLayout;
 
@@ -213,6 +326,20 @@ mod tests {
             }
         }
         assert!(windowed_decode_kernel(112, 1).is_none());
+        // Batch 1: a compact build for head dims 64 and 128 only (as the plain kernel).
+        for gt in [1, 2, 4, 8] {
+            assert_eq!(
+                compact_windowed_kernel(128, gt)
+                    .unwrap()
+                    .of(GpuDtype::Bf16)
+                    .1,
+                format!("paged_attention_decode_compact_windowed_hd128_g{gt}")
+            );
+            assert!(compact_windowed_kernel(64, gt).is_some());
+            for hd in [80, 96, 256] {
+                assert!(compact_windowed_kernel(hd, gt).is_none(), "hd {hd}");
+            }
+        }
     }
 
     #[test]
