@@ -466,6 +466,28 @@ pub trait Backend: Send + Sized + 'static {
         )
     }
 
+    /// `moe` with its experts' down projections summed as `row_parallel_linear` sums (parts
+    /// of `part_len` of their inner dimension, then the ranks, in f64, rounded once): what the
+    /// model runs for a mixture layer where `ROW_PARALLEL_F64`, all-reduce included.
+    #[allow(clippy::too_many_arguments)]
+    fn row_parallel_moe(
+        &self,
+        x: &Self::Tensor,
+        router: &Self::Weight,
+        gate_up: &Self::Weight,
+        down: &Self::Weight,
+        layout: &MoeLayout,
+        part_len: usize,
+        scratch: &mut MoeScratch<Self::Tensor>,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        let _ = (x, router, gate_up, down, layout, part_len, scratch, out);
+        anyhow::bail!(
+            "exactly summed mixture-of-experts layers are not implemented on {}",
+            self.device_name()
+        )
+    }
+
     /// A pre-norm block's input side: `normed = rms_norm(x) * norm_weight`, then
     /// `out = normed @ w^T (+ bias)`. A backend may fuse the two (and then need not fill
     /// `normed`).

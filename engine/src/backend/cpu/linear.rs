@@ -92,7 +92,7 @@ pub fn linear(
 /// `dst` must be valid for `m * n` elements, `x` for `m` rows of stride `ldx` and `w` for `n`
 /// rows of stride `ldw`, `k` elements each.
 #[allow(clippy::too_many_arguments)]
-unsafe fn product(
+pub(super) unsafe fn product(
     m: usize,
     n: usize,
     k: usize,
@@ -349,4 +349,75 @@ unsafe fn gemm_strided(
         false,
         par,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    fn tensor(data: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor { data, rows, cols }
+    }
+
+    /// A rank's rows of `w` (a column-parallel shard, any offset and width) give the bits of
+    /// the same columns of the whole product, for one row, a few and many.
+    #[test]
+    fn a_column_shard_has_the_bits_of_the_whole_product() {
+        let (k, n) = (200, 300);
+        let w = fill(n * k, 1);
+        for m in [1, 3, 17, 40] {
+            let x = tensor(fill(m * k, 2), m, k);
+            let mut whole = tensor(vec![0.0; m * n], 0, n);
+            let wt = CpuWeight {
+                data: w.clone(),
+                rows: n,
+                cols: k,
+            };
+            linear(&x, &wt, None, &mut whole).unwrap();
+            for (j0, cols) in [(0, 150), (150, 150), (40, 24), (272, 28)] {
+                let part = CpuWeight {
+                    data: w[j0 * k..(j0 + cols) * k].to_vec(),
+                    rows: cols,
+                    cols: k,
+                };
+                let mut got = tensor(vec![0.0; m * cols], 0, cols);
+                linear(&x, &part, None, &mut got).unwrap();
+                for i in 0..m {
+                    let want = &whole.as_slice()[i * n + j0..i * n + j0 + cols];
+                    assert_eq!(&got.as_slice()[i * cols..(i + 1) * cols], want, "m {m}");
+                }
+            }
+        }
+    }
+
+    /// The residual plus the parts' products, summed in f64 and rounded once: within the f32
+    /// rounding of each part's products of the exact value.
+    #[test]
+    fn a_row_parallel_product_rounds_the_f64_sum_once() {
+        let (m, k, n, part) = (5, 96, 64, 24);
+        let xs = fill(m * k, 3);
+        let ws = fill(n * k, 4);
+        let mut whole = tensor(fill(m * n, 5), m, n);
+        let residual = whole.as_slice().to_vec();
+        let wt = CpuWeight {
+            data: ws.clone(),
+            rows: n,
+            cols: k,
+        };
+        row_parallel_linear(&tensor(xs.clone(), m, k), &wt, part, true, &mut whole, None).unwrap();
+        for (i, (&got, &r)) in whole.as_slice().iter().zip(&residual).enumerate() {
+            let (row, col) = (i / n, i % n);
+            let terms = (0..k).map(|l| xs[row * k + l] as f64 * ws[col * k + l] as f64);
+            let exact = terms.clone().sum::<f64>() + r as f64;
+            let scale = terms.map(f64::abs).sum::<f64>() + (r as f64).abs();
+            let err = (got as f64 - exact).abs();
+            assert!(err <= 1e-6 * scale, "{got} vs {exact} (scale {scale})");
+        }
+    }
 }

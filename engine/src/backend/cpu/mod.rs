@@ -341,6 +341,23 @@ impl Backend for CpuBackend {
         linear::row_parallel_linear(x, w, part_len, accumulate, out, self.comm.as_deref())
     }
 
+    fn row_parallel_moe(
+        &self,
+        x: &CpuTensor,
+        router: &CpuWeight,
+        gate_up: &CpuWeight,
+        down: &CpuWeight,
+        layout: &super::MoeLayout,
+        part_len: usize,
+        scratch: &mut super::MoeScratch<CpuTensor>,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        let comm = self.comm.as_deref();
+        moe::row_parallel_moe(
+            x, router, gate_up, down, layout, part_len, scratch, out, comm,
+        )
+    }
+
     fn qk_norm(
         &self,
         qkv: &mut CpuTensor,

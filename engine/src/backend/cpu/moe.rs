@@ -7,8 +7,9 @@ use anyhow::{ensure, Context, Result};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::linear::{gemm_into, linear};
+use super::linear::{gemm_into, linear, product};
 use super::{CpuTensor, CpuWeight};
+use crate::backend::parallel::{all_reduce_sum_f64, HostCommunicator};
 use crate::backend::{Activation, MoeScratch};
 use crate::types::MoeLayout;
 
@@ -65,6 +66,53 @@ pub fn moe(
     layout: &MoeLayout,
     scratch: &mut MoeScratch<CpuTensor>,
     out: &mut CpuTensor,
+) -> Result<()> {
+    moe_summed(x, router, gate_up, down, layout, scratch, out, None)
+}
+
+/// How `row_parallel_moe` sums: the experts' down projections in parts of `part_len` of
+/// their inner dimension, then the group's ranks (`comm`).
+#[derive(Clone, Copy)]
+struct Exact<'a> {
+    part_len: usize,
+    comm: Option<&'a HostCommunicator>,
+}
+
+/// `moe` summed as `linear::row_parallel_linear` sums (see `Backend::row_parallel_moe`): each
+/// expert's gate/up with the same bits whatever its width (`product`), its down projection in
+/// f32 parts of `part_len` added in f64, the weighted sum over the experts in f64, the ranks'
+/// sums (`comm`) in f64, rounded once; so a model split over ranks gives one rank's bits.
+#[allow(clippy::too_many_arguments)]
+pub fn row_parallel_moe(
+    x: &CpuTensor,
+    router: &CpuWeight,
+    gate_up: &CpuWeight,
+    down: &CpuWeight,
+    layout: &MoeLayout,
+    part_len: usize,
+    scratch: &mut MoeScratch<CpuTensor>,
+    out: &mut CpuTensor,
+    comm: Option<&HostCommunicator>,
+) -> Result<()> {
+    ensure!(
+        part_len > 0 && layout.intermediate_size.is_multiple_of(part_len),
+        "moe: the experts' width {} is not parts of {part_len}",
+        layout.intermediate_size
+    );
+    let exact = Exact { part_len, comm };
+    moe_summed(x, router, gate_up, down, layout, scratch, out, Some(exact))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn moe_summed(
+    x: &CpuTensor,
+    router: &CpuWeight,
+    gate_up: &CpuWeight,
+    down: &CpuWeight,
+    layout: &MoeLayout,
+    scratch: &mut MoeScratch<CpuTensor>,
+    out: &mut CpuTensor,
+    exact: Option<Exact>,
 ) -> Result<()> {
     let (e, k, inter) = (layout.num_experts, layout.top_k, layout.intermediate_size);
     let (tokens, h) = (x.rows, x.cols);
@@ -136,22 +184,26 @@ pub fn moe(
         }
     }
 
-    // Each expert's rows, gate/up and activation segments, disjoint, for the experts with work.
+    // Each expert's rows, gate/up, activation (and f64 output) segments, disjoint, for the
+    // experts with work.
+    let mut wide_rows = vec![0.0f64; if exact.is_some() { pairs * h } else { 0 }];
     let mut segments = Vec::new();
     {
-        let (mut rows, mut gu, mut act) = (
+        let (mut rows, mut gu, mut act, mut wide) = (
             s.rows.as_mut_slice(),
             gate_up_rows.as_mut_slice(),
             s.act.as_mut_slice(),
+            wide_rows.as_mut_slice(),
         );
         for ex in 0..e {
             let n = starts[ex + 1] - starts[ex];
             let (r, rest_r) = rows.split_at_mut(n * h);
             let (g, rest_g) = gu.split_at_mut(n * 2 * inter);
             let (a, rest_a) = act.split_at_mut(n * inter);
-            (rows, gu, act) = (rest_r, rest_g, rest_a);
+            let (wd, rest_w) = wide.split_at_mut(if exact.is_some() { n * h } else { 0 });
+            (rows, gu, act, wide) = (rest_r, rest_g, rest_a, rest_w);
             if n > 0 {
-                segments.push((ex, n, r, g, a));
+                segments.push((ex, n, r, g, a, wd));
             }
         }
     }
@@ -162,46 +214,106 @@ pub fn moe(
     } else {
         Parallelism::None
     };
-    segments.into_par_iter().for_each(|(ex, n, rows, gu, act)| {
-        let w_gu = &gate_up.data[ex * 2 * inter * h..(ex + 1) * 2 * inter * h];
-        let w_down = &down.data[ex * h * inter..(ex + 1) * h * inter];
-        // SAFETY: gu holds n x 2*inter, rows n x h, w_gu 2*inter x h elements (checked shapes).
-        unsafe {
-            gemm_into(
-                n,
-                2 * inter,
-                h,
-                gu.as_mut_ptr(),
-                2 * inter,
-                rows.as_ptr(),
-                w_gu.as_ptr(),
-                false,
-                par,
-            )
-        };
-        for (a, g) in act.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
-            let (gate, up) = g.split_at(inter);
-            for ((o, &g), &u) in a.iter_mut().zip(gate).zip(up) {
-                *o = g / (1.0 + (-g).exp()) * u;
+    segments
+        .into_par_iter()
+        .for_each(|(ex, n, rows, gu, act, wide)| {
+            let w_gu = &gate_up.data[ex * 2 * inter * h..(ex + 1) * 2 * inter * h];
+            let w_down = &down.data[ex * h * inter..(ex + 1) * h * inter];
+            // SAFETY: gu holds n x 2*inter, rows n x h, w_gu 2*inter x h elements (checked shapes).
+            if exact.is_some() {
+                unsafe {
+                    product(
+                        n,
+                        2 * inter,
+                        h,
+                        gu.as_mut_ptr(),
+                        rows.as_ptr(),
+                        h,
+                        w_gu.as_ptr(),
+                        h,
+                        false,
+                    )
+                };
+            } else {
+                unsafe {
+                    gemm_into(
+                        n,
+                        2 * inter,
+                        h,
+                        gu.as_mut_ptr(),
+                        2 * inter,
+                        rows.as_ptr(),
+                        w_gu.as_ptr(),
+                        false,
+                        par,
+                    )
+                };
             }
-        }
-        // The expert's outputs replace its inputs, which are no longer needed.
-        // SAFETY: rows holds n x h, act n x inter, w_down h x inter elements.
-        unsafe {
-            gemm_into(
-                n,
-                h,
-                inter,
-                rows.as_mut_ptr(),
-                h,
-                act.as_ptr(),
-                w_down.as_ptr(),
-                false,
-                par,
-            )
-        };
-    });
+            for (a, g) in act.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
+                let (gate, up) = g.split_at(inter);
+                for ((o, &g), &u) in a.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            if let Some(Exact { part_len, .. }) = exact {
+                // Each part's product in `rows` (the inputs are no longer needed), added in f64.
+                for l0 in (0..inter).step_by(part_len) {
+                    // SAFETY: columns l0..l0 + part_len of act's n rows and w_down's h rows
+                    // (stride inter); rows holds n x h.
+                    unsafe {
+                        product(
+                            n,
+                            h,
+                            part_len,
+                            rows.as_mut_ptr(),
+                            act.as_ptr().add(l0),
+                            inter,
+                            w_down.as_ptr().add(l0),
+                            inter,
+                            false,
+                        )
+                    };
+                    wide.iter_mut()
+                        .zip(rows.iter())
+                        .for_each(|(s, &p)| *s += p as f64);
+                }
+                return;
+            }
+            // The expert's outputs replace its inputs, which are no longer needed.
+            // SAFETY: rows holds n x h, act n x inter, w_down h x inter elements.
+            unsafe {
+                gemm_into(
+                    n,
+                    h,
+                    inter,
+                    rows.as_mut_ptr(),
+                    h,
+                    act.as_ptr(),
+                    w_down.as_ptr(),
+                    false,
+                    par,
+                )
+            };
+        });
 
+    if let Some(Exact { comm, .. }) = exact {
+        let mut sum = vec![0.0f64; tokens * h];
+        sum.par_chunks_mut(h).enumerate().for_each(|(t, o)| {
+            for p in t * k..(t + 1) * k {
+                let w = routing.weights[p] as f64;
+                let r = &wide_rows[slot[p] * h..(slot[p] + 1) * h];
+                o.iter_mut().zip(r).for_each(|(o, &v)| *o += v * w);
+            }
+        });
+        if let Some(comm) = comm {
+            all_reduce_sum_f64(comm, &mut sum)?;
+        }
+        out.as_mut_slice()
+            .iter_mut()
+            .zip(&sum)
+            .for_each(|(o, &v)| *o = v as f32);
+        return Ok(());
+    }
     let rows = s.rows.as_slice();
     out.as_mut_slice()
         .par_chunks_mut(h)
