@@ -20,13 +20,12 @@ RVLLM_DEVICE void warp_argmax(float& v, int& i) {
     }
 }
 
-// Routes the token whose logits are `row` ([experts]; experts <= kMoeMaxExperts, top_k <= 32;
-// the whole warp calls it). Lane j < top_k returns the j-th pick in `id` and `weight`, and its
-// place in ascending expert order in `rank`; other lanes' outputs mean nothing.
-RVLLM_DEVICE void moe_route_token(const elem_t* __restrict__ row, int experts, int top_k,
-                                  int renormalize, int& id, float& weight, int& rank) {
+// moe_route_token for experts <= 32 kPer: a lane holds kPer logits in registers, and every
+// pick scans them all, so the bound is kept to the layer's (128 experts: 4, not 32).
+template <int kPer>
+RVLLM_DEVICE void moe_route_token_upto(const elem_t* __restrict__ row, int experts, int top_k,
+                                       int renormalize, int& id, float& weight, int& rank) {
     const int lane = threadIdx.x % 32;
-    constexpr int kPer = kMoeMaxExperts / 32;
     float p[kPer];
     float mx = -INFINITY;
 #pragma unroll
@@ -84,4 +83,19 @@ RVLLM_DEVICE void moe_route_token(const elem_t* __restrict__ row, int experts, i
     }
     id = my_id;
     weight = my_w / norm;
+}
+
+// Routes the token whose logits are `row` ([experts]; experts <= kMoeMaxExperts, top_k <= 32;
+// the whole warp calls it). Lane j < top_k returns the j-th pick in `id` and `weight`, and its
+// place in ascending expert order in `rank`; other lanes' outputs mean nothing.
+RVLLM_DEVICE void moe_route_token(const elem_t* __restrict__ row, int experts, int top_k,
+                                  int renormalize, int& id, float& weight, int& rank) {
+    if (experts <= 128) {
+        moe_route_token_upto<4>(row, experts, top_k, renormalize, id, weight, rank);
+    } else if (experts <= 256) {
+        moe_route_token_upto<8>(row, experts, top_k, renormalize, id, weight, rank);
+    } else {
+        moe_route_token_upto<kMoeMaxExperts / 32>(row, experts, top_k, renormalize, id, weight,
+                                                  rank);
+    }
 }
