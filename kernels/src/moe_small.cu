@@ -19,10 +19,11 @@
 //       prefetch) for its share of its expert's down rows, so that moe_small_down after it
 //       reads them from L2 while this kernel streams from memory (null: no prefetch).
 //   moe_small_down_bf16(out, act, w, topk_ids, topk_weights, tokens, experts, top_k, hidden,
-//                       inter)
+//                       inter, accumulate)
 //       out[t, c] = sum over the token's picks p of topk_weights[p] * (act[p] . w[e_p, c]) in f32
 //       (the weighted sum of moe_unpermute without rounding each expert's row first), one
-//       rounding. w [E, H, I]; out [T, H]. grid (up to ceil(H / 8)), block 256 (columns 8
+//       rounding; accumulate != 0: out[t, c] += that sum (in f32, one rounding), the decoder's
+//       residual add fused (out is then the residual stream). w [E, H, I]; out [T, H]. grid (up to ceil(H / 8)), block 256 (columns 8
 //       gridDim.x apart, in turn, as above).
 //   Both: T <= kMoeSmallMaxTokens, E <= 1024, top_k <= 32, H and I multiples of 8 (16-byte
 //   rows); anything else returns at once (the host checks first: moe_small_fits).
@@ -161,7 +162,7 @@ __device__ __forceinline__ void down_column(elem_t* __restrict__ out,
                                             const int (*use_pair)[kMoeSmallMaxTokens],
                                             const float (*use_weight)[kMoeSmallMaxTokens],
                                             int distinct, int tokens, int c, int hidden,
-                                            int inter) {
+                                            int inter, int accumulate) {
     const int lane = threadIdx.x % 32, k8 = inter / 8;
     const int per_row = (k8 + 31) / 32;  // chunks of a row a lane
     const int items = distinct * per_row;
@@ -199,7 +200,8 @@ __device__ __forceinline__ void down_column(elem_t* __restrict__ out,
     for (int t = 0; t < kMoeSmallMaxTokens; ++t) {
         if (t >= tokens) break;
         const float s = warp_sum(acc[t]);
-        if (lane == 0) out[(int64_t)t * hidden + c] = from_f32(s);
+        elem_t* o = out + (int64_t)t * hidden + c;
+        if (lane == 0) *o = from_f32(accumulate ? to_f32(*o) + s : s);
     }
 }
 
@@ -259,7 +261,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     DT(moe_small_down_bf16, moe_small_down_f16)(
     elem_t* __restrict__ out, const elem_t* __restrict__ act, const elem_t* __restrict__ w,
     const int* __restrict__ topk_ids, const float* __restrict__ topk_weights, int tokens,
-    int experts, int top_k, int hidden, int inter) {
+    int experts, int top_k, int hidden, int inter, int accumulate) {
     pdl_enter();
     __shared__ int ids[kMaxPairs], first[kMaxPairs], uniq[kMaxPairs];
     // Per distinct expert and token: the token's pair with that expert (-1: none), its weight.
@@ -281,6 +283,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     // Output column c of this warp, then c + 8 * gridDim.x, ...
     for (int c = blockIdx.x * kWarps + warp; c < hidden; c += gridDim.x * kWarps) {
-        down_column(out, act, w, uniq, use_pair, use_weight, distinct, tokens, c, hidden, inter);
+        down_column(out, act, w, uniq, use_pair, use_weight, distinct, tokens, c, hidden, inter,
+                    accumulate);
     }
 }

@@ -388,6 +388,17 @@ impl Small<'_> {
     }
 
     fn down(&self, out: u64, act: u64, w: u64) -> Launch<args::MoeSmallDown> {
+        self.down_into(out, act, w, false)
+    }
+
+    /// `down`, adding into `out` when `accumulate` (the residual add fused).
+    fn down_into(
+        &self,
+        out: u64,
+        act: u64,
+        w: u64,
+        accumulate: bool,
+    ) -> Launch<args::MoeSmallDown> {
         let c = self.c;
         let (grid, block) = reference::moe_small_down_launch(c.hidden);
         Launch::new(
@@ -404,6 +415,7 @@ impl Small<'_> {
                 top_k: c.top_k as i32,
                 hidden: c.hidden as i32,
                 inter: self.inter as i32,
+                accumulate: accumulate as i32,
             },
         )
     }
@@ -414,7 +426,8 @@ impl Small<'_> {
 /// order, and the down kernel's weighted sums (from the device's rounded activations). Shapes:
 /// Qwen3-30B-A3B's at 1 and 8 tokens, most experts idle, every pair on one expert (top 1),
 /// expert 0 in every token beside others, top 32 at 8 tokens (256 pairs, the kernels' most),
-/// reductions of no whole 32 chunks a lane. Outputs poisoned first.
+/// reductions of no whole 32 chunks a lane; the down kernel also adding into a residual.
+/// Outputs poisoned first.
 #[test]
 fn the_small_batch_moe_path_matches_the_reference() {
     let Some(g) = gpu("the_small_batch_moe_path_matches_the_reference") else {
@@ -520,6 +533,23 @@ fn the_small_batch_moe_path_matches_the_reference() {
                 g.download_as(e, &out3),
                 got_out,
                 "{what}: output, 3 blocks wide"
+            );
+            // Accumulating into a residual: out = residual + the layer, one rounding.
+            let (res_bits, res) = e.random(&mut r, t * h, 2.0);
+            let sum = g.upload(&res_bits);
+            small.down_into(sum.ptr, act.ptr, d_wd.ptr, true).run(
+                &g,
+                e,
+                "moe_small",
+                "moe_small_down_bf16",
+            );
+            let want_sum: Vec<f32> = res.iter().zip(&want_out).map(|(a, b)| a + b).collect();
+            assert_close(
+                &format!("{what}: residual + output"),
+                &g.download_as(e, &sum),
+                &want_sum,
+                atol,
+                rtol,
             );
         }
     }

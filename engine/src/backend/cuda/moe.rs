@@ -408,6 +408,8 @@ impl CudaBackend {
                 top_k: k as i32,
                 hidden: h as i32,
                 inter: inter as i32,
+                // Backend::moe writes the layer's output; the caller adds the residual.
+                accumulate: 0,
             },
         )
     }
