@@ -443,9 +443,13 @@ pub trait Backend: Send + Sized + 'static {
         )
     }
 
-    /// Whether the model runs its row-parallel projections (O, down) through
-    /// `row_parallel_linear` instead of `linear`/`linear_add` and `all_reduce_sum`.
-    const ROW_PARALLEL_F64: bool = false;
+    /// Whether the model runs its row-parallel projections (O, down) and mixture layers
+    /// through `row_parallel_linear` and `row_parallel_moe` instead of `linear`/`linear_add`
+    /// (`moe`) and `all_reduce_sum`: on a rank of a tensor-parallel group whose backend sums
+    /// them exactly (a group of one included, so that one rank gives the bits of several).
+    fn sums_row_parallel_exactly(&self) -> bool {
+        false
+    }
 
     /// A row-parallel projection summed exactly: `out = x @ w^T`, or `out += x @ w^T` with
     /// `accumulate`, the inner dimension in f64 over parts of `part_len` and, on a rank of a
@@ -468,7 +472,7 @@ pub trait Backend: Send + Sized + 'static {
 
     /// `moe` with its experts' down projections summed as `row_parallel_linear` sums (parts
     /// of `part_len` of their inner dimension, then the ranks, in f64, rounded once): what the
-    /// model runs for a mixture layer where `ROW_PARALLEL_F64`, all-reduce included.
+    /// model runs for a mixture layer where `sums_row_parallel_exactly`, all-reduce included.
     #[allow(clippy::too_many_arguments)]
     fn row_parallel_moe(
         &self,

@@ -49,7 +49,8 @@ pub struct LlamaModel<B: Backend> {
     /// (`TpShard::vocab_rows`); otherwise they are whole on every rank.
     vocab_parallel: bool,
     /// The parts the row-parallel projections' inner dimension is summed in where the
-    /// backend sums them exactly (`Backend::ROW_PARALLEL_F64`): O's, and the dense MLP's down.
+    /// backend sums them exactly (`Backend::sums_row_parallel_exactly`): O's, and the dense
+    /// MLP's down.
     o_part_len: usize,
     down_part_len: usize,
     /// The experts' down projections' parts (mixture layers).
@@ -792,7 +793,7 @@ impl<B: Backend> LlamaModel<B> {
                     .moe
                     .as_mut()
                     .context("the workspace has no mixture-of-experts buffers")?;
-                if B::ROW_PARALLEL_F64 {
+                if be.sums_row_parallel_exactly() {
                     // Reduced inside, exactly, as `row_parallel` does.
                     be.row_parallel_moe(
                         &ws.normed,
@@ -896,8 +897,8 @@ impl<B: Backend> LlamaModel<B> {
 
     /// `out = x @ w^T` for a row-parallel projection (O, down): on a rank of a group, `x` and
     /// `w` hold the rank's slice of the inner dimension, so the ranks' products are summed.
-    /// A backend that sums exactly (`Backend::ROW_PARALLEL_F64`, in parts of `part_len`) does
-    /// so whether or not the model is split, so that both give the same bits.
+    /// A rank that sums exactly (`Backend::sums_row_parallel_exactly`, in parts of
+    /// `part_len`) does so in a group of one too, so that one rank gives several's bits.
     fn row_parallel(
         &self,
         be: &B,
@@ -906,7 +907,7 @@ impl<B: Backend> LlamaModel<B> {
         part_len: usize,
         out: &mut B::Tensor,
     ) -> Result<()> {
-        if B::ROW_PARALLEL_F64 {
+        if be.sums_row_parallel_exactly() {
             return be.row_parallel_linear(x, w, part_len, false, out);
         }
         be.linear(x, w, None, out)?;
@@ -931,7 +932,7 @@ impl<B: Backend> LlamaModel<B> {
         residual: &mut B::Tensor,
         scratch: &mut B::Tensor,
     ) -> Result<()> {
-        if B::ROW_PARALLEL_F64 {
+        if be.sums_row_parallel_exactly() {
             return be.row_parallel_linear(x, w, part_len, self.adds_residual(), residual);
         }
         if self.adds_residual() {
@@ -953,7 +954,7 @@ impl<B: Backend> LlamaModel<B> {
         residual: &mut B::Tensor,
         scratch: &mut B::Tensor,
     ) -> Result<()> {
-        if B::ROW_PARALLEL_F64 {
+        if be.sums_row_parallel_exactly() {
             be.silu_and_mul(gate_up, act)?;
             let part_len = self.down_part_len;
             return be.row_parallel_linear(act, down, part_len, self.adds_residual(), residual);

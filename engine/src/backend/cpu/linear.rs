@@ -63,6 +63,96 @@ pub fn linear(
         }
     }
     let read_dst = bias.is_some();
+    let dst_ptr = SendPtr(dst.as_mut_ptr());
+    let threads = rayon::current_num_threads();
+    if m < SPLIT_COLUMNS_BELOW_ROWS && threads > 1 {
+        // Several column blocks per thread so that uneven progress evens out.
+        let block = n.div_ceil(threads * 4).next_multiple_of(16).min(n);
+        let blocks: Vec<usize> = (0..n).step_by(block).collect();
+        let xs = x.as_slice();
+        blocks.into_par_iter().for_each(|j0| {
+            let cols = block.min(n - j0);
+            let d = dst_ptr;
+            // SAFETY: columns j0..j0+cols of a row-major [m, n] dst, rows j0.. of w; disjoint
+            // per task, all within bounds checked above.
+            unsafe {
+                gemm_into(
+                    m,
+                    cols,
+                    k,
+                    d.0.add(j0),
+                    n,
+                    xs.as_ptr(),
+                    w.data.as_ptr().add(j0 * k),
+                    read_dst,
+                    Parallelism::None,
+                )
+            };
+        });
+    } else {
+        let par = if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
+        // SAFETY: shapes checked above; dst holds m * n, x m * k, w n * k elements.
+        unsafe {
+            gemm_into(
+                m,
+                n,
+                k,
+                dst_ptr.0,
+                n,
+                x.as_slice().as_ptr(),
+                w.data.as_ptr(),
+                read_dst,
+                par,
+            )
+        };
+    }
+    Ok(())
+}
+
+/// `out = x @ w^T (+ bias)` as a rank of a tensor-parallel group computes it: through
+/// `product`, each output with the same bits whatever the width, so that a rank's columns
+/// equal the whole product's. The plain path (`linear`) lets the gemm crate pick its kernel
+/// by shape, which is faster at one row (its matrix-vector kernel).
+pub fn linear_width_invariant(
+    x: &CpuTensor,
+    w: &CpuWeight,
+    bias: Option<&CpuVector>,
+    out: &mut CpuTensor,
+) -> Result<()> {
+    let (m, k, n) = (x.rows, x.cols, w.rows);
+    ensure!(
+        w.cols == k,
+        "linear: input has {k} features, weight is [{}, {}]",
+        w.rows,
+        w.cols
+    );
+    ensure!(
+        out.cols == n,
+        "linear: output has {} cols, weight has {n} outputs",
+        out.cols
+    );
+    if let Some(b) = bias {
+        ensure!(
+            b.data.len() == n,
+            "linear: bias has {} elements, expected {n}",
+            b.data.len()
+        );
+    }
+    out.set_rows(m)?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let dst = out.as_mut_slice();
+    if let Some(b) = bias {
+        for row in dst.chunks_mut(n) {
+            row.copy_from_slice(&b.data);
+        }
+    }
+    let read_dst = bias.is_some();
     // SAFETY: shapes checked above; dst holds m * n, x m * k, w n * k elements.
     unsafe {
         product(
@@ -109,14 +199,18 @@ pub(super) unsafe fn product(
     if m == 1 {
         // SAFETY (here and below): the caller's bounds; each task writes its own columns.
         let xs = std::slice::from_raw_parts(x, k);
-        let block = n.div_ceil(threads * 4).max(16);
+        let block = one_row_block(n, threads);
         (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
             let (d, wp) = (dst_ptr, w_ptr);
-            for j in b * block..((b + 1) * block).min(n) {
-                let wj = unsafe { std::slice::from_raw_parts(wp.0.add(j * ldw), k) };
-                let v = dot_rows(xs, wj);
-                let o = unsafe { &mut *d.0.add(j) };
-                *o = if read_dst { *o + v } else { v };
+            let j0 = b * block;
+            let cols = block.min(n - j0);
+            let out = unsafe { std::slice::from_raw_parts_mut(d.0.add(j0), cols) };
+            if read_dst {
+                let mut v = vec![0.0f32; cols];
+                unsafe { dot_rows(xs, wp.0.add(j0 * ldw), ldw, &mut v) };
+                out.iter_mut().zip(v).for_each(|(o, v)| *o += v);
+            } else {
+                unsafe { dot_rows(xs, wp.0.add(j0 * ldw), ldw, out) };
             }
         });
     } else if m < SPLIT_COLUMNS_BELOW_ROWS {
@@ -156,52 +250,83 @@ pub(super) unsafe fn product(
     }
 }
 
-/// Lanes of `dot_rows`' accumulators: eight AVX vectors, enough independent sums to hide
-/// the latency of each fused multiply-add.
-const DOT_LANES: usize = 64;
+/// Columns a task of a one-row product computes: several blocks a thread.
+fn one_row_block(n: usize, threads: usize) -> usize {
+    n.div_ceil(threads * 4).max(16)
+}
 
-/// `sum_l x[l] * w[l]` in a fixed order: lane `l % DOT_LANES` accumulates with fused
-/// multiply-adds, then the lanes are added pairwise. Runs the AVX2/FMA build where the CPU
-/// has it (the same order, so the same bits on any machine with FMA).
-fn dot_rows(x: &[f32], w: &[f32]) -> f32 {
+/// Lanes of each of `dot_rows`' sums: two AVX vectors a column, four columns at once, so
+/// that eight independent fused multiply-adds hide each one's latency.
+const DOT_LANES: usize = 16;
+
+/// `out[j] = sum_l x[l] * w[j * ldw + l]`, each in a fixed order: lane `l % DOT_LANES`
+/// accumulates with fused multiply-adds, then the lanes are added pairwise, whichever
+/// columns are computed together. Runs the AVX2/FMA build where the CPU has it (the same
+/// order, so the same bits on any machine with FMA).
+///
+/// # Safety
+/// `w` must be valid for `out.len()` rows of stride `ldw`, `x.len()` elements each.
+unsafe fn dot_rows(x: &[f32], w: *const f32, ldw: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2")
         {
-            // SAFETY: the CPU has the features the function is built for.
-            return unsafe { dot_rows_fma(x, w) };
+            return dot_rows_fma(x, w, ldw, out);
         }
     }
-    dot_rows_in_order(x, w)
+    dot_rows_in_order(x, w, ldw, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_rows_fma(x: &[f32], w: &[f32]) -> f32 {
-    dot_rows_in_order(x, w)
+unsafe fn dot_rows_fma(x: &[f32], w: *const f32, ldw: usize, out: &mut [f32]) {
+    dot_rows_in_order(x, w, ldw, out)
 }
 
 #[inline(always)]
-fn dot_rows_in_order(x: &[f32], w: &[f32]) -> f32 {
-    let mut acc = [0.0f32; DOT_LANES];
-    let (xc, wc) = (x.chunks_exact(DOT_LANES), w.chunks_exact(DOT_LANES));
-    let (xr, wr) = (xc.remainder(), wc.remainder());
-    for (xs, ws) in xc.zip(wc) {
-        for l in 0..DOT_LANES {
-            acc[l] = xs[l].mul_add(ws[l], acc[l]);
+unsafe fn dot_rows_in_order(x: &[f32], w: *const f32, ldw: usize, out: &mut [f32]) {
+    let k = x.len();
+    let row = |j: usize| std::slice::from_raw_parts(w.add(j * ldw), k);
+    let mut quads = out.chunks_exact_mut(4);
+    let mut j = 0;
+    for o in &mut quads {
+        o.copy_from_slice(&dots(x, [row(j), row(j + 1), row(j + 2), row(j + 3)]));
+        j += 4;
+    }
+    for o in quads.into_remainder() {
+        *o = dots(x, [row(j)])[0];
+        j += 1;
+    }
+}
+
+#[inline(always)]
+fn dots<const C: usize>(x: &[f32], w: [&[f32]; C]) -> [f32; C] {
+    let mut acc = [[0.0f32; DOT_LANES]; C];
+    let full = x.len() / DOT_LANES * DOT_LANES;
+    for l0 in (0..full).step_by(DOT_LANES) {
+        let xs = &x[l0..l0 + DOT_LANES];
+        for (a, wc) in acc.iter_mut().zip(&w) {
+            let ws = &wc[l0..l0 + DOT_LANES];
+            for l in 0..DOT_LANES {
+                a[l] = xs[l].mul_add(ws[l], a[l]);
+            }
         }
     }
-    for (l, (a, b)) in xr.iter().zip(wr).enumerate() {
-        acc[l] = a.mul_add(*b, acc[l]);
-    }
-    let mut width = DOT_LANES;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            acc[l] += acc[l + width];
+    for l in full..x.len() {
+        for (a, wc) in acc.iter_mut().zip(&w) {
+            a[l - full] = x[l].mul_add(wc[l], a[l - full]);
         }
     }
-    acc[0]
+    acc.map(|mut a| {
+        let mut width = DOT_LANES;
+        while width > 1 {
+            width /= 2;
+            for l in 0..width {
+                a[l] += a[l + width];
+            }
+        }
+        a[0]
+    })
 }
 
 /// A row-parallel projection (O, down): `out = x @ w^T`, or `out += x @ w^T` with
@@ -253,7 +378,24 @@ pub fn row_parallel_linear(
     } else {
         vec![0.0; m * n]
     };
-    if m > 0 && n > 0 {
+    if m == 1 && n > 0 {
+        // One task a column block, every part inside it: one dispatch, not one a part.
+        let block = one_row_block(n, rayon::current_num_threads());
+        let (xs, ws) = (x.as_slice(), &w.data);
+        wide.par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(b, sums)| {
+                let j0 = b * block;
+                let mut v = vec![0.0f32; sums.len()];
+                for l0 in (0..k).step_by(chunk) {
+                    // SAFETY: rows j0.. of w (stride k), columns l0..l0 + chunk: within its shape.
+                    unsafe {
+                        dot_rows(&xs[l0..l0 + chunk], ws.as_ptr().add(j0 * k + l0), k, &mut v)
+                    };
+                    sums.iter_mut().zip(&v).for_each(|(s, &p)| *s += p as f64);
+                }
+            });
+    } else if m > 0 && n > 0 {
         let mut part = vec![0.0f32; m * n];
         for l0 in (0..k).step_by(chunk) {
             // SAFETY: columns l0..l0 + chunk of x's m rows and w's n rows (stride k), within
@@ -379,7 +521,7 @@ mod tests {
                 rows: n,
                 cols: k,
             };
-            linear(&x, &wt, None, &mut whole).unwrap();
+            linear_width_invariant(&x, &wt, None, &mut whole).unwrap();
             for (j0, cols) in [(0, 150), (150, 150), (40, 24), (272, 28)] {
                 let part = CpuWeight {
                     data: w[j0 * k..(j0 + cols) * k].to_vec(),
@@ -387,7 +529,7 @@ mod tests {
                     cols: k,
                 };
                 let mut got = tensor(vec![0.0; m * cols], 0, cols);
-                linear(&x, &part, None, &mut got).unwrap();
+                linear_width_invariant(&x, &part, None, &mut got).unwrap();
                 for i in 0..m {
                     let want = &whole.as_slice()[i * n + j0..i * n + j0 + cols];
                     assert_eq!(&got.as_slice()[i * cols..(i + 1) * cols], want, "m {m}");

@@ -250,7 +250,11 @@ impl Backend for CpuBackend {
         bias: Option<&CpuVector>,
         out: &mut CpuTensor,
     ) -> Result<()> {
-        linear::linear(x, w, bias, out)
+        // A rank's columns of a column-parallel product must have the whole product's bits.
+        match self.comm {
+            Some(_) => linear::linear_width_invariant(x, w, bias, out),
+            None => linear::linear(x, w, bias, out),
+        }
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuVector, eps: f32, out: &mut CpuTensor) -> Result<()> {
@@ -328,7 +332,11 @@ impl Backend for CpuBackend {
         vocab_parallel::all_gather_columns(self.comm.as_deref(), part, out)
     }
 
-    const ROW_PARALLEL_F64: bool = true;
+    /// Ranks of a group (of one included) only: the plain path keeps the gemm crate's
+    /// fastest kernels (see `linear::linear_width_invariant`).
+    fn sums_row_parallel_exactly(&self) -> bool {
+        self.comm.is_some()
+    }
 
     fn row_parallel_linear(
         &self,

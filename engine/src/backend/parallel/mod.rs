@@ -83,8 +83,9 @@ pub fn check_divisible(
 }
 
 /// How many equal parts the inner dimension of a row-parallel projection (O, the MLP's
-/// down) is summed in where a backend sums them exactly (`Backend::ROW_PARALLEL_F64`): the
-/// greatest common divisor of the query heads and the MLP widths. Every size that
+/// down) is summed in where a backend sums them exactly
+/// (`Backend::sums_row_parallel_exactly`): the greatest common divisor of the query heads and
+/// the MLP widths. Every size that
 /// `check_divisible` accepts divides it, so each rank's slice is a whole number of parts,
 /// the same parts at every size.
 pub fn row_parallel_parts(
