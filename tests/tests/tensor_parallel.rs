@@ -167,6 +167,39 @@ fn logits_over_ranks(
     })
 }
 
+/// The logits of each step on one CPU backend of no group (the engine's TP 1).
+fn plain_logits(
+    config: &ModelConfig,
+    weights: Option<WeightMap>,
+    steps: &[ForwardBatch],
+) -> Vec<Vec<f32>> {
+    let be = CpuBackend::new();
+    let model = LlamaModel::load_ranks(std::slice::from_ref(&be), config, weights, 5)
+        .unwrap()
+        .remove(0);
+    let c = model.config();
+    let num_blocks = steps
+        .iter()
+        .flat_map(|b| &b.slot_mapping)
+        .map(|&s| s as usize / BS + 1)
+        .max()
+        .unwrap_or(1);
+    let mut kv = be
+        .alloc_kv_cache(KvCacheShape {
+            num_layers: c.num_hidden_layers,
+            num_blocks,
+            block_size: BS,
+            num_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        })
+        .unwrap();
+    let mut ws = Workspace::new(&be, c, 8).unwrap();
+    steps
+        .iter()
+        .map(|b| model.forward(&be, b, &mut kv, &mut ws).unwrap())
+        .collect()
+}
+
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -198,8 +231,18 @@ fn split_models_give_the_logits_of_the_whole_model_on_every_tiny_fixture() {
     for (name, dir) in tiny_fixtures() {
         let steps = steps(&prompts(&dir));
         let (config, weights) = load(&dir);
+        let plain = plain_logits(&config, load(&dir).1, &steps);
         let whole = logits_over_ranks(&config, weights, 1, &steps).unwrap();
         assert!(whole.iter().flatten().all(|x| x.is_finite()), "{name}");
+        // The engine's TP 1 (no group, the gemm crate's own kernels): f32 rounding apart.
+        let (d, m) = (max_diff(&plain, &whole), max_abs(&whole));
+        report.push(format!(
+            "{name} TP 1 without a group: {d:.2e} (max |logit| {m:.1})"
+        ));
+        assert!(
+            d <= TOLERANCE * m.max(1.0),
+            "{name}: plain TP 1 differs by {d:e}"
+        );
         for tp in [2, 4] {
             let (config, weights) = load(&dir);
             if config.num_attention_heads % tp != 0 {
