@@ -7,9 +7,10 @@ use super::AttentionLayout;
 use crate::types::DecoderSpec;
 
 /// Head sizes with prefill and decode attention kernels (kernels/src/attention_*.cu).
-/// 64, 128 and 256 have decode attention builds; 80 and 96 (Phi) attend for decodes and
-/// prefills alike through the windowed prefill build (`cuda/backend/windowed_attention.rs`),
-/// as do layers with a window shorter than the context or an attention-logit soft-cap.
+/// 64, 128 and 256 have plain decode attention builds; 80 and 96 (Phi), like layers with a
+/// window shorter than the context or an attention-logit soft-cap, decode through the windowed
+/// builds of the fused decode kernel (`cuda/backend/windowed_decode.rs`) and prefill through
+/// the windowed prefill build (`cuda/backend/windowed_attention.rs`).
 pub const GPU_HEAD_DIMS: [usize; 5] = [64, 80, 96, 128, 256];
 
 /// Refuses what the CUDA backend's kernels do not do yet. `_context_len` is the longest
