@@ -198,9 +198,14 @@ pub fn moe_small_gate_up_launch(
     top_k: usize,
     inter: usize,
 ) -> ((u32, u32, u32), u32) {
+    // Blocks across the columns: 32, or enough for 256 blocks in all, at most one a column
+    // group. On an H100 the Qwen3-30B-A3B layer's gate/up took 29.8 us at 32 against 36.3 at
+    // all 96 column groups (one token; 32 was within 6 % of the best width at 2, 4 and 8).
+    let rows = experts.min(tokens * top_k).max(1);
+    let across = 32.max(256usize.div_ceil(rows));
     let grid = (
-        inter.div_ceil(MOE_SMALL_COLS).max(1) as u32,
-        experts.min(tokens * top_k).max(1) as u32,
+        inter.div_ceil(MOE_SMALL_COLS).clamp(1, across) as u32,
+        rows as u32,
         1,
     );
     (grid, MOE_SMALL_THREADS)

@@ -16,8 +16,8 @@
 //! experts' weights, each once. Prefills run the same kernels (no stream sync, one launch a
 //! projection).
 //!
-//! Up to `MOE_SMALL_MAX_TOKENS` (8) tokens, with rows of whole 16-byte chunks, take the
-//! small-batch decode path instead (kernels/src/moe_small.cu): after the router GEMM,
+//! Steps of one token (`MOE_SMALL_PATH_MAX_TOKENS`), with rows of whole 16-byte chunks, take
+//! the small-batch decode path instead (kernels/src/moe_small.cu): after the router GEMM,
 //! `moe_small_gate_up` (the routing in every block, then a GEMV of each distinct selected
 //! expert's gate and up rows with SiLU-and-mul, `act` in pair order) and `moe_small_down` (each
 //! output element its token's weighted sum over its experts): two launches where the path above
@@ -59,6 +59,12 @@ pub const MOE_UNPERMUTE: Kernel<args::MoeUnpermute> = kernel!(
     "moe_unpermute_bf16",
     "moe_unpermute_f16"
 );
+/// Most tokens a step sends down the small-batch path. Its kernels take up to
+/// `MOE_SMALL_MAX_TOKENS` (8), but the Qwen3-30B-A3B layer on an H100 (BENCHMARKS.md,
+/// 2026-12-07, sixth session) ran 1.38x faster there than the grouped GEMM at one token, level
+/// at two and slower from four (0.81x; 0.62x at eight): past one token the tensor cores win.
+const MOE_SMALL_PATH_MAX_TOKENS: usize = 1;
+
 pub const MOE_SMALL_GATE_UP: Kernel<args::MoeSmallGateUp> = kernel!(
     args::MoeSmallGateUp,
     "moe_small",
@@ -260,7 +266,7 @@ impl CudaBackend {
         s.act.set_rows(pairs)?;
         let r = self.moe_routing_ptrs(s.rows.capacity_rows(), e)?;
         self.linear(x, router, None, &mut s.router_logits)?;
-        if moe_small_fits(tokens, e, k, h, inter) {
+        if tokens <= MOE_SMALL_PATH_MAX_TOKENS && moe_small_fits(tokens, e, k, h, inter) {
             return self.moe_small(x, gate_up, down, layout, s, r, out);
         }
 
@@ -382,8 +388,9 @@ impl CudaBackend {
                 x: x.ptr(),
                 logits: s.router_logits.ptr(),
                 w: gate_up.buf.ptr,
-                // Its blocks ask L2 for the experts' down rows while they stream gate/up.
-                w_down: down.buf.ptr,
+                // No L2 prefetch of the down rows: the layer measured faster without it
+                // (58.9 vs 60.5 us at one token, H100).
+                w_down: 0,
                 tokens: tokens as i32,
                 experts: e as i32,
                 top_k: k as i32,
@@ -484,9 +491,15 @@ mod tests {
         assert!(!fits(0, 128, 8, 2048, 768));
         assert!(!fits(1, 8, 2, 100, 36), "rows of no whole 16-byte chunks");
         assert!(!fits(1, 64, 33, 2048, 768), "top 33");
-        assert_eq!(moe_small_gate_up_launch(1, 128, 8, 768).0, (96, 8, 1));
-        assert_eq!(moe_small_gate_up_launch(8, 128, 8, 768).0, (96, 64, 1));
-        assert_eq!(moe_small_gate_up_launch(8, 8, 2, 768).0, (96, 8, 1));
+        assert_eq!(moe_small_gate_up_launch(1, 128, 8, 768).0, (32, 8, 1));
+        assert_eq!(moe_small_gate_up_launch(8, 128, 8, 768).0, (32, 64, 1));
+        assert_eq!(moe_small_gate_up_launch(8, 8, 2, 768).0, (32, 8, 1));
+        assert_eq!(
+            moe_small_gate_up_launch(1, 8, 2, 14336).0,
+            (128, 2, 1),
+            "Mixtral"
+        );
+        assert_eq!(moe_small_gate_up_launch(1, 8, 2, 64).0, (8, 2, 1));
         assert_eq!(moe_small_down_launch(2048).0, (256, 1, 1));
     }
 
@@ -515,8 +528,8 @@ mod tests {
     }
 
     /// The whole layer on the GPU against the CPU backend's, on the same (rounded) inputs and
-    /// weights, in both element types: batches of 1, 2, 7 and 8 tokens (the small-batch path),
-    /// 9, 64 and 1,024 (the grouped GEMM's), Mixtral's 8
+    /// weights, in both element types: batches of 1 token (the small-batch path), 2, 7, 8, 9,
+    /// 64 and 1,024 (the grouped GEMM's), Mixtral's 8
     /// experts top 2 and Qwen3-MoE's 128 top 8, routings where most experts get no token and
     /// where one expert gets every token. The router reads dimension `e` of x for expert `e`,
     /// and those dimensions hold levels 0.25 apart (exact in bf16 and f16), so the routing
@@ -539,7 +552,7 @@ mod tests {
         };
         let cpu = CpuBackend::new();
         // (experts, top k, tokens, renormalize, one expert takes every token)
-        // Up to MOE_SMALL_MAX_TOKENS (8) tokens take the small-batch path, more the grouped GEMM.
+        // One token takes the small-batch path, more the grouped GEMM.
         let cases = [
             (8, 2, 1, true, false),
             (128, 8, 1, true, false),
