@@ -22,11 +22,11 @@
 //! variants do for the compute type. So a request's numbers depend on its batch's size: up to
 //! 16 tokens the input keeps its compute-type precision, past it it is rounded to E4M3.
 //!
-//! At batch 1 on sm_90+ every projection runs gemv_bulk's E4M3 build instead
-//! (`gemv_bulk_fp8_*`, kernels/src/gemv_bulk.cu: the weights streamed into shared memory by
-//! the bulk copy engine, the products on the tensor cores), with the same fusions (QKV and
-//! gate|up with the norm, O with the residual add, down with silu input and residual add);
-//! `fp8_gemv` keeps 2 to 16 tokens, and batch 1 where the bulk kernel does not take k.
+//! At batch 1 on sm_90+ the normed projections (QKV, gate|up) run gemv_bulk's E4M3 build
+//! instead (`gemv_bulk_fp8_norm_*`, kernels/src/gemv_bulk.cu: the weights streamed into shared
+//! memory by the bulk copy engine, the products on the tensor cores, the norm fused as
+//! `fp8_gemv_norm` fuses it); O and down keep `fp8_gemv` (faster there: `fp8_gemv_bulk`), as do
+//! 2 to 16 tokens and batch 1 where the bulk kernel does not take k.
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -689,6 +689,13 @@ impl CudaBackend {
         let Some(w_scales) = w.fp8_scales.as_ref() else {
             bail!("fp8_gemv_bulk on a weight that is not FP8");
         };
+        // Only the normed inputs (QKV, gate|up): on an H100 (BENCHMARKS.md, 2026-12-07, sixth
+        // session) the bulk build beat `fp8_gemv` there (gate|up 44.8 vs 50.8 us, QKV 15.7 vs
+        // 16.8) but lost on O with the residual add (14.0 vs 10.1) and on down (silu + add 30.6
+        // vs 27.4), where a block's fixed start and drain outweigh its streaming.
+        if !matches!(input, GemvInput::Norm) {
+            return Ok(false);
+        }
         let Some(g) = self
             .gemv_bulk
             .then(|| GemvBulk::for_fp8_k(w.cols, 4))
