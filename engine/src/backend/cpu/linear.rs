@@ -27,12 +27,14 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
-pub fn linear(
+/// Checks a linear's shapes, sizes `out` to x's rows and fills it with the bias (the products
+/// then add into it). False: nothing to compute (no rows or no outputs).
+fn start_output(
     x: &CpuTensor,
     w: &CpuWeight,
     bias: Option<&CpuVector>,
     out: &mut CpuTensor,
-) -> Result<()> {
+) -> Result<bool> {
     let (m, k, n) = (x.rows, x.cols, w.rows);
     ensure!(
         w.cols == k,
@@ -54,14 +56,27 @@ pub fn linear(
     }
     out.set_rows(m)?;
     if m == 0 || n == 0 {
-        return Ok(());
+        return Ok(false);
     }
-    let dst = out.as_mut_slice();
     if let Some(b) = bias {
-        for row in dst.chunks_mut(n) {
+        for row in out.as_mut_slice().chunks_mut(n) {
             row.copy_from_slice(&b.data);
         }
     }
+    Ok(true)
+}
+
+pub fn linear(
+    x: &CpuTensor,
+    w: &CpuWeight,
+    bias: Option<&CpuVector>,
+    out: &mut CpuTensor,
+) -> Result<()> {
+    let (m, k, n) = (x.rows, x.cols, w.rows);
+    if !start_output(x, w, bias, out)? {
+        return Ok(());
+    }
+    let dst = out.as_mut_slice();
     let read_dst = bias.is_some();
     let dst_ptr = SendPtr(dst.as_mut_ptr());
     let threads = rayon::current_num_threads();
@@ -124,34 +139,10 @@ pub fn linear_width_invariant(
     out: &mut CpuTensor,
 ) -> Result<()> {
     let (m, k, n) = (x.rows, x.cols, w.rows);
-    ensure!(
-        w.cols == k,
-        "linear: input has {k} features, weight is [{}, {}]",
-        w.rows,
-        w.cols
-    );
-    ensure!(
-        out.cols == n,
-        "linear: output has {} cols, weight has {n} outputs",
-        out.cols
-    );
-    if let Some(b) = bias {
-        ensure!(
-            b.data.len() == n,
-            "linear: bias has {} elements, expected {n}",
-            b.data.len()
-        );
-    }
-    out.set_rows(m)?;
-    if m == 0 || n == 0 {
+    if !start_output(x, w, bias, out)? {
         return Ok(());
     }
     let dst = out.as_mut_slice();
-    if let Some(b) = bias {
-        for row in dst.chunks_mut(n) {
-            row.copy_from_slice(&b.data);
-        }
-    }
     let read_dst = bias.is_some();
     // SAFETY: shapes checked above; dst holds m * n, x m * k, w n * k elements.
     unsafe {
