@@ -58,6 +58,13 @@
 //     partition is empty. softcap s > 0: each scaled score x becomes s * tanh(x / s) before the
 //     softmax (Gemma 2's attn_logit_softcapping). Head dims 80 and 96 take 8 lanes a key row
 //     as 128 does, of which 5 or 6 hold dims.
+//   paged_attention_decode_kvfp8_hd{64,80,96,128,256}_g{1,2,4,8}(..., window, softcap,
+//       k_scale, v_scale)
+//     The windowed kernel over the FP8 (E4M3) KV cache (`--kv-cache-dtype fp8`): key_cache
+//     and value_cache hold one byte an element, read as code * k_scale (v_scale); the new
+//     token's k and v are written as the codes of k / k_scale and v / v_scale (saturated to
+//     +-448) and attended through those codes, as the CPU reference does. Its partials merge
+//     through paged_attention_decode_reduce_windowed.
 //   paged_attention_decode_compact_windowed_hd{64,128}_g{1,2,4,8}(..., window, softcap):
 //     the compact kernel (below) with the same window and soft-cap, for batch 1.
 //   paged_attention_decode_reduce_windowed(..., target_partitions, window): the reduce of
@@ -169,6 +176,13 @@ __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::);
 }
 
+// The FP8 cache's pieces: 8 bytes (8 E4M3 codes), through L1 (.cg takes 16 bytes only).
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(
+                     (uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"(src));
+}
+
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -233,18 +247,24 @@ __device__ __forceinline__ void merge_partials(elem_t* __restrict__ out,
     }
 }
 
-template <int HD, int GT, int S>
+// CacheT: the cache's element type, elem_t or kv_fp8_t (the FP8 cache: each lane's two
+// pieces of a key row are 8 codes each, read as 8 bytes into the first half of its ring slots
+// and converted times k_scale / v_scale; the new token's k and v are rounded through the same
+// codes, kept in new_kv likewise, so that it attends to what the cache holds).
+template <int HD, int GT, int S, typename CacheT = elem_t>
 __device__ __forceinline__ void decode_attention(
     elem_t* __restrict__ out, float* __restrict__ partial_out,
     float* __restrict__ partial_ml, int32_t* __restrict__ semaphores,
     const elem_t* __restrict__ q, const elem_t* __restrict__ k_new,
     const elem_t* __restrict__ v_new,
-    int qkv_stride, elem_t* __restrict__ key_cache,
-    elem_t* __restrict__ value_cache, const int32_t* __restrict__ block_tables,
+    int qkv_stride, CacheT* __restrict__ key_cache,
+    CacheT* __restrict__ value_cache, const int32_t* __restrict__ block_tables,
     const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,
     const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq, float scale,
     int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
-    int target_partitions, int window, float softcap) {
+    int target_partitions, int window, float softcap, float k_scale = 1.0f,
+    float v_scale = 1.0f) {
+    constexpr bool kFp8 = is_kv_fp8<CacheT>();
     // Lanes per token: 16 dims (two 16-byte pieces) each; head dims 80 and 96 round up to 8
     // lanes (a power of two, for the shuffles), of which the last 3 or 2 hold nothing.
     constexpr int kDimLanes = HD / 16;
@@ -321,15 +341,22 @@ __device__ __forceinline__ void decode_attention(
         if (i < 2 * nchunks) {
             const bool is_k = i < nchunks;
             const int base = (is_k ? i : i - nchunks) * kChunk;
-            const elem_t* cache = is_k ? key_cache : value_cache;
+            const CacheT* cache = is_k ? key_cache : value_cache;
             const int s = i % S;
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
                 const int ti = base + u * TPB + warp * TPW + tok_in_warp;
                 if (ti < ntok && ti != new_ti && holds_dims) {
-                    const elem_t* row = cache + (int64_t)slots[ti] * kv_row + head_off;
-                    cp_async16(&ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid], row);
-                    cp_async16(&ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid], row + kHalf);
+                    const CacheT* row = cache + (int64_t)slots[ti] * kv_row + head_off;
+                    if constexpr (kFp8) {
+                        cp_async8(&ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid], row);
+                        cp_async8(&ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid],
+                                  row + kHalf);
+                    } else {
+                        cp_async16(&ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid], row);
+                        cp_async16(&ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid],
+                                   row + kHalf);
+                    }
                 }
             }
         }
@@ -358,18 +385,39 @@ __device__ __forceinline__ void decode_attention(
             const Elem8 vlo = *reinterpret_cast<const Elem8*>(v_new + off);
             const Elem8 vhi = *reinterpret_cast<const Elem8*>(v_new + off + kHalf);
             if (rope) rotate8(klo, khi, cos_t, sin_t, sub * 8);
-            new_kv[0][0][sub] = klo;
-            new_kv[0][1][sub] = khi;
-            new_kv[1][0][sub] = vlo;
-            new_kv[1][1][sub] = vhi;
-            const int64_t slot = slot_mapping[seq];
-            if (blockIdx.x % groups_per_kv == 0 && slot >= 0) {
-                elem_t* kd = key_cache + slot * kv_row + head_off;
-                elem_t* vd = value_cache + slot * kv_row + head_off;
-                *reinterpret_cast<Elem8*>(kd) = klo;
-                *reinterpret_cast<Elem8*>(kd + kHalf) = khi;
-                *reinterpret_cast<Elem8*>(vd) = vlo;
-                *reinterpret_cast<Elem8*>(vd + kHalf) = vhi;
+            if constexpr (kFp8) {
+                const float inv_k = 1.0f / k_scale, inv_v = 1.0f / v_scale;
+                const uint2 codes[2][2] = {
+                    {elem8_to_kv_fp8(klo, inv_k), elem8_to_kv_fp8(khi, inv_k)},
+                    {elem8_to_kv_fp8(vlo, inv_v), elem8_to_kv_fp8(vhi, inv_v)}};
+#pragma unroll
+                for (int kv = 0; kv < 2; ++kv)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        *reinterpret_cast<uint2*>(&new_kv[kv][h][sub]) = codes[kv][h];
+                const int64_t slot = slot_mapping[seq];
+                if (blockIdx.x % groups_per_kv == 0 && slot >= 0) {
+                    CacheT* kd = key_cache + slot * kv_row + head_off;
+                    CacheT* vd = value_cache + slot * kv_row + head_off;
+                    *reinterpret_cast<uint2*>(kd) = codes[0][0];
+                    *reinterpret_cast<uint2*>(kd + kHalf) = codes[0][1];
+                    *reinterpret_cast<uint2*>(vd) = codes[1][0];
+                    *reinterpret_cast<uint2*>(vd + kHalf) = codes[1][1];
+                }
+            } else {
+                new_kv[0][0][sub] = klo;
+                new_kv[0][1][sub] = khi;
+                new_kv[1][0][sub] = vlo;
+                new_kv[1][1][sub] = vhi;
+                const int64_t slot = slot_mapping[seq];
+                if (blockIdx.x % groups_per_kv == 0 && slot >= 0) {
+                    elem_t* kd = key_cache + slot * kv_row + head_off;
+                    elem_t* vd = value_cache + slot * kv_row + head_off;
+                    *reinterpret_cast<Elem8*>(kd) = klo;
+                    *reinterpret_cast<Elem8*>(kd + kHalf) = khi;
+                    *reinterpret_cast<Elem8*>(vd) = vlo;
+                    *reinterpret_cast<Elem8*>(vd + kHalf) = vhi;
+                }
             }
         }
     }
@@ -378,18 +426,35 @@ __device__ __forceinline__ void decode_attention(
     // Stream element i's row of token ti as 16 floats (the new token from new_kv).
     auto row_at = [&](int i, int u, int ti, bool is_k, float (&f)[16]) {
         const int s = i % S;
-        Elem8 lo{}, hi{};
-        if (!holds_dims) {
-            // Zeros: these lanes' dot products and sums then add nothing.
-        } else if (ti == new_ti) {
-            lo = new_kv[is_k ? 0 : 1][0][sub];
-            hi = new_kv[is_k ? 0 : 1][1][sub];
+        if constexpr (kFp8) {
+            uint2 lo = make_uint2(0, 0), hi = make_uint2(0, 0);  // codes of +0
+            if (!holds_dims) {
+            } else if (ti == new_ti) {
+                lo = *reinterpret_cast<const uint2*>(&new_kv[is_k ? 0 : 1][0][sub]);
+                hi = *reinterpret_cast<const uint2*>(&new_kv[is_k ? 0 : 1][1][sub]);
+            } else {
+                lo = *reinterpret_cast<const uint2*>(
+                    &ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid]);
+                hi = *reinterpret_cast<const uint2*>(
+                    &ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid]);
+            }
+            const float sc = is_k ? k_scale : v_scale;
+            kv_fp8x8_to_f32(lo, sc, f);
+            kv_fp8x8_to_f32(hi, sc, f + 8);
         } else {
-            lo = ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid];
-            hi = ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid];
+            Elem8 lo{}, hi{};
+            if (!holds_dims) {
+                // Zeros: these lanes' dot products and sums then add nothing.
+            } else if (ti == new_ti) {
+                lo = new_kv[is_k ? 0 : 1][0][sub];
+                hi = new_kv[is_k ? 0 : 1][1][sub];
+            } else {
+                lo = ring[((s * kUnroll + u) * 2 + 0) * kThreads + tid];
+                hi = ring[((s * kUnroll + u) * 2 + 1) * kThreads + tid];
+            }
+            elem8_to_f32(lo, f);
+            elem8_to_f32(hi, f + 8);
         }
-        elem8_to_f32(lo, f);
-        elem8_to_f32(hi, f + 8);
     };
 
     for (int p = z;;) {
@@ -967,6 +1032,52 @@ RVLLM_DECODE_ATTENTION_WINDOWED(256, 1)
 RVLLM_DECODE_ATTENTION_WINDOWED(256, 2)
 RVLLM_DECODE_ATTENTION_WINDOWED(256, 4)
 RVLLM_DECODE_ATTENTION_WINDOWED(256, 8)
+
+// The FP8 (E4M3) KV cache's builds (`--kv-cache-dtype fp8`): the windowed kernel over a cache
+// of one byte an element, dequantized times k_scale / v_scale (window and soft-cap 0: the
+// plain attention). Batch 1 runs them too (no compact FP8 build); their partials merge through
+// paged_attention_decode_reduce_windowed.
+#define RVLLM_DECODE_ATTENTION_KV_FP8(HD, GT)                                                  \
+    extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks(GT))                    \
+        DT(paged_attention_decode_kvfp8_hd##HD##_g##GT,                                        \
+           paged_attention_decode_kvfp8_hd##HD##_g##GT##_f16)(                                 \
+            elem_t* __restrict__ out, float* __restrict__ partial_out,                         \
+            float* __restrict__ partial_ml, int32_t* __restrict__ semaphores,                  \
+            const elem_t* __restrict__ q, const elem_t* __restrict__ k_new,                    \
+            const elem_t* __restrict__ v_new, int qkv_stride, uint8_t* __restrict__ key_cache, \
+            uint8_t* __restrict__ value_cache, const int32_t* __restrict__ block_tables,       \
+            const int32_t* __restrict__ context_lens, const int32_t* __restrict__ positions,   \
+            const int32_t* __restrict__ slot_mapping, const float* __restrict__ inv_freq,      \
+            float scale, int num_heads, int num_kv_heads, int block_size,                      \
+            int max_blocks_per_seq, int target_partitions, int window, float softcap,          \
+            float k_scale, float v_scale) {                                                    \
+        decode_attention<HD, GT, kStages, kv_fp8_t>(                                           \
+            out, partial_out, partial_ml, semaphores, q, k_new, v_new, qkv_stride, key_cache,  \
+            value_cache, block_tables, context_lens, positions, slot_mapping, inv_freq, scale, \
+            num_heads, num_kv_heads, block_size, max_blocks_per_seq, target_partitions,        \
+            window, softcap, k_scale, v_scale);                                                \
+    }
+
+RVLLM_DECODE_ATTENTION_KV_FP8(64, 1)
+RVLLM_DECODE_ATTENTION_KV_FP8(64, 2)
+RVLLM_DECODE_ATTENTION_KV_FP8(64, 4)
+RVLLM_DECODE_ATTENTION_KV_FP8(64, 8)
+RVLLM_DECODE_ATTENTION_KV_FP8(80, 1)
+RVLLM_DECODE_ATTENTION_KV_FP8(80, 2)
+RVLLM_DECODE_ATTENTION_KV_FP8(80, 4)
+RVLLM_DECODE_ATTENTION_KV_FP8(80, 8)
+RVLLM_DECODE_ATTENTION_KV_FP8(96, 1)
+RVLLM_DECODE_ATTENTION_KV_FP8(96, 2)
+RVLLM_DECODE_ATTENTION_KV_FP8(96, 4)
+RVLLM_DECODE_ATTENTION_KV_FP8(96, 8)
+RVLLM_DECODE_ATTENTION_KV_FP8(128, 1)
+RVLLM_DECODE_ATTENTION_KV_FP8(128, 2)
+RVLLM_DECODE_ATTENTION_KV_FP8(128, 4)
+RVLLM_DECODE_ATTENTION_KV_FP8(128, 8)
+RVLLM_DECODE_ATTENTION_KV_FP8(256, 1)
+RVLLM_DECODE_ATTENTION_KV_FP8(256, 2)
+RVLLM_DECODE_ATTENTION_KV_FP8(256, 4)
+RVLLM_DECODE_ATTENTION_KV_FP8(256, 8)
 
 namespace {
 

@@ -18,6 +18,10 @@
 //     softcap * tanh(s / softcap) before the softmax (Gemma 2's attn_logit_softcapping).
 //     0 turns either off. Head dim 256 streams 32-key tiles (64 would need 67 KiB of static
 //     shared memory; 32 take 33 KiB).
+//   paged_attention_prefill_kvfp8_hd{64,80,96,128,256}(..., window, softcap, k_scale, v_scale)
+//     The windowed kernel over the FP8 (E4M3) KV cache (`--kv-cache-dtype fp8`): key_cache and
+//     value_cache hold one byte an element, read as code * k_scale (v_scale), converted to the
+//     compute type as the tiles are staged in shared memory.
 //
 // Flash-attention style: each warp owns 16 query rows, a block 64; K and V tiles of 64 keys are
 // gathered from the paged cache into shared memory, S = Q K^T and O += P V run on the tensor
@@ -61,13 +65,18 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) 
                  : "r"(a));
 }
 
-template <int HD, int kBN>
+// CacheT: the cache's element type, elem_t or kv_fp8_t (the FP8 cache: each thread loads its
+// 8 codes of a tile row, converts them times k_scale / v_scale to the compute type and stores
+// them where cp.async would have, so the tiles and the MMA path are the same; the copy is
+// synchronous, and the commit groups stay, empty, so the waits count the same).
+template <int HD, int kBN, typename CacheT = elem_t>
 __device__ __forceinline__ void prefill_attention(
     elem_t* __restrict__ out, const elem_t* __restrict__ q,
-    const elem_t* __restrict__ key_cache, const elem_t* __restrict__ value_cache,
+    const CacheT* __restrict__ key_cache, const CacheT* __restrict__ value_cache,
     const int32_t* __restrict__ cu_seqlens_q, const int32_t* __restrict__ context_lens,
     const int32_t* __restrict__ block_tables, float scale, int num_heads, int num_kv_heads,
-    int block_size, int max_blocks_per_seq, int q_stride, int window, float softcap) {
+    int block_size, int max_blocks_per_seq, int q_stride, int window, float softcap,
+    float k_scale = 1.0f, float v_scale = 1.0f) {
     pdl_enter();
     constexpr int LD = HD + 8;  // padded row: conflict-free fragment reads
     constexpr int KSTEPS = HD / 16;
@@ -127,18 +136,37 @@ __device__ __forceinline__ void prefill_attention(
     // staggered pipeline: the next K tile loads while P V runs, the next V tile while Q K^T
     // runs. Commit groups alternate K, V, K, V...; `wait_group 1` leaves only the newest
     // group in flight.
-    auto issue_tile = [&](uint16_t(*dst)[LD], const elem_t* __restrict__ cache, int kt) {
-        for (int idx = tid; idx < kBN * (HD / 8); idx += kThreads) {
-            const int r = idx / (HD / 8);
-            const int c = (idx % (HD / 8)) * 8;
-            const int key = kt + r;
-            const uint32_t d = (uint32_t)__cvta_generic_to_shared(&dst[r][c]);
-            if (key < kend) {
-                const int64_t slot = (int64_t)table[key / block_size] * block_size + key % block_size;
-                const elem_t* src = cache + slot * kv_row + (int64_t)kv_head * HD + c;
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
-            } else {
-                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 0;\n" ::"r"(d), "l"(cache));
+    auto issue_tile = [&](uint16_t(*dst)[LD], const CacheT* __restrict__ cache, int kt) {
+        if constexpr (is_kv_fp8<CacheT>()) {
+            const float sc = cache == key_cache ? k_scale : v_scale;
+            for (int idx = tid; idx < kBN * (HD / 8); idx += kThreads) {
+                const int r = idx / (HD / 8);
+                const int c = (idx % (HD / 8)) * 8;
+                const int key = kt + r;
+                Elem8 v{};  // zeros past the end, as cp.async's zero fill
+                if (key < kend) {
+                    const int64_t slot =
+                        (int64_t)table[key / block_size] * block_size + key % block_size;
+                    const CacheT* src = cache + slot * kv_row + (int64_t)kv_head * HD + c;
+                    float f[8];
+                    kv_fp8x8_to_f32(*reinterpret_cast<const uint2*>(src), sc, f);
+                    v = f32_to_elem8(f);
+                }
+                *reinterpret_cast<Elem8*>(&dst[r][c]) = v;
+            }
+        } else {
+            for (int idx = tid; idx < kBN * (HD / 8); idx += kThreads) {
+                const int r = idx / (HD / 8);
+                const int c = (idx % (HD / 8)) * 8;
+                const int key = kt + r;
+                const uint32_t d = (uint32_t)__cvta_generic_to_shared(&dst[r][c]);
+                if (key < kend) {
+                    const int64_t slot = (int64_t)table[key / block_size] * block_size + key % block_size;
+                    const CacheT* src = cache + slot * kv_row + (int64_t)kv_head * HD + c;
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+                } else {
+                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 0;\n" ::"r"(d), "l"(cache));
+                }
             }
         }
         asm volatile("cp.async.commit_group;\n" ::);
@@ -324,3 +352,28 @@ RVLLM_PREFILL_ATTENTION_WINDOWED(80, 64, 3)
 RVLLM_PREFILL_ATTENTION_WINDOWED(96, 64, 3)
 RVLLM_PREFILL_ATTENTION_WINDOWED(128, 64, 3)
 RVLLM_PREFILL_ATTENTION_WINDOWED(256, 32, 1)
+
+// The FP8 (E4M3) KV cache's builds (`--kv-cache-dtype fp8`): the windowed kernel reading a
+// cache of one byte an element, dequantized times k_scale / v_scale while the tiles are
+// staged (window and soft-cap 0: the plain attention).
+#define RVLLM_PREFILL_ATTENTION_KV_FP8(HD, BN, MINB)                                              \
+    extern "C" __global__ void __launch_bounds__(kThreads, MINB)                               \
+        DT(paged_attention_prefill_kvfp8_hd##HD, paged_attention_prefill_kvfp8_hd##HD##_f16)(  \
+        elem_t* __restrict__ out, const elem_t* __restrict__ q,                                \
+        const uint8_t* __restrict__ key_cache,                                                 \
+        const uint8_t* __restrict__ value_cache,                                               \
+        const int32_t* __restrict__ cu_seqlens_q, const int32_t* __restrict__ context_lens,    \
+        const int32_t* __restrict__ block_tables, float scale, int num_heads, int num_kv_heads, \
+        int block_size, int max_blocks_per_seq, int q_stride, int window, float softcap,       \
+        float k_scale, float v_scale) {                                                        \
+        prefill_attention<HD, BN, kv_fp8_t>(out, q, key_cache, value_cache, cu_seqlens_q,      \
+                                            context_lens, block_tables, scale, num_heads,      \
+                                            num_kv_heads, block_size, max_blocks_per_seq,      \
+                                            q_stride, window, softcap, k_scale, v_scale);      \
+    }
+
+RVLLM_PREFILL_ATTENTION_KV_FP8(64, 64, 4)
+RVLLM_PREFILL_ATTENTION_KV_FP8(80, 64, 3)
+RVLLM_PREFILL_ATTENTION_KV_FP8(96, 64, 3)
+RVLLM_PREFILL_ATTENTION_KV_FP8(128, 64, 3)
+RVLLM_PREFILL_ATTENTION_KV_FP8(256, 32, 1)

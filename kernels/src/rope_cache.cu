@@ -21,20 +21,28 @@
 //     sin are multiplied by attention_factor (LongRoPE / YaRN's, as HF does; 1 for none): with
 //     only part of each head rotated it cannot move into the softmax scale, as it does for
 //     whole heads. rotary_dim even, at most head_dim.
+//   rope_and_cache_kvfp8_bf16(..., v_stride, k_scale, v_scale),
+//   rope_partial_and_cache_kvfp8_bf16(..., attention_factor, k_scale, v_scale)
+//     The same for the FP8 (E4M3) KV cache (`--kv-cache-dtype fp8`): key_cache and
+//     value_cache hold one byte an element, the saturated E4M3 code of k * (1 / k_scale) and
+//     v * (1 / v_scale), k after its rotation and rounding to the compute type.
 #include "common.cuh"
 
 constexpr int kMaxHalf = 256;  // head_dim up to 512
 
 namespace {
 
+template <typename CacheT>
 __device__ __forceinline__ void rope_and_cache(
     elem_t* __restrict__ q, elem_t* __restrict__ k, const elem_t* __restrict__ v,
-    elem_t* __restrict__ key_cache, elem_t* __restrict__ value_cache,
+    CacheT* __restrict__ key_cache, CacheT* __restrict__ value_cache,
     const int32_t* __restrict__ positions, const int32_t* __restrict__ slot_mapping,
     const float* __restrict__ inv_freq, int num_tokens, int num_heads, int num_kv_heads,
     int head_dim, int q_stride, int k_stride, int v_stride, int rotary_dim,
-    float attention_factor) {
+    float attention_factor, float k_scale, float v_scale) {
     pdl_enter();
+    // The FP8 cache's code of x is e4m3(x * (1 / scale)), as the CPU reference rounds it.
+    const float inv_k = 1.0f / k_scale, inv_v = 1.0f / v_scale;
     __shared__ float cos_t[kMaxHalf], sin_t[kMaxHalf];
     const int t = blockIdx.x;
     if (t >= num_tokens) return;
@@ -87,9 +95,14 @@ __device__ __forceinline__ void rope_and_cache(
             *reinterpret_cast<Elem8*>(x + i) = r1;
             *reinterpret_cast<Elem8*>(x + i + half) = r2;
             if (head >= num_heads && slot >= 0) {
-                elem_t* dst = key_cache + slot * kv_row + (head - num_heads) * head_dim;
-                *reinterpret_cast<Elem8*>(dst + i) = r1;
-                *reinterpret_cast<Elem8*>(dst + i + half) = r2;
+                CacheT* dst = key_cache + slot * kv_row + (head - num_heads) * head_dim;
+                if constexpr (is_kv_fp8<CacheT>()) {
+                    *reinterpret_cast<uint2*>(dst + i) = elem8_to_kv_fp8(r1, inv_k);
+                    *reinterpret_cast<uint2*>(dst + i + half) = elem8_to_kv_fp8(r2, inv_k);
+                } else {
+                    *reinterpret_cast<Elem8*>(dst + i) = r1;
+                    *reinterpret_cast<Elem8*>(dst + i + half) = r2;
+                }
             }
         }
         // Partial rotary: k's unrotated dims go to the cache as they are (q's stay in place).
@@ -98,13 +111,23 @@ __device__ __forceinline__ void rope_and_cache(
             for (int idx = threadIdx.x; idx < num_kv_heads * rest; idx += blockDim.x) {
                 const int head = idx / rest;
                 const int d = rotary_dim + (idx - head * rest);
-                key_cache[slot * kv_row + head * head_dim + d] = krow[head * head_dim + d];
+                if constexpr (is_kv_fp8<CacheT>()) {
+                    key_cache[slot * kv_row + head * head_dim + d] =
+                        kv_fp8_encode(to_f32(krow[head * head_dim + d]), inv_k);
+                } else {
+                    key_cache[slot * kv_row + head * head_dim + d] = krow[head * head_dim + d];
+                }
             }
         }
         if (slot >= 0) {
             for (int idx = threadIdx.x; idx < num_kv_heads * head_dim / 8; idx += blockDim.x) {
-                reinterpret_cast<Elem8*>(value_cache + slot * kv_row)[idx] =
-                    reinterpret_cast<const Elem8*>(vrow)[idx];
+                if constexpr (is_kv_fp8<CacheT>()) {
+                    reinterpret_cast<uint2*>(value_cache + slot * kv_row)[idx] =
+                        elem8_to_kv_fp8(reinterpret_cast<const Elem8*>(vrow)[idx], inv_v);
+                } else {
+                    reinterpret_cast<Elem8*>(value_cache + slot * kv_row)[idx] =
+                        reinterpret_cast<const Elem8*>(vrow)[idx];
+                }
             }
         }
         return;
@@ -128,9 +151,14 @@ __device__ __forceinline__ void rope_and_cache(
         x[i] = y1;
         x[i + half] = y2;
         if (head >= num_heads && slot >= 0) {
-            elem_t* dst = key_cache + slot * kv_row + (head - num_heads) * head_dim;
-            dst[i] = y1;
-            dst[i + half] = y2;
+            CacheT* dst = key_cache + slot * kv_row + (head - num_heads) * head_dim;
+            if constexpr (is_kv_fp8<CacheT>()) {
+                dst[i] = kv_fp8_encode(to_f32(y1), inv_k);
+                dst[i + half] = kv_fp8_encode(to_f32(y2), inv_k);
+            } else {
+                dst[i] = y1;
+                dst[i + half] = y2;
+            }
         }
     }
     // Partial rotary: k's unrotated dims go to the cache as they are (q's stay in place).
@@ -139,14 +167,23 @@ __device__ __forceinline__ void rope_and_cache(
         for (int idx = threadIdx.x; idx < num_kv_heads * rest; idx += blockDim.x) {
             const int head = idx / rest;
             const int d = rotary_dim + (idx - head * rest);
-            key_cache[slot * kv_row + head * head_dim + d] = krow[head * head_dim + d];
+            if constexpr (is_kv_fp8<CacheT>()) {
+                key_cache[slot * kv_row + head * head_dim + d] =
+                    kv_fp8_encode(to_f32(krow[head * head_dim + d]), inv_k);
+            } else {
+                key_cache[slot * kv_row + head * head_dim + d] = krow[head * head_dim + d];
+            }
         }
     }
     if (slot >= 0) {
         for (int idx = threadIdx.x; idx < num_kv_heads * head_dim; idx += blockDim.x) {
             const int head = idx / head_dim;
             const int d = idx - head * head_dim;
-            value_cache[slot * kv_row + idx] = vrow[head * head_dim + d];
+            if constexpr (is_kv_fp8<CacheT>()) {
+                value_cache[slot * kv_row + idx] = kv_fp8_encode(to_f32(vrow[head * head_dim + d]), inv_v);
+            } else {
+                value_cache[slot * kv_row + idx] = vrow[head * head_dim + d];
+            }
         }
     }
 }
@@ -161,7 +198,7 @@ extern "C" __global__ void DT(rope_and_cache_bf16, rope_and_cache_f16)(
     int head_dim, int q_stride, int k_stride, int v_stride) {
     rope_and_cache(q, k, v, key_cache, value_cache, positions, slot_mapping, inv_freq,
                    num_tokens, num_heads, num_kv_heads, head_dim, q_stride, k_stride, v_stride,
-                   head_dim, 1.0f);
+                   head_dim, 1.0f, 1.0f, 1.0f);
 }
 
 extern "C" __global__ void DT(rope_partial_and_cache_bf16, rope_partial_and_cache_f16)(
@@ -173,5 +210,31 @@ extern "C" __global__ void DT(rope_partial_and_cache_bf16, rope_partial_and_cach
     float attention_factor) {
     rope_and_cache(q, k, v, key_cache, value_cache, positions, slot_mapping, inv_freq,
                    num_tokens, num_heads, num_kv_heads, head_dim, q_stride, k_stride, v_stride,
-                   rotary_dim, attention_factor);
+                   rotary_dim, attention_factor, 1.0f, 1.0f);
+}
+
+// The FP8 (E4M3) KV cache's builds: the same, writing the codes of k / k_scale and
+// v / v_scale (1 byte an element) into key_cache and value_cache.
+extern "C" __global__ void DT(rope_and_cache_kvfp8_bf16, rope_and_cache_kvfp8_f16)(
+    elem_t* __restrict__ q, elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    uint8_t* __restrict__ key_cache, uint8_t* __restrict__ value_cache,
+    const int32_t* __restrict__ positions, const int32_t* __restrict__ slot_mapping,
+    const float* __restrict__ inv_freq, int num_tokens, int num_heads, int num_kv_heads,
+    int head_dim, int q_stride, int k_stride, int v_stride, float k_scale, float v_scale) {
+    rope_and_cache(q, k, v, key_cache, value_cache, positions, slot_mapping, inv_freq,
+                   num_tokens, num_heads, num_kv_heads, head_dim, q_stride, k_stride, v_stride,
+                   head_dim, 1.0f, k_scale, v_scale);
+}
+
+extern "C" __global__ void DT(rope_partial_and_cache_kvfp8_bf16,
+                              rope_partial_and_cache_kvfp8_f16)(
+    elem_t* __restrict__ q, elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    uint8_t* __restrict__ key_cache, uint8_t* __restrict__ value_cache,
+    const int32_t* __restrict__ positions, const int32_t* __restrict__ slot_mapping,
+    const float* __restrict__ inv_freq, int num_tokens, int num_heads, int num_kv_heads,
+    int head_dim, int q_stride, int k_stride, int v_stride, int rotary_dim,
+    float attention_factor, float k_scale, float v_scale) {
+    rope_and_cache(q, k, v, key_cache, value_cache, positions, slot_mapping, inv_freq,
+                   num_tokens, num_heads, num_kv_heads, head_dim, q_stride, k_stride, v_stride,
+                   rotary_dim, attention_factor, k_scale, v_scale);
 }
