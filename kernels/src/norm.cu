@@ -7,6 +7,11 @@
 //       residual[t] += x[t] (stored back in bf16); out[t] = rmsnorm(residual[t]) * weight.
 //       The norm is taken of the bf16-rounded sum, i.e. of exactly what the next layer's
 //       residual holds, so that the fused and unfused paths agree bit for bit.
+//   rms_norm_add_bf16(residual, x, weight, eps, num_tokens, hidden)
+//       residual[t] += bf16(rmsnorm(x[t]) * weight): a block's output norm (Gemma's sandwich
+//       norms) and the residual add in one launch. The normed row is rounded to bf16 before
+//       the add, as rms_norm_bf16 stores it and add_bf16 reads it, so that the fused and
+//       unfused paths agree bit for bit (same chunks a thread, same block sum).
 //   grid (num_tokens), block 256 (any multiple of 32 up to 1024 works).
 //   head_rms_norm_bf16(out, x, q_weight, k_weight, eps, num_tokens, row_stride,
 //                      num_q_heads, num_kv_heads, head_dim)
@@ -140,6 +145,60 @@ extern "C" __global__ void DT(fused_add_rms_norm_bf16, fused_add_rms_norm_f16)(
     const float inv = rsqrtf(ss / (float)hidden + eps);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         o[i] = from_f32(to_f32(res[i]) * inv * to_f32(weight[i]));
+    }
+}
+
+extern "C" __global__ void DT(rms_norm_add_bf16, rms_norm_add_f16)(
+    elem_t* __restrict__ residual, const elem_t* __restrict__ x,
+    const elem_t* __restrict__ weight, float eps, int num_tokens, int hidden) {
+    pdl_enter();
+    __shared__ float scratch[32];
+    const int t = blockIdx.x;
+    if (t >= num_tokens) return;
+    const elem_t* row = x + (int64_t)t * hidden;
+    elem_t* res = residual + (int64_t)t * hidden;
+    if (vector_path(hidden, x, res, weight, row)) {
+        const int chunks = hidden / 8;
+        float v[kMaxChunks][8];
+        float ss = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+            const int i = threadIdx.x + c * blockDim.x;
+            if (i < chunks) {
+                elem8_to_f32(reinterpret_cast<const Elem8*>(row)[i], v[c]);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) ss += v[c][e] * v[c][e];
+            }
+        }
+        ss = block_sum(ss, scratch);
+        const float inv = rsqrtf(ss / (float)hidden + eps);
+#pragma unroll
+        for (int c = 0; c < kMaxChunks; ++c) {
+            const int i = threadIdx.x + c * blockDim.x;
+            if (i < chunks) {
+                float wf[8], r[8], normed[8], acc[8];
+                elem8_to_f32(reinterpret_cast<const Elem8*>(weight)[i], wf);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) r[e] = v[c][e] * inv * wf[e];
+                elem8_to_f32(f32_to_elem8(r), normed);  // as rms_norm stores it
+                elem8_to_f32(reinterpret_cast<const Elem8*>(res)[i], acc);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[e] += normed[e];
+                reinterpret_cast<Elem8*>(res)[i] = f32_to_elem8(acc);
+            }
+        }
+        return;
+    }
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float v = to_f32(row[i]);
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    const float inv = rsqrtf(ss / (float)hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float normed = to_f32(from_f32(to_f32(row[i]) * inv * to_f32(weight[i])));
+        res[i] = from_f32(to_f32(res[i]) + normed);
     }
 }
 

@@ -277,6 +277,22 @@ pub trait Backend: Send + Sized + 'static {
         out: &mut Self::Tensor,
     ) -> Result<()>;
 
+    /// `residual += rms_norm(x) * weight`: a block's output norm (Gemma's sandwich norms) and
+    /// the residual add. The normed rows are rounded to the activation type before the add,
+    /// as `rms_norm` then `add_inplace` compute it; `scratch` (`x`'s shape) holds them where
+    /// the backend does not fuse the two.
+    fn rms_norm_add(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Vector,
+        eps: f32,
+        scratch: &mut Self::Tensor,
+        residual: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.rms_norm(x, weight, eps, scratch)?;
+        self.add_inplace(residual, scratch)
+    }
+
     /// Rotates the q and k parts of a fused qkv activation in place (RoPE at each token's
     /// position), then writes the rotated k and the v of every token into `layer`'s cache at
     /// the token's slot.

@@ -783,8 +783,7 @@ impl<B: Backend> LlamaModel<B> {
                 )?,
                 Some(w) => {
                     self.row_parallel(be, &ws.attn, &l.o_proj, self.o_part_len, &mut ws.proj)?;
-                    be.rms_norm(&ws.proj, w, eps, &mut ws.normed)?;
-                    be.add_inplace(&mut ws.residual, &ws.normed)?;
+                    be.rms_norm_add(&ws.proj, w, eps, &mut ws.normed, &mut ws.residual)?;
                 }
             }
             if let (Some(router), Some(moe)) = (&l.router, &ls.moe) {
@@ -823,8 +822,7 @@ impl<B: Backend> LlamaModel<B> {
                 match &l.mlp_out_norm {
                     None => be.add_inplace(&mut ws.residual, &ws.proj)?,
                     Some(w) => {
-                        be.rms_norm(&ws.proj, w, eps, &mut ws.normed)?;
-                        be.add_inplace(&mut ws.residual, &ws.normed)?;
+                        be.rms_norm_add(&ws.proj, w, eps, &mut ws.normed, &mut ws.residual)?
                     }
                 }
                 continue;
@@ -871,8 +869,7 @@ impl<B: Backend> LlamaModel<B> {
                                 self.down_part_len,
                                 &mut ws.proj,
                             )?;
-                            be.rms_norm(&ws.proj, w, eps, &mut ws.normed)?;
-                            be.add_inplace(&mut ws.residual, &ws.normed)?;
+                            be.rms_norm_add(&ws.proj, w, eps, &mut ws.normed, &mut ws.residual)?;
                         }
                     }
                 }

@@ -1353,6 +1353,35 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn rms_norm_add(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaVector,
+        eps: f32,
+        _scratch: &mut CudaTensor,
+        residual: &mut CudaTensor,
+    ) -> Result<()> {
+        crate::backend::check_same_shape("rms_norm_add", residual, x)?;
+        let (t, h) = (x.rows as i32, x.cols as i32);
+        if t == 0 {
+            return Ok(());
+        }
+        let (r, xp, wp) = (residual.buf.ptr, x.buf.ptr, weight.elem.ptr);
+        self.launch(
+            kernels::RMS_NORM_ADD,
+            (t as u32, 1, 1),
+            256,
+            args::RmsNormAdd {
+                residual: r,
+                x: xp,
+                weight: wp,
+                eps,
+                num_tokens: t,
+                hidden: h,
+            },
+        )
+    }
+
     fn rope_and_write_kv(
         &self,
         qkv: &mut CudaTensor,

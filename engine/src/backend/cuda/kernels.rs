@@ -25,6 +25,13 @@ pub const FUSED_ADD_RMS_NORM: Kernel<args::FusedAddRmsNorm> = kernel!(
     "fused_add_rms_norm_bf16",
     "fused_add_rms_norm_f16"
 );
+/// `residual += rms_norm(x) * w` (a block's output norm and the residual add).
+pub const RMS_NORM_ADD: Kernel<args::RmsNormAdd> = kernel!(
+    args::RmsNormAdd,
+    "norm",
+    "rms_norm_add_bf16",
+    "rms_norm_add_f16"
+);
 pub const HEAD_RMS_NORM: Kernel<args::HeadRmsNorm> = kernel!(
     args::HeadRmsNorm,
     "norm",
@@ -274,6 +281,7 @@ pub fn all() -> Vec<NamedKernel> {
         GATHER_ROWS.named(),
         RMS_NORM.named(),
         FUSED_ADD_RMS_NORM.named(),
+        RMS_NORM_ADD.named(),
         HEAD_RMS_NORM.named(),
         ROPE_AND_CACHE.named(),
         ROPE_PARTIAL_AND_CACHE.named(),
@@ -328,7 +336,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 16 + 2 + 5 + 16 + 5 + 4 + 7 + 6 + 5 + 29);
+        assert_eq!(all.len(), 17 + 2 + 5 + 16 + 5 + 4 + 7 + 6 + 5 + 29);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);
