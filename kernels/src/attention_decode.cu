@@ -94,7 +94,7 @@
 // memory; keeping q and the accumulators apart holds the kernel at 128 registers, four blocks
 // an SM. H200, Llama-3.1-8B layer inside a CUDA graph (gpu_bench): 512 sequences x 384 tokens
 // 236 us (3.42 TB/s of K/V), 64 x 2,048 149 us (3.60 TB/s), batch 1 x 32k 47 us (reduce).
-#include "common.cuh"
+#include "kv_fp8.cuh"
 
 namespace {
 

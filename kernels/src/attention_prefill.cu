@@ -26,7 +26,7 @@
 // Flash-attention style: each warp owns 16 query rows, a block 64; K and V tiles of 64 keys are
 // gathered from the paged cache into shared memory, S = Q K^T and O += P V run on the tensor
 // cores (mma.sync m16n8k16, bf16 in, f32 accumulate) with an online softmax in registers.
-#include "common.cuh"
+#include "kv_fp8.cuh"
 
 namespace {
 

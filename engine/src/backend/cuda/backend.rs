@@ -18,6 +18,7 @@ use rvllm_kernels::{args, decode_smem, gemv_bulk::GemvBulk, KernelArgs};
 
 mod dummy;
 mod fp8;
+pub(super) mod kv_fp8;
 mod upload;
 mod windowed_attention;
 pub(super) mod windowed_decode;
@@ -104,11 +105,14 @@ pub struct CudaKvCache {
     pub shape: KvCacheShape,
     pub k: DevBuf,
     pub v: DevBuf,
+    /// E4M3 codes (one byte an element) with these per-layer (k, v) scales (kv_fp8.rs);
+    /// None: the compute type.
+    pub fp8_scales: Option<Vec<(f32, f32)>>,
 }
 
 impl CudaKvCache {
     fn layer_bytes(&self) -> usize {
-        self.shape.layer_elems() * ELEM_BYTES
+        self.shape.layer_elems() * if self.fp8_scales.is_some() { 1 } else { ELEM_BYTES }
     }
     pub fn k_layer(&self, l: usize) -> CUdeviceptr {
         self.k.ptr + (l * self.layer_bytes()) as u64
@@ -243,6 +247,8 @@ pub struct CudaBackend {
     pub(super) moe_routing: super::moe::MoeRouting,
     /// The NCCL group this backend is a rank of (`nccl.rs`), set once before graphs.
     pub(super) nccl: std::sync::OnceLock<super::nccl::NcclComm>,
+    /// `--kv-cache-dtype fp8`'s per-layer (k, v) scales, set once before the caches (kv_fp8.rs).
+    kv_cache_fp8: std::sync::OnceLock<Vec<(f32, f32)>>,
 }
 
 // SAFETY: all device state is used from one thread at a time (the engine thread).
@@ -297,6 +303,7 @@ impl CudaBackend {
             fp8: Default::default(),
             moe_routing: Default::default(),
             nccl: std::sync::OnceLock::new(),
+            kv_cache_fp8: std::sync::OnceLock::new(),
             gemv_bulk,
             gemv_evict_first,
         })
@@ -1071,12 +1078,18 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Result<CudaKvCache> {
-        let bytes = shape.num_layers * shape.layer_elems() * ELEM_BYTES;
+        let bytes = shape.num_layers * shape.layer_elems() * self.kv_cache_elem_bytes();
         let k = self.gpu.alloc(bytes)?;
         let v = self.gpu.alloc(bytes)?;
         self.gpu.memset_zero(k.ptr, bytes)?;
         self.gpu.memset_zero(v.ptr, bytes)?;
-        Ok(CudaKvCache { shape, k, v })
+        let fp8_scales = self.kv_cache_fp8_scales();
+        Ok(CudaKvCache {
+            shape,
+            k,
+            v,
+            fp8_scales,
+        })
     }
 
     fn kv_cache_shape(&self, cache: &CudaKvCache) -> KvCacheShape {
@@ -1392,6 +1405,9 @@ impl Backend for CudaBackend {
         layer: usize,
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
+        if cache.fp8_scales.is_some() {
+            return self.kv_fp8_rope_and_write_kv(qkv, inv_freq, layout, step, cache, layer);
+        }
         self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, 0)
     }
 
@@ -1406,6 +1422,9 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
+        if cache.fp8_scales.is_some() {
+            return self.kv_fp8_attention(qkv, layout, step, cache, layer, out);
+        }
         if self.layer_attends_windowed(layout, cache) {
             return self.windowed_attention(qkv, layout, step, cache, layer, out);
         }
@@ -1427,6 +1446,9 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
+        if cache.fp8_scales.is_some() {
+            return self.kv_fp8_rope_attention(qkv, inv_freq, layout, step, cache, layer, out);
+        }
         if self.layer_attends_windowed(layout, cache) {
             return self.windowed_rope_attention(qkv, inv_freq, layout, step, cache, layer, out);
         }

@@ -310,6 +310,7 @@ pub fn all() -> Vec<NamedKernel> {
     k.extend(DECODE_FULL_ONLY.iter().map(|d| d.2.named()));
     k.extend(super::moe::kernels());
     k.extend(super::backend::windowed_decode::kernels());
+    k.extend(super::backend::kv_fp8::kernels());
     k.extend([
         FP8_QUANT_PER_TOKEN.named(),
         FP8_SCALED_EPILOGUE.named(),
@@ -336,7 +337,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 17 + 2 + 5 + 16 + 5 + 4 + 7 + 6 + 5 + 29);
+        assert_eq!(all.len(), 17 + 2 + 5 + 16 + 5 + 4 + 7 + 6 + 5 + 29 + 27);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);

@@ -41,8 +41,8 @@ fn is_layer_linear(name: &str, t: &HostTensor) -> bool {
 /// round the layer weights through E4M3 at a dynamic per-channel scale (amax of the row /
 /// 448), and set the KV cache's per-layer scales. The CUDA backend stores the rounded
 /// projections as E4M3 codes (the same codes: `backend/cuda/backend/fp8.rs`) and quantizes
-/// their inputs per token; it refuses the FP8 KV cache (its attention kernels read the
-/// compute type only).
+/// their inputs per token; its FP8 KV cache stores the codes (`backend/cuda/backend/kv_fp8.rs`,
+/// compute capability 8.9 or newer).
 pub fn apply_runtime_options(
     model: &mut LoadedModel,
     quantization: Option<&str>,
@@ -67,12 +67,6 @@ pub fn apply_runtime_options(
             }
         }
         Some(other) => bail!("--quantization {other} is not supported; rvllm has fp8"),
-    }
-    if kv_cache_dtype == KvCacheDtype::Fp8E4m3 && on_gpu {
-        bail!(
-            "--kv-cache-dtype fp8 is not available on the CUDA backend yet (its cache write and \
-             attention kernels read the compute type only; issue 20); pass --kv-cache-dtype auto"
-        );
     }
     if on_gpu && quant.checkpoint.is_some() {
         eprintln!(

@@ -154,6 +154,8 @@ impl GpuRunner {
         }
         // `--quantization fp8`: the projections upload as E4M3 (backend/fp8.rs).
         be.enable_online_fp8(c.family.quant.online_fp8)?;
+        // `--kv-cache-dtype fp8`: the KV cache holds E4M3 codes (backend/kv_fp8.rs).
+        be.enable_kv_cache_fp8(c.family.quant.kv_cache_fp8_scales.clone(), tp)?;
         // Everything a step uses is allocated before the profiling pass measures what is left.
         let gathered = be.alloc_activation(max_rows, c.hidden_size)?;
         let logits_elem = gpu.alloc(max_rows * c.vocab_size * 2)?;
@@ -219,7 +221,7 @@ impl GpuRunner {
             max_len,
             cfg.block_size,
         );
-        let block_bytes = cfg.block_size * local.kv_bytes_per_token(2);
+        let block_bytes = cfg.block_size * local.kv_bytes_per_token(be.kv_cache_elem_bytes());
         let fits = profiled.and_then(|()| match cfg.num_kv_blocks {
             Some(n) => Ok(n),
             None => memory::kv_blocks_for_memory(
@@ -301,6 +303,10 @@ impl GpuRunner {
         }
         if let Some(p) = &runner.tp {
             p.wait_started()?;
+        }
+        if let Some(profiler) = &runner.gpu.profiler {
+            runner.gpu.sync()?;
+            profiler.clear();
         }
         Ok(runner)
     }

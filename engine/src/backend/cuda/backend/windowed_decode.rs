@@ -89,7 +89,7 @@ const DECODE_COMPACT_WINDOWED: [(usize, usize, Kernel<args::DecodeAttentionCompa
     compact_windowed!(128, 8),
 ];
 
-const DECODE_REDUCE_WINDOWED: Kernel<args::PagedAttentionDecodeReduceWindowed> = kernel!(
+pub(super) const DECODE_REDUCE_WINDOWED: Kernel<args::PagedAttentionDecodeReduceWindowed> = kernel!(
     args::PagedAttentionDecodeReduceWindowed,
     "attention_decode",
     "paged_attention_decode_reduce_windowed",
