@@ -193,8 +193,8 @@ fn compare_runs(
 fn online_fp8_and_fp8_kv_cache_keep_the_top5_rule() {
     if on_cuda() {
         println!(
-            "SKIPPED on CUDA: --kv-cache-dtype fp8 has no CUDA kernels yet (--quantization fp8 on \
-             CUDA is tests/gpu_fp8_e2e.rs)"
+            "SKIPPED on CUDA: this is the CPU run; --quantization fp8 and --kv-cache-dtype fp8 on \
+             CUDA are tests/gpu_fp8_e2e.rs"
         );
         return;
     }
@@ -244,8 +244,8 @@ fn online_fp8_and_fp8_kv_cache_keep_the_top5_rule() {
 fn smollm2_online_fp8_and_fp8_kv_cache_keep_the_top5_rule() {
     if on_cuda() {
         println!(
-            "SKIPPED on CUDA: --kv-cache-dtype fp8 has no CUDA kernels yet (--quantization fp8 on \
-             CUDA is tests/gpu_fp8_e2e.rs)"
+            "SKIPPED on CUDA: this is the CPU run; --quantization fp8 and --kv-cache-dtype fp8 on \
+             CUDA are tests/gpu_fp8_e2e.rs"
         );
         return;
     }
