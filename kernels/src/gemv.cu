@@ -9,6 +9,8 @@
 //     grid (ceil(n / (8 / split))), block 256.
 //   gemv_silu_bf16_b1(y, gate_up, w, m, n, k, split)
 //     as gemv_bf16_b1 with x = silu(gate) * up taken from gate_up: bf16 [m, 2k] (m = 1).
+//   gemv_gelu_bf16_b1(y, gate_up, w, m, n, k, split)
+//     the same with GeGLU's gelu_tanh(gate) * up (Gemma's down projection).
 //   Each kernel starts its first weight loads before pdl_wait (common.cuh).
 //   Measured on the H100 (gpu_bench): at m = 1 as fast as or faster than cuBLAS on every
 //   Llama-3.1-8B matrix; at m >= 4 cuBLAS is faster (x is re-read per weight chunk here).
@@ -18,6 +20,7 @@
 // in flight per lane (kUnroll), and reuses each loaded weight chunk for every row of x (x is
 // small and stays in L1/L2). cuBLAS is the path for larger batches.
 #include "common.cuh"
+#include "gated_act.cuh"
 
 namespace {
 
@@ -34,25 +37,25 @@ __device__ __forceinline__ float dot8(const Elem8& a, const Elem8& b) {
     return s;
 }
 
-// Row `b`'s chunk `idx` (8 values) of the GEMV input. Plain: x is [m, k]. kSilu: x is the
-// MLP's [m, 2k] gate|up output and the input is silu(gate) * up, rounded to bf16 exactly as
-// silu_and_mul_bf16 stores it, so that the fused and unfused paths agree bit for bit.
-template <bool kSilu>
+// What the GEMV reads: x itself, or act(gate) * up of the MLP's gate|up rows.
+enum Input { kPlain, kSilu, kGelu };
+
+// Row `b`'s chunk `idx` (8 values) of the GEMV input. Plain: x is [m, k]. kSilu / kGelu: x is
+// the MLP's [m, 2k] gate|up output and the input is act(gate) * up, rounded to the element
+// type exactly as silu_and_mul / gelu_tanh_and_mul store it, so that the fused and unfused
+// paths agree bit for bit.
+template <int kIn>
 __device__ __forceinline__ Elem8 load_x(const elem_t* __restrict__ x, int b, int idx,
                                          int k8) {
     const int4* xv = reinterpret_cast<const int4*>(x);
-    if (!kSilu) {
+    if (kIn == kPlain) {
         const int4 v = __ldg(xv + (int64_t)b * k8 + idx);
         return *reinterpret_cast<const Elem8*>(&v);
     }
     const int4 gv = __ldg(xv + (int64_t)b * 2 * k8 + idx);
     const int4 uv = __ldg(xv + (int64_t)b * 2 * k8 + k8 + idx);
-    float g[8], u[8], a[8];
-    elem8_to_f32(*reinterpret_cast<const Elem8*>(&gv), g);
-    elem8_to_f32(*reinterpret_cast<const Elem8*>(&uv), u);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) a[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
-    return f32_to_elem8(a);
+    return gated_act8<kIn == kGelu ? kActGeluTanh : kActSilu>(
+        *reinterpret_cast<const Elem8*>(&gv), *reinterpret_cast<const Elem8*>(&uv));
 }
 
 // Loads this lane's next kUnroll 16-byte weight chunks (zeros past the row's end).
@@ -66,7 +69,7 @@ __device__ __forceinline__ void load_w(int4 (&wv)[kUnroll], const int4* __restri
     }
 }
 
-template <int MT, bool kSilu>
+template <int MT, int kIn>
 __device__ __forceinline__ void gemv(elem_t* __restrict__ y,
                                      const elem_t* __restrict__ x,
                                      const elem_t* __restrict__ w, int m, int n, int k,
@@ -102,7 +105,7 @@ __device__ __forceinline__ void gemv(elem_t* __restrict__ y,
                     const Elem8 wb = *reinterpret_cast<const Elem8*>(&wv[u]);
 #pragma unroll
                     for (int b = 0; b < MT; ++b) {
-                        if (b < m) acc[b] += dot8(wb, load_x<kSilu>(x, b, idx, k8));
+                        if (b < m) acc[b] += dot8(wb, load_x<kIn>(x, b, idx, k8));
                     }
                 }
             }
@@ -139,7 +142,7 @@ __device__ __forceinline__ void gemv(elem_t* __restrict__ y,
                                             const elem_t* __restrict__ x,                     \
                                             const elem_t* __restrict__ w, int m, int n, int k, \
                                             int split) {                                       \
-        gemv<MT, false>(y, x, w, m, n, k, split);                                              \
+        gemv<MT, kPlain>(y, x, w, m, n, k, split);                                              \
     }
 
 // Minimum resident blocks: 4 (<= 64 registers) where that costs no spills.
@@ -155,5 +158,15 @@ extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
                                             const elem_t* __restrict__ gate_up,
                                             const elem_t* __restrict__ w, int m, int n, int k,
                                             int split) {
-    gemv<1, true>(y, gate_up, w, m, n, k, split);
+    gemv<1, kSilu>(y, gate_up, w, m, n, k, split);
+}
+
+// The same with GeGLU (Gemma), where gemv_bulk does not apply (GPUs before sm_90, rows past
+// a stage: Gemma-3-27B's 21,504-wide down projection).
+extern "C" __global__ void __launch_bounds__(kWarpsPerBlock * 32, 4)
+    DT(gemv_gelu_bf16_b1, gemv_gelu_f16_b1)(elem_t* __restrict__ y,
+                                            const elem_t* __restrict__ gate_up,
+                                            const elem_t* __restrict__ w, int m, int n, int k,
+                                            int split) {
+    gemv<1, kGelu>(y, gate_up, w, m, n, k, split);
 }

@@ -16,6 +16,9 @@
 //                      O projection after attention, so it also prefetches all its rows
 //                      past the first stages into L2 before pdl_wait
 //       silu_add_bf16  silu input and add output together.
+//       gelu_bf16, gelu_add_bf16   as silu_bf16 and silu_add_bf16 with GeGLU's
+//                      gelu_tanh(gate) * up (rounded as gelu_tanh_and_mul_bf16 stores it):
+//                      Gemma's down projection. No E4M3 or `_s6` build.
 //     norm_w / eps are read by the norm variant only. evict_first non-zero: the weights are
 //     streamed with an L2 evict-first policy (each is read once a step; measured +1.1-1.3 %
 //     batch-1 decode on an H200 over evict-normal streaming).
@@ -80,6 +83,7 @@
 #include <cuda_fp8.h>
 
 #include "common.cuh"
+#include "gated_act.cuh"
 
 namespace {
 
@@ -154,7 +158,9 @@ __device__ __forceinline__ float dot8(const int4& a, const int4& b) {
     return s;
 }
 
-enum Input { kPlain, kSilu, kNorm };
+// kGelu: the gated input with GeGLU's activation (3, so that the trace tags of the other
+// inputs keep their numbers).
+enum Input { kPlain, kSilu, kNorm, kGelu };
 
 // E4M3 weights (the FP8 build): fp8_gemv.cu's scale kinds.
 enum ScaleKind { kPerTensor = 0, kPerChannel = 1, kBlock128 = 2 };
@@ -292,7 +298,7 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
             const int c = c0 + j * kThreads;
             if (c < k8) {
                 a[j] = xg[c];
-                if (kIn == kSilu) b[j] = xg[k8 + c];
+                if (kIn == kSilu || kIn == kGelu) b[j] = xg[k8 + c];
             }
         }
     };
@@ -347,12 +353,9 @@ __device__ __forceinline__ void gemv_bulk(elem_t* __restrict__ y,
                 if (kIn == kPlain) {
                     xs[c] = a[j];
                 } else {
-                    float g[8], u[8], r[8];
-                    elem8_to_f32(*reinterpret_cast<const Elem8*>(&a[j]), g);
-                    elem8_to_f32(*reinterpret_cast<const Elem8*>(&b[j]), u);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) r[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
-                    const Elem8 v = f32_to_elem8(r);
+                    constexpr int kAct = kIn == kGelu ? kActGeluTanh : kActSilu;
+                    const Elem8 v = gated_act8<kAct>(*reinterpret_cast<const Elem8*>(&a[j]),
+                                                     *reinterpret_cast<const Elem8*>(&b[j]));
                     xs[c] = *reinterpret_cast<const int4*>(&v);
                 }
             }
@@ -610,6 +613,8 @@ RVLLM_GEMV_BULK(silu_bf16_s6, silu_f16_s6, kSilu, false, 6)
 RVLLM_GEMV_BULK(norm_bf16_s6, norm_f16_s6, kNorm, false, 6)
 RVLLM_GEMV_BULK(add_bf16_s6, add_f16_s6, kPlain, true, 6)
 RVLLM_GEMV_BULK(silu_add_bf16_s6, silu_add_f16_s6, kSilu, true, 6)
+RVLLM_GEMV_BULK(gelu_bf16, gelu_f16, kGelu, false, 4)
+RVLLM_GEMV_BULK(gelu_add_bf16, gelu_add_f16, kGelu, true, 4)
 
 // E4M3 weights (`--quantization fp8` at batch 1): gemv_bulk_fp8_<variant>_b1 (4 stages, the
 // engine's) and gemv_bulk_fp8_<variant>_s6_b1 (6 stages, the kernel tests' comparison).

@@ -25,7 +25,7 @@ use std::ops::Range;
 
 use anyhow::Result;
 
-pub use crate::types::{AttentionLayout, MoeLayout};
+pub use crate::types::{AttentionLayout, MlpActivation, MoeLayout};
 use crate::types::{DecoderSpec, HostTensor};
 
 pub mod cpu;
@@ -539,8 +539,51 @@ pub trait Backend: Send + Sized + 'static {
         self.add_inplace(residual, scratch)
     }
 
-    /// The MLP's output side: `residual += (silu(gate) * up) @ down^T`; `act` and `scratch`
-    /// hold the intermediates where the backend does not fuse them.
+    /// `out = activation(gate) * up` where `gate_up` rows are `[gate | up]`: `silu_and_mul`
+    /// or `gelu_tanh_and_mul`.
+    fn act_and_mul(
+        &self,
+        activation: MlpActivation,
+        gate_up: &Self::Tensor,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        match activation {
+            MlpActivation::Silu => self.silu_and_mul(gate_up, out),
+            MlpActivation::GeluTanh => self.gelu_tanh_and_mul(gate_up, out),
+        }
+    }
+
+    /// The MLP's second half: `act = activation(gate) * up`, then `out = act @ down^T`. A
+    /// backend may fuse the two (and then need not fill `act`); the result is the same
+    /// either way (the product is rounded to the activation type before the projection).
+    fn gated_linear(
+        &self,
+        activation: MlpActivation,
+        gate_up: &Self::Tensor,
+        down: &Self::Weight,
+        act: &mut Self::Tensor,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.act_and_mul(activation, gate_up, act)?;
+        self.linear(act, down, None, out)
+    }
+
+    /// The MLP's output side: `residual += (activation(gate) * up) @ down^T`; `act` and
+    /// `scratch` hold the intermediates where the backend does not fuse them.
+    fn gated_linear_add(
+        &self,
+        activation: MlpActivation,
+        gate_up: &Self::Tensor,
+        down: &Self::Weight,
+        act: &mut Self::Tensor,
+        residual: &mut Self::Tensor,
+        scratch: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.gated_linear(activation, gate_up, down, act, scratch)?;
+        self.add_inplace(residual, scratch)
+    }
+
+    /// `gated_linear_add` with SiLU.
     fn silu_mul_linear_add(
         &self,
         gate_up: &Self::Tensor,
@@ -549,12 +592,10 @@ pub trait Backend: Send + Sized + 'static {
         residual: &mut Self::Tensor,
         scratch: &mut Self::Tensor,
     ) -> Result<()> {
-        self.silu_mul_linear(gate_up, down, act, scratch)?;
-        self.add_inplace(residual, scratch)
+        self.gated_linear_add(MlpActivation::Silu, gate_up, down, act, residual, scratch)
     }
 
-    /// The MLP's second half: `act = silu(gate) * up`, then `out = act @ down^T`. A backend
-    /// may fuse the two (and then need not fill `act`); the result is the same either way.
+    /// `gated_linear` with SiLU.
     fn silu_mul_linear(
         &self,
         gate_up: &Self::Tensor,
@@ -562,8 +603,7 @@ pub trait Backend: Send + Sized + 'static {
         act: &mut Self::Tensor,
         out: &mut Self::Tensor,
     ) -> Result<()> {
-        self.silu_and_mul(gate_up, act)?;
-        self.linear(act, down, None, out)
+        self.gated_linear(MlpActivation::Silu, gate_up, down, act, out)
     }
 
     /// `out[r] = x[logits_rows[range.start + r]]`: picks the rows whose logits are wanted

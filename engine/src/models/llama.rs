@@ -836,42 +836,26 @@ impl<B: Backend> LlamaModel<B> {
                 None,
                 &mut ws.gate_up,
             )?;
-            match (ls.activation, &l.mlp_out_norm) {
-                (MlpActivation::Silu, None) => self.row_parallel_silu_add(
+            match &l.mlp_out_norm {
+                None => self.row_parallel_gated_add(
                     be,
+                    ls.activation,
                     &ws.gate_up,
                     &l.down,
                     &mut ws.act,
                     &mut ws.residual,
                     &mut ws.proj,
                 )?,
-                (act, out_norm) => {
-                    match act {
-                        MlpActivation::Silu => be.silu_and_mul(&ws.gate_up, &mut ws.act)?,
-                        MlpActivation::GeluTanh => {
-                            be.gelu_tanh_and_mul(&ws.gate_up, &mut ws.act)?
-                        }
-                    }
-                    match out_norm {
-                        None => self.row_parallel_add(
-                            be,
-                            &ws.act,
-                            &l.down,
-                            self.down_part_len,
-                            &mut ws.residual,
-                            &mut ws.proj,
-                        )?,
-                        Some(w) => {
-                            self.row_parallel(
-                                be,
-                                &ws.act,
-                                &l.down,
-                                self.down_part_len,
-                                &mut ws.proj,
-                            )?;
-                            be.rms_norm_add(&ws.proj, w, eps, &mut ws.normed, &mut ws.residual)?;
-                        }
-                    }
+                Some(w) => {
+                    self.row_parallel_gated(
+                        be,
+                        ls.activation,
+                        &ws.gate_up,
+                        &l.down,
+                        &mut ws.act,
+                        &mut ws.proj,
+                    )?;
+                    be.rms_norm_add(&ws.proj, w, eps, &mut ws.normed, &mut ws.residual)?;
                 }
             }
         }
@@ -940,11 +924,35 @@ impl<B: Backend> LlamaModel<B> {
         self.all_reduce_residual(be, residual)
     }
 
-    /// `residual += (silu(gate) * up) @ down^T`, the down projection row-parallel: folded
-    /// into rank 0's partial product as in `row_parallel_add`.
-    fn row_parallel_silu_add(
+    /// `out = (activation(gate) * up) @ down^T`, the down projection row-parallel (summed as
+    /// `row_parallel` sums); a GPU fuses the activation into the GEMV at batch 1.
+    fn row_parallel_gated(
         &self,
         be: &B,
+        activation: MlpActivation,
+        gate_up: &B::Tensor,
+        down: &B::Weight,
+        act: &mut B::Tensor,
+        out: &mut B::Tensor,
+    ) -> Result<()> {
+        if be.sums_row_parallel_exactly() {
+            be.act_and_mul(activation, gate_up, act)?;
+            return be.row_parallel_linear(act, down, self.down_part_len, false, out);
+        }
+        be.gated_linear(activation, gate_up, down, act, out)?;
+        if self.reduces(be) {
+            be.all_reduce_sum(out)?;
+        }
+        Ok(())
+    }
+
+    /// `residual += (activation(gate) * up) @ down^T`, the down projection row-parallel:
+    /// folded into rank 0's partial product as in `row_parallel_add`.
+    #[allow(clippy::too_many_arguments)] // the activation's and the projection's operands
+    fn row_parallel_gated_add(
+        &self,
+        be: &B,
+        activation: MlpActivation,
         gate_up: &B::Tensor,
         down: &B::Weight,
         act: &mut B::Tensor,
@@ -952,14 +960,14 @@ impl<B: Backend> LlamaModel<B> {
         scratch: &mut B::Tensor,
     ) -> Result<()> {
         if be.sums_row_parallel_exactly() {
-            be.silu_and_mul(gate_up, act)?;
+            be.act_and_mul(activation, gate_up, act)?;
             let part_len = self.down_part_len;
             return be.row_parallel_linear(act, down, part_len, self.adds_residual(), residual);
         }
         if self.adds_residual() {
-            be.silu_mul_linear_add(gate_up, down, act, residual, scratch)?;
+            be.gated_linear_add(activation, gate_up, down, act, residual, scratch)?;
         } else {
-            be.silu_mul_linear(gate_up, down, act, residual)?;
+            be.gated_linear(activation, gate_up, down, act, residual)?;
         }
         self.all_reduce_residual(be, residual)
     }

@@ -12,7 +12,9 @@ use super::device::{DevBuf, Gpu, PinnedPair};
 use super::elem::{bits_of, value_of, GpuDtype, Kernel, ELEM_BYTES};
 use super::kernels;
 use crate::backend::gpu_support::{check_gpu_decoder, gpu_layout};
-use crate::backend::{Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape};
+use crate::backend::{
+    Activation, AttentionLayout, Backend, ForwardBatch, KvCacheShape, MlpActivation,
+};
 use crate::types::{DecoderSpec, HostData, HostTensor};
 use rvllm_kernels::{args, decode_smem, gemv_bulk::GemvBulk, KernelArgs};
 
@@ -747,6 +749,26 @@ impl CudaBackend {
         y: CUdeviceptr,
         norm: Option<(&CudaVector, f32)>,
     ) -> Result<bool> {
+        let kernel = match (input, add) {
+            (GemvInput::Plain, false) => kernels::GEMV_BULK_PLAIN,
+            (GemvInput::Silu, false) => kernels::GEMV_BULK_SILU,
+            (GemvInput::Norm, false) => kernels::GEMV_BULK_NORM,
+            (GemvInput::Plain, true) => kernels::GEMV_BULK_ADD,
+            (GemvInput::Silu, true) => kernels::GEMV_BULK_SILU_ADD,
+            (GemvInput::Norm, true) => bail!("gemv_bulk has no norm + add variant"),
+        };
+        self.gemv_bulk_kernel(kernel, x, w, y, norm)
+    }
+
+    /// `gemv_bulk` with its kernel named (a `GemvBulk` variant).
+    fn gemv_bulk_kernel(
+        &self,
+        kernel: Kernel<args::GemvBulk>,
+        x: CUdeviceptr,
+        w: &CudaWeight,
+        y: CUdeviceptr,
+        norm: Option<(&CudaVector, f32)>,
+    ) -> Result<bool> {
         ensure!(
             w.fp8_scales.is_none(),
             "gemv_bulk reads the compute type, not FP8 codes"
@@ -757,14 +779,6 @@ impl CudaBackend {
             .flatten()
         else {
             return Ok(false);
-        };
-        let kernel = match (input, add) {
-            (GemvInput::Plain, false) => kernels::GEMV_BULK_PLAIN,
-            (GemvInput::Silu, false) => kernels::GEMV_BULK_SILU,
-            (GemvInput::Norm, false) => kernels::GEMV_BULK_NORM,
-            (GemvInput::Plain, true) => kernels::GEMV_BULK_ADD,
-            (GemvInput::Silu, true) => kernels::GEMV_BULK_SILU_ADD,
-            (GemvInput::Norm, true) => bail!("gemv_bulk has no norm + add variant"),
         };
         let (norm_w, eps) = match norm {
             Some((v, eps)) => (v.elem.ptr, eps),
@@ -982,6 +996,16 @@ enum GemvInput {
     Silu,
     /// rms_norm(x) * weight.
     Norm,
+}
+
+/// The bulk GEMV that reads `activation(gate) * up` of a gate|up row (`add`: into y).
+fn gated_bulk_kernel(activation: MlpActivation, add: bool) -> Kernel<args::GemvBulk> {
+    match (activation, add) {
+        (MlpActivation::Silu, false) => kernels::GEMV_BULK_SILU,
+        (MlpActivation::Silu, true) => kernels::GEMV_BULK_SILU_ADD,
+        (MlpActivation::GeluTanh, false) => kernels::GEMV_BULK_GELU,
+        (MlpActivation::GeluTanh, true) => kernels::GEMV_BULK_GELU_ADD,
+    }
 }
 
 impl Backend for CudaBackend {
@@ -1573,45 +1597,68 @@ impl Backend for CudaBackend {
         self.launch(kernels::SCALE, (blocks, 1, 1), 256, args)
     }
 
-    fn silu_mul_linear(
+    fn gated_linear(
         &self,
+        activation: MlpActivation,
         gate_up: &CudaTensor,
         down: &CudaWeight,
         act: &mut CudaTensor,
         out: &mut CudaTensor,
     ) -> Result<()> {
         if down.fp8_scales.is_some() {
-            return self.fp8_silu_mul_linear(gate_up, down, act, out);
+            if activation == MlpActivation::Silu {
+                return self.fp8_silu_mul_linear(gate_up, down, act, out);
+            }
+            // The FP8 GEMVs fuse SiLU only: GeGLU is stored, then the FP8 linear reads it.
+            self.act_and_mul(activation, gate_up, act)?;
+            return self.linear(act, down, None, out);
         }
         let inter = gate_up.cols / 2;
         if gate_up.rows != 1 || inter != down.cols || !inter.is_multiple_of(8) {
-            self.silu_and_mul(gate_up, act)?;
+            self.act_and_mul(activation, gate_up, act)?;
             return self.linear(act, down, None, out);
         }
         ensure!(
             out.cols == down.rows,
-            "silu_mul_linear: output has {} columns, weight gives {}",
+            "gated_linear: output has {} columns, weight gives {}",
             out.cols,
             down.rows
         );
         out.set_rows(1)?;
-        // Batch-1 decode: SiLU-and-mul happens inside the GEMV's input loads.
+        // Batch-1 decode: the activation-and-mul happens inside the GEMV's input loads.
         let (x, y) = (gate_up.buf.ptr, out.buf.ptr);
-        if self.gemv_bulk(GemvInput::Silu, false, x, down, y, None)? {
+        if self.gemv_bulk_kernel(gated_bulk_kernel(activation, false), x, down, y, None)? {
             return Ok(());
         }
         let (m, n, k, split) = self.gemv_classic_shape(down);
         let grid = self.gemv_classic_grid(down);
-        let args = args::GemvSiluB1 {
-            y,
-            gate_up: x,
-            w: down.buf.ptr,
-            m,
-            n,
-            k,
-            split,
-        };
-        self.launch(kernels::GEMV_SILU_B1, grid, 256, args)
+        let w = down.buf.ptr;
+        match activation {
+            MlpActivation::Silu => {
+                let args = args::GemvSiluB1 {
+                    y,
+                    gate_up: x,
+                    w,
+                    m,
+                    n,
+                    k,
+                    split,
+                };
+                self.launch(kernels::GEMV_SILU_B1, grid, 256, args)
+            }
+            MlpActivation::GeluTanh => {
+                let args = args::GemvGeluB1 {
+                    y,
+                    gate_up: x,
+                    w,
+                    m,
+                    n,
+                    k,
+                    split,
+                };
+                self.launch(kernels::GEMV_GELU_B1, grid, 256, args)
+            }
+        }
     }
 
     fn in_tp_group(&self) -> bool {
@@ -1704,8 +1751,9 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn silu_mul_linear_add(
+    fn gated_linear_add(
         &self,
+        activation: MlpActivation,
         gate_up: &CudaTensor,
         down: &CudaWeight,
         act: &mut CudaTensor,
@@ -1713,12 +1761,17 @@ impl Backend for CudaBackend {
         scratch: &mut CudaTensor,
     ) -> Result<()> {
         if down.fp8_scales.is_some() {
-            return self.fp8_silu_mul_linear_add(gate_up, down, act, residual, scratch);
+            if activation == MlpActivation::Silu {
+                return self.fp8_silu_mul_linear_add(gate_up, down, act, residual, scratch);
+            }
+            // As in gated_linear: GeGLU stored, then the FP8 linear with its add.
+            self.act_and_mul(activation, gate_up, act)?;
+            return self.linear_add(act, down, residual, scratch);
         }
         let inter = gate_up.cols / 2;
         ensure!(
             inter == down.cols && residual.cols == down.rows && residual.rows == gate_up.rows,
-            "silu_mul_linear_add: gate_up {}x{}, weight {}x{}, residual {}x{}",
+            "gated_linear_add: gate_up {}x{}, weight {}x{}, residual {}x{}",
             gate_up.rows,
             gate_up.cols,
             down.rows,
@@ -1728,16 +1781,17 @@ impl Backend for CudaBackend {
         );
         if self.fuses_b1(gate_up.rows, down) {
             let (x, y) = (gate_up.buf.ptr, residual.buf.ptr);
-            if self.gemv_bulk(GemvInput::Silu, true, x, down, y, None)? {
+            let kernel = gated_bulk_kernel(activation, true);
+            if self.gemv_bulk_kernel(kernel, x, down, y, None)? {
                 return Ok(());
             }
         }
         if gate_up.rows == 1 {
-            // The classic GEMV with SiLU fused, then the add.
-            self.silu_mul_linear(gate_up, down, act, scratch)?;
+            // The classic GEMV with the activation fused, then the add.
+            self.gated_linear(activation, gate_up, down, act, scratch)?;
             return self.add_inplace(residual, scratch);
         }
-        self.silu_and_mul(gate_up, act)?;
+        self.act_and_mul(activation, gate_up, act)?;
         self.linear_add(act, down, residual, scratch)
     }
 

@@ -79,6 +79,13 @@ pub const GEMV_SILU_B1: Kernel<args::GemvSiluB1> = kernel!(
     "gemv_silu_bf16_b1",
     "gemv_silu_f16_b1"
 );
+/// GeGLU (Gemma) fused into the batch-1 down projection's input where gemv_bulk does not apply.
+pub const GEMV_GELU_B1: Kernel<args::GemvGeluB1> = kernel!(
+    args::GemvGeluB1,
+    "gemv",
+    "gemv_gelu_bf16_b1",
+    "gemv_gelu_f16_b1"
+);
 pub const DECODE_REDUCE: Kernel<args::PagedAttentionDecodeReduce> = kernel!(
     args::PagedAttentionDecodeReduce,
     "attention_decode",
@@ -150,6 +157,8 @@ pub const GEMV_BULK_SILU: Kernel<args::GemvBulk> = bulk!("silu_");
 pub const GEMV_BULK_NORM: Kernel<args::GemvBulk> = bulk!("norm_");
 pub const GEMV_BULK_ADD: Kernel<args::GemvBulk> = bulk!("add_");
 pub const GEMV_BULK_SILU_ADD: Kernel<args::GemvBulk> = bulk!("silu_add_");
+pub const GEMV_BULK_GELU: Kernel<args::GemvBulk> = bulk!("gelu_");
+pub const GEMV_BULK_GELU_ADD: Kernel<args::GemvBulk> = bulk!("gelu_add_");
 
 /// gemv_bulk.cu's E4M3 build, `gemv_bulk_fp8_<variant>bf16_b1`: `--quantization fp8` at
 /// batch 1 on sm_90+.
@@ -293,6 +302,7 @@ pub fn all() -> Vec<NamedKernel> {
         TO_F32.named(),
         GEMV_B1.named(),
         GEMV_SILU_B1.named(),
+        GEMV_GELU_B1.named(),
         DECODE_REDUCE.named(),
     ];
     k.extend(PREFILL.iter().map(|p| p.1.named()));
@@ -302,6 +312,8 @@ pub fn all() -> Vec<NamedKernel> {
         GEMV_BULK_NORM,
         GEMV_BULK_ADD,
         GEMV_BULK_SILU_ADD,
+        GEMV_BULK_GELU,
+        GEMV_BULK_GELU_ADD,
     ] {
         k.push(bulk.named());
     }
@@ -337,7 +349,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 17 + 2 + 5 + 16 + 5 + 4 + 7 + 6 + 5 + 29 + 27);
+        assert_eq!(all.len(), 18 + 2 + 7 + 16 + 5 + 4 + 7 + 6 + 5 + 29 + 27);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);
