@@ -20,6 +20,8 @@ use rvllm_kernels::{args, decode_smem, gemv_bulk::GemvBulk, KernelArgs};
 
 mod dummy;
 mod fp8;
+#[cfg(test)]
+mod gemma_fusion_tests;
 pub(super) mod kv_fp8;
 mod upload;
 mod windowed_attention;
