@@ -250,11 +250,8 @@ impl Backend for CpuBackend {
         bias: Option<&CpuVector>,
         out: &mut CpuTensor,
     ) -> Result<()> {
-        // A rank's columns of a column-parallel product must have the whole product's bits.
-        match self.comm {
-            Some(_) => linear::linear_width_invariant(x, w, bias, out),
-            None => linear::linear(x, w, bias, out),
-        }
+        // A rank's columns of a column-parallel product have the whole product's bits.
+        linear::linear(x, w, bias, out)
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuVector, eps: f32, out: &mut CpuTensor) -> Result<()> {
@@ -332,10 +329,11 @@ impl Backend for CpuBackend {
         vocab_parallel::all_gather_columns(self.comm.as_deref(), part, out)
     }
 
-    /// Ranks of a group (of one included) only: the plain path keeps the gemm crate's
-    /// fastest kernels (see `linear::linear_width_invariant`).
+    /// Always, in a group or not: the CPU backend has one route, so `--tensor-parallel-size 1`
+    /// gives the bits of every other size (its fixed-order one-row products cost no more
+    /// than the gemm crate's matrix-vector kernel did; BENCHMARKS.md).
     fn sums_row_parallel_exactly(&self) -> bool {
-        self.comm.is_some()
+        true
     }
 
     fn row_parallel_linear(
