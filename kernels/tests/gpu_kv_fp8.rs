@@ -638,3 +638,170 @@ fn kv_fp8_prefill_attention_matches_reference() {
         }
     }
 }
+
+/// Decode attention over an FP8 cache against the bf16 cache's builds on a Llama-3.1-8B layer
+/// (32 heads, 8 KV heads, head dim 128): the plain kernel, its windowed build with no window
+/// (the FP8 kernel's template) and the FP8 build, each with its reduce where split, eager
+/// launches back to back, median of 20; partition targets as the engine picks them on a
+/// 132-SM H100. Prints the times (`--nocapture`).
+#[test]
+#[ignore]
+fn bench_kv_fp8_decode_attention() {
+    let Some(g) = gpu("bench_kv_fp8_decode_attention") else {
+        return;
+    };
+    const NH: usize = 32;
+    const NKV: usize = 8;
+    const HD: usize = 128;
+    const BS: usize = 16;
+    let e = Elem::Bf16;
+    let module = e.module("attention_decode");
+    let gt = decode_group_tile(NH / NKV);
+    let smem = decode_smem::full(gt);
+    let plain = g.function(&module, &format!("paged_attention_decode_hd{HD}_g{gt}"));
+    let windowed = g.function(
+        &module,
+        &format!("paged_attention_decode_windowed_hd{HD}_g{gt}"),
+    );
+    let fp8 = g.function(
+        &module,
+        &format!("paged_attention_decode_kvfp8_hd{HD}_g{gt}"),
+    );
+    for f in [plain, windowed, fp8] {
+        g.allow_smem(f, smem);
+    }
+    let reduce = g.function(&module, "paged_attention_decode_reduce");
+    let reduce_windowed = g.function(&module, "paged_attention_decode_reduce_windowed");
+    // (sequences, context, target partitions = grid depth)
+    for &(batch, ctx, target) in &[(1usize, 4096usize, 33usize), (64, 2048, 1), (256, 512, 1)] {
+        let max_blocks = ctx.div_ceil(BS);
+        let width = NKV * HD;
+        let cache_len = batch * max_blocks * BS * width;
+        // Small finite values: the timings do not depend on them.
+        let fill = e.bits(0.01);
+        let (k, v) = (
+            g.upload(&vec![fill; cache_len]),
+            g.upload(&vec![fill; cache_len]),
+        );
+        let code = quant(0.01, 1.0);
+        let (k8, v8) = (
+            g.upload(&vec![code; cache_len]),
+            g.upload(&vec![code; cache_len]),
+        );
+        let tables: Vec<i32> = (0..(batch * max_blocks) as i32).collect();
+        let tables = g.upload(&tables);
+        let ctx_lens = g.upload(&vec![ctx as i32; batch]);
+        let positions = g.upload(&vec![ctx as i32 - 1; batch]);
+        let slots = g.upload(&vec![-1i32; batch]);
+        let stride = (NH + 2 * NKV) * HD;
+        let qkv = g.upload(&vec![fill; batch * stride]);
+        let freqs = g.upload(&inv_freq(HD, 500_000.0));
+        let out = g.poisoned(batch * NH * HD, e.nan());
+        let po = g.poisoned(batch * NH * target * HD, f32::NAN);
+        let pml = g.poisoned(batch * NH * target * 2, f32::NAN);
+        let k_new = qkv.ptr + (NH * HD * 2) as u64;
+        let v_new = k_new + (width * 2) as u64;
+        let scale = 1.0 / (HD as f32).sqrt();
+        let grid = (
+            (NKV * (NH / NKV).div_ceil(gt)) as u32,
+            batch as u32,
+            target as u32,
+        );
+        let reduce_grid = (NH as u32, batch as u32, 1);
+        macro_rules! decode_args {
+            ($ty:ident, $k:expr, $v:expr $(, $field:ident: $value:expr)*) => {
+                args::$ty {
+                    out: out.ptr,
+                    partial_out: po.ptr,
+                    partial_ml: pml.ptr,
+                    semaphores: 0,
+                    q: qkv.ptr,
+                    k_new,
+                    v_new,
+                    qkv_stride: stride as i32,
+                    key_cache: $k,
+                    value_cache: $v,
+                    block_tables: tables.ptr,
+                    context_lens: ctx_lens.ptr,
+                    positions: positions.ptr,
+                    slot_mapping: slots.ptr,
+                    inv_freq: freqs.ptr,
+                    scale,
+                    num_heads: NH as i32,
+                    num_kv_heads: NKV as i32,
+                    block_size: BS as i32,
+                    max_blocks_per_seq: max_blocks as i32,
+                    target_partitions: target as i32,
+                    $($field: $value,)*
+                }
+            };
+        }
+        let reduce_args = args::PagedAttentionDecodeReduce {
+            out: out.ptr,
+            partial_out: po.ptr,
+            partial_ml: pml.ptr,
+            context_lens: ctx_lens.ptr,
+            num_heads: NH as i32,
+            head_dim: HD as i32,
+            max_partitions: target as i32,
+            target_partitions: target as i32,
+        };
+        let reduce_windowed_args = args::PagedAttentionDecodeReduceWindowed {
+            out: out.ptr,
+            partial_out: po.ptr,
+            partial_ml: pml.ptr,
+            context_lens: ctx_lens.ptr,
+            num_heads: NH as i32,
+            head_dim: HD as i32,
+            max_partitions: target as i32,
+            target_partitions: target as i32,
+            window: 0,
+        };
+        let null = std::ptr::null_mut();
+        let (bk, bv) = (k.ptr, v.ptr);
+        let plain_us = 1e3
+            * g.time_ms(20, || {
+                let a = decode_args!(DecodeAttention, bk, bv);
+                g.launch_on_smem(null, plain, grid, (128, 1, 1), smem, a);
+                if target > 1 {
+                    g.launch_on(null, reduce, reduce_grid, (128, 1, 1), reduce_args);
+                }
+            });
+        let windowed_us = 1e3
+            * g.time_ms(20, || {
+                let a = decode_args!(DecodeAttentionWindowed, bk, bv, window: 0, softcap: 0.0);
+                g.launch_on_smem(null, windowed, grid, (128, 1, 1), smem, a);
+                if target > 1 {
+                    let r = reduce_windowed_args;
+                    g.launch_on(null, reduce_windowed, reduce_grid, (128, 1, 1), r);
+                }
+            });
+        let (fk, fv) = (k8.ptr, v8.ptr);
+        let fp8_us = 1e3
+            * g.time_ms(20, || {
+                let a = decode_args!(
+                    DecodeAttentionKvFp8, fk, fv,
+                    window: 0, softcap: 0.0, k_scale: 1.0, v_scale: 1.0
+                );
+                g.launch_on_smem(null, fp8, grid, (128, 1, 1), smem, a);
+                if target > 1 {
+                    let r = reduce_windowed_args;
+                    g.launch_on(null, reduce_windowed, reduce_grid, (128, 1, 1), r);
+                }
+            });
+        let got = g.download_as(e, &out);
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "batch {batch} ctx {ctx}: an attention output is not finite"
+        );
+        let gb = |bytes: usize, us: f32| bytes as f64 / (us as f64 * 1e3);
+        let bf16_bytes = 2 * cache_len * 2;
+        println!(
+            "llama-3.1-8b decode attention, batch {batch} x {ctx} tokens (target {target}): \
+             bf16 cache plain {plain_us:.1} us ({:.0} GB/s), windowed build {windowed_us:.1} us; \
+             FP8 cache {fp8_us:.1} us ({:.0} GB/s of codes)",
+            gb(bf16_bytes, plain_us),
+            gb(bf16_bytes / 2, fp8_us),
+        );
+    }
+}
