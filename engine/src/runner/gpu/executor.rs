@@ -245,8 +245,13 @@ impl GpuRunner {
             .alloc_kv_cache(kv_shape)
             .context("allocating the KV cache")?;
         let kv_tokens = num_blocks * cfg.block_size;
+        let kv_dtype = if be.kv_cache_elem_bytes() == 1 {
+            "fp8_e4m3"
+        } else {
+            dtype.name()
+        };
         eprintln!(
-            "rvllm: KV cache: {num_blocks} blocks of {} tokens ({kv_tokens} tokens, {:.2} GiB); the longest context that fits is {} tokens",
+            "rvllm: KV cache ({kv_dtype}): {num_blocks} blocks of {} tokens ({kv_tokens} tokens, {:.2} GiB); the longest context that fits is {} tokens",
             cfg.block_size,
             (num_blocks * block_bytes) as f64 / (1u64 << 30) as f64,
             kv_tokens.min(max_len)
