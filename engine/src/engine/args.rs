@@ -33,8 +33,7 @@ pub struct EngineArgs {
     #[arg(long)]
     pub max_num_batched_tokens: Option<usize>,
     /// Ranks to split the model over, Megatron-style (vLLM's flag): on `--device cpu` the
-    /// ranks are threads of this process; the CUDA backend runs one GPU until its NCCL path
-    /// exists and refuses more.
+    /// ranks are threads of this process; on CUDA one rank a GPU, joined through NCCL.
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel_size: usize,
     /// Nodes (hosts) the --tensor-parallel-size ranks are split over, evenly (vLLM's flag;
