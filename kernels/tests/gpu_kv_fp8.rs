@@ -277,9 +277,10 @@ fn kv_fp8_cache_write_matches_reference() {
                     &got_v[s * width..(s + 1) * width],
                 );
                 assert_fp8_close(&format!("{what} k, token {t}"), k_got, &k_want, K_SCALE);
-                // v is not rotated: its codes are exactly the reference's.
-                let v_codes: Vec<u8> = v_want.iter().map(|&x| quant(x, V_SCALE)).collect();
-                assert_eq!(v_got, &v_codes[..], "{what}: v codes, token {t}");
+                // v is not rotated; its codes may still differ from the reference's by one
+                // step where x / v_scale falls within an ulp of a rounding tie (the kernel's
+                // fast-math reciprocal).
+                assert_fp8_close(&format!("{what} v, token {t}"), v_got, &v_want, V_SCALE);
                 assert!(
                     k_want
                         .iter()
@@ -500,14 +501,11 @@ fn check_decode(
             &q[row..row + width],
             K_SCALE,
         );
-        let v_codes: Vec<u8> = qkv[row + width..row + 2 * width]
-            .iter()
-            .map(|&x| quant(x, V_SCALE))
-            .collect();
-        assert_eq!(
+        assert_fp8_close(
+            &format!("{what} new v, seq {s}"),
             &v_after[at..at + width],
-            &v_codes[..],
-            "{what}: new v codes, seq {s}"
+            &qkv[row + width..row + 2 * width],
+            V_SCALE,
         );
     }
     // Everything else in the cache is as it was.
