@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::dataset::{describe_hit_rate, prefix_repetition_prompts, PrefixRepetitionArgs};
 use super::structured::{self, StructuredOutputArgs};
-use crate::engine::{EngineArgs, FinishReason, Llm};
+use crate::engine::{EngineArgs, FinishReason, KvCacheDtypeFlag, Llm};
 use crate::models::config::ModelConfig;
 use crate::sampling::{SamplingParams, StructuredOutput};
 
@@ -18,6 +18,8 @@ use crate::sampling::{SamplingParams, StructuredOutput};
 pub struct LatencyArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub kv_cache: KvCacheDtypeFlag,
     #[arg(long, default_value_t = 32)]
     pub input_len: usize,
     #[arg(long, default_value_t = 128)]
@@ -44,6 +46,8 @@ fn picked(i: usize, fraction: f64, phase: f64) -> bool {
 pub struct ThroughputArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub kv_cache: KvCacheDtypeFlag,
     /// random (--input-len random token ids per prompt) or prefix_repetition (prompts
     /// sharing a few long prefixes, shaped by the --prefix-repetition-* flags).
     #[arg(long, default_value = "random")]
@@ -148,7 +152,7 @@ fn device_ceilings(llm: &Llm) -> Option<(f64, f64)> {
 }
 
 pub fn run_latency(args: LatencyArgs) -> Result<()> {
-    let mut llm = Llm::new(&args.engine)?;
+    let mut llm = Llm::new(&args.kv_cache.apply(&args.engine))?;
     let cfg = llm.core.config.clone();
     let params = SamplingParams {
         temperature: 1.0,
@@ -252,7 +256,7 @@ pub fn run_throughput(args: ThroughputArgs) -> Result<()> {
         "unknown --dataset-name `{}`: use random or prefix_repetition",
         args.dataset_name
     );
-    let mut llm = Llm::new(&args.engine)?;
+    let mut llm = Llm::new(&args.kv_cache.apply(&args.engine))?;
     let cfg = llm.core.config.clone();
     let (prompts, output_len) = throughput_prompts(&args, cfg.vocab_size)?;
     let params = SamplingParams {

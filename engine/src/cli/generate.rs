@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::progress;
 use super::sampling_flags::SamplingFlags;
-use crate::engine::{EngineArgs, Llm, RequestOutput};
+use crate::engine::{EngineArgs, KvCacheDtypeFlag, Llm, RequestOutput};
 use crate::sampling::params::bad_words_token_ids;
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
@@ -36,10 +36,8 @@ pub struct GenerateArgs {
     /// text (for people) or json (for machines).
     #[arg(long, default_value = "text")]
     pub output: String,
-    /// The KV cache's element type: auto (the compute type), fp8 or fp8_e4m3 (E4M3 with the
-    /// checkpoint's k_scale / v_scale, else 1.0; CPU only for now).
-    #[arg(long, default_value = "auto")]
-    pub kv_cache_dtype: String,
+    #[command(flatten)]
+    pub kv_cache: KvCacheDtypeFlag,
 }
 
 #[derive(Deserialize)]
@@ -72,10 +70,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ),
         None => None,
     };
-    let engine_args = EngineArgs {
-        kv_cache_dtype: Some(args.kv_cache_dtype.clone()),
-        ..args.engine.clone()
-    };
+    let engine_args = args.kv_cache.apply(&args.engine);
     let mut llm = Llm::new(&engine_args)?;
     let tok = llm.tokenizer();
     let mut prompts = Vec::with_capacity(inputs.len());

@@ -101,6 +101,27 @@ pub struct EngineArgs {
     pub kv_cache_dtype: Option<String>,
 }
 
+/// `--kv-cache-dtype` for the commands that build an engine from their own flags (`generate`,
+/// `bench latency|throughput`); the server reads it among vLLM's compatibility flags.
+#[derive(Args, Clone, Debug)]
+pub struct KvCacheDtypeFlag {
+    /// The KV cache's element type: auto (the compute type), fp8 or fp8_e4m3 (E4M3 with the
+    /// checkpoint's k_scale / v_scale, else 1.0; the CPU, and CUDA GPUs of compute
+    /// capability 8.9 or newer).
+    #[arg(long, default_value = "auto")]
+    pub kv_cache_dtype: String,
+}
+
+impl KvCacheDtypeFlag {
+    /// `engine` with this flag applied.
+    pub fn apply(&self, engine: &EngineArgs) -> EngineArgs {
+        EngineArgs {
+            kv_cache_dtype: Some(self.kv_cache_dtype.clone()),
+            ..engine.clone()
+        }
+    }
+}
+
 /// The step limits an engine runs with, after the defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchLimits {

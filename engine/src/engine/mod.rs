@@ -9,7 +9,7 @@ pub mod output;
 pub mod request;
 
 pub use crate::scheduler::FinishReason;
-pub use args::EngineArgs;
+pub use args::{EngineArgs, KvCacheDtypeFlag};
 pub use async_engine::{AsyncEngine, EngineStats, RequestStream};
 pub use core::{resolve_device, Device, EngineCore};
 pub use headless::serve_headless;
