@@ -461,8 +461,8 @@ pub trait Backend: Send + Sized + 'static {
 
     /// Whether the model runs its row-parallel projections (O, down) and mixture layers
     /// through `row_parallel_linear` and `row_parallel_moe` instead of `linear`/`linear_add`
-    /// (`moe`) and `all_reduce_sum`: on a rank of a tensor-parallel group whose backend sums
-    /// them exactly (a group of one included, so that one rank gives the bits of several).
+    /// (`moe`) and `all_reduce_sum`: on a backend that sums them exactly, so that one rank
+    /// gives the bits of several (the CPU backend always, in a group or not).
     fn sums_row_parallel_exactly(&self) -> bool {
         false
     }
