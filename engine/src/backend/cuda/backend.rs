@@ -116,7 +116,12 @@ pub struct CudaKvCache {
 
 impl CudaKvCache {
     fn layer_bytes(&self) -> usize {
-        self.shape.layer_elems() * if self.fp8_scales.is_some() { 1 } else { ELEM_BYTES }
+        self.shape.layer_elems()
+            * if self.fp8_scales.is_some() {
+                1
+            } else {
+                ELEM_BYTES
+            }
     }
     pub fn k_layer(&self, l: usize) -> CUdeviceptr {
         self.k.ptr + (l * self.layer_bytes()) as u64
