@@ -63,8 +63,8 @@ pub struct VllmCompatArgs {
     /// `auto` or `hf` (the Hugging Face fast tokenizer, the only kind rvllm has).
     #[arg(long)]
     pub tokenizer_mode: Option<String>,
-    /// `auto` (the model's compute type), `fp8` or `fp8_e4m3` (E4M3 values, CPU only for
-    /// now); passed to the engine, which checks it.
+    /// `auto` (the model's compute type), `fp8` or `fp8_e4m3` (E4M3 values: the CPU, and
+    /// CUDA GPUs of compute capability 8.9 or newer); passed to the engine, which checks it.
     #[arg(long)]
     pub kv_cache_dtype: Option<String>,
     /// Seed for requests that bring none: the i-th such request samples with a seed
