@@ -6,11 +6,27 @@
 //!
 //! With prefix caching on, full blocks are indexed by content once computed, and a new
 //! (or preempted) request starts from the longest run of cached blocks matching its tokens.
+//!
+//! With a sliding window on every layer (vLLM's `SlidingWindowManager`), the blocks that lie
+//! wholly before the earliest key any remaining query of a request can attend go back to the
+//! pool while it runs, and their entries in its table become `NULL_BLOCK`: the table keeps
+//! its length (token `i` is still at `table[i / block_size]`), and its leading
+//! `num_skipped` entries are placeholders that are never freed again nor cached.
 use std::collections::HashMap;
 
 use super::block_pool::KvBlockPool;
 use super::prefix_cache::{block_keys, BlockKey};
 use crate::types::RequestId;
+
+/// The block-table entry of a block the sliding window let go. vLLM reserves a null block
+/// for it; here it is block 0, a valid index that may well belong to another request, so
+/// that every table stays a list of valid ids (`ForwardBatch::validate`) and the pool keeps
+/// every block. No kernel writes through it (the KV of a step's new tokens goes to their own
+/// positions, which are never skipped) and none uses its contents: the CPU attention and the
+/// CUDA decode kernels read keys from the window's first on, and the CUDA prefill kernel,
+/// whose key tiles start 64-aligned, may load it only for keys it masks out, and the cache is
+/// zeroed at allocation and holds finite values only, so that a masked key adds exactly 0.
+pub const NULL_BLOCK: u32 = 0;
 
 #[derive(Debug, Clone)]
 pub struct KvCacheManager {
@@ -19,6 +35,11 @@ pub struct KvCacheManager {
     prefix_caching: bool,
     /// Per request: hashes of its leading full blocks already registered in the cache.
     block_hashes: HashMap<RequestId, Vec<u64>>,
+    /// The attention window of every layer (`None`: some layer sees the whole context, so
+    /// that every block stays). A query at position `p` sees keys `p + 1 - window ..= p`.
+    sliding_window: Option<usize>,
+    /// Per request: leading table entries the window let go (`NULL_BLOCK` placeholders).
+    num_skipped: HashMap<RequestId, usize>,
 }
 
 impl KvCacheManager {
@@ -28,7 +49,20 @@ impl KvCacheManager {
             tables: HashMap::new(),
             prefix_caching: false,
             block_hashes: HashMap::new(),
+            sliding_window: None,
+            num_skipped: HashMap::new(),
         }
+    }
+
+    /// Free the blocks a sliding window leaves behind (`window`: the window of every layer;
+    /// None, or a model with any full-attention layer, keeps every block). A window of 0
+    /// means none, as in the attention code.
+    pub fn set_sliding_window(&mut self, window: Option<usize>) {
+        self.sliding_window = window.filter(|&w| w > 0);
+    }
+
+    pub fn sliding_window(&self) -> Option<usize> {
+        self.sliding_window
     }
 
     /// Turn on prefix caching (reuse of computed full blocks with the same token prefix).
@@ -125,6 +159,41 @@ impl KvCacheManager {
         cached_tokens
     }
 
+    /// With a sliding window: give back the request's blocks that no query from position
+    /// `first_query_pos` on can attend (those wholly before `first_query_pos + 1 - window`),
+    /// leaving `NULL_BLOCK` in their table entries. Returns how many blocks it let go. The
+    /// caller passes the position of the request's earliest query not yet computed, a step
+    /// still running included, so that no block a step reads goes back. Blocks another owner
+    /// shares stay allocated for it; freed blocks keep their prefix-cache entries until
+    /// reused, so that a later request with the same prefix may still find the whole chain.
+    pub fn free_skipped_blocks(&mut self, req_id: RequestId, first_query_pos: usize) -> usize {
+        let Some(window) = self.sliding_window else {
+            return 0;
+        };
+        let Some(table) = self.tables.get_mut(&req_id) else {
+            return 0;
+        };
+        let bs = self.pool.block_size();
+        let skip = ((first_query_pos + 1).saturating_sub(window) / bs).min(table.len());
+        let skipped = self.num_skipped.entry(req_id).or_insert(0);
+        if skip <= *skipped {
+            return 0;
+        }
+        let gone: Vec<u32> = table[*skipped..skip].to_vec();
+        table[*skipped..skip].fill(NULL_BLOCK);
+        *skipped = skip;
+        // `free` releases last-first; reversed, the oldest block goes first on the free list
+        // and is reused first, keeping the newer (more likely shared) ones cached longer.
+        let oldest_last: Vec<u32> = gone.iter().rev().copied().collect();
+        self.pool.free(&oldest_last);
+        gone.len()
+    }
+
+    /// Blocks the request holds (its table less the entries the window let go).
+    pub fn num_held_blocks(&self, req_id: RequestId) -> usize {
+        self.block_table(req_id).len() - self.num_skipped.get(&req_id).copied().unwrap_or(0)
+    }
+
     /// Index the request's blocks that are now full and computed (`num_computed_tokens` of
     /// `tokens` have KV entries), so that later requests can reuse them. Call after the step
     /// that computed them ran, never before: a block is only shared once it is written.
@@ -142,24 +211,31 @@ impl KvCacheManager {
             return;
         };
         let full = (num_computed_tokens.min(tokens.len()) / bs).min(table.len());
+        let skipped = self.num_skipped.get(&req_id).copied().unwrap_or(0);
         let hashes = self.block_hashes.entry(req_id).or_default();
         while hashes.len() < full {
             let i = hashes.len();
             let key = BlockKey::new(hashes.last().copied(), &tokens[i * bs..(i + 1) * bs]);
             hashes.push(key.hash);
-            self.pool.register(table[i], key);
+            // A block the window let go before it was indexed is gone (its entry is the
+            // placeholder): the chain keeps its hash, and lookups stop at the hole.
+            if i >= skipped {
+                self.pool.register(table[i], key);
+            }
         }
     }
 
     /// Release every block of the request (nothing happens for an unknown id).
     pub fn free(&mut self, req_id: RequestId) {
         self.block_hashes.remove(&req_id);
+        let skipped = self.num_skipped.remove(&req_id).unwrap_or(0);
         if let Some(table) = self.tables.remove(&req_id) {
-            self.pool.free(&table);
+            self.pool.free(&table[skipped.min(table.len())..]);
         }
     }
 
-    /// The request's physical blocks in token order (empty for an unknown id).
+    /// The request's physical blocks in token order (empty for an unknown id); entries the
+    /// sliding window let go are `NULL_BLOCK`.
     pub fn block_table(&self, req_id: RequestId) -> &[u32] {
         self.tables.get(&req_id).map_or(&[], Vec::as_slice)
     }
@@ -273,5 +349,83 @@ mod tests {
         kv.cache_computed_blocks(1, &[1, 2, 3, 4], 4);
         assert_eq!(kv.acquire_cached_prefix(2, &[1, 2, 3, 4, 5]), 0);
         assert_eq!(kv.num_cached_blocks(), 0);
+    }
+
+    #[test]
+    fn the_window_frees_the_blocks_wholly_before_it() {
+        let mut kv = KvCacheManager::new(10, 4);
+        assert!(kv.allocate_slots(1, 20)); // 5 blocks
+        assert_eq!(
+            kv.free_skipped_blocks(1, 19),
+            0,
+            "no window: every block stays"
+        );
+        kv.set_sliding_window(Some(6));
+        let table = kv.block_table(1).to_vec();
+        // A query at 11 sees keys 6..=11: block 0 (keys 0..4) is wholly before, block 1 not.
+        assert_eq!(kv.free_skipped_blocks(1, 11), 1);
+        assert_eq!(kv.block_table(1)[0], NULL_BLOCK);
+        assert_eq!(&kv.block_table(1)[1..], &table[1..]);
+        assert_eq!((kv.num_held_blocks(1), kv.num_free_blocks()), (4, 6));
+        // Keys 8.. at 13: block 1 goes; asking again, or for an earlier query, frees nothing.
+        assert_eq!(kv.free_skipped_blocks(1, 13), 1);
+        assert_eq!(kv.free_skipped_blocks(1, 13), 0);
+        assert_eq!(kv.free_skipped_blocks(1, 3), 0);
+        assert_eq!(
+            kv.block_table(1).len(),
+            5,
+            "token i is still at table[i / 4]"
+        );
+        // Growing the table counts the placeholders as entries.
+        assert_eq!(kv.num_new_blocks_needed(1, 24), 1);
+        assert!(kv.allocate_slots(1, 24));
+        // Never more than the table: a query far ahead frees every block it has.
+        assert_eq!(kv.free_skipped_blocks(1, 1000), 4);
+        assert_eq!(kv.num_free_blocks(), 10);
+        kv.free(1);
+        assert_eq!(kv.num_free_blocks(), 10, "placeholders are not freed again");
+        assert_eq!(kv.free_skipped_blocks(1, 100), 0, "unknown request");
+    }
+
+    #[test]
+    fn shared_blocks_stay_for_their_other_owner() {
+        let mut kv = KvCacheManager::new(8, 2).with_prefix_caching(true);
+        kv.set_sliding_window(Some(2));
+        let a = [1, 2, 3, 4, 5, 6, 7];
+        assert!(kv.allocate_slots(1, 7));
+        kv.cache_computed_blocks(1, &a, 6);
+        assert_eq!(kv.acquire_cached_prefix(2, &a), 6);
+        let shared = kv.block_table(2).to_vec();
+        // Request 2's next query is at 6 (keys 5..): blocks 0 and 1 go, block 2 stays.
+        assert_eq!(kv.free_skipped_blocks(2, 6), 2);
+        assert_eq!(kv.block_table(1)[..2], shared[..2], "request 1 keeps them");
+        assert_eq!(kv.num_free_blocks(), 8 - 4);
+        kv.free(1);
+        kv.free(2);
+        assert_eq!(kv.num_free_blocks(), 8);
+    }
+
+    #[test]
+    fn a_prefix_hit_never_spans_a_hole() {
+        let mut kv = KvCacheManager::new(6, 2).with_prefix_caching(true);
+        kv.set_sliding_window(Some(2));
+        let a = [1, 2, 3, 4, 5, 6, 7];
+        assert!(kv.allocate_slots(1, 7));
+        kv.cache_computed_blocks(1, &a, 2); // block 0 indexed
+                                            // Blocks 0 and 1 let go before block 1 was indexed: the chain has a hole there.
+        assert_eq!(kv.free_skipped_blocks(1, 5), 2);
+        kv.cache_computed_blocks(1, &a, 6);
+        assert_eq!(
+            kv.num_cached_blocks(),
+            2,
+            "blocks 0 and 2, not the placeholder"
+        );
+        // Freed block 0 keeps its contents until reused: a hit of one block, no further.
+        assert_eq!(kv.acquire_cached_prefix(2, &a), 2);
+        kv.free(2);
+        kv.free(1);
+        // Taking every block for others evicts everything: no hit at all.
+        assert!(kv.allocate_slots(3, 12));
+        assert_eq!(kv.acquire_cached_prefix(4, &a), 0);
     }
 }

@@ -14,6 +14,11 @@
 //! scheduled, and a token that a running step is still sampling is scheduled as
 //! `PLACEHOLDER_TOKEN` for the runner to fill in. Its outputs then come one step later: a
 //! request that stops on that token has one wasted step computed, never a wrong token.
+//!
+//! On a model whose every layer has a sliding window, each step first gives back the KV
+//! blocks that no query of a running request, in a step still running or to come, can see
+//! any more (`KvCacheManager::free_skipped_blocks`), so that they count as free for the
+//! requests it schedules and admits.
 pub mod output;
 mod request;
 #[cfg(test)]
@@ -94,6 +99,37 @@ impl Scheduler {
         self
     }
 
+    /// Give back the KV blocks a sliding window leaves behind, when every layer has one
+    /// (`layer_windows`: each layer's window, None for full attention; the largest is used).
+    /// A model with any full-attention layer (Gemma 2/3) keeps every block: its global
+    /// layers read them all, and vLLM's per-layer-group block tables, which would free them
+    /// for the windowed layers alone, are not done here.
+    pub fn with_layer_windows(
+        mut self,
+        layer_windows: impl IntoIterator<Item = Option<usize>>,
+    ) -> Self {
+        self.set_layer_windows(layer_windows);
+        self
+    }
+
+    /// `with_layer_windows` on a scheduler already built; set it before the first request
+    /// (a request's table only loses blocks from when it is on).
+    pub fn set_layer_windows(&mut self, layer_windows: impl IntoIterator<Item = Option<usize>>) {
+        let windows: Option<Vec<usize>> = layer_windows.into_iter().collect();
+        self.kv
+            .set_sliding_window(windows.and_then(|w| w.into_iter().max()));
+    }
+
+    /// The window whose left-behind blocks are freed (None: every block is kept).
+    pub fn sliding_window(&self) -> Option<usize> {
+        self.kv.sliding_window()
+    }
+
+    /// KV blocks the request holds now (0 for an unknown or waiting one).
+    pub fn num_held_blocks(&self, req_id: RequestId) -> usize {
+        self.kv.num_held_blocks(req_id)
+    }
+
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
     }
@@ -149,6 +185,12 @@ impl Scheduler {
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
         let mut budget = self.cfg.max_num_batched_tokens;
+        if self.kv.sliding_window().is_some() {
+            for &id in &self.running {
+                let first = self.requests[&id].earliest_unfinished_query();
+                self.kv.free_skipped_blocks(id, first);
+            }
+        }
 
         // 1. Running requests, oldest first. A request that cannot get blocks preempts the
         // newest running one (possibly itself); requests already scheduled this step are
@@ -231,6 +273,14 @@ impl Scheduler {
                     0
                 };
                 let num_new = (req.num_tokens() - cached).min(budget);
+                // A cached prefix may reach further back than the window: the first chunk's
+                // queries start at `cached` (or earlier, in a step from before a preemption
+                // still running).
+                let first = req
+                    .unfinished_chunk_starts
+                    .front()
+                    .map_or(cached, |&p| p.min(cached));
+                self.kv.free_skipped_blocks(id, first);
                 if !self.kv.allocate_slots(id, cached + num_new) {
                     self.kv.free(id); // give back the cached blocks it took
                     if self.running.is_empty() {
@@ -288,6 +338,14 @@ impl Scheduler {
             let Some(req) = self.requests.get_mut(&s.req_id) else {
                 continue;
             };
+            // This chunk's queries have run: the window may let its keys go.
+            if let Some(i) = req
+                .unfinished_chunk_starts
+                .iter()
+                .position(|&p| p == s.start_pos)
+            {
+                req.unfinished_chunk_starts.remove(i);
+            }
             // A request preempted while this step ran (Waiting) keeps its token, since the
             // step computed it from the whole context, but its blocks are gone.
             if req.status == Status::Running {
@@ -403,6 +461,7 @@ impl Scheduler {
         let sample = end == known + req.num_pending;
         let num_output_tokens = req.num_output_tokens() + req.num_pending;
         req.num_computed_tokens = end;
+        req.unfinished_chunk_starts.push_back(start);
         if sample {
             req.num_pending += 1;
         }

@@ -1,5 +1,7 @@
 //! What goes into the scheduler (requests) and what comes out of it (per-step outputs),
 //! plus the scheduler's own per-request state.
+use std::collections::VecDeque;
+
 use serde::{Deserialize, Serialize};
 
 use super::output::{RequestId, TokenLogprobs};
@@ -154,6 +156,9 @@ pub(super) struct Request {
     /// Tokens being sampled by a step still on the device (0 or 1): scheduled as
     /// `PLACEHOLDER_TOKEN`, appended when that step's output comes back.
     pub num_pending: usize,
+    /// Start positions of the chunks scheduled but not yet folded back in (a step still
+    /// running), oldest first: their queries may still read the KV before them.
+    pub unfinished_chunk_starts: VecDeque<usize>,
 }
 
 impl Request {
@@ -168,7 +173,18 @@ impl Request {
             sent_to_runner: false,
             prompt_logprobs_sent: false,
             num_pending: 0,
+            unfinished_chunk_starts: VecDeque::new(),
         }
+    }
+
+    /// The position of the earliest query of this request that has not run yet (a step
+    /// still running included): no query of it reads keys a window before this.
+    pub fn earliest_unfinished_query(&self) -> usize {
+        self.unfinished_chunk_starts
+            .front()
+            .map_or(self.num_computed_tokens, |&s| {
+                s.min(self.num_computed_tokens)
+            })
     }
 
     pub fn num_tokens(&self) -> usize {

@@ -70,6 +70,7 @@ impl Harness {
         let cfg = s.config().clone();
         let bs = cfg.block_size;
         let caching = s.kv.prefix_caching();
+        let window = s.kv.sliding_window();
         assert!(
             so.total_tokens() <= cfg.max_num_batched_tokens,
             "token budget exceeded: {}",
@@ -122,8 +123,10 @@ impl Harness {
             for &b in &sr.block_table {
                 assert!((b as usize) < cfg.num_kv_blocks);
             }
-            // Everything before the chunk must already be in the cache, for this prefix.
-            for p in 0..sr.start_pos {
+            // Everything before the chunk that its queries can see must already be in the
+            // cache, for this prefix; blocks wholly before that may be placeholders.
+            let first_seen = window.map_or(0, |w| (sr.start_pos + 1).saturating_sub(w));
+            for p in first_seen..sr.start_pos {
                 let slot = &self
                     .blocks
                     .get(&sr.block_table[p / bs])
@@ -156,7 +159,8 @@ impl Harness {
         // without prefix caching no block is in two tables at all.
         let mut owner = HashMap::new();
         for sr in &so.scheduled {
-            for &b in &sr.block_table {
+            let skipped = window.map_or(0, |w| (sr.start_pos + 1).saturating_sub(w) / bs);
+            for &b in &sr.block_table[skipped..] {
                 if let Some(&w) = written.get(&b) {
                     assert_eq!(
                         w, sr.req_id,
@@ -693,6 +697,7 @@ fn run_lookahead(
     let mut computed: Vec<(RequestId, usize, Vec<u32>)> = Vec::new();
     let mut in_flight: Option<(SchedulerOutput, ModelRunnerOutput)> = None;
     let bs = s.config().block_size;
+    let window = s.sliding_window();
     // Per block, per slot: the token context whose last token's KV the slot holds.
     let mut kv: HashMap<u32, Vec<Option<Vec<u32>>>> = HashMap::new();
     let mut steps = 0;
@@ -732,7 +737,8 @@ fn run_lookahead(
                     .unwrap_or_else(|| panic!("{}: no KV at {}", sr.req_id, start - 1)),
             };
             assert_eq!(context.len(), sr.start_pos);
-            for p in 0..sr.start_pos {
+            let first_seen = window.map_or(0, |w| (sr.start_pos + 1).saturating_sub(w));
+            for p in first_seen..sr.start_pos {
                 assert_eq!(
                     slot(&kv, p).as_deref(),
                     Some(&context[..=p]),
@@ -982,4 +988,161 @@ fn lookahead_with_prefix_caching_gives_the_same_outputs() {
         "no request reused the system prompt"
     );
     assert_eq!(s.num_free_blocks(), 20, "blocks leaked");
+}
+
+/// Requests of `prompt_len` tokens generating `max_tokens`, ids from 0.
+fn long_requests(n: u64, prompt_len: usize, max_tokens: usize) -> Vec<EngineRequest> {
+    (0..n)
+        .map(|id| request(id, prompt_len, max_tokens))
+        .collect()
+}
+
+/// Runs `requests` through the harness (which checks that every key a chunk's queries can
+/// see is in its blocks), returning the most blocks any request held after a step.
+fn run_windowed(s: &mut Scheduler, h: &mut Harness, requests: &[EngineRequest]) -> usize {
+    for r in requests {
+        h.add(s, r.clone());
+    }
+    let mut most_held = 0;
+    while s.has_unfinished() {
+        assert!(h.steps < 10_000, "scheduler does not make progress");
+        h.step(s, &default_token);
+        for r in requests {
+            most_held = most_held.max(s.num_held_blocks(r.req_id));
+        }
+    }
+    h.run_to_end(s, &default_token);
+    most_held
+}
+
+#[test]
+fn a_sliding_window_frees_the_blocks_behind_it_so_more_requests_fit() {
+    // Three requests of 40 + 20 tokens (15 blocks of 4 each) in a cache of 16 blocks: without
+    // freeing they take turns through preemptions; with a window of 8 each holds a few.
+    let requests = long_requests(3, 40, 20);
+    let mut full = Scheduler::new(config(4, 16, 4, 16));
+    let mut h_full = Harness::default();
+    let most_full = run_windowed(&mut full, &mut h_full, &requests);
+    assert!(
+        full.num_preemptions() > 0,
+        "the cache was meant to be too small"
+    );
+    assert_eq!(most_full, 15);
+
+    let mut s = Scheduler::new(config(4, 16, 4, 16)).with_layer_windows([Some(8), Some(8)]);
+    assert_eq!(s.sliding_window(), Some(8));
+    let mut h = Harness::default();
+    let most = run_windowed(&mut s, &mut h, &requests);
+    assert_eq!(
+        s.num_preemptions(),
+        0,
+        "every request fits beside the others"
+    );
+    // The window's 2 blocks, the one it starts in, and a prefill chunk of 16 tokens (4).
+    assert!(most <= 2 + 1 + 4, "a request held {most} blocks");
+    for r in &requests {
+        assert_eq!(h.outputs[&r.req_id], h_full.outputs[&r.req_id]);
+        assert_eq!(h.finished[&r.req_id], (FinishReason::Length, None));
+    }
+    assert_eq!(s.num_free_blocks(), 16, "blocks leaked");
+}
+
+#[test]
+fn any_layer_without_a_window_keeps_every_block() {
+    let s = Scheduler::new(config(4, 16, 4, 16)).with_layer_windows([Some(8), None, Some(8)]);
+    assert_eq!(s.sliding_window(), None, "a global layer reads every block");
+    let s = Scheduler::new(config(4, 16, 4, 16)).with_layer_windows([Some(8), Some(32)]);
+    assert_eq!(s.sliding_window(), Some(32), "the widest window decides");
+    let mut s = s;
+    s.set_layer_windows(std::iter::empty());
+    assert_eq!(s.sliding_window(), None);
+}
+
+#[test]
+fn a_step_still_running_keeps_the_blocks_it_reads() {
+    let mut s = Scheduler::new(config(4, 16, 4, 64)).with_layer_windows([Some(8)]);
+    s.add_request(request(1, 40, 4)).unwrap();
+    let first = s.schedule(); // positions 0..16: its queries read keys from 0 on
+    let second = s.schedule(); // 16..32, while the first still runs
+    assert_eq!(second.scheduled[0].start_pos, 16);
+    assert_eq!(s.num_held_blocks(1), 8, "the running step's keys stay");
+    let mut distinct = second.scheduled[0].block_table.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 8, "no placeholder yet");
+    s.update_from_output(&first, &ModelRunnerOutput::default());
+    // Now the earliest query still to run is at 16 (the second step): keys from 9 on.
+    let third = s.schedule();
+    assert_eq!(third.scheduled[0].start_pos, 32);
+    assert_eq!(s.num_held_blocks(1), 10 - 2);
+    assert_eq!(
+        &third.scheduled[0].block_table[..2],
+        &[crate::kv::NULL_BLOCK; 2]
+    );
+    assert_eq!(
+        &third.scheduled[0].block_table[2..8],
+        &second.scheduled[0].block_table[2..8]
+    );
+    assert_eq!(s.num_free_blocks(), 64 - 8);
+    s.update_from_output(&second, &ModelRunnerOutput::default());
+    s.update_from_output(&third, &ModelRunnerOutput::default());
+    s.abort(1);
+    assert_eq!(
+        s.num_free_blocks(),
+        64,
+        "placeholders are never freed twice"
+    );
+}
+
+/// The window with lookahead scheduling, preemptions and prefix caching (long shared
+/// prompts, so that cached chains outlive the window): the outputs of plain scheduling.
+#[test]
+fn a_sliding_window_with_lookahead_and_prefix_caching_gives_the_same_outputs() {
+    let system: Vec<u32> = (0..30).map(|t| 700 + t).collect();
+    let requests: Vec<EngineRequest> = (0..12u64)
+        .map(|id| {
+            let mut prompt = system.clone();
+            prompt.extend((0..(id % 4) as u32 * 5).map(|t| 950 + t + (id % 2) as u32));
+            EngineRequest {
+                req_id: id,
+                prompt_token_ids: prompt,
+                sampling: SamplingParams::greedy(3 + (id as usize * 5) % 17),
+                eos_token_ids: vec![2],
+            }
+        })
+        .collect();
+    let mut plain = Scheduler::new(config(5, 24, 4, 200));
+    let mut h = Harness::default();
+    for r in &requests {
+        h.add(&mut plain, r.clone());
+    }
+    h.run_to_end(&mut plain, &default_token);
+
+    let prompts: HashMap<RequestId, Vec<u32>> = requests
+        .iter()
+        .map(|r| (r.req_id, r.prompt_token_ids.clone()))
+        .collect();
+    for caching in [false, true] {
+        let mut s = Scheduler::new(config(5, 24, 4, 24))
+            .with_prefix_caching(caching)
+            .with_layer_windows([Some(7)]);
+        for r in &requests {
+            s.add_request(r.clone()).unwrap();
+        }
+        let got = run_lookahead(&mut s, &prompts, &default_token);
+        for r in &requests {
+            assert_eq!(
+                got[&r.req_id].0, h.outputs[&r.req_id],
+                "request {}",
+                r.req_id
+            );
+        }
+        assert_eq!(s.num_free_blocks(), 24, "blocks leaked (caching {caching})");
+        if caching {
+            assert!(
+                s.prefix_cache_hits() > 0,
+                "no request reused the system prompt"
+            );
+        }
+    }
 }
