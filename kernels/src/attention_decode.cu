@@ -65,12 +65,12 @@
 //     token's k and v are written as the codes of k / k_scale and v / v_scale (saturated to
 //     +-448) and attended through those codes, as the CPU reference does. Its partials merge
 //     through paged_attention_decode_reduce_windowed.
-//   paged_attention_decode_compact_windowed_hd{64,128}_g{1,2,4,8}(..., window, softcap):
+//   paged_attention_decode_compact_windowed_hd{64,128,256}_g{1,2,4,8}(..., window, softcap):
 //     the compact kernel (below) with the same window and soft-cap, for batch 1.
 //   paged_attention_decode_reduce_windowed(..., target_partitions, window): the reduce of
 //     the windowed kernels' partials (their partitions follow the window).
 //
-//   paged_attention_decode_compact_hd{64,128}_g{1,2,4,8} (no head dim 256): the same arguments and results
+//   paged_attention_decode_compact_hd{64,128,256}_g{1,2,4,8}: the same arguments and results
 //     (semaphores unused, dynamic shared memory compact_smem_bytes<HD, GT>()); the engine
 //     uses it at batch 1 (see the kernel below and CudaBackend::decode_attention).
 //
@@ -629,20 +629,28 @@ __device__ __forceinline__ void decode_attention(
 
 // The compact variant (paged_attention_decode_compact_*; same arguments, semaphores unused):
 // the same partitions, outputs and partials, with a fraction of the code. Each block stages
-// 64-token chunks of K and V in shared memory (two buffers: the next chunk loads while this
-// one is used), one warp per query head computes two tokens' scores a lane and then sums the
+// chunks of K and V in shared memory (two buffers: the next chunk loads while this one is
+// used), one warp per query head computes one or two tokens' scores a lane and then sums the
 // chunk's V rows into its lane's HD/32 dimensions. Nothing is unrolled beyond 16-byte
 // pieces, so the kernel is a few KB of code instead of ~95 KB: at batch 1 a decode attention
 // block runs once a layer, and its instructions may have to come from memory each time.
-constexpr int kCompactChunk = 64;
+//
+// Chunks of 64 tokens for head dims 64 and 128, 32 for 256 (about head 128's bytes: ~70 KB
+// of shared memory with q, against ~145 KB with 64-token chunks), so that a bulk GEMV block
+// (~136 KB of stages) still fits beside an attention block on one SM: with PDL the GEMVs
+// before and after attention (QKV, O projection) have blocks resident while it runs.
+template <int HD>
+__host__ __device__ constexpr int compact_chunk() {
+    return HD > 128 ? 32 : 64;
+}
 
 template <int HD, int GT>
 __host__ __device__ constexpr int compact_smem_bytes() {
     // K and V chunks (two buffers, rows padded by 16 bytes against bank conflicts), q as
     // floats, the warps' probabilities, the new token's k and v (the host's
     // rvllm_kernels::decode_smem::compact mirrors it).
-    return 4 * kCompactChunk * (HD * 2 + 16) + GT * HD * 4 + kWarps * kCompactChunk * 4 +
-           2 * HD * 2;
+    return 4 * compact_chunk<HD>() * (HD * 2 + 16) + GT * HD * 4 +
+           kWarps * compact_chunk<HD>() * 4 + 2 * HD * 2;
 }
 
 template <int HD, int GT>
@@ -661,7 +669,10 @@ __device__ __forceinline__ void decode_attention_compact(
     constexpr int kDims = HD / 32;     // output dimensions of a lane
     constexpr int kHalf = HD / 2;
     constexpr int kHeadsPerWarp = (GT + kWarps - 1) / kWarps;
-    static_assert(kDims == 2 || kDims == 4, "compact decode attention: head dim 64 or 128");
+    constexpr int kCompactChunk = compact_chunk<HD>();
+    constexpr int kTokPerLane = kCompactChunk / 32;  // scores a lane computes per chunk
+    static_assert(kDims == 2 || kDims == 4 || kDims == 8,
+                  "compact decode attention: head dim 64, 128 or 256");
     BlockTrace trace(3);
     extern __shared__ __align__(16) unsigned char smem[];
     unsigned char* kv_buf = smem;  // [2 buffers][K, V][kCompactChunk][kRow]
@@ -802,9 +813,9 @@ __device__ __forceinline__ void decode_attention_compact(
             const int g = warp + j * kWarps;
             if (g >= nvalid) break;
             const float* qg = qs + g * HD;
-            float sc[2];
+            float sc[kTokPerLane];
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
+            for (int h = 0; h < kTokPerLane; ++h) {
                 const int ti = lane + 32 * h;
                 sc[h] = -INFINITY;
                 if (ti < n) {
@@ -830,13 +841,19 @@ __device__ __forceinline__ void decode_attention_compact(
                     sc[h] = softcap > 0.0f ? capped_log2(dot, softcap) : dot;
                 }
             }
-            const float mn = fmaxf(m[j], warp_max(fmaxf(sc[0], sc[1])));
+            float smax = sc[0];
+#pragma unroll
+            for (int h = 1; h < kTokPerLane; ++h) smax = fmaxf(smax, sc[h]);
+            const float mn = fmaxf(m[j], warp_max(smax));
             const float alpha = exp2f(m[j] - mn);  // 0 for the first chunk
-            const float p0 = lane < n ? exp2f(sc[0] - mn) : 0.0f;
-            const float p1 = lane + 32 < n ? exp2f(sc[1] - mn) : 0.0f;
-            pw[lane] = p0;
-            pw[lane + 32] = p1;
-            l[j] = l[j] * alpha + warp_sum(p0 + p1);
+            float psum = 0.0f;
+#pragma unroll
+            for (int h = 0; h < kTokPerLane; ++h) {
+                const float pr = lane + 32 * h < n ? exp2f(sc[h] - mn) : 0.0f;
+                pw[lane + 32 * h] = pr;
+                psum += pr;
+            }
+            l[j] = l[j] * alpha + warp_sum(psum);
             m[j] = mn;
             __syncwarp();
 #pragma unroll
@@ -846,13 +863,21 @@ __device__ __forceinline__ void decode_attention_compact(
                 const unsigned char* row =
                     t0 + ti == new_t ? reinterpret_cast<const unsigned char*>(new_kv + HD)
                                      : vb + ti * kRow;
-                const elem2_t* v2 =
-                    reinterpret_cast<const elem2_t*>(row + lane * kDims * 2);
+                if constexpr (kDims == 8) {
+                    // One 16-byte piece a lane: a row in 4 wavefronts (pairs would conflict).
+                    float f[8];
+                    elem8_to_f32(*reinterpret_cast<const Elem8*>(row + lane * 16), f);
 #pragma unroll
-                for (int e = 0; e < kDims / 2; ++e) {
-                    const float2 f = to_f32x2(v2[e]);
-                    acc[j][2 * e] = fmaf(pt, f.x, acc[j][2 * e]);
-                    acc[j][2 * e + 1] = fmaf(pt, f.y, acc[j][2 * e + 1]);
+                    for (int e = 0; e < 8; ++e) acc[j][e] = fmaf(pt, f[e], acc[j][e]);
+                } else {
+                    const elem2_t* v2 =
+                        reinterpret_cast<const elem2_t*>(row + lane * kDims * 2);
+#pragma unroll
+                    for (int e = 0; e < kDims / 2; ++e) {
+                        const float2 f = to_f32x2(v2[e]);
+                        acc[j][2 * e] = fmaf(pt, f.x, acc[j][2 * e]);
+                        acc[j][2 * e + 1] = fmaf(pt, f.y, acc[j][2 * e + 1]);
+                    }
                 }
             }
             __syncwarp();  // pw is rewritten by this warp's next head
@@ -918,9 +943,13 @@ RVLLM_DECODE_ATTENTION_COMPACT(128, 1)
 RVLLM_DECODE_ATTENTION_COMPACT(128, 2)
 RVLLM_DECODE_ATTENTION_COMPACT(128, 4)
 RVLLM_DECODE_ATTENTION_COMPACT(128, 8)
+RVLLM_DECODE_ATTENTION_COMPACT(256, 1)
+RVLLM_DECODE_ATTENTION_COMPACT(256, 2)
+RVLLM_DECODE_ATTENTION_COMPACT(256, 4)
+RVLLM_DECODE_ATTENTION_COMPACT(256, 8)
 
 // The compact kernel with a window and a soft-cap (as the full kernel's windowed build), for
-// batch 1 of the windowed and capped layers of head dims 64 and 128.
+// batch 1 of the windowed and capped layers of head dims 64, 128 and 256.
 #define RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(HD, GT)                                        \
     extern "C" __global__ void __launch_bounds__(kThreads)                                     \
         DT(paged_attention_decode_compact_windowed_hd##HD##_g##GT,                             \
@@ -951,6 +980,10 @@ RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(128, 1)
 RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(128, 2)
 RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(128, 4)
 RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(128, 8)
+RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(256, 1)
+RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(256, 2)
+RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(256, 4)
+RVLLM_DECODE_ATTENTION_COMPACT_WINDOWED(256, 8)
 
 #define RVLLM_DECODE_ATTENTION(HD, GT)                                                         \
     extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks(GT))                    \
@@ -981,9 +1014,8 @@ RVLLM_DECODE_ATTENTION(128, 1)
 RVLLM_DECODE_ATTENTION(128, 2)
 RVLLM_DECODE_ATTENTION(128, 4)
 RVLLM_DECODE_ATTENTION(128, 8)
-// Head dim 256 (Gemma 3): the full kernel only (16 lanes a key row; sm_90a: the same
-// registers as head dim 128 and no spills); the compact kernel holds 64 or 128, so batch 1
-// runs the full one too.
+// Head dim 256 (Gemma 3): 16 lanes a key row (sm_90a: the same registers as head dim 128
+// and no spills); batch 1 runs the compact kernel, as for 64 and 128.
 RVLLM_DECODE_ATTENTION(256, 1)
 RVLLM_DECODE_ATTENTION(256, 2)
 RVLLM_DECODE_ATTENTION(256, 4)

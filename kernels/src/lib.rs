@@ -119,10 +119,21 @@ pub mod decode_smem {
         (3 * 12288 + gt * MAX_PARTITION * 4 + MAX_PARTITION * 4) as u32
     }
 
-    /// The compact kernel (compact_smem_bytes): two buffers of 64 K and V rows padded by 16
-    /// bytes, q in f32, the warps' probabilities, the new token's k and v.
+    /// Tokens of a compact kernel chunk (compact_chunk): 64, and 32 for head dims past 128.
+    pub const fn compact_chunk(head_dim: usize) -> usize {
+        if head_dim > 128 {
+            32
+        } else {
+            64
+        }
+    }
+
+    /// The compact kernel (compact_smem_bytes): two buffers of a chunk of K and V rows padded
+    /// by 16 bytes, q in f32, the warps' probabilities, the new token's k and v.
     pub const fn compact(head_dim: usize, gt: usize) -> u32 {
-        (4 * 64 * (head_dim * 2 + 16) + gt * head_dim * 4 + 4 * 64 * 4 + 2 * head_dim * 2) as u32
+        let chunk = compact_chunk(head_dim);
+        (4 * chunk * (head_dim * 2 + 16) + gt * head_dim * 4 + 4 * chunk * 4 + 2 * head_dim * 2)
+            as u32
     }
 }
 
@@ -295,8 +306,9 @@ mod tests {
         assert!(!args::ElemToF32::takes("f32_to_bf16"));
         assert!(args::GemvBulk::takes("gemv_bulk_silu_add_f16_b1"));
         assert!(args::GemvBulk::takes("gemv_bulk_norm_bf16_s6_b1"));
-        // Head dims 64 and 128 at groups 1, 2, 4, 8; head dim 256 (full kernel only) at the same.
+        // Head dims 64, 128 and 256 at groups 1, 2, 4, 8, the full kernel and the compact one.
         assert_eq!(args::DecodeAttention::ENTRIES.len(), 12);
+        assert_eq!(args::DecodeAttentionCompact::ENTRIES.len(), 12);
         assert!(args::DecodeAttentionCompact::takes(
             "paged_attention_decode_compact_hd128_g4_f16"
         ));

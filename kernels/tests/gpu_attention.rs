@@ -338,6 +338,8 @@ fn paged_attention_decode_matches_reference() {
         (8, 4, 256, &[1, 40, 700], 2, 2),      // head dim 256 (Gemma 3): 700 = 2 x 384
         (16, 2, 256, &[300, 65], 33, 5),       // 256, group 8, partitions of 64
         (4, 1, 256, &[1000], 1, 1),            // 256, group 4, 2 x 512 in one block
+        (16, 8, 256, &[129], 33, 33),          // Gemma-3-12B batch 1: 64 + 64 + 1
+        (16, 8, 256, &[384], 33, 33),          // its benchmark's last step: 6 x 64
     ];
     for e in Elem::BOTH {
         for (i, &case) in cases.iter().enumerate() {
@@ -347,7 +349,7 @@ fn paged_attention_decode_matches_reference() {
 }
 
 /// The windowed decode builds (`paged_attention_decode_windowed_hd*`, the compact
-/// `paged_attention_decode_compact_windowed_hd{64,128}*`, and
+/// `paged_attention_decode_compact_windowed_hd{64,128,256}*`, and
 /// `paged_attention_decode_reduce_windowed`), which the engine runs for windowed and capped
 /// layers and head dims 80 and 96 (`cuda/backend/windowed_decode.rs`), against
 /// `reference::paged_attention_windowed`: windows shorter and longer than the context, inside
@@ -379,6 +381,8 @@ fn paged_attention_decode_windowed_and_softcapped_matches_reference() {
         ((6, 3, 96, &[90, 150, 513], 3, 3), 100, 0.0),           // head dim 96, group 2
         ((4, 4, 96, &[513, 17, 96], 1, 1), 0, 0.0),              // 96: 2 x 512 in one block
         ((32, 4, 96, &[700, 129], 4, 2), 64, 50.0),              // 96, group 8
+        ((16, 8, 256, &[1, 130, 700], 33, 33), 100, 50.0),       // 256: cut and capped
+        ((16, 8, 256, &[1500], 33, 7), 1024, 0.0),               // Gemma 3 local, batch 1
     ];
     for e in Elem::BOTH {
         for (i, &(case, window, softcap)) in cases.iter().enumerate() {
@@ -465,11 +469,11 @@ fn check_decode(
             (softcap > 0.0).then_some(softcap),
         ),
     };
-    // (last-block merge, compact kernel): only head dims 64 and 128 have a compact build.
-    let variants: &[(bool, bool)] = if hd != 64 && hd != 128 {
-        &[(true, false), (false, false)]
-    } else {
+    // (last-block merge, compact kernel): head dims 80 and 96 have no compact build.
+    let variants: &[(bool, bool)] = if matches!(hd, 64 | 128 | 256) {
         &[(true, false), (false, false), (false, true)]
+    } else {
+        &[(true, false), (false, false)]
     };
     for &(fold, compact) in variants {
         let step = DecodeStep {
@@ -725,7 +729,9 @@ fn paged_attention_prefill_windowed_and_softcapped_matches_reference() {
 /// window that never cuts), and the windowed prefill build with one query row per sequence
 /// (how the engine ran these layers' decodes before). Each with its reduce where split, eager
 /// launches back to back, median of 20; partition targets as the engine picks them on a
-/// 132-SM H100.
+/// 132-SM H100. Batch 1 also times the compact builds the engine runs there (plain and
+/// windowed), against the full ones; 384 tokens is the last step of the Gemma-3-12B batch-1
+/// benchmark (128-token prompt, 256 tokens out).
 #[test]
 #[ignore]
 fn bench_windowed_decode_attention() {
@@ -749,6 +755,17 @@ fn bench_windowed_decode_attention() {
     );
     g.allow_smem(plain, smem);
     g.allow_smem(windowed, smem);
+    let compact_smem = decode_smem::compact(HD, gt);
+    let compact = g.function(
+        &module,
+        &format!("paged_attention_decode_compact_hd{HD}_g{gt}"),
+    );
+    let compact_windowed = g.function(
+        &module,
+        &format!("paged_attention_decode_compact_windowed_hd{HD}_g{gt}"),
+    );
+    g.allow_smem(compact, compact_smem);
+    g.allow_smem(compact_windowed, compact_smem);
     let reduce = g.function(&module, "paged_attention_decode_reduce");
     let reduce_windowed = g.function(&module, "paged_attention_decode_reduce_windowed");
     let prefill = g.function(
@@ -756,7 +773,12 @@ fn bench_windowed_decode_attention() {
         &format!("paged_attention_prefill_windowed_hd{HD}"),
     );
     // (sequences, context, target partitions = grid depth)
-    for &(batch, ctx, target) in &[(1usize, 4096usize, 33usize), (256, 512, 1), (32, 8192, 2)] {
+    for &(batch, ctx, target) in &[
+        (1usize, 384usize, 33usize),
+        (1, 4096, 33),
+        (256, 512, 1),
+        (32, 8192, 2),
+    ] {
         let max_blocks = ctx.div_ceil(BS);
         let width = NKV * HD;
         // Small finite values: the timings do not depend on them.
@@ -887,5 +909,41 @@ fn bench_windowed_decode_attention() {
              {WINDOW}, target {target}): windowed decode {windowed_us:.1} us, plain decode (no \
              window) {plain_us:.1} us, windowed prefill one row a sequence {prefill_us:.1} us"
         );
+        if batch == 1 {
+            let compact_us = 1e3
+                * g.time_ms(20, || {
+                    let a = decode_args!(DecodeAttentionCompact);
+                    g.launch_on_smem(null, compact, grid, (128, 1, 1), compact_smem, a);
+                    if target > 1 {
+                        let a = reduce_args!(PagedAttentionDecodeReduce);
+                        g.launch_on(null, reduce, reduce_grid, (128, 1, 1), a);
+                    }
+                });
+            let compact_windowed_us = 1e3
+                * g.time_ms(20, || {
+                    let a = decode_args!(
+                        DecodeAttentionCompactWindowed,
+                        window: WINDOW as i32,
+                        softcap: 0.0
+                    );
+                    g.launch_on_smem(null, compact_windowed, grid, (128, 1, 1), compact_smem, a);
+                    if target > 1 {
+                        let a =
+                            reduce_args!(PagedAttentionDecodeReduceWindowed, window: WINDOW as i32);
+                        g.launch_on(null, reduce_windowed, reduce_grid, (128, 1, 1), a);
+                    }
+                });
+            let got = g.download_as(e, &out);
+            assert!(
+                got.iter().all(|x| x.is_finite()),
+                "batch 1 ctx {ctx}: a compact attention output is not finite"
+            );
+            println!(
+                "  batch 1 compact builds: windowed {compact_windowed_us:.1} us (full \
+                 {windowed_us:.1}), plain {compact_us:.1} us (full {plain_us:.1}); {} bytes of \
+                 shared memory a block (full: {smem})",
+                compact_smem
+            );
+        }
     }
 }

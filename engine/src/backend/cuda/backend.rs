@@ -860,14 +860,6 @@ impl CudaBackend {
             3 | 4 => 4,
             _ => 8,
         };
-        // Head dims without a compact build run the full kernel at every batch size (one
-        // kernel per model and batch size, so graphs and eager steps still agree).
-        if let Some(&(_, _, full)) = kernels::DECODE_FULL_ONLY
-            .iter()
-            .find(|&&(hd, g, _)| hd == head_dim && g == gt)
-        {
-            return Ok((DecodeKernel::Full(full), gt));
-        }
         let Some(&(_, _, full, small)) = kernels::DECODE
             .iter()
             .find(|&&(hd, g, _, _)| hd == head_dim && g == gt)
@@ -1911,13 +1903,15 @@ mod tests {
             e.contains("head_dim 96") && e.contains("64, 128, 256"),
             "{e}"
         );
-        // Head dim 256 has no compact build: batch 1 runs the full kernel.
+        // Head dim 256 (Gemma 3): batch 1 runs its compact build too.
         let (k256, gt) = CudaBackend::decode_kernel(256, 2, true).unwrap();
         assert_eq!(gt, 2);
         assert_eq!(
             k256.of(GpuDtype::Bf16),
-            ("attention_decode", "paged_attention_decode_hd256_g2")
+            ("attention_decode", "paged_attention_decode_compact_hd256_g2")
         );
+        let (full256, _) = CudaBackend::decode_kernel(256, 2, false).unwrap();
+        assert_eq!(full256.of(GpuDtype::Bf16).1, "paged_attention_decode_hd256_g2");
     }
 
     #[test]

@@ -241,21 +241,6 @@ macro_rules! decode_kernels {
     };
 }
 
-macro_rules! decode_full {
-    ($hd:literal, $gt:literal) => {
-        (
-            $hd,
-            $gt,
-            kernel!(
-                args::DecodeAttention,
-                "attention_decode",
-                concat!("paged_attention_decode_hd", $hd, "_g", $gt),
-                concat!("paged_attention_decode_hd", $hd, "_g", $gt, "_f16")
-            ),
-        )
-    };
-}
-
 /// The decode attention kernels of attention_decode.cu.
 #[allow(clippy::type_complexity)]
 pub const DECODE: [(
@@ -263,7 +248,7 @@ pub const DECODE: [(
     usize,
     Kernel<args::DecodeAttention>,
     Kernel<args::DecodeAttentionCompact>,
-); 8] = decode_kernels!(
+); 12] = decode_kernels!(
     (64, 1),
     (64, 2),
     (64, 4),
@@ -271,17 +256,12 @@ pub const DECODE: [(
     (128, 1),
     (128, 2),
     (128, 4),
-    (128, 8)
+    (128, 8),
+    (256, 1),
+    (256, 2),
+    (256, 4),
+    (256, 8)
 );
-
-/// Decode attention with no compact build (head dim 256): (head dim, query heads a block,
-/// the full kernel), which batch 1 runs too.
-pub const DECODE_FULL_ONLY: [(usize, usize, Kernel<args::DecodeAttention>); 4] = [
-    decode_full!(256, 1),
-    decode_full!(256, 2),
-    decode_full!(256, 4),
-    decode_full!(256, 8),
-];
 
 /// Every entry point above.
 pub fn all() -> Vec<NamedKernel> {
@@ -319,7 +299,6 @@ pub fn all() -> Vec<NamedKernel> {
     }
     k.extend(DECODE.iter().flat_map(|d| [d.2.named(), d.3.named()]));
     k.extend(PREFILL_WINDOWED.iter().map(|p| p.1.named()));
-    k.extend(DECODE_FULL_ONLY.iter().map(|d| d.2.named()));
     k.extend(super::moe::kernels());
     k.extend(super::backend::windowed_decode::kernels());
     k.extend(super::backend::kv_fp8::kernels());

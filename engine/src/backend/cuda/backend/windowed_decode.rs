@@ -3,8 +3,8 @@
 //! kernel's windowed build (`paged_attention_decode_windowed_hd*`), which streams only the
 //! window's keys, split over the context like the plain kernel, with RoPE and the cache write
 //! of the new token fused in. Its partials go through the windowed reduce, whose partitions
-//! follow the window. Batch 1 of head dims 64 and 128 runs the compact kernel's windowed build,
-//! as the plain path does (`decode_attention`); the choice follows the layer and the batch size
+//! follow the window. Batch 1 runs the compact kernel's windowed build (head dims 64, 128 and
+//! 256; 80 and 96 have none), as the plain path does (`decode_attention`); the choice follows the layer and the batch size
 //! alone, so that a decode graph and an eager step run the same kernel.
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys::CUdeviceptr;
@@ -78,7 +78,7 @@ const DECODE_WINDOWED: [(usize, usize, Kernel<args::DecodeAttentionWindowed>); 2
 
 /// (head dim, query heads a block, the compact kernel's windowed build) for batch 1.
 #[allow(clippy::type_complexity)]
-const DECODE_COMPACT_WINDOWED: [(usize, usize, Kernel<args::DecodeAttentionCompactWindowed>); 8] = [
+const DECODE_COMPACT_WINDOWED: [(usize, usize, Kernel<args::DecodeAttentionCompactWindowed>); 12] = [
     compact_windowed!(64, 1),
     compact_windowed!(64, 2),
     compact_windowed!(64, 4),
@@ -87,6 +87,10 @@ const DECODE_COMPACT_WINDOWED: [(usize, usize, Kernel<args::DecodeAttentionCompa
     compact_windowed!(128, 2),
     compact_windowed!(128, 4),
     compact_windowed!(128, 8),
+    compact_windowed!(256, 1),
+    compact_windowed!(256, 2),
+    compact_windowed!(256, 4),
+    compact_windowed!(256, 8),
 ];
 
 pub(super) const DECODE_REDUCE_WINDOWED: Kernel<args::PagedAttentionDecodeReduceWindowed> = kernel!(
@@ -127,7 +131,7 @@ pub(super) fn windowed_decode_kernel(
         .map(|&(_, _, kernel)| (kernel, gt))
 }
 
-/// The compact kernel's windowed build for a layer, if built (head dims 64 and 128).
+/// The compact kernel's windowed build for a layer, if built (head dims 64, 128 and 256).
 fn compact_windowed_kernel(
     head_dim: usize,
     gt: usize,
@@ -326,17 +330,19 @@ mod tests {
             }
         }
         assert!(windowed_decode_kernel(112, 1).is_none());
-        // Batch 1: a compact build for head dims 64 and 128 only (as the plain kernel).
+        // Batch 1: a compact build for head dims 64, 128 and 256 (as the plain kernel).
         for gt in [1, 2, 4, 8] {
-            assert_eq!(
-                compact_windowed_kernel(128, gt)
-                    .unwrap()
-                    .of(GpuDtype::Bf16)
-                    .1,
-                format!("paged_attention_decode_compact_windowed_hd128_g{gt}")
-            );
+            for hd in [128, 256] {
+                assert_eq!(
+                    compact_windowed_kernel(hd, gt)
+                        .unwrap()
+                        .of(GpuDtype::Bf16)
+                        .1,
+                    format!("paged_attention_decode_compact_windowed_hd{hd}_g{gt}")
+                );
+            }
             assert!(compact_windowed_kernel(64, gt).is_some());
-            for hd in [80, 96, 256] {
+            for hd in [80, 96] {
                 assert!(compact_windowed_kernel(hd, gt).is_none(), "hd {hd}");
             }
         }
