@@ -58,6 +58,36 @@ __device__ __forceinline__ void scale_chunks(elem_t* __restrict__ o,
     }
 }
 
+// The block's sum of squares of `row`, this thread's 16-byte chunks kept in v (vector path).
+// rms_norm and rms_norm_add both take it from here, so their sums agree bit for bit.
+__device__ __forceinline__ float load_chunks_sum_squares(const elem_t* __restrict__ row,
+                                                        float (&v)[kMaxChunks][8], int chunks,
+                                                        float* scratch) {
+    float ss = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kMaxChunks; ++c) {
+        const int i = threadIdx.x + c * blockDim.x;
+        if (i < chunks) {
+            elem8_to_f32(reinterpret_cast<const Elem8*>(row)[i], v[c]);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) ss += v[c][e] * v[c][e];
+        }
+    }
+    return block_sum(ss, scratch);
+}
+
+// rsqrt(mean(row^2) + eps) of a row read element by element (the plain path).
+__device__ __forceinline__ float row_inv_rms(const elem_t* __restrict__ row, int hidden, float eps,
+                                             float* scratch) {
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float v = to_f32(row[i]);
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    return rsqrtf(ss / (float)hidden + eps);
+}
+
 }  // namespace
 
 extern "C" __global__ void DT(rms_norm_bf16, rms_norm_f16)(
@@ -72,27 +102,11 @@ extern "C" __global__ void DT(rms_norm_bf16, rms_norm_f16)(
     if (vector_path(hidden, x, out, weight, row)) {
         const int chunks = hidden / 8;
         float v[kMaxChunks][8];
-        float ss = 0.0f;
-#pragma unroll
-        for (int c = 0; c < kMaxChunks; ++c) {
-            const int i = threadIdx.x + c * blockDim.x;
-            if (i < chunks) {
-                elem8_to_f32(reinterpret_cast<const Elem8*>(row)[i], v[c]);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) ss += v[c][e] * v[c][e];
-            }
-        }
-        ss = block_sum(ss, scratch);
+        const float ss = load_chunks_sum_squares(row, v, chunks, scratch);
         scale_chunks(o, weight, v, chunks, rsqrtf(ss / (float)hidden + eps));
         return;
     }
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = to_f32(row[i]);
-        ss += v * v;
-    }
-    ss = block_sum(ss, scratch);
-    const float inv = rsqrtf(ss / (float)hidden + eps);
+    const float inv = row_inv_rms(row, hidden, eps, scratch);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         o[i] = from_f32(to_f32(row[i]) * inv * to_f32(weight[i]));
     }
@@ -160,17 +174,7 @@ extern "C" __global__ void DT(rms_norm_add_bf16, rms_norm_add_f16)(
     if (vector_path(hidden, x, res, weight, row)) {
         const int chunks = hidden / 8;
         float v[kMaxChunks][8];
-        float ss = 0.0f;
-#pragma unroll
-        for (int c = 0; c < kMaxChunks; ++c) {
-            const int i = threadIdx.x + c * blockDim.x;
-            if (i < chunks) {
-                elem8_to_f32(reinterpret_cast<const Elem8*>(row)[i], v[c]);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) ss += v[c][e] * v[c][e];
-            }
-        }
-        ss = block_sum(ss, scratch);
+        const float ss = load_chunks_sum_squares(row, v, chunks, scratch);
         const float inv = rsqrtf(ss / (float)hidden + eps);
 #pragma unroll
         for (int c = 0; c < kMaxChunks; ++c) {
@@ -189,13 +193,7 @@ extern "C" __global__ void DT(rms_norm_add_bf16, rms_norm_add_f16)(
         }
         return;
     }
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        const float v = to_f32(row[i]);
-        ss += v * v;
-    }
-    ss = block_sum(ss, scratch);
-    const float inv = rsqrtf(ss / (float)hidden + eps);
+    const float inv = row_inv_rms(row, hidden, eps, scratch);
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         const float normed = to_f32(from_f32(to_f32(row[i]) * inv * to_f32(weight[i])));
         res[i] = from_f32(to_f32(res[i]) + normed);
