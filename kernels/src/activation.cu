@@ -17,60 +17,44 @@
 //   f32_to_bf16(out, in, n)           round to nearest even; grid-stride loop.
 //   bf16_to_f32(out, in, n)           exact; grid-stride loop.
 #include "common.cuh"
+#include "gated_act.cuh"
 
-extern "C" __global__ void DT(silu_and_mul_bf16, silu_and_mul_f16)(
-    elem_t* __restrict__ out, const elem_t* __restrict__ in, int num_tokens, int inter) {
+namespace {
+
+// act(gate) * up for the row's 8 elements from i0 (gated_act.cuh: the expressions the fused
+// GEMVs apply, so both paths store the same bits).
+template <int kAct>
+__device__ __forceinline__ void gated_and_mul(elem_t* __restrict__ out,
+                                              const elem_t* __restrict__ in, int num_tokens,
+                                              int inter) {
     pdl_enter();
     const int t = blockIdx.y;
     const int i0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (t >= num_tokens || i0 >= inter) return;
     const elem_t* row = in + (int64_t)t * 2 * inter;
     elem_t* dst = out + (int64_t)t * inter;
-    // expf (not __expf) so that the result matches a CPU f32 reference to rounding.
     if (inter % 8 == 0) {
         // Rows start on 16-byte boundaries: one 16-byte load per half, one store.
-        float g[8], u[8], a[8];
-        elem8_to_f32(*reinterpret_cast<const Elem8*>(row + i0), g);
-        elem8_to_f32(*reinterpret_cast<const Elem8*>(row + inter + i0), u);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) a[e] = g[e] / (1.0f + expf(-g[e])) * u[e];
-        *reinterpret_cast<Elem8*>(dst + i0) = f32_to_elem8(a);
+        *reinterpret_cast<Elem8*>(dst + i0) =
+            gated_act8<kAct>(*reinterpret_cast<const Elem8*>(row + i0),
+                             *reinterpret_cast<const Elem8*>(row + inter + i0));
     } else {
         for (int i = i0; i < min(i0 + 8, inter); ++i) {
-            const float g = to_f32(row[i]);
-            const float u = to_f32(row[inter + i]);
-            dst[i] = from_f32(g / (1.0f + expf(-g)) * u);
+            dst[i] = from_f32(gated_act<kAct>(to_f32(row[i])) * to_f32(row[inter + i]));
         }
     }
 }
 
-// tanhf: under --use_fast_math nvcc may take the hardware approximation (relative error about
-// 2^-11), which the output rounding to bf16 (2^-9) or f16 (2^-12) mostly hides.
-RVLLM_DEVICE float gelu_tanh(float g) {
-    const float k = 0.7978845608028654f;  // sqrt(2 / pi)
-    return 0.5f * g * (1.0f + tanhf(k * (g + 0.044715f * g * g * g)));
+}  // namespace
+
+extern "C" __global__ void DT(silu_and_mul_bf16, silu_and_mul_f16)(
+    elem_t* __restrict__ out, const elem_t* __restrict__ in, int num_tokens, int inter) {
+    gated_and_mul<kActSilu>(out, in, num_tokens, inter);
 }
 
 extern "C" __global__ void DT(gelu_tanh_and_mul_bf16, gelu_tanh_and_mul_f16)(
     elem_t* __restrict__ out, const elem_t* __restrict__ in, int num_tokens, int inter) {
-    pdl_enter();
-    const int t = blockIdx.y;
-    const int i0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
-    if (t >= num_tokens || i0 >= inter) return;
-    const elem_t* row = in + (int64_t)t * 2 * inter;
-    elem_t* dst = out + (int64_t)t * inter;
-    if (inter % 8 == 0) {
-        float g[8], u[8], a[8];
-        elem8_to_f32(*reinterpret_cast<const Elem8*>(row + i0), g);
-        elem8_to_f32(*reinterpret_cast<const Elem8*>(row + inter + i0), u);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) a[e] = gelu_tanh(g[e]) * u[e];
-        *reinterpret_cast<Elem8*>(dst + i0) = f32_to_elem8(a);
-    } else {
-        for (int i = i0; i < min(i0 + 8, inter); ++i) {
-            dst[i] = from_f32(gelu_tanh(to_f32(row[i])) * to_f32(row[inter + i]));
-        }
-    }
+    gated_and_mul<kActGeluTanh>(out, in, num_tokens, inter);
 }
 
 extern "C" __global__ void DT(scale_bf16, scale_f16)(elem_t* __restrict__ x, float factor,
