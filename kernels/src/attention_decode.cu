@@ -71,8 +71,9 @@
 //     the windowed kernels' partials (their partitions follow the window).
 //
 //   paged_attention_decode_compact_hd{64,128,256}_g{1,2,4,8}: the same arguments and results
-//     (semaphores unused, dynamic shared memory compact_smem_bytes<HD, GT>()); the engine
-//     uses it at batch 1 (see the kernel below and CudaBackend::decode_attention).
+//     (semaphores too: their last-block merge; dynamic shared memory
+//     compact_smem_bytes<HD, GT>()); the engine uses it at batch 1 (see the kernel below and
+//     CudaBackend::decode_attention).
 //
 //   Choosing target_partitions (host, from the batch size alone so that one CUDA graph serves
 //   every context): enough blocks for ~2 per SM, num_kv_heads * num_seqs * target >= 2 * SMs.
@@ -627,7 +628,7 @@ __device__ __forceinline__ void decode_attention(
                            num_heads, min(nparts, depth), depth);
 }
 
-// The compact variant (paged_attention_decode_compact_*; same arguments, semaphores unused):
+// The compact variant (paged_attention_decode_compact_*; same arguments and merges):
 // the same partitions, outputs and partials, with a fraction of the code. Each block stages
 // chunks of K and V in shared memory (two buffers: the next chunk loads while this one is
 // used), one warp per query head computes one or two tokens' scores a lane and then sums the
@@ -656,7 +657,7 @@ __host__ __device__ constexpr int compact_smem_bytes() {
 template <int HD, int GT>
 __device__ __forceinline__ void decode_attention_compact(
     elem_t* __restrict__ out, float* __restrict__ partial_out,
-    float* __restrict__ partial_ml, const elem_t* __restrict__ q,
+    float* __restrict__ partial_ml, int32_t* __restrict__ semaphores, const elem_t* __restrict__ q,
     const elem_t* __restrict__ k_new, const elem_t* __restrict__ v_new,
     int qkv_stride, elem_t* __restrict__ key_cache,
     elem_t* __restrict__ value_cache, const int32_t* __restrict__ block_tables,
@@ -680,6 +681,10 @@ __device__ __forceinline__ void decode_attention_compact(
     float* probs = qs + GT * HD;                                             // [kWarps][chunk]
     elem_t* new_kv =
         reinterpret_cast<elem_t*>(probs + kWarps * kCompactChunk);  // k [HD], v [HD]
+    static_assert(4 * kCompactChunk * kRow + GT * HD * 4 + kWarps * kCompactChunk * 4 +
+                          2 * HD * 2 ==
+                      compact_smem_bytes<HD, GT>(),
+                  "the layout above is compact_smem_bytes");
     __shared__ float cos_t[kHalf], sin_t[kHalf];
 
     const DecodeTile<GT> tile(num_heads, num_kv_heads, context_lens, target_partitions, window);
@@ -911,6 +916,24 @@ __device__ __forceinline__ void decode_attention_compact(
             partial_ml[pi * 2 + 1] = l[j];
         }
     }
+    if (direct || semaphores == nullptr) return;
+
+    // The last block of this sequence (for these heads) merges the partials, as the full
+    // kernel's epilogue does (see there): no reduce launch.
+    __shared__ bool last;
+    __shared__ float merge_m[GT], merge_w[GT];
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        int32_t* sem = semaphores + (int64_t)seq * gridDim.x + blockIdx.x;
+        last = atomicAdd(sem, 1) == min(nparts, depth) - 1;
+        if (last) *sem = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    merge_partials<HD, GT>(out, partial_out, partial_ml, merge_m, merge_w, seq, head0, nvalid,
+                           num_heads, min(nparts, depth), depth);
 }
 
 }  // namespace
@@ -928,7 +951,8 @@ __device__ __forceinline__ void decode_attention_compact(
             const int32_t* __restrict__ positions, const int32_t* __restrict__ slot_mapping,   \
             const float* __restrict__ inv_freq, float scale, int num_heads, int num_kv_heads,  \
             int block_size, int max_blocks_per_seq, int target_partitions) {                   \
-        decode_attention_compact<HD, GT>(out, partial_out, partial_ml, q, k_new, v_new,        \
+        decode_attention_compact<HD, GT>(out, partial_out, partial_ml, semaphores, q, k_new,   \
+                                         v_new,                                                \
                                          qkv_stride, key_cache, value_cache, block_tables,     \
                                          context_lens, positions, slot_mapping, inv_freq,      \
                                          scale, num_heads, num_kv_heads, block_size,           \
@@ -964,7 +988,8 @@ RVLLM_DECODE_ATTENTION_COMPACT(256, 8)
             const float* __restrict__ inv_freq, float scale, int num_heads, int num_kv_heads,  \
             int block_size, int max_blocks_per_seq, int target_partitions, int window,         \
             float softcap) {                                                                   \
-        decode_attention_compact<HD, GT>(out, partial_out, partial_ml, q, k_new, v_new,        \
+        decode_attention_compact<HD, GT>(out, partial_out, partial_ml, semaphores, q, k_new,   \
+                                         v_new,                                                \
                                          qkv_stride, key_cache, value_cache, block_tables,     \
                                          context_lens, positions, slot_mapping, inv_freq,      \
                                          scale, num_heads, num_kv_heads, block_size,           \

@@ -17,6 +17,7 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 use rvllm_kernels::args;
 use rvllm_kernels::decode_smem;
+use rvllm_kernels::gemv_bulk::GemvBulk;
 use rvllm_kernels::reference as cpu;
 
 /// (heads, kv heads, head dim, contexts, target partitions, grid depth).
@@ -144,7 +145,7 @@ struct DecodeStep<'a> {
     /// The last block of each sequence merges the partials (arrival counters); false: the
     /// separate reduce kernel does.
     fold: bool,
-    /// The compact kernel (reduce kernel merge).
+    /// The compact kernel (merged as `fold` says).
     compact: bool,
     /// The windowed build (`paged_attention_decode_windowed_*`, and its reduce) with this
     /// window and soft-cap (0: none); None: the plain build.
@@ -313,6 +314,30 @@ fn run_decode(g: &Gpu, c: &TestCache, st: &DecodeStep) -> (Vec<f32>, Vec<f32>, V
     )
 }
 
+/// At batch 1 the compact decode kernel shares SMs with the bulk GEMVs launched before and
+/// after it (PDL): each of its blocks, static arrays and the per-block reservation included,
+/// must leave room for a GEMV block of 4,096-element rows (the O projection of Gemma-3-12B
+/// and Llama-3.1-8B) in an H100's 228 KiB of shared memory. (No GPU needed.)
+#[test]
+fn compact_decode_attention_leaves_room_for_a_gemv_block() {
+    const SM_SHARED: u32 = 228 * 1024;
+    const RESERVED: u32 = 1024; // per block
+                                // gemv_bulk's static shared memory is at most 2,304 bytes (GemvBulk::MAX_SHARED).
+    let gemv = GemvBulk::for_k(4096, 4).unwrap().shared_bytes + 2304 + RESERVED;
+    for hd in [64, 128, 256] {
+        for gt in [1, 2, 4, 8] {
+            // Static: the RoPE table (HD floats), the merge's scratch and flag.
+            let static_bytes = (hd * 4 + 2 * gt * 4 + 16) as u32;
+            let block = decode_smem::compact(hd, gt) + static_bytes + RESERVED;
+            assert!(
+                block + gemv <= SM_SHARED,
+                "hd {hd} g{gt}: {block} bytes of compact attention and {gemv} of GEMV pass \
+                 {SM_SHARED}"
+            );
+        }
+    }
+}
+
 #[test]
 fn paged_attention_decode_matches_reference() {
     let Some(g) = gpu("paged_attention_decode_matches_reference") else {
@@ -471,7 +496,7 @@ fn check_decode(
     };
     // (last-block merge, compact kernel): head dims 80 and 96 have no compact build.
     let variants: &[(bool, bool)] = if matches!(hd, 64 | 128 | 256) {
-        &[(true, false), (false, false), (false, true)]
+        &[(true, false), (false, false), (false, true), (true, true)]
     } else {
         &[(true, false), (false, false)]
     };
@@ -493,9 +518,10 @@ fn check_decode(
         };
         let (got, k_after, v_after) = run_decode(g, &c, &step);
         let merge = match (fold, compact) {
-            (true, _) => "last-block merge",
+            (true, false) => "last-block merge",
             (false, false) => "reduce kernel",
             (false, true) => "compact kernel, reduce kernel",
+            (true, true) => "compact kernel, last-block merge",
         };
         let build = match windowed {
             None => String::new(),
@@ -910,6 +936,28 @@ fn bench_windowed_decode_attention() {
              window) {plain_us:.1} us, windowed prefill one row a sequence {prefill_us:.1} us"
         );
         if batch == 1 {
+            // The compact kernel's last-block merge: no reduce launch.
+            let sem = g.upload(&vec![0i32; grid.0 as usize]);
+            let compact_fold_us = 1e3
+                * g.time_ms(20, || {
+                    let mut a = decode_args!(DecodeAttentionCompact);
+                    a.semaphores = sem.ptr;
+                    g.launch_on_smem(null, compact, grid, (128, 1, 1), compact_smem, a);
+                });
+            let compact_windowed_fold_us = 1e3
+                * g.time_ms(20, || {
+                    let mut a = decode_args!(
+                        DecodeAttentionCompactWindowed,
+                        window: WINDOW as i32,
+                        softcap: 0.0
+                    );
+                    a.semaphores = sem.ptr;
+                    g.launch_on_smem(null, compact_windowed, grid, (128, 1, 1), compact_smem, a);
+                });
+            assert!(
+                g.download(&sem).iter().all(|&n| n == 0),
+                "batch 1 ctx {ctx}: the compact kernel left an arrival counter set"
+            );
             let compact_us = 1e3
                 * g.time_ms(20, || {
                     let a = decode_args!(DecodeAttentionCompact);
@@ -940,7 +988,9 @@ fn bench_windowed_decode_attention() {
             );
             println!(
                 "  batch 1 compact builds: windowed {compact_windowed_us:.1} us (full \
-                 {windowed_us:.1}), plain {compact_us:.1} us (full {plain_us:.1}); {} bytes of \
+                 {windowed_us:.1}), plain {compact_us:.1} us (full {plain_us:.1}); with the \
+                 last-block merge instead of the reduce launch: windowed \
+                 {compact_windowed_fold_us:.1} us, plain {compact_fold_us:.1} us; {} bytes of \
                  shared memory a block (full: {smem})",
                 compact_smem
             );

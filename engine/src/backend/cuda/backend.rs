@@ -587,9 +587,9 @@ impl CudaBackend {
             step.num_decode as u32,
             depth as u32,
         );
-        // The full and compact kernels take the same arguments (the compact one ignores
-        // `semaphores`); null semaphores: the reduce kernel merges split sequences (the
-        // kernel's last-block merge measured slower and is the kernel tests' benchmark only).
+        // The full and compact kernels take the same arguments; null semaphores: the reduce
+        // kernel merges split sequences (the full kernel's last-block merge measured slower
+        // and is the kernel tests' benchmark only; the compact one's is not yet measured).
         let full = args::DecodeAttention {
             out: o,
             partial_out: po,
