@@ -328,7 +328,7 @@ mod tests {
     #[test]
     fn every_kernel_names_its_f16_build_by_the_rule() {
         let all = all();
-        assert_eq!(all.len(), 18 + 2 + 7 + 16 + 5 + 4 + 7 + 6 + 5 + 29 + 27);
+        assert_eq!(all.len(), 18 + 2 + 7 + 24 + 5 + 7 + 6 + 5 + 33 + 27);
         for k in &all {
             let (m, n) = k.of(GpuDtype::Bf16);
             let (m16, n16) = k.of(GpuDtype::F16);
