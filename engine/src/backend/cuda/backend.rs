@@ -1908,10 +1908,16 @@ mod tests {
         assert_eq!(gt, 2);
         assert_eq!(
             k256.of(GpuDtype::Bf16),
-            ("attention_decode", "paged_attention_decode_compact_hd256_g2")
+            (
+                "attention_decode",
+                "paged_attention_decode_compact_hd256_g2"
+            )
         );
         let (full256, _) = CudaBackend::decode_kernel(256, 2, false).unwrap();
-        assert_eq!(full256.of(GpuDtype::Bf16).1, "paged_attention_decode_hd256_g2");
+        assert_eq!(
+            full256.of(GpuDtype::Bf16).1,
+            "paged_attention_decode_hd256_g2"
+        );
     }
 
     #[test]
