@@ -268,7 +268,7 @@ fn a_hybrid_model_frees_nothing() {
         "the fixture has windowed layers"
     );
     assert_eq!(llm.core.scheduler.sliding_window(), None);
-    let (ids, got) = run(&mut llm, &[prompt.clone()], &greedy(1, None));
+    let (ids, got) = run(&mut llm, std::slice::from_ref(&prompt), &greedy(1, None));
     let len = prompt.len() + NEW_TOKENS - 2;
     assert!(got.most_held[&ids[0]] >= len.div_ceil(BLOCK));
     assert_eq!(got.tokens[&ids[0]], reference.prompts[3].greedy_ids);
