@@ -18,6 +18,8 @@ use crate::backend::{
 use crate::types::{DecoderSpec, HostData, HostTensor};
 use rvllm_kernels::{args, decode_smem, gemv_bulk::GemvBulk, KernelArgs};
 
+#[macro_use]
+mod attention_args;
 mod dummy;
 mod fp8;
 #[cfg(test)]
@@ -26,6 +28,8 @@ pub(super) mod kv_fp8;
 mod upload;
 mod windowed_attention;
 pub(super) mod windowed_decode;
+
+use kv_fp8::KvElems;
 
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
 /// number of partitions per sequence (from the batch size alone, so that one CUDA graph serves
@@ -433,7 +437,8 @@ impl CudaBackend {
     }
 
     /// RoPE and the cache write for the step's tokens from `first` on (the decode tokens come
-    /// first; the fused path leaves them to decode attention).
+    /// first; the fused path leaves them to decode attention), into a cache of the compute
+    /// type or of FP8 codes (the same kernel's `kvfp8` build with the layer's scales).
     #[allow(clippy::too_many_arguments)]
     fn rope_tokens(
         &self,
@@ -449,21 +454,29 @@ impl CudaBackend {
         if t == 0 {
             return Ok(());
         }
+        let elems = cache.layer_elems(layer)?;
         let q = qkv.buf.ptr + (first * layout.qkv_size() * ELEM_BYTES) as u64;
         let k = q + (layout.q_size() * ELEM_BYTES) as u64;
         let v = k + (layout.kv_size() * ELEM_BYTES) as u64;
-        let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
-        let (pos, slots, inv) = (
-            step.at(step.layout.positions + first),
-            step.at(step.layout.slots + first),
-            inv_freq.f32.ptr,
-        );
-        let (nh, nkv, hd) = (
-            layout.num_heads as i32,
-            layout.num_kv_heads as i32,
-            layout.head_dim as i32,
-        );
         let stride = layout.qkv_size() as i32;
+        let grid = (t as u32, 1, 1);
+        let a = args::RopeAndCache {
+            q,
+            k,
+            v,
+            key_cache: cache.k_layer(layer),
+            value_cache: cache.v_layer(layer),
+            positions: step.at(step.layout.positions + first),
+            slot_mapping: step.at(step.layout.slots + first),
+            inv_freq: inv_freq.f32.ptr,
+            num_tokens: t,
+            num_heads: layout.num_heads as i32,
+            num_kv_heads: layout.num_kv_heads as i32,
+            head_dim: layout.head_dim as i32,
+            q_stride: stride,
+            k_stride: stride,
+            v_stride: stride,
+        };
         if layout.rotary_dim != layout.head_dim {
             ensure!(
                 inv_freq.len * 2 == layout.rotary_dim,
@@ -471,30 +484,22 @@ impl CudaBackend {
                 inv_freq.len,
                 layout.rotary_dim
             );
-            return self.launch(
-                kernels::ROPE_PARTIAL_AND_CACHE,
-                (t as u32, 1, 1),
-                256,
-                args::RopePartialAndCache {
-                    q,
-                    k,
-                    v,
-                    key_cache: kc,
-                    value_cache: vc,
-                    positions: pos,
-                    slot_mapping: slots,
-                    inv_freq: inv,
-                    num_tokens: t,
-                    num_heads: nh,
-                    num_kv_heads: nkv,
-                    head_dim: hd,
-                    q_stride: stride,
-                    k_stride: stride,
-                    v_stride: stride,
-                    rotary_dim: layout.rotary_dim as i32,
-                    attention_factor: layout.rope_scale,
-                },
+            let p = rope_args!(a => RopePartialAndCache,
+                rotary_dim: layout.rotary_dim as i32,
+                attention_factor: layout.rope_scale,
             );
+            return match elems {
+                KvElems::Compute => self.launch(kernels::ROPE_PARTIAL_AND_CACHE, grid, 256, p),
+                KvElems::Fp8 { k_scale, v_scale } => {
+                    let p = rope_args!(p => RopePartialAndCacheKvfp8,
+                        rotary_dim: p.rotary_dim,
+                        attention_factor: p.attention_factor,
+                        k_scale: k_scale,
+                        v_scale: v_scale,
+                    );
+                    self.launch(kv_fp8::ROPE_PARTIAL_AND_CACHE_KV_FP8, grid, 256, p)
+                }
+            };
         }
         // `gpu_layout` moved a whole-head rotation's attention factor into the softmax scale.
         ensure!(
@@ -502,28 +507,13 @@ impl CudaBackend {
             "rope_and_cache takes no attention factor ({}); the layout must come from gpu_layout",
             layout.rope_scale
         );
-        self.launch(
-            kernels::ROPE_AND_CACHE,
-            (t as u32, 1, 1),
-            256,
-            args::RopeAndCache {
-                q,
-                k,
-                v,
-                key_cache: kc,
-                value_cache: vc,
-                positions: pos,
-                slot_mapping: slots,
-                inv_freq: inv,
-                num_tokens: t,
-                num_heads: nh,
-                num_kv_heads: nkv,
-                head_dim: hd,
-                q_stride: stride,
-                k_stride: stride,
-                v_stride: stride,
-            },
-        )
+        match elems {
+            KvElems::Compute => self.launch(kernels::ROPE_AND_CACHE, grid, 256, a),
+            KvElems::Fp8 { k_scale, v_scale } => {
+                let a = rope_args!(a => RopeAndCacheKvfp8, k_scale: k_scale, v_scale: v_scale);
+                self.launch(kv_fp8::ROPE_AND_CACHE_KV_FP8, grid, 256, a)
+            }
+        }
     }
 
     /// Decode attention for the step's leading one-token sequences. `rope`: their q and new
@@ -615,9 +605,13 @@ impl CudaBackend {
         };
         match kernel {
             DecodeKernel::Full(kernel) => self.launch_smem(kernel, grid, 128, smem, full)?,
-            DecodeKernel::Compact(kernel) => {
-                self.launch_smem(kernel, grid, 128, smem, compact_args(full))?
-            }
+            DecodeKernel::Compact(kernel) => self.launch_smem(
+                kernel,
+                grid,
+                128,
+                smem,
+                decode_args!(full => DecodeAttentionCompact),
+            )?,
         }
         if depth > 1 {
             let (hdi, dp) = (hd as i32, depth as i32);
@@ -695,7 +689,10 @@ impl CudaBackend {
             (Some(kernel), _) => self.launch(kernel, grid, 128, a),
             // Head dims the plain builds lack (256) run the windowed build with no window and
             // no cap (layers with either attend in windowed_attention).
-            (None, Some(kernel)) => self.launch(kernel, grid, 128, windowed_args(a, 0, 0.0)),
+            (None, Some(kernel)) => {
+                let a = prefill_args!(a => PrefillAttentionWindowed, window: 0, softcap: 0.0);
+                self.launch(kernel, grid, 128, a)
+            }
             (None, None) => {
                 bail!("no prefill attention kernel for head_dim {hd} (built: 64, 80, 96, 128, 256)")
             }
@@ -892,98 +889,6 @@ impl DecodeKernel {
             DecodeKernel::Full(k) => k.of(dtype),
             DecodeKernel::Compact(k) => k.of(dtype),
         }
-    }
-}
-
-/// The windowed prefill kernel's arguments: the plain kernel's and the window and soft-cap
-/// (0: none).
-fn windowed_args(
-    a: args::PrefillAttention,
-    window: i32,
-    softcap: f32,
-) -> args::PrefillAttentionWindowed {
-    let args::PrefillAttention {
-        out,
-        q,
-        key_cache,
-        value_cache,
-        cu_seqlens_q,
-        context_lens,
-        block_tables,
-        scale,
-        num_heads,
-        num_kv_heads,
-        block_size,
-        max_blocks_per_seq,
-        q_stride,
-    } = a;
-    args::PrefillAttentionWindowed {
-        out,
-        q,
-        key_cache,
-        value_cache,
-        cu_seqlens_q,
-        context_lens,
-        block_tables,
-        scale,
-        num_heads,
-        num_kv_heads,
-        block_size,
-        max_blocks_per_seq,
-        q_stride,
-        window,
-        softcap,
-    }
-}
-
-/// The compact decode kernel's arguments: the full kernel's, field for field (both kernels
-/// have the same C parameters; a signature change of either fails to compile here).
-fn compact_args(a: args::DecodeAttention) -> args::DecodeAttentionCompact {
-    let args::DecodeAttention {
-        out,
-        partial_out,
-        partial_ml,
-        semaphores,
-        q,
-        k_new,
-        v_new,
-        qkv_stride,
-        key_cache,
-        value_cache,
-        block_tables,
-        context_lens,
-        positions,
-        slot_mapping,
-        inv_freq,
-        scale,
-        num_heads,
-        num_kv_heads,
-        block_size,
-        max_blocks_per_seq,
-        target_partitions,
-    } = a;
-    args::DecodeAttentionCompact {
-        out,
-        partial_out,
-        partial_ml,
-        semaphores,
-        q,
-        k_new,
-        v_new,
-        qkv_stride,
-        key_cache,
-        value_cache,
-        block_tables,
-        context_lens,
-        positions,
-        slot_mapping,
-        inv_freq,
-        scale,
-        num_heads,
-        num_kv_heads,
-        block_size,
-        max_blocks_per_seq,
-        target_partitions,
     }
 }
 
@@ -1428,9 +1333,6 @@ impl Backend for CudaBackend {
         layer: usize,
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
-        if cache.fp8_scales.is_some() {
-            return self.kv_fp8_rope_and_write_kv(qkv, inv_freq, layout, step, cache, layer);
-        }
         self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, 0)
     }
 
@@ -1445,9 +1347,6 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
-        if cache.fp8_scales.is_some() {
-            return self.kv_fp8_attention(qkv, layout, step, cache, layer, out);
-        }
         if self.layer_attends_windowed(layout, cache) {
             return self.windowed_attention(qkv, layout, step, cache, layer, out);
         }
@@ -1469,9 +1368,6 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
-        if cache.fp8_scales.is_some() {
-            return self.kv_fp8_rope_attention(qkv, inv_freq, layout, step, cache, layer, out);
-        }
         if self.layer_attends_windowed(layout, cache) {
             return self.windowed_rope_attention(qkv, inv_freq, layout, step, cache, layer, out);
         }

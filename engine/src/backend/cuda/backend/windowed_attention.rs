@@ -6,13 +6,15 @@
 //! prefill chunks through the windowed prefill kernel (`paged_attention_prefill_windowed_hd*`,
 //! after the rotation kernel), both reading only the keys inside the window. The choice
 //! follows the layer and the step buffers alone, never the step's data, so that a decode
-//! graph and an eager step run the same kernels.
+//! graph and an eager step run the same kernels. Every layer over an FP8 cache
+//! (`--kv-cache-dtype fp8`, kv_fp8.rs) attends here too, whatever its window: the same
+//! launches run the kernels' `kvfp8` builds with the layer's (k, v) scales, window and
+//! soft-cap 0 where the layer has none.
 use anyhow::{Context, Result};
 
+use super::kv_fp8::{self, KvElems};
 use super::windowed_decode::{softcap_arg, window_arg};
-use super::{
-    kernels, windowed_args, CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor, CudaVector,
-};
+use super::{kernels, CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor, CudaVector};
 use crate::backend::AttentionLayout;
 use rvllm_kernels::args;
 
@@ -34,12 +36,16 @@ pub(super) fn attends_windowed(
 }
 
 impl CudaBackend {
-    /// `attends_windowed` for this backend's step buffers and `cache`'s blocks.
+    /// `attends_windowed` for this backend's step buffers and `cache`'s blocks; always over an
+    /// FP8 cache, whose attention kernels are windowed builds only.
     pub(super) fn layer_attends_windowed(
         &self,
         layout: &AttentionLayout,
         cache: &CudaKvCache,
     ) -> bool {
+        if cache.fp8_scales.is_some() {
+            return true;
+        }
         let group = layout.num_heads / layout.num_kv_heads.max(1);
         let built = Self::decode_kernel(layout.head_dim, group, false).is_ok();
         let longest = self.limits.max_blocks_per_seq * cache.shape.block_size;
@@ -100,16 +106,7 @@ impl CudaBackend {
             return Ok(());
         }
         let hd = layout.head_dim;
-        let &(_, kernel) = kernels::PREFILL_WINDOWED
-            .iter()
-            .find(|p| p.0 == hd)
-            .with_context(|| {
-                format!(
-                    "no windowed attention kernel for head_dim {hd} (built: 64, 80, 96, 128, 256)"
-                )
-            })?;
-        let window = window_arg(layout);
-        let softcap = softcap_arg(layout)?;
+        let elems = cache.layer_elems(layer)?;
         // The prefill sequences' rows of the step metadata (cu_seqlens holds token offsets
         // into the whole step, so q stays the step's).
         let d = step.num_decode;
@@ -128,12 +125,39 @@ impl CudaBackend {
             max_blocks_per_seq: step.max_blocks_per_seq as i32,
             q_stride: layout.qkv_size() as i32,
         };
+        let (window, softcap) = (window_arg(layout), softcap_arg(layout)?);
         let grid = (
             step.max_chunk.max(1).div_ceil(ROWS_PER_BLOCK) as u32,
             layout.num_heads as u32,
             num_prefill as u32,
         );
-        self.launch(kernel, grid, 128, windowed_args(a, window, softcap))
+        match elems {
+            KvElems::Compute => {
+                let &(_, kernel) = kernels::PREFILL_WINDOWED
+                    .iter()
+                    .find(|p| p.0 == hd)
+                    .with_context(|| {
+                        format!("no windowed attention kernel for head_dim {hd} (built: 64, 80, 96, 128, 256)")
+                    })?;
+                let a = prefill_args!(a => PrefillAttentionWindowed,
+                    window: window,
+                    softcap: softcap,
+                );
+                self.launch(kernel, grid, 128, a)
+            }
+            KvElems::Fp8 { k_scale, v_scale } => {
+                let kernel = kv_fp8::prefill_kernel(hd).with_context(|| {
+                    format!("no FP8-KV prefill attention kernel for head_dim {hd} (built: 64, 80, 96, 128, 256)")
+                })?;
+                let a = prefill_args!(a => PrefillAttentionKvFp8,
+                    window: window,
+                    softcap: softcap,
+                    k_scale: k_scale,
+                    v_scale: v_scale,
+                );
+                self.launch(kernel, grid, 128, a)
+            }
+        }
     }
 }
 

@@ -4,11 +4,14 @@
 //! window's keys, split over the context like the plain kernel, with RoPE and the cache write
 //! of the new token fused in. Its partials go through the windowed reduce, whose partitions
 //! follow the window. Batch 1 runs the compact kernel's windowed build (head dims 64, 128 and
-//! 256; 80 and 96 have none), as the plain path does (`decode_attention`); the choice follows the layer and the batch size
-//! alone, so that a decode graph and an eager step run the same kernel.
+//! 256; 80 and 96 have none), as the plain path does (`decode_attention`); the choice follows
+//! the layer and the batch size alone, so that a decode graph and an eager step run the same
+//! kernel. Over an FP8 cache the same launch runs the `kvfp8` build (kv_fp8.rs) with the layer's
+//! (k, v) scales at every batch size (there is no compact FP8 build).
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys::CUdeviceptr;
 
+use super::kv_fp8::{self, KvElems};
 use super::{CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor, CudaVector, ELEM_BYTES};
 use crate::backend::cuda::elem::{kernel, Kernel, NamedKernel};
 use crate::backend::AttentionLayout;
@@ -93,7 +96,7 @@ const DECODE_COMPACT_WINDOWED: [(usize, usize, Kernel<args::DecodeAttentionCompa
     compact_windowed!(256, 8),
 ];
 
-pub(super) const DECODE_REDUCE_WINDOWED: Kernel<args::PagedAttentionDecodeReduceWindowed> = kernel!(
+const DECODE_REDUCE_WINDOWED: Kernel<args::PagedAttentionDecodeReduceWindowed> = kernel!(
     args::PagedAttentionDecodeReduceWindowed,
     "attention_decode",
     "paged_attention_decode_reduce_windowed",
@@ -142,61 +145,6 @@ fn compact_windowed_kernel(
         .map(|&(_, _, kernel)| kernel)
 }
 
-/// The compact build's arguments: the full build's, field for field (both kernels have the
-/// same C parameters; a signature change of either fails to compile here).
-fn compact_windowed_args(a: args::DecodeAttentionWindowed) -> args::DecodeAttentionCompactWindowed {
-    let args::DecodeAttentionWindowed {
-        out,
-        partial_out,
-        partial_ml,
-        semaphores,
-        q,
-        k_new,
-        v_new,
-        qkv_stride,
-        key_cache,
-        value_cache,
-        block_tables,
-        context_lens,
-        positions,
-        slot_mapping,
-        inv_freq,
-        scale,
-        num_heads,
-        num_kv_heads,
-        block_size,
-        max_blocks_per_seq,
-        target_partitions,
-        window,
-        softcap,
-    } = a;
-    args::DecodeAttentionCompactWindowed {
-        out,
-        partial_out,
-        partial_ml,
-        semaphores,
-        q,
-        k_new,
-        v_new,
-        qkv_stride,
-        key_cache,
-        value_cache,
-        block_tables,
-        context_lens,
-        positions,
-        slot_mapping,
-        inv_freq,
-        scale,
-        num_heads,
-        num_kv_heads,
-        block_size,
-        max_blocks_per_seq,
-        target_partitions,
-        window,
-        softcap,
-    }
-}
-
 /// The kernels' window argument: 0 for none; a window past i32 never cuts a context.
 pub(super) fn window_arg(layout: &AttentionLayout) -> i32 {
     layout
@@ -234,9 +182,8 @@ impl CudaBackend {
         }
         let hd = layout.head_dim;
         let group = layout.num_heads / layout.num_kv_heads.max(1);
-        let (kernel, gt) = windowed_decode_kernel(hd, group).with_context(|| {
-            format!("no windowed decode attention kernel for head_dim {hd} (built: 64, 80, 96, 128, 256)")
-        })?;
+        let gt = tile_heads(group);
+        let elems = cache.layer_elems(layer)?;
         let window = window_arg(layout);
         let softcap = softcap_arg(layout)?;
         let q = qkv.buf.ptr;
@@ -277,17 +224,42 @@ impl CudaBackend {
             step.num_decode as u32,
             depth as u32,
         );
-        // Batch 1 through the compact build where there is one, as `decode_attention` decides
-        // (its comment says why; by the batch size alone, never the step's depth).
-        let compact = (self.decode_compact && step.num_decode == 1)
-            .then(|| compact_windowed_kernel(hd, gt))
-            .flatten();
-        match compact {
-            Some(kernel) => {
-                let smem = decode_smem::compact(hd, gt);
-                self.launch_smem(kernel, grid, 128, smem, compact_windowed_args(a))?;
+        let built = "(built: 64, 80, 96, 128, 256)";
+        match elems {
+            // The FP8 cache has no compact build: every batch size runs the full one.
+            KvElems::Fp8 { k_scale, v_scale } => {
+                let kernel = kv_fp8::decode_kernel(hd, gt).with_context(|| {
+                    format!("no FP8-KV decode attention kernel for head_dim {hd} {built}")
+                })?;
+                let a = decode_args!(a => DecodeAttentionKvFp8,
+                    window: a.window,
+                    softcap: a.softcap,
+                    k_scale: k_scale,
+                    v_scale: v_scale,
+                );
+                self.launch_smem(kernel, grid, 128, decode_smem::full(gt), a)?;
             }
-            None => self.launch_smem(kernel, grid, 128, decode_smem::full(gt), a)?,
+            // Batch 1 through the compact build where there is one, as `decode_attention`
+            // decides (its comment says why; by the batch size alone, never the step's depth).
+            KvElems::Compute => match (self.decode_compact && step.num_decode == 1)
+                .then(|| compact_windowed_kernel(hd, gt))
+                .flatten()
+            {
+                Some(kernel) => {
+                    let smem = decode_smem::compact(hd, gt);
+                    let a = decode_args!(a => DecodeAttentionCompactWindowed,
+                        window: a.window,
+                        softcap: a.softcap,
+                    );
+                    self.launch_smem(kernel, grid, 128, smem, a)?;
+                }
+                None => {
+                    let (kernel, _) = windowed_decode_kernel(hd, group).with_context(|| {
+                        format!("no windowed decode attention kernel for head_dim {hd} {built}")
+                    })?;
+                    self.launch_smem(kernel, grid, 128, decode_smem::full(gt), a)?;
+                }
+            },
         }
         if depth > 1 {
             let reduce = args::PagedAttentionDecodeReduceWindowed {
