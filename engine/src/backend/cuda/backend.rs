@@ -533,22 +533,8 @@ impl CudaBackend {
         if step.num_decode == 0 {
             return Ok(());
         }
-        let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
-        let (nh, nkv, hd) = (
-            layout.num_heads as i32,
-            layout.num_kv_heads as i32,
-            layout.head_dim,
-        );
-        let bs = cache.shape.block_size as i32;
-        let maxb = step.max_blocks_per_seq as i32;
-        let stride = layout.qkv_size() as i32;
-        let scale = layout.scale;
-        let q = qkv.buf.ptr;
-        let k = q + (layout.q_size() * ELEM_BYTES) as u64;
-        let v = k + (layout.kv_size() * ELEM_BYTES) as u64;
-        let o = out.buf.ptr;
+        let hd = layout.head_dim;
         let group = layout.num_heads / layout.num_kv_heads;
-        let depth = step.decode_partitions;
         // Batch 1 goes through the compact kernel: there a decode attention block runs once a
         // layer, and the full kernel's ~95 KB of code cost it ~4 us a layer in instruction
         // fetch (H200 block timeline: 12.8 vs 9.1 us; batch-1 decode +2.5-3 %). Larger batches
@@ -559,79 +545,19 @@ impl CudaBackend {
         // same tokens (the two kernels round differently).
         let compact = self.decode_compact && step.num_decode == 1;
         let (kernel, gt) = Self::decode_kernel(hd, group, compact)?;
-        let smem = match kernel {
-            DecodeKernel::Compact(_) => decode_smem::compact(hd, gt),
-            DecodeKernel::Full(_) => decode_smem::full(gt),
-        };
-        let (po, pml) = (self.partial_out.ptr, self.partial_ml.ptr);
-        let (bt, cl, pos, slots) = (
-            step.at(step.layout.block_tables),
-            step.at(step.layout.context_lens),
-            step.at(step.layout.positions),
-            step.at(step.layout.slots),
-        );
-        let inv: CUdeviceptr = rope.map_or(0, |r| r.f32.ptr);
-        let target = step.decode_target as i32;
-        let grid = (
-            (layout.num_kv_heads * group.div_ceil(gt)) as u32,
-            step.num_decode as u32,
-            depth as u32,
-        );
-        // The full and compact kernels take the same arguments; null semaphores: the reduce
-        // kernel merges split sequences (the full kernel's last-block merge measured slower
-        // and is the kernel tests' benchmark only; the compact one's is not yet measured).
-        let full = args::DecodeAttention {
-            out: o,
-            partial_out: po,
-            partial_ml: pml,
-            semaphores: 0,
-            q,
-            k_new: k,
-            v_new: v,
-            qkv_stride: stride,
-            key_cache: kc,
-            value_cache: vc,
-            block_tables: bt,
-            context_lens: cl,
-            positions: pos,
-            slot_mapping: slots,
-            inv_freq: inv,
-            scale,
-            num_heads: nh,
-            num_kv_heads: nkv,
-            block_size: bs,
-            max_blocks_per_seq: maxb,
-            target_partitions: target,
-        };
+        // The full and compact kernels take the same arguments.
+        let (full, grid) = self.step_decode_args(qkv, rope, layout, step, cache, layer, out, gt);
         match kernel {
-            DecodeKernel::Full(kernel) => self.launch_smem(kernel, grid, 128, smem, full)?,
-            DecodeKernel::Compact(kernel) => self.launch_smem(
-                kernel,
-                grid,
-                128,
-                smem,
-                decode_args!(full => DecodeAttentionCompact),
-            )?,
+            DecodeKernel::Full(kernel) => {
+                self.launch_smem(kernel, grid, 128, decode_smem::full(gt), full)?
+            }
+            DecodeKernel::Compact(kernel) => {
+                let smem = decode_smem::compact(hd, gt);
+                let a = decode_args!(full => DecodeAttentionCompact);
+                self.launch_smem(kernel, grid, 128, smem, a)?
+            }
         }
-        if depth > 1 {
-            let (hdi, dp) = (hd as i32, depth as i32);
-            self.launch(
-                kernels::DECODE_REDUCE,
-                (layout.num_heads as u32, step.num_decode as u32, 1),
-                128,
-                args::PagedAttentionDecodeReduce {
-                    out: o,
-                    partial_out: po,
-                    partial_ml: pml,
-                    context_lens: cl,
-                    num_heads: nh,
-                    head_dim: hdi,
-                    max_partitions: dp,
-                    target_partitions: target,
-                },
-            )?;
-        }
-        Ok(())
+        self.reduce_decode_partials(layout, step, out, None)
     }
 
     /// Prefill attention for the step's sequences after the decodes (chunks of prompts).
@@ -654,37 +580,7 @@ impl CudaBackend {
             .iter()
             .find(|p| p.0 == hd)
             .map(|p| p.1);
-        let (kc, vc) = (cache.k_layer(layer), cache.v_layer(layer));
-        let (nh, nkv) = (layout.num_heads as i32, layout.num_kv_heads as i32);
-        let bs = cache.shape.block_size as i32;
-        let maxb = step.max_blocks_per_seq as i32;
-        let q_stride = layout.qkv_size() as i32;
-        let scale = layout.scale;
-        let (q, o) = (qkv.buf.ptr, out.buf.ptr);
-        let d = step.num_decode;
-        let cu = step.at(step.layout.cu_seqlens + d);
-        let cl = step.at(step.layout.context_lens + d);
-        let bt = step.at(step.layout.block_tables + d * step.max_blocks_per_seq);
-        let grid = (
-            step.max_chunk.div_ceil(64) as u32,
-            layout.num_heads as u32,
-            num_prefill as u32,
-        );
-        let a = args::PrefillAttention {
-            out: o,
-            q,
-            key_cache: kc,
-            value_cache: vc,
-            cu_seqlens_q: cu,
-            context_lens: cl,
-            block_tables: bt,
-            scale,
-            num_heads: nh,
-            num_kv_heads: nkv,
-            block_size: bs,
-            max_blocks_per_seq: maxb,
-            q_stride,
-        };
+        let (a, grid) = Self::step_prefill_args(qkv, layout, step, cache, layer, out);
         match (plain, windowed) {
             (Some(kernel), _) => self.launch(kernel, grid, 128, a),
             // Head dims the plain builds lack (256) run the windowed build with no window and

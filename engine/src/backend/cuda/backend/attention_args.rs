@@ -83,3 +83,145 @@ macro_rules! rope_args {
         }
     };
 }
+
+use anyhow::Result;
+use cudarc::driver::sys::CUdeviceptr;
+
+use super::windowed_decode::DECODE_REDUCE_WINDOWED;
+use super::{kernels, CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor, CudaVector, ELEM_BYTES};
+use crate::backend::AttentionLayout;
+use rvllm_kernels::args;
+
+impl CudaBackend {
+    /// The decode attention kernels' shared arguments for the step's leading one-token
+    /// sequences (`rope`: as `decode_attention` says), and their grid for `gt` query heads a
+    /// block. Null semaphores: the reduce kernel merges split sequences (the full kernel's
+    /// last-block merge measured slower and is the kernel tests' benchmark only; the compact
+    /// one's is not yet measured).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn step_decode_args(
+        &self,
+        qkv: &CudaTensor,
+        rope: Option<&CudaVector>,
+        layout: &AttentionLayout,
+        step: &CudaStepMeta,
+        cache: &CudaKvCache,
+        layer: usize,
+        out: &CudaTensor,
+        gt: usize,
+    ) -> (args::DecodeAttention, (u32, u32, u32)) {
+        let q = qkv.buf.ptr;
+        let k_new = q + (layout.q_size() * ELEM_BYTES) as u64;
+        let v_new = k_new + (layout.kv_size() * ELEM_BYTES) as u64;
+        let a = args::DecodeAttention {
+            out: out.buf.ptr,
+            partial_out: self.partial_out.ptr,
+            partial_ml: self.partial_ml.ptr,
+            semaphores: 0,
+            q,
+            k_new,
+            v_new,
+            qkv_stride: layout.qkv_size() as i32,
+            key_cache: cache.k_layer(layer),
+            value_cache: cache.v_layer(layer),
+            block_tables: step.at(step.layout.block_tables),
+            context_lens: step.at(step.layout.context_lens),
+            positions: step.at(step.layout.positions),
+            slot_mapping: step.at(step.layout.slots),
+            inv_freq: rope.map_or(0 as CUdeviceptr, |r| r.f32.ptr),
+            scale: layout.scale,
+            num_heads: layout.num_heads as i32,
+            num_kv_heads: layout.num_kv_heads as i32,
+            block_size: cache.shape.block_size as i32,
+            max_blocks_per_seq: step.max_blocks_per_seq as i32,
+            target_partitions: step.decode_target as i32,
+        };
+        let group = layout.num_heads / layout.num_kv_heads.max(1);
+        let grid = (
+            (layout.num_kv_heads * group.div_ceil(gt)) as u32,
+            step.num_decode as u32,
+            step.decode_partitions as u32,
+        );
+        (a, grid)
+    }
+
+    /// Merges the decode kernels' split partials when the step's grid is deeper than one:
+    /// the plain reduce, or the windowed one (`window`, 0: none), whose partitions follow the
+    /// window.
+    pub(super) fn reduce_decode_partials(
+        &self,
+        layout: &AttentionLayout,
+        step: &CudaStepMeta,
+        out: &CudaTensor,
+        window: Option<i32>,
+    ) -> Result<()> {
+        let depth = step.decode_partitions;
+        if depth <= 1 {
+            return Ok(());
+        }
+        let a = args::PagedAttentionDecodeReduce {
+            out: out.buf.ptr,
+            partial_out: self.partial_out.ptr,
+            partial_ml: self.partial_ml.ptr,
+            context_lens: step.at(step.layout.context_lens),
+            num_heads: layout.num_heads as i32,
+            head_dim: layout.head_dim as i32,
+            max_partitions: depth as i32,
+            target_partitions: step.decode_target as i32,
+        };
+        let grid = (layout.num_heads as u32, step.num_decode as u32, 1);
+        let Some(window) = window else {
+            return self.launch(kernels::DECODE_REDUCE, grid, 128, a);
+        };
+        let w = args::PagedAttentionDecodeReduceWindowed {
+            out: a.out,
+            partial_out: a.partial_out,
+            partial_ml: a.partial_ml,
+            context_lens: a.context_lens,
+            num_heads: a.num_heads,
+            head_dim: a.head_dim,
+            max_partitions: a.max_partitions,
+            target_partitions: a.target_partitions,
+            window,
+        };
+        self.launch(DECODE_REDUCE_WINDOWED, grid, 128, w)
+    }
+
+    /// The prefill attention kernels' shared arguments for the step's sequences after the
+    /// decodes (chunks of prompts; cu_seqlens holds token offsets into the whole step, so q
+    /// stays the step's), and their grid: one launch for all of them.
+    pub(super) fn step_prefill_args(
+        qkv: &CudaTensor,
+        layout: &AttentionLayout,
+        step: &CudaStepMeta,
+        cache: &CudaKvCache,
+        layer: usize,
+        out: &CudaTensor,
+    ) -> (args::PrefillAttention, (u32, u32, u32)) {
+        let d = step.num_decode;
+        let a = args::PrefillAttention {
+            out: out.buf.ptr,
+            q: qkv.buf.ptr,
+            key_cache: cache.k_layer(layer),
+            value_cache: cache.v_layer(layer),
+            cu_seqlens_q: step.at(step.layout.cu_seqlens + d),
+            context_lens: step.at(step.layout.context_lens + d),
+            block_tables: step.at(step.layout.block_tables + d * step.max_blocks_per_seq),
+            scale: layout.scale,
+            num_heads: layout.num_heads as i32,
+            num_kv_heads: layout.num_kv_heads as i32,
+            block_size: cache.shape.block_size as i32,
+            max_blocks_per_seq: step.max_blocks_per_seq as i32,
+            q_stride: layout.qkv_size() as i32,
+        };
+        let grid = (
+            step.max_chunk.max(1).div_ceil(PREFILL_ROWS_PER_BLOCK) as u32,
+            layout.num_heads as u32,
+            (step.num_seqs - d) as u32,
+        );
+        (a, grid)
+    }
+}
+
+/// Query rows a block of the prefill kernels takes.
+const PREFILL_ROWS_PER_BLOCK: usize = 64;

@@ -18,9 +18,6 @@ use super::{kernels, CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor, CudaVec
 use crate::backend::AttentionLayout;
 use rvllm_kernels::args;
 
-/// Query rows a block of the windowed prefill kernel takes.
-const ROWS_PER_BLOCK: usize = 64;
-
 /// Whether a layer attends through the windowed builds rather than the plain ones:
 /// `longest_context` bounds every context (the block table's capacity), so a window at least
 /// that long never cuts and keeps the plain path; `has_decode_build` says whether plain decode
@@ -107,30 +104,8 @@ impl CudaBackend {
         }
         let hd = layout.head_dim;
         let elems = cache.layer_elems(layer)?;
-        // The prefill sequences' rows of the step metadata (cu_seqlens holds token offsets
-        // into the whole step, so q stays the step's).
-        let d = step.num_decode;
-        let a = args::PrefillAttention {
-            out: out.buf.ptr,
-            q: qkv.buf.ptr,
-            key_cache: cache.k_layer(layer),
-            value_cache: cache.v_layer(layer),
-            cu_seqlens_q: step.at(step.layout.cu_seqlens + d),
-            context_lens: step.at(step.layout.context_lens + d),
-            block_tables: step.at(step.layout.block_tables + d * step.max_blocks_per_seq),
-            scale: layout.scale,
-            num_heads: layout.num_heads as i32,
-            num_kv_heads: layout.num_kv_heads as i32,
-            block_size: cache.shape.block_size as i32,
-            max_blocks_per_seq: step.max_blocks_per_seq as i32,
-            q_stride: layout.qkv_size() as i32,
-        };
+        let (a, grid) = Self::step_prefill_args(qkv, layout, step, cache, layer, out);
         let (window, softcap) = (window_arg(layout), softcap_arg(layout)?);
-        let grid = (
-            step.max_chunk.max(1).div_ceil(ROWS_PER_BLOCK) as u32,
-            layout.num_heads as u32,
-            num_prefill as u32,
-        );
         match elems {
             KvElems::Compute => {
                 let &(_, kernel) = kernels::PREFILL_WINDOWED

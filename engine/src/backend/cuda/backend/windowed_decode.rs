@@ -9,10 +9,9 @@
 //! kernel. Over an FP8 cache the same launch runs the `kvfp8` build (kv_fp8.rs) with the layer's
 //! (k, v) scales at every batch size (there is no compact FP8 build).
 use anyhow::{ensure, Context, Result};
-use cudarc::driver::sys::CUdeviceptr;
 
 use super::kv_fp8::{self, KvElems};
-use super::{CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor, CudaVector, ELEM_BYTES};
+use super::{CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor, CudaVector};
 use crate::backend::cuda::elem::{kernel, Kernel, NamedKernel};
 use crate::backend::AttentionLayout;
 use rvllm_kernels::{args, decode_smem};
@@ -96,7 +95,7 @@ const DECODE_COMPACT_WINDOWED: [(usize, usize, Kernel<args::DecodeAttentionCompa
     compact_windowed!(256, 8),
 ];
 
-const DECODE_REDUCE_WINDOWED: Kernel<args::PagedAttentionDecodeReduceWindowed> = kernel!(
+pub(super) const DECODE_REDUCE_WINDOWED: Kernel<args::PagedAttentionDecodeReduceWindowed> = kernel!(
     args::PagedAttentionDecodeReduceWindowed,
     "attention_decode",
     "paged_attention_decode_reduce_windowed",
@@ -184,46 +183,9 @@ impl CudaBackend {
         let group = layout.num_heads / layout.num_kv_heads.max(1);
         let gt = tile_heads(group);
         let elems = cache.layer_elems(layer)?;
-        let window = window_arg(layout);
-        let softcap = softcap_arg(layout)?;
-        let q = qkv.buf.ptr;
-        let k_new = q + (layout.q_size() * ELEM_BYTES) as u64;
-        let v_new = k_new + (layout.kv_size() * ELEM_BYTES) as u64;
-        let (nh, depth) = (layout.num_heads as i32, step.decode_partitions);
-        let target = step.decode_target as i32;
-        let context_lens = step.at(step.layout.context_lens);
-        let (partial_out, partial_ml) = (self.partial_out.ptr, self.partial_ml.ptr);
-        let a = args::DecodeAttentionWindowed {
-            out: out.buf.ptr,
-            partial_out,
-            partial_ml,
-            // Null: the reduce kernel merges split sequences, as on the plain path.
-            semaphores: 0,
-            q,
-            k_new,
-            v_new,
-            qkv_stride: layout.qkv_size() as i32,
-            key_cache: cache.k_layer(layer),
-            value_cache: cache.v_layer(layer),
-            block_tables: step.at(step.layout.block_tables),
-            context_lens,
-            positions: step.at(step.layout.positions),
-            slot_mapping: step.at(step.layout.slots),
-            inv_freq: rope.map_or(0 as CUdeviceptr, |r| r.f32.ptr),
-            scale: layout.scale,
-            num_heads: nh,
-            num_kv_heads: layout.num_kv_heads as i32,
-            block_size: cache.shape.block_size as i32,
-            max_blocks_per_seq: step.max_blocks_per_seq as i32,
-            target_partitions: target,
-            window,
-            softcap,
-        };
-        let grid = (
-            (layout.num_kv_heads * group.div_ceil(gt)) as u32,
-            step.num_decode as u32,
-            depth as u32,
-        );
+        let (window, softcap) = (window_arg(layout), softcap_arg(layout)?);
+        let (full, grid) = self.step_decode_args(qkv, rope, layout, step, cache, layer, out, gt);
+        let a = decode_args!(full => DecodeAttentionWindowed, window: window, softcap: softcap);
         let built = "(built: 64, 80, 96, 128, 256)";
         match elems {
             // The FP8 cache has no compact build: every batch size runs the full one.
@@ -261,22 +223,7 @@ impl CudaBackend {
                 }
             },
         }
-        if depth > 1 {
-            let reduce = args::PagedAttentionDecodeReduceWindowed {
-                out: out.buf.ptr,
-                partial_out,
-                partial_ml,
-                context_lens,
-                num_heads: nh,
-                head_dim: hd as i32,
-                max_partitions: depth as i32,
-                target_partitions: target,
-                window,
-            };
-            let grid = (layout.num_heads as u32, step.num_decode as u32, 1);
-            self.launch(DECODE_REDUCE_WINDOWED, grid, 128, reduce)?;
-        }
-        Ok(())
+        self.reduce_decode_partials(layout, step, out, Some(window))
     }
 }
 
