@@ -519,6 +519,8 @@ impl CudaBackend {
     /// Decode attention for the step's leading one-token sequences. `rope`: their q and new
     /// k are still unrotated and the kernel rotates them and writes k and v to the cache;
     /// None: `rope_and_write_kv` did both already (the kernel rewrites the same values).
+    /// Layers the plain kernels cannot run (and every layer over an FP8 cache) go through the
+    /// windowed builds (windowed_attention.rs).
     #[allow(clippy::too_many_arguments)]
     fn decode_attention(
         &self,
@@ -532,6 +534,9 @@ impl CudaBackend {
     ) -> Result<()> {
         if step.num_decode == 0 {
             return Ok(());
+        }
+        if self.layer_attends_windowed(layout, cache) {
+            return self.windowed_decode_attention(qkv, rope, layout, step, cache, layer, out);
         }
         let hd = layout.head_dim;
         let group = layout.num_heads / layout.num_kv_heads;
@@ -560,7 +565,8 @@ impl CudaBackend {
         self.reduce_decode_partials(layout, step, out, None)
     }
 
-    /// Prefill attention for the step's sequences after the decodes (chunks of prompts).
+    /// Prefill attention for the step's sequences after the decodes (chunks of prompts), as
+    /// `decode_attention` chooses between the plain and the windowed builds.
     fn prefill_attention(
         &self,
         qkv: &CudaTensor,
@@ -570,9 +576,11 @@ impl CudaBackend {
         layer: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        let num_prefill = step.num_seqs - step.num_decode;
-        if num_prefill == 0 {
+        if step.num_seqs == step.num_decode {
             return Ok(());
+        }
+        if self.layer_attends_windowed(layout, cache) {
+            return self.windowed_prefill_attention(qkv, layout, step, cache, layer, out);
         }
         let hd = layout.head_dim;
         let plain = kernels::PREFILL.iter().find(|p| p.0 == hd).map(|p| p.1);
@@ -1243,9 +1251,6 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
-        if self.layer_attends_windowed(layout, cache) {
-            return self.windowed_attention(qkv, layout, step, cache, layer, out);
-        }
         self.decode_attention(qkv, None, layout, step, cache, layer, out)?;
         self.prefill_attention(qkv, layout, step, cache, layer, out)
     }
@@ -1264,9 +1269,6 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
-        if self.layer_attends_windowed(layout, cache) {
-            return self.windowed_rope_attention(qkv, inv_freq, layout, step, cache, layer, out);
-        }
         if layout.rotary_dim != layout.head_dim {
             // Decode attention rotates whole heads only: with partial rotary the rotation
             // kernel takes every token, decode ones included, and decode attention rotates

@@ -6,7 +6,9 @@
 //! prefill chunks through the windowed prefill kernel (`paged_attention_prefill_windowed_hd*`,
 //! after the rotation kernel), both reading only the keys inside the window. The choice
 //! follows the layer and the step buffers alone, never the step's data, so that a decode
-//! graph and an eager step run the same kernels. Every layer over an FP8 cache
+//! graph and an eager step run the same kernels. `decode_attention` and `prefill_attention`
+//! (backend.rs) send such layers here; the rotation kernel runs before them as on the plain
+//! path. Every layer over an FP8 cache
 //! (`--kv-cache-dtype fp8`, kv_fp8.rs) attends here too, whatever its window: the same
 //! launches run the kernels' `kvfp8` builds with the layer's (k, v) scales, window and
 //! soft-cap 0 where the layer has none.
@@ -14,7 +16,7 @@ use anyhow::{Context, Result};
 
 use super::kv_fp8::{self, KvElems};
 use super::windowed_decode::{softcap_arg, window_arg};
-use super::{kernels, CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor, CudaVector};
+use super::{kernels, CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor};
 use crate::backend::AttentionLayout;
 use rvllm_kernels::args;
 
@@ -49,47 +51,9 @@ impl CudaBackend {
         attends_windowed(layout, longest, built)
     }
 
-    /// `rope_attention` of such a layer (`layout` from `gpu_layout`): the prefill tokens
-    /// through the rotation kernel, the decodes rotated inside decode attention (every token
-    /// through the rotation kernel with partial rotary, which decode attention does not do).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn windowed_rope_attention(
-        &self,
-        qkv: &mut CudaTensor,
-        inv_freq: &CudaVector,
-        layout: &AttentionLayout,
-        step: &CudaStepMeta,
-        cache: &mut CudaKvCache,
-        layer: usize,
-        out: &mut CudaTensor,
-    ) -> Result<()> {
-        if layout.rotary_dim != layout.head_dim {
-            self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, 0)?;
-            return self.windowed_attention(qkv, layout, step, cache, layer, out);
-        }
-        self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, step.num_decode)?;
-        self.windowed_decode_attention(qkv, Some(inv_freq), layout, step, cache, layer, out)?;
-        self.windowed_prefill_attention(qkv, layout, step, cache, layer, out)
-    }
-
-    /// Attention of every sequence of the step with the layer's window and soft-cap; q, k and
-    /// v already rotated and in the cache.
-    pub(super) fn windowed_attention(
-        &self,
-        qkv: &CudaTensor,
-        layout: &AttentionLayout,
-        step: &CudaStepMeta,
-        cache: &CudaKvCache,
-        layer: usize,
-        out: &mut CudaTensor,
-    ) -> Result<()> {
-        self.windowed_decode_attention(qkv, None, layout, step, cache, layer, out)?;
-        self.windowed_prefill_attention(qkv, layout, step, cache, layer, out)
-    }
-
     /// The windowed prefill kernel over the step's sequences after the decodes (prefill
     /// chunks), one launch for all of them.
-    fn windowed_prefill_attention(
+    pub(super) fn windowed_prefill_attention(
         &self,
         qkv: &CudaTensor,
         layout: &AttentionLayout,
@@ -98,10 +62,6 @@ impl CudaBackend {
         layer: usize,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        let num_prefill = step.num_seqs - step.num_decode;
-        if num_prefill == 0 {
-            return Ok(());
-        }
         let hd = layout.head_dim;
         let elems = cache.layer_elems(layer)?;
         let (a, grid) = Self::step_prefill_args(qkv, layout, step, cache, layer, out);
