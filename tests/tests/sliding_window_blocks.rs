@@ -223,6 +223,46 @@ fn freeing_the_window_s_blocks_changes_no_output() {
     }
 }
 
+/// The same long prompt again after another one took its first blocks: its cached prefix is
+/// taken as far as the window of its first uncomputed token reaches back (the blocks before
+/// that start as placeholders, as in vLLM; a whole-chain lookup would find nothing), and the
+/// outputs are still transformers'.
+#[test]
+fn a_cached_long_prompt_is_reused_through_its_window() {
+    let reference = TinyReference::load("mistral_window");
+    let p = &reference.prompts[4];
+    // 80 blocks: the prompt and its tokens need 79, so the filler (with freeing, a few
+    // blocks at a time) takes the ones the window let go first: the prompt's first ones.
+    let mut llm = engine(&args("mistral_window", 80, true), true);
+    let filler = p.prompt_ids[1..201].to_vec();
+    for (pass, prompt) in [&p.prompt_ids, &filler, &p.prompt_ids]
+        .into_iter()
+        .enumerate()
+    {
+        let (ids, got) = run(&mut llm, std::slice::from_ref(prompt), &greedy(5, None));
+        if pass == 1 {
+            continue;
+        }
+        assert_eq!(got.tokens[&ids[0]], p.greedy_ids, "pass {pass}");
+        for (step, lp) in got.logprobs[&ids[0]].iter().enumerate() {
+            let row = reference.step_row(4, step);
+            for &(tok, v) in &lp.top {
+                let w = row[tok as usize];
+                assert!(
+                    (v - w).abs() <= 1e-3,
+                    "pass {pass} step {step} token {tok}: logprob {v}, transformers {w}"
+                );
+            }
+        }
+    }
+    let whole = (p.prompt_ids.len() - 1) / BLOCK * BLOCK;
+    assert_eq!(
+        llm.core.scheduler.prefix_cache_hits(),
+        whole as u64,
+        "the last pass reads every full block of the prompt from the cache"
+    );
+}
+
 /// Three requests of 200 prompt tokens and 32 generated (58 blocks of 4 each) in a cache of 64
 /// blocks: without freeing they cannot run side by side (preemptions, or one at a time);
 /// with it all three run at once and never preempt.

@@ -137,12 +137,20 @@ impl KvCacheManager {
     /// those blocks join its table and the number of tokens they cover is returned (a
     /// multiple of the block size). At least one token is always left uncached, because
     /// computing it is what produces the next token's logits. 0 when caching is off.
+    ///
+    /// With a sliding window only the blocks the first uncached token's query can see must
+    /// be cached (vLLM's sliding-window cache hit): the longest prefix whose last blocks, as
+    /// far back as the window reaches, are all cached is taken, and the blocks before them
+    /// start as `NULL_BLOCK` placeholders, cached or not.
     pub fn acquire_cached_prefix(&mut self, req_id: RequestId, tokens: &[u32]) -> usize {
         if !self.prefix_caching || self.tables.get(&req_id).is_some_and(|t| !t.is_empty()) {
             return 0;
         }
         let bs = self.block_size();
         let max_blocks = tokens.len().saturating_sub(1) / bs;
+        if let Some(window) = self.sliding_window {
+            return self.acquire_cached_window(req_id, tokens, max_blocks, window);
+        }
         let mut table = Vec::new();
         let mut hashes = Vec::new();
         for key in block_keys(tokens, bs, max_blocks) {
@@ -157,6 +165,45 @@ impl KvCacheManager {
         self.tables.insert(req_id, table);
         self.block_hashes.insert(req_id, hashes);
         cached_tokens
+    }
+
+    /// `acquire_cached_prefix` under a sliding window of `window` tokens.
+    fn acquire_cached_window(
+        &mut self,
+        req_id: RequestId,
+        tokens: &[u32],
+        max_blocks: usize,
+        window: usize,
+    ) -> usize {
+        let bs = self.block_size();
+        let keys: Vec<BlockKey> = block_keys(tokens, bs, max_blocks).collect();
+        let found: Vec<Option<u32>> = keys.iter().map(|k| self.pool.lookup(k)).collect();
+        // run[i]: cached blocks in a row ending at block i.
+        let mut run = vec![0usize; found.len()];
+        for i in 0..found.len() {
+            if found[i].is_some() {
+                run[i] = 1 + if i > 0 { run[i - 1] } else { 0 };
+            }
+        }
+        // A hit of n blocks: the query at n * bs sees keys from n * bs + 1 - window on, in
+        // blocks first..n, which must all be cached (as `free_skipped_blocks` would keep).
+        let hit = (1..=found.len()).rev().find_map(|n| {
+            let first = ((n * bs + 1).saturating_sub(window) / bs).min(n);
+            (first < n && run[n - 1] >= n - first).then_some((first, n))
+        });
+        let (first, n) = hit.unwrap_or((0, 0));
+        let mut table = vec![NULL_BLOCK; first];
+        for block in found[first..n].iter().flatten() {
+            self.pool.acquire_cached(*block);
+            table.push(*block);
+        }
+        self.tables.insert(req_id, table);
+        self.block_hashes
+            .insert(req_id, keys[..n].iter().map(|k| k.hash).collect());
+        if first > 0 {
+            self.num_skipped.insert(req_id, first);
+        }
+        n * bs
     }
 
     /// With a sliding window: give back the request's blocks that no query from position
@@ -394,7 +441,10 @@ mod tests {
         let a = [1, 2, 3, 4, 5, 6, 7];
         assert!(kv.allocate_slots(1, 7));
         kv.cache_computed_blocks(1, &a, 6);
+        // Taken whole (no window yet), then the window lets some go.
+        kv.set_sliding_window(None);
         assert_eq!(kv.acquire_cached_prefix(2, &a), 6);
+        kv.set_sliding_window(Some(2));
         let shared = kv.block_table(2).to_vec();
         // Request 2's next query is at 6 (keys 5..): blocks 0 and 1 go, block 2 stays.
         assert_eq!(kv.free_skipped_blocks(2, 6), 2);
@@ -411,21 +461,62 @@ mod tests {
         kv.set_sliding_window(Some(2));
         let a = [1, 2, 3, 4, 5, 6, 7];
         assert!(kv.allocate_slots(1, 7));
-        kv.cache_computed_blocks(1, &a, 2); // block 0 indexed
-                                            // Blocks 0 and 1 let go before block 1 was indexed: the chain has a hole there.
+        // Block 0 is indexed; then blocks 0 and 1 go before block 1 was: a hole there.
+        kv.cache_computed_blocks(1, &a, 2);
         assert_eq!(kv.free_skipped_blocks(1, 5), 2);
         kv.cache_computed_blocks(1, &a, 6);
-        assert_eq!(
-            kv.num_cached_blocks(),
-            2,
-            "blocks 0 and 2, not the placeholder"
-        );
-        // Freed block 0 keeps its contents until reused: a hit of one block, no further.
+        let cached = kv.num_cached_blocks();
+        assert_eq!(cached, 2, "blocks 0 and 2, not the placeholder");
+        // Without a window a hit is whole from the start: block 0 (free, still cached) only.
+        kv.set_sliding_window(None);
         assert_eq!(kv.acquire_cached_prefix(2, &a), 2);
         kv.free(2);
+        // Under it, the query at 6 needs block 2 alone: the hole becomes a placeholder.
+        kv.set_sliding_window(Some(2));
+        let b2 = kv.block_table(1)[2];
+        assert_eq!(kv.acquire_cached_prefix(3, &a), 6);
+        assert_eq!(kv.block_table(3), &[NULL_BLOCK, NULL_BLOCK, b2]);
+        kv.free(3);
         kv.free(1);
         // Taking every block for others evicts everything: no hit at all.
-        assert!(kv.allocate_slots(3, 12));
+        assert!(kv.allocate_slots(4, 12));
+        assert_eq!(kv.acquire_cached_prefix(5, &a), 0);
+    }
+
+    #[test]
+    fn under_a_window_a_prefix_hit_needs_only_the_blocks_the_window_sees() {
+        let mut kv = KvCacheManager::new(6, 2).with_prefix_caching(true);
+        kv.set_sliding_window(Some(4));
+        let a: Vec<u32> = (10..21).collect(); // 11 tokens, 6 blocks
+        assert!(kv.allocate_slots(1, 11));
+        kv.cache_computed_blocks(1, &a, 10); // blocks 0..5 indexed
+        let table = kv.block_table(1).to_vec();
+        // Its query at 10 sees keys 7..: blocks 0, 1 and 2 go (oldest first on the free list).
+        assert_eq!(kv.free_skipped_blocks(1, 10), 3);
+        assert!(
+            kv.allocate_slots(2, 2),
+            "takes block 0, evicting its contents"
+        );
+        assert_eq!(kv.block_table(2), &table[..1]);
+        // Block 0 is gone, yet a query at 10 needs only blocks 3 and 4: a hit of 10 tokens.
+        assert_eq!(kv.acquire_cached_prefix(3, &a), 10);
+        assert_eq!(
+            kv.block_table(3),
+            &[NULL_BLOCK, NULL_BLOCK, NULL_BLOCK, table[3], table[4]]
+        );
+        assert_eq!(kv.num_held_blocks(3), 2);
+        // Without the window the hole at block 0 allows no hit at all.
+        kv.set_sliding_window(None);
         assert_eq!(kv.acquire_cached_prefix(4, &a), 0);
+        kv.set_sliding_window(Some(4));
+        // A prefix whose window reaches an evicted block hits up to where it does not: for
+        // 7 tokens (3 blocks at most), block 2's query at 6 needs blocks 1 and 2, and block
+        // 2 is cached but free, block 1 too; a hit of 3 blocks.
+        assert_eq!(kv.acquire_cached_prefix(5, &a[..7]), 6);
+        assert_eq!(kv.block_table(5), &[NULL_BLOCK, table[1], table[2]]);
+        for id in [1, 2, 3, 4, 5] {
+            kv.free(id);
+        }
+        assert_eq!(kv.num_free_blocks(), 6, "placeholders are never freed");
     }
 }

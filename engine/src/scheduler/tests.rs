@@ -1144,5 +1144,28 @@ fn a_sliding_window_with_lookahead_and_prefix_caching_gives_the_same_outputs() {
                 "no request reused the system prompt"
             );
         }
+
+        // Step by step, through the harness's checks, in a cache that preempts: a
+        // recompute starts from the blocks its window sees, if cached.
+        let mut s = Scheduler::new(config(5, 24, 4, 14))
+            .with_prefix_caching(caching)
+            .with_layer_windows([Some(7)]);
+        let mut hw = Harness::default();
+        for r in &requests {
+            hw.add(&mut s, r.clone());
+        }
+        hw.run_to_end(&mut s, &default_token);
+        for r in &requests {
+            assert_eq!(
+                hw.outputs[&r.req_id], h.outputs[&r.req_id],
+                "request {}",
+                r.req_id
+            );
+        }
+        assert!(
+            s.num_preemptions() > 0,
+            "the cache was meant to be too small"
+        );
+        assert_eq!(s.num_free_blocks(), 14, "blocks leaked (caching {caching})");
     }
 }
