@@ -3,7 +3,34 @@
 //! take the plain kernel's parameters and a window, soft-cap or the layer's (k, v) scales. One
 //! launch site builds the plain struct and these move it into the build it runs, so the paths
 //! cannot pass different arguments. Each literal must name every field of its target, so a
-//! parameter added to a kernel fails to compile here until it is passed.
+//! parameter added to a kernel fails to compile here until it is passed. Also the table of
+//! the full decode builds both families share (`full_decode_builds!`).
+
+/// (head dim, query heads a block, kernel) for each full decode build of one family,
+/// `paged_attention_decode_<family>_hd<hd>_g<gt>` (and `_f16`): head dims 64, 80, 96, 128 and
+/// 256, tiles of 1, 2, 4 and 8 query heads (the windowed and the FP8-cache builds).
+macro_rules! full_decode_builds {
+    ($args:ty, $family:literal) => {
+        full_decode_builds!(@ $args, $family;
+            (64, 1), (64, 2), (64, 4), (64, 8),
+            (80, 1), (80, 2), (80, 4), (80, 8),
+            (96, 1), (96, 2), (96, 4), (96, 8),
+            (128, 1), (128, 2), (128, 4), (128, 8),
+            (256, 1), (256, 2), (256, 4), (256, 8))
+    };
+    (@ $args:ty, $family:literal; $(($hd:literal, $gt:literal)),*) => {
+        [$((
+            $hd,
+            $gt,
+            kernel!(
+                $args,
+                "attention_decode",
+                concat!("paged_attention_decode_", $family, "_hd", $hd, "_g", $gt),
+                concat!("paged_attention_decode_", $family, "_hd", $hd, "_g", $gt, "_f16")
+            ),
+        )),*]
+    };
+}
 
 /// `args::$to` from a decode attention argument struct `$a` (the fields of `DecodeAttention`) and
 /// the fields the target adds.

@@ -17,44 +17,9 @@ use crate::backend::cuda::elem::{kernel, Kernel, NamedKernel};
 use rvllm_kernels::args;
 
 /// (head dim, query heads a block, the kernel) for each FP8-cache decode build.
-macro_rules! decode_kv_fp8 {
-    ($(($hd:literal, $gt:literal)),*) => {
-        [$((
-            $hd,
-            $gt,
-            kernel!(
-                args::DecodeAttentionKvFp8,
-                "attention_decode",
-                concat!("paged_attention_decode_kvfp8_hd", $hd, "_g", $gt),
-                concat!("paged_attention_decode_kvfp8_hd", $hd, "_g", $gt, "_f16")
-            ),
-        )),*]
-    };
-}
-
 #[allow(clippy::type_complexity)]
-const DECODE_KV_FP8: [(usize, usize, Kernel<args::DecodeAttentionKvFp8>); 20] = decode_kv_fp8!(
-    (64, 1),
-    (64, 2),
-    (64, 4),
-    (64, 8),
-    (80, 1),
-    (80, 2),
-    (80, 4),
-    (80, 8),
-    (96, 1),
-    (96, 2),
-    (96, 4),
-    (96, 8),
-    (128, 1),
-    (128, 2),
-    (128, 4),
-    (128, 8),
-    (256, 1),
-    (256, 2),
-    (256, 4),
-    (256, 8)
-);
+const DECODE_KV_FP8: [(usize, usize, Kernel<args::DecodeAttentionKvFp8>); 20] =
+    full_decode_builds!(args::DecodeAttentionKvFp8, "kvfp8");
 
 macro_rules! prefill_kv_fp8 {
     ($($hd:literal),*) => {

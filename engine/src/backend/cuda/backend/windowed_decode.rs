@@ -16,22 +16,6 @@ use crate::backend::cuda::elem::{kernel, Kernel, NamedKernel};
 use crate::backend::AttentionLayout;
 use rvllm_kernels::{args, decode_smem};
 
-/// (head dim, query heads a block, the kernel) for each windowed decode build.
-macro_rules! windowed_decode {
-    ($(($hd:literal, $gt:literal)),*) => {
-        [$((
-            $hd,
-            $gt,
-            kernel!(
-                args::DecodeAttentionWindowed,
-                "attention_decode",
-                concat!("paged_attention_decode_windowed_hd", $hd, "_g", $gt),
-                concat!("paged_attention_decode_windowed_hd", $hd, "_g", $gt, "_f16")
-            ),
-        )),*]
-    };
-}
-
 macro_rules! compact_windowed {
     ($hd:literal, $gt:literal) => {
         (
@@ -55,28 +39,8 @@ macro_rules! compact_windowed {
 
 /// The windowed decode builds of attention_decode.cu.
 #[allow(clippy::type_complexity)]
-const DECODE_WINDOWED: [(usize, usize, Kernel<args::DecodeAttentionWindowed>); 20] = windowed_decode!(
-    (64, 1),
-    (64, 2),
-    (64, 4),
-    (64, 8),
-    (80, 1),
-    (80, 2),
-    (80, 4),
-    (80, 8),
-    (96, 1),
-    (96, 2),
-    (96, 4),
-    (96, 8),
-    (128, 1),
-    (128, 2),
-    (128, 4),
-    (128, 8),
-    (256, 1),
-    (256, 2),
-    (256, 4),
-    (256, 8)
-);
+const DECODE_WINDOWED: [(usize, usize, Kernel<args::DecodeAttentionWindowed>); 20] =
+    full_decode_builds!(args::DecodeAttentionWindowed, "windowed");
 
 /// (head dim, query heads a block, the compact kernel's windowed build) for batch 1.
 #[allow(clippy::type_complexity)]
