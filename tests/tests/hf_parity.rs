@@ -646,11 +646,15 @@ fn tiny_models_through_the_engine_batched_and_preempted() {
                 );
             }
             let preemptions = llm.core.scheduler.num_preemptions();
-            assert_eq!(
-                preemptions > 0,
-                must_preempt,
-                "{name}: {preemptions} preemptions with {blocks:?} blocks"
-            );
+            // A model whose every layer has a window frees the blocks it leaves behind, so
+            // the small cache may hold the whole batch (sliding_window_blocks tests that).
+            if llm.core.scheduler.sliding_window().is_none() {
+                assert_eq!(
+                    preemptions > 0,
+                    must_preempt,
+                    "{name}: {preemptions} preemptions with {blocks:?} blocks"
+                );
+            }
         }
     }
 }

@@ -313,3 +313,44 @@ fn a_hybrid_model_frees_nothing() {
     assert!(got.most_held[&ids[0]] >= len.div_ceil(BLOCK));
     assert_eq!(got.tokens[&ids[0]], reference.prompts[3].greedy_ids);
 }
+
+/// A model whose every layer has a window takes contexts longer than its KV cache, as in
+/// vLLM: `--max-model-len 512` over a cache of 28 blocks of 4 (112 tokens) is accepted, and
+/// the 282-token prompt with 32 tokens (79 blocks without freeing) runs to transformers'
+/// tokens, chunked, with a step scheduled ahead. A hybrid model (Gemma 2) over the same cache
+/// is refused at start-up with the reason.
+#[test]
+fn a_windowed_model_takes_contexts_longer_than_its_cache() {
+    let reference = TinyReference::load("mistral_window");
+    let mut a = args("mistral_window", 28, true);
+    a.max_model_len = Some(512);
+    let mut llm = Llm::new(&a).unwrap_or_else(|e| panic!("a windowed model: {e:#}"));
+    assert_eq!(llm.core.scheduler.sliding_window(), Some(WINDOW));
+    assert_eq!(llm.core.max_model_len, 512);
+    let p = &reference.prompts[4];
+    assert!(
+        p.prompt_ids.len() + NEW_TOKENS > 28 * BLOCK,
+        "longer than the cache"
+    );
+    let (ids, got) = run(
+        &mut llm,
+        std::slice::from_ref(&p.prompt_ids),
+        &greedy(1, None),
+    );
+    assert_eq!(
+        got.tokens[&ids[0]], p.greedy_ids,
+        "tokens differ from transformers"
+    );
+    assert!(got.most_held[&ids[0]] <= 28);
+
+    let mut hybrid = args("gemma2", 28, true);
+    hybrid.max_model_len = Some(256); // the fixture's max_position_embeddings
+    let err = match Llm::new(&hybrid) {
+        Ok(_) => panic!("Gemma 2 needs every block of a 256-token context"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("--max-model-len 256") && err.contains("only 112 fit"),
+        "{err}"
+    );
+}

@@ -249,9 +249,18 @@ impl EngineCore {
         };
         let num_blocks = executor.num_kv_blocks();
         let kv_tokens = num_blocks * args.block_size;
+        // Every layer windowed: a request holds only the blocks its window and chunks span, so
+        // contexts longer than the cache fit (`kv::max_blocks_held`).
+        let window = crate::kv::uniform_window(
+            (0..config.num_hidden_layers).map(|i| config.layer_window(i)),
+        );
+        let fits = |len: usize| {
+            crate::kv::max_blocks_held(len, args.block_size, window, limits.max_num_batched_tokens)
+                <= num_blocks
+        };
         let max_model_len = match args.max_model_len {
             Some(len) => {
-                if len > kv_tokens {
+                if !fits(len) {
                     bail!(
                         "--max-model-len {len} needs {len} tokens of KV cache but only {kv_tokens} fit \
                          ({num_blocks} blocks of {}); lower --max-model-len or give the KV cache more \
@@ -261,6 +270,7 @@ impl EngineCore {
                 }
                 len
             }
+            None if fits(config.max_position_embeddings) => config.max_position_embeddings,
             None => config.max_position_embeddings.min(kv_tokens),
         };
         if max_model_len == 0 {
@@ -273,7 +283,10 @@ impl EngineCore {
             block_size: args.block_size,
             num_kv_blocks: num_blocks,
         })
-        .with_prefix_caching(args.prefix_caching());
+        .with_prefix_caching(args.prefix_caching())
+        // Every layer windowed (Mistral v0.1 style): blocks the window has left behind go back
+        // to the pool as the requests run (hybrid models keep every block).
+        .with_layer_windows((0..config.num_hidden_layers).map(|i| config.layer_window(i)));
         let lookahead = executor.overlaps() && !args.no_async_scheduling;
         let core = Self {
             scheduler,

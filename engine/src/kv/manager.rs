@@ -28,6 +28,32 @@ use crate::types::RequestId;
 /// zeroed at allocation and holds finite values only, so that a masked key adds exactly 0.
 pub const NULL_BLOCK: u32 = 0;
 
+/// The window whose left-behind blocks can go: the largest of the layers' windows when every
+/// layer has one (Mistral v0.1 style); None when some layer attends to everything (Gemma's
+/// global layers), since that layer needs every block.
+pub fn uniform_window(layer_windows: impl IntoIterator<Item = Option<usize>>) -> Option<usize> {
+    let windows: Option<Vec<usize>> = layer_windows.into_iter().collect();
+    windows.and_then(|w| w.into_iter().max()).filter(|&w| w > 0)
+}
+
+/// The most blocks a request of `num_tokens` tokens can hold at once, its prefill in chunks of
+/// at most `chunk_tokens`: all of them, or under a sliding window (`uniform_window`) those
+/// the window and two chunks span (the chunk still in flight reads its window while the next
+/// one is placed), plus two for block boundaries. Admission and the `--max-model-len` check
+/// use it, so a windowed model takes contexts longer than its cache, as in vLLM.
+pub fn max_blocks_held(
+    num_tokens: usize,
+    block_size: usize,
+    window: Option<usize>,
+    chunk_tokens: usize,
+) -> usize {
+    let all = num_tokens.div_ceil(block_size);
+    match window {
+        Some(w) => all.min((w + 2 * chunk_tokens).div_ceil(block_size) + 2),
+        None => all,
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KvCacheManager {
     pool: KvBlockPool,
@@ -105,6 +131,17 @@ impl KvCacheManager {
     /// Blocks needed to hold `num_tokens` tokens.
     pub fn num_blocks_needed(&self, num_tokens: usize) -> usize {
         self.pool.blocks_for_tokens(num_tokens)
+    }
+
+    /// The most blocks a request of `num_tokens` tokens holds at once, its prefill in chunks
+    /// of at most `chunk_tokens` (`max_blocks_held`).
+    pub fn max_blocks_held(&self, num_tokens: usize, chunk_tokens: usize) -> usize {
+        max_blocks_held(
+            num_tokens,
+            self.block_size(),
+            self.sliding_window,
+            chunk_tokens,
+        )
     }
 
     /// Blocks that `allocate_slots(req_id, num_total_tokens)` would have to take from the pool.
@@ -299,6 +336,27 @@ impl KvCacheManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_bounds_the_blocks_a_request_holds_only_when_every_layer_has_it() {
+        assert_eq!(uniform_window([Some(20), Some(20)]), Some(20));
+        assert_eq!(uniform_window([Some(16), Some(32)]), Some(32));
+        assert_eq!(uniform_window([Some(16), None]), None, "a global layer");
+        assert_eq!(uniform_window([Some(0)]), None, "0 is no window");
+        // 512 tokens in blocks of 4: 128 blocks; a window of 20 and chunks of 32 span
+        // (20 + 64) / 4 = 21 blocks, 2 more for block boundaries.
+        assert_eq!(max_blocks_held(512, 4, None, 32), 128);
+        assert_eq!(max_blocks_held(512, 4, Some(20), 32), 23);
+        assert_eq!(
+            max_blocks_held(40, 4, Some(20), 32),
+            10,
+            "never more than all"
+        );
+        let mut kv = KvCacheManager::new(30, 4);
+        assert_eq!(kv.max_blocks_held(512, 32), 128);
+        kv.set_sliding_window(Some(20));
+        assert_eq!(kv.max_blocks_held(512, 32), 23);
+    }
 
     #[test]
     fn tables_grow_block_by_block() {

@@ -5,4 +5,4 @@ pub mod manager;
 pub mod prefix_cache;
 
 pub use block_pool::{KvBlockPool, DEFAULT_BLOCK_SIZE};
-pub use manager::{KvCacheManager, NULL_BLOCK};
+pub use manager::{max_blocks_held, uniform_window, KvCacheManager, NULL_BLOCK};

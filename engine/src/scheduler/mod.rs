@@ -115,9 +115,8 @@ impl Scheduler {
     /// `with_layer_windows` on a scheduler already built; set it before the first request
     /// (a request's table only loses blocks from when it is on).
     pub fn set_layer_windows(&mut self, layer_windows: impl IntoIterator<Item = Option<usize>>) {
-        let windows: Option<Vec<usize>> = layer_windows.into_iter().collect();
         self.kv
-            .set_sliding_window(windows.and_then(|w| w.into_iter().max()));
+            .set_sliding_window(crate::kv::uniform_window(layer_windows));
     }
 
     /// The window whose left-behind blocks are freed (None: every block is kept).
@@ -152,7 +151,9 @@ impl Scheduler {
                 max_model_len: self.cfg.max_model_len,
             });
         }
-        let blocks_needed = self.kv.num_blocks_needed(prompt_len);
+        let blocks_needed = self
+            .kv
+            .max_blocks_held(prompt_len, self.cfg.max_num_batched_tokens);
         if blocks_needed > self.kv.num_total_blocks() {
             return Err(AddRequestError::PromptExceedsKvCache {
                 prompt_len,
