@@ -114,7 +114,8 @@ fn qk_norm_geglu_and_the_embedding_scale_run_on_the_gpu() {
     check_gpu_decoder(&DecoderSpec::new(&c), c.context_len()).unwrap();
 }
 
-/// Head dim 256 (Gemma 3) has decode (full kernel) and prefill (windowed build) kernels.
+/// Head dim 256 (Gemma 3) has decode (full and compact kernels) and prefill (windowed build)
+/// kernels.
 #[test]
 fn head_dim_256_runs_on_the_gpu() {
     let mut c = config();
