@@ -205,6 +205,24 @@ __device__ __forceinline__ void rotate8(Elem8& lo, Elem8& hi, const float* cos_t
     hi = f32_to_elem8(y2);
 }
 
+// Whether this block is the last of its sequence's `parts` partition blocks (for its heads)
+// to finish, the pattern of CUDA's threadFenceReduction sample: each block makes its partials
+// visible device-wide before it is counted, and the last one resets the counter for the next
+// launch (no block of this launch touches it again). Every thread of the block calls it.
+__device__ __forceinline__ bool last_partition_block(int32_t* semaphores, int seq, int parts) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int32_t* sem = semaphores + (int64_t)seq * gridDim.x + blockIdx.x;
+        last = atomicAdd(sem, 1) == parts - 1;
+        if (last) *sem = 0;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
 // Combines the `nblocks` partials of heads head0 .. head0 + nvalid - 1 of one sequence
 // (normalised outputs and (max in log2 units, sum) per block, as decode_attention writes them)
 // into `out`: weights w_b = l_b * 2^(m_b - M). The partials come from other blocks, so they are
@@ -610,20 +628,8 @@ __device__ __forceinline__ void decode_attention(
     if (direct || semaphores == nullptr) return;
 
     // The last of this sequence's blocks (for these heads) to finish merges every block's
-    // partial: the pattern of CUDA's threadFenceReduction sample. Each block makes its
-    // partials visible device-wide before it is counted; the last one resets the counter
-    // for the next launch (no block of this launch touches it again).
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-        int32_t* sem = semaphores + (int64_t)seq * gridDim.x + blockIdx.x;
-        last = atomicAdd(sem, 1) == min(nparts, depth) - 1;
-        if (last) *sem = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    // partial.
+    if (!last_partition_block(semaphores, seq, min(nparts, depth))) return;
     merge_partials<HD, GT>(out, partial_out, partial_ml, run_max, run_sum, seq, head0, nvalid,
                            num_heads, min(nparts, depth), depth);
 }
@@ -920,18 +926,8 @@ __device__ __forceinline__ void decode_attention_compact(
 
     // The last block of this sequence (for these heads) merges the partials, as the full
     // kernel's epilogue does (see there): no reduce launch.
-    __shared__ bool last;
     __shared__ float merge_m[GT], merge_w[GT];
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-        int32_t* sem = semaphores + (int64_t)seq * gridDim.x + blockIdx.x;
-        last = atomicAdd(sem, 1) == min(nparts, depth) - 1;
-        if (last) *sem = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!last_partition_block(semaphores, seq, min(nparts, depth))) return;
     merge_partials<HD, GT>(out, partial_out, partial_ml, merge_m, merge_w, seq, head0, nvalid,
                            num_heads, min(nparts, depth), depth);
 }

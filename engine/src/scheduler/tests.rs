@@ -942,30 +942,48 @@ fn a_preempted_recompute_reuses_its_blocks_without_counting_a_query() {
     assert_eq!(s.num_free_blocks(), 6);
 }
 
+/// `n` greedy requests on a shared system prompt of `system_len` tokens, request `id` adding
+/// `(id % kinds) * step` tokens of one of two suffixes (by the id's parity) and generating
+/// `max_tokens(id)`: prompts whose prefixes the cache can share, of mixed lengths.
+fn shared_prompt_requests(
+    system_len: u32,
+    n: u64,
+    (kinds, step): (u64, u32),
+    max_tokens: impl Fn(u64) -> usize,
+) -> Vec<EngineRequest> {
+    (0..n)
+        .map(|id| {
+            let mut prompt: Vec<u32> = (0..system_len).map(|t| 700 + t).collect();
+            prompt.extend((0..(id % kinds) as u32 * step).map(|t| 950 + t + (id % 2) as u32));
+            EngineRequest {
+                req_id: id,
+                prompt_token_ids: prompt,
+                sampling: SamplingParams::greedy(max_tokens(id)),
+                eos_token_ids: vec![2],
+            }
+        })
+        .collect()
+}
+
+/// `requests` run to the end by plain scheduling (no cache, no lookahead, no window) through
+/// the harness: the outputs the other modes must give.
+fn plain_run(cfg: SchedulerConfig, requests: &[EngineRequest]) -> Harness {
+    let mut plain = Scheduler::new(cfg);
+    let mut h = Harness::default();
+    for r in requests {
+        h.add(&mut plain, r.clone());
+    }
+    h.run_to_end(&mut plain, &default_token);
+    h
+}
+
 /// Lookahead scheduling with prefix caching, shared prompts and preemption: the outputs are
 /// those of plain scheduling without the cache, every computed token is a known one (the
 /// runner's placeholders are filled from the step before), and the cache was used.
 #[test]
 fn lookahead_with_prefix_caching_gives_the_same_outputs() {
-    let system: Vec<u32> = (0..13).map(|t| 700 + t).collect();
-    let requests: Vec<EngineRequest> = (0..16u64)
-        .map(|id| {
-            let mut prompt = system.clone();
-            prompt.extend((0..(id % 5) as u32 * 2).map(|t| 950 + t + (id % 2) as u32));
-            EngineRequest {
-                req_id: id,
-                prompt_token_ids: prompt,
-                sampling: SamplingParams::greedy(1 + (id as usize * 5) % 9),
-                eos_token_ids: vec![2],
-            }
-        })
-        .collect();
-    let mut plain = Scheduler::new(config(5, 24, 4, 20));
-    let mut h = Harness::default();
-    for r in &requests {
-        h.add(&mut plain, r.clone());
-    }
-    h.run_to_end(&mut plain, &default_token);
+    let requests = shared_prompt_requests(13, 16, (5, 2), |id| 1 + (id as usize * 5) % 9);
+    let h = plain_run(config(5, 24, 4, 20), &requests);
 
     let mut s = Scheduler::new(config(5, 24, 4, 20)).with_prefix_caching(true);
     let prompts = requests
@@ -1098,25 +1116,8 @@ fn a_step_still_running_keeps_the_blocks_it_reads() {
 /// prompts, so that cached chains outlive the window): the outputs of plain scheduling.
 #[test]
 fn a_sliding_window_with_lookahead_and_prefix_caching_gives_the_same_outputs() {
-    let system: Vec<u32> = (0..30).map(|t| 700 + t).collect();
-    let requests: Vec<EngineRequest> = (0..12u64)
-        .map(|id| {
-            let mut prompt = system.clone();
-            prompt.extend((0..(id % 4) as u32 * 5).map(|t| 950 + t + (id % 2) as u32));
-            EngineRequest {
-                req_id: id,
-                prompt_token_ids: prompt,
-                sampling: SamplingParams::greedy(3 + (id as usize * 5) % 17),
-                eos_token_ids: vec![2],
-            }
-        })
-        .collect();
-    let mut plain = Scheduler::new(config(5, 24, 4, 200));
-    let mut h = Harness::default();
-    for r in &requests {
-        h.add(&mut plain, r.clone());
-    }
-    h.run_to_end(&mut plain, &default_token);
+    let requests = shared_prompt_requests(30, 12, (4, 5), |id| 3 + (id as usize * 5) % 17);
+    let h = plain_run(config(5, 24, 4, 200), &requests);
 
     let prompts: HashMap<RequestId, Vec<u32>> = requests
         .iter()
