@@ -796,6 +796,33 @@ fn run_lookahead(
     results
 }
 
+/// Adds `requests` to `s` and runs them with lookahead scheduling (`run_lookahead`, the token
+/// rule `token`); each request's tokens must be those of `plain`, a plain run of the same
+/// requests. Returns the lookahead run's outputs and finish reasons.
+fn lookahead_matches_plain(
+    s: &mut Scheduler,
+    requests: &[EngineRequest],
+    plain: &Harness,
+    token: &dyn Fn(RequestId, usize) -> u32,
+) -> HashMap<RequestId, (Vec<u32>, Option<FinishReason>)> {
+    let prompts = requests
+        .iter()
+        .map(|r| (r.req_id, r.prompt_token_ids.clone()))
+        .collect();
+    for r in requests {
+        s.add_request(r.clone()).unwrap();
+    }
+    let got = run_lookahead(s, &prompts, token);
+    for r in requests {
+        assert_eq!(
+            got[&r.req_id].0, plain.outputs[&r.req_id],
+            "request {}'s tokens",
+            r.req_id
+        );
+    }
+    got
+}
+
 #[test]
 fn lookahead_scheduling_gives_the_same_outputs_under_preemption_and_stops() {
     // The heavy mixed load through a tiny cache, with some requests hitting EOS on a token
@@ -818,17 +845,9 @@ fn lookahead_scheduling_gives_the_same_outputs_under_preemption_and_stops() {
     h.run_to_end(&mut sync, &token);
 
     let mut s = Scheduler::new(config(6, 24, 4, 12));
-    let prompts = requests
-        .iter()
-        .map(|r| (r.req_id, r.prompt_token_ids.clone()))
-        .collect();
-    for r in &requests {
-        s.add_request(r.clone()).unwrap();
-    }
-    let got = run_lookahead(&mut s, &prompts, &token);
+    let got = lookahead_matches_plain(&mut s, &requests, &h, &token);
     for r in &requests {
         let id = r.req_id;
-        assert_eq!(got[&id].0, h.outputs[&id], "request {id}'s tokens");
         assert_eq!(
             got[&id].1,
             Some(h.finished[&id].0),
@@ -986,21 +1005,7 @@ fn lookahead_with_prefix_caching_gives_the_same_outputs() {
     let h = plain_run(config(5, 24, 4, 20), &requests);
 
     let mut s = Scheduler::new(config(5, 24, 4, 20)).with_prefix_caching(true);
-    let prompts = requests
-        .iter()
-        .map(|r| (r.req_id, r.prompt_token_ids.clone()))
-        .collect();
-    for r in &requests {
-        s.add_request(r.clone()).unwrap();
-    }
-    let got = run_lookahead(&mut s, &prompts, &default_token);
-    for r in &requests {
-        assert_eq!(
-            got[&r.req_id].0, h.outputs[&r.req_id],
-            "request {}",
-            r.req_id
-        );
-    }
+    lookahead_matches_plain(&mut s, &requests, &h, &default_token);
     assert!(
         s.prefix_cache_hits() > 0,
         "no request reused the system prompt"
@@ -1119,25 +1124,11 @@ fn a_sliding_window_with_lookahead_and_prefix_caching_gives_the_same_outputs() {
     let requests = shared_prompt_requests(30, 12, (4, 5), |id| 3 + (id as usize * 5) % 17);
     let h = plain_run(config(5, 24, 4, 200), &requests);
 
-    let prompts: HashMap<RequestId, Vec<u32>> = requests
-        .iter()
-        .map(|r| (r.req_id, r.prompt_token_ids.clone()))
-        .collect();
     for caching in [false, true] {
         let mut s = Scheduler::new(config(5, 24, 4, 24))
             .with_prefix_caching(caching)
             .with_layer_windows([Some(7)]);
-        for r in &requests {
-            s.add_request(r.clone()).unwrap();
-        }
-        let got = run_lookahead(&mut s, &prompts, &default_token);
-        for r in &requests {
-            assert_eq!(
-                got[&r.req_id].0, h.outputs[&r.req_id],
-                "request {}",
-                r.req_id
-            );
-        }
+        lookahead_matches_plain(&mut s, &requests, &h, &default_token);
         assert_eq!(s.num_free_blocks(), 24, "blocks leaked (caching {caching})");
         if caching {
             assert!(
