@@ -29,6 +29,7 @@ mod upload;
 mod windowed_attention;
 pub(super) mod windowed_decode;
 
+use attention_args::DecodeInputs;
 use kv_fp8::KvElems;
 
 /// How decode attention splits contexts for a batch of `num_decode` sequences: the target
@@ -516,27 +517,21 @@ impl CudaBackend {
         }
     }
 
-    /// Decode attention for the step's leading one-token sequences. `rope`: their q and new
-    /// k are still unrotated and the kernel rotates them and writes k and v to the cache;
-    /// None: `rope_and_write_kv` did both already (the kernel rewrites the same values).
-    /// Layers the plain kernels cannot run (and every layer over an FP8 cache) go through the
-    /// windowed builds (windowed_attention.rs).
-    #[allow(clippy::too_many_arguments)]
-    fn decode_attention(
-        &self,
-        qkv: &CudaTensor,
-        rope: Option<&CudaVector>,
-        layout: &AttentionLayout,
-        step: &CudaStepMeta,
-        cache: &CudaKvCache,
-        layer: usize,
-        out: &mut CudaTensor,
-    ) -> Result<()> {
+    /// Decode attention for the step's leading one-token sequences. Layers the plain kernels
+    /// cannot run (and every layer over an FP8 cache) go through the windowed builds
+    /// (windowed_attention.rs).
+    fn decode_attention(&self, d: &DecodeInputs, out: &mut CudaTensor) -> Result<()> {
+        let DecodeInputs {
+            layout,
+            step,
+            cache,
+            ..
+        } = *d;
         if step.num_decode == 0 {
             return Ok(());
         }
         if self.layer_attends_windowed(layout, cache) {
-            return self.windowed_decode_attention(qkv, rope, layout, step, cache, layer, out);
+            return self.windowed_decode_attention(d, out);
         }
         let hd = layout.head_dim;
         let group = layout.num_heads / layout.num_kv_heads;
@@ -551,7 +546,7 @@ impl CudaBackend {
         let compact = self.decode_compact && step.num_decode == 1;
         let (kernel, gt) = Self::decode_kernel(hd, group, compact)?;
         // The full and compact kernels take the same arguments.
-        let (full, grid) = self.step_decode_args(qkv, rope, layout, step, cache, layer, out, gt);
+        let (full, grid) = self.step_decode_args(d, out, gt);
         match kernel {
             DecodeKernel::Full(kernel) => {
                 self.launch_smem(kernel, grid, 128, decode_smem::full(gt), full)?
@@ -1251,7 +1246,15 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
-        self.decode_attention(qkv, None, layout, step, cache, layer, out)?;
+        let d = DecodeInputs {
+            qkv,
+            rope: None,
+            layout,
+            step,
+            cache,
+            layer,
+        };
+        self.decode_attention(&d, out)?;
         self.prefill_attention(qkv, layout, step, cache, layer, out)
     }
 
@@ -1269,16 +1272,21 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let layout = &gpu_layout(layout);
         out.set_rows(step.num_tokens)?;
-        if layout.rotary_dim != layout.head_dim {
-            // Decode attention rotates whole heads only: with partial rotary the rotation
-            // kernel takes every token, decode ones included, and decode attention rotates
-            // nothing (it rewrites the same K/V).
-            self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, 0)?;
-            self.decode_attention(qkv, None, layout, step, cache, layer, out)?;
-            return self.prefill_attention(qkv, layout, step, cache, layer, out);
-        }
-        self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, step.num_decode)?;
-        self.decode_attention(qkv, Some(inv_freq), layout, step, cache, layer, out)?;
+        // Decode attention rotates whole heads only: with partial rotary the rotation kernel
+        // takes every token, decode ones included, and decode attention rotates nothing (it
+        // rewrites the same K/V).
+        let whole_heads = layout.rotary_dim == layout.head_dim;
+        let first_rotated = if whole_heads { step.num_decode } else { 0 };
+        self.rope_tokens(qkv, inv_freq, layout, step, cache, layer, first_rotated)?;
+        let d = DecodeInputs {
+            qkv,
+            rope: whole_heads.then_some(inv_freq),
+            layout,
+            step,
+            cache,
+            layer,
+        };
+        self.decode_attention(&d, out)?;
         self.prefill_attention(qkv, layout, step, cache, layer, out)
     }
 

@@ -119,24 +119,40 @@ use super::{kernels, CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor, CudaVec
 use crate::backend::AttentionLayout;
 use rvllm_kernels::args;
 
+/// What a decode attention launch reads: the step's fused q|k|v rows, their rotation (`rope`:
+/// q and the new k are still unrotated and the kernel rotates them and writes k and v to the
+/// cache; None: the rotation kernel did both already and the kernel rewrites the same values),
+/// the layer's layout, the step's metadata and the cache's layer.
+#[derive(Clone, Copy)]
+pub(super) struct DecodeInputs<'a> {
+    pub qkv: &'a CudaTensor,
+    pub rope: Option<&'a CudaVector>,
+    pub layout: &'a AttentionLayout,
+    pub step: &'a CudaStepMeta,
+    pub cache: &'a CudaKvCache,
+    pub layer: usize,
+}
+
 impl CudaBackend {
     /// The decode attention kernels' shared arguments for the step's leading one-token
     /// sequences (`rope`: as `decode_attention` says), and their grid for `gt` query heads a
     /// block. Null semaphores: the reduce kernel merges split sequences (the full kernel's
     /// last-block merge measured slower and is the kernel tests' benchmark only; the compact
     /// one's is not yet measured).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn step_decode_args(
         &self,
-        qkv: &CudaTensor,
-        rope: Option<&CudaVector>,
-        layout: &AttentionLayout,
-        step: &CudaStepMeta,
-        cache: &CudaKvCache,
-        layer: usize,
+        d: &DecodeInputs,
         out: &CudaTensor,
         gt: usize,
     ) -> (args::DecodeAttention, (u32, u32, u32)) {
+        let DecodeInputs {
+            qkv,
+            rope,
+            layout,
+            step,
+            cache,
+            layer,
+        } = *d;
         let q = qkv.buf.ptr;
         let k_new = q + (layout.q_size() * ELEM_BYTES) as u64;
         let v_new = k_new + (layout.kv_size() * ELEM_BYTES) as u64;

@@ -10,8 +10,9 @@
 //! (k, v) scales at every batch size (there is no compact FP8 build).
 use anyhow::{ensure, Context, Result};
 
+use super::attention_args::DecodeInputs;
 use super::kv_fp8::{self, KvElems};
-use super::{CudaBackend, CudaKvCache, CudaStepMeta, CudaTensor, CudaVector};
+use super::{CudaBackend, CudaTensor};
 use crate::backend::cuda::elem::{kernel, Kernel, NamedKernel};
 use crate::backend::AttentionLayout;
 use rvllm_kernels::{args, decode_smem};
@@ -126,20 +127,19 @@ pub(super) fn softcap_arg(layout: &AttentionLayout) -> Result<f32> {
 }
 
 impl CudaBackend {
-    /// Windowed decode attention for the step's leading one-token sequences. `rope`: their q
-    /// and new k are still unrotated and the kernel rotates them and writes k and v to the
-    /// cache; None: the rotation kernel did both already (the kernel rewrites the same values).
-    #[allow(clippy::too_many_arguments)]
+    /// Windowed decode attention for the step's leading one-token sequences.
     pub(super) fn windowed_decode_attention(
         &self,
-        qkv: &CudaTensor,
-        rope: Option<&CudaVector>,
-        layout: &AttentionLayout,
-        step: &CudaStepMeta,
-        cache: &CudaKvCache,
-        layer: usize,
+        d: &DecodeInputs,
         out: &mut CudaTensor,
     ) -> Result<()> {
+        let DecodeInputs {
+            layout,
+            step,
+            cache,
+            layer,
+            ..
+        } = *d;
         if step.num_decode == 0 {
             return Ok(());
         }
@@ -148,7 +148,7 @@ impl CudaBackend {
         let gt = tile_heads(group);
         let elems = cache.layer_elems(layer)?;
         let (window, softcap) = (window_arg(layout), softcap_arg(layout)?);
-        let (full, grid) = self.step_decode_args(qkv, rope, layout, step, cache, layer, out, gt);
+        let (full, grid) = self.step_decode_args(d, out, gt);
         let a = decode_args!(full => DecodeAttentionWindowed, window: window, softcap: softcap);
         let built = "(built: 64, 80, 96, 128, 256)";
         match elems {
