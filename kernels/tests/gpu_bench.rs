@@ -688,3 +688,210 @@ fn bench_decode_step_kernels() {
         println!("{name:>34} {us:>8.1} us");
     }
 }
+
+/// One cuBLASLt bf16 matmul set-up for row-major `y[m, n] = x[m, k] @ w[n, k]^T` (the
+/// engine's linear layers: "TN" in cuBLASLt's column-major terms) and the first `want`
+/// algorithms its heuristic offers for it, best guess first.
+struct LtGemm {
+    desc: cudarc::cublaslt::sys::cublasLtMatmulDesc_t,
+    layouts: [cudarc::cublaslt::sys::cublasLtMatrixLayout_t; 3],
+    algos: Vec<cudarc::cublaslt::sys::cublasLtMatmulHeuristicResult_t>,
+}
+
+const LT_BENCH_WORKSPACE: usize = 32 << 20;
+
+impl LtGemm {
+    fn new(
+        h: cudarc::cublaslt::sys::cublasLtHandle_t,
+        m: usize,
+        n: usize,
+        k: usize,
+        want: usize,
+    ) -> Self {
+        use cudarc::cublaslt::{result as lt, sys as ls};
+        use ls::cublasLtMatmulDescAttributes_t as A;
+        unsafe {
+            let desc = lt::create_matmul_desc(
+                ls::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                ls::cudaDataType::CUDA_R_32F,
+            )
+            .expect("matmul desc");
+            let (op_t, op_n) = (1i32, 0i32);
+            lt::set_matmul_desc_attribute(
+                desc,
+                A::CUBLASLT_MATMUL_DESC_TRANSA,
+                &op_t as *const i32 as *const _,
+                4,
+            )
+            .unwrap();
+            lt::set_matmul_desc_attribute(
+                desc,
+                A::CUBLASLT_MATMUL_DESC_TRANSB,
+                &op_n as *const i32 as *const _,
+                4,
+            )
+            .unwrap();
+            let bf = ls::cudaDataType::CUDA_R_16BF;
+            let layouts = [
+                lt::create_matrix_layout(bf, k as u64, n as u64, k as i64).unwrap(),
+                lt::create_matrix_layout(bf, k as u64, m as u64, k as i64).unwrap(),
+                lt::create_matrix_layout(bf, n as u64, m as u64, n as i64).unwrap(),
+            ];
+            let pref = lt::create_matmul_pref().unwrap();
+            let ws = LT_BENCH_WORKSPACE;
+            lt::set_matmul_pref_attribute(
+                pref,
+                ls::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const usize as *const _,
+                std::mem::size_of::<usize>(),
+            )
+            .unwrap();
+            let mut algos = vec![std::mem::zeroed::<ls::cublasLtMatmulHeuristicResult_t>(); want];
+            let mut found = 0i32;
+            ls::cublasLtMatmulAlgoGetHeuristic(
+                h,
+                desc,
+                layouts[0],
+                layouts[1],
+                layouts[2],
+                layouts[2],
+                pref,
+                want as i32,
+                algos.as_mut_ptr(),
+                &mut found,
+            )
+            .result()
+            .expect("cublasLtMatmulAlgoGetHeuristic");
+            lt::destroy_matmul_pref(pref).unwrap();
+            algos.truncate(found.max(0) as usize);
+            Self {
+                desc,
+                layouts,
+                algos,
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        h: cudarc::cublaslt::sys::cublasLtHandle_t,
+        i: usize,
+        y: u64,
+        x: u64,
+        w: u64,
+        ws: u64,
+    ) {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let [a, b, c] = self.layouts;
+        unsafe {
+            cudarc::cublaslt::result::matmul(
+                h,
+                self.desc,
+                &alpha as *const f32 as *const _,
+                &beta as *const f32 as *const _,
+                w as *const _,
+                a,
+                x as *const _,
+                b,
+                y as *const _,
+                c,
+                y as *mut _,
+                c,
+                &self.algos[i].algo,
+                ws as *mut _,
+                LT_BENCH_WORKSPACE,
+                std::ptr::null_mut(),
+            )
+            .expect("cublasLtMatmul");
+        }
+    }
+}
+
+impl Drop for LtGemm {
+    fn drop(&mut self) {
+        use cudarc::cublaslt::result as lt;
+        unsafe {
+            for l in self.layouts {
+                let _ = lt::destroy_matrix_layout(l);
+            }
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+/// The prefill and mixed-step GEMMs of the benchmark shapes (`--ignored --nocapture`): the
+/// engine's cublasGemmEx call against cuBLASLt's first heuristic pick and the best of its
+/// first 16 picks timed one by one, in TFLOP/s; each pick's output checked against GemmEx's.
+/// The question it answers: how much a per-shape algorithm search would give the throughput
+/// runs' steps of ~1,000-16,000 tokens.
+#[test]
+#[ignore = "benchmark: run on a GPU with --ignored"]
+fn bench_gemm_algos() {
+    let Some(g) = gpu("bench_gemm_algos") else {
+        return;
+    };
+    let blas = cudarc::cublas::result::create_handle().expect("cuBLAS handle");
+    let lt = cudarc::cublaslt::result::create_handle().expect("cuBLASLt handle");
+    let ws = g.poisoned(LT_BENCH_WORKSPACE / 4, 0u32);
+    println!(
+        "bf16 GEMM y = x W^T on {}: TFLOP/s of GemmEx | Lt heuristic #1 | best of 16 (its index)",
+        g.name
+    );
+    for &(name, n, k) in &[
+        ("llama qkv", 6144usize, 4096usize),
+        ("llama o", 4096, 4096),
+        ("llama gate_up", 28672, 4096),
+        ("llama down", 4096, 14336),
+        ("gemma qkv", 8192, 3840),
+        ("gemma o", 3840, 4096),
+        ("gemma gate_up", 30720, 3840),
+        ("gemma down", 3840, 15360),
+        ("qwen3 qkv", 6144, 4096),
+        ("qwen3 gate_up", 24576, 4096),
+        ("qwen3 down", 4096, 12288),
+    ] {
+        let w = g.upload(&filler(n * k, 21));
+        let mut row = format!("{name:>14} n{n:>6} k{k:>6}");
+        for &m in &[512usize, 1024, 1840, 4096, 16384] {
+            let x = g.upload(&filler(m * k, 22));
+            let y = g.poisoned(m * n, bf16::NAN);
+            let flops = 2.0 * (m * n * k) as f64;
+            let tf = |ms: f32| flops / (ms as f64 * 1e-3) / 1e12;
+            let reps = 10;
+            let ex = g.time_ms(reps, || cublas_linear(blas, y.ptr, x.ptr, w.ptr, m, n, k));
+            let want = g.download_bf16(&y);
+            let plan = LtGemm::new(lt, m, n, k, 16);
+            let mut best = (f32::INFINITY, usize::MAX);
+            let mut first = f32::NAN;
+            for i in 0..plan.algos.len() {
+                g.upload_into(&y, &vec![bf16::NAN; m * n]);
+                let ms = g.time_ms(reps, || plan.run(lt, i, y.ptr, x.ptr, w.ptr, ws.ptr));
+                let got = g.download_bf16(&y);
+                let bad = got
+                    .iter()
+                    .zip(&want)
+                    .filter(|(a, b)| a.is_nan() || (*a - *b).abs() > 0.05 + 0.02 * b.abs())
+                    .count();
+                assert_eq!(
+                    bad, 0,
+                    "{name} m{m}: cuBLASLt pick {i} differs from GemmEx in {bad} outputs"
+                );
+                if i == 0 {
+                    first = ms;
+                }
+                if ms < best.0 {
+                    best = (ms, i);
+                }
+            }
+            row.push_str(&format!(
+                " | m{m}: {:.0} {:.0} {:.0}({})",
+                tf(ex),
+                tf(first),
+                tf(best.0),
+                best.1
+            ));
+        }
+        println!("{row}");
+    }
+}
