@@ -860,23 +860,34 @@ fn bench_gemm_algos() {
             let tf = |ms: f32| flops / (ms as f64 * 1e-3) / 1e12;
             let reps = 10;
             let ex = g.time_ms(reps, || cublas_linear(blas, y.ptr, x.ptr, w.ptr, m, n, k));
-            let want = g.download_bf16(&y);
+            // Outputs checked at the smaller sizes only (poisoning and reading back a 16k-row
+            // output for each pick would take longer than the timings).
+            let check = m * n <= 64 << 20;
+            let want = if check {
+                g.download_bf16(&y)
+            } else {
+                Vec::new()
+            };
             let plan = LtGemm::new(lt, m, n, k, 16);
             let mut best = (f32::INFINITY, usize::MAX);
             let mut first = f32::NAN;
             for i in 0..plan.algos.len() {
-                g.upload_into(&y, &vec![bf16::NAN; m * n]);
+                if check {
+                    g.upload_into(&y, &vec![bf16::NAN; m * n]);
+                }
                 let ms = g.time_ms(reps, || plan.run(lt, i, y.ptr, x.ptr, w.ptr, ws.ptr));
-                let got = g.download_bf16(&y);
-                let bad = got
-                    .iter()
-                    .zip(&want)
-                    .filter(|(a, b)| a.is_nan() || (*a - *b).abs() > 0.05 + 0.02 * b.abs())
-                    .count();
-                assert_eq!(
-                    bad, 0,
-                    "{name} m{m}: cuBLASLt pick {i} differs from GemmEx in {bad} outputs"
-                );
+                if check {
+                    let got = g.download_bf16(&y);
+                    let bad = got
+                        .iter()
+                        .zip(&want)
+                        .filter(|(a, b)| a.is_nan() || (*a - *b).abs() > 0.05 + 0.02 * b.abs())
+                        .count();
+                    assert_eq!(
+                        bad, 0,
+                        "{name} m{m}: cuBLASLt pick {i} differs from GemmEx in {bad} outputs"
+                    );
+                }
                 if i == 0 {
                     first = ms;
                 }
