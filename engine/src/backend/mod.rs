@@ -410,6 +410,26 @@ pub trait Backend: Send + Sized + 'static {
     /// `acc += x`, elementwise.
     fn add_inplace(&self, acc: &mut Self::Tensor, x: &Self::Tensor) -> Result<()>;
 
+    /// `residual += moe(x)`: a mixture-of-experts MLP whose output goes straight into the
+    /// decoder's residual stream (`out`: scratch for the layer's output where the add is not
+    /// fused). The default runs `moe` into `out`, then `add_inplace`; a backend may fuse the
+    /// add into the experts' down projection.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_add(
+        &self,
+        x: &Self::Tensor,
+        router: &Self::Weight,
+        gate_up: &Self::Weight,
+        down: &Self::Weight,
+        layout: &MoeLayout,
+        scratch: &mut MoeScratch<Self::Tensor>,
+        residual: &mut Self::Tensor,
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.moe(x, router, gate_up, down, layout, scratch, out)?;
+        self.add_inplace(residual, out)
+    }
+
     /// Whether this backend serves a rank of a tensor-parallel group (so the model calls
     /// `all_reduce_sum`), a group of one included.
     fn in_tp_group(&self) -> bool {

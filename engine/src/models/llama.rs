@@ -804,7 +804,7 @@ impl<B: Backend> LlamaModel<B> {
                         scratch,
                         &mut ws.proj,
                     )?;
-                } else {
+                } else if self.reduces(be) || l.mlp_out_norm.is_some() {
                     be.moe(
                         &ws.normed,
                         router,
@@ -818,6 +818,19 @@ impl<B: Backend> LlamaModel<B> {
                     if self.reduces(be) {
                         be.all_reduce_sum(&mut ws.proj)?;
                     }
+                } else {
+                    // One rank, no output norm: the experts add into the residual stream.
+                    be.moe_add(
+                        &ws.normed,
+                        router,
+                        &l.gate_up,
+                        &l.down,
+                        moe,
+                        scratch,
+                        &mut ws.residual,
+                        &mut ws.proj,
+                    )?;
+                    continue;
                 }
                 match &l.mlp_out_norm {
                     None => be.add_inplace(&mut ws.residual, &ws.proj)?,

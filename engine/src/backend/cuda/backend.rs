@@ -1381,7 +1381,30 @@ impl Backend for CudaBackend {
         scratch: &mut crate::backend::MoeScratch<CudaTensor>,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        self.moe_impl(x, router, gate_up, down, layout, scratch, out)
+        self.moe_impl(x, router, gate_up, down, layout, scratch, out, None)
+    }
+
+    fn moe_add(
+        &self,
+        x: &CudaTensor,
+        router: &CudaWeight,
+        gate_up: &CudaWeight,
+        down: &CudaWeight,
+        layout: &crate::backend::MoeLayout,
+        scratch: &mut crate::backend::MoeScratch<CudaTensor>,
+        residual: &mut CudaTensor,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        self.moe_impl(
+            x,
+            router,
+            gate_up,
+            down,
+            layout,
+            scratch,
+            out,
+            Some(residual),
+        )
     }
 
     fn scale(&self, x: &mut CudaTensor, factor: f32) -> Result<()> {

@@ -216,7 +216,9 @@ impl CudaBackend {
         Ok(ptrs)
     }
 
-    /// `Backend::moe` (see the module comment).
+    /// `Backend::moe` (see the module comment), or with `residual` `Backend::moe_add`: the
+    /// small path's down kernel adds into the residual stream itself, the grouped path writes
+    /// `out` and adds it after.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn moe_impl(
         &self,
@@ -227,6 +229,7 @@ impl CudaBackend {
         layout: &MoeLayout,
         scratch: &mut MoeScratch<CudaTensor>,
         out: &mut CudaTensor,
+        residual: Option<&mut CudaTensor>,
     ) -> Result<()> {
         let (e, k, inter) = (layout.num_experts, layout.top_k, layout.intermediate_size);
         let (tokens, h) = (x.rows(), x.cols());
@@ -267,7 +270,18 @@ impl CudaBackend {
         let r = self.moe_routing_ptrs(s.rows.capacity_rows(), e)?;
         self.linear(x, router, None, &mut s.router_logits)?;
         if tokens <= MOE_SMALL_PATH_MAX_TOKENS && moe_small_fits(tokens, e, k, h, inter) {
-            return self.moe_small(x, gate_up, down, layout, s, r, out);
+            return match residual {
+                Some(res) => {
+                    ensure!(
+                        res.rows() == tokens && res.cols() == h,
+                        "moe: the residual stream is [{}, {}], expected [{tokens}, {h}]",
+                        res.rows(),
+                        res.cols()
+                    );
+                    self.moe_small(x, gate_up, down, layout, s, r, res, true)
+                }
+                None => self.moe_small(x, gate_up, down, layout, s, r, out, false),
+            };
         }
 
         let (t32, e32, k32, p32) = (tokens as i32, e as i32, k as i32, pairs as i32);
@@ -353,7 +367,11 @@ impl CudaBackend {
                 hidden: h as i32,
                 top_k: k32,
             },
-        )
+        )?;
+        match residual {
+            Some(res) => self.add_inplace(res, out),
+            None => Ok(()),
+        }
     }
 }
 
@@ -361,8 +379,8 @@ impl CudaBackend {
     /// The small-batch decode path (kernels/src/moe_small.cu): `moe_small_gate_up` routes
     /// every token from the router logits in each block (moe_topk_softmax's routing), stores
     /// the routing for the down kernel and writes `act` in pair order; `moe_small_down` sums
-    /// each token's experts, weighted, into `out`. Two launches after the router GEMM, grids
-    /// from the shape alone.
+    /// each token's experts, weighted, into `out` (`accumulate`: adds them to it, in f32 with
+    /// one rounding). Two launches after the router GEMM, grids from the shape alone.
     #[allow(clippy::too_many_arguments)]
     fn moe_small(
         &self,
@@ -373,6 +391,7 @@ impl CudaBackend {
         s: &mut MoeScratch<CudaTensor>,
         r: RoutingPtrs,
         out: &mut CudaTensor,
+        accumulate: bool,
     ) -> Result<()> {
         let (e, k, inter) = (layout.num_experts, layout.top_k, layout.intermediate_size);
         let (tokens, h) = (x.rows(), x.cols());
@@ -415,8 +434,7 @@ impl CudaBackend {
                 top_k: k as i32,
                 hidden: h as i32,
                 inter: inter as i32,
-                // Backend::moe writes the layer's output; the caller adds the residual.
-                accumulate: 0,
+                accumulate: accumulate as i32,
             },
         )
     }
@@ -665,14 +683,46 @@ mod tests {
                     GpuDtype::Bf16 => 3e-2,
                     GpuDtype::F16 => 5e-3,
                 } * scale.max(1e-3);
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - b).abs() <= tol,
-                        "{what}: token {} dim {}: GPU {a}, CPU {b} (tolerance {tol})",
-                        i / h,
-                        i % h
-                    );
-                }
+                // Plus the rounding of the output's magnitude (moe_add's sums reach the
+                // residual's).
+                let ulp = match dtype {
+                    GpuDtype::Bf16 => 1.0 / 128.0,
+                    GpuDtype::F16 => 1.0 / 1024.0,
+                };
+                let check = |got: &[f32], want: &[f32], how: &str| {
+                    let top = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    let tol = tol + ulp * top;
+                    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= tol,
+                            "{what}{how}: token {} dim {}: GPU {a}, CPU {b} (tolerance {tol})",
+                            i / h,
+                            i % h
+                        );
+                    }
+                };
+                check(&got, &want, "");
+
+                // moe_add: the same layer added onto a residual stream (the small path adds
+                // inside its down kernel, the grouped one after).
+                let residual = round(fill(tokens * h, seed as u64 + 40, 2.0));
+                let mut gres = be.activation_from_host(tokens, h, &residual).unwrap();
+                let mut gout = poisoned(tokens, h);
+                be.moe_add(
+                    &gx,
+                    &gw("router", &router, e, h),
+                    &gw("gate_up", &gate_up, e * 2 * inter, h),
+                    &gw("down", &down, e * h, inter),
+                    &l,
+                    &mut gs,
+                    &mut gres,
+                    &mut gout,
+                )
+                .unwrap();
+                let mut got = Vec::new();
+                be.to_host(&gres, &mut got).unwrap();
+                let want: Vec<f32> = want.iter().zip(&residual).map(|(m, r)| m + r).collect();
+                check(&got, &want, " (moe_add)");
             }
         }
     }
