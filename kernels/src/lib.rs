@@ -151,9 +151,18 @@ pub mod gemv_bulk {
     impl GemvBulk {
         /// Stage size: kStageBytes.
         const STAGE_BYTES: usize = 32 * 1024;
-        /// Hopper's largest shared memory for one block (227 KiB), less the kernel's static
-        /// shared memory (at most 2,176 bytes: the add variants park their residual rows).
-        const MAX_SHARED: usize = 227 * 1024 - 2304;
+        /// The kernel's static shared memory, rounded up (at most 2,176 bytes: the add
+        /// variants park their residual rows).
+        const STATIC_SHARED: usize = 2304;
+        /// Hopper's largest shared memory for one block (227 KiB), less the static part.
+        const MAX_SHARED: usize = 227 * 1024 - Self::STATIC_SHARED;
+
+        /// Whether a GPU whose blocks may opt in to `optin` bytes of shared memory takes the
+        /// geometries below: Hopper and B200 (227 KiB) do; Ampere's smaller chips, Ada and the
+        /// RTX Blackwells (99 KiB) run gemv.cu instead.
+        pub const fn fits_shared(optin: usize) -> bool {
+            optin >= Self::MAX_SHARED + Self::STATIC_SHARED
+        }
 
         /// Geometry for `stages` pipeline stages (4 or 6, the built depths). None when a row
         /// of `k` bf16 does not fit one stage, k is not a multiple of 8, or the stages and x

@@ -414,10 +414,14 @@ impl CudaArch {
     }
 }
 
-/// The default when no GPU is present and no list is given: Ampere to Hopper. rvllm's
-/// kernels use bf16 tensor-core MMA and `__reduce_*_sync`, which need sm_80; Volta and Turing
-/// (7.x) can be named in `CUDA_ARCHS` only once the kernels gain fallbacks for them.
-pub const DEFAULT_CUDA_ARCHS: &str = "80;86;89;90a";
+/// The default when no GPU is present and no list is given: Ampere to Blackwell (B200/B300
+/// `sm_100`, RTX 50 and RTX PRO `sm_120`), trimmed to what the nvcc in use can target (12.8
+/// and newer know both Blackwells). rvllm's kernels use bf16 tensor-core MMA and
+/// `__reduce_*_sync`, which need sm_80; Volta and Turing (7.x) can be named in `CUDA_ARCHS`
+/// only once the kernels gain fallbacks for them. The Hopper-and-later paths (bulk copies,
+/// programmatic dependent launch) are compiled for `__CUDA_ARCH__ >= 900` and chosen at run
+/// time from the device's compute capability.
+pub const DEFAULT_CUDA_ARCHS: &str = "80;86;89;90a;100;120";
 
 /// The oldest architecture the kernels compile for (see [`DEFAULT_CUDA_ARCHS`]).
 pub const KERNELS_MIN_ARCH: u32 = 80;

@@ -280,9 +280,17 @@ fn unsupported_archs_are_split_off() {
     let (ok, dropped) = filter_supported(&archs, &supported);
     assert_eq!(format_cuda_archs(&ok), "75;80;86;89;90a");
     assert_eq!(format_cuda_archs(&dropped), "70");
+    // The default list trimmed to an nvcc without sm_120 (CUDA 12.7 knew sm_100 only).
     let (ok, dropped) =
         filter_supported(&parse_cuda_archs(DEFAULT_CUDA_ARCHS).unwrap(), &supported);
-    assert_eq!((ok.len(), dropped.len()), (4, 0));
+    assert_eq!(format_cuda_archs(&ok), "80;86;89;90a;100");
+    assert_eq!(format_cuda_archs(&dropped), "120");
+    // nvcc 13.0 targets every default one.
+    let cu13 = parse_gpu_code_list(
+        "sm_75\nsm_80\nsm_86\nsm_87\nsm_88\nsm_89\nsm_90\nsm_100\nsm_110\nsm_103\nsm_120\nsm_121\n",
+    );
+    let (ok, dropped) = filter_supported(&parse_cuda_archs(DEFAULT_CUDA_ARCHS).unwrap(), &cu13);
+    assert_eq!((ok.len(), dropped.len()), (6, 0));
 }
 
 #[test]

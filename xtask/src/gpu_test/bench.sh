@@ -205,9 +205,12 @@ for what in "$@"; do
         gzip -f "$RES/$name.bin"
         python3 ./trace_report.py "$RES/$name.bin.gz" 9 | tee "$RES/$name-report.txt" ;;
     ttft)
+        # Every iteration sends the same prompt: without the prefix cache each one prefills it
+        # whole (the "no prefix-cache hit"; with it, later iterations reuse its blocks).
         run ttft "$RVLLM" bench latency --model "$MODEL" --load-format dummy --batch-size 1 \
             --input-len 2048 --output-len 2 --num-iters-warmup 1 --num-iters 5 \
-            --max-model-len 4096 --enforce-eager --output-json "$RES/ttft.json" ;;
+            --max-model-len 4096 --enforce-eager --no-enable-prefix-caching \
+            --output-json "$RES/ttft.json" ;;
     throughput-1024)
         # vLLM's offline defaults on GPUs of 70 GiB and more (not A100): 1024 sequences.
         run throughput-1024 "$RVLLM" bench throughput --model "$MODEL" --load-format dummy \

@@ -296,7 +296,10 @@ impl CudaBackend {
         let decode_compact = gpu.settings.decode_compact;
         let ones = gpu.alloc(limits.max_tokens * ELEM_BYTES)?;
         gpu.upload(ones.ptr, &vec![bits_of(1.0, dtype); limits.max_tokens])?;
-        let gemv_bulk = gpu.compute_capability.0 >= 9;
+        // The bulk copies need sm_90; its stages need Hopper's shared memory (sm_120 has
+        // the instructions but 99 KiB a block).
+        let gemv_bulk = gpu.compute_capability.0 >= 9
+            && GemvBulk::fits_shared(gpu.smem_per_block_optin as usize);
         let gemv_evict_first = gpu.settings.gemv_evict_first;
         Ok(Self {
             gpu,
@@ -543,7 +546,7 @@ impl CudaBackend {
         // batch size alone, never the step's depth: an eager step of a short context has depth
         // 1 where its graph has the target, and both must run the same kernel to give the
         // same tokens (the two kernels round differently).
-        let compact = self.decode_compact && step.num_decode == 1;
+        let compact = self.runs_compact_decode(step, hd);
         let (kernel, gt) = Self::decode_kernel(hd, group, compact)?;
         // The full and compact kernels take the same arguments.
         let (full, grid) = self.step_decode_args(d, out, gt);
@@ -745,6 +748,15 @@ impl CudaBackend {
 
     /// The decode attention kernel (full or compact) for a head size and GQA group, and the
     /// query heads each of its blocks takes.
+    /// Whether a step's decode attention runs the compact kernel: at batch 1 (by the batch
+    /// size alone, as `decode_attention` explains) and head dims up to 128. At head 256 the
+    /// compact build's 32-token chunks lose to the full kernel (H100, Gemma-3-12B batch 1:
+    /// 110.4 against 113.5 tok/s; one local layer at 384 tokens 26.6 against 18.9 us), so its
+    /// builds there serve the kernel benchmark only.
+    pub(super) fn runs_compact_decode(&self, step: &CudaStepMeta, head_dim: usize) -> bool {
+        self.decode_compact && step.num_decode == 1 && head_dim <= 128
+    }
+
     fn decode_kernel(
         head_dim: usize,
         group: usize,
@@ -1763,5 +1775,9 @@ mod tests {
         assert_eq!(GemvBulk::for_k(16392, 4), None);
         assert_eq!(GemvBulk::for_k(4095, 4), None);
         assert_eq!(GemvBulk::for_k(0, 4), None);
+        // The GPUs that take them: H100/H200 and B200 (227 KiB a block), not the RTX
+        // Blackwells, Ada or the smaller Amperes (99 KiB).
+        assert!(GemvBulk::fits_shared(232_448));
+        assert!(!GemvBulk::fits_shared(101_376));
     }
 }

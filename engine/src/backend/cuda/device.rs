@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{result as drv, sys, CudaContext};
 use rvllm_kernels::KernelArgs;
@@ -239,6 +239,9 @@ pub struct Gpu {
     pub settings: CudaSettings,
     /// Streaming multiprocessors (sizes persistent grids).
     pub sm_count: u32,
+    /// The most shared memory a block may opt in to (227 KiB on Hopper and B200, 99 KiB on
+    /// Ampere's smaller chips, Ada and the RTX Blackwells).
+    pub smem_per_block_optin: u32,
     /// Per-kernel GPU times (`RVLLM_PROFILE_KERNELS=1`).
     pub profiler: Option<super::profiler::KernelProfiler>,
     /// Diagnostic only (`RVLLM_SKIP_KERNELS=pat1,pat2`): kernels whose name contains a
@@ -304,6 +307,12 @@ impl Gpu {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| anyhow!("reading the multiprocessor count: {e:?}"))?
             .max(1) as u32;
+        let smem_per_block_optin = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| anyhow!("reading the shared memory a block may use: {e:?}"))?
+            .max(0) as u32;
         Ok(Self {
             upload_staging: Default::default(),
             ctx,
@@ -315,6 +324,7 @@ impl Gpu {
             compute_capability,
             pdl,
             sm_count,
+            smem_per_block_optin,
             profiler: settings
                 .profile_kernels
                 .then(super::profiler::KernelProfiler::default),
@@ -426,6 +436,15 @@ impl Gpu {
         // Static and dynamic shared memory together may not pass 48 KiB without the opt-in
         // (decode attention: 46 KiB dynamic + 3 KiB static), so any dynamic size sets it.
         if shared_bytes > 0 {
+            ensure!(
+                shared_bytes <= self.smem_per_block_optin,
+                "kernel `{kernel}` needs {shared_bytes} B of shared memory a block; {} \
+                 (sm_{}{}) allows {} B. This configuration is not supported on this GPU",
+                self.name,
+                self.compute_capability.0,
+                self.compute_capability.1,
+                self.smem_per_block_optin
+            );
             // SAFETY: f is a valid function handle.
             unsafe {
                 drv::function::set_function_attribute(

@@ -165,9 +165,10 @@ impl CudaBackend {
                 );
                 self.launch_smem(kernel, grid, 128, decode_smem::full(gt), a)?;
             }
-            // Batch 1 through the compact build where there is one, as `decode_attention`
-            // decides (its comment says why; by the batch size alone, never the step's depth).
-            KvElems::Compute => match (self.decode_compact && step.num_decode == 1)
+            // Batch 1 through the compact build where `runs_compact_decode` says so, as the
+            // plain decode does.
+            KvElems::Compute => match self
+                .runs_compact_decode(step, hd)
                 .then(|| compact_windowed_kernel(hd, gt))
                 .flatten()
             {
