@@ -663,17 +663,15 @@ mod tests {
                     gate_up: None,
                     act: poisoned(tokens * k, inter),
                 };
+                let weights = [
+                    gw("router", &router, e, h),
+                    gw("gate_up", &gate_up, e * 2 * inter, h),
+                    gw("down", &down, e * h, inter),
+                ];
+                let [g_router, g_gate_up, g_down] = &weights;
                 let mut gout = poisoned(tokens, h);
-                be.moe(
-                    &gx,
-                    &gw("router", &router, e, h),
-                    &gw("gate_up", &gate_up, e * 2 * inter, h),
-                    &gw("down", &down, e * h, inter),
-                    &l,
-                    &mut gs,
-                    &mut gout,
-                )
-                .unwrap();
+                be.moe(&gx, g_router, g_gate_up, g_down, &l, &mut gs, &mut gout)
+                    .unwrap();
                 let mut got = Vec::new();
                 be.to_host(&gout, &mut got).unwrap();
 
@@ -709,14 +707,7 @@ mod tests {
                 let mut gres = be.activation_from_host(tokens, h, &residual).unwrap();
                 let mut gout = poisoned(tokens, h);
                 be.moe_add(
-                    &gx,
-                    &gw("router", &router, e, h),
-                    &gw("gate_up", &gate_up, e * 2 * inter, h),
-                    &gw("down", &down, e * h, inter),
-                    &l,
-                    &mut gs,
-                    &mut gres,
-                    &mut gout,
+                    &gx, g_router, g_gate_up, g_down, &l, &mut gs, &mut gres, &mut gout,
                 )
                 .unwrap();
                 let mut got = Vec::new();
