@@ -151,17 +151,18 @@ pub mod gemv_bulk {
     impl GemvBulk {
         /// Stage size: kStageBytes.
         const STAGE_BYTES: usize = 32 * 1024;
-        /// The kernel's static shared memory, rounded up (at most 2,176 bytes: the add
-        /// variants park their residual rows).
-        const STATIC_SHARED: usize = 2304;
-        /// Hopper's largest shared memory for one block (227 KiB), less the static part.
-        const MAX_SHARED: usize = 227 * 1024 - Self::STATIC_SHARED;
+        /// Hopper's largest shared memory for one block (227 KiB), which the geometries
+        /// below assume.
+        const BLOCK_SHARED: usize = 227 * 1024;
+        /// That less the kernel's static shared memory (at most 2,176 bytes: the add variants
+        /// park their residual rows).
+        const MAX_SHARED: usize = Self::BLOCK_SHARED - 2304;
 
         /// Whether a GPU whose blocks may opt in to `optin` bytes of shared memory takes the
         /// geometries below: Hopper and B200 (227 KiB) do; Ampere's smaller chips, Ada and the
         /// RTX Blackwells (99 KiB) run gemv.cu instead.
         pub const fn fits_shared(optin: usize) -> bool {
-            optin >= Self::MAX_SHARED + Self::STATIC_SHARED
+            optin >= Self::BLOCK_SHARED
         }
 
         /// Geometry for `stages` pipeline stages (4 or 6, the built depths). None when a row
